@@ -1,0 +1,1 @@
+"""jaxdissect: Network Dissection in JAX/Flax."""

@@ -1,0 +1,293 @@
+"""Capture hidden-layer activations from any Flax model, by layer path, under jit.
+
+Three kinds of model are supported, each turned into a `Tap`: a pure function
+`tap.fn(tap.variables, images) -> {layer: [B, h, w, C] float32}` that runs one
+forward pass and returns every requested layer (XLA drops the layers after the
+last one asked for, since nothing uses them).
+
+- Linen modules: `flax.linen.intercept_methods` records the output of each
+  module's `__call__` whose path (`'layer4'`, `'backbone/block3/conv2'`) was
+  asked for.
+- NNX modules: `nnx.capture(..., method_outputs=nnx.Intermediate)`.
+- Plain functions `fn(variables, images)` that return a dict of named
+  intermediates, or `(output, dict)` as big_vision models do.
+
+A layer is named by its module path with `/` or `.` separators (torch-style
+`layer4.1.conv2` works for the models of `models/`, whose paths mirror torch),
+by an alias the model declares (`layer_aliases`, e.g. AlexNet's `conv5`), or by
+`re:<pattern>` matching whole paths. What is captured is exactly the module's
+output: JAX has no in-place ops, so a later ReLU cannot alter it; pre- or
+post-activation is chosen by naming the conv or the activation module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class LayerNotFoundError(ValueError):
+    """A requested layer does not exist in the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """A jit-able activation capture for a fixed list of layers.
+
+    Attributes:
+      fn: `fn(variables, images) -> {layer: [B, h, w, C] float32}`, pure.
+      variables: the model's variables (or NNX state) to pass as `fn`'s first
+        argument; kept separate so the engine can replicate it over a mesh.
+      layers: resolved layer paths, in the order asked for.
+      shapes: per layer, the per-example activation shape (h, w, C).
+    """
+
+    fn: Callable[[Any, Array], dict[str, Array]]
+    variables: Any
+    layers: tuple[str, ...]
+    shapes: Mapping[str, tuple[int, int, int]]
+
+
+def _as_nhwc(name: str, value: Any) -> Array:
+    if not hasattr(value, "ndim"):
+        raise LayerNotFoundError(
+            f"layer {name!r} returns {type(value).__name__}, not an array; "
+            "name one of its submodules instead"
+        )
+    if value.ndim == 4:
+        return value
+    if value.ndim == 2:  # a fully connected layer: a 1x1 map per unit
+        return value[:, None, None, :]
+    raise LayerNotFoundError(
+        f"layer {name!r} has output shape {tuple(value.shape)}; expected [B, h, w, C] "
+        "(channels last) or [B, C]"
+    )
+
+
+def _format_available(available: Mapping[str, tuple[int, ...]]) -> str:
+    rows = [f"  {p or '<root>'}  {list(s)}" for p, s in available.items()]
+    return "\n".join(rows)
+
+
+def resolve_layers(
+    requested: Sequence[str] | str,
+    available: Mapping[str, tuple[int, ...]],
+    aliases: Mapping[str, str] | None = None,
+) -> tuple[str, ...]:
+    """Turn user layer names into module paths, or fail listing what exists.
+
+    Args:
+      requested: names, torch-style dotted paths, aliases or `re:` patterns
+        (a comma-separated string is split).
+      available: module path -> output shape, from a dry run of the model.
+      aliases: user-facing name -> module path, from the model.
+    """
+    if isinstance(requested, str):
+        requested = [s.strip() for s in requested.split(",") if s.strip()]
+    if not requested:
+        raise LayerNotFoundError(
+            "no layer was requested; available layers:\n" + _format_available(available)
+        )
+    aliases = dict(aliases or {})
+    resolved: list[str] = []
+    for name in requested:
+        if name.startswith("re:"):
+            pattern = re.compile(name[3:])
+            hits = [p for p in available if pattern.fullmatch(p)]
+            if not hits:
+                raise LayerNotFoundError(
+                    f"layer pattern {name!r} matches no layer; available layers:\n"
+                    + _format_available(available)
+                )
+            resolved.extend(hits)
+            continue
+        path = aliases.get(name, name)
+        path = path.replace(".", "/").strip("/")
+        if path not in available:
+            alias_text = (
+                f"\naliases: {', '.join(f'{k} -> {v}' for k, v in aliases.items())}"
+                if aliases
+                else ""
+            )
+            raise LayerNotFoundError(
+                f"layer {name!r} does not exist in the model; available layers "
+                f"(path  [per-call output shape]):\n{_format_available(available)}{alias_text}"
+            )
+        resolved.append(path)
+    # Keep order, drop repeats: a layer asked for twice is captured once.
+    return tuple(dict.fromkeys(resolved))
+
+
+def _check_single_calls(counts: Mapping[str, int], layers: Iterable[str]) -> None:
+    for layer in layers:
+        if counts.get(layer, 0) > 1:
+            raise LayerNotFoundError(
+                f"module {layer!r} is called {counts[layer]} times in one forward pass, so "
+                "its output is ambiguous; capture a module that is called once"
+            )
+
+
+# ---------------------------------------------------------------- the three kinds of model
+#
+# Each kind provides `run(variables, images) -> {path: [outputs of each call]}`
+# (all module outputs, or only `wanted` ones), from which the dry run lists
+# what exists and the tap picks what was asked for.
+
+
+def _linen_runner(model, apply_kwargs: Mapping[str, Any], method):
+    import flax.linen as nn
+
+    def run(variables, images, wanted=None):
+        captured: dict[str, list[Any]] = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__":
+                path = "/".join(str(p) for p in context.module.path)
+                if wanted is None or path in wanted:
+                    captured.setdefault(path, []).append(out)
+            return out
+
+        with nn.intercept_methods(interceptor):
+            model.apply(variables, images, method=method, **apply_kwargs)
+        return captured
+
+    return run
+
+
+def _nnx_runner(graphdef):
+    from flax import nnx
+
+    suffix = "/__call__"
+
+    def run(state, images, wanted=None):
+        m = nnx.merge(graphdef, state)
+        _, inter = nnx.capture(m, nnx.Intermediate, method_outputs=nnx.Intermediate)(images)
+        out: dict[str, list[Any]] = {}
+        for path, value in nnx.to_flat_state(inter):
+            key = "/".join(str(p) for p in path)
+            if key == "__call__":
+                key = ""
+            elif key.endswith(suffix):
+                key = key[: -len(suffix)]
+            else:
+                continue  # other methods, or values sown by the model itself
+            if wanted is None or key in wanted:
+                out[key] = list(value.get_value() if hasattr(value, "get_value") else value)
+        return out
+
+    return run
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, key))
+        else:
+            flat[key] = v
+    return flat
+
+
+def _dict_runner(fn):
+    def run(variables, images, wanted=None):
+        out = fn(variables, images)
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+            out = out[1]
+        if not isinstance(out, Mapping):
+            raise TypeError(
+                "a plain-function model must return a dict of named intermediates "
+                f"or (output, dict); got {type(out).__name__}"
+            )
+        return {k: [v] for k, v in _flatten(out).items() if wanted is None or k in wanted}
+
+    return run
+
+
+def _runner(model: Any, variables: Any, apply_kwargs, method):
+    """(run, variables to pass, default aliases) for any supported kind of model."""
+    import flax.linen as nn
+    from flax import nnx
+
+    aliases = getattr(model, "layer_aliases", None)
+    if isinstance(model, nn.Module):
+        return _linen_runner(model, dict(apply_kwargs or {}), method), variables, aliases
+    if isinstance(model, nnx.Module):
+        graphdef, state = nnx.split(model)
+        return _nnx_runner(graphdef), state, aliases
+    if callable(model):
+        return _dict_runner(model), variables, aliases
+    raise TypeError(f"cannot capture activations from a {type(model).__name__}")
+
+
+def _dry_run(run, variables, input_shape) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    shapes = jax.eval_shape(lambda v, x: run(v, x), variables, sample)
+    available = {
+        k: tuple(outs[0].shape[1:]) for k, outs in shapes.items() if hasattr(outs[0], "shape")
+    }
+    return available, {k: len(outs) for k, outs in shapes.items()}
+
+
+def available_layers(
+    model: Any,
+    variables: Any = None,
+    *,
+    input_shape: Sequence[int],
+    apply_kwargs: Mapping[str, Any] | None = None,
+    method: str | Callable | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Every capturable layer path with its per-example output shape."""
+    run, variables, _ = _runner(model, variables, apply_kwargs, method)
+    return _dry_run(run, variables, input_shape)[0]
+
+
+def make_tap(
+    model: Any,
+    variables: Any,
+    layers: Sequence[str] | str,
+    *,
+    input_shape: Sequence[int],
+    aliases: Mapping[str, str] | None = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    method: str | Callable | None = None,
+) -> Tap:
+    """Build a `Tap` for `layers` of `model`.
+
+    Args:
+      model: a `flax.linen.Module` (with `variables`), an `nnx.Module` (its
+        state is taken from it; `variables` is ignored; call `model.eval()`
+        first), or a function `fn(variables, images)` returning a dict of
+        named intermediates or `(output, dict)`.
+      variables: the Linen variables or the function's parameters.
+      layers: names, paths, aliases or `re:` patterns (see `resolve_layers`).
+      input_shape: one example's shape, e.g. (224, 224, 3), for the dry run.
+      aliases: user-facing names; defaults to the model's `layer_aliases`.
+      apply_kwargs: extra keyword arguments of a Linen `model.apply`
+        (e.g. `{"train": False}`).
+      method: the Linen method to run, default `__call__`.
+    """
+    run, variables, default_aliases = _runner(model, variables, apply_kwargs, method)
+    available, counts = _dry_run(run, variables, input_shape)
+    paths = resolve_layers(layers, available, default_aliases if aliases is None else aliases)
+    _check_single_calls(counts, paths)
+    wanted = frozenset(paths)
+
+    def fn(v, images):
+        outs = run(v, images, wanted)
+        return {p: _as_nhwc(p, outs[p][0]).astype(jnp.float32) for p in paths}
+
+    sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    shapes = {
+        k: tuple(int(d) for d in s.shape[1:])
+        for k, s in jax.eval_shape(fn, variables, sample).items()
+    }
+    return Tap(fn=fn, variables=variables, layers=paths, shapes=shapes)

@@ -1,0 +1,60 @@
+"""The concept vocabulary a dissection scores against: shared by data and engine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LabelSpace:
+    """Labels and categories of a probe set (Broden or another).
+
+    Attributes:
+      categories: category names in the order of the dataset's `category.csv`.
+      names: label names indexed by label number; `names[0]` is the
+        "unlabeled" entry and is never a concept.
+      primary: int32 [num_labels], the primary category (index into
+        `categories`) of every label; -1 for label 0 and for numbers that no
+        category uses.
+      image_level: per category, True when its labels are image-level
+        (Broden: scene, texture) rather than pixel masks.
+    """
+
+    categories: tuple[str, ...]
+    names: tuple[str, ...]
+    primary: np.ndarray
+    image_level: tuple[bool, ...]
+
+    def __post_init__(self):
+        primary = np.asarray(self.primary, dtype=np.int32)
+        if primary.shape != (len(self.names),):
+            raise ValueError(
+                f"primary has shape {primary.shape}, expected ({len(self.names)},) "
+                "(one entry per label number)"
+            )
+        if len(self.image_level) != len(self.categories):
+            raise ValueError("image_level needs one flag per category")
+        if len(primary) and primary[0] != -1:
+            raise ValueError("label 0 means 'unlabeled' and must have primary category -1")
+        if np.any(primary >= len(self.categories)) or np.any(primary < -1):
+            raise ValueError("primary category index out of range")
+        object.__setattr__(self, "primary", primary)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_categories(self) -> int:
+        return len(self.categories)
+
+    def category_of(self, label: int) -> str | None:
+        """Primary category name of `label`, or None for label 0 / unused numbers."""
+        c = int(self.primary[label])
+        return None if c < 0 else self.categories[c]
+
+    def labels_in(self, category: str) -> np.ndarray:
+        """Label numbers whose primary category is `category`."""
+        return np.flatnonzero(self.primary == self.categories.index(category))

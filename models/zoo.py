@@ -1,0 +1,36 @@
+"""Architecture registry: `--arch` names to Flax model constructors.
+
+Every constructor takes keyword options (`num_classes`, and where the
+architecture has them `width`, `batch_norm`, `dropout`) and returns a Linen
+module whose submodule paths mirror the torch layout (see `torch_import`), with
+`input_spec` (a `jaxdissect.preprocess.InputSpec`) and `layer_aliases`
+(user-facing names such as AlexNet's `conv5` -> the module path they mean).
+Imports are lazy so that naming one architecture loads only its module.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import flax.linen as nn
+
+ARCHS: dict[str, str] = {
+    "alexnet": "models.alexnet:alexnet",
+    "vgg16": "models.vgg:vgg16",
+    "resnet18": "models.resnet:resnet18",
+    "resnet34": "models.resnet:resnet34",
+    "resnet50": "models.resnet:resnet50",
+    "resnet101": "models.resnet:resnet101",
+    "resnet152": "models.resnet:resnet152",
+    "googlenet": "models.googlenet:googlenet",
+    "densenet161": "models.densenet:densenet161",
+    "efficientnet_lite0": "models.efficientnet_lite:efficientnet_lite0",
+}
+
+
+def build(arch: str, **options) -> nn.Module:
+    """Construct architecture `arch` with `options` (e.g. num_classes=365)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; known: {', '.join(sorted(ARCHS))}")
+    module_name, fn_name = ARCHS[arch].split(":")
+    return getattr(importlib.import_module(module_name), fn_name)(**options)

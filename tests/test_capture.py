@@ -1,0 +1,172 @@
+"""Activation capture: Linen by path, NNX, dict-returning functions, errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxdissect import capture
+
+
+class ReLU(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(x)
+
+
+class Block(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.features, (3, 3), name="conv")(x)
+        return ReLU(name="relu")(x)
+
+
+class Net(nn.Module):
+    layer_aliases = {"top": "block2/relu"}
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = Block(4, name="block1")(x)
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = Block(6, name="block2")(x)
+        x = x.mean(axis=(1, 2))
+        return nn.Dense(3, name="head")(x)
+
+
+class Shared(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        conv = nn.Conv(3, (1, 1), name="twice")
+        return conv(conv(x))
+
+
+@pytest.fixture(scope="module")
+def linen_setup():
+    model = Net()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = model.init(jax.random.key(1), x)
+    return model, variables, x
+
+
+def _reference_intermediates(model, variables, x):
+    """Linen's own capture_intermediates: an independent mechanism."""
+    _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    flat = {}
+
+    def walk(tree, prefix):
+        for k, v in tree.items():
+            if k == "__call__":
+                flat[prefix] = v[0]
+            else:
+                walk(v, f"{prefix}/{k}" if prefix else k)
+
+    walk(state["intermediates"], "")
+    return flat
+
+
+def test_linen_paths_match_linen_capture_intermediates(linen_setup):
+    model, variables, x = linen_setup
+    tap = capture.make_tap(
+        model, variables, ["block1/conv", "block1.relu", "top", "head"], input_shape=(8, 8, 3)
+    )
+    assert tap.layers == ("block1/conv", "block1/relu", "block2/relu", "head")
+    out = jax.jit(tap.fn)(tap.variables, x)
+    ref = _reference_intermediates(model, variables, x)
+    for layer in ("block1/conv", "block1/relu", "block2/relu"):
+        np.testing.assert_array_equal(np.asarray(out[layer]), np.asarray(ref[layer]))
+    # A dense layer is a 1x1 map per unit.
+    assert out["head"].shape == (2, 1, 1, 3)
+    np.testing.assert_array_equal(np.asarray(out["head"][:, 0, 0]), np.asarray(ref["head"]))
+    assert tap.shapes == {
+        "block1/conv": (8, 8, 4),
+        "block1/relu": (8, 8, 4),
+        "block2/relu": (4, 4, 6),
+        "head": (1, 1, 3),
+    }
+
+
+def test_pre_and_post_activation_differ(linen_setup):
+    model, variables, x = linen_setup
+    tap = capture.make_tap(model, variables, "block1/conv,block1/relu", input_shape=(8, 8, 3))
+    out = tap.fn(tap.variables, x)
+    pre, post = np.asarray(out["block1/conv"]), np.asarray(out["block1/relu"])
+    assert (pre < 0).any()
+    np.testing.assert_array_equal(post, np.maximum(pre, 0))
+
+
+def test_regex_selects_in_model_order(linen_setup):
+    model, variables, _ = linen_setup
+    tap = capture.make_tap(model, variables, "re:block\\d/relu", input_shape=(8, 8, 3))
+    assert tap.layers == ("block1/relu", "block2/relu")
+
+
+def test_missing_layer_lists_available(linen_setup):
+    model, variables, _ = linen_setup
+    with pytest.raises(capture.LayerNotFoundError) as e:
+        capture.make_tap(model, variables, "layer4", input_shape=(8, 8, 3))
+    msg = str(e.value)
+    assert "'layer4' does not exist" in msg
+    for path in ("block1/conv", "block2/relu", "head"):
+        assert path in msg
+    assert "top -> block2/relu" in msg
+    with pytest.raises(capture.LayerNotFoundError, match="matches no layer"):
+        capture.make_tap(model, variables, "re:nothing.*", input_shape=(8, 8, 3))
+
+
+def test_available_layers(linen_setup):
+    model, variables, _ = linen_setup
+    layers = capture.available_layers(model, variables, input_shape=(8, 8, 3))
+    assert layers["block2/conv"] == (4, 4, 6)
+    assert layers["head"] == (3,)
+
+
+def test_module_called_twice_is_refused():
+    model = Shared()
+    variables = model.init(jax.random.key(0), jnp.ones((1, 4, 4, 3)))
+    with pytest.raises(capture.LayerNotFoundError, match="called 2 times"):
+        capture.make_tap(model, variables, "twice", input_shape=(4, 4, 3))
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+        self.blocks = nnx.List([nnx.Conv(4, 4, (1, 1), rngs=rngs) for _ in range(2)])
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv1(x))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_nnx_capture_matches_manual_forward():
+    model = NnxNet(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 3))
+    tap = capture.make_tap(model, None, ["conv1", "blocks.1"], input_shape=(6, 6, 3))
+    out = jax.jit(tap.fn)(tap.variables, x)
+    h = model.conv1(x)
+    np.testing.assert_allclose(np.asarray(out["conv1"]), np.asarray(h), rtol=1e-6)
+    h = model.blocks[1](model.blocks[0](jax.nn.relu(h)))
+    np.testing.assert_allclose(np.asarray(out["blocks/1"]), np.asarray(h), rtol=1e-6)
+    with pytest.raises(capture.LayerNotFoundError, match="blocks/0"):
+        capture.make_tap(model, None, "blocks/7", input_shape=(6, 6, 3))
+
+
+def test_dict_returning_function():
+    w = jnp.arange(12.0).reshape(3, 4)
+
+    def fn(params, images):
+        feats = jnp.einsum("bhwc,cd->bhwd", images, params)
+        return feats.sum(), {"stem": {"feats": feats}, "pooled": feats.mean((1, 2))}
+
+    x = jnp.ones((2, 5, 5, 3))
+    tap = capture.make_tap(fn, w, ["stem/feats", "pooled"], input_shape=(5, 5, 3))
+    out = tap.fn(tap.variables, x)
+    np.testing.assert_array_equal(np.asarray(out["stem/feats"]), np.full((2, 5, 5, 4), [12, 15, 18, 21]))
+    assert out["pooled"].shape == (2, 1, 1, 4)
+    with pytest.raises(capture.LayerNotFoundError, match="stem/feats"):
+        capture.make_tap(fn, w, "stem", input_shape=(5, 5, 3))
