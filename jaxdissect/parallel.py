@@ -93,7 +93,9 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 def per_device(state: Any, mesh: jax.sharding.Mesh) -> Any:
     """Stack one copy of `state` per device, sharded so each device owns one."""
     n = mesh.devices.size
-    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))).copy(), state)
+    stacked = jax.tree.map(
+        lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))).copy(), state
+    )
     return jax.device_put(stacked, sharded(mesh))
 
 

@@ -31,14 +31,10 @@ torch_default_kernel_init: Initializer = nn.initializers.variance_scaling(
     1 / 3, "fan_in", "uniform"
 )
 # torchvision's kaiming_normal_(mode="fan_out", nonlinearity="relu") (ResNet, VGG); torch's
-# normal is not truncated.
-kaiming_normal_fan_out: Initializer = nn.initializers.variance_scaling(
-    2.0, "fan_out", "untruncated_normal"
-)
+# normal is not truncated, nor is JAX's "normal" (unlike "truncated_normal").
+kaiming_normal_fan_out: Initializer = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # kaiming_normal_(mode="fan_in") (DenseNet).
-kaiming_normal_fan_in: Initializer = nn.initializers.variance_scaling(
-    2.0, "fan_in", "untruncated_normal"
-)
+kaiming_normal_fan_in: Initializer = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def torch_default_bias_init(fan_in: int) -> Initializer:

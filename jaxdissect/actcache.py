@@ -1,0 +1,157 @@
+"""Pass-1 activations kept for pass 2, so the network runs once where memory allows.
+
+Activations are stored per batch, exactly as pass 1 saw them (already rounded
+to the run's `activation_dtype`, a 16-bit type by default), so pass 2 gives the
+same counts whether it reads the cache or runs the network again. Where a
+batch is missing (e.g. a run resumed after a kill lost its in-memory cache),
+pass 2 recomputes it.
+
+Kinds: `device` (accelerator memory), `host` (numpy in RAM), `disk` (a numpy
+memmap under the run's work dir), `none`. `auto` picks the first that fits.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+KINDS = ("auto", "device", "host", "disk", "none")
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of an array sharded on its leading axis."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    seen, rows = set(), []
+    for s in shards:
+        start = s.index[0].start or 0
+        if start not in seen:  # replicas of one row block on several devices
+            seen.add(start)
+            rows.append(np.asarray(s.data))
+    return np.concatenate(rows)
+
+
+def _available_host_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def _available_device_bytes() -> int:
+    dev = jax.local_devices()[0]
+    if dev.platform == "cpu":
+        return 0  # device memory is host memory: prefer the numpy cache
+    stats = dev.memory_stats() or {}
+    return (
+        int(stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)) * jax.local_device_count()
+    )
+
+
+def choose_kind(
+    requested: str,
+    needed_bytes: int,
+    work_dir: pathlib.Path | None,
+    budget_bytes: int | None = None,
+) -> str:
+    """Resolve `auto` to the first kind whose memory holds `needed_bytes` with room to spare."""
+    if requested not in KINDS:
+        raise ValueError(f"--activation_cache={requested!r}; allowed: {', '.join(KINDS)}")
+    if requested != "auto":
+        if requested == "disk" and work_dir is None:
+            raise ValueError("--activation_cache=disk needs an output directory")
+        return requested
+    if budget_bytes is not None:
+        return "host" if needed_bytes <= budget_bytes else ("disk" if work_dir else "none")
+    if needed_bytes * 2 < _available_device_bytes():
+        return "device"
+    if needed_bytes * 2 < _available_host_bytes():
+        return "host"
+    if work_dir is not None:
+        free = os.statvfs(work_dir).f_bavail * os.statvfs(work_dir).f_frsize
+        if needed_bytes * 1.2 < free:
+            return "disk"
+    return "none"
+
+
+class ActivationCache:
+    """Per-batch activations of several layers; batches [lo, hi) are present."""
+
+    def __init__(
+        self,
+        kind: str,
+        shapes: Mapping[str, tuple[int, int, int]],
+        num_batches: int,
+        local_batch: int,
+        dtype: np.dtype,
+        directory: pathlib.Path | None = None,
+    ):
+        self.kind = kind
+        self.num_batches, self.local_batch = num_batches, local_batch
+        self.dtype = np.dtype(dtype)
+        self.lo = self.hi = 0
+        self._existed = False
+        self._device: dict[int, dict[str, jax.Array]] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        if kind in ("host", "disk"):
+            for i, (layer, shape) in enumerate(shapes.items()):
+                full = (num_batches * local_batch, *shape)
+                if kind == "host":
+                    self._arrays[layer] = np.empty(full, self.dtype)
+                else:
+                    directory.mkdir(parents=True, exist_ok=True)
+                    path = directory / f"layer{i}-p{jax.process_index()}.npy"
+                    self._existed = path.exists()
+                    mode = "r+" if self._existed else "w+"
+                    arr = np.lib.format.open_memmap(path, mode=mode, dtype=self.dtype, shape=full)
+                    if arr.shape != full or arr.dtype != self.dtype:
+                        raise ValueError(f"activation cache {path} has the wrong shape; delete it")
+                    self._arrays[layer] = arr
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    def resume_at(self, batch: int) -> None:
+        """Pass 1 (re)starts at `batch`: a disk cache from the interrupted run keeps
+        [0, batch) (flushed before each checkpoint); memory caches start empty."""
+        if self.kind == "disk" and self._existed:
+            self.lo, self.hi = 0, batch
+        else:
+            self.lo = self.hi = batch
+            self._device.clear()
+
+    def put(self, batch: int, acts: Mapping[str, jax.Array]) -> None:
+        if not self.enabled:
+            return
+        assert batch == self.hi, (batch, self.hi)
+        if self.kind == "device":
+            self._device[batch] = dict(acts)
+        else:
+            rows = slice(batch * self.local_batch, (batch + 1) * self.local_batch)
+            for layer, x in acts.items():
+                self._arrays[layer][rows] = local_rows(x)
+        self.hi = batch + 1
+
+    def flush(self) -> None:
+        for arr in self._arrays.values():
+            if isinstance(arr, np.memmap):
+                arr.flush()
+
+    def has(self, batch: int) -> bool:
+        return self.enabled and self.lo <= batch < self.hi
+
+    def get(self, batch: int) -> dict[str, jax.Array] | dict[str, np.ndarray]:
+        """Device arrays (device kind) or this process's numpy rows (host, disk)."""
+        if self.kind == "device":
+            return self._device[batch]
+        rows = slice(batch * self.local_batch, (batch + 1) * self.local_batch)
+        return {layer: arr[rows] for layer, arr in self._arrays.items()}
+
+    def clear(self) -> None:
+        self._device.clear()
+        self._arrays.clear()
+        self.lo = self.hi = 0

@@ -1,0 +1,140 @@
+"""Fixed-shape, in-order batches over any random-access source of examples.
+
+A source is anything with `len(source)` and `source[i]` returning the example
+dict of `jaxdissect.data.broden.Broden` (`image`, `pixel_labels`,
+`image_labels`, `index`, all with the same shapes for every i). Dissection
+visits every image exactly once, so there is no shuffling: batch k holds
+examples k*B .. k*B+B-1, the last one padded with zero examples.
+
+Decoding runs in a grain thread pool (threads, not processes: decoding is
+light and on few cores worker processes are slower) that prefetches about one
+batch ahead, so it overlaps with the consumer's work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+
+
+class Source(Protocol):
+    """What `batches` needs from a data source."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Mapping[str, np.ndarray]: ...
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    """Number of (global) batches that cover `num_examples`, the last one padded."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be >= 0, got {num_examples}")
+    return -(-num_examples // batch_size)
+
+
+def batches(
+    source: Source,
+    batch_size: int,
+    *,
+    start_batch: int = 0,
+    num_threads: int = 2,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields the batches of `source` in order, from global batch `start_batch` on.
+
+    Every batch has the same shapes: `image` float32 [b, H, W, 3], `pixel_labels`
+    int32 [b, P, sh, sw], `image_labels` int32 [b, Q], `valid` bool [b] and
+    `index` int32 [b] (-1 for padding), plus any other key the source's
+    examples have, where b = batch_size // process_count. Padding rows are
+    zeros with `valid=False`.
+
+    Args:
+      source: random-access examples (a `Broden`, a TFDS-backed source ...).
+      batch_size: the global batch size B.
+      start_batch: first global batch to yield (to resume an interrupted run).
+      num_threads: decoding threads; 0 decodes in the calling thread.
+      process_index, process_count: with several hosts, each process yields only
+        rows [process_index * b, (process_index + 1) * b) of every global batch.
+    """
+    n = len(source)
+    total = num_batches(n, batch_size)
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index {process_index} must be in [0, process_count={process_count})"
+        )
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size {batch_size} does not split evenly over {process_count} processes; "
+            f"use a multiple of {process_count}"
+        )
+    if not 0 <= start_batch <= total:
+        raise ValueError(
+            f"start_batch {start_batch} is outside [0, {total}] ({n} examples in batches of "
+            f"{batch_size})"
+        )
+    if num_threads < 0:
+        raise ValueError(f"num_threads must be >= 0, got {num_threads}")
+    local = batch_size // process_count
+    count = (total - start_batch) * local
+    offset = process_index * local
+
+    def position(k: int) -> int:
+        """Global example position of this process's k-th row (from start_batch on)."""
+        b, j = divmod(k, local)
+        return (start_batch + b) * batch_size + offset + j
+
+    # Padding copies the shapes of a real example; only decode one if some row needs it.
+    padding = None
+    if count and position(count - 1) >= n:
+        padding = {k: np.zeros_like(v) for k, v in source[0].items()}
+        padding["index"] = np.asarray(-1, dtype=np.int32)
+        padding["valid"] = np.asarray(False)
+
+    def fetch(k: int) -> dict[str, Any]:
+        g = position(k)
+        if g >= n:
+            return padding
+        example = dict(source[g])
+        example.setdefault("index", np.asarray(g, dtype=np.int32))
+        example["valid"] = np.asarray(True)
+        return example
+
+    dataset = (
+        grain.MapDataset.range(count)
+        .map(fetch)
+        .to_iter_dataset(
+            grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=local + num_threads)
+        )
+        .batch(local, batch_fn=_stack)
+    )
+    return _iterate(dataset)
+
+
+def _iterate(dataset: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
+    iterator = iter(dataset)
+    try:
+        yield from iterator
+    finally:
+        # Stops the prefetch threads when the consumer stops early.
+        iterator.close()
+
+
+def _stack(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stacks examples key by key, with a clear error when shapes differ."""
+    out = {}
+    for key in examples[0]:
+        values = [np.asarray(e[key]) for e in examples]
+        shapes = {v.shape for v in values}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"examples disagree on the shape of {key!r}: {sorted(shapes)}; a source must "
+                "give every example the same shapes (pad them)"
+            )
+        out[key] = np.stack(values)
+    return out

@@ -1,0 +1,464 @@
+"""Broden as a TFDS dataset: build `array_record` files once, read them at random.
+
+The builder reads the user's unzipped `broden1_S` folder (real or synthetic)
+through `jaxdissect.data.broden.Broden` and writes, per example:
+
+- `image`: the original encoded JPEG bytes, untouched. `TfdsBroden` decodes
+  them exactly as `Broden.read_image` decodes the file, so pixels match bit
+  for bit (and no TensorFlow or OpenCV is involved).
+- `pixel_labels`: the example's own label planes, uint16 [P_i, sh, sw],
+  zlib-compressed raw bytes (exact, and cheaper to decode than PNG planes).
+  Broden labels are R + 256 * G of a PNG, so uint16 always holds them.
+- `image_labels`: int32 [Q_i].
+- `index`: the example's position in the folder's full (`all`) ordering.
+
+Records are written unshuffled (sorted by `index`) and `TfdsBroden` checks
+every example's `index` on read, so it serves examples in the folder's order.
+The label space, padding sizes and source fingerprints live in the build's
+`metadata.json`: a build is readable without the original folder.
+
+No TensorFlow is needed: build with `file_format="array_record"` and read with
+`as_data_source`; `as_dataset` / `tfrecord` would need TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import operator
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+
+from jaxdissect.data.broden import Broden
+from jaxdissect.labelspace import LabelSpace
+
+RESOLUTIONS = (224, 227, 384)
+SPLITS = ("train", "val")
+# Bumped when the layout of `metadata.json` changes.
+METADATA_FORMAT = 1
+
+_CITATION = """\
+@inproceedings{bau2017network,
+  title={Network Dissection: Quantifying Interpretability of Deep Visual Representations},
+  author={Bau, David and Zhou, Bolei and Khosla, Aditya and Oliva, Aude and Torralba, Antonio},
+  booktitle={CVPR},
+  year={2017}
+}
+"""
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+Broden cannot be downloaded automatically. Obtain `broden1_224` (or
+`broden1_227`, `broden1_384`; or generate a synthetic one with
+`jaxdissect.data.synthetic.generate`), unzip it, and pass the folder as the
+manual directory: either the `broden1_S` folder itself (the one holding
+`index.csv`, `label.csv`, `category.csv` and `images/`) or a folder containing
+`broden1_S/`. With `jaxdissect.data.tfds_broden.build(broden_dir, data_dir,
+resolution=S)` this is `broden_dir`; with TFDS directly use
+`download_and_prepare(file_format="array_record",
+download_config=tfds.download.DownloadConfig(manual_dir=...))`.
+"""
+
+
+@dataclasses.dataclass(eq=False)
+class BrodenConfig(tfds.core.BuilderConfig):
+    """One Broden release: images S x S, segmentations (S/2) x (S/2)."""
+
+    resolution: int = 224
+
+
+def _features() -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict(
+        {
+            # Given the file's bytes (JPEG in the release), which TFDS stores as they are.
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "pixel_labels": tfds.features.Tensor(
+                shape=(None, None, None), dtype=np.uint16, encoding="zlib"
+            ),
+            "image_labels": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "index": tfds.features.Scalar(dtype=np.int64),
+        }
+    )
+
+
+def find_broden_root(manual_dir: str | os.PathLike[str], resolution: int) -> Path:
+    """The `broden1_S` folder in or at `manual_dir`; a clear error when absent."""
+    manual = Path(manual_dir)
+    for candidate in (manual, manual / f"broden1_{resolution}"):
+        if (candidate / "index.csv").is_file():
+            return candidate
+    if not manual.exists():
+        problem = f"Broden folder {manual} does not exist."
+    else:
+        problem = (
+            f"No Broden data in {manual}: expected {manual / 'index.csv'} or "
+            f"{manual / f'broden1_{resolution}' / 'index.csv'}."
+        )
+    raise FileNotFoundError(f"{problem}\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
+
+
+def _open_broden(root: Path, split: str) -> Broden:
+    return Broden.open(root, split=split)
+
+
+def _labels_to_json(labels: LabelSpace) -> dict[str, Any]:
+    return {
+        "categories": list(labels.categories),
+        "names": list(labels.names),
+        "primary": [int(p) for p in labels.primary],
+        "image_level": [bool(b) for b in labels.image_level],
+    }
+
+
+def _labels_from_json(d: dict[str, Any]) -> LabelSpace:
+    return LabelSpace(
+        categories=tuple(d["categories"]),
+        names=tuple(d["names"]),
+        primary=np.asarray(d["primary"], dtype=np.int32),
+        image_level=tuple(bool(b) for b in d["image_level"]),
+    )
+
+
+class BrodenBuilder(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder of Broden from a manually downloaded `broden1_S` folder."""
+
+    name = "broden"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [
+        BrodenConfig(
+            name=str(r),
+            resolution=r,
+            description=f"broden1_{r}: images {r}x{r}, segmentations {r // 2}x{r // 2}.",
+        )
+        for r in RESOLUTIONS
+    ]
+    DEFAULT_CONFIG_NAME = "224"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # TFDS's default needs the `importlib_resources` backport for builders
+        # defined inside a package; the answer is simply this file.
+        return epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(
+                "Broden (broadly and densely labeled): the probe set of Network Dissection. "
+                "Label 0 means unlabeled; label planes are zero-padded on read."
+            ),
+            features=_features(),
+            homepage="http://netdissect.csail.mit.edu/",
+            citation=_CITATION,
+            metadata=tfds.core.MetadataDict(),
+            # Records sorted by `index`: reads in folder order stay sequential.
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        resolution = self.builder_config.resolution
+        try:
+            manual = dl_manager.manual_dir
+        except AssertionError as e:  # TFDS reports a missing manual dir this way.
+            raise FileNotFoundError(f"{e}\n{MANUAL_DOWNLOAD_INSTRUCTIONS}") from e
+        root = find_broden_root(manual, resolution)
+        broden = _open_broden(root, "all")
+        if tuple(broden.image_size) != (resolution, resolution):
+            ih, iw = broden.image_size
+            raise ValueError(
+                f"{root} holds {ih}x{iw} images but the builder config is {resolution}: "
+                f"use config '{ih}' or the broden1_{resolution} folder."
+            )
+        record_splits = [r.split for r in broden.records]
+        unknown = set(record_splits) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"{root}/index.csv has unknown splits {sorted(unknown)}")
+        present = [s for s in SPLITS if s in record_splits]
+        per_split = {"all": broden}
+        for s in present:
+            per_split[s] = _open_broden(root, s)
+        self.info.metadata.update(
+            {
+                "format": METADATA_FORMAT,
+                "resolution": resolution,
+                "source": str(root),
+                "labels": _labels_to_json(broden.labels),
+                "image_size": [int(s) for s in broden.image_size],
+                "seg_size": [int(s) for s in broden.seg_size],
+                # One letter per example of the `all` ordering: t(rain) or v(al).
+                "record_splits": "".join(s[0] for s in record_splits),
+                "splits": {
+                    s: {
+                        "num_examples": len(b),
+                        "max_planes": int(b.max_planes),
+                        "max_image_labels": int(b.max_image_labels),
+                        "fingerprint": b.fingerprint(),
+                    }
+                    for s, b in per_split.items()
+                },
+            }
+        )
+        # TFDS refuses to write an empty split: a folder may hold only one.
+        return {
+            s: self._generate_examples(broden, [i for i, r in enumerate(record_splits) if r == s])
+            for s in present
+        }
+
+    def _generate_examples(
+        self, broden: Broden, indices: list[int]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        for i in indices:
+            # Decoding once checks the file (size, truncation) with Broden's own errors.
+            broden.read_image(i)
+            planes, image_labels = broden.read_labels(i)
+            yield (
+                i,
+                {
+                    "image": _image_path(broden, i).read_bytes(),
+                    # Exact: PNG labels are R + 256 * G, below 2**16.
+                    "pixel_labels": np.asarray(planes).astype(np.uint16),
+                    "image_labels": np.asarray(image_labels, dtype=np.int32),
+                    "index": i,
+                },
+            )
+
+
+def _image_path(broden: Broden, i: int) -> Path:
+    return Path(broden.root) / "images" / broden.records[i].image
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """uint8 [h, w, 3] RGB pixels of encoded image bytes, decoded like `Broden`."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def config_for(resolution: int) -> BrodenConfig | str:
+    """The builder config of a resolution: a release's, or a custom one (e.g. tiny test data)."""
+    if resolution in RESOLUTIONS:
+        return str(resolution)
+    return BrodenConfig(
+        name=str(resolution), resolution=resolution, description="custom resolution"
+    )
+
+
+def build(
+    broden_dir: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str],
+    *,
+    resolution: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Build (or reuse) the TFDS array_record files of a Broden folder.
+
+    Args:
+      broden_dir: the unzipped `broden1_S` folder (or a folder containing it).
+      data_dir: TFDS data directory; the build lands in
+        `data_dir/broden/<resolution>/<version>/`.
+      resolution: the image size S; by default the folder's.
+      overwrite: rebuild even if a build exists. Without it, an existing build
+        is reused if it comes from the same source (fingerprint), else an error.
+
+    Returns:
+      The build directory, to pass to `TfdsBroden`.
+    """
+    if resolution is None:
+        candidates = [Path(broden_dir)] + [Path(broden_dir) / f"broden1_{r}" for r in RESOLUTIONS]
+        root = next((c for c in candidates if (c / "index.csv").is_file()), None)
+        if root is None:
+            find_broden_root(broden_dir, RESOLUTIONS[0])  # Raises the explanatory error.
+        ih, iw = _open_broden(root, "all").image_size
+        if ih != iw:
+            raise ValueError(f"{root}: images are {ih}x{iw}, Broden's are square")
+        resolution = ih
+    else:
+        root = find_broden_root(broden_dir, resolution)
+    builder = BrodenBuilder(config=config_for(resolution), data_dir=os.fspath(data_dir))
+    path = Path(builder.data_dir)
+    if not overwrite and (path / "dataset_info.json").is_file():
+        built = tfds.builder_from_directory(path).info.metadata
+        expected = _open_broden(root, "all").fingerprint()
+        if built.get("splits", {}).get("all", {}).get("fingerprint") != expected:
+            raise FileExistsError(
+                f"{path} holds a build of another Broden ({built.get('source')}); "
+                "pass overwrite=True or another data_dir."
+            )
+        return path
+    mode = (
+        tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # Deletes an existing build.
+        if overwrite
+        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=os.fspath(root), download_mode=mode
+        ),
+    )
+    return path
+
+
+def find_build(path: str | os.PathLike[str], resolution: int | None = None) -> Path:
+    """The build directory (holding `dataset_info.json`) at or under `path`.
+
+    `path` is a build directory, a TFDS data dir, or its `broden/` folder; with
+    several versions the newest is taken.
+    """
+    path = Path(path)
+    if (path / "dataset_info.json").is_file():
+        return path
+    base = path / BrodenBuilder.name if (path / BrodenBuilder.name).is_dir() else path
+    pattern = (
+        f"{resolution}/*/dataset_info.json" if resolution is not None else "*/*/dataset_info.json"
+    )
+    # Unfinished builds live in `incomplete.*` folders, not version-named ones.
+    found = [f.parent for f in base.glob(pattern) if tfds.core.Version.is_valid(f.parent.name)]
+    if not found:
+        raise FileNotFoundError(
+            f"No TFDS Broden build under {path}: build one with "
+            "jaxdissect.data.tfds_broden.build(broden_dir, data_dir)."
+        )
+    resolutions = sorted({d.parent.name for d in found})
+    if len(resolutions) > 1:
+        raise ValueError(
+            f"{path} holds Broden builds at resolutions {resolutions}: pass resolution="
+        )
+    return max(found, key=lambda d: tfds.core.Version(d.name))
+
+
+class TfdsBroden:
+    """Random-access Broden read from a TFDS build, in the folder's order.
+
+    `TfdsBroden(d, split)[i]` equals `Broden.open(folder, split=split)[i]`
+    field by field; `loader.batches` serves either.
+
+    Attributes:
+      builder_dir: the build directory.
+      split: "all", "train" or "val".
+      labels: the `LabelSpace`.
+      image_size, seg_size: as `Broden` reports them.
+      max_planes, max_image_labels: P and Q, the padded sizes of this split.
+    """
+
+    def __init__(
+        self,
+        data_dir_or_builder_dir: str | os.PathLike[str],
+        split: str = "all",
+        *,
+        resolution: int | None = None,
+    ):
+        if split not in ("all", *SPLITS):
+            raise ValueError(f"split must be 'all', 'train' or 'val', not {split!r}")
+        self.builder_dir = find_build(data_dir_or_builder_dir, resolution)
+        self.split = split
+        builder = tfds.builder_from_directory(self.builder_dir)
+        meta = dict(builder.info.metadata)
+        if meta.get("format") != METADATA_FORMAT:
+            raise ValueError(
+                f"{self.builder_dir} was built with metadata format {meta.get('format')}, "
+                f"this code reads {METADATA_FORMAT}: rebuild it"
+            )
+        info = meta["splits"].get(split)
+        if info is None:
+            raise ValueError(f"{self.builder_dir} has no {split!r} examples")
+        self.labels = _labels_from_json(meta["labels"])
+        self.image_size = tuple(meta["image_size"])
+        self.seg_size = tuple(meta["seg_size"])
+        self.resolution = int(meta["resolution"])
+        self.max_planes = int(info["max_planes"])
+        self.max_image_labels = int(info["max_image_labels"])
+        self._fingerprint = info["fingerprint"]
+        self.metadata = meta
+
+        record_splits = np.frombuffer(meta["record_splits"].encode("ascii"), dtype=np.uint8)
+        # Position of every `all` example inside its TFDS split (records are sorted by index).
+        position = np.zeros(len(record_splits), dtype=np.int64)
+        split_ids = np.zeros(len(record_splits), dtype=np.int64)
+        for k, s in enumerate(SPLITS):
+            mask = record_splits == ord(s[0])
+            position[mask] = np.arange(int(mask.sum()))
+            split_ids[mask] = k
+        keep = (
+            np.arange(len(record_splits))
+            if split == "all"
+            else np.flatnonzero(record_splits == ord(split[0]))
+        )
+        # Per example of this view: global index, TFDS split, position in it.
+        self._global = keep
+        self._split_id = split_ids[keep]
+        self._position = position[keep]
+        if len(keep) != info["num_examples"]:
+            raise ValueError(f"{self.builder_dir}: metadata disagrees on the size of {split!r}")
+        present = sorted({int(k) for k in self._split_id})
+        self._sources = {
+            k: builder.as_data_source(
+                split=SPLITS[k], decoders={"image": tfds.decode.SkipDecoding()}
+            )
+            for k in present
+        }
+
+    def __len__(self) -> int:
+        return len(self._global)
+
+    def __reduce__(self):
+        # Reopen from the directory: TFDS sources hold open files.
+        return (_reopen, (os.fspath(self.builder_dir), self.split))
+
+    def fingerprint(self) -> str:
+        """The fingerprint of the source folder's split (as `Broden.fingerprint`)."""
+        return self._fingerprint
+
+    def _raw(self, i: int) -> tuple[int, dict[str, Any]]:
+        """Example `i` (negative counts from the end) as stored: (i >= 0, record)."""
+        i = operator.index(i)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"example {i} out of range for a Broden of {n} images")
+        i %= n
+        ex = self._sources[int(self._split_id[i])][int(self._position[i])]
+        if int(ex["index"]) != int(self._global[i]):
+            raise RuntimeError(
+                f"{self.builder_dir}: the record of example {self._global[i]} holds example "
+                f"{int(ex['index'])}: the build is not in index order, rebuild it"
+            )
+        return i, ex
+
+    def read_image(self, i: int) -> np.ndarray:
+        """Decodes image i: uint8 [ih, iw, 3] RGB."""
+        return decode_image(self._raw(i)[1]["image"])
+
+    def read_labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Unpadded labels of image i: int32 [P_i, sh, sw] planes and int32 [Q_i]."""
+        _, ex = self._raw(i)
+        return (
+            ex["pixel_labels"].astype(np.int32),
+            np.asarray(ex["image_labels"], dtype=np.int32),
+        )
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        """Example i, the same arrays as `Broden.__getitem__`."""
+        i, ex = self._raw(i)
+        planes = ex["pixel_labels"]
+        pixel = np.zeros((self.max_planes, *self.seg_size), dtype=np.int32)
+        pixel[: len(planes)] = planes
+        image_labels = np.zeros((self.max_image_labels,), dtype=np.int32)
+        image_labels[: len(ex["image_labels"])] = ex["image_labels"]
+        return {
+            "image": decode_image(ex["image"]).astype(np.float32),
+            "pixel_labels": pixel,
+            "image_labels": image_labels,
+            "index": np.asarray(i, dtype=np.int32),
+        }
+
+
+def _reopen(builder_dir: str, split: str) -> TfdsBroden:
+    return TfdsBroden(builder_dir, split)

@@ -1,0 +1,117 @@
+"""Keyed, atomic storage of stage outputs and resumable streaming checkpoints.
+
+Every stage output lives under a key that hashes everything it depends on
+(model weights, layer, every setting of the stage, the data index), so
+changing a flag can never reuse a stale result, and two layers can never share
+one. Files are written to a temporary name and renamed, and a stage is
+complete only when its `DONE` marker exists: a partial result is never taken
+for a complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+DONE = "DONE"
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    return value
+
+
+def key_of(**parts: Any) -> str:
+    """A short stable hash of JSON-able `parts` (order of keys does not matter)."""
+    text = json.dumps(_canonical(parts), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def fingerprint_tree(tree: Any) -> str:
+    """Hash of a pytree of arrays (model weights): shapes, dtypes and bytes."""
+    import jax
+
+    h = hashlib.sha256()
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    for path, leaf in leaves:
+        arr = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(f"{arr.dtype}{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yield a temporary path beside `path`; rename it into place on success."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = pathlib.Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(_canonical(obj), indent=1, sort_keys=False) + "\n")
+
+
+def save_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """An .npz written atomically (loaded back with pickling disabled)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+class Stage:
+    """A directory for one keyed stage output, complete once marked done."""
+
+    def __init__(self, root: str | os.PathLike, name: str, key: str):
+        self.dir = pathlib.Path(root) / f"{name}-{key}"
+        self.name, self.key = name, key
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / DONE).exists()
+
+    def path(self, filename: str) -> pathlib.Path:
+        return self.dir / filename
+
+    def mark_done(self, description: Mapping[str, Any]) -> None:
+        """Record what was computed, then the marker (last, so a crash leaves it incomplete)."""
+        write_json(self.dir / "key.json", {"stage": self.name, "key": self.key, **description})
+        write_text(self.dir / DONE, "")
+
+    def reset(self) -> None:
+        if self.dir.exists():
+            shutil.rmtree(self.dir)

@@ -1,0 +1,198 @@
+"""Convert a PyTorch / safetensors weight file into an orbax checkpoint of Flax variables.
+
+  python models/convert.py --arch resnet18 --num_classes 365 \\
+      --input resnet18_places365.pth.tar --output ckpt_dir/
+
+The output directory holds `variables/` (an orbax StandardCheckpointer checkpoint)
+and `meta.json` (arch, num_classes, constructor options, source file and its sha256),
+so that `load_variables` can rebuild the model with `models.zoo.build`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+if __package__ in (None, ""):
+    # Run as a script (python models/convert.py): make the repository importable.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models import zoo  # noqa: E402
+from models.checkpoint_io import CheckpointError, load_state_dict  # noqa: E402
+from models.torch_import import WeightMappingError, torch_to_flax  # noqa: E402
+
+VARIABLES_DIR = "variables"
+META_FILE = "meta.json"
+META_VERSION = 1
+
+
+def variables_template(model: nn.Module, size: int | None = None) -> dict[str, Any]:
+    """Zero-filled numpy variables of `model`, shaped by `jax.eval_shape` (no forward pass)."""
+    size = size or model.input_spec.size
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
+    )
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_variables(
+    ckpt_dir: str | os.PathLike[str],
+    variables: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    *,
+    force: bool = False,
+) -> None:
+    """Write `variables` (orbax) and `meta` (JSON) into `ckpt_dir`.
+
+    Args:
+      ckpt_dir: directory to create; with `force`, an existing one is replaced.
+      variables: Flax variables ({'params': ..., 'batch_stats': ...}).
+      meta: JSON-serialisable description, at least `arch`; `num_classes` and
+        `options` are what `build_from_meta` passes to `models.zoo.build`.
+    """
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    if os.path.exists(ckpt_dir):
+        if not force:
+            raise FileExistsError(f"{ckpt_dir} exists; pass force=True (--force) to replace it")
+        shutil.rmtree(ckpt_dir)
+    os.makedirs(ckpt_dir)
+    meta_text = json.dumps({"format_version": META_VERSION, **meta}, indent=2, sort_keys=True)
+    tree = jax.tree.map(np.asarray, dict(variables))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(ckpt_dir, VARIABLES_DIR), tree)
+    # Written last: a directory with meta.json is a finished checkpoint.
+    with open(os.path.join(ckpt_dir, META_FILE), "w") as file:
+        file.write(meta_text + "\n")
+
+
+def load_variables(ckpt_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read what `save_variables` wrote: (variables as numpy arrays, meta)."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    meta_path = os.path.join(ckpt_dir, META_FILE)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{ckpt_dir} is not a converted checkpoint (no {META_FILE})")
+    with open(meta_path) as file:
+        meta = json.load(file)
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.restore(os.path.join(ckpt_dir, VARIABLES_DIR))
+    return jax.tree.map(np.asarray, tree), meta
+
+
+def build_from_meta(meta: Mapping[str, Any]) -> nn.Module:
+    """The model a converted checkpoint's `meta` describes."""
+    options = dict(meta.get("options", {}))
+    if "num_classes" in meta:
+        options["num_classes"] = meta["num_classes"]
+    return zoo.build(meta["arch"], **options)
+
+
+def convert(
+    arch: str,
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    num_classes: int = 1000,
+    options: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Map the state dict in `source` onto `arch` and save it to `output`; returns the meta.
+
+    Raises:
+      CheckpointError: `source` cannot be read safely.
+      WeightMappingError: the state dict does not fit `arch` (lists the keys on both sides).
+    """
+    options = dict(options or {})
+    model = zoo.build(arch, num_classes=num_classes, **options)
+    state = load_state_dict(source)
+    # Architectures whose torch models hold extras (GoogLeNet's aux heads) rename or skip keys.
+    rename = getattr(type(model), "torch_rename", None)
+    variables = torch_to_flax(state, variables_template(model), rename=rename)
+    meta = {
+        "arch": arch,
+        "num_classes": num_classes,
+        "options": options,
+        "source": os.path.abspath(os.fspath(source)),
+        "source_sha256": sha256(source),
+    }
+    save_variables(output, variables, meta, force=force)
+    return meta
+
+
+def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise app.UsageError(f"--option wants key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _define_flags() -> None:
+    flags.DEFINE_enum("arch", None, sorted(zoo.ARCHS), "Architecture of the weights.")
+    flags.DEFINE_integer("num_classes", 1000, "Number of classes of the final layer.")
+    flags.DEFINE_string("input", None, "Weight file: .pth, .pth.tar (zip or legacy), .safetensors.")
+    flags.DEFINE_string("output", None, "Directory to write the converted checkpoint to.")
+    flags.DEFINE_multi_string(
+        "option", [], "Extra constructor option key=value (JSON value), e.g. width=0.5."
+    )
+    flags.DEFINE_bool("force", False, "Replace --output if it exists.")
+    for name in ("arch", "input", "output"):
+        flags.mark_flag_as_required(name)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = flags.FLAGS
+    options = _parse_options(config.option)
+    try:
+        meta = convert(
+            config.arch,
+            config.input,
+            config.output,
+            num_classes=config.num_classes,
+            options=options,
+            force=config.force,
+        )
+    except WeightMappingError as err:
+        raise SystemExit(
+            f"convert: {config.input} does not fit --arch {config.arch} "
+            f"--num_classes {config.num_classes}{''.join(f' --option {o}' for o in config.option)}"
+            f".\n{err}"
+        ) from err
+    except (CheckpointError, FileExistsError, FileNotFoundError) as err:
+        raise SystemExit(f"convert: {err}") from err
+    print(f"wrote {config.output} ({meta['arch']}, {meta['num_classes']} classes)")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

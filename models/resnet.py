@@ -1,0 +1,250 @@
+"""ResNet-18/34/50/101/152 in torchvision's layout (v1.5: Bottleneck strides in conv2).
+
+Paths: `conv1`, `bn1`, `relu`, `maxpool`, `layer1`..`layer4` -> `N` (blocks) ->
+`conv1`, `bn1`, ..., `downsample` -> `0` (conv), `1` (BN), then `avgpool`, `fc`.
+As in torch, a block's single `relu` module is called after each of its
+convolutions; probe the block itself (`layer4/1`) for its output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+
+from jaxdissect.preprocess import TORCHVISION, InputSpec
+from models.layers import (
+    AdaptiveAvgPool2d,
+    BatchNorm2d,
+    Identity,
+    MaxPool2d,
+    ReLU,
+    conv2d,
+    kaiming_normal_fan_out,
+    linear,
+    scale_channels,
+)
+
+
+def _conv(features: int, kernel: int, stride: int, padding: int, x: jax.Array, name: str):
+    return conv2d(
+        features,
+        kernel,
+        in_features=x.shape[-1],
+        stride=stride,
+        padding=padding,
+        bias=False,
+        kernel_init=kaiming_normal_fan_out,
+        name=name,
+    )
+
+
+def _norm(batch_norm: bool, train: bool, name: str) -> nn.Module:
+    if batch_norm:
+        return BatchNorm2d(use_running_average=not train, name=name)
+    return Identity(name=name)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions and a shortcut (ResNet-18/34)."""
+
+    planes: int
+    stride: int = 1
+    downsample: bool = False
+    batch_norm: bool = True
+
+    expansion: ClassVar[int] = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        relu = ReLU(name="relu")
+        out = _conv(self.planes, 3, self.stride, 1, x, "conv1")(x)
+        out = relu(_norm(self.batch_norm, train, "bn1")(out))
+        out = _conv(self.planes, 3, 1, 1, out, "conv2")(out)
+        out = _norm(self.batch_norm, train, "bn2")(out)
+        return relu(out + _shortcut(self, x, self.planes, train))
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand, and a shortcut (ResNet-50/101/152)."""
+
+    planes: int
+    stride: int = 1
+    downsample: bool = False
+    batch_norm: bool = True
+
+    expansion: ClassVar[int] = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        relu = ReLU(name="relu")
+        out = _conv(self.planes, 1, 1, 0, x, "conv1")(x)
+        out = relu(_norm(self.batch_norm, train, "bn1")(out))
+        out = _conv(self.planes, 3, self.stride, 1, out, "conv2")(out)
+        out = relu(_norm(self.batch_norm, train, "bn2")(out))
+        out = _conv(self.planes * 4, 1, 1, 0, out, "conv3")(out)
+        out = _norm(self.batch_norm, train, "bn3")(out)
+        return relu(out + _shortcut(self, x, self.planes * 4, train))
+
+
+def _shortcut(block: BasicBlock | Bottleneck, x: jax.Array, features: int, train: bool):
+    if not block.downsample:
+        return x
+    return Downsample(features, block.stride, block.batch_norm, name="downsample")(x, train)
+
+
+class Downsample(nn.Module):
+    """torch's `downsample` Sequential: `0` 1x1 strided conv, `1` BatchNorm."""
+
+    features: int
+    stride: int
+    batch_norm: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = _conv(self.features, 1, self.stride, 0, x, "0")(x)
+        return _norm(self.batch_norm, train, "1")(x)
+
+
+class ResLayer(nn.Module):
+    """A stage (`layerN`): blocks named `0`, `1`, ..., the first one strided."""
+
+    block: type[BasicBlock] | type[Bottleneck]
+    planes: int
+    blocks: int
+    stride: int = 1
+    batch_norm: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        for i in range(self.blocks):
+            stride = self.stride if i == 0 else 1
+            downsample = i == 0 and (
+                stride != 1 or x.shape[-1] != self.planes * self.block.expansion
+            )
+            x = self.block(self.planes, stride, downsample, self.batch_norm, name=str(i))(x, train)
+        return x
+
+
+class ResNet(nn.Module):
+    """torchvision ResNet.
+
+    Attributes:
+      block: `BasicBlock` or `Bottleneck`.
+      stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+      num_classes: output logits.
+      width: multiplies every channel count (stem and all stages).
+      batch_norm: False replaces every BatchNorm by an `Identity` of the same
+        name (no variables; convolutions stay bias-free as in torchvision).
+      input_spec: the input normalisation the weights expect.
+    """
+
+    block: type[BasicBlock] | type[Bottleneck]
+    stage_sizes: tuple[int, int, int, int]
+    num_classes: int = 1000
+    width: float = 1.0
+    batch_norm: bool = True
+    input_spec: InputSpec = TORCHVISION
+
+    default_layers: ClassVar[tuple[str, ...]] = ("layer4",)
+
+    @property
+    def layer_aliases(self) -> Mapping[str, str]:
+        """Stage names are module paths already; `conv1` is the stem after its ReLU."""
+        aliases = {"conv1": "relu", "pool1": "maxpool"}
+        aliases.update({f"layer{i}": f"layer{i}" for i in range(1, 5)})
+        return aliases
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Logits [B, num_classes] of a normalised NHWC batch."""
+        x = _conv(scale_channels(64, self.width), 7, 2, 3, x, "conv1")(x)
+        x = _norm(self.batch_norm, train, "bn1")(x)
+        x = ReLU(name="relu")(x)
+        x = MaxPool2d(3, 2, 1, name="maxpool")(x)
+        for i, blocks in enumerate(self.stage_sizes):
+            x = ResLayer(
+                self.block,
+                scale_channels(64 * 2**i, self.width),
+                blocks,
+                stride=1 if i == 0 else 2,
+                batch_norm=self.batch_norm,
+                name=f"layer{i + 1}",
+            )(x, train)
+        x = AdaptiveAvgPool2d(1, name="avgpool")(x).reshape(x.shape[0], -1)
+        return linear(self.num_classes, in_features=x.shape[-1], name="fc")(x)
+
+
+def _resnet(
+    block: type[BasicBlock] | type[Bottleneck],
+    stage_sizes: tuple[int, int, int, int],
+    num_classes: int,
+    width: float,
+    batch_norm: bool,
+    input_spec: InputSpec,
+) -> ResNet:
+    return ResNet(
+        block=block,
+        stage_sizes=stage_sizes,
+        num_classes=num_classes,
+        width=width,
+        batch_norm=batch_norm,
+        input_spec=input_spec,
+    )
+
+
+def resnet18(
+    *,
+    num_classes: int = 1000,
+    width: float = 1.0,
+    batch_norm: bool = True,
+    input_spec: InputSpec = TORCHVISION,
+) -> ResNet:
+    """torchvision ResNet-18 (11,689,512 parameters at 1000 classes)."""
+    return _resnet(BasicBlock, (2, 2, 2, 2), num_classes, width, batch_norm, input_spec)
+
+
+def resnet34(
+    *,
+    num_classes: int = 1000,
+    width: float = 1.0,
+    batch_norm: bool = True,
+    input_spec: InputSpec = TORCHVISION,
+) -> ResNet:
+    """torchvision ResNet-34 (21,797,672 parameters at 1000 classes)."""
+    return _resnet(BasicBlock, (3, 4, 6, 3), num_classes, width, batch_norm, input_spec)
+
+
+def resnet50(
+    *,
+    num_classes: int = 1000,
+    width: float = 1.0,
+    batch_norm: bool = True,
+    input_spec: InputSpec = TORCHVISION,
+) -> ResNet:
+    """torchvision ResNet-50 (25,557,032 parameters at 1000 classes)."""
+    return _resnet(Bottleneck, (3, 4, 6, 3), num_classes, width, batch_norm, input_spec)
+
+
+def resnet101(
+    *,
+    num_classes: int = 1000,
+    width: float = 1.0,
+    batch_norm: bool = True,
+    input_spec: InputSpec = TORCHVISION,
+) -> ResNet:
+    """torchvision ResNet-101 (44,549,160 parameters at 1000 classes)."""
+    return _resnet(Bottleneck, (3, 4, 23, 3), num_classes, width, batch_norm, input_spec)
+
+
+def resnet152(
+    *,
+    num_classes: int = 1000,
+    width: float = 1.0,
+    batch_norm: bool = True,
+    input_spec: InputSpec = TORCHVISION,
+) -> ResNet:
+    """torchvision ResNet-152 (60,192,808 parameters at 1000 classes)."""
+    return _resnet(Bottleneck, (3, 8, 36, 3), num_classes, width, batch_norm, input_spec)

@@ -1,0 +1,481 @@
+"""The Broden reader: exact read-back, label space, splits, and every format error."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdissect.data.broden import Broden, BrodenFormatError
+from tests.broden_testing import (
+    BRODEN_CATEGORIES,
+    LabelSpec,
+    RowSpec,
+    default_rgb,
+    edit_csv,
+    tiny_broden,
+    write_broden,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_broden(tmp_path_factory.mktemp("tiny"))
+
+
+# --- reading back what was written -------------------------------------------------------
+
+
+def test_reads_back_images_and_labels_exactly(tiny):
+    ds = Broden.open(tiny.root)
+    assert len(ds) == 5
+    for i in range(len(ds)):
+        np.testing.assert_array_equal(ds.read_image(i), tiny.images[i])
+        assert ds.read_image(i).dtype == np.uint8
+        planes, image_labels = ds.read_labels(i)
+        assert planes.dtype == np.int32 and image_labels.dtype == np.int32
+        np.testing.assert_array_equal(planes, tiny.planes[i])
+        assert tuple(image_labels) == tiny.image_labels[i]
+
+
+def test_labels_need_the_green_channel_and_several_planes(tiny):
+    ds = Broden.open(tiny.root)
+    planes, _ = ds.read_labels(1)
+    assert planes.shape == (4, 4, 4)  # color, object, part x2
+    assert (planes[2:] == 300).any()  # R=44, G=1
+    np.testing.assert_array_equal(planes[3], tiny.planes[1][3])
+
+
+def test_image_level_zero_is_dropped(tiny):
+    ds = Broden.open(tiny.root)
+    assert ds.records[2].image_labels == {"texture": (8,)}
+    _, image_labels = ds.read_labels(2)
+    assert image_labels.tolist() == [8]
+
+
+def test_label_space(tiny):
+    labels = Broden.open(tiny.root).labels
+    assert labels.categories == BRODEN_CATEGORIES
+    assert labels.image_level == (False, False, False, False, True, True)
+    assert labels.num_labels == 301
+    assert labels.names[0] == "-" and labels.names[300] == "wheel" and labels.names[4] == "wood"
+    assert labels.names[10] == ""
+    assert labels.category_of(0) is None and labels.category_of(10) is None
+    assert labels.category_of(1) == "color"
+    assert labels.category_of(4) == "material"  # coverage 3.0 beats object's 1.0
+    assert labels.category_of(9) == "material"  # tie with object: the later category
+    assert labels.category_of(300) == "part"
+    assert labels.category_of(6) == "scene" and labels.category_of(8) == "texture"
+    assert labels.labels_in("part").tolist() == [5, 300]
+
+
+def test_records(tiny):
+    ds = Broden.open(tiny.root)
+    r = ds.records[1]
+    assert (r.line, r.image, r.split) == (3, "ade20k/b.png", "train")
+    assert (r.ih, r.iw, r.sh, r.sw) == (8, 8, 4, 4)
+    assert r.pixel["part"] == ("ade20k/b_part_1.png", "ade20k/b_part_2.png")
+    assert r.image_labels == {"scene": (7,)}
+    assert "material" not in r.pixel
+    assert (ds.image_size, ds.seg_size) == ((8, 8), (4, 4))
+    assert (ds.max_planes, ds.max_image_labels) == (4, 1)
+
+
+def test_getitem_fixed_shapes_and_padding(tiny):
+    ds = Broden.open(tiny.root)
+    for i in range(len(ds)):
+        ex = ds[i]
+        assert set(ex) == {"image", "pixel_labels", "image_labels", "index"}
+        assert ex["image"].dtype == np.float32 and ex["image"].shape == (8, 8, 3)
+        assert ex["pixel_labels"].dtype == np.int32 and ex["pixel_labels"].shape == (4, 4, 4)
+        assert ex["image_labels"].dtype == np.int32 and ex["image_labels"].shape == (1,)
+        assert ex["index"].dtype == np.int32 and ex["index"].shape == () and ex["index"] == i
+        np.testing.assert_array_equal(ex["image"], tiny.images[i].astype(np.float32))
+        p = len(tiny.planes[i])
+        np.testing.assert_array_equal(ex["pixel_labels"][:p], tiny.planes[i])
+        assert not ex["pixel_labels"][p:].any()
+        q = len(tiny.image_labels[i])
+        assert tuple(ex["image_labels"][:q]) == tiny.image_labels[i]
+        assert not ex["image_labels"][q:].any()
+    assert ds[-1]["index"] == 4
+    with pytest.raises(IndexError):
+        ds[5]
+
+
+def test_split_and_max_images(tiny):
+    train = Broden.open(tiny.root, split="train")
+    assert [r.line for r in train.records] == [2, 3, 4]
+    val = Broden.open(tiny.root, split="val")
+    assert [r.line for r in val.records] == [5, 6]
+    # Positions are within the selection; the record keeps its index.csv line.
+    assert val[1]["index"] == 1
+    np.testing.assert_array_equal(val.read_image(1), tiny.images[4])
+    assert (val.max_planes, val.max_image_labels) == (2, 1)  # Q stays >= 1
+    first = Broden.open(tiny.root, max_images=2)
+    assert [r.line for r in first.records] == [2, 3]
+    assert [r.line for r in Broden.open(tiny.root, split="val", max_images=1).records] == [5]
+    assert len(Broden.open(tiny.root, split="all", max_images=99)) == 5
+
+
+def test_fingerprint(tiny, tmp_path):
+    a = Broden.open(tiny.root)
+    assert re.fullmatch(r"[0-9a-f]{64}", a.fingerprint())
+    assert a.fingerprint() == Broden.open(tiny.root).fingerprint()
+    others = {
+        Broden.open(tiny.root, split="train").fingerprint(),
+        Broden.open(tiny.root, max_images=3).fingerprint(),
+        a.fingerprint(),
+    }
+    assert len(others) == 3
+    copy = tiny_broden(tmp_path / "copy")
+    assert Broden.open(copy.root).fingerprint() == a.fingerprint()  # content, not location
+    label_csv = copy.root / "label.csv"
+    label_csv.write_text(label_csv.read_text().replace("wheel", "wheels"))
+    assert Broden.open(copy.root).fingerprint() != a.fingerprint()
+
+
+def test_repr_is_short(tiny):
+    text = repr(Broden.open(tiny.root))
+    assert "images=5" in text and len(text) < 300
+
+
+# --- the format is read, not assumed -----------------------------------------------------
+
+LABELS = [
+    LabelSpec(1, "sky", {"object": 1.0}),
+    LabelSpec(2, "street-s", {"scene": 1.0}),
+    LabelSpec(3, "red-c", {"color": 1.0}),
+]
+
+
+def test_column_order_is_read_from_the_files(tmp_path):
+    plane = np.full((4, 4), 1)
+    color = np.full((4, 4), 3)
+    w = write_broden(
+        tmp_path,
+        categories=("scene", "object", "color"),
+        columns=("color", "scene", "object"),
+        labels=LABELS,
+        rows=[
+            RowSpec(
+                "x.png", pixel={"object": [plane], "color": [color]}, image_labels={"scene": [2]}
+            )
+        ],
+    )
+    ds = Broden.open(tmp_path)
+    assert ds.labels.categories == ("scene", "object", "color")
+    assert ds.labels.image_level == (True, False, False)
+    planes, image_labels = ds.read_labels(0)
+    np.testing.assert_array_equal(planes, w.planes[0])
+    assert planes[0, 0, 0] == 1 and planes[1, 0, 0] == 3  # category.csv order
+    assert image_labels.tolist() == [2]
+
+
+def test_kind_is_inferred_from_cells_and_empty_columns_fall_back(tmp_path):
+    labels = [
+        LabelSpec(1, "sunny", {"weather": 1.0}),
+        LabelSpec(2, "sky", {"scene": 1.0}),
+    ]
+    write_broden(
+        tmp_path,
+        categories=("weather", "scene", "texture", "foo"),
+        labels=labels,
+        rows=[
+            RowSpec("a.png", pixel={"scene": [np.full((4, 4), 2)]}, image_labels={"weather": [1]}),
+            RowSpec("b.png"),
+        ],
+        image_level=("weather",),
+    )
+    ds = Broden.open(tmp_path)
+    # weather holds numbers, scene holds PNGs; texture and foo hold nothing anywhere.
+    assert ds.labels.image_level == (True, False, True, False)
+    planes, image_labels = ds.read_labels(0)
+    assert planes.shape == (1, 4, 4) and image_labels.tolist() == [1]
+    planes, image_labels = ds.read_labels(1)
+    assert planes.shape == (0, 4, 4) and image_labels.shape == (0,)
+    assert (ds.max_planes, ds.max_image_labels) == (1, 1)
+
+
+def test_label_csv_row_zero_and_repeated_image_labels(tmp_path):
+    w = write_broden(
+        tmp_path,
+        categories=("object", "scene", "texture"),
+        labels=[*LABELS[:2], LabelSpec(3, "dotted", {"texture": 1.0})],
+        rows=[RowSpec("a.png", image_labels={"scene": [2, 2, 0], "texture": [3, 2]})],
+    )
+    edit_csv(tmp_path / "label.csv", lambda rows: rows.insert(1, ["0", "-", "", "0", "0", ""]))
+    ds = Broden.open(tmp_path)
+    assert ds.labels.names[0] == "-"
+    assert ds.records[0].image_labels == {"scene": (2,), "texture": (3, 2)}
+    assert ds.read_labels(0)[1].tolist() == [2, 3] == list(w.image_labels[0])
+
+
+def test_jpeg_and_grayscale_images_become_rgb(tmp_path):
+    write_broden(tmp_path, categories=("object",), labels=LABELS[:1], rows=[RowSpec("a.jpg")])
+    Image.fromarray(default_rgb(0, (8, 8))[..., 0]).save(tmp_path / "images" / "a.jpg")
+    image = Broden.open(tmp_path).read_image(0)
+    assert image.shape == (8, 8, 3) and image.dtype == np.uint8
+    assert (image[..., 0] == image[..., 1]).all()
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def base(tmp_path: pathlib.Path, rows=None, **kwargs):
+    """Two pixel categories and one image-level; rows default to two good ones."""
+    plane = np.array([[1, 1, 0, 0]] * 4)
+    if rows is None:
+        rows = [
+            RowSpec("a.png", pixel={"object": [plane]}, image_labels={"scene": [2]}),
+            RowSpec("b.png", "val", pixel={"object": [plane.T], "color": [plane * 3]}),
+        ]
+    kwargs.setdefault("categories", ("color", "object", "scene"))
+    return write_broden(tmp_path, labels=LABELS, rows=rows, **kwargs)
+
+
+def raises(match: str, *parts: str):
+    """pytest.raises for BrodenFormatError whose message contains `match` and every part."""
+
+    class Checker:
+        def __enter__(self):
+            self.ctx = pytest.raises(BrodenFormatError, match=re.escape(match))
+            self.info = self.ctx.__enter__()
+            return self.info
+
+        def __exit__(self, *exc):
+            handled = self.ctx.__exit__(*exc)
+            message = str(self.info.value)
+            for part in parts:
+                assert part in message, f"{part!r} not in {message!r}"
+            return handled
+
+    return Checker()
+
+
+@pytest.mark.parametrize("name", ["index.csv", "label.csv", "category.csv", "c_object.csv"])
+def test_missing_csv_file(tmp_path, name):
+    base(tmp_path)
+    (tmp_path / name).unlink()
+    with raises("file not found", str(tmp_path / name)):
+        Broden.open(tmp_path)
+
+
+def test_missing_folder(tmp_path):
+    with raises("not a folder", str(tmp_path / "nope")):
+        Broden.open(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("name", "column"),
+    [
+        ("index.csv", "sh"),
+        ("label.csv", "name"),
+        ("category.csv", "name"),
+        ("c_scene.csv", "coverage"),
+    ],
+)
+def test_missing_column(tmp_path, name, column):
+    base(tmp_path)
+
+    def drop(rows):
+        k = rows[0].index(column)
+        return [r[:k] + r[k + 1 :] for r in rows]
+
+    edit_csv(tmp_path / name, drop)
+    with raises("missing column", str(tmp_path / name), "line 1", column):
+        Broden.open(tmp_path)
+
+
+def test_missing_image_and_png(tmp_path):
+    base(tmp_path)
+    (tmp_path / "images" / "b.png").unlink()
+    (tmp_path / "images" / "b_color_1.png").unlink()
+    ds = Broden.open(tmp_path)  # per-file checks wait for the read
+    ds.read_image(0)
+    with raises("image not found", str(tmp_path / "images" / "b.png"), "line 3"):
+        ds.read_image(1)
+    with raises("not found", str(tmp_path / "images" / "b_color_1.png"), "line 3", "'color'"):
+        ds.read_labels(1)
+    with raises("not found", "b.png"):
+        ds[1]
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    base(tmp_path)
+    images = tmp_path / "images"
+    (images / "a.png").write_bytes(b"this is not an image")
+    data = (images / "b_object_1.png").read_bytes()
+    (images / "b_object_1.png").write_bytes(data[: len(data) // 2])
+    ds = Broden.open(tmp_path)
+    with raises("cannot read image", str(images / "a.png"), "line 2"):
+        ds.read_image(0)
+    with raises("cannot", str(images / "b_object_1.png")):
+        ds.read_labels(1)
+
+
+def test_truncated_jpeg(tmp_path):
+    base(
+        tmp_path,
+        rows=[
+            RowSpec(
+                "a.jpg", rgb=np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            )
+        ],
+    )
+    path = tmp_path / "images" / "a.jpg"
+    path.write_bytes(path.read_bytes()[:300])
+    with raises("cannot", str(path)):
+        Broden.open(tmp_path).read_image(0)
+
+
+def test_png_label_not_in_label_csv(tmp_path):
+    base(tmp_path, rows=[RowSpec("a.png", pixel={"object": [np.array([[1, 4, 4, 0]] * 4)]})])
+    ds = Broden.open(tmp_path)
+    with raises(
+        "label number(s) 4 are not in", str(tmp_path / "images" / "a_object_1.png"), "line 2"
+    ):
+        ds.read_labels(0)
+    big = np.array([[1, 256 * 7, 0, 0]] * 4)
+    base(tmp_path, rows=[RowSpec("a.png", pixel={"object": [big]})])
+    with raises("1792", "label.csv"):
+        Broden.open(tmp_path).read_labels(0)
+
+
+def test_image_label_not_in_label_csv(tmp_path):
+    base(tmp_path, rows=[RowSpec("a.png"), RowSpec("b.png", image_labels={"scene": [2, 17]})])
+    with raises("label number 17 is not in", "index.csv line 3", "'scene'"):
+        Broden.open(tmp_path)
+
+
+def test_png_size_differs(tmp_path):
+    base(tmp_path, rows=[RowSpec("a.png", pixel={"object": [np.ones((4, 5), int)]})])
+    with raises("segmentation is 4x5", "a_object_1.png", "line 2", "sh,sw = 4,4"):
+        Broden.open(tmp_path).read_labels(0)
+
+
+def test_image_size_differs(tmp_path):
+    base(tmp_path, rows=[RowSpec("a.png", rgb=np.zeros((8, 9, 3), np.uint8))])
+    with raises("image is 8x9", str(tmp_path / "images" / "a.png"), "line 2", "ih,iw = 8,8"):
+        Broden.open(tmp_path).read_image(0)
+
+
+@pytest.mark.parametrize(
+    ("column", "cell"),
+    [
+        ("image", "../outside.png"),
+        ("image", "/etc/passwd"),
+        ("object", "a/../../x.png"),
+        ("object", "ok.png;/abs.png"),
+        ("color", "C:\\x.png"),
+    ],
+)
+def test_path_escapes_the_dataset(tmp_path, column, cell):
+    base(tmp_path, rows=[RowSpec("a.png", cells={column: cell})])
+    with raises("escapes the dataset folder", "index.csv line 2", repr(column)):
+        Broden.open(tmp_path)
+
+
+def test_empty_index(tmp_path):
+    base(tmp_path, rows=[])
+    with raises("empty index", "no image rows", "index.csv"):
+        Broden.open(tmp_path)
+
+
+def test_empty_after_filtering(tmp_path):
+    base(tmp_path, rows=[RowSpec("a.png")])
+    with raises("empty index", "split='val'", "index.csv"):
+        Broden.open(tmp_path, split="val")
+    with raises("empty index", "max_images=0"):
+        Broden.open(tmp_path, max_images=0)
+
+
+def test_unknown_category_column(tmp_path):
+    base(tmp_path, columns=("color", "object", "scene", "weather"))
+    with raises("column 'weather' is not a category", "index.csv line 1"):
+        Broden.open(tmp_path)
+
+
+def test_records_with_different_sizes(tmp_path):
+    base(tmp_path, rows=[RowSpec("a.png"), RowSpec("b.png", cells={"sh": "5"}, write_image=False)])
+    with raises("differ from line 2", "index.csv line 3"):
+        Broden.open(tmp_path)
+
+
+def test_unknown_split(tmp_path):
+    base(tmp_path)
+    with raises("unknown split 'test'", "train", "val", "all"):
+        Broden.open(tmp_path, split="test")
+
+
+@pytest.mark.parametrize(
+    ("name", "match", "line"),
+    [
+        ("index.csv", "column 'ih' holds 'x'", "line 2"),
+        ("index.csv", "column 'sw' holds '-4'", "line 3"),
+        ("label.csv", "column 'number' holds '1.5'", "line 2"),
+        ("c_object.csv", "column 'coverage' holds 'lots'", "line 2"),
+        ("c_scene.csv", "column 'number' holds 'two'", "line 2"),
+    ],
+)
+def test_malformed_number(tmp_path, name, match, line):
+    base(tmp_path)
+    column, value = re.match(r"column '(\w+)' holds '(.*)'", match).groups()
+    row = int(line.split()[1]) - 1
+
+    def set_cell(rows):
+        rows[row][rows[0].index(column)] = value
+
+    edit_csv(tmp_path / name, set_cell)
+    with raises(match, str(tmp_path / name), line):
+        Broden.open(tmp_path)
+
+
+def test_malformed_image_level_number(tmp_path):
+    base(
+        tmp_path,
+        rows=[
+            RowSpec("a.png", image_labels={"scene": [2]}),
+            RowSpec("b.png", image_labels={"scene": "2;3a"}),
+        ],
+    )
+    with raises("'3a' is not a label number", "index.csv line 3", "'scene'"):
+        Broden.open(tmp_path)
+
+
+def test_number_in_a_pixel_column(tmp_path):
+    plane = np.ones((4, 4), int)
+    rows = [RowSpec(f"{k}.png", pixel={"object": [plane]}) for k in range(2)]
+    rows.append(RowSpec("c.png", pixel={"object": ["1"]}))
+    base(tmp_path, rows=rows)
+    with raises("'1' is a label number but 'object' is a pixel category", "index.csv line 4"):
+        Broden.open(tmp_path)
+
+
+def test_wrong_field_count(tmp_path):
+    base(tmp_path)
+    edit_csv(tmp_path / "index.csv", lambda rows: rows[2].append("extra"))
+    with raises("fields but the header has", "index.csv line 3"):
+        Broden.open(tmp_path)
+
+
+def test_duplicate_label_number(tmp_path):
+    base(tmp_path)
+    edit_csv(tmp_path / "label.csv", lambda rows: rows.append(["2", "again", "", "1", "1", ""]))
+    with raises("label number 2 is defined twice", "label.csv line 5"):
+        Broden.open(tmp_path)
+
+
+def test_category_file_names_unknown_label(tmp_path):
+    base(tmp_path)
+    edit_csv(tmp_path / "c_color.csv", lambda rows: rows.append(["2", "42", "x", "1", "1.0"]))
+    with raises("label number 42 is not in", "c_color.csv line 3"):
+        Broden.open(tmp_path)
+
+
+def test_error_is_a_value_error(tmp_path):
+    assert issubclass(BrodenFormatError, ValueError)
+    with pytest.raises(ValueError):
+        Broden.open(tmp_path / "nope")

@@ -1,0 +1,183 @@
+"""The folder batch loader: shapes, padding, resuming, per-process slices, order."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from jaxdissect.data.broden import Broden, BrodenFormatError
+from jaxdissect.data.loader import batches, num_batches
+from tests.broden_testing import tiny_broden
+
+KEYS = {"image", "pixel_labels", "image_labels", "valid", "index"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return Broden.open(tiny_broden(tmp_path_factory.mktemp("tiny")).root)
+
+
+class ArraySource:
+    """n examples in memory, each recognisable by its position."""
+
+    def __init__(self, n: int, image_shape=(2, 3, 3)):
+        self.n, self.image_shape = n, image_shape
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return {
+            "image": np.full(self.image_shape, i + 1, np.float32),
+            "pixel_labels": np.full((2, 2, 2), i + 1, np.int32),
+            "image_labels": np.full((1,), i + 1, np.int32),
+            "index": np.asarray(i, np.int32),
+        }
+
+
+def collect(*args, **kwargs) -> list[dict[str, np.ndarray]]:
+    return list(batches(*args, **kwargs))
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype, k
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_num_batches():
+    assert [num_batches(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+    with pytest.raises(ValueError, match="batch_size"):
+        num_batches(3, 0)
+
+
+def test_broden_batches_shapes_padding_and_content(tiny):
+    out = collect(tiny, 2)
+    assert len(out) == 3
+    for b in out:
+        assert set(b) == KEYS
+        assert b["image"].shape == (2, 8, 8, 3) and b["image"].dtype == np.float32
+        assert b["pixel_labels"].shape == (2, 4, 4, 4) and b["pixel_labels"].dtype == np.int32
+        assert b["image_labels"].shape == (2, 1) and b["image_labels"].dtype == np.int32
+        assert b["valid"].dtype == np.bool_ and b["index"].dtype == np.int32
+    assert out[2]["valid"].tolist() == [True, False]
+    assert out[2]["index"].tolist() == [4, -1]
+    for k in ("image", "pixel_labels", "image_labels"):
+        assert not out[2][k][1].any()
+    # Batches are exactly the stacked examples.
+    for i in range(len(tiny)):
+        b, j = divmod(i, 2)
+        ex = tiny[i]
+        for k, v in ex.items():
+            np.testing.assert_array_equal(out[b][k][j], v, err_msg=k)
+        assert out[b]["valid"][j]
+
+
+def test_full_batches_need_no_padding(tiny):
+    out = collect(tiny, 5)
+    assert len(out) == 1 and out[0]["valid"].all()
+    assert out[0]["index"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_start_batch_resumes(tiny):
+    full = collect(tiny, 2)
+    assert_batches_equal(collect(tiny, 2, start_batch=1), full[1:])
+    assert_batches_equal(collect(tiny, 2, start_batch=2), full[2:])
+    assert collect(tiny, 2, start_batch=3) == []
+    with pytest.raises(ValueError, match="start_batch 4"):
+        batches(tiny, 2, start_batch=4)
+
+
+@pytest.mark.parametrize("n", [8, 9, 5])
+def test_process_slices_partition_each_global_batch(n):
+    source = ArraySource(n)
+    whole = collect(source, 4)
+    parts = [collect(source, 4, process_index=p, process_count=2) for p in range(2)]
+    assert len(parts[0]) == len(parts[1]) == len(whole) == num_batches(n, 4)
+    for k, b in enumerate(whole):
+        for key in b:
+            joined = np.concatenate([parts[0][k][key], parts[1][k][key]])
+            np.testing.assert_array_equal(joined, b[key], err_msg=key)
+        assert parts[0][k]["image"].shape == (2, 2, 3, 3)
+    # Resuming works per process too.
+    assert_batches_equal(
+        collect(source, 4, start_batch=1, process_index=1, process_count=2), parts[1][1:]
+    )
+
+
+def test_process_slice_of_pure_padding():
+    out = collect(ArraySource(5), 4, process_index=1, process_count=2)
+    assert out[1]["valid"].tolist() == [False, False]
+    assert out[1]["index"].tolist() == [-1, -1]
+    assert out[0]["index"].tolist() == [2, 3]
+
+
+def test_four_processes_one_row_each():
+    source = ArraySource(6)
+    rows = [collect(source, 4, process_index=p, process_count=4) for p in range(4)]
+    assert [[b["index"][0] for b in r] for r in rows] == [[0, 4], [1, 5], [2, -1], [3, -1]]
+
+
+def test_deterministic_across_runs_and_thread_counts(tiny):
+    reference = collect(tiny, 3, num_threads=0)
+    for threads in (1, 2, 4):
+        assert_batches_equal(collect(tiny, 3, num_threads=threads), reference)
+    assert_batches_equal(collect(tiny, 3), reference)
+
+
+def test_bad_arguments():
+    source = ArraySource(5)
+    with pytest.raises(ValueError, match="does not split evenly over 3 processes"):
+        batches(source, 4, process_count=3)
+    with pytest.raises(ValueError, match="process_index 2"):
+        batches(source, 4, process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        batches(source, 0)
+    with pytest.raises(ValueError, match="num_threads"):
+        batches(source, 2, num_threads=-1)
+
+
+def test_empty_source_yields_nothing():
+    assert collect(ArraySource(0), 4) == []
+
+
+def test_source_errors_reach_the_consumer(tiny, tmp_path):
+    root = tiny_broden(tmp_path).root
+    (root / "images" / "dtd" / "c.png").unlink()
+    ds = Broden.open(root)
+    with pytest.raises(BrodenFormatError, match="c.png"):
+        collect(ds, 2, num_threads=2)
+
+
+def test_shape_mismatch_is_explained():
+    class Ragged(ArraySource):
+        def __getitem__(self, i):
+            ex = super().__getitem__(i)
+            if i == 1:
+                ex["image"] = np.zeros((3, 3, 3), np.float32)
+            return ex
+
+    with pytest.raises(ValueError, match="disagree on the shape of 'image'"):
+        collect(Ragged(3), 2, num_threads=0)
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("grain-prefetch")]
+
+
+def test_stopping_early_releases_threads():
+    gen = batches(ArraySource(40), 2, num_threads=2)
+    next(gen)
+    gen.close()
+    deadline = time.monotonic() + 5
+    while _prefetch_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _prefetch_threads()

@@ -1,0 +1,41 @@
+"""Keys cover every argument; writes are atomic; stages are complete only when marked."""
+
+import numpy as np
+import pytest
+
+from jaxdissect import store
+
+
+def test_key_depends_on_every_part_not_on_order():
+    base = dict(stage="pass1", layer="layer4", settings={"quantile": 0.005, "mode": "sketch"})
+    k = store.key_of(**base)
+    assert k == store.key_of(settings={"mode": "sketch", "quantile": 0.005}, layer="layer4", stage="pass1")
+    assert k != store.key_of(**{**base, "layer": "layer3"})
+    assert k != store.key_of(**{**base, "settings": {"quantile": 0.01, "mode": "sketch"}})
+
+
+def test_fingerprint_tree_sees_every_byte():
+    tree = {"a": np.zeros((2, 3), np.float32), "b": {"c": np.arange(4)}}
+    f = store.fingerprint_tree(tree)
+    changed = {"a": tree["a"].copy(), "b": tree["b"]}
+    changed["a"][1, 2] = 1e-30
+    assert f != store.fingerprint_tree(changed)
+    assert f != store.fingerprint_tree({"a": tree["a"].astype(np.float64), "b": tree["b"]})
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError), store.atomic_path(target) as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("killed")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_done_only_after_marker(tmp_path):
+    stage = store.Stage(tmp_path, "pass2", store.key_of(layer="x"))
+    store.save_arrays(stage.path("arrays.npz"), {"counts": np.arange(3, dtype=np.int64)})
+    assert not stage.done  # arrays written, marker not: a crash here leaves it incomplete
+    stage.mark_done({"layer": "x"})
+    assert stage.done
+    np.testing.assert_array_equal(store.load_arrays(stage.path("arrays.npz"))["counts"], [0, 1, 2])
