@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,16 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def dataset_dir(cache_dir: Path, num_images: int, size: int) -> Path:
     """The synthetic Broden of this size, generated on first use."""
-    out = cache_dir / f"synthetic_{size}_{num_images}"
-    if not (out / "index.csv").is_file() and not any(out.glob("*/index.csv")):
-        tmp = cache_dir / f"{out.name}.incomplete"
-        shutil.rmtree(tmp, ignore_errors=True)
+    out = cache_dir / f"broden1_{size}_n{num_images}"
+    if not (out / "index.csv").is_file():
         t0 = time.perf_counter()
-        root = synthetic.generate(tmp, num_images=num_images, size=size, seed=0)
+        synthetic.generate(out, num_images=num_images, size=size, seed=0, overwrite=True)
         print(f"generated {num_images} synthetic images in {time.perf_counter() - t0:.1f} s")
-        tmp.rename(out)
-        return out / Path(root).relative_to(tmp)
-    return out if (out / "index.csv").is_file() else next(out.glob("*/index.csv")).parent
+    return out
 
 
 def time_pass(source: loader.Source, batch_size: int, threads: int) -> float:

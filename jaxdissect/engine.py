@@ -28,6 +28,7 @@ from jaxdissect import actcache, parallel, quantiles, store, tally, topimages
 from jaxdissect.capture import Tap
 from jaxdissect.checkpoint import StreamCheckpoint
 from jaxdissect.data import loader
+from jaxdissect.data.broden import primary_categories
 from jaxdissect.labelspace import LabelSpace
 from jaxdissect.preprocess import InputSpec
 
@@ -120,8 +121,16 @@ class LayerStats:
     shape: tuple[int, int, int]  # (h, w, K)
 
 
-def restrict_categories(labels: LabelSpace, categories: tuple[str, ...] | None) -> LabelSpace:
-    """Labels outside `categories` stop being concepts (their primary becomes -1)."""
+def restrict_categories(
+    labels: LabelSpace, categories: tuple[str, ...] | None, coverage: np.ndarray | None = None
+) -> LabelSpace:
+    """Score only `categories`.
+
+    With the dataset's per-category coverage, primary categories are chosen
+    again among the kept ones (as NetDissect-Lite does: without `material`,
+    `wood` becomes an object); otherwise labels of dropped categories stop
+    being concepts.
+    """
     if categories is None:
         return labels
     unknown = [c for c in categories if c not in labels.categories]
@@ -129,12 +138,13 @@ def restrict_categories(labels: LabelSpace, categories: tuple[str, ...] | None) 
         raise ValueError(
             f"--categories names {unknown}, not in the dataset; known: {', '.join(labels.categories)}"
         )
-    keep = np.isin(
-        np.arange(labels.num_categories), [labels.categories.index(c) for c in categories]
-    )
-    primary = np.where(
-        (labels.primary >= 0) & keep[np.maximum(labels.primary, 0)], labels.primary, -1
-    )
+    keep = np.asarray([c in categories for c in labels.categories])
+    if coverage is not None:
+        primary = primary_categories(coverage, use=keep)
+    else:
+        primary = np.where(
+            (labels.primary >= 0) & keep[np.maximum(labels.primary, 0)], labels.primary, -1
+        )
     return dataclasses.replace(labels, primary=primary.astype(np.int32))
 
 
@@ -162,6 +172,16 @@ class _Fields:
             scalar[: len(image_labels)] = image_labels
             out["pixel_labels"], out["image_labels"] = pixel, scalar
         return out
+
+
+def partial_shard_map(f, **kwargs):
+    """`jax.shard_map` for per-device steps without collectives.
+
+    Each device updates its own statistics; nothing crosses devices inside a
+    step, so the varying-manual-axes type check (which would make every loop
+    carry in the statistics' code carry `pcast` annotations) is off.
+    """
+    return jax.shard_map(f, check_vma=False, **kwargs)
 
 
 def _squeeze(tree):
@@ -205,7 +225,9 @@ class Dissector:
         )
         if len(source) == 0:
             raise ValueError("the probe set is empty: check --split and --max_images")
-        self.labels = restrict_categories(source.labels, settings.categories)
+        self.labels = restrict_categories(
+            source.labels, settings.categories, getattr(source, "coverage", None)
+        )
         self.seg_size = tuple(source.seg_size)
         self.num_batches = loader.num_batches(len(source), settings.batch_size)
         self.local_batch = settings.batch_size // jax.process_count()
@@ -217,15 +239,16 @@ class Dissector:
     # ------------------------------------------------------------ keys
 
     def stage_key(self, stage: str, layer: str | None = None) -> str:
+        """Key of a layer's stored stage output, or (layer None) of a whole pass's checkpoints."""
         params = self.settings.pass1() if stage == "pass1" else self.settings.pass2()
+        which = {"layer": layer} if layer is not None else {"layers": self.tap.layers}
         return store.key_of(
             stage=stage,
             model=self.model_key,
             data=self.data_key,
-            layers=self.tap.layers,
-            layer=layer,
             input_spec=dataclasses.asdict(self.input_spec),
             settings=params,
+            **which,
         )
 
     # ------------------------------------------------------------ shared step pieces
@@ -295,15 +318,18 @@ class Dissector:
 
     def _quantile_init(self, k: int, shape: tuple[int, int, int]):
         s = self.settings
+        per_image = (
+            self.seg_size[0] * self.seg_size[1]
+            if s.threshold_on == "upsampled"
+            else shape[0] * shape[1]
+        )
+        total = per_image * len(self.source)
         if s.quantile_mode == "exact":
-            per_image = (
-                self.seg_size[0] * self.seg_size[1]
-                if s.threshold_on == "upsampled"
-                else shape[0] * shape[1]
-            )
-            return quantiles.exact_init(k, per_image * len(self.source), s.quantile)
+            return quantiles.exact_init(k, total, s.quantile)
         kwargs = {} if s.sketch_size is None else {"size": s.sketch_size}
-        return quantiles.sketch_init(k, q=s.quantile, seed=s.seed, **kwargs)
+        return quantiles.sketch_init(
+            k, q=s.quantile, seed=s.seed, max_count=max(total, 1), **kwargs
+        )
 
     def _quantile_update(self, state, rows, valid):
         if self.settings.quantile_mode == "exact":
@@ -354,7 +380,7 @@ class Dissector:
         """Thresholds and top images per layer (also fills the activation cache)."""
         spec_state = P(parallel.AXIS)
         step = jax.jit(
-            jax.shard_map(
+            partial_shard_map(
                 self._pass1_local,
                 mesh=self.mesh,
                 in_specs=(spec_state, P(), P(parallel.AXIS)),
@@ -453,7 +479,7 @@ class Dissector:
     def run_pass2(self, variables, thresholds: Mapping[str, np.ndarray]) -> dict[str, dict]:
         data = P(parallel.AXIS)
         forward = jax.jit(
-            jax.shard_map(
+            partial_shard_map(
                 self._pass2_local_forward,
                 mesh=self.mesh,
                 in_specs=(data, P(), P(), data),
@@ -462,7 +488,7 @@ class Dissector:
             donate_argnums=(0,),
         )
         cached = jax.jit(
-            jax.shard_map(
+            partial_shard_map(
                 self._pass2_local_cached,
                 mesh=self.mesh,
                 in_specs=(data, P(), data, data),
@@ -499,6 +525,41 @@ class Dissector:
             for d in per_dev[1:]:
                 merged = tally.tally_merge(merged, d)
             out[layer] = tally.tally_to_numpy(merged)
+        return out
+
+    # ------------------------------------------------------------ maps for the report
+
+    def unit_maps(self, variables, top_indices: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per layer, each unit's maps on its top images: float32 [T, h, w, K].
+
+        Runs the network again, on the images that are some unit's top image only
+        (rounded to `activation_dtype` like the passes, so masks match the tally).
+        Slots without an image (index -1) stay zero.
+        """
+        wanted = np.unique(np.concatenate([np.ravel(v) for v in top_indices.values()]))
+        wanted = wanted[wanted >= 0]
+        out = {
+            layer: np.zeros((idx.shape[0], *self.tap.shapes[layer][:2], idx.shape[1]), np.float32)
+            for layer, idx in top_indices.items()
+        }
+        if not len(wanted):
+            return out
+        fn = jax.jit(self._activations)
+        variables = jax.device_put(variables, jax.local_devices()[0])
+        bs = self.settings.batch_size
+        for start in range(0, len(wanted), bs):
+            chunk = wanted[start : start + bs]
+            images = np.stack([np.asarray(self.source.read_image(int(i)), np.uint8) for i in chunk])
+            pad = bs - len(chunk)  # fixed shapes: one compilation
+            if pad:
+                images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
+            acts = jax.device_get(fn(variables, images))
+            pos = {int(i): j for j, i in enumerate(chunk)}
+            for layer, idx in top_indices.items():
+                a = acts[layer]
+                slots, units = np.nonzero(np.isin(idx, chunk))
+                for t, k in zip(slots, units, strict=True):
+                    out[layer][t, :, :, k] = a[pos[int(idx[t, k])], :, :, k]
         return out
 
     # ------------------------------------------------------------ both, with stage caching

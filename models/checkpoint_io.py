@@ -393,6 +393,8 @@ def _load_legacy(path: str, encoding: str) -> Any:
     with open(path, "rb") as file:
         try:
             magic, _ = _unpickle(file, legacy=True)
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as err:
             raise CheckpointError(f"{path}: not a torch weight file ({err})") from err
         if magic != _LEGACY_MAGIC:
@@ -462,10 +464,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
         return _load_safetensors(path)
     loader: Callable[[str, str], Any] = _load_zip if zipfile.is_zipfile(path) else _load_legacy
     try:
-        return loader(path, "utf-8")
-    except UnicodeDecodeError:
-        # Python 2 pickles hold byte strings; torch's own advice for them is latin1.
-        return loader(path, "latin1")
+        try:
+            return loader(path, "utf-8")
+        except UnicodeDecodeError:
+            # Python 2 pickles hold byte strings; torch's own advice for them is latin1.
+            return loader(path, "latin1")
+    except RecursionError as err:  # a crafted self-referential container
+        raise CheckpointError(f"{path}: nested too deeply to be a state dict") from err
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -485,9 +490,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         if isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
-    not_arrays = {
-        str(k): type(v).__name__ for k, v in obj.items() if not isinstance(v, np.ndarray)
-    }
+    not_arrays = {str(k): type(v).__name__ for k, v in obj.items() if not isinstance(v, np.ndarray)}
     if not_arrays:
         raise CheckpointError(
             f"{path}: not a state dict of tensors; entries that are not tensors: {not_arrays}. "

@@ -10,6 +10,7 @@ named `relu` after `features`, and `features` is always the pre-ReLU `norm5`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -131,12 +132,17 @@ class DenseNet(nn.Module):
     bn_size: int = 4
     input_spec: InputSpec = TORCHVISION
 
+    @staticmethod
+    def torch_rename(key: str) -> str | None:
+        """Weight import hook: torchvision's published files use the old key names."""
+        return legacy_key_rename(key)
+
     default_layers: ClassVar[tuple[str, ...]] = ("features",)
 
     @property
     def layer_aliases(self) -> Mapping[str, str]:
         """Block and transition outputs, `features` (pre-ReLU) and `relu` (after it)."""
-        aliases = {"conv0": "features/relu0", "pool0": "features/pool0"}
+        aliases = {}
         for i in range(1, len(self.block_config) + 1):
             aliases[f"denseblock{i}"] = f"features/denseblock{i}"
             if i < len(self.block_config):
@@ -163,6 +169,19 @@ class DenseNet(nn.Module):
             bias_init=nn.initializers.zeros,
             name="classifier",
         )(x)
+
+
+# The checkpoints torchvision publishes predate its module names: `denselayer1.norm.1`
+# for `denselayer1.norm1` (torchvision renames them on load with this same pattern).
+_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def legacy_key_rename(key: str) -> str:
+    """`rename` hook for `torch_to_flax` reading torchvision's published DenseNet files."""
+    match = _LEGACY_KEY.match(key)
+    return match.group(1) + match.group(2) if match else key
 
 
 def densenet161(

@@ -38,6 +38,8 @@ _STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
 _STEM, _HEAD = 32, 1280
 _DROPOUT, _DROP_CONNECT = 0.2, 0.2
 _BN = dict(momentum=0.99, epsilon=1e-3)  # torch momentum 0.01
+# What the shipped Lite weights were trained on: (pixels / 255 - 0.498) / 0.502.
+LITE_INPUT = InputSpec(224, (0.498,) * 3, (0.502,) * 3, scale=1 / 255)
 
 
 def round_filters(channels: int, width: float, divisor: int = 8) -> int:
@@ -103,9 +105,9 @@ class MBConvBlock(nn.Module):
         if self.expand_ratio != 1:
             x = _conv(hidden, 1, name="_expand_conv")(x)
             x = jax.nn.relu6(BatchNorm2d(**bn, name="_bn0")(x))
-        x = _conv(hidden, self.kernel_size, stride=self.stride, groups=hidden, name="_depthwise_conv")(
-            x
-        )
+        x = _conv(
+            hidden, self.kernel_size, stride=self.stride, groups=hidden, name="_depthwise_conv"
+        )(x)
         x = jax.nn.relu6(BatchNorm2d(**bn, name="_bn1")(x))
         x = _conv(self.out_features, 1, name="_project_conv")(x)
         x = BatchNorm2d(**bn, name="_bn2")(x)
@@ -143,14 +145,14 @@ class _Blocks(nn.Module):
         return x
 
 
-def _aliases(width: float) -> dict[str, str]:
-    out = {"stem": "_stem_act", "stage1": "_stem_act", "head": "_head_act"}
+def _aliases() -> dict[str, str]:
+    out = {"stem": "_stem_act", "stage1": "_stem_act"}
     last = -1
     for stage, (repeats, *_) in enumerate(_STAGES, start=2):
         last += repeats
         out[f"stage{stage}"] = f"_blocks.{last}"
-    for index in range(len(_block_configs(width))):
-        out[f"block{index}"] = f"_blocks.{index}"
+    out["head"] = "_head_act"
+    out.update({f"block{i}": f"_blocks.{i}" for i in range(last + 1)})
     return out
 
 
@@ -164,6 +166,7 @@ class EfficientNetLite(nn.Module):
         scaling of Lite1-4 are not implemented.
       dropout: dropout rate before `_fc` (Lite0: 0.2); 0 disables it.
       drop_connect: stochastic-depth rate of the last block in training (0.2).
+      input_spec: the input normalisation the weights expect.
     """
 
     num_classes: int = 1000
@@ -171,10 +174,10 @@ class EfficientNetLite(nn.Module):
     dropout: float = _DROPOUT
     drop_connect: float = _DROP_CONNECT
 
-    input_spec: ClassVar[InputSpec]  # assigned below the class
+    input_spec: InputSpec = LITE_INPUT
     # stage1 = stem, stage2..stage8 = the last block of each MBConv stage (paper's Table 1),
-    # head = the 1280-channel conv; blockN = `_blocks.N`.
-    layer_aliases: ClassVar[Mapping[str, str]] = types.MappingProxyType(_aliases(1.0))
+    # head = the 1280-channel 1x1 conv after BN and ReLU6; blockN = `_blocks.N`.
+    layer_aliases: ClassVar[Mapping[str, str]] = types.MappingProxyType(_aliases())
     # 112, 56, 28, 14 and 7 pixels square at 224 input: low to high.
     default_layers: ClassVar[tuple[str, ...]] = ("stem", "stage3", "stage4", "stage6", "head")
 
@@ -194,20 +197,23 @@ class EfficientNetLite(nn.Module):
         return linear(self.num_classes, in_features=_HEAD, name="_fc")(x)
 
 
-# Assigned after the class body: Linen wraps callable class attributes (an InputSpec is
-# callable) as module methods, which would break `model.input_spec(pixels)`.
-EfficientNetLite.input_spec = InputSpec(224, (0.498,) * 3, (0.502,) * 3, scale=1 / 255)
-
-
 def efficientnet_lite0(
-    *, num_classes: int = 1000, width: float = 1.0, dropout: bool = True
+    *,
+    num_classes: int = 1000,
+    width: float = 1.0,
+    dropout: bool = True,
+    input_spec: InputSpec = LITE_INPUT,
 ) -> EfficientNetLite:
-    """EfficientNet-Lite0 (4,652,008 parameters at 1000 classes)."""
+    """EfficientNet-Lite0 (4,652,008 parameters at 1000 classes).
+
+    `dropout=False` switches off both the head dropout and stochastic depth.
+    """
     return EfficientNetLite(
         num_classes=num_classes,
         width=width,
         dropout=_DROPOUT if dropout else 0.0,
         drop_connect=_DROP_CONNECT if dropout else 0.0,
+        input_spec=input_spec,
     )
 
 

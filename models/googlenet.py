@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdissect.preprocess import TORCHVISION, InputSpec
-from models.layers import BatchNorm2d, MaxPool2d, ReLU, conv2d, linear, scale_channels
+from models.layers import BatchNorm2d, MaxPool2d, conv2d, linear, scale_channels
 
 # torchvision initialises conv and linear weights with trunc_normal_(std=0.01, a=-2, b=2):
 # cut at +-2 absolute, i.e. effectively an untruncated normal.
@@ -149,6 +149,7 @@ class GoogLeNet(nn.Module):
       transform_input: torchvision's switch that maps ImageNet-normalised input to the
         [-1, 1] range its ImageNet weights (ported from TF) expect. Off by default, as
         in the torchvision constructor without pretrained weights.
+      input_spec: the input normalisation the weights expect (torchvision's ImageNet one).
     """
 
     num_classes: int = 1000
@@ -157,7 +158,7 @@ class GoogLeNet(nn.Module):
     width: float = 1.0
     transform_input: bool = False
 
-    input_spec: ClassVar[InputSpec]  # assigned below the class
+    input_spec: InputSpec = TORCHVISION
     layer_aliases: ClassVar[Mapping[str, str]] = types.MappingProxyType(_aliases())
     default_layers: ClassVar[tuple[str, ...]] = (
         "conv3",
@@ -205,15 +206,25 @@ class GoogLeNet(nn.Module):
         )
 
 
-# Assigned after the class body: Linen wraps callable class attributes (an InputSpec is
-# callable) as module methods, which would break `model.input_spec(pixels)`.
-GoogLeNet.input_spec = TORCHVISION
-
-
 def googlenet(
-    *, num_classes: int = 1000, dropout: bool = True, batch_norm: bool = True, width: float = 1.0
+    *,
+    num_classes: int = 1000,
+    dropout: bool = True,
+    batch_norm: bool = True,
+    width: float = 1.0,
+    transform_input: bool = False,
+    input_spec: InputSpec = TORCHVISION,
 ) -> GoogLeNet:
-    """torchvision's GoogLeNet without auxiliary heads (6,624,904 parameters at 1000 classes)."""
+    """torchvision's GoogLeNet without auxiliary heads (6,624,904 parameters at 1000 classes).
+
+    For torchvision's own ImageNet weights pass `transform_input=True`, as
+    `torchvision.models.googlenet(weights=...)` does.
+    """
     return GoogLeNet(
-        num_classes=num_classes, dropout=0.2 if dropout else 0.0, batch_norm=batch_norm, width=width
+        num_classes=num_classes,
+        dropout=0.2 if dropout else 0.0,
+        batch_norm=batch_norm,
+        width=width,
+        transform_input=transform_input,
+        input_spec=input_spec,
     )

@@ -152,10 +152,8 @@ class ResNet(nn.Module):
 
     @property
     def layer_aliases(self) -> Mapping[str, str]:
-        """Stage names are module paths already; `conv1` is the stem after its ReLU."""
-        aliases = {"conv1": "relu", "pool1": "maxpool"}
-        aliases.update({f"layer{i}": f"layer{i}" for i in range(1, 5)})
-        return aliases
+        """The stages (already module paths). No `conv1` alias: it would shadow the path."""
+        return {f"layer{i}": f"layer{i}" for i in range(1, 5)}
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

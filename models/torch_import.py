@@ -98,12 +98,14 @@ def torch_to_flax(
             f"  model variables with no checkpoint key ({len(missing)}): {missing}\n"
             "Check --arch and --num_classes, or strip a wrapper prefix (e.g. 'module.')."
         )
+    # `variables` may be real arrays or abstract shapes (jax.eval_shape): read .shape/.dtype only.
     shape_errors = [
-        f"{'/'.join(p)}: checkpoint {mapped[p].shape} vs model {np.shape(expected[p])}"
+        f"{'/'.join(p)}: checkpoint {mapped[p].shape} vs model {tuple(expected[p].shape)}"
         for p in expected
-        if mapped[p].shape != np.shape(expected[p])
+        if mapped[p].shape != tuple(expected[p].shape)
     ]
     if shape_errors:
         raise WeightMappingError("shape mismatch:\n  " + "\n  ".join(shape_errors))
-    out = {p: np.asarray(mapped[p], dtype=np.asarray(expected[p]).dtype) for p in expected}
+    # A copy, so that later changes to the state dict cannot reach the Flax variables.
+    out = {p: np.array(mapped[p], dtype=expected[p].dtype, copy=True) for p in expected}
     return traverse_util.unflatten_dict(out)

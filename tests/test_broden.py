@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect.data.broden import Broden, BrodenFormatError
+from jaxdissect.data.broden import Broden, BrodenFormatError, primary_categories
 from tests.broden_testing import (
     BRODEN_CATEGORIES,
     LabelSpec,
@@ -70,6 +70,18 @@ def test_label_space(tiny):
     assert labels.category_of(300) == "part"
     assert labels.category_of(6) == "scene" and labels.category_of(8) == "texture"
     assert labels.labels_in("part").tolist() == [5, 300]
+
+
+def test_primary_over_a_subset_of_categories(tiny):
+    ds = Broden.open(tiny.root)
+    assert ds.coverage.shape == (6, 301)
+    assert ds.coverage[3, 4] == 3.0 and ds.coverage[1, 4] == 1.0 and np.isnan(ds.coverage[2, 4])
+    np.testing.assert_array_equal(primary_categories(ds.coverage), ds.labels.primary)
+    # NetDissect-Lite scores without material: its labels fall back to object.
+    no_material = [c != "material" for c in ds.labels.categories]
+    primary = primary_categories(ds.coverage, no_material)
+    assert primary[4] == primary[9] == 1
+    assert primary[0] == -1 and primary[10] == -1 and primary[300] == 2
 
 
 def test_records(tiny):
@@ -465,6 +477,13 @@ def test_duplicate_label_number(tmp_path):
     base(tmp_path)
     edit_csv(tmp_path / "label.csv", lambda rows: rows.append(["2", "again", "", "1", "1", ""]))
     with raises("label number 2 is defined twice", "label.csv line 5"):
+        Broden.open(tmp_path)
+
+
+def test_label_listed_twice_in_a_category(tmp_path):
+    base(tmp_path)
+    edit_csv(tmp_path / "c_object.csv", lambda rows: rows.append(["2", "1", "sky", "1", "1.0"]))
+    with raises("listed twice in category 'object'", "c_object.csv line 3"):
         Broden.open(tmp_path)
 
 

@@ -1,7 +1,6 @@
 """Reader for an unzipped Broden folder (`broden1_224`, `broden1_227`, `broden1_384`).
 
-The layout is the one written by NetDissect's `joinseg.py` (see
-docs/reference `broden.md`):
+The layout is the one NetDissect's `joinseg.py` wrote for the release:
 
 - `category.csv` (`name,...`): the categories, in this order everywhere.
 - `label.csv` (`number,name,category,frequency,coverage,syns`): one row per
@@ -12,6 +11,18 @@ docs/reference `broden.md`):
 - `index.csv` (`image,split,ih,iw,sh,sw,<cat>...`): one row per image. A
   pixel-category cell lists `;`-separated PNG paths (label = R + 256 * G), an
   image-level cell lists `;`-separated label numbers; empty means no data.
+
+Nothing about the categories is hard-coded: their order comes from
+category.csv, and whether one is image-level from its index.csv cells
+(numbers vs paths, by majority over the whole file; a column mixing both is an
+error at the odd row). Only a category with no data in any row falls back to
+Broden's names (`scene`, `texture` are image-level, the rest pixel), which
+cannot matter for counts since it has no data. Image-level label 0 (present
+in ~2,000 rows of the release) is dropped, as are repeats of a label in one
+image. A label's primary category is the one with the largest coverage in its
+c_<cat>.csv, ties going to the later category (as NetDissect-Lite); labels in
+no c_<cat>.csv, label 0 and unused numbers get -1. Label PNGs are decoded to
+RGB first, so any lossless re-encoding (palette, grayscale) reads the same.
 
 Cheap structural checks happen in `Broden.open`; decoding, sizes and PNG label
 numbers are checked when an example is read. Every problem raises
@@ -28,7 +39,7 @@ import math
 import operator
 import pathlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -48,7 +59,6 @@ KNOWN_IMAGE_LEVEL = frozenset({"scene", "texture"})
 _PNG_LABEL_LIMIT = 1 << 16
 # A bound on label numbers so that a typo cannot allocate gigabytes.
 _MAX_LABEL_NUMBER = 1 << 24
-_DECIMAL = re.compile(r"[0-9]+")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 _SAFE_CATEGORY = re.compile(r"[A-Za-z0-9_.\-]+")
 # PIL modes whose RGB conversion is exact (8 bits per channel).
@@ -162,10 +172,15 @@ def _read_table(root: pathlib.Path, name: str, required: tuple[str, ...], what: 
     return _Table(name, header, tuple(rows), raw)
 
 
+def _is_decimal(s: str) -> bool:
+    # isascii: str.isdigit alone accepts other scripts' digits.
+    return s.isascii() and s.isdigit()
+
+
 def _parse_int(text: str, where: str, column: str, *, minimum: int) -> int:
     """Parses a decimal integer >= minimum, or raises naming file, line and column."""
     s = text.strip()
-    if not _DECIMAL.fullmatch(s) or int(s) < minimum:
+    if not _is_decimal(s) or int(s) < minimum:
         raise BrodenFormatError(
             f"{where}: column {column!r} holds {text!r}, expected a whole number >= {minimum}; "
             "fix or restore the file."
@@ -186,22 +201,25 @@ def _parse_float(text: str, where: str, column: str) -> float:
     return value
 
 
-def _check_relative(path: str, where: str, what: str) -> str:
-    """Rejects paths that would leave `images/` (absolute, drive letters, `..`)."""
-    if not path:
-        raise BrodenFormatError(f"{where}: empty {what} path; every path must name a file.")
-    parts = re.split(r"[\\/]", path)
-    if path.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(path) or ".." in parts:
-        raise BrodenFormatError(
-            f"{where}: {what} path {path!r} escapes the dataset folder; paths must be "
-            f"relative to {IMAGES_DIR}/ without '..' (the index.csv is corrupt or was edited)."
-        )
-    return path
+def _escapes(path: str) -> bool:
+    """True for paths that would leave `images/`: empty, absolute, drive letter, `..`."""
+    parts = path.replace("\\", "/").split("/")
+    return not parts[0] or ".." in parts or bool(_WINDOWS_DRIVE.match(path))
+
+
+def _escape_error(path: str, where: str, what: str) -> BrodenFormatError:
+    return BrodenFormatError(
+        f"{where}: {what} path {path!r} is empty or escapes the dataset folder; paths must be "
+        f"relative to {IMAGES_DIR}/ without '..' (the index.csv is corrupt or was edited)."
+    )
 
 
 def _split_cell(cell: str) -> list[str]:
     # Empty pieces ("3;;4", a trailing ';') carry nothing, as in NetDissect.
-    return [t.strip() for t in cell.split(";") if t.strip()]
+    if ";" not in cell:  # the common case, kept cheap: 63k rows x 6 columns
+        cell = cell.strip()
+        return [cell] if cell else []
+    return [t for t in (t.strip() for t in cell.split(";")) if t]
 
 
 def _unique(values: list[int]) -> tuple[int, ...]:
@@ -224,6 +242,12 @@ class Broden:
       seg_size: (sh, sw), common to all records.
       max_planes: P, the most pixel label planes of any selected record (>= 1).
       max_image_labels: Q, the most image-level labels of any selected record (>= 1).
+      known_labels: bool [>= 65536], True at 0 and every number label.csv defines
+        (indexed by a PNG's R + 256 * G without bounds checks).
+      coverage: float64 [num_categories, num_labels], each label's coverage in each
+        c_<cat>.csv, NaN where absent: `primary_categories(coverage, use)` recomputes
+        primaries over a subset of categories.
+      split, max_images: the selection `open` was given.
     """
 
     root: pathlib.Path
@@ -234,6 +258,7 @@ class Broden:
     max_planes: int
     max_image_labels: int
     known_labels: np.ndarray = dataclasses.field(repr=False)
+    coverage: np.ndarray = dataclasses.field(repr=False)
     split: str = "all"
     max_images: int | None = None
     _fingerprint: str = dataclasses.field(default="", repr=False)
@@ -268,13 +293,16 @@ class Broden:
             _read_table(root, f"c_{c}.csv", ("number", "coverage"), f"the labels of category {c!r}")
             for c in categories
         ]
-        primary = _primary_categories(root, categories, cat_tables, known)
+        coverage = _category_coverage(root, categories, cat_tables, known)
         index_table = _read_table(
             root, INDEX_FILE, META_COLUMNS, "the list of images and their label files"
         )
         image_level = _infer_image_level(root, categories, index_table)
         labels = LabelSpace(
-            categories=categories, names=names, primary=primary, image_level=image_level
+            categories=categories,
+            names=names,
+            primary=primary_categories(coverage),
+            image_level=image_level,
         )
         all_records = _parse_index(root, index_table, labels, known)
         image_size, seg_size = _common_sizes(root, all_records)
@@ -316,6 +344,7 @@ class Broden:
             max_planes=max(1, max(r.num_planes for r in records)),
             max_image_labels=max(1, max(len(_flat_image_labels(labels, r)) for r in records)),
             known_labels=known,
+            coverage=coverage,
             split=split,
             max_images=max_images,
             _fingerprint=digest.hexdigest(),
@@ -536,23 +565,17 @@ def _parse_labels(root: pathlib.Path, table: _Table) -> tuple[tuple[str, ...], n
     return tuple(names), known
 
 
-def _primary_categories(
+def _category_coverage(
     root: pathlib.Path,
     categories: tuple[str, ...],
     tables: list[_Table],
     known: np.ndarray,
 ) -> np.ndarray:
-    """Primary category per label: largest coverage in c_<cat>.csv, ties to the later category.
-
-    Labels listed in no c_<cat>.csv get -1 (NetDissect-Lite would give them the last
-    category with coverage 0; they are not concepts of any category).
-    """
+    """float64 [num_categories, num_labels]: coverage from c_<cat>.csv, NaN where absent."""
     num_labels = int(np.flatnonzero(known).max()) + 1
-    best_cov = np.full(num_labels, -np.inf)
-    primary = np.full(num_labels, -1, dtype=np.int32)
+    coverage = np.full((len(categories), num_labels), np.nan)
     for ic, table in enumerate(tables):
         num_col, cov_col = table.column("number"), table.column("coverage")
-        seen: set[int] = set()
         for line, row in table.rows:
             where = f"{root / table.name} line {line}"
             number = _parse_int(row[num_col], where, "number", minimum=1)
@@ -561,18 +584,37 @@ def _primary_categories(
                     f"{where}: label number {number} is not in {root / LABEL_FILE}; the "
                     f"category files and label.csv come from different releases."
                 )
-            if number in seen:
+            if not np.isnan(coverage[ic, number]):
                 raise BrodenFormatError(
                     f"{where}: label number {number} is listed twice in category "
                     f"{categories[ic]!r}."
                 )
-            seen.add(number)
-            coverage = _parse_float(row[cov_col], where, "coverage")
-            # `>=` so that a tie goes to the later category, as max((cov, ic)) in NetDissect-Lite.
-            if coverage >= best_cov[number]:
-                best_cov[number] = coverage
-                primary[number] = ic
-    return primary
+            coverage[ic, number] = _parse_float(row[cov_col], where, "coverage")
+    return coverage
+
+
+def primary_categories(coverage: np.ndarray, use: Sequence[bool] | None = None) -> np.ndarray:
+    """Primary category of every label: the one with the largest coverage.
+
+    Ties go to the later category, as `max((coverage, index))` in NetDissect-Lite.
+    Labels in no (used) category get -1 (NetDissect-Lite would give them the last
+    category, with coverage 0; they are concepts of no category).
+
+    Args:
+      coverage: float [num_categories, num_labels], NaN where a label is not in a
+        category (`Broden.coverage`).
+      use: optional per-category flags; primaries are chosen among these only.
+        NetDissect-Lite computes primaries over the categories it scores (it
+        leaves out material, so e.g. `wood` becomes an object).
+
+    Returns:
+      int32 [num_labels], indices into the categories, or -1.
+    """
+    cov = np.where(np.isnan(coverage), -np.inf, coverage)
+    if use is not None:
+        cov[~np.asarray(use, dtype=bool)] = -np.inf
+    last = len(cov) - 1 - np.argmax(cov[::-1], axis=0)  # argmax keeps the first of ties
+    return np.where(np.isfinite(cov).any(axis=0), last, -1).astype(np.int32)
 
 
 def _infer_image_level(
@@ -600,7 +642,7 @@ def _infer_image_level(
             for _, row in table.rows:
                 tokens = _split_cell(row[col])
                 if tokens:
-                    if _DECIMAL.fullmatch(tokens[0]):
+                    if _is_decimal(tokens[0]):
                         numeric += 1
                     else:
                         paths += 1
@@ -614,56 +656,68 @@ def _infer_image_level(
 def _parse_index(
     root: pathlib.Path, table: _Table, labels: LabelSpace, known: np.ndarray
 ) -> list[Record]:
-    cols = {c: table.column(c) for c in table.header}
     path = root / table.name
+    col = table.column
+    meta = [col(c) for c in META_COLUMNS]
+    cats = [
+        (cat, col(cat), labels.image_level[ic])
+        for ic, cat in enumerate(labels.categories)
+        if cat in table.header
+    ]
     records = []
+    # Messages are built only on failure: this loop runs over ~63k rows at every open.
     for line, row in table.rows:
-        at = f"{path} line {line}"
-        image = _check_relative(row[cols["image"]].strip(), f"{at}, column 'image'", "image")
-        split = row[cols["split"]].strip()
+        image, split, *sizes = (row[k].strip() for k in meta)
+        if _escapes(image):
+            raise _escape_error(image, f"{path} line {line}, column 'image'", "image")
         if not split:
-            raise BrodenFormatError(f"{at}: empty 'split'; expected train or val.")
-        ih, iw, sh, sw = (
-            _parse_int(row[cols[c]], at, c, minimum=1) for c in ("ih", "iw", "sh", "sw")
-        )
+            raise BrodenFormatError(f"{path} line {line}: empty 'split'; expected train or val.")
+        if all(_is_decimal(v) and v[0] != "0" for v in sizes):
+            ih, iw, sh, sw = map(int, sizes)
+        else:
+            ih, iw, sh, sw = (
+                _parse_int(v, f"{path} line {line}", c, minimum=1)
+                for v, c in zip(sizes, META_COLUMNS[2:], strict=True)
+            )
         pixel: dict[str, tuple[str, ...]] = {}
         image_labels: dict[str, tuple[int, ...]] = {}
-        for ic, cat in enumerate(labels.categories):
-            if cat not in cols:
-                continue
-            tokens = _split_cell(row[cols[cat]])
+        for cat, k, is_image_level in cats:
+            tokens = _split_cell(row[k])
             if not tokens:
                 continue
-            where = f"{at}, column {cat!r}"
-            if labels.image_level[ic]:
+            if is_image_level:
                 numbers = []
                 for t in tokens:
-                    if not _DECIMAL.fullmatch(t):
+                    if not _is_decimal(t):
                         raise BrodenFormatError(
-                            f"{where}: {t!r} is not a label number; {cat!r} is an image-level "
-                            "category (its other cells hold ;-separated decimal label numbers). "
-                            "Fix or restore index.csv."
+                            f"{path} line {line}, column {cat!r}: {t!r} is not a label number; "
+                            f"{cat!r} is an image-level category (its other cells hold "
+                            ";-separated decimal label numbers). Fix or restore index.csv."
                         )
                     n = int(t)
                     if n >= len(known) or not known[n]:
                         raise BrodenFormatError(
-                            f"{where}: label number {n} is not in {root / LABEL_FILE}; "
-                            "index.csv and label.csv come from different releases."
+                            f"{path} line {line}, column {cat!r}: label number {n} is not in "
+                            f"{root / LABEL_FILE}; index.csv and label.csv come from different "
+                            "releases."
                         )
-                    numbers.append(n)
-                # The release has ~2,000 images with a literal image-level 0: never a concept.
-                kept = _unique([n for n in numbers if n != 0])
-                if kept:
-                    image_labels[cat] = kept
+                    # The release has ~2,000 images with a literal image-level 0: never a concept.
+                    if n:
+                        numbers.append(n)
+                if numbers:
+                    image_labels[cat] = _unique(numbers)
             else:
                 for t in tokens:
-                    if _DECIMAL.fullmatch(t):
+                    if _is_decimal(t):
                         raise BrodenFormatError(
-                            f"{where}: {t!r} is a label number but {cat!r} is a pixel category "
-                            "(its other cells hold ;-separated PNG paths). Fix or restore "
-                            "index.csv."
+                            f"{path} line {line}, column {cat!r}: {t!r} is a label number but "
+                            f"{cat!r} is a pixel category (its other cells hold ;-separated PNG "
+                            "paths). Fix or restore index.csv."
                         )
-                    _check_relative(t, where, "segmentation PNG")
+                    if _escapes(t):
+                        raise _escape_error(
+                            t, f"{path} line {line}, column {cat!r}", "segmentation PNG"
+                        )
                 pixel[cat] = tuple(tokens)
         records.append(Record(line, image, split, ih, iw, sh, sw, pixel, image_labels))
     return records

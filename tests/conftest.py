@@ -1,0 +1,10 @@
+"""Test session setup: 8 fake CPU devices, so multi-device code runs everywhere."""
+
+import os
+
+# Before JAX initialises its backend: tests of sharded code use meshes of 1 and 8 devices.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)

@@ -1,0 +1,190 @@
+"""The whole engine against the slow numpy reference, on 1 and 8 devices, cached or not."""
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdissect import capture, engine, parallel, quantiles, results, store
+from jaxdissect.data import synthetic
+from jaxdissect.data.broden import Broden
+from jaxdissect.preprocess import InputSpec
+from tests import reference
+
+SPEC = InputSpec(32, (120.0, 120.0, 120.0), (60.0, 60.0, 60.0))
+
+
+class SmallCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(6, (3, 3), strides=2, name="conv1")(x))  # 16x16
+        x = nn.Conv(8, (3, 3), strides=2, name="conv2")(x)  # 8x8, pre-activation (signed)
+        x = nn.relu(x)
+        x = nn.Conv(5, (3, 3), strides=2, name="conv3")(x)  # 4x4
+        return x.mean((1, 2))
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    root = synthetic.generate_tiny(tmp_path_factory.mktemp("tiny") / "broden", num_images=23)
+    return Broden.open(root)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = SmallCNN()
+    variables = m.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+    return m, variables
+
+
+def _reference(model, variables, probe, settings, layers):
+    """Activations image by image, thresholds and counts by the reference definitions."""
+    m = model
+    acts = {layer: [] for layer in layers}
+    for i in range(len(probe)):
+        x = SPEC(jnp.asarray(probe.read_image(i))[None])
+        _, state = m.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+        for layer in layers:
+            a = np.asarray(state["intermediates"][layer]["__call__"][0][0])
+            acts[layer].append(a.astype(settings.activation_dtype).astype(np.float32))
+    examples = [probe[i] for i in range(len(probe))]
+    pixel = np.stack([e["pixel_labels"] for e in examples])
+    scalar = np.stack([e["image_labels"] for e in examples])
+    out = {}
+    for layer in layers:
+        a = np.stack(acts[layer])
+        thresholds = quantiles.reference_threshold(a.reshape(-1, a.shape[-1]), settings.quantile)
+        out[layer] = (
+            thresholds,
+            reference.reference_dissect(
+                a, thresholds, pixel, scalar, probe.labels, restriction=settings.restriction
+            ),
+        )
+    return out
+
+
+def _run(model, variables, probe, settings, layers, mesh, **kwargs):
+    tap = capture.make_tap(model, variables, layers, input_shape=(32, 32, 3))
+    dissector = engine.Dissector(
+        tap,
+        probe,
+        settings,
+        input_spec=SPEC,
+        model_key="small",
+        mesh=mesh,
+        progress=False,
+        num_threads=0,
+        **kwargs,
+    )
+    return dissector.run(tap.variables)
+
+
+@pytest.mark.parametrize(
+    "restriction,dtype,devices,cache",
+    [
+        ("presence", "float32", 1, "none"),
+        ("overlap", "float16", 8, "host"),
+        ("none", "bfloat16", 8, "device"),
+        ("presence", "float16", 1, "host"),
+    ],
+)
+def test_engine_matches_reference(model, probe, restriction, dtype, devices, cache):
+    m, variables = model
+    layers = ("conv1", "conv2")
+    # batch 8 over 23 images: a partial last batch with padding rows.
+    settings = engine.Settings(
+        quantile=0.05,
+        quantile_mode="exact",
+        restriction=restriction,
+        activation_dtype=dtype,
+        batch_size=8,
+    )
+    got = _run(
+        m, variables, probe, settings, layers, parallel.data_mesh(devices), activation_cache=cache
+    )
+    want = _reference(m, variables, probe, settings, layers)
+    for layer in layers:
+        thresholds, ref = want[layer]
+        np.testing.assert_array_equal(got[layer].thresholds, thresholds)
+        for key in ("intersection", "label_pixels", "unit_pixels", "unit_total"):
+            np.testing.assert_array_equal(got[layer].counts[key], ref["counts"][key], err_msg=key)
+        result = results.layer_result(layer, got[layer].counts, probe.labels)
+        ref_best = [u["label"] for u in ref["units"]]
+        assert result.best_label.tolist() == ref_best
+
+
+def test_one_and_eight_devices_identical_with_sketch(model, probe):
+    m, variables = model
+    settings = engine.Settings(quantile=0.05, batch_size=8)
+    one = _run(m, variables, probe, settings, ("conv3",), parallel.data_mesh(1))
+    eight = _run(m, variables, probe, settings, ("conv3",), parallel.data_mesh(8))
+    np.testing.assert_array_equal(one["conv3"].top_indices, eight["conv3"].top_indices)
+    # Counts are identical given the thresholds; with an exact-size state the sketch is exact.
+    for key in one["conv3"].counts:
+        np.testing.assert_array_equal(one["conv3"].counts[key], eight["conv3"].counts[key])
+
+
+def test_layers_never_share_state(model, probe, tmp_path):
+    """Each layer's stage output is stored under its own key (an old tools' defect)."""
+    m, variables = model
+    settings = engine.Settings(quantile=0.05, quantile_mode="exact", batch_size=8)
+    both = _run(
+        m, variables, probe, settings, ("conv1", "conv2"), parallel.data_mesh(1), work_dir=tmp_path
+    )
+    stages = {p: json.loads((p / "key.json").read_text()) for p in (tmp_path / "stages").iterdir()}
+    assert sorted(d["layer"] for d in stages.values()) == ["conv1", "conv1", "conv2", "conv2"]
+    for path, desc in stages.items():
+        arrays = store.load_arrays(path / "arrays.npz")
+        units = {"conv1": 6, "conv2": 8}[desc["layer"]]
+        first = arrays["thresholds"] if "thresholds" in arrays else arrays["unit_total"]
+        assert first.shape == (units,)
+    # conv2 alone reuses conv2's stored stages, never conv1's.
+    alone = _run(
+        m, variables, probe, settings, ("conv2",), parallel.data_mesh(1), work_dir=tmp_path
+    )
+    assert len(list((tmp_path / "stages").iterdir())) == 4
+    np.testing.assert_array_equal(both["conv2"].thresholds, alone["conv2"].thresholds)
+    for key in both["conv2"].counts:
+        np.testing.assert_array_equal(both["conv2"].counts[key], alone["conv2"].counts[key])
+    # A changed setting never reuses them.
+    _run(
+        m,
+        variables,
+        probe,
+        dataclasses.replace(settings, restriction="none"),
+        ("conv2",),
+        parallel.data_mesh(1),
+        work_dir=tmp_path,
+    )
+    assert len(list((tmp_path / "stages").iterdir())) == 5
+
+
+def test_nan_activations_are_reported(probe):
+    def fn(params, images):
+        return {"bad": jnp.where(images[..., :2] > 1.5, jnp.nan, images[..., :2]) * params}
+
+    tap = capture.make_tap(fn, jnp.float32(1.0), "bad", input_shape=(32, 32, 3))
+    settings = engine.Settings(batch_size=8, activation_dtype="float32")
+    d = engine.Dissector(
+        tap,
+        probe,
+        settings,
+        input_spec=SPEC,
+        model_key="nan",
+        mesh=parallel.data_mesh(1),
+        progress=False,
+        num_threads=0,
+    )
+    with pytest.raises(engine.NonFiniteActivationError, match="layer 'bad'"):
+        d.run(tap.variables)
+
+
+def test_bad_settings_name_the_flag():
+    with pytest.raises(ValueError, match="--restriction='paper'; allowed values: presence"):
+        engine.Settings(restriction="paper")
+    with pytest.raises(ValueError, match="--quantile"):
+        engine.Settings(quantile=5)

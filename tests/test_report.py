@@ -1,0 +1,307 @@
+"""The dissection report: strips, plots and static HTML pages from made-up results."""
+
+from __future__ import annotations
+
+import html.parser
+import io
+import os
+import re
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdissect import report
+from jaxdissect.report import LayerPage, RunInfo, UnitCard
+
+XSS = "<script>alert(1)</script>"
+AMP = 'Tom & Jerry\'s "cart"'
+MATH = "$x^2$ price"
+CATEGORIES = ("object", "part", "scene", "texture", "color")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _layer(
+    rng: np.random.Generator, out: Path, name: str, stem: str, k: int, labels: list[str], thr: float
+) -> LayerPage:
+    """A layer of `k` units with random IoUs, small strips and some runners-up."""
+    units = []
+    for u in range(k):
+        label = labels[u % len(labels)]
+        cat = CATEGORIES[u % len(CATEGORIES)]
+        iou = float(np.round(rng.uniform(0.0, 0.3), 4))
+        runners = tuple(
+            (labels[(u + j) % len(labels)], CATEGORIES[(u + j) % len(CATEGORIES)], iou / (j + 1))
+            for j in (1, 2)
+        )
+        strip = None
+        if u % 4 != 3:  # some units without a strip
+            imgs = rng.integers(0, 256, (3, 12, 12, 3), dtype=np.uint8)
+            maps = report.upsample_maps(rng.uniform(0, 1, (3, 3, 3)).astype(np.float32), 12)
+            rel = f"strips/{stem}/unit {u:04d}#.png"  # space and '#' must still resolve
+            report.save_png(out / rel, report.unit_strip(imgs, maps, 0.6, outline=u % 2 == 0))
+            strip = rel
+        units.append(UnitCard(u, label, cat, iou, runners, strip))
+    detecting = [c for c in units if c.iou > thr]
+    counts: dict[tuple[str, str], int] = {}
+    for c in detecting:
+        counts[(c.label, c.category)] = counts.get((c.label, c.category), 0) + 1
+    unique = dict.fromkeys(CATEGORIES, 0)
+    for _, cat in counts:
+        unique[cat] += 1
+    return LayerPage(
+        layer=name,
+        num_units=k,
+        iou_threshold=thr,
+        interpretable_units=len(detecting),
+        unique_detectors=unique,
+        detectors_per_concept=[(lab, cat, n) for (lab, cat), n in counts.items()],
+        units=tuple(units),
+        downloads=(("tally.csv", f"{stem}/tally.csv"),),
+    )
+
+
+def build_report(out: Path) -> tuple[Path, list[LayerPage]]:
+    """A three-layer report; the last layer has no detector at all (a random network)."""
+    rng = np.random.default_rng(0)
+    labels = [XSS, AMP, MATH, "café", "grass", "sky", "dog", "wheel", "striped", "red"]
+    layers = [
+        _layer(rng, out, "layer4", "layer4", 12, labels, 0.04),
+        _layer(rng, out, "blocks/3", "blocks_3", 9, labels[::-1], 0.04),
+        _layer(rng, out, "random/conv5", "random_conv5", 5, ["grass", XSS], 0.5),
+    ]
+    for stem in ("layer4", "blocks_3", "random_conv5"):
+        (out / stem).mkdir(exist_ok=True)
+        (out / stem / "tally.csv").write_text("unit,category,label,score\n")
+    assert layers[2].interpretable_units == 0
+    run = RunInfo(
+        title=f"Dissection of {XSS}",
+        model="resnet18 & co",
+        dataset="broden1_224",
+        settings={"quantile": 0.005, "iou_threshold": 0.04, "label": XSS, "layers": ("a", "b")},
+    )
+    return report.write_report(out, run, layers), layers
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[LayerPage]]:
+    return build_report(tmp_path_factory.mktemp("report"))
+
+
+class _Links(html.parser.HTMLParser):
+    """Collects href/src attributes and the text of elements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "script":
+            self.scripts += 1
+        for key, value in attrs:
+            if key in ("href", "src") and value is not None:
+                self.links.append((tag, value))
+
+
+def _pages(index: Path) -> list[Path]:
+    return sorted(index.parent.glob("*.html"))
+
+
+def test_files_written(built: tuple[Path, list[LayerPage]]) -> None:
+    index, _ = built
+    out = index.parent
+    names = {p.name for p in _pages(index)}
+    assert names == {
+        "index.html",
+        "layer-layer4.html",
+        "layer-blocks_3.html",
+        "layer-random_conv5.html",
+    }
+    assert (out / "plots" / "unique-detectors.png").is_file()
+    for stem in ("layer4", "blocks_3", "random_conv5"):
+        assert (out / "plots" / f"{stem}-concepts.png").is_file()
+    # Atomic writes leave no temp files behind.
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_labels_escaped(built: tuple[Path, list[LayerPage]]) -> None:
+    index, _ = built
+    for page in _pages(index):
+        text = page.read_text("utf-8")
+        assert XSS not in text, page.name
+        assert AMP not in text, page.name
+        parser = _Links()
+        parser.feed(text)
+        # Only the page's own inline script: none on the index, one on layer pages.
+        assert parser.scripts == (0 if page.name == "index.html" else 1), page.name
+    layer = (index.parent / "layer-layer4.html").read_text("utf-8")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in layer
+    assert "Tom &amp; Jerry&#39;s &#34;cart&#34;" in layer
+    assert "café" in layer
+
+
+def test_links_relative_and_present(built: tuple[Path, list[LayerPage]]) -> None:
+    index, _ = built
+    out = index.parent
+    count = 0
+    for page in _pages(index):
+        parser = _Links()
+        parser.feed(page.read_text("utf-8"))
+        for tag, link in parser.links:
+            url = urllib.parse.urlsplit(link)
+            assert not url.scheme and not url.netloc and not link.startswith("/"), link
+            target = out / urllib.parse.unquote(url.path)
+            assert target.is_file(), (page.name, tag, link)
+            count += 1
+    assert count > 40
+
+
+def test_layer_pages_content(built: tuple[Path, list[LayerPage]]) -> None:
+    index, layers = built
+    for page, stem in zip(layers, ("layer4", "blocks_3", "random_conv5"), strict=True):
+        text = (index.parent / f"layer-{stem}.html").read_text("utf-8")
+        cards = re.findall(
+            r'<article class="card[^"]*" id="unit-(\d+)"[^>]*data-iou="([^"]+)"', text
+        )
+        assert len(cards) == page.num_units
+        ious = [float(v) for _, v in cards]
+        assert ious == sorted(ious, reverse=True)  # IoU order, as the sort select says
+        below = text.count('class="card below"')
+        assert below == page.num_units - page.interpretable_units
+    summary = index.read_text("utf-8")
+    for stem in ("layer4", "blocks_3", "random_conv5"):
+        assert f'href="layer-{stem}.html"' in summary
+    assert "blocks/3" in summary
+
+
+def test_report_deterministic(built: tuple[Path, list[LayerPage]], tmp_path: Path) -> None:
+    index, _ = built
+    again, _ = build_report(tmp_path)
+    a = {
+        p.relative_to(index.parent): p.read_bytes() for p in index.parent.rglob("*") if p.is_file()
+    }
+    b = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_layer_file_stems() -> None:
+    stems = report.layer_file_stems(["blocks/3", "blocks_3", "Blocks_3", "../x", "", "a b"])
+    assert stems[0] == "blocks_3"
+    assert len({s.lower() for s in stems}) == len(stems)
+    assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s) for s in stems), stems
+    with pytest.raises(ValueError, match="duplicate"):
+        report.layer_file_stems(["a", "a"])
+
+
+def test_strip_dimming_exact() -> None:
+    rng = np.random.default_rng(1)
+    t, h, w, gap = 4, 10, 7, 3
+    imgs = rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+    maps = rng.normal(size=(t, h, w)).astype(np.float32)
+    strip = report.unit_strip(imgs, maps, 0.3, gap=gap)
+    assert strip.dtype == np.uint8 and strip.shape == (h, t * w + (t - 1) * gap, 3)
+    for i in range(t):
+        mask = (maps[i] > 0.3)[..., None]
+        want = (imgs[i] * (0.2 + 0.8 * mask)).astype(np.uint8)
+        np.testing.assert_array_equal(strip[:, i * (w + gap) : i * (w + gap) + w], want)
+        if i < t - 1:
+            assert (strip[:, i * (w + gap) + w : (i + 1) * (w + gap)] == 255).all()
+
+
+def test_strip_skips_empty_slots_and_outlines() -> None:
+    rng = np.random.default_rng(2)
+    imgs = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    maps = np.zeros((3, 8, 8), np.float32)
+    maps[:, 2:6, 2:6] = 1.0
+    strip = report.unit_strip(imgs, maps, 0.5, gap=2, valid=[True, False, True])
+    assert strip.shape == (8, 18, 3)
+    full = report.unit_strip(imgs, maps, 0.5, gap=2)
+    np.testing.assert_array_equal(strip[:, 10:], full[:, 20:])
+    lined = report.unit_strip(imgs, maps, 0.5, gap=2, outline=True)
+    changed = (lined != full).any(axis=2)[:, :8]
+    ring = np.zeros((8, 8), bool)
+    ring[2:6, 2:6] = True
+    ring[3:5, 3:5] = False
+    assert not changed[~ring].any()  # only the mask's boundary is drawn on
+    assert (lined[:, :8][ring] == report.strips.OUTLINE_COLOR).all()
+    blank = report.unit_strip(imgs, maps, 0.5, valid=[False, False, False])
+    assert blank.shape == (8, 8, 3) and (blank == 255).all()
+    with pytest.raises(ValueError):
+        report.unit_strip(imgs.astype(np.float32), maps, 0.5)
+    with pytest.raises(ValueError):
+        report.unit_strip(imgs, maps[:, :4], 0.5)
+
+
+def test_upsample_matches_pil() -> None:
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    up = report.upsample_maps(maps, (40, 21))
+    assert up.shape == (2, 40, 21) and up.dtype == np.float32
+    for i in range(2):
+        pil = Image.fromarray(maps[i], mode="F").resize((21, 40), Image.Resampling.BILINEAR)
+        np.testing.assert_allclose(up[i], np.asarray(pil), atol=1e-5)
+    const = report.upsample_maps(np.full((1, 3, 3), 2.5, np.float32), 9)
+    np.testing.assert_allclose(const, 2.5)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    with Image.open(io.BytesIO(data)) as im:
+        im.verify()
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.size
+
+
+def test_plots_valid_png(tmp_path: Path) -> None:
+    dets = [("dog", "object", 5), ("wheel", "part", 2), (MATH, "object", 3), ("sky", "scene", 0)]
+    w, h = _png_size(report.plot_detectors_per_concept(tmp_path / "a.png", dets, title="l4"))
+    assert w > 100 and h > 100
+    # No detector at all (random network): an empty graph, not a crash.
+    w0, _ = _png_size(report.plot_detectors_per_concept(tmp_path / "b.png", [], iou_threshold=0.04))
+    assert w0 > 100
+    many = [(f"concept {i}", CATEGORIES[i % 5], 1 + i % 7) for i in range(120)]
+    wide, _ = _png_size(report.plot_detectors_per_concept(tmp_path / "c.png", many))
+    assert wide > w
+    units = [{"object": 3, "part": 0}, {"object": 0, "part": 0}, {"color": 9}]
+    _png_size(report.plot_unique_detectors(tmp_path / "d.png", ["conv1", "a/b", "c"], units))
+    _png_size(report.plot_unique_detectors(tmp_path / "e.png", [], []))
+    with pytest.raises(ValueError):
+        report.plot_unique_detectors(tmp_path / "f.png", ["x"], [])
+
+
+def test_plots_do_not_use_pyplot() -> None:
+    code = (
+        "import sys, tempfile, pathlib\n"
+        "from jaxdissect import report\n"
+        "d = pathlib.Path(tempfile.mkdtemp())\n"
+        "report.plot_detectors_per_concept(d / 'a.png', [('x', 'object', 1)])\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+        "assert 'jax' not in sys.modules\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "TkAgg"}  # a GUI backend must not be needed
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_atomic_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "x.png"
+    report.save_png(target, np.zeros((2, 2, 3), np.uint8))
+    before = target.read_bytes()
+
+    def boom(src: object, dst: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        report.save_png(target, np.ones((3, 3, 3), np.uint8))
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+    with pytest.raises(ValueError):
+        report.save_png(tmp_path / "y.png", np.zeros((2, 2), np.float32))

@@ -1,0 +1,221 @@
+"""IoU, unit labels, summaries and result files from exact counts (numpy only)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from jaxdissect import results
+from jaxdissect.labelspace import LabelSpace
+from tests.reference import reference_iou, reference_unit_labels
+
+NASTY = 'say "hi", <script>alert(1)</script>\nnew line'
+
+
+def _labels() -> LabelSpace:
+    """Labels 1-2 color, 3-5 object, 6 unused, 7 material, 8 scene; material has 1 label."""
+    names = ("-", "red-c", "blue-c", "sky", NASTY, "car", "unused", "wood", "street-s")
+    primary = np.array([-1, 0, 0, 1, 1, 1, -1, 2, 3], np.int32)
+    return LabelSpace(
+        ("color", "object", "material", "scene"), names, primary, (False, False, False, True)
+    )
+
+
+def _counts(inter, label_pixels, unit_pixels, images=10) -> dict[str, np.ndarray]:
+    inter = np.asarray(inter, np.int64)
+    return {
+        "intersection": inter,
+        "label_pixels": np.asarray(label_pixels, np.int64),
+        "unit_pixels": np.asarray(unit_pixels, np.int64),
+        "unit_total": np.asarray(unit_pixels, np.int64).max(1),
+        "images": np.int64(images),
+    }
+
+
+@pytest.fixture
+def layer() -> results.LayerResult:
+    #        -  red blue sky nasty car unused wood street
+    inter = [
+        [0, 10, 10, 0, 0, 0, 0, 0, 0],  # unit 0: tie red/blue (same IoU) -> red
+        [0, 0, 0, 30, 30, 0, 0, 0, 0],  # unit 1: sky and NASTY tie -> sky (lower number)
+        [0, 1, 0, 0, 0, 0, 0, 0, 0],  # unit 2: below threshold everywhere
+        [0, 1, 0, 0, 0, 0, 50, 0, 0],  # unit 3: the unused label never scores; ties unit 2
+        [0, 0, 0, 0, 0, 40, 0, 0, 40],  # unit 4: car and street-s tie -> object (first)
+    ]
+    label_pixels = [99, 100, 100, 100, 100, 100, 100, 100, 100]
+    unit_pixels = [[100, 100, 100, 100]] * 5
+    return results.layer_result("features.10", _counts(inter, label_pixels, unit_pixels), _labels())
+
+
+def test_iou_and_labels_follow_the_rules(layer):
+    labels = _labels()
+    np.testing.assert_allclose(layer.iou[0, 1], 10 / 190)
+    assert (layer.iou[:, 0] == 0).all() and (layer.iou[:, 6] == 0).all()
+    assert layer.best_label.tolist() == [1, 3, 1, 1, 5]
+    assert [labels.categories[j] for j in layer.best_category] == [
+        "color",
+        "object",
+        "color",
+        "color",
+        "object",
+    ]
+    assert layer.interpretable.tolist() == [True, True, False, False, True]
+    # Category argmax: unit 4's best scene label is reported even though object wins.
+    assert layer.category_label[4].tolist() == [1, 5, 7, 8]
+    ref = reference_unit_labels(reference_iou(layer.counts, labels), labels)
+    assert [u["label"] for u in ref] == layer.best_label.tolist()
+    summary = results.layer_summary(layer)
+    assert summary.interpretable_units == 3 and summary.unique_detectors == 3
+    assert summary.interpretable_by_category == {
+        "color": 1,
+        "object": 2,
+        "material": 0,
+        "scene": 0,
+    }
+    assert summary.unique_by_category["object"] == 2
+    assert [(c.label, c.units) for c in summary.concepts] == [(1, 1), (3, 1), (5, 1)]
+
+
+def test_random_counts_match_reference():
+    rng = np.random.default_rng(0)
+    labels = _labels()
+    k = 20
+    inter = rng.integers(0, 50, (k, 9))
+    label_pixels = inter.max(0) + rng.integers(0, 100, 9)
+    unit_pixels = np.repeat(inter.max(1, keepdims=True), 4, 1) + rng.integers(0, 100, (k, 4))
+    inter[:, 2] = inter[:, 1]  # ties between labels
+    counts = _counts(inter, label_pixels, unit_pixels)
+    unit_pixels[3] = 0
+    label_pixels[5] = 0  # zero denominators
+    counts = _counts(inter * (label_pixels > 0), label_pixels, unit_pixels)
+    layer = results.layer_result("l", counts, labels, categories=("color", "object", "scene"))
+    np.testing.assert_array_equal(layer.iou, reference_iou(counts, labels))
+    ref = reference_unit_labels(layer.iou, labels, categories=("color", "object", "scene"))
+    assert [u["label"] for u in ref] == layer.best_label.tolist()
+    assert [u["iou"] for u in ref] == layer.best_iou.tolist()
+    assert 7 not in layer.best_label  # material is not scored
+    assert layer.category_label.shape == (k, 3)
+
+
+def test_no_detector_does_not_crash(tmp_path):
+    labels = _labels()
+    zeros = _counts(np.zeros((4, 9)), np.zeros(9), np.zeros((4, 4)))
+    layer = results.layer_result("random", zeros, labels)
+    summary = results.layer_summary(layer)
+    assert summary.interpretable_units == 0 and summary.unique_detectors == 0
+    assert summary.concepts == () and set(summary.unique_by_category.values()) == {0}
+    assert (layer.best_iou == 0).all() and layer.best_label.tolist() == [1] * 4
+    path = results.write_tally_csv(tmp_path, layer)
+    assert len(list(csv.DictReader(path.open(newline="")))) == 4
+    results.write_results_json(tmp_path / "results.json", [layer], {})
+    # No label at all in the scored categories.
+    empty = LabelSpace(("color",), ("-",), np.array([-1], np.int32), (False,))
+    layer = results.layer_result("x", _counts(np.zeros((2, 1)), [0], np.zeros((2, 1))), empty)
+    assert layer.best_label.tolist() == [-1, -1]
+    assert results.tally_csv_rows(layer)[1][0]["label"] == ""
+
+
+def test_tally_csv_schema_quoting_and_order(layer, tmp_path):
+    path = results.write_tally_csv(tmp_path, layer)
+    assert path.name == results.tally_csv_name("features.10") == "tally-features.10.csv"
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    header = ["unit", "category", "label", "score"]
+    for cat in ("color", "object", "material", "scene"):
+        header += [f"{cat}-label", f"{cat}-truth", f"{cat}-activation"]
+        header += [f"{cat}-intersect", f"{cat}-iou"]
+    assert reader.fieldnames == header
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    # Units are 1-based; ties in score keep unit order.
+    assert [int(r["unit"]) for r in rows] == [5, 2, 1, 3, 4]
+    assert rows[3]["score"] == rows[4]["score"]
+    unit2 = rows[1]
+    assert unit2["category"] == "object" and unit2["label"] == "sky"
+    assert float(unit2["score"]) == layer.best_iou[1]
+    assert unit2["object-truth"] == "100" and unit2["object-intersect"] == "30"
+    assert unit2["object-activation"] == "100"
+    # The nasty name survives the round trip: unit 1 (0-based) has sky; make NASTY win.
+    counts = dict(layer.counts)
+    counts["intersection"] = counts["intersection"].copy()
+    counts["intersection"][1, 4] = 31
+    nasty = results.layer_result("features.10", counts, _labels())
+    path = results.write_tally_csv(tmp_path / "tally-features.10.csv", nasty)
+    rows = list(csv.DictReader(path.open(newline="", encoding="utf-8")))
+    assert [r["label"] for r in rows if r["unit"] == "2"] == [NASTY]
+    assert [r["object-label"] for r in rows if r["unit"] == "2"] == [NASTY]
+
+
+def test_tally_csv_names_the_layer(layer, tmp_path):
+    with pytest.raises(ValueError, match="layer"):
+        results.write_tally_csv(tmp_path / "tally.csv", layer)
+    other = results.layer_result("block/4:conv", layer.counts, layer.labels)
+    a = results.write_tally_csv(tmp_path, layer)
+    b = results.write_tally_csv(tmp_path, other)
+    assert a != b and "/" not in b.name and b.parent == tmp_path
+    assert results.safe_layer_name("block/4:conv") != results.safe_layer_name("block_4_conv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([a.name, b.name])  # no temps
+
+
+def test_results_json_round_trip(layer, tmp_path):
+    other = results.layer_result(
+        "layer4", layer.counts, layer.labels, iou_threshold=0.2, categories=("object", "color")
+    )
+    settings = {
+        "quantile": np.float32(0.005),
+        "restriction": "presence",
+        "layers": ("features.10", "layer4"),
+        "batch_size": np.int64(32),
+        "dataset": tmp_path,
+    }
+    path = results.write_results_json(tmp_path / "results.json", [layer, other], settings)
+    doc = results.read_results_json(path)
+    assert doc["settings"]["restriction"] == "presence"
+    assert doc["settings"]["layers"] == ["features.10", "layer4"]
+    assert doc["settings"]["batch_size"] == 32
+    assert [rec["layer"] for rec in doc["layers"]] == ["features.10", "layer4"]
+    for rec, res in zip(doc["layers"], [layer, other], strict=True):
+        assert rec["iou_threshold"] == res.iou_threshold and rec["num_images"] == 10
+        assert all(unit["layer"] == res.layer for unit in rec["units"])
+        assert [u["label"] for u in rec["units"]] == res.best_label.tolist()
+        assert [u["iou"] for u in rec["units"]] == res.best_iou.tolist()
+    first, second = doc["layers"]
+    assert list(second["units"][1]["categories"]) == ["object", "color"]
+    assert first["units"][1]["categories"]["object"] == {
+        "label": 3,
+        "name": "sky",
+        "iou": layer.iou[1, 3],
+        "truth": 100,
+        "activation": 100,
+        "intersect": 30,
+    }
+    assert first["summary"]["unique_detectors"] == 3
+    assert second["summary"]["interpretable_units"] == 1  # threshold 0.2: only car (0.25)
+    assert first["units"][0]["interpretable"] is True
+
+    with pytest.raises(ValueError, match="duplicate"):
+        results.write_results_json(tmp_path / "r2.json", [layer, layer], {})
+    with pytest.raises(TypeError):
+        results.write_results_json(tmp_path / "r3.json", [layer], {"bad": object()})
+    assert not (tmp_path / "r3.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    partial = dict(doc, complete=False)
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    with pytest.raises(ValueError, match="incomplete"):
+        results.read_results_json(tmp_path / "partial.json")
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a jaxdissect"):
+        results.read_results_json(tmp_path / "other.json")
+
+
+def test_counts_are_checked(layer):
+    counts = dict(layer.counts)
+    counts["unit_pixels"] = counts["unit_pixels"][:, :2]
+    with pytest.raises(ValueError, match="unit_pixels"):
+        results.layer_result("l", counts, layer.labels)
+    with pytest.raises(ValueError, match="categories"):
+        results.layer_result("l", layer.counts, layer.labels, categories=("shape",))

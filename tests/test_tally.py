@@ -1,0 +1,278 @@
+"""The on-device tally against the slow numpy reference, exactly."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdissect import results, tally
+from tests.reference import random_probe, reference_counts, reference_dissect, reference_upsample
+
+BATCH = 4  # 11 images: two full batches and a partial one padded with garbage rows
+
+
+def _run_tally(probe: dict, restriction: str, **kwargs) -> dict[str, np.ndarray]:
+    """Tally the probe in padded batches under jit, like the engine does."""
+    labels = probe["labels"]
+    count = jax.jit(
+        functools.partial(
+            tally.batch_counts,
+            primary=labels.primary,
+            num_categories=labels.num_categories,
+            restriction=restriction,
+            **kwargs,
+        )
+    )
+    add = jax.jit(tally.tally_add)
+    n = len(probe["acts"])
+    state = tally.tally_init(probe["acts"].shape[-1], labels)
+    for start in range(0, n, BATCH):
+        stop = min(start + BATCH, n)
+        pad = BATCH - (stop - start)
+
+        def padded(x, value, start=start, stop=stop, pad=pad):
+            widths = [(0, pad)] + [(0, 0)] * (x.ndim - 1)
+            return np.pad(x[start:stop], widths, constant_values=value)
+
+        # Padding rows hold loud garbage: they must count nothing.
+        batch = {
+            "image": np.zeros((BATCH, 8, 8, 3), np.float32),
+            "pixel_labels": padded(probe["pixel_labels"], 7),
+            "image_labels": padded(probe["image_labels"], 9),
+            "valid": np.arange(BATCH) < stop - start,
+            "index": np.arange(start, start + BATCH, dtype=np.int32),
+        }
+        acts = padded(probe["acts"], 100.0)
+        state = add(state, count(acts, probe["thresholds"], batch))
+    return tally.tally_to_numpy(state)
+
+
+@pytest.fixture(scope="module")
+def probe() -> dict:
+    return random_probe(0)
+
+
+@pytest.fixture(scope="module")
+def references(probe) -> dict[str, dict]:
+    return {
+        restriction: reference_dissect(
+            probe["acts"],
+            probe["thresholds"],
+            probe["pixel_labels"],
+            probe["image_labels"],
+            probe["labels"],
+            restriction=restriction,
+        )
+        for restriction in tally.RESTRICTIONS
+    }
+
+
+def _assert_counts_equal(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key].dtype == np.int64, key
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("restriction", "kwargs"),
+    [
+        ("presence", {"method": "segment"}),
+        ("overlap", {"method": "segment"}),
+        ("none", {"method": "segment"}),
+        ("overlap", {"method": "segment", "chunk": 3}),  # chunk not dividing the batch
+        ("presence", {"method": "matmul"}),
+        ("overlap", {"method": "matmul", "chunk": 3}),
+    ],
+)
+def test_tally_equals_reference(probe, references, restriction, kwargs):
+    ref = references[restriction]
+    counts = _run_tally(probe, restriction, **kwargs)
+    _assert_counts_equal(counts, ref["counts"])
+    # The data exercise what they should.
+    assert counts["images"] == len(probe["acts"])
+    assert counts["unit_total"][0] == 0 and counts["unit_total"][1] > 0
+    assert (counts["intersection"][:, 256:] > 0).any()
+    # Unit labels of the results module agree with the reference's loops.
+    layer = results.layer_result("conv", counts, probe["labels"])
+    np.testing.assert_array_equal(layer.iou, ref["iou"])
+    for unit in ref["units"]:
+        k = unit["unit"]
+        assert layer.best_label[k] == unit["label"]
+        assert probe["labels"].categories[layer.best_category[k]] == unit["category"]
+        assert layer.best_iou[k] == unit["iou"]
+        for col, cat in enumerate(probe["labels"].categories):
+            assert layer.category_label[k, col] == unit["per_category"][cat][0]
+    summary = results.layer_summary(layer)
+    assert summary.interpretable_units == ref["interpretable_units"]
+    assert summary.unique_detectors == ref["unique_detectors"]
+    assert {c.label: c.units for c in summary.concepts} == ref["detector_counts"]
+
+
+def test_restrictions_order(references):
+    """overlap <= presence <= none for every unit's union; all equal on image-level."""
+    over, pres, none = (
+        references["overlap"]["counts"]["unit_pixels"],
+        references["presence"]["counts"]["unit_pixels"],
+        references["none"]["counts"]["unit_pixels"],
+    )
+    assert (over <= pres).all() and (pres <= none).all()
+    assert (over < pres).any() and (pres < none).any()
+
+
+def test_tally_non_dyadic_sizes():
+    """Sizes that do not scale by powers of two, random float maps and thresholds."""
+    probe = random_probe(3, act_size=(5, 7), seg_size=(12, 20), dyadic=False, num_units=5, planes=2)
+    want = reference_counts(
+        probe["acts"],
+        probe["thresholds"],
+        probe["pixel_labels"],
+        probe["image_labels"],
+        probe["labels"],
+        "presence",
+    )
+    _assert_counts_equal(_run_tally(probe, "presence"), want)
+
+
+def test_tally_merge_and_empty_image_axes(probe):
+    """Merging two half tallies equals one tally; Q = 0 image-level slots works."""
+    labels = probe["labels"]
+    count = jax.jit(
+        functools.partial(
+            tally.batch_counts,
+            primary=labels.primary,
+            num_categories=labels.num_categories,
+            restriction="presence",
+        )
+    )
+    k = probe["acts"].shape[-1]
+    states = []
+    for part in (slice(0, 5), slice(5, 10)):
+        batch = {
+            "pixel_labels": probe["pixel_labels"][part],
+            "image_labels": np.zeros((len(probe["acts"][part]), 0), np.int32),
+        }
+        counts = count(probe["acts"][part], probe["thresholds"], batch)
+        states.append(tally.tally_add(tally.tally_init(k, labels), counts))
+    merged = tally.tally_to_numpy(tally.tally_merge(*states))
+    want = reference_counts(
+        probe["acts"][:10],
+        probe["thresholds"],
+        probe["pixel_labels"][:10],
+        np.zeros((10, 0), np.int32),
+        labels,
+        "presence",
+    )
+    _assert_counts_equal(merged, want)
+
+
+def test_wide_counts_exact_past_int32():
+    """Counts crossing 2**31 many times stay exact (x64 disabled)."""
+    assert not jax.config.jax_enable_x64
+    rng = np.random.default_rng(0)
+    steps = rng.integers(2**29, 2**30, size=(40, 3))  # each step < 2**30
+    steps[0] = 2**30 - 1
+    add = jax.jit(lambda w, x: w.add(x))
+    a = b = tally.WideCount.zeros((3,))
+    for i, x in enumerate(steps):
+        x = jnp.asarray(x, jnp.int32)
+        if i % 2:
+            a = add(a, x)
+        else:
+            b = add(b, x)
+    total = jax.jit(lambda a, b: a.merge(b))(a, b).to_numpy()
+    want = [sum(int(v) for v in steps[:, j]) for j in range(3)]
+    assert want[0] > 10 * 2**31  # wrapped int32 about 15 times
+    assert total.dtype == np.int64 and total.tolist() == want
+    assert a.merge(b).merge(a).to_numpy().tolist() == [
+        w + sum(int(v) for v in steps[1::2, j]) for j, w in enumerate(want)
+    ]
+
+
+def test_batch_bound_and_bad_options(probe):
+    tally.check_batch_bound(128, (192, 192))
+    with pytest.raises(ValueError, match="overflow"):
+        tally.check_batch_bound(128, (192, 192), devices=256)
+    labels = probe["labels"]
+    batch = {"pixel_labels": probe["pixel_labels"], "image_labels": probe["image_labels"]}
+    for kwargs in ({"restriction": "lite"}, {"method": "sparse"}):
+        with pytest.raises(ValueError):
+            tally.batch_counts(
+                probe["acts"], probe["thresholds"], batch, labels.primary, 5, **kwargs
+            )
+
+
+# ----------------------------------------------------------------------------- upsampling
+
+
+def test_upsample_matches_formula_resize_and_pil():
+    rng = np.random.default_rng(1)
+    acts = rng.normal(size=(2, 5, 7, 3)).astype(np.float32)
+    size = (12, 20)
+    got = np.asarray(tally.upsample(jnp.asarray(acts), size))
+    assert got.shape == (2, 12, 20, 3)
+    for b in range(2):
+        for k in range(3):
+            a = acts[b, :, :, k]
+            np.testing.assert_allclose(got[b, :, :, k], reference_upsample(a, size), atol=1e-6)
+            pil = Image.fromarray(a, mode="F").resize(size[::-1], Image.Resampling.BILINEAR)
+            np.testing.assert_allclose(got[b, :, :, k], np.asarray(pil), atol=1e-5)
+    resized = jax.image.resize(jnp.asarray(acts), (2, *size, 3), "bilinear")
+    np.testing.assert_allclose(got, np.asarray(resized), atol=1e-5)
+    # The matrix form is the same interpolation.
+    wy, wx = tally.interpolation_matrix(12, 5), tally.interpolation_matrix(20, 7)
+    np.testing.assert_allclose(got, np.einsum("Yh,Xw,bhwk->bYXk", wy, wx, acts), atol=1e-5)
+    np.testing.assert_allclose(wy.sum(1), 1.0, atol=1e-6)
+
+
+def test_downsample_is_not_antialiased():
+    rng = np.random.default_rng(2)
+    acts = rng.normal(size=(1, 9, 11, 2)).astype(np.float32)
+    got = np.asarray(tally.upsample(jnp.asarray(acts), (4, 5)))
+    plain = jax.image.resize(jnp.asarray(acts), (1, 4, 5, 2), "bilinear", antialias=False)
+    np.testing.assert_allclose(got, np.asarray(plain), atol=1e-5)
+    np.testing.assert_allclose(got[0, :, :, 1], reference_upsample(acts[0, :, :, 1], (4, 5)))
+    same = np.asarray(tally.upsample(jnp.asarray(acts), (9, 11)))
+    np.testing.assert_array_equal(same, acts)
+
+
+def test_batch_counts_inside_shard_map(probe):
+    """The engine's pattern: per-shard counts under shard_map, psummed (1-device mesh)."""
+    labels = probe["labels"]
+    mesh = jax.make_mesh((1,), ("data",))
+    spec, rep = jax.P("data"), jax.P()
+
+    def per_shard(acts, thresholds, pixel_labels, image_labels, valid):
+        batch = {"pixel_labels": pixel_labels, "image_labels": image_labels, "valid": valid}
+        counts = tally.batch_counts(
+            acts, thresholds, batch, labels.primary, labels.num_categories, restriction="overlap"
+        )
+        return jax.tree.map(lambda x: jax.lax.psum(x, "data"), counts)
+
+    step = jax.jit(
+        jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, rep, spec, spec, spec), out_specs=rep)
+    )
+    args = [
+        (probe["acts"], spec),
+        (probe["thresholds"], rep),
+        (probe["pixel_labels"], spec),
+        (probe["image_labels"], spec),
+        (np.ones(len(probe["acts"]), bool), spec),
+    ]
+    counts = step(*(jax.device_put(x, jax.NamedSharding(mesh, s)) for x, s in args))
+    k = probe["acts"].shape[-1]
+    got = tally.tally_to_numpy(tally.tally_add(tally.tally_init(k, labels), counts))
+    want = reference_counts(
+        probe["acts"],
+        probe["thresholds"],
+        probe["pixel_labels"],
+        probe["image_labels"],
+        labels,
+        "overlap",
+    )
+    _assert_counts_equal(got, want)

@@ -1,0 +1,176 @@
+"""TFDS build of Broden: same examples and batches as the folder, splits, metadata, errors."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxdissect.data import loader, synthetic, tfds_broden
+from jaxdissect.data.broden import Broden
+from jaxdissect.data.tfds_broden import TfdsBroden
+from tests.broden_testing import tiny_broden
+
+SPLITS = ("all", "train", "val")
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """name -> (folder, build dir): synthetic JPEGs, and PNG images with Broden's quirks."""
+    tmp = tmp_path_factory.mktemp("tfds_broden")
+    roots = {
+        "synthetic": synthetic.generate_tiny(tmp / "synthetic", num_images=16),
+        # Labels >= 256, two part planes, an image-level 0, rows without pixel data.
+        "quirks": tiny_broden(tmp / "quirks").root,
+    }
+    return {
+        name: (root, tfds_broden.build(root, tmp / f"tfds_{name}")) for name, root in roots.items()
+    }
+
+
+def assert_same_example(a: dict, b: dict, where: str) -> None:
+    assert a.keys() == b.keys(), where
+    for key in a:
+        x, y = a[key], b[key]
+        assert type(x) is type(y), (where, key, type(x), type(y))
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), (where, key)
+        assert x.tobytes() == y.tobytes(), (where, key)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("name", ["synthetic", "quirks"])
+def test_every_example_identical(datasets, name, split):
+    root, build_dir = datasets[name]
+    folder, built = Broden.open(root, split=split), TfdsBroden(build_dir, split)
+    assert len(built) == len(folder) > 0
+    for i in range(len(folder)):
+        assert_same_example(folder[i], built[i], f"{name}/{split}[{i}]")
+        image, (planes, image_labels) = built.read_image(i), built.read_labels(i)
+        np.testing.assert_array_equal(image, folder.read_image(i))
+        assert image.dtype == np.uint8
+        want_planes, want_image_labels = folder.read_labels(i)
+        assert planes.dtype == want_planes.dtype and image_labels.dtype == np.int32
+        np.testing.assert_array_equal(planes, want_planes)
+        np.testing.assert_array_equal(image_labels, want_image_labels)
+    assert_same_example(folder[-1], built[-1], f"{name}/{split}[-1]")
+    with pytest.raises(IndexError):
+        built[len(built)]
+
+
+@pytest.mark.parametrize("split", ["all", "val"])
+@pytest.mark.parametrize("name", ["synthetic", "quirks"])
+def test_identical_batches_through_loader(datasets, name, split):
+    root, build_dir = datasets[name]
+    folder, built = Broden.open(root, split=split), TfdsBroden(build_dir, split)
+    for size, kwargs in ((3, {"num_threads": 2}), (1, {"num_threads": 0, "start_batch": 1})):
+        got = list(loader.batches(built, size, **kwargs))
+        want = list(loader.batches(folder, size, **kwargs))
+        assert len(got) == len(want) > 0
+        for k, (a, b) in enumerate(zip(want, got, strict=True)):
+            assert_same_example(a, b, f"{name}/{split} batch {k} {kwargs}")
+
+
+def test_stored_bytes_are_the_image_file(datasets):
+    """TFDS keeps the JPEG as it is: its own (PIL) decoding equals reading the file."""
+    root, build_dir = datasets["synthetic"]
+    folder = Broden.open(root)
+    builder = tfds.builder_from_directory(build_dir)
+    assert set(builder.info.splits) <= {"train", "val"}
+    for split in builder.info.splits:
+        raw = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+        decoded = builder.as_data_source(split)
+        for k in range(len(raw)):
+            i = int(raw[k]["index"])
+            assert raw[k]["image"][:2] == b"\xff\xd8"  # JPEG, not re-encoded to PNG
+            assert raw[k]["image"] == (root / "images" / folder.records[i].image).read_bytes()
+            np.testing.assert_array_equal(decoded[k]["image"], folder.read_image(i))
+
+
+@pytest.mark.parametrize("name", ["synthetic", "quirks"])
+def test_splits(datasets, name):
+    root, build_dir = datasets[name]
+    folder = Broden.open(root)
+    builder = tfds.builder_from_directory(build_dir)
+    counts = {s: sum(r.split == s for r in folder.records) for s in ("train", "val")}
+    assert {s: builder.info.splits[s].num_examples for s in builder.info.splits} == {
+        s: c for s, c in counts.items() if c
+    }
+    sizes = {s: len(TfdsBroden(build_dir, s)) for s in SPLITS}
+    assert sizes == {"all": len(folder), **counts}
+    # The `all` view interleaves the splits in index.csv order.
+    whole = TfdsBroden(build_dir, "all")
+    train_positions = [i for i, r in enumerate(folder.records) if r.split == "train"]
+    train = TfdsBroden(build_dir, "train")
+    for k, i in enumerate(train_positions):
+        np.testing.assert_array_equal(train.read_image(k), whole.read_image(i))
+    with pytest.raises(ValueError, match="split must be"):
+        TfdsBroden(build_dir, "test")
+
+
+def test_metadata_round_trip(datasets, tmp_path):
+    root, build_dir = datasets["quirks"]
+    # Self-contained: readable with the source folder gone.
+    source = shutil.copytree(root, tmp_path / "src")
+    moved = tfds_broden.build(source, tmp_path / "data")
+    shutil.rmtree(source)
+    for split in SPLITS:
+        folder, built = Broden.open(root, split=split), TfdsBroden(moved, split)
+        assert built.labels.categories == folder.labels.categories
+        assert built.labels.names == folder.labels.names
+        assert built.labels.image_level == folder.labels.image_level
+        assert built.labels.primary.dtype == np.int32
+        np.testing.assert_array_equal(built.labels.primary, folder.labels.primary)
+        assert built.image_size == folder.image_size and built.seg_size == folder.seg_size
+        assert built.max_planes == folder.max_planes
+        assert built.max_image_labels == folder.max_image_labels
+        assert built.fingerprint() == folder.fingerprint()
+    assert TfdsBroden(moved, "train").max_planes != TfdsBroden(moved, "val").max_planes
+    # A data dir, its broden/ folder and the build dir all name the build.
+    for path in (tmp_path / "data", tmp_path / "data" / "broden", moved):
+        assert TfdsBroden(path).builder_dir == moved
+    assert pickle.loads(pickle.dumps(TfdsBroden(moved, "val")))[1]["index"] == 1
+
+
+def test_missing_manual_folder(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"(?s)Broden folder .*nowhere does not exist.*unzip"
+    ):
+        tfds_broden.build(tmp_path / "nowhere", tmp_path / "data")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"No Broden data in .*index\.csv"):
+        tfds_broden.build(tmp_path / "empty", tmp_path / "data", resolution=224)
+    # Through TFDS directly, without a manual dir: the instructions, not an AssertionError.
+    builder = tfds_broden.BrodenBuilder(config="224", data_dir=tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match="unzip it, and pass the folder"):
+        builder.download_and_prepare(file_format="array_record")
+    with pytest.raises(FileNotFoundError, match="No TFDS Broden build"):
+        TfdsBroden(tmp_path / "data")
+
+
+def test_reuse_wrong_resolution_and_overwrite(datasets, tmp_path):
+    root, build_dir = datasets["quirks"]
+    data_dir = build_dir.parent.parent.parent
+    stamp = (build_dir / "dataset_info.json").stat().st_mtime_ns
+    assert tfds_broden.build(root, data_dir) == build_dir  # Reused, not rebuilt.
+    assert (build_dir / "dataset_info.json").stat().st_mtime_ns == stamp
+    other = tiny_broden(tmp_path / "other").root
+    with open(other / "index.csv", "a") as f:
+        f.write("\n")  # Same examples, another fingerprint.
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        tfds_broden.build(other, data_dir)
+    with pytest.raises(ValueError, match="8x8 images but the builder config is 224"):
+        tfds_broden.build(other, tmp_path / "data224", resolution=224)
+    shutil.copytree(data_dir, tmp_path / "data")
+    rebuilt = tfds_broden.build(other, tmp_path / "data", overwrite=True)
+    assert TfdsBroden(rebuilt).fingerprint() == Broden.open(other).fingerprint()
+    assert TfdsBroden(build_dir).fingerprint() == Broden.open(root).fingerprint()
+
+
+def test_no_tensorflow(datasets):
+    _, build_dir = datasets["synthetic"]
+    TfdsBroden(build_dir)[0]
+    assert "tensorflow" not in sys.modules
