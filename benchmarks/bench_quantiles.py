@@ -1,7 +1,7 @@
 """Speed and accuracy of jaxdissect.quantiles on this machine.
 
-    .venv/bin/python benchmarks/bench_quantiles.py speed [--units 512] [--batches 20]
-    .venv/bin/python benchmarks/bench_quantiles.py accuracy [--seeds 4] [--n 3002720]
+.venv/bin/python benchmarks/bench_quantiles.py speed [--units 512] [--batches 20]
+.venv/bin/python benchmarks/bench_quantiles.py accuracy [--seeds 4] [--n 3002720]
 """
 
 from __future__ import annotations

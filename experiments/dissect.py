@@ -107,6 +107,11 @@ flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint the streaming state eve
 flags.DEFINE_integer("loader_threads", 2, "Image decoding threads.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_bool("report", True, "Write the HTML report (strips, plots).")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Join a multi-host job (jax.distributed.initialize; TPU pods and SLURM need no further flags).",
+)
 flags.DEFINE_string("coordinator_address", None, "Multi-host: coordinator host:port.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -127,7 +132,18 @@ def main(argv):
         raise SystemExit(f"error: {e}") from None
 
 
+def _quiet_library_logs():
+    """Keep orbax's per-checkpoint INFO lines out of the user's log (warnings stay)."""
+    import logging as pylogging
+
+    def keep(record):
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+    logging.get_absl_handler().addFilter(keep)
+
+
 def run():
+    _quiet_library_logs()
     from jaxdissect import engine, parallel, pipeline
     from jaxdissect.data import open_probe
     from jaxdissect.preprocess import PLACES_LITE, TORCHVISION

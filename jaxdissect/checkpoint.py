@@ -24,7 +24,7 @@ class StreamCheckpoint:
             raise ValueError(f"checkpoint interval must be >= 1 batch, got {every}")
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(os.fspath(directory), options=options)
+        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def restore(self, template: Any) -> tuple[Any, int]:
         """(state, batches done) of the latest checkpoint, or (template, 0)."""

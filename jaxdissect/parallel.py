@@ -24,16 +24,17 @@ AXIS = "data"
 
 
 def initialize_distributed(
+    enabled: bool,
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
 ) -> None:
-    """Join a multi-host job (no-op for one process).
+    """Join a multi-host job when `enabled` (one process otherwise).
 
     On TPU pods and SLURM/Kubernetes clusters JAX finds the coordinator itself,
-    so all arguments may stay None; elsewhere pass them (e.g. from flags).
+    so the other arguments may stay None; elsewhere pass them (from flags).
     """
-    if num_processes == 1:
+    if not enabled:
         return
     jax.distributed.initialize(
         coordinator_address=coordinator_address,

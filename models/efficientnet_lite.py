@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdissect.preprocess import InputSpec
-from models.layers import BatchNorm2d, kaiming_normal_fan_out, linear
+from models.layers import BatchNorm2d, DepthwiseConv2d, kaiming_normal_fan_out, linear
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) of the seven MBConv
 # stages (stages 2-8 of the paper's Table 1).
@@ -105,8 +105,11 @@ class MBConvBlock(nn.Module):
         if self.expand_ratio != 1:
             x = _conv(hidden, 1, name="_expand_conv")(x)
             x = jax.nn.relu6(BatchNorm2d(**bn, name="_bn0")(x))
-        x = _conv(
-            hidden, self.kernel_size, stride=self.stride, groups=hidden, name="_depthwise_conv"
+        x = DepthwiseConv2d(
+            self.kernel_size,
+            self.stride,
+            kernel_init=kaiming_normal_fan_out,
+            name="_depthwise_conv",
         )(x)
         x = jax.nn.relu6(BatchNorm2d(**bn, name="_bn1")(x))
         x = _conv(self.out_features, 1, name="_project_conv")(x)

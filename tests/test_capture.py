@@ -166,7 +166,9 @@ def test_dict_returning_function():
     x = jnp.ones((2, 5, 5, 3))
     tap = capture.make_tap(fn, w, ["stem/feats", "pooled"], input_shape=(5, 5, 3))
     out = tap.fn(tap.variables, x)
-    np.testing.assert_array_equal(np.asarray(out["stem/feats"]), np.full((2, 5, 5, 4), [12, 15, 18, 21]))
+    np.testing.assert_array_equal(
+        np.asarray(out["stem/feats"]), np.full((2, 5, 5, 4), [12, 15, 18, 21])
+    )
     assert out["pooled"].shape == (2, 1, 1, 4)
     with pytest.raises(capture.LayerNotFoundError, match="stem/feats"):
         capture.make_tap(fn, w, "stem", input_shape=(5, 5, 3))

@@ -9,7 +9,9 @@ from jaxdissect import store
 def test_key_depends_on_every_part_not_on_order():
     base = dict(stage="pass1", layer="layer4", settings={"quantile": 0.005, "mode": "sketch"})
     k = store.key_of(**base)
-    assert k == store.key_of(settings={"mode": "sketch", "quantile": 0.005}, layer="layer4", stage="pass1")
+    assert k == store.key_of(
+        settings={"mode": "sketch", "quantile": 0.005}, layer="layer4", stage="pass1"
+    )
     assert k != store.key_of(**{**base, "layer": "layer3"})
     assert k != store.key_of(**{**base, "settings": {"quantile": 0.01, "mode": "sketch"}})
 

@@ -32,7 +32,9 @@ def test_update_and_merge_match_reference():
             batch = np.concatenate([acts[idx], np.full((pad, 3, 3, units), 99, np.float32)])
             index = np.concatenate([idx, -np.ones(pad, int)]).astype(np.int32)
             valid = np.arange(8) < len(idx)
-            state = topimages.update(state, jnp.asarray(batch), jnp.asarray(index), jnp.asarray(valid))
+            state = topimages.update(
+                state, jnp.asarray(batch), jnp.asarray(index), jnp.asarray(valid)
+            )
         return state
 
     whole = fold(np.arange(n))

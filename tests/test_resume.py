@@ -1,0 +1,87 @@
+"""A dissection killed with SIGKILL resumes from its checkpoint and ends identical."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxdissect.data import synthetic
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return synthetic.generate_tiny(tmp_path_factory.mktemp("resume") / "broden", num_images=40)
+
+
+def _command(data, out, *extra):
+    return [
+        sys.executable,
+        str(ROOT / "experiments" / "dissect.py"),
+        "--model=tests.fixtures.small_model:make",
+        "--weights=",
+        f"--data={data}",
+        f"--output_dir={out}",
+        "--batch_size=2",
+        "--checkpoint_every=1",
+        "--progress=false",
+        "--activation_cache=disk",
+        "--loader_threads=0",
+        "--top_images=3",
+        *extra,
+    ]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+
+
+def _steps(out, stage):
+    root = out / ".work" / "checkpoints"
+    return [int(p.name) for d in root.glob(f"{stage}-*") for p in d.iterdir() if p.name.isdigit()]
+
+
+def _outputs(out):
+    doc = json.loads((out / "results.json").read_text())
+    doc["settings"].pop("thresholds")  # compared separately below, exactly
+    tallies = {p.name: p.read_text() for p in sorted(out.glob("tally-*.csv"))}
+    return doc, tallies, json.loads((out / "results.json").read_text())["settings"]["thresholds"]
+
+
+@pytest.mark.parametrize("stage", ["pass1", "pass2"])
+def test_killed_run_resumes_identically(tiny_data, tmp_path, stage):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_command(tiny_data, ref), env=_env(), check=True, capture_output=True)
+    proc = subprocess.Popen(
+        _command(tiny_data, killed),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if killed.exists() and any(s >= 3 for s in _steps(killed, stage)):
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.fail(f"the run finished before it could be killed during {stage}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()  # a killed run leaves no complete result
+    done_before = max(_steps(killed, stage))
+    assert done_before < 20  # killed mid-pass (40 images in batches of 2)
+    run = subprocess.run(
+        _command(tiny_data, killed, "--verbosity=0"), env=_env(), capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resuming after batch" in run.stderr
+    got, want = _outputs(killed), _outputs(ref)
+    assert got[2] == want[2]  # thresholds, bit for bit (JSON floats round-trip exactly)
+    assert got[1] == want[1]  # tally CSVs
+    assert got[0]["layers"] == want[0]["layers"]
