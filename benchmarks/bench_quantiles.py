@@ -24,33 +24,61 @@ def _stream(rows: int, units: int, seed: int) -> np.ndarray:
     return np.maximum(x, 0)
 
 
+def _time(update, state, xs, batches):
+    upd = jax.jit(update)
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(upd(state, xs[0]))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(batches):
+        state = upd(state, xs[i % len(xs)])
+    jax.block_until_ready(state)
+    return (time.perf_counter() - t0) / batches, first
+
+
 def speed(units: int, batches: int) -> None:
-    for rows in (32 * 49, 32 * 3136):
-        xs = [_stream(rows, units, s) for s in range(min(batches, 4))]
-        n_total = rows * batches * 50  # as if this were 1/50 of the probe set
-        for name, init, update in (
-            ("sketch", lambda: Q.sketch_init(units, max_count=n_total), Q.sketch_update),
-            ("exact", lambda: Q.exact_init(units, n_total), Q.exact_update),
-        ):
-            upd = jax.jit(update)
-            state = init()
-            t0 = time.perf_counter()
-            state = jax.block_until_ready(upd(state, xs[0]))
-            compile_s = time.perf_counter() - t0
-            # Warm the stream so that thresholds/cuts are in steady state before timing.
-            for i in range(batches // 2):
-                state = upd(state, xs[i % len(xs)])
-            jax.block_until_ready(state)
-            t0 = time.perf_counter()
-            for i in range(batches):
-                state = upd(state, xs[i % len(xs)])
-            jax.block_until_ready(state)
-            dt = (time.perf_counter() - t0) / batches
-            print(
-                f"{name:6s} K={units} rows={rows:6d}: {dt * 1e3:8.1f} ms/batch "
-                f"{rows * units / dt / 1e6:7.1f} M values/s (first call {compile_s:.1f} s)",
-                flush=True,
-            )
+    """Per-batch cost in the middle of a run over a Broden-sized probe set (63,305
+    images): the sketch has seen half its max_count, the exact top-k holds the top
+    k of half the values (its k-th value at the 2q quantile)."""
+    images = 63305
+    for rows, k_units in ((32 * 49, units), (32 * 3136, units), (32 * 3136, 64)):
+        n_total = images * rows // 32
+        xs = [_stream(rows, k_units, s) for s in range(3)]
+
+        # Sketch: warm up on a stream whose max_count puts it mid-run, i.e. give it the
+        # same ratio (values seen) / max_count = 1/2 as at mid-run of the real probe set.
+        warm = 8
+        state = Q.sketch_init(k_units, max_count=2 * warm * rows)
+        upd = jax.jit(Q.sketch_update)
+        for i in range(warm):
+            state = upd(state, xs[i % 3])
+        dt, first = _time(Q.sketch_update, state, xs, batches)
+        levels = Q.sketch_levels(Q.DEFAULT_SIZE, max_count=n_total)
+        print(
+            f"sketch K={k_units:4d} rows={rows:6d}: {dt * 1e3:8.1f} ms/batch "
+            f"{rows * k_units / dt / 1e6:6.1f} M values/s  (first call {first:.1f} s; "
+            f"state {levels}x{Q.DEFAULT_SIZE} floats/unit for n={n_total:,})",
+            flush=True,
+        )
+
+        # Exact: a warmed state whose top-k is the tail of N(0,1) (what _stream is, away
+        # from hot images) above its 2q quantile.
+        ex = Q.exact_init(k_units, n_total)
+        k = ex.top.shape[1]
+        u = np.random.default_rng(0).random((k_units, k)) * 2 * Q.DEFAULT_Q
+        top = -np.sort(-np.asarray(jax.scipy.special.ndtri(1 - u)), axis=1)
+        ex = ex.replace(top=jax.numpy.asarray(top, jax.numpy.float32))
+        ex = ex.replace(count=Q._count_add(ex.count, jax.numpy.int32(n_total // 2)))
+        if k_units * k > 2e8:
+            print(f"exact  K={k_units:4d} rows={rows:6d}: skipped (k={k:,} per unit)")
+            continue
+        dt, first = _time(Q.exact_update, ex, xs, batches)
+        print(
+            f"exact  K={k_units:4d} rows={rows:6d}: {dt * 1e3:8.1f} ms/batch "
+            f"{rows * k_units / dt / 1e6:6.1f} M values/s  (first call {first:.1f} s; "
+            f"k={k:,} + stage {ex.stage.shape[1]:,} floats/unit)",
+            flush=True,
+        )
 
 
 def _columns(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -70,7 +98,7 @@ def _columns(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def accuracy(seeds: int, n: int) -> None:
+def accuracy(seeds: int, n: int, adaptive: bool) -> None:
     q = 0.005
     worst: dict[str, list[float]] = {}
     for seed in range(seeds):
@@ -82,13 +110,17 @@ def accuracy(seeds: int, n: int) -> None:
             parts = np.array_split(np.arange(n // rows) * rows, shards)
             states = []
             for i, starts in enumerate(parts):
-                st = Q.sketch_init(len(names), max_count=n, seed=seed * 100 + i)
+                max_count = None if adaptive else n
+                st = Q.sketch_init(len(names), max_count=max_count, seed=seed * 100 + i)
                 for s in starts:
                     st = upd(st, x[s : s + rows])
                 states.append(st)
-            st = Q.merge_list(states)
+            st = Q.merge_list(states, jax.jit(Q.sketch_merge))
             used = x[: (n // rows) * rows]
-            t = np.asarray(Q.sketch_threshold(st))
+            t = np.asarray(Q.sketch_threshold(st, strict=False))
+            uncertified = int((~Q.sketch_certified(st)).sum())
+            if uncertified:
+                print(f"seed {seed} rows={rows} shards={shards}: {uncertified} uncertified")
             err = (used > t).mean(0) / q - 1
             for name, e in zip(names, err, strict=True):
                 worst.setdefault(f"{name} rows={rows} shards={shards}", []).append(float(e))
@@ -104,11 +136,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--n", type=int, default=32 * 3136 * 30)
+    ap.add_argument("--adaptive", action="store_true", help="sketch without max_count")
     args = ap.parse_args()
     if args.what == "speed":
         speed(args.units, args.batches)
     else:
-        accuracy(args.seeds, args.n)
+        accuracy(args.seeds, args.n, args.adaptive)
 
 
 if __name__ == "__main__":

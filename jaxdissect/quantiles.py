@@ -24,8 +24,9 @@ k = n - floor((n - 1)(1 - q)) values (about q*n + 1) are ever needed.
 `reference_threshold` computes exactly this in plain numpy; `exact_threshold` is bitwise
 equal to it, and both are bitwise equal to `np.quantile` on finite data.
 
-Value conventions (both modes and the reference): -0.0 is read as +0.0 (so results do not
-depend on the order in which signed zeros arrive). NaN and +-inf are counted per unit in
+Value conventions (both modes and the reference): -0.0 and subnormals are read as +0.0
+(so results depend neither on the order in which signed zeros arrive nor on whether the
+platform flushes denormals, as XLA on CPU does). NaN and +-inf are counted per unit in
 `nonfinite` and ranked BELOW every finite value (a row mask `valid=False` instead drops the
 row from the count). A unit with nonfinite values therefore gets a threshold computed as if
 they were the smallest values: callers should refuse results where `nonfinite > 0`.
@@ -37,7 +38,7 @@ cut into row chunks; a chunk only matters through its values above the current k
 so `lax.top_k` of the chunk with a small k (64 or 256, chosen per chunk by how many values
 exceed the k-th value for the worst unit) is staged, and the staging buffer is sorted and
 merged into the top-k when full. The top-k of a union does not depend on grouping or order,
-so merges are associative and commutative bitwise. Memory: k + 2048 floats per unit.
+so merges are associative and commutative bitwise. Memory: k + max(2048, ~k/8) floats per unit.
 
 Sketch mode (a relative-error compactor specialised to the upper tail)
 ---------------------------------------------------------------------
@@ -95,15 +96,16 @@ import numpy as np
 from flax import struct
 
 DEFAULT_Q = 0.005
-DEFAULT_SIZE = 768
+DEFAULT_SIZE = 672
 DEFAULT_RHO = 4.0
-DEFAULT_MAX_COUNT = 2**32
+DEFAULT_MAX_COUNT = 2**32  # levels when max_count is not given
+_SAFE = 1.5  # with max_count known, the cut stays at estimated rank >= 1.5 q max_count
 SECTIONS = 8
 
 _BASE = 1 << 30  # counts are (hi, lo) int32 pairs: hi * 2^30 + lo, so > 2^31 values fit
-_CHUNK_VALUES = 1 << 22  # rows * units per scan step (bounds temporaries)
+_CHUNK_VALUES = 1 << 20  # rows * units per scan step: transposes stay in cache
 _MIN_CHUNK_ROWS = 2048
-_STAGE = 2048  # exact mode staging columns
+_STAGE_MIN, _STAGE_MAX = 2048, 65536  # exact mode staging columns
 _F32_MAX = float(np.finfo(np.float32).max)
 _NEG_INF = float("-inf")
 
@@ -116,6 +118,7 @@ def _count_zero() -> jax.Array:
 
 
 def _count_add(c: jax.Array, n: jax.Array) -> jax.Array:
+    # n < 2^30 (rows of one chunk), so lo + n cannot overflow int32.
     lo = c[1] + n
     return jnp.stack([c[0] + lo // _BASE, lo % _BASE])
 
@@ -172,23 +175,44 @@ def reference_threshold(values: np.ndarray, q: float = DEFAULT_Q) -> np.ndarray:
     if v.ndim != 2:
         raise ValueError(f"values must be [N, K], got shape {v.shape}")
     v = np.where(np.isfinite(v), v, np.float32(_NEG_INF))
-    v = np.where(v == 0, np.float32(0.0), v)  # -0.0 -> +0.0
-    j, jm1, t = _positions(v.shape[0], q)
-    d = np.sort(v, axis=0)[::-1]
-    return _lerp32(d[j], d[jm1], t)
+    v = _flush_zero(v)
+    n = v.shape[0]
+    j, jm1, t = _positions(n, q)
+    # Ascending positions n-1-j and n-1-jm1 are the descending d[j] and d[j-1].
+    part = np.partition(v, sorted({n - 1 - j, n - 1 - jm1}), axis=0)
+    return _lerp32(part[n - 1 - j], part[n - 1 - jm1], t)
 
 
-def _canonical(x: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, ...]:
-    """(values with non-finite/padding rows as -inf, finite&valid mask, nonfinite [K], rows)."""
+def _flush_zero(x):
+    """-0.0 and subnormals -> +0.0 (works for numpy and jax arrays alike)."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    return xp.where(xp.abs(x) < np.finfo(np.float32).tiny, xp.float32(0.0), x)
+
+
+def _split(x: jax.Array, valid: jax.Array, cut: jax.Array):
+    """One pass over a chunk x [C, K] against a per-unit cut [K].
+
+    Returns (values > cut as [K, C], -inf elsewhere; per-unit counts of values > cut,
+    == cut and non-finite; rows counted). Padding rows are ignored; non-finite values
+    count as -inf.
+    """
+    rows = x.shape[0]
     finite = jnp.isfinite(x)
-    if valid is None:
-        rowmask = jnp.ones(x.shape[:1], bool)
+    rowmask = valid[:, None]
+    xm = jnp.where(finite & rowmask, _flush_zero(x), _NEG_INF)
+    c = cut[None, :]
+    above = xm > c
+    equal = (xm == c) & (xm > _NEG_INF)
+    shift = max(1, rows.bit_length())
+    if 2 * shift <= 31:  # both counts in one int32 reduction (XLA CPU: each costs a pass)
+        total = jnp.sum(above.astype(jnp.int32) + (equal.astype(jnp.int32) << shift), axis=0)
+        n_above, n_equal = total & ((1 << shift) - 1), total >> shift
     else:
-        rowmask = jnp.asarray(valid, bool).reshape(x.shape[:1])
-    good = finite & rowmask[:, None]
-    nonfinite = jnp.sum(~finite & rowmask[:, None], axis=0, dtype=jnp.int32)
-    xm = jnp.where(good, jnp.where(x == 0, jnp.float32(0.0), x), _NEG_INF)
-    return xm, good, nonfinite, jnp.sum(rowmask, dtype=jnp.int32)
+        n_above = jnp.sum(above, axis=0, dtype=jnp.int32)
+        n_equal = jnp.sum(equal, axis=0, dtype=jnp.int32)
+    nonfinite = jnp.sum(~finite & rowmask, axis=0, dtype=jnp.int32)
+    xa = jnp.where(above, xm, _NEG_INF).T
+    return xa, n_above, n_equal, nonfinite, jnp.sum(valid, dtype=jnp.int32)
 
 
 def _chunks(x: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -219,54 +243,32 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _bitonic_stage(x: jax.Array, half: int, descending: jax.Array | None) -> jax.Array:
-    """Compare-exchange x[i], x[i + half] within blocks of 2*half (larger first, or
-    smaller first in blocks where `descending` is False)."""
-    rows, width = x.shape
-    y = x.reshape(rows, width // (2 * half), 2, half)
-    hi = jnp.maximum(y[:, :, 0], y[:, :, 1])
-    lo = jnp.minimum(y[:, :, 0], y[:, :, 1])
-    if descending is not None:
-        d = descending[None, :, None]
-        hi, lo = jnp.where(d, hi, lo), jnp.where(d, lo, hi)
-    return jnp.stack([hi, lo], axis=2).reshape(rows, width)
-
-
-def _bitonic_merge(x: jax.Array) -> jax.Array:
-    """Sort rows of a bitonic x [rows, 2^p] (descending then ascending) descending."""
-    half = x.shape[1] // 2
-    while half >= 1:
-        x = _bitonic_stage(x, half, None)
-        half //= 2
-    return x
-
-
 def _sort_desc(a: jax.Array) -> jax.Array:
-    """Sort rows descending with a bitonic network (element-wise min/max: several times
-    faster than XLA's comparison sort on CPU). Contains no NaN by construction."""
-    rows, w0 = a.shape
-    width = _pow2(w0)
-    x = jnp.pad(a, ((0, 0), (0, width - w0)), constant_values=_NEG_INF)
-    size = 2
-    while size <= width:
-        half = size // 2
-        while half >= 1:
-            block = np.arange(width // (2 * half)) * 2 * half // size
-            descending = None if size == width else jnp.asarray(block % 2 == 0)
-            x = _bitonic_stage(x, half, descending)
-            half //= 2
-        size *= 2
-    return x[:, :w0]
+    """Sort along the last axis, descending (only on rare paths: XLA's CPU sort is slow)."""
+    return -jnp.sort(-a, axis=-1)
 
 
 def _merge_desc(a: jax.Array, b: jax.Array, width: int | None = None) -> jax.Array:
-    """Merge rows of descending arrays a [K, P] and b [K, Q]; keep the first `width`."""
+    """Merge rows of descending arrays a [K, P] and b [K, Q]; keep the first `width`.
+
+    A bitonic merge network (a, then b reversed, is bitonic): log2(P+Q) stages of
+    element-wise min/max against a rolled copy. On CPU this is several times faster
+    than XLA's sort or a searchsorted+scatter merge, and as a loop it compiles fast.
+    """
     p, q = a.shape[1], b.shape[1]
     width = p + q if width is None else width
     full = _pow2(p + q)
     pad = jnp.full((a.shape[0], full - p - q), _NEG_INF, a.dtype)
-    # a then reversed b is bitonic; -inf padding in the middle keeps it so.
-    return _bitonic_merge(jnp.concatenate([a, pad, b[:, ::-1]], axis=1))[:, :width]
+    x = jnp.concatenate([a, pad, b[:, ::-1]], axis=1)
+    cols = jnp.arange(full)
+
+    def stage(i, x):
+        half = full >> (i + 1)
+        first = ((cols & half) == 0)[None, :]
+        partner = jnp.where(first, jnp.roll(x, -half, axis=1), jnp.roll(x, half, axis=1))
+        return jnp.where(first, jnp.maximum(x, partner), jnp.minimum(x, partner))
+
+    return jax.lax.fori_loop(0, full.bit_length() - 1, stage, x)[:, :width]
 
 
 def _tiers(rows: int, expected: float, small: int) -> list[int]:
@@ -331,9 +333,11 @@ class ExactState:
 def exact_init(num_units: int, total_count: int, q: float = DEFAULT_Q) -> ExactState:
     """Empty exact state for `total_count` values per unit (known in advance)."""
     k = _top_count(int(total_count), q)
+    # Each merge rewrites the top-k, so stage about k/8 candidates between merges.
+    stage = min(_STAGE_MAX, max(_STAGE_MIN, _pow2(k) // 8))
     return ExactState(
         top=jnp.full((num_units, k), _NEG_INF, jnp.float32),
-        stage=jnp.full((num_units, _STAGE), _NEG_INF, jnp.float32),
+        stage=jnp.full((num_units, stage), _NEG_INF, jnp.float32),
         stage_fill=jnp.zeros((), jnp.int32),
         count=_count_zero(),
         nonfinite=jnp.zeros((num_units,), jnp.int32),
@@ -354,13 +358,14 @@ def _exact_flush(state: ExactState, extra: jax.Array | None = None) -> ExactStat
     )
 
 
-def _exact_stage(state: ExactState, cand: jax.Array) -> ExactState:
+def _exact_stage(state: ExactState, cand: jax.Array, used: int | jax.Array) -> ExactState:
+    """Append candidates [K, m] of which the first `used` columns matter."""
     m = cand.shape[1]
     state = jax.lax.cond(
         state.stage_fill + m > state.stage.shape[1], _exact_flush, lambda s: s, state
     )
     stage = jax.lax.dynamic_update_slice(state.stage, cand, (0, state.stage_fill))
-    return state.replace(stage=stage, stage_fill=state.stage_fill + m)
+    return state.replace(stage=stage, stage_fill=state.stage_fill + used)
 
 
 def exact_update(state: ExactState, x: jax.Array, valid: jax.Array | None = None) -> ExactState:
@@ -370,25 +375,29 @@ def exact_update(state: ExactState, x: jax.Array, valid: jax.Array | None = None
 
     def step(state, chunk):
         xc, vc = chunk
-        xm, _, nonfinite, rows = _canonical(xc, vc)
+        # Values <= the k-th largest merged so far cannot enter the top-k (a stale k-th
+        # value is only lower, so this stays exact while candidates sit in the stage).
+        xt, n_above, _, nonfinite, rows = _split(xc, vc, state.top[:, -1])
         state = state.replace(
             count=_count_add(state.count, rows), nonfinite=state.nonfinite + nonfinite
         )
-        # Values <= the k-th largest merged so far cannot enter the top-k (a stale k-th
-        # value is only lower, so this stays exact while candidates sit in the stage).
-        bound = state.top[:, -1]
-        above = xm > bound[None, :]
-        needed = jnp.max(jnp.sum(above, axis=0, dtype=jnp.int32))
-        xt = jnp.where(above, xm, _NEG_INF).T
+        needed = jnp.max(n_above)
         rows_ = xt.shape[1]
-        tiers = [m for m in (64, 256) if m < rows_] + [rows_]
+        small = [m for m in (64, 256) if m < rows_ and m <= state.stage.shape[1] // 2]
+        width = max(small, default=0)
 
-        def branch(m):
-            if m == rows_:
-                return lambda s: _exact_flush(s, _sort_desc(xt))
-            return lambda s: _exact_stage(s, jax.lax.top_k(xt, m)[0])
+        def staged(m):
+            # Both small tiers write `width` columns (padding is -inf) but advance by m,
+            # so that one staging append (and its flush) is traced.
+            def f(s):
+                top = jax.lax.top_k(xt, m)[0]
+                top = jnp.pad(top, ((0, 0), (0, width - m)), constant_values=_NEG_INF)
+                return _exact_stage(s, top, m)
 
-        branches = [branch(m) for m in tiers]
+            return f
+
+        branches = [staged(m) for m in small] + [lambda s: _exact_flush(s, _sort_desc(xt))]
+        tiers = small + [rows_]
         if len(branches) == 1:
             return branches[0](state), None
         return jax.lax.switch(_switch_tier(needed, tiers), branches, state), None
@@ -456,10 +465,14 @@ class SketchState:
     key: jax.Array
     q: float = struct.field(pytree_node=False)
     rho: float = struct.field(pytree_node=False)
+    max_count: int | None = struct.field(pytree_node=False)
 
 
-def sketch_levels(size: int, q: float, max_count: int, rho: float = DEFAULT_RHO) -> int:
+def sketch_levels(
+    size: int, q: float = DEFAULT_Q, max_count: int | None = None, rho: float = DEFAULT_RHO
+) -> int:
     """Levels so that the top level can cover rank rho*q*max_count (plus 2 spare)."""
+    max_count = DEFAULT_MAX_COUNT if max_count is None else max_count
     need = max(2.0, rho * q * max_count / size)
     return int(math.ceil(math.log2(need))) + 2
 
@@ -470,11 +483,17 @@ def sketch_init(
     size: int = DEFAULT_SIZE,
     q: float = DEFAULT_Q,
     seed: int = 0,
-    max_count: int = DEFAULT_MAX_COUNT,
+    max_count: int | None = None,
     rho: float = DEFAULT_RHO,
 ) -> SketchState:
-    """Empty sketch: `size` floats per level per unit; levels sized for `max_count` values.
+    """Empty sketch: `size` floats per level per unit.
 
+    max_count: the number of values per unit the whole run will add (or an upper bound),
+      summed over all shards that will be merged. With it the state is sized for it and
+      the prefilter never drops a value that could matter, whatever the data order.
+      Without it the state is sized for 2^32 values and the prefilter adapts to the
+      values seen so far, which adversarial orders can fool (then `sketch_threshold`
+      raises; see `sketch_certified`).
     Give each device or host its own `seed` (e.g. fold in the device index) so that the
     shards' compaction coins are independent.
     """
@@ -493,10 +512,20 @@ def sketch_init(
         nonfinite=jnp.zeros((num_units,), jnp.int32),
         count=_count_zero(),
         step=jnp.zeros((), jnp.uint32),
-        key=jax.random.key_data(jax.random.key(seed)),
+        key=jnp.asarray(_seed_key(seed)),
         q=float(q),
         rho=float(rho),
+        max_count=None if max_count is None else int(max_count),
     )
+
+
+def _seed_key(seed: int) -> np.ndarray:
+    """Two uint32 words from an integer seed (splitmix64)."""
+    z = (int(seed) + 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    z ^= z >> 31
+    return np.array([z & 0xFFFFFFFF, z >> 32], np.uint32)
 
 
 def _to_ukey(v: jax.Array) -> jax.Array:
@@ -535,7 +564,17 @@ def _select(levels, tie_val, tie_w, r):
         return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
 
     lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    return jnp.where(ok, _from_ukey(lo), _NEG_INF)
+    # Snap to the smallest stored value >= the result: with denormals flushed (XLA on
+    # CPU), a subnormal probe compares equal to 0 and the search ends on it.
+    v = _from_ukey(lo)
+    num_levels, num_units, size = levels.shape
+    flat = neg.reshape(num_levels * num_units, size)
+    search = jax.vmap(lambda a, x: jnp.searchsorted(a, x, side="right", method="scan"))
+    counts = search(flat, jnp.tile(-v, num_levels)).reshape(num_levels, num_units)
+    last = jnp.take_along_axis(levels, jnp.maximum(counts - 1, 0)[:, :, None], 2)[:, :, 0]
+    smallest = jnp.min(jnp.where(counts > 0, last, jnp.inf), axis=0)
+    smallest = jnp.minimum(smallest, jnp.where((tie_w > 0) & (tie_val >= v), tie_val, jnp.inf))
+    return jnp.where(ok, smallest, _NEG_INF)
 
 
 def _trailing_ones(x: jax.Array) -> jax.Array:
@@ -577,119 +616,129 @@ def _nfinite(a: jax.Array) -> jax.Array:
     return jnp.sum(jnp.isfinite(a), axis=1, dtype=jnp.int32)
 
 
-def _cascade(levels, fill, ncomp, key, carry, extras=None):
-    """Add descending items to the levels and compact upwards (a scan over levels).
+def _cascade(state: SketchState, items: jax.Array, start: jax.Array) -> SketchState:
+    """Add descending items [K, B/2] at level `start`, compacting upwards (one scan).
 
-    carry: [K, P] items for level 0; extras: [L, K, E] items to add at each level (or
-    None). P must be >= B/2 + E so that what a level promotes fits in the carry. The top
-    level drops its compacted block instead of promoting it. Returns (levels, fill,
-    ncompact, max dropped [K]).
+    What a level promotes has at most B/2 items again (it holds < B before, so at most
+    B + B/2 - B/2 items form the block), which keeps the carry width fixed. The top level
+    drops its block instead (recording its max in dropped_max).
     """
-    num_levels, num_units, size = levels.shape
-    pwidth = carry.shape[1]
-    ewidth = 0 if extras is None else extras.shape[2]
-    assert pwidth >= size // 2 + ewidth, (pwidth, size, ewidth)
+    num_levels, num_units, size = state.levels.shape
+    half = size // 2
+    units = jnp.arange(num_units, dtype=jnp.uint32)
 
-    def body(state, xs):
-        carry, dropped = state
-        lvl, f, nc, extra, h = xs
-        incoming = carry if extra is None else _merge_desc(carry, extra)
+    def body(carry_dropped, xs):
+        carry, dropped = carry_dropped
+        lvl, f, nc, h = xs
+        incoming = jnp.where(h == start, items, carry)
         is_top = h == num_levels - 1
 
         def work(args):
             lvl, f, nc = args
             temp = _merge_desc(lvl, incoming)
-            coin = jax.random.bits(jax.random.fold_in(key, h), (num_units,)) & 1
+            coin = _hash(state.key, state.step, h.astype(jnp.uint32), units) & 1
             return _compact(
-                temp, f + _nfinite(incoming), nc, coin.astype(jnp.int32), size, is_top, pwidth
+                temp, f + _nfinite(incoming), nc, coin.astype(jnp.int32), size, is_top, half
             )
 
         def idle(args):
             lvl, f, nc = args
-            empty = jnp.full((num_units, pwidth), _NEG_INF, jnp.float32)
-            return lvl, f, nc, empty, jnp.full((num_units,), _NEG_INF, jnp.float32)
+            return lvl, f, nc, _empty(num_units, half), jnp.full((num_units,), _NEG_INF)
 
-        lvl, f, nc, carry, dmax = jax.lax.cond(
-            jnp.any(jnp.isfinite(incoming[:, 0])), work, idle, (lvl, f, nc)
-        )
+        busy = jnp.any(jnp.isfinite(incoming[:, 0]))
+        lvl, f, nc, carry, dmax = jax.lax.cond(busy, work, idle, (lvl, f, nc))
         return (carry, jnp.maximum(dropped, dmax)), (lvl, f, nc)
 
-    init = (carry, jnp.full((num_units,), _NEG_INF, jnp.float32))
-    xs = (levels, fill, ncomp, extras, jnp.arange(num_levels))
+    init = (_empty(num_units, half), jnp.full((num_units,), _NEG_INF, jnp.float32))
+    xs = (state.levels, state.fill, state.ncompact, jnp.arange(num_levels))
     (_, dropped), (levels, fill, ncomp) = jax.lax.scan(body, init, xs)
-    return levels, fill, ncomp, dropped
+    return state.replace(
+        levels=levels,
+        fill=fill,
+        ncompact=ncomp,
+        dropped_max=jnp.maximum(state.dropped_max, dropped),
+        step=state.step + 1,
+    )
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finaliser: a cheap bijective scrambler for coin flips."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _hash(key: jax.Array, step: jax.Array, level: jax.Array, units: jax.Array) -> jax.Array:
+    """Deterministic pseudo-random uint32 per unit for (key, step, level)."""
+    x = _mix(key[0] ^ _mix(key[1] ^ _mix(step ^ _mix(level + jnp.uint32(0x9E3779B9)))))
+    return _mix(x ^ (units * jnp.uint32(0x27D4EB2F)))
 
 
 def _empty(num_units: int, width: int) -> jax.Array:
     return jnp.full((num_units, width), _NEG_INF, jnp.float32)
 
 
-def _tie_extras(tie_val, tie_w, num_levels, size):
-    """tie_w copies of tie_val as items [L, K, B/2]: binary digits, the rest at the top."""
-    h = jnp.arange(num_levels)[:, None, None]
-    cols = jnp.arange(size // 2)[None, None, :]
-    copies = jnp.where(
-        h < num_levels - 1, (tie_w[None, :, None] >> h) & 1, tie_w[None, :, None] >> h
-    )
-    return jnp.where(cols < copies, tie_val[None, :, None], _NEG_INF)
+def _tie_items(tie_val, tie_w, h, num_levels, half):
+    """Level h's share of tie_w copies of tie_val: its binary digit, the rest at the top
+    (at most B/2 there, see _tie_cap)."""
+    h = jnp.clip(h, 0, num_levels - 1)
+    copies = jnp.where(h < num_levels - 1, (tie_w >> h) & 1, tie_w >> h)
+    cols = jnp.arange(half)[None, :]
+    return jnp.where(cols < copies[:, None], tie_val[:, None], _NEG_INF)
 
 
-def _tie_cap(state: SketchState, n: jax.Array) -> jax.Array:
-    num_levels, _, size = state.levels.shape
-    cap = jnp.ceil(state.rho * state.q * n) + 1
-    return jnp.minimum(cap, float(2 ** (num_levels - 1) * (size // 2))).astype(jnp.int32)
+def _cut_ranks(state: SketchState) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(r, hi, target): keep the cut at estimated rank in [r, hi], re-select at target.
 
-
-def _flush_ties(state: SketchState, which: jax.Array) -> SketchState:
-    """Move the tie item of units `which` into the levels."""
-    num_levels, _, size = state.levels.shape
-    w = jnp.where(which, state.tie_w, 0)
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-    levels, fill, ncomp, dropped = _cascade(
-        state.levels,
-        state.fill,
-        state.ncompact,
-        jax.random.fold_in(key, 1),
-        _empty(state.levels.shape[1], size),
-        _tie_extras(state.tie_val, w, num_levels, size),
-    )
-    return state.replace(
-        levels=levels,
-        fill=fill,
-        ncompact=ncomp,
-        tie_w=jnp.where(which, 0, state.tie_w),
-        dropped_max=jnp.maximum(state.dropped_max, dropped),
-        step=state.step + 1,
-    )
-
-
-def _insert(state: SketchState, cand: jax.Array, n_cand: jax.Array) -> SketchState:
-    """Insert descending candidates [K, M] (n_cand [K] finite) into level 0.
-
-    In pieces of at most B/2: piece i takes every p-th candidate from i, so each piece
-    spans the chunk's whole range like a random-order stream, and stays sorted.
+    Every value the prefilter drops ranks below the cut, so its final rank exceeds r.
+    With max_count known r = 1.5 q max_count > q n: dropped values can never reach the
+    threshold, in any order. Otherwise r = rho q n_seen, which assumes the tail keeps
+    growing with n.
     """
-    num_units, width = cand.shape
-    half = state.levels.shape[2] // 2
+    if state.max_count is not None:
+        r = int(min(2**28, math.ceil(_SAFE * state.q * state.max_count)))
+        r = jnp.int32(max(r, 1))
+        return r, 2 * r, (r * 7) // 5
+    n_seen = _count_f32(state.count)
+    r = jnp.clip(jnp.ceil(state.rho * state.q * n_seen), 1, 2**28).astype(jnp.int32)
+    return r, 4 * r, 2 * r
+
+
+def _tie_cap(state: SketchState, r: jax.Array) -> jax.Array:
+    """Copies of the cut value worth keeping: those beyond rank 2r can be dropped."""
+    num_levels, _, size = state.levels.shape
+    cap = jnp.minimum(2 * r + 1, 2 ** (num_levels - 1) * (size // 2))
+    return cap.astype(jnp.int32)
+
+
+def _insert(
+    state: SketchState, cand: jax.Array, n_cand: jax.Array, tie_w: jax.Array
+) -> SketchState:
+    """Insert descending candidates [K, M] (n_cand [K] finite) at level 0 and tie_w [K]
+    copies of state.tie_val into the levels, as a loop of _cascade jobs.
+
+    Candidates go in pieces of at most B/2: piece i takes every p-th candidate from i, so
+    each piece spans the chunk's whole range like a random-order stream, and stays sorted.
+    """
+    num_levels, _, size = state.levels.shape
+    half = size // 2
+    width = cand.shape[1]
     pieces = jnp.maximum(1, (jnp.max(n_cand) + half - 1) // half)
+    pieces = jnp.where(jnp.any(n_cand > 0), pieces, 0)
+    tie_jobs = jnp.where(jnp.any(tie_w > 0), num_levels, 0)
     cols = jnp.arange(half)
 
-    def one(i, state):
-        idx = i + pieces * cols
+    def job(j, state):
+        idx = j + pieces * cols
         piece = jnp.where(idx < width, cand[:, jnp.minimum(idx, width - 1)], _NEG_INF)
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        levels, fill, ncomp, dropped = _cascade(
-            state.levels, state.fill, state.ncompact, key, piece
-        )
-        return state.replace(
-            levels=levels,
-            fill=fill,
-            ncompact=ncomp,
-            dropped_max=jnp.maximum(state.dropped_max, dropped),
-            step=state.step + 1,
-        )
+        ties = _tie_items(state.tie_val, tie_w, j - pieces, num_levels, half)
+        is_piece = j < pieces
+        items = jnp.where(is_piece, piece, ties)
+        return _cascade(state, items, jnp.where(is_piece, 0, j - pieces))
 
-    return jax.lax.fori_loop(0, jnp.where(jnp.any(n_cand > 0), pieces, 0), one, state)
+    return jax.lax.fori_loop(0, pieces + tie_jobs, job, state)
 
 
 def sketch_update(state: SketchState, x: jax.Array, valid: jax.Array | None = None) -> SketchState:
@@ -700,79 +749,98 @@ def sketch_update(state: SketchState, x: jax.Array, valid: jax.Array | None = No
 
     def step(state, chunk):
         xc, vc = chunk
-        xm, good, nonfinite, rows = _canonical(xc, vc)
-        count = _count_add(state.count, rows)
-        n = _count_f32(count)
-        state = state.replace(count=count, nonfinite=state.nonfinite + nonfinite)
-        r = jnp.clip(jnp.ceil(state.rho * state.q * n), 1, 2**31 - 1).astype(jnp.int32)
-        cut = _select(state.levels, state.tie_val, state.tie_w, jnp.broadcast_to(r, (num_units,)))
-        above = xm > cut[None, :]
-        n_above = jnp.sum(above, axis=0, dtype=jnp.int32)
-        n_equal = jnp.sum(good & (xm == cut[None, :]), axis=0, dtype=jnp.int32)
-        below = jnp.max(jnp.where(good & (xm < cut[None, :]), xm, _NEG_INF), axis=0)
-        dropped = jnp.maximum(state.dropped_max, below)
-
-        # The tie item follows the cut: an old tie now below the cut is droppable, one
-        # above it (the cut moved down) must be kept in the levels.
-        moved = (state.tie_w > 0) & (state.tie_val != cut)
-        dropped = jnp.maximum(
-            dropped, jnp.where(moved & (state.tie_val < cut), state.tie_val, _NEG_INF)
+        # The cut is sticky (it is the tie value): re-selected only for units whose cut
+        # left its band of estimated ranks (see _cut_ranks).
+        r, hi, target = _cut_ranks(state)
+        prev = state.tie_val
+        finite_prev = jnp.isfinite(prev)
+        w = _weight_ge(
+            -state.levels, state.tie_val, state.tie_w, jnp.where(finite_prev, prev, -_F32_MAX)
         )
-        state = state.replace(dropped_max=dropped)
-        keep = moved & (state.tie_val > cut)
-        state = jax.lax.cond(jnp.any(keep), _flush_ties, lambda s, _: s, state, keep)
-        tie_w = jnp.where(moved, 0, state.tie_w) + n_equal
-        cap = _tie_cap(state, n)
-        over = tie_w > cap
+        redo = ~finite_prev | (w < r) | (w > hi)
+        cut = jax.lax.cond(
+            jnp.any(redo),
+            lambda: jnp.where(
+                redo,
+                _select(state.levels, state.tie_val, state.tie_w, jnp.full((num_units,), target)),
+                prev,
+            ),
+            lambda: prev,
+        )
+        xa, n_above, n_equal, nonfinite, rows = _split(xc, vc, cut)
         state = state.replace(
+            count=_count_add(state.count, rows), nonfinite=state.nonfinite + nonfinite
+        )
+        # Every dropped value is below the cut: the cut bounds them (cheaper than a max).
+        n_below = rows - n_above - n_equal - nonfinite
+        below = jnp.where(n_below > 0, cut, _NEG_INF)
+
+        # The tie item follows the cut. An old tie now below the cut is droppable; one
+        # above it (the cut moved down) is moved into the levels.
+        moved = (state.tie_w > 0) & (state.tie_val != cut)
+        to_drop = moved & (state.tie_val < cut)
+        to_levels = jnp.where(moved & (state.tie_val > cut), state.tie_w, 0)
+        dropped = jnp.maximum(state.dropped_max, below)
+        dropped = jnp.maximum(dropped, jnp.where(to_drop, state.tie_val, _NEG_INF))
+        state = state.replace(dropped_max=dropped)
+
+        tiers = _tiers(xa.shape[1], state.rho * state.q * xa.shape[1], 64)
+        state = _insert(state, _extract(xa, n_above, tiers), n_above, to_levels)
+
+        tie_w = jnp.where(moved, 0, state.tie_w) + n_equal
+        cap = _tie_cap(state, r)
+        over = tie_w > cap
+        return state.replace(
             tie_val=cut,
             tie_w=jnp.minimum(tie_w, cap),
             dropped_max=jnp.maximum(state.dropped_max, jnp.where(over, cut, _NEG_INF)),
-        )
-
-        xa = jnp.where(above, xm, _NEG_INF).T
-        tiers = _tiers(xa.shape[1], state.rho * state.q * xa.shape[1], 64)
-        return _insert(state, _extract(xa, n_above, tiers), n_above), None
+        ), None
 
     return _scan_chunks(step, state, x, valid)
 
 
 def sketch_merge(a: SketchState, b: SketchState) -> SketchState:
-    """Merge two sketches of the same shape (associative up to the sketch's error)."""
-    if a.levels.shape != b.levels.shape or (a.q, a.rho) != (b.q, b.rho):
-        raise ValueError("sketches differ in units, size, levels, q or rho")
+    """Merge two sketches of the same shape (associative up to the sketch's error).
+
+    b's level h goes into a's level h (two interleaved halves per level), and both tie
+    items into the levels by binary digits; then compaction as usual. jit-able.
+    """
+    if a.levels.shape != b.levels.shape or (a.q, a.rho, a.max_count) != (
+        b.q,
+        b.rho,
+        b.max_count,
+    ):
+        raise ValueError("sketches differ in units, size, levels, q, rho or max_count")
     num_levels, _, size = a.levels.shape
-    key = jax.random.wrap_key_data(a.key + b.key)
-    key = jax.random.fold_in(key, jnp.maximum(a.step, b.step))
-    ties = jnp.concatenate(
-        [
-            _tie_extras(a.tie_val, a.tie_w, num_levels, size),
-            _tie_extras(b.tie_val, b.tie_w, num_levels, size),
-        ],
-        axis=2,
-    )
-    extras = jax.vmap(_merge_desc)(b.levels, _sort_desc(ties))
-    num_units = a.levels.shape[1]
-    levels, fill, ncomp, dropped = _cascade(
-        a.levels,
-        a.fill,
-        a.ncompact | b.ncompact,
-        jax.random.fold_in(key, 2),
-        _empty(num_units, size // 2 + extras.shape[2]),
-        extras,
-    )
-    return a.replace(
-        levels=levels,
-        fill=fill,
-        ncompact=ncomp,
-        tie_val=jnp.full_like(a.tie_val, _NEG_INF),
+    half = size // 2
+    # Commutative in (a, b); mixed so that merging equal keys gives a fresh stream.
+    key = _mix(_mix(a.key + b.key) ^ jnp.uint32(0x6D657267))
+    state = a.replace(
+        ncompact=a.ncompact | b.ncompact,
         tie_w=jnp.zeros_like(a.tie_w),
-        dropped_max=jnp.maximum(jnp.maximum(a.dropped_max, b.dropped_max), dropped),
+        dropped_max=jnp.maximum(a.dropped_max, b.dropped_max),
         nonfinite=a.nonfinite + b.nonfinite,
         count=_count_merge(a.count, b.count),
-        step=jnp.maximum(a.step, b.step) + 1,
-        key=jax.random.key_data(key),
+        step=jnp.maximum(a.step, b.step),
+        key=key,
     )
+    # Jobs: 2 halves of each of b's levels, then a's and b's tie digits per level.
+    halves = jnp.stack([b.levels[:, :, 0::2], b.levels[:, :, 1::2]], 1)
+    halves = halves.reshape(2 * num_levels, *halves.shape[2:])
+
+    def job(j, state):
+        lvl = jnp.minimum(j // 2, num_levels - 1)
+        t = j - 2 * num_levels
+        which = t // num_levels
+        tie_val = jnp.where(which == 0, a.tie_val, b.tie_val)
+        tie_w = jnp.where(which == 0, a.tie_w, b.tie_w)
+        ties = _tie_items(tie_val, tie_w, t % num_levels, num_levels, half)
+        is_level = j < 2 * num_levels
+        items = jnp.where(is_level, halves[jnp.minimum(j, 2 * num_levels - 1)], ties)
+        return _cascade(state, items, jnp.where(is_level, lvl, t % num_levels))
+
+    state = jax.lax.fori_loop(0, 4 * num_levels, job, state)
+    return state.replace(tie_val=jnp.full_like(a.tie_val, _NEG_INF))
 
 
 @jax.jit

@@ -334,7 +334,10 @@ def color_names(rgb: np.ndarray) -> np.ndarray:
       int32 [...]: 0..10; the label number is that + 1 (`LABEL_NUMBERS["black-c"] == 1`).
     """
     lab = _srgb_to_lab(rgb)
-    d = ((lab[..., None, :] - _PROTO_LAB) ** 2).sum(-1)
+    # Per channel over [..., prototypes]: elementwise, so exactly reproducible (no BLAS).
+    d = (lab[..., 0, None] - _PROTO_LAB[:, 0]) ** 2
+    d += (lab[..., 1, None] - _PROTO_LAB[:, 1]) ** 2
+    d += (lab[..., 2, None] - _PROTO_LAB[:, 2]) ** 2
     return _PROTO_INDEX[np.argmin(d, axis=-1)]
 
 
@@ -561,10 +564,12 @@ class _Painter:
         return np.clip(base * j, 0, 1)
 
     def pick(self, names: tuple[str, ...], p: Iterable[float] | None = None) -> str:
-        if p is not None:
-            p = np.asarray(list(p), np.float64)
-            p = p / p.sum()
-        return names[int(self.rng.choice(len(names), p=p))]
+        if p is None:
+            return names[int(self.rng.integers(len(names)))]
+        cum = np.cumsum(np.asarray(list(p), np.float64))
+        return names[
+            min(int(np.searchsorted(cum, self.rng.random() * cum[-1], "right")), len(names) - 1)
+        ]
 
     # -- drawing
     def paint(
@@ -589,14 +594,13 @@ class _Painter:
         if not m.any():
             return
         rgb = colour(X, Y) if callable(colour) else np.asarray(colour, np.float32)
-        rgb = np.broadcast_to(rgb, (h, w, 3))
         win = np.s_[i0:i1, j0:j1]
-        self.img[win][m] = rgb[m]
+        np.copyto(self.img[win], rgb, where=m[..., None])
         if not self.annotate_materials:
             mat = None
         planes = ((self.obj, obj), (self.part[0], part), (self.part[1], part2), (self.mat, mat))
         for plane, name in planes:
-            plane[win][m] = LABEL_NUMBERS[name] if name else 0
+            np.copyto(plane[win], LABEL_NUMBERS[name] if name else 0, where=m)
 
     # -- surfaces: callables (X, Y) -> rgb
     def surface(self, kind: str, base: np.ndarray | None = None) -> Colour:
@@ -708,13 +712,11 @@ class _Painter:
             return lambda X, Y: _plastic(base, X, Y)
         if kind in ("foliage", "grass"):
             if kind == "grass":
-                k = np.float32(r.uniform(150, 260) * _TAU)
-                wig = _waves(r, 2, 3.0, 8.0)
+                # Short vertical blades: fine in x, stretched in y.
+                blades = _waves(r, 3, 40.0, 80.0)
+                stretch = np.float32(0.15)
                 return lambda X, Y: _lit(
-                    base,
-                    0.82
-                    + 0.14 * np.sin(X * k + 6 * np.sin(Y * 40) + 3 * wig(X, Y))
-                    + 0.06 * low(X, Y),
+                    base, 0.88 + 0.07 * blades(X, Y * stretch) + 0.07 * low(X, Y)
                 )
             blobs = _waves(r, 5, 15.0, 40.0)
             return lambda X, Y: _lit(base, 0.8 + 0.22 * np.tanh(blobs(X, Y)))
@@ -852,7 +854,7 @@ def _pattern(family: str, rng: np.random.Generator) -> Callable:
         t = rng.uniform(-0.3, 0.3)
         return lambda X, Y: (blobs(X, Y) > t).astype(f32)
     if family == "honeycombed":
-        size = p * 0.6
+        size = p * 1.3
         bw = rng.uniform(0.1, 0.22)
 
         def honeycomb(X, Y):

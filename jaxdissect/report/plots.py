@@ -95,22 +95,18 @@ def plot_detectors_per_concept(
 
     n = len(rows)
     # Grow with the number of bars so labels stay readable; cap the pixel width.
-    width = min(max(6.5, 0.16 * n + 2.8), 48.0)
-    fig = Figure(figsize=(width, 3.8), dpi=_DPI, layout="constrained")
+    width = min(max(6.5, 0.16 * n + 1.8), 48.0)
+    fig = Figure(figsize=(width, 4.0), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
-    suffix = f" (IoU threshold {iou_threshold:g})" if iou_threshold is not None else ""
-    ax.set_title(title, loc="left", fontsize=11, parse_math=False)
-    ax.set_title(
-        f"{n} unique detectors, {sum(r[2] for r in rows)} units{suffix}",
-        loc="right",
-        fontsize=9,
-        color="#444444",
-    )
+    thr = f" (IoU threshold {iou_threshold:g})" if iou_threshold is not None else ""
+    heading = f"{n} unique detectors, {sum(r[2] for r in rows)} units{thr}"
+    heading = f"{title}: {heading}" if title else heading
     ax.set_ylabel("units")
     ax.spines[["top", "right"]].set_visible(False)
     if n == 0:
-        thr = f" {iou_threshold:g}" if iou_threshold is not None else ""
-        _note(ax, f"no unit above IoU threshold{thr}")
+        ax.set_title(heading, loc="left", fontsize=10, parse_math=False)
+        below = f" {iou_threshold:g}" if iou_threshold is not None else ""
+        _note(ax, f"no unit above IoU threshold{below}")
         ax.set_xticks([])
         ax.set_ylim(0, 1)
         ax.set_yticks([0, 1])
@@ -126,11 +122,20 @@ def plot_detectors_per_concept(
     ax.grid(axis="y", color="#dddddd", linewidth=0.6)
     ax.set_axisbelow(True)
     handles = [Patch(color=colors[c], label=c) for c in cat_order]
-    # Outside the axes: inside, it would cover bars whenever counts are even.
-    leg = ax.legend(
-        handles, cat_order, fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0)
+    # Heading and legend on top at the left: wide graphs scroll sideways in the
+    # report, and a legend inside the axes would cover bars.
+    leg = fig.legend(
+        handles,
+        cat_order,
+        loc="outside upper left",
+        ncols=len(cat_order),
+        title=heading,
+        alignment="left",
+        fontsize=8,
+        title_fontsize=10,
+        frameon=False,
     )
-    _plain(leg.get_texts())
+    _plain([*leg.get_texts(), leg.get_title()])
     return _save(fig, path)
 
 

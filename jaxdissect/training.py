@@ -1,0 +1,1344 @@
+"""Train a classifier on a Broden's scene labels: the offline training task of the experiments.
+
+The classes are the scene labels present in the train split (images without
+exactly one scene label, e.g. texture and surface images, are left out); the
+val split gives the validation accuracy. Training is data parallel over a 1-D
+`data` mesh (`jaxdissect.parallel`): the global batch is sharded over
+devices, the state replicated, and one `jax.jit` step runs SPMD, so BatchNorm
+statistics are those of the global batch on any device count.
+
+Output directory of `train`:
+  settings.json          the `TrainConfig`, data and model description
+  metrics.csv            one row per logged step (train loss/accuracy, lr, val when evaluated)
+  summary.json           final validation accuracy, the kept steps and their accuracies
+  checkpoints/<step>/    orbax `CheckpointManager`: full state (step, params, BatchNorm
+                         statistics, optimiser state) every `checkpoint_every` steps (the
+                         latest `keep_checkpoints` kept) and at every `save_steps` (all kept)
+  weights/step_<N>/      each kept step's variables in `models/convert.py`'s layout, loadable
+                         by `models.load.load(meta["arch"], weights=dir, ...)` and
+                         `load_trained(dir)`; meta.json holds the step and val accuracy
+
+Running `train` again on the same directory resumes from the latest checkpoint:
+the data order is a pure function of (seed, step) (grain's random-access
+shuffle), so a resumed run sees the same batches and dropout keys, and ends
+with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import pathlib
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from jaxdissect import parallel, store
+from jaxdissect.preprocess import InputSpec
+
+# Architectures `train` knows: the zoo's, and the small CNN (not in the zoo: a
+# `package.module:attr` name, which is also what `models.load.load` accepts).
+SMALL_CNN = "models.small_cnn:small_cnn"
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "step")
+# Initialisation runs once: XLA's backend optimisations only slow its compilation (the
+# threefry hashes of every parameter's initialiser take ~10x longer to compile optimised).
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+SETTINGS_FILE = "settings.json"
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+WEIGHTS_DIR = "weights"
+
+
+def cache_root() -> pathlib.Path:
+    """Where generated data sets are cached (as `experiments/dissect.py` does)."""
+    return pathlib.Path(os.environ.get("JAXDISSECT_CACHE", "~/.cache/jaxdissect")).expanduser()
+
+
+def quiet_library_logs() -> None:
+    """Keep orbax's per-checkpoint INFO lines out of the user's log (warnings stay)."""
+    import logging as pylogging
+
+    def keep(record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+    handler = logging.get_absl_handler()
+    if not any(getattr(f, "_jaxdissect_quiet", False) for f in handler.filters):
+        keep._jaxdissect_quiet = True  # type: ignore[attr-defined]
+        handler.addFilter(keep)
+
+
+def model_name(arch: str) -> str:
+    """The name `models.load.load` takes for `arch` (`small_cnn` -> its module path)."""
+    return SMALL_CNN if arch == "small_cnn" else arch
+
+
+def build_model(arch: str, **options: Any) -> nn.Module:
+    """`small_cnn`, a `models.zoo` architecture, or a `package.module:attr` factory."""
+    from models import zoo
+
+    name = model_name(arch)
+    if name in zoo.ARCHS:
+        return zoo.build(name, **options)
+    module_name, sep, attr = name.partition(":")
+    if not sep:
+        raise ValueError(f"unknown --arch {arch!r}: small_cnn, {', '.join(sorted(zoo.ARCHS))}")
+    return getattr(importlib.import_module(module_name), attr)(**options)
+
+
+def model_options(arch: str, **wanted: Any) -> dict[str, Any]:
+    """The options of `wanted` (None = the architecture's default) that `arch` accepts.
+
+    Raises if an option is set but the architecture has no such switch, rather
+    than silently training something else.
+    """
+    from models import zoo
+
+    name = model_name(arch)
+    if name in zoo.ARCHS:
+        module_name, fn_name = zoo.ARCHS[name].split(":")
+    else:
+        module_name, _, fn_name = name.partition(":")
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    accepted = inspect.signature(fn).parameters
+    options = {}
+    for key, value in wanted.items():
+        if value is None:
+            continue
+        if key not in accepted:
+            raise ValueError(
+                f"--arch={arch} has no option {key!r} (it takes {', '.join(accepted)})"
+            )
+        options[key] = value
+    return options
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneSplit:
+    """Decoded images of one split with their class: uint8 [N, H, W, 3], int32 [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source_indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneTask:
+    """The scene classification task: classes and the two splits.
+
+    Attributes:
+      class_labels: Broden label number of each class, ascending.
+      class_names: their names.
+      train, val: the splits (val keeps only images of a training class).
+      description: where the data came from.
+      fingerprint: of the data (both splits' sources and the classes).
+    """
+
+    class_labels: tuple[int, ...]
+    class_names: tuple[str, ...]
+    train: SceneSplit
+    val: SceneSplit
+    description: str
+    fingerprint: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_labels)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.train.images.shape[1])
+
+
+def _image_labels(source: Any, i: int) -> tuple[int, ...]:
+    records = getattr(source, "records", None)
+    if records is not None:  # a Broden folder: the labels are in index.csv, no PNG to decode
+        return tuple(n for ns in records[i].image_labels.values() for n in ns)
+    return tuple(int(n) for n in source.read_labels(i)[1])
+
+
+def _task_labels(source: Any, category: str) -> list[int | None]:
+    """Each image's single label of `category`, or None (none, or ambiguous)."""
+    wanted = set(source.labels.labels_in(category).tolist())
+    out: list[int | None] = []
+    for i in range(len(source)):
+        found = {n for n in _image_labels(source, i) if n in wanted}
+        out.append(found.pop() if len(found) == 1 else None)
+    return out
+
+
+def _decode_all(source: Any, indices: Sequence[int], num_threads: int) -> np.ndarray:
+    if not len(indices):
+        h, w = source.image_size
+        return np.zeros((0, h, w, 3), np.uint8)
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+        images = list(pool.map(lambda i: np.asarray(source.read_image(int(i)), np.uint8), indices))
+    return np.stack(images)
+
+
+def scene_task(
+    train_source: Any,
+    val_source: Any,
+    *,
+    category: str = "scene",
+    description: str = "",
+    max_train: int | None = None,
+    num_threads: int = 2,
+) -> SceneTask:
+    """The classification task of `category` labels (image-level) on two Broden splits.
+
+    Images are decoded once and kept in memory (the synthetic sets are small).
+    """
+    if category not in train_source.labels.categories:
+        raise ValueError(f"the data has no {category!r} category to classify")
+    train_labels = _task_labels(train_source, category)
+    classes = sorted({n for n in train_labels if n is not None})
+    if len(classes) < 2:
+        raise ValueError(
+            f"the train split has {len(classes)} {category} classes; at least 2 are needed"
+        )
+    class_of = {n: k for k, n in enumerate(classes)}
+
+    def split(source: Any, labels: list[int | None], limit: int | None) -> SceneSplit:
+        keep = [i for i, n in enumerate(labels) if n in class_of][:limit]
+        dropped = sum(n is not None and n not in class_of for n in labels)
+        if dropped:
+            logging.info("%d images of classes absent from the train split left out", dropped)
+        return SceneSplit(
+            images=_decode_all(source, keep, num_threads),
+            labels=np.asarray([class_of[labels[i]] for i in keep], np.int32),
+            source_indices=np.asarray(keep, np.int64),
+        )
+
+    train = split(train_source, train_labels, max_train)
+    val = split(val_source, _task_labels(val_source, category), None)
+    names = tuple(train_source.labels.names[n] for n in classes)
+    fingerprint = store.key_of(
+        train=train_source.fingerprint(),
+        val=val_source.fingerprint(),
+        classes=classes,
+        max_train=max_train,
+    )
+    return SceneTask(tuple(classes), names, train, val, description, fingerprint)
+
+
+def open_scene_task(
+    data: str,
+    *,
+    resolution: int,
+    synthetic_images: int,
+    cache_dir: str | os.PathLike[str],
+    max_train: int | None = None,
+    num_threads: int = 2,
+) -> SceneTask:
+    """The scene task of `--data` ('synthetic', a Broden folder or its TFDS build)."""
+    from jaxdissect.data import open_probe
+
+    kwargs = dict(resolution=resolution, synthetic_images=synthetic_images, cache_dir=cache_dir)
+    train_source, description = open_probe(data, split="train", **kwargs)
+    val_source, _ = open_probe(data, split="val", **kwargs)
+    return scene_task(
+        train_source,
+        val_source,
+        description=f"{description}, val {len(val_source)} images",
+        max_train=max_train,
+        num_threads=num_threads,
+    )
+
+
+class _Examples:
+    """A `SceneSplit` as a grain source of {image, label} dicts."""
+
+    def __init__(self, split: SceneSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"image": self.split.images[i], "label": self.split.labels[i]}
+
+
+def _flip(example: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if rng.random() < 0.5:
+        return {**example, "image": example["image"][:, ::-1]}
+    return example
+
+
+def train_batches(
+    split: SceneSplit, batch_size: int, *, seed: int, flip: bool = True
+) -> grain.MapDataset:
+    """Random-access training batches: `ds[step]` is step's batch, the same on every run.
+
+    Each epoch is a fresh permutation (grain shuffles per repetition), and a
+    batch may straddle two epochs; the flip of each example is seeded by its
+    position in the stream.
+    """
+    if len(split) < 1:
+        raise ValueError("the training split is empty")
+    ds = grain.MapDataset.source(_Examples(split)).shuffle(seed=seed).repeat(None)
+    if flip:
+        ds = ds.random_map(_flip, seed=seed + 1)
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def eval_batches(split: SceneSplit, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Fixed-shape batches of `split` in order, the last padded (`valid` False)."""
+    out = []
+    for start in range(0, len(split), batch_size):
+        n = min(batch_size, len(split) - start)
+        images = np.zeros((batch_size, *split.images.shape[1:]), np.uint8)
+        labels = np.zeros((batch_size,), np.int32)
+        images[:n] = split.images[start : start + n]
+        labels[:n] = split.labels[start : start + n]
+        out.append({"image": images, "label": labels, "valid": np.arange(batch_size) < n})
+    return out
+
+
+# --------------------------------------------------------------------------- config and state
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that changes the numbers of a training run.
+
+    Attributes:
+      arch: `small_cnn` or a `models.zoo` architecture.
+      width, batch_norm, dropout: model options (None: the architecture's default).
+      optimizer: `sgd` (with momentum; weight decay added to the gradient, as
+        torch's SGD) or `adam` (AdamW: decoupled weight decay).
+      learning_rate: peak learning rate.
+      momentum, nesterov: SGD's.
+      weight_decay: on conv and linear kernels only (not biases, not BatchNorm).
+      schedule: `constant`, `cosine` (to 0 at `steps`) or `step` (times
+        `decay_factor` at each of `decay_steps`; default at 50% and 75%).
+      warmup_steps: linear warm-up from 0 before the schedule.
+      steps: training steps; batch_size: global batch.
+      seed: initialisation, data order, flips and dropout.
+      flip: random horizontal flips.
+      save_steps: steps whose state is kept for good (and exported to weights/).
+      checkpoint_every: periodic checkpoints for resuming; keep_checkpoints of them kept.
+      eval_every: evaluate on val every N steps too (0: at save steps and the end).
+    """
+
+    arch: str = "small_cnn"
+    width: float | None = None
+    batch_norm: bool | None = None
+    dropout: bool | None = None
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    decay_steps: tuple[int, ...] = ()
+    decay_factor: float = 0.1
+    steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    flip: bool = True
+    save_steps: tuple[int, ...] = ()
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer={self.optimizer!r}; one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule={self.schedule!r}; one of {', '.join(SCHEDULES)}")
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("--steps, --batch_size and --checkpoint_every must be >= 1")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"--warmup_steps={self.warmup_steps} must be in [0, --steps)")
+        object.__setattr__(self, "save_steps", tuple(sorted({int(s) for s in self.save_steps})))
+        object.__setattr__(self, "decay_steps", tuple(sorted(int(s) for s in self.decay_steps)))
+        bad = [s for s in self.save_steps if not 0 <= s <= self.steps]
+        if bad:
+            raise ValueError(f"--save_steps {bad} outside [0, --steps={self.steps}]")
+
+    def options(self, num_classes: int) -> dict[str, Any]:
+        """Constructor options of the model."""
+        return {
+            "num_classes": num_classes,
+            **model_options(
+                self.arch, width=self.width, batch_norm=self.batch_norm, dropout=self.dropout
+            ),
+        }
+
+    def numbers(self) -> dict[str, Any]:
+        """The fields that change results (logging and checkpoint cadence do not)."""
+        out = dataclasses.asdict(self)
+        for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "save_steps"):
+            out.pop(key)
+        return out
+
+
+class TrainState(struct.PyTreeNode):
+    """What a checkpoint holds: the step, parameters, BatchNorm statistics, optimiser state."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    def variables(self) -> dict[str, Any]:
+        """Flax variables of the model."""
+        if self.batch_stats:
+            return {"params": self.params, "batch_stats": self.batch_stats}
+        return {"params": self.params}
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """The schedule `config` describes (warm-up, then constant, cosine or step)."""
+    lr, warm = config.learning_rate, config.warmup_steps
+    rest = config.steps - warm
+    if config.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, rest)
+    else:
+        bounds = config.decay_steps or (config.steps // 2, config.steps * 3 // 4)
+        main = optax.piecewise_constant_schedule(
+            lr, {max(1, b - warm): config.decay_factor for b in bounds}
+        )
+    if not warm:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
+
+
+def _kernels(params: Any) -> Any:
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(config)
+    if config.optimizer == "adam":
+        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=_kernels)
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=_kernels),
+        optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
+    )
+
+
+def training_input_spec(model: nn.Module, resolution: int) -> InputSpec:
+    """The model's normalisation at the data's resolution (no resize while training)."""
+    from jaxdissect.preprocess import TORCHVISION
+
+    spec = getattr(model, "input_spec", None) or TORCHVISION
+    return dataclasses.replace(spec, size=resolution)
+
+
+class Trainer:
+    """Jitted, sharded init / train step / eval step of one model and config."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        resolution: int,
+        mesh: jax.sharding.Mesh,
+    ):
+        parallel.check_batch_size(config.batch_size, mesh)
+        self.model, self.config, self.mesh = model, config, mesh
+        self.resolution = resolution
+        self.spec = training_input_spec(model, resolution)
+        self.tx = make_optimizer(config)
+        self.schedule = learning_rate_schedule(config)
+        self._takes_train = "train" in inspect.signature(type(model).__call__).parameters
+        repl, data = parallel.replicated(mesh), parallel.sharded(mesh)
+        self.init = jax.jit(self._init, out_shardings=repl, compiler_options=INIT_COMPILER_OPTIONS)
+        self.train_step = jax.jit(
+            self._train_step,
+            in_shardings=(repl, data),
+            out_shardings=(repl, repl),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(repl, data), out_shardings=repl)
+
+    def _kwargs(self, train: bool) -> dict[str, Any]:
+        return {"train": train} if self._takes_train else {}
+
+    def _init(self, key: jax.Array) -> TrainState:
+        x = jnp.zeros((1, self.resolution, self.resolution, 3), jnp.float32)
+        variables = self.model.init(key, x, **self._kwargs(False))
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=self.tx.init(params),
+        )
+
+    def initial_state(self) -> TrainState:
+        return self.init(jax.random.key(self.config.seed))
+
+    def _logits(self, state: TrainState, params: Any, images: jax.Array, train: bool, rng=None):
+        x = self.spec(images)
+        variables = {"params": params}
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+        if not train:
+            return self.model.apply(variables, x, **self._kwargs(False)), state.batch_stats
+        mutable = ["batch_stats"] if state.batch_stats else False
+        out = self.model.apply(
+            variables, x, **self._kwargs(True), rngs={"dropout": rng}, mutable=mutable
+        )
+        if mutable:
+            logits, updates = out
+            return logits, updates["batch_stats"]
+        return out, state.batch_stats
+
+    def _train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+        # Dropout keys are a function of (seed, step): a resumed run draws the same ones.
+        rng = jax.random.fold_in(jax.random.key(self.config.seed + 2), state.step)
+        labels = batch["label"]
+
+        def loss_fn(params):
+            logits, stats = self._logits(state, params, batch["image"], True, rng)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, (logits, stats)
+
+        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        new = TrainState(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=stats,
+            opt_state=opt_state,
+        )
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return new, {"loss": loss, "accuracy": accuracy}
+
+    def _eval_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+        logits, _ = self._logits(state, state.params, batch["image"], False)
+        valid = batch["valid"]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        correct = (jnp.argmax(logits, -1) == batch["label"]) & valid
+        return {
+            "loss": jnp.sum(jnp.where(valid, loss, 0.0)),
+            "correct": jnp.sum(correct),
+            "count": jnp.sum(valid),
+        }
+
+    def put(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of a global batch, sharded over the mesh."""
+        n, pc, pi = len(next(iter(batch.values()))), jax.process_count(), jax.process_index()
+        rows = slice(pi * n // pc, (pi + 1) * n // pc)
+        return parallel.put_batch({k: np.asarray(v)[rows] for k, v in batch.items()}, self.mesh)
+
+    def evaluate(self, state: TrainState, split: SceneSplit, batch_size: int) -> dict[str, float]:
+        """Mean loss and accuracy of `state` on `split`."""
+        totals = {"loss": 0.0, "correct": 0, "count": 0}
+        for batch in eval_batches(split, batch_size):
+            out = jax.device_get(self.eval_step(state, self.put(batch)))
+            for k in totals:
+                totals[k] += out[k].item()
+        n = max(1, totals["count"])
+        return {"loss": totals["loss"] / n, "accuracy": totals["correct"] / n}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _checkpoint_manager(directory: pathlib.Path, config: TrainConfig):
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers as policies
+
+    save = [policies.FixedIntervalPolicy(config.checkpoint_every)]
+    keep: list[Any] = [policies.LatestN(config.keep_checkpoints)]
+    if config.save_steps:
+        save.append(policies.SpecificStepsPolicy(config.save_steps))
+        keep.append(policies.CustomSteps(config.save_steps))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.AnySavePolicy(save),
+        preservation_policy=policies.AnyPreservationPolicy(keep),
+        # Synchronous: once `save` returns, a kill cannot lose that step.
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _save_state(manager, state: TrainState, force: bool = False) -> bool:
+    import orbax.checkpoint as ocp
+
+    step = int(jax.device_get(state.step))
+    if step in manager.all_steps():
+        return False
+    return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def _restore_state(manager, template: TrainState) -> TrainState | None:
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template
+    )
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+_METRIC_COLUMNS = (
+    "step",
+    "epoch",
+    "learning_rate",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "images_per_s",
+    "elapsed_s",
+)
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, float]]:
+    """Rows of a metrics.csv (empty cells -> NaN)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [
+            {k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+
+
+def _write_metrics(path: pathlib.Path, rows: Sequence[Mapping[str, float]]) -> None:
+    with store.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_METRIC_COLUMNS)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _fmt(row.get(k)) for k in _METRIC_COLUMNS})
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def export_weights(
+    directory: str | os.PathLike[str],
+    state: TrainState,
+    config: TrainConfig,
+    task: SceneTask,
+    extra: Mapping[str, Any],
+) -> pathlib.Path:
+    """Write `state`'s variables in `models/convert.py`'s layout (replacing any old copy)."""
+    from models.convert import save_variables
+
+    options = config.options(task.num_classes)
+    num_classes = options.pop("num_classes")
+    if config.arch == "small_cnn":
+        options["image_size"] = task.resolution
+    meta = {
+        "arch": model_name(config.arch),
+        "num_classes": num_classes,
+        "options": options,
+        "input_size": task.resolution,
+        "classes": list(task.class_names),
+        "train": {**dict(extra), "config": dataclasses.asdict(config)},
+    }
+    variables = jax.tree.map(np.asarray, jax.device_get(state.variables()))
+    save_variables(directory, variables, meta, force=True)
+    return pathlib.Path(directory)
+
+
+def weights_dir(output_dir: str | os.PathLike[str], step: int) -> pathlib.Path:
+    return pathlib.Path(output_dir) / WEIGHTS_DIR / f"step_{step:06d}"
+
+
+def list_weights(run_dir: str | os.PathLike[str]) -> list[tuple[int, pathlib.Path]]:
+    """(step, dir) of every finished export of a training run, by step."""
+    root = pathlib.Path(run_dir) / WEIGHTS_DIR
+    found = []
+    for d in root.glob("step_*"):
+        if (d / "meta.json").is_file() and d.name[5:].isdigit():
+            found.append((int(d.name[5:]), d))
+    return sorted(found)
+
+
+def read_meta(weights: str | os.PathLike[str]) -> dict[str, Any]:
+    with open(pathlib.Path(weights) / "meta.json") as f:
+        return json.load(f)
+
+
+def load_trained(weights: str | os.PathLike[str]):
+    """A `models.load.LoadedModel` of an exported training step (arch and options from meta)."""
+    from models import load as model_load
+
+    meta = read_meta(weights)
+    options = {**meta.get("options", {}), "num_classes": meta["num_classes"]}
+    return model_load.load(meta["arch"], weights=os.fspath(weights), options=options)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What `train` did: final step and validation numbers, the kept exports."""
+
+    output_dir: pathlib.Path
+    step: int
+    val_accuracy: float
+    val_loss: float
+    exports: dict[int, pathlib.Path]
+    resumed_from: int
+    elapsed_s: float
+
+
+def _prepare_output(out: pathlib.Path, settings: Mapping[str, Any]) -> None:
+    path = out / SETTINGS_FILE
+    if path.exists():
+        old, new = json.loads(path.read_text()), json.loads(json.dumps(settings))
+        if old.get("numbers") != new["numbers"] or old.get("data") != new["data"]:
+            raise FileExistsError(
+                f"{out} holds a training run with other settings; resume it with the same "
+                "flags, or choose another --output_dir"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        store.write_json(path, settings)
+
+
+def train(
+    config: TrainConfig,
+    task: SceneTask,
+    output_dir: str | os.PathLike[str],
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    eval_batch_size: int | None = None,
+    log_every: int = 50,
+    progress: bool = True,
+    num_threads: int = 2,
+    stop_after: int | None = None,
+    on_log: Callable[[Mapping[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train (or resume training) `config` on `task`, writing to `output_dir`.
+
+    Args:
+      stop_after: return after this step as if killed (for tests and time-boxed runs);
+        the next call resumes.
+      on_log: called with each metrics row.
+    """
+    t0 = time.time()
+    out = pathlib.Path(output_dir)
+    mesh = mesh or parallel.data_mesh()
+    eval_batch_size = eval_batch_size or config.batch_size
+    parallel.check_batch_size(eval_batch_size, mesh)
+    options = config.options(task.num_classes)
+    model = build_model(config.arch, **options)
+    settings = {
+        "numbers": config.numbers(),
+        "config": dataclasses.asdict(config),
+        "model": {"arch": model_name(config.arch), **options},
+        "data": {
+            "description": task.description,
+            "fingerprint": task.fingerprint,
+            "resolution": task.resolution,
+            "classes": list(task.class_names),
+            "train_images": len(task.train),
+            "val_images": len(task.val),
+        },
+        "devices": int(mesh.devices.size),
+    }
+    _prepare_output(out, settings)
+    trainer = Trainer(model, config, task.resolution, mesh)
+    state = trainer.initial_state()
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    manager = _checkpoint_manager(out / CHECKPOINT_DIR, config)
+    restored = _restore_state(manager, state)
+    history = read_metrics(out / METRICS_FILE)
+    start = 0
+    if restored is not None:
+        state = restored
+        start = int(jax.device_get(state.step))
+        # Rows logged after the checkpoint were lost with the killed run; they will be redone.
+        history = [r for r in history if r["step"] <= start]
+        logging.info("resuming %s from step %d", out, start)
+    logging.info(
+        "training %s (%d parameters, %d classes) on %s: %d train / %d val images at %d px, "
+        "%d devices",
+        settings["model"],
+        num_params,
+        task.num_classes,
+        task.description,
+        len(task.train),
+        len(task.val),
+        task.resolution,
+        mesh.devices.size,
+    )
+    exports = dict(list_weights(out))
+    steps_per_epoch = max(1, len(task.train) // config.batch_size)
+
+    def checkpoint(state: TrainState, step: int, final: bool = False) -> dict[str, float]:
+        row: dict[str, float] = {}
+        evaluate = (
+            final
+            or step in config.save_steps
+            or (config.eval_every and step % config.eval_every == 0)
+        )
+        if evaluate:
+            val = trainer.evaluate(state, task.val, eval_batch_size)
+            row = {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+            logging.info(
+                "step %d: val loss %.4f, val accuracy %.4f", step, val["loss"], val["accuracy"]
+            )
+        if step in config.save_steps or final:
+            extra = {"step": step, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
+            if jax.process_index() == 0:
+                exports[step] = export_weights(weights_dir(out, step), state, config, task, extra)
+        _save_state(manager, state, force=final)
+        return row
+
+    if start == 0:
+        row = checkpoint(state, 0)
+        history.append({"step": 0, "epoch": 0.0, **row, "elapsed_s": 0.0})
+    batches = train_batches(task.train, config.batch_size, seed=config.seed, flip=config.flip)
+    stop = config.steps if stop_after is None else min(config.steps, stop_after)
+    stream = batches[start:stop].to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
+    )
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step", desc="train")
+    pending: list[dict[str, jax.Array]] = []
+    tick, tick_step = time.time(), start
+    step = start
+    for step, batch in enumerate(stream, start=start + 1):
+        state, metrics = trainer.train_step(state, trainer.put(batch))
+        pending.append(metrics)
+        bar.update(1)
+        extra: dict[str, float] = {}
+        # Not at `stop_after`: that stands for a kill, which saves nothing.
+        if step in config.save_steps or step % config.checkpoint_every == 0 or step == config.steps:
+            extra = checkpoint(state, step, final=step == config.steps)
+        if step % log_every == 0 or extra or step == stop:
+            got = jax.device_get(pending)
+            pending = []
+            now = time.time()
+            row = {
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                "learning_rate": float(trainer.schedule(step - 1)),
+                "train_loss": float(np.mean([m["loss"] for m in got])),
+                "train_accuracy": float(np.mean([m["accuracy"] for m in got])),
+                "images_per_s": (step - tick_step) * config.batch_size / max(now - tick, 1e-9),
+                "elapsed_s": now - t0,
+                **extra,
+            }
+            tick, tick_step = now, step
+            history.append(row)
+            if jax.process_index() == 0:
+                _write_metrics(out / METRICS_FILE, history)
+            logging.info(
+                "step %d/%d: loss %.4f, accuracy %.3f, lr %.4g, %.0f images/s",
+                step,
+                config.steps,
+                row["train_loss"],
+                row["train_accuracy"],
+                row["learning_rate"],
+                row["images_per_s"],
+            )
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.2f}")
+            if on_log is not None:
+                on_log(row)
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    if start == stop == config.steps and jax.process_index() == 0:
+        logging.info("%s: already trained for %d steps", out, config.steps)
+    final = [r for r in history if not np.isnan(r.get("val_accuracy", float("nan")))]
+    last = final[-1] if final else {"val_accuracy": float("nan"), "val_loss": float("nan")}
+    result = TrainResult(
+        output_dir=out,
+        step=step,
+        val_accuracy=float(last["val_accuracy"]),
+        val_loss=float(last["val_loss"]),
+        exports=dict(sorted(exports.items())),
+        resumed_from=start,
+        elapsed_s=time.time() - t0,
+    )
+    if jax.process_index() == 0 and step == config.steps:
+        _write_metrics(out / METRICS_FILE, history)
+        store.write_json(
+            out / SUMMARY_FILE,
+            {
+                "step": step,
+                "val_accuracy": result.val_accuracy,
+                "val_loss": result.val_loss,
+                "num_parameters": num_params,
+                "kept_steps": [
+                    {
+                        "step": s,
+                        "val_accuracy": read_meta(p)["train"].get("val_accuracy"),
+                        "weights": str(p),
+                    }
+                    for s, p in result.exports.items()
+                ],
+                "train_images": len(task.train),
+                "val_images": len(task.val),
+                "classes": list(task.class_names),
+                "elapsed_s_this_session": result.elapsed_s,
+                "resumed_from": start,
+            },
+        )
+    return result
+
+
+# --------------------------------------------------------------------------- studies
+#
+# Dissecting several networks of one input format in one pass: the training
+# dynamics (checkpoints of one run) and the findings tests. A "stack" is a
+# plain function model (see `jaxdissect.capture`) that runs every member and
+# returns each member's layers under `member-layer` names, so the probe set is
+# read, and the dissection compiled, once for all of them.
+
+
+def stacked_name(member: str, layer: str) -> str:
+    """The result name of `layer` of stack member `member` (file-name safe, no '.' or '/')."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{member}-{layer}")
+
+
+def stack_models(
+    members: Sequence[tuple[str, Any]],
+    layers: Sequence[str],
+    *,
+    input_size: int,
+) -> tuple[Callable[[Any, jax.Array], dict[str, jax.Array]], dict[str, Any], dict[str, str]]:
+    """(fn, variables, {result name: member name}) for the dissection of every member's `layers`.
+
+    Args:
+      members: (name, model) pairs, each model with `module`, `variables` and
+        `apply_kwargs` (a `models.load.LoadedModel`); all take the same input.
+      layers: layer names (paths or aliases) to take from every member.
+      input_size: the common input size, for the capture's dry run.
+    """
+    from jaxdissect import capture
+
+    taps, names = {}, {}
+    for member, model in members:
+        tap = capture.make_tap(
+            model.module,
+            model.variables,
+            list(layers),
+            input_shape=(input_size, input_size, 3),
+            apply_kwargs=model.apply_kwargs,
+        )
+        if len(tap.layers) != len(layers):
+            raise ValueError(f"layers {list(layers)} name the same module twice in {member}")
+        taps[member] = tap
+        for layer in layers:
+            names[stacked_name(member, layer)] = member
+
+    def fn(variables: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Array]:
+        out = {}
+        for member, tap in taps.items():
+            acts = tap.fn(variables[member], images)
+            for layer, path in zip(layers, tap.layers, strict=True):
+                out[stacked_name(member, layer)] = acts[path]
+        return out
+
+    return fn, {member: tap.variables for member, tap in taps.items()}, names
+
+
+def summary_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A flat row of one layer record of results.json: counts, by category, shares."""
+    s = record["summary"]
+    unique = int(s["unique_detectors"])
+    row: dict[str, Any] = {
+        "layer": record["layer"],
+        "num_units": int(record["num_units"]),
+        "interpretable_units": int(s["interpretable_units"]),
+        "unique_detectors": unique,
+    }
+    for cat, n in s["unique_by_category"].items():
+        row[f"unique_{cat}"] = int(n)
+    for cat, n in s["interpretable_by_category"].items():
+        row[f"interpretable_{cat}"] = int(n)
+    for cat, n in s["unique_by_category"].items():
+        row[f"share_{cat}"] = round(int(n) / unique, 4) if unique else 0.0
+    return row
+
+
+def write_rows_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> pathlib.Path:
+    """Rows as CSV, columns in first-seen order (missing cells empty)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with store.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _fmt(row.get(k)) for k in columns})
+    return pathlib.Path(path)
+
+
+def read_rows_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One exported training step: where, when, how good."""
+
+    step: int
+    weights: pathlib.Path
+    val_accuracy: float | None
+
+
+def run_checkpoints(
+    run_dir: str | os.PathLike[str], steps: Sequence[int] | None = None
+) -> list[Checkpoint]:
+    """The exported steps of a training run (all, or those in `steps`)."""
+    found = list_weights(run_dir)
+    if not found:
+        raise FileNotFoundError(
+            f"{run_dir} has no {WEIGHTS_DIR}/step_N/meta.json: train with experiments/train.py "
+            "and --save_steps first"
+        )
+    if steps is not None:
+        have = dict(found)
+        missing = [s for s in steps if s not in have]
+        if missing:
+            raise ValueError(f"{run_dir} has no exported steps {missing}; it has {sorted(have)}")
+        found = [(s, have[s]) for s in steps]
+    out = []
+    for step, path in found:
+        acc = read_meta(path).get("train", {}).get("val_accuracy")
+        out.append(Checkpoint(step, path, None if acc is None else float(acc)))
+    return out
+
+
+def dynamics_study(
+    checkpoints: Sequence[Checkpoint],
+    layers: Sequence[str],
+    source: Any,
+    settings: Any,
+    output_dir: str | os.PathLike[str],
+    *,
+    dataset_name: str,
+    mesh: jax.sharding.Mesh | None = None,
+    options: Any = None,
+) -> list[dict[str, Any]]:
+    """Dissect `layers` of every checkpoint in one pass; write dynamics.csv/json and plots.
+
+    Returns one row per (checkpoint, layer): step, val_accuracy, and `summary_row`'s counts.
+    """
+    from jaxdissect import pipeline, results
+
+    if not checkpoints:
+        raise ValueError("no checkpoint to dissect")
+    out = pathlib.Path(output_dir)
+    models = [(f"step{c.step:06d}", load_trained(c.weights)) for c in checkpoints]
+    spec = models[0][1].input_spec
+    fn, variables, _ = stack_models(models, layers, input_size=spec.size)
+    names = [stacked_name(m, layer) for m, _ in models for layer in layers]
+    info = pipeline.ModelInfo(
+        module=fn,
+        variables=variables,
+        input_spec=spec,
+        name=f"{models[0][1].name.split(' (')[0]}, {len(models)} training checkpoints",
+        key=store.key_of(members=[m.key for _, m in models], layers=list(layers), study="dynamics"),
+    )
+    layer_results = pipeline.dissect(
+        info,
+        names,
+        source,
+        settings,
+        out,
+        dataset_name=dataset_name,
+        mesh=mesh,
+        options=options or pipeline.Options(),
+    )
+    by_name = {r.layer: r for r in layer_results}
+    rows = []
+    for c, (member, _) in zip(checkpoints, models, strict=True):
+        for layer in layers:
+            record = results.layer_record(by_name[stacked_name(member, layer)])
+            row = summary_row(record)
+            row["layer"] = layer
+            rows.append({"step": c.step, "val_accuracy": c.val_accuracy, **row})
+    write_rows_csv(out / "dynamics.csv", rows)
+    store.write_json(
+        out / "dynamics.json",
+        {
+            "checkpoints": [
+                {"step": c.step, "weights": str(c.weights), "val_accuracy": c.val_accuracy}
+                for c in checkpoints
+            ],
+            "layers": list(layers),
+            "dataset": dataset_name,
+            "settings": dataclasses.asdict(settings),
+            "rows": rows,
+        },
+    )
+    plot_dynamics(out / "dynamics.png", rows, x="step")
+    if all(c.val_accuracy is not None for c in checkpoints):
+        plot_dynamics(out / "dynamics_accuracy.png", rows, x="val_accuracy")
+    return rows
+
+
+def _categories(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys = (k for row in rows for k in row if k.startswith("unique_") and k != "unique_detectors")
+    return list(dict.fromkeys(k[len("unique_") :] for k in keys))
+
+
+def plot_dynamics(
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *, x: str = "step"
+) -> pathlib.Path:
+    """Per layer: unique detectors by category (lines) and in total against `x`.
+
+    `x` is `step` (symlog axis: step 0 is the random initialisation) or `val_accuracy`.
+    """
+    from matplotlib.figure import Figure
+
+    from jaxdissect.report import plots
+
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    cats = _categories(rows)
+    colors = plots.category_colors(cats)
+    fig = Figure(figsize=(4.2 * len(layers) + 1.5, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    for ax, layer in zip(axes, layers, strict=True):
+        mine = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["step"])
+        xs = [float(r[x]) for r in mine]
+        ax.plot(xs, [r["unique_detectors"] for r in mine], "k.-", label="all", linewidth=2)
+        for c in cats:
+            ax.plot(xs, [r.get(f"unique_{c}", 0) for r in mine], ".-", color=colors[c], label=c)
+        if x == "step":
+            ax.set_xscale("symlog", linthresh=max(1.0, min([v for v in xs if v > 0] or [1.0])))
+            ax.set_xlabel("training iteration")
+        else:
+            ax.set_xlabel("validation accuracy")
+            for r, v in zip(mine, xs, strict=True):
+                ax.annotate(str(r["step"]), (v, r["unique_detectors"]), fontsize=7, color="#666666")
+        ax.set_title(str(layer), loc="left", fontsize=11)
+        ax.set_ylabel("unique detectors")
+        ax.set_ylim(bottom=0)
+        ax.grid(color="#dddddd", linewidth=0.6)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[-1].legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return plots._save(fig, path)
+
+
+def plot_grouped(
+    path: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    value: str = "unique",
+    stacked: bool = False,
+    title: str = "",
+) -> pathlib.Path:
+    """Bars of `<value>_<category>` per (name, layer) row: grouped by category, or stacked.
+
+    Rows need `name` and `layer`; layers of one name sit together, in row order.
+    """
+    from matplotlib.figure import Figure
+
+    from jaxdissect.report import plots
+
+    cats = [c for c in _categories(rows) if any(f"{value}_{c}" in r for r in rows)]
+    colors = plots.category_colors(cats)
+    n = len(rows)
+    fig = Figure(figsize=(min(max(6.0, 0.9 * n + 3.0), 30.0), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    xs = np.arange(n, dtype=float)
+    # A gap between models.
+    names = [str(r.get("name", "")) for r in rows]
+    for i in range(1, n):
+        xs[i:] += 0.5 if names[i] != names[i - 1] else 0.0
+    width = 0.8 if stacked else 0.8 / max(1, len(cats))
+    bottom = np.zeros(n)
+    for j, c in enumerate(cats):
+        vals = np.asarray([float(r.get(f"{value}_{c}", 0) or 0) for r in rows])
+        if stacked:
+            ax.bar(xs, vals, width, bottom=bottom, color=colors[c], label=c)
+            bottom += vals
+        else:
+            ax.bar(xs - 0.4 + width * (j + 0.5), vals, width, color=colors[c], label=c)
+    labels = [f"{r.get('name', '')}\n{r['layer']}" for r in rows]
+    rotate = n > 8 or max((len(str(r["layer"])) for r in rows), default=0) > 10
+    ax.set_xticks(xs)
+    ax.set_xticklabels(
+        labels, fontsize=8, rotation=35 if rotate else 0, ha="right" if rotate else "center"
+    )
+    for t in ax.get_xticklabels():
+        t.set_parse_math(False)
+    what = "unique detectors" if value == "unique" else "interpretable units"
+    ax.set_ylabel(what)
+    ax.set_title(title or f"{what} by category", loc="left", fontsize=11)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.grid(axis="y", color="#dddddd", linewidth=0.6)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    if cats:
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return plots._save(fig, path)
+
+
+# --------------------------------------------------------------------------- script flags
+#
+# The dissection flags the experiment scripts share (a subset of experiments/dissect.py's).
+
+
+def define_dissection_flags(fv: Any, *, split: str = "val", resolution: int = 96) -> None:
+    """Probe-set, method and run flags on the FlagValues `fv`."""
+    from absl import flags
+
+    flags.DEFINE_string(
+        "data",
+        "synthetic",
+        "Probe set: 'synthetic', a Broden folder or its TFDS build.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "synthetic_images",
+        4000,
+        "Images of the synthetic Broden (the training set's: no second copy is generated).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "resolution", resolution, "Image size of the synthetic Broden.", flag_values=fv
+    )
+    flags.DEFINE_enum(
+        "split",
+        split,
+        ["all", "train", "val"],
+        "Probe images (val: none the network was trained on).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("max_images", None, "Use only the first N probe images.", flag_values=fv)
+    flags.DEFINE_float(
+        "quantile", 0.005, "Top fraction of each unit's activations.", flag_values=fv
+    )
+    flags.DEFINE_enum(
+        "quantile_mode", "sketch", ["sketch", "exact"], "Threshold statistic.", flag_values=fv
+    )
+    flags.DEFINE_float(
+        "iou_threshold", 0.04, "A unit detects a concept when IoU > this.", flag_values=fv
+    )
+    flags.DEFINE_enum(
+        "restriction",
+        "presence",
+        ["presence", "overlap", "none"],
+        "Union restriction.",
+        flag_values=fv,
+    )
+    flags.DEFINE_list("categories", [], "Categories to score (empty: all).", flag_values=fv)
+    flags.DEFINE_integer(
+        "batch_size", 32, "Dissection batch (a multiple of the devices).", flag_values=fv
+    )
+    flags.DEFINE_integer("devices", None, "Devices to use (default: all).", flag_values=fv)
+    flags.DEFINE_bool("report", False, "Also write the HTML report (unit strips).", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=fv)
+
+
+def probe_from_flags(fv: Any) -> tuple[Any, str]:
+    """(source, description) of the probe set the flags name."""
+    from jaxdissect.data import open_probe
+
+    return open_probe(
+        fv.data,
+        split=fv.split,
+        max_images=fv.max_images,
+        resolution=fv.resolution,
+        synthetic_images=fv.synthetic_images,
+        cache_dir=cache_root(),
+    )
+
+
+def settings_from_flags(fv: Any) -> Any:
+    from jaxdissect import engine
+
+    return engine.Settings(
+        quantile=fv.quantile,
+        quantile_mode=fv.quantile_mode,
+        iou_threshold=fv.iou_threshold,
+        restriction=fv.restriction,
+        categories=tuple(fv.categories) or None,
+        batch_size=fv.batch_size,
+    )
+
+
+def options_from_flags(fv: Any) -> Any:
+    from jaxdissect import pipeline
+
+    return pipeline.Options(report=fv.report, progress=fv.progress)
+
+
+def results_rows(
+    name: str, results_dir: str | os.PathLike[str], layers: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """`summary_row`s of a dissection's results.json (all layers, or `layers`), named `name`."""
+    from jaxdissect import results
+
+    path = pathlib.Path(results_dir)
+    document = results.read_results_json(path / "results.json" if path.is_dir() else path)
+    records = document["layers"]
+    if layers:
+        by_layer = {r["layer"]: r for r in records}
+        missing = [layer for layer in layers if layer not in by_layer]
+        if missing:
+            raise ValueError(f"{results_dir} has no layers {missing}; it has {sorted(by_layer)}")
+        records = [by_layer[layer] for layer in layers]
+    model = document.get("settings", {}).get("model", "")
+    return [{"name": name, "model": model, **summary_row(r)} for r in records]
+
+
+def write_comparison(
+    output_dir: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    settings: Mapping[str, Any],
+) -> dict[str, pathlib.Path]:
+    """compare.csv / compare.json and the figures: unique detectors by category per layer and model."""
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "csv": write_rows_csv(out / "compare.csv", rows),
+        "grouped": plot_grouped(out / "compare_unique.png", rows, value="unique"),
+        "stacked": plot_grouped(
+            out / "compare_unique_stacked.png",
+            rows,
+            value="unique",
+            stacked=True,
+            title="unique detectors per layer (stacked by category)",
+        ),
+        "interpretable": plot_grouped(
+            out / "compare_interpretable.png",
+            rows,
+            value="interpretable",
+            stacked=True,
+            title="interpretable units per layer (stacked by category)",
+        ),
+    }
+    store.write_json(out / "compare.json", {"settings": dict(settings), "rows": list(rows)})
+    files["json"] = out / "compare.json"
+    return files

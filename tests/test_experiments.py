@@ -1,0 +1,210 @@
+"""The experiment scripts end to end at tiny size, and their flagfiles.
+
+Each script is loaded from its file and run through `run(flag_values)` (what
+its `main` calls) on flags parsed by a fresh `FlagValues`, so that the four
+scripts' flags do not collide. The runs are cached for the whole session:
+tests/test_findings.py reads the same outputs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib.util
+import json
+import pathlib
+import shutil
+import tempfile
+import types
+
+import numpy as np
+import pytest
+from absl import flags
+
+from jaxdissect import training
+from jaxdissect.data import synthetic
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = ("train", "rotation", "training_dynamics", "compare")
+# The tiny training run: 256 synthetic images at 48 px, a half-width small CNN trained to about
+# 0.6 validation accuracy (a network that learnt something: tests/test_findings.py reads it).
+TINY_IMAGES, TINY_SIZE, TINY_STEPS = 256, 48, 300
+SAVE_STEPS = (0, 150, 300)
+TRAIN_ARGS = (
+    "--width=0.5",
+    "--optimizer=adam",
+    "--learning_rate=0.002",
+    f"--steps={TINY_STEPS}",
+    "--batch_size=16",
+    "--warmup_steps=20",
+    f"--save_steps={','.join(map(str, SAVE_STEPS))}",
+    "--checkpoint_every=100",
+    "--log_every=50",
+)
+# exact thresholds: on tiny probe sets the sketch would only add noise.
+PROBE_ARGS = ("--split=all", "--batch_size=16", "--quantile_mode=exact", "--noprogress")
+
+
+@functools.cache
+def workspace() -> pathlib.Path:
+    path = pathlib.Path(tempfile.mkdtemp(prefix="jaxdissect-experiments-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@functools.cache
+def tiny_broden() -> pathlib.Path:
+    return synthetic.generate(
+        workspace() / "broden", num_images=TINY_IMAGES, size=TINY_SIZE, workers=1
+    )
+
+
+def script(name: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        f"_experiment_{name}", ROOT / "experiments" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse(name: str, *argv: str) -> flags.FlagValues:
+    fv = flags.FlagValues()
+    script(name).define_flags(fv)
+    fv(["prog", *argv])
+    return fv
+
+
+def run_script(name: str, *argv: str):
+    return script(name).run(parse(name, *argv))
+
+
+def data_args() -> tuple[str, ...]:
+    return (f"--data={tiny_broden()}", f"--resolution={TINY_SIZE}")
+
+
+@functools.cache
+def trained_run() -> pathlib.Path:
+    out = workspace() / "train"
+    run_script("train", *data_args(), *TRAIN_ARGS, f"--output_dir={out}", "--noprogress")
+    return out
+
+
+@functools.cache
+def dynamics_run() -> pathlib.Path:
+    out = workspace() / "dynamics"
+    run_script(
+        "training_dynamics",
+        f"--run={trained_run()}",
+        "--layers=conv3,conv5",
+        *data_args(),
+        *PROBE_ARGS,
+        f"--output_dir={out}",
+    )
+    return out
+
+
+@functools.cache
+def rotation_run() -> pathlib.Path:
+    out = workspace() / "rotation"
+    run_script(
+        "rotation",
+        f"--weights={trained_run() / 'weights' / f'step_{TINY_STEPS:06d}'}",
+        "--layer=conv5",
+        "--amounts=0,0.5,1",
+        *data_args(),
+        *PROBE_ARGS,
+        f"--output_dir={out}",
+    )
+    return out
+
+
+def test_train_script_writes_a_resumable_dissectable_run():
+    out = trained_run()
+    for name in ("settings.json", "metrics.csv", "summary.json"):
+        assert (out / name).is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == TINY_STEPS
+    assert [k["step"] for k in summary["kept_steps"]] == list(SAVE_STEPS)
+    assert 0 <= summary["val_accuracy"] <= 1
+    rows = training.read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in rows] == list(range(0, TINY_STEPS + 1, 50))
+    assert not np.isnan(rows[-1]["val_accuracy"]) and np.isnan(rows[1]["val_accuracy"])
+    assert [s for s, _ in training.list_weights(out)] == list(SAVE_STEPS)
+    # Running the finished run again changes nothing.
+    before = (out / "metrics.csv").read_text()
+    result = run_script("train", *data_args(), *TRAIN_ARGS, f"--output_dir={out}", "--noprogress")
+    assert result.resumed_from == TINY_STEPS and (out / "metrics.csv").read_text() == before
+
+
+def test_training_dynamics_script():
+    out = dynamics_run()
+    rows = training.read_rows_csv(out / "dynamics.csv")
+    assert [(r["step"], r["layer"]) for r in rows] == [
+        (str(s), layer) for s in SAVE_STEPS for layer in ("conv3", "conv5")
+    ]
+    assert {"val_accuracy", "unique_detectors", "unique_color", "share_texture"} <= set(rows[0])
+    for name in ("dynamics.json", "dynamics.png", "dynamics_accuracy.png", "results.json"):
+        assert (out / name).is_file()
+
+
+def test_rotation_script():
+    out = rotation_run()
+    doc = json.loads((out / "rotation.json").read_text())
+    points = doc["points"]
+    assert [p["amount"] for p in points] == [0.0, 0.5, 1.0]
+    assert doc["settings"]["units"] == 128
+    for p in points:
+        assert p["max_output_change"] < 1e-4  # folded: the network is unchanged
+    assert points[0]["accuracy_inserted"] == points[0]["accuracy_folded"]
+    assert (out / "rotation.png").is_file() and (out / "rotation.csv").is_file()
+
+
+def test_compare_script(tmp_path):
+    weights = trained_run() / "weights" / f"step_{TINY_STEPS:06d}"
+    rows = run_script(
+        "compare",
+        f"--results=dynamics={dynamics_run()}",
+        f"--dissect=tiny||{weights}|conv1",
+        *data_args(),
+        *PROBE_ARGS,
+        "--max_images=32",
+        f"--output_dir={tmp_path}",
+    )
+    assert [(r["name"], r["layer"]) for r in rows] == [("tiny", "conv1")] + [
+        ("dynamics", f"step{s:06d}-{layer}") for s in SAVE_STEPS for layer in ("conv3", "conv5")
+    ]
+    assert rows[0]["path"] == "features/1" and rows[0]["num_units"] == 16
+    table = training.read_rows_csv(tmp_path / "compare.csv")
+    assert len(table) == len(rows) and "share_color" in table[0]
+    assert (tmp_path / "tiny" / "results.json").is_file()
+    for name in ("compare_unique.png", "compare_unique_stacked.png", "compare_interpretable.png"):
+        assert (tmp_path / name).is_file()
+
+
+@pytest.mark.parametrize(
+    "flagfile", sorted(p.name for p in (ROOT / "experiments" / "configs").glob("*.flags"))
+)
+def test_flagfiles_parse_and_say_how_to_run_them(flagfile):
+    prefix = flagfile.split("_")[0]
+    name = {"train": "train", "rotation": "rotation", "dynamics": "training_dynamics"}.get(
+        prefix, "compare" if prefix == "compare" else None
+    )
+    if name is None:
+        pytest.skip("not an experiment of this suite")
+    path = ROOT / "experiments" / "configs" / flagfile
+    text = path.read_text()
+    assert text.startswith("#") and f"--flagfile=experiments/configs/{flagfile}" in text
+    fv = parse(name, f"--flagfile={path}")
+    assert fv.output_dir and fv.output_dir.startswith("runs/")
+
+
+def test_scripts_fail_clearly_without_their_inputs():
+    with pytest.raises(ValueError, match="--run"):
+        run_script("training_dynamics")
+    with pytest.raises(ValueError, match="--weights"):
+        run_script("rotation")
+    with pytest.raises(ValueError, match="nothing to compare"):
+        run_script("compare")
+    with pytest.raises(ValueError, match="NAME|MODEL|WEIGHTS|LAYERS"):
+        script("compare").parse_entry("a|b")

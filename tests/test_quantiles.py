@@ -1,0 +1,312 @@
+"""Tests of jaxdissect.quantiles against slow, obvious numpy references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdissect import quantiles as Q
+
+Q_DEFAULT = 0.005
+
+# Shared jitted entry points: tests reuse the same shapes, so each compiles once.
+_exact_update = jax.jit(Q.exact_update)
+_exact_merge = jax.jit(Q.exact_merge)
+_sketch_update = jax.jit(Q.sketch_update)
+_sketch_merge = jax.jit(Q.sketch_merge)
+
+K = 8  # units in every stream below
+ROWS = 32 * 49  # a ResNet layer4 batch: 32 images x 7 x 7
+BIG_ROWS = 32 * 3136  # an early-layer batch: 32 images x 56 x 56
+PAD_ROWS = 256  # fixed batch for the small exact tests (the tail is padding)
+MAX_COUNT = 3_100_000  # one upper bound for every sketch below: one state shape
+
+
+def _bits(a) -> np.ndarray:
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+def _feed(update, state, x: np.ndarray, rows: int, valid: np.ndarray | None = None):
+    """Feed x in batches of `rows`, padding the last batch with invalid garbage rows."""
+    n = x.shape[0]
+    valid = np.ones(n, bool) if valid is None else valid
+    for start in range(0, n, rows):
+        xb, vb = x[start : start + rows], valid[start : start + rows]
+        if xb.shape[0] < rows:
+            pad = rows - xb.shape[0]
+            xb = np.concatenate([xb, np.full((pad, x.shape[1]), 1e30, np.float32)])
+            vb = np.concatenate([vb, np.zeros(pad, bool)])
+        state = update(state, xb, vb)
+    return state
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 200, 201, 1000, 4321])
+@pytest.mark.parametrize("q", [0.005, 0.01, 0.3, 0.5, 1 - 0.994995, 0.0, 1.0])
+def test_reference_is_numpy_quantile_bitwise(n, q):
+    rng = np.random.default_rng(n)
+    v = np.concatenate(
+        [
+            rng.standard_normal((n, 3)),
+            rng.integers(-3, 4, (n, 2)),  # ties
+            np.full((n, 1), 2.5),  # all equal
+            rng.lognormal(0, 3, (n, 1)),  # wide dynamic range
+        ],
+        axis=1,
+    ).astype(np.float32)
+    v[v == 0] = 0.0  # no signed zeros: the reference reads -0.0 as +0.0
+    ours = Q.reference_threshold(v, q)
+    theirs = np.quantile(v, 1 - q, axis=0)
+    assert theirs.dtype == np.float32
+    np.testing.assert_array_equal(_bits(ours), _bits(theirs))
+
+
+def test_reference_formula_by_hand():
+    # 1000 values 0..999: v = 999 * 0.995 = 994.005 -> a[994] + 0.005 * (a[995] - a[994]).
+    v = np.arange(1000, dtype=np.float32)[::-1, None]
+    assert Q.reference_threshold(v, 0.005)[0] == np.float32(994.005)
+
+
+# ----------------------------------------------------------------------------- exact mode
+
+
+def _exact_cases() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    n = 4321  # not a multiple of the batch size
+    x = rng.standard_normal((n, K), dtype=np.float32)
+    x[:, 1] = rng.integers(0, 5, n)  # heavy ties
+    x[:, 2] = 3.0  # all equal
+    x[:, 3] = 0.0  # all zero (a dead ReLU unit)
+    x[:, 4] = -rng.lognormal(0, 2, n)  # all negative
+    x[:, 5] = np.where(rng.random(n) < 0.5, -0.0, 0.0)  # signed zeros only
+    x[:, 6] = np.sort(x[:, 6])  # sorted ascending stream
+    x[:, 7] = np.sort(x[:, 7])[::-1]  # sorted descending stream
+    return {
+        "mixed": x,
+        "tiny1": x[:1],
+        "tiny2": x[:2],
+        "tiny3": x[:3],
+        "t_zero": x[:201],  # (n - 1) * (1 - q) = 199 up to rounding
+        "one_batch": x[:PAD_ROWS],
+    }
+
+
+@pytest.mark.parametrize("case", list(_exact_cases()))
+def test_exact_matches_reference_bitwise(case):
+    x = _exact_cases()[case]
+    state = Q.exact_init(K, total_count=5000)  # an upper bound is enough
+    state = _feed(_exact_update, state, x, PAD_ROWS)
+    assert Q.count_value(state.count) == x.shape[0]
+    np.testing.assert_array_equal(_bits(Q.exact_threshold(state)), _bits(Q.reference_threshold(x)))
+
+
+def test_exact_valid_mask_drops_rows():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3000, K), dtype=np.float32)
+    valid = rng.random(3000) < 0.7
+    x[~valid] = 1e9  # would dominate the tail if counted
+    x[~valid, 0] = np.nan  # and must not count as non-finite either
+    state = _feed(_exact_update, Q.exact_init(K, total_count=5000), x, PAD_ROWS, valid)
+    assert Q.count_value(state.count) == valid.sum()
+    assert not np.asarray(state.nonfinite).any()
+    np.testing.assert_array_equal(
+        _bits(Q.exact_threshold(state)), _bits(Q.reference_threshold(x[valid]))
+    )
+
+
+def test_exact_other_q():
+    x = _exact_cases()["mixed"]
+    state = _feed(_exact_update, Q.exact_init(K, total_count=5000, q=0.3), x, PAD_ROWS)
+    np.testing.assert_array_equal(
+        _bits(Q.exact_threshold(state)), _bits(Q.reference_threshold(x, 0.3))
+    )
+    with pytest.raises(ValueError, match="cannot answer"):
+        Q.exact_threshold(state, q=0.5)
+
+
+def test_exact_merge_associative_commutative_bitwise():
+    x = _exact_cases()["mixed"]
+    parts = [x[:1500], x[1500:1600], x[1600:]]
+    a, b, c = (_feed(_exact_update, Q.exact_init(K, 5000), p, PAD_ROWS) for p in parts)
+    left = _exact_merge(_exact_merge(a, b), c)
+    right = _exact_merge(a, _exact_merge(b, c))
+    swapped = _exact_merge(c, _exact_merge(b, a))
+    stacked = jax.tree_util.tree_map(lambda *s: jnp.stack(s), a, b, c)  # like all_gather
+    gathered = Q.merge_all(stacked)
+    for other in (right, swapped, gathered):
+        np.testing.assert_array_equal(_bits(left.top), _bits(other.top))
+        assert Q.count_value(other.count) == x.shape[0]
+    ref = Q.reference_threshold(x)
+    for s in (left, right, swapped, gathered):
+        np.testing.assert_array_equal(_bits(Q.exact_threshold(s)), _bits(ref))
+
+
+def test_exact_rejects_more_values_than_sized_for():
+    x = np.zeros((5001, K), np.float32)
+    state = _feed(_exact_update, Q.exact_init(K, total_count=5000), x, PAD_ROWS)
+    with pytest.raises(ValueError, match="total_count"):
+        Q.exact_threshold(state)
+
+
+def test_nonfinite_are_counted_not_silent():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2000, K), dtype=np.float32)
+    x[5, 0], x[6, 0], x[7, 0] = np.nan, np.inf, -np.inf
+    x[:100, 1] = np.inf  # would be the whole tail if ranked on top
+    exact = _feed(_exact_update, Q.exact_init(K, 5000), x, PAD_ROWS)
+    sketch = _feed(_sketch_update, Q.sketch_init(K, max_count=MAX_COUNT), x[:600], ROWS)
+    expected = [3, 100] + [0] * (K - 2)
+    for state in (exact, sketch):
+        np.testing.assert_array_equal(np.asarray(state.nonfinite), expected)
+    # Non-finite values rank below every finite one (and the caller sees the count).
+    ref = Q.reference_threshold(x)
+    assert np.isfinite(ref[1]) and ref[1] < 4
+    np.testing.assert_array_equal(_bits(Q.exact_threshold(exact)), _bits(ref))
+    ref = Q.reference_threshold(x[:600])
+    np.testing.assert_array_equal(_bits(Q.sketch_threshold(sketch)), _bits(ref))
+
+
+def test_counts_beyond_int32():
+    c = Q._count_zero()
+    for n in (2**30 - 1, 2**30 - 1, 2**30 - 1, 12345):  # increments are chunk row counts
+        c = Q._count_add(c, jnp.int32(n))
+    total = 3 * (2**30 - 1) + 12345
+    assert Q.count_value(c) == total
+    assert Q.count_value(Q._count_merge(c, c)) == 2 * total
+    assert Q._positions(4_000_000_000, 0.005)[0] == 4_000_000_000 - 1 - int(3999999999 * 0.995)
+
+
+# ----------------------------------------------------------------------------- sketch mode
+
+
+def test_sketch_is_exact_before_compacting():
+    x = _exact_cases()["mixed"][:600]  # fewer values than one level holds
+    state = _feed(_sketch_update, Q.sketch_init(K, max_count=MAX_COUNT), x, ROWS)
+    assert not np.asarray(state.ncompact).any()
+    assert Q.sketch_certified(state).all()
+    np.testing.assert_array_equal(_bits(Q.sketch_threshold(state)), _bits(Q.reference_threshold(x)))
+
+
+def _tail_columns(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    """Skewed / heavy-tailed / spiky units; n a multiple of 49 (hot 7x7 images)."""
+    g = rng.standard_normal((n, 3), dtype=np.float32)
+    spike = rng.standard_normal(n, dtype=np.float32)
+    spike[rng.random(n) < 0.4] = 0.0
+    spike[rng.random(n) < 0.2] = 1.5
+    hot = rng.standard_normal((n // 49, 49), dtype=np.float32)
+    hot[rng.random(n // 49) < 0.01] += 3.0  # 1% of images light up everywhere
+    cols = {
+        "relu": np.maximum(g[:, 0], 0),  # half exact zeros
+        "lognormal": np.exp(1.5 * g[:, 1]),
+        "abs-cauchy": np.abs(rng.standard_cauchy(n)),
+        "pareto": rng.pareto(1.5, n),
+        "spike-mixture": spike,
+        "hot-images": hot.reshape(-1),
+        "saturated": np.clip(3 * g[:, 2], 0, 6),  # 2.3% at exactly 6: T on the spike
+        "dead": np.zeros(n),  # T = 0 on a spike of 100%
+    }
+    return np.stack(list(cols.values()), 1).astype(np.float32), list(cols)
+
+
+def _check_accuracy(state, x: np.ndarray, names: list[str], ref: np.ndarray) -> None:
+    t = np.asarray(Q.sketch_threshold(state))  # raises if not certified
+    frac = (x > t).mean(0)
+    for i, name in enumerate(names):
+        if name in ("saturated", "dead"):
+            # The quantile sits on a spike: exactly right, or it is wrong.
+            assert t[i] == ref[i], name
+            continue
+        exact_frac = (x[:, i] > ref[i]).mean()
+        assert abs(exact_frac / Q_DEFAULT - 1) < 1e-3  # the metric is meaningful
+        rel = frac[i] / Q_DEFAULT - 1
+        assert abs(rel) < 0.01, (name, rel)
+    # Not secretly exact: the whole state per unit is far below the q*n tail values.
+    size = state.levels.shape[0] * state.levels.shape[2]
+    assert size < 0.5 * Q_DEFAULT * x.shape[0], size
+    assert state.levels.shape[2] == Q.DEFAULT_SIZE
+
+
+@pytest.fixture(scope="module")
+def tail_data():
+    n = ROWS * 1915  # 3,002,720 values per unit
+    x, names = _tail_columns(n, np.random.default_rng(11))
+    return x, names, Q.reference_threshold(x)
+
+
+def test_sketch_accuracy_small_batches(tail_data):
+    x, names, ref = tail_data
+    state = _feed(_sketch_update, Q.sketch_init(K, max_count=MAX_COUNT, seed=1), x, ROWS)
+    _check_accuracy(state, x, names, ref)
+
+
+def test_sketch_accuracy_large_batches():
+    n = BIG_ROWS * 30  # 3,010,560 values per unit
+    x, names = _tail_columns(n, np.random.default_rng(12))
+    state = _feed(_sketch_update, Q.sketch_init(K, max_count=MAX_COUNT, seed=2), x, BIG_ROWS)
+    _check_accuracy(state, x, names, Q.reference_threshold(x))
+
+
+def test_sketch_accuracy_after_merging_8_shards(tail_data):
+    x, names, ref = tail_data
+    shards = np.array_split(np.arange(x.shape[0] // ROWS) * ROWS, 8)
+    states = []
+    for i, starts in enumerate(shards):
+        state = Q.sketch_init(K, max_count=MAX_COUNT, seed=100 + i)
+        for s in starts:
+            state = _sketch_update(state, x[s : s + ROWS])
+        states.append(state)
+    merged = Q.merge_list(states, _sketch_merge)
+    assert Q.count_value(merged.count) == x.shape[0]
+    _check_accuracy(merged, x, names, ref)
+    # Another merge order (a left fold, not a tree): different but as accurate.
+    folded = states[-1]
+    for state in states[-2::-1]:
+        folded = _sketch_merge(folded, state)
+    _check_accuracy(folded, x, names, ref)
+
+
+def test_sketch_deterministic_for_a_seed():
+    x, _ = _tail_columns(ROWS * 60, np.random.default_rng(13))
+    a = _feed(_sketch_update, Q.sketch_init(K, max_count=MAX_COUNT, seed=5), x, ROWS)
+    b = _feed(_sketch_update, Q.sketch_init(K, max_count=MAX_COUNT, seed=5), x, ROWS)
+    c = _feed(_sketch_update, Q.sketch_init(K, max_count=MAX_COUNT, seed=6), x, ROWS)
+    assert np.asarray(a.ncompact).sum() > 0  # compactions happened, so the seed matters
+    for leaf_a, leaf_b in zip(
+        jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(leaf_a), np.asarray(leaf_b))
+    assert not np.array_equal(np.asarray(a.levels), np.asarray(c.levels))
+    np.testing.assert_array_equal(_bits(Q.sketch_threshold(a)), _bits(Q.sketch_threshold(b)))
+
+
+def test_sketch_data_order():
+    rng = np.random.default_rng(14)
+    n = ROWS * 200
+    x = rng.standard_normal((n, K), dtype=np.float32)
+    x[:, 1] = np.sort(x[:, 1])[::-1]  # descending
+    x[:, 2] = np.sort(x[:, 2])  # ascending
+    # A short early block of high values, then a long run of lower ones: early on the
+    # block's lower part looks far below the tail, but the final quantile lies inside it.
+    x[:, 0] = np.where(np.arange(n) < n // 40, 10 + rng.random(n), rng.random(n))
+    ref_frac = (x > Q.reference_threshold(x)).mean(0)
+
+    # Without max_count the prefilter adapts to the data seen so far and can be fooled,
+    # but never silently: a certified threshold is accurate.
+    adaptive = _feed(_sketch_update, Q.sketch_init(K), x, ROWS)
+    assert adaptive.levels.shape[0] == Q.sketch_levels(Q.DEFAULT_SIZE)
+    certified = Q.sketch_certified(adaptive)
+    assert not certified[0] and certified[2:].all()
+    with pytest.raises(ValueError, match="certify"):
+        Q.sketch_threshold(adaptive)
+    frac = (x > np.asarray(Q.sketch_threshold(adaptive, strict=False))).mean(0)
+    ok = np.abs(frac / ref_frac - 1) < 0.01
+    assert (ok | ~certified).all() and not ok[0]
+
+    # With max_count nothing that could matter is dropped, whatever the order.
+    known = _feed(_sketch_update, Q.sketch_init(K, max_count=MAX_COUNT), x, ROWS)
+    frac = (x > np.asarray(Q.sketch_threshold(known))).mean(0)
+    np.testing.assert_allclose(frac / ref_frac, 1, atol=0.01)

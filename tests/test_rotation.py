@@ -1,0 +1,200 @@
+"""Random rotations of a layer's units: the matrices, and their effect inside a network."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdissect import capture, rotation, training
+from models.small_cnn import small_cnn
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    """A tiny small CNN (conv5 has 32 units) with a batch of images."""
+    model = small_cnn(num_classes=5, width=0.125, image_size=SIZE)
+    init = jax.jit(model.init, compiler_options=training.INIT_COMPILER_OPTIONS)
+    variables = init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    images = jax.random.normal(jax.random.key(1), (4, SIZE, SIZE, 3))
+    return model, variables, images
+
+
+def test_random_rotation_is_a_seeded_rotation():
+    q = rotation.random_rotation(9, seed=3)
+    np.testing.assert_allclose(q @ q.T, np.eye(9), atol=1e-12)
+    assert np.linalg.det(q) == pytest.approx(1.0)
+    np.testing.assert_array_equal(q, rotation.random_rotation(9, seed=3))
+    assert not np.allclose(q, rotation.random_rotation(9, seed=4))
+    # Every seed gives a rotation, though half of the raw Haar O(k) draws are reflections.
+    assert all(np.linalg.det(rotation.random_rotation(4, s)) > 0 for s in range(20))
+
+
+def test_random_rotation_is_haar_distributed():
+    # Haar: E[Q] = 0 and E[Q_ij^2] = 1/k for every entry.
+    k, n = 4, 2000
+    draws = np.stack([rotation.random_rotation(k, s) for s in range(n)])
+    np.testing.assert_allclose(draws.mean(0), 0.0, atol=0.06)
+    np.testing.assert_allclose((draws**2).mean(0), 1 / k, atol=0.03)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 16])
+def test_fractional_power_goes_from_identity_to_q(k):
+    q = rotation.random_rotation(k, seed=k)
+    np.testing.assert_array_equal(rotation.fractional_power(q, 0.0), np.eye(k))
+    np.testing.assert_allclose(rotation.fractional_power(q, 1.0), q, atol=1e-12)
+    np.testing.assert_allclose(rotation.fractional_power(q, 1 - 1e-9), q, atol=1e-7)
+    for t in (0.1, 0.5, 0.9):
+        p = rotation.fractional_power(q, t)
+        assert p.dtype == np.float64
+        np.testing.assert_allclose(p @ p.T, np.eye(k), atol=1e-12)
+        assert np.linalg.det(p) == pytest.approx(1.0)
+    a, b = rotation.fractional_power(q, 0.3), rotation.fractional_power(q, 0.45)
+    np.testing.assert_allclose(a @ b, rotation.fractional_power(q, 0.75), atol=1e-12)
+    half = rotation.fractional_power(q, 0.5)
+    np.testing.assert_allclose(half @ half, q, atol=1e-12)
+
+
+def test_fractional_power_moves_gradually():
+    q = rotation.random_rotation(32, seed=0)
+    dist = [
+        np.linalg.norm(rotation.fractional_power(q, t) - np.eye(32)) for t in np.linspace(0, 1, 6)
+    ]
+    assert dist[0] == 0 and all(b > a for a, b in zip(dist, dist[1:], strict=False))
+
+
+def test_fractional_power_of_half_turns_and_reflections():
+    half_turn = np.diag([-1.0, -1.0, 1.0])  # two -1 eigenvalues: a rotation by pi
+    p = rotation.fractional_power(half_turn, 0.5)
+    np.testing.assert_allclose(p @ p, half_turn, atol=1e-12)
+    np.testing.assert_allclose(p @ p.T, np.eye(3), atol=1e-12)
+    with pytest.raises(ValueError, match="determinant -1"):
+        rotation.fractional_power(np.diag([-1.0, 1.0]), 0.5)
+    with pytest.raises(ValueError, match="orthogonal"):
+        rotation.fractional_power(np.ones((2, 2)), 0.5)
+
+
+def test_folding_the_inverse_into_a_linear_consumer():
+    rng = np.random.default_rng(0)
+    y, w = rng.standard_normal((5, 6)), rng.standard_normal((6, 3))
+    r = rotation.random_rotation(6, seed=1)
+    # (float32: the fold runs in JAX.)
+    np.testing.assert_allclose((y @ r) @ rotation.fold_into_kernel(w, r), y @ w, atol=1e-5)
+    conv = rng.standard_normal((3, 3, 6, 4))  # the input channel axis is -2 for convs too
+    folded = np.asarray(rotation.fold_into_kernel(conv, r))
+    np.testing.assert_allclose(np.einsum("ij,hwjo->hwio", r, folded), conv, atol=1e-5)
+
+
+def test_fold_keeps_the_network_and_insert_changes_it(cnn):
+    model, variables, images = cnn
+    path = model.layer_aliases["conv4"]
+    r = rotation.random_rotation(16, seed=2)
+    v = rotation.with_rotations(variables, {path: r})
+    base = model.apply(variables, images)
+    folded = rotation.RotatedModel(model, fold=True).apply(v, images)
+    inserted = rotation.RotatedModel(model, fold=False).apply(v, images)
+    # Rotate, then un-rotate for the consumer: the identity up to float rounding.
+    np.testing.assert_allclose(folded, base, atol=1e-5, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(inserted - base))) > 1e-2
+    # No rotation at all (t = 0) leaves both modes exact.
+    v0 = rotation.with_rotations(variables, {path: np.eye(16)})
+    np.testing.assert_allclose(
+        rotation.RotatedModel(model, fold=False).apply(v0, images), base, atol=1e-5
+    )
+
+
+def test_capture_sees_rotated_units_only_when_the_rotation_is_nested_inside(cnn):
+    model, variables, images = cnn
+    path = model.layer_aliases["conv4"]
+    r = rotation.random_rotation(16, seed=2)
+    plain = capture.make_tap(model, variables, ["conv4"], input_shape=(SIZE, SIZE, 3))
+    y = plain.fn(variables, images)[path]
+    rotated = rotation.RotatedModel(model, fold=True)
+    v = rotation.with_rotations(variables, {path: r})
+    tap = capture.make_tap(rotated, v, ["conv4", "conv5"], input_shape=(SIZE, SIZE, 3))
+    assert tap.layers == (path, model.layer_aliases["conv5"])
+    acts = jax.jit(tap.fn)(v, images)
+    np.testing.assert_allclose(acts[path], y @ r.astype(np.float32), atol=1e-5)
+    # Folded: the next layer sees what it saw before.
+    after = capture.make_tap(model, variables, ["conv5"], input_shape=(SIZE, SIZE, 3))
+    np.testing.assert_allclose(
+        acts[tap.layers[1]], after.fn(variables, images)[tap.layers[1]], atol=1e-5
+    )
+    # The wrong nesting: rotation outside the capture's interceptor, which records first.
+    with rotation.rotate_units({path: r}, fold=True):
+        outside = plain.fn(variables, images)[path]
+    np.testing.assert_allclose(outside, y, atol=1e-6)
+
+
+def test_fan_equals_the_rotated_models_capture(cnn):
+    model, variables, images = cnn
+    path = model.layer_aliases["conv5"]
+    q = rotation.random_rotation(32, seed=5)
+    mats = {rotation.amount_name("conv5", t): rotation.fractional_power(q, t) for t in (0, 0.5)}
+    fn, fan_vars = rotation.rotated_fan(model, variables, path, mats, input_size=SIZE)
+    fan = fn(fan_vars, images)
+    assert list(fan) == ["conv5-t0_000", "conv5-t0_500"]
+    for name, m in mats.items():
+        v = rotation.with_rotations(variables, {path: m})
+        tap = capture.make_tap(rotation.RotatedModel(model), v, [path], input_shape=(SIZE, SIZE, 3))
+        np.testing.assert_allclose(fan[name], tap.fn(v, images)[path], atol=1e-5)
+
+
+def test_weight_folding_matches_the_interceptor(cnn):
+    # conv5 -> ReLU -> global average pool -> linear: Q^T folds into the classifier's kernel.
+    model, variables, images = cnn
+    relu5 = model.layer_aliases["conv5"]
+    r = rotation.random_rotation(32, seed=6)
+    params = jax.tree.map(lambda x: x, variables["params"])
+    kernel = params["classifier"]["1"]["kernel"]
+    params["classifier"]["1"]["kernel"] = rotation.fold_into_kernel(kernel, r)
+    inserted = rotation.RotatedModel(model, fold=False).apply(
+        rotation.with_rotations({"params": params}, {relu5: r}), images
+    )
+    np.testing.assert_allclose(inserted, model.apply(variables, images), atol=1e-5)
+
+
+class _Branches(nn.Module):
+    """A layer whose output feeds two modules, one nested, and optionally a `+`."""
+
+    residual: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6, name="layer")(x)
+        a = nn.Dense(3, name="left")(h)
+        b = _Inner(name="right")(h)
+        out = a + b
+        return out + h[:, :3] if self.residual else out
+
+
+class _Inner(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="dense")(nn.relu(x))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_fold_reaches_every_consuming_module(residual):
+    model = _Branches(residual=residual)
+    x = jax.random.normal(jax.random.key(0), (5, 4))
+    variables = model.init(jax.random.key(1), x)
+    r = rotation.random_rotation(6, seed=0)
+    change = rotation.max_output_change(model, variables, {"layer": r}, np.asarray(x), lambda v: v)
+    if residual:
+        # The `+` in the parent's code is no module: it still sees rotated units, and the
+        # check says so.
+        assert change > 1e-2
+    else:
+        assert change < 1e-5
+
+
+def test_rotation_of_the_wrong_width_is_refused(cnn):
+    model, variables, images = cnn
+    v = rotation.with_rotations(variables, {model.layer_aliases["conv4"]: np.eye(5)})
+    with pytest.raises(ValueError, match="5-unit rotation"):
+        rotation.RotatedModel(model).apply(v, images)

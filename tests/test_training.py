@@ -1,0 +1,184 @@
+"""Training on the synthetic scenes: data, optimiser, sharding, checkpoints, resuming."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxdissect import parallel, training
+from jaxdissect.data.broden import Broden
+from models import load as model_load
+from tests.test_experiments import SAVE_STEPS, TINY_SIZE, TINY_STEPS, tiny_broden, trained_run
+
+
+def _task() -> training.SceneTask:
+    root = tiny_broden()
+    return training.scene_task(Broden.open(root, split="train"), Broden.open(root, split="val"))
+
+
+def _config(**kw) -> training.TrainConfig:
+    """A quick configuration for the resume and sharding tests."""
+    base = dict(
+        width=0.125, steps=20, batch_size=16, save_steps=(0, 20), checkpoint_every=5, dropout=True
+    )
+    return training.TrainConfig(**{**base, **kw})
+
+
+def test_scene_task_classes_are_the_train_splits_scenes():
+    root = tiny_broden()
+    train = Broden.open(root, split="train")
+    task = _task()
+    scene = set(train.labels.labels_in("scene").tolist())
+    expected = sorted(
+        {n for r in train.records for n in r.image_labels.get("scene", ()) if n in scene}
+    )
+    assert list(task.class_labels) == expected and task.num_classes >= 5
+    assert all(name.endswith("-s") for name in task.class_names)
+    # Texture and surface images have no scene: left out.
+    with_scene = [i for i, r in enumerate(train.records) if r.image_labels.get("scene")]
+    assert list(task.train.source_indices) == with_scene
+    assert task.train.images.shape == (len(with_scene), TINY_SIZE, TINY_SIZE, 3)
+    assert task.train.images.dtype == np.uint8
+    np.testing.assert_array_equal(task.train.images[0], train.read_image(with_scene[0]))
+    assert set(task.val.labels.tolist()) <= set(range(task.num_classes))
+
+
+def test_train_batches_are_a_pure_function_of_seed_and_step():
+    split = _task().train
+    a = training.train_batches(split, 4, seed=1)
+    b = training.train_batches(split, 4, seed=1)
+    for step in (0, 7, 1000):
+        np.testing.assert_array_equal(a[step]["image"], b[step]["image"])
+    # Without flips, batch size 1: each epoch is a permutation, and epochs differ.
+    plain = training.train_batches(split, 1, seed=1, flip=False)
+    n = len(split)
+    first = [int(plain[i]["label"][0]) for i in range(n)]
+    second = [int(plain[n + i]["label"][0]) for i in range(n)]
+    assert sorted(first) == sorted(split.labels.tolist()) == sorted(second)
+    assert first != second
+
+
+def test_eval_batches_pad_and_mask():
+    split = _task().val
+    batches = training.eval_batches(split, 16)
+    assert sum(int(b["valid"].sum()) for b in batches) == len(split)
+    assert all(b["image"].shape == (16, TINY_SIZE, TINY_SIZE, 3) for b in batches)
+
+
+def test_learning_rate_schedules():
+    cfg = dict(learning_rate=0.1, steps=100)
+    constant = training.learning_rate_schedule(training.TrainConfig(schedule="constant", **cfg))
+    assert float(constant(0)) == float(constant(99)) == pytest.approx(0.1)
+    cosine = training.learning_rate_schedule(training.TrainConfig(schedule="cosine", **cfg))
+    assert float(cosine(0)) == pytest.approx(0.1) and float(cosine(100)) == pytest.approx(0.0)
+    assert float(cosine(50)) == pytest.approx(0.05)
+    step = training.learning_rate_schedule(
+        training.TrainConfig(schedule="step", decay_steps=(30, 60), decay_factor=0.5, **cfg)
+    )
+    assert [float(step(s)) for s in (29, 30, 59, 60)] == pytest.approx([0.1, 0.05, 0.05, 0.025])
+    default_steps = training.learning_rate_schedule(training.TrainConfig(schedule="step", **cfg))
+    assert [float(default_steps(s)) for s in (49, 50, 75)] == pytest.approx([0.1, 0.01, 0.001])
+    warm = training.learning_rate_schedule(
+        training.TrainConfig(schedule="cosine", warmup_steps=10, **cfg)
+    )
+    assert float(warm(0)) == 0.0 and float(warm(10)) == pytest.approx(0.1)
+    assert float(warm(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_weight_decay_reaches_kernels_only(optimizer):
+    cfg = training.TrainConfig(
+        optimizer=optimizer, schedule="constant", learning_rate=0.1, weight_decay=0.5
+    )
+    tx = training.make_optimizer(cfg)
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    assert float(new["dense"]["kernel"][0, 0]) < 1.0
+    np.testing.assert_array_equal(new["dense"]["bias"], params["dense"]["bias"])
+
+
+def test_config_and_options_are_checked():
+    with pytest.raises(ValueError, match="optimizer"):
+        training.TrainConfig(optimizer="lamb")
+    with pytest.raises(ValueError, match="save_steps"):
+        training.TrainConfig(steps=10, save_steps=(20,))
+    with pytest.raises(ValueError, match="no option 'dropout'"):
+        training.model_options("resnet18", dropout=True)
+    assert training.model_options("resnet18", width=0.5, batch_norm=None) == {"width": 0.5}
+    assert training.model_options("small_cnn", batch_norm=True) == {"batch_norm": True}
+    assert training.model_name("small_cnn") == "models.small_cnn:small_cnn"
+
+
+def test_batches_are_sharded_and_state_replicated():
+    mesh = parallel.data_mesh()
+    assert mesh.devices.size == 8
+    trainer = training.Trainer(training.build_model("small_cnn", width=0.125), _config(), 32, mesh)
+    batch = trainer.put({"image": np.zeros((16, 32, 32, 3), np.uint8), "label": np.zeros(16)})
+    assert batch["image"].sharding.spec == P("data")
+    assert len(batch["image"].addressable_shards) == 8
+    state = trainer.initial_state()
+    kernel = state.params["features"]["0"]["kernel"]
+    assert kernel.sharding.is_fully_replicated
+    with pytest.raises(ValueError, match="multiple of 8"):
+        training.Trainer(trainer.model, _config(batch_size=12), 32, mesh)
+
+
+def test_exported_weights_load_for_dissection():
+    out = trained_run()
+    weights = training.weights_dir(out, TINY_STEPS)
+    meta = training.read_meta(weights)
+    assert meta["arch"] == "models.small_cnn:small_cnn"
+    assert meta["train"]["step"] == TINY_STEPS and meta["options"]["image_size"] == TINY_SIZE
+    loaded = training.load_trained(weights)
+    assert loaded.input_spec.size == TINY_SIZE and loaded.default_layers[-1] == "conv5"
+    # What experiments/dissect.py does with --model, --model_option and --weights.
+    options = model_load.parse_options(
+        [f"num_classes={meta['num_classes']}", "width=0.5", f"image_size={TINY_SIZE}"]
+    )
+    again = model_load.load(meta["arch"], weights=str(weights), options=options)
+    assert again.key == loaded.key
+    # The export is the checkpoint manager's state at that step.
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager((out / training.CHECKPOINT_DIR).absolute()) as manager:
+        assert set(SAVE_STEPS) <= set(manager.all_steps())
+        state = manager.restore(TINY_STEPS)
+    np.testing.assert_array_equal(
+        state["params"]["classifier"]["1"]["kernel"],
+        loaded.variables["params"]["classifier"]["1"]["kernel"],
+    )
+
+
+def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
+    """Killed after step 13, resumed from the step-10 checkpoint: the same weights as straight
+    through (the data order, flips and dropout keys are functions of the step)."""
+    task = _task()
+    straight = training.train(_config(), task, tmp_path / "straight", progress=False, log_every=4)
+    out = tmp_path / "run"
+    first = training.train(_config(), task, out, progress=False, log_every=4, stop_after=13)
+    assert first.step == 13 and [s for s, _ in training.list_weights(out)] == [0]
+    assert training.read_metrics(out / training.METRICS_FILE)[-1]["step"] == 13
+    second = training.train(_config(), task, out, progress=False, log_every=4)
+    assert second.resumed_from == 10 and second.step == 20
+    # The rows of the lost steps are redone, once.
+    steps = [r["step"] for r in training.read_metrics(out / training.METRICS_FILE)]
+    assert steps == [0, 4, 8, 12, 16, 20]
+    a = training.load_trained(straight.exports[20]).variables
+    b = training.load_trained(second.exports[20]).variables
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert second.val_accuracy == straight.val_accuracy
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run(), out)
+    with pytest.raises(FileExistsError, match="other settings"):
+        training.train(_config(learning_rate=0.1), _task(), out, progress=False)
