@@ -33,56 +33,74 @@ they were the smallest values: callers should refuse results where `nonfinite > 
 
 Exact mode
 ----------
-State: the top-k values per unit (descending) plus a small staging buffer. Each batch is
-cut into row chunks; a chunk only matters through its values above the current k-th value,
-so `lax.top_k` of the chunk with a small k (64 or 256, chosen per chunk by how many values
-exceed the k-th value for the worst unit) is staged, and the staging buffer is sorted and
-merged into the top-k when full. The top-k of a union does not depend on grouping or order,
-so merges are associative and commutative bitwise. Memory: k + max(2048, ~k/8) floats per unit.
+State: the top-k values per unit (descending) and a staging buffer. Batches are cut into
+row chunks of ~2^20 values. Only values above the current k-th value can enter the top-k,
+so a chunk is reduced with `lax.top_k` to its largest 64 or 256 values (whichever covers,
+for every unit, all values above the k-th; else the whole sorted chunk), staged, and the
+stage is merged into the top-k when full. The result is the top-k of the union whatever
+the grouping or order, so merges are associative and commutative bitwise.
+Memory: k + max(2048, ~k/8) floats per unit.
 
-Sketch mode (a relative-error compactor specialised to the upper tail)
----------------------------------------------------------------------
-Per unit: L levels of `size` (B) floats, level h holding items of weight 2^h, each level
-sorted descending. This is ReqSketch (Cormode, Karnin, Liberty, Thaler, Vesely, "Relative
-Error Streaming Quantiles", PODS 2021) in its high-rank-accuracy orientation: a level that
-reaches B items keeps its largest B/2 items untouched, and compacts the smallest s*k' of
-the rest (k' = B/16 items per section, 8 sections, s = 1 + number of trailing ones of the
-level's compaction counter, plus any excess): in that block, sorted, every other item (odd
-or even, by a seed-derived coin per unit and compaction) moves up with doubled weight. A
-compaction changes the estimated count of items >= y by 0 or +-2^h, with zero mean, and
-only if y falls inside its block; the schedule makes such blocks rare for the largest
-values, which is why the error is relative to the rank from the top. Three additions:
+Sketch mode: a relative-error compactor specialised to the upper tail
+----------------------------------------------------------------------
+Per unit, L levels of B = `size` floats; level h holds items of weight 2^h, sorted
+descending. This is ReqSketch (Cormode, Karnin, Liberty, Thaler, Vesely, "Relative Error
+Streaming Quantiles", PODS 2021) oriented to high ranks: when a level reaches B items it
+keeps its largest B/2 untouched and compacts the block of its smallest s*B/16 items
+(8 sections of B/16; s = 1 + the trailing ones of the level's compaction counter) plus any
+excess: of that sorted block every other item (odd or even positions, from a coin per
+unit, level and step, hashed from the seed) moves up with doubled weight. A compaction
+changes the estimated count of items >= y by 0 or +-2^h, with zero mean, and only if y is
+inside its block; the schedule keeps the largest values out of blocks for long, so the
+rank error is relative to the rank from the top, which is what q = 0.005 needs. The top
+level drops its block instead of promoting it (only ranks far below q*n live there).
 
-* Tail prefilter. Before each chunk the sketch's own estimate gives v_cut, the value at
-  estimated rank rho*q*n from the top (rho = 4). Values below v_cut are dropped without
-  being stored (only their row counts in n, and their max in `dropped_max`); values above
-  are taken with `lax.top_k`; values equal to v_cut are counted in one weighted "tie" item
-  per unit (so a dead ReLU unit, with its quantile on a spike at 0, stays cheap).
-* Certificate. Dropping never changes the answer if the selected value d[j] is >= every
-  dropped value: `sketch_certified` checks that (`sketch_threshold` raises otherwise). It
-  can fail only if the data order is adversarial (say sorted descending), where the final
-  quantile lies below values that looked far from the tail earlier.
-* The schedule and sizes are shared by all units; the per-unit state is sorted arrays, so
-  everything is `lax.top_k`, sorted merges (searchsorted + scatter) and gathers.
+Items reach the levels through one routine: "add <= B/2 sorted items at level h, then
+compact upwards" (a while_loop over levels). A chunk's candidates enter level 0 in
+interleaved pieces of B/2; `sketch_merge` adds the other sketch's level h at level h.
+Sorted merges use a bitonic network (roll + min/max), several times faster than XLA's
+sort on CPU. Per chunk, units share all control flow (`lax.cond` on "any unit").
 
-Accuracy (measured, tests/test_quantiles.py and benchmarks/bench_quantiles.py): with the
-default B = 768, the fraction of a unit's values strictly above its threshold, at q = 0.005
-and 3M values per unit, has relative error ~0.15-0.25% rms and <= 0.6% worst case over
-hundreds of units (ReLU-Gaussian, log-normal, |Cauchy|, Pareto, spike mixtures, bursty
-"hot image" streams, batches of 32x49 and 32x3136 rows, and after merging 8 shards). The
-ReqSketch analysis gives rank error O(R / sqrt(k' B)) at rank R from the top, i.e. a
-relative error independent of n; doubling B roughly divides the error by 1.4-2.
+* Tail prefilter. Each unit keeps a cut: a stored value whose estimated rank from the top
+  is at least r. Values below the cut are dropped without being stored (they count in n),
+  values above it are taken with `lax.top_k` (per group of 64 units, 2-3 size tiers), and
+  values equal to it go to one weighted "tie" item (so a unit whose quantile sits on a
+  spike, like a dead ReLU at 0 or a ReLU6 at 6, stays cheap and exact). The cut is
+  re-selected (bisection over float bits, at rank 1.4r-2r) only when its estimated rank
+  leaves [r, 2r-4r]. With `max_count` given, r = 1.5 q max_count: ranks only grow, so a
+  dropped value ends with more than 1.5 q n values above it and can never reach the
+  threshold, for any data order. Without it, r = 4 q n_seen, which assumes that the tail
+  grows with n.
+* Certificate. The threshold is exact with respect to dropping if the selected value
+  d[j] is >= every dropped value; `dropped_max` bounds them (by the cut at the time).
+  `sketch_certified` checks this and `sketch_threshold` raises if it fails, which happens
+  only without `max_count` on adversarial orders (a short early block of large values
+  followed by a long run of smaller ones, or a long descending-sorted stream).
+* Before any compaction (the top B/2 values of a level are never compacted) the sketch
+  is exact: for q*n < B/2 it returns the exact, bitwise, threshold.
 
-Memory per unit (floats): sketch = L * B with L = ceil(log2(rho*q*max_count / B)) + 2 levels
-(levels beyond the data's need stay empty), versus exact k ~ q*n (+2048 staging):
+Accuracy (tests/test_quantiles.py, benchmarks/bench_quantiles.py): with the default
+B = 672, at q = 0.005 and 3M values per unit, the fraction of a unit's values strictly
+above its threshold has relative error 0.1-0.27% rms and at most 0.51% over 216 unit-runs
+(ReLU-Gaussian, log-normal, |Cauchy|, Pareto, a spike mixture, bursty "hot images";
+batches of 32x49 and 32x3136 rows; single stream and 8 merged shards; both modes). Merging
+shards' independent errors lowers the error (0.1-0.17% rms for 8 shards). ReqSketch's
+analysis gives a rank error O(R / sqrt(B * B/16)) at rank R from the top: relative, and
+independent of n; B = 1024 roughly divides it by 1.5.
 
-    values per unit n        3.1M (7x7 layer)   200M (56x56)   3.2G (VGG conv1 224x224)
-    exact top-k              15.5K              1.0M           16M
-    sketch, max_count = n    6.9K (L=9)         11.5K (L=15)   14.6K (L=19)
-    sketch, default 2^32     14.6K (L=19)       14.6K          14.6K
+Memory per unit in floats (levels alone; plus 2L + 6 int32 words), L = levels_for(n):
 
-With max_count = n (the engine knows n) the sketch is ~2x below exact at 3M and ~100-1000x
-below it for early layers.
+    values per unit n         3.1M (7x7 layer)   199M (56x56)    3.2G (224x224)
+    exact: top-k + stage      15.5K + 2K         993K + 64K      15.9M + 64K
+    sketch, max_count = n     6.0K (L=9)         10.1K (L=15)    12.8K (L=19)
+    sketch, no max_count      12.8K (L=19, any n up to 2^32)
+
+(n = 63,305 Broden images x h x w). Both fit 512 units easily; exact mode is the one that
+does not scale to early layers (4 GB for 64 units at 224x224).
+
+Speed on this 2-core CPU (benchmarks/bench_quantiles.py speed, mid-run): see the lead's
+report; roughly 30 ms per 32x49x512 batch for either mode, and 20-25M values/s for the
+sketch on 32x3136 batches. Compilation: ~2-4 s per (batch shape, state shape).
 """
 
 from __future__ import annotations
@@ -617,47 +635,54 @@ def _nfinite(a: jax.Array) -> jax.Array:
 
 
 def _cascade(state: SketchState, items: jax.Array, start: jax.Array) -> SketchState:
-    """Add descending items [K, B/2] at level `start`, compacting upwards (one scan).
+    """Add descending items [K, B/2] at level `start`, compacting upwards.
 
     What a level promotes has at most B/2 items again (it holds < B before, so at most
-    B + B/2 - B/2 items form the block), which keeps the carry width fixed. The top level
-    drops its block instead (recording its max in dropped_max).
+    B + B/2 - B/2 items form the block), which keeps the carry width fixed. The loop
+    stops at the first level that promotes nothing. The top level drops its block
+    instead of promoting it (recording its max in dropped_max).
     """
     num_levels, num_units, size = state.levels.shape
     half = size // 2
     units = jnp.arange(num_units, dtype=jnp.uint32)
 
-    def body(carry_dropped, xs):
-        carry, dropped = carry_dropped
-        lvl, f, nc, h = xs
-        incoming = jnp.where(h == start, items, carry)
-        is_top = h == num_levels - 1
+    def busy(c):
+        h, carry = c[0], c[1]
+        return (h < num_levels) & jnp.any(jnp.isfinite(carry[:, 0]))
 
-        def work(args):
-            lvl, f, nc = args
-            temp = _merge_desc(lvl, incoming)
-            coin = _hash(state.key, state.step, h.astype(jnp.uint32), units) & 1
-            return _compact(
-                temp, f + _nfinite(incoming), nc, coin.astype(jnp.int32), size, is_top, half
-            )
+    def level(c):
+        h, carry, levels, fill, ncomp, dropped = c
+        temp = _merge_desc(levels[h], carry)
+        coin = _hash(state.key, state.step, h.astype(jnp.uint32), units) & 1
+        lvl, f, nc, promoted, dmax = _compact(
+            temp,
+            fill[h] + _nfinite(carry),
+            ncomp[h],
+            coin.astype(jnp.int32),
+            size,
+            h == num_levels - 1,
+            half,
+        )
+        return (
+            h + 1,
+            promoted,
+            levels.at[h].set(lvl),
+            fill.at[h].set(f),
+            ncomp.at[h].set(nc),
+            jnp.maximum(dropped, dmax),
+        )
 
-        def idle(args):
-            lvl, f, nc = args
-            return lvl, f, nc, _empty(num_units, half), jnp.full((num_units,), _NEG_INF)
-
-        busy = jnp.any(jnp.isfinite(incoming[:, 0]))
-        lvl, f, nc, carry, dmax = jax.lax.cond(busy, work, idle, (lvl, f, nc))
-        return (carry, jnp.maximum(dropped, dmax)), (lvl, f, nc)
-
-    init = (_empty(num_units, half), jnp.full((num_units,), _NEG_INF, jnp.float32))
-    xs = (state.levels, state.fill, state.ncompact, jnp.arange(num_levels))
-    (_, dropped), (levels, fill, ncomp) = jax.lax.scan(body, init, xs)
+    init = (
+        jnp.asarray(start, jnp.int32),
+        items,
+        state.levels,
+        state.fill,
+        state.ncompact,
+        state.dropped_max,
+    )
+    _, _, levels, fill, ncomp, dropped = jax.lax.while_loop(busy, level, init)
     return state.replace(
-        levels=levels,
-        fill=fill,
-        ncompact=ncomp,
-        dropped_max=jnp.maximum(state.dropped_max, dropped),
-        step=state.step + 1,
+        levels=levels, fill=fill, ncompact=ncomp, dropped_max=dropped, step=state.step + 1
     )
 
 
@@ -890,14 +915,21 @@ def sketch_threshold(
 
 
 def merge_all(stacked: ExactState | SketchState) -> ExactState | SketchState:
-    """Merge states stacked along a leading axis (e.g. after `lax.all_gather`).
+    """Merge states stacked along a leading axis (e.g. the output of `lax.all_gather`
+    inside `jax.shard_map`, or `jnp.stack`ed host states). jit-able.
 
-    A pairwise tree over the static leading axis; jit-able.
+    A left fold in a `fori_loop`, so the merge is traced once whatever the axis length.
     """
     merge = exact_merge if isinstance(stacked, ExactState) else sketch_merge
     n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-    states = [jax.tree_util.tree_map(lambda a, i=i: a[i], stacked) for i in range(n)]
-    return merge_list(states, merge)
+    first = jax.tree_util.tree_map(lambda a: a[0], stacked)
+    if n == 1:
+        return first
+
+    def body(i, acc):
+        return merge(acc, jax.tree_util.tree_map(lambda a: a[i], stacked))
+
+    return jax.lax.fori_loop(1, n, body, first)
 
 
 def merge_list(states: Sequence, merge=None):

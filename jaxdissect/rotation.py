@@ -37,7 +37,7 @@ import os
 import pathlib
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -267,6 +267,38 @@ def layer_units(module: nn.Module, variables: Any, path: str, input_size: int) -
     return int(shapes[path][-1])
 
 
+def predictor(
+    module: nn.Module,
+    input_spec: Any,
+    *,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    batch_size: int = 64,
+) -> Callable[[Any, np.ndarray], np.ndarray]:
+    """`predict(variables, images) -> logits` (float32), compiled once for every call.
+
+    The rotation matrices are part of `variables` (`with_rotations`), so one
+    compilation serves every rotation amount.
+    """
+    kwargs = dict(apply_kwargs or {})
+
+    @jax.jit
+    def run(v, x):
+        return module.apply(v, input_spec(x), **kwargs)
+
+    def predict(variables: Any, images: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = np.asarray(images[start : start + batch_size], np.float32)
+            n = len(chunk)
+            if n < batch_size:  # one shape: one compilation
+                pad = np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)
+                chunk = np.concatenate([chunk, pad])
+            out.append(np.asarray(run(variables, chunk))[:n])
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    return predict
+
+
 def predict(
     module: nn.Module,
     variables: Any,
@@ -277,22 +309,8 @@ def predict(
     batch_size: int = 64,
 ) -> np.ndarray:
     """Logits of uint8/float [N, H, W, 3] images (normalised by `input_spec`), float32."""
-    kwargs = dict(apply_kwargs or {})
-
-    @jax.jit
-    def run(v, x):
-        return module.apply(v, input_spec(x), **kwargs)
-
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = np.asarray(images[start : start + batch_size], np.float32)
-        n = len(chunk)
-        if n < batch_size:  # one shape: one compilation
-            chunk = np.concatenate(
-                [chunk, np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)]
-            )
-        out.append(np.asarray(run(variables, chunk))[:n])
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    run = predictor(module, input_spec, apply_kwargs=apply_kwargs, batch_size=batch_size)
+    return run(variables, images)
 
 
 def max_output_change(
@@ -459,6 +477,14 @@ def rotation_study(
             model.input_spec,
             apply_kwargs=model.apply_kwargs,
         )
+        networks = {
+            fold: predictor(
+                RotatedModel(model.module, fold=fold),
+                model.input_spec,
+                apply_kwargs=model.apply_kwargs,
+            )
+            for fold in (True, False)
+        }
     points = []
     for t, r in zip(amounts, layer_results, strict=True):
         summary = results.layer_summary(r)
@@ -468,13 +494,7 @@ def rotation_study(
         if evaluate:
             variables = with_rotations(model.variables, {path: matrices[amount_name(layer, t)]})
             for fold in (True, False):
-                logits = predict(
-                    RotatedModel(model.module, fold=fold),
-                    variables,
-                    eval_images,
-                    model.input_spec,
-                    apply_kwargs=model.apply_kwargs,
-                )
+                logits = networks[fold](variables, eval_images)
                 acc = float(np.mean(np.argmax(logits, -1) == eval_labels)) if len(logits) else 0.0
                 measured["accuracy_folded" if fold else "accuracy_inserted"] = acc
                 if fold:
@@ -587,18 +607,12 @@ def plot_rotation(
     twin = ax.twinx()
     twin.plot(ts, [p.interpretable_units for p in points], "k.-", label="interpretable units")
     twin.set_ylabel("interpretable units")
-    twin.set_ylim(0, max([p.num_units for p in points] + [1]))
     handles, labels = ax.get_legend_handles_labels()
     h2, l2 = twin.get_legend_handles_labels()
-    ax.legend(
-        handles + h2,
-        labels + l2,
-        fontsize=8,
-        frameon=False,
-        loc="upper left",
-        bbox_to_anchor=(1.12, 1.0),
-    )
-    ax.set_ylim(0, max(1.0, float(bottom.max()) * 1.25))
+    # Above the bars, in a headroom of its own: nothing to cover.
+    ax.legend(handles + h2, labels + l2, fontsize=8, frameon=False, loc="upper left", ncol=3)
+    ax.set_ylim(0, max(1.0, float(bottom.max()) * 1.5))
+    twin.set_ylim(0, max([p.num_units for p in points] + [1]) * 1.5)
     if has_acc:
         ax2 = axes[1]
         ax2.plot(ts, [p.accuracy_folded for p in points], "o-", color="#4e79a7", label="folded")

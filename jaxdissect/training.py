@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
@@ -496,6 +497,15 @@ class Trainer:
     def initial_state(self) -> TrainState:
         return self.init(jax.random.key(self.config.seed))
 
+    @staticmethod
+    @functools.lru_cache(maxsize=4)
+    def shared(
+        model: nn.Module, config: TrainConfig, resolution: int, mesh: jax.sharding.Mesh
+    ) -> Trainer:
+        """A `Trainer` reused by later calls with equal arguments: its compiled steps too
+        (a resumed run in the same process, as in tests, compiles nothing again)."""
+        return Trainer(model, config, resolution, mesh)
+
     def _logits(self, state: TrainState, params: Any, images: jax.Array, train: bool, rng=None):
         x = self.spec(images)
         variables = {"params": params}
@@ -771,7 +781,7 @@ def train(
         "devices": int(mesh.devices.size),
     }
     _prepare_output(out, settings)
-    trainer = Trainer(model, config, task.resolution, mesh)
+    trainer = Trainer.shared(model, config, task.resolution, mesh)
     state = trainer.initial_state()
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     manager = _checkpoint_manager(out / CHECKPOINT_DIR, config)
@@ -1186,6 +1196,10 @@ def plot_grouped(
             ax.bar(xs - 0.4 + width * (j + 0.5), vals, width, color=colors[c], label=c)
     labels = [f"{r.get('name', '')}\n{r['layer']}" for r in rows]
     rotate = n > 8 or max((len(str(r["layer"])) for r in rows), default=0) > 10
+    if stacked:
+        for x, total in zip(xs, bottom, strict=True):
+            ax.text(x, total, f"{total:g}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, max(1.0, float(bottom.max(initial=0)) * 1.12))
     ax.set_xticks(xs)
     ax.set_xticklabels(
         labels, fontsize=8, rotation=35 if rotate else 0, ha="right" if rotate else "center"

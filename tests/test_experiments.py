@@ -40,9 +40,18 @@ TRAIN_ARGS = (
     f"--save_steps={','.join(map(str, SAVE_STEPS))}",
     "--checkpoint_every=100",
     "--log_every=50",
+    # One device: 8 fake CPU devices on 2 cores double the time; tests/test_training.py
+    # covers the sharded path.
+    "--devices=1",
 )
 # exact thresholds: on tiny probe sets the sketch would only add noise.
-PROBE_ARGS = ("--split=all", "--batch_size=16", "--quantile_mode=exact", "--noprogress")
+PROBE_ARGS = (
+    "--split=all",
+    "--batch_size=16",
+    "--quantile_mode=exact",
+    "--devices=1",
+    "--noprogress",
+)
 
 
 @functools.cache
@@ -96,6 +105,7 @@ def dynamics_run() -> pathlib.Path:
     run_script(
         "training_dynamics",
         f"--run={trained_run()}",
+        f"--steps=0,{TINY_STEPS}",
         "--layers=conv3,conv5",
         *data_args(),
         *PROBE_ARGS,
@@ -141,7 +151,7 @@ def test_training_dynamics_script():
     out = dynamics_run()
     rows = training.read_rows_csv(out / "dynamics.csv")
     assert [(r["step"], r["layer"]) for r in rows] == [
-        (str(s), layer) for s in SAVE_STEPS for layer in ("conv3", "conv5")
+        (str(s), layer) for s in (0, TINY_STEPS) for layer in ("conv3", "conv5")
     ]
     assert {"val_accuracy", "unique_detectors", "unique_color", "share_texture"} <= set(rows[0])
     for name in ("dynamics.json", "dynamics.png", "dynamics_accuracy.png", "results.json"):
@@ -172,7 +182,9 @@ def test_compare_script(tmp_path):
         f"--output_dir={tmp_path}",
     )
     assert [(r["name"], r["layer"]) for r in rows] == [("tiny", "conv1")] + [
-        ("dynamics", f"step{s:06d}-{layer}") for s in SAVE_STEPS for layer in ("conv3", "conv5")
+        ("dynamics", f"step{s:06d}-{layer}")
+        for s in (0, TINY_STEPS)
+        for layer in ("conv3", "conv5")
     ]
     assert rows[0]["path"] == "features/1" and rows[0]["num_units"] == 16
     table = training.read_rows_csv(tmp_path / "compare.csv")

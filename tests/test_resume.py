@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    return synthetic.generate_tiny(tmp_path_factory.mktemp("resume") / "broden", num_images=40)
+    return synthetic.generate_tiny(tmp_path_factory.mktemp("resume") / "broden", num_images=24)
 
 
 def _command(data, out, *extra):
@@ -79,7 +79,7 @@ def test_killed_runs_resume_identically(tiny_data, tmp_path):
 
     # Killed in pass 1, restarted and killed again in pass 2, restarted to the end.
     step = _kill_during(_command(tiny_data, killed), killed, "pass1")
-    assert 3 <= step < 20  # mid-pass: 40 images in batches of 2
+    assert 3 <= step < 12  # mid-pass: 24 images in batches of 2
     assert not (killed / "results.json").exists()  # a killed run leaves no complete result
     _kill_during(_command(tiny_data, killed), killed, "pass2")
     assert not (killed / "results.json").exists()

@@ -160,13 +160,14 @@ def test_exported_weights_load_for_dissection():
 def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
     """Killed after step 13, resumed from the step-10 checkpoint: the same weights as straight
     through (the data order, flips and dropout keys are functions of the step)."""
-    task = _task()
-    straight = training.train(_config(), task, tmp_path / "straight", progress=False, log_every=4)
+    task, mesh = _task(), parallel.data_mesh(1)
+    kw = dict(mesh=mesh, progress=False, log_every=4)
+    straight = training.train(_config(), task, tmp_path / "straight", **kw)
     out = tmp_path / "run"
-    first = training.train(_config(), task, out, progress=False, log_every=4, stop_after=13)
+    first = training.train(_config(), task, out, stop_after=13, **kw)
     assert first.step == 13 and [s for s, _ in training.list_weights(out)] == [0]
     assert training.read_metrics(out / training.METRICS_FILE)[-1]["step"] == 13
-    second = training.train(_config(), task, out, progress=False, log_every=4)
+    second = training.train(_config(), task, out, **kw)
     assert second.resumed_from == 10 and second.step == 20
     # The rows of the lost steps are redone, once.
     steps = [r["step"] for r in training.read_metrics(out / training.METRICS_FILE)]
@@ -175,6 +176,23 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
     b = training.load_trained(second.exports[20]).variables
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert second.val_accuracy == straight.val_accuracy
+
+
+def test_data_parallel_steps_match_one_device():
+    """8 devices (batch sharded, state replicated, BatchNorm over the global batch) = 1 device."""
+    model = training.build_model("small_cnn", width=0.125, batch_norm=True)
+    config = _config(batch_norm=True, dropout=False)
+    images = np.random.default_rng(0).integers(0, 255, (16, 32, 32, 3), np.uint8)
+    batch = {"image": images, "label": np.arange(16) % 3}
+    states = []
+    for n in (1, 8):
+        trainer = training.Trainer(model, config, 32, parallel.data_mesh(n))
+        state = trainer.initial_state()
+        for _ in range(2):
+            state, _ = trainer.train_step(state, trainer.put(batch))
+        states.append(jax.device_get(state))
+    assert int(states[1].step) == 2
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *states)
 
 
 def test_resume_refuses_other_settings(tmp_path):

@@ -53,141 +53,36 @@ from PIL import Image
 CATEGORIES = ("color", "object", "part", "material", "scene", "texture")
 IMAGE_LEVEL = frozenset({"scene", "texture"})
 
-COLOR_NAMES = (
-    "black",
-    "blue",
-    "brown",
-    "grey",
-    "green",
-    "orange",
-    "pink",
-    "purple",
-    "red",
-    "white",
-    "yellow",
-)
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+COLOR_NAMES = _words("black blue brown grey green orange pink purple red white yellow")
 COLORS = tuple(f"{c}-c" for c in COLOR_NAMES)
-OBJECTS = (
-    "sky",
-    "grass",
-    "road",
-    "sidewalk",
-    "tree",
-    "building",
-    "car",
-    "person",
-    "wall",
-    "floor",
-    "water",
-    "house",
-    "mountain",
-    "sand",
-    "signboard",
-    "streetlight",
-    "fence",
-    "ceiling",
-    "door",
-    "bed",
-    "sofa",
-    "table",
-    "chair",
-    "lamp",
-    "painting",
-    "windowpane",
-    "bus",
-    "bicycle",
-    "dog",
-    "bench",
-    "ball",
-    "boat",
-    "flower",
-    "rock",
+OBJECTS = _words(
+    "sky grass road sidewalk tree building car person wall floor water house mountain sand"
+    " signboard streetlight fence ceiling door bed sofa table chair lamp painting windowpane"
+    " bus bicycle dog bench ball boat flower rock"
 )
 # door and lamp are also objects: they keep their object numbers.
-PARTS = (
-    "head",
-    "leg",
-    "torso",
-    "arm",
-    "trunk",
-    "window",
-    "wheel",
-    "leaves",
-    "roof",
-    "door",
-    "eye",
-    "mouth",
-    "hair",
-    "headlight",
-    "hubcap",
-    "pole",
-    "lamp",
-    "chimney",
-    "knob",
-    "back",
-    "seat",
-    "top",
-    "cushion",
-    "headboard",
-    "pillow",
-    "shade",
-    "base",
-    "frame",
-    "hull",
-    "sail",
-    "tail",
+PARTS = _words(
+    "head leg torso arm trunk window wheel leaves roof door eye mouth hair headlight hubcap"
+    " pole lamp chimney knob back seat top cushion headboard pillow shade base frame hull sail"
+    " tail"
 )
 # water is also an object.
-MATERIALS = (
-    "wood",
-    "painted",
-    "glass",
-    "metal",
-    "fabric",
-    "brick",
-    "foliage",
-    "stone",
-    "tile",
-    "skin",
-    "water",
-    "wallpaper",
-    "carpet",
-    "plastic",
-    "leather",
-    "paper",
+MATERIALS = _words(
+    "wood painted glass metal fabric brick foliage stone tile skin water wallpaper carpet"
+    " plastic leather paper"
 )
-SCENES = (
-    "street-s",
-    "park-s",
-    "forest-s",
-    "highway-s",
-    "yard-s",
-    "bedroom-s",
-    "living_room-s",
-    "beach-s",
-    "skyscraper-s",
-    "field-s",
-    "lake-s",
-    "mountain-s",
-    "dining_room-s",
-    "corridor-s",
-    "playground-s",
-    "harbor-s",
-    "desert-s",
+SCENES = _words(
+    "street-s park-s forest-s highway-s yard-s bedroom-s living_room-s beach-s skyscraper-s"
+    " field-s lake-s mountain-s dining_room-s corridor-s playground-s harbor-s desert-s"
 )
-TEXTURES = (
-    "striped",
-    "dotted",
-    "chequered",
-    "zigzagged",
-    "grid",
-    "banded",
-    "cracked",
-    "crosshatched",
-    "blotchy",
-    "honeycombed",
-    "spiralled",
-    "marbled",
+TEXTURES = _words(
+    "striped dotted chequered zigzagged grid banded cracked crosshatched blotchy honeycombed"
+    " spiralled marbled"
 )
 # First number of the part block: leaves numbers 46..249 unused so that part
 # and material labels straddle 256 (e.g. window = 255, wheel = 256 = R 0, G 1).
@@ -198,7 +93,6 @@ SYNONYMS = MappingProxyType(
         "car": ("auto", "automobile"),
         "building": ("edifice",),
         "sofa": ("couch",),
-        "windowpane": ("window",),
         "signboard": ("sign",),
         "fabric": ("cloth",),
         "grey-c": ("gray-c",),
@@ -232,25 +126,27 @@ CATEGORY_LABELS = MappingProxyType(
 SOURCES = ("scenes", "textures", "surfaces")
 _SOURCE_P = (0.70, 0.20, 0.10)
 # Long-tailed scene frequencies (recipes; the label itself comes from `scene_for`).
-_RECIPE_P = {
-    "street": 0.20,
-    "park": 0.11,
-    "forest": 0.09,
-    "highway": 0.07,
-    "yard": 0.07,
-    "bedroom": 0.07,
-    "living_room": 0.06,
-    "beach": 0.05,
-    "skyscraper": 0.05,
-    "field": 0.04,
-    "lake": 0.04,
-    "mountain": 0.035,
-    "dining_room": 0.03,
-    "corridor": 0.025,
-    "playground": 0.02,
-    "harbor": 0.015,
-    "desert": 0.015,
-}
+_RECIPE_P = MappingProxyType(
+    {
+        "street": 0.20,
+        "park": 0.11,
+        "forest": 0.09,
+        "highway": 0.07,
+        "yard": 0.07,
+        "bedroom": 0.07,
+        "living_room": 0.06,
+        "beach": 0.05,
+        "skyscraper": 0.05,
+        "field": 0.04,
+        "lake": 0.04,
+        "mountain": 0.035,
+        "dining_room": 0.03,
+        "corridor": 0.025,
+        "playground": 0.02,
+        "harbor": 0.015,
+        "desert": 0.015,
+    }
+)
 # Share of scene images whose materials are annotated (OpenSurfaces covers few).
 _MATERIAL_ANNOTATED_P = 0.6
 TRAIN_FRACTION = 0.7
@@ -2271,14 +2167,8 @@ def render(index: int, *, seed: int = 0, size: int = 224) -> Example:
     recipe = ""
     image_labels: dict[str, tuple[int, ...]] = {}
     if source == "scenes":
-        names = tuple(_RECIPE_P)
-        recipe = names[
-            int(
-                rng.choice(
-                    len(names), p=np.array(list(_RECIPE_P.values())) / sum(_RECIPE_P.values())
-                )
-            )
-        ]
+        weights = np.array(list(_RECIPE_P.values()))
+        recipe = tuple(_RECIPE_P)[int(rng.choice(len(weights), p=weights / weights.sum()))]
         pt = _Painter(size, rng, annotate_materials=rng.random() < _MATERIAL_ANNOTATED_P)
         textures = _RECIPES[recipe](pt)
     elif source == "textures":
@@ -2351,7 +2241,9 @@ def _write_example(
     for cat, planes in ex.planes.items():
         paths = []
         for k, plane in enumerate(planes):
-            name = f"{stem}_{cat}.png" if len(planes) == 1 else f"{stem}_{cat}_{k + 1}.png"
+            # Parts are numbered by level, like the release's ADE20K `_part_1.png`.
+            multi = cat == "part" or len(planes) > 1
+            name = f"{stem}_{cat}_{k + 1}.png" if multi else f"{stem}_{cat}.png"
             Image.fromarray(encode_labels(plane), "RGB").save(images / name)
             paths.append(name)
         cells[cat] = ";".join(paths)
