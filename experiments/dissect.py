@@ -150,7 +150,17 @@ def run():
     from models import load as model_load
 
     parallel.initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+    # The probe set first: generating the synthetic one forks worker processes, which
+    # must happen before JAX starts its threads (loading the model does).
+    source, dataset_name = open_probe(
+        FLAGS.data,
+        split=FLAGS.split,
+        max_images=FLAGS.max_images,
+        resolution=FLAGS.resolution,
+        synthetic_images=FLAGS.synthetic_images,
+        cache_dir=_cache_root(),
     )
     options = model_load.parse_options(FLAGS.model_option)
     if FLAGS.num_classes is not None:
@@ -166,14 +176,6 @@ def run():
     if not layers:
         raise app.UsageError("--layers is empty and the model declares no default_layers")
 
-    source, dataset_name = open_probe(
-        FLAGS.data,
-        split=FLAGS.split,
-        max_images=FLAGS.max_images,
-        resolution=FLAGS.resolution,
-        synthetic_images=FLAGS.synthetic_images,
-        cache_dir=_cache_root(),
-    )
     settings = engine.Settings(
         quantile=FLAGS.quantile,
         quantile_mode=FLAGS.quantile_mode,

@@ -218,6 +218,8 @@ class Dissector:
         if settings.batch_size % jax.process_count():
             raise ValueError("--batch_size must be divisible by the number of hosts")
         self.work_dir = pathlib.Path(work_dir) if work_dir is not None else None
+        if self.work_dir is not None:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_every, self.num_threads, self.progress = (
             checkpoint_every,
             num_threads,

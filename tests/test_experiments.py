@@ -2,20 +2,22 @@
 
 Each script is loaded from its file and run through `run(flag_values)` (what
 its `main` calls) on flags parsed by a fresh `FlagValues`, so that the four
-scripts' flags do not collide. The runs are cached for the whole session:
-tests/test_findings.py reads the same outputs.
+scripts' flags do not collide. The runs are made once per session (once for
+all pytest-xdist workers): tests/test_findings.py and tests/test_training.py
+read the same outputs.
 """
 
 from __future__ import annotations
 
-import atexit
+import fcntl
 import functools
 import importlib.util
 import json
+import os
 import pathlib
 import shutil
-import tempfile
 import types
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -54,18 +56,50 @@ PROBE_ARGS = (
 )
 
 
-@functools.cache
+_SHARED: dict[str, pathlib.Path] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_workspace(tmp_path_factory) -> pathlib.Path:
+    """The session's directory for the tiny runs, one for all pytest-xdist workers.
+
+    Modules that use the runs import this fixture (it is autouse).
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-N/, shared by the workers' popen-gwK/
+    _SHARED["root"] = base / "jaxdissect-experiments"
+    _SHARED["root"].mkdir(exist_ok=True)
+    return _SHARED["root"]
+
+
 def workspace() -> pathlib.Path:
-    path = pathlib.Path(tempfile.mkdtemp(prefix="jaxdissect-experiments-"))
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
+    return _SHARED["root"]
 
 
-@functools.cache
-def tiny_broden() -> pathlib.Path:
-    return synthetic.generate(
-        workspace() / "broden", num_images=TINY_IMAGES, size=TINY_SIZE, workers=1
-    )
+def once(name: str) -> Callable[[Callable[[pathlib.Path], object]], Callable[[], pathlib.Path]]:
+    """`fn(out)` fills `workspace() / name` once per session, whatever the xdist workers."""
+
+    def decorate(fn: Callable[[pathlib.Path], object]) -> Callable[[], pathlib.Path]:
+        @functools.cache
+        def get() -> pathlib.Path:
+            out, done = workspace() / name, workspace() / f"{name}.done"
+            with open(workspace() / f"{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits, then reads
+                if not done.exists():
+                    shutil.rmtree(out, ignore_errors=True)
+                    fn(out)
+                    done.touch()
+            return out
+
+        return get
+
+    return decorate
+
+
+@once("broden")
+def tiny_broden(out: pathlib.Path) -> None:
+    synthetic.generate(out, num_images=TINY_IMAGES, size=TINY_SIZE, workers=1)
 
 
 def script(name: str) -> types.ModuleType:
@@ -92,16 +126,13 @@ def data_args() -> tuple[str, ...]:
     return (f"--data={tiny_broden()}", f"--resolution={TINY_SIZE}")
 
 
-@functools.cache
-def trained_run() -> pathlib.Path:
-    out = workspace() / "train"
+@once("train")
+def trained_run(out: pathlib.Path) -> None:
     run_script("train", *data_args(), *TRAIN_ARGS, f"--output_dir={out}", "--noprogress")
-    return out
 
 
-@functools.cache
-def dynamics_run() -> pathlib.Path:
-    out = workspace() / "dynamics"
+@once("dynamics")
+def dynamics_run(out: pathlib.Path) -> None:
     run_script(
         "training_dynamics",
         f"--run={trained_run()}",
@@ -111,12 +142,10 @@ def dynamics_run() -> pathlib.Path:
         *PROBE_ARGS,
         f"--output_dir={out}",
     )
-    return out
 
 
-@functools.cache
-def rotation_run() -> pathlib.Path:
-    out = workspace() / "rotation"
+@once("rotation")
+def rotation_run(out: pathlib.Path) -> None:
     run_script(
         "rotation",
         f"--weights={trained_run() / 'weights' / f'step_{TINY_STEPS:06d}'}",
@@ -126,7 +155,6 @@ def rotation_run() -> pathlib.Path:
         *PROBE_ARGS,
         f"--output_dir={out}",
     )
-    return out
 
 
 def test_train_script_writes_a_resumable_dissectable_run():

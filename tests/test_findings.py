@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import pathlib
 
 import pytest
 
@@ -24,7 +25,14 @@ from jaxdissect import engine, parallel, pipeline, results
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from models import load as model_load
-from tests.test_experiments import SAVE_STEPS, dynamics_run, rotation_run, workspace
+from tests.test_experiments import (  # noqa: F401 (shared_workspace: an autouse fixture)
+    SAVE_STEPS,
+    dynamics_run,
+    once,
+    rotation_run,
+    shared_workspace,
+    workspace,
+)
 
 TRAINED = SAVE_STEPS[-1]
 
@@ -69,9 +77,14 @@ def test_b_rotation_and_unique_detectors():
     pytest.skip(f"not reproduced on synthetic data (see docstring); measured here: {numbers}")
 
 
+@once("broden96")
+def broden96(out: pathlib.Path) -> None:
+    synthetic.generate(out, num_images=32, size=96, workers=1)
+
+
 @functools.cache
 def _lite0_layers() -> dict[str, results.LayerSummary]:
-    root = synthetic.generate(workspace() / "broden96", num_images=32, size=96, workers=1)
+    root = broden96()
     model = model_load.load("efficientnet_lite0", weights="pretrained")
     layer_results = pipeline.dissect(
         pipeline.ModelInfo(

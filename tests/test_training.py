@@ -14,7 +14,14 @@ from jax.sharding import PartitionSpec as P
 from jaxdissect import parallel, training
 from jaxdissect.data.broden import Broden
 from models import load as model_load
-from tests.test_experiments import SAVE_STEPS, TINY_SIZE, TINY_STEPS, tiny_broden, trained_run
+from tests.test_experiments import (  # noqa: F401 (shared_workspace: an autouse fixture)
+    SAVE_STEPS,
+    TINY_SIZE,
+    TINY_STEPS,
+    shared_workspace,
+    tiny_broden,
+    trained_run,
+)
 
 
 def _task() -> training.SceneTask:
