@@ -3,13 +3,17 @@ r"""Train a network on the scenes of a (synthetic) Broden, keeping checkpoints t
   python experiments/train.py --flagfile=experiments/configs/train_small_cnn.flags
 
 The classes are the scene labels of the train split; the val split gives the
-validation accuracy. Writes settings.json, metrics.csv, summary.json,
+validation accuracy. Writes settings.json, metrics.csv, summary.json, training.png,
 checkpoints/ (orbax, for resuming: run the same command again after a kill)
 and weights/step_<N>/ for every --save_steps step, which the dissection loads:
 
   python experiments/dissect.py --model=models.small_cnn:small_cnn \
       --model_option=num_classes=17 --model_option=image_size=96 \
-      --weights=runs/train_small_cnn/weights/step_002000 --data=synthetic --resolution=96
+      --weights=runs/train_small_cnn/weights/step_002000 \
+      --data=synthetic --synthetic_images=4000 --resolution=96 --split=val \
+      --output_dir=runs/dissect_small_cnn
+
+(--model_option repeats the options in weights/step_N/meta.json.)
 """
 
 from __future__ import annotations

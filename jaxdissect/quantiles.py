@@ -493,9 +493,10 @@ def exact_threshold(state: ExactState, q: float | None = None) -> jax.Array:
 class SketchState:
     """Tail sketch per unit (see module docstring).
 
-    levels [L, K, B] descending, -inf padded; fill / ncompact [L, K] int32; tie_val /
-    tie_w [K]: one weighted item (tie_w copies of tie_val); dropped_max [K]: largest value
-    ever discarded; nonfinite [K]; count (hi, lo) int32; step, key: coin stream.
+    levels [L, K, B] descending, -inf padded; fill / ncompact [L, K] int32; tie_val [K]:
+    the unit's prefilter cut, also the value of one weighted item of tie_w [K] copies;
+    dropped_max [K]: bound on every value discarded; nonfinite [K]; count (hi, lo) int32;
+    step, key: the coin stream.
     """
 
     levels: jax.Array
@@ -925,15 +926,24 @@ def sketch_certified(state: SketchState, q: float | None = None) -> np.ndarray:
 def sketch_threshold(
     state: SketchState, q: float | None = None, *, strict: bool = True
 ) -> jax.Array:
-    """Estimated T_k [K]. Host-side. With strict, raise if any unit is not certified."""
+    """Estimated T_k [K] (NaN where the sketch holds too few finite values). Host-side.
+
+    With strict, raise if any unit is not certified (see `sketch_certified`).
+    """
     thresholds, certified = _sketch_answer(state, q)
     if strict and not certified.all():
         bad = np.flatnonzero(~certified)
+        units = f"{bad[:10].tolist()}{'...' if bad.size > 10 else ''}"
+        if np.isnan(thresholds[bad]).any():
+            raise ValueError(
+                f"units {units}: too few finite values for the quantile "
+                f"(non-finite counts: {np.asarray(state.nonfinite)[bad][:10].tolist()})"
+            )
         raise ValueError(
-            f"sketch cannot certify the threshold of units {bad[:10].tolist()}"
-            f"{'...' if bad.size > 10 else ''}: values it discarded as far below the "
-            "tail may lie above it (adversarially ordered data, or a sketch sized for fewer "
-            "values). Use exact mode, a larger max_count/rho, or shuffle the probe set."
+            f"sketch cannot certify the threshold of units {units}: values it discarded "
+            "as far below the tail may lie above it (a data order that fools the adaptive "
+            "prefilter, or max_count below the real count). Pass max_count, use exact "
+            "mode, or shuffle the probe set."
         )
     return jnp.asarray(thresholds)
 
@@ -959,12 +969,17 @@ def merge_all(stacked: ExactState | SketchState) -> ExactState | SketchState:
     return jax.lax.fori_loop(1, n, body, first)
 
 
+_exact_merge_jit = jax.jit(exact_merge)
+_sketch_merge_jit = jax.jit(sketch_merge)
+
+
 def merge_list(states: Sequence, merge=None):
-    """Merge a list of states pairwise (tree order, deterministic)."""
+    """Merge a list of states pairwise (tree order, deterministic), e.g. on a host after
+    `jax.device_get`. `merge` defaults to the jitted merge of the states' mode."""
     if not states:
         raise ValueError("nothing to merge")
     if merge is None:
-        merge = exact_merge if isinstance(states[0], ExactState) else sketch_merge
+        merge = _exact_merge_jit if isinstance(states[0], ExactState) else _sketch_merge_jit
     states = list(states)
     while len(states) > 1:
         nxt = [merge(states[i], states[i + 1]) for i in range(0, len(states) - 1, 2)]

@@ -11,6 +11,7 @@ Output directory of `train`:
   settings.json          the `TrainConfig`, data and model description
   metrics.csv            one row per logged step (train loss/accuracy, lr, val when evaluated)
   summary.json           final validation accuracy, the kept steps and their accuracies
+  training.png           loss and accuracy curves
   checkpoints/<step>/    orbax `CheckpointManager`: full state (step, params, BatchNorm
                          statistics, optimiser state) every `checkpoint_every` steps (the
                          latest `keep_checkpoints` kept) and at every `save_steps` (all kept)
@@ -63,6 +64,7 @@ INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 SETTINGS_FILE = "settings.json"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
+PLOT_FILE = "training.png"
 CHECKPOINT_DIR = "checkpoints"
 WEIGHTS_DIR = "weights"
 
@@ -90,17 +92,26 @@ def model_name(arch: str) -> str:
     return SMALL_CNN if arch == "small_cnn" else arch
 
 
-def build_model(arch: str, **options: Any) -> nn.Module:
-    """`small_cnn`, a `models.zoo` architecture, or a `package.module:attr` factory."""
+def _factory(arch: str) -> Callable[..., nn.Module]:
     from models import zoo
 
     name = model_name(arch)
-    if name in zoo.ARCHS:
-        return zoo.build(name, **options)
-    module_name, sep, attr = name.partition(":")
-    if not sep:
-        raise ValueError(f"unknown --arch {arch!r}: small_cnn, {', '.join(sorted(zoo.ARCHS))}")
-    return getattr(importlib.import_module(module_name), attr)(**options)
+    spec = zoo.ARCHS.get(name, name)
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"unknown --arch {arch!r}: small_cnn, {', '.join(sorted(zoo.ARCHS))}, "
+            "or package.module:factory"
+        )
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--arch={arch}: {e}") from e
+
+
+def build_model(arch: str, **options: Any) -> nn.Module:
+    """`small_cnn`, a `models.zoo` architecture, or a `package.module:attr` factory."""
+    return _factory(arch)(**options)
 
 
 def model_options(arch: str, **wanted: Any) -> dict[str, Any]:
@@ -109,15 +120,7 @@ def model_options(arch: str, **wanted: Any) -> dict[str, Any]:
     Raises if an option is set but the architecture has no such switch, rather
     than silently training something else.
     """
-    from models import zoo
-
-    name = model_name(arch)
-    if name in zoo.ARCHS:
-        module_name, fn_name = zoo.ARCHS[name].split(":")
-    else:
-        module_name, _, fn_name = name.partition(":")
-    fn = getattr(importlib.import_module(module_name), fn_name)
-    accepted = inspect.signature(fn).parameters
+    accepted = inspect.signature(_factory(arch)).parameters
     options = {}
     for key, value in wanted.items():
         if value is None:
@@ -654,6 +657,36 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def plot_training(
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, float]], *, title: str = ""
+) -> pathlib.Path:
+    """Training loss, and training and validation accuracy, against the step."""
+    from matplotlib.figure import Figure
+
+    from jaxdissect.report import plots
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        got = [(r["step"], r[key]) for r in rows if not np.isnan(r.get(key, float("nan")))]
+        return [g[0] for g in got], [g[1] for g in got]
+
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    loss_ax.plot(*series("train_loss"), color="#4e79a7", label="train")
+    loss_ax.plot(*series("val_loss"), "o-", color="#e15759", label="val")
+    loss_ax.set_ylabel("cross-entropy")
+    acc_ax.plot(*series("train_accuracy"), color="#4e79a7", label="train (batch)")
+    acc_ax.plot(*series("val_accuracy"), "o-", color="#e15759", label="val")
+    acc_ax.set_ylabel("accuracy")
+    acc_ax.set_ylim(0, 1)
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("step")
+        ax.grid(color="#dddddd", linewidth=0.6)
+        ax.legend(fontsize=8, frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
+    loss_ax.set_title(title, loc="left", fontsize=10, parse_math=False)
+    return plots._save(fig, path)
+
+
 def export_weights(
     directory: str | os.PathLike[str],
     state: TrainState,
@@ -884,7 +917,7 @@ def train(
     bar.close()
     manager.wait_until_finished()
     manager.close()
-    if start == stop == config.steps and jax.process_index() == 0:
+    if start == stop == config.steps:
         logging.info("%s: already trained for %d steps", out, config.steps)
     final = [r for r in history if not np.isnan(r.get("val_accuracy", float("nan")))]
     last = final[-1] if final else {"val_accuracy": float("nan"), "val_loss": float("nan")}
@@ -897,8 +930,11 @@ def train(
         resumed_from=start,
         elapsed_s=time.time() - t0,
     )
-    if jax.process_index() == 0 and step == config.steps:
+    if jax.process_index() == 0 and step == config.steps and start < config.steps:
         _write_metrics(out / METRICS_FILE, history)
+        plot_training(
+            out / PLOT_FILE, history, title=f"{model_name(config.arch)} on {task.description}"
+        )
         store.write_json(
             out / SUMMARY_FILE,
             {

@@ -2,7 +2,8 @@
 
 Shaped like a narrow AlexNet in torchvision's layout (`features.N`,
 `classifier.N`), cheap enough to train on two CPU cores: at 112 x 112 input
-the five conv layers see 56, 28, 14, 14 and 7 pixels square, low to high. A
+the five conv layers see 56, 28, 14, 14 and 7 pixels square, low to high (at
+96 x 96, as the experiments train it: 48, 24, 12, 12 and 6). A
 global average pool (not AlexNet's 6 x 6 flatten) feeds the classifier, so
 any input size works. Aliases `conv1`..`conv5` name the ReLU after each conv.
 """
@@ -101,7 +102,7 @@ def small_cnn(
     dropout: bool = True,
     image_size: int = IMAGE_SIZE,
 ) -> SmallCNN:
-    """The small CNN (about 0.57M parameters at width 1 and 17 classes).
+    """The small CNN (541,905 parameters at width 1 and 17 classes).
 
     `image_size` only sets `input_spec.size` (what probe images are resized to);
     the network itself takes any size.

@@ -56,6 +56,20 @@ def test_scene_task_classes_are_the_train_splits_scenes():
     assert set(task.val.labels.tolist()) <= set(range(task.num_classes))
 
 
+def test_the_tfds_build_gives_the_same_task_as_the_folder(tmp_path):
+    from jaxdissect.data import synthetic, tfds_broden
+
+    root = synthetic.generate(tmp_path / "broden", num_images=24, size=32, workers=1)
+    build = tfds_broden.build(root, tmp_path / "tfds")
+    kw = dict(resolution=32, synthetic_images=0, cache_dir=tmp_path)
+    folder = training.open_scene_task(str(root), **kw)
+    tfds = training.open_scene_task(str(build), **kw)
+    assert tfds.class_labels == folder.class_labels
+    for a, b in ((tfds.train, folder.train), (tfds.val, folder.val)):
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.labels, b.labels)
+
+
 def test_train_batches_are_a_pure_function_of_seed_and_step():
     split = _task().train
     a = training.train_batches(split, 4, seed=1)
@@ -122,6 +136,8 @@ def test_config_and_options_are_checked():
     assert training.model_options("resnet18", width=0.5, batch_norm=None) == {"width": 0.5}
     assert training.model_options("small_cnn", batch_norm=True) == {"batch_norm": True}
     assert training.model_name("small_cnn") == "models.small_cnn:small_cnn"
+    with pytest.raises(ValueError, match="unknown --arch"):
+        training.model_options("lenet")
 
 
 def test_batches_are_sharded_and_state_replicated():
@@ -207,3 +223,18 @@ def test_resume_refuses_other_settings(tmp_path):
     shutil.copytree(trained_run(), out)
     with pytest.raises(FileExistsError, match="other settings"):
         training.train(_config(learning_rate=0.1), _task(), out, progress=False)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_small_cnn_layout(batch_norm):
+    from jaxdissect import capture
+    from models.small_cnn import small_cnn
+
+    model = small_cnn(num_classes=17, batch_norm=batch_norm, image_size=96)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 96, 96, 3)))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+    assert count == (541_905 if not batch_norm else 541_905 + 2 * (32 + 64 + 128 + 128 + 256))
+    layers = capture.available_layers(model, shapes, input_shape=(96, 96, 3))
+    sizes = [layers[model.layer_aliases[f"conv{i}"]] for i in range(1, 6)]
+    assert sizes == [(48, 48, 32), (24, 24, 64), (12, 12, 128), (12, 12, 128), (6, 6, 256)]
+    assert model.input_spec.size == 96
