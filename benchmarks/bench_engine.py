@@ -6,7 +6,9 @@ synthetic Broden, in one process per data size:
   - dissection: both passes (sketch thresholds, top images, exact IoU tally);
   - their ratio, images/s, and the peak host memory (ru_maxrss) of the process.
 Sizes N, 2N, 4N show whether memory grows with the data (it must not, apart
-from the activation cache, which is off here unless --activation_cache says).
+from the activation cache: `auto` by default, as in dissect.py; `none` makes
+pass 2 run the network again). Peak RSS is read after the data is opened, after
+the forward pass and after the dissection, so that growth can be placed.
 
   python benchmarks/bench_engine.py --num_images 256 --batch_size 32 --layers layer4
 
@@ -31,14 +33,18 @@ flags.DEFINE_string("arch", "resnet18", "Architecture of models/zoo.")
 flags.DEFINE_list("layers", ["layer4"], "Layers to dissect.")
 flags.DEFINE_enum(
     "activation_cache",
-    "none",
+    "auto",
     ["auto", "device", "host", "disk", "none"],
-    "Activation cache (none: pass 2 runs the network again).",
+    "Activation cache (auto: as dissect.py; none: pass 2 runs the network again).",
 )
 flags.DEFINE_enum("quantile_mode", "sketch", ["sketch", "exact"], "Threshold statistic.")
 flags.DEFINE_string("cache_dir", "~/.cache/jaxdissect/bench_engine", "Synthetic data cache.")
 flags.DEFINE_bool("child", False, "Internal: run one size and print JSON.")
 FLAGS = flags.FLAGS
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _child() -> dict:
@@ -54,6 +60,7 @@ def _child() -> dict:
         synthetic_images=FLAGS.num_images,
         cache_dir=os.path.expanduser(FLAGS.cache_dir),
     )
+    rss_data = _peak_rss_mb()
     model = load.load(FLAGS.arch, weights=None)
     spec = model.input_spec
     tap = capture.make_tap(
@@ -81,6 +88,7 @@ def _child() -> dict:
 
     forward_pass()  # compile
     t_forward = forward_pass()
+    rss_forward = _peak_rss_mb()
 
     def dissect() -> tuple[float, dict]:
         d = engine.Dissector(
@@ -111,7 +119,10 @@ def _child() -> dict:
         "forward_img_s": n / t_forward,
         "dissect_img_s": n / t_dissect,
         "ratio": t_dissect / t_forward,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_after_data_mb": rss_data,
+        "rss_after_forward_mb": rss_forward,
+        "cache_kind": timings.get("cache", FLAGS.activation_cache),
         "units": int(np.sum([tap.shapes[layer][2] for layer in tap.layers])),
     }
 
@@ -140,13 +151,14 @@ def main(argv):
     )
     print(
         f"{'images':>7} {'forward img/s':>14} {'dissect img/s':>14} {'pass1 s':>8} "
-        f"{'pass2 s':>8} {'ratio':>6} {'peak RSS MB':>12}"
+        f"{'pass2 s':>8} {'ratio':>6} {'peak RSS MB: data / forward / end':>34}"
     )
     for r in rows:
         print(
             f"{r['images']:>7} {r['forward_img_s']:>14.1f} {r['dissect_img_s']:>14.1f} "
             f"{r['pass1_s']:>8.1f} {r['pass2_s']:>8.1f} {r['ratio']:>6.2f} "
-            f"{r['peak_rss_mb']:>12.0f}"
+            f"{r['rss_after_data_mb']:>16.0f} / {r['rss_after_forward_mb']:>5.0f} / "
+            f"{r['peak_rss_mb']:>5.0f}"
         )
 
 

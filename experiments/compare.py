@@ -16,15 +16,16 @@ bars), compare_unique_stacked.png and compare_interpretable.png.
 from __future__ import annotations
 
 import os
+import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from jaxdissect import cli
 
 FLAGS = flags.FLAGS
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-    from jaxdissect import training
-
     flags.DEFINE_multi_string("results", [], "NAME=DIR of an existing dissection.", flag_values=fv)
     flags.DEFINE_multi_string(
         "dissect",
@@ -35,7 +36,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
         "output_dir", "runs/compare", "Where the table and figures go.", flag_values=fv
     )
-    training.define_dissection_flags(fv, split="all", resolution=224)
+    cli.define_dissection_flags(fv, split="all", resolution=224)
 
 
 def parse_entry(text: str) -> tuple[str, str, str, list[str]]:
@@ -49,10 +50,11 @@ def parse_entry(text: str) -> tuple[str, str, str, list[str]]:
 
 def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     """Dissect and collect as the flags say; returns the table's rows."""
-    from jaxdissect import parallel, pipeline, training
+    started = time.perf_counter()
+    from jaxdissect import parallel, pipeline, studies, training
     from models import load as model_load
 
-    training.quiet_library_logs()
+    cli.quiet_library_logs()
     if not fv.results and not fv.dissect:
         raise ValueError("nothing to compare: give --results and/or --dissect")
     rows: list[dict] = []
@@ -65,36 +67,29 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
         else:
             loaded = training.load_trained(weights)
         if source is None:
-            source, dataset_name = training.probe_from_flags(fv)
+            source, dataset_name = cli.probe_from_flags(fv)
         out = os.path.join(fv.output_dir, name)
         pipeline.dissect(
-            pipeline.ModelInfo(
-                loaded.module,
-                loaded.variables,
-                loaded.input_spec,
-                loaded.name,
-                loaded.key,
-                loaded.apply_kwargs,
-            ),
+            cli.model_info(loaded),
             layers,
             source,
-            training.settings_from_flags(fv),
+            cli.settings_from_flags(fv),
             out,
             dataset_name=dataset_name,
             mesh=parallel.data_mesh(fv.devices),
-            options=training.options_from_flags(fv),
+            options=cli.options_from_flags(fv),
         )
         # results.json names layers by module path; the table keeps the names asked for.
-        for layer, row in zip(layers, training.results_rows(name, out), strict=True):
+        for layer, row in zip(layers, studies.results_rows(name, out), strict=True):
             rows.append({**row, "layer": layer, "path": row["layer"]})
         entries.append({"name": name, "model": model, "weights": weights, "layers": layers})
     for text in fv.results:
         name, sep, directory = text.partition("=")
         if not sep or not name:
             raise ValueError(f"--results={text!r}: expected NAME=DIR")
-        rows.extend(training.results_rows(name, directory))
+        rows.extend(studies.results_rows(name, directory))
         entries.append({"name": name, "results": directory})
-    files = training.write_comparison(fv.output_dir, rows, {"entries": entries})
+    files = studies.write_comparison(fv.output_dir, rows, {"entries": entries})
     for r in rows:
         by_cat = ", ".join(
             f"{k[len('unique_') :]} {v}"
@@ -106,17 +101,11 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
             f"{r['interpretable_units']}/{r['num_units']} interpretable"
         )
     print(f"table: {os.path.abspath(files['csv'])}")
+    cli.report_elapsed(started, files["json"])
     return rows
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        run(FLAGS)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        logging.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(f"error: {e}") from None
+main = cli.script_main(run)
 
 
 if __name__ == "__main__":

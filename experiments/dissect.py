@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 
 from absl import app, flags, logging
+
+from jaxdissect import cli
 
 FLAGS = flags.FLAGS
 
@@ -117,35 +118,9 @@ flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
-def _cache_root() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("JAXDISSECT_CACHE", "~/.cache/jaxdissect")).expanduser()
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        run()
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # Bad flags or bad data: a clear message, not a traceback (they name the flag or file).
-        logging.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(f"error: {e}") from None
-
-
-def _quiet_library_logs():
-    """Keep orbax's per-checkpoint INFO lines out of the user's log (warnings stay)."""
-    import logging as pylogging
-
-    def keep(record):
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
-    logging.get_absl_handler().addFilter(keep)
-
-
 def run():
-    _quiet_library_logs()
+    cli.quiet_library_logs()
     from jaxdissect import engine, parallel, pipeline
-    from jaxdissect.data import open_probe
     from jaxdissect.preprocess import PLACES_LITE, TORCHVISION
     from models import load as model_load
 
@@ -154,14 +129,7 @@ def run():
     )
     # The probe set first: generating the synthetic one forks worker processes, which
     # must happen before JAX starts its threads (loading the model does).
-    source, dataset_name = open_probe(
-        FLAGS.data,
-        split=FLAGS.split,
-        max_images=FLAGS.max_images,
-        resolution=FLAGS.resolution,
-        synthetic_images=FLAGS.synthetic_images,
-        cache_dir=_cache_root(),
-    )
+    source, dataset_name = cli.probe_from_flags(FLAGS)
     options = model_load.parse_options(FLAGS.model_option)
     if FLAGS.num_classes is not None:
         options["num_classes"] = FLAGS.num_classes
@@ -191,9 +159,7 @@ def run():
     )
     output_dir = FLAGS.output_dir or os.path.join("runs", FLAGS.model.replace(":", "_"))
     pipeline.dissect(
-        pipeline.ModelInfo(
-            model.module, model.variables, spec, model.name, model.key, model.apply_kwargs
-        ),
+        cli.model_info(model, spec),
         layers,
         source,
         settings,
@@ -211,6 +177,8 @@ def run():
     logging.info("report: %s", os.path.abspath(os.path.join(output_dir, "index.html")))
     print(f"Report: {os.path.abspath(os.path.join(output_dir, 'index.html'))}")
 
+
+main = cli.script_main(run)
 
 if __name__ == "__main__":
     app.run(main)

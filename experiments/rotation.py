@@ -16,15 +16,16 @@ Writes rotation.csv, rotation.json, rotation.png and the dissection
 from __future__ import annotations
 
 import os
+import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from jaxdissect import cli
 
 FLAGS = flags.FLAGS
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-    from jaxdissect import training
-
     flags.DEFINE_string(
         "weights",
         None,
@@ -50,15 +51,16 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         flag_values=fv,
     )
     flags.DEFINE_string("output_dir", None, "Default: runs/rotation_<layer>.", flag_values=fv)
-    training.define_dissection_flags(fv)
+    cli.define_dissection_flags(fv)
 
 
 def run(fv: flags.FlagValues = FLAGS):
     """Run the study as the flags say; returns the `rotation.RotationPoint`s."""
-    from jaxdissect import parallel, pipeline, rotation, training
+    started = time.perf_counter()
+    from jaxdissect import parallel, rotation, scenes, training
     from models import load as model_load
 
-    training.quiet_library_logs()
+    cli.quiet_library_logs()
     if not fv.weights and not fv.model:
         raise ValueError("give --weights (a training export) or --model")
     trained = bool(fv.weights) and os.path.isfile(os.path.join(fv.weights, "meta.json"))
@@ -68,37 +70,31 @@ def run(fv: flags.FlagValues = FLAGS):
         loaded = model_load.load(fv.model, weights=fv.weights or None)
     else:
         raise ValueError(f"--weights={fv.weights} is not a training export; give --model too")
-    source, dataset_name = training.probe_from_flags(fv)
+    source, dataset_name = cli.probe_from_flags(fv)
     eval_images = eval_labels = None
     if fv.accuracy and trained:
         meta = training.read_meta(fv.weights)
-        task = training.open_scene_task(
+        task = scenes.open_scene_task(
             fv.data,
             resolution=fv.resolution,
             synthetic_images=fv.synthetic_images,
-            cache_dir=training.cache_root(),
+            cache_dir=cli.cache_root(),
         )
         if list(task.class_names) != meta.get("classes"):
             raise ValueError(f"--data's scene classes are not those {fv.weights} was trained on")
         eval_images, eval_labels = task.val.images, task.val.labels
+    output_dir = fv.output_dir or os.path.join("runs", f"rotation_{fv.layer}")
     points = rotation.rotation_study(
-        pipeline.ModelInfo(
-            loaded.module,
-            loaded.variables,
-            loaded.input_spec,
-            loaded.name,
-            loaded.key,
-            loaded.apply_kwargs,
-        ),
+        cli.model_info(loaded),
         fv.layer,
         [float(t) for t in fv.amounts],
         source,
-        training.settings_from_flags(fv),
-        fv.output_dir or os.path.join("runs", f"rotation_{fv.layer}"),
+        cli.settings_from_flags(fv),
+        output_dir,
         dataset_name=dataset_name,
         seed=fv.rotation_seed,
         mesh=parallel.data_mesh(fv.devices),
-        options=training.options_from_flags(fv),
+        options=cli.options_from_flags(fv),
         eval_images=eval_images,
         eval_labels=eval_labels,
     )
@@ -112,17 +108,11 @@ def run(fv: flags.FlagValues = FLAGS):
             f"t={p.amount:g}: {p.unique_detectors} unique detectors, "
             f"{p.interpretable_units}/{p.num_units} interpretable units{acc}"
         )
+    cli.report_elapsed(started, os.path.join(output_dir, "rotation.json"))
     return points
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        run(FLAGS)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        logging.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(f"error: {e}") from None
+main = cli.script_main(run)
 
 
 if __name__ == "__main__":

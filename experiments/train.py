@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from jaxdissect import cli
 
 FLAGS = flags.FLAGS
 
@@ -114,9 +117,12 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 
 def run(fv: flags.FlagValues = FLAGS):
     """Train as the flags say; returns the `training.TrainResult`."""
-    from jaxdissect import parallel, training
+    started = time.perf_counter()
+    import jax
 
-    training.quiet_library_logs()
+    from jaxdissect import parallel, scenes, training
+
+    cli.quiet_library_logs()
     config = training.TrainConfig(
         arch=fv.arch,
         width=fv.width,
@@ -140,11 +146,11 @@ def run(fv: flags.FlagValues = FLAGS):
         keep_checkpoints=fv.keep_checkpoints,
         eval_every=fv.eval_every,
     )
-    task = training.open_scene_task(
+    task = scenes.open_scene_task(
         fv.data,
         resolution=fv.resolution,
         synthetic_images=fv.synthetic_images,
-        cache_dir=training.cache_root(),
+        cache_dir=cli.cache_root(),
         max_train=fv.max_train,
     )
     output_dir = fv.output_dir or os.path.join("runs", f"train_{fv.arch}")
@@ -161,17 +167,14 @@ def run(fv: flags.FlagValues = FLAGS):
         f"({len(task.val)} images, {task.num_classes} classes); "
         f"weights: {pathlib.Path(output_dir, training.WEIGHTS_DIR).resolve()}"
     )
+    # train() wrote summary.json (on process 0) if this session finished the training.
+    finished_now = result.resumed_from < result.step == config.steps
+    summary = result.output_dir / training.SUMMARY_FILE
+    cli.report_elapsed(started, summary if finished_now and jax.process_index() == 0 else None)
     return result
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        run(FLAGS)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        logging.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(f"error: {e}") from None
+main = cli.script_main(run)
 
 
 if __name__ == "__main__":

@@ -12,40 +12,43 @@ accuracy), with the dissection's results.json and tally CSVs, to --output_dir.
 from __future__ import annotations
 
 import os
+import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from jaxdissect import cli
 
 FLAGS = flags.FLAGS
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-    from jaxdissect import training
-
     flags.DEFINE_string("run", None, "An experiments/train.py output directory.", flag_values=fv)
     flags.DEFINE_list("steps", [], "Exported steps to dissect (default: all).", flag_values=fv)
     flags.DEFINE_list("layers", ["conv3", "conv5"], "Layers to dissect.", flag_values=fv)
     flags.DEFINE_string("output_dir", None, "Default: <run>/dynamics.", flag_values=fv)
-    training.define_dissection_flags(fv)
+    cli.define_dissection_flags(fv)
 
 
 def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     """Run the study as the flags say; returns its rows (one per checkpoint and layer)."""
-    from jaxdissect import parallel, training
+    started = time.perf_counter()
+    from jaxdissect import parallel, studies
 
-    training.quiet_library_logs()
+    cli.quiet_library_logs()
     if not fv.run:
         raise ValueError("--run (a training output directory) is required")
-    checkpoints = training.run_checkpoints(fv.run, [int(s) for s in fv.steps] if fv.steps else None)
-    source, dataset_name = training.probe_from_flags(fv)
-    rows = training.dynamics_study(
+    checkpoints = studies.run_checkpoints(fv.run, [int(s) for s in fv.steps] if fv.steps else None)
+    source, dataset_name = cli.probe_from_flags(fv)
+    output_dir = fv.output_dir or os.path.join(fv.run, "dynamics")
+    rows = studies.dynamics_study(
         checkpoints,
         fv.layers,
         source,
-        training.settings_from_flags(fv),
-        fv.output_dir or os.path.join(fv.run, "dynamics"),
+        cli.settings_from_flags(fv),
+        output_dir,
         dataset_name=dataset_name,
         mesh=parallel.data_mesh(fv.devices),
-        options=training.options_from_flags(fv),
+        options=cli.options_from_flags(fv),
     )
     for r in rows:
         print(
@@ -53,17 +56,11 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
             f"{r['interpretable_units']}/{r['num_units']} interpretable, "
             f"val accuracy {r['val_accuracy']}"
         )
+    cli.report_elapsed(started, os.path.join(output_dir, "dynamics.json"))
     return rows
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        run(FLAGS)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        logging.error("%s: %s", type(e).__name__, e)
-        raise SystemExit(f"error: {e}") from None
+main = cli.script_main(run)
 
 
 if __name__ == "__main__":

@@ -577,7 +577,8 @@ class Dissector:
         if self.cache is not None:
             self.cache.clear()
         logging.info("pass 1 %.1f s, pass 2 %.1f s", t1 - t0, t2 - t1)
-        self.timings = {"pass1_s": t1 - t0, "pass2_s": t2 - t1}
+        cache_kind = "none" if self.cache is None else self.cache.kind
+        self.timings = {"pass1_s": t1 - t0, "pass2_s": t2 - t1, "cache": cache_kind}
         return {
             layer: LayerStats(
                 layer=layer,

@@ -56,10 +56,14 @@ rank error is relative to the rank from the top, which is what q = 0.005 needs. 
 level drops its block instead of promoting it (only ranks far below q*n live there).
 
 Items reach the levels through one routine: "add <= B/2 sorted items at level h, then
-compact upwards" (a while_loop over levels). A chunk's candidates enter level 0 in
-interleaved pieces of B/2; `sketch_merge` adds the other sketch's level h at level h.
-Sorted merges use a bitonic network (roll + min/max), several times faster than XLA's
-sort on CPU. Per chunk, units share all control flow (`lax.cond` on "any unit").
+compact upwards" (a scan over levels). Units share all control flow (`lax.cond` on "any
+unit"), so with hundreds of units some unit compacts at nearly every level and a cascade
+costs about the same for 50 new values per unit as for B/2. Hence a stage: each chunk's
+candidates are merged into an exact, weight-1 buffer of B floats per unit, which enters
+level 0 as one piece once some unit has B/2 staged (or, when a chunk brings more, in
+interleaved pieces of B/2). `sketch_merge` adds the other sketch's level h at level h.
+Sorted merges and sorts use bitonic networks (roll + min/max in a fori_loop), several
+times faster than XLA's comparison sort on CPU and quick to compile.
 
 * Tail prefilter. Each unit keeps a cut: a stored value whose estimated rank from the top
   is at least r. Values below the cut are dropped without being stored (they count in n),
@@ -88,12 +92,13 @@ shards' independent errors lowers the error (0.1-0.17% rms for 8 shards). ReqSke
 analysis gives a rank error O(R / sqrt(B * B/16)) at rank R from the top: relative, and
 independent of n; B = 1024 roughly divides it by 1.5.
 
-Memory per unit in floats (levels alone; plus 2L + 6 int32 words), L = levels_for(n):
+Memory per unit in floats: (L + 1) * B for the levels and the stage, plus 2L + 6 words;
+L = sketch_levels(B, q, n):
 
     values per unit n         3.1M (7x7 layer)   199M (56x56)    3.2G (224x224)
     exact: top-k + stage      15.5K + 2K         993K + 64K      15.9M + 64K
-    sketch, max_count = n     6.0K (L=9)         10.1K (L=15)    12.8K (L=19)
-    sketch, no max_count      12.8K (L=19, any n up to 2^32)
+    sketch, max_count = n     6.7K (L=9)         10.8K (L=15)    13.4K (L=19)
+    sketch, no max_count      13.4K (L=19, any n up to 2^32)
 
 (n = 63,305 Broden images x h x w). Both fit 512 units easily; exact mode is the one that
 does not scale to early layers (4 GB for 64 units at 224x224).
@@ -493,13 +498,15 @@ def exact_threshold(state: ExactState, q: float | None = None) -> jax.Array:
 class SketchState:
     """Tail sketch per unit (see module docstring).
 
-    levels [L, K, B] descending, -inf padded; fill / ncompact [L, K] int32; tie_val [K]:
+    levels [L, K, B] descending, -inf padded; stage [K, B]: exact (weight 1) values waiting
+    to enter level 0, fewer than B/2 per unit; fill / ncompact [L, K] int32; tie_val [K]:
     the unit's prefilter cut, also the value of one weighted item of tie_w [K] copies;
     dropped_max [K]: bound on every value discarded; nonfinite [K]; count (hi, lo) int32;
     step, key: the coin stream.
     """
 
     levels: jax.Array
+    stage: jax.Array
     fill: jax.Array
     ncompact: jax.Array
     tie_val: jax.Array
@@ -550,6 +557,7 @@ def sketch_init(
         raise ValueError("max_count too large for int32 rank sums; raise size")
     return SketchState(
         levels=jnp.full((num_levels, num_units, size), _NEG_INF, jnp.float32),
+        stage=jnp.full((num_units, size), _NEG_INF, jnp.float32),
         fill=jnp.zeros((num_levels, num_units), jnp.int32),
         ncompact=jnp.zeros((num_levels, num_units), jnp.int32),
         tie_val=jnp.full((num_units,), _NEG_INF, jnp.float32),
@@ -585,41 +593,51 @@ def _from_ukey(u: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(b, jnp.float32)
 
 
-def _weight_ge(neg_levels, tie_val, tie_w, v):
+def _count_ge(items: jax.Array, v: jax.Array) -> jax.Array:
+    """Per row of descending items [..., K, B]: how many are >= v [K] (binary search by
+    gathers, so the big arrays are never copied or negated)."""
+    size = items.shape[-1]
+    lo = jnp.zeros(items.shape[:-1], jnp.int32)
+    hi = jnp.full(items.shape[:-1], size, jnp.int32)
+
+    def step(_, lohi):
+        lo, hi = lohi
+        mid = (lo + hi) // 2
+        val = jnp.take_along_axis(items, jnp.minimum(mid, size - 1)[..., None], -1)[..., 0]
+        right = (mid < hi) & (val >= v)
+        return jnp.where(right, mid + 1, lo), jnp.where(right, hi, mid)
+
+    return jax.lax.fori_loop(0, size.bit_length(), step, (lo, hi))[0]
+
+
+def _weight_ge(levels, stage, tie_val, tie_w, v):
     """Weighted count of stored items >= v per unit (int32 [K]); v finite [K]."""
-    num_levels, num_units, size = neg_levels.shape
-    flat = neg_levels.reshape(num_levels * num_units, size)
-    queries = jnp.tile(-v, num_levels)
-    search = jax.vmap(lambda a, x: jnp.searchsorted(a, x, side="right", method="scan"))
-    counts = search(flat, queries).astype(jnp.int32).reshape(num_levels, num_units)
-    shifts = jnp.arange(num_levels, dtype=jnp.int32)[:, None]
-    return jnp.where(tie_val >= v, tie_w, 0) + jnp.sum(counts << shifts, axis=0)
+    shifts = jnp.arange(levels.shape[0], dtype=jnp.int32)[:, None]
+    total = jnp.sum(_count_ge(levels, v) << shifts, axis=0) + _count_ge(stage, v)
+    return total + jnp.where(tie_val >= v, tie_w, 0)
 
 
-def _select(levels, tie_val, tie_w, r):
+def _select(levels, stage, tie_val, tie_w, r):
     """Largest finite v with weighted count >= r (r int32 [K]), or -inf if none."""
-    neg = -levels
     lo = _to_ukey(jnp.full(tie_val.shape, -_F32_MAX, jnp.float32))
     hi = _to_ukey(jnp.full(tie_val.shape, jnp.inf, jnp.float32))
-    ok = _weight_ge(neg, tie_val, tie_w, _from_ukey(lo)) >= r
+    ok = _weight_ge(levels, stage, tie_val, tie_w, _from_ukey(lo)) >= r
 
     def body(_, lohi):
         lo, hi = lohi
         mid = lo + (hi - lo) // 2
-        good = _weight_ge(neg, tie_val, tie_w, _from_ukey(mid)) >= r
+        good = _weight_ge(levels, stage, tie_val, tie_w, _from_ukey(mid)) >= r
         return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
 
     lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
     # Snap to the smallest stored value >= the result: with denormals flushed (XLA on
     # CPU), a subnormal probe compares equal to 0 and the search ends on it.
     v = _from_ukey(lo)
-    num_levels, num_units, size = levels.shape
-    flat = neg.reshape(num_levels * num_units, size)
-    search = jax.vmap(lambda a, x: jnp.searchsorted(a, x, side="right", method="scan"))
-    counts = search(flat, jnp.tile(-v, num_levels)).reshape(num_levels, num_units)
-    last = jnp.take_along_axis(levels, jnp.maximum(counts - 1, 0)[:, :, None], 2)[:, :, 0]
-    smallest = jnp.min(jnp.where(counts > 0, last, jnp.inf), axis=0)
-    smallest = jnp.minimum(smallest, jnp.where((tie_w > 0) & (tie_val >= v), tie_val, jnp.inf))
+    smallest = jnp.where((tie_w > 0) & (tie_val >= v), tie_val, jnp.inf)
+    for items in (levels, stage[None]):
+        counts = _count_ge(items, v)
+        last = jnp.take_along_axis(items, jnp.maximum(counts - 1, 0)[..., None], -1)[..., 0]
+        smallest = jnp.minimum(smallest, jnp.min(jnp.where(counts > 0, last, jnp.inf), axis=0))
     return jnp.where(ok, smallest, _NEG_INF)
 
 
@@ -769,29 +787,56 @@ def _tie_cap(state: SketchState, r: jax.Array) -> jax.Array:
 def _insert(
     state: SketchState, cand: jax.Array, n_cand: jax.Array, tie_w: jax.Array
 ) -> SketchState:
-    """Insert descending candidates [K, M] (n_cand [K] finite) at level 0 and tie_w [K]
-    copies of state.tie_val into the levels, as a loop of _cascade jobs.
+    """Insert descending candidates [K, M] (n_cand [K] finite) and tie_w [K] copies of
+    state.tie_val.
 
-    Candidates go in pieces of at most B/2: piece i takes every p-th candidate from i, so
-    each piece spans the chunk's whole range like a random-order stream, and stays sorted.
+    Candidates join the stage (one merge); a cascade runs only once some unit has B/2
+    staged values. Since the schedule is shared by all units, a cascade costs about as
+    much for 50 values per unit as for B/2, so batching them is what keeps it cheap. If
+    a chunk brings more than B/2 values for some unit, the stage goes in as one piece
+    and the candidates as interleaved pieces of B/2 (piece i takes every p-th value from
+    i, so each spans the whole range like a random-order stream). The tie copies go
+    into the levels by binary digits (one job per level).
     """
-    num_levels, _, size = state.levels.shape
+    num_levels, num_units, size = state.levels.shape
     half = size // 2
-    width = cand.shape[1]
-    pieces = jnp.maximum(1, (jnp.max(n_cand) + half - 1) // half)
-    pieces = jnp.where(jnp.any(n_cand > 0), pieces, 0)
-    tie_jobs = jnp.where(jnp.any(tie_w > 0), num_levels, 0)
+    if cand.shape[1] < half:
+        cand = jnp.pad(cand, ((0, 0), (0, half - cand.shape[1])), constant_values=_NEG_INF)
     cols = jnp.arange(half)
 
-    def job(j, state):
-        idx = j + pieces * cols
-        piece = jnp.where(idx < width, cand[:, jnp.minimum(idx, width - 1)], _NEG_INF)
-        ties = _tie_items(state.tie_val, tie_w, j - pieces, num_levels, half)
-        is_piece = j < pieces
-        items = jnp.where(is_piece, piece, ties)
-        return _cascade(state, items, jnp.where(is_piece, 0, j - pieces))
+    def staged(state):
+        stage = _merge_desc(state.stage, cand[:, :half], width=size)  # < B values
 
-    return jax.lax.fori_loop(0, pieces + tie_jobs, job, state)
+        def flush(state):
+            state = _cascade(state, state.stage[:, :half], 0)
+            return state.replace(
+                stage=jnp.concatenate([state.stage[:, half:], _empty(num_units, half)], 1)
+            )
+
+        state = state.replace(stage=stage)
+        full = jnp.max(_nfinite(stage)) >= half
+        return jax.lax.cond(full, flush, lambda s: s, state)
+
+    def pieces(state):
+        # The stage (< B/2 values) goes in as one piece, then the candidates.
+        count = (jnp.max(n_cand) + half - 1) // half
+        width = cand.shape[1]
+        state = _cascade(state, state.stage[:, :half], 0)
+
+        def job(j, state):
+            idx = j + count * cols
+            piece = jnp.where(idx < width, cand[:, jnp.minimum(idx, width - 1)], _NEG_INF)
+            return _cascade(state, piece, 0)
+
+        state = state.replace(stage=_empty(num_units, size))
+        return jax.lax.fori_loop(0, count, job, state)
+
+    state = jax.lax.cond(jnp.max(n_cand) <= half, staged, pieces, state)
+
+    def tie_job(h, state):
+        return _cascade(state, _tie_items(state.tie_val, tie_w, h, num_levels, half), h)
+
+    return jax.lax.fori_loop(0, jnp.where(jnp.any(tie_w > 0), num_levels, 0), tie_job, state)
 
 
 def sketch_update(state: SketchState, x: jax.Array, valid: jax.Array | None = None) -> SketchState:
@@ -808,14 +853,24 @@ def sketch_update(state: SketchState, x: jax.Array, valid: jax.Array | None = No
         prev = state.tie_val
         finite_prev = jnp.isfinite(prev)
         w = _weight_ge(
-            -state.levels, state.tie_val, state.tie_w, jnp.where(finite_prev, prev, -_F32_MAX)
+            state.levels,
+            state.stage,
+            state.tie_val,
+            state.tie_w,
+            jnp.where(finite_prev, prev, -_F32_MAX),
         )
         redo = ~finite_prev | (w < r) | (w > hi)
         cut = jax.lax.cond(
             jnp.any(redo),
             lambda: jnp.where(
                 redo,
-                _select(state.levels, state.tie_val, state.tie_w, jnp.full((num_units,), target)),
+                _select(
+                    state.levels,
+                    state.stage,
+                    state.tie_val,
+                    state.tie_w,
+                    jnp.full((num_units,), target),
+                ),
                 prev,
             ),
             lambda: prev,
@@ -869,6 +924,7 @@ def sketch_merge(a: SketchState, b: SketchState) -> SketchState:
     # Commutative in (a, b); mixed so that merging equal keys gives a fresh stream.
     key = _mix(_mix(a.key + b.key) ^ jnp.uint32(0x6D657267))
     state = a.replace(
+        stage=jnp.full_like(a.stage, _NEG_INF),
         ncompact=a.ncompact | b.ncompact,
         tie_w=jnp.zeros_like(a.tie_w),
         dropped_max=jnp.maximum(a.dropped_max, b.dropped_max),
@@ -877,30 +933,34 @@ def sketch_merge(a: SketchState, b: SketchState) -> SketchState:
         step=jnp.maximum(a.step, b.step),
         key=key,
     )
-    # Jobs: 2 halves of each of b's levels, then a's and b's tie digits per level.
-    halves = jnp.stack([b.levels[:, :, 0::2], b.levels[:, :, 1::2]], 1)
-    halves = halves.reshape(2 * num_levels, *halves.shape[2:])
+    # Jobs: 2 interleaved halves of each of a's stage, b's stage and b's levels (at
+    # level 0, 0, h), then a's and b's tie digits per level.
+    rows = jnp.concatenate([a.stage[None], b.stage[None], b.levels])  # [L + 2, K, B]
+    halves = jnp.stack([rows[:, :, 0::2], rows[:, :, 1::2]], 1)
+    halves = halves.reshape(2 * (num_levels + 2), *halves.shape[2:])
+    n_rows = 2 * (num_levels + 2)
 
     def job(j, state):
-        lvl = jnp.minimum(j // 2, num_levels - 1)
-        t = j - 2 * num_levels
+        lvl = jnp.maximum(j // 2 - 2, 0)
+        t = j - n_rows
         which = t // num_levels
         tie_val = jnp.where(which == 0, a.tie_val, b.tie_val)
         tie_w = jnp.where(which == 0, a.tie_w, b.tie_w)
         ties = _tie_items(tie_val, tie_w, t % num_levels, num_levels, half)
-        is_level = j < 2 * num_levels
-        items = jnp.where(is_level, halves[jnp.minimum(j, 2 * num_levels - 1)], ties)
-        return _cascade(state, items, jnp.where(is_level, lvl, t % num_levels))
+        is_row = j < n_rows
+        items = jnp.where(is_row, halves[jnp.minimum(j, n_rows - 1)], ties)
+        return _cascade(state, items, jnp.where(is_row, lvl, t % num_levels))
 
-    state = jax.lax.fori_loop(0, 4 * num_levels, job, state)
+    state = jax.lax.fori_loop(0, n_rows + 2 * num_levels, job, state)
     return state.replace(tie_val=jnp.full_like(a.tie_val, _NEG_INF))
 
 
 @jax.jit
-def _select_many(levels, tie_val, tie_w, ranks):
-    return jax.vmap(lambda r: _select(levels, tie_val, tie_w, jnp.broadcast_to(r, tie_val.shape)))(
-        ranks
-    )
+def _select_many(levels, stage, tie_val, tie_w, ranks):
+    def one(r):
+        return _select(levels, stage, tie_val, tie_w, jnp.broadcast_to(r, tie_val.shape))
+
+    return jax.vmap(one)(ranks)
 
 
 def _sketch_answer(state: SketchState, q: float | None):
@@ -908,7 +968,8 @@ def _sketch_answer(state: SketchState, q: float | None):
     n = count_value(state.count)
     j, jm1, t = _positions(n, q)
     ranks = jnp.array([j + 1, jm1 + 1], jnp.int32)
-    vals = np.asarray(jax.device_get(_select_many(state.levels, state.tie_val, state.tie_w, ranks)))
+    vals = _select_many(state.levels, state.stage, state.tie_val, state.tie_w, ranks)
+    vals = np.asarray(jax.device_get(vals))
     lo, hi = vals[0], vals[1]
     thresholds = _lerp32(lo, hi, t)
     representable = np.isfinite(lo)

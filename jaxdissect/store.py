@@ -5,19 +5,21 @@ Every stage output lives under a key that hashes everything it depends on
 changing a flag can never reuse a stale result, and two layers can never share
 one. Files are written to a temporary name and renamed, and a stage is
 complete only when its `DONE` marker exists: a partial result is never taken
-for a complete one.
+for a complete one. The atomic writers (text, JSON, CSV rows, arrays) serve
+every other output file too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,6 +82,38 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(_canonical(obj), indent=1, sort_keys=False) + "\n")
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell: empty for None and NaN, floats to 6 significant digits."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def write_rows_csv(
+    path: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+) -> pathlib.Path:
+    """Rows as a CSV written atomically: `columns`, or every key in first-seen order
+    (missing cells empty)."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _cell(row.get(k)) for k in columns})
+    return pathlib.Path(path)
+
+
+def read_rows_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a CSV with a header, as {column: text}."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def save_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:

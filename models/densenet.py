@@ -10,6 +10,7 @@ named `relu` after `features`, and `features` is always the pre-ReLU `norm5`.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import ClassVar
@@ -25,24 +26,13 @@ from models.layers import (
     BatchNorm2d,
     MaxPool2d,
     ReLU,
-    conv2d,
+    bias_free_conv2d,
     kaiming_normal_fan_in,
     linear,
     scale_channels,
 )
 
-
-def _conv(features: int, kernel: int, stride: int, padding: int, x: jax.Array, name: str):
-    return conv2d(
-        features,
-        kernel,
-        in_features=x.shape[-1],
-        stride=stride,
-        padding=padding,
-        bias=False,
-        kernel_init=kaiming_normal_fan_in,
-        name=name,
-    )
+_conv = functools.partial(bias_free_conv2d, kernel_init=kaiming_normal_fan_in)
 
 
 class DenseLayer(nn.Module):

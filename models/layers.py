@@ -83,6 +83,33 @@ def conv2d(
     )
 
 
+def bias_free_conv2d(
+    features: int,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    x: jax.Array,
+    name: str,
+    *,
+    kernel_init: Initializer,
+) -> nn.Conv:
+    """A `conv2d` without bias for input `x` (torchvision's convolutions before a BatchNorm).
+
+    Models bind `kernel_init` once (`functools.partial`) and call it as
+    `conv(features, kernel, stride, padding, x, name)(x)`.
+    """
+    return conv2d(
+        features,
+        kernel_size,
+        in_features=x.shape[-1],
+        stride=stride,
+        padding=padding,
+        bias=False,
+        kernel_init=kernel_init,
+        name=name,
+    )
+
+
 def linear(
     features: int,
     *,

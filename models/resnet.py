@@ -8,6 +8,7 @@ convolutions; probe the block itself (`layer4/1`) for its output.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -21,24 +22,13 @@ from models.layers import (
     Identity,
     MaxPool2d,
     ReLU,
-    conv2d,
+    bias_free_conv2d,
     kaiming_normal_fan_out,
     linear,
     scale_channels,
 )
 
-
-def _conv(features: int, kernel: int, stride: int, padding: int, x: jax.Array, name: str):
-    return conv2d(
-        features,
-        kernel,
-        in_features=x.shape[-1],
-        stride=stride,
-        padding=padding,
-        bias=False,
-        kernel_init=kaiming_normal_fan_out,
-        name=name,
-    )
+_conv = functools.partial(bias_free_conv2d, kernel_init=kaiming_normal_fan_out)
 
 
 def _norm(batch_norm: bool, train: bool, name: str) -> nn.Module:

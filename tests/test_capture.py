@@ -80,7 +80,11 @@ def test_linen_paths_match_linen_capture_intermediates(linen_setup):
         np.testing.assert_array_equal(np.asarray(out[layer]), np.asarray(ref[layer]))
     # A dense layer is a 1x1 map per unit.
     assert out["head"].shape == (2, 1, 1, 3)
-    np.testing.assert_array_equal(np.asarray(out["head"][:, 0, 0]), np.asarray(ref["head"]))
+    # Within 1 ulp: the jitted program may split the dense dot product differently from
+    # the eager reference (seen on a loaded 2-core machine).
+    np.testing.assert_allclose(
+        np.asarray(out["head"][:, 0, 0]), np.asarray(ref["head"]), rtol=3e-7, atol=1e-7
+    )
     assert tap.shapes == {
         "block1/conv": (8, 8, 4),
         "block1/relu": (8, 8, 4),

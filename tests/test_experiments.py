@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from absl import flags
+from absl import app, flags
 
-from jaxdissect import training
+from jaxdissect import cli, store, training
 from jaxdissect.data import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -164,25 +164,28 @@ def test_train_script_writes_a_resumable_dissectable_run():
     assert summary["step"] == TINY_STEPS
     assert [k["step"] for k in summary["kept_steps"]] == list(SAVE_STEPS)
     assert 0 <= summary["val_accuracy"] <= 1
+    assert summary["elapsed_s"] >= summary["elapsed_s_this_session"] > 0
     rows = training.read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == list(range(0, TINY_STEPS + 1, 50))
     assert not np.isnan(rows[-1]["val_accuracy"]) and np.isnan(rows[1]["val_accuracy"])
     assert [s for s, _ in training.list_weights(out)] == list(SAVE_STEPS)
     # Running the finished run again changes nothing.
-    before = (out / "metrics.csv").read_text()
+    before = {name: (out / name).read_text() for name in ("metrics.csv", "summary.json")}
     result = run_script("train", *data_args(), *TRAIN_ARGS, f"--output_dir={out}", "--noprogress")
-    assert result.resumed_from == TINY_STEPS and (out / "metrics.csv").read_text() == before
+    assert result.resumed_from == TINY_STEPS
+    assert {name: (out / name).read_text() for name in before} == before
 
 
 def test_training_dynamics_script():
     out = dynamics_run()
-    rows = training.read_rows_csv(out / "dynamics.csv")
+    rows = store.read_rows_csv(out / "dynamics.csv")
     assert [(r["step"], r["layer"]) for r in rows] == [
         (str(s), layer) for s in (0, TINY_STEPS) for layer in ("conv3", "conv5")
     ]
     assert {"val_accuracy", "unique_detectors", "unique_color", "share_texture"} <= set(rows[0])
     for name in ("dynamics.json", "dynamics.png", "dynamics_accuracy.png", "results.json"):
         assert (out / name).is_file()
+    assert json.loads((out / "dynamics.json").read_text())["elapsed_s"] > 0
 
 
 def test_rotation_script():
@@ -190,7 +193,7 @@ def test_rotation_script():
     doc = json.loads((out / "rotation.json").read_text())
     points = doc["points"]
     assert [p["amount"] for p in points] == [0.0, 0.5, 1.0]
-    assert doc["settings"]["units"] == 128
+    assert doc["settings"]["units"] == 128 and doc["elapsed_s"] > 0
     for p in points:
         assert p["max_output_change"] < 1e-4  # folded: the network is unchanged
     assert points[0]["accuracy_inserted"] == points[0]["accuracy_folded"]
@@ -214,9 +217,10 @@ def test_compare_script(tmp_path):
         for layer in ("conv3", "conv5")
     ]
     assert rows[0]["path"] == "features/1" and rows[0]["num_units"] == 16
-    table = training.read_rows_csv(tmp_path / "compare.csv")
+    table = store.read_rows_csv(tmp_path / "compare.csv")
     assert len(table) == len(rows) and "share_color" in table[0]
     assert (tmp_path / "tiny" / "results.json").is_file()
+    assert json.loads((tmp_path / "compare.json").read_text())["elapsed_s"] > 0
     for name in ("compare_unique.png", "compare_unique_stacked.png", "compare_interpretable.png"):
         assert (tmp_path / name).is_file()
 
@@ -254,3 +258,18 @@ def test_scripts_fail_clearly_without_their_inputs():
         run_script("compare")
     with pytest.raises(ValueError, match="NAME|MODEL|WEIGHTS|LAYERS"):
         script("compare").parse_entry("a|b")
+
+
+def test_script_main_says_what_is_wrong_in_one_line():
+    def missing_input():
+        raise FileNotFoundError("no such run: runs/x")
+
+    def bug():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(SystemExit, match="^error: no such run: runs/x$"):
+        cli.script_main(missing_input)(["prog"])
+    with pytest.raises(RuntimeError, match="a bug"):  # a bug keeps its traceback
+        cli.script_main(bug)(["prog"])
+    with pytest.raises(app.UsageError, match="unexpected arguments"):
+        cli.script_main(lambda: None)(["prog", "extra"])

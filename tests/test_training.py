@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxdissect import parallel, training
+from jaxdissect import parallel, scenes, training
 from jaxdissect.data.broden import Broden
 from models import load as model_load
 from tests.test_experiments import (  # noqa: F401 (shared_workspace: an autouse fixture)
@@ -24,9 +24,9 @@ from tests.test_experiments import (  # noqa: F401 (shared_workspace: an autouse
 )
 
 
-def _task() -> training.SceneTask:
+def _task() -> scenes.SceneTask:
     root = tiny_broden()
-    return training.scene_task(Broden.open(root, split="train"), Broden.open(root, split="val"))
+    return scenes.scene_task(Broden.open(root, split="train"), Broden.open(root, split="val"))
 
 
 def _config(**kw) -> training.TrainConfig:
@@ -62,8 +62,8 @@ def test_the_tfds_build_gives_the_same_task_as_the_folder(tmp_path):
     root = synthetic.generate(tmp_path / "broden", num_images=24, size=32, workers=1)
     build = tfds_broden.build(root, tmp_path / "tfds")
     kw = dict(resolution=32, synthetic_images=0, cache_dir=tmp_path)
-    folder = training.open_scene_task(str(root), **kw)
-    tfds = training.open_scene_task(str(build), **kw)
+    folder = scenes.open_scene_task(str(root), **kw)
+    tfds = scenes.open_scene_task(str(build), **kw)
     assert tfds.class_labels == folder.class_labels
     for a, b in ((tfds.train, folder.train), (tfds.val, folder.val)):
         np.testing.assert_array_equal(a.images, b.images)
@@ -72,12 +72,12 @@ def test_the_tfds_build_gives_the_same_task_as_the_folder(tmp_path):
 
 def test_train_batches_are_a_pure_function_of_seed_and_step():
     split = _task().train
-    a = training.train_batches(split, 4, seed=1)
-    b = training.train_batches(split, 4, seed=1)
+    a = scenes.train_batches(split, 4, seed=1)
+    b = scenes.train_batches(split, 4, seed=1)
     for step in (0, 7, 1000):
         np.testing.assert_array_equal(a[step]["image"], b[step]["image"])
     # Without flips, batch size 1: each epoch is a permutation, and epochs differ.
-    plain = training.train_batches(split, 1, seed=1, flip=False)
+    plain = scenes.train_batches(split, 1, seed=1, flip=False)
     n = len(split)
     first = [int(plain[i]["label"][0]) for i in range(n)]
     second = [int(plain[n + i]["label"][0]) for i in range(n)]
@@ -87,7 +87,7 @@ def test_train_batches_are_a_pure_function_of_seed_and_step():
 
 def test_eval_batches_pad_and_mask():
     split = _task().val
-    batches = training.eval_batches(split, 16)
+    batches = scenes.eval_batches(split, 16)
     assert sum(int(b["valid"].sum()) for b in batches) == len(split)
     assert all(b["image"].shape == (16, TINY_SIZE, TINY_SIZE, 3) for b in batches)
 

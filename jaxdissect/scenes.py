@@ -1,0 +1,207 @@
+"""The scene-classification task of a Broden: what the experiments train networks on.
+
+The classes are the scene labels present in the train split (images without
+exactly one scene label, e.g. texture and surface images, are left out); the
+val split gives the validation accuracy. `train_batches` is a random-access
+grain dataset: the data order is a pure function of (seed, step), so a resumed
+training run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from jaxdissect import store
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneSplit:
+    """Decoded images of one split with their class: uint8 [N, H, W, 3], int32 [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source_indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneTask:
+    """The scene classification task: classes and the two splits.
+
+    Attributes:
+      class_labels: Broden label number of each class, ascending.
+      class_names: their names.
+      train, val: the splits (val keeps only images of a training class).
+      description: where the data came from.
+      fingerprint: of the data (both splits' sources and the classes).
+    """
+
+    class_labels: tuple[int, ...]
+    class_names: tuple[str, ...]
+    train: SceneSplit
+    val: SceneSplit
+    description: str
+    fingerprint: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_labels)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.train.images.shape[1])
+
+
+def _image_labels(source: Any, i: int) -> tuple[int, ...]:
+    records = getattr(source, "records", None)
+    if records is not None:  # a Broden folder: the labels are in index.csv, no PNG to decode
+        return tuple(n for ns in records[i].image_labels.values() for n in ns)
+    return tuple(int(n) for n in source.read_labels(i)[1])
+
+
+def _task_labels(source: Any, category: str) -> list[int | None]:
+    """Each image's single label of `category`, or None (none, or ambiguous)."""
+    wanted = set(source.labels.labels_in(category).tolist())
+    out: list[int | None] = []
+    for i in range(len(source)):
+        found = {n for n in _image_labels(source, i) if n in wanted}
+        out.append(found.pop() if len(found) == 1 else None)
+    return out
+
+
+def _decode_all(source: Any, indices: Sequence[int], num_threads: int) -> np.ndarray:
+    if not len(indices):
+        h, w = source.image_size
+        return np.zeros((0, h, w, 3), np.uint8)
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+        images = list(pool.map(lambda i: np.asarray(source.read_image(int(i)), np.uint8), indices))
+    return np.stack(images)
+
+
+def scene_task(
+    train_source: Any,
+    val_source: Any,
+    *,
+    category: str = "scene",
+    description: str = "",
+    max_train: int | None = None,
+    num_threads: int = 2,
+) -> SceneTask:
+    """The classification task of `category` labels (image-level) on two Broden splits.
+
+    Images are decoded once and kept in memory (the synthetic sets are small).
+    """
+    if category not in train_source.labels.categories:
+        raise ValueError(f"the data has no {category!r} category to classify")
+    train_labels = _task_labels(train_source, category)
+    classes = sorted({n for n in train_labels if n is not None})
+    if len(classes) < 2:
+        raise ValueError(
+            f"the train split has {len(classes)} {category} classes; at least 2 are needed"
+        )
+    class_of = {n: k for k, n in enumerate(classes)}
+
+    def split(source: Any, labels: list[int | None], limit: int | None) -> SceneSplit:
+        keep = [i for i, n in enumerate(labels) if n in class_of][:limit]
+        dropped = sum(n is not None and n not in class_of for n in labels)
+        if dropped:
+            logging.info("%d images of classes absent from the train split left out", dropped)
+        return SceneSplit(
+            images=_decode_all(source, keep, num_threads),
+            labels=np.asarray([class_of[labels[i]] for i in keep], np.int32),
+            source_indices=np.asarray(keep, np.int64),
+        )
+
+    train = split(train_source, train_labels, max_train)
+    val = split(val_source, _task_labels(val_source, category), None)
+    names = tuple(train_source.labels.names[n] for n in classes)
+    fingerprint = store.key_of(
+        train=train_source.fingerprint(),
+        val=val_source.fingerprint(),
+        classes=classes,
+        max_train=max_train,
+    )
+    return SceneTask(tuple(classes), names, train, val, description, fingerprint)
+
+
+def open_scene_task(
+    data: str,
+    *,
+    resolution: int,
+    synthetic_images: int,
+    cache_dir: str | os.PathLike[str],
+    max_train: int | None = None,
+    num_threads: int = 2,
+) -> SceneTask:
+    """The scene task of `--data` ('synthetic', a Broden folder or its TFDS build)."""
+    from jaxdissect.data import open_probe
+
+    kwargs = dict(resolution=resolution, synthetic_images=synthetic_images, cache_dir=cache_dir)
+    train_source, description = open_probe(data, split="train", **kwargs)
+    val_source, _ = open_probe(data, split="val", **kwargs)
+    return scene_task(
+        train_source,
+        val_source,
+        description=f"{description}, val {len(val_source)} images",
+        max_train=max_train,
+        num_threads=num_threads,
+    )
+
+
+class _Examples:
+    """A `SceneSplit` as a grain source of {image, label} dicts."""
+
+    def __init__(self, split: SceneSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"image": self.split.images[i], "label": self.split.labels[i]}
+
+
+def _flip(example: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if rng.random() < 0.5:
+        return {**example, "image": example["image"][:, ::-1]}
+    return example
+
+
+def train_batches(
+    split: SceneSplit, batch_size: int, *, seed: int, flip: bool = True
+) -> grain.MapDataset:
+    """Random-access training batches: `ds[step]` is step's batch, the same on every run.
+
+    Each epoch is a fresh permutation (grain shuffles per repetition), and a
+    batch may straddle two epochs; the flip of each example is seeded by its
+    position in the stream.
+    """
+    if len(split) < 1:
+        raise ValueError("the training split is empty")
+    ds = grain.MapDataset.source(_Examples(split)).shuffle(seed=seed).repeat(None)
+    if flip:
+        ds = ds.random_map(_flip, seed=seed + 1)
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def eval_batches(split: SceneSplit, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Fixed-shape batches of `split` in order, the last padded (`valid` False)."""
+    out = []
+    for start in range(0, len(split), batch_size):
+        n = min(batch_size, len(split) - start)
+        images = np.zeros((batch_size, *split.images.shape[1:]), np.uint8)
+        labels = np.zeros((batch_size,), np.int32)
+        images[:n] = split.images[start : start + n]
+        labels[:n] = split.labels[start : start + n]
+        out.append({"image": images, "label": labels, "valid": np.arange(batch_size) < n})
+    return out

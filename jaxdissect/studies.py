@@ -1,0 +1,345 @@
+"""Studies of several dissections: the training dynamics, and comparisons of models and layers.
+
+Several networks of one input format are dissected in one pass: a "stack" is a
+plain function model (see `jaxdissect.capture`) that runs every member and
+returns each member's layers under `member-layer` names, so the probe set is
+read, and the dissection compiled, once for all of them (`dynamics_study`
+stacks the checkpoints of a training run).
+
+Each layer record of a results.json becomes a flat `summary_row`; a study's
+rows go to a CSV and a JSON file, and to line or bar figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxdissect import store
+from jaxdissect.training import WEIGHTS_DIR, list_weights, load_trained, read_meta
+
+
+def stacked_name(member: str, layer: str) -> str:
+    """The result name of `layer` of stack member `member` (file-name safe, no '.' or '/')."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{member}-{layer}")
+
+
+def stack_models(
+    members: Sequence[tuple[str, Any]],
+    layers: Sequence[str],
+    *,
+    input_size: int,
+) -> tuple[Callable[[Any, jax.Array], dict[str, jax.Array]], dict[str, Any], dict[str, str]]:
+    """(fn, variables, {result name: member name}) for the dissection of every member's `layers`.
+
+    Args:
+      members: (name, model) pairs, each model with `module`, `variables` and
+        `apply_kwargs` (a `models.load.LoadedModel`); all take the same input.
+      layers: layer names (paths or aliases) to take from every member.
+      input_size: the common input size, for the capture's dry run.
+    """
+    from jaxdissect import capture
+
+    taps, names = {}, {}
+    for member, model in members:
+        tap = capture.make_tap(
+            model.module,
+            model.variables,
+            list(layers),
+            input_shape=(input_size, input_size, 3),
+            apply_kwargs=model.apply_kwargs,
+        )
+        if len(tap.layers) != len(layers):
+            raise ValueError(f"layers {list(layers)} name the same module twice in {member}")
+        taps[member] = tap
+        for layer in layers:
+            names[stacked_name(member, layer)] = member
+
+    def fn(variables: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Array]:
+        out = {}
+        for member, tap in taps.items():
+            acts = tap.fn(variables[member], images)
+            for layer, path in zip(layers, tap.layers, strict=True):
+                out[stacked_name(member, layer)] = acts[path]
+        return out
+
+    return fn, {member: tap.variables for member, tap in taps.items()}, names
+
+
+def summary_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A flat row of one layer record of results.json: counts, by category, shares."""
+    s = record["summary"]
+    unique = int(s["unique_detectors"])
+    row: dict[str, Any] = {
+        "layer": record["layer"],
+        "num_units": int(record["num_units"]),
+        "interpretable_units": int(s["interpretable_units"]),
+        "unique_detectors": unique,
+    }
+    for cat, n in s["unique_by_category"].items():
+        row[f"unique_{cat}"] = int(n)
+    for cat, n in s["interpretable_by_category"].items():
+        row[f"interpretable_{cat}"] = int(n)
+    for cat, n in s["unique_by_category"].items():
+        row[f"share_{cat}"] = round(int(n) / unique, 4) if unique else 0.0
+    return row
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One exported training step: where, when, how good."""
+
+    step: int
+    weights: pathlib.Path
+    val_accuracy: float | None
+
+
+def run_checkpoints(
+    run_dir: str | os.PathLike[str], steps: Sequence[int] | None = None
+) -> list[Checkpoint]:
+    """The exported steps of a training run (all, or those in `steps`)."""
+    found = list_weights(run_dir)
+    if not found:
+        raise FileNotFoundError(
+            f"{run_dir} has no {WEIGHTS_DIR}/step_N/meta.json: train with experiments/train.py "
+            "and --save_steps first"
+        )
+    if steps is not None:
+        have = dict(found)
+        missing = [s for s in steps if s not in have]
+        if missing:
+            raise ValueError(f"{run_dir} has no exported steps {missing}; it has {sorted(have)}")
+        found = [(s, have[s]) for s in steps]
+    out = []
+    for step, path in found:
+        acc = read_meta(path).get("train", {}).get("val_accuracy")
+        out.append(Checkpoint(step, path, None if acc is None else float(acc)))
+    return out
+
+
+def dynamics_study(
+    checkpoints: Sequence[Checkpoint],
+    layers: Sequence[str],
+    source: Any,
+    settings: Any,
+    output_dir: str | os.PathLike[str],
+    *,
+    dataset_name: str,
+    mesh: jax.sharding.Mesh | None = None,
+    options: Any = None,
+) -> list[dict[str, Any]]:
+    """Dissect `layers` of every checkpoint in one pass; write dynamics.csv/json and plots.
+
+    Returns one row per (checkpoint, layer): step, val_accuracy, and `summary_row`'s counts.
+    """
+    from jaxdissect import pipeline, results
+
+    if not checkpoints:
+        raise ValueError("no checkpoint to dissect")
+    out = pathlib.Path(output_dir)
+    models = [(f"step{c.step:06d}", load_trained(c.weights)) for c in checkpoints]
+    spec = models[0][1].input_spec
+    fn, variables, _ = stack_models(models, layers, input_size=spec.size)
+    names = [stacked_name(m, layer) for m, _ in models for layer in layers]
+    info = pipeline.ModelInfo(
+        module=fn,
+        variables=variables,
+        input_spec=spec,
+        name=f"{models[0][1].name.split(' (')[0]}, {len(models)} training checkpoints",
+        key=store.key_of(members=[m.key for _, m in models], layers=list(layers), study="dynamics"),
+    )
+    layer_results = pipeline.dissect(
+        info,
+        names,
+        source,
+        settings,
+        out,
+        dataset_name=dataset_name,
+        mesh=mesh,
+        options=options or pipeline.Options(),
+    )
+    by_name = {r.layer: r for r in layer_results}
+    rows = []
+    for c, (member, _) in zip(checkpoints, models, strict=True):
+        for layer in layers:
+            record = results.layer_record(by_name[stacked_name(member, layer)])
+            row = summary_row(record)
+            row["layer"] = layer
+            rows.append({"step": c.step, "val_accuracy": c.val_accuracy, **row})
+    store.write_rows_csv(out / "dynamics.csv", rows)
+    store.write_json(
+        out / "dynamics.json",
+        {
+            "checkpoints": [
+                {"step": c.step, "weights": str(c.weights), "val_accuracy": c.val_accuracy}
+                for c in checkpoints
+            ],
+            "layers": list(layers),
+            "dataset": dataset_name,
+            "settings": dataclasses.asdict(settings),
+            "rows": rows,
+        },
+    )
+    plot_dynamics(out / "dynamics.png", rows, x="step")
+    if all(c.val_accuracy is not None for c in checkpoints):
+        plot_dynamics(out / "dynamics_accuracy.png", rows, x="val_accuracy")
+    return rows
+
+
+def _categories(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys = (k for row in rows for k in row if k.startswith("unique_") and k != "unique_detectors")
+    return list(dict.fromkeys(k[len("unique_") :] for k in keys))
+
+
+def plot_dynamics(
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *, x: str = "step"
+) -> pathlib.Path:
+    """Per layer: unique detectors by category (lines) and in total against `x`.
+
+    `x` is `step` (symlog axis: step 0 is the random initialisation) or `val_accuracy`.
+    """
+    from matplotlib.figure import Figure
+
+    from jaxdissect.report import plots
+
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    cats = _categories(rows)
+    colors = plots.category_colors(cats)
+    fig = Figure(figsize=(4.2 * len(layers) + 1.5, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    for ax, layer in zip(axes, layers, strict=True):
+        mine = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["step"])
+        xs = [float(r[x]) for r in mine]
+        ax.plot(xs, [r["unique_detectors"] for r in mine], "k.-", label="all", linewidth=2)
+        for c in cats:
+            ax.plot(xs, [r.get(f"unique_{c}", 0) for r in mine], ".-", color=colors[c], label=c)
+        if x == "step":
+            ax.set_xscale("symlog", linthresh=max(1.0, min([v for v in xs if v > 0] or [1.0])))
+            ax.set_xlabel("training iteration")
+        else:
+            ax.set_xlabel("validation accuracy")
+            for r, v in zip(mine, xs, strict=True):
+                ax.annotate(str(r["step"]), (v, r["unique_detectors"]), fontsize=7, color="#666666")
+        ax.set_title(str(layer), loc="left", fontsize=11)
+        ax.set_ylabel("unique detectors")
+        ax.set_ylim(bottom=0)
+        ax.grid(color="#dddddd", linewidth=0.6)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[-1].legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return plots._save(fig, path)
+
+
+def plot_grouped(
+    path: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    value: str = "unique",
+    stacked: bool = False,
+    title: str = "",
+) -> pathlib.Path:
+    """Bars of `<value>_<category>` per (name, layer) row: grouped by category, or stacked.
+
+    Rows need `name` and `layer`; layers of one name sit together, in row order.
+    """
+    from matplotlib.figure import Figure
+
+    from jaxdissect.report import plots
+
+    cats = [c for c in _categories(rows) if any(f"{value}_{c}" in r for r in rows)]
+    colors = plots.category_colors(cats)
+    n = len(rows)
+    fig = Figure(figsize=(min(max(6.0, 0.9 * n + 3.0), 30.0), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    xs = np.arange(n, dtype=float)
+    # A gap between models.
+    names = [str(r.get("name", "")) for r in rows]
+    for i in range(1, n):
+        xs[i:] += 0.5 if names[i] != names[i - 1] else 0.0
+    width = 0.8 if stacked else 0.8 / max(1, len(cats))
+    bottom = np.zeros(n)
+    for j, c in enumerate(cats):
+        vals = np.asarray([float(r.get(f"{value}_{c}", 0) or 0) for r in rows])
+        if stacked:
+            ax.bar(xs, vals, width, bottom=bottom, color=colors[c], label=c)
+            bottom += vals
+        else:
+            ax.bar(xs - 0.4 + width * (j + 0.5), vals, width, color=colors[c], label=c)
+    labels = [f"{r.get('name', '')}\n{r['layer']}" for r in rows]
+    rotate = n > 8 or max((len(str(r["layer"])) for r in rows), default=0) > 10
+    if stacked:
+        for x, total in zip(xs, bottom, strict=True):
+            ax.text(x, total, f"{total:g}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, max(1.0, float(bottom.max(initial=0)) * 1.12))
+    ax.set_xticks(xs)
+    ax.set_xticklabels(
+        labels, fontsize=8, rotation=35 if rotate else 0, ha="right" if rotate else "center"
+    )
+    for t in ax.get_xticklabels():
+        t.set_parse_math(False)
+    what = "unique detectors" if value == "unique" else "interpretable units"
+    ax.set_ylabel(what)
+    ax.set_title(title or f"{what} by category", loc="left", fontsize=11)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.grid(axis="y", color="#dddddd", linewidth=0.6)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    if cats:
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return plots._save(fig, path)
+
+
+def results_rows(
+    name: str, results_dir: str | os.PathLike[str], layers: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """`summary_row`s of a dissection's results.json (all layers, or `layers`), named `name`."""
+    from jaxdissect import results
+
+    path = pathlib.Path(results_dir)
+    document = results.read_results_json(path / "results.json" if path.is_dir() else path)
+    records = document["layers"]
+    if layers:
+        by_layer = {r["layer"]: r for r in records}
+        missing = [layer for layer in layers if layer not in by_layer]
+        if missing:
+            raise ValueError(f"{results_dir} has no layers {missing}; it has {sorted(by_layer)}")
+        records = [by_layer[layer] for layer in layers]
+    model = document.get("settings", {}).get("model", "")
+    return [{"name": name, "model": model, **summary_row(r)} for r in records]
+
+
+def write_comparison(
+    output_dir: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    settings: Mapping[str, Any],
+) -> dict[str, pathlib.Path]:
+    """compare.csv / compare.json and the figures: unique detectors by category per layer and model."""
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "csv": store.write_rows_csv(out / "compare.csv", rows),
+        "grouped": plot_grouped(out / "compare_unique.png", rows, value="unique"),
+        "stacked": plot_grouped(
+            out / "compare_unique_stacked.png",
+            rows,
+            value="unique",
+            stacked=True,
+            title="unique detectors per layer (stacked by category)",
+        ),
+        "interpretable": plot_grouped(
+            out / "compare_interpretable.png",
+            rows,
+            value="interpretable",
+            stacked=True,
+            title="interpretable units per layer (stacked by category)",
+        ),
+    }
+    store.write_json(out / "compare.json", {"settings": dict(settings), "rows": list(rows)})
+    files["json"] = out / "compare.json"
+    return files
