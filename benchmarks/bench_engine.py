@@ -12,7 +12,9 @@ the forward pass and after the dissection, so that growth can be placed.
 
   python benchmarks/bench_engine.py --num_images 256 --batch_size 32 --layers layer4
 
-Prints one line per size and a summary table.
+Prints one line per size, a summary table, and the marginal cost between
+consecutive sizes (what a further image costs once compilation and set-up are
+paid: the figure that scales to a full Broden).
 """
 
 from __future__ import annotations
@@ -81,8 +83,10 @@ def _child() -> dict:
     def forward_pass() -> float:
         t = time.perf_counter()
         out = None
+        in_flight = parallel.InFlight()  # as the engine's loop: 2 batches in flight
         for batch in loader.batches(fields, FLAGS.batch_size):
             out = fwd(variables, parallel.put_batch({"x": batch["image"]}, mesh)["x"])
+            in_flight.add(out)
         jax.block_until_ready(out)
         return time.perf_counter() - t
 
@@ -159,6 +163,16 @@ def main(argv):
             f"{r['pass1_s']:>8.1f} {r['pass2_s']:>8.1f} {r['ratio']:>6.2f} "
             f"{r['rss_after_data_mb']:>16.0f} / {r['rss_after_forward_mb']:>5.0f} / "
             f"{r['peak_rss_mb']:>5.0f}"
+        )
+    # Fixed costs (compiling both passes' steps, setting up) weigh on small runs; the
+    # difference between two sizes is what each further image costs.
+    for a, b in zip(rows, rows[1:], strict=False):
+        extra = b["images"] - a["images"]
+        fwd = extra / (b["forward_s"] - a["forward_s"])
+        dis = extra / (b["dissect_s"] - a["dissect_s"])
+        print(
+            f"marginal {a['images']}->{b['images']} images: forward {fwd:.1f} img/s, "
+            f"dissection {dis:.1f} img/s, ratio {fwd / dis:.2f}"
         )
 
 

@@ -298,8 +298,10 @@ class Dissector:
         )
         if on_batch is not None:
             on_batch(start, None)
+        in_flight = parallel.InFlight()
         for b, batch in enumerate(batches, start=start):
             state = step(state, b, batch)
+            in_flight.add(state)
             bar.update(b + 1)
             if ckpt is not None and (b + 1) % self.checkpoint_every == 0:
                 self._before_checkpoint()

@@ -10,6 +10,7 @@ same integer counts.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,6 +80,30 @@ def sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+class InFlight:
+    """Bounds the steps dispatched but not yet finished to `depth`.
+
+    JAX dispatches asynchronously: a loop that never waits runs ahead of the device,
+    and every queued step keeps its input batch alive (up to the runtime's own limit
+    of dozens of executions), so host and device memory grow with the data until
+    then. `add(out)` after each step waits for the step `depth` steps back, which
+    keeps the device busy while the next batch is read and sent. `out` may be
+    donated to the next step: what is waited on is a small copy taken at once.
+    """
+
+    def __init__(self, depth: int = 2):
+        self.depth = depth
+        self._tokens: collections.deque[jax.Array] = collections.deque()
+
+    def add(self, out: Any) -> None:
+        leaves = [x for x in jax.tree_util.tree_leaves(out) if isinstance(x, jax.Array)]
+        if not leaves:
+            return
+        self._tokens.append(jax.numpy.copy(min(leaves, key=lambda x: x.size)))
+        while len(self._tokens) > self.depth:
+            self._tokens.popleft().block_until_ready()
 
 
 def put_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxdissect import store
 from jaxdissect.labelspace import LabelSpace
 
 DEFAULT_IOU_THRESHOLD = 0.04
@@ -243,17 +243,10 @@ def tally_csv_name(layer: str) -> str:
 @contextmanager
 def _atomic_open(path: Path, newline: str | None = None) -> Iterator[Any]:
     """Write to a temporary file next to `path`, then os.replace it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with store.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -59,6 +60,14 @@ def fingerprint_tree(tree: Any) -> str:
     return h.hexdigest()[:20]
 
 
+@functools.cache
+def _file_mode() -> int:
+    """What `open(..., "w")` would give a new file: 0o666 less the process's umask."""
+    umask = os.umask(0o022)  # the only way to read it; restored at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary path beside `path`; rename it into place on success."""
@@ -69,6 +78,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     tmp = pathlib.Path(tmp)
     try:
         yield tmp
+        # mkstemp makes the file private (0600); results are meant to be shared like
+        # any file the user writes.
+        if tmp.is_file():
+            os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

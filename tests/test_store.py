@@ -1,5 +1,8 @@
 """Keys cover every argument; writes are atomic; stages are complete only when marked."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 
@@ -41,3 +44,15 @@ def test_stage_done_only_after_marker(tmp_path):
     stage.mark_done({"layer": "x"})
     assert stage.done
     np.testing.assert_array_equal(store.load_arrays(stage.path("arrays.npz"))["counts"], [0, 1, 2])
+
+
+def test_written_files_are_not_private(tmp_path):
+    # mkstemp makes 0600 files; results must get the mode any file the user writes gets.
+    old = os.umask(0o022)
+    try:
+        store.write_json(tmp_path / "results.json", {"a": 1})
+        store.save_arrays(tmp_path / "stats.npz", {"x": np.zeros(2)})
+        for name in ("results.json", "stats.npz"):
+            assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
+    finally:
+        os.umask(old)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike
 from PIL import Image
+
+from jaxdissect import store
 
 # The Lite release's report keeps 20% of the image outside the unit's mask.
 DIM_OUTSIDE = 0.2
@@ -23,19 +24,9 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     Readers never see a half-written file, and an interrupted run leaves the old
     file (or none) rather than a truncated one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp creates files 0600; a report folder is meant to be shared.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with store.atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
