@@ -3,7 +3,9 @@ r"""Train a network on the scenes of a (synthetic) Broden, keeping checkpoints t
   python experiments/train.py --flagfile=experiments/configs/train_small_cnn.flags
 
 The classes are the scene labels of the train split; the val split gives the
-validation accuracy. Writes settings.json, metrics.csv, summary.json, training.png,
+validation accuracy. `--data` may also be any TFDS image-classification build
+(features `image` and `label`, array_record), e.g. one of your own: its train
+split is learnt, its validation (or val, or test) split measured. Writes settings.json, metrics.csv, summary.json, training.png,
 checkpoints/ (orbax, for resuming: run the same command again after a kill)
 and weights/step_<N>/ for every --save_steps step, which the dissection loads:
 
@@ -51,13 +53,21 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
         "data",
         "synthetic",
-        "'synthetic' (generated once, cached), a Broden folder or its TFDS build.",
+        "'synthetic' (generated once, cached; its scenes are the classes), a Broden folder or "
+        "its TFDS build, or any TFDS image-classification build (features image + label, "
+        "array_record; splits train and validation/val/test).",
         flag_values=fv,
     )
     flags.DEFINE_integer(
         "synthetic_images", 4000, "Images of the synthetic Broden.", flag_values=fv
     )
-    flags.DEFINE_integer("resolution", 96, "Image size of the synthetic Broden.", flag_values=fv)
+    flags.DEFINE_integer(
+        "resolution",
+        96,
+        "Image size of the synthetic Broden; for a TFDS classification build, the size its "
+        "images are resized and centre-cropped to.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer("max_train", None, "Use at most N training images.", flag_values=fv)
     flags.DEFINE_bool("flip", True, "Random horizontal flips.", flag_values=fv)
     # The optimisation.

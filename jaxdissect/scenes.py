@@ -1,8 +1,9 @@
-"""The scene-classification task of a Broden: what the experiments train networks on.
+"""The classification task the experiments train networks on.
 
-The classes are the scene labels present in the train split (images without
-exactly one scene label, e.g. texture and surface images, are left out); the
-val split gives the validation accuracy. `train_batches` is a random-access
+Offline, the scene labels of a Broden: the classes are the scene labels present
+in the train split (images without exactly one scene label, e.g. texture and
+surface images, are left out); the val split gives the validation accuracy.
+Any TFDS image-classification build serves too (`classification_task`). `train_batches` is a random-access
 grain dataset: the data order is a pure function of (seed, step), so a resumed
 training run sees the same batches as an uninterrupted one.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import os
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +42,8 @@ class SceneTask:
     """The scene classification task: classes and the two splits.
 
     Attributes:
-      class_labels: Broden label number of each class, ascending.
+      class_labels: Broden label number of each class, ascending (the class index
+        for a TFDS classification build).
       class_names: their names.
       train, val: the splits (val keeps only images of a training class).
       description: where the data came from.
@@ -143,9 +147,16 @@ def open_scene_task(
     max_train: int | None = None,
     num_threads: int = 2,
 ) -> SceneTask:
-    """The scene task of `--data` ('synthetic', a Broden folder or its TFDS build)."""
-    from jaxdissect.data import open_probe
+    """The task of `--data`: the scenes of 'synthetic', a Broden folder or its TFDS build;
+    or the classes of any TFDS image-classification build (`classification_task`)."""
+    from jaxdissect.data import open_probe, tfds_classification
 
+    if data != "synthetic" and os.path.isdir(os.path.expanduser(data)):
+        build = tfds_classification.find_build(os.path.expanduser(data))
+        if build is not None:
+            return classification_task(
+                build, resolution=resolution, max_train=max_train, num_threads=num_threads
+            )
     kwargs = dict(resolution=resolution, synthetic_images=synthetic_images, cache_dir=cache_dir)
     train_source, description = open_probe(data, split="train", **kwargs)
     val_source, _ = open_probe(data, split="val", **kwargs)
@@ -156,6 +167,41 @@ def open_scene_task(
         max_train=max_train,
         num_threads=num_threads,
     )
+
+
+def classification_task(
+    build: str | os.PathLike[str],
+    *,
+    resolution: int,
+    max_train: int | None = None,
+    num_threads: int = 2,
+) -> SceneTask:
+    """The task of a TFDS image-classification build (features `image`, `label`):
+    its `train` split and its validation split, at `resolution` px, in memory."""
+    from jaxdissect.data import tfds_classification
+
+    build = pathlib.Path(build)
+    about = tfds_classification.describe(build)
+
+    def split(name: str, limit: int | None) -> SceneSplit:
+        images, labels = tfds_classification.read_split(
+            build, name, resolution, limit=limit, num_threads=num_threads
+        )
+        return SceneSplit(images, labels, np.arange(len(labels), dtype=np.int64))
+
+    train = split(tfds_classification.TRAIN_SPLIT, max_train)
+    val = split(about["val_split"], None)
+    names = tuple(about["class_names"])
+    fingerprint = store.key_of(
+        info=json.loads((build / "dataset_info.json").read_text()),
+        resolution=resolution,
+        max_train=max_train,
+    )
+    description = (
+        f"TFDS {about['name']} ({build}; {tfds_classification.TRAIN_SPLIT} {len(train)}, "
+        f"{about['val_split']} {len(val)} images)"
+    )
+    return SceneTask(tuple(range(len(names))), names, train, val, description, fingerprint)
 
 
 class _Examples:

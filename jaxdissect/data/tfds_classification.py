@@ -1,0 +1,134 @@
+"""Any TFDS image-classification build as a training task (no TensorFlow).
+
+A build directory (the one holding `dataset_info.json`, made by
+`download_and_prepare(file_format="array_record")` or `tfds build
+--file_format=array_record`) whose features hold an `image` and a `label`
+`ClassLabel`, as imagenette, cifar10 or a dataset of the user's own. It is
+read through `as_data_source` (random access, no TensorFlow): each image is
+made RGB, its shorter side resized to the training resolution and its centre
+cropped square, and the split is kept in memory as uint8.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+TRAIN_SPLIT = "train"
+# The first of these that the build has is the validation split.
+VAL_SPLITS = ("validation", "val", "test")
+
+
+def find_build(path: str | os.PathLike[str]) -> Path | None:
+    """The classification build at or under `path` (two levels down at most), or None.
+
+    None when no build there has an `image` and a ClassLabel `label`; several such
+    builds (versions) under `path` are an error naming them.
+    """
+    path = Path(path)
+    candidates = [path / "dataset_info.json"]
+    candidates += sorted(path.glob("*/dataset_info.json")) + sorted(
+        path.glob("*/*/dataset_info.json")
+    )
+    found = [f.parent for f in candidates if f.is_file() and _is_classification(f.parent)]
+    if len(found) > 1:
+        raise ValueError(
+            f"{path} holds several classification builds: {[str(f) for f in found]}; "
+            "pass the one to use"
+        )
+    return found[0] if found else None
+
+
+def _is_classification(build: Path) -> bool:
+    features = _features(build)
+    return "image" in features and _class_label(features.get("label")) is not None
+
+
+def _features(build: Path) -> dict[str, Any]:
+    """The top-level features of a build, read from its `features.json` (no builder made)."""
+    spec = build / "features.json"
+    if not spec.is_file():
+        return {}
+    doc = json.loads(spec.read_text())
+    return doc.get("featuresDict", {}).get("features", {})
+
+
+def _class_label(feature: Any) -> Any:
+    if not isinstance(feature, dict):
+        return None
+    return feature.get("classLabel")
+
+
+def _square(image: np.ndarray, resolution: int) -> np.ndarray:
+    """RGB uint8 [resolution, resolution, 3]: shorter side resized, centre cropped."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.shape[:2] == (resolution, resolution):
+        return np.ascontiguousarray(image, dtype=np.uint8)
+    h, w = image.shape[:2]
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    pil = Image.fromarray(image.astype(np.uint8)).resize(size, Image.BILINEAR)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return np.asarray(pil.crop((left, top, left + resolution, top + resolution)), np.uint8)
+
+
+def read_split(
+    build: Path,
+    split: str,
+    resolution: int,
+    limit: int | None = None,
+    num_threads: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, r, r, 3], labels int32 [N]) of one split, in the build's order."""
+    import tensorflow_datasets as tfds
+
+    source = tfds.builder_from_directory(os.fspath(build)).as_data_source(split=split)
+    n = len(source) if limit is None else min(limit, len(source))
+
+    def one(i: int) -> tuple[np.ndarray, int]:
+        example = source[i]
+        try:
+            image = _square(np.asarray(example["image"]), resolution)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{build} ({split}, example {i}): unreadable image: {e}") from e
+        return image, int(example["label"])
+
+    images = np.zeros((n, resolution, resolution, 3), np.uint8)
+    labels = np.zeros((n,), np.int32)
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+        for i, (image, label) in enumerate(pool.map(one, range(n))):
+            images[i], labels[i] = image, label
+    return images, labels
+
+
+def describe(build: Path) -> dict[str, Any]:
+    """Class names, split names and sizes of a build (from its metadata)."""
+    import tensorflow_datasets as tfds
+
+    info = tfds.builder_from_directory(os.fspath(build)).info
+    splits = {name: int(s.num_examples) for name, s in info.splits.items()}
+    if TRAIN_SPLIT not in splits:
+        raise ValueError(f"{build} has no {TRAIN_SPLIT!r} split (it has {sorted(splits)})")
+    val = next((s for s in VAL_SPLITS if s in splits), None)
+    if val is None:
+        raise ValueError(
+            f"{build} has no validation split: it has {sorted(splits)}, and one of "
+            f"{list(VAL_SPLITS)} is needed for the validation accuracy"
+        )
+    return {
+        "name": info.name,
+        "class_names": list(info.features["label"].names),
+        "splits": splits,
+        "val_split": val,
+    }

@@ -1,0 +1,138 @@
+"""Training on any TFDS image-classification build (not only Broden's scenes)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+
+from jaxdissect import scenes
+from jaxdissect.data import tfds_classification
+from tests.test_experiments import run_script
+
+CLASSES = ["red", "green", "blue"]
+
+
+def _image(label: int, i: int, shape: tuple[int, int]) -> np.ndarray:
+    """A flat colour per class; the other channels carry the example number."""
+    a = np.full((*shape, 3), i % 50, np.uint8)
+    a[..., label] = 200
+    return a
+
+
+class TinyColours(tfds.core.GeneratorBasedBuilder):
+    """Three colour classes; `train` at the builder's shape, `test` non-square, some grey."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    SPLITS = {"train": 24, "test": 9}
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # As in jaxdissect/data/tfds_broden.py: TFDS's default needs importlib_resources.
+        return epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "label": tfds.features.ClassLabel(names=CLASSES),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {name: self._generate_examples(name, n) for name, n in self.SPLITS.items()}
+
+    def _generate_examples(self, split: str, n: int):
+        shape = (16, 16) if split == "train" else (24, 40)
+        for i in range(n):
+            label = i % len(CLASSES)
+            yield (
+                f"{split}-{i}",
+                {"image": Image.fromarray(_image(label, i, shape)), "label": label},
+            )
+
+
+class NoValidation(TinyColours):
+    SPLITS = {"train": 6}
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> pathlib.Path:
+    data_dir = tmp_path_factory.mktemp("tfds")
+    builder = TinyColours(data_dir=str(data_dir))
+    builder.download_and_prepare(file_format="array_record")
+    return data_dir
+
+
+def test_finds_the_build_and_reads_its_splits_exactly(build):
+    found = tfds_classification.find_build(build)
+    assert found == build / "tiny_colours" / "1.0.0"
+    task = scenes.open_scene_task(str(build), resolution=16, synthetic_images=0, cache_dir=build)
+    assert task.class_names == tuple(CLASSES) and task.num_classes == 3
+    assert (len(task.train), len(task.val)) == (24, 9)
+    # Records are shuffled on write: match each image to the one written, by its pixels.
+    written = {_image(i % 3, i, (16, 16)).tobytes(): i % 3 for i in range(24)}
+    pairs = zip(task.train.images, task.train.labels, strict=True)
+    got = {img.tobytes(): int(lab) for img, lab in pairs}
+    assert got == written
+    # 24x40 -> shorter side to 16 and the centre cropped: flat colours stay flat.
+    assert task.val.images.shape == (9, 16, 16, 3)
+    for img, lab in zip(task.val.images, task.val.labels, strict=True):
+        assert (img[..., lab] == 200).all()
+
+
+def test_square_handles_grey_and_alpha():
+    grey = np.arange(30 * 20, dtype=np.uint8).reshape(30, 20)
+    out = tfds_classification._square(grey, 10)
+    assert out.shape == (10, 10, 3) and (out[..., 0] == out[..., 2]).all()
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    assert tfds_classification._square(rgba, 10).shape == (10, 10, 3)
+
+
+def test_train_script_learns_a_tfds_classification_build(build, tmp_path):
+    out = tmp_path / "run"
+    run_script(
+        "train",
+        f"--data={build}",
+        "--resolution=16",
+        "--width=0.25",
+        "--optimizer=adam",
+        "--learning_rate=0.005",
+        "--steps=40",
+        "--batch_size=8",
+        "--save_steps=40",
+        "--log_every=20",
+        "--devices=1",
+        "--noprogress",
+        f"--output_dir={out}",
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["classes"] == CLASSES
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["data"]["val_images"] == 9 and "tiny_colours" in settings["data"]["description"]
+    assert summary["val_accuracy"] == 1.0  # flat colours: trivially separable
+
+
+def test_a_build_without_a_validation_split_is_refused(tmp_path):
+    NoValidation(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+    with pytest.raises(ValueError, match="no validation split.*'train'"):
+        scenes.open_scene_task(str(tmp_path), resolution=16, synthetic_images=0, cache_dir=tmp_path)
+
+
+def test_several_builds_are_named(build, tmp_path):
+    for version in ("1.0.0", "2.0.0"):
+        (tmp_path / "x" / version).mkdir(parents=True)
+        for name in ("dataset_info.json", "features.json"):
+            src = build / "tiny_colours" / "1.0.0" / name
+            (tmp_path / "x" / version / name).write_text(src.read_text())
+    with pytest.raises(ValueError, match="several classification builds"):
+        tfds_classification.find_build(tmp_path)
