@@ -37,6 +37,9 @@ def initialize_distributed(
     """
     if not enabled:
         return
+    # Collectives between CPU processes (a multi-process CPU job, or CPU-side work of
+    # a GPU job) need a backend; gloo ships with jaxlib. GPU and TPU ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

@@ -1,0 +1,93 @@
+"""Several hosts: `dissect.py --distributed` as 2 processes (2 CPU devices each, gloo
+collectives over loopback) gives exactly the files of 1 process with 4 devices."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxdissect.data import synthetic
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dissect(out: pathlib.Path, data: pathlib.Path, devices: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "dissect.py"),
+        "--model=models.small_cnn:small_cnn",
+        "--model_option=image_size=48",
+        "--model_option=num_classes=5",
+        "--weights=",
+        f"--data={data}",
+        "--resolution=48",
+        "--layers=conv3,conv5",
+        "--quantile_mode=exact",
+        "--batch_size=8",
+        "--checkpoint_every=2",  # orbax stream checkpoints written by both processes
+        "--noprogress",
+        "--noreport",
+        f"--output_dir={out}",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(proc: subprocess.Popen, what: str) -> None:
+    try:
+        log, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{what} did not finish in 300 s")
+    assert proc.returncode == 0, f"{what} failed:\n{log[-3000:]}"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    data = tmp_path / "broden"
+    synthetic.generate(data, num_images=36, size=48, workers=1)  # 36: a partial last batch
+    one = _dissect(tmp_path / "one", data, 4)
+    _finish(one, "the 1-process run")
+    port = _free_port()
+    procs = [
+        _dissect(
+            tmp_path / "two",
+            data,
+            2,
+            "--distributed",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        )
+        for i in range(2)
+    ]
+    for i, p in enumerate(procs):
+        _finish(p, f"process {i} of the 2-process run")
+
+    files = sorted(p.name for p in (tmp_path / "one").iterdir() if p.is_file())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir() if p.is_file())
+    assert "results.json" in files and sum(f.startswith("tally-") for f in files) == 2
+    for name in files:
+        a, b = tmp_path / "one" / name, tmp_path / "two" / name
+        if name.endswith(".npz"):
+            with np.load(a) as x, np.load(b) as y:
+                assert sorted(x.files) == sorted(y.files)
+                for k in x.files:
+                    np.testing.assert_array_equal(x[k], y[k], err_msg=f"{name}:{k}")
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
