@@ -47,7 +47,14 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_bool(
         "accuracy",
         True,
-        "Evaluate the rotated network on the scene val split (training exports only).",
+        "Evaluate the rotated network on the val split of its task (training exports only).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "eval_data",
+        None,
+        "The task of the accuracy check, as experiments/train.py's --data (default: --data); "
+        "e.g. the TFDS classification build the network was trained on.",
         flag_values=fv,
     )
     flags.DEFINE_string("output_dir", None, "Default: runs/rotation_<layer>.", flag_values=fv)
@@ -74,14 +81,19 @@ def run(fv: flags.FlagValues = FLAGS):
     eval_images = eval_labels = None
     if fv.accuracy and trained:
         meta = training.read_meta(fv.weights)
+        flag = "--eval_data" if fv.eval_data else "--data"
         task = scenes.open_scene_task(
-            fv.data,
-            resolution=fv.resolution,
+            fv.eval_data or fv.data,
+            # A classification build is read at the size the network was trained at.
+            resolution=meta.get("input_size", fv.resolution) if fv.eval_data else fv.resolution,
             synthetic_images=fv.synthetic_images,
             cache_dir=cli.cache_root(),
         )
         if list(task.class_names) != meta.get("classes"):
-            raise ValueError(f"--data's scene classes are not those {fv.weights} was trained on")
+            raise ValueError(
+                f"{flag}'s classes are not those {fv.weights} was trained on "
+                f"({meta.get('classes')}): pass the training data as --eval_data"
+            )
         eval_images, eval_labels = task.val.images, task.val.labels
     output_dir = fv.output_dir or os.path.join("runs", f"rotation_{fv.layer}")
     points = rotation.rotation_study(

@@ -13,7 +13,12 @@ from PIL import Image
 
 from jaxdissect import scenes
 from jaxdissect.data import tfds_classification
-from tests.test_experiments import run_script
+from tests.test_experiments import (  # noqa: F401 (shared_workspace: an autouse fixture)
+    TINY_SIZE,
+    run_script,
+    shared_workspace,
+    tiny_broden,
+)
 
 CLASSES = ["red", "green", "blue"]
 
@@ -120,6 +125,35 @@ def test_train_script_learns_a_tfds_classification_build(build, tmp_path):
     settings = json.loads((out / "settings.json").read_text())
     assert settings["data"]["val_images"] == 9 and "tiny_colours" in settings["data"]["description"]
     assert summary["val_accuracy"] == 1.0  # flat colours: trivially separable
+
+    # The rotation study dissects on a Broden and checks accuracy on the training task.
+    rot = tmp_path / "rotation"
+    run_script(
+        "rotation",
+        f"--weights={out / 'weights' / 'step_000040'}",
+        "--layer=conv5",
+        "--amounts=0,1",
+        f"--data={tiny_broden()}",
+        f"--eval_data={build}",
+        f"--resolution={TINY_SIZE}",
+        "--split=all",
+        "--batch_size=16",
+        "--quantile_mode=exact",
+        "--devices=1",
+        "--noprogress",
+        "--noreport",
+        f"--output_dir={rot}",
+    )
+    points = json.loads((rot / "rotation.json").read_text())["points"]
+    assert [p["accuracy_folded"] for p in points] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="--data's classes are not those"):
+        run_script(
+            "rotation",
+            f"--weights={out / 'weights' / 'step_000040'}",
+            f"--data={tiny_broden()}",
+            f"--resolution={TINY_SIZE}",
+            f"--output_dir={tmp_path / 'refused'}",
+        )
 
 
 def test_a_build_without_a_validation_split_is_refused(tmp_path):
