@@ -105,7 +105,9 @@ flags.DEFINE_enum(
     "Keep pass-1 activations so pass 2 does not run the network again.",
 )
 flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint the streaming state every N batches.")
-flags.DEFINE_integer("loader_threads", 2, "Image decoding threads.")
+flags.DEFINE_integer(
+    "loader_threads", None, "Image decoding threads (default: the CPU cores, at most 16)."
+)
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_bool("report", True, "Write the HTML report (strips, plots).")
 flags.DEFINE_bool(

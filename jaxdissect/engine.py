@@ -208,7 +208,7 @@ class Dissector:
         activation_cache: str = "auto",
         cache_budget_bytes: int | None = None,
         checkpoint_every: int = 50,
-        num_threads: int = 2,
+        num_threads: int | None = None,
         progress: bool = True,
     ):
         self.tap, self.source, self.settings = tap, source, settings

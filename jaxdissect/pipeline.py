@@ -50,7 +50,7 @@ class Options:
     activation_cache: str = "auto"
     cache_budget_bytes: int | None = None
     checkpoint_every: int = 50
-    num_threads: int = 2
+    num_threads: int | None = None  # decoding threads; None: the cores, at most 16
     progress: bool = True
     report: bool = True
     strip_height: int = 112

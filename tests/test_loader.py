@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import numpy as np
 import pytest
 
+from jaxdissect.data import loader
 from jaxdissect.data.broden import Broden, BrodenFormatError
 from jaxdissect.data.loader import batches, num_batches
 from tests.broden_testing import tiny_broden
@@ -181,3 +183,9 @@ def test_stopping_early_releases_threads():
     while _prefetch_threads() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not _prefetch_threads()
+
+
+def test_default_threads_follow_the_usable_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert loader.default_threads() == max(1, min(16, cores))
+    assert loader.default_threads(limit=1) == 1

@@ -13,6 +13,7 @@ batch ahead, so it overlaps with the consumer's work.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -37,12 +38,21 @@ def num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
+def default_threads(limit: int = 16) -> int:
+    """Decoding threads by default: the CPU cores this process may use, at most `limit`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(limit, cores))
+
+
 def batches(
     source: Source,
     batch_size: int,
     *,
     start_batch: int = 0,
-    num_threads: int = 2,
+    num_threads: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -58,7 +68,8 @@ def batches(
       source: random-access examples (a `Broden`, a TFDS-backed source ...).
       batch_size: the global batch size B.
       start_batch: first global batch to yield (to resume an interrupted run).
-      num_threads: decoding threads; 0 decodes in the calling thread.
+      num_threads: decoding threads (None: `default_threads()`); 0 decodes in the
+        calling thread.
       process_index, process_count: with several hosts, each process yields only
         rows [process_index * b, (process_index + 1) * b) of every global batch.
     """
@@ -78,6 +89,8 @@ def batches(
             f"start_batch {start_batch} is outside [0, {total}] ({n} examples in batches of "
             f"{batch_size})"
         )
+    if num_threads is None:
+        num_threads = default_threads()
     if num_threads < 0:
         raise ValueError(f"num_threads must be >= 0, got {num_threads}")
     local = batch_size // process_count
