@@ -13,6 +13,7 @@ rows go to a CSV and a JSON file, and to line or bar figures.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import re
@@ -221,7 +222,13 @@ def plot_dynamics(
         for c in cats:
             ax.plot(xs, [r.get(f"unique_{c}", 0) for r in mine], ".-", color=colors[c], label=c)
         if x == "step":
-            ax.set_xscale("symlog", linthresh=max(1.0, min([v for v in xs if v > 0] or [1.0])))
+            linthresh = max(1.0, min([v for v in xs if v > 0] or [1.0]))
+            ax.set_xscale("symlog", linthresh=linthresh)
+            # 0, then the powers of ten past the linear part (the default also ticks inside
+            # it, where 0 and 10 collide).
+            top = math.floor(math.log10(max(xs))) if max(xs) >= 1 else -1
+            decades = range(math.ceil(math.log10(linthresh)), top + 1)
+            ax.set_xticks([0.0, *(10.0**k for k in decades)])
             ax.set_xlabel("training iteration")
         else:
             ax.set_xlabel("validation accuracy")
