@@ -89,9 +89,9 @@ class InFlight:
     """Bounds the steps dispatched but not yet finished to `depth`.
 
     JAX dispatches asynchronously: a loop that never waits runs ahead of the device,
-    and every queued step keeps its input batch alive (up to the runtime's own limit
-    of dozens of executions), so host and device memory grow with the data until
-    then. `add(out)` after each step waits for the step `depth` steps back, which
+    and every queued step keeps its input batch alive, so memory grows with how far
+    the loop gets ahead (only the runtime's own queue limit stops it). `add(out)`
+    after each step waits for the step `depth` steps back, which
     keeps the device busy while the next batch is read and sent. `out` may be
     donated to the next step: what is waited on is a small copy taken at once.
     """
