@@ -122,7 +122,7 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 def run():
     cli.quiet_library_logs()
-    from jaxdissect import engine, parallel, pipeline
+    from jaxdissect import parallel, pipeline
     from jaxdissect.preprocess import PLACES_LITE, TORCHVISION
     from models import load as model_load
 
@@ -146,19 +146,7 @@ def run():
     if not layers:
         raise app.UsageError("--layers is empty and the model declares no default_layers")
 
-    settings = engine.Settings(
-        quantile=FLAGS.quantile,
-        quantile_mode=FLAGS.quantile_mode,
-        sketch_size=FLAGS.sketch_size,
-        threshold_on=FLAGS.threshold_on,
-        restriction=FLAGS.restriction,
-        iou_threshold=FLAGS.iou_threshold,
-        activation_dtype=FLAGS.activation_dtype,
-        categories=tuple(FLAGS.categories) or None,
-        top_images=FLAGS.top_images,
-        seed=FLAGS.seed,
-        batch_size=FLAGS.batch_size,
-    )
+    settings = cli.settings_from_flags(FLAGS)
     output_dir = FLAGS.output_dir or os.path.join("runs", FLAGS.model.replace(":", "_"))
     pipeline.dissect(
         cli.model_info(model, spec),

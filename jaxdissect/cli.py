@@ -7,6 +7,7 @@ module holds the pieces they would otherwise repeat.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -154,17 +155,14 @@ def probe_from_flags(fv: flags.FlagValues) -> tuple[Any, str]:
 
 
 def settings_from_flags(fv: flags.FlagValues) -> Any:
-    """The `engine.Settings` of the method flags."""
+    """The `engine.Settings` of the method flags: each field whose flag (same name) the
+    script defines; the others keep their defaults."""
     from jaxdissect import engine
 
-    return engine.Settings(
-        quantile=fv.quantile,
-        quantile_mode=fv.quantile_mode,
-        iou_threshold=fv.iou_threshold,
-        restriction=fv.restriction,
-        categories=tuple(fv.categories) or None,
-        batch_size=fv.batch_size,
-    )
+    values = {f.name: fv[f.name].value for f in dataclasses.fields(engine.Settings) if f.name in fv}
+    if "categories" in values:
+        values["categories"] = tuple(values["categories"]) or None
+    return engine.Settings(**values)
 
 
 def options_from_flags(fv: flags.FlagValues) -> Any:
