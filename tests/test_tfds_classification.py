@@ -8,11 +8,10 @@ import pathlib
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from etils import epath
 from PIL import Image
 
 from jaxdissect import scenes
-from jaxdissect.data import tfds_classification
+from jaxdissect.data import tfds_broden, tfds_classification
 from tests.test_experiments import (  # noqa: F401 (shared_workspace: an autouse fixture)
     TINY_SIZE,
     run_script,
@@ -30,17 +29,11 @@ def _image(label: int, i: int, shape: tuple[int, int]) -> np.ndarray:
     return a
 
 
-class TinyColours(tfds.core.GeneratorBasedBuilder):
+class TinyColours(tfds_broden.OwnCodePath, tfds.core.GeneratorBasedBuilder):
     """Three colour classes; `train` at the builder's shape, `test` non-square, some grey."""
 
     VERSION = tfds.core.Version("1.0.0")
     SPLITS = {"train": 24, "test": 9}
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # As in jaxdissect/data/tfds_broden.py: TFDS's default needs importlib_resources.
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

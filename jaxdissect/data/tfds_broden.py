@@ -25,6 +25,7 @@ No TensorFlow is needed: build with `file_format="array_record"` and read with
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import operator
 import os
@@ -123,7 +124,20 @@ def _labels_from_json(d: dict[str, Any]) -> LabelSpace:
     )
 
 
-class BrodenBuilder(tfds.core.GeneratorBasedBuilder):
+class OwnCodePath:
+    """Mixin for builders defined inside a package: their `code_path` is their own file.
+
+    TFDS's default needs the `importlib_resources` backport there; the answer is
+    simply the file that defines the class.
+    """
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(inspect.getfile(cls))
+
+
+class BrodenBuilder(OwnCodePath, tfds.core.GeneratorBasedBuilder):
     """TFDS builder of Broden from a manually downloaded `broden1_S` folder."""
 
     name = "broden"
@@ -139,13 +153,6 @@ class BrodenBuilder(tfds.core.GeneratorBasedBuilder):
     ]
     DEFAULT_CONFIG_NAME = "224"
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS's default needs the `importlib_resources` backport for builders
-        # defined inside a package; the answer is simply this file.
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
