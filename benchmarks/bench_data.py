@@ -4,10 +4,13 @@ Generates a synthetic Broden once into `--cache_dir` (reused on later runs),
 builds its TFDS array_record files (timed; `--reuse_build` skips it), then
 times full in-order passes of `loader.batches` over each source:
 
-    .venv/bin/python benchmarks/bench_data.py --num_images 1024 --threads 1,2
+    .venv/bin/python benchmarks/bench_data.py --num_images 1024 --threads 1,2 --workers 2
 
 Both sources are read from the page cache after the first pass (warm-up), so
-the figures measure decoding and assembly, not disk.
+the figures measure decoding and assembly, not disk. `--reads` also times what
+each pass of the engine reads: pass 1 the images alone, pass 2 (with the
+activation cache) the label maps alone, so that pass 2's loading cost next to
+pass 1's is known where loading, not the network, limits the speed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxdissect import engine
 from jaxdissect.data import loader, synthetic, tfds_broden
 from jaxdissect.data.broden import Broden
 
@@ -33,8 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=224, help="image size S (segmentations S/2)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--threads", default="1,2", help="comma-separated loader thread counts")
+    p.add_argument("--workers", default="", help="comma-separated loader process counts (e.g. 2,8)")
     p.add_argument("--repeats", type=int, default=2, help="timed passes per setting (best kept)")
     p.add_argument("--reuse_build", action="store_true", help="do not rebuild the TFDS files")
+    p.add_argument(
+        "--reads",
+        default="all,images,labels",
+        help="what to read: all (the loader), images (pass 1), labels (pass 2 with a cache)",
+    )
     return p.parse_args(argv)
 
 
@@ -48,15 +58,16 @@ def dataset_dir(cache_dir: Path, num_images: int, size: int) -> Path:
     return out
 
 
-def time_pass(source: loader.Source, batch_size: int, threads: int) -> float:
-    """Seconds for one full in-order pass of `loader.batches` over `source`."""
+def time_pass(source: loader.Source, batch_size: int, threads: int, workers: int = 0):
+    """(seconds of a full in-order pass of `loader.batches`, seconds to its first batch)."""
     t0 = time.perf_counter()
-    n = 0
-    for batch in loader.batches(source, batch_size, num_threads=threads):
+    n, first = 0, None
+    for batch in loader.batches(source, batch_size, num_threads=threads, num_workers=workers):
         n += int(batch["valid"].sum())
+        first = first or time.perf_counter() - t0
     elapsed = time.perf_counter() - t0
     assert n == len(source), (n, len(source))
-    return elapsed
+    return elapsed, first
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         "tfds": tfds_broden.TfdsBroden(data_dir),
     }
     n = len(sources["folder"])
-    threads = [int(t) for t in args.threads.split(",")]
+    decoders = [("threads", int(t)) for t in args.threads.split(",") if t]
+    decoders += [("workers", int(w)) for w in args.workers.split(",") if w]
     print(
         f"\n{n} images {args.size}x{args.size}, batch {args.batch_size}, "
         f"P={sources['folder'].max_planes}, Q={sources['folder'].max_image_labels}, "
@@ -87,12 +99,25 @@ def main(argv: list[str] | None = None) -> None:
     if build_s is not None:
         size_mb = sum(f.stat().st_size for f in data_dir.rglob("*") if f.is_file()) / 1e6
         print(f"TFDS build: {build_s:.1f} s ({n / build_s:.0f} images/s), {size_mb:.0f} MB")
-    print(f"{'source':8} {'threads':>7} {'images/s':>9} {'s/pass':>7}")
+    print(f"{'source':8} {'reads':>7} {'decoders':>10} {'images/s':>9} {'s/pass':>7} {'1st s':>6}")
     for name, source in sources.items():
-        time_pass(source, args.batch_size, max(threads))  # Warm-up: page cache, imports.
-        for t in threads:
-            best = min(time_pass(source, args.batch_size, t) for _ in range(args.repeats))
-            print(f"{name:8} {t:7d} {n / best:9.0f} {best:7.2f}")
+        time_pass(source, args.batch_size, 2)  # Warm-up: page cache, imports.
+        for reads in args.reads.split(","):
+            if reads == "all":
+                view = source
+            else:
+                view = engine._Fields(source, images=reads == "images", labels=reads == "labels")
+            for kind, count in decoders:
+                kw = (
+                    {"threads": count, "workers": 0}
+                    if kind == "threads"
+                    else {"threads": 0, "workers": count}
+                )
+                best, first = min(
+                    time_pass(view, args.batch_size, **kw) for _ in range(args.repeats)
+                )
+                label = f"{count} {kind[0]}"
+                print(f"{name:8} {reads:>7} {label:>10} {n / best:9.0f} {best:7.2f} {first:6.2f}")
     sys.stdout.flush()
 
 

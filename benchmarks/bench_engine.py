@@ -40,6 +40,10 @@ flags.DEFINE_enum(
     "Activation cache (auto: as dissect.py; none: pass 2 runs the network again).",
 )
 flags.DEFINE_enum("quantile_mode", "sketch", ["sketch", "exact"], "Threshold statistic.")
+flags.DEFINE_integer("loader_workers", 0, "Decoding processes (0: threads), as dissect.py.")
+flags.DEFINE_enum(
+    "tally_method", "auto", ["auto", "segment", "compact", "matmul"], "IoU tally counting method."
+)
 flags.DEFINE_string("cache_dir", "~/.cache/jaxdissect/bench_engine", "Synthetic data cache.")
 flags.DEFINE_bool("child", False, "Internal: run one size and print JSON.")
 FLAGS = flags.FLAGS
@@ -84,7 +88,7 @@ def _child() -> dict:
         t = time.perf_counter()
         out = None
         in_flight = parallel.InFlight()  # as the engine's loop: 2 batches in flight
-        for batch in loader.batches(fields, FLAGS.batch_size):
+        for batch in loader.batches(fields, FLAGS.batch_size, num_workers=FLAGS.loader_workers):
             out = fwd(variables, parallel.put_batch({"x": batch["image"]}, mesh)["x"])
             in_flight.add(out)
         jax.block_until_ready(out)
@@ -104,6 +108,8 @@ def _child() -> dict:
             mesh=mesh,
             activation_cache=FLAGS.activation_cache,
             progress=False,
+            tally_method=FLAGS.tally_method,
+            num_workers=FLAGS.loader_workers,
         )
         t = time.perf_counter()
         d.run(tap.variables)
@@ -151,7 +157,7 @@ def main(argv):
         print(json.dumps(row), flush=True)
     print(
         f"\n{FLAGS.arch} {','.join(FLAGS.layers)} at 224, batch {FLAGS.batch_size}, "
-        f"cache={FLAGS.activation_cache}, {rows[0]['devices']} {rows[0]['platform']} device(s)"
+        f"cache={FLAGS.activation_cache}, tally={FLAGS.tally_method}, loader_workers={FLAGS.loader_workers}, {rows[0]['devices']} {rows[0]['platform']} device(s)"
     )
     print(
         f"{'images':>7} {'forward img/s':>14} {'dissect img/s':>14} {'pass1 s':>8} "

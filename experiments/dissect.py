@@ -108,6 +108,18 @@ flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint the streaming state eve
 flags.DEFINE_integer(
     "loader_threads", None, "Image decoding threads (default: the CPU cores, at most 16)."
 )
+flags.DEFINE_integer(
+    "loader_workers",
+    0,
+    "Image decoding processes instead of threads (0: threads). Threads share the GIL; on a "
+    "many-core GPU host use processes, e.g. the cores minus 2.",
+)
+flags.DEFINE_enum(
+    "tally_method",
+    "auto",
+    ["auto", "segment", "compact", "matmul"],
+    "How the IoU tally counts (all exact; auto: segment on CPU, compact on GPU/TPU).",
+)
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_bool("report", True, "Write the HTML report (strips, plots).")
 flags.DEFINE_bool(
@@ -160,6 +172,8 @@ def run():
             activation_cache=FLAGS.activation_cache,
             checkpoint_every=FLAGS.checkpoint_every,
             num_threads=FLAGS.loader_threads,
+            num_workers=FLAGS.loader_workers,
+            tally_method=FLAGS.tally_method,
             progress=FLAGS.progress,
             report=FLAGS.report,
         ),

@@ -209,8 +209,15 @@ class Dissector:
         cache_budget_bytes: int | None = None,
         checkpoint_every: int = 50,
         num_threads: int | None = None,
+        num_workers: int = 0,
         progress: bool = True,
+        tally_method: str = "auto",
     ):
+        if tally_method not in tally.METHODS:
+            raise ValueError(
+                f"--tally_method={tally_method!r}; allowed values: {', '.join(tally.METHODS)}"
+            )
+        self.tally_method, self.num_workers = tally_method, num_workers
         self.tap, self.source, self.settings = tap, source, settings
         self.input_spec, self.model_key = input_spec, model_key
         self.mesh = mesh or parallel.data_mesh()
@@ -293,6 +300,7 @@ class Dissector:
             self.settings.batch_size,
             start_batch=start,
             num_threads=self.num_threads,
+            num_workers=self.num_workers,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
@@ -469,6 +477,7 @@ class Dissector:
                 jnp.asarray(self.labels.primary),
                 self.labels.num_categories,
                 restriction=self.settings.restriction,
+                method=self.tally_method,
             )
             new[layer] = tally.tally_add(state[layer], counts)
         return new

@@ -51,6 +51,8 @@ class Options:
     cache_budget_bytes: int | None = None
     checkpoint_every: int = 50
     num_threads: int | None = None  # decoding threads; None: the cores, at most 16
+    num_workers: int = 0  # decoding processes instead of threads (many-core hosts)
+    tally_method: str = "auto"  # how the tally counts (jaxdissect.tally); exact in every one
     progress: bool = True
     report: bool = True
     strip_height: int = 112
@@ -100,7 +102,9 @@ def dissect(
         cache_budget_bytes=options.cache_budget_bytes,
         checkpoint_every=options.checkpoint_every,
         num_threads=options.num_threads,
+        num_workers=options.num_workers,
         progress=options.progress,
+        tally_method=options.tally_method,
     )
     t0 = time.time()
     stats = dissector.run(tap.variables)

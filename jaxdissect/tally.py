@@ -48,11 +48,20 @@ Counting methods (`method`):
   at most sh * sw <= 65535). Per-image sums also give the "overlap" restriction, and plane
   0's sums the unit totals, for free. Measured on 2 CPU cores: ~55 ms for 512 units x 32
   images at 112x112 x 1,198 labels, 3 planes.
-- "matmul": a multi-hot [pixels, labels] matrix times the mask [pixels, units] on the
-  matrix unit, exact because both are 0/1 and the sums stay below 2**24 in float32
-  accumulation. ~6.7 s for the same batch on CPU (dense work over all labels); meant for
-  GPUs, where scatter-adds contend (not measured here: no GPU was available).
-- "auto": "segment" on CPU, "matmul" elsewhere.
+- "compact": per image, the labels it holds get slots 0..S-1 (`slots`, default 64) in
+  label order; a multi-hot [pixels, S] matrix times the mask [pixels, units] on the matrix
+  unit gives that image's counts, scattered into the [units, labels] tally by slot. An
+  image holding more than S labels takes further rounds of S (a loop of data-dependent
+  length: exact for any number of labels). Work per image is pixels x S x units instead
+  of pixels x labels x units: 1198 / 64 ~ 19 times less than "matmul" at Broden's size,
+  without its [pixels, labels] one-hot in memory. Exact for the same reason as "matmul"
+  (0/1 operands, per-image sums < 2**24 in float32 accumulation).
+- "matmul": a multi-hot [pixels, labels] matrix times the mask [pixels, units], dense over
+  all labels. ~6.7 s for the batch above on CPU; kept as a second, independent formulation.
+- "auto": "segment" on CPU, "compact" elsewhere (GPUs and TPUs: matrix units, and
+  scatter-adds of many pixels into one label's row contend there). Speeds on a GPU are
+  not measured yet; `benchmarks/bench_tally.py` prints each method's time and XLA's
+  flop and byte counts.
 """
 
 from __future__ import annotations
@@ -70,7 +79,8 @@ from jax import lax
 from jaxdissect.labelspace import LabelSpace
 
 RESTRICTIONS = ("presence", "overlap", "none")
-METHODS = ("auto", "segment", "matmul")
+METHODS = ("auto", "segment", "compact", "matmul")
+DEFAULT_SLOTS = 64
 COUNT_KEYS = ("intersection", "label_pixels", "unit_pixels", "unit_total")
 
 _LO_BITS = 30
@@ -149,7 +159,7 @@ def _resolve_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "auto":
-        return "segment" if jax.default_backend() == "cpu" else "matmul"
+        return "segment" if jax.default_backend() == "cpu" else "compact"
     return method
 
 
@@ -162,6 +172,8 @@ def _resolve_chunk(
             chunk = 1  # measured fastest on CPU: the image's mask stays in cache
         elif method == "segment":
             chunk = max(1, _CHUNK_BYTES // (labels * units * 4))
+        elif method == "compact":
+            chunk = max(1, _CHUNK_BYTES // (pixels * units * 4))
         else:
             chunk = max(1, _CHUNK_BYTES // (pixels * labels * 2))
     if chunk < 1:
@@ -171,6 +183,8 @@ def _resolve_chunk(
             f"matmul method: {chunk} images x {pixels} pixels per chunk would exceed float32's "
             "exact integer range; use a smaller chunk"
         )
+    if method == "compact" and pixels >= _F32_EXACT:
+        raise ValueError(f"compact method: {pixels} pixels per image exceed float32's exact range")
     return min(chunk, batch)
 
 
@@ -184,6 +198,7 @@ def batch_counts(
     restriction: str = "presence",
     method: str = "auto",
     chunk: int | None = None,
+    slots: int = DEFAULT_SLOTS,
 ) -> dict[str, jax.Array]:
     """Exact int32 counts of one batch (pure; jit with `num_categories` and keywords static).
 
@@ -195,8 +210,9 @@ def batch_counts(
       primary: int32 [L], the primary category of every label number (-1: none).
       num_categories: C, the number of categories.
       restriction: "presence", "overlap" or "none" (see module docstring).
-      method: "segment", "matmul" or "auto" (see module docstring).
+      method: "segment", "compact", "matmul" or "auto" (see module docstring).
       chunk: images per inner step (None: a default per method).
+      slots: labels per image per round of the "compact" method.
 
     Returns:
       {"intersection": [K, L], "label_pixels": [L], "unit_pixels": [K, C],
@@ -223,6 +239,8 @@ def batch_counts(
     valid = jnp.asarray(batch.get("valid", jnp.ones((b,), bool)), bool)
     method = _resolve_method(method)
     chunk = _resolve_chunk(chunk, method, b, s, num_labels, k)
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
 
     # Clean label ids: 0 stands for "nothing here" from now on.
     pix = jnp.where((pix > 0) & (pix < num_labels) & valid[:, None, None, None], pix, 0)
@@ -248,13 +266,15 @@ def batch_counts(
         pix_c.reshape(n, chunk, p, sh, sw),
         valid_c.reshape(n, chunk),
     )
+    steps = {"segment": _segment_step, "compact": _compact_step, "matmul": _matmul_step}
     step = functools.partial(
-        _segment_step if method == "segment" else _matmul_step,
+        steps[method],
         thresholds=thresholds,
         cat_of=cat_of,
         num_labels=num_labels,
         num_categories=c,
         per_image_overlap=per_image_overlap,
+        **({"slots": slots} if method == "compact" else {}),
     )
     init = _varying_like(jnp.zeros((num_labels, k), jnp.int32), acts, pix, valid, thresholds)
     inter, (unit_img, overlap) = lax.scan(step, init, xs)
@@ -309,6 +329,12 @@ def _varying_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
     return lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
 
 
+def _matrix_dtype():
+    """Operand type of the counting matmuls: 0/1 are exact in bfloat16, which matrix units
+    take at full rate; CPUs without bf16 units prefer float32."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
 def _chunk_mask(acts, valid, thresholds, size):
     """Active pixels of a chunk: bool [c, sh, sw, K], nothing for padding examples."""
     return (upsample(acts, size) > thresholds) & valid[:, None, None, None]
@@ -351,13 +377,58 @@ def _segment_step(inter, xs, *, thresholds, cat_of, num_labels, num_categories, 
     return inter + part.astype(jnp.int32).sum(0), (unit_img, overlap)
 
 
+def _compact_step(
+    inter, xs, *, thresholds, cat_of, num_labels, num_categories, per_image_overlap, slots
+):
+    acts, pix, valid = xs
+    c, planes, sh, sw = pix.shape
+    k = acts.shape[-1]
+    s = sh * sw
+    dtype = _matrix_dtype()
+    mask = _chunk_mask(acts, valid, thresholds, (sh, sw))
+    unit_img = mask.reshape(c, s, k).sum(1, dtype=jnp.int32)
+    overlap = _varying_like(
+        jnp.zeros((c, num_categories if per_image_overlap else 0, k), bool), acts, pix, valid
+    )
+    if planes == 0:
+        return inter, (unit_img, overlap)
+    rows = mask.reshape(c, s, k).astype(dtype)
+    ids = jnp.moveaxis(pix, 1, -1).reshape(c, s, planes)
+    image = jnp.arange(c, dtype=jnp.int32)[:, None]
+    # Which labels each image holds, and each one's rank among them (its slot, in rounds).
+    present = jnp.zeros((c, num_labels), bool).at[image, pix.reshape(c, -1)].set(True, mode=_PIB)
+    present = present.at[:, 0].set(False)
+    rank = jnp.cumsum(present, axis=1, dtype=jnp.int32) - 1
+    rounds = (present.sum(1, dtype=jnp.int32).max() + slots - 1) // slots
+    label_ids = jnp.broadcast_to(jnp.arange(num_labels, dtype=jnp.int32), (c, num_labels))
+    onehot_cat = jax.nn.one_hot(cat_of, num_categories, dtype=jnp.float32)  # [L, C]
+
+    def one_round(r, carry):
+        inter, overlap = carry
+        slot = rank - r * slots
+        slot = jnp.where(present & (slot >= 0) & (slot < slots), slot, slots)  # slots: dropped
+        table = jnp.zeros((c, slots), jnp.int32).at[image, slot].set(label_ids, mode="drop")
+        # Deduplicated planes and distinct labels per slot: a 0/1 multi-hot.
+        hot = (ids[:, :, :, None] == table[:, None, None, :]).any(2) & (table[:, None, :] > 0)
+        part = jnp.einsum(
+            "bsj,bsk->bjk", hot.astype(dtype), rows, preferred_element_type=jnp.float32
+        ).astype(jnp.int32)  # [c, S, K]
+        inter = inter.at[table.reshape(-1)].add(part.reshape(c * slots, k), mode=_PIB)
+        if per_image_overlap:
+            hit = (part > 0).astype(jnp.float32)
+            overlap = overlap | (jnp.einsum("bjk,bjq->bqk", hit, onehot_cat[table]) > 0)
+        return inter, overlap
+
+    inter, overlap = lax.fori_loop(0, rounds, one_round, (inter, overlap))
+    return inter, (unit_img, overlap)
+
+
 def _matmul_step(inter, xs, *, thresholds, cat_of, num_labels, num_categories, per_image_overlap):
     acts, pix, valid = xs
     c, planes, sh, sw = pix.shape
     k = acts.shape[-1]
     s = sh * sw
-    # 0/1 operands are exact in bfloat16; CPUs without bf16 units prefer float32.
-    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    dtype = _matrix_dtype()
     mask = _chunk_mask(acts, valid, thresholds, (sh, sw))
     rows = mask.reshape(c * s, k).astype(dtype)
     unit_img = mask.reshape(c, s, k).sum(1, dtype=jnp.int32)

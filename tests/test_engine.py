@@ -84,14 +84,18 @@ def _run(model, variables, probe, settings, layers, mesh, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "restriction,dtype,devices,cache",
+    "restriction,dtype,devices,cache,method,workers",
     [
-        ("presence", "float32", 1, "none"),
-        ("overlap", "float16", 8, "host"),
-        ("none", "bfloat16", 8, "device"),
+        ("presence", "float32", 1, "none", "auto", 0),
+        ("overlap", "float16", 8, "host", "auto", 0),
+        ("none", "bfloat16", 8, "device", "auto", 0),
+        # The GPU default tally on 8 devices, images decoded in worker processes.
+        ("overlap", "float32", 8, "none", "compact", 2),
     ],
 )
-def test_engine_matches_reference(model, probe, restriction, dtype, devices, cache):
+def test_engine_matches_reference(
+    model, probe, restriction, dtype, devices, cache, method, workers
+):
     m, variables = model
     layers = ("conv1", "conv2")
     # batch 8 over 13 images: a partial last batch with padding rows.
@@ -103,7 +107,15 @@ def test_engine_matches_reference(model, probe, restriction, dtype, devices, cac
         batch_size=8,
     )
     got = _run(
-        m, variables, probe, settings, layers, parallel.data_mesh(devices), activation_cache=cache
+        m,
+        variables,
+        probe,
+        settings,
+        layers,
+        parallel.data_mesh(devices),
+        activation_cache=cache,
+        tally_method=method,
+        num_workers=workers,
     )
     want = _reference(m, variables, probe, settings, layers)
     for layer in layers:
@@ -187,3 +199,9 @@ def test_bad_settings_name_the_flag():
         engine.Settings(restriction="paper")
     with pytest.raises(ValueError, match="--quantile"):
         engine.Settings(quantile=5)
+
+
+def test_bad_tally_method_names_the_flag(model, probe):
+    m, variables = model
+    with pytest.raises(ValueError, match="--tally_method='dense'; allowed values: auto, segment"):
+        _run(m, variables, probe, engine.Settings(), ("conv1",), None, tally_method="dense")

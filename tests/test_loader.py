@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -189,3 +190,45 @@ def test_default_threads_follow_the_usable_cores():
     cores = len(os.sched_getaffinity(0))
     assert loader.default_threads() == max(1, min(16, cores))
     assert loader.default_threads(limit=1) == 1
+
+
+def test_worker_processes_give_the_same_batches(tiny, tmp_path):
+    """Decoding in processes: same batches in the same order, resumed and sliced too."""
+    assert_batches_equal(collect(tiny, 3, num_workers=2), collect(tiny, 3, num_threads=0))
+    sliced = {"start_batch": 1, "process_index": 1, "process_count": 2}
+    assert_batches_equal(
+        collect(tiny, 4, num_workers=3, **sliced), collect(tiny, 4, num_threads=0, **sliced)
+    )
+    root = tiny_broden(tmp_path).root
+    (root / "images" / "dtd" / "c.png").unlink()
+    with pytest.raises(BrodenFormatError, match="c.png"):
+        collect(Broden.open(root), 2, num_workers=2)
+    with pytest.raises(ValueError, match="num_workers"):
+        batches(tiny, 2, num_workers=-1)
+    # A consumer that stops early stops the workers.
+    gen = batches(ArraySource(400), 2, num_workers=2)
+    next(gen)
+    assert multiprocessing.active_children()
+    gen.close()
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not multiprocessing.active_children()
+
+
+class PlatformSource(ArraySource):
+    """Reports, in its image, whether JAX in this process may use only the CPU."""
+
+    def __getitem__(self, i):
+        import jax
+
+        ex = super().__getitem__(i)
+        ex["image"][...] = jax.config.jax_platforms == "cpu"
+        return ex
+
+
+def test_workers_stay_off_the_accelerators(monkeypatch):
+    # Workers inherit the environment: one that allows every platform must not reach them.
+    monkeypatch.setenv("JAX_PLATFORMS", "")
+    batch = next(batches(PlatformSource(4), 4, num_workers=1))
+    assert (batch["image"] == 1).all()

@@ -88,6 +88,10 @@ def _assert_counts_equal(got: dict, want: dict) -> None:
         ("overlap", {"method": "segment", "chunk": 3}),  # chunk not dividing the batch
         ("presence", {"method": "matmul"}),
         ("overlap", {"method": "matmul", "chunk": 3}),
+        ("presence", {"method": "compact"}),  # one round: every image fits the slots
+        ("overlap", {"method": "compact", "chunk": 3, "slots": 2}),  # many rounds
+        ("none", {"method": "compact", "slots": 5}),
+        ("presence", {"method": "compact", "chunk": 4, "slots": 1}),
     ],
 )
 def test_tally_equals_reference(probe, references, restriction, kwargs):
@@ -200,7 +204,7 @@ def test_batch_bound_and_bad_options(probe):
         tally.check_batch_bound(128, (192, 192), devices=256)
     labels = probe["labels"]
     batch = {"pixel_labels": probe["pixel_labels"], "image_labels": probe["image_labels"]}
-    for kwargs in ({"restriction": "lite"}, {"method": "sparse"}):
+    for kwargs in ({"restriction": "lite"}, {"method": "sparse"}, {"slots": 0}):
         with pytest.raises(ValueError):
             tally.batch_counts(
                 probe["acts"], probe["thresholds"], batch, labels.primary, 5, **kwargs
@@ -241,16 +245,29 @@ def test_downsample_is_not_antialiased():
     np.testing.assert_array_equal(same, acts)
 
 
-def test_batch_counts_inside_shard_map(probe):
-    """The engine's pattern: per-shard counts under shard_map, psummed (1-device mesh)."""
+@pytest.mark.parametrize(
+    ("devices", "kwargs"),
+    [(1, {}), (8, {"method": "compact", "slots": 3}), (8, {"method": "segment"})],
+)
+def test_batch_counts_inside_shard_map(probe, devices, kwargs):
+    """The engine's pattern: per-shard counts under shard_map, psummed over the mesh."""
+    if jax.device_count() < devices:
+        pytest.skip(f"needs {devices} devices")
     labels = probe["labels"]
-    mesh = jax.make_mesh((1,), ("data",))
+    mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])
     spec, rep = jax.P("data"), jax.P()
+    n = len(probe["acts"]) // devices * devices
 
     def per_shard(acts, thresholds, pixel_labels, image_labels, valid):
         batch = {"pixel_labels": pixel_labels, "image_labels": image_labels, "valid": valid}
         counts = tally.batch_counts(
-            acts, thresholds, batch, labels.primary, labels.num_categories, restriction="overlap"
+            acts,
+            thresholds,
+            batch,
+            labels.primary,
+            labels.num_categories,
+            restriction="overlap",
+            **kwargs,
         )
         return jax.tree.map(lambda x: jax.lax.psum(x, "data"), counts)
 
@@ -258,20 +275,20 @@ def test_batch_counts_inside_shard_map(probe):
         jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, rep, spec, spec, spec), out_specs=rep)
     )
     args = [
-        (probe["acts"], spec),
+        (probe["acts"][:n], spec),
         (probe["thresholds"], rep),
-        (probe["pixel_labels"], spec),
-        (probe["image_labels"], spec),
-        (np.ones(len(probe["acts"]), bool), spec),
+        (probe["pixel_labels"][:n], spec),
+        (probe["image_labels"][:n], spec),
+        (np.ones(n, bool), spec),
     ]
     counts = step(*(jax.device_put(x, jax.NamedSharding(mesh, s)) for x, s in args))
     k = probe["acts"].shape[-1]
     got = tally.tally_to_numpy(tally.tally_add(tally.tally_init(k, labels), counts))
     want = reference_counts(
-        probe["acts"],
+        probe["acts"][:n],
         probe["thresholds"],
-        probe["pixel_labels"],
-        probe["image_labels"],
+        probe["pixel_labels"][:n],
+        probe["image_labels"][:n],
         labels,
         "overlap",
     )

@@ -6,19 +6,30 @@ dict of `jaxdissect.data.broden.Broden` (`image`, `pixel_labels`,
 visits every image exactly once, so there is no shuffling: batch k holds
 examples k*B .. k*B+B-1, the last one padded with zero examples.
 
-Decoding runs in a grain thread pool (threads, not processes: decoding is
-light and on few cores worker processes are slower) that prefetches about one
-batch ahead, so it overlaps with the consumer's work.
+Decoding runs in a grain thread pool that prefetches about one batch ahead, so
+it overlaps with the consumer's work; or, with `num_workers` > 0, in grain
+worker processes that each decode whole batches (batch w, w + N, ... in worker
+w of N, handed back in order through shared memory). Threads share the GIL: on
+2 CPU cores (`benchmarks/bench_data.py`, 2,048 synthetic images at 224) a
+folder Broden's label PNGs decoded at 757 images/s with 1 thread and 716 with
+2, so threads alone are unlikely to feed a GPU from a many-core host.
+Processes pay a fixed ~2 s to start and copy every batch through shared memory
+(in and out, ~19 ms for 32 images' uint8 images and int32 labels): on those 2 cores they
+lost (folder, all fields: 1 / 2 threads 563 / 547 images/s, 1 / 2 processes
+230 / 291 including the start). Where they win is not measured yet: try them on
+hosts with cores to spare.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import grain
 import numpy as np
+from absl import flags
 
 
 class Source(Protocol):
@@ -53,6 +64,7 @@ def batches(
     *,
     start_batch: int = 0,
     num_threads: int | None = None,
+    num_workers: int = 0,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -69,7 +81,10 @@ def batches(
       batch_size: the global batch size B.
       start_batch: first global batch to yield (to resume an interrupted run).
       num_threads: decoding threads (None: `default_threads()`); 0 decodes in the
-        calling thread.
+        calling thread. Ignored with worker processes.
+      num_workers: decoding processes (0: none, decode in threads). The source
+        must pickle (with cloudpickle); each worker starts a fresh Python (spawn),
+        which takes a few seconds.
       process_index, process_count: with several hosts, each process yields only
         rows [process_index * b, (process_index + 1) * b) of every global batch.
     """
@@ -93,6 +108,8 @@ def batches(
         num_threads = default_threads()
     if num_threads < 0:
         raise ValueError(f"num_threads must be >= 0, got {num_threads}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     local = batch_size // process_count
     count = (total - start_batch) * local
     offset = process_index * local
@@ -118,6 +135,25 @@ def batches(
         example["valid"] = np.asarray(True)
         return example
 
+    if num_workers:
+
+        def fetch_batch(b: int) -> dict[str, np.ndarray]:
+            return _stack([fetch(k) for k in range(b * local, (b + 1) * local)])
+
+        # grain reads an absl flag when it starts workers; outside an absl app
+        # (a notebook, pytest) nothing has parsed flags, and the read would fail.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        dataset = (
+            grain.MapDataset.range(count // local)
+            .map(fetch_batch)
+            .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+            .mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+                worker_init_fn=_decode_on_cpu_only,
+            )
+        )
+        return _iterate(dataset)
     dataset = (
         grain.MapDataset.range(count)
         .map(fetch)
@@ -127,6 +163,15 @@ def batches(
         .batch(local, batch_fn=_stack)
     )
     return _iterate(dataset)
+
+
+def _decode_on_cpu_only(worker_index: int, worker_count: int) -> None:
+    """Keeps a decoding process off the accelerators: JAX there would claim the GPUs'
+    memory (it preallocates) if anything in a source touched a jax array."""
+    del worker_index, worker_count
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 def _iterate(dataset: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:

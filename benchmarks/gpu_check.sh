@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The engine's GPU measurements in one run, for a session lent a GPU machine.
+#
+# The device image has JAX, Flax, optax, orbax, PIL, safetensors, jinja2 and
+# matplotlib, but not grain, tensorflow-datasets and some of their needs: fetch
+# them once here with `bash benchmarks/gpu_wheels.sh` (11 MB into .whl/),
+# then (device tool): run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#
+# Prints, and writes under $OUT: the whole dissection against a forward pass for
+# ResNet-18 layer4 at 224 (bench_engine, decoding in threads), the tally methods at
+# Broden's sizes (bench_tally), bench_engine again with decoding processes, and the
+# loader alone (bench_data). Took 4 min on the 2-core CPU box at tiny sizes
+# (GPU_CHECK_IMAGES=64 GPU_CHECK_WORKERS=1 GPU_CHECK_TALLY_BATCH=4, Python 3.12,
+# jax 0.11.2 as on the device, the wheels carried). The target:
+# at most 1.3 forward passes and at least 2,000 images/s on an H100.
+# GPU_CHECK_IMAGES (default 1024) sets the smallest size of bench_engine's runs
+# (it runs 1x and 2x); GPU_CHECK_WORKERS (default: cores - 2) the decoding processes;
+# GPU_CHECK_TALLY_BATCH (default 128) bench_tally's batch.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+images=${GPU_CHECK_IMAGES:-1024}
+workers=${GPU_CHECK_WORKERS:-$(($(nproc) > 3 ? $(nproc) - 2 : 1))}
+cache=/tmp/jaxdissect_bench
+{
+  date -u
+  nproc
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+} 2>&1 | tee "$OUT/machine.txt"
+# Most wanted first: what comes back of a run cut short is still under $OUT.
+engine() {
+  python3 benchmarks/bench_engine.py --num_images "$images" --multiples 1,2 --batch_size 128 \
+    --cache_dir "$cache" --loader_workers "$1" 2>&1 | tee "$OUT/engine_workers$1.txt"
+}
+engine 0
+python3 benchmarks/bench_tally.py --batch_size "${GPU_CHECK_TALLY_BATCH:-128}" 2>&1 \
+  | tee "$OUT/tally.txt"
+engine "$workers"
+python3 benchmarks/bench_data.py --num_images "$images" --threads 4,16 --workers "$workers" \
+  --repeats 1 --cache_dir "$cache/data" 2>&1 | grep -v -E "Generating|Shuffling|\[A" \
+  | tee "$OUT/data.txt"
