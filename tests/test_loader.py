@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -205,6 +207,10 @@ def test_worker_processes_give_the_same_batches(tiny, tmp_path):
         collect(Broden.open(root), 2, num_workers=2)
     with pytest.raises(ValueError, match="num_workers"):
         batches(tiny, 2, num_workers=-1)
+    unpicklable = ArraySource(4)
+    unpicklable.lock = threading.Lock()
+    with pytest.raises(ValueError, match=r"ArraySource does not \(TypeError.*--loader_workers=0"):
+        collect(unpicklable, 2, num_workers=1)
     # A consumer that stops early stops the workers.
     gen = batches(ArraySource(400), 2, num_workers=2)
     next(gen)
@@ -232,3 +238,44 @@ def test_workers_stay_off_the_accelerators(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "")
     batch = next(batches(PlatformSource(4), 4, num_workers=1))
     assert (batch["image"] == 1).all()
+
+
+_KILLED_PARENT = """
+import multiprocessing, sys, time
+from tests.test_loader import ArraySource
+from jaxdissect.data import loader
+if __name__ == "__main__":
+    it = loader.batches(ArraySource(100000), 2, num_workers=2)
+    next(it)
+    pids = [p.pid for p in multiprocessing.active_children() if "Tracker" not in p.name]
+    print(*pids, flush=True)
+    time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by its new parent, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_exit_when_their_parent_is_killed(tmp_path):
+    """SIGKILL runs no clean-up in the parent: its decoding processes must still go."""
+    script = tmp_path / "parent.py"
+    script.write_text(_KILLED_PARENT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env)
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers)

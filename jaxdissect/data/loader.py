@@ -22,11 +22,15 @@ hosts with cores to spare.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+import cloudpickle
 import grain
 import numpy as np
 from absl import flags
@@ -136,6 +140,7 @@ def batches(
         return example
 
     if num_workers:
+        _check_picklable(source)
 
         def fetch_batch(b: int) -> dict[str, np.ndarray]:
             return _stack([fetch(k) for k in range(b * local, (b + 1) * local)])
@@ -150,7 +155,7 @@ def batches(
             .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
             .mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
-                worker_init_fn=_decode_on_cpu_only,
+                worker_init_fn=functools.partial(_init_worker, parent=os.getpid()),
             )
         )
         return _iterate(dataset)
@@ -165,13 +170,37 @@ def batches(
     return _iterate(dataset)
 
 
-def _decode_on_cpu_only(worker_index: int, worker_count: int) -> None:
-    """Keeps a decoding process off the accelerators: JAX there would claim the GPUs'
-    memory (it preallocates) if anything in a source touched a jax array."""
+def _check_picklable(source: Source) -> None:
+    try:
+        cloudpickle.dumps(source)
+    except Exception as e:  # what pickling raises varies: TypeError, PicklingError ...
+        raise ValueError(
+            f"decoding processes (num_workers, --loader_workers) need a source that pickles, "
+            f"and {type(source).__name__} does not ({type(e).__name__}: {e}); decode in "
+            "threads (--loader_workers=0) or give the source a __reduce__ that reopens it"
+        ) from e
+
+
+def _init_worker(worker_index: int, worker_count: int, *, parent: int) -> None:
+    """Set-up of a decoding process: off the accelerators, and gone with its parent.
+
+    JAX in a worker would claim the GPUs' memory (it preallocates) if anything in a
+    source touched a jax array. A parent killed outright (SIGKILL, OOM) runs no clean-up:
+    its workers would wait forever on their full buffers, holding shared memory, so each
+    one watches for its parent (pid `parent`: a parent gone before this runs counts too)
+    to go, and then exits.
+    """
     del worker_index, worker_count
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:
         sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="jaxdissect-parent-watch", daemon=True).start()
 
 
 def _iterate(dataset: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
