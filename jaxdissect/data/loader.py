@@ -6,18 +6,25 @@ dict of `jaxdissect.data.broden.Broden` (`image`, `pixel_labels`,
 visits every image exactly once, so there is no shuffling: batch k holds
 examples k*B .. k*B+B-1, the last one padded with zero examples.
 
-Decoding runs in a grain thread pool that prefetches about one batch ahead, so
-it overlaps with the consumer's work; or, with `num_workers` > 0, in grain
-worker processes that each decode whole batches (batch w, w + N, ... in worker
-w of N, handed back in order through shared memory). Threads share the GIL: on
-2 CPU cores (`benchmarks/bench_data.py`, 2,048 synthetic images at 224) a
-folder Broden's label PNGs decoded at 757 images/s with 1 thread and 716 with
-2, so threads alone are unlikely to feed a GPU from a many-core host.
-Processes pay a fixed ~2 s to start and copy every batch through shared memory
-(in and out, ~19 ms for 32 images' uint8 images and int32 labels): on those 2 cores they
-lost (folder, all fields: 1 / 2 threads 563 / 547 images/s, 1 / 2 processes
-230 / 291 including the start). Where they win is not measured yet: try them on
-hosts with cores to spare.
+Decoding runs in a grain thread pool, one task a batch, with up to `num_threads`
+batches decoding at once (and so held in memory), overlapping the consumer's
+work; or, with `num_workers` > 0, in grain worker processes that each decode
+whole batches (batch w, w + N, ... in worker w of N, handed back in order
+through shared memory). Measured on 2 CPU cores (`benchmarks/bench_data.py
+--num_images 2048 --threads 1,2 --workers 1,2`, 224x224, batch 32):
+- one task a batch instead of one an example: images alone (pass 1) 1,916 /
+  2,991 images/s with 1 / 2 threads from a folder Broden (was 1,310 / 1,890),
+  1,187 / 1,470 from its TFDS build (was 697 / 763); labels alone (pass 2 with
+  an activation cache) 822 / 728 (was 757 / 716) and 2,893 / 2,587 (was
+  1,738 / 1,712); the whole example (float32 image and labels, folder) 499 /
+  489 against 563 / 547, where repeated runs of the old way alone ranged 480-563.
+- label decoding holds the GIL (a folder's label PNGs: 822 -> 728 images/s
+  from 1 to 2 threads), so threads alone are unlikely to feed a GPU from a
+  many-core host. Processes pay ~2 s to start and copy every batch through
+  shared memory (in and out ~19 ms for 32 images' uint8 images and int32
+  labels), and on 2 cores they lose (folder, all fields, 1 / 2 processes: 213 /
+  301 images/s, start included). Where they win is not measured yet: try them
+  on hosts with cores to spare.
 """
 
 from __future__ import annotations
@@ -139,33 +146,26 @@ def batches(
         example["valid"] = np.asarray(True)
         return example
 
-    if num_workers:
-        _check_picklable(source)
+    def fetch_batch(b: int) -> dict[str, np.ndarray]:
+        return _stack([fetch(k) for k in range(b * local, (b + 1) * local)])
 
-        def fetch_batch(b: int) -> dict[str, np.ndarray]:
-            return _stack([fetch(k) for k in range(b * local, (b + 1) * local)])
-
-        # grain reads an absl flag when it starts workers; outside an absl app
-        # (a notebook, pytest) nothing has parsed flags, and the read would fail.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        dataset = (
-            grain.MapDataset.range(count // local)
-            .map(fetch_batch)
-            .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-            .mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
-                worker_init_fn=functools.partial(_init_worker, parent=os.getpid()),
-            )
-        )
-        return _iterate(dataset)
-    dataset = (
-        grain.MapDataset.range(count)
-        .map(fetch)
-        .to_iter_dataset(
-            grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=local + num_threads)
-        )
-        .batch(local, batch_fn=_stack)
+    # One task a batch: per-example tasks cost grain ~50 us each under the GIL, which
+    # decoding, itself mostly under the GIL, cannot spare.
+    batched = grain.MapDataset.range(count // local).map(fetch_batch)
+    if not num_workers:
+        # Up to num_threads batches decode at once, and no more are held ahead.
+        options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
+        return _iterate(batched.to_iter_dataset(options))
+    _check_picklable(source)
+    # grain reads an absl flag when it starts workers; outside an absl app
+    # (a notebook, pytest) nothing has parsed flags, and the read would fail.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    dataset = batched.to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    ).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+        worker_init_fn=functools.partial(_init_worker, parent=os.getpid()),
     )
     return _iterate(dataset)
 
