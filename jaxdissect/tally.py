@@ -266,7 +266,11 @@ def batch_counts(
         pix_c.reshape(n, chunk, p, sh, sw),
         valid_c.reshape(n, chunk),
     )
-    steps = {"segment": _segment_step, "compact": _compact_step, "matmul": _matmul_step}
+    steps = {
+        "segment": _segment_step,
+        "compact": functools.partial(_compact_step, slots=slots),
+        "matmul": _matmul_step,
+    }
     step = functools.partial(
         steps[method],
         thresholds=thresholds,
@@ -274,7 +278,6 @@ def batch_counts(
         num_labels=num_labels,
         num_categories=c,
         per_image_overlap=per_image_overlap,
-        **({"slots": slots} if method == "compact" else {}),
     )
     init = _varying_like(jnp.zeros((num_labels, k), jnp.int32), acts, pix, valid, thresholds)
     inter, (unit_img, overlap) = lax.scan(step, init, xs)
