@@ -1,12 +1,13 @@
 """Synthetic Broden: on-disk format, statistics, determinism, content, atomic output.
 
 The checks parse the folder with plain csv/numpy/PIL (independent of the
-reader), and round-trip through `jaxdissect.data.broden` when it is importable.
+reader), and round-trip through `jaxdissect.data.broden`.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import pathlib
 import re
 import subprocess
@@ -17,7 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxdissect.data import broden
 from jaxdissect.data import synthetic as syn
+from jaxdissect.data.synthetic import writer
+from jaxdissect.data.synthetic.example import nearest_index
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NAME_OF = {n: k for k, n in syn.LABEL_NUMBERS.items()}
@@ -182,7 +186,7 @@ def test_label_numbers_encode():
 def test_nearest_index_matches_pil(n_in, n_out):
     ramp = np.tile(np.arange(n_in, dtype=np.int32), (2, 1))
     pil = np.asarray(Image.fromarray(ramp, "I").resize((n_out, 2), Image.Resampling.NEAREST))
-    assert (syn._nearest_index(n_out, n_in) == pil[0]).all()
+    assert (nearest_index(n_out, n_in) == pil[0]).all()
 
 
 def _tree_bytes(root: pathlib.Path) -> dict[str, bytes]:
@@ -199,6 +203,32 @@ def test_deterministic_across_workers(tmp_path):
     one = syn.render(7, seed=3, size=48)
     again = syn.render(7, seed=3, size=48)
     assert (one.image == again.image).all()
+
+
+# sha256 of the tiny set's content (seed 0): its CSV tables, its decoded label
+# PNGs and its rendered images before JPEG encoding (codec versions cannot move it).
+TINY_DIGEST = "57bba6c7a2b41e3d464002cfd97d02a00509cf62ac33f8c296087805c863166b"
+
+
+def _content_digest(root: pathlib.Path, parsed) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.glob("*.csv")) + [root / "synthetic.json"]:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    for i, (row, planes) in enumerate(parsed):
+        h.update(syn.render(i, seed=0, size=syn.TINY["size"]).image.tobytes())
+        for cat in sorted(planes):
+            for plane in planes[cat]:
+                h.update(f"{row['image']}:{cat}".encode() + plane.astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def test_output_pinned(tiny, parsed):
+    """Refactors must not change the data: a changed generator needs a new GENERATOR_VERSION."""
+    got = _content_digest(tiny, parsed)
+    assert got == TINY_DIGEST, (
+        f"the synthetic Broden's content changed (sha256 {got}); if intended, raise "
+        "synthetic.GENERATOR_VERSION and update TINY_DIGEST"
+    )
 
 
 def test_colour_labels_match_decoded_pixels(tiny, parsed):
@@ -269,7 +299,7 @@ def test_atomic_output(tmp_path, monkeypatch):
         raise RuntimeError("interrupted")
 
     with monkeypatch.context() as m:
-        m.setattr(syn, "_write_tables", boom)
+        m.setattr(writer, "_write_tables", boom)
         with pytest.raises(RuntimeError):
             syn.generate(out, num_images=3, size=32, workers=1)
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -282,7 +312,6 @@ def test_atomic_output(tmp_path, monkeypatch):
 
 
 def test_reader_round_trip(tiny, parsed):
-    broden = pytest.importorskip("jaxdissect.data.broden")
     ds = broden.Broden.open(tiny)
     assert len(ds) == syn.TINY["num_images"]
     assert set(ds.labels.categories) == set(syn.CATEGORIES)
