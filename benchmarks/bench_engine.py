@@ -59,7 +59,7 @@ def _child() -> dict:
 
     from jaxdissect import capture, engine, parallel
     from jaxdissect.data import loader, open_probe
-    from models import load
+    from jaxdissect.models import load
 
     source, _ = open_probe(
         "synthetic",

@@ -52,7 +52,7 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     """Dissect and collect as the flags say; returns the table's rows."""
     started = time.perf_counter()
     from jaxdissect import parallel, pipeline, studies, training
-    from models import load as model_load
+    from jaxdissect.models import load as model_load
 
     cli.quiet_library_logs()
     if not fv.results and not fv.dissect:

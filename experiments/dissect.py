@@ -135,8 +135,8 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 def run():
     cli.quiet_library_logs()
     from jaxdissect import parallel, pipeline
+    from jaxdissect.models import load as model_load
     from jaxdissect.preprocess import PLACES_LITE, TORCHVISION
-    from models import load as model_load
 
     parallel.initialize_distributed(
         FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id

@@ -65,7 +65,7 @@ def run(fv: flags.FlagValues = FLAGS):
     """Run the study as the flags say; returns the `rotation.RotationPoint`s."""
     started = time.perf_counter()
     from jaxdissect import parallel, rotation, scenes, training
-    from models import load as model_load
+    from jaxdissect.models import load as model_load
 
     cli.quiet_library_logs()
     if not fv.weights and not fv.model:

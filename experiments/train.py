@@ -9,7 +9,7 @@ split is learnt, its validation (or val, or test) split measured. Writes setting
 checkpoints/ (orbax, for resuming: run the same command again after a kill)
 and weights/step_<N>/ for every --save_steps step, which the dissection loads:
 
-  python experiments/dissect.py --model=models.small_cnn:small_cnn \
+  python experiments/dissect.py --model=jaxdissect.models.small_cnn:small_cnn \
       --model_option=num_classes=17 --model_option=image_size=96 \
       --weights=runs/train_small_cnn/weights/step_002000 \
       --data=synthetic --synthetic_images=4000 --resolution=96 --split=val \

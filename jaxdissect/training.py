@@ -51,7 +51,7 @@ from jaxdissect.scenes import SceneSplit, SceneTask, eval_batches, train_batches
 
 # Architectures `train` knows: the zoo's, and the small CNN (not in the zoo: a
 # `package.module:attr` name, which is also what `models.load.load` accepts).
-SMALL_CNN = "models.small_cnn:small_cnn"
+SMALL_CNN = "jaxdissect.models.small_cnn:small_cnn"
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 # Initialisation runs once: XLA's backend optimisations only slow its compilation (the
@@ -71,7 +71,7 @@ def model_name(arch: str) -> str:
 
 
 def _factory(arch: str) -> Callable[..., nn.Module]:
-    from models import zoo
+    from jaxdissect.models import zoo
 
     name = model_name(arch)
     spec = zoo.ARCHS.get(name, name)
@@ -472,7 +472,7 @@ def export_weights(
     extra: Mapping[str, Any],
 ) -> pathlib.Path:
     """Write `state`'s variables in `models/convert.py`'s layout (replacing any old copy)."""
-    from models.convert import save_variables
+    from jaxdissect.models.convert import save_variables
 
     options = config.options(task.num_classes)
     num_classes = options.pop("num_classes")
@@ -512,7 +512,7 @@ def read_meta(weights: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_trained(weights: str | os.PathLike[str]):
     """A `models.load.LoadedModel` of an exported training step (arch and options from meta)."""
-    from models import load as model_load
+    from jaxdissect.models import load as model_load
 
     meta = read_meta(weights)
     options = {**meta.get("options", {}), "num_classes": meta["num_classes"]}

@@ -13,8 +13,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 
-from jaxdissect.preprocess import TORCHVISION, InputSpec
-from models.layers import (
+from jaxdissect.models.layers import (
     AdaptiveAvgPool2d,
     LayerEntry,
     TorchSequential,
@@ -22,6 +21,7 @@ from models.layers import (
     flatten_nchw,
     scale_channels,
 )
+from jaxdissect.preprocess import TORCHVISION, InputSpec
 
 
 def _convs(width: float) -> list[tuple]:

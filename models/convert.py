@@ -28,9 +28,9 @@ if __package__ in (None, ""):
     # Run as a script (python models/convert.py): make the repository importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import zoo  # noqa: E402
-from models.checkpoint_io import CheckpointError, load_state_dict  # noqa: E402
-from models.torch_import import WeightMappingError, torch_to_flax  # noqa: E402
+from jaxdissect.models import zoo  # noqa: E402
+from jaxdissect.models.checkpoint_io import CheckpointError, load_state_dict  # noqa: E402
+from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax  # noqa: E402
 
 VARIABLES_DIR = "variables"
 META_FILE = "meta.json"

@@ -19,8 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdissect.preprocess import TORCHVISION, InputSpec
-from models.layers import (
+from jaxdissect.models.layers import (
     AdaptiveAvgPool2d,
     AvgPool2d,
     BatchNorm2d,
@@ -31,6 +30,7 @@ from models.layers import (
     linear,
     scale_channels,
 )
+from jaxdissect.preprocess import TORCHVISION, InputSpec
 
 _conv = functools.partial(bias_free_conv2d, kernel_init=kaiming_normal_fan_in)
 

@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdissect.models.layers import BatchNorm2d, DepthwiseConv2d, kaiming_normal_fan_out, linear
 from jaxdissect.preprocess import InputSpec
-from models.layers import BatchNorm2d, DepthwiseConv2d, kaiming_normal_fan_out, linear
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) of the seven MBConv
 # stages (stages 2-8 of the paper's Table 1).
@@ -231,9 +231,9 @@ def pretrained_lite0() -> tuple[EfficientNetLite, dict[str, Any]]:
     Returns:
       (model, variables) for `model.apply(variables, x)`; x normalised by `model.input_spec`.
     """
-    from models.checkpoint_io import load_state_dict
-    from models.convert import variables_template
-    from models.torch_import import torch_to_flax
+    from jaxdissect.models.checkpoint_io import load_state_dict
+    from jaxdissect.models.convert import variables_template
+    from jaxdissect.models.torch_import import torch_to_flax
 
     model = efficientnet_lite0()
     resource = importlib.resources.files(PRETRAINED_PACKAGE).joinpath(PRETRAINED_FILE)

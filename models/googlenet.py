@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdissect.models.layers import BatchNorm2d, MaxPool2d, conv2d, linear, scale_channels
 from jaxdissect.preprocess import TORCHVISION, InputSpec
-from models.layers import BatchNorm2d, MaxPool2d, conv2d, linear, scale_channels
 
 # torchvision initialises conv and linear weights with trunc_normal_(std=0.01, a=-2, b=2):
 # cut at +-2 absolute, i.e. effectively an untruncated normal.

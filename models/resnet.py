@@ -15,8 +15,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 
-from jaxdissect.preprocess import TORCHVISION, InputSpec
-from models.layers import (
+from jaxdissect.models.layers import (
     AdaptiveAvgPool2d,
     BatchNorm2d,
     Identity,
@@ -27,6 +26,7 @@ from models.layers import (
     linear,
     scale_channels,
 )
+from jaxdissect.preprocess import TORCHVISION, InputSpec
 
 _conv = functools.partial(bias_free_conv2d, kernel_init=kaiming_normal_fan_out)
 

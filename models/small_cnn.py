@@ -16,8 +16,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 
-from jaxdissect.preprocess import TORCHVISION, InputSpec
-from models.layers import (
+from jaxdissect.models.layers import (
     AdaptiveAvgPool2d,
     LayerEntry,
     TorchSequential,
@@ -25,6 +24,7 @@ from models.layers import (
     kaiming_normal_fan_out,
     scale_channels,
 )
+from jaxdissect.preprocess import TORCHVISION, InputSpec
 
 IMAGE_SIZE = 112
 

@@ -8,8 +8,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 
-from jaxdissect.preprocess import TORCHVISION, InputSpec
-from models.layers import (
+from jaxdissect.models.layers import (
     AdaptiveAvgPool2d,
     LayerEntry,
     TorchSequential,
@@ -18,6 +17,7 @@ from models.layers import (
     kaiming_normal_fan_out,
     scale_channels,
 )
+from jaxdissect.preprocess import TORCHVISION, InputSpec
 
 # Channels per conv of each of the five stages of VGG-16 (torchvision cfg "D").
 _VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))

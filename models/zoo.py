@@ -15,16 +15,16 @@ import importlib
 import flax.linen as nn
 
 ARCHS: dict[str, str] = {
-    "alexnet": "models.alexnet:alexnet",
-    "vgg16": "models.vgg:vgg16",
-    "resnet18": "models.resnet:resnet18",
-    "resnet34": "models.resnet:resnet34",
-    "resnet50": "models.resnet:resnet50",
-    "resnet101": "models.resnet:resnet101",
-    "resnet152": "models.resnet:resnet152",
-    "googlenet": "models.googlenet:googlenet",
-    "densenet161": "models.densenet:densenet161",
-    "efficientnet_lite0": "models.efficientnet_lite:efficientnet_lite0",
+    "alexnet": "jaxdissect.models.alexnet:alexnet",
+    "vgg16": "jaxdissect.models.vgg:vgg16",
+    "resnet18": "jaxdissect.models.resnet:resnet18",
+    "resnet34": "jaxdissect.models.resnet:resnet34",
+    "resnet50": "jaxdissect.models.resnet:resnet50",
+    "resnet101": "jaxdissect.models.resnet:resnet101",
+    "resnet152": "jaxdissect.models.resnet:resnet152",
+    "googlenet": "jaxdissect.models.googlenet:googlenet",
+    "densenet161": "jaxdissect.models.densenet:densenet161",
+    "efficientnet_lite0": "jaxdissect.models.efficientnet_lite:efficientnet_lite0",
 }
 
 

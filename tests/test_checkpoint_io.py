@@ -19,22 +19,22 @@ import pytest
 import safetensors.numpy
 import torch
 
-from models import checkpoint_io
-from models.checkpoint_io import (
+from jaxdissect.models import checkpoint_io
+from jaxdissect.models.checkpoint_io import (
     CheckpointError,
     UnsafeCheckpointError,
     load_checkpoint,
     load_state_dict,
 )
-from models.convert import (
+from jaxdissect.models.convert import (
     build_from_meta,
     convert,
     load_variables,
     save_variables,
     variables_template,
 )
-from models.googlenet import GoogLeNet, googlenet
-from models.torch_import import WeightMappingError, torch_to_flax
+from jaxdissect.models.googlenet import GoogLeNet, googlenet
+from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax
 from tests import torch_models_b as ref
 
 REPO = Path(__file__).resolve().parents[1]

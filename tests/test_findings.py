@@ -27,7 +27,7 @@ import pytest
 from jaxdissect import engine, parallel, pipeline, results
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
-from models import load as model_load
+from jaxdissect.models import load as model_load
 from tests.test_experiments import (  # noqa: F401 (shared_workspace: an autouse fixture)
     SAVE_STEPS,
     dynamics_run,

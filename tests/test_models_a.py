@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from models import zoo
-from models.alexnet import AlexNet
-from models.densenet import DenseNet, legacy_key_rename
-from models.layers import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, scale_channels
-from models.resnet import ResNet
-from models.torch_import import WeightMappingError, torch_to_flax
-from models.vgg import VGG
+from jaxdissect.models import zoo
+from jaxdissect.models.alexnet import AlexNet
+from jaxdissect.models.densenet import DenseNet, legacy_key_rename
+from jaxdissect.models.layers import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, scale_channels
+from jaxdissect.models.resnet import ResNet
+from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax
+from jaxdissect.models.vgg import VGG
 from tests import torch_models as tm
 
 # torchvision's parameter counts (1000 classes).

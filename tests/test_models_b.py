@@ -10,17 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from models import zoo
-from models.checkpoint_io import load_state_dict
-from models.convert import variables_template
-from models.efficientnet_lite import (
+from jaxdissect.models import zoo
+from jaxdissect.models.checkpoint_io import load_state_dict
+from jaxdissect.models.convert import variables_template
+from jaxdissect.models.efficientnet_lite import (
     PRETRAINED_FILE,
     PRETRAINED_PACKAGE,
     efficientnet_lite0,
     pretrained_lite0,
 )
-from models.googlenet import GoogLeNet, googlenet
-from models.torch_import import torch_to_flax
+from jaxdissect.models.googlenet import GoogLeNet, googlenet
+from jaxdissect.models.torch_import import torch_to_flax
 from tests import torch_models_b as ref
 
 EGYPTIAN_CAT, ESPRESSO = 285, 967

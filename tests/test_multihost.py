@@ -28,7 +28,7 @@ def _dissect(out: pathlib.Path, data: pathlib.Path, devices: int, *extra: str) -
     cmd = [
         sys.executable,
         str(ROOT / "experiments" / "dissect.py"),
-        "--model=models.small_cnn:small_cnn",
+        "--model=jaxdissect.models.small_cnn:small_cnn",
         "--model_option=image_size=48",
         "--model_option=num_classes=5",
         "--weights=",

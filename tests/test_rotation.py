@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxdissect import capture, rotation, training
-from models.small_cnn import small_cnn
+from jaxdissect.models.small_cnn import small_cnn
 
 SIZE = 32
 

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdissect import parallel, scenes, training
 from jaxdissect.data.broden import Broden
-from models import load as model_load
+from jaxdissect.models import load as model_load
 from tests.test_experiments import (  # noqa: F401 (shared_workspace: an autouse fixture)
     SAVE_STEPS,
     TINY_SIZE,
@@ -135,7 +135,7 @@ def test_config_and_options_are_checked():
         training.model_options("resnet18", dropout=True)
     assert training.model_options("resnet18", width=0.5, batch_norm=None) == {"width": 0.5}
     assert training.model_options("small_cnn", batch_norm=True) == {"batch_norm": True}
-    assert training.model_name("small_cnn") == "models.small_cnn:small_cnn"
+    assert training.model_name("small_cnn") == "jaxdissect.models.small_cnn:small_cnn"
     with pytest.raises(ValueError, match="unknown --arch"):
         training.model_options("lenet")
 
@@ -158,7 +158,7 @@ def test_exported_weights_load_for_dissection():
     out = trained_run()
     weights = training.weights_dir(out, TINY_STEPS)
     meta = training.read_meta(weights)
-    assert meta["arch"] == "models.small_cnn:small_cnn"
+    assert meta["arch"] == "jaxdissect.models.small_cnn:small_cnn"
     assert meta["train"]["step"] == TINY_STEPS and meta["options"]["image_size"] == TINY_SIZE
     loaded = training.load_trained(weights)
     assert loaded.input_spec.size == TINY_SIZE and loaded.default_layers[-1] == "conv5"
@@ -228,7 +228,7 @@ def test_resume_refuses_other_settings(tmp_path):
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_small_cnn_layout(batch_norm):
     from jaxdissect import capture
-    from models.small_cnn import small_cnn
+    from jaxdissect.models.small_cnn import small_cnn
 
     model = small_cnn(num_classes=17, batch_norm=batch_norm, image_size=96)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 96, 96, 3)))
