@@ -9,10 +9,8 @@
 # Prints, and writes under $OUT: the whole dissection against a forward pass for
 # ResNet-18 layer4 at 224 (bench_engine, decoding in threads), the tally methods at
 # Broden's sizes (bench_tally), bench_engine again with decoding processes, and the
-# loader alone (bench_data). Took 4 min on the 2-core CPU box at tiny sizes
-# (GPU_CHECK_IMAGES=64 GPU_CHECK_WORKERS=1 GPU_CHECK_TALLY_BATCH=4, Python 3.12,
-# jax 0.11.2 as on the device, the wheels carried). The target:
-# at most 1.3 forward passes and at least 2,000 images/s on an H100.
+# loader alone (bench_data); its time at tiny sizes is in benchmarks/README.md.
+# The target: at most 1.3 forward passes and at least 2,000 images/s on an H100.
 # GPU_CHECK_IMAGES (default 1024) sets the smallest size of bench_engine's runs
 # (it runs 1x and 2x); GPU_CHECK_WORKERS (default: cores - 2) the decoding processes;
 # GPU_CHECK_TALLY_BATCH (default 128) bench_tally's batch.

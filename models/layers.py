@@ -359,8 +359,8 @@ class DepthwiseConv2d(nn.Module):
     Same parameter as `nn.Conv(C, (k, k), feature_group_count=C, use_bias=False)`
     (`kernel` [k, k, 1, C]), so weights map unchanged. XLA's CPU backend runs
     grouped convolutions several times slower than the k*k shifted
-    multiply-adds used here on CPU (measured 3-10x on 2 cores); other backends
-    use the convolution.
+    multiply-adds used here on CPU (benchmarks/README.md); other backends use
+    the convolution.
     """
 
     kernel_size: int

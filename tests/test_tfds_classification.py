@@ -11,13 +11,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxdissect import scenes
-from jaxdissect.data import tfds_broden, tfds_classification
-from tests.test_experiments import (  # noqa: F401 (shared_workspace: an autouse fixture)
-    TINY_SIZE,
-    run_script,
-    shared_workspace,
-    tiny_broden,
-)
+from jaxdissect.data import synthetic, tfds_broden, tfds_classification
+from tests.experiment_testing import run_script
 
 CLASSES = ["red", "green", "blue"]
 
@@ -98,6 +93,7 @@ def test_square_handles_grey_and_alpha():
 
 def test_train_script_learns_a_tfds_classification_build(build, tmp_path):
     out = tmp_path / "run"
+    broden = synthetic.generate(tmp_path / "broden", num_images=32, size=48, workers=1)
     run_script(
         "train",
         f"--data={build}",
@@ -126,9 +122,9 @@ def test_train_script_learns_a_tfds_classification_build(build, tmp_path):
         f"--weights={out / 'weights' / 'step_000040'}",
         "--layer=conv5",
         "--amounts=0,1",
-        f"--data={tiny_broden()}",
+        f"--data={broden}",
         f"--eval_data={build}",
-        f"--resolution={TINY_SIZE}",
+        "--resolution=48",
         "--split=all",
         "--batch_size=16",
         "--quantile_mode=exact",
@@ -143,8 +139,8 @@ def test_train_script_learns_a_tfds_classification_build(build, tmp_path):
         run_script(
             "rotation",
             f"--weights={out / 'weights' / 'step_000040'}",
-            f"--data={tiny_broden()}",
-            f"--resolution={TINY_SIZE}",
+            f"--data={broden}",
+            "--resolution=48",
             f"--output_dir={tmp_path / 'refused'}",
         )
 

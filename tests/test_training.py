@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import shutil
 
 import jax
@@ -14,19 +15,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdissect import parallel, scenes, training
 from jaxdissect.data.broden import Broden
 from jaxdissect.models import load as model_load
-from tests.test_experiments import (  # noqa: F401 (shared_workspace: an autouse fixture)
-    SAVE_STEPS,
-    TINY_SIZE,
-    TINY_STEPS,
-    shared_workspace,
-    tiny_broden,
-    trained_run,
-)
-
-
-def _task() -> scenes.SceneTask:
-    root = tiny_broden()
-    return scenes.scene_task(Broden.open(root, split="train"), Broden.open(root, split="val"))
+from tests.experiment_testing import TINY_SIZE, tiny_broden
 
 
 def _config(**kw) -> training.TrainConfig:
@@ -37,10 +26,29 @@ def _config(**kw) -> training.TrainConfig:
     return training.TrainConfig(**{**base, **kw})
 
 
-def test_scene_task_classes_are_the_train_splits_scenes():
-    root = tiny_broden()
-    train = Broden.open(root, split="train")
-    task = _task()
+RUN_KW = dict(progress=False, log_every=4)
+
+
+@pytest.fixture(scope="module")
+def broden_root(tmp_path_factory):
+    return tiny_broden(tmp_path_factory.mktemp("broden") / "broden1_48")
+
+
+@pytest.fixture(scope="module")
+def task(broden_root) -> scenes.SceneTask:
+    train, val = (Broden.open(broden_root, split=s) for s in ("train", "val"))
+    return scenes.scene_task(train, val)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, task) -> tuple[training.TrainResult, pathlib.Path]:
+    """`_config()` trained straight through on one device: (its result, its folder)."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    return training.train(_config(), task, out, mesh=parallel.data_mesh(1), **RUN_KW), out
+
+
+def test_scene_task_classes_are_the_train_splits_scenes(broden_root, task):
+    train = Broden.open(broden_root, split="train")
     scene = set(train.labels.labels_in("scene").tolist())
     expected = sorted(
         {n for r in train.records for n in r.image_labels.get("scene", ()) if n in scene}
@@ -70,8 +78,8 @@ def test_the_tfds_build_gives_the_same_task_as_the_folder(tmp_path):
         np.testing.assert_array_equal(a.labels, b.labels)
 
 
-def test_train_batches_are_a_pure_function_of_seed_and_step():
-    split = _task().train
+def test_train_batches_are_a_pure_function_of_seed_and_step(task):
+    split = task.train
     a = scenes.train_batches(split, 4, seed=1)
     b = scenes.train_batches(split, 4, seed=1)
     for step in (0, 7, 1000):
@@ -85,8 +93,8 @@ def test_train_batches_are_a_pure_function_of_seed_and_step():
     assert first != second
 
 
-def test_eval_batches_pad_and_mask():
-    split = _task().val
+def test_eval_batches_pad_and_mask(task):
+    split = task.val
     batches = scenes.eval_batches(split, 16)
     assert sum(int(b["valid"].sum()) for b in batches) == len(split)
     assert all(b["image"].shape == (16, TINY_SIZE, TINY_SIZE, 3) for b in batches)
@@ -154,17 +162,17 @@ def test_batches_are_sharded_and_state_replicated():
         training.Trainer(trainer.model, _config(batch_size=12), 32, mesh)
 
 
-def test_exported_weights_load_for_dissection():
-    out = trained_run()
-    weights = training.weights_dir(out, TINY_STEPS)
+def test_exported_weights_load_for_dissection(quick_run):
+    _, out = quick_run
+    weights = training.weights_dir(out, 20)
     meta = training.read_meta(weights)
     assert meta["arch"] == "jaxdissect.models.small_cnn:small_cnn"
-    assert meta["train"]["step"] == TINY_STEPS and meta["options"]["image_size"] == TINY_SIZE
+    assert meta["train"]["step"] == 20 and meta["options"]["image_size"] == TINY_SIZE
     loaded = training.load_trained(weights)
     assert loaded.input_spec.size == TINY_SIZE and loaded.default_layers[-1] == "conv5"
     # What experiments/dissect.py does with --model, --model_option and --weights.
     options = model_load.parse_options(
-        [f"num_classes={meta['num_classes']}", "width=0.5", f"image_size={TINY_SIZE}"]
+        [f"num_classes={meta['num_classes']}", "width=0.125", f"image_size={TINY_SIZE}"]
     )
     again = model_load.load(meta["arch"], weights=str(weights), options=options)
     assert again.key == loaded.key
@@ -172,20 +180,19 @@ def test_exported_weights_load_for_dissection():
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager((out / training.CHECKPOINT_DIR).absolute()) as manager:
-        assert set(SAVE_STEPS) <= set(manager.all_steps())
-        state = manager.restore(TINY_STEPS)
+        assert {0, 20} <= set(manager.all_steps())
+        state = manager.restore(20)
     np.testing.assert_array_equal(
         state["params"]["classifier"]["1"]["kernel"],
         loaded.variables["params"]["classifier"]["1"]["kernel"],
     )
 
 
-def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
+def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, task, quick_run):
     """Killed after step 13, resumed from the step-10 checkpoint: the same weights as straight
     through (the data order, flips and dropout keys are functions of the step)."""
-    task, mesh = _task(), parallel.data_mesh(1)
-    kw = dict(mesh=mesh, progress=False, log_every=4)
-    straight = training.train(_config(), task, tmp_path / "straight", **kw)
+    straight, _ = quick_run
+    kw = dict(mesh=parallel.data_mesh(1), **RUN_KW)
     out = tmp_path / "run"
     first = training.train(_config(), task, out, stop_after=13, **kw)
     assert first.step == 13 and [s for s, _ in training.list_weights(out)] == [0]
@@ -218,11 +225,11 @@ def test_data_parallel_steps_match_one_device():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *states)
 
 
-def test_resume_refuses_other_settings(tmp_path):
+def test_resume_refuses_other_settings(tmp_path, task, quick_run):
     out = tmp_path / "run"
-    shutil.copytree(trained_run(), out)
+    shutil.copytree(quick_run[1], out)
     with pytest.raises(FileExistsError, match="other settings"):
-        training.train(_config(learning_rate=0.1), _task(), out, progress=False)
+        training.train(_config(learning_rate=0.1), task, out, progress=False)
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])

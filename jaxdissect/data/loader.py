@@ -10,21 +10,10 @@ Decoding runs in a grain thread pool, one task a batch, with up to `num_threads`
 batches decoding at once (and so held in memory), overlapping the consumer's
 work; or, with `num_workers` > 0, in grain worker processes that each decode
 whole batches (batch w, w + N, ... in worker w of N, handed back in order
-through shared memory). Measured on 2 CPU cores (`benchmarks/bench_data.py
---num_images 2048 --threads 1,2 --workers 1,2`, 224x224, batch 32):
-- one task a batch instead of one an example: images alone (pass 1) 1,916 /
-  2,991 images/s with 1 / 2 threads from a folder Broden (was 1,310 / 1,890),
-  1,187 / 1,470 from its TFDS build (was 697 / 763); labels alone (pass 2 with
-  an activation cache) 822 / 728 (was 757 / 716) and 2,893 / 2,587 (was
-  1,738 / 1,712); the whole example (float32 image and labels, folder) 499 /
-  489 against 563 / 547, where repeated runs of the old way alone ranged 480-563.
-- label decoding holds the GIL (a folder's label PNGs: 822 -> 728 images/s
-  from 1 to 2 threads), so threads alone are unlikely to feed a GPU from a
-  many-core host. Processes pay ~2 s to start and copy every batch through
-  shared memory (in and out ~19 ms for 32 images' uint8 images and int32
-  labels), and on 2 cores they lose (folder, all fields, 1 / 2 processes: 213 /
-  301 images/s, start included). Where they win is not measured yet: try them
-  on hosts with cores to spare.
+through shared memory). Label PNG decoding holds the GIL, so threads alone
+may not feed a GPU from a many-core host; processes pay a start-up and a copy of
+every batch through shared memory, and suit hosts with cores to spare.
+Measurements: benchmarks/README.md (`benchmarks/bench_data.py`).
 """
 
 from __future__ import annotations
@@ -149,8 +138,8 @@ def batches(
     def fetch_batch(b: int) -> dict[str, np.ndarray]:
         return _stack([fetch(k) for k in range(b * local, (b + 1) * local)])
 
-    # One task a batch: per-example tasks cost grain ~50 us each under the GIL, which
-    # decoding, itself mostly under the GIL, cannot spare.
+    # One task a batch: grain's per-task cost is paid under the GIL, which decoding,
+    # itself mostly under the GIL, cannot spare.
     batched = grain.MapDataset.range(count // local).map(fetch_batch)
     if not num_workers:
         # Up to num_threads batches decode at once, and no more are held ahead.

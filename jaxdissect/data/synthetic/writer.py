@@ -26,7 +26,7 @@ from jaxdissect.data.synthetic.vocabulary import (
 
 TRAIN_FRACTION = 0.7
 JPEG_QUALITY = 90
-# Sizes for a dataset small enough to build inside other tests (~1 s).
+# Sizes for a dataset small enough to build inside other tests.
 TINY = MappingProxyType({"num_images": 32, "size": 64})
 GENERATOR_VERSION = 1
 
@@ -261,5 +261,5 @@ def generate(
 
 
 def generate_tiny(out_dir: str | os.PathLike, *, seed: int = 0, **kwargs) -> pathlib.Path:
-    """A small synthetic Broden for tests (`TINY`: 32 images at 64 x 64, ~1 s)."""
+    """A small synthetic Broden for tests (`TINY`: 32 images at 64 x 64)."""
     return generate(out_dir, **{**TINY, **kwargs}, seed=seed)
