@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 import tomllib
 
 import setuptools
@@ -67,3 +70,18 @@ def test_wheel_packages():
     assert "jaxdissect.models" in packages and "jaxdissect.data.synthetic" in packages
     assert not {p for p in packages if not p.startswith("jaxdissect")}, packages
     assert (REPO / "jaxdissect" / "models").resolve() == (REPO / "models").resolve()
+
+
+def test_convert_runs_as_a_module_of_the_package(tmp_path):
+    """`python -m jaxdissect.models.convert`, from outside the repository (as from a wheel)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxdissect.models.convert", "--helpshort"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--arch" in done.stdout + done.stderr

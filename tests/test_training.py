@@ -172,7 +172,8 @@ def test_exported_weights_load_for_dissection(quick_run):
     assert loaded.input_spec.size == TINY_SIZE and loaded.default_layers[-1] == "conv5"
     # What experiments/dissect.py does with --model, --model_option and --weights.
     options = model_load.parse_options(
-        [f"num_classes={meta['num_classes']}", "width=0.125", f"image_size={TINY_SIZE}"]
+        [f"num_classes={meta['num_classes']}", "width=0.125", "dropout=true"]
+        + [f"image_size={TINY_SIZE}"]
     )
     again = model_load.load(meta["arch"], weights=str(weights), options=options)
     assert again.key == loaded.key
