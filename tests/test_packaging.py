@@ -83,5 +83,4 @@ def test_convert_runs_as_a_module_of_the_package(tmp_path):
         text=True,
         timeout=120,
     )
-    assert done.returncode == 0, done.stderr
-    assert "--arch" in done.stdout + done.stderr
+    assert "--arch" in done.stdout, done.stderr  # absl's help (exit status 1, as absl has it)
