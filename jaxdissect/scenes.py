@@ -245,7 +245,7 @@ def eval_batches(split: SceneSplit, batch_size: int) -> list[dict[str, np.ndarra
     out = []
     for start in range(0, len(split), batch_size):
         n = min(batch_size, len(split) - start)
-        images = np.zeros((batch_size, *split.images.shape[1:]), np.uint8)
+        images = np.zeros((batch_size, *split.images.shape[1:]), split.images.dtype)
         labels = np.zeros((batch_size,), np.int32)
         images[:n] = split.images[start : start + n]
         labels[:n] = split.labels[start : start + n]
