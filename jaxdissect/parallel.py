@@ -115,6 +115,15 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def put_global_batch(
+    batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh
+) -> dict[str, jax.Array]:
+    """A global batch, held whole by every process -> global arrays sharded on `data`."""
+    n, pc, pi = len(next(iter(batch.values()))), jax.process_count(), jax.process_index()
+    rows = slice(pi * n // pc, (pi + 1) * n // pc)
+    return put_batch({k: np.asarray(v)[rows] for k, v in batch.items()}, mesh)
+
+
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 

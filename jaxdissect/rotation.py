@@ -7,22 +7,16 @@ rotated units y Q span the same space as the units y, so the
 representation keeps all its information; the paper finds that dissection
 nevertheless labels far fewer of the rotated units.
 
-The rotation acts inside the network, through `flax.linen.intercept_methods`:
-
-- `rotate_units(rotations, fold=False)`: the layer's output y is replaced by
-  y Q^t, which the rest of the network then sees ("inserted": accuracy changes).
-- `fold=True`: every module that takes that rotated output as an argument gets
-  it back un-rotated, (y Q^t) Q^-t = y, as if the inverse were folded into the
-  next computation. The network's output is unchanged (up to float rounding)
-  while anything that watches the layer's output sees the rotated units. For a
-  linear consumer this is exactly folding Q^T into its kernel
-  (`fold_into_kernel`).
-
-Nesting with `jaxdissect.capture`: Flax calls the interceptor of the
-outermost `intercept_methods` first, and its `next_fun` runs the inner ones.
-The capture must see the rotated output, so the rotation has to be the inner
-interceptor: `RotatedModel` installs it inside `apply`, i.e. inside the
-capture's context, and can be dissected like any Linen model.
+The rotation acts inside the network as a rule of `jaxdissect.interventions`:
+`Rotate` (the layer's output y becomes y Q^t, which the rest of the network
+sees: "inserted", accuracy changes) or `Fold` (the modules that consume the
+rotated output get y back, as if the inverse were folded into the next
+computation: the network's output is unchanged up to float rounding, while
+anything that watches the layer sees rotated units; for a linear consumer this
+is exactly folding Q^T into its kernel, `fold_into_kernel`). `RotatedModel`
+carries the matrices in its variables and installs the rules inside `apply`,
+i.e. inside a capture's interceptor, so it can be dissected like any Linen
+model; accuracies come from `jaxdissect.evaluate`.
 
 `rotation_study` dissects a layer at several rotation amounts and writes
 rotation.csv / rotation.json / rotation.png.
@@ -47,7 +41,7 @@ import numpy as np
 import scipy.linalg
 from absl import logging
 
-from jaxdissect import store
+from jaxdissect import evaluate, interventions, scenes, store
 
 # The variables collection that carries the rotation matrices into `RotatedModel.apply`
 # (as data, so a jitted dissection step does not bake them in as constants).
@@ -129,58 +123,17 @@ def fold_into_kernel(kernel: np.ndarray | jax.Array, rotation: np.ndarray | jax.
 # --------------------------------------------------------------------------- in the network
 
 
-def _path(module: nn.Module) -> str:
-    return "/".join(str(p) for p in module.path)
-
-
-def _rotate(y: jax.Array, matrix: jax.Array) -> jax.Array:
-    if y.shape[-1] != matrix.shape[0]:
-        raise ValueError(
-            f"a {matrix.shape[0]}-unit rotation cannot act on an output with {y.shape[-1]} channels"
-        )
-    return jnp.einsum("...k,kl->...l", y, matrix.astype(y.dtype))
-
-
 @contextlib.contextmanager
 def rotate_units(rotations: Mapping[str, Any], *, fold: bool = False) -> Iterator[None]:
     """Within the context, module path p's `__call__` output y becomes y @ rotations[p].
 
-    With `fold`, each module called with that rotated array as an argument
-    (positional or keyword) receives y again (the rotated array times the
-    transpose), so the network computes what it did without the rotation.
-    Arrays are matched by identity: only the module(s) that consume the rotated
-    output directly are changed, not those fed from them. A consumer that is
-    not a module (a `+` in the parent's code, say) still sees rotated units:
-    check the outputs, e.g. with `max_output_change`.
-
-    Enter it inside any interceptor that should see the rotated units (the
-    capture of `jaxdissect.capture`), e.g. through `RotatedModel`.
+    The rules `interventions.Rotate` (or, with `fold`, `interventions.Fold`: each
+    module called with the rotated array as an argument receives y again) at
+    each path. Enter it inside any interceptor that should see the rotated
+    units (the capture of `jaxdissect.capture`), e.g. through `RotatedModel`.
     """
-    matrices = {k.replace(".", "/").strip("/"): v for k, v in rotations.items()}
-    produced: list[tuple[jax.Array, jax.Array]] = []  # (rotated output, its matrix)
-    undone: dict[int, jax.Array] = {}
-
-    def unrotate(value: Any) -> Any:
-        for i, (rotated, matrix) in enumerate(produced):
-            if value is rotated:
-                if i not in undone:
-                    undone[i] = jnp.einsum("...l,kl->...k", rotated, matrix.astype(rotated.dtype))
-                return undone[i]
-        return value
-
-    def interceptor(next_fun, args, kwargs, context):
-        if fold and produced:
-            args = tuple(unrotate(a) for a in args)
-            kwargs = {k: unrotate(v) for k, v in kwargs.items()}
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__":
-            matrix = matrices.get(_path(context.module))
-            if matrix is not None:
-                out = _rotate(out, matrix)
-                produced.append((out, matrix))
-        return out
-
-    with nn.intercept_methods(interceptor):
+    rule = interventions.Fold if fold else interventions.Rotate
+    with interventions.active({path: rule(m) for path, m in rotations.items()}):
         yield
 
 
@@ -188,9 +141,10 @@ class RotatedModel(nn.Module):
     """`base` with layers' units rotated, for `capture`/`pipeline` like any Linen model.
 
     The matrices travel in the variables (`with_rotations`), keyed by module
-    path. Its paths, aliases, default layers and input spec are `base`'s:
-    `apply` runs `base.apply` inside `rotate_units`, which is thereby nested
-    inside any interceptor its caller installed (the capture's).
+    path, so one compilation serves every rotation. Its paths, aliases, default
+    layers and input spec are `base`'s: `apply` runs
+    `interventions.intervene(base, rules).apply`, nested inside any interceptor
+    its caller installed (the capture's).
 
     Attributes:
       base: the Linen model.
@@ -216,8 +170,9 @@ class RotatedModel(nn.Module):
     def apply(self, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         variables = dict(variables)
         rotations = variables.pop(COLLECTION, {})
-        with rotate_units(rotations, fold=self.fold):
-            return self.base.apply(variables, *args, **kwargs)
+        rule = interventions.Fold if self.fold else interventions.Rotate
+        rules = {path: rule(m) for path, m in rotations.items()}
+        return interventions.intervene(self.base, rules).apply(variables, *args, **kwargs)
 
     def init(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         return self.base.init(*args, **kwargs)
@@ -267,36 +222,47 @@ def layer_units(module: nn.Module, variables: Any, path: str, input_size: int) -
     return int(shapes[path][-1])
 
 
+def classifier(
+    module: nn.Module,
+    input_spec: Any,
+    *,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> evaluate.Evaluator:
+    """The sharded evaluator of `module` on 0..255 images normalised by `input_spec`."""
+    kwargs = dict(apply_kwargs or {})
+    return evaluate.Evaluator(lambda v, x: module.apply(v, input_spec(x), **kwargs), mesh)
+
+
 def predictor(
     module: nn.Module,
     input_spec: Any,
     *,
     apply_kwargs: Mapping[str, Any] | None = None,
-    batch_size: int = 64,
+    batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[Any, np.ndarray], np.ndarray]:
     """`predict(variables, images) -> logits` (float32), compiled once for every call.
 
     The rotation matrices are part of `variables` (`with_rotations`), so one
     compilation serves every rotation amount.
     """
-    kwargs = dict(apply_kwargs or {})
-
-    @jax.jit
-    def run(v, x):
-        return module.apply(v, input_spec(x), **kwargs)
+    run = classifier(module, input_spec, apply_kwargs=apply_kwargs, mesh=mesh)
+    size = evaluate.batch_size_for(run.mesh, batch_size)
 
     def predict(variables: Any, images: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(images), batch_size):
-            chunk = np.asarray(images[start : start + batch_size], np.float32)
-            n = len(chunk)
-            if n < batch_size:  # one shape: one compilation
-                pad = np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)
-                chunk = np.concatenate([chunk, pad])
-            out.append(np.asarray(run(variables, chunk))[:n])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        return run(variables, _batches(images, None, size), logits=True).logits
 
     return predict
+
+
+def _batches(images: np.ndarray, labels: np.ndarray | None, size: int) -> list[dict[str, Any]]:
+    # float32 on the host: XLA rounds the normalisation of uint8 input differently (1 ulp of
+    # the logits), and the study's numbers stay those of the float32 input it always had.
+    n = len(images)
+    labels = np.zeros(n, np.int32) if labels is None else np.asarray(labels)
+    split = scenes.SceneSplit(np.asarray(images), labels, np.arange(n, dtype=np.int64))
+    return scenes.eval_batches(split, size, dtype=np.float32)
 
 
 def predict(
@@ -306,10 +272,11 @@ def predict(
     input_spec: Any,
     *,
     apply_kwargs: Mapping[str, Any] | None = None,
-    batch_size: int = 64,
+    batch_size: int = evaluate.DEFAULT_BATCH_SIZE,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> np.ndarray:
     """Logits of uint8/float [N, H, W, 3] images (normalised by `input_spec`), float32."""
-    run = predictor(module, input_spec, apply_kwargs=apply_kwargs, batch_size=batch_size)
+    run = predictor(module, input_spec, apply_kwargs=apply_kwargs, batch_size=batch_size, mesh=mesh)
     return run(variables, images)
 
 
@@ -321,15 +288,17 @@ def max_output_change(
     input_spec: Any,
     *,
     apply_kwargs: Mapping[str, Any] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> float:
     """Largest |output change| when `rotations` are applied and folded (0 up to rounding)."""
-    base = predict(module, variables, images, input_spec, apply_kwargs=apply_kwargs)
+    kw = dict(apply_kwargs=apply_kwargs, mesh=mesh)
+    base = predict(module, variables, images, input_spec, **kw)
     rotated = predict(
         RotatedModel(module, fold=True),
         with_rotations(variables, rotations),
         images,
         input_spec,
-        apply_kwargs=apply_kwargs,
+        **kw,
     )
     return float(np.max(np.abs(base - rotated))) if base.size else 0.0
 
@@ -392,7 +361,7 @@ def rotated_fan(
 
     def fn(v: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Array]:
         y = tap.fn(v["model"], images)[path]
-        return {name: _rotate(y, m) for name, m in v["rotations"].items()}
+        return {name: interventions.rotate(y, m) for name, m in v["rotations"].items()}
 
     fan_variables = {
         "model": tap.variables,
@@ -468,21 +437,14 @@ def rotation_study(
         options=options or pipeline.Options(),
     )
     logging.info("dissected %d rotation amounts in %.1f s", len(amounts), time.time() - t0)
-    evaluate = eval_images is not None and eval_labels is not None
-    if evaluate:
-        base_logits = predict(
-            model.module,
-            model.variables,
-            eval_images,
-            model.input_spec,
-            apply_kwargs=model.apply_kwargs,
-        )
+    measure = eval_images is not None and eval_labels is not None
+    if measure:
+        kw = dict(apply_kwargs=model.apply_kwargs, mesh=mesh)
+        base = classifier(model.module, model.input_spec, **kw)
+        batches = _batches(eval_images, eval_labels, evaluate.batch_size_for(base.mesh))
+        base_logits = base(model.variables, batches, logits=True).logits
         networks = {
-            fold: predictor(
-                RotatedModel(model.module, fold=fold),
-                model.input_spec,
-                apply_kwargs=model.apply_kwargs,
-            )
+            fold: classifier(RotatedModel(model.module, fold=fold), model.input_spec, **kw)
             for fold in (True, False)
         }
     points = []
@@ -491,14 +453,13 @@ def rotation_study(
         measured: dict[str, float | None] = dict.fromkeys(
             ("accuracy_folded", "accuracy_inserted", "max_output_change"), None
         )
-        if evaluate:
+        if measure:
             variables = with_rotations(model.variables, {path: matrices[amount_name(layer, t)]})
             for fold in (True, False):
-                logits = networks[fold](variables, eval_images)
-                acc = float(np.mean(np.argmax(logits, -1) == eval_labels)) if len(logits) else 0.0
-                measured["accuracy_folded" if fold else "accuracy_inserted"] = acc
+                got = networks[fold](variables, batches, logits=fold)
+                measured["accuracy_folded" if fold else "accuracy_inserted"] = got.accuracy
                 if fold:
-                    change = np.max(np.abs(logits - base_logits)) if len(logits) else 0.0
+                    change = np.max(np.abs(got.logits - base_logits)) if got.count else 0.0
                     measured["max_output_change"] = float(change)
         points.append(
             RotationPoint(

@@ -240,12 +240,15 @@ def train_batches(
     return ds.batch(batch_size, drop_remainder=True)
 
 
-def eval_batches(split: SceneSplit, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Fixed-shape batches of `split` in order, the last padded (`valid` False)."""
+def eval_batches(
+    split: SceneSplit, batch_size: int, *, dtype: Any = None
+) -> list[dict[str, np.ndarray]]:
+    """Fixed-shape batches of `split` in order, the last padded (`valid` False); images of
+    `dtype` (default: the split's)."""
     out = []
     for start in range(0, len(split), batch_size):
         n = min(batch_size, len(split) - start)
-        images = np.zeros((batch_size, *split.images.shape[1:]), np.uint8)
+        images = np.zeros((batch_size, *split.images.shape[1:]), dtype or split.images.dtype)
         labels = np.zeros((batch_size,), np.int32)
         images[:n] = split.images[start : start + n]
         labels[:n] = split.labels[start : start + n]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import inspect
 import json
 import os
@@ -45,7 +44,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from jaxdissect import parallel, store
+from jaxdissect import evaluate, parallel, store
 from jaxdissect.preprocess import InputSpec
 from jaxdissect.scenes import SceneSplit, SceneTask, eval_batches, train_batches
 
@@ -74,17 +73,15 @@ def _factory(arch: str) -> Callable[..., nn.Module]:
     from jaxdissect.models import zoo
 
     name = model_name(arch)
-    spec = zoo.ARCHS.get(name, name)
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
+    if name not in zoo.ARCHS and ":" not in name:
         raise ValueError(
             f"unknown --arch {arch!r}: small_cnn, {', '.join(sorted(zoo.ARCHS))}, "
             "or package.module:factory"
         )
     try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--arch={arch}: {e}") from e
+        return zoo.factory(name)
+    except ValueError as e:
+        raise ValueError(f"--arch={arch}: {e}") from None
 
 
 def build_model(arch: str, **options: Any) -> nn.Module:
@@ -271,7 +268,7 @@ class Trainer:
             out_shardings=(repl, repl),
             donate_argnums=0,
         )
-        self.eval_step = jax.jit(self._eval_step, in_shardings=(repl, data), out_shardings=repl)
+        self.evaluator = evaluate.Evaluator(self._classify, mesh)
 
     def _kwargs(self, train: bool) -> dict[str, Any]:
         return {"train": train} if self._takes_train else {}
@@ -299,13 +296,11 @@ class Trainer:
         (a resumed run in the same process, as in tests, compiles nothing again)."""
         return Trainer(model, config, resolution, mesh)
 
-    def _logits(self, state: TrainState, params: Any, images: jax.Array, train: bool, rng=None):
+    def _train_logits(self, state: TrainState, params: Any, images: jax.Array, rng: jax.Array):
         x = self.spec(images)
         variables = {"params": params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-        if not train:
-            return self.model.apply(variables, x, **self._kwargs(False)), state.batch_stats
         mutable = ["batch_stats"] if state.batch_stats else False
         out = self.model.apply(
             variables, x, **self._kwargs(True), rngs={"dropout": rng}, mutable=mutable
@@ -321,7 +316,7 @@ class Trainer:
         labels = batch["label"]
 
         def loss_fn(params):
-            logits, stats = self._logits(state, params, batch["image"], True, rng)
+            logits, stats = self._train_logits(state, params, batch["image"], rng)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, (logits, stats)
 
@@ -336,32 +331,17 @@ class Trainer:
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         return new, {"loss": loss, "accuracy": accuracy}
 
-    def _eval_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
-        logits, _ = self._logits(state, state.params, batch["image"], False)
-        valid = batch["valid"]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        correct = (jnp.argmax(logits, -1) == batch["label"]) & valid
-        return {
-            "loss": jnp.sum(jnp.where(valid, loss, 0.0)),
-            "correct": jnp.sum(correct),
-            "count": jnp.sum(valid),
-        }
+    def _classify(self, variables: Any, images: jax.Array) -> jax.Array:
+        return self.model.apply(variables, self.spec(images), **self._kwargs(False))
 
     def put(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a global batch, sharded over the mesh."""
-        n, pc, pi = len(next(iter(batch.values()))), jax.process_count(), jax.process_index()
-        rows = slice(pi * n // pc, (pi + 1) * n // pc)
-        return parallel.put_batch({k: np.asarray(v)[rows] for k, v in batch.items()}, self.mesh)
+        return parallel.put_global_batch(batch, self.mesh)
 
     def evaluate(self, state: TrainState, split: SceneSplit, batch_size: int) -> dict[str, float]:
         """Mean loss and accuracy of `state` on `split`."""
-        totals = {"loss": 0.0, "correct": 0, "count": 0}
-        for batch in eval_batches(split, batch_size):
-            out = jax.device_get(self.eval_step(state, self.put(batch)))
-            for k in totals:
-                totals[k] += out[k].item()
-        n = max(1, totals["count"])
-        return {"loss": totals["loss"] / n, "accuracy": totals["correct"] / n}
+        got = self.evaluator(state.variables(), eval_batches(split, batch_size))
+        return {"loss": got.mean_loss, "accuracy": got.accuracy}
 
 
 # --------------------------------------------------------------------------- files

@@ -11,6 +11,7 @@ Imports are lazy so that naming one architecture loads only its module.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import flax.linen as nn
 
@@ -28,9 +29,21 @@ ARCHS: dict[str, str] = {
 }
 
 
+def factory(arch: str) -> Callable[..., nn.Module]:
+    """The constructor of `arch`: a name of `ARCHS`, or `package.module:attr` (a factory)."""
+    spec = ARCHS.get(arch, arch)
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"unknown architecture {arch!r}: one of {', '.join(sorted(ARCHS))}, "
+            "or package.module:factory"
+        )
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"architecture {arch!r}: {e}") from e
+
+
 def build(arch: str, **options) -> nn.Module:
-    """Construct architecture `arch` with `options` (e.g. num_classes=365)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown --arch {arch!r}; known: {', '.join(sorted(ARCHS))}")
-    module_name, fn_name = ARCHS[arch].split(":")
-    return getattr(importlib.import_module(module_name), fn_name)(**options)
+    """Construct architecture `arch` (see `factory`) with `options` (e.g. num_classes=365)."""
+    return factory(arch)(**options)

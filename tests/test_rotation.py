@@ -198,3 +198,11 @@ def test_rotation_of_the_wrong_width_is_refused(cnn):
     v = rotation.with_rotations(variables, {model.layer_aliases["conv4"]: np.eye(5)})
     with pytest.raises(ValueError, match="5-unit rotation"):
         rotation.RotatedModel(model).apply(v, images)
+
+
+def test_a_rotation_at_an_unknown_path_is_refused(cnn):
+    # It used to rotate nothing, silently.
+    model, variables, images = cnn
+    v = rotation.with_rotations(variables, {"features/99": np.eye(16)})
+    with pytest.raises(capture.LayerNotFoundError, match="'features/99' does not exist"):
+        rotation.RotatedModel(model).apply(v, images)

@@ -148,6 +148,16 @@ def test_config_and_options_are_checked():
         training.model_options("lenet")
 
 
+def test_one_model_factory():
+    from models import small_cnn, zoo
+
+    # `models.zoo` is the definition: its names, or a package.module:attr factory.
+    assert training._factory("small_cnn") is zoo.factory(training.SMALL_CNN) is small_cnn.small_cnn
+    assert zoo.build(training.SMALL_CNN, num_classes=3, width=0.125).num_classes == 3
+    with pytest.raises(ValueError, match="--arch=models.nowhere:f: architecture"):
+        training.build_model("models.nowhere:f")
+
+
 def test_batches_are_sharded_and_state_replicated():
     mesh = parallel.data_mesh()
     assert mesh.devices.size == 8

@@ -1,0 +1,289 @@
+"""Interventions: a short rule at a layer path changes what a Linen network computes.
+
+As davidbau/dissect's `nethook.edit_layer(layer, rule)`: `intervene(model,
+{path_or_alias: rule})` is `model` with each named module's output rewritten by
+its rule, through `flax.linen.intercept_methods`. The rules act on the last
+(channel) axis of the output, so a [b, h, w, K] map, a [b, K] vector or a
+[b, n, K] token layout are all the same to them:
+
+- `Rotate(matrix)`: y -> y @ matrix; the rest of the network sees rotated units.
+- `Fold(matrix)`: y -> y @ matrix for whoever watches the layer (a capture), and
+  every module that takes that rotated array as an argument gets y back
+  (y @ matrix @ matrix^T), as if the inverse were folded into the next
+  computation: the network's output is unchanged up to float rounding. Arrays
+  are matched by identity, so a consumer that is no module (a `+` in the
+  parent's code) still sees rotated units.
+- `Ablate(units, value)`: the units of mask `units` ([K] bool) are set to zero
+  (`value="zero"`) or to `value[k]` (a [K] vector, e.g. the units' means).
+
+Rules are pytrees whose arrays are leaves: built inside a jitted or vmapped
+function from its arguments, they are data, not constants, so one compilation
+serves every matrix or mask and `jax.vmap` over a batch of unit masks gives the
+effect of every single-unit ablation in one call.
+
+Nesting with `jaxdissect.capture`: the outermost `intercept_methods` runs
+first and its `next_fun` runs the inner ones, so a capture that should see the
+rewritten output must be outside; `Intervened.apply` installs the rules inside
+`base.apply`, hence inside any capture of the `Intervened` module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ZERO = "zero"
+
+
+# --------------------------------------------------------------------------- the operations
+
+
+def rotate(y: jax.Array, matrix: jax.Array) -> jax.Array:
+    """y @ matrix over the last (unit) axis."""
+    if y.shape[-1] != matrix.shape[0]:
+        raise ValueError(
+            f"a {matrix.shape[0]}-unit rotation cannot act on an output with {y.shape[-1]} channels"
+        )
+    return jnp.einsum("...k,kl->...l", y, matrix.astype(y.dtype))
+
+
+def unrotate(rotated: jax.Array, matrix: jax.Array) -> jax.Array:
+    """rotated @ matrix^T: undoes `rotate` for an orthogonal matrix."""
+    return jnp.einsum("...l,kl->...k", rotated, matrix.astype(rotated.dtype))
+
+
+def ablate(y: jax.Array, units: jax.Array, value: jax.Array | str = ZERO) -> jax.Array:
+    """y with the units of mask `units` ([K]) replaced by 0 (`value="zero"`) or `value` ([K])."""
+    k = y.shape[-1]
+    mask = jnp.asarray(units)
+    if mask.shape != (k,):
+        raise ValueError(
+            f"Ablate(units=...) has shape {tuple(mask.shape)}; it must be a mask of the layer's "
+            f"{k} units (interventions.unit_mask({k}, indices))"
+        )
+    if mask.dtype != jnp.bool_:
+        mask = mask != 0
+    if isinstance(value, str):
+        if value != ZERO:
+            raise ValueError(f"Ablate(value={value!r}): use 'zero' or a [K] vector of values")
+        return jnp.where(mask, jnp.zeros((), y.dtype), y)
+    fill = jnp.asarray(value)
+    if fill.shape != (k,):
+        raise ValueError(
+            f"Ablate(value=...) has shape {tuple(fill.shape)}; it must hold one value per unit ({k})"
+        )
+    return jnp.where(mask, fill.astype(y.dtype), y)
+
+
+def unit_mask(num_units: int, units: Sequence[int] | np.ndarray) -> np.ndarray:
+    """A bool [num_units] mask of the unit numbers `units` (for `Ablate`)."""
+    idx = np.asarray(units, np.int64).reshape(-1)
+    bad = idx[(idx < 0) | (idx >= num_units)]
+    if bad.size:
+        raise ValueError(f"units {bad.tolist()} outside 0..{num_units - 1}")
+    mask = np.zeros(num_units, bool)
+    mask[idx] = True
+    return mask
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Rotate:
+    """The layer's output y becomes y @ matrix ([K, K]) for everything after it."""
+
+    matrix: Any
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        return rotate(y, jnp.asarray(self.matrix))
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], None]:
+        return (self.matrix,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, children: Sequence[Any]) -> Rotate:
+        return cls(*children)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """Rotated by `matrix` at the layer, un-rotated for the modules that consume it."""
+
+    matrix: Any
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        return rotate(y, jnp.asarray(self.matrix))
+
+    def undo(self, rotated: jax.Array) -> jax.Array:
+        return unrotate(rotated, jnp.asarray(self.matrix))
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], None]:
+        return (self.matrix,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, children: Sequence[Any]) -> Fold:
+        return cls(*children)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Ablate:
+    """The units of mask `units` ([K] bool) set to zero, or to `value` ([K], e.g. their means)."""
+
+    units: Any
+    value: Any = ZERO
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        return ablate(y, self.units, self.value)
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], str | None]:
+        if isinstance(self.value, str):
+            return (self.units,), self.value
+        return (self.units, self.value), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: str | None, children: Sequence[Any]) -> Ablate:
+        return cls(children[0], aux) if aux is not None else cls(*children)
+
+
+Rule = Rotate | Fold | Ablate
+
+
+# --------------------------------------------------------------------------- in the network
+
+
+def module_path(module: nn.Module) -> str:
+    """A Linen module's path, '/'-separated ('' for the root)."""
+    return "/".join(str(p) for p in module.path)
+
+
+def rule_paths(
+    rules: Mapping[str, Any], aliases: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """{module path: name as given} of `rules` keys (paths with '.' or '/', or aliases)."""
+    aliases = dict(aliases or {})
+    out: dict[str, str] = {}
+    for name in rules:
+        if name.startswith("re:"):
+            raise ValueError(f"intervention at {name!r}: name a module path or an alias, not re:")
+        path = aliases.get(name, name).replace(".", "/").strip("/")
+        if path in out:
+            raise ValueError(f"interventions at {out[path]!r} and {name!r} name one module")
+        out[path] = name
+    return out
+
+
+@contextlib.contextmanager
+def active(rules: Mapping[str, Any], *, aliases: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Within the context, each Linen module named in `rules` has its `__call__` output rewritten.
+
+    A module called several times is rewritten at every call. If modules ran in
+    the context and a named one was not among them, leaving the context raises
+    `capture.LayerNotFoundError` listing the modules that exist.
+    """
+    paths = rule_paths(rules, aliases)
+    by_path = {path: rules[name] for path, name in paths.items()}
+    seen: dict[str, tuple[int, ...]] = {}
+    folded: list[tuple[jax.Array, Fold]] = []  # (rotated output, its rule)
+    undone: dict[int, jax.Array] = {}
+
+    def unfold(value: Any) -> Any:
+        for i, (rotated, rule) in enumerate(folded):
+            if value is rotated:
+                if i not in undone:
+                    undone[i] = rule.undo(rotated)
+                return undone[i]
+        return value
+
+    def interceptor(next_fun, args, kwargs, context):
+        if folded:
+            args = tuple(unfold(a) for a in args)
+            kwargs = {k: unfold(v) for k, v in kwargs.items()}
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__":
+            path = module_path(context.module)
+            seen[path] = tuple(getattr(out, "shape", ())[1:])
+            rule = by_path.get(path)
+            if rule is not None:
+                if not hasattr(out, "shape"):
+                    raise ValueError(
+                        f"intervention at {paths[path]!r}: the module returns "
+                        f"{type(out).__name__}, not an array; name one of its submodules"
+                    )
+                try:
+                    out = rule(out)
+                except ValueError as e:
+                    raise ValueError(f"intervention at {paths[path]!r}: {e}") from None
+                if isinstance(rule, Fold):
+                    folded.append((out, rule))
+        return out
+
+    with nn.intercept_methods(interceptor):
+        yield
+    missing = [name for path, name in paths.items() if path not in seen]
+    if seen and missing:
+        from jaxdissect import capture
+
+        capture.resolve_layers(missing, seen, aliases)  # raises, listing the layers
+        raise capture.LayerNotFoundError(f"interventions at {missing} reached no module")
+
+
+class Intervened(nn.Module):
+    """`base` with `rules` applied, for `apply`, `capture` and `pipeline` like any Linen model.
+
+    Its paths, aliases, default layers and input spec are `base`'s; `apply`
+    runs `base.apply` inside `active(rules)`, so inside any interceptor its
+    caller installed (a capture sees the rewritten outputs).
+    """
+
+    base: nn.Module
+    rules: Mapping[str, Any]
+
+    @property
+    def layer_aliases(self) -> Mapping[str, str] | None:
+        return getattr(self.base, "layer_aliases", None)
+
+    @property
+    def default_layers(self) -> tuple[str, ...]:
+        return tuple(getattr(self.base, "default_layers", ()) or ())
+
+    @property
+    def input_spec(self) -> Any:
+        return getattr(self.base, "input_spec", None)
+
+    def apply(self, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        with active(self.rules, aliases=self.layer_aliases):
+            return self.base.apply(variables, *args, **kwargs)
+
+    def init(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.base.init(*args, **kwargs)
+
+
+def intervene(model: nn.Module, rules: Mapping[str, Any]) -> Intervened:
+    """`model` with each rule of `{path_or_alias: rule}` applied at its module's output.
+
+    Build it inside the function that is jitted or vmapped, from that
+    function's arguments, for the rules' arrays to be data:
+
+        @jax.jit
+        def effects(variables, images, masks):  # masks: [n, K] bool
+            one = lambda m: intervene(model, {"conv5": Ablate(m)}).apply(variables, images)
+            return jax.vmap(one)(masks)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"intervene needs a flax.linen Module, got {type(model).__name__} "
+            "(NNX modules and plain functions have no method interceptors)"
+        )
+    # parent=None: a top-level wrapper, also when built inside another module's method.
+    return Intervened(model, dict(rules), parent=None)
