@@ -103,12 +103,21 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
     # Every flag is checked before anything slow (data, model, JAX's backend) starts.
     settings = cli.settings_from_flags(fv)
     options = cli.options_from_flags(fv)
-    probe = cli.probe_from_flags(fv)
     cli.check_layers(fv.layers)
     model_options = model_load.parse_options(fv.model_option)
     if fv.num_classes is not None:
         model_options["num_classes"] = fv.num_classes
-    model_load.check_request(fv.model, fv.weights or None, fv.num_classes)
+    missing = []  # data and weights the user lacks: one line says what to get for each
+    try:
+        probe = cli.probe_from_flags(fv)
+    except FileNotFoundError as e:
+        missing.append(str(e))
+    try:
+        model_load.check_request(fv.model, fv.weights or None, fv.num_classes)
+    except FileNotFoundError as e:
+        missing.append(str(e))
+    if missing:
+        raise FileNotFoundError("; and ".join(missing))
     output_dir = fv.output_dir or os.path.join("runs", fv.model.replace(":", "_"))
     claim = cli.claim_output_dir(output_dir)
 

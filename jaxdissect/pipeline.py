@@ -109,12 +109,12 @@ def dissect(
         input_shape=(spec.size, spec.size, 3),
         apply_kwargs=model.apply_kwargs,
     )
+    count = f"{len(source)} images"
     logging.info(
-        "dissecting %s, layers %s, on %s (%d images)",
+        "dissecting %s, layers %s, on %s",
         model.name,
         ", ".join(tap.layers),
-        dataset_name,
-        len(source),
+        dataset_name if count in dataset_name else f"{dataset_name} ({count})",
     )
     logging.info("settings: %s", dataclasses.asdict(settings))
     logging.info("results go to %s", out.resolve())
