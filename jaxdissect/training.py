@@ -130,6 +130,9 @@ class TrainConfig:
       schedule: `constant`, `cosine` (to 0 at `steps`) or `step` (times
         `decay_factor` at each of `decay_steps`; default at 50% and 75%).
       warmup_steps: linear warm-up from 0 before the schedule.
+      decay_steps: `step` schedule: steps where the rate is multiplied by `decay_factor`
+        (empty: at 50% and 75% of `steps`).
+      decay_factor: `step` schedule: the factor at each of `decay_steps`.
       steps: training steps.
       batch_size: global batch (a multiple of the device count).
       seed: initialisation, data order, flips and dropout.
