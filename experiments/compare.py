@@ -36,7 +36,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
         "output_dir", "runs/compare", "Where the table and figures go.", flag_values=fv
     )
-    cli.define_dissection_flags(fv, split="all", resolution=224)
+    cli.define_dissection_flags(fv, synthetic_images=4000)
 
 
 def parse_entry(text: str) -> tuple[str, str, str, list[str]]:
@@ -54,42 +54,63 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     from jaxdissect import parallel, pipeline, studies, training
     from jaxdissect.models import load as model_load
 
-    cli.quiet_library_logs()
     if not fv.results and not fv.dissect:
         raise ValueError("nothing to compare: give --results and/or --dissect")
-    rows: list[dict] = []
-    entries: list[dict] = []
-    source = None
-    for text in fv.dissect:
-        name, model, weights, layers = parse_entry(text)
+    # Every flag is checked before anything slow starts.
+    settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
+    probe = cli.probe_from_flags(fv)
+    dissections = [parse_entry(text) for text in fv.dissect]
+    for name, model, weights, layers in dissections:
+        cli.check_layers(layers, f"--dissect={name}|...|LAYERS")
         if model:
-            loaded = model_load.load(model, weights=weights or None)
-        else:
-            loaded = training.load_trained(weights)
-        if source is None:
-            source, dataset_name = cli.probe_from_flags(fv)
-        out = os.path.join(fv.output_dir, name)
-        pipeline.dissect(
-            cli.model_info(loaded),
-            layers,
-            source,
-            cli.settings_from_flags(fv),
-            out,
-            dataset_name=dataset_name,
-            mesh=parallel.data_mesh(fv.devices),
-            options=cli.options_from_flags(fv),
-        )
-        # results.json names layers by module path; the table keeps the names asked for.
-        for layer, row in zip(layers, studies.results_rows(name, out), strict=True):
-            rows.append({**row, "layer": layer, "path": row["layer"]})
-        entries.append({"name": name, "model": model, "weights": weights, "layers": layers})
+            model_load.check_request(model, weights or None)
+        elif not os.path.isfile(os.path.join(weights, "meta.json")):
+            raise FileNotFoundError(
+                f"--dissect={name}||{weights}|...: {weights} is no training export (no "
+                f"meta.json); train first: {model_load.TRAIN_COMMAND}, or give MODEL"
+            )
+    results = []
     for text in fv.results:
         name, sep, directory = text.partition("=")
         if not sep or not name:
             raise ValueError(f"--results={text!r}: expected NAME=DIR")
-        rows.extend(studies.results_rows(name, directory))
-        entries.append({"name": name, "results": directory})
-    files = studies.write_comparison(fv.output_dir, rows, {"entries": entries})
+        if not (
+            os.path.isfile(directory) or os.path.isfile(os.path.join(directory, "results.json"))
+        ):
+            raise FileNotFoundError(
+                f"--results={text}: {directory} holds no results.json (a finished dissection)"
+            )
+        results.append((name, directory))
+    rows: list[dict] = []
+    entries: list[dict] = []
+    with cli.claim_output_dir(fv.output_dir):
+        source = None
+        for name, model, weights, layers in dissections:
+            if model:
+                loaded = model_load.load(model, weights=weights or None)
+            else:
+                loaded = training.load_trained(weights)
+            if source is None:
+                source, dataset_name = probe.open()
+            out = os.path.join(fv.output_dir, name)
+            pipeline.dissect(
+                cli.model_info(loaded),
+                layers,
+                source,
+                settings,
+                out,
+                dataset_name=dataset_name,
+                mesh=parallel.data_mesh(fv.devices),
+                options=options,
+            )
+            # results.json names layers by module path; the table keeps the names asked for.
+            for layer, row in zip(layers, studies.results_rows(name, out), strict=True):
+                rows.append({**row, "layer": layer, "path": row["layer"]})
+            entries.append({"name": name, "model": model, "weights": weights, "layers": layers})
+        for name, directory in results:
+            rows.extend(studies.results_rows(name, directory))
+            entries.append({"name": name, "results": directory})
+        files = studies.write_comparison(fv.output_dir, rows, {"entries": entries})
     for r in rows:
         by_cat = ", ".join(
             f"{k[len('unique_') :]} {v}"

@@ -58,26 +58,56 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         flag_values=fv,
     )
     flags.DEFINE_string("output_dir", None, "Default: runs/rotation_<layer>.", flag_values=fv)
-    cli.define_dissection_flags(fv)
+    cli.define_dissection_flags(fv, split="val", synthetic_images=4000, resolution=96)
 
 
 def run(fv: flags.FlagValues = FLAGS):
     """Run the study as the flags say; returns the `rotation.RotationPoint`s."""
     started = time.perf_counter()
+    from jaxdissect.models import load as model_load
+
+    if not fv.weights and not fv.model:
+        raise ValueError("give --weights (a training export) or --model")
+    # Every flag is checked before anything slow starts.
+    settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
+    probe = cli.probe_from_flags(fv)
+    amounts = cli.parse_numbers(fv.amounts, "--amounts")
+    trained = bool(fv.weights) and os.path.isfile(os.path.join(fv.weights, "meta.json"))
+    if not trained:
+        if fv.weights and not os.path.exists(fv.weights):
+            raise FileNotFoundError(model_load.missing_weights_advice(fv.model or "", fv.weights))
+        if not fv.model:
+            raise ValueError(
+                f"--weights={fv.weights} is not a training export (no meta.json): give --model "
+                "with the architecture of these weights"
+            )
+        model_load.check_request(fv.model, fv.weights or None)
+    output_dir = fv.output_dir or os.path.join("runs", f"rotation_{fv.layer}")
+    with cli.claim_output_dir(output_dir):
+        points = _rotate(fv, trained, settings, options, probe, amounts, output_dir)
+    for p in points:
+        acc = (
+            ""
+            if p.accuracy_folded is None
+            else f", accuracy {p.accuracy_folded:.4f} folded, {p.accuracy_inserted:.4f} inserted"
+        )
+        print(
+            f"t={p.amount:g}: {p.unique_detectors} unique detectors, "
+            f"{p.interpretable_units}/{p.num_units} interpretable units{acc}"
+        )
+    cli.report_elapsed(started, os.path.join(output_dir, "rotation.json"))
+    return points
+
+
+def _rotate(fv, trained, settings, options, probe, amounts, output_dir):
     from jaxdissect import parallel, rotation, scenes, training
     from jaxdissect.models import load as model_load
 
-    cli.quiet_library_logs()
-    if not fv.weights and not fv.model:
-        raise ValueError("give --weights (a training export) or --model")
-    trained = bool(fv.weights) and os.path.isfile(os.path.join(fv.weights, "meta.json"))
     if trained:
         loaded = training.load_trained(fv.weights)
-    elif fv.model:
-        loaded = model_load.load(fv.model, weights=fv.weights or None)
     else:
-        raise ValueError(f"--weights={fv.weights} is not a training export; give --model too")
-    source, dataset_name = cli.probe_from_flags(fv)
+        loaded = model_load.load(fv.model, weights=fv.weights or None)
+    source, dataset_name = probe.open()
     eval_images = eval_labels = None
     if fv.accuracy and trained:
         meta = training.read_meta(fv.weights)
@@ -95,33 +125,20 @@ def run(fv: flags.FlagValues = FLAGS):
                 f"({meta.get('classes')}): pass the training data as --eval_data"
             )
         eval_images, eval_labels = task.val.images, task.val.labels
-    output_dir = fv.output_dir or os.path.join("runs", f"rotation_{fv.layer}")
-    points = rotation.rotation_study(
+    return rotation.rotation_study(
         cli.model_info(loaded),
         fv.layer,
-        [float(t) for t in fv.amounts],
+        amounts,
         source,
-        cli.settings_from_flags(fv),
+        settings,
         output_dir,
         dataset_name=dataset_name,
         seed=fv.rotation_seed,
         mesh=parallel.data_mesh(fv.devices),
-        options=cli.options_from_flags(fv),
+        options=options,
         eval_images=eval_images,
         eval_labels=eval_labels,
     )
-    for p in points:
-        acc = (
-            ""
-            if p.accuracy_folded is None
-            else f", accuracy {p.accuracy_folded:.4f} folded, {p.accuracy_inserted:.4f} inserted"
-        )
-        print(
-            f"t={p.amount:g}: {p.unique_detectors} unique detectors, "
-            f"{p.interpretable_units}/{p.num_units} interpretable units{acc}"
-        )
-    cli.report_elapsed(started, os.path.join(output_dir, "rotation.json"))
-    return points
 
 
 main = cli.script_main(run)

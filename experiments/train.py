@@ -32,23 +32,13 @@ FLAGS = flags.FLAGS
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-    """The script's flags (a function, so that tests can define them on their own FlagValues)."""
-    # The model.
-    flags.DEFINE_string(
-        "arch",
-        "small_cnn",
-        "small_cnn, or a models/zoo architecture (resnet18, alexnet ...).",
-        flag_values=fv,
-    )
-    flags.DEFINE_float(
-        "width", None, "Channel multiplier (default: the architecture's).", flag_values=fv
-    )
-    flags.DEFINE_bool(
-        "batch_norm", None, "BatchNorm on/off (default: the architecture's).", flag_values=fv
-    )
-    flags.DEFINE_bool(
-        "dropout", None, "Dropout on/off (default: the architecture's).", flag_values=fv
-    )
+    """The script's flags (a function, so that tests can define them on their own FlagValues).
+
+    The model and optimisation flags are `training.TrainConfig`'s fields.
+    """
+    from jaxdissect import training
+
+    cli.define_dataclass_flags(training.TrainConfig, fv)
     # The data.
     flags.DEFINE_string(
         "data",
@@ -69,54 +59,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         flag_values=fv,
     )
     flags.DEFINE_integer("max_train", None, "Use at most N training images.", flag_values=fv)
-    flags.DEFINE_bool("flip", True, "Random horizontal flips.", flag_values=fv)
-    # The optimisation.
-    flags.DEFINE_enum(
-        "optimizer", "sgd", ["sgd", "adam"], "SGD with momentum, or AdamW.", flag_values=fv
-    )
-    flags.DEFINE_float("learning_rate", 0.02, "Peak learning rate.", flag_values=fv)
-    flags.DEFINE_float("momentum", 0.9, "SGD momentum.", flag_values=fv)
-    flags.DEFINE_bool("nesterov", False, "Nesterov momentum.", flag_values=fv)
-    flags.DEFINE_float("weight_decay", 5e-4, "Weight decay of conv/linear kernels.", flag_values=fv)
-    flags.DEFINE_enum(
-        "schedule",
-        "cosine",
-        ["constant", "cosine", "step"],
-        "Learning-rate schedule.",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps.", flag_values=fv)
-    flags.DEFINE_list(
-        "decay_steps",
-        [],
-        "--schedule=step: steps where the rate is multiplied by --decay_factor "
-        "(default: 50% and 75% of --steps).",
-        flag_values=fv,
-    )
-    flags.DEFINE_float(
-        "decay_factor", 0.1, "--schedule=step: factor at each decay step.", flag_values=fv
-    )
-    flags.DEFINE_integer("steps", 2000, "Training steps.", flag_values=fv)
-    flags.DEFINE_integer(
-        "batch_size", 32, "Global batch (a multiple of the device count).", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "seed", 0, "Seed of initialisation, data order, flips and dropout.", flag_values=fv
-    )
-    # Checkpoints and output.
-    flags.DEFINE_list(
-        "save_steps",
-        ["0"],
-        "Steps kept for good and exported to weights/step_N (dissectable).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "checkpoint_every", 250, "Periodic checkpoint for resuming.", flag_values=fv
-    )
-    flags.DEFINE_integer("keep_checkpoints", 2, "Periodic checkpoints kept.", flag_values=fv)
-    flags.DEFINE_integer(
-        "eval_every", 0, "Also evaluate every N steps (0: at save steps).", flag_values=fv
-    )
+    # Output.
     flags.DEFINE_integer("log_every", 50, "Log loss and accuracy every N steps.", flag_values=fv)
     flags.DEFINE_integer("devices", None, "Devices to use (default: all).", flag_values=fv)
     flags.DEFINE_string(
@@ -128,34 +71,25 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 def run(fv: flags.FlagValues = FLAGS):
     """Train as the flags say; returns the `training.TrainResult`."""
     started = time.perf_counter()
+    from jaxdissect import training
+
+    # Every flag is checked before anything slow starts.
+    config = cli.from_flags(training.TrainConfig, fv)
+    for name in ("synthetic_images", "resolution", "max_train", "log_every"):
+        if fv[name].value is not None and fv[name].value < 1:
+            raise ValueError(f"--{name}={fv[name].value}: must be >= 1")
+    if fv.data != "synthetic" and not pathlib.Path(fv.data).expanduser().exists():
+        raise FileNotFoundError(f"--data={fv.data}: no such folder; {cli.BRODEN_ADVICE}")
+    output_dir = fv.output_dir or os.path.join("runs", f"train_{fv.arch}")
+    with cli.claim_output_dir(output_dir):
+        return train(fv, config, output_dir, started)
+
+
+def train(fv: flags.FlagValues, config, output_dir: str, started: float):
     import jax
 
     from jaxdissect import parallel, scenes, training
 
-    cli.quiet_library_logs()
-    config = training.TrainConfig(
-        arch=fv.arch,
-        width=fv.width,
-        batch_norm=fv.batch_norm,
-        dropout=fv.dropout,
-        optimizer=fv.optimizer,
-        learning_rate=fv.learning_rate,
-        momentum=fv.momentum,
-        nesterov=fv.nesterov,
-        weight_decay=fv.weight_decay,
-        schedule=fv.schedule,
-        warmup_steps=fv.warmup_steps,
-        decay_steps=tuple(int(s) for s in fv.decay_steps),
-        decay_factor=fv.decay_factor,
-        steps=fv.steps,
-        batch_size=fv.batch_size,
-        seed=fv.seed,
-        flip=fv.flip,
-        save_steps=tuple(int(s) for s in fv.save_steps),
-        checkpoint_every=fv.checkpoint_every,
-        keep_checkpoints=fv.keep_checkpoints,
-        eval_every=fv.eval_every,
-    )
     task = scenes.open_scene_task(
         fv.data,
         resolution=fv.resolution,
@@ -163,7 +97,6 @@ def run(fv: flags.FlagValues = FLAGS):
         cache_dir=cli.cache_root(),
         max_train=fv.max_train,
     )
-    output_dir = fv.output_dir or os.path.join("runs", f"train_{fv.arch}")
     result = training.train(
         config,
         task,

@@ -26,30 +26,39 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_list("steps", [], "Exported steps to dissect (default: all).", flag_values=fv)
     flags.DEFINE_list("layers", ["conv3", "conv5"], "Layers to dissect.", flag_values=fv)
     flags.DEFINE_string("output_dir", None, "Default: <run>/dynamics.", flag_values=fv)
-    cli.define_dissection_flags(fv)
+    cli.define_dissection_flags(fv, split="val", synthetic_images=4000, resolution=96)
 
 
 def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     """Run the study as the flags say; returns its rows (one per checkpoint and layer)."""
     started = time.perf_counter()
     from jaxdissect import parallel, studies
+    from jaxdissect.models import load as model_load
 
-    cli.quiet_library_logs()
     if not fv.run:
         raise ValueError("--run (a training output directory) is required")
+    # Every flag is checked before anything slow starts.
+    settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
+    probe = cli.probe_from_flags(fv)
+    cli.check_layers(fv.layers)
+    if not os.path.isdir(fv.run):
+        raise FileNotFoundError(
+            f"--run={fv.run}: no such training run; train first: {model_load.TRAIN_COMMAND}"
+        )
     checkpoints = studies.run_checkpoints(fv.run, [int(s) for s in fv.steps] if fv.steps else None)
-    source, dataset_name = cli.probe_from_flags(fv)
     output_dir = fv.output_dir or os.path.join(fv.run, "dynamics")
-    rows = studies.dynamics_study(
-        checkpoints,
-        fv.layers,
-        source,
-        cli.settings_from_flags(fv),
-        output_dir,
-        dataset_name=dataset_name,
-        mesh=parallel.data_mesh(fv.devices),
-        options=cli.options_from_flags(fv),
-    )
+    with cli.claim_output_dir(output_dir):
+        source, dataset_name = probe.open()
+        rows = studies.dynamics_study(
+            checkpoints,
+            fv.layers,
+            source,
+            settings,
+            output_dir,
+            dataset_name=dataset_name,
+            mesh=parallel.data_mesh(fv.devices),
+            options=options,
+        )
     for r in rows:
         print(
             f"step {r['step']} {r['layer']}: {r['unique_detectors']} unique detectors, "

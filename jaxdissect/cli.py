@@ -7,37 +7,61 @@ module holds the pieces they would otherwise repeat.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging as pylogging
 import os
 import pathlib
+import re
 import time
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags, logging
 
-from jaxdissect import store
+from jaxdissect import config, outdir, store
 
 # Errors of bad flags or bad data: they name the flag or file, so a one-line message says enough.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, outdir.OutputDirBusy)
+
+# Probe-set advice for a --data folder that does not exist.
+BRODEN_ADVICE = (
+    "download and unzip Broden (broden1_224, broden1_227 or broden1_384, from the NetDissect "
+    "release) and pass its folder, or use --data=synthetic"
+)
 
 
-def script_main(run: Callable[[], Any]) -> Callable[[Sequence[str]], None]:
+def flag_message(text: str, fv: flags.FlagValues) -> str:
+    """`text` with each `param=` of a settings field written `--flag=`, as `fv` defines it
+    (library errors name parameters; the user typed flags)."""
+    names = {fv[n].field_name: n for n in fv if getattr(fv[n], "field_name", None)}
+    if not names:
+        return text
+    pattern = r"(?<![\w\-.])(" + "|".join(map(re.escape, sorted(names, key=len))) + r")="
+    return re.sub(pattern, lambda m: f"--{names[m.group(1)]}=", text)
+
+
+def script_main(
+    run: Callable[[], Any], fv: flags.FlagValues = flags.FLAGS
+) -> Callable[[Sequence[str]], None]:
     """The `main` for `absl.app.run` of a script whose work is `run()`.
 
-    Refuses positional arguments, and turns `USER_ERRORS` into `error: <message>`
-    and exit status 1 rather than a traceback.
+    Refuses positional arguments, enables the persistent compilation cache, keeps
+    library noise out of the log, and turns `USER_ERRORS` into one line, `error:
+    <message>` with parameters written as the flags `fv` defines, and exit status 1.
     """
 
     def main(argv: Sequence[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        quiet_library_logs()
+        enable_compilation_cache()
         try:
             run()
         except USER_ERRORS as e:
-            logging.error("%s: %s", type(e).__name__, e)
-            raise SystemExit(f"error: {e}") from None
+            raise SystemExit(f"error: {flag_message(str(e), fv)}") from None
 
     return main
 
@@ -75,98 +99,216 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("JAXDISSECT_CACHE", "~/.cache/jaxdissect")).expanduser()
 
 
+def _not_noise(record: pylogging.LogRecord) -> bool:
+    """False for orbax's per-checkpoint INFO lines and JAX's note that no TPU exists."""
+    if record.levelno < pylogging.WARNING and "/orbax/" in record.pathname:
+        return False
+    message = record.getMessage()
+    return not ("Unable to initialize backend 'tpu'" in message and "libtpu" in message)
+
+
 def quiet_library_logs() -> None:
-    """Keep orbax's per-checkpoint INFO lines out of the user's log (warnings stay)."""
-    import logging as pylogging
-
-    def keep(record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
+    """Keep library noise out of the user's log (orbax's INFO lines, JAX's missing-TPU note)."""
     handler = logging.get_absl_handler()
-    if not any(getattr(f, "_jaxdissect_quiet", False) for f in handler.filters):
-        keep._jaxdissect_quiet = True  # type: ignore[attr-defined]
-        handler.addFilter(keep)
+    if _not_noise not in handler.filters:
+        handler.addFilter(_not_noise)
 
 
-def define_dissection_flags(
-    fv: flags.FlagValues, *, split: str = "val", resolution: int = 96
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache under `cache_root()/xla`: a later process reuses
+    the compiled steps instead of compiling them again."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# --------------------------------------------------------------------- flags from dataclasses
+
+
+def _flag_kind(annotation: Any) -> tuple[type, bool]:
+    """(element type, is a tuple) of a field's annotation, None stripped."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        return args[0], True
+    if args:  # X | None
+        return _flag_kind(args[0])
+    return annotation, False
+
+
+def define_dataclass_flags(
+    cls: type,
+    fv: flags.FlagValues,
+    *,
+    defaults: dict[str, Any] | None = None,
+    exclude: Sequence[str] = (),
 ) -> None:
-    """Probe-set, method and run flags on `fv` (a subset of experiments/dissect.py's)."""
-    flags.DEFINE_string(
-        "data",
-        "synthetic",
-        "Probe set: 'synthetic', a Broden folder or its TFDS build.",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "synthetic_images",
-        4000,
-        "Images of the synthetic Broden (the training set's: no second copy is generated).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
-        "resolution", resolution, "Image size of the synthetic Broden.", flag_values=fv
-    )
-    flags.DEFINE_enum(
-        "split",
-        split,
-        ["all", "train", "val"],
-        "Probe images (val: none the network was trained on).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer("max_images", None, "Use only the first N probe images.", flag_values=fv)
-    flags.DEFINE_float(
-        "quantile", 0.005, "Top fraction of each unit's activations.", flag_values=fv
-    )
-    flags.DEFINE_enum(
-        "quantile_mode", "sketch", ["sketch", "exact"], "Threshold statistic.", flag_values=fv
-    )
-    flags.DEFINE_float(
-        "iou_threshold", 0.04, "A unit detects a concept when IoU > this.", flag_values=fv
-    )
-    flags.DEFINE_enum(
-        "restriction",
-        "presence",
-        ["presence", "overlap", "none"],
-        "Union restriction.",
-        flag_values=fv,
-    )
-    flags.DEFINE_list("categories", [], "Categories to score (empty: all).", flag_values=fv)
-    flags.DEFINE_integer(
-        "batch_size", 32, "Dissection batch (a multiple of the devices).", flag_values=fv
-    )
+    """Define on `fv` one flag per field of the dataclass `cls`: its name (or the field's
+    `flag` metadata), default (the field's, or `defaults[name]`), help (the class docstring's
+    `Attributes:` entry), enum choices (`choices` metadata); tuple fields become list flags."""
+    defaults = dict(defaults or {})
+    docs = config.attribute_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        name = f.metadata.get(config.FLAG, f.name)
+        default = defaults.pop(f.name, f.default)
+        text = docs.get(f.name)
+        if not text:
+            raise ValueError(f"{cls.__name__}.{f.name} has no entry in its Attributes: docstring")
+        kind, is_tuple = _flag_kind(hints[f.name])
+        choices = f.metadata.get(config.CHOICES)
+        kw = {"flag_values": fv}
+        if is_tuple:
+            value = [] if default is None else [str(v) for v in default]
+            flags.DEFINE_list(name, value, text, **kw)
+        elif choices is not None:
+            flags.DEFINE_enum(name, default, list(choices), text, **kw)
+        elif kind is bool:
+            flags.DEFINE_bool(name, default, text, **kw)
+        elif kind is int:
+            flags.DEFINE_integer(name, default, text, **kw)
+        elif kind is float:
+            flags.DEFINE_float(name, default, text, **kw)
+        else:
+            flags.DEFINE_string(name, default, text, **kw)
+        fv[name].field_name = f.name
+    if defaults:
+        raise ValueError(f"{cls.__name__} has no fields {sorted(defaults)}")
+
+
+def from_flags(cls: type, fv: flags.FlagValues, **overrides: Any) -> Any:
+    """The `cls` instance of the flags `define_dataclass_flags` defined on `fv` (fields
+    without a flag keep their defaults; `overrides` win). Errors name the flags."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name = f.metadata.get(config.FLAG, f.name)
+        if name not in fv or getattr(fv[name], "field_name", None) != f.name:
+            continue
+        value = fv[name].value
+        kind, is_tuple = _flag_kind(hints[f.name])
+        if is_tuple:
+            try:
+                value = tuple(kind(v) for v in value)
+            except ValueError:
+                raise ValueError(
+                    f"--{name}={','.join(value)}: expected {kind.__name__} values, comma-separated"
+                ) from None
+            if not value and f.default is None:
+                value = None
+        values[f.name] = value
+    values.update(overrides)
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ValueError(flag_message(str(e), fv)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """The probe set a script dissects on (`jaxdissect.data.open_probe`).
+
+    Attributes:
+      data: a Broden folder (broden1_224 ...), its TFDS build (jaxdissect.data.tfds_broden),
+        or `synthetic` (generated once and cached).
+      split: which images of the probe set (val: none a trained network saw).
+      max_images: use only the first N images (after --split).
+      synthetic_images: images of the synthetic Broden (--data=synthetic).
+      resolution: image size of the synthetic Broden / TFDS build.
+    """
+
+    data: str = "synthetic"
+    split: str = config.setting("all", choices=("all", "train", "val"))
+    max_images: int | None = None
+    synthetic_images: int = 600
+    resolution: int = 224
+
+    def __post_init__(self):
+        config.check_choices(self)
+        for name in ("max_images", "synthetic_images", "resolution"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}: must be >= 1")
+
+    def check(self) -> None:
+        """Fail now, in one line, when `data` names no folder."""
+        if self.data != "synthetic" and not pathlib.Path(self.data).expanduser().exists():
+            raise FileNotFoundError(f"data={self.data}: no such folder; {BRODEN_ADVICE}")
+
+    def open(self) -> tuple[Any, str]:
+        """(source, description) of the probe set."""
+        from jaxdissect.data import open_probe
+
+        return open_probe(
+            self.data,
+            split=self.split,
+            max_images=self.max_images,
+            resolution=self.resolution,
+            synthetic_images=self.synthetic_images,
+            cache_dir=cache_root(),
+        )
+
+
+def define_dissection_flags(fv: flags.FlagValues, **probe_defaults: Any) -> None:
+    """The probe-set (`Probe`, with `probe_defaults`), method (`engine.Settings`) and run
+    (`pipeline.Options`: no report by default; `--devices`) flags of the study scripts."""
+    from jaxdissect import engine, pipeline
+
+    define_dataclass_flags(Probe, fv, defaults=probe_defaults)
+    define_dataclass_flags(engine.Settings, fv)
+    define_dataclass_flags(pipeline.Options, fv, defaults={"report": False})
     flags.DEFINE_integer("devices", None, "Devices to use (default: all).", flag_values=fv)
-    flags.DEFINE_bool("report", False, "Also write the HTML report (unit strips).", flag_values=fv)
-    flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=fv)
 
 
-def probe_from_flags(fv: flags.FlagValues) -> tuple[Any, str]:
-    """(source, description) of the probe set the flags name."""
-    from jaxdissect.data import open_probe
-
-    return open_probe(
-        fv.data,
-        split=fv.split,
-        max_images=fv.max_images,
-        resolution=fv.resolution,
-        synthetic_images=fv.synthetic_images,
-        cache_dir=cache_root(),
-    )
+def probe_from_flags(fv: flags.FlagValues) -> Probe:
+    """The checked `Probe` of the flags (`.open()` reads it)."""
+    probe = from_flags(Probe, fv)
+    try:
+        probe.check()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(flag_message(str(e), fv)) from None
+    return probe
 
 
 def settings_from_flags(fv: flags.FlagValues) -> Any:
-    """The `engine.Settings` of the method flags: each field whose flag (same name) the
-    script defines; the others keep their defaults."""
+    """The `engine.Settings` of the method flags."""
     from jaxdissect import engine
 
-    values = {f.name: fv[f.name].value for f in dataclasses.fields(engine.Settings) if f.name in fv}
-    if "categories" in values:
-        values["categories"] = tuple(values["categories"]) or None
-    return engine.Settings(**values)
+    return from_flags(engine.Settings, fv)
 
 
 def options_from_flags(fv: flags.FlagValues) -> Any:
     """The `pipeline.Options` of the run flags."""
     from jaxdissect import pipeline
 
-    return pipeline.Options(report=fv.report, progress=fv.progress)
+    return from_flags(pipeline.Options, fv)
+
+
+def parse_numbers(values: Sequence[str], flag: str) -> list[float]:
+    """The floats of a list flag, or one line naming the flag."""
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise ValueError(f"{flag}={','.join(values)}: expected numbers, comma-separated") from None
+
+
+def check_layers(layers: Sequence[str], flag: str = "--layers") -> None:
+    """Fail in one line on an empty layer name or a `re:` pattern that does not compile."""
+    for layer in layers:
+        if not layer.strip():
+            raise ValueError(f"{flag}={','.join(layers)}: an empty layer name")
+        if layer.startswith("re:"):
+            try:
+                re.compile(layer[3:])
+            except re.error as e:
+                raise ValueError(f"{flag}: {layer!r} is not a regular expression: {e}") from None
+
+
+def claim_output_dir(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager:
+    """Create and check `--output_dir` now (one-line errors naming the flag), and return the
+    context that holds its lock while the run writes there."""
+    outdir.prepare(path, name="--output_dir")
+    return outdir.locked(path, name="--output_dir")

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from jaxdissect import actcache, parallel, quantiles, store, tally, topimages
+from jaxdissect import actcache, config, parallel, quantiles, store, tally, topimages
 from jaxdissect.capture import Tap
 from jaxdissect.checkpoint import StreamCheckpoint
 from jaxdissect.data import loader
@@ -63,32 +63,26 @@ class Settings:
     """
 
     quantile: float = 0.005
-    quantile_mode: str = "sketch"
+    quantile_mode: str = config.setting("sketch", choices=QUANTILE_MODES)
     sketch_size: int | None = None
-    threshold_on: str = "raw"
-    restriction: str = "presence"
+    threshold_on: str = config.setting("raw", choices=THRESHOLD_ON)
+    restriction: str = config.setting("presence", choices=RESTRICTIONS)
     iou_threshold: float = 0.04
-    activation_dtype: str = "float16"
+    activation_dtype: str = config.setting("float16", choices=ACTIVATION_DTYPES)
     categories: tuple[str, ...] | None = None
     top_images: int = 10
     seed: int = 0
     batch_size: int = 32
 
     def __post_init__(self):
-        def check(name, value, allowed):
-            if value not in allowed:
-                raise ValueError(f"--{name}={value!r}; allowed values: {', '.join(allowed)}")
-
-        check("quantile_mode", self.quantile_mode, QUANTILE_MODES)
-        check("threshold_on", self.threshold_on, THRESHOLD_ON)
-        check("restriction", self.restriction, RESTRICTIONS)
-        check("activation_dtype", self.activation_dtype, ACTIVATION_DTYPES)
+        config.check_choices(self)
         if not 0 < self.quantile < 1:
-            raise ValueError(f"--quantile={self.quantile}: must be in (0, 1), e.g. 0.005")
+            raise ValueError(f"quantile={self.quantile}: must be in (0, 1), e.g. 0.005")
         if not 0 <= self.iou_threshold < 1:
-            raise ValueError(f"--iou_threshold={self.iou_threshold}: must be in [0, 1)")
-        if self.batch_size < 1 or self.top_images < 1:
-            raise ValueError("--batch_size and --top_images must be >= 1")
+            raise ValueError(f"iou_threshold={self.iou_threshold}: must be in [0, 1)")
+        for name in ("batch_size", "top_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.categories is not None:
             object.__setattr__(self, "categories", tuple(self.categories))
 

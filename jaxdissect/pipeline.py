@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from jaxdissect import capture, engine, results, store
+from jaxdissect import actcache, capture, config, engine, results, store, tally
 from jaxdissect.preprocess import InputSpec
 from jaxdissect.report import html as report_html
 from jaxdissect.report import strips as report_strips
@@ -45,18 +45,46 @@ class ModelInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """How to run (changes speed and files, never the numbers)."""
+    """How to run (changes speed and files, never the numbers).
 
-    activation_cache: str = "auto"
+    Attributes:
+      activation_cache: where pass-1 activations are kept so that pass 2 does not
+        run the network again (`auto`: the device or host if they fit, else disk).
+      cache_budget_bytes: memory the activation cache may use (None: measured).
+      checkpoint_every: checkpoint the streaming state every N batches.
+      num_threads: image decoding threads (None: the usable cores, at most 16).
+      num_workers: image decoding processes instead of threads (0: threads); threads
+        share the GIL, so many-core GPU hosts want processes, e.g. the cores minus 2.
+      tally_method: how the exact IoU counts are computed (`auto`: `segment` on CPU,
+        `compact` on GPU/TPU); the same numbers from each.
+      progress: show progress bars.
+      report: write the HTML report (unit strips, plots).
+      strip_height: pixel height of a unit's top-image strip in the report.
+      runners_up: runner-up concepts shown per unit in the report.
+    """
+
+    activation_cache: str = config.setting("auto", choices=actcache.KINDS)
     cache_budget_bytes: int | None = None
     checkpoint_every: int = 50
-    num_threads: int | None = None  # decoding threads; None: the cores, at most 16
-    num_workers: int = 0  # decoding processes instead of threads (many-core hosts)
-    tally_method: str = "auto"  # how the tally counts (jaxdissect.tally); exact in every one
+    num_threads: int | None = config.setting(None, flag="loader_threads")
+    num_workers: int = config.setting(0, flag="loader_workers")
+    tally_method: str = config.setting("auto", choices=tally.METHODS)
     progress: bool = True
     report: bool = True
     strip_height: int = 112
     runners_up: int = 3
+
+    def __post_init__(self):
+        config.check_choices(self)
+        for name in ("checkpoint_every", "strip_height"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.runners_up < 0:
+            raise ValueError(f"runners_up={self.runners_up}: must be >= 0")
+        if self.num_threads is not None and self.num_threads < 0:
+            raise ValueError(f"num_threads={self.num_threads}: must be >= 0 (or None)")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers}: must be >= 0")
 
 
 def dissect(
@@ -81,12 +109,12 @@ def dissect(
         input_shape=(spec.size, spec.size, 3),
         apply_kwargs=model.apply_kwargs,
     )
+    count = f"{len(source)} images"
     logging.info(
-        "dissecting %s, layers %s, on %s (%d images)",
+        "dissecting %s, layers %s, on %s",
         model.name,
         ", ".join(tap.layers),
-        dataset_name,
-        len(source),
+        dataset_name if count in dataset_name else f"{dataset_name} ({count})",
     )
     logging.info("settings: %s", dataclasses.asdict(settings))
     logging.info("results go to %s", out.resolve())

@@ -44,7 +44,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from jaxdissect import evaluate, parallel, store
+from jaxdissect import config, evaluate, parallel, store
 from jaxdissect.preprocess import InputSpec
 from jaxdissect.scenes import SceneSplit, SceneTask, eval_batches, train_batches
 
@@ -121,16 +121,22 @@ class TrainConfig:
       optimizer: `sgd` (with momentum; weight decay added to the gradient, as
         torch's SGD) or `adam` (AdamW: decoupled weight decay).
       learning_rate: peak learning rate.
-      momentum, nesterov: SGD's.
+      momentum: SGD's momentum.
+      nesterov: SGD with Nesterov momentum.
       weight_decay: on conv and linear kernels only (not biases, not BatchNorm).
       schedule: `constant`, `cosine` (to 0 at `steps`) or `step` (times
         `decay_factor` at each of `decay_steps`; default at 50% and 75%).
       warmup_steps: linear warm-up from 0 before the schedule.
-      steps: training steps; batch_size: global batch.
+      decay_steps: `step` schedule: steps where the rate is multiplied by `decay_factor`
+        (empty: at 50% and 75% of `steps`).
+      decay_factor: `step` schedule: the factor at each of `decay_steps`.
+      steps: training steps.
+      batch_size: global batch (a multiple of the device count).
       seed: initialisation, data order, flips and dropout.
       flip: random horizontal flips.
       save_steps: steps whose state is kept for good (and exported to weights/).
-      checkpoint_every: periodic checkpoints for resuming; keep_checkpoints of them kept.
+      checkpoint_every: periodic checkpoints for resuming.
+      keep_checkpoints: periodic checkpoints kept.
       eval_every: evaluate on val every N steps too (0: at save steps and the end).
     """
 
@@ -138,38 +144,40 @@ class TrainConfig:
     width: float | None = None
     batch_norm: bool | None = None
     dropout: bool | None = None
-    optimizer: str = "sgd"
-    learning_rate: float = 0.05
+    optimizer: str = config.setting("sgd", choices=OPTIMIZERS)
+    learning_rate: float = 0.02
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: str = "cosine"
+    schedule: str = config.setting("cosine", choices=SCHEDULES)
     warmup_steps: int = 0
     decay_steps: tuple[int, ...] = ()
     decay_factor: float = 0.1
-    steps: int = 1000
+    steps: int = 2000
     batch_size: int = 32
     seed: int = 0
     flip: bool = True
-    save_steps: tuple[int, ...] = ()
-    checkpoint_every: int = 500
+    save_steps: tuple[int, ...] = (0,)
+    checkpoint_every: int = 250
     keep_checkpoints: int = 2
     eval_every: int = 0
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer={self.optimizer!r}; one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule={self.schedule!r}; one of {', '.join(SCHEDULES)}")
-        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
-            raise ValueError("--steps, --batch_size and --checkpoint_every must be >= 1")
+        config.check_choices(self)
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"--warmup_steps={self.warmup_steps} must be in [0, --steps)")
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps}: must be in [0, steps={self.steps})"
+            )
         object.__setattr__(self, "save_steps", tuple(sorted({int(s) for s in self.save_steps})))
         object.__setattr__(self, "decay_steps", tuple(sorted(int(s) for s in self.decay_steps)))
         bad = [s for s in self.save_steps if not 0 <= s <= self.steps]
         if bad:
-            raise ValueError(f"--save_steps {bad} outside [0, --steps={self.steps}]")
+            raise ValueError(
+                f"save_steps={','.join(map(str, bad))}: outside [0, steps={self.steps}]"
+            )
 
     def options(self, num_classes: int) -> dict[str, Any]:
         """Constructor options of the model."""

@@ -130,6 +130,35 @@ def _weights_from_file(module: Any, path: pathlib.Path, size: int, seed: int) ->
         raise ValueError(f"--weights={path} does not fit the model: {e}") from e
 
 
+TRAIN_COMMAND = "python experiments/train.py --flagfile=experiments/configs/train_small_cnn.flags"
+
+
+def missing_weights_advice(model: str, weights: str, num_classes: int | None = None) -> str:
+    """What to do about a `--weights` path that does not exist: train, or convert."""
+    if pathlib.Path(weights).parent.name == "weights" or "/weights/step_" in weights:
+        return f"--weights={weights}: no such training export; train first: {TRAIN_COMMAND}"
+    arch = model if model in zoo.ARCHS else "<arch>"
+    classes = num_classes if num_classes is not None else "<N>"
+    return (
+        f"--weights={weights}: no such file or directory; convert your PyTorch checkpoint "
+        f"into it first: python models/convert.py --arch {arch} --num_classes {classes} "
+        f"--input <checkpoint.pth> --output {weights}"
+    )
+
+
+def check_request(model: str, weights: str | None, num_classes: int | None = None) -> None:
+    """Fail now, in one line, on a `--model` or `--weights` that `load` would refuse."""
+    if model not in zoo.ARCHS and ":" not in model:
+        _import_attr(model)  # raises the message naming the architectures
+    if weights == "pretrained" and model != "efficientnet_lite0":
+        raise ValueError(
+            f"--weights=pretrained is only available offline for efficientnet_lite0; convert "
+            f"your {model} checkpoint with models/convert.py and pass its output as --weights"
+        )
+    if weights and weights != "pretrained" and not pathlib.Path(weights).expanduser().exists():
+        raise FileNotFoundError(missing_weights_advice(model, weights, num_classes))
+
+
 def load(
     model: str,
     *,
@@ -141,14 +170,10 @@ def load(
     import flax.linen as nn
 
     options = dict(options or {})
+    check_request(model, weights, options.get("num_classes"))
     name = model
     if model in zoo.ARCHS:
         if weights == "pretrained":
-            if model != "efficientnet_lite0":
-                raise ValueError(
-                    f"--weights=pretrained is only available offline for efficientnet_lite0; "
-                    f"convert your {model} checkpoint with models/convert.py"
-                )
             from jaxdissect.models.efficientnet_lite import pretrained_lite0
 
             module, variables = pretrained_lite0()
@@ -157,15 +182,11 @@ def load(
             module = zoo.build(model, **options)
             variables = None
     else:
-        if weights == "pretrained":
-            raise ValueError("--weights=pretrained only applies to efficientnet_lite0")
         module, variables = _user_module(model, options)
 
     spec = getattr(module, "input_spec", None) or TORCHVISION
     if weights and weights != "pretrained":
         path = pathlib.Path(weights).expanduser()
-        if not path.exists():
-            raise ValueError(f"--weights={weights}: no such file or directory")
         if path.is_dir():
             from jaxdissect.models.convert import load_variables
 

@@ -194,11 +194,13 @@ def test_nan_activations_are_reported(probe):
         d.run(tap.variables)
 
 
-def test_bad_settings_name_the_flag():
-    with pytest.raises(ValueError, match="--restriction='paper'; allowed values: presence"):
+def test_bad_settings_name_the_parameter():
+    with pytest.raises(ValueError, match="^restriction='paper': allowed values: presence"):
         engine.Settings(restriction="paper")
-    with pytest.raises(ValueError, match="--quantile"):
+    with pytest.raises(ValueError, match=r"^quantile=5: must be in \(0, 1\)"):
         engine.Settings(quantile=5)
+    with pytest.raises(ValueError, match="^top_images=0: must be >= 1"):
+        engine.Settings(top_images=0)
 
 
 def test_bad_tally_method_names_the_flag(model, probe):

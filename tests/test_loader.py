@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from absl import flags
 
 from jaxdissect.data import loader
 from jaxdissect.data.broden import Broden, BrodenFormatError
@@ -222,6 +223,17 @@ def test_worker_processes_give_the_same_batches(tiny, tmp_path):
     assert not multiprocessing.active_children()
 
 
+def test_workers_leave_the_absl_flags_to_the_application():
+    """The loader never marks absl flags parsed: unparsed, workers are refused in one line."""
+    flags.FLAGS.unparse_flags()
+    try:
+        with pytest.raises(ValueError, match=r"num_workers=2 needs parsed absl flags"):
+            batches(ArraySource(8), 2, num_workers=2)
+        assert not flags.FLAGS.is_parsed()
+    finally:
+        flags.FLAGS.mark_as_parsed()
+
+
 class PlatformSource(ArraySource):
     """Reports, in its image, whether JAX in this process may use only the CPU."""
 
@@ -242,9 +254,11 @@ def test_workers_stay_off_the_accelerators(monkeypatch):
 
 _KILLED_PARENT = """
 import multiprocessing, sys, time
+from absl import flags
 from tests.test_loader import ArraySource
 from jaxdissect.data import loader
 if __name__ == "__main__":
+    flags.FLAGS.mark_as_parsed()
     it = loader.batches(ArraySource(100000), 2, num_workers=2)
     next(it)
     pids = [p.pid for p in multiprocessing.active_children() if "Tracker" not in p.name]

@@ -149,7 +149,7 @@ def test_config_and_options_are_checked():
 
 
 def test_one_model_factory():
-    from models import small_cnn, zoo
+    from jaxdissect.models import small_cnn, zoo
 
     # `models.zoo` is the definition: its names, or a package.module:attr factory.
     assert training._factory("small_cnn") is zoo.factory(training.SMALL_CNN) is small_cnn.small_cnn

@@ -146,10 +146,14 @@ def batches(
         options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
         return _iterate(batched.to_iter_dataset(options))
     _check_picklable(source)
-    # grain reads an absl flag when it starts workers; outside an absl app
-    # (a notebook, pytest) nothing has parsed flags, and the read would fail.
+    # grain reads one of its absl flags when it starts workers, which fails before the
+    # flags are parsed; parsing is the application's (absl.app.run does it), not ours.
     if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+        raise ValueError(
+            f"num_workers={num_workers} needs parsed absl flags (grain reads one when it starts "
+            "worker processes): run under absl.app.run, or call "
+            "absl.flags.FLAGS.mark_as_parsed() first, or use num_workers=0"
+        )
     dataset = batched.to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     ).mp_prefetch(

@@ -1,0 +1,80 @@
+"""An output directory: created and checked up front, held by one run at a time.
+
+`prepare` creates the directory and proves it writable, with one-line errors;
+`locked` holds an exclusive `fcntl.flock` on `<dir>/.lock` for the duration of
+a run. The OS releases the lock when the holding process exits or is killed,
+so a stale `.lock` file never blocks anything; the file records the holder's
+pid and command for the message a second run prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import pathlib
+import shlex
+import sys
+import tempfile
+from collections.abc import Iterator
+
+LOCK_FILE = ".lock"
+
+
+class OutputDirBusy(RuntimeError):
+    """Another process holds the output directory's lock."""
+
+
+def prepare(path: str | os.PathLike[str], name: str = "output_dir") -> pathlib.Path:
+    """Create `path` (and parents) and check that files can be written in it.
+
+    `name` is how errors call the parameter (a CLI passes its flag, `--output_dir`).
+    """
+    out = pathlib.Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"{name}={path} is an existing file, not a folder: choose another {name} "
+            "or move the file away"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except NotADirectoryError:
+        raise ValueError(
+            f"{name}={path}: a part of this path is a file, not a folder: choose another {name}"
+        ) from None
+    except OSError as e:
+        raise ValueError(
+            f"{name}={path} is not writable ({e.strerror}): choose a folder you can write to"
+        ) from None
+    return out
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[pathlib.Path]:
+    """Hold `<path>/.lock` (created with `path`) while the block runs.
+
+    Raises `OutputDirBusy` naming the holder's pid and command when another
+    process holds it. `name` is how the message calls the parameter.
+    """
+    out = pathlib.Path(path).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise OutputDirBusy(
+                f"{name}={path} is in use by {holder}: wait for that run to finish, or choose "
+                f"another {name}"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")
+        f.flush()
+        try:
+            yield out
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

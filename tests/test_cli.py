@@ -1,0 +1,217 @@
+"""Flags from the settings dataclasses, one-line errors, the output_dir checks and lock."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging as pylogging
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from absl import flags
+
+from jaxdissect import cli, config, engine, outdir, pipeline, training
+from jaxdissect.models import load as model_load
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Demo:
+    """A demo.
+
+    Attributes:
+      mode: how,
+        over two lines.
+      a, b: two numbers.
+      names: some names.
+      workers: processes.
+    """
+
+    mode: str = config.setting("x", choices=("x", "y"))
+    a: int = 1
+    b: float | None = None
+    names: tuple[str, ...] | None = None
+    workers: int = config.setting(0, flag="demo_workers")
+
+    def __post_init__(self):
+        config.check_choices(self)
+        if self.workers < 0:
+            raise ValueError(f"workers={self.workers}: must be >= 0")
+
+
+def test_attribute_docs_reads_shared_and_continued_entries():
+    docs = config.attribute_docs(Demo)
+    assert docs == {
+        "mode": "how, over two lines.",
+        "a": "two numbers.",
+        "b": "two numbers.",
+        "names": "some names.",
+        "workers": "processes.",
+    }
+
+
+def test_flags_come_from_the_fields():
+    fv = flags.FlagValues()
+    cli.define_dataclass_flags(Demo, fv, defaults={"a": 5})
+    fv(["prog"])
+    assert fv["mode"].help == "<x|y>: how, over two lines." and fv["a"].default == 5
+    assert cli.from_flags(Demo, fv) == Demo(a=5)
+    fv(["prog", "--mode=y", "--b=0.5", "--names=p,q", "--demo_workers=2"])
+    assert cli.from_flags(Demo, fv) == Demo("y", 5, 0.5, ("p", "q"), 2)
+    with pytest.raises(flags.IllegalFlagValueError):
+        fv(["prog", "--mode=z"])  # an enum: absl refuses it while parsing
+    fv(["prog", "--demo_workers=-1"])
+    # The library names the parameter; the message the user reads names the flag.
+    with pytest.raises(ValueError, match=r"^--demo_workers=-1: must be >= 0$"):
+        cli.from_flags(Demo, fv)
+    with pytest.raises(ValueError, match="no fields"):
+        cli.define_dataclass_flags(Demo, flags.FlagValues(), defaults={"nope": 1})
+
+
+def test_every_settings_field_has_a_documented_flag():
+    for cls in (engine.Settings, pipeline.Options, training.TrainConfig, cli.Probe):
+        fv = flags.FlagValues()
+        cli.define_dataclass_flags(cls, fv)  # raises for a field without help
+        fv(["prog"])
+        assert cli.from_flags(cls, fv) == cls()  # defaults: the dataclass's, one definition
+
+
+def test_library_errors_name_parameters_and_the_cli_the_flags():
+    fv = flags.FlagValues()
+    cli.define_dataclass_flags(engine.Settings, fv)
+    cli.define_dataclass_flags(pipeline.Options, fv)
+    for argv, message in [
+        (["--quantile=1"], r"^--quantile=1.0: must be in \(0, 1\)"),
+        (["--iou_threshold=2"], r"^--iou_threshold=2.0: must be in \[0, 1\)"),
+        (["--top_images=0"], "^--top_images=0: must be >= 1$"),
+    ]:
+        fv(["prog", *argv])
+        with pytest.raises(ValueError, match=message):
+            cli.settings_from_flags(fv)
+        fv.unparse_flags()
+    fv(["prog", "--loader_workers=-1"])
+    with pytest.raises(ValueError, match="^--loader_workers=-1: must be >= 0$"):
+        cli.options_from_flags(fv)
+    with pytest.raises(ValueError, match="^num_workers=-1"):
+        pipeline.Options(num_workers=-1)
+    assert cli.flag_message("num_threads=3; quantile=0.5, --quantile=1", fv) == (
+        "--loader_threads=3; --quantile=0.5, --quantile=1"
+    )
+
+
+def test_output_dir_errors_name_the_path_and_the_fix(tmp_path):
+    afile = tmp_path / "f.txt"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="output_dir=.*f.txt is an existing file, not a folder"):
+        outdir.prepare(afile)
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        outdir.prepare(afile / "sub")
+    # /sys refuses new entries to everyone, root included.
+    with pytest.raises(ValueError, match=r"^--output_dir=/sys/x is not writable \(.*\): choose"):
+        outdir.prepare("/sys/x", name="--output_dir")
+    assert outdir.prepare(tmp_path / "a" / "b").is_dir()
+
+
+_HOLDER = """
+import sys, time
+from jaxdissect import outdir
+with outdir.locked(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(300)
+"""
+
+
+def _holder(path: pathlib.Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_run_on_a_locked_output_dir_says_who_holds_it(tmp_path):
+    holder = _holder(tmp_path)
+    try:
+        busy = pytest.raises(outdir.OutputDirBusy, match=rf"in use by pid {holder.pid} \(")
+        with busy, outdir.locked(tmp_path):
+            pass
+        # The script: one line naming the flag and the holder, exit 1, nothing written.
+        done = _script("dissect", f"--output_dir={tmp_path}", cache=tmp_path / "cache")
+        assert done.returncode == 1
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith(
+            f"error: --output_dir={tmp_path} is in use by pid {holder.pid} ("
+        )
+        assert lines[0].endswith("wait for that run to finish, or choose another --output_dir")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The OS released the killed holder's lock.
+    with outdir.locked(tmp_path):
+        assert f"pid {os.getpid()} " in (tmp_path / ".lock").read_text()
+
+
+def _script(name: str, *argv: str, cache: pathlib.Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAXDISSECT_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / f"{name}.py"), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--quantile=1"], r"--quantile=1.0: must be in \(0, 1\)"),
+        (["--max_images=0"], "--max_images=0: must be >= 1"),
+        (["--iou_threshold=2"], r"--iou_threshold=2.0: must be in \[0, 1\)"),
+        (["--data=/no/broden"], "--data=/no/broden: no such folder; download and unzip Broden"),
+        (
+            [f"--flagfile={ROOT}/experiments/configs/resnet18_places365.flags"],
+            "download and unzip Broden.*; and --weights=ckpt/resnet18_places365: no such file or "
+            "directory; convert your PyTorch checkpoint into it first: python models/convert.py "
+            "--arch resnet18 --num_classes 365",
+        ),
+        (["--layers=re:("], "--layers: 're:\\(' is not a regular expression"),
+    ],
+)
+def test_bad_flags_fail_in_one_line_before_loading(tmp_path, argv, message):
+    cache = tmp_path / "cache"
+    started = time.monotonic()
+    done = _script("dissect", *argv, f"--output_dir={tmp_path / 'out'}", cache=cache)
+    elapsed = time.monotonic() - started
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and re.search(message, lines[0])
+    assert not cache.exists() and not (tmp_path / "out").exists()  # no data, no output
+    assert elapsed < 120  # imports only (seconds when the machine is idle)
+
+
+def test_missing_training_exports_say_train_first(tmp_path):
+    export = "runs/none/weights/step_002000"
+    assert model_load.missing_weights_advice("", export).endswith(model_load.TRAIN_COMMAND)
+    with pytest.raises(FileNotFoundError, match="train first: python experiments/train.py"):
+        model_load.check_request("resnet18", export)
+    with pytest.raises(ValueError, match="only available offline for efficientnet_lite0"):
+        model_load.check_request("resnet18", "pretrained")
+
+
+def test_no_tpu_note_in_the_log():
+    def record(msg: str, level: int = pylogging.INFO) -> pylogging.LogRecord:
+        return pylogging.LogRecord("jax", level, "/x/xla_bridge.py", 1, msg, None, None)
+
+    note = "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: no such file"
+    assert not cli._not_noise(record(note))
+    assert cli._not_noise(record("Unable to initialize backend 'cuda': something"))
+    assert cli._not_noise(record("dissecting"))
