@@ -66,6 +66,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_enum("split", "all", ["all", "train", "val"], "Which images of the probe set.")
 flags.DEFINE_integer("max_images", None, "Use only the first N images (after --split).")
+flags.DEFINE_enum(
+    "data_hash",
+    "stat",
+    ["stat", "content"],
+    "How the probe set's files key stored results: each file's size and modification time "
+    "(stat), or its bytes (content: reads every file once more at start).",
+)
 flags.DEFINE_integer("synthetic_images", 600, "Images of the synthetic Broden (--data=synthetic).")
 flags.DEFINE_integer("resolution", 224, "Image size of the synthetic Broden / TFDS build.")
 # The method.

@@ -151,6 +151,7 @@ def probe_from_flags(fv: flags.FlagValues) -> tuple[Any, str]:
         resolution=fv.resolution,
         synthetic_images=fv.synthetic_images,
         cache_dir=cache_root(),
+        data_hash=fv["data_hash"].value if "data_hash" in fv else "stat",
     )
 
 

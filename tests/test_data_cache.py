@@ -8,10 +8,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
+from absl import flags
 from PIL import Image
 
-from jaxdissect import engine, pipeline, store
-from jaxdissect.data import Broden, synthetic
+from jaxdissect import cli, engine, pipeline, store
+from jaxdissect.data import Broden, open_probe, synthetic
+from tests.broden_testing import tiny_broden
 from tests.fixtures.small_model import make
 
 REUSED = "reusing stored results"
@@ -61,3 +64,16 @@ def test_editing_one_image_recomputes_both_passes(tmp_path, caplog):
     # And from a fresh output directory, the same numbers: nothing stale was mixed in.
     _, fresh = _dissect(root, tmp_path / "fresh", caplog)
     assert _same(edited, fresh)
+
+
+def test_data_hash_reaches_the_source_from_the_flags(tmp_path):
+    root = tiny_broden(tmp_path / "b").root
+    fv = flags.FlagValues()
+    cli.define_dissection_flags(fv)
+    flags.DEFINE_enum("data_hash", "stat", ["stat", "content"], "", flag_values=fv)
+    for mode in ("stat", "content"):
+        fv(["prog", f"--data={root}", "--split=all", f"--data_hash={mode}"])
+        source, _ = cli.probe_from_flags(fv)
+        assert source.fingerprint() == Broden.open(root, data_hash=mode).fingerprint()
+    with pytest.raises(ValueError, match="data_hash='crc'"):
+        open_probe(str(root), data_hash="crc")
