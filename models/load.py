@@ -121,7 +121,10 @@ def _weights_from_file(module: Any, path: pathlib.Path, size: int, seed: int) ->
     from models import checkpoint_io, torch_import
     from models.convert import variables_template
 
-    state_dict = checkpoint_io.load_state_dict(path)
+    try:
+        state_dict = checkpoint_io.load_state_dict(path)
+    except checkpoint_io.CheckpointError as e:
+        raise ValueError(f"--weights: {e}") from None
     template = variables_template(module, size)
     rename = getattr(type(module), "torch_rename", None)
     try:
@@ -167,9 +170,13 @@ def load(
         if not path.exists():
             raise ValueError(f"--weights={weights}: no such file or directory")
         if path.is_dir():
+            from models.checkpoint_io import CheckpointError
             from models.convert import load_variables
 
-            variables, meta = load_variables(path)
+            try:
+                variables, meta = load_variables(path)
+            except CheckpointError as e:
+                raise ValueError(f"--weights: {e}") from None
             name = f"{model} ({path})"
             if meta.get("arch") not in (None, model):
                 raise ValueError(
