@@ -486,13 +486,15 @@ def _flat_image_labels(labels: LabelSpace, rec: Record) -> tuple[int, ...]:
 class _open_image:
     """Context manager: opens an image file lazily, mapping failures to BrodenFormatError."""
 
-    def __init__(self, path: pathlib.Path, where: str, what: str):
-        self.path, self.where, self.what = path, where, what
+    def __init__(self, path: pathlib.Path, where: str, what: str, *, checked: bool = False):
+        self.path, self.where, self.what, self.checked = path, where, what, checked
         self.image: Image.Image | None = None
 
     def __enter__(self) -> Image.Image:
-        # A FIFO would block Image.open forever: refused from its stat, before opening.
-        check_regular(self.path, self.where, self.what, BrodenFormatError)
+        # A FIFO would block Image.open forever: refused from its stat, before opening
+        # (unless `checked`: the caller has just stat'ed it).
+        if not self.checked:
+            check_regular(self.path, self.where, self.what, BrodenFormatError)
         try:
             self.image = Image.open(self.path)
         except FileNotFoundError:
@@ -586,7 +588,7 @@ def _walk_files(
             digest.add_file(rel, path, tree.stat(path, where, what))
             if check_headers:
                 check = _check_image_header if column == "image" else _check_png_header
-                with _open_image(pathlib.Path(path), where, what) as im:
+                with _open_image(pathlib.Path(path), where, what, checked=True) as im:
                     check(root, rec, pathlib.Path(path), where, im)
 
 
