@@ -22,6 +22,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from jaxdissect import config, outdir, store
+from jaxdissect.data.files import DATA_HASHES
 
 # Errors of bad flags or bad data: they name the flag or file, so a one-line message says enough.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, outdir.OutputDirBusy)
@@ -218,6 +219,8 @@ class Probe:
       max_images: use only the first N images (after --split).
       synthetic_images: images of the synthetic Broden (--data=synthetic).
       resolution: image size of the synthetic Broden / TFDS build.
+      data_hash: how the probe set's files key stored results: each file's size and
+        modification time (stat), or its bytes (content: reads every file once more at start).
     """
 
     data: str = "synthetic"
@@ -225,6 +228,7 @@ class Probe:
     max_images: int | None = None
     synthetic_images: int = 600
     resolution: int = 224
+    data_hash: str = config.setting("stat", choices=DATA_HASHES)
 
     def __post_init__(self):
         config.check_choices(self)
@@ -249,6 +253,7 @@ class Probe:
             resolution=self.resolution,
             synthetic_images=self.synthetic_images,
             cache_dir=cache_root(),
+            data_hash=self.data_hash,
         )
 
 

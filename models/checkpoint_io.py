@@ -69,6 +69,19 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
     "ComplexFloat": np.dtype(np.complex64),
     "ComplexDouble": np.dtype(np.complex128),
 }
+# Storages of quantised tensors: named so that the file can be refused with the tensors' names.
+_QUANTIZED_STORAGES = ("QInt8", "QUInt8", "QInt32", "QUInt4x2", "QUInt2x4")
+_QSCHEMES = (
+    "per_tensor_affine",
+    "per_channel_affine",
+    "per_channel_affine_float_qparams",
+    "per_tensor_symmetric",
+    "per_channel_symmetric",
+)
+_QUANTIZED_ADVICE = (
+    "Quantised weights are not supported: save the float model's state dict (before "
+    "quantisation), or dequantise each tensor (t.dequantize()) before torch.save."
+)
 # torch dtypes that `_rebuild_tensor_v3` names (it is used for dtypes without a typed storage).
 _V3_DTYPES: dict[str, np.dtype] = {
     "uint16": np.dtype(np.uint16),
@@ -170,6 +183,41 @@ def _rebuild_tensor_v3(
     return dataclasses.replace(ref, dtype=dtype.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Marker:
+    """Stands in for a torch object the pickle names only to describe a quantised tensor."""
+
+    name: str
+
+
+def _rebuild_qtensor(*args: Any) -> _Marker:
+    # Nothing is rebuilt: the file is refused, naming the tensors, once the pickle is read.
+    del args
+    return _Marker("quantised tensor")
+
+
+def _quantized_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Key paths of the quantised tensors in nested containers."""
+    if isinstance(obj, _Marker):
+        return [prefix or "<top>"]
+    if isinstance(obj, Mapping):
+        items = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    else:
+        return []
+    return [
+        k for key, v in items for k in _quantized_keys(v, f"{prefix}{'.' if prefix else ''}{key}")
+    ]
+
+
+def _refuse_quantized(obj: Any, path: str) -> None:
+    keys = _quantized_keys(obj)
+    if keys:
+        shown = ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+        raise CheckpointError(f"{path}: quantised tensor(s) {shown}. {_QUANTIZED_ADVICE}")
+
+
 def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
     # A Parameter is its data here.
     del requires_grad, backward_hooks
@@ -202,6 +250,13 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
             table[(module, f"{name}Storage")] = _StorageType(name)
     for name, dtype in _V3_DTYPES.items():
         table[("torch", name)] = _DType(dtype)
+    # Quantised tensors: inert markers, so that the refusal can name the tensors.
+    table[("torch._utils", "_rebuild_qtensor")] = _rebuild_qtensor
+    for name in _QUANTIZED_STORAGES:
+        for module in ("torch", "torch.cuda"):
+            table[(module, f"{name}Storage")] = _StorageType(name)
+    for name in _QSCHEMES:
+        table[("torch", name)] = _Marker(name)
     return table
 
 
@@ -380,6 +435,7 @@ def _load_zip(path: str, encoding: str) -> Any:
             big_endian = archive.read(f"{prefix}byteorder").strip() == b"big"
         with archive.open(pickles[0]) as file:
             obj, storages = _unpickle(io.BytesIO(file.read()), legacy=False, encoding=encoding)
+        _refuse_quantized(obj, path)
         arrays = {}
         for key, storage in storages.items():
             record = f"{prefix}data/{key}"
@@ -405,6 +461,7 @@ def _load_legacy(path: str, encoding: str) -> Any:
         sys_info, _ = _unpickle(file, legacy=True)
         big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
         obj, storages = _unpickle(file, legacy=True, encoding=encoding)
+        _refuse_quantized(obj, path)
         keys, _ = _unpickle(file, legacy=True)
         if not isinstance(keys, list):
             raise CheckpointError(f"{path}: malformed list of storage keys")
@@ -440,9 +497,16 @@ def _is_safetensors(path: str) -> bool:
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, ValueError, TypeError) as err:
+        raise CheckpointError(
+            f"{path}: not a readable .safetensors file ({err}); it is truncated or corrupt: "
+            "copy or download it again (or re-export it with safetensors' save_file)."
+        ) from None
     # bfloat16 comes back as ml_dtypes.bfloat16, which most numpy code cannot use.
     return {
         k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in tensors.items()

@@ -99,7 +99,18 @@ def load_variables(ckpt_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], di
         meta = json.load(file)
     with ocp.StandardCheckpointer() as checkpointer:
         tree = checkpointer.restore(os.path.join(ckpt_dir, VARIABLES_DIR))
-    return jax.tree.map(np.asarray, tree), meta
+    variables = jax.tree.map(np.asarray, tree)
+    not_float = [
+        f"{jax.tree_util.keystr(path, simple=True, separator='/')} is {leaf.dtype}"
+        for path, leaf in jax.tree_util.tree_leaves_with_path(variables)
+        if not np.issubdtype(leaf.dtype, np.floating)
+    ]
+    if not_float:
+        raise CheckpointError(
+            f"{ckpt_dir}: integer or quantised weights ({', '.join(not_float)}); a model's "
+            "variables must be floats. Convert the float (dequantised) weights again."
+        )
+    return variables, meta
 
 
 def build_from_meta(meta: Mapping[str, Any]) -> nn.Module:

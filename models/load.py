@@ -121,7 +121,10 @@ def _weights_from_file(module: Any, path: pathlib.Path, size: int, seed: int) ->
     from jaxdissect.models import checkpoint_io, torch_import
     from jaxdissect.models.convert import variables_template
 
-    state_dict = checkpoint_io.load_state_dict(path)
+    try:
+        state_dict = checkpoint_io.load_state_dict(path)
+    except checkpoint_io.CheckpointError as e:
+        raise ValueError(f"--weights: {e}") from None
     template = variables_template(module, size)
     rename = getattr(type(module), "torch_rename", None)
     try:
@@ -188,9 +191,13 @@ def load(
     if weights and weights != "pretrained":
         path = pathlib.Path(weights).expanduser()
         if path.is_dir():
+            from jaxdissect.models.checkpoint_io import CheckpointError
             from jaxdissect.models.convert import load_variables
 
-            variables, meta = load_variables(path)
+            try:
+                variables, meta = load_variables(path)
+            except CheckpointError as e:
+                raise ValueError(f"--weights: {e}") from None
             name = f"{model} ({path})"
             if meta.get("arch") not in (None, model):
                 raise ValueError(

@@ -76,6 +76,7 @@ def torch_to_flax(
     """
     expected = traverse_util.flatten_dict(dict(variables))
     mapped: dict[tuple[str, ...], np.ndarray] = {}
+    torch_keys: dict[tuple[str, ...], str] = {}
     unmatched_torch: list[str] = []
     for key, value in state_dict.items():
         if key.rsplit(".", 1)[-1] in IGNORED_SUFFIXES:
@@ -88,6 +89,21 @@ def torch_to_flax(
             unmatched_torch.append(key)
             continue
         mapped[path] = array
+        torch_keys[path] = key
+
+    # Casting integer (quantised) values to float would give weights scaled by 1/scale.
+    not_float = [
+        f"{torch_keys[p]} is {mapped[p].dtype}"
+        for p in mapped
+        if np.issubdtype(np.dtype(expected[p].dtype), np.floating)
+        and not np.issubdtype(mapped[p].dtype, np.floating)
+    ]
+    if not_float:
+        raise WeightMappingError(
+            f"integer or quantised weights, where the model needs floats: {', '.join(not_float)}. "
+            "Save the float model's weights instead (of a quantised model: each tensor "
+            "dequantised, t.dequantize())."
+        )
 
     missing = sorted("/".join(p) for p in expected if p not in mapped)
     if unmatched_torch or missing:

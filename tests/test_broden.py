@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 
@@ -140,13 +141,56 @@ def test_fingerprint(tiny, tmp_path):
         Broden.open(tiny.root, split="train").fingerprint(),
         Broden.open(tiny.root, max_images=3).fingerprint(),
         a.fingerprint(),
+        Broden.open(tiny.root, data_hash="content").fingerprint(),
     }
-    assert len(others) == 3
+    assert len(others) == 4
     copy = tiny_broden(tmp_path / "copy")
-    assert Broden.open(copy.root).fingerprint() == a.fingerprint()  # content, not location
-    label_csv = copy.root / "label.csv"
+    content = Broden.open(tiny.root, data_hash="content").fingerprint()
+    assert Broden.open(copy.root, data_hash="content").fingerprint() == content  # not location
+    moved = tmp_path / "moved"
+    copy.root.rename(moved)  # a move keeps sizes and times
+    stat_key = Broden.open(moved).fingerprint()
+    label_csv = moved / "label.csv"
     label_csv.write_text(label_csv.read_text().replace("wheel", "wheels"))
-    assert Broden.open(copy.root).fingerprint() != a.fingerprint()
+    assert Broden.open(moved).fingerprint() != stat_key
+    assert Broden.open(moved, data_hash="content").fingerprint() != content
+    with pytest.raises(ValueError, match="data_hash='md5'"):
+        Broden.open(tiny.root, data_hash="md5")
+
+
+def _row_files(root: pathlib.Path) -> list[pathlib.Path]:
+    return sorted((root / "images").rglob("*.*"))
+
+
+def test_fingerprint_sees_every_listed_file(tmp_path):
+    """Each image or label PNG of a selected row, edited, changes the key (both modes)."""
+    root = tiny_broden(tmp_path / "b").root
+    files = _row_files(root)
+    assert len(files) > 5
+    for k, path in enumerate(files):
+        before = {m: Broden.open(root, data_hash=m).fingerprint() for m in ("stat", "content")}
+        data = path.read_bytes()
+        st = path.stat()
+        # Same size and mtime, other bytes: only content hashing can tell.
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert Broden.open(root).fingerprint() == before["stat"], path
+        assert Broden.open(root, data_hash="content").fingerprint() != before["content"], path
+        # A newer mtime alone: stat sees it.
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000 * (k + 1)))
+        assert Broden.open(root).fingerprint() != before["stat"], path
+        path.write_bytes(data)
+
+
+def test_fingerprint_covers_only_the_selected_rows(tmp_path):
+    root = tiny_broden(tmp_path / "b").root
+    first = Broden.open(root, max_images=1)
+    key = first.fingerprint()
+    last = Broden.open(root).records[-1]
+    os.utime(root / "images" / last.image, ns=(1, 10**18))
+    assert Broden.open(root, max_images=1).fingerprint() == key  # not read by this selection
+    os.utime(root / "images" / first.records[0].image, ns=(1, 10**18))
+    assert Broden.open(root, max_images=1).fingerprint() != key
 
 
 def test_repr_is_short(tiny):
@@ -303,16 +347,20 @@ def test_missing_column(tmp_path, name, column):
 
 def test_missing_image_and_png(tmp_path):
     base(tmp_path)
+    ds = Broden.open(tmp_path)
     (tmp_path / "images" / "b.png").unlink()
     (tmp_path / "images" / "b_color_1.png").unlink()
-    ds = Broden.open(tmp_path)  # per-file checks wait for the read
-    ds.read_image(0)
+    ds.read_image(0)  # files gone after open: found when read
     with raises("image not found", str(tmp_path / "images" / "b.png"), "line 3"):
         ds.read_image(1)
     with raises("not found", str(tmp_path / "images" / "b_color_1.png"), "line 3", "'color'"):
         ds.read_labels(1)
     with raises("not found", "b.png"):
         ds[1]
+    # Gone before open: found by open's walk, whatever check_headers says.
+    for check_headers in (True, False):
+        with raises("image not found", str(tmp_path / "images" / "b.png"), "line 3", "'image'"):
+            Broden.open(tmp_path, check_headers=check_headers)
 
 
 def test_corrupt_and_truncated_files(tmp_path):
@@ -321,11 +369,46 @@ def test_corrupt_and_truncated_files(tmp_path):
     (images / "a.png").write_bytes(b"this is not an image")
     data = (images / "b_object_1.png").read_bytes()
     (images / "b_object_1.png").write_bytes(data[: len(data) // 2])
-    ds = Broden.open(tmp_path)
+    ds = Broden.open(tmp_path, check_headers=False)
     with raises("cannot read image", str(images / "a.png"), "line 2"):
         ds.read_image(0)
     with raises("cannot", str(images / "b_object_1.png")):
         ds.read_labels(1)
+    with raises("cannot", str(images / "b_object_1.png"), "line 3"):
+        ds.check_labels(1)
+    # The header scan finds the unreadable header at open; a truncated body needs decoding.
+    with raises("cannot read image", str(images / "a.png"), "line 2"):
+        Broden.open(tmp_path)
+    base(tmp_path)
+    (images / "b_object_1.png").write_bytes(data[: len(data) // 2])
+    with raises("cannot", str(images / "b_object_1.png"), "line 3"):
+        Broden.open(tmp_path).check_labels(1)
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        (RowSpec("a.png", pixel={"object": [np.ones((4, 5), int)]}), "segmentation is 4x5"),
+        (RowSpec("a.png", rgb=np.zeros((8, 9, 3), np.uint8)), "image is 8x9"),
+    ],
+)
+def test_header_scan_finds_bad_sizes_at_open(tmp_path, row, match):
+    base(tmp_path, rows=[RowSpec("z.png"), row])
+    ds = Broden.open(tmp_path, check_headers=False)  # without the scan: found when read
+    with raises(match, "line 3"):
+        ds[1]
+    with raises(match, "line 3"):
+        Broden.open(tmp_path)
+
+
+def test_header_scan_finds_a_16_bit_label_png_at_open(tmp_path):
+    base(tmp_path, rows=[RowSpec("a.png", pixel={"object": [np.ones((4, 4), int)]})])
+    png = tmp_path / "images" / "a_object_1.png"
+    Image.fromarray(np.ones((4, 4), np.uint16)).save(png)
+    with raises("PNG mode 'I;16' is not 8-bit RGB", str(png), "line 2", "'object'"):
+        Broden.open(tmp_path)
+    with raises("PNG mode 'I;16' is not 8-bit RGB", str(png)):
+        Broden.open(tmp_path, check_headers=False).check_labels(0)
 
 
 def test_truncated_jpeg(tmp_path):
@@ -498,3 +581,67 @@ def test_error_is_a_value_error(tmp_path):
     assert issubclass(BrodenFormatError, ValueError)
     with pytest.raises(ValueError):
         Broden.open(tmp_path / "nope")
+
+
+# --- files that would hang the reader or read from elsewhere --------------------------------
+
+
+def test_fifo_is_refused_before_opening(tmp_path):
+    base(tmp_path)
+    path = tmp_path / "images" / "b.png"
+    ds = Broden.open(tmp_path)
+    path.unlink()
+    os.mkfifo(path)  # opening it for reading would block forever
+    with raises("is a FIFO (named pipe), not a regular file", str(path), "line 3"):
+        Broden.open(tmp_path, check_headers=False)
+    with raises("is a FIFO (named pipe), not a regular file", str(path), "line 3"):
+        ds.read_image(1)
+
+
+def test_directory_in_place_of_a_label_png_is_refused(tmp_path):
+    base(tmp_path)
+    path = tmp_path / "images" / "b_color_1.png"
+    path.unlink()
+    path.mkdir()
+    with raises("is a directory, not a regular file", str(path), "line 3", "'color'"):
+        Broden.open(tmp_path)
+
+
+def test_symlink_leaving_the_dataset_is_refused(tmp_path):
+    root = tmp_path / "broden"
+    base(root)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    image = root / "images" / "b.png"
+    (outside / "b.png").write_bytes(image.read_bytes())
+    image.unlink()
+    image.symlink_to(outside / "b.png")
+    with raises("outside the dataset folder", str(image), "line 3", str(outside / "b.png")):
+        Broden.open(root)
+    # A folder symlink that leaves the dataset, on the way to the file, is refused too.
+    image.unlink()
+    (root / "images" / "sub").symlink_to(outside, target_is_directory=True)
+    edit_csv(
+        root / "index.csv",
+        lambda rows: [[c.replace("b.png", "sub/b.png") for c in r] for r in rows],
+    )
+    with raises("outside the dataset folder", "sub/b.png", "line 3"):
+        Broden.open(root)
+
+
+def test_symlinks_inside_the_dataset_and_a_linked_root_are_read(tmp_path):
+    root = tmp_path / "broden"
+    written = base(root)
+    image = root / "images" / "b.png"
+    kept = root / "images" / "kept" / "b.png"
+    kept.parent.mkdir()
+    image.rename(kept)
+    image.symlink_to(kept)
+    link = tmp_path / "link"  # a user's /data/broden -> /mnt/... is fine
+    link.symlink_to(root, target_is_directory=True)
+    ds = Broden.open(link)
+    np.testing.assert_array_equal(ds.read_image(1), written.images[1])
+    image.unlink()
+    image.symlink_to(root / "images" / "missing.png")
+    with raises("is a symlink to", str(link / "images" / "b.png"), "line 3"):
+        Broden.open(link)

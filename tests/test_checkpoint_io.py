@@ -19,7 +19,9 @@ import pytest
 import safetensors.numpy
 import torch
 
+from jaxdissect import cli
 from jaxdissect.models import checkpoint_io
+from jaxdissect.models import load as model_load
 from jaxdissect.models.checkpoint_io import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -317,3 +319,66 @@ def test_convert_cli_end_to_end(tmp_path):
     assert failed.returncode != 0
     assert "--arch googlenet --num_classes 1000" in failed.stderr
     assert "shape mismatch" in failed.stderr and "params/fc/kernel" in failed.stderr
+
+
+# --- integer / quantised weights, corrupt files --------------------------------------------
+
+
+def test_integer_weights_are_refused_naming_the_tensor(tmp_path):
+    template = {"params": {"fc": {"kernel": np.zeros((3, 2), np.float32), "bias": np.zeros(2)}}}
+    state = {"fc.weight": np.ones((2, 3), np.int8), "fc.bias": np.zeros(2, np.float32)}
+    with pytest.raises(WeightMappingError, match=r"fc\.weight is int8.*float model"):
+        torch_to_flax(state, template)
+    # From a file: safetensors keeps the int8 dtype; the model loader names --weights.
+    path = tmp_path / "int8.safetensors"
+    safetensors.numpy.save_file({"features.0.weight": np.ones((64, 3, 11, 11), np.int8)}, path)
+    assert load_state_dict(path)["features.0.weight"].dtype == np.int8
+    with pytest.raises(ValueError, match=r"--weights.*features\.0\.weight is int8"):
+        model_load.load("alexnet", weights=str(path), options={"num_classes": 3})
+
+
+def test_integer_leaves_of_an_orbax_checkpoint_are_refused(tmp_path):
+    variables = {"params": {"fc": {"kernel": np.ones((2, 3), np.int8)}}}
+    save_variables(tmp_path / "ckpt", variables, {"arch": "alexnet"})
+    with pytest.raises(CheckpointError, match=r"params/fc/kernel is int8"):
+        load_variables(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"^--weights: .*params/fc/kernel is int8"):
+        model_load.load("alexnet", weights=str(tmp_path / "ckpt"))
+
+
+@FORMATS
+def test_quantised_tensors_are_refused_naming_them(tmp_path, zip_format):
+    state = collections.OrderedDict(
+        fine=torch.ones(2),
+        q=torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.qint8),
+        qc=torch.quantize_per_channel(
+            torch.randn(2, 3), torch.tensor([0.1, 0.2]), torch.tensor([0, 1]), 0, torch.quint8
+        ),
+    )
+    path = _save(state, tmp_path / "q.pth", zip_format)
+    with pytest.raises(CheckpointError, match=r"quantised tensor\(s\) q, qc\. Quantised") as info:
+        load_state_dict(path)
+    assert not isinstance(info.value, UnsafeCheckpointError)
+
+
+@pytest.mark.parametrize("cut", ["empty", "header", "body", "garbage"])
+def test_corrupt_safetensors_is_one_line_naming_weights(tmp_path, cut):
+    good = tmp_path / "good.safetensors"
+    safetensors.numpy.save_file({"w": np.ones((4, 4), np.float32)}, good)
+    data = good.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(
+        {
+            "empty": b"",
+            "header": data[:20],
+            "body": data[:-10],
+            "garbage": data[:8] + b"x" * (len(data) - 8),
+        }[cut]
+    )
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_state_dict(bad)
+    with pytest.raises(SystemExit) as info:
+        cli.script_main(lambda: model_load.load("alexnet", weights=str(bad)))(["prog"])
+    message = str(info.value)
+    assert message.startswith(f"error: --weights: {bad}: not a readable .safetensors file")
+    assert "copy or download it again" in message and "\n" not in message

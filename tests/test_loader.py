@@ -157,8 +157,8 @@ def test_empty_source_yields_nothing():
 
 def test_source_errors_reach_the_consumer(tiny, tmp_path):
     root = tiny_broden(tmp_path).root
-    (root / "images" / "dtd" / "c.png").unlink()
     ds = Broden.open(root)
+    (root / "images" / "dtd" / "c.png").unlink()  # after open, whose walk would find it
     with pytest.raises(BrodenFormatError, match="c.png"):
         collect(ds, 2, num_threads=2)
 
@@ -203,9 +203,10 @@ def test_worker_processes_give_the_same_batches(tiny, tmp_path):
         collect(tiny, 4, num_workers=3, **sliced), collect(tiny, 4, num_threads=0, **sliced)
     )
     root = tiny_broden(tmp_path).root
-    (root / "images" / "dtd" / "c.png").unlink()
+    ds = Broden.open(root)
+    (root / "images" / "dtd" / "c.png").unlink()  # after open, whose walk would find it
     with pytest.raises(BrodenFormatError, match="c.png"):
-        collect(Broden.open(root), 2, num_workers=2)
+        collect(ds, 2, num_workers=2)
     with pytest.raises(ValueError, match="num_workers"):
         batches(tiny, 2, num_workers=-1)
     unpicklable = ArraySource(4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import sys
@@ -127,7 +128,7 @@ def test_metadata_round_trip(datasets, tmp_path):
         assert built.image_size == folder.image_size and built.seg_size == folder.seg_size
         assert built.max_planes == folder.max_planes
         assert built.max_image_labels == folder.max_image_labels
-        assert built.fingerprint() == folder.fingerprint()
+        assert built.source_fingerprint == folder.fingerprint()
     assert TfdsBroden(moved, "train").max_planes != TfdsBroden(moved, "val").max_planes
     # A data dir, its broden/ folder and the build dir all name the build.
     for path in (tmp_path / "data", tmp_path / "data" / "broden", moved):
@@ -166,11 +167,34 @@ def test_reuse_wrong_resolution_and_overwrite(datasets, tmp_path):
         tfds_broden.build(other, tmp_path / "data224", resolution=224)
     shutil.copytree(data_dir, tmp_path / "data")
     rebuilt = tfds_broden.build(other, tmp_path / "data", overwrite=True)
-    assert TfdsBroden(rebuilt).fingerprint() == Broden.open(other).fingerprint()
-    assert TfdsBroden(build_dir).fingerprint() == Broden.open(root).fingerprint()
+    assert TfdsBroden(rebuilt).source_fingerprint == Broden.open(other).fingerprint()
+    assert TfdsBroden(build_dir).source_fingerprint == Broden.open(root).fingerprint()
 
 
 def test_no_tensorflow(datasets):
     _, build_dir = datasets["synthetic"]
     TfdsBroden(build_dir)[0]
     assert "tensorflow" not in sys.modules
+
+
+def test_fingerprint_covers_the_build_files(datasets, tmp_path):
+    _, build_dir = datasets["quirks"]
+    copy = shutil.copytree(build_dir, tmp_path / "build")  # copy2 keeps the times
+    keys = {m: TfdsBroden(copy, data_hash=m).fingerprint() for m in ("stat", "content")}
+    assert keys["stat"] == TfdsBroden(build_dir).fingerprint()
+    assert keys["stat"] != keys["content"]
+    assert (
+        pickle.loads(pickle.dumps(TfdsBroden(copy, data_hash="content"))).fingerprint()
+        == (keys["content"])
+    )
+    shards = sorted(copy.glob("*.array_record*"))
+    assert shards
+    for path in (*shards, copy / "dataset_info.json", copy / "features.json"):
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+        assert TfdsBroden(copy).fingerprint() != keys["stat"], path
+        assert TfdsBroden(copy, data_hash="content").fingerprint() == keys["content"], path
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert TfdsBroden(copy).fingerprint() == keys["stat"]
+    with pytest.raises(ValueError, match="data_hash='sha1'"):
+        TfdsBroden(copy, data_hash="sha1")

@@ -24,26 +24,36 @@ c_<cat>.csv, ties going to the later category (as NetDissect-Lite); labels in
 no c_<cat>.csv, label 0 and unused numbers get -1. Label PNGs are decoded to
 RGB first, so any lossless re-encoding (palette, grayscale) reads the same.
 
-Cheap structural checks happen in `Broden.open`; decoding, sizes and PNG label
-numbers are checked when an example is read. Every problem raises
-`BrodenFormatError`, naming the file (and line) and how to fix it.
+`Broden.open` checks the CSV files, then walks every file the selected rows
+list: each must be a regular file (a FIFO would hang the reader) and stay
+inside the folder through any symlink; its size and modification time (or, with
+`data_hash="content"`, its bytes) go into the fingerprint that keys every
+stored stage, so an added, removed or edited file invalidates them. With
+`check_headers` (the default) the same walk reads each image's and label PNG's
+header: size and mode are checked before any pass. Decoding and PNG label
+numbers are checked when an example is read (`check_labels` does it alone).
+Images of any PIL mode become 8-bit RGB as `jaxdissect.data.images` says, or
+are refused. Every problem raises `BrodenFormatError`, naming the file (and
+index.csv line) and how to fix it.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import math
 import operator
+import os
 import pathlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
+from jaxdissect.data import images
+from jaxdissect.data.files import DatasetFiles, Fingerprint, check_data_hash, check_regular
 from jaxdissect.labelspace import LabelSpace
 
 INDEX_FILE = "index.csv"
@@ -265,14 +275,24 @@ class Broden:
 
     @classmethod
     def open(
-        cls, root: str | pathlib.Path, *, split: str = "all", max_images: int | None = None
+        cls,
+        root: str | pathlib.Path,
+        *,
+        split: str = "all",
+        max_images: int | None = None,
+        data_hash: str = "stat",
+        check_headers: bool = True,
     ) -> Broden:
-        """Reads and checks the CSV files of the Broden folder `root`.
+        """Reads and checks the CSV files of the Broden folder `root`, then the files they list.
 
         Args:
           root: the unzipped `broden1_<size>` folder.
           split: `train`, `val` or `all` (also any other split value present in index.csv).
           max_images: keep only the first N rows after the split filter.
+          data_hash: how the selected rows' files enter the fingerprint: `stat` (size and
+            modification time) or `content` (their bytes, read in full).
+          check_headers: also open every listed image and label PNG for its header (size,
+            mode) before returning.
         """
         root = pathlib.Path(root).expanduser()
         if not root.is_dir():
@@ -282,6 +302,7 @@ class Broden:
             )
         if max_images is not None and max_images < 0:
             raise ValueError(f"max_images must be >= 0 or None, got {max_images}")
+        check_data_hash(data_hash)
 
         category_table = _read_table(root, CATEGORY_FILE, ("name",), "the list of categories")
         categories = _parse_categories(root, category_table)
@@ -329,11 +350,11 @@ class Broden:
                 "max_images, or restore the file."
             )
 
-        digest = hashlib.sha256(b"jaxdissect-broden-v1\0")
+        digest = Fingerprint("jaxdissect-broden-v2", data_hash)
         for table in (category_table, label_table, *cat_tables, index_table):
-            digest.update(f"{table.name}\0{len(table.raw)}\0".encode())
-            digest.update(table.raw)
-        digest.update(f"split={split}\0max_images={max_images}".encode())
+            digest.add_bytes(table.name, table.raw)
+        digest.add_bytes("selection", f"split={split}\0max_images={max_images}".encode())
+        _walk_files(root, labels, records, digest, check_headers)
 
         return cls(
             root=root,
@@ -363,7 +384,8 @@ class Broden:
         )
 
     def fingerprint(self) -> str:
-        """Stable hash of the CSV files' bytes, the split and max_images (for cache keys)."""
+        """Hash of the CSV files' bytes, the selection, and every file the selected rows list
+        (by size and mtime, or content: `open`'s `data_hash`), for cache keys."""
         return self._fingerprint
 
     def _record(self, i: int) -> tuple[int, Record]:
@@ -383,15 +405,9 @@ class Broden:
         path = self.root / IMAGES_DIR / rec.image
         where = self._where(rec, "image")
         with _open_image(path, where, "image") as im:
-            if im.size != (rec.iw, rec.ih):
-                raise BrodenFormatError(
-                    f"{path}: image is {im.size[1]}x{im.size[0]} (h x w) but "
-                    f"{self.root / INDEX_FILE} line {rec.line} says ih,iw = {rec.ih},{rec.iw}; "
-                    "the image or index.csv comes from another Broden resolution, re-extract "
-                    "the dataset."
-                )
-            # Grayscale or CMYK JPEGs become RGB; the array is taken before the file closes.
-            return np.array(_decode(im, path, _to_rgb), dtype=np.uint8)
+            _check_image_header(self.root, rec, path, where, im)
+            # Any accepted mode becomes 8-bit RGB; the array is taken before the file closes.
+            return _decode(im, path)
 
     def read_labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Decodes the labels of image i.
@@ -415,19 +431,8 @@ class Broden:
         path = self.root / IMAGES_DIR / png
         where = self._where(rec, cat)
         with _open_image(path, where, "segmentation PNG") as im:
-            if im.size != (rec.sw, rec.sh):
-                raise BrodenFormatError(
-                    f"{path}: segmentation is {im.size[1]}x{im.size[0]} (h x w) but "
-                    f"{self.root / INDEX_FILE} line {rec.line} says sh,sw = {rec.sh},{rec.sw}; "
-                    "the PNG or index.csv comes from another Broden resolution, re-extract "
-                    "the dataset."
-                )
-            if im.mode not in _PNG_MODES:
-                raise BrodenFormatError(
-                    f"{path}: PNG mode {im.mode!r} is not 8-bit RGB; Broden label PNGs store "
-                    "label = R + 256 * G in 8-bit channels. Re-extract the file."
-                )
-            rgb = np.asarray(_decode(im, path, _to_rgb))
+            _check_png_header(self.root, rec, path, where, im)
+            rgb = _decode(im, path)
         # uint8 * 256 overflows: widen before combining the channels.
         label = rgb[..., 0].astype(np.int32) | (rgb[..., 1].astype(np.int32) << 8)
         bad = ~self.known_labels[label]
@@ -440,6 +445,14 @@ class Broden:
                 "releases or the PNG is corrupt. Re-extract the dataset."
             )
         return label
+
+    def check_labels(self, i: int) -> None:
+        """Decodes every label of image i and checks it (file, size, mode, label numbers).
+
+        Raises BrodenFormatError naming the file and index.csv line; meant for pass 1, so
+        that a broken label file stops a run before pass 2 rather than during it.
+        """
+        self.read_labels(i)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         """Example i with fixed shapes across the dataset.
@@ -473,11 +486,15 @@ def _flat_image_labels(labels: LabelSpace, rec: Record) -> tuple[int, ...]:
 class _open_image:
     """Context manager: opens an image file lazily, mapping failures to BrodenFormatError."""
 
-    def __init__(self, path: pathlib.Path, where: str, what: str):
-        self.path, self.where, self.what = path, where, what
+    def __init__(self, path: pathlib.Path, where: str, what: str, *, checked: bool = False):
+        self.path, self.where, self.what, self.checked = path, where, what, checked
         self.image: Image.Image | None = None
 
     def __enter__(self) -> Image.Image:
+        # A FIFO would block Image.open forever: refused from its stat, before opening
+        # (unless `checked`: the caller has just stat'ed it).
+        if not self.checked:
+            check_regular(self.path, self.where, self.what, BrodenFormatError)
         try:
             self.image = Image.open(self.path)
         except FileNotFoundError:
@@ -497,22 +514,82 @@ class _open_image:
             self.image.close()
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    return im if im.mode == "RGB" else im.convert("RGB")
+def _check_image_header(
+    root: pathlib.Path, rec: Record, path: pathlib.Path, where: str, im: Image.Image
+) -> None:
+    """Size and mode of an opened (not yet decoded) image against its index.csv row."""
+    if im.size != (rec.iw, rec.ih):
+        raise BrodenFormatError(
+            f"{path}: image is {im.size[1]}x{im.size[0]} (h x w) but "
+            f"{root / INDEX_FILE} line {rec.line} says ih,iw = {rec.ih},{rec.iw}; "
+            "the image or index.csv comes from another Broden resolution, re-extract "
+            "the dataset."
+        )
+    try:
+        images.check_mode(im.mode)
+    except images.UnsupportedImageMode as e:
+        raise BrodenFormatError(f"{path} ({where}): {e}.") from None
 
 
-def _decode(
-    im: Image.Image, path: pathlib.Path, convert: Callable[[Image.Image], Image.Image]
-) -> Image.Image:
-    """Fully decodes `im` (truncated files fail here), mapping errors to BrodenFormatError."""
+def _check_png_header(
+    root: pathlib.Path, rec: Record, path: pathlib.Path, where: str, im: Image.Image
+) -> None:
+    """Size and mode of an opened (not yet decoded) label PNG against its index.csv row."""
+    if im.size != (rec.sw, rec.sh):
+        raise BrodenFormatError(
+            f"{path}: segmentation is {im.size[1]}x{im.size[0]} (h x w) but "
+            f"{root / INDEX_FILE} line {rec.line} says sh,sw = {rec.sh},{rec.sw}; "
+            "the PNG or index.csv comes from another Broden resolution, re-extract "
+            "the dataset."
+        )
+    if im.mode not in _PNG_MODES:
+        raise BrodenFormatError(
+            f"{path}: PNG mode {im.mode!r} is not 8-bit RGB ({where}); Broden label PNGs "
+            "store label = R + 256 * G in 8-bit channels. Re-extract the file."
+        )
+
+
+def _decode(im: Image.Image, path: pathlib.Path) -> np.ndarray:
+    """uint8 [h, w, 3] RGB of `im`, fully decoded (truncated files fail here) or BrodenFormatError."""
     try:
         im.load()
-        return convert(im)
+        return images.to_rgb8(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BrodenFormatError(
             f"{path}: cannot decode ({type(e).__name__}: {e}); the file is truncated or "
             "corrupt, re-extract it."
         ) from None
+
+
+def _record_files(labels: LabelSpace, rec: Record) -> list[tuple[str, str]]:
+    """(path relative to images/, index.csv column) of every file of a row: image, then PNGs."""
+    files = [(rec.image, "image")]
+    for cat in labels.categories:
+        files.extend((png, cat) for png in rec.pixel.get(cat, ()))
+    return files
+
+
+def _walk_files(
+    root: pathlib.Path,
+    labels: LabelSpace,
+    records: Sequence[Record],
+    digest: Fingerprint,
+    check_headers: bool,
+) -> None:
+    """Checks every file of `records` (regular, inside `root`; headers) and adds it to `digest`."""
+    tree = DatasetFiles(root, BrodenFormatError)
+    images_dir = os.path.join(root, IMAGES_DIR)
+    index = root / INDEX_FILE
+    for rec in records:
+        for rel, column in _record_files(labels, rec):
+            path = os.path.join(images_dir, rel)
+            where = f"{index} line {rec.line}, column {column!r}"
+            what = "image" if column == "image" else "segmentation PNG"
+            digest.add_file(rel, path, tree.stat(path, where, what))
+            if check_headers:
+                check = _check_image_header if column == "image" else _check_png_header
+                with _open_image(pathlib.Path(path), where, what, checked=True) as im:
+                    check(root, rec, pathlib.Path(path), where, im)
 
 
 def _parse_categories(root: pathlib.Path, table: _Table) -> tuple[str, ...]:

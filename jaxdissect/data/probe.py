@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from jaxdissect.data.broden import Broden
+from jaxdissect.data.files import check_data_hash
 
 
 class Subset:
@@ -35,6 +36,9 @@ class Subset:
     def read_labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.source.read_labels(self._check(i))
 
+    def check_labels(self, i: int) -> None:
+        self.source.check_labels(self._check(i))
+
     def fingerprint(self) -> str:
         return f"{self.source.fingerprint()}:first{self.n}"
 
@@ -53,8 +57,14 @@ def open_probe(
     resolution: int = 224,
     synthetic_images: int = 600,
     cache_dir: str | pathlib.Path = "~/.cache/jaxdissect",
+    data_hash: str = "stat",
 ) -> tuple[Any, str]:
-    """(source, description) for `--data`: 'synthetic', a Broden folder or a TFDS build."""
+    """(source, description) for `--data`: 'synthetic', a Broden folder or a TFDS build.
+
+    `data_hash` (`stat` or `content`) is how the files the run reads enter the source's
+    fingerprint, which keys every stored stage (see `Broden.open`).
+    """
+    check_data_hash(data_hash)
     if data == "synthetic":
         from jaxdissect.data import synthetic
 
@@ -66,7 +76,7 @@ def open_probe(
                 flush=True,
             )
             synthetic.generate(root, num_images=synthetic_images, size=resolution)
-        source = Broden.open(root, split=split, max_images=max_images)
+        source = Broden.open(root, split=split, max_images=max_images, data_hash=data_hash)
         return source, f"synthetic Broden {resolution} ({split}, {len(source)} images)"
     path = pathlib.Path(data).expanduser()
     if not path.exists():
@@ -75,7 +85,7 @@ def open_probe(
             "holding index.csv), a TFDS build of it, or 'synthetic'"
         )
     if (path / "index.csv").exists():
-        source = Broden.open(path, split=split, max_images=max_images)
+        source = Broden.open(path, split=split, max_images=max_images, data_hash=data_hash)
         return source, f"{path.name} ({split}, {len(source)} images)"
     from jaxdissect.data import tfds_broden
 
@@ -85,7 +95,7 @@ def open_probe(
         raise FileNotFoundError(
             f"--data={data} holds neither index.csv (a Broden folder) nor a TFDS build: {e}"
         ) from e
-    source = tfds_broden.TfdsBroden(build, split)
+    source = tfds_broden.TfdsBroden(build, split, data_hash=data_hash)
     if max_images is not None:
         source = Subset(source, max_images)
     return source, f"TFDS {build} ({split}, {len(source)} images)"

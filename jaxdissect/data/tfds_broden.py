@@ -39,7 +39,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from jaxdissect.data import images
 from jaxdissect.data.broden import IMAGES_DIR, Broden
+from jaxdissect.data.files import DatasetFiles, Fingerprint, check_data_hash
 from jaxdissect.labelspace import LabelSpace
 
 RESOLUTIONS = (224, 227, 384)
@@ -191,7 +193,8 @@ class BrodenBuilder(OwnCodePath, tfds.core.GeneratorBasedBuilder):
         present = [s for s in SPLITS if s in record_splits]
         per_split = {"all": broden}
         for s in present:
-            per_split[s] = Broden.open(root, split=s)
+            # The `all` open above has checked every file's header already.
+            per_split[s] = Broden.open(root, split=s, check_headers=False)
         self.info.metadata.update(
             {
                 "format": METADATA_FORMAT,
@@ -245,7 +248,7 @@ def _image_path(broden: Broden, i: int) -> Path:
 def decode_image(data: bytes) -> np.ndarray:
     """uint8 [h, w, 3] RGB pixels of encoded image bytes, decoded like `Broden`."""
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+        return images.to_rgb8(im)
 
 
 def config_for(resolution: int) -> BrodenConfig | str:
@@ -299,8 +302,9 @@ def build(
             expected = Broden.open(root).fingerprint()
             if built.get("splits", {}).get("all", {}).get("fingerprint") != expected:
                 raise FileExistsError(
-                    f"{path} holds a build of another Broden ({built.get('source')}); "
-                    "pass overwrite=True or another data_dir."
+                    f"{path} holds a build of another Broden ({built.get('source')}), or of "
+                    "this one before some of its files changed; pass overwrite=True or another "
+                    "data_dir."
                 )
             return path
     builder = BrodenBuilder(config=config, data_dir=os.fspath(data_dir))
@@ -348,12 +352,16 @@ class TfdsBroden:
     `TfdsBroden(d, split)[i]` equals `Broden.open(folder, split=split)[i]`
     field by field; `loader.batches` serves either.
 
+    The fingerprint is the source folder's (stored at build time) and the stat (or,
+    with `data_hash="content"`, the bytes) of every file of the build.
+
     Attributes:
       builder_dir: the build directory.
       split: "all", "train" or "val".
       labels: the `LabelSpace`.
       image_size, seg_size: as `Broden` reports them.
       max_planes, max_image_labels: P and Q, the padded sizes of this split.
+      source_fingerprint: `Broden.fingerprint()` of the folder's split when it was built.
     """
 
     def __init__(
@@ -362,11 +370,13 @@ class TfdsBroden:
         split: str = "all",
         *,
         resolution: int | None = None,
+        data_hash: str = "stat",
     ):
         if split not in ("all", *SPLITS):
             raise ValueError(f"split must be 'all', 'train' or 'val', not {split!r}")
+        check_data_hash(data_hash)
         self.builder_dir = find_build(data_dir_or_builder_dir, resolution)
-        self.split = split
+        self.split, self.data_hash = split, data_hash
         builder = tfds.builder_from_directory(self.builder_dir)
         meta = dict(builder.info.metadata)
         if meta.get("format") != METADATA_FORMAT:
@@ -383,7 +393,8 @@ class TfdsBroden:
         self.resolution = int(meta["resolution"])
         self.max_planes = int(info["max_planes"])
         self.max_image_labels = int(info["max_image_labels"])
-        self._fingerprint = info["fingerprint"]
+        self.source_fingerprint = info["fingerprint"]
+        self._fingerprint = _build_fingerprint(self.builder_dir, self.source_fingerprint, data_hash)
         self.metadata = meta
 
         record_splits = np.frombuffer(meta["record_splits"].encode("ascii"), dtype=np.uint8)
@@ -418,10 +429,10 @@ class TfdsBroden:
 
     def __reduce__(self):
         # Reopen from the directory: TFDS sources hold open files.
-        return (_reopen, (os.fspath(self.builder_dir), self.split))
+        return (_reopen, (os.fspath(self.builder_dir), self.split, self.data_hash))
 
     def fingerprint(self) -> str:
-        """The fingerprint of the source folder's split (as `Broden.fingerprint`)."""
+        """Hash of the source folder's split fingerprint and of the build's files."""
         return self._fingerprint
 
     def _raw(self, i: int) -> tuple[int, dict[str, Any]]:
@@ -451,6 +462,10 @@ class TfdsBroden:
             np.asarray(ex["image_labels"], dtype=np.int32),
         )
 
+    def check_labels(self, i: int) -> None:
+        """Decodes the labels of image i (checked against label.csv when the build was made)."""
+        self.read_labels(i)
+
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         """Example i, the same arrays as `Broden.__getitem__`."""
         i, ex = self._raw(i)
@@ -467,5 +482,16 @@ class TfdsBroden:
         }
 
 
-def _reopen(builder_dir: str, split: str) -> TfdsBroden:
-    return TfdsBroden(builder_dir, split)
+def _reopen(builder_dir: str, split: str, data_hash: str) -> TfdsBroden:
+    return TfdsBroden(builder_dir, split, data_hash=data_hash)
+
+
+def _build_fingerprint(builder_dir: Path, source: str, data_hash: str) -> str:
+    """Hash of the source fingerprint and every file of the build (shards, JSON files)."""
+    digest = Fingerprint("jaxdissect-tfds-broden-v1", data_hash)
+    digest.add_bytes("source", source.encode())
+    tree = DatasetFiles(builder_dir, ValueError)
+    for path in sorted(p for p in builder_dir.iterdir() if not p.is_dir()):
+        where = f"the TFDS build {builder_dir}"
+        digest.add_file(path.name, path, tree.stat(os.fspath(path), where, "build file"))
+    return digest.hexdigest()

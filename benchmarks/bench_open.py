@@ -1,0 +1,69 @@
+"""What `Broden.open` costs: CSVs alone, plus the fingerprint walk (stat or content), plus headers.
+
+  python benchmarks/bench_open.py --data /tmp/synth10k   # a folder from make_synthetic_broden.py
+
+Each configuration is opened `--repeats` times (the page cache warm after the
+first) and the best and median wall times are printed, with the files walked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxdissect.data import broden  # noqa: E402
+from jaxdissect.data.broden import Broden  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="a Broden folder")
+    p.add_argument("--repeats", type=int, default=3)
+    return p.parse_args(argv)
+
+
+def _time(fn, repeats: int) -> tuple[float, float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    ds = Broden.open(args.data, check_headers=False)
+    files = sum(len(broden._record_files(ds.labels, r)) for r in ds.records)
+    size = sum((ds.root / broden.IMAGES_DIR / p).stat().st_size
+               for r in ds.records for p, _ in broden._record_files(ds.labels, r))  # fmt: skip
+    print(f"{args.data}: {len(ds)} images, {files} files, {size / 2**20:.0f} MiB")
+
+    walk = broden._walk_files
+    try:
+        broden._walk_files = lambda *a, **k: None  # the CSVs alone, as before the walk existed
+        base = _time(lambda: Broden.open(args.data, check_headers=False), args.repeats)
+    finally:
+        broden._walk_files = walk
+    print(f"  CSVs only (no walk)        best {base[0]:6.2f} s  median {base[1]:6.2f} s")
+    for label, kwargs in (
+        ("stat", {"data_hash": "stat", "check_headers": False}),
+        ("stat + headers (default)", {"data_hash": "stat", "check_headers": True}),
+        ("content", {"data_hash": "content", "check_headers": False}),
+        ("content + headers", {"data_hash": "content", "check_headers": True}),
+    ):
+        best, median = _time(lambda kw=kwargs: Broden.open(args.data, **kw), args.repeats)
+        print(
+            f"  {label:26s} best {best:6.2f} s  median {median:6.2f} s  "
+            f"(+{(best - base[0]) / files * 1e6:5.1f} us a file over the CSVs)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Stored stages notice changed data: edit one image after a run and both passes run again.
+
+(Which edits change the key, in both `data_hash` modes, is pinned in test_broden.py.)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+from jaxdissect import cli, engine, pipeline, store
+from jaxdissect.data import Broden, open_probe, synthetic
+from tests.broden_testing import tiny_broden
+from tests.fixtures.small_model import make
+
+REUSED = "reusing stored results"
+
+
+def _dissect(root, out, caplog):
+    """Tallies of one dissection, and the stages it reused (from the engine's log)."""
+    module, variables = make()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        layers = pipeline.dissect(
+            pipeline.ModelInfo(
+                module, variables, module.input_spec, "small", store.fingerprint_tree(variables)
+            ),
+            ["conv1"],
+            Broden.open(root),
+            engine.Settings(batch_size=8),
+            out,
+            dataset_name="tiny",
+            options=pipeline.Options(progress=False, num_threads=0, report=False),
+        )
+    reused = sorted(
+        r.getMessage().split(":")[0] for r in caplog.records if REUSED in r.getMessage()
+    )
+    (layer,) = layers
+    return reused, {k: np.asarray(v) for k, v in layer.counts.items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_editing_one_image_recomputes_both_passes(tmp_path, caplog):
+    root = synthetic.generate_tiny(tmp_path / "broden", num_images=16)
+    out = tmp_path / "run"
+    reused, first = _dissect(root, out, caplog)
+    assert reused == []
+    reused, again = _dissect(root, out, caplog)
+    assert reused == ["pass1", "pass2"] and _same(again, first)  # nothing changed: reused
+
+    image = root / "images" / Broden.open(root).records[0].image
+    size = Image.open(image).size
+    Image.new("RGB", size, (128, 128, 128)).save(image)  # the issue's flat grey
+    reused, edited = _dissect(root, out, caplog)
+    assert reused == []
+    assert not _same(edited, first)
+    # And from a fresh output directory, the same numbers: nothing stale was mixed in.
+    _, fresh = _dissect(root, tmp_path / "fresh", caplog)
+    assert _same(edited, fresh)
+
+
+def test_data_hash_reaches_the_source_from_the_flags(tmp_path):
+    root = tiny_broden(tmp_path / "b").root
+    fv = flags.FlagValues()
+    cli.define_dissection_flags(fv)
+    flags.DEFINE_enum("data_hash", "stat", ["stat", "content"], "", flag_values=fv)
+    for mode in ("stat", "content"):
+        fv(["prog", f"--data={root}", "--split=all", f"--data_hash={mode}"])
+        source, _ = cli.probe_from_flags(fv)
+        assert source.fingerprint() == Broden.open(root, data_hash=mode).fingerprint()
+    with pytest.raises(ValueError, match="data_hash='crc'"):
+        open_probe(str(root), data_hash="crc")
