@@ -288,7 +288,7 @@ class Dissector:
                 logging.info("%s: resuming after batch %d of %d", name, start, self.num_batches)
         bar = _progress(
             name,
-            self.tap.layers,
+            self.tap.names,
             self.num_batches,
             start,
             self.settings.batch_size,
@@ -429,7 +429,7 @@ class Dissector:
             if nonfinite.any():
                 units = np.flatnonzero(nonfinite)
                 raise NonFiniteActivationError(
-                    f"layer {layer!r}: {int(nonfinite.sum())} NaN/inf activations in units "
+                    f"layer {self.tap.name_of(layer)!r}: {int(nonfinite.sum())} NaN/inf activations in units "
                     f"{units[:20].tolist()}{' ...' if len(units) > 20 else ''}. Check the model's "
                     "weights and input normalisation"
                     + (

@@ -178,7 +178,10 @@ def test_nan_activations_are_reported(probe):
     def fn(params, images):
         return {"bad": jnp.where(images[..., :2] > 1.5, jnp.nan, images[..., :2]) * params}
 
-    tap = capture.make_tap(fn, jnp.float32(1.0), "bad", input_shape=(32, 32, 3))
+    # Named as the user asked for it (an alias), not by its path.
+    tap = capture.make_tap(
+        fn, jnp.float32(1.0), "mine", input_shape=(32, 32, 3), aliases={"mine": "bad"}
+    )
     settings = engine.Settings(batch_size=8, activation_dtype="float32")
     d = engine.Dissector(
         tap,
@@ -190,7 +193,7 @@ def test_nan_activations_are_reported(probe):
         progress=False,
         num_threads=0,
     )
-    with pytest.raises(engine.NonFiniteActivationError, match="layer 'bad'"):
+    with pytest.raises(engine.NonFiniteActivationError, match="layer 'mine'"):
         d.run(tap.variables)
 
 
