@@ -149,10 +149,14 @@ def restrict_categories(
 
 
 class _Fields:
-    """A view of a source that reads only what a pass needs (decoding is the cost)."""
+    """A view of a source that reads only what a pass needs (decoding is the cost).
 
-    def __init__(self, source, images: bool, labels: bool):
+    With `categories`, only those categories' labels are read (`read_labels`'s argument).
+    """
+
+    def __init__(self, source, images: bool, labels: bool, categories=None):
         self.source, self.images, self.labels = source, images, labels
+        self.categories = categories
         self.planes = source.max_planes
         self.image_labels = source.max_image_labels
         self.seg_size = tuple(source.seg_size)
@@ -165,7 +169,10 @@ class _Fields:
         if self.images:
             out["image"] = np.asarray(self.source.read_image(i), np.uint8)
         if self.labels:
-            planes, image_labels = self.source.read_labels(i)
+            if self.categories is None:
+                planes, image_labels = self.source.read_labels(i)
+            else:
+                planes, image_labels = self.source.read_labels(i, self.categories)
             pixel = np.zeros((self.planes, *self.seg_size), np.int32)
             pixel[: len(planes)] = planes
             scalar = np.zeros((self.image_labels,), np.int32)
@@ -515,7 +522,9 @@ class Dissector:
         use_cache = (
             cache is not None and cache.enabled and cache.lo == 0 and cache.hi == self.num_batches
         )
-        fields = _Fields(self.source, images=not use_cache, labels=True)
+        fields = _Fields(
+            self.source, images=not use_cache, labels=True, categories=self.settings.categories
+        )
 
         def run(state, b, batch):
             batch = dict(batch)
