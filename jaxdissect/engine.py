@@ -154,7 +154,9 @@ class _Fields:
     With `categories`, only those categories' labels are read (`read_labels`'s argument).
     """
 
-    def __init__(self, source, images: bool, labels: bool, categories=None):
+    def __init__(
+        self, source, images: bool, labels: bool, categories: tuple[str, ...] | None = None
+    ):
         self.source, self.images, self.labels = source, images, labels
         self.categories = categories
         self.planes = source.max_planes
@@ -436,9 +438,10 @@ class Dissector:
             if nonfinite.any():
                 units = np.flatnonzero(nonfinite)
                 raise NonFiniteActivationError(
-                    f"layer {self.tap.name_of(layer)!r}: {int(nonfinite.sum())} NaN/inf activations in units "
-                    f"{units[:20].tolist()}{' ...' if len(units) > 20 else ''}. Check the model's "
-                    "weights and input normalisation"
+                    f"layer {self.tap.name_of(layer)!r}: {int(nonfinite.sum())} NaN/inf "
+                    f"activations in units {units[:20].tolist()}"
+                    f"{' ...' if len(units) > 20 else ''}. Check the model's weights and input "
+                    "normalisation"
                     + (
                         f"; with --activation_dtype={self.settings.activation_dtype} values beyond "
                         "its range overflow: try --activation_dtype=float32"

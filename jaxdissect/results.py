@@ -256,9 +256,10 @@ def layer_file_stems(layers: Sequence[str]) -> list[str]:
 
     The layer name itself where it is safe (`head`, `layer4.1.conv2`); each run of
     characters other than letters, digits, `.`, `_` and `-` becomes `_` (`blocks/10` ->
-    `blocks_10`), and `.`, `_`, `-` at either end are dropped. A stem that would clash with an earlier one, case-insensitively (macOS
-    and Windows file systems), or is cut to its first 100 characters gets `-` and a short
-    hash of the full name, so distinct layers always get distinct files.
+    `blocks_10`), and `.`, `_`, `-` at either end are dropped. A stem that would clash
+    with an earlier one, case-insensitively (macOS and Windows file systems), or is cut
+    to its first 100 characters gets `-` and a short hash of the full name, so distinct
+    layers always get distinct files.
     """
     if len(set(layers)) != len(layers):
         raise ValueError(f"duplicate layer names in {list(layers)}")
@@ -298,9 +299,10 @@ def _atomic_open(path: Path, newline: str | None = None) -> Iterator[Any]:
 def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]]:
     """Header and rows of NetDissect-Lite's tally.csv for one layer.
 
-    Columns: unit (1-based: the channel index + TALLY_UNIT_OFFSET), category, label, score, then per scored category
-    <cat>-label, <cat>-truth (the label's pixels), <cat>-activation (the unit's active
-    pixels in the union restricted for the category), <cat>-intersect, <cat>-iou. Rows
+    Columns: unit (1-based: the channel index + TALLY_UNIT_OFFSET), category, label,
+    score, then per scored category <cat>-label, <cat>-truth (the label's pixels),
+    <cat>-activation (the unit's active pixels in the union restricted for the category),
+    <cat>-intersect, <cat>-iou. Rows
     are sorted as Lite sorts them, by score descending; Lite's tie order comes from an
     unstable argsort, here ties keep unit order. Counts are written as integers (Lite
     writes float64 counts such as 12544.0) and scores with Python's repr.
