@@ -103,9 +103,8 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
                 mesh=parallel.data_mesh(fv.devices),
                 options=options,
             )
-            # results.json names layers by module path; the table keeps the names asked for.
-            for layer, row in zip(layers, studies.results_rows(name, out), strict=True):
-                rows.append({**row, "layer": layer, "path": row["layer"]})
+            # results.json names layers as asked for, with the module path beside.
+            rows.extend(studies.results_rows(name, out))
             entries.append({"name": name, "model": model, "weights": weights, "layers": layers})
         for name, directory in results:
             rows.extend(studies.results_rows(name, directory))

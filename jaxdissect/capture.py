@@ -15,7 +15,10 @@ last one asked for, since nothing uses them).
 A layer is named by its module path with `/` or `.` separators (torch-style
 `layer4.1.conv2` works for the models of `models/`, whose paths mirror torch),
 by an alias the model declares (`layer_aliases`, e.g. AlexNet's `conv5`), or by
-`re:<pattern>` matching whole paths. What is captured is exactly the module's
+`re:<pattern>` matching whole paths. Each layer keeps two names: its module path
+(`Tap.layers`, the key of `Tap.fn`'s outputs) and the name the user asked for
+(`Tap.names`: what they typed, or for a `re:` match the matched path), which
+logs, file names and the report show. What is captured is exactly the module's
 output: JAX has no in-place ops, so a later ReLU cannot alter it; pre- or
 post-activation is chosen by naming the conv or the activation module.
 """
@@ -47,12 +50,25 @@ class Tap:
         argument; kept separate so the engine can replicate it over a mesh.
       layers: resolved layer paths, in the order asked for.
       shapes: per layer, the per-example activation shape (h, w, C).
+      names: per layer (same order), the name the user asked for it by; defaults
+        to the paths.
     """
 
     fn: Callable[[Any, Array], dict[str, Array]]
     variables: Any
     layers: tuple[str, ...]
     shapes: Mapping[str, tuple[int, int, int]]
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        names = tuple(self.names) or tuple(self.layers)
+        if len(names) != len(self.layers) or len(set(names)) != len(names):
+            raise ValueError(f"names={names!r}: need one distinct name per layer {self.layers}")
+        object.__setattr__(self, "names", names)
+
+    def name_of(self, path: str) -> str:
+        """The user's name of the layer at module path `path`."""
+        return self.names[self.layers.index(path)]
 
 
 def _as_nhwc(name: str, value: Any) -> Array:
@@ -89,6 +105,20 @@ def resolve_layers(
       available: module path -> output shape, from a dry run of the model.
       aliases: user-facing name -> module path, from the model.
     """
+    return tuple(path for _, path in resolve_named_layers(requested, available, aliases))
+
+
+def resolve_named_layers(
+    requested: Sequence[str] | str,
+    available: Mapping[str, tuple[int, ...]],
+    aliases: Mapping[str, str] | None = None,
+) -> tuple[tuple[str, str], ...]:
+    """(name, module path) of every requested layer (arguments as `resolve_layers`).
+
+    The name is what the user typed (`head`, `layer4.1.conv2`); a `re:` pattern
+    gives one entry per matched path, named by the path. A module asked for twice
+    is captured once, under its first name; two modules under one name are refused.
+    """
     if isinstance(requested, str):
         requested = [s.strip() for s in requested.split(",") if s.strip()]
     if not requested:
@@ -96,7 +126,7 @@ def resolve_layers(
             "no layer was requested; available layers:\n" + _format_available(available)
         )
     aliases = dict(aliases or {})
-    resolved: list[str] = []
+    resolved: list[tuple[str, str]] = []
     for name in requested:
         if name.startswith("re:"):
             pattern = re.compile(name[3:])
@@ -106,7 +136,7 @@ def resolve_layers(
                     f"layer pattern {name!r} matches no layer; available layers:\n"
                     + _format_available(available)
                 )
-            resolved.extend(hits)
+            resolved.extend((p, p) for p in hits)
             continue
         path = aliases.get(name, name)
         path = path.replace(".", "/").strip("/")
@@ -120,9 +150,20 @@ def resolve_layers(
                 f"layer {name!r} does not exist in the model; available layers "
                 f"(path  [per-call output shape]):\n{_format_available(available)}{alias_text}"
             )
-        resolved.append(path)
-    # Keep order, drop repeats: a layer asked for twice is captured once.
-    return tuple(dict.fromkeys(resolved))
+        resolved.append((name, path))
+    # Keep order, drop repeats: a layer asked for twice is captured once, by its first name.
+    by_path: dict[str, str] = {}
+    for name, path in resolved:
+        by_path.setdefault(path, name)
+    by_name: dict[str, str] = {}
+    for path, name in by_path.items():
+        if name in by_name:
+            raise LayerNotFoundError(
+                f"layer name {name!r} means two modules, {by_name[name]!r} and {path!r}; "
+                "ask for one of them by its module path"
+            )
+        by_name[name] = path
+    return tuple((name, path) for path, name in by_path.items())
 
 
 def _check_single_calls(counts: Mapping[str, int], layers: Iterable[str]) -> None:
@@ -268,7 +309,8 @@ def make_tap(
         first), or a function `fn(variables, images)` returning a dict of
         named intermediates or `(output, dict)`.
       variables: the Linen variables or the function's parameters.
-      layers: names, paths, aliases or `re:` patterns (see `resolve_layers`).
+      layers: names, paths, aliases or `re:` patterns (see `resolve_named_layers`);
+        `Tap.names` keeps them as asked.
       input_shape: one example's shape, e.g. (224, 224, 3), for the dry run.
       aliases: user-facing names; defaults to the model's `layer_aliases`.
       apply_kwargs: extra keyword arguments of a Linen `model.apply`
@@ -277,7 +319,8 @@ def make_tap(
     """
     run, variables, default_aliases = _runner(model, variables, apply_kwargs, method)
     available, counts = _dry_run(run, variables, input_shape)
-    paths = resolve_layers(layers, available, default_aliases if aliases is None else aliases)
+    named = resolve_named_layers(layers, available, default_aliases if aliases is None else aliases)
+    paths = tuple(path for _, path in named)
     _check_single_calls(counts, paths)
     wanted = frozenset(paths)
 
@@ -290,4 +333,5 @@ def make_tap(
         k: tuple(int(d) for d in s.shape[1:])
         for k, s in jax.eval_shape(fn, variables, sample).items()
     }
-    return Tap(fn=fn, variables=variables, layers=paths, shapes=shapes)
+    names = tuple(name for name, _ in named)
+    return Tap(fn=fn, variables=variables, layers=paths, shapes=shapes, names=names)

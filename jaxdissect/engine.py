@@ -143,10 +143,16 @@ def restrict_categories(
 
 
 class _Fields:
-    """A view of a source that reads only what a pass needs (decoding is the cost)."""
+    """A view of a source that reads only what a pass needs (decoding is the cost).
 
-    def __init__(self, source, images: bool, labels: bool):
+    With `categories`, only those categories' labels are read (`read_labels`'s argument).
+    """
+
+    def __init__(
+        self, source, images: bool, labels: bool, categories: tuple[str, ...] | None = None
+    ):
         self.source, self.images, self.labels = source, images, labels
+        self.categories = categories
         self.planes = source.max_planes
         self.image_labels = source.max_image_labels
         self.seg_size = tuple(source.seg_size)
@@ -159,7 +165,10 @@ class _Fields:
         if self.images:
             out["image"] = np.asarray(self.source.read_image(i), np.uint8)
         if self.labels:
-            planes, image_labels = self.source.read_labels(i)
+            if self.categories is None:
+                planes, image_labels = self.source.read_labels(i)
+            else:
+                planes, image_labels = self.source.read_labels(i, self.categories)
             pixel = np.zeros((self.planes, *self.seg_size), np.int32)
             pixel[: len(planes)] = planes
             scalar = np.zeros((self.image_labels,), np.int32)
@@ -282,7 +291,7 @@ class Dissector:
                 logging.info("%s: resuming after batch %d of %d", name, start, self.num_batches)
         bar = _progress(
             name,
-            self.tap.layers,
+            self.tap.names,
             self.num_batches,
             start,
             self.settings.batch_size,
@@ -423,9 +432,10 @@ class Dissector:
             if nonfinite.any():
                 units = np.flatnonzero(nonfinite)
                 raise NonFiniteActivationError(
-                    f"layer {layer!r}: {int(nonfinite.sum())} NaN/inf activations in units "
-                    f"{units[:20].tolist()}{' ...' if len(units) > 20 else ''}. Check the model's "
-                    "weights and input normalisation"
+                    f"layer {self.tap.name_of(layer)!r}: {int(nonfinite.sum())} NaN/inf "
+                    f"activations in units {units[:20].tolist()}"
+                    f"{' ...' if len(units) > 20 else ''}. Check the model's weights and input "
+                    "normalisation"
                     + (
                         f"; with --activation_dtype={self.settings.activation_dtype} values beyond "
                         "its range overflow: try --activation_dtype=float32"
@@ -509,7 +519,9 @@ class Dissector:
         use_cache = (
             cache is not None and cache.enabled and cache.lo == 0 and cache.hi == self.num_batches
         )
-        fields = _Fields(self.source, images=not use_cache, labels=True)
+        fields = _Fields(
+            self.source, images=not use_cache, labels=True, categories=self.settings.categories
+        )
 
         def run(state, b, batch):
             batch = dict(batch)

@@ -3,11 +3,11 @@
 `experiments/dissect.py` parses flags, loads the model and data, and calls
 `dissect`. Everything here is importable and tested; the script stays short.
 
-Output directory:
+Output directory (<layer>: the layer's name as asked for, `results.layer_file_stems`):
   results.json            settings and every layer's per-unit, per-category results
   tally-<layer>.csv       NetDissect-Lite's schema, one per layer
   stats-<layer>.npz       thresholds and top images per unit
-  index.html, <layer>.html, strips/, plots   the report
+  index.html, layer-<layer>.html, strips/<layer>/, plots/   the report
   .work/                  keyed stage outputs, checkpoints, activation cache (resumable)
 """
 
@@ -113,7 +113,9 @@ def dissect(
     logging.info(
         "dissecting %s, layers %s, on %s",
         model.name,
-        ", ".join(tap.layers),
+        ", ".join(
+            n if n == p else f"{n} ({p})" for n, p in zip(tap.names, tap.layers, strict=True)
+        ),
         dataset_name if count in dataset_name else f"{dataset_name} ({count})",
     )
     logging.info("settings: %s", dataclasses.asdict(settings))
@@ -138,21 +140,23 @@ def dissect(
     stats = dissector.run(tap.variables)
     layer_results = [
         results.layer_result(
-            layer,
-            stats[layer].counts,
+            name,
+            stats[path].counts,
             dissector.labels,
             iou_threshold=settings.iou_threshold,
             categories=settings.categories,
+            path=path,
         )
-        for layer in tap.layers
+        for name, path in zip(tap.names, tap.layers, strict=True)
     ]
     if jax.process_index() != 0:
         return layer_results
-    for r in layer_results:
-        results.write_tally_csv(out / results.tally_csv_name(r.layer), r)
-        s = stats[r.layer]
+    stems = results.layer_file_stems(tap.names)
+    for r, stem in zip(layer_results, stems, strict=True):
+        results.write_tally_csv(out / results.tally_csv_name(stem), r)
+        s = stats[r.path]
         store.save_arrays(
-            out / f"stats-{results.safe_layer_name(r.layer)}.npz",
+            out / results.stats_npz_name(stem),
             {"thresholds": s.thresholds, "top_values": s.top_values, "top_indices": s.top_indices},
         )
     run_settings = {
@@ -162,10 +166,11 @@ def dissect(
         "dataset": dataset_name,
         "dataset_fingerprint": dissector.data_key,
         "num_images": len(source),
-        "layers": list(tap.layers),
+        "layers": list(tap.names),
+        "layer_paths": dict(zip(tap.names, tap.layers, strict=True)),
         "input_spec": dataclasses.asdict(spec),
         "devices": int(dissector.mesh.devices.size),
-        "thresholds": {layer: stats[layer].thresholds.tolist() for layer in tap.layers},
+        "thresholds": {r.layer: stats[r.path].thresholds.tolist() for r in layer_results},
     }
     if options.report:
         maps = dissector.unit_maps(tap.variables, {k: v.top_indices for k, v in stats.items()})
@@ -227,9 +232,9 @@ def write_report(
         return np.asarray(image.resize((w, h), Image.BILINEAR))
 
     pages = []
-    stems = report_html.layer_file_stems([r.layer for r in layer_results])
+    stems = results.layer_file_stems([r.layer for r in layer_results])
     for r, stem in zip(layer_results, stems, strict=True):
-        s = stats[r.layer]
+        s = stats[r.path]
         strip_dir = out / "strips" / stem
         strip_paths = {}
         for k in range(r.num_units):
@@ -239,7 +244,7 @@ def write_report(
                 continue
             images = np.stack([thumb(int(i)) if i >= 0 else thumb(int(idx[0])) for i in idx])
             unit_maps = report_strips.upsample_maps(
-                np.moveaxis(maps[r.layer][:, :, :, k], 0, 0), images.shape[1:3]
+                np.moveaxis(maps[r.path][:, :, :, k], 0, 0), images.shape[1:3]
             )
             strip = report_strips.unit_strip(
                 images, unit_maps, float(s.thresholds[k]), valid=filled
@@ -257,7 +262,8 @@ def write_report(
                 unique_detectors=dict(summary.unique_by_category),
                 detectors_per_concept=[(c.name, c.category, c.units) for c in summary.concepts],
                 units=_unit_cards(r, strip_paths, options.runners_up),
-                downloads=((results.tally_csv_name(r.layer), "tally.csv"),),
+                downloads=((results.tally_csv_name(stem), "tally.csv"),),
+                path=r.path,
             )
         )
     run = report_html.RunInfo(

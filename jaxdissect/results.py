@@ -16,9 +16,15 @@ Rules (the reference in `tests/reference.py` implements them with plain loops):
 
 Files: `write_tally_csv` writes NetDissect-Lite's `tally.csv` schema, and
 `write_results_json` every setting with the per-unit, per-category results. Every file
-and record carries its layer name: the CSV's columns are fixed by Lite's schema, so its file
-name carries the layer (`tally_csv_name`). Files are written to a temporary file in the
-same folder and moved into place with os.replace, so a reader never sees a partial file.
+and record carries its layer name, the name the user asked for (`--layers=head`), with the
+module path beside it in results.json: the CSV's columns are fixed by Lite's schema, so its
+file name carries the layer (`layer_file_stems`, `tally_csv_name`). Files are written to a
+temporary file in the same folder and moved into place with os.replace, so a reader never
+sees a partial file.
+
+Unit numbers: a unit is its channel index, from 0, everywhere a person reads (results.json,
+the report, strip files) except tally.csv's `unit` column, which keeps Lite's 1-based numbers
+(`TALLY_UNIT_OFFSET`); results.json gives both for every unit.
 """
 
 from __future__ import annotations
@@ -42,6 +48,15 @@ from jaxdissect.labelspace import LabelSpace
 DEFAULT_IOU_THRESHOLD = 0.04
 RESULTS_FORMAT = "jaxdissect.results"
 RESULTS_VERSION = 1
+# tally.csv's `unit` column = the unit's 0-based channel index + this (NetDissect-Lite's schema).
+TALLY_UNIT_OFFSET = 1
+UNIT_NUMBERING = (
+    "unit: the 0-based channel index, as in the report; tally.csv's unit column is "
+    f"unit + {TALLY_UNIT_OFFSET} (NetDissect-Lite's 1-based numbers), given as tally_csv_unit"
+)
+# Longest file-name part taken from a layer name (file systems allow 255 bytes).
+_MAX_STEM = 100
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _COUNT_KEYS = ("intersection", "label_pixels", "unit_pixels", "unit_total")
 
 
@@ -64,7 +79,7 @@ class LayerResult:
     """Dissection results of one layer.
 
     Attributes:
-      layer: the layer's name; carried into every file and record.
+      layer: the layer's name as the user asked for it; carried into every file and record.
       labels: the label space the counts refer to.
       counts: exact int64 counts (`jaxdissect.tally.tally_to_numpy`).
       iou: float64 [K, L].
@@ -75,6 +90,7 @@ class LayerResult:
       best_label: int64 [K], each unit's label (-1 only when no category has labels).
       best_iou: float64 [K].
       iou_threshold: a unit is interpretable when best_iou > iou_threshold.
+      path: the layer's module path in the model (default: `layer`).
     """
 
     layer: str
@@ -88,6 +104,11 @@ class LayerResult:
     best_label: np.ndarray
     best_iou: np.ndarray
     iou_threshold: float
+    path: str = ""
+
+    def __post_init__(self):
+        if not self.path:
+            object.__setattr__(self, "path", self.layer)
 
     @property
     def num_units(self) -> int:
@@ -106,10 +127,12 @@ def layer_result(
     *,
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
     categories: Sequence[str] | None = None,
+    path: str | None = None,
 ) -> LayerResult:
     """Score one layer's counts: IoU, best label per category and overall.
 
     `categories` restricts the scored categories (Lite leaves out "material"); default all.
+    `path` is the layer's module path when `layer` is another name for it (an alias).
     """
     if not layer:
         raise ValueError("a layer result needs a layer name")
@@ -144,6 +167,7 @@ def layer_result(
         best_label=cat_label[rows, best_col],
         best_iou=cat_iou[rows, best_col],
         iou_threshold=float(iou_threshold),
+        path=path or layer,
     )
 
 
@@ -227,17 +251,40 @@ def layer_summary(result: LayerResult) -> LayerSummary:
 # --------------------------------------------------------------------------- files
 
 
-def safe_layer_name(layer: str) -> str:
-    """The layer name as a file-name part; a short hash keeps rewritten names distinct."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", layer).strip(".") or "layer"
-    if safe != layer:
-        safe += "-" + hashlib.sha1(layer.encode()).hexdigest()[:8]
-    return safe
+def layer_file_stems(layers: Sequence[str]) -> list[str]:
+    """The file-name part of each layer of a run: `tally-<stem>.csv`, `layer-<stem>.html`.
+
+    The layer name itself where it is safe (`head`, `layer4.1.conv2`); each run of
+    characters other than letters, digits, `.`, `_` and `-` becomes `_` (`blocks/10` ->
+    `blocks_10`), and `.`, `_`, `-` at either end are dropped. A stem that would clash
+    with an earlier one, case-insensitively (macOS and Windows file systems), or is cut
+    to its first 100 characters gets `-` and a short hash of the full name, so distinct
+    layers always get distinct files.
+    """
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"duplicate layer names in {list(layers)}")
+    seen: set[str] = set()
+    stems = []
+    for layer in layers:
+        base = _UNSAFE_FILE_CHARS.sub("_", layer).strip("._-") or "layer"
+        stem, salt = base, 0
+        while len(stem) > _MAX_STEM or stem.lower() in seen:
+            digest = hashlib.sha1(f"{layer}\0{salt}".encode()).hexdigest()[:8]
+            stem = f"{base[: _MAX_STEM - 9]}-{digest}"
+            salt += 1
+        seen.add(stem.lower())
+        stems.append(stem)
+    return stems
 
 
-def tally_csv_name(layer: str) -> str:
-    """File name of a layer's tally.csv: `tally-<layer>.csv`."""
-    return f"tally-{safe_layer_name(layer)}.csv"
+def tally_csv_name(stem: str) -> str:
+    """File name of a layer's tally.csv: `tally-<stem>.csv`, stem from `layer_file_stems`."""
+    return f"tally-{stem}.csv"
+
+
+def stats_npz_name(stem: str) -> str:
+    """File name of a layer's thresholds and top images: `stats-<stem>.npz`."""
+    return f"stats-{stem}.npz"
 
 
 @contextmanager
@@ -252,9 +299,10 @@ def _atomic_open(path: Path, newline: str | None = None) -> Iterator[Any]:
 def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]]:
     """Header and rows of NetDissect-Lite's tally.csv for one layer.
 
-    Columns: unit (1-based), category, label, score, then per scored category
-    <cat>-label, <cat>-truth (the label's pixels), <cat>-activation (the unit's active
-    pixels in the union restricted for the category), <cat>-intersect, <cat>-iou. Rows
+    Columns: unit (1-based: the channel index + TALLY_UNIT_OFFSET), category, label,
+    score, then per scored category <cat>-label, <cat>-truth (the label's pixels),
+    <cat>-activation (the unit's active pixels in the union restricted for the category),
+    <cat>-intersect, <cat>-iou. Rows
     are sorted as Lite sorts them, by score descending; Lite's tie order comes from an
     unstable argsort, here ties keep unit order. Counts are written as integers (Lite
     writes float64 counts such as 12544.0) and scores with Python's repr.
@@ -271,7 +319,7 @@ def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]
     for unit in sorted(range(result.num_units), key=lambda u: -result.best_iou[u]):
         best = int(result.best_label[unit])
         row: dict[str, Any] = {
-            "unit": unit + 1,
+            "unit": unit + TALLY_UNIT_OFFSET,
             "category": labels.categories[int(result.best_category[unit])],
             "label": labels.names[best] if best >= 0 else "",
             "score": float(result.best_iou[unit]),
@@ -291,17 +339,18 @@ def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]
 def write_tally_csv(path: str | os.PathLike, result: LayerResult) -> Path:
     """Write the layer's tally.csv (Lite's schema) atomically; returns the path written.
 
-    `path` is a folder (the file is then `tally_csv_name(layer)` inside it) or a file
-    name, which must contain `safe_layer_name(layer)`: the schema has no layer column,
-    and one `tally.csv` for several layers is how the old tools mixed layers up.
+    `path` is a folder (the file is then `tally-<layer>.csv` inside it) or a file name,
+    which must contain the layer's stem (`layer_file_stems`): the schema has no layer
+    column, and one `tally.csv` for several layers is how the old tools mixed layers up.
     """
     path = Path(path)
+    (stem,) = layer_file_stems([result.layer])
     if path.is_dir():
-        path = path / tally_csv_name(result.layer)
-    elif safe_layer_name(result.layer) not in path.name:
+        path = path / tally_csv_name(stem)
+    elif stem not in path.name:
         raise ValueError(
             f"tally file name {path.name!r} does not name layer {result.layer!r}; "
-            f"use {tally_csv_name(result.layer)!r}"
+            f"use {tally_csv_name(stem)!r}"
         )
     header, rows = tally_csv_rows(result)
     with _atomic_open(path, newline="") as f:
@@ -329,7 +378,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def layer_record(result: LayerResult) -> dict[str, Any]:
-    """JSON-ready record of one layer; every unit record repeats the layer name."""
+    """JSON-ready record of one layer; every unit record repeats the layer name.
+
+    `layer` is the name the user asked for, `path` the module path; `unit` is the 0-based
+    channel index and `tally_csv_unit` the same unit's number in tally.csv.
+    """
     labels, counts = result.labels, result.counts
     summary = layer_summary(result)
     cat_names = [labels.categories[j] for j in result.categories]
@@ -352,6 +405,7 @@ def layer_record(result: LayerResult) -> dict[str, Any]:
             {
                 "layer": result.layer,
                 "unit": unit,
+                "tally_csv_unit": unit + TALLY_UNIT_OFFSET,
                 "category": labels.categories[int(result.best_category[unit])],
                 "label": best,
                 "name": labels.names[best] if best >= 0 else None,
@@ -363,6 +417,7 @@ def layer_record(result: LayerResult) -> dict[str, Any]:
         )
     return {
         "layer": result.layer,
+        "path": result.path,
         "num_units": result.num_units,
         "num_images": int(counts.get("images", np.int64(-1))),
         "iou_threshold": result.iou_threshold,
@@ -383,7 +438,8 @@ def write_results_json(
 ) -> Path:
     """Write settings and every layer's per-unit results atomically; returns the path.
 
-    Units are 0-based channel indices here (tally.csv keeps Lite's 1-based numbers).
+    Units are 0-based channel indices here (tally.csv keeps Lite's 1-based numbers); the
+    document's `unit_numbering` says so.
     """
     layers = [result.layer for result in results]
     if len(set(layers)) != len(layers):
@@ -392,6 +448,7 @@ def write_results_json(
         "format": RESULTS_FORMAT,
         "version": RESULTS_VERSION,
         "complete": True,
+        "unit_numbering": UNIT_NUMBERING,
         "settings": _jsonable(settings),
         "layers": [layer_record(result) for result in results],
     }

@@ -80,6 +80,7 @@ def summary_row(record: Mapping[str, Any]) -> dict[str, Any]:
     unique = int(s["unique_detectors"])
     row: dict[str, Any] = {
         "layer": record["layer"],
+        "path": record.get("path", record["layer"]),
         "num_units": int(record["num_units"]),
         "interpretable_units": int(s["interpretable_units"]),
         "unique_detectors": unique,

@@ -50,6 +50,29 @@ def test_labels_need_the_green_channel_and_several_planes(tiny):
     np.testing.assert_array_equal(planes[3], tiny.planes[1][3])
 
 
+def test_unselected_categories_are_not_read(tmp_path):
+    w = tiny_broden(tmp_path)
+    ds = Broden.open(tmp_path)
+    # Row 3 holds color and material (wood, cloth) planes: without material, its material
+    # PNG is never opened (deleting it breaks only a full read).
+    (tmp_path / "images" / "opensurfaces" / "d_material_1.png").unlink()
+    planes, image_labels = ds.read_labels(3, ("object", "color", "scene"))
+    np.testing.assert_array_equal(planes, w.planes[3][:1])
+    assert image_labels.tolist() == []
+    with pytest.raises(BrodenFormatError, match="d_material_1.png"):
+        ds.read_labels(3)
+    # Row 1 (color, object, part x2; scene 7): category.csv order whatever the selection's.
+    planes, image_labels = ds.read_labels(1, ("part", "color"))
+    np.testing.assert_array_equal(planes, w.planes[1][[0, 2, 3]])
+    assert image_labels.tolist() == []
+    planes, image_labels = ds.read_labels(1, ("scene",))
+    assert planes.shape == (0, 4, 4) and image_labels.tolist() == [7]
+    assert ds.read_labels(2, ("scene",))[1].tolist() == []
+    assert ds.read_labels(2, ("texture",))[1].tolist() == [8]
+    with pytest.raises(ValueError, match=r"categories=\['materials'\]: 'materials' not in"):
+        ds.read_labels(0, ["materials"])
+
+
 def test_image_level_zero_is_dropped(tiny):
     ds = Broden.open(tiny.root)
     assert ds.records[2].image_labels == {"texture": (8,)}

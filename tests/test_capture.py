@@ -176,3 +176,24 @@ def test_dict_returning_function():
     assert out["pooled"].shape == (2, 1, 1, 4)
     with pytest.raises(capture.LayerNotFoundError, match="stem/feats"):
         capture.make_tap(fn, w, "stem", input_shape=(5, 5, 3))
+
+
+def test_tap_keeps_the_names_asked_for(linen_setup):
+    model, variables, _ = linen_setup
+    tap = capture.make_tap(
+        model,
+        variables,
+        ["top", "block1.conv", "re:block1/r.*", "block2/relu"],
+        input_shape=(8, 8, 3),
+    )
+    assert tap.layers == ("block2/relu", "block1/conv", "block1/relu")
+    # What was typed; a pattern's match by its path; a module asked for twice: its first name.
+    assert tap.names == ("top", "block1.conv", "block1/relu")
+    assert tap.name_of("block2/relu") == "top"
+    assert set(tap.fn(variables, jnp.ones((1, 8, 8, 3)))) == set(tap.layers)
+
+
+def test_one_name_for_two_modules_is_refused():
+    available = {"head": (3,), "_head_act": (4, 4, 8)}
+    with pytest.raises(capture.LayerNotFoundError, match="'head' means two modules"):
+        capture.resolve_named_layers(["head", "re:head"], available, {"head": "_head_act"})

@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from jaxdissect import capture, engine, parallel, quantiles, results, store
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.preprocess import InputSpec
 from tests import reference
+from tests.broden_testing import tiny_broden
 
 SPEC = InputSpec(32, (120.0, 120.0, 120.0), (60.0, 60.0, 60.0))
 
@@ -128,6 +130,64 @@ def test_engine_matches_reference(
         assert result.best_label.tolist() == ref_best
 
 
+def _literal_labels(probe, categories):
+    """Padded label arrays of the probe from the selected categories' cells only (PIL)."""
+    pixel = np.zeros((len(probe), probe.max_planes, *probe.seg_size), np.int32)
+    scalar = np.zeros((len(probe), probe.max_image_labels), np.int32)
+    for i, rec in enumerate(probe.records):
+        pngs = [
+            png for c in probe.labels.categories if c in categories for png in rec.pixel.get(c, ())
+        ]
+        for k, png in enumerate(pngs):
+            rgb = np.asarray(Image.open(probe.root / "images" / png).convert("RGB"), np.int32)
+            pixel[i, k] = rgb[..., 0] + 256 * rgb[..., 1]
+        listed = [
+            n
+            for c in probe.labels.categories
+            if c in categories
+            for n in rec.image_labels.get(c, ())
+        ]
+        listed = list(dict.fromkeys(listed))
+        scalar[i, : len(listed)] = listed
+    return pixel, scalar
+
+
+@pytest.mark.parametrize("restriction", ["presence", "overlap"])
+def test_unselected_categories_leave_no_pixels(model, tmp_path, restriction):
+    """Without material, wood (an object and a material) counts only its object pixels."""
+    m, variables = model
+    probe = Broden.open(tiny_broden(tmp_path).root)
+    cats = tuple(c for c in probe.labels.categories if c != "material")
+    settings = engine.Settings(
+        quantile=0.05,
+        quantile_mode="exact",
+        restriction=restriction,
+        activation_dtype="float32",
+        batch_size=8,
+        categories=cats,
+    )
+    got = _run(m, variables, probe, settings, ("conv2",), parallel.data_mesh(2))["conv2"]
+    labels = engine.restrict_categories(probe.labels, cats, probe.coverage)
+    wood = probe.labels.names.index("wood")
+    assert probe.labels.category_of(wood) == "material" and labels.category_of(wood) == "object"
+    pixel, scalar = _literal_labels(probe, cats)
+    every_pixel, _ = _literal_labels(probe, probe.labels.categories)
+    # The probe has wood in material planes outside the object planes' wood.
+    object_wood = int((pixel == wood).any(axis=1).sum())
+    assert 0 < object_wood < int((every_pixel == wood).any(axis=1).sum())
+    assert got.counts["label_pixels"][wood] == object_wood
+    acts = []
+    for i in range(len(probe)):
+        x = SPEC(jnp.asarray(probe.read_image(i))[None])
+        _, state = m.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+        acts.append(np.asarray(state["intermediates"]["conv2"]["__call__"][0][0]))
+    ref = reference.reference_dissect(
+        np.stack(acts), got.thresholds, pixel, scalar, labels, restriction=restriction
+    )
+    for key in ("intersection", "label_pixels", "unit_pixels", "unit_total"):
+        np.testing.assert_array_equal(got.counts[key], ref["counts"][key], err_msg=key)
+
+
 def test_one_and_eight_devices_identical_with_sketch(model, probe):
     m, variables = model
     settings = engine.Settings(quantile=0.05, batch_size=8)
@@ -178,7 +238,10 @@ def test_nan_activations_are_reported(probe):
     def fn(params, images):
         return {"bad": jnp.where(images[..., :2] > 1.5, jnp.nan, images[..., :2]) * params}
 
-    tap = capture.make_tap(fn, jnp.float32(1.0), "bad", input_shape=(32, 32, 3))
+    # Named as the user asked for it (an alias), not by its path.
+    tap = capture.make_tap(
+        fn, jnp.float32(1.0), "mine", input_shape=(32, 32, 3), aliases={"mine": "bad"}
+    )
     settings = engine.Settings(batch_size=8, activation_dtype="float32")
     d = engine.Dissector(
         tap,
@@ -190,7 +253,7 @@ def test_nan_activations_are_reported(probe):
         progress=False,
         num_threads=0,
     )
-    with pytest.raises(engine.NonFiniteActivationError, match="layer 'bad'"):
+    with pytest.raises(engine.NonFiniteActivationError, match="layer 'mine'"):
         d.run(tap.variables)
 
 

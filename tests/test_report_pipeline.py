@@ -36,7 +36,7 @@ def report(tmp_path_factory):
             "small <b>model</b>",
             store.fingerprint_tree(variables),
         ),
-        ["conv1", "conv2"],
+        ["conv1", "top"],  # "top": the model's alias of conv2
         source,
         engine.Settings(batch_size=8),
         out,
@@ -52,6 +52,47 @@ def test_files_escape_label_names(report):
         text = page.read_text()
         assert "<script>alert(" not in text, page.name
     assert list((report / "strips").rglob("*.jpg"))
+
+
+def test_files_and_records_use_the_names_asked_for(report):
+    names = sorted(p.name for p in report.iterdir() if p.is_file())
+    assert names == [
+        "index.html",
+        "layer-conv1.html",
+        "layer-top.html",
+        "results.json",
+        "stats-conv1.npz",
+        "stats-top.npz",
+        "tally-conv1.csv",
+        "tally-top.csv",
+    ]
+    assert sorted(p.name for p in (report / "strips").iterdir()) == ["conv1", "top"]
+    assert (report / "strips" / "top" / "unit0000.jpg").is_file()
+    doc = json.loads((report / "results.json").read_text())
+    assert doc["settings"]["layers"] == ["conv1", "top"]
+    assert doc["settings"]["layer_paths"] == {"conv1": "conv1", "top": "conv2"}
+    assert list(doc["settings"]["thresholds"]) == ["conv1", "top"]
+    assert [(r["layer"], r["path"]) for r in doc["layers"]] == [
+        ("conv1", "conv1"),
+        ("top", "conv2"),
+    ]
+    page = (report / "layer-top.html").read_text()
+    assert "<h1>top</h1>" in page and "module path <code>conv2</code>" in page
+    assert '<code class="path">conv2</code>' in (report / "index.html").read_text()
+
+
+def test_unit_numbers_in_report_and_results_match_tally_csv(report):
+    doc = json.loads((report / "results.json").read_text())
+    top = doc["layers"][1]
+    with (report / "tally-top.csv").open(newline="") as f:
+        rows = {int(r["unit"]): r for r in csv.DictReader(f)}
+    page = (report / "layer-top.html").read_text()
+    assert "numbered by channel from 0" in page and "tally.csv numbers them from 1" in page
+    for unit in top["units"]:
+        k = unit["unit"]
+        assert rows[unit["tally_csv_unit"]]["label"] == (unit["name"] or "")
+        card = page[page.index(f'id="unit-{k}"') :]
+        assert card[: card.index("</article>")].count(f"unit {k} (tally.csv {k + 1})") == 1
 
 
 def test_pipeline_report_in_browser(driver, report):  # noqa: F811

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -121,6 +122,7 @@ def test_no_detector_does_not_crash(tmp_path):
 def test_tally_csv_schema_quoting_and_order(layer, tmp_path):
     path = results.write_tally_csv(tmp_path, layer)
     assert path.name == results.tally_csv_name("features.10") == "tally-features.10.csv"
+    assert results.layer_file_stems(["features.10"]) == ["features.10"]
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
@@ -156,9 +158,46 @@ def test_tally_csv_names_the_layer(layer, tmp_path):
     other = results.layer_result("block/4:conv", layer.counts, layer.labels)
     a = results.write_tally_csv(tmp_path, layer)
     b = results.write_tally_csv(tmp_path, other)
-    assert a != b and "/" not in b.name and b.parent == tmp_path
-    assert results.safe_layer_name("block/4:conv") != results.safe_layer_name("block_4_conv")
+    assert a != b and b.name == "tally-block_4_conv.csv" and b.parent == tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([a.name, b.name])  # no temps
+
+
+def test_file_names_are_the_layer_names():
+    # The names asked for, made file-safe; no hash unless two would share a file.
+    names = ["head", "layer4.1.conv2", "blocks/10", "_head_act", "inception4e"]
+    want = ["head", "layer4.1.conv2", "blocks_10", "head_act", "inception4e"]
+    assert results.layer_file_stems(names) == want
+    assert results.tally_csv_name("blocks_10") == "tally-blocks_10.csv"
+    assert results.stats_npz_name("head") == "stats-head.npz"
+
+
+def test_file_names_of_colliding_layers_are_distinct():
+    names = ["a/b", "a_b", "A_B", "a:b", "a b", "x" * 300, "x" * 301]
+    stems = results.layer_file_stems(names)
+    assert stems[0] == "a_b"
+    assert len({s.lower() for s in stems}) == len(names)  # case-insensitive file systems too
+    assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", s) for s in stems), stems
+    assert stems == results.layer_file_stems(names)  # the same files on every run
+    assert results.layer_file_stems(["a_b"]) == ["a_b"]  # a hash only when needed
+    with pytest.raises(ValueError, match="duplicate"):
+        results.layer_file_stems(["a", "a"])
+
+
+def test_unit_numbers_map_to_tally_csv(layer, tmp_path):
+    named = results.layer_result("conv5", layer.counts, layer.labels, path="features/10")
+    csv_path = results.write_tally_csv(tmp_path, named)
+    doc = results.read_results_json(
+        results.write_results_json(tmp_path / "results.json", [named], {})
+    )
+    assert "0-based" in doc["unit_numbering"] and "tally_csv_unit" in doc["unit_numbering"]
+    (record,) = doc["layers"]
+    assert (record["layer"], record["path"]) == ("conv5", "features/10")
+    rows = {int(r["unit"]): r for r in csv.DictReader(csv_path.open(newline=""))}
+    for unit in record["units"]:
+        assert unit["tally_csv_unit"] == unit["unit"] + 1
+        row = rows[unit["tally_csv_unit"]]
+        assert row["label"] == (unit["name"] or "") and float(row["score"]) == unit["iou"]
+    assert [u["unit"] for u in record["units"]] == list(range(named.num_units))
 
 
 def test_results_json_round_trip(layer, tmp_path):

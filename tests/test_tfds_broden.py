@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from jaxdissect.data import loader, synthetic, tfds_broden
 from jaxdissect.data.broden import Broden
 from jaxdissect.data.tfds_broden import TfdsBroden
-from tests.broden_testing import tiny_broden
+from tests.broden_testing import LabelSpec, RowSpec, tiny_broden, write_broden
 
 SPLITS = ("all", "train", "val")
 
@@ -73,6 +73,53 @@ def test_identical_batches_through_loader(datasets, name, split):
         assert len(got) == len(want) > 0
         for k, (a, b) in enumerate(zip(want, got, strict=True)):
             assert_same_example(a, b, f"{name}/{split} batch {k} {kwargs}")
+
+
+SELECTIONS = (("object",), ("color", "scene"), ("object", "part", "texture"), ("material",))
+
+
+@pytest.mark.parametrize("name", ["synthetic", "quirks"])
+def test_selected_categories_as_the_folder(datasets, name):
+    root, build_dir = datasets[name]
+    folder, built = Broden.open(root), TfdsBroden(build_dir)
+    np.testing.assert_array_equal(built.coverage, folder.coverage)  # primaries of a selection
+    for categories in SELECTIONS:
+        for i in range(len(folder)):
+            for got, want in zip(
+                built.read_labels(i, categories), folder.read_labels(i, categories), strict=True
+            ):
+                assert (got.dtype, got.shape) == (want.dtype, want.shape), (categories, i)
+                np.testing.assert_array_equal(got, want)
+
+
+def test_image_label_of_two_categories_kept_by_either(tmp_path):
+    labels = [
+        LabelSpec(1, "sky", {"object": 1.0}),
+        LabelSpec(2, "street-s", {"scene": 1.0, "texture": 0.5}),
+        LabelSpec(3, "dotted", {"texture": 1.0}),
+    ]
+    sky = np.ones((4, 4), np.int32)
+    rows = [
+        RowSpec("a.png", pixel={"object": [sky]}, image_labels={"scene": [2], "texture": [3, 2]}),
+        RowSpec("b.png", "val", image_labels={"texture": [2]}),
+    ]
+    root = write_broden(
+        tmp_path / "src", categories=("object", "scene", "texture"), labels=labels, rows=rows
+    ).root
+    folder, built = Broden.open(root), TfdsBroden(tfds_broden.build(root, tmp_path / "data"))
+    want = {(): ([1], [2, 3]), ("scene",): ([0], [2]), ("texture",): ([0], [3, 2])}
+    for categories in ((), ("scene",), ("texture",), ("object", "texture")):
+        for i in range(2):
+            for source in (folder, built):
+                planes, image_labels = source.read_labels(i, categories or None)
+                if i == 0 and categories in want:
+                    assert [len(planes)] == want[categories][0]
+                    assert image_labels.tolist() == want[categories][1]
+                np.testing.assert_array_equal(
+                    image_labels, folder.read_labels(i, categories or None)[1]
+                )
+    assert built.read_labels(1, ("scene",))[1].tolist() == []
+    assert built.read_labels(1, ("texture",))[1].tolist() == [2]
 
 
 def test_stored_bytes_are_the_image_file(datasets):

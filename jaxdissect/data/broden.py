@@ -363,7 +363,9 @@ class Broden:
             image_size=image_size,
             seg_size=seg_size,
             max_planes=max(1, max(r.num_planes for r in records)),
-            max_image_labels=max(1, max(len(_flat_image_labels(labels, r)) for r in records)),
+            max_image_labels=max(
+                1, max(len(_flat_image_labels(labels.categories, r)) for r in records)
+            ),
             known_labels=known,
             coverage=coverage,
             split=split,
@@ -409,22 +411,27 @@ class Broden:
             # Any accepted mode becomes 8-bit RGB; the array is taken before the file closes.
             return _decode(im, path)
 
-    def read_labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decodes the labels of image i.
+    def read_labels(
+        self, i: int, categories: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Decodes the labels of image i, of every category or only of `categories`.
+
+        The label files and cells of categories left out are not read at all (as
+        NetDissect-Lite), so a label listed in two categories keeps only the pixels of
+        the selected one.
 
         Returns:
-          int32 [P_i, sh, sw]: every pixel category's planes, in category.csv
+          int32 [P_i, sh, sw]: the (selected) pixel categories' planes, in category.csv
           order then cell order (0 = unlabeled), and int32 [Q_i]: the image-level
           labels in the same order, without 0 and without repeats.
         """
         _, rec = self._record(i)
-        planes = np.zeros((rec.num_planes, rec.sh, rec.sw), dtype=np.int32)
-        k = 0
-        for cat in self.labels.categories:
-            for png in rec.pixel.get(cat, ()):
-                planes[k] = self._read_png(rec, cat, png)
-                k += 1
-        image_labels = np.asarray(_flat_image_labels(self.labels, rec), dtype=np.int32)
+        cats = selected_categories(self.labels, categories)
+        pngs = [(cat, png) for cat in cats for png in rec.pixel.get(cat, ())]
+        planes = np.zeros((len(pngs), rec.sh, rec.sw), dtype=np.int32)
+        for k, (cat, png) in enumerate(pngs):
+            planes[k] = self._read_png(rec, cat, png)
+        image_labels = np.asarray(_flat_image_labels(cats, rec), dtype=np.int32)
         return planes, image_labels
 
     def _read_png(self, rec: Record, cat: str, png: str) -> np.ndarray:
@@ -478,9 +485,27 @@ class Broden:
         }
 
 
-def _flat_image_labels(labels: LabelSpace, rec: Record) -> tuple[int, ...]:
+def _flat_image_labels(categories: Sequence[str], rec: Record) -> tuple[int, ...]:
     # One image-level label applies to the whole image once, whichever category lists it.
-    return _unique([n for c in labels.categories for n in rec.image_labels.get(c, ())])
+    return _unique([n for c in categories for n in rec.image_labels.get(c, ())])
+
+
+def selected_categories(labels: LabelSpace, categories: Sequence[str] | None) -> tuple[str, ...]:
+    """The categories to read, in the label space's order: all (None) or `categories`.
+
+    Raises ValueError naming `categories=` and the known names for a name not in `labels`.
+    """
+    if categories is None:
+        return labels.categories
+    if isinstance(categories, str):
+        raise ValueError(f"categories={categories!r}: give a sequence of names, not a string")
+    unknown = [c for c in categories if c not in labels.categories]
+    if unknown:
+        raise ValueError(
+            f"categories={list(categories)!r}: {', '.join(map(repr, unknown))} not in the "
+            f"dataset; its categories are {', '.join(labels.categories)}"
+        )
+    return tuple(c for c in labels.categories if c in categories)
 
 
 class _open_image:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ class Subset:
         self.source, self.n = source, min(n, len(source))
         for name in ("labels", "image_size", "seg_size", "max_planes", "max_image_labels"):
             setattr(self, name, getattr(source, name))
+        if hasattr(source, "coverage"):
+            self.coverage = source.coverage
 
     def __len__(self) -> int:
         return self.n
@@ -33,8 +36,10 @@ class Subset:
     def read_image(self, i: int) -> np.ndarray:
         return self.source.read_image(self._check(i))
 
-    def read_labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.source.read_labels(self._check(i))
+    def read_labels(
+        self, i: int, categories: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.source.read_labels(self._check(i), categories)
 
     def check_labels(self, i: int) -> None:
         self.source.check_labels(self._check(i))

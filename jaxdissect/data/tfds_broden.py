@@ -11,12 +11,18 @@ through `jaxdissect.data.broden.Broden` and writes, per example:
   zlib-compressed raw bytes (exact, and cheaper to decode than PNG planes).
   Broden labels are R + 256 * G of a PNG, so uint16 always holds them.
 - `image_labels`: int32 [Q_i].
+- `plane_categories`: int32 [P_i], the category (index into the label space's
+  categories) each plane comes from; `category_image_labels` and
+  `image_label_categories`: int32, every category's image-level labels with
+  their category. With them `read_labels(i, categories)` keeps only the
+  selected categories' planes and labels, as `Broden.read_labels` does.
 - `index`: the example's position in the folder's full (`all`) ordering.
 
 Records are written unshuffled (sorted by `index`) and `TfdsBroden` checks
 every example's `index` on read, so it serves examples in the folder's order.
-The label space, padding sizes and source fingerprints live in the build's
-`metadata.json`: a build is readable without the original folder.
+The label space, each label's coverage per category (to choose primary
+categories among selected ones), padding sizes and source fingerprints live in
+the build's `metadata.json`: a build is readable without the original folder.
 
 No TensorFlow is needed: build with `file_format="array_record"` and read with
 `as_data_source`; `as_dataset` / `tfrecord` would need TensorFlow.
@@ -30,7 +36,7 @@ import io
 import operator
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +46,14 @@ from etils import epath
 from PIL import Image
 
 from jaxdissect.data import images
-from jaxdissect.data.broden import IMAGES_DIR, Broden
+from jaxdissect.data.broden import IMAGES_DIR, Broden, selected_categories
 from jaxdissect.data.files import DatasetFiles, Fingerprint, check_data_hash
 from jaxdissect.labelspace import LabelSpace
 
 RESOLUTIONS = (224, 227, 384)
 SPLITS = ("train", "val")
-# Bumped when the layout of `metadata.json` changes.
-METADATA_FORMAT = 1
+# Bumped when the layout of `metadata.json` or of the features changes.
+METADATA_FORMAT = 2
 
 _CITATION = """\
 @inproceedings{bau2017network,
@@ -87,6 +93,9 @@ def _features() -> tfds.features.FeaturesDict:
                 shape=(None, None, None), dtype=np.uint16, encoding="zlib"
             ),
             "image_labels": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "plane_categories": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "category_image_labels": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "image_label_categories": tfds.features.Tensor(shape=(None,), dtype=np.int32),
             "index": tfds.features.Scalar(dtype=np.int64),
         }
     )
@@ -115,6 +124,14 @@ def _labels_to_json(labels: LabelSpace) -> dict[str, Any]:
         "primary": [int(p) for p in labels.primary],
         "image_level": [bool(b) for b in labels.image_level],
     }
+
+
+def _coverage_to_json(coverage: np.ndarray) -> list[list[float | None]]:
+    return [[None if np.isnan(v) else float(v) for v in row] for row in coverage]
+
+
+def _coverage_from_json(rows: list[list[float | None]]) -> np.ndarray:
+    return np.asarray([[np.nan if v is None else v for v in row] for row in rows], np.float64)
 
 
 def _labels_from_json(d: dict[str, Any]) -> LabelSpace:
@@ -201,6 +218,7 @@ class BrodenBuilder(OwnCodePath, tfds.core.GeneratorBasedBuilder):
                 "resolution": resolution,
                 "source": str(root),
                 "labels": _labels_to_json(broden.labels),
+                "coverage": _coverage_to_json(broden.coverage),
                 "image_size": [int(s) for s in broden.image_size],
                 "seg_size": [int(s) for s in broden.seg_size],
                 # One letter per example of the `all` ordering: t(rain) or v(al).
@@ -225,17 +243,30 @@ class BrodenBuilder(OwnCodePath, tfds.core.GeneratorBasedBuilder):
     def _generate_examples(
         self, broden: Broden, indices: list[int]
     ) -> Iterator[tuple[int, dict[str, Any]]]:
+        categories = broden.labels.categories
         for i in indices:
             # Decoding once checks the file (size, truncation) with Broden's own errors.
             broden.read_image(i)
-            planes, image_labels = broden.read_labels(i)
+            # Category by category: each plane and image-level label keeps its category.
+            per_category = [broden.read_labels(i, (c,)) for c in categories]
+            planes = np.concatenate([p for p, _ in per_category])
+            listed = np.concatenate([q for _, q in per_category])
             yield (
                 i,
                 {
                     "image": _image_path(broden, i).read_bytes(),
                     # Exact: PNG labels are R + 256 * G, below 2**16.
-                    "pixel_labels": np.asarray(planes).astype(np.uint16),
-                    "image_labels": np.asarray(image_labels, dtype=np.int32),
+                    "pixel_labels": planes.astype(np.uint16),
+                    "image_labels": np.asarray(list(dict.fromkeys(listed.tolist())), np.int32),
+                    "plane_categories": np.repeat(
+                        np.arange(len(categories), dtype=np.int32),
+                        [len(p) for p, _ in per_category],
+                    ),
+                    "category_image_labels": listed.astype(np.int32),
+                    "image_label_categories": np.repeat(
+                        np.arange(len(categories), dtype=np.int32),
+                        [len(q) for _, q in per_category],
+                    ),
                     "index": i,
                 },
             )
@@ -359,6 +390,7 @@ class TfdsBroden:
       builder_dir: the build directory.
       split: "all", "train" or "val".
       labels: the `LabelSpace`.
+      coverage: as `Broden.coverage`.
       image_size, seg_size: as `Broden` reports them.
       max_planes, max_image_labels: P and Q, the padded sizes of this split.
       source_fingerprint: `Broden.fingerprint()` of the folder's split when it was built.
@@ -388,6 +420,7 @@ class TfdsBroden:
         if info is None:
             raise ValueError(f"{self.builder_dir} has no {split!r} examples")
         self.labels = _labels_from_json(meta["labels"])
+        self.coverage = _coverage_from_json(meta["coverage"])
         self.image_size = tuple(meta["image_size"])
         self.seg_size = tuple(meta["seg_size"])
         self.resolution = int(meta["resolution"])
@@ -454,13 +487,27 @@ class TfdsBroden:
         """Decodes image i: uint8 [ih, iw, 3] RGB."""
         return decode_image(self._raw(i)[1]["image"])
 
-    def read_labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Unpadded labels of image i: int32 [P_i, sh, sw] planes and int32 [Q_i]."""
+    def read_labels(
+        self, i: int, categories: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Unpadded labels of image i: int32 [P_i, sh, sw] planes and int32 [Q_i].
+
+        With `categories`, only those categories' planes and image-level labels, as
+        `Broden.read_labels` gives them (the others are dropped before any use).
+        """
         _, ex = self._raw(i)
-        return (
-            ex["pixel_labels"].astype(np.int32),
-            np.asarray(ex["image_labels"], dtype=np.int32),
-        )
+        if categories is None:
+            return (
+                ex["pixel_labels"].astype(np.int32),
+                np.asarray(ex["image_labels"], dtype=np.int32),
+            )
+        keep = [
+            self.labels.categories.index(c) for c in selected_categories(self.labels, categories)
+        ]
+        planes = ex["pixel_labels"][np.isin(ex["plane_categories"], keep)]
+        listed = ex["category_image_labels"][np.isin(ex["image_label_categories"], keep)]
+        image_labels = np.asarray(list(dict.fromkeys(listed.tolist())), dtype=np.int32)
+        return planes.astype(np.int32), image_labels
 
     def check_labels(self, i: int) -> None:
         """Decodes the labels of image i (checked against label.csv when the build was made)."""

@@ -8,10 +8,8 @@ jinja2 with autoescaping on: label names are data and always show as text.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
-import re
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,15 +20,16 @@ from PIL import Image
 
 from jaxdissect.report import plots
 from jaxdissect.report.strips import write_text_atomic
+from jaxdissect.results import TALLY_UNIT_OFFSET, layer_file_stems
 
 _TEMPLATES = Path(__file__).parent / "templates"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 PLOTS_DIR = "plots"
 
 
 @dataclasses.dataclass(frozen=True)
 class UnitCard:
-    """One unit's result. `unit` is 0-based and shown 0-based (the Lite tally.csv is 1-based)."""
+    """One unit's result. `unit` is the 0-based channel index, shown as is; the page says
+    that tally.csv numbers it `unit + TALLY_UNIT_OFFSET` (NetDissect-Lite)."""
 
     unit: int
     label: str
@@ -44,7 +43,7 @@ class UnitCard:
 
 @dataclasses.dataclass(frozen=True)
 class LayerPage:
-    """One dissected layer."""
+    """One dissected layer: `layer` is the name asked for, `path` its module path ("": same)."""
 
     layer: str
     num_units: int
@@ -55,6 +54,7 @@ class LayerPage:
     units: tuple[UnitCard, ...]
     # (text, relative path) of files to link from the page, e.g. ("tally.csv", "layer4/tally.csv").
     downloads: tuple[tuple[str, str], ...] = ()
+    path: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,30 +65,6 @@ class RunInfo:
     model: str
     dataset: str
     settings: dict[str, Any]
-
-
-def _slug(layer: str) -> str:
-    s = _UNSAFE.sub("_", layer).strip("._")[:80]
-    return s or "layer"
-
-
-def layer_file_stems(layers: Sequence[str]) -> list[str]:
-    """File-name-safe, unique stems for layer names ('blocks/3' -> 'blocks_3').
-
-    Uniqueness is checked case-insensitively (macOS and Windows file systems);
-    a stem that would clash gets a short hash of the full layer name.
-    """
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"duplicate layer names in {list(layers)}")
-    seen: set[str] = set()
-    stems = []
-    for layer in layers:
-        stem = _slug(layer)
-        if stem.lower() in seen:
-            stem = f"{stem}-{hashlib.sha1(layer.encode()).hexdigest()[:8]}"
-        seen.add(stem.lower())
-        stems.append(stem)
-    return stems
 
 
 def _url(path: str | os.PathLike[str], base: Path) -> str:
@@ -228,6 +204,7 @@ def _render_layer(
         colors=colors,
         unit_categories=[c for c in categories if c in present],
         downloads=[(t, _url(p, out)) for t, p in page.downloads],
+        tally_unit_offset=TALLY_UNIT_OFFSET,
     )
 
 
