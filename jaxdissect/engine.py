@@ -1,13 +1,11 @@
-"""The two passes of a dissection over a probe set, on one device or many.
+"""A dissection: two passes over a probe set, composed from statistics and the driver.
 
-Pass 1 runs the network once over every image and folds each layer's
-activations into a per-unit quantile state (sketch or exact) and each unit's
-top images; its activations can be kept (`actcache`) so that pass 2 does not
-run the network again. Pass 2 thresholds the (upsampled) maps and adds exact
-integer IoU counts. Both passes are `jax.shard_map` steps over the `data` mesh
-axis with per-device states merged at the end, checkpointed every N batches so
-that a killed run resumes, and every stage's output is stored under a key of
-everything it depends on (`store`).
+Pass 1 (`pass1_statistic`) folds each layer's activations into a per-unit quantile
+state (sketch or exact) and each unit's top images with their maps; its activations
+can be kept (`actcache`) so that pass 2 does not run the network again. Pass 2
+(`pass2_statistic`) thresholds the (upsampled) maps and adds exact integer IoU counts.
+`driver.run_pass` runs each pass (sharded, checkpointed, resumable) and every stage's
+output is stored under a key of everything it depends on (`store`).
 """
 
 from __future__ import annotations
@@ -22,24 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import PartitionSpec as P
 
-from jaxdissect import actcache, config, parallel, quantiles, store, tally, topimages
+from jaxdissect import actcache, config, driver, parallel, statistics, store, tally
 from jaxdissect.capture import Tap
-from jaxdissect.checkpoint import StreamCheckpoint
 from jaxdissect.data import loader
 from jaxdissect.data.broden import primary_categories
 from jaxdissect.labelspace import LabelSpace
 from jaxdissect.preprocess import InputSpec
+from jaxdissect.statistics import NonFiniteActivationError
 
 RESTRICTIONS = ("presence", "overlap", "none")
 QUANTILE_MODES = ("sketch", "exact")
 THRESHOLD_ON = ("raw", "upsampled")
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
-
-
-class NonFiniteActivationError(ValueError):
-    """A layer produced NaN or infinite activations."""
+# What each stage stores (part of its key: a stage stored by older code is not reused).
+_OUTPUTS = {"pass1": ("thresholds", "top_values", "top_indices", "top_maps"), "pass2": "counts"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +106,7 @@ class LayerStats:
     thresholds: np.ndarray  # float32 [K]
     top_values: np.ndarray  # float32 [T, K]
     top_indices: np.ndarray  # int32 [T, K], -1 empty
+    top_maps: np.ndarray  # float32 [T, h, w, K]: the unit's raw map on each top image
     counts: dict[str, np.ndarray]  # int64 tally counts (see jaxdissect.tally)
     shape: tuple[int, int, int]  # (h, w, K)
 
@@ -177,26 +173,14 @@ class _Fields:
         return out
 
 
-def partial_shard_map(f, **kwargs):
-    """`jax.shard_map` for per-device steps without collectives.
-
-    Each device updates its own statistics; nothing crosses devices inside a
-    step, so the varying-manual-axes type check (which would make every loop
-    carry in the statistics' code carry `pcast` annotations) is off.
-    """
-    return jax.shard_map(f, check_vma=False, **kwargs)
-
-
-def _squeeze(tree):
-    return jax.tree.map(lambda x: x[0], tree)
-
-
-def _expand(tree):
-    return jax.tree.map(lambda x: x[None], tree)
-
-
 class Dissector:
-    """Runs both passes for the layers of one `Tap` over one probe set."""
+    """A dissection of the layers of one `Tap` over one probe set: two `driver` passes.
+
+    Pass 1 folds each layer's activations into its quantile statistic and its top
+    images (with their maps, for the report) and fills the activation cache; pass 2
+    thresholds and tallies, from the cache where it holds every batch. One
+    `driver.Forward` serves both passes (compiled once).
+    """
 
     def __init__(
         self,
@@ -247,6 +231,7 @@ class Dissector:
         self.data_key = source.fingerprint()
         self._cache_request, self._cache_budget = activation_cache, cache_budget_bytes
         self.cache: actcache.ActivationCache | None = None
+        self.forward = driver.Forward(tap.fn, input_spec, self.dtype, self.mesh)
 
     # ------------------------------------------------------------ keys
 
@@ -260,195 +245,72 @@ class Dissector:
             data=self.data_key,
             input_spec=dataclasses.asdict(self.input_spec),
             settings=params,
+            outputs=_OUTPUTS[stage],
             **which,
         )
 
-    # ------------------------------------------------------------ shared step pieces
-
-    def _activations(self, variables, images):
-        acts = self.tap.fn(variables, self.input_spec(images))
-        # Rounded once, here: every statistic (and the cache) sees the same values.
-        return {k: v.astype(self.dtype).astype(jnp.float32) for k, v in acts.items()}
-
-    def _pass_loop(
-        self,
-        name: str,
-        stage_key: str,
-        state,
-        step: Callable,
-        fields: _Fields,
-        on_batch: Callable[[int, Any], None] | None = None,
-    ):
-        """Drive `state = step(state, b, batch)` over all batches, checkpointed and resumable."""
-        ckpt = None
-        start = 0
+    def _run(self, name: str, statistic: statistics.Statistic, fields: _Fields, variables, **kw):
+        checkpoint_dir = None
         if self.work_dir is not None:
-            ckpt = StreamCheckpoint(
-                self.work_dir / "checkpoints" / f"{name}-{stage_key}", self.checkpoint_every
-            )
-            state, start = ckpt.restore(state)
-            if start:
-                logging.info("%s: resuming after batch %d of %d", name, start, self.num_batches)
-        bar = _progress(
+            checkpoint_dir = self.work_dir / "checkpoints" / f"{name}-{self.stage_key(name)}"
+        return driver.run_pass(
             name,
-            self.tap.names,
-            self.num_batches,
-            start,
-            self.settings.batch_size,
-            len(self.source),
-            self.progress,
-        )
-        batches = loader.batches(
+            statistic,
             fields,
-            self.settings.batch_size,
-            start_batch=start,
+            mesh=self.mesh,
+            batch_size=self.settings.batch_size,
+            forward=self.forward,
+            variables=variables,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=self.checkpoint_every,
+            progress=self.progress,
+            description=f"[{', '.join(self.tap.names)}]",
             num_threads=self.num_threads,
             num_workers=self.num_workers,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            **kw,
         )
-        if on_batch is not None:
-            on_batch(start, None)
-        in_flight = parallel.InFlight()
-        for b, batch in enumerate(batches, start=start):
-            state = step(state, b, batch)
-            in_flight.add(state)
-            bar.update(b + 1)
-            if ckpt is not None and (b + 1) % self.checkpoint_every == 0:
-                self._before_checkpoint()
-                ckpt.maybe_save(b + 1, state)
-        bar.close()
-        if ckpt is not None:
-            self._before_checkpoint()
-            ckpt.maybe_save(self.num_batches, state, force=True)
-            ckpt.close()
-        return state
-
-    def _before_checkpoint(self):
-        # Cached rows must be on disk before a checkpoint says they were computed.
-        if self.cache is not None:
-            self.cache.flush()
 
     # ------------------------------------------------------------ pass 1
 
-    def _quantile_init(self, k: int, shape: tuple[int, int, int]):
+    def pass1_statistic(self) -> statistics.Statistic:
+        """Per layer: "q" (thresholds) and "top" (top images and their maps)."""
         s = self.settings
-        per_image = (
-            self.seg_size[0] * self.seg_size[1]
-            if s.threshold_on == "upsampled"
-            else shape[0] * shape[1]
-        )
-        total = per_image * len(self.source)
-        if s.quantile_mode == "exact":
-            return quantiles.exact_init(k, total, s.quantile)
-        kwargs = {} if s.sketch_size is None else {"size": s.sketch_size}
-        return quantiles.sketch_init(
-            k, q=s.quantile, seed=s.seed, max_count=max(total, 1), **kwargs
-        )
-
-    def _quantile_update(self, state, rows, valid):
-        if self.settings.quantile_mode == "exact":
-            return quantiles.exact_update(state, rows, valid)
-        return quantiles.sketch_update(state, rows, valid)
-
-    def _quantile_merge(self, a, b):
-        if self.settings.quantile_mode == "exact":
-            return quantiles.exact_merge(a, b)
-        return quantiles.sketch_merge(a, b)
-
-    def _quantile_threshold(self, state):
-        if self.settings.quantile_mode == "exact":
-            return quantiles.exact_threshold(state, self.settings.quantile)
-        return quantiles.sketch_threshold(state, self.settings.quantile)
-
-    def _pass1_init(self):
-        # Each device gets its own sketch seed: the merged result stays deterministic.
-        state = {}
+        per_layer = {}
         for layer in self.tap.layers:
-            shape = self.tap.shapes[layer]
-            state[layer] = {
-                "q": self._quantile_init(shape[2], shape),
-                "top": topimages.init(shape[2], self.settings.top_images),
-            }
-        return parallel.per_device(state, self.mesh)
-
-    def _pass1_local(self, state, variables, batch):
-        state = _squeeze(state)
-        acts = self._activations(variables, batch["image"])
-        valid = batch["valid"]
-        new = {}
-        for layer, a in acts.items():
-            b, h, w, k = a.shape
-            q_in = (
-                tally.upsample(a, self.seg_size) if self.settings.threshold_on == "upsampled" else a
+            h, w, k = self.tap.shapes[layer]
+            upsampled = s.threshold_on == "upsampled"
+            per_image = self.seg_size[0] * self.seg_size[1] if upsampled else h * w
+            per_layer[layer] = statistics.group(
+                {
+                    "q": statistics.quantile_statistic(
+                        layer,
+                        k,
+                        name=self.tap.name_of(layer),
+                        total_count=per_image * len(self.source),
+                        q=s.quantile,
+                        mode=s.quantile_mode,
+                        seed=s.seed,
+                        sketch_size=s.sketch_size,
+                        upsample_to=self.seg_size if upsampled else None,
+                        activation_dtype=s.activation_dtype,
+                    ),
+                    "top": statistics.top_images_statistic(layer, k, s.top_images, (h, w)),
+                }
             )
-            rows = q_in.reshape(-1, k)
-            row_valid = jnp.repeat(valid, rows.shape[0] // b)
-            new[layer] = {
-                "q": self._quantile_update(state[layer]["q"], rows, row_valid),
-                "top": topimages.update(state[layer]["top"], a, batch["index"], valid),
-            }
-        cached = {k: v.astype(self.dtype) for k, v in acts.items()}
-        return _expand(new), cached
+        return statistics.group(per_layer)
 
     def run_pass1(self, variables) -> dict[str, dict[str, np.ndarray]]:
-        """Thresholds and top images per layer (also fills the activation cache)."""
-        spec_state = P(parallel.AXIS)
-        step = jax.jit(
-            partial_shard_map(
-                self._pass1_local,
-                mesh=self.mesh,
-                in_specs=(spec_state, P(), P(parallel.AXIS)),
-                out_specs=(spec_state, P(parallel.AXIS)),
-            ),
-            donate_argnums=(0,),
-        )
-        variables = parallel.replicate(variables, self.mesh)
+        """Thresholds, top images and their maps per layer (also fills the activation cache)."""
         self._setup_cache()
-        key = self.stage_key("pass1")
-        cache = self.cache
-
-        def run(state, b, batch):
-            state, acts = step(state, variables, parallel.put_batch(batch, self.mesh))
-            if cache.enabled:
-                cache.put(b, acts)
-            return state
-
-        def on_start(b, _):
-            cache.resume_at(b)
-
-        fields = _Fields(self.source, images=True, labels=False)
-        state = self._pass_loop("pass1", key, self._pass1_init(), run, fields, on_start)
-        state = parallel.gather_to_host(state)
-        out = {}
-        for layer in self.tap.layers:
-            per_dev = parallel.unstack(state[layer])
-            q = per_dev[0]["q"]
-            top = per_dev[0]["top"]
-            for d in per_dev[1:]:
-                q = self._quantile_merge(q, d["q"])
-                top = topimages.merge(top, d["top"])
-            nonfinite = np.asarray(q.nonfinite)
-            if nonfinite.any():
-                units = np.flatnonzero(nonfinite)
-                raise NonFiniteActivationError(
-                    f"layer {self.tap.name_of(layer)!r}: {int(nonfinite.sum())} NaN/inf "
-                    f"activations in units {units[:20].tolist()}"
-                    f"{' ...' if len(units) > 20 else ''}. Check the model's weights and input "
-                    "normalisation"
-                    + (
-                        f"; with --activation_dtype={self.settings.activation_dtype} values beyond "
-                        "its range overflow: try --activation_dtype=float32"
-                        if self.settings.activation_dtype == "float16"
-                        else ""
-                    )
-                )
-            out[layer] = {
-                "thresholds": np.asarray(self._quantile_threshold(q), np.float32),
-                "top_values": np.asarray(top.values),
-                "top_indices": np.asarray(top.indices),
-            }
-        return out
+        out = self._run(
+            "pass1",
+            self.pass1_statistic(),
+            _Fields(self.source, images=True, labels=False),
+            variables,
+            cache=self.cache,
+            cache_mode="write",
+        )
+        return {layer: {**parts["q"], **parts["top"]} for layer, parts in out.items()}
 
     def _setup_cache(self):
         per_example = sum(int(np.prod(s)) for s in self.tap.shapes.values()) * self.dtype.itemsize
@@ -464,122 +326,36 @@ class Dissector:
 
     # ------------------------------------------------------------ pass 2
 
-    def _pass2_init(self):
-        state = {
-            layer: tally.tally_init(self.tap.shapes[layer][2], self.labels)
-            for layer in self.tap.layers
-        }
-        return parallel.per_device(state, self.mesh)
-
-    def _count(self, state, acts, thresholds, batch):
-        new = {}
-        for layer, a in acts.items():
-            counts = tally.batch_counts(
-                a.astype(jnp.float32),
-                thresholds[layer],
-                batch,
-                jnp.asarray(self.labels.primary),
-                self.labels.num_categories,
-                restriction=self.settings.restriction,
-                method=self.tally_method,
-            )
-            new[layer] = tally.tally_add(state[layer], counts)
-        return new
-
-    def _pass2_local_forward(self, state, variables, thresholds, batch):
-        acts = self._activations(variables, batch["image"])
-        return _expand(self._count(_squeeze(state), acts, thresholds, batch))
-
-    def _pass2_local_cached(self, state, thresholds, acts, batch):
-        return _expand(self._count(_squeeze(state), acts, thresholds, batch))
+    def pass2_statistic(self, thresholds: Mapping[str, np.ndarray]) -> statistics.Statistic:
+        """Per layer, the exact IoU counts at `thresholds`."""
+        return statistics.group(
+            {
+                layer: statistics.tally_statistic(
+                    layer,
+                    thresholds[layer],
+                    self.labels,
+                    restriction=self.settings.restriction,
+                    method=self.tally_method,
+                )
+                for layer in self.tap.layers
+            }
+        )
 
     def run_pass2(self, variables, thresholds: Mapping[str, np.ndarray]) -> dict[str, dict]:
-        data = P(parallel.AXIS)
-        forward = jax.jit(
-            partial_shard_map(
-                self._pass2_local_forward,
-                mesh=self.mesh,
-                in_specs=(data, P(), P(), data),
-                out_specs=data,
-            ),
-            donate_argnums=(0,),
-        )
-        cached = jax.jit(
-            partial_shard_map(
-                self._pass2_local_cached,
-                mesh=self.mesh,
-                in_specs=(data, P(), data, data),
-                out_specs=data,
-            ),
-            donate_argnums=(0,),
-        )
-        variables = parallel.replicate(variables, self.mesh)
-        thr = parallel.replicate({k: jnp.asarray(v) for k, v in thresholds.items()}, self.mesh)
         cache = self.cache
         use_cache = (
             cache is not None and cache.enabled and cache.lo == 0 and cache.hi == self.num_batches
         )
-        fields = _Fields(
-            self.source, images=not use_cache, labels=True, categories=self.settings.categories
+        return self._run(
+            "pass2",
+            self.pass2_statistic(thresholds),
+            _Fields(
+                self.source, images=not use_cache, labels=True, categories=self.settings.categories
+            ),
+            variables,
+            cache=cache,
+            cache_mode="read" if cache is not None else None,
         )
-
-        def run(state, b, batch):
-            batch = dict(batch)
-            if cache is not None and cache.has(b):
-                acts = cache.get(b)
-                if cache.kind != "device":
-                    acts = parallel.put_batch(acts, self.mesh)
-                batch.pop("image", None)
-                return cached(state, thr, acts, parallel.put_batch(batch, self.mesh))
-            if "image" not in batch:  # only when the cache has a gap (never with use_cache)
-                raise RuntimeError(f"batch {b} is neither cached nor read with images")
-            return forward(state, variables, thr, parallel.put_batch(batch, self.mesh))
-
-        state = self._pass_loop("pass2", self.stage_key("pass2"), self._pass2_init(), run, fields)
-        state = parallel.gather_to_host(state)
-        out = {}
-        for layer in self.tap.layers:
-            per_dev = parallel.unstack(state[layer])
-            merged = per_dev[0]
-            for d in per_dev[1:]:
-                merged = tally.tally_merge(merged, d)
-            out[layer] = tally.tally_to_numpy(merged)
-        return out
-
-    # ------------------------------------------------------------ maps for the report
-
-    def unit_maps(self, variables, top_indices: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Per layer, each unit's maps on its top images: float32 [T, h, w, K].
-
-        Runs the network again, on the images that are some unit's top image only
-        (rounded to `activation_dtype` like the passes, so masks match the tally).
-        Slots without an image (index -1) stay zero.
-        """
-        wanted = np.unique(np.concatenate([np.ravel(v) for v in top_indices.values()]))
-        wanted = wanted[wanted >= 0]
-        out = {
-            layer: np.zeros((idx.shape[0], *self.tap.shapes[layer][:2], idx.shape[1]), np.float32)
-            for layer, idx in top_indices.items()
-        }
-        if not len(wanted):
-            return out
-        fn = jax.jit(self._activations)
-        variables = jax.device_put(variables, jax.local_devices()[0])
-        bs = self.settings.batch_size
-        for start in range(0, len(wanted), bs):
-            chunk = wanted[start : start + bs]
-            images = np.stack([np.asarray(self.source.read_image(int(i)), np.uint8) for i in chunk])
-            pad = bs - len(chunk)  # fixed shapes: one compilation
-            if pad:
-                images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
-            acts = jax.device_get(fn(variables, images))
-            pos = {int(i): j for j, i in enumerate(chunk)}
-            for layer, idx in top_indices.items():
-                a = acts[layer]
-                slots, units = np.nonzero(np.isin(idx, chunk))
-                for t, k in zip(slots, units, strict=True):
-                    out[layer][t, :, :, k] = a[pos[int(idx[t, k])], :, :, k]
-        return out
 
     # ------------------------------------------------------------ both, with stage caching
 
@@ -602,6 +378,7 @@ class Dissector:
                 thresholds=thresholds[layer],
                 top_values=p1[layer]["top_values"],
                 top_indices=p1[layer]["top_indices"],
+                top_maps=p1[layer]["top_maps"],
                 counts=p2[layer],
                 shape=self.tap.shapes[layer],
             )
@@ -610,63 +387,28 @@ class Dissector:
 
     def _stage(self, stage: str, compute: Callable[[], dict[str, dict[str, np.ndarray]]]):
         """Per-layer arrays of a stage, loaded if stored under its key, else computed and stored."""
-        if self.work_dir is None:
-            return compute()
-        stages = {
-            layer: store.Stage(self.work_dir / "stages", f"{stage}", self.stage_key(stage, layer))
-            for layer in self.tap.layers
-        }
-        if all(s.done for s in stages.values()):
-            logging.info(
-                "%s: reusing stored results (%s)",
-                stage,
-                ", ".join(str(s.dir) for s in stages.values()),
-            )
-            return {layer: store.load_arrays(s.path("arrays.npz")) for layer, s in stages.items()}
-        result = compute()
-        if jax.process_index() == 0:
-            for layer, s in stages.items():
-                store.save_arrays(s.path("arrays.npz"), result[layer])
-                s.mark_done(
-                    {
-                        "layer": layer,
-                        "model": self.model_key,
-                        "data": self.data_key,
-                        "settings": self.settings.pass2()
-                        if stage == "pass2"
-                        else self.settings.pass1(),
-                    }
-                )
-        return result
+        params = self.settings.pass2() if stage == "pass2" else self.settings.pass1()
+        return driver.stage_outputs(
+            None if self.work_dir is None else self.work_dir / "stages",
+            stage,
+            {layer: self.stage_key(stage, layer) for layer in self.tap.layers},
+            {
+                layer: {
+                    "layer": layer,
+                    "model": self.model_key,
+                    "data": self.data_key,
+                    "settings": params,
+                }
+                for layer in self.tap.layers
+            },
+            compute,
+        )
 
 
-def _progress(name, layers, total, start, batch_size, num_images, enabled):
-    return _Bar(f"{name} [{', '.join(layers)}]", total, start, batch_size, num_images, enabled)
-
-
-class _Bar:
-    """A tqdm bar in images with images/s and ETA (quiet when disabled or not process 0)."""
-
-    def __init__(self, desc, total_batches, start, batch_size, num_images, enabled):
-        self.batch_size, self.num_images = batch_size, num_images
-        self.bar = None
-        if enabled and jax.process_index() == 0:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=num_images,
-                initial=min(start * batch_size, num_images),
-                desc=desc,
-                unit="img",
-                dynamic_ncols=True,
-                smoothing=0.1,
-            )
-
-    def update(self, batches_done):
-        if self.bar is not None:
-            self.bar.n = min(batches_done * self.batch_size, self.num_images)
-            self.bar.refresh()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+__all__ = [
+    "Dissector",
+    "LayerStats",
+    "NonFiniteActivationError",
+    "Settings",
+    "restrict_categories",
+]

@@ -2,9 +2,10 @@
 
 Batches are split over the `data` axis of a mesh spanning every device of every
 host. Each device keeps its own streaming statistics (a leading device axis,
-sharded over `data`), updated by `jax.shard_map` steps with no communication;
-the per-device states are merged once at the end with the statistics' own
-associative merges. So 1 device and 8 devices run the same code and give the
+sharded over `data`, each device's own initial state: `statistics.stack_shards`),
+updated by `jax.shard_map` steps with no communication (`driver.run_pass`); the
+per-device states are merged once at the end with the statistics' own associative
+merges (`statistics.merge_devices`). So 1 device and 8 devices run the same code and give the
 same integer counts.
 """
 
@@ -128,23 +129,8 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
-def per_device(state: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Stack one copy of `state` per device, sharded so each device owns one."""
-    n = mesh.devices.size
-    stacked = jax.tree.map(
-        lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))).copy(), state
-    )
-    return jax.device_put(stacked, sharded(mesh))
-
-
 def gather_to_host(tree: Any) -> Any:
     """Every process gets the full value of (possibly multi-host) global arrays."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def unstack(tree: Any) -> list[Any]:
-    """Split a leading device axis into a list of per-device pytrees."""
-    n = jax.tree.leaves(tree)[0].shape[0]
-    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]

@@ -173,7 +173,7 @@ def dissect(
         "thresholds": {r.layer: stats[r.path].thresholds.tolist() for r in layer_results},
     }
     if options.report:
-        maps = dissector.unit_maps(tap.variables, {k: v.top_indices for k, v in stats.items()})
+        maps = {layer: s.top_maps for layer, s in stats.items()}  # kept by pass 1
         write_report(
             out, model.name, dataset_name, run_settings, layer_results, stats, maps, source, options
         )

@@ -1,0 +1,65 @@
+"""Masks of Network Dissection as plain jittable functions.
+
+- A unit's mask on an image: its activation map upsampled to the segmentation size
+  (`tally.upsample`: bilinear, half-pixel centres, edge clamping) and thresholded
+  strictly, M_k(x) = S_k(x) > T_k, as the tally counts it.
+- A concept's mask on an image: pixels where any plane holds the label, or the
+  whole image when it is an image-level label of the image; label 0 and numbers
+  outside [1, num_labels) are never a concept.
+
+The tally counts with fused versions of these (it never builds a concept mask);
+compositional explanations, segmentations and tests build on these.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxdissect.tally import upsample
+
+
+def unit_masks(acts: jax.Array, thresholds: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """bool [B, sh, sw, K]: each unit's thresholded upsampled map on each image.
+
+    acts: [B, h, w, K] activations; thresholds: [K]; size: (sh, sw), static.
+    """
+    thresholds = jnp.asarray(thresholds, jnp.float32)
+    return upsample(acts, size) > thresholds
+
+
+def unit_mask(act_map: jax.Array, threshold: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """bool [sh, sw]: one unit's mask from its map [h, w] and threshold."""
+    return unit_masks(act_map[None, :, :, None], jnp.reshape(threshold, (1,)), size)[0, :, :, 0]
+
+
+def concept_masks(
+    pixel_labels: jax.Array,
+    image_labels: jax.Array,
+    concepts: jax.Array,
+    num_labels: int | None = None,
+) -> jax.Array:
+    """bool [B, C, sh, sw]: the mask of each concept of `concepts` [C] on each image.
+
+    pixel_labels: int [B, P, sh, sw] (planes); image_labels: int [B, Q] (0: none).
+    Concepts 0 and (with `num_labels`) numbers >= num_labels give empty masks.
+    """
+    pixel_labels = jnp.asarray(pixel_labels)
+    image_labels = jnp.asarray(image_labels)
+    concepts = jnp.asarray(concepts, pixel_labels.dtype)
+    real = concepts > 0
+    if num_labels is not None:
+        real &= concepts < num_labels
+    c = concepts[None, :, None, None, None]
+    pixel = (pixel_labels[:, None] == c).any(axis=2)  # [B, C, sh, sw]
+    whole = (image_labels[:, None, :] == concepts[None, :, None]).any(axis=2)  # [B, C]
+    return (pixel | whole[:, :, None, None]) & real[None, :, None, None]
+
+
+def concept_mask(
+    pixel_labels: jax.Array, image_labels: jax.Array, concept: int | jax.Array
+) -> jax.Array:
+    """bool [sh, sw]: concept's mask on one image (pixel_labels [P, sh, sw], image_labels [Q])."""
+    return concept_masks(
+        jnp.asarray(pixel_labels)[None], jnp.asarray(image_labels)[None], jnp.reshape(concept, (1,))
+    )[0, 0]

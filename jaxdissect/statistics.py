@@ -1,0 +1,277 @@
+"""Streaming statistics of a pass over the probe set: one protocol for all of them.
+
+A `Statistic` is four functions over a pytree state, in the style of optax's
+transformations:
+
+- `init(shard) -> state`: the empty state of shard `shard` (the device's position
+  in the global `data` mesh, unique over the devices of every host), so that
+  randomised statistics draw independent coins per device (`shard_seed`).
+- `update(state, batch) -> state`: pure and jittable. `batch` holds the loader's
+  fields of this device's rows (`index`, `valid`, and `pixel_labels`/`image_labels`
+  where the pass reads labels) and `acts`: {layer: float32 [B, h, w, K]}.
+- `merge(a, b) -> state`: pure and jittable, associative (bitwise for the exact
+  statistics; up to the sketch's error for the sketch). `merge_devices` merges a
+  stacked per-device state with it; the engine and the tests use the same function.
+- `finalize(state) -> {name: numpy array}`: host side, what the pass stores.
+
+Constants a statistic needs (a pass-2 tally's thresholds) live in its state, so a
+statistic is self-contained and a driver needs to know nothing about it. `group`
+makes one statistic of several (a dict state); adding a statistic to a pass, or a
+pass to a dissection, touches no driver code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdissect import quantiles, tally, topimages
+from jaxdissect.labelspace import LabelSpace
+
+State = Any
+Batch = Mapping[str, Any]
+
+
+class NonFiniteActivationError(ValueError):
+    """A layer produced NaN or infinite activations."""
+
+
+class Statistic(NamedTuple):
+    """A mergeable streaming statistic (see the module docstring)."""
+
+    init: Callable[[int], State]
+    update: Callable[[State, Batch], State]
+    merge: Callable[[State, State], State]
+    finalize: Callable[[State], dict[str, np.ndarray]]
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """The seed of shard `shard`: `seed` itself for shard 0, distinct for every other.
+
+    Successive splitmix64 increments, which the sketch's own seed hashing scrambles
+    into independent coin streams.
+    """
+    return (int(seed) + int(shard) * 0x9E3779B97F4A7C15) % 2**64
+
+
+def _reduce_pairs(merge: Callable[[State, State], State], stacked: State) -> State:
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    while n > 1:
+        pairs = n // 2
+        a = jax.tree.map(lambda x, p=pairs: x[0 : 2 * p : 2], stacked)
+        b = jax.tree.map(lambda x, p=pairs: x[1 : 2 * p : 2], stacked)
+        merged = jax.vmap(merge)(a, b)
+        if n % 2:
+            merged = jax.tree.map(lambda m, x: jnp.concatenate([m, x[-1:]]), merged, stacked)
+        stacked, n = merged, pairs + n % 2
+    return jax.tree.map(lambda x: x[0], stacked)
+
+
+_reduce_pairs_jit = jax.jit(_reduce_pairs, static_argnums=0)
+
+
+def merge_devices(merge: Callable[[State, State], State], stacked: State) -> State:
+    """Merge states stacked on a leading (device) axis: a jitted pairwise tree reduction.
+
+    Shard 2i merges with 2i+1 at each level (an odd last one moves up unchanged), so
+    the result depends only on the stacked values, not on hosts or the backend's
+    scheduling.
+    """
+    if jax.tree.leaves(stacked)[0].shape[0] == 1:
+        return jax.tree.map(lambda x: x[0], stacked)
+    return _reduce_pairs_jit(merge, stacked)
+
+
+def stack_shards(statistic: Statistic, num_shards: int) -> State:
+    """`init(shard)` of every shard, stacked on a leading axis (numpy, host)."""
+    states = [jax.device_get(statistic.init(i)) for i in range(num_shards)]
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
+
+
+def group(statistics: Mapping[str, Statistic]) -> Statistic:
+    """Several statistics as one, with a dict state (and a dict of finalized dicts)."""
+    stats = dict(statistics)
+
+    def init(shard: int) -> dict[str, State]:
+        return {name: s.init(shard) for name, s in stats.items()}
+
+    def update(state: dict[str, State], batch: Batch) -> dict[str, State]:
+        return {name: s.update(state[name], batch) for name, s in stats.items()}
+
+    def merge(a: dict[str, State], b: dict[str, State]) -> dict[str, State]:
+        return {name: s.merge(a[name], b[name]) for name, s in stats.items()}
+
+    def finalize(state: dict[str, State]) -> dict[str, Any]:
+        return {name: s.finalize(state[name]) for name, s in stats.items()}
+
+    return Statistic(init, update, merge, finalize)
+
+
+# ----------------------------------------------------------------------------- pass 1
+
+
+def quantile_statistic(
+    layer: str,
+    num_units: int,
+    *,
+    total_count: int,
+    q: float,
+    mode: str,
+    seed: int = 0,
+    sketch_size: int | None = None,
+    upsample_to: tuple[int, int] | None = None,
+    activation_dtype: str = "float32",
+    name: str | None = None,
+) -> Statistic:
+    """Each unit's threshold T_k of `layer` (`quantiles`), `mode` "exact" or "sketch".
+
+    name: the layer's name in messages (default: `layer`).
+
+    total_count: values per unit over the whole probe set (all shards together).
+    upsample_to: threshold the maps upsampled to this size (the PNAS variant).
+    finalize gives {"thresholds": float32 [K]} and raises `NonFiniteActivationError`
+    where the layer produced NaN or inf.
+    """
+    if mode not in ("exact", "sketch"):
+        raise ValueError(f"quantile_mode={mode!r}; allowed values: sketch, exact")
+
+    def init(shard: int):
+        if mode == "exact":
+            return quantiles.exact_init(num_units, total_count, q)
+        kwargs = {} if sketch_size is None else {"size": sketch_size}
+        return quantiles.sketch_init(
+            num_units,
+            q=q,
+            seed=shard_seed(seed, shard),
+            max_count=max(total_count, 1),
+            **kwargs,
+        )
+
+    def update(state, batch):
+        a = batch["acts"][layer]
+        b = a.shape[0]
+        if upsample_to is not None:
+            a = tally.upsample(a, upsample_to)
+        rows = a.reshape(-1, num_units)
+        valid = jnp.repeat(batch["valid"], rows.shape[0] // b)
+        if mode == "exact":
+            return quantiles.exact_update(state, rows, valid)
+        return quantiles.sketch_update(state, rows, valid)
+
+    merge = quantiles.exact_merge if mode == "exact" else quantiles.sketch_merge
+
+    def finalize(state):
+        nonfinite = np.asarray(state.nonfinite)
+        if nonfinite.any():
+            units = np.flatnonzero(nonfinite)
+            hint = ""
+            if activation_dtype == "float16":
+                hint = (
+                    f"; with --activation_dtype={activation_dtype} values beyond its range "
+                    "overflow: try --activation_dtype=float32"
+                )
+            raise NonFiniteActivationError(
+                f"layer {name or layer!r}: {int(nonfinite.sum())} NaN/inf activations in units "
+                f"{units[:20].tolist()}{' ...' if len(units) > 20 else ''}. Check the model's "
+                "weights and input normalisation" + hint
+            )
+        if mode == "exact":
+            thresholds = quantiles.exact_threshold(state, q)
+        else:
+            thresholds = quantiles.sketch_threshold(state, q)
+        return {"thresholds": np.asarray(thresholds, np.float32)}
+
+    return Statistic(init, update, merge, finalize)
+
+
+def top_images_statistic(
+    layer: str, num_units: int, k: int, map_size: tuple[int, int] | None = None
+) -> Statistic:
+    """Each unit's `k` top images of `layer` by peak activation (`topimages`), with
+    their raw maps when `map_size` (h, w) is given.
+
+    finalize gives {"top_values", "top_indices"} and, with maps, "top_maps"
+    float32 [k, h, w, K].
+    """
+
+    def init(shard: int):
+        return topimages.init(num_units, k, map_size)
+
+    def update(state, batch):
+        return topimages.update(state, batch["acts"][layer], batch["index"], batch["valid"])
+
+    def finalize(state):
+        out = {"top_values": np.asarray(state.values), "top_indices": np.asarray(state.indices)}
+        if state.maps is not None:
+            out["top_maps"] = np.asarray(state.maps, np.float32)
+        return out
+
+    return Statistic(init, update, topimages.merge, finalize)
+
+
+# ----------------------------------------------------------------------------- pass 2
+
+
+def tally_statistic(
+    layer: str,
+    thresholds: np.ndarray,
+    labels: LabelSpace,
+    *,
+    restriction: str,
+    method: str = "auto",
+) -> Statistic:
+    """Exact IoU counts of `layer`'s units thresholded at `thresholds` (`tally`).
+
+    The thresholds ride in the state, so one compiled step serves any thresholds.
+    finalize gives the int64 counts of `tally.tally_to_numpy`.
+    """
+    thresholds = np.asarray(thresholds, np.float32)
+    num_units = thresholds.shape[0]
+    primary = np.asarray(labels.primary, np.int32)
+    num_categories = labels.num_categories
+
+    def init(shard: int):
+        return {
+            "thresholds": jnp.asarray(thresholds),
+            "counts": tally.tally_init(num_units, labels),
+        }
+
+    def update(state, batch):
+        counts = tally.batch_counts(
+            batch["acts"][layer],
+            state["thresholds"],
+            batch,
+            jnp.asarray(primary),
+            num_categories,
+            restriction=restriction,
+            method=method,
+        )
+        return {**state, "counts": tally.tally_add(state["counts"], counts)}
+
+    def merge(a, b):
+        return {
+            "thresholds": a["thresholds"],
+            "counts": tally.tally_merge(a["counts"], b["counts"]),
+        }
+
+    def finalize(state):
+        return tally.tally_to_numpy(state["counts"])
+
+    return Statistic(init, update, merge, finalize)
+
+
+__all__ = [
+    "NonFiniteActivationError",
+    "Statistic",
+    "group",
+    "merge_devices",
+    "quantile_statistic",
+    "shard_seed",
+    "stack_shards",
+    "tally_statistic",
+    "top_images_statistic",
+]

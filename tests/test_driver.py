@@ -1,0 +1,133 @@
+"""The pass driver with statistics it has never seen: resume, a third pass, one compile."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdissect import capture, driver, engine, masks, parallel, statistics
+from jaxdissect.data import synthetic
+from jaxdissect.data.broden import Broden
+from jaxdissect.preprocess import InputSpec
+
+
+def _count_above(layer: str, units: int, level: float) -> statistics.Statistic:
+    """A toy statistic: per unit, the values above `level`, and the images seen."""
+
+    def init(shard):
+        return {"above": jnp.zeros((units,), jnp.int32), "images": jnp.zeros((), jnp.int32)}
+
+    def update(state, batch):
+        a = batch["acts"][layer]
+        hit = (a > level) & batch["valid"][:, None, None, None]
+        return {
+            "above": state["above"] + hit.sum((0, 1, 2), dtype=jnp.int32),
+            "images": state["images"] + batch["valid"].sum(dtype=jnp.int32),
+        }
+
+    def merge(a, b):
+        return jax.tree.map(jnp.add, a, b)
+
+    return statistics.Statistic(init, update, merge, lambda s: jax.tree.map(np.asarray, s))
+
+
+class _Values:
+    """Examples whose "image" is the activation map itself; can fail at one index."""
+
+    def __init__(self, values, fail_at=None):
+        self.values, self.fail_at, self.read = values, fail_at, []
+
+    def __len__(self):
+        return len(self.values)
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise OSError(f"disk gone at image {i}")
+        self.read.append(i)
+        return {"index": np.int32(i), "image": self.values[i]}
+
+
+def _run(source, tmp_path, devices=2):
+    return driver.run_pass(
+        "toy",
+        _count_above("l", 3, 0.5),
+        source,
+        mesh=parallel.data_mesh(devices),
+        batch_size=4,
+        forward=jax.jit(lambda v, x: {"l": x}),
+        checkpoint_dir=tmp_path / "ckpt",
+        checkpoint_every=1,
+        num_threads=0,
+    )
+
+
+def test_a_new_statistic_resumes_after_a_crash(tmp_path):
+    values = np.random.default_rng(0).random((30, 2, 2, 3)).astype(np.float32)
+    want = {
+        "above": (values > 0.5).sum((0, 1, 2)),
+        "images": np.int32(30),
+    }
+    with pytest.raises(OSError, match="image 21"):
+        _run(_Values(values, fail_at=21), tmp_path)
+    again = _Values(values)
+    got = _run(again, tmp_path)
+    # Batches 0-4 (images 0-19) came from the checkpoint (the loader reads image 0 for
+    # the shapes of padding).
+    assert set(again.read) - {0} == set(range(20, 30))
+    np.testing.assert_array_equal(got["above"], want["above"])
+    assert int(got["images"]) == 30
+
+
+SPEC = InputSpec(32, (120.0, 120.0, 120.0), (60.0, 60.0, 60.0))
+
+
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(6, (3, 3), strides=2, name="conv1")(x))
+        return nn.Conv(4, (3, 3), strides=2, name="conv2")(x).mean((1, 2))
+
+
+def test_a_third_pass_composes_from_outside_and_the_network_compiles_once(tmp_path):
+    probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=13))
+    model = _Net()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    tap = capture.make_tap(model, variables, ("conv1",), input_shape=(32, 32, 3))
+    settings = engine.Settings(quantile=0.05, quantile_mode="exact", batch_size=8)
+    dissector = engine.Dissector(
+        tap,
+        probe,
+        settings,
+        input_spec=SPEC,
+        model_key="net",
+        mesh=parallel.data_mesh(2),
+        progress=False,
+        num_threads=0,
+        activation_cache="none",  # pass 2 runs the network again
+    )
+    stats = dissector.run(tap.variables)["conv1"]
+
+    # Pass 3: the unit masks' pixels, counted by a statistic the driver has never seen.
+    thresholds = jnp.asarray(stats.thresholds)
+
+    def init(shard):
+        return jnp.zeros((6,), jnp.int32)
+
+    def update(state, batch):
+        m = masks.unit_masks(batch["acts"]["conv1"], thresholds, probe.seg_size)
+        return state + (m & batch["valid"][:, None, None, None]).sum((0, 1, 2), dtype=jnp.int32)
+
+    pixels = driver.run_pass(
+        "pass3",
+        statistics.Statistic(init, update, jnp.add, np.asarray),
+        engine._Fields(probe, images=True, labels=False),
+        mesh=dissector.mesh,
+        batch_size=8,
+        forward=dissector.forward,
+        variables=tap.variables,
+        num_threads=0,
+    )
+    np.testing.assert_array_equal(pixels, stats.counts["unit_total"])
+    # One compiled forward served passes 1, 2 and 3.
+    assert dissector.forward._step._cache_size() == 1

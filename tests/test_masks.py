@@ -1,0 +1,70 @@
+"""Unit and concept masks against the slow reference, with ties and odd label numbers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdissect import masks, tally
+from tests import reference
+
+
+def _reference_concept(pixel: np.ndarray, image: np.ndarray, c: int, num_labels: int):
+    if not 1 <= c < num_labels:
+        return np.zeros(pixel.shape[1:], bool)
+    if c in image.tolist():
+        return np.ones(pixel.shape[1:], bool)
+    return (pixel == c).any(axis=0)
+
+
+def test_unit_masks_match_reference_with_real_ties():
+    probe = reference.random_probe(1)  # dyadic: thresholds equal to attainable values
+    acts, thresholds = probe["acts"], probe["thresholds"]
+    size = probe["pixel_labels"].shape[2:]
+    got = np.asarray(jax.jit(masks.unit_masks, static_argnums=2)(acts, thresholds, size))
+    ties = 0
+    for x in range(acts.shape[0]):
+        for k in range(acts.shape[-1]):
+            up = reference.reference_upsample(acts[x, :, :, k], size)
+            np.testing.assert_array_equal(got[x, :, :, k], up > thresholds[k])
+            ties += int((up == thresholds[k]).sum())
+            one = masks.unit_mask(jnp.asarray(acts[x, :, :, k]), thresholds[k], size)
+            np.testing.assert_array_equal(np.asarray(one), got[x, :, :, k])
+    assert ties > 0  # the strict rule was exercised
+    assert not got[..., 0].any()  # a dead unit at threshold 0 marks nothing
+
+
+def test_concept_masks_match_reference():
+    probe = reference.random_probe(2)
+    pixel, image = probe["pixel_labels"], probe["image_labels"]
+    num_labels = probe["labels"].num_labels
+    # Every label used, 0, a negative number and numbers beyond the label space.
+    concepts = np.unique(np.concatenate([pixel.ravel(), image.ravel(), [0, num_labels + 5]]))
+    got = np.asarray(
+        jax.jit(masks.concept_masks, static_argnums=3)(pixel, image, concepts, num_labels)
+    )
+    for x in range(pixel.shape[0]):
+        for j, c in enumerate(concepts):
+            want = _reference_concept(pixel[x], image[x], int(c), num_labels)
+            np.testing.assert_array_equal(got[x, j], want, err_msg=f"image {x}, concept {c}")
+    one = masks.concept_mask(pixel[4], image[4], int(image[4, 0]))
+    assert np.asarray(one).all()  # an image-level label covers the whole image
+
+
+def test_masks_give_the_tallys_intersections():
+    probe = reference.random_probe(3)
+    acts, thresholds = probe["acts"], probe["thresholds"]
+    pixel, image = probe["pixel_labels"], probe["image_labels"]
+    labels = probe["labels"]
+    size = pixel.shape[2:]
+    counts = tally.batch_counts(
+        acts,
+        thresholds,
+        {"pixel_labels": pixel, "image_labels": image},
+        labels.primary,
+        labels.num_categories,
+    )
+    concepts = np.arange(labels.num_labels)
+    unit = np.asarray(masks.unit_masks(acts, thresholds, size))  # [B, sh, sw, K]
+    concept = np.asarray(masks.concept_masks(pixel, image, concepts, labels.num_labels))
+    inter = np.einsum("bhwk,bchw->kc", unit.astype(np.int64), concept.astype(np.int64))
+    np.testing.assert_array_equal(inter, np.asarray(counts["intersection"]))

@@ -1,0 +1,162 @@
+"""The statistics protocol: merges, per-device seeds, and the sketch merged over 8 devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdissect import driver, parallel, quantiles, statistics
+from tests import reference
+
+Q = 0.01
+
+
+class _Values:
+    """A source whose "image" rows are the activations themselves: [N, h, w, K]."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+
+    def __len__(self):
+        return len(self.values)
+
+    def __getitem__(self, i):
+        return {"index": np.int32(i), "image": self.values[i]}
+
+
+def _identity(variables, images):
+    return {"l": images}
+
+
+def _run(statistic, values, devices, batch_size=8, **kw):
+    return driver.run_pass(
+        "test",
+        statistic,
+        _Values(values),
+        mesh=parallel.data_mesh(devices),
+        batch_size=batch_size,
+        forward=jax.jit(_identity),
+        num_threads=0,
+        **kw,
+    )
+
+
+def _random_states(statistic, values, parts):
+    """States of `statistic` over disjoint slices of `values` (host, one device)."""
+    update = jax.jit(statistic.update)
+    states = []
+    for i, rows in enumerate(np.array_split(np.arange(len(values)), parts)):
+        state = statistic.init(i)
+        for start in range(0, len(rows), 4):
+            idx = rows[start : start + 4]
+            pad = 4 - len(idx)
+            acts = np.concatenate([values[idx], np.full((pad, *values.shape[1:]), 7.0, "f4")])
+            batch = {
+                "acts": {"l": jnp.asarray(acts)},
+                "index": jnp.asarray(np.concatenate([idx, -np.ones(pad, int)]), jnp.int32),
+                "valid": jnp.arange(4) < len(idx),
+                "pixel_labels": jnp.asarray(PROBE["pixel_labels"][idx]),
+                "image_labels": jnp.asarray(PROBE["image_labels"][idx]),
+            }
+            if pad:
+                batch["pixel_labels"] = jnp.pad(batch["pixel_labels"], ((0, pad),) + ((0, 0),) * 3)
+                batch["image_labels"] = jnp.pad(batch["image_labels"], ((0, pad), (0, 0)))
+            state = update(state, batch)
+        states.append(state)
+    return states
+
+
+PROBE = reference.random_probe(4, num_images=23)
+
+
+def _exact_statistics():
+    values = PROBE["acts"]
+    _, h, w, k = values.shape
+    n = len(values)
+    return values, {
+        "quantiles": statistics.quantile_statistic(
+            "l", k, total_count=n * h * w, q=0.1, mode="exact"
+        ),
+        "top": statistics.top_images_statistic("l", k, 3, (h, w)),
+        "tally": statistics.tally_statistic(
+            "l", PROBE["thresholds"], PROBE["labels"], restriction="overlap"
+        ),
+    }
+
+
+def _assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("name", ["quantiles", "top", "tally"])
+def test_exact_merges_are_associative_and_commutative_bitwise(name):
+    values, stats = _exact_statistics()
+    stat = stats[name]
+    a, b, c = _random_states(stat, values, 3)
+    merge = jax.jit(stat.merge)
+    left = merge(merge(a, b), c)
+    _assert_trees_equal(left, merge(a, merge(b, c)))
+    _assert_trees_equal(left, merge(c, merge(b, a)))
+    whole = _random_states(stat, values, 1)[0]
+    _assert_trees_equal(stat.finalize(left), stat.finalize(whole))
+    # merge_devices over a stacked axis of 3 (an odd one moves up) gives the same.
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), a, b, c)
+    _assert_trees_equal(
+        stat.finalize(statistics.merge_devices(stat.merge, stacked)), stat.finalize(whole)
+    )
+
+
+def test_top_images_keep_the_maps_of_their_images():
+    values = PROBE["acts"]
+    _, h, w, k = values.shape
+    stat = statistics.top_images_statistic("l", k, 30, (h, w))  # 30 slots > 23 images
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *_random_states(stat, values, 2))
+    out = stat.finalize(statistics.merge_devices(stat.merge, stacked))
+    idx, maps = out["top_indices"], out["top_maps"]
+    for t, unit in zip(*np.nonzero(idx >= 0), strict=True):
+        np.testing.assert_array_equal(maps[t, :, :, unit], values[idx[t, unit], :, :, unit])
+    empty = np.moveaxis(maps, 3, 1)[idx < 0]  # [slots, h, w]: padding rows were 7.0
+    assert len(empty) and not empty.any()
+
+
+def test_each_shard_gets_its_own_sketch_seed():
+    stat = statistics.quantile_statistic("l", 4, total_count=10_000, q=Q, mode="sketch", seed=7)
+    keys = np.asarray(statistics.stack_shards(stat, 8).key)
+    assert len({tuple(k) for k in keys.tolist()}) == 8
+    # Shard 0 is the run's seed: one device gives what it gave before.
+    np.testing.assert_array_equal(keys[0], np.asarray(quantiles.sketch_init(4, seed=7).key))
+
+
+def _rel_errors(thresholds, values):
+    flat = values.reshape(-1, values.shape[-1])
+    return (flat > thresholds).mean(0) / Q - 1
+
+
+@pytest.mark.slow
+def test_sketch_merged_over_8_devices_is_as_accurate_as_one_stream():
+    """Every device sees the same values: with one seed for all, the shards' compaction
+    errors are the same and add up; with a seed per device they average out."""
+    rng = np.random.default_rng(0)
+    k, per_device = 48, 96
+    base = np.exp(rng.standard_normal((per_device, 8, 8, k))).astype(np.float32)
+    values = np.repeat(base, 8, axis=0)  # image 8b + d goes to device d: the same on all
+    n = len(values)
+    stat = statistics.quantile_statistic(
+        "l", k, total_count=n * 64, q=Q, mode="sketch", sketch_size=64
+    )
+    merged = _run(stat, values, 8, batch_size=8)["thresholds"]
+    single = _run(stat, values, 1, batch_size=8)["thresholds"]
+
+    # The old way: every device a copy of shard 0's state.
+    same_seed = stat._replace(init=lambda shard: stat.init(0))
+    shared = _run(same_seed, values, 8, batch_size=8)["thresholds"]
+
+    rms = {
+        name: float(np.sqrt(np.mean(_rel_errors(t, values) ** 2)))
+        for name, t in (("merged", merged), ("single", single), ("shared", shared))
+    }
+    assert rms["single"] > 0.005, rms  # the sketch compacted: not secretly exact
+    assert rms["merged"] <= 1.5 * rms["single"], rms
+    # Measured (deterministic seeds): merged 0.0126, single 0.0169, shared 0.0202.
+    assert rms["merged"] < 0.8 * rms["shared"], rms
