@@ -85,6 +85,13 @@ flags.DEFINE_enum(
     ["presence", "overlap", "none"],
     "Union restriction: paper (presence), NetDissect-Lite (overlap), PNAS (none).",
 )
+flags.DEFINE_enum(
+    "tie_rule",
+    "strict",
+    ["strict", "inclusive"],
+    "Unit mask S > T (strict: NetDissect-Lite) or S >= T (inclusive: the paper's formula); "
+    "they differ only for units with many activations at T (clipped or dead units).",
+)
 flags.DEFINE_list("categories", [], "Categories to score (empty: all of the dataset's).")
 flags.DEFINE_enum(
     "activation_dtype",

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from jaxdissect import actcache, parallel, quantiles, store, tally, topimages
+from jaxdissect import actcache, parallel, quantiles, store, tally, ties, topimages
 from jaxdissect.capture import Tap
 from jaxdissect.checkpoint import StreamCheckpoint
 from jaxdissect.data import loader
@@ -53,6 +53,8 @@ class Settings:
       threshold_on: quantiles over the `raw` h x w maps (paper) or the
         `upsampled` maps (PNAS release).
       restriction: union restriction `presence` (paper), `overlap` (Lite), `none`.
+      tie_rule: unit mask S > T (`strict`, Lite; default) or S >= T (`inclusive`, the
+        paper's formula); they differ for units with activations at T (`jaxdissect.ties`).
       iou_threshold: a unit detects its best concept if IoU > this.
       activation_dtype: activations are rounded to this type before any
         statistic, so the 16-bit activation cache changes nothing.
@@ -67,6 +69,7 @@ class Settings:
     sketch_size: int | None = None
     threshold_on: str = "raw"
     restriction: str = "presence"
+    tie_rule: str = "strict"
     iou_threshold: float = 0.04
     activation_dtype: str = "float16"
     categories: tuple[str, ...] | None = None
@@ -82,6 +85,7 @@ class Settings:
         check("quantile_mode", self.quantile_mode, QUANTILE_MODES)
         check("threshold_on", self.threshold_on, THRESHOLD_ON)
         check("restriction", self.restriction, RESTRICTIONS)
+        check("tie_rule", self.tie_rule, tally.TIE_RULES)
         check("activation_dtype", self.activation_dtype, ACTIVATION_DTYPES)
         if not 0 < self.quantile < 1:
             raise ValueError(f"--quantile={self.quantile}: must be in (0, 1), e.g. 0.005")
@@ -106,7 +110,12 @@ class Settings:
         return {k: getattr(self, k) for k in keys}
 
     def pass2(self) -> dict[str, Any]:
-        return {**self.pass1(), "restriction": self.restriction, "categories": self.categories}
+        return {
+            **self.pass1(),
+            "restriction": self.restriction,
+            "tie_rule": self.tie_rule,
+            "categories": self.categories,
+        }
 
 
 @dataclasses.dataclass
@@ -119,6 +128,7 @@ class LayerStats:
     top_indices: np.ndarray  # int32 [T, K], -1 empty
     counts: dict[str, np.ndarray]  # int64 tally counts (see jaxdissect.tally)
     shape: tuple[int, int, int]  # (h, w, K)
+    ties: ties.UnitTies | None = None  # tie statistics of the thresholds' domain
 
 
 def restrict_categories(
@@ -462,7 +472,10 @@ class Dissector:
 
     def _pass2_init(self):
         state = {
-            layer: tally.tally_init(self.tap.shapes[layer][2], self.labels)
+            layer: {
+                "tally": tally.tally_init(self.tap.shapes[layer][2], self.labels),
+                "ties": ties.ties_init(self.tap.shapes[layer][2]),
+            }
             for layer in self.tap.layers
         }
         return parallel.per_device(state, self.mesh)
@@ -470,6 +483,10 @@ class Dissector:
     def _count(self, state, acts, thresholds, batch):
         new = {}
         for layer, a in acts.items():
+            # Tie statistics in the thresholds' domain, where the mask compares with T.
+            maps = a if self.settings.threshold_on == "raw" else tally.upsample(a, self.seg_size)
+            valid = batch.get("valid", jnp.ones((a.shape[0],), bool))
+            tie_state = ties.ties_update(state[layer]["ties"], maps, thresholds[layer], valid)
             counts = tally.batch_counts(
                 a.astype(jnp.float32),
                 thresholds[layer],
@@ -478,8 +495,12 @@ class Dissector:
                 self.labels.num_categories,
                 restriction=self.settings.restriction,
                 method=self.tally_method,
+                tie_rule=self.settings.tie_rule,
             )
-            new[layer] = tally.tally_add(state[layer], counts)
+            new[layer] = {
+                "tally": tally.tally_add(state[layer]["tally"], counts),
+                "ties": tie_state,
+            }
         return new
 
     def _pass2_local_forward(self, state, variables, thresholds, batch):
@@ -534,10 +555,14 @@ class Dissector:
         out = {}
         for layer in self.tap.layers:
             per_dev = parallel.unstack(state[layer])
-            merged = per_dev[0]
+            merged, tie_state = per_dev[0]["tally"], per_dev[0]["ties"]
             for d in per_dev[1:]:
-                merged = tally.tally_merge(merged, d)
-            out[layer] = tally.tally_to_numpy(merged)
+                merged = tally.tally_merge(merged, d["tally"])
+                tie_state = ties.ties_merge(tie_state, d["ties"])
+            out[layer] = {
+                **tally.tally_to_numpy(merged),
+                **{f"ties_{k}": v for k, v in ties.ties_to_numpy(tie_state).items()},
+            }
         return out
 
     # ------------------------------------------------------------ maps for the report
@@ -596,8 +621,13 @@ class Dissector:
                 thresholds=thresholds[layer],
                 top_values=p1[layer]["top_values"],
                 top_indices=p1[layer]["top_indices"],
-                counts=p2[layer],
+                counts={k: v for k, v in p2[layer].items() if not k.startswith("ties_")},
                 shape=self.tap.shapes[layer],
+                ties=ties.UnitTies.from_arrays(
+                    {k[5:]: v for k, v in p2[layer].items() if k.startswith("ties_")},
+                    thresholds[layer],
+                    self.settings.quantile,
+                ),
             )
             for layer in self.tap.layers
         }

@@ -6,7 +6,8 @@
 Output directory:
   results.json            settings and every layer's per-unit, per-category results
   tally-<layer>.csv       NetDissect-Lite's schema, one per layer
-  stats-<layer>.npz       thresholds and top images per unit
+  stats-<layer>.npz       thresholds, top images and tie statistics (minimum, maximum,
+                          activations at the threshold) per unit
   index.html, <layer>.html, strips/, plots   the report
   .work/                  keyed stage outputs, checkpoints, activation cache (resumable)
 """
@@ -14,21 +15,17 @@ Output directory:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
-from PIL import Image
 
 from jaxdissect import capture, engine, results, store
 from jaxdissect.preprocess import InputSpec
-from jaxdissect.report import html as report_html
-from jaxdissect.report import strips as report_strips
+from jaxdissect.report import build as report_build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +112,7 @@ def dissect(
             dissector.labels,
             iou_threshold=settings.iou_threshold,
             categories=settings.categories,
+            ties=stats[layer].ties,
         )
         for layer in tap.layers
     ]
@@ -123,9 +121,23 @@ def dissect(
     for r in layer_results:
         results.write_tally_csv(out / results.tally_csv_name(r.layer), r)
         s = stats[r.layer]
+        tie_arrays = (
+            {}
+            if s.ties is None
+            else {
+                "minimum": s.ties.minimum,
+                "maximum": s.ties.maximum,
+                "at_threshold": s.ties.at_threshold,
+            }
+        )
         store.save_arrays(
             out / f"stats-{results.safe_layer_name(r.layer)}.npz",
-            {"thresholds": s.thresholds, "top_values": s.top_values, "top_indices": s.top_indices},
+            {
+                "thresholds": s.thresholds,
+                "top_values": s.top_values,
+                "top_indices": s.top_indices,
+                **tie_arrays,
+            },
         )
     run_settings = {
         **dataclasses.asdict(settings),
@@ -140,110 +152,23 @@ def dissect(
         "thresholds": {layer: stats[layer].thresholds.tolist() for layer in tap.layers},
     }
     if options.report:
-        maps = dissector.unit_maps(tap.variables, {k: v.top_indices for k, v in stats.items()})
-        write_report(
-            out, model.name, dataset_name, run_settings, layer_results, stats, maps, source, options
+        top = {k: v.top_indices for k, v in stats.items()}
+        maps = dissector.unit_maps(tap.variables, top)
+        report_build.write_dissection_report(
+            out,
+            model.name,
+            dataset_name,
+            run_settings,
+            layer_results,
+            {k: v.thresholds for k, v in stats.items()},
+            top,
+            maps,
+            source,
+            tie_rule=settings.tie_rule,
+            strip_height=options.strip_height,
+            runners_up=options.runners_up,
         )
     # Last: results.json marks the run complete.
     results.write_results_json(out / "results.json", layer_results, run_settings)
     logging.info("done in %.1f s: %s", time.time() - t0, out / "index.html")
     return layer_results
-
-
-def _unit_cards(result: results.LayerResult, strip_paths: Mapping[int, str], runners_up: int):
-    labels = result.labels
-    cards = []
-    for k in range(result.num_units):
-        order = np.argsort(-result.category_iou[k], kind="stable")
-        best = int(result.best_label[k])
-        others = [
-            (
-                labels.names[int(result.category_label[k, c])],
-                labels.categories[result.categories[c]],
-                float(result.category_iou[k, c]),
-            )
-            for c in order
-            if int(result.category_label[k, c]) not in (-1, best)
-        ][:runners_up]
-        cards.append(
-            report_html.UnitCard(
-                unit=k,
-                label=labels.names[best] if best >= 0 else "-",
-                category=labels.categories[int(result.best_category[k])],
-                iou=float(result.best_iou[k]),
-                runners_up=tuple(others),
-                strip=strip_paths.get(k),
-            )
-        )
-    return tuple(cards)
-
-
-def write_report(
-    out: pathlib.Path,
-    model_name: str,
-    dataset_name: str,
-    run_settings: Mapping[str, Any],
-    layer_results: Sequence[results.LayerResult],
-    stats: Mapping[str, engine.LayerStats],
-    maps: Mapping[str, np.ndarray],
-    source: Any,
-    options: Options,
-) -> pathlib.Path:
-    """Strips of every unit, then the HTML pages."""
-
-    @functools.lru_cache(maxsize=4096)
-    def thumb(index: int) -> np.ndarray:
-        image = Image.fromarray(np.asarray(source.read_image(index), np.uint8))
-        h = options.strip_height
-        w = max(1, round(image.width * h / image.height))
-        return np.asarray(image.resize((w, h), Image.BILINEAR))
-
-    pages = []
-    stems = report_html.layer_file_stems([r.layer for r in layer_results])
-    for r, stem in zip(layer_results, stems, strict=True):
-        s = stats[r.layer]
-        strip_dir = out / "strips" / stem
-        strip_paths = {}
-        for k in range(r.num_units):
-            idx = s.top_indices[:, k]
-            filled = idx >= 0
-            if not filled.any():
-                continue
-            images = np.stack([thumb(int(i)) if i >= 0 else thumb(int(idx[0])) for i in idx])
-            unit_maps = report_strips.upsample_maps(
-                np.moveaxis(maps[r.layer][:, :, :, k], 0, 0), images.shape[1:3]
-            )
-            strip = report_strips.unit_strip(
-                images, unit_maps, float(s.thresholds[k]), valid=filled
-            )
-            path = strip_dir / f"unit{k:04d}.jpg"
-            _save_jpeg(path, strip)
-            strip_paths[k] = str(path.relative_to(out))
-        summary = results.layer_summary(r)
-        pages.append(
-            report_html.LayerPage(
-                layer=r.layer,
-                num_units=r.num_units,
-                iou_threshold=r.iou_threshold,
-                interpretable_units=summary.interpretable_units,
-                unique_detectors=dict(summary.unique_by_category),
-                detectors_per_concept=[(c.name, c.category, c.units) for c in summary.concepts],
-                units=_unit_cards(r, strip_paths, options.runners_up),
-                downloads=((results.tally_csv_name(r.layer), "tally.csv"),),
-            )
-        )
-    run = report_html.RunInfo(
-        title=f"Network Dissection of {model_name}",
-        model=model_name,
-        dataset=dataset_name,
-        settings={k: v for k, v in run_settings.items() if k != "thresholds"},
-    )
-    return report_html.write_report(out, run, pages)
-
-
-def _save_jpeg(path: pathlib.Path, array: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=88)
-    report_strips.write_bytes_atomic(path, buf.getvalue())
