@@ -289,8 +289,8 @@ def random_probe(
     image-level 0 padding, labels repeated at a pixel in two planes, labels in a plane
     other than their category's, an image-level label also painted in a pixel plane,
     out-of-range numbers, a dead unit (zero maps, threshold 0), a ReLU unit with
-    threshold 0, thresholds equal to attainable upsampled values, and (dyadic) a unit
-    clipped at 0.5 with threshold 0.5.
+    threshold 0, thresholds equal to attainable upsampled values, and (dyadic, 6 units or more)
+    a last unit clipped at 0.5 with threshold 0.5.
 
     With dyadic=True activations are multiples of 1/16 and the sizes scale by 4 and 2,
     so every upsampled value is exact in float32 and ties with thresholds are real ties.
@@ -319,10 +319,10 @@ def random_probe(
     # Thresholds equal to values the maps take (strictness matters for these).
     for unit in range(2, min(k, 4)):
         thresholds[unit] = acts[0, 0, 0, unit] if dyadic else thresholds[unit]
-    if dyadic and k > 4:
-        # A unit clipped at a cap (ReLU6-like) with its threshold at the cap: saturated.
-        acts[..., 4] = np.minimum(acts[..., 4], 0.5)
-        thresholds[4] = 0.5
+    if dyadic and k >= 6:
+        # The last unit is clipped at a cap (ReLU6-like), its threshold at the cap: saturated.
+        acts[..., -1] = np.minimum(acts[..., -1], 0.5)
+        thresholds[-1] = 0.5
 
     # Blocky pixel labels: 4x4 blocks, plane p mostly empty for p > 0.
     blocks = rng.choice(pixel_ids, size=(n, planes, sh // 4, sw // 4))
