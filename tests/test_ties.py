@@ -197,3 +197,121 @@ def test_report_cards_of_units_that_cannot_fire(tmp_path):
     assert "cannot fire" in page
     index = (tmp_path / "index.html").read_text()
     assert "cannot fire" in index
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class _ClipNet:
+    """A conv whose unit 0 is dead (constant 0) and whose others clip at 6 like ReLU6."""
+
+    @staticmethod
+    def make():
+        import flax.linen as nn
+        import jax.numpy as jnp
+
+        class Act(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return jax.nn.relu6(x * 8.0).at[..., 0].set(0.0)
+
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                x = Act(name="act")(nn.Conv(4, (3, 3), strides=4, name="conv")(x))
+                return x.mean((1, 2))
+
+        net = Net()
+        return net, net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny_probe(tmp_path_factory):
+    from jaxdissect.data import synthetic
+    from jaxdissect.data.broden import Broden
+
+    root = synthetic.generate_tiny(tmp_path_factory.mktemp("ties") / "broden", num_images=9)
+    return Broden.open(root)
+
+
+@pytest.mark.parametrize(
+    ("threshold_on", "tie_rule", "devices"),
+    [("raw", "strict", 1), ("upsampled", "inclusive", 8), ("raw", "inclusive", 8)],
+)
+def test_engine_tie_statistics_and_rule(tiny_probe, threshold_on, tie_rule, devices):
+    from jaxdissect import capture, engine, parallel, quantiles
+    from jaxdissect.preprocess import InputSpec
+    from tests.reference import reference_counts
+
+    spec = InputSpec(32, (120.0,) * 3, (60.0,) * 3)
+    net, variables = _ClipNet.make()
+    tap = capture.make_tap(net, variables, ["act"], input_shape=(32, 32, 3))
+    settings = engine.Settings(
+        quantile=0.05,
+        quantile_mode="exact",
+        threshold_on=threshold_on,
+        tie_rule=tie_rule,
+        activation_dtype="float32",
+        batch_size=8,
+    )
+    dissector = engine.Dissector(
+        tap,
+        tiny_probe,
+        settings,
+        input_spec=spec,
+        model_key="clip",
+        mesh=parallel.data_mesh(devices),
+        progress=False,
+        num_threads=0,
+    )
+    got = dissector.run(tap.variables)["act"]
+    images = np.stack([tiny_probe.read_image(i) for i in range(len(tiny_probe))])
+    acts = np.asarray(tap.fn(tap.variables, spec(images))["act"], np.float32)
+    maps = acts
+    if threshold_on == "upsampled":
+        # The tally's upsampling (tested against the formula in test_tally), so that values
+        # and thresholds agree to the bit.
+        maps = np.asarray(tally.upsample(acts, tuple(tiny_probe.seg_size)))
+    thresholds = quantiles.reference_threshold(maps.reshape(-1, maps.shape[-1]), 0.05)
+    if threshold_on == "raw":
+        np.testing.assert_array_equal(got.thresholds, thresholds)
+    else:  # upsampled under another jit: values may round an ulp apart, except at 0 and 6
+        np.testing.assert_allclose(got.thresholds, thresholds, rtol=1e-6)
+        exact = np.isin(thresholds, [0.0, 6.0])
+        thresholds = np.where(exact, thresholds, got.thresholds)
+    want = reference_ties(maps, thresholds, 0.05)
+    if threshold_on == "raw":
+        np.testing.assert_array_equal(got.ties.minimum, want["minimum"])
+        np.testing.assert_array_equal(got.ties.maximum, want["maximum"])
+        np.testing.assert_array_equal(got.ties.at_threshold, want["at_threshold"])
+    else:
+        np.testing.assert_allclose(got.ties.minimum, want["minimum"], rtol=1e-6)
+        np.testing.assert_allclose(got.ties.maximum, want["maximum"], rtol=1e-6)
+        np.testing.assert_array_equal(got.ties.at_threshold[exact], want["at_threshold"][exact])
+    assert got.ties.values == want["values"]
+    states = list(got.ties.states())
+    assert states == list(want["state"]) and states[0] == "dead" and "saturated" in states
+    examples = [tiny_probe[i] for i in range(len(tiny_probe))]
+    counts = reference_counts(
+        acts,
+        thresholds,
+        np.stack([e["pixel_labels"] for e in examples]),
+        np.stack([e["image_labels"] for e in examples]),
+        tiny_probe.labels,
+        tie_rule=tie_rule,
+    )
+    for key in ("intersection", "unit_pixels", "unit_total"):
+        if threshold_on == "raw":  # upsampled thresholds: an ulp apart from the reference's
+            np.testing.assert_array_equal(got.counts[key], counts[key], err_msg=key)
+    # Dead and saturated-strict units cannot fire; the dead one gets no label either way.
+    layer = results.layer_result("act", got.counts, tiny_probe.labels, ties=got.ties)
+    assert layer.best_label[0] == -1 and layer.cannot_fire[0]
+
+
+def test_tie_rule_setting_is_checked_and_keyed():
+    from jaxdissect import engine
+
+    with pytest.raises(ValueError, match="tie_rule='>='.*strict, inclusive"):
+        engine.Settings(tie_rule=">=")
+    strict, inclusive = engine.Settings(), engine.Settings(tie_rule="inclusive")
+    assert strict.pass1() == inclusive.pass1() and strict.pass2() != inclusive.pass2()
