@@ -194,7 +194,8 @@ def test_report_cards_of_units_that_cannot_fire(tmp_path):
     assert cards[4].label == "red-c" and cards[4].state.startswith("saturated: 20%")
     page = (tmp_path / "layer-head.html").read_text()
     assert ">dead<" in page and ">no active pixels<" in page
-    assert "cannot fire" in page
+    assert "cannot fire" in page and "dead: 1, saturated: 1" in page
+    assert '<a href="tally-head.csv">tally.csv</a>' in page
     index = (tmp_path / "index.html").read_text()
     assert "cannot fire" in index
 

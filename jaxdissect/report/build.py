@@ -124,7 +124,7 @@ def write_dissection_report(
                 unique_detectors=dict(summary.unique_by_category),
                 detectors_per_concept=[(c.name, c.category, c.units) for c in summary.concepts],
                 units=unit_cards(r, strip_paths, runners_up),
-                downloads=((results.tally_csv_name(r.layer), "tally.csv"),),
+                downloads=(("tally.csv", results.tally_csv_name(r.layer)),),
                 cannot_fire=summary.cannot_fire,
                 states={name: n for name, n in summary.states.items() if n},
             )
