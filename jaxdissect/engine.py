@@ -31,6 +31,7 @@ from jaxdissect.data import loader
 from jaxdissect.data.broden import primary_categories
 from jaxdissect.labelspace import LabelSpace
 from jaxdissect.preprocess import InputSpec
+from jaxdissect.tie_rule import TIE_RULES
 
 RESTRICTIONS = ("presence", "overlap", "none")
 QUANTILE_MODES = ("sketch", "exact")
@@ -85,7 +86,7 @@ class Settings:
         check("quantile_mode", self.quantile_mode, QUANTILE_MODES)
         check("threshold_on", self.threshold_on, THRESHOLD_ON)
         check("restriction", self.restriction, RESTRICTIONS)
-        check("tie_rule", self.tie_rule, tally.TIE_RULES)
+        check("tie_rule", self.tie_rule, TIE_RULES)
         check("activation_dtype", self.activation_dtype, ACTIVATION_DTYPES)
         if not 0 < self.quantile < 1:
             raise ValueError(f"--quantile={self.quantile}: must be in (0, 1), e.g. 0.005")

@@ -16,8 +16,8 @@ Definitions (the slow numpy reference in `tests/reference.py` implements them li
 - M_k(x) = S_k(x) > T_k with `tie_rule="strict"` (NetDissect-Lite; the default: consistent
   with P(a > T) = q, and a dead unit, T = 0 on a ReLU map of zeros, marks nothing), or
   S_k(x) >= T_k with `tie_rule="inclusive"` (the paper's formula). They differ only where
-  values equal T: `jaxdissect.ties` measures and classifies such units (`active` is the one
-  definition of the comparison, for the tally and the report alike).
+  values equal T: `jaxdissect.ties` measures and classifies such units
+  (`jaxdissect.tie_rule.active` is the one definition of the comparison).
 - L_c(x), the mask of concept c: the OR over planes of (plane == c) for pixel labels, so a
   label repeated at one pixel in two planes counts once; the whole image when c is an
   image-level label of x (a label that is both is the whole image). Label 0 never counts,
@@ -80,9 +80,9 @@ import numpy as np
 from jax import lax
 
 from jaxdissect.labelspace import LabelSpace
+from jaxdissect.tie_rule import active, check_tie_rule
 
 RESTRICTIONS = ("presence", "overlap", "none")
-TIE_RULES = ("strict", "inclusive")
 METHODS = ("auto", "segment", "compact", "matmul")
 DEFAULT_SLOTS = 64
 COUNT_KEYS = ("intersection", "label_pixels", "unit_pixels", "unit_total")
@@ -138,18 +138,6 @@ def upsample(acts: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- counting
-
-
-def active(values, thresholds, tie_rule: str = "strict"):
-    """The unit mask: values > thresholds (strict) or >= (inclusive); numpy or jax arrays.
-
-    NaN is never active.
-    """
-    if tie_rule == "strict":
-        return values > thresholds
-    if tie_rule == "inclusive":
-        return values >= thresholds
-    raise ValueError(f"tie_rule={tie_rule!r}; allowed values: {', '.join(TIE_RULES)}")
 
 
 def _dedupe(ids: jax.Array, axis: int) -> jax.Array:
@@ -240,7 +228,7 @@ def batch_counts(
     """
     if restriction not in RESTRICTIONS:
         raise ValueError(f"restriction must be one of {RESTRICTIONS}, got {restriction!r}")
-    active(0.0, 0.0, tie_rule)  # checks tie_rule now rather than inside the trace
+    check_tie_rule(tie_rule)
     acts = jnp.asarray(acts, jnp.float32)
     thresholds = jnp.asarray(thresholds, jnp.float32)
     pix = jnp.asarray(batch["pixel_labels"], jnp.int32)

@@ -11,6 +11,7 @@ import pytest
 
 from jaxdissect import results, tally, ties
 from jaxdissect.report import build, strips
+from jaxdissect.tie_rule import TIE_RULES
 from tests.reference import random_probe, reference_dissect, reference_ties
 
 
@@ -132,7 +133,7 @@ def test_units_that_cannot_fire_get_no_label(tmp_path):
 def test_labels_match_reference_with_states():
     """The reference's no-label rule, from activations, for both tie rules."""
     probe = random_probe(1, num_units=6)
-    for rule in tally.TIE_RULES:
+    for rule in TIE_RULES:
         ref = reference_dissect(
             probe["acts"],
             probe["thresholds"],

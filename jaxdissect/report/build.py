@@ -2,7 +2,7 @@
 
 A unit that cannot fire (no active pixel over the probe set, or dead) gets no strip: its
 top images would be arbitrary and dimmed all over. Strips dim with the run's tie rule
-(`jaxdissect.tally.active`), so they show the mask the tally counted.
+(`jaxdissect.tie_rule`), so they show the mask the tally counted.
 """
 
 from __future__ import annotations

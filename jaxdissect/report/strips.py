@@ -12,7 +12,7 @@ from numpy.typing import ArrayLike
 from PIL import Image
 
 from jaxdissect import store
-from jaxdissect.tally import active
+from jaxdissect.tie_rule import active, check_tie_rule
 
 # The Lite release's report keeps 20% of the image outside the unit's mask.
 DIM_OUTSIDE = 0.2
@@ -107,7 +107,7 @@ def unit_strip(
     """The top images side by side, each dimmed outside the unit's mask.
 
     The mask is `map > threshold` (`tie_rule="strict"`) or `map >= threshold` (`"inclusive"`),
-    the tally's rule (`jaxdissect.tally.active`).
+    the tally's rule (`jaxdissect.tie_rule`).
 
     images: uint8 [T, H, W, 3]; maps: [T, H, W], the unit's activation already
     upsampled to image size. `valid` ([T] bool, e.g. `indices >= 0` from
@@ -123,7 +123,7 @@ def unit_strip(
         raise ValueError(f"maps {m.shape} must match images {imgs.shape[:3]}")
     if gap < 0:
         raise ValueError(f"gap must be >= 0, got {gap}")
-    active(0.0, 0.0, tie_rule)  # checks tie_rule
+    check_tie_rule(tie_rule)
     t, h, w, _ = imgs.shape
     keep: Sequence[int]
     if valid is None:
