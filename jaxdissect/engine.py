@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxdissect import actcache, config, driver, parallel, statistics, store, tally
+from jaxdissect import actcache, config, driver, parallel, statistics, store, tally, ties
 from jaxdissect.capture import Tap
 from jaxdissect.data import loader
 from jaxdissect.data.broden import primary_categories
 from jaxdissect.labelspace import LabelSpace
 from jaxdissect.preprocess import InputSpec
 from jaxdissect.statistics import NonFiniteActivationError
+from jaxdissect.tie_rule import TIE_RULES
 
 RESTRICTIONS = ("presence", "overlap", "none")
 QUANTILE_MODES = ("sketch", "exact")
@@ -48,6 +49,8 @@ class Settings:
       threshold_on: quantiles over the `raw` h x w maps (paper) or the
         `upsampled` maps (PNAS release).
       restriction: union restriction `presence` (paper), `overlap` (Lite), `none`.
+      tie_rule: unit mask S > T (`strict`, Lite; default) or S >= T (`inclusive`, the
+        paper's formula); they differ for units with activations at T (`jaxdissect.ties`).
       iou_threshold: a unit detects its best concept if IoU > this.
       activation_dtype: activations are rounded to this type before any
         statistic, so the 16-bit activation cache changes nothing.
@@ -62,6 +65,7 @@ class Settings:
     sketch_size: int | None = None
     threshold_on: str = config.setting("raw", choices=THRESHOLD_ON)
     restriction: str = config.setting("presence", choices=RESTRICTIONS)
+    tie_rule: str = config.setting("strict", choices=TIE_RULES)
     iou_threshold: float = 0.04
     activation_dtype: str = config.setting("float16", choices=ACTIVATION_DTYPES)
     categories: tuple[str, ...] | None = None
@@ -95,7 +99,12 @@ class Settings:
         return {k: getattr(self, k) for k in keys}
 
     def pass2(self) -> dict[str, Any]:
-        return {**self.pass1(), "restriction": self.restriction, "categories": self.categories}
+        return {
+            **self.pass1(),
+            "restriction": self.restriction,
+            "tie_rule": self.tie_rule,
+            "categories": self.categories,
+        }
 
 
 @dataclasses.dataclass
@@ -109,6 +118,7 @@ class LayerStats:
     top_maps: np.ndarray  # float32 [T, h, w, K]: the unit's raw map on each top image
     counts: dict[str, np.ndarray]  # int64 tally counts (see jaxdissect.tally)
     shape: tuple[int, int, int]  # (h, w, K)
+    ties: ties.UnitTies | None = None  # tie statistics of the thresholds' domain
 
 
 def restrict_categories(
@@ -327,15 +337,27 @@ class Dissector:
     # ------------------------------------------------------------ pass 2
 
     def pass2_statistic(self, thresholds: Mapping[str, np.ndarray]) -> statistics.Statistic:
-        """Per layer, the exact IoU counts at `thresholds`."""
+        """Per layer, the exact IoU counts at `thresholds` ("tally") and the units' tie
+        statistics in the thresholds' domain ("ties")."""
+        s = self.settings
         return statistics.group(
             {
-                layer: statistics.tally_statistic(
-                    layer,
-                    thresholds[layer],
-                    self.labels,
-                    restriction=self.settings.restriction,
-                    method=self.tally_method,
+                layer: statistics.group(
+                    {
+                        "tally": statistics.tally_statistic(
+                            layer,
+                            thresholds[layer],
+                            self.labels,
+                            restriction=s.restriction,
+                            method=self.tally_method,
+                            tie_rule=s.tie_rule,
+                        ),
+                        "ties": statistics.ties_statistic(
+                            layer,
+                            thresholds[layer],
+                            upsample_to=self.seg_size if s.threshold_on == "upsampled" else None,
+                        ),
+                    }
                 )
                 for layer in self.tap.layers
             }
@@ -346,7 +368,7 @@ class Dissector:
         use_cache = (
             cache is not None and cache.enabled and cache.lo == 0 and cache.hi == self.num_batches
         )
-        return self._run(
+        out = self._run(
             "pass2",
             self.pass2_statistic(thresholds),
             _Fields(
@@ -356,6 +378,10 @@ class Dissector:
             cache=cache,
             cache_mode="read" if cache is not None else None,
         )
+        return {
+            layer: {**parts["tally"], **{f"ties_{k}": v for k, v in parts["ties"].items()}}
+            for layer, parts in out.items()
+        }
 
     # ------------------------------------------------------------ both, with stage caching
 
@@ -379,8 +405,13 @@ class Dissector:
                 top_values=p1[layer]["top_values"],
                 top_indices=p1[layer]["top_indices"],
                 top_maps=p1[layer]["top_maps"],
-                counts=p2[layer],
+                counts={k: v for k, v in p2[layer].items() if not k.startswith("ties_")},
                 shape=self.tap.shapes[layer],
+                ties=ties.UnitTies.from_arrays(
+                    {k[5:]: v for k, v in p2[layer].items() if k.startswith("ties_")},
+                    thresholds[layer],
+                    self.settings.quantile,
+                ),
             )
             for layer in self.tap.layers
         }

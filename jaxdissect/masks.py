@@ -2,7 +2,8 @@
 
 - A unit's mask on an image: its activation map upsampled to the segmentation size
   (`tally.upsample`: bilinear, half-pixel centres, edge clamping) and thresholded
-  strictly, M_k(x) = S_k(x) > T_k, as the tally counts it.
+  by the tie rule (`jaxdissect.tie_rule`): M_k(x) = S_k(x) > T_k (strict) or
+  S_k(x) >= T_k (inclusive), as the tally counts it.
 - A concept's mask on an image: pixels where any plane holds the label, or the
   whole image when it is an image-level label of the image; label 0 and numbers
   outside [1, num_labels) are never a concept.
@@ -17,20 +18,26 @@ import jax
 import jax.numpy as jnp
 
 from jaxdissect.tally import upsample
+from jaxdissect.tie_rule import active
 
 
-def unit_masks(acts: jax.Array, thresholds: jax.Array, size: tuple[int, int]) -> jax.Array:
+def unit_masks(
+    acts: jax.Array, thresholds: jax.Array, size: tuple[int, int], tie_rule: str = "strict"
+) -> jax.Array:
     """bool [B, sh, sw, K]: each unit's thresholded upsampled map on each image.
 
     acts: [B, h, w, K] activations; thresholds: [K]; size: (sh, sw), static.
     """
     thresholds = jnp.asarray(thresholds, jnp.float32)
-    return upsample(acts, size) > thresholds
+    return active(upsample(acts, size), thresholds, tie_rule)
 
 
-def unit_mask(act_map: jax.Array, threshold: jax.Array, size: tuple[int, int]) -> jax.Array:
+def unit_mask(
+    act_map: jax.Array, threshold: jax.Array, size: tuple[int, int], tie_rule: str = "strict"
+) -> jax.Array:
     """bool [sh, sw]: one unit's mask from its map [h, w] and threshold."""
-    return unit_masks(act_map[None, :, :, None], jnp.reshape(threshold, (1,)), size)[0, :, :, 0]
+    maps = act_map[None, :, :, None]
+    return unit_masks(maps, jnp.reshape(threshold, (1,)), size, tie_rule)[0, :, :, 0]
 
 
 def concept_masks(

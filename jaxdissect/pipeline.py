@@ -6,7 +6,8 @@
 Output directory (<layer>: the layer's name as asked for, `results.layer_file_stems`):
   results.json            settings and every layer's per-unit, per-category results
   tally-<layer>.csv       NetDissect-Lite's schema, one per layer
-  stats-<layer>.npz       thresholds and top images per unit
+  stats-<layer>.npz       thresholds, top images and tie statistics (minimum, maximum,
+                          activations at the threshold) per unit
   index.html, layer-<layer>.html, strips/<layer>/, plots/   the report
   .work/                  keyed stage outputs, checkpoints, activation cache (resumable)
 """
@@ -14,21 +15,17 @@ Output directory (<layer>: the layer's name as asked for, `results.layer_file_st
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
-from PIL import Image
 
 from jaxdissect import actcache, capture, config, engine, results, store, tally
 from jaxdissect.preprocess import InputSpec
-from jaxdissect.report import html as report_html
-from jaxdissect.report import strips as report_strips
+from jaxdissect.report import build as report_build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +143,7 @@ def dissect(
             iou_threshold=settings.iou_threshold,
             categories=settings.categories,
             path=path,
+            ties=stats[path].ties,
         )
         for name, path in zip(tap.names, tap.layers, strict=True)
     ]
@@ -155,9 +153,23 @@ def dissect(
     for r, stem in zip(layer_results, stems, strict=True):
         results.write_tally_csv(out / results.tally_csv_name(stem), r)
         s = stats[r.path]
+        tie_arrays = (
+            {}
+            if s.ties is None
+            else {
+                "minimum": s.ties.minimum,
+                "maximum": s.ties.maximum,
+                "at_threshold": s.ties.at_threshold,
+            }
+        )
         store.save_arrays(
             out / results.stats_npz_name(stem),
-            {"thresholds": s.thresholds, "top_values": s.top_values, "top_indices": s.top_indices},
+            {
+                "thresholds": s.thresholds,
+                "top_values": s.top_values,
+                "top_indices": s.top_indices,
+                **tie_arrays,
+            },
         )
     run_settings = {
         **dataclasses.asdict(settings),
@@ -173,111 +185,21 @@ def dissect(
         "thresholds": {r.layer: stats[r.path].thresholds.tolist() for r in layer_results},
     }
     if options.report:
-        maps = {layer: s.top_maps for layer, s in stats.items()}  # kept by pass 1
-        write_report(
-            out, model.name, dataset_name, run_settings, layer_results, stats, maps, source, options
+        report_build.write_dissection_report(
+            out,
+            model.name,
+            dataset_name,
+            run_settings,
+            layer_results,
+            {k: v.thresholds for k, v in stats.items()},
+            {k: v.top_indices for k, v in stats.items()},
+            {k: v.top_maps for k, v in stats.items()},  # kept by pass 1
+            source,
+            tie_rule=settings.tie_rule,
+            strip_height=options.strip_height,
+            runners_up=options.runners_up,
         )
     # Last: results.json marks the run complete.
     results.write_results_json(out / "results.json", layer_results, run_settings)
     logging.info("done in %.1f s: %s", time.time() - t0, out / "index.html")
     return layer_results
-
-
-def _unit_cards(result: results.LayerResult, strip_paths: Mapping[int, str], runners_up: int):
-    labels = result.labels
-    cards = []
-    for k in range(result.num_units):
-        order = np.argsort(-result.category_iou[k], kind="stable")
-        best = int(result.best_label[k])
-        others = [
-            (
-                labels.names[int(result.category_label[k, c])],
-                labels.categories[result.categories[c]],
-                float(result.category_iou[k, c]),
-            )
-            for c in order
-            if int(result.category_label[k, c]) not in (-1, best)
-        ][:runners_up]
-        cards.append(
-            report_html.UnitCard(
-                unit=k,
-                label=labels.names[best] if best >= 0 else "-",
-                category=labels.categories[int(result.best_category[k])],
-                iou=float(result.best_iou[k]),
-                runners_up=tuple(others),
-                strip=strip_paths.get(k),
-            )
-        )
-    return tuple(cards)
-
-
-def write_report(
-    out: pathlib.Path,
-    model_name: str,
-    dataset_name: str,
-    run_settings: Mapping[str, Any],
-    layer_results: Sequence[results.LayerResult],
-    stats: Mapping[str, engine.LayerStats],
-    maps: Mapping[str, np.ndarray],
-    source: Any,
-    options: Options,
-) -> pathlib.Path:
-    """Strips of every unit, then the HTML pages."""
-
-    @functools.lru_cache(maxsize=4096)
-    def thumb(index: int) -> np.ndarray:
-        image = Image.fromarray(np.asarray(source.read_image(index), np.uint8))
-        h = options.strip_height
-        w = max(1, round(image.width * h / image.height))
-        return np.asarray(image.resize((w, h), Image.BILINEAR))
-
-    pages = []
-    stems = results.layer_file_stems([r.layer for r in layer_results])
-    for r, stem in zip(layer_results, stems, strict=True):
-        s = stats[r.path]
-        strip_dir = out / "strips" / stem
-        strip_paths = {}
-        for k in range(r.num_units):
-            idx = s.top_indices[:, k]
-            filled = idx >= 0
-            if not filled.any():
-                continue
-            images = np.stack([thumb(int(i)) if i >= 0 else thumb(int(idx[0])) for i in idx])
-            unit_maps = report_strips.upsample_maps(
-                np.moveaxis(maps[r.path][:, :, :, k], 0, 0), images.shape[1:3]
-            )
-            strip = report_strips.unit_strip(
-                images, unit_maps, float(s.thresholds[k]), valid=filled
-            )
-            path = strip_dir / f"unit{k:04d}.jpg"
-            _save_jpeg(path, strip)
-            strip_paths[k] = str(path.relative_to(out))
-        summary = results.layer_summary(r)
-        pages.append(
-            report_html.LayerPage(
-                layer=r.layer,
-                num_units=r.num_units,
-                iou_threshold=r.iou_threshold,
-                interpretable_units=summary.interpretable_units,
-                unique_detectors=dict(summary.unique_by_category),
-                detectors_per_concept=[(c.name, c.category, c.units) for c in summary.concepts],
-                units=_unit_cards(r, strip_paths, options.runners_up),
-                downloads=((results.tally_csv_name(stem), "tally.csv"),),
-                path=r.path,
-            )
-        )
-    run = report_html.RunInfo(
-        title=f"Network Dissection of {model_name}",
-        model=model_name,
-        dataset=dataset_name,
-        settings={k: v for k, v in run_settings.items() if k != "thresholds"},
-    )
-    return report_html.write_report(out, run, pages)
-
-
-def _save_jpeg(path: pathlib.Path, array: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=88)
-    report_strips.write_bytes_atomic(path, buf.getvalue())

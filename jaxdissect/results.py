@@ -9,7 +9,13 @@ Rules (the reference in `tests/reference.py` implements them with plain loops):
   the labels whose primary category it is (ties: the lowest label number; a category
   without labels has label -1 and IoU 0).
 - The unit's label is that of its best category: the highest best IoU (ties: the first
-  scored category in LabelSpace order). This is NetDissect-Lite's rule.
+  scored category in LabelSpace order). This is NetDissect-Lite's rule, with one exception:
+  a unit has NO label (best label and category -1, best IoU 0) when it cannot fire (no
+  active pixel over the probe set, or dead: constant, see `jaxdissect.ties`) or when its
+  IoU is 0 for every concept; Lite would give it the first label of the first category.
+- Each unit has a state (`STATES`, first match wins): its tie state ("dead", "saturated",
+  "tied", from `jaxdissect.ties` when the engine measured them), then "no active pixels",
+  then "no concept overlap" (IoU 0 everywhere), else "".
 - A unit is interpretable when its best IoU > iou_threshold (strictly; default 0.04). The
   unique detectors of a layer are the distinct labels that are some interpretable unit's
   label; the per-concept counts (for the bar graph) count those units per label.
@@ -44,6 +50,7 @@ import numpy as np
 
 from jaxdissect import store
 from jaxdissect.labelspace import LabelSpace
+from jaxdissect.ties import DEAD, TIE_STATES, UnitTies
 
 DEFAULT_IOU_THRESHOLD = 0.04
 RESULTS_FORMAT = "jaxdissect.results"
@@ -58,6 +65,9 @@ UNIT_NUMBERING = (
 _MAX_STEM = 100
 _UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _COUNT_KEYS = ("intersection", "label_pixels", "unit_pixels", "unit_total")
+NO_ACTIVE_PIXELS = "no active pixels"
+NO_OVERLAP = "no concept overlap"
+STATES = (*TIE_STATES, NO_ACTIVE_PIXELS, NO_OVERLAP)
 
 
 def iou_matrix(counts: Mapping[str, np.ndarray], labels: LabelSpace) -> np.ndarray:
@@ -86,10 +96,13 @@ class LayerResult:
       categories: indices (into labels.categories) of the scored categories, in order.
       category_label: int64 [K, len(categories)], best label per scored category (-1: none).
       category_iou: float64 [K, len(categories)], its IoU.
-      best_category: int64 [K], index into labels.categories of each unit's best category.
-      best_label: int64 [K], each unit's label (-1 only when no category has labels).
-      best_iou: float64 [K].
+      best_category: int64 [K], index into labels.categories of each unit's best category
+        (-1: no label).
+      best_label: int64 [K], each unit's label (-1: no label, see module docstring).
+      best_iou: float64 [K] (0 without a label).
       iou_threshold: a unit is interpretable when best_iou > iou_threshold.
+      state: object [K], each unit's state (one of STATES or "").
+      ties: the engine's tie statistics (None when not measured).
       path: the layer's module path in the model (default: `layer`).
     """
 
@@ -104,6 +117,8 @@ class LayerResult:
     best_label: np.ndarray
     best_iou: np.ndarray
     iou_threshold: float
+    state: np.ndarray
+    ties: UnitTies | None = None
     path: str = ""
 
     def __post_init__(self):
@@ -113,6 +128,11 @@ class LayerResult:
     @property
     def num_units(self) -> int:
         return int(self.iou.shape[0])
+
+    @property
+    def cannot_fire(self) -> np.ndarray:
+        """bool [K]: no active pixel over the probe set, or dead."""
+        return (np.asarray(self.counts["unit_total"]) == 0) | (self.state == DEAD)
 
     @property
     def interpretable(self) -> np.ndarray:
@@ -128,11 +148,13 @@ def layer_result(
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
     categories: Sequence[str] | None = None,
     path: str | None = None,
+    ties: UnitTies | None = None,
 ) -> LayerResult:
-    """Score one layer's counts: IoU, best label per category and overall.
+    """Score one layer's counts: IoU, best label per category and overall, unit states.
 
     `categories` restricts the scored categories (Lite leaves out "material"); default all.
     `path` is the layer's module path when `layer` is another name for it (an alias).
+    `ties`: the engine's tie statistics of the layer (dead units then get no label).
     """
     if not layer:
         raise ValueError("a layer result needs a layer name")
@@ -155,6 +177,21 @@ def layer_result(
             cat_iou[:, col] = iou[np.arange(k), members[best]]
     best_col = np.argmax(cat_iou, axis=1)  # ties -> first scored category
     rows = np.arange(k)
+    best_label = cat_label[rows, best_col]
+    best_iou = cat_iou[rows, best_col]
+    best_category = np.asarray(cat_idx, np.int64)[best_col]
+    if ties is not None and ties.at_threshold.shape != (k,):
+        raise ValueError(f"ties has {ties.at_threshold.shape} units, the counts {k}")
+    state = np.full(k, "", object)
+    state[best_iou == 0] = NO_OVERLAP
+    state[counts["unit_total"] == 0] = NO_ACTIVE_PIXELS
+    if ties is not None:
+        tie_state = ties.states()
+        state = np.where(tie_state != "", tie_state, state)
+    unlabelled = (best_iou == 0) | (counts["unit_total"] == 0) | (state == DEAD)
+    best_label = np.where(unlabelled, -1, best_label)
+    best_category = np.where(unlabelled, -1, best_category)
+    best_iou = np.where(unlabelled, 0.0, best_iou)
     return LayerResult(
         layer=layer,
         labels=labels,
@@ -163,11 +200,13 @@ def layer_result(
         categories=cat_idx,
         category_label=cat_label,
         category_iou=cat_iou,
-        best_category=np.asarray(cat_idx, np.int64)[best_col],
-        best_label=cat_label[rows, best_col],
-        best_iou=cat_iou[rows, best_col],
+        best_category=best_category,
+        best_label=best_label,
+        best_iou=best_iou,
         iou_threshold=float(iou_threshold),
         path=path or layer,
+        state=state,
+        ties=ties,
     )
 
 
@@ -212,6 +251,12 @@ class LayerSummary:
     unique_by_category: dict[str, int]
     # Most units first, then category order, then label number; empty when none passes.
     concepts: tuple[ConceptCount, ...]
+    # Units with no active pixel over the probe set, or dead: they cannot be labelled.
+    cannot_fire: int = 0
+    # Units without a label (cannot fire, or IoU 0 for every concept).
+    unlabelled: int = 0
+    # Units per state (every one of STATES, zeros included).
+    states: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def layer_summary(result: LayerResult) -> LayerSummary:
@@ -245,6 +290,9 @@ def layer_summary(result: LayerResult) -> LayerSummary:
             ConceptCount(labels.category_of(label), label, labels.names[label], units)
             for label, units in concepts
         ),
+        cannot_fire=int(result.cannot_fire.sum()),
+        unlabelled=int((result.best_label < 0).sum()),
+        states={name: int((result.state == name).sum()) for name in STATES},
     )
 
 
@@ -302,7 +350,8 @@ def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]
     Columns: unit (1-based: the channel index + TALLY_UNIT_OFFSET), category, label,
     score, then per scored category <cat>-label, <cat>-truth (the label's pixels),
     <cat>-activation (the unit's active pixels in the union restricted for the category),
-    <cat>-intersect, <cat>-iou. Rows
+    <cat>-intersect, <cat>-iou; a unit without a label (module docstring) has an empty
+    label and category. Rows
     are sorted as Lite sorts them, by score descending; Lite's tie order comes from an
     unstable argsort, here ties keep unit order. Counts are written as integers (Lite
     writes float64 counts such as 12544.0) and scores with Python's repr.
@@ -320,7 +369,7 @@ def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]
         best = int(result.best_label[unit])
         row: dict[str, Any] = {
             "unit": unit + TALLY_UNIT_OFFSET,
-            "category": labels.categories[int(result.best_category[unit])],
+            "category": labels.categories[int(result.best_category[unit])] if best >= 0 else "",
             "label": labels.names[best] if best >= 0 else "",
             "score": float(result.best_iou[unit]),
         }
@@ -386,6 +435,7 @@ def layer_record(result: LayerResult) -> dict[str, Any]:
     labels, counts = result.labels, result.counts
     summary = layer_summary(result)
     cat_names = [labels.categories[j] for j in result.categories]
+    tie_fraction = result.ties.tie_fraction if result.ties is not None else None
     units = []
     for unit in range(result.num_units):
         best = int(result.best_label[unit])
@@ -406,12 +456,16 @@ def layer_record(result: LayerResult) -> dict[str, Any]:
                 "layer": result.layer,
                 "unit": unit,
                 "tally_csv_unit": unit + TALLY_UNIT_OFFSET,
-                "category": labels.categories[int(result.best_category[unit])],
+                "category": labels.categories[int(result.best_category[unit])]
+                if best >= 0
+                else None,
                 "label": best,
                 "name": labels.names[best] if best >= 0 else None,
                 "iou": float(result.best_iou[unit]),
                 "interpretable": bool(result.interpretable[unit]),
+                "state": str(result.state[unit]),
                 "active_pixels": int(counts["unit_total"][unit]),
+                "tie_fraction": float(tie_fraction[unit]) if tie_fraction is not None else None,
                 "categories": per_category,
             }
         )
@@ -428,6 +482,9 @@ def layer_record(result: LayerResult) -> dict[str, Any]:
             "interpretable_by_category": summary.interpretable_by_category,
             "unique_by_category": summary.unique_by_category,
             "concepts": [dataclasses.asdict(c) for c in summary.concepts],
+            "cannot_fire": summary.cannot_fire,
+            "unlabelled": summary.unlabelled,
+            "states": summary.states,
         },
         "units": units,
     }

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect import quantiles, tally, topimages
+from jaxdissect import quantiles, tally, ties, topimages
 from jaxdissect.labelspace import LabelSpace
 
 State = Any
@@ -223,8 +223,10 @@ def tally_statistic(
     *,
     restriction: str,
     method: str = "auto",
+    tie_rule: str = "strict",
 ) -> Statistic:
-    """Exact IoU counts of `layer`'s units thresholded at `thresholds` (`tally`).
+    """Exact IoU counts of `layer`'s units thresholded at `thresholds` (`tally`), the
+    mask compared with the threshold by `tie_rule` (`jaxdissect.tie_rule`).
 
     The thresholds ride in the state, so one compiled step serves any thresholds.
     finalize gives the int64 counts of `tally.tally_to_numpy`.
@@ -249,6 +251,7 @@ def tally_statistic(
             num_categories,
             restriction=restriction,
             method=method,
+            tie_rule=tie_rule,
         )
         return {**state, "counts": tally.tally_add(state["counts"], counts)}
 
@@ -264,6 +267,35 @@ def tally_statistic(
     return Statistic(init, update, merge, finalize)
 
 
+def ties_statistic(
+    layer: str, thresholds: np.ndarray, *, upsample_to: tuple[int, int] | None = None
+) -> Statistic:
+    """Each unit's minimum, maximum and count of activations equal to its threshold, in
+    the thresholds' domain: the raw maps, or (`upsample_to`) the upsampled ones (`ties`).
+
+    finalize gives the arrays of `ties.ties_to_numpy`.
+    """
+    thresholds = np.asarray(thresholds, np.float32)
+
+    def init(shard: int):
+        return {"thresholds": jnp.asarray(thresholds), "ties": ties.ties_init(thresholds.shape[0])}
+
+    def update(state, batch):
+        maps = batch["acts"][layer]
+        if upsample_to is not None:
+            maps = tally.upsample(maps, upsample_to)
+        new = ties.ties_update(state["ties"], maps, state["thresholds"], batch["valid"])
+        return {**state, "ties": new}
+
+    def merge(a, b):
+        return {"thresholds": a["thresholds"], "ties": ties.ties_merge(a["ties"], b["ties"])}
+
+    def finalize(state):
+        return ties.ties_to_numpy(state["ties"])
+
+    return Statistic(init, update, merge, finalize)
+
+
 __all__ = [
     "NonFiniteActivationError",
     "Statistic",
@@ -273,5 +305,6 @@ __all__ = [
     "shard_seed",
     "stack_shards",
     "tally_statistic",
+    "ties_statistic",
     "top_images_statistic",
 ]

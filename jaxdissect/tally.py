@@ -13,8 +13,11 @@ Definitions (the slow numpy reference in `tests/reference.py` implements them li
   own map instead of a blurred one, and the same formula serves every size. Values are
   float32; another implementation of the formula may round an ulp differently (fused
   multiply-adds), which matters only for values within an ulp of a threshold.
-- M_k(x) = S_k(x) > T_k, strictly: consistent with P(a > T) = q, and a dead unit (T = 0,
-  ReLU map of zeros) marks nothing.
+- M_k(x) = S_k(x) > T_k with `tie_rule="strict"` (NetDissect-Lite; the default: consistent
+  with P(a > T) = q, and a dead unit, T = 0 on a ReLU map of zeros, marks nothing), or
+  S_k(x) >= T_k with `tie_rule="inclusive"` (the paper's formula). They differ only where
+  values equal T: `jaxdissect.ties` measures and classifies such units
+  (`jaxdissect.tie_rule.active` is the one definition of the comparison).
 - L_c(x), the mask of concept c: the OR over planes of (plane == c) for pixel labels, so a
   label repeated at one pixel in two planes counts once; the whole image when c is an
   image-level label of x (a label that is both is the whole image). Label 0 never counts,
@@ -77,6 +80,7 @@ import numpy as np
 from jax import lax
 
 from jaxdissect.labelspace import LabelSpace
+from jaxdissect.tie_rule import active, check_tie_rule
 
 RESTRICTIONS = ("presence", "overlap", "none")
 METHODS = ("auto", "segment", "compact", "matmul")
@@ -199,12 +203,14 @@ def batch_counts(
     method: str = "auto",
     chunk: int | None = None,
     slots: int = DEFAULT_SLOTS,
+    tie_rule: str = "strict",
 ) -> dict[str, jax.Array]:
     """Exact int32 counts of one batch (pure; jit with `num_categories` and keywords static).
 
     Args:
       acts: float32 [B, h, w, K] activations (NHWC).
-      thresholds: float32 [K]; a pixel is active when its upsampled value is > threshold.
+      thresholds: float32 [K]; a pixel is active when its upsampled value is > threshold
+        (`tie_rule="strict"`) or >= threshold (`"inclusive"`).
       batch: loader batch with "pixel_labels" int32 [B, P, sh, sw], "image_labels" int32
         [B, Q] and optionally "valid" bool [B]; other keys are ignored.
       primary: int32 [L], the primary category of every label number (-1: none).
@@ -213,6 +219,7 @@ def batch_counts(
       method: "segment", "compact", "matmul" or "auto" (see module docstring).
       chunk: images per inner step (None: a default per method).
       slots: labels per image per round of the "compact" method.
+      tie_rule: "strict" or "inclusive" (see module docstring).
 
     Returns:
       {"intersection": [K, L], "label_pixels": [L], "unit_pixels": [K, C],
@@ -221,6 +228,7 @@ def batch_counts(
     """
     if restriction not in RESTRICTIONS:
         raise ValueError(f"restriction must be one of {RESTRICTIONS}, got {restriction!r}")
+    check_tie_rule(tie_rule)
     acts = jnp.asarray(acts, jnp.float32)
     thresholds = jnp.asarray(thresholds, jnp.float32)
     pix = jnp.asarray(batch["pixel_labels"], jnp.int32)
@@ -274,6 +282,7 @@ def batch_counts(
     step = functools.partial(
         steps[method],
         thresholds=thresholds,
+        tie_rule=tie_rule,
         cat_of=cat_of,
         num_labels=num_labels,
         num_categories=c,
@@ -338,17 +347,19 @@ def _matrix_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def _chunk_mask(acts, valid, thresholds, size):
+def _chunk_mask(acts, valid, thresholds, size, tie_rule):
     """Active pixels of a chunk: bool [c, sh, sw, K], nothing for padding examples."""
-    return (upsample(acts, size) > thresholds) & valid[:, None, None, None]
+    return active(upsample(acts, size), thresholds, tie_rule) & valid[:, None, None, None]
 
 
-def _segment_step(inter, xs, *, thresholds, cat_of, num_labels, num_categories, per_image_overlap):
+def _segment_step(
+    inter, xs, *, thresholds, tie_rule, cat_of, num_labels, num_categories, per_image_overlap
+):
     acts, pix, valid = xs
     c, planes, sh, sw = pix.shape
     k = acts.shape[-1]
     s = sh * sw
-    mask = _chunk_mask(acts, valid, thresholds, (sh, sw))
+    mask = _chunk_mask(acts, valid, thresholds, (sh, sw), tie_rule)
     if planes == 0:
         unit_img = mask.reshape(c, s, k).sum(1, dtype=jnp.int32)
         return inter, (
@@ -381,14 +392,14 @@ def _segment_step(inter, xs, *, thresholds, cat_of, num_labels, num_categories, 
 
 
 def _compact_step(
-    inter, xs, *, thresholds, cat_of, num_labels, num_categories, per_image_overlap, slots
+    inter, xs, *, thresholds, tie_rule, cat_of, num_labels, num_categories, per_image_overlap, slots
 ):
     acts, pix, valid = xs
     c, planes, sh, sw = pix.shape
     k = acts.shape[-1]
     s = sh * sw
     dtype = _matrix_dtype()
-    mask = _chunk_mask(acts, valid, thresholds, (sh, sw))
+    mask = _chunk_mask(acts, valid, thresholds, (sh, sw), tie_rule)
     unit_img = mask.reshape(c, s, k).sum(1, dtype=jnp.int32)
     overlap = _varying_like(
         jnp.zeros((c, num_categories if per_image_overlap else 0, k), bool), acts, pix, valid
@@ -426,13 +437,15 @@ def _compact_step(
     return inter, (unit_img, overlap)
 
 
-def _matmul_step(inter, xs, *, thresholds, cat_of, num_labels, num_categories, per_image_overlap):
+def _matmul_step(
+    inter, xs, *, thresholds, tie_rule, cat_of, num_labels, num_categories, per_image_overlap
+):
     acts, pix, valid = xs
     c, planes, sh, sw = pix.shape
     k = acts.shape[-1]
     s = sh * sw
     dtype = _matrix_dtype()
-    mask = _chunk_mask(acts, valid, thresholds, (sh, sw))
+    mask = _chunk_mask(acts, valid, thresholds, (sh, sw), tie_rule)
     rows = mask.reshape(c * s, k).astype(dtype)
     unit_img = mask.reshape(c, s, k).sum(1, dtype=jnp.int32)
     ids = jnp.moveaxis(pix, 1, -1).reshape(c * s, planes)

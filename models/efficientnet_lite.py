@@ -7,7 +7,11 @@ has eps 1e-3. Torch key `_blocks.3._depthwise_conv.weight` lives at Flax path
 `('_blocks', '3', '_depthwise_conv', 'kernel')`.
 
 Probe-able outputs: `_stem_act` (stem after ReLU6), `_blocks.N` (block N, 0..15),
-`_head_act` (1x1 head conv after ReLU6); `layer_aliases` names them by stage.
+`_head_act` (1x1 head conv after ReLU6); `layer_aliases` names them by stage. The stem
+and head clip at 6, so many of their units have more than 0.5% of their activations at
+the cap (the top-0.5% threshold is then 6 itself: see `jaxdissect.ties`); their pre-clip
+outputs, the BatchNorms `_bn0` and `_bn1`, are `stem_preclip` and `head_preclip`. Block
+outputs end with a BatchNorm and a residual sum, unclipped.
 """
 
 from __future__ import annotations
@@ -155,6 +159,8 @@ def _aliases() -> dict[str, str]:
         last += repeats
         out[f"stage{stage}"] = f"_blocks.{last}"
     out["head"] = "_head_act"
+    # The same blocks before their ReLU6: no ties at the cap.
+    out.update(stem_preclip="_bn0", stage1_preclip="_bn0", head_preclip="_bn1")
     out.update({f"block{i}": f"_blocks.{i}" for i in range(last + 1)})
     return out
 
@@ -179,10 +185,19 @@ class EfficientNetLite(nn.Module):
 
     input_spec: InputSpec = LITE_INPUT
     # stage1 = stem, stage2..stage8 = the last block of each MBConv stage (paper's Table 1),
-    # head = the 1280-channel 1x1 conv after BN and ReLU6; blockN = `_blocks.N`.
+    # head = the 1280-channel 1x1 conv after BN and ReLU6; blockN = `_blocks.N`;
+    # stem_preclip (= stage1_preclip) and head_preclip: the same before the ReLU6.
     layer_aliases: ClassVar[Mapping[str, str]] = types.MappingProxyType(_aliases())
-    # 112, 56, 28, 14 and 7 pixels square at 224 input: low to high.
-    default_layers: ClassVar[tuple[str, ...]] = ("stem", "stage3", "stage4", "stage6", "head")
+    # 112, 56, 28, 14 and 7 pixels square at 224 input: low to high. The stem and head are
+    # taken before their ReLU6: after it, 13 of 32 stem and 306 of 1,280 head units of the
+    # ImageNet weights have their top-0.5% threshold at the cap and no mask (README).
+    default_layers: ClassVar[tuple[str, ...]] = (
+        "stem_preclip",
+        "stage3",
+        "stage4",
+        "stage6",
+        "head_preclip",
+    )
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -6,7 +6,10 @@ with per-image, per-unit, per-label loops and without calling the package's fast
 
 - Upsampling: half-pixel centres with edge clamping, rows then columns, each output value
   (1 - f) * a[i0] + f * a[i1] in float32 with weights computed in float64.
-- Mask: S > T (strict).
+- Mask: S > T (tie_rule "strict") or S >= T ("inclusive").
+- Tie statistics of a unit, over the values its threshold was computed on (raw or upsampled
+  maps): minimum, maximum, how many equal T; dead (minimum == maximum), saturated (more than
+  the quantile's share at T and T == maximum), tied (more than that share at T otherwise).
 - Concept mask of label c in image x: pixels where any plane equals c, or the whole image
   when c is an image-level label of x; label 0 and numbers >= num_labels never count.
 - Union restriction for category j: "presence" (x has some label of primary category j),
@@ -14,7 +17,8 @@ with per-image, per-unit, per-label loops and without calling the package's fast
 - IoU = I / (U[primary] + G - I), 0 where the denominator is 0 or the label has no
   primary category. Best label of a category: highest IoU, ties to the lowest label
   number; best category: highest best IoU, ties to the first category. A unit is
-  interpretable when its best IoU > iou_threshold.
+  interpretable when its best IoU > iou_threshold. A unit has no label (-1, no category)
+  when it has no active pixel, when its IoU is 0 for every concept, or when it is dead.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def reference_counts(
     labels: LabelSpace,
     restriction: str = "presence",
     valid: np.ndarray | None = None,
+    tie_rule: str = "strict",
 ) -> dict[str, np.ndarray]:
     """Counts of the tally (int64) for activations [N, h, w, K] and labels of N images."""
     n, _, _, k = acts.shape
@@ -90,7 +95,13 @@ def reference_counts(
             label_pixels[c] += int(region.sum())
         present = {int(primary[c]) for c in concepts if primary[c] >= 0}
         for unit in range(k):
-            active = reference_upsample(acts[x, :, :, unit], (sh, sw)) > thresholds[unit]
+            up = reference_upsample(acts[x, :, :, unit], (sh, sw))
+            if tie_rule == "strict":
+                active = up > thresholds[unit]
+            elif tie_rule == "inclusive":
+                active = up >= thresholds[unit]
+            else:
+                raise ValueError(tie_rule)
             size = int(active.sum())
             unit_total[unit] += size
             overlapping = set()
@@ -119,6 +130,47 @@ def reference_counts(
     }
 
 
+def reference_ties(
+    maps: np.ndarray,
+    thresholds: np.ndarray,
+    quantile: float,
+    valid: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Tie statistics and state of every unit of maps [N, h, w, K], value by value."""
+    n, h, w, k = maps.shape
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    out: dict[str, list] = {"minimum": [], "maximum": [], "at_threshold": [], "state": []}
+    values = int(valid.sum()) * h * w
+    for unit in range(k):
+        low, high, at = math.inf, -math.inf, 0
+        for x in range(n):
+            if not valid[x]:
+                continue
+            for y in range(h):
+                for z in range(w):
+                    v = float(maps[x, y, z, unit])
+                    low, high = min(low, v), max(high, v)
+                    at += v == float(thresholds[unit])
+        heavy = at > quantile * values
+        if low == high:
+            state = "dead"
+        elif heavy and float(thresholds[unit]) == high:
+            state = "saturated"
+        elif heavy:
+            state = "tied"
+        else:
+            state = ""
+        for key, value in zip(out, (low, high, at, state), strict=True):
+            out[key].append(value)
+    return {
+        "minimum": np.asarray(out["minimum"], np.float32),
+        "maximum": np.asarray(out["maximum"], np.float32),
+        "at_threshold": np.asarray(out["at_threshold"], np.int64),
+        "values": np.int64(values),
+        "state": np.asarray(out["state"], object),
+    }
+
+
 def reference_iou(counts: dict[str, np.ndarray], labels: LabelSpace) -> np.ndarray:
     """IoU [K, L] from counts, label by label."""
     inter = counts["intersection"]
@@ -140,8 +192,14 @@ def reference_unit_labels(
     labels: LabelSpace,
     iou_threshold: float = 0.04,
     categories: tuple[str, ...] | None = None,
+    unit_total: np.ndarray | None = None,
+    states: np.ndarray | None = None,
 ) -> list[dict]:
-    """Per unit: best label per category and overall, with plain loops."""
+    """Per unit: best label per category and overall, with plain loops.
+
+    With `unit_total` (active pixels) and `states` (tie states), units without active pixels
+    or dead get no label; so do units whose IoU is 0 for every concept.
+    """
     categories = labels.categories if categories is None else categories
     units = []
     for unit in range(iou.shape[0]):
@@ -158,6 +216,10 @@ def reference_unit_labels(
             if best_cat is None or per_category[name][1] > per_category[best_cat][1]:
                 best_cat = name
         label, score = per_category[best_cat]
+        silent = unit_total is not None and unit_total[unit] == 0
+        dead = states is not None and states[unit] == "dead"
+        if silent or dead or score == 0.0:
+            label, score, best_cat = -1, 0.0, None
         units.append(
             {
                 "unit": unit,
@@ -181,13 +243,18 @@ def reference_dissect(
     iou_threshold: float = 0.04,
     valid: np.ndarray | None = None,
     categories: tuple[str, ...] | None = None,
+    tie_rule: str = "strict",
+    quantile: float = 0.005,
 ) -> dict:
-    """Counts, IoU, per-unit labels and the layer summary of one layer."""
+    """Counts, IoU, tie statistics of the raw maps, per-unit labels and the layer summary."""
     counts = reference_counts(
-        acts, thresholds, pixel_labels, image_labels, labels, restriction, valid
+        acts, thresholds, pixel_labels, image_labels, labels, restriction, valid, tie_rule
     )
     iou = reference_iou(counts, labels)
-    units = reference_unit_labels(iou, labels, iou_threshold, categories)
+    ties = reference_ties(acts, thresholds, quantile, valid)
+    units = reference_unit_labels(
+        iou, labels, iou_threshold, categories, counts["unit_total"], ties["state"]
+    )
     detectors: dict[int, int] = {}
     for u in units:
         if u["interpretable"]:
@@ -195,6 +262,7 @@ def reference_dissect(
     return {
         "counts": counts,
         "iou": iou,
+        "ties": ties,
         "units": units,
         "interpretable_units": sum(u["interpretable"] for u in units),
         "unique_detectors": len(detectors),
@@ -221,7 +289,8 @@ def random_probe(
     image-level 0 padding, labels repeated at a pixel in two planes, labels in a plane
     other than their category's, an image-level label also painted in a pixel plane,
     out-of-range numbers, a dead unit (zero maps, threshold 0), a ReLU unit with
-    threshold 0, and thresholds equal to attainable upsampled values.
+    threshold 0, thresholds equal to attainable upsampled values, and (dyadic, 6 units or more)
+    a last unit clipped at 0.5 with threshold 0.5.
 
     With dyadic=True activations are multiples of 1/16 and the sizes scale by 4 and 2,
     so every upsampled value is exact in float32 and ties with thresholds are real ties.
@@ -250,6 +319,10 @@ def random_probe(
     # Thresholds equal to values the maps take (strictness matters for these).
     for unit in range(2, min(k, 4)):
         thresholds[unit] = acts[0, 0, 0, unit] if dyadic else thresholds[unit]
+    if dyadic and k >= 6:
+        # The last unit is clipped at a cap (ReLU6-like), its threshold at the cap: saturated.
+        acts[..., -1] = np.minimum(acts[..., -1], 0.5)
+        thresholds[-1] = 0.5
 
     # Blocky pixel labels: 4x4 blocks, plane p mostly empty for p > 0.
     blocks = rng.choice(pixel_ids, size=(n, planes, sh // 4, sw // 4))

@@ -137,6 +137,30 @@ def test_aliases_and_default_layers_name_real_modules():
     assert lite.layer_aliases["head"] == "_head_act"
 
 
+def test_efficientnet_preclip_aliases_are_the_unclipped_outputs():
+    from jaxdissect import capture
+
+    model = efficientnet_lite0(num_classes=5)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    # Scaled-up BatchNorm outputs so that the clip bites.
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 40.0 if "scale" in str(path[-1]) else x, variables
+    )
+    layers = ["stem", "stem_preclip", "head", "head_preclip"]
+    tap = capture.make_tap(model, variables, layers, input_shape=(64, 64, 3))
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    out = jax.jit(tap.fn)(tap.variables, x)
+    for name in ("stem", "head"):
+        pre, post = (
+            np.asarray(out[tap.layers[layers.index(f"{name}_preclip")]]),
+            np.asarray(out[tap.layers[layers.index(name)]]),
+        )
+        assert (pre > 6).any() and (pre < 0).any()
+        np.testing.assert_array_equal(post, np.clip(pre, 0, 6))
+    # The default run takes no clipped output.
+    assert not {"stem", "stage1", "head"} & set(model.default_layers)
+
+
 def test_googlenet_options():
     plain = variables_template(googlenet(batch_norm=False, num_classes=5))
     assert "batch_stats" not in plain

@@ -94,7 +94,9 @@ def test_random_counts_match_reference():
     counts = _counts(inter * (label_pixels > 0), label_pixels, unit_pixels)
     layer = results.layer_result("l", counts, labels, categories=("color", "object", "scene"))
     np.testing.assert_array_equal(layer.iou, reference_iou(counts, labels))
-    ref = reference_unit_labels(layer.iou, labels, categories=("color", "object", "scene"))
+    ref = reference_unit_labels(
+        layer.iou, labels, categories=("color", "object", "scene"), unit_total=unit_pixels.max(1)
+    )
     assert [u["label"] for u in ref] == layer.best_label.tolist()
     assert [u["iou"] for u in ref] == layer.best_iou.tolist()
     assert 7 not in layer.best_label  # material is not scored
@@ -108,7 +110,9 @@ def test_no_detector_does_not_crash(tmp_path):
     summary = results.layer_summary(layer)
     assert summary.interpretable_units == 0 and summary.unique_detectors == 0
     assert summary.concepts == () and set(summary.unique_by_category.values()) == {0}
-    assert (layer.best_iou == 0).all() and layer.best_label.tolist() == [1] * 4
+    # IoU 0 for every concept: no label (not the first label of the first category).
+    assert (layer.best_iou == 0).all() and layer.best_label.tolist() == [-1] * 4
+    assert summary.cannot_fire == 4 and summary.unlabelled == 4
     path = results.write_tally_csv(tmp_path, layer)
     assert len(list(csv.DictReader(path.open(newline="")))) == 4
     results.write_results_json(tmp_path / "results.json", [layer], {})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect import results, tally
+from jaxdissect import results, tally, ties
 from tests.reference import random_probe, reference_counts, reference_dissect, reference_upsample
 
 BATCH = 4  # 11 images: two full batches and a partial one padded with garbage rows
@@ -59,7 +59,7 @@ def probe() -> dict:
 
 @pytest.fixture(scope="module")
 def references(probe) -> dict[str, dict]:
-    return {
+    out = {
         restriction: reference_dissect(
             probe["acts"],
             probe["thresholds"],
@@ -70,6 +70,17 @@ def references(probe) -> dict[str, dict]:
         )
         for restriction in tally.RESTRICTIONS
     }
+    for restriction in tally.RESTRICTIONS:
+        out[restriction, "inclusive"] = reference_dissect(
+            probe["acts"],
+            probe["thresholds"],
+            probe["pixel_labels"],
+            probe["image_labels"],
+            probe["labels"],
+            restriction=restriction,
+            tie_rule="inclusive",
+        )
+    return out
 
 
 def _assert_counts_equal(got: dict, want: dict) -> None:
@@ -92,26 +103,41 @@ def _assert_counts_equal(got: dict, want: dict) -> None:
         ("overlap", {"method": "compact", "chunk": 3, "slots": 2}),  # many rounds
         ("none", {"method": "compact", "slots": 5}),
         ("presence", {"method": "compact", "chunk": 4, "slots": 1}),
+        # S >= T: the paper's rule, every method.
+        ("presence", {"method": "segment", "tie_rule": "inclusive"}),
+        ("overlap", {"method": "compact", "slots": 2, "tie_rule": "inclusive"}),
+        ("none", {"method": "matmul", "chunk": 3, "tie_rule": "inclusive"}),
     ],
 )
 def test_tally_equals_reference(probe, references, restriction, kwargs):
-    ref = references[restriction]
+    rule = kwargs.get("tie_rule", "strict")
+    ref = references[restriction] if rule == "strict" else references[restriction, rule]
     counts = _run_tally(probe, restriction, **kwargs)
     _assert_counts_equal(counts, ref["counts"])
     # The data exercise what they should.
     assert counts["images"] == len(probe["acts"])
-    assert counts["unit_total"][0] == 0 and counts["unit_total"][1] > 0
+    # The dead unit (all 0, T = 0) marks nothing strictly and everything inclusively; the
+    # unit clipped at its threshold (the last) marks nothing strictly.
+    pixels = len(probe["acts"]) * probe["pixel_labels"][0, 0].size
+    assert counts["unit_total"][0] == (0 if rule == "strict" else pixels)
+    assert counts["unit_total"][1] > 0
+    assert (counts["unit_total"][-1] == 0) == (rule == "strict")
     assert (counts["intersection"][:, 256:] > 0).any()
     # Unit labels of the results module agree with the reference's loops.
-    layer = results.layer_result("conv", counts, probe["labels"])
+    acts, thresholds = probe["acts"], probe["thresholds"]
+    state = ties.ties_update(ties.ties_init(acts.shape[-1]), acts, thresholds, np.ones(len(acts)))
+    unit_ties = ties.UnitTies.from_arrays(ties.ties_to_numpy(state), thresholds, 0.005)
+    layer = results.layer_result("conv", counts, probe["labels"], ties=unit_ties)
     np.testing.assert_array_equal(layer.iou, ref["iou"])
     for unit in ref["units"]:
         k = unit["unit"]
         assert layer.best_label[k] == unit["label"]
-        assert probe["labels"].categories[layer.best_category[k]] == unit["category"]
+        cat = int(layer.best_category[k])
+        assert (probe["labels"].categories[cat] if cat >= 0 else None) == unit["category"]
         assert layer.best_iou[k] == unit["iou"]
         for col, cat in enumerate(probe["labels"].categories):
             assert layer.category_label[k, col] == unit["per_category"][cat][0]
+    assert layer.best_label[0] == -1  # dead (strict: no active pixel; inclusive: IoU < 1)
     summary = results.layer_summary(layer)
     assert summary.interpretable_units == ref["interpretable_units"]
     assert summary.unique_detectors == ref["unique_detectors"]
@@ -204,7 +230,12 @@ def test_batch_bound_and_bad_options(probe):
         tally.check_batch_bound(128, (192, 192), devices=256)
     labels = probe["labels"]
     batch = {"pixel_labels": probe["pixel_labels"], "image_labels": probe["image_labels"]}
-    for kwargs in ({"restriction": "lite"}, {"method": "sparse"}, {"slots": 0}):
+    for kwargs in (
+        {"restriction": "lite"},
+        {"method": "sparse"},
+        {"slots": 0},
+        {"tie_rule": ">="},
+    ):
         with pytest.raises(ValueError):
             tally.batch_counts(
                 probe["acts"], probe["thresholds"], batch, labels.primary, 5, **kwargs

@@ -29,7 +29,11 @@ PLOTS_DIR = "plots"
 @dataclasses.dataclass(frozen=True)
 class UnitCard:
     """One unit's result. `unit` is the 0-based channel index, shown as is; the page says
-    that tally.csv numbers it `unit + TALLY_UNIT_OFFSET` (NetDissect-Lite)."""
+    that tally.csv numbers it `unit + TALLY_UNIT_OFFSET` (NetDissect-Lite).
+
+    `label` and `category` are "" for a unit without a label; `state` says why, or flags a
+    labelled unit with a tied threshold ("" for an ordinary unit).
+    """
 
     unit: int
     label: str
@@ -39,6 +43,7 @@ class UnitCard:
     runners_up: tuple[tuple[str, str, float], ...] = ()
     # Path of the unit's strip PNG relative to the layer page (i.e. to the report folder).
     strip: str | None = None
+    state: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,9 @@ class LayerPage:
     # (text, relative path) of files to link from the page, e.g. ("tally.csv", "layer4/tally.csv").
     downloads: tuple[tuple[str, str], ...] = ()
     path: str = ""
+    # Units that cannot fire (no active pixel, or dead), and units per non-empty state.
+    cannot_fire: int = 0
+    states: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +113,7 @@ def _categories(layers: Sequence[LayerPage]) -> list[str]:
     for page in layers:
         cats.update(dict.fromkeys(page.unique_detectors))
         cats.update(dict.fromkeys(c for _, c, _ in page.detectors_per_concept))
-        cats.update(dict.fromkeys(u.category for u in page.units))
+        cats.update(dict.fromkeys(u.category for u in page.units if u.category))
     return list(cats)
 
 
@@ -194,7 +202,7 @@ def _render_layer(
     # Wide strips (10 top images) get wider cards so each image stays >= ~64 px tall.
     aspect = sorted(aspects)[len(aspects) // 2] if aspects else 4.0
     card_min = int(min(max(aspect * 64 + 24, 340), 1200))
-    present = {u.category for u in units}
+    present = {u.category for u in units if u.category}
     return env.get_template("layer.html").render(
         run=run,
         entry=entry,

@@ -12,6 +12,7 @@ from numpy.typing import ArrayLike
 from PIL import Image
 
 from jaxdissect import store
+from jaxdissect.tie_rule import active, check_tie_rule
 
 # The Lite release's report keeps 20% of the image outside the unit's mask.
 DIM_OUTSIDE = 0.2
@@ -101,8 +102,12 @@ def unit_strip(
     valid: ArrayLike | None = None,
     outline: bool = False,
     background: int = 255,
+    tie_rule: str = "strict",
 ) -> np.ndarray:
-    """The top images side by side, each dimmed outside its mask `map > threshold`.
+    """The top images side by side, each dimmed outside the unit's mask.
+
+    The mask is `map > threshold` (`tie_rule="strict"`) or `map >= threshold` (`"inclusive"`),
+    the tally's rule (`jaxdissect.tie_rule`).
 
     images: uint8 [T, H, W, 3]; maps: [T, H, W], the unit's activation already
     upsampled to image size. `valid` ([T] bool, e.g. `indices >= 0` from
@@ -118,6 +123,7 @@ def unit_strip(
         raise ValueError(f"maps {m.shape} must match images {imgs.shape[:3]}")
     if gap < 0:
         raise ValueError(f"gap must be >= 0, got {gap}")
+    check_tie_rule(tie_rule)
     t, h, w, _ = imgs.shape
     keep: Sequence[int]
     if valid is None:
@@ -131,7 +137,7 @@ def unit_strip(
     width = w if n == 0 else n * w + (n - 1) * gap
     strip = np.full((h, width, 3), background, np.uint8)
     for slot, i in enumerate(keep):
-        mask = m[i] > threshold  # NaN compares False: treated as inactive
+        mask = active(m[i], threshold, tie_rule)  # NaN: inactive
         tile = dim_outside(imgs[i], mask)
         if outline:
             tile[_mask_outline(mask)] = OUTLINE_COLOR
