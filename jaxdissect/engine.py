@@ -152,13 +152,20 @@ class _Fields:
     """A view of a source that reads only what a pass needs (decoding is the cost).
 
     With `categories`, only those categories' labels are read (`read_labels`'s argument).
+    With `check_labels` (and `labels` False), each example's labels are decoded and
+    checked but not returned: a broken label file stops pass 1, not pass 2.
     """
 
     def __init__(
-        self, source, images: bool, labels: bool, categories: tuple[str, ...] | None = None
+        self,
+        source,
+        images: bool,
+        labels: bool,
+        categories: tuple[str, ...] | None = None,
+        check_labels: bool = False,
     ):
         self.source, self.images, self.labels = source, images, labels
-        self.categories = categories
+        self.categories, self.check_labels = categories, check_labels
         self.planes = source.max_planes
         self.image_labels = source.max_image_labels
         self.seg_size = tuple(source.seg_size)
@@ -170,11 +177,12 @@ class _Fields:
         out = {"index": np.asarray(i, np.int32)}
         if self.images:
             out["image"] = np.asarray(self.source.read_image(i), np.uint8)
-        if self.labels:
+        if self.labels or self.check_labels:
             if self.categories is None:
                 planes, image_labels = self.source.read_labels(i)
             else:
                 planes, image_labels = self.source.read_labels(i, self.categories)
+        if self.labels:
             pixel = np.zeros((self.planes, *self.seg_size), np.int32)
             pixel[: len(planes)] = planes
             scalar = np.zeros((self.image_labels,), np.int32)
@@ -209,12 +217,14 @@ class Dissector:
         num_workers: int = 0,
         progress: bool = True,
         tally_method: str = "auto",
+        check_labels: bool = False,
     ):
         if tally_method not in tally.METHODS:
             raise ValueError(
                 f"--tally_method={tally_method!r}; allowed values: {', '.join(tally.METHODS)}"
             )
         self.tally_method, self.num_workers = tally_method, num_workers
+        self.check_labels = check_labels
         self.tap, self.source, self.settings = tap, source, settings
         self.input_spec, self.model_key = input_spec, model_key
         self.mesh = mesh or parallel.data_mesh()
@@ -315,7 +325,13 @@ class Dissector:
         out = self._run(
             "pass1",
             self.pass1_statistic(),
-            _Fields(self.source, images=True, labels=False),
+            _Fields(
+                self.source,
+                images=True,
+                labels=False,
+                categories=self.settings.categories,
+                check_labels=self.check_labels,
+            ),
             variables,
             cache=self.cache,
             cache_mode="write",

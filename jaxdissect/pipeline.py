@@ -58,6 +58,9 @@ class Options:
       report: write the HTML report (unit strips, plots).
       strip_height: pixel height of a unit's top-image strip in the report.
       runners_up: runner-up concepts shown per unit in the report.
+      check_labels: decode and check every example's labels during pass 1 as well, so
+        that a broken label file stops the run before pass 2 (costs label decoding in
+        pass 1's loader).
     """
 
     activation_cache: str = config.setting("auto", choices=actcache.KINDS)
@@ -70,6 +73,7 @@ class Options:
     report: bool = True
     strip_height: int = 112
     runners_up: int = 3
+    check_labels: bool = True
 
     def __post_init__(self):
         config.check_choices(self)
@@ -132,6 +136,7 @@ def dissect(
         num_workers=options.num_workers,
         progress=options.progress,
         tally_method=options.tally_method,
+        check_labels=options.check_labels,
     )
     t0 = time.time()
     stats = dissector.run(tap.variables)

@@ -270,3 +270,37 @@ def test_bad_tally_method_names_the_flag(model, probe):
     m, variables = model
     with pytest.raises(ValueError, match="--tally_method='dense'; allowed values: auto, segment"):
         _run(m, variables, probe, engine.Settings(), ("conv1",), None, tally_method="dense")
+
+
+def test_a_broken_label_file_stops_pass_1(model, tmp_path):
+    """A label PNG with a sound header but label numbers label.csv lacks (which the
+    up-front header scan cannot see) stops pass 1, not pass 2."""
+    from tests.broden_testing import encode_labels
+
+    root = tmp_path / "broden"
+    tiny_broden(root)
+    png = sorted((root / "images").rglob("*_object_1.png"))[0]
+    bad = np.full(Image.open(png).size[::-1], 999, np.int32)  # no label 999
+    Image.fromarray(encode_labels(bad)).save(png)
+    probe = Broden.open(root)
+    m, variables = model
+    tap = capture.make_tap(m, variables, ["conv2"], input_shape=(32, 32, 3))
+    mesh = parallel.data_mesh(1)
+
+    def pass1(check_labels):
+        dissector = engine.Dissector(
+            tap,
+            probe,
+            engine.Settings(batch_size=4, quantile_mode="exact"),
+            input_spec=SPEC,
+            model_key="small",
+            mesh=mesh,
+            progress=False,
+            num_threads=0,
+            check_labels=check_labels,
+        )
+        return dissector.run_pass1(tap.variables)
+
+    assert set(pass1(False)) == {"conv2"}  # without the check only pass 2 would find it
+    with pytest.raises(ValueError, match="999"):
+        pass1(True)

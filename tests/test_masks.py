@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxdissect import masks, tally
 from tests import reference
@@ -16,21 +17,25 @@ def _reference_concept(pixel: np.ndarray, image: np.ndarray, c: int, num_labels:
     return (pixel == c).any(axis=0)
 
 
-def test_unit_masks_match_reference_with_real_ties():
+@pytest.mark.parametrize("tie_rule", ["strict", "inclusive"])
+def test_unit_masks_match_reference_with_real_ties(tie_rule):
     probe = reference.random_probe(1)  # dyadic: thresholds equal to attainable values
     acts, thresholds = probe["acts"], probe["thresholds"]
     size = probe["pixel_labels"].shape[2:]
-    got = np.asarray(jax.jit(masks.unit_masks, static_argnums=2)(acts, thresholds, size))
+    fn = jax.jit(masks.unit_masks, static_argnums=(2, 3))
+    got = np.asarray(fn(acts, thresholds, size, tie_rule))
     ties = 0
     for x in range(acts.shape[0]):
         for k in range(acts.shape[-1]):
             up = reference.reference_upsample(acts[x, :, :, k], size)
-            np.testing.assert_array_equal(got[x, :, :, k], up > thresholds[k])
+            want = up > thresholds[k] if tie_rule == "strict" else up >= thresholds[k]
+            np.testing.assert_array_equal(got[x, :, :, k], want)
             ties += int((up == thresholds[k]).sum())
-            one = masks.unit_mask(jnp.asarray(acts[x, :, :, k]), thresholds[k], size)
+            one = masks.unit_mask(jnp.asarray(acts[x, :, :, k]), thresholds[k], size, tie_rule)
             np.testing.assert_array_equal(np.asarray(one), got[x, :, :, k])
-    assert ties > 0  # the strict rule was exercised
-    assert not got[..., 0].any()  # a dead unit at threshold 0 marks nothing
+    assert ties > 0  # the rule was exercised
+    # A dead unit at threshold 0 marks nothing (strict) or everything (inclusive).
+    assert got[..., 0].all() if tie_rule == "inclusive" else not got[..., 0].any()
 
 
 def test_concept_masks_match_reference():
