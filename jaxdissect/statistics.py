@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect import quantiles, tally, ties, topimages
+from jaxdissect import quantiles, tally, tie_counts, topimages
 from jaxdissect.labelspace import LabelSpace
 
 State = Any
@@ -271,27 +271,30 @@ def ties_statistic(
     layer: str, thresholds: np.ndarray, *, upsample_to: tuple[int, int] | None = None
 ) -> Statistic:
     """Each unit's minimum, maximum and count of activations equal to its threshold, in
-    the thresholds' domain: the raw maps, or (`upsample_to`) the upsampled ones (`ties`).
+    the thresholds' domain: the raw maps, or (`upsample_to`) the upsampled ones (`tie_counts`).
 
-    finalize gives the arrays of `ties.ties_to_numpy`.
+    finalize gives the arrays of `tie_counts.ties_to_numpy`.
     """
     thresholds = np.asarray(thresholds, np.float32)
 
     def init(shard: int):
-        return {"thresholds": jnp.asarray(thresholds), "ties": ties.ties_init(thresholds.shape[0])}
+        return {
+            "thresholds": jnp.asarray(thresholds),
+            "ties": tie_counts.ties_init(thresholds.shape[0]),
+        }
 
     def update(state, batch):
         maps = batch["acts"][layer]
         if upsample_to is not None:
             maps = tally.upsample(maps, upsample_to)
-        new = ties.ties_update(state["ties"], maps, state["thresholds"], batch["valid"])
+        new = tie_counts.ties_update(state["ties"], maps, state["thresholds"], batch["valid"])
         return {**state, "ties": new}
 
     def merge(a, b):
-        return {"thresholds": a["thresholds"], "ties": ties.ties_merge(a["ties"], b["ties"])}
+        return {"thresholds": a["thresholds"], "ties": tie_counts.ties_merge(a["ties"], b["ties"])}
 
     def finalize(state):
-        return ties.ties_to_numpy(state["ties"])
+        return tie_counts.ties_to_numpy(state["ties"])
 
     return Statistic(init, update, merge, finalize)
 

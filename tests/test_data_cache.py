@@ -70,10 +70,9 @@ def test_data_hash_reaches_the_source_from_the_flags(tmp_path):
     root = tiny_broden(tmp_path / "b").root
     fv = flags.FlagValues()
     cli.define_dissection_flags(fv)
-    flags.DEFINE_enum("data_hash", "stat", ["stat", "content"], "", flag_values=fv)
     for mode in ("stat", "content"):
         fv(["prog", f"--data={root}", "--split=all", f"--data_hash={mode}"])
-        source, _ = cli.probe_from_flags(fv)
+        source, _ = cli.probe_from_flags(fv).open()
         assert source.fingerprint() == Broden.open(root, data_hash=mode).fingerprint()
     with pytest.raises(ValueError, match="data_hash='crc'"):
         open_probe(str(root), data_hash="crc")

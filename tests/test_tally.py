@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect import results, tally, ties
+from jaxdissect import results, tally, tie_counts, ties
 from tests.reference import random_probe, reference_counts, reference_dissect, reference_upsample
 
 BATCH = 4  # 11 images: two full batches and a partial one padded with garbage rows
@@ -125,8 +125,10 @@ def test_tally_equals_reference(probe, references, restriction, kwargs):
     assert (counts["intersection"][:, 256:] > 0).any()
     # Unit labels of the results module agree with the reference's loops.
     acts, thresholds = probe["acts"], probe["thresholds"]
-    state = ties.ties_update(ties.ties_init(acts.shape[-1]), acts, thresholds, np.ones(len(acts)))
-    unit_ties = ties.UnitTies.from_arrays(ties.ties_to_numpy(state), thresholds, 0.005)
+    state = tie_counts.ties_update(
+        tie_counts.ties_init(acts.shape[-1]), acts, thresholds, np.ones(len(acts))
+    )
+    unit_ties = ties.UnitTies.from_arrays(tie_counts.ties_to_numpy(state), thresholds, 0.005)
     layer = results.layer_result("conv", counts, probe["labels"], ties=unit_ties)
     np.testing.assert_array_equal(layer.iou, ref["iou"])
     for unit in ref["units"]:

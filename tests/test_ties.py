@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdissect import results, tally, ties
+from jaxdissect import results, tally, tie_counts, ties
 from jaxdissect.report import build, strips
 from jaxdissect.tie_rule import TIE_RULES
 from tests.reference import random_probe, reference_dissect, reference_ties
@@ -19,10 +19,10 @@ def _ties(maps, thresholds, quantile, valid=None, batch=4):
     """Tie statistics in padded batches under jit, merged from two halves."""
     n, _, _, k = maps.shape
     valid = np.ones(n, bool) if valid is None else valid
-    update = jax.jit(ties.ties_update)
+    update = jax.jit(tie_counts.ties_update)
     halves = []
     for part in (slice(0, n // 2), slice(n // 2, n)):
-        state = ties.ties_init(k)
+        state = tie_counts.ties_init(k)
         m, v = maps[part], valid[part]
         for start in range(0, len(m), batch):
             chunk, ok = m[start : start + batch], v[start : start + batch]
@@ -31,8 +31,8 @@ def _ties(maps, thresholds, quantile, valid=None, batch=4):
             ok = np.pad(ok, (0, pad))
             state = update(state, chunk, thresholds, ok)
         halves.append(state)
-    merged = ties.ties_merge(*halves)
-    return ties.UnitTies.from_arrays(ties.ties_to_numpy(merged), thresholds, quantile)
+    merged = tie_counts.ties_merge(*halves)
+    return ties.UnitTies.from_arrays(tie_counts.ties_to_numpy(merged), thresholds, quantile)
 
 
 def test_tie_statistics_equal_reference():
