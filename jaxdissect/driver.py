@@ -171,6 +171,9 @@ def run_pass(
     for b, batch in enumerate(batches, start=start):
         batch = dict(batch)
         images = batch.pop("image", None)
+        if first:  # compiling the forward and the step takes a while: say so first
+            logging.info("%s: compiling the steps (first batch) ...", name)
+            t0 = time.time()
         if cache_mode == "read" and cache.has(b):
             acts = cache.get(b)
             if cache.kind != "device":
@@ -181,12 +184,9 @@ def run_pass(
             acts = forward(variables, parallel.put_batch({"image": images}, mesh)["image"])
             if cache_mode == "write" and cache.enabled:
                 cache.put(b, acts)
-        t0 = time.time()
-        if first:
-            logging.info("%s: compiling the step (first batch) ...", name)
         state = step(state, acts, parallel.put_batch(batch, mesh))
         if first:
-            logging.info("%s: step traced and compiled in %.1f s", name, time.time() - t0)
+            logging.info("%s: steps traced and compiled in %.1f s", name, time.time() - t0)
             first = False
         in_flight.add(state)
         bar.update(b + 1)
