@@ -175,6 +175,9 @@ def layer_result(
             best = np.argmax(iou[:, members], axis=1)
             cat_label[:, col] = members[best]
             cat_iou[:, col] = iou[np.arange(k), members[best]]
+    # A category none of whose concepts overlaps the unit has no best label: its argmax
+    # over all-zero IoUs would be an arbitrary first label.
+    cat_label = np.where(cat_iou > 0, cat_label, -1)
     best_col = np.argmax(cat_iou, axis=1)  # ties -> first scored category
     rows = np.arange(k)
     best_label = cat_label[rows, best_col]

@@ -64,8 +64,9 @@ def test_iou_and_labels_follow_the_rules(layer):
         "object",
     ]
     assert layer.interpretable.tolist() == [True, True, False, False, True]
-    # Category argmax: unit 4's best scene label is reported even though object wins.
-    assert layer.category_label[4].tolist() == [1, 5, 7, 8]
+    # Category argmax: unit 4's best scene label is reported even though object wins;
+    # colour and material overlap it nowhere, so they have no label (not the first one).
+    assert layer.category_label[4].tolist() == [-1, 5, -1, 8]
     ref = reference_unit_labels(reference_iou(layer.counts, labels), labels)
     assert [u["label"] for u in ref] == layer.best_label.tolist()
     summary = results.layer_summary(layer)
