@@ -517,7 +517,7 @@ def write_rotation_files(
         *[f"unique_{c}" for c in categories],
         *[f"interpretable_{c}" for c in categories],
     ]
-    with store.atomic_path(out / "rotation.csv") as tmp, open(tmp, "w", newline="") as f:
+    with store.atomic_open(out / "rotation.csv", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for p in points:
