@@ -12,7 +12,6 @@ a random initialisation (seeded).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import pathlib
 from collections.abc import Mapping
@@ -82,21 +81,11 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def _import_attr(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if not attr:
-        raise ValueError(
-            f"--model={spec!r} is neither an architecture ({', '.join(sorted(zoo.ARCHS))}) "
-            "nor 'package.module:attr'"
-        )
+    """The object `--model` names (`zoo.factory`), its errors naming the flag."""
     try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"--model={spec!r}: cannot import {module_name!r}: {e}") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"--model={spec!r}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+        return zoo.factory(spec)
+    except ValueError as e:
+        raise ValueError(f"--model={spec!r}: {e}") from e
 
 
 def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
