@@ -49,7 +49,7 @@ class LoadedModel:
     key: str
 
 
-def _apply_kwargs(module: Any) -> dict[str, Any]:
+def apply_kwargs(module: Any) -> dict[str, Any]:
     """`train=False` for modules whose call takes a `train` flag (zoo models do)."""
     try:
         params = inspect.signature(type(module).__call__).parameters
@@ -103,7 +103,7 @@ def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
 
 def _init_variables(module: Any, size: int, seed: int) -> Any:
     x = jnp.zeros((1, size, size, 3), jnp.float32)
-    return jax.jit(lambda k: module.init(k, x, **_apply_kwargs(module)))(jax.random.key(seed))
+    return jax.jit(lambda k: module.init(k, x, **apply_kwargs(module)))(jax.random.key(seed))
 
 
 def _weights_from_file(module: Any, path: pathlib.Path, size: int, seed: int) -> Any:
@@ -205,7 +205,7 @@ def load(
         variables=variables,
         input_spec=spec,
         default_layers=tuple(getattr(module, "default_layers", ()) or ()),
-        apply_kwargs=_apply_kwargs(module) if isinstance(module, nn.Module) else {},
+        apply_kwargs=apply_kwargs(module) if isinstance(module, nn.Module) else {},
         name=name,
         key=store.key_of(model=model, options=options, weights=weights_key),
     )
