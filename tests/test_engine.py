@@ -266,12 +266,6 @@ def test_bad_settings_name_the_parameter():
         engine.Settings(top_images=0)
 
 
-def test_bad_tally_method_names_the_flag(model, probe):
-    m, variables = model
-    with pytest.raises(ValueError, match="--tally_method='dense'; allowed values: auto, segment"):
-        _run(m, variables, probe, engine.Settings(), ("conv1",), None, tally_method="dense")
-
-
 def test_settings_defaults_and_choices_are_the_modules_constants():
     # One definition each: the method's defaults and allowed values live where the method does.
     fields = {f.name: f for f in dataclasses.fields(engine.Settings)}
@@ -281,3 +275,9 @@ def test_settings_defaults_and_choices_are_the_modules_constants():
     assert fields["restriction"].metadata["choices"] is tally.RESTRICTIONS
     with pytest.raises(ValueError, match=f"e.g. {quantiles.DEFAULT_Q}$"):
         engine.Settings(quantile=0)
+
+
+def test_bad_tally_method_names_the_flag(model, probe):
+    m, variables = model
+    with pytest.raises(ValueError, match="--tally_method='dense'; allowed values: auto, segment"):
+        _run(m, variables, probe, engine.Settings(), ("conv1",), None, tally_method="dense")
