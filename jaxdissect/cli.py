@@ -22,7 +22,9 @@ from typing import Any
 from absl import app, flags, logging
 
 from jaxdissect import config, outdir, store
+from jaxdissect.data.broden import SPLITS
 from jaxdissect.data.files import DATA_HASHES
+from jaxdissect.data.probe import DEFAULT_RESOLUTION, DEFAULT_SYNTHETIC_IMAGES, cache_root
 
 # Errors of bad flags or bad data: they name the flag or file, so a one-line message says enough.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, outdir.OutputDirBusy)
@@ -93,11 +95,6 @@ def model_info(loaded: Any, input_spec: Any = None) -> Any:
         loaded.key,
         loaded.apply_kwargs,
     )
-
-
-def cache_root() -> pathlib.Path:
-    """Where generated data sets are cached ($JAXDISSECT_CACHE, default ~/.cache/jaxdissect)."""
-    return pathlib.Path(os.environ.get("JAXDISSECT_CACHE", "~/.cache/jaxdissect")).expanduser()
 
 
 def _not_noise(record: pylogging.LogRecord) -> bool:
@@ -224,10 +221,10 @@ class Probe:
     """
 
     data: str = "synthetic"
-    split: str = config.setting("all", choices=("all", "train", "val"))
+    split: str = config.setting("all", choices=SPLITS)
     max_images: int | None = None
-    synthetic_images: int = 600
-    resolution: int = 224
+    synthetic_images: int = DEFAULT_SYNTHETIC_IMAGES
+    resolution: int = DEFAULT_RESOLUTION
     data_hash: str = config.setting("stat", choices=DATA_HASHES)
 
     def __post_init__(self):

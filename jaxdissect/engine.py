@@ -27,11 +27,13 @@ from jaxdissect.data import loader
 from jaxdissect.data.broden import primary_categories
 from jaxdissect.labelspace import LabelSpace
 from jaxdissect.preprocess import InputSpec
+from jaxdissect.quantiles import DEFAULT_Q
+from jaxdissect.quantiles import MODES as QUANTILE_MODES
+from jaxdissect.results import DEFAULT_IOU_THRESHOLD
 from jaxdissect.statistics import NonFiniteActivationError
+from jaxdissect.tally import RESTRICTIONS
 from jaxdissect.tie_rule import TIE_RULES
 
-RESTRICTIONS = ("presence", "overlap", "none")
-QUANTILE_MODES = ("sketch", "exact")
 THRESHOLD_ON = ("raw", "upsampled")
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 # What each stage stores (part of its key: a stage stored by older code is not reused).
@@ -43,7 +45,7 @@ class Settings:
     """Everything that changes the numbers of a dissection.
 
     Attributes:
-      quantile: top fraction of activations above each unit's threshold (0.005).
+      quantile: top fraction of activations above each unit's threshold.
       quantile_mode: `sketch` (fixed memory) or `exact` (per-unit top-k).
       sketch_size: sketch state size per unit (None: the module's default).
       threshold_on: quantiles over the `raw` h x w maps (paper) or the
@@ -60,13 +62,13 @@ class Settings:
       batch_size: global batch; part of the key since sketches see batches.
     """
 
-    quantile: float = 0.005
+    quantile: float = DEFAULT_Q
     quantile_mode: str = config.setting("sketch", choices=QUANTILE_MODES)
     sketch_size: int | None = None
     threshold_on: str = config.setting("raw", choices=THRESHOLD_ON)
     restriction: str = config.setting("presence", choices=RESTRICTIONS)
     tie_rule: str = config.setting("strict", choices=TIE_RULES)
-    iou_threshold: float = 0.04
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD
     activation_dtype: str = config.setting("float16", choices=ACTIVATION_DTYPES)
     categories: tuple[str, ...] | None = None
     top_images: int = 10
@@ -76,7 +78,7 @@ class Settings:
     def __post_init__(self):
         config.check_choices(self)
         if not 0 < self.quantile < 1:
-            raise ValueError(f"quantile={self.quantile}: must be in (0, 1), e.g. 0.005")
+            raise ValueError(f"quantile={self.quantile}: must be in (0, 1), e.g. {DEFAULT_Q}")
         if not 0 <= self.iou_threshold < 1:
             raise ValueError(f"iou_threshold={self.iou_threshold}: must be in [0, 1)")
         for name in ("batch_size", "top_images"):

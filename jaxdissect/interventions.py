@@ -238,16 +238,11 @@ def active(rules: Mapping[str, Any], *, aliases: Mapping[str, str] | None = None
         raise capture.LayerNotFoundError(f"interventions at {missing} reached no module")
 
 
-class Intervened(nn.Module):
-    """`base` with `rules` applied, for `apply`, `capture` and `pipeline` like any Linen model.
-
-    Its paths, aliases, default layers and input spec are `base`'s; `apply`
-    runs `base.apply` inside `active(rules)`, so inside any interceptor its
-    caller installed (a capture sees the rewritten outputs).
-    """
+class Wrapped(nn.Module):
+    """A model standing for `base`: its paths, aliases, default layers, input spec and
+    `init` are `base`'s; subclasses define `apply`."""
 
     base: nn.Module
-    rules: Mapping[str, Any]
 
     @property
     def layer_aliases(self) -> Mapping[str, str] | None:
@@ -261,12 +256,22 @@ class Intervened(nn.Module):
     def input_spec(self) -> Any:
         return getattr(self.base, "input_spec", None)
 
+    def init(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.base.init(*args, **kwargs)
+
+
+class Intervened(Wrapped):
+    """`base` with `rules` applied, for `apply`, `capture` and `pipeline` like any Linen model.
+
+    `apply` runs `base.apply` inside `active(rules)`, so inside any interceptor its
+    caller installed (a capture sees the rewritten outputs).
+    """
+
+    rules: Mapping[str, Any]
+
     def apply(self, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         with active(self.rules, aliases=self.layer_aliases):
             return self.base.apply(variables, *args, **kwargs)
-
-    def init(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        return self.base.init(*args, **kwargs)
 
 
 def intervene(model: nn.Module, rules: Mapping[str, Any]) -> Intervened:

@@ -41,8 +41,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -338,15 +337,6 @@ def stats_npz_name(stem: str) -> str:
     return f"stats-{stem}.npz"
 
 
-@contextmanager
-def _atomic_open(path: Path, newline: str | None = None) -> Iterator[Any]:
-    """Write to a temporary file next to `path`, then os.replace it into place."""
-    with store.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]]:
     """Header and rows of NetDissect-Lite's tally.csv for one layer.
 
@@ -405,7 +395,7 @@ def write_tally_csv(path: str | os.PathLike, result: LayerResult) -> Path:
             f"use {tally_csv_name(stem)!r}"
         )
     header, rows = tally_csv_rows(result)
-    with _atomic_open(path, newline="") as f:
+    with store.atomic_open(path, newline="") as f:
         writer = csv.DictWriter(f, header, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
@@ -513,7 +503,7 @@ def write_results_json(
         "layers": [layer_record(result) for result in results],
     }
     path = Path(path)
-    with _atomic_open(path) as f:
+    with store.atomic_open(path) as f:
         json.dump(document, f, indent=1, allow_nan=False, ensure_ascii=False)
         f.write("\n")
     return path

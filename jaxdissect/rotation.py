@@ -137,12 +137,12 @@ def rotate_units(rotations: Mapping[str, Any], *, fold: bool = False) -> Iterato
         yield
 
 
-class RotatedModel(nn.Module):
+class RotatedModel(interventions.Wrapped):
     """`base` with layers' units rotated, for `capture`/`pipeline` like any Linen model.
 
     The matrices travel in the variables (`with_rotations`), keyed by module
     path, so one compilation serves every rotation. Its paths, aliases, default
-    layers and input spec are `base`'s: `apply` runs
+    layers and input spec are `base`'s (`interventions.Wrapped`): `apply` runs
     `interventions.intervene(base, rules).apply`, nested inside any interceptor
     its caller installed (the capture's).
 
@@ -152,20 +152,7 @@ class RotatedModel(nn.Module):
         is unchanged); False lets the rest of the network see rotated units.
     """
 
-    base: nn.Module
     fold: bool = True
-
-    @property
-    def layer_aliases(self) -> Mapping[str, str] | None:
-        return getattr(self.base, "layer_aliases", None)
-
-    @property
-    def default_layers(self) -> tuple[str, ...]:
-        return tuple(getattr(self.base, "default_layers", ()) or ())
-
-    @property
-    def input_spec(self):
-        return getattr(self.base, "input_spec", None)
 
     def apply(self, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         variables = dict(variables)
@@ -173,9 +160,6 @@ class RotatedModel(nn.Module):
         rule = interventions.Fold if self.fold else interventions.Rotate
         rules = {path: rule(m) for path, m in rotations.items()}
         return interventions.intervene(self.base, rules).apply(variables, *args, **kwargs)
-
-    def init(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        return self.base.init(*args, **kwargs)
 
 
 def with_rotations(variables: Mapping[str, Any], rotations: Mapping[str, Any]) -> dict[str, Any]:
@@ -186,40 +170,30 @@ def with_rotations(variables: Mapping[str, Any], rotations: Mapping[str, Any]) -
     }
 
 
+def _layer_shapes(module: nn.Module, variables: Any, input_size: int) -> dict[str, tuple[int, ...]]:
+    """Every module path's output shape on a square image of `input_size`."""
+    from jaxdissect import capture
+    from jaxdissect.models.load import apply_kwargs
+
+    return capture.available_layers(
+        module,
+        variables,
+        input_shape=(input_size, input_size, 3),
+        apply_kwargs=apply_kwargs(module),
+    )
+
+
 def resolve_layer(module: nn.Module, variables: Any, layer: str, input_size: int) -> str:
     """The module path of `layer` (an alias, a dotted or slashed path)."""
     from jaxdissect import capture
 
-    available = capture.available_layers(
-        module,
-        variables,
-        input_shape=(input_size, input_size, 3),
-        apply_kwargs=_apply_kwargs(module),
-    )
+    available = _layer_shapes(module, variables, input_size)
     return capture.resolve_layers([layer], available, getattr(module, "layer_aliases", None))[0]
-
-
-def _apply_kwargs(module: nn.Module) -> dict[str, Any]:
-    import inspect
-
-    try:
-        params = inspect.signature(type(module).__call__).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"train": False} if "train" in params else {}
 
 
 def layer_units(module: nn.Module, variables: Any, path: str, input_size: int) -> int:
     """Number of units (channels) of the output of module `path`."""
-    from jaxdissect import capture
-
-    shapes = capture.available_layers(
-        module,
-        variables,
-        input_shape=(input_size, input_size, 3),
-        apply_kwargs=_apply_kwargs(module),
-    )
-    return int(shapes[path][-1])
+    return int(_layer_shapes(module, variables, input_size)[path][-1])
 
 
 def classifier(
@@ -517,7 +491,7 @@ def write_rotation_files(
         *[f"unique_{c}" for c in categories],
         *[f"interpretable_{c}" for c in categories],
     ]
-    with store.atomic_path(out / "rotation.csv") as tmp, open(tmp, "w", newline="") as f:
+    with store.atomic_open(out / "rotation.csv", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for p in points:

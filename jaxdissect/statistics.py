@@ -136,8 +136,8 @@ def quantile_statistic(
     finalize gives {"thresholds": float32 [K]} and raises `NonFiniteActivationError`
     where the layer produced NaN or inf.
     """
-    if mode not in ("exact", "sketch"):
-        raise ValueError(f"quantile_mode={mode!r}; allowed values: sketch, exact")
+    if mode not in quantiles.MODES:
+        raise ValueError(f"quantile_mode={mode!r}; allowed values: {', '.join(quantiles.MODES)}")
 
     def init(shard: int):
         if mode == "exact":

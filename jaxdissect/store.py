@@ -21,7 +21,7 @@ import pathlib
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -88,9 +88,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
             tmp.unlink()
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
+@contextlib.contextmanager
+def atomic_open(
+    path: str | os.PathLike, mode: str = "w", *, newline: str | None = None
+) -> Iterator[IO[Any]]:
+    """`open(path, mode)` for writing (text as UTF-8) through a temporary file beside it,
+    flushed to disk and renamed into place on success: a reader never sees a partial file."""
+    encoding = None if "b" in mode else "utf-8"
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding, newline=newline) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
+    """`data` written atomically (an interrupted write leaves the old file, or none)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
+    return pathlib.Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
+    """UTF-8 `text` written atomically."""
+    return write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

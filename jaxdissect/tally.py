@@ -49,8 +49,7 @@ Counting methods (`method`):
   (image, label) ids, plane by plane, one image per step on CPU so that the image's mask
   (kept as 1-byte bools) stays in cache; partial sums are uint16 (exact: a per-image sum is
   at most sh * sw <= 65535). Per-image sums also give the "overlap" restriction, and plane
-  0's sums the unit totals, for free. Measured on 2 CPU cores: ~55 ms for 512 units x 32
-  images at 112x112 x 1,198 labels, 3 planes.
+  0's sums the unit totals, for free. The fastest method on CPU.
 - "compact": per image, the labels it holds get slots 0..S-1 (`slots`, default 64) in
   label order; a multi-hot [pixels, S] matrix times the mask [pixels, units] on the matrix
   unit gives that image's counts, scattered into the [units, labels] tally by slot. An
@@ -60,11 +59,11 @@ Counting methods (`method`):
   without its [pixels, labels] one-hot in memory. Exact for the same reason as "matmul"
   (0/1 operands, per-image sums < 2**24 in float32 accumulation).
 - "matmul": a multi-hot [pixels, labels] matrix times the mask [pixels, units], dense over
-  all labels. ~6.7 s for the batch above on CPU; kept as a second, independent formulation.
+  all labels. The slowest; kept as a second, independent formulation.
 - "auto": "segment" on CPU, "compact" elsewhere (GPUs and TPUs: matrix units, and
-  scatter-adds of many pixels into one label's row contend there). Speeds on a GPU are
-  not measured yet; `benchmarks/bench_tally.py` prints each method's time and XLA's
-  flop and byte counts.
+  scatter-adds of many pixels into one label's row contend there).
+  `benchmarks/bench_tally.py` prints each method's time and XLA's flop and byte counts;
+  the figures are in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -123,8 +122,8 @@ def upsample(acts: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Bilinear resize of NHWC maps [B, h, w, K] to [B, sh, sw, K] (see module docstring).
 
     Written as two-tap gathers along each axis rather than matmuls with the interpolation
-    matrices: the gathers fuse with the threshold comparison into one elementwise pass,
-    which measured ~5x faster on CPU than the einsum form (the output is the big array).
+    matrices: the gathers fuse with the threshold comparison into one elementwise pass
+    (the output is the big array).
     """
     sh, sw = size
     _, h, w, _ = acts.shape
@@ -173,7 +172,7 @@ def _resolve_chunk(
     """Images per inner step: one on CPU (cache), many elsewhere (parallelism)."""
     if chunk is None:
         if jax.default_backend() == "cpu":
-            chunk = 1  # measured fastest on CPU: the image's mask stays in cache
+            chunk = 1  # the image's mask stays in cache
         elif method == "segment":
             chunk = max(1, _CHUNK_BYTES // (labels * units * 4))
         elif method == "compact":

@@ -53,8 +53,8 @@ from jaxdissect.scenes import SceneSplit, SceneTask, eval_batches, train_batches
 SMALL_CNN = "jaxdissect.models.small_cnn:small_cnn"
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
-# Initialisation runs once: XLA's backend optimisations only slow its compilation (the
-# threefry hashes of every parameter's initialiser take ~10x longer to compile optimised).
+# Initialisation runs once: XLA's backend optimisations only slow the compilation of the
+# threefry hashes of every parameter's initialiser.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 SETTINGS_FILE = "settings.json"
 METRICS_FILE = "metrics.csv"

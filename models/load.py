@@ -12,7 +12,6 @@ a random initialisation (seeded).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import pathlib
 from collections.abc import Mapping
@@ -50,7 +49,7 @@ class LoadedModel:
     key: str
 
 
-def _apply_kwargs(module: Any) -> dict[str, Any]:
+def apply_kwargs(module: Any) -> dict[str, Any]:
     """`train=False` for modules whose call takes a `train` flag (zoo models do)."""
     try:
         params = inspect.signature(type(module).__call__).parameters
@@ -82,21 +81,11 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def _import_attr(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if not attr:
-        raise ValueError(
-            f"--model={spec!r} is neither an architecture ({', '.join(sorted(zoo.ARCHS))}) "
-            "nor 'package.module:attr'"
-        )
+    """The object `--model` names (`zoo.factory`), its errors naming the flag."""
     try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"--model={spec!r}: cannot import {module_name!r}: {e}") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"--model={spec!r}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+        return zoo.factory(spec)
+    except ValueError as e:
+        raise ValueError(f"--model={spec!r}: {e}") from e
 
 
 def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -114,7 +103,7 @@ def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
 
 def _init_variables(module: Any, size: int, seed: int) -> Any:
     x = jnp.zeros((1, size, size, 3), jnp.float32)
-    return jax.jit(lambda k: module.init(k, x, **_apply_kwargs(module)))(jax.random.key(seed))
+    return jax.jit(lambda k: module.init(k, x, **apply_kwargs(module)))(jax.random.key(seed))
 
 
 def _weights_from_file(module: Any, path: pathlib.Path, size: int, seed: int) -> Any:
@@ -216,7 +205,7 @@ def load(
         variables=variables,
         input_spec=spec,
         default_layers=tuple(getattr(module, "default_layers", ()) or ()),
-        apply_kwargs=_apply_kwargs(module) if isinstance(module, nn.Module) else {},
+        apply_kwargs=apply_kwargs(module) if isinstance(module, nn.Module) else {},
         name=name,
         key=store.key_of(model=model, options=options, weights=weights_key),
     )

@@ -30,7 +30,8 @@ ARCHS: dict[str, str] = {
 
 
 def factory(arch: str) -> Callable[..., nn.Module]:
-    """The constructor of `arch`: a name of `ARCHS`, or `package.module:attr` (a factory)."""
+    """The constructor of `arch`: a name of `ARCHS`, or `package.module:attr` (`attr` may be
+    dotted, `module:Class.make`), imported on demand."""
     spec = ARCHS.get(arch, arch)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -39,9 +40,14 @@ def factory(arch: str) -> Callable[..., nn.Module]:
             "or package.module:factory"
         )
     try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"architecture {arch!r}: {e}") from e
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"architecture {arch!r}: cannot import {module_name!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"architecture {arch!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
 
 
 def build(arch: str, **options) -> nn.Module:

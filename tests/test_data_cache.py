@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -76,3 +77,21 @@ def test_data_hash_reaches_the_source_from_the_flags(tmp_path):
         assert source.fingerprint() == Broden.open(root, data_hash=mode).fingerprint()
     with pytest.raises(ValueError, match="data_hash='crc'"):
         open_probe(str(root), data_hash="crc")
+
+
+def test_synthetic_probe_defaults_to_the_cache_root(tmp_path, monkeypatch):
+    # One cache root for the library and the scripts: $JAXDISSECT_CACHE moves both.
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path))
+    generated = []
+
+    def generate(root, **kwargs):
+        generated.append(root)
+        raise RuntimeError("stop before generating")
+
+    monkeypatch.setattr(synthetic, "generate", generate)
+    with pytest.raises(RuntimeError, match="stop before generating"):
+        open_probe("synthetic", synthetic_images=3, resolution=32)
+    assert generated and generated[0].parent == tmp_path
+    assert cli.cache_root() == tmp_path
+    fields = {f.name: f.default for f in dataclasses.fields(cli.Probe)}
+    assert (fields["synthetic_images"], fields["resolution"]) == (600, 224)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect import capture, engine, parallel, quantiles, results, store
+from jaxdissect import capture, engine, parallel, quantiles, results, store, tally
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.preprocess import InputSpec
@@ -264,6 +264,17 @@ def test_bad_settings_name_the_parameter():
         engine.Settings(quantile=5)
     with pytest.raises(ValueError, match="^top_images=0: must be >= 1"):
         engine.Settings(top_images=0)
+
+
+def test_settings_defaults_and_choices_are_the_modules_constants():
+    # One definition each: the method's defaults and allowed values live where the method does.
+    fields = {f.name: f for f in dataclasses.fields(engine.Settings)}
+    assert fields["quantile"].default is quantiles.DEFAULT_Q
+    assert fields["iou_threshold"].default is results.DEFAULT_IOU_THRESHOLD
+    assert fields["quantile_mode"].metadata["choices"] is quantiles.MODES
+    assert fields["restriction"].metadata["choices"] is tally.RESTRICTIONS
+    with pytest.raises(ValueError, match=f"e.g. {quantiles.DEFAULT_Q}$"):
+        engine.Settings(quantile=0)
 
 
 def test_bad_tally_method_names_the_flag(model, probe):

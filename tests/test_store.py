@@ -56,3 +56,20 @@ def test_written_files_are_not_private(tmp_path):
             assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
     finally:
         os.umask(old)
+
+
+def test_atomic_open_writes_utf8_or_bytes_and_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "results.json"
+    with store.atomic_open(target, newline="") as f:
+        f.write("caf\u00e9\r\n")
+    assert target.read_bytes() == "caf\u00e9\r\n".encode()
+    with pytest.raises(RuntimeError), store.atomic_open(target) as f:
+        f.write("partial")
+        raise RuntimeError("killed")
+    assert target.read_bytes() == "caf\u00e9\r\n".encode()
+    with store.atomic_open(target, "wb") as f:
+        f.write(b"\x00\xff")
+    assert target.read_bytes() == b"\x00\xff"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert store.write_text(tmp_path / "t.txt", "\u00e9") == tmp_path / "t.txt"
+    assert (tmp_path / "t.txt").read_bytes() == "\u00e9".encode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,15 @@ class Subset:
         return f"{self.source.fingerprint()}:first{self.n}"
 
 
+DEFAULT_RESOLUTION = 224
+DEFAULT_SYNTHETIC_IMAGES = 600
+
+
+def cache_root() -> pathlib.Path:
+    """Where generated data sets are cached ($JAXDISSECT_CACHE, default ~/.cache/jaxdissect)."""
+    return pathlib.Path(os.environ.get("JAXDISSECT_CACHE", "~/.cache/jaxdissect")).expanduser()
+
+
 def synthetic_path(
     cache_dir: pathlib.Path, num_images: int, size: int, seed: int = 0
 ) -> pathlib.Path:
@@ -59,16 +69,18 @@ def open_probe(
     *,
     split: str = "all",
     max_images: int | None = None,
-    resolution: int = 224,
-    synthetic_images: int = 600,
-    cache_dir: str | pathlib.Path = "~/.cache/jaxdissect",
+    resolution: int = DEFAULT_RESOLUTION,
+    synthetic_images: int = DEFAULT_SYNTHETIC_IMAGES,
+    cache_dir: str | pathlib.Path | None = None,
     data_hash: str = "stat",
 ) -> tuple[Any, str]:
     """(source, description) for `--data`: 'synthetic', a Broden folder or a TFDS build.
 
     `data_hash` (`stat` or `content`) is how the files the run reads enter the source's
-    fingerprint, which keys every stored stage (see `Broden.open`).
+    fingerprint, which keys every stored stage (see `Broden.open`). A synthetic Broden is
+    generated once into `cache_dir` (default `cache_root()`).
     """
+    cache_dir = cache_root() if cache_dir is None else cache_dir
     check_data_hash(data_hash)
     if data == "synthetic":
         from jaxdissect.data import synthetic

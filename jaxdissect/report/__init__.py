@@ -10,8 +10,6 @@ from jaxdissect.report.strips import (
     save_png,
     unit_strip,
     upsample_maps,
-    write_bytes_atomic,
-    write_text_atomic,
 )
 
 __all__ = [
@@ -25,7 +23,5 @@ __all__ = [
     "save_png",
     "unit_strip",
     "upsample_maps",
-    "write_bytes_atomic",
     "write_report",
-    "write_text_atomic",
 ]

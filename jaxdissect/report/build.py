@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jaxdissect import results, ties
+from jaxdissect import results, store, ties
 from jaxdissect.report import html as report_html
 from jaxdissect.report import strips as report_strips
 
@@ -144,4 +144,4 @@ def save_jpeg(path: pathlib.Path, array: np.ndarray) -> None:
     """Save a uint8 [H, W, 3] array as a JPEG (quality 88), atomically."""
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=88)
-    report_strips.write_bytes_atomic(path, buf.getvalue())
+    store.write_bytes(path, buf.getvalue())

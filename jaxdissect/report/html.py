@@ -18,8 +18,8 @@ from typing import Any
 import jinja2
 from PIL import Image
 
+from jaxdissect import store
 from jaxdissect.report import plots
-from jaxdissect.report.strips import write_text_atomic
 from jaxdissect.results import TALLY_UNIT_OFFSET, layer_file_stems
 
 _TEMPLATES = Path(__file__).parent / "templates"
@@ -161,7 +161,7 @@ def write_report(
 
     for entry in entries:
         html = _render_layer(env, out, run, entry, entries, categories, colors)
-        write_text_atomic(out / entry["href"], html)
+        store.write_text(out / entry["href"], html)
 
     html = env.get_template("index.html").render(
         run=run,
@@ -171,7 +171,7 @@ def write_report(
         cross_plot=cross_plot,
         settings=[(str(k), _setting(v)) for k, v in run.settings.items()],
     )
-    return write_text_atomic(out / "index.html", html)
+    return store.write_text(out / "index.html", html)
 
 
 def _render_layer(

@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from jaxdissect.report.strips import write_bytes_atomic
+from jaxdissect import store
 
 # Fixed colours for Broden's categories so they match across every plot of a report.
 _KNOWN = {
@@ -45,7 +45,7 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     buf = io.BytesIO()
     # Fixed metadata keeps the PNG bytes deterministic across runs.
     fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
-    return write_bytes_atomic(path, buf.getvalue())
+    return store.write_bytes(path, buf.getvalue())
 
 
 def _plain(texts: Iterable[object]) -> None:

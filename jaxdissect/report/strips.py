@@ -1,4 +1,4 @@
-"""Per-unit strips of top images, dimmed outside the unit's mask, and atomic file writes."""
+"""Per-unit strips of top images, dimmed outside the unit's mask."""
 
 from __future__ import annotations
 
@@ -19,22 +19,6 @@ DIM_OUTSIDE = 0.2
 OUTLINE_COLOR = (255, 214, 0)
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write `data` to `path` via a temp file in the same folder and os.replace.
-
-    Readers never see a half-written file, and an interrupted run leaves the old
-    file (or none) rather than a truncated one.
-    """
-    with store.atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """UTF-8 text version of `write_bytes_atomic`."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
 def save_png(path: str | os.PathLike[str], array: ArrayLike) -> Path:
     """Save a uint8 [H, W], [H, W, 3] or [H, W, 4] array as a PNG, atomically."""
     arr = np.asarray(array)
@@ -46,7 +30,7 @@ def save_png(path: str | os.PathLike[str], array: ArrayLike) -> Path:
         raise ValueError(f"cannot save an empty image {arr.shape}")
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
-    return write_bytes_atomic(path, buf.getvalue())
+    return store.write_bytes(path, buf.getvalue())
 
 
 def _resize_axis(x: np.ndarray, out: int, axis: int) -> np.ndarray:

@@ -1,48 +1,5 @@
-"""Per-unit activation thresholds: an exact top-k mode and a mergeable tail sketch.
+"""Sketch mode: a relative-error compactor specialised to the upper tail.
 
-Network Dissection thresholds unit k at T_k with P(a_k > T_k) = q over all spatial
-activations of the unit on the whole probe set. Both modes here consume activation
-batches reshaped to [rows, units] (rows = images x h x w), under `jax.jit`, and their
-states are `flax.struct` pytrees that merge across devices or hosts.
-
-Definition (the contract)
--------------------------
-T_k is numpy's default quantile ``np.quantile(a_k, 1 - q)`` (method "linear", `1 - q`
-passed as a Python float). For n values sorted in DESCENDING order d[0] >= d[1] >= ...:
-
-    v = (n - 1) * (1 - q)         # float64, as numpy computes it
-    g = floor(v); t = v - g       # float64
-    j = n - 1 - g                 # d[j] = ascending a[g], d[j-1] = a[g+1]
-    lo, hi = d[j], d[j - 1]       # float32
-    diff = hi - lo                                   # float32
-    T = lo + diff * f32(t)        if t < 0.5         # float32 ops throughout
-    T = hi - diff * f32(1 - t)    otherwise          # (1 - t) computed in float64
-
-which is numpy's `_lerp` with a weakly-typed Python float weight. When v >= n - 1 (only
-n == 1 or q == 0) numpy uses the last element twice; so do we. Only the top
-k = n - floor((n - 1)(1 - q)) values (about q*n + 1) are ever needed.
-`reference_threshold` computes exactly this in plain numpy; `exact_threshold` is bitwise
-equal to it, and both are bitwise equal to `np.quantile` on finite data.
-
-Value conventions (both modes and the reference): -0.0 and subnormals are read as +0.0
-(so results depend neither on the order in which signed zeros arrive nor on whether the
-platform flushes denormals, as XLA on CPU does). NaN and +-inf are counted per unit in
-`nonfinite` and ranked BELOW every finite value (a row mask `valid=False` instead drops the
-row from the count). A unit with nonfinite values therefore gets a threshold computed as if
-they were the smallest values: callers should refuse results where `nonfinite > 0`.
-
-Exact mode
-----------
-State: the top-k values per unit (descending) and a staging buffer. Batches are cut into
-row chunks of ~2^20 values. Only values above the current k-th value can enter the top-k,
-so a chunk is reduced with `lax.top_k` to its largest 64 or 256 values (whichever covers,
-for every unit, all values above the k-th; else the whole sorted chunk), staged, and the
-stage is merged into the top-k when full. The result is the top-k of the union whatever
-the grouping or order, so merges are associative and commutative bitwise.
-Memory: k + max(2048, ~k/8) floats per unit.
-
-Sketch mode: a relative-error compactor specialised to the upper tail
-----------------------------------------------------------------------
 Per unit, L levels of B = `size` floats; level h holds items of weight 2^h, sorted
 descending. This is ReqSketch (Cormode, Karnin, Liberty, Thaler, Vesely, "Relative Error
 Streaming Quantiles", PODS 2021) oriented to high ranks: when a level reaches B items it
@@ -62,8 +19,8 @@ costs about the same for 50 new values per unit as for B/2. Hence a stage: each 
 candidates are merged into an exact, weight-1 buffer of B floats per unit, which enters
 level 0 as one piece once some unit has B/2 staged (or, when a chunk brings more, in
 interleaved pieces of B/2). `sketch_merge` adds the other sketch's level h at level h.
-Sorted merges and sorts use bitonic networks (roll + min/max in a fori_loop), several
-times faster than XLA's comparison sort on CPU and quick to compile.
+Sorted merges and sorts use bitonic networks (roll + min/max in a fori_loop, quick to
+compile; `jaxdissect.quantiles.bitonic`).
 
 * Tail prefilter. Each unit keeps a cut: a stored value whose estimated rank from the top
   is at least r. Values below the cut are dropped without being stored (they count in n),
@@ -82,243 +39,34 @@ times faster than XLA's comparison sort on CPU and quick to compile.
   followed by a long run of smaller ones, or a long descending-sorted stream).
 * Before any compaction (the top B/2 values of a level are never compacted) the sketch
   is exact: for q*n < B/2 it returns the exact, bitwise, threshold.
-
-Accuracy (tests/test_quantiles.py, benchmarks/bench_quantiles.py): with the default
-B = 672, at q = 0.005 and 3M values per unit, the fraction of a unit's values strictly
-above its threshold has relative error 0.1-0.27% rms and at most 0.51% over 216 unit-runs
-(ReLU-Gaussian, log-normal, |Cauchy|, Pareto, a spike mixture, bursty "hot images";
-batches of 32x49 and 32x3136 rows; single stream and 8 merged shards; both modes). Merging
-shards' independent errors lowers the error (0.1-0.17% rms for 8 shards). ReqSketch's
-analysis gives a rank error O(R / sqrt(B * B/16)) at rank R from the top: relative, and
-independent of n; B = 1024 roughly divides it by 1.5.
-
-Memory per unit in floats: (L + 1) * B for the levels and the stage, plus 2L + 6 words;
-L = sketch_levels(B, q, n):
-
-    values per unit n         3.1M (7x7 layer)   199M (56x56)    3.2G (224x224)
-    exact: top-k + stage      15.5K + 2K         993K + 64K      15.9M + 64K
-    sketch, max_count = n     6.7K (L=9)         10.8K (L=15)    13.4K (L=19)
-    sketch, no max_count      13.4K (L=19, any n up to 2^32)
-
-(n = 63,305 Broden images x h x w). Both fit 512 units easily; exact mode is the one that
-does not scale to early layers (4 GB for 64 units at 224x224).
-
-Speed on this 2-core CPU (benchmarks/bench_quantiles.py speed, mid-run): see the lead's
-report; roughly 30 ms per 32x49x512 batch for either mode, and 20-25M values/s for the
-sketch on 32x3136 batches. Compilation: ~2-4 s per (batch shape, state shape).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-DEFAULT_Q = 0.005
+from jaxdissect.quantiles.bitonic import _merge_desc, _sort_desc
+from jaxdissect.quantiles.chunks import _scan_chunks, _split, _switch_tier
+from jaxdissect.quantiles.counts import (
+    _count_add,
+    _count_f32,
+    _count_merge,
+    _count_zero,
+    count_value,
+)
+from jaxdissect.quantiles.definition import _NEG_INF, DEFAULT_Q, _lerp32, _positions
+
 DEFAULT_SIZE = 672
 DEFAULT_RHO = 4.0
 DEFAULT_MAX_COUNT = 2**32  # levels when max_count is not given
 _SAFE = 1.5  # with max_count known, the cut stays at estimated rank >= 1.5 q max_count
 SECTIONS = 8
-
-_BASE = 1 << 30  # counts are (hi, lo) int32 pairs: hi * 2^30 + lo, so > 2^31 values fit
-_CHUNK_VALUES = 1 << 20  # rows * units per scan step: transposes stay in cache
-_MIN_CHUNK_ROWS = 2048
-_STAGE_MIN, _STAGE_MAX = 2048, 65536  # exact mode staging columns
 _F32_MAX = float(np.finfo(np.float32).max)
-_NEG_INF = float("-inf")
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _count_zero() -> jax.Array:
-    return jnp.zeros((2,), jnp.int32)
-
-
-def _count_add(c: jax.Array, n: jax.Array) -> jax.Array:
-    # n < 2^30 (rows of one chunk), so lo + n cannot overflow int32.
-    lo = c[1] + n
-    return jnp.stack([c[0] + lo // _BASE, lo % _BASE])
-
-
-def _count_merge(a: jax.Array, b: jax.Array) -> jax.Array:
-    lo = a[1] + b[1]
-    return jnp.stack([a[0] + b[0] + lo // _BASE, lo % _BASE])
-
-
-def count_value(count: jax.Array) -> int:
-    """The number of rows a state has seen (host-side, exact)."""
-    c = np.asarray(jax.device_get(count)).astype(np.int64)
-    return int(c[..., 0]) * _BASE + int(c[..., 1])
-
-
-def _count_f32(c: jax.Array) -> jax.Array:
-    return c[0].astype(jnp.float32) * float(_BASE) + c[1].astype(jnp.float32)
-
-
-def _positions(n: int, q: float) -> tuple[int, int, float]:
-    """Descending indices (j, j-1) and weight t of numpy's linear quantile at 1 - q."""
-    if n < 1:
-        raise ValueError("no values: cannot compute a quantile")
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must be in [0, 1], got {q}")
-    v = (n - 1) * (1.0 - q)
-    if v >= n - 1:
-        # numpy clips both neighbours to the last element and uses t = v - (-1).
-        return 0, 0, v + 1.0
-    g = math.floor(v)
-    j = n - 1 - g
-    return j, j - 1, v - g
-
-
-def _lerp32(lo: np.ndarray, hi: np.ndarray, t: float) -> np.ndarray:
-    """numpy's `_lerp(lo, hi, t)` for float32 arrays and a Python-float t."""
-    lo = np.asarray(lo, np.float32)
-    hi = np.asarray(hi, np.float32)
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = hi - lo
-        if t < 0.5:
-            return lo + diff * np.float32(t)
-        return hi - diff * np.float32(1.0 - t)
-
-
-def _top_count(total_count: int, q: float) -> int:
-    """How many of the largest values the quantile at 1 - q can touch (j + 1)."""
-    return _positions(total_count, q)[0] + 1
-
-
-def reference_threshold(values: np.ndarray, q: float = DEFAULT_Q) -> np.ndarray:
-    """Plain-numpy T_k for values [N, K]: the formula of the module docstring, float32."""
-    v = np.asarray(values, np.float32)
-    if v.ndim != 2:
-        raise ValueError(f"values must be [N, K], got shape {v.shape}")
-    v = np.where(np.isfinite(v), v, np.float32(_NEG_INF))
-    v = _flush_zero(v)
-    n = v.shape[0]
-    j, jm1, t = _positions(n, q)
-    # Ascending positions n-1-j and n-1-jm1 are the descending d[j] and d[j-1].
-    part = np.partition(v, sorted({n - 1 - j, n - 1 - jm1}), axis=0)
-    return _lerp32(part[n - 1 - j], part[n - 1 - jm1], t)
-
-
-def _flush_zero(x):
-    """-0.0 and subnormals -> +0.0 (works for numpy and jax arrays alike)."""
-    xp = jnp if isinstance(x, jax.Array) else np
-    return xp.where(xp.abs(x) < np.finfo(np.float32).tiny, xp.float32(0.0), x)
-
-
-def _split(x: jax.Array, valid: jax.Array, cut: jax.Array):
-    """One pass over a chunk x [C, K] against a per-unit cut [K].
-
-    Returns (values > cut as [K, C], -inf elsewhere; per-unit counts of values > cut,
-    == cut and non-finite; rows counted). Padding rows are ignored; non-finite values
-    count as -inf.
-    """
-    rows = x.shape[0]
-    finite = jnp.isfinite(x)
-    rowmask = valid[:, None]
-    xm = jnp.where(finite & rowmask, _flush_zero(x), _NEG_INF)
-    c = cut[None, :]
-    above = xm > c
-    equal = (xm == c) & (xm > _NEG_INF)
-    shift = max(1, rows.bit_length())
-    if 2 * shift <= 31:  # both counts in one int32 reduction (XLA CPU: each costs a pass)
-        total = jnp.sum(above.astype(jnp.int32) + (equal.astype(jnp.int32) << shift), axis=0)
-        n_above, n_equal = total & ((1 << shift) - 1), total >> shift
-    else:
-        n_above = jnp.sum(above, axis=0, dtype=jnp.int32)
-        n_equal = jnp.sum(equal, axis=0, dtype=jnp.int32)
-    nonfinite = jnp.sum(~finite & rowmask, axis=0, dtype=jnp.int32)
-    xa = jnp.where(above, xm, _NEG_INF).T
-    return xa, n_above, n_equal, nonfinite, jnp.sum(valid, dtype=jnp.int32)
-
-
-def _chunks(x: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Split rows into equal chunks [c, rows, K] (padding rows invalid) for a scan."""
-    x = jnp.asarray(x, jnp.float32)
-    if x.ndim != 2:
-        raise ValueError(f"expected activations [rows, units], got shape {x.shape}")
-    n, k = x.shape
-    valid = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool).reshape(n)
-    cmax = max(_MIN_CHUNK_ROWS, _CHUNK_VALUES // max(k, 1))
-    nchunk = max(1, -(-n // cmax))
-    rows = max(1, -(-n // nchunk))
-    pad = nchunk * rows - n
-    if pad:
-        x = jnp.concatenate([x, jnp.zeros((pad, k), x.dtype)])
-        valid = jnp.concatenate([valid, jnp.zeros((pad,), bool)])
-    return x.reshape(nchunk, rows, k), valid.reshape(nchunk, rows)
-
-
-def _scan_chunks(step, state, x, valid):
-    xs, vs = _chunks(x, valid)
-    if xs.shape[0] == 1:
-        return step(state, (xs[0], vs[0]))[0]
-    return jax.lax.scan(step, state, (xs, vs))[0]
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _sort_desc(a: jax.Array) -> jax.Array:
-    """Sort rows of a [..., W] descending with a bitonic sorting network.
-
-    Stages (block size, distance) run in a fori_loop of roll + min/max: O(W log^2 W)
-    element-wise work that vectorises, versus XLA's comparison sort on CPU (~5x slower
-    at W = 2048), and one traced stage.
-    """
-    shape = a.shape
-    a = a.reshape(-1, shape[-1])
-    w0 = a.shape[1]
-    full = _pow2(w0)
-    x = jnp.pad(a, ((0, 0), (0, full - w0)), constant_values=_NEG_INF)
-    logw = full.bit_length() - 1
-    stages = [(1 << (b + 1), 1 << d) for b in range(logw) for d in range(b, -1, -1)]
-    if not stages:
-        return x[:, :w0].reshape(shape)
-    sizes = jnp.array([sz for sz, _ in stages], jnp.int32)
-    halves = jnp.array([h for _, h in stages], jnp.int32)
-    cols = jnp.arange(full, dtype=jnp.int32)
-
-    def stage(i, x):
-        size, half = sizes[i], halves[i]
-        first = ((cols & half) == 0)[None, :]
-        descending = ((cols & size) == 0)[None, :]
-        partner = jnp.where(first, jnp.roll(x, -half, axis=1), jnp.roll(x, half, axis=1))
-        take_max = first == descending
-        return jnp.where(take_max, jnp.maximum(x, partner), jnp.minimum(x, partner))
-
-    x = jax.lax.fori_loop(0, len(stages), stage, x)
-    return x[:, :w0].reshape(shape)
-
-
-def _merge_desc(a: jax.Array, b: jax.Array, width: int | None = None) -> jax.Array:
-    """Merge rows of descending arrays a [K, P] and b [K, Q]; keep the first `width`.
-
-    A bitonic merge network (a, then b reversed, is bitonic): log2(P+Q) stages of
-    element-wise min/max against a rolled copy. On CPU this is several times faster
-    than XLA's sort or a searchsorted+scatter merge, and as a loop it compiles fast.
-    """
-    p, q = a.shape[1], b.shape[1]
-    width = p + q if width is None else width
-    full = _pow2(p + q)
-    pad = jnp.full((a.shape[0], full - p - q), _NEG_INF, a.dtype)
-    x = jnp.concatenate([a, pad, b[:, ::-1]], axis=1)
-    cols = jnp.arange(full)
-
-    def stage(i, x):
-        half = full >> (i + 1)
-        first = ((cols & half) == 0)[None, :]
-        partner = jnp.where(first, jnp.roll(x, -half, axis=1), jnp.roll(x, half, axis=1))
-        return jnp.where(first, jnp.maximum(x, partner), jnp.minimum(x, partner))
-
-    return jax.lax.fori_loop(0, full.bit_length() - 1, stage, x)[:, :width]
 
 
 def _tiers(rows: int, expected: float, small: int) -> list[int]:
@@ -326,13 +74,6 @@ def _tiers(rows: int, expected: float, small: int) -> list[int]:
     m1 = min(rows, max(small, int(math.ceil(4 * expected / 32)) * 32))
     m2 = min(rows, 4 * m1)
     return sorted({m1, m2, rows})
-
-
-def _switch_tier(needed: jax.Array, tiers: list[int]) -> jax.Array:
-    index = jnp.int32(0)
-    for i, m in enumerate(tiers[:-1]):
-        index = jnp.where((needed > m) & (index == i), i + 1, index)
-    return index
 
 
 _GROUP = 64  # units per tier decision: one bursty unit only makes its group slower
@@ -361,137 +102,6 @@ def _extract(xa: jax.Array, n_above: jax.Array, tiers: list[int]) -> jax.Array:
             index = _switch_tier(jnp.max(n_above[g : g + _GROUP]), tiers)
             out.append(jax.lax.switch(index, branches))
     return jnp.concatenate(out) if len(out) > 1 else out[0]
-
-
-# ----------------------------------------------------------------------------- exact mode
-
-
-@struct.dataclass
-class ExactState:
-    """Running top-k per unit. `top` [K, k] descending (-inf = empty), `stage` [K, S]
-    candidates not yet merged, `count` rows seen as (hi, lo) int32, `nonfinite` [K]."""
-
-    top: jax.Array
-    stage: jax.Array
-    stage_fill: jax.Array
-    count: jax.Array
-    nonfinite: jax.Array
-    total_count: int = struct.field(pytree_node=False)
-    q: float = struct.field(pytree_node=False)
-
-
-def exact_init(num_units: int, total_count: int, q: float = DEFAULT_Q) -> ExactState:
-    """Empty exact state for `total_count` values per unit (known in advance)."""
-    k = _top_count(int(total_count), q)
-    # Each merge rewrites the top-k, so stage about k/8 candidates between merges.
-    stage = min(_STAGE_MAX, max(_STAGE_MIN, _pow2(k) // 8))
-    return ExactState(
-        top=jnp.full((num_units, k), _NEG_INF, jnp.float32),
-        stage=jnp.full((num_units, stage), _NEG_INF, jnp.float32),
-        stage_fill=jnp.zeros((), jnp.int32),
-        count=_count_zero(),
-        nonfinite=jnp.zeros((num_units,), jnp.int32),
-        total_count=int(total_count),
-        q=float(q),
-    )
-
-
-def _exact_flush(state: ExactState, extra: jax.Array | None = None) -> ExactState:
-    k = state.top.shape[1]
-    staged = _sort_desc(state.stage)
-    if extra is not None:
-        staged = _merge_desc(staged, extra)
-    return state.replace(
-        top=_merge_desc(state.top, staged, width=k),
-        stage=jnp.full_like(state.stage, _NEG_INF),
-        stage_fill=jnp.zeros_like(state.stage_fill),
-    )
-
-
-def _exact_stage(state: ExactState, cand: jax.Array, used: int | jax.Array) -> ExactState:
-    """Append candidates [K, m] of which the first `used` columns matter."""
-    m = cand.shape[1]
-    state = jax.lax.cond(
-        state.stage_fill + m > state.stage.shape[1], _exact_flush, lambda s: s, state
-    )
-    stage = jax.lax.dynamic_update_slice(state.stage, cand, (0, state.stage_fill))
-    return state.replace(stage=stage, stage_fill=state.stage_fill + used)
-
-
-def exact_update(state: ExactState, x: jax.Array, valid: jax.Array | None = None) -> ExactState:
-    """Add activations x [N, K] (rows with valid=False are ignored). jit-able."""
-    if x.shape[-1] != state.top.shape[0]:
-        raise ValueError(f"x has {x.shape[-1]} units, state has {state.top.shape[0]}")
-
-    def step(state, chunk):
-        xc, vc = chunk
-        # Values <= the k-th largest merged so far cannot enter the top-k (a stale k-th
-        # value is only lower, so this stays exact while candidates sit in the stage).
-        xt, n_above, _, nonfinite, rows = _split(xc, vc, state.top[:, -1])
-        state = state.replace(
-            count=_count_add(state.count, rows), nonfinite=state.nonfinite + nonfinite
-        )
-        needed = jnp.max(n_above)
-        rows_ = xt.shape[1]
-        small = [m for m in (64, 256) if m < rows_ and m <= state.stage.shape[1] // 2]
-        width = max(small, default=0)
-
-        def staged(m):
-            # Both small tiers write `width` columns (padding is -inf) but advance by m,
-            # so that one staging append (and its flush) is traced.
-            def f(s):
-                top = jax.lax.top_k(xt, m)[0]
-                top = jnp.pad(top, ((0, 0), (0, width - m)), constant_values=_NEG_INF)
-                return _exact_stage(s, top, m)
-
-            return f
-
-        branches = [staged(m) for m in small] + [lambda s: _exact_flush(s, _sort_desc(xt))]
-        tiers = small + [rows_]
-        if len(branches) == 1:
-            return branches[0](state), None
-        return jax.lax.switch(_switch_tier(needed, tiers), branches, state), None
-
-    return _scan_chunks(step, state, x, valid)
-
-
-def exact_merge(a: ExactState, b: ExactState) -> ExactState:
-    """Top-k of the union of two exact states (bitwise associative and commutative)."""
-    if a.top.shape != b.top.shape or a.total_count != b.total_count or a.q != b.q:
-        raise ValueError("exact states differ in units, total_count or q")
-    k = a.top.shape[1]
-    top = _merge_desc(a.top, b.top, width=k)
-    staged = _sort_desc(jnp.concatenate([a.stage, b.stage], axis=1))
-    return a.replace(
-        top=_merge_desc(top, staged, width=k),
-        stage=jnp.full_like(a.stage, _NEG_INF),
-        stage_fill=jnp.zeros_like(a.stage_fill),
-        count=_count_merge(a.count, b.count),
-        nonfinite=a.nonfinite + b.nonfinite,
-    )
-
-
-_exact_flush_jit = jax.jit(_exact_flush)
-
-
-def exact_threshold(state: ExactState, q: float | None = None) -> jax.Array:
-    """Bitwise `reference_threshold` of everything added. Host-side (reads the count)."""
-    q = state.q if q is None else float(q)
-    n = count_value(state.count)
-    if n > state.total_count:
-        raise ValueError(
-            f"exact state saw {n} values per unit but was sized for total_count="
-            f"{state.total_count}; re-create it with the right total_count"
-        )
-    j, jm1, t = _positions(n, q)
-    if j >= state.top.shape[1]:
-        raise ValueError(f"exact state sized for q={state.q} cannot answer q={q}")
-    top = _exact_flush_jit(state).top
-    picked = np.asarray(jax.device_get(top[:, jnp.array([j, jm1])]))
-    return jnp.asarray(_lerp32(picked[:, 0], picked[:, 1], t))
-
-
-# ----------------------------------------------------------------------------- sketch mode
 
 
 @struct.dataclass
@@ -1007,44 +617,3 @@ def sketch_threshold(
             "mode, or shuffle the probe set."
         )
     return jnp.asarray(thresholds)
-
-
-# ----------------------------------------------------------------------------- merging
-
-
-def merge_all(stacked: ExactState | SketchState) -> ExactState | SketchState:
-    """Merge states stacked along a leading axis (e.g. the output of `lax.all_gather`
-    inside `jax.shard_map`, or `jnp.stack`ed host states). jit-able.
-
-    A left fold in a `fori_loop`, so the merge is traced once whatever the axis length.
-    """
-    merge = exact_merge if isinstance(stacked, ExactState) else sketch_merge
-    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-    first = jax.tree_util.tree_map(lambda a: a[0], stacked)
-    if n == 1:
-        return first
-
-    def body(i, acc):
-        return merge(acc, jax.tree_util.tree_map(lambda a: a[i], stacked))
-
-    return jax.lax.fori_loop(1, n, body, first)
-
-
-_exact_merge_jit = jax.jit(exact_merge)
-_sketch_merge_jit = jax.jit(sketch_merge)
-
-
-def merge_list(states: Sequence, merge=None):
-    """Merge a list of states pairwise (tree order, deterministic), e.g. on a host after
-    `jax.device_get`. `merge` defaults to the jitted merge of the states' mode."""
-    if not states:
-        raise ValueError("nothing to merge")
-    if merge is None:
-        merge = _exact_merge_jit if isinstance(states[0], ExactState) else _sketch_merge_jit
-    states = list(states)
-    while len(states) > 1:
-        nxt = [merge(states[i], states[i + 1]) for i in range(0, len(states) - 1, 2)]
-        if len(states) % 2:
-            nxt.append(states[-1])
-        states = nxt
-    return states[0]

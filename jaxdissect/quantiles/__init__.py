@@ -1,0 +1,88 @@
+"""Per-unit activation thresholds: an exact top-k mode and a mergeable tail sketch.
+
+Network Dissection thresholds unit k at T_k with P(a_k > T_k) = q over all spatial
+activations of the unit on the whole probe set. Both modes consume activation batches
+reshaped to [rows, units] (rows = images x h x w), under `jax.jit`, and their states are
+`flax.struct` pytrees that merge across devices or hosts.
+
+Modules:
+  definition  T_k's definition (numpy's linear quantile), value conventions, and
+              `reference_threshold`, its plain-numpy reference
+  exact       exact mode: per-unit top-k, bitwise equal to the reference
+  sketch      sketch mode: a ReqSketch-style compactor of the upper tail, fixed memory
+  merging     `merge_all` (stacked states, jit-able) and `merge_list` (host lists)
+  counts      row counts beyond int32 as (hi, lo) int32 pairs
+  chunks      batches in row chunks, split against a per-unit cut
+  bitonic     bitonic sorting and merging networks
+
+Accuracy of the sketch is measured by tests/test_quantiles.py and
+benchmarks/bench_quantiles.py (figures in benchmarks/README.md). ReqSketch's analysis
+gives a rank error O(R / sqrt(B * B/16)) at rank R from the top: relative, and
+independent of n; B = 1024 roughly divides it by 1.5 against the default B = 672.
+
+Memory per unit in floats: exact mode k + max(2048, ~k/8); sketch mode (L + 1) * B for
+the levels and the stage, plus 2L + 6 words, L = sketch_levels(B, q, n):
+
+    values per unit n         3.1M (7x7 layer)   199M (56x56)    3.2G (224x224)
+    exact: top-k + stage      15.5K + 2K         993K + 64K      15.9M + 64K
+    sketch, max_count = n     6.7K (L=9)         10.8K (L=15)    13.4K (L=19)
+    sketch, no max_count      13.4K (L=19, any n up to 2^32)
+
+(n = 63,305 Broden images x h x w). Both fit 512 units easily; exact mode is the one that
+does not scale to early layers (4 GB for 64 units at 224x224).
+"""
+
+from jaxdissect.quantiles.counts import _count_add, _count_merge, _count_zero, count_value
+from jaxdissect.quantiles.definition import DEFAULT_Q, _positions, reference_threshold
+from jaxdissect.quantiles.exact import (
+    ExactState,
+    exact_init,
+    exact_merge,
+    exact_threshold,
+    exact_update,
+)
+from jaxdissect.quantiles.merging import merge_all, merge_list
+from jaxdissect.quantiles.sketch import (
+    DEFAULT_MAX_COUNT,
+    DEFAULT_RHO,
+    DEFAULT_SIZE,
+    SECTIONS,
+    SketchState,
+    sketch_certified,
+    sketch_init,
+    sketch_levels,
+    sketch_merge,
+    sketch_threshold,
+    sketch_update,
+)
+
+MODES = ("sketch", "exact")
+
+__all__ = [
+    "DEFAULT_MAX_COUNT",
+    "DEFAULT_Q",
+    "DEFAULT_RHO",
+    "DEFAULT_SIZE",
+    "MODES",
+    "SECTIONS",
+    "ExactState",
+    "SketchState",
+    "_count_add",
+    "_count_merge",
+    "_count_zero",
+    "_positions",
+    "count_value",
+    "exact_init",
+    "exact_merge",
+    "exact_threshold",
+    "exact_update",
+    "merge_all",
+    "merge_list",
+    "reference_threshold",
+    "sketch_certified",
+    "sketch_init",
+    "sketch_levels",
+    "sketch_merge",
+    "sketch_threshold",
+    "sketch_update",
+]
