@@ -1,0 +1,364 @@
+"""Unit ablation against class accuracy (Bau et al., PNAS 2020, "the role of individual units").
+
+A classifier's layer has K units. Zeroing one unit (or setting it to its mean
+activation) changes each class's accuracy; the drop ranks the units by their
+importance to the class. Removing a class's top-N units together then shows
+whether the class depends on a few units while the other classes barely move.
+
+`Ablator` compiles one step: for a batch of M unit masks [M, K] and a batch of
+images it returns the per-class correct counts [M, C] (exact integers) of the
+network with each mask's units ablated (`interventions.Ablate`), vmapped over
+the masks. The part of the network before the layer does not depend on the
+mask, so vmap computes it once per batch and only the layers after the
+ablated one run M times. The images are sharded over the `data` mesh like
+`evaluate.Evaluator`; the counts are summed over devices by XLA.
+
+`ablation_study` evaluates every single-unit ablation and the top-N curves and
+writes them (`write_ablation_files`); its chunks of masks are stored under
+`.work/` so that a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxdissect import interventions, parallel, store
+
+# Ablated values: zero, or each unit's mean activation over the evaluation images.
+ZERO, MEAN = "zero", "mean"
+VALUES = (ZERO, MEAN)
+# Unit masks per compiled call (the layers after the ablated one run this many times a batch).
+DEFAULT_MASKS_PER_CALL = 32
+# N of the top-N curves: powers of two up to the layer's width.
+DEFAULT_TOP_N = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def check_value(value: str) -> str:
+    if value not in VALUES:
+        raise ValueError(f"value={value!r}: use one of {', '.join(VALUES)}")
+    return value
+
+
+class Ablator:
+    """Per-class correct counts of `module` with unit masks applied at module `path`.
+
+    Args:
+      module: a Linen classifier `module.apply(variables, images) -> logits [B, C]`.
+      input_spec: normalises 0..255 images (`preprocess.InputSpec`), or None.
+      path: the module path (or alias) of the layer whose units are ablated.
+      apply_kwargs: extra keyword arguments of `module.apply` (e.g. `train=False`).
+      mesh: the `data` mesh (default: every device).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        input_spec: Any,
+        path: str,
+        *,
+        apply_kwargs: Mapping[str, Any] | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        self.module, self.input_spec, self.path = module, input_spec, path
+        self.apply_kwargs = dict(apply_kwargs or {})
+        self.mesh = mesh or parallel.data_mesh()
+        repl, data = parallel.replicated(self.mesh), parallel.sharded(self.mesh)
+        self._step = jax.jit(
+            self._counts,
+            static_argnums=(4,),
+            in_shardings=(repl, repl, repl, data),
+            out_shardings=repl,
+        )
+
+    def _logits(self, variables: Any, images: jax.Array, rule: Any) -> jax.Array:
+        x = self.input_spec(images) if self.input_spec is not None else images
+        net = interventions.intervene(self.module, {self.path: rule})
+        return net.apply(variables, x, **self.apply_kwargs)
+
+    def _counts(
+        self,
+        variables: Any,
+        masks: jax.Array,
+        fill: jax.Array | None,
+        batch: Mapping[str, jax.Array],
+        num_classes: int,
+    ) -> jax.Array:
+        labels, valid = batch["label"], batch["valid"]
+        onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)
+
+        def one(mask: jax.Array) -> jax.Array:
+            rule = interventions.Ablate(mask, ZERO if fill is None else fill)
+            logits = self._logits(variables, batch["image"], rule)
+            correct = (jnp.argmax(logits, -1) == labels) & valid
+            return jnp.sum(onehot * correct[:, None].astype(jnp.int32), 0)
+
+        return jax.vmap(one)(masks)
+
+    def counts(
+        self,
+        variables: Any,
+        batches: Sequence[Mapping[str, np.ndarray]],
+        masks: np.ndarray,
+        *,
+        num_classes: int,
+        fill: np.ndarray | None = None,
+        masks_per_call: int = DEFAULT_MASKS_PER_CALL,
+    ) -> np.ndarray:
+        """int64 [M, C]: correct examples of each class with each mask's units ablated.
+
+        `masks`: bool [M, K]; `fill`: None (zero) or float [K], the replacement values.
+        """
+        masks = np.asarray(masks, bool)
+        if masks.ndim != 2:
+            raise ValueError(f"masks has shape {masks.shape}; it must be [M, K] bool")
+        if masks_per_call < 1:
+            raise ValueError(f"masks_per_call={masks_per_call} must be >= 1")
+        variables = parallel.replicate(variables, self.mesh)
+        fill_dev = None if fill is None else jnp.asarray(fill, jnp.float32)
+        out = np.zeros((len(masks), num_classes), np.int64)
+        put = [parallel.put_global_batch(_eval_fields(b), self.mesh) for b in batches]
+        for start in range(0, len(masks), masks_per_call):
+            chunk = masks[start : start + masks_per_call]
+            # The last chunk is padded to the compiled size with empty masks.
+            padded = np.zeros((min(masks_per_call, len(masks)), masks.shape[1]), bool)
+            padded[: len(chunk)] = chunk
+            total = None
+            for batch in put:
+                got = self._step(variables, padded, fill_dev, batch, num_classes)
+                total = got if total is None else total + got
+            if total is not None:
+                out[start : start + len(chunk)] = np.asarray(jax.device_get(total))[: len(chunk)]
+        return out
+
+
+def _eval_fields(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = len(batch["label"])
+    return {
+        "image": batch["image"],
+        "label": np.asarray(batch["label"], np.int32),
+        "valid": np.asarray(batch.get("valid", np.ones(n, bool)), bool),
+    }
+
+
+def class_totals(batches: Iterable[Mapping[str, np.ndarray]], num_classes: int) -> np.ndarray:
+    """int64 [C]: valid examples of each class in `batches`."""
+    total = np.zeros(num_classes, np.int64)
+    for b in batches:
+        f = _eval_fields(b)
+        labels = f["label"][f["valid"]]
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        if bad.size:
+            raise ValueError(
+                f"labels {sorted(set(bad.tolist()))} outside 0..{num_classes - 1} "
+                f"(the classifier's {num_classes} classes)"
+            )
+        total += np.bincount(labels, minlength=num_classes)
+    return total
+
+
+def unit_means(
+    module: nn.Module,
+    variables: Any,
+    path: str,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    *,
+    input_spec: Any,
+    input_size: int,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """float64 [K]: each unit's mean activation over the valid images and all positions."""
+    from jaxdissect import capture
+
+    tap = capture.make_tap(
+        module,
+        variables,
+        [path],
+        input_shape=(input_size, input_size, 3),
+        apply_kwargs=apply_kwargs,
+    )
+    layer = tap.layers[0]
+
+    @jax.jit
+    def sums(v: Any, images: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = input_spec(images) if input_spec is not None else images
+        y = tap.fn(v, x)[layer].astype(jnp.float32)
+        y = y.reshape(y.shape[0], -1, y.shape[-1])
+        w = valid.astype(jnp.float32)[:, None, None]
+        return jnp.sum(y * w, (0, 1)), jnp.sum(w) * y.shape[1]
+
+    total, count = None, 0.0
+    for b in batches:
+        f = _eval_fields(b)
+        s, c = sums(tap.variables, f["image"], f["valid"])
+        s = np.asarray(s, np.float64)
+        total = s if total is None else total + s
+        count += float(c)
+    if total is None or count == 0:
+        raise ValueError("unit means need at least one valid image")
+    return total / count
+
+
+# --------------------------------------------------------------------------- importance
+
+
+def accuracy(correct: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """correct / total per class (NaN for a class without examples); broadcasts over rows."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
+
+
+def ranking(drop: np.ndarray) -> np.ndarray:
+    """int64 [C, K]: per class, units by decreasing accuracy drop (`drop` [K, C]); ties by unit."""
+    drop = np.nan_to_num(np.asarray(drop, np.float64), nan=-np.inf)
+    return np.argsort(-drop.T, axis=1, kind="stable")
+
+
+def top_n_masks(order: np.ndarray, ns: Sequence[int]) -> np.ndarray:
+    """bool [C, len(ns), K]: per class, its first N units of `order` ([C, K]) for each N."""
+    c, k = order.shape
+    masks = np.zeros((c, len(ns), k), bool)
+    for i, n in enumerate(ns):
+        rows = np.repeat(np.arange(c), min(n, k))
+        masks[rows, i, order[:, :n].reshape(-1)] = True
+    return masks
+
+
+def top_ns(num_units: int, wanted: Sequence[int] = DEFAULT_TOP_N) -> list[int]:
+    """The N of the curves: `wanted` up to `num_units` (each at least 1)."""
+    bad = [n for n in wanted if n < 1]
+    if bad:
+        raise ValueError(f"top_n={bad}: each N must be >= 1")
+    return sorted({int(n) for n in wanted if n <= num_units}) or [num_units]
+
+
+def others_mean(acc: np.ndarray, cls: int) -> float:
+    """Mean accuracy of the classes other than `cls` (those with examples)."""
+    rest = np.delete(np.asarray(acc, np.float64), cls)
+    rest = rest[~np.isnan(rest)]
+    return float(rest.mean()) if rest.size else float("nan")
+
+
+# --------------------------------------------------------------------------- the study
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationResult:
+    """Counts of one ablation study of a layer.
+
+    Attributes:
+      total: int64 [C], examples of each class.
+      base: int64 [C], correct examples of the intact network.
+      single: int64 [K, C], correct examples with unit k alone ablated.
+      ns: the N of the top-N curves.
+      top: int64 [C, len(ns), C], correct examples of every class with class c's top N ablated.
+      order: int64 [C, K], units of each class by decreasing accuracy drop.
+      value: 'zero' or 'mean'.
+    """
+
+    total: np.ndarray
+    base: np.ndarray
+    single: np.ndarray
+    ns: tuple[int, ...]
+    top: np.ndarray
+    order: np.ndarray
+    value: str
+
+    @property
+    def drop(self) -> np.ndarray:
+        """float64 [K, C]: accuracy of the intact network minus with unit k ablated."""
+        return accuracy(self.base, self.total)[None, :] - accuracy(self.single, self.total)
+
+    def curve(self, cls: int) -> tuple[np.ndarray, np.ndarray]:
+        """(class accuracy, others' mean accuracy) at N = 0 and each N of `ns`."""
+        base = accuracy(self.base, self.total)
+        own = [base[cls]] + [
+            accuracy(self.top[cls, i], self.total)[cls] for i in range(len(self.ns))
+        ]
+        rest = [others_mean(base, cls)] + [
+            others_mean(accuracy(self.top[cls, i], self.total), cls) for i in range(len(self.ns))
+        ]
+        return np.asarray(own), np.asarray(rest)
+
+
+def _chunked(
+    run: Callable[[np.ndarray], np.ndarray],
+    masks: np.ndarray,
+    work: pathlib.Path | None,
+    name: str,
+    chunk: int,
+) -> np.ndarray:
+    """run(masks) in chunks of `chunk` masks, each stored in `work` (resumed from there)."""
+    parts = []
+    for i, start in enumerate(range(0, len(masks), chunk)):
+        part = masks[start : start + chunk]
+        path = None if work is None else work / f"{name}-{i:05d}.npy"
+        if path is not None and path.is_file():
+            got = np.load(path)
+            if got.shape[0] == len(part):
+                parts.append(got)
+                continue
+        got = run(part)
+        if path is not None:
+            with store.atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, got)
+        parts.append(got)
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.int64)
+
+
+def ablation_study(
+    ablator: Ablator,
+    variables: Any,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    *,
+    num_units: int,
+    num_classes: int,
+    value: str = ZERO,
+    fill: np.ndarray | None = None,
+    ns: Sequence[int] = DEFAULT_TOP_N,
+    work_dir: str | pathlib.Path | None = None,
+    masks_per_call: int = DEFAULT_MASKS_PER_CALL,
+    chunk: int = 256,
+) -> AblationResult:
+    """Every single-unit ablation, then each class's top-N units ablated together.
+
+    With `work_dir`, each chunk of `chunk` masks is stored there as it finishes
+    (the caller keys the folder by model, layer, data and value) and reused.
+    """
+    check_value(value)
+    if (value == MEAN) != (fill is not None):
+        raise ValueError("value='mean' needs fill (the unit means); value='zero' takes none")
+    ns = tuple(top_ns(num_units, ns))
+    work = None if work_dir is None else pathlib.Path(work_dir)
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    total = class_totals(batches, num_classes)
+
+    def run(masks: np.ndarray) -> np.ndarray:
+        return ablator.counts(
+            variables,
+            batches,
+            masks,
+            num_classes=num_classes,
+            fill=fill,
+            masks_per_call=masks_per_call,
+        )
+
+    # Row 0: no unit ablated (the intact network, through the same compiled step).
+    singles = np.concatenate([np.zeros((1, num_units), bool), np.eye(num_units, dtype=bool)])
+    got = _chunked(run, singles, work, "single", chunk)
+    base, single = got[0], got[1:]
+    result = AblationResult(total, base, single, ns, np.zeros((0,)), np.zeros((0,)), value)
+    order = ranking(result.drop)
+    masks = top_n_masks(order, ns).reshape(-1, num_units)
+    logging.info("ablating the top %s units of each of %d classes", list(ns), num_classes)
+    top = _chunked(run, masks, work, "top", chunk).reshape(num_classes, len(ns), num_classes)
+    return dataclasses.replace(result, top=top, order=order)
