@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
 from jaxdissect import interventions, parallel, store
@@ -91,7 +92,7 @@ class Ablator:
         fill: jax.Array | None,
         batch: Mapping[str, jax.Array],
         num_classes: int,
-    ) -> jax.Array:
+    ) -> tuple[jax.Array, jax.Array]:
         labels, valid = batch["label"], batch["valid"]
         onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)
 
@@ -99,7 +100,12 @@ class Ablator:
             rule = interventions.Ablate(mask, ZERO if fill is None else fill)
             logits = self._logits(variables, batch["image"], rule)
             correct = (jnp.argmax(logits, -1) == labels) & valid
-            return jnp.sum(onehot * correct[:, None].astype(jnp.int32), 0)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            loss = jnp.where(valid, loss, 0.0).astype(jnp.float32)
+            return (
+                jnp.sum(onehot * correct[:, None].astype(jnp.int32), 0),
+                jnp.sum(onehot.astype(jnp.float32) * loss[:, None], 0),
+            )
 
         return jax.vmap(one)(masks)
 
@@ -117,6 +123,26 @@ class Ablator:
 
         `masks`: bool [M, K]; `fill`: None (zero) or float [K], the replacement values.
         """
+        return self.counts_and_loss(
+            variables,
+            batches,
+            masks,
+            num_classes=num_classes,
+            fill=fill,
+            masks_per_call=masks_per_call,
+        )[0]
+
+    def counts_and_loss(
+        self,
+        variables: Any,
+        batches: Sequence[Mapping[str, np.ndarray]],
+        masks: np.ndarray,
+        *,
+        num_classes: int,
+        fill: np.ndarray | None = None,
+        masks_per_call: int = DEFAULT_MASKS_PER_CALL,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`counts`, and float64 [M, C]: the summed cross-entropy of each class's examples."""
         masks = np.asarray(masks, bool)
         if masks.ndim != 2:
             raise ValueError(f"masks has shape {masks.shape}; it must be [M, K] bool")
@@ -125,19 +151,20 @@ class Ablator:
         variables = parallel.replicate(variables, self.mesh)
         fill_dev = None if fill is None else jnp.asarray(fill, jnp.float32)
         out = np.zeros((len(masks), num_classes), np.int64)
+        losses = np.zeros((len(masks), num_classes), np.float64)
         put = [parallel.put_global_batch(_eval_fields(b), self.mesh) for b in batches]
         for start in range(0, len(masks), masks_per_call):
             chunk = masks[start : start + masks_per_call]
             # The last chunk is padded to the compiled size with empty masks.
             padded = np.zeros((min(masks_per_call, len(masks)), masks.shape[1]), bool)
             padded[: len(chunk)] = chunk
-            total = None
+            sums = []
             for batch in put:
-                got = self._step(variables, padded, fill_dev, batch, num_classes)
-                total = got if total is None else total + got
-            if total is not None:
-                out[start : start + len(chunk)] = np.asarray(jax.device_get(total))[: len(chunk)]
-        return out
+                sums.append(self._step(variables, padded, fill_dev, batch, num_classes))
+            for correct, loss in jax.device_get(sums):
+                out[start : start + len(chunk)] += np.asarray(correct)[: len(chunk)]
+                losses[start : start + len(chunk)] += np.asarray(loss, np.float64)[: len(chunk)]
+        return out, losses
 
 
 def _eval_fields(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -216,10 +243,16 @@ def accuracy(correct: np.ndarray, total: np.ndarray) -> np.ndarray:
         return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
 
 
-def ranking(drop: np.ndarray) -> np.ndarray:
-    """int64 [C, K]: per class, units by decreasing accuracy drop (`drop` [K, C]); ties by unit."""
+def ranking(drop: np.ndarray, loss_rise: np.ndarray | None = None) -> np.ndarray:
+    """int64 [C, K]: per class, units by decreasing accuracy drop (`drop` [K, C]); ties by
+    decreasing rise of the class's loss (`loss_rise` [K, C], if given), then by unit."""
     drop = np.nan_to_num(np.asarray(drop, np.float64), nan=-np.inf)
-    return np.argsort(-drop.T, axis=1, kind="stable")
+    rise = np.zeros_like(drop) if loss_rise is None else np.asarray(loss_rise, np.float64)
+    rise = np.nan_to_num(rise, nan=-np.inf)
+    k = drop.shape[0]
+    units = np.broadcast_to(np.arange(k)[:, None], drop.shape)
+    # lexsort sorts by the last key first, along the last axis: transpose to [C, K].
+    return np.lexsort((units.T, -rise.T, -drop.T), axis=-1)
 
 
 def top_n_masks(order: np.ndarray, ns: Sequence[int]) -> np.ndarray:
@@ -260,8 +293,9 @@ class AblationResult:
       single: int64 [K, C], correct examples with unit k alone ablated.
       ns: the N of the top-N curves.
       top: int64 [C, len(ns), C], correct examples of every class with class c's top N ablated.
-      order: int64 [C, K], units of each class by decreasing accuracy drop.
+      order: int64 [C, K], units of each class by decreasing accuracy drop (`ranking`).
       value: 'zero' or 'mean'.
+      base_loss, single_loss: float64 [C] and [K, C], summed cross-entropy per class.
     """
 
     total: np.ndarray
@@ -271,6 +305,16 @@ class AblationResult:
     top: np.ndarray
     order: np.ndarray
     value: str
+    base_loss: np.ndarray | None = None
+    single_loss: np.ndarray | None = None
+
+    @property
+    def loss_rise(self) -> np.ndarray | None:
+        """float64 [K, C]: mean cross-entropy of each class with unit k ablated minus intact."""
+        if self.base_loss is None or self.single_loss is None:
+            return None
+        n = np.maximum(self.total, 1)
+        return self.single_loss / n - (self.base_loss / n)[None, :]
 
     @property
     def drop(self) -> np.ndarray:
@@ -290,28 +334,30 @@ class AblationResult:
 
 
 def _chunked(
-    run: Callable[[np.ndarray], np.ndarray],
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     masks: np.ndarray,
     work: pathlib.Path | None,
     name: str,
     chunk: int,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """run(masks) in chunks of `chunk` masks, each stored in `work` (resumed from there)."""
-    parts = []
+    correct, loss = [], []
     for i, start in enumerate(range(0, len(masks), chunk)):
         part = masks[start : start + chunk]
-        path = None if work is None else work / f"{name}-{i:05d}.npy"
+        path = None if work is None else work / f"{name}-{i:05d}.npz"
         if path is not None and path.is_file():
-            got = np.load(path)
-            if got.shape[0] == len(part):
-                parts.append(got)
-                continue
-        got = run(part)
+            with np.load(path) as stored:
+                if stored["correct"].shape[0] == len(part):
+                    correct.append(stored["correct"])
+                    loss.append(stored["loss"])
+                    continue
+        c, l_ = run(part)
         if path is not None:
             with store.atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.save(f, got)
-        parts.append(got)
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.int64)
+                np.savez(f, correct=c, loss=l_)
+        correct.append(c)
+        loss.append(l_)
+    return np.concatenate(correct), np.concatenate(loss)
 
 
 def ablation_study(
@@ -342,8 +388,8 @@ def ablation_study(
         work.mkdir(parents=True, exist_ok=True)
     total = class_totals(batches, num_classes)
 
-    def run(masks: np.ndarray) -> np.ndarray:
-        return ablator.counts(
+    def run(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return ablator.counts_and_loss(
             variables,
             batches,
             masks,
@@ -354,11 +400,209 @@ def ablation_study(
 
     # Row 0: no unit ablated (the intact network, through the same compiled step).
     singles = np.concatenate([np.zeros((1, num_units), bool), np.eye(num_units, dtype=bool)])
-    got = _chunked(run, singles, work, "single", chunk)
-    base, single = got[0], got[1:]
-    result = AblationResult(total, base, single, ns, np.zeros((0,)), np.zeros((0,)), value)
-    order = ranking(result.drop)
+    got, loss = _chunked(run, singles, work, "single", chunk)
+    empty = np.zeros((0,), np.int64)
+    result = AblationResult(
+        total, got[0], got[1:], ns, empty, empty, value, base_loss=loss[0], single_loss=loss[1:]
+    )
+    order = ranking(result.drop, result.loss_rise)
     masks = top_n_masks(order, ns).reshape(-1, num_units)
     logging.info("ablating the top %s units of each of %d classes", list(ns), num_classes)
-    top = _chunked(run, masks, work, "top", chunk).reshape(num_classes, len(ns), num_classes)
+    top = _chunked(run, masks, work, "top", chunk)[0].reshape(num_classes, len(ns), num_classes)
     return dataclasses.replace(result, top=top, order=order)
+
+
+# --------------------------------------------------------------------------- joined with labels
+
+
+def unit_labels(layer_record: Mapping[str, Any] | None, num_units: int) -> list[dict[str, Any]]:
+    """Per unit {name, category, iou, interpretable} from a results.json layer record."""
+    if layer_record is None:
+        return [{"name": None, "category": None, "iou": 0.0, "interpretable": False}] * num_units
+    units = layer_record["units"]
+    if len(units) != num_units:
+        raise ValueError(
+            f"the dissection of {layer_record['layer']} has {len(units)} units, the ablated "
+            f"layer {num_units}: dissect the same weights and layer"
+        )
+    keys = ("name", "category", "iou", "interpretable")
+    return [{k: u.get(k) for k in keys} for u in units]
+
+
+def joined(
+    result: AblationResult,
+    class_names: Sequence[str],
+    labels: Sequence[Mapping[str, Any]],
+    *,
+    top_units: int = 8,
+    top_classes: int = 3,
+) -> dict[str, Any]:
+    """The JSON document: per unit its label and the classes it matters most for; per class
+    its most important units with their labels and its accuracy against N units removed."""
+    drop = result.drop
+    base = accuracy(result.base, result.total)
+    units = []
+    for k in range(drop.shape[0]):
+        d = np.nan_to_num(drop[k], nan=-np.inf)
+        most = np.argsort(-d, kind="stable")[:top_classes]
+        units.append(
+            {
+                "unit": k,
+                **dict(labels[k]),
+                "mean_drop": float(np.nanmean(drop[k])) if np.isfinite(drop[k]).any() else None,
+                "classes": [
+                    {"class": class_names[c], "drop": float(drop[k, c])}
+                    for c in most
+                    if np.isfinite(drop[k, c])
+                ],
+            }
+        )
+    classes = []
+    for c, name in enumerate(class_names):
+        own, rest = result.curve(c)
+        classes.append(
+            {
+                "class": name,
+                "examples": int(result.total[c]),
+                "accuracy": None if np.isnan(base[c]) else float(base[c]),
+                "units": [
+                    {"unit": int(k), "drop": float(drop[k, c]), **dict(labels[k])}
+                    for k in result.order[c, :top_units]
+                ],
+                "curve": {
+                    "n": [0, *result.ns],
+                    "class_accuracy": [_num(v) for v in own],
+                    "others_accuracy": [_num(v) for v in rest],
+                },
+            }
+        )
+    return {"value": result.value, "units": units, "classes": classes}
+
+
+def _num(v: float) -> float | None:
+    return None if np.isnan(v) else float(v)
+
+
+def mean_curves(result: AblationResult) -> tuple[np.ndarray, np.ndarray]:
+    """Over the classes with examples: mean (class accuracy, others' mean) at N = 0, ns."""
+    rows = [result.curve(c) for c in range(len(result.total)) if result.total[c] > 0]
+    own = np.mean([r[0] for r in rows], axis=0)
+    rest = np.mean([r[1] for r in rows], axis=0)
+    return own, rest
+
+
+def write_ablation_files(
+    out: pathlib.Path,
+    result: AblationResult,
+    class_names: Sequence[str],
+    labels: Sequence[Mapping[str, Any]],
+    settings: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """ablation.json, ablation_units.csv, ablation_classes.csv and ablation.png; the document."""
+    import csv
+
+    from jaxdissect.report import plots
+
+    doc = joined(result, class_names, labels)
+    own, rest = mean_curves(result)
+    document = {
+        "settings": dict(settings),
+        "classes_mean_curve": {
+            "n": [0, *result.ns],
+            "class_accuracy": own.tolist(),
+            "others_accuracy": rest.tolist(),
+        },
+        **dict(extra or {}),
+        **doc,
+    }
+    store.write_json(out / "ablation.json", document)
+    with store.atomic_path(out / "ablation_units.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["unit", "label", "category", "iou", "interpretable", "mean_drop"]
+            + [f"drop_{c}" for c in class_names]
+        )
+        for k, u in enumerate(doc["units"]):
+            w.writerow(
+                [
+                    k,
+                    u["name"] or "",
+                    u["category"] or "",
+                    f"{u['iou']:.4f}",
+                    int(bool(u["interpretable"])),
+                    u["mean_drop"],
+                ]
+                + [f"{v:.6f}" for v in result.drop[k]]
+            )
+    with store.atomic_path(out / "ablation_classes.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "n_removed", "class_accuracy", "others_accuracy", "removed_units"])
+        for c, entry in enumerate(doc["classes"]):
+            curve = entry["curve"]
+            for i, n in enumerate(curve["n"]):
+                removed = " ".join(str(int(k)) for k in result.order[c, :n])
+                w.writerow(
+                    [
+                        entry["class"],
+                        n,
+                        curve["class_accuracy"][i],
+                        curve["others_accuracy"][i],
+                        removed,
+                    ]
+                )
+    plots.plot_ablation_curves(
+        out / "ablation.png",
+        [0, *result.ns],
+        {
+            e["class"]: (e["curve"]["class_accuracy"], e["curve"]["others_accuracy"])
+            for e in doc["classes"]
+        },
+        title=f"{settings.get('layer', '')}: accuracy with the class's top N units "
+        f"({result.value}) removed",
+    )
+    return document
+
+
+def finding(
+    result: AblationResult,
+    class_names: Sequence[str],
+    labels: Sequence[Mapping[str, Any]],
+    *,
+    defining: Mapping[str, set[str]] | None = None,
+    top: int = 4,
+) -> dict[str, Any]:
+    """What the study shows, in numbers: the mean drop of the class and of the others at each
+    N; with `defining` ({class: concept names}), the share of each class's top units labelled
+    with one of its defining concepts against the share of all the layer's units."""
+    own, rest = mean_curves(result)
+    out: dict[str, Any] = {
+        "n": [0, *result.ns],
+        "class_drop": (own[0] - own).tolist(),
+        "others_drop": (rest[0] - rest).tolist(),
+    }
+    if defining is not None:
+        names = [u.get("name") if u.get("interpretable") else None for u in labels]
+        hits, chance, per_class = [], [], {}
+        for c, cls in enumerate(class_names):
+            want = set(defining.get(cls, ()))
+            if not want or result.total[c] == 0:
+                continue
+            units = [int(k) for k in result.order[c, :top]]
+            got = [names[k] for k in units]
+            hit = sum(n in want for n in got) / len(units)
+            base = sum(n in want for n in names) / len(names)
+            hits.append(hit)
+            chance.append(base)
+            per_class[cls] = {
+                "defining": sorted(want),
+                "top_units": units,
+                "labels": got,
+                "share_defining": hit,
+                "layer_share_defining": base,
+            }
+        out["top"] = top
+        out["share_top_units_defining"] = float(np.mean(hits)) if hits else None
+        out["share_layer_units_defining"] = float(np.mean(chance)) if chance else None
+        out["per_class"] = per_class
+    return out

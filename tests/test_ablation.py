@@ -51,6 +51,16 @@ def _numpy_counts(variables, images, labels, mask, fill=None) -> np.ndarray:
     return np.bincount(labels[correct], minlength=CLASSES)
 
 
+def _numpy_loss(variables, images, labels, mask) -> np.ndarray:
+    """Summed cross-entropy of each class's examples with the units of `mask` zeroed."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    h = np.maximum(images.astype(np.float64) @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
+    logits = np.where(mask, 0.0, h).sum((1, 2)) @ p["head"]["kernel"] + p["head"]["bias"]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    return np.bincount(labels, weights=-logp[np.arange(len(labels)), labels], minlength=CLASSES)
+
+
 def _batches(images, labels, size):
     out = []
     for s in range(0, len(labels), size):
@@ -119,10 +129,14 @@ def test_study_ranks_units_and_ablates_top_n_like_numpy(data, tmp_path):
     for k in range(K):
         drops[k] = acc0 - _numpy_counts(variables, images, labels, np.eye(K, dtype=bool)[k]) / total
     np.testing.assert_allclose(res.drop, drops)
+    eye = np.eye(K, dtype=bool)
+    rise = np.stack([_numpy_loss(variables, images, labels, eye[k]) for k in range(K)])
+    rise = (rise - _numpy_loss(variables, images, labels, none)) / total
+    np.testing.assert_allclose(res.loss_rise, rise, rtol=1e-5, atol=1e-5)
     assert res.ns == (1, 2, 4)  # N above the layer's width left out
     for c in range(CLASSES):
-        # Units by decreasing drop, ties by unit number.
-        order = sorted(range(K), key=lambda k: (-drops[k, c], k))
+        # Units by decreasing drop, ties by the rise of the class's loss, then by unit.
+        order = sorted(range(K), key=lambda k: (-drops[k, c], -res.loss_rise[k, c], k))
         np.testing.assert_array_equal(res.order[c], order)
         for i, n in enumerate(res.ns):
             mask = np.isin(np.arange(K), order[:n])
@@ -134,7 +148,7 @@ def test_study_ranks_units_and_ablates_top_n_like_numpy(data, tmp_path):
         assert rest[0] == pytest.approx(np.delete(acc0, c).mean())
     # Resumed from the stored chunks: the same counts without evaluating again.
     stored = sorted(p.name for p in (tmp_path / "work").iterdir())
-    assert stored[0] == "single-00000.npy" and len(stored) == 3 + 4
+    assert stored[0] == "single-00000.npz" and len(stored) == 3 + 4
     again = ablation.ablation_study(
         _Refuse(),
         variables,
@@ -150,7 +164,7 @@ def test_study_ranks_units_and_ablates_top_n_like_numpy(data, tmp_path):
 
 
 class _Refuse:
-    def counts(self, *args, **kwargs):
+    def counts_and_loss(self, *args, **kwargs):
         raise AssertionError("a stored chunk was evaluated again")
 
 
@@ -158,6 +172,9 @@ def test_top_n_masks_and_ranking_on_planted_drops():
     drop = np.array([[0.0, 0.5], [0.3, 0.5], [0.3, np.nan], [0.9, -0.1]])  # [K=4, C=2]
     order = ablation.ranking(drop)
     np.testing.assert_array_equal(order, [[3, 1, 2, 0], [0, 1, 3, 2]])
+    # Equal drops: the larger rise of the loss first.
+    rise = np.array([[0.0, 0.1], [0.0, 0.2], [0.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(ablation.ranking(drop, rise)[1], [1, 0, 3, 2])
     masks = ablation.top_n_masks(order, [1, 3])
     np.testing.assert_array_equal(masks[0, 0], [False, False, False, True])
     np.testing.assert_array_equal(masks[1, 1], [True, True, False, True])
