@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +84,8 @@ def _exceedances(
     whose best IoU over the concepts reaches the unit's observed best IoU."""
     n = u.shape[0]
     pad = (-n) % block
-    unit_area = jnp.sum(u, (0, 1)).astype(jnp.int32)
-    concept_area = jnp.sum(c, (0, 1)).astype(jnp.int32)
+    unit_area = jnp.sum(u, (0, 1), dtype=jnp.int32)
+    concept_area = jnp.sum(c, (0, 1), dtype=jnp.int32)
     best = jnp.max(iou(observed, unit_area, concept_area), axis=1)
     u = jnp.pad(u, ((0, pad), (0, 0), (0, 0)))
     blocks = u.reshape(-1, block, *u.shape[1:])
@@ -93,7 +94,7 @@ def _exceedances(
         paired = jnp.pad(c[perm], ((0, pad), (0, 0), (0, 0))).reshape(-1, block, *c.shape[1:])
 
         def add(total: jax.Array, pair: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
-            part = jnp.einsum("npk,npc->kc", pair[0], pair[1])
+            part = jnp.einsum("npk,npc->kc", pair[0], pair[1], preferred_element_type=jnp.float32)
             return total + part.astype(jnp.int32), None
 
         zero = jnp.zeros((u.shape[-1], c.shape[-1]), jnp.int32)
@@ -160,8 +161,9 @@ def permutation_test(
     block = max(1, min(n, (_EXACT_F32 - 1) // max(p, 1)))
     perms = permutations(n, draws, seed)
     pairs, units = _exceedances(
-        jnp.asarray(u, jnp.float32),
-        jnp.asarray(c, jnp.float32),
+        # 0/1 is exact in bfloat16 (half float32's memory); products sum in float32.
+        jnp.asarray(u, jnp.bfloat16),
+        jnp.asarray(c, jnp.bfloat16),
         jnp.asarray(perms),
         jnp.asarray(observed, jnp.int32),
         block=block,
@@ -190,3 +192,62 @@ def benjamini_hochberg(p: np.ndarray, alpha: float = 0.05) -> np.ndarray:
         last = int(np.nonzero(passed)[0][-1])
         out[order[: last + 1]] = True
     return out.reshape(p.shape)
+
+
+# --------------------------------------------------------------------------- masks of a layer
+
+
+def layer_masks(
+    tap: Any,
+    path: str,
+    thresholds: np.ndarray,
+    source: Any,
+    concepts: np.ndarray,
+    *,
+    input_spec: Any,
+    stride: int = 1,
+    tie_rule: str = "strict",
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(unit masks bool [N, P, K], concept masks bool [N, P, C]) of every probe image.
+
+    The masks of `jaxdissect.masks` at the segmentation size, on the pixel grid taken every
+    `stride` pixels in both directions (P = ceil(sh / stride) * ceil(sw / stride)): the
+    test's cost and memory scale with P. `tap` is a `capture.Tap` holding layer `path`;
+    `thresholds` [K] the dissection's (raw activations).
+    """
+    from jaxdissect import masks
+
+    if stride < 1:
+        raise ValueError(f"stride={stride} must be >= 1")
+    sh, sw = source.seg_size
+    concepts_j = jnp.asarray(concepts, jnp.int32)
+    thr = jnp.asarray(thresholds, jnp.float32)
+
+    @jax.jit
+    def unit_step(v: Any, images: jax.Array) -> jax.Array:
+        acts = tap.fn(v, input_spec(images))[path].astype(jnp.float32)
+        m = masks.unit_masks(acts, thr, (sh, sw), tie_rule)[:, ::stride, ::stride]
+        return m.reshape(m.shape[0], -1, m.shape[-1])
+
+    @jax.jit
+    def concept_step(planes: jax.Array, image_labels: jax.Array) -> jax.Array:
+        m = masks.concept_masks(planes, image_labels, concepts_j)[:, :, ::stride, ::stride]
+        return jnp.moveaxis(m.reshape(m.shape[0], m.shape[1], -1), 1, 2)
+
+    units, conc = [], []
+    n = len(source)
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        images = np.stack([np.asarray(source.read_image(i), np.float32) for i in idx])
+        labels = [source.read_labels(i) for i in idx]
+        depth = max(1, max(p.shape[0] for p, _ in labels))
+        width = max(1, max(len(q) for _, q in labels))
+        planes = np.zeros((len(labels), depth, sh, sw), np.int32)
+        image_labels = np.zeros((len(labels), width), np.int32)
+        for j, (p, q) in enumerate(labels):
+            planes[j, : p.shape[0]] = p
+            image_labels[j, : len(q)] = q
+        units.append(np.asarray(unit_step(tap.variables, images)))
+        conc.append(np.asarray(concept_step(planes, image_labels)))
+    return np.concatenate(units), np.concatenate(conc)

@@ -181,6 +181,31 @@ def test_ablation_script_joins_units_with_labels_and_hurts_the_class_most(
     assert finding["n"][-1] == 128 and last <= {0.0, 1.0}
 
 
+def test_significance_script_tests_every_unit(tmp_path, trained_run, data_args):
+    """The permutation test end to end at tiny size: one p per unit on the p grid of its
+    draws, BH calls and the 0.04 rule side by side, the cost in forward passes."""
+    weights = trained_run / "weights" / f"step_{TINY_STEPS:06d}"
+    doc = run_script(
+        "significance",
+        f"--weights={weights}",
+        "--layer=conv5",
+        "--draws=49",
+        "--mask_stride=8",
+        *data_args,
+        *PROBE_ARGS,
+        f"--output_dir={tmp_path}",
+    )
+    units = doc["units"]
+    assert len(units) == 128 and (tmp_path / "significance-conv5.csv").is_file()
+    p = np.array([u["p"] for u in units])
+    np.testing.assert_allclose(p * 50, (p * 50).round(), atol=1e-9)
+    assert p.min() >= 1 / 50 - 1e-12 and p.max() <= 1
+    s = doc["summary"]
+    assert s["resolution_too_coarse"]  # 1/50 > 0.05/128: BH can call nothing
+    assert s["significant"] == 0 and s["interpretable"] == sum(u["interpretable"] for u in units)
+    assert doc["cost"]["forward_pass_equivalents"] > 0
+
+
 def test_compare_script(tmp_path, trained_run, dynamics_run, data_args):
     weights = trained_run / "weights" / f"step_{TINY_STEPS:06d}"
     rows = run_script(
@@ -232,6 +257,8 @@ def test_scripts_fail_clearly_without_their_inputs():
         run_script("rotation")
     with pytest.raises(ValueError, match="--weights=None: not a training export"):
         run_script("ablation")
+    with pytest.raises(ValueError, match="--weights \\(a training export\\) or --model"):
+        run_script("significance")
     with pytest.raises(ValueError, match="nothing to compare"):
         run_script("compare")
     with pytest.raises(ValueError, match="NAME|MODEL|WEIGHTS|LAYERS"):
