@@ -7,10 +7,10 @@ whether the class depends on a few units while the other classes barely move.
 
 `Ablator` compiles one step: for a batch of M unit masks [M, K] and a batch of
 images it returns the per-class correct counts [M, C] (exact integers) of the
-network with each mask's units ablated (`interventions.Ablate`), vmapped over
-the masks. The part of the network before the layer does not depend on the
-mask, so vmap computes it once per batch and only the layers after the
-ablated one run M times. The images are sharded over the `data` mesh like
+network with each mask's units ablated (`interventions.ablate`), vmapped over
+the masks. The layer's output on each batch is captured once; in the step it
+replaces the computed output, so XLA drops the layers before it as dead code
+and only the layers after the ablated one run, M times. The images are sharded over the `data` mesh like
 `evaluate.Evaluator`; the counts are summed over devices by XLA.
 
 `ablation_study` evaluates every single-unit ablation and the top-N curves and
@@ -75,15 +75,35 @@ class Ablator:
         repl, data = parallel.replicated(self.mesh), parallel.sharded(self.mesh)
         self._step = jax.jit(
             self._counts,
-            static_argnums=(4,),
-            in_shardings=(repl, repl, repl, data),
+            static_argnums=(5,),
+            in_shardings=(repl, repl, repl, data, data),
             out_shardings=repl,
         )
+        self._tap: Any = None
 
-    def _logits(self, variables: Any, images: jax.Array, rule: Any) -> jax.Array:
-        x = self.input_spec(images) if self.input_spec is not None else images
-        net = interventions.intervene(self.module, {self.path: rule})
-        return net.apply(variables, x, **self.apply_kwargs)
+    def _input(self, images: jax.Array) -> jax.Array:
+        return self.input_spec(images) if self.input_spec is not None else images
+
+    def _layer_step(self, variables: Any, images: Any) -> Callable[[Any, jax.Array], jax.Array]:
+        """The jitted capture of the layer's output (built once, on the first images)."""
+        if self._tap is None:
+            from jaxdissect import capture
+
+            tap = capture.make_tap(
+                self.module,
+                variables,
+                [self.path],
+                input_shape=tuple(images.shape[1:]),
+                apply_kwargs=self.apply_kwargs,
+            )
+            layer = tap.layers[0]
+            data = parallel.sharded(self.mesh)
+            self._tap = jax.jit(
+                lambda v, x: tap.fn(v, self._input(x))[layer],
+                in_shardings=(parallel.replicated(self.mesh), data),
+                out_shardings=data,
+            )
+        return self._tap
 
     def _counts(
         self,
@@ -91,14 +111,16 @@ class Ablator:
         masks: jax.Array,
         fill: jax.Array | None,
         batch: Mapping[str, jax.Array],
+        acts: jax.Array,
         num_classes: int,
     ) -> tuple[jax.Array, jax.Array]:
         labels, valid = batch["label"], batch["valid"]
         onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)
 
         def one(mask: jax.Array) -> jax.Array:
-            rule = interventions.Ablate(mask, ZERO if fill is None else fill)
-            logits = self._logits(variables, batch["image"], rule)
+            rule = _Cached(acts, mask, ZERO if fill is None else fill)
+            net = interventions.intervene(self.module, {self.path: rule})
+            logits = net.apply(variables, self._input(batch["image"]), **self.apply_kwargs)
             correct = (jnp.argmax(logits, -1) == labels) & valid
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
             loss = jnp.where(valid, loss, 0.0).astype(jnp.float32)
@@ -153,18 +175,45 @@ class Ablator:
         out = np.zeros((len(masks), num_classes), np.int64)
         losses = np.zeros((len(masks), num_classes), np.float64)
         put = [parallel.put_global_batch(_eval_fields(b), self.mesh) for b in batches]
+        # The layer's output once per batch: in the step it replaces the computed one, so XLA
+        # drops the layers before it as dead code and only those after run once per mask.
+        acts = [self._layer_step(variables, b["image"])(variables, b["image"]) for b in put]
         for start in range(0, len(masks), masks_per_call):
             chunk = masks[start : start + masks_per_call]
             # The last chunk is padded to the compiled size with empty masks.
             padded = np.zeros((min(masks_per_call, len(masks)), masks.shape[1]), bool)
             padded[: len(chunk)] = chunk
             sums = []
-            for batch in put:
-                sums.append(self._step(variables, padded, fill_dev, batch, num_classes))
+            for batch, act in zip(put, acts, strict=True):
+                sums.append(self._step(variables, padded, fill_dev, batch, act, num_classes))
             for correct, loss in jax.device_get(sums):
                 out[start : start + len(chunk)] += np.asarray(correct)[: len(chunk)]
                 losses[start : start + len(chunk)] += np.asarray(loss, np.float64)[: len(chunk)]
         return out, losses
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class _Cached:
+    """The layer's output replaced by `acts` (its value on these images, captured before),
+    with the units of mask `units` ablated: what precedes the layer becomes dead code."""
+
+    acts: Any
+    units: Any
+    value: Any = ZERO
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        cached = jnp.reshape(self.acts, y.shape).astype(y.dtype)
+        return interventions.ablate(cached, self.units, self.value)
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], str | None]:
+        if isinstance(self.value, str):
+            return (self.acts, self.units), self.value
+        return (self.acts, self.units, self.value), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: str | None, children: Sequence[Any]) -> _Cached:
+        return cls(*children[:2], aux) if aux is not None else cls(*children)
 
 
 def _eval_fields(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
