@@ -624,15 +624,16 @@ def finding(
     """What the study shows, in numbers: the mean drop of the class and of the others at each
     N; with `defining` ({class: concept names}), the share of each class's top units labelled
     with one of its defining concepts against the share of all the layer's units."""
-    own, rest = mean_curves(result)
+    mine, rest = mean_curves(result)
     out: dict[str, Any] = {
         "n": [0, *result.ns],
-        "class_drop": (own[0] - own).tolist(),
+        "class_drop": (mine[0] - mine).tolist(),
         "others_drop": (rest[0] - rest).tolist(),
     }
     if defining is not None:
         names = [u.get("name") if u.get("interpretable") else None for u in labels]
         hits, chance, per_class = [], [], {}
+        own, own_chance = [], []  # units labelled with the class's own scene
         for c, cls in enumerate(class_names):
             want = set(defining.get(cls, ()))
             if not want or result.total[c] == 0:
@@ -643,6 +644,8 @@ def finding(
             base = sum(n in want for n in names) / len(names)
             hits.append(hit)
             chance.append(base)
+            own.append(sum(n == cls for n in got) / len(units))
+            own_chance.append(sum(n == cls for n in names) / len(names))
             per_class[cls] = {
                 "defining": sorted(want),
                 "top_units": units,
@@ -653,5 +656,7 @@ def finding(
         out["top"] = top
         out["share_top_units_defining"] = float(np.mean(hits)) if hits else None
         out["share_layer_units_defining"] = float(np.mean(chance)) if chance else None
+        out["share_top_units_the_class"] = float(np.mean(own)) if own else None
+        out["share_layer_units_the_class"] = float(np.mean(own_chance)) if own_chance else None
         out["per_class"] = per_class
     return out

@@ -187,3 +187,39 @@ def test_bad_parameters_are_named():
         ablation.top_ns(8, [0, 2])
     with pytest.raises(ValueError, match="labels \\[7\\] outside 0..3"):
         ablation.class_totals([{"image": np.zeros((2, 1, 1, 3)), "label": np.array([7, 1])}], 4)
+
+
+def test_finding_counts_defining_labels_of_top_units_against_the_layer():
+    # 2 classes of 10 examples, 4 units; class 0 needs units 1 and 2, class 1 unit 3.
+    res = ablation.AblationResult(
+        total=np.array([10, 10]),
+        base=np.array([10, 8]),
+        single=np.array([[10, 8], [4, 8], [6, 8], [10, 2]]),
+        ns=(1, 2),
+        top=np.array([[[4, 8], [0, 7]], [[10, 2], [9, 0]]]),
+        order=np.array([[1, 2, 0, 3], [3, 0, 1, 2]]),
+        value="zero",
+    )
+    np.testing.assert_allclose(res.drop[:, 0], [0, 0.6, 0.4, 0])
+    labels = [
+        {"name": "sand", "interpretable": True},
+        {"name": "water", "interpretable": True},
+        {"name": "beach-s", "interpretable": True},
+        {"name": "road", "interpretable": False},  # below the threshold: unlabelled
+    ]
+    f = ablation.finding(
+        res,
+        ["beach-s", "street-s"],
+        labels,
+        defining={"beach-s": {"sand", "water"}, "street-s": {"road"}},
+        top=2,
+    )
+    # N = 1: each class loses 0.6, the other 0; N = 2: 1.0 and 0.8, the other 0.1 each.
+    np.testing.assert_allclose(f["class_drop"], [0, 0.6, 0.9])
+    np.testing.assert_allclose(f["others_drop"], [0, 0, 0.1])
+    # Top 2 of beach-s: water (defining), beach-s (the class); of street-s: road
+    # (unlabelled), sand.
+    assert f["per_class"]["beach-s"]["share_defining"] == 0.5
+    assert f["share_top_units_defining"] == 0.25
+    assert f["share_layer_units_defining"] == pytest.approx((2 / 4 + 0) / 2)
+    assert f["share_top_units_the_class"] == 0.25
