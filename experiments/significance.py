@@ -96,11 +96,11 @@ def run(fv: flags.FlagValues = FLAGS):
         f"{s['iou_threshold']}, {s['interpretable_and_significant']} both, "
         f"{s['interpretable_not_significant']} interpretable but not significant"
     )
-    if s["resolution_too_coarse"]:
+    if s["fewest_callable"] > 1:
         print(
-            f"warning: with --draws={fv.draws} no p-value can reach alpha/units = "
-            f"{fv.alpha / s['units']:.2g}, so BH calls nothing: use --draws >= "
-            f"{int(np.ceil(s['units'] / fv.alpha))}"
+            f"note: with --draws={fv.draws} the smallest p is {1 / (fv.draws + 1):.2g}, so BH "
+            f"calls units only in groups of at least {s['fewest_callable']}: a lone detector "
+            f"needs --draws >= {int(np.ceil(s['units'] / fv.alpha)) - 1}"
         )
     cli.report_elapsed(started, os.path.join(output_dir, "significance.json"))
     return doc
@@ -223,8 +223,8 @@ def _test(fv, trained, settings, options, probe, output_dir):
             "interpretable_and_significant": int((interp & significant).sum()),
             "interpretable_not_significant": int((interp & ~significant).sum()),
             "significant_not_interpretable": int((~interp & significant).sum()),
-            # BH's first step needs p <= alpha / K; the smallest p is 1 / (draws + 1).
-            "resolution_too_coarse": bool(1 / (fv.draws + 1) > fv.alpha / layer_result.num_units),
+            # BH calls r units only if their p <= alpha r / K; the smallest p is 1 / (draws + 1).
+            "fewest_callable": int(np.ceil(layer_result.num_units / (fv.alpha * (fv.draws + 1)))),
         },
         "cost": {
             "masks_s": masks_s,
