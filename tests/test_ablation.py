@@ -223,3 +223,18 @@ def test_finding_counts_defining_labels_of_top_units_against_the_layer():
     assert f["share_top_units_defining"] == 0.25
     assert f["share_layer_units_defining"] == pytest.approx((2 / 4 + 0) / 2)
     assert f["share_top_units_the_class"] == 0.25
+
+
+def test_unit_means_are_the_layer_outputs_mean_over_valid_images_and_positions(data):
+    variables, images, labels = data
+    got = ablation.unit_means(
+        _IntNet(),
+        variables,
+        "hidden",
+        _batches(images, labels, 16),
+        input_spec=None,
+        input_size=2,
+    )
+    p = variables["params"]["hidden"]
+    want = (images.astype(np.float64) @ p["kernel"] + p["bias"]).mean((0, 1, 2))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
