@@ -134,6 +134,80 @@ def test_rotation_script(rotation_run):
     assert (out / "rotation.png").is_file() and (out / "rotation.csv").is_file()
 
 
+def test_ablation_script_joins_units_with_labels_and_hurts_the_class_most(
+    tmp_path, trained_run, data_args
+):
+    """Unit ablation of the tiny CNN's conv5 (128 units) on its 49 val images, dissected on
+    all 256 probe images. What holds at this size: removing each class's 16 most important
+    units costs the class, on average over classes, more accuracy than the others."""
+    from jaxdissect import rotation, scenes
+
+    weights = trained_run / "weights" / f"step_{TINY_STEPS:06d}"
+    doc = run_script(
+        "ablation",
+        f"--weights={weights}",
+        "--layer=conv5",
+        "--top_n=1,4,16,128",
+        *data_args,
+        *PROBE_ARGS,
+        "--report",
+        f"--output_dir={tmp_path}",
+    )
+    for name in ("ablation_units.csv", "ablation_classes.csv", "ablation.png", "index.html"):
+        assert (tmp_path / name).is_file()
+    assert "strips/conv5/unit" in (tmp_path / "ablation.html").read_text()
+    assert json.loads((tmp_path / "ablation.json").read_text())["elapsed_s"] > 0
+    assert doc["forward_pass_equivalents"] > 0
+    # Labels are those of the dissection of the same layer.
+    record = json.loads((tmp_path / "results.json").read_text())["layers"][0]
+    assert [u["name"] for u in doc["units"]] == [u["name"] for u in record["units"]]
+    # N = 0 is the intact network's per-class accuracy, as the evaluator counts it.
+    loaded = training.load_trained(weights)
+    data = data_args[0].split("=", 1)[1]
+    task = scenes.open_scene_task(
+        data, resolution=TINY_SIZE, synthetic_images=1, cache_dir=tmp_path / "cache"
+    )
+    net = rotation.classifier(loaded.module, loaded.input_spec, apply_kwargs=loaded.apply_kwargs)
+    intact = net(loaded.variables, scenes.eval_batches(task.val, 16, dtype=np.float32))
+    got = [c["curve"]["class_accuracy"][0] for c in doc["classes"]]
+    np.testing.assert_allclose(
+        np.array(got, dtype=float), intact.per_class_accuracy, equal_nan=True
+    )
+    finding = doc["finding"]
+    i = finding["n"].index(16)
+    assert finding["class_drop"][i] > finding["others_drop"][i]
+    # All 128 units removed: one network for every class, which answers one class only.
+    last = {c["curve"]["class_accuracy"][-1] for c in doc["classes"]} - {None}
+    assert finding["n"][-1] == 128 and last <= {0.0, 1.0}
+
+
+def test_significance_script_tests_every_unit(tmp_path, trained_run, data_args):
+    """The permutation test end to end at tiny size: one p per unit on the p grid of its
+    draws, BH calls and the 0.04 rule side by side, the cost in forward passes."""
+    weights = trained_run / "weights" / f"step_{TINY_STEPS:06d}"
+    doc = run_script(
+        "significance",
+        f"--weights={weights}",
+        "--layer=conv5",
+        "--draws=49",
+        "--mask_stride=8",
+        *data_args,
+        *PROBE_ARGS,
+        f"--output_dir={tmp_path}",
+    )
+    units = doc["units"]
+    assert len(units) == 128 and (tmp_path / "significance-conv5.csv").is_file()
+    p = np.array([u["p"] for u in units])
+    np.testing.assert_allclose(p * 50, (p * 50).round(), atol=1e-9)
+    assert p.min() >= 1 / 50 - 1e-12 and p.max() <= 1
+    s = doc["summary"]
+    # p >= 1/50: BH at 0.05 calls r of 128 units only when 1/50 <= 0.05 r / 128, r >= 52.
+    assert s["fewest_callable"] == 52 and s["significant"] in (0, *range(52, 129))
+    assert s["significant"] == sum(u["significant"] for u in units)
+    assert s["interpretable"] == sum(u["interpretable"] for u in units)
+    assert doc["cost"]["forward_pass_equivalents"] > 0
+
+
 def test_compare_script(tmp_path, trained_run, dynamics_run, data_args):
     weights = trained_run / "weights" / f"step_{TINY_STEPS:06d}"
     rows = run_script(
@@ -183,6 +257,10 @@ def test_scripts_fail_clearly_without_their_inputs():
         run_script("training_dynamics")
     with pytest.raises(ValueError, match="--weights"):
         run_script("rotation")
+    with pytest.raises(ValueError, match="--weights=None: not a training export"):
+        run_script("ablation")
+    with pytest.raises(ValueError, match="--weights \\(a training export\\) or --model"):
+        run_script("significance")
     with pytest.raises(ValueError, match="nothing to compare"):
         run_script("compare")
     with pytest.raises(ValueError, match="NAME|MODEL|WEIGHTS|LAYERS"):

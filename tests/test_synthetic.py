@@ -274,6 +274,17 @@ def test_scene_determined_by_objects(parsed):
     assert syn.scene_for({"sky": 0.5, "water": 0.3, "sand": 0.2}) == "beach-s"
 
 
+def test_defining_objects_are_the_minimal_object_sets_of_each_scene():
+    from jaxdissect.data.synthetic import scene_rule
+
+    got = scene_rule.defining_objects()
+    assert got["bedroom-s"] == {"floor", "bed"} and got["corridor-s"] == {"floor"}
+    assert got["harbor-s"] == {"water", "boat", "building", "house"}
+    assert got["forest-s"] == got["park-s"] == {"tree"}  # told apart by area, not objects
+    assert got["field-s"] == set()  # the scene of no object
+    assert len(got) == 17  # every scene the rule can give
+
+
 def test_long_tailed_frequencies():
     objects, scenes, textures = Counter(), Counter(), Counter()
     n = 160

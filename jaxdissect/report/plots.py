@@ -199,3 +199,42 @@ def plot_unique_detectors(
         )
         _plain(leg.get_texts())
     return _save(fig, path)
+
+
+def plot_ablation_curves(
+    path: str | os.PathLike[str],
+    ns: Sequence[int],
+    curves: Mapping[str, tuple[Sequence[float | None], Sequence[float | None]]],
+    *,
+    title: str = "",
+) -> Path:
+    """Accuracy against N units removed (Bau et al. 2020, fig. 5): per class, its own
+    accuracy (thin) and the other classes' mean (thin, dashed); the means over classes bold."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    x = [max(n, 0.5) for n in ns]  # N = 0 drawn at 0.5 on the log axis
+
+    def arr(v: Sequence[float | None]) -> list[float]:
+        return [math.nan if a is None else float(a) for a in v]
+
+    owns, rests = [], []
+    for own, rest in curves.values():
+        owns.append(arr(own))
+        rests.append(arr(rest))
+        ax.plot(x, owns[-1], color="#e15759", alpha=0.25, linewidth=0.8)
+        ax.plot(x, rests[-1], color="#4e79a7", alpha=0.25, linewidth=0.8, linestyle="--")
+    if owns:
+        mean = [sum(col) / len(col) for col in zip(*owns, strict=True)]
+        ax.plot(x, mean, "o-", color="#e15759", label="the class (mean over classes)")
+        mean = [sum(col) / len(col) for col in zip(*rests, strict=True)]
+        ax.plot(x, mean, "o--", color="#4e79a7", label="the other classes (mean)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [str(n) for n in ns])
+    ax.set_xlabel("units removed (the class's most important first)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(color="#dddddd", linewidth=0.6)
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title(title, loc="left", fontsize=10, parse_math=False)
+    return _save(fig, path)

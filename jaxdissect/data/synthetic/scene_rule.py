@@ -59,3 +59,21 @@ def object_areas(object_plane: np.ndarray) -> dict[str, float]:
         if n < len(counts) and counts[n]:
             out[name] = counts[n] / object_plane.size
     return out
+
+
+def defining_objects(
+    max_objects: int = 3, areas: tuple[float, ...] = (0.2, 0.5)
+) -> dict[str, set[str]]:
+    """Per scene, the objects of `scene_for`'s minimal sets for it: sets of up to
+    `max_objects` objects (each covering one of `areas`) that give the scene and lose it
+    when any one object is removed (`field-s`, the scene of no object, gets none)."""
+    import itertools
+
+    out: dict[str, set[str]] = {}
+    for area in areas:
+        for size in range(max_objects + 1):
+            for objs in itertools.combinations(OBJECTS, size):
+                scene = scene_for(dict.fromkeys(objs, area))
+                if all(scene_for(dict.fromkeys(set(objs) - {o}, area)) != scene for o in objs):
+                    out.setdefault(scene, set()).update(objs)
+    return out

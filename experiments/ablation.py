@@ -1,0 +1,234 @@
+r"""Ablate a classifier's units one at a time and a class's most important ones together.
+
+  python experiments/ablation.py --flagfile=experiments/configs/ablation_small_cnn.flags
+
+For a network trained by experiments/train.py and one of its layers: the
+per-class validation accuracy when each unit alone is zeroed (or set to its
+mean, --value=mean), which ranks the units by their importance to each class;
+then, per class, its top N units ablated together for N = 1, 2, 4, ... (the
+class's accuracy and the other classes' mean). The same layer is dissected on
+the probe set, so every unit's label stands next to the classes it matters for.
+Writes ablation.json, ablation_units.csv, ablation_classes.csv, ablation.png,
+ablation.html and the dissection (results.json, tally-<layer>.csv) to
+--output_dir. Run it again after a kill: finished chunks of masks are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+
+from jaxdissect import cli
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    flags.DEFINE_string(
+        "weights", None, "A training export (runs/train_*/weights/step_N).", flag_values=fv
+    )
+    flags.DEFINE_string("layer", "conv5", "The layer whose units are ablated.", flag_values=fv)
+    flags.DEFINE_enum(
+        "value",
+        "zero",
+        ["zero", "mean"],
+        "Ablated units are set to zero or to their mean activation over the validation images.",
+        flag_values=fv,
+    )
+    flags.DEFINE_list(
+        "top_n",
+        ["1", "2", "4", "8", "16", "32", "64", "128", "256", "512"],
+        "N of the top-N curves (those above the layer's width are left out).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "masks_per_call",
+        32,
+        "Unit masks evaluated in one compiled call (memory vs calls).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("eval_batch_size", 64, "Validation images per batch.", flag_values=fv)
+    flags.DEFINE_string(
+        "eval_data",
+        None,
+        "The classification task, as experiments/train.py's --data (default: --data).",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "dissect",
+        True,
+        "Dissect the layer on the probe set for the units' labels.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string("output_dir", None, "Default: runs/ablation_<layer>.", flag_values=fv)
+    cli.define_dissection_flags(fv, split="val", synthetic_images=4000, resolution=96)
+
+
+def run(fv: flags.FlagValues = FLAGS):
+    """Run the study as the flags say; returns the ablation.json document."""
+    started = time.perf_counter()
+    if not fv.weights or not os.path.isfile(os.path.join(fv.weights, "meta.json")):
+        raise ValueError(
+            f"--weights={fv.weights}: not a training export (no meta.json); ablation needs a "
+            "classifier and its task (experiments/train.py writes runs/train_*/weights/step_N)"
+        )
+    settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
+    probe = cli.probe_from_flags(fv)
+    ns = [int(n) for n in cli.parse_numbers(fv.top_n, "--top_n")]
+    if any(n < 1 for n in ns):
+        raise ValueError(f"--top_n={','.join(fv.top_n)}: each N must be >= 1")
+    if fv.masks_per_call < 1:
+        raise ValueError(f"--masks_per_call={fv.masks_per_call}: must be >= 1")
+    if fv.eval_batch_size < 1:
+        raise ValueError(f"--eval_batch_size={fv.eval_batch_size}: must be >= 1")
+    output_dir = fv.output_dir or os.path.join("runs", f"ablation_{fv.layer}")
+    with cli.claim_output_dir(output_dir):
+        doc = _ablate(fv, settings, options, probe, ns, output_dir)
+    for c in doc["classes"]:
+        curve = c["curve"]
+        tops = ", ".join(f"{u['unit']} ({u['name'] or '-'})" for u in c["units"][:3])
+        print(
+            f"{c['class']}: accuracy {curve['class_accuracy'][0]:.3f} -> "
+            f"{curve['class_accuracy'][min(3, len(curve['n']) - 1)]:.3f} with the top "
+            f"{curve['n'][min(3, len(curve['n']) - 1)]} removed (others "
+            f"{curve['others_accuracy'][0]:.3f} -> "
+            f"{curve['others_accuracy'][min(3, len(curve['n']) - 1)]:.3f}); top units {tops}"
+        )
+    cli.report_elapsed(started, os.path.join(output_dir, "ablation.json"))
+    return doc
+
+
+def _ablate(fv, settings, options, probe, ns, output_dir):
+    import pathlib
+
+    from jaxdissect import (
+        ablation,
+        evaluate,
+        parallel,
+        pipeline,
+        results,
+        rotation,
+        scenes,
+        store,
+        training,
+    )
+    from jaxdissect.data.synthetic import scene_rule
+    from jaxdissect.report import ablation_page
+
+    out = pathlib.Path(output_dir)
+    loaded = training.load_trained(fv.weights)
+    meta = training.read_meta(fv.weights)
+    flag = "--eval_data" if fv.eval_data else "--data"
+    task = scenes.open_scene_task(
+        fv.eval_data or fv.data,
+        resolution=meta.get("input_size", fv.resolution) if fv.eval_data else fv.resolution,
+        synthetic_images=fv.synthetic_images,
+        cache_dir=cli.cache_root(),
+    )
+    if list(task.class_names) != meta.get("classes"):
+        raise ValueError(
+            f"{flag}'s classes are not those {fv.weights} was trained on "
+            f"({meta.get('classes')}): pass the training data as --eval_data"
+        )
+    mesh = parallel.data_mesh(fv.devices)
+    size = loaded.input_spec.size
+    path = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)
+    k = rotation.layer_units(loaded.module, loaded.variables, path, size)
+    batches = scenes.eval_batches(
+        task.val, evaluate.batch_size_for(mesh, fv.eval_batch_size), dtype="float32"
+    )
+    record = None
+    if fv.dissect:
+        source, dataset_name = probe.open()
+        pipeline.dissect(
+            cli.model_info(loaded),
+            [fv.layer],
+            source,
+            settings,
+            out,
+            dataset_name=dataset_name,
+            mesh=mesh,
+            options=options,
+        )
+        record = results.read_results_json(out / "results.json")["layers"][0]
+    fill = None
+    if fv.value == ablation.MEAN:
+        fill = ablation.unit_means(
+            loaded.module,
+            loaded.variables,
+            path,
+            batches,
+            input_spec=loaded.input_spec,
+            input_size=size,
+            apply_kwargs=loaded.apply_kwargs,
+        )
+    key = store.key_of(
+        model=loaded.key, layer=path, data=task.fingerprint, value=fv.value, study="ablation"
+    )
+    t0 = time.perf_counter()
+    ablator = ablation.Ablator(
+        loaded.module, loaded.input_spec, path, apply_kwargs=loaded.apply_kwargs, mesh=mesh
+    )
+    result = ablation.ablation_study(
+        ablator,
+        loaded.variables,
+        batches,
+        num_units=k,
+        num_classes=task.num_classes,
+        value=fv.value,
+        fill=fill,
+        ns=ns,
+        work_dir=out / ".work" / f"ablation-{key}",
+        masks_per_call=fv.masks_per_call,
+    )
+    elapsed = time.perf_counter() - t0
+    # The cost in forward passes: one evaluation of the intact network, compiled beforehand.
+    plain = evaluate.Evaluator(
+        lambda v, x: loaded.module.apply(v, loaded.input_spec(x), **loaded.apply_kwargs), mesh
+    )
+    plain(loaded.variables, batches[:1])
+    t1 = time.perf_counter()
+    plain(loaded.variables, batches)
+    forward_s = time.perf_counter() - t1
+    labels = ablation.unit_labels(record, k)
+    # The synthetic scenes are defined by the objects they show (data/synthetic/scene_rule.py).
+    defining = scene_rule.defining_objects()
+    if not set(task.class_names) <= set(defining):
+        defining = None
+    num_masks = 1 + k + task.num_classes * len(result.ns)
+    doc = ablation.write_ablation_files(
+        out,
+        result,
+        task.class_names,
+        labels,
+        {
+            "weights": fv.weights,
+            "layer": fv.layer,
+            "path": path,
+            "units": k,
+            "value": fv.value,
+            "eval_images": len(task.val),
+            "task": task.description,
+        },
+        extra={
+            "ablation_s": elapsed,
+            "forward_s": forward_s,
+            "forward_pass_equivalents": elapsed / forward_s if forward_s > 0 else None,
+            "masks_evaluated": num_masks,
+            "finding": ablation.finding(result, task.class_names, labels, defining=defining),
+        },
+    )
+    ablation_page.write_page(
+        out, doc, strips_dir=out / "strips" / results.layer_file_stems([fv.layer])[0]
+    )
+    return doc
+
+
+main = cli.script_main(run)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,664 @@
+"""Unit ablation against class accuracy (Bau et al., PNAS 2020, "the role of individual units").
+
+A classifier's layer has K units. Zeroing one unit (or setting it to its mean
+activation) changes each class's accuracy; the drop ranks the units by their
+importance to the class. Removing a class's top-N units together then shows
+whether the class depends on a few units while the other classes barely move.
+
+`Ablator` compiles one step: for a batch of M unit masks [M, K] and a batch of
+images it returns the per-class correct counts [M, C] (exact integers) of the
+network with each mask's units ablated (`interventions.ablate`), vmapped over
+the masks. The layer's output on each batch is captured once; in the step it
+replaces the computed output, so XLA drops the layers before it as dead code
+and only the layers after the ablated one run, M times. The captured outputs of
+all evaluation images stay on the devices for the whole call (1,000 images of a
+7x7x512 layer: 100 MB in float32). The images are sharded over the `data` mesh like
+`evaluate.Evaluator`; the counts are summed over devices by XLA.
+
+`ablation_study` evaluates every single-unit ablation and the top-N curves and
+writes them (`write_ablation_files`); its chunks of masks are stored under
+`.work/` so that a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from jaxdissect import interventions, parallel, store
+
+# Ablated values: zero, or each unit's mean activation over the evaluation images.
+ZERO, MEAN = "zero", "mean"
+VALUES = (ZERO, MEAN)
+# Unit masks per compiled call (the layers after the ablated one run this many times a batch).
+DEFAULT_MASKS_PER_CALL = 32
+# N of the top-N curves: powers of two up to the layer's width.
+DEFAULT_TOP_N = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def check_value(value: str) -> str:
+    if value not in VALUES:
+        raise ValueError(f"value={value!r}: use one of {', '.join(VALUES)}")
+    return value
+
+
+class Ablator:
+    """Per-class correct counts of `module` with unit masks applied at module `path`.
+
+    Args:
+      module: a Linen classifier `module.apply(variables, images) -> logits [B, C]`.
+      input_spec: normalises 0..255 images (`preprocess.InputSpec`), or None.
+      path: the module path (or alias) of the layer whose units are ablated.
+      apply_kwargs: extra keyword arguments of `module.apply` (e.g. `train=False`).
+      mesh: the `data` mesh (default: every device).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        input_spec: Any,
+        path: str,
+        *,
+        apply_kwargs: Mapping[str, Any] | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        self.module, self.input_spec, self.path = module, input_spec, path
+        self.apply_kwargs = dict(apply_kwargs or {})
+        self.mesh = mesh or parallel.data_mesh()
+        repl, data = parallel.replicated(self.mesh), parallel.sharded(self.mesh)
+        self._step = jax.jit(
+            self._counts,
+            static_argnums=(5,),
+            in_shardings=(repl, repl, repl, data, data),
+            out_shardings=repl,
+        )
+        self._tap: Any = None
+
+    def _input(self, images: jax.Array) -> jax.Array:
+        return self.input_spec(images) if self.input_spec is not None else images
+
+    def _layer_step(self, variables: Any, images: Any) -> Callable[[Any, jax.Array], jax.Array]:
+        """The jitted capture of the layer's output (built once, on the first images)."""
+        if self._tap is None:
+            from jaxdissect import capture
+
+            tap = capture.make_tap(
+                self.module,
+                variables,
+                [self.path],
+                input_shape=tuple(images.shape[1:]),
+                apply_kwargs=self.apply_kwargs,
+            )
+            layer = tap.layers[0]
+            data = parallel.sharded(self.mesh)
+            self._tap = jax.jit(
+                lambda v, x: tap.fn(v, self._input(x))[layer],
+                in_shardings=(parallel.replicated(self.mesh), data),
+                out_shardings=data,
+            )
+        return self._tap
+
+    def _counts(
+        self,
+        variables: Any,
+        masks: jax.Array,
+        fill: jax.Array | None,
+        batch: Mapping[str, jax.Array],
+        acts: jax.Array,
+        num_classes: int,
+    ) -> tuple[jax.Array, jax.Array]:
+        labels, valid = batch["label"], batch["valid"]
+        onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)
+
+        def one(mask: jax.Array) -> jax.Array:
+            rule = _Cached(acts, mask, ZERO if fill is None else fill)
+            net = interventions.intervene(self.module, {self.path: rule})
+            logits = net.apply(variables, self._input(batch["image"]), **self.apply_kwargs)
+            correct = (jnp.argmax(logits, -1) == labels) & valid
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            loss = jnp.where(valid, loss, 0.0).astype(jnp.float32)
+            return (
+                jnp.sum(onehot * correct[:, None].astype(jnp.int32), 0),
+                jnp.sum(onehot.astype(jnp.float32) * loss[:, None], 0),
+            )
+
+        return jax.vmap(one)(masks)
+
+    def counts(
+        self,
+        variables: Any,
+        batches: Sequence[Mapping[str, np.ndarray]],
+        masks: np.ndarray,
+        *,
+        num_classes: int,
+        fill: np.ndarray | None = None,
+        masks_per_call: int = DEFAULT_MASKS_PER_CALL,
+    ) -> np.ndarray:
+        """int64 [M, C]: correct examples of each class with each mask's units ablated.
+
+        `masks`: bool [M, K]; `fill`: None (zero) or float [K], the replacement values.
+        """
+        return self.counts_and_loss(
+            variables,
+            batches,
+            masks,
+            num_classes=num_classes,
+            fill=fill,
+            masks_per_call=masks_per_call,
+        )[0]
+
+    def counts_and_loss(
+        self,
+        variables: Any,
+        batches: Sequence[Mapping[str, np.ndarray]],
+        masks: np.ndarray,
+        *,
+        num_classes: int,
+        fill: np.ndarray | None = None,
+        masks_per_call: int = DEFAULT_MASKS_PER_CALL,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`counts`, and float64 [M, C]: the summed cross-entropy of each class's examples."""
+        masks = np.asarray(masks, bool)
+        if masks.ndim != 2:
+            raise ValueError(f"masks has shape {masks.shape}; it must be [M, K] bool")
+        if masks_per_call < 1:
+            raise ValueError(f"masks_per_call={masks_per_call} must be >= 1")
+        variables = parallel.replicate(variables, self.mesh)
+        fill_dev = None if fill is None else jnp.asarray(fill, jnp.float32)
+        out = np.zeros((len(masks), num_classes), np.int64)
+        losses = np.zeros((len(masks), num_classes), np.float64)
+        put = [parallel.put_global_batch(_eval_fields(b), self.mesh) for b in batches]
+        # The layer's output once per batch: in the step it replaces the computed one, so XLA
+        # drops the layers before it as dead code and only those after run once per mask.
+        acts = [self._layer_step(variables, b["image"])(variables, b["image"]) for b in put]
+        for start in range(0, len(masks), masks_per_call):
+            chunk = masks[start : start + masks_per_call]
+            # The last chunk is padded to the compiled size with empty masks.
+            padded = np.zeros((min(masks_per_call, len(masks)), masks.shape[1]), bool)
+            padded[: len(chunk)] = chunk
+            sums = []
+            for batch, act in zip(put, acts, strict=True):
+                sums.append(self._step(variables, padded, fill_dev, batch, act, num_classes))
+            for correct, loss in jax.device_get(sums):
+                out[start : start + len(chunk)] += np.asarray(correct)[: len(chunk)]
+                losses[start : start + len(chunk)] += np.asarray(loss, np.float64)[: len(chunk)]
+        return out, losses
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class _Cached:
+    """The layer's output replaced by `acts` (its value on these images, captured before),
+    with the units of mask `units` ablated: what precedes the layer becomes dead code."""
+
+    acts: Any
+    units: Any
+    value: Any = ZERO
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        cached = jnp.reshape(self.acts, y.shape).astype(y.dtype)
+        return interventions.ablate(cached, self.units, self.value)
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], str | None]:
+        if isinstance(self.value, str):
+            return (self.acts, self.units), self.value
+        return (self.acts, self.units, self.value), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: str | None, children: Sequence[Any]) -> _Cached:
+        return cls(*children[:2], aux) if aux is not None else cls(*children)
+
+
+def _eval_fields(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = len(batch["label"])
+    return {
+        "image": batch["image"],
+        "label": np.asarray(batch["label"], np.int32),
+        "valid": np.asarray(batch.get("valid", np.ones(n, bool)), bool),
+    }
+
+
+def class_totals(batches: Iterable[Mapping[str, np.ndarray]], num_classes: int) -> np.ndarray:
+    """int64 [C]: valid examples of each class in `batches`."""
+    total = np.zeros(num_classes, np.int64)
+    for b in batches:
+        f = _eval_fields(b)
+        labels = f["label"][f["valid"]]
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        if bad.size:
+            raise ValueError(
+                f"labels {sorted(set(bad.tolist()))} outside 0..{num_classes - 1} "
+                f"(the classifier's {num_classes} classes)"
+            )
+        total += np.bincount(labels, minlength=num_classes)
+    return total
+
+
+def unit_means(
+    module: nn.Module,
+    variables: Any,
+    path: str,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    *,
+    input_spec: Any,
+    input_size: int,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """float64 [K]: each unit's mean activation over the valid images and all positions."""
+    from jaxdissect import capture
+
+    tap = capture.make_tap(
+        module,
+        variables,
+        [path],
+        input_shape=(input_size, input_size, 3),
+        apply_kwargs=apply_kwargs,
+    )
+    layer = tap.layers[0]
+
+    @jax.jit
+    def sums(v: Any, images: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = input_spec(images) if input_spec is not None else images
+        y = tap.fn(v, x)[layer].astype(jnp.float32)
+        y = y.reshape(y.shape[0], -1, y.shape[-1])
+        w = valid.astype(jnp.float32)[:, None, None]
+        return jnp.sum(y * w, (0, 1)), jnp.sum(w) * y.shape[1]
+
+    total, count = None, 0.0
+    for b in batches:
+        f = _eval_fields(b)
+        s, c = sums(tap.variables, f["image"], f["valid"])
+        s = np.asarray(s, np.float64)
+        total = s if total is None else total + s
+        count += float(c)
+    if total is None or count == 0:
+        raise ValueError("unit means need at least one valid image")
+    return total / count
+
+
+# --------------------------------------------------------------------------- importance
+
+
+def accuracy(correct: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """correct / total per class (NaN for a class without examples); broadcasts over rows."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
+
+
+def ranking(drop: np.ndarray, loss_rise: np.ndarray | None = None) -> np.ndarray:
+    """int64 [C, K]: per class, units by decreasing accuracy drop (`drop` [K, C]); ties by
+    decreasing rise of the class's loss (`loss_rise` [K, C], if given), then by unit."""
+    drop = np.nan_to_num(np.asarray(drop, np.float64), nan=-np.inf)
+    rise = np.zeros_like(drop) if loss_rise is None else np.asarray(loss_rise, np.float64)
+    rise = np.nan_to_num(rise, nan=-np.inf)
+    k = drop.shape[0]
+    units = np.broadcast_to(np.arange(k)[:, None], drop.shape)
+    # lexsort sorts by the last key first, along the last axis: transpose to [C, K].
+    return np.lexsort((units.T, -rise.T, -drop.T), axis=-1)
+
+
+def top_n_masks(order: np.ndarray, ns: Sequence[int]) -> np.ndarray:
+    """bool [C, len(ns), K]: per class, its first N units of `order` ([C, K]) for each N."""
+    c, k = order.shape
+    masks = np.zeros((c, len(ns), k), bool)
+    for i, n in enumerate(ns):
+        rows = np.repeat(np.arange(c), min(n, k))
+        masks[rows, i, order[:, :n].reshape(-1)] = True
+    return masks
+
+
+def top_ns(num_units: int, wanted: Sequence[int] = DEFAULT_TOP_N) -> list[int]:
+    """The N of the curves: `wanted` up to `num_units` (each at least 1)."""
+    bad = [n for n in wanted if n < 1]
+    if bad:
+        raise ValueError(f"top_n={bad}: each N must be >= 1")
+    return sorted({int(n) for n in wanted if n <= num_units}) or [num_units]
+
+
+def others_mean(acc: np.ndarray, cls: int) -> float:
+    """Mean accuracy of the classes other than `cls` (those with examples)."""
+    rest = np.delete(np.asarray(acc, np.float64), cls)
+    rest = rest[~np.isnan(rest)]
+    return float(rest.mean()) if rest.size else float("nan")
+
+
+# --------------------------------------------------------------------------- the study
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationResult:
+    """Counts of one ablation study of a layer.
+
+    Attributes:
+      total: int64 [C], examples of each class.
+      base: int64 [C], correct examples of the intact network.
+      single: int64 [K, C], correct examples with unit k alone ablated.
+      ns: the N of the top-N curves.
+      top: int64 [C, len(ns), C], correct examples of every class with class c's top N ablated.
+      order: int64 [C, K], units of each class by decreasing accuracy drop (`ranking`).
+      value: 'zero' or 'mean'.
+      base_loss, single_loss: float64 [C] and [K, C], summed cross-entropy per class.
+    """
+
+    total: np.ndarray
+    base: np.ndarray
+    single: np.ndarray
+    ns: tuple[int, ...]
+    top: np.ndarray
+    order: np.ndarray
+    value: str
+    base_loss: np.ndarray | None = None
+    single_loss: np.ndarray | None = None
+
+    @property
+    def loss_rise(self) -> np.ndarray | None:
+        """float64 [K, C]: mean cross-entropy of each class with unit k ablated minus intact."""
+        if self.base_loss is None or self.single_loss is None:
+            return None
+        n = np.maximum(self.total, 1)
+        return self.single_loss / n - (self.base_loss / n)[None, :]
+
+    @property
+    def drop(self) -> np.ndarray:
+        """float64 [K, C]: accuracy of the intact network minus with unit k ablated."""
+        return accuracy(self.base, self.total)[None, :] - accuracy(self.single, self.total)
+
+    def curve(self, cls: int) -> tuple[np.ndarray, np.ndarray]:
+        """(class accuracy, others' mean accuracy) at N = 0 and each N of `ns`."""
+        base = accuracy(self.base, self.total)
+        own = [base[cls]] + [
+            accuracy(self.top[cls, i], self.total)[cls] for i in range(len(self.ns))
+        ]
+        rest = [others_mean(base, cls)] + [
+            others_mean(accuracy(self.top[cls, i], self.total), cls) for i in range(len(self.ns))
+        ]
+        return np.asarray(own), np.asarray(rest)
+
+
+def _chunked(
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    masks: np.ndarray,
+    work: pathlib.Path | None,
+    name: str,
+    chunk: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """run(masks) in chunks of `chunk` masks, each stored in `work` (resumed from there)."""
+    correct, loss = [], []
+    for i, start in enumerate(range(0, len(masks), chunk)):
+        part = masks[start : start + chunk]
+        path = None if work is None else work / f"{name}-{i:05d}.npz"
+        if path is not None and path.is_file():
+            with np.load(path) as stored:
+                if stored["correct"].shape[0] == len(part):
+                    correct.append(stored["correct"])
+                    loss.append(stored["loss"])
+                    continue
+        c, l_ = run(part)
+        if path is not None:
+            with store.atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, correct=c, loss=l_)
+        correct.append(c)
+        loss.append(l_)
+    return np.concatenate(correct), np.concatenate(loss)
+
+
+def ablation_study(
+    ablator: Ablator,
+    variables: Any,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    *,
+    num_units: int,
+    num_classes: int,
+    value: str = ZERO,
+    fill: np.ndarray | None = None,
+    ns: Sequence[int] = DEFAULT_TOP_N,
+    work_dir: str | pathlib.Path | None = None,
+    masks_per_call: int = DEFAULT_MASKS_PER_CALL,
+    chunk: int = 256,
+) -> AblationResult:
+    """Every single-unit ablation, then each class's top-N units ablated together.
+
+    With `work_dir`, each chunk of `chunk` masks is stored there as it finishes
+    (the caller keys the folder by model, layer, data and value) and reused.
+    """
+    check_value(value)
+    if (value == MEAN) != (fill is not None):
+        raise ValueError("value='mean' needs fill (the unit means); value='zero' takes none")
+    ns = tuple(top_ns(num_units, ns))
+    work = None if work_dir is None else pathlib.Path(work_dir)
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    total = class_totals(batches, num_classes)
+
+    def run(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return ablator.counts_and_loss(
+            variables,
+            batches,
+            masks,
+            num_classes=num_classes,
+            fill=fill,
+            masks_per_call=masks_per_call,
+        )
+
+    # Row 0: no unit ablated (the intact network, through the same compiled step).
+    singles = np.concatenate([np.zeros((1, num_units), bool), np.eye(num_units, dtype=bool)])
+    got, loss = _chunked(run, singles, work, "single", chunk)
+    empty = np.zeros((0,), np.int64)
+    result = AblationResult(
+        total, got[0], got[1:], ns, empty, empty, value, base_loss=loss[0], single_loss=loss[1:]
+    )
+    order = ranking(result.drop, result.loss_rise)
+    masks = top_n_masks(order, ns).reshape(-1, num_units)
+    logging.info("ablating the top %s units of each of %d classes", list(ns), num_classes)
+    top = _chunked(run, masks, work, "top", chunk)[0].reshape(num_classes, len(ns), num_classes)
+    return dataclasses.replace(result, top=top, order=order)
+
+
+# --------------------------------------------------------------------------- joined with labels
+
+
+def unit_labels(layer_record: Mapping[str, Any] | None, num_units: int) -> list[dict[str, Any]]:
+    """Per unit {name, category, iou, interpretable} from a results.json layer record."""
+    if layer_record is None:
+        return [{"name": None, "category": None, "iou": 0.0, "interpretable": False}] * num_units
+    units = layer_record["units"]
+    if len(units) != num_units:
+        raise ValueError(
+            f"the dissection of {layer_record['layer']} has {len(units)} units, the ablated "
+            f"layer {num_units}: dissect the same weights and layer"
+        )
+    keys = ("name", "category", "iou", "interpretable")
+    return [{k: u.get(k) for k in keys} for u in units]
+
+
+def joined(
+    result: AblationResult,
+    class_names: Sequence[str],
+    labels: Sequence[Mapping[str, Any]],
+    *,
+    top_units: int = 8,
+    top_classes: int = 3,
+) -> dict[str, Any]:
+    """The JSON document: per unit its label and the classes it matters most for; per class
+    its most important units with their labels and its accuracy against N units removed."""
+    drop = result.drop
+    base = accuracy(result.base, result.total)
+    units = []
+    for k in range(drop.shape[0]):
+        d = np.nan_to_num(drop[k], nan=-np.inf)
+        most = np.argsort(-d, kind="stable")[:top_classes]
+        units.append(
+            {
+                "unit": k,
+                **dict(labels[k]),
+                "mean_drop": float(np.nanmean(drop[k])) if np.isfinite(drop[k]).any() else None,
+                "classes": [
+                    {"class": class_names[c], "drop": float(drop[k, c])}
+                    for c in most
+                    if np.isfinite(drop[k, c])
+                ],
+            }
+        )
+    classes = []
+    for c, name in enumerate(class_names):
+        own, rest = result.curve(c)
+        classes.append(
+            {
+                "class": name,
+                "examples": int(result.total[c]),
+                "accuracy": None if np.isnan(base[c]) else float(base[c]),
+                "units": [
+                    {"unit": int(k), "drop": float(drop[k, c]), **dict(labels[k])}
+                    for k in result.order[c, :top_units]
+                ],
+                "curve": {
+                    "n": [0, *result.ns],
+                    "class_accuracy": [_num(v) for v in own],
+                    "others_accuracy": [_num(v) for v in rest],
+                },
+            }
+        )
+    return {"value": result.value, "units": units, "classes": classes}
+
+
+def _num(v: float) -> float | None:
+    return None if np.isnan(v) else float(v)
+
+
+def mean_curves(result: AblationResult) -> tuple[np.ndarray, np.ndarray]:
+    """Over the classes with examples: mean (class accuracy, others' mean) at N = 0, ns."""
+    rows = [result.curve(c) for c in range(len(result.total)) if result.total[c] > 0]
+    own = np.mean([r[0] for r in rows], axis=0)
+    rest = np.mean([r[1] for r in rows], axis=0)
+    return own, rest
+
+
+def write_ablation_files(
+    out: pathlib.Path,
+    result: AblationResult,
+    class_names: Sequence[str],
+    labels: Sequence[Mapping[str, Any]],
+    settings: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """ablation.json, ablation_units.csv, ablation_classes.csv and ablation.png; the document."""
+    import csv
+
+    from jaxdissect.report import plots
+
+    doc = joined(result, class_names, labels)
+    own, rest = mean_curves(result)
+    document = {
+        "settings": dict(settings),
+        "classes_mean_curve": {
+            "n": [0, *result.ns],
+            "class_accuracy": own.tolist(),
+            "others_accuracy": rest.tolist(),
+        },
+        **dict(extra or {}),
+        **doc,
+    }
+    store.write_json(out / "ablation.json", document)
+    with store.atomic_path(out / "ablation_units.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["unit", "label", "category", "iou", "interpretable", "mean_drop"]
+            + [f"drop_{c}" for c in class_names]
+        )
+        for k, u in enumerate(doc["units"]):
+            w.writerow(
+                [
+                    k,
+                    u["name"] or "",
+                    u["category"] or "",
+                    f"{u['iou']:.4f}",
+                    int(bool(u["interpretable"])),
+                    u["mean_drop"],
+                ]
+                + [f"{v:.6f}" for v in result.drop[k]]
+            )
+    with store.atomic_path(out / "ablation_classes.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "n_removed", "class_accuracy", "others_accuracy", "removed_units"])
+        for c, entry in enumerate(doc["classes"]):
+            curve = entry["curve"]
+            for i, n in enumerate(curve["n"]):
+                removed = " ".join(str(int(k)) for k in result.order[c, :n])
+                w.writerow(
+                    [
+                        entry["class"],
+                        n,
+                        curve["class_accuracy"][i],
+                        curve["others_accuracy"][i],
+                        removed,
+                    ]
+                )
+    plots.plot_ablation_curves(
+        out / "ablation.png",
+        [0, *result.ns],
+        {
+            e["class"]: (e["curve"]["class_accuracy"], e["curve"]["others_accuracy"])
+            for e in doc["classes"]
+        },
+        title=f"{settings.get('layer', '')}: accuracy with the class's top N units "
+        f"({result.value}) removed",
+    )
+    return document
+
+
+def finding(
+    result: AblationResult,
+    class_names: Sequence[str],
+    labels: Sequence[Mapping[str, Any]],
+    *,
+    defining: Mapping[str, set[str]] | None = None,
+    top: int = 4,
+) -> dict[str, Any]:
+    """What the study shows, in numbers: the mean drop of the class and of the others at each
+    N; with `defining` ({class: concept names}), the share of each class's top units labelled
+    with one of its defining concepts against the share of all the layer's units."""
+    mine, rest = mean_curves(result)
+    out: dict[str, Any] = {
+        "n": [0, *result.ns],
+        "class_drop": (mine[0] - mine).tolist(),
+        "others_drop": (rest[0] - rest).tolist(),
+    }
+    if defining is not None:
+        names = [u.get("name") if u.get("interpretable") else None for u in labels]
+        hits, chance, per_class = [], [], {}
+        own, own_chance = [], []  # units labelled with the class's own scene
+        for c, cls in enumerate(class_names):
+            want = set(defining.get(cls, ()))
+            if not want or result.total[c] == 0:
+                continue
+            units = [int(k) for k in result.order[c, :top]]
+            got = [names[k] for k in units]
+            hit = sum(n in want for n in got) / len(units)
+            base = sum(n in want for n in names) / len(names)
+            hits.append(hit)
+            chance.append(base)
+            own.append(sum(n == cls for n in got) / len(units))
+            own_chance.append(sum(n == cls for n in names) / len(names))
+            per_class[cls] = {
+                "defining": sorted(want),
+                "top_units": units,
+                "labels": got,
+                "share_defining": hit,
+                "layer_share_defining": base,
+            }
+        out["top"] = top
+        out["share_top_units_defining"] = float(np.mean(hits)) if hits else None
+        out["share_layer_units_defining"] = float(np.mean(chance)) if chance else None
+        out["share_top_units_the_class"] = float(np.mean(own)) if own else None
+        out["share_layer_units_the_class"] = float(np.mean(own_chance)) if own_chance else None
+        out["per_class"] = per_class
+    return out

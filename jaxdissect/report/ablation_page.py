@@ -1,0 +1,84 @@
+"""ablation.html: per class, its most important units (cards with their dissection strips and
+labels) and its accuracy against N units removed, beside the other classes' mean.
+
+Rendered by jinja2 with autoescaping on: class and label names are data and show as text.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jinja2
+
+from jaxdissect.report.strips import write_text_atomic
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="jaxdissect">
+<title>Unit ablation: {{ s.layer }}</title>
+<style>
+body { font: 14px/1.45 system-ui, sans-serif; color: #1d2330; background: #f6f7f9; margin: 0; }
+main { max-width: 1300px; margin: 0 auto; padding: 16px 24px 48px; }
+table { border-collapse: collapse; background: #fff; }
+th, td { padding: 3px 8px; border-bottom: 1px solid #dde1e8; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(380px, 1fr)); gap: 10px; }
+.card { background: #fff; border: 1px solid #dde1e8; border-radius: 6px; padding: 6px 8px; }
+.card img { max-width: 100%; height: auto; display: block; }
+.muted { color: #5b6474; }
+</style></head><body><main>
+<h1>Unit ablation: {{ s.layer }}</h1>
+<p class="muted">{{ s.weights }}, {{ s.units }} units ablated ({{ value }}), {{ s.eval_images }}
+validation images; units ranked per class by the accuracy drop when each alone is ablated.
+{% if dissection %}<a href="index.html">The dissection</a>.{% endif %}</p>
+<img src="ablation.png" alt="accuracy against units removed">
+{% for c in classes %}
+<h2 id="class-{{ loop.index0 }}">{{ c.class }}</h2>
+<p class="muted">{{ c.examples }} validation images.</p>
+<table><tr><th>units removed</th>{% for n in c.curve.n %}<th>{{ n }}</th>{% endfor %}</tr>
+<tr><td>{{ c.class }}</td>{% for v in c.curve.class_accuracy %}<td>{{ fmt(v) }}</td>{% endfor %}</tr>
+<tr><td>other classes (mean)</td>{% for v in c.curve.others_accuracy %}<td>{{ fmt(v) }}</td>{% endfor %}</tr>
+</table>
+<h3>Most important units</h3>
+<div class="cards">
+{% for u in c.units %}<div class="card"><b>unit {{ u.unit }}</b>: drop {{ fmt(u.drop) }};
+{% if u.name %}{{ u.name }} ({{ u.category }}, IoU {{ fmt(u.iou) }}{% if not u.interpretable %},
+below the threshold{% endif %}){% else %}<span class="muted">no label</span>{% endif %}
+{% if strips.get(u.unit) %}<img src="{{ strips[u.unit] }}" alt="unit {{ u.unit }}">{% endif %}
+</div>{% endfor %}
+</div>
+{% endfor %}
+</main></body></html>
+"""
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def write_page(
+    out: pathlib.Path, document: Mapping[str, Any], *, strips_dir: pathlib.Path | None = None
+) -> pathlib.Path:
+    """Write out/ablation.html for an ablation.json `document`; strips are linked where
+    `strips_dir` holds unit<k>.jpg (the dissection report's)."""
+    strips: dict[int, str] = {}
+    if strips_dir is not None and strips_dir.is_dir():
+        for c in document["classes"]:
+            for u in c["units"]:
+                path = strips_dir / f"unit{int(u['unit']):04d}.jpg"
+                if path.is_file():
+                    strips[int(u["unit"])] = pathlib.Path(os.path.relpath(path, out)).as_posix()
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    html = env.from_string(_PAGE).render(
+        s=document["settings"],
+        value=document["value"],
+        classes=document["classes"],
+        strips=strips,
+        fmt=_fmt,
+        dissection=(out / "index.html").is_file(),
+    )
+    path = out / "ablation.html"
+    write_text_atomic(path, html)
+    return path

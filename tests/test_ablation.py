@@ -1,0 +1,240 @@
+"""Unit ablation: per-class counts of every mask against a numpy loop of single evaluations."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from jaxdissect import ablation, parallel
+
+K, CLASSES, N = 6, 4, 40
+
+
+class _IntNet(nn.Module):
+    """x [b, h, w, 3] -> hidden (1x1 conv, K units) -> ReLU -> spatial sum -> head.
+
+    With small integer weights and inputs every float32 sum is exact, so the numpy
+    reference computes the same logits bit for bit (and argmax ties break alike).
+    """
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(K, name="hidden")(x))
+        return nn.Dense(CLASSES, name="head")(h.sum((1, 2)))
+
+
+def _int_variables(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "params": {
+            "hidden": {
+                "kernel": rng.integers(-3, 4, (3, K)).astype(np.float32),
+                "bias": rng.integers(-2, 3, K).astype(np.float32),
+            },
+            "head": {
+                "kernel": rng.integers(-3, 4, (K, CLASSES)).astype(np.float32),
+                "bias": rng.integers(-2, 3, CLASSES).astype(np.float32),
+            },
+        }
+    }
+
+
+def _numpy_counts(variables, images, labels, mask, fill=None) -> np.ndarray:
+    """Correct examples per class with the units of `mask` ablated: one plain forward."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    h = np.maximum(images.astype(np.float64) @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
+    h = np.where(mask, 0.0 if fill is None else np.asarray(fill, np.float64), h)
+    logits = h.sum((1, 2)) @ p["head"]["kernel"] + p["head"]["bias"]
+    correct = logits.argmax(-1) == labels
+    return np.bincount(labels[correct], minlength=CLASSES)
+
+
+def _numpy_loss(variables, images, labels, mask) -> np.ndarray:
+    """Summed cross-entropy of each class's examples with the units of `mask` zeroed."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    h = np.maximum(images.astype(np.float64) @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
+    logits = np.where(mask, 0.0, h).sum((1, 2)) @ p["head"]["kernel"] + p["head"]["bias"]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    return np.bincount(labels, weights=-logp[np.arange(len(labels)), labels], minlength=CLASSES)
+
+
+def _batches(images, labels, size):
+    out = []
+    for s in range(0, len(labels), size):
+        n = min(size, len(labels) - s)
+        img = np.zeros((size, *images.shape[1:]), np.float32)
+        lab = np.zeros(size, np.int32)
+        img[:n], lab[:n] = images[s : s + n], labels[s : s + n]
+        out.append({"image": img, "label": lab, "valid": np.arange(size) < n})
+    return out
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(1)
+    images = rng.integers(-2, 3, (N, 2, 3, 3)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, N).astype(np.int32)
+    return _int_variables(0), images, labels
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_counts_match_numpy_loop_of_single_evaluations(data, devices):
+    variables, images, labels = data
+    mesh = parallel.data_mesh(devices)
+    ab = ablation.Ablator(_IntNet(), None, "hidden", mesh=mesh)
+    rng = np.random.default_rng(2)
+    # Random masks plus the adversarial ones: none, all, each single unit.
+    masks = np.concatenate(
+        [
+            np.zeros((1, K), bool),
+            np.ones((1, K), bool),
+            np.eye(K, dtype=bool),
+            rng.random((7, K)) < 0.4,
+        ]
+    )
+    batches = _batches(images, labels, 16)  # 40 images: the last batch padded
+    got = ab.counts(variables, batches, masks, num_classes=CLASSES, masks_per_call=4)
+    want = np.stack([_numpy_counts(variables, images, labels, m) for m in masks])
+    np.testing.assert_array_equal(got, want)
+    fill = rng.integers(0, 3, K).astype(np.float32)
+    got = ab.counts(variables, batches, masks, num_classes=CLASSES, fill=fill, masks_per_call=5)
+    want = np.stack([_numpy_counts(variables, images, labels, m, fill) for m in masks])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_study_ranks_units_and_ablates_top_n_like_numpy(data, tmp_path):
+    variables, images, labels = data
+    ab = ablation.Ablator(_IntNet(), None, "hidden", mesh=parallel.data_mesh(1))
+    batches = _batches(images, labels, 8)
+    res = ablation.ablation_study(
+        ab,
+        variables,
+        batches,
+        num_units=K,
+        num_classes=CLASSES,
+        ns=(1, 2, 4, 100),
+        work_dir=tmp_path / "work",
+        chunk=3,
+    )
+    none = np.zeros(K, bool)
+    base = _numpy_counts(variables, images, labels, none)
+    total = np.bincount(labels, minlength=CLASSES)
+    np.testing.assert_array_equal(res.base, base)
+    np.testing.assert_array_equal(res.total, total)
+    acc0 = base / total
+    drops = np.zeros((K, CLASSES))
+    for k in range(K):
+        drops[k] = acc0 - _numpy_counts(variables, images, labels, np.eye(K, dtype=bool)[k]) / total
+    np.testing.assert_allclose(res.drop, drops)
+    eye = np.eye(K, dtype=bool)
+    rise = np.stack([_numpy_loss(variables, images, labels, eye[k]) for k in range(K)])
+    rise = (rise - _numpy_loss(variables, images, labels, none)) / total
+    np.testing.assert_allclose(res.loss_rise, rise, rtol=1e-5, atol=1e-5)
+    assert res.ns == (1, 2, 4)  # N above the layer's width left out
+    for c in range(CLASSES):
+        # Units by decreasing drop, ties by the rise of the class's loss, then by unit.
+        order = sorted(range(K), key=lambda k: (-drops[k, c], -res.loss_rise[k, c], k))
+        np.testing.assert_array_equal(res.order[c], order)
+        for i, n in enumerate(res.ns):
+            mask = np.isin(np.arange(K), order[:n])
+            np.testing.assert_array_equal(
+                res.top[c, i], _numpy_counts(variables, images, labels, mask)
+            )
+        own, rest = res.curve(c)
+        assert own[0] == pytest.approx(acc0[c])
+        assert rest[0] == pytest.approx(np.delete(acc0, c).mean())
+    # Resumed from the stored chunks: the same counts without evaluating again.
+    stored = sorted(p.name for p in (tmp_path / "work").iterdir())
+    assert stored[0] == "single-00000.npz" and len(stored) == 3 + 4
+    again = ablation.ablation_study(
+        _Refuse(),
+        variables,
+        batches,
+        num_units=K,
+        num_classes=CLASSES,
+        ns=(1, 2, 4, 100),
+        work_dir=tmp_path / "work",
+        chunk=3,
+    )
+    np.testing.assert_array_equal(again.top, res.top)
+    np.testing.assert_array_equal(again.single, res.single)
+
+
+class _Refuse:
+    def counts_and_loss(self, *args, **kwargs):
+        raise AssertionError("a stored chunk was evaluated again")
+
+
+def test_top_n_masks_and_ranking_on_planted_drops():
+    drop = np.array([[0.0, 0.5], [0.3, 0.5], [0.3, np.nan], [0.9, -0.1]])  # [K=4, C=2]
+    order = ablation.ranking(drop)
+    np.testing.assert_array_equal(order, [[3, 1, 2, 0], [0, 1, 3, 2]])
+    # Equal drops: the larger rise of the loss first.
+    rise = np.array([[0.0, 0.1], [0.0, 0.2], [0.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(ablation.ranking(drop, rise)[1], [1, 0, 3, 2])
+    masks = ablation.top_n_masks(order, [1, 3])
+    np.testing.assert_array_equal(masks[0, 0], [False, False, False, True])
+    np.testing.assert_array_equal(masks[1, 1], [True, True, False, True])
+
+
+def test_bad_parameters_are_named():
+    with pytest.raises(ValueError, match="value='median'"):
+        ablation.check_value("median")
+    with pytest.raises(ValueError, match="top_n=\\[0\\]"):
+        ablation.top_ns(8, [0, 2])
+    with pytest.raises(ValueError, match="labels \\[7\\] outside 0..3"):
+        ablation.class_totals([{"image": np.zeros((2, 1, 1, 3)), "label": np.array([7, 1])}], 4)
+
+
+def test_finding_counts_defining_labels_of_top_units_against_the_layer():
+    # 2 classes of 10 examples, 4 units; class 0 needs units 1 and 2, class 1 unit 3.
+    res = ablation.AblationResult(
+        total=np.array([10, 10]),
+        base=np.array([10, 8]),
+        single=np.array([[10, 8], [4, 8], [6, 8], [10, 2]]),
+        ns=(1, 2),
+        top=np.array([[[4, 8], [0, 7]], [[10, 2], [9, 0]]]),
+        order=np.array([[1, 2, 0, 3], [3, 0, 1, 2]]),
+        value="zero",
+    )
+    np.testing.assert_allclose(res.drop[:, 0], [0, 0.6, 0.4, 0])
+    labels = [
+        {"name": "sand", "interpretable": True},
+        {"name": "water", "interpretable": True},
+        {"name": "beach-s", "interpretable": True},
+        {"name": "road", "interpretable": False},  # below the threshold: unlabelled
+    ]
+    f = ablation.finding(
+        res,
+        ["beach-s", "street-s"],
+        labels,
+        defining={"beach-s": {"sand", "water"}, "street-s": {"road"}},
+        top=2,
+    )
+    # N = 1: each class loses 0.6, the other 0; N = 2: 1.0 and 0.8, the other 0.1 each.
+    np.testing.assert_allclose(f["class_drop"], [0, 0.6, 0.9])
+    np.testing.assert_allclose(f["others_drop"], [0, 0, 0.1])
+    # Top 2 of beach-s: water (defining), beach-s (the class); of street-s: road
+    # (unlabelled), sand.
+    assert f["per_class"]["beach-s"]["share_defining"] == 0.5
+    assert f["share_top_units_defining"] == 0.25
+    assert f["share_layer_units_defining"] == pytest.approx((2 / 4 + 0) / 2)
+    assert f["share_top_units_the_class"] == 0.25
+
+
+def test_unit_means_are_the_layer_outputs_mean_over_valid_images_and_positions(data):
+    variables, images, labels = data
+    got = ablation.unit_means(
+        _IntNet(),
+        variables,
+        "hidden",
+        _batches(images, labels, 16),
+        input_spec=None,
+        input_size=2,
+    )
+    p = variables["params"]["hidden"]
+    want = (images.astype(np.float64) @ p["kernel"] + p["bias"]).mean((0, 1, 2))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
