@@ -13,7 +13,7 @@ from typing import Any
 
 import jinja2
 
-from jaxdissect.report.strips import write_text_atomic
+from jaxdissect.store import write_text
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="generator" content="jaxdissect">
@@ -80,5 +80,5 @@ def write_page(
         dissection=(out / "index.html").is_file(),
     )
     path = out / "ablation.html"
-    write_text_atomic(path, html)
+    write_text(path, html)
     return path
