@@ -105,11 +105,12 @@ class TokenLayout:
         return patches.reshape(x.shape[0], h, w, x.shape[-1])
 
 
-def _pair(value: Any) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    h, w = value
-    return (int(h), int(w))
+def patch_pair(patch_size: int | Sequence[int]) -> tuple[int, int]:
+    """(ph, pw) of a patch size given as one int or a pair."""
+    if isinstance(patch_size, int):
+        return (patch_size, patch_size)
+    ph, pw = patch_size
+    return (int(ph), int(pw))
 
 
 def infer_token_layout(
@@ -128,7 +129,7 @@ def infer_token_layout(
     height, width = int(input_shape[0]), int(input_shape[1])
     advice = "name the layout, e.g. token_layout='1+14x14' (class token, then 14x14 patches)"
     if patch_size is not None:
-        ph, pw = _pair(patch_size)
+        ph, pw = patch_pair(patch_size)
         grid = (height // ph, width // pw)
         extra = tokens - grid[0] * grid[1]
         if extra < 0:
