@@ -243,3 +243,21 @@ def vit_s16(**options: Any) -> ViT:
 def vit_b16(**options: Any) -> ViT:
     """ViT-B/16 (width 768, 12 blocks, 12 heads)."""
     return _variant("B", **options)
+
+
+def vit_scenes(*, num_classes: int = 17, image_size: int = 96) -> ViT:
+    """A small ViT for the offline experiments (`experiments/train.py`, the synthetic scenes).
+
+    6 blocks of width 96 (3 heads, MLP 384), 8x8 patches (a 12x12 grid at 96 px), mean
+    pooling, learned position embeddings: 705,233 parameters at 17 classes (the small CNN: 541,905).
+    """
+    return ViT(
+        num_classes=num_classes,
+        patch_size=(8, 8),
+        width=96,
+        depth=6,
+        mlp_dim=384,
+        num_heads=3,
+        pool_type="gap",
+        image_size=image_size,
+    )
