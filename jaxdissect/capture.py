@@ -150,6 +150,21 @@ def infer_token_layout(
     )
 
 
+def _refuse_split_heads(
+    name: str, shape: Sequence[int], input_shape: Sequence[int], patch_size: Any
+) -> None:
+    """Refuse a [tokens, heads, head_dim] output, which would pass for an [h, w, C] map."""
+    if patch_size is None or len(shape) != 3:
+        return
+    ph, pw = patch_pair(patch_size)
+    patches = (int(input_shape[0]) // ph) * (int(input_shape[1]) // pw)
+    if patches <= shape[0] <= patches + MAX_EXTRA_TOKENS and shape[0] != input_shape[0] // ph:
+        raise LayerNotFoundError(
+            f"layer {name!r} has output {list(shape)}: [tokens, heads, head_dim], not a map; "
+            "capture the attention module's output or an MLP layer instead"
+        )
+
+
 LayoutArg = TokenLayout | str | Mapping[str, "TokenLayout | str"] | None
 
 
@@ -185,6 +200,7 @@ def _token_layouts(
                     f"token_layout for layer {name!r}: its output {list(shape)} is not "
                     "[tokens, channels]"
                 )
+            _refuse_split_heads(name, shape, input_shape, getattr(model, "patch_size", None))
             continue
         tokens = shape[0]
         if layout is None and callable(model_layout):

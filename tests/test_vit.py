@@ -231,3 +231,14 @@ def test_nnx_twin_has_the_same_numbers():
         np.testing.assert_array_equal(np.asarray(a[path]), np.asarray(b[path]), err_msg=path)
     with pytest.raises(ValueError, match="missing .*cls"):
         vit_nnx.from_linen(model, _random_variables(vit.vit_ti16(**SMALL), 32)["params"])
+
+
+def test_split_head_outputs_are_refused():
+    """A query projection's [tokens, heads, head_dim] would pass for an [h, w, C] map."""
+    model = vit.vit_ti16(pool_type="tok", **SMALL)
+    variables = _random_variables(model, 32)
+    query = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query"
+    with pytest.raises(capture.LayerNotFoundError, match=r"\[5, 3, 64\]: \[tokens, heads"):
+        capture.make_tap(model, variables, [query], input_shape=(32, 32, 3))
+    tap = capture.make_tap(model, variables, ["stem"], input_shape=(32, 32, 3))
+    assert tap.shapes["embedding"] == (2, 2, 192)  # a real map of the same model passes
