@@ -149,6 +149,8 @@ def missing_weights_advice(model: str, weights: str, num_classes: int | None = N
     """What to do about a `--weights` path that does not exist: train, or convert."""
     if pathlib.Path(weights).parent.name == "weights" or "/weights/step_" in weights:
         return f"--weights={weights}: no such training export; train first: {TRAIN_COMMAND}"
+    if weights.endswith(".npz"):
+        return f"--weights={weights}: no such file; put the big_vision .npz checkpoint there"
     arch = model if model in zoo.ARCHS else "<arch>"
     classes = num_classes if num_classes is not None else "<N>"
     return (

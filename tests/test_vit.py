@@ -174,6 +174,11 @@ def test_npz_that_does_not_fit_lists_keys_and_the_option(tmp_path):
         model_load.load("vit_ti16", weights=str(tmp_path / "tok.npz"), options=deeper)
 
 
+def test_missing_npz_says_where_to_put_it():
+    with pytest.raises(FileNotFoundError, match="no such file; put the big_vision .npz"):
+        model_load.check_request("vit_ti16", "ckpt/none.npz")
+
+
 def test_npz_with_pickled_objects_is_refused_unread(tmp_path):
     np.savez(tmp_path / "evil.npz", cls=np.array([{"a": 1}], dtype=object))
     with pytest.raises(checkpoint_io.CheckpointError, match="holds pickled objects"):
