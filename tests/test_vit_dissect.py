@@ -16,7 +16,7 @@ from jaxdissect.data.broden import Broden
 from jaxdissect.models import vit, vit_nnx
 from jaxdissect.preprocess import InputSpec
 from tests import reference
-from tests.experiment_testing import ROOT
+from tests.experiment_testing import ROOT, TINY_SIZE, run_script, tiny_broden
 from tests.test_cli import _script
 
 pytestmark = pytest.mark.xdist_group("vit")
@@ -161,3 +161,38 @@ def test_big_vision_npz_dissected_from_its_flagfile(tmp_path):
     assert layers["mlp11"]["path"] == "Transformer/encoderblock_11/MlpBlock_0/gelu"
     assert len(layers["block0"]["units"]) == 192 and len(layers["mlp11"]["units"]) == 768
     assert pathlib.Path(out / "tally-mlp11.csv").exists()
+
+
+def test_small_vit_trains_and_dissects_from_its_export(tmp_path):
+    """train.py exports the ViT's image_size (its position embeddings' grid), so the export
+    dissects at the training resolution: 48 px, 8 px patches, a 6x6 map per block."""
+    broden = tiny_broden(tmp_path / "broden1_48")
+    data = (f"--data={broden}", f"--resolution={TINY_SIZE}")
+    run_script(
+        "train",
+        *data,
+        "--arch=jaxdissect.models.vit:vit_scenes",
+        "--optimizer=adam",
+        "--steps=2",
+        "--batch_size=16",
+        "--save_steps=0,2",
+        "--devices=1",
+        "--noprogress",
+        f"--output_dir={tmp_path / 'train'}",
+    )
+    meta = json.loads((tmp_path / "train" / "weights" / "step_000002" / "meta.json").read_text())
+    assert meta["options"]["image_size"] == TINY_SIZE
+    rows = run_script(
+        "compare",
+        f"--dissect=vit||{tmp_path / 'train' / 'weights' / 'step_000002'}|block0,block5",
+        *data,
+        "--split=all",
+        "--batch_size=16",
+        "--devices=1",
+        "--noprogress",
+        f"--output_dir={tmp_path / 'compare'}",
+    )
+    assert [(r["layer"], r["path"], r["num_units"]) for r in rows] == [
+        ("block0", "Transformer/encoderblock_0", 96),
+        ("block5", "Transformer/encoderblock_5", 96),
+    ]
