@@ -42,6 +42,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxdissect.preprocess import patch_pair
+
 Array = jax.Array
 
 
@@ -103,14 +105,6 @@ class TokenLayout:
         h, w = self.grid
         patches = x[:, self.prefix : self.prefix + h * w]
         return patches.reshape(x.shape[0], h, w, x.shape[-1])
-
-
-def patch_pair(patch_size: int | Sequence[int]) -> tuple[int, int]:
-    """(ph, pw) of a patch size given as one int or a pair."""
-    if isinstance(patch_size, int):
-        return (patch_size, patch_size)
-    ph, pw = patch_size
-    return (int(ph), int(pw))
 
 
 def infer_token_layout(

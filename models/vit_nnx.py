@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from jaxdissect.capture import patch_pair
 from jaxdissect.models import vit
+from jaxdissect.preprocess import patch_pair
 
 
 def _linen_attention(query, key, value, *, is_causal: bool = False, **kwargs) -> jax.Array:
