@@ -21,6 +21,15 @@ by an alias the model declares (`layer_aliases`, e.g. AlexNet's `conv5`), or by
 logs, file names and the report show. What is captured is exactly the module's
 output: JAX has no in-place ops, so a later ReLU cannot alter it; pre- or
 post-activation is chosen by naming the conv or the activation module.
+
+A layer whose output is [B, tokens, C] (a Vision Transformer block, its MLP's
+hidden layer) is read through a `TokenLayout`: its patch tokens, row-major on
+an h x w grid, become the [B, h, w, C] map, and the class and register tokens
+around them are dropped. The layout is the one the caller names
+(`token_layout="1+14x14"`), else the model's own (`model.token_layout(input_shape)`),
+else inferred: from `model.patch_size` (grid = input // patch, the remaining
+tokens lead), or from the token count alone (the grid of the input's aspect
+ratio with the fewest extra tokens, at most `MAX_EXTRA_TOKENS`, first).
 """
 
 from __future__ import annotations
@@ -33,11 +42,174 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxdissect.preprocess import patch_pair
+
 Array = jax.Array
 
 
 class LayerNotFoundError(ValueError):
     """A requested layer does not exist in the model."""
+
+
+# Extra (class, register) tokens that the token-count inference accepts before the patches.
+MAX_EXTRA_TOKENS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """Where the patch tokens of a [B, tokens, C] output are.
+
+    Attributes:
+      grid: (h, w), the patch grid; patch tokens are row-major, as a flattened
+        [h, w] convolution output.
+      prefix: tokens before the patches (class token, register tokens).
+      suffix: tokens after the patches (registers appended at the end).
+    """
+
+    grid: tuple[int, int]
+    prefix: int = 0
+    suffix: int = 0
+
+    def __post_init__(self):
+        h, w = self.grid
+        if h < 1 or w < 1 or self.prefix < 0 or self.suffix < 0:
+            raise ValueError(f"token_layout={self}: grid sides >= 1, prefix and suffix >= 0")
+        object.__setattr__(self, "grid", (int(h), int(w)))
+
+    @property
+    def tokens(self) -> int:
+        """How many tokens the layout covers."""
+        return self.prefix + self.grid[0] * self.grid[1] + self.suffix
+
+    def __str__(self) -> str:
+        h, w = self.grid
+        text = f"{h}x{w}"
+        if self.prefix:
+            text = f"{self.prefix}+{text}"
+        return f"{text}+{self.suffix}" if self.suffix else text
+
+    @classmethod
+    def parse(cls, text: str) -> TokenLayout:
+        """`[prefix+]HxW[+suffix]`: `14x14`, `1+14x14` (class token), `5+16x16`, `1+16x16+4`."""
+        m = re.fullmatch(r"\s*(?:(\d+)\s*\+\s*)?(\d+)\s*x\s*(\d+)(?:\s*\+\s*(\d+))?\s*", text)
+        if not m:
+            raise ValueError(
+                f"token_layout={text!r}: expected [prefix+]HxW[+suffix], e.g. 1+14x14 for a "
+                "class token and 14x14 patch tokens"
+            )
+        prefix, h, w, suffix = m.groups()
+        return cls((int(h), int(w)), int(prefix or 0), int(suffix or 0))
+
+    def to_nhwc(self, x: Array) -> Array:
+        """[B, tokens, C] -> [B, h, w, C], the patch tokens only."""
+        h, w = self.grid
+        patches = x[:, self.prefix : self.prefix + h * w]
+        return patches.reshape(x.shape[0], h, w, x.shape[-1])
+
+
+def infer_token_layout(
+    name: str,
+    tokens: int,
+    input_shape: Sequence[int],
+    *,
+    patch_size: int | Sequence[int] | None = None,
+) -> TokenLayout:
+    """The layout of a [B, `tokens`, C] output of layer `name` for one input of `input_shape`.
+
+    With `patch_size`, the grid is the input's size over it and the other tokens
+    lead (class, registers); without, the grid of the input's aspect ratio with
+    the fewest extra tokens (at most `MAX_EXTRA_TOKENS`) before it.
+    """
+    height, width = int(input_shape[0]), int(input_shape[1])
+    advice = "name the layout, e.g. token_layout='1+14x14' (class token, then 14x14 patches)"
+    if patch_size is not None:
+        ph, pw = patch_pair(patch_size)
+        grid = (height // ph, width // pw)
+        extra = tokens - grid[0] * grid[1]
+        if extra < 0:
+            raise LayerNotFoundError(
+                f"layer {name!r} has {tokens} tokens, fewer than the {grid[0]}x{grid[1]} patches "
+                f"of a {height}x{width} input at patch size {ph}x{pw}; {advice}"
+            )
+        return TokenLayout(grid, prefix=extra)
+    for extra in range(min(MAX_EXTRA_TOKENS, tokens - 1) + 1):
+        n = tokens - extra
+        for h in range(1, n + 1):
+            if n % h == 0 and h * width == (n // h) * height:
+                return TokenLayout((h, n // h), prefix=extra)
+    raise LayerNotFoundError(
+        f"layer {name!r} has {tokens} tokens, which fit no patch grid of a {height}x{width} "
+        f"input (the input's aspect ratio, after at most {MAX_EXTRA_TOKENS} class/register "
+        f"tokens); {advice}"
+    )
+
+
+def _refuse_split_heads(
+    name: str, shape: Sequence[int], input_shape: Sequence[int], patch_size: Any
+) -> None:
+    """Refuse a [tokens, heads, head_dim] output, which would pass for an [h, w, C] map."""
+    if patch_size is None or len(shape) != 3:
+        return
+    ph, pw = patch_pair(patch_size)
+    patches = (int(input_shape[0]) // ph) * (int(input_shape[1]) // pw)
+    if patches <= shape[0] <= patches + MAX_EXTRA_TOKENS and shape[0] != input_shape[0] // ph:
+        raise LayerNotFoundError(
+            f"layer {name!r} has output {list(shape)}: [tokens, heads, head_dim], not a map; "
+            "capture the attention module's output or an MLP layer instead"
+        )
+
+
+LayoutArg = TokenLayout | str | Mapping[str, "TokenLayout | str"] | None
+
+
+def _token_layouts(
+    model: Any,
+    named: Sequence[tuple[str, str]],
+    available: Mapping[str, tuple[int, ...]],
+    input_shape: Sequence[int],
+    token_layout: LayoutArg,
+) -> dict[str, TokenLayout]:
+    """path -> layout of every requested layer whose per-example output is (tokens, C)."""
+    as_layout = lambda v: v if isinstance(v, TokenLayout) else TokenLayout.parse(v)  # noqa: E731
+    by_layer: dict[str, TokenLayout] = {}
+    common: TokenLayout | None = None
+    if isinstance(token_layout, Mapping):
+        by_layer = {k.replace(".", "/").strip("/"): as_layout(v) for k, v in token_layout.items()}
+        known = {n.replace(".", "/") for n, _ in named} | {p for _, p in named}
+        unknown = sorted(set(by_layer) - known)
+        if unknown:
+            raise LayerNotFoundError(
+                f"token_layout names layers that were not requested: {', '.join(unknown)}"
+            )
+    elif token_layout is not None:
+        common = as_layout(token_layout)
+    model_layout = getattr(model, "token_layout", None)
+    layouts: dict[str, TokenLayout] = {}
+    for name, path in named:
+        shape = available[path]
+        layout = by_layer.get(path, by_layer.get(name.replace(".", "/"), common))
+        if len(shape) != 2:
+            if path in by_layer or name.replace(".", "/") in by_layer:
+                raise LayerNotFoundError(
+                    f"token_layout for layer {name!r}: its output {list(shape)} is not "
+                    "[tokens, channels]"
+                )
+            _refuse_split_heads(name, shape, input_shape, getattr(model, "patch_size", None))
+            continue
+        tokens = shape[0]
+        if layout is None and callable(model_layout):
+            layout = model_layout(tuple(input_shape))
+        if layout is None:
+            layout = infer_token_layout(
+                name, tokens, input_shape, patch_size=getattr(model, "patch_size", None)
+            )
+        if layout.tokens != tokens:
+            raise LayerNotFoundError(
+                f"layer {name!r} has {tokens} tokens, token_layout={str(layout)!r} covers "
+                f"{layout.tokens}; name a layout of {tokens} tokens (prefix + h*w + suffix)"
+            )
+        layouts[path] = layout
+    return layouts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +255,7 @@ def _as_nhwc(name: str, value: Any) -> Array:
         return value[:, None, None, :]
     raise LayerNotFoundError(
         f"layer {name!r} has output shape {tuple(value.shape)}; expected [B, h, w, C] "
-        "(channels last) or [B, C]"
+        "(channels last), [B, tokens, C] (with a token layout) or [B, C]"
     )
 
 
@@ -300,6 +472,7 @@ def make_tap(
     aliases: Mapping[str, str] | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,
     method: str | Callable | None = None,
+    token_layout: LayoutArg = None,
 ) -> Tap:
     """Build a `Tap` for `layers` of `model`.
 
@@ -316,6 +489,9 @@ def make_tap(
       apply_kwargs: extra keyword arguments of a Linen `model.apply`
         (e.g. `{"train": False}`).
       method: the Linen method to run, default `__call__`.
+      token_layout: for layers with [B, tokens, C] outputs, a `TokenLayout` or its
+        text (`1+14x14`) for all of them, or a mapping layer name/path -> layout;
+        None: the model's, else inferred (see the module docstring).
     """
     run, variables, default_aliases = _runner(model, variables, apply_kwargs, method)
     available, counts = _dry_run(run, variables, input_shape)
@@ -323,10 +499,12 @@ def make_tap(
     paths = tuple(path for _, path in named)
     _check_single_calls(counts, paths)
     wanted = frozenset(paths)
+    layouts = _token_layouts(model, named, available, input_shape, token_layout)
 
     def fn(v, images):
         outs = run(v, images, wanted)
-        return {p: _as_nhwc(p, outs[p][0]).astype(jnp.float32) for p in paths}
+        maps = {p: layouts[p].to_nhwc(outs[p][0]) if p in layouts else outs[p][0] for p in paths}
+        return {p: _as_nhwc(p, x).astype(jnp.float32) for p, x in maps.items()}
 
     sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     shapes = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,3 +45,11 @@ class InputSpec:
 TORCHVISION = InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), scale=1 / 255)
 # NetDissect-Lite's normalisation of its Places365 models.
 PLACES_LITE = InputSpec(224, (124.69, 118.69, 109.54), (57.12, 57.12, 57.12))
+
+
+def patch_pair(patch_size: int | Sequence[int]) -> tuple[int, int]:
+    """(ph, pw) of a patch size given as one int or a pair (a ViT's patch embedding)."""
+    if isinstance(patch_size, int):
+        return (patch_size, patch_size)
+    ph, pw = patch_size
+    return (int(ph), int(pw))

@@ -464,8 +464,8 @@ def export_weights(
 
     options = config.options(task.num_classes)
     num_classes = options.pop("num_classes")
-    if config.arch == "small_cnn":
-        options["image_size"] = task.resolution
+    if "image_size" in inspect.signature(_factory(config.arch)).parameters:
+        options["image_size"] = task.resolution  # the small CNN's and the small ViT's
     meta = {
         "arch": model_name(config.arch),
         "num_classes": num_classes,

@@ -7,7 +7,9 @@ Supported files:
 * legacy `.pth` / `.pth.tar` (torch < 1.6, or `_use_new_zipfile_serialization=False`):
   magic number, protocol version, sys info, the pickled object, the list of storage
   keys, then each storage as an element count and its raw bytes;
-* `.safetensors`.
+* `.safetensors`;
+* `.npz` (numpy's zip of arrays, as big_vision writes its checkpoints), read
+  with `allow_pickle=False`: `load_npz`.
 
 Pickles are read by `_RestrictedUnpickler`, whose `find_class` hands out only
 the few globals a state dict needs (`ALLOWED_GLOBALS`) and maps torch's tensor
@@ -129,6 +131,11 @@ class _TensorRef:
     size: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: np.dtype | None = None  # _rebuild_tensor_v3: elements reinterpret a byte storage
+
+
+def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values held as their uint16 bit patterns -> float32 (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _as_int_tuple(values: Any, what: str) -> tuple[int, ...]:
@@ -386,7 +393,7 @@ def _cut(ref: _TensorRef, flat: np.ndarray) -> np.ndarray:
         )
         out = np.array(view, copy=True, order="C")
     if bf16:
-        out = (out.astype(np.uint32) << 16).view(np.float32)
+        out = widen_bfloat16(out)
     return out
 
 
@@ -561,3 +568,35 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             f"A wrapped checkpoint should keep its weights under one of {WRAPPER_KEYS}."
         )
     return strip_prefix({str(k): v for k, v in obj.items()})
+
+
+def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The arrays of a `.npz` file by key (big_vision: `/`-joined parameter paths).
+
+    Read with `allow_pickle=False`: an object array is refused, never unpickled.
+    bfloat16 arrays (stored by big_vision as 2-byte voids) are widened to float32.
+
+    Raises:
+      CheckpointError: the file is not a readable `.npz` of numeric arrays.
+    """
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, Mapping):
+                raise CheckpointError(f"{path}: holds one array (np.save), not a .npz of arrays")
+            arrays = {str(k): data[k] for k in data.files}
+    except CheckpointError:
+        raise
+    except ValueError as err:
+        raise CheckpointError(
+            f"{path}: holds pickled objects ({err}); only numeric arrays are read. "
+            "Save the parameters as numeric arrays: np.savez(path, **flat_params)."
+        ) from None
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise CheckpointError(
+            f"{path}: not a readable .npz file ({err}); it is truncated or corrupt: copy it again"
+        ) from None
+    return {
+        k: widen_bfloat16(v.view(np.uint16)) if v.dtype.kind == "V" and v.dtype.itemsize == 2 else v
+        for k, v in arrays.items()
+    }

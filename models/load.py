@@ -5,8 +5,10 @@
 instance, a class, or a factory returning a module or `(module, variables)`).
 `--weights` is `pretrained` (EfficientNet-Lite0's shipped weights), an orbax
 directory written by `models/convert.py`, a PyTorch `.pth`/`.pth.tar` or a
-`.safetensors` file (read without torch or pickle code execution), or empty for
-a random initialisation (seeded).
+`.safetensors` file (read without torch or pickle code execution; a model class
+with an `import_state_dict(state_dict, variables)` method maps it itself, as the
+ViTs map timm's names), a big_vision `.npz` (`allow_pickle=False`, parameter
+paths as big_vision's), or empty for a random initialisation (seeded).
 """
 
 from __future__ import annotations
@@ -107,16 +109,23 @@ def _init_variables(module: Any, size: int, seed: int) -> Any:
 
 
 def _weights_from_file(module: Any, path: pathlib.Path, size: int, seed: int) -> Any:
-    from jaxdissect.models import checkpoint_io, torch_import
+    from jaxdissect.models import checkpoint_io, npz_import, torch_import
     from jaxdissect.models.convert import variables_template
 
+    template = variables_template(module, size)
     try:
+        if path.suffix == ".npz":
+            return npz_import.fit_big_vision(checkpoint_io.load_npz(path), template)
         state_dict = checkpoint_io.load_state_dict(path)
     except checkpoint_io.CheckpointError as e:
         raise ValueError(f"--weights: {e}") from None
-    template = variables_template(module, size)
+    except torch_import.WeightMappingError as e:
+        raise ValueError(f"--weights={path} does not fit the model: {e}") from e
+    importer = getattr(module, "import_state_dict", None)
     rename = getattr(type(module), "torch_rename", None)
     try:
+        if importer is not None:
+            return importer(state_dict, template)
         return torch_import.torch_to_flax(state_dict, template, rename=rename)
     except torch_import.WeightMappingError as e:
         raise ValueError(f"--weights={path} does not fit the model: {e}") from e
@@ -129,6 +138,8 @@ def missing_weights_advice(model: str, weights: str, num_classes: int | None = N
     """What to do about a `--weights` path that does not exist: train, or convert."""
     if pathlib.Path(weights).parent.name == "weights" or "/weights/step_" in weights:
         return f"--weights={weights}: no such training export; train first: {TRAIN_COMMAND}"
+    if weights.endswith(".npz"):
+        return f"--weights={weights}: no such file; put the big_vision .npz checkpoint there"
     arch = model if model in zoo.ARCHS else "<arch>"
     classes = num_classes if num_classes is not None else "<N>"
     return (

@@ -17,7 +17,7 @@ Reading the files is `models.checkpoint_io`'s job; this module only maps arrays.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,11 +91,45 @@ def torch_to_flax(
         mapped[path] = array
         torch_keys[path] = key
 
+    return fit_variables(
+        mapped,
+        variables,
+        source_keys=torch_keys,
+        unmatched=unmatched_torch,
+        advice="Check --arch and --num_classes, or strip a wrapper prefix (e.g. 'module.').",
+    )
+
+
+def fit_variables(
+    mapped: Mapping[tuple[str, ...], np.ndarray],
+    variables: Mapping[str, Any],
+    *,
+    source_keys: Mapping[tuple[str, ...], str],
+    unmatched: Sequence[str],
+    advice: str,
+    name: Callable[[tuple[str, ...]], str] = "/".join,
+) -> dict[str, Any]:
+    """`variables` (real or abstract) filled from `mapped` (Flax path -> array), checked.
+
+    Args:
+      mapped: the checkpoint's arrays by Flax variable path.
+      variables: the model's variables, for the expected paths, shapes and dtypes.
+      source_keys: the checkpoint's own name of each mapped path (for messages).
+      unmatched: checkpoint keys that map to no model variable.
+      advice: what to check when keys do not match (ends the message).
+      name: a model variable's name in messages (default: its path, `/`-joined).
+
+    Raises:
+      WeightMappingError: listing the unmatched keys on both sides, an integer array
+        where the model needs floats, or a shape that differs.
+    """
+    expected = traverse_util.flatten_dict(dict(variables))
     # Casting integer (quantised) values to float would give weights scaled by 1/scale.
     not_float = [
-        f"{torch_keys[p]} is {mapped[p].dtype}"
+        f"{source_keys[p]} is {mapped[p].dtype}"
         for p in mapped
-        if np.issubdtype(np.dtype(expected[p].dtype), np.floating)
+        if p in expected
+        and np.issubdtype(np.dtype(expected[p].dtype), np.floating)
         and not np.issubdtype(mapped[p].dtype, np.floating)
     ]
     if not_float:
@@ -105,18 +139,17 @@ def torch_to_flax(
             "dequantised, t.dequantize())."
         )
 
-    missing = sorted("/".join(p) for p in expected if p not in mapped)
-    if unmatched_torch or missing:
+    missing = sorted(name(p) for p in expected if p not in mapped)
+    if unmatched or missing:
         raise WeightMappingError(
-            "state dict does not match the model.\n"
-            f"  checkpoint keys with no model variable ({len(unmatched_torch)}): "
-            f"{sorted(unmatched_torch)}\n"
-            f"  model variables with no checkpoint key ({len(missing)}): {missing}\n"
-            "Check --arch and --num_classes, or strip a wrapper prefix (e.g. 'module.')."
+            "checkpoint does not match the model.\n"
+            f"  checkpoint keys with no model variable ({len(unmatched)}): "
+            f"{sorted(unmatched)}\n"
+            f"  model variables with no checkpoint key ({len(missing)}): {missing}\n" + advice
         )
     # `variables` may be real arrays or abstract shapes (jax.eval_shape): read .shape/.dtype only.
     shape_errors = [
-        f"{'/'.join(p)}: checkpoint {mapped[p].shape} vs model {tuple(expected[p].shape)}"
+        f"{name(p)}: checkpoint {mapped[p].shape} vs model {tuple(expected[p].shape)}"
         for p in expected
         if mapped[p].shape != tuple(expected[p].shape)
     ]
@@ -125,3 +158,62 @@ def torch_to_flax(
     # A copy, so that later changes to the state dict cannot reach the Flax variables.
     out = {p: np.array(mapped[p], dtype=expected[p].dtype, copy=True) for p in expected}
     return traverse_util.unflatten_dict(out)
+
+
+def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dict[str, np.ndarray]:
+    """A timm `VisionTransformer` state dict as big_vision's flat (`/`-joined) ViT parameters.
+
+    timm's fused `qkv` is split into query, key and value kernels [D, heads, D/heads];
+    `pos_embed` over [class token, patches] becomes the patches' `pos_embedding`, its
+    first row added to `cls` (big_vision prepends the class token after the position
+    embedding). Keys with no rule here (layer scale, registers, `fc_norm`) are kept
+    under their timm names, so that loading lists them as unexpected.
+    """
+    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    out: dict[str, np.ndarray] = {}
+
+    def dense(prefix: str, name: str) -> None:
+        out[f"{name}/kernel"] = sd.pop(f"{prefix}.weight").T
+        out[f"{name}/bias"] = sd.pop(f"{prefix}.bias")
+
+    def norm(prefix: str, name: str) -> None:
+        out[f"{name}/scale"] = sd.pop(f"{prefix}.weight")
+        out[f"{name}/bias"] = sd.pop(f"{prefix}.bias")
+
+    if "patch_embed.proj.weight" in sd:
+        out["embedding/kernel"] = np.transpose(sd.pop("patch_embed.proj.weight"), (2, 3, 1, 0))
+        out["embedding/bias"] = sd.pop("patch_embed.proj.bias")
+    if "pos_embed" in sd:
+        pos = sd.pop("pos_embed")
+        if "cls_token" in sd:
+            out["cls"] = sd.pop("cls_token") + pos[:, :1]
+            pos = pos[:, 1:]
+        out["pos_embedding"] = pos
+    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.")})
+    for i in blocks:
+        t, b = f"blocks.{i}", f"Transformer/encoderblock_{i}"
+        attn = f"{b}/MultiHeadDotProductAttention_0"
+        if f"{t}.norm1.weight" in sd:
+            norm(f"{t}.norm1", f"{b}/LayerNorm_0")
+        if f"{t}.attn.qkv.weight" in sd:
+            w, bias = sd.pop(f"{t}.attn.qkv.weight"), sd.pop(f"{t}.attn.qkv.bias")
+            d = w.shape[1]
+            for j, name in enumerate(("query", "key", "value")):
+                rows = slice(j * d, (j + 1) * d)
+                out[f"{attn}/{name}/kernel"] = w[rows].T.reshape(d, num_heads, d // num_heads)
+                out[f"{attn}/{name}/bias"] = bias[rows].reshape(num_heads, d // num_heads)
+        if f"{t}.attn.proj.weight" in sd:
+            w = sd.pop(f"{t}.attn.proj.weight")
+            out[f"{attn}/out/kernel"] = w.T.reshape(num_heads, -1, w.shape[0])
+            out[f"{attn}/out/bias"] = sd.pop(f"{t}.attn.proj.bias")
+        if f"{t}.norm2.weight" in sd:
+            norm(f"{t}.norm2", f"{b}/LayerNorm_1")
+        for fc, dense_name in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+            if f"{t}.mlp.{fc}.weight" in sd:
+                dense(f"{t}.mlp.{fc}", f"{b}/MlpBlock_0/{dense_name}")
+    if "norm.weight" in sd:
+        norm("norm", "Transformer/encoder_norm")
+    if "head.weight" in sd:
+        dense("head", "head")
+    out.update(sd)  # no rule: reported by name when the parameters are fitted
+    return out

@@ -2,7 +2,8 @@
 
 Every constructor takes keyword options (`num_classes`, and where the
 architecture has them `width`, `batch_norm`, `dropout`) and returns a Linen
-module whose submodule paths mirror the torch layout (see `torch_import`), with
+module whose submodule paths mirror the torch layout (see `torch_import`; the
+ViTs mirror big_vision's parameter names instead, see `models/vit.py`), with
 `input_spec` (a `jaxdissect.preprocess.InputSpec`) and `layer_aliases`
 (user-facing names such as AlexNet's `conv5` -> the module path they mean).
 Imports are lazy so that naming one architecture loads only its module.
@@ -26,6 +27,9 @@ ARCHS: dict[str, str] = {
     "googlenet": "jaxdissect.models.googlenet:googlenet",
     "densenet161": "jaxdissect.models.densenet:densenet161",
     "efficientnet_lite0": "jaxdissect.models.efficientnet_lite:efficientnet_lite0",
+    "vit_ti16": "jaxdissect.models.vit:vit_ti16",
+    "vit_s16": "jaxdissect.models.vit:vit_s16",
+    "vit_b16": "jaxdissect.models.vit:vit_b16",
 }
 
 

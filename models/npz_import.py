@@ -1,0 +1,123 @@
+"""big_vision `.npz` checkpoints onto Flax variables whose parameter paths are big_vision's.
+
+A big_vision `.npz` is a flat dict of arrays under `/`-joined parameter paths
+(`Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel`), possibly under `params/`
+(optax-era checkpoints) or `opt/target/` (Flax-optimizer checkpoints). Older
+checkpoints are brought to today's names as big_vision's `fix_old_checkpoints`
+does: pre-Linen module numbering (`MlpBlock_3`, `LayerNorm_2`) renumbered per
+name, the position embedding moved out of `Transformer/`, and a position
+embedding that covers the class token split into `cls` and the patches'.
+Reading is `checkpoint_io.load_npz` (`allow_pickle=False`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from jaxdissect.models import checkpoint_io, torch_import
+
+_NUMBERED = re.compile(r"(.*)_(\d+)$")
+
+
+def _renumber(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Pre-Linen names (`LayerNorm_0`, `LayerNorm_2`) numbered 0, 1, ... per name and parent."""
+    children: dict[str, set[str]] = {}
+    for key in flat:
+        parts = key.split("/")
+        for depth in range(len(parts)):
+            children.setdefault("/".join(parts[:depth]), set()).add(parts[depth])
+    renames: dict[str, dict[str, str]] = {}
+    for parent, names in children.items():
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for name in names:
+            m = _NUMBERED.fullmatch(name)
+            if m:
+                groups.setdefault(m.group(1), []).append((int(m.group(2)), name))
+        for prefix, numbered in groups.items():
+            for new_index, (_, name) in enumerate(sorted(numbered)):
+                renames.setdefault(parent, {})[name] = f"{prefix}_{new_index}"
+    out: dict[str, np.ndarray] = {}
+    for key, value in flat.items():
+        parts = key.split("/")
+        new = [renames.get("/".join(parts[:d]), {}).get(p, p) for d, p in enumerate(parts)]
+        out["/".join(new)] = value
+    return out
+
+
+def big_vision_params(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model parameters of a big_vision checkpoint's flat arrays, in today's names."""
+    for prefix in ("params/", "opt/target/"):
+        if any(k.startswith(prefix) for k in flat):
+            flat = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+            break
+    flat = _renumber(flat)
+    for old in ("Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding"):
+        if old in flat:
+            flat["pos_embedding"] = flat.pop(old)
+    pos = flat.get("pos_embedding")
+    if pos is not None and pos.ndim == 3:
+        side = int(np.sqrt(pos.shape[1]))
+        if side * side + 1 == pos.shape[1]:  # old layout: [class token, patches]
+            flat["pos_embedding"] = pos[:, 1:]
+            if "cls" in flat:
+                flat["cls"] = flat["cls"] + pos[:, :1]
+    return flat
+
+
+def _advice(flat: Mapping[str, Any], params: Mapping[str, Any]) -> str:
+    model = {"/".join(p) for p in traverse_util.flatten_dict(dict(params))}
+    hints = ["Check --model and its --model_option settings (variant, num_classes, image_size)."]
+    if "cls" in flat and "cls" not in model:
+        hints.append("The checkpoint has a class token: --model_option pool_type=tok.")
+    if "cls" in model and "cls" not in flat:
+        hints.append("The checkpoint has no class token: --model_option pool_type=gap.")
+    if any(k.startswith("pre_logits/") for k in flat) and not any(
+        k.startswith("pre_logits/") for k in model
+    ):
+        hints.append("The checkpoint has a pre_logits layer: --model_option rep_size=<its width>.")
+    if "head/kernel" in model and "head/kernel" not in flat:
+        hints.append("The checkpoint has no head: --model_option num_classes=0.")
+    if "pos_embedding" in model and "pos_embedding" not in flat:
+        hints.append("The checkpoint has no learned position embedding: posemb=sincos2d.")
+    if any(k.startswith("MAPHead_0/") for k in flat):
+        hints.append("Attention-pooling heads (MAPHead, SigLIP) are not supported.")
+    return " ".join(hints)
+
+
+def fit_big_vision(flat: Mapping[str, np.ndarray], variables: Mapping[str, Any]) -> dict[str, Any]:
+    """`variables` ({'params': ...}, real or abstract) filled from big_vision's flat parameters.
+
+    Raises:
+      torch_import.WeightMappingError: listing checkpoint keys with no model parameter
+        and model parameters with no checkpoint key (with a hint at the option that
+        differs), or shapes that differ.
+    """
+    flat = big_vision_params(flat)
+    params = variables["params"]
+    extra = sorted(set(variables) - {"params"})
+    if extra:
+        raise torch_import.WeightMappingError(
+            f"a big_vision checkpoint holds parameters only; the model also has {extra}"
+        )
+    mapped = {("params", *k.split("/")): np.asarray(v) for k, v in flat.items()}
+    expected = {("params", *p) for p in traverse_util.flatten_dict(dict(params))}
+    unmatched = sorted(k for k in flat if ("params", *k.split("/")) not in expected)
+    return torch_import.fit_variables(
+        {p: a for p, a in mapped.items() if p in expected},
+        variables,
+        source_keys={p: "/".join(p[1:]) for p in mapped},
+        unmatched=unmatched,
+        advice=_advice(flat, params),
+        name=lambda p: "/".join(p[1:]),  # big_vision's names: no `params/`
+    )
+
+
+def load_npz_variables(path: str | os.PathLike[str], variables: Mapping[str, Any]) -> dict:
+    """`variables` filled from the big_vision `.npz` at `path` (see `fit_big_vision`)."""
+    return fit_big_vision(checkpoint_io.load_npz(path), variables)

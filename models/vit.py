@@ -1,0 +1,262 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) with big_vision's parameter names.
+
+The module tree and parameter names are those of `big_vision/models/vit.py`
+(`embedding`, `pos_embedding`, `cls`, `Transformer/encoderblock_{i}/LayerNorm_0`,
+`MultiHeadDotProductAttention_0/{query,key,value,out}`, `LayerNorm_1`,
+`MlpBlock_0/Dense_0|1`, `Transformer/encoder_norm`, `pre_logits`, `head`), so a
+big_vision `.npz` checkpoint loads directly (`models/npz_import.py`) and a timm
+`vit_*` state dict through `torch_import.timm_vit_to_big_vision`. As there:
+LayerNorm epsilon 1e-6, tanh-approximated GELU (`gelu_approximate=False` for timm's
+exact GELU), position embeddings added before the class token is prepended,
+inputs in [-1, 1].
+
+Layers to dissect (paths; aliases in brackets), each [B, tokens, C] read as the
+patch grid (`capture.TokenLayout`, inferred from `patch_size`; the class token
+is dropped):
+  `embedding` [stem]                              patch embedding, [h, w, width]
+  `Transformer/encoderblock_{i}` [block{i}]       residual stream after block i
+  `Transformer/encoderblock_{i}/MlpBlock_0/gelu` [mlp{i}]  block i's MLP hidden
+                                                  units after GELU (`Dense_0`: before)
+  `Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0`  attention output
+  `Transformer/encoder_norm` [encoder_norm]       the final LayerNorm's output
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdissect.preprocess import InputSpec, patch_pair
+
+# big_vision's variants (Table 2 of arXiv:2106.04560): width, depth, mlp_dim, num_heads.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "B": (768, 12, 3072, 12),
+}
+POOL_TYPES = ("gap", "tok")
+POSEMB_TYPES = ("learn", "sincos2d")
+
+
+def big_vision_spec(size: int) -> InputSpec:
+    """big_vision's input: RGB pixels scaled to [-1, 1] (`value_range(-1, 1)`)."""
+    return InputSpec(size, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), scale=1 / 127.5)
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> jax.Array:
+    """big_vision's fixed 2-D sin-cos position embedding, [1, h*w, width]."""
+    if width % 4:
+        raise ValueError(f"width={width}: must be a multiple of 4 for posemb='sincos2d'")
+    y, x = np.mgrid[:h, :w]
+    omega = np.arange(width // 4) / (width // 4 - 1)
+    omega = 1.0 / (temperature**omega)
+    y = np.einsum("m,d->md", y.flatten(), omega)
+    x = np.einsum("m,d->md", x.flatten(), omega)
+    pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return jnp.asarray(pe, jnp.float32)[None]
+
+
+class Gelu(nn.Module):
+    """GELU as a module, so that the MLP's hidden units have a path to capture."""
+
+    approximate: bool = True
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.gelu(x, approximate=self.approximate)
+
+
+_DENSE_INIT = dict(
+    kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(1e-6)
+)
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU -> Dense (big_vision's `MlpBlock`)."""
+
+    mlp_dim: int
+    gelu_approximate: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        x = nn.Dense(self.mlp_dim, name="Dense_0", **_DENSE_INIT)(x)
+        x = Gelu(self.gelu_approximate, name="gelu")(x)
+        return nn.Dense(d, name="Dense_1", **_DENSE_INIT)(x)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+
+    mlp_dim: int
+    num_heads: int
+    gelu_approximate: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nn.LayerNorm(name="LayerNorm_0")(x)
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            kernel_init=nn.initializers.xavier_uniform(),
+            deterministic=True,
+            name="MultiHeadDotProductAttention_0",
+        )(y, y)
+        x = x + y
+        y = nn.LayerNorm(name="LayerNorm_1")(x)
+        y = MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
+        return x + y
+
+
+class Encoder(nn.Module):
+    """`depth` blocks (`encoderblock_{i}`) and the final `encoder_norm`."""
+
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    gelu_approximate: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.depth):
+            x = Encoder1DBlock(
+                self.mlp_dim, self.num_heads, self.gelu_approximate, name=f"encoderblock_{i}"
+            )(x)
+        return nn.LayerNorm(name="encoder_norm")(x)
+
+
+class ViT(nn.Module):
+    """big_vision's ViT (`pool_type` `gap` or `tok`, learned or sin-cos position embeddings).
+
+    Attributes:
+      num_classes: logits of the `head` (0: no head, the pooled features are returned).
+      patch_size: (ph, pw) of the patch embedding, or one int for square patches.
+      width, depth, mlp_dim, num_heads: the transformer's size (see `VARIANTS`).
+      posemb: `learn` (a `pos_embedding` parameter) or `sincos2d` (fixed).
+      pool_type: `gap` (mean of the tokens) or `tok` (a class token, `cls`).
+      rep_size: width of a tanh `pre_logits` layer before the head (0: none).
+      head_zeroinit: initialise the head's kernel to zeros (big_vision's default).
+      gelu_approximate: tanh-approximated GELU (big_vision) or exact (timm, torch).
+      image_size: the square input resolution (fixes the position embeddings).
+    """
+
+    num_classes: int = 1000
+    patch_size: int | tuple[int, int] = (16, 16)
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int = 3072
+    num_heads: int = 12
+    posemb: str = "learn"
+    pool_type: str = "gap"
+    rep_size: int = 0
+    head_zeroinit: bool = True
+    gelu_approximate: bool = True
+    image_size: int = 224
+
+    def __post_init__(self):
+        if self.pool_type not in POOL_TYPES:
+            raise ValueError(f"pool_type={self.pool_type!r}: one of {', '.join(POOL_TYPES)}")
+        if self.posemb not in POSEMB_TYPES:
+            raise ValueError(f"posemb={self.posemb!r}: one of {', '.join(POSEMB_TYPES)}")
+        if self.width % self.num_heads:
+            raise ValueError(f"width={self.width}: must be divisible by num_heads={self.num_heads}")
+        super().__post_init__()
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """big_vision's normalisation at `image_size`."""
+        return big_vision_spec(self.image_size)
+
+    @property
+    def default_layers(self) -> tuple[str, ...]:
+        """Every block's output, low to high."""
+        return tuple(f"block{i}" for i in range(self.depth))
+
+    @property
+    def layer_aliases(self) -> Mapping[str, str]:
+        """`stem`, `block{i}`, `mlp{i}`, `encoder_norm` -> module paths."""
+        aliases = {"stem": "embedding", "encoder_norm": "Transformer/encoder_norm"}
+        for i in range(self.depth):
+            block = f"Transformer/encoderblock_{i}"
+            aliases[f"block{i}"] = block
+            aliases[f"mlp{i}"] = f"{block}/MlpBlock_0/gelu"
+        return aliases
+
+    def import_state_dict(
+        self, state_dict: Mapping[str, Any], variables: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """`variables` filled from a timm `vit_*` state dict (exact GELU: `gelu_approximate=False`)."""
+        from jaxdissect.models import npz_import, torch_import
+
+        flat = torch_import.timm_vit_to_big_vision(state_dict, self.num_heads)
+        return npz_import.fit_big_vision(flat, variables)
+
+    @nn.compact
+    def __call__(self, image: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout or batch statistics: the same in training and evaluation
+        patch = patch_pair(self.patch_size)
+        x = nn.Conv(self.width, patch, strides=patch, padding="VALID", name="embedding")(image)
+        n, h, w, c = x.shape
+        x = jnp.reshape(x, (n, h * w, c))
+        if self.posemb == "learn":
+            init = nn.initializers.normal(stddev=1 / np.sqrt(c))
+            x = x + self.param("pos_embedding", init, (1, h * w, c), x.dtype)
+        else:
+            x = x + posemb_sincos_2d(h, w, c).astype(x.dtype)
+        if self.pool_type == "tok":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, c), x.dtype)
+            x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
+        x = Encoder(
+            self.depth, self.mlp_dim, self.num_heads, self.gelu_approximate, name="Transformer"
+        )(x)
+        x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)
+        if self.rep_size:
+            x = nn.tanh(nn.Dense(self.rep_size, name="pre_logits")(x))
+        if self.num_classes:
+            kw: dict[str, Any] = (
+                {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
+            )
+            x = nn.Dense(self.num_classes, name="head", **kw)(x)
+        return x
+
+
+def _variant(variant: str, **options: Any) -> ViT:
+    width, depth, mlp_dim, num_heads = VARIANTS[variant]
+    base = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, patch_size=(16, 16))
+    return ViT(**{**base, **options})
+
+
+def vit_ti16(**options: Any) -> ViT:
+    """ViT-Ti/16 (width 192, 12 blocks, 3 heads); options as `ViT`'s attributes."""
+    return _variant("Ti", **options)
+
+
+def vit_s16(**options: Any) -> ViT:
+    """ViT-S/16 (width 384, 12 blocks, 6 heads)."""
+    return _variant("S", **options)
+
+
+def vit_b16(**options: Any) -> ViT:
+    """ViT-B/16 (width 768, 12 blocks, 12 heads)."""
+    return _variant("B", **options)
+
+
+def vit_scenes(*, num_classes: int = 17, image_size: int = 96) -> ViT:
+    """A small ViT for the offline experiments (`experiments/train.py`, the synthetic scenes).
+
+    6 blocks of width 96 (3 heads, MLP 384), 8x8 patches (a 12x12 grid at 96 px), mean
+    pooling, learned position embeddings: 705,233 parameters at 17 classes (the small CNN: 541,905).
+    """
+    return ViT(
+        num_classes=num_classes,
+        patch_size=(8, 8),
+        width=96,
+        depth=6,
+        mlp_dim=384,
+        num_heads=3,
+        pool_type="gap",
+        image_size=image_size,
+    )

@@ -1,0 +1,171 @@
+"""The ViT of `models/vit.py` in Flax NNX, with the same module and parameter paths.
+
+Every NNX attribute is named as the Linen module it twins (`embedding`,
+`Transformer.encoderblock_3.MlpBlock_0.gelu`, ...), so `nnx.state(model)` has
+the Linen params' paths: `from_linen` copies a Linen ViT's (or a big_vision
+`.npz`'s) parameters in, and the same layer names dissect either twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from jaxdissect.models import vit
+from jaxdissect.preprocess import patch_pair
+
+
+def _linen_attention(query, key, value, *, is_causal: bool = False, **kwargs) -> jax.Array:
+    """Linen's attention as NNX calls it: the same numbers as the Linen twin, bit for bit.
+
+    (NNX's own goes through `jax.nn.dot_product_attention`, a different XLA program.)
+    """
+    if is_causal:
+        raise ValueError("is_causal=True: the ViT's attention is bidirectional")
+    return linen.dot_product_attention(query, key, value, **kwargs)
+
+
+class Gelu(nnx.Module):
+    """GELU as a module, so that the MLP's hidden units have a path to capture."""
+
+    def __init__(self, approximate: bool = True):
+        self.approximate = approximate
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(x, approximate=self.approximate)
+
+
+class MlpBlock(nnx.Module):
+    """Dense -> GELU -> Dense."""
+
+    def __init__(self, width: int, mlp_dim: int, gelu_approximate: bool, *, rngs: nnx.Rngs):
+        self.Dense_0 = nnx.Linear(width, mlp_dim, rngs=rngs)
+        self.gelu = Gelu(gelu_approximate)
+        self.Dense_1 = nnx.Linear(mlp_dim, width, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.Dense_1(self.gelu(self.Dense_0(x)))
+
+
+class Encoder1DBlock(nnx.Module):
+    """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, mlp_dim: int, num_heads: int, gelu: bool, *, rngs: nnx.Rngs):
+        self.LayerNorm_0 = nnx.LayerNorm(width, epsilon=1e-6, rngs=rngs)
+        self.MultiHeadDotProductAttention_0 = nnx.MultiHeadAttention(
+            num_heads,
+            width,
+            decode=False,
+            deterministic=True,
+            attention_fn=_linen_attention,
+            rngs=rngs,
+        )
+        self.LayerNorm_1 = nnx.LayerNorm(width, epsilon=1e-6, rngs=rngs)
+        self.MlpBlock_0 = MlpBlock(width, mlp_dim, gelu, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x))
+        return x + self.MlpBlock_0(self.LayerNorm_1(x))
+
+
+class Encoder(nnx.Module):
+    """`depth` blocks (`encoderblock_{i}`) and the final `encoder_norm`."""
+
+    def __init__(self, config: vit.ViT, *, rngs: nnx.Rngs):
+        self.depth = config.depth
+        for i in range(config.depth):
+            block = Encoder1DBlock(
+                config.width, config.mlp_dim, config.num_heads, config.gelu_approximate, rngs=rngs
+            )
+            setattr(self, f"encoderblock_{i}", block)
+        self.encoder_norm = nnx.LayerNorm(config.width, epsilon=1e-6, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.depth):
+            x = getattr(self, f"encoderblock_{i}")(x)
+        return self.encoder_norm(x)
+
+
+class ViT(nnx.Module):
+    """The NNX twin of `vit.ViT`, built from a Linen ViT's settings (`config`)."""
+
+    def __init__(self, config: vit.ViT, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config.width
+        patch = patch_pair(config.patch_size)
+        self.patch_size = patch
+        self.embedding = nnx.Conv(3, c, patch, strides=patch, padding="VALID", rngs=rngs)
+        h, w = config.image_size // patch[0], config.image_size // patch[1]
+        if config.posemb == "learn":
+            init = jax.random.normal(rngs.params(), (1, h * w, c)) / np.sqrt(c)
+            self.pos_embedding = nnx.Param(init)
+        if config.pool_type == "tok":
+            self.cls = nnx.Param(jnp.zeros((1, 1, c)))
+        self.Transformer = Encoder(config, rngs=rngs)
+        if config.rep_size:
+            self.pre_logits = nnx.Linear(c, config.rep_size, rngs=rngs)
+        if config.num_classes:
+            self.head = nnx.Linear(config.rep_size or c, config.num_classes, rngs=rngs)
+
+    @property
+    def input_spec(self):
+        """As the Linen twin's."""
+        return self.config.input_spec
+
+    @property
+    def layer_aliases(self) -> Mapping[str, str]:
+        """As the Linen twin's."""
+        return self.config.layer_aliases
+
+    @property
+    def default_layers(self) -> tuple[str, ...]:
+        """As the Linen twin's."""
+        return self.config.default_layers
+
+    def __call__(self, image: jax.Array) -> jax.Array:
+        x = self.embedding(image)
+        n, h, w, c = x.shape
+        x = x.reshape(n, h * w, c)
+        if self.config.posemb == "learn":
+            x = x + self.pos_embedding[...]
+        else:
+            x = x + vit.posemb_sincos_2d(h, w, c).astype(x.dtype)
+        if self.config.pool_type == "tok":
+            x = jnp.concatenate([jnp.tile(self.cls[...], (n, 1, 1)), x], axis=1)
+        x = self.Transformer(x)
+        x = x[:, 0] if self.config.pool_type == "tok" else x.mean(axis=1)
+        if self.config.rep_size:
+            x = jnp.tanh(self.pre_logits(x))
+        if self.config.num_classes:
+            x = self.head(x)
+        return x
+
+
+def from_linen(config: vit.ViT, params: Mapping[str, Any]) -> ViT:
+    """An NNX ViT holding `params` (a Linen ViT's `variables['params']`), path for path."""
+    model = ViT(config, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    flat_params = traverse_util.flatten_dict(dict(params))
+    ours = {tuple(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
+    missing = sorted("/".join(p) for p in ours if p not in flat_params)
+    unexpected = sorted("/".join(p) for p in flat_params if p not in ours)
+    if missing or unexpected:
+        raise ValueError(
+            f"params do not fit the NNX ViT: missing {missing}, unexpected {unexpected}"
+        )
+    for path, var in ours.items():
+        value = jnp.asarray(flat_params[path])
+        if value.shape != var.get_value().shape:
+            raise ValueError(
+                f"params/{'/'.join(path)}: shape {value.shape}, the model needs "
+                f"{var.get_value().shape}"
+            )
+        var.set_value(value)
+    nnx.update(model, state)
+    return model

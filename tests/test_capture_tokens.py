@@ -1,0 +1,196 @@
+"""Token layouts: [B, tokens, C] outputs read as [B, h, w, C] patch maps."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxdissect import capture
+from jaxdissect.capture import TokenLayout
+
+
+class Tokens(nn.Module):
+    """Patch embedding, then `prefix` learned tokens before and `suffix` after the patches."""
+
+    patch: int = 4
+    prefix: int = 1
+    suffix: int = 0
+    declare_patch: bool = True
+
+    @property
+    def patch_size(self):
+        return (self.patch, self.patch) if self.declare_patch else None
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(6, (self.patch, self.patch), strides=self.patch, name="embed")(x)
+        b, h, w, c = y.shape
+        t = y.reshape(b, h * w, c)
+        pre = jnp.tile(
+            self.param("pre", nn.initializers.normal(1.0), (1, self.prefix, c)), (b, 1, 1)
+        )
+        post = jnp.tile(
+            self.param("post", nn.initializers.normal(1.0), (1, self.suffix, c)), (b, 1, 1)
+        )
+        t = Identity(name="tokens")(jnp.concatenate([pre, t, post], axis=1))
+        return nn.Dense(5, name="mix")(t)
+
+
+class Identity(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x
+
+
+def _setup(shape, **kw):
+    model = Tokens(**kw)
+    x = jax.random.normal(jax.random.key(0), (2, *shape))
+    variables = model.init(jax.random.key(1), x)
+    conv = nn.Conv(6, (model.patch, model.patch), strides=model.patch)
+    grid = conv.apply({"params": variables["params"]["embed"]}, x)  # the planted patch map
+    return model, variables, x, np.asarray(grid)
+
+
+def _reference_map(tokens: np.ndarray, prefix: int, h: int, w: int) -> np.ndarray:
+    """Slow reference: token prefix + i*w + j is position (i, j)."""
+    b, _, c = tokens.shape
+    out = np.zeros((b, h, w, c), tokens.dtype)
+    for i in range(h):
+        for j in range(w):
+            out[:, i, j] = tokens[:, prefix + i * w + j]
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape,prefix,suffix,declare",
+    [
+        ((16, 16, 3), 0, 0, True),  # no class token
+        ((16, 16, 3), 1, 0, True),  # class token
+        ((16, 16, 3), 5, 0, True),  # class + 4 registers
+        ((8, 20, 3), 1, 0, True),  # non-square input
+        ((16, 16, 3), 1, 0, False),  # inferred from the token count alone
+        ((8, 20, 3), 5, 0, False),  # non-square, count alone
+    ],
+)
+def test_inferred_layout_gives_the_patch_grid(shape, prefix, suffix, declare):
+    model, variables, x, grid = _setup(shape, prefix=prefix, suffix=suffix, declare_patch=declare)
+    tap = capture.make_tap(model, variables, ["tokens", "mix"], input_shape=shape)
+    out = jax.jit(tap.fn)(tap.variables, x)
+    h, w = shape[0] // 4, shape[1] // 4
+    assert tap.shapes == {"tokens": (h, w, 6), "mix": (h, w, 5)}
+    # Planted: the patch tokens at (i, j) are the patch embedding's output at (i, j).
+    np.testing.assert_array_equal(np.asarray(out["tokens"]), grid)
+    _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    mix = np.asarray(state["intermediates"]["mix"]["__call__"][0])
+    np.testing.assert_allclose(
+        np.asarray(out["mix"]), _reference_map(mix, prefix, h, w), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_named_layout_with_suffix_registers():
+    model, variables, x, grid = _setup((16, 16, 3), prefix=1, suffix=3)
+    # Inference would put all 4 extra tokens first: the user names the layout.
+    tap = capture.make_tap(
+        model, variables, ["tokens"], input_shape=(16, 16, 3), token_layout="1+4x4+3"
+    )
+    np.testing.assert_array_equal(np.asarray(tap.fn(tap.variables, x)["tokens"]), grid)
+    by_layer = capture.make_tap(
+        model,
+        variables,
+        ["tokens", "embed"],
+        input_shape=(16, 16, 3),
+        token_layout={"tokens": TokenLayout((4, 4), prefix=1, suffix=3)},
+    )
+    out = by_layer.fn(by_layer.variables, x)
+    np.testing.assert_array_equal(np.asarray(out["tokens"]), grid)
+    np.testing.assert_array_equal(np.asarray(out["embed"]), grid)  # a conv map is unchanged
+
+
+def test_model_declared_layout_wins_over_inference():
+    class Declared(Tokens):
+        def token_layout(self, input_shape):
+            return TokenLayout((input_shape[0] // 4, input_shape[1] // 4), prefix=1, suffix=2)
+
+    model = Declared(prefix=1, suffix=2)
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
+    variables = model.init(jax.random.key(1), x)
+    tap = capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3))
+    grid = nn.Conv(6, (4, 4), strides=4).apply({"params": variables["params"]["embed"]}, x)
+    np.testing.assert_array_equal(np.asarray(tap.fn(variables, x)["tokens"]), np.asarray(grid))
+
+
+def test_random_tokens_match_the_reference():
+    rng = np.random.default_rng(0)
+    for prefix, h, w in [(0, 3, 5), (1, 7, 7), (4, 2, 9)]:
+        t = rng.normal(size=(3, prefix + h * w + 2, 4)).astype(np.float32)
+        got = TokenLayout((h, w), prefix, 2).to_nhwc(jnp.asarray(t))
+        np.testing.assert_array_equal(np.asarray(got), _reference_map(t, prefix, h, w))
+
+
+def test_parse_and_text():
+    assert TokenLayout.parse("14x14") == TokenLayout((14, 14))
+    assert TokenLayout.parse("1+14x14") == TokenLayout((14, 14), prefix=1)
+    assert TokenLayout.parse(" 1 + 16x12 + 4 ") == TokenLayout((16, 12), 1, 4)
+    assert str(TokenLayout((16, 12), 1, 4)) == "1+16x12+4"
+    assert TokenLayout.parse(str(TokenLayout((3, 2), 5))).tokens == 11
+    with pytest.raises(ValueError, match="token_layout='14\\*14': expected"):
+        TokenLayout.parse("14*14")
+    with pytest.raises(ValueError, match="token_layout="):
+        TokenLayout((0, 3))
+
+
+def test_token_counts_that_fit_no_grid_are_refused():
+    # 8x20 input, no patch size: 5..0 patch tokens make no 2:5 grid.
+    with pytest.raises(capture.LayerNotFoundError, match="'t' has 5 tokens, which fit no patch"):
+        capture.infer_token_layout("t", 5, (8, 20, 3))
+    # The fewest extra tokens win: 50 tokens of a square input are 1 + 7x7.
+    assert capture.infer_token_layout("t", 50, (8, 8, 3)) == TokenLayout((7, 7), prefix=1)
+    with pytest.raises(capture.LayerNotFoundError, match="fewer than the 4x4 patches"):
+        capture.infer_token_layout("t", 10, (16, 16, 3), patch_size=4)
+    model, variables, _, _ = _setup((16, 16, 3), prefix=1)
+    with pytest.raises(
+        capture.LayerNotFoundError, match="'tokens' has 17 tokens, token_layout='16x16'"
+    ):
+        capture.make_tap(
+            model, variables, ["tokens"], input_shape=(16, 16, 3), token_layout="16x16"
+        )
+    with pytest.raises(capture.LayerNotFoundError, match="not requested: other"):
+        capture.make_tap(
+            model, variables, ["tokens"], input_shape=(16, 16, 3), token_layout={"other": "4x4"}
+        )
+    with pytest.raises(capture.LayerNotFoundError, match="'embed'.*not \\[tokens, channels\\]"):
+        capture.make_tap(
+            model, variables, ["embed"], input_shape=(16, 16, 3), token_layout={"embed": "4x4"}
+        )
+
+
+def test_extra_tokens_beyond_the_limit_need_a_named_layout():
+    # 9x9 patches after 18 tokens on a square input: no square grid within 16 extras.
+    with pytest.raises(capture.LayerNotFoundError, match="at most 16 class/register"):
+        capture.infer_token_layout("t", 18 + 81, (16, 16, 3))
+    assert capture.infer_token_layout("t", 99, (16, 16, 3), patch_size=(16, 16)).prefix == 98
+
+
+class NnxTokens(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Conv(3, 6, (4, 4), strides=4, rngs=rngs)
+        self.cls = nnx.Param(jax.random.normal(rngs.params(), (1, 1, 6)))
+        self.mix = nnx.Linear(6, 5, rngs=rngs)
+
+    def __call__(self, x):
+        y = self.embed(x)
+        b, h, w, c = y.shape
+        t = jnp.concatenate([jnp.tile(self.cls[...], (b, 1, 1)), y.reshape(b, h * w, c)], 1)
+        return self.mix(t)
+
+
+def test_nnx_token_layer():
+    model = NnxTokens(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (2, 12, 16, 3))
+    tap = capture.make_tap(model, None, ["mix"], input_shape=(12, 16, 3))
+    got = np.asarray(jax.jit(tap.fn)(tap.variables, x)["mix"])
+    want = model.mix(model.embed(x))  # the linear layer acts on each patch alone
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert tap.shapes["mix"] == (3, 4, 5)

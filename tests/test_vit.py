@@ -1,0 +1,249 @@
+"""ViT: parity with a torch (timm-layout) ViT, big_vision .npz loading, the NNX twin."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+
+from jaxdissect import capture
+from jaxdissect.models import checkpoint_io, npz_import, torch_import, vit, vit_nnx, zoo
+from jaxdissect.models import load as model_load
+from tests import torch_vit
+
+pytestmark = pytest.mark.xdist_group("vit")
+
+
+def _assert_close(actual, expected, what: str) -> None:
+    """Relative 1e-4 agreement, measured against the tensor's scale."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = float(np.abs(expected).max()) or 1.0
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * scale, err_msg=what)
+
+
+def _torch_run(model, x: np.ndarray, hooks: dict[str, str], grid: int, prefix: int):
+    """Logits and hooked outputs, token outputs read as [B, grid, grid, C] (prefix dropped)."""
+    modules = dict(model.named_modules())
+    got: dict[str, np.ndarray] = {}
+    handles = []
+    for key, name in hooks.items():
+
+        def hook(_m, _inp, out, key=key):
+            out = out.detach().numpy().copy()
+            if out.ndim == 4:
+                got[key] = out.transpose(0, 2, 3, 1)
+            else:
+                got[key] = out[:, prefix:].reshape(out.shape[0], grid, grid, out.shape[-1])
+
+        handles.append(modules[name].register_forward_hook(hook))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    for h in handles:
+        h.remove()
+    return logits, got
+
+
+def _check_parity(module, variables, reference, size: int, layers: dict[str, str], prefix: int):
+    x = np.random.default_rng(0).standard_normal((2, size, size, 3), np.float32)
+    grid = size // 16
+    want_logits, want = _torch_run(reference, x, layers, grid, prefix)
+    tap = capture.make_tap(module, variables, list(layers), input_shape=(size, size, 3))
+    with jax.default_matmul_precision("highest"):
+        logits = jax.jit(lambda v, x: module.apply(v, x))(variables, jnp.asarray(x))
+        got = jax.jit(tap.fn)(tap.variables, jnp.asarray(x))
+    for name, path in zip(tap.names, tap.layers, strict=True):
+        _assert_close(got[path], want[name], name)
+    _assert_close(logits, want_logits, "logits")
+
+
+TIMM_LAYERS = {
+    "stem": "patch_embed.proj",
+    "block0": "blocks.0",
+    "block5": "blocks.5",
+    "block11": "blocks.11",
+    "mlp11": "blocks.11.mlp.act",
+    "encoder_norm": "norm",
+}
+
+
+def test_timm_state_dict_parity_at_full_ti16_width(tmp_path):
+    """Ti/16 at 224, class token, exact GELU: a .pth read by the restricted importer."""
+    reference = torch_vit.randomize_(torch_vit.VisionTransformer(num_classes=10))
+    torch.save(reference.state_dict(), tmp_path / "vit.pth")
+    loaded = model_load.load(
+        "vit_ti16",
+        weights=str(tmp_path / "vit.pth"),
+        options={"num_classes": 10, "pool_type": "tok", "gelu_approximate": False},
+    )
+    _check_parity(loaded.module, loaded.variables, reference, 224, TIMM_LAYERS, prefix=1)
+
+
+def test_gap_and_tanh_gelu_parity():
+    """No class token (mean pooling), big_vision's tanh GELU, a 2-block Ti at 64 px."""
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(
+            img_size=64, depth=2, num_classes=7, class_token=False, approximate="tanh"
+        ),
+        seed=1,
+    )
+    model = vit.vit_ti16(num_classes=7, depth=2, image_size=64)
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    variables = model.import_state_dict(state, template)
+    layers = {"block0": "blocks.0", "block1": "blocks.1", "mlp0": "blocks.0.mlp.act"}
+    _check_parity(model, variables, reference, 64, layers, prefix=0)
+
+
+def _random_variables(model, size: int, seed: int = 0) -> dict:
+    """Random parameters everywhere (the head is zero-initialised otherwise)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.1).astype(np.float32), shapes)
+
+
+def _save_npz(path: pathlib.Path, params: dict, prefix: str = "") -> None:
+    flat = traverse_util.flatten_dict(params, sep="/")
+    np.savez(path, **{prefix + k: np.asarray(v) for k, v in flat.items()})
+
+
+SMALL = dict(depth=2, image_size=32, num_classes=5)
+
+
+def test_big_vision_npz_loads_directly(tmp_path):
+    model = vit.vit_ti16(pool_type="tok", **SMALL)
+    variables = _random_variables(model, 32)
+    _save_npz(tmp_path / "bv.npz", variables["params"])
+    loaded = model_load.load(
+        "vit_ti16", weights=str(tmp_path / "bv.npz"), options={"pool_type": "tok", **SMALL}
+    )
+    for a, b in zip(jax.tree.leaves(loaded.variables), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.input_spec.size == 32 and loaded.input_spec.scale == 1 / 127.5
+
+
+def test_old_big_vision_names_and_bfloat16(tmp_path):
+    """Pre-Linen numbering, posemb under Transformer/, [cls, patches] posemb, params/ prefix."""
+    model = vit.vit_ti16(pool_type="tok", **SMALL)
+    params = _random_variables(model, 32)["params"]
+    flat = traverse_util.flatten_dict(params, sep="/")
+    old = {}
+    for k, v in flat.items():
+        k = k.replace("LayerNorm_1", "LayerNorm_2").replace("MlpBlock_0", "MlpBlock_3")
+        old["params/" + k] = np.asarray(v)
+    cls_pos = np.full((1, 1, 192), 0.25, np.float32)
+    old["params/Transformer/posembed_input/pos_embedding"] = np.concatenate(
+        [cls_pos, old.pop("params/pos_embedding")], axis=1
+    )
+    old["params/cls"] = old["params/cls"] - cls_pos
+    # bfloat16 as big_vision stores it: 2-byte voids of the bits.
+    kernel = "params/Transformer/encoderblock_1/MlpBlock_3/Dense_1/kernel"
+    bits = (old[kernel].view(np.uint32) >> 16).astype(np.uint16)
+    old[kernel] = bits.view("V2")
+    np.savez(tmp_path / "old.npz", **old)
+    got = npz_import.load_npz_variables(tmp_path / "old.npz", {"params": params})["params"]
+    want = dict(flat)
+    want["Transformer/encoderblock_1/MlpBlock_0/Dense_1/kernel"] = checkpoint_io.widen_bfloat16(
+        bits
+    )
+    for k, v in traverse_util.flatten_dict(got, sep="/").items():
+        np.testing.assert_allclose(v, want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_npz_that_does_not_fit_lists_keys_and_the_option(tmp_path):
+    model = vit.vit_ti16(pool_type="tok", **SMALL)
+    _save_npz(tmp_path / "tok.npz", _random_variables(model, 32)["params"])
+    with pytest.raises(ValueError) as e:
+        model_load.load("vit_ti16", weights=str(tmp_path / "tok.npz"), options=SMALL)
+    msg = str(e.value)
+    assert "checkpoint keys with no model variable (1): ['cls']" in msg
+    assert "pool_type=tok" in msg
+    with pytest.raises(ValueError, match=r"head/kernel: checkpoint \(192, 5\) vs model \(192, 9\)"):
+        model_load.load(
+            "vit_ti16",
+            weights=str(tmp_path / "tok.npz"),
+            options={**SMALL, "pool_type": "tok", "num_classes": 9},
+        )
+    deeper = {**SMALL, "depth": 3, "pool_type": "tok"}
+    with pytest.raises(
+        ValueError, match=r"no checkpoint key \(16\): \['Transformer/encoderblock_2"
+    ):
+        model_load.load("vit_ti16", weights=str(tmp_path / "tok.npz"), options=deeper)
+
+
+def test_missing_npz_says_where_to_put_it():
+    with pytest.raises(FileNotFoundError, match="no such file; put the big_vision .npz"):
+        model_load.check_request("vit_ti16", "ckpt/none.npz")
+
+
+def test_npz_with_pickled_objects_is_refused_unread(tmp_path):
+    np.savez(tmp_path / "evil.npz", cls=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(checkpoint_io.CheckpointError, match="holds pickled objects"):
+        checkpoint_io.load_npz(tmp_path / "evil.npz")
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "evil.npz").read_bytes()[:40])
+    with pytest.raises(ValueError, match="^--weights: .*cut.npz: not a readable .npz"):
+        model_load.load("vit_ti16", weights=str(tmp_path / "cut.npz"), options=SMALL)
+
+
+def test_timm_keys_without_a_rule_are_named():
+    model = vit.vit_ti16(**SMALL)
+    reference = torch_vit.VisionTransformer(img_size=32, depth=2, num_classes=5)
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    state["reg_token"] = np.zeros((1, 4, 192), np.float32)
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    with pytest.raises(torch_import.WeightMappingError, match=r"\['cls', 'reg_token'\]"):
+        model.import_state_dict(state, template)
+
+
+def test_zoo_configs():
+    for arch, (width, heads, params_m) in {
+        "vit_ti16": (192, 3, 5.7),
+        "vit_s16": (384, 6, 22.1),
+        "vit_b16": (768, 12, 86.6),
+    }.items():
+        model = zoo.build(arch, pool_type="tok")
+        shapes = jax.eval_shape(
+            lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+        )
+        count = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+        assert (model.width, model.num_heads) == (width, heads)
+        assert round(count / 1e6, 1) == params_m, (arch, count)
+        assert model.default_layers[-1] == "block11"
+    with pytest.raises(ValueError, match="pool_type='map': one of gap, tok"):
+        vit.vit_ti16(pool_type="map")
+
+
+def test_nnx_twin_has_the_same_numbers():
+    model = vit.vit_ti16(pool_type="tok", **SMALL)
+    variables = _random_variables(model, 32)
+    twin = vit_nnx.from_linen(model, variables["params"])
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    # Jitted both: eager dispatch may split a dot product differently (1 ulp).
+    from flax import nnx
+
+    got = nnx.jit(lambda m, x: m(x))(twin, x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(model.apply)(variables, x)))
+    layers = ["stem", "block0", "mlp1", "Transformer/encoderblock_1/MultiHeadDotProductAttention_0"]
+    linen_tap = capture.make_tap(model, variables, layers, input_shape=(32, 32, 3))
+    nnx_tap = capture.make_tap(twin, None, layers, input_shape=(32, 32, 3))
+    assert linen_tap.layers == nnx_tap.layers and linen_tap.shapes == nnx_tap.shapes
+    a = jax.jit(linen_tap.fn)(linen_tap.variables, x)
+    b = jax.jit(nnx_tap.fn)(nnx_tap.variables, x)
+    for path in linen_tap.layers:
+        np.testing.assert_array_equal(np.asarray(a[path]), np.asarray(b[path]), err_msg=path)
+    with pytest.raises(ValueError, match="missing .*cls"):
+        vit_nnx.from_linen(model, _random_variables(vit.vit_ti16(**SMALL), 32)["params"])
+
+
+def test_split_head_outputs_are_refused():
+    """A query projection's [tokens, heads, head_dim] would pass for an [h, w, C] map."""
+    model = vit.vit_ti16(pool_type="tok", **SMALL)
+    variables = _random_variables(model, 32)
+    query = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query"
+    with pytest.raises(capture.LayerNotFoundError, match=r"\[5, 3, 64\]: \[tokens, heads"):
+        capture.make_tap(model, variables, [query], input_shape=(32, 32, 3))
+    tap = capture.make_tap(model, variables, ["stem"], input_shape=(32, 32, 3))
+    assert tap.shapes["embedding"] == (2, 2, 192)  # a real map of the same model passes
