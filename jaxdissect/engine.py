@@ -189,7 +189,10 @@ class Dissector:
     Pass 1 folds each layer's activations into its quantile statistic and its top
     images (with their maps, for the report) and fills the activation cache; pass 2
     thresholds and tallies, from the cache where it holds every batch. One
-    `driver.Forward` serves both passes (compiled once).
+    `driver.Forward` serves both passes (compiled once). Dissectors given the same
+    `steps` (`driver.Steps`) share compiled steps: the forward where the tap's `fn`,
+    input spec, activation dtype and mesh are the same, each pass's step where its
+    statistic's key is (same layers, shapes and settings of the step).
     """
 
     def __init__(
@@ -209,6 +212,7 @@ class Dissector:
         num_workers: int = 0,
         progress: bool = True,
         tally_method: str = "auto",
+        steps: driver.Steps | None = None,
     ):
         if tally_method not in tally.METHODS:
             raise ValueError(
@@ -241,7 +245,11 @@ class Dissector:
         self.data_key = source.fingerprint()
         self._cache_request, self._cache_budget = activation_cache, cache_budget_bytes
         self.cache: actcache.ActivationCache | None = None
-        self.forward = driver.Forward(tap.fn, input_spec, self.dtype, self.mesh)
+        self.steps = driver.Steps() if steps is None else steps
+        self.forward = self.steps.get(
+            ("forward", tap.fn, input_spec, self.dtype, self.mesh),
+            lambda: driver.Forward(tap.fn, input_spec, self.dtype, self.mesh),
+        )
 
     # ------------------------------------------------------------ keys
 
@@ -277,6 +285,7 @@ class Dissector:
             description=f"[{', '.join(self.tap.names)}]",
             num_threads=self.num_threads,
             num_workers=self.num_workers,
+            steps=self.steps,
             **kw,
         )
 
