@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import jax
@@ -190,9 +190,10 @@ class Dissector:
     images (with their maps, for the report) and fills the activation cache; pass 2
     thresholds and tallies, from the cache where it holds every batch. One
     `driver.Forward` serves both passes (compiled once). Dissectors given the same
-    `steps` (`driver.Steps`) share compiled steps: the forward where the tap's `fn`,
-    input spec, activation dtype and mesh are the same, each pass's step where its
-    statistic's key is (same layers, shapes and settings of the step).
+    `steps` (`driver.Steps`) share compiled steps: the forward where the tap's `fn` (or
+    the caller's `forward_key`: equal only for taps computing the same function of
+    (variables, images)), input spec, activation dtype and mesh are the same, and each
+    pass's step where its statistic's key is (same layers, shapes and step settings).
     """
 
     def __init__(
@@ -213,6 +214,7 @@ class Dissector:
         progress: bool = True,
         tally_method: str = "auto",
         steps: driver.Steps | None = None,
+        forward_key: Hashable | None = None,
     ):
         if tally_method not in tally.METHODS:
             raise ValueError(
@@ -247,7 +249,13 @@ class Dissector:
         self.cache: actcache.ActivationCache | None = None
         self.steps = driver.Steps() if steps is None else steps
         self.forward = self.steps.get(
-            ("forward", tap.fn, input_spec, self.dtype, self.mesh),
+            (
+                "forward",
+                tap.fn if forward_key is None else forward_key,
+                input_spec,
+                self.dtype,
+                self.mesh,
+            ),
             lambda: driver.Forward(tap.fn, input_spec, self.dtype, self.mesh),
         )
 

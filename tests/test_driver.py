@@ -197,3 +197,33 @@ def test_dissectors_sharing_steps_compile_once(tmp_path):
     for layer in tap.layers:
         for k, v in alone[layer].counts.items():
             np.testing.assert_array_equal(shared[layer].counts[k], v)
+
+
+def test_pipeline_dissections_of_one_architecture_compile_once(tmp_path):
+    from jaxdissect import pipeline
+
+    probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=9))
+    settings = engine.Settings(quantile=0.05, batch_size=8)
+    options = pipeline.Options(progress=False, report=False, num_threads=0)
+    steps = driver.Steps()
+
+    def dissect(seed: int, out: str) -> int:
+        model = _Net()  # a new module object each time, as a new checkpoint's load gives
+        variables = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
+        info = pipeline.ModelInfo(model, variables, SPEC, "net", f"net-{seed}")
+        return _backend_compiles(
+            lambda: pipeline.dissect(
+                info,
+                ["conv1"],
+                probe,
+                settings,
+                tmp_path / out,
+                dataset_name="tiny",
+                mesh=parallel.data_mesh(1),
+                options=options,
+                steps=steps,
+            )
+        )
+
+    assert dissect(0, "a") > 0
+    assert dissect(1, "b") == 0
