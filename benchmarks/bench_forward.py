@@ -1,0 +1,146 @@
+r"""The forward pass alone, JAX against PyTorch: same architecture, weights and images.
+
+The floor of a dissection is the network's forward pass. For each batch size and
+each XLA:CPU option set (`XLA_FLAGS`, one child process each), times the JAX model
+up to `--layer` (jitted, as the engine's forward) and the PyTorch reference
+(tests/torch_models.py, random weights imported with `torch_to_flax`) on the same
+in-memory batches (no loader), interleaved, best of `--repeats`; and checks that
+each option set leaves the layer's numbers as they are (largest difference to
+torch, relative to the layer's scale).
+
+  python benchmarks/bench_forward.py --batch_sizes 32,64 \
+      --xla_flags=",--xla_cpu_use_xnnpack=true"
+
+`--xla_flags` is a list of XLA_FLAGS values separated by `;` (the empty string: defaults).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/ (torch models)
+
+flags.DEFINE_string("arch", "resnet18", "resnet18, resnet34 or resnet50.")
+flags.DEFINE_string("layer", "layer4", "Layer the JAX forward captures (as the engine does).")
+flags.DEFINE_list("batch_sizes", ["32", "64"], "Batch sizes.")
+flags.DEFINE_string("xla_flags", "", "XLA_FLAGS values to compare, separated by ';'.")
+flags.DEFINE_integer("batches", 2, "Batches per timed run.")
+flags.DEFINE_integer("repeats", 3, "Timed runs of each (interleaved JAX, torch); best kept.")
+flags.DEFINE_bool("child", False, "Internal: one option set, print JSON.")
+FLAGS = flags.FLAGS
+
+_RESNETS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
+
+
+def _child() -> list[dict]:
+    import jax
+    import numpy as np
+    import torch
+
+    from jaxdissect import capture
+    from jaxdissect.models import load
+    from jaxdissect.models.torch_import import torch_to_flax
+    from tests import torch_models as tm
+
+    loaded = load.load(FLAGS.arch, weights=None)
+    block = tm.BasicBlock if FLAGS.arch in ("resnet18", "resnet34") else tm.Bottleneck
+    reference = tm.randomize_(tm.ResNet(block, _RESNETS[FLAGS.arch]))
+    state = {k: v.detach().numpy().copy() for k, v in reference.state_dict().items()}
+    variables = torch_to_flax(state, loaded.variables)
+    tap = capture.make_tap(
+        loaded.module,
+        variables,
+        [FLAGS.layer],
+        input_shape=(224, 224, 3),
+        apply_kwargs=loaded.apply_kwargs,
+    )
+    path = tap.layers[0]
+    fwd = jax.jit(lambda v, x: tap.fn(v, x)[path])
+    captured = {}
+    getattr(reference, FLAGS.layer).register_forward_hook(
+        lambda m, i, o: captured.__setitem__("out", o)
+    )
+    rows = []
+    for batch in (int(b) for b in FLAGS.batch_sizes):
+        rng = np.random.default_rng(batch)
+        xs = [rng.standard_normal((batch, 224, 224, 3), np.float32) for _ in range(FLAGS.batches)]
+        xs_jax = [jax.device_put(x) for x in xs]
+        xs_torch = [torch.from_numpy(x).permute(0, 3, 1, 2).contiguous() for x in xs]
+        got = np.asarray(fwd(variables, xs_jax[0]))  # compiles
+        with torch.inference_mode():
+            reference(xs_torch[0])
+        expected = captured["out"].permute(0, 2, 3, 1).numpy()
+        diff = float(np.abs(got - expected).max() / np.abs(expected).max())
+
+        def run_jax(xs_jax=xs_jax):
+            t = time.perf_counter()
+            out = [fwd(variables, x) for x in xs_jax]
+            jax.block_until_ready(out)
+            return time.perf_counter() - t
+
+        def run_torch(xs_torch=xs_torch):
+            t = time.perf_counter()
+            with torch.inference_mode():
+                for x in xs_torch:
+                    reference(x)
+            return time.perf_counter() - t
+
+        t_jax, t_torch = float("inf"), float("inf")
+        for _ in range(FLAGS.repeats):
+            t_jax = min(t_jax, run_jax())
+            t_torch = min(t_torch, run_torch())
+        n = batch * FLAGS.batches
+        rows.append(
+            {
+                "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                "batch": batch,
+                "jax_img_s": n / t_jax,
+                "torch_img_s": n / t_torch,
+                "jax_over_torch_time": t_jax / t_torch,
+                "max_rel_diff": diff,
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    return rows
+
+
+def main(argv):
+    del argv
+    if FLAGS.child:
+        print("RESULT " + json.dumps(_child()), flush=True)
+        return
+    rows = []
+    for value in FLAGS.xla_flags.split(";"):
+        env = {**os.environ, "XLA_FLAGS": value.strip()}
+        args = [a for a in sys.argv[1:] if not a.startswith("--xla_flags")]
+        cmd = [sys.executable, __file__, "--child", *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            print(f"XLA_FLAGS={value.strip()!r}: failed\n{out.stderr[-1500:]}", file=sys.stderr)
+            continue
+        for row in json.loads(line[0][7:]):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{FLAGS.arch} up to {FLAGS.layer} at 224, in-memory batches, best of {FLAGS.repeats}")
+    print(
+        f"{'XLA_FLAGS':<60} {'batch':>5} {'jax img/s':>10} {'torch img/s':>12} "
+        f"{'jax/torch time':>15} {'max rel diff':>13}"
+    )
+    for r in rows:
+        print(
+            f"{r['xla_flags'] or '(defaults)':<60} {r['batch']:>5} {r['jax_img_s']:>10.1f} "
+            f"{r['torch_img_s']:>12.1f} {r['jax_over_torch_time']:>15.2f} "
+            f"{r['max_rel_diff']:>13.1e}"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
