@@ -12,6 +12,8 @@ torch, relative to the layer's scale).
       --xla_flags=",--xla_cpu_use_xnnpack=true"
 
 `--xla_flags` is a list of XLA_FLAGS values separated by `;` (the empty string: defaults).
+`--convs` adds single convolutions of ResNet-18's shapes (batch = each batch size) in
+both of `lax.conv_general_dilated`'s layouts (NHWC/HWIO as Flax, NCHW/OIHW as torch).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ flags.DEFINE_list("batch_sizes", ["32", "64"], "Batch sizes.")
 flags.DEFINE_string("xla_flags", "", "XLA_FLAGS values to compare, separated by ';'.")
 flags.DEFINE_integer("batches", 2, "Batches per timed run.")
 flags.DEFINE_integer("repeats", 3, "Timed runs of each (interleaved JAX, torch); best kept.")
+flags.DEFINE_bool(
+    "convs", False, "Also time ResNet-18's convolution shapes alone: JAX NHWC, NCHW, torch."
+)
 flags.DEFINE_bool("child", False, "Internal: one option set, print JSON.")
 FLAGS = flags.FLAGS
 
@@ -108,6 +113,78 @@ def _child() -> list[dict]:
                 "torch_threads": torch.get_num_threads(),
             }
         )
+    if FLAGS.convs:
+        rows += _convs()
+    return rows
+
+
+# (name, input size, in channels, out channels, kernel, stride) of ResNet-18's convolutions.
+_CONVS = (
+    ("conv1 7x7/2", 224, 3, 64, 7, 2),
+    ("layer1 3x3", 56, 64, 64, 3, 1),
+    ("layer2 3x3", 28, 128, 128, 3, 1),
+    ("layer3 3x3", 14, 256, 256, 3, 1),
+    ("layer4 3x3", 7, 512, 512, 3, 1),
+)
+
+
+def _convs() -> list[dict]:
+    import jax
+    import numpy as np
+    import torch
+
+    rows = []
+    for batch in (int(b) for b in FLAGS.batch_sizes):
+        for name, size, cin, cout, k, stride in _CONVS:
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal((batch, size, size, cin), np.float32)
+            w = rng.standard_normal((k, k, cin, cout), np.float32)
+            pad = ((k // 2, k // 2), (k // 2, k // 2))
+            times = {}
+            outs = {}
+            for layout, dims, xs, ws in (
+                ("NHWC", ("NHWC", "HWIO", "NHWC"), x, w),
+                (
+                    "NCHW",
+                    ("NCHW", "OIHW", "NCHW"),
+                    x.transpose(0, 3, 1, 2),
+                    w.transpose(3, 2, 0, 1),
+                ),
+            ):
+                f = jax.jit(
+                    lambda a, b, d=dims, s=stride, p=pad: jax.lax.conv_general_dilated(
+                        a, b, (s, s), p, dimension_numbers=d
+                    )
+                )
+                a, b = jax.device_put(xs), jax.device_put(ws)
+                out = np.asarray(f(a, b))
+                outs[layout] = out if layout == "NHWC" else out.transpose(0, 2, 3, 1)
+                best = float("inf")
+                for _ in range(FLAGS.repeats):
+                    t = time.perf_counter()
+                    f(a, b).block_until_ready()
+                    best = min(best, time.perf_counter() - t)
+                times[layout] = best
+            xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+            wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy())
+            best = float("inf")
+            with torch.inference_mode():
+                for _ in range(FLAGS.repeats + 1):
+                    t = time.perf_counter()
+                    torch.nn.functional.conv2d(xt, wt, stride=stride, padding=k // 2)
+                    best = min(best, time.perf_counter() - t)
+            diff = float(np.abs(outs["NCHW"] - outs["NHWC"]).max() / np.abs(outs["NHWC"]).max())
+            rows.append(
+                {
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "conv": name,
+                    "batch": batch,
+                    "nhwc_ms": 1e3 * times["NHWC"],
+                    "nchw_ms": 1e3 * times["NCHW"],
+                    "torch_ms": 1e3 * best,
+                    "layout_rel_diff": diff,
+                }
+            )
     return rows
 
 
@@ -134,11 +211,24 @@ def main(argv):
         f"{'XLA_FLAGS':<60} {'batch':>5} {'jax img/s':>10} {'torch img/s':>12} "
         f"{'jax/torch time':>15} {'max rel diff':>13}"
     )
-    for r in rows:
+    for r in (r for r in rows if "conv" not in r):
         print(
             f"{r['xla_flags'] or '(defaults)':<60} {r['batch']:>5} {r['jax_img_s']:>10.1f} "
             f"{r['torch_img_s']:>12.1f} {r['jax_over_torch_time']:>15.2f} "
             f"{r['max_rel_diff']:>13.1e}"
+        )
+
+    convs = [r for r in rows if "conv" in r]
+    if convs:
+        print(
+            f"\n{'XLA_FLAGS':<40} {'conv':<12} {'batch':>5} {'NHWC ms':>8} {'NCHW ms':>8} "
+            f"{'torch ms':>9} {'NCHW/NHWC max rel diff':>23}"
+        )
+    for r in convs:
+        print(
+            f"{r['xla_flags'] or '(defaults)':<40} {r['conv']:<12} {r['batch']:>5} "
+            f"{r['nhwc_ms']:>8.1f} {r['nchw_ms']:>8.1f} {r['torch_ms']:>9.1f} "
+            f"{r['layout_rel_diff']:>23.1e}"
         )
 
 
