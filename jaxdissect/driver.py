@@ -57,9 +57,6 @@ class Steps:
             self._built[key] = build()
         return self._built[key]
 
-    def __len__(self) -> int:
-        return len(self._built)
-
 
 def partial_shard_map(f: Callable, **kwargs) -> Callable:
     """`jax.shard_map` for per-device steps without collectives.
