@@ -1,38 +1,60 @@
-r"""Speed and memory of the whole dissection against a forward pass alone.
+r"""Speed and memory of the whole dissection against a forward pass alone, in JAX and PyTorch.
 
-For a ResNet-18 (random weights: speed does not depend on them) at 224 on a
-synthetic Broden, in one process per data size:
-  - forward: the network over every image (loader included), capturing the layer;
-  - dissection: both passes (sketch thresholds, top images, exact IoU tally);
-  - their ratio, images/s, and the peak host memory (ru_maxrss) of the process.
-Sizes N, 2N, 4N show whether memory grows with the data (it must not, apart
-from the activation cache: `auto` by default, as in dissect.py; `none` makes
-pass 2 run the network again). Peak RSS is read after the data is opened, after
-the forward pass and after the dissection, so that growth can be placed.
+One process per data size, on a synthetic Broden at 224:
+  - forward: the network over every image (loader included), capturing the layers,
+    first run (compiling) and second run (steady state);
+  - torch forward: the same architecture and weights in PyTorch over the same
+    batches from the same loader (`--torch`; the references of tests/torch_models*.py,
+    with the full network's head: a few % of the work);
+  - dissection: both passes (thresholds, top images, exact IoU tally), and with
+    `--report` everything `experiments/dissect.py` does after loading (results,
+    tally.csv, report); a first Dissector (compiling every step) and a second one
+    sharing its compiled steps (`driver.Steps`): the difference is the compile cost;
+  - ratios: JAX forward / torch forward, dissection / JAX forward and / torch forward;
+  - peak host memory (ru_maxrss) after the data is opened, after the forward passes
+    and at the end, so that growth can be placed.
+Sizes N, 2N, 4N show whether cost per image and memory grow with the data (memory
+must not, apart from the activation cache: `auto` by default, as in dissect.py;
+`none` makes pass 2 run the network again).
 
-  python benchmarks/bench_engine.py --num_images 256 --batch_size 32 --layers layer4
+  python benchmarks/bench_engine.py --num_images 256                  # ResNet-18 layer4
+  python benchmarks/bench_engine.py --arch efficientnet_lite0 --weights pretrained \
+      --report --num_images 600 --multiples 1                         # the main job
 
-Prints one line per size, a summary table, and the marginal cost between
-consecutive sizes (what a further image costs once compilation and set-up are
-paid: the figure that scales to a full Broden).
+ResNets get random weights (speed does not depend on them) drawn in torch and
+imported; `--weights pretrained` is EfficientNet-Lite0's shipped ImageNet weights.
+`--layers` defaults to the model's default layers (ResNet: layer4; Lite0 the five
+of the main job). Prints one line per size, a summary table, and the marginal cost
+between consecutive sizes (what a further image costs once compilation and set-up
+are paid: the figure that scales to a full Broden).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/ (torch models)
 
 flags.DEFINE_integer("num_images", 256, "Images of the smallest run (runs N, 2N, 4N).")
 flags.DEFINE_list("multiples", ["1", "2", "4"], "Data sizes as multiples of --num_images.")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_string("arch", "resnet18", "Architecture of models/zoo.")
-flags.DEFINE_list("layers", ["layer4"], "Layers to dissect.")
+flags.DEFINE_enum("weights", "random", ["random", "pretrained"], "Weights (pretrained: Lite0).")
+flags.DEFINE_list("layers", [], "Layers to dissect (default: the model's default layers).")
+flags.DEFINE_bool("report", False, "Time the whole pipeline.dissect: results and report too.")
+flags.DEFINE_integer(
+    "repeats", 2, "Steady-state runs of each forward and dissection; the best is kept."
+)
+flags.DEFINE_bool("torch", True, "Time the PyTorch forward of the same weights and images.")
 flags.DEFINE_enum(
     "activation_cache",
     "auto",
@@ -48,57 +70,147 @@ flags.DEFINE_string("cache_dir", "~/.cache/jaxdissect/bench_engine", "Synthetic 
 flags.DEFINE_bool("child", False, "Internal: run one size and print JSON.")
 FLAGS = flags.FLAGS
 
+_RESNETS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _models():
+    """(LoadedModel with the torch reference's weights, torch reference in eval mode)."""
+    from jaxdissect.models import load
+
+    if FLAGS.weights == "pretrained":
+        from jaxdissect.models.checkpoint_io import load_state_dict
+        from jaxdissect.models.efficientnet_lite import PRETRAINED_FILE, PRETRAINED_PACKAGE
+
+        loaded = load.load(FLAGS.arch, weights="pretrained")
+        if not FLAGS.torch:
+            return loaded, None
+        import importlib.resources
+
+        import torch
+
+        from tests import torch_models_b
+
+        reference = torch_models_b.EfficientNetLite0()
+        resource_file = importlib.resources.files(PRETRAINED_PACKAGE).joinpath(PRETRAINED_FILE)
+        with importlib.resources.as_file(resource_file) as path:
+            state = {k: torch.from_numpy(v) for k, v in load_state_dict(path).items()}
+        reference.load_state_dict(state, strict=True)
+        return loaded, reference.eval()
+    import dataclasses
+
+    loaded = load.load(FLAGS.arch, weights=None)
+    if FLAGS.arch not in _RESNETS:
+        if FLAGS.torch:
+            raise SystemExit(f"--arch={FLAGS.arch}: no torch reference here; use --notorch")
+        return loaded, None
+    from jaxdissect.models.torch_import import torch_to_flax
+    from tests import torch_models as tm
+
+    block = tm.BasicBlock if FLAGS.arch in ("resnet18", "resnet34") else tm.Bottleneck
+    reference = tm.randomize_(tm.ResNet(block, _RESNETS[FLAGS.arch]))
+    state = {k: v.detach().numpy().copy() for k, v in reference.state_dict().items()}
+    variables = torch_to_flax(state, loaded.variables)
+    return dataclasses.replace(loaded, variables=variables), reference
 
 
 def _child() -> dict:
     import jax
     import numpy as np
 
-    from jaxdissect import capture, engine, parallel
+    from jaxdissect import capture, driver, engine, parallel, pipeline
+    from jaxdissect.cli import model_info
     from jaxdissect.data import loader, open_probe
-    from jaxdissect.models import load
 
-    source, _ = open_probe(
+    source, dataset_name = open_probe(
         "synthetic",
         synthetic_images=FLAGS.num_images,
         cache_dir=os.path.expanduser(FLAGS.cache_dir),
     )
     rss_data = _peak_rss_mb()
-    model = load.load(FLAGS.arch, weights=None)
+    model, reference = _models()
+    layers = FLAGS.layers or list(model.default_layers)
     spec = model.input_spec
     tap = capture.make_tap(
         model.module,
         model.variables,
-        FLAGS.layers,
+        layers,
         input_shape=(spec.size, spec.size, 3),
         apply_kwargs=model.apply_kwargs,
     )
     mesh = parallel.data_mesh()
     settings = engine.Settings(batch_size=FLAGS.batch_size, quantile_mode=FLAGS.quantile_mode)
+    fields = engine._Fields(source, images=True, labels=False)
+
+    def batches():
+        return loader.batches(fields, FLAGS.batch_size, num_workers=FLAGS.loader_workers)
 
     # Forward alone over the same data, loader included (the pass-1 reading path).
     fwd = jax.jit(lambda v, x: tap.fn(v, spec(x)))
     variables = parallel.replicate(tap.variables, mesh)
-    fields = engine._Fields(source, images=True, labels=False)
 
     def forward_pass() -> float:
         t = time.perf_counter()
         out = None
         in_flight = parallel.InFlight()  # as the engine's loop: 2 batches in flight
-        for batch in loader.batches(fields, FLAGS.batch_size, num_workers=FLAGS.loader_workers):
+        for batch in batches():
             out = fwd(variables, parallel.put_batch({"x": batch["image"]}, mesh)["x"])
             in_flight.add(out)
         jax.block_until_ready(out)
         return time.perf_counter() - t
 
-    forward_pass()  # compile
-    t_forward = forward_pass()
+    t_forward_first = forward_pass()
+    torch_pass = None
+    if reference is not None:
+        import torch
+
+        mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+        def torch_pass() -> float:
+            t = time.perf_counter()
+            with torch.inference_mode():
+                for batch in batches():
+                    x = torch.from_numpy(np.asarray(batch["image"])).permute(0, 3, 1, 2)
+                    reference((x.float() * spec.scale - mean) / std)
+            return time.perf_counter() - t
+
+        with torch.inference_mode():  # warm-up (one batch): allocator, kernels chosen
+            reference(torch.zeros(FLAGS.batch_size, 3, spec.size, spec.size))
+    # Interleaved, best of --repeats: the machine is shared, load comes and goes.
+    t_forward, t_torch = float("inf"), float("inf") if torch_pass else float("nan")
+    for _ in range(FLAGS.repeats):
+        t_forward = min(t_forward, forward_pass())
+        if torch_pass:
+            t_torch = min(t_torch, torch_pass())
     rss_forward = _peak_rss_mb()
 
+    steps = driver.Steps()  # shared: the second dissection compiles nothing
+
     def dissect() -> tuple[float, dict]:
+        if FLAGS.report:
+            with tempfile.TemporaryDirectory() as out:
+                t = time.perf_counter()
+                pipeline.dissect(
+                    model_info(model),
+                    layers,
+                    source,
+                    settings,
+                    out,
+                    dataset_name=dataset_name,
+                    mesh=mesh,
+                    options=pipeline.Options(
+                        activation_cache=FLAGS.activation_cache,
+                        progress=False,
+                        tally_method=FLAGS.tally_method,
+                        num_workers=FLAGS.loader_workers,
+                    ),
+                    steps=steps,
+                )
+                return time.perf_counter() - t, {}
         d = engine.Dissector(
             tap,
             source,
@@ -110,25 +222,38 @@ def _child() -> dict:
             progress=False,
             tally_method=FLAGS.tally_method,
             num_workers=FLAGS.loader_workers,
+            steps=steps,
         )
         t = time.perf_counter()
         d.run(tap.variables)
         return time.perf_counter() - t, d.timings
 
-    dissect()  # compile
-    t_dissect, timings = dissect()
+    t_dissect_first, _ = dissect()
+    t_dissect, timings = float("inf"), {}
+    for _ in range(FLAGS.repeats):
+        t, tm = dissect()
+        if t < t_dissect:
+            t_dissect, timings = t, tm
     n = len(source)
     return {
         "images": n,
         "devices": int(mesh.devices.size),
         "platform": jax.devices()[0].platform,
+        "layers": layers,
+        "forward_first_s": t_forward_first,
         "forward_s": t_forward,
+        "torch_forward_s": t_torch,
+        "dissect_first_s": t_dissect_first,
         "dissect_s": t_dissect,
-        "pass1_s": timings["pass1_s"],
-        "pass2_s": timings["pass2_s"],
+        "pass1_s": timings.get("pass1_s", float("nan")),
+        "pass2_s": timings.get("pass2_s", float("nan")),
         "forward_img_s": n / t_forward,
+        "torch_img_s": n / t_torch,
         "dissect_img_s": n / t_dissect,
         "ratio": t_dissect / t_forward,
+        "jax_vs_torch": t_forward / t_torch,
+        "dissect_vs_torch": t_dissect / t_torch,
+        "compile_share_first": (t_dissect_first - t_dissect) / t_dissect_first,
         "peak_rss_mb": _peak_rss_mb(),
         "rss_after_data_mb": rss_data,
         "rss_after_forward_mb": rss_forward,
@@ -156,8 +281,10 @@ def main(argv):
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(
-        f"\n{FLAGS.arch} {','.join(FLAGS.layers)} at 224, batch {FLAGS.batch_size}, "
-        f"cache={FLAGS.activation_cache}, tally={FLAGS.tally_method}, loader_workers={FLAGS.loader_workers}, {rows[0]['devices']} {rows[0]['platform']} device(s)"
+        f"\n{FLAGS.arch} ({FLAGS.weights}) {','.join(rows[0]['layers'])} at 224, "
+        f"batch {FLAGS.batch_size}, report={FLAGS.report}, cache={FLAGS.activation_cache}, "
+        f"tally={FLAGS.tally_method}, loader_workers={FLAGS.loader_workers}, "
+        f"{rows[0]['devices']} {rows[0]['platform']} device(s)"
     )
     print(
         f"{'images':>7} {'forward img/s':>14} {'dissect img/s':>14} {'pass1 s':>8} "
@@ -170,16 +297,32 @@ def main(argv):
             f"{r['rss_after_data_mb']:>16.0f} / {r['rss_after_forward_mb']:>5.0f} / "
             f"{r['peak_rss_mb']:>5.0f}"
         )
-    # Fixed costs (compiling both passes' steps, setting up) weigh on small runs; the
+    print(
+        f"\n{'images':>7} {'torch img/s':>12} {'jax fwd / torch':>16} {'dissect / torch':>16} "
+        f"{'forward 1st / 2nd s':>20} {'dissect 1st / 2nd s':>20} {'compile share':>14}"
+    )
+    for r in rows:
+        print(
+            f"{r['images']:>7} {r['torch_img_s']:>12.1f} {r['jax_vs_torch']:>16.2f} "
+            f"{r['dissect_vs_torch']:>16.2f} "
+            f"{r['forward_first_s']:>9.1f} / {r['forward_s']:>8.1f} "
+            f"{r['dissect_first_s']:>9.1f} / {r['dissect_s']:>8.1f} "
+            f"{r['compile_share_first']:>14.2f}"
+        )
+    # Fixed costs (setting up, and compiling for the first runs) weigh on small runs; the
     # difference between two sizes is what each further image costs.
     for a, b in zip(rows, rows[1:], strict=False):
         extra = b["images"] - a["images"]
         fwd = extra / (b["forward_s"] - a["forward_s"])
         dis = extra / (b["dissect_s"] - a["dissect_s"])
-        print(
+        line = (
             f"marginal {a['images']}->{b['images']} images: forward {fwd:.1f} img/s, "
             f"dissection {dis:.1f} img/s, ratio {fwd / dis:.2f}"
         )
+        if FLAGS.torch:
+            tor = extra / (b["torch_forward_s"] - a["torch_forward_s"])
+            line += f"; torch forward {tor:.1f} img/s, dissection / torch {tor / dis:.2f}"
+        print(line)
 
 
 if __name__ == "__main__":

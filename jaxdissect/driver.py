@@ -10,14 +10,19 @@ the steps in flight, checkpoints the state with orbax every N batches (a killed
 pass resumes where it stopped and ends identical), shows progress, and stores a
 finished stage's outputs under their keys (`stage_outputs`). It knows nothing of
 what a statistic computes: a new statistic or a third pass adds no code here.
+
+Compiled steps live in a `Steps` cache owned by the caller: passes and Dissectors
+given the same cache reuse one jitted function per statistic key (and per
+forward), so `jax.jit`'s own executable cache serves them all; a process compiles
+each (model, layers, batch shape) once.
 """
 
 from __future__ import annotations
 
 import pathlib
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +36,26 @@ from jaxdissect.data import loader
 from jaxdissect.preprocess import InputSpec
 
 CACHE_MODES = (None, "write", "read")
+_T = TypeVar("_T")
+
+
+class Steps:
+    """Jitted steps by key, owned by the caller and shared by every pass given it.
+
+    A key must name everything the built step closes over; `jax.jit` then keeps one
+    executable per argument signature of that one function object. Key None: built
+    anew each time (nothing shared).
+    """
+
+    def __init__(self):
+        self._built: dict[Hashable, Any] = {}
+
+    def get(self, key: Hashable | None, build: Callable[[], _T]) -> _T:
+        if key is None:
+            return build()
+        if key not in self._built:
+            self._built[key] = build()
+        return self._built[key]
 
 
 def partial_shard_map(f: Callable, **kwargs) -> Callable:
@@ -115,6 +140,7 @@ def run_pass(
     description: str = "",
     num_threads: int | None = None,
     num_workers: int = 0,
+    steps: Steps | None = None,
 ) -> dict[str, Any]:
     """Fold every batch of `source` into `statistic`; return its finalized, merged result.
 
@@ -130,6 +156,7 @@ def run_pass(
       checkpoint_dir: where the pass's state is checkpointed every
         `checkpoint_every` batches and resumed from (None: no checkpoints). Its name
         must be a key of everything the state depends on.
+      steps: compiled steps to reuse and add to (None: compiled for this pass alone).
     """
     if cache_mode not in CACHE_MODES:
         raise ValueError(f"cache_mode={cache_mode!r}; allowed values: write, read, None")
@@ -149,7 +176,15 @@ def run_pass(
         cache.resume_at(start)
     if forward is not None:
         variables = parallel.replicate(variables, mesh)
-    step = update_step(statistic, mesh)
+    steps = Steps() if steps is None else steps
+    step = steps.get(
+        None if statistic.key is None else ("update", statistic.key, mesh),
+        lambda: update_step(statistic, mesh),
+    )
+    # The merge is a static argument of a jitted reduction: one function object per key.
+    merge = steps.get(
+        None if statistic.key is None else ("merge", statistic.key), lambda: statistic.merge
+    )
 
     def before_checkpoint():
         # Cached rows must be on disk before a checkpoint says they were computed.
@@ -198,7 +233,7 @@ def run_pass(
         before_checkpoint()
         ckpt.maybe_save(num_batches, state, force=True)
         ckpt.close()
-    merged = statistics.merge_devices(statistic.merge, parallel.gather_to_host(state))
+    merged = statistics.merge_devices(merge, parallel.gather_to_host(state))
     return statistic.finalize(jax.device_get(merged))
 
 
@@ -255,4 +290,4 @@ class _Bar:
             self.bar.close()
 
 
-__all__ = ["CACHE_MODES", "Forward", "partial_shard_map", "run_pass", "stage_outputs"]
+__all__ = ["CACHE_MODES", "Forward", "Steps", "partial_shard_map", "run_pass", "stage_outputs"]

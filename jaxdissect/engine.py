@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import jax
@@ -199,7 +199,11 @@ class Dissector:
     Pass 1 folds each layer's activations into its quantile statistic and its top
     images (with their maps, for the report) and fills the activation cache; pass 2
     thresholds and tallies, from the cache where it holds every batch. One
-    `driver.Forward` serves both passes (compiled once).
+    `driver.Forward` serves both passes (compiled once). Dissectors given the same
+    `steps` (`driver.Steps`) share compiled steps: the forward where the tap's `fn` (or
+    the caller's `forward_key`: equal only for taps computing the same function of
+    (variables, images)), input spec, activation dtype and mesh are the same, and each
+    pass's step where its statistic's key is (same layers, shapes and step settings).
     """
 
     def __init__(
@@ -220,6 +224,8 @@ class Dissector:
         progress: bool = True,
         tally_method: str = "auto",
         check_labels: bool = False,
+        steps: driver.Steps | None = None,
+        forward_key: Hashable | None = None,
     ):
         if tally_method not in tally.METHODS:
             raise ValueError(
@@ -253,7 +259,17 @@ class Dissector:
         self.data_key = source.fingerprint()
         self._cache_request, self._cache_budget = activation_cache, cache_budget_bytes
         self.cache: actcache.ActivationCache | None = None
-        self.forward = driver.Forward(tap.fn, input_spec, self.dtype, self.mesh)
+        self.steps = driver.Steps() if steps is None else steps
+        self.forward = self.steps.get(
+            (
+                "forward",
+                tap.fn if forward_key is None else forward_key,
+                input_spec,
+                self.dtype,
+                self.mesh,
+            ),
+            lambda: driver.Forward(tap.fn, input_spec, self.dtype, self.mesh),
+        )
 
     # ------------------------------------------------------------ keys
 
@@ -289,6 +305,7 @@ class Dissector:
             description=f"[{', '.join(self.tap.names)}]",
             num_threads=self.num_threads,
             num_workers=self.num_workers,
+            steps=self.steps,
             **kw,
         )
 

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from jaxdissect import actcache, capture, config, engine, results, store, tally
+from jaxdissect import actcache, capture, config, driver, engine, results, store, tally
 from jaxdissect.preprocess import InputSpec
 from jaxdissect.report import build as report_build
 
@@ -88,6 +88,22 @@ class Options:
             raise ValueError(f"num_workers={self.num_workers}: must be >= 0")
 
 
+def _forward_key(model: ModelInfo, tap: capture.Tap) -> Any:
+    """What makes two taps one function of (variables, images): a Linen module compares
+    by its fields; anything else (None) is keyed by the tap's own function."""
+    import flax.linen as nn
+
+    if not isinstance(model.module, nn.Module):
+        return None
+    try:
+        kwargs = tuple(sorted(model.apply_kwargs.items()))
+        key = (model.module, tap.layers, kwargs)
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def dissect(
     model: ModelInfo,
     layers: Sequence[str] | str,
@@ -98,8 +114,12 @@ def dissect(
     dataset_name: str,
     mesh: jax.sharding.Mesh | None = None,
     options: Options = Options(),
+    steps: driver.Steps | None = None,
 ) -> list[results.LayerResult]:
-    """Dissect `layers` of `model` on `source`; write results and report to `output_dir`."""
+    """Dissect `layers` of `model` on `source`; write results and report to `output_dir`.
+
+    steps: compiled steps shared with other dissections of this process (`driver.Steps`).
+    """
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = model.input_spec
@@ -137,6 +157,8 @@ def dissect(
         progress=options.progress,
         tally_method=options.tally_method,
         check_labels=options.check_labels,
+        steps=steps,
+        forward_key=_forward_key(model, tap),
     )
     t0 = time.time()
     stats = dissector.run(tap.variables)

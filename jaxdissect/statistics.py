@@ -15,14 +15,17 @@ transformations:
 - `finalize(state) -> {name: numpy array}`: host side, what the pass stores.
 
 Constants a statistic needs (a pass-2 tally's thresholds) live in its state, so a
-statistic is self-contained and a driver needs to know nothing about it. `group`
+statistic is self-contained and a driver needs to know nothing about it. A
+statistic's `key` names everything its `update` and `merge` close over (layer,
+mode, label space...): statistics with equal keys compute the same function of
+(state, batch), so a driver may reuse one compiled step for all of them. `group`
 makes one statistic of several (a dict state); adding a statistic to a pass, or a
 pass to a dissection, touches no driver code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -41,12 +44,21 @@ class NonFiniteActivationError(ValueError):
 
 
 class Statistic(NamedTuple):
-    """A mergeable streaming statistic (see the module docstring)."""
+    """A mergeable streaming statistic (see the module docstring).
+
+    key: hashable, equal only for statistics whose `update` and `merge` are the same
+      functions of their arguments; None (a statistic built ad hoc): never shared.
+    """
 
     init: Callable[[int], State]
     update: Callable[[State, Batch], State]
     merge: Callable[[State, State], State]
     finalize: Callable[[State], dict[str, np.ndarray]]
+    key: Hashable | None = None
+
+
+def _size_key(size: tuple[int, int] | None) -> tuple[int, ...] | None:
+    return None if size is None else tuple(int(n) for n in size)
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -108,7 +120,9 @@ def group(statistics: Mapping[str, Statistic]) -> Statistic:
     def finalize(state: dict[str, State]) -> dict[str, Any]:
         return {name: s.finalize(state[name]) for name, s in stats.items()}
 
-    return Statistic(init, update, merge, finalize)
+    keys = tuple((name, s.key) for name, s in stats.items())
+    key = None if any(k is None for _, k in keys) else ("group", keys)
+    return Statistic(init, update, merge, finalize, key)
 
 
 # ----------------------------------------------------------------------------- pass 1
@@ -185,7 +199,8 @@ def quantile_statistic(
             thresholds = quantiles.sketch_threshold(state, q)
         return {"thresholds": np.asarray(thresholds, np.float32)}
 
-    return Statistic(init, update, merge, finalize)
+    key = ("quantile", layer, num_units, mode, _size_key(upsample_to))
+    return Statistic(init, update, merge, finalize, key)
 
 
 def top_images_statistic(
@@ -210,7 +225,8 @@ def top_images_statistic(
             out["top_maps"] = np.asarray(state.maps, np.float32)
         return out
 
-    return Statistic(init, update, topimages.merge, finalize)
+    key = ("top_images", layer, num_units, k, _size_key(map_size))
+    return Statistic(init, update, topimages.merge, finalize, key)
 
 
 # ----------------------------------------------------------------------------- pass 2
@@ -264,7 +280,8 @@ def tally_statistic(
     def finalize(state):
         return tally.tally_to_numpy(state["counts"])
 
-    return Statistic(init, update, merge, finalize)
+    key = ("tally", layer, primary.tobytes(), num_categories, restriction, method, tie_rule)
+    return Statistic(init, update, merge, finalize, key)
 
 
 def ties_statistic(
@@ -296,7 +313,7 @@ def ties_statistic(
     def finalize(state):
         return tie_counts.ties_to_numpy(state["ties"])
 
-    return Statistic(init, update, merge, finalize)
+    return Statistic(init, update, merge, finalize, ("ties", layer, _size_key(upsample_to)))
 
 
 __all__ = [

@@ -1,5 +1,7 @@
 """The pass driver with statistics it has never seen: resume, a third pass, one compile."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -131,3 +133,97 @@ def test_a_third_pass_composes_from_outside_and_the_network_compiles_once(tmp_pa
     np.testing.assert_array_equal(pixels, stats.counts["unit_total"])
     # One compiled forward served passes 1, 2 and 3.
     assert dissector.forward._step._cache_size() == 1
+
+
+def _backend_compiles(run) -> int:
+    """How many XLA executables `run()` compiles."""
+    from jax._src import dispatch
+
+    count = []
+
+    def listener(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            count.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        run()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return len(count)
+
+
+def test_dissectors_sharing_steps_compile_once(tmp_path):
+    probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=13))
+    model = _Net()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    tap = capture.make_tap(model, variables, ("conv1", "conv2"), input_shape=(32, 32, 3))
+    mesh = parallel.data_mesh(2)
+    steps = driver.Steps()
+
+    def dissect(settings, shared, scale=1.0):
+        d = engine.Dissector(
+            tap,
+            probe,
+            settings,
+            input_spec=SPEC,
+            model_key="net",
+            mesh=mesh,
+            progress=False,
+            num_threads=0,
+            steps=shared,
+        )
+        scaled = jax.tree.map(lambda v: v * scale, tap.variables)
+        out = {}
+        n = _backend_compiles(lambda: out.update(d.run(scaled)))
+        return out, n
+
+    settings = engine.Settings(quantile=0.05, batch_size=8)
+    _, first = dissect(settings, steps)
+    assert first > 0  # the counter sees compilations
+    # Other weights, same structure: the forward and both passes' steps are reused.
+    second, n = dissect(settings, steps, scale=2.0)
+    assert n == 0
+    alone, _ = dissect(settings, None, scale=2.0)
+    for layer in tap.layers:
+        np.testing.assert_array_equal(second[layer].thresholds, alone[layer].thresholds)
+        for k, v in alone[layer].counts.items():
+            np.testing.assert_array_equal(second[layer].counts[k], v)
+    # A setting that changes pass 2's step (its key) is compiled anew, with its own numbers.
+    other = dataclasses.replace(settings, restriction="none")
+    shared, n = dissect(other, steps)
+    assert n > 0
+    alone, _ = dissect(other, None)
+    for layer in tap.layers:
+        for k, v in alone[layer].counts.items():
+            np.testing.assert_array_equal(shared[layer].counts[k], v)
+
+
+def test_pipeline_dissections_of_one_architecture_compile_once(tmp_path):
+    from jaxdissect import pipeline
+
+    probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=9))
+    settings = engine.Settings(quantile=0.05, batch_size=8)
+    options = pipeline.Options(progress=False, report=False, num_threads=0)
+    steps = driver.Steps()
+
+    def dissect(seed: int, out: str) -> int:
+        model = _Net()  # a new module object each time, as a new checkpoint's load gives
+        variables = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
+        info = pipeline.ModelInfo(model, variables, SPEC, "net", f"net-{seed}")
+        return _backend_compiles(
+            lambda: pipeline.dissect(
+                info,
+                ["conv1"],
+                probe,
+                settings,
+                tmp_path / out,
+                dataset_name="tiny",
+                mesh=parallel.data_mesh(1),
+                options=options,
+                steps=steps,
+            )
+        )
+
+    assert dissect(0, "a") > 0
+    assert dissect(1, "b") == 0
