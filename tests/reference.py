@@ -210,7 +210,8 @@ def reference_unit_labels(
             for c in range(iou.shape[1]):
                 if labels.primary[c] == j and (best < 0 or iou[unit, c] > best_iou):
                     best, best_iou = c, float(iou[unit, c])
-            per_category[name] = (best, best_iou)
+            # A category whose concepts all miss the unit (IoU 0) has no best label.
+            per_category[name] = (best if best_iou > 0 else -1, best_iou)
         best_cat = None
         for name in categories:
             if best_cat is None or per_category[name][1] > per_category[best_cat][1]:
