@@ -35,7 +35,7 @@ cache=/tmp/jaxdissect_bench
 # Most wanted first: what comes back of a run cut short is still under $OUT.
 engine() {
   python3 benchmarks/bench_engine.py --num_images "$images" --multiples 1,2 --batch_size 128 \
-    --cache_dir "$cache" --loader_workers "$1" 2>&1 | tee "$OUT/engine_workers$1.txt"
+    --cache_dir "$cache" --loader_workers "$1" --notorch 2>&1 | tee "$OUT/engine_workers$1.txt"
 }
 engine 0
 python3 benchmarks/bench_tally.py --batch_size "${GPU_CHECK_TALLY_BATCH:-128}" 2>&1 \
