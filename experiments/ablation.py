@@ -119,19 +119,7 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
 
     out = pathlib.Path(output_dir)
     loaded = training.load_trained(fv.weights)
-    meta = training.read_meta(fv.weights)
-    flag = "--eval_data" if fv.eval_data else "--data"
-    task = scenes.open_scene_task(
-        fv.eval_data or fv.data,
-        resolution=meta.get("input_size", fv.resolution) if fv.eval_data else fv.resolution,
-        synthetic_images=fv.synthetic_images,
-        cache_dir=cli.cache_root(),
-    )
-    if list(task.class_names) != meta.get("classes"):
-        raise ValueError(
-            f"{flag}'s classes are not those {fv.weights} was trained on "
-            f"({meta.get('classes')}): pass the training data as --eval_data"
-        )
+    task = cli.training_task(fv)
     mesh = parallel.data_mesh(fv.devices)
     size = loaded.input_spec.size
     path = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)

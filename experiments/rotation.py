@@ -100,7 +100,7 @@ def run(fv: flags.FlagValues = FLAGS):
 
 
 def _rotate(fv, trained, settings, options, probe, amounts, output_dir):
-    from jaxdissect import parallel, rotation, scenes, training
+    from jaxdissect import parallel, rotation, training
     from jaxdissect.models import load as model_load
 
     if trained:
@@ -110,20 +110,7 @@ def _rotate(fv, trained, settings, options, probe, amounts, output_dir):
     source, dataset_name = probe.open()
     eval_images = eval_labels = None
     if fv.accuracy and trained:
-        meta = training.read_meta(fv.weights)
-        flag = "--eval_data" if fv.eval_data else "--data"
-        task = scenes.open_scene_task(
-            fv.eval_data or fv.data,
-            # A classification build is read at the size the network was trained at.
-            resolution=meta.get("input_size", fv.resolution) if fv.eval_data else fv.resolution,
-            synthetic_images=fv.synthetic_images,
-            cache_dir=cli.cache_root(),
-        )
-        if list(task.class_names) != meta.get("classes"):
-            raise ValueError(
-                f"{flag}'s classes are not those {fv.weights} was trained on "
-                f"({meta.get('classes')}): pass the training data as --eval_data"
-            )
+        task = cli.training_task(fv)
         eval_images, eval_labels = task.val.images, task.val.labels
     return rotation.rotation_study(
         cli.model_info(loaded),

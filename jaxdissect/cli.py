@@ -289,6 +289,29 @@ def options_from_flags(fv: flags.FlagValues) -> Any:
     return from_flags(pipeline.Options, fv)
 
 
+def training_task(fv: flags.FlagValues) -> Any:
+    """The classification task the export `--weights` was trained on, for its accuracy:
+    `--eval_data` (read at the export's input size) or the scenes of `--data`; its classes
+    must be the export's."""
+    from jaxdissect import scenes, training
+
+    meta = training.read_meta(fv.weights)
+    flag = "--eval_data" if fv.eval_data else "--data"
+    task = scenes.open_scene_task(
+        fv.eval_data or fv.data,
+        # A classification build is read at the size the network was trained at.
+        resolution=meta.get("input_size", fv.resolution) if fv.eval_data else fv.resolution,
+        synthetic_images=fv.synthetic_images,
+        cache_dir=cache_root(),
+    )
+    if list(task.class_names) != meta.get("classes"):
+        raise ValueError(
+            f"{flag}'s classes are not those {fv.weights} was trained on "
+            f"({meta.get('classes')}): pass the training data as --eval_data"
+        )
+    return task
+
+
 def parse_numbers(values: Sequence[str], flag: str) -> list[float]:
     """The floats of a list flag, or one line naming the flag."""
     try:
