@@ -89,12 +89,12 @@ def run(fv: flags.FlagValues = FLAGS):
     for c in doc["classes"]:
         curve = c["curve"]
         tops = ", ".join(f"{u['unit']} ({u['name'] or '-'})" for u in c["units"][:3])
+        i = min(3, len(curve["n"]) - 1)  # the fourth N of the curve, or its last
         print(
             f"{c['class']}: accuracy {curve['class_accuracy'][0]:.3f} -> "
-            f"{curve['class_accuracy'][min(3, len(curve['n']) - 1)]:.3f} with the top "
-            f"{curve['n'][min(3, len(curve['n']) - 1)]} removed (others "
-            f"{curve['others_accuracy'][0]:.3f} -> "
-            f"{curve['others_accuracy'][min(3, len(curve['n']) - 1)]:.3f}); top units {tops}"
+            f"{curve['class_accuracy'][i]:.3f} with the top {curve['n'][i]} removed (others "
+            f"{curve['others_accuracy'][0]:.3f} -> {curve['others_accuracy'][i]:.3f}); "
+            f"top units {tops}"
         )
     cli.report_elapsed(started, os.path.join(output_dir, "ablation.json"))
     return doc
