@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -431,6 +433,37 @@ def test_header_scan_finds_a_16_bit_label_png_at_open(tmp_path):
     with raises("PNG mode 'I;16' is not 8-bit RGB", str(png), "line 2", "'object'"):
         Broden.open(tmp_path)
     with raises("PNG mode 'I;16' is not 8-bit RGB", str(png)):
+        Broden.open(tmp_path, check_headers=False).check_labels(0)
+
+
+def _png_rgb16(rgb: np.ndarray) -> bytes:
+    """A 16-bit-a-channel RGB PNG (PIL cannot write one)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[i].astype(">u2").tobytes() for i in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_16_bit_rgb_label_png_is_refused_not_read_as_its_high_bytes(tmp_path):
+    # PIL opens it as mode RGB and keeps the high byte: label 1 would silently read as 0.
+    base(tmp_path, rows=[RowSpec("a.png", pixel={"object": [np.ones((4, 4), int)]})])
+    png = tmp_path / "images" / "a_object_1.png"
+    rgb = np.zeros((4, 4, 3), np.uint16)
+    rgb[..., 0] = 1
+    png.write_bytes(_png_rgb16(rgb))
+    with raises("16-bit channels", str(png), "line 2"):
+        Broden.open(tmp_path)
+    with raises("16-bit channels", str(png)):
         Broden.open(tmp_path, check_headers=False).check_labels(0)
 
 

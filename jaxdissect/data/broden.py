@@ -567,11 +567,17 @@ def _check_png_header(
             "the PNG or index.csv comes from another Broden resolution, re-extract "
             "the dataset."
         )
-    if im.mode not in _PNG_MODES:
+    if im.mode not in _PNG_MODES or _sixteen_bit(im):
+        mode = repr(im.mode) if im.mode not in _PNG_MODES else f"{im.mode} with 16-bit channels"
         raise BrodenFormatError(
-            f"{path}: PNG mode {im.mode!r} is not 8-bit RGB ({where}); Broden label PNGs "
+            f"{path}: PNG mode {mode} is not 8-bit RGB ({where}); Broden label PNGs "
             "store label = R + 256 * G in 8-bit channels. Re-extract the file."
         )
+
+
+def _sixteen_bit(im: Image.Image) -> bool:
+    """Whether a PNG stores 16 bits a channel (PIL opens 16-bit RGB as mode RGB, high bytes)."""
+    return any(";16" in str(tile.args) for tile in getattr(im, "tile", ()))
 
 
 def _decode(im: Image.Image, path: pathlib.Path) -> np.ndarray:
