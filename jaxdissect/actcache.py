@@ -59,10 +59,10 @@ def choose_kind(
 ) -> str:
     """Resolve `auto` to the first kind whose memory holds `needed_bytes` with room to spare."""
     if requested not in KINDS:
-        raise ValueError(f"--activation_cache={requested!r}; allowed: {', '.join(KINDS)}")
+        raise ValueError(f"activation_cache={requested!r}; allowed: {', '.join(KINDS)}")
     if requested != "auto":
         if requested == "disk" and work_dir is None:
-            raise ValueError("--activation_cache=disk needs an output directory")
+            raise ValueError("activation_cache='disk' needs an output directory")
         return requested
     if budget_bytes is not None:
         return "host" if needed_bytes <= budget_bytes else ("disk" if work_dir else "none")

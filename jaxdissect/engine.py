@@ -138,7 +138,8 @@ def restrict_categories(
     unknown = [c for c in categories if c not in labels.categories]
     if unknown:
         raise ValueError(
-            f"--categories names {unknown}, not in the dataset; known: {', '.join(labels.categories)}"
+            f"categories={','.join(categories)}: {', '.join(unknown)} not in the dataset; "
+            f"known: {', '.join(labels.categories)}"
         )
     keep = np.asarray([c in categories for c in labels.categories])
     if coverage is not None:
@@ -229,7 +230,7 @@ class Dissector:
     ):
         if tally_method not in tally.METHODS:
             raise ValueError(
-                f"--tally_method={tally_method!r}; allowed values: {', '.join(tally.METHODS)}"
+                f"tally_method={tally_method!r}; allowed values: {', '.join(tally.METHODS)}"
             )
         self.tally_method, self.num_workers = tally_method, num_workers
         self.check_labels = check_labels
@@ -238,7 +239,9 @@ class Dissector:
         self.mesh = mesh or parallel.data_mesh()
         parallel.check_batch_size(settings.batch_size, self.mesh)
         if settings.batch_size % jax.process_count():
-            raise ValueError("--batch_size must be divisible by the number of hosts")
+            raise ValueError(
+                f"batch_size={settings.batch_size} must be divisible by the {jax.process_count()} hosts"
+            )
         self.work_dir = pathlib.Path(work_dir) if work_dir is not None else None
         if self.work_dir is not None:
             self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +251,7 @@ class Dissector:
             progress,
         )
         if len(source) == 0:
-            raise ValueError("the probe set is empty: check --split and --max_images")
+            raise ValueError("the probe set is empty: check split=, max_images=")
         self.labels = restrict_categories(
             source.labels, settings.categories, getattr(source, "coverage", None)
         )

@@ -185,7 +185,7 @@ def quantile_statistic(
             hint = ""
             if activation_dtype == "float16":
                 hint = (
-                    f"; with --activation_dtype={activation_dtype} values beyond its range "
+                    f"; with activation_dtype={activation_dtype} values beyond its range "
                     "overflow: try --activation_dtype=float32"
                 )
             raise NonFiniteActivationError(

@@ -279,7 +279,7 @@ def test_settings_defaults_and_choices_are_the_modules_constants():
 
 def test_bad_tally_method_names_the_flag(model, probe):
     m, variables = model
-    with pytest.raises(ValueError, match="--tally_method='dense'; allowed values: auto, segment"):
+    with pytest.raises(ValueError, match="tally_method='dense'; allowed values: auto, segment"):
         _run(m, variables, probe, engine.Settings(), ("conv1",), None, tally_method="dense")
 
 
