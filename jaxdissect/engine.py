@@ -169,8 +169,10 @@ class _Fields:
     ):
         self.source, self.images, self.labels = source, images, labels
         self.categories, self.check_labels = categories, check_labels
-        self.planes = source.max_planes
-        self.image_labels = source.max_image_labels
+        self.planes, self.image_labels = source.max_planes, source.max_image_labels
+        if categories is not None and hasattr(source, "label_shape"):
+            # Padding only for the categories read (a Broden source knows its records).
+            self.planes, self.image_labels = source.label_shape(categories)
         self.seg_size = tuple(source.seg_size)
 
     def __len__(self):

@@ -75,6 +75,16 @@ def test_unselected_categories_are_not_read(tmp_path):
         ds.read_labels(0, ["materials"])
 
 
+def test_label_shape_pads_only_for_the_categories_read(tiny):
+    ds = Broden.open(tiny.root)
+    assert ds.label_shape() == (ds.max_planes, ds.max_image_labels) == (4, 1)
+    assert ds.label_shape(("part",)) == (2, 1)  # row 1: two part planes; no image label
+    assert ds.label_shape(("scene", "texture")) == (1, 1)  # no planes: one all-0 plane
+    for i in range(len(ds)):
+        planes, scalars = ds.read_labels(i, ("part",))
+        assert len(planes) <= 2 and len(scalars) <= 1
+
+
 def test_image_level_zero_is_dropped(tiny):
     ds = Broden.open(tiny.root)
     assert ds.records[2].image_labels == {"texture": (8,)}

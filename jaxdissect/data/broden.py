@@ -453,6 +453,14 @@ class Broden:
             )
         return label
 
+    def label_shape(self, categories: Sequence[str] | None = None) -> tuple[int, int]:
+        """(P, Q): the most pixel planes and image labels of any record, over `categories`
+        (None: all), at least 1 each; `read_labels(i, categories)` fits in them."""
+        cats = selected_categories(self.labels, categories)
+        planes = max(sum(len(r.pixel.get(c, ())) for c in cats) for r in self.records)
+        scalars = max(len(_flat_image_labels(cats, r)) for r in self.records)
+        return max(1, planes), max(1, scalars)
+
     def check_labels(self, i: int) -> None:
         """Decodes every label of image i and checks it (file, size, mode, label numbers).
 
