@@ -80,16 +80,15 @@ from jax import lax
 
 from jaxdissect.labelspace import LabelSpace
 from jaxdissect.tie_rule import active, check_tie_rule
+from jaxdissect.widecount import LO_BITS, WideCount
 
 RESTRICTIONS = ("presence", "overlap", "none")
 METHODS = ("auto", "segment", "compact", "matmul")
 DEFAULT_SLOTS = 64
 COUNT_KEYS = ("intersection", "label_pixels", "unit_pixels", "unit_total")
 
-_LO_BITS = 30
-_LO_MASK = (1 << _LO_BITS) - 1
 # Bound on any per-batch count (and so on the pixels of one batch).
-MAX_BATCH_COUNT = 1 << _LO_BITS
+MAX_BATCH_COUNT = 1 << LO_BITS
 # float32 accumulates integers exactly below 2**24: bound for the matmul method.
 _F32_EXACT = 1 << 24
 # Memory budget of one chunk's largest buffer off CPU (multi-hot matrix, segment sums).
@@ -471,31 +470,6 @@ def _matmul_step(
 
 
 # --------------------------------------------------------------------------- running tally
-
-
-@flax.struct.dataclass
-class WideCount:
-    """Exact non-negative counts beyond int32: value = hi * 2**30 + lo, 0 <= lo < 2**30."""
-
-    hi: jax.Array
-    lo: jax.Array
-
-    @classmethod
-    def zeros(cls, shape: tuple[int, ...]) -> WideCount:
-        return cls(hi=jnp.zeros(shape, jnp.int32), lo=jnp.zeros(shape, jnp.int32))
-
-    def add(self, x: jax.Array) -> WideCount:
-        """Add int32 counts 0 <= x < 2**30 (lo + x stays below 2**31)."""
-        lo = self.lo + jnp.asarray(x, jnp.int32)
-        return WideCount(hi=self.hi + (lo >> _LO_BITS), lo=lo & _LO_MASK)
-
-    def merge(self, other: WideCount) -> WideCount:
-        lo = self.lo + other.lo
-        return WideCount(hi=self.hi + other.hi + (lo >> _LO_BITS), lo=lo & _LO_MASK)
-
-    def to_numpy(self) -> np.ndarray:
-        hi = np.asarray(self.hi).astype(np.int64)
-        return (hi << _LO_BITS) + np.asarray(self.lo).astype(np.int64)
 
 
 @flax.struct.dataclass

@@ -1,4 +1,4 @@
-"""Row counts beyond int32 as (hi, lo) int32 pairs: value = hi * 2^30 + lo."""
+"""Row counts beyond int32: a stacked int32 [2] (hi, lo) pair of `widecount.WideCount`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_BASE = 1 << 30  # counts are (hi, lo) int32 pairs: hi * 2^30 + lo, so > 2^31 values fit
+from jaxdissect.widecount import LO_BITS, WideCount
+
+_BASE = 1 << LO_BITS
 
 
 def _count_zero() -> jax.Array:
@@ -15,13 +17,13 @@ def _count_zero() -> jax.Array:
 
 def _count_add(c: jax.Array, n: jax.Array) -> jax.Array:
     # n < 2^30 (rows of one chunk), so lo + n cannot overflow int32.
-    lo = c[1] + n
-    return jnp.stack([c[0] + lo // _BASE, lo % _BASE])
+    w = WideCount(hi=c[0], lo=c[1]).add(n)
+    return jnp.stack([w.hi, w.lo])
 
 
 def _count_merge(a: jax.Array, b: jax.Array) -> jax.Array:
-    lo = a[1] + b[1]
-    return jnp.stack([a[0] + b[0] + lo // _BASE, lo % _BASE])
+    w = WideCount(hi=a[0], lo=a[1]).merge(WideCount(hi=b[0], lo=b[1]))
+    return jnp.stack([w.hi, w.lo])
 
 
 def count_value(count: jax.Array) -> int:
