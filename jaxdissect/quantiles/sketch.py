@@ -28,9 +28,9 @@ compile; `jaxdissect.quantiles.bitonic`).
   values equal to it go to one weighted "tie" item (so a unit whose quantile sits on a
   spike, like a dead ReLU at 0 or a ReLU6 at 6, stays cheap and exact). The cut is
   re-selected (bisection over float bits, at rank 1.4r-2r) only when its estimated rank
-  leaves [r, 2r-4r]. With `max_count` given, r = 1.5 q max_count: ranks only grow, so a
-  dropped value ends with more than 1.5 q n values above it and can never reach the
-  threshold, for any data order. Without it, r = 4 q n_seen, which assumes that the tail
+  leaves [r, 2r-4r]. With `max_count` given, r = max(1.5 q max_count, q max_count + 2):
+  ranks only grow, so a dropped value ends with more values above it than the ranks the
+  threshold reads, and can never reach the threshold, for any data order. Without it, r = 4 q n_seen, which assumes that the tail
   grows with n.
 * Certificate. The threshold is exact with respect to dropping if the selected value
   d[j] is >= every dropped value; `dropped_max` bounds them (by the cut at the time).
@@ -64,7 +64,7 @@ from jaxdissect.quantiles.definition import _NEG_INF, DEFAULT_Q, _lerp32, _posit
 DEFAULT_SIZE = 672
 DEFAULT_RHO = 4.0
 DEFAULT_MAX_COUNT = 2**32  # levels when max_count is not given
-_SAFE = 1.5  # with max_count known, the cut stays at estimated rank >= 1.5 q max_count
+_SAFE = 1.5  # with max_count known, the cut stays at estimated rank >= 1.5 q max_count (+2)
 SECTIONS = 8
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -374,13 +374,17 @@ def _cut_ranks(state: SketchState) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(r, hi, target): keep the cut at estimated rank in [r, hi], re-select at target.
 
     Every value the prefilter drops ranks below the cut, so its final rank exceeds r.
-    With max_count known r = 1.5 q max_count > q n: dropped values can never reach the
+    With max_count known r = max(1.5 q max_count, q max_count + 2), beyond the ranks the
+    threshold reads (up to ceil((n - 1) q) + 1): dropped values can never reach the
     threshold, in any order. Otherwise r = rho q n_seen, which assumes the tail keeps
     growing with n.
     """
     if state.max_count is not None:
-        r = int(min(2**28, math.ceil(_SAFE * state.q * state.max_count)))
-        r = jnp.int32(max(r, 1))
+        # The threshold reads descending ranks up to ceil((n - 1) q) + 1 (numpy's linear
+        # interpolation; + 1 for float rounding of the position): a dropped value must rank
+        # beyond them, which 1.5 q n alone does not give for small n (208 values, q 0.005).
+        need = math.ceil(state.q * state.max_count) + 2
+        r = jnp.int32(min(2**28, max(math.ceil(_SAFE * state.q * state.max_count), need)))
         return r, 2 * r, (r * 7) // 5
     n_seen = _count_f32(state.count)
     r = jnp.clip(jnp.ceil(state.rho * state.q * n_seen), 1, 2**28).astype(jnp.int32)
