@@ -13,6 +13,9 @@ import scipy.stats
 
 from jaxdissect import driver, masks, parallel, significance
 
+# The headless browser fixture `driver` (skips where Chromium is not installed).
+from tests.test_report_browser import driver as browser  # noqa: F401
+
 
 def _masks(rng, n, p, k, density):
     """Masks with a density per image and channel (heterogeneous, as real masks are)."""
@@ -219,6 +222,7 @@ def tested_run(tmp_path_factory):
         significance_draws=19,
         significance_stride=4,
         significance_seed=3,
+        significance_alpha=0.4,  # 12 units, p >= 1/20: BH calls some at 0.4
     )
     out = tmp_path_factory.mktemp("run")
     model = pipeline.ModelInfo(
@@ -267,7 +271,7 @@ def test_a_dissection_with_the_test_gives_the_in_memory_pvalues(tested_run):
         np.testing.assert_array_equal(result.significance.p, want.unit_p)
         np.testing.assert_array_equal(result.significance.pair_p, want.pair_p)
         np.testing.assert_array_equal(
-            result.significance.significant, significance.benjamini_hochberg(want.unit_p, 0.05)
+            result.significance.significant, significance.benjamini_hochberg(want.unit_p, 0.4)
         )
 
 
@@ -287,7 +291,7 @@ def test_results_tally_and_report_carry_the_pvalues(tested_run):
                 column = list(test.concepts).index(u["label"])
                 assert u["label_p_value"] == test.pair_p[u["unit"], column]
         block = record["significance"]
-        assert block["draws"] == 19 and block["alpha"] == 0.05
+        assert block["draws"] == 19 and block["alpha"] == 0.4
         assert block["significant_units"] == int(test.significant.sum())
         rows = list(csv.DictReader((out / f"tally-{result.layer}.csv").open()))
         assert list(rows[0])[-3:] == ["p-value", "label-p-value", "significant"]
@@ -314,3 +318,27 @@ def test_without_draws_nothing_changes(tmp_path):
         engine.Settings(significance_draws=-1)
     with pytest.raises(ValueError, match="significance_stride=0"):
         engine.Settings(significance_stride=0)
+
+
+def test_the_significant_only_filter_shows_the_called_units(browser, tested_run):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    out, *_, layer_results = tested_run
+    r = max(layer_results, key=lambda r: min(r.significance.significant.sum(), r.num_units - 1))
+    called = sorted(np.flatnonzero(r.significance.significant).tolist())
+    assert 0 < len(called) < r.num_units
+    browser.get((out / f"layer-{r.layer}.html").as_uri())
+
+    def shown() -> list[int]:
+        return browser.execute_script(
+            "return Array.from(document.querySelectorAll('.card'))"
+            ".filter(c => !c.hidden).map(c => Number(c.dataset.unit))"
+        )
+
+    assert len(shown()) == r.num_units
+    browser.find_element(By.ID, "significant-only").click()
+    assert sorted(shown()) == called
+    count = browser.find_element(By.ID, "count").text
+    assert count == f"{len(called)} of {r.num_units} units shown"
+    browser.find_element(By.ID, "reset").click()
+    assert len(shown()) == r.num_units
