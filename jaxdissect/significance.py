@@ -174,14 +174,22 @@ def _exceedances(
     return counts
 
 
-def permutation_chunks(num_images: int, draws: int, seed: int, chunk: int) -> Iterator[np.ndarray]:
-    """int32 [<= chunk, num_images] blocks of the seeded permutations of `permutations`."""
+def _check_draws(draws: int) -> None:
     if draws < 1:
         raise ValueError(f"draws={draws} must be >= 1")
+
+
+def permutation_chunks(num_images: int, draws: int, seed: int, chunk: int) -> Iterator[np.ndarray]:
+    """int32 [<= chunk, num_images] blocks of the seeded permutations of `permutations`."""
+    _check_draws(draws)
     rng = np.random.default_rng(np.random.SeedSequence([seed, num_images, draws]))
-    for start in range(0, draws, chunk):
-        size = min(chunk, draws - start)
-        yield np.stack([rng.permutation(num_images) for _ in range(size)]).astype(np.int32)
+
+    def blocks() -> Iterator[np.ndarray]:
+        for start in range(0, draws, chunk):
+            size = min(chunk, draws - start)
+            yield np.stack([rng.permutation(num_images) for _ in range(size)]).astype(np.int32)
+
+    return blocks()
 
 
 def permutations(num_images: int, draws: int, seed: int) -> np.ndarray:
@@ -249,10 +257,10 @@ def packed_permutation_test(
     for name, count, bits in (("num_units", num_units, ub), ("num_concepts", num_concepts, cb)):
         if (count + 7) // 8 != bits.shape[-1]:
             raise ValueError(f"{name}={count} does not match {bits.shape[-1]} bytes of masks")
+    _check_draws(draws)
     n, p = ub.shape[:2]
     k, c = num_units, num_concepts
-    if n == 0 or draws < 1:
-        permutation_chunks(n, draws, seed, 1)  # names a bad `draws`
+    if n == 0:
         zero = np.zeros((k, c), np.int64)
         return PermutationTest(np.ones((k, c)), np.ones(k), zero, draws, zero[:, 0], zero[0])
     static = {"num_units": k, "num_concepts": c, "block": block_size(n, p, k, c)}
@@ -287,7 +295,7 @@ def permutation_test(
     u = np.asarray(unit_masks, bool)
     c = np.asarray(concept_masks, bool)
     _check(u, c)
-    permutation_chunks(len(u), draws, seed, 1)  # names a bad `draws` before any work
+    _check_draws(draws)
     return packed_permutation_test(pack(u), pack(c), u.shape[2], c.shape[2], draws=draws, seed=seed)
 
 

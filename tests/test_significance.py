@@ -198,6 +198,12 @@ def test_the_statistic_over_a_pass_gives_the_in_memory_pvalues(devices):
 
 
 def test_packed_input_is_checked():
+    for test in (significance.permutation_test, significance.packed_permutation_test):
+        with pytest.raises(ValueError, match="draws=0"):
+            args = (np.zeros((3, 4, 2), bool),) * 2
+            if test is significance.packed_permutation_test:
+                args = (np.zeros((3, 4, 1), np.uint8),) * 2 + (2, 2)
+            test(*args, draws=0)
     with pytest.raises(ValueError, match="num_units=9"):
         significance.packed_permutation_test(
             np.zeros((3, 4, 1), np.uint8), np.zeros((3, 4, 1), np.uint8), 9, 2
