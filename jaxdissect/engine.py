@@ -80,7 +80,7 @@ class Settings:
       batch_size: global batch; part of the key since sketches see batches.
       significance_draws: permutations of the images for each unit's p-value
         (`jaxdissect.significance`; 0: no test). BH calls units only when
-        1 / (1 + draws) <= alpha / units: 999 calls groups of 52 of 256 units at 5%.
+        1 / (1 + draws) <= alpha / units: 999 draws call at least 6 of 256 units at 5%.
       significance_alpha: false discovery rate of Benjamini-Hochberg over a layer's units.
       significance_stride: the test's masks are taken every N pixels of the segmentation
         (memory: images x pixels x (units + concepts) / 8 bytes per device).
