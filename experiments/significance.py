@@ -1,17 +1,22 @@
 r"""Which detectors are significant: a permutation p-value for every unit of a layer, and
-Benjamini-Hochberg control of the false discovery rate, beside the IoU > 0.04 rule.
+Benjamini-Hochberg control of the false discovery rate, beside the IoU > 0.04 rule; and
+the paper's baselines as reference distributions.
 
   python experiments/significance.py --flagfile=experiments/configs/significance_small_cnn.flags
 
-The layer is dissected on the probe set (thresholds, labels); then every image's unit
-masks and concept masks (on the segmentation grid taken every --mask_stride pixels)
-are kept, and --draws random permutations of the images pair unit masks with other
-images' concept masks: the null of no association (jaxdissect/significance.py says
-why whole images are permuted and not pixels). Per unit: the p-value of its best IoU
-over all concepts (the max is taken in every draw too) and whether BH at --alpha calls
-it. The paper's baseline of the same network at random initialisation is the same
-command on the step-0 export of its training run.
-Writes significance.json and significance-<layer>.csv, and the dissection, to --output_dir.
+The layer is dissected on the probe set with the engine's permutation test
+(`--significance_draws`, `--significance_alpha`, `--significance_stride`,
+`--significance_seed`; jaxdissect/significance.py says why whole images are permuted
+and not pixels): pass 2 packs every image's unit and concept masks on the test's grid,
+then the draws stream over them. Per unit: the p-value of its best IoU over all concepts
+(the max is taken in every draw too) and whether BH calls it.
+
+--baseline tests a reference network instead of the one given: `random_init` (the same
+architecture with random weights, seed --seed) or `rotated` (the layer's units rotated
+by a Haar-random Q, seed --rotation_seed, as experiments/rotation.py at t = 1). Their
+best IoU per unit is the distribution a detector of the trained layer is measured against.
+Writes significance.json and significance-<layer>.csv, and the dissection (results.json,
+tally-<layer>.csv with the p-values), to --output_dir.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from absl import app, flags
 from jaxdissect import cli
 
 FLAGS = flags.FLAGS
+BASELINES = ("none", "random_init", "rotated")
+# Quantiles of the units' best IoU reported in the summary.
+IOU_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
@@ -38,24 +46,25 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         "model", None, "Architecture when --weights is no training export.", flag_values=fv
     )
     flags.DEFINE_string("layer", "conv5", "The layer whose detectors are tested.", flag_values=fv)
-    flags.DEFINE_integer(
-        "draws",
-        999,
-        "Random permutations of the images (p resolves to 1/(draws+1)).",
+    flags.DEFINE_enum(
+        "baseline",
+        "none",
+        list(BASELINES),
+        "Test a reference instead: the same architecture at a random init (random_init), or "
+        "the layer's units randomly rotated (rotated).",
         flag_values=fv,
     )
-    flags.DEFINE_float(
-        "alpha", 0.05, "False discovery rate of BH over the layer's units.", flag_values=fv
-    )
     flags.DEFINE_integer(
-        "mask_stride",
-        2,
-        "Test on the segmentation grid taken every N pixels (memory, time).",
-        flag_values=fv,
+        "rotation_seed", 0, "Seed of the rotation of --baseline=rotated.", flag_values=fv
     )
-    flags.DEFINE_integer("permutation_seed", 0, "Seed of the permutations.", flag_values=fv)
     flags.DEFINE_string("output_dir", None, "Default: runs/significance_<layer>.", flag_values=fv)
-    cli.define_dissection_flags(fv, split="val", synthetic_images=4000, resolution=96)
+    cli.define_dissection_flags(
+        fv,
+        settings_defaults={"significance_draws": 999},
+        split="val",
+        synthetic_images=4000,
+        resolution=96,
+    )
 
 
 def run(fv: flags.FlagValues = FLAGS):
@@ -69,14 +78,8 @@ def run(fv: flags.FlagValues = FLAGS):
         raise ValueError("give --weights (a training export) or --model")
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
-    if fv.draws < 1:
-        raise ValueError(f"--draws={fv.draws}: must be >= 1")
-    if not 0 < fv.alpha < 1:
-        raise ValueError(f"--alpha={fv.alpha}: must be in (0, 1)")
-    if fv.mask_stride < 1:
-        raise ValueError(f"--mask_stride={fv.mask_stride}: must be >= 1")
-    if settings.threshold_on != "raw":
-        raise ValueError(f"--threshold_on={settings.threshold_on}: the test supports raw only")
+    if settings.significance_draws < 1:
+        raise ValueError(f"--significance_draws={settings.significance_draws}: must be >= 1")
     trained = bool(fv.weights) and os.path.isfile(os.path.join(fv.weights, "meta.json"))
     if not trained:
         if fv.weights and not os.path.exists(fv.weights):
@@ -90,52 +93,82 @@ def run(fv: flags.FlagValues = FLAGS):
     with cli.claim_output_dir(output_dir):
         doc = _test(fv, trained, settings, options, probe, output_dir)
     s = doc["summary"]
+    draws, alpha = settings.significance_draws, settings.significance_alpha
     print(
-        f"{fv.layer}: {s['significant']} of {s['units']} units significant (BH at "
-        f"{fv.alpha}, {fv.draws} draws); {s['interpretable']} pass IoU > "
-        f"{s['iou_threshold']}, {s['interpretable_and_significant']} both, "
-        f"{s['interpretable_not_significant']} interpretable but not significant"
+        f"{fv.layer}{'' if fv.baseline == 'none' else f' ({fv.baseline})'}: "
+        f"{s['significant']} of {s['units']} units significant (BH at {alpha}, {draws} draws); "
+        f"{s['interpretable']} pass IoU > {s['iou_threshold']}, "
+        f"{s['interpretable_and_significant']} both, {s['interpretable_not_significant']} "
+        f"interpretable but not significant; best IoU median {s['best_iou_quantiles']['0.5']:.3f}"
     )
     if s["fewest_callable"] > 1:
         print(
-            f"note: with --draws={fv.draws} the smallest p is {1 / (fv.draws + 1):.2g}, so BH "
-            f"calls units only in groups of at least {s['fewest_callable']}: a lone detector "
-            f"needs --draws >= {int(np.ceil(s['units'] / fv.alpha)) - 1}"
+            f"note: with --significance_draws={draws} the smallest p is {1 / (draws + 1):.2g}, "
+            f"so BH calls units only in groups of at least {s['fewest_callable']}: a lone "
+            f"detector needs --significance_draws >= {int(np.ceil(s['units'] / alpha)) - 1}"
         )
     cli.report_elapsed(started, os.path.join(output_dir, "significance.json"))
     return doc
+
+
+def _model(fv, trained, settings):
+    """(the `pipeline.ModelInfo` to dissect, the layer's name in its results, the loaded model)."""
+    from jaxdissect import pipeline, rotation, store, training
+    from jaxdissect.models import load as model_load
+
+    if trained:
+        meta = training.read_meta(fv.weights)
+        options = {**meta.get("options", {}), "num_classes": meta["num_classes"]}
+        arch, weights = meta["arch"], fv.weights
+    else:
+        arch, weights, options = fv.model, fv.weights or None, None
+    if fv.baseline == "random_init":
+        loaded = model_load.load(arch, weights=None, options=options, seed=settings.seed)
+    elif trained:
+        loaded = training.load_trained(fv.weights)
+    else:
+        loaded = model_load.load(arch, weights=weights, options=options)
+    info = cli.model_info(loaded)
+    if fv.baseline != "rotated":
+        return info, fv.layer, loaded
+    size = loaded.input_spec.size
+    path = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)
+    k = rotation.layer_units(loaded.module, loaded.variables, path, size)
+    name = rotation.amount_name(fv.layer, 1.0)
+    fn, variables = rotation.rotated_fan(
+        loaded.module,
+        loaded.variables,
+        path,
+        {name: rotation.random_rotation(k, fv.rotation_seed)},
+        input_size=size,
+        apply_kwargs=loaded.apply_kwargs,
+    )
+    key = store.key_of(base=info.key, layer=path, seed=fv.rotation_seed, study="rotated_baseline")
+    rotated = pipeline.ModelInfo(
+        fn, variables, info.input_spec, f"{info.name}, {fv.layer} rotated", key
+    )
+    return rotated, name, loaded
 
 
 def _test(fv, trained, settings, options, probe, output_dir):
     import csv
     import pathlib
 
+    import jax
     import numpy as np
 
-    from jaxdissect import capture, parallel, pipeline, results, significance, store, training
-    from jaxdissect.models import load as model_load
+    from jaxdissect import capture, parallel, pipeline, results, store
 
     out = pathlib.Path(output_dir)
-    if trained:
-        loaded = training.load_trained(fv.weights)
-    else:
-        loaded = model_load.load(fv.model, weights=fv.weights or None)
     source, dataset_name = probe.open()
-    info = cli.model_info(loaded)
+    info, layer, loaded = _model(fv, trained, settings)
     mesh = parallel.data_mesh(fv.devices)
-    [layer_result] = pipeline.dissect(
-        info,
-        [fv.layer],
-        source,
-        settings,
-        out,
-        dataset_name=dataset_name,
-        mesh=mesh,
-        options=options,
+    t0 = time.perf_counter()
+    [r] = pipeline.dissect(
+        info, [layer], source, settings, out, dataset_name=dataset_name, mesh=mesh, options=options
     )
-    stem = results.layer_file_stems([fv.layer])[0]
-    with np.load(out / results.stats_npz_name(stem)) as stats:
-        thresholds = stats["thresholds"]
+    dissect_s = time.perf_counter() - t0
+    # The cost in forward passes over the probe set (the layer's capture, compiled beforehand).
     size = loaded.input_spec.size
     tap = capture.make_tap(
         loaded.module,
@@ -144,97 +177,73 @@ def _test(fv, trained, settings, options, probe, output_dir):
         input_shape=(size, size, 3),
         apply_kwargs=loaded.apply_kwargs,
     )
-    path = tap.layers[0]
-    # Labels with no pixel in the probe set have IoU 0 with every unit under every pairing.
-    present = np.asarray(layer_result.counts["label_pixels"]) > 0
-    concepts = np.nonzero(present)[0].astype(np.int32)
-    concepts = concepts[concepts > 0]
-    t0 = time.perf_counter()
-    u, c = significance.layer_masks(
-        tap,
-        path,
-        thresholds,
-        source,
-        concepts,
-        input_spec=loaded.input_spec,
-        stride=fv.mask_stride,
-        tie_rule=settings.tie_rule,
-        batch_size=settings.batch_size,
-    )
-    masks_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    test = significance.permutation_test(u, c, draws=fv.draws, seed=fv.permutation_seed)
-    test_s = time.perf_counter() - t0
-    # The cost in forward passes over the probe set (compiled beforehand).
-    fwd = jax_forward(tap, loaded.input_spec)
-    images = np.stack(
-        [
-            np.asarray(source.read_image(i), np.float32)
-            for i in range(min(len(source), settings.batch_size))
-        ]
-    )
+    fwd = jax.jit(lambda v, x: tap.fn(v, loaded.input_spec(x))[tap.layers[0]])
+    batch = min(len(source), settings.batch_size)
+    images = np.stack([np.asarray(source.read_image(i), np.float32) for i in range(batch)])
     fwd(tap.variables, images).block_until_ready()
     t0 = time.perf_counter()
     for _ in range(0, len(source), settings.batch_size):
         fwd(tap.variables, images).block_until_ready()
     forward_s = time.perf_counter() - t0
-    significant = significance.benjamini_hochberg(test.unit_p, fv.alpha)
-    ua, ca = u.sum((0, 1)), c.sum((0, 1))
-    union = ua[:, None] + ca[None, :] - test.observed
-    iou = np.where(union > 0, test.observed / np.maximum(union, 1), 0.0)
-    best = iou.argmax(1)
+    test = r.significance
+    label_p = test.label_p(r.best_label)
     names = source.labels.names
     units = []
-    for k in range(layer_result.num_units):
-        label = int(layer_result.best_label[k])
+    for k in range(r.num_units):
+        label = int(r.best_label[k])
         units.append(
             {
                 "unit": k,
                 "label": names[label] if label >= 0 else None,
-                "iou": float(layer_result.best_iou[k]),
-                "interpretable": bool(layer_result.interpretable[k]),
-                "p": float(test.unit_p[k]),
-                "significant": bool(significant[k]),
-                "test_concept": names[int(concepts[best[k]])],
-                "test_iou": float(iou[k, best[k]]),
+                "iou": float(r.best_iou[k]),
+                "interpretable": bool(r.interpretable[k]),
+                "p": float(test.p[k]),
+                "label_p": None if np.isnan(label_p[k]) else float(label_p[k]),
+                "significant": bool(test.significant[k]),
             }
         )
-    interp = layer_result.interpretable
+    interp, significant = r.interpretable, test.significant
+    draws, alpha = settings.significance_draws, settings.significance_alpha
     doc = {
         "settings": {
             "weights": fv.weights,
             "model": fv.model,
             "layer": fv.layer,
-            "path": path,
-            "draws": fv.draws,
-            "alpha": fv.alpha,
-            "mask_stride": fv.mask_stride,
-            "permutation_seed": fv.permutation_seed,
+            "path": r.path,
+            "baseline": fv.baseline,
+            "rotation_seed": fv.rotation_seed if fv.baseline == "rotated" else None,
+            "init_seed": settings.seed if fv.baseline == "random_init" else None,
+            "draws": draws,
+            "alpha": alpha,
+            "stride": settings.significance_stride,
+            "permutation_seed": settings.significance_seed,
             "dataset": dataset_name,
             "images": len(source),
-            "pixels_per_image": int(u.shape[1]),
-            "concepts": len(concepts),
+            "concepts": len(test.concepts),
         },
         "summary": {
-            "units": layer_result.num_units,
-            "iou_threshold": layer_result.iou_threshold,
+            "units": r.num_units,
+            "iou_threshold": r.iou_threshold,
             "interpretable": int(interp.sum()),
             "significant": int(significant.sum()),
             "interpretable_and_significant": int((interp & significant).sum()),
             "interpretable_not_significant": int((interp & ~significant).sum()),
             "significant_not_interpretable": int((~interp & significant).sum()),
             # BH calls r units only if their p <= alpha r / K; the smallest p is 1 / (draws + 1).
-            "fewest_callable": int(np.ceil(layer_result.num_units / (fv.alpha * (fv.draws + 1)))),
+            "fewest_callable": int(np.ceil(r.num_units / (alpha * (draws + 1)))),
+            "best_iou_quantiles": {
+                f"{q:g}": float(np.quantile(r.best_iou, q)) for q in IOU_QUANTILES
+            },
         },
         "cost": {
-            "masks_s": masks_s,
-            "test_s": test_s,
+            "dissect_and_test_s": dissect_s,
             "forward_s": forward_s,
-            "forward_pass_equivalents": (masks_s + test_s) / forward_s if forward_s else None,
+            "forward_pass_equivalents": dissect_s / forward_s if forward_s else None,
         },
         "units": units,
     }
     store.write_json(out / "significance.json", doc)
+    stem = results.layer_file_stems([fv.layer])[0]
     with (
         store.atomic_path(out / f"significance-{stem}.csv") as tmp,
         open(tmp, "w", newline="") as f,
@@ -243,14 +252,6 @@ def _test(fv, trained, settings, options, probe, output_dir):
         w.writeheader()
         w.writerows(units)
     return doc
-
-
-def jax_forward(tap, input_spec):
-    """The jitted capture of the layer alone: the unit of cost."""
-    import jax
-
-    layer = tap.layers[0]
-    return jax.jit(lambda v, x: tap.fn(v, input_spec(x))[layer])
 
 
 main = cli.script_main(run)

@@ -254,13 +254,19 @@ class Probe:
         )
 
 
-def define_dissection_flags(fv: flags.FlagValues, **probe_defaults: Any) -> None:
-    """The probe-set (`Probe`, with `probe_defaults`), method (`engine.Settings`) and run
-    (`pipeline.Options`: no report by default; `--devices`) flags of the study scripts."""
+def define_dissection_flags(
+    fv: flags.FlagValues,
+    *,
+    settings_defaults: dict[str, Any] | None = None,
+    **probe_defaults: Any,
+) -> None:
+    """The probe-set (`Probe`, with `probe_defaults`), method (`engine.Settings`, with
+    `settings_defaults`) and run (`pipeline.Options`: no report by default; `--devices`)
+    flags of the study scripts."""
     from jaxdissect import engine, pipeline
 
     define_dataclass_flags(Probe, fv, defaults=probe_defaults)
-    define_dataclass_flags(engine.Settings, fv)
+    define_dataclass_flags(engine.Settings, fv, defaults=settings_defaults)
     define_dataclass_flags(pipeline.Options, fv, defaults={"report": False})
     flags.DEFINE_integer("devices", None, "Devices to use (default: all).", flag_values=fv)
 

@@ -21,7 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxdissect import actcache, config, driver, parallel, statistics, store, tally, ties
+from jaxdissect import (
+    actcache,
+    config,
+    driver,
+    parallel,
+    significance,
+    statistics,
+    store,
+    tally,
+    ties,
+)
 from jaxdissect.capture import Tap
 from jaxdissect.data import loader
 from jaxdissect.data.broden import primary_categories
@@ -35,6 +45,14 @@ from jaxdissect.tally import RESTRICTIONS
 from jaxdissect.tie_rule import TIE_RULES
 
 THRESHOLD_ON = ("raw", "upsampled")
+SIGNIFICANCE_FIELDS = (
+    "significance_draws",
+    "significance_alpha",
+    "significance_stride",
+    "significance_seed",
+)
+# The permutation test's arrays in a layer's pass-2 outputs (`LayerStats.significance`).
+_TEST_PREFIX = "significance_"
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 # What each stage stores (part of its key: a stage stored by older code is not reused).
 _OUTPUTS = {"pass1": ("thresholds", "top_values", "top_indices", "top_maps"), "pass2": "counts"}
@@ -60,6 +78,13 @@ class Settings:
       top_images: images kept per unit for the report.
       seed: seed of the sketch's randomness.
       batch_size: global batch; part of the key since sketches see batches.
+      significance_draws: permutations of the images for each unit's p-value
+        (`jaxdissect.significance`; 0: no test). BH calls units only when
+        1 / (1 + draws) <= alpha / units: 999 draws call at least 6 of 256 units at 5%.
+      significance_alpha: false discovery rate of Benjamini-Hochberg over a layer's units.
+      significance_stride: the test's masks are taken every N pixels of the segmentation
+        (memory: images x pixels x (units + concepts) / 8 bytes per device).
+      significance_seed: seed of the permutations.
     """
 
     quantile: float = DEFAULT_Q
@@ -74,9 +99,19 @@ class Settings:
     top_images: int = 10
     seed: int = 0
     batch_size: int = 32
+    significance_draws: int = 0
+    significance_alpha: float = 0.05
+    significance_stride: int = 8
+    significance_seed: int = 0
 
     def __post_init__(self):
         config.check_choices(self)
+        if self.significance_draws < 0:
+            raise ValueError(f"significance_draws={self.significance_draws}: must be >= 0")
+        if not 0 < self.significance_alpha < 1:
+            raise ValueError(f"significance_alpha={self.significance_alpha}: must be in (0, 1)")
+        if self.significance_stride < 1:
+            raise ValueError(f"significance_stride={self.significance_stride}: must be >= 1")
         if not 0 < self.quantile < 1:
             raise ValueError(f"quantile={self.quantile}: must be in (0, 1), e.g. {DEFAULT_Q}")
         if not 0 <= self.iou_threshold < 1:
@@ -101,11 +136,14 @@ class Settings:
         return {k: getattr(self, k) for k in keys}
 
     def pass2(self) -> dict[str, Any]:
+        # The test's settings only where it runs: keys of runs without it stay as they were.
+        test = {k: getattr(self, k) for k in SIGNIFICANCE_FIELDS if self.significance_draws}
         return {
             **self.pass1(),
             "restriction": self.restriction,
             "tie_rule": self.tie_rule,
             "categories": self.categories,
+            **test,
         }
 
 
@@ -121,6 +159,9 @@ class LayerStats:
     counts: dict[str, np.ndarray]  # int64 tally counts (see jaxdissect.tally)
     shape: tuple[int, int, int]  # (h, w, K)
     ties: ties.UnitTies | None = None  # tie statistics of the thresholds' domain
+    # The permutation test (settings.significance_draws > 0): "unit_p" [K], "pair_p"
+    # [K, C] and "iou" [K, C] on the test's grid, "concepts" [C] label numbers; else None.
+    significance: dict[str, np.ndarray] | None = None
 
 
 def restrict_categories(
@@ -376,14 +417,33 @@ class Dissector:
 
     # ------------------------------------------------------------ pass 2
 
+    def test_concepts(self) -> np.ndarray:
+        """int32 [C]: the labels the permutation test pairs units with (the scored ones)."""
+        return np.flatnonzero(self.labels.primary >= 0).astype(np.int32)
+
     def pass2_statistic(self, thresholds: Mapping[str, np.ndarray]) -> statistics.Statistic:
         """Per layer, the exact IoU counts at `thresholds` ("tally") and the units' tie
-        statistics in the thresholds' domain ("ties")."""
+        statistics in the thresholds' domain ("ties"); with `significance_draws`, every
+        image's masks on the permutation test's grid ("significance")."""
         s = self.settings
+        test = {}
+        for layer in self.tap.layers if s.significance_draws else ():
+            test[layer] = {
+                "significance": significance.mask_statistic(
+                    layer,
+                    thresholds[layer],
+                    self.test_concepts(),
+                    num_images=len(self.source),
+                    seg_size=self.seg_size,
+                    stride=s.significance_stride,
+                    tie_rule=s.tie_rule,
+                )
+            }
         return statistics.group(
             {
                 layer: statistics.group(
                     {
+                        **test.get(layer, {}),
                         "tally": statistics.tally_statistic(
                             layer,
                             thresholds[layer],
@@ -419,9 +479,31 @@ class Dissector:
             cache_mode="read" if cache is not None else None,
         )
         return {
-            layer: {**parts["tally"], **{f"ties_{k}": v for k, v in parts["ties"].items()}}
+            layer: {
+                **parts["tally"],
+                **{f"ties_{k}": v for k, v in parts["ties"].items()},
+                **self._test(parts.get("significance"), thresholds[layer].shape[0]),
+            }
             for layer, parts in out.items()
         }
+
+    def _test(self, bits: Mapping[str, np.ndarray] | None, num_units: int) -> dict[str, Any]:
+        """The permutation test's arrays from the masks pass 2 packed (none without them)."""
+        if bits is None:
+            return {}
+        s, concepts = self.settings, self.test_concepts()
+        t0 = time.time()
+        test = significance.packed_permutation_test(
+            bits["unit_bits"],
+            bits["concept_bits"],
+            num_units,
+            len(concepts),
+            draws=s.significance_draws,
+            seed=s.significance_seed,
+        )
+        logging.info("permutation test, %d draws: %.1f s", s.significance_draws, time.time() - t0)
+        arrays = {"unit_p": test.unit_p, "pair_p": test.pair_p, "iou": test.iou()}
+        return {_TEST_PREFIX + k: v for k, v in {**arrays, "concepts": concepts}.items()}
 
     # ------------------------------------------------------------ both, with stage caching
 
@@ -445,13 +527,21 @@ class Dissector:
                 top_values=p1[layer]["top_values"],
                 top_indices=p1[layer]["top_indices"],
                 top_maps=p1[layer]["top_maps"],
-                counts={k: v for k, v in p2[layer].items() if not k.startswith("ties_")},
+                counts={
+                    k: v for k, v in p2[layer].items() if not k.startswith(("ties_", _TEST_PREFIX))
+                },
                 shape=self.tap.shapes[layer],
                 ties=ties.UnitTies.from_arrays(
                     {k[5:]: v for k, v in p2[layer].items() if k.startswith("ties_")},
                     thresholds[layer],
                     self.settings.quantile,
                 ),
+                significance={
+                    k[len(_TEST_PREFIX) :]: v
+                    for k, v in p2[layer].items()
+                    if k.startswith(_TEST_PREFIX)
+                }
+                or None,
             )
             for layer in self.tap.layers
         }

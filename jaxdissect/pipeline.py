@@ -104,6 +104,25 @@ def _forward_key(model: ModelInfo, tap: capture.Tap) -> Any:
     return key
 
 
+def layer_significance(
+    arrays: Mapping[str, Any] | None, settings: engine.Settings
+) -> results.Significance | None:
+    """The results' view of a layer's permutation test (`engine.LayerStats.significance`):
+    its p-values and Benjamini-Hochberg's calls at `settings.significance_alpha`."""
+    if arrays is None:
+        return None
+    from jaxdissect import significance
+
+    return results.Significance(
+        p=arrays["unit_p"],
+        pair_p=arrays["pair_p"],
+        concepts=arrays["concepts"],
+        significant=significance.benjamini_hochberg(arrays["unit_p"], settings.significance_alpha),
+        alpha=settings.significance_alpha,
+        draws=settings.significance_draws,
+    )
+
+
 def dissect(
     model: ModelInfo,
     layers: Sequence[str] | str,
@@ -171,6 +190,7 @@ def dissect(
             categories=settings.categories,
             path=path,
             ties=stats[path].ties,
+            significance=layer_significance(stats[path].significance, settings),
         )
         for name, path in zip(tap.names, tap.layers, strict=True)
     ]

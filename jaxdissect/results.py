@@ -67,6 +67,8 @@ _COUNT_KEYS = ("intersection", "label_pixels", "unit_pixels", "unit_total")
 NO_ACTIVE_PIXELS = "no active pixels"
 NO_OVERLAP = "no concept overlap"
 STATES = (*TIE_STATES, NO_ACTIVE_PIXELS, NO_OVERLAP)
+# tally.csv's extra columns where the permutation test ran (`tally_csv_rows`).
+SIGNIFICANCE_COLUMNS = ("p-value", "label-p-value", "significant")
 
 
 def iou_matrix(counts: Mapping[str, np.ndarray], labels: LabelSpace) -> np.ndarray:
@@ -81,6 +83,38 @@ def iou_matrix(counts: Mapping[str, np.ndarray], labels: LabelSpace) -> np.ndarr
     iou = np.divide(inter, union, out=np.zeros(inter.shape, np.float64), where=union > 0)
     iou[:, ~scored] = 0.0
     return iou
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Significance:
+    """A layer's permutation test (`jaxdissect.significance`) as the results show it.
+
+    Attributes:
+      p: float64 [K], each unit's p-value: of its best IoU over all concepts on the test's
+        grid, against the best of every draw (the choice of the label is paid for).
+      pair_p: float64 [K, C], the p-value of each (unit, concept) pair.
+      concepts: int64 [C], the label numbers of pair_p's columns.
+      significant: bool [K], Benjamini-Hochberg's discoveries at `alpha` over the layer's p.
+      alpha: the false discovery rate.
+      draws: permutations drawn (p resolves to 1 / (1 + draws)).
+    """
+
+    p: np.ndarray
+    pair_p: np.ndarray
+    concepts: np.ndarray
+    significant: np.ndarray
+    alpha: float
+    draws: int
+
+    def label_p(self, labels: np.ndarray) -> np.ndarray:
+        """float64 [K]: the p-value of each unit's pair with `labels[k]` (NaN: -1 or untested)."""
+        labels = np.asarray(labels, np.int64)
+        column = {int(c): i for i, c in enumerate(self.concepts)}
+        out = np.full(labels.shape, np.nan)
+        for k, label in enumerate(labels):
+            if int(label) in column:
+                out[k] = self.pair_p[k, column[int(label)]]
+        return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -103,6 +137,7 @@ class LayerResult:
       state: object [K], each unit's state (one of STATES or "").
       ties: the engine's tie statistics (None when not measured).
       path: the layer's module path in the model (default: `layer`).
+      significance: the layer's permutation test (None: not run).
     """
 
     layer: str
@@ -119,10 +154,15 @@ class LayerResult:
     state: np.ndarray
     ties: UnitTies | None = None
     path: str = ""
+    significance: Significance | None = None
 
     def __post_init__(self):
         if not self.path:
             object.__setattr__(self, "path", self.layer)
+        k = self.iou.shape[0]
+        test = self.significance
+        if test is not None and (test.p.shape != (k,) or test.significant.shape != (k,)):
+            raise ValueError(f"significance has {test.p.shape} units, the counts {k}")
 
     @property
     def num_units(self) -> int:
@@ -148,12 +188,14 @@ def layer_result(
     categories: Sequence[str] | None = None,
     path: str | None = None,
     ties: UnitTies | None = None,
+    significance: Significance | None = None,
 ) -> LayerResult:
     """Score one layer's counts: IoU, best label per category and overall, unit states.
 
     `categories` restricts the scored categories (Lite leaves out "material"); default all.
     `path` is the layer's module path when `layer` is another name for it (an alias).
     `ties`: the engine's tie statistics of the layer (dead units then get no label).
+    `significance`: the layer's permutation test, carried into the files.
     """
     if not layer:
         raise ValueError("a layer result needs a layer name")
@@ -209,6 +251,7 @@ def layer_result(
         path=path or layer,
         state=state,
         ties=ties,
+        significance=significance,
     )
 
 
@@ -344,7 +387,9 @@ def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]
     score, then per scored category <cat>-label, <cat>-truth (the label's pixels),
     <cat>-activation (the unit's active pixels in the union restricted for the category),
     <cat>-intersect, <cat>-iou; a unit without a label (module docstring) has an empty
-    label and category. Rows
+    label and category. Where the permutation test ran, extras at the end (Lite's readers
+    index columns by name): `p-value` (the unit's), `label-p-value` (of its label, empty
+    without one) and `significant` (1 or 0, BH over the layer). Rows
     are sorted as Lite sorts them, by score descending; Lite's tie order comes from an
     unstable argsort, here ties keep unit order. Counts are written as integers (Lite
     writes float64 counts such as 12544.0) and scores with Python's repr.
@@ -357,6 +402,10 @@ def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]
         header += [
             f"{cat}-{field}" for field in ("label", "truth", "activation", "intersect", "iou")
         ]
+    test = result.significance
+    if test is not None:
+        header += list(SIGNIFICANCE_COLUMNS)
+        label_p = test.label_p(result.best_label)
     rows = []
     for unit in sorted(range(result.num_units), key=lambda u: -result.best_iou[u]):
         best = int(result.best_label[unit])
@@ -374,6 +423,10 @@ def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]
             row[f"{cat}-activation"] = int(counts["unit_pixels"][unit, j])
             row[f"{cat}-intersect"] = int(counts["intersection"][unit, label]) if have else 0
             row[f"{cat}-iou"] = float(result.category_iou[unit, col])
+        if test is not None:
+            row["p-value"] = float(test.p[unit])
+            row["label-p-value"] = "" if np.isnan(label_p[unit]) else float(label_p[unit])
+            row["significant"] = int(test.significant[unit])
         rows.append(row)
     return header, rows
 
@@ -429,6 +482,8 @@ def layer_record(result: LayerResult) -> dict[str, Any]:
     summary = layer_summary(result)
     cat_names = [labels.categories[j] for j in result.categories]
     tie_fraction = result.ties.tie_fraction if result.ties is not None else None
+    test = result.significance
+    label_p = None if test is None else test.label_p(result.best_label)
     units = []
     for unit in range(result.num_units):
         best = int(result.best_label[unit])
@@ -459,10 +514,11 @@ def layer_record(result: LayerResult) -> dict[str, Any]:
                 "state": str(result.state[unit]),
                 "active_pixels": int(counts["unit_total"][unit]),
                 "tie_fraction": float(tie_fraction[unit]) if tie_fraction is not None else None,
+                **_unit_test(result, unit, label_p),
                 "categories": per_category,
             }
         )
-    return {
+    record = {
         "layer": result.layer,
         "path": result.path,
         "num_units": result.num_units,
@@ -480,6 +536,30 @@ def layer_record(result: LayerResult) -> dict[str, Any]:
             "states": summary.states,
         },
         "units": units,
+    }
+    if test is not None:
+        interp, sig = result.interpretable, test.significant
+        record["significance"] = {
+            "draws": test.draws,
+            "alpha": test.alpha,
+            "significant_units": int(sig.sum()),
+            "interpretable_and_significant": int((interp & sig).sum()),
+            "interpretable_not_significant": int((interp & ~sig).sum()),
+            "significant_not_interpretable": int((~interp & sig).sum()),
+        }
+    return record
+
+
+def _unit_test(result: LayerResult, unit: int, label_p: np.ndarray | None) -> dict[str, Any]:
+    """A unit's p-values and BH call in results.json (nothing where the test did not run)."""
+    test = result.significance
+    if test is None:
+        return {}
+    p = float(label_p[unit])
+    return {
+        "p_value": float(test.p[unit]),
+        "label_p_value": None if np.isnan(p) else p,
+        "significant": bool(test.significant[unit]),
     }
 
 

@@ -32,22 +32,40 @@ where the concept tends to be.
 
 `benjamini_hochberg` controls the expected share of false discoveries among the
 (unit, concept) pairs of one layer called significant at level alpha.
+
+As a streaming statistic (`mask_statistic`): the test needs, for every pairing, image
+i's unit masks with image pi(i)'s concept masks, which no per-image sum holds. A pass
+(the dissection's pass 2, from its activation cache: no extra forward pass) stores every
+image's unit and concept masks on the test's grid as packed bits, N P (K + C) / 8 bytes
+(P: pixels of the grid, every `stride`-th of the segmentation's in both directions);
+`packed_permutation_test` then streams the draws over blocks of images, unpacking one
+block of unit masks and the block's permuted concept masks at a time, and draws the
+permutations in chunks (never all D x N at once). Memory: the packed masks, one block
+(at most `_BLOCK_BYTES` unpacked), and int32 counts [K, C].
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect import statistics
+from jaxdissect.tally import interpolation_taps
+from jaxdissect.tie_rule import active, check_tie_rule
+
 # Draws of the permutation null unless the caller says otherwise (resolves p down to 0.005).
 DEFAULT_DRAWS = 199
 # Images per float32 block of the intersection counts: every partial sum stays below 2**24.
 _EXACT_F32 = 2**24
+# Bytes of one block's unpacked masks (bfloat16 unit and concept masks of its images).
+_BLOCK_BYTES = 64 * 2**20
+# Permutations drawn and sent to the device at a time.
+_DRAW_CHUNK = 64
 
 
 def intersections(unit_masks: np.ndarray, concept_masks: np.ndarray) -> np.ndarray:
@@ -76,47 +94,107 @@ def iou(inter: jax.Array, unit_area: jax.Array, concept_area: jax.Array) -> jax.
     return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("block",))
+def pack(masks: np.ndarray | jax.Array) -> jax.Array:
+    """uint8 [..., ceil(X / 8)]: bool masks [..., X] packed along their last axis."""
+    return jnp.packbits(jnp.asarray(masks, bool), axis=-1)
+
+
+def _pairing(
+    unit_bits: jax.Array,
+    concept_bits: jax.Array,
+    order: jax.Array,
+    *,
+    num_units: int,
+    num_concepts: int,
+    block: int,
+) -> jax.Array:
+    """int32 [K, C]: sum over images i of |U_i,k & L_order[i],c|, a block of images at a time."""
+    n = unit_bits.shape[0]
+    starts = jnp.arange(0, n, block, dtype=jnp.int32)
+
+    def unpack(bits: jax.Array, rows: jax.Array, count: int, valid: jax.Array) -> jax.Array:
+        m = jnp.unpackbits(jnp.take(bits, rows, axis=0), axis=-1, count=count)
+        # 0/1 is exact in bfloat16; products sum in float32 below 2**24 per block.
+        return (m * valid[:, None, None]).astype(jnp.bfloat16)
+
+    def add(total: jax.Array, start: jax.Array) -> tuple[jax.Array, None]:
+        idx = start + jnp.arange(block, dtype=jnp.int32)
+        valid = (idx < n).astype(jnp.uint8)
+        idx = jnp.minimum(idx, n - 1)
+        u = unpack(unit_bits, idx, num_units, valid)
+        c = unpack(concept_bits, jnp.take(order, idx), num_concepts, valid)
+        part = jnp.einsum("npk,npc->kc", u, c, preferred_element_type=jnp.float32)
+        return total + part.astype(jnp.int32), None
+
+    zero = jnp.zeros((num_units, num_concepts), jnp.int32)
+    total, _ = jax.lax.scan(add, zero, starts)
+    return total
+
+
+_STATIC = ("num_units", "num_concepts", "block")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _observed(unit_bits, concept_bits, *, num_units, num_concepts, block):
+    """(intersections [K, C], unit areas [K], concept areas [C]), int32, of the true pairing."""
+    n = unit_bits.shape[0]
+    order = jnp.arange(n, dtype=jnp.int32)
+    inter = _pairing(
+        unit_bits, concept_bits, order, num_units=num_units, num_concepts=num_concepts, block=block
+    )
+
+    def area(bits: jax.Array, count: int) -> jax.Array:
+        def add(total, start):
+            rows = jax.lax.dynamic_slice_in_dim(bits, start, 1)
+            m = jnp.unpackbits(rows, axis=-1, count=count)
+            return total + jnp.sum(m, (0, 1), dtype=jnp.int32), None
+
+        total, _ = jax.lax.scan(add, jnp.zeros((count,), jnp.int32), jnp.arange(n))
+        return total
+
+    return inter, area(unit_bits, num_units), area(concept_bits, num_concepts)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(0,))
 def _exceedances(
-    u: jax.Array, c: jax.Array, perms: jax.Array, observed: jax.Array, *, block: int
+    counts, unit_bits, concept_bits, perms, observed, unit_area, concept_area, **static
 ) -> tuple[jax.Array, jax.Array]:
-    """int32 [K, C]: draws whose permuted intersection reaches `observed`; int32 [K]: draws
-    whose best IoU over the concepts reaches the unit's observed best IoU."""
-    n = u.shape[0]
-    pad = (-n) % block
-    unit_area = jnp.sum(u, (0, 1), dtype=jnp.int32)
-    concept_area = jnp.sum(c, (0, 1), dtype=jnp.int32)
+    """counts plus, over the draws `perms` [D, N]: (int32 [K, C]) draws whose permuted
+    intersection reaches `observed`, (int32 [K]) draws whose best IoU over the concepts
+    reaches the unit's observed best IoU."""
     best = jnp.max(iou(observed, unit_area, concept_area), axis=1)
-    u = jnp.pad(u, ((0, pad), (0, 0), (0, 0)))
-    blocks = u.reshape(-1, block, *u.shape[1:])
 
-    def one(counts, perm):
-        paired = jnp.pad(c[perm], ((0, pad), (0, 0), (0, 0))).reshape(-1, block, *c.shape[1:])
-
-        def add(total: jax.Array, pair: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
-            part = jnp.einsum("npk,npc->kc", pair[0], pair[1], preferred_element_type=jnp.float32)
-            return total + part.astype(jnp.int32), None
-
-        zero = jnp.zeros((u.shape[-1], c.shape[-1]), jnp.int32)
-        inter, _ = jax.lax.scan(add, zero, (blocks, paired))
+    def one(carry, perm):
+        inter = _pairing(unit_bits, concept_bits, perm, **static)
         drawn = jnp.max(iou(inter, unit_area, concept_area), axis=1)
-        pairs, units = counts
+        pairs, units = carry
         return (pairs + (inter >= observed), units + (drawn >= best)), None
 
-    start = (
-        jnp.zeros((u.shape[-1], c.shape[-1]), jnp.int32),
-        jnp.zeros((u.shape[-1],), jnp.int32),
-    )
-    counts, _ = jax.lax.scan(one, start, perms)
+    counts, _ = jax.lax.scan(one, counts, perms)
     return counts
+
+
+def _check_draws(draws: int) -> None:
+    if draws < 1:
+        raise ValueError(f"draws={draws} must be >= 1")
+
+
+def permutation_chunks(num_images: int, draws: int, seed: int, chunk: int) -> Iterator[np.ndarray]:
+    """int32 [<= chunk, num_images] blocks of the seeded permutations of `permutations`."""
+    _check_draws(draws)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, num_images, draws]))
+
+    def blocks() -> Iterator[np.ndarray]:
+        for start in range(0, draws, chunk):
+            size = min(chunk, draws - start)
+            yield np.stack([rng.permutation(num_images) for _ in range(size)]).astype(np.int32)
+
+    return blocks()
 
 
 def permutations(num_images: int, draws: int, seed: int) -> np.ndarray:
     """int32 [draws, num_images]: uniform random permutations of the images (seeded)."""
-    if draws < 1:
-        raise ValueError(f"draws={draws} must be >= 1")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, num_images, draws]))
-    return np.stack([rng.permutation(num_images) for _ in range(draws)]).astype(np.int32)
+    return np.concatenate(list(permutation_chunks(num_images, draws, seed, draws)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +208,79 @@ class PermutationTest:
         choice of the label is paid for): "unit k detects some concept".
       observed: int64 [K, C], the observed intersections.
       draws: D.
+      unit_area, concept_area: int64 [K], [C], the masks' pixels over all images.
     """
 
     pair_p: np.ndarray
     unit_p: np.ndarray
     observed: np.ndarray
     draws: int
+    unit_area: np.ndarray | None = None
+    concept_area: np.ndarray | None = None
+
+    def iou(self) -> np.ndarray:
+        """float64 [K, C]: the observed IoU of every (unit, concept) pair on the test's grid."""
+        union = self.unit_area[:, None] + self.concept_area[None, :] - self.observed
+        return np.where(union > 0, self.observed / np.maximum(union, 1), 0.0)
+
+
+def block_size(num_images: int, pixels: int, num_units: int, num_concepts: int) -> int:
+    """Images per block: float32 sums stay exact, the unpacked block within `_BLOCK_BYTES`."""
+    per_image = 2 * max(pixels, 1) * (num_units + num_concepts)
+    exact = (_EXACT_F32 - 1) // max(pixels, 1)
+    return max(1, min(num_images, exact, _BLOCK_BYTES // per_image))
+
+
+def packed_permutation_test(
+    unit_bits: np.ndarray | jax.Array,
+    concept_bits: np.ndarray | jax.Array,
+    num_units: int,
+    num_concepts: int,
+    *,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+) -> PermutationTest:
+    """The image-permutation test from packed masks (`pack`): unit_bits uint8 [N, P, ceil(K/8)],
+    concept_bits uint8 [N, P, ceil(C/8)].
+
+    A pair that never overlaps (observed 0) gets p = 1. The counts are exact: float32
+    blocks of images whose sums stay below 2**24, added as integers. BH over the K unit
+    p-values can only call a unit when 1 / (1 + D) <= alpha / K: take D >= K / alpha.
+    """
+    ub = jnp.asarray(unit_bits, jnp.uint8)
+    cb = jnp.asarray(concept_bits, jnp.uint8)
+    if ub.ndim != 3 or cb.ndim != 3 or ub.shape[:2] != cb.shape[:2]:
+        raise ValueError(
+            f"unit_bits {ub.shape} and concept_bits {cb.shape} must be [N, P, bytes] over the "
+            "same images and pixels"
+        )
+    for name, count, bits in (("num_units", num_units, ub), ("num_concepts", num_concepts, cb)):
+        if (count + 7) // 8 != bits.shape[-1]:
+            raise ValueError(f"{name}={count} does not match {bits.shape[-1]} bytes of masks")
+    _check_draws(draws)
+    n, p = ub.shape[:2]
+    k, c = num_units, num_concepts
+    if n == 0:
+        zero = np.zeros((k, c), np.int64)
+        return PermutationTest(np.ones((k, c)), np.ones(k), zero, draws, zero[:, 0], zero[0])
+    static = {"num_units": k, "num_concepts": c, "block": block_size(n, p, k, c)}
+    observed, unit_area, concept_area = _observed(ub, cb, **static)
+    counts = (jnp.zeros((k, c), jnp.int32), jnp.zeros((k,), jnp.int32))
+    for perms in permutation_chunks(n, draws, seed, _DRAW_CHUNK):
+        counts = _exceedances(
+            counts, ub, cb, jnp.asarray(perms), observed, unit_area, concept_area, **static
+        )
+    pairs, units = counts
+    pair_p = (1.0 + np.asarray(pairs, np.float64)) / (1.0 + draws)
+    unit_p = (1.0 + np.asarray(units, np.float64)) / (1.0 + draws)
+    return PermutationTest(
+        pair_p,
+        unit_p,
+        np.asarray(observed, np.int64),
+        draws,
+        np.asarray(unit_area, np.int64),
+        np.asarray(concept_area, np.int64),
+    )
 
 
 def permutation_test(
@@ -145,32 +290,13 @@ def permutation_test(
     draws: int = DEFAULT_DRAWS,
     seed: int = 0,
 ) -> PermutationTest:
-    """The image-permutation test of every (unit, concept) pair and of every unit's best IoU.
-
-    A pair that never overlaps (observed 0) gets p = 1. The counts are exact: float32
-    blocks of images whose sums stay below 2**24, added as integers. BH over the K unit
-    p-values can only call a unit when 1 / (1 + D) <= alpha / K: take D >= K / alpha.
-    """
+    """The image-permutation test of every (unit, concept) pair and of every unit's best IoU,
+    from bool masks [N, P, K] and [N, P, C] (`packed_permutation_test` of their bits)."""
     u = np.asarray(unit_masks, bool)
     c = np.asarray(concept_masks, bool)
     _check(u, c)
-    n, p = u.shape[:2]
-    observed = intersections(u, c)
-    if n == 0:
-        return PermutationTest(np.ones(observed.shape), np.ones(u.shape[2]), observed, draws)
-    block = max(1, min(n, (_EXACT_F32 - 1) // max(p, 1)))
-    perms = permutations(n, draws, seed)
-    pairs, units = _exceedances(
-        # 0/1 is exact in bfloat16 (half float32's memory); products sum in float32.
-        jnp.asarray(u, jnp.bfloat16),
-        jnp.asarray(c, jnp.bfloat16),
-        jnp.asarray(perms),
-        jnp.asarray(observed, jnp.int32),
-        block=block,
-    )
-    pair_p = (1.0 + np.asarray(pairs, np.float64)) / (1.0 + draws)
-    unit_p = (1.0 + np.asarray(units, np.float64)) / (1.0 + draws)
-    return PermutationTest(pair_p, unit_p, observed, draws)
+    _check_draws(draws)
+    return packed_permutation_test(pack(u), pack(c), u.shape[2], c.shape[2], draws=draws, seed=seed)
 
 
 def benjamini_hochberg(p: np.ndarray, alpha: float = 0.05) -> np.ndarray:
@@ -194,60 +320,105 @@ def benjamini_hochberg(p: np.ndarray, alpha: float = 0.05) -> np.ndarray:
     return out.reshape(p.shape)
 
 
-# --------------------------------------------------------------------------- masks of a layer
+# ----------------------------------------------------------------------------- as a statistic
 
 
-def layer_masks(
-    tap: Any,
-    path: str,
-    thresholds: np.ndarray,
-    source: Any,
-    concepts: np.ndarray,
-    *,
-    input_spec: Any,
-    stride: int = 1,
+def grid_unit_masks(
+    acts: jax.Array,
+    thresholds: jax.Array,
+    size: tuple[int, int],
+    stride: int,
     tie_rule: str = "strict",
-    batch_size: int = 32,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(unit masks bool [N, P, K], concept masks bool [N, P, C]) of every probe image.
+) -> jax.Array:
+    """bool [B, ceil(sh/stride), ceil(sw/stride), K]: `masks.unit_masks(acts, thresholds, size,
+    tie_rule)[:, ::stride, ::stride]`, upsampled only at the grid's pixels (same values)."""
+    sh, sw = size
+    _, h, w, _ = acts.shape
+    acts = jnp.asarray(acts, jnp.float32)
+    y0, y1, fy = (t[::stride] for t in interpolation_taps(sh, h))
+    x0, x1, fx = (t[::stride] for t in interpolation_taps(sw, w))
+    gy, hy = (1.0 - fy)[None, :, None, None], fy[None, :, None, None]
+    gx, hx = (1.0 - fx)[None, None, :, None], fx[None, None, :, None]
+    rows = acts[:, y0] * gy + acts[:, y1] * hy
+    up = rows[:, :, x0] * gx + rows[:, :, x1] * hx
+    return active(up, jnp.asarray(thresholds, jnp.float32), tie_rule)
 
-    The masks of `jaxdissect.masks` at the segmentation size, on the pixel grid taken every
-    `stride` pixels in both directions (P = ceil(sh / stride) * ceil(sw / stride)): the
-    test's cost and memory scale with P. `tap` is a `capture.Tap` holding layer `path`;
-    `thresholds` [K] the dissection's (raw activations).
-    """
+
+def grid_concept_masks(
+    pixel_labels: jax.Array, image_labels: jax.Array, concepts: jax.Array, stride: int
+) -> jax.Array:
+    """bool [B, ceil(sh/stride), ceil(sw/stride), C]: `masks.concept_masks` on the grid."""
     from jaxdissect import masks
 
+    m = masks.concept_masks(pixel_labels[:, :, ::stride, ::stride], image_labels, concepts)
+    return jnp.moveaxis(m, 1, -1)
+
+
+def mask_statistic(
+    layer: str,
+    thresholds: np.ndarray,
+    concepts: Sequence[int] | np.ndarray,
+    *,
+    num_images: int,
+    seg_size: tuple[int, int],
+    stride: int = 1,
+    tie_rule: str = "strict",
+) -> statistics.Statistic:
+    """Every image's unit and concept masks on the test's grid, as packed bits (module doc).
+
+    The state holds uint8 [N, P, ceil(K/8)] and [N, P, ceil(C/8)] (P = ceil(sh / stride) *
+    ceil(sw / stride)); each image's row is written at its index, and merge is a bitwise OR
+    (a shard's rows are zero elsewhere). The thresholds ride in the state. finalize gives
+    {"unit_bits", "concept_bits"} for `packed_permutation_test`.
+    """
     if stride < 1:
         raise ValueError(f"stride={stride} must be >= 1")
-    sh, sw = source.seg_size
-    concepts_j = jnp.asarray(concepts, jnp.int32)
-    thr = jnp.asarray(thresholds, jnp.float32)
+    check_tie_rule(tie_rule)
+    thresholds = np.asarray(thresholds, np.float32)
+    concepts = np.asarray(concepts, np.int32)
+    k, c = thresholds.shape[0], concepts.shape[0]
+    sh, sw = (int(s) for s in seg_size)
+    pixels = -(-sh // stride) * -(-sw // stride)
 
-    @jax.jit
-    def unit_step(v: Any, images: jax.Array) -> jax.Array:
-        acts = tap.fn(v, input_spec(images))[path].astype(jnp.float32)
-        m = masks.unit_masks(acts, thr, (sh, sw), tie_rule)[:, ::stride, ::stride]
-        return m.reshape(m.shape[0], -1, m.shape[-1])
+    def init(shard: int):
+        return {
+            "thresholds": jnp.asarray(thresholds),
+            "units": jnp.zeros((num_images, pixels, (k + 7) // 8), jnp.uint8),
+            "concepts": jnp.zeros((num_images, pixels, (c + 7) // 8), jnp.uint8),
+        }
 
-    @jax.jit
-    def concept_step(planes: jax.Array, image_labels: jax.Array) -> jax.Array:
-        m = masks.concept_masks(planes, image_labels, concepts_j)[:, :, ::stride, ::stride]
-        return jnp.moveaxis(m.reshape(m.shape[0], m.shape[1], -1), 1, 2)
+    def update(state, batch):
+        acts = batch["acts"][layer]
+        b = acts.shape[0]
+        u = grid_unit_masks(acts, state["thresholds"], (sh, sw), stride, tie_rule)
+        l_ = grid_concept_masks(
+            batch["pixel_labels"], batch["image_labels"], jnp.asarray(concepts), stride
+        )
+        rows = jnp.where(batch["valid"], batch["index"], num_images)  # padding: dropped
+        return {
+            "thresholds": state["thresholds"],
+            "units": state["units"].at[rows].set(pack(u.reshape(b, pixels, k)), mode="drop"),
+            "concepts": state["concepts"].at[rows].set(pack(l_.reshape(b, pixels, c)), mode="drop"),
+        }
 
-    units, conc = [], []
-    n = len(source)
-    for start in range(0, n, batch_size):
-        idx = range(start, min(n, start + batch_size))
-        images = np.stack([np.asarray(source.read_image(i), np.float32) for i in idx])
-        labels = [source.read_labels(i) for i in idx]
-        depth = max(1, max(p.shape[0] for p, _ in labels))
-        width = max(1, max(len(q) for _, q in labels))
-        planes = np.zeros((len(labels), depth, sh, sw), np.int32)
-        image_labels = np.zeros((len(labels), width), np.int32)
-        for j, (p, q) in enumerate(labels):
-            planes[j, : p.shape[0]] = p
-            image_labels[j, : len(q)] = q
-        units.append(np.asarray(unit_step(tap.variables, images)))
-        conc.append(np.asarray(concept_step(planes, image_labels)))
-    return np.concatenate(units), np.concatenate(conc)
+    def merge(a, b):
+        return {
+            "thresholds": a["thresholds"],
+            "units": a["units"] | b["units"],
+            "concepts": a["concepts"] | b["concepts"],
+        }
+
+    def finalize(state):
+        return {
+            "unit_bits": np.asarray(state["units"]),
+            "concept_bits": np.asarray(state["concepts"]),
+        }
+
+    key = ("significance_masks", layer, concepts.tobytes(), num_images, (sh, sw), stride, tie_rule)
+    return statistics.Statistic(init, update, merge, finalize, key)
+
+
+def masks_bytes(num_images: int, seg_size: tuple[int, int], stride: int, k: int, c: int) -> int:
+    """Bytes of `mask_statistic`'s state (per device): the test's memory bound with one block."""
+    pixels = -(-seg_size[0] // stride) * -(-seg_size[1] // stride)
+    return num_images * pixels * ((k + 7) // 8 + (c + 7) // 8)

@@ -189,8 +189,8 @@ def test_significance_script_tests_every_unit(tmp_path, trained_run, data_args):
         "significance",
         f"--weights={weights}",
         "--layer=conv5",
-        "--draws=49",
-        "--mask_stride=8",
+        "--significance_draws=49",
+        "--significance_stride=8",
         *data_args,
         *PROBE_ARGS,
         f"--output_dir={tmp_path}",
@@ -206,6 +206,32 @@ def test_significance_script_tests_every_unit(tmp_path, trained_run, data_args):
     assert s["significant"] == sum(u["significant"] for u in units)
     assert s["interpretable"] == sum(u["interpretable"] for u in units)
     assert doc["cost"]["forward_pass_equivalents"] > 0
+
+
+@pytest.mark.parametrize("baseline", ["random_init", "rotated"])
+def test_significance_script_tests_the_papers_baselines(tmp_path, trained_run, data_args, baseline):
+    """--baseline dissects and tests a reference: the rotated layer (its own results name)
+    or the same architecture at a random init; the distribution of its best IoUs."""
+    weights = trained_run / "weights" / f"step_{TINY_STEPS:06d}"
+    args = [f"--weights={weights}", "--layer=conv5", "--significance_draws=19", *data_args]
+    doc = run_script(
+        "significance", *args, *PROBE_ARGS, f"--baseline={baseline}", f"--output_dir={tmp_path}"
+    )
+    assert doc["settings"]["baseline"] == baseline and len(doc["units"]) == 128
+    record = json.loads((tmp_path / "results.json").read_text())["layers"][0]
+    ious = sorted(u["iou"] for u in record["units"])
+    q = doc["summary"]["best_iou_quantiles"]
+    assert q["0"] == ious[0] and q["1"] == ious[-1]
+    assert [u["p"] for u in doc["units"]] == [u["p_value"] for u in record["units"]]
+    if baseline == "rotated":
+        assert record["layer"] == "conv5-t1_000" and record["path"] == "conv5-t1_000"
+        # A rotation mixes the units: their best IoUs are not the trained layer's.
+        plain = run_script("significance", *args, *PROBE_ARGS, f"--output_dir={tmp_path / 'p'}")
+        assert [u["iou"] for u in plain["units"]] != [u["iou"] for u in doc["units"]]
+    else:
+        assert record["layer"] == "conv5" and doc["settings"]["init_seed"] == 0
+        settings = json.loads((tmp_path / "results.json").read_text())["settings"]
+        assert settings["model_key"] != training.load_trained(weights).key
 
 
 def test_compare_script(tmp_path, trained_run, dynamics_run, data_args):

@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import csv
+import json
+
+import jax
 import numpy as np
 import pytest
 import scipy.stats
 
-from jaxdissect import significance
+from jaxdissect import driver, masks, parallel, significance
+
+# The headless browser fixture `driver` (skips where Chromium is not installed).
+from tests.test_report_browser import driver as browser  # noqa: F401
 
 
 def _masks(rng, n, p, k, density):
@@ -40,10 +47,13 @@ def _reference(u, c, draws, seed):
     return (1 + ge) / (1 + draws), (1 + ge_unit) / (1 + draws), observed
 
 
-@pytest.mark.parametrize("exact_limit", [None, 2 * 12 + 1])  # one block; blocks of 2 images
-def test_pvalues_match_numpy_loop(monkeypatch, exact_limit):
+# One block and one chunk of draws; blocks of 2 images (the last one short), chunks of 5 draws.
+@pytest.mark.parametrize("exact_limit, chunk", [(None, None), (2 * 12 + 1, 5)])
+def test_pvalues_match_numpy_loop(monkeypatch, exact_limit, chunk):
     if exact_limit is not None:
         monkeypatch.setattr(significance, "_EXACT_F32", exact_limit)
+    if chunk is not None:
+        monkeypatch.setattr(significance, "_DRAW_CHUNK", chunk)
     rng = np.random.default_rng(0)
     u = _masks(rng, 7, 12, 5, (0.0, 0.6))
     c = _masks(rng, 7, 12, 4, (0.0, 0.5))
@@ -102,3 +112,239 @@ def test_bad_input_is_named():
         significance.permutations(5, 0, 0)
     with pytest.raises(ValueError, match="same images and pixels"):
         significance.permutation_test(np.zeros((3, 4, 2), bool), np.zeros((3, 5, 2), bool))
+
+
+def test_grid_masks_are_the_full_masks_taken_every_stride_pixels():
+    rng = np.random.default_rng(4)
+    # Values on a coarse grid: many equal the threshold (ties) before and after upsampling.
+    acts = rng.integers(0, 4, (3, 5, 7, 6)).astype(np.float32)
+    thresholds = np.array([0, 1, 2, 3, 1.5, 2], np.float32)
+    pixel = rng.integers(0, 6, (3, 2, 19, 23)).astype(np.int32)
+    image = rng.integers(0, 6, (3, 2)).astype(np.int32)
+    concepts = np.array([0, 1, 3, 5, 9], np.int32)  # 0 and 9 (no such label): empty masks
+    for stride in (1, 3, 4):
+        for rule in ("strict", "inclusive"):
+            full = masks.unit_masks(acts, thresholds, (19, 23), rule)[:, ::stride, ::stride]
+            got = significance.grid_unit_masks(acts, thresholds, (19, 23), stride, rule)
+            np.testing.assert_array_equal(got, full)
+        full = masks.concept_masks(pixel, image, concepts)[:, :, ::stride, ::stride]
+        got = significance.grid_concept_masks(pixel, image, concepts, stride)
+        np.testing.assert_array_equal(got, np.moveaxis(np.asarray(full), 1, -1))
+
+
+class _Probe:
+    """Examples whose image is the layer's activation map, with planes of pixel labels."""
+
+    def __init__(self, acts, pixel, image):
+        self.acts, self.pixel, self.image = acts, pixel, image
+
+    def __len__(self):
+        return len(self.acts)
+
+    def __getitem__(self, i):
+        return {
+            "index": np.int32(i),
+            "image": self.acts[i],
+            "pixel_labels": self.pixel[i],
+            "image_labels": self.image[i],
+        }
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_the_statistic_over_a_pass_gives_the_in_memory_pvalues(devices):
+    """Masks folded batch by batch on every device, merged, then the streamed draws: the
+    same bits as the masks computed at once, and the same p-values as the in-memory test."""
+    rng = np.random.default_rng(5)
+    n, seg, stride = 43, (12, 10), 3  # 43 images: the last batch is padded
+    acts = rng.normal(size=(n, 4, 5, 11)).astype(np.float32)
+    thresholds = np.quantile(acts.reshape(-1, 11), 0.8, axis=0).astype(np.float32)
+    # Blobs of labels: concept 2 where unit 0 is high, to give a planted detector.
+    pixel = rng.integers(0, 5, (n, 2, *seg)).astype(np.int32)
+    hot = np.asarray(masks.unit_masks(acts, thresholds, seg))[..., 0]
+    pixel[:, 0] = np.where(hot, 2, pixel[:, 0] % 2)
+    image = rng.integers(0, 7, (n, 1)).astype(np.int32)
+    concepts = np.arange(1, 7, dtype=np.int32)
+    stat = significance.mask_statistic(
+        "l", thresholds, concepts, num_images=n, seg_size=seg, stride=stride
+    )
+    got = driver.run_pass(
+        "sig",
+        stat,
+        _Probe(acts, pixel, image),
+        mesh=parallel.data_mesh(devices),
+        batch_size=8,
+        forward=jax.jit(lambda v, x: {"l": x}),
+        num_threads=0,
+    )
+    u = np.asarray(masks.unit_masks(acts, thresholds, seg))[:, ::stride, ::stride]
+    c = np.moveaxis(np.asarray(masks.concept_masks(pixel, image, concepts)), 1, -1)
+    u, c = u.reshape(n, -1, 11), c[:, ::stride, ::stride].reshape(n, -1, 6)
+    np.testing.assert_array_equal(got["unit_bits"], np.packbits(u, axis=-1))
+    np.testing.assert_array_equal(got["concept_bits"], np.packbits(c, axis=-1))
+    streamed = significance.packed_permutation_test(
+        got["unit_bits"], got["concept_bits"], 11, 6, draws=39, seed=7
+    )
+    want_p, want_unit, want_obs = _reference(u, c, 39, 7)
+    in_memory = significance.permutation_test(u, c, draws=39, seed=7)
+    for test in (streamed, in_memory):
+        np.testing.assert_array_equal(test.observed, want_obs)
+        np.testing.assert_array_equal(test.pair_p, want_p)
+        np.testing.assert_array_equal(test.unit_p, want_unit)
+    assert streamed.pair_p[0, 1] == 1 / 40
+    np.testing.assert_array_equal(streamed.unit_area, u.sum((0, 1)))
+    assert significance.masks_bytes(n, seg, stride, 11, 6) == (
+        got["unit_bits"].nbytes + got["concept_bits"].nbytes
+    )
+
+
+def test_packed_input_is_checked():
+    for test in (significance.permutation_test, significance.packed_permutation_test):
+        with pytest.raises(ValueError, match="draws=0"):
+            args = (np.zeros((3, 4, 2), bool),) * 2
+            if test is significance.packed_permutation_test:
+                args = (np.zeros((3, 4, 1), np.uint8),) * 2 + (2, 2)
+            test(*args, draws=0)
+    with pytest.raises(ValueError, match="num_units=9"):
+        significance.packed_permutation_test(
+            np.zeros((3, 4, 1), np.uint8), np.zeros((3, 4, 1), np.uint8), 9, 2
+        )
+    with pytest.raises(ValueError, match="stride=0"):
+        significance.mask_statistic("l", np.zeros(2), [1], num_images=2, seg_size=(4, 4), stride=0)
+
+
+@pytest.fixture(scope="module")
+def tested_run(tmp_path_factory):
+    """A dissection with the permutation test: 24 tiny synthetic images, two layers."""
+    from jaxdissect import engine, pipeline, store
+    from jaxdissect.data import Broden, synthetic
+    from tests.fixtures.small_model import make
+
+    root = synthetic.generate_tiny(tmp_path_factory.mktemp("data") / "broden", num_images=24)
+    source = Broden.open(root)
+    module, variables = make()
+    settings = engine.Settings(
+        batch_size=8,
+        activation_dtype="float32",
+        significance_draws=19,
+        significance_stride=4,
+        significance_seed=3,
+        significance_alpha=0.4,  # 12 units, p >= 1/20: BH calls some at 0.4
+    )
+    out = tmp_path_factory.mktemp("run")
+    model = pipeline.ModelInfo(
+        module, variables, module.input_spec, "small", store.fingerprint_tree(variables)
+    )
+    layer_results = pipeline.dissect(
+        model,
+        ["conv1", "top"],
+        source,
+        settings,
+        out,
+        dataset_name="tiny",
+        mesh=parallel.data_mesh(2),
+        options=pipeline.Options(progress=False, num_threads=0),
+    )
+    return out, source, model, settings, layer_results
+
+
+def test_a_dissection_with_the_test_gives_the_in_memory_pvalues(tested_run):
+    """The engine's p-values (masks packed in pass 2, draws streamed) are those of the
+    in-memory test on masks computed directly from the network and the labels."""
+    from jaxdissect import capture
+
+    out, source, model, settings, layer_results = tested_run
+    tap = capture.make_tap(model.module, model.variables, ["conv1", "top"], input_shape=(64, 64, 3))
+    images = np.stack([source.read_image(i) for i in range(len(source))]).astype(np.float32)
+    acts = tap.fn(tap.variables, model.input_spec(images))
+    concepts = np.flatnonzero(source.labels.primary >= 0)
+    planes = [source.read_labels(i) for i in range(len(source))]
+    depth = max(p.shape[0] for p, _ in planes)
+    width = max(1, max(len(q) for _, q in planes))
+    pixel = np.zeros((len(source), depth, *source.seg_size), np.int32)
+    image = np.zeros((len(source), width), np.int32)
+    for i, (p, q) in enumerate(planes):
+        pixel[i, : len(p)], image[i, : len(q)] = p, q
+    s = settings.significance_stride
+    c = np.moveaxis(np.asarray(masks.concept_masks(pixel, image, concepts)), 1, -1)
+    c = c[:, ::s, ::s].reshape(len(source), -1, len(concepts))
+    thresholds = json.loads((out / "results.json").read_text())["settings"]["thresholds"]
+    for result, path in zip(layer_results, tap.layers, strict=True):
+        u = np.asarray(
+            masks.unit_masks(acts[path], np.float32(thresholds[result.layer]), source.seg_size)
+        )
+        u = u[:, ::s, ::s].reshape(len(source), -1, u.shape[-1])
+        want = significance.permutation_test(u, c, draws=19, seed=3)
+        np.testing.assert_array_equal(result.significance.p, want.unit_p)
+        np.testing.assert_array_equal(result.significance.pair_p, want.pair_p)
+        np.testing.assert_array_equal(
+            result.significance.significant, significance.benjamini_hochberg(want.unit_p, 0.4)
+        )
+
+
+def test_results_tally_and_report_carry_the_pvalues(tested_run):
+    out, _, _, settings, layer_results = tested_run
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["settings"]["significance_draws"] == 19
+    for record, result in zip(doc["layers"], layer_results, strict=True):
+        test = result.significance
+        units = record["units"]
+        np.testing.assert_array_equal([u["p_value"] for u in units], test.p)
+        assert [u["significant"] for u in units] == test.significant.tolist()
+        for u in units:
+            if u["label"] < 0:
+                assert u["label_p_value"] is None
+            else:
+                column = list(test.concepts).index(u["label"])
+                assert u["label_p_value"] == test.pair_p[u["unit"], column]
+        block = record["significance"]
+        assert block["draws"] == 19 and block["alpha"] == 0.4
+        assert block["significant_units"] == int(test.significant.sum())
+        rows = list(csv.DictReader((out / f"tally-{result.layer}.csv").open()))
+        assert list(rows[0])[-3:] == ["p-value", "label-p-value", "significant"]
+        by_unit = {int(r["unit"]) - 1: r for r in rows}
+        for k in range(result.num_units):
+            assert float(by_unit[k]["p-value"]) == test.p[k]
+            assert by_unit[k]["significant"] == str(int(test.significant[k]))
+        page = (out / f"layer-{result.layer}.html").read_text()
+        assert 'id="significant-only"' in page
+        assert page.count('data-significant="1"') == int(test.significant.sum())
+        assert f"p = {test.p[0]:.3g}" in page
+    assert "significant detectors" in (out / "index.html").read_text()
+
+
+def test_without_draws_nothing_changes(tmp_path):
+    """significance_draws=0: no test, no extra key, column or control."""
+    from jaxdissect import engine
+
+    plain = engine.Settings(significance_alpha=0.1, significance_stride=2)
+    assert plain.pass2() == engine.Settings().pass2()
+    assert "significance_draws" not in engine.Settings().pass2()
+    assert "significance_draws" in engine.Settings(significance_draws=9).pass2()
+    with pytest.raises(ValueError, match="significance_draws=-1"):
+        engine.Settings(significance_draws=-1)
+    with pytest.raises(ValueError, match="significance_stride=0"):
+        engine.Settings(significance_stride=0)
+
+
+def test_the_significant_only_filter_shows_the_called_units(browser, tested_run):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    out, *_, layer_results = tested_run
+    r = max(layer_results, key=lambda r: min(r.significance.significant.sum(), r.num_units - 1))
+    called = sorted(np.flatnonzero(r.significance.significant).tolist())
+    assert 0 < len(called) < r.num_units
+    browser.get((out / f"layer-{r.layer}.html").as_uri())
+
+    def shown() -> list[int]:
+        return browser.execute_script(
+            "return Array.from(document.querySelectorAll('.card'))"
+            ".filter(c => !c.hidden).map(c => Number(c.dataset.unit))"
+        )
+
+    assert len(shown()) == r.num_units
+    browser.find_element(By.ID, "significant-only").click()
+    assert sorted(shown()) == called
+    count = browser.find_element(By.ID, "count").text
+    assert count == f"{len(called)} of {r.num_units} units shown"
+    browser.find_element(By.ID, "reset").click()
+    assert len(shown()) == r.num_units

@@ -26,6 +26,7 @@ def unit_cards(
 ) -> tuple[report_html.UnitCard, ...]:
     """A card per unit: its label (none for units without one), state and runners-up."""
     labels = result.labels
+    test = result.significance
     cards = []
     for k in range(result.num_units):
         best = int(result.best_label[k])
@@ -50,6 +51,8 @@ def unit_cards(
                 runners_up=tuple(others),
                 strip=strip_paths.get(k),
                 state=_state_text(result, k),
+                p=None if test is None else float(test.p[k]),
+                significant=None if test is None else bool(test.significant[k]),
             )
         )
     return tuple(cards)
@@ -129,6 +132,13 @@ def write_dissection_report(
                 path=r.path,
                 cannot_fire=summary.cannot_fire,
                 states={name: n for name, n in summary.states.items() if n},
+                significance=None
+                if r.significance is None
+                else (
+                    int(r.significance.significant.sum()),
+                    r.significance.alpha,
+                    r.significance.draws,
+                ),
             )
         )
     run = report_html.RunInfo(

@@ -44,6 +44,9 @@ class UnitCard:
     # Path of the unit's strip PNG relative to the layer page (i.e. to the report folder).
     strip: str | None = None
     state: str = ""
+    # The unit's permutation p-value and Benjamini-Hochberg call (None: test not run).
+    p: float | None = None
+    significant: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,8 @@ class LayerPage:
     # Units that cannot fire (no active pixel, or dead), and units per non-empty state.
     cannot_fire: int = 0
     states: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The permutation test: (significant units, alpha, draws); None where it did not run.
+    significance: tuple[int, float, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +171,7 @@ def write_report(
     html = env.get_template("index.html").render(
         run=run,
         entries=entries,
+        tested=any(p.significance is not None for p in layers),
         categories=categories,
         colors=colors,
         cross_plot=cross_plot,
@@ -213,6 +219,7 @@ def _render_layer(
         unit_categories=[c for c in categories if c in present],
         downloads=[(t, _url(p, out)) for t, p in page.downloads],
         tally_unit_offset=TALLY_UNIT_OFFSET,
+        tested=page.significance is not None,
     )
 
 
