@@ -74,6 +74,15 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         "re:<regex>. Empty: the model's default layers.",
         flag_values=fv,
     )
+    flags.DEFINE_string(
+        "token_layout",
+        None,
+        "How [B, tokens, C] layers (ViT blocks) are read as maps: [prefix+]HxW[+suffix], e.g. "
+        "1+14x14 (class token, 14x14 patches), 1+14x14+4 (and 4 registers after). "
+        "Default: the model's own, else inferred from its patch_size or the token count.",
+        flag_values=fv,
+    )
+    fv["token_layout"].field_name = "token_layout"  # library errors name it: see cli.flag_message
     cli.define_dataclass_flags(cli.Probe, fv)
     cli.define_dataclass_flags(engine.Settings, fv)
     cli.define_dataclass_flags(pipeline.Options, fv)
@@ -104,6 +113,10 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
     settings = cli.settings_from_flags(fv)
     options = cli.options_from_flags(fv)
     cli.check_layers(fv.layers)
+    if fv.token_layout is not None:
+        from jaxdissect.capture import TokenLayout
+
+        TokenLayout.parse(fv.token_layout)
     model_options = model_load.parse_options(fv.model_option)
     if fv.num_classes is not None:
         model_options["num_classes"] = fv.num_classes
@@ -153,7 +166,7 @@ def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
     if not layers:
         raise app.UsageError("--layers is empty and the model declares no default_layers")
     pipeline.dissect(
-        cli.model_info(model, spec),
+        dataclasses.replace(cli.model_info(model, spec), token_layout=fv.token_layout),
         layers,
         source,
         settings,

@@ -30,7 +30,11 @@ from jaxdissect.report import build as report_build
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """The model as the pipeline needs it."""
+    """The model as the pipeline needs it.
+
+    `token_layout`: how [B, tokens, C] layers are read as maps (`capture.make_tap`'s
+    argument; None: the model's own, else inferred).
+    """
 
     module: Any
     variables: Any
@@ -38,6 +42,26 @@ class ModelInfo:
     name: str
     key: str
     apply_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    token_layout: capture.LayoutArg = None
+
+    @property
+    def layout_key(self) -> Any:
+        """`token_layout` as JSON-able, hashable text (None when not named)."""
+        layout = self.token_layout
+        text = lambda v: str(capture.TokenLayout.parse(v) if isinstance(v, str) else v)  # noqa: E731
+        if layout is None:
+            return None
+        if isinstance(layout, Mapping):
+            return tuple(sorted((k, text(v)) for k, v in layout.items()))
+        return text(layout)
+
+    @property
+    def stage_key(self) -> str:
+        """What keys the stored stages: the weights' key, and a named token layout (it
+        changes the maps)."""
+        if self.token_layout is None:
+            return self.key
+        return store.key_of(model=self.key, token_layout=self.layout_key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +121,7 @@ def _forward_key(model: ModelInfo, tap: capture.Tap) -> Any:
         return None
     try:
         kwargs = tuple(sorted(model.apply_kwargs.items()))
-        key = (model.module, tap.layers, kwargs)
+        key = (model.module, tap.layers, kwargs, model.layout_key)
         hash(key)
     except TypeError:
         return None
@@ -148,6 +172,7 @@ def dissect(
         layers,
         input_shape=(spec.size, spec.size, 3),
         apply_kwargs=model.apply_kwargs,
+        token_layout=model.token_layout,
     )
     count = f"{len(source)} images"
     logging.info(
@@ -165,7 +190,7 @@ def dissect(
         source,
         settings,
         input_spec=spec,
-        model_key=model.key,
+        model_key=model.stage_key,
         mesh=mesh,
         work_dir=out / ".work",
         activation_cache=options.activation_cache,
@@ -231,6 +256,8 @@ def dissect(
         "devices": int(dissector.mesh.devices.size),
         "thresholds": {r.layer: stats[r.path].thresholds.tolist() for r in layer_results},
     }
+    if model.token_layout is not None:
+        run_settings["token_layout"] = model.layout_key
     if options.report:
         report_build.write_dissection_report(
             out,

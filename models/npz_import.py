@@ -85,8 +85,10 @@ def _advice(flat: Mapping[str, Any], params: Mapping[str, Any]) -> str:
         hints.append("The checkpoint has no head: --model_option num_classes=0.")
     if "pos_embedding" in model and "pos_embedding" not in flat:
         hints.append("The checkpoint has no learned position embedding: posemb=sincos2d.")
-    if any(k.startswith("MAPHead_0/") for k in flat):
-        hints.append("Attention-pooling heads (MAPHead, SigLIP) are not supported.")
+    if any(k.startswith("MAPHead_0/") for k in flat) and "MAPHead_0" not in params:
+        hints.append("The checkpoint has an attention-pooling head: --model_option pool_type=map.")
+    if "MAPHead_0" in params and not any(k.startswith("MAPHead_0/") for k in flat):
+        hints.append("The checkpoint has no attention-pooling head: pool_type=gap or tok.")
     return " ".join(hints)
 
 

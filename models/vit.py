@@ -39,7 +39,7 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "S": (384, 12, 1536, 6),
     "B": (768, 12, 3072, 12),
 }
-POOL_TYPES = ("gap", "tok")
+POOL_TYPES = ("gap", "tok", "map")
 POSEMB_TYPES = ("learn", "sincos2d")
 
 
@@ -128,15 +128,39 @@ class Encoder(nn.Module):
         return nn.LayerNorm(name="encoder_norm")(x)
 
 
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision's `MAPHead`, SigLIP's image towers): a learned
+    `probe` query attends over the tokens, then a residual MLP on its LayerNorm."""
+
+    mlp_dim: int
+    num_heads: int
+    gelu_approximate: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, _, d = x.shape
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), x.dtype)
+        x = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            kernel_init=nn.initializers.xavier_uniform(),
+            deterministic=True,
+            name="MultiHeadDotProductAttention_0",
+        )(jnp.tile(probe, (n, 1, 1)), x)
+        y = nn.LayerNorm(name="LayerNorm_0")(x)
+        x = x + MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
+        return x[:, 0]
+
+
 class ViT(nn.Module):
-    """big_vision's ViT (`pool_type` `gap` or `tok`, learned or sin-cos position embeddings).
+    """big_vision's ViT (`pool_type` `gap`, `tok` or `map`, learned or sin-cos position embeddings).
 
     Attributes:
       num_classes: logits of the `head` (0: no head, the pooled features are returned).
       patch_size: (ph, pw) of the patch embedding, or one int for square patches.
       width, depth, mlp_dim, num_heads: the transformer's size (see `VARIANTS`).
       posemb: `learn` (a `pos_embedding` parameter) or `sincos2d` (fixed).
-      pool_type: `gap` (mean of the tokens) or `tok` (a class token, `cls`).
+      pool_type: `gap` (mean of the tokens), `tok` (a class token, `cls`) or `map`
+        (attention pooling, `MAPHead_0`, with `num_heads` heads and `mlp_dim`).
       rep_size: width of a tanh `pre_logits` layer before the head (0: none).
       head_zeroinit: initialise the head's kernel to zeros (big_vision's default).
       gelu_approximate: tanh-approximated GELU (big_vision) or exact (timm, torch).
@@ -212,7 +236,10 @@ class ViT(nn.Module):
         x = Encoder(
             self.depth, self.mlp_dim, self.num_heads, self.gelu_approximate, name="Transformer"
         )(x)
-        x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)
+        if self.pool_type == "map":
+            x = MAPHead(self.mlp_dim, self.num_heads, self.gelu_approximate, name="MAPHead_0")(x)
+        else:
+            x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)
         if self.rep_size:
             x = nn.tanh(nn.Dense(self.rep_size, name="pre_logits")(x))
         if self.num_classes:
@@ -247,16 +274,17 @@ def vit_b16(**options: Any) -> ViT:
 def vit_scenes(*, num_classes: int = 17, image_size: int = 96) -> ViT:
     """A small ViT for the offline experiments (`experiments/train.py`, the synthetic scenes).
 
-    6 blocks of width 96 (3 heads, MLP 384), 8x8 patches (a 12x12 grid at 96 px), mean
-    pooling, learned position embeddings: 705,233 parameters at 17 classes (the small CNN: 541,905).
+    6 blocks of width 64 (2 heads, MLP 256), 12x12 patches (an 8x8 grid at 96 px), mean
+    pooling, learned position embeddings: 332,945 parameters at 17 classes (the small CNN:
+    541,905).
     """
     return ViT(
         num_classes=num_classes,
-        patch_size=(8, 8),
-        width=96,
+        patch_size=(12, 12),
+        width=64,
         depth=6,
-        mlp_dim=384,
-        num_heads=3,
+        mlp_dim=256,
+        num_heads=2,
         pool_type="gap",
         image_size=image_size,
     )

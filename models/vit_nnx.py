@@ -74,6 +74,30 @@ class Encoder1DBlock(nnx.Module):
         return x + self.MlpBlock_0(self.LayerNorm_1(x))
 
 
+class MAPHead(nnx.Module):
+    """Multihead attention pooling: a learned `probe` query, then a residual MLP."""
+
+    def __init__(self, config: vit.ViT, *, rngs: nnx.Rngs):
+        c = config.width
+        self.probe = nnx.Param(jnp.zeros((1, 1, c)))
+        self.MultiHeadDotProductAttention_0 = nnx.MultiHeadAttention(
+            config.num_heads,
+            c,
+            decode=False,
+            deterministic=True,
+            attention_fn=_linen_attention,
+            rngs=rngs,
+        )
+        self.LayerNorm_0 = nnx.LayerNorm(c, epsilon=1e-6, rngs=rngs)
+        self.MlpBlock_0 = MlpBlock(c, config.mlp_dim, config.gelu_approximate, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        probe = jnp.tile(self.probe[...], (x.shape[0], 1, 1))
+        x = self.MultiHeadDotProductAttention_0(probe, x)
+        x = x + self.MlpBlock_0(self.LayerNorm_0(x))
+        return x[:, 0]
+
+
 class Encoder(nnx.Module):
     """`depth` blocks (`encoderblock_{i}`) and the final `encoder_norm`."""
 
@@ -108,6 +132,8 @@ class ViT(nnx.Module):
         if config.pool_type == "tok":
             self.cls = nnx.Param(jnp.zeros((1, 1, c)))
         self.Transformer = Encoder(config, rngs=rngs)
+        if config.pool_type == "map":
+            self.MAPHead_0 = MAPHead(config, rngs=rngs)
         if config.rep_size:
             self.pre_logits = nnx.Linear(c, config.rep_size, rngs=rngs)
         if config.num_classes:
@@ -139,7 +165,10 @@ class ViT(nnx.Module):
         if self.config.pool_type == "tok":
             x = jnp.concatenate([jnp.tile(self.cls[...], (n, 1, 1)), x], axis=1)
         x = self.Transformer(x)
-        x = x[:, 0] if self.config.pool_type == "tok" else x.mean(axis=1)
+        if self.config.pool_type == "map":
+            x = self.MAPHead_0(x)
+        else:
+            x = x[:, 0] if self.config.pool_type == "tok" else x.mean(axis=1)
         if self.config.rep_size:
             x = jnp.tanh(self.pre_logits(x))
         if self.config.num_classes:

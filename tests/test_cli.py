@@ -184,6 +184,7 @@ def _script(name: str, *argv: str, cache: pathlib.Path) -> subprocess.CompletedP
             "--arch resnet18 --num_classes 365",
         ),
         (["--layers=re:("], "--layers: 're:\\(' is not a regular expression"),
+        (["--token_layout=1+14"], r"--token_layout='1\+14': expected \[prefix\+\]HxW\[\+suffix\]"),
     ],
 )
 def test_bad_flags_fail_in_one_line_before_loading(tmp_path, argv, message):

@@ -212,8 +212,78 @@ def test_zoo_configs():
         assert (model.width, model.num_heads) == (width, heads)
         assert round(count / 1e6, 1) == params_m, (arch, count)
         assert model.default_layers[-1] == "block11"
-    with pytest.raises(ValueError, match="pool_type='map': one of gap, tok"):
-        vit.vit_ti16(pool_type="map")
+    with pytest.raises(ValueError, match="pool_type='avg': one of gap, tok, map"):
+        vit.vit_ti16(pool_type="avg")
+
+
+def _numpy_map_head(tokens: np.ndarray, p: dict, heads: int) -> np.ndarray:
+    """big_vision's MAPHead, one image and one head at a time: the probe attends over the
+    tokens, LayerNorm (eps 1e-6), tanh-GELU MLP, residual; then the linear head."""
+    m = p["MAPHead_0"]
+    att = m["MultiHeadDotProductAttention_0"]
+    probe = np.asarray(m["probe"], np.float64)[0, 0]
+    pooled = []
+    for x in np.asarray(tokens, np.float64):
+        out = np.asarray(att["out"]["bias"], np.float64).copy()
+        for h in range(heads):
+            proj = {
+                n: x @ np.asarray(att[n]["kernel"])[:, h] + np.asarray(att[n]["bias"])[h]
+                for n in ("key", "value")
+            }
+            q = (
+                probe @ np.asarray(att["query"]["kernel"])[:, h]
+                + np.asarray(att["query"]["bias"])[h]
+            )
+            logits = proj["key"] @ q / np.sqrt(q.shape[0])
+            weights = np.exp(logits - logits.max())
+            weights /= weights.sum()
+            out += (weights @ proj["value"]) @ np.asarray(att["out"]["kernel"])[h]
+        ln = m["LayerNorm_0"]
+        y = (out - out.mean()) / np.sqrt(out.var() + 1e-6) * ln["scale"] + ln["bias"]
+        mlp = m["MlpBlock_0"]
+        y = y @ mlp["Dense_0"]["kernel"] + mlp["Dense_0"]["bias"]
+        y = 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y**3)))
+        pooled.append(out + y @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"])
+    return np.stack(pooled) @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def test_map_head_npz_loads_and_pools_as_big_vision(tmp_path):
+    """An attention-pooling (SigLIP-style) .npz under big_vision's names loads into
+    pool_type=map and its logits are the numpy MAPHead's of the encoder's tokens."""
+    model = vit.vit_ti16(pool_type="map", **SMALL)
+    variables = _random_variables(model, 32, seed=1)
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    assert {k for k in flat if k.startswith("MAPHead_0/")} == {
+        "MAPHead_0/probe",
+        *(
+            f"MAPHead_0/MultiHeadDotProductAttention_0/{n}/{w}"
+            for n in ("query", "key", "value", "out")
+            for w in ("kernel", "bias")
+        ),
+        "MAPHead_0/LayerNorm_0/scale",
+        "MAPHead_0/LayerNorm_0/bias",
+        *(f"MAPHead_0/MlpBlock_0/Dense_{i}/{w}" for i in (0, 1) for w in ("kernel", "bias")),
+    }
+    _save_npz(tmp_path / "map.npz", variables["params"], prefix="params/")
+    loaded = model_load.load(
+        "vit_ti16", weights=str(tmp_path / "map.npz"), options={"pool_type": "map", **SMALL}
+    )
+    for a, b in zip(jax.tree.leaves(loaded.variables), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+    x = jax.random.normal(jax.random.key(5), (3, 32, 32, 3))
+    logits, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    tokens = state["intermediates"]["Transformer"]["__call__"][0]
+    want = _numpy_map_head(tokens, variables["params"], model.num_heads)
+    _assert_close(logits, want, "logits")
+    twin = vit_nnx.from_linen(model, variables["params"])
+    _assert_close(twin(x), logits, "nnx logits")
+    with pytest.raises(ValueError, match="pool_type=map"):
+        model_load.load("vit_ti16", weights=str(tmp_path / "map.npz"), options=SMALL)
+    _save_npz(tmp_path / "gap.npz", _random_variables(vit.vit_ti16(**SMALL), 32)["params"])
+    with pytest.raises(ValueError, match="no attention-pooling head: pool_type=gap or tok"):
+        model_load.load(
+            "vit_ti16", weights=str(tmp_path / "gap.npz"), options={"pool_type": "map", **SMALL}
+        )
 
 
 def test_nnx_twin_has_the_same_numbers():

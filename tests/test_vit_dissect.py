@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxdissect import capture, engine, parallel, quantiles, results
+from jaxdissect import capture, cli, engine, parallel, quantiles, results
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.models import vit, vit_nnx
 from jaxdissect.preprocess import InputSpec
 from tests import reference
-from tests.experiment_testing import ROOT, TINY_SIZE, run_script, tiny_broden
+from tests.experiment_testing import ROOT, TINY_SIZE, parse, run_script, script, tiny_broden
 from tests.test_cli import _script
 
 pytestmark = pytest.mark.xdist_group("vit")
@@ -165,7 +165,7 @@ def test_big_vision_npz_dissected_from_its_flagfile(tmp_path):
 
 def test_small_vit_trains_and_dissects_from_its_export(tmp_path):
     """train.py exports the ViT's image_size (its position embeddings' grid), so the export
-    dissects at the training resolution: 48 px, 8 px patches, a 6x6 map per block."""
+    dissects at the training resolution: 48 px, 12 px patches, a 4x4 map per block."""
     broden = tiny_broden(tmp_path / "broden1_48")
     data = (f"--data={broden}", f"--resolution={TINY_SIZE}")
     run_script(
@@ -193,6 +193,44 @@ def test_small_vit_trains_and_dissects_from_its_export(tmp_path):
         f"--output_dir={tmp_path / 'compare'}",
     )
     assert [(r["layer"], r["path"], r["num_units"]) for r in rows] == [
-        ("block0", "Transformer/encoderblock_0", 96),
-        ("block5", "Transformer/encoderblock_5", 96),
+        ("block0", "Transformer/encoderblock_0", 64),
+        ("block5", "Transformer/encoderblock_5", 64),
     ]
+
+
+def test_token_layout_flag_reads_the_tokens_as_named(tmp_path):
+    """--token_layout replaces the inferred layout (4x4 patches at 48 px) and keys the stored
+    stages: the same output directory with another layout of the 16 tokens (2x8) recomputes,
+    and a layout of the wrong token count is refused naming the flag."""
+    broden = synthetic.generate_tiny(tmp_path / "broden", num_images=13)
+    out = tmp_path / "out"
+    common = (
+        "--model=jaxdissect.models.vit:vit_scenes",
+        "--weights=",
+        "--model_option=image_size=48",
+        f"--data={broden}",
+        "--layers=block0",
+        "--quantile_mode=exact",
+        "--batch_size=8",
+        "--devices=1",
+        "--noreport",
+        "--noprogress",
+        f"--output_dir={out}",
+    )
+
+    def units() -> tuple[dict, list]:
+        data = json.loads((out / "results.json").read_text())
+        layer = data["layers"][0]
+        return data["settings"], [(u["label"], u["iou"]) for u in layer["units"]]
+
+    run_script("dissect", *common)
+    inferred_settings, inferred = units()
+    assert "token_layout" not in inferred_settings
+    run_script("dissect", *common, "--token_layout=2x8")
+    settings, named = units()
+    assert settings["token_layout"] == "2x8"
+    assert named != inferred  # not the stored stages of the 4x4 run
+    fv = parse("dissect", *common, "--token_layout=1+4x4")
+    with pytest.raises(ValueError, match=r"16 tokens, token_layout='1\+4x4' covers 17") as e:
+        script("dissect").run(fv)
+    assert "--token_layout='1+4x4' covers 17" in cli.flag_message(str(e.value), fv)
