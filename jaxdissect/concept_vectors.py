@@ -159,6 +159,7 @@ class ConceptVectors:
     intersection: np.ndarray
     predicted: np.ndarray
     truth: np.ndarray
+    train_truth: np.ndarray
     single_unit: np.ndarray
     single_iou: np.ndarray
     best_heldout_unit: np.ndarray
@@ -457,6 +458,7 @@ def train_concept_vectors(
         intersection=held["inter"],
         predicted=held["predicted"],
         truth=held["truth"],
+        train_truth=train_counts["truth"],
         single_unit=single_unit,
         single_iou=unit_iou[single_unit, cols],
         best_heldout_unit=best_held,
@@ -465,3 +467,27 @@ def train_concept_vectors(
         losses=np.asarray(host["losses"]),
         train_s=train_s,
     )
+
+
+def collect(
+    forward: Callable[[np.ndarray], Any], source: Any, batch_size: int = 32
+) -> tuple[ProbeData, float]:
+    """(ProbeData of every image of `source`, seconds spent in `forward` after compiling it):
+    `forward` maps a batch of images to the layer's activations (`finished.layer_forward`)."""
+    n, (sh, sw) = len(source), source.seg_size
+    planes = np.zeros((n, source.max_planes, sh, sw), np.int32)
+    image_labels = np.zeros((n, source.max_image_labels), np.int32)
+    acts, forward_s = [], 0.0
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        images = np.stack([np.asarray(source.read_image(i)) for i in idx])
+        if start == 0:
+            jax.block_until_ready(forward(images))  # compiled outside the timing
+        t0 = time.perf_counter()
+        acts.append(np.asarray(forward(images)))
+        forward_s += time.perf_counter() - t0
+        for i in idx:
+            p, q = source.read_labels(i)
+            planes[i, : p.shape[0]] = p
+            image_labels[i, : len(q)] = q
+    return ProbeData(np.concatenate(acts), planes, image_labels), forward_s
