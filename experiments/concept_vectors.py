@@ -113,6 +113,12 @@ def _vectors(fv, cfg, probe, output_dir):
     data, forward_s = concept_vectors.collect(
         finished.layer_forward(loaded, layer), source, fv.batch_size
     )
+    logging.info(
+        "%s: activations and labels of %d images collected (forward %.1f s)",
+        fv.layer,
+        len(source),
+        forward_s,
+    )
     wanted = np.isin(labels.primary, [labels.categories.index(c) for c in categories])
     present = np.zeros(labels.num_labels, bool)
     for ids in (data.pixel_labels, data.image_labels):
