@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect import store
+from jaxdissect import finished, store
 from jaxdissect.report import concept_page
 from tests.experiment_testing import TINY_SIZE, run_script, tiny_broden
 
@@ -117,6 +117,8 @@ def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection):
         ValueError, match=r"--layer=conv9: the dissection in .* has layers conv1, top"
     ):
         run_script("concept_vectors", f"--dissection={dissection}", "--layer=conv9", *MODEL)
+    with pytest.raises(ValueError, match=r"--dissection=.* dissected .*, not the model given"):
+        finished.read_layer(dissection, "top", model_key="weights of another model")
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
     with pytest.raises(FileNotFoundError, match="no finished dissection"):
