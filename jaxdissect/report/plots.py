@@ -238,3 +238,37 @@ def plot_ablation_curves(
     ax.spines[["top", "right"]].set_visible(False)
     ax.set_title(title, loc="left", fontsize=10, parse_math=False)
     return _save(fig, path)
+
+
+def plot_iou_scatter(
+    path: str | os.PathLike[str],
+    single: Sequence[float],
+    vector: Sequence[float],
+    categories: Sequence[str],
+    *,
+    title: str = "",
+) -> Path:
+    """Held-out IoU of each concept's vector against its best single unit's (Net2Vec, fig. 3),
+    coloured by category; points above the diagonal are concepts the vector does better."""
+    fig = Figure(figsize=(5.6, 5.0))
+    ax = fig.add_subplot()
+    colors = category_colors(categories)
+    top = max([0.05, *single, *vector]) * 1.05
+    ax.plot([0, top], [0, top], color="#999999", linewidth=0.8, linestyle="--")
+    for cat, color in colors.items():
+        xs = [s for s, c in zip(single, categories, strict=True) if c == cat]
+        ys = [v for v, c in zip(vector, categories, strict=True) if c == cat]
+        ax.scatter(xs, ys, s=14, color=color, label=f"{cat} ({len(xs)})", alpha=0.8)
+    if not single:
+        _note(ax, "no concept to plot")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("best single unit, held-out IoU")
+    ax.set_ylabel("concept vector, held-out IoU")
+    ax.grid(color="#dddddd", linewidth=0.6)
+    ax.spines[["top", "right"]].set_visible(False)
+    if single:
+        leg = ax.legend(fontsize=8, frameon=False, loc="upper left")
+        _plain(leg.get_texts())
+    ax.set_title(title, loc="left", fontsize=10, parse_math=False)
+    return _save(fig, path)

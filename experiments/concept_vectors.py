@@ -1,0 +1,289 @@
+r"""Net2Vec concept vectors: a weighted sum of a layer's unit masks per concept, against the
+best single unit, on held-out probe images.
+
+  python experiments/concept_vectors.py --flagfile=experiments/configs/concept_vectors_demo.flags
+
+Builds on a finished dissection (--dissection, the output_dir of experiments/dissect.py):
+its thresholds, tie rule and activation dtype make the unit masks, its labels name the units.
+The probe set (--data ...) is split into training and held-out images (--heldout_fraction);
+one probe per concept, sigmoid(sum_k w_k m_k + b), is trained on the training images for all
+concepts at once (jaxdissect/concept_vectors.py) and scored by set IoU on the held-out ones,
+beside the single unit with the best training IoU, scored on the same held-out images.
+Writes concept_vectors.{json,csv,npz,png,html} to --output_dir; a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import flags
+
+from jaxdissect import cli
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    from jaxdissect import concept_vectors
+
+    flags.DEFINE_string(
+        "dissection",
+        "runs/efficientnet_lite0",
+        "Output directory of a finished experiments/dissect.py run of this model and layer.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string("layer", "stage6", "The layer, as the dissection names it.", flag_values=fv)
+    flags.DEFINE_string(
+        "model",
+        "efficientnet_lite0",
+        "Architecture when --weights is no training export (as experiments/dissect.py).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "weights",
+        "pretrained",
+        "A training export (runs/train_*/weights/step_N), or with --model any weights "
+        "experiments/dissect.py takes ('pretrained', an orbax dir, '').",
+        flag_values=fv,
+    )
+    flags.DEFINE_list(
+        "categories",
+        [],
+        "Categories whose concepts get vectors (default: those the dissection scored).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("top_units", 5, "Top-weighted units listed per concept.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "Images per forward batch.", flag_values=fv)
+    flags.DEFINE_integer("devices", None, "Devices to use (default: all).", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "Log the training loss every epoch.", flag_values=fv)
+    flags.DEFINE_string(
+        "output_dir", None, "Default: runs/concept_vectors_<layer>.", flag_values=fv
+    )
+    cli.define_dataclass_flags(cli.Probe, fv, defaults={"synthetic_images": 600})
+    cli.define_dataclass_flags(concept_vectors.ProbeConfig, fv)
+
+
+def run(fv: flags.FlagValues = FLAGS):
+    """Train and score the vectors as the flags say; returns the concept_vectors.json document."""
+    started = time.perf_counter()
+    from jaxdissect import concept_vectors, finished
+
+    cfg = cli.from_flags(concept_vectors.ProbeConfig, fv)
+    probe = cli.probe_from_flags(fv)
+    if fv.top_units < 1:
+        raise ValueError(f"--top_units={fv.top_units}: must be >= 1")
+    if fv.batch_size < 1:
+        raise ValueError(f"--batch_size={fv.batch_size}: must be >= 1")
+    # Fail before loading anything when there is no finished dissection of the layer.
+    finished.read_layer(fv.dissection, fv.layer)
+    output_dir = fv.output_dir or os.path.join("runs", f"concept_vectors_{fv.layer}")
+    with cli.claim_output_dir(output_dir):
+        doc = _vectors(fv, cfg, probe, output_dir)
+    s = doc["summary"]
+    print(
+        f"{fv.layer}: the vector beats the best single unit for {s['beats']} of {s['scored']} "
+        f"concepts ({100 * (s['beats_share'] or 0):.0f}%), mean gain {s['mean_gain']:.3f}; "
+        f"training {doc['cost']['train_s']:.1f} s = "
+        f"{doc['cost']['forward_pass_equivalents']:.2f} forward passes over the probe set"
+    )
+    cli.report_elapsed(started, os.path.join(output_dir, "concept_vectors.json"))
+    return doc
+
+
+def _vectors(fv, cfg, probe, output_dir):
+    import dataclasses
+    import pathlib
+
+    import numpy as np
+    from absl import logging
+
+    from jaxdissect import concept_vectors, finished, parallel, store
+    from jaxdissect.report import concept_page, plots
+
+    out = pathlib.Path(output_dir)
+    source, dataset_name = probe.open()  # before JAX's threads: the synthetic set forks
+    loaded = finished.load_model(fv.model, fv.weights)
+    layer = finished.read_layer(fv.dissection, fv.layer, model_key=loaded.key)
+    labels = source.labels
+    categories = list(fv.categories) or layer.categories
+    unknown = [c for c in categories if c not in labels.categories]
+    if unknown:
+        raise ValueError(f"--categories: {unknown} not in the probe set's {labels.categories}")
+    data, forward_s = concept_vectors.collect(
+        finished.layer_forward(loaded, layer), source, fv.batch_size
+    )
+    logging.info(
+        "%s: activations and labels of %d images collected (forward %.1f s)",
+        fv.layer,
+        len(source),
+        forward_s,
+    )
+    wanted = np.isin(labels.primary, [labels.categories.index(c) for c in categories])
+    present = np.zeros(labels.num_labels, bool)
+    for ids in (data.pixel_labels, data.image_labels):
+        ids = ids[(ids > 0) & (ids < labels.num_labels)]
+        present[np.unique(ids)] = True
+    concepts = np.flatnonzero(wanted & present).astype(np.int32)
+    if len(concepts) == 0:
+        raise ValueError(
+            f"--categories={','.join(categories)}: no concept of them in the probe set"
+        )
+    key = store.key_of(
+        model=loaded.key,
+        data=source.fingerprint(),
+        layer=layer.path,
+        thresholds=layer.thresholds.tolist(),
+        tie_rule=layer.tie_rule,
+        activation_dtype=layer.activation_dtype,
+        input_spec=dataclasses.asdict(layer.input_spec),
+        concepts=concepts.tolist(),
+        config=dataclasses.asdict(cfg),
+    )
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        if fv.progress and (step % max(1, steps // cfg.epochs) == 0 or step == steps):
+            logging.info("step %d of %d: loss %.4f", step, steps, loss)
+
+    vectors = concept_vectors.train_concept_vectors(
+        data,
+        layer.thresholds,
+        concepts,
+        cfg,
+        tie_rule=layer.tie_rule,
+        mesh=parallel.data_mesh(fv.devices),
+        checkpoint_dir=out / ".work" / f"concept_vectors-{key}",
+        progress=progress,
+    )
+    doc = _document(fv, cfg, layer, vectors, labels, dataset_name, len(source), forward_s)
+    stem = "concept_vectors"
+    store.write_json(out / f"{stem}.json", doc)
+    rows = [
+        {
+            **{k: v for k, v in c.items() if k != "top_units"},
+            "top_units": "; ".join(
+                f"{u['unit']} {u['weight']:.3f}" + (f": {u['label']}" if u["label"] else "")
+                for u in c["top_units"]
+            ),
+        }
+        for c in doc["concepts"]
+    ]
+    store.write_rows_csv(out / f"{stem}.csv", rows)
+    store.save_arrays(
+        out / f"{stem}.npz",
+        {
+            "concepts": vectors.concepts,
+            "weights": vectors.weights,
+            "bias": vectors.bias,
+            "thresholds": layer.thresholds,
+        },
+    )
+    scored = [c for c in doc["concepts"] if c["scored"]]
+    plots.plot_iou_scatter(
+        out / f"{stem}.png",
+        [c["single_iou"] for c in scored],
+        [c["iou"] for c in scored],
+        [c["category"] for c in scored],
+        title=f"{fv.layer}: concept vector vs best single unit (held-out IoU)",
+    )
+    concept_page.write_page(out, doc)
+    return doc
+
+
+def _document(fv, cfg, layer, vectors, labels, dataset_name, num_images, forward_s):
+    import dataclasses
+
+    import numpy as np
+
+    def unit_label(k: int) -> str | None:
+        return layer.label_of(int(k))
+
+    records = []
+    for j, c in enumerate(vectors.concepts):
+        w = vectors.weights[j]
+        top = [int(k) for k in np.argsort(-w, kind="stable")[: fv.top_units] if w[k] > 0]
+        records.append(
+            {
+                "label": int(c),
+                "name": labels.names[c],
+                "category": labels.category_of(int(c)),
+                "iou": float(vectors.iou[j]),
+                "single_unit": int(vectors.single_unit[j]),
+                "single_unit_label": unit_label(vectors.single_unit[j]),
+                "single_iou": float(vectors.single_iou[j]),
+                "gain": float(vectors.gain[j]),
+                "best_heldout_unit": int(vectors.best_heldout_unit[j]),
+                "best_heldout_iou": float(vectors.best_heldout_iou[j]),
+                "train_pixels": int(vectors.train_truth[j]),
+                "heldout_pixels": int(vectors.truth[j]),
+                "predicted_pixels": int(vectors.predicted[j]),
+                "alpha": float(vectors.alpha[j]),
+                "bias": float(vectors.bias[j]),
+                # Scored: the concept has pixels in both splits.
+                "scored": bool(vectors.train_truth[j] > 0 and vectors.truth[j] > 0),
+                "top_units": [
+                    {
+                        "unit": k,
+                        "weight": float(w[k]),
+                        "label": unit_label(k),
+                        "category": layer.units[k]["category"],
+                        "iou": float(layer.units[k]["iou"]),
+                    }
+                    for k in top
+                ],
+            }
+        )
+    scored = [r for r in records if r["scored"]]
+    gains = np.array([r["gain"] for r in scored])
+    beats = int((gains > 0).sum())
+    train_steps = len(vectors.losses)
+    return {
+        "settings": {
+            "dissection": fv.dissection,
+            "layer": layer.layer,
+            "path": layer.path,
+            "model": layer.model,
+            "weights": fv.weights,
+            "units": layer.num_units,
+            "tie_rule": layer.tie_rule,
+            "activation_dtype": layer.activation_dtype,
+            "dataset": dataset_name,
+            "images": num_images,
+            "train_images": len(vectors.train_images),
+            "heldout_images": len(vectors.heldout_images),
+            "categories": sorted({r["category"] for r in records}),
+            **dataclasses.asdict(cfg),
+            "devices": fv.devices,
+        },
+        "summary": {
+            "concepts": len(records),
+            "scored": len(scored),
+            "beats": beats,
+            "beats_share": beats / len(scored) if scored else None,
+            "ties": int((gains == 0).sum()),
+            "mean_gain": float(gains.mean()) if scored else 0.0,
+            "median_gain": float(np.median(gains)) if scored else 0.0,
+            "mean_vector_iou": float(np.mean([r["iou"] for r in scored])) if scored else 0.0,
+            "mean_single_iou": float(np.mean([r["single_iou"] for r in scored])) if scored else 0.0,
+            "beats_best_heldout_unit": int(sum(r["iou"] > r["best_heldout_iou"] for r in scored)),
+            "final_loss": float(vectors.losses[-1]) if train_steps else None,
+        },
+        "cost": {
+            "train_s": vectors.train_s,
+            "train_steps": train_steps,
+            "forward_s": forward_s,
+            # Training time over one forward pass of the layer over the whole probe set.
+            "forward_pass_equivalents": vectors.train_s / forward_s if forward_s else None,
+        },
+        "concepts": records,
+    }
+
+
+main = cli.script_main(run)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

@@ -1,0 +1,206 @@
+r"""Segment any image with a dissected layer's units: each pixel painted with the labels of
+the units that fire there (and, with --concept_vectors, with the concept vectors' masks).
+
+  python experiments/segment.py --flagfile=experiments/configs/segment_demo.flags --image=cat.png
+
+Uses a finished dissection (--dissection, the output_dir of experiments/dissect.py) of this
+model and layer: its thresholds, tie rule and activation dtype make each unit's mask on the
+image (its map upsampled to the image), its labels name them; units that pass its IoU
+threshold paint (jaxdissect/segment.py). Writes segment-<image>.png (the image, the overlay
+and a legend) and segment-<image>.json (every region: label, units, pixels, box) to
+--output_dir.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+from absl import flags
+
+from jaxdissect import cli
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    flags.DEFINE_string(
+        "image", None, "The image file to segment (any format PIL reads).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "dissection",
+        "runs/efficientnet_lite0",
+        "Output directory of a finished experiments/dissect.py run of this model and layer.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string("layer", "stage6", "The layer, as the dissection names it.", flag_values=fv)
+    flags.DEFINE_string(
+        "model",
+        "efficientnet_lite0",
+        "Architecture when --weights is no training export (as experiments/dissect.py).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "weights",
+        "pretrained",
+        "A training export, or with --model any weights experiments/dissect.py takes.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "concept_vectors",
+        None,
+        "Output directory of experiments/concept_vectors.py for this layer: also paint the "
+        "concept vectors whose held-out IoU passes the dissection's IoU threshold.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "max_side", 512, "Paint at most this many pixels along the longer side.", flag_values=fv
+    )
+    flags.DEFINE_string("output_dir", "runs/segment", "Where the PNG and JSON go.", flag_values=fv)
+
+
+def run(fv: flags.FlagValues = FLAGS):
+    """Segment the image as the flags say; returns the regions document."""
+    started = time.perf_counter()
+    from jaxdissect import finished
+
+    if not fv.image:
+        raise ValueError("--image is required: the image file to segment")
+    if not os.path.isfile(fv.image):
+        raise FileNotFoundError(f"--image={fv.image}: no such file")
+    if fv.max_side < 8:
+        raise ValueError(f"--max_side={fv.max_side}: must be >= 8")
+    image = _read_image(fv.image, fv.max_side)
+    finished.read_layer(fv.dissection, fv.layer)  # one line now when there is none
+    vectors = _read_vectors(fv.concept_vectors, fv.layer) if fv.concept_vectors else None
+    out = pathlib.Path(fv.output_dir)
+    with cli.claim_output_dir(out):
+        doc = _segment(fv, image, vectors, out)
+    print(
+        f"{fv.layer}: {doc['firing_units']} labelled units fire on {fv.image}; "
+        f"{len(doc['regions'])} regions -> {doc['png']}"
+    )
+    cli.report_elapsed(started)
+    return doc
+
+
+def _read_image(path: str, max_side: int):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from jaxdissect.data import images
+
+    try:
+        with Image.open(path) as im:
+            rgb = images.to_rgb8(im)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--image={path}: not an image PIL can read ({e})") from None
+    except images.UnsupportedImageMode as e:
+        raise ValueError(f"--image={path}: {e}") from None
+    h, w = rgb.shape[:2]
+    if max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+    return rgb
+
+
+def _read_vectors(directory: str, layer: str):
+    import json
+
+    from jaxdissect import store
+
+    path = pathlib.Path(directory)
+    if (
+        not (path / "concept_vectors.json").is_file()
+        or not (path / "concept_vectors.npz").is_file()
+    ):
+        raise FileNotFoundError(
+            f"--concept_vectors={directory}: no concept_vectors.json/.npz there; run "
+            "experiments/concept_vectors.py first"
+        )
+    doc = json.loads((path / "concept_vectors.json").read_text())
+    if doc["settings"]["layer"] != layer:
+        raise ValueError(
+            f"--concept_vectors={directory} holds vectors of layer {doc['settings']['layer']}, "
+            f"not --layer={layer}"
+        )
+    return doc, store.load_arrays(path / "concept_vectors.npz")
+
+
+def _segment(fv, image, vectors, out):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxdissect import finished, masks, segment, store
+
+    loaded = finished.load_model(fv.model, fv.weights)
+    layer = finished.read_layer(fv.dissection, fv.layer, model_key=loaded.key)
+    acts = finished.layer_forward(loaded, layer)(image[None])
+    size = image.shape[:2]
+    labelled = [k for k, u in enumerate(layer.units) if u["interpretable"] and u["name"]]
+    unit_masks = np.asarray(
+        masks.unit_masks(acts[..., labelled], layer.thresholds[labelled], size, layer.tie_rule)
+    )[0]
+    painted, regions = segment.regions_of(
+        unit_masks,
+        [layer.units[k]["name"] for k in labelled],
+        [layer.units[k]["category"] for k in labelled],
+        [layer.units[k]["iou"] for k in labelled],
+        units=labelled,
+    )
+    panels = [(f"units of {fv.layer}", painted, regions)]
+    records = segment.region_records(regions, size[0] * size[1])
+    if vectors is not None:
+        doc, arrays = vectors
+        if not np.array_equal(arrays["thresholds"], layer.thresholds):
+            raise ValueError(
+                f"--concept_vectors={fv.concept_vectors} was trained on other thresholds than "
+                f"--dissection={fv.dissection}'s: train them on this dissection"
+            )
+        keep = [
+            j
+            for j, c in enumerate(doc["concepts"])
+            if c["scored"] and c["iou"] > layer.iou_threshold
+        ]
+        all_masks = masks.unit_masks(acts, layer.thresholds, size, layer.tie_rule)[0]
+        w = jnp.asarray(arrays["weights"][keep])
+        z = jnp.einsum("hwk,ck->hwc", all_masks.astype(jnp.float32), w) + arrays["bias"][keep]
+        v_painted, v_regions = segment.regions_of(
+            np.asarray(z > 0),
+            [doc["concepts"][j]["name"] for j in keep],
+            [doc["concepts"][j]["category"] for j in keep],
+            [doc["concepts"][j]["iou"] for j in keep],
+            source="vector",
+        )
+        panels.append((f"concept vectors of {fv.layer}", v_painted, v_regions))
+        records += segment.region_records(v_regions, size[0] * size[1])
+    stem = f"segment-{pathlib.Path(fv.image).stem}"
+    png = out / f"{stem}.png"
+    store.write_bytes(png, segment.figure_png(image, panels))
+    result = {
+        "image": fv.image,
+        "size": list(size),
+        "dissection": fv.dissection,
+        "layer": layer.layer,
+        "model": layer.model,
+        "iou_threshold": layer.iou_threshold,
+        "labelled_units": len(labelled),
+        "firing_units": int(unit_masks.any((0, 1)).sum()),
+        "concept_vectors": fv.concept_vectors,
+        "png": str(png),
+        "regions": records,
+    }
+    store.write_json(out / f"{stem}.json", result)
+    return result
+
+
+main = cli.script_main(run)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

@@ -1,0 +1,164 @@
+"""A finished dissection read back for the scripts built on it: one layer's thresholds, unit
+labels and the settings its masks need, and the model's activations at that layer.
+
+A dissection is finished when its output directory holds `results.json` (written last,
+`jaxdissect.pipeline`); the layer's thresholds are those of its `stats-<layer>.npz`. Units
+get masks as the tally made them: activations rounded to the run's `activation_dtype`,
+upsampled, and compared with the thresholds by the run's `tie_rule`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from jaxdissect import results
+from jaxdissect.preprocess import InputSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedLayer:
+    """One layer of a finished dissection.
+
+    Attributes:
+      directory: the dissection's output directory.
+      layer: the layer's name as the dissection was asked for it; path: its module path.
+      thresholds: float32 [K].
+      tie_rule, activation_dtype: the dissection's settings of these names.
+      input_spec: the normalisation the dissection fed the model.
+      model, model_key: the dissected model's description and weights key.
+      units: per unit, its results.json record (label `name`, `category`, `iou`,
+        `interpretable`, ...).
+      categories: the scored categories.
+      iou_threshold: the detector threshold.
+    """
+
+    directory: pathlib.Path
+    layer: str
+    path: str
+    thresholds: np.ndarray
+    tie_rule: str
+    activation_dtype: str
+    input_spec: InputSpec
+    model: str
+    model_key: str
+    units: list[dict[str, Any]]
+    categories: list[str]
+    iou_threshold: float
+
+    @property
+    def num_units(self) -> int:
+        return len(self.thresholds)
+
+    def label_of(self, unit: int) -> str | None:
+        """The unit's label (None when it has none)."""
+        return self.units[unit]["name"]
+
+
+def read_layer(
+    directory: str | os.PathLike[str],
+    layer: str,
+    *,
+    model_key: str | None = None,
+    flag: str = "--dissection",
+    layer_flag: str = "--layer",
+) -> FinishedLayer:
+    """Layer `layer` of the finished dissection in `directory`, or one line saying what to run.
+
+    With `model_key`, the dissection must be of the model with those weights.
+    """
+    out = pathlib.Path(directory)
+    doc_path = out / "results.json"
+    if not doc_path.is_file():
+        raise FileNotFoundError(
+            f"{flag}={directory}: no finished dissection there (no results.json); run "
+            f"experiments/dissect.py with --output_dir={directory} (and --layers={layer}) first"
+        )
+    try:
+        doc = results.read_results_json(doc_path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{flag}={directory}: {e}") from None
+    settings = doc["settings"]
+    names = list(settings["layers"])
+    if layer not in names:
+        raise ValueError(
+            f"{layer_flag}={layer}: the dissection in {directory} has layers "
+            f"{', '.join(names)}; dissect {layer} there first"
+        )
+    if model_key is not None and settings.get("model_key") != model_key:
+        raise ValueError(
+            f"{flag}={directory} dissected {settings.get('model')}, not the model given here "
+            "(--model/--weights): dissect this model first, or pass its dissection"
+        )
+    stem = results.layer_file_stems(names)[names.index(layer)]
+    with np.load(out / results.stats_npz_name(stem)) as stats:
+        thresholds = np.asarray(stats["thresholds"], np.float32)
+    [record] = [r for r in doc["layers"] if r["layer"] == layer]
+    return FinishedLayer(
+        directory=out,
+        layer=layer,
+        path=settings["layer_paths"][layer],
+        thresholds=thresholds,
+        tie_rule=settings.get("tie_rule", "strict"),
+        activation_dtype=settings.get("activation_dtype", "float32"),
+        input_spec=InputSpec(
+            **{
+                **settings["input_spec"],
+                "mean": tuple(settings["input_spec"]["mean"]),
+                "std": tuple(settings["input_spec"]["std"]),
+            }
+        ),
+        model=settings.get("model", ""),
+        model_key=settings.get("model_key", ""),
+        units=record["units"],
+        categories=list(record["categories"]),
+        iou_threshold=float(record["iou_threshold"]),
+    )
+
+
+def load_model(model: str | None, weights: str | None) -> Any:
+    """A `models.load.LoadedModel`: a training export (`weights` holds meta.json) or
+    `model` with `weights` as experiments/dissect.py takes them; errors name the flags."""
+    from jaxdissect import training
+    from jaxdissect.models import load as model_load
+
+    if weights and os.path.isfile(os.path.join(weights, "meta.json")):
+        return training.load_trained(weights)
+    if weights and weights != "pretrained" and not os.path.exists(weights):
+        raise FileNotFoundError(model_load.missing_weights_advice(model or "", weights))
+    if not model:
+        raise ValueError(
+            f"--weights={weights} is not a training export (no meta.json): give --model"
+        )
+    model_load.check_request(model, weights or None)
+    return model_load.load(model, weights=weights or None)
+
+
+def layer_forward(loaded: Any, finished: FinishedLayer) -> Any:
+    """A jitted fn(images uint8/float [B, H, W, 3]) -> float32 [B, h, w, K]: the layer's
+    activations as the dissection saw them (its input spec, rounded to its dtype)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdissect import capture
+
+    size = finished.input_spec.size
+    tap = capture.make_tap(
+        loaded.module,
+        loaded.variables,
+        [finished.path],
+        input_shape=(size, size, 3),
+        apply_kwargs=loaded.apply_kwargs,
+    )
+    path, spec, dtype = tap.layers[0], finished.input_spec, jnp.dtype(finished.activation_dtype)
+
+    @jax.jit
+    def forward(images: jax.Array) -> jax.Array:
+        acts = tap.fn(tap.variables, spec(images))[path]
+        return acts.astype(dtype).astype(jnp.float32)
+
+    return forward

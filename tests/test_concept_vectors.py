@@ -1,0 +1,238 @@
+"""Concept vectors (jaxdissect/concept_vectors.py) against the numpy reference in
+tests/concept_vectors_reference.py, on planted data, on 8 devices and after a kill."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxdissect import concept_vectors as cv
+from jaxdissect import parallel
+from tests.concept_vectors_reference import (
+    reference_inputs,
+    reference_loss_and_grad,
+    reference_set_iou,
+    reference_targets,
+)
+from tests.reference import random_probe
+
+
+def _probe(seed: int = 0, num_images: int = 16):
+    p = random_probe(seed, num_images=num_images, act_size=(4, 6), seg_size=(16, 12))
+    data = cv.ProbeData(p["acts"], p["pixel_labels"], p["image_labels"])
+    # Frequent pixel labels, image-level ones, and one that never occurs.
+    ids, counts = np.unique(p["pixel_labels"][p["pixel_labels"] > 0], return_counts=True)
+    pixel = ids[np.argsort(-counts)[:3]]
+    image = np.unique(p["image_labels"][p["image_labels"] > 0])[:2]
+    absent = np.setdiff1d(np.arange(1, 300), np.concatenate([ids, image]))[:1]
+    concepts = np.concatenate([pixel, image, absent]).astype(np.int32)
+    return data, p["thresholds"], concepts
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_inputs_and_targets_equal_the_reference(stride):
+    data, thresholds, concepts = _probe()
+    raw, unit = cv.unit_inputs(data.acts, thresholds, data.size, stride=stride)
+    want_raw, want_unit = reference_inputs(data.acts, thresholds, data.size, stride)
+    np.testing.assert_allclose(np.asarray(raw), want_raw, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(unit), want_unit)  # dyadic: ties are exact
+    got = cv.concept_targets(data.pixel_labels, data.image_labels, concepts, stride=stride)
+    want = reference_targets(data.pixel_labels, data.image_labels, concepts, stride)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert want.any() and not want.all()
+
+
+@pytest.mark.parametrize("variant", cv.VARIANTS)
+def test_loss_and_gradient_equal_the_reference(variant):
+    data, thresholds, concepts = _probe(1, num_images=6)
+    raw, unit = reference_inputs(data.acts, thresholds, data.size, stride=2)
+    inputs = unit.astype(np.float64) if variant == "binary" else raw
+    targets = reference_targets(data.pixel_labels, data.image_labels, concepts, 2)
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(len(concepts), inputs.shape[-1])).astype(np.float32)
+    b = rng.normal(size=len(concepts)).astype(np.float32)
+    alpha = rng.uniform(0.5, 1.0, len(concepts)).astype(np.float32)
+    loss, gw, gb = reference_loss_and_grad(w, b, alpha, inputs, targets)
+    params = {"w": w, "b": b}
+    got, grads = jax.value_and_grad(cv.probe_loss)(
+        params, alpha, inputs.astype(np.float32), targets
+    )
+    np.testing.assert_allclose(float(got), loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grads["w"]), gw, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grads["b"]), gb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", cv.VARIANTS)
+def test_one_training_step_equals_numpy_gradient_and_optax_adam(variant):
+    data, thresholds, concepts = _probe(2)
+    cfg = cv.ProbeConfig(
+        variant=variant, epochs=1, probe_batch_size=12, heldout_fraction=0.25, learning_rate=0.05
+    )
+    got = cv.train_concept_vectors(data, thresholds, concepts, cfg, mesh=parallel.data_mesh(1))
+    train, heldout = cv.split_images(16, 0.25, 0)
+    np.testing.assert_array_equal(got.train_images, train)
+    assert len(train) == 12 and len(heldout) == 4 and not set(train) & set(heldout)
+    raw, unit = reference_inputs(data.acts[train], thresholds, data.size)
+    inputs = unit.astype(np.float64) if variant == "binary" else raw
+    targets = reference_targets(data.pixel_labels[train], data.image_labels[train], concepts)
+    alpha = 1.0 - targets.mean(axis=(0, 1))  # Net2Vec's weight of the positive pixels
+    np.testing.assert_allclose(got.alpha, alpha, rtol=1e-12)
+    w0, b0 = np.zeros((len(concepts), inputs.shape[-1])), np.zeros(len(concepts))
+    loss, gw, gb = reference_loss_and_grad(w0, b0, alpha, inputs, targets)
+    np.testing.assert_allclose(got.losses, [loss], rtol=1e-5)
+    params = {"w": w0.astype(np.float32), "b": b0.astype(np.float32)}
+    grads = {"w": gw.astype(np.float32), "b": gb.astype(np.float32)}
+    opt = optax.adam(0.05, eps=cv.ADAM_EPS)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    want = optax.apply_updates(params, updates)
+    # Adam's first step is lr * g / (|g| + eps): exact to float32 where the gradient is
+    # well above rounding; a gradient at rounding level (the bias's is exactly 0 at zero
+    # weights under alpha weighting; a float32 mean of terms ~0.5 is off by up to ~1e-7) moves
+    # by at most lr * 1e-7 / eps = 5e-3, a tenth of the step of the others.
+    for name, g in (("weights", gw), ("bias", gb)):
+        step, want_step = getattr(got, name), np.asarray(want[name[0]])
+        big = np.abs(g) > 1e-5
+        np.testing.assert_allclose(step[big], want_step[big], rtol=1e-4)
+        assert np.abs(step[~big]).max(initial=0) <= 0.05 * 1e-7 / cv.ADAM_EPS
+    assert np.abs(got.weights).max() > 0.04  # the step did move the weights
+    # The absent concept: alpha 1 and no positive pixel make its loss 0; it stays at 0.
+    assert got.truth[-1] == 0 and got.iou[-1] == 0.0 and (got.weights[-1] == 0).all()
+
+
+def test_heldout_ious_equal_the_reference():
+    data, thresholds, concepts = _probe(3, num_images=20)
+    cfg = cv.ProbeConfig(epochs=4, probe_batch_size=4, heldout_fraction=0.3, learning_rate=0.1)
+    got = cv.train_concept_vectors(data, thresholds, concepts, cfg, mesh=parallel.data_mesh(1))
+    train, held = got.train_images, got.heldout_images
+    _, unit_h = reference_inputs(data.acts[held], thresholds, data.size)
+    _, unit_t = reference_inputs(data.acts[train], thresholds, data.size)
+    tgt_h = reference_targets(data.pixel_labels[held], data.image_labels[held], concepts)
+    tgt_t = reference_targets(data.pixel_labels[train], data.image_labels[train], concepts)
+    z = unit_h.astype(np.float64) @ got.weights.T.astype(np.float64) + got.bias
+    # No prediction sits near the 0.5 boundary, but the absent concept's: its loss is 0
+    # (alpha 1, no positive pixel), its weights stay 0 and z is exactly 0 (predicts nothing).
+    assert np.abs(z[..., :-1]).min() > 1e-4 and (z[..., -1] == 0).all()
+    for j in range(len(concepts)):
+        assert got.iou[j] == pytest.approx(reference_set_iou(z[..., j] > 0, tgt_h[..., j]))
+        unit_iou = [reference_set_iou(unit_h[..., k], tgt_h[..., j]) for k in range(7)]
+        train_iou = [reference_set_iou(unit_t[..., k], tgt_t[..., j]) for k in range(7)]
+        np.testing.assert_allclose(got.unit_iou[:, j], unit_iou, rtol=1e-12)
+        assert got.single_unit[j] == int(np.argmax(train_iou))
+        assert got.single_iou[j] == pytest.approx(unit_iou[got.single_unit[j]])
+        assert got.best_heldout_iou[j] == pytest.approx(max(unit_iou))
+    assert got.truth.sum() > 0 and got.intersection.sum() > 0
+
+
+def _planted(num_images: int = 40, size: int = 8, units: int = 6, seed: int = 0):
+    """Maps at the segmentation size (upsampling is the identity), thresholds 1: concept 7
+    is exactly unit 0's mask OR unit 1's, concept 9 exactly unit 4's."""
+    rng = np.random.default_rng(seed)
+    acts = rng.normal(size=(num_images, size, size, units)).astype(np.float32)
+    thresholds = np.ones(units, np.float32)
+    m = acts > 1.0
+    planes = np.zeros((num_images, 2, size, size), np.int32)
+    planes[:, 0][m[..., 0] | m[..., 1]] = 7
+    planes[:, 1][m[..., 4]] = 9
+    data = cv.ProbeData(acts, planes, np.zeros((num_images, 1), np.int32))
+    return data, thresholds, np.array([7, 9], np.int32)
+
+
+PLANTED_CFG = cv.ProbeConfig(epochs=30, probe_batch_size=8, learning_rate=0.1)
+
+
+def test_a_concept_that_is_two_units_or_is_found_and_beats_both():
+    data, thresholds, concepts = _planted()
+    got = cv.train_concept_vectors(
+        data, thresholds, concepts, PLANTED_CFG, mesh=parallel.data_mesh(1)
+    )
+    assert got.iou[0] > 0.99 and got.iou[1] > 0.99
+    assert got.single_unit[0] in (0, 1) and got.single_unit[1] == 4
+    assert got.best_heldout_iou[0] < 0.7 and got.gain[0] > 0.3
+    assert got.single_iou[1] == 1.0
+    top = np.argsort(-got.weights[0])[:2]
+    assert set(top) == {0, 1}
+    assert got.losses[-1] < got.losses[0] / 5
+
+
+def test_eight_devices_equal_one():
+    """The batch split over 8 fake CPU devices: the gradient is the same sum in another
+    order, so weights agree to float32 rounding (atol 1e-4 at learning rate 0.1 after 15
+    Adam steps) and the integer counts exactly."""
+    data, thresholds, concepts = _planted(seed=1)
+    cfg = cv.ProbeConfig(epochs=5, probe_batch_size=8, learning_rate=0.1)
+    one = cv.train_concept_vectors(data, thresholds, concepts, cfg, mesh=parallel.data_mesh(1))
+    eight = cv.train_concept_vectors(data, thresholds, concepts, cfg, mesh=parallel.data_mesh(8))
+    assert len(jax.devices()) == 8
+    np.testing.assert_allclose(eight.weights, one.weights, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(eight.bias, one.bias, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(eight.losses, one.losses, rtol=1e-5)
+    for name in ("intersection", "predicted", "truth", "single_unit", "unit_iou"):
+        np.testing.assert_array_equal(getattr(eight, name), getattr(one, name))
+
+
+def test_a_killed_run_resumes_to_the_same_vectors(tmp_path):
+    data, thresholds, concepts = _planted(num_images=24, seed=2)
+    cfg = cv.ProbeConfig(epochs=3, probe_batch_size=4, probe_checkpoint_every=2)
+    mesh = parallel.data_mesh(1)
+    whole = cv.train_concept_vectors(data, thresholds, concepts, cfg, mesh=mesh)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, steps, loss):
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        cv.train_concept_vectors(
+            data, thresholds, concepts, cfg, mesh=mesh, checkpoint_dir=tmp_path, progress=kill_at_5
+        )
+    seen = []
+    resumed = cv.train_concept_vectors(
+        data,
+        thresholds,
+        concepts,
+        cfg,
+        mesh=mesh,
+        checkpoint_dir=tmp_path,
+        progress=lambda step, steps, loss: seen.append(step),
+    )
+    assert seen[0] == 5 and seen[-1] == 12  # from the checkpoint at step 4
+    np.testing.assert_array_equal(resumed.weights, whole.weights)
+    np.testing.assert_array_equal(resumed.losses, whole.losses)
+    np.testing.assert_array_equal(resumed.iou, whole.iou)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"variant": "logits"}, "variant='logits'"),
+        ({"heldout_fraction": 1.0}, "heldout_fraction=1.0"),
+        ({"epochs": 0}, "epochs=0"),
+        ({"learning_rate": 0.0}, "learning_rate=0.0"),
+    ],
+)
+def test_bad_config_names_the_parameter(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cv.ProbeConfig(**kwargs)
+
+
+def test_bad_inputs_name_what_is_wrong():
+    data, thresholds, concepts = _planted(num_images=10)
+    mesh = parallel.data_mesh(1)
+    with pytest.raises(ValueError, match="probe_batch_size=8 exceeds the 7 training"):
+        cv.train_concept_vectors(data, thresholds, concepts, PLANTED_CFG, mesh=mesh)
+    with pytest.raises(ValueError, match="thresholds have shape"):
+        cv.train_concept_vectors(data, thresholds[:3], concepts, mesh=mesh)
+    with pytest.raises(ValueError, match="label numbers >= 1"):
+        cv.train_concept_vectors(data, thresholds, np.array([0, 7]), mesh=mesh)
+    with pytest.raises(ValueError, match="probe_batch_size=3 is not divisible|batch_size=3"):
+        cv.train_concept_vectors(
+            data,
+            thresholds,
+            concepts,
+            cv.ProbeConfig(probe_batch_size=3),
+            mesh=parallel.data_mesh(8),
+        )

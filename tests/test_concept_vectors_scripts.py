@@ -1,0 +1,190 @@
+"""experiments/concept_vectors.py and experiments/segment.py end to end at tiny size, on a
+finished dissection of a small random-init model (tests/fixtures/small_model.py)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdissect import finished, store
+from jaxdissect.report import concept_page
+from tests.experiment_testing import TINY_SIZE, run_script, tiny_broden
+
+pytestmark = pytest.mark.xdist_group("concept_vectors_scripts")
+MODEL = ("--model=tests.fixtures.small_model:make", "--weights=")
+
+
+@pytest.fixture(scope="module")
+def data_args(tmp_path_factory) -> tuple[str, ...]:
+    broden = tiny_broden(tmp_path_factory.mktemp("broden") / "broden1_48")
+    return (f"--data={broden}", f"--resolution={TINY_SIZE}")
+
+
+@pytest.fixture(scope="module")
+def dissection(tmp_path_factory, data_args) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("dissect") / "run"
+    run_script(
+        "dissect",
+        *MODEL,
+        *data_args,
+        "--layers=conv1,top",
+        "--batch_size=16",
+        "--quantile_mode=exact",
+        "--devices=1",
+        "--noprogress",
+        "--noreport",
+        f"--output_dir={out}",
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory, data_args, dissection) -> tuple[pathlib.Path, dict]:
+    out = tmp_path_factory.mktemp("vectors") / "run"
+    doc = run_script(
+        "concept_vectors",
+        f"--dissection={dissection}",
+        "--layer=top",
+        *MODEL,
+        *data_args,
+        "--epochs=3",
+        "--probe_batch_size=16",
+        "--mask_stride=2",
+        "--learning_rate=0.05",
+        "--devices=1",
+        "--noprogress",
+        f"--output_dir={out}",
+    )
+    return out, doc
+
+
+def test_concept_vectors_script_writes_every_output(vectors, dissection):
+    out, doc = vectors
+    for name in ("json", "csv", "npz", "png", "html"):
+        assert (out / f"concept_vectors.{name}").is_file(), name
+    units = json.loads((dissection / "results.json").read_text())["layers"][1]["units"]
+    assert doc["settings"]["units"] == 12 == len(units)
+    arrays = store.load_arrays(out / "concept_vectors.npz")
+    assert arrays["weights"].shape == (doc["summary"]["concepts"], 12)
+    scored = [c for c in doc["concepts"] if c["scored"]]
+    s = doc["summary"]
+    assert s["scored"] == len(scored) > 0
+    assert s["beats"] == sum(c["iou"] > c["single_iou"] for c in scored)
+    assert s["mean_gain"] == pytest.approx(np.mean([c["gain"] for c in scored]))
+    for c in doc["concepts"]:
+        assert c["gain"] == pytest.approx(c["iou"] - c["single_iou"])
+        assert c["best_heldout_iou"] >= c["single_iou"]
+        assert c["single_unit_label"] == units[c["single_unit"]]["name"]
+        for u in c["top_units"]:
+            assert u["weight"] > 0 and u["label"] == units[u["unit"]]["name"]
+    rows = store.read_rows_csv(out / "concept_vectors.csv")
+    assert [r["name"] for r in rows] == [c["name"] for c in doc["concepts"]]
+    assert doc["cost"]["forward_s"] > 0 and doc["cost"]["train_steps"] > 0
+    html = (out / "concept_vectors.html").read_text()
+    # Sorted by gain, highest first.
+    best = max(scored, key=lambda c: c["gain"])["name"]
+    assert html.index(f">{best}<") <= min(html.index(f">{c['name']}<") for c in scored)
+
+
+def test_a_rerun_resumes_from_the_finished_training(vectors, data_args, dissection):
+    out, doc = vectors
+    again = run_script(
+        "concept_vectors",
+        f"--dissection={dissection}",
+        "--layer=top",
+        *MODEL,
+        *data_args,
+        "--epochs=3",
+        "--probe_batch_size=16",
+        "--mask_stride=2",
+        "--learning_rate=0.05",
+        "--devices=1",
+        "--noprogress",
+        f"--output_dir={out}",
+    )
+    assert again["cost"]["train_s"] == 0.0  # every step restored from the checkpoint
+    assert [c["iou"] for c in again["concepts"]] == [c["iou"] for c in doc["concepts"]]
+
+
+def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection):
+    with pytest.raises(FileNotFoundError, match=r"--dissection=.*no finished dissection"):
+        run_script("concept_vectors", f"--dissection={tmp_path}", *MODEL, *data_args)
+    with pytest.raises(
+        ValueError, match=r"--layer=conv9: the dissection in .* has layers conv1, top"
+    ):
+        run_script("concept_vectors", f"--dissection={dissection}", "--layer=conv9", *MODEL)
+    with pytest.raises(ValueError, match=r"--dissection=.* dissected .*, not the model given"):
+        finished.read_layer(dissection, "top", model_key="weights of another model")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
+    with pytest.raises(FileNotFoundError, match="no finished dissection"):
+        run_script("segment", f"--image={image}", f"--dissection={tmp_path}", "--layer=top", *MODEL)
+    with pytest.raises(ValueError, match="--layer=conv9"):
+        run_script("segment", f"--image={image}", f"--dissection={dissection}", "--layer=conv9")
+
+
+def test_segment_script_paints_the_labelled_units(tmp_path, data_args, dissection, vectors):
+    # An image that is no Broden image: another size, mode L.
+    rng = np.random.default_rng(0)
+    image = tmp_path / "noise.png"
+    Image.fromarray(rng.integers(0, 255, (50, 70), dtype=np.uint8), mode="L").save(image)
+    out = tmp_path / "seg"
+    doc = run_script(
+        "segment",
+        f"--image={image}",
+        f"--dissection={dissection}",
+        "--layer=top",
+        *MODEL,
+        f"--concept_vectors={vectors[0]}",
+        f"--output_dir={out}",
+    )
+    assert (out / "segment-noise.png").is_file() and (out / "segment-noise.json").is_file()
+    assert doc["size"] == [50, 70]
+    units = json.loads((dissection / "results.json").read_text())["layers"][1]["units"]
+    assert doc["labelled_units"] == sum(u["interpretable"] and u["name"] is not None for u in units)
+    regions = [r for r in doc["regions"] if r["source"] == "unit"]
+    assert sum(r["painted"] for r in regions) <= 50 * 70
+    for r in regions:
+        assert r["units"] and all(units[k]["name"] == r["name"] for k in r["units"])
+        assert 0 < r["painted"] <= r["pixels"] or r["painted"] == 0
+    with Image.open(out / "segment-noise.png") as im:
+        assert im.mode in ("RGB", "RGBA") and im.width > 70
+
+
+def test_concept_page_escapes_names(tmp_path):
+    concept = {
+        "name": "<script>x</script>",
+        "category": "object",
+        "iou": 0.5,
+        "single_iou": 0.25,
+        "gain": 0.25,
+        "single_unit": 3,
+        "single_unit_label": "<b>",
+        "scored": True,
+        "top_units": [{"unit": 3, "weight": 1.0, "label": "a&b"}],
+    }
+    doc = {
+        "settings": {
+            "layer": "l",
+            "model": "m",
+            "units": 4,
+            "variant": "binary",
+            "train_images": 7,
+            "heldout_images": 3,
+        },
+        "summary": {
+            "beats": 1,
+            "scored": 1,
+            "beats_share": 1.0,
+            "mean_gain": 0.25,
+            "median_gain": 0.25,
+        },
+        "concepts": [concept],
+    }
+    html = concept_page.write_page(tmp_path, doc).read_text()
+    assert "<script>x" not in html and "&lt;script&gt;x&lt;/script&gt;" in html
+    assert "a&amp;b" in html and "&lt;b&gt;" in html
