@@ -83,10 +83,12 @@ class Scored:
 
 @dataclasses.dataclass
 class SearchStats:
-    """What a search cost: passes over the data and prefixes evaluated per prefix length."""
+    """What a search cost (passes over the data, prefixes evaluated per prefix length) and,
+    from the beam, its best per unit after each step (`best[l - 1]`: length <= l)."""
 
     passes: int = 0
     prefixes: dict[int, int] = dataclasses.field(default_factory=dict)
+    best: list[list[Scored]] = dataclasses.field(default_factory=list)
 
 
 def check_options(max_length: int, beam: int, ops: Sequence[int], penalty: float) -> None:
@@ -99,6 +101,11 @@ def check_options(max_length: int, beam: int, ops: Sequence[int], penalty: float
         raise ValueError(f"ops={tuple(ops)}: operator codes 0 (OR), 1 (AND), 2 (AND NOT)")
     if not 0 < penalty <= 1:
         raise ValueError(f"penalty={penalty}: must be in (0, 1]")
+
+
+def _check_candidates(candidates: np.ndarray) -> None:
+    if not candidates.any():
+        raise ValueError("candidates: no concept has pixels in the probe set (check categories)")
 
 
 def default_candidates(first: FirstCounts) -> np.ndarray:
@@ -212,7 +219,10 @@ def beam_search(
     """Per unit the final beam, best first (module doc); max_length - 1 passes of `evaluate`."""
     check_options(max_length, beam, ops, penalty)
     candidates = default_candidates(first) if candidates is None else np.asarray(candidates, bool)
+    _check_candidates(candidates)
     kept = _first_beam(first, candidates, beam)
+    if stats is not None:
+        stats.best.append([row[0] for row in kept])
     for _ in range(max_length - 1):
         prefixes = [[s.formula for s in row] for row in kept]
         counts = evaluate(FormulaTable.of(prefixes, beam))
@@ -232,6 +242,8 @@ def beam_search(
             )
             for u in range(len(kept))
         ]
+        if stats is not None:
+            stats.best.append([row[0] for row in kept])
     return kept
 
 
@@ -305,6 +317,7 @@ def optimal_search(
     """
     check_options(max_length, slots, ops, penalty)
     candidates = default_candidates(first) if candidates is None else np.asarray(candidates, bool)
+    _check_candidates(candidates)
     stats = SearchStats() if stats is None else stats
     best = [row[0] for row in _first_beam(first, candidates, 1)]
     if start is not None:
