@@ -42,6 +42,20 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
         "model", None, "Architecture when --weights is no training export.", flag_values=fv
     )
+    flags.DEFINE_integer(
+        "num_classes", None, "Classifier size of the model (e.g. 365 for Places).", flag_values=fv
+    )
+    flags.DEFINE_multi_string(
+        "model_option", [], "Extra constructor option key=value, repeatable.", flag_values=fv
+    )
+    flags.DEFINE_enum(
+        "input_norm",
+        "model",
+        ["model", "torchvision", "places_lite"],
+        "Input normalisation: the model's own, torchvision ImageNet, or NetDissect-Lite's "
+        "Places365 one.",
+        flag_values=fv,
+    )
     flags.DEFINE_list("layers", ["conv5"], "Layers to explain.", flag_values=fv)
     cli.define_dataclass_flags(compositional.SearchSettings, fv)
     flags.DEFINE_integer(
@@ -75,7 +89,7 @@ def run(fv: flags.FlagValues = FLAGS):
             raise ValueError(
                 f"--weights={fv.weights} is not a training export (no meta.json): give --model"
             )
-        model_load.check_request(fv.model, fv.weights or None)
+        model_load.check_request(fv.model, fv.weights or None, fv.num_classes)
     name = fv.model or os.path.basename(os.path.normpath(fv.weights))
     output_dir = fv.output_dir or os.path.join("runs", f"compositional_{name}")
     with cli.claim_output_dir(output_dir):
@@ -112,15 +126,26 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
         training,
     )
     from jaxdissect.models import load as model_load
+    from jaxdissect.preprocess import PLACES_LITE, TORCHVISION
     from jaxdissect.report import formula_page, plots
 
     out = pathlib.Path(output_dir)
+    # The probe set first: generating the synthetic one forks worker processes.
+    source, dataset_name = probe.open()
     if trained:
         loaded = training.load_trained(fv.weights)
     else:
-        loaded = model_load.load(fv.model, weights=fv.weights or None)
-    source, dataset_name = probe.open()
-    info = cli.model_info(loaded)
+        model_options = model_load.parse_options(fv.model_option)
+        if fv.num_classes is not None:
+            model_options["num_classes"] = fv.num_classes
+        loaded = model_load.load(
+            fv.model, weights=fv.weights or None, options=model_options, seed=settings.seed
+        )
+    spec = {"model": loaded.input_spec, "torchvision": TORCHVISION, "places_lite": PLACES_LITE}[
+        fv.input_norm
+    ]
+    spec = dataclasses.replace(spec, size=loaded.input_spec.size)
+    info = cli.model_info(loaded, spec)
     mesh = parallel.data_mesh(fv.devices)
     pipeline.dissect(
         info,
@@ -154,7 +179,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
             source,
             labels,
             search,
-            input_spec=loaded.input_spec,
+            input_spec=spec,
             mesh=mesh,
             batch_size=settings.batch_size,
             activation_dtype=settings.activation_dtype,
@@ -165,7 +190,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
             num_threads=options.num_threads,
             progress=options.progress,
         )
-        forward_s = _forward_seconds(tap, loaded.input_spec, source, settings.batch_size)
+        forward_s = _forward_seconds(tap, spec, source, settings.batch_size)
         rows = compositional.unit_rows(found, names)
         with (
             store.atomic_path(out / f"compositional-{stem}.csv") as tmp,
@@ -204,7 +229,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
                 out,
                 stem,
                 tap,
-                loaded.input_spec,
+                spec,
                 source,
                 thresholds,
                 top_indices,

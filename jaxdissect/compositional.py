@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from jaxdissect import actcache, config, driver, formula_counts, formula_search, statistics
 from jaxdissect.data import loader
@@ -170,6 +171,7 @@ def explain_layer(
             steps=steps,
         )
         passes.append({"pass": name, "seconds": time.perf_counter() - t0})
+        logging.info("%s: %s in %.1f s", tap.names[0], name, passes[-1]["seconds"])
         return out
 
     tally = run(

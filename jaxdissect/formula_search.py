@@ -25,9 +25,10 @@ concept with more true positives (I_A >= I_B, ties to the lower number), so only
 searched. Admissible bounds, from counts already known:
 
 - A formula extended by AND / AND NOT is a subset of it: TP <= I_P, FP >= 0, IoU <= I_P / m.
-- P OR C: TP <= min(m, I_P + I_C), FP >= max(F_P, F_C), so IoU <= g(I_P, F_P) with
-  g(x, f) = min(min(m, x + max_C I_C) / (m + f), x / (m + min_C F_C) + max_C IoU(C))
-  (the second since (x + I_C) / (m + F_C) = x / (m + F_C) + IoU(C)).
+- P OR C: TP <= min(m, I_P + I_C), FP >= max(F_P, F_C), so IoU <= max_C min(m, I_P + I_C)
+  / (m + max(F_P, F_C)) (evaluated over every C for the length-2 prefixes), and <= g(I_P,
+  F_P) with g(x, f) = min(min(m, x + max_C I_C) / (m + f), x / (m + min_C F_C) +
+  max_C IoU(C)) (the second since (x + I_C) / (m + F_C) = x / (m + F_C) + IoU(C)).
 - All formulas starting with A (length 2 and 3), the first pair ordered as above:
   A AND B, A AND NOT B, and their AND / AND NOT extensions: <= I_A / m;
   (A AND B) OR C, (A AND NOT B) OR C: <= g(I_A, 0); A OR B: <= min(m, 2 I_A) / (m + F_A)
@@ -120,24 +121,6 @@ def first_ious(first: FirstCounts) -> np.ndarray:
     return iou(first.intersection, first.unit_total[:, None], first.label_pixels[None, :])
 
 
-def _keys(prefixes: Sequence[Formula], slots: int, num_labels: int) -> list[np.ndarray]:
-    """Ranking keys [S, 3, L] of every extension (length, concepts c0..c2, ops o1, o2)."""
-    shape = (slots, 3, num_labels)
-    length = np.zeros(shape, np.int64)
-    cs = [np.full(shape, -1, np.int64) for _ in range(MAX_LENGTH)]
-    os_ = [np.full(shape, -1, np.int64) for _ in range(MAX_LENGTH - 1)]
-    for s, p in enumerate(prefixes):
-        n = len(p)
-        length[s] = n + 1
-        for t, c in enumerate(p.concepts):
-            cs[t][s] = c
-        for t, o in enumerate(p.ops):
-            os_[t][s] = o
-        cs[n][s] = np.arange(num_labels)[None, :]
-        os_[n - 1][s] = np.arange(3)[:, None]
-    return [length, *cs, *os_]
-
-
 def _select(
     kept: list[Scored],
     prefixes: Sequence[Formula],
@@ -146,23 +129,35 @@ def _select(
     width: int,
 ) -> list[Scored]:
     """The `width` best of `kept` and the extensions (scores [S, 3, L], -inf: excluded)."""
-    slots, _, nl = scores.shape
-    valid = np.isfinite(scores)
-    if not valid.any():
+    flat = scores.reshape(-1)
+    valid = np.flatnonzero(np.isfinite(flat))
+    if not len(valid):
         return kept[:width]
-    keys = [k[valid] for k in _keys(prefixes, slots, nl)]
-    score = scores[valid]
+    # Only the extensions scoring at least the (width + len(kept))-th best can be chosen
+    # (kept formulas may reappear among them); ties at that score all stay.
+    need = min(width + len(kept), len(valid))
+    cut = np.partition(flat[valid], len(valid) - need)[len(valid) - need]
+    idx = valid[flat[valid] >= cut]
+    s_idx, o_idx, c_idx = np.unravel_index(idx, scores.shape)
+    n = np.array([len(p) for p in prefixes])[s_idx]
+    cs = np.full((len(idx), MAX_LENGTH), -1, np.int64)
+    os_ = np.full((len(idx), MAX_LENGTH - 1), -1, np.int64)
+    for j, s in enumerate(s_idx):
+        p = prefixes[s]
+        cs[j, : len(p)] = p.concepts
+        cs[j, len(p)] = c_idx[j]
+        os_[j, : len(p) - 1] = p.ops
+        os_[j, len(p) - 1] = o_idx[j]
     # lexsort: last key is primary. Rank: -score, length, c0, c1, c2, o1, o2.
-    order = np.lexsort((keys[5], keys[4], keys[3], keys[2], keys[1], keys[0], -score))
-    flat_iou = ious[valid]
-    s_idx, o_idx, c_idx = (x[valid] for x in np.indices(scores.shape))
+    order = np.lexsort((os_[:, 1], os_[:, 0], cs[:, 2], cs[:, 1], cs[:, 0], n, -flat[idx]))
+    flat_iou = ious.reshape(-1)
     pool = list(kept)
     seen = {k.formula for k in kept}
-    for i in order[: width + len(kept)]:
+    for i in order[:need]:
         f = prefixes[s_idx[i]].extend(int(o_idx[i]), int(c_idx[i]))
         if f not in seen:
             seen.add(f)
-            pool.append(Scored(float(score[i]), float(flat_iou[i]), f))
+            pool.append(Scored(float(flat[idx[i]]), float(flat_iou[idx[i]]), f))
     return sorted(pool, key=Scored.rank)[:width]
 
 
@@ -329,7 +324,8 @@ def optimal_search(
     # Units whose best score is 0 have no concept meeting their mask: every formula scores 0.
     live = np.array([b.score > 0 for b in best])
     bounds = first_bounds(first, candidates, ops, penalty, max_length)
-    i_max, f_min, iou_max = _or_parts(first, candidates)
+    i_c = np.asarray(first.intersection, np.float64)[:, candidates]
+    f_c = np.asarray(first.label_pixels, np.float64)[candidates][None, :] - i_c
     queue: list[list[tuple[float, Formula]]] = []
     for u in range(k):
         if not live[u]:
@@ -341,13 +337,20 @@ def optimal_search(
     second: list[list[tuple[float, Formula]]] = [[] for _ in range(k)]
 
     def run_blocks(queue, on_counts):
+        # Each unit's queue is sorted by bound, best first: a unit is done at the first
+        # prefix whose bound is below its best score.
+        at = [0] * k
         while True:
             block = []
             for u in range(k):
-                row = [f for ub, f in queue[u] if ub >= best[u].score * (1 - _MARGIN)]
-                queue[u] = [(ub, f) for ub, f in queue[u] if ub >= best[u].score * (1 - _MARGIN)]
-                block.append(row[:slots])
-                queue[u] = queue[u][len(block[u]) :]
+                row = []
+                floor = best[u].score * (1 - _MARGIN)
+                while at[u] < len(queue[u]) and len(row) < slots and queue[u][at[u]][0] >= floor:
+                    row.append(queue[u][at[u]][1])
+                    at[u] += 1
+                if len(row) < slots:
+                    at[u] = len(queue[u])
+                block.append(row)
             if not any(block):
                 return
             counts = evaluate(FormulaTable.of(block, slots))
@@ -378,8 +381,7 @@ def optimal_search(
                     if 1 in ops or 2 in ops:
                         ub = ip / max(m[u], 1.0)
                     if 0 in ops:
-                        g = _g(ip, fp, max(m[u], 1.0), i_max[u], f_min[u], iou_max[u])
-                        ub = np.maximum(ub, g)
+                        ub = np.maximum(ub, _or_bound(ip, fp, max(m[u], 1.0), i_c[u], f_c[u]))
                     ub = ub * penalty**2
                     for j in np.flatnonzero(ub >= best[u].score * (1 - _MARGIN)):
                         second[u].append((float(ub[j]), p.extend(op, int(b[j]))))
@@ -399,6 +401,17 @@ def optimal_search(
 
     run_blocks(second, after_second)
     return best
+
+
+def _or_bound(ip: np.ndarray, fp: np.ndarray, m: float, i_c: np.ndarray, f_c: np.ndarray):
+    """max over C of min(m, I_P + I_C) / (m + max(F_P, F_C)): the bound on P OR C for
+    prefixes with I_P = ip, F_P = fp [n] (module doc), in chunks of prefixes."""
+    out = np.empty(len(ip))
+    step = max(1, (1 << 22) // max(len(i_c), 1))
+    for a in range(0, len(ip), step):
+        x, f = ip[a : a + step, None], fp[a : a + step, None]
+        out[a : a + step] = (np.minimum(m, x + i_c[None]) / (m + np.maximum(f, f_c[None]))).max(1)
+    return out
 
 
 def _or_parts(first: FirstCounts, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
