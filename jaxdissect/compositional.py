@@ -55,7 +55,7 @@ class SearchSettings:
     operators: tuple[str, ...] = OP_FLAGS
     length_penalty: float = 1.0
     mode: str = config.setting("beam", choices=MODES)
-    optimal_slots: int = formula_search.DEFAULT_BEAM
+    optimal_slots: int = 32
 
     def __post_init__(self):
         config.check_choices(self)
