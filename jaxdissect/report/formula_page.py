@@ -24,7 +24,7 @@ body { font: 14px/1.45 system-ui, sans-serif; color: #1d2330; background: #f6f7f
 main { max-width: 1300px; margin: 0 auto; padding: 16px 24px 48px; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 10px; }
 .card { background: #fff; border: 1px solid #dde1e8; border-radius: 6px; padding: 6px 8px; }
-.card img { max-width: 100%; height: auto; display: block; image-rendering: pixelated; }
+.card img { width: 100%; height: auto; display: block; image-rendering: pixelated; }
 .formula { font-family: ui-monospace, monospace; }
 .muted { color: #5b6474; }
 table { border-collapse: collapse; background: #fff; }
