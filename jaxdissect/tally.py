@@ -152,6 +152,24 @@ def _dedupe(ids: jax.Array, axis: int) -> jax.Array:
     return jnp.moveaxis(jnp.stack(out), 0, axis)
 
 
+def clean_labels(
+    pix: jax.Array, img: jax.Array, valid: jax.Array, num_labels: int
+) -> tuple[jax.Array, jax.Array]:
+    """Label ids where each (pixel, label) occurs once: 0 stands for "nothing here".
+
+    Numbers outside [1, num_labels) and every label of a padding example become 0; repeated
+    image-level labels and a label repeated at a pixel in several planes keep their first
+    occurrence; a pixel label that is also an image-level label of the image is dropped from
+    the planes (the whole image covers it). pix: int32 [B, P, sh, sw]; img: int32 [B, Q].
+    """
+    pix = jnp.where((pix > 0) & (pix < num_labels) & valid[:, None, None, None], pix, 0)
+    img = jnp.where((img > 0) & (img < num_labels) & valid[:, None], img, 0)
+    img = _dedupe(img, axis=1)
+    for q in range(img.shape[1]):
+        pix = jnp.where(pix == img[:, q, None, None, None], 0, pix)
+    return _dedupe(pix, axis=1), img
+
+
 def _category_hits(cats: jax.Array, num_categories: int, axes: tuple[int, ...]) -> jax.Array:
     """any(cats == j) over `axes`, for each category j (last axis of the result)."""
     return jnp.stack([jnp.any(cats == j, axis=axes) for j in range(num_categories)], axis=-1)
@@ -248,15 +266,7 @@ def batch_counts(
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
 
-    # Clean label ids: 0 stands for "nothing here" from now on.
-    pix = jnp.where((pix > 0) & (pix < num_labels) & valid[:, None, None, None], pix, 0)
-    img = jnp.where((img > 0) & (img < num_labels) & valid[:, None], img, 0)
-    img = _dedupe(img, axis=1)
-    # A pixel label that is also an image-level label of the image is covered by the whole
-    # image already; planes are deduped so that each (pixel, label) counts once.
-    for q in range(img.shape[1]):
-        pix = jnp.where(pix == img[:, q, None, None, None], 0, pix)
-    pix = _dedupe(pix, axis=1)
+    pix, img = clean_labels(pix, img, valid, num_labels)
 
     cat_of = primary.at[0].set(-1)  # label 0 never has a category
     img_cat = _category_hits(cat_of[img], c, axes=(1,))  # [B, C]

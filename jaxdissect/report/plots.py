@@ -270,5 +270,33 @@ def plot_iou_scatter(
     if single:
         leg = ax.legend(fontsize=8, frameon=False, loc="upper left")
         _plain(leg.get_texts())
+
+
+def plot_iou_by_length(
+    path: str | os.PathLike[str],
+    curves: Mapping[str, Sequence[float]],
+    *,
+    title: str = "",
+) -> Path:
+    """Mean IoU of each unit's best formula against the longest formula allowed, per layer
+    (compositional explanations: Mu & Andreas 2020, fig. 3)."""
+    fig = Figure(figsize=(5.2, 3.6))
+    ax = fig.add_subplot()
+    longest = 1
+    for name, values in curves.items():
+        lengths = list(range(1, len(values) + 1))
+        longest = max(longest, len(values))
+        ax.plot(lengths, list(values), "o-", label=name)
+    if not curves:
+        _note(ax, "no layer")
+    ax.set_xticks(list(range(1, longest + 1)))
+    ax.set_xlabel("formula length (concepts), at most")
+    ax.set_ylabel("mean IoU of the best formula")
+    ax.set_ylim(bottom=0)
+    ax.grid(color="#dddddd", linewidth=0.6)
+    if curves:
+        leg = ax.legend(fontsize=8, frameon=False)
+        _plain(leg.get_texts())
+    ax.spines[["top", "right"]].set_visible(False)
     ax.set_title(title, loc="left", fontsize=10, parse_math=False)
     return _save(fig, path)

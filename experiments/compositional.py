@@ -1,0 +1,350 @@
+r"""Compositional explanations (Mu & Andreas, NeurIPS 2020): each unit labelled by a logical
+formula of up to --max_length concepts (OR, AND, AND NOT), found by beam search or, with
+--mode=optimal, by a branch and bound that proves the best formula.
+
+  python experiments/compositional.py --flagfile=experiments/configs/compositional_demo.flags
+
+The layers are dissected first (thresholds; a finished dissection in --output_dir is reused
+from its stored stages), then one pass counts every unit against every concept without union
+restriction (the paper's release uses none for formulas, nor does this) and keeps the
+activations, and each beam step (and each block of prefixes of the optimal mode) is one
+more pass over the cached activations with exact counts on the devices
+(jaxdissect/formula_counts.py, jaxdissect/formula_search.py).
+Writes to --output_dir: compositional.json, compositional-<layer>.csv (per unit the formula,
+its IoU, the best single label and its IoU; beam against optimal in optimal mode),
+plots/compositional_length.png (mean IoU against formula length, per layer),
+compositional.html (cards: formula, top images with the unit's mask beside the formula's),
+and the dissection itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+
+from jaxdissect import cli
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    from jaxdissect import compositional
+
+    flags.DEFINE_string(
+        "weights",
+        None,
+        "A training export (runs/train_*/weights/step_N), or with --model any weights "
+        "experiments/dissect.py takes ('pretrained', an orbax dir, '').",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "model", None, "Architecture when --weights is no training export.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "num_classes", None, "Classifier size of the model (e.g. 365 for Places).", flag_values=fv
+    )
+    flags.DEFINE_multi_string(
+        "model_option", [], "Extra constructor option key=value, repeatable.", flag_values=fv
+    )
+    flags.DEFINE_enum(
+        "input_norm",
+        "model",
+        ["model", "torchvision", "places_lite"],
+        "Input normalisation: the model's own, torchvision ImageNet, or NetDissect-Lite's "
+        "Places365 one.",
+        flag_values=fv,
+    )
+    flags.DEFINE_list("layers", ["conv5"], "Layers to explain.", flag_values=fv)
+    cli.define_dataclass_flags(compositional.SearchSettings, fv)
+    flags.DEFINE_integer(
+        "page_units", 48, "Units (highest IoU first) with a card on the page.", flag_values=fv
+    )
+    flags.DEFINE_integer("page_images", 4, "Top images per card.", flag_values=fv)
+    flags.DEFINE_string("output_dir", None, "Default: runs/compositional_<model>.", flag_values=fv)
+    cli.define_dissection_flags(fv)
+
+
+def run(fv: flags.FlagValues = FLAGS):
+    """Explain the layers as the flags say; returns the compositional.json document."""
+    started = time.perf_counter()
+    from jaxdissect import compositional
+    from jaxdissect.models import load as model_load
+
+    if not fv.weights and not fv.model:
+        raise ValueError("give --weights (a training export) or --model")
+    settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
+    search = cli.from_flags(compositional.SearchSettings, fv)
+    probe = cli.probe_from_flags(fv)
+    cli.check_layers(fv.layers)
+    for name in ("page_units", "page_images"):
+        if fv[name].value < 0:
+            raise ValueError(f"--{name}={fv[name].value}: must be >= 0")
+    trained = bool(fv.weights) and os.path.isfile(os.path.join(fv.weights, "meta.json"))
+    if not trained:
+        if fv.weights and not os.path.exists(fv.weights):
+            raise FileNotFoundError(model_load.missing_weights_advice(fv.model or "", fv.weights))
+        if not fv.model:
+            raise ValueError(
+                f"--weights={fv.weights} is not a training export (no meta.json): give --model"
+            )
+        model_load.check_request(fv.model, fv.weights or None, fv.num_classes)
+    name = fv.model or os.path.basename(os.path.normpath(fv.weights))
+    output_dir = fv.output_dir or os.path.join("runs", f"compositional_{name}")
+    with cli.claim_output_dir(output_dir):
+        doc = _explain(fv, trained, settings, options, search, probe, output_dir)
+    for layer in doc["layers"]:
+        by_length = ", ".join(f"{v:.3f}" for v in layer["mean_iou_by_length"])
+        line = (
+            f"{layer['layer']}: mean IoU by formula length {by_length}; "
+            f"{layer['passes']} passes, {layer['seconds_per_step']:.1f} s per step "
+            f"({layer['forward_passes_per_step']:.2f} forward passes)"
+        )
+        if layer["beam_not_optimal"] is not None:
+            line += f"; beam missed the optimum for {layer['beam_not_optimal']} units"
+        print(line)
+    cli.report_elapsed(started, os.path.join(output_dir, "compositional.json"))
+    return doc
+
+
+def _explain(fv, trained, settings, options, search, probe, output_dir):
+    import csv
+    import dataclasses
+    import pathlib
+
+    import numpy as np
+
+    from jaxdissect import (
+        capture,
+        compositional,
+        engine,
+        parallel,
+        pipeline,
+        results,
+        store,
+        training,
+    )
+    from jaxdissect.models import load as model_load
+    from jaxdissect.preprocess import PLACES_LITE, TORCHVISION
+    from jaxdissect.report import formula_page, plots
+
+    out = pathlib.Path(output_dir)
+    # The probe set first: generating the synthetic one forks worker processes.
+    source, dataset_name = probe.open()
+    if trained:
+        loaded = training.load_trained(fv.weights)
+    else:
+        model_options = model_load.parse_options(fv.model_option)
+        if fv.num_classes is not None:
+            model_options["num_classes"] = fv.num_classes
+        loaded = model_load.load(
+            fv.model, weights=fv.weights or None, options=model_options, seed=settings.seed
+        )
+    spec = {"model": loaded.input_spec, "torchvision": TORCHVISION, "places_lite": PLACES_LITE}[
+        fv.input_norm
+    ]
+    spec = dataclasses.replace(spec, size=loaded.input_spec.size)
+    info = cli.model_info(loaded, spec)
+    mesh = parallel.data_mesh(fv.devices)
+    pipeline.dissect(
+        info,
+        fv.layers,
+        source,
+        settings,
+        out,
+        dataset_name=dataset_name,
+        mesh=mesh,
+        options=options,
+    )
+    labels = engine.restrict_categories(
+        source.labels, settings.categories, getattr(source, "coverage", None)
+    )
+    names = labels.names
+    size = loaded.input_spec.size
+    layers, curves = [], {}
+    for layer, stem in zip(fv.layers, results.layer_file_stems(fv.layers), strict=True):
+        with np.load(out / results.stats_npz_name(stem)) as stats:
+            thresholds, top_indices = stats["thresholds"], stats["top_indices"]
+        tap = capture.make_tap(
+            loaded.module,
+            loaded.variables,
+            [layer],
+            input_shape=(size, size, 3),
+            apply_kwargs=loaded.apply_kwargs,
+        )
+        found = compositional.explain_layer(
+            tap,
+            thresholds,
+            source,
+            labels,
+            search,
+            input_spec=spec,
+            mesh=mesh,
+            batch_size=settings.batch_size,
+            activation_dtype=settings.activation_dtype,
+            tie_rule=settings.tie_rule,
+            categories=settings.categories,
+            activation_cache=options.activation_cache,
+            work_dir=out / ".work",
+            num_threads=options.num_threads,
+            progress=options.progress,
+        )
+        forward_s = _forward_seconds(tap, spec, source, settings.batch_size)
+        rows = compositional.unit_rows(found, names)
+        with (
+            store.atomic_path(out / f"compositional-{stem}.csv") as tmp,
+            open(tmp, "w", newline="") as f,
+        ):
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        steps = found.passes[1:]
+        step_s = float(np.mean([p["seconds"] for p in steps])) if steps else 0.0
+        fires = [r for r in rows if r["formula"]]
+        by_length = compositional.mean_by_length(found)
+        curves[layer] = by_length
+        record = {
+            "layer": layer,
+            "path": tap.layers[0],
+            "units": len(rows),
+            "units_that_fire": len(fires),
+            "mean_iou_by_length": by_length,
+            "mean_label_iou": float(np.mean([r["label_iou"] for r in fires])) if fires else 0.0,
+            "beam_not_optimal": (
+                None if found.optimal is None else int(sum(not r["beam_is_optimal"] for r in fires))
+            ),
+            "passes": len(found.passes),
+            "prefixes": {str(k): v for k, v in sorted(found.prefixes.items())},
+            "pass_seconds": [p["seconds"] for p in found.passes],
+            "seconds_per_step": step_s,
+            "forward_seconds": forward_s,
+            "forward_passes_per_step": step_s / forward_s if forward_s else 0.0,
+            "units_detail": rows,
+        }
+        shown = sorted(fires, key=lambda r: (-r["iou"], r["unit"]))[: fv.page_units]
+        cards = []
+        for r in shown:
+            strip = _strip(
+                out,
+                stem,
+                tap,
+                spec,
+                source,
+                thresholds,
+                top_indices,
+                r["unit"],
+                found.best()[r["unit"]].formula,
+                fv.page_images,
+                settings.tie_rule,
+                settings.categories,
+            )
+            cards.append({**r, "strip": strip})
+        layers.append((record, cards))
+    plot = plots.plot_iou_by_length(
+        out / "plots" / "compositional_length.png", curves, title=f"{info.name}, {dataset_name}"
+    )
+    doc_settings = {
+        **dataclasses.asdict(search),
+        "model": info.name,
+        "weights": fv.weights,
+        "dataset": dataset_name,
+        "images": len(source),
+        "layers": list(fv.layers),
+        "tie_rule": settings.tie_rule,
+        "categories": settings.categories,
+        "union_restriction": "none",
+        "devices": int(mesh.devices.size),
+    }
+    formula_page.write_page(
+        out,
+        doc_settings,
+        [
+            {
+                "name": rec["layer"],
+                "mean_by_length": rec["mean_iou_by_length"],
+                "beam_not_optimal": rec["beam_not_optimal"],
+                "units_that_fire": rec["units_that_fire"],
+                "cards": cards,
+            }
+            for rec, cards in layers
+        ],
+        plot=os.path.relpath(plot, out),
+    )
+    doc = {"settings": doc_settings, "layers": [rec for rec, _ in layers]}
+    store.write_json(out / "compositional.json", doc)
+    return doc
+
+
+def _forward_seconds(tap, input_spec, source, batch_size) -> float:
+    """Seconds of the layer's forward pass over the probe set (compiled first): the unit
+    of cost, as experiments/significance.py measures it."""
+    import jax
+    import numpy as np
+
+    layer = tap.layers[0]
+    fwd = jax.jit(lambda v, x: tap.fn(v, input_spec(x))[layer])
+    n = min(len(source), batch_size)
+    images = np.stack([np.asarray(source.read_image(i), np.float32) for i in range(n)])
+    fwd(tap.variables, images).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(0, len(source), batch_size):
+        fwd(tap.variables, images).block_until_ready()
+    return time.perf_counter() - t0
+
+
+def _strip(
+    out,
+    stem,
+    tap,
+    input_spec,
+    source,
+    thresholds,
+    top_indices,
+    unit,
+    formula,
+    count,
+    tie_rule,
+    categories,
+):
+    """Write the unit's pair strip (unit mask | formula mask on its top images) at the
+    segmentation size; its path relative to `out`, or None without top images."""
+    import jax.numpy as jnp
+    import numpy as np
+    from PIL import Image
+
+    from jaxdissect import masks
+    from jaxdissect.report import formula_page, strips
+
+    idx = [int(i) for i in top_indices[:count, unit] if i >= 0]
+    if not idx:
+        return None
+    sh, sw = source.seg_size
+    images = np.stack([np.asarray(source.read_image(i), np.uint8) for i in idx])
+    acts = tap.fn(tap.variables, input_spec(jnp.asarray(images, jnp.float32)))[tap.layers[0]]
+    unit_masks = np.asarray(
+        masks.unit_masks(
+            acts[..., unit : unit + 1], thresholds[unit : unit + 1], (sh, sw), tie_rule
+        )
+    )[..., 0]
+    small, formula_masks = [], []
+    for j, i in enumerate(idx):
+        small.append(np.asarray(Image.fromarray(images[j]).resize((sw, sh), Image.BILINEAR)))
+        planes, image_labels = (
+            source.read_labels(i) if categories is None else source.read_labels(i, categories)
+        )
+        formula_masks.append(
+            formula.mask(lambda c, p=planes, q=image_labels: (p == c).any(0) | (c in q))
+        )
+    strip = formula_page.pair_strip(np.stack(small), unit_masks, np.stack(formula_masks))
+    path = out / "formula_strips" / stem / f"unit{unit:04d}.png"
+    strips.save_png(path, strip)
+    return os.path.relpath(path, out)
+
+
+main = cli.script_main(run)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,269 @@
+"""Compositional explanations of a layer's units: the passes over the probe set and the search.
+
+Given a dissection's thresholds, pass 1 counts the length-1 tally without union
+restriction (`statistics.tally_statistic`, restriction `none`: the paper's release
+restricts nothing for formulas, and neither does this) and keeps the layer's activations
+(`actcache`); every later pass reads them and counts the extensions of S formulas per unit
+(`formula_counts.formula_statistic`), one pass per beam step and, in `optimal` mode, one per
+block of prefixes that the bounds cannot rule out (`formula_search`). Every pass goes through
+`driver.run_pass`: sharded over the devices, counts merged exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from jaxdissect import actcache, config, driver, formula_counts, formula_search, statistics
+from jaxdissect.data import loader
+from jaxdissect.formulas import (
+    MAX_LENGTH,
+    OP_FLAGS,
+    ExtensionCounts,
+    FirstCounts,
+    FormulaTable,
+    parse_ops,
+)
+from jaxdissect.labelspace import LabelSpace
+
+MODES = ("beam", "optimal")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """How formulas are searched.
+
+    Attributes:
+      max_length: longest formula (concepts), 1..3.
+      beam: formulas kept per unit at each beam step.
+      operators: of `or`, `and`, `and_not`.
+      length_penalty: score = IoU * length_penalty ** (length - 1), in (0, 1] (1: none).
+      mode: `beam` (Mu & Andreas's search) or `optimal` (beam, then branch and bound
+        that proves the best formula up to max_length).
+      optimal_slots: prefixes per unit per pass of the optimal mode.
+    """
+
+    max_length: int = MAX_LENGTH
+    beam: int = formula_search.DEFAULT_BEAM
+    operators: tuple[str, ...] = OP_FLAGS
+    length_penalty: float = 1.0
+    mode: str = config.setting("beam", choices=MODES)
+    optimal_slots: int = 32
+
+    def __post_init__(self):
+        config.check_choices(self)
+        formula_search.check_options(self.max_length, self.beam, self.ops, self.length_penalty)
+        if self.optimal_slots < 1:
+            raise ValueError(f"optimal_slots={self.optimal_slots}: must be >= 1")
+
+    @property
+    def ops(self) -> tuple[int, ...]:
+        return parse_ops(self.operators)
+
+
+@dataclasses.dataclass
+class LayerFormulas:
+    """A layer's search: per unit the final beam (best first), the beam's best after each
+    step (index l - 1: formulas of length <= l), the optimal formula (optimal mode), and
+    the cost: passes with their seconds, prefixes evaluated."""
+
+    first: FirstCounts
+    candidates: np.ndarray
+    beam: list[list[formula_search.Scored]]
+    by_length: list[list[formula_search.Scored]]
+    optimal: list[formula_search.Scored] | None
+    passes: list[dict[str, Any]]
+    prefixes: dict[int, int]
+
+    def best(self) -> list[formula_search.Scored]:
+        return self.optimal if self.optimal is not None else [row[0] for row in self.beam]
+
+
+class _Examples:
+    """The fields a pass reads: labels always, images where the activations are not cached."""
+
+    def __init__(self, source: Any, images: bool, categories: tuple[str, ...] | None):
+        self.source, self.images, self.categories = source, images, categories
+        self.planes, self.image_labels = source.max_planes, source.max_image_labels
+        self.seg_size = tuple(source.seg_size)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        out = {"index": np.asarray(i, np.int32)}
+        if self.images:
+            out["image"] = np.asarray(self.source.read_image(i), np.uint8)
+        if self.categories is None:
+            planes, image_labels = self.source.read_labels(i)
+        else:
+            planes, image_labels = self.source.read_labels(i, self.categories)
+        pixel = np.zeros((self.planes, *self.seg_size), np.int32)
+        pixel[: len(planes)] = planes
+        scalar = np.zeros((self.image_labels,), np.int32)
+        scalar[: len(image_labels)] = image_labels
+        out["pixel_labels"], out["image_labels"] = pixel, scalar
+        return out
+
+
+def explain_layer(
+    tap: Any,
+    thresholds: np.ndarray,
+    source: Any,
+    labels: LabelSpace,
+    settings: SearchSettings,
+    *,
+    input_spec: Any,
+    mesh: jax.sharding.Mesh,
+    batch_size: int,
+    activation_dtype: str = "float16",
+    tie_rule: str = "strict",
+    categories: tuple[str, ...] | None = None,
+    activation_cache: str = "auto",
+    work_dir: pathlib.Path | None = None,
+    num_threads: int | None = None,
+    progress: bool = False,
+    steps: driver.Steps | None = None,
+) -> LayerFormulas:
+    """Formulas for the units of `tap`'s one layer at `thresholds` (module doc).
+
+    labels: the label space scored (categories restricted as the dissection's); candidate
+    concepts are its labels with a category and with pixels in the probe set.
+    """
+    if len(tap.layers) != 1:
+        raise ValueError(f"explain_layer takes a tap of one layer, got {tap.layers}")
+    layer = tap.layers[0]
+    steps = driver.Steps() if steps is None else steps
+    dtype = np.dtype(jax.numpy.dtype(activation_dtype))
+    forward = driver.Forward(tap.fn, input_spec, dtype, mesh)
+    num_batches = loader.num_batches(len(source), batch_size)
+    local_batch = batch_size // jax.process_count()
+    shape = tap.shapes[layer]
+    needed = int(np.prod(shape)) * dtype.itemsize * num_batches * local_batch
+    kind = actcache.choose_kind(activation_cache, needed, work_dir)
+    directory = None if work_dir is None else work_dir / "formula_activations"
+    cache = actcache.ActivationCache(
+        kind, {layer: shape}, num_batches, local_batch, dtype, directory
+    )
+    passes: list[dict[str, Any]] = []
+
+    def run(name: str, statistic: statistics.Statistic, images: bool, mode: str | None):
+        t0 = time.perf_counter()
+        out = driver.run_pass(
+            name,
+            statistic,
+            _Examples(source, images, categories),
+            mesh=mesh,
+            batch_size=batch_size,
+            forward=forward,
+            variables=tap.variables,
+            cache=cache,
+            cache_mode=mode,
+            progress=progress,
+            num_threads=num_threads,
+            steps=steps,
+        )
+        passes.append({"pass": name, "seconds": time.perf_counter() - t0})
+        logging.info("%s: %s in %.1f s", tap.names[0], name, passes[-1]["seconds"])
+        return out
+
+    tally = run(
+        "formulas-length1",
+        statistics.tally_statistic(
+            layer, thresholds, labels, restriction="none", tie_rule=tie_rule
+        ),
+        True,
+        "write",
+    )
+    first = FirstCounts(tally["unit_total"], tally["intersection"], tally["label_pixels"])
+    candidates = formula_search.default_candidates(first) & (np.asarray(labels.primary) >= 0)
+    cached = cache.enabled and cache.lo == 0 and cache.hi == num_batches
+
+    def evaluate(table: FormulaTable) -> ExtensionCounts:
+        stat = formula_counts.formula_statistic(
+            layer, thresholds, table, labels.num_labels, tie_rule=tie_rule
+        )
+        out = run(f"formulas-step{len(passes)}", stat, not cached, "read" if cached else None)
+        return ExtensionCounts(**out)
+
+    stats = formula_search.SearchStats()
+    beam = formula_search.beam_search(
+        first,
+        evaluate,
+        max_length=settings.max_length,
+        beam=settings.beam,
+        ops=settings.ops,
+        penalty=settings.length_penalty,
+        candidates=candidates,
+        stats=stats,
+    )
+    optimal = None
+    if settings.mode == "optimal":
+        optimal = formula_search.optimal_search(
+            first,
+            evaluate,
+            max_length=settings.max_length,
+            ops=settings.ops,
+            penalty=settings.length_penalty,
+            candidates=candidates,
+            slots=settings.optimal_slots,
+            start=[row[0] for row in beam],
+            stats=stats,
+        )
+    cache.clear()
+    return LayerFormulas(first, candidates, beam, stats.best, optimal, passes, stats.prefixes)
+
+
+def mean_by_length(found: LayerFormulas) -> list[float]:
+    """Mean IoU over the units that fire of the beam's best formula of length <= l, l = 1..."""
+    live = np.asarray(found.first.unit_total) > 0
+    if not live.any():
+        return [0.0] * len(found.by_length)
+    return [float(np.mean([row[u].iou for u in np.flatnonzero(live)])) for row in found.by_length]
+
+
+def unit_rows(
+    found: LayerFormulas, names: tuple[str, ...] | list[str]
+) -> list[dict[str, Mapping[str, Any] | Any]]:
+    """Per unit: the formula and IoU, the length-1 label and IoU, beam and optimal answers."""
+    ious1 = formula_search.first_ious(found.first)
+    rows = []
+    for u, best in enumerate(found.best()):
+        cs = np.flatnonzero(found.candidates)
+        label = int(cs[np.lexsort((cs, -ious1[u, cs]))[0]]) if len(cs) else -1
+        fires = bool(found.first.unit_total[u] > 0) and best.iou > 0
+        beam = found.beam[u][0]
+        row = {
+            "unit": u,
+            "formula": best.formula.text(names) if fires else "",
+            "iou": best.iou,
+            "score": best.score,
+            "length": len(best.formula) if fires else 0,
+            "label": names[label] if fires and label >= 0 else "",
+            "label_iou": float(ious1[u, label]) if label >= 0 else 0.0,
+            "beam_formula": beam.formula.text(names) if fires else "",
+            "beam_iou": beam.iou,
+        }
+        if found.optimal is not None:
+            row["optimal_formula"] = row["formula"]
+            row["optimal_iou"] = best.iou
+            row["beam_is_optimal"] = beam.score >= best.score
+        rows.append(row)
+    return rows
+
+
+__all__ = [
+    "MODES",
+    "LayerFormulas",
+    "SearchSettings",
+    "explain_layer",
+    "mean_by_length",
+    "unit_rows",
+]

@@ -1,0 +1,74 @@
+"""experiments/compositional.py end to end at tiny size: a random small CNN's conv1 on the
+tiny synthetic Broden, beam and optimal, every output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxdissect import store
+from tests.experiment_testing import TINY_SIZE, run_script, tiny_broden
+
+ARGS = (
+    "--model=jaxdissect.models.small_cnn:small_cnn",
+    "--weights=",
+    "--layers=conv1",
+    f"--resolution={TINY_SIZE}",
+    "--max_images=24",
+    "--batch_size=8",
+    "--quantile_mode=exact",
+    "--quantile=0.02",
+    "--devices=1",
+    "--noprogress",
+    "--page_units=3",
+)
+
+
+@pytest.fixture(scope="module")
+def broden(tmp_path_factory):
+    return tiny_broden(tmp_path_factory.mktemp("broden") / "broden1_48")
+
+
+def test_compositional_script_writes_formulas_plot_and_page(tmp_path, broden):
+    doc = run_script(
+        "compositional", f"--data={broden}", *ARGS, "--mode=optimal", f"--output_dir={tmp_path}"
+    )
+    [layer] = doc["layers"]
+    units = layer["units_detail"]
+    assert len(units) == 32  # conv1 of the small CNN
+    rows = store.read_rows_csv(tmp_path / "compositional-conv1.csv")
+    assert [int(r["unit"]) for r in rows] == list(range(32))
+    fires = [u for u in units if u["formula"]]
+    assert fires
+    for u in fires:
+        # The optimal formula is at least as good as the beam's and the single label.
+        assert u["iou"] >= u["beam_iou"] - 1e-12 and u["score"] >= u["label_iou"] - 1e-12
+        assert u["optimal_formula"] == u["formula"]
+    by_length = layer["mean_iou_by_length"]
+    assert len(by_length) == 3 and by_length[0] <= by_length[1] <= by_length[2]
+    assert layer["beam_not_optimal"] == sum(not u["beam_is_optimal"] for u in fires)
+    assert layer["passes"] >= 3 and layer["forward_passes_per_step"] > 0
+    assert (tmp_path / "plots" / "compositional_length.png").is_file()
+    html = (tmp_path / "compositional.html").read_text()
+    assert html.count('class="card"') == 3 and "formula_strips/conv1/unit" in html
+    assert (tmp_path / "results.json").is_file()  # the dissection the thresholds came from
+    saved = json.loads((tmp_path / "compositional.json").read_text())
+    assert saved["settings"]["union_restriction"] == "none"
+
+    # Beam mode on the same directory reuses the dissection and finds the beam's formulas.
+    beam = run_script(
+        "compositional", f"--data={broden}", *ARGS, "--mode=beam", f"--output_dir={tmp_path}"
+    )
+    got = {u["unit"]: u["formula"] for u in beam["layers"][0]["units_detail"]}
+    assert got == {u["unit"]: u["beam_formula"] for u in units}
+    assert beam["layers"][0]["beam_not_optimal"] is None
+    np.testing.assert_allclose(beam["layers"][0]["mean_iou_by_length"], by_length)
+
+
+def test_bad_search_flags_are_named(tmp_path, broden):
+    with pytest.raises(ValueError, match="--max_length=4"):
+        run_script("compositional", f"--data={broden}", *ARGS, "--max_length=4")
+    with pytest.raises(ValueError, match="operators='xor'"):
+        run_script("compositional", f"--data={broden}", *ARGS, "--operators=or,xor")

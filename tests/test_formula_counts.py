@@ -1,0 +1,151 @@
+"""On-device formula counts against the numpy reference: random, adversarial, 8 devices."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdissect import driver, formula_counts, formulas, parallel
+from jaxdissect.formulas import Formula, FormulaTable
+from tests import formula_reference as ref
+from tests.reference import random_probe
+
+
+def _random_table(rng, k: int, slots: int, num_labels: int) -> list[list[Formula]]:
+    table = []
+    for _ in range(k):
+        row = []
+        for _ in range(rng.integers(0, slots + 1)):  # some units with empty slots
+            length = int(rng.integers(1, 4))
+            cs = tuple(int(c) for c in rng.integers(0, num_labels + 3, length))  # 0, out of range
+            row.append(Formula(cs, tuple(int(o) for o in rng.integers(0, 3, length - 1))))
+        table.append(row)
+    return table
+
+
+def _probe(seed=0, num_labels=40):
+    # Few labels, so that random formulas combine concepts that really meet.
+    return random_probe(seed, num_labels=num_labels, num_images=9)
+
+
+def _expected(p, table):
+    nl = p["labels"].num_labels
+    units, concepts = ref.reference_masks(
+        p["acts"], p["thresholds"], p["pixel_labels"], p["image_labels"], nl
+    )
+    # Out-of-range table entries are empty masks: the reference has no column for them.
+    concepts = np.concatenate([concepts, np.zeros((*concepts.shape[:2], 3), bool)], -1)
+    want = ref.reference_counts(units, concepts, table)
+    want["and_label"] = want["and_label"][..., :nl]
+    want["formula_label"] = want["formula_label"][..., :nl]
+    return want
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batch_counts_equal_the_reference(seed):
+    p = _probe(seed)
+    nl = p["labels"].num_labels
+    rng = np.random.default_rng(seed)
+    slots = 4
+    table = _random_table(rng, p["acts"].shape[-1], slots, nl)
+    t = FormulaTable.of(table, slots)
+    padded = [row + [Formula((0,))] * (slots - len(row)) for row in table]
+    got = jax.jit(lambda a, th, c, o, b: formula_counts.batch_formula_counts(a, th, c, o, b, nl))(
+        p["acts"],
+        p["thresholds"],
+        t.concepts,
+        t.ops,
+        {"pixel_labels": p["pixel_labels"], "image_labels": p["image_labels"]},
+    )
+    want = _expected(p, padded)
+    for key, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
+
+
+def test_chunks_of_several_images_give_the_same_counts():
+    p = _probe(2)
+    nl = p["labels"].num_labels
+    t = FormulaTable.of(_random_table(np.random.default_rng(2), 7, 3, nl), 3)
+    batch = {"pixel_labels": p["pixel_labels"], "image_labels": p["image_labels"]}
+    one = formula_counts.batch_formula_counts(
+        p["acts"], p["thresholds"], t.concepts, t.ops, batch, nl, chunk=1
+    )
+    four = formula_counts.batch_formula_counts(
+        p["acts"], p["thresholds"], t.concepts, t.ops, batch, nl, chunk=4
+    )
+    for key in one:
+        np.testing.assert_array_equal(np.asarray(one[key]), np.asarray(four[key]), err_msg=key)
+
+
+class _Examples:
+    """Examples whose "image" is the activation map, with their labels."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def __len__(self):
+        return len(self.p["acts"])
+
+    def __getitem__(self, i):
+        return {
+            "index": np.int32(i),
+            "image": self.p["acts"][i],
+            "pixel_labels": self.p["pixel_labels"][i],
+            "image_labels": self.p["image_labels"][i],
+        }
+
+
+def test_statistic_over_8_devices_equals_1_and_the_reference():
+    p = _probe(3)
+    nl = p["labels"].num_labels
+    table = _random_table(np.random.default_rng(3), 7, 3, nl)
+    padded = [row + [Formula((0,))] * (3 - len(row)) for row in table]
+    stat = formula_counts.formula_statistic("l", p["thresholds"], FormulaTable.of(table, 3), nl)
+    results = [
+        driver.run_pass(
+            "formulas",
+            stat,
+            _Examples(p),
+            mesh=parallel.data_mesh(devices),
+            batch_size=8,
+            forward=jax.jit(lambda v, x: {"l": x}),
+            num_threads=0,
+        )
+        for devices in (1, 8)
+    ]
+    want = _expected(p, padded)
+    for key, value in want.items():
+        np.testing.assert_array_equal(results[0][key], value, err_msg=key)
+        np.testing.assert_array_equal(results[1][key], value, err_msg=key)
+
+
+def test_extension_counts_by_inclusion_exclusion_equal_direct_masks():
+    p = _probe(4)
+    nl = p["labels"].num_labels
+    units, concepts = ref.reference_masks(
+        p["acts"], p["thresholds"], p["pixel_labels"], p["image_labels"], nl
+    )
+    table = [[Formula((3,)), Formula((5, 7), (0,))] for _ in range(units.shape[-1])]
+    counts = ref.reference_counts(units, concepts, table)
+    first = formulas.FirstCounts(
+        units.sum((0, 1)),
+        np.einsum("nsk,nsl->kl", units.astype(np.int64), concepts.astype(np.int64)),
+        concepts.sum((0, 1)),
+    )
+    inter, size = formulas.extension_counts(first, formulas.ExtensionCounts(**counts))
+    for u in range(units.shape[-1]):
+        for s, f in enumerate(table[u]):
+            for op in range(3):
+                for c in range(1, nl):
+                    g = ref.formula_mask(f.extend(op, c), concepts)
+                    assert inter[u, s, op, c] == (units[..., u] & g).sum()
+                    assert size[u, s, op, c] == g.sum()
+
+
+def test_formula_text_is_canonical():
+    names = ["-", "water", "river", "blue"]
+    f = Formula((1, 2, 3), (0, 2))
+    assert f.text(names) == "(water OR river) AND NOT blue"
+    assert Formula((1, 2), (1,)).text(names) == "water AND river"
+    assert Formula((3,)).text(names) == "blue"
+    with pytest.raises(ValueError, match="operators='xor'"):
+        formulas.parse_ops(["or", "xor"])

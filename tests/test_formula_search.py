@@ -1,0 +1,240 @@
+"""Beam and optimal formula search against brute force and a plain numpy beam."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdissect import formula_counts, formula_search, tally
+from jaxdissect.data import synthetic
+from jaxdissect.data.broden import Broden
+from jaxdissect.formulas import ExtensionCounts, FirstCounts, Formula
+from tests import formula_reference as ref
+
+
+def _numpy_evaluate(units, concepts):
+    """`evaluate` from explicit masks (the reference counts)."""
+
+    def evaluate(table):
+        k, slots = table.concepts.shape[:2]
+        per_unit = []
+        for u in range(k):
+            row = []
+            for s in range(slots):
+                n = 1 + int((table.ops[u, s] >= 0).sum())
+                row.append(
+                    Formula(tuple(table.concepts[u, s, :n]), tuple(table.ops[u, s, : n - 1]))
+                )
+            per_unit.append(row)
+        return ExtensionCounts(**ref.reference_counts(units, concepts, per_unit))
+
+    return evaluate
+
+
+def _first(units, concepts):
+    u, c = units.astype(np.int64), concepts.astype(np.int64)
+    return FirstCounts(u.sum((0, 1)), np.einsum("nsk,nsl->kl", u, c), c.sum((0, 1)))
+
+
+def _blobs(rng, n, side, num, scale):
+    """bool [n, side*side, num]: random rectangles (overlapping concepts or units)."""
+    out = np.zeros((n, side, side, num), bool)
+    for x in range(n):
+        for j in range(num):
+            for _ in range(rng.integers(0, 3)):
+                y0, x0 = rng.integers(0, side, 2)
+                h, w = rng.integers(1, scale + 1, 2)
+                out[x, y0 : y0 + h, x0 : x0 + w, j] = True
+    return out.reshape(n, side * side, num)
+
+
+def _random_case(seed, num_labels=7, k=5):
+    rng = np.random.default_rng(seed)
+    concepts = _blobs(rng, 6, 8, num_labels, 5)
+    concepts[..., 0] = False  # label 0 is never a concept
+    units = _blobs(rng, 6, 8, k, 6)
+    # A unit close to a formula of its concepts, with noise.
+    f = ref.formula_mask(Formula((1, 2, 3), (0, 2)), concepts)
+    units[..., 0] = f ^ (rng.random(f.shape) < 0.05)
+    units[..., -1] = False  # a unit that never fires
+    return units, concepts
+
+
+@pytest.mark.parametrize(
+    "seed,ops,penalty,width,length",
+    [
+        (0, (0, 1, 2), 1.0, 5, 3),
+        (1, (0, 1, 2), 0.9, 3, 3),
+        (2, (0, 2), 1.0, 2, 2),
+        (3, (1,), 1.0, 4, 3),
+    ],
+)
+def test_beam_equals_a_plain_numpy_beam(seed, ops, penalty, width, length):
+    units, concepts = _random_case(seed)
+    cands = list(range(1, concepts.shape[-1]))
+    got = formula_search.beam_search(
+        _first(units, concepts),
+        _numpy_evaluate(units, concepts),
+        max_length=length,
+        beam=width,
+        ops=ops,
+        penalty=penalty,
+    )
+    want = ref.beam(units, concepts, cands, length, width, ops, penalty)
+    for u in range(units.shape[-1]):
+        assert [(s.score, s.formula) for s in got[u]] == want[u], u
+
+
+@pytest.mark.parametrize(
+    "seed,ops,penalty,length",
+    [
+        (0, (0, 1, 2), 1.0, 3),
+        (4, (0, 1, 2), 1.0, 3),
+        (5, (0, 1, 2), 0.85, 3),
+        (6, (0, 2), 1.0, 3),
+        (7, (0, 1, 2), 1.0, 2),
+        (8, (1, 2), 1.0, 3),
+    ],
+)
+def test_optimal_equals_brute_force(seed, ops, penalty, length):
+    units, concepts = _random_case(seed)
+    cands = list(range(1, concepts.shape[-1]))
+    first = _first(units, concepts)
+    evaluate = _numpy_evaluate(units, concepts)
+    stats = formula_search.SearchStats()
+    start = [
+        row[0]
+        for row in formula_search.beam_search(
+            first, evaluate, max_length=length, beam=1, ops=ops, penalty=penalty
+        )
+    ]
+    got = formula_search.optimal_search(
+        first,
+        evaluate,
+        max_length=length,
+        ops=ops,
+        penalty=penalty,
+        slots=2,
+        start=start,
+        stats=stats,
+    )
+    want = ref.brute_force(units, concepts, cands, length, ops, penalty)
+    for u in range(units.shape[-1]):
+        assert got[u].score == pytest.approx(want[u][0], rel=1e-12, abs=0), u
+        # The answer's score is its own.
+        f = got[u].formula
+        assert ref.score(
+            units[..., u], ref.formula_mask(f, concepts), len(f), penalty
+        ) == pytest.approx(got[u].score, rel=1e-12)
+    assert stats.passes >= 1
+
+
+def test_beam_misses_the_optimum_where_optimal_finds_it():
+    # M = X | Y. A = X, B = Y score 0.5 each; the decoy D = X | part of Y | noise scores more,
+    # so a beam of 1 keeps D, and nothing removes D's noise: D OR B = 20 / 22 at best.
+    units = np.zeros((1, 40, 1), bool)
+    concepts = np.zeros((1, 40, 4), bool)
+    x, y, noise = np.arange(0, 10), np.arange(10, 20), np.arange(30, 32)
+    units[0, np.r_[x, y], 0] = True
+    concepts[0, x, 1] = True
+    concepts[0, y, 2] = True
+    concepts[0, np.r_[x, y[:6], noise], 3] = True
+    first = _first(units, concepts)
+    evaluate = _numpy_evaluate(units, concepts)
+    for length in (2, 3):
+        beam = formula_search.beam_search(first, evaluate, max_length=length, beam=1)
+        best = formula_search.optimal_search(
+            first, evaluate, max_length=length, start=[b[0] for b in beam]
+        )
+        assert beam[0][0].score == pytest.approx(20 / 22)
+        assert best[0].score == 1.0 and best[0].formula == Formula((1, 2), (0,))
+        assert ref.brute_force(units, concepts, [1, 2, 3], length)[0][0] == 1.0
+
+
+def test_optimal_prunes_with_the_bounds():
+    units, concepts = _random_case(9, num_labels=12, k=3)
+    first = _first(units, concepts)
+    evaluate = _numpy_evaluate(units, concepts)
+    stats = formula_search.SearchStats()
+    formula_search.optimal_search(first, evaluate, stats=stats, slots=4)
+    # Without pruning every concept of every live unit would be a length-1 prefix.
+    assert stats.prefixes[1] < 11 * 2
+
+
+def test_bounds_are_admissible_on_random_cases():
+    for seed in range(10, 16):
+        units, concepts = _random_case(seed)
+        cands = np.arange(concepts.shape[-1]) > 0
+        first = _first(units, concepts)
+        bounds = formula_search.first_bounds(first, cands, (0, 1, 2), 1.0, 3)
+        formulas = [f for f in ref.all_formulas(range(1, concepts.shape[-1]), 3) if len(f) > 1]
+        for u in range(units.shape[-1]):
+            m = units[..., u]
+            for f in formulas:
+                a, b = f.concepts[:2]
+                ia, ib = first.intersection[u, a], first.intersection[u, b]
+                if f.ops[0] != 2 and (ib > ia or (ib == ia and b < a)):
+                    continue  # not in the searched form: the one with a and b swapped is
+                assert ref.score(m, ref.formula_mask(f, concepts), len(f)) <= bounds[u, a] + 1e-12
+
+
+def test_options_are_checked():
+    first = FirstCounts(np.ones(1), np.ones((1, 2)), np.ones(2))
+    with pytest.raises(ValueError, match="max_length=4"):
+        formula_search.beam_search(first, None, max_length=4)
+    with pytest.raises(ValueError, match="penalty=1.5"):
+        formula_search.beam_search(first, None, penalty=1.5)
+    with pytest.raises(ValueError, match="beam=0"):
+        formula_search.beam_search(first, None, beam=0)
+
+
+def test_planted_formula_is_recovered_on_synthetic_broden_masks(tmp_path):
+    probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=24))
+    nl = probe.labels.num_labels
+    n = len(probe)
+    sh, sw = probe.seg_size
+    planes = np.zeros((n, probe.max_planes, sh, sw), np.int32)
+    image_labels = np.zeros((n, probe.max_image_labels), np.int32)
+    for i in range(n):
+        p, q = probe.read_labels(i)
+        planes[i, : len(p)] = p
+        image_labels[i, : len(q)] = q
+    _, concept_masks = ref.reference_masks(
+        np.zeros((n, 1, 1, 1), np.float32), np.ones(1, np.float32), planes, image_labels, nl
+    )
+    area = concept_masks.sum((0, 1))
+    pixel_level = [c for c in range(1, nl) if 0 < area[c] < n * sh * sw / 4]
+    # A, B: the two largest pixel-level concepts; C: the concept overlapping A | B most.
+    a, b = sorted(pixel_level, key=lambda c: -area[c])[:2]
+    ab = concept_masks[..., a] | concept_masks[..., b]
+    overlap = [(int((ab & concept_masks[..., c]).sum()), c) for c in pixel_level if c not in (a, b)]
+    c = max(overlap)[1]
+    planted = Formula((a, b, c), (0, 2))
+    unit = ref.formula_mask(planted, concept_masks)
+    assert 0 < unit.sum() < ab.sum()  # C removes part of A | B
+    # The unit's activations: its mask at the segmentation size, thresholded at 0.5.
+    acts = np.stack([unit, ~unit], -1).reshape(n, sh, sw, 2).astype(np.float32)
+    thresholds = np.full(2, 0.5, np.float32)
+    batch = {"pixel_labels": planes, "image_labels": image_labels}
+    primary = np.asarray(probe.labels.primary)
+    counts = tally.batch_counts(
+        acts, thresholds, batch, primary, probe.labels.num_categories, restriction="none"
+    )
+    first = FirstCounts(
+        np.asarray(counts["unit_total"], np.int64),
+        np.asarray(counts["intersection"], np.int64),
+        np.asarray(counts["label_pixels"], np.int64),
+    )
+
+    step = jax.jit(
+        lambda c, o: formula_counts.batch_formula_counts(acts, thresholds, c, o, batch, nl)
+    )
+
+    def evaluate(table):
+        got = step(table.concepts, table.ops)
+        return ExtensionCounts(**{k: np.asarray(v, np.int64) for k, v in got.items()})
+
+    beam = formula_search.beam_search(first, evaluate)
+    best = formula_search.optimal_search(first, evaluate, start=[r[0] for r in beam])
+    for found in (beam[0][0], best[0]):
+        assert found.iou == 1.0
+        np.testing.assert_array_equal(ref.formula_mask(found.formula, concept_masks), unit)
