@@ -194,6 +194,18 @@ def test_sketch_is_exact_before_compacting():
     np.testing.assert_array_equal(_bits(Q.sketch_threshold(state)), _bits(Q.reference_threshold(x)))
 
 
+@pytest.mark.parametrize("order", ["random", "ascending"])
+def test_sketch_certified_and_exact_on_a_small_probe_set(order):
+    # 13 images of a 4x4 token grid: 208 values, q 0.005. The threshold reads descending
+    # ranks 2 and 3; a cut kept only at rank >= ceil(1.5 q n) = 2 dropped rank 3.
+    x = np.random.default_rng(3).standard_normal((208, K)).astype(np.float32)
+    if order == "ascending":
+        x = np.sort(x, axis=0)
+    state = _feed(_sketch_update, Q.sketch_init(K, max_count=208), x, 128)
+    assert Q.sketch_certified(state).all()
+    np.testing.assert_array_equal(_bits(Q.sketch_threshold(state)), _bits(Q.reference_threshold(x)))
+
+
 def _tail_columns(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
     """Skewed / heavy-tailed / spiky units; n a multiple of 49 (hot 7x7 images)."""
     g = rng.standard_normal((n, 3), dtype=np.float32)
