@@ -270,6 +270,7 @@ def plot_iou_scatter(
     if single:
         leg = ax.legend(fontsize=8, frameon=False, loc="upper left")
         _plain(leg.get_texts())
+    return _save(fig, path)
 
 
 def plot_iou_by_length(
