@@ -270,6 +270,7 @@ def plot_iou_scatter(
     if single:
         leg = ax.legend(fontsize=8, frameon=False, loc="upper left")
         _plain(leg.get_texts())
+    ax.set_title(title, loc="left", fontsize=10, parse_math=False)
     return _save(fig, path)
 
 
