@@ -99,12 +99,8 @@ def merge_devices(merge: Callable[[State, State], State], stacked: State) -> Sta
 
 
 def stack_shards(statistic: Statistic, num_shards: int) -> State:
-    """`init(shard)` of every shard, stacked on a leading axis (numpy, host).
-
-    All shards' states come from one compiled program (built op by op, each fill of a
-    new shape would compile a program of its own).
-    """
-    states = jax.device_get(jax.jit(lambda: [statistic.init(i) for i in range(num_shards)])())
+    """`init(shard)` of every shard, stacked on a leading axis (numpy, host)."""
+    states = [jax.device_get(statistic.init(i)) for i in range(num_shards)]
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
 
 

@@ -12,11 +12,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # inherited by its workers and every subprocess; `cli.enable_compilation_cache` uses it too.
 if "PYTEST_XDIST_WORKER" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxdissect-tests-xla-")
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"  # as the scripts
 
 import jax  # noqa: E402
 
+from jaxdissect import cli  # noqa: E402
+
 jax.config.update("jax_num_cpu_devices", 8)
+cli.enable_compilation_cache()  # as the scripts do, in the session's directory
 
 # pytest is the application here: it parses absl flags (as `absl.app.run` does for the
 # scripts), which grain needs when it starts worker processes.
