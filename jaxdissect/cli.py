@@ -113,12 +113,14 @@ def quiet_library_logs() -> None:
 
 
 def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache under `cache_root()/xla`: a later process reuses
-    the compiled steps instead of compiling them again."""
+    """JAX's persistent compilation cache under `cache_root()/xla` (or JAX's own
+    `$JAX_COMPILATION_CACHE_DIR` where set): a later process reuses every compiled
+    executable, the small ones too, instead of compiling it again."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache_root() / "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 # --------------------------------------------------------------------- flags from dataclasses

@@ -1,16 +1,33 @@
-"""Test session setup: 8 fake CPU devices, so multi-device code runs everywhere."""
+"""Test session setup: 8 fake CPU devices, so multi-device code runs everywhere, and one
+persistent compilation cache per test session, shared by the xdist workers and the
+scripts the tests start (an identical step is compiled once a session, not once a test)."""
 
 import os
+import shutil
+import tempfile
 
 # Before JAX initialises its backend: tests of sharded code use meshes of 1 and 8 devices.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Made by the session's first process (the xdist controller, or pytest without xdist) and
+# inherited by its workers and every subprocess; `cli.enable_compilation_cache` uses it too.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxdissect-tests-xla-")
 
 import jax  # noqa: E402
 
+from jaxdissect import cli  # noqa: E402
+
 jax.config.update("jax_num_cpu_devices", 8)
+cli.enable_compilation_cache()  # as the scripts do, in the session's directory
 
 # pytest is the application here: it parses absl flags (as `absl.app.run` does for the
 # scripts), which grain needs when it starts worker processes.
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_unconfigure(config) -> None:
+    """The session's first process removes the session's compilation cache."""
+    if not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

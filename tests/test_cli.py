@@ -216,3 +216,23 @@ def test_no_tpu_note_in_the_log():
     assert not cli._not_noise(record(note))
     assert cli._not_noise(record("Unable to initialize backend 'cuda': something"))
     assert cli._not_noise(record("dissecting"))
+
+
+def test_compilation_cache_keeps_every_executable_where_jax_is_told(tmp_path, monkeypatch):
+    import jax
+
+    session = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the test session's (conftest.py)
+    try:
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+        cli.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+        monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "root"))
+        cli.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "root" / "xla")
+    finally:
+        monkeypatch.undo()
+        assert os.environ["JAX_COMPILATION_CACHE_DIR"] == session
+        cli.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == session

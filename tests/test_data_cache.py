@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from jaxdissect import cli, engine, pipeline, store
+from jaxdissect import cli, driver, engine, pipeline, store
 from jaxdissect.data import Broden, open_probe, synthetic
 from tests.broden_testing import tiny_broden
 from tests.fixtures.small_model import make
@@ -21,7 +21,7 @@ from tests.fixtures.small_model import make
 REUSED = "reusing stored results"
 
 
-def _dissect(root, out, caplog):
+def _dissect(root, out, caplog, steps):
     """Tallies of one dissection, and the stages it reused (from the engine's log)."""
     module, variables = make()
     caplog.clear()
@@ -36,6 +36,7 @@ def _dissect(root, out, caplog):
             out,
             dataset_name="tiny",
             options=pipeline.Options(progress=False, num_threads=0, report=False),
+            steps=steps,  # compiled once for the test's four dissections
         )
     reused = sorted(
         r.getMessage().split(":")[0] for r in caplog.records if REUSED in r.getMessage()
@@ -50,20 +51,20 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_editing_one_image_recomputes_both_passes(tmp_path, caplog):
     root = synthetic.generate_tiny(tmp_path / "broden", num_images=16)
-    out = tmp_path / "run"
-    reused, first = _dissect(root, out, caplog)
+    out, steps = tmp_path / "run", driver.Steps()
+    reused, first = _dissect(root, out, caplog, steps)
     assert reused == []
-    reused, again = _dissect(root, out, caplog)
+    reused, again = _dissect(root, out, caplog, steps)
     assert reused == ["pass1", "pass2"] and _same(again, first)  # nothing changed: reused
 
     image = root / "images" / Broden.open(root).records[0].image
     size = Image.open(image).size
     Image.new("RGB", size, (128, 128, 128)).save(image)  # the issue's flat grey
-    reused, edited = _dissect(root, out, caplog)
+    reused, edited = _dissect(root, out, caplog, steps)
     assert reused == []
     assert not _same(edited, first)
     # And from a fresh output directory, the same numbers: nothing stale was mixed in.
-    _, fresh = _dissect(root, tmp_path / "fresh", caplog)
+    _, fresh = _dissect(root, tmp_path / "fresh", caplog, steps)
     assert _same(edited, fresh)
 
 

@@ -136,20 +136,27 @@ def test_a_third_pass_composes_from_outside_and_the_network_compiles_once(tmp_pa
 
 
 def _backend_compiles(run) -> int:
-    """How many XLA executables `run()` compiles."""
+    """How many XLA executables `run()` compiles or reads from the persistent compilation
+    cache (the test session has one: conftest.py)."""
     from jax._src import dispatch
 
     count = []
 
-    def listener(event, duration, **kwargs):
+    def compiled(event, duration, **kwargs):
         if event == dispatch.BACKEND_COMPILE_EVENT:
-            count.append(duration)
+            count.append(event)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def read(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            count.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(compiled)
+    jax.monitoring.register_event_listener(read)
     try:
         run()
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_duration_listener(compiled)
+        jax.monitoring.unregister_event_listener(read)
     return len(count)
 
 

@@ -10,6 +10,9 @@ from jaxdissect.data import Broden, synthetic
 from tests.fixtures.small_model import make
 from tests.test_report_browser import _no_alert, _open, _screenshot, driver  # noqa: F401
 
+# One worker for the module: the dissection behind the `report` fixture runs once.
+pytestmark = pytest.mark.xdist_group("report_pipeline")
+
 XSS = "<script>alert({})</script>"
 
 

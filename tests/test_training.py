@@ -17,6 +17,9 @@ from jaxdissect.data.broden import Broden
 from jaxdissect.models import load as model_load
 from tests.experiment_testing import TINY_SIZE, tiny_broden
 
+# One worker for the module: its module fixtures (the quick training run) are built once.
+pytestmark = pytest.mark.xdist_group("training")
+
 
 def _config(**kw) -> training.TrainConfig:
     """A quick configuration for the resume and sharding tests."""

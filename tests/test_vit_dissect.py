@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxdissect import capture, cli, engine, parallel, quantiles, results
+from jaxdissect import capture, cli, driver, engine, parallel, quantiles, results
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.models import vit, vit_nnx
@@ -79,7 +79,7 @@ def _reference(model, variables, probe, settings):
     return out
 
 
-def _dissect(model, variables, probe, settings, devices):
+def _dissect(model, variables, probe, settings, devices, steps=None):
     tap = capture.make_tap(model, variables, LAYERS, input_shape=(32, 32, 3))
     dissector = engine.Dissector(
         tap,
@@ -90,6 +90,7 @@ def _dissect(model, variables, probe, settings, devices):
         mesh=parallel.data_mesh(devices),
         progress=False,
         num_threads=0,
+        steps=steps,
     )
     stats = dissector.run(tap.variables)
     return {name: stats[path] for name, path in zip(tap.names, tap.layers, strict=True)}
@@ -123,8 +124,9 @@ def test_nnx_twin_dissects_to_the_same_numbers(linen_vit, probe):
     model, variables = linen_vit
     twin = vit_nnx.from_linen(model, variables["params"])
     settings = engine.Settings(quantile=0.05, batch_size=8)  # sketch quantiles, float16
-    linen = _dissect(model, variables, probe, settings, 2)
-    nnx_ = _dissect(twin, None, probe, settings, 2)
+    steps = driver.Steps()  # the passes' steps compile once for both (forwards differ)
+    linen = _dissect(model, variables, probe, settings, 2, steps)
+    nnx_ = _dissect(twin, None, probe, settings, 2, steps)
     for name in LAYERS:
         np.testing.assert_array_equal(linen[name].thresholds, nnx_[name].thresholds)
         for key, value in linen[name].counts.items():
