@@ -27,26 +27,7 @@ FLAGS = flags.FLAGS
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     from jaxdissect import concept_vectors
 
-    flags.DEFINE_string(
-        "dissection",
-        "runs/efficientnet_lite0",
-        "Output directory of a finished experiments/dissect.py run of this model and layer.",
-        flag_values=fv,
-    )
-    flags.DEFINE_string("layer", "stage6", "The layer, as the dissection names it.", flag_values=fv)
-    flags.DEFINE_string(
-        "model",
-        "efficientnet_lite0",
-        "Architecture when --weights is no training export (as experiments/dissect.py).",
-        flag_values=fv,
-    )
-    flags.DEFINE_string(
-        "weights",
-        "pretrained",
-        "A training export (runs/train_*/weights/step_N), or with --model any weights "
-        "experiments/dissect.py takes ('pretrained', an orbax dir, '').",
-        flag_values=fv,
-    )
+    cli.define_finished_dissection_flags(fv)
     flags.DEFINE_list(
         "categories",
         [],

@@ -28,25 +28,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
         "image", None, "The image file to segment (any format PIL reads).", flag_values=fv
     )
-    flags.DEFINE_string(
-        "dissection",
-        "runs/efficientnet_lite0",
-        "Output directory of a finished experiments/dissect.py run of this model and layer.",
-        flag_values=fv,
-    )
-    flags.DEFINE_string("layer", "stage6", "The layer, as the dissection names it.", flag_values=fv)
-    flags.DEFINE_string(
-        "model",
-        "efficientnet_lite0",
-        "Architecture when --weights is no training export (as experiments/dissect.py).",
-        flag_values=fv,
-    )
-    flags.DEFINE_string(
-        "weights",
-        "pretrained",
-        "A training export, or with --model any weights experiments/dissect.py takes.",
-        flag_values=fv,
-    )
+    cli.define_finished_dissection_flags(fv)
     flags.DEFINE_string(
         "concept_vectors",
         None,

@@ -273,6 +273,31 @@ def define_dissection_flags(
     flags.DEFINE_integer("devices", None, "Devices to use (default: all).", flag_values=fv)
 
 
+def define_finished_dissection_flags(fv: flags.FlagValues) -> None:
+    """--dissection, --layer, --model and --weights of the scripts that build on a finished
+    experiments/dissect.py run (`jaxdissect.finished`)."""
+    flags.DEFINE_string(
+        "dissection",
+        "runs/efficientnet_lite0",
+        "Output directory of a finished experiments/dissect.py run of this model and layer.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string("layer", "stage6", "The layer, as the dissection names it.", flag_values=fv)
+    flags.DEFINE_string(
+        "model",
+        "efficientnet_lite0",
+        "Architecture when --weights is no training export (as experiments/dissect.py).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "weights",
+        "pretrained",
+        "A training export (runs/train_*/weights/step_N), or with --model any weights "
+        "experiments/dissect.py takes ('pretrained', an orbax dir, '').",
+        flag_values=fv,
+    )
+
+
 def probe_from_flags(fv: flags.FlagValues) -> Probe:
     """The checked `Probe` of the flags (`.open()` reads it)."""
     probe = from_flags(Probe, fv)
