@@ -12,17 +12,17 @@ the tally's unit mask (upsampled map against the threshold by the tie rule), L_c
 the planes' pixel labels, the whole image for an image-level label; labels are cleaned as the
 tally does (`tally.clean_labels`).
 
-Method (the tally's `segment` method with formula columns): per image, a label-major
-[labels, pixels] membership of the image's labels (set by one scatter per plane) gives each
-formula term by a gather of its concept's row; the formula's mask F and M and F, transposed
-to [pixels, 2*K*S], are the columns, and one scatter-add per pixel plane sums them by the
-pixel's label, in uint16 on
-CPU (a per-image sum is at most the image's pixels); image-level labels take the columns'
-per-image sums. Per image, with s pixels, P planes, T <= 3 terms and L labels: s*K*S*T
-1-byte gathers and boolean ops, s*P*2*K*S additions (the scatters, 2 or 4 bytes each),
-s*P byte writes for the membership and a [L, 2*K*S] partial sum (2 bytes each on CPU) added
-into the batch's counts. ResNet-18 layer4 on Broden at 112x112 (s = 12,544, K = 512,
-S = 5, P ~ 4): 96 M gathers, 0.26 G scatter adds, a 12 MB partial sum per image. Measured
+Method (the tally's `segment` method, one block of K columns per formula slot): per image
+and slot s, each unit's formula mask F_us is computed pixel-major, [pixels, K], by a few
+compares of the pixel's label ids (int16 when the labels allow) with the formula's concepts
+(a term no unit of the slot uses is skipped at run time); the rows M and F, then F, are
+summed by the pixel's label with one scatter-add per plane into a [L, K] uint16 partial sum
+on CPU (exact: a per-image sum is at most the image's pixels; [L, K] stays in cache, where a
+[L, 2*K*S] one did not), plane 0's sums giving the per-image totals for the totals and the
+image-level labels. Per image, with s pixels, P planes, Q image-level slots, T <= 3 terms:
+s*K*S*T*(P+1) 2-byte compares, s*K*S*2*P additions (the scatters) and 2*S [L, K] partial
+sums. ResNet-18 layer4 on Broden at 112x112 (s = 12,544, K = 512, S = 5, P ~ 5, T = 2):
+0.4 G compares, 0.32 G scatter adds, 10 partial sums of 1.4 MB per image. Measured
 figures: benchmarks/README.md (`bench_formulas.py`).
 
 Exactness: per-batch counts are int32 below 2**30 (`tally.check_batch_bound`); the running
