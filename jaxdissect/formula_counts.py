@@ -12,17 +12,17 @@ the tally's unit mask (upsampled map against the threshold by the tie rule), L_c
 the planes' pixel labels, the whole image for an image-level label; labels are cleaned as the
 tally does (`tally.clean_labels`).
 
-Method (the tally's `segment` method with formula columns): per image, a label-major
-[labels, pixels] membership of the image's labels (set by one scatter per plane) gives each
-formula term by a gather of its concept's row; the formula's mask F and M and F, transposed
-to [pixels, 2*K*S], are the columns, and one scatter-add per pixel plane sums them by the
-pixel's label, in uint16 on
-CPU (a per-image sum is at most the image's pixels); image-level labels take the columns'
-per-image sums. Per image, with s pixels, P planes, T <= 3 terms and L labels: s*K*S*T
-1-byte gathers and boolean ops, s*P*2*K*S additions (the scatters, 2 or 4 bytes each),
-s*P byte writes for the membership and a [L, 2*K*S] partial sum (2 bytes each on CPU) added
-into the batch's counts. ResNet-18 layer4 on Broden at 112x112 (s = 12,544, K = 512,
-S = 5, P ~ 4): 96 M gathers, 0.26 G scatter adds, a 12 MB partial sum per image. Measured
+Method (the tally's `segment` method, one block of K columns per formula slot): per image
+and slot s, each unit's formula mask F_us is computed pixel-major, [pixels, K], by a few
+compares of the pixel's label ids (int16 when the labels allow) with the formula's concepts
+(a term no unit of the slot uses is skipped at run time); the rows M and F, then F, are
+summed by the pixel's label with one scatter-add per plane into a [L, K] uint16 partial sum
+on CPU (exact: a per-image sum is at most the image's pixels; [L, K] stays in cache, where a
+[L, 2*K*S] one did not), plane 0's sums giving the per-image totals for the totals and the
+image-level labels. Per image, with s pixels, P planes, Q image-level slots, T <= 3 terms:
+s*K*S*T*(P+1) 2-byte compares, s*K*S*2*P additions (the scatters) and 2*S [L, K] partial
+sums. ResNet-18 layer4 on Broden at 112x112 (s = 12,544, K = 512, S = 5, P ~ 5, T = 2):
+0.4 G compares, 0.32 G scatter adds, 10 partial sums of 1.4 MB per image. Measured
 figures: benchmarks/README.md (`bench_formulas.py`).
 
 Exactness: per-batch counts are int32 below 2**30 (`tally.check_batch_bound`); the running
@@ -42,51 +42,82 @@ from jax import lax
 from jaxdissect import formulas, statistics, tally
 from jaxdissect.tie_rule import active, check_tie_rule
 
-# Largest buffer of one chunk of images off CPU (the formula columns).
-_CHUNK_BYTES = 1 << 30
+# Largest [pixels, units] block of one chunk of images off CPU.
+_CHUNK_BYTES = 1 << 28
 _PIB = lax.GatherScatterMode.PROMISE_IN_BOUNDS
 
 
-def formula_masks(member: jax.Array, concepts: jax.Array, ops: jax.Array) -> jax.Array:
-    """bool [K, S, ...]: each formula's mask from the label membership [L, ...] (label-major:
-    a formula term gathers whole rows, far faster than a gather along the last axis).
+def _term(p: jax.Array, q: jax.Array, concept: jax.Array) -> jax.Array:
+    """bool [c, s, K]: pixels holding each unit's `concept` [K] (p [c, P, s], q [c, Q]).
 
-    concepts int32 [K, S, 3], ops int32 [K, S, 2] (`formulas.FormulaTable`).
+    A few compares of the pixel's label ids with the concept; an image-level label covers the
+    whole image; concept 0 is empty.
     """
-    extra = (None,) * (member.ndim - 1)
-    out = member[concepts[..., 0]]
+    hit = (q[:, :, None] == concept).any(1)[:, None, :]  # [c, 1, K]
+    for plane in range(p.shape[1]):
+        hit = hit | (p[:, plane, :, None] == concept)
+    return hit & (concept > 0)
+
+
+def _combine(out: jax.Array, term: jax.Array, op: jax.Array) -> jax.Array:
+    """out op term, per unit (op int32 [K]: `formulas.OPS` codes; NO_OP keeps out)."""
+    return jnp.where(
+        op == 0, out | term, jnp.where(op == 1, out & term, jnp.where(op == 2, out & ~term, out))
+    )
+
+
+def formula_pixels(p: jax.Array, q: jax.Array, concepts: jax.Array, ops: jax.Array) -> jax.Array:
+    """bool [c, s, K]: one formula per unit (concepts int32 [K, 3], ops int32 [K, 2]) on the
+    pixels of a chunk of images (p int [c, P, s], q int [c, Q]), pixel-major.
+
+    A term no unit uses (its operator NO_OP for every unit) is skipped at run time.
+    """
+    out = _term(p, q, concepts[:, 0])
     for t in range(1, concepts.shape[-1]):
-        term = member[concepts[..., t]]
-        op = ops[..., t - 1][(..., *extra)]
-        out = jnp.where(
-            op == 0,
-            out | term,
-            jnp.where(op == 1, out & term, jnp.where(op == 2, out & ~term, out)),
+        op = ops[:, t - 1]
+        out = lax.cond(
+            (op != formulas.NO_OP).any(),
+            lambda out, t=t, op=op: _combine(out, _term(p, q, concepts[:, t]), op),
+            lambda out: out,
+            out,
         )
     return out
 
 
-def _image_columns(m, p, q, concepts, ops, num_labels):
-    """bool [s, 2*K*S] of one image: M_u and F_us, then F_us (m [s, K], p [P, s], q [Q])."""
-    s, k = m.shape
-    member = jnp.zeros((num_labels, s), bool)
-    pixel = jnp.arange(s, dtype=jnp.int32)
-    for plane in range(p.shape[0]):
-        member = member.at[p[plane], pixel].set(True, mode=_PIB)
-    member = member.at[q].set(True, mode=_PIB).at[0].set(False)
-    f = formula_masks(member, concepts, ops)  # [K, S, s]
-    mf = m.T[:, None, :] & f
-    # Materialised label-major, then transposed: fused with the gathers, the transpose made
-    # XLA's CPU loop 6 times slower.
-    return lax.optimization_barrier(jnp.concatenate([mf, f]).reshape(-1, s)).T
-
-
-def _chunk(chunk: int | None, batch: int, pixels: int, columns: int) -> int:
+def _chunk(chunk: int | None, batch: int, pixels: int, units: int) -> int:
     if chunk is None:
-        chunk = 1 if jax.default_backend() == "cpu" else max(1, _CHUNK_BYTES // (pixels * columns))
+        chunk = 1 if jax.default_backend() == "cpu" else max(1, _CHUNK_BYTES // (pixels * units))
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: must be >= 1")
     return min(chunk, batch)
+
+
+def _segment_sums(rows, ids, img, dtype, num_labels):
+    """The tally's segment method on one [c*s, K] block of bool rows.
+
+    Returns int32 [L, K]: the rows summed by the pixel's label (every plane) and, for an
+    image-level label, by image; and int32 [K], the rows' sum. ids int32 [c, P, s] are
+    (image, label) segments, img int32 [c, Q]; row 0 (nothing) is garbage, zeroed later.
+    """
+    c = img.shape[0]
+    k = rows.shape[-1]
+    # 1-byte rows, widened inside each scatter (as the tally: XLA would store them widened).
+    rows = lax.optimization_barrier(rows)
+    part = jnp.zeros((c * num_labels, k), dtype)
+    part = part.at[ids[:, 0].reshape(-1)].add(rows.astype(dtype), mode=_PIB)
+    # Plane 0 puts every pixel in exactly one segment: its sums per image are the rows' sums
+    # (a sum of the rows over pixels is 3 times slower on CPU). The barrier keeps the later
+    # scatters in place: without it XLA copied the partial sums, doubling the time.
+    per_image = part.reshape(c, num_labels, k).sum(1, dtype=jnp.int32)  # [c, K]
+    per_image, part = lax.optimization_barrier((per_image, part))
+    for plane in range(1, ids.shape[1]):
+        part = part.at[ids[:, plane].reshape(-1)].add(rows.astype(dtype), mode=_PIB)
+    part = part.reshape(c, num_labels, k).astype(jnp.int32).sum(0)
+    # Image-level labels: the whole image is the concept's mask.
+    q = img.shape[1]
+    whole = jnp.broadcast_to(per_image[:, None, :], (c, q, k)).reshape(c * q, k)
+    part = part.at[img.reshape(-1)].add(whole, mode=_PIB)
+    return part, per_image.sum(0)
 
 
 def batch_formula_counts(
@@ -121,13 +152,15 @@ def batch_formula_counts(
     if ops.shape != (*concepts.shape[:2], formulas.MAX_LENGTH - 1):
         raise ValueError(f"ops: shape {ops.shape}, expected {(*concepts.shape[:2], 2)}")
     slots = concepts.shape[1]
-    cols = 2 * k * slots
     tally.check_batch_bound(b, (sh, sw))
     valid = jnp.asarray(batch.get("valid", jnp.ones((b,), bool)), bool)
     pix, img = tally.clean_labels(pix, img, valid, nl)
     # Out-of-range concepts in the table give empty masks (like label 0).
     concepts = jnp.where((concepts > 0) & (concepts < nl), concepts, 0)
-    c = _chunk(chunk, b, s, cols)
+    # Slot-major, so that one slot's formulas of every unit are one [K] block.
+    concepts = concepts.transpose(1, 0, 2)
+    ops = ops.transpose(1, 0, 2)
+    c = _chunk(chunk, b, s, k)
     pad = -b % c
     n = (b + pad) // c
 
@@ -137,41 +170,39 @@ def batch_formula_counts(
 
     dtype = jnp.uint16 if (s <= 0xFFFF and jax.default_backend() == "cpu") else jnp.int32
     image = jnp.arange(c, dtype=jnp.int32)
+    narrow = jnp.int16 if nl <= 0x7FFF else None
+    concepts_n = concepts.astype(narrow) if narrow else concepts
 
     def step(counts, xs):
         a, p, q, v = xs
         m = active(tally.upsample(a, (sh, sw)), thresholds, tie_rule) & v[:, None, None, None]
-        m = m.reshape(c, s, k)
-        columns = jax.vmap(_image_columns, in_axes=(0, 0, 0, None, None, None))(
-            m, p.reshape(c, planes, s), q, concepts, ops, nl
-        )  # [c, s, 2KS]
-        per_image = columns.sum(1, dtype=jnp.int32)  # [c, 2KS]
-        rows = lax.optimization_barrier(columns.reshape(c * s, cols))
-        ids = p + (image * nl)[:, None, None, None]
-        part = jnp.zeros((c * nl, cols), dtype)
-        for plane in range(planes):
-            part = part.at[ids[:, plane].reshape(-1)].add(rows.astype(dtype), mode=_PIB)
-        part = part.reshape(c, nl, cols).astype(jnp.int32).at[:, 0].set(0).sum(0)
-        # Image-level labels: the whole image is the concept's mask.
-        whole_counts = (
-            jax.ops.segment_sum(
-                jnp.broadcast_to(per_image[:, None, :], (*q.shape, cols)).reshape(-1, cols),
-                q.reshape(-1),
-                num_segments=nl,
-                mode=_PIB,
-            )
-            .at[0]
-            .set(0)
-        )
-        label_counts, totals = counts
-        return (label_counts + part + whole_counts, totals + per_image.sum(0)), None
+        m = lax.optimization_barrier(m.reshape(c * s, k))
+        p = p.reshape(c, planes, s)
+        ids = p + (image * nl)[:, None, None]
+        # Narrow ids for the compares of `formula_pixels`: twice the lanes per instruction.
+        p16, q16 = (p.astype(narrow), q.astype(narrow)) if narrow else (p, q)
 
-    init = (jnp.zeros((nl, cols), jnp.int32), jnp.zeros((cols,), jnp.int32))
+        def slot(j, counts):
+            label_counts, totals = counts
+            f = formula_pixels(p16, q16, concepts_n[j], ops[j]).reshape(c * s, k)
+            for kind, rows in enumerate((m & f, f)):
+                part, total = _segment_sums(rows, ids, q, dtype, nl)
+                label_counts = label_counts.at[kind, j].add(part)
+                totals = totals.at[kind, j].add(total)
+            return label_counts, totals
+
+        # Unrolled (compile time grows with the slots): as a fori_loop, the dynamic slot
+        # index into the carried counts made a step 4 times slower on CPU.
+        for j in range(slots):
+            counts = slot(j, counts)
+        return counts, None
+
+    init = (jnp.zeros((2, slots, nl, k), jnp.int32), jnp.zeros((2, slots, k), jnp.int32))
     (label_counts, totals), _ = lax.scan(
         step, init, (split(acts), split(pix), split(img), split(valid))
     )
-    label_counts = label_counts.T.reshape(2, k, slots, nl)
-    totals = totals.reshape(2, k, slots)
+    label_counts = label_counts.at[:, :, 0].set(0).transpose(0, 3, 1, 2)  # [2, K, S, L]
+    totals = totals.transpose(0, 2, 1)
     return {
         "and_label": label_counts[0],
         "formula_label": label_counts[1],
@@ -241,4 +272,4 @@ def formula_statistic(
     return statistics.Statistic(init, update, merge, finalize, key)
 
 
-__all__ = ["batch_formula_counts", "formula_masks", "formula_statistic"]
+__all__ = ["batch_formula_counts", "formula_pixels", "formula_statistic"]

@@ -72,3 +72,20 @@ def test_bad_search_flags_are_named(tmp_path, broden):
         run_script("compositional", f"--data={broden}", *ARGS, "--max_length=4")
     with pytest.raises(ValueError, match="operators='xor'"):
         run_script("compositional", f"--data={broden}", *ARGS, "--operators=or,xor")
+
+
+def test_pretrained_lite0_passes_the_weights_check(tmp_path, broden):
+    # --weights=pretrained (the demo flagfile's) is no path: the check goes on to the next
+    # flag, here an --output_dir that is a file.
+    taken = tmp_path / "file"
+    taken.write_text("")
+    args = [a for a in ARGS if not a.startswith(("--model", "--weights"))]
+    with pytest.raises(ValueError, match="--output_dir=.*existing file"):
+        run_script(
+            "compositional",
+            f"--data={broden}",
+            *args,
+            "--model=efficientnet_lite0",
+            "--weights=pretrained",
+            f"--output_dir={taken}",
+        )

@@ -76,6 +76,32 @@ def test_chunks_of_several_images_give_the_same_counts():
         np.testing.assert_array_equal(np.asarray(one[key]), np.asarray(four[key]), err_msg=key)
 
 
+def test_slots_of_short_formulas_skip_their_unused_terms_exactly():
+    # Slot 0 holds only length-1 formulas (terms 2 and 3 unused by every unit), slot 1 only
+    # length 2 (term 3 unused), slot 2 mixes lengths: the skipped terms change no count.
+    p = _probe(5)
+    nl = p["labels"].num_labels
+    rng = np.random.default_rng(5)
+    k = p["acts"].shape[-1]
+    table = [
+        [
+            Formula((int(rng.integers(1, nl)),)),
+            Formula(tuple(int(c) for c in rng.integers(1, nl, 2)), (int(rng.integers(0, 3)),)),
+            Formula((int(rng.integers(1, nl)), 2, 3)[: 1 + u % 3], (2, 0)[: u % 3]),
+        ]
+        for u in range(k)
+    ]
+    t = FormulaTable.of(table, 3)
+    assert (t.ops[:, 0] == formulas.NO_OP).all() and (t.ops[:, 1, 1] == formulas.NO_OP).all()
+    batch = {"pixel_labels": p["pixel_labels"], "image_labels": p["image_labels"]}
+    got = formula_counts.batch_formula_counts(
+        p["acts"], p["thresholds"], t.concepts, t.ops, batch, nl
+    )
+    want = _expected(p, table)
+    for key, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
+
+
 class _Examples:
     """Examples whose "image" is the activation map, with their labels."""
 
