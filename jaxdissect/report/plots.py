@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def plot_ablation_curves(
 ) -> Path:
     """Accuracy against N units removed (Bau et al. 2020, fig. 5): per class, its own
     accuracy (thin) and the other classes' mean (thin, dashed); the means over classes bold."""
-    fig = Figure(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
     x = [max(n, 0.5) for n in ns]  # N = 0 drawn at 0.5 on the log axis
 
@@ -236,7 +237,7 @@ def plot_ablation_curves(
     ax.grid(color="#dddddd", linewidth=0.6)
     ax.legend(fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.set_title(title, loc="left", fontsize=10, parse_math=False)
+    ax.set_title(textwrap.fill(title, 80), loc="left", fontsize=9, parse_math=False)
     return _save(fig, path)
 
 
@@ -250,7 +251,7 @@ def plot_iou_scatter(
 ) -> Path:
     """Held-out IoU of each concept's vector against its best single unit's (Net2Vec, fig. 3),
     coloured by category; points above the diagonal are concepts the vector does better."""
-    fig = Figure(figsize=(5.6, 5.0))
+    fig = Figure(figsize=(5.6, 5.0), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
     colors = category_colors(categories)
     top = max([0.05, *single, *vector]) * 1.05
@@ -270,7 +271,7 @@ def plot_iou_scatter(
     if single:
         leg = ax.legend(fontsize=8, frameon=False, loc="upper left")
         _plain(leg.get_texts())
-    ax.set_title(title, loc="left", fontsize=10, parse_math=False)
+    ax.set_title(textwrap.fill(title, 70), loc="left", fontsize=9, parse_math=False)
     return _save(fig, path)
 
 
@@ -282,7 +283,7 @@ def plot_iou_by_length(
 ) -> Path:
     """Mean IoU of each unit's best formula against the longest formula allowed, per layer
     (compositional explanations: Mu & Andreas 2020, fig. 3)."""
-    fig = Figure(figsize=(5.2, 3.6))
+    fig = Figure(figsize=(5.2, 3.6), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
     longest = 1
     for name, values in curves.items():
@@ -300,5 +301,5 @@ def plot_iou_by_length(
         leg = ax.legend(fontsize=8, frameon=False)
         _plain(leg.get_texts())
     ax.spines[["top", "right"]].set_visible(False)
-    ax.set_title(title, loc="left", fontsize=10, parse_math=False)
+    ax.set_title(textwrap.fill(title, 64), loc="left", fontsize=9, parse_math=False)
     return _save(fig, path)
