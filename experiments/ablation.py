@@ -98,8 +98,6 @@ def run(fv: flags.FlagValues = FLAGS):
 
         if not fv.model:
             raise ValueError("--task=predictions needs --model (e.g. efficientnet_lite0)")
-        if fv.weights and fv.weights != "pretrained" and not os.path.exists(fv.weights):
-            raise FileNotFoundError(model_load.missing_weights_advice(fv.model, fv.weights))
         model_load.check_request(fv.model, fv.weights or None)
         if fv.top_classes < 1:
             raise ValueError(f"--top_classes={fv.top_classes}: must be >= 1")

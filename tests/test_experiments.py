@@ -378,3 +378,23 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
         assert c["curve"]["n"] == [0, 1, 8, 112]
     record = json.loads((tmp_path / "results.json").read_text())["layers"][0]
     assert [u["name"] for u in doc["units"]] == [u["name"] for u in record["units"]]
+
+
+def test_significance_demo_flagfile_tests_the_embedded_default(tmp_path, data_args):
+    """significance_demo.flags at tiny size (32 probe images at 48 px, 19 draws): every
+    unit of the pretrained Lite0's stage6 gets a p-value on the grid of 20 draws."""
+    flagfile = ROOT / "experiments" / "configs" / "significance_demo.flags"
+    doc = run_script(
+        "significance",
+        f"--flagfile={flagfile}",
+        *data_args,
+        "--max_images=32",
+        "--significance_draws=19",
+        *PROBE_ARGS,
+        f"--output_dir={tmp_path}",
+    )
+    assert doc["settings"]["model"] == "efficientnet_lite0" and doc["settings"]["images"] == 32
+    assert doc["settings"]["layer"] == "stage6" and doc["summary"]["units"] == 112
+    p = np.array([u["p"] for u in doc["units"]])
+    assert len(p) == 112 and np.allclose(p * 20, np.round(p * 20)) and (p >= 1 / 20).all()
+    assert (tmp_path / "significance-stage6.csv").is_file()
