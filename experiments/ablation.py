@@ -8,6 +8,11 @@ mean, --value=mean), which ranks the units by their importance to each class;
 then, per class, its top N units ablated together for N = 1, 2, 4, ... (the
 class's accuracy and the other classes' mean). The same layer is dissected on
 the probe set, so every unit's label stands next to the classes it matters for.
+With --task=predictions (a network without a labelled task, e.g. the embedded default:
+--model=efficientnet_lite0 --weights=pretrained) the images are the probe set's and each
+image's class is the intact network's top-1 (the --top_classes most frequent, the rest as
+one class 'other'): "accuracy" is then agreement with the intact network, the share of a
+class's images whose top-1 stays the same.
 Writes ablation.json, ablation_units.csv, ablation_classes.csv, ablation.png,
 ablation.html and the dissection (results.json, tally-<layer>.csv) to
 --output_dir. Run it again after a kill: finished chunks of masks are kept.
@@ -101,8 +106,6 @@ def run(fv: flags.FlagValues = FLAGS):
         model_load.check_request(fv.model, fv.weights or None)
         if fv.top_classes < 1:
             raise ValueError(f"--top_classes={fv.top_classes}: must be >= 1")
-        if fv.value == "mean":
-            raise ValueError("--value=mean: --task=predictions ablates to zero only")
     elif not fv.weights or not os.path.isfile(os.path.join(fv.weights, "meta.json")):
         raise ValueError(
             f"--weights={fv.weights}: not a training export (no meta.json); ablation needs a "

@@ -398,3 +398,18 @@ def test_significance_demo_flagfile_tests_the_embedded_default(tmp_path, data_ar
     p = np.array([u["p"] for u in doc["units"]])
     assert len(p) == 112 and np.allclose(p * 20, np.round(p * 20)) and (p >= 1 / 20).all()
     assert (tmp_path / "significance-stage6.csv").is_file()
+
+
+def test_ablation_predictions_task_names_its_bad_flags():
+    with pytest.raises(ValueError, match="--task=predictions needs --model"):
+        run_script("ablation", "--task=predictions")
+    with pytest.raises(ValueError, match="--top_classes=0: must be >= 1"):
+        run_script(
+            "ablation",
+            "--task=predictions",
+            "--model=efficientnet_lite0",
+            "--weights=pretrained",
+            "--top_classes=0",
+        )
+    with pytest.raises(FileNotFoundError, match="--weights=nowhere: no such file"):
+        run_script("ablation", "--task=predictions", "--model=resnet18", "--weights=nowhere")
