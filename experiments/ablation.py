@@ -284,6 +284,7 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
             "masks_evaluated": num_masks,
             "finding": ablation.finding(result, class_names, labels, defining=defining),
         },
+        measure="agreement with the intact network" if fv.task == "predictions" else "accuracy",
     )
     ablation_page.write_page(
         out, doc, strips_dir=out / "strips" / results.layer_file_stems([fv.layer])[0]

@@ -628,8 +628,11 @@ def write_ablation_files(
     labels: Sequence[Mapping[str, Any]],
     settings: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
+    *,
+    measure: str = "accuracy",
 ) -> dict[str, Any]:
-    """ablation.json, ablation_units.csv, ablation_classes.csv and ablation.png; the document."""
+    """ablation.json, ablation_units.csv, ablation_classes.csv and ablation.png (its axis
+    and title name `measure`, e.g. agreement with the intact network); the document."""
     import csv
 
     from jaxdissect.report import plots
@@ -688,8 +691,9 @@ def write_ablation_files(
             e["class"]: (e["curve"]["class_accuracy"], e["curve"]["others_accuracy"])
             for e in doc["classes"]
         },
-        title=f"{settings.get('layer', '')}: accuracy with the class's top N units "
+        title=f"{settings.get('layer', '')}: {measure} with the class's top N units "
         f"({result.value}) removed",
+        ylabel=measure,
     )
     return document
 
