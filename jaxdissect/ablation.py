@@ -691,8 +691,7 @@ def write_ablation_files(
             e["class"]: (e["curve"]["class_accuracy"], e["curve"]["others_accuracy"])
             for e in doc["classes"]
         },
-        title=f"{settings.get('layer', '')}: {measure} with the class's top N units "
-        f"({result.value}) removed",
+        title=f"{settings.get('layer', '')}: each class's top N units ({result.value}) removed",
         ylabel=measure,
     )
     return document
