@@ -8,6 +8,11 @@ mean, --value=mean), which ranks the units by their importance to each class;
 then, per class, its top N units ablated together for N = 1, 2, 4, ... (the
 class's accuracy and the other classes' mean). The same layer is dissected on
 the probe set, so every unit's label stands next to the classes it matters for.
+With --task=predictions (a network without a labelled task, e.g. the embedded default:
+--model=efficientnet_lite0 --weights=pretrained) the images are the probe set's and each
+image's class is the intact network's top-1 (the --top_classes most frequent, the rest as
+one class 'other'): "accuracy" is then agreement with the intact network, the share of a
+class's images whose top-1 stays the same.
 Writes ablation.json, ablation_units.csv, ablation_classes.csv, ablation.png,
 ablation.html and the dissection (results.json, tally-<layer>.csv) to
 --output_dir. Run it again after a kill: finished chunks of masks are kept.
@@ -23,11 +28,35 @@ from absl import app, flags
 from jaxdissect import cli
 
 FLAGS = flags.FLAGS
+TASKS = ("training", "predictions")
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
-        "weights", None, "A training export (runs/train_*/weights/step_N).", flag_values=fv
+        "weights",
+        None,
+        "A training export (runs/train_*/weights/step_N); with --task=predictions any weights "
+        "experiments/dissect.py takes for --model ('pretrained', an orbax dir, '').",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "task",
+        "training",
+        list(TASKS),
+        "training: the export's classification task (accuracy); predictions: the probe "
+        "images labelled by the intact network's top-1 ('accuracy' is then agreement with "
+        "the intact network), for a network without a labelled task.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "model", None, "Architecture of --task=predictions (as dissect.py's).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "top_classes",
+        10,
+        "--task=predictions: the classes are the K most frequent intact predictions; "
+        "the other images form one class, 'other'.",
+        flag_values=fv,
     )
     flags.DEFINE_string("layer", "conv5", "The layer whose units are ablated.", flag_values=fv)
     flags.DEFINE_enum(
@@ -69,10 +98,19 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 def run(fv: flags.FlagValues = FLAGS):
     """Run the study as the flags say; returns the ablation.json document."""
     started = time.perf_counter()
-    if not fv.weights or not os.path.isfile(os.path.join(fv.weights, "meta.json")):
+    if fv.task == "predictions":
+        from jaxdissect.models import load as model_load
+
+        if not fv.model:
+            raise ValueError("--task=predictions needs --model (e.g. efficientnet_lite0)")
+        model_load.check_request(fv.model, fv.weights or None)
+        if fv.top_classes < 1:
+            raise ValueError(f"--top_classes={fv.top_classes}: must be >= 1")
+    elif not fv.weights or not os.path.isfile(os.path.join(fv.weights, "meta.json")):
         raise ValueError(
             f"--weights={fv.weights}: not a training export (no meta.json); ablation needs a "
-            "classifier and its task (experiments/train.py writes runs/train_*/weights/step_N)"
+            "classifier and its task (experiments/train.py writes runs/train_*/weights/step_N), "
+            "or --task=predictions with --model"
         )
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
@@ -103,6 +141,8 @@ def run(fv: flags.FlagValues = FLAGS):
 def _ablate(fv, settings, options, probe, ns, output_dir):
     import pathlib
 
+    import numpy as np
+
     from jaxdissect import (
         ablation,
         evaluate,
@@ -118,18 +158,48 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
     from jaxdissect.report import ablation_page
 
     out = pathlib.Path(output_dir)
-    loaded = training.load_trained(fv.weights)
-    task = cli.training_task(fv)
     mesh = parallel.data_mesh(fv.devices)
+    batch_size = evaluate.batch_size_for(mesh, fv.eval_batch_size)
+    source = dataset_name = None
+    if fv.task == "predictions":
+        from jaxdissect.models import load as model_load
+
+        loaded = model_load.load(fv.model, weights=fv.weights or None)
+        source, dataset_name = probe.open()
+        images = np.stack([np.asarray(source.read_image(i)) for i in range(len(source))])
+        intact = evaluate.Evaluator(
+            lambda v, x: loaded.module.apply(v, loaded.input_spec(x), **loaded.apply_kwargs),
+            mesh,
+        )
+        unlabelled = scenes.eval_batches(
+            scenes.SceneSplit(images, np.zeros(len(images), np.int32), np.arange(len(images))),
+            batch_size,
+            dtype="float32",
+        )
+        logits = intact(loaded.variables, unlabelled, logits=True).logits
+        ptask = ablation.prediction_task(
+            logits, fv.top_classes, logit_names=[f"logit{i}" for i in range(logits.shape[1])]
+        )
+        batches = ablation.prediction_batches(images, ptask, batch_size)
+        class_names, num_classes = ptask.class_names, ptask.num_classes
+        fingerprint = store.key_of(probe=source.fingerprint(), top_classes=fv.top_classes)
+        description = (
+            f"predictions: agreement of the top-1 with the intact network's on {dataset_name}"
+        )
+        eval_images = len(images)
+    else:
+        loaded = training.load_trained(fv.weights)
+        task = cli.training_task(fv)
+        batches = scenes.eval_batches(task.val, batch_size, dtype="float32")
+        class_names, num_classes = task.class_names, task.num_classes
+        fingerprint, description, eval_images = task.fingerprint, task.description, len(task.val)
     size = loaded.input_spec.size
     path = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)
     k = rotation.layer_units(loaded.module, loaded.variables, path, size)
-    batches = scenes.eval_batches(
-        task.val, evaluate.batch_size_for(mesh, fv.eval_batch_size), dtype="float32"
-    )
     record = None
     if fv.dissect:
-        source, dataset_name = probe.open()
+        if source is None:
+            source, dataset_name = probe.open()
         pipeline.dissect(
             cli.model_info(loaded),
             [fv.layer],
@@ -153,7 +223,7 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
             apply_kwargs=loaded.apply_kwargs,
         )
     key = store.key_of(
-        model=loaded.key, layer=path, data=task.fingerprint, value=fv.value, study="ablation"
+        model=loaded.key, layer=path, data=fingerprint, value=fv.value, study="ablation"
     )
     t0 = time.perf_counter()
     ablator = ablation.Ablator(
@@ -164,7 +234,7 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
         loaded.variables,
         batches,
         num_units=k,
-        num_classes=task.num_classes,
+        num_classes=num_classes,
         value=fv.value,
         fill=fill,
         ns=ns,
@@ -183,30 +253,38 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
     labels = ablation.unit_labels(record, k)
     # The synthetic scenes are defined by the objects they show (data/synthetic/scene_rule.py).
     defining = scene_rule.defining_objects()
-    if not set(task.class_names) <= set(defining):
+    if not set(class_names) <= set(defining):
         defining = None
-    num_masks = 1 + k + task.num_classes * len(result.ns)
+    num_masks = 1 + k + num_classes * len(result.ns)
+    settings_doc = {
+        "weights": fv.weights,
+        "layer": fv.layer,
+        "path": path,
+        "units": k,
+        "value": fv.value,
+        "eval_images": eval_images,
+        "task": description,
+    }
+    if fv.task == "predictions":
+        settings_doc.update(
+            model=fv.model,
+            top_classes=fv.top_classes,
+            class_logits=[int(c) for c in ptask.classes],
+        )
     doc = ablation.write_ablation_files(
         out,
         result,
-        task.class_names,
+        class_names,
         labels,
-        {
-            "weights": fv.weights,
-            "layer": fv.layer,
-            "path": path,
-            "units": k,
-            "value": fv.value,
-            "eval_images": len(task.val),
-            "task": task.description,
-        },
+        settings_doc,
         extra={
             "ablation_s": elapsed,
             "forward_s": forward_s,
             "forward_pass_equivalents": elapsed / forward_s if forward_s > 0 else None,
             "masks_evaluated": num_masks,
-            "finding": ablation.finding(result, task.class_names, labels, defining=defining),
+            "finding": ablation.finding(result, class_names, labels, defining=defining),
         },
+        measure="agreement with the intact network" if fv.task == "predictions" else "accuracy",
     )
     ablation_page.write_page(
         out, doc, strips_dir=out / "strips" / results.layer_file_stems([fv.layer])[0]

@@ -82,7 +82,7 @@ def run(fv: flags.FlagValues = FLAGS):
         raise ValueError(f"--significance_draws={settings.significance_draws}: must be >= 1")
     trained = bool(fv.weights) and os.path.isfile(os.path.join(fv.weights, "meta.json"))
     if not trained:
-        if fv.weights and not os.path.exists(fv.weights):
+        if fv.weights and fv.weights != "pretrained" and not os.path.exists(fv.weights):
             raise FileNotFoundError(model_load.missing_weights_advice(fv.model or "", fv.weights))
         if not fv.model:
             raise ValueError(

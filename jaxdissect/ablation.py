@@ -116,15 +116,15 @@ class Ablator:
         acts: jax.Array,
         num_classes: int,
     ) -> tuple[jax.Array, jax.Array]:
-        labels, valid = batch["label"], batch["valid"]
+        labels, targets, valid = batch["label"], batch["target"], batch["valid"]
         onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)
 
         def one(mask: jax.Array) -> jax.Array:
             rule = _Cached(acts, mask, ZERO if fill is None else fill)
             net = interventions.intervene(self.module, {self.path: rule})
             logits = net.apply(variables, self._input(batch["image"]), **self.apply_kwargs)
-            correct = (jnp.argmax(logits, -1) == labels) & valid
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            correct = (jnp.argmax(logits, -1) == targets) & valid
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
             loss = jnp.where(valid, loss, 0.0).astype(jnp.float32)
             return (
                 jnp.sum(onehot * correct[:, None].astype(jnp.int32), 0),
@@ -146,6 +146,8 @@ class Ablator:
         """int64 [M, C]: correct examples of each class with each mask's units ablated.
 
         `masks`: bool [M, K]; `fill`: None (zero) or float [K], the replacement values.
+        A batch's `label` is its examples' class (0..C-1), which the counts are summed by;
+        an example is correct when the top-1 logit is its `target` (default: its label).
         """
         return self.counts_and_loss(
             variables,
@@ -223,8 +225,85 @@ def _eval_fields(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {
         "image": batch["image"],
         "label": np.asarray(batch["label"], np.int32),
+        "target": np.asarray(batch.get("target", batch["label"]), np.int32),
         "valid": np.asarray(batch.get("valid", np.ones(n, bool)), bool),
     }
+
+
+# --------------------------------------------------------------------------- predictions task
+
+# The class of the images whose intact prediction is none of the K most frequent ones.
+OTHER = "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionTask:
+    """The intact network's own decisions as the task, for a network without a labelled one.
+
+    An image's target is the intact network's top-1 logit; "accuracy" under ablation is
+    agreement with the intact network (the top-1 stays the same), not accuracy.
+
+    Attributes:
+      classes: int64 [K]: the logit indices of the K most frequent intact predictions, by
+        decreasing frequency (ties by index).
+      prediction: int64 [N]: the intact top-1 of each image (the targets).
+      label: int32 [N]: each image's class: i for `classes[i]`, K for the rest (`OTHER`).
+      class_names: the classes' names (`logit_names` of `classes`, and `OTHER` if any rest).
+    """
+
+    classes: np.ndarray
+    prediction: np.ndarray
+    label: np.ndarray
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def prediction_task(
+    logits: np.ndarray, top_classes: int, *, logit_names: Sequence[str] | None = None
+) -> PredictionTask:
+    """The `PredictionTask` of the intact network's `logits` [N, L] on the evaluation images,
+    its classes the `top_classes` most frequent predictions (those that occur)."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or not len(logits):
+        raise ValueError(f"logits has shape {logits.shape}; it must be [images >= 1, logits]")
+    if top_classes < 1:
+        raise ValueError(f"top_classes={top_classes}: must be >= 1")
+    prediction = np.argmax(logits, -1).astype(np.int64)
+    freq = np.bincount(prediction, minlength=logits.shape[1])
+    order = np.lexsort((np.arange(len(freq)), -freq))
+    classes = order[: min(top_classes, int((freq > 0).sum()))].astype(np.int64)
+    rank = np.full(len(freq), len(classes), np.int32)
+    rank[classes] = np.arange(len(classes), dtype=np.int32)
+    label = rank[prediction]
+    names = [str(i) for i in range(logits.shape[1])] if logit_names is None else logit_names
+    if len(names) != logits.shape[1]:
+        raise ValueError(f"logit_names has {len(names)} names for {logits.shape[1]} logits")
+    class_names = [names[int(c)] for c in classes]
+    if (label == len(classes)).any():
+        class_names.append(OTHER)
+    return PredictionTask(classes, prediction, label, tuple(class_names))
+
+
+def prediction_batches(
+    images: np.ndarray, task: PredictionTask, batch_size: int
+) -> list[dict[str, np.ndarray]]:
+    """Fixed-shape float32 batches of `images` (those `task` was made from, in order) with
+    their class (`label`) and intact top-1 (`target`); the last padded (`valid` False)."""
+    from jaxdissect import scenes
+
+    n = len(task.label)
+    if len(images) != n:
+        raise ValueError(f"{len(images)} images for the task's {n} predictions")
+    split = scenes.SceneSplit(images, task.label, np.arange(n, dtype=np.int64))
+    out = scenes.eval_batches(split, batch_size, dtype="float32")
+    for start, batch in zip(range(0, n, batch_size), out, strict=True):
+        target = np.zeros(batch_size, np.int32)
+        target[: min(batch_size, n - start)] = task.prediction[start : start + batch_size]
+        batch["target"] = target
+    return out
 
 
 def class_totals(batches: Iterable[Mapping[str, np.ndarray]], num_classes: int) -> np.ndarray:
@@ -549,8 +628,11 @@ def write_ablation_files(
     labels: Sequence[Mapping[str, Any]],
     settings: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
+    *,
+    measure: str = "accuracy",
 ) -> dict[str, Any]:
-    """ablation.json, ablation_units.csv, ablation_classes.csv and ablation.png; the document."""
+    """ablation.json, ablation_units.csv, ablation_classes.csv and ablation.png (its axis
+    and title name `measure`, e.g. agreement with the intact network); the document."""
     import csv
 
     from jaxdissect.report import plots
@@ -609,8 +691,8 @@ def write_ablation_files(
             e["class"]: (e["curve"]["class_accuracy"], e["curve"]["others_accuracy"])
             for e in doc["classes"]
         },
-        title=f"{settings.get('layer', '')}: accuracy with the class's top N units "
-        f"({result.value}) removed",
+        title=f"{settings.get('layer', '')}: each class's top N units ({result.value}) removed",
+        ylabel=measure,
     )
     return document
 

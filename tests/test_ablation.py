@@ -238,3 +238,58 @@ def test_unit_means_are_the_layer_outputs_mean_over_valid_images_and_positions(d
     p = variables["params"]["hidden"]
     want = (images.astype(np.float64) @ p["kernel"] + p["bias"]).mean((0, 1, 2))
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def _numpy_logits(variables, images, mask) -> np.ndarray:
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    h = np.maximum(images.astype(np.float64) @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
+    return np.where(mask, 0.0, h).sum((1, 2)) @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_predictions_task_counts_agreement_with_the_intact_top1_like_numpy(data, devices):
+    """Labels from the intact network's own top-1: per class of the 2 most frequent
+    predictions and the rest ('other'), the images whose top-1 is unchanged by each mask."""
+    _, images, _ = data
+    variables = _int_variables(7)  # predicts 4 classes (21, 4, 14, 1 images)
+    intact = _numpy_logits(variables, images, np.zeros(K, bool))
+    task = ablation.prediction_task(intact, 2, logit_names=["a", "b", "c", "d"])
+    # The classes by a plain loop: most frequent predictions first, ties by logit index.
+    pred = [int(np.argmax(row)) for row in intact]
+    freq = {c: pred.count(c) for c in set(pred)}
+    top = sorted(freq, key=lambda c: (-freq[c], c))[:2]
+    group = np.array([top.index(p) if p in top else 2 for p in pred])
+    assert len(freq) > 2 and list(task.classes) == top
+    assert task.class_names == (*("abcd"[c] for c in top), ablation.OTHER)
+    np.testing.assert_array_equal(task.label, group)
+    batches = ablation.prediction_batches(images, task, 16)  # 40 images: the last padded
+    ab = ablation.Ablator(_IntNet(), None, "hidden", mesh=parallel.data_mesh(devices))
+    rng = np.random.default_rng(3)
+    masks = np.concatenate(
+        [np.zeros((1, K), bool), np.eye(K, dtype=bool), rng.random((5, K)) < 0.5]
+    )
+    got = ab.counts(variables, batches, masks, num_classes=3, masks_per_call=4)
+    for m, row in zip(masks, got, strict=True):
+        same = _numpy_logits(variables, images, m).argmax(-1) == np.array(pred)
+        np.testing.assert_array_equal(row, np.bincount(group[same], minlength=3))
+    assert got[0].tolist() == np.bincount(group, minlength=3).tolist()  # intact: all agree
+
+
+def test_prediction_task_on_planted_logits():
+    logits = np.zeros((7, 5))
+    # Predictions 3, 3, 1, 1, 4, 0, 3: frequencies 3 (logit 3), 2 (logit 1), then 1 each.
+    for i, c in enumerate([3, 3, 1, 1, 4, 0, 3]):
+        logits[i, c] = 1.0
+    task = ablation.prediction_task(logits, 3)
+    assert task.classes.tolist() == [3, 1, 0]  # the tie of 0 and 4 goes to the lower index
+    assert task.class_names == ("3", "1", "0", ablation.OTHER)
+    assert task.label.tolist() == [0, 0, 1, 1, 3, 2, 0]
+    # K at least the predicted classes: no 'other' class.
+    everything = ablation.prediction_task(logits, 10)
+    assert everything.classes.tolist() == [3, 1, 0, 4] and ablation.OTHER not in (
+        everything.class_names
+    )
+    with pytest.raises(ValueError, match="top_classes=0"):
+        ablation.prediction_task(logits, 0)
+    with pytest.raises(ValueError, match="logit_names has 2 names"):
+        ablation.prediction_task(logits, 1, logit_names=["x", "y"])

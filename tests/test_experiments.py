@@ -331,3 +331,85 @@ def test_finding_b_folded_rotation_keeps_the_networks_power(rotation_run):
         assert p["max_output_change"] < 1e-4
     # ... inserted (the later layers not adapted), it does.
     assert full["accuracy_inserted"] < none["accuracy_inserted"]
+
+
+def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
+    """ablation_demo.flags at tiny size (32 probe images at 48 px): the pretrained Lite0's
+    classes are its most frequent top-1 predictions, and with no unit removed every image
+    agrees with the intact network."""
+    from jaxdissect import evaluate
+    from jaxdissect.data import open_probe
+    from jaxdissect.models import load as model_load
+
+    flagfile = ROOT / "experiments" / "configs" / "ablation_demo.flags"
+    doc = run_script(
+        "ablation",
+        f"--flagfile={flagfile}",
+        *data_args,
+        "--max_images=32",
+        "--top_classes=3",
+        "--top_n=1,8,112",
+        "--masks_per_call=64",
+        "--eval_batch_size=16",
+        *PROBE_ARGS,
+        "--noreport",
+        f"--output_dir={tmp_path}",
+    )
+    assert doc["settings"]["task"].startswith("predictions") and doc["settings"]["units"] == 112
+    names = [c["class"] for c in doc["classes"]]
+    # The intact network's predictions on the same images, by the plain evaluator.
+    loaded = model_load.load("efficientnet_lite0", weights="pretrained")
+    data = data_args[0].split("=", 1)[1]
+    probe, _ = open_probe(data, split="all", max_images=32, resolution=TINY_SIZE)
+    images = np.stack([np.asarray(probe.read_image(i), np.float32) for i in range(len(probe))])
+    net = evaluate.Evaluator(lambda v, x: loaded.module.apply(v, loaded.input_spec(x)))
+    logits = net(
+        loaded.variables,
+        [{"image": images, "label": np.zeros(len(images), np.int32)}],
+        logits=True,
+    ).logits
+    freq = np.bincount(logits.argmax(-1), minlength=logits.shape[1])
+    top = sorted(range(len(freq)), key=lambda c: (-freq[c], c))[:3]
+    assert names[:3] == [f"logit{c}" for c in top]
+    assert names[3:] == (["other"] if freq.sum() > freq[top].sum() else [])
+    assert doc["settings"]["class_logits"] == top
+    for c in doc["classes"]:
+        assert c["curve"]["class_accuracy"][0] == 1.0  # N = 0: the intact network
+        assert c["curve"]["n"] == [0, 1, 8, 112]
+    record = json.loads((tmp_path / "results.json").read_text())["layers"][0]
+    assert [u["name"] for u in doc["units"]] == [u["name"] for u in record["units"]]
+
+
+def test_significance_demo_flagfile_tests_the_embedded_default(tmp_path, data_args):
+    """significance_demo.flags at tiny size (32 probe images at 48 px, 19 draws): every
+    unit of the pretrained Lite0's stage6 gets a p-value on the grid of 20 draws."""
+    flagfile = ROOT / "experiments" / "configs" / "significance_demo.flags"
+    doc = run_script(
+        "significance",
+        f"--flagfile={flagfile}",
+        *data_args,
+        "--max_images=32",
+        "--significance_draws=19",
+        *PROBE_ARGS,
+        f"--output_dir={tmp_path}",
+    )
+    assert doc["settings"]["model"] == "efficientnet_lite0" and doc["settings"]["images"] == 32
+    assert doc["settings"]["layer"] == "stage6" and doc["summary"]["units"] == 112
+    p = np.array([u["p"] for u in doc["units"]])
+    assert len(p) == 112 and np.allclose(p * 20, np.round(p * 20)) and (p >= 1 / 20).all()
+    assert (tmp_path / "significance-stage6.csv").is_file()
+
+
+def test_ablation_predictions_task_names_its_bad_flags():
+    with pytest.raises(ValueError, match="--task=predictions needs --model"):
+        run_script("ablation", "--task=predictions")
+    with pytest.raises(ValueError, match="--top_classes=0: must be >= 1"):
+        run_script(
+            "ablation",
+            "--task=predictions",
+            "--model=efficientnet_lite0",
+            "--weights=pretrained",
+            "--top_classes=0",
+        )
+    with pytest.raises(FileNotFoundError, match="--weights=nowhere: no such file"):
+        run_script("ablation", "--task=predictions", "--model=resnet18", "--weights=nowhere")

@@ -31,12 +31,13 @@ th:first-child, td:first-child { text-align: left; }
 </style></head><body><main>
 <h1>Unit ablation: {{ s.layer }}</h1>
 <p class="muted">{{ s.weights }}, {{ s.units }} units ablated ({{ value }}), {{ s.eval_images }}
-validation images; units ranked per class by the accuracy drop when each alone is ablated.
+images ({{ s.task }}); units ranked per class by the drop of its accuracy (or agreement) when
+each alone is ablated.
 {% if dissection %}<a href="index.html">The dissection</a>.{% endif %}</p>
 <img src="ablation.png" alt="accuracy against units removed">
 {% for c in classes %}
 <h2 id="class-{{ loop.index0 }}">{{ c.class }}</h2>
-<p class="muted">{{ c.examples }} validation images.</p>
+<p class="muted">{{ c.examples }} images.</p>
 <table><tr><th>units removed</th>{% for n in c.curve.n %}<th>{{ n }}</th>{% endfor %}</tr>
 <tr><td>{{ c.class }}</td>{% for v in c.curve.class_accuracy %}<td>{{ fmt(v) }}</td>{% endfor %}</tr>
 <tr><td>other classes (mean)</td>{% for v in c.curve.others_accuracy %}<td>{{ fmt(v) }}</td>{% endfor %}</tr>

@@ -208,9 +208,10 @@ def plot_ablation_curves(
     curves: Mapping[str, tuple[Sequence[float | None], Sequence[float | None]]],
     *,
     title: str = "",
+    ylabel: str = "accuracy",
 ) -> Path:
-    """Accuracy against N units removed (Bau et al. 2020, fig. 5): per class, its own
-    accuracy (thin) and the other classes' mean (thin, dashed); the means over classes bold."""
+    """Accuracy (or `ylabel`) against N units removed (Bau et al. 2020, fig. 5): per class,
+    its own (thin) and the other classes' mean (thin, dashed); the means over classes bold."""
     fig = Figure(figsize=(6.4, 4.2), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
     x = [max(n, 0.5) for n in ns]  # N = 0 drawn at 0.5 on the log axis
@@ -232,7 +233,7 @@ def plot_ablation_curves(
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, [str(n) for n in ns])
     ax.set_xlabel("units removed (the class's most important first)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
     ax.grid(color="#dddddd", linewidth=0.6)
     ax.legend(fontsize=8, frameon=False)
