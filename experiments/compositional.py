@@ -32,16 +32,7 @@ FLAGS = flags.FLAGS
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     from jaxdissect import compositional
 
-    flags.DEFINE_string(
-        "weights",
-        None,
-        "A training export (runs/train_*/weights/step_N), or with --model any weights "
-        "experiments/dissect.py takes ('pretrained', an orbax dir, '').",
-        flag_values=fv,
-    )
-    flags.DEFINE_string(
-        "model", None, "Architecture when --weights is no training export.", flag_values=fv
-    )
+    cli.define_model_flags(fv)
     flags.DEFINE_integer(
         "num_classes", None, "Classifier size of the model (e.g. 365 for Places).", flag_values=fv
     )
@@ -70,7 +61,6 @@ def run(fv: flags.FlagValues = FLAGS):
     """Explain the layers as the flags say; returns the compositional.json document."""
     started = time.perf_counter()
     from jaxdissect import compositional
-    from jaxdissect.models import load as model_load
 
     if not fv.weights and not fv.model:
         raise ValueError("give --weights (a training export) or --model")
@@ -81,15 +71,7 @@ def run(fv: flags.FlagValues = FLAGS):
     for name in ("page_units", "page_images"):
         if fv[name].value < 0:
             raise ValueError(f"--{name}={fv[name].value}: must be >= 0")
-    trained = bool(fv.weights) and os.path.isfile(os.path.join(fv.weights, "meta.json"))
-    if not trained:
-        if fv.weights and fv.weights != "pretrained" and not os.path.exists(fv.weights):
-            raise FileNotFoundError(model_load.missing_weights_advice(fv.model or "", fv.weights))
-        if not fv.model:
-            raise ValueError(
-                f"--weights={fv.weights} is not a training export (no meta.json): give --model"
-            )
-        model_load.check_request(fv.model, fv.weights or None, fv.num_classes)
+    trained = cli.check_model_flags(fv, fv.num_classes)
     name = fv.model or os.path.basename(os.path.normpath(fv.weights))
     output_dir = fv.output_dir or os.path.join("runs", f"compositional_{name}")
     with cli.claim_output_dir(output_dir):

@@ -26,19 +26,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-    flags.DEFINE_string(
-        "weights",
-        None,
-        "A training export (runs/train_*/weights/step_N), or with --model any "
-        "weights experiments/dissect.py takes ('pretrained', an orbax dir, '').",
-        flag_values=fv,
-    )
-    flags.DEFINE_string(
-        "model",
-        None,
-        "Architecture (as experiments/dissect.py's --model) when --weights is no training export.",
-        flag_values=fv,
-    )
+    cli.define_model_flags(fv)
     flags.DEFINE_string("layer", "conv5", "The layer whose units are rotated.", flag_values=fv)
     flags.DEFINE_list(
         "amounts", ["0", "0.2", "0.4", "0.6", "0.8", "1"], "Values of t.", flag_values=fv
@@ -64,24 +52,13 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 def run(fv: flags.FlagValues = FLAGS):
     """Run the study as the flags say; returns the `rotation.RotationPoint`s."""
     started = time.perf_counter()
-    from jaxdissect.models import load as model_load
-
     if not fv.weights and not fv.model:
         raise ValueError("give --weights (a training export) or --model")
     # Every flag is checked before anything slow starts.
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
     amounts = cli.parse_numbers(fv.amounts, "--amounts")
-    trained = bool(fv.weights) and os.path.isfile(os.path.join(fv.weights, "meta.json"))
-    if not trained:
-        if fv.weights and not os.path.exists(fv.weights):
-            raise FileNotFoundError(model_load.missing_weights_advice(fv.model or "", fv.weights))
-        if not fv.model:
-            raise ValueError(
-                f"--weights={fv.weights} is not a training export (no meta.json): give --model "
-                "with the architecture of these weights"
-            )
-        model_load.check_request(fv.model, fv.weights or None)
+    trained = cli.check_model_flags(fv)
     output_dir = fv.output_dir or os.path.join("runs", f"rotation_{fv.layer}")
     with cli.claim_output_dir(output_dir):
         points = _rotate(fv, trained, settings, options, probe, amounts, output_dir)

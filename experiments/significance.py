@@ -35,16 +35,7 @@ IOU_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-    flags.DEFINE_string(
-        "weights",
-        None,
-        "A training export (runs/train_*/weights/step_N), or with --model any weights "
-        "experiments/dissect.py takes ('pretrained', an orbax dir, '').",
-        flag_values=fv,
-    )
-    flags.DEFINE_string(
-        "model", None, "Architecture when --weights is no training export.", flag_values=fv
-    )
+    cli.define_model_flags(fv)
     flags.DEFINE_string("layer", "conv5", "The layer whose detectors are tested.", flag_values=fv)
     flags.DEFINE_enum(
         "baseline",
@@ -72,23 +63,13 @@ def run(fv: flags.FlagValues = FLAGS):
     started = time.perf_counter()
     import numpy as np
 
-    from jaxdissect.models import load as model_load
-
     if not fv.weights and not fv.model:
         raise ValueError("give --weights (a training export) or --model")
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
     if settings.significance_draws < 1:
         raise ValueError(f"--significance_draws={settings.significance_draws}: must be >= 1")
-    trained = bool(fv.weights) and os.path.isfile(os.path.join(fv.weights, "meta.json"))
-    if not trained:
-        if fv.weights and fv.weights != "pretrained" and not os.path.exists(fv.weights):
-            raise FileNotFoundError(model_load.missing_weights_advice(fv.model or "", fv.weights))
-        if not fv.model:
-            raise ValueError(
-                f"--weights={fv.weights} is not a training export (no meta.json): give --model"
-            )
-        model_load.check_request(fv.model, fv.weights or None)
+    trained = cli.check_model_flags(fv)
     output_dir = fv.output_dir or os.path.join("runs", f"significance_{fv.layer}")
     with cli.claim_output_dir(output_dir):
         doc = _test(fv, trained, settings, options, probe, output_dir)

@@ -322,6 +322,39 @@ def options_from_flags(fv: flags.FlagValues) -> Any:
     return from_flags(pipeline.Options, fv)
 
 
+def define_model_flags(fv: flags.FlagValues) -> None:
+    """--weights and --model of the study scripts (a training export, or an architecture and
+    any weights experiments/dissect.py takes); `check_model_flags` reads them."""
+    flags.DEFINE_string(
+        "weights",
+        None,
+        "A training export (runs/train_*/weights/step_N), or with --model any weights "
+        "experiments/dissect.py takes ('pretrained', an orbax dir, '').",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "model", None, "Architecture when --weights is no training export.", flag_values=fv
+    )
+
+
+def check_model_flags(fv: flags.FlagValues, num_classes: int | None = None) -> bool:
+    """Whether --weights is a training export; otherwise checks --model and --weights as
+    experiments/dissect.py does (one line naming the flag)."""
+    from jaxdissect.models import load as model_load
+
+    if fv.weights and os.path.isfile(os.path.join(fv.weights, "meta.json")):
+        return True
+    if fv.weights and fv.weights != "pretrained" and not os.path.exists(fv.weights):
+        raise FileNotFoundError(model_load.missing_weights_advice(fv.model or "", fv.weights))
+    if not fv.model:
+        raise ValueError(
+            f"--weights={fv.weights} is not a training export (no meta.json): give --model "
+            "with the architecture of these weights"
+        )
+    model_load.check_request(fv.model, fv.weights or None, num_classes)
+    return False
+
+
 def training_task(fv: flags.FlagValues) -> Any:
     """The classification task the export `--weights` was trained on, for its accuracy:
     `--eval_data` (read at the export's input size) or the scenes of `--data`; its classes
