@@ -5,8 +5,10 @@ formula of up to --max_length concepts (OR, AND, AND NOT), found by beam search 
   python experiments/compositional.py --flagfile=experiments/configs/compositional_demo.flags
 
 The layers are dissected first (thresholds; a finished dissection in --output_dir is reused
-from its stored stages), then one pass counts every unit against every concept without union
-restriction (the paper's release uses none for formulas, nor does this) and keeps the
+from its stored stages), then one pass counts every unit against every concept under
+--formula_restriction (default none, as the paper's release; presence / overlap restrict
+the unit's pixels in a formula's union to the images passing one of its concepts'
+categories, as the dissection's --restriction does for single concepts) and keeps the
 activations, and each beam step (and each block of prefixes of the optimal mode) is one
 more pass over the cached activations with exact counts on the devices
 (jaxdissect/formula_counts.py, jaxdissect/formula_search.py).
@@ -235,7 +237,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
         "layers": list(fv.layers),
         "tie_rule": settings.tie_rule,
         "categories": settings.categories,
-        "union_restriction": "none",
+        "union_restriction": search.formula_restriction,
         "devices": int(mesh.devices.size),
     }
     formula_page.write_page(

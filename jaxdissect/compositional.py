@@ -1,9 +1,9 @@
 """Compositional explanations of a layer's units: the passes over the probe set and the search.
 
-Given a dissection's thresholds, pass 1 counts the length-1 tally without union
-restriction (`statistics.tally_statistic`, restriction `none`: the paper's release
-restricts nothing for formulas, and neither does this) and keeps the layer's activations
-(`actcache`); every later pass reads them and counts the extensions of S formulas per unit
+Given a dissection's thresholds, pass 1 counts the length-1 tally under the formulas' union
+restriction (`statistics.tally_statistic` with the unit totals by restriction pattern;
+`SearchSettings.formula_restriction`, default `none` as the paper's release) and keeps the
+layer's activations (`actcache`); every later pass reads them and counts the extensions of S formulas per unit
 (`formula_counts.formula_statistic`), one pass per beam step and, in `optimal` mode, one per
 block of prefixes that the bounds cannot rule out (`formula_search`). Every pass goes through
 `driver.run_pass`: sharded over the devices, counts merged exactly.
@@ -26,6 +26,7 @@ from jaxdissect.data import loader
 from jaxdissect.formulas import (
     MAX_LENGTH,
     OP_FLAGS,
+    RESTRICTIONS,
     ExtensionCounts,
     FirstCounts,
     FormulaTable,
@@ -48,6 +49,9 @@ class SearchSettings:
       mode: `beam` (Mu & Andreas's search) or `optimal` (beam, then branch and bound
         that proves the best formula up to max_length).
       optimal_slots: prefixes per unit per pass of the optimal mode.
+      formula_restriction: union restriction of a formula's IoU: `none` (Mu & Andreas's
+        release: every image), `presence` or `overlap` (the dissection's, over the
+        categories of the formula's concepts; jaxdissect/formulas.py).
     """
 
     max_length: int = MAX_LENGTH
@@ -56,6 +60,7 @@ class SearchSettings:
     length_penalty: float = 1.0
     mode: str = config.setting("beam", choices=MODES)
     optimal_slots: int = 32
+    formula_restriction: str = config.setting("none", choices=RESTRICTIONS)
 
     def __post_init__(self):
         config.check_choices(self)
@@ -177,13 +182,24 @@ def explain_layer(
     tally = run(
         "formulas-length1",
         statistics.tally_statistic(
-            layer, thresholds, labels, restriction="none", tie_rule=tie_rule
+            layer,
+            thresholds,
+            labels,
+            restriction=settings.formula_restriction,
+            tie_rule=tie_rule,
+            patterns=True,
         ),
         True,
         "write",
     )
-    first = FirstCounts(tally["unit_total"], tally["intersection"], tally["label_pixels"])
-    candidates = formula_search.default_candidates(first) & (np.asarray(labels.primary) >= 0)
+    first = FirstCounts(
+        tally["unit_total"],
+        tally["intersection"],
+        tally["label_pixels"],
+        np.asarray(labels.primary),
+        tally["pattern_pixels"],
+    )
+    candidates = formula_search.default_candidates(first)
     cached = cache.enabled and cache.lo == 0 and cache.hi == num_batches
 
     def evaluate(table: FormulaTable) -> ExtensionCounts:

@@ -19,7 +19,12 @@ and keeps the `beam` best of the pool. One pass over the data per step.
 
 Optimal mode (length <= 3): branch and bound over prefixes, seeded with the beam's best
 score s*. With m = |M|, and for a concept or formula X: I_X = |M and X|, F_X = |X| - I_X
-(its false positives), every formula G has IoU(G) = TP_G / (m + FP_G) with TP_G <= m. Every
+(its false positives), every formula G has IoU(G) = TP_G / (m + FP_G) with TP_G <= m. Under
+a union restriction (`formulas`) the m of the denominator is m(G) = m(cats(G)), which only
+grows as a formula is extended (more categories, more images): the bounds below hold with
+each denominator's m read as the least m of any formula they cover (m(cats(P)) for the
+extensions of a prefix P, the least single-category m over the candidates in max_C IoU(C))
+and TP capped by |M|; without a restriction every m is |M|. Every
 formula is equivalent to one whose commutative first pair (A OR B, A AND B) puts first the
 concept with more true positives (I_A >= I_B, ties to the lower number), so only those are
 searched. Admissible bounds, from counts already known:
@@ -115,15 +120,22 @@ def _check_candidates(candidates: np.ndarray) -> None:
 
 
 def default_candidates(first: FirstCounts) -> np.ndarray:
-    """bool [L]: concepts with pixels in the probe set (an empty concept adds nothing)."""
+    """bool [L]: concepts with pixels in the probe set (an empty concept adds nothing) and,
+    under a union restriction, with a category."""
     out = np.asarray(first.label_pixels) > 0
     out[0] = False
-    return out
+    return out & (first.category_bits() > 0)
 
 
 def first_ious(first: FirstCounts) -> np.ndarray:
-    """float64 [K, L]: IoU of every unit with every single concept (no union restriction)."""
-    return iou(first.intersection, first.unit_total[:, None], first.label_pixels[None, :])
+    """float64 [K, L]: IoU of every unit with every single concept (under the restriction
+    of `first`, as the dissection's IoU)."""
+    return iou(first.intersection, _single_totals(first), first.label_pixels[None, :])
+
+
+def _single_totals(first: FirstCounts) -> np.ndarray:
+    """int64 [K, L]: m of each concept alone (|M| without a restriction)."""
+    return first.union_table()[:, first.category_bits()]
 
 
 def _select(
@@ -176,7 +188,7 @@ def _extension_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ious) [K, S, 3, L] of every extension; -inf score where excluded."""
     inter, size = extension_counts(first, counts)
-    ious = iou(inter, first.unit_total[:, None, None, None], size)
+    ious = iou(inter, _extension_totals(first, per_unit, inter.shape[1]), size)
     k, slots, _, nl = ious.shape
     scores = np.full(ious.shape, -np.inf)
     op_ok = np.isin(np.arange(3), list(ops))
@@ -188,6 +200,18 @@ def _extension_scores(
             factor = penalty ** len(p)
             scores[u, s] = np.where(allowed, ious[u, s] * factor, -np.inf)
     return scores, ious
+
+
+def _extension_totals(
+    first: FirstCounts, per_unit: Sequence[Sequence[Formula]], slots: int
+) -> np.ndarray:
+    """int64 [K, S, 1, L]: m of P op c for each unit's prefixes P (empty slots: 0)."""
+    table, bits = first.union_table(), first.category_bits()
+    out = np.zeros((len(per_unit), slots, 1, len(bits)), np.int64)
+    for u, row in enumerate(per_unit):
+        for s, p in enumerate(row):
+            out[u, s, 0] = table[u, first.formula_bits(p.concepts) | bits]
+    return out
 
 
 def _first_beam(first: FirstCounts, candidates: np.ndarray, width: int) -> list[list[Scored]]:
@@ -247,10 +271,11 @@ def beam_search(
     return kept
 
 
-def _g(x, f, m, i_max, f_min, iou_max):
-    """Bound on IoU(P OR C) over C for TP_P <= x, FP_P >= f (module doc)."""
-    a = np.minimum(m, x + i_max) / (m + f)
-    b = x / (m + f_min) + iou_max
+def _g(x, f, m, lo, i_max, f_min, iou_max):
+    """Bound on IoU(P OR C) over C for TP_P <= x, FP_P >= f, TP <= m and the union's m >= lo
+    (module doc)."""
+    a = np.minimum(m, x + i_max) / (lo + f)
+    b = x / (lo + f_min) + iou_max
     return np.minimum(a, b)
 
 
@@ -264,28 +289,28 @@ def first_bounds(
     """float64 [K, L]: the bound on the score of every formula of length 2..max_length whose
     first concept is A, its first pair ordered (module doc)."""
     m = np.asarray(first.unit_total, np.float64)[:, None]
+    lo = np.maximum(_single_totals(first).astype(np.float64), 1.0)  # m(cats(A)) <= m(G)
     i = np.asarray(first.intersection, np.float64)
     f = np.asarray(first.label_pixels, np.float64)[None, :] - i
-    safe = np.maximum(m, 1.0)
     i_max, f_min, iou_max = (x[:, None] for x in _or_parts(first, candidates))
     has_or, has_and = 0 in ops, (1 in ops or 2 in ops)
     zero = np.zeros_like(i)
-    two = [i / safe if has_and else zero]
+    two = [i / lo if has_and else zero]
     if has_or:
         two.append(
-            np.minimum(np.minimum(m, 2 * i) / (safe + f), _g(i, f, safe, i_max, f_min, iou_max))
+            np.minimum(np.minimum(m, 2 * i) / (lo + f), _g(i, f, m, lo, i_max, f_min, iou_max))
         )
     bound = np.maximum.reduce(two) * penalty
     if max_length >= 3:
         three = [zero]
         if has_and:
-            three.append(i / safe)  # (A AND|AND NOT B) AND|AND NOT C
+            three.append(i / lo)  # (A AND|AND NOT B) AND|AND NOT C
             if has_or:
-                three.append(np.minimum(m, 2 * i) / safe)  # (A OR B) AND|AND NOT C
+                three.append(np.minimum(m, 2 * i) / lo)  # (A OR B) AND|AND NOT C
         if has_or:
-            three.append(_g(2 * i, f, safe, i_max, f_min, iou_max))  # (A OR B) OR C
+            three.append(_g(2 * i, f, m, lo, i_max, f_min, iou_max))  # (A OR B) OR C
             if has_and:
-                three.append(_g(i, 0.0, safe, i_max, f_min, iou_max))  # (A AND B) OR C
+                three.append(_g(i, 0.0, m, lo, i_max, f_min, iou_max))  # (A AND B) OR C
         bound = np.maximum(bound, np.maximum.reduce(three) * penalty**2)
     return np.where(m > 0, bound, 0.0)
 
@@ -325,7 +350,7 @@ def optimal_search(
     if max_length == 1:
         return best
     k, nl = first.intersection.shape
-    m = np.asarray(first.unit_total, np.float64)
+    table, bits = first.union_table().astype(np.float64), first.category_bits()
     # Units whose best score is 0 have no concept meeting their mask: every formula scores 0.
     live = np.array([b.score > 0 for b in best])
     bounds = first_bounds(first, candidates, ops, penalty, max_length)
@@ -382,11 +407,14 @@ def optimal_search(
                     b = b[_first_pair_ordered(first, u, a, op, b)]
                     ip = inter[u, s, op, b].astype(np.float64)
                     fp = size[u, s, op, b] - ip
+                    pb = first.formula_bits(p.concepts) | bits[b]  # cats of A op B
                     ub = np.zeros(len(b))
                     if 1 in ops or 2 in ops:
-                        ub = ip / max(m[u], 1.0)
+                        ub = ip / np.maximum(table[u, pb], 1.0)
                     if 0 in ops:
-                        ub = np.maximum(ub, _or_bound(ip, fp, max(m[u], 1.0), i_c[u], f_c[u]))
+                        # m of (A op B) OR C exactly, per B and C.
+                        mg = table[u, pb[:, None] | bits[candidates][None, :]]
+                        ub = np.maximum(ub, _or_bound(ip, fp, mg, i_c[u], f_c[u]))
                     ub = ub * penalty**2
                     for j in np.flatnonzero(ub >= best[u].score * (1 - _MARGIN)):
                         second[u].append((float(ub[j]), p.extend(op, int(b[j]))))
@@ -408,26 +436,32 @@ def optimal_search(
     return best
 
 
-def _or_bound(ip: np.ndarray, fp: np.ndarray, m: float, i_c: np.ndarray, f_c: np.ndarray):
-    """max over C of min(m, I_P + I_C) / (m + max(F_P, F_C)): the bound on P OR C for
-    prefixes with I_P = ip, F_P = fp [n] (module doc), in chunks of prefixes."""
+def _or_bound(ip: np.ndarray, fp: np.ndarray, m: np.ndarray, i_c: np.ndarray, f_c: np.ndarray):
+    """max over C of min(m, I_P + I_C) / (m + max(F_P, F_C)), m [n, C] the union's m of
+    P OR C: the bound on P OR C for prefixes with I_P = ip, F_P = fp [n] (module doc), in
+    chunks of prefixes."""
     out = np.empty(len(ip))
     step = max(1, (1 << 22) // max(len(i_c), 1))
     for a in range(0, len(ip), step):
-        x, f = ip[a : a + step, None], fp[a : a + step, None]
-        out[a : a + step] = (np.minimum(m, x + i_c[None]) / (m + np.maximum(f, f_c[None]))).max(1)
+        x, f, mg = ip[a : a + step, None], fp[a : a + step, None], m[a : a + step]
+        tp = np.minimum(mg, x + i_c[None])
+        out[a : a + step] = (tp / np.maximum(mg + np.maximum(f, f_c[None]), 1.0)).max(1)
     return out
 
 
 def _or_parts(first: FirstCounts, candidates: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per unit [K]: max_C I_C, min_C F_C and max_C IoU(C) over the candidates (for g)."""
+    """Per unit [K]: max_C I_C, min_C F_C and max_C I_C / (m_min + F_C) over the candidates
+    (for g), m_min the least single-concept m (max_C IoU(C) without a restriction)."""
     i = np.asarray(first.intersection, np.float64)
     f = np.asarray(first.label_pixels, np.float64)[None, :] - i
     cand = candidates[None, :]
     i_max = np.where(cand, i, 0).max(1)
     f_min = np.where(cand, f, np.inf).min(1)
     f_min = np.where(np.isfinite(f_min), f_min, 0.0)
-    iou_max = np.where(cand, first_ious(first), 0).max(1)
+    single = _single_totals(first)
+    m_min = np.where(cand, single, np.iinfo(np.int64).max).min(1, keepdims=True)
+    m_min = np.where(candidates.any(), m_min, 0)
+    iou_max = np.where(cand, iou(i, m_min, f + i), 0).max(1)
     return i_max, f_min, iou_max
 
 

@@ -4,9 +4,20 @@ A formula is left-deep: a concept, then each further concept joined by an operat
 formula so far, ((A op B) op C); operators OR, AND, AND NOT. Its mask on an image is pixel
 logic over the concepts' masks (`jaxdissect.masks.concept_masks`: pixel labels of every
 plane, image-level labels cover the whole image), and its IoU with unit u is dataset-level:
-IoU(u, F) = |M_u and F| / |M_u or F|, sums over every pixel of every image, with no union
-restriction (as the paper's release). The canonical text is `water`, `water OR river`,
-`(water OR river) AND NOT blue`.
+IoU(u, F) = |M_u and F| / |M_u or F|, sums over every pixel of every image. The canonical
+text is `water`, `water OR river`, `(water OR river) AND NOT blue`.
+
+Union restriction (`RESTRICTIONS`, as the dissection's, `jaxdissect.tally`), extended to
+formulas through the categories of their concepts: an image x counts |M_u(x)| in the union
+of F when it passes the restriction for some category of F's concepts: "none" (Mu &
+Andreas's release, the default) every image; "presence" x holds a label of one of those
+categories; "overlap" such a label lies under M_u(x) (or is an image-level label of x).
+Every pixel of F lies in a mask of one of its concepts (the first concept is never negated,
+and OR / AND / AND NOT add no pixel outside their operands), so F and M_u and F lie in the
+images that pass: only |M_u| in the union changes, to m_u(cats(F)) = the sum of |M_u(x)|
+over those images. The tally gives it for every set of categories from one array,
+`FirstCounts.pattern_pixels`; a formula of length 1 scores as the dissection's IoU under the
+same restriction.
 
 Counts of the extensions of a formula P by every concept c (what the on-device statistic of
 `jaxdissect.formula_counts` gives): with I_P = |M and P|, N_P = |P|, A_c = |M and P and L_c|,
@@ -26,11 +37,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxdissect import tally
+
 # Operator codes, in this order everywhere (arrays, flags, tie-breaks).
 OPS = ("OR", "AND", "AND NOT")
 OP_FLAGS = ("or", "and", "and_not")
 MAX_LENGTH = 3
 NO_OP = -1
+RESTRICTIONS = tally.RESTRICTIONS
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -113,11 +127,50 @@ class FormulaTable:
 
 @dataclasses.dataclass(frozen=True)
 class FirstCounts:
-    """The length-1 tally without union restriction: |M_u| [K], |M_u and L_c| [K, L], |L_c| [L]."""
+    """The length-1 tally: |M_u| [K], |M_u and L_c| [K, L], |L_c| [L], and for a union
+    restriction (module doc) the label categories and the unit totals by restriction pattern.
+
+    category: int [L], each label's primary category (-1: none); None: no restriction.
+    pattern_pixels: int [K, 2**C]: the sum of |M_u(x)| over the images x whose set of
+      categories passing the restriction for unit u is the bit set p (`tally`'s
+      `patterns`); None: no restriction (every image passes every category).
+    """
 
     unit_total: np.ndarray
     intersection: np.ndarray
     label_pixels: np.ndarray
+    category: np.ndarray | None = None
+    pattern_pixels: np.ndarray | None = None
+
+    def __post_init__(self):
+        if (self.category is None) != (self.pattern_pixels is None):
+            raise ValueError("category and pattern_pixels: give both or neither")
+
+    def union_table(self) -> np.ndarray:
+        """int64 [K, 2**C]: m_u(S), |M_u| over the images passing some category of the bit
+        set S (S = 0: 0). Without a restriction, [K, 2]: 0, |M_u|."""
+        total = np.asarray(self.unit_total, np.int64)
+        if self.pattern_pixels is None:
+            return np.stack([np.zeros_like(total), total], axis=1)
+        patterns = np.asarray(self.pattern_pixels, np.int64)
+        p = np.arange(patterns.shape[1])
+        return patterns @ ((p[:, None] & p[None, :]) != 0).astype(np.int64)
+
+    def category_bits(self) -> np.ndarray:
+        """int64 [L]: each label's category as a bit set (1 << category; 0 for none).
+        Without a restriction every label is bit 1 (the one column of `union_table`)."""
+        if self.category is None:
+            return np.ones(np.shape(self.label_pixels), np.int64)
+        cat = np.asarray(self.category, np.int64)
+        return np.where(cat >= 0, np.left_shift(1, np.maximum(cat, 0)), 0)
+
+    def formula_bits(self, concepts: Sequence[int]) -> int:
+        """The bit set of a formula's concepts' categories."""
+        bits = self.category_bits()
+        out = 0
+        for c in concepts:
+            out |= int(bits[c])
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +208,7 @@ def extension_counts(first: FirstCounts, ext: ExtensionCounts) -> tuple[np.ndarr
 __all__ = [
     "MAX_LENGTH",
     "NO_OP",
+    "RESTRICTIONS",
     "OPS",
     "OP_FLAGS",
     "ExtensionCounts",

@@ -240,9 +240,11 @@ def tally_statistic(
     restriction: str,
     method: str = "auto",
     tie_rule: str = "strict",
+    patterns: bool = False,
 ) -> Statistic:
     """Exact IoU counts of `layer`'s units thresholded at `thresholds` (`tally`), the
-    mask compared with the threshold by `tie_rule` (`jaxdissect.tie_rule`).
+    mask compared with the threshold by `tie_rule` (`jaxdissect.tie_rule`); `patterns`:
+    also the unit totals by restriction pattern (`tally.batch_counts`).
 
     The thresholds ride in the state, so one compiled step serves any thresholds.
     finalize gives the int64 counts of `tally.tally_to_numpy`.
@@ -255,7 +257,7 @@ def tally_statistic(
     def init(shard: int):
         return {
             "thresholds": jnp.asarray(thresholds),
-            "counts": tally.tally_init(num_units, labels),
+            "counts": tally.tally_init(num_units, labels, patterns=patterns),
         }
 
     def update(state, batch):
@@ -268,6 +270,7 @@ def tally_statistic(
             restriction=restriction,
             method=method,
             tie_rule=tie_rule,
+            patterns=patterns,
         )
         return {**state, "counts": tally.tally_add(state["counts"], counts)}
 
@@ -280,7 +283,16 @@ def tally_statistic(
     def finalize(state):
         return tally.tally_to_numpy(state["counts"])
 
-    key = ("tally", layer, primary.tobytes(), num_categories, restriction, method, tie_rule)
+    key = (
+        "tally",
+        layer,
+        primary.tobytes(),
+        num_categories,
+        restriction,
+        method,
+        tie_rule,
+        patterns,
+    )
     return Statistic(init, update, merge, finalize, key)
 
 

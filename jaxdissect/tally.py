@@ -220,6 +220,7 @@ def batch_counts(
     chunk: int | None = None,
     slots: int = DEFAULT_SLOTS,
     tie_rule: str = "strict",
+    patterns: bool = False,
 ) -> dict[str, jax.Array]:
     """Exact int32 counts of one batch (pure; jit with `num_categories` and keywords static).
 
@@ -236,11 +237,15 @@ def batch_counts(
       chunk: images per inner step (None: a default per method).
       slots: labels per image per round of the "compact" method.
       tie_rule: "strict" or "inclusive" (see module docstring).
+      patterns: also count "pattern_pixels" [K, 2**C]: the sum of |M_k(x)| over the images
+        x whose set of categories passing the restriction for unit k is the bit set p
+        (bit j: category j). unit_pixels[k, j] is its sum over the p holding bit j; a
+        formula's restricted union needs any union of categories (`jaxdissect.formulas`).
 
     Returns:
       {"intersection": [K, L], "label_pixels": [L], "unit_pixels": [K, C],
-       "unit_total": [K], "images": []}, all int32; no global state, so an engine may call
-      this per device shard and psum the results.
+       "unit_total": [K], "images": []} (and "pattern_pixels"), all int32; no global state,
+      so an engine may call this per device shard and psum the results.
     """
     if restriction not in RESTRICTIONS:
         raise ValueError(f"restriction must be one of {RESTRICTIONS}, got {restriction!r}")
@@ -265,6 +270,7 @@ def batch_counts(
     chunk = _resolve_chunk(chunk, method, b, s, num_labels, k)
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
+    check_patterns(num_categories, patterns)
 
     pix, img = clean_labels(pix, img, valid, num_labels)
 
@@ -317,23 +323,48 @@ def batch_counts(
     unit_total = unit_img.sum(0)
     if restriction == "none":
         unit_pixels = jnp.broadcast_to(unit_total[:, None], (k, c))
+        passes = jnp.ones((b, c, 1), jnp.int32)
     elif restriction == "presence":
         pix_cat = _category_hits(cat_of[pix], c, axes=(1, 2, 3))  # [B, C]
         passes = (pix_cat | img_cat).astype(jnp.int32)
         # Broadcast-and-sum rather than an integer dot (tiny; integer dots vary by backend).
         unit_pixels = (passes[:, None, :] * unit_img[:, :, None]).sum(0)
+        passes = passes[:, :, None]
     else:
         overlap = overlap.reshape(n * chunk, c, k)[:b]
         passes = (overlap | img_cat[:, :, None]).astype(jnp.int32)  # [B, C, K]
         unit_pixels = (passes * unit_img[:, None, :]).sum(0).T
 
-    return {
+    out = {
         "intersection": inter.T,
         "label_pixels": label_pixels,
         "unit_pixels": unit_pixels.astype(jnp.int32),
         "unit_total": unit_total,
         "images": valid.sum(dtype=jnp.int32),
     }
+    if patterns:
+        # Pattern of (image, unit): its passing categories as bits; segment sums by
+        # pattern * K + unit.
+        bits = (passes << jnp.arange(c, dtype=jnp.int32)[None, :, None]).sum(1)  # [B, K|1]
+        ids = jnp.broadcast_to(bits, (b, k)) * k + jnp.arange(k, dtype=jnp.int32)[None, :]
+        out["pattern_pixels"] = (
+            jax.ops.segment_sum(unit_img.reshape(-1), ids.reshape(-1), num_segments=k << c)
+            .reshape(1 << c, k)
+            .T
+        )
+    return out
+
+
+MAX_PATTERN_CATEGORIES = 12
+
+
+def check_patterns(num_categories: int, patterns: bool) -> None:
+    """Raise unless per-pattern counts (2**C per unit) are affordable."""
+    if patterns and num_categories > MAX_PATTERN_CATEGORIES:
+        raise ValueError(
+            f"patterns=True with {num_categories} categories: 2**{num_categories} counts per "
+            f"unit; at most {MAX_PATTERN_CATEGORIES} categories (restrict them)"
+        )
 
 
 def _varying_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
@@ -491,39 +522,46 @@ class TallyState:
     unit_pixels: WideCount  # [K, C]
     unit_total: WideCount  # [K]
     images: jax.Array  # int32 []
+    pattern_pixels: WideCount | None = None  # [K, 2**C] (`batch_counts`'s `patterns`)
+
+    def count_keys(self) -> tuple[str, ...]:
+        return COUNT_KEYS + (() if self.pattern_pixels is None else ("pattern_pixels",))
 
 
-def tally_init(num_units: int, labels: LabelSpace) -> TallyState:
-    """Zero tally for `num_units` units over the labels and categories of `labels`."""
+def tally_init(num_units: int, labels: LabelSpace, *, patterns: bool = False) -> TallyState:
+    """Zero tally for `num_units` units over the labels and categories of `labels`
+    (`patterns`: with the counts by restriction pattern, see `batch_counts`)."""
     nl, nc = labels.num_labels, labels.num_categories
+    check_patterns(nc, patterns)
     return TallyState(
         intersection=WideCount.zeros((num_units, nl)),
         label_pixels=WideCount.zeros((nl,)),
         unit_pixels=WideCount.zeros((num_units, nc)),
         unit_total=WideCount.zeros((num_units,)),
         images=jnp.zeros((), jnp.int32),
+        pattern_pixels=WideCount.zeros((num_units, 1 << nc)) if patterns else None,
     )
 
 
 def tally_add(state: TallyState, counts: Mapping[str, jax.Array]) -> TallyState:
     """Add one batch's counts (from `batch_counts`, possibly psummed; each < 2**30)."""
-    return TallyState(
-        **{key: getattr(state, key).add(counts[key]) for key in COUNT_KEYS},
+    return state.replace(
+        **{key: getattr(state, key).add(counts[key]) for key in state.count_keys()},
         images=state.images + jnp.asarray(counts["images"], jnp.int32),
     )
 
 
 def tally_merge(a: TallyState, b: TallyState) -> TallyState:
     """Sum of two tallies (associative and commutative: shards, resumed runs)."""
-    return TallyState(
-        **{key: getattr(a, key).merge(getattr(b, key)) for key in COUNT_KEYS},
+    return a.replace(
+        **{key: getattr(a, key).merge(getattr(b, key)) for key in a.count_keys()},
         images=a.images + b.images,
     )
 
 
 def tally_to_numpy(state: TallyState) -> dict[str, np.ndarray]:
-    """Exact int64 counts on the host: the COUNT_KEYS arrays and a 0-d "images"."""
-    out = {key: getattr(state, key).to_numpy() for key in COUNT_KEYS}
+    """Exact int64 counts on the host: the counted arrays and a 0-d "images"."""
+    out = {key: getattr(state, key).to_numpy() for key in state.count_keys()}
     out["images"] = np.asarray(state.images).astype(np.int64)
     return out
 

@@ -86,7 +86,42 @@ def reference_counts(
     return out
 
 
-def score(m: np.ndarray, fm: np.ndarray, length: int, penalty: float = 1.0) -> float:
+def category_passes(
+    units: np.ndarray, concepts: np.ndarray, category: np.ndarray, restriction: str
+) -> np.ndarray:
+    """bool [N, K, C]: image x passes the union restriction for category j and unit u.
+
+    presence: x holds a pixel of some concept of category j (image-level concepts cover
+    the image); overlap: such a pixel lies under M_u(x); none: always.
+    """
+    n, _, k = units.shape
+    num_categories = int(np.max(category)) + 1
+    out = np.zeros((n, k, num_categories), bool)
+    for x in range(n):
+        for u in range(k):
+            for j in range(num_categories):
+                for c in np.flatnonzero(np.asarray(category) == j):
+                    here = concepts[x, :, c]
+                    if restriction == "overlap":
+                        here = here & units[x, :, u]
+                    if restriction == "none" or here.any():
+                        out[x, u, j] = True
+    return out
+
+
+def formula_rows(passes_u: np.ndarray, category: np.ndarray, formula: Formula) -> np.ndarray:
+    """bool [N]: the images counted for `formula` (passing some category of its concepts)."""
+    cats = sorted({int(category[c]) for c in formula.concepts})
+    return passes_u[:, cats].any(1)
+
+
+def score(m: np.ndarray, fm: np.ndarray, length: int, penalty: float = 1.0, rows=None) -> float:
+    """Score of a formula mask fm [N, s] for a unit mask m [N, s]: dataset-level IoU, the
+    unit's pixels counted only in the images `rows` (bool [N]; None: all; the union
+    restriction as the dissection's: the concept's pixels count everywhere), times the
+    length penalty."""
+    if rows is not None:
+        m = m & rows[:, None]
     inter = int((m & fm).sum())
     union = int((m | fm).sum())
     return (inter / union if union else 0.0) * penalty ** (length - 1)
@@ -112,16 +147,26 @@ def brute_force(
     max_length: int = 3,
     ops=(0, 1, 2),
     penalty: float = 1.0,
+    passes: np.ndarray | None = None,
+    category: np.ndarray | None = None,
 ) -> list[tuple[float, Formula]]:
-    """Per unit the best (score, formula) over every formula, by `rank_key`."""
+    """Per unit the best (score, formula) over every formula, by `rank_key`; `passes`
+    ([N, K, C], `category_passes`) and `category` [L]: under that union restriction."""
     formulas = list(all_formulas(candidates, max_length, ops))
     masks = [formula_mask(f, concepts) for f in formulas]
     best = []
     for u in range(units.shape[-1]):
         m = units[..., u]
-        scored = [(score(m, fm, len(f), penalty), f) for f, fm in zip(formulas, masks, strict=True)]
+        scored = [
+            (score(m, fm, len(f), penalty, _rows(passes, category, u, f)), f)
+            for f, fm in zip(formulas, masks, strict=True)
+        ]
         best.append(min(scored, key=rank_key))
     return best
+
+
+def _rows(passes, category, u, f):
+    return None if passes is None else formula_rows(passes[:, u], category, f)
 
 
 def beam(
@@ -132,12 +177,20 @@ def beam(
     beam_width: int = 5,
     ops=(0, 1, 2),
     penalty: float = 1.0,
+    passes: np.ndarray | None = None,
+    category: np.ndarray | None = None,
 ) -> list[list[tuple[float, Formula]]]:
-    """Per unit the final beam, best first: Mu & Andreas's beam search written plainly."""
+    """Per unit the final beam, best first: Mu & Andreas's beam search written plainly
+    (`passes`, `category`: under a union restriction, as `brute_force`)."""
     out = []
     for u in range(units.shape[-1]):
         m = units[..., u]
-        scored = {Formula((int(c),)): score(m, concepts[..., c], 1, penalty) for c in candidates}
+        scored = {
+            Formula((int(c),)): score(
+                m, concepts[..., c], 1, penalty, _rows(passes, category, u, Formula((int(c),)))
+            )
+            for c in candidates
+        }
         kept = sorted(((s, f) for f, s in scored.items()), key=rank_key)[:beam_width]
         for _ in range(max_length - 1):
             pool = dict((f, s) for s, f in kept)
@@ -147,7 +200,8 @@ def beam(
                         if int(c) in f.concepts:
                             continue
                         g = f.extend(op, int(c))
-                        pool[g] = score(m, formula_mask(g, concepts), len(g), penalty)
+                        rows = _rows(passes, category, u, g)
+                        pool[g] = score(m, formula_mask(g, concepts), len(g), penalty, rows)
             kept = sorted(((s, f) for f, s in pool.items()), key=rank_key)[:beam_width]
         out.append(kept)
     return out

@@ -66,8 +66,11 @@ def reference_counts(
     restriction: str = "presence",
     valid: np.ndarray | None = None,
     tie_rule: str = "strict",
+    patterns: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Counts of the tally (int64) for activations [N, h, w, K] and labels of N images."""
+    """Counts of the tally (int64) for activations [N, h, w, K] and labels of N images
+    (`patterns`: and pattern_pixels [K, 2**C], |M_k(x)| summed by the bit set of the
+    categories x passes for unit k)."""
     n, _, _, k = acts.shape
     nl, nc = labels.num_labels, labels.num_categories
     sh, sw = pixel_labels.shape[2:]
@@ -77,6 +80,7 @@ def reference_counts(
     label_pixels = np.zeros(nl, np.int64)
     unit_pixels = np.zeros((k, nc), np.int64)
     unit_total = np.zeros(k, np.int64)
+    pattern_pixels = np.zeros((k, 2**nc), np.int64)
     for x in range(n):
         if not valid[x]:
             continue
@@ -110,6 +114,7 @@ def reference_counts(
                 inter[unit, c] += both
                 if both > 0 and primary[c] >= 0:
                     overlapping.add(int(primary[c]))
+            bits = 0
             for j in range(nc):
                 if restriction == "none":
                     counts_for_j = True
@@ -121,13 +126,18 @@ def reference_counts(
                     raise ValueError(restriction)
                 if counts_for_j:
                     unit_pixels[unit, j] += size
-    return {
+                    bits += 2**j
+            pattern_pixels[unit, bits] += size
+    out = {
         "intersection": inter,
         "label_pixels": label_pixels,
         "unit_pixels": unit_pixels,
         "unit_total": unit_total,
         "images": np.int64(valid.sum()),
     }
+    if patterns:
+        out["pattern_pixels"] = pattern_pixels
+    return out
 
 
 def reference_ties(

@@ -66,12 +66,36 @@ def test_compositional_script_writes_formulas_plot_and_page(tmp_path, broden):
     assert beam["layers"][0]["beam_not_optimal"] is None
     np.testing.assert_allclose(beam["layers"][0]["mean_iou_by_length"], by_length)
 
+    # Under the dissection's own restriction (presence), a unit's best single concept
+    # scores the dissection's best IoU, and the formulas change.
+    presence = run_script(
+        "compositional",
+        f"--data={broden}",
+        *ARGS,
+        "--formula_restriction=presence",
+        f"--output_dir={tmp_path}",
+    )
+    assert presence["settings"]["union_restriction"] == "presence"
+    dissected = {
+        u["unit"]: u
+        for u in json.loads((tmp_path / "results.json").read_text())["layers"][0]["units"]
+    }
+    rows = presence["layers"][0]["units_detail"]
+    labelled = [r for r in rows if dissected[r["unit"]]["label"] >= 0]
+    assert labelled
+    for r in labelled:
+        assert r["label_iou"] == pytest.approx(dissected[r["unit"]]["iou"], rel=1e-12)
+    assert any(r["label_iou"] != u["label_iou"] for r, u in zip(rows, units, strict=True))
+    assert "union restriction presence" in (tmp_path / "compositional.html").read_text()
+
 
 def test_bad_search_flags_are_named(tmp_path, broden):
     with pytest.raises(ValueError, match="--max_length=4"):
         run_script("compositional", f"--data={broden}", *ARGS, "--max_length=4")
     with pytest.raises(ValueError, match="operators='xor'"):
         run_script("compositional", f"--data={broden}", *ARGS, "--operators=or,xor")
+    with pytest.raises(Exception, match="formula_restriction"):
+        run_script("compositional", f"--data={broden}", *ARGS, "--formula_restriction=some")
 
 
 def test_pretrained_lite0_passes_the_weights_check(tmp_path, broden):

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdissect import formula_counts, formula_search, tally
+from jaxdissect import formula_counts, formula_search, results, tally
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.formulas import ExtensionCounts, FirstCounts, Formula
@@ -33,6 +33,42 @@ def _numpy_evaluate(units, concepts):
 def _first(units, concepts):
     u, c = units.astype(np.int64), concepts.astype(np.int64)
     return FirstCounts(u.sum((0, 1)), np.einsum("nsk,nsl->kl", u, c), c.sum((0, 1)))
+
+
+CATEGORY = np.array([-1, 0, 0, 1, 1, 2, 2])  # of _random_case's 7 labels
+
+
+def _restricted_case(seed):
+    """_random_case and 3 more images holding only category-2 concepts (labels 5, 6), where
+    unit 1 fires everywhere; elsewhere unit 1 is exactly (1 OR 2) AND NOT 3. Unrestricted,
+    that formula scores low; counted only on the images of categories 0 and 1, it scores 1."""
+    units, concepts = _random_case(seed)
+    rng = np.random.default_rng(seed + 1000)
+    extra_c = _blobs(rng, 3, 8, concepts.shape[-1], 5)
+    extra_c[..., :5] = False
+    extra_c[:, :4, 5] = True  # every extra image holds label 5
+    extra_u = _blobs(rng, 3, 8, units.shape[-1], 6)
+    extra_u[..., 1] = True
+    extra_u[..., -1] = False
+    units[..., 1] = ref.formula_mask(Formula((1, 2, 3), (0, 2)), concepts)
+    return np.concatenate([units, extra_u]), np.concatenate([concepts, extra_c])
+
+
+def _restricted_first(units, concepts, restriction):
+    """FirstCounts under a union restriction, the patterns summed from the reference's
+    per-image passes (`formula_reference.category_passes`)."""
+    passes = ref.category_passes(units, concepts, CATEGORY, restriction)
+    k = units.shape[-1]
+    patterns = np.zeros((k, 2 ** passes.shape[-1]), np.int64)
+    bits = (passes * (1 << np.arange(passes.shape[-1]))).sum(-1)  # [N, K]
+    for x in range(units.shape[0]):
+        for u in range(k):
+            patterns[u, bits[x, u]] += units[x, :, u].sum()
+    plain = _first(units, concepts)
+    first = FirstCounts(
+        plain.unit_total, plain.intersection, plain.label_pixels, CATEGORY, patterns
+    )
+    return first, passes
 
 
 def _blobs(rng, n, side, num, scale):
@@ -128,6 +164,69 @@ def test_optimal_equals_brute_force(seed, ops, penalty, length):
     assert stats.passes >= 1
 
 
+@pytest.mark.parametrize(
+    "seed,restriction,ops,penalty,width",
+    [
+        (20, "presence", (0, 1, 2), 1.0, 5),
+        (21, "overlap", (0, 1, 2), 0.9, 3),
+        (22, "presence", (0, 2), 1.0, 2),
+        (23, "none", (0, 1, 2), 1.0, 4),
+    ],
+)
+def test_restricted_beam_and_optimal_equal_the_numpy_references(
+    seed, restriction, ops, penalty, width
+):
+    """Under a union restriction (the images counted for a formula: those passing some
+    category of its concepts), beam = the plain numpy beam and optimal = brute force."""
+    units, concepts = _restricted_case(seed)
+    first, passes = _restricted_first(units, concepts, restriction)
+    cands = list(range(1, concepts.shape[-1]))
+    evaluate = _numpy_evaluate(units, concepts)
+    got = formula_search.beam_search(
+        first, evaluate, max_length=3, beam=width, ops=ops, penalty=penalty
+    )
+    want = ref.beam(units, concepts, cands, 3, width, ops, penalty, passes, CATEGORY)
+    for u in range(units.shape[-1]):
+        assert [(s.score, s.formula) for s in got[u]] == want[u], u
+    brute = ref.brute_force(units, concepts, cands, 3, ops, penalty, passes, CATEGORY)
+    # Seeded with the beam, and unseeded (only the bounds prune).
+    for start in ([row[0] for row in got], None):
+        best = formula_search.optimal_search(
+            first, evaluate, ops=ops, penalty=penalty, slots=2, start=start
+        )
+        for u in range(units.shape[-1]):
+            assert best[u].score == pytest.approx(brute[u][0], rel=1e-12, abs=0), u
+            f = best[u].formula
+            rows = ref.formula_rows(passes[:, u], CATEGORY, f)
+            m, fm = units[..., u], ref.formula_mask(f, concepts)
+            score = ref.score(m, fm, len(f), penalty, rows)
+            assert score == pytest.approx(best[u].score, rel=1e-12)
+    if restriction != "none":  # the restriction changes what is found
+        plain = ref.brute_force(units, concepts, cands, 3, ops, penalty)
+        assert any(b[0] != p[0] for b, p in zip(brute, plain, strict=True))
+        if set(ops) >= {0, 2}:
+            assert brute[1][0] >= penalty**2 > plain[1][0]
+
+
+def test_restricted_bounds_are_admissible_on_random_cases():
+    for seed, restriction in [(30, "presence"), (31, "overlap"), (32, "presence")]:
+        units, concepts = _restricted_case(seed)
+        first, passes = _restricted_first(units, concepts, restriction)
+        cands = np.arange(concepts.shape[-1]) > 0
+        bounds = formula_search.first_bounds(first, cands, (0, 1, 2), 1.0, 3)
+        formulas = [f for f in ref.all_formulas(range(1, concepts.shape[-1]), 3) if len(f) > 1]
+        for u in range(units.shape[-1]):
+            m = units[..., u]
+            for f in formulas:
+                a, b = f.concepts[:2]
+                ia, ib = first.intersection[u, a], first.intersection[u, b]
+                if f.ops[0] != 2 and (ib > ia or (ib == ia and b < a)):
+                    continue
+                rows = ref.formula_rows(passes[:, u], CATEGORY, f)
+                got = ref.score(m, ref.formula_mask(f, concepts), len(f), 1.0, rows)
+                assert got <= bounds[u, a] + 1e-12, (u, f)
+
+
 def test_beam_misses_the_optimum_where_optimal_finds_it():
     # M = X | Y. A = X, B = Y score 0.5 each; the decoy D = X | part of Y | noise scores more,
     # so a beam of 1 keeps D, and nothing removes D's noise: D OR B = 20 / 22 at best.
@@ -216,15 +315,6 @@ def test_planted_formula_is_recovered_on_synthetic_broden_masks(tmp_path):
     thresholds = np.full(2, 0.5, np.float32)
     batch = {"pixel_labels": planes, "image_labels": image_labels}
     primary = np.asarray(probe.labels.primary)
-    counts = tally.batch_counts(
-        acts, thresholds, batch, primary, probe.labels.num_categories, restriction="none"
-    )
-    first = FirstCounts(
-        np.asarray(counts["unit_total"], np.int64),
-        np.asarray(counts["intersection"], np.int64),
-        np.asarray(counts["label_pixels"], np.int64),
-    )
-
     step = jax.jit(
         lambda c, o: formula_counts.batch_formula_counts(acts, thresholds, c, o, batch, nl)
     )
@@ -233,8 +323,32 @@ def test_planted_formula_is_recovered_on_synthetic_broden_masks(tmp_path):
         got = step(table.concepts, table.ops)
         return ExtensionCounts(**{k: np.asarray(v, np.int64) for k, v in got.items()})
 
-    beam = formula_search.beam_search(first, evaluate)
-    best = formula_search.optimal_search(first, evaluate, start=[r[0] for r in beam])
-    for found in (beam[0][0], best[0]):
-        assert found.iou == 1.0
-        np.testing.assert_array_equal(ref.formula_mask(found.formula, concept_masks), unit)
+    for restriction in tally.RESTRICTIONS:
+        counts = tally.batch_counts(
+            acts,
+            thresholds,
+            batch,
+            primary,
+            probe.labels.num_categories,
+            restriction=restriction,
+            patterns=True,
+        )
+        counts = {k: np.asarray(v, np.int64) for k, v in counts.items()}
+        first = FirstCounts(
+            counts["unit_total"],
+            counts["intersection"],
+            counts["label_pixels"],
+            primary,
+            counts["pattern_pixels"],
+        )
+        # Length 1 scores as the dissection's IoU under the same restriction.
+        layer = results.layer_result("unit", counts, probe.labels)
+        scored = formula_search.default_candidates(first)
+        np.testing.assert_array_equal(
+            formula_search.first_ious(first)[:, scored], layer.iou[:, scored]
+        )
+        beam = formula_search.beam_search(first, evaluate)
+        best = formula_search.optimal_search(first, evaluate, start=[r[0] for r in beam])
+        for found in (beam[0][0], best[0]):
+            assert found.iou == 1.0, restriction
+            np.testing.assert_array_equal(ref.formula_mask(found.formula, concept_masks), unit)

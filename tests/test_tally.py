@@ -30,7 +30,9 @@ def _run_tally(probe: dict, restriction: str, **kwargs) -> dict[str, np.ndarray]
     )
     add = jax.jit(tally.tally_add)
     n = len(probe["acts"])
-    state = tally.tally_init(probe["acts"].shape[-1], labels)
+    state = tally.tally_init(
+        probe["acts"].shape[-1], labels, patterns=kwargs.get("patterns", False)
+    )
     for start in range(0, n, BATCH):
         stop = min(start + BATCH, n)
         pad = BATCH - (stop - start)
@@ -144,6 +146,47 @@ def test_tally_equals_reference(probe, references, restriction, kwargs):
     assert summary.interpretable_units == ref["interpretable_units"]
     assert summary.unique_detectors == ref["unique_detectors"]
     assert {c.label: c.units for c in summary.concepts} == ref["detector_counts"]
+
+
+@pytest.mark.parametrize(
+    ("restriction", "kwargs"),
+    [
+        ("presence", {"method": "segment"}),
+        ("overlap", {"method": "segment", "chunk": 3}),
+        ("none", {"method": "segment"}),
+        ("overlap", {"method": "compact", "slots": 2}),
+        ("presence", {"method": "matmul", "tie_rule": "inclusive"}),
+    ],
+)
+def test_pattern_counts_equal_the_reference(probe, restriction, kwargs):
+    """Unit totals by restriction pattern (what a formula's restricted union needs)."""
+    got = _run_tally(probe, restriction, patterns=True, **kwargs)
+    want = reference_counts(
+        probe["acts"],
+        probe["thresholds"],
+        probe["pixel_labels"],
+        probe["image_labels"],
+        probe["labels"],
+        restriction,
+        tie_rule=kwargs.get("tie_rule", "strict"),
+        patterns=True,
+    )
+    _assert_counts_equal(got, want)
+    patterns = got["pattern_pixels"]
+    nc = probe["labels"].num_categories
+    bit = (np.arange(2**nc)[:, None] >> np.arange(nc)[None, :]) & 1  # [2**C, C]
+    np.testing.assert_array_equal(patterns @ bit, got["unit_pixels"])
+    np.testing.assert_array_equal(patterns.sum(1), got["unit_total"])
+    used = (patterns > 0).any(0).sum()
+    assert used == 1 if restriction == "none" else used >= 3
+
+
+def test_pattern_counts_refuse_too_many_categories():
+    labels = random_probe(0)["labels"]
+    with pytest.raises(ValueError, match="patterns=True with"):
+        tally.check_patterns(tally.MAX_PATTERN_CATEGORIES + 1, True)
+    tally.check_patterns(tally.MAX_PATTERN_CATEGORIES + 1, False)
+    assert tally.tally_init(3, labels).pattern_pixels is None
 
 
 def test_restrictions_order(references):

@@ -34,7 +34,7 @@ th:first-child, td:first-child { text-align: left; }
 <h1>Compositional explanations: {{ s.model }}</h1>
 <p class="muted">{{ s.dataset }}; formulas of up to {{ s.max_length }} concepts ({{ ops }}),
 {{ s.mode }} search{% if s.mode == "beam" %} (beam {{ s.beam }}){% endif %}, length penalty
-{{ s.length_penalty }}, no union restriction. Each strip pairs a top image dimmed outside the
+{{ s.length_penalty }}, union restriction {{ s.union_restriction }}. Each strip pairs a top image dimmed outside the
 unit's mask (left) with the same image dimmed outside the formula's mask (right).</p>
 <img src="{{ plot }}" alt="mean IoU against formula length">
 {% for layer in layers %}
