@@ -179,6 +179,24 @@ def test_pattern_counts_equal_the_reference(probe, restriction, kwargs):
     np.testing.assert_array_equal(patterns.sum(1), got["unit_total"])
     used = (patterns > 0).any(0).sum()
     assert used == 1 if restriction == "none" else used >= 3
+    # Merged halves (shards, resumed runs) give the same counts.
+    labels, half = probe["labels"], len(probe["acts"]) // 2
+    states = []
+    for part in (slice(0, half), slice(half, None)):
+        batch = {key: probe[key][part] for key in ("pixel_labels", "image_labels")}
+        counts = tally.batch_counts(
+            probe["acts"][part],
+            probe["thresholds"],
+            batch,
+            labels.primary,
+            labels.num_categories,
+            restriction=restriction,
+            patterns=True,
+            **kwargs,
+        )
+        init = tally.tally_init(probe["acts"].shape[-1], labels, patterns=True)
+        states.append(tally.tally_add(init, counts))
+    _assert_counts_equal(tally.tally_to_numpy(tally.tally_merge(*states)), want)
 
 
 def test_pattern_counts_refuse_too_many_categories():
@@ -323,7 +341,12 @@ def test_downsample_is_not_antialiased():
 
 @pytest.mark.parametrize(
     ("devices", "kwargs"),
-    [(1, {}), (8, {"method": "compact", "slots": 3}), (8, {"method": "segment"})],
+    [
+        (1, {}),
+        (8, {"method": "compact", "slots": 3}),
+        (8, {"method": "segment"}),
+        (8, {"method": "segment", "patterns": True}),
+    ],
 )
 def test_batch_counts_inside_shard_map(probe, devices, kwargs):
     """The engine's pattern: per-shard counts under shard_map, psummed over the mesh."""
@@ -359,7 +382,9 @@ def test_batch_counts_inside_shard_map(probe, devices, kwargs):
     ]
     counts = step(*(jax.device_put(x, jax.NamedSharding(mesh, s)) for x, s in args))
     k = probe["acts"].shape[-1]
-    got = tally.tally_to_numpy(tally.tally_add(tally.tally_init(k, labels), counts))
+    patterns = kwargs.get("patterns", False)
+    state = tally.tally_init(k, labels, patterns=patterns)
+    got = tally.tally_to_numpy(tally.tally_add(state, counts))
     want = reference_counts(
         probe["acts"][:n],
         probe["thresholds"],
@@ -367,5 +392,6 @@ def test_batch_counts_inside_shard_map(probe, devices, kwargs):
         probe["image_labels"][:n],
         labels,
         "overlap",
+        patterns=patterns,
     )
     _assert_counts_equal(got, want)
