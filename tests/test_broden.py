@@ -446,6 +446,29 @@ def test_header_scan_finds_a_16_bit_label_png_at_open(tmp_path):
         Broden.open(tmp_path, check_headers=False).check_labels(0)
 
 
+def test_header_memo_skips_a_scan_that_passed_on_the_same_files(tmp_path, monkeypatch):
+    from jaxdissect.data import broden
+
+    root, memo = tmp_path / "b", tmp_path / "memo"
+    base(root, rows=[RowSpec("a.png"), RowSpec("b.png")])
+    scans = []
+    real = broden._check_headers
+    monkeypatch.setattr(broden, "_check_headers", lambda *a: (scans.append(1), real(*a))[1])
+    first = Broden.open(root, header_memo=memo)
+    assert len(scans) == 1 and len(list(memo.iterdir())) == 1
+    again = Broden.open(root, header_memo=memo)
+    assert len(scans) == 1 and again.fingerprint() == first.fingerprint()
+    Broden.open(root)  # no memo: always scans
+    assert len(scans) == 2
+    # A file changed (size and mtime): a new fingerprint, scanned again, and refused.
+    png = root / "images" / "b.png"
+    Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(png)
+    os.utime(png, ns=(1, 1))
+    with raises("image is 9x8", "line 3"):
+        Broden.open(root, header_memo=memo)
+    assert len(scans) == 3 and len(list(memo.iterdir())) == 1  # a failed scan is not kept
+
+
 def _png_rgb16(rgb: np.ndarray) -> bytes:
     """A 16-bit-a-channel RGB PNG (PIL cannot write one)."""
 

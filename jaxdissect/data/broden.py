@@ -29,9 +29,13 @@ list: each must be a regular file (a FIFO would hang the reader) and stay
 inside the folder through any symlink; its size and modification time (or, with
 `data_hash="content"`, its bytes) go into the fingerprint that keys every
 stored stage, so an added, removed or edited file invalidates them. With
-`check_headers` (the default) the same walk reads each image's and label PNG's
-header: size and mode are checked before any pass. Decoding and PNG label
-numbers are checked when an example is read (`check_labels` does it alone).
+`check_headers` (the default) a second walk reads each image's and label PNG's
+header: size and mode are checked before any pass. Given `header_memo` (a folder),
+a scan that passed is remembered there under the fingerprint and its check version,
+and an open of the same files skips it (the per-file stat or content that the
+fingerprint holds is what would change if a file did). Headers are checked again,
+decoding and PNG label numbers for the first time, when an example is read
+(`check_labels` does it alone).
 Images of any PIL mode become 8-bit RGB as `jaxdissect.data.images` says, or
 are refused. Every problem raises `BrodenFormatError`, naming the file (and
 index.csv line) and how to fix it.
@@ -52,6 +56,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from jaxdissect import store
 from jaxdissect.data import images
 from jaxdissect.data.files import DatasetFiles, Fingerprint, check_data_hash, check_regular
 from jaxdissect.labelspace import LabelSpace
@@ -282,6 +287,7 @@ class Broden:
         max_images: int | None = None,
         data_hash: str = "stat",
         check_headers: bool = True,
+        header_memo: str | pathlib.Path | None = None,
     ) -> Broden:
         """Reads and checks the CSV files of the Broden folder `root`, then the files they list.
 
@@ -293,6 +299,8 @@ class Broden:
             modification time) or `content` (their bytes, read in full).
           check_headers: also open every listed image and label PNG for its header (size,
             mode) before returning.
+          header_memo: a folder remembering header scans that passed, by fingerprint:
+            an open of the same files skips the scan (None: always scan).
         """
         root = pathlib.Path(root).expanduser()
         if not root.is_dir():
@@ -354,7 +362,14 @@ class Broden:
         for table in (category_table, label_table, *cat_tables, index_table):
             digest.add_bytes(table.name, table.raw)
         digest.add_bytes("selection", f"split={split}\0max_images={max_images}".encode())
-        _walk_files(root, labels, records, digest, check_headers)
+        _walk_files(root, labels, records, digest)
+        fingerprint = digest.hexdigest()
+        if check_headers:
+            memo = _header_memo_path(header_memo, fingerprint)
+            if memo is None or not memo.is_file():
+                _check_headers(root, labels, records)
+                if memo is not None:
+                    store.write_bytes(memo, b"")
 
         return cls(
             root=root,
@@ -370,7 +385,7 @@ class Broden:
             coverage=coverage,
             split=split,
             max_images=max_images,
-            _fingerprint=digest.hexdigest(),
+            _fingerprint=fingerprint,
         )
 
     def __len__(self) -> int:
@@ -608,27 +623,42 @@ def _record_files(labels: LabelSpace, rec: Record) -> list[tuple[str, str]]:
     return files
 
 
-def _walk_files(
-    root: pathlib.Path,
-    labels: LabelSpace,
-    records: Sequence[Record],
-    digest: Fingerprint,
-    check_headers: bool,
-) -> None:
-    """Checks every file of `records` (regular, inside `root`; headers) and adds it to `digest`."""
-    tree = DatasetFiles(root, BrodenFormatError)
+def _record_paths(root: pathlib.Path, labels: LabelSpace, records: Sequence[Record]):
+    """(record, path relative to images/, full path, where, what) of every listed file."""
     images_dir = os.path.join(root, IMAGES_DIR)
     index = root / INDEX_FILE
     for rec in records:
         for rel, column in _record_files(labels, rec):
-            path = os.path.join(images_dir, rel)
             where = f"{index} line {rec.line}, column {column!r}"
             what = "image" if column == "image" else "segmentation PNG"
-            digest.add_file(rel, path, tree.stat(path, where, what))
-            if check_headers:
-                check = _check_image_header if column == "image" else _check_png_header
-                with _open_image(pathlib.Path(path), where, what, checked=True) as im:
-                    check(root, rec, pathlib.Path(path), where, im)
+            yield rec, rel, os.path.join(images_dir, rel), where, what
+
+
+def _walk_files(
+    root: pathlib.Path, labels: LabelSpace, records: Sequence[Record], digest: Fingerprint
+) -> None:
+    """Checks every file of `records` (regular, inside `root`) and adds it to `digest`."""
+    tree = DatasetFiles(root, BrodenFormatError)
+    for _, rel, path, where, what in _record_paths(root, labels, records):
+        digest.add_file(rel, path, tree.stat(path, where, what))
+
+
+def _check_headers(root: pathlib.Path, labels: LabelSpace, records: Sequence[Record]) -> None:
+    """Opens every file of `records` (already checked regular) for its header."""
+    for rec, _, path, where, what in _record_paths(root, labels, records):
+        check = _check_image_header if what == "image" else _check_png_header
+        with _open_image(pathlib.Path(path), where, what, checked=True) as im:
+            check(root, rec, pathlib.Path(path), where, im)
+
+
+# Version of the header checks: a memo of an older version's scan is not trusted.
+_HEADER_CHECKS = 2
+
+
+def _header_memo_path(memo: str | pathlib.Path | None, fingerprint: str) -> pathlib.Path | None:
+    if memo is None:
+        return None
+    return pathlib.Path(memo).expanduser() / f"broden-headers-v{_HEADER_CHECKS}-{fingerprint}"
 
 
 def _parse_categories(root: pathlib.Path, table: _Table) -> tuple[str, ...]:

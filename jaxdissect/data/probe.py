@@ -58,6 +58,11 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("JAXDISSECT_CACHE", "~/.cache/jaxdissect")).expanduser()
 
 
+def _header_memo(cache_dir: str | pathlib.Path) -> pathlib.Path:
+    """Where `Broden.open` remembers header scans that passed (by fingerprint)."""
+    return pathlib.Path(cache_dir).expanduser() / "checked"
+
+
 def synthetic_path(
     cache_dir: pathlib.Path, num_images: int, size: int, seed: int = 0
 ) -> pathlib.Path:
@@ -93,7 +98,13 @@ def open_probe(
                 flush=True,
             )
             synthetic.generate(root, num_images=synthetic_images, size=resolution)
-        source = Broden.open(root, split=split, max_images=max_images, data_hash=data_hash)
+        source = Broden.open(
+            root,
+            split=split,
+            max_images=max_images,
+            data_hash=data_hash,
+            header_memo=_header_memo(cache_dir),
+        )
         return source, f"synthetic Broden {resolution} ({split}, {len(source)} images)"
     path = pathlib.Path(data).expanduser()
     if not path.exists():
@@ -102,7 +113,13 @@ def open_probe(
             "holding index.csv), a TFDS build of it, or 'synthetic'"
         )
     if (path / "index.csv").exists():
-        source = Broden.open(path, split=split, max_images=max_images, data_hash=data_hash)
+        source = Broden.open(
+            path,
+            split=split,
+            max_images=max_images,
+            data_hash=data_hash,
+            header_memo=_header_memo(cache_dir),
+        )
         return source, f"{path.name} ({split}, {len(source)} images)"
     from jaxdissect.data import tfds_broden
 
