@@ -208,25 +208,6 @@ def test_restricted_beam_and_optimal_equal_the_numpy_references(
             assert brute[1][0] >= penalty**2 > plain[1][0]
 
 
-def test_restricted_bounds_are_admissible_on_random_cases():
-    for seed, restriction in [(30, "presence"), (31, "overlap"), (32, "presence")]:
-        units, concepts = _restricted_case(seed)
-        first, passes = _restricted_first(units, concepts, restriction)
-        cands = np.arange(concepts.shape[-1]) > 0
-        bounds = formula_search.first_bounds(first, cands, (0, 1, 2), 1.0, 3)
-        formulas = [f for f in ref.all_formulas(range(1, concepts.shape[-1]), 3) if len(f) > 1]
-        for u in range(units.shape[-1]):
-            m = units[..., u]
-            for f in formulas:
-                a, b = f.concepts[:2]
-                ia, ib = first.intersection[u, a], first.intersection[u, b]
-                if f.ops[0] != 2 and (ib > ia or (ib == ia and b < a)):
-                    continue
-                rows = ref.formula_rows(passes[:, u], CATEGORY, f)
-                got = ref.score(m, ref.formula_mask(f, concepts), len(f), 1.0, rows)
-                assert got <= bounds[u, a] + 1e-12, (u, f)
-
-
 def test_beam_misses_the_optimum_where_optimal_finds_it():
     # M = X | Y. A = X, B = Y score 0.5 each; the decoy D = X | part of Y | noise scores more,
     # so a beam of 1 keeps D, and nothing removes D's noise: D OR B = 20 / 22 at best.
@@ -259,21 +240,31 @@ def test_optimal_prunes_with_the_bounds():
     assert stats.prefixes[1] < 11 * 2
 
 
-def test_bounds_are_admissible_on_random_cases():
-    for seed in range(10, 16):
+@pytest.mark.parametrize(
+    "seed,restriction",
+    [(seed, None) for seed in range(10, 16)]
+    + [(30, "presence"), (31, "overlap"), (32, "presence")],
+)
+def test_bounds_are_admissible_on_random_cases(seed, restriction):
+    if restriction is None:
         units, concepts = _random_case(seed)
-        cands = np.arange(concepts.shape[-1]) > 0
-        first = _first(units, concepts)
-        bounds = formula_search.first_bounds(first, cands, (0, 1, 2), 1.0, 3)
-        formulas = [f for f in ref.all_formulas(range(1, concepts.shape[-1]), 3) if len(f) > 1]
-        for u in range(units.shape[-1]):
-            m = units[..., u]
-            for f in formulas:
-                a, b = f.concepts[:2]
-                ia, ib = first.intersection[u, a], first.intersection[u, b]
-                if f.ops[0] != 2 and (ib > ia or (ib == ia and b < a)):
-                    continue  # not in the searched form: the one with a and b swapped is
-                assert ref.score(m, ref.formula_mask(f, concepts), len(f)) <= bounds[u, a] + 1e-12
+        first, passes = _first(units, concepts), None
+    else:
+        units, concepts = _restricted_case(seed)
+        first, passes = _restricted_first(units, concepts, restriction)
+    cands = np.arange(concepts.shape[-1]) > 0
+    bounds = formula_search.first_bounds(first, cands, (0, 1, 2), 1.0, 3)
+    formulas = [f for f in ref.all_formulas(range(1, concepts.shape[-1]), 3) if len(f) > 1]
+    for u in range(units.shape[-1]):
+        m = units[..., u]
+        for f in formulas:
+            a, b = f.concepts[:2]
+            ia, ib = first.intersection[u, a], first.intersection[u, b]
+            if f.ops[0] != 2 and (ib > ia or (ib == ia and b < a)):
+                continue  # not in the searched form: the one with a and b swapped is
+            rows = None if passes is None else ref.formula_rows(passes[:, u], CATEGORY, f)
+            got = ref.score(m, ref.formula_mask(f, concepts), len(f), 1.0, rows)
+            assert got <= bounds[u, a] + 1e-12, (u, f)
 
 
 def test_options_are_checked():

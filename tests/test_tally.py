@@ -85,6 +85,12 @@ def references(probe) -> dict[str, dict]:
     return out
 
 
+def _reference_of(probe: dict, restriction: str, **kwargs) -> dict[str, np.ndarray]:
+    """The reference counts of the whole probe."""
+    fields = ("acts", "thresholds", "pixel_labels", "image_labels", "labels")
+    return reference_counts(*(probe[f] for f in fields), restriction, **kwargs)
+
+
 def _assert_counts_equal(got: dict, want: dict) -> None:
     assert set(got) == set(want)
     for key in want:
@@ -161,16 +167,8 @@ def test_tally_equals_reference(probe, references, restriction, kwargs):
 def test_pattern_counts_equal_the_reference(probe, restriction, kwargs):
     """Unit totals by restriction pattern (what a formula's restricted union needs)."""
     got = _run_tally(probe, restriction, patterns=True, **kwargs)
-    want = reference_counts(
-        probe["acts"],
-        probe["thresholds"],
-        probe["pixel_labels"],
-        probe["image_labels"],
-        probe["labels"],
-        restriction,
-        tie_rule=kwargs.get("tie_rule", "strict"),
-        patterns=True,
-    )
+    rule = kwargs.get("tie_rule", "strict")
+    want = _reference_of(probe, restriction, tie_rule=rule, patterns=True)
     _assert_counts_equal(got, want)
     patterns = got["pattern_pixels"]
     nc = probe["labels"].num_categories
@@ -221,15 +219,7 @@ def test_restrictions_order(references):
 def test_tally_non_dyadic_sizes():
     """Sizes that do not scale by powers of two, random float maps and thresholds."""
     probe = random_probe(3, act_size=(5, 7), seg_size=(12, 20), dyadic=False, num_units=5, planes=2)
-    want = reference_counts(
-        probe["acts"],
-        probe["thresholds"],
-        probe["pixel_labels"],
-        probe["image_labels"],
-        probe["labels"],
-        "presence",
-    )
-    _assert_counts_equal(_run_tally(probe, "presence"), want)
+    _assert_counts_equal(_run_tally(probe, "presence"), _reference_of(probe, "presence"))
 
 
 def test_tally_merge_and_empty_image_axes(probe):

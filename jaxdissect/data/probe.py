@@ -58,11 +58,6 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("JAXDISSECT_CACHE", "~/.cache/jaxdissect")).expanduser()
 
 
-def _header_memo(cache_dir: str | pathlib.Path) -> pathlib.Path:
-    """Where `Broden.open` remembers header scans that passed (by fingerprint)."""
-    return pathlib.Path(cache_dir).expanduser() / "checked"
-
-
 def synthetic_path(
     cache_dir: pathlib.Path, num_images: int, size: int, seed: int = 0
 ) -> pathlib.Path:
@@ -87,6 +82,13 @@ def open_probe(
     """
     cache_dir = cache_root() if cache_dir is None else cache_dir
     check_data_hash(data_hash)
+    memo = pathlib.Path(cache_dir).expanduser() / "checked"  # header scans that passed
+
+    def open_folder(root: pathlib.Path) -> Broden:
+        return Broden.open(
+            root, split=split, max_images=max_images, data_hash=data_hash, header_memo=memo
+        )
+
     if data == "synthetic":
         from jaxdissect.data import synthetic
 
@@ -98,13 +100,7 @@ def open_probe(
                 flush=True,
             )
             synthetic.generate(root, num_images=synthetic_images, size=resolution)
-        source = Broden.open(
-            root,
-            split=split,
-            max_images=max_images,
-            data_hash=data_hash,
-            header_memo=_header_memo(cache_dir),
-        )
+        source = open_folder(root)
         return source, f"synthetic Broden {resolution} ({split}, {len(source)} images)"
     path = pathlib.Path(data).expanduser()
     if not path.exists():
@@ -113,13 +109,7 @@ def open_probe(
             "holding index.csv), a TFDS build of it, or 'synthetic'"
         )
     if (path / "index.csv").exists():
-        source = Broden.open(
-            path,
-            split=split,
-            max_images=max_images,
-            data_hash=data_hash,
-            header_memo=_header_memo(cache_dir),
-        )
+        source = open_folder(path)
         return source, f"{path.name} ({split}, {len(source)} images)"
     from jaxdissect.data import tfds_broden
 
