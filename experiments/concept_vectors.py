@@ -75,6 +75,7 @@ def run(fv: flags.FlagValues = FLAGS):
 def _vectors(fv, cfg, probe, output_dir):
     import dataclasses
     import pathlib
+    import shutil
 
     import numpy as np
     from absl import logging
@@ -91,8 +92,11 @@ def _vectors(fv, cfg, probe, output_dir):
     unknown = [c for c in categories if c not in labels.categories]
     if unknown:
         raise ValueError(f"--categories: {unknown} not in the probe set's {labels.categories}")
+    # The probe data as memory-mapped files (a full Broden's exceed memory), rewritten by
+    # every run and removed after it.
+    data_dir = out / ".work" / "concept_vectors_data"
     data, forward_s = concept_vectors.collect(
-        finished.layer_forward(loaded, layer), source, fv.batch_size
+        finished.layer_forward(loaded, layer), source, fv.batch_size, directory=data_dir
     )
     logging.info(
         "%s: activations and labels of %d images collected (forward %.1f s)",
@@ -101,10 +105,7 @@ def _vectors(fv, cfg, probe, output_dir):
         forward_s,
     )
     wanted = np.isin(labels.primary, [labels.categories.index(c) for c in categories])
-    present = np.zeros(labels.num_labels, bool)
-    for ids in (data.pixel_labels, data.image_labels):
-        ids = ids[(ids > 0) & (ids < labels.num_labels)]
-        present[np.unique(ids)] = True
+    present = data.labels_present(labels.num_labels)
     concepts = np.flatnonzero(wanted & present).astype(np.int32)
     if len(concepts) == 0:
         raise ValueError(
@@ -136,6 +137,8 @@ def _vectors(fv, cfg, probe, output_dir):
         checkpoint_dir=out / ".work" / f"concept_vectors-{key}",
         progress=progress,
     )
+    del data
+    shutil.rmtree(data_dir, ignore_errors=True)
     doc = _document(fv, cfg, layer, vectors, labels, dataset_name, len(source), forward_s)
     stem = "concept_vectors"
     store.write_json(out / f"{stem}.json", doc)

@@ -102,7 +102,8 @@ class ProbeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ProbeData:
-    """A layer's activations and the labels of the same probe images, on the host.
+    """A layer's activations and the labels of the same probe images, on the host (in
+    memory, or memory-mapped files: `collect`'s `directory`).
 
     Attributes:
       acts: float [N, h, w, K], rounded as the dissection rounded them (activation_dtype).
@@ -128,6 +129,16 @@ class ProbeData:
     def size(self) -> tuple[int, int]:
         """The segmentation size (sh, sw)."""
         return tuple(self.pixel_labels.shape[2:])  # type: ignore[return-value]
+
+    def labels_present(self, num_labels: int, chunk: int = 256) -> np.ndarray:
+        """bool [num_labels]: the labels 1..num_labels-1 that some image holds, read
+        `chunk` images at a time."""
+        present = np.zeros(num_labels, bool)
+        for start in range(0, len(self.acts), chunk):
+            for ids in (self.pixel_labels, self.image_labels):
+                part = np.asarray(ids[start : start + chunk])
+                present[np.unique(part[(part > 0) & (part < num_labels)])] = True
+        return present
 
 
 @dataclasses.dataclass(frozen=True)
@@ -470,24 +481,52 @@ def train_concept_vectors(
 
 
 def collect(
-    forward: Callable[[np.ndarray], Any], source: Any, batch_size: int = 32
+    forward: Callable[[np.ndarray], Any],
+    source: Any,
+    batch_size: int = 32,
+    directory: str | os.PathLike[str] | None = None,
 ) -> tuple[ProbeData, float]:
     """(ProbeData of every image of `source`, seconds spent in `forward` after compiling it):
-    `forward` maps a batch of images to the layer's activations (`finished.layer_forward`)."""
+    `forward` maps a batch of images to the layer's activations (`finished.layer_forward`).
+
+    directory: where the arrays are written as .npy files and memory-mapped, so that a
+      full Broden's (tens of GB) needs no memory; None: in memory. Label numbers outside
+      [1, num_labels), which no mask counts, are stored as 0 (none), so that labels fit
+      uint16 where the label space allows.
+    """
     n, (sh, sw) = len(source), source.seg_size
-    planes = np.zeros((n, source.max_planes, sh, sw), np.int32)
-    image_labels = np.zeros((n, source.max_image_labels), np.int32)
-    acts, forward_s = [], 0.0
+    num_labels = source.labels.num_labels
+    label_dtype = np.int32 if num_labels > 1 << 16 else np.uint16
+
+    def known(ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        return np.where((ids > 0) & (ids < num_labels), ids, 0)
+
+    def alloc(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        if directory is None:
+            return np.zeros(shape, dtype)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"{name}.npy")
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+    planes = alloc("pixel_labels", (n, source.max_planes, sh, sw), label_dtype)
+    image_labels = alloc("image_labels", (n, source.max_image_labels), label_dtype)
+    acts, forward_s = None, 0.0
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))
         images = np.stack([np.asarray(source.read_image(i)) for i in idx])
         if start == 0:
             jax.block_until_ready(forward(images))  # compiled outside the timing
         t0 = time.perf_counter()
-        acts.append(np.asarray(forward(images)))
+        out = np.asarray(forward(images))
         forward_s += time.perf_counter() - t0
+        if acts is None:
+            acts = alloc("acts", (n, *out.shape[1:]), out.dtype)
+        acts[start : start + len(idx)] = out
         for i in idx:
             p, q = source.read_labels(i)
-            planes[i, : p.shape[0]] = p
-            image_labels[i, : len(q)] = q
-    return ProbeData(np.concatenate(acts), planes, image_labels), forward_s
+            planes[i, : p.shape[0]] = known(p)
+            image_labels[i, : len(q)] = known(q)
+    if acts is None:
+        raise ValueError("source: no images to collect")
+    return ProbeData(acts, planes, image_labels), forward_s

@@ -172,6 +172,68 @@ def test_eight_devices_equal_one():
         np.testing.assert_array_equal(getattr(eight, name), getattr(one, name))
 
 
+class _ListedSource:
+    """A probe source over random_probe's arrays; image i is filled with i (for forward)."""
+
+    def __init__(self, p: dict):
+        self.p, self.labels = p, p["labels"]
+        self.seg_size = p["pixel_labels"].shape[2:]
+        self.max_planes = p["pixel_labels"].shape[1]
+        self.max_image_labels = p["image_labels"].shape[1]
+
+    def __len__(self) -> int:
+        return len(self.p["acts"])
+
+    def read_image(self, i: int) -> np.ndarray:
+        return np.full((4, 4, 3), i, np.uint8)
+
+    def read_labels(self, i: int):
+        planes = self.p["pixel_labels"][i]
+        keep = planes.reshape(len(planes), -1).any(1)  # planes of zeros are not stored
+        return planes[keep], [q for q in self.p["image_labels"][i] if q > 0]
+
+
+def test_collected_to_files_the_data_and_the_vectors_are_those_of_memory(tmp_path):
+    p = random_probe(4, num_images=10, act_size=(4, 6), seg_size=(16, 12))
+    source = _ListedSource(p)
+    acts16 = p["acts"].astype(np.float16)
+
+    def forward(images):
+        return acts16[images[:, 0, 0, 0]]
+
+    mem, _ = cv.collect(forward, source, batch_size=4)
+    disk, _ = cv.collect(forward, source, batch_size=4, directory=tmp_path / "data")
+    assert isinstance(disk.acts, np.memmap) and isinstance(disk.pixel_labels, np.memmap)
+    assert sorted(f.name for f in (tmp_path / "data").iterdir()) == [
+        "acts.npy",
+        "image_labels.npy",
+        "pixel_labels.npy",
+    ]
+    assert disk.pixel_labels.dtype == np.uint16 and disk.acts.dtype == np.float16
+    nl = p["labels"].num_labels
+    # Numbers no mask counts (random_probe has negative and too large ones) are stored as 0.
+    pix, img = (np.where((x > 0) & (x < nl), x, 0) for x in (p["pixel_labels"], p["image_labels"]))
+    assert (pix != p["pixel_labels"]).any()
+    for got in (mem, disk):
+        np.testing.assert_array_equal(got.acts, acts16)
+        np.testing.assert_array_equal(got.pixel_labels, pix)
+        want_q = np.sort(img, axis=1)[:, ::-1]
+        np.testing.assert_array_equal(np.sort(got.image_labels, axis=1)[:, ::-1], want_q)
+    naive = np.zeros(nl, bool)
+    for ids in (p["pixel_labels"], p["image_labels"]):
+        naive[np.unique(ids[(ids > 0) & (ids < nl)])] = True
+    np.testing.assert_array_equal(disk.labels_present(nl, chunk=3), naive)
+    assert naive.sum() > 3
+    concepts = np.flatnonzero(naive)[:4].astype(np.int32)
+    cfg = cv.ProbeConfig(epochs=2, probe_batch_size=4, learning_rate=0.1)
+    a, b = (
+        cv.train_concept_vectors(d, p["thresholds"], concepts, cfg, mesh=parallel.data_mesh(1))
+        for d in (mem, disk)
+    )
+    np.testing.assert_array_equal(a.weights, b.weights)
+    np.testing.assert_array_equal(a.intersection, b.intersection)
+
+
 def test_a_killed_run_resumes_to_the_same_vectors(tmp_path):
     data, thresholds, concepts = _planted(num_images=24, seed=2)
     cfg = cv.ProbeConfig(epochs=3, probe_batch_size=4, probe_checkpoint_every=2)

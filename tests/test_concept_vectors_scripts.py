@@ -66,6 +66,8 @@ def test_concept_vectors_script_writes_every_output(vectors, dissection):
     out, doc = vectors
     for name in ("json", "csv", "npz", "png", "html"):
         assert (out / f"concept_vectors.{name}").is_file(), name
+    assert (out / ".work").is_dir()
+    assert not (out / ".work" / "concept_vectors_data").exists()  # the probe data's files
     units = json.loads((dissection / "results.json").read_text())["layers"][1]["units"]
     assert doc["settings"]["units"] == 12 == len(units)
     arrays = store.load_arrays(out / "concept_vectors.npz")
