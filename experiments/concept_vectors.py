@@ -94,9 +94,15 @@ def _vectors(fv, cfg, probe, output_dir):
         raise ValueError(f"--categories: {unknown} not in the probe set's {labels.categories}")
     # The probe data as memory-mapped files (a full Broden's exceed memory), rewritten by
     # every run and removed after it.
+    # float16 activations stay float16 (exact: the forward rounds them to it).
     data_dir = out / ".work" / "concept_vectors_data"
+    forward = finished.layer_forward(loaded, layer)
+    kept = np.float16 if layer.activation_dtype == "float16" else np.float32
     data, forward_s = concept_vectors.collect(
-        finished.layer_forward(loaded, layer), source, fv.batch_size, directory=data_dir
+        lambda images: np.asarray(forward(images)).astype(kept),
+        source,
+        fv.batch_size,
+        directory=data_dir,
     )
     logging.info(
         "%s: activations and labels of %d images collected (forward %.1f s)",
