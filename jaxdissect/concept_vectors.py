@@ -379,7 +379,7 @@ def train_concept_vectors(
     """
     check_tie_rule(tie_rule)
     mesh = mesh if mesh is not None else parallel.data_mesh()
-    parallel.check_batch_size(cfg.probe_batch_size, mesh)
+    parallel.check_batch_size(cfg.probe_batch_size, mesh, "probe_batch_size")
     k = data.acts.shape[-1]
     thresholds = np.asarray(thresholds, np.float32)
     if thresholds.shape != (k,):

@@ -68,11 +68,12 @@ def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(devices), (AXIS,))
 
 
-def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, name: str = "batch_size") -> None:
+    """Raise, naming the parameter `name`, unless `batch_size` splits over the mesh."""
     n = mesh.devices.size
     if batch_size % n:
         raise ValueError(
-            f"--batch_size={batch_size} is not divisible by the {n} devices of the mesh; "
+            f"{name}={batch_size} is not divisible by the {n} devices of the mesh; "
             f"use a multiple of {n}"
         )
 

@@ -560,8 +560,9 @@ def train(
     t0 = time.time()
     out = pathlib.Path(output_dir)
     mesh = mesh or parallel.data_mesh()
+    name = "eval_batch_size" if eval_batch_size else "batch_size"
     eval_batch_size = eval_batch_size or config.batch_size
-    parallel.check_batch_size(eval_batch_size, mesh)
+    parallel.check_batch_size(eval_batch_size, mesh, name)
     options = config.options(task.num_classes)
     model = build_model(config.arch, **options)
     settings = {

@@ -15,7 +15,7 @@ import time
 import pytest
 from absl import flags
 
-from jaxdissect import cli, config, engine, outdir, pipeline, training
+from jaxdissect import cli, config, engine, outdir, parallel, pipeline, training
 from jaxdissect.models import load as model_load
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -103,6 +103,9 @@ def test_library_errors_name_parameters_and_the_cli_the_flags():
     assert cli.flag_message("num_threads=3; quantile=0.5, --quantile=1", fv) == (
         "--loader_threads=3; --quantile=0.5, --quantile=1"
     )
+    with pytest.raises(ValueError, match="^batch_size=12 is not divisible") as e:
+        parallel.check_batch_size(12, parallel.data_mesh(8))
+    assert cli.flag_message(str(e.value), fv).startswith("--batch_size=12 is not divisible")
 
 
 def test_output_dir_errors_name_the_path_and_the_fix(tmp_path):

@@ -125,7 +125,7 @@ def test_batch_sizes_and_no_batch(setup):
         evaluate.batch_size_for(mesh8, 0)
     got = evaluate.Evaluator(model.apply, mesh8)(variables, [], logits=True)
     assert got.count == 0 and got.accuracy == 0.0 and got.logits.shape == (0, 0)
-    with pytest.raises(ValueError, match="--batch_size=12 is not divisible by the 8 devices"):
+    with pytest.raises(ValueError, match="^batch_size=12 is not divisible by the 8 devices"):
         evaluate.Evaluator(model.apply, mesh8)(
             variables,
             [{"image": np.zeros((12, 4, 4, 3), np.uint8), "label": np.zeros(12, np.int32)}],
