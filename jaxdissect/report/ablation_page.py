@@ -11,24 +11,17 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-import jinja2
+from jaxdissect.report import page
 
-from jaxdissect.store import write_text
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="jaxdissect">
-<title>Unit ablation: {{ s.layer }}</title>
-<style>
-body { font: 14px/1.45 system-ui, sans-serif; color: #1d2330; background: #f6f7f9; margin: 0; }
-main { max-width: 1300px; margin: 0 auto; padding: 16px 24px 48px; }
-table { border-collapse: collapse; background: #fff; }
-th, td { padding: 3px 8px; border-bottom: 1px solid #dde1e8; text-align: right; }
+_PAGE = page.template(
+    "Unit ablation: {{ s.layer }}",
+    """\
 th:first-child, td:first-child { text-align: left; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(380px, 1fr)); gap: 10px; }
 .card { background: #fff; border: 1px solid #dde1e8; border-radius: 6px; padding: 6px 8px; }
 .card img { max-width: 100%; height: auto; display: block; }
-.muted { color: #5b6474; }
-</style></head><body><main>
+""",
+    """\
 <h1>Unit ablation: {{ s.layer }}</h1>
 <p class="muted">{{ s.weights }}, {{ s.units }} units ablated ({{ value }}), {{ s.eval_images }}
 images ({{ s.task }}); units ranked per class by the drop of its accuracy (or agreement) when
@@ -51,12 +44,8 @@ below the threshold{% endif %}){% else %}<span class="muted">no label</span>{% e
 </div>{% endfor %}
 </div>
 {% endfor %}
-</main></body></html>
-"""
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
+""",
+)
 
 
 def write_page(
@@ -71,15 +60,12 @@ def write_page(
                 path = strips_dir / f"unit{int(u['unit']):04d}.jpg"
                 if path.is_file():
                     strips[int(u["unit"])] = pathlib.Path(os.path.relpath(path, out)).as_posix()
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    html = env.from_string(_PAGE).render(
+    return page.write(
+        out / "ablation.html",
+        _PAGE,
         s=document["settings"],
         value=document["value"],
         classes=document["classes"],
         strips=strips,
-        fmt=_fmt,
         dissection=(out / "index.html").is_file(),
     )
-    path = out / "ablation.html"
-    write_text(path, html)
-    return path

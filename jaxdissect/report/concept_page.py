@@ -10,22 +10,15 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-import jinja2
+from jaxdissect.report import page
 
-from jaxdissect.store import write_text
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="jaxdissect">
-<title>Concept vectors: {{ s.layer }}</title>
-<style>
-body { font: 14px/1.45 system-ui, sans-serif; color: #1d2330; background: #f6f7f9; margin: 0; }
-main { max-width: 1300px; margin: 0 auto; padding: 16px 24px 48px; }
-table { border-collapse: collapse; background: #fff; }
-th, td { padding: 3px 8px; border-bottom: 1px solid #dde1e8; text-align: right; }
+_PAGE = page.template(
+    "Concept vectors: {{ s.layer }}",
+    """\
 td.l, th.l { text-align: left; }
-.muted { color: #5b6474; }
 .up { color: #2b7a3d; } .down { color: #a33; }
-</style></head><body><main>
+""",
+    """\
 <h1>Concept vectors: {{ s.layer }}</h1>
 <p class="muted">{{ s.model }}, layer {{ s.layer }} ({{ s.units }} units), {{ s.variant }} probe;
 trained on {{ s.train_images }} images, scored on {{ s.heldout_images }} held-out images
@@ -45,12 +38,8 @@ better by their vector than by their best single unit; mean gain {{ fmt(m.mean_g
 <td class="l">{% for u in c.top_units %}{{ u.unit }} {{ fmt(u.weight) }}{% if u.label %}:
 {{ u.label }}{% endif %}{% if not loop.last %}; {% endif %}{% endfor %}</td></tr>
 {% endfor %}</table>
-</main></body></html>
-"""
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
+""",
+)
 
 
 def _pct(v: float | None) -> str:
@@ -61,14 +50,11 @@ def write_page(out: pathlib.Path, document: Mapping[str, Any]) -> pathlib.Path:
     """Write out/concept_vectors.html for a concept_vectors.json `document` (scored concepts,
     highest gain first)."""
     scored = [c for c in document["concepts"] if c["scored"]]
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    html = env.from_string(_PAGE).render(
+    return page.write(
+        out / "concept_vectors.html",
+        _PAGE,
         s=document["settings"],
         m=document["summary"],
         concepts=sorted(scored, key=lambda c: -c["gain"]),
-        fmt=_fmt,
         pct=_pct,
     )
-    path = out / "concept_vectors.html"
-    write_text(path, html)
-    return path

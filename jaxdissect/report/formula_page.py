@@ -10,27 +10,21 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jinja2
 import numpy as np
 
+from jaxdissect.report import page
 from jaxdissect.report.strips import dim_outside
-from jaxdissect.store import write_text
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="jaxdissect">
-<title>Compositional explanations: {{ s.model }}</title>
-<style>
-body { font: 14px/1.45 system-ui, sans-serif; color: #1d2330; background: #f6f7f9; margin: 0; }
-main { max-width: 1300px; margin: 0 auto; padding: 16px 24px 48px; }
+_PAGE = page.template(
+    "Compositional explanations: {{ s.model }}",
+    """\
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 10px; }
 .card { background: #fff; border: 1px solid #dde1e8; border-radius: 6px; padding: 6px 8px; }
 .card img { width: 100%; height: auto; display: block; image-rendering: pixelated; }
 .formula { font-family: ui-monospace, monospace; }
-.muted { color: #5b6474; }
-table { border-collapse: collapse; background: #fff; }
-th, td { padding: 3px 8px; border-bottom: 1px solid #dde1e8; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
-</style></head><body><main>
+""",
+    """\
 <h1>Compositional explanations: {{ s.model }}</h1>
 <p class="muted">{{ s.dataset }}; formulas of up to {{ s.max_length }} concepts ({{ ops }}),
 {{ s.mode }} search{% if s.mode == "beam" %} (beam {{ s.beam }}){% endif %}, length penalty
@@ -52,12 +46,8 @@ beam found <span class="formula">{{ u.beam_formula }}</span> ({{ fmt(u.beam_iou)
 </div>{% endfor %}
 </div>
 {% endfor %}
-</main></body></html>
-"""
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
+""",
+)
 
 
 def pair_strip(
@@ -94,14 +84,11 @@ def write_page(
     """Write out/compositional.html. layers: per layer `name`, `mean_by_length`,
     `beam_not_optimal` (None in beam mode), `units_that_fire` and `cards` (unit rows of
     `compositional.unit_rows` with a `strip` path relative to `out`, or None)."""
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    html = env.from_string(_PAGE).render(
+    return page.write(
+        out / "compositional.html",
+        _PAGE,
         s=settings,
         ops=", ".join(o.upper().replace("_", " ") for o in settings["operators"]),
         layers=layers,
         plot=plot,
-        fmt=_fmt,
     )
-    path = out / "compositional.html"
-    write_text(path, html)
-    return path
