@@ -39,6 +39,7 @@ from jaxdissect.labelspace import LabelSpace
 from jaxdissect.preprocess import InputSpec
 from jaxdissect.quantiles import DEFAULT_Q
 from jaxdissect.quantiles import MODES as QUANTILE_MODES
+from jaxdissect.quantiles.histogram import DTYPES as HISTOGRAM_DTYPES
 from jaxdissect.results import DEFAULT_IOU_THRESHOLD
 from jaxdissect.statistics import NonFiniteActivationError
 from jaxdissect.tally import RESTRICTIONS
@@ -64,7 +65,10 @@ class Settings:
 
     Attributes:
       quantile: top fraction of activations above each unit's threshold.
-      quantile_mode: `sketch` (fixed memory) or `exact` (per-unit top-k).
+      quantile_mode: `auto` (a layer's `histogram` where its activations are 16-bit raw maps
+        and it has at most 256 units, else `sketch`), `sketch` (fixed memory), `exact`
+        (per-unit top-k) or `histogram` (counts of a 16-bit activation_dtype's values,
+        exact; 256 KB a unit).
       sketch_size: sketch state size per unit (None: the module's default).
       threshold_on: quantiles over the `raw` h x w maps (paper) or the
         `upsampled` maps (PNAS release).
@@ -88,7 +92,7 @@ class Settings:
     """
 
     quantile: float = DEFAULT_Q
-    quantile_mode: str = config.setting("sketch", choices=QUANTILE_MODES)
+    quantile_mode: str = config.setting("auto", choices=QUANTILE_MODES)
     sketch_size: int | None = None
     threshold_on: str = config.setting("raw", choices=THRESHOLD_ON)
     restriction: str = config.setting("presence", choices=RESTRICTIONS)
@@ -106,6 +110,14 @@ class Settings:
 
     def __post_init__(self):
         config.check_choices(self)
+        if self.quantile_mode == "histogram" and (
+            self.activation_dtype not in HISTOGRAM_DTYPES or self.threshold_on != "raw"
+        ):
+            raise ValueError(
+                f"quantile_mode='histogram' counts 16-bit raw maps: needs activation_dtype in "
+                f"{HISTOGRAM_DTYPES} (got {self.activation_dtype!r}) and threshold_on='raw' "
+                f"(got {self.threshold_on!r})"
+            )
         if self.significance_draws < 0:
             raise ValueError(f"significance_draws={self.significance_draws}: must be >= 0")
         if not 0 < self.significance_alpha < 1:

@@ -141,21 +141,35 @@ def quantile_statistic(
     activation_dtype: str = "float32",
     name: str | None = None,
 ) -> Statistic:
-    """Each unit's threshold T_k of `layer` (`quantiles`), `mode` "exact" or "sketch".
+    """Each unit's threshold T_k of `layer` (`quantiles`), `mode` "exact", "sketch",
+    "histogram" (16-bit `activation_dtype`, raw maps) or "auto" (`quantiles.resolve_mode`).
 
     name: the layer's name in messages (default: `layer`).
 
     total_count: values per unit over the whole probe set (all shards together).
     upsample_to: threshold the maps upsampled to this size (the PNAS variant).
+    activation_dtype: what the activations were rounded to (the histogram counts its values).
     finalize gives {"thresholds": float32 [K]} and raises `NonFiniteActivationError`
     where the layer produced NaN or inf.
     """
     if mode not in quantiles.MODES:
         raise ValueError(f"quantile_mode={mode!r}; allowed values: {', '.join(quantiles.MODES)}")
+    mode = quantiles.resolve_mode(
+        mode, num_units, activation_dtype, total_count, upsampled=upsample_to is not None
+    )
+    if mode == "histogram":
+        if upsample_to is not None:
+            raise ValueError(
+                "quantile_mode='histogram' counts the raw 16-bit maps: not with "
+                "threshold_on='upsampled' (interpolated values); use sketch or exact"
+            )
+        quantiles.histogram.check_histogram(activation_dtype, total_count)
 
     def init(shard: int):
         if mode == "exact":
             return quantiles.exact_init(num_units, total_count, q)
+        if mode == "histogram":
+            return quantiles.histogram_init(num_units, activation_dtype, total_count, q)
         kwargs = {} if sketch_size is None else {"size": sketch_size}
         return quantiles.sketch_init(
             num_units,
@@ -174,9 +188,15 @@ def quantile_statistic(
         valid = jnp.repeat(batch["valid"], rows.shape[0] // b)
         if mode == "exact":
             return quantiles.exact_update(state, rows, valid)
+        if mode == "histogram":
+            return quantiles.histogram_update(state, rows, valid)
         return quantiles.sketch_update(state, rows, valid)
 
-    merge = quantiles.exact_merge if mode == "exact" else quantiles.sketch_merge
+    merge = {
+        "exact": quantiles.exact_merge,
+        "histogram": quantiles.histogram_merge,
+        "sketch": quantiles.sketch_merge,
+    }[mode]
 
     def finalize(state):
         nonfinite = np.asarray(state.nonfinite)
@@ -195,11 +215,14 @@ def quantile_statistic(
             )
         if mode == "exact":
             thresholds = quantiles.exact_threshold(state, q)
+        elif mode == "histogram":
+            thresholds = quantiles.histogram_threshold(state, q)
         else:
             thresholds = quantiles.sketch_threshold(state, q)
         return {"thresholds": np.asarray(thresholds, np.float32)}
 
-    key = ("quantile", layer, num_units, mode, _size_key(upsample_to))
+    dtype_key = activation_dtype if mode == "histogram" else None
+    key = ("quantile", layer, num_units, mode, dtype_key, _size_key(upsample_to))
     return Statistic(init, update, merge, finalize, key)
 
 

@@ -9,6 +9,8 @@ Modules:
   definition  T_k's definition (numpy's linear quantile), value conventions, and
               `reference_threshold`, its plain-numpy reference
   exact       exact mode: per-unit top-k, bitwise equal to the reference
+  histogram   histogram mode: counts of the 2**16 values of 16-bit activations, bitwise
+              equal to the reference; `resolve_mode` (mode `auto`)
   sketch      sketch mode: a ReqSketch-style compactor of the upper tail, fixed memory
   merging     `merge_all` (stacked states, jit-able) and `merge_list` (host lists)
   counts      row counts beyond int32 as (hi, lo) int32 pairs
@@ -41,6 +43,14 @@ from jaxdissect.quantiles.exact import (
     exact_threshold,
     exact_update,
 )
+from jaxdissect.quantiles.histogram import (
+    HistogramState,
+    histogram_init,
+    histogram_merge,
+    histogram_threshold,
+    histogram_update,
+    resolve_mode,
+)
 from jaxdissect.quantiles.merging import merge_all, merge_list
 from jaxdissect.quantiles.sketch import (
     DEFAULT_MAX_COUNT,
@@ -56,7 +66,7 @@ from jaxdissect.quantiles.sketch import (
     sketch_update,
 )
 
-MODES = ("sketch", "exact")
+MODES = ("auto", "sketch", "exact", "histogram")
 
 __all__ = [
     "DEFAULT_MAX_COUNT",
@@ -66,6 +76,7 @@ __all__ = [
     "MODES",
     "SECTIONS",
     "ExactState",
+    "HistogramState",
     "SketchState",
     "_count_add",
     "_count_merge",
@@ -76,9 +87,14 @@ __all__ = [
     "exact_merge",
     "exact_threshold",
     "exact_update",
+    "histogram_init",
+    "histogram_merge",
+    "histogram_threshold",
+    "histogram_update",
     "merge_all",
     "merge_list",
     "reference_threshold",
+    "resolve_mode",
     "sketch_certified",
     "sketch_init",
     "sketch_levels",
