@@ -31,7 +31,9 @@ the levels and the stage, plus 2L + 6 words, L = sketch_levels(B, q, n):
     sketch, no max_count      13.4K (L=19, any n up to 2^32)
 
 (n = 63,305 Broden images x h x w). Both fit 512 units easily; exact mode is the one that
-does not scale to early layers (4 GB for 64 units at 224x224).
+does not scale to early layers (4 GB for 64 units at 224x224). Histogram mode holds 2^16
+int32 counts a unit (256 KB) whatever n (up to 2^31 - 1 values a unit), for 16-bit
+activations only; `auto` uses it up to 256 units (64 MB).
 """
 
 from jaxdissect.quantiles.counts import _count_add, _count_merge, _count_zero, count_value
