@@ -66,9 +66,9 @@ class Settings:
     Attributes:
       quantile: top fraction of activations above each unit's threshold.
       quantile_mode: `auto` (a layer's `histogram` where its activations are 16-bit raw maps
-        and it has at most 256 units, else `sketch`), `sketch` (fixed memory), `exact`
-        (per-unit top-k) or `histogram` (counts of a 16-bit activation_dtype's values,
-        exact; 256 KB a unit).
+        and it has at most 256 units, else `exact` where its state takes <= 64 MB, else
+        `sketch`), `sketch` (fixed memory), `exact` (per-unit top-k) or `histogram` (counts
+        of a 16-bit activation_dtype's values, exact; 256 KB a unit).
       sketch_size: sketch state size per unit (None: the module's default).
       threshold_on: quantiles over the `raw` h x w maps (paper) or the
         `upsampled` maps (PNAS release).

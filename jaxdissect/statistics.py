@@ -155,7 +155,7 @@ def quantile_statistic(
     if mode not in quantiles.MODES:
         raise ValueError(f"quantile_mode={mode!r}; allowed values: {', '.join(quantiles.MODES)}")
     mode = quantiles.resolve_mode(
-        mode, num_units, activation_dtype, total_count, upsampled=upsample_to is not None
+        mode, num_units, activation_dtype, total_count, upsampled=upsample_to is not None, q=q
     )
     if mode == "histogram":
         if upsample_to is not None:

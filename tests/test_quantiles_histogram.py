@@ -107,10 +107,17 @@ def test_auto_picks_the_histogram_where_it_applies():
     pick = Q.resolve_mode
     assert pick("auto", 32, "float16", 10**6, upsampled=False) == "histogram"
     assert pick("auto", 32, "bfloat16", 10**6, upsampled=False) == "histogram"
-    assert pick("auto", 32, "float32", 10**6, upsampled=False) == "sketch"
-    assert pick("auto", 32, "float16", 10**6, upsampled=True) == "sketch"
-    assert pick("auto", H.AUTO_MAX_UNITS + 1, "float16", 10**6, upsampled=False) == "sketch"
+    # Else exact mode where its state is small (7x7 maps), else the sketch.
+    n = 63_305 * 7 * 7  # a full Broden's values a unit at 7x7: top-k 15.5K
+    assert pick("auto", 512, "float16", n, upsampled=False) == "exact"  # 36 MB
+    assert pick("auto", 1280, "float16", n, upsampled=False) == "sketch"  # 90 MB
+    assert pick("auto", 1280, "float16", 600 * 49, upsampled=False) == "exact"
+    big = 63_305 * 112 * 112  # top-k 4M values a unit
+    assert pick("auto", 32, "float32", big, upsampled=False) == "sketch"
+    assert pick("auto", 32, "float16", big, upsampled=True) == "sketch"
+    assert pick("auto", H.AUTO_MAX_UNITS + 1, "float16", big, upsampled=False) == "sketch"
     assert pick("auto", 32, "float16", 2**31, upsampled=False) == "sketch"
+    assert Q.exact.exact_state_bytes(512, n) == 512 * (15_511 + 2_048) * 4
     assert pick("exact", 32, "float16", 10**6, upsampled=False) == "exact"
     with pytest.raises(ValueError, match="threshold_on='upsampled'"):
         statistics.quantile_statistic(

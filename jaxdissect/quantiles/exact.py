@@ -6,7 +6,7 @@ so a chunk is reduced with `lax.top_k` to its largest 64 or 256 values (whicheve
 for every unit, all values above the k-th; else the whole sorted chunk), staged, and the
 stage is merged into the top-k when full. The result is the top-k of the union whatever
 the grouping or order, so merges are associative and commutative bitwise.
-Memory: k + max(2048, ~k/8) floats per unit.
+Memory: k + max(2048, ~k/8) floats per unit (`exact_state_bytes`).
 """
 
 from __future__ import annotations
@@ -38,11 +38,21 @@ class ExactState:
     q: float = struct.field(pytree_node=False)
 
 
-def exact_init(num_units: int, total_count: int, q: float = DEFAULT_Q) -> ExactState:
-    """Empty exact state for `total_count` values per unit (known in advance)."""
+def _widths(total_count: int, q: float) -> tuple[int, int]:
+    """(k, stage columns) of an exact state."""
     k = _top_count(int(total_count), q)
     # Each merge rewrites the top-k, so stage about k/8 candidates between merges.
-    stage = min(_STAGE_MAX, max(_STAGE_MIN, _pow2(k) // 8))
+    return k, min(_STAGE_MAX, max(_STAGE_MIN, _pow2(k) // 8))
+
+
+def exact_state_bytes(num_units: int, total_count: int, q: float = DEFAULT_Q) -> int:
+    """Bytes of an exact state's top-k and stage."""
+    return num_units * sum(_widths(total_count, q)) * 4
+
+
+def exact_init(num_units: int, total_count: int, q: float = DEFAULT_Q) -> ExactState:
+    """Empty exact state for `total_count` values per unit (known in advance)."""
+    k, stage = _widths(total_count, q)
     return ExactState(
         top=jnp.full((num_units, k), _NEG_INF, jnp.float32),
         stage=jnp.full((num_units, stage), _NEG_INF, jnp.float32),

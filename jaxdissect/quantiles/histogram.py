@@ -14,8 +14,10 @@ exactly (the activations were not rounded to it) is counted in `inexact`, and
 `histogram_threshold` refuses such a state rather than answer for other numbers.
 
 Memory: K x 2**16 int32 counts (256 KB a unit); a count is int32, so `histogram_init`
-refuses more than 2**31 - 1 values a unit. `resolve_mode` picks this mode for `auto` where
-it applies and the layer has at most `AUTO_MAX_UNITS` units (64 MB a device).
+refuses more than 2**31 - 1 values a unit. `resolve_mode` picks the mode of a layer for
+`auto`: this one where it applies and the layer has at most `AUTO_MAX_UNITS` units (64 MB a
+device), else exact mode where its state fits `AUTO_MAX_BYTES` (small maps: 7x7), else the
+sketch. The two exact modes compile in a fraction of the sketch's time and step faster.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from flax import struct
 from jaxdissect.quantiles.chunks import _chunks
 from jaxdissect.quantiles.counts import _count_add, _count_merge, _count_zero, count_value
 from jaxdissect.quantiles.definition import _NEG_INF, DEFAULT_Q, _flush_zero, _lerp32, _positions
+from jaxdissect.quantiles.exact import exact_state_bytes
 
 DTYPES = ("float16", "bfloat16")
 SLOTS = 1 << 16
@@ -165,21 +168,34 @@ def histogram_threshold(state: HistogramState, q: float | None = None) -> np.nda
 
 
 AUTO_MAX_UNITS = 256
+AUTO_MAX_BYTES = 64 << 20
 
 
 def resolve_mode(
-    mode: str, num_units: int, dtype: str, total_count: int, *, upsampled: bool
+    mode: str,
+    num_units: int,
+    dtype: str,
+    total_count: int,
+    *,
+    upsampled: bool,
+    q: float = DEFAULT_Q,
 ) -> str:
     """The quantile mode a layer uses: `mode`, or for `auto` the histogram where the values
     are 16-bit (raw maps of a 16-bit `dtype`), fit its counts and the layer has at most
-    AUTO_MAX_UNITS units, else the sketch."""
+    AUTO_MAX_UNITS units; else exact mode where its state takes at most AUTO_MAX_BYTES;
+    else the sketch."""
     if mode != "auto":
         return mode
     fits = dtype in DTYPES and not upsampled and total_count <= MAX_VALUES
-    return "histogram" if fits and num_units <= AUTO_MAX_UNITS else "sketch"
+    if fits and num_units <= AUTO_MAX_UNITS:
+        return "histogram"
+    if exact_state_bytes(num_units, total_count, q) <= AUTO_MAX_BYTES:
+        return "exact"
+    return "sketch"
 
 
 __all__ = [
+    "AUTO_MAX_BYTES",
     "AUTO_MAX_UNITS",
     "DTYPES",
     "MAX_VALUES",
