@@ -387,21 +387,66 @@ class Dissector:
     def run_pass1(self, variables) -> dict[str, dict[str, np.ndarray]]:
         """Thresholds, top images and their maps per layer (also fills the activation cache)."""
         self._setup_cache()
-        out = self._run(
-            "pass1",
-            self.pass1_statistic(),
-            _Fields(
-                self.source,
-                images=True,
-                labels=False,
-                categories=self.settings.categories,
-                check_labels=self.check_labels,
-            ),
-            variables,
-            cache=self.cache,
-            cache_mode="write",
+        statistic = self.pass1_statistic()
+        fields = _Fields(
+            self.source,
+            images=True,
+            labels=False,
+            categories=self.settings.categories,
+            check_labels=self.check_labels,
         )
+        self._compile_ahead(statistic, fields, variables)
+        out = self._run("pass1", statistic, fields, variables, cache=self.cache, cache_mode="write")
         return {layer: {**parts["q"], **parts["top"]} for layer, parts in out.items()}
+
+    def _compile_ahead(self, statistic: statistics.Statistic, fields: _Fields, variables) -> None:
+        """Start compiling pass 1's programs (`driver.compile_ahead`: the forward and each
+        layer's step at once) and then, unless its outputs are stored, pass 2's (its
+        thresholds ride in its state: placeholders give the same programs), which compile
+        in the background while pass 1 runs."""
+        mesh, size = self.mesh, self.settings.batch_size
+        replicated, sharded = parallel.replicated(mesh), parallel.sharded(mesh)
+        variables = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=replicated, weak_type=x.weak_type
+            ),
+            jax.eval_shape(lambda v: v, variables),
+        )
+        example = fields[0]
+        image = np.asarray(example["image"])
+        acts = driver.compile_ahead(
+            statistic,
+            driver.batch_like(example, size, mesh),
+            mesh=mesh,
+            steps=self.steps,
+            forward=self.forward,
+            variables=variables,
+            images=jax.ShapeDtypeStruct((size, *image.shape), image.dtype, sharding=sharded),
+        )
+        if acts is None or self._stored("pass2"):
+            return
+        placeholders = {
+            layer: np.zeros((self.tap.shapes[layer][-1],), np.float32) for layer in self.tap.layers
+        }
+        labels = _Fields(
+            self.source, images=False, labels=True, categories=self.settings.categories
+        )
+        driver.compile_ahead(
+            self.pass2_statistic(placeholders),
+            driver.batch_like(labels[0], size, mesh),
+            mesh=mesh,
+            steps=self.steps,
+            acts=acts,
+        )
+
+    def _stored(self, stage: str) -> bool:
+        """Whether every layer's outputs of `stage` are stored (`_stage` will load them)."""
+        if self.work_dir is None:
+            return False
+        root = self.work_dir / "stages"
+        return all(
+            store.Stage(root, stage, self.stage_key(stage, layer)).done for layer in self.tap.layers
+        )
 
     def _setup_cache(self):
         per_example = sum(int(np.prod(s)) for s in self.tap.shapes.values()) * self.dtype.itemsize
