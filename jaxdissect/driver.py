@@ -86,17 +86,29 @@ class Steps:
         like = jax.tree.map(_like, args)
         key = (fn, jax.tree.structure(like), tuple(jax.tree.leaves(like)))
         if key not in self._ahead:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self._threads, thread_name_prefix="jaxdissect-compile"
-                )
 
             def work():
                 return (fn.lower(*like) if lowered is None else lowered).compile()
 
-            self._ahead[key] = self._pool.submit(work)
+            self._ahead[key] = self._executor().submit(work)
             self._pending.setdefault(fn, []).append(self._ahead[key])
         return self._ahead[key]
+
+    def finalize(self, statistic: statistics.Statistic, state: Any) -> Any:
+        """`statistic.finalize(state)`, a group's parts in the background threads at once
+        (a part's finalize may compile: the sketch's threshold search, per layer)."""
+        if not statistic.parts or self._threads < 2:
+            return statistic.finalize(state)
+        pool = self._executor()
+        futures = {n: pool.submit(s.finalize, state[n]) for n, s in statistic.parts.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self._threads, thread_name_prefix="jaxdissect-compile"
+            )
+        return self._pool
 
     def ready(self, fn: _T) -> _T:
         """`fn` once the compilations asked of it have finished (their errors raised here)."""
@@ -153,10 +165,13 @@ class Forward:
             acts = fn(variables, input_spec(images))
             return {k: v.astype(self.dtype) for k, v in acts.items()}
 
+        # Outputs keep the `data` sharding (on one device XLA would otherwise hand some back
+        # replicated, and a step fed them would compile again for those shardings).
         self._step = jax.jit(
             partial_shard_map(
                 local, mesh=mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P(parallel.AXIS)
-            )
+            ),
+            out_shardings=parallel.sharded(mesh),
         )
 
     @property
@@ -176,8 +191,10 @@ def update_step(statistic: statistics.Statistic, mesh: jax.sharding.Mesh) -> Cal
         return _expand(statistic.update(_squeeze(state), fields))
 
     data = P(parallel.AXIS)
+    # The new state keeps the old one's sharding (see `Forward`): one executable per step.
     return jax.jit(
         partial_shard_map(local, mesh=mesh, in_specs=(data, data, data), out_specs=data),
+        out_shardings=parallel.sharded(mesh),
         donate_argnums=(0,),
     )
 
@@ -390,7 +407,7 @@ def run_pass(
         ckpt.maybe_save(num_batches, state, force=True)
         ckpt.close()
     merged = statistics.merge_devices(merge, parallel.gather_to_host(state))
-    return statistic.finalize(jax.device_get(merged))
+    return steps.finalize(statistic, jax.device_get(merged))
 
 
 def stage_outputs(
