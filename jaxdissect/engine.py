@@ -219,6 +219,15 @@ class _Fields:
     def __len__(self):
         return len(self.source)
 
+    def label_fields(self) -> dict[str, np.ndarray]:
+        """Zero arrays shaped as an example's label fields (where read), without reading."""
+        if not self.labels:
+            return {}
+        return {
+            "pixel_labels": np.zeros((self.planes, *self.seg_size), np.int32),
+            "image_labels": np.zeros((self.image_labels,), np.int32),
+        }
+
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         out = {"index": np.asarray(i, np.int32)}
         if self.images:
@@ -412,11 +421,13 @@ class Dissector:
             ),
             jax.eval_shape(lambda v: v, variables),
         )
-        example = fields[0]
-        image = np.asarray(example["image"])
+        try:
+            image = np.asarray(fields.source.read_image(0), np.uint8)
+        except Exception:  # noqa: BLE001 - the pass reports it where it reads the image
+            return
         acts = driver.compile_ahead(
             statistic,
-            driver.batch_like(example, size, mesh),
+            driver.batch_like(fields.label_fields(), size, mesh),
             mesh=mesh,
             steps=self.steps,
             forward=self.forward,
@@ -433,7 +444,7 @@ class Dissector:
         )
         driver.compile_ahead(
             self.pass2_statistic(placeholders),
-            driver.batch_like(labels[0], size, mesh),
+            driver.batch_like(labels.label_fields(), size, mesh),
             mesh=mesh,
             steps=self.steps,
             acts=acts,
