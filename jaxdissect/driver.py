@@ -14,7 +14,10 @@ what a statistic computes: a new statistic or a third pass adds no code here.
 Compiled steps live in a `Steps` cache owned by the caller: passes and Dissectors
 given the same cache reuse one jitted function per statistic key (and per
 forward), so `jax.jit`'s own executable cache serves them all; a process compiles
-each (model, layers, batch shape) once.
+each (model, layers, batch shape) once. A group's parts (`Statistic.parts`: a pass's
+layers) are separate programs, and a pass's first batch compiles the forward and
+every part at once in the cache's background threads (`compile_ahead`), so the
+compiler keeps every core busy; a caller may start a later pass's compilations early.
 """
 
 from __future__ import annotations
@@ -280,6 +283,12 @@ def _forward_ahead(forward: Forward, steps: Steps, variables, images) -> Any:
     return lowered.out_info
 
 
+def _first_ahead(programs, steps: Steps, state, acts, batch, compile_next) -> None:
+    acts = _steps_ahead(programs, steps, state, acts, batch)
+    if compile_next is not None:
+        compile_next(acts)
+
+
 def _steps_ahead(programs, steps: Steps, state, acts, batch) -> Any:
     acts = jax.tree.map(_like, acts)
     for name, program in programs.items():
@@ -305,6 +314,7 @@ def run_pass(
     num_threads: int | None = None,
     num_workers: int = 0,
     steps: Steps | None = None,
+    compile_next: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
     """Fold every batch of `source` into `statistic`; return its finalized, merged result.
 
@@ -321,6 +331,8 @@ def run_pass(
         `checkpoint_every` batches and resumed from (None: no checkpoints). Its name
         must be a key of everything the state depends on.
       steps: compiled steps to reuse and add to (None: compiled for this pass alone).
+      compile_next: called with the activations' shapes once this pass's programs are
+        compiling (at its first batch), to start a later pass's (`compile_ahead`).
     """
     if cache_mode not in CACHE_MODES:
         raise ValueError(f"cache_mode={cache_mode!r}; allowed values: write, read, None")
@@ -376,7 +388,7 @@ def run_pass(
             if cache.kind != "device":
                 acts = parallel.put_batch(acts, mesh)
             if first:
-                _steps_ahead(programs, steps, state, acts, fields)
+                _first_ahead(programs, steps, state, acts, fields, compile_next)
         elif images is None or forward is None:
             raise RuntimeError(f"{name}: batch {b} is neither cached nor read with images")
         else:
@@ -384,12 +396,12 @@ def run_pass(
             is_forward = isinstance(forward, Forward)
             if first and is_forward:  # the forward and every step compile at once
                 acts_like = _forward_ahead(forward, steps, variables, images)
-                _steps_ahead(programs, steps, state, acts_like, fields)
+                _first_ahead(programs, steps, state, acts_like, fields, compile_next)
             acts = steps.ready(forward.program)(variables, images) if is_forward else None
             if not is_forward:  # any callable: its output gives the steps' shapes
                 acts = forward(variables, images)
                 if first:
-                    _steps_ahead(programs, steps, state, acts, fields)
+                    _first_ahead(programs, steps, state, acts, fields, compile_next)
             if cache_mode == "write" and cache.enabled:
                 cache.put(b, acts)
         state = _apply(programs, steps, state, acts, fields)

@@ -404,37 +404,22 @@ class Dissector:
             categories=self.settings.categories,
             check_labels=self.check_labels,
         )
-        self._compile_ahead(statistic, fields, variables)
-        out = self._run("pass1", statistic, fields, variables, cache=self.cache, cache_mode="write")
+        out = self._run(
+            "pass1",
+            statistic,
+            fields,
+            variables,
+            cache=self.cache,
+            cache_mode="write",
+            compile_next=self._compile_pass2_ahead,
+        )
         return {layer: {**parts["q"], **parts["top"]} for layer, parts in out.items()}
 
-    def _compile_ahead(self, statistic: statistics.Statistic, fields: _Fields, variables) -> None:
-        """Start compiling pass 1's programs (`driver.compile_ahead`: the forward and each
-        layer's step at once) and then, unless its outputs are stored, pass 2's (its
-        thresholds ride in its state: placeholders give the same programs), which compile
-        in the background while pass 1 runs."""
-        mesh, size = self.mesh, self.settings.batch_size
-        replicated, sharded = parallel.replicated(mesh), parallel.sharded(mesh)
-        variables = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(
-                x.shape, x.dtype, sharding=replicated, weak_type=x.weak_type
-            ),
-            jax.eval_shape(lambda v: v, variables),
-        )
-        try:
-            image = np.asarray(fields.source.read_image(0), np.uint8)
-        except Exception:  # noqa: BLE001 - the pass reports it where it reads the image
-            return
-        acts = driver.compile_ahead(
-            statistic,
-            driver.batch_like(fields.label_fields(), size, mesh),
-            mesh=mesh,
-            steps=self.steps,
-            forward=self.forward,
-            variables=variables,
-            images=jax.ShapeDtypeStruct((size, *image.shape), image.dtype, sharding=sharded),
-        )
-        if acts is None or self._stored("pass2"):
+    def _compile_pass2_ahead(self, acts: Any) -> None:
+        """Start compiling pass 2's steps (unless its outputs are stored), to run in the
+        background while pass 1 runs: its thresholds ride in its state, so placeholders
+        give the same programs (`driver.compile_ahead`). `acts`: pass 1's activations."""
+        if self._stored("pass2"):
             return
         placeholders = {
             layer: np.zeros((self.tap.shapes[layer][-1],), np.float32) for layer in self.tap.layers
@@ -444,8 +429,8 @@ class Dissector:
         )
         driver.compile_ahead(
             self.pass2_statistic(placeholders),
-            driver.batch_like(labels.label_fields(), size, mesh),
-            mesh=mesh,
+            driver.batch_like(labels.label_fields(), self.settings.batch_size, self.mesh),
+            mesh=self.mesh,
             steps=self.steps,
             acts=acts,
         )
