@@ -14,11 +14,16 @@ what a statistic computes: a new statistic or a third pass adds no code here.
 Compiled steps live in a `Steps` cache owned by the caller: passes and Dissectors
 given the same cache reuse one jitted function per statistic key (and per
 forward), so `jax.jit`'s own executable cache serves them all; a process compiles
-each (model, layers, batch shape) once.
+each (model, layers, batch shape) once. A group's parts (`Statistic.parts`: a pass's
+layers) are separate programs, and a pass's first batch compiles the forward and
+every part at once in the cache's background threads (`compile_ahead`), so the
+compiler keeps every core busy; a caller may start a later pass's compilations early.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import pathlib
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -36,6 +41,7 @@ from jaxdissect.data import loader
 from jaxdissect.preprocess import InputSpec
 
 CACHE_MODES = (None, "write", "read")
+COMPILE_THREADS = 2  # background compilations at once (at most the CPU count)
 _T = TypeVar("_T")
 
 
@@ -45,10 +51,24 @@ class Steps:
     A key must name everything the built step closes over; `jax.jit` then keeps one
     executable per argument signature of that one function object. Key None: built
     anew each time (nothing shared).
+
+    `compile_ahead` compiles a jitted function for given argument shapes in one of
+    `compile_threads` background threads (XLA's compiler releases the GIL, so several
+    programs compile at once, and while a pass runs); `ready` waits for them before the
+    first call, which then finds the executable in JAX's own caches. 0 threads: every
+    program compiles at its first call.
     """
 
-    def __init__(self):
+    def __init__(self, compile_threads: int | None = None):
+        if compile_threads is None:
+            compile_threads = min(COMPILE_THREADS, os.cpu_count() or 1)
+        if compile_threads < 0:
+            raise ValueError(f"compile_threads={compile_threads}: must be >= 0")
         self._built: dict[Hashable, Any] = {}
+        self._threads = compile_threads
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._ahead: dict[Hashable, concurrent.futures.Future] = {}
+        self._pending: dict[Any, list[concurrent.futures.Future]] = {}
 
     def get(self, key: Hashable | None, build: Callable[[], _T]) -> _T:
         if key is None:
@@ -56,6 +76,55 @@ class Steps:
         if key not in self._built:
             self._built[key] = build()
         return self._built[key]
+
+    def compile_ahead(
+        self, fn: Any, *args: Any, lowered: Any = None
+    ) -> concurrent.futures.Future | None:
+        """Start compiling jitted `fn` for arguments like `args` (arrays, or
+        `jax.ShapeDtypeStruct`s with their shardings) in the background; `lowered`: its
+        `fn.lower(*args)` where the caller has it. Asking again for the same function
+        and signature returns the first request's future; None without threads."""
+        if not self._threads:
+            return None
+        like = jax.tree.map(_like, args)
+        key = (fn, jax.tree.structure(like), tuple(jax.tree.leaves(like)))
+        if key not in self._ahead:
+
+            def work():
+                return (fn.lower(*like) if lowered is None else lowered).compile()
+
+            self._ahead[key] = self._executor().submit(work)
+            self._pending.setdefault(fn, []).append(self._ahead[key])
+        return self._ahead[key]
+
+    def finalize(self, statistic: statistics.Statistic, state: Any) -> Any:
+        """`statistic.finalize(state)`, a group's parts in the background threads at once
+        (a part's finalize may compile: the sketch's threshold search, per layer)."""
+        if not statistic.parts or self._threads < 2:
+            return statistic.finalize(state)
+        pool = self._executor()
+        futures = {n: pool.submit(s.finalize, state[n]) for n, s in statistic.parts.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self._threads, thread_name_prefix="jaxdissect-compile"
+            )
+        return self._pool
+
+    def ready(self, fn: _T) -> _T:
+        """`fn` once the compilations asked of it have finished (their errors raised here)."""
+        for future in self._pending.pop(fn, ()):
+            future.result()
+        return fn
+
+
+def _like(x: Any) -> jax.ShapeDtypeStruct:
+    """An array's shape, dtype and sharding (as a jitted call keys its executables)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
 
 
 def partial_shard_map(f: Callable, **kwargs) -> Callable:
@@ -99,11 +168,19 @@ class Forward:
             acts = fn(variables, input_spec(images))
             return {k: v.astype(self.dtype) for k, v in acts.items()}
 
+        # Outputs keep the `data` sharding (on one device XLA would otherwise hand some back
+        # replicated, and a step fed them would compile again for those shardings).
         self._step = jax.jit(
             partial_shard_map(
                 local, mesh=mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P(parallel.AXIS)
-            )
+            ),
+            out_shardings=parallel.sharded(mesh),
         )
+
+    @property
+    def program(self) -> Any:
+        """The jitted, sharded forward: `program(variables, images)`."""
+        return self._step
 
     def __call__(self, variables: Any, images: jax.Array) -> dict[str, jax.Array]:
         return self._step(variables, images)
@@ -117,10 +194,106 @@ def update_step(statistic: statistics.Statistic, mesh: jax.sharding.Mesh) -> Cal
         return _expand(statistic.update(_squeeze(state), fields))
 
     data = P(parallel.AXIS)
+    # The new state keeps the old one's sharding (see `Forward`): one executable per step.
     return jax.jit(
         partial_shard_map(local, mesh=mesh, in_specs=(data, data, data), out_specs=data),
+        out_shardings=parallel.sharded(mesh),
         donate_argnums=(0,),
     )
+
+
+def _programs(
+    statistic: statistics.Statistic, mesh: jax.sharding.Mesh, steps: Steps
+) -> dict[str | None, Callable]:
+    """A pass's jitted update steps: one per part of a group (`Statistic.parts`), each its
+    own program (compiled apart, at once, and shared by any pass with that part), else one
+    (name None)."""
+    parts = statistic.parts or {None: statistic}
+    return {
+        name: steps.get(
+            None if s.key is None else ("update", s.key, mesh), lambda s=s: update_step(s, mesh)
+        )
+        for name, s in parts.items()
+    }
+
+
+def _apply(programs: Mapping[str | None, Callable], steps: Steps, state, acts, batch):
+    if None in programs:
+        return steps.ready(programs[None])(state, acts, batch)
+    return {name: steps.ready(p)(state[name], acts, batch) for name, p in programs.items()}
+
+
+def state_like(statistic: statistics.Statistic, mesh: jax.sharding.Mesh) -> Any:
+    """Shapes of a pass's initial state as `run_pass` holds it (every shard's, stacked and
+    sharded on `data`), without computing it."""
+    shards = int(mesh.devices.size)
+    sharding = parallel.sharded(mesh)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((shards, *x.shape), x.dtype, sharding=sharding),
+        jax.eval_shape(lambda: statistic.init(0)),
+    )
+
+
+def batch_like(example: Mapping[str, Any], batch_size: int, mesh: jax.sharding.Mesh) -> dict:
+    """Shapes of the global batch the steps see (`image` left out) when a source's examples
+    look like `example` (the fields `loader.batches` adds included)."""
+    example = {
+        **{k: np.asarray(v) for k, v in example.items() if k != "image"},
+        "index": np.zeros((), np.int32),
+        "valid": np.zeros((), bool),
+    }
+    sharding = parallel.sharded(mesh)
+    return {
+        k: jax.ShapeDtypeStruct((batch_size, *v.shape), v.dtype, sharding=sharding)
+        for k, v in example.items()
+    }
+
+
+def compile_ahead(
+    statistic: statistics.Statistic,
+    batch: Mapping[str, Any],
+    *,
+    mesh: jax.sharding.Mesh,
+    steps: Steps,
+    state: Any = None,
+    acts: Any = None,
+    forward: Forward | Callable | None = None,
+    variables: Any = None,
+    images: Any = None,
+) -> Any:
+    """Start compiling a pass's programs in `steps`' background threads: the forward for
+    `images` (where it is a `Forward`) and the statistic's update steps for `state`
+    (default: its initial state's shapes), `batch` (the fields without the images) and
+    the activations `acts`, else the forward's output. Arguments are arrays or
+    `jax.ShapeDtypeStruct`s with shardings, replicated `variables` included. Returns the
+    activations' shapes (None, and no step compiled, where neither gives them)."""
+    if acts is None and isinstance(forward, Forward) and images is not None:
+        acts = _forward_ahead(forward, steps, variables, images)
+    if acts is None:
+        return None
+    state = state_like(statistic, mesh) if state is None else state
+    return _steps_ahead(_programs(statistic, mesh, steps), steps, state, acts, batch)
+
+
+def _forward_ahead(forward: Forward, steps: Steps, variables, images) -> Any:
+    """Lower the forward here, compile it in the background; its output's shapes."""
+    like = jax.tree.map(_like, (variables, images))
+    lowered = forward.program.lower(*like)
+    steps.compile_ahead(forward.program, *like, lowered=lowered)
+    return lowered.out_info
+
+
+def _first_ahead(programs, steps: Steps, state, acts, batch, compile_next) -> None:
+    acts = _steps_ahead(programs, steps, state, acts, batch)
+    if compile_next is not None:
+        compile_next(acts)
+
+
+def _steps_ahead(programs, steps: Steps, state, acts, batch) -> Any:
+    acts = jax.tree.map(_like, acts)
+    for name, program in programs.items():
+        steps.compile_ahead(program, state if name is None else state[name], acts, batch)
+    return acts
 
 
 def run_pass(
@@ -141,6 +314,7 @@ def run_pass(
     num_threads: int | None = None,
     num_workers: int = 0,
     steps: Steps | None = None,
+    compile_next: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
     """Fold every batch of `source` into `statistic`; return its finalized, merged result.
 
@@ -157,6 +331,8 @@ def run_pass(
         `checkpoint_every` batches and resumed from (None: no checkpoints). Its name
         must be a key of everything the state depends on.
       steps: compiled steps to reuse and add to (None: compiled for this pass alone).
+      compile_next: called with the activations' shapes once this pass's programs are
+        compiling (at its first batch), to start a later pass's (`compile_ahead`).
     """
     if cache_mode not in CACHE_MODES:
         raise ValueError(f"cache_mode={cache_mode!r}; allowed values: write, read, None")
@@ -177,10 +353,7 @@ def run_pass(
     if forward is not None:
         variables = parallel.replicate(variables, mesh)
     steps = Steps() if steps is None else steps
-    step = steps.get(
-        None if statistic.key is None else ("update", statistic.key, mesh),
-        lambda: update_step(statistic, mesh),
-    )
+    programs = _programs(statistic, mesh, steps)
     # The merge is a static argument of a jitted reduction: one function object per key.
     merge = steps.get(
         None if statistic.key is None else ("merge", statistic.key), lambda: statistic.merge
@@ -206,6 +379,7 @@ def run_pass(
     for b, batch in enumerate(batches, start=start):
         batch = dict(batch)
         images = batch.pop("image", None)
+        fields = parallel.put_batch(batch, mesh)
         if first:  # compiling the forward and the step takes a while: say so first
             logging.info("%s: compiling the steps (first batch) ...", name)
             t0 = time.time()
@@ -213,13 +387,24 @@ def run_pass(
             acts = cache.get(b)
             if cache.kind != "device":
                 acts = parallel.put_batch(acts, mesh)
+            if first:
+                _first_ahead(programs, steps, state, acts, fields, compile_next)
         elif images is None or forward is None:
             raise RuntimeError(f"{name}: batch {b} is neither cached nor read with images")
         else:
-            acts = forward(variables, parallel.put_batch({"image": images}, mesh)["image"])
+            images = parallel.put_batch({"image": images}, mesh)["image"]
+            is_forward = isinstance(forward, Forward)
+            if first and is_forward:  # the forward and every step compile at once
+                acts_like = _forward_ahead(forward, steps, variables, images)
+                _first_ahead(programs, steps, state, acts_like, fields, compile_next)
+            acts = steps.ready(forward.program)(variables, images) if is_forward else None
+            if not is_forward:  # any callable: its output gives the steps' shapes
+                acts = forward(variables, images)
+                if first:
+                    _first_ahead(programs, steps, state, acts, fields, compile_next)
             if cache_mode == "write" and cache.enabled:
                 cache.put(b, acts)
-        state = step(state, acts, parallel.put_batch(batch, mesh))
+        state = _apply(programs, steps, state, acts, fields)
         if first:
             logging.info("%s: steps traced and compiled in %.1f s", name, time.time() - t0)
             first = False
@@ -234,7 +419,7 @@ def run_pass(
         ckpt.maybe_save(num_batches, state, force=True)
         ckpt.close()
     merged = statistics.merge_devices(merge, parallel.gather_to_host(state))
-    return statistic.finalize(jax.device_get(merged))
+    return steps.finalize(statistic, jax.device_get(merged))
 
 
 def stage_outputs(
@@ -290,4 +475,14 @@ class _Bar:
             self.bar.close()
 
 
-__all__ = ["CACHE_MODES", "Forward", "Steps", "partial_shard_map", "run_pass", "stage_outputs"]
+__all__ = [
+    "CACHE_MODES",
+    "Forward",
+    "Steps",
+    "batch_like",
+    "compile_ahead",
+    "partial_shard_map",
+    "run_pass",
+    "stage_outputs",
+    "state_like",
+]

@@ -231,6 +231,15 @@ class _Fields:
     def __len__(self):
         return len(self.source)
 
+    def label_fields(self) -> dict[str, np.ndarray]:
+        """Zero arrays shaped as an example's label fields (where read), without reading."""
+        if not self.labels:
+            return {}
+        return {
+            "pixel_labels": np.zeros((self.planes, *self.seg_size), np.int32),
+            "image_labels": np.zeros((self.image_labels,), np.int32),
+        }
+
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         out = {"index": np.asarray(i, np.int32)}
         if self.images:
@@ -399,21 +408,53 @@ class Dissector:
     def run_pass1(self, variables) -> dict[str, dict[str, np.ndarray]]:
         """Thresholds, top images and their maps per layer (also fills the activation cache)."""
         self._setup_cache()
+        statistic = self.pass1_statistic()
+        fields = _Fields(
+            self.source,
+            images=True,
+            labels=False,
+            categories=self.settings.categories,
+            check_labels=self.check_labels,
+        )
         out = self._run(
             "pass1",
-            self.pass1_statistic(),
-            _Fields(
-                self.source,
-                images=True,
-                labels=False,
-                categories=self.settings.categories,
-                check_labels=self.check_labels,
-            ),
+            statistic,
+            fields,
             variables,
             cache=self.cache,
             cache_mode="write",
+            compile_next=self._compile_pass2_ahead,
         )
         return {layer: {**parts["q"], **parts["top"]} for layer, parts in out.items()}
+
+    def _compile_pass2_ahead(self, acts: Any) -> None:
+        """Start compiling pass 2's steps (unless its outputs are stored), to run in the
+        background while pass 1 runs: its thresholds ride in its state, so placeholders
+        give the same programs (`driver.compile_ahead`). `acts`: pass 1's activations."""
+        if self._stored("pass2"):
+            return
+        placeholders = {
+            layer: np.zeros((self.tap.shapes[layer][-1],), np.float32) for layer in self.tap.layers
+        }
+        labels = _Fields(
+            self.source, images=False, labels=True, categories=self.settings.categories
+        )
+        driver.compile_ahead(
+            self.pass2_statistic(placeholders),
+            driver.batch_like(labels.label_fields(), self.settings.batch_size, self.mesh),
+            mesh=self.mesh,
+            steps=self.steps,
+            acts=acts,
+        )
+
+    def _stored(self, stage: str) -> bool:
+        """Whether every layer's outputs of `stage` are stored (`_stage` will load them)."""
+        if self.work_dir is None:
+            return False
+        root = self.work_dir / "stages"
+        return all(
+            store.Stage(root, stage, self.stage_key(stage, layer)).done for layer in self.tap.layers
+        )
 
     def _setup_cache(self):
         per_example = sum(int(np.prod(s)) for s in self.tap.shapes.values()) * self.dtype.itemsize

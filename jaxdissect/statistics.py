@@ -48,6 +48,9 @@ class Statistic(NamedTuple):
 
     key: hashable, equal only for statistics whose `update` and `merge` are the same
       functions of their arguments; None (a statistic built ad hoc): never shared.
+    parts: a `group`'s members by name (its state and update are the dict of theirs),
+      so that a driver may compile and run each part's update as its own program;
+      None for any other statistic.
     """
 
     init: Callable[[int], State]
@@ -55,6 +58,7 @@ class Statistic(NamedTuple):
     merge: Callable[[State, State], State]
     finalize: Callable[[State], dict[str, np.ndarray]]
     key: Hashable | None = None
+    parts: Mapping[str, Statistic] | None = None
 
 
 def _size_key(size: tuple[int, int] | None) -> tuple[int, ...] | None:
@@ -122,7 +126,7 @@ def group(statistics: Mapping[str, Statistic]) -> Statistic:
 
     keys = tuple((name, s.key) for name, s in stats.items())
     key = None if any(k is None for _, k in keys) else ("group", keys)
-    return Statistic(init, update, merge, finalize, key)
+    return Statistic(init, update, merge, finalize, key, stats)
 
 
 # ----------------------------------------------------------------------------- pass 1

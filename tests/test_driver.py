@@ -234,3 +234,95 @@ def test_pipeline_dissections_of_one_architecture_compile_once(tmp_path):
 
     assert dissect(0, "a") > 0
     assert dissect(1, "b") == 0
+
+
+def _compile_events(run) -> list[str]:
+    """The names of the XLA executables `run()` compiles (persistent-cache reads too)."""
+    from jax._src import dispatch
+
+    names = []
+
+    def compiled(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(compiled)
+    try:
+        run()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(compiled)
+    return names
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_steps_compiled_ahead_are_not_compiled_again_and_change_no_number(tmp_path, devices):
+    # Background compilation (pass 1's forward and per-layer steps at once, pass 2's during
+    # pass 1) against none at all: the same numbers, and the calls compile nothing more.
+    probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=13))
+    model = _Net()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    tap = capture.make_tap(model, variables, ("conv1", "conv2"), input_shape=(32, 32, 3))
+    settings = engine.Settings(quantile=0.05, batch_size=8)
+
+    def dissect(threads, scale):
+        steps = driver.Steps(compile_threads=threads)
+        d = engine.Dissector(
+            tap,
+            probe,
+            settings,
+            input_spec=SPEC,
+            model_key="net",
+            mesh=parallel.data_mesh(devices),
+            progress=False,
+            num_threads=0,
+            steps=steps,
+        )
+        scaled = jax.tree.map(lambda v: v * scale, tap.variables)
+        out = {}
+        names = _compile_events(lambda: out.update(d.run(scaled)))
+        return out, names, steps
+
+    # A scale never used elsewhere in the session: nothing is in JAX's in-memory caches.
+    ahead, ahead_names, steps = dissect(2, 3.25)
+    assert steps._ahead and all(f.done() for f in steps._ahead.values())
+    assert not steps._pending  # every program compiled ahead was waited for before its call
+    alone, alone_names, _ = dissect(0, 3.25)
+    # The forward and a step per layer and pass compiled once either way: none compiled
+    # again at its call (the fills and threshold searches JAX keeps itself, across both).
+    programs = 1 + 2 * len(tap.layers)
+    assert ahead_names.count("jit(local)") == alone_names.count("jit(local)") == programs
+    for layer in tap.layers:
+        np.testing.assert_array_equal(ahead[layer].thresholds, alone[layer].thresholds)
+        np.testing.assert_array_equal(ahead[layer].top_maps, alone[layer].top_maps)
+        np.testing.assert_array_equal(ahead[layer].top_indices, alone[layer].top_indices)
+        for k, v in alone[layer].counts.items():
+            np.testing.assert_array_equal(ahead[layer].counts[k], v)
+
+
+def test_a_group_runs_as_one_program_per_part_with_the_numbers_of_one_program(tmp_path):
+    values = np.random.default_rng(1).random((19, 2, 2, 3)).astype(np.float32)
+    parts = {"low": _count_above("l", 3, 0.25), "high": _count_above("l", 3, 0.75)}
+    grouped = statistics.group(parts)
+    assert grouped.parts == parts
+    whole = statistics.Statistic(grouped.init, grouped.update, grouped.merge, grouped.finalize)
+    steps = driver.Steps()
+
+    def run(statistic):
+        return driver.run_pass(
+            "toy",
+            statistic,
+            _Values(values),
+            mesh=parallel.data_mesh(2),
+            batch_size=4,
+            forward=jax.jit(lambda v, x: {"l": x}),
+            num_threads=0,
+            steps=steps,
+        )
+
+    split = run(grouped)
+    one = run(whole)
+    for name in parts:
+        for k in ("above", "images"):
+            np.testing.assert_array_equal(split[name][k], one[name][k])
+    np.testing.assert_array_equal(split["high"]["above"], (values > 0.75).sum((0, 1, 2)))
+    assert split["low"]["images"] == 19
