@@ -31,3 +31,28 @@ def pytest_unconfigure(config) -> None:
     """The session's first process removes the session's compilation cache."""
     if not hasattr(config, "workerinput"):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def _group(item) -> str | None:
+    mark = item.get_closest_marker("xdist_group")
+    return (mark.args[0] if mark.args else mark.kwargs.get("name")) if mark else None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The longest work first, so that no long test starts last on `-n 2`: the tests of an
+    `xdist_group` (one worker runs a group, its module fixtures built once; the largest
+    groups first, as xdist's `--loadscope-reorder` orders them anyway), then the tests marked
+    `slow`, then the rest, each in collection order."""
+    sizes: dict[str, int] = {}
+    for item in items:
+        if (name := _group(item)) is not None:
+            sizes[name] = sizes.get(name, 0) + 1
+    first = {name: i for i, name in enumerate(dict.fromkeys(filter(None, map(_group, items))))}
+
+    def rank(item) -> tuple:
+        name = _group(item)
+        if name is not None:
+            return (0, -sizes[name], first[name])
+        return (1 if item.get_closest_marker("slow") else 2,)
+
+    items[:] = sorted(items, key=rank)  # stable: collection order within a rank
