@@ -72,7 +72,8 @@ def _suffix_group(item) -> None:
     """`--dist loadgroup` schedules by a `@group` suffix of the node id. pytest-xdist 3.8
     writes it to `item._nodeid`, which pytest 9 no longer reads (`item.nodeid` comes from
     `item._id`): without this every test was its own unit, groups were split over the
-    workers and their module fixtures built on each."""
+    workers and their module fixtures built on each (pytest-xdist issue 1386; PR 1388 sets
+    the structured id as here). One group a test, as every `xdist_group` here is."""
     name = _group(item)
     if NodeId is None or name is None or item.nodeid.endswith(f"@{name}"):
         return
