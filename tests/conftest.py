@@ -14,6 +14,12 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxdissect-tests-xla-")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+
+try:  # pytest >= 9: items' node ids are structured
+    from _pytest.nodeid import NodeId
+except ImportError:  # older pytest: xdist's own suffix works
+    NodeId = None
 
 from jaxdissect import cli  # noqa: E402
 
@@ -31,3 +37,44 @@ def pytest_unconfigure(config) -> None:
     """The session's first process removes the session's compilation cache."""
     if not hasattr(config, "workerinput"):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def _group(item) -> str | None:
+    mark = item.get_closest_marker("xdist_group")
+    return (mark.args[0] if mark.args else mark.kwargs.get("name")) if mark else None
+
+
+@pytest.hookimpl(trylast=True)  # after xdist's own suffixing, which this completes
+def pytest_collection_modifyitems(config, items) -> None:
+    """The longest work first, so that no long test starts last on `-n 2`: the tests of an
+    `xdist_group` (one worker runs a group, its module fixtures built once; the largest
+    groups first, as xdist's `--loadscope-reorder` orders them anyway), then the tests marked
+    `slow`, then the rest, each in collection order."""
+    sizes: dict[str, int] = {}
+    for item in items:
+        if (name := _group(item)) is not None:
+            sizes[name] = sizes.get(name, 0) + 1
+    first = {name: i for i, name in enumerate(dict.fromkeys(filter(None, map(_group, items))))}
+
+    def rank(item) -> tuple:
+        name = _group(item)
+        if name is not None:
+            return (0, -sizes[name], first[name])
+        return (1 if item.get_closest_marker("slow") else 2,)
+
+    items[:] = sorted(items, key=rank)  # stable: collection order within a rank
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        for item in items:
+            _suffix_group(item)
+
+
+def _suffix_group(item) -> None:
+    """`--dist loadgroup` schedules by a `@group` suffix of the node id. pytest-xdist 3.8
+    writes it to `item._nodeid`, which pytest 9 no longer reads (`item.nodeid` comes from
+    `item._id`): without this every test was its own unit, groups were split over the
+    workers and their module fixtures built on each (pytest-xdist issue 1386; PR 1388 sets
+    the structured id as here). One group a test, as every `xdist_group` here is."""
+    name = _group(item)
+    if NodeId is None or name is None or item.nodeid.endswith(f"@{name}"):
+        return
+    item._id = NodeId.parse(f"{item.nodeid}@{name}")

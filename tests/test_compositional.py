@@ -31,6 +31,7 @@ def broden(tmp_path_factory):
     return tiny_broden(tmp_path_factory.mktemp("broden") / "broden1_48")
 
 
+@pytest.mark.slow
 def test_compositional_script_writes_formulas_plot_and_page(tmp_path, broden):
     doc = run_script(
         "compositional", f"--data={broden}", *ARGS, "--mode=optimal", f"--output_dir={tmp_path}"

@@ -49,6 +49,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_editing_one_image_recomputes_both_passes(tmp_path, caplog):
     root = synthetic.generate_tiny(tmp_path / "broden", num_images=16)
     out, steps = tmp_path / "run", driver.Steps()

@@ -160,6 +160,7 @@ def _backend_compiles(run) -> int:
     return len(count)
 
 
+@pytest.mark.slow
 def test_dissectors_sharing_steps_compile_once(tmp_path):
     probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=13))
     model = _Net()

@@ -19,8 +19,9 @@ from absl import app
 from jaxdissect import cli, store, training
 from tests.experiment_testing import ROOT, TINY_SIZE, parse, run_script, script, tiny_broden
 
-# On pytest-xdist (--dist loadgroup), the module's tests share one worker and so its runs.
-pytestmark = pytest.mark.xdist_group("experiments")
+# On pytest-xdist (--dist loadgroup), the tests of the tiny trained run share one worker and
+# so its runs; the others (flagfiles, the embedded Lite0, bad flags) run wherever is free.
+TRAINED = pytest.mark.xdist_group("experiments")
 TINY_STEPS = 300
 SAVE_STEPS = (0, 150, 300)
 TRAIN_ARGS = (
@@ -90,6 +91,7 @@ def rotation_run(tmp_path_factory, data_args, trained_run) -> pathlib.Path:
     return out
 
 
+@TRAINED
 def test_train_script_writes_a_resumable_dissectable_run(trained_run, data_args):
     out = trained_run
     for name in ("settings.json", "metrics.csv", "summary.json", "training.png"):
@@ -110,6 +112,7 @@ def test_train_script_writes_a_resumable_dissectable_run(trained_run, data_args)
     assert {name: (out / name).read_text() for name in before} == before
 
 
+@TRAINED
 def test_training_dynamics_script(dynamics_run):
     out = dynamics_run
     rows = store.read_rows_csv(out / "dynamics.csv")
@@ -122,6 +125,7 @@ def test_training_dynamics_script(dynamics_run):
     assert json.loads((out / "dynamics.json").read_text())["elapsed_s"] > 0
 
 
+@TRAINED
 def test_rotation_script(rotation_run):
     out = rotation_run
     doc = json.loads((out / "rotation.json").read_text())
@@ -134,6 +138,7 @@ def test_rotation_script(rotation_run):
     assert (out / "rotation.png").is_file() and (out / "rotation.csv").is_file()
 
 
+@TRAINED
 def test_ablation_script_joins_units_with_labels_and_hurts_the_class_most(
     tmp_path, trained_run, data_args
 ):
@@ -181,6 +186,7 @@ def test_ablation_script_joins_units_with_labels_and_hurts_the_class_most(
     assert finding["n"][-1] == 128 and last <= {0.0, 1.0}
 
 
+@TRAINED
 def test_significance_script_tests_every_unit(tmp_path, trained_run, data_args):
     """The permutation test end to end at tiny size: one p per unit on the p grid of its
     draws, BH calls and the 0.04 rule side by side, the cost in forward passes."""
@@ -208,6 +214,7 @@ def test_significance_script_tests_every_unit(tmp_path, trained_run, data_args):
     assert doc["cost"]["forward_pass_equivalents"] > 0
 
 
+@TRAINED
 @pytest.mark.parametrize("baseline", ["random_init", "rotated"])
 def test_significance_script_tests_the_papers_baselines(tmp_path, trained_run, data_args, baseline):
     """--baseline dissects and tests a reference: the rotated layer (its own results name)
@@ -234,6 +241,7 @@ def test_significance_script_tests_the_papers_baselines(tmp_path, trained_run, d
         assert settings["model_key"] != training.load_trained(weights).key
 
 
+@TRAINED
 def test_compare_script(tmp_path, trained_run, dynamics_run, data_args):
     weights = trained_run / "weights" / f"step_{TINY_STEPS:06d}"
     rows = run_script(
@@ -308,6 +316,7 @@ def test_script_main_says_what_is_wrong_in_one_line():
         cli.script_main(lambda: None)(["prog", "extra"])
 
 
+@TRAINED
 def test_finding_a_training_grows_unique_detectors(dynamics_run):
     doc = json.loads((dynamics_run / "dynamics.json").read_text())
     rows = {(r["step"], r["layer"]): r for r in doc["rows"]}
@@ -318,6 +327,7 @@ def test_finding_a_training_grows_unique_detectors(dynamics_run):
         assert trained["interpretable_units"] > random_init["interpretable_units"], layer
 
 
+@TRAINED
 def test_finding_b_folded_rotation_keeps_the_networks_power(rotation_run):
     """The rotation's effect on unique detectors is in rotation.json (the paper's ~80% drop is
     not reproduced on the synthetic Broden: see the README); its effect on the network is not
@@ -333,8 +343,9 @@ def test_finding_b_folded_rotation_keeps_the_networks_power(rotation_run):
     assert full["accuracy_inserted"] < none["accuracy_inserted"]
 
 
+@pytest.mark.slow
 def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
-    """ablation_demo.flags at tiny size (32 probe images at 48 px): the pretrained Lite0's
+    """ablation_demo.flags at tiny size (16 probe images at 48 px): the pretrained Lite0's
     classes are its most frequent top-1 predictions, and with no unit removed every image
     agrees with the intact network."""
     from jaxdissect import evaluate
@@ -346,7 +357,7 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
         "ablation",
         f"--flagfile={flagfile}",
         *data_args,
-        "--max_images=32",
+        "--max_images=16",
         "--top_classes=3",
         "--top_n=1,8,112",
         "--masks_per_call=64",
@@ -360,7 +371,7 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
     # The intact network's predictions on the same images, by the plain evaluator.
     loaded = model_load.load("efficientnet_lite0", weights="pretrained")
     data = data_args[0].split("=", 1)[1]
-    probe, _ = open_probe(data, split="all", max_images=32, resolution=TINY_SIZE)
+    probe, _ = open_probe(data, split="all", max_images=16, resolution=TINY_SIZE)
     images = np.stack([np.asarray(probe.read_image(i), np.float32) for i in range(len(probe))])
     net = evaluate.Evaluator(lambda v, x: loaded.module.apply(v, loaded.input_spec(x)))
     logits = net(
@@ -380,20 +391,21 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
     assert [u["name"] for u in doc["units"]] == [u["name"] for u in record["units"]]
 
 
+@pytest.mark.slow
 def test_significance_demo_flagfile_tests_the_embedded_default(tmp_path, data_args):
-    """significance_demo.flags at tiny size (32 probe images at 48 px, 19 draws): every
+    """significance_demo.flags at tiny size (16 probe images at 48 px, 19 draws): every
     unit of the pretrained Lite0's stage6 gets a p-value on the grid of 20 draws."""
     flagfile = ROOT / "experiments" / "configs" / "significance_demo.flags"
     doc = run_script(
         "significance",
         f"--flagfile={flagfile}",
         *data_args,
-        "--max_images=32",
+        "--max_images=16",
         "--significance_draws=19",
         *PROBE_ARGS,
         f"--output_dir={tmp_path}",
     )
-    assert doc["settings"]["model"] == "efficientnet_lite0" and doc["settings"]["images"] == 32
+    assert doc["settings"]["model"] == "efficientnet_lite0" and doc["settings"]["images"] == 16
     assert doc["settings"]["layer"] == "stage6" and doc["summary"]["units"] == 112
     p = np.array([u["p"] for u in doc["units"]])
     assert len(p) == 112 and np.allclose(p * 20, np.round(p * 20)) and (p >= 1 / 20).all()

@@ -8,6 +8,7 @@ import importlib.resources
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from jaxdissect.models import zoo
@@ -137,6 +138,7 @@ def test_aliases_and_default_layers_name_real_modules():
     assert lite.layer_aliases["head"] == "_head_act"
 
 
+@pytest.mark.slow
 def test_efficientnet_preclip_aliases_are_the_unclipped_outputs():
     from jaxdissect import capture, training
 

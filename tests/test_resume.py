@@ -73,6 +73,7 @@ def _kill_during(command, out, stage):
     return max(seen)
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_identically(tiny_data, tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(_command(tiny_data, ref), env=_env(), check=True, capture_output=True)
