@@ -7,8 +7,10 @@ top images would be arbitrary and dimmed all over. Strips dim with the run's tie
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import io
+import os
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -98,26 +100,27 @@ def write_dissection_report(
         w = max(1, round(image.width * strip_height / image.height))
         return np.asarray(image.resize((w, strip_height), Image.BILINEAR))
 
+    def write_strip(r: results.LayerResult, k: int, path: pathlib.Path) -> None:
+        idx = top_indices[r.path][:, k]
+        filled = idx >= 0
+        images = np.stack([thumb(int(i)) if i >= 0 else thumb(int(idx[0])) for i in idx])
+        unit_maps = report_strips.upsample_maps(maps[r.path][:, :, :, k], images.shape[1:3])
+        strip = report_strips.unit_strip(
+            images, unit_maps, float(thresholds[r.path][k]), valid=filled, tie_rule=tie_rule
+        )
+        save_jpeg(path, strip)
+
     pages = []
     stems = results.layer_file_stems([r.layer for r in layer_results])
     for r, stem in zip(layer_results, stems, strict=True):
-        idx_all = top_indices[r.path]
         strip_dir = out / "strips" / stem
-        strip_paths = {}
-        silent = r.cannot_fire
-        for k in range(r.num_units):
-            idx = idx_all[:, k]
-            filled = idx >= 0
-            if not filled.any() or silent[k]:
-                continue
-            images = np.stack([thumb(int(i)) if i >= 0 else thumb(int(idx[0])) for i in idx])
-            unit_maps = report_strips.upsample_maps(maps[r.path][:, :, :, k], images.shape[1:3])
-            strip = report_strips.unit_strip(
-                images, unit_maps, float(thresholds[r.path][k]), valid=filled, tie_rule=tie_rule
-            )
-            path = strip_dir / f"unit{k:04d}.jpg"
-            save_jpeg(path, strip)
-            strip_paths[k] = str(path.relative_to(out))
+        shown = (top_indices[r.path] >= 0).any(0) & ~np.asarray(r.cannot_fire, bool)
+        files = {int(k): strip_dir / f"unit{k:04d}.jpg" for k in np.flatnonzero(shown)}
+        # In threads: resizing, masking and JPEG encoding release the GIL.
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for done in [pool.submit(write_strip, r, k, p) for k, p in files.items()]:
+                done.result()
+        strip_paths = {k: str(p.relative_to(out)) for k, p in files.items()}
         summary = results.layer_summary(r)
         pages.append(
             report_html.LayerPage(
