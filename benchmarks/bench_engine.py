@@ -61,7 +61,9 @@ flags.DEFINE_enum(
     ["auto", "device", "host", "disk", "none"],
     "Activation cache (auto: as dissect.py; none: pass 2 runs the network again).",
 )
-flags.DEFINE_enum("quantile_mode", "sketch", ["sketch", "exact"], "Threshold statistic.")
+flags.DEFINE_enum(
+    "quantile_mode", "auto", ["auto", "sketch", "exact", "histogram"], "Threshold statistic."
+)
 flags.DEFINE_integer("loader_workers", 0, "Decoding processes (0: threads), as dissect.py.")
 flags.DEFINE_enum(
     "tally_method", "auto", ["auto", "segment", "compact", "matmul"], "IoU tally counting method."
