@@ -124,7 +124,7 @@ def default_candidates(first: FirstCounts) -> np.ndarray:
     under a union restriction, with a category."""
     out = np.asarray(first.label_pixels) > 0
     out[0] = False
-    return out & (first.category_bits() > 0)
+    return out & (first.category_bits > 0)
 
 
 def first_ious(first: FirstCounts) -> np.ndarray:
@@ -135,7 +135,7 @@ def first_ious(first: FirstCounts) -> np.ndarray:
 
 def _single_totals(first: FirstCounts) -> np.ndarray:
     """int64 [K, L]: m of each concept alone (|M| without a restriction)."""
-    return first.union_table()[:, first.category_bits()]
+    return first.union_table[:, first.category_bits]
 
 
 def _select(
@@ -206,7 +206,7 @@ def _extension_totals(
     first: FirstCounts, per_unit: Sequence[Sequence[Formula]], slots: int
 ) -> np.ndarray:
     """int64 [K, S, 1, L]: m of P op c for each unit's prefixes P (empty slots: 0)."""
-    table, bits = first.union_table(), first.category_bits()
+    table, bits = first.union_table, first.category_bits
     out = np.zeros((len(per_unit), slots, 1, len(bits)), np.int64)
     for u, row in enumerate(per_unit):
         for s, p in enumerate(row):
@@ -350,7 +350,7 @@ def optimal_search(
     if max_length == 1:
         return best
     k, nl = first.intersection.shape
-    table, bits = first.union_table().astype(np.float64), first.category_bits()
+    table, bits = first.union_table.astype(np.float64), first.category_bits
     # Units whose best score is 0 have no concept meeting their mask: every formula scores 0.
     live = np.array([b.score > 0 for b in best])
     bounds = first_bounds(first, candidates, ops, penalty, max_length)

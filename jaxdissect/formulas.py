@@ -33,6 +33,7 @@ B_c = |P and L_c| and the length-1 tally's I_c = |M and L_c|, N_c = |L_c|,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -146,6 +147,7 @@ class FirstCounts:
         if (self.category is None) != (self.pattern_pixels is None):
             raise ValueError("category and pattern_pixels: give both or neither")
 
+    @functools.cached_property
     def union_table(self) -> np.ndarray:
         """int64 [K, 2**C]: m_u(S), |M_u| over the images passing some category of the bit
         set S (S = 0: 0). Without a restriction, [K, 2]: 0, |M_u|."""
@@ -156,6 +158,7 @@ class FirstCounts:
         p = np.arange(patterns.shape[1])
         return patterns @ ((p[:, None] & p[None, :]) != 0).astype(np.int64)
 
+    @functools.cached_property
     def category_bits(self) -> np.ndarray:
         """int64 [L]: each label's category as a bit set (1 << category; 0 for none).
         Without a restriction every label is bit 1 (the one column of `union_table`)."""
@@ -166,7 +169,7 @@ class FirstCounts:
 
     def formula_bits(self, concepts: Sequence[int]) -> int:
         """The bit set of a formula's concepts' categories."""
-        bits = self.category_bits()
+        bits = self.category_bits
         out = 0
         for c in concepts:
             out |= int(bits[c])

@@ -64,6 +64,21 @@ def _run(source, tmp_path, devices=2):
     )
 
 
+def _dissector(tap, probe, settings, mesh, **kwargs) -> engine.Dissector:
+    """A quiet Dissector of the test model ("net") on `mesh`."""
+    return engine.Dissector(
+        tap,
+        probe,
+        settings,
+        input_spec=SPEC,
+        model_key="net",
+        mesh=mesh,
+        progress=False,
+        num_threads=0,
+        **kwargs,
+    )
+
+
 def test_a_new_statistic_resumes_after_a_crash(tmp_path):
     values = np.random.default_rng(0).random((30, 2, 2, 3)).astype(np.float32)
     want = {
@@ -97,17 +112,8 @@ def test_a_third_pass_composes_from_outside_and_the_network_compiles_once(tmp_pa
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     tap = capture.make_tap(model, variables, ("conv1",), input_shape=(32, 32, 3))
     settings = engine.Settings(quantile=0.05, quantile_mode="exact", batch_size=8)
-    dissector = engine.Dissector(
-        tap,
-        probe,
-        settings,
-        input_spec=SPEC,
-        model_key="net",
-        mesh=parallel.data_mesh(2),
-        progress=False,
-        num_threads=0,
-        activation_cache="none",  # pass 2 runs the network again
-    )
+    # activation_cache none: pass 2 runs the network again
+    dissector = _dissector(tap, probe, settings, parallel.data_mesh(2), activation_cache="none")
     stats = dissector.run(tap.variables)["conv1"]
 
     # Pass 3: the unit masks' pixels, counted by a statistic the driver has never seen.
@@ -170,17 +176,7 @@ def test_dissectors_sharing_steps_compile_once(tmp_path):
     steps = driver.Steps()
 
     def dissect(settings, shared, scale=1.0):
-        d = engine.Dissector(
-            tap,
-            probe,
-            settings,
-            input_spec=SPEC,
-            model_key="net",
-            mesh=mesh,
-            progress=False,
-            num_threads=0,
-            steps=shared,
-        )
+        d = _dissector(tap, probe, settings, mesh, steps=shared)
         scaled = jax.tree.map(lambda v: v * scale, tap.variables)
         out = {}
         n = _backend_compiles(lambda: out.update(d.run(scaled)))
@@ -267,17 +263,7 @@ def test_steps_compiled_ahead_are_not_compiled_again_and_change_no_number(tmp_pa
 
     def dissect(threads, scale):
         steps = driver.Steps(compile_threads=threads)
-        d = engine.Dissector(
-            tap,
-            probe,
-            settings,
-            input_spec=SPEC,
-            model_key="net",
-            mesh=parallel.data_mesh(devices),
-            progress=False,
-            num_threads=0,
-            steps=steps,
-        )
+        d = _dissector(tap, probe, settings, parallel.data_mesh(devices), steps=steps)
         scaled = jax.tree.map(lambda v: v * scale, tap.variables)
         out = {}
         names = _compile_events(lambda: out.update(d.run(scaled)))
