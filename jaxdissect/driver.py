@@ -414,9 +414,10 @@ def run_pass(
             before_checkpoint()
             ckpt.maybe_save(b + 1, state)
     bar.close()
+    # No checkpoint of the finished pass: its caller stores the result next (a stage), and
+    # a run killed before that resumes from the last periodic checkpoint, as mid-pass.
+    before_checkpoint()
     if ckpt is not None:
-        before_checkpoint()
-        ckpt.maybe_save(num_batches, state, force=True)
         ckpt.close()
     merged = statistics.merge_devices(merge, parallel.gather_to_host(state))
     return steps.finalize(statistic, jax.device_get(merged))

@@ -111,6 +111,19 @@ class InFlight:
             self._tokens.popleft().block_until_ready()
 
 
+def varying_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
+    """`x` typed as varying over the manual mesh axes that `refs` vary over.
+
+    Inside `jax.shard_map` a scan's carry must have the type of the body's output, which
+    varies over the axes the data are sharded on; a fresh zeros does not.
+    """
+    axes: set[str] = set()
+    for ref in refs:
+        manual = getattr(jax.typeof(ref), "manual_axis_type", None)
+        axes |= set(getattr(manual, "varying", ()))
+    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
+
+
 def put_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """This process's rows of a global batch -> global arrays sharded on `data`."""
     sharding = sharded(mesh)

@@ -78,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxdissect import parallel
 from jaxdissect.labelspace import LabelSpace
 from jaxdissect.tie_rule import active, check_tie_rule
 from jaxdissect.widecount import LO_BITS, WideCount
@@ -302,7 +303,9 @@ def batch_counts(
         num_categories=c,
         per_image_overlap=per_image_overlap,
     )
-    init = _varying_like(jnp.zeros((num_labels, k), jnp.int32), acts, pix, valid, thresholds)
+    init = parallel.varying_like(
+        jnp.zeros((num_labels, k), jnp.int32), acts, pix, valid, thresholds
+    )
     inter, (unit_img, overlap) = lax.scan(step, init, xs)
     unit_img = unit_img.reshape(n * chunk, k)[:b]  # [B, K]: |M_k(x)|
 
@@ -367,19 +370,6 @@ def check_patterns(num_categories: int, patterns: bool) -> None:
         )
 
 
-def _varying_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
-    """`x` typed as varying over the manual mesh axes that `refs` vary over.
-
-    Inside `jax.shard_map` a scan's carry must have the type of the body's output, which
-    varies over the axes the data are sharded on; a fresh zeros does not.
-    """
-    axes: set[str] = set()
-    for ref in refs:
-        manual = getattr(jax.typeof(ref), "manual_axis_type", None)
-        axes |= set(getattr(manual, "varying", ()))
-    return lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
-
-
 def _matrix_dtype():
     """Operand type of the counting matmuls: 0/1 are exact in bfloat16, which matrix units
     take at full rate; CPUs without bf16 units prefer float32."""
@@ -440,7 +430,7 @@ def _compact_step(
     dtype = _matrix_dtype()
     mask = _chunk_mask(acts, valid, thresholds, (sh, sw), tie_rule)
     unit_img = mask.reshape(c, s, k).sum(1, dtype=jnp.int32)
-    overlap = _varying_like(
+    overlap = parallel.varying_like(
         jnp.zeros((c, num_categories if per_image_overlap else 0, k), bool), acts, pix, valid
     )
     if planes == 0:

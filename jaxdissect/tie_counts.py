@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect.tally import WideCount
+from jaxdissect.unit_reduce import fold_rows
 
 
 @flax.struct.dataclass
@@ -43,10 +44,17 @@ def ties_update(
     """
     maps = jnp.asarray(maps, jnp.float32)
     b, h, w, k = maps.shape
-    keep = jnp.asarray(valid, bool)[:, None, None, None]
-    low = jnp.where(keep, maps, jnp.inf).min((0, 1, 2))
-    high = jnp.where(keep, maps, -jnp.inf).max((0, 1, 2))
-    at = (keep & (maps == jnp.asarray(thresholds, jnp.float32))).sum((0, 1, 2), dtype=jnp.int32)
+    thresholds = jnp.asarray(thresholds, jnp.float32)
+    rows = jnp.repeat(jnp.asarray(valid, bool), h * w)
+
+    def values(keep, x):
+        return (
+            jnp.where(keep, x, jnp.inf),
+            jnp.where(keep, x, -jnp.inf),
+            keep & (x == thresholds),
+        )
+
+    low, high, at = fold_rows(values, ("min", "max", "sum"), rows, maps.reshape(-1, k))
     n = jnp.asarray(valid, bool).sum(dtype=jnp.int32) * (h * w)
     return TieState(
         minimum=jnp.minimum(state.minimum, low),
