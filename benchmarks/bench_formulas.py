@@ -66,6 +66,9 @@ def main() -> None:
     )
     count = functools.partial(formula_counts.batch_formula_counts, num_labels=nl)
     run = jax.jit(count)
+    t0 = time.perf_counter()
+    run.lower(acts, thresholds, concepts, ops, batch).compile()
+    print(f"compile (trace, lower, XLA) of the counts: {time.perf_counter() - t0:.1f} s")
     step_s = _timed(run, acts, thresholds, concepts, ops, batch, repeats=args.repeats)
     cost = (
         jax.jit(functools.partial(count, chunk=b))

@@ -441,13 +441,15 @@ def _runner(model: Any, variables: Any, apply_kwargs, method):
     raise TypeError(f"cannot capture activations from a {type(model).__name__}")
 
 
-def _dry_run(run, variables, input_shape) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+def _dry_run(run, variables, input_shape) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+    """(per-example output shape of every capturable path, every path's abstract outputs
+    on a batch of 1: one per call)."""
     sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    shapes = jax.eval_shape(lambda v, x: run(v, x), variables, sample)
+    outputs = jax.eval_shape(lambda v, x: run(v, x), variables, sample)
     available = {
-        k: tuple(outs[0].shape[1:]) for k, outs in shapes.items() if hasattr(outs[0], "shape")
+        k: tuple(outs[0].shape[1:]) for k, outs in outputs.items() if hasattr(outs[0], "shape")
     }
-    return available, {k: len(outs) for k, outs in shapes.items()}
+    return available, outputs
 
 
 def available_layers(
@@ -494,22 +496,24 @@ def make_tap(
         None: the model's, else inferred (see the module docstring).
     """
     run, variables, default_aliases = _runner(model, variables, apply_kwargs, method)
-    available, counts = _dry_run(run, variables, input_shape)
+    available, outputs = _dry_run(run, variables, input_shape)
     named = resolve_named_layers(layers, available, default_aliases if aliases is None else aliases)
     paths = tuple(path for _, path in named)
-    _check_single_calls(counts, paths)
+    _check_single_calls({k: len(outs) for k, outs in outputs.items()}, paths)
     wanted = frozenset(paths)
     layouts = _token_layouts(model, named, available, input_shape, token_layout)
 
-    def fn(v, images):
-        outs = run(v, images, wanted)
-        maps = {p: layouts[p].to_nhwc(outs[p][0]) if p in layouts else outs[p][0] for p in paths}
-        return {p: _as_nhwc(p, x).astype(jnp.float32) for p, x in maps.items()}
+    def maps(outs):
+        nhwc = {p: layouts[p].to_nhwc(outs[p][0]) if p in layouts else outs[p][0] for p in paths}
+        return {p: _as_nhwc(p, x).astype(jnp.float32) for p, x in nhwc.items()}
 
-    sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    def fn(v, images):
+        return maps(run(v, images, wanted))
+
+    # The maps' shapes from the dry run's outputs (no second trace of the network).
     shapes = {
         k: tuple(int(d) for d in s.shape[1:])
-        for k, s in jax.eval_shape(fn, variables, sample).items()
+        for k, s in jax.eval_shape(maps, {p: outputs[p] for p in paths}).items()
     }
     names = tuple(name for name, _ in named)
     return Tap(fn=fn, variables=variables, layers=paths, shapes=shapes, names=names)

@@ -12,18 +12,20 @@ the tally's unit mask (upsampled map against the threshold by the tie rule), L_c
 the planes' pixel labels, the whole image for an image-level label; labels are cleaned as the
 tally does (`tally.clean_labels`).
 
-Method (the tally's `segment` method, one block of K columns per formula slot): per image
-and slot s, each unit's formula mask F_us is computed pixel-major, [pixels, K], by a few
-compares of the pixel's label ids (int16 when the labels allow) with the formula's concepts
-(a term no unit of the slot uses is skipped at run time); the rows M and F, then F, are
-summed by the pixel's label with one scatter-add per plane into a [L, K] uint16 partial sum
-on CPU (exact: a per-image sum is at most the image's pixels; [L, K] stays in cache, where a
-[L, 2*K*S] one did not), plane 0's sums giving the per-image totals for the totals and the
-image-level labels. Per image, with s pixels, P planes, Q image-level slots, T <= 3 terms:
-s*K*S*T*(P+1) 2-byte compares, s*K*S*2*P additions (the scatters) and 2*S [L, K] partial
-sums. ResNet-18 layer4 on Broden at 112x112 (s = 12,544, K = 512, S = 5, P ~ 5, T = 2):
-0.4 G compares, 0.32 G scatter adds, 10 partial sums of 1.4 MB per image. Measured
-figures: benchmarks/README.md (`bench_formulas.py`).
+Method (the tally's `segment` method, one block of K columns per formula slot): a loop over
+blocks of 4 slots (one compiled body for all; up to 8 slots, e.g. a beam, are one block),
+each a pass over the batch's images; per image and slot s, each unit's formula mask F_us is
+computed pixel-major, [pixels, K], by a few compares of the pixel's label ids (int16 when the
+labels allow) with the formula's concepts (a term no unit of the slot uses is skipped at run
+time); the rows M and F, then F, are summed by the pixel's label with one scatter-add per
+plane into a [L, K] uint16 partial sum on CPU (exact: a per-image sum is at most the image's
+pixels; [L, K] stays in cache, where a [L, 2*K*S] one did not), plane 0's sums giving the
+per-image totals for the totals and the image-level labels. Per image, with s pixels, P
+planes, Q image-level slots, T <= 3 terms: s*K*S*T*(P+1) 2-byte compares, s*K*S*2*P
+additions (the scatters), 2*S [L, K] partial sums and one unit mask per block (s*K
+interpolations and compares). ResNet-18 layer4 on Broden at 112x112 (s = 12,544, K = 512,
+S = 5, P ~ 5, T = 2): 0.4 G compares, 0.32 G scatter adds, 10 partial sums of 1.4 MB per
+image. Measured figures: benchmarks/README.md (`bench_formulas.py`).
 
 Exactness: per-batch counts are int32 below 2**30 (`tally.check_batch_bound`); the running
 counts are `tally.WideCount` pairs joined as int64 on the host, summed over devices by the
@@ -45,6 +47,8 @@ from jaxdissect.tie_rule import active, check_tie_rule
 # Largest [pixels, units] block of one chunk of images off CPU.
 _CHUNK_BYTES = 1 << 28
 _PIB = lax.GatherScatterMode.PROMISE_IN_BOUNDS
+# Formula slots unrolled in one loop body (they share the unit masks).
+_BLOCK_SLOTS = 4
 
 
 def _term(p: jax.Array, q: jax.Array, concept: jax.Array) -> jax.Array:
@@ -173,7 +177,17 @@ def batch_formula_counts(
     narrow = jnp.int16 if nl <= 0x7FFF else None
     concepts_n = concepts.astype(narrow) if narrow else concepts
 
-    def step(counts, xs):
+    # Slots in blocks of `_BLOCK_SLOTS`, one compiled body for all blocks (unrolling every
+    # slot made the compile grow with them; one slot a body recomputed the unit masks per
+    # slot); a beam's few slots in one block. Padding slots hold empty formulas (concept 0)
+    # and are dropped.
+    per_block = slots if slots <= 2 * _BLOCK_SLOTS else _BLOCK_SLOTS
+    extra = -slots % per_block
+    concepts_n = jnp.pad(concepts_n, ((0, extra), (0, 0), (0, 0)))
+    ops = jnp.pad(ops, ((0, extra), (0, 0), (0, 0)), constant_values=formulas.NO_OP)
+
+    def step(first, counts, xs):
+        """Adds the counts of slots first .. first + per_block - 1 on a chunk of images."""
         a, p, q, v = xs
         m = active(tally.upsample(a, (sh, sw)), thresholds, tie_rule) & v[:, None, None, None]
         m = lax.optimization_barrier(m.reshape(c * s, k))
@@ -181,26 +195,28 @@ def batch_formula_counts(
         ids = p + (image * nl)[:, None, None]
         # Narrow ids for the compares of `formula_pixels`: twice the lanes per instruction.
         p16, q16 = (p.astype(narrow), q.astype(narrow)) if narrow else (p, q)
-
-        def slot(j, counts):
-            label_counts, totals = counts
+        label_counts, totals = counts
+        for u in range(per_block):
+            j = first + u
             f = formula_pixels(p16, q16, concepts_n[j], ops[j]).reshape(c * s, k)
             for kind, rows in enumerate((m & f, f)):
                 part, total = _segment_sums(rows, ids, q, dtype, nl)
-                label_counts = label_counts.at[kind, j].add(part)
-                totals = totals.at[kind, j].add(total)
-            return label_counts, totals
+                label_counts = label_counts.at[u, kind].add(part)
+                totals = totals.at[u, kind].add(total)
+        return (label_counts, totals), None
 
-        # Unrolled (compile time grows with the slots): as a fori_loop, the dynamic slot
-        # index into the carried counts made a step 4 times slower on CPU.
-        for j in range(slots):
-            counts = slot(j, counts)
-        return counts, None
+    def block_counts(first):
+        init = (
+            jnp.zeros((per_block, 2, nl, k), jnp.int32),
+            jnp.zeros((per_block, 2, k), jnp.int32),
+        )
+        xs = (split(acts), split(pix), split(img), split(valid))
+        return lax.scan(lambda counts, x: step(first, counts, x), init, xs)[0]
 
-    init = (jnp.zeros((2, slots, nl, k), jnp.int32), jnp.zeros((2, slots, k), jnp.int32))
-    (label_counts, totals), _ = lax.scan(
-        step, init, (split(acts), split(pix), split(img), split(valid))
-    )
+    firsts = jnp.arange(0, slots + extra, per_block)
+    label_counts, totals = lax.map(block_counts, firsts)  # [blocks, per_block, 2, ...]
+    label_counts = label_counts.reshape(-1, 2, nl, k)[:slots].transpose(1, 0, 2, 3)
+    totals = totals.reshape(-1, 2, k)[:slots].transpose(1, 0, 2)
     label_counts = label_counts.at[:, :, 0].set(0).transpose(0, 3, 1, 2)  # [2, K, S, L]
     totals = totals.transpose(0, 2, 1)
     return {

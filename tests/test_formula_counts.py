@@ -40,12 +40,12 @@ def _expected(p, table):
     return want
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_batch_counts_equal_the_reference(seed):
+# 10 slots: blocks of 4 in one compiled loop body, the last padded with empty formulas.
+@pytest.mark.parametrize("seed, slots", [(0, 4), (1, 4), (0, 10)])
+def test_batch_counts_equal_the_reference(seed, slots):
     p = _probe(seed)
     nl = p["labels"].num_labels
     rng = np.random.default_rng(seed)
-    slots = 4
     table = _random_table(rng, p["acts"].shape[-1], slots, nl)
     t = FormulaTable.of(table, slots)
     padded = [row + [Formula((0,))] * (slots - len(row)) for row in table]
