@@ -5,7 +5,7 @@ one output at a time, striding through the whole array for each unit (and it fus
 reduction stages back into one). Here a scan folds blocks of `ROWS` rows into [ROWS, K]
 accumulators with elementwise min, max or add, reading each value once, and the ROWS
 partial results are reduced last. Min, max and integer sums are exact in any order.
-`benchmarks/bench_statistics.py` times the statistics that use it.
+The tie statistics use it; `benchmarks/bench_statistics.py` times them.
 """
 
 from __future__ import annotations
