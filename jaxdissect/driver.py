@@ -359,7 +359,7 @@ def run_pass(
         None if statistic.key is None else ("merge", statistic.key), lambda: statistic.merge
     )
 
-    def before_checkpoint():
+    def flush_cache():
         # Cached rows must be on disk before a checkpoint says they were computed.
         if cache is not None:
             cache.flush()
@@ -411,12 +411,12 @@ def run_pass(
         in_flight.add(state)
         bar.update(b + 1)
         if ckpt is not None and (b + 1) % checkpoint_every == 0:
-            before_checkpoint()
+            flush_cache()
             ckpt.maybe_save(b + 1, state)
     bar.close()
     # No checkpoint of the finished pass: its caller stores the result next (a stage), and
     # a run killed before that resumes from the last periodic checkpoint, as mid-pass.
-    before_checkpoint()
+    flush_cache()
     if ckpt is not None:
         ckpt.close()
     merged = statistics.merge_devices(merge, parallel.gather_to_host(state))

@@ -205,20 +205,20 @@ def batch_formula_counts(
                 totals = totals.at[u, kind].add(total)
         return (label_counts, totals), None
 
+    chunks = (split(acts), split(pix), split(img), split(valid))  # split once, not per block
+
     def block_counts(first):
         init = (
             jnp.zeros((per_block, 2, nl, k), jnp.int32),
             jnp.zeros((per_block, 2, k), jnp.int32),
         )
-        xs = (split(acts), split(pix), split(img), split(valid))
-        return lax.scan(lambda counts, x: step(first, counts, x), init, xs)[0]
+        return lax.scan(lambda counts, x: step(first, counts, x), init, chunks)[0]
 
     firsts = jnp.arange(0, slots + extra, per_block)
     label_counts, totals = lax.map(block_counts, firsts)  # [blocks, per_block, 2, ...]
-    label_counts = label_counts.reshape(-1, 2, nl, k)[:slots].transpose(1, 0, 2, 3)
-    totals = totals.reshape(-1, 2, k)[:slots].transpose(1, 0, 2)
-    label_counts = label_counts.at[:, :, 0].set(0).transpose(0, 3, 1, 2)  # [2, K, S, L]
-    totals = totals.transpose(0, 2, 1)
+    label_counts = label_counts.reshape(-1, 2, nl, k)[:slots].at[:, :, 0].set(0)
+    label_counts = label_counts.transpose(1, 3, 0, 2)  # [2, K, S, L]
+    totals = totals.reshape(-1, 2, k)[:slots].transpose(1, 2, 0)  # [2, K, S]
     return {
         "and_label": label_counts[0],
         "formula_label": label_counts[1],
