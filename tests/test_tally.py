@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from jaxdissect import results, tally, tie_counts, ties
+from jaxdissect.tie_rule import active
 from tests.reference import random_probe, reference_counts, reference_dissect, reference_upsample
 
 BATCH = 4  # 11 images: two full batches and a partial one padded with garbage rows
@@ -214,6 +215,92 @@ def test_restrictions_order(references):
     )
     assert (over <= pres).all() and (pres <= none).all()
     assert (over < pres).any() and (pres < none).any()
+
+
+@pytest.mark.parametrize("tie_rule", ["strict", "inclusive"])
+def test_unit_blocks_skip_no_unit_that_fires(tie_rule):
+    """Upsampled values can round above the map's largest value (a constant map of 7.56
+    upsamples to 7.5600000 + 4.8e-7 in places): a unit thresholded at its map's maximum
+    still fires there. The units skipped as unable to fire are exactly those with no
+    active pixel; NaN, infinities, padding examples and huge values do not fool it. Image
+    0 wakes few units (counted in blocks), image 1 most (counted all at once)."""
+    rng = np.random.default_rng(3)
+    b, k, size = 3, 64, (30, 26)
+    vals = rng.uniform(0.1, 10, k).astype(np.float32)
+    acts = np.broadcast_to(vals, (b, 7, 7, k)).copy()
+    upsample = jax.jit(tally.upsample, static_argnums=1)
+    planted = (np.asarray(upsample(acts, size)) > vals).any((0, 1, 2))
+    planted[:18] = False  # the units below are changed
+    assert planted.sum() >= 10, "the planted rounding above the maximum is gone"
+    thresholds = vals.copy()
+    acts[0, :, :, :] = vals - 1  # image 0: units 5, 9, 10 and 15-17 may fire
+    acts[0, :, :, 15:18] = vals[15:18]
+    acts[0, :, :, 5] = vals[5]
+    acts[0, 2, 3, 5], acts[0, 1, 1, 9] = np.nan, 3e38
+    acts[1, :, :, 6], acts[1, 0, 0, 7] = np.nan, np.inf
+    acts[:, :, :, 10] = -1e30
+    thresholds[10:13] = [-np.inf, np.nan, np.inf]
+    acts[2, 4, 4, 8] = -np.inf
+    acts[2, :, :, 14], thresholds[14] = 1e3, 500.0  # only in the padding example
+    valid = np.array([True, True, False])
+    batch = {
+        "pixel_labels": rng.integers(0, 6, (b, 2, *size)).astype(np.int32),
+        "image_labels": rng.integers(0, 6, (b, 1)).astype(np.int32),
+        "valid": valid,
+    }
+    primary = np.array([-1, 0, 0, 1, 1, 2], np.int32)
+
+    def counts(unit_block):
+        return jax.jit(
+            lambda a, t: tally.batch_counts(
+                a,
+                t,
+                batch,
+                primary,
+                3,
+                tie_rule=tie_rule,
+                method="segment",
+                restriction="overlap",
+                unit_block=unit_block,
+            )
+        )(acts, thresholds)
+
+    whole, blocks = counts(k), counts(2)
+    for key in whole:
+        np.testing.assert_array_equal(blocks[key], whole[key], err_msg=key)
+    # Units thresholded at their map's maximum fire (as the tally's own upsampling rounds).
+    assert (whole["unit_total"][planted] > 0).sum() >= 5
+    up = np.asarray(upsample(acts, size))
+    fires = [
+        np.asarray(tally._may_fire(acts[i : i + 1], valid[i : i + 1], thresholds, tie_rule))
+        for i in range(b)
+    ]
+    for i in range(2):
+        fired = active(up[i], thresholds, tie_rule).any((0, 1))
+        assert not (fired & ~fires[i]).any()
+    assert 4 * fires[0].sum() <= k < 4 * fires[1].sum()  # both ways of counting ran
+    assert not fires[1][6] and not fires[2].any()  # all NaN; a padding example
+
+
+@pytest.mark.parametrize(
+    ("restriction", "tie_rule"), [("overlap", "strict"), ("presence", "inclusive")]
+)
+def test_unit_blocks_equal_the_reference(restriction, tie_rule):
+    """A layer whose units each fire on a few images (thresholds at 0.9 of their largest
+    image maximum): most images are counted in blocks of 3 units."""
+    probe = dict(random_probe(4, num_units=40))
+    acts, thresholds = probe["acts"], probe["thresholds"].copy()
+    thresholds[4:-1] = 0.9 * acts.max((0, 1, 2))[4:-1]
+    probe["thresholds"] = thresholds
+    valid = np.ones(1, bool)
+    sparse = sum(
+        4 * int(tally._may_fire(acts[i : i + 1], valid, thresholds, tie_rule).sum()) <= 40
+        for i in range(len(acts))
+    )
+    assert sparse >= 5, sparse
+    got = _run_tally(probe, restriction, method="segment", unit_block=3, tie_rule=tie_rule)
+    _assert_counts_equal(got, _reference_of(probe, restriction, tie_rule=tie_rule))
+    assert (got["unit_total"][4:-1] > 0).sum() >= 8
 
 
 def test_tally_non_dyadic_sizes():
