@@ -313,11 +313,12 @@ def batch_counts(
         num_categories=c,
         per_image_overlap=per_image_overlap,
     )
-    # The segment method's running sums are [K, L], so that a block of units adds rows.
-    shape = (k, num_labels) if method == "segment" else (num_labels, k)
+    # Running sums [L, K]; [K, L] where the segment method counts blocks of units (rows).
+    by_unit = method == "segment" and k > unit_block
+    shape = (k, num_labels) if by_unit else (num_labels, k)
     init = parallel.varying_like(jnp.zeros(shape, jnp.int32), acts, pix, valid, thresholds)
     inter, (unit_img, overlap) = lax.scan(step, init, xs)
-    if method == "segment":
+    if by_unit:
         inter = inter.T
     unit_img = unit_img.reshape(n * chunk, k)[:b]  # [B, K]: |M_k(x)|
 
@@ -417,20 +418,22 @@ def _may_fire(acts, valid, thresholds, tie_rule) -> jax.Array:
 
 
 def _segment_step(inter, xs, *, thresholds, tie_rule, num_labels, unit_block, **kw):
-    """Counts of one chunk into `inter` [K, L]. Where at most a quarter of the units may
-    fire (a layer of many units at a high threshold: most images wake few of them), only
-    those are counted, `unit_block` at a time (a loop of data-dependent length: exact for
-    any number); units that cannot fire count nothing. Else all units at once (a block's
-    rows are shorter, and a scatter pays per row)."""
+    """Counts of one chunk into `inter`: [L, K] for at most `unit_block` units, else [K, L].
+    Where at most a quarter of the units may fire (a layer of many units at a high
+    threshold: most images wake few of them), only those are counted, `unit_block` at a
+    time (a loop of data-dependent length: exact for any number); units that cannot fire
+    count nothing. Else all units at once (a block's rows are shorter, and a scatter pays
+    per row)."""
     acts, pix, valid = xs
     c, k = acts.shape[0], acts.shape[-1]
+    if k <= unit_block:
+        part, out = _segment_counts(acts, pix, valid, thresholds, tie_rule, num_labels, **kw)
+        return inter + part, out
 
     def every_unit(inter):
         part, out = _segment_counts(acts, pix, valid, thresholds, tie_rule, num_labels, **kw)
         return inter + part.T, out
 
-    if k <= unit_block:
-        return every_unit(inter)
     fires = _may_fire(acts, valid, thresholds, tie_rule)
     n_fire = fires.sum(dtype=jnp.int32)
     order = jnp.nonzero(fires, size=k + (-k % unit_block), fill_value=0)[0].astype(jnp.int32)
