@@ -441,7 +441,8 @@ def _segment_step(inter, xs, *, thresholds, tie_rule, num_labels, unit_block, **
     def firing_units(inter):
         unit_img = jnp.zeros((c, k), jnp.int32)
         overlap = jnp.zeros((c, kw["num_categories"] if kw["per_image_overlap"] else 0, k), bool)
-        carry = parallel.varying_like((inter, unit_img, overlap), acts, pix, valid, thresholds)
+        fresh = parallel.varying_like((unit_img, overlap), acts, pix, valid, thresholds)
+        carry = (inter, *fresh)
 
         def one_block(r, carry):
             inter, unit_img, overlap = carry

@@ -423,6 +423,7 @@ def test_downsample_is_not_antialiased():
         (8, {"method": "compact", "slots": 3}),
         (8, {"method": "segment"}),
         (8, {"method": "segment", "patterns": True}),
+        (8, {"method": "segment", "unit_block": 1}),  # both ways of counting traced
     ],
 )
 def test_batch_counts_inside_shard_map(probe, devices, kwargs):
