@@ -402,17 +402,14 @@ def _may_fire(acts, valid, thresholds, tie_rule) -> jax.Array:
     largest magnitude; the margin is 2**-20 of it). NaN values are skipped (they make no
     pixel active); a unit whose bound is NaN or infinite is kept.
     """
-    k = acts.shape[-1]
-    ok = jnp.broadcast_to(valid[:, None, None, None], acts.shape).reshape(-1, k)
-    hi, lo = unit_reduce.fold_rows(
-        lambda v, a: (
-            jnp.where(v & ~jnp.isnan(a), a, -jnp.inf),
-            jnp.where(v & ~jnp.isnan(a), a, jnp.inf),
-        ),
-        ("max", "min"),
-        ok[:, 0],
-        acts.reshape(-1, k),
-    )
+    c, h, w, k = acts.shape
+    row_valid = jnp.broadcast_to(valid[:, None], (c, h * w)).reshape(-1)
+
+    def values(v, a):
+        seen = v & ~jnp.isnan(a)
+        return jnp.where(seen, a, -jnp.inf), jnp.where(seen, a, jnp.inf)
+
+    hi, lo = unit_reduce.fold_rows(values, ("max", "min"), row_valid, acts.reshape(-1, k))
     bound = hi + jnp.maximum(jnp.abs(hi), jnp.abs(lo)) * 2.0**-20
     return (hi > -jnp.inf) & (active(bound, thresholds, tie_rule) | jnp.isnan(bound))
 
@@ -426,14 +423,13 @@ def _segment_step(inter, xs, *, thresholds, tie_rule, num_labels, unit_block, **
     per row)."""
     acts, pix, valid = xs
     c, k = acts.shape[0], acts.shape[-1]
-    if k <= unit_block:
-        part, out = _segment_counts(acts, pix, valid, thresholds, tie_rule, num_labels, **kw)
-        return inter + part, out
 
     def every_unit(inter):
         part, out = _segment_counts(acts, pix, valid, thresholds, tie_rule, num_labels, **kw)
-        return inter + part.T, out
+        return inter + (part if k <= unit_block else part.T), out
 
+    if k <= unit_block:
+        return every_unit(inter)
     fires = _may_fire(acts, valid, thresholds, tie_rule)
     n_fire = fires.sum(dtype=jnp.int32)
     order = jnp.nonzero(fires, size=k + (-k % unit_block), fill_value=0)[0].astype(jnp.int32)
