@@ -104,11 +104,16 @@ SETTINGS = engine.Settings(
 )
 
 
+@pytest.fixture(scope="module")
+def reference_stats(linen_vit, probe):
+    return _reference(*linen_vit, probe, SETTINGS)
+
+
 @pytest.mark.parametrize("devices", [1, 8])
-def test_token_layers_match_the_reference(linen_vit, probe, devices):
+def test_token_layers_match_the_reference(linen_vit, probe, reference_stats, devices):
     model, variables = linen_vit
     got = _dissect(model, variables, probe, SETTINGS, devices)
-    want = _reference(model, variables, probe, SETTINGS)
+    want = reference_stats
     for name in LAYERS:
         thresholds, ref = want[name]
         np.testing.assert_array_equal(got[name].thresholds, thresholds, err_msg=name)
