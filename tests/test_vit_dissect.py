@@ -113,9 +113,8 @@ def reference_stats(linen_vit, probe):
 def test_token_layers_match_the_reference(linen_vit, probe, reference_stats, devices):
     model, variables = linen_vit
     got = _dissect(model, variables, probe, SETTINGS, devices)
-    want = reference_stats
     for name in LAYERS:
-        thresholds, ref = want[name]
+        thresholds, ref = reference_stats[name]
         np.testing.assert_array_equal(got[name].thresholds, thresholds, err_msg=name)
         for key in ("intersection", "label_pixels", "unit_pixels", "unit_total"):
             np.testing.assert_array_equal(
