@@ -165,18 +165,21 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
         from jaxdissect.models import load as model_load
 
         loaded = model_load.load(fv.model, weights=fv.weights or None)
+    else:
+        loaded = training.load_trained(fv.weights)
+    # The intact network: the task's predictions and the cost of one forward pass.
+    network = rotation.classifier(
+        loaded.module, loaded.input_spec, apply_kwargs=loaded.apply_kwargs, mesh=mesh
+    )
+    if fv.task == "predictions":
         source, dataset_name = probe.open()
         images = np.stack([np.asarray(source.read_image(i)) for i in range(len(source))])
-        intact = evaluate.Evaluator(
-            lambda v, x: loaded.module.apply(v, loaded.input_spec(x), **loaded.apply_kwargs),
-            mesh,
-        )
         unlabelled = scenes.eval_batches(
             scenes.SceneSplit(images, np.zeros(len(images), np.int32), np.arange(len(images))),
             batch_size,
             dtype="float32",
         )
-        logits = intact(loaded.variables, unlabelled, logits=True).logits
+        logits = network(loaded.variables, unlabelled, logits=True).logits
         ptask = ablation.prediction_task(
             logits, fv.top_classes, logit_names=[f"logit{i}" for i in range(logits.shape[1])]
         )
@@ -188,14 +191,12 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
         )
         eval_images = len(images)
     else:
-        loaded = training.load_trained(fv.weights)
         task = cli.training_task(fv)
         batches = scenes.eval_batches(task.val, batch_size, dtype="float32")
         class_names, num_classes = task.class_names, task.num_classes
         fingerprint, description, eval_images = task.fingerprint, task.description, len(task.val)
     size = loaded.input_spec.size
-    path = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)
-    k = rotation.layer_units(loaded.module, loaded.variables, path, size)
+    path, k = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)
     record = None
     if fv.dissect:
         if source is None:
@@ -242,13 +243,10 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
         masks_per_call=fv.masks_per_call,
     )
     elapsed = time.perf_counter() - t0
-    # The cost in forward passes: one evaluation of the intact network, compiled beforehand.
-    plain = evaluate.Evaluator(
-        lambda v, x: loaded.module.apply(v, loaded.input_spec(x), **loaded.apply_kwargs), mesh
-    )
-    plain(loaded.variables, batches[:1])
+    # The cost in forward passes: one evaluation of the intact network (compiled before).
+    network(loaded.variables, batches[:1])
     t1 = time.perf_counter()
-    plain(loaded.variables, batches)
+    network(loaded.variables, batches)
     forward_s = time.perf_counter() - t1
     labels = ablation.unit_labels(record, k)
     # The synthetic scenes are defined by the objects they show (data/synthetic/scene_rule.py).

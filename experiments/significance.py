@@ -113,8 +113,7 @@ def _model(fv, trained, settings):
     if fv.baseline != "rotated":
         return info, fv.layer, loaded
     size = loaded.input_spec.size
-    path = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)
-    k = rotation.layer_units(loaded.module, loaded.variables, path, size)
+    path, k = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)
     name = rotation.amount_name(fv.layer, 1.0)
     fn, variables = rotation.rotated_fan(
         loaded.module,

@@ -183,17 +183,16 @@ def _layer_shapes(module: nn.Module, variables: Any, input_size: int) -> dict[st
     )
 
 
-def resolve_layer(module: nn.Module, variables: Any, layer: str, input_size: int) -> str:
-    """The module path of `layer` (an alias, a dotted or slashed path)."""
+def resolve_layer(
+    module: nn.Module, variables: Any, layer: str, input_size: int
+) -> tuple[str, int]:
+    """The module path of `layer` (an alias, a dotted or slashed path) and its number of
+    units (channels of its output), from one dry run of the model."""
     from jaxdissect import capture
 
     available = _layer_shapes(module, variables, input_size)
-    return capture.resolve_layers([layer], available, getattr(module, "layer_aliases", None))[0]
-
-
-def layer_units(module: nn.Module, variables: Any, path: str, input_size: int) -> int:
-    """Number of units (channels) of the output of module `path`."""
-    return int(_layer_shapes(module, variables, input_size)[path][-1])
+    path = capture.resolve_layers([layer], available, getattr(module, "layer_aliases", None))[0]
+    return path, int(available[path][-1])
 
 
 def classifier(
@@ -379,8 +378,7 @@ def rotation_study(
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = model.input_spec.size
-    path = resolve_layer(model.module, model.variables, layer, size)
-    k = layer_units(model.module, model.variables, path, size)
+    path, k = resolve_layer(model.module, model.variables, layer, size)
     q = random_rotation(k, seed)
     matrices = {amount_name(layer, t): fractional_power(q, t) for t in amounts}
     t0 = time.time()

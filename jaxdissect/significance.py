@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import statistics
-from jaxdissect.tally import interpolation_taps
+from jaxdissect.interpolation import interpolation_taps
 from jaxdissect.tie_rule import active, check_tie_rule
 
 # Draws of the permutation null unless the caller says otherwise (resolves p down to 0.005).

@@ -83,6 +83,7 @@ import numpy as np
 from jax import lax
 
 from jaxdissect import parallel, unit_reduce
+from jaxdissect.interpolation import interpolation_taps
 from jaxdissect.labelspace import LabelSpace
 from jaxdissect.tie_rule import active, check_tie_rule
 from jaxdissect.widecount import LO_BITS, WideCount
@@ -103,24 +104,6 @@ _PIB = lax.GatherScatterMode.PROMISE_IN_BOUNDS
 
 
 # --------------------------------------------------------------------------- upsampling
-
-
-def interpolation_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Half-pixel, edge-clamped linear taps: (i0, i1, f) with out[i] = (1-f) a[i0] + f a[i1]."""
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    src = np.clip(src, 0.0, n_in - 1)
-    i0 = np.floor(src).astype(np.int32)
-    i1 = np.minimum(i0 + 1, n_in - 1).astype(np.int32)
-    return i0, i1, (src - i0).astype(np.float32)
-
-
-def interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """The same interpolation as a float32 [n_out, n_in] matrix (out = W @ a)."""
-    i0, i1, f = interpolation_taps(n_out, n_in)
-    w = np.zeros((n_out, n_in), np.float32)
-    np.add.at(w, (np.arange(n_out), i0), 1.0 - f)
-    np.add.at(w, (np.arange(n_out), i1), f)
-    return w
 
 
 def upsample(acts: jax.Array, size: tuple[int, int]) -> jax.Array:

@@ -250,6 +250,24 @@ def test_upsample_matches_pil() -> None:
     np.testing.assert_allclose(const, 2.5)
 
 
+def test_upsample_keeps_a_nan_or_infinity_local() -> None:
+    """A non-finite value reaches only the output pixels that sample it."""
+    rng = np.random.default_rng(4)
+    maps = rng.normal(size=(3, 7, 5)).astype(np.float32) * 10.0
+    up = report.upsample_maps(maps, (112, 30))
+    for bad in (np.nan, np.inf):
+        spoiled = maps.copy()
+        spoiled[1, 3, 2] = bad
+        out = report.upsample_maps(spoiled, (112, 30))
+        np.testing.assert_array_equal(out[[0, 2]], up[[0, 2]])
+        changed = ~np.isclose(out[1], up[1], rtol=0, atol=0)
+        rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+        # Output rows sampling input row 3 (of 7) and columns sampling column 2 (of 5) only.
+        assert rows.min() >= 3 * 16 - 8 and rows.max() < 4 * 16 + 8, rows
+        assert cols.min() >= 2 * 6 - 3 and cols.max() < 3 * 6 + 3, cols
+        assert changed.sum() < changed.size / 4
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data.startswith(PNG_MAGIC)

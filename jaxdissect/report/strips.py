@@ -12,6 +12,7 @@ from numpy.typing import ArrayLike
 from PIL import Image
 
 from jaxdissect import store
+from jaxdissect.interpolation import interpolation_taps
 from jaxdissect.tie_rule import active, check_tie_rule
 
 # The Lite release's report keeps 20% of the image outside the unit's mask.
@@ -34,24 +35,21 @@ def save_png(path: str | os.PathLike[str], array: ArrayLike) -> Path:
 
 
 def _resize_axis(x: np.ndarray, out: int, axis: int) -> np.ndarray:
-    """Bilinear resize along one axis: half-pixel centres, edge clamping."""
-    n = x.shape[axis]
-    src = (np.arange(out, dtype=np.float64) + 0.5) * (n / out) - 0.5
-    src = np.clip(src, 0.0, n - 1)
-    i0 = np.floor(src).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n - 1)
-    w = src - i0
+    """The interpolation along one axis: two-tap gathers (a NaN reaches only its taps)."""
+    i0, i1, f = interpolation_taps(out, x.shape[axis])
     shape = [1] * x.ndim
     shape[axis] = out
-    w = w.reshape(shape)
-    return np.take(x, i0, axis=axis) * (1.0 - w) + np.take(x, i1, axis=axis) * w
+    # The tally's float32 weights, applied in float64.
+    g, h = ((1.0 - f).astype(np.float64).reshape(shape), f.astype(np.float64).reshape(shape))
+    return np.take(x, i0, axis=axis) * g + np.take(x, i1, axis=axis) * h
 
 
 def upsample_maps(maps: ArrayLike, size: int | tuple[int, int]) -> np.ndarray:
     """Bilinear resize of activation maps [T, h, w] to [T, H, W] (float32).
 
-    Half-pixel centres with edge clamping: what PIL's float resize and
-    `jax.image.resize(..., "bilinear")` do when upsampling.
+    The tally's interpolation (`jaxdissect.interpolation`: half-pixel centres, edge
+    clamping; what PIL's float resize and `jax.image.resize(..., "bilinear")` do when
+    upsampling), computed in float64.
     """
     m = np.asarray(maps, dtype=np.float64)
     if m.ndim != 3:

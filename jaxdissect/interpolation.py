@@ -1,0 +1,28 @@
+"""The bilinear interpolation of a unit's map to the label resolution (numpy, no JAX).
+
+Half-pixel centres with edge clamping, rows then columns (the definition is in
+`jaxdissect.tally`'s docstring): the tally, the significance test's grid masks and the
+report's strips all take their taps from here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def interpolation_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Half-pixel, edge-clamped linear taps: (i0, i1, f) with out[i] = (1-f) a[i0] + f a[i1]."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    i0 = np.floor(src).astype(np.int32)
+    i1 = np.minimum(i0 + 1, n_in - 1).astype(np.int32)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """The same interpolation as a float32 [n_out, n_in] matrix (out = W @ a)."""
+    i0, i1, f = interpolation_taps(n_out, n_in)
+    w = np.zeros((n_out, n_in), np.float32)
+    np.add.at(w, (np.arange(n_out), i0), 1.0 - f)
+    np.add.at(w, (np.arange(n_out), i1), f)
+    return w
