@@ -34,16 +34,16 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    import jax
     import jax.numpy as jnp
 
     from jaxdissect import ablation, evaluate, significance
     from jaxdissect.models import zoo
+    from jaxdissect.models.load import init_variables
     from jaxdissect.preprocess import InputSpec
 
     spec = InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), scale=1 / 255)
     model = zoo.build("resnet18", num_classes=FLAGS.classes)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+    variables = init_variables(model, jnp.zeros((1, 224, 224, 3)), train=False)
     rng = np.random.default_rng(0)
     b = FLAGS.batch_size
     batches = []

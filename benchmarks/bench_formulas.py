@@ -86,9 +86,10 @@ def main() -> None:
 
     from jaxdissect import capture
     from jaxdissect.models import zoo
+    from jaxdissect.models.load import init_variables
 
     model = zoo.build("resnet18", num_classes=365)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+    variables = init_variables(model, jnp.zeros((1, 224, 224, 3)), train=False)
     tap = capture.make_tap(
         model, variables, ["layer4"], input_shape=(224, 224, 3), apply_kwargs={"train": False}
     )

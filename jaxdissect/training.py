@@ -45,6 +45,7 @@ from absl import logging
 from flax import struct
 
 from jaxdissect import config, evaluate, parallel, store
+from jaxdissect.models.load import INIT_COMPILER_OPTIONS
 from jaxdissect.preprocess import InputSpec
 from jaxdissect.scenes import SceneSplit, SceneTask, eval_batches, train_batches
 
@@ -53,9 +54,6 @@ from jaxdissect.scenes import SceneSplit, SceneTask, eval_batches, train_batches
 SMALL_CNN = "jaxdissect.models.small_cnn:small_cnn"
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
-# Initialisation runs once: XLA's backend optimisations only slow the compilation of the
-# threefry hashes of every parameter's initialiser.
-INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 SETTINGS_FILE = "settings.json"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"

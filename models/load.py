@@ -14,6 +14,7 @@ paths as big_vision's), or empty for a random initialisation (seeded).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import pathlib
 from collections.abc import Mapping
@@ -26,6 +27,10 @@ import numpy as np
 from jaxdissect import store
 from jaxdissect.models import zoo
 from jaxdissect.preprocess import TORCHVISION, InputSpec
+
+# A model's initialisation runs once: XLA's backend optimisations would only slow the
+# compilation (of the threefry hashes of every parameter's initialiser, mostly).
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +108,19 @@ def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
     return made, None
 
 
+def init_variables(module: Any, *inputs: Any, seed: int = 0, **kwargs: Any) -> Any:
+    """`module.init(jax.random.key(seed), *inputs, **kwargs)` compiled as one program.
+
+    With XLA's backend optimisations off (`INIT_COMPILER_OPTIONS`): the program runs once.
+    `inputs` are traced (only their shapes matter); `kwargs` are static (e.g. `train`).
+    """
+    init = jax.jit(functools.partial(module.init, **kwargs), compiler_options=INIT_COMPILER_OPTIONS)
+    return init(jax.random.key(seed), *inputs)
+
+
 def _init_variables(module: Any, size: int, seed: int) -> Any:
     x = jnp.zeros((1, size, size, 3), jnp.float32)
-    return jax.jit(lambda k: module.init(k, x, **apply_kwargs(module)))(jax.random.key(seed))
+    return init_variables(module, x, seed=seed, **apply_kwargs(module))
 
 
 def _weights_from_file(module: Any, path: pathlib.Path, size: int, seed: int) -> Any:

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxdissect import capture
+from jaxdissect.models.load import init_variables
 
 
 class ReLU(nn.Module):
@@ -48,7 +49,7 @@ class Shared(nn.Module):
 def linen_setup():
     model = Net()
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-    variables = model.init(jax.random.key(1), x)
+    variables = init_variables(model, x, seed=1)
     return model, variables, x
 
 
@@ -130,7 +131,7 @@ def test_available_layers(linen_setup):
 
 def test_module_called_twice_is_refused():
     model = Shared()
-    variables = model.init(jax.random.key(0), jnp.ones((1, 4, 4, 3)))
+    variables = init_variables(model, jnp.ones((1, 4, 4, 3)), seed=0)
     with pytest.raises(capture.LayerNotFoundError, match="called 2 times"):
         capture.make_tap(model, variables, "twice", input_shape=(4, 4, 3))
 

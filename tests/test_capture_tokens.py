@@ -9,6 +9,7 @@ from flax import nnx
 
 from jaxdissect import capture
 from jaxdissect.capture import TokenLayout
+from jaxdissect.models.load import init_variables
 
 
 class Tokens(nn.Module):
@@ -47,7 +48,7 @@ class Identity(nn.Module):
 def _setup(shape, **kw):
     model = Tokens(**kw)
     x = jax.random.normal(jax.random.key(0), (2, *shape))
-    variables = model.init(jax.random.key(1), x)
+    variables = init_variables(model, x, seed=1)
     conv = nn.Conv(6, (model.patch, model.patch), strides=model.patch)
     grid = conv.apply({"params": variables["params"]["embed"]}, x)  # the planted patch map
     return model, variables, x, np.asarray(grid)
@@ -115,7 +116,7 @@ def test_model_declared_layout_wins_over_inference():
 
     model = Declared(prefix=1, suffix=2)
     x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
-    variables = model.init(jax.random.key(1), x)
+    variables = init_variables(model, x, seed=1)
     tap = capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3))
     grid = nn.Conv(6, (4, 4), strides=4).apply({"params": variables["params"]["embed"]}, x)
     np.testing.assert_array_equal(np.asarray(tap.fn(variables, x)["tokens"]), np.asarray(grid))

@@ -11,6 +11,7 @@ import pytest
 from jaxdissect import capture, driver, engine, masks, parallel, statistics
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
+from jaxdissect.models.load import init_variables
 from jaxdissect.preprocess import InputSpec
 
 
@@ -109,7 +110,7 @@ class _Net(nn.Module):
 def test_a_third_pass_composes_from_outside_and_the_network_compiles_once(tmp_path):
     probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=13))
     model = _Net()
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = init_variables(model, jnp.zeros((1, 32, 32, 3)), seed=0)
     tap = capture.make_tap(model, variables, ("conv1",), input_shape=(32, 32, 3))
     settings = engine.Settings(quantile=0.05, quantile_mode="exact", batch_size=8)
     # activation_cache none: pass 2 runs the network again
@@ -170,7 +171,7 @@ def _backend_compiles(run) -> int:
 def test_dissectors_sharing_steps_compile_once(tmp_path):
     probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=13))
     model = _Net()
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = init_variables(model, jnp.zeros((1, 32, 32, 3)), seed=0)
     tap = capture.make_tap(model, variables, ("conv1", "conv2"), input_shape=(32, 32, 3))
     mesh = parallel.data_mesh(2)
     steps = driver.Steps()
@@ -213,7 +214,7 @@ def test_pipeline_dissections_of_one_architecture_compile_once(tmp_path):
 
     def dissect(seed: int, out: str) -> int:
         model = _Net()  # a new module object each time, as a new checkpoint's load gives
-        variables = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
+        variables = init_variables(model, jnp.zeros((1, 32, 32, 3)), seed=seed)
         info = pipeline.ModelInfo(model, variables, SPEC, "net", f"net-{seed}")
         return _backend_compiles(
             lambda: pipeline.dissect(
@@ -257,7 +258,7 @@ def test_steps_compiled_ahead_are_not_compiled_again_and_change_no_number(tmp_pa
     # pass 1) against none at all: the same numbers, and the calls compile nothing more.
     probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=13))
     model = _Net()
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = init_variables(model, jnp.zeros((1, 32, 32, 3)), seed=0)
     tap = capture.make_tap(model, variables, ("conv1", "conv2"), input_shape=(32, 32, 3))
     settings = engine.Settings(quantile=0.05, batch_size=8)
 

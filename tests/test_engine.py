@@ -4,7 +4,6 @@ import dataclasses
 import json
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from PIL import Image
 from jaxdissect import capture, engine, parallel, quantiles, results, store, tally
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
+from jaxdissect.models.load import init_variables
 from jaxdissect.preprocess import InputSpec
 from tests import reference
 from tests.broden_testing import tiny_broden
@@ -39,7 +39,7 @@ def probe(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model():
     m = SmallCNN()
-    variables = m.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+    variables = init_variables(m, jnp.zeros((1, 32, 32, 3)), seed=3)
     return m, variables
 
 

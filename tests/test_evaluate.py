@@ -9,6 +9,7 @@ import pytest
 
 from jaxdissect import evaluate, parallel, scenes
 from jaxdissect.interventions import Ablate, intervene
+from jaxdissect.models.load import init_variables
 
 CLASSES, N = 5, 45  # 45 = 2 full batches of 16 and a partial one of 13
 
@@ -27,7 +28,7 @@ def setup():
     # Class 4 has no example: its accuracy is undefined, its counts 0.
     labels = rng.integers(0, CLASSES - 1, N).astype(np.int32)
     model = _Linear()
-    variables = model.init(jax.random.key(0), images[:1].astype(np.float32))
+    variables = init_variables(model, images[:1].astype(np.float32), seed=0)
     split = scenes.SceneSplit(images, labels, np.arange(N))
     return model, variables, split
 

@@ -10,6 +10,7 @@ import pytest
 
 from jaxdissect import capture, interventions
 from jaxdissect.interventions import Ablate, Fold, Rotate, intervene
+from jaxdissect.models.load import init_variables
 from jaxdissect.rotation import random_rotation
 
 K, CLASSES = 6, 4
@@ -30,7 +31,7 @@ class _Tiny(nn.Module):
 def tiny():
     model = _Tiny()
     x = jax.random.normal(jax.random.key(0), (5, 3, 4, 3))
-    variables = model.init(jax.random.key(1), x)
+    variables = init_variables(model, x, seed=1)
     return model, variables, x
 
 
@@ -127,7 +128,7 @@ def test_token_layouts_take_the_same_rules():
 
     model = Tokens()
     x = jax.random.normal(jax.random.key(2), (3, 7, 5))
-    variables = model.init(jax.random.key(3), x)
+    variables = init_variables(model, x, seed=3)
     mask = interventions.unit_mask(K, [1, 4])
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
     y = np.asarray(x, np.float64) @ p["mix"]["kernel"] + p["mix"]["bias"]  # [b, n, K]

@@ -140,12 +140,11 @@ def test_aliases_and_default_layers_name_real_modules():
 
 @pytest.mark.slow
 def test_efficientnet_preclip_aliases_are_the_unclipped_outputs():
-    from jaxdissect import capture, training
+    from jaxdissect import capture
+    from jaxdissect.models.load import init_variables
 
     model = efficientnet_lite0(num_classes=5)
-    # One compiled initialisation (eagerly, each of its ops compiles on its own).
-    init = jax.jit(model.init, compiler_options=training.INIT_COMPILER_OPTIONS)
-    variables = init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    variables = init_variables(model, jnp.zeros((1, 64, 64, 3)), seed=0)
     # Scaled-up BatchNorm outputs so that the clip bites.
     variables = jax.tree_util.tree_map_with_path(
         lambda path, x: x * 40.0 if "scale" in str(path[-1]) else x, variables

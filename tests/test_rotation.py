@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdissect import capture, rotation, training
+from jaxdissect import capture, rotation
+from jaxdissect.models.load import init_variables
 from jaxdissect.models.small_cnn import small_cnn
 
 SIZE = 32
@@ -18,8 +19,7 @@ SIZE = 32
 def cnn():
     """A tiny small CNN (conv5 has 32 units) with a batch of images."""
     model = small_cnn(num_classes=5, width=0.125, image_size=SIZE)
-    init = jax.jit(model.init, compiler_options=training.INIT_COMPILER_OPTIONS)
-    variables = init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    variables = init_variables(model, jnp.zeros((1, SIZE, SIZE, 3)), seed=0)
     images = jax.random.normal(jax.random.key(1), (4, SIZE, SIZE, 3))
     return model, variables, images
 
@@ -182,7 +182,7 @@ class _Inner(nn.Module):
 def test_fold_reaches_every_consuming_module(residual):
     model = _Branches(residual=residual)
     x = jax.random.normal(jax.random.key(0), (5, 4))
-    variables = model.init(jax.random.key(1), x)
+    variables = init_variables(model, x, seed=1)
     r = rotation.random_rotation(6, seed=0)
     change = rotation.max_output_change(model, variables, {"layer": r}, np.asarray(x), lambda v: v)
     if residual:

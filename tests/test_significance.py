@@ -16,6 +16,9 @@ from jaxdissect import driver, masks, parallel, significance
 # The headless browser fixture `driver` (skips where Chromium is not installed).
 from tests.test_report_browser import driver as browser  # noqa: F401
 
+# The tests of one dissection with the test (`tested_run`) share a worker, which builds it once.
+TESTED_RUN = pytest.mark.xdist_group("significance_run")
+
 
 def _masks(rng, n, p, k, density):
     """Masks with a density per image and channel (heterogeneous, as real masks are)."""
@@ -247,6 +250,7 @@ def tested_run(tmp_path_factory):
     return out, source, model, settings, layer_results
 
 
+@TESTED_RUN
 def test_a_dissection_with_the_test_gives_the_in_memory_pvalues(tested_run):
     """The engine's p-values (masks packed in pass 2, draws streamed) are those of the
     in-memory test on masks computed directly from the network and the labels."""
@@ -281,6 +285,7 @@ def test_a_dissection_with_the_test_gives_the_in_memory_pvalues(tested_run):
         )
 
 
+@TESTED_RUN
 def test_results_tally_and_report_carry_the_pvalues(tested_run):
     out, _, _, settings, layer_results = tested_run
     doc = json.loads((out / "results.json").read_text())
@@ -326,6 +331,7 @@ def test_without_draws_nothing_changes(tmp_path):
         engine.Settings(significance_stride=0)
 
 
+@TESTED_RUN
 def test_the_significant_only_filter_shows_the_called_units(browser, tested_run):  # noqa: F811
     from selenium.webdriver.common.by import By
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxdissect import results, tally, tie_counts, ties
+from jaxdissect.models.load import init_variables
 from jaxdissect.report import build, strips
 from jaxdissect.tie_rule import TIE_RULES
 from tests.reference import random_probe, reference_dissect, reference_ties
@@ -224,7 +225,7 @@ class _ClipNet:
                 return x.mean((1, 2))
 
         net = Net()
-        return net, net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+        return net, init_variables(net, jnp.zeros((1, 32, 32, 3)), seed=0)
 
 
 @pytest.fixture(scope="module")

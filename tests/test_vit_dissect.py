@@ -14,6 +14,7 @@ from jaxdissect import capture, cli, driver, engine, parallel, quantiles, result
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.models import vit, vit_nnx
+from jaxdissect.models.load import init_variables
 from jaxdissect.preprocess import InputSpec
 from tests import reference
 from tests.experiment_testing import ROOT, TINY_SIZE, parse, run_script, script, tiny_broden
@@ -38,7 +39,7 @@ def probe(tmp_path_factory):
 @pytest.fixture(scope="module")
 def linen_vit():
     model = vit.ViT(num_classes=3, **TINY)
-    variables = model.init(jax.random.key(4), jnp.zeros((1, 32, 32, 3)))
+    variables = init_variables(model, jnp.zeros((1, 32, 32, 3)), seed=4)
     return model, variables
 
 
