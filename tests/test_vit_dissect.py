@@ -105,18 +105,14 @@ SETTINGS = engine.Settings(
 )
 
 
-@pytest.fixture(scope="module")
-def reference_stats(linen_vit, probe):
-    return _reference(*linen_vit, probe, SETTINGS)
-
-
-def test_token_layers_match_the_reference(linen_vit, probe, reference_stats):
+def test_token_layers_match_the_reference(linen_vit, probe):
     """On 8 devices (the NNX twin below runs on 1; `tests/test_engine.py` compares 1 and 8
     devices)."""
     model, variables = linen_vit
     got = _dissect(model, variables, probe, SETTINGS, 8)
+    want = _reference(model, variables, probe, SETTINGS)
     for name in LAYERS:
-        thresholds, ref = reference_stats[name]
+        thresholds, ref = want[name]
         np.testing.assert_array_equal(got[name].thresholds, thresholds, err_msg=name)
         for key in ("intersection", "label_pixels", "unit_pixels", "unit_total"):
             np.testing.assert_array_equal(
