@@ -36,7 +36,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     )
     flags.DEFINE_integer("top_units", 5, "Top-weighted units listed per concept.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "Images per forward batch.", flag_values=fv)
-    flags.DEFINE_integer("devices", None, "Devices to use (default: all).", flag_values=fv)
+    cli.define_devices_flag(fv)
     flags.DEFINE_bool("progress", True, "Log the training loss every epoch.", flag_values=fv)
     flags.DEFINE_string(
         "output_dir", None, "Default: runs/concept_vectors_<layer>.", flag_values=fv

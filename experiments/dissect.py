@@ -87,7 +87,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     cli.define_dataclass_flags(engine.Settings, fv)
     cli.define_dataclass_flags(pipeline.Options, fv)
     # How to run.
-    flags.DEFINE_integer("devices", None, "Devices to use (default: all).", flag_values=fv)
+    cli.define_devices_flag(fv)
     flags.DEFINE_string(
         "output_dir", None, "Where results go (default: runs/<model>).", flag_values=fv
     )

@@ -61,7 +61,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("max_train", None, "Use at most N training images.", flag_values=fv)
     # Output.
     flags.DEFINE_integer("log_every", 50, "Log loss and accuracy every N steps.", flag_values=fv)
-    flags.DEFINE_integer("devices", None, "Devices to use (default: all).", flag_values=fv)
+    cli.define_devices_flag(fv)
     flags.DEFINE_string(
         "output_dir", None, "Where the run goes (default: runs/train_<arch>).", flag_values=fv
     )

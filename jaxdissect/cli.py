@@ -51,14 +51,18 @@ def script_main(
 ) -> Callable[[Sequence[str]], None]:
     """The `main` for `absl.app.run` of a script whose work is `run()`.
 
-    Refuses positional arguments, enables the persistent compilation cache, keeps
-    library noise out of the log, and turns `USER_ERRORS` into one line, `error:
+    Refuses positional arguments, makes one JAX CPU device per core
+    (`parallel.split_cpu`), enables the persistent compilation cache, keeps library noise
+    out of the log, and turns `USER_ERRORS` into one line, `error:
     <message>` with parameters written as the flags `fv` defines, and exit status 1.
     """
 
     def main(argv: Sequence[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        from jaxdissect import parallel
+
+        parallel.split_cpu()
         quiet_library_logs()
         enable_compilation_cache()
         try:
@@ -270,7 +274,18 @@ def define_dissection_flags(
     define_dataclass_flags(Probe, fv, defaults=probe_defaults)
     define_dataclass_flags(engine.Settings, fv, defaults=settings_defaults)
     define_dataclass_flags(pipeline.Options, fv, defaults={"report": False})
-    flags.DEFINE_integer("devices", None, "Devices to use (default: all).", flag_values=fv)
+    define_devices_flag(fv)
+
+
+def define_devices_flag(fv: flags.FlagValues) -> None:
+    """`--devices`: how many of the visible devices the run's mesh spans."""
+    flags.DEFINE_integer(
+        "devices",
+        None,
+        "Devices to use (default: all; on CPU the scripts make one per core, at most 8, "
+        "unless JAX_NUM_CPU_DEVICES or XLA_FLAGS set a count).",
+        flag_values=fv,
+    )
 
 
 def define_finished_dissection_flags(fv: flags.FlagValues) -> None:

@@ -329,7 +329,8 @@ def run_pass(
         `read` takes a batch's activations from it where it has them.
       checkpoint_dir: where the pass's state is checkpointed every
         `checkpoint_every` batches and resumed from (None: no checkpoints). Its name
-        must be a key of everything the state depends on.
+        must be a key of everything the state depends on but the mesh: the state of a
+        mesh of n devices lives in its subfolder `{n}-devices`.
       steps: compiled steps to reuse and add to (None: compiled for this pass alone).
       compile_next: called with the activations' shapes once this pass's programs are
         compiling (at its first batch), to start a later pass's (`compile_ahead`).
@@ -344,7 +345,9 @@ def run_pass(
     state = jax.device_put(statistics.stack_shards(statistic, shards), parallel.sharded(mesh))
     ckpt, start = None, 0
     if checkpoint_dir is not None:
-        ckpt = StreamCheckpoint(checkpoint_dir, checkpoint_every)
+        ckpt = StreamCheckpoint(
+            pathlib.Path(checkpoint_dir) / f"{shards}-devices", checkpoint_every
+        )
         state, start = ckpt.restore(state)
         if start:
             logging.info("%s: resuming after batch %d of %d", name, start, num_batches)

@@ -12,6 +12,7 @@ same integer counts.
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,42 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXIS = "data"
+
+# The most JAX CPU devices `split_cpu` makes of one host.
+MAX_CPU_DEVICES = 8
+
+
+def cpu_device_count(cores: int) -> int:
+    """JAX CPU devices for a host of `cores` cores: the largest power of two <= `cores`
+    and <= `MAX_CPU_DEVICES` (so that batches of 8, 16, 32 ... split evenly)."""
+    n = 1
+    while n * 2 <= min(cores, MAX_CPU_DEVICES):
+        n *= 2
+    return n
+
+
+def split_cpu(cores: int | None = None) -> int | None:
+    """Make JAX's CPU backend `cpu_device_count(cores)` devices (default: the cores this
+    process may run on), so that a CPU run's data-parallel steps execute concurrently (one
+    XLA:CPU program leaves cores idle; the devices share one thread pool). Per-device
+    statistics merge exactly, so counts, exact and histogram thresholds do not change.
+
+    Returns the count set, or None where the user set one (`JAX_NUM_CPU_DEVICES`,
+    `jax_num_cpu_devices`, XLA_FLAGS' `--xla_force_host_platform_device_count`) or JAX's
+    backends have started. Call before any JAX computation; other backends ignore it.
+    """
+    if jax.config.jax_num_cpu_devices != -1:
+        return None
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = cpu_device_count(cores or 1)
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # backends already initialised: their device count stays
+        return None
+    return n
 
 
 def initialize_distributed(

@@ -97,6 +97,22 @@ def test_a_new_statistic_resumes_after_a_crash(tmp_path):
     assert int(got["images"]) == 30
 
 
+def test_a_checkpoint_resumes_only_on_the_mesh_it_was_written_on(tmp_path):
+    """A pass cut short on 2 devices and run again on 4 starts over (its per-device states
+    do not fit 4 devices) and keeps the 2-device checkpoint, which a run on 2 resumes."""
+    values = np.random.default_rng(1).random((30, 2, 2, 3)).astype(np.float32)
+    with pytest.raises(OSError, match="image 21"):
+        _run(_Values(values, fail_at=21), tmp_path, devices=2)
+    on_four = _Values(values)
+    got = _run(on_four, tmp_path, devices=4)
+    assert set(on_four.read) == set(range(30))
+    np.testing.assert_array_equal(got["above"], (values > 0.5).sum((0, 1, 2)))
+    on_two = _Values(values)
+    _run(on_two, tmp_path, devices=2)
+    assert set(on_two.read) - {0} == set(range(20, 30))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2-devices", "4-devices"]
+
+
 SPEC = InputSpec(32, (120.0, 120.0, 120.0), (60.0, 60.0, 60.0))
 
 

@@ -44,7 +44,12 @@ def _env():
 
 def _steps(out, stage):
     root = out / ".work" / "checkpoints"
-    return [int(p.name) for d in root.glob(f"{stage}-*") for p in d.iterdir() if p.name.isdigit()]
+    return [
+        int(p.name)
+        for d in root.glob(f"{stage}-*/*-devices")
+        for p in d.iterdir()
+        if p.name.isdigit()
+    ]
 
 
 def _outputs(out):

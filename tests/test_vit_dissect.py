@@ -2,6 +2,7 @@
 a big_vision-format .npz dissected from its flagfile."""
 
 import json
+import os
 import pathlib
 
 import jax
@@ -136,7 +137,8 @@ def test_nnx_twin_dissects_to_the_same_numbers(linen_vit, probe):
 
 
 def test_big_vision_npz_dissected_from_its_flagfile(tmp_path):
-    """The flagfile's model with random weights written as a big_vision .npz."""
+    """The flagfile's model with random weights written as a big_vision .npz; the script
+    makes a JAX CPU device of each core (`parallel.split_cpu`)."""
     flagfile = ROOT / "experiments" / "configs" / "vit_ti16_big_vision.flags"
     lines = [ln for ln in flagfile.read_text().splitlines() if ln.startswith("--")]
     classes = int(next(ln for ln in lines if ln.startswith("--num_classes=")).split("=")[1])
@@ -162,6 +164,8 @@ def test_big_vision_npz_dissected_from_its_flagfile(tmp_path):
     data = json.loads((out / "results.json").read_text())
     layers = {layer["layer"]: layer for layer in data["layers"]}
     assert set(layers) == {"block0", "mlp11"}
+    cores = len(os.sched_getaffinity(0))
+    assert data["settings"]["devices"] == parallel.cpu_device_count(cores)
     assert layers["mlp11"]["path"] == "Transformer/encoderblock_11/MlpBlock_0/gelu"
     assert len(layers["block0"]["units"]) == 192 and len(layers["mlp11"]["units"]) == 768
     assert pathlib.Path(out / "tally-mlp11.csv").exists()
