@@ -269,7 +269,7 @@ def _document(fv, cfg, layer, vectors, labels, dataset_name, num_images, forward
     }
 
 
-main = cli.script_main(run)
+main = cli.script_main(run, split_cpu=False)  # trains: results per --devices as given
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def train(fv: flags.FlagValues, config, output_dir: str, started: float):
     return result
 
 
-main = cli.script_main(run)
+main = cli.script_main(run, split_cpu=False)  # trains: results per --devices as given
 
 
 if __name__ == "__main__":

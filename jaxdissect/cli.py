@@ -47,12 +47,13 @@ def flag_message(text: str, fv: flags.FlagValues) -> str:
 
 
 def script_main(
-    run: Callable[[], Any], fv: flags.FlagValues = flags.FLAGS
+    run: Callable[[], Any], fv: flags.FlagValues = flags.FLAGS, *, split_cpu: bool = True
 ) -> Callable[[Sequence[str]], None]:
     """The `main` for `absl.app.run` of a script whose work is `run()`.
 
-    Refuses positional arguments, makes one JAX CPU device per core
-    (`parallel.split_cpu`), enables the persistent compilation cache, keeps library noise
+    Refuses positional arguments, makes one JAX CPU device per core where `split_cpu`
+    (`parallel.split_cpu`; not for training, whose gradient sums round differently on
+    another number of devices), enables the persistent compilation cache, keeps library noise
     out of the log, and turns `USER_ERRORS` into one line, `error:
     <message>` with parameters written as the flags `fv` defines, and exit status 1.
     """
@@ -60,9 +61,10 @@ def script_main(
     def main(argv: Sequence[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        from jaxdissect import parallel
+        if split_cpu:
+            from jaxdissect import parallel
 
-        parallel.split_cpu()
+            parallel.split_cpu()
         quiet_library_logs()
         enable_compilation_cache()
         try:
@@ -282,8 +284,8 @@ def define_devices_flag(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "devices",
         None,
-        "Devices to use (default: all; on CPU the scripts make one per core, at most 8, "
-        "unless JAX_NUM_CPU_DEVICES or XLA_FLAGS set a count).",
+        "Devices to use (default: all; on CPU the scripts that do not train make one per "
+        "core, at most 8, unless JAX_NUM_CPU_DEVICES or XLA_FLAGS set a count).",
         flag_values=fv,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging as pylogging
 import os
 import pathlib
@@ -17,6 +18,7 @@ from absl import flags
 
 from jaxdissect import cli, config, engine, outdir, parallel, pipeline, training
 from jaxdissect.models import load as model_load
+from tests.experiment_testing import script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -239,3 +241,19 @@ def test_compilation_cache_keeps_every_executable_where_jax_is_told(tmp_path, mo
         assert os.environ["JAX_COMPILATION_CACHE_DIR"] == session
         cli.enable_compilation_cache()
         assert jax.config.jax_compilation_cache_dir == session
+
+
+@pytest.mark.parametrize(
+    "name,splits",
+    [("dissect", True), ("significance", True), ("train", False), ("concept_vectors", False)],
+)
+def test_scripts_split_the_cpu_unless_they_train(monkeypatch, name, splits):
+    """Dissecting scripts make a CPU device per core; training's results would depend on
+    it (gradient sums round differently on another number of devices): train.py and the
+    concept-vector probes do not."""
+    calls = []
+    monkeypatch.setattr(parallel, "split_cpu", lambda: calls.append(1))
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda: None)
+    flag = inspect.getclosurevars(script(name).main).nonlocals["split_cpu"]
+    cli.script_main(lambda: None, split_cpu=flag)([name])
+    assert calls == ([1] if splits else [])
