@@ -24,9 +24,10 @@ must not, apart from the activation cache: `auto` by default, as in dissect.py;
 ResNets get random weights (speed does not depend on them) drawn in torch and
 imported; `--weights pretrained` is EfficientNet-Lite0's shipped ImageNet weights.
 `--layers` defaults to the model's default layers (ResNet: layer4; Lite0 the five
-of the main job). Prints one line per size, a summary table, and the marginal cost
-between consecutive sizes (what a further image costs once compilation and set-up
-are paid: the figure that scales to a full Broden).
+of the main job). On CPU the runs use a device per core as the scripts do
+(`parallel.split_cpu`; `JAX_NUM_CPU_DEVICES=1` for one). Prints one line per size, a
+summary table, and the marginal cost between consecutive sizes (what a further image
+costs once compilation and set-up are paid: the figure that scales to a full Broden).
 """
 
 from __future__ import annotations
@@ -267,6 +268,9 @@ def _child() -> dict:
 def main(argv):
     del argv
     if FLAGS.child:
+        from jaxdissect import parallel
+
+        parallel.split_cpu()  # as the scripts do: a CPU device per core unless set
         print("RESULT " + json.dumps(_child()), flush=True)
         return
     rows = []
