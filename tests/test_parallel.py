@@ -43,7 +43,7 @@ print(first, jax.device_count(), parallel.split_cpu(cores=3))
 """
 
 
-def _split_in_new_process(**env) -> str:
+def _split_in_new_process(**env) -> list[str]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "-1", **env}
     done = subprocess.run(
         [sys.executable, "-c", _SPLIT], env=env, capture_output=True, text=True, check=True
