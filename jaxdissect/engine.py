@@ -341,7 +341,10 @@ class Dissector:
     # ------------------------------------------------------------ keys
 
     def stage_key(self, stage: str, layer: str | None = None) -> str:
-        """Key of a layer's stored stage output, or (layer None) of a whole pass's checkpoints."""
+        """Key of a layer's stored stage output, or (layer None) of a whole pass's checkpoints.
+
+        It holds the mesh's device count: sketch thresholds depend on the per-device seeds.
+        """
         params = self.settings.pass1() if stage == "pass1" else self.settings.pass2()
         which = {"layer": layer} if layer is not None else {"layers": self.tap.layers}
         return store.key_of(
@@ -350,6 +353,7 @@ class Dissector:
             data=self.data_key,
             input_spec=dataclasses.asdict(self.input_spec),
             settings=params,
+            devices=int(self.mesh.devices.size),
             outputs=_OUTPUTS[stage],
             **which,
         )

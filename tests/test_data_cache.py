@@ -13,15 +13,16 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from jaxdissect import cli, driver, engine, pipeline, store
+from jaxdissect import cli, driver, engine, parallel, pipeline, store
 from jaxdissect.data import Broden, open_probe, synthetic
 from tests.broden_testing import tiny_broden
 from tests.fixtures.small_model import make
 
 REUSED = "reusing stored results"
+SETTINGS = engine.Settings(batch_size=8)
 
 
-def _dissect(root, out, caplog, steps):
+def _dissect(root, out, caplog, steps, mesh=None, settings=SETTINGS):
     """Tallies of one dissection, and the stages it reused (from the engine's log)."""
     module, variables = make()
     caplog.clear()
@@ -32,9 +33,10 @@ def _dissect(root, out, caplog, steps):
             ),
             ["conv1"],
             Broden.open(root),
-            engine.Settings(batch_size=8),
+            settings,
             out,
             dataset_name="tiny",
+            mesh=mesh,
             options=pipeline.Options(progress=False, num_threads=0, report=False),
             steps=steps,  # compiled once for the test's four dissections
         )
@@ -67,6 +69,18 @@ def test_editing_one_image_recomputes_both_passes(tmp_path, caplog):
     # And from a fresh output directory, the same numbers: nothing stale was mixed in.
     _, fresh = _dissect(root, tmp_path / "fresh", caplog, steps)
     assert _same(edited, fresh)
+
+
+def test_stages_are_reused_only_on_the_mesh_that_computed_them(tmp_path, caplog):
+    """Sketch thresholds depend on the per-device seeds: a run on 2 devices does not take
+    the stored stages of a run on 1 device (nor its checkpoints), a rerun on 1 does."""
+    root = synthetic.generate_tiny(tmp_path / "broden", num_images=16)
+    out, steps = tmp_path / "run", driver.Steps()
+    sketch = engine.Settings(batch_size=8, quantile_mode="sketch", quantile=0.05)
+    one, two = parallel.data_mesh(1), parallel.data_mesh(2)
+    assert _dissect(root, out, caplog, steps, one, sketch)[0] == []
+    assert _dissect(root, out, caplog, steps, two, sketch)[0] == []
+    assert _dissect(root, out, caplog, steps, one, sketch)[0] == ["pass1", "pass2"]
 
 
 def test_data_hash_reaches_the_source_from_the_flags(tmp_path):
