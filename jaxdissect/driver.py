@@ -15,9 +15,10 @@ Compiled steps live in a `Steps` cache owned by the caller: passes and Dissector
 given the same cache reuse one jitted function per statistic key (and per
 forward), so `jax.jit`'s own executable cache serves them all; a process compiles
 each (model, layers, batch shape) once. A group's parts (`Statistic.parts`: a pass's
-layers) are separate programs, and a pass's first batch compiles the forward and
-every part at once in the cache's background threads (`compile_ahead`), so the
-compiler keeps every core busy; a caller may start a later pass's compilations early.
+layers) are separate programs, and a pass's first batch compiles the forward, every
+part and the closing merge of the devices' states at once in the cache's background
+threads (`compile_ahead`), so the compiler keeps every core busy and no compile waits
+at the pass's end; a caller may start a later pass's compilations early.
 """
 
 from __future__ import annotations
@@ -78,20 +79,21 @@ class Steps:
         return self._built[key]
 
     def compile_ahead(
-        self, fn: Any, *args: Any, lowered: Any = None
+        self, fn: Any, *args: Any, lowered: Any = None, static: int = 0
     ) -> concurrent.futures.Future | None:
         """Start compiling jitted `fn` for arguments like `args` (arrays, or
-        `jax.ShapeDtypeStruct`s with their shardings) in the background; `lowered`: its
+        `jax.ShapeDtypeStruct`s with their shardings) in the background; the first
+        `static` arguments are `fn`'s static ones, passed as they are; `lowered`: its
         `fn.lower(*args)` where the caller has it. Asking again for the same function
         and signature returns the first request's future; None without threads."""
         if not self._threads:
             return None
-        like = jax.tree.map(_like, args)
-        key = (fn, jax.tree.structure(like), tuple(jax.tree.leaves(like)))
+        fixed, like = args[:static], jax.tree.map(_like, args[static:])
+        key = (fn, fixed, jax.tree.structure(like), tuple(jax.tree.leaves(like)))
         if key not in self._ahead:
 
             def work():
-                return (fn.lower(*like) if lowered is None else lowered).compile()
+                return (fn.lower(*fixed, *like) if lowered is None else lowered).compile()
 
             self._ahead[key] = self._executor().submit(work)
             self._pending.setdefault(fn, []).append(self._ahead[key])
@@ -283,10 +285,19 @@ def _forward_ahead(forward: Forward, steps: Steps, variables, images) -> Any:
     return lowered.out_info
 
 
-def _first_ahead(programs, steps: Steps, state, acts, batch, compile_next) -> None:
+def _first_ahead(programs, steps: Steps, state, acts, batch, merge, compile_next) -> None:
     acts = _steps_ahead(programs, steps, state, acts, batch)
+    _merge_ahead(merge, steps, state)
     if compile_next is not None:
         compile_next(acts)
+
+
+def _merge_ahead(merge: Callable, steps: Steps, state: Any) -> None:
+    """Compile the pass's closing merge of the per-device states (`run_pass` gathers them
+    to the host, then `statistics.merge_devices`) in the background."""
+    host = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    if jax.tree.leaves(host)[0].shape[0] > 1:  # one device: nothing to merge
+        steps.compile_ahead(statistics.merge_program, merge, host, static=1)
 
 
 def _steps_ahead(programs, steps: Steps, state, acts, batch) -> Any:
@@ -391,7 +402,7 @@ def run_pass(
             if cache.kind != "device":
                 acts = parallel.put_batch(acts, mesh)
             if first:
-                _first_ahead(programs, steps, state, acts, fields, compile_next)
+                _first_ahead(programs, steps, state, acts, fields, merge, compile_next)
         elif images is None or forward is None:
             raise RuntimeError(f"{name}: batch {b} is neither cached nor read with images")
         else:
@@ -399,12 +410,12 @@ def run_pass(
             is_forward = isinstance(forward, Forward)
             if first and is_forward:  # the forward and every step compile at once
                 acts_like = _forward_ahead(forward, steps, variables, images)
-                _first_ahead(programs, steps, state, acts_like, fields, compile_next)
+                _first_ahead(programs, steps, state, acts_like, fields, merge, compile_next)
             acts = steps.ready(forward.program)(variables, images) if is_forward else None
             if not is_forward:  # any callable: its output gives the steps' shapes
                 acts = forward(variables, images)
                 if first:
-                    _first_ahead(programs, steps, state, acts, fields, compile_next)
+                    _first_ahead(programs, steps, state, acts, fields, merge, compile_next)
             if cache_mode == "write" and cache.enabled:
                 cache.put(b, acts)
         state = _apply(programs, steps, state, acts, fields)
@@ -422,6 +433,7 @@ def run_pass(
     flush_cache()
     if ckpt is not None:
         ckpt.close()
+    steps.ready(statistics.merge_program)
     merged = statistics.merge_devices(merge, parallel.gather_to_host(state))
     return steps.finalize(statistic, jax.device_get(merged))
 

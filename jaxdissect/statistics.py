@@ -87,7 +87,8 @@ def _reduce_pairs(merge: Callable[[State, State], State], stacked: State) -> Sta
     return jax.tree.map(lambda x: x[0], stacked)
 
 
-_reduce_pairs_jit = jax.jit(_reduce_pairs, static_argnums=0)
+# `merge_program(merge, stacked)`: the jitted reduction (a driver may compile it ahead).
+merge_program = jax.jit(_reduce_pairs, static_argnums=0)
 
 
 def merge_devices(merge: Callable[[State, State], State], stacked: State) -> State:
@@ -99,7 +100,7 @@ def merge_devices(merge: Callable[[State, State], State], stacked: State) -> Sta
     """
     if jax.tree.leaves(stacked)[0].shape[0] == 1:
         return jax.tree.map(lambda x: x[0], stacked)
-    return _reduce_pairs_jit(merge, stacked)
+    return merge_program(merge, stacked)
 
 
 def stack_shards(statistic: Statistic, num_shards: int) -> State:

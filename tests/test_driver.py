@@ -291,10 +291,15 @@ def test_steps_compiled_ahead_are_not_compiled_again_and_change_no_number(tmp_pa
     assert steps._ahead and all(f.done() for f in steps._ahead.values())
     assert not steps._pending  # every program compiled ahead was waited for before its call
     alone, alone_names, _ = dissect(0, 3.25)
-    # The forward and a step per layer and pass compiled once either way: none compiled
-    # again at its call (the fills and threshold searches JAX keeps itself, across both).
+    # The forward and a step per layer and pass compiled once either way, and each pass's
+    # closing merge of the devices' states (on 2): none compiled again at its call (the
+    # fills and threshold searches JAX keeps itself, across both).
     programs = 1 + 2 * len(tap.layers)
     assert ahead_names.count("jit(local)") == alone_names.count("jit(local)") == programs
+    merges = 2 if devices > 1 else 0
+    assert sum(key[0] is statistics.merge_program for key in steps._ahead) == merges
+    assert ahead_names.count("jit(_reduce_pairs)") == merges
+    assert alone_names.count("jit(_reduce_pairs)") == merges
     for layer in tap.layers:
         np.testing.assert_array_equal(ahead[layer].thresholds, alone[layer].thresholds)
         np.testing.assert_array_equal(ahead[layer].top_maps, alone[layer].top_maps)
