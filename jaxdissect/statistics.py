@@ -361,6 +361,7 @@ __all__ = [
     "Statistic",
     "group",
     "merge_devices",
+    "merge_program",
     "quantile_statistic",
     "shard_seed",
     "stack_shards",
