@@ -345,7 +345,7 @@ def test_finding_b_folded_rotation_keeps_the_networks_power(rotation_run):
 
 @pytest.mark.slow
 def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
-    """ablation_demo.flags at tiny size (16 probe images at 48 px): the pretrained Lite0's
+    """ablation_demo.flags at tiny size (8 probe images at 48 px): the pretrained Lite0's
     classes are its most frequent top-1 predictions, and with no unit removed every image
     agrees with the intact network."""
     from jaxdissect import evaluate
@@ -357,11 +357,11 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
         "ablation",
         f"--flagfile={flagfile}",
         *data_args,
-        "--max_images=16",
+        "--max_images=8",
         "--top_classes=3",
         "--top_n=1,8,112",
         "--masks_per_call=64",
-        "--eval_batch_size=16",
+        "--eval_batch_size=8",
         *PROBE_ARGS,
         "--noreport",
         f"--output_dir={tmp_path}",
@@ -371,7 +371,7 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
     # The intact network's predictions on the same images, by the plain evaluator.
     loaded = model_load.load("efficientnet_lite0", weights="pretrained")
     data = data_args[0].split("=", 1)[1]
-    probe, _ = open_probe(data, split="all", max_images=16, resolution=TINY_SIZE)
+    probe, _ = open_probe(data, split="all", max_images=8, resolution=TINY_SIZE)
     images = np.stack([np.asarray(probe.read_image(i), np.float32) for i in range(len(probe))])
     net = evaluate.Evaluator(lambda v, x: loaded.module.apply(v, loaded.input_spec(x)))
     logits = net(
