@@ -22,16 +22,19 @@ import numpy as np
 KINDS = ("auto", "device", "host", "disk", "none")
 
 
-def local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of an array sharded on its leading axis."""
+def copy_local_rows(x: jax.Array, out: np.ndarray) -> None:
+    """Copy this process's rows of `x`, sharded on its leading axis, into `out` shard by
+    shard (no intermediate host array: fresh memory is faulted in page by page)."""
     shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    seen, rows = set(), []
+    base, filled = shards[0].index[0].start or 0, 0
     for s in shards:
-        start = s.index[0].start or 0
-        if start not in seen:  # replicas of one row block on several devices
-            seen.add(start)
-            rows.append(np.asarray(s.data))
-    return np.concatenate(rows)
+        start = (s.index[0].start or 0) - base
+        if start == filled:  # else a replica of a row block already copied
+            data = np.asarray(s.data)
+            out[start : start + len(data)] = data
+            filled += len(data)
+    if filled != len(out):
+        raise ValueError(f"this process's {filled} rows of {x.shape} do not fill {out.shape}")
 
 
 def _available_host_bytes() -> int:
@@ -133,7 +136,7 @@ class ActivationCache:
         else:
             rows = slice(batch * self.local_batch, (batch + 1) * self.local_batch)
             for layer, x in acts.items():
-                self._arrays[layer][rows] = local_rows(x)
+                copy_local_rows(x, self._arrays[layer][rows])
         self.hi = batch + 1
 
     def flush(self) -> None:
