@@ -8,8 +8,9 @@ One process per data size, on a synthetic Broden at 224:
     with the full network's head: a few % of the work);
   - dissection: both passes (thresholds, top images, exact IoU tally), and with
     `--report` everything `experiments/dissect.py` does after loading (results,
-    tally.csv, report); a first Dissector (compiling every step) and a second one
-    sharing its compiled steps (`driver.Steps`): the difference is the compile cost;
+    tally.csv, report; written under `--cache_dir`, on the data's disk as a run's
+    outputs are); a first Dissector (compiling every step) and a second one sharing
+    its compiled steps (`driver.Steps`): the difference is the compile cost;
   - ratios: JAX forward / torch forward, dissection / JAX forward and / torch forward;
   - peak host memory (ru_maxrss) after the data is opened, after the forward passes
     and at the end, so that growth can be placed.
@@ -69,7 +70,11 @@ flags.DEFINE_integer("loader_workers", 0, "Decoding processes (0: threads), as d
 flags.DEFINE_enum(
     "tally_method", "auto", ["auto", "segment", "compact", "matmul"], "IoU tally counting method."
 )
-flags.DEFINE_string("cache_dir", "~/.cache/jaxdissect/bench_engine", "Synthetic data cache.")
+flags.DEFINE_string(
+    "cache_dir",
+    "~/.cache/jaxdissect/bench_engine",
+    "Synthetic data cache; `--report` writes its outputs in a temporary folder under it.",
+)
 flags.DEFINE_bool("child", False, "Internal: run one size and print JSON.")
 FLAGS = flags.FLAGS
 
@@ -195,7 +200,7 @@ def _child() -> dict:
 
     def dissect() -> tuple[float, dict]:
         if FLAGS.report:
-            with tempfile.TemporaryDirectory() as out:
+            with tempfile.TemporaryDirectory(dir=os.path.expanduser(FLAGS.cache_dir)) as out:
                 t = time.perf_counter()
                 pipeline.dissect(
                     model_info(model),
