@@ -23,8 +23,8 @@ KINDS = ("auto", "device", "host", "disk", "none")
 
 
 def copy_local_rows(x: jax.Array, out: np.ndarray) -> None:
-    """Copy this process's rows of `x`, sharded on its leading axis, into `out` shard by
-    shard (no intermediate host array: fresh memory is faulted in page by page)."""
+    """Copy this process's rows of `x`, sharded on its leading axis, into `out`, shard by
+    shard."""
     shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
     base, filled = shards[0].index[0].start or 0, 0
     for s in shards:
