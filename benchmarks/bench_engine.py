@@ -13,7 +13,9 @@ One process per data size, on a synthetic Broden at 224:
     its compiled steps (`driver.Steps`): the difference is the compile cost;
   - ratios: JAX forward / torch forward, dissection / JAX forward and / torch forward;
   - peak host memory (ru_maxrss) after the data is opened, after the forward passes
-    and at the end, so that growth can be placed.
+    and at the end, so that growth can be placed;
+  - during the kept dissection: CPU cores busy, the kernel's share of that CPU time and
+    minor page faults an image (`getrusage`; fresh buffers are faulted in page by page).
 Sizes N, 2N, 4N show whether cost per image and memory grow with the data (memory
 must not, apart from the activation cache: `auto` by default, as in dissect.py;
 `none` makes pass 2 run the network again).
@@ -83,6 +85,12 @@ _RESNETS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu() -> tuple[float, float, int]:
+    """(user s, system s, minor page faults) of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime, r.ru_minflt
 
 
 def _models():
@@ -238,10 +246,13 @@ def _child() -> dict:
 
     t_dissect_first, _ = dissect()
     t_dissect, timings = float("inf"), {}
+    cpu = (0.0, 0.0, 0)
     for _ in range(FLAGS.repeats):
+        before = _cpu()
         t, tm = dissect()
         if t < t_dissect:
             t_dissect, timings = t, tm
+            cpu = tuple(b - a for a, b in zip(before, _cpu(), strict=True))
     n = len(source)
     return {
         "images": n,
@@ -262,6 +273,9 @@ def _child() -> dict:
         "jax_vs_torch": t_forward / t_torch,
         "dissect_vs_torch": t_dissect / t_torch,
         "compile_share_first": (t_dissect_first - t_dissect) / t_dissect_first,
+        "cores": (cpu[0] + cpu[1]) / t_dissect,
+        "kernel_share": cpu[1] / max(cpu[0] + cpu[1], 1e-9),
+        "faults_per_image": cpu[2] / n,
         "peak_rss_mb": _peak_rss_mb(),
         "rss_after_data_mb": rss_data,
         "rss_after_forward_mb": rss_forward,
@@ -319,6 +333,12 @@ def main(argv):
             f"{r['forward_first_s']:>9.1f} / {r['forward_s']:>8.1f} "
             f"{r['dissect_first_s']:>9.1f} / {r['dissect_s']:>8.1f} "
             f"{r['compile_share_first']:>14.2f}"
+        )
+    print(f"\n{'images':>7} {'cores busy':>11} {'kernel share':>13} {'page faults / image':>20}")
+    for r in rows:
+        print(
+            f"{r['images']:>7} {r['cores']:>11.2f} {r['kernel_share']:>13.2f} "
+            f"{r['faults_per_image']:>20.0f}"
         )
     # Fixed costs (setting up, and compiling for the first runs) weigh on small runs; the
     # difference between two sizes is what each further image costs.
