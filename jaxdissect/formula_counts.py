@@ -252,9 +252,9 @@ def formula_statistic(
 
     def init(shard: int):
         return {
-            "thresholds": jnp.asarray(thresholds),
-            "concepts": jnp.asarray(table.concepts, jnp.int32),
-            "ops": jnp.asarray(table.ops, jnp.int32),
+            "thresholds": jax.device_put(thresholds),
+            "concepts": jax.device_put(np.asarray(table.concepts, np.int32)),
+            "ops": jax.device_put(np.asarray(table.ops, np.int32)),
             "counts": {
                 "and_label": tally.WideCount.zeros((k, slots, num_labels)),
                 "formula_label": tally.WideCount.zeros((k, slots, num_labels)),

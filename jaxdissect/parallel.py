@@ -161,6 +161,15 @@ def varying_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
     return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
 
 
+def filled(shape: tuple[int, ...], value: Any, dtype: Any) -> jax.Array:
+    """`jnp.full(shape, value, dtype)` made on the host and put on the default device.
+
+    Eager `jnp.full` and `jnp.zeros` compile an XLA program for every new shape, and a
+    statistic's initial state has one per layer and field; a transfer compiles nothing.
+    """
+    return jax.device_put(np.full(shape, value, dtype))
+
+
 def put_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """This process's rows of a global batch -> global arrays sharded on `data`."""
     sharding = sharded(mesh)

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect import statistics
+from jaxdissect import parallel, statistics
 from jaxdissect.interpolation import interpolation_taps
 from jaxdissect.tie_rule import active, check_tie_rule
 
@@ -382,9 +382,9 @@ def mask_statistic(
 
     def init(shard: int):
         return {
-            "thresholds": jnp.asarray(thresholds),
-            "units": jnp.zeros((num_images, pixels, (k + 7) // 8), jnp.uint8),
-            "concepts": jnp.zeros((num_images, pixels, (c + 7) // 8), jnp.uint8),
+            "thresholds": jax.device_put(thresholds),
+            "units": parallel.filled((num_images, pixels, (k + 7) // 8), 0, np.uint8),
+            "concepts": parallel.filled((num_images, pixels, (c + 7) // 8), 0, np.uint8),
         }
 
     def update(state, batch):

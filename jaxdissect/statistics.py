@@ -284,7 +284,7 @@ def tally_statistic(
 
     def init(shard: int):
         return {
-            "thresholds": jnp.asarray(thresholds),
+            "thresholds": jax.device_put(thresholds),
             "counts": tally.tally_init(num_units, labels, patterns=patterns),
         }
 
@@ -336,7 +336,7 @@ def ties_statistic(
 
     def init(shard: int):
         return {
-            "thresholds": jnp.asarray(thresholds),
+            "thresholds": jax.device_put(thresholds),
             "ties": tie_counts.ties_init(thresholds.shape[0]),
         }
 

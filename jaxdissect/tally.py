@@ -610,7 +610,7 @@ def tally_init(num_units: int, labels: LabelSpace, *, patterns: bool = False) ->
         label_pixels=WideCount.zeros((nl,)),
         unit_pixels=WideCount.zeros((num_units, nc)),
         unit_total=WideCount.zeros((num_units,)),
-        images=jnp.zeros((), jnp.int32),
+        images=parallel.filled((), 0, np.int32),
         pattern_pixels=WideCount.zeros((num_units, 1 << nc)) if patterns else None,
     )
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.parallel import filled
 from jaxdissect.tally import WideCount
 from jaxdissect.unit_reduce import fold_rows
 
@@ -28,8 +29,8 @@ class TieState:
 def ties_init(num_units: int) -> TieState:
     """Empty statistics for `num_units` units."""
     return TieState(
-        minimum=jnp.full((num_units,), jnp.inf, jnp.float32),
-        maximum=jnp.full((num_units,), -jnp.inf, jnp.float32),
+        minimum=filled((num_units,), np.inf, np.float32),
+        maximum=filled((num_units,), -np.inf, np.float32),
         at_threshold=WideCount.zeros((num_units,)),
         values=WideCount.zeros(()),
     )

@@ -11,6 +11,9 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxdissect.parallel import filled
 
 
 @flax.struct.dataclass
@@ -30,10 +33,10 @@ def init(num_units: int, k: int, map_size: tuple[int, int] | None = None) -> Top
     """Empty state; with `map_size` (h, w) the maps of the top images are kept too."""
     maps = None
     if map_size is not None:
-        maps = jnp.zeros((k, *map_size, num_units), jnp.float32)
+        maps = filled((k, *map_size, num_units), 0, np.float32)
     return TopImages(
-        values=jnp.full((k, num_units), -jnp.inf, jnp.float32),
-        indices=jnp.full((k, num_units), -1, jnp.int32),
+        values=filled((k, num_units), -np.inf, np.float32),
+        indices=filled((k, num_units), -1, np.int32),
         maps=maps,
     )
 

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.parallel import filled
+
 LO_BITS = 30
 LO_MASK = (1 << LO_BITS) - 1
 
@@ -21,7 +23,7 @@ class WideCount:
 
     @classmethod
     def zeros(cls, shape: tuple[int, ...]) -> WideCount:
-        return cls(hi=jnp.zeros(shape, jnp.int32), lo=jnp.zeros(shape, jnp.int32))
+        return cls(hi=filled(shape, 0, np.int32), lo=filled(shape, 0, np.int32))
 
     def add(self, x: jax.Array) -> WideCount:
         """Add int32 counts 0 <= x < 2**30."""

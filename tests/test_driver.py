@@ -183,6 +183,39 @@ def _backend_compiles(run) -> int:
     return len(count)
 
 
+def test_initial_states_compile_nothing():
+    """Every statistic's initial state is made on the host and transferred: no XLA program
+    per field's shape (eager `jnp.full` compiles one for each new shape, on a first run's
+    critical path). Shapes of 173 units, used nowhere else, keep JAX's caches cold."""
+    from jaxdissect import formula_counts, formulas, significance
+    from jaxdissect.labelspace import LabelSpace
+
+    k, thresholds = 173, np.linspace(0, 1, 173, dtype=np.float32)
+    labels = LabelSpace(("a", "b"), ("-", "x", "y", "z"), np.array([-1, 0, 1, 1]), (False, True))
+    table = formulas.FormulaTable.of([[]] * k, slots=3)
+    made = {
+        **{
+            f"quantile {mode}": statistics.quantile_statistic(
+                "l", k, total_count=4173, q=0.01, mode=mode, activation_dtype="float16"
+            )
+            for mode in ("exact", "sketch", "histogram")
+        },
+        "top images": statistics.top_images_statistic("l", k, 3, (5, 7)),
+        "tally": statistics.tally_statistic(
+            "l", thresholds, labels, restriction="overlap", patterns=True
+        ),
+        "ties": statistics.ties_statistic("l", thresholds),
+        "significance": significance.mask_statistic(
+            "l", thresholds, [1, 3], num_images=11, seg_size=(5, 7)
+        ),
+        "formulas": formula_counts.formula_statistic("l", thresholds, table, 4),
+    }
+    for name, statistic in made.items():
+        assert _backend_compiles(lambda s=statistic: statistics.stack_shards(s, 2)) == 0, name
+    # The counter sees an eager fill of a new shape.
+    assert _backend_compiles(lambda: jnp.full((k, 3, 5), 7.0)) > 0
+
+
 @pytest.mark.slow
 def test_dissectors_sharing_steps_compile_once(tmp_path):
     probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=13))

@@ -6,13 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.parallel import filled
 from jaxdissect.widecount import LO_BITS, WideCount
 
 _BASE = 1 << LO_BITS
 
 
 def _count_zero() -> jax.Array:
-    return jnp.zeros((2,), jnp.int32)
+    return filled((2,), 0, np.int32)
 
 
 def _count_add(c: jax.Array, n: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxdissect.parallel import filled
 from jaxdissect.quantiles.bitonic import _merge_desc, _pow2, _sort_desc
 from jaxdissect.quantiles.chunks import _scan_chunks, _split, _switch_tier
 from jaxdissect.quantiles.counts import _count_add, _count_merge, _count_zero, count_value
@@ -54,11 +55,11 @@ def exact_init(num_units: int, total_count: int, q: float = DEFAULT_Q) -> ExactS
     """Empty exact state for `total_count` values per unit (known in advance)."""
     k, stage = _widths(total_count, q)
     return ExactState(
-        top=jnp.full((num_units, k), _NEG_INF, jnp.float32),
-        stage=jnp.full((num_units, stage), _NEG_INF, jnp.float32),
-        stage_fill=jnp.zeros((), jnp.int32),
+        top=filled((num_units, k), _NEG_INF, np.float32),
+        stage=filled((num_units, stage), _NEG_INF, np.float32),
+        stage_fill=filled((), 0, np.int32),
         count=_count_zero(),
-        nonfinite=jnp.zeros((num_units,), jnp.int32),
+        nonfinite=filled((num_units,), 0, np.int32),
         total_count=int(total_count),
         q=float(q),
     )

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxdissect.parallel import filled
 from jaxdissect.quantiles.chunks import _chunks
 from jaxdissect.quantiles.counts import _count_add, _count_merge, _count_zero, count_value
 from jaxdissect.quantiles.definition import _NEG_INF, DEFAULT_Q, _flush_zero, _lerp32, _positions
@@ -71,10 +72,10 @@ def histogram_init(
     """Empty counts for `num_units` units of `dtype` activations, `total_count` values each."""
     check_histogram(dtype, total_count)
     return HistogramState(
-        counts=jnp.zeros((num_units * SLOTS + 1,), jnp.int32),
+        counts=filled((num_units * SLOTS + 1,), 0, np.int32),
         count=_count_zero(),
-        nonfinite=jnp.zeros((num_units,), jnp.int32),
-        inexact=jnp.zeros((num_units,), jnp.int32),
+        nonfinite=filled((num_units,), 0, np.int32),
+        inexact=filled((num_units,), 0, np.int32),
         dtype=dtype,
         q=float(q),
     )

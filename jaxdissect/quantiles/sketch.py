@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxdissect.parallel import filled
 from jaxdissect.quantiles.bitonic import _merge_desc, _sort_desc
 from jaxdissect.quantiles.chunks import _scan_chunks, _split, _switch_tier
 from jaxdissect.quantiles.counts import (
@@ -166,17 +167,17 @@ def sketch_init(
     if size * 2**num_levels >= 2**31:
         raise ValueError("max_count too large for int32 rank sums; raise size")
     return SketchState(
-        levels=jnp.full((num_levels, num_units, size), _NEG_INF, jnp.float32),
-        stage=jnp.full((num_units, size), _NEG_INF, jnp.float32),
-        fill=jnp.zeros((num_levels, num_units), jnp.int32),
-        ncompact=jnp.zeros((num_levels, num_units), jnp.int32),
-        tie_val=jnp.full((num_units,), _NEG_INF, jnp.float32),
-        tie_w=jnp.zeros((num_units,), jnp.int32),
-        dropped_max=jnp.full((num_units,), _NEG_INF, jnp.float32),
-        nonfinite=jnp.zeros((num_units,), jnp.int32),
+        levels=filled((num_levels, num_units, size), _NEG_INF, np.float32),
+        stage=filled((num_units, size), _NEG_INF, np.float32),
+        fill=filled((num_levels, num_units), 0, np.int32),
+        ncompact=filled((num_levels, num_units), 0, np.int32),
+        tie_val=filled((num_units,), _NEG_INF, np.float32),
+        tie_w=filled((num_units,), 0, np.int32),
+        dropped_max=filled((num_units,), _NEG_INF, np.float32),
+        nonfinite=filled((num_units,), 0, np.int32),
         count=_count_zero(),
-        step=jnp.zeros((), jnp.uint32),
-        key=jnp.asarray(_seed_key(seed)),
+        step=filled((), 0, np.uint32),
+        key=jax.device_put(_seed_key(seed)),
         q=float(q),
         rho=float(rho),
         max_count=None if max_count is None else int(max_count),
