@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -574,19 +575,24 @@ def write_results_json(
     layers = [result.layer for result in results]
     if len(set(layers)) != len(layers):
         raise ValueError(f"duplicate layer names: {layers}")
+    records = [layer_record(result) for result in results]
+    # Each unit's record on one line: indenting them all ran json's pure-Python encoder.
+    token = f"\0{secrets.token_hex(8)}:"  # no string of the document can equal a placeholder
+    units = [unit for record in records for unit in record["units"]]
+    slots = iter(range(len(units)))
     document = {
         "format": RESULTS_FORMAT,
         "version": RESULTS_VERSION,
         "complete": True,
         "unit_numbering": UNIT_NUMBERING,
         "settings": _jsonable(settings),
-        "layers": [layer_record(result) for result in results],
+        "layers": [{**r, "units": [f"{token}{next(slots)}" for _ in r["units"]]} for r in records],
     }
-    path = Path(path)
-    with store.atomic_open(path) as f:
-        json.dump(document, f, indent=1, allow_nan=False, ensure_ascii=False)
-        f.write("\n")
-    return path
+    lines = [json.dumps(unit, allow_nan=False, ensure_ascii=False) for unit in units]
+    text = json.dumps(document, indent=1, allow_nan=False, ensure_ascii=False)
+    quoted = re.escape(json.dumps(token, ensure_ascii=False)[:-1])
+    text = re.sub(quoted + r'(\d+)"', lambda m: lines[int(m.group(1))], text)
+    return store.write_text(path, text + "\n")
 
 
 def read_results_json(path: str | os.PathLike) -> dict[str, Any]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import html.parser
-import io
 import os
 import re
 import subprocess
 import sys
 import urllib.parse
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,6 @@ XSS = "<script>alert(1)</script>"
 AMP = 'Tom & Jerry\'s "cart"'
 MATH = "$x^2$ price"
 CATEGORIES = ("object", "part", "scene", "texture", "color")
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _layer(
@@ -122,9 +121,9 @@ def test_files_written(built: tuple[Path, list[LayerPage]]) -> None:
         "layer-blocks_3.html",
         "layer-random_conv5.html",
     }
-    assert (out / "plots" / "unique-detectors.png").is_file()
+    assert (out / "plots" / "unique-detectors.svg").is_file()
     for stem in ("layer4", "blocks_3", "random_conv5"):
-        assert (out / "plots" / f"{stem}-concepts.png").is_file()
+        assert (out / "plots" / f"{stem}-concepts.svg").is_file()
     # Atomic writes leave no temp files behind.
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
@@ -268,44 +267,99 @@ def test_upsample_keeps_a_nan_or_infinity_local() -> None:
         assert changed.sum() < changed.size / 4
 
 
-def _png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data.startswith(PNG_MAGIC)
-    with Image.open(io.BytesIO(data)) as im:
-        im.verify()
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.size
+SVG = "{http://www.w3.org/2000/svg}"
 
 
-def test_plots_valid_png(tmp_path: Path) -> None:
+def _svg(path: Path) -> ET.Element:
+    """The parsed SVG (a label that broke the markup fails here)."""
+    root = ET.parse(path).getroot()
+    assert root.tag == f"{SVG}svg"
+    assert float(root.get("width")) > 100 and float(root.get("height")) > 100
+    return root
+
+
+def _bars(root: ET.Element) -> list[tuple[str, float, float, float, str]]:
+    """(title, x, bottom, height, fill) of each bar, in drawing order."""
+    return [
+        (
+            r.find(f"{SVG}title").text,
+            float(r.get("x")),
+            float(r.get("y")) + float(r.get("height")),
+            float(r.get("height")),
+            r.get("fill"),
+        )
+        for r in root.iter(f"{SVG}rect")
+        if r.get("class") == "bar"
+    ]
+
+
+def _texts(root: ET.Element) -> list[str]:
+    return [t.text for t in root.iter(f"{SVG}text")]
+
+
+def test_detectors_per_concept_svg(tmp_path: Path) -> None:
+    odd = "a<b&\"c'"
     dets = [("dog", "object", 5), ("wheel", "part", 2), (MATH, "object", 3), ("sky", "scene", 0)]
-    w, h = _png_size(report.plot_detectors_per_concept(tmp_path / "a.png", dets, title="l4"))
-    assert w > 100 and h > 100
-    # No detector at all (random network): an empty graph, not a crash.
-    w0, _ = _png_size(report.plot_detectors_per_concept(tmp_path / "b.png", [], iou_threshold=0.04))
-    assert w0 > 100
+    dets.append((odd, "part", 2))
+    root = _svg(report.plot_detectors_per_concept(tmp_path / "a.svg", dets, title="l4"))
+    # Categories by total (object 8, part 4), then count, then label; no bar for 0 units.
+    order = [("dog", "object", 5), (MATH, "object", 3), (odd, "part", 2), ("wheel", "part", 2)]
+    bars = _bars(root)
+    assert [b[0] for b in bars] == [f"{lab} ({cat}): {n}" for lab, cat, n in order]
+    assert [b[1] for b in bars] == sorted(b[1] for b in bars)
+    assert len({round(b[2], 6) for b in bars}) == 1  # one baseline
+    per_unit = [b[3] / n for b, (_, _, n) in zip(bars, order, strict=True)]
+    np.testing.assert_allclose(per_unit, per_unit[0], rtol=1e-3)
+    colors = report.category_colors(["object", "part"])
+    assert [b[4] for b in bars] == [colors[cat] for _, cat, _ in order]
+    texts = _texts(root)
+    assert texts[0] == "l4: 4 unique detectors, 12 units"
+    assert [t for t in texts if t in {lab for lab, _, _ in dets}] == [lab for lab, _, _ in order]
+    # No detector at all (random network): an empty graph with a note, not a crash.
+    empty = _svg(report.plot_detectors_per_concept(tmp_path / "b.svg", [], iou_threshold=0.04))
+    assert not _bars(empty) and "no unit above IoU threshold 0.04" in _texts(empty)
     many = [(f"concept {i}", CATEGORIES[i % 5], 1 + i % 7) for i in range(120)]
-    wide, _ = _png_size(report.plot_detectors_per_concept(tmp_path / "c.png", many))
-    assert wide > w
-    units = [{"object": 3, "part": 0}, {"object": 0, "part": 0}, {"color": 9}]
-    _png_size(report.plot_unique_detectors(tmp_path / "d.png", ["conv1", "a/b", "c"], units))
-    _png_size(report.plot_unique_detectors(tmp_path / "e.png", [], []))
+    wide = _svg(report.plot_detectors_per_concept(tmp_path / "c.svg", many))
+    assert float(wide.get("width")) > float(root.get("width"))
+    # Very many bars are squeezed into the widest graph rather than cut off.
+    most = [(f"c{i}", "object", 1) for i in range(1000)]
+    widest = _svg(report.plot_detectors_per_concept(tmp_path / "d.svg", most))
+    right = max(b[1] for b in _bars(widest))
+    assert float(widest.get("width")) <= 4800 and right < float(widest.get("width"))
+    with pytest.raises(ValueError, match="path: the plot is SVG"):
+        report.plot_detectors_per_concept(tmp_path / "e.png", dets)
+
+
+def test_unique_detectors_svg(tmp_path: Path) -> None:
+    units = [{"object": 3, "part": 4}, {"object": 0, "part": 0}, {"color": 9}]
+    layers = ["conv1", XSS, "c"]
+    root = _svg(report.plot_unique_detectors(tmp_path / "d.svg", layers, units))
+    bars = _bars(root)
+    assert [b[0] for b in bars] == ["conv1, object: 3", "conv1, part: 4", "c, color: 9"]
+    # Stacked: part sits on object; heights proportional to the counts.
+    assert bars[1][2] == pytest.approx(bars[0][2] - bars[0][3])
+    np.testing.assert_allclose(
+        [b[3] / n for b, n in zip(bars, (3, 4, 9), strict=True)], bars[0][3] / 3, rtol=1e-3
+    )
+    texts = _texts(root)
+    assert {"7", "0", "9", XSS, "object", "part", "color"} <= set(texts)
+    empty = _svg(report.plot_unique_detectors(tmp_path / "e.svg", [], []))
+    assert not _bars(empty) and "no layer" in _texts(empty)
     with pytest.raises(ValueError):
-        report.plot_unique_detectors(tmp_path / "f.png", ["x"], [])
+        report.plot_unique_detectors(tmp_path / "f.svg", ["x"], [])
 
 
-def test_plots_do_not_use_pyplot() -> None:
+def test_report_plots_need_no_matplotlib() -> None:
     code = (
         "import sys, tempfile, pathlib\n"
         "from jaxdissect import report\n"
         "d = pathlib.Path(tempfile.mkdtemp())\n"
-        "report.plot_detectors_per_concept(d / 'a.png', [('x', 'object', 1)])\n"
-        "assert 'matplotlib.pyplot' not in sys.modules\n"
+        "report.plot_detectors_per_concept(d / 'a.svg', [('x', 'object', 1)])\n"
+        "report.plot_unique_detectors(d / 'b.svg', ['l'], [{'object': 1}])\n"
+        "assert 'matplotlib' not in sys.modules\n"
         "assert 'jax' not in sys.modules\n"
     )
-    env = {**os.environ, "MPLBACKEND": "TkAgg"}  # a GUI backend must not be needed
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_atomic_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

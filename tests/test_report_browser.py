@@ -136,7 +136,11 @@ def test_index(driver: WebDriver, site: Path) -> None:
     assert driver.find_element(By.TAG_NAME, "h1").text == f"Dissection of {XSS}"
     rows = driver.find_elements(By.CSS_SELECTOR, "#summary tbody tr")
     assert len(rows) == 3
-    assert len(driver.find_elements(By.CSS_SELECTOR, ".plot img")) == 4
+    plots = driver.find_elements(By.CSS_SELECTOR, ".plot img")
+    assert len(plots) == 4
+    # Every SVG graph loaded and has a size (a malformed one shows nothing).
+    loaded = "return arguments[0].complete && arguments[0].naturalWidth"
+    assert all(driver.execute_script(loaded, img) > 100 for img in plots)
     settings = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#settings td")]
     assert XSS in settings
     _no_js_errors(driver)

@@ -238,6 +238,15 @@ def test_results_json_round_trip(layer, tmp_path):
         "intersect": 30,
     }
     assert first["summary"]["unique_detectors"] == 3
+    # The whole document is what layer_record gives, each unit's record on a line of its own.
+    assert doc["layers"] == json.loads(
+        json.dumps([results.layer_record(r) for r in (layer, other)])
+    )
+    lines = path.read_text().splitlines()
+    unit_lines = [
+        json.loads(line.rstrip(",")) for line in lines if line.lstrip().startswith('{"layer"')
+    ]
+    assert unit_lines == first["units"] + second["units"]
     assert second["summary"]["interpretable_units"] == 1  # threshold 0.2: only car (0.25)
     assert first["units"][0]["interpretable"] is True
 

@@ -127,7 +127,7 @@ def write_report(
 ) -> Path:
     """Write index.html, a page and a bar graph per layer, and the cross-layer plot.
 
-    Strip images are not written here: each UnitCard points at its own PNG.
+    Strip images are not written here: each UnitCard points at its own JPEG.
     Every file is written atomically; index.html last. Returns index.html's path.
     """
     out = Path(out_dir)
@@ -137,7 +137,7 @@ def write_report(
     colors = plots.category_colors(categories)
     env = _environment()
 
-    cross_plot = f"{PLOTS_DIR}/unique-detectors.png"
+    cross_plot = f"{PLOTS_DIR}/unique-detectors.svg"
     plots.plot_unique_detectors(
         out / cross_plot,
         [p.layer for p in layers],
@@ -148,7 +148,7 @@ def write_report(
 
     entries = []
     for page, stem in zip(layers, stems, strict=True):
-        bars = f"{PLOTS_DIR}/{stem}-concepts.png"
+        bars = f"{PLOTS_DIR}/{stem}-concepts.svg"
         plots.plot_detectors_per_concept(
             out / bars,
             page.detectors_per_concept,

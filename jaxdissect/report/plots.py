@@ -1,7 +1,9 @@
 """Report plots: detectors per concept for one layer, unique detectors across layers.
 
-Uses `matplotlib.figure.Figure` directly (never pyplot), so no global figure
-state is created or leaks between calls, and no GUI backend is touched.
+The dissection report's two bar graphs are SVG written here directly (label names
+escaped; the browser lays out the text). The studies' figures use
+`matplotlib.figure.Figure` (never pyplot), imported only where one is drawn, so no
+global figure state is created and no GUI backend is touched.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import os
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from typing import TYPE_CHECKING
+from xml.sax.saxutils import escape
 
 from jaxdissect import store
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 # Fixed colours for Broden's categories so they match across every plot of a report.
 _KNOWN = {
@@ -30,6 +34,12 @@ _KNOWN = {
 }
 _SPARE = ("#76b7b2", "#ff9da7", "#9c755f", "#bab0ac", "#17becf", "#8c564b", "#7f7f7f")
 _DPI = 100
+# SVG bar graphs, in CSS pixels.
+_BAR_SLOT = 16  # one concept's bar and its gap
+_MAX_WIDTH = 4800  # wider graphs squeeze their bars
+_PLOT_HEIGHT = 230
+_GRID = "#dddddd"
+_INK = "#333333"
 
 
 def category_colors(categories: Iterable[str]) -> dict[str, str]:
@@ -69,6 +79,86 @@ def _note(ax: Axes, text: str) -> None:
     )
 
 
+def _svg_text(
+    x: float,
+    y: float,
+    text: str,
+    *,
+    size: float = 10,
+    anchor: str = "start",
+    rotate: float = 0,
+    color: str = _INK,
+    bold: bool = False,
+) -> str:
+    """One SVG <text>; `text` is data, escaped. `y` is the middle of the line."""
+    turn = f' transform="rotate({rotate:g} {x:.1f} {y:.1f})"' if rotate else ""
+    weight = ' font-weight="bold"' if bold else ""
+    return (
+        f'<text x="{x:.1f}" y="{y:.1f}" dy="0.35em" font-size="{size:g}" fill="{color}"'
+        f' text-anchor="{anchor}"{weight}{turn}>{escape(text)}</text>'
+    )
+
+
+def _text_width(text: str, size: float) -> float:
+    """A generous estimate of `text`'s width in a sans-serif font (no font metrics here)."""
+    return 0.62 * size * len(text)
+
+
+def _integer_ticks(top: float) -> list[int]:
+    """0, step, ..., up to the first multiple of step >= `top` (at least 1), in at most 6
+    ticks; the step is 1, 2 or 5 times a power of ten."""
+    top = max(top, 1)
+    step = 1
+    while math.ceil(top / step) > 5:
+        step = step * 5 // 2 if str(step)[0] == "2" else step * 2
+    return list(range(0, step * math.ceil(top / step) + 1, step))
+
+
+def _svg_axes(left: float, top: float, width: float, height: float, ticks: list[int]) -> list[str]:
+    """Horizontal grid lines with their labels and the y axis of a bar graph."""
+    parts = []
+    for t in ticks:
+        y = top + height - height * t / ticks[-1]
+        parts.append(
+            f'<line x1="{left:.1f}" y1="{y:.1f}" x2="{left + width:.1f}" y2="{y:.1f}"'
+            f' stroke="{_GRID}" stroke-width="0.8"/>'
+        )
+        parts.append(_svg_text(left - 5, y, str(t), anchor="end"))
+    parts.append(
+        f'<line x1="{left:.1f}" y1="{top:.1f}" x2="{left:.1f}" y2="{top + height:.1f}"'
+        f' stroke="{_INK}" stroke-width="1"/>'
+    )
+    return parts
+
+
+def _svg_bar(x: float, y: float, width: float, height: float, color: str, title: str) -> str:
+    return (
+        f'<rect class="bar" x="{x:.2f}" y="{y:.2f}" width="{width:.2f}" height="{height:.2f}"'
+        f' fill="{color}"><title>{escape(title)}</title></rect>'
+    )
+
+
+def _write_svg(path: str | os.PathLike[str], width: float, height: float, parts: list[str]) -> Path:
+    """Write an SVG document of `parts` atomically; `path` must name an .svg file."""
+    if Path(path).suffix.lower() != ".svg":
+        raise ValueError(f"path: the plot is SVG; name the file .svg, not {Path(path).name!r}")
+    w, h = math.ceil(width), math.ceil(height)
+    head = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}"'
+        f' viewBox="0 0 {w} {h}" font-family="DejaVu Sans, Arial, Helvetica, sans-serif">'
+    )
+    body = "\n".join([head, f'<rect width="{w}" height="{h}" fill="white"/>', *parts, "</svg>"])
+    return store.write_text(path, body + "\n")
+
+
+def _svg_swatch(x: float, y: float, name: str, color: str) -> list[str]:
+    """A legend entry: a colour square and its name, centred on line `y` from `x`."""
+    return [
+        f'<rect class="swatch" x="{x:.1f}" y="{y - 5:.1f}" width="10" height="10" fill="{color}"/>',
+        _svg_text(x + 14, y, name, size=11),
+    ]
+
+
 def plot_detectors_per_concept(
     path: str | os.PathLike[str],
     detectors: Sequence[tuple[str, str, int]],
@@ -77,7 +167,7 @@ def plot_detectors_per_concept(
     iou_threshold: float | None = None,
     colors: Mapping[str, str] | None = None,
 ) -> Path:
-    """Bar graph of units per concept (label, category, count), grouped by category.
+    """SVG bar graph of units per concept (label, category, count), grouped by category.
 
     Categories are ordered by their total count, bars within a category by count
     (then label), as in the original tool's graph. With no detector at all (e.g.
@@ -95,49 +185,48 @@ def plot_detectors_per_concept(
         colors.setdefault(c, category_colors([c])[c])
 
     n = len(rows)
-    # Grow with the number of bars so labels stay readable; cap the pixel width.
-    width = min(max(6.5, 0.16 * n + 1.8), 48.0)
-    fig = Figure(figsize=(width, 4.0), dpi=_DPI, layout="constrained")
-    ax = fig.add_subplot()
     thr = f" (IoU threshold {iou_threshold:g})" if iou_threshold is not None else ""
     heading = f"{n} unique detectors, {sum(r[2] for r in rows)} units{thr}"
     heading = f"{title}: {heading}" if title else heading
-    ax.set_ylabel("units")
-    ax.spines[["top", "right"]].set_visible(False)
-    if n == 0:
-        ax.set_title(heading, loc="left", fontsize=10, parse_math=False)
-        below = f" {iou_threshold:g}" if iou_threshold is not None else ""
-        _note(ax, f"no unit above IoU threshold{below}")
-        ax.set_xticks([])
-        ax.set_ylim(0, 1)
-        ax.set_yticks([0, 1])
-        return _save(fig, path)
-
-    xs = range(n)
-    ax.bar(xs, [r[2] for r in rows], color=[colors[r[1]] for r in rows], width=0.8)
-    ax.set_xlim(-0.7, n - 0.3)
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([r[0] for r in rows], rotation=90, fontsize=7)
-    _plain(ax.get_xticklabels())
-    ax.yaxis.get_major_locator().set_params(integer=True)
-    ax.grid(axis="y", color="#dddddd", linewidth=0.6)
-    ax.set_axisbelow(True)
-    handles = [Patch(color=colors[c], label=c) for c in cat_order]
-    # Heading and legend on top at the left: wide graphs scroll sideways in the
-    # report, and a legend inside the axes would cover bars.
-    leg = fig.legend(
-        handles,
-        cat_order,
-        loc="outside upper left",
-        ncols=len(cat_order),
-        title=heading,
-        alignment="left",
-        fontsize=8,
-        title_fontsize=10,
-        frameon=False,
+    left, top, right = 52.0, 56.0, 16.0
+    slot = min(_BAR_SLOT, (_MAX_WIDTH - left - right) / max(n, 1))
+    legend_width = sum(30 + _text_width(c, 11) for c in cat_order)
+    width = max(650.0, left + n * slot + right, 16 + legend_width, 16 + _text_width(heading, 13))
+    longest = max((_text_width(r[0], 10) for r in rows), default=0.0)
+    height = top + _PLOT_HEIGHT + 12 + longest + 8
+    ticks = _integer_ticks(max((r[2] for r in rows), default=0))
+    parts = [_svg_text(8, 16, heading, size=13, bold=True)]
+    x = 8.0
+    for c in cat_order:
+        parts += _svg_swatch(x, 38, c, colors[c])
+        x += 30 + _text_width(c, 11)
+    parts += _svg_axes(left, top, n * slot if n else width - left - right, _PLOT_HEIGHT, ticks)
+    parts.append(
+        _svg_text(14, top + _PLOT_HEIGHT / 2, "units", size=11, anchor="middle", rotate=-90)
     )
-    _plain([*leg.get_texts(), leg.get_title()])
-    return _save(fig, path)
+    bottom = top + _PLOT_HEIGHT
+    for i, (label, cat, count) in enumerate(rows):
+        h = _PLOT_HEIGHT * count / ticks[-1]
+        x = left + i * slot
+        parts.append(
+            _svg_bar(
+                x + 0.1 * slot, bottom - h, 0.8 * slot, h, colors[cat], f"{label} ({cat}): {count}"
+            )
+        )
+        parts.append(_svg_text(x + slot / 2, bottom + 6, label, anchor="end", rotate=-90))
+    if n == 0:
+        below = f" {iou_threshold:g}" if iou_threshold is not None else ""
+        parts.append(
+            _svg_text(
+                (width + left - right) / 2,
+                top + _PLOT_HEIGHT / 2,
+                f"no unit above IoU threshold{below}",
+                size=12,
+                anchor="middle",
+                color="#666666",
+            )
+        )
+    return _write_svg(path, width, height, parts)
 
 
 def plot_unique_detectors(
@@ -148,7 +237,7 @@ def plot_unique_detectors(
     categories: Sequence[str] | None = None,
     colors: Mapping[str, str] | None = None,
 ) -> Path:
-    """Stacked bars of unique detectors by category, one bar per layer (in the order given)."""
+    """SVG stacked bars of unique detectors by category, one bar per layer (in the order given)."""
     if len(layers) != len(unique):
         raise ValueError(f"{len(layers)} layers but {len(unique)} unique-detector dicts")
     if categories is None:
@@ -158,48 +247,65 @@ def plot_unique_detectors(
         colors.setdefault(c, category_colors([c])[c])
 
     n = len(layers)
-    longest = max((len(str(x)) for x in layers), default=0)
-    rotate = n > 4 or longest > 10
-    width = min(max(5.5, 0.7 * n + 3.0), 30.0)
-    height = 3.6 + (min(longest, 40) * 0.06 if rotate else 0.0)
-    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title("Unique detectors by category", loc="left", fontsize=11)
-    ax.set_ylabel("unique detectors")
-    ax.spines[["top", "right"]].set_visible(False)
-    xs = list(range(n))
-    bottom = [0] * n
-    handles = []
-    for c in categories:
-        vals = [int(u.get(c, 0)) for u in unique]
-        bars = ax.bar(xs, vals, bottom=bottom, color=colors[c], width=0.65)
-        handles.append(bars)
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    top = max(bottom, default=0)
-    for x, total in zip(xs, bottom, strict=True):
-        ax.text(x, total + max(top, 1) * 0.01, str(total), ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, max(1, math.ceil(top * 1.12)))
-    ax.yaxis.get_major_locator().set_params(integer=True)
-    ax.set_xticks(xs)
-    ax.set_xticklabels(
-        [str(x) for x in layers], rotation=30 if rotate else 0, ha="right" if rotate else "center"
-    )
-    _plain(ax.get_xticklabels())
-    ax.grid(axis="y", color="#dddddd", linewidth=0.6)
-    ax.set_axisbelow(True)
-    if n == 0:
-        _note(ax, "no layer")
-    if categories:
-        leg = ax.legend(
-            handles,
-            list(categories),
-            fontsize=8,
-            frameon=False,
-            loc="upper left",
-            bbox_to_anchor=(1.0, 1.0),
+    names = [str(x) for x in layers]
+    totals = [sum(int(u.get(c, 0)) for c in categories) for u in unique]
+    longest = max((_text_width(x, 10) for x in names), default=0.0)
+    rotate = n > 4 or longest > _text_width("x" * 10, 10)
+    top, slot = 34.0, 70.0
+    # A label turned 30 degrees reaches cos(30 deg) of its length left of its bar's middle.
+    left = max(56.0, 0.87 * longest - slot / 2 + 8) if rotate else 56.0
+    plot_width = max(n, 3) * slot
+    legend_x = left + plot_width + 16
+    legend_width = 20 + max((_text_width(c, 11) for c in categories), default=0.0)
+    width = legend_x + legend_width + 8
+    below = longest * 0.5 + 14 if rotate else 22  # sin(30 deg) of the label, or a line
+    height = top + _PLOT_HEIGHT + below + 8
+    ticks = _integer_ticks(max(totals, default=0) * 1.12)
+    parts = [_svg_text(8, 16, "Unique detectors by category", size=14, bold=True)]
+    parts += _svg_axes(left, top, plot_width, _PLOT_HEIGHT, ticks)
+    parts.append(
+        _svg_text(
+            14, top + _PLOT_HEIGHT / 2, "unique detectors", size=11, anchor="middle", rotate=-90
         )
-        _plain(leg.get_texts())
-    return _save(fig, path)
+    )
+    bottom = top + _PLOT_HEIGHT
+    scale = _PLOT_HEIGHT / ticks[-1]
+    for i, (name, counts, total) in enumerate(zip(names, unique, totals, strict=True)):
+        x = left + i * slot + slot / 2
+        y = bottom
+        for c in categories:
+            v = int(counts.get(c, 0))
+            if v > 0:
+                parts.append(
+                    _svg_bar(
+                        x - 0.325 * slot,
+                        y - v * scale,
+                        0.65 * slot,
+                        v * scale,
+                        colors[c],
+                        f"{name}, {c}: {v}",
+                    )
+                )
+                y -= v * scale
+        parts.append(_svg_text(x, y - 8, str(total), size=10, anchor="middle"))
+        if rotate:
+            parts.append(_svg_text(x, bottom + 8, name, anchor="end", rotate=-30))
+        else:
+            parts.append(_svg_text(x, bottom + 12, name, anchor="middle"))
+    if n == 0:
+        parts.append(
+            _svg_text(
+                left + plot_width / 2,
+                top + _PLOT_HEIGHT / 2,
+                "no layer",
+                size=12,
+                anchor="middle",
+                color="#666666",
+            )
+        )
+    for j, c in enumerate(categories):
+        parts += _svg_swatch(legend_x, top + 8 + 18 * j, c, colors[c])
+    return _write_svg(path, width, height, parts)
 
 
 def plot_ablation_curves(
@@ -212,6 +318,8 @@ def plot_ablation_curves(
 ) -> Path:
     """Accuracy (or `ylabel`) against N units removed (Bau et al. 2020, fig. 5): per class,
     its own (thin) and the other classes' mean (thin, dashed); the means over classes bold."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6.4, 4.2), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
     x = [max(n, 0.5) for n in ns]  # N = 0 drawn at 0.5 on the log axis
@@ -252,6 +360,8 @@ def plot_iou_scatter(
 ) -> Path:
     """Held-out IoU of each concept's vector against its best single unit's (Net2Vec, fig. 3),
     coloured by category; points above the diagonal are concepts the vector does better."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5.6, 5.0), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
     colors = category_colors(categories)
@@ -284,6 +394,8 @@ def plot_iou_by_length(
 ) -> Path:
     """Mean IoU of each unit's best formula against the longest formula allowed, per layer
     (compositional explanations: Mu & Andreas 2020, fig. 3)."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5.2, 3.6), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
     longest = 1
