@@ -296,7 +296,7 @@ def _merge_ahead(merge: Callable, steps: Steps, state: Any) -> None:
     """Compile the pass's closing merge of the per-device states (`run_pass` gathers them
     to the host, then `statistics.merge_devices`) in the background."""
     host = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    if jax.tree.leaves(host)[0].shape[0] > 1:  # one device: nothing to merge
+    if statistics.shard_count(host) > 1:  # one device: nothing to merge
         steps.compile_ahead(statistics.merge_program, merge, host, static=1)
 
 

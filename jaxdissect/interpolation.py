@@ -17,12 +17,3 @@ def interpolation_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, n
     i0 = np.floor(src).astype(np.int32)
     i1 = np.minimum(i0 + 1, n_in - 1).astype(np.int32)
     return i0, i1, (src - i0).astype(np.float32)
-
-
-def interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """The same interpolation as a float32 [n_out, n_in] matrix (out = W @ a)."""
-    i0, i1, f = interpolation_taps(n_out, n_in)
-    w = np.zeros((n_out, n_in), np.float32)
-    np.add.at(w, (np.arange(n_out), i0), 1.0 - f)
-    np.add.at(w, (np.arange(n_out), i1), f)
-    return w

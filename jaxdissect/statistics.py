@@ -98,9 +98,14 @@ def merge_devices(merge: Callable[[State, State], State], stacked: State) -> Sta
     the result depends only on the stacked values, not on hosts or the backend's
     scheduling.
     """
-    if jax.tree.leaves(stacked)[0].shape[0] == 1:
+    if shard_count(stacked) == 1:
         return jax.tree.map(lambda x: x[0], stacked)
     return merge_program(merge, stacked)
+
+
+def shard_count(stacked: State) -> int:
+    """The length of the leading (device) axis of stacked states."""
+    return jax.tree.leaves(stacked)[0].shape[0]
 
 
 def stack_shards(statistic: Statistic, num_shards: int) -> State:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect import interpolation, results, tally, tie_counts, ties
+from jaxdissect import results, tally, tie_counts, ties
 from jaxdissect.tie_rule import active
 from tests.reference import random_probe, reference_counts, reference_dissect, reference_upsample
 
@@ -399,10 +399,6 @@ def test_upsample_matches_formula_resize_and_pil():
             np.testing.assert_allclose(got[b, :, :, k], np.asarray(pil), atol=1e-5)
     resized = jax.image.resize(jnp.asarray(acts), (2, *size, 3), "bilinear")
     np.testing.assert_allclose(got, np.asarray(resized), atol=1e-5)
-    # The matrix form is the same interpolation.
-    wy, wx = interpolation.interpolation_matrix(12, 5), interpolation.interpolation_matrix(20, 7)
-    np.testing.assert_allclose(got, np.einsum("Yh,Xw,bhwk->bYXk", wy, wx, acts), atol=1e-5)
-    np.testing.assert_allclose(wy.sum(1), 1.0, atol=1e-6)
 
 
 def test_downsample_is_not_antialiased():
