@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html.parser
 import os
 import re
@@ -11,12 +12,13 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect import report
-from jaxdissect.report import LayerPage, RunInfo, UnitCard
+from jaxdissect import report, tally
+from jaxdissect.report import LayerPage, RunInfo, UnitCard, build
 
 XSS = "<script>alert(1)</script>"
 AMP = 'Tom & Jerry\'s "cart"'
@@ -211,6 +213,11 @@ def test_strip_dimming_exact() -> None:
         np.testing.assert_array_equal(strip[:, i * (w + gap) : i * (w + gap) + w], want)
         if i < t - 1:
             assert (strip[:, i * (w + gap) + w : (i + 1) * (w + gap)] == 255).all()
+    # From its tiles: the same strip.
+    tiles = report.strips.dim_outside(imgs, maps > 0.3)
+    np.testing.assert_array_equal(report.strips.tile_strip(tiles, gap=gap), strip)
+    with pytest.raises(ValueError, match="tiles must be uint8"):
+        report.strips.tile_strip(maps)
 
 
 def test_strip_skips_empty_slots_and_outlines() -> None:
@@ -247,6 +254,38 @@ def test_upsample_matches_pil() -> None:
         np.testing.assert_allclose(up[i], np.asarray(pil), atol=1e-5)
     const = report.upsample_maps(np.full((1, 3, 3), 2.5, np.float32), 9)
     np.testing.assert_allclose(const, 2.5)
+
+
+def test_strip_masks_are_the_pixels_the_tally_counts() -> None:
+    """On maps thresholded where rounding matters (a value the tally's upsampling gives
+    and float64 interpolation does not), a strip shows exactly the tally's pixels."""
+    rng = np.random.default_rng(6)
+    t, k, size = 4, 3, (112, 112)
+    maps = (rng.normal(size=(t, 7, 7, k)) * 3).astype(np.float32)
+    up = np.asarray(jax.jit(tally.upsample, static_argnums=1)(maps, size))
+    thresholds = np.zeros(k, np.float32)
+    for u in range(k):
+        exact = report.upsample_maps(maps[..., u], size)  # float64, rounded once
+        i, y, x = np.argwhere(exact != up[..., u])[0]
+        thresholds[u] = min(exact[i, y, x], up[i, y, x, u])
+    on = build.strip_masks(maps, thresholds, np.arange(k), size, "strict")  # [k, t, H, W]
+    count = jax.jit(functools.partial(tally.batch_counts, num_categories=1))
+    labels = {"pixel_labels": np.zeros((1, 1, *size), np.int32), "image_labels": np.zeros((1, 1))}
+    primary = np.array([-1, 0], np.int32)
+    differs = False
+    for i in range(t):
+        want = np.asarray(count(maps[i : i + 1], thresholds, labels, primary)["unit_total"])
+        np.testing.assert_array_equal(on[:, i].sum((1, 2)), want)
+        exact = [
+            report.upsample_maps(maps[i : i + 1, ..., u], size) > thresholds[u] for u in range(k)
+        ]
+        differs |= [m.sum() for m in exact] != want.tolist()
+    assert differs  # the test can fail: float64 interpolation marks other pixels
+    # A block's padding leaves the units asked for alone.
+    one = build.strip_masks(maps, thresholds, np.array([2]), size, "strict", block=3)
+    np.testing.assert_array_equal(one[0], on[2])
+    with pytest.raises(ValueError, match="block=1"):
+        build.strip_masks(maps, thresholds, np.arange(k), size, "strict", block=1)
 
 
 def test_upsample_keeps_a_nan_or_infinity_local() -> None:

@@ -15,12 +15,17 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 
+from jaxdissect import masks as masks_lib
 from jaxdissect import results, store, ties
 from jaxdissect.report import html as report_html
 from jaxdissect.report import strips as report_strips
+
+# Units whose strip masks are computed at once (one compiled program a layer).
+_MASK_BLOCK = 64
 
 
 def unit_cards(
@@ -95,31 +100,44 @@ def write_dissection_report(
     """
 
     @functools.lru_cache(maxsize=4096)
-    def thumb(index: int) -> np.ndarray:
+    def thumb(index: int) -> tuple[np.ndarray, np.ndarray]:
+        """A top image at the strips' height, and its dimmed copy."""
         image = Image.fromarray(np.asarray(source.read_image(index), np.uint8))
         w = max(1, round(image.width * strip_height / image.height))
-        return np.asarray(image.resize((w, strip_height), Image.BILINEAR))
+        small = np.asarray(image.resize((w, strip_height), Image.BILINEAR))
+        return small, report_strips.dimmed(small)
 
-    def write_strip(r: results.LayerResult, k: int, path: pathlib.Path) -> None:
-        idx = top_indices[r.path][:, k]
-        filled = idx >= 0
-        images = np.stack([thumb(int(i)) if i >= 0 else thumb(int(idx[0])) for i in idx])
-        unit_maps = report_strips.upsample_maps(maps[r.path][:, :, :, k], images.shape[1:3])
-        strip = report_strips.unit_strip(
-            images, unit_maps, float(thresholds[r.path][k]), valid=filled, tie_rule=tie_rule
-        )
-        save_jpeg(path, strip)
+    def write_block(
+        r: results.LayerResult, units: np.ndarray, block: int, files: Mapping[int, pathlib.Path]
+    ) -> None:
+        """The strips of `units` (at most `block`): their masks computed at once, then JPEGs."""
+        idx = top_indices[r.path][:, units]  # [T, n]
+        size = thumb(int(idx[0, 0]))[0].shape[:2]
+        on = strip_masks(maps[r.path], thresholds[r.path], units, size, tie_rule, block)
+        for j, k in enumerate(units.tolist()):
+            shown = [thumb(int(i if i >= 0 else idx[0, j])) for i in idx[:, j]]
+            images, dims = (np.stack([t[c] for t in shown]) for c in (0, 1))
+            tiles = report_strips.dim_outside(images, on[j], dims)
+            strip = report_strips.tile_strip(tiles, valid=idx[:, j] >= 0)
+            save_jpeg(files[k], strip)
 
+    threads = os.cpu_count() or 1  # thumbnails, tiles and JPEG encoding release the GIL
     pages = []
     stems = results.layer_file_stems([r.layer for r in layer_results])
     for r, stem in zip(layer_results, stems, strict=True):
         strip_dir = out / "strips" / stem
         shown = (top_indices[r.path] >= 0).any(0) & ~np.asarray(r.cannot_fire, bool)
         files = {int(k): strip_dir / f"unit{k:04d}.jpg" for k in np.flatnonzero(shown)}
-        # In threads: resizing, masking and JPEG encoding release the GIL.
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            for done in [pool.submit(write_strip, r, k, p) for k, p in files.items()]:
-                done.result()
+        units = np.fromiter(files, np.int64, len(files))
+        # One compiled program a layer: blocks of one size, at least one a thread.
+        block = max(1, min(_MASK_BLOCK, -(-len(units) // threads)))
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            done = [
+                pool.submit(write_block, r, units[i : i + block], block, files)
+                for i in range(0, len(units), block)
+            ]
+            for d in done:
+                d.result()
         strip_paths = {k: str(p.relative_to(out)) for k, p in files.items()}
         summary = results.layer_summary(r)
         pages.append(
@@ -151,6 +169,34 @@ def write_dissection_report(
         settings={k: v for k, v in run_settings.items() if k != "thresholds"},
     )
     return report_html.write_report(out, run, pages)
+
+
+def strip_masks(
+    maps: np.ndarray,
+    thresholds: np.ndarray,
+    units: np.ndarray,
+    size: tuple[int, int],
+    tie_rule: str,
+    block: int | None = None,
+) -> np.ndarray:
+    """bool [n, T, H, W]: the masks of the n `units` on their top images at the strips' size.
+
+    maps: [T, h, w, K], every unit's maps on its top images; thresholds [K]. The masks are
+    `masks.unit_masks`, the tally's own upsampling and comparison: at the label resolution a
+    strip shows the pixels the tally counted. The units are padded to `block` (default n),
+    so that blocks of one size share one program.
+    """
+    n = len(units)
+    pad = (block or n) - n
+    if pad < 0:
+        raise ValueError(f"block={block} is less than the {n} units given")
+    unit_maps = np.pad(np.asarray(maps[..., units], np.float32), ((0, 0),) * 3 + ((0, pad),))
+    unit_thresholds = np.pad(np.asarray(thresholds[units], np.float32), (0, pad))
+    on = _unit_masks(unit_maps, unit_thresholds, size=tuple(size), tie_rule=tie_rule)
+    return np.moveaxis(np.asarray(on), -1, 0)[:n]
+
+
+_unit_masks = jax.jit(masks_lib.unit_masks, static_argnames=("size", "tie_rule"))
 
 
 def save_jpeg(path: pathlib.Path, array: np.ndarray) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from jaxdissect import store
 from jaxdissect.interpolation import interpolation_taps
-from jaxdissect.tie_rule import active, check_tie_rule
+from jaxdissect.tie_rule import active
 
 # The Lite release's report keeps 20% of the image outside the unit's mask.
 DIM_OUTSIDE = 0.2
@@ -69,10 +69,17 @@ def _mask_outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def dim_outside(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """`image * (0.2 + 0.8 * mask)` truncated to uint8, as the Lite release does."""
-    factor = DIM_OUTSIDE + (1.0 - DIM_OUTSIDE) * mask.astype(np.float64)
-    return (image.astype(np.float64) * factor[..., None]).astype(np.uint8)
+def dimmed(image: np.ndarray) -> np.ndarray:
+    """`image * 0.2` truncated to uint8: how a pixel outside the mask is shown."""
+    return (np.asarray(image).astype(np.float64) * DIM_OUTSIDE).astype(np.uint8)
+
+
+def dim_outside(image: np.ndarray, mask: np.ndarray, dim: np.ndarray | None = None) -> np.ndarray:
+    """`image * (0.2 + 0.8 * mask)` truncated to uint8, as the Lite release does.
+
+    dim: `dimmed(image)`, where the caller keeps it for several masks of one image.
+    """
+    return np.where(mask[..., None], image, dimmed(image) if dim is None else dim)
 
 
 def unit_strip(
@@ -103,10 +110,25 @@ def unit_strip(
         raise ValueError(f"images must be uint8 [T, H, W, 3], got {imgs.dtype} {imgs.shape}")
     if m.shape != imgs.shape[:3]:
         raise ValueError(f"maps {m.shape} must match images {imgs.shape[:3]}")
+    masks = active(m, threshold, tie_rule)  # NaN: inactive
+    tiles = dim_outside(imgs, masks)
+    if outline:
+        for tile, mask in zip(tiles, masks, strict=True):
+            tile[_mask_outline(mask)] = OUTLINE_COLOR
+    return tile_strip(tiles, gap=gap, valid=valid, background=background)
+
+
+def tile_strip(
+    tiles: ArrayLike, *, gap: int = 3, valid: ArrayLike | None = None, background: int = 255
+) -> np.ndarray:
+    """The tiles (uint8 [T, H, W, 3]) side by side, `gap` pixels of `background` apart;
+    slots with `valid` False ([T] bool) are left out. One blank tile if none is left."""
+    tiles = np.asarray(tiles)
+    if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[3] != 3:
+        raise ValueError(f"tiles must be uint8 [T, H, W, 3], got {tiles.dtype} {tiles.shape}")
     if gap < 0:
         raise ValueError(f"gap must be >= 0, got {gap}")
-    check_tie_rule(tie_rule)
-    t, h, w, _ = imgs.shape
+    t, h, w, _ = tiles.shape
     keep: Sequence[int]
     if valid is None:
         keep = range(t)
@@ -119,10 +141,6 @@ def unit_strip(
     width = w if n == 0 else n * w + (n - 1) * gap
     strip = np.full((h, width, 3), background, np.uint8)
     for slot, i in enumerate(keep):
-        mask = active(m[i], threshold, tie_rule)  # NaN: inactive
-        tile = dim_outside(imgs[i], mask)
-        if outline:
-            tile[_mask_outline(mask)] = OUTLINE_COLOR
         x = slot * (w + gap)
-        strip[:, x : x + w] = tile
+        strip[:, x : x + w] = tiles[i]
     return strip
