@@ -577,7 +577,7 @@ def write_results_json(
         raise ValueError(f"duplicate layer names: {layers}")
     records = [layer_record(result) for result in results]
     # Each unit's record on one line: indenting them all ran json's pure-Python encoder.
-    token = f"\0{secrets.token_hex(8)}:"  # no string of the document can equal a placeholder
+    token = f"\0{secrets.token_hex(8)}:"  # random: no string of the document equals it
     units = [unit for record in records for unit in record["units"]]
     slots = iter(range(len(units)))
     document = {

@@ -337,14 +337,16 @@ def _texts(root: ET.Element) -> list[str]:
 
 
 def test_detectors_per_concept_svg(tmp_path: Path) -> None:
-    odd = "a<b&\"c'"
+    odd = "a<b&\"c'\x01"  # markup, and a character XML does not allow
     dets = [("dog", "object", 5), ("wheel", "part", 2), (MATH, "object", 3), ("sky", "scene", 0)]
     dets.append((odd, "part", 2))
     root = _svg(report.plot_detectors_per_concept(tmp_path / "a.svg", dets, title="l4"))
     # Categories by total (object 8, part 4), then count, then label; no bar for 0 units.
     order = [("dog", "object", 5), (MATH, "object", 3), (odd, "part", 2), ("wheel", "part", 2)]
     bars = _bars(root)
-    assert [b[0] for b in bars] == [f"{lab} ({cat}): {n}" for lab, cat, n in order]
+    shown = [lab.replace("\x01", "\ufffd") for lab, _, _ in order]
+    titles = [f"{lab} ({cat}): {n}" for lab, (_, cat, n) in zip(shown, order, strict=True)]
+    assert [b[0] for b in bars] == titles
     assert [b[1] for b in bars] == sorted(b[1] for b in bars)
     assert len({round(b[2], 6) for b in bars}) == 1  # one baseline
     per_unit = [b[3] / n for b, (_, _, n) in zip(bars, order, strict=True)]
@@ -353,7 +355,7 @@ def test_detectors_per_concept_svg(tmp_path: Path) -> None:
     assert [b[4] for b in bars] == [colors[cat] for _, cat, _ in order]
     texts = _texts(root)
     assert texts[0] == "l4: 4 unique detectors, 12 units"
-    assert [t for t in texts if t in {lab for lab, _, _ in dets}] == [lab for lab, _, _ in order]
+    assert [t for t in texts if t in shown] == shown
     # No detector at all (random network): an empty graph with a note, not a crash.
     empty = _svg(report.plot_detectors_per_concept(tmp_path / "b.svg", [], iou_threshold=0.04))
     assert not _bars(empty) and "no unit above IoU threshold 0.04" in _texts(empty)

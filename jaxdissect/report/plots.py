@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ _BAR_SLOT = 16  # one concept's bar and its gap
 _MAX_WIDTH = 4800  # wider graphs squeeze their bars
 _PLOT_HEIGHT = 230
 _GRID = "#dddddd"
+# Characters XML 1.0 does not allow: a label holding one is drawn with U+FFFD there.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _INK = "#333333"
 
 
@@ -95,8 +98,13 @@ def _svg_text(
     weight = ' font-weight="bold"' if bold else ""
     return (
         f'<text x="{x:.1f}" y="{y:.1f}" dy="0.35em" font-size="{size:g}" fill="{color}"'
-        f' text-anchor="{anchor}"{weight}{turn}>{escape(text)}</text>'
+        f' text-anchor="{anchor}"{weight}{turn}>{_svg_escape(text)}</text>'
     )
+
+
+def _svg_escape(text: str) -> str:
+    """`text` as SVG character data: markup escaped, characters XML does not allow as U+FFFD."""
+    return escape(_NOT_XML.sub("\ufffd", text))
 
 
 def _text_width(text: str, size: float) -> float:
@@ -134,7 +142,7 @@ def _svg_axes(left: float, top: float, width: float, height: float, ticks: list[
 def _svg_bar(x: float, y: float, width: float, height: float, color: str, title: str) -> str:
     return (
         f'<rect class="bar" x="{x:.2f}" y="{y:.2f}" width="{width:.2f}" height="{height:.2f}"'
-        f' fill="{color}"><title>{escape(title)}</title></rect>'
+        f' fill="{color}"><title>{_svg_escape(title)}</title></rect>'
     )
 
 
