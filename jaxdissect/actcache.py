@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 from collections.abc import Mapping
 
 import jax
@@ -35,6 +36,12 @@ def copy_local_rows(x: jax.Array, out: np.ndarray) -> None:
             filled += len(data)
     if filled != len(out):
         raise ValueError(f"this process's {filled} rows of {x.shape} do not fill {out.shape}")
+
+
+def _page_in(arrays: list[np.ndarray]) -> None:
+    """Write every page of `arrays` once (numpy releases the GIL while it does)."""
+    for arr in arrays:
+        arr[...] = 0
 
 
 def _available_host_bytes() -> int:
@@ -99,6 +106,7 @@ class ActivationCache:
         self._existed = False
         self._device: dict[int, dict[str, jax.Array]] = {}
         self._arrays: dict[str, np.ndarray] = {}
+        self._paging: threading.Thread | None = None
         if kind in ("host", "disk"):
             for i, (layer, shape) in enumerate(shapes.items()):
                 full = (num_batches * local_batch, *shape)
@@ -113,6 +121,12 @@ class ActivationCache:
                     if arr.shape != full or arr.dtype != self.dtype:
                         raise ValueError(f"activation cache {path} has the wrong shape; delete it")
                     self._arrays[layer] = arr
+        if kind == "host":
+            # The first write to fresh memory is where filling the cache costs (the kernel,
+            # or a VM's host, maps the pages): done here on a thread, while pass 1 starts.
+            arrays = list(self._arrays.values())
+            self._paging = threading.Thread(target=_page_in, args=(arrays,), daemon=True)
+            self._paging.start()
 
     @property
     def enabled(self) -> bool:
@@ -127,9 +141,16 @@ class ActivationCache:
             self.lo = self.hi = batch
             self._device.clear()
 
+    def _paged_in(self) -> None:
+        """Wait for the arrays' pages to be written once (before any row is)."""
+        if self._paging is not None:
+            self._paging.join()
+            self._paging = None
+
     def put(self, batch: int, acts: Mapping[str, jax.Array]) -> None:
         if not self.enabled:
             return
+        self._paged_in()
         assert batch == self.hi, (batch, self.hi)
         if self.kind == "device":
             self._device[batch] = dict(acts)
@@ -151,10 +172,12 @@ class ActivationCache:
         """Device arrays (device kind) or this process's numpy rows (host, disk)."""
         if self.kind == "device":
             return self._device[batch]
+        self._paged_in()
         rows = slice(batch * self.local_batch, (batch + 1) * self.local_batch)
         return {layer: arr[rows] for layer, arr in self._arrays.items()}
 
     def clear(self) -> None:
+        self._paged_in()
         self._device.clear()
         self._arrays.clear()
         self.lo = self.hi = 0

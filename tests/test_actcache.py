@@ -1,5 +1,7 @@
 """The activation cache's host copy: each device's rows land in place."""
 
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -20,3 +22,23 @@ def test_copy_local_rows(spec):
     assert np.isnan(out[:2]).all() and np.isnan(out[18:]).all()
     with pytest.raises(ValueError, match="do not fill"):
         actcache.copy_local_rows(x, out[:17])
+
+
+def test_host_cache_keeps_rows_put_while_its_pages_are_written(monkeypatch):
+    """A host cache writes its pages once on a thread; rows put before that thread is done
+    wait for it rather than being overwritten."""
+    started, release = threading.Event(), threading.Event()
+    page_in = actcache._page_in
+
+    def slow(arrays):
+        started.set()
+        release.wait(10)
+        page_in(arrays)
+
+    monkeypatch.setattr(actcache, "_page_in", slow)
+    cache = actcache.ActivationCache("host", {"a": (3, 2)}, 2, 4, np.float16)
+    assert started.wait(10)
+    rows = np.random.default_rng(1).normal(size=(4, 3, 2)).astype(np.float16) + 1
+    threading.Timer(0.2, release.set).start()
+    cache.put(0, {"a": jax.device_put(rows)})
+    np.testing.assert_array_equal(cache.get(0)["a"], rows)
