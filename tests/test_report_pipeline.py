@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+from PIL import Image
 
 from jaxdissect import engine, pipeline, store
 from jaxdissect.data import Broden, synthetic
@@ -112,3 +113,23 @@ def test_pipeline_report_in_browser(driver, report):  # noqa: F811
     text = driver.find_element(By.TAG_NAME, "body").text
     assert "<script>alert(" in text  # shown as text, never run
     _screenshot(driver, "pipeline-layer.png")
+
+
+def test_strips_of_fewer_images_than_top_slots(tmp_path):
+    """4 probe images, 10 top-image slots: every strip shows its 4 filled slots only."""
+    source = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=4))
+    module, variables = make()
+    info = pipeline.ModelInfo(
+        module, variables, module.input_spec, "small", store.fingerprint_tree(variables)
+    )
+    settings = engine.Settings(batch_size=8)
+    options = pipeline.Options(progress=False, num_threads=0)
+    pipeline.dissect(
+        info, ["conv1"], source, settings, tmp_path / "out", dataset_name="4", options=options
+    )
+    strips = sorted((tmp_path / "out" / "strips").rglob("*.jpg"))
+    assert strips and settings.top_images > 4
+    for path in strips:
+        with Image.open(path) as im:
+            h = im.height
+            assert im.width == 4 * h + 3 * 3, path.name  # 4 square tiles, 3 gaps of 3 px

@@ -111,11 +111,12 @@ def write_dissection_report(
         r: results.LayerResult, units: np.ndarray, block: int, files: Mapping[int, pathlib.Path]
     ) -> None:
         """The strips of `units` (at most `block`): their masks computed at once, then JPEGs."""
-        idx = top_indices[r.path][:, units]  # [T, n]
-        size = thumb(int(idx[0, 0]))[0].shape[:2]
+        idx = top_indices[r.path][:, units]  # [T, n]; -1: an empty slot
+        first = [int(col[col >= 0][0]) for col in idx.T]  # each unit has a filled slot
+        size = thumb(first[0])[0].shape[:2]
         on = strip_masks(maps[r.path], thresholds[r.path], units, size, tie_rule, block)
         for j, k in enumerate(units.tolist()):
-            shown = [thumb(int(i if i >= 0 else idx[0, j])) for i in idx[:, j]]
+            shown = [thumb(int(i) if i >= 0 else first[j]) for i in idx[:, j]]
             images, dims = (np.stack([t[c] for t in shown]) for c in (0, 1))
             tiles = report_strips.dim_outside(images, on[j], dims)
             strip = report_strips.tile_strip(tiles, valid=idx[:, j] >= 0)
