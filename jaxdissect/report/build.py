@@ -116,8 +116,8 @@ def write_dissection_report(
         size = thumb(first[0])[0].shape[:2]
         on = strip_masks(maps[r.path], thresholds[r.path], units, size, tie_rule, block)
         for j, k in enumerate(units.tolist()):
-            shown = [thumb(int(i) if i >= 0 else first[j]) for i in idx[:, j]]
-            images, dims = (np.stack([t[c] for t in shown]) for c in (0, 1))
+            top = [thumb(int(i) if i >= 0 else first[j]) for i in idx[:, j]]
+            images, dims = (np.stack([t[c] for t in top]) for c in (0, 1))
             tiles = report_strips.dim_outside(images, on[j], dims)
             strip = report_strips.tile_strip(tiles, valid=idx[:, j] >= 0)
             save_jpeg(files[k], strip)

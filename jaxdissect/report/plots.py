@@ -9,6 +9,7 @@ global figure state is created and no GUI backend is touched.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 import re
@@ -40,9 +41,9 @@ _BAR_SLOT = 16  # one concept's bar and its gap
 _MAX_WIDTH = 4800  # wider graphs squeeze their bars
 _PLOT_HEIGHT = 230
 _GRID = "#dddddd"
+_INK = "#333333"
 # Characters XML 1.0 does not allow: a label holding one is drawn with U+FFFD there.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-_INK = "#333333"
 
 
 def category_colors(categories: Iterable[str]) -> dict[str, str]:
@@ -116,9 +117,8 @@ def _integer_ticks(top: float) -> list[int]:
     """0, step, ..., up to the first multiple of step >= `top` (at least 1), in at most 6
     ticks; the step is 1, 2 or 5 times a power of ten."""
     top = max(top, 1)
-    step = 1
-    while math.ceil(top / step) > 5:
-        step = step * 5 // 2 if str(step)[0] == "2" else step * 2
+    steps = (m * 10**e for e in itertools.count() for m in (1, 2, 5))
+    step = next(s for s in steps if math.ceil(top / s) <= 5)
     return list(range(0, step * math.ceil(top / step) + 1, step))
 
 
