@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import shutil
 import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
@@ -358,10 +359,13 @@ class Dissector:
             **which,
         )
 
+    def _checkpoint_dir(self, stage: str) -> pathlib.Path | None:
+        """Where a pass's state is checkpointed while it runs (None without a work_dir)."""
+        if self.work_dir is None:
+            return None
+        return self.work_dir / "checkpoints" / f"{stage}-{self.stage_key(stage)}"
+
     def _run(self, name: str, statistic: statistics.Statistic, fields: _Fields, variables, **kw):
-        checkpoint_dir = None
-        if self.work_dir is not None:
-            checkpoint_dir = self.work_dir / "checkpoints" / f"{name}-{self.stage_key(name)}"
         return driver.run_pass(
             name,
             statistic,
@@ -370,7 +374,7 @@ class Dissector:
             batch_size=self.settings.batch_size,
             forward=self.forward,
             variables=variables,
-            checkpoint_dir=checkpoint_dir,
+            checkpoint_dir=self._checkpoint_dir(name),
             checkpoint_every=self.checkpoint_every,
             progress=self.progress,
             description=f"[{', '.join(self.tap.names)}]",
@@ -606,7 +610,7 @@ class Dissector:
     def _stage(self, stage: str, compute: Callable[[], dict[str, dict[str, np.ndarray]]]):
         """Per-layer arrays of a stage, loaded if stored under its key, else computed and stored."""
         params = self.settings.pass2() if stage == "pass2" else self.settings.pass1()
-        return driver.stage_outputs(
+        out = driver.stage_outputs(
             None if self.work_dir is None else self.work_dir / "stages",
             stage,
             {layer: self.stage_key(stage, layer) for layer in self.tap.layers},
@@ -621,6 +625,9 @@ class Dissector:
             },
             compute,
         )
+        if self._stored(stage):  # its checkpoints would never be resumed from again
+            shutil.rmtree(self._checkpoint_dir(stage), ignore_errors=True)
+        return out
 
 
 __all__ = [

@@ -57,6 +57,8 @@ def test_editing_one_image_recomputes_both_passes(tmp_path, caplog):
     out, steps = tmp_path / "run", driver.Steps()
     reused, first = _dissect(root, out, caplog, steps)
     assert reused == []
+    # Both passes stored: their checkpoint folders (orbax makes them at the start) are gone.
+    assert list((out / ".work" / "checkpoints").iterdir()) == []
     reused, again = _dissect(root, out, caplog, steps)
     assert reused == ["pass1", "pass2"] and _same(again, first)  # nothing changed: reused
 

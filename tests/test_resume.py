@@ -89,11 +89,14 @@ def test_killed_runs_resume_identically(tiny_data, tmp_path):
     assert not (killed / "results.json").exists()  # a killed run leaves no complete result
     _kill_during(_command(tiny_data, killed), killed, "pass2")
     assert not (killed / "results.json").exists()
+    checkpoints = killed / ".work" / "checkpoints"
+    assert [p.name.split("-")[0] for p in checkpoints.iterdir()] == ["pass2"]  # pass 1 stored
     run = subprocess.run(
         _command(tiny_data, killed, "--verbosity=0"), env=_env(), capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "pass2: resuming after batch" in run.stderr
+    assert list(checkpoints.iterdir()) == []  # both passes stored: nothing left to resume
     got, want = _outputs(killed), _outputs(ref)
     assert got[2] == want[2]  # thresholds, bit for bit (JSON floats round-trip exactly)
     assert got[1] == want[1]  # tally CSVs
