@@ -58,6 +58,13 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         "the other images form one class, 'other'.",
         flag_values=fv,
     )
+    flags.DEFINE_string(
+        "class_names",
+        None,
+        "--task=predictions: a text file of the network's class names, one a line in logit "
+        "order (e.g. ImageNet's 1,000); default: logit<i>.",
+        flag_values=fv,
+    )
     flags.DEFINE_string("layer", "conv5", "The layer whose units are ablated.", flag_values=fv)
     flags.DEFINE_enum(
         "value",
@@ -106,6 +113,8 @@ def run(fv: flags.FlagValues = FLAGS):
         model_load.check_request(fv.model, fv.weights or None)
         if fv.top_classes < 1:
             raise ValueError(f"--top_classes={fv.top_classes}: must be >= 1")
+        if fv.class_names and not os.path.isfile(fv.class_names):
+            raise FileNotFoundError(f"--class_names={fv.class_names}: no such file")
     elif not fv.weights or not os.path.isfile(os.path.join(fv.weights, "meta.json")):
         raise ValueError(
             f"--weights={fv.weights}: not a training export (no meta.json); ablation needs a "
@@ -180,9 +189,13 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
             dtype="float32",
         )
         logits = network(loaded.variables, unlabelled, logits=True).logits
-        ptask = ablation.prediction_task(
-            logits, fv.top_classes, logit_names=[f"logit{i}" for i in range(logits.shape[1])]
-        )
+        names = ablation.read_logit_names(fv.class_names) if fv.class_names else None
+        if names is not None and len(names) != logits.shape[1]:
+            raise ValueError(
+                f"--class_names={fv.class_names} has {len(names)} names for the network's "
+                f"{logits.shape[1]} logits; give one name a line, in logit order"
+            )
+        ptask = ablation.prediction_task(logits, fv.top_classes, logit_names=names)
         batches = ablation.prediction_batches(images, ptask, batch_size)
         class_names, num_classes = ptask.class_names, ptask.num_classes
         fingerprint = store.key_of(probe=source.fingerprint(), top_classes=fv.top_classes)

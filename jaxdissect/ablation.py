@@ -261,11 +261,27 @@ class PredictionTask:
         return len(self.class_names)
 
 
+def read_logit_names(path: str | pathlib.Path) -> tuple[str, ...]:
+    """Class names from a text file, one a line in logit order (blank lines at its end
+    ignored; a blank line between names is refused, naming it)."""
+    try:
+        lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); one class name a line") from e
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            raise ValueError(f"{path}: line {i + 1} is blank; one class name a line")
+    return tuple(line.strip() for line in lines)
+
+
 def prediction_task(
     logits: np.ndarray, top_classes: int, *, logit_names: Sequence[str] | None = None
 ) -> PredictionTask:
     """The `PredictionTask` of the intact network's `logits` [N, L] on the evaluation images,
-    its classes the `top_classes` most frequent predictions (those that occur)."""
+    its classes the `top_classes` most frequent predictions (those that occur), named by
+    `logit_names` (default `logit<i>`)."""
     logits = np.asarray(logits)
     if logits.ndim != 2 or not len(logits):
         raise ValueError(f"logits has shape {logits.shape}; it must be [images >= 1, logits]")
@@ -278,9 +294,11 @@ def prediction_task(
     rank = np.full(len(freq), len(classes), np.int32)
     rank[classes] = np.arange(len(classes), dtype=np.int32)
     label = rank[prediction]
-    names = [str(i) for i in range(logits.shape[1])] if logit_names is None else logit_names
+    names = [f"logit{i}" for i in range(logits.shape[1])] if logit_names is None else logit_names
     if len(names) != logits.shape[1]:
-        raise ValueError(f"logit_names has {len(names)} names for {logits.shape[1]} logits")
+        raise ValueError(
+            f"logit_names has {len(names)} names for the network's {logits.shape[1]} logits"
+        )
     class_names = [names[int(c)] for c in classes]
     if (label == len(classes)).any():
         class_names.append(OTHER)

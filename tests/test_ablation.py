@@ -282,7 +282,7 @@ def test_prediction_task_on_planted_logits():
         logits[i, c] = 1.0
     task = ablation.prediction_task(logits, 3)
     assert task.classes.tolist() == [3, 1, 0]  # the tie of 0 and 4 goes to the lower index
-    assert task.class_names == ("3", "1", "0", ablation.OTHER)
+    assert task.class_names == ("logit3", "logit1", "logit0", ablation.OTHER)
     assert task.label.tolist() == [0, 0, 1, 1, 3, 2, 0]
     # K at least the predicted classes: no 'other' class.
     everything = ablation.prediction_task(logits, 10)
@@ -291,5 +291,17 @@ def test_prediction_task_on_planted_logits():
     )
     with pytest.raises(ValueError, match="top_classes=0"):
         ablation.prediction_task(logits, 0)
-    with pytest.raises(ValueError, match="logit_names has 2 names"):
+    with pytest.raises(ValueError, match="logit_names has 2 names for the network's 5 logits"):
         ablation.prediction_task(logits, 1, logit_names=["x", "y"])
+
+
+def test_class_names_file_one_a_line(tmp_path):
+    path = tmp_path / "names.txt"
+    path.write_text("tench, Tinca tinca\n<b>goldfish</b>  \n\n\n")  # blank lines at the end
+    assert ablation.read_logit_names(path) == ("tench, Tinca tinca", "<b>goldfish</b>")
+    path.write_text("a\n\nb\n")
+    with pytest.raises(ValueError, match=r"names.txt: line 2 is blank; one class name a line"):
+        ablation.read_logit_names(path)
+    path.write_bytes(b"a\n\xff\n")
+    with pytest.raises(ValueError, match=r"names.txt: not UTF-8 text \(byte 2\)"):
+        ablation.read_logit_names(path)

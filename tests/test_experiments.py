@@ -353,9 +353,12 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
     from jaxdissect.models import load as model_load
 
     flagfile = ROOT / "experiments" / "configs" / "ablation_demo.flags"
+    names = tmp_path / "classes.txt"  # named classes; markup shows as text on the page
+    names.write_text("".join(f"class {i}, <i>\n" for i in range(1000)) + "\n")
     doc = run_script(
         "ablation",
         f"--flagfile={flagfile}",
+        f"--class_names={names}",
         *data_args,
         "--max_images=8",
         "--top_classes=3",
@@ -367,7 +370,7 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
         f"--output_dir={tmp_path}",
     )
     assert doc["settings"]["task"].startswith("predictions") and doc["settings"]["units"] == 112
-    names = [c["class"] for c in doc["classes"]]
+    classes = [c["class"] for c in doc["classes"]]
     # The intact network's predictions on the same images, by the plain evaluator.
     loaded = model_load.load("efficientnet_lite0", weights="pretrained")
     data = data_args[0].split("=", 1)[1]
@@ -381,8 +384,9 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
     ).logits
     freq = np.bincount(logits.argmax(-1), minlength=logits.shape[1])
     top = sorted(range(len(freq)), key=lambda c: (-freq[c], c))[:3]
-    assert names[:3] == [f"logit{c}" for c in top]
-    assert names[3:] == (["other"] if freq.sum() > freq[top].sum() else [])
+    assert classes[:3] == [f"class {c}, <i>" for c in top]
+    assert classes[3:] == (["other"] if freq.sum() > freq[top].sum() else [])
+    assert f"class {top[0]}, &lt;i&gt;" in (tmp_path / "ablation.html").read_text()
     assert doc["settings"]["class_logits"] == top
     for c in doc["classes"]:
         assert c["curve"]["class_accuracy"][0] == 1.0  # N = 0: the intact network
@@ -425,3 +429,25 @@ def test_ablation_predictions_task_names_its_bad_flags():
         )
     with pytest.raises(FileNotFoundError, match="--weights=nowhere: no such file"):
         run_script("ablation", "--task=predictions", "--model=resnet18", "--weights=nowhere")
+    predictions = ("--task=predictions", "--model=efficientnet_lite0", "--weights=pretrained")
+    with pytest.raises(FileNotFoundError, match="--class_names=nowhere: no such file"):
+        run_script("ablation", *predictions, "--class_names=nowhere")
+
+
+def test_ablation_class_names_must_name_every_logit(tmp_path, data_args):
+    """Checked against the network's logits before the dissection and the ablation."""
+    names = tmp_path / "classes.txt"
+    names.write_text("a\nb\nc\nd\n")
+    with pytest.raises(ValueError, match=r"has 4 names for the network's 5 logits; give one"):
+        run_script(
+            "ablation",
+            "--task=predictions",
+            "--model=tests.fixtures.small_model:make",  # 5 logits
+            "--weights=",
+            f"--class_names={names}",
+            *data_args,
+            *PROBE_ARGS,
+            "--max_images=8",
+            "--eval_batch_size=8",
+            f"--output_dir={tmp_path / 'out'}",
+        )
