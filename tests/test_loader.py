@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import subprocess
@@ -226,6 +227,9 @@ def test_worker_processes_give_the_same_batches(tiny, tmp_path):
 
 def test_workers_leave_the_absl_flags_to_the_application():
     """The loader never marks absl flags parsed: unparsed, workers are refused in one line."""
+    # Unparsing resets --verbosity, which sets absl's logger to WARNING: put it back, or
+    # later tests in this process would see no INFO records.
+    level = logging.getLogger("absl").level
     flags.FLAGS.unparse_flags()
     try:
         with pytest.raises(ValueError, match=r"num_workers=2 needs parsed absl flags"):
@@ -233,6 +237,7 @@ def test_workers_leave_the_absl_flags_to_the_application():
         assert not flags.FLAGS.is_parsed()
     finally:
         flags.FLAGS.mark_as_parsed()
+        logging.getLogger("absl").setLevel(level)
 
 
 class PlatformSource(ArraySource):
