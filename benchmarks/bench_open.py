@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxdissect.data import broden  # noqa: E402
+from jaxdissect.data import broden_images  # noqa: E402
 from jaxdissect.data.broden import Broden  # noqa: E402
 
 
@@ -41,17 +41,17 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ds = Broden.open(args.data, check_headers=False)
-    files = sum(len(broden._record_files(ds.labels, r)) for r in ds.records)
-    size = sum((ds.root / broden.IMAGES_DIR / p).stat().st_size
-               for r in ds.records for p, _ in broden._record_files(ds.labels, r))  # fmt: skip
+    files = sum(len(broden_images.record_files(ds.labels, r)) for r in ds.records)
+    size = sum((ds.root / broden_images.IMAGES_DIR / p).stat().st_size
+               for r in ds.records for p, _ in broden_images.record_files(ds.labels, r))  # fmt: skip
     print(f"{args.data}: {len(ds)} images, {files} files, {size / 2**20:.0f} MiB")
 
-    walk = broden._walk_files
+    walk = broden_images.walk_files
     try:
-        broden._walk_files = lambda *a, **k: None  # the CSVs alone, as before the walk existed
+        broden_images.walk_files = lambda *a, **k: None  # the CSVs alone
         base = _time(lambda: Broden.open(args.data, check_headers=False), args.repeats)
     finally:
-        broden._walk_files = walk
+        broden_images.walk_files = walk
     print(f"  CSVs only (no walk)        best {base[0]:6.2f} s  median {base[1]:6.2f} s")
     memo = tempfile.mkdtemp(prefix="bench_open_memo_")
     Broden.open(args.data, header_memo=memo)  # the scan passes once and is remembered

@@ -447,13 +447,13 @@ def test_header_scan_finds_a_16_bit_label_png_at_open(tmp_path):
 
 
 def test_header_memo_skips_a_scan_that_passed_on_the_same_files(tmp_path, monkeypatch):
-    from jaxdissect.data import broden
+    from jaxdissect.data import broden_images
 
     root, memo = tmp_path / "b", tmp_path / "memo"
     base(root, rows=[RowSpec("a.png"), RowSpec("b.png")])
     scans = []
-    real = broden._check_headers
-    monkeypatch.setattr(broden, "_check_headers", lambda *a: (scans.append(1), real(*a))[1])
+    real = broden_images.check_headers
+    monkeypatch.setattr(broden_images, "check_headers", lambda *a: (scans.append(1), real(*a))[1])
     first = Broden.open(root, header_memo=memo)
     assert len(scans) == 1 and len(list(memo.iterdir())) == 1
     again = Broden.open(root, header_memo=memo)

@@ -1,0 +1,157 @@
+"""The files a Broden folder's index.csv lists: walked into the fingerprint, their headers
+checked, images and label PNGs decoded.
+
+Each listed file must be a regular file (a FIFO would hang the reader) and stay inside
+the folder through any symlink; its size and modification time (or its bytes) go into
+the fingerprint. A header check opens each image and label PNG for its size and mode
+against its index.csv row, without decoding. Images of any PIL mode become 8-bit RGB as
+`jaxdissect.data.images` says, or are refused; label PNGs must be 8-bit (label = R +
+256 * G). Every problem raises `BrodenFormatError` naming the file and index.csv line.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from jaxdissect.data import images
+from jaxdissect.data.broden_tables import IMAGES_DIR, INDEX_FILE, BrodenFormatError, Record
+from jaxdissect.data.files import DatasetFiles, Fingerprint, check_regular
+from jaxdissect.labelspace import LabelSpace
+
+# PIL modes whose RGB conversion is exact (8 bits per channel).
+_PNG_MODES = frozenset({"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1"})
+
+
+class open_image:
+    """Context manager: opens an image file lazily, mapping failures to BrodenFormatError."""
+
+    def __init__(self, path: pathlib.Path, where: str, what: str, *, checked: bool = False):
+        self.path, self.where, self.what, self.checked = path, where, what, checked
+        self.image: Image.Image | None = None
+
+    def __enter__(self) -> Image.Image:
+        # A FIFO would block Image.open forever: refused from its stat, before opening
+        # (unless `checked`: the caller has just stat'ed it).
+        if not self.checked:
+            check_regular(self.path, self.where, self.what, BrodenFormatError)
+        try:
+            self.image = Image.open(self.path)
+        except FileNotFoundError:
+            raise BrodenFormatError(
+                f"{self.path}: {self.what} not found (listed at {self.where}); the images/ "
+                "folder is incomplete, re-extract the dataset."
+            ) from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BrodenFormatError(
+                f"{self.path}: cannot read {self.what} ({type(e).__name__}: {e}; listed at "
+                f"{self.where}); the file is corrupt or not an image, re-extract it."
+            ) from None
+        return self.image
+
+    def __exit__(self, *exc) -> None:
+        if self.image is not None:
+            self.image.close()
+
+
+def check_image_header(
+    root: pathlib.Path, rec: Record, path: pathlib.Path, where: str, im: Image.Image
+) -> None:
+    """Size and mode of an opened (not yet decoded) image against its index.csv row."""
+    if im.size != (rec.iw, rec.ih):
+        raise BrodenFormatError(
+            f"{path}: image is {im.size[1]}x{im.size[0]} (h x w) but "
+            f"{root / INDEX_FILE} line {rec.line} says ih,iw = {rec.ih},{rec.iw}; "
+            "the image or index.csv comes from another Broden resolution, re-extract "
+            "the dataset."
+        )
+    try:
+        images.check_mode(im.mode)
+    except images.UnsupportedImageMode as e:
+        raise BrodenFormatError(f"{path} ({where}): {e}.") from None
+
+
+def check_png_header(
+    root: pathlib.Path, rec: Record, path: pathlib.Path, where: str, im: Image.Image
+) -> None:
+    """Size and mode of an opened (not yet decoded) label PNG against its index.csv row."""
+    if im.size != (rec.sw, rec.sh):
+        raise BrodenFormatError(
+            f"{path}: segmentation is {im.size[1]}x{im.size[0]} (h x w) but "
+            f"{root / INDEX_FILE} line {rec.line} says sh,sw = {rec.sh},{rec.sw}; "
+            "the PNG or index.csv comes from another Broden resolution, re-extract "
+            "the dataset."
+        )
+    if im.mode not in _PNG_MODES or _sixteen_bit(im):
+        mode = repr(im.mode) if im.mode not in _PNG_MODES else f"{im.mode} with 16-bit channels"
+        raise BrodenFormatError(
+            f"{path}: PNG mode {mode} is not 8-bit RGB ({where}); Broden label PNGs "
+            "store label = R + 256 * G in 8-bit channels. Re-extract the file."
+        )
+
+
+def _sixteen_bit(im: Image.Image) -> bool:
+    """Whether a PNG stores 16 bits a channel (PIL opens 16-bit RGB as mode RGB, high bytes)."""
+    return any(";16" in str(tile.args) for tile in getattr(im, "tile", ()))
+
+
+def decode(im: Image.Image, path: pathlib.Path) -> np.ndarray:
+    """uint8 [h, w, 3] RGB of `im`, fully decoded (truncated files fail here) or BrodenFormatError."""
+    try:
+        im.load()
+        return images.to_rgb8(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BrodenFormatError(
+            f"{path}: cannot decode ({type(e).__name__}: {e}); the file is truncated or "
+            "corrupt, re-extract it."
+        ) from None
+
+
+def record_files(labels: LabelSpace, rec: Record) -> list[tuple[str, str]]:
+    """(path relative to images/, index.csv column) of every file of a row: image, then PNGs."""
+    files = [(rec.image, "image")]
+    for cat in labels.categories:
+        files.extend((png, cat) for png in rec.pixel.get(cat, ()))
+    return files
+
+
+def _record_paths(root: pathlib.Path, labels: LabelSpace, records: Sequence[Record]):
+    """(record, path relative to images/, full path, where, what) of every listed file."""
+    images_dir = os.path.join(root, IMAGES_DIR)
+    index = root / INDEX_FILE
+    for rec in records:
+        for rel, column in record_files(labels, rec):
+            where = f"{index} line {rec.line}, column {column!r}"
+            what = "image" if column == "image" else "segmentation PNG"
+            yield rec, rel, os.path.join(images_dir, rel), where, what
+
+
+def walk_files(
+    root: pathlib.Path, labels: LabelSpace, records: Sequence[Record], digest: Fingerprint
+) -> None:
+    """Checks every file of `records` (regular, inside `root`) and adds it to `digest`."""
+    tree = DatasetFiles(root, BrodenFormatError)
+    for _, rel, path, where, what in _record_paths(root, labels, records):
+        digest.add_file(rel, path, tree.stat(path, where, what))
+
+
+def check_headers(root: pathlib.Path, labels: LabelSpace, records: Sequence[Record]) -> None:
+    """Opens every file of `records` (already checked regular) for its header."""
+    for rec, _, path, where, what in _record_paths(root, labels, records):
+        check = check_image_header if what == "image" else check_png_header
+        with open_image(pathlib.Path(path), where, what, checked=True) as im:
+            check(root, rec, pathlib.Path(path), where, im)
+
+
+# Version of the header checks: a memo of an older version's scan is not trusted.
+_HEADER_CHECKS = 2
+
+
+def header_memo_path(memo: str | pathlib.Path | None, fingerprint: str) -> pathlib.Path | None:
+    if memo is None:
+        return None
+    return pathlib.Path(memo).expanduser() / f"broden-headers-v{_HEADER_CHECKS}-{fingerprint}"
