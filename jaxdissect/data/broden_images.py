@@ -58,17 +58,31 @@ class open_image:
             self.image.close()
 
 
+def _check_size(
+    root: pathlib.Path,
+    rec: Record,
+    path: pathlib.Path,
+    im: Image.Image,
+    names: tuple[str, str, str],
+    size: tuple[int, int],
+) -> None:
+    """`im` is `size` (h, w) as its row says; `names`: (what it is, the row's columns, the
+    file in the advice)."""
+    what, columns, file = names
+    if im.size != (size[1], size[0]):
+        raise BrodenFormatError(
+            f"{path}: {what} is {im.size[1]}x{im.size[0]} (h x w) but "
+            f"{root / INDEX_FILE} line {rec.line} says {columns} = {size[0]},{size[1]}; "
+            f"the {file} or index.csv comes from another Broden resolution, re-extract "
+            "the dataset."
+        )
+
+
 def check_image_header(
     root: pathlib.Path, rec: Record, path: pathlib.Path, where: str, im: Image.Image
 ) -> None:
     """Size and mode of an opened (not yet decoded) image against its index.csv row."""
-    if im.size != (rec.iw, rec.ih):
-        raise BrodenFormatError(
-            f"{path}: image is {im.size[1]}x{im.size[0]} (h x w) but "
-            f"{root / INDEX_FILE} line {rec.line} says ih,iw = {rec.ih},{rec.iw}; "
-            "the image or index.csv comes from another Broden resolution, re-extract "
-            "the dataset."
-        )
+    _check_size(root, rec, path, im, ("image", "ih,iw", "image"), (rec.ih, rec.iw))
     try:
         images.check_mode(im.mode)
     except images.UnsupportedImageMode as e:
@@ -79,13 +93,7 @@ def check_png_header(
     root: pathlib.Path, rec: Record, path: pathlib.Path, where: str, im: Image.Image
 ) -> None:
     """Size and mode of an opened (not yet decoded) label PNG against its index.csv row."""
-    if im.size != (rec.sw, rec.sh):
-        raise BrodenFormatError(
-            f"{path}: segmentation is {im.size[1]}x{im.size[0]} (h x w) but "
-            f"{root / INDEX_FILE} line {rec.line} says sh,sw = {rec.sh},{rec.sw}; "
-            "the PNG or index.csv comes from another Broden resolution, re-extract "
-            "the dataset."
-        )
+    _check_size(root, rec, path, im, ("segmentation", "sh,sw", "PNG"), (rec.sh, rec.sw))
     if im.mode not in _PNG_MODES or _sixteen_bit(im):
         mode = repr(im.mode) if im.mode not in _PNG_MODES else f"{im.mode} with 16-bit channels"
         raise BrodenFormatError(
