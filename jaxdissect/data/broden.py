@@ -193,14 +193,11 @@ class Broden:
         i %= n
         return i, self.records[i]
 
-    def _where(self, rec: Record, column: str) -> str:
-        return f"{self.root / INDEX_FILE} line {rec.line}, column {column!r}"
-
     def read_image(self, i: int) -> np.ndarray:
         """Decodes image i: uint8 [ih, iw, 3] RGB."""
         _, rec = self._record(i)
         path = self.root / IMAGES_DIR / rec.image
-        where = self._where(rec, "image")
+        where = broden_images.listed_at(self.root / INDEX_FILE, rec, "image")
         with broden_images.open_image(path, where, "image") as im:
             broden_images.check_image_header(self.root, rec, path, where, im)
             # Any accepted mode becomes 8-bit RGB; the array is taken before the file closes.
@@ -231,7 +228,7 @@ class Broden:
 
     def _read_png(self, rec: Record, cat: str, png: str) -> np.ndarray:
         path = self.root / IMAGES_DIR / png
-        where = self._where(rec, cat)
+        where = broden_images.listed_at(self.root / INDEX_FILE, rec, cat)
         with broden_images.open_image(path, where, "segmentation PNG") as im:
             broden_images.check_png_header(self.root, rec, path, where, im)
             rgb = broden_images.decode(im, path)

@@ -127,13 +127,18 @@ def record_files(labels: LabelSpace, rec: Record) -> list[tuple[str, str]]:
     return files
 
 
+def listed_at(index: pathlib.Path, rec: Record, column: str) -> str:
+    """Where a file is listed, for messages: the line and column of `index` (index.csv)."""
+    return f"{index} line {rec.line}, column {column!r}"
+
+
 def _record_paths(root: pathlib.Path, labels: LabelSpace, records: Sequence[Record]):
     """(record, path relative to images/, full path, where, what) of every listed file."""
     images_dir = os.path.join(root, IMAGES_DIR)
     index = root / INDEX_FILE
     for rec in records:
         for rel, column in record_files(labels, rec):
-            where = f"{index} line {rec.line}, column {column!r}"
+            where = listed_at(index, rec, column)
             what = "image" if column == "image" else "segmentation PNG"
             yield rec, rel, os.path.join(images_dir, rel), where, what
 
