@@ -28,8 +28,8 @@ depend on neither the worker count nor the order of work.
 
 Modules, in the order an image is made: `vocabulary` (categories, label names
 and numbers), `raster` (shapes, noise), `patterns` (texture families),
-`painter` (label planes, palette, material surfaces), `objects` and
-`backgrounds` (drawers), `recipes` (one image per scene, texture or surface
+`painter` (label planes, palette, material surfaces), `objects` (outdoor and street
+objects), `indoor` (wall items, furniture) and `backgrounds` (drawers), `recipes` (one image per scene, texture or surface
 recipe), `scene_rule` (the scene label from the visible objects), `colours`
 (per-pixel colour labels), `example` (one rendered image with its planes) and
 `writer` (the on-disk data set).

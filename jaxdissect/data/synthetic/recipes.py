@@ -11,7 +11,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from jaxdissect.data.synthetic import objects
+from jaxdissect.data.synthetic import indoor, objects
 from jaxdissect.data.synthetic.backgrounds import ground, mountains, sky, skyline
 from jaxdissect.data.synthetic.objects import draw_sorted
 from jaxdissect.data.synthetic.painter import PALETTE, Painter
@@ -375,13 +375,13 @@ def _indoor(
     pt.paint(rect(0, fy, 1, 1), pt.surface(floor_kind), obj="floor", mat=floor_kind)
     for kind, rate in wall_items.items():
         for _ in range(int(r.poisson(rate))):
-            objects.wall_item(pt, kind, r.uniform(0.05, 0.95), fy)
+            indoor.wall_item(pt, kind, r.uniform(0.05, 0.95), fy)
     fns = {
-        "sofa": objects.sofa,
-        "bed": objects.bed,
-        "table": objects.table,
-        "chair": objects.chair,
-        "lamp": objects.lamp,
+        "sofa": indoor.sofa,
+        "bed": indoor.bed,
+        "table": indoor.table,
+        "chair": indoor.chair,
+        "lamp": indoor.lamp,
         "person": objects.person,
         "dog": objects.dog,
     }
