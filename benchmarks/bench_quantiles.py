@@ -2,6 +2,7 @@
 
 .venv/bin/python benchmarks/bench_quantiles.py speed [--units 512] [--batches 20]
 .venv/bin/python benchmarks/bench_quantiles.py accuracy [--seeds 4] [--n 3002720]
+.venv/bin/python benchmarks/bench_quantiles.py merge [--units 512] [--shards 8]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 
 from jaxdissect import quantiles as Q
+from jaxdissect import statistics
 
 
 def _stream(rows: int, units: int, seed: int) -> np.ndarray:
@@ -95,6 +97,44 @@ def speed(units: int, batches: int) -> None:
         )
 
 
+def merge(units: int, shards: int, batches: int) -> None:
+    """A pass of exact mode from its empty state (600 images of 7x7, as the main job's
+    head), then the closing merge of `shards` devices' states (`statistics.merge_program`)
+    in either mode, each shard fed `batches` batches of 32x49 rows: compile and run."""
+    rows, n_total = 32 * 49, 600 * 49
+    xs = [_stream(rows, units, s) for s in range(3)]
+    dt, compile_s, cpu = _time(Q.exact_update, Q.exact_init(units, n_total), xs, n_total // rows)
+    print(f"exact from empty K={units}: {dt * 1e3:.1f} ms/batch (compile {compile_s:.2f} s)")
+    for mode, init, update, merge_fn in (
+        ("exact", lambda s: Q.exact_init(units, n_total), Q.exact_update, Q.exact_merge),
+        (
+            "sketch",
+            lambda s: Q.sketch_init(units, seed=s, max_count=n_total),
+            Q.sketch_update,
+            Q.sketch_merge,
+        ),
+    ):
+        upd = jax.jit(update)
+        states = []
+        for s in range(shards):
+            state = init(s)
+            for i in range(batches):
+                state = upd(state, xs[(s + i) % len(xs)])
+            states.append(jax.device_get(state))
+        stacked = jax.tree.map(lambda *x: np.stack(x), *states)
+        t0 = time.perf_counter()
+        program = statistics.merge_program.lower(merge_fn, stacked).compile()
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(program(stacked))
+        t0 = time.perf_counter()
+        jax.block_until_ready(program(stacked))
+        print(
+            f"{mode} merge of {shards} shards K={units}: compile {compile_s:.2f} s, "
+            f"run {time.perf_counter() - t0:.3f} s",
+            flush=True,
+        )
+
+
 def _columns(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     x = rng.standard_normal(n)
     spike = rng.standard_normal(n)
@@ -145,15 +185,18 @@ def accuracy(seeds: int, n: int, adaptive: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["speed", "accuracy"])
+    ap.add_argument("what", choices=["speed", "accuracy", "merge"])
     ap.add_argument("--units", type=int, default=512)
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--n", type=int, default=32 * 3136 * 30)
     ap.add_argument("--adaptive", action="store_true", help="sketch without max_count")
+    ap.add_argument("--shards", type=int, default=8)
     args = ap.parse_args()
     if args.what == "speed":
         speed(args.units, args.batches)
+    elif args.what == "merge":
+        merge(args.units, args.shards, args.batches)
     else:
         accuracy(args.seeds, args.n, args.adaptive)
 
