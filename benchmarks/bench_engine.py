@@ -35,6 +35,7 @@ costs once compilation and set-up are paid: the figure that scales to a full Bro
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pathlib
@@ -59,6 +60,12 @@ flags.DEFINE_integer(
     "repeats", 2, "Steady-state runs of each forward and dissection; the best is kept."
 )
 flags.DEFINE_bool("torch", True, "Time the PyTorch forward of the same weights and images.")
+flags.DEFINE_bool(
+    "malloc_reuse",
+    False,
+    "glibc's malloc keeps freed memory (two arenas, no per-block mappings, no trim) for "
+    "both frameworks; the scripts leave malloc as it is (benchmarks/README.md, stop 31).",
+)
 flags.DEFINE_enum(
     "activation_cache",
     "auto",
@@ -284,12 +291,22 @@ def _child() -> dict:
     }
 
 
+def _malloc_reuse() -> None:
+    """glibc's `mallopt`: M_ARENA_MAX 2, M_MMAP_MAX 0, M_TRIM_THRESHOLD 2**31 - 1."""
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    if not all([mallopt(p, v) == 1 for p, v in ((-8, 2), (-4, 0), (-1, 2**31 - 1))]):
+        raise SystemExit("--malloc_reuse: glibc's mallopt refused a setting")
+
+
 def main(argv):
     del argv
     if FLAGS.child:
         from jaxdissect import parallel
 
         parallel.split_cpu()  # as the scripts do: a CPU device per core unless set
+        if FLAGS.malloc_reuse:
+            _malloc_reuse()
         print("RESULT " + json.dumps(_child()), flush=True)
         return
     rows = []
