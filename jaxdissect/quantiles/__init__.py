@@ -15,7 +15,7 @@ Modules:
   merging     `merge_all` (stacked states, jit-able) and `merge_list` (host lists)
   counts      row counts beyond int32 as (hi, lo) int32 pairs
   chunks      batches in row chunks, split against a per-unit cut
-  bitonic     bitonic sorting and merging networks
+  bitonic     bitonic sorting and merging networks (the sketch's levels)
 
 Accuracy of the sketch is measured by tests/test_quantiles.py and
 benchmarks/bench_quantiles.py (figures in benchmarks/README.md). ReqSketch's analysis
