@@ -103,7 +103,7 @@ def merge(units: int, shards: int, batches: int) -> None:
     in either mode, each shard fed `batches` batches of 32x49 rows: compile and run."""
     rows, n_total = 32 * 49, 600 * 49
     xs = [_stream(rows, units, s) for s in range(3)]
-    dt, compile_s, cpu = _time(Q.exact_update, Q.exact_init(units, n_total), xs, n_total // rows)
+    dt, compile_s, _ = _time(Q.exact_update, Q.exact_init(units, n_total), xs, n_total // rows)
     print(f"exact from empty K={units}: {dt * 1e3:.1f} ms/batch (compile {compile_s:.2f} s)")
     for mode, init, update, merge_fn in (
         ("exact", lambda s: Q.exact_init(units, n_total), Q.exact_update, Q.exact_merge),

@@ -4,8 +4,9 @@ State: the top-k values per unit (descending) and a staging buffer. Batches are 
 row chunks of ~2^20 values. Only values above the current k-th value can enter the top-k,
 so a chunk is reduced with `lax.top_k` to its largest 64 or 256 values (whichever covers,
 for every unit, all values above the k-th; else the whole chunk), staged, and the stage
-is merged into the top-k when full (`lax.top_k` of the two together). The result is the top-k of the union whatever
-the grouping or order, so merges are associative and commutative bitwise.
+is merged into the top-k when full (`lax.top_k` of the two together). The result is the
+top-k of the union whatever the grouping or order, so merges are associative and
+commutative bitwise.
 Memory: k + max(2048, ~k/8) floats per unit (`exact_state_bytes`).
 """
 
