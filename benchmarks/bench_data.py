@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from absl import flags
+
 from jaxdissect import engine
 from jaxdissect.data import loader, synthetic, tfds_broden
 from jaxdissect.data.broden import Broden
@@ -72,6 +74,7 @@ def time_pass(source: loader.Source, batch_size: int, threads: int, workers: int
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read an absl flag.
     cache_dir = Path(args.cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     root = dataset_dir(cache_dir, args.num_images, args.size)

@@ -187,7 +187,7 @@ def _child() -> dict:
 
     t_forward_first = forward_pass()
     torch_pass = None
-    if reference is not None:
+    if reference is not None and FLAGS.torch:  # ResNets draw their weights in torch.
         import torch
 
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -312,8 +312,8 @@ def main(argv):
     rows = []
     for m in FLAGS.multiples:
         n = FLAGS.num_images * int(m)
-        args = [a for a in sys.argv[1:] if not a.startswith("--num_images")]
-        cmd = [sys.executable, __file__, "--child", f"--num_images={n}", *args]
+        # The last value of a flag wins: the child's size overrides the parent's.
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", f"--num_images={n}"]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:

@@ -73,7 +73,7 @@ class Options:
         run the network again (`auto`: the device or host if they fit, else disk).
       cache_budget_bytes: memory the activation cache may use (None: measured).
       checkpoint_every: checkpoint the streaming state every N batches.
-      num_threads: image decoding threads (None: the usable cores, at most 16).
+      num_threads: image decoding threads (None: the usable cores, at most 4).
       num_workers: image decoding processes instead of threads (0: threads); threads
         share the GIL, so many-core GPU hosts want processes, e.g. the cores minus 2.
       tally_method: how the exact IoU counts are computed (`auto`: `segment` on CPU,

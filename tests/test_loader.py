@@ -192,7 +192,7 @@ def test_stopping_early_releases_threads():
 
 def test_default_threads_follow_the_usable_cores():
     cores = len(os.sched_getaffinity(0))
-    assert loader.default_threads() == max(1, min(16, cores))
+    assert loader.default_threads() == max(1, min(4, cores))
     assert loader.default_threads(limit=1) == 1
 
 

@@ -49,8 +49,12 @@ def num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def default_threads(limit: int = 16) -> int:
-    """Decoding threads by default: the CPU cores this process may use, at most `limit`."""
+def default_threads(limit: int = 4) -> int:
+    """Decoding threads by default: the CPU cores this process may use, at most `limit`.
+
+    Decoding holds the GIL for much of each example, so threads past a few contend
+    rather than help; many-core hosts feed accelerators with `num_workers` instead.
+    """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
