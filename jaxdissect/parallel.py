@@ -38,6 +38,13 @@ def cpu_device_count(cores: int) -> int:
     return n
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # not on Linux
+
+
 def split_cpu(cores: int | None = None) -> int | None:
     """Make JAX's CPU backend `cpu_device_count(cores)` devices (default: the cores this
     process may run on), so that a CPU run's data-parallel steps execute concurrently (one
@@ -53,8 +60,8 @@ def split_cpu(cores: int | None = None) -> int | None:
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return None
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n = cpu_device_count(cores or 1)
+        cores = usable_cores()
+    n = cpu_device_count(cores)
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:  # backends already initialised: their device count stays

@@ -24,6 +24,7 @@ import jax
 from absl import logging
 
 from jaxdissect import actcache, capture, config, driver, engine, results, store, tally
+from jaxdissect.data import loader
 from jaxdissect.preprocess import InputSpec
 from jaxdissect.report import build as report_build
 
@@ -185,6 +186,11 @@ def dissect(
     )
     logging.info("settings: %s", dataclasses.asdict(settings))
     logging.info("results go to %s", out.resolve())
+    advice = loader.decoding_advice(
+        jax.default_backend(), len(source), options.num_threads, options.num_workers
+    )
+    if advice:
+        logging.info(advice)
     dissector = engine.Dissector(
         tap,
         source,

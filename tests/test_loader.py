@@ -196,6 +196,21 @@ def test_default_threads_follow_the_usable_cores():
     assert loader.default_threads(limit=1) == 1
 
 
+def test_decoding_advice_only_where_threads_hold_an_accelerator_back(monkeypatch):
+    from jaxdissect import parallel
+
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 16)
+    many = loader.WORKERS_WORTH_IT
+    advice = loader.decoding_advice("gpu", many, None, 0)
+    assert "--loader_workers=14" in advice and "4 thread(s) on gpu" in advice
+    assert "2 thread(s)" in loader.decoding_advice("tpu", many, 2, 0)
+    assert loader.decoding_advice("cpu", many, None, 0) is None
+    assert loader.decoding_advice("gpu", many - 1, None, 0) is None
+    assert loader.decoding_advice("gpu", many, None, 14) is None
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 3)
+    assert loader.decoding_advice("gpu", many, None, 0) is None
+
+
 def test_worker_processes_give_the_same_batches(tiny, tmp_path):
     """Decoding in processes: same batches in the same order, resumed and sliced too."""
     assert_batches_equal(collect(tiny, 3, num_workers=2), collect(tiny, 3, num_threads=0))

@@ -31,6 +31,12 @@ import grain
 import numpy as np
 from absl import flags
 
+from jaxdissect import parallel
+
+# Images from which decoding processes pay for their start on an accelerator host (twice
+# the break-even of one H200 host's figures, benchmarks/README.md "One GPU").
+WORKERS_WORTH_IT = 4096
+
 
 class Source(Protocol):
     """What `batches` needs from a data source."""
@@ -55,11 +61,30 @@ def default_threads(limit: int = 4) -> int:
     Decoding holds the GIL for much of each example, so threads past a few contend
     rather than help; many-core hosts feed accelerators with `num_workers` instead.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(limit, cores))
+    return max(1, min(limit, parallel.usable_cores()))
+
+
+def decoding_advice(
+    platform: str, num_images: int, num_threads: int | None, num_workers: int
+) -> str | None:
+    """A hint where decoding in threads will likely hold an accelerator back, else None.
+
+    On accelerators the network outruns label decoding in threads (under the GIL);
+    worker processes scale with the cores but cost a few seconds' start a pass, worth it
+    from some thousands of images on. `platform`: `jax.default_backend()`.
+    """
+    if platform == "cpu" or num_workers or num_images < WORKERS_WORTH_IT:
+        return None
+    cores = parallel.usable_cores()
+    if cores < 4:
+        return None
+    threads = default_threads() if num_threads is None else num_threads
+    return (
+        f"decoding {num_images} images in {threads} thread(s) on {platform}: label decoding "
+        f"holds the GIL and will likely hold the {platform} back; decoding processes "
+        f"(--loader_workers={cores - 2}, num_workers) or a TFDS build of the dataset are "
+        "faster (benchmarks/README.md)"
+    )
 
 
 def batches(
