@@ -18,14 +18,7 @@
 # (it runs 1x and 2x); GPU_CHECK_WORKERS (default: cores - 2) the decoding processes;
 # GPU_CHECK_TALLY_BATCH (default 128) bench_tally's batch.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 images=${GPU_CHECK_IMAGES:-1024}
 workers=${GPU_CHECK_WORKERS:-$(($(nproc) > 3 ? $(nproc) - 2 : 1))}
 cache=/tmp/jaxdissect_bench

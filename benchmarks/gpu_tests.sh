@@ -10,14 +10,7 @@
 #   run(command="bash benchmarks/gpu_tests.sh", carry=[".whl"], timeout_s=300)
 # GPU_TESTS_TIMEOUT (default 240) bounds the pytest run, in seconds.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_tests}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 # Several test processes share the GPU: none may take most of its memory up front.
 export JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
 timeout "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -p no:cacheprovider -n 8 -rfEs \
