@@ -44,7 +44,8 @@ def _page_in(arrays: list[np.ndarray]) -> None:
         arr[...] = 0
 
 
-def _available_host_bytes() -> int:
+def available_host_bytes() -> int:
+    """Host memory free now (0 where unknown)."""
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
@@ -78,7 +79,7 @@ def choose_kind(
         return "host" if needed_bytes <= budget_bytes else ("disk" if work_dir else "none")
     if needed_bytes * 2 < _available_device_bytes():
         return "device"
-    if needed_bytes * 2 < _available_host_bytes():
+    if needed_bytes * 2 < available_host_bytes():
         return "host"
     if work_dir is not None:
         free = os.statvfs(work_dir).f_bavail * os.statvfs(work_dir).f_frsize

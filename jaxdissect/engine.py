@@ -2,7 +2,8 @@
 
 Pass 1 (`pass1_statistic`) folds each layer's activations into a per-unit quantile
 state (sketch or exact) and each unit's top images with their maps; its activations
-can be kept (`actcache`) so that pass 2 does not run the network again. Pass 2
+can be kept (`actcache`) so that pass 2 does not run the network again, and the labels
+its check decoded (`LabelMemo`) so that pass 2 does not decode them again. Pass 2
 (`pass2_statistic`) thresholds the (upsampled) maps and adds exact integer IoU counts.
 `driver.run_pass` runs each pass (sharded, checkpointed, resumable) and every stage's
 output is stored under a key of everything it depends on (`store`).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import shutil
+import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
@@ -56,6 +58,8 @@ SIGNIFICANCE_FIELDS = (
 # The permutation test's arrays in a layer's pass-2 outputs (`LayerStats.significance`).
 _TEST_PREFIX = "significance_"
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+# The label memo takes at most this fraction (1 / n) of the host memory free at pass 1.
+LABEL_MEMO_SHARE = 4
 # What each stage stores (part of its key: a stage stored by older code is not reused).
 _OUTPUTS = {"pass1": ("thresholds", "top_values", "top_indices", "top_maps"), "pass2": "counts"}
 
@@ -205,12 +209,50 @@ def restrict_categories(
     return dataclasses.replace(labels, primary=primary.astype(np.int32))
 
 
+class LabelMemo:
+    """Examples' decoded labels, kept up to `budget_bytes` (pixel labels as uint16 where
+    they fit, as Broden's R + 256 G numbers do), by example index.
+
+    Pass 1's label check decodes every example's labels; kept here, pass 2 reads them
+    from memory instead of decoding them again. Filled from the loader's threads; a
+    dissection's run long (`Dissector.run` clears it).
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self._kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def put(self, i: int, planes: np.ndarray, image_labels: np.ndarray) -> None:
+        if planes.size and planes.min() >= 0 and planes.max() <= np.iinfo(np.uint16).max:
+            planes = planes.astype(np.uint16)
+        nbytes = planes.nbytes + image_labels.nbytes
+        with self._lock:
+            if i in self._kept or self.used_bytes + nbytes > self.budget_bytes:
+                return
+            self._kept[i] = (planes, image_labels)
+            self.used_bytes += nbytes
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        return self._kept.get(i)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept.clear()
+            self.used_bytes = 0
+
+
 class _Fields:
     """A view of a source that reads only what a pass needs (decoding is the cost).
 
     With `categories`, only those categories' labels are read (`read_labels`'s argument).
     With `check_labels` (and `labels` False), each example's labels are decoded and
-    checked but not returned: a broken label file stops pass 1, not pass 2.
+    checked but not returned: a broken label file stops pass 1, not pass 2. `memo`: where
+    decoded labels are kept (`check_labels`) and looked up first (`labels`).
     """
 
     def __init__(
@@ -220,9 +262,10 @@ class _Fields:
         labels: bool,
         categories: tuple[str, ...] | None = None,
         check_labels: bool = False,
+        memo: LabelMemo | None = None,
     ):
         self.source, self.images, self.labels = source, images, labels
-        self.categories, self.check_labels = categories, check_labels
+        self.categories, self.check_labels, self.memo = categories, check_labels, memo
         self.planes, self.image_labels = source.max_planes, source.max_image_labels
         if categories is not None and hasattr(source, "label_shape"):
             # Padding only for the categories read (a Broden source knows its records).
@@ -246,10 +289,15 @@ class _Fields:
         if self.images:
             out["image"] = np.asarray(self.source.read_image(i), np.uint8)
         if self.labels or self.check_labels:
-            if self.categories is None:
+            kept = self.memo.get(i) if self.labels and self.memo is not None else None
+            if kept is not None:
+                planes, image_labels = kept
+            elif self.categories is None:
                 planes, image_labels = self.source.read_labels(i)
             else:
                 planes, image_labels = self.source.read_labels(i, self.categories)
+            if self.check_labels and self.memo is not None:
+                self.memo.put(i, planes, image_labels)
         if self.labels:
             pixel = np.zeros((self.planes, *self.seg_size), np.int32)
             pixel[: len(planes)] = planes
@@ -327,6 +375,7 @@ class Dissector:
         self.data_key = source.fingerprint()
         self._cache_request, self._cache_budget = activation_cache, cache_budget_bytes
         self.cache: actcache.ActivationCache | None = None
+        self.label_memo: LabelMemo | None = None
         self.steps = driver.Steps() if steps is None else steps
         self.forward = self.steps.get(
             (
@@ -414,8 +463,14 @@ class Dissector:
         return statistics.group(per_layer)
 
     def run_pass1(self, variables) -> dict[str, dict[str, np.ndarray]]:
-        """Thresholds, top images and their maps per layer (also fills the activation cache)."""
+        """Thresholds, top images and their maps per layer (also fills the activation
+        cache, and with `check_labels` decoding in threads, the label memo)."""
+        free = actcache.available_host_bytes()
         self._setup_cache()
+        if self.check_labels and not self.num_workers:
+            if self.cache.kind == "host":
+                free -= self._cache_bytes
+            self.label_memo = LabelMemo(max(0, free) // LABEL_MEMO_SHARE)
         statistic = self.pass1_statistic()
         fields = _Fields(
             self.source,
@@ -423,6 +478,7 @@ class Dissector:
             labels=False,
             categories=self.settings.categories,
             check_labels=self.check_labels,
+            memo=self.label_memo,
         )
         out = self._run(
             "pass1",
@@ -467,6 +523,7 @@ class Dissector:
     def _setup_cache(self):
         per_example = sum(int(np.prod(s)) for s in self.tap.shapes.values()) * self.dtype.itemsize
         needed = per_example * self.num_batches * self.local_batch
+        self._cache_bytes = needed
         kind = actcache.choose_kind(self._cache_request, needed, self.work_dir, self._cache_budget)
         directory = None
         if kind == "disk":
@@ -533,7 +590,11 @@ class Dissector:
             "pass2",
             self.pass2_statistic(thresholds),
             _Fields(
-                self.source, images=not use_cache, labels=True, categories=self.settings.categories
+                self.source,
+                images=not use_cache,
+                labels=True,
+                categories=self.settings.categories,
+                memo=self.label_memo,
             ),
             variables,
             cache=cache,
@@ -578,6 +639,8 @@ class Dissector:
         t2 = time.time()
         if self.cache is not None:
             self.cache.clear()
+        if self.label_memo is not None:
+            self.label_memo.clear()
         logging.info("pass 1 %.1f s, pass 2 %.1f s", t1 - t0, t2 - t1)
         cache_kind = "none" if self.cache is None else self.cache.kind
         self.timings = {"pass1_s": t1 - t0, "pass2_s": t2 - t1, "cache": cache_kind}

@@ -85,7 +85,8 @@ class Options:
       runners_up: runner-up concepts shown per unit in the report.
       check_labels: decode and check every example's labels during pass 1 as well, so
         that a broken label file stops the run before pass 2 (costs label decoding in
-        pass 1's loader).
+        pass 1's loader); decoding in threads, pass 2 then reads them from memory
+        (`engine.LabelMemo`, up to a quarter of the free host memory).
     """
 
     activation_cache: str = config.setting("auto", choices=actcache.KINDS)

@@ -191,6 +191,88 @@ def test_unselected_categories_leave_no_pixels(model, tmp_path, restriction):
         np.testing.assert_array_equal(got.counts[key], ref["counts"][key], err_msg=key)
 
 
+class _CountingLabels:
+    """The probe, recording every label decode (`read_labels` call) by example index."""
+
+    def __init__(self, probe):
+        self.probe, self.decoded = probe, []
+
+    def __len__(self):
+        return len(self.probe)
+
+    def __getattr__(self, name):
+        return getattr(self.probe, name)
+
+    def read_labels(self, i, *args):
+        self.decoded.append(int(i))
+        return self.probe.read_labels(i, *args)
+
+
+@pytest.mark.parametrize("kept", ["all", "some"])
+def test_pass2_reads_the_labels_pass1_checked_from_memory(model, probe, monkeypatch, kept):
+    """With `check_labels`, pass 2 decodes only the labels the memo could not keep, and
+    counts what the reference counts."""
+    m, variables = model
+    layers = ("conv1", "conv2")
+    settings = engine.Settings(quantile=0.05, quantile_mode="exact", batch_size=8)
+    source = _CountingLabels(probe)
+    cache = "host"
+    if kept == "some":  # room for about 5 of the 13 examples' labels
+        one = sum(a.nbytes for a in probe.read_labels(0)) // 2  # uint16 planes
+        free = 5 * one * engine.LABEL_MEMO_SHARE
+        monkeypatch.setattr(engine.actcache, "available_host_bytes", lambda: free)
+        cache = "none"  # pass 2 runs the network again; the budget is all for labels
+    tap = capture.make_tap(m, variables, layers, input_shape=(32, 32, 3))
+    dissector = engine.Dissector(
+        tap,
+        source,
+        settings,
+        input_spec=SPEC,
+        model_key="small",
+        mesh=parallel.data_mesh(2),
+        progress=False,
+        num_threads=2,
+        activation_cache=cache,
+        check_labels=True,
+    )
+    first = dissector.run_pass1(tap.variables)
+    assert sorted(set(source.decoded)) == list(range(len(probe)))
+    source.decoded.clear()
+    thresholds = {layer: first[layer]["thresholds"] for layer in layers}
+    second = dissector.run_pass2(tap.variables, thresholds)
+    memo = dissector.label_memo
+    held = {i for i in range(len(probe)) if memo.get(i) is not None}
+    assert set(source.decoded) == set(range(len(probe))) - held
+    if kept == "all":
+        assert source.decoded == [] and len(memo) == len(probe)
+    else:
+        assert 0 < len(memo) < len(probe) and memo.used_bytes <= memo.budget_bytes
+    want = _reference(m, variables, probe, settings, layers)
+    for layer in layers:
+        ref_thresholds, ref = want[layer]
+        np.testing.assert_array_equal(thresholds[layer], ref_thresholds)
+        for key in ("intersection", "label_pixels", "unit_pixels", "unit_total"):
+            np.testing.assert_array_equal(second[layer][key], ref["counts"][key], err_msg=key)
+
+
+def test_label_memo_keeps_exact_labels_within_its_budget():
+    memo = engine.LabelMemo(budget_bytes=3 * 2 * 4 + 8)
+    planes = np.array([[[0, 65535], [258, 1]]], np.int32)  # R + 256 G numbers fit uint16
+    memo.put(0, planes, np.array([7, 0], np.int32))
+    kept, image_labels = memo.get(0)
+    assert kept.dtype == np.uint16 and np.array_equal(kept, planes)
+    assert image_labels.tolist() == [7, 0] and memo.used_bytes == 16
+    memo.put(0, planes + 1, np.array([9, 0], np.int32))  # an example is kept once
+    assert np.array_equal(memo.get(0)[0], planes)
+    wide = np.array([[[65536]]], np.int32)  # does not fit uint16: kept as it is
+    memo.put(1, wide, np.zeros((0,), np.int32))
+    assert memo.get(1)[0].dtype == np.int32 and memo.used_bytes == 20
+    memo.put(2, planes, np.zeros((2,), np.int32))  # over the budget: not kept
+    assert memo.get(2) is None and len(memo) == 2
+    memo.clear()
+    assert len(memo) == 0 and memo.used_bytes == 0 and memo.get(0) is None
+
+
 def test_one_and_eight_devices_identical_with_sketch(model, probe):
     m, variables = model
     settings = engine.Settings(quantile=0.05, batch_size=8)
