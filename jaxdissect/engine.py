@@ -228,8 +228,10 @@ class LabelMemo:
         return len(self._kept)
 
     def put(self, i: int, planes: np.ndarray, image_labels: np.ndarray) -> None:
-        if planes.size and planes.min() >= 0 and planes.max() <= np.iinfo(np.uint16).max:
-            planes = planes.astype(np.uint16)
+        """Keep copies of example i's labels (`read_labels`'s arrays) if the budget allows."""
+        narrow = planes.size and planes.min() >= 0 and planes.max() <= np.iinfo(np.uint16).max
+        planes = planes.astype(np.uint16 if narrow else planes.dtype)
+        image_labels = np.array(image_labels)
         nbytes = planes.nbytes + image_labels.nbytes
         with self._lock:
             if i in self._kept or self.used_bytes + nbytes > self.budget_bytes:

@@ -266,7 +266,9 @@ def test_label_memo_keeps_exact_labels_within_its_budget():
     assert np.array_equal(memo.get(0)[0], planes)
     wide = np.array([[[65536]]], np.int32)  # does not fit uint16: kept as it is
     memo.put(1, wide, np.zeros((0,), np.int32))
-    assert memo.get(1)[0].dtype == np.int32 and memo.used_bytes == 20
+    wide[...] = 0  # the memo keeps copies
+    assert memo.get(1)[0].dtype == np.int32 and memo.get(1)[0].item() == 65536
+    assert memo.used_bytes == 20
     memo.put(2, planes, np.zeros((2,), np.int32))  # over the budget: not kept
     assert memo.get(2) is None and len(memo) == 2
     memo.clear()
