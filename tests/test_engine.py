@@ -69,9 +69,12 @@ def _reference(model, variables, probe, settings, layers):
     return out
 
 
-def _run(model, variables, probe, settings, layers, mesh, **kwargs):
+def _dissector(model, variables, probe, settings, layers, mesh, **kwargs):
+    """(Dissector of `layers` of the small CNN, its tap); decoding in the calling thread
+    unless `num_threads` says otherwise."""
     tap = capture.make_tap(model, variables, layers, input_shape=(32, 32, 3))
-    dissector = engine.Dissector(
+    kwargs = {"num_threads": 0, **kwargs}
+    d = engine.Dissector(
         tap,
         probe,
         settings,
@@ -79,9 +82,13 @@ def _run(model, variables, probe, settings, layers, mesh, **kwargs):
         model_key="small",
         mesh=mesh,
         progress=False,
-        num_threads=0,
         **kwargs,
     )
+    return d, tap
+
+
+def _run(model, variables, probe, settings, layers, mesh, **kwargs):
+    dissector, tap = _dissector(model, variables, probe, settings, layers, mesh, **kwargs)
     return dissector.run(tap.variables)
 
 
@@ -222,15 +229,13 @@ def test_pass2_reads_the_labels_pass1_checked_from_memory(model, probe, monkeypa
         free = 5 * one * engine.LABEL_MEMO_SHARE
         monkeypatch.setattr(engine.actcache, "available_host_bytes", lambda: free)
         cache = "none"  # pass 2 runs the network again; the budget is all for labels
-    tap = capture.make_tap(m, variables, layers, input_shape=(32, 32, 3))
-    dissector = engine.Dissector(
-        tap,
+    dissector, tap = _dissector(
+        m,
+        variables,
         source,
         settings,
-        input_spec=SPEC,
-        model_key="small",
-        mesh=parallel.data_mesh(2),
-        progress=False,
+        layers,
+        parallel.data_mesh(2),
         num_threads=2,
         activation_cache=cache,
         check_labels=True,
