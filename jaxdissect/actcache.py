@@ -133,6 +133,11 @@ class ActivationCache:
     def enabled(self) -> bool:
         return self.kind != "none"
 
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the cache's arrays take (a disk cache's are files)."""
+        return sum(a.nbytes for a in self._arrays.values()) if self.kind == "host" else 0
+
     def resume_at(self, batch: int) -> None:
         """Pass 1 (re)starts at `batch`: a disk cache from the interrupted run keeps
         [0, batch) (flushed before each checkpoint); memory caches start empty."""

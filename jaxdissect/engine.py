@@ -470,8 +470,7 @@ class Dissector:
         free = actcache.available_host_bytes()
         self._setup_cache()
         if self.check_labels and not self.num_workers:
-            if self.cache.kind == "host":
-                free -= self._cache_bytes
+            free -= self.cache.host_bytes
             self.label_memo = LabelMemo(max(0, free) // LABEL_MEMO_SHARE)
         statistic = self.pass1_statistic()
         fields = _Fields(
@@ -525,7 +524,6 @@ class Dissector:
     def _setup_cache(self):
         per_example = sum(int(np.prod(s)) for s in self.tap.shapes.values()) * self.dtype.itemsize
         needed = per_example * self.num_batches * self.local_batch
-        self._cache_bytes = needed
         kind = actcache.choose_kind(self._cache_request, needed, self.work_dir, self._cache_budget)
         directory = None
         if kind == "disk":
