@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxdissect import quantiles, tally, tie_counts, topimages
 from jaxdissect.labelspace import LabelSpace
@@ -74,17 +75,36 @@ def shard_seed(seed: int, shard: int) -> int:
     return (int(seed) + int(shard) * 0x9E3779B97F4A7C15) % 2**64
 
 
+def merge_schedule(n: int) -> list[tuple[int, int]]:
+    """The pairwise tree over `n` stacked states as (a, b) slots, in order: `merge(a, b)`
+    goes into slot a. Level by level, the i-th live state merges with the (i+1)-th for
+    even i (an odd last one moves up unchanged); slot 0 ends with the result."""
+    live, pairs = list(range(n)), []
+    while len(live) > 1:
+        pairs += [(live[i], live[i + 1]) for i in range(0, len(live) - 1, 2)]
+        live = live[0::2]
+    return pairs
+
+
 def _reduce_pairs(merge: Callable[[State, State], State], stacked: State) -> State:
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    while n > 1:
-        pairs = n // 2
-        a = jax.tree.map(lambda x, p=pairs: x[0 : 2 * p : 2], stacked)
-        b = jax.tree.map(lambda x, p=pairs: x[1 : 2 * p : 2], stacked)
-        merged = jax.vmap(merge)(a, b)
-        if n % 2:
-            merged = jax.tree.map(lambda m, x: jnp.concatenate([m, x[-1:]]), merged, stacked)
-        stacked, n = merged, pairs + n % 2
-    return jax.tree.map(lambda x: x[0], stacked)
+    """`merge_schedule`'s merges, one at a time in a loop: one copy of `merge` in the
+    program whatever the number of states (vmapping each level compiled it once a level,
+    and batched sorts ran slower than single ones)."""
+    schedule = jnp.asarray(merge_schedule(shard_count(stacked)), jnp.int32).reshape(-1, 2)
+
+    def one(j, states):
+        a, b = (
+            jax.tree.map(lambda x, i=i: lax.dynamic_index_in_dim(x, i, keepdims=False), states)
+            for i in (schedule[j, 0], schedule[j, 1])
+        )
+        return jax.tree.map(
+            lambda x, m: lax.dynamic_update_index_in_dim(x, m, schedule[j, 0], 0),
+            states,
+            merge(a, b),
+        )
+
+    out = lax.fori_loop(0, schedule.shape[0], one, stacked)
+    return jax.tree.map(lambda x: x[0], out)
 
 
 # `merge_program(merge, stacked)`: the jitted reduction (a driver may compile it ahead).
@@ -366,6 +386,7 @@ __all__ = [
     "Statistic",
     "group",
     "merge_devices",
+    "merge_schedule",
     "merge_program",
     "quantile_statistic",
     "shard_seed",

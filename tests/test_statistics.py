@@ -120,6 +120,42 @@ def test_top_images_keep_the_maps_of_their_images():
     assert len(empty) and not empty.any()
 
 
+def _tree_fold(merge, states):
+    """The device merge's definition, literally: at each level merge the states in pairs
+    (0 with 1, 2 with 3, ...), an odd last one moving up unchanged."""
+    merge = jax.jit(merge)
+    while len(states) > 1:
+        pairs = [merge(states[i], states[i + 1]) for i in range(0, len(states) - 1, 2)]
+        states = pairs + states[len(states) - len(states) % 2 :]
+    return states[0]
+
+
+@pytest.mark.parametrize("shards", [5, 8])  # odd counts at two levels; a power of 2
+def test_device_merge_is_the_pairwise_tree_bitwise(shards):
+    rng = np.random.default_rng(shards)
+    # Sketches that compact (their merges flip coins, so the order shows), and exact states.
+    sketch = statistics.quantile_statistic("l", 3, total_count=40_000, q=Q, mode="sketch")
+    update = jax.jit(sketch.update)
+    states = []
+    for s in range(shards):
+        state = sketch.init(s)
+        for _ in range(2):
+            acts = rng.standard_normal((4, 20, 25, 3)).astype(np.float32) ** 2
+            state = update(state, {"acts": {"l": acts}, "valid": np.ones(4, bool)})
+        states.append(state)
+    assert int(np.asarray(states[0].ncompact).sum()) > 0
+    values, stats = _exact_statistics()
+    cases = [(sketch, states)] + [
+        (stat, _random_states(stat, values, shards)) for stat in stats.values()
+    ]
+    for stat, parts in cases:
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+        _assert_trees_equal(
+            statistics.merge_devices(stat.merge, stacked), _tree_fold(stat.merge, parts)
+        )
+    assert statistics.merge_schedule(1) == []
+
+
 def test_each_shard_gets_its_own_sketch_seed():
     stat = statistics.quantile_statistic("l", 4, total_count=10_000, q=Q, mode="sketch", seed=7)
     keys = np.asarray(statistics.stack_shards(stat, 8).key)
