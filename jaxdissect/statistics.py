@@ -87,9 +87,8 @@ def merge_schedule(n: int) -> list[tuple[int, int]]:
 
 
 def _reduce_pairs(merge: Callable[[State, State], State], stacked: State) -> State:
-    """`merge_schedule`'s merges, one at a time in a loop: one copy of `merge` in the
-    program whatever the number of states (vmapping each level compiled it once a level,
-    and batched sorts ran slower than single ones)."""
+    """`merge_schedule`'s merges, one at a time in a loop: the program holds one copy of
+    `merge` whatever the number of states, and runs exactly the tree's n - 1 merges."""
     schedule = jnp.asarray(merge_schedule(shard_count(stacked)), jnp.int32).reshape(-1, 2)
 
     def one(j, states):
