@@ -89,7 +89,10 @@ def merge_schedule(n: int) -> list[tuple[int, int]]:
 def _reduce_pairs(merge: Callable[[State, State], State], stacked: State) -> State:
     """`merge_schedule`'s merges, one at a time in a loop: the program holds one copy of
     `merge` whatever the number of states, and runs exactly the tree's n - 1 merges."""
-    schedule = jnp.asarray(merge_schedule(shard_count(stacked)), jnp.int32).reshape(-1, 2)
+    pairs = merge_schedule(shard_count(stacked))
+    if len(pairs) == 1:  # two states: no loop
+        return merge(*(jax.tree.map(lambda x, i=i: x[i], stacked) for i in pairs[0]))
+    schedule = jnp.asarray(pairs, jnp.int32).reshape(-1, 2)
 
     def one(j, states):
         a, b = (
