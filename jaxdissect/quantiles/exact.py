@@ -161,5 +161,5 @@ def exact_threshold(state: ExactState, q: float | None = None) -> jax.Array:
     if j >= state.top.shape[1]:
         raise ValueError(f"exact state sized for q={state.q} cannot answer q={q}")
     top = _exact_flush_jit(state).top
-    picked = np.asarray(jax.device_get(top[:, jnp.array([j, jm1])]))
+    picked = np.asarray(jax.device_get(top))[:, [j, jm1]]  # on the host: no eager programs
     return jnp.asarray(_lerp32(picked[:, 0], picked[:, 1], t))
