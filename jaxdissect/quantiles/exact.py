@@ -145,7 +145,11 @@ def exact_merge(a: ExactState, b: ExactState) -> ExactState:
     )
 
 
-_exact_flush_jit = jax.jit(_exact_flush)
+@jax.jit
+def _flushed_columns(state: ExactState, columns: jax.Array) -> jax.Array:
+    """Columns `columns` (int32 [2], in range) of the flushed top-k: [K, 2]. One program
+    per state shape, and only these columns leave the device."""
+    return jnp.take(_exact_flush(state).top, columns, axis=1)
 
 
 def exact_threshold(state: ExactState, q: float | None = None) -> jax.Array:
@@ -160,6 +164,5 @@ def exact_threshold(state: ExactState, q: float | None = None) -> jax.Array:
     j, jm1, t = _positions(n, q)
     if j >= state.top.shape[1]:
         raise ValueError(f"exact state sized for q={state.q} cannot answer q={q}")
-    top = _exact_flush_jit(state).top
-    picked = np.asarray(jax.device_get(top))[:, [j, jm1]]  # on the host: no eager programs
+    picked = np.asarray(jax.device_get(_flushed_columns(state, np.array([j, jm1], np.int32))))
     return jnp.asarray(_lerp32(picked[:, 0], picked[:, 1], t))
