@@ -63,14 +63,14 @@ def _directory() -> pathlib.Path:
     return pathlib.Path(path)
 
 
+_KEY = pytest.StashKey[_Sums]()
+
+
 def pytest_configure(config) -> None:
     sums = _Sums()
     config.stash[_KEY] = sums
     _directory()
     jax.monitoring.register_event_duration_secs_listener(sums.event)
-
-
-_KEY = pytest.StashKey[_Sums]()
 
 
 @pytest.hookimpl(hookwrapper=True)
