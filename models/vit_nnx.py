@@ -177,9 +177,11 @@ class ViT(nnx.Module):
 
 
 def from_linen(config: vit.ViT, params: Mapping[str, Any]) -> ViT:
-    """An NNX ViT holding `params` (a Linen ViT's `variables['params']`), path for path."""
-    model = ViT(config, rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
+    """An NNX ViT holding `params` (a Linen ViT's `variables['params']`), path for path.
+
+    The module is built abstractly (`nnx.eval_shape`): no initialiser runs.
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0))))
     flat_params = traverse_util.flatten_dict(dict(params))
     ours = {tuple(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
     missing = sorted("/".join(p) for p in ours if p not in flat_params)
@@ -196,5 +198,4 @@ def from_linen(config: vit.ViT, params: Mapping[str, Any]) -> ViT:
                 f"{var.get_value().shape}"
             )
         var.set_value(value)
-    nnx.update(model, state)
-    return model
+    return nnx.merge(graphdef, state)
