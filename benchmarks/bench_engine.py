@@ -10,7 +10,8 @@ One process per data size, on a synthetic Broden at 224:
     `--report` everything `experiments/dissect.py` does after loading (results,
     tally.csv, report; written under `--cache_dir`, on the data's disk as a run's
     outputs are); a first Dissector (compiling every step) and a second one sharing
-    its compiled steps (`driver.Steps`): the difference is the compile cost;
+    its compiled steps (`driver.Steps`): the difference is the compile cost; the
+    second's seconds in pass 1, pass 2 and (`--report`) results and report;
   - ratios: JAX forward / torch forward, dissection / JAX forward and / torch forward;
   - peak host memory (ru_maxrss) after the data is opened, after the forward passes
     and at the end, so that growth can be placed;
@@ -216,6 +217,7 @@ def _child() -> dict:
     def dissect() -> tuple[float, dict]:
         if FLAGS.report:
             with tempfile.TemporaryDirectory(dir=os.path.expanduser(FLAGS.cache_dir)) as out:
+                timings = {}
                 t = time.perf_counter()
                 pipeline.dissect(
                     model_info(model),
@@ -232,8 +234,9 @@ def _child() -> dict:
                         num_workers=FLAGS.loader_workers,
                     ),
                     steps=steps,
+                    timings=timings,
                 )
-                return time.perf_counter() - t, {}
+                return time.perf_counter() - t, timings
         d = engine.Dissector(
             tap,
             source,
@@ -273,6 +276,7 @@ def _child() -> dict:
         "dissect_s": t_dissect,
         "pass1_s": timings.get("pass1_s", float("nan")),
         "pass2_s": timings.get("pass2_s", float("nan")),
+        "results_s": timings.get("results_s", float("nan")),
         "forward_img_s": n / t_forward,
         "torch_img_s": n / t_torch,
         "dissect_img_s": n / t_dissect,
@@ -330,12 +334,12 @@ def main(argv):
     )
     print(
         f"{'images':>7} {'forward img/s':>14} {'dissect img/s':>14} {'pass1 s':>8} "
-        f"{'pass2 s':>8} {'ratio':>6} {'peak RSS MB: data / forward / end':>34}"
+        f"{'pass2 s':>8} {'report s':>9} {'ratio':>6} {'peak RSS MB: data / forward / end':>34}"
     )
     for r in rows:
         print(
             f"{r['images']:>7} {r['forward_img_s']:>14.1f} {r['dissect_img_s']:>14.1f} "
-            f"{r['pass1_s']:>8.1f} {r['pass2_s']:>8.1f} {r['ratio']:>6.2f} "
+            f"{r['pass1_s']:>8.1f} {r['pass2_s']:>8.1f} {r['results_s']:>9.1f} {r['ratio']:>6.2f} "
             f"{r['rss_after_data_mb']:>16.0f} / {r['rss_after_forward_mb']:>5.0f} / "
             f"{r['peak_rss_mb']:>5.0f}"
         )

@@ -160,10 +160,13 @@ def dissect(
     mesh: jax.sharding.Mesh | None = None,
     options: Options = Options(),
     steps: driver.Steps | None = None,
+    timings: dict[str, Any] | None = None,
 ) -> list[results.LayerResult]:
     """Dissect `layers` of `model` on `source`; write results and report to `output_dir`.
 
     steps: compiled steps shared with other dissections of this process (`driver.Steps`).
+    timings: if given, receives the engine's `Dissector.timings` (the passes' seconds) and
+      `results_s`, the seconds spent on results and report after them.
     """
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,6 +216,7 @@ def dissect(
     )
     t0 = time.time()
     stats = dissector.run(tap.variables)
+    t_passes = time.time()
     layer_results = [
         results.layer_result(
             name,
@@ -282,5 +286,7 @@ def dissect(
         )
     # Last: results.json marks the run complete.
     results.write_results_json(out / "results.json", layer_results, run_settings)
+    if timings is not None:
+        timings.update(dissector.timings, results_s=time.time() - t_passes)
     logging.info("done in %.1f s: %s", time.time() - t0, out / "index.html")
     return layer_results

@@ -18,7 +18,8 @@ XSS = "<script>alert({})</script>"
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def dissected(tmp_path_factory):
+    """(output directory, the timings `pipeline.dissect` handed back)."""
     root = synthetic.generate_tiny(tmp_path_factory.mktemp("xss") / "broden", num_images=16)
     # Every colour label gets a hostile name: some card shows one as a label or runner-up.
     path = root / "label.csv"
@@ -32,6 +33,7 @@ def report(tmp_path_factory):
     source = Broden.open(root)
     module, variables = make()
     out = tmp_path_factory.mktemp("report")
+    timings = {}
     pipeline.dissect(
         pipeline.ModelInfo(
             module,
@@ -46,8 +48,20 @@ def report(tmp_path_factory):
         out,
         dataset_name="tiny & hostile",
         options=pipeline.Options(progress=False, num_threads=0),
+        timings=timings,
     )
-    return out
+    return out, timings
+
+
+@pytest.fixture(scope="module")
+def report(dissected):
+    return dissected[0]
+
+
+def test_timings_are_the_passes_and_the_report(dissected):
+    _, timings = dissected
+    assert {"pass1_s", "pass2_s", "results_s"} <= timings.keys()
+    assert all(timings[k] > 0 for k in ("pass1_s", "pass2_s", "results_s"))
 
 
 def test_files_escape_label_names(report):
