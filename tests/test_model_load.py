@@ -30,3 +30,45 @@ def test_unknown_architecture_is_refused_before_loading_anything():
 
 def test_dotted_attribute():
     assert zoo.factory("tests.fixtures.small_model:Small.__call__") is small_model.Small.__call__
+
+
+@pytest.mark.parametrize(
+    ("model", "weights", "options", "message"),
+    [
+        (
+            "tests.fixtures.small_model:make",
+            None,
+            {"widht": 2},
+            "^--model_option widht: --model=tests.fixtures.small_model:make takes no options$",
+        ),
+        (
+            "resnet18",
+            None,
+            {"num_classes": 5, "wdth": 0.5},
+            "^--model_option wdth: --model=resnet18 takes num_classes, width, batch_norm, input_spec$",
+        ),
+        (
+            "tests.fixtures.small_model:Small",
+            None,
+            {"bogus": 1},
+            "^--model_option bogus: --model=tests.fixtures.small_model:Small takes input_spec$",
+        ),
+        (
+            "tests.fixtures.small_model:MODULE",
+            None,
+            {"input_spec": None},
+            "^--model_option input_spec: --model=tests.fixtures.small_model:MODULE is a module, ",
+        ),
+        (
+            "efficientnet_lite0",
+            "pretrained",
+            {"num_classes": 5},
+            "^--model_option num_classes: --weights=pretrained is the shipped ImageNet ",
+        ),
+    ],
+)
+def test_options_a_model_does_not_take_are_named(model, weights, options, message):
+    """An option the factory does not take, or options for a model that takes none, fail in
+    one line naming `--model_option` (never a TypeError, never silently ignored)."""
+    with pytest.raises(ValueError, match=message):
+        model_load.load(model, weights=weights, options=options)
