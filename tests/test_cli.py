@@ -190,6 +190,11 @@ def _script(name: str, *argv: str, cache: pathlib.Path) -> subprocess.CompletedP
         ),
         (["--layers=re:("], "--layers: 're:\\(' is not a regular expression"),
         (["--token_layout=1+14"], r"--token_layout='1\+14': expected \[prefix\+\]HxW\[\+suffix\]"),
+        (["--model_option=wdth=2"], "--model_option wdth: --weights=pretrained is the shipped"),
+        (
+            ["--model=resnet18", "--weights=", "--model_option=wdth=2"],
+            "--model_option wdth: --model=resnet18 takes num_classes, width, batch_norm",
+        ),
     ],
 )
 def test_bad_flags_fail_in_one_line_before_loading(tmp_path, argv, message):

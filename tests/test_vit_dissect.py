@@ -166,6 +166,7 @@ def test_big_vision_npz_dissected_from_its_flagfile(tmp_path):
         cache=tmp_path / "cache",
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == f"Results: {out / 'results.json'}"  # --noreport
     data = json.loads((out / "results.json").read_text())
     layers = {layer["layer"]: layer for layer in data["layers"]}
     assert set(layers) == {"block0", "mlp11"}
