@@ -14,7 +14,8 @@ One process per data size, on a synthetic Broden at 224:
     second's seconds in pass 1, pass 2 and (`--report`) results and report;
   - ratios: JAX forward / torch forward, dissection / JAX forward and / torch forward;
   - peak host memory (ru_maxrss) after the data is opened, after the forward passes
-    and at the end, so that growth can be placed;
+    and at the end, so that growth can be placed, and the host memory of the kept
+    dissection's caches (activations in host memory, labels pass 1 decoded);
   - during the kept dissection: CPU cores busy, the kernel's share of that CPU time and
     minor page faults an image (`getrusage`; fresh buffers are faulted in page by page).
 Sizes N, 2N, 4N show whether cost per image and memory grow with the data (memory
@@ -291,6 +292,8 @@ def _child() -> dict:
         "rss_after_data_mb": rss_data,
         "rss_after_forward_mb": rss_forward,
         "cache_kind": timings.get("cache", FLAGS.activation_cache),
+        "caches_mb": (timings.get("cache_host_bytes", 0) + timings.get("label_memo_bytes", 0))
+        / 2**20,
         "units": int(np.sum([tap.shapes[layer][2] for layer in tap.layers])),
     }
 
@@ -334,14 +337,15 @@ def main(argv):
     )
     print(
         f"{'images':>7} {'forward img/s':>14} {'dissect img/s':>14} {'pass1 s':>8} "
-        f"{'pass2 s':>8} {'report s':>9} {'ratio':>6} {'peak RSS MB: data / forward / end':>34}"
+        f"{'pass2 s':>8} {'report s':>9} {'ratio':>6} {'peak RSS MB: data / forward / end':>34} "
+        f"{'caches MB':>10}"
     )
     for r in rows:
         print(
             f"{r['images']:>7} {r['forward_img_s']:>14.1f} {r['dissect_img_s']:>14.1f} "
             f"{r['pass1_s']:>8.1f} {r['pass2_s']:>8.1f} {r['results_s']:>9.1f} {r['ratio']:>6.2f} "
             f"{r['rss_after_data_mb']:>16.0f} / {r['rss_after_forward_mb']:>5.0f} / "
-            f"{r['peak_rss_mb']:>5.0f}"
+            f"{r['peak_rss_mb']:>5.0f} {r['caches_mb']:>10.0f}"
         )
     print(
         f"\n{'images':>7} {'torch img/s':>12} {'jax fwd / torch':>16} {'dissect / torch':>16} "

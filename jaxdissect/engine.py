@@ -637,13 +637,19 @@ class Dissector:
         thresholds = {layer: p1[layer]["thresholds"] for layer in self.tap.layers}
         p2 = self._stage("pass2", lambda: self.run_pass2(variables, thresholds))
         t2 = time.time()
+        cache_kind = "none" if self.cache is None else self.cache.kind
+        self.timings = {
+            "pass1_s": t1 - t0,
+            "pass2_s": t2 - t1,
+            "cache": cache_kind,
+            "cache_host_bytes": 0 if self.cache is None else self.cache.host_bytes,
+            "label_memo_bytes": 0 if self.label_memo is None else self.label_memo.used_bytes,
+        }
         if self.cache is not None:
             self.cache.clear()
         if self.label_memo is not None:
             self.label_memo.clear()
         logging.info("pass 1 %.1f s, pass 2 %.1f s", t1 - t0, t2 - t1)
-        cache_kind = "none" if self.cache is None else self.cache.kind
-        self.timings = {"pass1_s": t1 - t0, "pass2_s": t2 - t1, "cache": cache_kind}
         return {
             layer: LayerStats(
                 layer=layer,

@@ -62,6 +62,11 @@ def test_timings_are_the_passes_and_the_report(dissected):
     _, timings = dissected
     assert {"pass1_s", "pass2_s", "results_s"} <= timings.keys()
     assert all(timings[k] > 0 for k in ("pass1_s", "pass2_s", "results_s"))
+    # The caches as pass 2 left them: both layers' float16 maps (conv1 32x32x8, conv2
+    # 16x16x12) of the 16 images in host memory, and the labels pass 1 decoded.
+    assert timings["cache"] == "host"
+    assert timings["cache_host_bytes"] == 16 * (32 * 32 * 8 + 16 * 16 * 12) * 2
+    assert timings["label_memo_bytes"] > 0
 
 
 def test_files_escape_label_names(report):
