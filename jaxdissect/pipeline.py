@@ -288,5 +288,6 @@ def dissect(
     results.write_results_json(out / "results.json", layer_results, run_settings)
     if timings is not None:
         timings.update(dissector.timings, results_s=time.time() - t_passes)
-    logging.info("done in %.1f s: %s", time.time() - t0, out / "index.html")
+    done = out / ("index.html" if options.report else "results.json")
+    logging.info("done in %.1f s: %s", time.time() - t0, done)
     return layer_results
