@@ -15,6 +15,7 @@ its rule, through `flax.linen.intercept_methods`. The rules act on the last
   parent's code) still sees rotated units.
 - `Ablate(units, value)`: the units of mask `units` ([K] bool) are set to zero
   (`value="zero"`) or to `value[k]` (a [K] vector, e.g. the units' means).
+- Any other function of the output, `lambda y: ...`, is a rule too.
 
 Rules are pytrees whose arrays are leaves: built inside a jitted or vmapped
 function from its arguments, they are data, not constants, so one compilation
@@ -176,6 +177,11 @@ def rule_paths(
     for name in rules:
         if name.startswith("re:"):
             raise ValueError(f"intervention at {name!r}: name a module path or an alias, not re:")
+        if not callable(rules[name]):
+            raise TypeError(
+                f"intervention at {name!r}: a {type(rules[name]).__name__} is no rule; give "
+                "Rotate, Fold, Ablate or a function of the layer's output"
+            )
         path = aliases.get(name, name).replace(".", "/").strip("/")
         if path in out:
             raise ValueError(f"interventions at {out[path]!r} and {name!r} name one module")

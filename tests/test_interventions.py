@@ -152,6 +152,16 @@ def test_an_unknown_path_is_refused_with_the_list_of_layers(tiny):
         )
     with pytest.raises(TypeError, match="flax.linen Module"):
         intervene(lambda v, x: x, {})
+    with pytest.raises(TypeError, match="at 'hidden': a ndarray is no rule; give Rotate, Fold"):
+        intervene(model, {"hidden": np.ones(K, bool)}).apply(variables, x)
+
+
+def test_a_function_of_the_output_is_a_rule(tiny):
+    model, variables, x = tiny
+    doubled = intervene(model, {"hidden": lambda y: 2 * y}).apply(variables, x)
+    rotated = intervene(model, {"hidden": Rotate(2 * np.eye(K))}).apply(variables, x)
+    np.testing.assert_allclose(doubled, rotated, rtol=1e-6)
+    assert not np.allclose(doubled, model.apply(variables, x))
 
 
 def test_rules_of_the_wrong_size_name_the_layer(tiny):
