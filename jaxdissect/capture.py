@@ -495,6 +495,11 @@ def make_tap(
         text (`1+14x14`) for all of them, or a mapping layer name/path -> layout;
         None: the model's, else inferred (see the module docstring).
     """
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"input_shape={tuple(input_shape)}: one example's (height, width, channels), "
+            "e.g. (224, 224, 3)"
+        )
     run, variables, default_aliases = _runner(model, variables, apply_kwargs, method)
     available, outputs = _dry_run(run, variables, input_shape)
     named = resolve_named_layers(layers, available, default_aliases if aliases is None else aliases)

@@ -29,6 +29,11 @@ def unit_masks(
     acts: [B, h, w, K] activations; thresholds: [K]; size: (sh, sw), static.
     """
     thresholds = jnp.asarray(thresholds, jnp.float32)
+    if jnp.ndim(acts) != 4 or thresholds.shape != jnp.shape(acts)[-1:]:
+        raise ValueError(
+            f"acts {tuple(jnp.shape(acts))} and thresholds {thresholds.shape}: acts is "
+            "[B, h, w, K] and thresholds [K], one a unit"
+        )
     return active(upsample(acts, size), thresholds, tie_rule)
 
 

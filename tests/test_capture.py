@@ -120,6 +120,8 @@ def test_missing_layer_lists_available(linen_setup):
     assert "top -> block2/relu" in msg
     with pytest.raises(capture.LayerNotFoundError, match="matches no layer"):
         capture.make_tap(model, variables, "re:nothing.*", input_shape=(8, 8, 3))
+    with pytest.raises(ValueError, match=r"input_shape=\(8, 8\): one example's \(height, "):
+        capture.make_tap(model, variables, "top", input_shape=(8, 8))
 
 
 def test_available_layers(linen_setup):

@@ -36,6 +36,8 @@ def test_unit_masks_match_reference_with_real_ties(tie_rule):
     assert ties > 0  # the rule was exercised
     # A dead unit at threshold 0 marks nothing (strict) or everything (inclusive).
     assert got[..., 0].all() if tie_rule == "inclusive" else not got[..., 0].any()
+    with pytest.raises(ValueError, match=r"thresholds \(2,\): acts is \[B, h, w, K\]"):
+        masks.unit_masks(acts, thresholds[:2], size, tie_rule)
 
 
 def test_concept_masks_match_reference():
