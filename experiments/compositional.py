@@ -148,8 +148,8 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
     size = loaded.input_spec.size
     layers, curves = [], {}
     for layer, stem in zip(fv.layers, results.layer_file_stems(fv.layers), strict=True):
-        with np.load(out / results.stats_npz_name(stem)) as stats:
-            thresholds, top_indices = stats["thresholds"], stats["top_indices"]
+        stats = store.load_arrays(out / results.stats_npz_name(stem))
+        thresholds, top_indices = stats["thresholds"], stats["top_indices"]
         tap = capture.make_tap(
             loaded.module,
             loaded.variables,

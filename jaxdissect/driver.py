@@ -454,7 +454,13 @@ def stage_outputs(
         logging.info(
             "%s: reusing stored results (%s)", stage, ", ".join(str(s.dir) for s in stages.values())
         )
-        return {part: store.load_arrays(s.path("arrays.npz")) for part, s in stages.items()}
+        try:
+            return {part: store.load_arrays(s.path("arrays.npz")) for part, s in stages.items()}
+        except (OSError, ValueError) as e:  # damaged after it was stored: computed again
+            logging.warning("%s: a stored result is unreadable (%s); computing it again", stage, e)
+            if jax.process_index() == 0:
+                for s in stages.values():
+                    s.reset()
     result = dict(compute())
     if jax.process_index() == 0:
         for part, s in stages.items():

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdissect import results
+from jaxdissect import results, store
 from jaxdissect.preprocess import InputSpec
 
 
@@ -95,8 +95,14 @@ def read_layer(
             "(--model/--weights): dissect this model first, or pass its dissection"
         )
     stem = results.layer_file_stems(names)[names.index(layer)]
-    with np.load(out / results.stats_npz_name(stem)) as stats:
+    try:
+        stats = store.load_arrays(out / results.stats_npz_name(stem))
         thresholds = np.asarray(stats["thresholds"], np.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(
+            f"{flag}={directory}: the dissection's arrays are missing or damaged ({e}); run "
+            f"experiments/dissect.py with --output_dir={directory} again"
+        ) from None
     [record] = [r for r in doc["layers"] if r["layer"] == layer]
     return FinishedLayer(
         directory=out,

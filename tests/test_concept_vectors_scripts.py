@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -121,6 +122,15 @@ def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection):
         run_script("concept_vectors", f"--dissection={dissection}", "--layer=conv9", *MODEL)
     with pytest.raises(ValueError, match=r"--dissection=.* dissected .*, not the model given"):
         finished.read_layer(dissection, "top", model_key="weights of another model")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(dissection, damaged)
+    stats = damaged / "stats-top.npz"
+    stats.write_bytes(stats.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"--dissection=.*arrays are missing or damaged .*again"):
+        finished.read_layer(damaged, "top")
+    stats.unlink()
+    with pytest.raises(ValueError, match=r"--dissection=.*arrays are missing or damaged"):
+        finished.read_layer(damaged, "top")
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
     with pytest.raises(FileNotFoundError, match="no finished dissection"):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdissect import capture, driver, engine, masks, parallel, statistics
+from jaxdissect import capture, driver, engine, masks, parallel, statistics, store
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.models.load import init_variables
@@ -368,3 +368,28 @@ def test_a_group_runs_as_one_program_per_part_with_the_numbers_of_one_program(tm
             np.testing.assert_array_equal(split[name][k], one[name][k])
     np.testing.assert_array_equal(split["high"]["above"], (values > 0.75).sum((0, 1, 2)))
     assert split["low"]["images"] == 19
+
+
+def test_a_damaged_stored_stage_is_computed_again(tmp_path):
+    """A stage marked done whose arrays were cut short afterwards is not reused: it is
+    computed and stored again (and a whole one is reused without computing)."""
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"conv1": {"counts": np.arange(6)}}
+
+    def outputs():
+        return driver.stage_outputs(
+            tmp_path, "pass2", {"conv1": "k1"}, {"conv1": {"layer": "conv1"}}, compute
+        )
+
+    first = outputs()
+    stored = tmp_path / "pass2-k1" / "arrays.npz"
+    assert outputs()["conv1"]["counts"].tolist() == first["conv1"]["counts"].tolist()
+    assert len(calls) == 1
+    stored.write_bytes(stored.read_bytes()[:50])
+    again = outputs()
+    assert len(calls) == 2 and again["conv1"]["counts"].tolist() == list(range(6))
+    assert store.load_arrays(stored)["counts"].tolist() == list(range(6))
+    assert outputs() and len(calls) == 2

@@ -46,6 +46,18 @@ def test_stage_done_only_after_marker(tmp_path):
     np.testing.assert_array_equal(store.load_arrays(stage.path("arrays.npz"))["counts"], [0, 1, 2])
 
 
+def test_damaged_arrays_are_one_error_naming_the_file(tmp_path):
+    path = tmp_path / "stats.npz"
+    store.save_arrays(path, {"x": np.arange(1000)})
+    whole = path.read_bytes()
+    for damaged in (whole[:100], whole[:-40], b"not an npz"):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"^{path}: not readable arrays"):
+            store.load_arrays(path)
+    with pytest.raises(FileNotFoundError):
+        store.load_arrays(tmp_path / "none.npz")
+
+
 def test_written_files_are_not_private(tmp_path):
     # mkstemp makes 0600 files; results must get the mode any file the user writes gets.
     old = os.umask(0o022)
