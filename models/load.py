@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import inspect
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -95,6 +95,13 @@ def _import_attr(spec: str) -> Any:
         raise ValueError(f"--model={spec!r}: {e}") from e
 
 
+def _option_flags(names: Iterable[str]) -> str:
+    """The flags that set model options `names` (`--num_classes` has its own)."""
+    return ", ".join(
+        "--num_classes" if n == "num_classes" else f"--model_option {n}" for n in sorted(names)
+    )
+
+
 def _check_options(model: str, weights: str | None, options: Mapping[str, Any]) -> None:
     """Fail naming `--model_option` on options that the object `--model` names does not take:
     the shipped pretrained Lite0 and module instances take none, a factory its parameters."""
@@ -103,17 +110,16 @@ def _check_options(model: str, weights: str | None, options: Mapping[str, Any]) 
 
     if not options:
         return
-    given = ", ".join(sorted(options))
+    given = _option_flags(options)
     if weights == "pretrained":
         raise ValueError(
-            f"--model_option {given}: --weights=pretrained is the shipped ImageNet "
-            "EfficientNet-Lite0 as it is and takes no options"
+            f"{given}: --weights=pretrained is the shipped ImageNet EfficientNet-Lite0 as it "
+            "is and takes no options"
         )
     obj = _import_attr(model)
     if isinstance(obj, nn.Module | nnx.Module) or not callable(obj):
         raise ValueError(
-            f"--model_option {given}: --model={model} is a module, not a factory, and takes "
-            "no options"
+            f"{given}: --model={model} is a module, not a factory, and takes no options"
         )
     try:
         signature = inspect.signature(obj)
@@ -128,9 +134,7 @@ def _check_options(model: str, weights: str | None, options: Mapping[str, Any]) 
         fields = ("parent", "name") if isinstance(obj, type) else ()  # a Module's own
         takes = ", ".join(n for n in names if n not in fields) or "no options"
         if unknown:
-            raise ValueError(
-                f"--model_option {', '.join(unknown)}: --model={model} takes {takes}"
-            ) from None
+            raise ValueError(f"{_option_flags(unknown)}: --model={model} takes {takes}") from None
         raise ValueError(f"--model={model}: {e}") from None
 
 

@@ -190,7 +190,10 @@ def _script(name: str, *argv: str, cache: pathlib.Path) -> subprocess.CompletedP
         ),
         (["--layers=re:("], "--layers: 're:\\(' is not a regular expression"),
         (["--token_layout=1+14"], r"--token_layout='1\+14': expected \[prefix\+\]HxW\[\+suffix\]"),
-        (["--model_option=wdth=2"], "--model_option wdth: --weights=pretrained is the shipped"),
+        (
+            ["--model_option=wdth=2", "--num_classes=365"],
+            "--num_classes, --model_option wdth: --weights=pretrained is the shipped",
+        ),
         (
             ["--model=resnet18", "--weights=", "--model_option=wdth=2"],
             "--model_option wdth: --model=resnet18 takes num_classes, width, batch_norm",

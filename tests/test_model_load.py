@@ -63,7 +63,7 @@ def test_dotted_attribute():
             "efficientnet_lite0",
             "pretrained",
             {"num_classes": 5},
-            "^--model_option num_classes: --weights=pretrained is the shipped ImageNet ",
+            "^--num_classes: --weights=pretrained is the shipped ImageNet ",
         ),
     ],
 )
