@@ -598,7 +598,10 @@ def write_results_json(
 def read_results_json(path: str | os.PathLike) -> dict[str, Any]:
     """Read a results file, refusing anything that is not a complete one of ours."""
     with open(path, encoding="utf-8") as f:
-        document = json.load(f)
+        try:
+            document = json.load(f)
+        except ValueError as e:  # cut short or altered (UnicodeDecodeError is one too)
+            raise ValueError(f"{path} is not readable JSON ({e})") from None
     if not isinstance(document, dict) or document.get("format") != RESULTS_FORMAT:
         raise ValueError(f"{path} is not a jaxdissect results file")
     if document.get("version") != RESULTS_VERSION or document.get("complete") is not True:

@@ -263,6 +263,10 @@ def test_results_json_round_trip(layer, tmp_path):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="not a jaxdissect"):
         results.read_results_json(tmp_path / "other.json")
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps(doc)[:40])
+    with pytest.raises(ValueError, match=rf"^{cut} is not readable JSON \("):
+        results.read_results_json(cut)
 
 
 def test_counts_are_checked(layer):
