@@ -165,6 +165,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.width is not None and not self.width > 0:
+            raise ValueError(f"width={self.width}: must be > 0")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps}: must be in [0, steps={self.steps})"

@@ -48,7 +48,9 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
 
 
 def scale_channels(channels: int, width: float) -> int:
-    """Channel count `channels * width`, rounded, at least 1."""
+    """Channel count `channels * width`, rounded, at least 1; `width` must be > 0."""
+    if not width > 0:
+        raise ValueError(f"width={width}: must be > 0 (it multiplies the channel counts)")
     return max(1, int(round(channels * width)))
 
 

@@ -203,6 +203,13 @@ def test_real_configs(arch: str, batch_norm: bool) -> None:
 # -- torch parity ---------------------------------------------------------------------------
 
 
+def test_a_width_that_is_not_positive_is_refused() -> None:
+    assert scale_channels(64, 0.01) == 1 and scale_channels(64, 0.5) == 32
+    for width in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"^width=.*: must be > 0"):
+            scale_channels(64, width)
+
+
 def test_alexnet_full_width_parity() -> None:
     paths = [f"features/{i}" for i in (0, 1, 2, 4, 7, 9, 11, 12)] + ["avgpool", "classifier/5"]
     check_parity(*build_pair("alexnet"), 224, paths)

@@ -142,6 +142,9 @@ def test_config_and_options_are_checked():
         training.TrainConfig(optimizer="lamb")
     with pytest.raises(ValueError, match="save_steps"):
         training.TrainConfig(steps=10, save_steps=(20,))
+    for width in (0.0, -1.0):
+        with pytest.raises(ValueError, match=rf"^width={width}: must be > 0"):
+            training.TrainConfig(width=width)
     with pytest.raises(ValueError, match="no option 'dropout'"):
         training.model_options("resnet18", dropout=True)
     assert training.model_options("resnet18", width=0.5, batch_norm=None) == {"width": 0.5}
