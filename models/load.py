@@ -131,7 +131,8 @@ def _check_options(model: str, weights: str | None, options: Mapping[str, Any]) 
         kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         names = [p.name for p in signature.parameters.values() if p.kind in kinds]
         unknown = sorted(set(options) - set(names))
-        fields = ("parent", "name") if isinstance(obj, type) else ()  # a Module's own
+        module_class = isinstance(obj, type) and issubclass(obj, nn.Module)
+        fields = ("parent", "name") if module_class else ()  # a Linen Module's own
         takes = ", ".join(n for n in names if n not in fields) or "no options"
         if unknown:
             raise ValueError(f"{_option_flags(unknown)}: --model={model} takes {takes}") from None
