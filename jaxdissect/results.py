@@ -12,7 +12,8 @@ Rules (the reference in `tests/reference.py` implements them with plain loops):
   scored category in LabelSpace order). This is NetDissect-Lite's rule, with one exception:
   a unit has NO label (best label and category -1, best IoU 0) when it cannot fire (no
   active pixel over the probe set, or dead: constant, see `jaxdissect.ties`) or when its
-  IoU is 0 for every concept; Lite would give it the first label of the first category.
+  IoU is 0 for every concept (nor a best label in any category: `category_label` -1, IoU 0);
+  Lite would give it the first label of the first category.
 - Each unit has a state (`STATES`, first match wins): its tie state ("dead", "saturated",
   "tied", from `jaxdissect.ties` when the engine measured them), then "no active pixels",
   then "no concept overlap" (IoU 0 everywhere), else "".
@@ -234,6 +235,10 @@ def layer_result(
         tie_state = ties.states()
         state = np.where(tie_state != "", tie_state, state)
     unlabelled = (best_iou == 0) | (counts["unit_total"] == 0) | (state == DEAD)
+    # A dead unit's mask under the inclusive rule covers everything and overlaps concepts:
+    # it gets no label in any category either.
+    cat_label = np.where(unlabelled[:, None], -1, cat_label)
+    cat_iou = np.where(unlabelled[:, None], 0.0, cat_iou)
     best_label = np.where(unlabelled, -1, best_label)
     best_category = np.where(unlabelled, -1, best_category)
     best_iou = np.where(unlabelled, 0.0, best_iou)

@@ -208,7 +208,8 @@ def reference_unit_labels(
     """Per unit: best label per category and overall, with plain loops.
 
     With `unit_total` (active pixels) and `states` (tie states), units without active pixels
-    or dead get no label; so do units whose IoU is 0 for every concept.
+    or dead get no label, overall or per category; so do units whose IoU is 0 for every
+    concept.
     """
     categories = labels.categories if categories is None else categories
     units = []
@@ -231,6 +232,8 @@ def reference_unit_labels(
         dead = states is not None and states[unit] == "dead"
         if silent or dead or score == 0.0:
             label, score, best_cat = -1, 0.0, None
+            # Nor a best label in any category: a unit that cannot fire has no label at all.
+            per_category = {name: (-1, 0.0) for name in categories}
         units.append(
             {
                 "unit": unit,

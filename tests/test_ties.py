@@ -107,6 +107,10 @@ def test_units_that_cannot_fire_get_no_label(tmp_path):
     assert layer.cannot_fire.tolist() == [False, True, False, True, False]
     # Without tie statistics the dead unit's all-covering mask would get a label.
     assert _layer(with_ties=False).best_label[3] >= 0
+    assert (_layer(with_ties=False).category_label[3] >= 0).any()
+    # With them it has none in any category either (nor do the others without a label).
+    assert (layer.category_label[1:4] == -1).all() and (layer.category_iou[1:4] == 0).all()
+    assert (layer.category_label[[0, 4]] >= 0).any(1).all()
     summary = results.layer_summary(layer)
     assert summary.cannot_fire == 2 and summary.unlabelled == 3
     assert summary.states == {
@@ -120,6 +124,9 @@ def test_units_that_cannot_fire_get_no_label(tmp_path):
     rows = {int(r["unit"]): r for r in csv.DictReader(path.open(newline=""))}
     for unit in (2, 3, 4):  # 1-based
         assert rows[unit]["label"] == "" and rows[unit]["category"] == ""
+    cats = [f"{cat}-label" for cat in layer.labels.categories]
+    assert [rows[4][c] for c in cats] == [""] * len(cats)
+    assert rows[4]["color-iou"] == "0.0" and rows[4]["color-activation"] == "100"
     assert rows[1]["label"] == "red-c" and rows[1]["category"] == "color"
     results.write_results_json(tmp_path / "results.json", [layer], {})
     record = json.loads((tmp_path / "results.json").read_text())["layers"][0]
@@ -127,6 +134,7 @@ def test_units_that_cannot_fire_get_no_label(tmp_path):
     assert [u["state"] for u in units] == list(layer.state)
     assert [u["label"] for u in units] == [1, -1, -1, -1, 1]
     assert units[3]["name"] is None and units[3]["category"] is None
+    assert all(c["name"] is None and c["iou"] == 0 for c in units[3]["categories"].values())
     assert units[4]["tie_fraction"] == 0.2 and units[0]["tie_fraction"] == 0.001
     assert record["summary"]["cannot_fire"] == 2
 
