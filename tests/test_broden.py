@@ -582,6 +582,14 @@ def test_unknown_category_column(tmp_path):
         Broden.open(tmp_path)
 
 
+def test_category_without_a_column(tmp_path):
+    # A column cut from index.csv would read as a category without data in any image.
+    base(tmp_path)
+    edit_csv(tmp_path / "index.csv", lambda rows: [r[:-1] for r in rows])
+    with raises("no column for 'scene'", "index.csv line 1", "add the column"):
+        Broden.open(tmp_path)
+
+
 def test_records_with_different_sizes(tmp_path):
     base(tmp_path, rows=[RowSpec("a.png"), RowSpec("b.png", cells={"sh": "5"}, write_image=False)])
     with raises("differ from line 2", "index.csv line 3"):

@@ -324,7 +324,7 @@ def _infer_image_level(
 
     Decided by the majority of non-empty cells of the column over the whole file
     (mixed columns are rejected later, at the odd row). A category without data
-    anywhere (or without a column) falls back to `KNOWN_IMAGE_LEVEL`.
+    anywhere falls back to `KNOWN_IMAGE_LEVEL`. Every category needs a column.
     """
     where = f"{root / table.name} line 1"
     for name in table.header:
@@ -334,18 +334,24 @@ def _infer_image_level(
                 f"({', '.join(categories)}); index.csv and category.csv come from different "
                 "releases, restore them."
             )
+    missing = [cat for cat in categories if cat not in table.header]
+    if missing:
+        raise BrodenFormatError(
+            f"{where}: no column for {', '.join(map(repr, missing))}, a category of "
+            f"{root / CATEGORY_FILE}; add the column (empty cells: no data) or remove the "
+            "category from category.csv and its c_<category>.csv."
+        )
     flags = []
     for cat in categories:
         numeric = paths = 0
-        if cat in table.header:
-            col = table.column(cat)
-            for _, row in table.rows:
-                tokens = _split_cell(row[col])
-                if tokens:
-                    if _is_decimal(tokens[0]):
-                        numeric += 1
-                    else:
-                        paths += 1
+        col = table.column(cat)
+        for _, row in table.rows:
+            tokens = _split_cell(row[col])
+            if tokens:
+                if _is_decimal(tokens[0]):
+                    numeric += 1
+                else:
+                    paths += 1
         if numeric == paths == 0:
             flags.append(cat in KNOWN_IMAGE_LEVEL)
         else:
