@@ -2,7 +2,9 @@
 
 `--model` is an architecture of `models.zoo` (`resnet18`, `efficientnet_lite0`,
 ...) or `package.module:attr` naming the user's Flax module (a Linen or NNX
-instance, a class, or a factory returning a module or `(module, variables)`).
+instance, a class, or a factory returning a module or `(module, variables)`; a
+dict-returning function works as a module). The module's `input_spec` attribute (an
+`InputSpec`) sets the input size and normalisation; without one, `TORCHVISION`'s.
 `--weights` is `pretrained` (EfficientNet-Lite0's shipped weights), an orbax
 directory written by `models/convert.py`, a PyTorch `.pth`/`.pth.tar` or a
 `.safetensors` file (read without torch or pickle code execution; a model class
@@ -147,9 +149,15 @@ def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
     if isinstance(obj, nn.Module | nnx.Module):
         return obj, None
     made = obj(**options) if callable(obj) else obj
-    if isinstance(made, tuple) and len(made) == 2:
-        return made
-    return made, None
+    module, variables = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+    if isinstance(module, tuple | list | dict) or not callable(module):
+        what = f"a {len(made)}-tuple" if isinstance(made, tuple) else f"a {type(made).__name__}"
+        raise ValueError(
+            f"--model={spec} gave {what}; it must name a Flax module, or a factory returning "
+            "a module or (module, variables); the module's `input_spec` attribute sets its "
+            "input size and normalisation"
+        )
+    return module, variables
 
 
 def init_variables(module: Any, *inputs: Any, seed: int = 0, **kwargs: Any) -> Any:

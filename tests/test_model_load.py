@@ -72,3 +72,27 @@ def test_options_a_model_does_not_take_are_named(model, weights, options, messag
     one line naming `--model_option` (never a TypeError, never silently ignored)."""
     with pytest.raises(ValueError, match=message):
         model_load.load(model, weights=weights, options=options)
+
+
+def _three():
+    module = small_model.Small()
+    return module, None, module.input_spec
+
+
+@pytest.mark.parametrize(
+    ("factory", "what"),
+    [
+        (_three, "a 3-tuple"),
+        (lambda: None, "a NoneType"),
+        (lambda: [small_model.Small()], "a list"),
+    ],
+)
+def test_a_factory_giving_no_module_is_named(monkeypatch, factory, what):
+    monkeypatch.setattr(small_model, "odd", factory, raising=False)
+    with pytest.raises(ValueError, match=f"^--model=tests.fixtures.small_model:odd gave {what};"):
+        model_load.load("tests.fixtures.small_model:odd")
+
+
+def test_the_modules_input_spec_is_its_input():
+    got = model_load.load("tests.fixtures.small_model:make")
+    assert got.input_spec == small_model.Small.input_spec and got.input_spec.size == 64
