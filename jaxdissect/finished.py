@@ -95,15 +95,23 @@ def read_layer(
             "(--model/--weights): dissect this model first, or pass its dissection"
         )
     stem = results.layer_file_stems(names)[names.index(layer)]
+    [record] = [r for r in doc["layers"] if r["layer"] == layer]
+    stats_path = out / results.stats_npz_name(stem)
     try:
-        stats = store.load_arrays(out / results.stats_npz_name(stem))
+        stats = store.load_arrays(stats_path)
         thresholds = np.asarray(stats["thresholds"], np.float32)
+        # A dissection refuses NaN/inf activations, so its thresholds are finite.
+        if thresholds.shape != (record["num_units"],) or not np.isfinite(thresholds).all():
+            raise ValueError(
+                f"{stats_path}: thresholds of shape {thresholds.shape}, "
+                f"{int((~np.isfinite(thresholds)).sum())} not finite; "
+                f"results.json has {record['num_units']} units"
+            )
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(
             f"{flag}={directory}: the dissection's arrays are missing or damaged ({e}); run "
             f"experiments/dissect.py with --output_dir={directory} again"
         ) from None
-    [record] = [r for r in doc["layers"] if r["layer"] == layer]
     return FinishedLayer(
         directory=out,
         layer=layer,

@@ -128,6 +128,22 @@ def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection):
     stats.write_bytes(stats.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"--dissection=.*arrays are missing or damaged .*again"):
         finished.read_layer(damaged, "top")
+    arrays = dict(np.load(dissection / "stats-top.npz"))
+    for bad in (np.nan, np.inf):  # thresholds no dissection writes
+        np.savez(
+            stats,
+            **{
+                **arrays,
+                "thresholds": np.where(
+                    np.arange(len(arrays["thresholds"])) == 1, bad, arrays["thresholds"]
+                ),
+            },
+        )
+        with pytest.raises(ValueError, match=r"damaged \(.*stats-top.npz: .* 1 not finite"):
+            finished.read_layer(damaged, "top")
+    np.savez(stats, **{**arrays, "thresholds": arrays["thresholds"][:-1]})
+    with pytest.raises(ValueError, match=r"damaged \(.*thresholds of shape"):
+        finished.read_layer(damaged, "top")
     stats.unlink()
     with pytest.raises(ValueError, match=r"--dissection=.*arrays are missing or damaged"):
         finished.read_layer(damaged, "top")
