@@ -81,12 +81,15 @@ def run(fv: flags.FlagValues = FLAGS):
     for layer in doc["layers"]:
         by_length = ", ".join(f"{v:.3f}" for v in layer["mean_iou_by_length"])
         line = (
-            f"{layer['layer']}: mean IoU by formula length {by_length}; "
+            f"{layer['layer']}: mean IoU by formula length (beam) {by_length}; "
             f"{layer['passes']} passes, {layer['seconds_per_step']:.1f} s per step "
             f"({layer['forward_passes_per_step']:.2f} forward passes)"
         )
         if layer["beam_not_optimal"] is not None:
-            line += f"; beam missed the optimum for {layer['beam_not_optimal']} units"
+            line += (
+                f"; beam missed the optimum for {layer['beam_not_optimal']} units; "
+                f"optimal formulas' mean IoU {layer['mean_iou']:.3f}"
+            )
         print(line)
     cli.report_elapsed(started, os.path.join(output_dir, "compositional.json"))
     return doc
@@ -194,6 +197,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
             "units": len(rows),
             "units_that_fire": len(fires),
             "mean_iou_by_length": by_length,
+            "mean_iou": compositional.mean_iou(found),
             "mean_label_iou": float(np.mean([r["label_iou"] for r in fires])) if fires else 0.0,
             "beam_not_optimal": (
                 None if found.optimal is None else int(sum(not r["beam_is_optimal"] for r in fires))
@@ -247,6 +251,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
             {
                 "name": rec["layer"],
                 "mean_by_length": rec["mean_iou_by_length"],
+                "mean_iou": rec["mean_iou"],
                 "beam_not_optimal": rec["beam_not_optimal"],
                 "units_that_fire": rec["units_that_fire"],
                 "cards": cards,

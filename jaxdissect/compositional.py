@@ -245,6 +245,14 @@ def mean_by_length(found: LayerFormulas) -> list[float]:
     return [float(np.mean([row[u].iou for u in np.flatnonzero(live)])) for row in found.by_length]
 
 
+def mean_iou(found: LayerFormulas) -> float:
+    """Mean IoU over the units that fire of the formulas found (`best`: the optimal ones in
+    optimal mode, else the beam's, then `mean_by_length`'s last)."""
+    live = np.flatnonzero(np.asarray(found.first.unit_total) > 0)
+    best = found.best()
+    return float(np.mean([best[u].iou for u in live])) if len(live) else 0.0
+
+
 def unit_rows(
     found: LayerFormulas, names: tuple[str, ...] | list[str]
 ) -> list[dict[str, Mapping[str, Any] | Any]]:
@@ -281,5 +289,6 @@ __all__ = [
     "SearchSettings",
     "explain_layer",
     "mean_by_length",
+    "mean_iou",
     "unit_rows",
 ]

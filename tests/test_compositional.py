@@ -49,6 +49,11 @@ def test_compositional_script_writes_formulas_plot_and_page(tmp_path, broden):
         assert u["optimal_formula"] == u["formula"]
     by_length = layer["mean_iou_by_length"]
     assert len(by_length) == 3 and by_length[0] <= by_length[1] <= by_length[2]
+    # The formulas found are the optimal ones: their mean is the beam's at best.
+    assert layer["mean_iou"] > by_length[-1]
+    dissected = json.loads((tmp_path / "results.json").read_text())["layers"][0]["units"]
+    live = sum(u["active_pixels"] > 0 for u in dissected)
+    assert layer["mean_iou"] == pytest.approx(sum(u["iou"] for u in fires) / live, rel=1e-12)
     assert layer["beam_not_optimal"] == sum(not u["beam_is_optimal"] for u in fires)
     assert layer["beam_not_optimal"] > 0  # the branch and bound finds what the beam missed
     assert layer["passes"] >= 3 and layer["forward_passes_per_step"] > 0
@@ -67,6 +72,7 @@ def test_compositional_script_writes_formulas_plot_and_page(tmp_path, broden):
     assert got == {u["unit"]: u["beam_formula"] for u in units}
     assert beam["layers"][0]["beam_not_optimal"] is None
     np.testing.assert_allclose(beam["layers"][0]["mean_iou_by_length"], by_length)
+    assert beam["layers"][0]["mean_iou"] == pytest.approx(by_length[-1], rel=1e-12)
 
     # Under the dissection's own restriction (presence), a unit's best single concept
     # scores the dissection's best IoU, and the formulas change.

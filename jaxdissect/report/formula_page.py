@@ -34,9 +34,10 @@ unit's mask (left) with the same image dimmed outside the formula's mask (right)
 {% for layer in layers %}
 <h2 id="layer-{{ loop.index0 }}">{{ layer.name }}</h2>
 <table><tr><th>formula length, at most</th>{% for v in layer.mean_by_length %}<th>{{ loop.index }}</th>{% endfor %}</tr>
-<tr><td>mean IoU (units that fire)</td>{% for v in layer.mean_by_length %}<td>{{ fmt(v) }}</td>{% endfor %}</tr></table>
+<tr><td>mean IoU of the beam's best (units that fire)</td>{% for v in layer.mean_by_length %}<td>{{ fmt(v) }}</td>{% endfor %}</tr></table>
 {% if layer.beam_not_optimal is not none %}<p>Beam search missed the optimal formula for
-{{ layer.beam_not_optimal }} of {{ layer.units_that_fire }} units.</p>{% endif %}
+{{ layer.beam_not_optimal }} of {{ layer.units_that_fire }} units; the optimal formulas'
+mean IoU is {{ fmt(layer.mean_iou) }}.</p>{% endif %}
 <div class="cards">
 {% for u in layer.cards %}<div class="card"><b>unit {{ u.unit }}</b>:
 <span class="formula">{{ u.formula }}</span> (IoU {{ fmt(u.iou) }})<br>
@@ -82,7 +83,8 @@ def write_page(
     plot: str,
 ) -> pathlib.Path:
     """Write out/compositional.html. layers: per layer `name`, `mean_by_length`,
-    `beam_not_optimal` (None in beam mode), `units_that_fire` and `cards` (unit rows of
+    `beam_not_optimal` and `mean_iou` (None / unused in beam mode), `units_that_fire` and
+    `cards` (unit rows of
     `compositional.unit_rows` with a `strip` path relative to `out`, or None)."""
     return page.write(
         out / "compositional.html",
