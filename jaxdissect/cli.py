@@ -40,6 +40,8 @@ def flag_message(text: str, fv: flags.FlagValues) -> str:
     """`text` with each `param=` of a settings field written `--flag=`, as `fv` defines it
     (library errors name parameters; the user typed flags)."""
     names = {fv[n].field_name: n for n in fv if getattr(fv[n], "field_name", None)}
+    if "output_dir" in fv:  # `pipeline.dissect`'s parameter, every script's flag
+        names["output_dir"] = "output_dir"
     if not names:
         return text
     pattern = r"(?<![\w\-.])(" + "|".join(map(re.escape, sorted(names, key=len))) + r")="

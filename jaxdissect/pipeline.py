@@ -149,6 +149,21 @@ def layer_significance(
     )
 
 
+def _check_not_another_models(out: pathlib.Path, model: ModelInfo) -> None:
+    """Refuse an output directory that holds another model's results: its other files (the
+    report, a compositional or significance run's) would be left beside the new results."""
+    try:
+        doc = results.read_results_json(out / "results.json")
+        before = doc["settings"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, or damaged: replaced
+        return
+    if before.get("model_key", model.key) != model.key:
+        raise ValueError(
+            f"output_dir={out} holds the results of another model "
+            f"({before.get('model', '?')}): use a new folder for this model's, or empty this one"
+        )
+
+
 def dissect(
     model: ModelInfo,
     layers: Sequence[str] | str,
@@ -169,6 +184,7 @@ def dissect(
       `results_s`, the seconds spent on results and report after them.
     """
     out = pathlib.Path(output_dir)
+    _check_not_another_models(out, model)
     out.mkdir(parents=True, exist_ok=True)
     spec = model.input_spec
     tap = capture.make_tap(

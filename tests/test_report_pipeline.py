@@ -3,6 +3,7 @@
 import csv
 import json
 
+import jax
 import pytest
 from PIL import Image
 
@@ -67,6 +68,32 @@ def test_timings_are_the_passes_and_the_report(dissected):
     assert timings["cache"] == "host"
     assert timings["cache_host_bytes"] == 16 * (32 * 32 * 8 + 16 * 16 * 12) * 2
     assert timings["label_memo_bytes"] > 0
+
+
+def test_another_models_results_are_not_mixed_in(report, tmp_path):
+    # A dissection of other weights into a folder holding this one's results is refused
+    # before any pass runs: they would be left beside each other's files.
+    for name in ("results.json", "index.html"):
+        (tmp_path / name).write_bytes((report / name).read_bytes())
+    module, variables = make()
+    other = jax.tree.map(lambda x: x + 1, variables)
+    source = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=2))
+    with pytest.raises(
+        ValueError,
+        match=r"^output_dir=.* holds the results of another model \(small <b>model</b>\)",
+    ):
+        pipeline.dissect(
+            pipeline.ModelInfo(
+                module, other, module.input_spec, "other", store.fingerprint_tree(other)
+            ),
+            ["conv1"],
+            source,
+            engine.Settings(batch_size=8),
+            tmp_path,
+            dataset_name="tiny",
+            options=pipeline.Options(progress=False, num_threads=0),
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broden", "index.html", "results.json"]
 
 
 def test_files_escape_label_names(report):
