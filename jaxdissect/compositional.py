@@ -246,8 +246,8 @@ def mean_by_length(found: LayerFormulas) -> list[float]:
 
 
 def mean_iou(found: LayerFormulas) -> float:
-    """Mean IoU over the units that fire of the formulas found (`best`: the optimal ones in
-    optimal mode, else the beam's, then `mean_by_length`'s last)."""
+    """Mean IoU over the units that fire of the formulas found (`LayerFormulas.best`): the
+    optimal ones in optimal mode; in beam mode, `mean_by_length`'s last value."""
     live = np.flatnonzero(np.asarray(found.first.unit_total) > 0)
     best = found.best()
     return float(np.mean([best[u].iou for u in live])) if len(live) else 0.0

@@ -83,9 +83,9 @@ def write_page(
     plot: str,
 ) -> pathlib.Path:
     """Write out/compositional.html. layers: per layer `name`, `mean_by_length`,
-    `beam_not_optimal` and `mean_iou` (None / unused in beam mode), `units_that_fire` and
-    `cards` (unit rows of
-    `compositional.unit_rows` with a `strip` path relative to `out`, or None)."""
+    `beam_not_optimal` and `mean_iou` (None and unused in beam mode), `units_that_fire` and
+    `cards` (unit rows of `compositional.unit_rows` with a `strip` path relative to `out`,
+    or None)."""
     return page.write(
         out / "compositional.html",
         _PAGE,
