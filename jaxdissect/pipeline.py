@@ -153,9 +153,8 @@ def _check_not_another_models(out: pathlib.Path, model: ModelInfo) -> None:
     """Refuse an output directory that holds another model's results: its other files (the
     report, a compositional or significance run's) would be left beside the new results."""
     try:
-        doc = results.read_results_json(out / "results.json")
-        before = doc["settings"]
-    except (OSError, ValueError, KeyError, TypeError):  # none, or damaged: replaced
+        before = results.read_results_json(out / "results.json")["settings"]
+    except (OSError, ValueError, KeyError):  # none, or damaged: replaced
         return
     if before.get("model_key", model.key) != model.key:
         raise ValueError(

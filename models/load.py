@@ -150,7 +150,7 @@ def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
         return obj, None
     made = obj(**options) if callable(obj) else obj
     module, variables = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
-    if isinstance(module, tuple | list | dict) or not callable(module):
+    if not callable(module):  # a tuple, list, dict or None is no module
         what = f"a {len(made)}-tuple" if isinstance(made, tuple) else f"a {type(made).__name__}"
         raise ValueError(
             f"--model={spec} gave {what}; it must name a Flax module, or a factory returning "
