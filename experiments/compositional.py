@@ -55,7 +55,12 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         "page_units", 48, "Units (highest IoU first) with a card on the page.", flag_values=fv
     )
     flags.DEFINE_integer("page_images", 4, "Top images per card.", flag_values=fv)
-    flags.DEFINE_string("output_dir", None, "Default: runs/compositional_<model>.", flag_values=fv)
+    flags.DEFINE_string(
+        "output_dir",
+        None,
+        "Default: runs/compositional_<model> (_<weights' name> for weights from a file or folder).",
+        flag_values=fv,
+    )
     cli.define_dissection_flags(fv)
 
 
@@ -74,7 +79,7 @@ def run(fv: flags.FlagValues = FLAGS):
         if fv[name].value < 0:
             raise ValueError(f"--{name}={fv[name].value}: must be >= 0")
     trained = cli.check_model_flags(fv, fv.num_classes)
-    name = fv.model or os.path.basename(os.path.normpath(fv.weights))
+    name = cli.run_name(fv.model, fv.weights)
     output_dir = fv.output_dir or os.path.join("runs", f"compositional_{name}")
     with cli.claim_output_dir(output_dir):
         doc = _explain(fv, trained, settings, options, search, probe, output_dir)

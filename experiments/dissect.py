@@ -89,7 +89,11 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     # How to run.
     cli.define_devices_flag(fv)
     flags.DEFINE_string(
-        "output_dir", None, "Where results go (default: runs/<model>).", flag_values=fv
+        "output_dir",
+        None,
+        "Where results go (default: runs/<model>, or runs/<model>_<weights' name> for weights "
+        "from a file or folder).",
+        flag_values=fv,
     )
     flags.DEFINE_bool(
         "distributed",
@@ -131,7 +135,7 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
         missing.append(str(e))
     if missing:
         raise FileNotFoundError("; and ".join(missing))
-    output_dir = fv.output_dir or os.path.join("runs", fv.model.replace(":", "_"))
+    output_dir = fv.output_dir or os.path.join("runs", cli.run_name(fv.model, fv.weights))
     claim = cli.claim_output_dir(output_dir)
 
     from jaxdissect import parallel

@@ -417,6 +417,23 @@ def check_layers(layers: Sequence[str], flag: str = "--layers") -> None:
                 raise ValueError(f"{flag}: {layer!r} is not a regular expression: {e}") from None
 
 
+def run_name(model: str | None, weights: str | None) -> str:
+    """The name default output folders give a model: `model` (`:` and `/` as `_`), followed
+    by `_<name>` for weights from a file or folder (its name without its suffix; a training
+    export `<run>/weights/step_N` is named `<run>_step_N`). Built-in weights (`pretrained`)
+    and a random init add nothing. Two runs of one model with other weights so get their own
+    folders; weights of the same name still meet, and the second run is refused."""
+    parts = [] if not model else [model.replace(":", "_").replace("/", "_")]
+    if weights and weights != "pretrained":
+        path = pathlib.Path(os.path.normpath(weights))
+        name = path.name.removesuffix(".tar") if path.name.endswith(".pth.tar") else path.name
+        name = pathlib.PurePath(name).stem or name
+        if path.parent.name == "weights" and path.parent.parent.name:
+            name = f"{path.parent.parent.name}_{name}"
+        parts.append(name)
+    return "_".join(parts)
+
+
 def claim_output_dir(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager:
     """Create and check `--output_dir` now (one-line errors naming the flag), and return the
     context that holds its lock while the run writes there."""

@@ -18,7 +18,7 @@ from absl import flags
 
 from jaxdissect import cli, config, engine, outdir, parallel, pipeline, training
 from jaxdissect.models import load as model_load
-from tests.experiment_testing import script
+from tests.experiment_testing import parse, script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -265,3 +265,32 @@ def test_scripts_split_the_cpu_unless_they_train(monkeypatch, name, splits):
     flag = inspect.getclosurevars(script(name).main).nonlocals["split_cpu"]
     cli.script_main(lambda: None, split_cpu=flag)([name])
     assert calls == ([1] if splits else [])
+
+
+def test_default_output_dirs_are_named_after_the_weights(tmp_path, monkeypatch):
+    """Two checkpoints of one architecture get two default folders; built-in weights and
+    a random init keep `runs/<model>`."""
+    assert cli.run_name("efficientnet_lite0", "pretrained") == "efficientnet_lite0"
+    assert cli.run_name("resnet18", "") == cli.run_name("resnet18", None) == "resnet18"
+    assert cli.run_name("resnet18", "ckpt/places.pth.tar") == "resnet18_places"
+    assert cli.run_name("resnet18", "/a/b/ft.safetensors") == "resnet18_ft"
+    assert cli.run_name("alexnet", "ckpt/alexnet_places365/") == "alexnet_alexnet_places365"
+    assert cli.run_name("pkg.mod:make", "w.npz") == "pkg.mod_make_w"
+    export = "runs/train_small_cnn/weights/step_002000"
+    assert cli.run_name(None, export) == "train_small_cnn_step_002000"
+    assert cli.run_name("small_cnn", export) == "small_cnn_train_small_cnn_step_002000"
+
+    class Claimed(Exception):
+        pass
+
+    def claim(path):
+        raise Claimed(path)
+
+    monkeypatch.setattr(cli, "claim_output_dir", claim)
+    weights = tmp_path / "mine.pth"
+    weights.write_bytes(b"")
+    for name, prefix in (("dissect", ""), ("compositional", "compositional_")):
+        argv = ("--model=resnet18", f"--weights={weights}", "--num_classes=10")
+        with pytest.raises(Claimed) as claimed:
+            script(name).run(parse(name, *argv))
+        assert str(claimed.value) == os.path.join("runs", f"{prefix}resnet18_mine")
