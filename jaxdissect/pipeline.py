@@ -14,8 +14,10 @@ Output directory (<layer>: the layer's name as asked for, `results.layer_file_st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,6 +29,7 @@ from jaxdissect import actcache, capture, config, driver, engine, results, store
 from jaxdissect.data import loader
 from jaxdissect.preprocess import InputSpec
 from jaxdissect.report import build as report_build
+from jaxdissect.report import html as report_html
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,18 +152,46 @@ def layer_significance(
     )
 
 
-def _check_not_another_models(out: pathlib.Path, model: ModelInfo) -> None:
-    """Refuse an output directory that holds another model's results: its other files (the
-    report, a compositional or significance run's) would be left beside the new results."""
+def _previous_layers(out: pathlib.Path, model: ModelInfo) -> list[str]:
+    """The layers of the finished run in `out` ([] if none), refusing another model's: its
+    other files (the report, a compositional or significance run's) would be left beside
+    the new results."""
     try:
         before = results.read_results_json(out / "results.json")["settings"]
     except (OSError, ValueError, KeyError):  # none, or damaged: replaced
-        return
+        return []
     if before.get("model_key", model.key) != model.key:
         raise ValueError(
             f"output_dir={out} holds the results of another model "
             f"({before.get('model', '?')}): use a new folder for this model's, or empty this one"
         )
+    layers = before.get("layers")
+    return list(layers) if isinstance(layers, list) else []
+
+
+def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
+    """Remove the files a finished run of `layers` wrote in `out`, results.json (the mark of
+    a complete run) first: a run killed while writing its own never leaves them beside
+    its new files, and a layer it does not dissect leaves nothing behind."""
+    stems = results.layer_file_stems(layers) if layers else []
+    names = [
+        "results.json",
+        *report_html.report_files(stems),
+        *(
+            name(stem)
+            for stem in stems
+            for name in (results.tally_csv_name, results.stats_npz_name)
+        ),
+    ]
+    for name in names:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    for folder in (report_html.PLOTS_DIR, report_html.STRIPS_DIR):
+        with contextlib.suppress(OSError):  # left where something else is in it
+            (out / folder).rmdir()
 
 
 def dissect(
@@ -183,7 +214,7 @@ def dissect(
       `results_s`, the seconds spent on results and report after them.
     """
     out = pathlib.Path(output_dir)
-    _check_not_another_models(out, model)
+    previous = _previous_layers(out, model)
     out.mkdir(parents=True, exist_ok=True)
     spec = model.input_spec
     tap = capture.make_tap(
@@ -247,6 +278,8 @@ def dissect(
     ]
     if jax.process_index() != 0:
         return layer_results
+    if previous:
+        _remove_previous_run(out, previous)
     stems = results.layer_file_stems(tap.names)
     for r, stem in zip(layer_results, stems, strict=True):
         results.write_tally_csv(out / results.tally_csv_name(stem), r)

@@ -2,12 +2,13 @@
 
 import csv
 import json
+import shutil
 
 import jax
 import pytest
 from PIL import Image
 
-from jaxdissect import engine, pipeline, store
+from jaxdissect import engine, pipeline, results, store
 from jaxdissect.data import Broden, synthetic
 from tests.fixtures.small_model import make
 from tests.test_report_browser import _no_alert, _open, _screenshot, driver  # noqa: F401
@@ -20,7 +21,7 @@ XSS = "<script>alert({})</script>"
 
 @pytest.fixture(scope="module")
 def dissected(tmp_path_factory):
-    """(output directory, the timings `pipeline.dissect` handed back)."""
+    """(output directory, the timings `pipeline.dissect` handed back, the Broden folder)."""
     root = synthetic.generate_tiny(tmp_path_factory.mktemp("xss") / "broden", num_images=16)
     # Every colour label gets a hostile name: some card shows one as a label or runner-up.
     path = root / "label.csv"
@@ -51,7 +52,7 @@ def dissected(tmp_path_factory):
         options=pipeline.Options(progress=False, num_threads=0),
         timings=timings,
     )
-    return out, timings
+    return out, timings, root
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def report(dissected):
 
 
 def test_timings_are_the_passes_and_the_report(dissected):
-    _, timings = dissected
+    _, timings, _ = dissected
     assert {"pass1_s", "pass2_s", "results_s"} <= timings.keys()
     assert all(timings[k] > 0 for k in ("pass1_s", "pass2_s", "results_s"))
     # The caches as pass 2 left them: both layers' float16 maps (conv1 32x32x8, conv2
@@ -94,6 +95,50 @@ def test_another_models_results_are_not_mixed_in(report, tmp_path):
             options=pipeline.Options(progress=False, num_threads=0),
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broden", "index.html", "results.json"]
+
+
+def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, tmp_path):
+    """A rerun into a finished run's folder removes that run's files before writing its
+    own, results.json first: killed while writing, it leaves no results.json (the mark of a
+    complete run) beside new files; a layer it drops and a report it does not write leave
+    nothing behind."""
+    report, _, root = dissected
+    out = tmp_path / "run"
+    shutil.copytree(report, out)  # .work included: the passes' stages are reused
+    module, variables = make()
+    model = pipeline.ModelInfo(
+        module,
+        variables,
+        module.input_spec,
+        "small <b>model</b>",
+        store.fingerprint_tree(variables),
+    )
+
+    def rerun():
+        pipeline.dissect(
+            model,
+            ["top"],
+            Broden.open(root),
+            engine.Settings(batch_size=8),
+            out,
+            dataset_name="tiny & hostile",
+            options=pipeline.Options(progress=False, num_threads=0, report=False),
+        )
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(results, "write_results_json", killed)
+        with pytest.raises(KeyboardInterrupt):
+            rerun()
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if ".work" not in p.parts)
+    assert files == ["stats-top.npz", "tally-top.csv"]
+    rerun()
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if ".work" not in p.parts)
+    assert files == ["results.json", "stats-top.npz", "tally-top.csv"]
+    assert json.loads((out / "results.json").read_text())["settings"]["layers"] == ["top"]
+    assert (out / "tally-top.csv").read_bytes() == (report / "tally-top.csv").read_bytes()
 
 
 def test_files_escape_label_names(report):

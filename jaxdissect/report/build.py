@@ -126,7 +126,7 @@ def write_dissection_report(
     pages = []
     stems = results.layer_file_stems([r.layer for r in layer_results])
     for r, stem in zip(layer_results, stems, strict=True):
-        strip_dir = out / "strips" / stem
+        strip_dir = out / report_html.STRIPS_DIR / stem
         shown = (top_indices[r.path] >= 0).any(0) & ~np.asarray(r.cannot_fire, bool)
         files = {int(k): strip_dir / f"unit{k:04d}.jpg" for k in np.flatnonzero(shown)}
         units = np.fromiter(files, np.int64, len(files))

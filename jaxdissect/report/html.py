@@ -24,6 +24,30 @@ from jaxdissect.results import TALLY_UNIT_OFFSET, layer_file_stems
 
 _TEMPLATES = Path(__file__).parent / "templates"
 PLOTS_DIR = "plots"
+STRIPS_DIR = "strips"
+INDEX = "index.html"
+CROSS_PLOT = f"{PLOTS_DIR}/unique-detectors.svg"
+
+
+def layer_page_name(stem: str) -> str:
+    """A layer's page, relative to the report folder (stem: `results.layer_file_stems`)."""
+    return f"layer-{stem}.html"
+
+
+def concept_plot_name(stem: str) -> str:
+    """A layer's detectors-per-concept plot, relative to the report folder."""
+    return f"{PLOTS_DIR}/{stem}-concepts.svg"
+
+
+def report_files(stems: Sequence[str]) -> list[str]:
+    """Every file and folder the report of layers of these stems writes, relative to the
+    report folder: index.html first."""
+    per_layer = [
+        name
+        for stem in stems
+        for name in (layer_page_name(stem), concept_plot_name(stem), f"{STRIPS_DIR}/{stem}")
+    ]
+    return [INDEX, CROSS_PLOT, *per_layer]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +161,8 @@ def write_report(
     colors = plots.category_colors(categories)
     env = _environment()
 
-    cross_plot = f"{PLOTS_DIR}/unique-detectors.svg"
     plots.plot_unique_detectors(
-        out / cross_plot,
+        out / CROSS_PLOT,
         [p.layer for p in layers],
         [p.unique_detectors for p in layers],
         categories=categories,
@@ -148,7 +171,7 @@ def write_report(
 
     entries = []
     for page, stem in zip(layers, stems, strict=True):
-        bars = f"{PLOTS_DIR}/{stem}-concepts.svg"
+        bars = concept_plot_name(stem)
         plots.plot_detectors_per_concept(
             out / bars,
             page.detectors_per_concept,
@@ -158,7 +181,7 @@ def write_report(
         )
         entry = {
             "page": page,
-            "href": f"layer-{stem}.html",
+            "href": layer_page_name(stem),
             "bars": bars,
             "unique_total": sum(page.unique_detectors.values()),
         }
@@ -174,10 +197,10 @@ def write_report(
         tested=any(p.significance is not None for p in layers),
         categories=categories,
         colors=colors,
-        cross_plot=cross_plot,
+        cross_plot=CROSS_PLOT,
         settings=[(str(k), _setting(v)) for k, v in run.settings.items()],
     )
-    return store.write_text(out / "index.html", html)
+    return store.write_text(out / INDEX, html)
 
 
 def _render_layer(
