@@ -134,17 +134,25 @@ def run(fv: flags.FlagValues = FLAGS):
     with cli.claim_output_dir(output_dir):
         doc = _ablate(fv, settings, options, probe, ns, output_dir)
     for c in doc["classes"]:
-        curve = c["curve"]
-        tops = ", ".join(f"{u['unit']} ({u['name'] or '-'})" for u in c["units"][:3])
-        i = min(3, len(curve["n"]) - 1)  # the fourth N of the curve, or its last
-        print(
-            f"{c['class']}: accuracy {curve['class_accuracy'][0]:.3f} -> "
-            f"{curve['class_accuracy'][i]:.3f} with the top {curve['n'][i]} removed (others "
-            f"{curve['others_accuracy'][0]:.3f} -> {curve['others_accuracy'][i]:.3f}); "
-            f"top units {tops}"
-        )
+        print(_summary_line(c))
     cli.report_elapsed(started, os.path.join(output_dir, "ablation.json"))
     return doc
+
+
+def _summary_line(c: dict) -> str:
+    """One class's line: its accuracy and the others' with its top units removed."""
+    curve = c["curve"]
+    if curve["class_accuracy"][0] is None:
+        return f"{c['class']}: no images of this class in the evaluation data"
+    acc = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731  (no other class's images)
+    tops = ", ".join(f"{u['unit']} ({u['name'] or '-'})" for u in c["units"][:3])
+    i = min(3, len(curve["n"]) - 1)  # the fourth N of the curve, or its last
+    return (
+        f"{c['class']}: accuracy {acc(curve['class_accuracy'][0])} -> "
+        f"{acc(curve['class_accuracy'][i])} with the top {curve['n'][i]} removed (others "
+        f"{acc(curve['others_accuracy'][0])} -> {acc(curve['others_accuracy'][i])}); "
+        f"top units {tops}"
+    )
 
 
 def _ablate(fv, settings, options, probe, ns, output_dir):

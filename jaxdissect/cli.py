@@ -388,6 +388,7 @@ def training_task(fv: flags.FlagValues) -> Any:
         resolution=meta.get("input_size", fv.resolution) if fv.eval_data else fv.resolution,
         synthetic_images=fv.synthetic_images,
         cache_dir=cache_root(),
+        name=flag,
     )
     if list(task.class_names) != meta.get("classes"):
         raise ValueError(

@@ -146,9 +146,11 @@ def open_scene_task(
     cache_dir: str | os.PathLike[str],
     max_train: int | None = None,
     num_threads: int = 2,
+    name: str = "--data",
 ) -> SceneTask:
     """The task of `--data`: the scenes of 'synthetic', a Broden folder or its TFDS build;
-    or the classes of any TFDS image-classification build (`classification_task`)."""
+    or the classes of any TFDS image-classification build (`classification_task`). `name`
+    is how errors call `data`."""
     from jaxdissect.data import open_probe, tfds_classification
 
     if data != "synthetic" and os.path.isdir(os.path.expanduser(data)):
@@ -157,7 +159,9 @@ def open_scene_task(
             return classification_task(
                 build, resolution=resolution, max_train=max_train, num_threads=num_threads
             )
-    kwargs = dict(resolution=resolution, synthetic_images=synthetic_images, cache_dir=cache_dir)
+    kwargs = dict(
+        resolution=resolution, synthetic_images=synthetic_images, cache_dir=cache_dir, name=name
+    )
     train_source, description = open_probe(data, split="train", **kwargs)
     val_source, _ = open_probe(data, split="val", **kwargs)
     return scene_task(

@@ -294,3 +294,29 @@ def test_default_output_dirs_are_named_after_the_weights(tmp_path, monkeypatch):
         with pytest.raises(Claimed) as claimed:
             script(name).run(parse(name, *argv))
         assert str(claimed.value) == os.path.join("runs", f"{prefix}resnet18_mine")
+
+
+def test_eval_data_errors_name_eval_data(tmp_path):
+    """ablation.py's task data: a missing --eval_data is named as such, not as --data."""
+    export = tmp_path / "step_000010"
+    export.mkdir()
+    (export / "meta.json").write_text('{"classes": ["a-s", "b-s"], "input_size": 32}')
+    fv = parse("ablation", f"--weights={export}", f"--eval_data={tmp_path / 'none'}")
+    with pytest.raises(FileNotFoundError, match=r"^--eval_data=\S+none: no such folder"):
+        cli.training_task(fv)
+
+
+def test_ablation_summary_of_a_class_without_evaluation_images():
+    """A class none of the evaluation images holds has no accuracy (null in ablation.json):
+    its summary line says so instead of failing to format None."""
+    summary = script("ablation")._summary_line
+    units = [{"unit": 3, "name": "sky-s"}, {"unit": 1, "name": ""}]
+    curve = {"n": [0, 1, 8], "class_accuracy": [None] * 3, "others_accuracy": [0.5, 0.4, 0.25]}
+    line = summary({"class": "desert-s", "curve": curve, "units": units})
+    assert line == "desert-s: no images of this class in the evaluation data"
+    curve = {"n": [0, 1, 8], "class_accuracy": [0.75, 0.5, 0.0], "others_accuracy": [None] * 3}
+    line = summary({"class": "forest-s", "curve": curve, "units": units})
+    assert line == (
+        "forest-s: accuracy 0.750 -> 0.000 with the top 8 removed (others - -> -); "
+        "top units 3 (sky-s), 1 (-)"
+    )

@@ -73,12 +73,14 @@ def open_probe(
     synthetic_images: int = DEFAULT_SYNTHETIC_IMAGES,
     cache_dir: str | pathlib.Path | None = None,
     data_hash: str = "stat",
+    name: str = "--data",
 ) -> tuple[Any, str]:
     """(source, description) for `--data`: 'synthetic', a Broden folder or a TFDS build.
 
     `data_hash` (`stat` or `content`) is how the files the run reads enter the source's
     fingerprint, which keys every stored stage (see `Broden.open`). A synthetic Broden is
-    generated once into `cache_dir` (default `cache_root()`).
+    generated once into `cache_dir` (default `cache_root()`). `name` is how errors call
+    `data` (the flag that gave it).
     """
     cache_dir = cache_root() if cache_dir is None else cache_dir
     check_data_hash(data_hash)
@@ -105,7 +107,7 @@ def open_probe(
     path = pathlib.Path(data).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"--data={data}: no such folder. Give an unzipped Broden folder (e.g. broden1_224, "
+            f"{name}={data}: no such folder. Give an unzipped Broden folder (e.g. broden1_224, "
             "holding index.csv), a TFDS build of it, or 'synthetic'"
         )
     if (path / "index.csv").exists():
@@ -117,7 +119,7 @@ def open_probe(
         build = tfds_broden.find_build(path, None)
     except FileNotFoundError as e:
         raise FileNotFoundError(
-            f"--data={data} holds neither index.csv (a Broden folder) nor a TFDS build: {e}"
+            f"{name}={data} holds neither index.csv (a Broden folder) nor a TFDS build: {e}"
         ) from e
     source = tfds_broden.TfdsBroden(build, split, data_hash=data_hash)
     if max_images is not None:
