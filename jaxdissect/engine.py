@@ -29,6 +29,7 @@ from jaxdissect import (
     config,
     driver,
     parallel,
+    quantiles,
     significance,
     statistics,
     store,
@@ -136,6 +137,8 @@ class Settings:
         for name in ("batch_size", "top_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.sketch_size is not None:
+            quantiles.check_size(self.sketch_size, "sketch_size")
         if self.categories is not None:
             object.__setattr__(self, "categories", tuple(self.categories))
 

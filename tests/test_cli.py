@@ -92,6 +92,7 @@ def test_library_errors_name_parameters_and_the_cli_the_flags():
         (["--quantile=1"], r"^--quantile=1.0: must be in \(0, 1\)"),
         (["--iou_threshold=2"], r"^--iou_threshold=2.0: must be in \[0, 1\)"),
         (["--top_images=0"], "^--top_images=0: must be >= 1$"),
+        (["--sketch_size=32"], "^--sketch_size=32: must be a multiple of 32 and >= 64$"),
     ]:
         fv(["prog", *argv])
         with pytest.raises(ValueError, match=message):

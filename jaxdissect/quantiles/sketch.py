@@ -141,6 +141,15 @@ def sketch_levels(
     return int(math.ceil(math.log2(need))) + 2
 
 
+def check_size(size: int, name: str = "size") -> None:
+    """Refuse a sketch size the levels cannot hold: a multiple of 4 * SECTIONS, at least
+    8 * SECTIONS. `name` is how the error calls the parameter."""
+    if size % (4 * SECTIONS) or size < 8 * SECTIONS:
+        raise ValueError(
+            f"{name}={size}: must be a multiple of {4 * SECTIONS} and >= {8 * SECTIONS}"
+        )
+
+
 def sketch_init(
     num_units: int,
     *,
@@ -161,8 +170,7 @@ def sketch_init(
     Give each device or host its own `seed` (e.g. fold in the device index) so that the
     shards' compaction coins are independent.
     """
-    if size % (4 * SECTIONS) or size < 8 * SECTIONS:
-        raise ValueError(f"size must be a multiple of {4 * SECTIONS} and >= {8 * SECTIONS}")
+    check_size(size)
     num_levels = sketch_levels(size, q, max_count, rho)
     if size * 2**num_levels >= 2**31:
         raise ValueError("max_count too large for int32 rank sums; raise size")
