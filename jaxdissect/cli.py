@@ -14,6 +14,7 @@ import logging as pylogging
 import os
 import pathlib
 import re
+import sys
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -73,8 +74,21 @@ def script_main(
             run()
         except USER_ERRORS as e:
             raise SystemExit(f"error: {flag_message(str(e), fv)}") from None
+        except KeyboardInterrupt:
+            _interrupted()
 
     return main
+
+
+def _interrupted() -> typing.NoReturn:
+    """Ctrl-C: one line, and exit status 130 at once. Background threads (a checkpoint being
+    written, decoding, compiling) are not waited for, so none prints its own traceback; what
+    was stored stays, as after a kill, and the same command resumes from it."""
+    sys.stdout.flush()
+    logging.flush()
+    sys.stderr.write("interrupted: run the same command again to resume\n")
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def report_elapsed(started: float, json_path: str | os.PathLike[str] | None = None) -> float:

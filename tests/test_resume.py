@@ -1,4 +1,5 @@
-"""A dissection killed with SIGKILL resumes from its checkpoint and ends identical."""
+"""A dissection killed with SIGKILL or interrupted (Ctrl-C) resumes from its checkpoint and
+ends identical."""
 
 import json
 import os
@@ -59,10 +60,11 @@ def _outputs(out):
     return doc, tallies, json.loads((out / "results.json").read_text())["settings"]["thresholds"]
 
 
-def _kill_during(command, out, stage):
-    """Start the run, SIGKILL it once `stage` has checkpointed 3 batches; return that step."""
+def _kill_during(command, out, stage, sig=signal.SIGKILL):
+    """Start the run, send `sig` once `stage` has checkpointed 3 batches; return that step
+    and the run's stderr."""
     proc = subprocess.Popen(
-        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 300
     seen = []
@@ -73,9 +75,10 @@ def _kill_during(command, out, stage):
         time.sleep(0.01)
     if proc.poll() is not None:
         pytest.fail(f"the run finished before it could be killed during {stage}")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return max(seen)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 130), stderr[-3000:]
+    return max(seen), stderr
 
 
 @pytest.mark.slow
@@ -84,10 +87,15 @@ def test_killed_runs_resume_identically(tiny_data, tmp_path):
     subprocess.run(_command(tiny_data, ref), env=_env(), check=True, capture_output=True)
 
     # Killed in pass 1, restarted and killed again in pass 2, restarted to the end.
-    step = _kill_during(_command(tiny_data, killed), killed, "pass1")
+    step, _ = _kill_during(_command(tiny_data, killed), killed, "pass1")
     assert 3 <= step < 12  # mid-pass: 24 images in batches of 2
     assert not (killed / "results.json").exists()  # a killed run leaves no complete result
-    _kill_during(_command(tiny_data, killed), killed, "pass2")
+    # Ctrl-C, as a checkpoint may be being written: one line, exit status 130.
+    _, stderr = _kill_during(
+        _command(tiny_data, killed, "--verbosity=-1"), killed, "pass2", signal.SIGINT
+    )
+    assert stderr.strip().splitlines()[-1] == "interrupted: run the same command again to resume"
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr[-3000:]
     assert not (killed / "results.json").exists()
     checkpoints = killed / ".work" / "checkpoints"
     assert [p.name.split("-")[0] for p in checkpoints.iterdir()] == ["pass2"]  # pass 1 stored
