@@ -161,9 +161,15 @@ def _previous_layers(out: pathlib.Path, model: ModelInfo) -> list[str]:
     except (OSError, ValueError, KeyError):  # none, or damaged: replaced
         return []
     if before.get("model_key", model.key) != model.key:
+        name = before.get("model", "?")
+        what = (
+            f"{name} with other weights or options (changed since that run)"
+            if name == model.name
+            else f"another model ({name})"
+        )
         raise ValueError(
-            f"output_dir={out} holds the results of another model "
-            f"({before.get('model', '?')}): use a new folder for this model's, or empty this one"
+            f"output_dir={out} holds the results of {what}: use a new folder for this "
+            "model's, or empty this one"
         )
     layers = before.get("layers")
     return list(layers) if isinstance(layers, list) else []

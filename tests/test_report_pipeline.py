@@ -79,21 +79,23 @@ def test_another_models_results_are_not_mixed_in(report, tmp_path):
     module, variables = make()
     other = jax.tree.map(lambda x: x + 1, variables)
     source = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=2))
-    with pytest.raises(
-        ValueError,
-        match=r"^output_dir=.* holds the results of another model \(small <b>model</b>\)",
-    ):
-        pipeline.dissect(
-            pipeline.ModelInfo(
-                module, other, module.input_spec, "other", store.fingerprint_tree(other)
-            ),
-            ["conv1"],
-            source,
-            engine.Settings(batch_size=8),
-            tmp_path,
-            dataset_name="tiny",
-            options=pipeline.Options(progress=False, num_threads=0),
-        )
+    for name, what in [
+        ("other", r"another model \(small <b>model</b>\)"),
+        # The same name (a weights file changed in place): the message says so.
+        ("small <b>model</b>", r"small <b>model</b> with other weights or options \(changed"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^output_dir=.* holds the results of {what}"):
+            pipeline.dissect(
+                pipeline.ModelInfo(
+                    module, other, module.input_spec, name, store.fingerprint_tree(other)
+                ),
+                ["conv1"],
+                source,
+                engine.Settings(batch_size=8),
+                tmp_path,
+                dataset_name="tiny",
+                options=pipeline.Options(progress=False, num_threads=0),
+            )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broden", "index.html", "results.json"]
 
 
