@@ -240,8 +240,8 @@ class Probe:
       max_images: use only the first N images (after --split).
       synthetic_images: images of the synthetic Broden (--data=synthetic).
       resolution: image size of the synthetic Broden / TFDS build.
-      data_hash: how the probe set's files key stored results: each file's size and
-        modification time (stat), or its bytes (content: reads every file once more at start).
+      data_hash: how the probe set's files key stored results: each file's size, mtime and
+        ctime (stat), or its bytes (content: reads every file once more at start).
     """
 
     data: str = "synthetic"

@@ -164,6 +164,7 @@ def test_metadata_round_trip(datasets, tmp_path):
     # Self-contained: readable with the source folder gone.
     source = shutil.copytree(root, tmp_path / "src")
     moved = tfds_broden.build(source, tmp_path / "data")
+    sources = {split: Broden.open(source, split=split).fingerprint() for split in SPLITS}
     shutil.rmtree(source)
     for split in SPLITS:
         folder, built = Broden.open(root, split=split), TfdsBroden(moved, split)
@@ -175,7 +176,7 @@ def test_metadata_round_trip(datasets, tmp_path):
         assert built.image_size == folder.image_size and built.seg_size == folder.seg_size
         assert built.max_planes == folder.max_planes
         assert built.max_image_labels == folder.max_image_labels
-        assert built.source_fingerprint == folder.fingerprint()
+        assert built.source_fingerprint == sources[split]
     assert TfdsBroden(moved, "train").max_planes != TfdsBroden(moved, "val").max_planes
     # A data dir, its broden/ folder and the build dir all name the build.
     for path in (tmp_path / "data", tmp_path / "data" / "broden", moved):
@@ -226,9 +227,10 @@ def test_no_tensorflow(datasets):
 
 def test_fingerprint_covers_the_build_files(datasets, tmp_path):
     _, build_dir = datasets["quirks"]
-    copy = shutil.copytree(build_dir, tmp_path / "build")  # copy2 keeps the times
+    copy = shutil.copytree(build_dir, tmp_path / "build")  # copy2 keeps mtimes, not ctimes
     keys = {m: TfdsBroden(copy, data_hash=m).fingerprint() for m in ("stat", "content")}
-    assert keys["stat"] == TfdsBroden(build_dir).fingerprint()
+    assert keys["stat"] != TfdsBroden(build_dir).fingerprint()  # a copy is new data to stat
+    assert keys["content"] == TfdsBroden(build_dir, data_hash="content").fingerprint()
     assert keys["stat"] != keys["content"]
     assert (
         pickle.loads(pickle.dumps(TfdsBroden(copy, data_hash="content"))).fingerprint()
@@ -237,11 +239,17 @@ def test_fingerprint_covers_the_build_files(datasets, tmp_path):
     shards = sorted(copy.glob("*.array_record*"))
     assert shards
     for path in (*shards, copy / "dataset_info.json", copy / "features.json"):
+        before = TfdsBroden(copy).fingerprint()
         st = path.stat()
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
-        assert TfdsBroden(copy).fingerprint() != keys["stat"], path
+        assert TfdsBroden(copy).fingerprint() != before, path
         assert TfdsBroden(copy, data_hash="content").fingerprint() == keys["content"], path
+        # The mtime set back: the ctime still moved.
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert TfdsBroden(copy).fingerprint() == keys["stat"]
+        assert TfdsBroden(copy).fingerprint() != before, path
+    # Moving the build's folder keeps its key.
+    key = TfdsBroden(copy).fingerprint()
+    moved = copy.rename(tmp_path / "moved")
+    assert TfdsBroden(moved).fingerprint() == key
     with pytest.raises(ValueError, match="data_hash='sha1'"):
-        TfdsBroden(copy, data_hash="sha1")
+        TfdsBroden(moved, data_hash="sha1")

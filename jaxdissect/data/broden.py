@@ -2,8 +2,8 @@
 
 `Broden.open` reads and checks the CSV files (`broden_tables`: the layout NetDissect's
 `joinseg.py` wrote for the release), then walks every file the selected rows list
-(`broden_images`): each must be a regular file inside the folder; its size and
-modification time (or, with `data_hash="content"`, its bytes) go into the fingerprint
+(`broden_images`): each must be a regular file inside the folder; its size, mtime and
+ctime (or, with `data_hash="content"`, its bytes) go into the fingerprint
 that keys every stored stage, so an added, removed or edited file invalidates them. With
 `check_headers` (the default) a second walk reads each image's and label PNG's header:
 size and mode are checked before any pass. Given `header_memo` (a folder), a scan that
@@ -96,8 +96,8 @@ class Broden:
           root: the unzipped `broden1_<size>` folder.
           split: `train`, `val` or `all` (also any other split value present in index.csv).
           max_images: keep only the first N rows after the split filter.
-          data_hash: how the selected rows' files enter the fingerprint: `stat` (size and
-            modification time) or `content` (their bytes, read in full).
+          data_hash: how the selected rows' files enter the fingerprint: `stat` (size,
+            mtime and ctime: `files.Fingerprint`) or `content` (their bytes, read in full).
           check_headers: also open every listed image and label PNG for its header (size,
             mode) before returning.
           header_memo: a folder remembering header scans that passed, by fingerprint:
@@ -182,7 +182,7 @@ class Broden:
 
     def fingerprint(self) -> str:
         """Hash of the CSV files' bytes, the selection, and every file the selected rows list
-        (by size and mtime, or content: `open`'s `data_hash`), for cache keys."""
+        (by size and times, or content: `open`'s `data_hash`), for cache keys."""
         return self._fingerprint
 
     def _record(self, i: int) -> tuple[int, Record]:

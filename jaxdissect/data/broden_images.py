@@ -2,8 +2,8 @@
 checked, images and label PNGs decoded.
 
 Each listed file must be a regular file (a FIFO would hang the reader) and stay inside
-the folder through any symlink; its size and modification time (or its bytes) go into
-the fingerprint. A header check opens each image and label PNG for its size and mode
+the folder through any symlink; its size, mtime and ctime (or its bytes) go into the
+fingerprint. A header check opens each image and label PNG for its size and mode
 against its index.csv row, without decoding. Images of any PIL mode become 8-bit RGB as
 `jaxdissect.data.images` says, or are refused; label PNGs must be 8-bit (label = R +
 256 * G). Every problem raises `BrodenFormatError` naming the file and index.csv line.

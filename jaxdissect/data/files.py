@@ -4,9 +4,12 @@
 hang or read data from elsewhere: a FIFO, socket, device or directory in place
 of a file, and a symlink (of the file or of a folder above it) that resolves
 outside the data set's folder. `Fingerprint` hashes the files a run reads, by
-size and modification time (`stat`, the default: one `lstat` a file) or by
-content (`content`: every byte read and hashed), so that stage caches keyed on
-it notice any added, removed or modified file.
+size, modification and status-change time (`stat`, the default: one `lstat` a file)
+or by content (`content`: every byte read and hashed), so that stage caches keyed on
+it notice any added, removed or modified file. The status-change time (ctime) moves
+with every write and every `touch`, and cannot be set back: an edit is seen even when
+the file's size and mtime are restored; a copy of the files is new data to it (moving
+the folder is not).
 """
 
 from __future__ import annotations
@@ -139,7 +142,8 @@ class Fingerprint:
     def add_file(self, name: str, path: str | os.PathLike[str], st: os.stat_result) -> None:
         """Adds file `path` under `name` (a path relative to the data set: moving it is free)."""
         if self.data_hash == "stat":
-            self._digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+            self._digest.update(f"{name}\0{stamp}\n".encode())
         else:
             self._digest.update(f"{name}\0{file_sha256(path)}\n".encode())
 
