@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +97,31 @@ def test_data_hash_reaches_the_source_from_the_flags(tmp_path):
         assert source.fingerprint() == Broden.open(root, data_hash=mode).fingerprint()
     with pytest.raises(ValueError, match="data_hash='crc'"):
         open_probe(str(root), data_hash="crc")
+
+
+def test_runs_sharing_a_cache_generate_the_synthetic_probe_once(tmp_path, monkeypatch):
+    """Two runs opening the same synthetic Broden at once: one generates it, the other
+    waits and reads the same files (before, both generated, and the second replaced the
+    folder the first was reading)."""
+    real, calls = synthetic.generate, []
+
+    def slow_generate(root, **kwargs):
+        calls.append(root)
+        time.sleep(0.5)  # the other run asks meanwhile
+        return real(root, **kwargs)
+
+    monkeypatch.setattr(synthetic, "generate", slow_generate)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        opened = [
+            pool.submit(
+                open_probe, "synthetic", synthetic_images=3, resolution=32, cache_dir=tmp_path
+            )
+            for _ in range(2)
+        ]
+        sources = [f.result()[0] for f in opened]
+    assert len(calls) == 1
+    assert sources[0].fingerprint() == sources[1].fingerprint()
+    assert len(sources[0]) == 3
 
 
 def test_synthetic_probe_defaults_to_the_cache_root(tmp_path, monkeypatch):

@@ -320,6 +320,17 @@ def test_atomic_output(tmp_path, monkeypatch):
     syn.generate(out, num_images=4, size=32, workers=1, overwrite=True)
     assert len(_rows(out / "index.csv")[1]) == 4
     assert [p.name for p in tmp_path.iterdir()] == ["set"]
+    # A folder made by someone else while this one generated stays theirs.
+    other = tmp_path / "other"
+
+    def made_meanwhile(done, total):
+        other.mkdir(exist_ok=True)
+        (other / "theirs").write_text("x")
+
+    with pytest.raises(FileExistsError, match="was created while this generated it"):
+        syn.generate(other, num_images=2, size=32, workers=1, progress=made_meanwhile)
+    assert [p.name for p in other.iterdir()] == ["theirs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "set"]
 
 
 def test_reader_round_trip(tiny, parsed):

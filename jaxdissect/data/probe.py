@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 from collections.abc import Sequence
@@ -95,13 +96,19 @@ def open_probe(
         from jaxdissect.data import synthetic
 
         root = synthetic_path(pathlib.Path(cache_dir).expanduser(), synthetic_images, resolution)
-        if not (root / "index.csv").exists():
-            print(
-                f"Generating a synthetic Broden ({synthetic_images} images at {resolution}) "
-                f"in {root} (once) ...",
-                flush=True,
-            )
-            synthetic.generate(root, num_images=synthetic_images, size=resolution)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        # Runs sharing the cache generate it once: the others wait, then read that one.
+        with open(root.parent / f".{root.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (root / "index.csv").exists():
+                print(
+                    f"Generating a synthetic Broden ({synthetic_images} images at {resolution}) "
+                    f"in {root} (once) ...",
+                    flush=True,
+                )
+                synthetic.generate(
+                    root, num_images=synthetic_images, size=resolution, overwrite=root.exists()
+                )
         source = open_folder(root)
         return source, f"synthetic Broden {resolution} ({split}, {len(source)} images)"
     path = pathlib.Path(data).expanduser()

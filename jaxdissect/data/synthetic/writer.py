@@ -247,6 +247,8 @@ def generate(
         }
         (tmp / "synthetic.json").write_text(json.dumps(info, indent=1) + "\n")
         _write_tables(tmp, rows, freq, cov)
+        if out.exists() and not overwrite:  # made meanwhile by someone else: theirs stays
+            raise FileExistsError(f"{out} was created while this generated it: use that one")
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
