@@ -13,8 +13,10 @@ Supported files:
 
 Pickles are read by `_RestrictedUnpickler`, whose `find_class` hands out only
 the few globals a state dict needs (`ALLOWED_GLOBALS`) and maps torch's tensor
-rebuild functions to numpy ones here. Any other global (a pickled `nn.Module`,
-`os.system`, ...) raises `UnsafeCheckpointError` before it could run.
+rebuild functions to numpy ones here; an `argparse.Namespace` (a training script's
+arguments, saved beside its weights) is read as an inert record of its attributes.
+Any other global (a pickled `nn.Module`, `os.system`, ...) raises
+`UnsafeCheckpointError` before it could run. Every error names the file.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
@@ -38,9 +41,10 @@ _LEGACY_PROTOCOL = 1001
 _STATE_DICT_ADVICE = (
     "Save the weights as a state dict instead: torch.save(model.state_dict(), path)."
 )
-# Keys under which training scripts nest the state dict (CSAIL Places365:
-# {'epoch', 'arch', 'state_dict', 'best_prec1'}).
-WRAPPER_KEYS = ("state_dict", "model_state_dict")
+# Keys under which training scripts nest the state dict (CSAIL Places365 and Lightning:
+# 'state_dict'; torchvision's reference scripts and DeiT: 'model').
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+_COPY_AGAIN = "it is truncated or corrupt: copy or download it again"
 
 
 class CheckpointError(ValueError):
@@ -239,9 +243,26 @@ def _rebuild_parameter_with_state(
     return data
 
 
+class Namespace:
+    """Stands in for an `argparse.Namespace` in a checkpoint: its attributes, as data.
+
+    Unpickling makes an empty instance and sets its attributes from the pickled dict
+    (`__setstate__`); no code of the file runs.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise CheckpointError(f"argparse.Namespace with state {type(state).__name__}")
+        self.__dict__.update({str(k): v for k, v in state.items()})
+
+    def __repr__(self) -> str:
+        return f"Namespace({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     table: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): collections.OrderedDict,
+        ("argparse", "Namespace"): Namespace,
         ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
         ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
@@ -276,10 +297,16 @@ def _refusal(module: str, name: str) -> CheckpointError:
     if module in ("torch", "torch.cuda") and name.endswith("Storage"):
         supported = ", ".join(f"{n}Storage" for n in _STORAGE_DTYPES)
         return CheckpointError(f"unsupported storage type {qualified}; supported: {supported}")
-    if module.startswith(("torch.nn", "__main__", "__torch__")) or name[:1].isupper():
+    if module.startswith(("torch.nn", "__main__", "__torch__")):
         message = (
             f"refusing to load {qualified}: the file holds a pickled object (a whole "
             "nn.Module?), not a state dict of tensors, and unpickling it would run code "
+            f"from the file. {_STATE_DICT_ADVICE}"
+        )
+    elif name[:1].isupper():
+        message = (
+            f"refusing to load {qualified}: the file holds a pickled Python object (a whole "
+            "model, or an object saved beside the weights), and unpickling it would run code "
             f"from the file. {_STATE_DICT_ADVICE}"
         )
     else:
@@ -422,6 +449,10 @@ def _unpickle(
         obj = unpickler.load()
     except (CheckpointError, UnicodeDecodeError):
         raise
+    except (EOFError, pickle.UnpicklingError) as err:
+        if isinstance(err, pickle.UnpicklingError) and "truncated" not in str(err):
+            raise CheckpointError(f"corrupt or unsupported pickle: {err!r}") from err
+        raise CheckpointError(f"the pickle ends early; {_COPY_AGAIN}") from err
     except Exception as err:  # any other failure of a crafted pickle is a bad file
         raise CheckpointError(f"corrupt or unsupported pickle: {err!r}") from err
     return obj, unpickler.storages
@@ -480,15 +511,16 @@ def _load_legacy(path: str, encoding: str) -> Any:
             storage = storages[key]
             header = file.read(8)
             if len(header) != 8:
-                raise CheckpointError(f"{path}: truncated before storage {key}")
+                raise CheckpointError(f"{path}: ends before storage {key}; {_COPY_AGAIN}")
             (numel,) = struct.unpack(">q" if big_endian else "<q", header)
             if numel != storage.numel:
                 raise CheckpointError(
                     f"{path}: storage {key} holds {numel} elements, expected {storage.numel}"
                 )
-            arrays[key] = _storage_array(
-                file.read(numel * storage.kind.dtype.itemsize), storage, big_endian
-            )
+            data = file.read(numel * storage.kind.dtype.itemsize)
+            if len(data) != numel * storage.kind.dtype.itemsize:
+                raise CheckpointError(f"{path}: ends inside storage {key}; {_COPY_AGAIN}")
+            arrays[key] = _storage_array(data, storage, big_endian)
         missing = sorted(set(storages) - set(arrays))
         if missing:
             raise CheckpointError(f"{path}: no data for storages {missing}")
@@ -511,8 +543,8 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
         tensors = load_file(path)
     except (SafetensorError, ValueError, TypeError) as err:
         raise CheckpointError(
-            f"{path}: not a readable .safetensors file ({err}); it is truncated or corrupt: "
-            "copy or download it again (or re-export it with safetensors' save_file)."
+            f"{path}: not a readable .safetensors file ({err}); {_COPY_AGAIN} "
+            "(or re-export it with safetensors' save_file)."
         ) from None
     # bfloat16 comes back as ml_dtypes.bfloat16, which most numpy code cannot use.
     return {
@@ -520,20 +552,41 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     }
 
 
+def _named(err: CheckpointError, path: str) -> CheckpointError:
+    """`err` with its message starting with `path` (errors met inside a pickle lack it)."""
+    if str(err).startswith(f"{path}: "):
+        return err
+    if isinstance(err, UnsafeCheckpointError):
+        return UnsafeCheckpointError(err.global_name, f"{path}: {err}")
+    return CheckpointError(f"{path}: {err}")
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     """Everything a torch or safetensors weight file holds, tensors as numpy arrays.
 
     Unlike `load_state_dict`, wrappers such as `{'epoch': ..., 'state_dict': ...}`
-    are returned as they are.
+    are returned as they are; an `argparse.Namespace` comes back as a `Namespace`.
 
     Raises:
       UnsafeCheckpointError: the pickle names a global outside `ALLOWED_GLOBALS`.
-      CheckpointError: the file is not a readable weight file.
+      CheckpointError: the file is missing, not a readable weight file, truncated or
+        corrupt (each message starts with the path).
     """
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a weight file")
     if _is_safetensors(path):
         return _load_safetensors(path)
-    loader: Callable[[str, str], Any] = _load_zip if zipfile.is_zipfile(path) else _load_legacy
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: is empty; copy or download it again")
+    with open(path, "rb") as file:
+        zip_header = file.read(4) == b"PK\x03\x04"
+    is_zip = zipfile.is_zipfile(path)
+    if zip_header and not is_zip:  # a zip's directory is at its end: the end is missing
+        raise CheckpointError(f"{path}: a zip file without its directory; {_COPY_AGAIN}")
+    loader: Callable[[str, str], Any] = _load_zip if is_zip else _load_legacy
     try:
         try:
             return loader(path, "utf-8")
@@ -542,30 +595,52 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
             return loader(path, "latin1")
     except RecursionError as err:  # a crafted self-referential container
         raise CheckpointError(f"{path}: nested too deeply to be a state dict") from err
+    except CheckpointError as err:
+        raise _named(err, path) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # a record's bytes fail their CRC
+        raise CheckpointError(f"{path}: {_COPY_AGAIN} ({err})") from None
+
+
+def _state_dict_of(obj: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    """The state dict in `obj`: itself, or the one mapping under a `WRAPPER_KEYS` key."""
+    if all(isinstance(v, np.ndarray) for v in obj.values()):
+        return obj
+    wrapped = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
+    if len(wrapped) > 1:
+        raise CheckpointError(
+            f"{path}: weights under several keys {wrapped}; save the ones to dissect alone: "
+            f"torch.save(checkpoint[{wrapped[0]!r}], path)"
+        )
+    if wrapped:
+        return obj[wrapped[0]]
+    return obj
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The state dict in a weight file: torch key -> numpy array.
 
-    Unwraps `{'state_dict': ...}` (and `model_state_dict`) training checkpoints,
-    strips a DataParallel `module.` prefix, and widens bfloat16 to float32.
+    Unwraps training checkpoints that keep it under one of `WRAPPER_KEYS`
+    (`{'epoch': ..., 'state_dict': ..., 'args': Namespace(...)}`; several such keys are
+    refused), strips a DataParallel `module.` prefix, and widens bfloat16 to float32.
 
     Raises:
       UnsafeCheckpointError: the file would need code to load (e.g. a whole pickled model).
       CheckpointError: the file is unreadable or holds no state dict.
     """
+    path = os.fspath(path)
     obj = load_checkpoint(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    for key in WRAPPER_KEYS:
-        if isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    not_arrays = {str(k): type(v).__name__ for k, v in obj.items() if not isinstance(v, np.ndarray)}
+    obj = _state_dict_of(obj, path)
+    not_arrays = [
+        f"{k}: {type(v).__name__}" for k, v in obj.items() if not isinstance(v, np.ndarray)
+    ]
     if not_arrays:
+        shown = ", ".join(not_arrays[:5]) + (", ..." if len(not_arrays) > 5 else "")
         raise CheckpointError(
-            f"{path}: not a state dict of tensors; entries that are not tensors: {not_arrays}. "
-            f"A wrapped checkpoint should keep its weights under one of {WRAPPER_KEYS}."
+            f"{path}: not a state dict of tensors; {len(not_arrays)} entries are not tensors "
+            f"({shown}). A wrapped checkpoint should keep its weights under one of "
+            f"{WRAPPER_KEYS}."
         )
     return strip_prefix({str(k): v for k, v in obj.items()})
 

@@ -5,7 +5,9 @@
 
 The output directory holds `variables/` (an orbax StandardCheckpointer checkpoint)
 and `meta.json` (arch, num_classes, constructor options, source file and its sha256),
-so that `load_variables` can rebuild the model with `models.zoo.build`.
+so that `load_variables` can rebuild the model with `models.zoo.build`. `--force`
+replaces only such a directory (one holding nothing but what this writes), never one
+that holds the input.
 """
 
 from __future__ import annotations
@@ -55,6 +57,48 @@ def sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def check_output(
+    ckpt_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    source: str | os.PathLike[str] | None = None,
+) -> None:
+    """Fail, in one line, unless `save_variables(ckpt_dir, ..., force=force)` may write there.
+
+    An existing `ckpt_dir` may be replaced (with `force`) only if it is a directory that
+    holds nothing but what `save_variables` writes (`meta.json`, `variables/`) and does not
+    hold `source`.
+
+    Raises:
+      FileExistsError: `ckpt_dir` is a file, is or holds `source`, holds other files, or
+        exists and `force` is off.
+    """
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    if source is not None:
+        real_source, real_dir = os.path.realpath(source), os.path.realpath(ckpt_dir)
+        if os.path.commonpath([real_source, real_dir]) == real_dir:
+            raise FileExistsError(
+                f"{ckpt_dir} is or holds the input {source}; choose another output directory"
+            )
+    if not os.path.lexists(ckpt_dir):
+        return
+    if not os.path.isdir(ckpt_dir):
+        raise FileExistsError(
+            f"{ckpt_dir} is a file, not a converted checkpoint directory; choose another output"
+        )
+    others = sorted(
+        n for n in os.listdir(ckpt_dir) if n != META_FILE and not n.startswith(VARIABLES_DIR)
+    )
+    if others:
+        shown = ", ".join(others[:3]) + (f" ... ({len(others)} in all)" if len(others) > 3 else "")
+        raise FileExistsError(
+            f"{ckpt_dir} exists and is not a converted checkpoint (it holds {shown}); "
+            "choose another output directory (force=True / --force replaces only a converted one)"
+        )
+    if not force:
+        raise FileExistsError(f"{ckpt_dir} exists; pass force=True (--force) to replace it")
+
+
 def save_variables(
     ckpt_dir: str | os.PathLike[str],
     variables: Mapping[str, Any],
@@ -65,7 +109,8 @@ def save_variables(
     """Write `variables` (orbax) and `meta` (JSON) into `ckpt_dir`.
 
     Args:
-      ckpt_dir: directory to create; with `force`, an existing one is replaced.
+      ckpt_dir: directory to create; with `force`, an existing converted checkpoint is
+        replaced (anything else is refused: `check_output`).
       variables: Flax variables ({'params': ..., 'batch_stats': ...}).
       meta: JSON-serialisable description, at least `arch`; `num_classes` and
         `options` are what `build_from_meta` passes to `models.zoo.build`.
@@ -73,9 +118,8 @@ def save_variables(
     import orbax.checkpoint as ocp
 
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    check_output(ckpt_dir, force=force, source=meta.get("source"))
     if os.path.exists(ckpt_dir):
-        if not force:
-            raise FileExistsError(f"{ckpt_dir} exists; pass force=True (--force) to replace it")
         shutil.rmtree(ckpt_dir)
     os.makedirs(ckpt_dir)
     meta_text = json.dumps({"format_version": META_VERSION, **meta}, indent=2, sort_keys=True)
@@ -87,16 +131,33 @@ def save_variables(
         file.write(meta_text + "\n")
 
 
+def read_meta(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The `meta.json` of a converted checkpoint (arch, num_classes, options, ...).
+
+    Raises:
+      FileNotFoundError: `ckpt_dir` holds no meta.json.
+      CheckpointError: its meta.json is not a JSON object.
+    """
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    meta_path = os.path.join(ckpt_dir, META_FILE)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{ckpt_dir} is not a converted checkpoint (no {META_FILE})")
+    try:
+        with open(meta_path) as file:
+            meta = json.load(file)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{meta_path}: not readable JSON ({err}); convert again") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: not a JSON object; convert again")
+    return meta
+
+
 def load_variables(ckpt_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read what `save_variables` wrote: (variables as numpy arrays, meta)."""
     import orbax.checkpoint as ocp
 
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
-    meta_path = os.path.join(ckpt_dir, META_FILE)
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{ckpt_dir} is not a converted checkpoint (no {META_FILE})")
-    with open(meta_path) as file:
-        meta = json.load(file)
+    meta = read_meta(ckpt_dir)
     with ocp.StandardCheckpointer() as checkpointer:
         tree = checkpointer.restore(os.path.join(ckpt_dir, VARIABLES_DIR))
     variables = jax.tree.map(np.asarray, tree)
@@ -133,10 +194,12 @@ def convert(
     """Map the state dict in `source` onto `arch` and save it to `output`; returns the meta.
 
     Raises:
-      CheckpointError: `source` cannot be read safely.
-      WeightMappingError: the state dict does not fit `arch` (lists the keys on both sides).
+      FileExistsError: `output` may not be written (see `check_output`).
+      CheckpointError: `source` is missing, a directory, or cannot be read safely.
+      WeightMappingError: the state dict does not fit `arch` (names the keys on both sides).
     """
     options = dict(options or {})
+    check_output(output, force=force, source=source)
     model = zoo.build(arch, num_classes=num_classes, **options)
     state = load_state_dict(source)
     # Architectures whose torch models hold extras (GoogLeNet's aux heads) rename or skip keys.
@@ -172,9 +235,16 @@ def _define_flags() -> None:
     flags.DEFINE_string("input", None, "Weight file: .pth, .pth.tar (zip or legacy), .safetensors.")
     flags.DEFINE_string("output", None, "Directory to write the converted checkpoint to.")
     flags.DEFINE_multi_string(
-        "option", [], "Extra constructor option key=value (JSON value), e.g. width=0.5."
+        "option",
+        [],
+        "Extra constructor option key=value (JSON value), e.g. width=0.5; "
+        "transform_input=true for torchvision's own ImageNet GoogLeNet weights.",
     )
-    flags.DEFINE_bool("force", False, "Replace --output if it exists.")
+    flags.DEFINE_bool(
+        "force",
+        False,
+        "Replace --output if it is an earlier conversion's output (never any other directory).",
+    )
     for name in ("arch", "input", "output"):
         flags.mark_flag_as_required(name)
 
@@ -197,10 +267,14 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit(
             f"convert: {config.input} does not fit --arch {config.arch} "
             f"--num_classes {config.num_classes}{''.join(f' --option {o}' for o in config.option)}"
-            f".\n{err}"
-        ) from err
-    except (CheckpointError, FileExistsError, FileNotFoundError) as err:
-        raise SystemExit(f"convert: {err}") from err
+            f": {err}"
+        ) from None
+    except CheckpointError as err:
+        raise SystemExit(f"convert: --input {err}") from None
+    except FileExistsError as err:
+        raise SystemExit(f"convert: --output {err}") from None
+    except OSError as err:  # e.g. --output under a file, or not writable
+        raise SystemExit(f"convert: {err}") from None
     print(f"wrote {config.output} ({meta['arch']}, {meta['num_classes']} classes)")
 
 

@@ -6,7 +6,8 @@ instance, a class, or a factory returning a module or `(module, variables)`; a
 dict-returning function works as a module). The module's `input_spec` attribute (an
 `InputSpec`) sets the input size and normalisation; without one, `TORCHVISION`'s.
 `--weights` is `pretrained` (EfficientNet-Lite0's shipped weights), an orbax
-directory written by `models/convert.py`, a PyTorch `.pth`/`.pth.tar` or a
+directory written by `models/convert.py` (its `meta.json` gives the `num_classes` and
+options not given; a different `num_classes` is refused), a PyTorch `.pth`/`.pth.tar` or a
 `.safetensors` file (read without torch or pickle code execution; a model class
 with an `import_state_dict(state_dict, variables)` method maps it itself, as the
 ViTs map timm's names), a big_vision `.npz` (`allow_pickle=False`, parameter
@@ -175,7 +176,16 @@ def _init_variables(module: Any, size: int, seed: int) -> Any:
     return init_variables(module, x, seed=seed, **apply_kwargs(module))
 
 
-def _weights_from_file(module: Any, path: pathlib.Path, size: int, seed: int) -> Any:
+# What to check when a weight file's keys or shapes do not fit the model, in dissect's flags.
+MAPPING_ADVICE = (
+    "check --model and --num_classes (or --model_option), or strip a wrapper prefix "
+    "(e.g. 'module.')"
+)
+# Suffixes of weight files (not of directories that models/convert.py writes).
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".tar", ".safetensors", ".bin", ".ckpt", ".pkl")
+
+
+def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int, seed: int) -> Any:
     from jaxdissect.models import checkpoint_io, npz_import, torch_import
     from jaxdissect.models.convert import variables_template
 
@@ -187,26 +197,91 @@ def _weights_from_file(module: Any, path: pathlib.Path, size: int, seed: int) ->
     except checkpoint_io.CheckpointError as e:
         raise ValueError(f"--weights: {e}") from None
     except torch_import.WeightMappingError as e:
-        raise ValueError(f"--weights={path} does not fit the model: {e}") from e
+        raise ValueError(f"--weights={path} does not fit --model={model}: {e}") from None
     importer = getattr(module, "import_state_dict", None)
     rename = getattr(type(module), "torch_rename", None)
     try:
         if importer is not None:
             return importer(state_dict, template)
-        return torch_import.torch_to_flax(state_dict, template, rename=rename)
+        return torch_import.torch_to_flax(
+            state_dict, template, rename=rename, advice=MAPPING_ADVICE
+        )
     except torch_import.WeightMappingError as e:
-        raise ValueError(f"--weights={path} does not fit the model: {e}") from e
+        raise ValueError(f"--weights={path} does not fit --model={model}: {e}") from None
+
+
+def converted_options(
+    model: str, weights: str | pathlib.Path, options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """`options` completed from the `meta.json` of the converted checkpoint `weights`.
+
+    Its `options` and `num_classes` fill those not given; a given `num_classes` that
+    differs, or another architecture than `model`, is refused in one line.
+    """
+    from jaxdissect.models.checkpoint_io import CheckpointError
+    from jaxdissect.models.convert import read_meta
+
+    try:
+        meta = read_meta(pathlib.Path(weights).expanduser())
+    except CheckpointError as e:
+        raise ValueError(f"--weights: {e}") from None
+    if meta.get("arch") not in (None, model):
+        raise ValueError(
+            f"--weights={weights} holds a converted {meta['arch']!r}, not --model={model}"
+        )
+    stored = {**meta.get("options", {})}
+    if "num_classes" in meta:
+        stored["num_classes"] = meta["num_classes"]
+    given = options.get("num_classes")
+    if given is not None and stored.get("num_classes") not in (None, given):
+        raise ValueError(
+            f"--num_classes={given}: --weights={weights} was converted with "
+            f"{stored['num_classes']} classes; pass --num_classes={stored['num_classes']} or "
+            "leave it out"
+        )
+    return {**stored, **options}
+
+
+def _check_converted_fit(module: Any, model: str, weights: str, variables: Any, size: int) -> None:
+    """Fail in one line where converted `variables` do not fit `module` (built with other
+    options than the weights were converted with)."""
+    import flax.linen as nn
+    from flax import traverse_util
+
+    from jaxdissect.models import torch_import
+
+    if not isinstance(module, nn.Module):
+        return
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    template = jax.eval_shape(
+        functools.partial(module.init, **apply_kwargs(module)), jax.random.key(0), x
+    )
+    expected = traverse_util.flatten_dict(dict(template))
+    stored = traverse_util.flatten_dict(dict(variables))
+    try:
+        torch_import.fit_variables(
+            {p: a for p, a in stored.items() if p in expected},
+            template,
+            source_keys={p: "/".join(p) for p in stored},
+            unmatched=["/".join(p) for p in stored if p not in expected],
+            advice="check --model_option against the options the weights were converted with",
+        )
+    except torch_import.WeightMappingError as e:
+        raise ValueError(f"--weights={weights} does not fit --model={model}: {e}") from None
 
 
 TRAIN_COMMAND = "python experiments/train.py --flagfile=experiments/configs/train_small_cnn.flags"
 
 
 def missing_weights_advice(model: str, weights: str, num_classes: int | None = None) -> str:
-    """What to do about a `--weights` path that does not exist: train, or convert."""
+    """What to do about a `--weights` path that does not exist: train, convert, or (a file)
+    nothing but say so."""
     if pathlib.Path(weights).parent.name == "weights" or "/weights/step_" in weights:
         return f"--weights={weights}: no such training export; train first: {TRAIN_COMMAND}"
     if weights.endswith(".npz"):
         return f"--weights={weights}: no such file; put the big_vision .npz checkpoint there"
+    if weights.lower().endswith(WEIGHT_FILE_SUFFIXES):
+        return f"--weights={weights}: no such file"
     arch = model if model in zoo.ARCHS else "<arch>"
     classes = num_classes if num_classes is not None else "<N>"
     return (
@@ -234,6 +309,11 @@ def check_request(
     if weights and weights != "pretrained" and not pathlib.Path(weights).expanduser().exists():
         raise FileNotFoundError(missing_weights_advice(model, weights, num_classes))
     _check_options(model, weights, options or {})
+    if weights and weights != "pretrained" and pathlib.Path(weights).expanduser().is_dir():
+        given = dict(options or {})
+        if num_classes is not None:
+            given["num_classes"] = num_classes
+        converted_options(model, weights, given)
 
 
 def load(
@@ -248,6 +328,10 @@ def load(
 
     options = dict(options or {})
     check_request(model, weights, options.get("num_classes"), options)
+    converted = bool(weights) and weights != "pretrained"
+    converted = converted and pathlib.Path(weights).expanduser().is_dir()
+    if converted:
+        options = converted_options(model, weights, options)
     name = model
     if model in zoo.ARCHS:
         if weights == "pretrained":
@@ -269,16 +353,13 @@ def load(
             from jaxdissect.models.convert import load_variables
 
             try:
-                variables, meta = load_variables(path)
+                variables, _ = load_variables(path)
             except CheckpointError as e:
                 raise ValueError(f"--weights: {e}") from None
+            _check_converted_fit(module, model, weights, variables, spec.size)
             name = f"{model} ({path})"
-            if meta.get("arch") not in (None, model):
-                raise ValueError(
-                    f"--weights={weights} holds a converted {meta['arch']!r}, not --model={model}"
-                )
         else:
-            variables = _weights_from_file(module, path, spec.size, seed)
+            variables = _weights_from_file(module, model, path, spec.size, seed)
             name = f"{model} ({path.name})"
     elif variables is None and isinstance(module, nn.Module):
         variables = _init_variables(module, spec.size, seed)

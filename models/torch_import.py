@@ -55,29 +55,23 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict
     return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
-def torch_to_flax(
+# Prefixes that wrappers put before a model's keys, stripped where the keys then fit the
+# model better (a LightningModule holding the network as `self.model`).
+WRAPPER_PREFIXES = ("model.",)
+MAPPING_ADVICE = (
+    "check the architecture and num_classes, or strip a wrapper prefix (e.g. 'module.')"
+)
+
+
+def _map_keys(
     state_dict: Mapping[str, Any],
-    variables: Mapping[str, Any],
-    *,
-    rename: Callable[[str], str | None] | None = None,
-) -> dict[str, Any]:
-    """Return a copy of `variables` with every leaf taken from `state_dict`.
-
-    Args:
-      state_dict: torch key -> array (numpy, or anything `np.asarray` takes).
-      variables: the Flax variables of the model (e.g. from `model.init`),
-        used for the expected paths, shapes and dtypes.
-      rename: optional hook applied to each torch key first; return None to
-        skip a key on purpose (e.g. an auxiliary head the Flax model lacks).
-
-    Raises:
-      WeightMappingError: listing the unmatched keys on both sides, or a shape
-        that differs.
-    """
-    expected = traverse_util.flatten_dict(dict(variables))
+    expected: Mapping[tuple[str, ...], Any],
+    rename: Callable[[str], str | None] | None,
+) -> tuple[dict[tuple[str, ...], np.ndarray], dict[tuple[str, ...], str], list[str]]:
+    """(Flax path -> array, Flax path -> torch key, torch keys with no model variable)."""
     mapped: dict[tuple[str, ...], np.ndarray] = {}
     torch_keys: dict[tuple[str, ...], str] = {}
-    unmatched_torch: list[str] = []
+    unmatched: list[str] = []
     for key, value in state_dict.items():
         if key.rsplit(".", 1)[-1] in IGNORED_SUFFIXES:
             continue
@@ -86,18 +80,58 @@ def torch_to_flax(
             continue
         path, array = _flax_key(name, np.asarray(value))
         if path not in expected:
-            unmatched_torch.append(key)
+            unmatched.append(key)
             continue
         mapped[path] = array
         torch_keys[path] = key
+    return mapped, torch_keys, unmatched
 
+
+def torch_to_flax(
+    state_dict: Mapping[str, Any],
+    variables: Mapping[str, Any],
+    *,
+    rename: Callable[[str], str | None] | None = None,
+    advice: str = MAPPING_ADVICE,
+) -> dict[str, Any]:
+    """Return a copy of `variables` with every leaf taken from `state_dict`.
+
+    A `WRAPPER_PREFIXES` prefix (Lightning's `model.`) is stripped where the keys
+    then fit the model with fewer unmatched keys on either side.
+
+    Args:
+      state_dict: torch key -> array (numpy, or anything `np.asarray` takes).
+      variables: the Flax variables of the model (e.g. from `model.init`),
+        used for the expected paths, shapes and dtypes.
+      rename: optional hook applied to each torch key first; return None to
+        skip a key on purpose (e.g. an auxiliary head the Flax model lacks).
+      advice: what to check when keys do not match (ends the message).
+
+    Raises:
+      WeightMappingError: in one line, naming the unmatched keys on both sides, or the
+        shapes that differ.
+    """
+    expected = traverse_util.flatten_dict(dict(variables))
+    mapped, torch_keys, unmatched = _map_keys(state_dict, expected, rename)
+    for prefix in WRAPPER_PREFIXES:
+        if not unmatched or not any(k.startswith(prefix) for k in state_dict):
+            continue
+        try:
+            stripped = _map_keys(strip_prefix(state_dict, prefix), expected, rename)
+        except WeightMappingError:  # a key with no rule once stripped: keep the keys as they are
+            continue
+        if len(stripped[2]) - len(stripped[0]) < len(unmatched) - len(mapped):
+            mapped, torch_keys, unmatched = stripped
     return fit_variables(
-        mapped,
-        variables,
-        source_keys=torch_keys,
-        unmatched=unmatched_torch,
-        advice="Check --arch and --num_classes, or strip a wrapper prefix (e.g. 'module.').",
+        mapped, variables, source_keys=torch_keys, unmatched=unmatched, advice=advice
     )
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """`names` sorted as a list, cut after `shown`: "['a', 'b', ...]"."""
+    names = sorted(names)
+    text = repr(names[:shown])
+    return text[:-1] + ", ...]" if len(names) > shown else text
 
 
 def fit_variables(
@@ -120,8 +154,9 @@ def fit_variables(
       name: a model variable's name in messages (default: its path, `/`-joined).
 
     Raises:
-      WeightMappingError: listing the unmatched keys on both sides, an integer array
-        where the model needs floats, or a shape that differs.
+      WeightMappingError: in one line, naming the unmatched keys on both sides (a few of
+        each, and their counts), integer arrays where the model needs floats, or the
+        shapes that differ.
     """
     expected = traverse_util.flatten_dict(dict(variables))
     # Casting integer (quantised) values to float would give weights scaled by 1/scale.
@@ -133,19 +168,28 @@ def fit_variables(
         and not np.issubdtype(mapped[p].dtype, np.floating)
     ]
     if not_float:
+        shown = ", ".join(not_float[:5]) + (
+            f" ... ({len(not_float)} in all)" if len(not_float) > 5 else ""
+        )
         raise WeightMappingError(
-            f"integer or quantised weights, where the model needs floats: {', '.join(not_float)}. "
+            f"integer or quantised weights, where the model needs floats: {shown}. "
             "Save the float model's weights instead (of a quantised model: each tensor "
             "dequantised, t.dequantize())."
         )
 
     missing = sorted(name(p) for p in expected if p not in mapped)
     if unmatched or missing:
+        sides = [
+            f"{what} ({len(names)}): {_some(names)}"
+            for what, names in (
+                ("checkpoint keys with no model variable", unmatched),
+                ("model variables with no checkpoint key", missing),
+            )
+            if names
+        ]
         raise WeightMappingError(
-            "checkpoint does not match the model.\n"
-            f"  checkpoint keys with no model variable ({len(unmatched)}): "
-            f"{sorted(unmatched)}\n"
-            f"  model variables with no checkpoint key ({len(missing)}): {missing}\n" + advice
+            f"checkpoint does not match the model: {'; '.join(sides)}"
+            + (f"; {advice}" if advice else "")
         )
     # `variables` may be real arrays or abstract shapes (jax.eval_shape): read .shape/.dtype only.
     shape_errors = [
@@ -154,7 +198,8 @@ def fit_variables(
         if mapped[p].shape != tuple(expected[p].shape)
     ]
     if shape_errors:
-        raise WeightMappingError("shape mismatch:\n  " + "\n  ".join(shape_errors))
+        more = f"; ... ({len(shape_errors)} in all)" if len(shape_errors) > 3 else ""
+        raise WeightMappingError(f"shape mismatch: {'; '.join(shape_errors[:3])}{more}")
     # A copy, so that later changes to the state dict cannot reach the Flax variables.
     out = {p: np.array(mapped[p], dtype=expected[p].dtype, copy=True) for p in expected}
     return traverse_util.unflatten_dict(out)

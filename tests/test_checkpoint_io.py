@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import hashlib
 import io
 import os
 import pickle
+import re
 import shlex
 import subprocess
 import sys
@@ -18,9 +20,10 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from flax import traverse_util
 
 from jaxdissect import cli
-from jaxdissect.models import checkpoint_io
+from jaxdissect.models import checkpoint_io, torch_import
 from jaxdissect.models import load as model_load
 from jaxdissect.models.checkpoint_io import (
     CheckpointError,
@@ -183,7 +186,17 @@ def test_malicious_payload_is_refused_and_never_runs(tmp_path):
 
 def test_allowed_globals_are_only_tensor_plumbing():
     modules = {module for module, _ in checkpoint_io.ALLOWED_GLOBALS}
-    assert modules == {"collections", "torch", "torch.cuda", "torch._utils", "torch.storage"}
+    assert modules == {
+        "argparse",
+        "collections",
+        "torch",
+        "torch.cuda",
+        "torch._utils",
+        "torch.storage",
+    }
+    assert {name for module, name in checkpoint_io.ALLOWED_GLOBALS if module == "argparse"} == {
+        "Namespace"
+    }
     assert ("collections", "OrderedDict") in checkpoint_io.ALLOWED_GLOBALS
     assert ("builtins", "eval") not in checkpoint_io.ALLOWED_GLOBALS
 
@@ -240,10 +253,20 @@ def test_mismatched_keys_list_both_sides(tmp_path):
     path = _save(state, tmp_path / "lite.pth", True)
     with pytest.raises(WeightMappingError) as info:
         convert("googlenet", path, tmp_path / "out", num_classes=4)
+    # One line: a few names of each side (sorted) and how many there are, then the advice.
     message = str(info.value)
-    assert "checkpoint keys with no model variable" in message
-    assert "_conv_stem.weight" in message  # torch side
-    assert "params/conv1/conv/kernel" in message  # model side
+    assert "\n" not in message
+    torch_side = re.search(
+        r"checkpoint keys with no model variable \((\d+)\): \[([^]]*)\]", message
+    )
+    model_side = re.search(
+        r"model variables with no checkpoint key \((\d+)\): \[([^]]*)\]", message
+    )
+    assert int(torch_side[1]) > 5 and torch_side[2].startswith("'_blocks.0.")  # torch side
+    assert int(model_side[1]) > 5 and "'batch_stats/conv1/bn/mean'" in model_side[2]  # model side
+    assert torch_side[2].endswith(", ...") and torch_side[2].count("'") == 10
+    assert message.endswith("check the architecture and num_classes, or strip a wrapper prefix "
+                            "(e.g. 'module.')")  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 
@@ -382,3 +405,212 @@ def test_corrupt_safetensors_is_one_line_naming_weights(tmp_path, cut):
     message = str(info.value)
     assert message.startswith(f"error: --weights: {bad}: not a readable .safetensors file")
     assert "copy or download it again" in message and "\n" not in message
+
+
+# --- corrupt zips, wrapper layouts, the file named in every refusal ---------------------
+
+
+def _zip_with_known_storage(tmp_path: Path) -> tuple[Path, bytes]:
+    """A zip state dict whose one storage is 4096 ones: (path, the file's bytes)."""
+    path = _save({"w": torch.ones(4096)}, tmp_path / "good.pth", True)
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["crc", "half", "tail"])
+def test_corrupt_or_truncated_zip_is_one_line_naming_the_file(tmp_path, damage):
+    _, data = _zip_with_known_storage(tmp_path)
+    if damage == "crc":  # bytes changed inside a storage record: its CRC-32 fails
+        at = data.index(np.ones(16, "<f4").tobytes())
+        data = data[:at] + b"\x00" * 16 + data[at + 16 :]
+    else:  # the zip's directory (at its end) is missing
+        data = data[: len(data) // 2] if damage == "half" else data[:-100]
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(data)
+    with pytest.raises(CheckpointError, match="truncated or corrupt: copy or download it again"):
+        load_state_dict(bad)
+    with pytest.raises(SystemExit) as info:
+        cli.script_main(lambda: model_load.load("alexnet", weights=str(bad)))(["prog"])
+    message = str(info.value)
+    assert message.startswith(f"error: --weights: {bad}: ") and "\n" not in message
+
+
+def test_truncated_legacy_file_says_so(tmp_path):
+    data = _save({"w": torch.ones(4096)}, tmp_path / "good.pth", False).read_bytes()
+    for cut in (len(data) // 2, 40):  # inside the storage's bytes; inside the pickles
+        bad = tmp_path / f"cut{cut}.pth"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=f"^{bad}: .*truncated or corrupt: copy"):
+            load_state_dict(bad)
+
+
+def test_a_directory_or_missing_path_is_named(tmp_path):
+    (tmp_path / "adir.pth").mkdir()
+    with pytest.raises(CheckpointError, match=r"adir\.pth: is a directory, not a weight file$"):
+        load_state_dict(tmp_path / "adir.pth")
+    with pytest.raises(CheckpointError, match=r"gone\.pth: no such file$"):
+        load_state_dict(tmp_path / "gone.pth")
+
+
+@FORMATS
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_training_checkpoints_with_arguments_load(tmp_path, zip_format, wrapper):
+    """torchvision's reference scripts and DeiT keep the weights under 'model', and most
+    training scripts save their argparse.Namespace beside them: read as data."""
+    weight = torch.randn(4, 3)
+    checkpoint = {
+        wrapper: collections.OrderedDict([("module.fc.weight", weight)]),
+        "epoch": 3,
+        "args": argparse.Namespace(lr=0.1, arch="resnet18", milestones=[30, 60]),
+    }
+    path = _save(checkpoint, tmp_path / "checkpoint.pth", zip_format)
+    loaded = load_state_dict(path)
+    assert list(loaded) == ["fc.weight"]
+    np.testing.assert_array_equal(loaded["fc.weight"], weight.numpy())
+    args = load_checkpoint(path)["args"]
+    assert isinstance(args, checkpoint_io.Namespace)
+    assert vars(args) == {"lr": 0.1, "arch": "resnet18", "milestones": [30, 60]}
+
+
+def test_namespace_opens_no_door_to_code(tmp_path):
+    marker = tmp_path / "pwned"
+    checkpoint = {
+        "state_dict": {"w": torch.ones(2)},
+        "args": argparse.Namespace(x=_Payload(marker)),
+    }
+    path = _save(checkpoint, tmp_path / "evil_args.pth", True)
+    with pytest.raises(UnsafeCheckpointError, match=r"global (posix|nt)\.system"):
+        load_state_dict(path)
+    assert not marker.exists()
+
+
+def test_weights_under_two_wrapper_keys_are_refused(tmp_path):
+    state = {"fc.weight": torch.ones(2, 2)}
+    path = _save({"state_dict": state, "model": state, "epoch": 1}, tmp_path / "two.pth", True)
+    with pytest.raises(CheckpointError, match=r"several keys \['state_dict', 'model'\]"):
+        load_state_dict(path)
+
+
+def _fc_template(*scope: str) -> dict:
+    layer = {"fc": {"kernel": np.zeros((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
+    for name in reversed(scope):
+        layer = {name: layer}
+    return {"params": layer}
+
+
+def test_lightning_model_prefix_is_stripped_where_the_keys_then_fit():
+    state = {"model.fc.weight": np.ones((2, 3), np.float32), "model.fc.bias": np.ones(2)}
+    got = torch_to_flax(state, _fc_template())
+    np.testing.assert_array_equal(got["params"]["fc"]["kernel"], np.ones((3, 2)))
+    # A model whose own module is called `model` keeps the prefix.
+    got = torch_to_flax(state, _fc_template("model"))
+    np.testing.assert_array_equal(got["params"]["model"]["fc"]["bias"], np.ones(2))
+
+
+def test_lightning_checkpoint_converts(tmp_path):
+    model = ref.EfficientNetLite0(num_classes=4)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    source = _save({"state_dict": state, "epoch": 1, "global_step": 10}, tmp_path / "l.ckpt", True)
+    meta = convert("efficientnet_lite0", source, tmp_path / "out", num_classes=4)
+    assert meta["num_classes"] == 4 and (tmp_path / "out" / "meta.json").exists()
+
+
+def test_unsafe_refusals_name_the_file(tmp_path):
+    marker = tmp_path / "pwned"
+    path = _save({"w": _Payload(marker)}, tmp_path / "evil.pth", True)
+    with pytest.raises(SystemExit) as info:
+        cli.script_main(lambda: model_load.load("alexnet", weights=str(path)))(["prog"])
+    message = str(info.value)
+    assert message.startswith(f"error: --weights: {path}: refusing to load global ")
+    assert "\n" not in message and not marker.exists()
+
+
+def test_mismatch_errors_are_one_line_naming_the_scripts_flags(tmp_path):
+    """dissect.py's flag is --model (not convert.py's --arch); shape errors list a few."""
+    template = variables_template(googlenet(num_classes=5))
+    state = {
+        "conv1.conv.weight": np.zeros((64, 3, 7, 7), np.float32),
+        **{f"extra{i}.weight": np.zeros((2, 2), np.float32) for i in range(9)},
+    }
+    with pytest.raises(WeightMappingError) as info:
+        torch_to_flax(state, template)
+    message = str(info.value)
+    assert "\n" not in message and "--arch" not in message
+    assert "checkpoint keys with no model variable (9): ['extra0.weight', " in message
+    assert message.count("extra") == 5
+    # Many shapes that differ: the first three and the count, on one line.
+    wide = {p: np.zeros(np.shape(a)[:-1] + (np.shape(a)[-1] + 1,), np.float32)
+            for p, a in traverse_util.flatten_dict(template).items()}  # fmt: skip
+    with pytest.raises(WeightMappingError) as info:
+        torch_import.fit_variables(
+            wide, template, source_keys={}, unmatched=[], advice=""
+        )  # fmt: skip
+    message = str(info.value)
+    assert message.startswith("shape mismatch: ") and "\n" not in message
+    assert message.count(" vs model ") == 3 and message.endswith(f"({len(wide)} in all)")
+    # Through the loader: --weights and --model named, never --arch.
+    path = tmp_path / "w.safetensors"
+    safetensors.numpy.save_file(dict(state), path)
+    with pytest.raises(ValueError) as info:
+        model_load.load("googlenet", weights=str(path), options={"num_classes": 5})
+    message = str(info.value)
+    assert message.startswith(f"--weights={path} does not fit --model=googlenet: ")
+    assert "check --model and --num_classes" in message
+    assert "--arch" not in message and "\n" not in message
+
+
+# --- convert.py --force and its paths -----------------------------------------------------
+
+
+_VARIABLES = {"params": {"fc": {"kernel": np.ones((2, 3), np.float32)}}}
+_META = {"arch": "alexnet", "num_classes": 3}
+
+
+def test_force_replaces_only_an_earlier_conversion(tmp_path):
+    # A directory holding other files: refused with --force, nothing deleted.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "important.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"not a converted checkpoint \(it holds important"):
+        save_variables(victim, _VARIABLES, _META, force=True)
+    assert (victim / "important.txt").read_text() == "keep me"
+    # An existing file: refused, kept.
+    afile = tmp_path / "r18.pth"
+    afile.write_bytes(b"weights")
+    with pytest.raises(FileExistsError, match="is a file, not a converted checkpoint directory"):
+        save_variables(afile, _VARIABLES, _META, force=True)
+    assert afile.read_bytes() == b"weights"
+    # The directory holding the input: refused before anything is read or deleted.
+    home = tmp_path / "v2"
+    home.mkdir()
+    (home / "model.pth").write_bytes(b"the input")
+    for output in (home, home / "model.pth"):
+        with pytest.raises(FileExistsError, match="is or holds the input"):
+            convert("alexnet", home / "model.pth", output, num_classes=3, force=True)
+    assert (home / "model.pth").read_bytes() == b"the input"
+    # An earlier conversion (or an empty directory) is replaced.
+    (tmp_path / "empty").mkdir()
+    for output in (tmp_path / "empty", tmp_path / "empty"):
+        save_variables(output, _VARIABLES, _META, force=True)
+    assert sorted(os.listdir(tmp_path / "empty")) == ["meta.json", "variables"]
+
+
+def test_convert_cli_refuses_bad_paths_in_one_line(tmp_path):
+    home = tmp_path / "v2"
+    home.mkdir()
+    source = _save({"fc.weight": torch.ones(2, 2)}, home / "model.pth", True)
+    (home / "other.pth").write_bytes(b"other")
+    (tmp_path / "adir.pth").mkdir()
+    cases = {
+        "holds the input": ["--input", str(source), "--output", str(home), "--force"],
+        "is a directory, not a weight file": [
+            "--input", str(tmp_path / "adir.pth"), "--output", str(tmp_path / "out")
+        ],
+        "is or holds the input": ["--input", str(source), "--output", str(source), "--force"],
+    }  # fmt: skip
+    for reason, args in cases.items():
+        done = _cli("--arch", "alexnet", "--num_classes", "3", *args)
+        assert done.returncode == 1, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("convert: --") and reason in last, done.stderr
+        assert "Traceback" not in done.stderr
+    assert sorted(os.listdir(home)) == ["model.pth", "other.pth"]

@@ -96,3 +96,58 @@ def test_a_factory_giving_no_module_is_named(monkeypatch, factory, what):
 def test_the_modules_input_spec_is_its_input():
     got = model_load.load("tests.fixtures.small_model:make")
     assert got.input_spec == small_model.Small.input_spec and got.input_spec.size == 64
+
+
+@pytest.fixture(scope="module")
+def converted_alexnet(tmp_path_factory):
+    """A converted AlexNet of 3 classes at width 0.25 (zero weights), as convert.py writes it."""
+    from jaxdissect.models.convert import save_variables, variables_template
+
+    path = tmp_path_factory.mktemp("converted") / "alexnet3"
+    model = zoo.build("alexnet", num_classes=3, width=0.25)
+    meta = {"arch": "alexnet", "num_classes": 3, "options": {"width": 0.25}}
+    save_variables(path, variables_template(model), meta)
+    return str(path)
+
+
+def test_a_converted_checkpoint_gives_its_classes_and_options(converted_alexnet):
+    got = model_load.load("alexnet", weights=converted_alexnet)
+    assert got.module.num_classes == 3 and got.module.width == 0.25
+    assert got.variables["params"]["classifier"]["6"]["kernel"].shape[-1] == 3
+    same = model_load.load("alexnet", weights=converted_alexnet, options={"num_classes": 3})
+    assert same.key == got.key
+
+
+def test_a_converted_checkpoint_refuses_other_classes_in_one_line(converted_alexnet):
+    message = (
+        f"^--num_classes=1000: --weights={converted_alexnet} was converted with 3 classes; "
+        "pass --num_classes=3 or leave it out$"
+    )
+    with pytest.raises(ValueError, match=message):
+        model_load.check_request("alexnet", converted_alexnet, 1000)  # before anything loads
+    with pytest.raises(ValueError, match=message):
+        model_load.load("alexnet", weights=converted_alexnet, options={"num_classes": 1000})
+
+
+def test_a_converted_checkpoint_that_does_not_fit_the_options_is_one_line(converted_alexnet):
+    with pytest.raises(ValueError) as info:
+        model_load.load("alexnet", weights=converted_alexnet, options={"width": 0.5})
+    message = str(info.value)
+    assert message.startswith(f"--weights={converted_alexnet} does not fit --model=alexnet: ")
+    assert "shape mismatch: " in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["gone.pth", "gone.pth.tar", "gone.safetensors", "gone.ckpt"])
+def test_a_missing_weight_file_is_no_such_file(tmp_path, name):
+    weights = str(tmp_path / name)
+    assert model_load.missing_weights_advice("resnet18", weights, 365) == (
+        f"--weights={weights}: no such file"
+    )
+    with pytest.raises(FileNotFoundError, match=f"^--weights={weights}: no such file$"):
+        model_load.check_request("resnet18", weights, 365)
+
+
+def test_a_missing_directory_gets_the_convert_command(tmp_path):
+    weights = str(tmp_path / "ckpt" / "resnet18_places365")
+    advice = model_load.missing_weights_advice("resnet18", weights, 365)
+    assert advice.endswith(f"--num_classes 365 --input <checkpoint.pth> --output {weights}")
