@@ -92,7 +92,7 @@ def check_output(
     if others:
         shown = ", ".join(others[:3]) + (f" ... ({len(others)} in all)" if len(others) > 3 else "")
         raise FileExistsError(
-            f"{ckpt_dir} exists and is not a converted checkpoint (it holds {shown}); "
+            f"{ckpt_dir} holds files a conversion does not write ({shown}); "
             "choose another output directory (force=True / --force replaces only a converted one)"
         )
     if not force:

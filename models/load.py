@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from jaxdissect import store
 from jaxdissect.models import zoo
@@ -233,6 +234,14 @@ def converted_options(
     if "num_classes" in meta:
         stored["num_classes"] = meta["num_classes"]
     given = options.get("num_classes")
+    changed = {k: v for k, v in options.items() if k != "num_classes" and stored.get(k, v) != v}
+    if changed:
+        logging.warning(
+            "--model_option %s replaces what %s was converted with (%s)",
+            ", ".join(f"{k}={v}" for k, v in changed.items()),
+            weights,
+            ", ".join(f"{k}={stored[k]}" for k in changed),
+        )
     if given is not None and stored.get("num_classes") not in (None, given):
         raise ValueError(
             f"--num_classes={given}: --weights={weights} was converted with "

@@ -570,7 +570,9 @@ def test_force_replaces_only_an_earlier_conversion(tmp_path):
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "important.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match=r"not a converted checkpoint \(it holds important"):
+    with pytest.raises(
+        FileExistsError, match=r"holds files a conversion does not write \(important"
+    ):
         save_variables(victim, _VARIABLES, _META, force=True)
     assert (victim / "important.txt").read_text() == "keep me"
     # An existing file: refused, kept.

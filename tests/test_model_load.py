@@ -105,7 +105,7 @@ def converted_alexnet(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("converted") / "alexnet3"
     model = zoo.build("alexnet", num_classes=3, width=0.25)
-    meta = {"arch": "alexnet", "num_classes": 3, "options": {"width": 0.25}}
+    meta = {"arch": "alexnet", "num_classes": 3, "options": {"width": 0.25, "dropout": True}}
     save_variables(path, variables_template(model), meta)
     return str(path)
 
@@ -151,3 +151,16 @@ def test_a_missing_directory_gets_the_convert_command(tmp_path):
     weights = str(tmp_path / "ckpt" / "resnet18_places365")
     advice = model_load.missing_weights_advice("resnet18", weights, 365)
     assert advice.endswith(f"--num_classes 365 --input <checkpoint.pth> --output {weights}")
+
+
+def test_an_option_replacing_a_converted_ones_is_logged(converted_alexnet, caplog):
+    """An option that does not change shapes (here `dropout`) may replace the converted
+    one, but not silently."""
+    with caplog.at_level("WARNING"):
+        got = model_load.load("alexnet", weights=converted_alexnet, options={"width": 0.25})
+        assert got.module.width == 0.25 and "replaces" not in caplog.text  # the same value
+        got = model_load.load("alexnet", weights=converted_alexnet, options={"dropout": False})
+    assert got.module.dropout is False
+    assert f"--model_option dropout=False replaces what {converted_alexnet} was converted " in (
+        caplog.text
+    )
