@@ -172,7 +172,11 @@ def _previous_layers(out: pathlib.Path, model: ModelInfo) -> list[str]:
             "model's, or empty this one"
         )
     layers = before.get("layers")
-    return list(layers) if isinstance(layers, list) else []
+    return (
+        list(dict.fromkeys(n for n in layers if isinstance(n, str)))
+        if isinstance(layers, list)
+        else []
+    )
 
 
 def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
