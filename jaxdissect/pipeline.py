@@ -183,7 +183,7 @@ def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
     """Remove the files a finished run of `layers` wrote in `out`, results.json (the mark of
     a complete run) first: a run killed while writing its own never leaves them beside
     its new files, and a layer it does not dissect leaves nothing behind."""
-    stems = results.layer_file_stems(layers) if layers else []
+    stems = results.layer_file_stems(layers)
     names = [
         "results.json",
         *report_html.report_files(stems),
@@ -346,6 +346,6 @@ def dissect(
     results.write_results_json(out / "results.json", layer_results, run_settings)
     if timings is not None:
         timings.update(dissector.timings, results_s=time.time() - t_passes)
-    done = out / ("index.html" if options.report else "results.json")
+    done = out / (report_html.INDEX if options.report else "results.json")
     logging.info("done in %.1f s: %s", time.time() - t0, done)
     return layer_results

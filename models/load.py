@@ -253,7 +253,7 @@ def converted_options(
 
 def _check_converted_fit(module: Any, model: str, weights: str, variables: Any, size: int) -> None:
     """Fail in one line where converted `variables` do not fit `module` (built with other
-    options than the weights were converted with)."""
+    options than the weights were converted with); checks shapes only, copies nothing."""
     import flax.linen as nn
     from flax import traverse_util
 
@@ -268,7 +268,7 @@ def _check_converted_fit(module: Any, model: str, weights: str, variables: Any, 
     expected = traverse_util.flatten_dict(dict(template))
     stored = traverse_util.flatten_dict(dict(variables))
     try:
-        torch_import.fit_variables(
+        torch_import.check_fit(
             {p: a for p, a in stored.items() if p in expected},
             template,
             source_keys={p: "/".join(p) for p in stored},

@@ -143,7 +143,28 @@ def fit_variables(
     advice: str,
     name: Callable[[tuple[str, ...]], str] = "/".join,
 ) -> dict[str, Any]:
-    """`variables` (real or abstract) filled from `mapped` (Flax path -> array), checked.
+    """`variables` (real or abstract) filled from `mapped` (Flax path -> array), checked
+    by `check_fit` (same arguments)."""
+    check_fit(
+        mapped, variables, source_keys=source_keys, unmatched=unmatched, advice=advice, name=name
+    )
+    expected = traverse_util.flatten_dict(dict(variables))
+    # A copy, so that later changes to the state dict cannot reach the Flax variables.
+    out = {p: np.array(mapped[p], dtype=expected[p].dtype, copy=True) for p in expected}
+    return traverse_util.unflatten_dict(out)
+
+
+def check_fit(
+    mapped: Mapping[tuple[str, ...], np.ndarray],
+    variables: Mapping[str, Any],
+    *,
+    source_keys: Mapping[tuple[str, ...], str],
+    unmatched: Sequence[str],
+    advice: str,
+    name: Callable[[tuple[str, ...]], str] = "/".join,
+) -> None:
+    """Fail unless `mapped` (Flax path -> array) fills `variables` (real or abstract):
+    every path, float where the model's are, the same shapes.
 
     Args:
       mapped: the checkpoint's arrays by Flax variable path.
@@ -200,9 +221,6 @@ def fit_variables(
     if shape_errors:
         more = f"; ... ({len(shape_errors)} in all)" if len(shape_errors) > 3 else ""
         raise WeightMappingError(f"shape mismatch: {'; '.join(shape_errors[:3])}{more}")
-    # A copy, so that later changes to the state dict cannot reach the Flax variables.
-    out = {p: np.array(mapped[p], dtype=expected[p].dtype, copy=True) for p in expected}
-    return traverse_util.unflatten_dict(out)
 
 
 def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dict[str, np.ndarray]:
