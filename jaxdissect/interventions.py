@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.preprocess import declared_input_spec
+
 ZERO = "zero"
 
 
@@ -260,7 +262,7 @@ class Wrapped(nn.Module):
 
     @property
     def input_spec(self) -> Any:
-        return getattr(self.base, "input_spec", None)
+        return declared_input_spec(self.base)
 
     def init(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         return self.base.init(*args, **kwargs)

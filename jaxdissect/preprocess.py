@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,24 @@ class InputSpec:
 TORCHVISION = InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), scale=1 / 255)
 # NetDissect-Lite's normalisation of its Places365 models.
 PLACES_LITE = InputSpec(224, (124.69, 118.69, 109.54), (57.12, 57.12, 57.12))
+
+
+def declared_input_spec(module: Any) -> InputSpec | None:
+    """The `InputSpec` a model declares as its `input_spec` attribute, or None.
+
+    A dataclass field and a plain class attribute both count: Linen wraps a callable class
+    attribute (an `InputSpec` is callable) as a method, and the spec is what it wraps.
+    """
+    spec = getattr(module, "input_spec", None)
+    if spec is None or isinstance(spec, InputSpec):
+        return spec
+    unwrapped = inspect.unwrap(getattr(spec, "__func__", spec))
+    if isinstance(unwrapped, InputSpec):
+        return unwrapped
+    raise ValueError(
+        f"the model's input_spec attribute is {type(spec).__name__}, not an InputSpec "
+        "(jaxdissect.preprocess.InputSpec)"
+    )
 
 
 def patch_pair(patch_size: int | Sequence[int]) -> tuple[int, int]:

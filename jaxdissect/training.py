@@ -245,9 +245,9 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def training_input_spec(model: nn.Module, resolution: int) -> InputSpec:
     """The model's normalisation at the data's resolution (no resize while training)."""
-    from jaxdissect.preprocess import TORCHVISION
+    from jaxdissect.preprocess import TORCHVISION, declared_input_spec
 
-    spec = getattr(model, "input_spec", None) or TORCHVISION
+    spec = declared_input_spec(model) or TORCHVISION
     return dataclasses.replace(spec, size=resolution)
 
 

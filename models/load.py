@@ -30,7 +30,7 @@ from absl import logging
 
 from jaxdissect import store
 from jaxdissect.models import zoo
-from jaxdissect.preprocess import TORCHVISION, InputSpec
+from jaxdissect.preprocess import TORCHVISION, InputSpec, declared_input_spec
 
 # A model's initialisation runs once: XLA's backend optimisations would only slow the
 # compilation (of the threefry hashes of every parameter's initialiser, mostly).
@@ -354,7 +354,10 @@ def load(
     else:
         module, variables = _user_module(model, options)
 
-    spec = getattr(module, "input_spec", None) or TORCHVISION
+    try:
+        spec = declared_input_spec(module) or TORCHVISION
+    except ValueError as e:
+        raise ValueError(f"--model={model}: {e}") from None
     if weights and weights != "pretrained":
         path = pathlib.Path(weights).expanduser()
         if path.is_dir():

@@ -1,9 +1,13 @@
 """`models.load` names user models through `models.zoo.factory`, its errors naming `--model`."""
 
+import dataclasses
+
+import flax.linen as nn
 import pytest
 
 from jaxdissect.models import load as model_load
 from jaxdissect.models import zoo
+from jaxdissect.preprocess import InputSpec
 from tests.fixtures import small_model
 
 
@@ -96,6 +100,40 @@ def test_a_factory_giving_no_module_is_named(monkeypatch, factory, what):
 def test_the_modules_input_spec_is_its_input():
     got = model_load.load("tests.fixtures.small_model:make")
     assert got.input_spec == small_model.Small.input_spec and got.input_spec.size == 64
+
+
+class _PlainAttribute(nn.Module):
+    """The README's other spelling: a class attribute without a field annotation, which
+    Linen wraps as a method (an `InputSpec` is callable)."""
+
+    input_spec = InputSpec(32, (0.0,) * 3, (1.0,) * 3, scale=1 / 255)
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(4, (3, 3), name="conv1")(x)
+
+
+class _NotASpec(_PlainAttribute):
+    input_spec = "imagenet"
+
+
+def test_an_input_spec_class_attribute_is_the_input(monkeypatch):
+    from jaxdissect import interventions, training
+
+    want = _PlainAttribute.__dict__["input_spec"].__wrapped__
+    assert isinstance(want, InputSpec) and not isinstance(_PlainAttribute().input_spec, InputSpec)
+    monkeypatch.setattr(small_model, "plain", _PlainAttribute, raising=False)
+    got = model_load.load("tests.fixtures.small_model:plain")
+    assert got.input_spec == want and got.input_spec.size == 32
+    assert training.training_input_spec(_PlainAttribute(), 48) == dataclasses.replace(want, size=48)
+    assert interventions.intervene(_PlainAttribute(), {}).input_spec == want
+    monkeypatch.setattr(small_model, "odd", _NotASpec, raising=False)
+    with pytest.raises(
+        ValueError,
+        match="^--model=tests.fixtures.small_model:odd: the model's "
+        "input_spec attribute is str, not an InputSpec",
+    ):
+        model_load.load("tests.fixtures.small_model:odd")
 
 
 @pytest.fixture(scope="module")
