@@ -29,7 +29,8 @@ around them are dropped. The layout is the one the caller names
 (`token_layout="1+14x14"`), else the model's own (`model.token_layout(input_shape)`),
 else inferred: from `model.patch_size` (grid = input // patch, the remaining
 tokens lead), or from the token count alone (the grid of the input's aspect
-ratio with the fewest extra tokens, at most `MAX_EXTRA_TOKENS`, first).
+ratio with the fewest extra tokens, at most `MAX_EXTRA_TOKENS`, first). A named
+layout must agree with the model's own and with its patch grid.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from jaxdissect.preprocess import patch_pair
 
@@ -169,7 +171,13 @@ def _token_layouts(
     input_shape: Sequence[int],
     token_layout: LayoutArg,
 ) -> dict[str, TokenLayout]:
-    """path -> layout of every requested layer whose per-example output is (tokens, C)."""
+    """path -> layout of every requested layer whose per-example output is (tokens, C).
+
+    A named layout must agree with what the model declares about its tokens: its own
+    layout (`model.token_layout(input_shape)`) where that covers as many tokens, and the
+    patch grid of `model.patch_size` where the tokens are that grid's and a few more. Each
+    layer's layout, and where it came from, is logged.
+    """
     as_layout = lambda v: v if isinstance(v, TokenLayout) else TokenLayout.parse(v)  # noqa: E731
     by_layer: dict[str, TokenLayout] = {}
     common: TokenLayout | None = None
@@ -184,6 +192,17 @@ def _token_layouts(
     elif token_layout is not None:
         common = as_layout(token_layout)
     model_layout = getattr(model, "token_layout", None)
+    patch_size = getattr(model, "patch_size", None)
+    declared: TokenLayout | None = None
+    if callable(model_layout):
+        got = model_layout(tuple(input_shape))
+        try:
+            declared = as_layout(got)
+        except (TypeError, ValueError) as e:
+            raise LayerNotFoundError(
+                f"the model's token_layout({tuple(input_shape)}) gave {got!r}: expected a "
+                f"TokenLayout or its text, e.g. '1+14x14' ({e})"
+            ) from None
     layouts: dict[str, TokenLayout] = {}
     for name, path in named:
         shape = available[path]
@@ -194,22 +213,55 @@ def _token_layouts(
                     f"token_layout for layer {name!r}: its output {list(shape)} is not "
                     "[tokens, channels]"
                 )
-            _refuse_split_heads(name, shape, input_shape, getattr(model, "patch_size", None))
+            _refuse_split_heads(name, shape, input_shape, patch_size)
             continue
         tokens = shape[0]
-        if layout is None and callable(model_layout):
-            layout = model_layout(tuple(input_shape))
-        if layout is None:
-            layout = infer_token_layout(
-                name, tokens, input_shape, patch_size=getattr(model, "patch_size", None)
+        if layout is not None:
+            origin = "as named"
+            _check_named_layout(name, tokens, layout, declared, input_shape, patch_size)
+        elif declared is not None:
+            layout, origin = declared, "the model's token_layout"
+        else:
+            layout = infer_token_layout(name, tokens, input_shape, patch_size=patch_size)
+            origin = "inferred from " + (
+                "the model's patch_size" if patch_size is not None else "the token count"
             )
         if layout.tokens != tokens:
             raise LayerNotFoundError(
                 f"layer {name!r} has {tokens} tokens, token_layout={str(layout)!r} covers "
                 f"{layout.tokens}; name a layout of {tokens} tokens (prefix + h*w + suffix)"
             )
+        logging.info("layer %s: its %d tokens read as %s (%s)", name, tokens, layout, origin)
         layouts[path] = layout
     return layouts
+
+
+def _check_named_layout(
+    name: str,
+    tokens: int,
+    layout: TokenLayout,
+    declared: TokenLayout | None,
+    input_shape: Sequence[int],
+    patch_size: Any,
+) -> None:
+    """Refuse a named layout that contradicts what the model declares about its tokens."""
+    if declared is not None and declared.tokens == tokens and declared != layout:
+        raise LayerNotFoundError(
+            f"layer {name!r}: token_layout={str(layout)!r} contradicts the model's own layout "
+            f"{str(declared)!r} (its token_layout method); leave token_layout out"
+        )
+    if patch_size is None:
+        return
+    ph, pw = patch_pair(patch_size)
+    grid = (int(input_shape[0]) // ph, int(input_shape[1]) // pw)
+    patches = grid[0] * grid[1]
+    if patches <= tokens <= patches + MAX_EXTRA_TOKENS and layout.grid != grid:
+        raise LayerNotFoundError(
+            f"layer {name!r}: token_layout={str(layout)!r} has a {layout.grid[0]}x"
+            f"{layout.grid[1]} grid, but the model's patch_size {ph}x{pw} gives {grid[0]}x"
+            f"{grid[1]} patches of a {input_shape[0]}x{input_shape[1]} input; name a layout "
+            f"with that grid, e.g. {str(TokenLayout(grid, tokens - patches))!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +276,7 @@ class Tap:
       shapes: per layer, the per-example activation shape (h, w, C).
       names: per layer (same order), the name the user asked for it by; defaults
         to the paths.
+      token_layouts: per layer path whose output is [B, tokens, C], how it was read.
     """
 
     fn: Callable[[Any, Array], dict[str, Array]]
@@ -231,6 +284,7 @@ class Tap:
     layers: tuple[str, ...]
     shapes: Mapping[str, tuple[int, int, int]]
     names: tuple[str, ...] = ()
+    token_layouts: Mapping[str, TokenLayout] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         names = tuple(self.names) or tuple(self.layers)
@@ -521,4 +575,6 @@ def make_tap(
         for k, s in jax.eval_shape(maps, {p: outputs[p] for p in paths}).items()
     }
     names = tuple(name for name, _ in named)
-    return Tap(fn=fn, variables=variables, layers=paths, shapes=shapes, names=names)
+    return Tap(
+        fn=fn, variables=variables, layers=paths, shapes=shapes, names=names, token_layouts=layouts
+    )

@@ -327,6 +327,10 @@ def dissect(
     }
     if model.token_layout is not None:
         run_settings["token_layout"] = model.layout_key
+    if tap.token_layouts:  # as read, named or not
+        run_settings["token_layouts"] = {
+            tap.name_of(p): str(v) for p, v in tap.token_layouts.items()
+        }
     if options.report:
         report_build.write_dissection_report(
             out,

@@ -11,8 +11,7 @@ exact GELU), position embeddings added before the class token is prepended,
 inputs in [-1, 1].
 
 Layers to dissect (paths; aliases in brackets), each [B, tokens, C] read as the
-patch grid (`capture.TokenLayout`, inferred from `patch_size`; the class token
-is dropped):
+patch grid (`ViT.token_layout`: the class token, if any, is dropped):
   `embedding` [stem]                              patch embedding, [h, w, width]
   `Transformer/encoderblock_{i}` [block{i}]       residual stream after block i
   `Transformer/encoderblock_{i}/MlpBlock_0/gelu` [mlp{i}]  block i's MLP hidden
@@ -23,7 +22,8 @@ is dropped):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.capture import TokenLayout
 from jaxdissect.preprocess import InputSpec, patch_pair
 
 # big_vision's variants (Table 2 of arXiv:2106.04560): width, depth, mlp_dim, num_heads.
@@ -194,6 +195,11 @@ class ViT(nn.Module):
         """big_vision's normalisation at `image_size`."""
         return big_vision_spec(self.image_size)
 
+    @nn.nowrap
+    def token_layout(self, input_shape: tuple[int, ...]) -> TokenLayout:
+        """Its tokens at `input_shape`: the class token (`pool_type="tok"`), then the patches."""
+        return token_layout(self.patch_size, self.pool_type, input_shape)
+
     @property
     def default_layers(self) -> tuple[str, ...]:
         """Every block's output, low to high."""
@@ -250,22 +256,47 @@ class ViT(nn.Module):
         return x
 
 
+def token_layout(
+    patch_size: int | tuple[int, int], pool_type: str, input_shape: tuple[int, ...]
+) -> TokenLayout:
+    """The tokens of a ViT's blocks: a class token first where `pool_type` is `tok`, then the
+    row-major patch grid of an input of `input_shape` (height, width, ...)."""
+    ph, pw = patch_pair(patch_size)
+    grid = (int(input_shape[0]) // ph, int(input_shape[1]) // pw)
+    return TokenLayout(grid, prefix=int(pool_type == "tok"))
+
+
 def _variant(variant: str, **options: Any) -> ViT:
     width, depth, mlp_dim, num_heads = VARIANTS[variant]
     base = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, patch_size=(16, 16))
     return ViT(**{**base, **options})
 
 
+def _takes_vit_options(factory: Callable[..., ViT]) -> Callable[..., ViT]:
+    """`factory` with ViT's attributes as its keyword-only signature, so that an option it
+    does not take is named before anything is built (`models.load.check_request`)."""
+    params = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(ViT).parameters.values()
+        if p.name not in ("parent", "name")
+    ]
+    factory.__signature__ = inspect.Signature(params, return_annotation=ViT)
+    return factory
+
+
+@_takes_vit_options
 def vit_ti16(**options: Any) -> ViT:
     """ViT-Ti/16 (width 192, 12 blocks, 3 heads); options as `ViT`'s attributes."""
     return _variant("Ti", **options)
 
 
+@_takes_vit_options
 def vit_s16(**options: Any) -> ViT:
     """ViT-S/16 (width 384, 12 blocks, 6 heads)."""
     return _variant("S", **options)
 
 
+@_takes_vit_options
 def vit_b16(**options: Any) -> ViT:
     """ViT-B/16 (width 768, 12 blocks, 12 heads)."""
     return _variant("B", **options)

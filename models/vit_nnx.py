@@ -139,6 +139,10 @@ class ViT(nnx.Module):
         if config.num_classes:
             self.head = nnx.Linear(config.rep_size or c, config.num_classes, rngs=rngs)
 
+    def token_layout(self, input_shape: tuple[int, ...]) -> Any:
+        """Its tokens at `input_shape`, as the Linen ViT's (`vit.token_layout`)."""
+        return vit.token_layout(self.patch_size, self.config.pool_type, input_shape)
+
     @property
     def input_spec(self):
         """As the Linen twin's."""

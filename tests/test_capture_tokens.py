@@ -9,6 +9,7 @@ from flax import nnx
 
 from jaxdissect import capture
 from jaxdissect.capture import TokenLayout
+from jaxdissect.models import vit
 from jaxdissect.models.load import init_variables
 
 
@@ -37,6 +38,10 @@ class Tokens(nn.Module):
         )
         t = Identity(name="tokens")(jnp.concatenate([pre, t, post], axis=1))
         return nn.Dense(5, name="mix")(t)
+
+
+# A tiny ViT: 8 px patches (a 4x4 grid at 32 px), 1 block of width 8.
+TINY_VIT = dict(width=8, depth=1, mlp_dim=16, num_heads=2, patch_size=8, image_size=32)
 
 
 class Identity(nn.Module):
@@ -122,6 +127,61 @@ def test_model_declared_layout_wins_over_inference():
     np.testing.assert_array_equal(np.asarray(tap.fn(variables, x)["tokens"]), np.asarray(grid))
 
 
+def test_a_declared_layout_may_be_its_text_and_must_be_a_layout():
+    class AsText(Tokens):
+        def token_layout(self, input_shape):
+            return f"1+{input_shape[0] // 4}x{input_shape[1] // 4}+2"
+
+    class Wrong(Tokens):
+        def token_layout(self, input_shape):
+            return 17
+
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
+    model = AsText(prefix=1, suffix=2)
+    variables = init_variables(model, x, seed=1)
+    tap = capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3))
+    assert tap.token_layouts == {"tokens": TokenLayout((4, 4), prefix=1, suffix=2)}
+    with pytest.raises(capture.LayerNotFoundError, match=r"token_layout\(\(16, 16, 3\)\) gave 17"):
+        capture.make_tap(Wrong(prefix=1, suffix=2), variables, ["tokens"], input_shape=(16, 16, 3))
+
+
+def test_a_named_layout_must_agree_with_what_the_model_declares(caplog):
+    """A named layout of the model's own token count that differs from its declared layout,
+    or whose grid is not its patch size's, is refused; each layout read is logged and kept
+    in `Tap.token_layouts`, with where it came from."""
+    model = vit.ViT(**{**TINY_VIT, "pool_type": "tok"})  # a class token, 4x4 patches at 32 px
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = init_variables(model, x, seed=0)
+    assert model.token_layout((32, 32, 3)) == TokenLayout((4, 4), prefix=1)
+    with caplog.at_level("INFO"):
+        tap = capture.make_tap(model, variables, ["block0", "mlp0"], input_shape=(32, 32, 3))
+    assert {str(v) for v in tap.token_layouts.values()} == {"1+4x4"} and len(tap.token_layouts) == 2
+    assert "layer block0: its 17 tokens read as 1+4x4 (the model's token_layout)" in caplog.text
+    for layout, message in [
+        (
+            "4x4+1",
+            r"'block0': token_layout='4x4\+1' contradicts the model's own layout '1\+4x4'",
+        ),
+        (
+            "1+2x8",
+            r"'block0': token_layout='1\+2x8' contradicts the model's own layout '1\+4x4'",
+        ),
+    ]:
+        with pytest.raises(capture.LayerNotFoundError, match=message):
+            capture.make_tap(
+                model, variables, ["block0"], input_shape=(32, 32, 3), token_layout=layout
+            )
+    # Declaring only a patch size: the grid is checked, the extra tokens' places are not.
+    plain, plain_vars, _, _ = _setup((16, 16, 3), prefix=1, suffix=3)
+    with caplog.at_level("INFO"):
+        tap = capture.make_tap(plain, plain_vars, ["tokens"], input_shape=(16, 16, 3))
+    assert "its 20 tokens read as 4+4x4 (inferred from the model's patch_size)" in caplog.text
+    with pytest.raises(capture.LayerNotFoundError, match="has a 2x8 grid"):
+        capture.make_tap(
+            plain, plain_vars, ["tokens"], input_shape=(16, 16, 3), token_layout="4+2x8"
+        )
+
+
 def test_random_tokens_match_the_reference():
     rng = np.random.default_rng(0)
     for prefix, h, w in [(0, 3, 5), (1, 7, 7), (4, 2, 9)]:
@@ -152,11 +212,9 @@ def test_token_counts_that_fit_no_grid_are_refused():
         capture.infer_token_layout("t", 10, (16, 16, 3), patch_size=4)
     model, variables, _, _ = _setup((16, 16, 3), prefix=1)
     with pytest.raises(
-        capture.LayerNotFoundError, match="'tokens' has 17 tokens, token_layout='16x16'"
+        capture.LayerNotFoundError, match="'tokens' has 17 tokens, token_layout='4x4' covers 16"
     ):
-        capture.make_tap(
-            model, variables, ["tokens"], input_shape=(16, 16, 3), token_layout="16x16"
-        )
+        capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3), token_layout="4x4")
     with pytest.raises(capture.LayerNotFoundError, match="not requested: other"):
         capture.make_tap(
             model, variables, ["tokens"], input_shape=(16, 16, 3), token_layout={"other": "4x4"}

@@ -52,6 +52,12 @@ def test_dotted_attribute():
             "^--model_option wdth: --model=resnet18 takes num_classes, width, batch_norm, input_spec$",
         ),
         (
+            "vit_ti16",
+            None,
+            {"image_size": 64, "bogus": 3},
+            "^--model_option bogus: --model=vit_ti16 takes num_classes, patch_size, width, ",
+        ),
+        (
             "tests.fixtures.small_model:Small",
             None,
             {"bogus": 1},

@@ -213,17 +213,18 @@ def test_small_vit_trains_and_dissects_from_its_export(tmp_path):
 
 
 def test_token_layout_flag_reads_the_tokens_as_named(tmp_path):
-    """--token_layout replaces the inferred layout (4x4 patches at 48 px) and keys the stored
-    stages: the same output directory with another layout of the 16 tokens (2x8) recomputes,
-    and a layout of the wrong token count is refused naming the flag."""
+    """--token_layout replaces the inferred layout and keys the stored stages. A model with a
+    class token, 4x4 patches and 3 registers after them, declaring only its patch size: read
+    as inferred (4+4x4), then as named (1+4x4+3) into the same output directory, which
+    recomputes; results.json records each layer's layout either way. A layout of the wrong
+    token count, or of another grid than the patch size gives, is refused naming the flag."""
     broden = synthetic.generate_tiny(tmp_path / "broden", num_images=13)
     out = tmp_path / "out"
     common = (
-        "--model=jaxdissect.models.vit:vit_scenes",
+        "--model=tests.fixtures.token_model:make",
         "--weights=",
-        "--model_option=image_size=48",
         f"--data={broden}",
-        "--layers=block0",
+        "--layers=tokens",
         "--quantile_mode=exact",
         "--batch_size=8",
         "--devices=1",
@@ -240,11 +241,18 @@ def test_token_layout_flag_reads_the_tokens_as_named(tmp_path):
     run_script("dissect", *common)
     inferred_settings, inferred = units()
     assert "token_layout" not in inferred_settings
-    run_script("dissect", *common, "--token_layout=2x8")
+    assert inferred_settings["token_layouts"] == {"tokens": "4+4x4"}
+    run_script("dissect", *common, "--token_layout=1+4x4+3")
     settings, named = units()
-    assert settings["token_layout"] == "2x8"
-    assert named != inferred  # not the stored stages of the 4x4 run
-    fv = parse("dissect", *common, "--token_layout=1+4x4")
-    with pytest.raises(ValueError, match=r"16 tokens, token_layout='1\+4x4' covers 17") as e:
-        script("dissect").run(fv)
-    assert "--token_layout='1+4x4' covers 17" in cli.flag_message(str(e.value), fv)
+    assert (
+        settings["token_layout"] == "1+4x4+3" and settings["token_layouts"]["tokens"] == "1+4x4+3"
+    )
+    assert named != inferred  # not the stored stages of the inferred run
+    for layout, message in [
+        ("1+4x4", r"20 tokens, token_layout='1\+4x4' covers 17"),
+        ("2+2x8+2", r"token_layout='2\+2x8\+2' has a 2x8 grid, but the model's patch_size"),
+    ]:
+        fv = parse("dissect", *common, f"--token_layout={layout}")
+        with pytest.raises(ValueError, match=message) as e:
+            script("dissect").run(fv)
+        assert f"--token_layout='{layout}'" in cli.flag_message(str(e.value), fv)
