@@ -253,3 +253,20 @@ def test_fingerprint_covers_the_build_files(datasets, tmp_path):
     assert TfdsBroden(moved).fingerprint() == key
     with pytest.raises(ValueError, match="data_hash='sha1'"):
         TfdsBroden(moved, data_hash="sha1")
+
+
+def test_a_missing_or_damaged_shard_is_one_line_at_open(datasets, tmp_path):
+    """Before any pass: a split's array_record file removed or cut short names the build and
+    the split, with what to do; the other split still opens."""
+    _, build_dir = datasets["synthetic"]
+    for damage, message in [
+        (lambda p: p.unlink(), "No such file"),
+        (lambda p: os.truncate(p, 100), "at least 64KB"),
+    ]:
+        copy = shutil.copytree(build_dir, tmp_path / f"build{len(message)}")
+        (val,) = copy.glob("*-val.array_record*")
+        damage(val)
+        for split in ("val", "all"):
+            with pytest.raises(ValueError, match=f"the 'val' split's .*{message}.*build it again"):
+                TfdsBroden(copy, split)
+        assert len(TfdsBroden(copy, "train")) == len(TfdsBroden(build_dir, "train"))

@@ -456,6 +456,8 @@ class TfdsBroden:
             )
             for k in present
         }
+        for k, source in self._sources.items():
+            _check_readable(self.builder_dir, SPLITS[k], source)
 
     def __len__(self) -> int:
         return len(self._global)
@@ -527,6 +529,20 @@ class TfdsBroden:
             "image_labels": image_labels,
             "index": np.asarray(i, dtype=np.int32),
         }
+
+
+def _check_readable(builder_dir: Path, split: str, source: Any) -> None:
+    """Read the first and the last record of a split: a missing or damaged shard file is
+    one line naming the build, before any pass starts, not an error from inside a pass."""
+    try:
+        for i in {0, len(source) - 1}:
+            source[i]
+    except (RuntimeError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{builder_dir}: the {split!r} split's array_record files cannot be read ({first}); "
+            "build it again with jaxdissect.data.tfds_broden.build(broden_dir, data_dir)"
+        ) from None
 
 
 def _reopen(builder_dir: str, split: str, data_hash: str) -> TfdsBroden:
