@@ -267,6 +267,8 @@ def test_a_missing_or_damaged_shard_is_one_line_at_open(datasets, tmp_path):
         (val,) = copy.glob("*-val.array_record*")
         damage(val)
         for split in ("val", "all"):
-            with pytest.raises(ValueError, match=f"the 'val' split's .*{message}.*build it again"):
+            with pytest.raises(
+                ValueError, match=f"the 'val' split: its array_record .*{message}.*build it again"
+            ):
                 TfdsBroden(copy, split)
         assert len(TfdsBroden(copy, "train")) == len(TfdsBroden(build_dir, "train"))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -159,3 +161,12 @@ def test_several_builds_are_named(build, tmp_path):
             (tmp_path / "x" / version / name).write_text(src.read_text())
     with pytest.raises(ValueError, match="several classification builds"):
         tfds_classification.find_build(tmp_path)
+
+
+def test_a_damaged_split_is_one_line(build, tmp_path):
+    copy = shutil.copytree(tfds_classification.find_build(build), tmp_path / "1.0.0")
+    (train,) = copy.glob("*-train.array_record*")
+    os.truncate(train, 100)
+    with pytest.raises(ValueError, match="the 'train' split: its array_record files cannot be"):
+        tfds_classification.read_split(copy, "train", 16)
+    assert len(tfds_classification.read_split(copy, "test", 16)[1]) == 9

@@ -457,7 +457,11 @@ class TfdsBroden:
             for k in present
         }
         for k, source in self._sources.items():
-            _check_readable(self.builder_dir, SPLITS[k], source)
+            check_readable(
+                source,
+                f"{self.builder_dir}, the {SPLITS[k]!r} split",
+                "build it again with jaxdissect.data.tfds_broden.build(broden_dir, data_dir)",
+            )
 
     def __len__(self) -> int:
         return len(self._global)
@@ -531,17 +535,17 @@ class TfdsBroden:
         }
 
 
-def _check_readable(builder_dir: Path, split: str, source: Any) -> None:
-    """Read the first and the last record of a split: a missing or damaged shard file is
-    one line naming the build, before any pass starts, not an error from inside a pass."""
+def check_readable(source: Any, where: str, advice: str) -> None:
+    """Read the first and the last record of a TFDS data source: a missing or damaged
+    array_record file is one line (`where`, the error, `advice`) when the data opens, not
+    an error from inside a pass."""
     try:
-        for i in {0, len(source) - 1}:
+        for i in {0, len(source) - 1} if len(source) else ():
             source[i]
     except (RuntimeError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
-            f"{builder_dir}: the {split!r} split's array_record files cannot be read ({first}); "
-            "build it again with jaxdissect.data.tfds_broden.build(broden_dir, data_dir)"
+            f"{where}: its array_record files cannot be read ({first}); {advice}"
         ) from None
 
 

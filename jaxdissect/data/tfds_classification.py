@@ -93,7 +93,10 @@ def read_split(
     """(images uint8 [N, r, r, 3], labels int32 [N]) of one split, in the build's order."""
     import tensorflow_datasets as tfds
 
+    from jaxdissect.data.tfds_broden import check_readable
+
     source = tfds.builder_from_directory(os.fspath(build)).as_data_source(split=split)
+    check_readable(source, f"{build}, the {split!r} split", "prepare the build again")
     n = len(source) if limit is None else min(limit, len(source))
 
     def one(i: int) -> tuple[np.ndarray, int]:
