@@ -26,7 +26,8 @@ A layer whose output is [B, tokens, C] (a Vision Transformer block, its MLP's
 hidden layer) is read through a `TokenLayout`: its patch tokens, row-major on
 an h x w grid, become the [B, h, w, C] map, and the class and register tokens
 around them are dropped. The layout is the one the caller names
-(`token_layout="1+14x14"`), else the model's own (`model.token_layout(input_shape)`),
+(`token_layout="1+14x14"`), else the model's own (`model.token_layout(input_shape)`, or a
+`token_layout` attribute holding a layout or its text),
 else inferred: from `model.patch_size` (grid = input // patch, the remaining
 tokens lead), or from the token count alone (the grid of the input's aspect
 ratio with the fewest extra tokens, at most `MAX_EXTRA_TOKENS`, first). A named
@@ -194,14 +195,16 @@ def _token_layouts(
     model_layout = getattr(model, "token_layout", None)
     patch_size = getattr(model, "patch_size", None)
     declared: TokenLayout | None = None
-    if callable(model_layout):
-        got = model_layout(tuple(input_shape))
+    if model_layout is not None:  # a method of the input shape, or a fixed attribute
+        call = callable(model_layout) and not isinstance(model_layout, TokenLayout)
+        got = model_layout(tuple(input_shape)) if call else model_layout
         try:
             declared = as_layout(got)
         except (TypeError, ValueError) as e:
+            what = f"token_layout({tuple(input_shape)}) gave" if call else "token_layout is"
             raise LayerNotFoundError(
-                f"the model's token_layout({tuple(input_shape)}) gave {got!r}: expected a "
-                f"TokenLayout or its text, e.g. '1+14x14' ({e})"
+                f"the model's {what} {got!r}: expected a TokenLayout or its text, e.g. "
+                f"'1+14x14' ({e})"
             ) from None
     layouts: dict[str, TokenLayout] = {}
     for name, path in named:
@@ -248,7 +251,7 @@ def _check_named_layout(
     if declared is not None and declared.tokens == tokens and declared != layout:
         raise LayerNotFoundError(
             f"layer {name!r}: token_layout={str(layout)!r} contradicts the model's own layout "
-            f"{str(declared)!r} (its token_layout method); leave token_layout out"
+            f"{str(declared)!r} (its token_layout); leave token_layout out"
         )
     if patch_size is None:
         return

@@ -136,10 +136,17 @@ def test_a_declared_layout_may_be_its_text_and_must_be_a_layout():
         def token_layout(self, input_shape):
             return 17
 
+    class Attribute(Tokens):
+        token_layout = "1+4x4+2"
+
     x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
     model = AsText(prefix=1, suffix=2)
     variables = init_variables(model, x, seed=1)
     tap = capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3))
+    assert tap.token_layouts == {"tokens": TokenLayout((4, 4), prefix=1, suffix=2)}
+    tap = capture.make_tap(
+        Attribute(prefix=1, suffix=2), variables, ["tokens"], input_shape=(16, 16, 3)
+    )
     assert tap.token_layouts == {"tokens": TokenLayout((4, 4), prefix=1, suffix=2)}
     with pytest.raises(capture.LayerNotFoundError, match=r"token_layout\(\(16, 16, 3\)\) gave 17"):
         capture.make_tap(Wrong(prefix=1, suffix=2), variables, ["tokens"], input_shape=(16, 16, 3))
