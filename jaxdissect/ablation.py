@@ -385,6 +385,11 @@ def unit_means(
 # --------------------------------------------------------------------------- importance
 
 
+# Decimal places of a class's mean cross-entropy rise that break ties of accuracy drop:
+# float32 sums of per-example losses of a few units are off by about 1e-6 at most.
+RISE_DECIMALS = 5
+
+
 def accuracy(correct: np.ndarray, total: np.ndarray) -> np.ndarray:
     """correct / total per class (NaN for a class without examples); broadcasts over rows."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -393,10 +398,13 @@ def accuracy(correct: np.ndarray, total: np.ndarray) -> np.ndarray:
 
 def ranking(drop: np.ndarray, loss_rise: np.ndarray | None = None) -> np.ndarray:
     """int64 [C, K]: per class, units by decreasing accuracy drop (`drop` [K, C]); ties by
-    decreasing rise of the class's loss (`loss_rise` [K, C], if given), then by unit."""
+    decreasing rise of the class's mean loss (`loss_rise` [K, C], if given) rounded to
+    `RISE_DECIMALS` places, then by unit. The rounding makes rises within float32 noise
+    of each other (units whose removal changes nothing: a rise of +-1e-7) equal, so that
+    their order is the units' and not the summation order's (devices, batch size)."""
     drop = np.nan_to_num(np.asarray(drop, np.float64), nan=-np.inf)
     rise = np.zeros_like(drop) if loss_rise is None else np.asarray(loss_rise, np.float64)
-    rise = np.nan_to_num(rise, nan=-np.inf)
+    rise = np.nan_to_num(np.round(rise, RISE_DECIMALS) + 0.0, nan=-np.inf)  # -0.0 -> 0.0
     k = drop.shape[0]
     units = np.broadcast_to(np.arange(k)[:, None], drop.shape)
     # lexsort sorts by the last key first, along the last axis: transpose to [C, K].

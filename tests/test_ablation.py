@@ -175,6 +175,10 @@ def test_top_n_masks_and_ranking_on_planted_drops():
     # Equal drops: the larger rise of the loss first.
     rise = np.array([[0.0, 0.1], [0.0, 0.2], [0.0, 0.0], [0.0, 0.0]])
     np.testing.assert_array_equal(ablation.ranking(drop, rise)[1], [1, 0, 3, 2])
+    # Rises within float noise (1e-7 here) are ties: by unit, whatever their sign.
+    noise = np.array([[0.0, 3e-7], [0.0, 1e-7], [0.0, 0.0], [0.0, -2e-7]])
+    np.testing.assert_array_equal(ablation.ranking(drop, noise)[1], [0, 1, 3, 2])
+    np.testing.assert_array_equal(ablation.ranking(drop, noise + rise)[1], [1, 0, 3, 2])
     masks = ablation.top_n_masks(order, [1, 3])
     np.testing.assert_array_equal(masks[0, 0], [False, False, False, True])
     np.testing.assert_array_equal(masks[1, 1], [True, True, False, True])
