@@ -6,7 +6,8 @@ Entries are existing dissections (--results=NAME=DIR, DIR holding a
 results.json from experiments/dissect.py, rotation.py or training_dynamics.py)
 and/or models to dissect here (--dissect='NAME|MODEL|WEIGHTS|LAYERS': MODEL and
 WEIGHTS as experiments/dissect.py takes them, or MODEL empty and WEIGHTS a
-training export of experiments/train.py; LAYERS comma-separated). Writes
+training export of experiments/train.py; LAYERS comma-separated; NAME a folder name),
+all of one probe set (the same dataset, split and number of images). Writes
 compare.csv (one row per model and layer: units, interpretable units, unique
 detectors, and per category the unique detectors, interpretable units and
 share of the unique detectors), compare.json, compare_unique.png (grouped
@@ -16,6 +17,7 @@ bars), compare_unique_stacked.png and compare_interpretable.png.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from absl import app, flags
@@ -40,11 +42,16 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 
 
 def parse_entry(text: str) -> tuple[str, str, str, list[str]]:
-    """'NAME|MODEL|WEIGHTS|LAYERS' -> (name, model, weights, layers)."""
+    """'NAME|MODEL|WEIGHTS|LAYERS' -> (name, model, weights, layers); NAME is a folder name."""
     parts = text.split("|")
     if len(parts) != 4 or not parts[0] or not parts[3]:
         raise ValueError(f"--dissect={text!r}: expected NAME|MODEL|WEIGHTS|LAYERS")
     name, model, weights, layers = parts
+    if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
+        raise ValueError(
+            f"--dissect={text!r}: NAME {name!r} names the folder <output_dir>/NAME: use "
+            "letters, digits, '_', '-' and '.' only"
+        )
     return name, model, weights, [s.strip() for s in layers.split(",") if s.strip()]
 
 
@@ -81,17 +88,24 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
                 f"--results={text}: {directory} holds no results.json (a finished dissection)"
             )
         results.append((name, directory))
+    names = [name for name, *_ in dissections] + [name for name, _ in results]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"--dissect/--results: the names {twice} are given twice: one each")
+    probes = {f"--results={name}": studies.probe_set(directory) for name, directory in results}
+    studies.check_one_probe_set(probes)
     rows: list[dict] = []
     entries: list[dict] = []
     with cli.claim_output_dir(fv.output_dir):
-        source = None
+        if dissections:
+            source, dataset_name = probe.open()
+            here = {"dataset": dataset_name, "dataset_fingerprint": source.fingerprint()}
+            studies.check_one_probe_set({"the probe set of --data": here, **probes})
         for name, model, weights, layers in dissections:
             if model:
                 loaded = model_load.load(model, weights=weights or None)
             else:
                 loaded = training.load_trained(weights)
-            if source is None:
-                source, dataset_name = probe.open()
             out = os.path.join(fv.output_dir, name)
             pipeline.dissect(
                 cli.model_info(loaded),
@@ -105,10 +119,12 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
             )
             # results.json names layers as asked for, with the module path beside.
             rows.extend(studies.results_rows(name, out))
-            entries.append({"name": name, "model": model, "weights": weights, "layers": layers})
+            entries.append(
+                {"name": name, "model": model, "weights": weights, "layers": layers, **here}
+            )
         for name, directory in results:
             rows.extend(studies.results_rows(name, directory))
-            entries.append({"name": name, "results": directory})
+            entries.append({"name": name, "results": directory, **probes[f"--results={name}"]})
         files = studies.write_comparison(fv.output_dir, rows, {"entries": entries})
     for r in rows:
         by_cat = ", ".join(

@@ -58,6 +58,8 @@ def run(fv: flags.FlagValues = FLAGS):
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
     amounts = cli.parse_numbers(fv.amounts, "--amounts")
+    if fv.rotation_seed < 0:
+        raise ValueError(f"--rotation_seed={fv.rotation_seed}: must be >= 0")
     trained = cli.check_model_flags(fv)
     output_dir = fv.output_dir or os.path.join("runs", f"rotation_{fv.layer}")
     with cli.claim_output_dir(output_dir):

@@ -61,6 +61,8 @@ def random_rotation(k: int, seed: int) -> np.ndarray:
     """
     if k < 1:
         raise ValueError(f"a rotation needs k >= 1 units, got {k}")
+    if seed < 0:
+        raise ValueError(f"seed={seed}: must be >= 0")
     rng = np.random.default_rng(np.random.SeedSequence([seed, k]))
     q, r = np.linalg.qr(rng.standard_normal((k, k)))
     q = q * np.where(np.diag(r) < 0, -1.0, 1.0)

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from jaxdissect import store
 from jaxdissect.training import WEIGHTS_DIR, list_weights, load_trained, read_meta
@@ -320,6 +321,44 @@ def results_rows(
         records = [by_layer[layer] for layer in layers]
     model = document.get("settings", {}).get("model", "")
     return [{"name": name, "model": model, **summary_row(r)} for r in records]
+
+
+def probe_set(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The probe set a dissection's results.json says it ran on: `dataset` (its name, split
+    and image count) and `dataset_fingerprint` (None where not recorded)."""
+    from jaxdissect import results
+
+    path = pathlib.Path(results_dir)
+    document = results.read_results_json(path / "results.json" if path.is_dir() else path)
+    settings = document.get("settings", {})
+    return {
+        "dataset": settings.get("dataset"),
+        "dataset_fingerprint": settings.get("dataset_fingerprint"),
+    }
+
+
+def check_one_probe_set(probes: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse entries (name -> `probe_set`) dissected on other probe sets than the first:
+    their counts are not comparable. The same name and size with other files (another
+    copy, or the same files stored again) is logged, not refused."""
+    named = [(name, p) for name, p in probes.items() if p.get("dataset") is not None]
+    if not named:
+        return
+    first, want = named[0]
+    for name, got in named[1:]:
+        if got["dataset"] != want["dataset"]:
+            raise ValueError(
+                f"{name} was dissected on {got['dataset']}, {first} on {want['dataset']}: "
+                "compare dissections of one probe set"
+            )
+        if got.get("dataset_fingerprint") != want.get("dataset_fingerprint"):
+            logging.warning(
+                "%s and %s were dissected on %s with other files (another copy, or the same "
+                "files stored again): check that they hold the same images and labels",
+                name,
+                first,
+                got["dataset"],
+            )
 
 
 def write_comparison(

@@ -243,16 +243,24 @@ def test_significance_script_tests_the_papers_baselines(tmp_path, trained_run, d
 
 @TRAINED
 def test_compare_script(tmp_path, trained_run, dynamics_run, data_args):
+    """Entries of one probe set compared; names that are no folder names, names given twice,
+    and a dissection of another probe set (here: fewer images) are refused before any pass."""
     weights = trained_run / "weights" / f"step_{TINY_STEPS:06d}"
-    rows = run_script(
-        "compare",
-        f"--results=dynamics={dynamics_run}",
-        f"--dissect=tiny||{weights}|conv1",
-        *data_args,
-        *PROBE_ARGS,
-        "--max_images=32",
-        f"--output_dir={tmp_path}",
-    )
+    entries = (f"--results=dynamics={dynamics_run}", f"--dissect=tiny||{weights}|conv1")
+    common = (*data_args, *PROBE_ARGS, f"--output_dir={tmp_path}")
+    for argv, message in [
+        (
+            ("--max_images=32",),
+            r"dynamics was dissected on broden1_48 \(all, 256 images\), the "
+            r"probe set of --data on broden1_48 \(all, 32 images\)",
+        ),
+        ((f"--dissect=../esc||{weights}|conv1",), "NAME '../esc' names the folder"),
+        ((f"--results=tiny={dynamics_run}",), r"the names \['tiny'\] are given twice"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run_script("compare", *entries, *common, *argv)
+    assert not (tmp_path / "tiny").exists() and not (tmp_path.parent / "esc").exists()
+    rows = run_script("compare", *entries, *common)
     assert [(r["name"], r["layer"]) for r in rows] == [("tiny", "conv1")] + [
         ("dynamics", f"step{s:06d}-{layer}")
         for s in (0, TINY_STEPS)
@@ -262,7 +270,10 @@ def test_compare_script(tmp_path, trained_run, dynamics_run, data_args):
     table = store.read_rows_csv(tmp_path / "compare.csv")
     assert len(table) == len(rows) and "share_color" in table[0]
     assert (tmp_path / "tiny" / "results.json").is_file()
-    assert json.loads((tmp_path / "compare.json").read_text())["elapsed_s"] > 0
+    document = json.loads((tmp_path / "compare.json").read_text())
+    assert document["elapsed_s"] > 0
+    datasets = {e["name"]: e["dataset"] for e in document["settings"]["entries"]}
+    assert datasets == {"tiny": "broden1_48 (all, 256 images)", "dynamics": datasets["tiny"]}
     for name in ("compare_unique.png", "compare_unique_stacked.png", "compare_interpretable.png"):
         assert (tmp_path / name).is_file()
 
@@ -414,6 +425,19 @@ def test_significance_demo_flagfile_tests_the_embedded_default(tmp_path, data_ar
     p = np.array([u["p"] for u in doc["units"]])
     assert len(p) == 112 and np.allclose(p * 20, np.round(p * 20)) and (p >= 1 / 20).all()
     assert (tmp_path / "significance-stage6.csv").is_file()
+
+
+def test_rotation_names_a_negative_seed(tmp_path):
+    with pytest.raises(ValueError, match="^--rotation_seed=-3: must be >= 0$"):
+        run_script(
+            "rotation",
+            "--model=resnet18",
+            "--weights=",
+            "--layer=layer4",
+            "--rotation_seed=-3",
+            f"--output_dir={tmp_path}",
+        )
+    assert not any(tmp_path.iterdir())
 
 
 def test_ablation_predictions_task_names_its_bad_flags():

@@ -32,6 +32,8 @@ def test_random_rotation_is_a_seeded_rotation():
     assert not np.allclose(q, rotation.random_rotation(9, seed=4))
     # Every seed gives a rotation, though half of the raw Haar O(k) draws are reflections.
     assert all(np.linalg.det(rotation.random_rotation(4, s)) > 0 for s in range(20))
+    with pytest.raises(ValueError, match="^seed=-1: must be >= 0$"):
+        rotation.random_rotation(4, -1)
 
 
 def test_random_rotation_is_haar_distributed():

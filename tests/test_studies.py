@@ -1,0 +1,28 @@
+"""`studies`: the probe set a comparison's entries were dissected on."""
+
+import json
+import logging
+
+import pytest
+
+from jaxdissect import results, studies
+
+
+def test_entries_of_other_probe_sets_are_refused_and_other_files_logged(tmp_path, caplog):
+    a = {"dataset": "broden1_224 (val, 500 images)", "dataset_fingerprint": "f1"}
+    studies.check_one_probe_set({"a": a, "b": dict(a), "old": {"dataset": None}})
+    with pytest.raises(
+        ValueError, match=r"^c was dissected on broden1_224 \(all, 500 images\), a "
+    ):
+        studies.check_one_probe_set(
+            {"a": a, "c": {**a, "dataset": "broden1_224 (all, 500 images)"}}
+        )
+    with caplog.at_level(logging.WARNING):
+        studies.check_one_probe_set({"a": a, "copy": {**a, "dataset_fingerprint": "f2"}})
+    assert "copy and a were dissected on broden1_224 (val, 500 images) with other files" in (
+        caplog.text
+    )
+    document = {"format": results.RESULTS_FORMAT, "version": results.RESULTS_VERSION}
+    document.update(complete=True, settings=a, layers=[])
+    (tmp_path / "results.json").write_text(json.dumps(document))
+    assert studies.probe_set(tmp_path) == a
