@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxdissect import interventions, parallel, store
+from jaxdissect import driver, interventions, parallel, store
 
 # Ablated values: zero, or each unit's mean activation over the evaluation images.
 ZERO, MEAN = "zero", "mean"
@@ -76,10 +76,10 @@ class Ablator:
         self.mesh = mesh or parallel.data_mesh()
         repl, data = parallel.replicated(self.mesh), parallel.sharded(self.mesh)
         self._step = jax.jit(
-            self._counts,
+            self._device_sums,
             static_argnums=(5,),
             in_shardings=(repl, repl, repl, data, data),
-            out_shardings=repl,
+            out_shardings=data,
         )
         self._tap: Any = None
 
@@ -132,6 +132,31 @@ class Ablator:
             )
 
         return jax.vmap(one)(masks)
+
+    def _device_sums(
+        self,
+        variables: Any,
+        masks: jax.Array,
+        fill: jax.Array | None,
+        batch: Mapping[str, jax.Array],
+        acts: jax.Array,
+        num_classes: int,
+    ) -> tuple[jax.Array, jax.Array]:
+        """`_counts` of each device's rows, stacked [devices, M, C] and summed on the host.
+
+        No collective: on the CPU backend a device's part of a program that waits in an
+        all-reduce holds one of the few execution threads, so several batches' steps in
+        flight could each hold one while the parts they wait for find none (a deadlock).
+        """
+        one, data = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(parallel.AXIS)
+
+        def local(variables, masks, fill, batch, acts):
+            correct, loss = self._counts(variables, masks, fill, batch, acts, num_classes)
+            return correct[None], loss[None]
+
+        return driver.partial_shard_map(
+            local, mesh=self.mesh, in_specs=(one, one, one, data, data), out_specs=data
+        )(variables, masks, fill, batch, acts)
 
     def counts(
         self,
@@ -190,9 +215,13 @@ class Ablator:
             sums = []
             for batch, act in zip(put, acts, strict=True):
                 sums.append(self._step(variables, padded, fill_dev, batch, act, num_classes))
-            for correct, loss in jax.device_get(sums):
-                out[start : start + len(chunk)] += np.asarray(correct)[: len(chunk)]
-                losses[start : start + len(chunk)] += np.asarray(loss, np.float64)[: len(chunk)]
+            for correct, loss in parallel.gather_to_host(sums):  # [devices, M, C]
+                out[start : start + len(chunk)] += np.asarray(correct, np.int64).sum(0)[
+                    : len(chunk)
+                ]
+                losses[start : start + len(chunk)] += np.asarray(loss, np.float64).sum(0)[
+                    : len(chunk)
+                ]
         return out, losses
 
 
