@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -103,6 +105,21 @@ def test_counts_match_numpy_loop_of_single_evaluations(data, devices):
     got = ab.counts(variables, batches, masks, num_classes=CLASSES, fill=fill, masks_per_call=5)
     want = np.stack([_numpy_counts(variables, images, labels, m, fill) for m in masks])
     np.testing.assert_array_equal(got, want)
+
+
+def test_each_device_sums_its_own_rows(data):
+    """The step has no collective: with an all-reduce in it, several batches' steps in flight
+    deadlocked the CPU backend's execution threads on 2 devices (each device's part waiting
+    in a different step's all-reduce)."""
+    variables, images, labels = data
+    mesh = parallel.data_mesh(8)
+    ab = ablation.Ablator(_IntNet(), None, "hidden", mesh=mesh)
+    batch = parallel.put_global_batch(ablation._eval_fields(_batches(images, labels, 16)[0]), mesh)
+    acts = ab._layer_step(variables, batch["image"])(variables, batch["image"])
+    masks = np.zeros((2, K), bool)
+    hlo = ab._step.lower(variables, masks, None, batch, acts, CLASSES).compile().as_text()
+    assert "num_partitions=8" in hlo
+    assert not re.search("all-reduce|all-gather|collective-permute|all-to-all|reduce-scatter", hlo)
 
 
 def test_study_ranks_units_and_ablates_top_n_like_numpy(data, tmp_path):
