@@ -123,7 +123,7 @@ def run(fv: flags.FlagValues = FLAGS):
         )
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
-    ns = [int(n) for n in cli.parse_numbers(fv.top_n, "--top_n")]
+    ns = cli.parse_numbers(fv.top_n, "--top_n", int)
     if any(n < 1 for n in ns):
         raise ValueError(f"--top_n={','.join(fv.top_n)}: each N must be >= 1")
     if fv.masks_per_call < 1:

@@ -45,7 +45,8 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
         raise FileNotFoundError(
             f"--run={fv.run}: no such training run; train first: {model_load.TRAIN_COMMAND}"
         )
-    checkpoints = studies.run_checkpoints(fv.run, [int(s) for s in fv.steps] if fv.steps else None)
+    steps = cli.parse_numbers(fv.steps, "--steps", int) if fv.steps else None
+    checkpoints = studies.run_checkpoints(fv.run, steps)
     output_dir = fv.output_dir or os.path.join(fv.run, "dynamics")
     with cli.claim_output_dir(output_dir):
         source, dataset_name = probe.open()

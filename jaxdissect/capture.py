@@ -28,9 +28,10 @@ an h x w grid, become the [B, h, w, C] map, and the class and register tokens
 around them are dropped. The layout is the one the caller names
 (`token_layout="1+14x14"`), else the model's own (`model.token_layout(input_shape)`, or a
 `token_layout` attribute holding a layout or its text),
-else inferred: from `model.patch_size` (grid = input // patch, the remaining
-tokens lead), or from the token count alone (the grid of the input's aspect
-ratio with the fewest extra tokens, at most `MAX_EXTRA_TOKENS`, first). A named
+else inferred: from `model.patch_size` (grid = input // patch), or from the token
+count alone (the grid of the input's aspect ratio with the fewest extra tokens, at
+most `MAX_EXTRA_TOKENS`); one extra token is a class token before the patches, and
+more need a named layout (registers may come before or after the patches). A named
 layout must agree with the model's own and with its patch grid.
 """
 
@@ -119,9 +120,10 @@ def infer_token_layout(
 ) -> TokenLayout:
     """The layout of a [B, `tokens`, C] output of layer `name` for one input of `input_shape`.
 
-    With `patch_size`, the grid is the input's size over it and the other tokens
-    lead (class, registers); without, the grid of the input's aspect ratio with
-    the fewest extra tokens (at most `MAX_EXTRA_TOKENS`) before it.
+    With `patch_size`, the grid is the input's size over it; without, the grid of the
+    input's aspect ratio with the fewest extra tokens (at most `MAX_EXTRA_TOKENS`). One
+    extra token is a class token before the patches; more are refused, as nothing says
+    which of them (registers) come before the patches and which after.
     """
     height, width = int(input_shape[0]), int(input_shape[1])
     advice = "name the layout, e.g. token_layout='1+14x14' (class token, then 14x14 patches)"
@@ -134,16 +136,29 @@ def infer_token_layout(
                 f"layer {name!r} has {tokens} tokens, fewer than the {grid[0]}x{grid[1]} patches "
                 f"of a {height}x{width} input at patch size {ph}x{pw}; {advice}"
             )
-        return TokenLayout(grid, prefix=extra)
+        return _one_extra_at_most(name, tokens, grid, extra)
     for extra in range(min(MAX_EXTRA_TOKENS, tokens - 1) + 1):
         n = tokens - extra
         for h in range(1, n + 1):
             if n % h == 0 and h * width == (n // h) * height:
-                return TokenLayout((h, n // h), prefix=extra)
+                return _one_extra_at_most(name, tokens, (h, n // h), extra)
     raise LayerNotFoundError(
         f"layer {name!r} has {tokens} tokens, which fit no patch grid of a {height}x{width} "
         f"input (the input's aspect ratio, after at most {MAX_EXTRA_TOKENS} class/register "
         f"tokens); {advice}"
+    )
+
+
+def _one_extra_at_most(name: str, tokens: int, grid: tuple[int, int], extra: int) -> TokenLayout:
+    """The patches with a class token before them, or none; more extra tokens are refused."""
+    if extra <= 1:
+        return TokenLayout(grid, prefix=extra)
+    h, w = grid
+    raise LayerNotFoundError(
+        f"layer {name!r} has {tokens} tokens: {h}x{w} patches and {extra} others, which may "
+        f"come before or after the patches; name the layout, e.g. token_layout='{extra}+{h}x{w}' "
+        f"(all before, as timm's and DINOv2's class and register tokens) or "
+        f"'1+{h}x{w}+{extra - 1}' (registers after the patches)"
     )
 
 
@@ -206,6 +221,12 @@ def _token_layouts(
                 f"the model's {what} {got!r}: expected a TokenLayout or its text, e.g. "
                 f"'1+14x14' ({e})"
             ) from None
+    if common is not None and all(len(available[p]) != 2 for _, p in named):
+        raise LayerNotFoundError(
+            f"token_layout={str(common)!r}: none of the layers "
+            f"{', '.join(n for n, _ in named)} has a [tokens, channels] output to read with it; "
+            "leave token_layout out"
+        )
     layouts: dict[str, TokenLayout] = {}
     for name, path in named:
         shape = available[path]
@@ -317,7 +338,7 @@ def _as_nhwc(name: str, value: Any) -> Array:
 
 
 def _format_available(available: Mapping[str, tuple[int, ...]]) -> str:
-    rows = [f"  {p or '<root>'}  {list(s)}" for p, s in available.items()]
+    rows = [f"  {p}  {list(s)}" for p, s in available.items() if p]  # "": the model's output
     return "\n".join(rows)
 
 
@@ -359,7 +380,7 @@ def resolve_named_layers(
     for name in requested:
         if name.startswith("re:"):
             pattern = re.compile(name[3:])
-            hits = [p for p in available if pattern.fullmatch(p)]
+            hits = [p for p in available if p and pattern.fullmatch(p)]  # "": the model's output
             if not hits:
                 raise LayerNotFoundError(
                     f"layer pattern {name!r} matches no layer; available layers:\n"
@@ -369,6 +390,11 @@ def resolve_named_layers(
             continue
         path = aliases.get(name, name)
         path = path.replace(".", "/").strip("/")
+        if not path:
+            raise LayerNotFoundError(
+                f"layer {name!r} names the model's own output, not one of its layers; "
+                f"available layers:\n{_format_available(available)}"
+            )
         if path not in available:
             alias_text = (
                 f"\naliases: {', '.join(f'{k} -> {v}' for k, v in aliases.items())}"

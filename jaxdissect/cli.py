@@ -412,12 +412,13 @@ def training_task(fv: flags.FlagValues) -> Any:
     return task
 
 
-def parse_numbers(values: Sequence[str], flag: str) -> list[float]:
-    """The floats of a list flag, or one line naming the flag."""
+def parse_numbers(values: Sequence[str], flag: str, kind: type = float) -> list:
+    """The numbers (`kind`: float or int) of a list flag, or one line naming the flag."""
     try:
-        return [float(v) for v in values]
+        return [kind(v) for v in values]
     except ValueError:
-        raise ValueError(f"{flag}={','.join(values)}: expected numbers, comma-separated") from None
+        what = "whole numbers" if kind is int else "numbers"
+        raise ValueError(f"{flag}={','.join(values)}: expected {what}, comma-separated") from None
 
 
 def check_layers(layers: Sequence[str], flag: str = "--layers") -> None:

@@ -107,7 +107,7 @@ class Checkpoint:
 def run_checkpoints(
     run_dir: str | os.PathLike[str], steps: Sequence[int] | None = None
 ) -> list[Checkpoint]:
-    """The exported steps of a training run (all, or those in `steps`)."""
+    """The exported steps of a training run (all, or those in `steps`, each once)."""
     found = list_weights(run_dir)
     if not found:
         raise FileNotFoundError(
@@ -116,6 +116,7 @@ def run_checkpoints(
         )
     if steps is not None:
         have = dict(found)
+        steps = list(dict.fromkeys(steps))
         missing = [s for s in steps if s not in have]
         if missing:
             raise ValueError(f"{run_dir} has no exported steps {missing}; it has {sorted(have)}")

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 import pathlib
 import time
@@ -167,6 +168,16 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.width is not None and not self.width > 0:
             raise ValueError(f"width={self.width}: must be > 0")
+        if not 0 < self.learning_rate < math.inf:  # NaN fails too
+            raise ValueError(f"learning_rate={self.learning_rate}: must be > 0 and finite")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum={self.momentum}: must be in [0, 1)")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay={self.weight_decay}: must be >= 0 and finite")
+        if not 0 < self.decay_factor <= 1:
+            raise ValueError(f"decay_factor={self.decay_factor}: must be in (0, 1]")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every={self.eval_every}: must be >= 0 (0: at save steps)")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps}: must be in [0, steps={self.steps})"

@@ -1,5 +1,7 @@
 """Activation capture: Linen by path, NNX, dict-returning functions, errors."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -107,6 +109,20 @@ def test_regex_selects_in_model_order(linen_setup):
     model, variables, _ = linen_setup
     tap = capture.make_tap(model, variables, "re:block\\d/relu", input_shape=(8, 8, 3))
     assert tap.layers == ("block1/relu", "block2/relu")
+
+
+def test_the_models_own_output_is_no_layer(linen_setup):
+    """`re:.*` matches every layer but not the model's output (path ""); a name that comes to
+    the empty path (`.`, `..`) is refused, naming it."""
+    model, variables, _ = linen_setup
+    tap = capture.make_tap(model, variables, "re:.*", input_shape=(8, 8, 3))
+    assert "" not in tap.layers and {"block1/conv", "head"} <= set(tap.layers)
+    for name in (".", ".."):
+        with pytest.raises(
+            capture.LayerNotFoundError,
+            match=f"layer '{re.escape(name)}' names the model's own output, not one of its layers",
+        ):
+            capture.make_tap(model, variables, name, input_shape=(8, 8, 3))
 
 
 def test_missing_layer_lists_available(linen_setup):

@@ -74,10 +74,9 @@ def _reference_map(tokens: np.ndarray, prefix: int, h: int, w: int) -> np.ndarra
     [
         ((16, 16, 3), 0, 0, True),  # no class token
         ((16, 16, 3), 1, 0, True),  # class token
-        ((16, 16, 3), 5, 0, True),  # class + 4 registers
         ((8, 20, 3), 1, 0, True),  # non-square input
         ((16, 16, 3), 1, 0, False),  # inferred from the token count alone
-        ((8, 20, 3), 5, 0, False),  # non-square, count alone
+        ((8, 20, 3), 0, 0, False),  # non-square, count alone
     ],
 )
 def test_inferred_layout_gives_the_patch_grid(shape, prefix, suffix, declare):
@@ -97,7 +96,7 @@ def test_inferred_layout_gives_the_patch_grid(shape, prefix, suffix, declare):
 
 def test_named_layout_with_suffix_registers():
     model, variables, x, grid = _setup((16, 16, 3), prefix=1, suffix=3)
-    # Inference would put all 4 extra tokens first: the user names the layout.
+    # Inference cannot tell registers after the patches from ones before: named.
     tap = capture.make_tap(
         model, variables, ["tokens"], input_shape=(16, 16, 3), token_layout="1+4x4+3"
     )
@@ -179,13 +178,13 @@ def test_a_named_layout_must_agree_with_what_the_model_declares(caplog):
                 model, variables, ["block0"], input_shape=(32, 32, 3), token_layout=layout
             )
     # Declaring only a patch size: the grid is checked, the extra tokens' places are not.
-    plain, plain_vars, _, _ = _setup((16, 16, 3), prefix=1, suffix=3)
+    plain, plain_vars, _, _ = _setup((16, 16, 3), prefix=1, suffix=0)
     with caplog.at_level("INFO"):
         tap = capture.make_tap(plain, plain_vars, ["tokens"], input_shape=(16, 16, 3))
-    assert "its 20 tokens read as 4+4x4 (inferred from the model's patch_size)" in caplog.text
+    assert "its 17 tokens read as 1+4x4 (inferred from the model's patch_size)" in caplog.text
     with pytest.raises(capture.LayerNotFoundError, match="has a 2x8 grid"):
         capture.make_tap(
-            plain, plain_vars, ["tokens"], input_shape=(16, 16, 3), token_layout="4+2x8"
+            plain, plain_vars, ["tokens"], input_shape=(16, 16, 3), token_layout="1+2x8"
         )
 
 
@@ -236,7 +235,36 @@ def test_extra_tokens_beyond_the_limit_need_a_named_layout():
     # 9x9 patches after 18 tokens on a square input: no square grid within 16 extras.
     with pytest.raises(capture.LayerNotFoundError, match="at most 16 class/register"):
         capture.infer_token_layout("t", 18 + 81, (16, 16, 3))
-    assert capture.infer_token_layout("t", 99, (16, 16, 3), patch_size=(16, 16)).prefix == 98
+
+
+@pytest.mark.parametrize("suffix", [0, 3])
+@pytest.mark.parametrize("declare", [True, False])
+def test_more_than_a_class_token_needs_a_named_layout(suffix, declare):
+    """Registers before or after the patches cannot be told apart from the outside: inference
+    refuses, naming both layouts; named, either reads the planted grid."""
+    model, variables, x, grid = _setup(
+        (16, 16, 3), prefix=4 - suffix, suffix=suffix, declare_patch=declare
+    )
+    with pytest.raises(
+        capture.LayerNotFoundError,
+        match=r"'tokens' has 20 tokens: 4x4 patches and 4 others, .*token_layout='4\+4x4' "
+        r"\(all before.*'1\+4x4\+3' \(registers after",
+    ):
+        capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3))
+    layout = f"{4 - suffix}+4x4" + (f"+{suffix}" if suffix else "")
+    tap = capture.make_tap(
+        model, variables, ["tokens"], input_shape=(16, 16, 3), token_layout=layout
+    )
+    np.testing.assert_array_equal(np.asarray(tap.fn(tap.variables, x)["tokens"]), grid)
+
+
+def test_a_token_layout_for_no_token_layer_is_refused():
+    model, variables, _, _ = _setup((16, 16, 3), prefix=1)
+    with pytest.raises(
+        capture.LayerNotFoundError,
+        match=r"token_layout='1\+4x4': none of the layers embed has a \[tokens, channels\] output",
+    ):
+        capture.make_tap(model, variables, ["embed"], input_shape=(16, 16, 3), token_layout="1+4x4")
 
 
 class NnxTokens(nnx.Module):

@@ -453,6 +453,8 @@ def test_ablation_predictions_task_names_its_bad_flags():
         )
     with pytest.raises(FileNotFoundError, match="--weights=nowhere: no such file"):
         run_script("ablation", "--task=predictions", "--model=resnet18", "--weights=nowhere")
+    with pytest.raises(ValueError, match="--top_n=1.5: expected whole numbers"):
+        run_script("ablation", "--task=predictions", "--model=resnet18", "--top_n=1.5")
     predictions = ("--task=predictions", "--model=efficientnet_lite0", "--weights=pretrained")
     with pytest.raises(FileNotFoundError, match="--class_names=nowhere: no such file"):
         run_script("ablation", *predictions, "--class_names=nowhere")

@@ -26,3 +26,14 @@ def test_entries_of_other_probe_sets_are_refused_and_other_files_logged(tmp_path
     document.update(complete=True, settings=a, layers=[])
     (tmp_path / "results.json").write_text(json.dumps(document))
     assert studies.probe_set(tmp_path) == a
+
+
+def test_a_step_asked_for_twice_is_dissected_once(tmp_path):
+    for step in (0, 100):
+        folder = tmp_path / "weights" / f"step_{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text(json.dumps({"train": {"val_accuracy": step / 200}}))
+    got = studies.run_checkpoints(tmp_path, [100, 0, 100])
+    assert [(c.step, c.val_accuracy) for c in got] == [(100, 0.5), (0, 0.0)]
+    with pytest.raises(ValueError, match=r"has no exported steps \[50\]; it has \[0, 100\]"):
+        studies.run_checkpoints(tmp_path, [50])

@@ -145,6 +145,16 @@ def test_config_and_options_are_checked():
     for width in (0.0, -1.0):
         with pytest.raises(ValueError, match=rf"^width={width}: must be > 0"):
             training.TrainConfig(width=width)
+    for field, value, rule in [
+        ("learning_rate", float("nan"), "must be > 0 and finite"),
+        ("learning_rate", -1.0, "must be > 0 and finite"),
+        ("momentum", 1.5, r"must be in \[0, 1\)"),
+        ("weight_decay", -1.0, "must be >= 0 and finite"),
+        ("decay_factor", 0.0, r"must be in \(0, 1\]"),
+        ("eval_every", -1, "must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^{field}={value}: {rule}"):
+            training.TrainConfig(**{field: value})
     with pytest.raises(ValueError, match="no option 'dropout'"):
         training.model_options("resnet18", dropout=True)
     assert training.model_options("resnet18", width=0.5, batch_norm=None) == {"width": 0.5}

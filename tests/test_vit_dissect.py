@@ -213,11 +213,12 @@ def test_small_vit_trains_and_dissects_from_its_export(tmp_path):
 
 
 def test_token_layout_flag_reads_the_tokens_as_named(tmp_path):
-    """--token_layout replaces the inferred layout and keys the stored stages. A model with a
-    class token, 4x4 patches and 3 registers after them, declaring only its patch size: read
-    as inferred (4+4x4), then as named (1+4x4+3) into the same output directory, which
-    recomputes; results.json records each layer's layout either way. A layout of the wrong
-    token count, or of another grid than the patch size gives, is refused naming the flag."""
+    """--token_layout reads a model's tokens and keys the stored stages. A model with a class
+    token, 4x4 patches and 3 registers after them, declaring only its patch size: without a
+    layout it is refused (the registers' place is unknown); read as all before (4+4x4), then
+    as they are (1+4x4+3) into the same output directory, which recomputes; results.json
+    records each layer's layout. A layout of the wrong token count, or of another grid than
+    the patch size gives, is refused naming the flag."""
     broden = synthetic.generate_tiny(tmp_path / "broden", num_images=13)
     out = tmp_path / "out"
     common = (
@@ -238,21 +239,21 @@ def test_token_layout_flag_reads_the_tokens_as_named(tmp_path):
         layer = data["layers"][0]
         return data["settings"], [(u["label"], u["iou"]) for u in layer["units"]]
 
-    run_script("dissect", *common)
-    inferred_settings, inferred = units()
-    assert "token_layout" not in inferred_settings
-    assert inferred_settings["token_layouts"] == {"tokens": "4+4x4"}
+    for layout, message in [
+        (None, r"20 tokens: 4x4 patches and 4 others, .* token_layout='4\+4x4'"),
+        ("1+4x4", r"20 tokens, token_layout='1\+4x4' covers 17"),
+        ("2+2x8+2", r"token_layout='2\+2x8\+2' has a 2x8 grid, but the model's patch_size"),
+    ]:
+        fv = parse("dissect", *common, *([f"--token_layout={layout}"] if layout else []))
+        with pytest.raises(ValueError, match=message) as e:
+            script("dissect").run(fv)
+        assert "--token_layout" in cli.flag_message(str(e.value), fv)
+    run_script("dissect", *common, "--token_layout=4+4x4")
+    before_settings, before = units()
+    assert before_settings["token_layouts"] == {"tokens": "4+4x4"}
     run_script("dissect", *common, "--token_layout=1+4x4+3")
     settings, named = units()
     assert (
         settings["token_layout"] == "1+4x4+3" and settings["token_layouts"]["tokens"] == "1+4x4+3"
     )
-    assert named != inferred  # not the stored stages of the inferred run
-    for layout, message in [
-        ("1+4x4", r"20 tokens, token_layout='1\+4x4' covers 17"),
-        ("2+2x8+2", r"token_layout='2\+2x8\+2' has a 2x8 grid, but the model's patch_size"),
-    ]:
-        fv = parse("dissect", *common, f"--token_layout={layout}")
-        with pytest.raises(ValueError, match=message) as e:
-            script("dissect").run(fv)
-        assert f"--token_layout='{layout}'" in cli.flag_message(str(e.value), fv)
+    assert named != before  # not the stored stages of the other layout
