@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from jaxdissect.preprocess import patch_pair
+from jaxdissect.preprocess import TokenLayout, patch_pair
 
 Array = jax.Array
 
@@ -57,58 +57,6 @@ class LayerNotFoundError(ValueError):
 
 # Extra (class, register) tokens that the token-count inference accepts before the patches.
 MAX_EXTRA_TOKENS = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenLayout:
-    """Where the patch tokens of a [B, tokens, C] output are.
-
-    Attributes:
-      grid: (h, w), the patch grid; patch tokens are row-major, as a flattened
-        [h, w] convolution output.
-      prefix: tokens before the patches (class token, register tokens).
-      suffix: tokens after the patches (registers appended at the end).
-    """
-
-    grid: tuple[int, int]
-    prefix: int = 0
-    suffix: int = 0
-
-    def __post_init__(self):
-        h, w = self.grid
-        if h < 1 or w < 1 or self.prefix < 0 or self.suffix < 0:
-            raise ValueError(f"token_layout={self}: grid sides >= 1, prefix and suffix >= 0")
-        object.__setattr__(self, "grid", (int(h), int(w)))
-
-    @property
-    def tokens(self) -> int:
-        """How many tokens the layout covers."""
-        return self.prefix + self.grid[0] * self.grid[1] + self.suffix
-
-    def __str__(self) -> str:
-        h, w = self.grid
-        text = f"{h}x{w}"
-        if self.prefix:
-            text = f"{self.prefix}+{text}"
-        return f"{text}+{self.suffix}" if self.suffix else text
-
-    @classmethod
-    def parse(cls, text: str) -> TokenLayout:
-        """`[prefix+]HxW[+suffix]`: `14x14`, `1+14x14` (class token), `5+16x16`, `1+16x16+4`."""
-        m = re.fullmatch(r"\s*(?:(\d+)\s*\+\s*)?(\d+)\s*x\s*(\d+)(?:\s*\+\s*(\d+))?\s*", text)
-        if not m:
-            raise ValueError(
-                f"token_layout={text!r}: expected [prefix+]HxW[+suffix], e.g. 1+14x14 for a "
-                "class token and 14x14 patch tokens"
-            )
-        prefix, h, w, suffix = m.groups()
-        return cls((int(h), int(w)), int(prefix or 0), int(suffix or 0))
-
-    def to_nhwc(self, x: Array) -> Array:
-        """[B, tokens, C] -> [B, h, w, C], the patch tokens only."""
-        h, w = self.grid
-        patches = x[:, self.prefix : self.prefix + h * w]
-        return patches.reshape(x.shape[0], h, w, x.shape[-1])
 
 
 def infer_token_layout(
@@ -389,7 +337,8 @@ def resolve_named_layers(
             resolved.extend((p, p) for p in hits)
             continue
         path = aliases.get(name, name)
-        path = path.replace(".", "/").strip("/")
+        if path not in available:  # `layer4.1.conv2` as `layer4/1/conv2`
+            path = path.replace(".", "/").strip("/")
         if not path:
             raise LayerNotFoundError(
                 f"layer {name!r} names the model's own output, not one of its layers; "

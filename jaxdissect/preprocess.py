@@ -1,9 +1,11 @@
-"""How a model wants its input: the model's business, not the loader's."""
+"""How a model wants its input, and how its token outputs are laid out: the model's
+business, not the loader's."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,3 +75,55 @@ def patch_pair(patch_size: int | Sequence[int]) -> tuple[int, int]:
         return (patch_size, patch_size)
     ph, pw = patch_size
     return (int(ph), int(pw))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """Where the patch tokens of a [B, tokens, C] output are.
+
+    Attributes:
+      grid: (h, w), the patch grid; patch tokens are row-major, as a flattened
+        [h, w] convolution output.
+      prefix: tokens before the patches (class token, register tokens).
+      suffix: tokens after the patches (registers appended at the end).
+    """
+
+    grid: tuple[int, int]
+    prefix: int = 0
+    suffix: int = 0
+
+    def __post_init__(self):
+        h, w = self.grid
+        if h < 1 or w < 1 or self.prefix < 0 or self.suffix < 0:
+            raise ValueError(f"token_layout={self}: grid sides >= 1, prefix and suffix >= 0")
+        object.__setattr__(self, "grid", (int(h), int(w)))
+
+    @property
+    def tokens(self) -> int:
+        """How many tokens the layout covers."""
+        return self.prefix + self.grid[0] * self.grid[1] + self.suffix
+
+    def __str__(self) -> str:
+        h, w = self.grid
+        text = f"{h}x{w}"
+        if self.prefix:
+            text = f"{self.prefix}+{text}"
+        return f"{text}+{self.suffix}" if self.suffix else text
+
+    @classmethod
+    def parse(cls, text: str) -> TokenLayout:
+        """`[prefix+]HxW[+suffix]`: `14x14`, `1+14x14` (class token), `5+16x16`, `1+16x16+4`."""
+        m = re.fullmatch(r"\s*(?:(\d+)\s*\+\s*)?(\d+)\s*x\s*(\d+)(?:\s*\+\s*(\d+))?\s*", text)
+        if not m:
+            raise ValueError(
+                f"token_layout={text!r}: expected [prefix+]HxW[+suffix], e.g. 1+14x14 for a "
+                "class token and 14x14 patch tokens"
+            )
+        prefix, h, w, suffix = m.groups()
+        return cls((int(h), int(w)), int(prefix or 0), int(suffix or 0))
+
+    def to_nhwc(self, x: jax.Array) -> jax.Array:
+        """[B, tokens, C] -> [B, h, w, C], the patch tokens only."""
+        h, w = self.grid
+        patches = x[:, self.prefix : self.prefix + h * w]
+        return patches.reshape(x.shape[0], h, w, x.shape[-1])

@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect.capture import TokenLayout
-from jaxdissect.preprocess import InputSpec, patch_pair
+from jaxdissect.preprocess import InputSpec, TokenLayout, patch_pair
 
 # big_vision's variants (Table 2 of arXiv:2106.04560): width, depth, mlp_dim, num_heads.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {

@@ -117,6 +117,8 @@ def test_the_models_own_output_is_no_layer(linen_setup):
     model, variables, _ = linen_setup
     tap = capture.make_tap(model, variables, "re:.*", input_shape=(8, 8, 3))
     assert "" not in tap.layers and {"block1/conv", "head"} <= set(tap.layers)
+    # A module whose own name has dots is found by it.
+    assert capture.resolve_named_layers([".."], {"": (7,), "..": (4, 4, 2)}) == ((("..", "..")),)
     for name in (".", ".."):
         with pytest.raises(
             capture.LayerNotFoundError,
