@@ -415,7 +415,7 @@ def unit_means(
 
 
 # Decimal places of a class's mean cross-entropy rise that break ties of accuracy drop:
-# float32 sums of per-example losses of a few units are off by about 1e-6 at most.
+# the float32 sums of its examples' losses are off by about 1e-6 at most.
 RISE_DECIMALS = 5
 
 
