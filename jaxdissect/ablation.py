@@ -107,32 +107,6 @@ class Ablator:
             )
         return self._tap
 
-    def _counts(
-        self,
-        variables: Any,
-        masks: jax.Array,
-        fill: jax.Array | None,
-        batch: Mapping[str, jax.Array],
-        acts: jax.Array,
-        num_classes: int,
-    ) -> tuple[jax.Array, jax.Array]:
-        labels, targets, valid = batch["label"], batch["target"], batch["valid"]
-        onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)
-
-        def one(mask: jax.Array) -> jax.Array:
-            rule = _Cached(acts, mask, ZERO if fill is None else fill)
-            net = interventions.intervene(self.module, {self.path: rule})
-            logits = net.apply(variables, self._input(batch["image"]), **self.apply_kwargs)
-            correct = (jnp.argmax(logits, -1) == targets) & valid
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-            loss = jnp.where(valid, loss, 0.0).astype(jnp.float32)
-            return (
-                jnp.sum(onehot * correct[:, None].astype(jnp.int32), 0),
-                jnp.sum(onehot.astype(jnp.float32) * loss[:, None], 0),
-            )
-
-        return jax.vmap(one)(masks)
-
     def _device_sums(
         self,
         variables: Any,
@@ -142,20 +116,36 @@ class Ablator:
         acts: jax.Array,
         num_classes: int,
     ) -> tuple[jax.Array, jax.Array]:
-        """`_counts` of each device's rows, stacked [devices, M, C] and summed on the host.
+        """Per mask ([M, K]) and class: correct examples and summed cross-entropy over each
+        device's rows, stacked [devices, M, C] and summed on the host.
 
         No collective: on the CPU backend a device's part of a program that waits in an
         all-reduce holds one of the few execution threads, so several batches' steps in
         flight could each hold one while the parts they wait for find none (a deadlock).
         """
-        one, data = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(parallel.AXIS)
 
         def local(variables, masks, fill, batch, acts):
-            correct, loss = self._counts(variables, masks, fill, batch, acts, num_classes)
+            labels, targets, valid = batch["label"], batch["target"], batch["valid"]
+            onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)
+
+            def one(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+                rule = _Cached(acts, mask, ZERO if fill is None else fill)
+                net = interventions.intervene(self.module, {self.path: rule})
+                logits = net.apply(variables, self._input(batch["image"]), **self.apply_kwargs)
+                correct = (jnp.argmax(logits, -1) == targets) & valid
+                loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+                loss = jnp.where(valid, loss, 0.0).astype(jnp.float32)
+                return (
+                    jnp.sum(onehot * correct[:, None].astype(jnp.int32), 0),
+                    jnp.sum(onehot.astype(jnp.float32) * loss[:, None], 0),
+                )
+
+            correct, loss = jax.vmap(one)(masks)
             return correct[None], loss[None]
 
+        whole, rows = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(parallel.AXIS)
         return driver.partial_shard_map(
-            local, mesh=self.mesh, in_specs=(one, one, one, data, data), out_specs=data
+            local, mesh=self.mesh, in_specs=(whole, whole, whole, rows, rows), out_specs=rows
         )(variables, masks, fill, batch, acts)
 
     def counts(
