@@ -46,8 +46,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
         "weights",
         "pretrained",
-        "'pretrained' (efficientnet_lite0 only), an orbax dir from models/convert.py, a PyTorch "
-        ".pth/.pth.tar or .safetensors file, or '' for a random init (--seed).",
+        "'pretrained' (efficientnet_lite0's shipped weights, or the variables a --model "
+        "factory returns), an orbax dir from models/convert.py, a PyTorch .pth/.pth.tar or "
+        ".safetensors file, or '' for a random init (--seed).",
         flag_values=fv,
     )
     flags.DEFINE_integer(

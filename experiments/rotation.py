@@ -6,10 +6,11 @@ Q is a random rotation of the layer's units (seeded, Haar); Q^t for t in
 --amounts goes from no rotation (t=0) to the full one (t=1). Every amount is
 dissected, and (for a network trained by experiments/train.py) the rotated
 network's validation accuracy measured twice: with the inverse rotation folded
-into the layer's consumers (they get the unrotated units back, whatever the next
-layer is: the network computes what it did up to float rounding, by construction,
-which checks that only what dissection sees is rotated), and with the rotation
-simply inserted, the rest of the network seeing the rotated units.
+into the layer's consumers (the modules that read its output get the unrotated units
+back: where only modules read it, the network computes what it did up to float rounding,
+by construction, which checks that only what dissection sees is rotated; a function
+between modules, e.g. nn.relu, sees rotated units, and max_output_change shows it), and
+with the rotation simply inserted, the rest of the network seeing the rotated units.
 Writes rotation.csv, rotation.json, rotation.png and the dissection
 (results.json, tally-<layer>-t<t>.csv) to --output_dir.
 """

@@ -457,6 +457,23 @@ def _dict_runner(fn):
     return run
 
 
+def _refuse_training_mode(model: Any) -> None:
+    """An NNX module's BatchNorm and Dropout keep their mode in the module: in training
+    mode a unit's map would depend on the batch (BatchNorm's batch statistics) or be
+    random (Dropout), so dissecting it is refused until `model.eval()`."""
+    from flax import nnx
+
+    for path, node in nnx.iter_graph(model):
+        batch_stats = isinstance(node, nnx.BatchNorm) and not node.use_running_average
+        dropout = isinstance(node, nnx.Dropout) and not node.deterministic and node.rate > 0
+        if batch_stats or dropout:
+            where = "/".join(map(str, path)) or "the model"
+            raise ValueError(
+                f"model: the NNX module is in training mode ({where}: "
+                f"{type(node).__name__}); call model.eval() first"
+            )
+
+
 def _runner(model: Any, variables: Any, apply_kwargs, method):
     """(run, variables to pass, default aliases) for any supported kind of model."""
     import flax.linen as nn
@@ -466,6 +483,7 @@ def _runner(model: Any, variables: Any, apply_kwargs, method):
     if isinstance(model, nn.Module):
         return _linen_runner(model, dict(apply_kwargs or {}), method), variables, aliases
     if isinstance(model, nnx.Module):
+        _refuse_training_mode(model)
         graphdef, state = nnx.split(model)
         return _nnx_runner(graphdef), state, aliases
     if callable(model):

@@ -153,8 +153,9 @@ def load_model(model: str | None, weights: str | None) -> Any:
 
 
 def layer_forward(loaded: Any, finished: FinishedLayer) -> Any:
-    """A jitted fn(images uint8/float [B, H, W, 3]) -> float32 [B, h, w, K]: the layer's
-    activations as the dissection saw them (its input spec, rounded to its dtype)."""
+    """A jitted fn(images [B, H, W, 3], RGB pixel values 0..255, uint8 or float) -> float32
+    [B, h, w, K]: the layer's activations as the dissection saw them (its input spec,
+    rounded to its dtype). Images of another layout (NCHW, grey) are refused."""
     import jax
     import jax.numpy as jnp
 
@@ -171,8 +172,14 @@ def layer_forward(loaded: Any, finished: FinishedLayer) -> Any:
     path, spec, dtype = tap.layers[0], finished.input_spec, jnp.dtype(finished.activation_dtype)
 
     @jax.jit
-    def forward(images: jax.Array) -> jax.Array:
+    def jitted(images: jax.Array) -> jax.Array:
         acts = tap.fn(tap.variables, spec(images))[path]
         return acts.astype(dtype).astype(jnp.float32)
+
+    def forward(images: Any) -> jax.Array:
+        shape = tuple(jnp.shape(images))
+        if len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"images {shape}: must be [B, H, W, 3] RGB, pixel values 0..255")
+        return jitted(images)
 
     return forward

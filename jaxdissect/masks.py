@@ -41,6 +41,11 @@ def unit_mask(
     act_map: jax.Array, threshold: jax.Array, size: tuple[int, int], tie_rule: str = "strict"
 ) -> jax.Array:
     """bool [sh, sw]: one unit's mask from its map [h, w] and threshold."""
+    if jnp.ndim(act_map) != 2 or jnp.ndim(threshold) != 0:
+        raise ValueError(
+            f"act_map {tuple(jnp.shape(act_map))} and threshold {tuple(jnp.shape(threshold))}: "
+            "one unit's map [h, w] and its threshold (unit_masks takes [B, h, w, K])"
+        )
     maps = act_map[None, :, :, None]
     return unit_masks(maps, jnp.reshape(threshold, (1,)), size, tie_rule)[0, :, :, 0]
 

@@ -27,7 +27,7 @@ from absl import logging
 
 from jaxdissect import actcache, capture, config, driver, engine, results, store, tally
 from jaxdissect.data import loader
-from jaxdissect.preprocess import InputSpec
+from jaxdissect.preprocess import TORCHVISION, InputSpec
 from jaxdissect.report import build as report_build
 from jaxdissect.report import html as report_html
 
@@ -36,17 +36,27 @@ from jaxdissect.report import html as report_html
 class ModelInfo:
     """The model as the pipeline needs it.
 
-    `token_layout`: how [B, tokens, C] layers are read as maps (`capture.make_tap`'s
-    argument; None: the model's own, else inferred).
+    `input_spec`: how the probe images are fed to it (None: torchvision's ImageNet input,
+    as for a model that declares none). `token_layout`: how [B, tokens, C] layers are read
+    as maps (`capture.make_tap`'s argument; None: the model's own, else inferred).
     """
 
     module: Any
     variables: Any
-    input_spec: InputSpec
+    input_spec: InputSpec | None
     name: str
     key: str
     apply_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     token_layout: capture.LayoutArg = None
+
+    def __post_init__(self):
+        if self.input_spec is None:
+            object.__setattr__(self, "input_spec", TORCHVISION)
+        elif not isinstance(self.input_spec, InputSpec):
+            raise TypeError(
+                f"input_spec={self.input_spec!r}: must be a jaxdissect.preprocess.InputSpec "
+                "(or None for torchvision's)"
+            )
 
     @property
     def layout_key(self) -> Any:

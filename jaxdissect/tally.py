@@ -113,6 +113,10 @@ def upsample(acts: jax.Array, size: tuple[int, int]) -> jax.Array:
     matrices: the gathers fuse with the threshold comparison into one elementwise pass
     (the output is the big array).
     """
+    if jnp.ndim(acts) != 4:
+        raise ValueError(f"acts {tuple(jnp.shape(acts))}: must be [B, h, w, K] maps")
+    if np.ndim(size) != 1 or len(size) != 2:
+        raise ValueError(f"size={size!r}: must be the (height, width) to upsample to")
     sh, sw = size
     _, h, w, _ = acts.shape
     acts = jnp.asarray(acts, jnp.float32)

@@ -115,7 +115,7 @@ def _check_options(model: str, weights: str | None, options: Mapping[str, Any]) 
     if not options:
         return
     given = _option_flags(options)
-    if weights == "pretrained":
+    if weights == "pretrained" and model in zoo.ARCHS:
         raise ValueError(
             f"{given}: --weights=pretrained is the shipped ImageNet EfficientNet-Lite0 as it "
             "is and takes no options"
@@ -310,7 +310,7 @@ def check_request(
     would refuse."""
     if model not in zoo.ARCHS and ":" not in model:
         _import_attr(model)  # raises the message naming the architectures
-    if weights == "pretrained" and model != "efficientnet_lite0":
+    if weights == "pretrained" and model in zoo.ARCHS and model != "efficientnet_lite0":
         raise ValueError(
             f"--weights=pretrained is only available offline for efficientnet_lite0; convert "
             f"your {model} checkpoint with models/convert.py and pass its output as --weights"
@@ -353,6 +353,12 @@ def load(
             variables = None
     else:
         module, variables = _user_module(model, options)
+        if weights == "pretrained" and variables is None and isinstance(module, nn.Module):
+            raise ValueError(
+                f"--model={model} gives a module without weights, and --weights=pretrained "
+                "means the weights it gives: pass a checkpoint as --weights, or --weights= "
+                "for a random init (--seed)"
+            )
 
     try:
         spec = declared_input_spec(module) or TORCHVISION

@@ -181,6 +181,38 @@ def test_nnx_capture_matches_manual_forward():
         capture.make_tap(model, None, "blocks/7", input_shape=(6, 6, 3))
 
 
+class NnxNorm(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(self.bn(self.conv(x)))
+
+
+def test_an_nnx_module_in_training_mode_is_refused():
+    """BatchNorm's batch statistics would make a unit's map depend on its batch: one line
+    until `model.eval()`; then the running averages are what is captured."""
+    model = NnxNorm(nnx.Rngs(0))
+    model.bn.mean[...] = jnp.arange(4.0)
+    with pytest.raises(
+        ValueError,
+        match=r"^model: the NNX module is in training mode \(bn: "
+        r"BatchNorm\); call model.eval\(\) first$",
+    ):
+        capture.make_tap(model, None, ["bn"], input_shape=(6, 6, 3))
+    model.bn.use_running_average = True  # BatchNorm alone in eval mode: Dropout remains
+    with pytest.raises(ValueError, match=r"\(drop: Dropout\)"):
+        capture.make_tap(model, None, ["bn"], input_shape=(6, 6, 3))
+    model.eval()
+    tap = capture.make_tap(model, None, ["bn"], input_shape=(6, 6, 3))
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 3))
+    np.testing.assert_allclose(
+        np.asarray(tap.fn(tap.variables, x)["bn"]), np.asarray(model.bn(model.conv(x))), rtol=1e-6
+    )
+
+
 def test_dict_returning_function():
     w = jnp.arange(12.0).reshape(3, 4)
 

@@ -149,6 +149,18 @@ def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection):
         run_script("segment", f"--image={image}", f"--dissection={dissection}", "--layer=conv9")
 
 
+def test_a_layer_forward_refuses_images_of_another_layout(dissection):
+    layer = finished.read_layer(dissection, "conv1")
+    forward = finished.layer_forward(
+        finished.load_model("tests.fixtures.small_model:make", ""), layer
+    )
+    images = np.zeros((2, 64, 64, 3), np.uint8)
+    assert forward(images).shape[0] == 2
+    for wrong in (images.transpose(0, 3, 1, 2), images[..., 0]):
+        with pytest.raises(ValueError, match=r"^images \(.*\): must be \[B, H, W, 3\] RGB"):
+            forward(wrong)
+
+
 def test_segment_script_paints_the_labelled_units(tmp_path, data_args, dissection, vectors):
     # An image that is no Broden image: another size, mode L.
     rng = np.random.default_rng(0)

@@ -75,3 +75,13 @@ def test_masks_give_the_tallys_intersections():
     concept = np.asarray(masks.concept_masks(pixel, image, concepts, labels.num_labels))
     inter = np.einsum("bhwk,bchw->kc", unit.astype(np.int64), concept.astype(np.int64))
     np.testing.assert_array_equal(inter, np.asarray(counts["intersection"]))
+
+
+def test_shape_mistakes_name_the_argument():
+    with pytest.raises(ValueError, match=r"^acts \(7, 7, 3\): must be \[B, h, w, K\] maps$"):
+        masks.upsample(jnp.zeros((7, 7, 3)), (14, 14))
+    with pytest.raises(ValueError, match=r"^size=14: must be the \(height, width\)"):
+        masks.upsample(jnp.zeros((1, 7, 7, 3)), 14)
+    with pytest.raises(ValueError, match=r"^act_map \(8, 8, 16\) and threshold \(\): one unit's"):
+        masks.unit_mask(jnp.zeros((8, 8, 16)), 0.5, (16, 16))
+    assert masks.unit_mask(jnp.zeros((8, 8)), 0.5, (16, 16)).shape == (16, 16)

@@ -5,6 +5,7 @@ import dataclasses
 import flax.linen as nn
 import pytest
 
+from jaxdissect import store
 from jaxdissect.models import load as model_load
 from jaxdissect.models import zoo
 from jaxdissect.preprocess import InputSpec
@@ -208,3 +209,20 @@ def test_an_option_replacing_a_converted_ones_is_logged(converted_alexnet, caplo
     assert f"--model_option dropout=False replaces what {converted_alexnet} was converted " in (
         caplog.text
     )
+
+
+def test_pretrained_is_the_weights_a_factory_gives(monkeypatch):
+    """The default --weights=pretrained takes a user factory's variables; a factory giving a
+    module alone is told to pass --weights (or --weights= for a random init)."""
+    model_load.check_request("tests.fixtures.small_model:make", "pretrained")
+    got = model_load.load("tests.fixtures.small_model:make", weights="pretrained")
+    want = small_model.make()[1]
+    assert store.fingerprint_tree(got.variables) == store.fingerprint_tree(want)
+    with pytest.raises(
+        ValueError,
+        match="^--model=tests.fixtures.small_model:Small gives a module "
+        "without weights, .*--weights= for a random init",
+    ):
+        model_load.load("tests.fixtures.small_model:Small", weights="pretrained")
+    with pytest.raises(ValueError, match="^--weights=pretrained is only available offline for "):
+        model_load.check_request("resnet18", "pretrained")

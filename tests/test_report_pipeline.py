@@ -226,3 +226,12 @@ def test_strips_of_fewer_images_than_top_slots(tmp_path):
         with Image.open(path) as im:
             h = im.height
             assert im.width == 4 * h + 3 * 3, path.name  # 4 square tiles, 3 gaps of 3 px
+
+
+def test_a_model_without_an_input_spec_gets_torchvisions():
+    from jaxdissect.preprocess import TORCHVISION
+
+    module, variables = make()
+    assert pipeline.ModelInfo(module, variables, None, "m", "k").input_spec == TORCHVISION
+    with pytest.raises(TypeError, match=r"^input_spec=64: must be a jaxdissect.preprocess"):
+        pipeline.ModelInfo(module, variables, 64, "m", "k")
