@@ -135,19 +135,11 @@ def _some(names: Sequence[str], shown: int = 5) -> str:
 
 
 def fit_variables(
-    mapped: Mapping[tuple[str, ...], np.ndarray],
-    variables: Mapping[str, Any],
-    *,
-    source_keys: Mapping[tuple[str, ...], str],
-    unmatched: Sequence[str],
-    advice: str,
-    name: Callable[[tuple[str, ...]], str] = "/".join,
+    mapped: Mapping[tuple[str, ...], np.ndarray], variables: Mapping[str, Any], **check: Any
 ) -> dict[str, Any]:
     """`variables` (real or abstract) filled from `mapped` (Flax path -> array), checked
-    by `check_fit` (same arguments)."""
-    check_fit(
-        mapped, variables, source_keys=source_keys, unmatched=unmatched, advice=advice, name=name
-    )
+    by `check_fit` (`check`: its keyword arguments)."""
+    check_fit(mapped, variables, **check)
     expected = traverse_util.flatten_dict(dict(variables))
     # A copy, so that later changes to the state dict cannot reach the Flax variables.
     out = {p: np.array(mapped[p], dtype=expected[p].dtype, copy=True) for p in expected}
