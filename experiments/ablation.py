@@ -105,6 +105,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 def run(fv: flags.FlagValues = FLAGS):
     """Run the study as the flags say; returns the ablation.json document."""
     started = time.perf_counter()
+    from jaxdissect import training
+
     if fv.task == "predictions":
         from jaxdissect.models import load as model_load
 
@@ -115,9 +117,9 @@ def run(fv: flags.FlagValues = FLAGS):
             raise ValueError(f"--top_classes={fv.top_classes}: must be >= 1")
         if fv.class_names and not os.path.isfile(fv.class_names):
             raise FileNotFoundError(f"--class_names={fv.class_names}: no such file")
-    elif not fv.weights or not os.path.isfile(os.path.join(fv.weights, "meta.json")):
+    elif not training.is_export(fv.weights):
         raise ValueError(
-            f"--weights={fv.weights}: not a training export (no meta.json); ablation needs a "
+            f"--weights={fv.weights}: not a training export; ablation needs a "
             "classifier and its task (experiments/train.py writes runs/train_*/weights/step_N), "
             "or --task=predictions with --model"
         )

@@ -71,10 +71,10 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
         cli.check_layers(layers, f"--dissect={name}|...|LAYERS")
         if model:
             model_load.check_request(model, weights or None)
-        elif not os.path.isfile(os.path.join(weights, "meta.json")):
+        elif not training.is_export(weights):
             raise FileNotFoundError(
-                f"--dissect={name}||{weights}|...: {weights} is no training export (no "
-                f"meta.json); train first: {model_load.TRAIN_COMMAND}, or give MODEL"
+                f"--dissect={name}||{weights}|...: {weights} is no training export; train "
+                f"first: {model_load.TRAIN_COMMAND}, or give MODEL"
             )
     results = []
     for text in fv.results:

@@ -373,19 +373,9 @@ def define_model_flags(fv: flags.FlagValues) -> None:
 def check_model_flags(fv: flags.FlagValues, num_classes: int | None = None) -> bool:
     """Whether --weights is a training export; otherwise checks --model and --weights as
     experiments/dissect.py does (one line naming the flag)."""
-    from jaxdissect.models import load as model_load
+    from jaxdissect import finished
 
-    if fv.weights and os.path.isfile(os.path.join(fv.weights, "meta.json")):
-        return True
-    if fv.weights and fv.weights != "pretrained" and not os.path.exists(fv.weights):
-        raise FileNotFoundError(model_load.missing_weights_advice(fv.model or "", fv.weights))
-    if not fv.model:
-        raise ValueError(
-            f"--weights={fv.weights} is not a training export (no meta.json): give --model "
-            "with the architecture of these weights"
-        )
-    model_load.check_request(fv.model, fv.weights or None, num_classes)
-    return False
+    return finished.check_model(fv.model, fv.weights, num_classes)
 
 
 def training_task(fv: flags.FlagValues) -> Any:

@@ -134,21 +134,40 @@ def read_layer(
     )
 
 
-def load_model(model: str | None, weights: str | None) -> Any:
-    """A `models.load.LoadedModel`: a training export (`weights` holds meta.json) or
-    `model` with `weights` as experiments/dissect.py takes them; errors name the flags."""
+def check_model(model: str | None, weights: str | None, num_classes: int | None = None) -> bool:
+    """Whether `weights` is a training export; otherwise checks `model` and `weights` as
+    experiments/dissect.py takes them (one line naming the flag)."""
     from jaxdissect import training
+    from jaxdissect.models import convert
     from jaxdissect.models import load as model_load
 
-    if weights and os.path.isfile(os.path.join(weights, "meta.json")):
-        return training.load_trained(weights)
+    if training.is_export(weights):
+        return True
     if weights and weights != "pretrained" and not os.path.exists(weights):
         raise FileNotFoundError(model_load.missing_weights_advice(model or "", weights))
     if not model:
+        if weights and os.path.isfile(os.path.join(weights, convert.META_FILE)):
+            arch = convert.read_meta(weights).get("arch", "<arch>")
+            raise ValueError(
+                f"--weights={weights} is a converted checkpoint (models/convert.py), not a "
+                f"training export: give --model={arch}"
+            )
         raise ValueError(
-            f"--weights={weights} is not a training export (no meta.json): give --model"
+            f"--weights={weights} is not a training export (no meta.json): give --model "
+            "with the architecture of these weights"
         )
-    model_load.check_request(model, weights or None)
+    model_load.check_request(model, weights or None, num_classes)
+    return False
+
+
+def load_model(model: str | None, weights: str | None) -> Any:
+    """A `models.load.LoadedModel`: a training export or `model` with `weights` as
+    experiments/dissect.py takes them; errors name the flags."""
+    from jaxdissect import training
+    from jaxdissect.models import load as model_load
+
+    if check_model(model, weights):
+        return training.load_trained(weights)
     return model_load.load(model, weights=weights or None)
 
 

@@ -46,6 +46,7 @@ from absl import logging
 from flax import struct
 
 from jaxdissect import config, evaluate, parallel, store
+from jaxdissect.models.convert import META_FILE, read_meta, save_variables
 from jaxdissect.models.load import INIT_COMPILER_OPTIONS
 from jaxdissect.preprocess import InputSpec
 from jaxdissect.scenes import SceneSplit, SceneTask, eval_batches, train_batches
@@ -471,8 +472,6 @@ def export_weights(
     extra: Mapping[str, Any],
 ) -> pathlib.Path:
     """Write `state`'s variables in `models/convert.py`'s layout (replacing any old copy)."""
-    from jaxdissect.models.convert import save_variables
-
     options = config.options(task.num_classes)
     num_classes = options.pop("num_classes")
     if "image_size" in inspect.signature(_factory(config.arch)).parameters:
@@ -499,14 +498,18 @@ def list_weights(run_dir: str | os.PathLike[str]) -> list[tuple[int, pathlib.Pat
     root = pathlib.Path(run_dir) / WEIGHTS_DIR
     found = []
     for d in root.glob("step_*"):
-        if (d / "meta.json").is_file() and d.name[5:].isdigit():
+        if (d / META_FILE).is_file() and d.name[5:].isdigit():
             found.append((int(d.name[5:]), d))
     return sorted(found)
 
 
-def read_meta(weights: str | os.PathLike[str]) -> dict[str, Any]:
-    with open(pathlib.Path(weights) / "meta.json") as f:
-        return json.load(f)
+def is_export(weights: str | os.PathLike[str] | None) -> bool:
+    """Whether `weights` is a folder `export` wrote: its meta.json records the training and
+    its classes, which a `models/convert.py` conversion's does not."""
+    if not weights or not os.path.isfile(os.path.join(weights, META_FILE)):
+        return False
+    meta = read_meta(weights)
+    return "train" in meta and "classes" in meta
 
 
 def load_trained(weights: str | os.PathLike[str]):

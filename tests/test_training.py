@@ -215,6 +215,25 @@ def test_exported_weights_load_for_dissection(quick_run):
     )
 
 
+def test_exports_are_told_from_conversions(tmp_path):
+    """A `models/convert.py` folder also holds a meta.json: it is no training export, and the
+    scripts that take either ask for its --model instead of reading it as one."""
+    from jaxdissect import finished
+    from jaxdissect.models.convert import save_variables
+
+    variables = {"params": {"w": np.zeros(2, np.float32)}}
+    meta = {"arch": "alexnet", "num_classes": 4}
+    save_variables(tmp_path / "converted", variables, meta)
+    save_variables(tmp_path / "export", variables, {**meta, "classes": ["a"], "train": {}})
+    assert training.is_export(tmp_path / "export")
+    assert not training.is_export(tmp_path / "converted")
+    assert not any(map(training.is_export, (tmp_path, tmp_path / "none", "", None)))
+    assert finished.check_model(None, str(tmp_path / "export"))
+    assert not finished.check_model("alexnet", str(tmp_path / "converted"))
+    with pytest.raises(ValueError, match="is a converted checkpoint .*: give --model=alexnet$"):
+        finished.check_model(None, str(tmp_path / "converted"))
+
+
 def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, task, quick_run):
     """Killed after step 13, resumed from the step-10 checkpoint: the same weights as straight
     through (the data order, flips and dropout keys are functions of the step)."""
