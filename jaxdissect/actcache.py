@@ -12,6 +12,7 @@ memmap under the run's work dir), `none`. `auto` picks the first that fits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import threading
@@ -88,6 +89,21 @@ def choose_kind(
     return "none"
 
 
+def _process_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(directory.glob(f"layer*-p{jax.process_index()}.npy"))
+
+
+def remove_files(directory: pathlib.Path | None) -> None:
+    """Delete this process's disk-cache files in `directory`, and the folder once empty
+    (other processes remove their own)."""
+    if directory is None or not directory.is_dir():
+        return
+    for path in _process_files(directory):
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # other processes' files are still there
+        directory.rmdir()
+
+
 class ActivationCache:
     """Per-batch activations of several layers; batches [lo, hi) are present."""
 
@@ -101,6 +117,7 @@ class ActivationCache:
         directory: pathlib.Path | None = None,
     ):
         self.kind = kind
+        self.directory = directory if kind == "disk" else None
         self.num_batches, self.local_batch = num_batches, local_batch
         self.dtype = np.dtype(dtype)
         self.lo = self.hi = 0
@@ -187,3 +204,8 @@ class ActivationCache:
         self._device.clear()
         self._arrays.clear()
         self.lo = self.hi = 0
+
+    def discard(self) -> None:
+        """`clear`, and a disk cache's files deleted: for a cache nothing will read again."""
+        self.clear()
+        remove_files(self.directory)

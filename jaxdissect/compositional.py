@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -153,88 +154,93 @@ def explain_layer(
     shape = tap.shapes[layer]
     needed = int(np.prod(shape)) * dtype.itemsize * num_batches * local_batch
     kind = actcache.choose_kind(activation_cache, needed, work_dir)
-    directory = None if work_dir is None else work_dir / "formula_activations"
+    directory = None
+    if kind == "disk":  # this call's own folder: layers and concurrent runs never share one
+        work_dir.mkdir(parents=True, exist_ok=True)
+        directory = pathlib.Path(tempfile.mkdtemp(prefix="formula-activations-", dir=work_dir))
     cache = actcache.ActivationCache(
         kind, {layer: shape}, num_batches, local_batch, dtype, directory
     )
-    passes: list[dict[str, Any]] = []
+    try:
+        passes: list[dict[str, Any]] = []
 
-    def run(name: str, statistic: statistics.Statistic, images: bool, mode: str | None):
-        t0 = time.perf_counter()
-        out = driver.run_pass(
-            name,
-            statistic,
-            _Examples(source, images, categories),
-            mesh=mesh,
-            batch_size=batch_size,
-            forward=forward,
-            variables=tap.variables,
-            cache=cache,
-            cache_mode=mode,
-            progress=progress,
-            num_threads=num_threads,
-            steps=steps,
+        def run(name: str, statistic: statistics.Statistic, images: bool, mode: str | None):
+            t0 = time.perf_counter()
+            out = driver.run_pass(
+                name,
+                statistic,
+                _Examples(source, images, categories),
+                mesh=mesh,
+                batch_size=batch_size,
+                forward=forward,
+                variables=tap.variables,
+                cache=cache,
+                cache_mode=mode,
+                progress=progress,
+                num_threads=num_threads,
+                steps=steps,
+            )
+            passes.append({"pass": name, "seconds": time.perf_counter() - t0})
+            logging.info("%s: %s in %.1f s", tap.names[0], name, passes[-1]["seconds"])
+            return out
+
+        tally = run(
+            "formulas-length1",
+            statistics.tally_statistic(
+                layer,
+                thresholds,
+                labels,
+                restriction=settings.formula_restriction,
+                tie_rule=tie_rule,
+                patterns=True,
+            ),
+            True,
+            "write",
         )
-        passes.append({"pass": name, "seconds": time.perf_counter() - t0})
-        logging.info("%s: %s in %.1f s", tap.names[0], name, passes[-1]["seconds"])
-        return out
-
-    tally = run(
-        "formulas-length1",
-        statistics.tally_statistic(
-            layer,
-            thresholds,
-            labels,
-            restriction=settings.formula_restriction,
-            tie_rule=tie_rule,
-            patterns=True,
-        ),
-        True,
-        "write",
-    )
-    first = FirstCounts(
-        tally["unit_total"],
-        tally["intersection"],
-        tally["label_pixels"],
-        np.asarray(labels.primary),
-        tally["pattern_pixels"],
-    )
-    candidates = formula_search.default_candidates(first)
-    cached = cache.enabled and cache.lo == 0 and cache.hi == num_batches
-
-    def evaluate(table: FormulaTable) -> ExtensionCounts:
-        stat = formula_counts.formula_statistic(
-            layer, thresholds, table, labels.num_labels, tie_rule=tie_rule
+        first = FirstCounts(
+            tally["unit_total"],
+            tally["intersection"],
+            tally["label_pixels"],
+            np.asarray(labels.primary),
+            tally["pattern_pixels"],
         )
-        out = run(f"formulas-step{len(passes)}", stat, not cached, "read" if cached else None)
-        return ExtensionCounts(**out)
+        candidates = formula_search.default_candidates(first)
+        cached = cache.enabled and cache.lo == 0 and cache.hi == num_batches
 
-    stats = formula_search.SearchStats()
-    beam = formula_search.beam_search(
-        first,
-        evaluate,
-        max_length=settings.max_length,
-        beam=settings.beam,
-        ops=settings.ops,
-        penalty=settings.length_penalty,
-        candidates=candidates,
-        stats=stats,
-    )
-    optimal = None
-    if settings.mode == "optimal":
-        optimal = formula_search.optimal_search(
+        def evaluate(table: FormulaTable) -> ExtensionCounts:
+            stat = formula_counts.formula_statistic(
+                layer, thresholds, table, labels.num_labels, tie_rule=tie_rule
+            )
+            out = run(f"formulas-step{len(passes)}", stat, not cached, "read" if cached else None)
+            return ExtensionCounts(**out)
+
+        stats = formula_search.SearchStats()
+        beam = formula_search.beam_search(
             first,
             evaluate,
             max_length=settings.max_length,
+            beam=settings.beam,
             ops=settings.ops,
             penalty=settings.length_penalty,
             candidates=candidates,
-            slots=settings.optimal_slots,
-            start=[row[0] for row in beam],
             stats=stats,
         )
-    cache.clear()
-    return LayerFormulas(first, candidates, beam, stats.best, optimal, passes, stats.prefixes)
+        optimal = None
+        if settings.mode == "optimal":
+            optimal = formula_search.optimal_search(
+                first,
+                evaluate,
+                max_length=settings.max_length,
+                ops=settings.ops,
+                penalty=settings.length_penalty,
+                candidates=candidates,
+                slots=settings.optimal_slots,
+                start=[row[0] for row in beam],
+                stats=stats,
+            )
+        return LayerFormulas(first, candidates, beam, stats.best, optimal, passes, stats.prefixes)
+    finally:
+        cache.discard()
 
 
 def mean_by_length(found: LayerFormulas) -> list[float]:

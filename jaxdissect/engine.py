@@ -524,13 +524,15 @@ class Dissector:
             store.Stage(root, stage, self.stage_key(stage, layer)).done for layer in self.tap.layers
         )
 
+    def _cache_dir(self) -> pathlib.Path:
+        """Where a disk cache of pass 1's activations lives (per pass-1 key)."""
+        return self.work_dir / "activations" / self.stage_key("pass1")
+
     def _setup_cache(self):
         per_example = sum(int(np.prod(s)) for s in self.tap.shapes.values()) * self.dtype.itemsize
         needed = per_example * self.num_batches * self.local_batch
         kind = actcache.choose_kind(self._cache_request, needed, self.work_dir, self._cache_budget)
-        directory = None
-        if kind == "disk":
-            directory = self.work_dir / "activations" / self.stage_key("pass1")
+        directory = self._cache_dir() if kind == "disk" else None
         logging.info("activation cache: %s (%.1f MB)", kind, needed / 2**20)
         self.cache = actcache.ActivationCache(
             kind, self.tap.shapes, self.num_batches, self.local_batch, self.dtype, directory
@@ -649,7 +651,9 @@ class Dissector:
             "label_memo_bytes": 0 if self.label_memo is None else self.label_memo.used_bytes,
         }
         if self.cache is not None:
-            self.cache.clear()
+            self.cache.discard()
+        elif self.work_dir is not None:  # pass 1 came stored: a killed run's disk cache is unread
+            actcache.remove_files(self._cache_dir())
         if self.label_memo is not None:
             self.label_memo.clear()
         logging.info("pass 1 %.1f s, pass 2 %.1f s", t1 - t0, t2 - t1)

@@ -75,14 +75,21 @@ def test_compositional_script_writes_formulas_plot_and_page(tmp_path, broden):
     assert beam["layers"][0]["mean_iou"] == pytest.approx(by_length[-1], rel=1e-12)
 
     # Under the dissection's own restriction (presence), a unit's best single concept
-    # scores the dissection's best IoU, and the formulas change.
+    # scores the dissection's best IoU, and the formulas change. Activations kept on disk,
+    # in the call's own folder: another layer's or run's cache file is never opened, and
+    # the folder is gone at the end.
+    stale = tmp_path / ".work" / "formula_activations" / "layer0-p0.npy"
+    stale.parent.mkdir(parents=True)
+    np.save(stale, np.zeros((1, 2, 3, 4), np.float16))
     presence = run_script(
         "compositional",
         f"--data={broden}",
         *ARGS,
         "--formula_restriction=presence",
+        "--activation_cache=disk",
         f"--output_dir={tmp_path}",
     )
+    assert not list((tmp_path / ".work").glob("formula-activations-*"))
     assert presence["settings"]["union_restriction"] == "presence"
     dissected = {
         u["unit"]: u

@@ -105,6 +105,8 @@ def test_killed_runs_resume_identically(tiny_data, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "pass2: resuming after batch" in run.stderr
     assert list(checkpoints.iterdir()) == []  # both passes stored: nothing left to resume
+    for out in (ref, killed):  # disk caches are deleted once both passes are stored
+        assert not list((out / ".work").glob("activations/**/*.npy"))
     got, want = _outputs(killed), _outputs(ref)
     assert got[2] == want[2]  # thresholds, bit for bit (JSON floats round-trip exactly)
     assert got[1] == want[1]  # tally CSVs
