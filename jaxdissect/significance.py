@@ -414,7 +414,16 @@ def mask_statistic(
             "concept_bits": np.asarray(state["concepts"]),
         }
 
-    key = ("significance_masks", layer, concepts.tobytes(), num_images, (sh, sw), stride, tie_rule)
+    key = (
+        "significance_masks",
+        layer,
+        k,
+        concepts.tobytes(),
+        num_images,
+        (sh, sw),
+        stride,
+        tie_rule,
+    )
     return statistics.Statistic(init, update, merge, finalize, key)
 
 
