@@ -58,7 +58,8 @@ def script_main(
     (`parallel.split_cpu`; not for training, whose gradient sums round differently on
     another number of devices), enables the persistent compilation cache, keeps library noise
     out of the log, and turns `USER_ERRORS` into one line, `error:
-    <message>` with parameters written as the flags `fv` defines, and exit status 1.
+    <message>` with parameters written as the flags `fv` defines, and exit status 1 (the
+    traceback is logged at `--verbosity=1`, for an error that is a bug rather than input).
     """
 
     def main(argv: Sequence[str]) -> None:
@@ -73,6 +74,7 @@ def script_main(
         try:
             run()
         except USER_ERRORS as e:
+            logging.debug("where the error was raised (--verbosity=1 shows it)", exc_info=True)
             raise SystemExit(f"error: {flag_message(str(e), fv)}") from None
         except KeyboardInterrupt:
             _interrupted()

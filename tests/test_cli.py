@@ -111,6 +111,20 @@ def test_library_errors_name_parameters_and_the_cli_the_flags():
     assert cli.flag_message(str(e.value), fv).startswith("--batch_size=12 is not divisible")
 
 
+def test_user_errors_are_one_line_with_the_traceback_at_verbosity_1(caplog):
+    def run():
+        raise ValueError("quantile=2: must be in (0, 1)")
+
+    fv = flags.FlagValues()
+    cli.define_dataclass_flags(engine.Settings, fv)
+    fv(["prog"])
+    with caplog.at_level(pylogging.DEBUG), pytest.raises(SystemExit) as e:
+        cli.script_main(run, fv, split_cpu=False)(["prog"])
+    assert str(e.value.code) == "error: --quantile=2: must be in (0, 1)"
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.levelno == pylogging.DEBUG and "in run" in caplog.text
+
+
 def test_output_dir_errors_name_the_path_and_the_fix(tmp_path):
     afile = tmp_path / "f.txt"
     afile.write_text("x")
