@@ -1,8 +1,7 @@
 """What the experiment scripts share: their `main`, the dissection flags, cache and logs.
 
-The scripts in experiments/ (dissect, train, rotation, training_dynamics,
-compare) are thin: flags in, a library call, a few printed lines out. This
-module holds the pieces they would otherwise repeat.
+The scripts in experiments/ are thin: flags in, a library call, a few printed lines
+out. This module holds the pieces they would otherwise repeat.
 """
 
 from __future__ import annotations

@@ -50,15 +50,13 @@ import optax
 
 from jaxdissect import config, masks, parallel
 from jaxdissect.checkpoint import StreamCheckpoint
-from jaxdissect.tally import upsample
+from jaxdissect.tally import F32_EXACT, upsample
 from jaxdissect.tie_rule import active, check_tie_rule
 
 VARIANTS = ("binary", "raw")
 # Adam's epsilon: at least 100 times a gradient at float32 rounding level (~1e-9; the bias's
 # gradient at zero weights is exactly 0 under alpha weighting), so rounding noise moves no weight.
 ADAM_EPS = 1e-6
-# Largest pixel count of one batch whose 0/1 products sum exactly in float32.
-_EXACT_F32 = 2**24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,10 +387,10 @@ def train_concept_vectors(
         raise ValueError("concepts must be a non-empty list of label numbers >= 1")
     sh, sw = data.size
     pixels = len(range(0, sh, cfg.mask_stride)) * len(range(0, sw, cfg.mask_stride))
-    if cfg.probe_batch_size * pixels >= _EXACT_F32:
+    if cfg.probe_batch_size * pixels >= F32_EXACT:
         raise ValueError(
             f"probe_batch_size={cfg.probe_batch_size}: {pixels} pixels an image make counts "
-            f"inexact; use at most {(_EXACT_F32 - 1) // pixels} images a batch"
+            f"inexact; use at most {(F32_EXACT - 1) // pixels} images a batch"
         )
     train_idx, heldout_idx = split_images(len(data.acts), cfg.heldout_fraction, cfg.probe_seed)
     per_epoch = len(train_idx) // cfg.probe_batch_size

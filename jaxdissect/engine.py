@@ -1,7 +1,7 @@
 """A dissection: two passes over a probe set, composed from statistics and the driver.
 
 Pass 1 (`pass1_statistic`) folds each layer's activations into a per-unit quantile
-state (sketch or exact) and each unit's top images with their maps; its activations
+state (histogram, exact or sketch: `quantiles`) and each unit's top images with their maps; its activations
 can be kept (`actcache`) so that pass 2 does not run the network again, and the labels
 its check decoded (`LabelMemo`) so that pass 2 does not decode them again. Pass 2
 (`pass2_statistic`) thresholds the (upsampled) maps and adds exact integer IoU counts.

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -159,7 +159,8 @@ class Ablate:
         return cls(children[0], aux) if aux is not None else cls(*children)
 
 
-Rule = Rotate | Fold | Ablate
+# A rule: a function of the layer's output (`Rotate`, `Fold`, `Ablate` or any other).
+Rule = Callable[[jax.Array], jax.Array]
 
 
 # --------------------------------------------------------------------------- in the network
@@ -171,7 +172,7 @@ def module_path(module: nn.Module) -> str:
 
 
 def rule_paths(
-    rules: Mapping[str, Any], aliases: Mapping[str, str] | None = None
+    rules: Mapping[str, Rule], aliases: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """{module path: name as given} of `rules` keys (paths with '.' or '/', or aliases)."""
     aliases = dict(aliases or {})
@@ -192,7 +193,9 @@ def rule_paths(
 
 
 @contextlib.contextmanager
-def active(rules: Mapping[str, Any], *, aliases: Mapping[str, str] | None = None) -> Iterator[None]:
+def active(
+    rules: Mapping[str, Rule], *, aliases: Mapping[str, str] | None = None
+) -> Iterator[None]:
     """Within the context, each Linen module named in `rules` has its `__call__` output rewritten.
 
     A module called several times is rewritten at every call. If modules ran in
@@ -275,14 +278,14 @@ class Intervened(Wrapped):
     caller installed (a capture sees the rewritten outputs).
     """
 
-    rules: Mapping[str, Any]
+    rules: Mapping[str, Rule]
 
     def apply(self, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         with active(self.rules, aliases=self.layer_aliases):
             return self.base.apply(variables, *args, **kwargs)
 
 
-def intervene(model: nn.Module, rules: Mapping[str, Any]) -> Intervened:
+def intervene(model: nn.Module, rules: Mapping[str, Rule]) -> Intervened:
     """`model` with each rule of `{path_or_alias: rule}` applied at its module's output.
 
     Build it inside the function that is jitted or vmapped, from that

@@ -65,7 +65,7 @@ UNIT_NUMBERING = (
 # Longest file-name part taken from a layer name (file systems allow 255 bytes).
 _MAX_STEM = 100
 _UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-_COUNT_KEYS = ("intersection", "label_pixels", "unit_pixels", "unit_total")
+COUNT_KEYS = ("intersection", "label_pixels", "unit_pixels", "unit_total")
 NO_ACTIVE_PIXELS = "no active pixels"
 NO_OVERLAP = "no concept overlap"
 STATES = (*TIE_STATES, NO_ACTIVE_PIXELS, NO_OVERLAP)
@@ -262,7 +262,7 @@ def layer_result(
 
 
 def _check_counts(counts: Mapping[str, np.ndarray], labels: LabelSpace) -> None:
-    missing = [key for key in _COUNT_KEYS if key not in counts]
+    missing = [key for key in COUNT_KEYS if key not in counts]
     if missing:
         raise ValueError(f"counts lack {missing}")
     k, nl = counts["intersection"].shape

@@ -30,8 +30,9 @@ their p-value is not small unless the unit fires on sky more than on the top of
 images that have none: the test asks for an association with the concept, not with
 where the concept tends to be.
 
-`benjamini_hochberg` controls the expected share of false discoveries among the
-(unit, concept) pairs of one layer called significant at level alpha.
+`benjamini_hochberg` controls the expected share of false discoveries among one family
+of p-values called significant at level alpha (a dissection's family: the units of one
+layer, each with its `unit_p`).
 
 As a streaming statistic (`mask_statistic`): the test needs, for every pairing, image
 i's unit masks with image pi(i)'s concept masks, which no per-image sum holds. A pass
@@ -56,27 +57,15 @@ import numpy as np
 
 from jaxdissect import parallel, statistics
 from jaxdissect.interpolation import interpolation_taps
+from jaxdissect.tally import F32_EXACT
 from jaxdissect.tie_rule import active, check_tie_rule
 
 # Draws of the permutation null unless the caller says otherwise (resolves p down to 0.005).
 DEFAULT_DRAWS = 199
-# Images per float32 block of the intersection counts: every partial sum stays below 2**24.
-_EXACT_F32 = 2**24
 # Bytes of one block's unpacked masks (bfloat16 unit and concept masks of its images).
 _BLOCK_BYTES = 64 * 2**20
 # Permutations drawn and sent to the device at a time.
 _DRAW_CHUNK = 64
-
-
-def intersections(unit_masks: np.ndarray, concept_masks: np.ndarray) -> np.ndarray:
-    """int64 [K, C]: sum over images and pixels of unit mask k AND concept mask c.
-
-    `unit_masks` bool [N, P, K], `concept_masks` bool [N, P, C] (P pixels per image).
-    """
-    u = np.asarray(unit_masks, bool)
-    c = np.asarray(concept_masks, bool)
-    _check(u, c)
-    return np.einsum("npk,npc->kc", u.astype(np.int64), c.astype(np.int64))
 
 
 def _check(u: np.ndarray, c: np.ndarray) -> None:
@@ -227,7 +216,7 @@ class PermutationTest:
 def block_size(num_images: int, pixels: int, num_units: int, num_concepts: int) -> int:
     """Images per block: float32 sums stay exact, the unpacked block within `_BLOCK_BYTES`."""
     per_image = 2 * max(pixels, 1) * (num_units + num_concepts)
-    exact = (_EXACT_F32 - 1) // max(pixels, 1)
+    exact = (F32_EXACT - 1) // max(pixels, 1)
     return max(1, min(num_images, exact, _BLOCK_BYTES // per_image))
 
 

@@ -85,6 +85,7 @@ from jax import lax
 from jaxdissect import parallel, unit_reduce
 from jaxdissect.interpolation import interpolation_taps
 from jaxdissect.labelspace import LabelSpace
+from jaxdissect.results import COUNT_KEYS
 from jaxdissect.tie_rule import active, check_tie_rule
 from jaxdissect.widecount import LO_BITS, WideCount
 
@@ -92,12 +93,11 @@ RESTRICTIONS = ("presence", "overlap", "none")
 METHODS = ("auto", "segment", "compact", "matmul")
 DEFAULT_SLOTS = 64
 DEFAULT_UNIT_BLOCK = 128
-COUNT_KEYS = ("intersection", "label_pixels", "unit_pixels", "unit_total")
 
 # Bound on any per-batch count (and so on the pixels of one batch).
 MAX_BATCH_COUNT = 1 << LO_BITS
 # float32 accumulates integers exactly below 2**24: bound for the matmul method.
-_F32_EXACT = 1 << 24
+F32_EXACT = 1 << 24
 # Memory budget of one chunk's largest buffer off CPU (multi-hot matrix, segment sums).
 _CHUNK_BYTES = 1 << 30
 _PIB = lax.GatherScatterMode.PROMISE_IN_BOUNDS
@@ -191,12 +191,12 @@ def _resolve_chunk(
             chunk = max(1, _CHUNK_BYTES // (pixels * labels * 2))
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if method == "matmul" and min(chunk, batch) * pixels >= _F32_EXACT:
+    if method == "matmul" and min(chunk, batch) * pixels >= F32_EXACT:
         raise ValueError(
             f"matmul method: {chunk} images x {pixels} pixels per chunk would exceed float32's "
             "exact integer range; use a smaller chunk"
         )
-    if method == "compact" and pixels >= _F32_EXACT:
+    if method == "compact" and pixels >= F32_EXACT:
         raise ValueError(f"compact method: {pixels} pixels per image exceed float32's exact range")
     return min(chunk, batch)
 

@@ -4,8 +4,7 @@ Parameter-free operations (ReLU, pooling) are modules so that their outputs
 have module paths a user can probe, as `features.11` can be hooked in torch.
 Stateful layers take their train/eval switch at construction
 (`BatchNorm2d(use_running_average=not train)`, `nn.Dropout(deterministic=not
-train)`), so every layer here is called as `layer(x)` and a torch
-`nn.Sequential` becomes a plain loop (`sequential`).
+train)`), so every layer here is called as `layer(x)`.
 
 Initialisers follow torch's defaults so that models trained from scratch
 start as torchvision's do.
@@ -14,7 +13,7 @@ start as torchvision's do.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -254,13 +253,6 @@ class AdaptiveAvgPool2d(nn.Module):
 def flatten_nchw(x: jax.Array) -> jax.Array:
     """`torch.flatten(x, 1)` of the NCHW tensor torch would hold, so Linear weights map."""
     return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
-
-
-def sequential(x: jax.Array, layers: Iterable[nn.Module]) -> jax.Array:
-    """Apply `layers` in order, like a torch `nn.Sequential`."""
-    for layer in layers:
-        x = layer(x)
-    return x
 
 
 # One entry of a `TorchSequential`: (name, kind, *args), e.g. ("0", "conv", 64, 11, 4, 2).

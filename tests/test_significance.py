@@ -54,7 +54,7 @@ def _reference(u, c, draws, seed):
 @pytest.mark.parametrize("exact_limit, chunk", [(None, None), (2 * 12 + 1, 5)])
 def test_pvalues_match_numpy_loop(monkeypatch, exact_limit, chunk):
     if exact_limit is not None:
-        monkeypatch.setattr(significance, "_EXACT_F32", exact_limit)
+        monkeypatch.setattr(significance, "F32_EXACT", exact_limit)
     if chunk is not None:
         monkeypatch.setattr(significance, "_DRAW_CHUNK", chunk)
     rng = np.random.default_rng(0)

@@ -99,11 +99,10 @@ def batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields the batches of `source` in order, from global batch `start_batch` on.
 
-    Every batch has the same shapes: `image` float32 [b, H, W, 3], `pixel_labels`
-    int32 [b, P, sh, sw], `image_labels` int32 [b, Q], `valid` bool [b] and
-    `index` int32 [b] (-1 for padding), plus any other key the source's
-    examples have, where b = batch_size // process_count. Padding rows are
-    zeros with `valid=False`.
+    Every batch has the same shapes, in the dtypes of the source's examples: `image`
+    [b, H, W, 3], `pixel_labels` [b, P, sh, sw], `image_labels` [b, Q], plus any other
+    key the examples have, and `valid` bool [b] and `index` int32 [b] (-1 for padding),
+    where b = batch_size // process_count. Padding rows are zeros with `valid=False`.
 
     Args:
       source: random-access examples (a `Broden`, a TFDS-backed source ...).

@@ -1,7 +1,7 @@
-"""Per-unit activation thresholds: an exact top-k mode and a mergeable tail sketch.
+"""Per-unit activation thresholds: exact top-k, exact 16-bit histogram, mergeable sketch.
 
 Network Dissection thresholds unit k at T_k with P(a_k > T_k) = q over all spatial
-activations of the unit on the whole probe set. Both modes consume activation batches
+activations of the unit on the whole probe set. The modes consume activation batches
 reshaped to [rows, units] (rows = images x h x w), under `jax.jit`, and their states are
 `flax.struct` pytrees that merge across devices or hosts.
 
