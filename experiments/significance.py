@@ -98,9 +98,7 @@ def _model(fv, trained, settings):
     from jaxdissect.models import load as model_load
 
     if trained:
-        meta = training.read_meta(fv.weights)
-        options = {**meta.get("options", {}), "num_classes": meta["num_classes"]}
-        arch, weights = meta["arch"], fv.weights
+        (arch, options), weights = training.export_model(fv.weights), fv.weights
     else:
         arch, weights, options = fv.model, fv.weights or None, None
     if fv.baseline == "random_init":

@@ -516,9 +516,14 @@ def load_trained(weights: str | os.PathLike[str]):
     """A `models.load.LoadedModel` of an exported training step (arch and options from meta)."""
     from jaxdissect.models import load as model_load
 
+    arch, options = export_model(weights)
+    return model_load.load(arch, weights=os.fspath(weights), options=options)
+
+
+def export_model(weights: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """(architecture, constructor options) of an exported training step, from its meta."""
     meta = read_meta(weights)
-    options = {**meta.get("options", {}), "num_classes": meta["num_classes"]}
-    return model_load.load(meta["arch"], weights=os.fspath(weights), options=options)
+    return meta["arch"], {**meta.get("options", {}), "num_classes": meta["num_classes"]}
 
 
 # --------------------------------------------------------------------------- the loop
