@@ -41,14 +41,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_multi_string(
         "model_option", [], "Extra constructor option key=value, repeatable.", flag_values=fv
     )
-    flags.DEFINE_enum(
-        "input_norm",
-        "model",
-        ["model", "torchvision", "places_lite"],
-        "Input normalisation: the model's own, torchvision ImageNet, or NetDissect-Lite's "
-        "Places365 one.",
-        flag_values=fv,
-    )
+    cli.define_input_norm_flag(fv)
     flags.DEFINE_list("layers", ["conv5"], "Layers to explain.", flag_values=fv)
     cli.define_dataclass_flags(compositional.SearchSettings, fv)
     flags.DEFINE_integer(
@@ -118,7 +111,6 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
         training,
     )
     from jaxdissect.models import load as model_load
-    from jaxdissect.preprocess import PLACES_LITE, TORCHVISION
     from jaxdissect.report import formula_page, plots
 
     out = pathlib.Path(output_dir)
@@ -133,11 +125,8 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
         loaded = model_load.load(
             fv.model, weights=fv.weights or None, options=model_options, seed=settings.seed
         )
-    spec = {"model": loaded.input_spec, "torchvision": TORCHVISION, "places_lite": PLACES_LITE}[
-        fv.input_norm
-    ]
-    spec = dataclasses.replace(spec, size=loaded.input_spec.size)
-    info = cli.model_info(loaded, spec)
+    info = cli.model_info(loaded, fv.input_norm)
+    spec = info.input_spec
     mesh = parallel.data_mesh(fv.devices)
     pipeline.dissect(
         info,

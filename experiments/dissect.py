@@ -60,14 +60,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         "Extra constructor option key=value, repeatable (e.g. width=0.5, batch_norm=false).",
         flag_values=fv,
     )
-    flags.DEFINE_enum(
-        "input_norm",
-        "model",
-        ["model", "torchvision", "places_lite"],
-        "Input normalisation: the model's own, torchvision ImageNet, or "
-        "NetDissect-Lite's Places365 one.",
-        flag_values=fv,
-    )
+    cli.define_input_norm_flag(fv)
     flags.DEFINE_list(
         "layers",
         [],
@@ -156,7 +149,6 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
 def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
     from jaxdissect import parallel, pipeline
     from jaxdissect.models import load as model_load
-    from jaxdissect.preprocess import PLACES_LITE, TORCHVISION
 
     # The probe set first: generating the synthetic one forks worker processes, which
     # must happen before JAX starts its threads (loading the model does).
@@ -164,15 +156,11 @@ def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
     model = model_load.load(
         fv.model, weights=fv.weights or None, options=model_options, seed=settings.seed
     )
-    spec = {"model": model.input_spec, "torchvision": TORCHVISION, "places_lite": PLACES_LITE}[
-        fv.input_norm
-    ]
-    spec = dataclasses.replace(spec, size=model.input_spec.size)
     layers = fv.layers or list(model.default_layers)
     if not layers:
         raise app.UsageError("--layers is empty and the model declares no default_layers")
     pipeline.dissect(
-        dataclasses.replace(cli.model_info(model, spec), token_layout=fv.token_layout),
+        dataclasses.replace(cli.model_info(model, fv.input_norm), token_layout=fv.token_layout),
         layers,
         source,
         settings,

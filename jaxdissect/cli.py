@@ -106,14 +106,29 @@ def report_elapsed(started: float, json_path: str | os.PathLike[str] | None = No
     return elapsed
 
 
-def model_info(loaded: Any, input_spec: Any = None) -> Any:
-    """The `pipeline.ModelInfo` of a `models.load.LoadedModel` (its own input spec by default)."""
-    from jaxdissect import pipeline
+def define_input_norm_flag(fv: flags.FlagValues) -> None:
+    """--input_norm: the normalisation `model_info` applies."""
+    flags.DEFINE_enum(
+        "input_norm",
+        "model",
+        ["model", "torchvision", "places_lite"],
+        "Input normalisation: the model's own, torchvision ImageNet, or NetDissect-Lite's "
+        "Places365 one.",
+        flag_values=fv,
+    )
 
+
+def model_info(loaded: Any, input_norm: str = "model") -> Any:
+    """The `pipeline.ModelInfo` of a `models.load.LoadedModel`, its input normalised as
+    `input_norm` says (`define_input_norm_flag`) at the model's own input size."""
+    from jaxdissect import pipeline
+    from jaxdissect.preprocess import PLACES_LITE, TORCHVISION
+
+    spec = {"model": loaded.input_spec, "torchvision": TORCHVISION, "places_lite": PLACES_LITE}
     return pipeline.ModelInfo(
         loaded.module,
         loaded.variables,
-        input_spec or loaded.input_spec,
+        dataclasses.replace(spec[input_norm], size=loaded.input_spec.size),
         loaded.name,
         loaded.key,
         loaded.apply_kwargs,
