@@ -103,6 +103,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
     from jaxdissect import (
         capture,
         compositional,
+        driver,
         engine,
         parallel,
         pipeline,
@@ -171,7 +172,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
             num_threads=options.num_threads,
             progress=options.progress,
         )
-        forward_s = _forward_seconds(tap, spec, source, settings.batch_size)
+        forward_s = driver.forward_seconds(tap, spec, source, settings.batch_size)
         rows = compositional.unit_rows(found, names)
         with (
             store.atomic_path(out / f"compositional-{stem}.csv") as tmp,
@@ -257,23 +258,6 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
     doc = {"settings": doc_settings, "layers": [rec for rec, _ in layers]}
     store.write_json(out / "compositional.json", doc)
     return doc
-
-
-def _forward_seconds(tap, input_spec, source, batch_size) -> float:
-    """Seconds of the layer's forward pass over the probe set (compiled first): the unit
-    of cost, as experiments/significance.py measures it."""
-    import jax
-    import numpy as np
-
-    layer = tap.layers[0]
-    fwd = jax.jit(lambda v, x: tap.fn(v, input_spec(x))[layer])
-    n = min(len(source), batch_size)
-    images = np.stack([np.asarray(source.read_image(i), np.float32) for i in range(n)])
-    fwd(tap.variables, images).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(0, len(source), batch_size):
-        fwd(tap.variables, images).block_until_ready()
-    return time.perf_counter() - t0
 
 
 def _strip(

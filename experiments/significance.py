@@ -132,10 +132,9 @@ def _test(fv, trained, settings, options, probe, output_dir):
     import csv
     import pathlib
 
-    import jax
     import numpy as np
 
-    from jaxdissect import capture, parallel, pipeline, results, store
+    from jaxdissect import capture, driver, parallel, pipeline, results, store
 
     out = pathlib.Path(output_dir)
     source, dataset_name = probe.open()
@@ -155,14 +154,7 @@ def _test(fv, trained, settings, options, probe, output_dir):
         input_shape=(size, size, 3),
         apply_kwargs=loaded.apply_kwargs,
     )
-    fwd = jax.jit(lambda v, x: tap.fn(v, loaded.input_spec(x))[tap.layers[0]])
-    batch = min(len(source), settings.batch_size)
-    images = np.stack([np.asarray(source.read_image(i), np.float32) for i in range(batch)])
-    fwd(tap.variables, images).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(0, len(source), settings.batch_size):
-        fwd(tap.variables, images).block_until_ready()
-    forward_s = time.perf_counter() - t0
+    forward_s = driver.forward_seconds(tap, loaded.input_spec, source, settings.batch_size)
     test = r.significance
     label_p = test.label_p(r.best_label)
     names = source.labels.names
