@@ -89,8 +89,6 @@ flags.DEFINE_string(
 flags.DEFINE_bool("child", False, "Internal: run one size and print JSON.")
 FLAGS = flags.FLAGS
 
-_RESNETS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
-
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -128,15 +126,14 @@ def _models():
     import dataclasses
 
     loaded = load.load(FLAGS.arch, weights=None)
-    if FLAGS.arch not in _RESNETS:
+    if not FLAGS.arch.startswith("resnet"):  # torchvision ResNets: tests/torch_models.py
         if FLAGS.torch:
             raise SystemExit(f"--arch={FLAGS.arch}: no torch reference here; use --notorch")
         return loaded, None
     from jaxdissect.models.torch_import import torch_to_flax
     from tests import torch_models as tm
 
-    block = tm.BasicBlock if FLAGS.arch in ("resnet18", "resnet34") else tm.Bottleneck
-    reference = tm.randomize_(tm.ResNet(block, _RESNETS[FLAGS.arch]))
+    reference = tm.randomize_(tm.ResNet(*tm.RESNET_LAYOUT[FLAGS.arch]))
     state = {k: v.detach().numpy().copy() for k, v in reference.state_dict().items()}
     variables = torch_to_flax(state, loaded.variables)
     return dataclasses.replace(loaded, variables=variables), reference

@@ -41,8 +41,6 @@ flags.DEFINE_bool(
 flags.DEFINE_bool("child", False, "Internal: one option set, print JSON.")
 FLAGS = flags.FLAGS
 
-_RESNETS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
-
 
 def _child() -> list[dict]:
     import jax
@@ -55,8 +53,7 @@ def _child() -> list[dict]:
     from tests import torch_models as tm
 
     loaded = load.load(FLAGS.arch, weights=None)
-    block = tm.BasicBlock if FLAGS.arch in ("resnet18", "resnet34") else tm.Bottleneck
-    reference = tm.randomize_(tm.ResNet(block, _RESNETS[FLAGS.arch]))
+    reference = tm.randomize_(tm.ResNet(*tm.RESNET_LAYOUT[FLAGS.arch]))
     state = {k: v.detach().numpy().copy() for k, v in reference.state_dict().items()}
     variables = torch_to_flax(state, loaded.variables)
     tap = capture.make_tap(

@@ -34,14 +34,6 @@ TORCHVISION_PARAMS = {
     ("densenet161", True): 28_681_000,
 }
 
-RESNET_LAYOUT = {
-    "resnet18": (tm.BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (tm.BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (tm.Bottleneck, (3, 4, 6, 3)),
-    "resnet101": (tm.Bottleneck, (3, 4, 23, 3)),
-    "resnet152": (tm.Bottleneck, (3, 8, 36, 3)),
-}
-
 
 def torch_reference(arch: str, **options) -> torch.nn.Module:
     """The torch counterpart of `zoo.build(arch, **options)`."""
@@ -49,8 +41,8 @@ def torch_reference(arch: str, **options) -> torch.nn.Module:
         return tm.AlexNet(**options)
     if arch == "vgg16":
         return tm.VGG16(**options)
-    if arch in RESNET_LAYOUT:
-        return tm.ResNet(*RESNET_LAYOUT[arch], **options)
+    if arch in tm.RESNET_LAYOUT:
+        return tm.ResNet(*tm.RESNET_LAYOUT[arch], **options)
     if arch == "densenet161":
         width = options.pop("width", 1.0)
         return tm.DenseNet(

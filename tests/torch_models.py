@@ -208,6 +208,16 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+# torchvision's ResNets: (block, blocks per stage).
+RESNET_LAYOUT = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+}
+
+
 class _DenseLayer(nn.Module):
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int) -> None:
         super().__init__()
