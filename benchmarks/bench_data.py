@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             if reads == "all":
                 view = source
             else:
-                view = engine._Fields(source, images=reads == "images", labels=reads == "labels")
+                view = engine.Fields(source, images=reads == "images", labels=reads == "labels")
             for kind, count in decoders:
                 kw = (
                     {"threads": count, "workers": 0}

@@ -165,7 +165,7 @@ def _child() -> dict:
     )
     mesh = parallel.data_mesh()
     settings = engine.Settings(batch_size=FLAGS.batch_size, quantile_mode=FLAGS.quantile_mode)
-    fields = engine._Fields(source, images=True, labels=False)
+    fields = engine.Fields(source, images=True, labels=False)
 
     def batches():
         return loader.batches(fields, FLAGS.batch_size, num_workers=FLAGS.loader_workers)

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
     settings = engine.Settings(batch_size=FLAGS.batch_size)
     fwd = jax.jit(lambda v, x: tap.fn(v, spec(x)))
     variables = parallel.replicate(tap.variables, mesh)
-    fields = engine._Fields(source, images=True, labels=False)
+    fields = engine.Fields(source, images=True, labels=False)
 
     def forward() -> float:
         t = time.perf_counter()

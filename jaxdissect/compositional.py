@@ -22,7 +22,15 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxdissect import actcache, config, driver, formula_counts, formula_search, statistics
+from jaxdissect import (
+    actcache,
+    config,
+    driver,
+    engine,
+    formula_counts,
+    formula_search,
+    statistics,
+)
 from jaxdissect.data import loader
 from jaxdissect.formulas import (
     MAX_LENGTH,
@@ -92,33 +100,6 @@ class LayerFormulas:
         return self.optimal if self.optimal is not None else [row[0] for row in self.beam]
 
 
-class _Examples:
-    """The fields a pass reads: labels always, images where the activations are not cached."""
-
-    def __init__(self, source: Any, images: bool, categories: tuple[str, ...] | None):
-        self.source, self.images, self.categories = source, images, categories
-        self.planes, self.image_labels = source.max_planes, source.max_image_labels
-        self.seg_size = tuple(source.seg_size)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        out = {"index": np.asarray(i, np.int32)}
-        if self.images:
-            out["image"] = np.asarray(self.source.read_image(i), np.uint8)
-        if self.categories is None:
-            planes, image_labels = self.source.read_labels(i)
-        else:
-            planes, image_labels = self.source.read_labels(i, self.categories)
-        pixel = np.zeros((self.planes, *self.seg_size), np.int32)
-        pixel[: len(planes)] = planes
-        scalar = np.zeros((self.image_labels,), np.int32)
-        scalar[: len(image_labels)] = image_labels
-        out["pixel_labels"], out["image_labels"] = pixel, scalar
-        return out
-
-
 def explain_layer(
     tap: Any,
     thresholds: np.ndarray,
@@ -169,7 +150,7 @@ def explain_layer(
             out = driver.run_pass(
                 name,
                 statistic,
-                _Examples(source, images, categories),
+                engine.Fields(source, images, labels=True, categories=categories),
                 mesh=mesh,
                 batch_size=batch_size,
                 forward=forward,

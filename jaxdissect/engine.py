@@ -251,7 +251,7 @@ class LabelMemo:
             self.used_bytes = 0
 
 
-class _Fields:
+class Fields:
     """A view of a source that reads only what a pass needs (decoding is the cost).
 
     With `categories`, only those categories' labels are read (`read_labels`'s argument).
@@ -419,7 +419,7 @@ class Dissector:
             return None
         return self.work_dir / "checkpoints" / f"{stage}-{self.stage_key(stage)}"
 
-    def _run(self, name: str, statistic: statistics.Statistic, fields: _Fields, variables, **kw):
+    def _run(self, name: str, statistic: statistics.Statistic, fields: Fields, variables, **kw):
         return driver.run_pass(
             name,
             statistic,
@@ -476,7 +476,7 @@ class Dissector:
             free -= self.cache.host_bytes
             self.label_memo = LabelMemo(max(0, free) // LABEL_MEMO_SHARE)
         statistic = self.pass1_statistic()
-        fields = _Fields(
+        fields = Fields(
             self.source,
             images=True,
             labels=False,
@@ -504,9 +504,7 @@ class Dissector:
         placeholders = {
             layer: np.zeros((self.tap.shapes[layer][-1],), np.float32) for layer in self.tap.layers
         }
-        labels = _Fields(
-            self.source, images=False, labels=True, categories=self.settings.categories
-        )
+        labels = Fields(self.source, images=False, labels=True, categories=self.settings.categories)
         driver.compile_ahead(
             self.pass2_statistic(placeholders),
             driver.batch_like(labels.label_fields(), self.settings.batch_size, self.mesh),
@@ -594,7 +592,7 @@ class Dissector:
         out = self._run(
             "pass2",
             self.pass2_statistic(thresholds),
-            _Fields(
+            Fields(
                 self.source,
                 images=not use_cache,
                 labels=True,

@@ -146,7 +146,7 @@ def test_a_third_pass_composes_from_outside_and_the_network_compiles_once(tmp_pa
     pixels = driver.run_pass(
         "pass3",
         statistics.Statistic(init, update, jnp.add, np.asarray),
-        engine._Fields(probe, images=True, labels=False),
+        engine.Fields(probe, images=True, labels=False),
         mesh=dissector.mesh,
         batch_size=8,
         forward=dissector.forward,

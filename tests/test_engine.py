@@ -175,7 +175,7 @@ def test_unselected_categories_leave_no_pixels(model, tmp_path, restriction):
         categories=cats,
     )
     got = _run(m, variables, probe, settings, ("conv2",), parallel.data_mesh(2))["conv2"]
-    fields = engine._Fields(probe, images=False, labels=True, categories=("part",))
+    fields = engine.Fields(probe, images=False, labels=True, categories=("part",))
     assert fields[1]["pixel_labels"].shape == (2, *probe.seg_size) and probe.max_planes > 2
     labels = engine.restrict_categories(probe.labels, cats, probe.coverage)
     wood = probe.labels.names.index("wood")
