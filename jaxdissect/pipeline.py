@@ -71,11 +71,15 @@ class ModelInfo:
 
     @property
     def stage_key(self) -> str:
-        """What keys the stored stages: the weights' key, and a named token layout (it
-        changes the maps)."""
-        if self.token_layout is None:
-            return self.key
-        return store.key_of(model=self.key, token_layout=self.layout_key)
+        """What keys the stored stages: the weights' key, the module's definition and
+        `apply_kwargs` (`store.definition_key`), this library's code, and a named token
+        layout (it changes the maps)."""
+        return store.key_of(
+            model=self.key,
+            definition=store.definition_key(self.module, **self.apply_kwargs),
+            code=store.code_fingerprint(),
+            token_layout=self.layout_key,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """Keyed, atomic storage of stage outputs and resumable streaming checkpoints.
 
 Every stage output lives under a key that hashes everything it depends on
-(model weights, layer, every setting of the stage, the data index), so
-changing a flag can never reuse a stale result, and two layers can never share
-one. Files are written to a temporary name and renamed, and a stage is
+(model weights, the model's definition and this library's code, layer, every setting
+of the stage, the data index), so changing a flag or a model's code can never reuse a
+stale result, and two layers can never share one. Files are written to a temporary name and renamed, and a stage is
 complete only when its `DONE` marker exists: a partial result is never taken
 for a complete one. The atomic writers (text, JSON, CSV rows, arrays) serve
 every other output file too.
@@ -18,7 +18,9 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -59,6 +61,73 @@ def fingerprint_tree(tree: Any) -> str:
         h.update(f"{arr.dtype}{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()[:20]
+
+
+def source_fingerprint(*roots: str | os.PathLike[str]) -> str:
+    """Hash of the Python source under `roots` (files, or folders walked for .py files)."""
+    files = set()
+    for root in map(pathlib.Path, roots):
+        if root.is_dir():
+            for folder, _, names in os.walk(root, followlinks=True):
+                files.update(pathlib.Path(folder) / n for n in names if n.endswith(".py"))
+        elif root.is_file():
+            files.add(root)
+    h = hashlib.sha256()
+    for path in sorted(files, key=lambda p: (p.name, str(p))):
+        h.update(path.name.encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:20]
+
+
+def code_fingerprint() -> str:
+    """Hash of this library's own source (a stage computed by other code is not reused)."""
+    return source_fingerprint(pathlib.Path(__file__).parent)
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def definition_key(module: Any, **extra: Any) -> str:
+    """Key of what a model computes beyond its weights: a Linen module's fields (its repr,
+    memory addresses dropped), `extra` (e.g. `apply`'s keyword arguments) and the source
+    of the packages or files that define its class and the classes of modules among its
+    fields (a wrapped model's). Code a model reads from elsewhere (an environment
+    variable, another package) is not covered."""
+    import flax.linen as nn
+
+    fields = repr(module) if isinstance(module, nn.Module) else type(module).__qualname__
+    roots = {root for cls in _module_classes(module) for root in _defining_source(cls)}
+    return key_of(
+        fields=_ADDRESS.sub("", fields),
+        extra=_ADDRESS.sub("", repr(sorted(extra.items()))),
+        source=source_fingerprint(*sorted(roots)),
+    )
+
+
+def _module_classes(module: Any) -> set[type]:
+    """`module`'s class, and those of the Linen modules among its dataclass fields."""
+    import dataclasses
+
+    import flax.linen as nn
+
+    found, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        found.add(type(m))
+        if isinstance(m, nn.Module):
+            values = (getattr(m, f.name, None) for f in dataclasses.fields(m))
+            todo.extend(v for v in values if isinstance(v, nn.Module) and type(v) not in found)
+    return found
+
+
+def _defining_source(cls: type) -> list[str]:
+    """The folders of the top-level package that defines `cls`, or its module's file."""
+    top = sys.modules.get(cls.__module__.split(".")[0])
+    if top is None:
+        return []
+    if hasattr(top, "__path__"):
+        return list(top.__path__)
+    return [top.__file__] if getattr(top, "__file__", None) else []
 
 
 @functools.cache

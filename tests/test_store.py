@@ -1,7 +1,10 @@
 """Keys cover every argument; writes are atomic; stages are complete only when marked."""
 
+import functools
 import os
 import stat
+import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -85,3 +88,39 @@ def test_atomic_open_writes_utf8_or_bytes_and_keeps_the_old_file_on_failure(tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
     assert store.write_text(tmp_path / "t.txt", "\u00e9") == tmp_path / "t.txt"
     assert (tmp_path / "t.txt").read_bytes() == "\u00e9".encode()
+
+
+def test_definition_key_sees_fields_apply_arguments_and_source(tmp_path, monkeypatch):
+    """Stages are keyed by what a model computes, not only by its weights: a field, an
+    `apply` argument or an edit of the file defining the model changes the key; the same
+    model built again (in any process: no memory addresses) keeps it."""
+    import importlib
+
+    import flax.linen as nn
+
+    from jaxdissect import pipeline
+
+    class Scaled(nn.Module):
+        scale: float = 1.0
+        act: Any = functools.partial(nn.leaky_relu, negative_slope=0.1)  # repr: an address
+
+        @nn.compact
+        def __call__(self, x):
+            return self.act(nn.Dense(2)(x) * self.scale)
+
+    key = store.definition_key(Scaled())
+    assert key == store.definition_key(Scaled()) and " at 0x" in repr(Scaled())
+    assert key != store.definition_key(Scaled(scale=-1.0))
+    assert key != store.definition_key(Scaled(), train=False)
+    info = lambda m: pipeline.ModelInfo(m, {}, None, "scaled", "same-weights")  # noqa: E731
+    assert info(Scaled()).stage_key == info(Scaled()).stage_key
+    assert info(Scaled()).stage_key != info(Scaled(scale=-1.0)).stage_key
+
+    source = "import flax.linen as nn\n\nclass Net(nn.Module):\n    def __call__(self, x):\n"
+    (tmp_path / "user_net.py").write_text(source + "        return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user_net = importlib.import_module("user_net")
+    before = store.definition_key(user_net.Net())
+    (tmp_path / "user_net.py").write_text(source + "        return -x\n")
+    assert store.definition_key(user_net.Net()) != before  # the file, not the loaded class
+    monkeypatch.delitem(sys.modules, "user_net")
