@@ -5,7 +5,8 @@
 instance, a class, or a factory returning a module or `(module, variables)`; a
 dict-returning function works as a module). The module's `input_spec` attribute (an
 `InputSpec`) sets the input size and normalisation; without one, `TORCHVISION`'s.
-`--weights` is `pretrained` (EfficientNet-Lite0's shipped weights), an orbax
+`--weights` is `pretrained` (EfficientNet-Lite0's shipped weights, or the variables a
+factory returns; any other `--weights` replaces them), an orbax
 directory written by `models/convert.py` (its `meta.json` gives the `num_classes` and
 options not given; a different `num_classes` is refused), a PyTorch `.pth`/`.pth.tar` or a
 `.safetensors` file (read without torch or pickle code execution; a model class
@@ -359,6 +360,8 @@ def load(
                 "means the weights it gives: pass a checkpoint as --weights, or --weights= "
                 "for a random init (--seed)"
             )
+        if weights != "pretrained":  # a checkpoint's weights or a random init, never its own
+            variables = None
 
     try:
         spec = declared_input_spec(module) or TORCHVISION

@@ -3,6 +3,7 @@
 import dataclasses
 
 import flax.linen as nn
+import jax.numpy as jnp
 import pytest
 
 from jaxdissect import store
@@ -226,3 +227,15 @@ def test_pretrained_is_the_weights_a_factory_gives(monkeypatch):
         model_load.load("tests.fixtures.small_model:Small", weights="pretrained")
     with pytest.raises(ValueError, match="^--weights=pretrained is only available offline for "):
         model_load.check_request("resnet18", "pretrained")
+
+    # Any other --weights replaces the factory's: empty is a random init at --seed.
+    def seven():
+        module = small_model.Small()
+        return module, model_load.init_variables(module, jnp.zeros((1, 64, 64, 3)), seed=7)
+
+    monkeypatch.setattr(small_model, "seven", seven, raising=False)
+    fingerprint = lambda seed: store.fingerprint_tree(  # noqa: E731
+        model_load.load("tests.fixtures.small_model:seven", weights=None, seed=seed).variables
+    )
+    assert fingerprint(0) == store.fingerprint_tree(want) != fingerprint(7)
+    assert fingerprint(7) == store.fingerprint_tree(seven()[1])
