@@ -370,6 +370,16 @@ def resolve_named_layers(
     return tuple((name, path) for path, name in by_path.items())
 
 
+def _check_not_lifted(lifted: Mapping[str, str], layers: Iterable[str]) -> None:
+    for layer in layers:
+        if layer in lifted:
+            raise LayerNotFoundError(
+                f"module {layer!r} runs inside a lifted Flax transform ({lifted[layer]}), "
+                "whose values cannot be taken out of it; capture a module outside the "
+                "transform (the one that calls it, or the next one)"
+            )
+
+
 def _check_single_calls(counts: Mapping[str, int], layers: Iterable[str]) -> None:
     for layer in layers:
         if counts.get(layer, 0) > 1:
@@ -398,12 +408,16 @@ def _linen_runner(model, apply_kwargs: Mapping[str, Any], method):
                 path = "/".join(str(p) for p in context.module.path)
                 if wanted is None or path in wanted:
                     captured.setdefault(path, []).append(out)
+                scope = context.module.scope  # its debug path names lifted transforms
+                if wanted is None and scope is not None and scope.debug_path != scope.path:
+                    run.lifted[path] = "/".join(map(str, scope.debug_path))
             return out
 
         with nn.intercept_methods(interceptor):
             model.apply(variables, images, method=method, **apply_kwargs)
         return captured
 
+    run.lifted = {}  # path -> debug path: modules inside nn.remat, nn.vmap, nn.scan, ...
     return run
 
 
@@ -554,7 +568,9 @@ def make_tap(
     available, outputs = _dry_run(run, variables, input_shape)
     named = resolve_named_layers(layers, available, default_aliases if aliases is None else aliases)
     paths = tuple(path for _, path in named)
+    names = tuple(name for name, _ in named)
     _check_single_calls({k: len(outs) for k, outs in outputs.items()}, paths)
+    _check_not_lifted(getattr(run, "lifted", {}), paths)
     wanted = frozenset(paths)
     layouts = _token_layouts(model, named, available, input_shape, token_layout)
 
@@ -570,7 +586,6 @@ def make_tap(
         k: tuple(int(d) for d in s.shape[1:])
         for k, s in jax.eval_shape(maps, {p: outputs[p] for p in paths}).items()
     }
-    names = tuple(name for name, _ in named)
     return Tap(
         fn=fn, variables=variables, layers=paths, shapes=shapes, names=names, token_layouts=layouts
     )

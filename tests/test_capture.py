@@ -156,6 +156,31 @@ def test_module_called_twice_is_refused():
         capture.make_tap(model, variables, "twice", input_shape=(4, 4, 3))
 
 
+class Lifted(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3), name="before")(x)
+        x = nn.remat(nn.Conv)(4, (3, 3), name="remat")(x)
+        vmapped = nn.vmap(nn.Conv, variable_axes={"params": None}, split_rngs={"params": False})
+        return nn.Conv(2, (1, 1), name="after")(vmapped(4, (3, 3), name="vmap")(x))
+
+
+def test_modules_inside_lifted_transforms_are_refused_in_one_line():
+    """Their values live in the transform's own trace (capturing them failed inside jit
+    with an UnexpectedTracerError); the modules around them are captured."""
+    model = Lifted()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = init_variables(model, x, seed=0)
+    for layer, transform in (("remat", "remat(remat)"), ("vmap", "vmap(vmap)")):
+        with pytest.raises(capture.LayerNotFoundError, match=re.escape(f"({transform})")):
+            capture.make_tap(model, variables, layer, input_shape=(8, 8, 3))
+    tap = capture.make_tap(model, variables, ["before", "after"], input_shape=(8, 8, 3))
+    got = jax.jit(tap.fn)(tap.variables, x)
+    _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    want = state["intermediates"]["after"]["__call__"][0]
+    np.testing.assert_allclose(got["after"], want, rtol=1e-6, atol=1e-6)
+
+
 class NnxNet(nnx.Module):
     def __init__(self, rngs):
         self.conv1 = nnx.Conv(3, 4, (3, 3), rngs=rngs)
