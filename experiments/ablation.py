@@ -186,6 +186,7 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
         loaded = model_load.load(fv.model, weights=fv.weights or None)
     else:
         loaded = training.load_trained(fv.weights)
+    _check_classifier(loaded, fv.model or fv.weights)
     # The intact network: the task's predictions and the cost of one forward pass.
     network = rotation.classifier(
         loaded.module, loaded.input_spec, apply_kwargs=loaded.apply_kwargs, mesh=mesh
@@ -314,6 +315,32 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
 
 
 main = cli.script_main(run)
+
+
+def _check_classifier(loaded, name: str) -> None:
+    """One line for a model ablation cannot run: not Linen (rules are Linen interceptors),
+    or an output that is no [batch, classes] logits."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    if not isinstance(loaded.module, nn.Module):
+        raise ValueError(
+            f"--model={name}: ablation needs a flax.linen Module (its rules act through Linen's "
+            f"method interceptors), got {type(loaded.module).__name__}"
+        )
+    size = loaded.input_spec.size
+    out = jax.eval_shape(
+        lambda v, x: loaded.module.apply(v, x, **loaded.apply_kwargs),
+        loaded.variables,
+        jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32),
+    )
+    if not hasattr(out, "shape") or len(out.shape) != 2:
+        what = f"shape {tuple(out.shape)}" if hasattr(out, "shape") else type(out).__name__
+        raise ValueError(
+            f"--model={name}: its output for 2 images is {what}; ablation needs "
+            "[images, classes] logits"
+        )
 
 
 if __name__ == "__main__":

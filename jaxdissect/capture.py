@@ -508,12 +508,48 @@ def _runner(model: Any, variables: Any, apply_kwargs, method):
 def _dry_run(run, variables, input_shape) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
     """(per-example output shape of every capturable path, every path's abstract outputs
     on a batch of 1: one per call)."""
+    import flax.errors
+
     sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    outputs = jax.eval_shape(lambda v, x: run(v, x), variables, sample)
+    try:
+        outputs = jax.eval_shape(lambda v, x: run(v, x), variables, sample)
+    except (TypeError, flax.errors.FlaxError) as e:
+        raise ValueError(_apply_failed(e, input_shape)) from e
     available = {
         k: tuple(outs[0].shape[1:]) for k, outs in outputs.items() if hasattr(outs[0], "shape")
     }
     return available, outputs
+
+
+def _apply_failed(error: Exception, input_shape: Sequence[int]) -> str:
+    """One line for a model that cannot run as a dissection runs it, with the likely fix."""
+    import flax.errors as fe
+
+    text = re.sub(r" \(https://\S+\)", "", str(error).strip().splitlines()[0])
+    hints = [
+        (fe.InvalidRngError, "it draws random numbers: run Dropout deterministic (eval mode)"),
+        (
+            fe.ModifyScopeVariableError,
+            "it updates a collection: run BatchNorm with use_running_average=True (eval mode)",
+        ),
+        (
+            (fe.ScopeCollectionNotFound, fe.ApplyScopeInvalidVariablesTypeError),
+            "its variables must be a dict of collections, e.g. {'params': params}",
+        ),
+        (
+            (fe.ScopeParamShapeError, fe.ScopeParamNotFoundError),
+            "the weights do not fit the model at this input: declare its input_spec (size)",
+        ),
+    ]
+    hint = next((h for kind, h in hints if isinstance(error, kind)), None)
+    if hint is None and isinstance(error, TypeError) and "required" in text:
+        hint = (
+            "a dissection calls model.apply(variables, images): bind other arguments in a "
+            "factory (functools.partial) or pass them as apply_kwargs"
+        )
+    shape = "x".join(map(str, input_shape))
+    fix = f"; {hint}" if hint else ""
+    return f"model: it fails on a batch of one {shape} image ({type(error).__name__}: {text}){fix}"
 
 
 def available_layers(

@@ -326,3 +326,31 @@ def test_class_names_file_one_a_line(tmp_path):
     path.write_bytes(b"a\n\xff\n")
     with pytest.raises(ValueError, match=r"names.txt: not UTF-8 text \(byte 2\)"):
         ablation.read_logit_names(path)
+
+
+def test_the_script_refuses_models_it_cannot_ablate_in_one_line():
+    """NNX modules (rules are Linen interceptors) and outputs that are no [images, classes]
+    logits are named before any pass, not met as a traceback inside one."""
+    from types import SimpleNamespace
+
+    from flax import nnx
+
+    from jaxdissect.preprocess import InputSpec
+    from tests.experiment_testing import script
+
+    check = script("ablation")._check_classifier
+    spec = InputSpec(8, (0.0,) * 3, (1.0,) * 3)
+
+    class Scalar(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(x).sum()
+
+    module = Scalar()
+    variables = module.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
+    loaded = SimpleNamespace(module=module, variables=variables, input_spec=spec, apply_kwargs={})
+    with pytest.raises(ValueError, match=r"^--model=m: its output for 2 images is shape \(\);"):
+        check(loaded, "m")
+    nnx_model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="^--model=m: ablation needs a flax.linen Module"):
+        check(SimpleNamespace(module=nnx_model, input_spec=spec), "m")

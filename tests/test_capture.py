@@ -181,6 +181,30 @@ def test_modules_inside_lifted_transforms_are_refused_in_one_line():
     np.testing.assert_allclose(got["after"], want, rtol=1e-6, atol=1e-6)
 
 
+class TrainMode(nn.Module):
+    @nn.compact
+    def __call__(self, x, scale):
+        return nn.BatchNorm(use_running_average=False, name="bn")(nn.Conv(4, (1, 1))(x) * scale)
+
+
+def test_a_model_that_cannot_run_as_dissected_is_one_line_with_the_fix():
+    model = TrainMode()
+    x = jnp.ones((1, 4, 4, 3))
+    variables = model.init(jax.random.key(0), x, 1.0)
+    with pytest.raises(
+        ValueError,
+        match=r"^model: it fails on a batch of one 4x4x3 image "
+        r"\(TypeError: .*'scale'\); .*apply_kwargs$",
+    ):
+        capture.make_tap(model, variables, "bn", input_shape=(4, 4, 3))
+    with pytest.raises(
+        ValueError,
+        match=r"\(ModifyScopeVariableError: [^(]*\); .*"
+        "use_running_average=True",
+    ):
+        capture.make_tap(model, variables, "bn", input_shape=(4, 4, 3), apply_kwargs={"scale": 1.0})
+
+
 class NnxNet(nnx.Module):
     def __init__(self, rngs):
         self.conv1 = nnx.Conv(3, 4, (3, 3), rngs=rngs)
