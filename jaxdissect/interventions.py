@@ -17,6 +17,12 @@ its rule, through `flax.linen.intercept_methods`. The rules act on the last
   (`value="zero"`) or to `value[k]` (a [K] vector, e.g. the units' means).
 - Any other function of the output, `lambda y: ...`, is a rule too.
 
+A module called several times (shared weights, the body of `nn.scan`) is rewritten at
+every call, where a capture refuses it as ambiguous. A `Fold` whose rotated output no
+module takes as an argument (a function such as `nn.relu` reads it, or a lifted
+transform) cannot be undone: the network then runs on rotated units, and a warning says
+so.
+
 Rules are pytrees whose arrays are leaves: built inside a jitted or vmapped
 function from its arguments, they are data, not constants, so one compilation
 serves every matrix or mask and `jax.vmap` over a batch of unit masks gives the
@@ -39,6 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from jaxdissect.preprocess import declared_input_spec
 
@@ -205,11 +212,11 @@ def active(
     paths = rule_paths(rules, aliases)
     by_path = {path: rules[name] for path, name in paths.items()}
     seen: dict[str, tuple[int, ...]] = {}
-    folded: list[tuple[jax.Array, Fold]] = []  # (rotated output, its rule)
+    folded: list[tuple[jax.Array, Fold, str]] = []  # (rotated output, its rule, its name)
     undone: dict[int, jax.Array] = {}
 
     def unfold(value: Any) -> Any:
-        for i, (rotated, rule) in enumerate(folded):
+        for i, (rotated, rule, _) in enumerate(folded):
             if value is rotated:
                 if i not in undone:
                     undone[i] = rule.undo(rotated)
@@ -236,11 +243,19 @@ def active(
                 except ValueError as e:
                     raise ValueError(f"intervention at {paths[path]!r}: {e}") from None
                 if isinstance(rule, Fold):
-                    folded.append((out, rule))
+                    folded.append((out, rule, paths[path]))
         return out
 
     with nn.intercept_methods(interceptor):
         yield
+    for i, (_, _, name) in enumerate(folded):
+        if i not in undone:
+            logging.warning(
+                "Fold at %r: no module took the rotated output as an argument (a function "
+                "such as nn.relu, or a lifted transform, reads it), so the network runs on "
+                "rotated units there, as under Rotate",
+                name,
+            )
     missing = [name for path, name in paths.items() if path not in seen]
     if seen and missing:
         from jaxdissect import capture

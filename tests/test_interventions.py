@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,7 +69,7 @@ def test_zero_and_mean_ablation_match_numpy(tiny):
     assert not np.allclose(_numpy_forward(variables, x, zero), plain, atol=1e-3)
 
 
-def test_rotate_changes_the_network_and_fold_leaves_it(tiny):
+def test_rotate_changes_the_network_and_fold_leaves_it(tiny, caplog):
     model, variables, x = tiny
     r = random_rotation(K, seed=3)
     rotated = intervene(model, {"hidden": Rotate(r)}).apply(variables, x)
@@ -75,7 +77,13 @@ def test_rotate_changes_the_network_and_fold_leaves_it(tiny):
     assert not np.allclose(rotated, model.apply(variables, x), atol=1e-3)
     # The consumer of `hidden` is a module (`mix`): Fold gives it the unrotated units.
     folded = intervene(model, {"hidden": Fold(r)})
-    np.testing.assert_allclose(folded.apply(variables, x), model.apply(variables, x), atol=1e-5)
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_allclose(folded.apply(variables, x), model.apply(variables, x), atol=1e-5)
+        assert "Fold at" not in caplog.text
+        # `mix` is read by nn.relu, a function: nothing undoes the rotation, and it is said.
+        at_mix = intervene(model, {"mix": Fold(r)}).apply(variables, x)
+        assert "Fold at 'mix': no module took the rotated output" in caplog.text
+    np.testing.assert_array_equal(at_mix, intervene(model, {"mix": Rotate(r)}).apply(variables, x))
     # ... while a capture of the intervened model sees the rotated units.
     tap = capture.make_tap(folded, variables, ["hidden"], input_shape=(3, 4, 3))
     p = variables["params"]["hidden"]
