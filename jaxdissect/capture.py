@@ -370,6 +370,25 @@ def resolve_named_layers(
     return tuple((name, path) for path, name in by_path.items())
 
 
+def _refuse_non_arrays(
+    layers: Sequence[str] | str,
+    outputs: Mapping[str, Any],
+    available: Mapping[str, Any],
+    aliases: Mapping[str, str] | None,
+) -> None:
+    """A named module that exists but returns no array (a tuple, a dict): one line."""
+    names = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else layers
+    for name in names:
+        path = dict(aliases or {}).get(name, name)
+        if path not in outputs:
+            path = path.replace(".", "/").strip("/")
+        if path in outputs and path not in available:
+            raise LayerNotFoundError(
+                f"module {name!r} returns a {type(outputs[path][0]).__name__}, not an array; "
+                "name one of its submodules"
+            )
+
+
 def _check_not_lifted(lifted: Mapping[str, str], layers: Iterable[str]) -> None:
     for layer in layers:
         if layer in lifted:
@@ -602,7 +621,9 @@ def make_tap(
         )
     run, variables, default_aliases = _runner(model, variables, apply_kwargs, method)
     available, outputs = _dry_run(run, variables, input_shape)
-    named = resolve_named_layers(layers, available, default_aliases if aliases is None else aliases)
+    aliases = default_aliases if aliases is None else aliases
+    _refuse_non_arrays(layers, outputs, available, aliases)
+    named = resolve_named_layers(layers, available, aliases)
     paths = tuple(path for _, path in named)
     names = tuple(name for name, _ in named)
     _check_single_calls({k: len(outs) for k, outs in outputs.items()}, paths)

@@ -205,6 +205,26 @@ def test_a_model_that_cannot_run_as_dissected_is_one_line_with_the_fix():
         capture.make_tap(model, variables, "bn", input_shape=(4, 4, 3), apply_kwargs={"scale": 1.0})
 
 
+class Pair(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(2, (1, 1), name="a")(x), x
+
+
+class PairNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return Pair(name="pair")(x)[0]
+
+
+def test_a_module_returning_no_array_is_named_not_missing():
+    model = PairNet()
+    variables = init_variables(model, jnp.ones((1, 4, 4, 3)), seed=0)
+    with pytest.raises(capture.LayerNotFoundError, match="^module 'pair' returns a tuple, not an"):
+        capture.make_tap(model, variables, "pair", input_shape=(4, 4, 3))
+    assert capture.make_tap(model, variables, "pair.a", input_shape=(4, 4, 3)).layers == ("pair/a",)
+
+
 class NnxNet(nnx.Module):
     def __init__(self, rngs):
         self.conv1 = nnx.Conv(3, 4, (3, 3), rngs=rngs)
