@@ -27,7 +27,7 @@ from absl import logging
 
 from jaxdissect import actcache, capture, config, driver, engine, results, store, tally
 from jaxdissect.data import loader
-from jaxdissect.preprocess import TORCHVISION, InputSpec
+from jaxdissect.preprocess import TORCHVISION, InputSpec, as_input_spec
 from jaxdissect.report import build as report_build
 from jaxdissect.report import html as report_html
 
@@ -52,7 +52,9 @@ class ModelInfo:
     def __post_init__(self):
         if self.input_spec is None:
             object.__setattr__(self, "input_spec", TORCHVISION)
-        elif not isinstance(self.input_spec, InputSpec):
+        elif (spec := as_input_spec(self.input_spec)) is not None:  # `model.input_spec`
+            object.__setattr__(self, "input_spec", spec)
+        else:
             raise TypeError(
                 f"input_spec={self.input_spec!r}: must be a jaxdissect.preprocess.InputSpec "
                 "(or None for torchvision's)"

@@ -51,6 +51,15 @@ TORCHVISION = InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), scale
 PLACES_LITE = InputSpec(224, (124.69, 118.69, 109.54), (57.12, 57.12, 57.12))
 
 
+def as_input_spec(value: Any) -> InputSpec | None:
+    """`value` if it is an `InputSpec`, the spec a Linen-wrapped method holds (a model's
+    `input_spec` class attribute read from an instance), else None."""
+    if isinstance(value, InputSpec):
+        return value
+    unwrapped = inspect.unwrap(getattr(value, "__func__", value))
+    return unwrapped if isinstance(unwrapped, InputSpec) else None
+
+
 def declared_input_spec(module: Any) -> InputSpec | None:
     """The `InputSpec` a model declares as its `input_spec` attribute, or None.
 
@@ -58,11 +67,8 @@ def declared_input_spec(module: Any) -> InputSpec | None:
     attribute (an `InputSpec` is callable) as a method, and the spec is what it wraps.
     """
     spec = getattr(module, "input_spec", None)
-    if spec is None or isinstance(spec, InputSpec):
-        return spec
-    unwrapped = inspect.unwrap(getattr(spec, "__func__", spec))
-    if isinstance(unwrapped, InputSpec):
-        return unwrapped
+    if spec is None or (unwrapped := as_input_spec(spec)) is not None:
+        return spec if spec is None else unwrapped
     raise ValueError(
         f"the model's input_spec attribute is {type(spec).__name__}, not an InputSpec "
         "(jaxdissect.preprocess.InputSpec)"

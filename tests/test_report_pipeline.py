@@ -235,3 +235,15 @@ def test_a_model_without_an_input_spec_gets_torchvisions():
     assert pipeline.ModelInfo(module, variables, None, "m", "k").input_spec == TORCHVISION
     with pytest.raises(TypeError, match=r"^input_spec=64: must be a jaxdissect.preprocess"):
         pipeline.ModelInfo(module, variables, 64, "m", "k")
+
+    # The README's class attribute, read from an instance: Linen wraps it as a method.
+    import flax.linen as nn
+
+    from jaxdissect.preprocess import InputSpec
+
+    class Plain(nn.Module):
+        input_spec = InputSpec(32, (0.0,) * 3, (1.0,) * 3)
+
+    assert not isinstance(Plain().input_spec, InputSpec)
+    info = pipeline.ModelInfo(Plain(), {}, Plain().input_spec, "m", "k")
+    assert info.input_spec == InputSpec(32, (0.0,) * 3, (1.0,) * 3)
