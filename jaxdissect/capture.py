@@ -203,7 +203,17 @@ def _token_layouts(
                 f"layer {name!r} has {tokens} tokens, token_layout={str(layout)!r} covers "
                 f"{layout.tokens}; name a layout of {tokens} tokens (prefix + h*w + suffix)"
             )
-        logging.info("layer %s: its %d tokens read as %s (%s)", name, tokens, layout, origin)
+        if origin.startswith("inferred") and layout.prefix:
+            logging.warning(
+                "layer %s: its %d tokens read as %s (%s: the extra token taken for a class "
+                "token before the patches); name token_layout if it is not",
+                name,
+                tokens,
+                layout,
+                origin,
+            )
+        else:
+            logging.info("layer %s: its %d tokens read as %s (%s)", name, tokens, layout, origin)
         layouts[path] = layout
     return layouts
 
@@ -403,8 +413,9 @@ def _check_single_calls(counts: Mapping[str, int], layers: Iterable[str]) -> Non
     for layer in layers:
         if counts.get(layer, 0) > 1:
             raise LayerNotFoundError(
-                f"module {layer!r} is called {counts[layer]} times in one forward pass, so "
-                "its output is ambiguous; capture a module that is called once"
+                f"module {layer!r} is called more than once in one forward pass (shared "
+                "weights, or the body of nn.scan), so its output is ambiguous; capture a "
+                "module that is called once"
             )
 
 

@@ -152,7 +152,7 @@ def test_available_layers(linen_setup):
 def test_module_called_twice_is_refused():
     model = Shared()
     variables = init_variables(model, jnp.ones((1, 4, 4, 3)), seed=0)
-    with pytest.raises(capture.LayerNotFoundError, match="called 2 times"):
+    with pytest.raises(capture.LayerNotFoundError, match="called more than once"):
         capture.make_tap(model, variables, "twice", input_shape=(4, 4, 3))
 
 

@@ -181,7 +181,10 @@ def test_a_named_layout_must_agree_with_what_the_model_declares(caplog):
     plain, plain_vars, _, _ = _setup((16, 16, 3), prefix=1, suffix=0)
     with caplog.at_level("INFO"):
         tap = capture.make_tap(plain, plain_vars, ["tokens"], input_shape=(16, 16, 3))
-    assert "its 17 tokens read as 1+4x4 (inferred from the model's patch_size)" in caplog.text
+    assert "its 17 tokens read as 1+4x4 (inferred from the model's patch_size: the extra " in (
+        caplog.text
+    )  # a warning: a class token after the patches would need token_layout='4x4+1'
+    assert any(r.levelname == "WARNING" and "extra token" in r.getMessage() for r in caplog.records)
     with pytest.raises(capture.LayerNotFoundError, match="has a 2x8 grid"):
         capture.make_tap(
             plain, plain_vars, ["tokens"], input_shape=(16, 16, 3), token_layout="1+2x8"
