@@ -116,14 +116,18 @@ class Settings:
 
     def __post_init__(self):
         config.check_choices(self)
-        if self.quantile_mode == "histogram" and (
-            self.activation_dtype not in HISTOGRAM_DTYPES or self.threshold_on != "raw"
-        ):
-            raise ValueError(
-                f"quantile_mode='histogram' counts 16-bit raw maps: needs activation_dtype in "
-                f"{HISTOGRAM_DTYPES} (got {self.activation_dtype!r}) and threshold_on='raw' "
-                f"(got {self.threshold_on!r})"
-            )
+        if self.quantile_mode == "histogram":
+            unmet = []
+            if self.activation_dtype not in HISTOGRAM_DTYPES:
+                unmet.append("activation_dtype=" + " or ".join(map(repr, HISTOGRAM_DTYPES)))
+            if self.threshold_on != "raw":
+                unmet.append("threshold_on='raw'")
+            if unmet:
+                raise ValueError(
+                    f"quantile_mode='histogram' counts 16-bit raw maps: needs "
+                    f"{' and '.join(unmet)} (got activation_dtype={self.activation_dtype!r}, "
+                    f"threshold_on={self.threshold_on!r})"
+                )
         if self.significance_draws < 0:
             raise ValueError(f"significance_draws={self.significance_draws}: must be >= 0")
         if not 0 < self.significance_alpha < 1:
@@ -139,6 +143,11 @@ class Settings:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.sketch_size is not None:
             quantiles.check_size(self.sketch_size, "sketch_size")
+            if self.quantile_mode in ("exact", "histogram"):
+                raise ValueError(
+                    f"sketch_size={self.sketch_size}: sizes the sketch, which "
+                    f"quantile_mode={self.quantile_mode!r} does not use (sketch or auto)"
+                )
         if self.categories is not None:
             object.__setattr__(self, "categories", tuple(self.categories))
 
@@ -440,14 +449,34 @@ class Dissector:
 
     # ------------------------------------------------------------ pass 1
 
+    def _threshold_values(self, layer: str) -> tuple[int, int, bool]:
+        """(units, values per unit per image, upsampled) of `layer`'s thresholds."""
+        h, w, k = self.tap.shapes[layer]
+        upsampled = self.settings.threshold_on == "upsampled"
+        return k, self.seg_size[0] * self.seg_size[1] if upsampled else h * w, upsampled
+
+    def quantile_modes(self) -> dict[str, str]:
+        """Per layer, the quantile mode its thresholds use (`auto` resolved)."""
+        s, modes = self.settings, {}
+        for layer in self.tap.layers:
+            k, per_image, upsampled = self._threshold_values(layer)
+            modes[layer] = quantiles.resolve_mode(
+                s.quantile_mode,
+                k,
+                s.activation_dtype,
+                per_image * len(self.source),
+                upsampled=upsampled,
+                q=s.quantile,
+            )
+        return modes
+
     def pass1_statistic(self) -> statistics.Statistic:
         """Per layer: "q" (thresholds) and "top" (top images and their maps)."""
         s = self.settings
         per_layer = {}
         for layer in self.tap.layers:
-            h, w, k = self.tap.shapes[layer]
-            upsampled = s.threshold_on == "upsampled"
-            per_image = self.seg_size[0] * self.seg_size[1] if upsampled else h * w
+            h, w, _ = self.tap.shapes[layer]
+            k, per_image, upsampled = self._threshold_values(layer)
             per_layer[layer] = statistics.group(
                 {
                     "q": statistics.quantile_statistic(

@@ -286,6 +286,8 @@ def dissect(
         steps=steps,
         forward_key=_forward_key(model, tap),
     )
+    modes = {tap.name_of(p): m for p, m in dissector.quantile_modes().items()}
+    logging.info("thresholds: %s", ", ".join(f"{n} {m}" for n, m in modes.items()))
     t0 = time.time()
     stats = dissector.run(tap.variables)
     t_passes = time.time()
@@ -340,6 +342,7 @@ def dissect(
         "input_spec": dataclasses.asdict(spec),
         "devices": int(dissector.mesh.devices.size),
         "thresholds": {r.layer: stats[r.path].thresholds.tolist() for r in layer_results},
+        "quantile_modes": modes,
     }
     if model.token_layout is not None:
         run_settings["token_layout"] = model.layout_key

@@ -237,8 +237,9 @@ def quantile_statistic(
             hint = ""
             if activation_dtype == "float16":
                 hint = (
-                    f"; with activation_dtype={activation_dtype} values beyond its range "
-                    "overflow: try --activation_dtype=float32"
+                    "; if the model's own outputs are finite, they overflowed "
+                    f"activation_dtype={activation_dtype} (beyond +-65504): try "
+                    "activation_dtype=float32"
                 )
             raise NonFiniteActivationError(
                 f"layer {name or layer!r}: {int(nonfinite.sum())} NaN/inf activations in units "

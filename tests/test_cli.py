@@ -93,6 +93,15 @@ def test_library_errors_name_parameters_and_the_cli_the_flags():
         (["--iou_threshold=2"], r"^--iou_threshold=2.0: must be in \[0, 1\)"),
         (["--top_images=0"], "^--top_images=0: must be >= 1$"),
         (["--sketch_size=32"], "^--sketch_size=32: must be a multiple of 32 and >= 64$"),
+        (
+            ["--sketch_size=64", "--quantile_mode=exact"],
+            "^--sketch_size=64: sizes the sketch, which --quantile_mode='exact' does not use",
+        ),
+        (
+            ["--quantile_mode=histogram", "--activation_dtype=float32"],
+            "needs --activation_dtype='float16' or 'bfloat16' .got --activation_dtype='float32', "
+            "--threshold_on='raw'.$",
+        ),
     ]:
         fv(["prog", *argv])
         with pytest.raises(ValueError, match=message):

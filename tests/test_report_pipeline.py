@@ -169,6 +169,8 @@ def test_files_and_records_use_the_names_asked_for(report):
     assert doc["settings"]["layers"] == ["conv1", "top"]
     assert doc["settings"]["layer_paths"] == {"conv1": "conv1", "top": "conv2"}
     assert list(doc["settings"]["thresholds"]) == ["conv1", "top"]
+    # `auto` resolved per layer: narrow layers of 16-bit activations count a histogram.
+    assert doc["settings"]["quantile_modes"] == {"conv1": "histogram", "top": "histogram"}
     assert [(r["layer"], r["path"]) for r in doc["layers"]] == [
         ("conv1", "conv1"),
         ("top", "conv2"),
