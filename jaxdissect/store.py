@@ -1,11 +1,11 @@
 """Keyed, atomic storage of stage outputs and resumable streaming checkpoints.
 
-Every stage output lives under a key that hashes everything it depends on
-(model weights, the model's definition and this library's code, layer, every setting
-of the stage, the data index), so changing a flag or a model's code can never reuse a
-stale result, and two layers can never share one. Files are written to a temporary name and renamed, and a stage is
-complete only when its `DONE` marker exists: a partial result is never taken
-for a complete one. The atomic writers (text, JSON, CSV rows, arrays) serve
+Every stage output lives under a key that hashes everything it depends on (model
+weights, the model's definition and this library's code, layer, every setting of the
+stage, the data index), so changing a flag or a model's code can never reuse a stale
+result, and two layers can never share one. Files are written to a temporary name and
+renamed, and a stage is complete only when its `DONE` marker exists: a partial result is
+never taken for a complete one. The atomic writers (text, JSON, CSV rows, arrays) serve
 every other output file too.
 """
 
@@ -15,6 +15,7 @@ import contextlib
 import csv
 import functools
 import hashlib
+import inspect
 import json
 import os
 import pathlib
@@ -95,8 +96,13 @@ def definition_key(module: Any, **extra: Any) -> str:
     variable, another package) is not covered."""
     import flax.linen as nn
 
-    fields = repr(module) if isinstance(module, nn.Module) else type(module).__qualname__
-    roots = {root for cls in _module_classes(module) for root in _defining_source(cls)}
+    if isinstance(module, nn.Module):
+        fields, defined = repr(module), _module_classes(module)
+    elif inspect.isfunction(module):  # a plain-function model
+        fields, defined = module.__qualname__, {module}
+    else:
+        fields, defined = type(module).__qualname__, {type(module)}
+    roots = {root for obj in defined for root in _defining_source(obj)}
     return key_of(
         fields=_ADDRESS.sub("", fields),
         extra=_ADDRESS.sub("", repr(sorted(extra.items()))),
@@ -120,9 +126,10 @@ def _module_classes(module: Any) -> set[type]:
     return found
 
 
-def _defining_source(cls: type) -> list[str]:
-    """The folders of the top-level package that defines `cls`, or its module's file."""
-    top = sys.modules.get(cls.__module__.split(".")[0])
+def _defining_source(obj: Any) -> list[str]:
+    """The folders of the top-level package that defines `obj` (a class or function), or
+    its module's file."""
+    top = sys.modules.get((getattr(obj, "__module__", None) or "").split(".")[0])
     if top is None:
         return []
     if hasattr(top, "__path__"):
