@@ -368,6 +368,12 @@ def load(
     except ValueError as e:
         raise ValueError(f"--model={model}: {e}") from None
     if weights and weights != "pretrained":
+        if not isinstance(module, nn.Module):
+            raise ValueError(
+                f"--weights={weights}: --model={model} is no Linen module (an NNX module "
+                "or a function carries its own weights); load them in its factory (e.g. "
+                "nnx.update) and pass --weights=pretrained"
+            )
         path = pathlib.Path(weights).expanduser()
         if path.is_dir():
             from jaxdissect.models.checkpoint_io import CheckpointError

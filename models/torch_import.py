@@ -227,21 +227,29 @@ def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dic
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     out: dict[str, np.ndarray] = {}
 
+    def take(key: str) -> np.ndarray:
+        if key not in sd:
+            raise WeightMappingError(
+                f"the timm state dict has no {key!r} beside its other keys of that layer (a "
+                "ViT without those biases, e.g. qkv_bias=False, has no mapping here)"
+            )
+        return sd.pop(key)
+
     def dense(prefix: str, name: str) -> None:
-        out[f"{name}/kernel"] = sd.pop(f"{prefix}.weight").T
-        out[f"{name}/bias"] = sd.pop(f"{prefix}.bias")
+        out[f"{name}/kernel"] = take(f"{prefix}.weight").T
+        out[f"{name}/bias"] = take(f"{prefix}.bias")
 
     def norm(prefix: str, name: str) -> None:
-        out[f"{name}/scale"] = sd.pop(f"{prefix}.weight")
-        out[f"{name}/bias"] = sd.pop(f"{prefix}.bias")
+        out[f"{name}/scale"] = take(f"{prefix}.weight")
+        out[f"{name}/bias"] = take(f"{prefix}.bias")
 
     if "patch_embed.proj.weight" in sd:
-        out["embedding/kernel"] = np.transpose(sd.pop("patch_embed.proj.weight"), (2, 3, 1, 0))
-        out["embedding/bias"] = sd.pop("patch_embed.proj.bias")
+        out["embedding/kernel"] = np.transpose(take("patch_embed.proj.weight"), (2, 3, 1, 0))
+        out["embedding/bias"] = take("patch_embed.proj.bias")
     if "pos_embed" in sd:
-        pos = sd.pop("pos_embed")
+        pos = take("pos_embed")
         if "cls_token" in sd:
-            out["cls"] = sd.pop("cls_token") + pos[:, :1]
+            out["cls"] = take("cls_token") + pos[:, :1]
             pos = pos[:, 1:]
         out["pos_embedding"] = pos
     blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.")})
@@ -251,16 +259,16 @@ def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dic
         if f"{t}.norm1.weight" in sd:
             norm(f"{t}.norm1", f"{b}/LayerNorm_0")
         if f"{t}.attn.qkv.weight" in sd:
-            w, bias = sd.pop(f"{t}.attn.qkv.weight"), sd.pop(f"{t}.attn.qkv.bias")
+            w, bias = take(f"{t}.attn.qkv.weight"), take(f"{t}.attn.qkv.bias")
             d = w.shape[1]
             for j, name in enumerate(("query", "key", "value")):
                 rows = slice(j * d, (j + 1) * d)
                 out[f"{attn}/{name}/kernel"] = w[rows].T.reshape(d, num_heads, d // num_heads)
                 out[f"{attn}/{name}/bias"] = bias[rows].reshape(num_heads, d // num_heads)
         if f"{t}.attn.proj.weight" in sd:
-            w = sd.pop(f"{t}.attn.proj.weight")
+            w = take(f"{t}.attn.proj.weight")
             out[f"{attn}/out/kernel"] = w.T.reshape(num_heads, -1, w.shape[0])
-            out[f"{attn}/out/bias"] = sd.pop(f"{t}.attn.proj.bias")
+            out[f"{attn}/out/bias"] = take(f"{t}.attn.proj.bias")
         if f"{t}.norm2.weight" in sd:
             norm(f"{t}.norm2", f"{b}/LayerNorm_1")
         for fc, dense_name in (("fc1", "Dense_0"), ("fc2", "Dense_1")):

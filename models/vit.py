@@ -218,8 +218,16 @@ class ViT(nn.Module):
         self, state_dict: Mapping[str, Any], variables: Mapping[str, Any]
     ) -> dict[str, Any]:
         """`variables` filled from a timm `vit_*` state dict (exact GELU: `gelu_approximate=False`)."""
+        from absl import logging
+
         from jaxdissect.models import npz_import, torch_import
 
+        if self.gelu_approximate:  # the state dict does not say which GELU it was trained with
+            logging.warning(
+                "timm weights into a ViT with the tanh-approximated GELU: timm's ViTs use the "
+                "exact one unless made with gelu_tanh; pass --model_option "
+                "gelu_approximate=false for them"
+            )
         flat = torch_import.timm_vit_to_big_vision(state_dict, self.num_heads)
         return npz_import.fit_big_vision(flat, variables)
 

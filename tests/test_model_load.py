@@ -4,6 +4,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxdissect import store
@@ -239,3 +240,19 @@ def test_pretrained_is_the_weights_a_factory_gives(monkeypatch):
     )
     assert fingerprint(0) == store.fingerprint_tree(want) != fingerprint(7)
     assert fingerprint(7) == store.fingerprint_tree(seven()[1])
+
+
+def test_weights_for_a_module_that_carries_its_own_are_refused(tmp_path, monkeypatch):
+    """An NNX module (or a function) keeps its own state: a --weights file or folder would
+    be dropped without a word, so it is refused."""
+    from flax import nnx
+
+    monkeypatch.setattr(
+        small_model, "nnx_conv", lambda: nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)), raising=False
+    )
+    weights = tmp_path / "w.npz"
+    np.savez(weights, kernel=np.zeros((3, 3, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="^--weights=.*w.npz: --model=.*nnx_conv is no Linen"):
+        model_load.load("tests.fixtures.small_model:nnx_conv", weights=str(weights))
+    got = model_load.load("tests.fixtures.small_model:nnx_conv", weights="pretrained")
+    assert got.variables is None  # the module's own state, as built

@@ -196,6 +196,10 @@ def test_timm_keys_without_a_rule_are_named():
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
     with pytest.raises(torch_import.WeightMappingError, match=r"\['cls', 'reg_token'\]"):
         model.import_state_dict(state, template)
+    # A ViT without qkv biases (timm's qkv_bias=False): named, not a KeyError.
+    del state["reg_token"], state["blocks.1.attn.qkv.bias"]
+    with pytest.raises(torch_import.WeightMappingError, match="no 'blocks.1.attn.qkv.bias'"):
+        model.import_state_dict(state, template)
 
 
 def test_zoo_configs():
