@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import math
 import os
 import pickle
 import struct
@@ -94,6 +95,10 @@ _V3_DTYPES: dict[str, np.dtype] = {
     "uint32": np.dtype(np.uint32),
     "uint64": np.dtype(np.uint64),
 }
+
+
+# A tensor with zero strides larger than its storage and than this is refused.
+_MAX_REPEATED_BYTES = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,6 +417,13 @@ def _cut(ref: _TensorRef, flat: np.ndarray) -> np.ndarray:
                 f"tensor of size {ref.size}, stride {ref.stride}, offset {ref.offset} "
                 f"reads past its storage {storage.key} of {len(flat)} elements"
             )
+        # Zero strides repeat elements: a few bytes could otherwise ask for any memory.
+        elements = math.prod(ref.size)
+        if elements > len(flat) and elements * flat.dtype.itemsize > _MAX_REPEATED_BYTES:
+            raise CheckpointError(
+                f"tensor of size {ref.size}, stride {ref.stride} repeats its storage "
+                f"{storage.key} of {len(flat)} elements into {elements}: not a weight"
+            )
         view = np.lib.stride_tricks.as_strided(
             flat[ref.offset :],
             shape=ref.size,
@@ -599,6 +611,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
         raise _named(err, path) from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # a record's bytes fail their CRC
         raise CheckpointError(f"{path}: {_COPY_AGAIN} ({err})") from None
+    except (KeyError, AttributeError, TypeError, MemoryError) as err:  # crafted contents
+        raise CheckpointError(
+            f"{path}: not a state dict this reader takes ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _state_dict_of(obj: Mapping[str, Any], path: str) -> Mapping[str, Any]:

@@ -239,6 +239,41 @@ def test_tensor_reading_past_its_storage_is_rejected(tmp_path):
     _craft_zip(bad, (1000,), (1,))
     with pytest.raises(CheckpointError, match="past its storage"):
         load_state_dict(bad)
+    # Zero strides repeat the storage: a small expansion loads, 2**31 floats do not.
+    _craft_zip(good, (3, 4), (0, 1))
+    np.testing.assert_array_equal(load_state_dict(good)["w"], [[0, 1, 2, 3]] * 3)
+    _craft_zip(bad, (2**31,), (0,))
+    with pytest.raises(CheckpointError, match=r"repeats its storage .* into 2147483648: not"):
+        load_state_dict(bad)
+
+
+def test_a_crafted_pickle_that_breaks_a_stand_in_is_one_error(tmp_path):
+    """BUILD on torch.FloatStorage's stand-in renames its dtype: a CheckpointError naming
+    the file, not a KeyError from inside the reader."""
+
+    def u(text: str) -> bytes:
+        return b"X" + len(text).to_bytes(4, "little") + text.encode()
+
+    payload = (
+        b"\x80\x02}"
+        + u("w")
+        + b"ctorch._utils\n_rebuild_tensor_v2\n(("
+        + u("storage")
+        + b"ctorch\nFloatStorage\n}"
+        + u("name")
+        + u("Nope")
+        + b"sb"
+        + u("0")
+        + u("cpu")
+        + b"K\x04tQK\x00K\x04\x85K\x01\x85\x89)tRs."
+    )
+    path = tmp_path / "crafted.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/data/0", bytes(16))
+    with pytest.raises(CheckpointError, match=r"crafted.pth: not a state dict this reader takes"):
+        load_state_dict(path)
 
 
 def test_not_a_weight_file(tmp_path):
