@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -86,9 +87,7 @@ def check_output(
         raise FileExistsError(
             f"{ckpt_dir} is a file, not a converted checkpoint directory; choose another output"
         )
-    others = sorted(
-        n for n in os.listdir(ckpt_dir) if n != META_FILE and not n.startswith(VARIABLES_DIR)
-    )
+    others = sorted(n for n in os.listdir(ckpt_dir) if n not in (META_FILE, VARIABLES_DIR))
     if others:
         shown = ", ".join(others[:3]) + (f" ... ({len(others)} in all)" if len(others) > 3 else "")
         raise FileExistsError(
@@ -119,16 +118,29 @@ def save_variables(
 
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     check_output(ckpt_dir, force=force, source=meta.get("source"))
-    if os.path.exists(ckpt_dir):
-        shutil.rmtree(ckpt_dir)
-    os.makedirs(ckpt_dir)
     meta_text = json.dumps({"format_version": META_VERSION, **meta}, indent=2, sort_keys=True)
     tree = jax.tree.map(np.asarray, dict(variables))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(ckpt_dir, VARIABLES_DIR), tree)
-    # Written last: a directory with meta.json is a finished checkpoint.
-    with open(os.path.join(ckpt_dir, META_FILE), "w") as file:
-        file.write(meta_text + "\n")
+    # Written beside it, then renamed into place: an old checkpoint stays until the new
+    # one is whole.
+    parent, name = os.path.split(ckpt_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(staging, VARIABLES_DIR), tree)
+        # Written last: a directory with meta.json is a finished checkpoint.
+        with open(os.path.join(staging, META_FILE), "w") as file:
+            file.write(meta_text + "\n")
+        old = None
+        if os.path.lexists(ckpt_dir):
+            old = staging + ".old"
+            os.rename(ckpt_dir, old)
+        os.rename(staging, ckpt_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def read_meta(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from jaxdissect.models.convert import (
     build_from_meta,
     convert,
     load_variables,
+    read_meta,
     save_variables,
     variables_template,
 )
@@ -629,6 +630,17 @@ def test_force_replaces_only_an_earlier_conversion(tmp_path):
     for output in (tmp_path / "empty", tmp_path / "empty"):
         save_variables(output, _VARIABLES, _META, force=True)
     assert sorted(os.listdir(tmp_path / "empty")) == ["meta.json", "variables"]
+    # A name that only starts like a conversion's is no conversion's: refused, kept.
+    (tmp_path / "empty" / "variables_notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"does not write \(variables_notes.txt\)"):
+        save_variables(tmp_path / "empty", _VARIABLES, _META, force=True)
+    (tmp_path / "empty" / "variables_notes.txt").unlink()
+    # A replacement that fails leaves the old checkpoint whole and no staging folder.
+    before = read_meta(tmp_path / "empty")
+    with pytest.raises(ValueError, match="Unsupported data type"):  # orbax's, mid-write
+        save_variables(tmp_path / "empty", {"params": object()}, _META, force=True)
+    assert read_meta(tmp_path / "empty") == before
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 
 def test_convert_cli_refuses_bad_paths_in_one_line(tmp_path):
