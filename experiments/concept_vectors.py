@@ -96,55 +96,57 @@ def _vectors(fv, cfg, probe, output_dir):
     # every run and removed after it.
     # float16 activations stay float16 (exact: the forward rounds them to it).
     data_dir = out / ".work" / "concept_vectors_data"
-    forward = finished.layer_forward(loaded, layer)
-    kept = np.float16 if layer.activation_dtype == "float16" else np.float32
-    data, forward_s = concept_vectors.collect(
-        lambda images: np.asarray(forward(images)).astype(kept),
-        source,
-        fv.batch_size,
-        directory=data_dir,
-    )
-    logging.info(
-        "%s: activations and labels of %d images collected (forward %.1f s)",
-        fv.layer,
-        len(source),
-        forward_s,
-    )
-    wanted = np.isin(labels.primary, [labels.categories.index(c) for c in categories])
-    present = data.labels_present(labels.num_labels)
-    concepts = np.flatnonzero(wanted & present).astype(np.int32)
-    if len(concepts) == 0:
-        raise ValueError(
-            f"--categories={','.join(categories)}: no concept of them in the probe set"
+    try:
+        forward = finished.layer_forward(loaded, layer)
+        kept = np.float16 if layer.activation_dtype == "float16" else np.float32
+        data, forward_s = concept_vectors.collect(
+            lambda images: np.asarray(forward(images)).astype(kept),
+            source,
+            fv.batch_size,
+            directory=data_dir,
         )
-    key = store.key_of(
-        model=loaded.key,
-        data=source.fingerprint(),
-        layer=layer.path,
-        thresholds=layer.thresholds.tolist(),
-        tie_rule=layer.tie_rule,
-        activation_dtype=layer.activation_dtype,
-        input_spec=dataclasses.asdict(layer.input_spec),
-        concepts=concepts.tolist(),
-        config=dataclasses.asdict(cfg),
-    )
+        logging.info(
+            "%s: activations and labels of %d images collected (forward %.1f s)",
+            fv.layer,
+            len(source),
+            forward_s,
+        )
+        wanted = np.isin(labels.primary, [labels.categories.index(c) for c in categories])
+        present = data.labels_present(labels.num_labels)
+        concepts = np.flatnonzero(wanted & present).astype(np.int32)
+        if len(concepts) == 0:
+            raise ValueError(
+                f"--categories={','.join(categories)}: no concept of them in the probe set"
+            )
+        key = store.key_of(
+            model=loaded.key,
+            data=source.fingerprint(),
+            layer=layer.path,
+            thresholds=layer.thresholds.tolist(),
+            tie_rule=layer.tie_rule,
+            activation_dtype=layer.activation_dtype,
+            input_spec=dataclasses.asdict(layer.input_spec),
+            concepts=concepts.tolist(),
+            config=dataclasses.asdict(cfg),
+        )
 
-    def progress(step: int, steps: int, loss: float) -> None:
-        if fv.progress and (step % max(1, steps // cfg.epochs) == 0 or step == steps):
-            logging.info("step %d of %d: loss %.4f", step, steps, loss)
+        def progress(step: int, steps: int, loss: float) -> None:
+            if fv.progress and (step % max(1, steps // cfg.epochs) == 0 or step == steps):
+                logging.info("step %d of %d: loss %.4f", step, steps, loss)
 
-    vectors = concept_vectors.train_concept_vectors(
-        data,
-        layer.thresholds,
-        concepts,
-        cfg,
-        tie_rule=layer.tie_rule,
-        mesh=parallel.data_mesh(fv.devices),
-        checkpoint_dir=out / ".work" / f"concept_vectors-{key}",
-        progress=progress,
-    )
-    del data
-    shutil.rmtree(data_dir, ignore_errors=True)
+        vectors = concept_vectors.train_concept_vectors(
+            data,
+            layer.thresholds,
+            concepts,
+            cfg,
+            tie_rule=layer.tie_rule,
+            mesh=parallel.data_mesh(fv.devices),
+            checkpoint_dir=out / ".work" / f"concept_vectors-{key}",
+            progress=progress,
+        )
+        del data  # its memory maps, before their files go
+    finally:  # also when interrupted: a full Broden's take tens of GB
+        shutil.rmtree(data_dir, ignore_errors=True)
     doc = _document(fv, cfg, layer, vectors, labels, dataset_name, len(source), forward_s)
     stem = "concept_vectors"
     store.write_json(out / f"{stem}.json", doc)
