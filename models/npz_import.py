@@ -50,8 +50,13 @@ def _renumber(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def big_vision_params(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The model parameters of a big_vision checkpoint's flat arrays, in today's names."""
+def big_vision_params(
+    flat: Mapping[str, np.ndarray], patches: int | None = None
+) -> dict[str, np.ndarray]:
+    """The model parameters of a big_vision checkpoint's flat arrays, in today's names.
+
+    An old layout's position embedding covers [class token, patches]: it is told by one row
+    more than the model's `patches` where given, else by a square grid plus one."""
     for prefix in ("params/", "opt/target/"):
         if any(k.startswith(prefix) for k in flat):
             flat = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
@@ -63,7 +68,10 @@ def big_vision_params(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     pos = flat.get("pos_embedding")
     if pos is not None and pos.ndim == 3:
         side = int(np.sqrt(pos.shape[1]))
-        if side * side + 1 == pos.shape[1]:  # old layout: [class token, patches]
+        old_layout = (
+            side * side + 1 == pos.shape[1] if patches is None else (pos.shape[1] == patches + 1)
+        )
+        if old_layout:  # [class token, patches]
             flat["pos_embedding"] = pos[:, 1:]
             if "cls" in flat:
                 flat["cls"] = flat["cls"] + pos[:, :1]
@@ -100,8 +108,9 @@ def fit_big_vision(flat: Mapping[str, np.ndarray], variables: Mapping[str, Any])
         and model parameters with no checkpoint key (with a hint at the option that
         differs), or shapes that differ.
     """
-    flat = big_vision_params(flat)
     params = variables["params"]
+    pos = params.get("pos_embedding") if hasattr(params, "get") else None
+    flat = big_vision_params(flat, None if pos is None else int(pos.shape[1]))
     extra = sorted(set(variables) - {"params"})
     if extra:
         raise torch_import.WeightMappingError(

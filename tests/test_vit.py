@@ -321,3 +321,16 @@ def test_split_head_outputs_are_refused():
         capture.make_tap(model, variables, [query], input_shape=(32, 32, 3))
     tap = capture.make_tap(model, variables, ["stem"], input_shape=(32, 32, 3))
     assert tap.shapes["embedding"] == (2, 2, 192)  # a real map of the same model passes
+
+
+def test_old_position_layout_is_told_by_the_models_patch_count():
+    """[class token, patches] rows are split off only where the checkpoint has one row more
+    than the model's patches: a 5x10 grid (50 = 7 * 7 + 1 rows) is no old layout."""
+    pos = np.arange(50 * 2, dtype=np.float32).reshape(1, 50, 2)
+    flat = {"pos_embedding": pos, "cls": np.zeros((1, 1, 2), np.float32)}
+    kept = npz_import.big_vision_params(flat, patches=50)
+    np.testing.assert_array_equal(kept["pos_embedding"], pos)
+    np.testing.assert_array_equal(kept["cls"], 0)
+    split = npz_import.big_vision_params(flat, patches=49)
+    np.testing.assert_array_equal(split["pos_embedding"], pos[:, 1:])
+    np.testing.assert_array_equal(split["cls"], pos[:, :1])
