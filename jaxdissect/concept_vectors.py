@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from jaxdissect import config, masks, parallel
 from jaxdissect.checkpoint import StreamCheckpoint
@@ -228,7 +229,8 @@ def concept_loss(
 
     w [K], b [], alpha []; inputs float [B, P, K]; target [B, P] (0/1).
     """
-    z = inputs @ w + b
+    # Full float32 products on every backend (TPU and recent GPUs default to fewer bits).
+    z = jnp.matmul(inputs, w, precision=lax.Precision.HIGHEST) + b
     y = target.astype(jnp.float32)
     # -log sigmoid(z) = softplus(-z); -log(1 - sigmoid(z)) = softplus(z).
     per_pixel = alpha * y * jax.nn.softplus(-z) + (1.0 - alpha) * (1.0 - y) * jax.nn.softplus(z)
@@ -305,7 +307,8 @@ def _make_steps(
         valid = batch["valid"][:, None, None]
         unit = (unit & valid).astype(jnp.bfloat16)
         target = (target & valid).astype(jnp.bfloat16)
-        pred = ((jnp.einsum("bpk,ck->bpc", feats, params["w"]) + params["b"]) > 0) & valid
+        z = jnp.einsum("bpk,ck->bpc", feats, params["w"], precision=lax.Precision.HIGHEST)
+        pred = ((z + params["b"]) > 0) & valid
         pred = pred.astype(jnp.bfloat16)
 
         def total(x, axes):
