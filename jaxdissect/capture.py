@@ -636,7 +636,6 @@ def make_tap(
     _refuse_non_arrays(layers, outputs, available, aliases)
     named = resolve_named_layers(layers, available, aliases)
     paths = tuple(path for _, path in named)
-    names = tuple(name for name, _ in named)
     _check_single_calls({k: len(outs) for k, outs in outputs.items()}, paths)
     _check_not_lifted(getattr(run, "lifted", {}), paths)
     wanted = frozenset(paths)
@@ -654,6 +653,7 @@ def make_tap(
         k: tuple(int(d) for d in s.shape[1:])
         for k, s in jax.eval_shape(maps, {p: outputs[p] for p in paths}).items()
     }
+    names = tuple(name for name, _ in named)
     return Tap(
         fn=fn, variables=variables, layers=paths, shapes=shapes, names=names, token_layouts=layouts
     )

@@ -360,8 +360,8 @@ def load(
                 "means the weights it gives: pass a checkpoint as --weights, or --weights= "
                 "for a random init (--seed)"
             )
-        if weights != "pretrained":  # a checkpoint's weights or a random init, never its own
-            variables = None
+        if weights != "pretrained" and isinstance(module, nn.Module):
+            variables = None  # a checkpoint's weights or a random init, never its own
 
     try:
         spec = declared_input_spec(module) or TORCHVISION
