@@ -86,7 +86,8 @@ def _vectors(fv, cfg, probe, output_dir):
     out = pathlib.Path(output_dir)
     source, dataset_name = probe.open()  # before JAX's threads: the synthetic set forks
     loaded = finished.load_model(fv.model, fv.weights)
-    layer = finished.read_layer(fv.dissection, fv.layer, model_key=loaded.key)
+    fields = store.definition_key(loaded.module, loaded.apply_kwargs, source=False)
+    layer = finished.read_layer(fv.dissection, fv.layer, model_key=loaded.key, model_fields=fields)
     labels = source.labels
     categories = list(fv.categories) or layer.categories
     unknown = [c for c in categories if c not in labels.categories]

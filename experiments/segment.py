@@ -118,7 +118,8 @@ def _segment(fv, image, vectors, out):
     from jaxdissect import finished, masks, segment, store
 
     loaded = finished.load_model(fv.model, fv.weights)
-    layer = finished.read_layer(fv.dissection, fv.layer, model_key=loaded.key)
+    fields = store.definition_key(loaded.module, loaded.apply_kwargs, source=False)
+    layer = finished.read_layer(fv.dissection, fv.layer, model_key=loaded.key, model_fields=fields)
     acts = finished.layer_forward(loaded, layer)(image[None])
     size = image.shape[:2]
     labelled = [k for k, u in enumerate(layer.units) if u["interpretable"] and u["name"]]

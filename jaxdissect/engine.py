@@ -75,7 +75,7 @@ class Settings:
         and it has at most 256 units, else `exact` where its state takes <= 64 MB, else
         `sketch`), `sketch` (fixed memory), `exact` (per-unit top-k) or `histogram` (counts
         of a 16-bit activation_dtype's values, exact; 256 KB a unit).
-      sketch_size: sketch state size per unit (None: the module's default).
+      sketch_size: sketch state size per unit (None: 672, `quantiles.sketch.DEFAULT_SIZE`).
       threshold_on: quantiles over the `raw` h x w maps (paper) or the
         `upsampled` maps (PNAS release).
       restriction: union restriction `presence` (paper), `overlap` (Lite), `none`.

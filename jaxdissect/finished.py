@@ -64,12 +64,15 @@ def read_layer(
     layer: str,
     *,
     model_key: str | None = None,
+    model_fields: str | None = None,
     flag: str = "--dissection",
     layer_flag: str = "--layer",
 ) -> FinishedLayer:
     """Layer `layer` of the finished dissection in `directory`, or one line saying what to run.
 
-    With `model_key`, the dissection must be of the model with those weights.
+    With `model_key`, the dissection must be of the model with those weights; with
+    `model_fields` (`store.definition_key(..., source=False)`), of those settings of its
+    fields and `apply` arguments, where the dissection recorded them.
     """
     out = pathlib.Path(directory)
     doc_path = out / "results.json"
@@ -93,6 +96,11 @@ def read_layer(
         raise ValueError(
             f"{flag}={directory} dissected {settings.get('model')}, not the model given here "
             "(--model/--weights): dissect this model first, or pass its dissection"
+        )
+    if model_fields is not None and settings.get("model_fields", model_fields) != model_fields:
+        raise ValueError(
+            f"{flag}={directory} dissected {settings.get('model')} with the same weights but "
+            "other settings of its fields (options): dissect this model first"
         )
     stem = results.layer_file_stems(names)[names.index(layer)]
     [record] = [r for r in doc["layers"] if r["layer"] == layer]

@@ -78,7 +78,7 @@ class ModelInfo:
         layout (it changes the maps)."""
         return store.key_of(
             model=self.key,
-            definition=store.definition_key(self.module, **self.apply_kwargs),
+            definition=store.definition_key(self.module, self.apply_kwargs),
             code=store.code_fingerprint(),
             token_layout=self.layout_key,
         )
@@ -334,6 +334,7 @@ def dissect(
         **dataclasses.asdict(settings),
         "model": model.name,
         "model_key": model.key,
+        "model_fields": store.definition_key(model.module, model.apply_kwargs, source=False),
         "dataset": dataset_name,
         "dataset_fingerprint": dissector.data_key,
         "num_images": len(source),

@@ -88,12 +88,14 @@ def code_fingerprint() -> str:
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
-def definition_key(module: Any, **extra: Any) -> str:
+def definition_key(
+    module: Any, apply_kwargs: Mapping[str, Any] | None = None, *, source: bool = True
+) -> str:
     """Key of what a model computes beyond its weights: a Linen module's fields (its repr,
-    memory addresses dropped), `extra` (e.g. `apply`'s keyword arguments) and the source
-    of the packages or files that define its class and the classes of modules among its
-    fields (a wrapped model's). Code a model reads from elsewhere (an environment
-    variable, another package) is not covered."""
+    memory addresses dropped), `apply_kwargs` and (`source`) the source of the packages
+    or files that define its class and the classes of modules among its fields (a wrapped
+    model's). Code a model reads from elsewhere (an environment variable, another
+    package) is not covered."""
     import flax.linen as nn
 
     if isinstance(module, nn.Module):
@@ -102,11 +104,11 @@ def definition_key(module: Any, **extra: Any) -> str:
         fields, defined = module.__qualname__, {module}
     else:
         fields, defined = type(module).__qualname__, {type(module)}
-    roots = {root for obj in defined for root in _defining_source(obj)}
+    roots = {root for obj in defined for root in _defining_source(obj)} if source else ()
     return key_of(
         fields=_ADDRESS.sub("", fields),
-        extra=_ADDRESS.sub("", repr(sorted(extra.items()))),
-        source=source_fingerprint(*sorted(roots)),
+        extra=_ADDRESS.sub("", repr(sorted(dict(apply_kwargs or {}).items()))),
+        source=source_fingerprint(*sorted(roots)) if source else None,
     )
 
 

@@ -231,7 +231,7 @@ def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dic
         if key not in sd:
             raise WeightMappingError(
                 f"the timm state dict has no {key!r} beside its other keys of that layer (a "
-                "ViT without those biases, e.g. qkv_bias=False, has no mapping here)"
+                "ViT without some biases, e.g. timm's qkv_bias=False, has no mapping here)"
             )
         return sd.pop(key)
 

@@ -122,6 +122,15 @@ def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection):
         run_script("concept_vectors", f"--dissection={dissection}", "--layer=conv9", *MODEL)
     with pytest.raises(ValueError, match=r"--dissection=.* dissected .*, not the model given"):
         finished.read_layer(dissection, "top", model_key="weights of another model")
+    recorded = json.loads((dissection / "results.json").read_text())["settings"]
+    same = finished.read_layer(
+        dissection, "top", model_key=recorded["model_key"], model_fields=recorded["model_fields"]
+    )
+    assert same.model_key == recorded["model_key"]
+    with pytest.raises(ValueError, match=r"with the same weights but other settings of its"):
+        finished.read_layer(
+            dissection, "top", model_key=recorded["model_key"], model_fields="other fields"
+        )
     damaged = tmp_path / "damaged"
     shutil.copytree(dissection, damaged)
     stats = damaged / "stats-top.npz"

@@ -111,7 +111,8 @@ def test_definition_key_sees_fields_apply_arguments_and_source(tmp_path, monkeyp
     key = store.definition_key(Scaled())
     assert key == store.definition_key(Scaled()) and " at 0x" in repr(Scaled())
     assert key != store.definition_key(Scaled(scale=-1.0))
-    assert key != store.definition_key(Scaled(), train=False)
+    assert key != store.definition_key(Scaled(), {"train": False})
+    assert store.definition_key(Scaled(), source=False) != key
     info = lambda m: pipeline.ModelInfo(m, {}, None, "scaled", "same-weights")  # noqa: E731
     assert info(Scaled()).stage_key == info(Scaled()).stage_key
     assert info(Scaled()).stage_key != info(Scaled(scale=-1.0)).stage_key
