@@ -66,10 +66,12 @@ def fingerprint_tree(tree: Any) -> str:
 
 def source_fingerprint(*roots: str | os.PathLike[str]) -> str:
     """Hash of the Python source under `roots` (files, or folders walked for .py files)."""
-    files = set()
+    files, seen = set(), set()
     for root in map(pathlib.Path, roots):
         if root.is_dir():
-            for folder, _, names in os.walk(root, followlinks=True):
+            for folder, dirs, names in os.walk(root, followlinks=True):
+                seen.add(os.path.realpath(folder))
+                dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(folder, d)) not in seen]
                 files.update(pathlib.Path(folder) / n for n in names if n.endswith(".py"))
         elif root.is_file():
             files.add(root)

@@ -125,3 +125,16 @@ def test_definition_key_sees_fields_apply_arguments_and_source(tmp_path, monkeyp
     (tmp_path / "user_net.py").write_text(source + "        return -x\n")
     assert store.definition_key(user_net.Net()) != before  # the file, not the loaded class
     monkeypatch.delitem(sys.modules, "user_net")
+
+
+def test_source_fingerprint_sees_python_files_and_survives_symlink_loops(tmp_path):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "pkg" / "data.txt").write_text("not source")
+    os.symlink(tmp_path / "pkg", tmp_path / "pkg" / "sub" / "up")  # a cycle
+    before = store.source_fingerprint(tmp_path / "pkg")
+    (tmp_path / "pkg" / "data.txt").write_text("still not source")
+    assert store.source_fingerprint(tmp_path / "pkg") == before
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
+    assert store.source_fingerprint(tmp_path / "pkg") != before
