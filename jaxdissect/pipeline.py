@@ -288,6 +288,8 @@ def dissect(
     )
     modes = {tap.name_of(p): m for p, m in dissector.quantile_modes().items()}
     logging.info("thresholds: %s", ", ".join(f"{n} {m}" for n, m in modes.items()))
+    if settings.sketch_size is not None and "sketch" not in modes.values():
+        logging.warning("sketch_size=%d: no layer's thresholds use a sketch", settings.sketch_size)
     t0 = time.time()
     stats = dissector.run(tap.variables)
     t_passes = time.time()
