@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import pathlib
 from collections.abc import Iterable, Mapping
@@ -311,6 +312,14 @@ def check_request(
     would refuse."""
     if model not in zoo.ARCHS and ":" not in model:
         _import_attr(model)  # raises the message naming the architectures
+    elif model not in zoo.ARCHS:  # its module found, not run (that is for `load`)
+        module_name = model.partition(":")[0]
+        try:
+            found = bool(module_name) and importlib.util.find_spec(module_name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            _import_attr(model)  # nothing to run: raises the zoo's message
     if weights == "pretrained" and model in zoo.ARCHS and model != "efficientnet_lite0":
         raise ValueError(
             f"--weights=pretrained is only available offline for efficientnet_lite0; convert "

@@ -28,6 +28,10 @@ def test_model_errors_are_the_zoos_naming_the_flag(spec, reason):
     with pytest.raises(ValueError) as from_load:
         model_load.load(spec)
     assert str(from_load.value) == f"--model={spec!r}: {from_zoo.value}"
+    if "cannot import" in reason:  # before any data: the module is looked for, not run
+        with pytest.raises(ValueError) as from_check:
+            model_load.check_request(spec, None)
+        assert str(from_check.value) == str(from_load.value)
 
 
 def test_unknown_architecture_is_refused_before_loading_anything():
