@@ -140,3 +140,12 @@ def test_synthetic_probe_defaults_to_the_cache_root(tmp_path, monkeypatch):
     assert cli.cache_root() == tmp_path
     fields = {f.name: f.default for f in dataclasses.fields(cli.Probe)}
     assert (fields["synthetic_images"], fields["resolution"]) == (600, 224)
+
+
+def test_a_sketch_size_no_layer_uses_is_said(tmp_path, caplog):
+    """`auto` chose the histogram for the small model's conv1: --sketch_size sizes nothing."""
+    root = synthetic.generate_tiny(tmp_path / "broden", num_images=16)
+    settings = engine.Settings(batch_size=8, sketch_size=64)
+    _dissect(root, tmp_path / "run", caplog, driver.Steps(), settings=settings)
+    assert "thresholds: conv1 histogram" in caplog.text
+    assert "sketch_size=64: no layer's thresholds use a sketch" in caplog.text
