@@ -386,13 +386,16 @@ def _refuse_non_arrays(
     available: Mapping[str, Any],
     aliases: Mapping[str, str] | None,
 ) -> None:
-    """A named module that exists but returns no array (a tuple, a dict): one line."""
+    """A module named (not by a pattern) that exists but returns no array (a tuple, a
+    dict): one line. What does not exist is left to `resolve_named_layers` on `available`."""
     names = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else layers
-    for name in names:
-        path = dict(aliases or {}).get(name, name)
-        if path not in outputs:
-            path = path.replace(".", "/").strip("/")
-        if path in outputs and path not in available:
+    named = [n for n in names if n and not n.startswith("re:")]
+    try:
+        resolved = resolve_named_layers(named, dict.fromkeys(outputs, ()), aliases)
+    except LayerNotFoundError:
+        return
+    for name, path in resolved:
+        if path not in available:
             raise LayerNotFoundError(
                 f"module {name!r} returns a {type(outputs[path][0]).__name__}, not an array; "
                 "name one of its submodules"

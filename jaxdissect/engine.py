@@ -472,7 +472,7 @@ class Dissector:
 
     def pass1_statistic(self) -> statistics.Statistic:
         """Per layer: "q" (thresholds) and "top" (top images and their maps)."""
-        s = self.settings
+        s, modes = self.settings, self.quantile_modes()
         per_layer = {}
         for layer in self.tap.layers:
             h, w, _ = self.tap.shapes[layer]
@@ -485,7 +485,7 @@ class Dissector:
                         name=self.tap.name_of(layer),
                         total_count=per_image * len(self.source),
                         q=s.quantile,
-                        mode=s.quantile_mode,
+                        mode=modes[layer],  # as logged and recorded
                         seed=s.seed,
                         sketch_size=s.sketch_size,
                         upsample_to=self.seg_size if upsampled else None,
