@@ -295,6 +295,34 @@ def _as_nhwc(name: str, value: Any) -> Array:
     )
 
 
+def _aspect_fits(rows: int, cols: int, input_shape: Sequence[int]) -> bool:
+    """Whether a rows x cols map has the input's aspect ratio, as a conv's has: within
+    two rows or columns, for strides' rounding and valid padding's border."""
+    height, width = int(input_shape[0]), int(input_shape[1])
+    return abs(rows * width - cols * height) <= 2 * max(height, width)
+
+
+def _warn_channels_first(name: str, shape: Sequence[int], input_shape: Sequence[int]) -> None:
+    """Warn where an [h, w, C] map looks like a channels-first [C, h, w] output: its first
+    two sides do not have the input's aspect ratio, its last two do."""
+    if len(shape) != 3 or min(shape) < 2:
+        return
+    h, w, c = shape
+    if not _aspect_fits(h, w, input_shape) and _aspect_fits(w, c, input_shape):
+        logging.warning(
+            "layer %s: output [B, %d, %d, %d] is read as channels last (%d units of %dx%d "
+            "maps), but it looks channels first ([B, C, h, w]); transpose it to "
+            "[B, h, w, C] in the model if so",
+            name,
+            h,
+            w,
+            c,
+            c,
+            h,
+            w,
+        )
+
+
 def _format_available(available: Mapping[str, tuple[int, ...]]) -> str:
     rows = [f"  {p}  {list(s)}" for p, s in available.items() if p]  # "": the model's output
     return "\n".join(rows)
@@ -657,6 +685,9 @@ def make_tap(
         for k, s in jax.eval_shape(maps, {p: outputs[p] for p in paths}).items()
     }
     names = tuple(name for name, _ in named)
+    for name, path in named:
+        if path not in layouts:
+            _warn_channels_first(name, shapes[path], input_shape)
     return Tap(
         fn=fn, variables=variables, layers=paths, shapes=shapes, names=names, token_layouts=layouts
     )

@@ -225,6 +225,32 @@ def test_a_module_returning_no_array_is_named_not_missing():
     assert capture.make_tap(model, variables, "pair.a", input_shape=(4, 4, 3)).layers == ("pair/a",)
 
 
+class ChannelsFirst(nn.Module):
+    """A torch-style model: its convolution's output transposed to [B, C, h, w]."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(8, (3, 3), strides=2, name="conv")(x)
+        return ReLU(name="nchw")(y.transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 48), (40, 24)])
+def test_a_channels_first_output_is_flagged_and_channels_last_is_not(size, caplog):
+    model = ChannelsFirst()
+    shape = (*size, 3)
+    variables = init_variables(model, jnp.ones((1, *shape)), seed=0)
+    with caplog.at_level("WARNING"):
+        tap = capture.make_tap(model, variables, ["conv", "nchw"], input_shape=shape)
+    h, w = size[0] // 2, size[1] // 2
+    assert tap.shapes == {"conv": (h, w, 8), "nchw": (8, h, w)}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        f"layer nchw: output [B, 8, {h}, {w}] is read as channels last ({w} units of 8x{h} "
+        "maps), but it looks channels first ([B, C, h, w]); transpose it to [B, h, w, C] in "
+        "the model if so"
+    ]
+
+
 class NnxNet(nnx.Module):
     def __init__(self, rngs):
         self.conv1 = nnx.Conv(3, 4, (3, 3), rngs=rngs)
