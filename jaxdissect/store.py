@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import hashlib
 import inspect
 import json
@@ -22,7 +21,7 @@ import pathlib
 import re
 import shutil
 import sys
-import tempfile
+import uuid
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any
@@ -141,12 +140,16 @@ def _defining_source(obj: Any) -> list[str]:
     return [top.__file__] if getattr(top, "__file__", None) else []
 
 
-@functools.cache
-def _file_mode() -> int:
-    """What `open(..., "w")` would give a new file: 0o666 less the process's umask."""
-    umask = os.umask(0o022)  # the only way to read it; restored at once
-    os.umask(umask)
-    return 0o666 & ~umask
+def _new_file_beside(path: pathlib.Path) -> pathlib.Path:
+    """A new empty file `.<name>.<random>.tmp` beside `path`, made with the mode any file
+    the user writes gets (0o666 less the umask; `tempfile.mkstemp` would make it 0600)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
@@ -154,15 +157,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary path beside `path`; rename it into place on success."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = pathlib.Path(tmp)
+    tmp = _new_file_beside(path)
     try:
         yield tmp
-        # mkstemp makes the file private (0600); results are meant to be shared like
-        # any file the user writes.
-        if tmp.is_file():
-            os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -61,14 +61,17 @@ def test_damaged_arrays_are_one_error_naming_the_file(tmp_path):
         store.load_arrays(tmp_path / "none.npz")
 
 
-def test_written_files_are_not_private(tmp_path):
-    # mkstemp makes 0600 files; results must get the mode any file the user writes gets.
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_mode_of_the_processs_umask_now(tmp_path, umask):
+    # mkstemp makes 0600 files; results must get the mode any file the user writes gets,
+    # under the umask of the moment (the parameters change it within one process).
+    old = os.umask(umask)
     try:
         store.write_json(tmp_path / "results.json", {"a": 1})
         store.save_arrays(tmp_path / "stats.npz", {"x": np.zeros(2)})
-        for name in ("results.json", "stats.npz"):
-            assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
+        (tmp_path / "mine").write_text("")
+        for name in ("results.json", "stats.npz", "mine"):
+            assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
     finally:
         os.umask(old)
 
