@@ -180,7 +180,6 @@ def define_dataclass_flags(
     fv: flags.FlagValues,
     *,
     defaults: dict[str, Any] | None = None,
-    exclude: Sequence[str] = (),
 ) -> None:
     """Define on `fv` one flag per field of the dataclass `cls`: its name (or the field's
     `flag` metadata), default (the field's, or `defaults[name]`), help (the class docstring's
@@ -189,8 +188,6 @@ def define_dataclass_flags(
     docs = config.attribute_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
         name = f.metadata.get(config.FLAG, f.name)
         default = defaults.pop(f.name, f.default)
         text = docs.get(f.name)

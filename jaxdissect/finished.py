@@ -66,7 +66,6 @@ def read_layer(
     model_key: str | None = None,
     model_fields: str | None = None,
     flag: str = "--dissection",
-    layer_flag: str = "--layer",
 ) -> FinishedLayer:
     """Layer `layer` of the finished dissection in `directory`, or one line saying what to run.
 
@@ -89,7 +88,7 @@ def read_layer(
     names = list(settings["layers"])
     if layer not in names:
         raise ValueError(
-            f"{layer_flag}={layer}: the dissection in {directory} has layers "
+            f"--layer={layer}: the dissection in {directory} has layers "
             f"{', '.join(names)}; dissect {layer} there first"
         )
     if model_key is not None and settings.get("model_key") != model_key:

@@ -67,7 +67,7 @@ def _block_configs(width: float) -> list[tuple[int, int, int, int, int]]:
     return configs
 
 
-def _conv(features: int, kernel: int, *, stride: int = 1, groups: int = 1, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, *, stride: int = 1, name: str) -> nn.Conv:
     # lax's "SAME" pads (total // 2, total - total // 2): TensorFlow's rule, which the
     # weights were trained with (lukemelas' Conv2dStaticSamePadding).
     return nn.Conv(
@@ -75,7 +75,6 @@ def _conv(features: int, kernel: int, *, stride: int = 1, groups: int = 1, name:
         (kernel, kernel),
         strides=(stride, stride),
         padding="SAME",
-        feature_group_count=groups,
         use_bias=False,
         kernel_init=kaiming_normal_fan_out,
         name=name,

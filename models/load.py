@@ -188,7 +188,7 @@ MAPPING_ADVICE = (
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".tar", ".safetensors", ".bin", ".ckpt", ".pkl")
 
 
-def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int, seed: int) -> Any:
+def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -> Any:
     from jaxdissect.models import checkpoint_io, npz_import, torch_import
     from jaxdissect.models.convert import variables_template
 
@@ -395,7 +395,7 @@ def load(
             _check_converted_fit(module, model, weights, variables, spec.size)
             name = f"{model} ({path})"
         else:
-            variables = _weights_from_file(module, model, path, spec.size, seed)
+            variables = _weights_from_file(module, model, path, spec.size)
             name = f"{model} ({path.name})"
     elif variables is None and isinstance(module, nn.Module):
         variables = _init_variables(module, spec.size, seed)
