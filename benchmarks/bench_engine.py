@@ -50,6 +50,8 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/ (torch models)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _common import peak_rss_mib  # noqa: E402
 
 flags.DEFINE_integer("num_images", 256, "Images of the smallest run (runs N, 2N, 4N).")
 flags.DEFINE_list("multiples", ["1", "2", "4"], "Data sizes as multiples of --num_images.")
@@ -88,10 +90,6 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool("child", False, "Internal: run one size and print JSON.")
 FLAGS = flags.FLAGS
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _cpu() -> tuple[float, float, int]:
@@ -152,7 +150,7 @@ def _child() -> dict:
         synthetic_images=FLAGS.num_images,
         cache_dir=os.path.expanduser(FLAGS.cache_dir),
     )
-    rss_data = _peak_rss_mb()
+    rss_data = peak_rss_mib()
     model, reference = _models()
     layers = FLAGS.layers or list(model.default_layers)
     spec = model.input_spec
@@ -208,7 +206,7 @@ def _child() -> dict:
         t_forward = min(t_forward, forward_pass())
         if torch_pass:
             t_torch = min(t_torch, torch_pass())
-    rss_forward = _peak_rss_mb()
+    rss_forward = peak_rss_mib()
 
     steps = driver.Steps()  # shared: the second dissection compiles nothing
 
@@ -285,7 +283,7 @@ def _child() -> dict:
         "cores": (cpu[0] + cpu[1]) / t_dissect,
         "kernel_share": cpu[1] / max(cpu[0] + cpu[1], 1e-9),
         "faults_per_image": cpu[2] / n,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mib(),
         "rss_after_data_mb": rss_data,
         "rss_after_forward_mb": rss_forward,
         "cache_kind": timings.get("cache", FLAGS.activation_cache),

@@ -169,7 +169,8 @@ def accuracy(seeds: int, n: int, adaptive: bool) -> None:
                 for s in starts:
                     st = upd(st, x[s : s + rows])
                 states.append(st)
-            st = Q.merge_list(states, jax.jit(Q.sketch_merge))
+            stacked = jax.tree.map(lambda *a: np.stack(a), *jax.device_get(states))
+            st = statistics.merge_devices(Q.sketch_merge, stacked)
             used = x[: (n // rows) * rows]
             t = np.asarray(Q.sketch_threshold(st, strict=False))
             uncertified = int((~Q.sketch_certified(st)).sum())

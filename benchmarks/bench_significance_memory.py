@@ -10,11 +10,15 @@ RSS with the packed inputs held (getrusage), and the time.
 
 from __future__ import annotations
 
-import resource
+import pathlib
+import sys
 import time
 
 import numpy as np
 from absl import app, flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _common import peak_rss_mib  # noqa: E402
 
 flags.DEFINE_integer("num_images", 4000, "Images.")
 flags.DEFINE_integer("pixels", 49, "Pixels per image on the test's grid.")
@@ -23,10 +27,6 @@ flags.DEFINE_integer("concepts", 300, "Concepts.")
 flags.DEFINE_integer("draws", 2, "Permutation draws.")
 FLAGS = flags.FLAGS
 _CHUNK = 500
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def main(argv):
@@ -45,7 +45,7 @@ def main(argv):
         return np.concatenate(parts)
 
     units, concepts = packed(FLAGS.units), packed(FLAGS.concepts)
-    base = _rss_mib()
+    base = peak_rss_mib()
     t0 = time.perf_counter()
     significance.packed_permutation_test(
         units, concepts, FLAGS.units, FLAGS.concepts, draws=FLAGS.draws
@@ -54,7 +54,7 @@ def main(argv):
     inputs = (units.nbytes + concepts.nbytes) / 2**20
     print(
         f"{FLAGS.num_images} images, packed inputs {inputs:.1f} MiB: peak RSS "
-        f"{_rss_mib() - base:.0f} MiB above them, {elapsed:.1f} s for {FLAGS.draws} draws"
+        f"{peak_rss_mib() - base:.0f} MiB above them, {elapsed:.1f} s for {FLAGS.draws} draws"
     )
 
 

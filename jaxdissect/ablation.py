@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,9 +36,10 @@ import optax
 from absl import logging
 
 from jaxdissect import driver, interventions, parallel, store
+from jaxdissect.evaluate import class_accuracy
 
 # Ablated values: zero, or each unit's mean activation over the evaluation images.
-ZERO, MEAN = "zero", "mean"
+ZERO, MEAN = interventions.ZERO, "mean"
 VALUES = (ZERO, MEAN)
 # Unit masks per compiled call (the layers after the ablated one run this many times a batch).
 DEFAULT_MASKS_PER_CALL = 32
@@ -129,7 +131,7 @@ class Ablator:
             onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32)
 
             def one(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-                rule = _Cached(acts, mask, ZERO if fill is None else fill)
+                rule = _Cached(acts, interventions.Ablate(mask, ZERO if fill is None else fill))
                 net = interventions.intervene(self.module, {self.path: rule})
                 logits = net.apply(variables, self._input(batch["image"]), **self.apply_kwargs)
                 correct = (jnp.argmax(logits, -1) == targets) & valid
@@ -215,28 +217,16 @@ class Ablator:
         return out, losses
 
 
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class _Cached:
     """The layer's output replaced by `acts` (its value on these images, captured before),
-    with the units of mask `units` ablated: what precedes the layer becomes dead code."""
+    then `ablation` applied: what precedes the layer becomes dead code."""
 
     acts: Any
-    units: Any
-    value: Any = ZERO
+    ablation: interventions.Ablate
 
     def __call__(self, y: jax.Array) -> jax.Array:
-        cached = jnp.reshape(self.acts, y.shape).astype(y.dtype)
-        return interventions.ablate(cached, self.units, self.value)
-
-    def tree_flatten(self) -> tuple[tuple[Any, ...], str | None]:
-        if isinstance(self.value, str):
-            return (self.acts, self.units), self.value
-        return (self.acts, self.units, self.value), None
-
-    @classmethod
-    def tree_unflatten(cls, aux: str | None, children: Sequence[Any]) -> _Cached:
-        return cls(*children[:2], aux) if aux is not None else cls(*children)
+        return self.ablation(jnp.reshape(self.acts, y.shape).astype(y.dtype))
 
 
 def _eval_fields(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -409,12 +399,6 @@ def unit_means(
 RISE_DECIMALS = 5
 
 
-def accuracy(correct: np.ndarray, total: np.ndarray) -> np.ndarray:
-    """correct / total per class (NaN for a class without examples); broadcasts over rows."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
-
-
 def ranking(drop: np.ndarray, loss_rise: np.ndarray | None = None) -> np.ndarray:
     """int64 [C, K]: per class, units by decreasing accuracy drop (`drop` [K, C]); ties by
     decreasing rise of the class's mean loss (`loss_rise` [K, C], if given) rounded to
@@ -494,16 +478,19 @@ class AblationResult:
     @property
     def drop(self) -> np.ndarray:
         """float64 [K, C]: accuracy of the intact network minus with unit k ablated."""
-        return accuracy(self.base, self.total)[None, :] - accuracy(self.single, self.total)
+        return class_accuracy(self.base, self.total)[None, :] - class_accuracy(
+            self.single, self.total
+        )
 
     def curve(self, cls: int) -> tuple[np.ndarray, np.ndarray]:
         """(class accuracy, others' mean accuracy) at N = 0 and each N of `ns`."""
-        base = accuracy(self.base, self.total)
+        base = class_accuracy(self.base, self.total)
         own = [base[cls]] + [
-            accuracy(self.top[cls, i], self.total)[cls] for i in range(len(self.ns))
+            class_accuracy(self.top[cls, i], self.total)[cls] for i in range(len(self.ns))
         ]
         rest = [others_mean(base, cls)] + [
-            others_mean(accuracy(self.top[cls, i], self.total), cls) for i in range(len(self.ns))
+            others_mean(class_accuracy(self.top[cls, i], self.total), cls)
+            for i in range(len(self.ns))
         ]
         return np.asarray(own), np.asarray(rest)
 
@@ -615,7 +602,7 @@ def joined(
     """The JSON document: per unit its label and the classes it matters most for; per class
     its most important units with their labels and its accuracy against N units removed."""
     drop = result.drop
-    base = accuracy(result.base, result.total)
+    base = class_accuracy(result.base, result.total)
     units = []
     for k in range(drop.shape[0]):
         d = np.nan_to_num(drop[k], nan=-np.inf)

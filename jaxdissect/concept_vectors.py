@@ -208,7 +208,7 @@ def unit_inputs(
 ) -> tuple[jax.Array, jax.Array]:
     """(upsampled activations float32 [B, P, K], unit masks bool [B, P, K]) on the
     segmentation grid taken every `stride` pixels (P pixels per image)."""
-    s = upsample(acts, size)[:, ::stride, ::stride]
+    s = upsample(acts, size, stride)
     m = active(s, jnp.asarray(thresholds, jnp.float32), tie_rule)
     b, k = s.shape[0], s.shape[-1]
     return s.reshape(b, -1, k), m.reshape(b, -1, k)

@@ -60,8 +60,13 @@ class Evaluation:
     @property
     def per_class_accuracy(self) -> np.ndarray:
         """float64 [C]: correct / examples of each class, NaN for a class without examples."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.total > 0, self.correct / np.maximum(self.total, 1), np.nan)
+        return class_accuracy(self.correct, self.total)
+
+
+def class_accuracy(correct: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """correct / total per class (NaN for a class without examples); broadcasts over rows."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
 
 
 def batch_size_for(mesh: jax.sharding.Mesh, wanted: int | None = None) -> int:

@@ -28,7 +28,7 @@ S = 5, P ~ 5, T = 2): 0.4 G compares, 0.32 G scatter adds, 10 partial sums of 1.
 image. Measured figures: benchmarks/README.md (`bench_formulas.py`).
 
 Exactness: per-batch counts are int32 below 2**30 (`tally.check_batch_bound`); the running
-counts are `tally.WideCount` pairs joined as int64 on the host, summed over devices by the
+counts are `widecount.WideCount` pairs joined as int64 on the host, summed over devices by the
 statistic's merge like the tally.
 """
 
@@ -43,10 +43,8 @@ from jax import lax
 
 from jaxdissect import formulas, statistics, tally
 from jaxdissect.tie_rule import active, check_tie_rule
+from jaxdissect.widecount import WideCount
 
-# Largest [pixels, units] block of one chunk of images off CPU.
-_CHUNK_BYTES = 1 << 28
-_PIB = lax.GatherScatterMode.PROMISE_IN_BOUNDS
 # Formula slots unrolled in one loop body (they share the unit masks).
 _BLOCK_SLOTS = 4
 
@@ -88,39 +86,20 @@ def formula_pixels(p: jax.Array, q: jax.Array, concepts: jax.Array, ops: jax.Arr
     return out
 
 
-def _chunk(chunk: int | None, batch: int, pixels: int, units: int) -> int:
-    if chunk is None:
-        chunk = 1 if jax.default_backend() == "cpu" else max(1, _CHUNK_BYTES // (pixels * units))
-    if chunk < 1:
-        raise ValueError(f"chunk={chunk}: must be >= 1")
-    return min(chunk, batch)
-
-
 def _segment_sums(rows, ids, img, dtype, num_labels):
-    """The tally's segment method on one [c*s, K] block of bool rows.
+    """The tally's segment method (`tally.segment_sums`) on one [c*s, K] block of bool rows.
 
     Returns int32 [L, K]: the rows summed by the pixel's label (every plane) and, for an
     image-level label, by image; and int32 [K], the rows' sum. ids int32 [c, P, s] are
     (image, label) segments, img int32 [c, Q]; row 0 (nothing) is garbage, zeroed later.
     """
-    c = img.shape[0]
+    c, q = img.shape
     k = rows.shape[-1]
-    # 1-byte rows, widened inside each scatter (as the tally: XLA would store them widened).
-    rows = lax.optimization_barrier(rows)
-    part = jnp.zeros((c * num_labels, k), dtype)
-    part = part.at[ids[:, 0].reshape(-1)].add(rows.astype(dtype), mode=_PIB)
-    # Plane 0 puts every pixel in exactly one segment: its sums per image are the rows' sums
-    # (a sum of the rows over pixels is 3 times slower on CPU). The barrier keeps the later
-    # scatters in place: without it XLA copied the partial sums, doubling the time.
-    per_image = part.reshape(c, num_labels, k).sum(1, dtype=jnp.int32)  # [c, K]
-    per_image, part = lax.optimization_barrier((per_image, part))
-    for plane in range(1, ids.shape[1]):
-        part = part.at[ids[:, plane].reshape(-1)].add(rows.astype(dtype), mode=_PIB)
-    part = part.reshape(c, num_labels, k).astype(jnp.int32).sum(0)
+    part, per_image = tally.segment_sums(rows, ids, dtype, num_labels, hold_plane0=True)
+    part = part.astype(jnp.int32).sum(0)
     # Image-level labels: the whole image is the concept's mask.
-    q = img.shape[1]
     whole = jnp.broadcast_to(per_image[:, None, :], (c, q, k)).reshape(c * q, k)
-    part = part.at[img.reshape(-1)].add(whole, mode=_PIB)
+    part = part.at[img.reshape(-1)].add(whole, mode=tally.IN_BOUNDS)
     return part, per_image.sum(0)
 
 
@@ -164,7 +143,7 @@ def batch_formula_counts(
     # Slot-major, so that one slot's formulas of every unit are one [K] block.
     concepts = concepts.transpose(1, 0, 2)
     ops = ops.transpose(1, 0, 2)
-    c = _chunk(chunk, b, s, k)
+    c = tally.images_per_chunk(chunk, b, s * k * 4)  # [pixels, K] rows
     pad = -b % c
     n = (b + pad) // c
 
@@ -256,10 +235,10 @@ def formula_statistic(
             "concepts": jax.device_put(np.asarray(table.concepts, np.int32)),
             "ops": jax.device_put(np.asarray(table.ops, np.int32)),
             "counts": {
-                "and_label": tally.WideCount.zeros((k, slots, num_labels)),
-                "formula_label": tally.WideCount.zeros((k, slots, num_labels)),
-                "and_total": tally.WideCount.zeros((k, slots)),
-                "formula_total": tally.WideCount.zeros((k, slots)),
+                "and_label": WideCount.zeros((k, slots, num_labels)),
+                "formula_label": WideCount.zeros((k, slots, num_labels)),
+                "and_total": WideCount.zeros((k, slots)),
+                "formula_total": WideCount.zeros((k, slots)),
             },
         }
 

@@ -70,8 +70,8 @@ from jaxdissect.formulas import (
     Formula,
     FormulaTable,
     extension_counts,
-    iou,
 )
+from jaxdissect.results import iou
 
 Evaluate = Callable[[FormulaTable], ExtensionCounts]
 DEFAULT_BEAM = 5

@@ -190,13 +190,6 @@ class ExtensionCounts:
     formula_total: np.ndarray
 
 
-def iou(inter: np.ndarray, unit: np.ndarray, formula: np.ndarray) -> np.ndarray:
-    """IoU = inter / (unit + formula - inter) in float64, 0 where the union is empty."""
-    inter = np.asarray(inter, np.float64)
-    union = np.asarray(unit, np.float64) + np.asarray(formula, np.float64) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1.0), 0.0)
-
-
 def extension_counts(first: FirstCounts, ext: ExtensionCounts) -> tuple[np.ndarray, np.ndarray]:
     """(|M and G|, |G|), int64 [K, S, 3, L], for G = P op c, op in OPS order (module doc)."""
     a, b = ext.and_label, ext.formula_label
@@ -219,6 +212,5 @@ __all__ = [
     "Formula",
     "FormulaTable",
     "extension_counts",
-    "iou",
     "parse_ops",
 ]

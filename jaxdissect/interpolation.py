@@ -1,8 +1,9 @@
 """The bilinear interpolation of a unit's map to the label resolution (numpy, no JAX).
 
 Half-pixel centres with edge clamping, rows then columns (the definition is in
-`jaxdissect.tally`'s docstring): the tally, the significance test's grid masks and the
-report's strips all take their taps from here.
+`jaxdissect.tally`'s docstring): `tally.upsample` takes its taps from here, and every
+upsampled map goes through it (the tally, the masks, the significance test's grid, the
+report's strips).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxdissect import store
 from jaxdissect.labelspace import LabelSpace
@@ -73,6 +74,19 @@ STATES = (*TIE_STATES, NO_ACTIVE_PIXELS, NO_OVERLAP)
 SIGNIFICANCE_COLUMNS = ("p-value", "label-p-value", "significant")
 
 
+def iou(inter: ArrayLike, first: ArrayLike, second: ArrayLike) -> np.ndarray:
+    """IoU = inter / (first + second - inter), float64, 0 where that union is not positive.
+
+    The areas of two masks and of their intersection, as arrays that broadcast together.
+    Integer counts are summed exactly in int64 (float counts in float64), and the quotient
+    is the float64 division of the two.
+    """
+    dtype = np.result_type(inter, first, second, np.int64)
+    inter = np.asarray(inter, dtype)
+    union = np.asarray(first, dtype) + np.asarray(second, dtype) - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
 def iou_matrix(counts: Mapping[str, np.ndarray], labels: LabelSpace) -> np.ndarray:
     """IoU [K, L] float64 of every unit and label (see module docstring)."""
     inter = np.asarray(counts["intersection"], np.int64)
@@ -81,10 +95,9 @@ def iou_matrix(counts: Mapping[str, np.ndarray], labels: LabelSpace) -> np.ndarr
     scored = labels.primary >= 0
     scored[0] = False
     # Unscored labels read column 0 of unit_pixels; their IoU is zeroed below.
-    union = unit_pixels[:, np.maximum(labels.primary, 0)] + label_pixels[None, :] - inter
-    iou = np.divide(inter, union, out=np.zeros(inter.shape, np.float64), where=union > 0)
-    iou[:, ~scored] = 0.0
-    return iou
+    out = iou(inter, unit_pixels[:, np.maximum(labels.primary, 0)], label_pixels[None, :])
+    out[:, ~scored] = 0.0
+    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -365,7 +378,7 @@ def layer_file_stems(layers: Sequence[str]) -> list[str]:
     seen: set[str] = set()
     stems = []
     for layer in layers:
-        base = _UNSAFE_FILE_CHARS.sub("_", layer).strip("._-") or "layer"
+        base = _stem_base(layer)
         stem, salt = base, 0
         while len(stem) > _MAX_STEM or stem.lower() in seen:
             digest = hashlib.sha1(f"{layer}\0{salt}".encode()).hexdigest()[:8]
@@ -376,9 +389,31 @@ def layer_file_stems(layers: Sequence[str]) -> list[str]:
     return stems
 
 
+def _stem_base(layer: str) -> str:
+    """The layer name made safe for a file name, before `layer_file_stems` makes it unique."""
+    return _UNSAFE_FILE_CHARS.sub("_", layer).strip("._-") or "layer"
+
+
+def _is_layer_stem(stem: str | None, layer: str) -> bool:
+    """Whether `layer_file_stems` can give `layer` this stem in some run: its safe name, or
+    (long, or clashing with another layer's) that name cut and followed by `-` and a hash."""
+    if stem is None:
+        return False
+    base = _stem_base(layer)
+    if len(base) <= _MAX_STEM and stem == base:
+        return True
+    return re.fullmatch(re.escape(base[: _MAX_STEM - 9]) + "-[0-9a-f]{8}", stem) is not None
+
+
 def tally_csv_name(stem: str) -> str:
     """File name of a layer's tally.csv: `tally-<stem>.csv`, stem from `layer_file_stems`."""
     return f"tally-{stem}.csv"
+
+
+def _tally_csv_stem(name: str) -> str | None:
+    """The stem of a `tally_csv_name` (None for another name)."""
+    named = re.fullmatch(r"tally-(.+)\.csv", name)
+    return None if named is None else named.group(1)
 
 
 def stats_npz_name(stem: str) -> str:
@@ -441,14 +476,15 @@ def write_tally_csv(path: str | os.PathLike, result: LayerResult) -> Path:
     """Write the layer's tally.csv (Lite's schema) atomically; returns the path written.
 
     `path` is a folder (the file is then `tally-<layer>.csv` inside it) or a file name,
-    which must contain the layer's stem (`layer_file_stems`): the schema has no layer
-    column, and one `tally.csv` for several layers is how the old tools mixed layers up.
+    which must be `tally_csv_name` of a stem `layer_file_stems` gives the layer: the schema
+    has no layer column, and one `tally.csv` for several layers is how the old tools mixed
+    layers up.
     """
     path = Path(path)
     (stem,) = layer_file_stems([result.layer])
     if path.is_dir():
         path = path / tally_csv_name(stem)
-    elif stem not in path.name:
+    elif not _is_layer_stem(_tally_csv_stem(path.name), result.layer):
         raise ValueError(
             f"tally file name {path.name!r} does not name layer {result.layer!r}; "
             f"use {tally_csv_name(stem)!r}"

@@ -134,9 +134,15 @@ def rotate_units(rotations: Mapping[str, Any], *, fold: bool = False) -> Iterato
     each path. Enter it inside any interceptor that should see the rotated
     units (the capture of `jaxdissect.capture`), e.g. through `RotatedModel`.
     """
-    rule = interventions.Fold if fold else interventions.Rotate
-    with interventions.active({path: rule(m) for path, m in rotations.items()}):
+    with interventions.active(rotation_rules(rotations, fold)):
         yield
+
+
+def rotation_rules(rotations: Mapping[str, Any], fold: bool) -> dict[str, interventions.Rule]:
+    """{path: `interventions.Fold(m)` if `fold` else `interventions.Rotate(m)`} of
+    `rotations` {path: matrix m}."""
+    rule = interventions.Fold if fold else interventions.Rotate
+    return {path: rule(m) for path, m in rotations.items()}
 
 
 class RotatedModel(interventions.Wrapped):
@@ -159,8 +165,7 @@ class RotatedModel(interventions.Wrapped):
     def apply(self, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         variables = dict(variables)
         rotations = variables.pop(COLLECTION, {})
-        rule = interventions.Fold if self.fold else interventions.Rotate
-        rules = {path: rule(m) for path, m in rotations.items()}
+        rules = rotation_rules(rotations, self.fold)
         return interventions.intervene(self.base, rules).apply(variables, *args, **kwargs)
 
 

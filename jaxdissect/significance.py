@@ -55,8 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect import parallel, statistics
-from jaxdissect.interpolation import interpolation_taps
+from jaxdissect import parallel, results, statistics, tally
 from jaxdissect.tally import F32_EXACT
 from jaxdissect.tie_rule import active, check_tie_rule
 
@@ -209,8 +208,7 @@ class PermutationTest:
 
     def iou(self) -> np.ndarray:
         """float64 [K, C]: the observed IoU of every (unit, concept) pair on the test's grid."""
-        union = self.unit_area[:, None] + self.concept_area[None, :] - self.observed
-        return np.where(union > 0, self.observed / np.maximum(union, 1), 0.0)
+        return results.iou(self.observed, self.unit_area[:, None], self.concept_area[None, :])
 
 
 def block_size(num_images: int, pixels: int, num_units: int, num_concepts: int) -> int:
@@ -321,15 +319,7 @@ def grid_unit_masks(
 ) -> jax.Array:
     """bool [B, ceil(sh/stride), ceil(sw/stride), K]: `masks.unit_masks(acts, thresholds, size,
     tie_rule)[:, ::stride, ::stride]`, upsampled only at the grid's pixels (same values)."""
-    sh, sw = size
-    _, h, w, _ = acts.shape
-    acts = jnp.asarray(acts, jnp.float32)
-    y0, y1, fy = (t[::stride] for t in interpolation_taps(sh, h))
-    x0, x1, fx = (t[::stride] for t in interpolation_taps(sw, w))
-    gy, hy = (1.0 - fy)[None, :, None, None], fy[None, :, None, None]
-    gx, hx = (1.0 - fx)[None, None, :, None], fx[None, None, :, None]
-    rows = acts[:, y0] * gy + acts[:, y1] * hy
-    up = rows[:, :, x0] * gx + rows[:, :, x1] * hx
+    up = tally.upsample(acts, size, stride)
     return active(up, jnp.asarray(thresholds, jnp.float32), tie_rule)
 
 

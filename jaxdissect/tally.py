@@ -100,14 +100,20 @@ MAX_BATCH_COUNT = 1 << LO_BITS
 F32_EXACT = 1 << 24
 # Memory budget of one chunk's largest buffer off CPU (multi-hot matrix, segment sums).
 _CHUNK_BYTES = 1 << 30
-_PIB = lax.GatherScatterMode.PROMISE_IN_BOUNDS
+# Gathers and scatters whose indices are in range by construction (label ids cleaned by
+# `clean_labels`, segment ids built from them): no bounds handling in the compiled code.
+IN_BOUNDS = lax.GatherScatterMode.PROMISE_IN_BOUNDS
 
 
 # --------------------------------------------------------------------------- upsampling
 
 
-def upsample(acts: jax.Array, size: tuple[int, int]) -> jax.Array:
+def upsample(acts: jax.Array, size: tuple[int, int], stride: int = 1) -> jax.Array:
     """Bilinear resize of NHWC maps [B, h, w, K] to [B, sh, sw, K] (see module docstring).
+
+    stride: only every `stride`-th output row and column, [B, ceil(sh/stride),
+    ceil(sw/stride), K]: `upsample(acts, size)[:, ::stride, ::stride]`, same values,
+    without computing the others.
 
     Written as two-tap gathers along each axis rather than matmuls with the interpolation
     matrices: the gathers fuse with the threshold comparison into one elementwise pass
@@ -117,11 +123,13 @@ def upsample(acts: jax.Array, size: tuple[int, int]) -> jax.Array:
         raise ValueError(f"acts {tuple(jnp.shape(acts))}: must be [B, h, w, K] maps")
     if np.ndim(size) != 1 or len(size) != 2:
         raise ValueError(f"size={size!r}: must be the (height, width) to upsample to")
+    if stride < 1:
+        raise ValueError(f"stride={stride}: must be >= 1")
     sh, sw = size
     _, h, w, _ = acts.shape
     acts = jnp.asarray(acts, jnp.float32)
-    y0, y1, fy = interpolation_taps(sh, h)
-    x0, x1, fx = interpolation_taps(sw, w)
+    y0, y1, fy = (t[::stride] for t in interpolation_taps(sh, h))
+    x0, x1, fx = (t[::stride] for t in interpolation_taps(sw, w))
     gy, hy = (1.0 - fy)[None, :, None, None], fy[None, :, None, None]
     gx, hx = (1.0 - fx)[None, None, :, None], fx[None, None, :, None]
     rows = acts[:, y0] * gy + acts[:, y1] * hy
@@ -176,29 +184,35 @@ def _resolve_method(method: str) -> str:
     return method
 
 
+def images_per_chunk(chunk: int | None, batch: int, bytes_per_image: int) -> int:
+    """Images per inner step, at most `batch`: `chunk`, or by default one on CPU (the image's
+    mask stays in cache) and elsewhere as many as keep the chunk's largest buffer
+    (`bytes_per_image` an image) within `_CHUNK_BYTES` (parallelism)."""
+    if chunk is None:
+        chunk = 1 if jax.default_backend() == "cpu" else max(1, _CHUNK_BYTES // bytes_per_image)
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: must be >= 1")
+    return min(chunk, batch)
+
+
 def _resolve_chunk(
     chunk: int | None, method: str, batch: int, pixels: int, labels: int, units: int
 ) -> int:
-    """Images per inner step: one on CPU (cache), many elsewhere (parallelism)."""
-    if chunk is None:
-        if jax.default_backend() == "cpu":
-            chunk = 1  # the image's mask stays in cache
-        elif method == "segment":
-            chunk = max(1, _CHUNK_BYTES // (labels * units * 4))
-        elif method == "compact":
-            chunk = max(1, _CHUNK_BYTES // (pixels * units * 4))
-        else:
-            chunk = max(1, _CHUNK_BYTES // (pixels * labels * 2))
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if method == "matmul" and min(chunk, batch) * pixels >= F32_EXACT:
+    """Images per inner step of `method` (`images_per_chunk`)."""
+    largest = {  # bytes of an image's largest buffer
+        "segment": labels * units * 4,  # int32 sums [L, K]
+        "compact": pixels * units * 4,  # [pixels, K] mask rows
+        "matmul": pixels * labels * 2,  # [pixels, L] multi-hot matrix
+    }[method]
+    chunk = images_per_chunk(chunk, batch, largest)
+    if method == "matmul" and chunk * pixels >= F32_EXACT:
         raise ValueError(
             f"matmul method: {chunk} images x {pixels} pixels per chunk would exceed float32's "
             "exact integer range; use a smaller chunk"
         )
     if method == "compact" and pixels >= F32_EXACT:
         raise ValueError(f"compact method: {pixels} pixels per image exceed float32's exact range")
-    return min(chunk, batch)
+    return chunk
 
 
 def batch_counts(
@@ -314,14 +328,14 @@ def batch_counts(
         jnp.broadcast_to(unit_img[:, None, :], (*img.shape, k)).reshape(-1, k),
         img.reshape(-1),
         num_segments=num_labels,
-        mode=_PIB,
+        mode=IN_BOUNDS,
     )
     inter = inter.at[0].set(0)
 
     label_pixels = jnp.zeros((num_labels,), jnp.int32)
     for plane in range(p):
-        label_pixels = label_pixels.at[pix[:, plane].reshape(-1)].add(1, mode=_PIB)
-    label_pixels = label_pixels.at[img.reshape(-1)].add(s, mode=_PIB).at[0].set(0)
+        label_pixels = label_pixels.at[pix[:, plane].reshape(-1)].add(1, mode=IN_BOUNDS)
+    label_pixels = label_pixels.at[img.reshape(-1)].add(s, mode=IN_BOUNDS).at[0].set(0)
 
     unit_total = unit_img.sum(0)
     if restriction == "none":
@@ -443,9 +457,9 @@ def _segment_step(inter, xs, *, thresholds, tie_rule, num_labels, unit_block, **
                 **kw,
             )
             return (
-                inter.at[idx].add(part.T, mode=_PIB),
-                unit_img.at[:, idx].add(img_b, mode=_PIB),
-                overlap.at[:, :, idx].max(ovl_b, mode=_PIB),
+                inter.at[idx].add(part.T, mode=IN_BOUNDS),
+                unit_img.at[:, idx].add(img_b, mode=IN_BOUNDS),
+                overlap.at[:, :, idx].max(ovl_b, mode=IN_BOUNDS),
             )
 
         inter, unit_img, overlap = lax.fori_loop(0, -(-n_fire // unit_block), one_block, carry)
@@ -481,22 +495,14 @@ def _segment_counts(
             unit_img,
             jnp.zeros((c, num_categories if per_image_overlap else 0, k), bool),
         )
-    # One segment per (image, label): per-image sums are bounded by the image's pixels
-    # (planes are deduplicated), so uint16 holds them up to 256x256 segmentations; segment
-    # 0 gathers unlabeled pixels of every plane and may wrap, it is discarded.
-    dtype = jnp.uint16 if s <= 0xFFFF else jnp.int32
-    # Keep the mask in memory as 1-byte bools and widen it inside each scatter: left alone,
-    # XLA stores it widened once for all planes, and that memory traffic tripled the time.
-    rows = lax.optimization_barrier(mask.reshape(c * s, k))
-    ids = pix + (jnp.arange(c, dtype=jnp.int32) * num_labels)[:, None, None, None]
-    part = jnp.zeros((c * num_labels, k), dtype)
-    part = part.at[ids[:, 0].reshape(-1)].add(rows.astype(dtype), mode=_PIB)
-    # Plane 0 puts every pixel in exactly one segment: its sums per image are |M_k(x)|.
-    # Reading them here spares a second pass over the full-size mask.
-    unit_img = part.reshape(c, num_labels, k).sum(1, dtype=jnp.int32)
-    for plane in range(1, planes):
-        part = part.at[ids[:, plane].reshape(-1)].add(rows.astype(dtype), mode=_PIB)
-    part = part.reshape(c, num_labels, k).at[:, 0].set(0)
+    # Plane 0's sums per image are |M_k(x)|.
+    part, unit_img = segment_sums(
+        mask.reshape(c * s, k),
+        pix + (jnp.arange(c, dtype=jnp.int32) * num_labels)[:, None, None, None],
+        jnp.uint16 if s <= 0xFFFF else jnp.int32,
+        num_labels,
+    )
+    part = part.at[:, 0].set(0)
     if per_image_overlap:
         hit = (part > 0).astype(jnp.float32)
         onehot = jax.nn.one_hot(cat_of, num_categories, dtype=jnp.float32)  # [L, C]
@@ -504,6 +510,39 @@ def _segment_counts(
     else:
         overlap = jnp.zeros((c, 0, k), bool)
     return part.astype(jnp.int32).sum(0), (unit_img, overlap)
+
+
+def segment_sums(
+    rows: jax.Array, ids: jax.Array, dtype, num_labels: int, *, hold_plane0: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """The segment method's sums of a chunk of c images: ([c, L, K] `dtype`, [c, K] int32).
+
+    rows: bool [c * s, K], pixel-major; ids: int32 [c, P, ...] (s pixels after the planes
+    axis), image * L + label of each pixel in each plane. The first result sums the rows by
+    (image, label) over every plane; segment (image, 0) gathers unlabelled pixels and may
+    wrap, for the caller to discard. The second is plane 0's sums per image, which are the
+    rows' sums (every pixel lies in exactly one of an image's segments of one plane): read
+    from the partial sums, they spare a second pass over the full-size rows (summing the
+    rows was 3 times slower on CPU).
+
+    `dtype`: uint16 where a per-image sum fits (at most the image's pixels: labels are
+    deduplicated over the planes, `clean_labels`), else int32. The rows stay in memory as
+    1-byte bools, widened inside each scatter: left alone, XLA stores them widened once for
+    all planes, and that memory traffic tripled the time. `hold_plane0` puts plane 0's sums
+    and the partial sums behind a barrier before the other planes' scatters (where XLA would
+    otherwise copy the partial sums there: `formula_counts`, twice the time).
+    """
+    c = ids.shape[0]
+    k = rows.shape[-1]
+    rows = lax.optimization_barrier(rows)
+    part = jnp.zeros((c * num_labels, k), dtype)
+    part = part.at[ids[:, 0].reshape(-1)].add(rows.astype(dtype), mode=IN_BOUNDS)
+    plane0 = part.reshape(c, num_labels, k).sum(1, dtype=jnp.int32)
+    if hold_plane0:
+        plane0, part = lax.optimization_barrier((plane0, part))
+    for plane in range(1, ids.shape[1]):
+        part = part.at[ids[:, plane].reshape(-1)].add(rows.astype(dtype), mode=IN_BOUNDS)
+    return part.reshape(c, num_labels, k), plane0
 
 
 def _compact_step(
@@ -525,7 +564,9 @@ def _compact_step(
     ids = jnp.moveaxis(pix, 1, -1).reshape(c, s, planes)
     image = jnp.arange(c, dtype=jnp.int32)[:, None]
     # Which labels each image holds, and each one's rank among them (its slot, in rounds).
-    present = jnp.zeros((c, num_labels), bool).at[image, pix.reshape(c, -1)].set(True, mode=_PIB)
+    present = (
+        jnp.zeros((c, num_labels), bool).at[image, pix.reshape(c, -1)].set(True, mode=IN_BOUNDS)
+    )
     present = present.at[:, 0].set(False)
     rank = jnp.cumsum(present, axis=1, dtype=jnp.int32) - 1
     rounds = (present.sum(1, dtype=jnp.int32).max() + slots - 1) // slots
@@ -542,7 +583,7 @@ def _compact_step(
         part = jnp.einsum(
             "bsj,bsk->bjk", hot.astype(dtype), rows, preferred_element_type=jnp.float32
         ).astype(jnp.int32)  # [c, S, K]
-        inter = inter.at[table.reshape(-1)].add(part.reshape(c * slots, k), mode=_PIB)
+        inter = inter.at[table.reshape(-1)].add(part.reshape(c * slots, k), mode=IN_BOUNDS)
         if per_image_overlap:
             hit = (part > 0).astype(jnp.float32)
             overlap = overlap | (jnp.einsum("bjk,bjq->bqk", hit, onehot_cat[table]) > 0)

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect.parallel import filled
-from jaxdissect.tally import WideCount
 from jaxdissect.unit_reduce import fold_rows
+from jaxdissect.widecount import WideCount
 
 
 @flax.struct.dataclass

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxdissect import quantiles as Q
+from jaxdissect import statistics
 
 Q_DEFAULT = 0.005
 
@@ -138,7 +139,7 @@ def test_exact_merge_associative_commutative_bitwise():
     right = _exact_merge(a, _exact_merge(b, c))
     swapped = _exact_merge(c, _exact_merge(b, a))
     stacked = jax.tree_util.tree_map(lambda *s: jnp.stack(s), a, b, c)  # like all_gather
-    gathered = Q.merge_all(stacked)
+    gathered = statistics.merge_devices(Q.exact_merge, stacked)
     on_host = _exact_merge(c, _exact_merge(*jax.device_get((b, a))))  # numpy leaves
     for other in (right, swapped, gathered, on_host):
         np.testing.assert_array_equal(_bits(left.top), _bits(other.top))
@@ -280,12 +281,14 @@ def test_sketch_accuracy_after_merging_8_shards(big_tail_data):
         for s in starts:
             state = _sketch_update(state, x[s : s + BIG_ROWS])
         states.append(state)
-    tree = Q.merge_list(states, _sketch_merge)  # ((01)(23))((45)(67))
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)  # like all_gather
+    tree = statistics.merge_devices(Q.sketch_merge, stacked)  # ((01)(23))((45)(67))
     assert Q.count_value(tree.count) == x.shape[0]
     _check_accuracy(tree, x, names, ref)
-    # Another order: a left fold over the stacked states, as after lax.all_gather.
-    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states[::-1])
-    folded = jax.jit(Q.merge_all)(stacked)
+    # Another order: a left fold over the states in reverse, ((((76)5)4)...)0.
+    folded = states[-1]
+    for state in states[-2::-1]:
+        folded = _sketch_merge(folded, state)
     assert not np.array_equal(np.asarray(folded.levels), np.asarray(tree.levels))
     _check_accuracy(folded, x, names, ref)
 
@@ -341,7 +344,7 @@ def test_merge_after_all_gather():
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
 
     def per_device(state):
-        return Q.merge_all(jax.lax.all_gather(state, "d"))
+        return statistics.merge_devices(Q.exact_merge, jax.lax.all_gather(state, "d"))
 
     merged = jax.jit(jax.vmap(per_device, axis_name="d"))(stacked)
     ref = _bits(Q.reference_threshold(x.reshape(-1, K)))

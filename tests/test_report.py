@@ -26,6 +26,28 @@ MATH = "$x^2$ price"
 CATEGORIES = ("object", "part", "scene", "texture", "color")
 
 
+def _upsample(maps: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """The tally's upsampling (`tally.upsample`) of one unit's maps [T, h, w] to [T, H, W]."""
+    size = (size, size) if isinstance(size, int) else size
+    return np.asarray(tally.upsample(np.asarray(maps, np.float32)[..., None], size))[..., 0]
+
+
+def _upsample_f64(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Plain numpy reference of the bilinear formula (`jaxdissect.tally`'s docstring: half-pixel
+    centres, edge clamping, rows then columns) in float64, rounded to float32 once."""
+    m = np.asarray(maps, np.float64)
+    for axis, n_out in ((1, size[0]), (2, size[1])):
+        n_in = m.shape[axis]
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        i0 = np.floor(src).astype(np.int64)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        shape = [1, 1, 1]
+        shape[axis] = n_out
+        f = (src - i0).reshape(shape)
+        m = np.take(m, i0, axis=axis) * (1.0 - f) + np.take(m, i1, axis=axis) * f
+    return m.astype(np.float32)
+
+
 def _layer(
     rng: np.random.Generator, out: Path, name: str, stem: str, k: int, labels: list[str], thr: float
 ) -> LayerPage:
@@ -42,7 +64,7 @@ def _layer(
         strip = None
         if u % 4 != 3:  # some units without a strip
             imgs = rng.integers(0, 256, (3, 12, 12, 3), dtype=np.uint8)
-            maps = report.upsample_maps(rng.uniform(0, 1, (3, 3, 3)).astype(np.float32), 12)
+            maps = _upsample(rng.uniform(0, 1, (3, 3, 3)).astype(np.float32), 12)
             rel = f"strips/{stem}/unit {u:04d}#.png"  # space and '#' must still resolve
             report.save_png(out / rel, report.unit_strip(imgs, maps, 0.6, outline=u % 2 == 0))
             strip = rel
@@ -245,15 +267,19 @@ def test_strip_skips_empty_slots_and_outlines() -> None:
 
 
 def test_upsample_matches_pil() -> None:
+    """The float64 reference below and the tally's upsampling are PIL's bilinear resize."""
     rng = np.random.default_rng(3)
     maps = rng.normal(size=(2, 5, 7)).astype(np.float32)
-    up = report.upsample_maps(maps, (40, 21))
-    assert up.shape == (2, 40, 21) and up.dtype == np.float32
+    exact = _upsample_f64(maps, (40, 21))
+    up = _upsample(maps, (40, 21))
+    assert exact.shape == up.shape == (2, 40, 21) and exact.dtype == up.dtype == np.float32
     for i in range(2):
         pil = Image.fromarray(maps[i], mode="F").resize((21, 40), Image.Resampling.BILINEAR)
+        np.testing.assert_allclose(exact[i], np.asarray(pil), atol=1e-5)
         np.testing.assert_allclose(up[i], np.asarray(pil), atol=1e-5)
-    const = report.upsample_maps(np.full((1, 3, 3), 2.5, np.float32), 9)
-    np.testing.assert_allclose(const, 2.5)
+    for upsample in (_upsample, _upsample_f64):
+        const = upsample(np.full((1, 3, 3), 2.5, np.float32), (9, 9))
+        np.testing.assert_allclose(const, 2.5)
 
 
 def test_strip_masks_are_the_pixels_the_tally_counts() -> None:
@@ -265,7 +291,7 @@ def test_strip_masks_are_the_pixels_the_tally_counts() -> None:
     up = np.asarray(jax.jit(tally.upsample, static_argnums=1)(maps, size))
     thresholds = np.zeros(k, np.float32)
     for u in range(k):
-        exact = report.upsample_maps(maps[..., u], size)  # float64, rounded once
+        exact = _upsample_f64(maps[..., u], size)  # float64, rounded once
         i, y, x = np.argwhere(exact != up[..., u])[0]
         thresholds[u] = min(exact[i, y, x], up[i, y, x, u])
     on = build.strip_masks(maps, thresholds, np.arange(k), size, "strict")  # [k, t, H, W]
@@ -276,9 +302,7 @@ def test_strip_masks_are_the_pixels_the_tally_counts() -> None:
     for i in range(t):
         want = np.asarray(count(maps[i : i + 1], thresholds, labels, primary)["unit_total"])
         np.testing.assert_array_equal(on[:, i].sum((1, 2)), want)
-        exact = [
-            report.upsample_maps(maps[i : i + 1, ..., u], size) > thresholds[u] for u in range(k)
-        ]
+        exact = [_upsample_f64(maps[i : i + 1, ..., u], size) > thresholds[u] for u in range(k)]
         differs |= [m.sum() for m in exact] != want.tolist()
     assert differs  # the test can fail: float64 interpolation marks other pixels
     # A block's padding leaves the units asked for alone.
@@ -289,14 +313,15 @@ def test_strip_masks_are_the_pixels_the_tally_counts() -> None:
 
 
 def test_upsample_keeps_a_nan_or_infinity_local() -> None:
-    """A non-finite value reaches only the output pixels that sample it."""
+    """A non-finite value reaches only the output pixels that sample it (the tally's
+    upsampling, which the strips' masks use)."""
     rng = np.random.default_rng(4)
     maps = rng.normal(size=(3, 7, 5)).astype(np.float32) * 10.0
-    up = report.upsample_maps(maps, (112, 30))
+    up = _upsample(maps, (112, 30))
     for bad in (np.nan, np.inf):
         spoiled = maps.copy()
         spoiled[1, 3, 2] = bad
-        out = report.upsample_maps(spoiled, (112, 30))
+        out = _upsample(spoiled, (112, 30))
         np.testing.assert_array_equal(out[[0, 2]], up[[0, 2]])
         changed = out[1] != up[1]
         rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))

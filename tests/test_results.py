@@ -157,6 +157,34 @@ def test_tally_csv_schema_quoting_and_order(layer, tmp_path):
     assert [r["object-label"] for r in rows if r["unit"] == "2"] == [NASTY]
 
 
+def test_iou_of_areas_is_the_exact_quotient():
+    """results.iou, the one numpy IoU (the results, the formula search, the permutation test),
+    against Python's division of exact integers: 0 where the union is not positive."""
+    rng = np.random.default_rng(5)
+    inter = rng.integers(0, 2**40, (6, 5))
+    first = inter.max(1, keepdims=True) + rng.integers(0, 2**40, (6, 1))
+    second = inter + rng.integers(0, 3, (6, 5))
+    inter[0, :2], first[0], second[0, :2] = 0, 0, 0  # an empty union
+    second[1, 0] = 0  # a union below the intersection (inconsistent counts): 0
+    inter[1, 0] = first[1, 0] + 1
+    want = np.array(
+        [
+            [
+                int(i) / u if (u := int(a) + int(b) - int(i)) > 0 else 0.0
+                for i, a, b in zip(inter[r], np.broadcast_to(first[r], 5), second[r], strict=True)
+            ]
+            for r in range(6)
+        ]
+    )
+    for args in ((inter, first, second), (inter.astype(np.float64), first, second)):
+        got = results.iou(*args)
+        assert got.dtype == np.float64 and got.shape == (6, 5)
+        np.testing.assert_array_equal(got, want)
+    # int32 counts whose sum passes 2**31 are summed in int64.
+    big = np.array([2**30 + 5], np.int32)
+    assert results.iou(big, big, big)[0] == 1.0
+
+
 def test_tally_csv_names_the_layer(layer, tmp_path):
     with pytest.raises(ValueError, match="layer"):
         results.write_tally_csv(tmp_path / "tally.csv", layer)
@@ -165,6 +193,23 @@ def test_tally_csv_names_the_layer(layer, tmp_path):
     b = results.write_tally_csv(tmp_path, other)
     assert a != b and b.name == "tally-block_4_conv.csv" and b.parent == tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([a.name, b.name])  # no temps
+
+
+def test_tally_csv_file_name_is_exactly_the_layers(layer, tmp_path):
+    # The layer's stem inside another name is not its name: tally-conv10.csv is conv10's.
+    conv1 = results.layer_result("conv1", layer.counts, layer.labels)
+    for name in ("tally-conv10.csv", "tally-conv1.csv.bak", "old-tally-conv1.csv", "conv1.csv"):
+        with pytest.raises(ValueError, match=r"does not name layer 'conv1'; use 'tally-conv1.csv'"):
+            results.write_tally_csv(tmp_path / name, conv1)
+    assert results.write_tally_csv(tmp_path / "tally-conv1.csv", conv1).name == "tally-conv1.csv"
+    # A stem made unique in a run of layers whose names clash is the layer's too.
+    stems = results.layer_file_stems(["block_4", "block/4"])
+    assert stems[1].startswith("block_4-")
+    clashing = results.layer_result("block/4", layer.counts, layer.labels)
+    path = tmp_path / results.tally_csv_name(stems[1])
+    assert results.write_tally_csv(path, clashing) == path
+    with pytest.raises(ValueError, match="does not name layer 'block/4'"):
+        results.write_tally_csv(tmp_path / "tally-block_4-notahash.csv", clashing)
 
 
 def test_file_names_are_the_layer_names():

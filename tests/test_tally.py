@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect import results, tally, tie_counts, ties
+from jaxdissect import results, tally, tie_counts, ties, widecount
 from jaxdissect.tie_rule import active
 from tests.reference import random_probe, reference_counts, reference_dissect, reference_upsample
 
@@ -348,7 +348,7 @@ def test_wide_counts_exact_past_int32():
     steps = rng.integers(2**29, 2**30, size=(40, 3))  # each step < 2**30
     steps[0] = 2**30 - 1
     add = jax.jit(lambda w, x: w.add(x))
-    a = b = tally.WideCount.zeros((3,))
+    a = b = widecount.WideCount.zeros((3,))
     for i, x in enumerate(steps):
         x = jnp.asarray(x, jnp.int32)
         if i % 2:
@@ -410,6 +410,16 @@ def test_downsample_is_not_antialiased():
     np.testing.assert_allclose(got[0, :, :, 1], reference_upsample(acts[0, :, :, 1], (4, 5)))
     same = np.asarray(tally.upsample(jnp.asarray(acts), (9, 11)))
     np.testing.assert_array_equal(same, acts)
+
+
+def test_upsample_with_a_stride_is_every_stride_th_pixel():
+    acts = np.random.default_rng(3).normal(size=(2, 5, 7, 3)).astype(np.float32)
+    full = np.asarray(tally.upsample(jnp.asarray(acts), (19, 23)))
+    for stride in (1, 2, 4, 30):
+        got = np.asarray(tally.upsample(jnp.asarray(acts), (19, 23), stride))
+        np.testing.assert_array_equal(got, full[:, ::stride, ::stride])
+    with pytest.raises(ValueError, match="^stride=0: must be >= 1$"):
+        tally.upsample(jnp.asarray(acts), (19, 23), 0)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 Network Dissection thresholds unit k at T_k with P(a_k > T_k) = q over all spatial
 activations of the unit on the whole probe set. The modes consume activation batches
 reshaped to [rows, units] (rows = images x h x w), under `jax.jit`, and their states are
-`flax.struct` pytrees that merge across devices or hosts.
+`flax.struct` pytrees that merge across devices or hosts (each mode's `*_merge`; stacked
+states by `statistics.merge_devices`' pairwise tree).
 
 Modules:
   definition  T_k's definition (numpy's linear quantile), value conventions, and
@@ -12,7 +13,6 @@ Modules:
   histogram   histogram mode: counts of the 2**16 values of 16-bit activations, bitwise
               equal to the reference; `resolve_mode` (mode `auto`)
   sketch      sketch mode: a ReqSketch-style compactor of the upper tail, fixed memory
-  merging     `merge_all` (stacked states, jit-able) and `merge_list` (host lists)
   counts      row counts beyond int32 as (hi, lo) int32 pairs
   chunks      batches in row chunks, split against a per-unit cut
   bitonic     bitonic sorting and merging networks (the sketch's levels)
@@ -53,7 +53,6 @@ from jaxdissect.quantiles.histogram import (
     histogram_update,
     resolve_mode,
 )
-from jaxdissect.quantiles.merging import merge_all, merge_list
 from jaxdissect.quantiles.sketch import (
     DEFAULT_MAX_COUNT,
     DEFAULT_RHO,
@@ -95,8 +94,6 @@ __all__ = [
     "histogram_merge",
     "histogram_threshold",
     "histogram_update",
-    "merge_all",
-    "merge_list",
     "reference_threshold",
     "resolve_mode",
     "sketch_certified",

@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect.parallel import filled
-from jaxdissect.widecount import LO_BITS, WideCount
-
-_BASE = 1 << LO_BITS
+from jaxdissect.tally import MAX_BATCH_COUNT
+from jaxdissect.widecount import WideCount
 
 
 def _count_zero() -> jax.Array:
@@ -30,8 +29,9 @@ def _count_merge(a: jax.Array, b: jax.Array) -> jax.Array:
 def count_value(count: jax.Array) -> int:
     """The number of rows a state has seen (host-side, exact)."""
     c = np.asarray(jax.device_get(count)).astype(np.int64)
-    return int(c[..., 0]) * _BASE + int(c[..., 1])
+    return int(WideCount(hi=c[..., 0], lo=c[..., 1]).to_numpy())
 
 
 def _count_f32(c: jax.Array) -> jax.Array:
-    return c[0].astype(jnp.float32) * float(_BASE) + c[1].astype(jnp.float32)
+    # hi * 2**LO_BITS + lo: the pair's base is the bound on a count added to it.
+    return c[0].astype(jnp.float32) * float(MAX_BATCH_COUNT) + c[1].astype(jnp.float32)

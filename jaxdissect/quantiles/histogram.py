@@ -32,11 +32,11 @@ from jaxdissect.quantiles.chunks import _chunks
 from jaxdissect.quantiles.counts import _count_add, _count_merge, _count_zero, count_value
 from jaxdissect.quantiles.definition import _NEG_INF, DEFAULT_Q, _flush_zero, _lerp32, _positions
 from jaxdissect.quantiles.exact import exact_state_bytes
+from jaxdissect.tally import IN_BOUNDS
 
 DTYPES = ("float16", "bfloat16")
 SLOTS = 1 << 16
 MAX_VALUES = 2**31 - 1  # per unit: the counts are int32
-_PIB = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
 
 
 @struct.dataclass
@@ -113,7 +113,7 @@ def histogram_update(
         inexact = ok & (v16.astype(jnp.float32) != v)
         key = _order_key(jax.lax.bitcast_convert_type(v16, jnp.uint16).astype(jnp.int32))
         ids = jnp.where(ok, base + key, dump)
-        counts = state.counts.at[ids.reshape(-1)].add(1, mode=_PIB)
+        counts = state.counts.at[ids.reshape(-1)].add(1, mode=IN_BOUNDS)
         return (
             state.replace(
                 counts=counts,

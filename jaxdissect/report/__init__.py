@@ -6,11 +6,7 @@ from jaxdissect.report.plots import (
     plot_detectors_per_concept,
     plot_unique_detectors,
 )
-from jaxdissect.report.strips import (
-    save_png,
-    unit_strip,
-    upsample_maps,
-)
+from jaxdissect.report.strips import save_png, unit_strip
 
 __all__ = [
     "LayerPage",
@@ -22,6 +18,5 @@ __all__ = [
     "plot_unique_detectors",
     "save_png",
     "unit_strip",
-    "upsample_maps",
     "write_report",
 ]

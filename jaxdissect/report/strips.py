@@ -12,7 +12,6 @@ from numpy.typing import ArrayLike
 from PIL import Image
 
 from jaxdissect import store
-from jaxdissect.interpolation import interpolation_taps
 from jaxdissect.tie_rule import active
 
 # The Lite release's report keeps 20% of the image outside the unit's mask.
@@ -32,34 +31,6 @@ def save_png(path: str | os.PathLike[str], array: ArrayLike) -> Path:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
     return store.write_bytes(path, buf.getvalue())
-
-
-def _resize_axis(x: np.ndarray, out: int, axis: int) -> np.ndarray:
-    """The interpolation along one axis: two-tap gathers (a NaN reaches only its taps)."""
-    i0, i1, f = interpolation_taps(out, x.shape[axis])
-    shape = [1] * x.ndim
-    shape[axis] = out
-    # The tally's float32 weights, applied in float64.
-    g, h = ((1.0 - f).astype(np.float64).reshape(shape), f.astype(np.float64).reshape(shape))
-    return np.take(x, i0, axis=axis) * g + np.take(x, i1, axis=axis) * h
-
-
-def upsample_maps(maps: ArrayLike, size: int | tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of activation maps [T, h, w] to [T, H, W] (float32).
-
-    The tally's interpolation (`jaxdissect.interpolation`: half-pixel centres, edge
-    clamping; what PIL's float resize and `jax.image.resize(..., "bilinear")` do when
-    upsampling), computed in float64.
-    """
-    m = np.asarray(maps, dtype=np.float64)
-    if m.ndim != 3:
-        raise ValueError(f"maps must be [T, h, w], got {m.shape}")
-    out_h, out_w = (size, size) if isinstance(size, int) else size
-    if out_h <= 0 or out_w <= 0:
-        raise ValueError(f"bad size {size}")
-    m = _resize_axis(m, out_h, axis=1)
-    m = _resize_axis(m, out_w, axis=2)
-    return m.astype(np.float32)
 
 
 def _mask_outline(mask: np.ndarray) -> np.ndarray:
