@@ -617,7 +617,8 @@ def write_results_json(
     if len(set(layers)) != len(layers):
         raise ValueError(f"duplicate layer names: {layers}")
     records = [layer_record(result) for result in results]
-    # Each unit's record on one line: indenting them all ran json's pure-Python encoder.
+    # Each unit's record on one line: indenting them all would run json's pure-Python
+    # encoder (json's C encoder writes unindented text only).
     token = f"\0{secrets.token_hex(8)}:"  # random: no string of the document equals it
     units = [unit for record in records for unit in record["units"]]
     slots = iter(range(len(units)))

@@ -53,7 +53,7 @@ Counting methods (`method`):
   `unit_block` units where at most a quarter of them may fire in the image (a unit can
   fire only if its map's largest value, plus a rounding margin, passes the threshold:
   upsampled values are convex combinations of the map's), only those are counted, in
-  blocks of `unit_block`: Lite0's 1,280-unit head wakes ~9% of its units an image.
+  blocks of `unit_block` (a wide layer's units are mostly silent on one image).
 - "compact": per image, the labels it holds get slots 0..S-1 (`slots`, default 64) in
   label order; a multi-hot [pixels, S] matrix times the mask [pixels, units] on the matrix
   unit gives that image's counts, scattered into the [units, labels] tally by slot. An
@@ -522,15 +522,14 @@ def segment_sums(
     (image, label) over every plane; segment (image, 0) gathers unlabelled pixels and may
     wrap, for the caller to discard. The second is plane 0's sums per image, which are the
     rows' sums (every pixel lies in exactly one of an image's segments of one plane): read
-    from the partial sums, they spare a second pass over the full-size rows (summing the
-    rows was 3 times slower on CPU).
+    from the partial sums, they spare a second pass over the full-size rows.
 
     `dtype`: uint16 where a per-image sum fits (at most the image's pixels: labels are
     deduplicated over the planes, `clean_labels`), else int32. The rows stay in memory as
     1-byte bools, widened inside each scatter: left alone, XLA stores them widened once for
-    all planes, and that memory traffic tripled the time. `hold_plane0` puts plane 0's sums
-    and the partial sums behind a barrier before the other planes' scatters (where XLA would
-    otherwise copy the partial sums there: `formula_counts`, twice the time).
+    all planes (memory traffic). `hold_plane0` puts plane 0's sums and the partial sums
+    behind a barrier before the other planes' scatters, where XLA would otherwise copy the
+    partial sums (`formula_counts`). Timings: benchmarks/README.md.
     """
     c = ids.shape[0]
     k = rows.shape[-1]

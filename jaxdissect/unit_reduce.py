@@ -59,7 +59,8 @@ def fold_rows(
     if pad:
         valid = jnp.pad(valid, (0, pad))
         xs = tuple(jnp.pad(x, ((0, pad), (0, 0))) for x in xs)
-    # Full-width (a [rows, 1] mask broadcast inside the loop runs 4x slower on XLA:CPU).
+    # Full-width: a [rows, 1] mask broadcast inside the loop is slower on XLA:CPU
+    # (benchmarks/README.md).
     valid = jnp.broadcast_to(valid[:, None], (n + pad, k)).reshape(-1, rows, k)
     blocks = [x.reshape(-1, rows, k) for x in xs]
 

@@ -17,7 +17,7 @@ Memory: K x 2**16 int32 counts (256 KB a unit); a count is int32, so `histogram_
 refuses more than 2**31 - 1 values a unit. `resolve_mode` picks the mode of a layer for
 `auto`: this one where it applies and the layer has at most `AUTO_MAX_UNITS` units (64 MB a
 device), else exact mode where its state fits `AUTO_MAX_BYTES` (small maps: 7x7), else the
-sketch. The two exact modes compile in a fraction of the sketch's time and step faster.
+sketch. The two exact modes compile and step faster than the sketch (benchmarks/README.md).
 """
 
 from __future__ import annotations
