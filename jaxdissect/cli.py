@@ -317,6 +317,7 @@ def define_devices_flag(fv: flags.FlagValues) -> None:
         "core, at most 8, unless JAX_NUM_CPU_DEVICES or XLA_FLAGS set a count).",
         flag_values=fv,
     )
+    fv["devices"].field_name = "num_devices"  # `parallel.data_mesh`'s parameter
 
 
 def define_finished_dissection_flags(fv: flags.FlagValues) -> None:

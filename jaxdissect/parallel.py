@@ -105,7 +105,7 @@ def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(
-                f"--devices={num_devices} but {len(devices)} devices are visible "
+                f"num_devices={num_devices} but {len(devices)} devices are visible "
                 f"({devices[0].platform}); use a number from 1 to {len(devices)}"
             )
         devices = devices[:num_devices]

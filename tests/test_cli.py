@@ -115,6 +115,10 @@ def test_library_errors_name_parameters_and_the_cli_the_flags():
     assert cli.flag_message("num_threads=3; quantile=0.5, --quantile=1", fv) == (
         "--loader_threads=3; --quantile=0.5, --quantile=1"
     )
+    cli.define_devices_flag(fv)
+    with pytest.raises(ValueError, match="^num_devices=9 but 8 devices are visible") as e:
+        parallel.data_mesh(9)
+    assert cli.flag_message(str(e.value), fv).startswith("--devices=9 but 8 devices")
     with pytest.raises(ValueError, match="^batch_size=12 is not divisible") as e:
         parallel.check_batch_size(12, parallel.data_mesh(8))
     assert cli.flag_message(str(e.value), fv).startswith("--batch_size=12 is not divisible")
