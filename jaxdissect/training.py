@@ -75,13 +75,13 @@ def _factory(arch: str) -> Callable[..., nn.Module]:
     name = model_name(arch)
     if name not in zoo.ARCHS and ":" not in name:
         raise ValueError(
-            f"unknown --arch {arch!r}: small_cnn, {', '.join(sorted(zoo.ARCHS))}, "
+            f"arch={arch!r}: unknown architecture; small_cnn, {', '.join(sorted(zoo.ARCHS))}, "
             "or package.module:factory"
         )
     try:
         return zoo.factory(name)
     except ValueError as e:
-        raise ValueError(f"--arch={arch}: {e}") from None
+        raise ValueError(f"arch={arch}: {e}") from None
 
 
 def build_model(arch: str, **options: Any) -> nn.Module:
@@ -101,9 +101,7 @@ def model_options(arch: str, **wanted: Any) -> dict[str, Any]:
         if value is None:
             continue
         if key not in accepted:
-            raise ValueError(
-                f"--arch={arch} has no option {key!r} (it takes {', '.join(accepted)})"
-            )
+            raise ValueError(f"arch={arch} has no option {key!r} (it takes {', '.join(accepted)})")
         options[key] = value
     return options
 

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl import flags
 from jax.sharding import PartitionSpec as P
 
-from jaxdissect import parallel, scenes, training
+from jaxdissect import cli, parallel, scenes, training
 from jaxdissect.data.broden import Broden
 from jaxdissect.models import load as model_load
 from tests.experiment_testing import TINY_SIZE, tiny_broden
@@ -160,8 +161,11 @@ def test_config_and_options_are_checked():
     assert training.model_options("resnet18", width=0.5, batch_norm=None) == {"width": 0.5}
     assert training.model_options("small_cnn", batch_norm=True) == {"batch_norm": True}
     assert training.model_name("small_cnn") == "jaxdissect.models.small_cnn:small_cnn"
-    with pytest.raises(ValueError, match="unknown --arch"):
+    with pytest.raises(ValueError, match="^arch='lenet': unknown architecture; small_cnn, "):
         training.model_options("lenet")
+    fv = flags.FlagValues()
+    cli.define_dataclass_flags(training.TrainConfig, fv)
+    assert cli.flag_message("arch='lenet': unknown", fv) == "--arch='lenet': unknown"
 
 
 def test_one_model_factory():
@@ -170,7 +174,7 @@ def test_one_model_factory():
     # `models.zoo` is the definition: its names, or a package.module:attr factory.
     assert training._factory("small_cnn") is zoo.factory(training.SMALL_CNN) is small_cnn.small_cnn
     assert zoo.build(training.SMALL_CNN, num_classes=3, width=0.125).num_classes == 3
-    with pytest.raises(ValueError, match="--arch=models.nowhere:f: architecture"):
+    with pytest.raises(ValueError, match="^arch=models.nowhere:f: architecture"):
         training.build_model("models.nowhere:f")
 
 
