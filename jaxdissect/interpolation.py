@@ -12,7 +12,7 @@ import numpy as np
 
 
 def interpolation_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Half-pixel, edge-clamped linear taps: (i0, i1, f) with out[i] = (1-f) a[i0] + f a[i1]."""
+    """Half-pixel, edge-clamped linear taps: (i0, i1, f) with out[i] = a[i0] + f (a[i1] - a[i0])."""
     src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
     src = np.clip(src, 0.0, n_in - 1)
     i0 = np.floor(src).astype(np.int32)

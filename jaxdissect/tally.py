@@ -5,10 +5,13 @@ Definitions (the slow numpy reference in `tests/reference.py` implements them li
 - S_k(x): the activation map A_k(x) [h, w] of unit k on image x resized to the segmentation
   size [sh, sw] by bilinear interpolation with half-pixel centres and edge clamping. Along
   one axis, output i samples the input at src = (i + 0.5) * n_in / n_out - 0.5, clamped to
-  [0, n_in - 1], and takes (1 - f) * a[i0] + f * a[i1] with i0 = floor(src),
-  i1 = min(i0 + 1, n_in - 1), f = src - i0; rows first, then columns. For upsampling this
-  is what `jax.image.resize(..., "bilinear")` and PIL's float bilinear resize compute (to
-  ~1e-6). For downsampling (h > sh) it is deliberately NOT antialiased: it equals
+  [0, n_in - 1], and takes a[i0] + f * (a[i1] - a[i0]) with i0 = floor(src),
+  i1 = min(i0 + 1, n_in - 1), f = src - i0; rows first, then columns. Written so, a
+  plateau keeps its value exactly (a[i1] == a[i0] gives a[i0], fused multiply-add or not),
+  and a unit capped at its threshold never passes it by a rounding (the weighted sum
+  (1 - f) * a[i0] + f * a[i1] rounds a constant map above itself in places). For
+  upsampling this is what `jax.image.resize(..., "bilinear")` and PIL's float bilinear
+  resize compute (to ~1e-6). For downsampling (h > sh) it is deliberately NOT antialiased: it equals
   `jax.image.resize(..., "bilinear", antialias=False)`, so that a unit's mask samples its
   own map instead of a blurred one, and the same formula serves every size. Values are
   float32; another implementation of the formula may round an ulp differently (fused
@@ -130,10 +133,10 @@ def upsample(acts: jax.Array, size: tuple[int, int], stride: int = 1) -> jax.Arr
     acts = jnp.asarray(acts, jnp.float32)
     y0, y1, fy = (t[::stride] for t in interpolation_taps(sh, h))
     x0, x1, fx = (t[::stride] for t in interpolation_taps(sw, w))
-    gy, hy = (1.0 - fy)[None, :, None, None], fy[None, :, None, None]
-    gx, hx = (1.0 - fx)[None, None, :, None], fx[None, None, :, None]
-    rows = acts[:, y0] * gy + acts[:, y1] * hy
-    return rows[:, :, x0] * gx + rows[:, :, x1] * hx
+    top = acts[:, y0]
+    rows = top + (acts[:, y1] - top) * fy[None, :, None, None]
+    left = rows[:, :, x0]
+    return left + (rows[:, :, x1] - left) * fx[None, None, :, None]
 
 
 # --------------------------------------------------------------------------- counting

@@ -5,7 +5,7 @@ with per-image, per-unit, per-label loops and without calling the package's fast
 `LabelSpace` is shared). Thresholds are inputs: computing quantiles is another module's job.
 
 - Upsampling: half-pixel centres with edge clamping, rows then columns, each output value
-  (1 - f) * a[i0] + f * a[i1] in float32 with weights computed in float64.
+  a[i0] + f * (a[i1] - a[i0]) in float32 with f computed in float64.
 - Mask: S > T (tie_rule "strict") or S >= T ("inclusive").
 - Tie statistics of a unit, over the values its threshold was computed on (raw or upsampled
   maps): minimum, maximum, how many equal T; dead (minimum == maximum), saturated (more than
@@ -36,24 +36,24 @@ def reference_upsample(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     sh, sw = size
     a = a.astype(np.float32)
 
-    def tap(i: int, n_out: int, n_in: int) -> tuple[int, int, np.float32, np.float32]:
+    def tap(i: int, n_out: int, n_in: int) -> tuple[int, int, np.float32]:
         centre = (i + 0.5) * n_in / n_out - 0.5
         centre = min(max(centre, 0.0), n_in - 1.0)
         lo = math.floor(centre)
         hi = min(lo + 1, n_in - 1)
         frac = centre - lo
-        return lo, hi, np.float32(1.0 - frac), np.float32(frac)
+        return lo, hi, np.float32(frac)
 
     rows = np.zeros((sh, w), np.float32)
     for y in range(sh):
-        lo, hi, wl, wh = tap(y, sh, h)
+        lo, hi, f = tap(y, sh, h)
         for x in range(w):
-            rows[y, x] = wl * a[lo, x] + wh * a[hi, x]
+            rows[y, x] = a[lo, x] + f * (a[hi, x] - a[lo, x])
     out = np.zeros((sh, sw), np.float32)
     for x in range(sw):
-        lo, hi, wl, wh = tap(x, sw, w)
+        lo, hi, f = tap(x, sw, w)
         for y in range(sh):
-            out[y, x] = wl * rows[y, lo] + wh * rows[y, hi]
+            out[y, x] = rows[y, lo] + f * (rows[y, hi] - rows[y, lo])
     return out
 
 

@@ -40,6 +40,28 @@ def test_unit_masks_match_reference_with_real_ties(tie_rule):
         masks.unit_masks(acts, thresholds[:2], size, tie_rule)
 
 
+@pytest.mark.parametrize(
+    ("map_size", "size"), [((13, 13), (113, 113)), ((7, 7), (112, 112)), ((3, 5), (17, 11))]
+)
+def test_a_plateau_at_its_threshold_is_empty_strict_and_full_inclusive(map_size, size):
+    """A ReLU6 cap (T = 6) and other constant values: upsampling keeps the plateau's value
+    exactly, eager or jitted, so the strict mask is empty and the inclusive one is whole,
+    and the tally counts the same (the weighted-sum formula rounds above the cap in places)."""
+    values = np.float32([6.0, 0.1, 0.82, 7.56, 1 / 3])
+    acts = np.broadcast_to(values, (2, *map_size, len(values))).copy()
+    for fn in (masks.unit_masks, jax.jit(masks.unit_masks, static_argnums=(2, 3))):
+        assert not np.asarray(fn(acts, values, size, "strict")).any()
+        assert np.asarray(fn(acts, values, size, "inclusive")).all()
+    batch = {
+        "pixel_labels": np.ones((2, 1, *size), np.int32),
+        "image_labels": np.zeros((2, 1), np.int32),
+        "valid": np.ones(2, bool),
+    }
+    for tie_rule, want in (("strict", 0), ("inclusive", 2 * size[0] * size[1])):
+        counts = tally.batch_counts(acts, values, batch, np.array([-1, 0]), 1, tie_rule=tie_rule)
+        np.testing.assert_array_equal(counts["unit_total"], want)
+
+
 def test_concept_masks_match_reference():
     probe = reference.random_probe(2)
     pixel, image = probe["pixel_labels"], probe["image_labels"]

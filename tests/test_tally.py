@@ -219,19 +219,18 @@ def test_restrictions_order(references):
 
 @pytest.mark.parametrize("tie_rule", ["strict", "inclusive"])
 def test_unit_blocks_skip_no_unit_that_fires(tie_rule):
-    """Upsampled values can round above the map's largest value (a constant map of 7.56
-    upsamples to 7.5600000 + 4.8e-7 in places): a unit thresholded at its map's maximum
-    still fires there. The units skipped as unable to fire are exactly those with no
-    active pixel; NaN, infinities, padding examples and huge values do not fool it. Image
-    0 wakes few units (counted in blocks), image 1 most (counted all at once)."""
+    """The units skipped as unable to fire are exactly those with no active pixel; NaN,
+    infinities, padding examples and huge values do not fool it. Image 0 wakes few units
+    (counted in blocks), image 1 most (counted all at once). Units at a plateau equal to
+    their threshold (a ReLU6 cap) fire nowhere under `strict` and everywhere on it under
+    `inclusive`: upsampling keeps a plateau's value exactly."""
     rng = np.random.default_rng(3)
     b, k, size = 3, 64, (30, 26)
     vals = rng.uniform(0.1, 10, k).astype(np.float32)
     acts = np.broadcast_to(vals, (b, 7, 7, k)).copy()
     upsample = jax.jit(tally.upsample, static_argnums=1)
-    planted = (np.asarray(upsample(acts, size)) > vals).any((0, 1, 2))
-    planted[:18] = False  # the units below are changed
-    assert planted.sum() >= 10, "the planted rounding above the maximum is gone"
+    plateau = np.ones(k, bool)
+    plateau[:18] = False  # the units below are changed
     thresholds = vals.copy()
     acts[0, :, :, :] = vals - 1  # image 0: units 5, 9, 10 and 15-17 may fire
     acts[0, :, :, 15:18] = vals[15:18]
@@ -268,8 +267,10 @@ def test_unit_blocks_skip_no_unit_that_fires(tie_rule):
     whole, blocks = counts(k), counts(2)
     for key in whole:
         np.testing.assert_array_equal(blocks[key], whole[key], err_msg=key)
-    # Units thresholded at their map's maximum fire (as the tally's own upsampling rounds).
-    assert (whole["unit_total"][planted] > 0).sum() >= 5
+    # Units at a plateau equal to their threshold: none of their pixels passes it.
+    plateau_pixels = size[0] * size[1]  # image 1 (image 0 sits below, image 2 is padding)
+    want = 0 if tie_rule == "strict" else plateau_pixels
+    np.testing.assert_array_equal(whole["unit_total"][plateau], want)
     up = np.asarray(upsample(acts, size))
     fires = [
         np.asarray(tally._may_fire(acts[i : i + 1], valid[i : i + 1], thresholds, tie_rule))
