@@ -8,11 +8,18 @@ pass 2 recomputes it.
 
 Kinds: `device` (accelerator memory), `host` (numpy in RAM), `disk` (a numpy
 memmap under the run's work dir), `none`. `auto` picks the first that fits.
+
+A disk cache outlives a killed run; beside its files, `rows-p<process>.json` records the
+batches [lo, hi) they hold, written after the rows are flushed. A resumed run keeps only
+what that record vouches for (another run, of another cache kind, may have stopped between
+the files' creation and today), and a record that is missing or unreadable vouches for
+nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import threading
@@ -20,6 +27,8 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+
+from jaxdissect import store
 
 KINDS = ("auto", "device", "host", "disk", "none")
 
@@ -90,7 +99,23 @@ def choose_kind(
 
 
 def _process_files(directory: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(directory.glob(f"layer*-p{jax.process_index()}.npy"))
+    """This process's files of a disk cache: the layers' arrays and their rows' record."""
+    p = jax.process_index()
+    return [*sorted(directory.glob(f"layer*-p{p}.npy")), _rows_file(directory)]
+
+
+def _rows_file(directory: pathlib.Path) -> pathlib.Path:
+    return directory / f"rows-p{jax.process_index()}.json"
+
+
+def _recorded_rows(directory: pathlib.Path) -> tuple[int, int] | None:
+    """The batches [lo, hi) this process's disk-cache files hold, as last recorded."""
+    try:
+        doc = json.loads(_rows_file(directory).read_text())
+        lo, hi = int(doc["lo"]), int(doc["hi"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (lo, hi) if 0 <= lo <= hi else None
 
 
 def remove_files(directory: pathlib.Path | None) -> None:
@@ -121,20 +146,24 @@ class ActivationCache:
         self.num_batches, self.local_batch = num_batches, local_batch
         self.dtype = np.dtype(dtype)
         self.lo = self.hi = 0
-        self._existed = False
+        self._written: tuple[int, int] | None = None  # a disk cache's batches on disk
         self._device: dict[int, dict[str, jax.Array]] = {}
         self._arrays: dict[str, np.ndarray] = {}
         self._paging: threading.Thread | None = None
+        if kind == "disk":
+            directory.mkdir(parents=True, exist_ok=True)
+            self._written = _recorded_rows(directory)
         if kind in ("host", "disk"):
             for i, (layer, shape) in enumerate(shapes.items()):
                 full = (num_batches * local_batch, *shape)
                 if kind == "host":
                     self._arrays[layer] = np.empty(full, self.dtype)
                 else:
-                    directory.mkdir(parents=True, exist_ok=True)
                     path = directory / f"layer{i}-p{jax.process_index()}.npy"
-                    self._existed = path.exists()
-                    mode = "r+" if self._existed else "w+"
+                    existed = path.exists()
+                    if not existed:
+                        self._written = None  # a new file holds nothing yet
+                    mode = "r+" if existed else "w+"
                     arr = np.lib.format.open_memmap(path, mode=mode, dtype=self.dtype, shape=full)
                     if arr.shape != full or arr.dtype != self.dtype:
                         raise ValueError(f"activation cache {path} has the wrong shape; delete it")
@@ -156,13 +185,16 @@ class ActivationCache:
         return sum(a.nbytes for a in self._arrays.values()) if self.kind == "host" else 0
 
     def resume_at(self, batch: int) -> None:
-        """Pass 1 (re)starts at `batch`: a disk cache from the interrupted run keeps
-        [0, batch) (flushed before each checkpoint); memory caches start empty."""
-        if self.kind == "disk" and self._existed:
-            self.lo, self.hi = 0, batch
+        """Pass 1 (re)starts at `batch`: a disk cache keeps the batches before it that its
+        record vouches for, [lo, batch) (rows are flushed and recorded before each
+        checkpoint); memory caches start empty."""
+        written = self._written
+        if self.kind == "disk" and written is not None and written[0] <= batch <= written[1]:
+            self.lo, self.hi = written[0], batch
         else:
             self.lo = self.hi = batch
             self._device.clear()
+        self._record()  # rows from `batch` on are rewritten: no longer vouched for
 
     def _paged_in(self) -> None:
         """Wait for the arrays' pages to be written once (before any row is)."""
@@ -184,9 +216,16 @@ class ActivationCache:
         self.hi = batch + 1
 
     def flush(self) -> None:
+        """Write a disk cache's rows to its files, then record the batches they hold."""
         for arr in self._arrays.values():
             if isinstance(arr, np.memmap):
                 arr.flush()
+        self._record()
+
+    def _record(self) -> None:
+        if self.kind == "disk" and self.directory is not None:
+            store.write_json(_rows_file(self.directory), {"lo": self.lo, "hi": self.hi})
+            self._written = (self.lo, self.hi)
 
     def has(self, batch: int) -> bool:
         return self.enabled and self.lo <= batch < self.hi

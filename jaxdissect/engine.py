@@ -679,7 +679,7 @@ class Dissector:
         }
         if self.cache is not None:
             self.cache.discard()
-        elif self.work_dir is not None:  # pass 1 came stored: a killed run's disk cache is unread
+        if self.work_dir is not None:  # a killed run's disk cache, whatever this run's kind
             actcache.remove_files(self._cache_dir())
         if self.label_memo is not None:
             self.label_memo.clear()
