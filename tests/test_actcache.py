@@ -148,3 +148,9 @@ def test_pass2_reads_no_batch_a_killed_run_of_another_cache_kind_never_wrote(tmp
     for key, counts in clean.counts.items():
         np.testing.assert_array_equal(resumed.counts[key], counts, err_msg=key)
     assert not list((tmp_path / "work").rglob("*.npy"))  # the disk cache is gone
+    # A killed disk run's files are removed by a run that finishes with another kind.
+    with pytest.raises(KeyboardInterrupt):
+        run(Killed(probe, 9), "disk", tmp_path / "again")
+    assert list((tmp_path / "again").rglob("*.npy"))
+    run(probe, "host", tmp_path / "again")
+    assert not list((tmp_path / "again").rglob("*.npy"))
