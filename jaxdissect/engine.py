@@ -428,7 +428,18 @@ class Dissector:
             return None
         return self.work_dir / "checkpoints" / f"{stage}-{self.stage_key(stage)}"
 
-    def _run(self, name: str, statistic: statistics.Statistic, fields: Fields, variables, **kw):
+    def _run(
+        self,
+        name: str,
+        statistic: statistics.Statistic,
+        fields: Fields,
+        variables,
+        *,
+        checkpoint_dir: pathlib.Path | None = None,
+        **kw,
+    ):
+        """`driver.run_pass` of this dissection; checkpoints under `checkpoint_dir`, by
+        default the pass's own (`_checkpoint_dir`)."""
         return driver.run_pass(
             name,
             statistic,
@@ -437,7 +448,7 @@ class Dissector:
             batch_size=self.settings.batch_size,
             forward=self.forward,
             variables=variables,
-            checkpoint_dir=self._checkpoint_dir(name),
+            checkpoint_dir=checkpoint_dir or self._checkpoint_dir(name),
             checkpoint_every=self.checkpoint_every,
             progress=self.progress,
             description=f"[{', '.join(self.tap.names)}]",
@@ -618,6 +629,11 @@ class Dissector:
         use_cache = (
             cache is not None and cache.enabled and cache.lo == 0 and cache.hi == self.num_batches
         )
+        # Keyed by the thresholds too: a resumed pass counts at this run's thresholds (those
+        # its state holds), never at those of a pass 1 computed otherwise.
+        checkpoint_dir = self._checkpoint_dir("pass2")
+        if checkpoint_dir is not None:
+            checkpoint_dir = checkpoint_dir / store.fingerprint_tree(thresholds)
         out = self._run(
             "pass2",
             self.pass2_statistic(thresholds),
@@ -629,6 +645,7 @@ class Dissector:
                 memo=self.label_memo,
             ),
             variables,
+            checkpoint_dir=checkpoint_dir,
             cache=cache,
             cache_mode="read" if cache is not None else None,
         )

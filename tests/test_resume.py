@@ -4,14 +4,22 @@ ends identical."""
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from jaxdissect import capture, engine, parallel, store
 from jaxdissect.data import synthetic
+from jaxdissect.data.broden import Broden
+from jaxdissect.models.load import init_variables
+from jaxdissect.preprocess import InputSpec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -111,3 +119,104 @@ def test_killed_runs_resume_identically(tiny_data, tmp_path):
     assert got[2] == want[2]  # thresholds, bit for bit (JSON floats round-trip exactly)
     assert got[1] == want[1]  # tally CSVs
     assert got[0]["layers"] == want[0]["layers"]
+
+
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Conv(4, (3, 3), strides=4, name="conv")(x)).mean((1, 2))
+
+
+class _Killed:
+    """A probe set whose image `at` cannot be read: the run stops there, as if killed."""
+
+    def __init__(self, source, at=None):
+        self.source, self.at = source, at
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def read_image(self, i):
+        if i == self.at:
+            raise KeyboardInterrupt(f"killed at image {i}")
+        return self.source.read_image(i)
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    """(probe set of 24 images at 32 px, run(source, cache, work_dir) -> the layer's stats)."""
+    root = tmp_path_factory.mktemp("in_process") / "broden"
+    probe = Broden.open(synthetic.generate_tiny(root, num_images=24, size=32))
+    model = _Net()
+    variables = init_variables(model, jnp.zeros((1, 32, 32, 3)))
+    tap = capture.make_tap(model, variables, "conv", input_shape=(32, 32, 3))
+    settings = engine.Settings(quantile=0.05, quantile_mode="exact", batch_size=4)
+
+    def run(source, cache="none", work_dir=None):
+        return engine.Dissector(
+            tap,
+            source,
+            settings,
+            input_spec=InputSpec(32, (120.0,) * 3, (60.0,) * 3),
+            model_key="net",
+            mesh=parallel.data_mesh(1),
+            progress=False,
+            num_threads=0,
+            work_dir=work_dir,
+            activation_cache=cache,
+            checkpoint_every=2,
+        ).run(tap.variables)["conv"]
+
+    return probe, run
+
+
+def _assert_same_counts(got, want):
+    for key, counts in want.counts.items():
+        np.testing.assert_array_equal(got.counts[key], counts, err_msg=key)
+
+
+def test_pass2_reads_no_batch_a_killed_run_of_another_cache_kind_never_wrote(in_process, tmp_path):
+    """Killed with a host cache (checkpoint 2), killed with a disk cache started at the
+    checkpoint (checkpoint 4), finished with a disk cache: the counts are a clean run's."""
+    probe, run = in_process
+    clean = run(probe)
+    for cache, at in (("host", 13), ("disk", 17)):  # killed in batches 3 and 4
+        with pytest.raises(KeyboardInterrupt):
+            run(_Killed(probe, at), cache, tmp_path / "work")
+    resumed = run(probe, "disk", tmp_path / "work")
+    np.testing.assert_array_equal(resumed.thresholds, clean.thresholds)
+    _assert_same_counts(resumed, clean)
+    assert not list((tmp_path / "work").rglob("*.npy"))  # the disk cache is gone
+    # A killed disk run's files are removed by a run that finishes with another kind.
+    with pytest.raises(KeyboardInterrupt):
+        run(_Killed(probe, 9), "disk", tmp_path / "again")
+    assert list((tmp_path / "again").rglob("*.npy"))
+    run(probe, "host", tmp_path / "again")
+    assert not list((tmp_path / "again").rglob("*.npy"))
+
+
+def test_a_resumed_pass2_counts_at_the_thresholds_it_reports(in_process, tmp_path):
+    """Pass 2 killed after a checkpoint; pass 1's stored thresholds then differ (as from a
+    pass 1 computed otherwise): the resumed pass counts at the new ones, not at those its
+    checkpoint began with."""
+    probe, run = in_process
+    work = tmp_path / "work"
+    run(probe, "none", work)
+    [done] = (work / "stages").glob("pass2-*")
+    shutil.rmtree(done)
+    with pytest.raises(KeyboardInterrupt):  # in pass 2 (pass 1 is stored), after batch 4
+        run(_Killed(probe, 21), "none", work)
+    [pass1] = (work / "stages").glob("pass1-*")
+    arrays = store.load_arrays(pass1 / "arrays.npz")
+    arrays["thresholds"] = arrays["thresholds"] * np.float32(0.5)
+    store.save_arrays(pass1 / "arrays.npz", arrays)
+    resumed = run(probe, "none", work)
+    np.testing.assert_array_equal(resumed.thresholds, arrays["thresholds"])
+    # The counts at those thresholds from a whole pass 2 (pass 1 stored as tampered).
+    shutil.copytree(pass1, tmp_path / "fresh" / "stages" / pass1.name)
+    whole = run(probe, "none", tmp_path / "fresh")
+    np.testing.assert_array_equal(whole.thresholds, arrays["thresholds"])
+    _assert_same_counts(resumed, whole)
