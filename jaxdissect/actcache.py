@@ -55,11 +55,43 @@ def _page_in(arrays: list[np.ndarray]) -> None:
 
 
 def available_host_bytes() -> int:
-    """Host memory free now (0 where unknown)."""
+    """Host memory free now (0 where unknown), within the container's memory limit where a
+    cgroup sets one."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return 0
+    limited = cgroup_free_bytes()
+    return free if limited is None else min(free, limited)
+
+
+def cgroup_free_bytes(root: pathlib.Path = pathlib.Path("/sys/fs/cgroup")) -> int | None:
+    """What this process's cgroup may still use: its memory limit less its usage, the page
+    cache it could drop (inactive files) not counted as used; None without a limit.
+    cgroup v2 (`memory.max`) or v1 (`memory/memory.limit_in_bytes`)."""
+    for limit_file, usage_file, stat_file, inactive in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        (
+            "memory/memory.limit_in_bytes",
+            "memory/memory.usage_in_bytes",
+            "memory/memory.stat",
+            "total_inactive_file",
+        ),
+    ):
+        try:
+            limit = (root / limit_file).read_text().strip()
+            usage = int((root / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2**63
+            return None
+        try:
+            stats = dict(line.split() for line in (root / stat_file).read_text().splitlines())
+            usage -= min(usage, int(stats.get(inactive, 0)))
+        except (OSError, ValueError):
+            pass
+        return max(0, int(limit) - usage)
+    return None
 
 
 def _available_device_bytes() -> int:

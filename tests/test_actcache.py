@@ -84,3 +84,25 @@ def test_a_disk_cache_vouches_only_for_the_batches_it_recorded(tmp_path):
     assert (grown.lo, grown.hi) == (6, 6)
     grown.discard()
     assert not tmp_path.exists()
+
+
+def test_cgroup_limits_what_auto_sees_as_free(tmp_path, monkeypatch):
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    v2.mkdir()
+    (v2 / "memory.max").write_text("1000000\n")
+    (v2 / "memory.current").write_text("700000\n")
+    (v2 / "memory.stat").write_text("anon 500000\ninactive_file 100000\nactive_file 100000\n")
+    assert actcache.cgroup_free_bytes(v2) == 1_000_000 - (700_000 - 100_000)
+    (v2 / "memory.max").write_text("max\n")
+    assert actcache.cgroup_free_bytes(v2) is None
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("2000000\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("2500000\n")  # over: nothing free
+    assert actcache.cgroup_free_bytes(v1) == 0
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # no limit
+    assert actcache.cgroup_free_bytes(v1) is None
+    assert actcache.cgroup_free_bytes(tmp_path / "none") is None
+    # Under a limit, `auto` keeps no host cache the container cannot hold.
+    monkeypatch.setattr(actcache, "cgroup_free_bytes", lambda: 3 << 20)
+    assert actcache.available_host_bytes() == 3 << 20
+    assert actcache.choose_kind("auto", 2 << 20, tmp_path) == "disk"  # (CPU: no device kind)
