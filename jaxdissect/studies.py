@@ -62,7 +62,14 @@ def stack_models(
             raise ValueError(f"layers {list(layers)} name the same module twice in {member}")
         taps[member] = tap
         for layer in layers:
-            names[stacked_name(member, layer)] = member
+            name = stacked_name(member, layer)
+            if name in names:
+                raise ValueError(
+                    f"layers={list(layers)} of members {names[name][0]!r} and {member!r}: "
+                    f"{names[name][1]!r} and {layer!r} both make the result name {name!r}; "
+                    "rename a member or name the layers by their paths"
+                )
+            names[name] = (member, layer)
 
     def fn(variables: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Array]:
         out = {}
@@ -72,7 +79,8 @@ def stack_models(
                 out[stacked_name(member, layer)] = acts[path]
         return out
 
-    return fn, {member: tap.variables for member, tap in taps.items()}, names
+    members_of = {name: member for name, (member, _) in names.items()}
+    return fn, {member: tap.variables for member, tap in taps.items()}, members_of
 
 
 def summary_row(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -37,3 +37,32 @@ def test_a_step_asked_for_twice_is_dissected_once(tmp_path):
     assert [(c.step, c.val_accuracy) for c in got] == [(100, 0.5), (0, 0.0)]
     with pytest.raises(ValueError, match=r"has no exported steps \[50\]; it has \[0, 100\]"):
         studies.run_checkpoints(tmp_path, [50])
+
+
+def test_layers_whose_result_names_collide_are_refused():
+    """`b.c` (module c inside b) and `b_c` are different modules with one file-safe name."""
+    import types
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from jaxdissect.models.load import init_variables
+
+    class B(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2, name="c")(x)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2, name="b_c")(B(name="b")(x))
+
+    module = Net()
+    model = types.SimpleNamespace(
+        module=module, variables=init_variables(module, jnp.zeros((1, 8, 8, 3))), apply_kwargs={}
+    )
+    _, _, names = studies.stack_models([("m", model)], ["b.c"], input_size=8)
+    assert names == {"m-b_c": "m"}
+    with pytest.raises(ValueError, match="'b.c' and 'b_c' both make the result name 'm-b_c'"):
+        studies.stack_models([("m", model)], ["b.c", "b_c"], input_size=8)
