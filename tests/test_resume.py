@@ -55,7 +55,7 @@ def _steps(out, stage):
     root = out / ".work" / "checkpoints"
     return [
         int(p.name)
-        for d in root.glob(f"{stage}-*/*-devices")
+        for d in root.glob(f"{stage}-*/**/*-devices")  # pass 2: under its thresholds
         for p in d.iterdir()
         if p.name.isdigit()
     ]
