@@ -51,7 +51,9 @@ class Steps:
 
     A key must name everything the built step closes over; `jax.jit` then keeps one
     executable per argument signature of that one function object. Key None: built
-    anew each time (nothing shared).
+    anew each time (nothing shared). A statistic's keys are claimed (`claim`) before its
+    steps are built: an equal key whose update or merge closes over another constant is
+    refused, not given the first statistic's step.
 
     `compile_ahead` compiles a jitted function for given argument shapes in one of
     `compile_threads` background threads (XLA's compiler releases the GIL, so several
@@ -70,6 +72,12 @@ class Steps:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._ahead: dict[Hashable, concurrent.futures.Future] = {}
         self._pending: dict[Any, list[concurrent.futures.Future]] = {}
+        self._claims = statistics.KeyClaims("driver.Steps", " (seen before by these steps)")
+
+    def claim(self, statistic: statistics.Statistic) -> None:
+        """Record what `statistic`'s key and its parts' keys stand for; ValueError where one
+        came before with other code or constants (`statistics.KeyClaims`)."""
+        self._claims.add(statistic)
 
     def get(self, key: Hashable | None, build: Callable[[], _T]) -> _T:
         if key is None:
@@ -210,6 +218,7 @@ def _programs(
     """A pass's jitted update steps: one per part of a group (`Statistic.parts`), each its
     own program (compiled apart, at once, and shared by any pass with that part), else one
     (name None)."""
+    steps.claim(statistic)
     parts = statistic.parts or {None: statistic}
     return {
         name: steps.get(
@@ -307,6 +316,36 @@ def _steps_ahead(programs, steps: Steps, state, acts, batch) -> Any:
     return acts
 
 
+def _leaf_types(state: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{leaf path: (per-device shape, dtype)} of a stacked state (metadata only)."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(p): (tuple(np.shape(x)[1:]), x.dtype) for p, x in flat}
+
+
+def _check_state(name: str, statistic: statistics.Statistic, initial: Mapping, state: Any) -> None:
+    """ValueError where the first batch's update changed the state's leaves, shapes or
+    dtypes (`initial`: `_leaf_types` before it): each batch would compile again, or exact
+    counts would turn into floats."""
+    now = _leaf_types(state)
+    if now == initial:
+        return
+    path = next(p for p in [*initial, *now] if initial.get(p) != now.get(p))
+    shown = {
+        k: "no leaf" if v is None else f"{v[1]}[{', '.join(map(str, v[0]))}]"
+        for k, v in (("before", initial.get(path)), ("after", now.get(path)))
+    }
+    who, key = "the statistic's", statistic.key
+    part = next((n for n in statistic.parts or () if path.startswith(f"[{n!r}]")), None)
+    if part is not None:
+        who, key = f"part {part!r}'s", statistic.parts[part].key
+        path = path[len(f"[{part!r}]") :]
+    raise ValueError(
+        f"run_pass {name!r}: {who} update changed its state at {path}: {shown['before']} -> "
+        f"{shown['after']}; update must return a state of init's structure, shapes and dtypes"
+        + ("" if key is None else f" (key {repr(key)[:100]})")
+    )
+
+
 def run_pass(
     name: str,
     statistic: statistics.Statistic,
@@ -389,7 +428,7 @@ def run_pass(
         process_count=jax.process_count(),
     )
     in_flight = parallel.InFlight()
-    first = True
+    first, initial = True, _leaf_types(state)
     for b, batch in enumerate(batches, start=start):
         batch = dict(batch)
         images = batch.pop("image", None)
@@ -421,6 +460,7 @@ def run_pass(
         state = _apply(programs, steps, state, acts, fields)
         if first:
             logging.info("%s: steps traced and compiled in %.1f s", name, time.time() - t0)
+            _check_state(name, statistic, initial, state)
             first = False
         in_flight.add(state)
         bar.update(b + 1)

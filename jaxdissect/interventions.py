@@ -64,6 +64,36 @@ def rotate(y: jax.Array, matrix: jax.Array) -> jax.Array:
     return jnp.einsum("...k,kl->...l", y, matrix.astype(y.dtype))
 
 
+def orthogonality_error(matrix: Any) -> float | None:
+    """|v M M^T - v| / |v| over a few fixed random probes v: 0 for an orthogonal M (rows
+    orthonormal: M M^T = I), in O(K^2) where M M^T would cost O(K^3). A stack [..., K, L]
+    gives its worst matrix. None where there is nothing concrete to check: a tracer
+    (inside jit or vmap), a matrix across hosts, or no numeric array of 2 or more dims."""
+    if isinstance(matrix, jax.core.Tracer) or not getattr(matrix, "is_fully_addressable", True):
+        return None
+    if not isinstance(matrix, (np.ndarray, np.generic, jax.Array, list, tuple)):
+        return None
+    m = np.asarray(matrix)
+    if (
+        m.ndim < 2
+        or not m.size
+        or not (np.issubdtype(m.dtype, np.number) or m.dtype == jnp.bfloat16)
+    ):
+        return None
+    m = m.astype(np.result_type(m.dtype, np.float32), copy=False)
+    probes = np.random.default_rng(0).standard_normal((4, m.shape[-2])).astype(m.dtype)
+    back = (probes @ m) @ np.swapaxes(m, -1, -2)
+    return float(np.linalg.norm(back - probes, axis=(-2, -1)).max() / np.linalg.norm(probes))
+
+
+def orthogonality_tolerance(dtype: Any) -> float:
+    """The largest `orthogonality_error` a rotation stored in `dtype` may show: 1e-3 for
+    float32 and wider (rounding gives about 1e-7, float32 QR about 1e-6), 8 eps below."""
+    dtype = np.dtype(dtype)
+    eps = float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else 0.0
+    return max(1e-3, 8 * eps)
+
+
 def unrotate(rotated: jax.Array, matrix: jax.Array) -> jax.Array:
     """rotated @ matrix^T: undoes `rotate` for an orthogonal matrix."""
     return jnp.einsum("...l,kl->...k", rotated, matrix.astype(rotated.dtype))
@@ -127,9 +157,30 @@ class Rotate:
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
 class Fold:
-    """Rotated by `matrix` at the layer, un-rotated for the modules that consume it."""
+    """Rotated by `matrix` at the layer, un-rotated for the modules that consume it.
+
+    The inverse is `matrix`^T: a concrete matrix that is not orthogonal (rows orthonormal,
+    `orthogonality_error`) is refused when the rule is made; a traced one (a jitted
+    function's argument) is not checked. Rebuilding the pytree (`tree_unflatten`) checks
+    nothing.
+    """
 
     matrix: Any
+
+    def __post_init__(self) -> None:
+        error = orthogonality_error(self.matrix)
+        if error is None:
+            return
+        dtype = getattr(self.matrix, "dtype", None)
+        tolerance = orthogonality_tolerance(
+            np.asarray(self.matrix).dtype if dtype is None else dtype
+        )
+        if not error <= tolerance:
+            raise ValueError(
+                f"Fold(matrix): matrix @ matrix.T is {error:.3g} (relative) from I, above "
+                f"{tolerance:.0e}: Fold undoes the rotation with matrix.T, so it needs an "
+                "orthogonal matrix; use Rotate for any other"
+            )
 
     def __call__(self, y: jax.Array) -> jax.Array:
         return rotate(y, jnp.asarray(self.matrix))
@@ -142,7 +193,9 @@ class Fold:
 
     @classmethod
     def tree_unflatten(cls, aux: None, children: Sequence[Any]) -> Fold:
-        return cls(*children)
+        fold = object.__new__(cls)  # no check: leaves may be tracers, placeholders, results
+        object.__setattr__(fold, "matrix", children[0])
+        return fold
 
 
 @jax.tree_util.register_pytree_node_class

@@ -18,14 +18,17 @@ Constants a statistic needs (a pass-2 tally's thresholds) live in its state, so 
 statistic is self-contained and a driver needs to know nothing about it. A
 statistic's `key` names everything its `update` and `merge` close over (layer,
 mode, label space...): statistics with equal keys compute the same function of
-(state, batch), so a driver may reuse one compiled step for all of them. `group`
+(state, batch), so a driver may reuse one compiled step for all of them; `KeyClaims`
+refuses an equal key whose functions visibly close over other constants. `group`
 makes one statistic of several (a dict state); adding a statistic to a pass, or a
 pass to a dissection, touches no driver code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+import functools
+import types
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -137,8 +140,19 @@ def stack_shards(statistic: Statistic, num_shards: int) -> State:
 
 
 def group(statistics: Mapping[str, Statistic]) -> Statistic:
-    """Several statistics as one, with a dict state (and a dict of finalized dicts)."""
+    """Several statistics as one, with a dict state (and a dict of finalized dicts).
+
+    Raises ValueError for no statistic, and for parts (at any depth) with equal keys whose
+    `update` or `merge` close over other constants (`KeyClaims`).
+    """
     stats = dict(statistics)
+    if not stats:
+        raise ValueError(
+            "statistics.group(statistics={}): give at least one statistic {name: Statistic}"
+        )
+    claims = KeyClaims("statistics.group")
+    for name, s in stats.items():
+        claims.add(s, (name,))
 
     def init(shard: int) -> dict[str, State]:
         return {name: s.init(shard) for name, s in stats.items()}
@@ -155,6 +169,144 @@ def group(statistics: Mapping[str, Statistic]) -> Statistic:
     keys = tuple((name, s.key) for name, s in stats.items())
     key = None if any(k is None for _, k in keys) else ("group", keys)
     return Statistic(init, update, merge, finalize, key, stats)
+
+
+# ----------------------------------------------------------------------------- keys
+
+# Functions inside functions' closures are followed this deep (recursive helpers end).
+_CLOSURE_DEPTH = 3
+_OPAQUE = object()  # a closed-over value that is not compared (an array, any object)
+
+
+def _plain(value: Any) -> Any:
+    """`value` as a comparable constant where it is a plain one (None, a number, string,
+    dtype, or a tuple or list of them: as a tuple, NaN as the string "nan"), else _OPAQUE."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str, bytes, np.dtype)):
+        return value
+    if isinstance(value, (float, complex)):
+        return "nan" if value != value else value
+    if isinstance(value, (tuple, list)):
+        items = tuple(_plain(v) for v in value)
+        return _OPAQUE if any(v is _OPAQUE for v in items) else items
+    return _OPAQUE
+
+
+# A constant's label: (the function holding it, e.g. "update" or "update's helper"; the
+# name it is bound to there, None for the function's code itself).
+Label = tuple[str, str | None]
+
+
+def _function_constants(fn: Any, label: str, depth: int = 0) -> Iterator[tuple[Label, Any]]:
+    """(label, value) of what a function visibly depends on: its code, and the plain
+    defaults, closure cells and partial arguments it carries (functions among them
+    followed). Other callables (a jitted function, an object) give nothing."""
+    if isinstance(fn, functools.partial):
+        yield from _function_constants(fn.func, label, depth)
+        named = {**{f"argument {i}": a for i, a in enumerate(fn.args)}, **fn.keywords}
+        for name, value in named.items():
+            yield from _value_constants(value, label, name, depth)
+        return
+    if not isinstance(fn, types.FunctionType):
+        return
+    code = fn.__code__
+    yield (label, None), code
+    positional = code.co_varnames[: code.co_argcount]
+    defaults = fn.__defaults__ or ()
+    bound = dict(zip(positional[len(positional) - len(defaults) :], defaults, strict=True))
+    bound.update(fn.__kwdefaults__ or {})
+    for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=True):
+        try:
+            bound[name] = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            continue
+    for name, value in bound.items():
+        yield from _value_constants(value, label, name, depth)
+
+
+def _value_constants(value: Any, label: str, name: str, depth: int) -> Iterator[tuple[Label, Any]]:
+    if isinstance(value, (types.FunctionType, functools.partial)):
+        if depth < _CLOSURE_DEPTH:
+            yield from _function_constants(value, f"{label}'s {name}", depth + 1)
+        return
+    plain = _plain(value)
+    if plain is not _OPAQUE:
+        yield (label, name), plain
+
+
+def constants(statistic: Statistic) -> dict[Label, Any]:
+    """What `statistic`'s `update` and `merge` visibly close over: their code objects and
+    plain constants (`_plain`) by label (a group: its parts', named); arrays and other
+    objects are left out, so they are never compared."""
+    if statistic.parts:
+        return {
+            (f"part {name!r}'s {fn}", bound): value
+            for name, part in statistic.parts.items()
+            for (fn, bound), value in constants(part).items()
+        }
+    return {
+        **dict(_function_constants(statistic.update, "update")),
+        **dict(_function_constants(statistic.merge, "merge")),
+    }
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, types.CodeType):
+        return f"{value.co_name} at {value.co_filename}:{value.co_firstlineno}"
+    return _short(repr(value))
+
+
+def _short(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _where(path: tuple[str, ...]) -> str:
+    return f"part {'/'.join(path)!r}" if path else "the statistic"
+
+
+class KeyClaims:
+    """What the statistics seen so far under each key close over (`constants`).
+
+    A key promises that `update` and `merge` are the same functions of their arguments;
+    where a later statistic (or part) with an equal key visibly closes over other code or
+    another constant, `add` raises ValueError naming both and the constant. The states'
+    shapes are not compared: a key may serve several (tallies of layers of other widths).
+    """
+
+    def __init__(self, caller: str, earlier: str = ""):
+        self._caller, self._earlier = caller, earlier  # in messages: who refuses; "seen when"
+        self._seen: dict[Hashable, tuple[dict[Label, Any], str]] = {}
+
+    def add(self, statistic: Statistic, path: tuple[str, ...] = ()) -> None:
+        """Claim the keys of `statistic` (at part `path` of what is checked) and its parts."""
+        for name, part in (statistic.parts or {}).items():
+            self.add(part, (*path, name))
+        if statistic.key is None:
+            return
+        mine, where = constants(statistic), _where(path)
+        seen = self._seen.get(statistic.key)
+        if seen is None:
+            self._seen[statistic.key] = (mine, where)
+            return
+        theirs, there = seen
+        for label in [label for label in mine if label in theirs]:  # in order: code first
+            a, b = mine[label], theirs[label]
+            try:
+                if a == b:
+                    continue
+            except Exception:  # values that do not compare: not told apart
+                continue
+            fn, name = label
+            if name is None:
+                detail = f"its {fn} is other code ({_shown(a)}, not {_shown(b)})"
+            else:
+                detail = f"its {fn} closes over {name} = {_shown(a)}, not {_shown(b)}"
+            raise ValueError(
+                f"{self._caller}: {where} has key {_short(repr(statistic.key))} like {there}"
+                f"{self._earlier}, "
+                f"but {detail}: a key must name every constant update and merge close over"
+            )
 
 
 # ----------------------------------------------------------------------------- pass 1
@@ -385,8 +537,10 @@ def ties_statistic(
 
 
 __all__ = [
+    "KeyClaims",
     "NonFiniteActivationError",
     "Statistic",
+    "constants",
     "group",
     "merge_devices",
     "merge_schedule",

@@ -393,3 +393,42 @@ def test_a_damaged_stored_stage_is_computed_again(tmp_path):
     assert len(calls) == 2 and again["conv1"]["counts"].tolist() == list(range(6))
     assert store.load_arrays(stored)["counts"].tolist() == list(range(6))
     assert outputs() and len(calls) == 2
+
+
+def test_an_update_that_changes_its_state_is_refused_after_the_first_batch():
+    """A state that grows a dimension (a compile per batch) or turns its int32 counts into
+    floats (no longer exact) is refused after the first batch, naming the part and leaf."""
+    values = np.random.default_rng(2).random((12, 2, 2, 3)).astype(np.float32)
+    base = _count_above("l", 3, 0.5)
+
+    def grows(state, batch):
+        new = base.update(state, batch)
+        return {**new, "above": new["above"][None]}
+
+    def floats(state, batch):
+        new = base.update(state, batch)
+        return {**new, "images": new["images"].astype(jnp.float32)}
+
+    def run(statistic):
+        return driver.run_pass(
+            "toy",
+            statistic,
+            _Values(values),
+            mesh=parallel.data_mesh(2),
+            batch_size=4,
+            forward=jax.jit(lambda v, x: {"l": x}),
+            num_threads=0,
+        )
+
+    with pytest.raises(
+        ValueError,
+        match=r"^run_pass 'toy': the statistic's update changed its state at \['above'\]: "
+        r"int32\[3\] -> int32\[1, 3\]; update must return",
+    ):
+        run(base._replace(update=grows))
+    with pytest.raises(
+        ValueError,
+        match=r"part 'b''s update changed its state at \['images'\]: int32\[\] -> float32\[\]",
+    ):
+        run(statistics.group({"a": base, "b": base._replace(update=floats)}))
+    np.testing.assert_array_equal(run(base)["above"], (values > 0.5).sum((0, 1, 2)))

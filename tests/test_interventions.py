@@ -185,3 +185,21 @@ def test_rules_of_the_wrong_size_name_the_layer(tiny):
     with pytest.raises(ValueError, match=r"units \[6, -1\] outside 0..5"):
         interventions.unit_mask(K, [6, -1])
     np.testing.assert_array_equal(interventions.unit_mask(4, [3, 0]), [True, False, False, True])
+
+
+def test_fold_refuses_a_matrix_that_is_not_orthogonal(tiny):
+    """Fold undoes its rotation with the transpose: any other matrix would change the output."""
+    model, variables, x = tiny
+    with pytest.raises(
+        ValueError, match=r"^Fold\(matrix\): matrix @ matrix\.T is 3 .*from I.*Rotate"
+    ):
+        Fold(2 * np.eye(K))
+    with pytest.raises(ValueError, match=r"^Fold\(matrix\): "):
+        Fold(jnp.ones((K, K)) / K)
+    # Rotations in float32 (numpy's QR, JAX's), and a stack of them, pass.
+    Fold(random_rotation(512, seed=0).astype(np.float32))
+    Fold(jnp.linalg.qr(jax.random.normal(jax.random.key(0), (256, 256)))[0])
+    Fold(np.stack([random_rotation(K, seed=s) for s in range(3)]))
+    # A traced matrix is not checked (nor copied to the host); a concrete one is, once.
+    doubled = jax.jit(lambda m: intervene(model, {"hidden": Fold(m)}).apply(variables, x))
+    assert not np.allclose(doubled(2 * jnp.eye(K)), model.apply(variables, x), atol=1e-3)

@@ -196,3 +196,58 @@ def test_sketch_merged_over_8_devices_is_as_accurate_as_one_stream():
     assert rms["merged"] <= 1.5 * rms["single"], rms
     # Measured (deterministic seeds): merged 0.0126, single 0.0169, shared 0.0202.
     assert rms["merged"] < 0.8 * rms["shared"], rms
+
+
+def _above(layer: str, level: float, key) -> statistics.Statistic:
+    """Per unit of `layer` (4 units), the values above `level`; `key` as given."""
+
+    def init(shard):
+        return jnp.zeros((4,), jnp.int32)
+
+    def update(state, batch):
+        hit = (batch["acts"][layer] > level) & batch["valid"][:, None, None, None]
+        return state + hit.sum((0, 1, 2), dtype=jnp.int32)
+
+    return statistics.Statistic(init, update, jnp.add, np.asarray, key)
+
+
+def test_a_group_of_no_statistic_is_refused():
+    with pytest.raises(ValueError, match=r"^statistics.group\(statistics=\{\}\): .*at least one"):
+        statistics.group({})
+
+
+def test_equal_keys_with_other_constants_are_refused_in_a_group_and_across_passes():
+    """A key that leaves out a constant its update closes over (a level, a layer) would give
+    one statistic the other's numbers: refused in one line naming the key and the constant."""
+    low, high = _above("l", 0.25, ("above", "l")), _above("l", 0.75, ("above", "l"))
+    with pytest.raises(
+        ValueError,
+        match=r"^statistics.group: part 'high' has key \('above', 'l'\) like part 'low', but "
+        r"its update closes over level = 0.75, not 0.25: a key must name every constant",
+    ):
+        statistics.group({"low": low, "high": high})
+    elsewhere = _above("m", 0.25, ("above", "l"))  # its layer is not in the key
+    with pytest.raises(ValueError, match=r"update closes over layer = 'm', not 'l'"):
+        statistics.group({"low": low, "other": statistics.group({"m": elsewhere})})
+    values = PROBE["acts"][..., :4]
+    steps = driver.Steps(compile_threads=0)
+    got = _run(low, values, 1, steps=steps)
+    np.testing.assert_array_equal(got, (values > 0.25).sum((0, 1, 2)))
+    with pytest.raises(
+        ValueError,
+        match=r"^driver.Steps: the statistic has key \('above', 'l'\) like the statistic \(seen before",
+    ):
+        _run(high, values, 1, steps=steps)
+
+
+def test_the_librarys_equal_keys_are_not_refused():
+    """Tallies of one layer at other thresholds, or of another model's width, share a key and
+    its steps (the thresholds ride in the state): no false alarm, nor with equal constants."""
+    labels = PROBE["labels"]
+    a = statistics.tally_statistic("l", PROBE["thresholds"], labels, restriction="overlap")
+    b = statistics.tally_statistic("l", PROBE["thresholds"] * 2, labels, restriction="overlap")
+    c = statistics.tally_statistic("l", np.zeros(7), labels, restriction="overlap")
+    assert a.key == b.key == c.key
+    statistics.group({"a": a, "b": b, "c": c})
+    same = _above("l", 0.25, ("above", "l")), _above("l", 0.25, ("above", "l"))
+    statistics.group(dict(zip("xy", same, strict=True)))
