@@ -65,6 +65,20 @@ def _run(source, tmp_path, devices=2):
     )
 
 
+def _toy_pass(statistic, values, **kwargs):
+    """`statistic` over `values` as activations of layer "l", on 2 devices."""
+    return driver.run_pass(
+        "toy",
+        statistic,
+        _Values(values),
+        mesh=parallel.data_mesh(2),
+        batch_size=4,
+        forward=jax.jit(lambda v, x: {"l": x}),
+        num_threads=0,
+        **kwargs,
+    )
+
+
 def _dissector(tap, probe, settings, mesh, **kwargs) -> engine.Dissector:
     """A quiet Dissector of the test model ("net") on `mesh`."""
     return engine.Dissector(
@@ -350,16 +364,7 @@ def test_a_group_runs_as_one_program_per_part_with_the_numbers_of_one_program(tm
     steps = driver.Steps()
 
     def run(statistic):
-        return driver.run_pass(
-            "toy",
-            statistic,
-            _Values(values),
-            mesh=parallel.data_mesh(2),
-            batch_size=4,
-            forward=jax.jit(lambda v, x: {"l": x}),
-            num_threads=0,
-            steps=steps,
-        )
+        return _toy_pass(statistic, values, steps=steps)
 
     split = run(grouped)
     one = run(whole)
@@ -410,15 +415,7 @@ def test_an_update_that_changes_its_state_is_refused_after_the_first_batch():
         return {**new, "images": new["images"].astype(jnp.float32)}
 
     def run(statistic):
-        return driver.run_pass(
-            "toy",
-            statistic,
-            _Values(values),
-            mesh=parallel.data_mesh(2),
-            batch_size=4,
-            forward=jax.jit(lambda v, x: {"l": x}),
-            num_threads=0,
-        )
+        return _toy_pass(statistic, values)
 
     with pytest.raises(
         ValueError,
