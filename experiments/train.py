@@ -75,6 +75,7 @@ def run(fv: flags.FlagValues = FLAGS):
 
     # Every flag is checked before anything slow starts.
     config = cli.from_flags(training.TrainConfig, fv)
+    config.options(num_classes=1)  # --arch and the options it takes, before the data is made
     for name in ("synthetic_images", "resolution", "max_train", "log_every"):
         if fv[name].value is not None and fv[name].value < 1:
             raise ValueError(f"--{name}={fv[name].value}: must be >= 1")

@@ -83,7 +83,7 @@ def cgroup_free_bytes(root: pathlib.Path = pathlib.Path("/sys/fs/cgroup")) -> in
             usage = int((root / usage_file).read_text())
         except (OSError, ValueError):
             continue
-        if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2**63
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1: ~2**63
             return None
         try:
             stats = dict(line.split() for line in (root / stat_file).read_text().splitlines())

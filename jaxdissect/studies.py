@@ -64,10 +64,12 @@ def stack_models(
         for layer in layers:
             name = stacked_name(member, layer)
             if name in names:
+                other, theirs = names[name]
+                where = f"member {member!r}" if other == member else f"{other!r} and {member!r}"
                 raise ValueError(
-                    f"layers={list(layers)} of members {names[name][0]!r} and {member!r}: "
-                    f"{names[name][1]!r} and {layer!r} both make the result name {name!r}; "
-                    "rename a member or name the layers by their paths"
+                    f"layers={list(layers)} of {where}: {theirs!r} and {layer!r} both make the "
+                    f"result name {name!r} (characters other than letters, digits, _ and - "
+                    "become _); rename a member or a layer"
                 )
             names[name] = (member, layer)
 

@@ -9,13 +9,15 @@ Definitions (the slow numpy reference in `tests/reference.py` implements them li
   i1 = min(i0 + 1, n_in - 1), f = src - i0; rows first, then columns. Written so, a
   plateau keeps its value exactly (a[i1] == a[i0] gives a[i0], fused multiply-add or not),
   and a unit capped at its threshold never passes it by a rounding (the weighted sum
-  (1 - f) * a[i0] + f * a[i1] rounds a constant map above itself in places). For
+  (1 - f) * a[i0] + f * a[i1] rounds a constant map above itself in places). A non-finite
+  value spoils the outputs that sample it (inf - inf is NaN: never active). For
   upsampling this is what `jax.image.resize(..., "bilinear")` and PIL's float bilinear
-  resize compute (to ~1e-6). For downsampling (h > sh) it is deliberately NOT antialiased: it equals
-  `jax.image.resize(..., "bilinear", antialias=False)`, so that a unit's mask samples its
-  own map instead of a blurred one, and the same formula serves every size. Values are
-  float32; another implementation of the formula may round an ulp differently (fused
-  multiply-adds), which matters only for values within an ulp of a threshold.
+  resize compute (to a few float32 ulps). For downsampling (h > sh) it is deliberately NOT
+  antialiased: it equals `jax.image.resize(..., "bilinear", antialias=False)`, so that a
+  unit's mask samples its own map instead of a blurred one, and the same formula serves
+  every size. Values are float32; another implementation of the formula may round an ulp
+  differently (fused multiply-adds), which matters only for values within an ulp of a
+  threshold and never on a plateau.
 - M_k(x) = S_k(x) > T_k with `tie_rule="strict"` (NetDissect-Lite; the default: consistent
   with P(a > T) = q, and a dead unit, T = 0 on a ReLU map of zeros, marks nothing), or
   S_k(x) >= T_k with `tie_rule="inclusive"` (the paper's formula). They differ only where

@@ -94,8 +94,9 @@ def test_cgroup_limits_what_auto_sees_as_free(tmp_path, monkeypatch):
     (v2 / "memory.current").write_text("700000\n")
     (v2 / "memory.stat").write_text("anon 500000\ninactive_file 100000\nactive_file 100000\n")
     assert actcache.cgroup_free_bytes(v2) == 1_000_000 - (700_000 - 100_000)
-    (v2 / "memory.max").write_text("max\n")
-    assert actcache.cgroup_free_bytes(v2) is None
+    for limit in ("max\n", "garbled\n"):
+        (v2 / "memory.max").write_text(limit)
+        assert actcache.cgroup_free_bytes(v2) is None
     (v1 / "memory" / "memory.limit_in_bytes").write_text("2000000\n")
     (v1 / "memory" / "memory.usage_in_bytes").write_text("2500000\n")  # over: nothing free
     assert actcache.cgroup_free_bytes(v1) == 0

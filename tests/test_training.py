@@ -295,3 +295,18 @@ def test_small_cnn_layout(batch_norm):
     sizes = [layers[model.layer_aliases[f"conv{i}"]] for i in range(1, 6)]
     assert sizes == [(48, 48, 32), (24, 24, 64), (12, 12, 128), (12, 12, 128), (6, 6, 256)]
     assert model.input_spec.size == 96
+
+
+def test_train_script_refuses_a_bad_arch_before_making_data(tmp_path, monkeypatch):
+    from tests.experiment_testing import parse, script
+
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "cache"))
+    for arch, message in [
+        ("bogus", "^arch='bogus': unknown architecture"),
+        ("resnet18 --dropout", "^arch=resnet18 has no option 'dropout'"),
+    ]:
+        name, *more = arch.split()
+        fv = parse("train", f"--arch={name}", *more, f"--output_dir={tmp_path / 'out'}")
+        with pytest.raises(ValueError, match=message):
+            script("train").run(fv)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
