@@ -56,7 +56,8 @@ def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[p
     """Hold `<path>/.lock` (created with `path`) while the block runs.
 
     Raises `OutputDirBusy` naming the holder's pid and command when another
-    process holds it. `name` is how the message calls the parameter.
+    process holds it; a block inside one of this process's holds of `path` goes
+    on under it. `name` is how the message calls the parameter.
     """
     out = pathlib.Path(path).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -66,10 +67,17 @@ def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[p
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise OutputDirBusy(
-                f"{name}={path} is in use by {holder}: wait for that run to finish, or choose "
-                f"another {name}"
-            ) from None
+            if not holder.startswith(f"pid {os.getpid()} "):
+                raise OutputDirBusy(
+                    f"{name}={path} is in use by {holder}: wait for that run to finish, or "
+                    f"choose another {name}"
+                ) from None
+            enclosed = True  # only this process writes the file while it holds the lock
+        else:
+            enclosed = False
+        if enclosed:
+            yield out
+            return
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")

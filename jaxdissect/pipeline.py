@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import pathlib
 import shutil
 import time
@@ -25,7 +27,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from jaxdissect import actcache, capture, config, driver, engine, results, store, tally
+from jaxdissect import actcache, capture, config, driver, engine, outdir, results, store, tally
 from jaxdissect.data import loader
 from jaxdissect.preprocess import TORCHVISION, InputSpec, as_input_spec
 from jaxdissect.report import build as report_build
@@ -220,6 +222,22 @@ def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
             (out / folder).rmdir()
 
 
+def _holding_output_dir(fn):
+    """`fn` run holding its `output_dir`'s lock (`outdir.locked`), on process 0 (which
+    writes the results): a run of another process there is refused, not interleaved."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def held(*args, **kwargs):
+        if jax.process_index() != 0:
+            return fn(*args, **kwargs)
+        with outdir.locked(signature.bind(*args, **kwargs).arguments["output_dir"]):
+            return fn(*args, **kwargs)
+
+    return held
+
+
+@_holding_output_dir
 def dissect(
     model: ModelInfo,
     layers: Sequence[str] | str,
@@ -233,7 +251,8 @@ def dissect(
     steps: driver.Steps | None = None,
     timings: dict[str, Any] | None = None,
 ) -> list[results.LayerResult]:
-    """Dissect `layers` of `model` on `source`; write results and report to `output_dir`.
+    """Dissect `layers` of `model` on `source`; write results and report to `output_dir`,
+    holding its lock (`outdir.OutputDirBusy` while another process holds it).
 
     steps: compiled steps shared with other dissections of this process (`driver.Steps`).
     timings: if given, receives the engine's `Dissector.timings` (the passes' seconds) and

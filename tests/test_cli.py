@@ -190,6 +190,24 @@ def test_a_second_run_on_a_locked_output_dir_says_who_holds_it(tmp_path):
     # The OS released the killed holder's lock.
     with outdir.locked(tmp_path):
         assert f"pid {os.getpid()} " in (tmp_path / ".lock").read_text()
+        with outdir.locked(tmp_path):  # this process's own hold: a library call under a script's
+            pass
+        with outdir.locked(tmp_path / "sub"):
+            pass
+    holder = _holder(tmp_path)  # released by the outer block
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+
+
+def test_the_python_api_holds_the_output_dir(tmp_path):
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(outdir.OutputDirBusy, match=rf"^output_dir={tmp_path} is in use by pid"):
+            pipeline.dissect(None, [], [], engine.Settings(), tmp_path, dataset_name="none")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing written
 
 
 def _script(name: str, *argv: str, cache: pathlib.Path) -> subprocess.CompletedProcess:

@@ -96,7 +96,12 @@ def test_another_models_results_are_not_mixed_in(report, tmp_path):
                 dataset_name="tiny",
                 options=pipeline.Options(progress=False, num_threads=0),
             )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broden", "index.html", "results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lock",  # the output_dir's lock (`outdir.locked`), as a script's
+        "broden",
+        "index.html",
+        "results.json",
+    ]
 
 
 def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, tmp_path):
@@ -135,10 +140,10 @@ def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, t
         with pytest.raises(KeyboardInterrupt):
             rerun()
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if ".work" not in p.parts)
-    assert files == ["stats-top.npz", "tally-top.csv"]
+    assert files == [".lock", "stats-top.npz", "tally-top.csv"]
     rerun()
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if ".work" not in p.parts)
-    assert files == ["results.json", "stats-top.npz", "tally-top.csv"]
+    assert files == [".lock", "results.json", "stats-top.npz", "tally-top.csv"]
     assert json.loads((out / "results.json").read_text())["settings"]["layers"] == ["top"]
     assert (out / "tally-top.csv").read_bytes() == (report / "tally-top.csv").read_bytes()
 
@@ -154,6 +159,7 @@ def test_files_escape_label_names(report):
 def test_files_and_records_use_the_names_asked_for(report):
     names = sorted(p.name for p in report.iterdir() if p.is_file())
     assert names == [
+        ".lock",
         "index.html",
         "layer-conv1.html",
         "layer-top.html",
