@@ -382,7 +382,7 @@ def layer_file_stems(layers: Sequence[str]) -> list[str]:
         stem, salt = base, 0
         while len(stem) > _MAX_STEM or stem.lower() in seen:
             digest = hashlib.sha1(f"{layer}\0{salt}".encode()).hexdigest()[:8]
-            stem = f"{base[: _MAX_STEM - 9]}-{digest}"
+            stem = _hashed_stem(base, digest)
             salt += 1
         seen.add(stem.lower())
         stems.append(stem)
@@ -402,7 +402,13 @@ def _is_layer_stem(stem: str | None, layer: str) -> bool:
     base = _stem_base(layer)
     if len(base) <= _MAX_STEM and stem == base:
         return True
-    return re.fullmatch(re.escape(base[: _MAX_STEM - 9]) + "-[0-9a-f]{8}", stem) is not None
+    digest = stem[-8:]
+    return re.fullmatch("[0-9a-f]{8}", digest) is not None and stem == _hashed_stem(base, digest)
+
+
+def _hashed_stem(base: str, digest: str) -> str:
+    """A layer's stem made unique: its safe name cut to leave room for `-` and the digest."""
+    return f"{base[: _MAX_STEM - 9]}-{digest}"
 
 
 def tally_csv_name(stem: str) -> str:

@@ -51,31 +51,28 @@ class _Values:
         return {"index": np.int32(i), "image": self.values[i]}
 
 
-def _run(source, tmp_path, devices=2):
+def _toy_pass(statistic, source, devices=2, **kwargs):
+    """`statistic` over `source`'s images as activations of layer "l"."""
     return driver.run_pass(
         "toy",
-        _count_above("l", 3, 0.5),
+        statistic,
         source,
         mesh=parallel.data_mesh(devices),
         batch_size=4,
         forward=jax.jit(lambda v, x: {"l": x}),
-        checkpoint_dir=tmp_path / "ckpt",
-        checkpoint_every=1,
         num_threads=0,
+        **kwargs,
     )
 
 
-def _toy_pass(statistic, values, **kwargs):
-    """`statistic` over `values` as activations of layer "l", on 2 devices."""
-    return driver.run_pass(
-        "toy",
-        statistic,
-        _Values(values),
-        mesh=parallel.data_mesh(2),
-        batch_size=4,
-        forward=jax.jit(lambda v, x: {"l": x}),
-        num_threads=0,
-        **kwargs,
+def _run(source, tmp_path, devices=2):
+    """The pass of `_count_above("l", 3, 0.5)`, checkpointed after every batch."""
+    return _toy_pass(
+        _count_above("l", 3, 0.5),
+        source,
+        devices,
+        checkpoint_dir=tmp_path / "ckpt",
+        checkpoint_every=1,
     )
 
 
@@ -364,7 +361,7 @@ def test_a_group_runs_as_one_program_per_part_with_the_numbers_of_one_program(tm
     steps = driver.Steps()
 
     def run(statistic):
-        return _toy_pass(statistic, values, steps=steps)
+        return _toy_pass(statistic, _Values(values), steps=steps)
 
     split = run(grouped)
     one = run(whole)
@@ -415,7 +412,7 @@ def test_an_update_that_changes_its_state_is_refused_after_the_first_batch():
         return {**new, "images": new["images"].astype(jnp.float32)}
 
     def run(statistic):
-        return _toy_pass(statistic, values)
+        return _toy_pass(statistic, _Values(values))
 
     with pytest.raises(
         ValueError,
