@@ -52,13 +52,18 @@ def _env():
 
 
 def _steps(out, stage):
+    """The checkpointed steps of `stage`; [] while the running job moves them (orbax writes
+    and deletes step folders as this looks)."""
     root = out / ".work" / "checkpoints"
-    return [
-        int(p.name)
-        for d in root.glob(f"{stage}-*/**/*-devices")  # pass 2: under its thresholds
-        for p in d.iterdir()
-        if p.name.isdigit()
-    ]
+    try:
+        return [
+            int(p.name)
+            for d in root.glob(f"{stage}-*/**/*-devices")  # pass 2: under its thresholds
+            for p in d.iterdir()
+            if p.name.isdigit()
+        ]
+    except FileNotFoundError:
+        return []
 
 
 def _outputs(out):
