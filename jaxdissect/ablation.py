@@ -502,21 +502,25 @@ def _chunked(
     name: str,
     chunk: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """run(masks) in chunks of `chunk` masks, each stored in `work` (resumed from there)."""
+    """run(masks) in chunks of `chunk` masks, each stored in `work` with the hash of its
+    masks and reused only for the same masks (other top N, chunk size or ranking: run)."""
     correct, loss = [], []
     for i, start in enumerate(range(0, len(masks), chunk)):
         part = masks[start : start + chunk]
+        digest = store.fingerprint_tree(part)
         path = None if work is None else work / f"{name}-{i:05d}.npz"
         if path is not None and path.is_file():
-            with np.load(path) as stored:
-                if stored["correct"].shape[0] == len(part):
-                    correct.append(stored["correct"])
-                    loss.append(stored["loss"])
-                    continue
+            try:
+                stored = store.load_arrays(path)
+            except ValueError:  # unreadable: evaluated again
+                stored = {}
+            if "masks" in stored and str(stored["masks"]) == digest:
+                correct.append(stored["correct"])
+                loss.append(stored["loss"])
+                continue
         c, l_ = run(part)
         if path is not None:
-            with store.atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, correct=c, loss=l_)
+            store.save_arrays(path, {"correct": c, "loss": l_, "masks": np.asarray(digest)})
         correct.append(c)
         loss.append(l_)
     return np.concatenate(correct), np.concatenate(loss)
@@ -538,8 +542,9 @@ def ablation_study(
 ) -> AblationResult:
     """Every single-unit ablation, then each class's top-N units ablated together.
 
-    With `work_dir`, each chunk of `chunk` masks is stored there as it finishes
-    (the caller keys the folder by model, layer, data and value) and reused.
+    With `work_dir`, each chunk of `chunk` masks is stored there as it finishes, with
+    the hash of its masks, and reused for the same masks only (the caller keys the folder
+    by model, layer, data and value; the masks carry the rest: N, chunk size, ranking).
     """
     check_value(value)
     if (value == MEAN) != (fill is not None):

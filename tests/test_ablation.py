@@ -185,6 +185,40 @@ class _Refuse:
         raise AssertionError("a stored chunk was evaluated again")
 
 
+class _Planted:
+    """Counts a function of the mask (unit k costs class k % C its k + 1 examples); records
+    the masks it evaluates."""
+
+    def __init__(self):
+        self.evaluated = 0
+
+    def counts_and_loss(self, variables, batches, masks, *, num_classes, **kwargs):
+        self.evaluated += len(masks)
+        cost = np.zeros((K, num_classes), np.int64)
+        cost[np.arange(K), np.arange(K) % num_classes] = np.arange(K) + 1
+        correct = 100 - masks.astype(np.int64) @ cost
+        return correct, np.zeros(correct.shape)
+
+
+def test_stored_top_n_chunks_are_reused_for_their_own_masks_only(tmp_path):
+    """A rerun in the same work folder with other N (as many) evaluates the top N again,
+    and reuses the single-unit chunks."""
+    batches = [{"image": np.zeros((300, 1, 1, 3)), "label": np.arange(300) % CLASSES}]
+
+    def study(ablator, ns, work):
+        return ablation.ablation_study(
+            ablator, None, batches, num_units=K, num_classes=CLASSES, ns=ns, work_dir=work
+        )
+
+    study(_Planted(), (1, 2), tmp_path / "work")
+    again = _Planted()
+    second = study(again, (3, 6), tmp_path / "work")
+    fresh = study(_Planted(), (3, 6), None)
+    np.testing.assert_array_equal(second.top, fresh.top)
+    np.testing.assert_array_equal(second.single, fresh.single)
+    assert again.evaluated == CLASSES * 2  # the top masks only
+
+
 def test_top_n_masks_and_ranking_on_planted_drops():
     drop = np.array([[0.0, 0.5], [0.3, 0.5], [0.3, np.nan], [0.9, -0.1]])  # [K=4, C=2]
     order = ablation.ranking(drop)
