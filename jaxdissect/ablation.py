@@ -15,6 +15,11 @@ all evaluation images stay on the devices for the whole call (1,000 images of a
 7x7x512 layer: 100 MB in float32). The images are sharded over the `data` mesh like
 `evaluate.Evaluator`; the counts are summed over devices by XLA.
 
+At a token layer ([B, tokens, K]) a unit is set in every token, class and register
+tokens too (a head that reads the class token would not see an ablation of the patches
+alone), and its mean (`unit_means`) is over those same tokens, so that the mean fill
+keeps the layer's average output; the dissection labels the unit by its patch tokens.
+
 `ablation_study` evaluates every single-unit ablation and the top-N curves and
 writes them (`write_ablation_files`); its chunks of masks are stored under
 `.work/` so that a killed run resumes.
@@ -103,7 +108,7 @@ class Ablator:
             layer = tap.layers[0]
             data = parallel.sharded(self.mesh)
             self._tap = jax.jit(
-                lambda v, x: tap.fn(v, self._input(x))[layer],
+                lambda v, x: tap.outputs(v, self._input(x))[layer],
                 in_shardings=(parallel.replicated(self.mesh), data),
                 out_shardings=data,
             )
@@ -219,8 +224,8 @@ class Ablator:
 
 @flax.struct.dataclass
 class _Cached:
-    """The layer's output replaced by `acts` (its value on these images, captured before),
-    then `ablation` applied: what precedes the layer becomes dead code."""
+    """The layer's output replaced by `acts` (the module's output on these images, captured
+    before), then `ablation` applied: what precedes the layer becomes dead code."""
 
     acts: Any
     ablation: interventions.Ablate
@@ -359,7 +364,8 @@ def unit_means(
     input_size: int,
     apply_kwargs: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
-    """float64 [K]: each unit's mean activation over the valid images and all positions."""
+    """float64 [K]: each unit's mean activation over the valid images and all positions
+    (of a token layer: every token, class and register tokens too, as `Ablate` sets)."""
     from jaxdissect import capture
 
     tap = capture.make_tap(
@@ -374,7 +380,7 @@ def unit_means(
     @jax.jit
     def sums(v: Any, images: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = input_spec(images) if input_spec is not None else images
-        y = tap.fn(v, x)[layer].astype(jnp.float32)
+        y = tap.outputs(v, x)[layer].astype(jnp.float32)
         y = y.reshape(y.shape[0], -1, y.shape[-1])
         w = valid.astype(jnp.float32)[:, None, None]
         return jnp.sum(y * w, (0, 1)), jnp.sum(w) * y.shape[1]

@@ -259,6 +259,8 @@ class Tap:
       names: per layer (same order), the name the user asked for it by; defaults
         to the paths.
       token_layouts: per layer path whose output is [B, tokens, C], how it was read.
+      outputs: `outputs(variables, images) -> {layer: output}`, pure: each module's output
+        as it returns it ([B, tokens, C] with its class and register tokens; its dtype).
     """
 
     fn: Callable[[Any, Array], dict[str, Array]]
@@ -267,6 +269,7 @@ class Tap:
     shapes: Mapping[str, tuple[int, int, int]]
     names: tuple[str, ...] = ()
     token_layouts: Mapping[str, TokenLayout] = dataclasses.field(default_factory=dict)
+    outputs: Callable[[Any, Array], dict[str, Array]] | None = None
 
     def __post_init__(self):
         names = tuple(self.names) or tuple(self.layers)
@@ -679,6 +682,10 @@ def make_tap(
     def fn(v, images):
         return maps(run(v, images, wanted))
 
+    def raw(v, images):
+        outs = run(v, images, wanted)
+        return {p: outs[p][0] for p in paths}
+
     # The maps' shapes from the dry run's outputs (no second trace of the network).
     shapes = {
         k: tuple(int(d) for d in s.shape[1:])
@@ -689,5 +696,11 @@ def make_tap(
         if path not in layouts:
             _warn_channels_first(name, shapes[path], input_shape)
     return Tap(
-        fn=fn, variables=variables, layers=paths, shapes=shapes, names=names, token_layouts=layouts
+        fn=fn,
+        variables=variables,
+        layers=paths,
+        shapes=shapes,
+        names=names,
+        token_layouts=layouts,
+        outputs=raw,
     )

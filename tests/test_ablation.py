@@ -6,6 +6,7 @@ import re
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -217,6 +218,46 @@ def test_stored_top_n_chunks_are_reused_for_their_own_masks_only(tmp_path):
     np.testing.assert_array_equal(second.top, fresh.top)
     np.testing.assert_array_equal(second.single, fresh.single)
     assert again.evaluated == CLASSES * 2  # the top masks only
+
+
+class _ClassToken(nn.Module):
+    """A class token before 2x2 patches; the head reads the class token only."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(K, (4, 4), strides=(4, 4), name="embed")(x)
+        b, h, w, c = y.shape
+        cls = self.param("cls", nn.initializers.normal(1.0), (1, 1, c))
+        t = jnp.concatenate([jnp.tile(cls, (b, 1, 1)), y.reshape(b, h * w, c)], 1)
+        t = nn.relu(nn.Dense(K, name="tokens")(t))
+        return nn.Dense(CLASSES, name="head")(t[:, 0] + t[:, 1:].mean(1))
+
+
+def test_a_token_layer_with_a_class_token_is_ablated_and_averaged_in_every_token():
+    from jaxdissect import interventions
+
+    module = _ClassToken()
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, 16).astype(np.int32)
+    variables = module.init(jax.random.key(0), images[:1])
+    batches = _batches(images, labels, 8)
+    _, state = module.apply(variables, images, capture_intermediates=True)
+    out = np.asarray(state["intermediates"]["tokens"]["__call__"][0], np.float64)  # [16, 5, K]
+    fill = ablation.unit_means(module, variables, "tokens", batches, input_spec=None, input_size=8)
+    np.testing.assert_allclose(fill, out.reshape(-1, K).mean(0), rtol=1e-5)
+    masks = np.eye(K, dtype=bool)[:3]
+    ab = ablation.Ablator(module, None, "tokens", mesh=parallel.data_mesh(1))
+    got = ab.counts(variables, batches, masks, num_classes=CLASSES, fill=fill)
+    preds = jax.jit(
+        jax.vmap(
+            lambda m: interventions.intervene(
+                module, {"tokens": interventions.Ablate(m, fill)}
+            ).apply(variables, images)
+        )
+    )(masks).argmax(-1)
+    for pred, row in zip(np.asarray(preds), got, strict=True):
+        np.testing.assert_array_equal(row, np.bincount(labels[pred == labels], minlength=CLASSES))
 
 
 def test_top_n_masks_and_ranking_on_planted_drops():
