@@ -20,7 +20,8 @@ Output directory of `train`:
 Running `train` again on the same directory resumes from the latest checkpoint:
 the data order is a pure function of (seed, step) (grain's random-access
 shuffle), so a resumed run sees the same batches and dropout keys, and ends
-with the same parameters as an uninterrupted one.
+with the same parameters as an uninterrupted one. The last step's checkpoint is saved
+after summary.json, so a run killed before its summary resumes from an earlier step.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class TrainConfig:
         `decay_factor` at each of `decay_steps`; default at 50% and 75%).
       warmup_steps: linear warm-up from 0 before the schedule.
       decay_steps: `step` schedule: steps where the rate is multiplied by `decay_factor`
-        (empty: at 50% and 75% of `steps`).
+        (empty: at 50% and 75% of `steps`), each after `warmup_steps` and given once.
       decay_factor: `step` schedule: the factor at each of `decay_steps`.
       steps: training steps.
       batch_size: global batch (a multiple of the device count).
@@ -183,11 +184,26 @@ class TrainConfig:
             )
         object.__setattr__(self, "save_steps", tuple(sorted({int(s) for s in self.save_steps})))
         object.__setattr__(self, "decay_steps", tuple(sorted(int(s) for s in self.decay_steps)))
+        bounds = self.decay_bounds()
+        if self.schedule == "step" and (
+            len(set(bounds)) < len(bounds) or bounds[0] <= self.warmup_steps
+        ):
+            given = ",".join(map(str, self.decay_steps)) or (
+                f"() (at 50% and 75% of steps={self.steps}: {','.join(map(str, bounds))})"
+            )
+            raise ValueError(
+                f"decay_steps={given}: each must be after warmup_steps={self.warmup_steps} "
+                "and given once"
+            )
         bad = [s for s in self.save_steps if not 0 <= s <= self.steps]
         if bad:
             raise ValueError(
                 f"save_steps={','.join(map(str, bad))}: outside [0, steps={self.steps}]"
             )
+
+    def decay_bounds(self) -> tuple[int, ...]:
+        """The steps of the `step` schedule's decays: `decay_steps`, or 50% and 75%."""
+        return self.decay_steps or (self.steps // 2, self.steps * 3 // 4)
 
     def options(self, num_classes: int) -> dict[str, Any]:
         """Constructor options of the model."""
@@ -230,9 +246,8 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     elif config.schedule == "cosine":
         main = optax.cosine_decay_schedule(lr, rest)
     else:
-        bounds = config.decay_steps or (config.steps // 2, config.steps * 3 // 4)
         main = optax.piecewise_constant_schedule(
-            lr, {max(1, b - warm): config.decay_factor for b in bounds}
+            lr, {b - warm: config.decay_factor for b in config.decay_bounds()}
         )
     if not warm:
         return main
@@ -602,14 +617,13 @@ def train(
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     manager = _checkpoint_manager(out / CHECKPOINT_DIR, config)
     restored = _restore_state(manager, state)
-    history = read_metrics(out / METRICS_FILE)
     start = 0
     if restored is not None:
         state = restored
         start = int(jax.device_get(state.step))
-        # Rows logged after the checkpoint were lost with the killed run; they will be redone.
-        history = [r for r in history if r["step"] <= start]
         logging.info("resuming %s from step %d", out, start)
+    # Rows logged after the checkpoint were lost with the killed run; they will be redone.
+    history = [r for r in read_metrics(out / METRICS_FILE) if r["step"] <= start]
     logging.info(
         "training %s (%d parameters, %d classes) on %s: %d train / %d val images at %d px, "
         "%d devices",
@@ -642,10 +656,12 @@ def train(
             extra = {"step": step, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
             if jax.process_index() == 0:
                 exports[step] = export_weights(weights_dir(out, step), state, config, task, extra)
-        _save_state(manager, state, force=final)
+        if not final:  # the final state is saved once summary.json is written
+            _save_state(manager, state)
         return row
 
-    if start == 0:
+    # Step 0's row, unless the killed run logged it (its checkpoint is then the latest).
+    if start == 0 and not history:
         row = checkpoint(state, 0)
         history.append({"step": 0, "epoch": 0.0, **row, "elapsed_s": 0.0})
     batches = train_batches(task.train, config.batch_size, seed=config.seed, flip=config.flip)
@@ -698,8 +714,6 @@ def train(
             if on_log is not None:
                 on_log(row)
     bar.close()
-    manager.wait_until_finished()
-    manager.close()
     if start == stop == config.steps:
         logging.info("%s: already trained for %d steps", out, config.steps)
     final = [r for r in history if not np.isnan(r.get("val_accuracy", float("nan")))]
@@ -740,4 +754,9 @@ def train(
                 "resumed_from": start,
             },
         )
+    if step == config.steps:
+        # Last: a run killed before it resumes from an earlier step and writes the summary.
+        _save_state(manager, state, force=True)
+    manager.wait_until_finished()
+    manager.close()
     return result

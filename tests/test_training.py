@@ -156,6 +156,19 @@ def test_config_and_options_are_checked():
     ]:
         with pytest.raises(ValueError, match=rf"^{field}={value}: {rule}"):
             training.TrainConfig(**{field: value})
+    # Decays inside the warm-up or given twice would merge into one.
+    step = dict(schedule="step", steps=200, warmup_steps=100)
+    for decay in [(50, 150), (100, 150), (150, 150)]:
+        with pytest.raises(
+            ValueError, match="^decay_steps=.*: each must be after warmup_steps=100"
+        ):
+            training.TrainConfig(decay_steps=decay, **step)
+    with pytest.raises(
+        ValueError, match=r"^decay_steps=\(\) \(at 50% and 75% of steps=200: 100,150"
+    ):
+        training.TrainConfig(**step)
+    assert training.TrainConfig(decay_steps=(101, 150), **step).decay_bounds() == (101, 150)
+    assert training.TrainConfig(schedule="cosine", steps=200, warmup_steps=100).warmup_steps == 100
     with pytest.raises(ValueError, match="no option 'dropout'"):
         training.model_options("resnet18", dropout=True)
     assert training.model_options("resnet18", width=0.5, batch_norm=None) == {"width": 0.5}
@@ -256,6 +269,32 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, task
     b = training.load_trained(second.exports[20]).variables
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert second.val_accuracy == straight.val_accuracy
+
+
+def test_resume_before_the_first_checkpoint_and_before_the_summary(tmp_path, task, monkeypatch):
+    """Killed before the first periodic checkpoint: step 0's row once. Killed after the last
+    step but before summary.json: the rerun writes it."""
+    kw = dict(mesh=parallel.data_mesh(1), **RUN_KW)
+    config = _config()
+    out = tmp_path / "run"
+    training.train(config, task, out, stop_after=3, **kw)
+    write_json = training.store.write_json
+
+    def killed_at_the_summary(path, obj):
+        if pathlib.Path(path).name == training.SUMMARY_FILE:
+            raise KeyboardInterrupt
+        write_json(path, obj)
+
+    monkeypatch.setattr(training.store, "write_json", killed_at_the_summary)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, task, out, **kw)
+    monkeypatch.undo()
+    steps = [r["step"] for r in training.read_metrics(out / training.METRICS_FILE)]
+    assert steps == [0, 4, 8, 12, 16, 20]
+    again = training.train(config, task, out, **kw)
+    assert again.resumed_from == 15 and (out / training.SUMMARY_FILE).is_file()
+    steps = [r["step"] for r in training.read_metrics(out / training.METRICS_FILE)]
+    assert steps == [0, 4, 8, 12, 16, 20]
 
 
 def test_data_parallel_steps_match_one_device():
