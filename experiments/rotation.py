@@ -59,7 +59,9 @@ def run(fv: flags.FlagValues = FLAGS):
     # Every flag is checked before anything slow starts.
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
-    amounts = cli.parse_numbers(fv.amounts, "--amounts")
+    from jaxdissect import rotation
+
+    amounts = rotation.check_amounts(cli.parse_numbers(fv.amounts, "--amounts"), "--amounts")
     if fv.rotation_seed < 0:
         raise ValueError(f"--rotation_seed={fv.rotation_seed}: must be >= 0")
     trained = cli.check_model_flags(fv)

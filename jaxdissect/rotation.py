@@ -313,6 +313,27 @@ def amount_name(layer: str, amount: float) -> str:
     return f"{safe}-t{amount:.3f}".replace(".", "_")
 
 
+def check_amounts(amounts: Sequence[float], name: str = "amounts") -> list[float]:
+    """The distinct amounts, each in [0, 1] and named apart by `amount_name`; else one
+    line naming parameter `name` (a script passes its flag)."""
+    given = ",".join(f"{t:g}" for t in amounts)
+    if not amounts:
+        raise ValueError(f"{name}=: no rotation amount given")
+    bad = [t for t in amounts if not 0 <= t <= 1]
+    if bad:
+        raise ValueError(f"{name}={given}: {','.join(f'{t:g}' for t in bad)} outside [0, 1]")
+    distinct = [float(t) for t in dict.fromkeys(amounts)]
+    seen: dict[str, float] = {}
+    for t in distinct:
+        other = seen.setdefault(amount_name("", t), t)
+        if other != t:
+            raise ValueError(
+                f"{name}={given}: {other:g} and {t:g} are one amount to 3 decimals (the "
+                "results name each amount so); give amounts that differ there"
+            )
+    return distinct
+
+
 def rotated_fan(
     module: nn.Module,
     variables: Any,
@@ -376,12 +397,7 @@ def rotation_study(
     """
     from jaxdissect import pipeline, results
 
-    if not amounts:
-        raise ValueError("no rotation amount given")
-    bad = [t for t in amounts if not 0 <= t <= 1]
-    if bad:
-        raise ValueError(f"rotation amounts {bad} outside [0, 1]")
-    amounts = [float(t) for t in dict.fromkeys(amounts)]
+    amounts = check_amounts(amounts)
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = model.input_spec.size

@@ -208,3 +208,21 @@ def test_a_rotation_at_an_unknown_path_is_refused(cnn):
     v = rotation.with_rotations(variables, {"features/99": np.eye(16)})
     with pytest.raises(capture.LayerNotFoundError, match="'features/99' does not exist"):
         rotation.RotatedModel(model).apply(v, images)
+
+
+def test_amounts_named_alike_are_refused_up_front(tmp_path, monkeypatch):
+    """0.1 and 0.1004 share the name conv5-t0_100: one line naming the amounts, before
+    the probe set or the model is opened."""
+    from tests.experiment_testing import parse, script
+
+    assert rotation.check_amounts([0, 0.5, 0.5, 1]) == [0.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match=r"^amounts=0.1,0.1004: 0.1 and 0.1004 are one amount"):
+        rotation.check_amounts([0.1, 0.1004])
+    with pytest.raises(ValueError, match=r"^amounts=0,1.5: 1.5 outside \[0, 1\]$"):
+        rotation.check_amounts([0, 1.5])
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    fv = parse("rotation", "--model=alexnet", "--amounts=0,0.0002", f"--output_dir={out}")
+    with pytest.raises(ValueError, match=r"^--amounts=0,0.0002: 0 and 0.0002 are one amount"):
+        script("rotation").run(fv)
+    assert not (tmp_path / "cache").exists() and not out.exists()
