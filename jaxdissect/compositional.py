@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +29,7 @@ from jaxdissect import (
     formula_counts,
     formula_search,
     statistics,
+    store,
 )
 from jaxdissect.data import loader
 from jaxdissect.formulas import (
@@ -100,6 +100,11 @@ class LayerFormulas:
         return self.optimal if self.optimal is not None else [row[0] for row in self.beam]
 
 
+def activations_dir(work_dir: pathlib.Path, layer: str) -> pathlib.Path:
+    """Where `explain_layer` keeps the activations of module path `layer` on disk."""
+    return work_dir / f"formula-activations-{store.key_of(layer=layer)}"
+
+
 def explain_layer(
     tap: Any,
     thresholds: np.ndarray,
@@ -123,6 +128,7 @@ def explain_layer(
 
     labels: the label space scored (categories restricted as the dissection's); candidate
     concepts are its labels with a category and with pixels in the probe set.
+    work_dir: a disk cache's folder (`activations_dir`), used by one run at a time.
     """
     if len(tap.layers) != 1:
         raise ValueError(f"explain_layer takes a tap of one layer, got {tap.layers}")
@@ -135,10 +141,11 @@ def explain_layer(
     shape = tap.shapes[layer]
     needed = int(np.prod(shape)) * dtype.itemsize * num_batches * local_batch
     kind = actcache.choose_kind(activation_cache, needed, work_dir)
-    directory = None
-    if kind == "disk":  # this call's own folder: layers and concurrent runs never share one
-        work_dir.mkdir(parents=True, exist_ok=True)
-        directory = pathlib.Path(tempfile.mkdtemp(prefix="formula-activations-", dir=work_dir))
+    # The layer's own folder (each process its own files in it); a killed run's files are
+    # removed first, whatever this run's kind. One run at a time writes to `work_dir`: the
+    # scripts hold the output directory's lock (`outdir.locked`).
+    directory = None if work_dir is None else activations_dir(work_dir, layer)
+    actcache.remove_files(directory)
     cache = actcache.ActivationCache(
         kind, {layer: shape}, num_batches, local_batch, dtype, directory
     )

@@ -76,9 +76,13 @@ def test_compositional_script_writes_formulas_plot_and_page(tmp_path, broden):
 
     # Under the dissection's own restriction (presence), a unit's best single concept
     # scores the dissection's best IoU, and the formulas change. Activations kept on disk,
-    # in the call's own folder: another layer's or run's cache file is never opened, and
-    # the folder is gone at the end.
-    stale = tmp_path / ".work" / "formula_activations" / "layer0-p0.npy"
+    # in the layer's folder: a killed run's file there is removed, not opened, and the
+    # folder is gone at the end.
+    from jaxdissect import compositional
+    from jaxdissect.models.small_cnn import small_cnn
+
+    path = small_cnn(num_classes=2).layer_aliases["conv1"]
+    stale = compositional.activations_dir(tmp_path / ".work", path) / "layer0-p0.npy"
     stale.parent.mkdir(parents=True)
     np.save(stale, np.zeros((1, 2, 3, 4), np.float16))
     presence = run_script(
@@ -102,6 +106,43 @@ def test_compositional_script_writes_formulas_plot_and_page(tmp_path, broden):
         assert r["label_iou"] == pytest.approx(dissected[r["unit"]]["iou"], rel=1e-12)
     assert any(r["label_iou"] != u["label_iou"] for r, u in zip(rows, units, strict=True))
     assert "union restriction presence" in (tmp_path / "compositional.html").read_text()
+
+
+def test_a_killed_runs_disk_cache_is_removed_by_the_next_run(tmp_path, broden, monkeypatch):
+    """A SIGKILL skips `discard`: the next run of the layer removes what it left."""
+    import jax.numpy as jnp
+
+    from jaxdissect import actcache, capture, compositional, parallel
+    from jaxdissect.data.broden import Broden
+    from jaxdissect.models.load import init_variables
+    from jaxdissect.models.small_cnn import small_cnn
+
+    source = Broden.open(broden, split="val")
+    model = small_cnn(num_classes=3, width=0.125, image_size=TINY_SIZE)
+    variables = init_variables(model, jnp.zeros((1, TINY_SIZE, TINY_SIZE, 3)), seed=0)
+    tap = capture.make_tap(model, variables, ["conv1"], input_shape=(TINY_SIZE, TINY_SIZE, 3))
+    work = tmp_path / ".work"
+
+    def explain():
+        return compositional.explain_layer(
+            tap,
+            np.full(tap.shapes[tap.layers[0]][-1], 0.5, np.float32),
+            source,
+            source.labels,
+            compositional.SearchSettings(max_length=1),
+            input_spec=model.input_spec,
+            mesh=parallel.data_mesh(1),
+            batch_size=32,
+            activation_cache="disk",
+            work_dir=work,
+        )
+
+    with monkeypatch.context() as m:
+        m.setattr(actcache.ActivationCache, "discard", lambda self: None)  # killed
+        explain()
+    assert list(work.glob("formula-activations-*/*.npy"))
+    explain()
+    assert not list(work.iterdir())
 
 
 def test_bad_search_flags_are_named(tmp_path, broden):
