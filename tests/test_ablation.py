@@ -240,7 +240,7 @@ def test_a_token_layer_with_a_class_token_is_ablated_and_averaged_in_every_token
     rng = np.random.default_rng(3)
     images = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
     labels = rng.integers(0, CLASSES, 16).astype(np.int32)
-    variables = module.init(jax.random.key(0), images[:1])
+    variables = jax.jit(module.init)(jax.random.key(0), images[:1])
     batches = _batches(images, labels, 8)
     _, state = module.apply(variables, images, capture_intermediates=True)
     out = np.asarray(state["intermediates"]["tokens"]["__call__"][0], np.float64)  # [16, 5, K]
