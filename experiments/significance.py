@@ -9,14 +9,23 @@ The layer is dissected on the probe set with the engine's permutation test
 `--significance_seed`; jaxdissect/significance.py says why whole images are permuted
 and not pixels): pass 2 packs every image's unit and concept masks on the test's grid,
 then the draws stream over them. Per unit: the p-value of its best IoU over all concepts
-(the max is taken in every draw too) and whether BH calls it.
+(the max is taken in every draw too) and whether BH calls it. That IoU is the test's, on
+its grid (every --significance_stride-th pixel) with the union unrestricted, not the
+dissection's (full resolution, --restriction's union); BH's rate is nominal, as the
+p-values share the permutations (jaxdissect/significance.py).
 
 --baseline tests a reference network instead of the one given: `random_init` (the same
 architecture with random weights, seed --seed) or `rotated` (the layer's units rotated
 by a Haar-random Q, seed --rotation_seed, as experiments/rotation.py at t = 1). Their
 best IoU per unit is the distribution a detector of the trained layer is measured against.
 Writes significance.json and significance-<layer>.csv, and the dissection (results.json,
-tally-<layer>.csv with the p-values), to --output_dir.
+tally-<layer>.csv with the p-values), to --output_dir. In significance.json, per unit:
+`label`, `iou` and `interpretable` are the dissection's; `p` is the test's (its best IoU
+over all concepts); `label_p` is the pair p of the dissection's label under the test's
+IoU, not corrected for the label's choice as the best; the summary's
+`interpretable_and_significant`, `interpretable_not_significant` and
+`significant_not_interpretable` cross the two statistics (the dissection's IoU > the
+threshold, the test's BH call).
 """
 
 from __future__ import annotations

@@ -12,10 +12,15 @@ a shorter formula or an empty one (e.g. (A OR B) AND NOT A = B AND NOT A).
 Ranking, everywhere (the tie-break): higher score first, then the shorter formula, then the
 lower concept numbers in order, then the lower operator codes (OR < AND < AND NOT).
 
-Beam search (as the paper's release): the beam starts as the `beam` best single concepts;
-each step extends every beam entry by every operator and every candidate concept not in it,
-pools the extensions with the beam itself (a shorter formula stays if it scores better),
-and keeps the `beam` best of the pool. One pass over the data per step.
+Beam search (the paper's): the beam starts as the `beam` best single concepts; each step
+extends every beam entry by every operator and every candidate concept not in it, pools
+the extensions with the beam itself (a shorter formula stays if it scores better), and
+keeps the `beam` best of the pool. One pass over the data per step. It differs from the
+release (jayelm/compexp, `compute_best_iou`) in three ways: the first beam may hold
+candidates of IoU 0 (the release keeps only IoU > 0); concepts already in a formula are
+not tried again (the release tries every label); ties go by the ranking above, lower
+concept numbers first (the release's go by insertion order), so commutative duplicates
+(`3 AND 4`, `4 AND 3`) rank next to each other and can take two places of the beam.
 
 Optimal mode (length <= 3): branch and bound over prefixes, seeded with the beam's best
 score s*. With m = |M|, and for a concept or formula X: I_X = |M and X|, F_X = |X| - I_X

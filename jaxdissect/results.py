@@ -106,7 +106,8 @@ class Significance:
 
     Attributes:
       p: float64 [K], each unit's p-value: of its best IoU over all concepts on the test's
-        grid, against the best of every draw (the choice of the label is paid for).
+        grid with the union unrestricted (not the dissection's IoU), against the best of
+        every draw (the choice of the label is paid for).
       pair_p: float64 [K, C], the p-value of each (unit, concept) pair.
       concepts: int64 [C], the label numbers of pair_p's columns.
       significant: bool [K], Benjamini-Hochberg's discoveries at `alpha` over the layer's p.
@@ -122,7 +123,8 @@ class Significance:
     draws: int
 
     def label_p(self, labels: np.ndarray) -> np.ndarray:
-        """float64 [K]: the p-value of each unit's pair with `labels[k]` (NaN: -1 or untested)."""
+        """float64 [K]: the p-value of each unit's pair with `labels[k]` (NaN: -1 or untested),
+        under the test's IoU; not corrected for a label chosen as the best of another."""
         labels = np.asarray(labels, np.int64)
         column = {int(c): i for i, c in enumerate(self.concepts)}
         out = np.full(labels.shape, np.nan)

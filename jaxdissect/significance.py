@@ -15,6 +15,12 @@ observed IoU is that of its intersection:
 which is a valid (slightly conservative) p-value for any D; the smallest attainable
 p is 1 / (1 + D), so D sets the resolution (D = 999 resolves 0.001).
 
+The IoU tested is the masks' on the test's grid (every `stride`-th segmentation pixel each
+way) with the union unrestricted (every image), not the dissection's (full resolution,
+its restriction's union): a unit's best concept here can differ from its dissection
+label, and the pair p of that label (`results.Significance.label_p`) is not corrected for
+the label's choice as the best of the dissection's IoU.
+
 Why not an exact test at the pixel level (hypergeometric, or Fisher's exact test on
 the 2x2 table of pixels): it assumes the pixels are independent draws, and they are
 not. Both a unit's mask and a concept's mask are spatially smooth blobs (a unit's
@@ -30,9 +36,12 @@ their p-value is not small unless the unit fires on sky more than on the top of
 images that have none: the test asks for an association with the concept, not with
 where the concept tends to be.
 
-`benjamini_hochberg` controls the expected share of false discoveries among one family
-of p-values called significant at level alpha (a dissection's family: the units of one
-layer, each with its `unit_p`).
+`benjamini_hochberg` bounds the expected share of false discoveries among one family of
+p-values called significant at level alpha (a dissection's family: the units of one
+layer, each with its `unit_p`) when the p-values are independent or positively
+regression dependent (PRDS). The units' p-values come from the same permutations, so
+they are dependent and PRDS is not shown: the level is nominal (Benjamini-Yekutieli's
+alpha / sum_i 1/i holds under any dependence).
 
 As a streaming statistic (`mask_statistic`): the test needs, for every pairing, image
 i's unit masks with image pi(i)'s concept masks, which no per-image sum holds. A pass
@@ -191,9 +200,10 @@ class PermutationTest:
 
     Attributes:
       pair_p: float64 [K, C], p of each (unit, concept) intersection (hence IoU).
-      unit_p: float64 [K], p of each unit's best IoU over all concepts, against the null
-        distribution of the best (the max over concepts is taken in every draw too, so the
-        choice of the label is paid for): "unit k detects some concept".
+      unit_p: float64 [K], p of each unit's best IoU over all concepts (on the test's
+        grid, union unrestricted), against the null distribution of the best (the max
+        over concepts is taken in every draw too, so the choice of the label is paid
+        for): "unit k detects some concept".
       observed: int64 [K, C], the observed intersections.
       draws: D.
       unit_area, concept_area: int64 [K], [C], the masks' pixels over all images.
@@ -288,7 +298,8 @@ def permutation_test(
 
 def benjamini_hochberg(p: np.ndarray, alpha: float = 0.05) -> np.ndarray:
     """bool, p's shape: the discoveries of the Benjamini-Hochberg step-up procedure at `alpha`
-    over all of `p` (one family: e.g. every (unit, concept) pair of a layer)."""
+    over all of `p` (one family: e.g. every (unit, concept) pair of a layer); its false
+    discovery rate is at most alpha for independent or PRDS p-values (module doc)."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha={alpha} must be in (0, 1)")
     p = np.asarray(p, np.float64)
