@@ -662,6 +662,18 @@ def test_duplicate_label_number(tmp_path):
         Broden.open(tmp_path)
 
 
+def test_label_number_a_png_cannot_hold(tmp_path):
+    # One stray row must not size the label space (and every [units, labels] count array).
+    base(tmp_path)
+    edit_csv(tmp_path / "label.csv", lambda rows: rows.append(["65535", "top", "", "1", "1", ""]))
+    assert Broden.open(tmp_path).labels.num_labels == 65536
+    edit_csv(
+        tmp_path / "label.csv", lambda rows: rows.append(["5000000", "typo", "", "1", "1", ""])
+    )
+    with raises("label number 5000000 is above 65535", "label.csv line 6", "fix the row"):
+        Broden.open(tmp_path)
+
+
 def test_label_listed_twice_in_a_category(tmp_path):
     base(tmp_path)
     edit_csv(tmp_path / "c_object.csv", lambda rows: rows.append(["2", "1", "sky", "1", "1.0"]))

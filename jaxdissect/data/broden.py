@@ -58,7 +58,7 @@ class Broden:
       seg_size: (sh, sw), common to all records.
       max_planes: P, the most pixel label planes of any selected record (>= 1).
       max_image_labels: Q, the most image-level labels of any selected record (>= 1).
-      known_labels: bool [>= 65536], True at 0 and every number label.csv defines
+      known_labels: bool [65536], True at 0 and every number label.csv defines
         (indexed by a PNG's R + 256 * G without bounds checks).
       coverage: float64 [num_categories, num_labels], each label's coverage in each
         c_<cat>.csv, NaN where absent: `primary_categories(coverage, use)` recomputes

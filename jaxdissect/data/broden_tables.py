@@ -2,7 +2,8 @@
 
 - `category.csv` (`name,...`): the categories, in this order everywhere.
 - `label.csv` (`number,name,category,frequency,coverage,syns`): one row per
-  label number >= 1; the release has no row for 0 ("unlabeled").
+  label number in [1, 65535] (what a PNG's R + 256 * G holds); the release has no row
+  for 0 ("unlabeled").
 - `c_<cat>.csv` (`code,number,name,frequency,coverage`): the labels of one
   category with their coverage in it; a label's primary category is the one
   where its coverage is largest.
@@ -46,10 +47,9 @@ META_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
 # Used only for a category column that holds no data in any row, where the
 # cells cannot tell: Broden's scene (ADE20K) and texture (DTD) are per image.
 KNOWN_IMAGE_LEVEL = frozenset({"scene", "texture"})
-# R + 256 * G of an 8-bit PNG cannot exceed this.
-_PNG_LABEL_LIMIT = 1 << 16
-# A bound on label numbers so that a typo cannot allocate gigabytes.
-_MAX_LABEL_NUMBER = 1 << 24
+# The largest label number: a label PNG encodes R + 256 * G in 16 bits, and index.csv's
+# image-level numbers must be label.csv's, so a typo cannot widen the label space past it.
+_MAX_LABEL_NUMBER = (1 << 16) - 1
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 _SAFE_CATEGORY = re.compile(r"[A-Za-z0-9_.\-]+")
 
@@ -243,10 +243,10 @@ def _parse_labels(root: pathlib.Path, table: _Table) -> tuple[tuple[str, ...], n
     for line, row in table.rows:
         where = f"{root / table.name} line {line}"
         number = _parse_int(row[num_col], where, "number", minimum=0)
-        if number >= _MAX_LABEL_NUMBER:
+        if number > _MAX_LABEL_NUMBER:
             raise BrodenFormatError(
-                f"{where}: label number {number} is implausibly large "
-                f"(>= {_MAX_LABEL_NUMBER}); fix or restore the file."
+                f"{where}: label number {number} is above {_MAX_LABEL_NUMBER}, the largest a "
+                "label PNG encodes (R + 256 * G); fix the row or restore the file."
             )
         if number in by_number:
             raise BrodenFormatError(f"{where}: label number {number} is defined twice.")
@@ -259,7 +259,7 @@ def _parse_labels(root: pathlib.Path, table: _Table) -> tuple[tuple[str, ...], n
         )
     size = max(by_number) + 1
     names = ["-"] + [by_number.get(n, "") for n in range(1, size)]
-    known = np.zeros(max(size, _PNG_LABEL_LIMIT), dtype=bool)
+    known = np.zeros(_MAX_LABEL_NUMBER + 1, dtype=bool)
     known[0] = True
     known[list(by_number)] = True
     return tuple(names), known
@@ -454,7 +454,7 @@ class Tables:
     Attributes:
       labels: the label space (categories in category.csv order, primaries, image-level).
       records: every index.csv row, in file order.
-      known_labels: bool [>= 65536], True at 0 and every number label.csv defines.
+      known_labels: bool [65536], True at 0 and every number label.csv defines.
       coverage: float64 [num_categories, num_labels], NaN where absent.
       image_size, seg_size: (ih, iw) and (sh, sw), common to all rows.
       files: (file name, bytes) of every CSV file read, for the fingerprint.
