@@ -205,13 +205,8 @@ def restrict_categories(
     """
     if categories is None:
         return labels
-    unknown = [c for c in categories if c not in labels.categories]
-    if unknown:
-        raise ValueError(
-            f"categories={','.join(categories)}: {', '.join(unknown)} not in the dataset; "
-            f"known: {', '.join(labels.categories)}"
-        )
-    keep = np.asarray([c in categories for c in labels.categories])
+    selected = labels.select(categories)
+    keep = np.asarray([c in selected for c in labels.categories])
     if coverage is not None:
         primary = primary_categories(coverage, use=keep)
     else:
@@ -361,6 +356,10 @@ class Dissector:
             )
         self.tally_method, self.num_workers = tally_method, num_workers
         self.check_labels = check_labels
+        if settings.categories is not None:  # keys and reads in the label space's order
+            settings = dataclasses.replace(
+                settings, categories=source.labels.select(settings.categories)
+            )
         self.tap, self.source, self.settings = tap, source, settings
         self.input_spec, self.model_key = input_spec, model_key
         self.mesh = mesh or parallel.data_mesh()

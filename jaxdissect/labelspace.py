@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -58,3 +59,29 @@ class LabelSpace:
     def labels_in(self, category: str) -> np.ndarray:
         """Label numbers whose primary category is `category`."""
         return np.flatnonzero(self.primary == self.categories.index(category))
+
+    def select(self, categories: Sequence[str] | None) -> tuple[str, ...]:
+        """The named categories in this label space's order: all for None, else `categories`
+        reordered (their order never matters: ties and columns follow the label space).
+
+        Raises ValueError naming `categories=` for a string, a repeated name or a name not
+        in the label space.
+        """
+        if categories is None:
+            return self.categories
+        if isinstance(categories, str):
+            raise ValueError(f"categories={categories!r}: give a sequence of names, not a string")
+        names = list(categories)
+        repeated = sorted({c for c in names if names.count(c) > 1})
+        if repeated:
+            raise ValueError(
+                f"categories={names!r}: {', '.join(map(repr, repeated))} given more than "
+                "once; name each category once"
+            )
+        unknown = [c for c in names if c not in self.categories]
+        if unknown:
+            raise ValueError(
+                f"categories={names!r}: {', '.join(map(repr, unknown))} not in the dataset; "
+                f"its categories are {', '.join(self.categories)}"
+            )
+        return tuple(c for c in self.categories if c in names)

@@ -143,7 +143,7 @@ class LayerResult:
       labels: the label space the counts refer to.
       counts: exact int64 counts (`jaxdissect.tally.tally_to_numpy`).
       iou: float64 [K, L].
-      categories: indices (into labels.categories) of the scored categories, in order.
+      categories: indices (into labels.categories) of the scored categories, ascending.
       category_label: int64 [K, len(categories)], best label per scored category (-1: none).
       category_iou: float64 [K, len(categories)], its IoU.
       best_category: int64 [K], index into labels.categories of each unit's best category
@@ -210,6 +210,8 @@ def layer_result(
     """Score one layer's counts: IoU, best label per category and overall, unit states.
 
     `categories` restricts the scored categories (Lite leaves out "material"); default all.
+    Scored in LabelSpace order whatever order they are named in (ties between categories,
+    columns); a repeated or unknown name is refused (`LabelSpace.select`).
     `path` is the layer's module path when `layer` is another name for it (an alias).
     `ties`: the engine's tie statistics of the layer (dead units then get no label).
     `significance`: the layer's permutation test, carried into the files.
@@ -218,10 +220,9 @@ def layer_result(
         raise ValueError("a layer result needs a layer name")
     counts = {key: np.asarray(value, np.int64) for key, value in counts.items()}
     _check_counts(counts, labels)
-    names = labels.categories if categories is None else tuple(categories)
-    unknown = [name for name in names if name not in labels.categories]
-    if unknown or not names:
-        raise ValueError(f"unknown or no categories to score: {unknown or names}")
+    names = labels.select(categories)
+    if not names:
+        raise ValueError("categories=[]: no category to score")
     cat_idx = tuple(labels.categories.index(name) for name in names)
     iou = iou_matrix(counts, labels)
     k = iou.shape[0]

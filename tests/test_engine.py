@@ -160,6 +160,21 @@ def _literal_labels(probe, categories):
     return pixel, scalar
 
 
+def test_categories_are_keyed_in_label_space_order(model, probe):
+    m, variables = model
+    order = probe.labels.categories[:2]
+
+    def dissector(categories):
+        settings = engine.Settings(quantile_mode="exact", batch_size=8, categories=categories)
+        return _dissector(m, variables, probe, settings, ("conv2",), parallel.data_mesh(1))[0]
+
+    named, reversed_ = dissector(order), dissector(order[::-1])
+    assert reversed_.settings.categories == order
+    assert reversed_.stage_key("pass2", "conv2") == named.stage_key("pass2", "conv2")
+    with pytest.raises(ValueError, match=rf"^categories=\['{order[0]}', '{order[0]}'\]: "):
+        dissector((order[0], order[0]))
+
+
 @pytest.mark.parametrize("restriction", ["presence", "overlap"])
 def test_unselected_categories_leave_no_pixels(model, tmp_path, restriction):
     """Without material, wood (an object and a material) counts only its object pixels."""

@@ -273,7 +273,7 @@ def test_results_json_round_trip(layer, tmp_path):
         assert [u["label"] for u in rec["units"]] == res.best_label.tolist()
         assert [u["iou"] for u in rec["units"]] == res.best_iou.tolist()
     first, second = doc["layers"]
-    assert list(second["units"][1]["categories"]) == ["object", "color"]
+    assert list(second["units"][1]["categories"]) == ["color", "object"]  # LabelSpace order
     assert first["units"][1]["categories"]["object"] == {
         "label": 3,
         "name": "sky",
@@ -312,6 +312,24 @@ def test_results_json_round_trip(layer, tmp_path):
     cut.write_text(json.dumps(doc)[:40])
     with pytest.raises(ValueError, match=rf"^{cut} is not readable JSON \("):
         results.read_results_json(cut)
+
+
+def test_categories_are_scored_in_label_space_order_whatever_order_they_are_named_in():
+    # Unit 0 ties between sky (object) and street-s (scene): IoU 10 / (20 + 10 - 10) each.
+    labels = _labels()
+    inter = np.zeros((1, 9), np.int64)
+    inter[0, [3, 8]] = 10
+    counts = _counts(inter, [0, 0, 0, 10, 0, 0, 0, 0, 10], [[20, 20, 20, 20]])
+    for cats in (("object", "scene"), ("scene", "object")):
+        layer = results.layer_result("l", counts, labels, categories=cats)
+        assert labels.names[layer.best_label[0]] == "sky"  # the first in LabelSpace order
+        header, _ = results.tally_csv_rows(layer)
+        assert [h for h in header if h.endswith("-label")] == ["object-label", "scene-label"]
+        assert list(results.layer_record(layer)["units"][0]["categories"]) == ["object", "scene"]
+        summary = results.layer_summary(layer)
+        assert summary.unique_by_category == {"object": 1, "scene": 0}
+    with pytest.raises(ValueError, match=r"^categories=\['object', 'scene', 'object'\]: 'object' "):
+        results.layer_result("l", counts, labels, categories=("object", "scene", "object"))
 
 
 def test_counts_are_checked(layer):

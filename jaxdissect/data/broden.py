@@ -218,7 +218,7 @@ class Broden:
           labels in the same order, without 0 and without repeats.
         """
         _, rec = self._record(i)
-        cats = selected_categories(self.labels, categories)
+        cats = self.labels.select(categories)
         pngs = [(cat, png) for cat in cats for png in rec.pixel.get(cat, ())]
         planes = np.zeros((len(pngs), rec.sh, rec.sw), dtype=np.int32)
         for k, (cat, png) in enumerate(pngs):
@@ -248,7 +248,7 @@ class Broden:
     def label_shape(self, categories: Sequence[str] | None = None) -> tuple[int, int]:
         """(P, Q): the most pixel planes and image labels of any record, over `categories`
         (None: all), at least 1 each; `read_labels(i, categories)` fits in them."""
-        cats = selected_categories(self.labels, categories)
+        cats = self.labels.select(categories)
         planes = max(sum(len(r.pixel.get(c, ())) for c in cats) for r in self.records)
         scalars = max(len(_flat_image_labels(cats, r)) for r in self.records)
         return max(1, planes), max(1, scalars)
@@ -290,24 +290,6 @@ def _flat_image_labels(categories: Sequence[str], rec: Record) -> tuple[int, ...
     return unique([n for c in categories for n in rec.image_labels.get(c, ())])
 
 
-def selected_categories(labels: LabelSpace, categories: Sequence[str] | None) -> tuple[str, ...]:
-    """The categories to read, in the label space's order: all (None) or `categories`.
-
-    Raises ValueError naming `categories=` and the known names for a name not in `labels`.
-    """
-    if categories is None:
-        return labels.categories
-    if isinstance(categories, str):
-        raise ValueError(f"categories={categories!r}: give a sequence of names, not a string")
-    unknown = [c for c in categories if c not in labels.categories]
-    if unknown:
-        raise ValueError(
-            f"categories={list(categories)!r}: {', '.join(map(repr, unknown))} not in the "
-            f"dataset; its categories are {', '.join(labels.categories)}"
-        )
-    return tuple(c for c in labels.categories if c in categories)
-
-
 __all__ = [
     "IMAGES_DIR",
     "SPLITS",
@@ -315,5 +297,4 @@ __all__ = [
     "BrodenFormatError",
     "Record",
     "primary_categories",
-    "selected_categories",
 ]

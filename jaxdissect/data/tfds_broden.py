@@ -46,7 +46,7 @@ from etils import epath
 from PIL import Image
 
 from jaxdissect.data import images
-from jaxdissect.data.broden import IMAGES_DIR, Broden, selected_categories
+from jaxdissect.data.broden import IMAGES_DIR, Broden
 from jaxdissect.data.files import DatasetFiles, Fingerprint, check_data_hash
 from jaxdissect.labelspace import LabelSpace
 
@@ -507,9 +507,7 @@ class TfdsBroden:
                 ex["pixel_labels"].astype(np.int32),
                 np.asarray(ex["image_labels"], dtype=np.int32),
             )
-        keep = [
-            self.labels.categories.index(c) for c in selected_categories(self.labels, categories)
-        ]
+        keep = [self.labels.categories.index(c) for c in self.labels.select(categories)]
         planes = ex["pixel_labels"][np.isin(ex["plane_categories"], keep)]
         listed = ex["category_image_labels"][np.isin(ex["image_label_categories"], keep)]
         image_labels = np.asarray(list(dict.fromkeys(listed.tolist())), dtype=np.int32)
