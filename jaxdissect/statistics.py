@@ -347,7 +347,7 @@ def quantile_statistic(
                 "quantile_mode='histogram' counts the raw 16-bit maps: not with "
                 "threshold_on='upsampled' (interpolated values); use sketch or exact"
             )
-        quantiles.histogram.check_histogram(activation_dtype, total_count)
+        quantiles.histogram.check_histogram(activation_dtype, total_count, num_units)
 
     def init(shard: int):
         if mode == "exact":

@@ -103,6 +103,13 @@ def test_values_the_dtype_does_not_hold_are_refused():
         Q.histogram_init(K, "float16", 2**31)
 
 
+def test_units_past_int32_slot_ids_are_refused():
+    # Unit k's slots start at k * 2**16: 32768 units would wrap int32 ids (8 GB of counts).
+    H.check_histogram("float16", 5000, 32767)
+    with pytest.raises(ValueError, match=r"^quantile_mode='histogram' with 32768 units: at most"):
+        H.check_histogram("float16", 5000, 32768)
+
+
 def test_auto_picks_the_histogram_where_it_applies():
     pick = Q.resolve_mode
     assert pick("auto", 32, "float16", 10**6, upsampled=False) == "histogram"

@@ -13,11 +13,12 @@ value, rows with valid=False are dropped. A value that the 16-bit type does not 
 exactly (the activations were not rounded to it) is counted in `inexact`, and
 `histogram_threshold` refuses such a state rather than answer for other numbers.
 
-Memory: K x 2**16 int32 counts (256 KB a unit); a count is int32, so `histogram_init`
-refuses more than 2**31 - 1 values a unit. `resolve_mode` picks the mode of a layer for
-`auto`: this one where it applies and the layer has at most `AUTO_MAX_UNITS` units (64 MB a
-device), else exact mode where its state fits `AUTO_MAX_BYTES` (small maps: 7x7), else the
-sketch. The two exact modes compile and step faster than the sketch (benchmarks/README.md).
+Memory: K x 2**16 int32 counts (256 KB a unit); a count and a slot id are int32, so
+`histogram_init` refuses more than 2**31 - 1 values a unit and more than `MAX_UNITS` (32767)
+units. `resolve_mode` picks the mode of a layer for `auto`: this one where it applies and the
+layer has at most `AUTO_MAX_UNITS` units (64 MB a device), else exact mode where its state
+fits `AUTO_MAX_BYTES` (small maps: 7x7), else the sketch. The two exact modes compile and
+step faster than the sketch (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from jaxdissect.tally import IN_BOUNDS
 DTYPES = ("float16", "bfloat16")
 SLOTS = 1 << 16
 MAX_VALUES = 2**31 - 1  # per unit: the counts are int32
+MAX_UNITS = MAX_VALUES // SLOTS  # slot ids k * 2**16 + s and the last slot K * 2**16 are int32
 
 
 @struct.dataclass
@@ -52,8 +54,8 @@ class HistogramState:
     q: float = struct.field(pytree_node=False)
 
 
-def check_histogram(dtype: str, total_count: int) -> None:
-    """Raise, naming the parameter, unless histogram mode can hold these values."""
+def check_histogram(dtype: str, total_count: int, num_units: int) -> None:
+    """Raise, naming the parameter, unless histogram mode can hold these values and units."""
     if dtype not in DTYPES:
         raise ValueError(
             f"activation_dtype={dtype!r}: the histogram quantile mode needs 16-bit "
@@ -64,13 +66,18 @@ def check_histogram(dtype: str, total_count: int) -> None:
             f"total_count={total_count}: more values a unit than the histogram's int32 "
             f"counts hold ({MAX_VALUES})"
         )
+    if num_units > MAX_UNITS:
+        raise ValueError(
+            f"quantile_mode='histogram' with {num_units} units: at most {MAX_UNITS} (int32 "
+            "slot ids, 2**16 a unit); use quantile_mode='exact' or 'sketch'"
+        )
 
 
 def histogram_init(
     num_units: int, dtype: str, total_count: int, q: float = DEFAULT_Q
 ) -> HistogramState:
     """Empty counts for `num_units` units of `dtype` activations, `total_count` values each."""
-    check_histogram(dtype, total_count)
+    check_histogram(dtype, total_count, num_units)
     return HistogramState(
         counts=filled((num_units * SLOTS + 1,), 0, np.int32),
         count=_count_zero(),
@@ -199,6 +206,7 @@ __all__ = [
     "AUTO_MAX_BYTES",
     "AUTO_MAX_UNITS",
     "DTYPES",
+    "MAX_UNITS",
     "MAX_VALUES",
     "SLOTS",
     "HistogramState",
