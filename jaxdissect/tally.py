@@ -6,7 +6,8 @@ Definitions (the slow numpy reference in `tests/reference.py` implements them li
   size [sh, sw] by bilinear interpolation with half-pixel centres and edge clamping. Along
   one axis, output i samples the input at src = (i + 0.5) * n_in / n_out - 0.5, clamped to
   [0, n_in - 1], and takes a[i0] + f * (a[i1] - a[i0]) with i0 = floor(src),
-  i1 = min(i0 + 1, n_in - 1), f = src - i0; rows first, then columns. Written so, a
+  i1 = min(i0 + 1, n_in - 1), f = src - i0 (src exact in integer arithmetic, so an integer
+  position is its own tap; f rounded to float32); rows first, then columns. Written so, a
   plateau keeps its value exactly (a[i1] == a[i0] gives a[i0], fused multiply-add or not),
   and a unit capped at its threshold never passes it by a rounding (the weighted sum
   (1 - f) * a[i0] + f * a[i1] rounds a constant map above itself in places). A non-finite

@@ -5,7 +5,8 @@ with per-image, per-unit, per-label loops and without calling the package's fast
 `LabelSpace` is shared). Thresholds are inputs: computing quantiles is another module's job.
 
 - Upsampling: half-pixel centres with edge clamping, rows then columns, each output value
-  a[i0] + f * (a[i1] - a[i0]) in float32 with f computed in float64.
+  a[i0] + f * (a[i1] - a[i0]) in float32, the source position an exact fraction of
+  integers and f its fractional part (rounded to float64, then float32).
 - Mask: S > T (tie_rule "strict") or S >= T ("inclusive").
 - Tie statistics of a unit, over the values its threshold was computed on (raw or upsampled
   maps): minimum, maximum, how many equal T; dead (minimum == maximum), saturated (more than
@@ -30,28 +31,30 @@ import numpy as np
 from jaxdissect.labelspace import LabelSpace
 
 
+def reference_tap(i: int, n_out: int, n_in: int) -> tuple[int, int, np.float32]:
+    """Output i's taps along one axis: the source position (i + 0.5) * n_in / n_out - 0.5,
+    clamped to [0, n_in - 1], as the exact fraction num / den of Python integers."""
+    num, den = (2 * i + 1) * n_in - n_out, 2 * n_out
+    num = min(max(num, 0), (n_in - 1) * den)
+    lo = num // den
+    hi = min(lo + 1, n_in - 1)
+    return lo, hi, np.float32((num - lo * den) / den)
+
+
 def reference_upsample(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of one map a [h, w] to `size` from the half-pixel formula."""
     h, w = a.shape
     sh, sw = size
     a = a.astype(np.float32)
 
-    def tap(i: int, n_out: int, n_in: int) -> tuple[int, int, np.float32]:
-        centre = (i + 0.5) * n_in / n_out - 0.5
-        centre = min(max(centre, 0.0), n_in - 1.0)
-        lo = math.floor(centre)
-        hi = min(lo + 1, n_in - 1)
-        frac = centre - lo
-        return lo, hi, np.float32(frac)
-
     rows = np.zeros((sh, w), np.float32)
     for y in range(sh):
-        lo, hi, f = tap(y, sh, h)
+        lo, hi, f = reference_tap(y, sh, h)
         for x in range(w):
             rows[y, x] = a[lo, x] + f * (a[hi, x] - a[lo, x])
     out = np.zeros((sh, sw), np.float32)
     for x in range(sw):
-        lo, hi, f = tap(x, sw, w)
+        lo, hi, f = reference_tap(x, sw, w)
         for y in range(sh):
             out[y, x] = rows[y, lo] + f * (rows[y, hi] - rows[y, lo])
     return out

@@ -11,8 +11,15 @@ import pytest
 from PIL import Image
 
 from jaxdissect import results, tally, tie_counts, ties, widecount
+from jaxdissect.interpolation import interpolation_taps
 from jaxdissect.tie_rule import active
-from tests.reference import random_probe, reference_counts, reference_dissect, reference_upsample
+from tests.reference import (
+    random_probe,
+    reference_counts,
+    reference_dissect,
+    reference_tap,
+    reference_upsample,
+)
 
 BATCH = 4  # 11 images: two full batches and a partial one padded with garbage rows
 
@@ -400,6 +407,20 @@ def test_upsample_matches_formula_resize_and_pil():
             np.testing.assert_allclose(got[b, :, :, k], np.asarray(pil), atol=1e-5)
     resized = jax.image.resize(jnp.asarray(acts), (2, *size, 3), "bilinear")
     np.testing.assert_allclose(got, np.asarray(resized), atol=1e-5)
+
+
+def test_taps_are_the_references_bit_for_bit():
+    # An exact integer source position (31 -> 113 at i = 56, 15 -> 13 at i = 6) is its own
+    # tap (f = 0), not the one below with f = 1.0.
+    for n_out in (13, 112, 113, 7, 1):
+        for n_in in range(1, 41):
+            i0, i1, f = interpolation_taps(n_out, n_in)
+            want = [reference_tap(i, n_out, n_in) for i in range(n_out)]
+            assert i0.tolist() == [w[0] for w in want], (n_in, n_out)
+            assert i1.tolist() == [w[1] for w in want], (n_in, n_out)
+            assert f.view(np.uint32).tolist() == [int(w[2].view(np.uint32)) for w in want]
+    i0, _, f = interpolation_taps(113, 31)
+    assert (i0[56], f[56]) == (15, 0.0)
 
 
 def test_downsample_is_not_antialiased():
