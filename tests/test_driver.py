@@ -1,6 +1,7 @@
 """The pass driver with statistics it has never seen: resume, a third pass, one compile."""
 
 import dataclasses
+import threading
 
 import flax.linen as nn
 import jax
@@ -169,19 +170,30 @@ def test_a_third_pass_composes_from_outside_and_the_network_compiles_once(tmp_pa
     assert dissector.forward._step._cache_size() == 1
 
 
-def _backend_compiles(run) -> int:
+@pytest.fixture
+def earlier_threads() -> frozenset[threading.Thread]:
+    """The threads alive before the test, but its own: compilations an earlier test left
+    running in the background (pass 2's, compiled ahead of a pass 1 that stopped) end on
+    them, and are none of this test's."""
+    return frozenset(threading.enumerate()) - {threading.current_thread()}
+
+
+def _backend_compiles(run, earlier: frozenset[threading.Thread]) -> int:
     """How many XLA executables `run()` compiles or reads from the persistent compilation
-    cache (the test session has one: conftest.py)."""
+    cache (the test session has one: conftest.py), on threads not in `earlier`."""
     from jax._src import dispatch
 
     count = []
 
     def compiled(event, duration, **kwargs):
-        if event == dispatch.BACKEND_COMPILE_EVENT:
+        if event == dispatch.BACKEND_COMPILE_EVENT and threading.current_thread() not in earlier:
             count.append(event)
 
     def read(event, **kwargs):
-        if event == "/jax/compilation_cache/cache_hits":
+        if (
+            event == "/jax/compilation_cache/cache_hits"
+            and threading.current_thread() not in earlier
+        ):
             count.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(compiled)
@@ -194,7 +206,7 @@ def _backend_compiles(run) -> int:
     return len(count)
 
 
-def test_initial_states_compile_nothing():
+def test_initial_states_compile_nothing(earlier_threads):
     """Every statistic's initial state is made on the host and transferred: no XLA program
     per field's shape (eager `jnp.full` compiles one for each new shape, on a first run's
     critical path). Shapes of 173 units, used nowhere else, keep JAX's caches cold."""
@@ -222,13 +234,16 @@ def test_initial_states_compile_nothing():
         "formulas": formula_counts.formula_statistic("l", thresholds, table, 4),
     }
     for name, statistic in made.items():
-        assert _backend_compiles(lambda s=statistic: statistics.stack_shards(s, 2)) == 0, name
+        made_here = _backend_compiles(
+            lambda s=statistic: statistics.stack_shards(s, 2), earlier_threads
+        )
+        assert made_here == 0, name
     # The counter sees an eager fill of a new shape.
-    assert _backend_compiles(lambda: jnp.full((k, 3, 5), 7.0)) > 0
+    assert _backend_compiles(lambda: jnp.full((k, 3, 5), 7.0), earlier_threads) > 0
 
 
 @pytest.mark.slow
-def test_dissectors_sharing_steps_compile_once(tmp_path):
+def test_dissectors_sharing_steps_compile_once(tmp_path, earlier_threads):
     probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=13))
     model = _Net()
     variables = init_variables(model, jnp.zeros((1, 32, 32, 3)), seed=0)
@@ -240,7 +255,7 @@ def test_dissectors_sharing_steps_compile_once(tmp_path):
         d = _dissector(tap, probe, settings, mesh, steps=shared)
         scaled = jax.tree.map(lambda v: v * scale, tap.variables)
         out = {}
-        n = _backend_compiles(lambda: out.update(d.run(scaled)))
+        n = _backend_compiles(lambda: out.update(d.run(scaled)), earlier_threads)
         return out, n
 
     settings = engine.Settings(quantile=0.05, batch_size=8)
@@ -264,7 +279,7 @@ def test_dissectors_sharing_steps_compile_once(tmp_path):
             np.testing.assert_array_equal(shared[layer].counts[k], v)
 
 
-def test_pipeline_dissections_of_one_architecture_compile_once(tmp_path):
+def test_pipeline_dissections_of_one_architecture_compile_once(tmp_path, earlier_threads):
     from jaxdissect import pipeline
 
     probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=9))
@@ -287,21 +302,23 @@ def test_pipeline_dissections_of_one_architecture_compile_once(tmp_path):
                 mesh=parallel.data_mesh(1),
                 options=options,
                 steps=steps,
-            )
+            ),
+            earlier_threads,
         )
 
     assert dissect(0, "a") > 0
     assert dissect(1, "b") == 0
 
 
-def _compile_events(run) -> list[str]:
-    """The names of the XLA executables `run()` compiles (persistent-cache reads too)."""
+def _compile_events(run, earlier: frozenset[threading.Thread]) -> list[str]:
+    """The names of the XLA executables `run()` compiles (persistent-cache reads too), on
+    threads not in `earlier`."""
     from jax._src import dispatch
 
     names = []
 
     def compiled(event, duration, **kwargs):
-        if event == dispatch.BACKEND_COMPILE_EVENT:
+        if event == dispatch.BACKEND_COMPILE_EVENT and threading.current_thread() not in earlier:
             names.append(kwargs.get("fun_name", "?"))
 
     jax.monitoring.register_event_duration_secs_listener(compiled)
@@ -313,7 +330,9 @@ def _compile_events(run) -> list[str]:
 
 
 @pytest.mark.parametrize("devices", [1, 2])
-def test_steps_compiled_ahead_are_not_compiled_again_and_change_no_number(tmp_path, devices):
+def test_steps_compiled_ahead_are_not_compiled_again_and_change_no_number(
+    tmp_path, devices, earlier_threads
+):
     # Background compilation (pass 1's forward and per-layer steps at once, pass 2's during
     # pass 1) against none at all: the same numbers, and the calls compile nothing more.
     probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=13))
@@ -327,7 +346,7 @@ def test_steps_compiled_ahead_are_not_compiled_again_and_change_no_number(tmp_pa
         d = _dissector(tap, probe, settings, parallel.data_mesh(devices), steps=steps)
         scaled = jax.tree.map(lambda v: v * scale, tap.variables)
         out = {}
-        names = _compile_events(lambda: out.update(d.run(scaled)))
+        names = _compile_events(lambda: out.update(d.run(scaled)), earlier_threads)
         return out, names, steps
 
     # A scale never used elsewhere in the session: nothing is in JAX's in-memory caches.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import random
 import socket
 import subprocess
 import sys
@@ -18,9 +19,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no socket holds, below the kernel's ephemeral range: other processes' outgoing
+    connections and port-0 binds draw from that range, so a port from it (a port-0 bind's)
+    could be taken in the seconds before the coordinator binds it."""
+    low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = range(max(1024, low - 10000), low)
+    for port in random.sample(ports, min(len(ports), 100)):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below the ephemeral range ({low})")
 
 
 def _dissect(out: pathlib.Path, data: pathlib.Path, devices: int, *extra: str) -> subprocess.Popen:
