@@ -4,7 +4,7 @@
 `locked` holds an exclusive `fcntl.flock` on `<dir>/.lock` for the duration of
 a run. The OS releases the lock when the holding process exits or is killed,
 so a stale `.lock` file never blocks anything; the file records the holder's
-pid and command for the message a second run prints.
+pid and command for the message a second run prints, and is emptied on release.
 """
 
 from __future__ import annotations
@@ -84,5 +84,8 @@ def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[p
         f.flush()
         try:
             yield out
-        finally:
+        finally:  # cleared while held: the next holder's file never names this process
+            f.seek(0)
+            f.truncate()
+            f.flush()
             fcntl.flock(f, fcntl.LOCK_UN)

@@ -194,6 +194,9 @@ def test_a_second_run_on_a_locked_output_dir_says_who_holds_it(tmp_path):
             pass
         with outdir.locked(tmp_path / "sub"):
             pass
+    # Emptied on release: a process that held it earlier can never read its own pid there
+    # while another has just taken the lock, and go on as if the hold were its own.
+    assert (tmp_path / ".lock").read_text() == ""
     holder = _holder(tmp_path)  # released by the outer block
     holder.send_signal(signal.SIGKILL)
     holder.wait()
