@@ -100,9 +100,12 @@ class LayerFormulas:
         return self.optimal if self.optimal is not None else [row[0] for row in self.beam]
 
 
+ACTIVATIONS_PREFIX = "formula-activations-"
+
+
 def activations_dir(work_dir: pathlib.Path, layer: str) -> pathlib.Path:
     """Where `explain_layer` keeps the activations of module path `layer` on disk."""
-    return work_dir / f"formula-activations-{store.key_of(layer=layer)}"
+    return work_dir / f"{ACTIVATIONS_PREFIX}{store.key_of(layer=layer)}"
 
 
 def explain_layer(
@@ -141,11 +144,13 @@ def explain_layer(
     shape = tap.shapes[layer]
     needed = int(np.prod(shape)) * dtype.itemsize * num_batches * local_batch
     kind = actcache.choose_kind(activation_cache, needed, work_dir)
-    # The layer's own folder (each process its own files in it); a killed run's files are
-    # removed first, whatever this run's kind. One run at a time writes to `work_dir`: the
-    # scripts hold the output directory's lock (`outdir.locked`).
+    # The layer's own folder (each process its own files in it); the files a killed run left
+    # in any layer's folder are removed first, whatever this run's kind and layers. One run
+    # at a time writes to `work_dir`: the scripts hold the output directory's lock
+    # (`outdir.locked`).
     directory = None if work_dir is None else activations_dir(work_dir, layer)
-    actcache.remove_files(directory)
+    for stale in [] if work_dir is None else work_dir.glob(f"{ACTIVATIONS_PREFIX}*"):
+        actcache.remove_files(stale)
     cache = actcache.ActivationCache(
         kind, {layer: shape}, num_batches, local_batch, dtype, directory
     )

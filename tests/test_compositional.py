@@ -141,6 +141,10 @@ def test_a_killed_runs_disk_cache_is_removed_by_the_next_run(tmp_path, broden, m
         m.setattr(actcache.ActivationCache, "discard", lambda self: None)  # killed
         explain()
     assert list(work.glob("formula-activations-*/*.npy"))
+    # Another layer's, left by a killed run of other layers, goes too.
+    other = compositional.activations_dir(work, "conv2")
+    other.mkdir()
+    (other / "layer0-p0.npy").write_bytes(b"")
     explain()
     assert not list(work.iterdir())
 
