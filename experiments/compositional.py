@@ -139,6 +139,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
         mesh=mesh,
         options=options,
     )
+    settings = engine.in_label_order(settings, source.labels)  # as results.json's
     labels = engine.restrict_categories(
         source.labels, settings.categories, getattr(source, "coverage", None)
     )

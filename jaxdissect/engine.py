@@ -193,6 +193,14 @@ class LayerStats:
     significance: dict[str, np.ndarray] | None = None
 
 
+def in_label_order(settings: Settings, labels: LabelSpace) -> Settings:
+    """`settings` with its categories in `labels`' order (`LabelSpace.select`, which refuses
+    repeated and unknown names); unchanged without categories."""
+    if settings.categories is None:
+        return settings
+    return dataclasses.replace(settings, categories=labels.select(settings.categories))
+
+
 def restrict_categories(
     labels: LabelSpace, categories: tuple[str, ...] | None, coverage: np.ndarray | None = None
 ) -> LabelSpace:
@@ -356,10 +364,7 @@ class Dissector:
             )
         self.tally_method, self.num_workers = tally_method, num_workers
         self.check_labels = check_labels
-        if settings.categories is not None:  # keys and reads in the label space's order
-            settings = dataclasses.replace(
-                settings, categories=source.labels.select(settings.categories)
-            )
+        settings = in_label_order(settings, source.labels)  # keys and reads in its order
         self.tap, self.source, self.settings = tap, source, settings
         self.input_spec, self.model_key = input_spec, model_key
         self.mesh = mesh or parallel.data_mesh()

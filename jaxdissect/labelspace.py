@@ -72,16 +72,17 @@ class LabelSpace:
         if isinstance(categories, str):
             raise ValueError(f"categories={categories!r}: give a sequence of names, not a string")
         names = list(categories)
+        given = ",".join(map(str, names))
         repeated = sorted({c for c in names if names.count(c) > 1})
         if repeated:
             raise ValueError(
-                f"categories={names!r}: {', '.join(map(repr, repeated))} given more than "
+                f"categories={given}: {', '.join(repeated)} given more than "
                 "once; name each category once"
             )
         unknown = [c for c in names if c not in self.categories]
         if unknown:
             raise ValueError(
-                f"categories={names!r}: {', '.join(map(repr, unknown))} not in the dataset; "
+                f"categories={given}: {', '.join(unknown)} not in the dataset; "
                 f"its categories are {', '.join(self.categories)}"
             )
         return tuple(c for c in self.categories if c in names)

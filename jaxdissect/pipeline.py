@@ -305,6 +305,7 @@ def dissect(
         steps=steps,
         forward_key=_forward_key(model, tap),
     )
+    settings = dissector.settings  # categories in the label space's order, as results say
     modes = {tap.name_of(p): m for p, m in dissector.quantile_modes().items()}
     logging.info("thresholds: %s", ", ".join(f"{n} {m}" for n, m in modes.items()))
     if settings.sketch_size is not None and "sketch" not in modes.values():

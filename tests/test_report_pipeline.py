@@ -255,3 +255,18 @@ def test_a_model_without_an_input_spec_gets_torchvisions():
     assert not isinstance(Plain().input_spec, InputSpec)
     info = pipeline.ModelInfo(Plain(), {}, Plain().input_spec, "m", "k")
     assert info.input_spec == InputSpec(32, (0.0,) * 3, (1.0,) * 3)
+
+
+def test_results_json_names_the_categories_in_the_label_spaces_order(tmp_path):
+    source = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=4))
+    module, variables = make()
+    info = pipeline.ModelInfo(
+        module, variables, module.input_spec, "small", store.fingerprint_tree(variables)
+    )
+    named = source.labels.categories[:2]
+    settings = engine.Settings(batch_size=8, categories=named[::-1])
+    options = pipeline.Options(progress=False, num_threads=0, report=False)
+    out = tmp_path / "out"
+    pipeline.dissect(info, ["conv1"], source, settings, out, dataset_name="4", options=options)
+    doc = results.read_results_json(tmp_path / "out" / "results.json")
+    assert doc["settings"]["categories"] == list(named)

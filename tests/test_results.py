@@ -328,7 +328,9 @@ def test_categories_are_scored_in_label_space_order_whatever_order_they_are_name
         assert list(results.layer_record(layer)["units"][0]["categories"]) == ["object", "scene"]
         summary = results.layer_summary(layer)
         assert summary.unique_by_category == {"object": 1, "scene": 0}
-    with pytest.raises(ValueError, match=r"^categories=\['object', 'scene', 'object'\]: 'object' "):
+    with pytest.raises(
+        ValueError, match=r"^categories=object,scene,object: object given more than once"
+    ):
         results.layer_result("l", counts, labels, categories=("object", "scene", "object"))
 
 
