@@ -97,8 +97,78 @@ _V3_DTYPES: dict[str, np.dtype] = {
 }
 
 
-# A tensor with zero strides larger than its storage and than this is refused.
-_MAX_REPEATED_BYTES = 2**30
+# The memory reading one weight file may take (storage records, pickles and the tensors cut
+# out of them, zero-stride ones at the size they expand to): this many times the file's size
+# (a storage, then its tensors, bfloat16 ones widened to twice their bytes) plus this many
+# bytes, so that a crafted file of a few bytes cannot ask for more.
+_BUDGET_PER_FILE_BYTE = 3
+_BUDGET_EXTRA_BYTES = 2**28
+# More dimensions than any weight has (numpy's own limit is 64).
+_MAX_RANK = 32
+# Zip compression methods read: torch stores its records (ZIP_STORED), np.savez_compressed
+# deflates (at most about 1000:1, and zipfile never inflates past a member's declared size).
+_ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
+
+
+@dataclasses.dataclass
+class _Budget:
+    """Bytes that reading the weight file `path` may still allocate (one budget per read)."""
+
+    path: str
+    file_size: int
+    used: int = 0
+
+    @classmethod
+    def of(cls, path: str) -> _Budget:
+        return cls(path, os.path.getsize(path))
+
+    @property
+    def limit(self) -> int:
+        return _BUDGET_PER_FILE_BYTE * self.file_size + _BUDGET_EXTRA_BYTES
+
+    def take(self, nbytes: int, what: str) -> None:
+        """Count `nbytes` about to be allocated for `what`; refuse them past the limit."""
+        self.used += nbytes
+        if self.used > self.limit:
+            raise CheckpointError(
+                f"{self.path}: {what} would take the memory read from this file to "
+                f"{self.used} bytes, past the {self.limit} that any weight file of "
+                f"{self.file_size} bytes needs ({_BUDGET_PER_FILE_BYTE} x its size + "
+                f"{_BUDGET_EXTRA_BYTES >> 20} MiB): it is crafted or corrupt. Copy or download "
+                "it again or, if it is genuine, save the weights again with torch.save(model."
+                "state_dict(), path) or np.savez."
+            )
+
+
+def _check_shape(shape: tuple[int, ...], itemsize: int, what: str) -> None:
+    """Refuse a shape numpy cannot make: more dims than a weight has, or bytes past int64.
+
+    Zero dims count as 1: numpy refuses an empty shape whose other dims overflow.
+    """
+    if len(shape) > _MAX_RANK:
+        raise CheckpointError(
+            f"{what} has {len(shape)} dimensions, more than the {_MAX_RANK} any weight has; "
+            f"{_COPY_AGAIN}"
+        )
+    if math.prod(max(n, 1) for n in shape) * itemsize >= 2**63:
+        raise CheckpointError(f"{what} has shape {shape}, too large for any array; {_COPY_AGAIN}")
+
+
+def _zip_member(archive: zipfile.ZipFile, name: str, budget: _Budget) -> zipfile.ZipInfo:
+    """The entry `name` of `archive`, once its method is one read and its size fits `budget`."""
+    info = archive.getinfo(name)
+    if info.flag_bits & 0x1:
+        raise CheckpointError(
+            f"{budget.path}: member {name} is encrypted; save the file again without a password"
+        )
+    if info.compress_type not in _ZIP_METHODS:
+        raise CheckpointError(
+            f"{budget.path}: member {name} is compressed with zip method {info.compress_type}, "
+            f"not one of {sorted(_ZIP_METHODS.values())}; save it again with torch.save "
+            "(or np.savez), which never use another"
+        )
+    budget.take(info.file_size, f"member {name} ({info.file_size} bytes unpacked)")
+    return info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,18 +456,24 @@ def _text(value: Any) -> str:
     return value.decode("ascii") if isinstance(value, bytes) else str(value)
 
 
+def _check_storage_bytes(nbytes: int, storage: _Storage) -> None:
+    """Refuse `nbytes` of data for `storage` unless they are its elements' bytes."""
+    itemsize = storage.kind.dtype.itemsize
+    if nbytes != storage.numel * itemsize:
+        raise CheckpointError(
+            f"storage {storage.key}: {nbytes} bytes for {storage.numel} elements "
+            f"of {itemsize} bytes"
+        )
+
+
 def _storage_array(data: bytes, storage: _Storage, big_endian: bool) -> np.ndarray:
     dtype = storage.kind.dtype
-    if len(data) != storage.numel * dtype.itemsize:
-        raise CheckpointError(
-            f"storage {storage.key}: {len(data)} bytes for {storage.numel} elements "
-            f"of {dtype.itemsize} bytes"
-        )
+    _check_storage_bytes(len(data), storage)
     array = np.frombuffer(data, dtype.newbyteorder(">" if big_endian else "<"))
     return array.astype(dtype, copy=False)
 
 
-def _cut(ref: _TensorRef, flat: np.ndarray) -> np.ndarray:
+def _cut(ref: _TensorRef, flat: np.ndarray, budget: _Budget) -> np.ndarray:
     """The tensor `ref` describes, as a C-contiguous copy out of its storage's elements."""
     storage = ref.storage
     if storage.view_numel is not None:
@@ -407,27 +483,29 @@ def _cut(ref: _TensorRef, flat: np.ndarray) -> np.ndarray:
         # v3 tensors index elements of `ref.dtype` in a byte storage.
         usable = len(flat) - len(flat) % ref.dtype.itemsize
         flat = flat[:usable].view(ref.dtype)
+    # Zero strides repeat elements, so the bytes made are counted, not the storage's. A
+    # tensor without elements counts as if its zero dims were 1: numpy refuses a shape
+    # whose other dims overflow.
+    itemsize = 4 if bf16 else flat.dtype.itemsize
+    what = f"tensor of size {ref.size}, stride {ref.stride}"
+    _check_shape(ref.size, itemsize, what)
+    budget.take(math.prod(max(n, 1) for n in ref.size) * itemsize, what)
+    # The stride of a dim of size 1 steps nowhere: zeroed, a crafted one cannot overflow.
+    stride = tuple(0 if n == 1 else s for n, s in zip(ref.size, ref.stride, strict=True))
     if any(s == 0 for s in ref.size):
         out = np.zeros(ref.size, flat.dtype)
     else:
-        last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
+        last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, stride, strict=True))
         # Checked here because as_strided would read past the buffer without complaint.
         if last >= len(flat):
             raise CheckpointError(
                 f"tensor of size {ref.size}, stride {ref.stride}, offset {ref.offset} "
                 f"reads past its storage {storage.key} of {len(flat)} elements"
             )
-        # Zero strides repeat elements: a few bytes could otherwise ask for any memory.
-        elements = math.prod(ref.size)
-        if elements > len(flat) and elements * flat.dtype.itemsize > _MAX_REPEATED_BYTES:
-            raise CheckpointError(
-                f"tensor of size {ref.size}, stride {ref.stride} repeats its storage "
-                f"{storage.key} of {len(flat)} elements into {elements}: not a weight"
-            )
         view = np.lib.stride_tricks.as_strided(
             flat[ref.offset :],
             shape=ref.size,
-            strides=tuple(s * flat.dtype.itemsize for s in ref.stride),
+            strides=tuple(s * flat.dtype.itemsize for s in stride),
             writeable=False,
         )
         out = np.array(view, copy=True, order="C")
@@ -436,21 +514,32 @@ def _cut(ref: _TensorRef, flat: np.ndarray) -> np.ndarray:
     return out
 
 
-def _materialize(obj: Any, arrays: Mapping[str, np.ndarray]) -> Any:
-    """Replace every `_TensorRef` in nested containers by its numpy array."""
-    if isinstance(obj, _TensorRef):
-        return _cut(obj, arrays[obj.storage.key])
-    if isinstance(obj, _Storage):
-        raise CheckpointError("the file holds a bare storage, not a tensor")
-    if isinstance(obj, collections.OrderedDict):
-        return collections.OrderedDict((k, _materialize(v, arrays)) for k, v in obj.items())
-    if isinstance(obj, dict):
-        return {k: _materialize(v, arrays) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_materialize(v, arrays) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_materialize(v, arrays) for v in obj)
-    return obj
+def _materialize(obj: Any, arrays: Mapping[str, np.ndarray], budget: _Budget) -> Any:
+    """Replace every `_TensorRef` in nested containers by its numpy array.
+
+    A tensor the pickle names several times (through its memo) is cut once, and every
+    place holding it gets that one array, as torch shares one tensor.
+    """
+    cut: dict[int, np.ndarray] = {}
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, _TensorRef):
+            if id(obj) not in cut:
+                cut[id(obj)] = _cut(obj, arrays[obj.storage.key], budget)
+            return cut[id(obj)]
+        if isinstance(obj, _Storage):
+            raise CheckpointError("the file holds a bare storage, not a tensor")
+        if isinstance(obj, collections.OrderedDict):
+            return collections.OrderedDict((k, walk(v)) for k, v in obj.items())
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(walk(v) for v in obj)
+        return obj
+
+    return walk(obj)
 
 
 def _unpickle(
@@ -471,6 +560,7 @@ def _unpickle(
 
 
 def _load_zip(path: str, encoding: str) -> Any:
+    budget = _Budget.of(path)
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
@@ -482,20 +572,28 @@ def _load_zip(path: str, encoding: str) -> Any:
         prefix = pickles[0][: -len("data.pkl")]
         big_endian = False
         if f"{prefix}byteorder" in names:
-            big_endian = archive.read(f"{prefix}byteorder").strip() == b"big"
-        with archive.open(pickles[0]) as file:
-            obj, storages = _unpickle(io.BytesIO(file.read()), legacy=False, encoding=encoding)
+            byteorder = _zip_member(archive, f"{prefix}byteorder", budget)
+            big_endian = archive.read(byteorder).strip() == b"big"
+        # Every member is checked before it is read: its declared size bounds what zipfile
+        # unpacks, and a record of the wrong size is refused before its bytes are read.
+        pickled = _zip_member(archive, pickles[0], budget)
+        obj, storages = _unpickle(
+            io.BytesIO(archive.read(pickled)), legacy=False, encoding=encoding
+        )
         _refuse_quantized(obj, path)
         arrays = {}
         for key, storage in storages.items():
             record = f"{prefix}data/{key}"
             if record not in names:
                 raise CheckpointError(f"{path}: storage record {record} is missing")
-            arrays[key] = _storage_array(archive.read(record), storage, big_endian)
-    return _materialize(obj, arrays)
+            info = _zip_member(archive, record, budget)
+            _check_storage_bytes(info.file_size, storage)
+            arrays[key] = _storage_array(archive.read(info), storage, big_endian)
+    return _materialize(obj, arrays, budget)
 
 
 def _load_legacy(path: str, encoding: str) -> Any:
+    budget = _Budget.of(path)
     with open(path, "rb") as file:
         try:
             magic, _ = _unpickle(file, legacy=True)
@@ -529,14 +627,18 @@ def _load_legacy(path: str, encoding: str) -> Any:
                 raise CheckpointError(
                     f"{path}: storage {key} holds {numel} elements, expected {storage.numel}"
                 )
-            data = file.read(numel * storage.kind.dtype.itemsize)
-            if len(data) != numel * storage.kind.dtype.itemsize:
+            nbytes = numel * storage.kind.dtype.itemsize
+            if nbytes > budget.file_size - file.tell():  # before asking read() for them
+                raise CheckpointError(f"{path}: ends inside storage {key}; {_COPY_AGAIN}")
+            budget.take(nbytes, f"storage {key}")
+            data = file.read(nbytes)
+            if len(data) != nbytes:
                 raise CheckpointError(f"{path}: ends inside storage {key}; {_COPY_AGAIN}")
             arrays[key] = _storage_array(data, storage, big_endian)
         missing = sorted(set(storages) - set(arrays))
         if missing:
             raise CheckpointError(f"{path}: no data for storages {missing}")
-    return _materialize(obj, arrays)
+    return _materialize(obj, arrays, budget)
 
 
 def _is_safetensors(path: str) -> bool:
@@ -661,10 +763,89 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     return strip_prefix({str(k): v for k, v in obj.items()})
 
 
+def _npz_member_header(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str
+) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) that the `.npy` member `info` declares, once they fit its size."""
+    name = info.filename
+    with archive.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise ValueError(f".npy format version {version} (read: 1.0, 2.0)")
+        except ValueError as err:
+            raise CheckpointError(
+                f"{path}: member {name} has no readable .npy header ({err}); {_COPY_AGAIN}"
+            ) from None
+        header_bytes = member.tell()
+    if dtype.hasobject:
+        raise CheckpointError(
+            f"{path}: member {name} holds pickled objects ({dtype}); only numeric arrays are "
+            "read. Save the parameters as numeric arrays: np.savez(path, **flat_params)."
+        )
+    if dtype.names is not None or dtype.subdtype is not None:
+        raise CheckpointError(
+            f"{path}: member {name} holds records of dtype {dtype}, not numbers; save each "
+            "field as its own array: np.savez(path, **flat_params)."
+        )
+    _check_shape(shape, dtype.itemsize, f"{path}: member {name}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes != info.file_size - header_bytes:
+        raise CheckpointError(
+            f"{path}: member {name} declares shape {shape} of {dtype} ({nbytes} bytes) but "
+            f"holds {info.file_size - header_bytes} bytes; {_COPY_AGAIN}"
+        )
+    return shape, dtype
+
+
+def _check_npz(path: str) -> None:
+    """Refuse a file `np.load` would misread, or fill past `_Budget`, before it reads it."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a weight file")
+    with open(path, "rb") as file:
+        head = file.read(6)
+    if not zipfile.is_zipfile(path):
+        if head == b"\x93NUMPY":
+            raise CheckpointError(
+                f"{path}: holds one array (np.save), not a .npz of arrays: np.savez(path, **params)"
+            )
+        # A zip's directory is at its end: with the header but no directory, the end is cut.
+        cut = head[:4] == b"PK\x03\x04"
+        raise CheckpointError(
+            f"{path}: not a readable .npz file ({'a zip without its directory' if cut else 'not a zip'}"
+            f"); {_COPY_AGAIN}, or save it with np.savez(path, **flat_params)"
+        )
+    budget = _Budget.of(path)
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                torch_file = info.filename.endswith("data.pkl")
+                raise CheckpointError(
+                    f"{path}: member {info.filename} is not a .npy array, so this is not a .npz "
+                    "of arrays"
+                    + (
+                        " (it is a torch.save file: name it .pth)"
+                        if torch_file
+                        else "; save only the parameters: np.savez(path, **flat_params)"
+                    )
+                )
+            _zip_member(archive, info.filename, budget)
+            _, dtype = _npz_member_header(archive, info, path)
+            if dtype.kind == "V" and dtype.itemsize == 2:  # widened to float32 below
+                budget.take(2 * info.file_size, f"member {info.filename} as float32")
+
+
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The arrays of a `.npz` file by key (big_vision: `/`-joined parameter paths).
 
-    Read with `allow_pickle=False`: an object array is refused, never unpickled.
+    Read with `allow_pickle=False`: an object array is refused, never unpickled. Every
+    member's `.npy` header is checked against its size first (`_check_npz`).
     bfloat16 arrays (stored by big_vision as 2-byte voids) are widened to float32.
 
     Raises:
@@ -672,21 +853,13 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """
     path = os.fspath(path)
     try:
+        _check_npz(path)
         with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, Mapping):
-                raise CheckpointError(f"{path}: holds one array (np.save), not a .npz of arrays")
             arrays = {str(k): data[k] for k in data.files}
     except CheckpointError:
         raise
-    except ValueError as err:
-        raise CheckpointError(
-            f"{path}: holds pickled objects ({err}); only numeric arrays are read. "
-            "Save the parameters as numeric arrays: np.savez(path, **flat_params)."
-        ) from None
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise CheckpointError(
-            f"{path}: not a readable .npz file ({err}); it is truncated or corrupt: copy it again"
-        ) from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error, MemoryError) as err:
+        raise CheckpointError(f"{path}: not a readable .npz file ({err}); {_COPY_AGAIN}") from None
     return {
         k: widen_bfloat16(v.view(np.uint16)) if v.dtype.kind == "V" and v.dtype.itemsize == 2 else v
         for k, v in arrays.items()

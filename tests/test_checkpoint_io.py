@@ -9,7 +9,9 @@ import io
 import os
 import pickle
 import re
+import resource
 import shlex
+import struct
 import subprocess
 import sys
 import zipfile
@@ -244,8 +246,10 @@ def test_tensor_reading_past_its_storage_is_rejected(tmp_path):
     _craft_zip(good, (3, 4), (0, 1))
     np.testing.assert_array_equal(load_state_dict(good)["w"], [[0, 1, 2, 3]] * 3)
     _craft_zip(bad, (2**31,), (0,))
-    with pytest.raises(CheckpointError, match=r"repeats its storage .* into 2147483648: not"):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=r"size \(2147483648,\), stride \(0,\) would take"):
         load_state_dict(bad)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**16  # KiB: < 64 MiB
 
 
 def test_a_crafted_pickle_that_breaks_a_stand_in_is_one_error(tmp_path):
@@ -663,3 +667,184 @@ def test_convert_cli_refuses_bad_paths_in_one_line(tmp_path):
         assert last.startswith("convert: --") and reason in last, done.stderr
         assert "Traceback" not in done.stderr
     assert sorted(os.listdir(home)) == ["model.pth", "other.pth"]
+
+
+# --- hostile files: one memory budget, shapes numpy cannot make, zip members (review T) ---
+
+
+def _craft_tensors(
+    path: Path,
+    tensors: dict,
+    numel: int = 4,
+    *,
+    method: int = zipfile.ZIP_STORED,
+    pkl_method: int = zipfile.ZIP_STORED,
+) -> None:
+    """A torch-style zip of `tensors` (key -> `_Reduce` or (size, stride)) over one storage."""
+    storage = _Storage()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is storage:
+                return ("storage", torch.FloatStorage, "0", "cpu", numel)
+            return None
+
+    def tensor(size, stride):
+        args = (storage, 0, size, stride, False, collections.OrderedDict())
+        return _Reduce(torch._utils._rebuild_tensor_v2, args)
+
+    obj = {k: tensor(*v) if isinstance(v, tuple) else v(tensor) for k, v in tensors.items()}
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump(obj)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(zipfile.ZipInfo("archive/data.pkl"), buffer.getvalue(), pkl_method)
+        archive.writestr("archive/byteorder", "little")
+        data = np.arange(numel, dtype="<f4").tobytes()
+        archive.writestr(zipfile.ZipInfo("archive/data/0"), data, method)
+
+
+def _declare_size(path: Path, member: str, size: int) -> None:
+    """Make the zip directory entry of `member` declare `size` unpacked bytes (a bomb's lie)."""
+    data = bytearray(path.read_bytes())
+    at = 0
+    while True:
+        at = data.index(b"PK\x01\x02", at)
+        (name_len,) = struct.unpack("<H", data[at + 28 : at + 30])
+        if data[at + 46 : at + 46 + name_len] == member.encode():
+            data[at + 24 : at + 28] = struct.pack("<I", size)
+            break
+        at += 4
+    path.write_bytes(bytes(data))
+
+
+def test_one_memory_budget_for_the_whole_file(tmp_path, monkeypatch):
+    """Expanded tensors count by the bytes they make, summed over the file; a tensor the
+    pickle names several times is cut once, as torch shares it."""
+    monkeypatch.setattr(checkpoint_io, "_BUDGET_EXTRA_BYTES", 2**16)
+    wide = ((2**12,), (0,))  # 16 KiB out of one float
+    path = tmp_path / "w.pth"
+    _craft_tensors(path, {f"w{i}": wide for i in range(3)}, numel=1)
+    assert sum(v.nbytes for v in load_state_dict(path).values()) == 3 * 2**14
+    _craft_tensors(path, {f"w{i}": wide for i in range(5)}, numel=1)
+    with pytest.raises(
+        CheckpointError,
+        match=r"^\S*w.pth: tensor of size \(4096,\), stride "
+        r"\(0,\) would take the memory .* crafted or corrupt",
+    ):
+        load_state_dict(path)
+
+    def shared(tensor):
+        one = tensor(*wide)
+        return [one] * 5
+
+    _craft_tensors(path, {"w": shared}, numel=1)
+    got = load_checkpoint(path)["w"]
+    assert all(a is got[0] for a in got) and got[0].shape == (2**12,)
+
+
+def test_zip_members_are_checked_before_they_are_read(tmp_path):
+    path = tmp_path / "w.pth"
+    _craft_tensors(path, {"w": ((4,), (1,))}, method=zipfile.ZIP_DEFLATED)
+    np.testing.assert_array_equal(load_state_dict(path)["w"], np.arange(4))  # deflate is read
+    for member in ("archive/data/0", "archive/data.pkl"):
+        _craft_tensors(path, {"w": ((4,), (1,))}, method=zipfile.ZIP_DEFLATED,
+                       pkl_method=zipfile.ZIP_DEFLATED)  # fmt: skip
+        _declare_size(path, member, 2**32 - 1)  # a bomb: 4 GiB from a few bytes
+        with pytest.raises(CheckpointError, match=f"member {member} .4294967295 bytes unpacked"):
+            load_state_dict(path)
+    _craft_tensors(path, {"w": ((4,), (1,))}, method=zipfile.ZIP_BZIP2)
+    with pytest.raises(CheckpointError, match="archive/data/0 is compressed with zip method 12"):
+        load_state_dict(path)
+    _craft_tensors(path, {"w": ((4,), (1,))}, numel=2, method=zipfile.ZIP_DEFLATED)
+    _declare_size(path, "archive/data/0", 16)  # the size, not the bytes, is compared
+    with pytest.raises(CheckpointError, match=r"storage 0: 16 bytes for 2 elements"):
+        load_state_dict(path)
+
+
+def _legacy_file(path: Path, numel: int) -> None:
+    """A legacy torch file whose one storage declares `numel` floats and holds 16 bytes."""
+    storage = _Storage()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is storage:
+                return ("storage", torch.FloatStorage, "0", "cpu", numel, None)
+            return None
+
+    buffer = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+        pickle.dump(header, buffer, protocol=2)
+    args = (storage, 0, (1,), (1,), False, collections.OrderedDict())
+    Pickler(buffer, protocol=2).dump({"w": _Reduce(torch._utils._rebuild_tensor_v2, args)})
+    pickle.dump(["0"], buffer, protocol=2)
+    buffer.write(struct.pack("<q", numel) + bytes(16))
+    path.write_bytes(buffer.getvalue())
+
+
+def test_legacy_storage_larger_than_the_file_is_refused_unread(tmp_path):
+    path = tmp_path / "w.pth"
+    _legacy_file(path, 4)
+    assert load_state_dict(path)["w"].shape == (1,)
+    for numel in (2**40, 2**62):
+        _legacy_file(path, numel)
+        with pytest.raises(CheckpointError, match=r"w.pth: ends inside storage 0; .* again$"):
+            load_state_dict(path)
+
+
+def _npy(shape: tuple, descr: object = "<f4", data: bytes = b"") -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + data
+
+
+NPZ_CASES = {
+    "truncated": ({"a.npy": _npy((100,), data=bytes(40))}, r"\(400 bytes\) but holds 40 bytes"),
+    "shape 2**40": ({"a.npy": _npy((2**40,))}, r"declares shape \(1099511627776,\)"),
+    "shape 2**62": ({"a.npy": _npy((2**62,))}, r"too large for any array"),
+    "zero beside huge": ({"a.npy": _npy((0, 2**62, 4))}, r"too large for any array"),
+    "rank 40": ({"a.npy": _npy((1,) * 40, data=bytes(4))}, r"40 dimensions"),
+    "records": ({"a.npy": _npy((1,), [("x", "<f4")], bytes(4))}, r"records of dtype"),
+    "objects": ({"a.npy": _npy((1,), "|O", bytes(8))}, r"holds pickled objects"),
+    "bad header": ({"a.npy": b"\x93NUMPY\x01\x00\x10\x00{'descr': 'x'}   \n"}, "no readable"),
+    "text member": ({"a.npy": _npy((1,), data=bytes(4)), "notes.txt": b"hi"}, r"notes.txt is not"),
+    "torch file": ({"archive/data.pkl": b"."}, r"torch.save file: name it .pth"),
+}
+
+
+@pytest.mark.parametrize("case", list(NPZ_CASES))
+def test_bad_npz_is_one_accurate_line_before_np_load(tmp_path, case):
+    members, message = NPZ_CASES[case]
+    path = tmp_path / "w.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=message) as info:
+        checkpoint_io.load_npz(path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+    if case != "objects":
+        assert "pickled" not in str(info.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**16  # KiB
+
+
+def test_npz_members_are_checked_before_np_load(tmp_path):
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float64)}
+    np.savez_compressed(tmp_path / "ok.npz", **arrays)
+    got = checkpoint_io.load_npz(tmp_path / "ok.npz")
+    assert got.keys() == arrays.keys()
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(got[k], v)
+        assert got[k].dtype == v.dtype
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w") as archive:
+        archive.writestr(zipfile.ZipInfo("a.npy"), _npy((4,), data=bytes(16)), zipfile.ZIP_BZIP2)
+    with pytest.raises(CheckpointError, match="a.npy is compressed with zip method 12"):
+        checkpoint_io.load_npz(bomb)
+    np.save(tmp_path / "one.npy", np.ones(2))
+    os.replace(tmp_path / "one.npy", tmp_path / "one.npz")
+    with pytest.raises(CheckpointError, match=r"one.npz: holds one array \(np.save\)"):
+        checkpoint_io.load_npz(tmp_path / "one.npz")
+    (tmp_path / "text.npz").write_text("hello, world")
+    with pytest.raises(CheckpointError, match=r"text.npz: not a readable .npz file \(not a zip\)"):
+        checkpoint_io.load_npz(tmp_path / "text.npz")
