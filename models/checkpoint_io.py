@@ -334,15 +334,38 @@ class Namespace:
         return f"Namespace({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
+class _Callable:
+    """A rebuild function as one unpickler hands it out: a fresh object that calls it.
+
+    A pickle's BUILD opcode would otherwise set attributes (`__defaults__`, ...) on the
+    module's own function, changing every later load in the process.
+    """
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function: Callable[..., Any]):
+        self._function = function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(*args, **kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        raise CheckpointError(
+            f"the pickle sets the state of {self._function.__name__}, which no torch.save "
+            "file does: it is crafted"
+        )
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """What `find_class` hands out, made anew for each unpickler (see `_Callable`)."""
     table: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("argparse", "Namespace"): Namespace,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+        ("torch._utils", "_rebuild_tensor"): _Callable(_rebuild_tensor),
+        ("torch._utils", "_rebuild_tensor_v2"): _Callable(_rebuild_tensor_v2),
+        ("torch._utils", "_rebuild_tensor_v3"): _Callable(_rebuild_tensor_v3),
+        ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
+        ("torch._utils", "_rebuild_parameter_with_state"): _Callable(_rebuild_parameter_with_state),
         # Tensors of dtypes without a typed storage keep their bytes in an untyped one.
         ("torch", "UntypedStorage"): _StorageType("Byte"),
         ("torch.storage", "UntypedStorage"): _StorageType("Byte"),
@@ -354,7 +377,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     for name, dtype in _V3_DTYPES.items():
         table[("torch", name)] = _DType(dtype)
     # Quantised tensors: inert markers, so that the refusal can name the tensors.
-    table[("torch._utils", "_rebuild_qtensor")] = _rebuild_qtensor
+    table[("torch._utils", "_rebuild_qtensor")] = _Callable(_rebuild_qtensor)
     for name in _QUANTIZED_STORAGES:
         for module in ("torch", "torch.cuda"):
             table[(module, f"{name}Storage")] = _StorageType(name)

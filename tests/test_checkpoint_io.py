@@ -281,6 +281,26 @@ def test_a_crafted_pickle_that_breaks_a_stand_in_is_one_error(tmp_path):
         load_state_dict(path)
 
 
+def test_a_crafted_pickle_cannot_change_the_reader_for_later_loads(tmp_path):
+    """BUILD on an allowed function (setting its `__defaults__`) is refused; it would
+    otherwise break every later load in the process."""
+
+    def u(text: str) -> bytes:
+        return b"X" + len(text).to_bytes(4, "little") + text.encode()
+
+    payload = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}" + u("__defaults__") + b")s\x86b0}."
+    crafted = tmp_path / "crafted.pth"
+    with zipfile.ZipFile(crafted, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/byteorder", "little")
+    defaults = checkpoint_io._rebuild_tensor_v2.__defaults__
+    with pytest.raises(CheckpointError, match=r"crafted.pth: .*state of _rebuild_tensor_v2"):
+        load_state_dict(crafted)
+    assert checkpoint_io._rebuild_tensor_v2.__defaults__ == defaults
+    good = _save({"w": torch.ones(2)}, tmp_path / "good.pth", True)
+    np.testing.assert_array_equal(load_state_dict(good)["w"], [1, 1])
+
+
 def test_not_a_weight_file(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_bytes(b"hello, world")
