@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import json
 import math
 import os
 import pickle
@@ -151,7 +152,7 @@ def _check_shape(shape: tuple[int, ...], itemsize: int, what: str) -> None:
             f"{_COPY_AGAIN}"
         )
     if math.prod(max(n, 1) for n in shape) * itemsize >= 2**63:
-        raise CheckpointError(f"{what} has shape {shape}, too large for any array; {_COPY_AGAIN}")
+        raise CheckpointError(f"{what} of shape {shape} is too large for any array; {_COPY_AGAIN}")
 
 
 def _zip_member(archive: zipfile.ZipFile, name: str, budget: _Budget) -> zipfile.ZipInfo:
@@ -510,8 +511,8 @@ def _cut(ref: _TensorRef, flat: np.ndarray, budget: _Budget) -> np.ndarray:
     # tensor without elements counts as if its zero dims were 1: numpy refuses a shape
     # whose other dims overflow.
     itemsize = 4 if bf16 else flat.dtype.itemsize
+    _check_shape(ref.size, itemsize, f"a tensor of storage {storage.key}")
     what = f"tensor of size {ref.size}, stride {ref.stride}"
-    _check_shape(ref.size, itemsize, what)
     budget.take(math.prod(max(n, 1) for n in ref.size) * itemsize, what)
     # The stride of a dim of size 1 steps nowhere: zeroed, a crafted one cannot overflow.
     stride = tuple(0 if n == 1 else s for n, s in zip(ref.size, ref.stride, strict=True))
@@ -672,13 +673,60 @@ def _is_safetensors(path: str) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 1 << 30
 
 
+# safetensors dtypes that numpy holds (bfloat16 through ml_dtypes); FP8, FP4, ... are not read.
+_SAFETENSORS_DTYPES = frozenset(
+    [
+        "F64",
+        "F32",
+        "F16",
+        "BF16",
+        "I64",
+        "U64",
+        "I32",
+        "U32",
+        "I16",
+        "U16",
+        "I8",
+        "U8",
+        "BOOL",
+        "C64",
+    ]
+)
+
+
+def _unread_safetensors_dtypes(path: str) -> dict[str, list[str]]:
+    """Dtype -> tensors of it in a `.safetensors` header, for dtypes numpy does not hold."""
+    try:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(min(length, os.path.getsize(path))))
+        dtypes = {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError):
+        return {}
+    unread: dict[str, list[str]] = {}
+    for key, dtype in dtypes.items():
+        if dtype not in _SAFETENSORS_DTYPES:
+            unread.setdefault(str(dtype), []).append(key)
+    return unread
+
+
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
         tensors = load_file(path)
-    except (SafetensorError, ValueError, TypeError) as err:
+    except (SafetensorError, ValueError, TypeError, AttributeError, KeyError) as err:
+        unread = _unread_safetensors_dtypes(path)
+        if unread:
+            shown = "; ".join(
+                f"{dtype} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for dtype, keys in unread.items()
+            )
+            raise CheckpointError(
+                f"{path}: tensors of a dtype numpy cannot hold: {shown}. Save the weights as "
+                "float32, float16 or bfloat16 (e.g. dequantise FP8 ones)."
+            ) from None
         raise CheckpointError(
             f"{path}: not a readable .safetensors file ({err}); {_COPY_AGAIN} "
             "(or re-export it with safetensors' save_file)."
@@ -736,7 +784,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
         raise _named(err, path) from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # a record's bytes fail their CRC
         raise CheckpointError(f"{path}: {_COPY_AGAIN} ({err})") from None
-    except (KeyError, AttributeError, TypeError, MemoryError) as err:  # crafted contents
+    except (  # crafted contents that reach past the checks above
+        KeyError,
+        AttributeError,
+        TypeError,
+        ValueError,
+        OverflowError,
+        IndexError,
+        RuntimeError,
+        MemoryError,
+    ) as err:
         raise CheckpointError(
             f"{path}: not a state dict this reader takes ({type(err).__name__}: {err})"
         ) from err

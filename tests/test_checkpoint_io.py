@@ -6,6 +6,7 @@ import argparse
 import collections
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -868,3 +869,73 @@ def test_npz_members_are_checked_before_np_load(tmp_path):
     (tmp_path / "text.npz").write_text("hello, world")
     with pytest.raises(CheckpointError, match=r"text.npz: not a readable .npz file \(not a zip\)"):
         checkpoint_io.load_npz(tmp_path / "text.npz")
+
+
+def test_shapes_numpy_cannot_make_are_one_line(tmp_path):
+    path = tmp_path / "w.pth"
+    # The stride of a dim of size 1 steps nowhere: even a huge one loads.
+    _craft_zip(path, (1, 2), (2**70, 1))
+    np.testing.assert_array_equal(load_state_dict(path)["w"], [[0, 1]])
+    _craft_zip(path, (1,), (2**62,))
+    np.testing.assert_array_equal(load_state_dict(path)["w"], [0])
+    for size, message in [
+        ((0, 2**62), r"of shape \(0, 4611686018427387904\) is too large for any array"),
+        ((0, 2**40, 2**40), "too large for any array"),
+        ((1,) * 65, "has 65 dimensions, more than the 32"),
+        ((0,) + (1,) * 64, "has 65 dimensions"),
+    ]:
+        _craft_zip(path, size, (1,) * len(size))
+        with pytest.raises(CheckpointError, match=message) as info:
+            load_state_dict(path)
+        assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def _safetensors(path: Path, header: dict, data: bytes) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+@pytest.mark.parametrize("dtype,nbytes", [("F8_E4M3", 2), ("F8_E5M2", 2), ("F4", 1)])
+def test_safetensors_of_a_dtype_numpy_lacks_names_it(tmp_path, dtype, nbytes):
+    header = {
+        "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        "w": {"dtype": dtype, "shape": [2], "data_offsets": [4, 4 + nbytes]},
+    }
+    path = _safetensors(tmp_path / "fp8.safetensors", header, bytes(4 + nbytes))
+    with pytest.raises(CheckpointError, match=f"cannot hold: {dtype} \\(w\\). Save the weights as"):
+        load_state_dict(path)
+    with pytest.raises(SystemExit) as info:
+        cli.script_main(lambda: model_load.load("alexnet", weights=str(path)))(["prog"])
+    assert str(info.value).startswith(f"error: --weights: {path}: tensors of a dtype")
+
+
+def _zip_flags(data: bytes, *, method: int | None = None, encrypted: bool = False) -> bytes:
+    """`data` (a zip) with every entry's method or encryption flag changed."""
+    out = bytearray(data)
+    for signature, method_at, flags_at in ((b"PK\x03\x04", 8, 6), (b"PK\x01\x02", 10, 8)):
+        at = out.find(signature)
+        while at != -1:
+            if method is not None:
+                out[at + method_at : at + method_at + 2] = struct.pack("<H", method)
+            if encrypted:
+                out[at + flags_at] |= 1
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
+def test_unsupported_zip_methods_and_encryption_are_one_line(tmp_path):
+    data = _save({"w": torch.ones(2)}, tmp_path / "good.pth", True).read_bytes()
+    for name, changed, message in [
+        ("m99.pth", _zip_flags(data, method=99), "compressed with zip method 99"),
+        ("locked.pth", _zip_flags(data, encrypted=True), "is encrypted; save the file again"),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(changed)
+        with pytest.raises(CheckpointError, match=message) as info:
+            load_state_dict(path)
+        assert str(info.value).startswith(f"{path}: ")
+        with pytest.raises(SystemExit) as info:
+            cli.script_main(lambda path=path: model_load.load("alexnet", weights=str(path)))(["p"])
+        assert str(info.value).startswith(f"error: --weights: {path}: ")
+        assert "\n" not in str(info.value)
