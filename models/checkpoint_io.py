@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from jaxdissect.models.torch_import import strip_prefix
+from jaxdissect.models.torch_import import WeightMappingError, strip_prefix
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -840,7 +840,10 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             f"({shown}). A wrapped checkpoint should keep its weights under one of "
             f"{WRAPPER_KEYS}."
         )
-    return strip_prefix({str(k): v for k, v in obj.items()})
+    try:
+        return strip_prefix({str(k): v for k, v in obj.items()})
+    except WeightMappingError as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 def _npz_member_header(

@@ -17,6 +17,7 @@ Reading the files is `models.checkpoint_io`'s job; this module only maps arrays.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,8 +52,21 @@ def _flax_key(torch_key: str, array: np.ndarray) -> tuple[tuple[str, ...], np.nd
 
 
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
-    """Drop a DataParallel-style prefix from every key that has it."""
-    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+    """Drop a DataParallel-style prefix from every key that has it.
+
+    Raises:
+      WeightMappingError: a key is there both with and without the prefix.
+    """
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        if name in out:
+            raise WeightMappingError(
+                f"holds both {prefix + name!r} and {name!r}, which name the same weight once "
+                f"{prefix!r} is stripped; save the state dict of one model only"
+            )
+        out[name] = value
+    return out
 
 
 # Prefixes that wrappers put before a model's keys, stripped where the keys then fit the
@@ -252,7 +266,8 @@ def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dic
             out["cls"] = take("cls_token") + pos[:, :1]
             pos = pos[:, 1:]
         out["pos_embedding"] = pos
-    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.")})
+    # Keys of other names under `blocks.` have no rule: listed as unexpected by name.
+    blocks = sorted({int(k.split(".")[1]) for k in sd if re.match(r"blocks\.\d+\.", k)})
     for i in blocks:
         t, b = f"blocks.{i}", f"Transformer/encoderblock_{i}"
         attn = f"{b}/MultiHeadDotProductAttention_0"
@@ -260,13 +275,25 @@ def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dic
             norm(f"{t}.norm1", f"{b}/LayerNorm_0")
         if f"{t}.attn.qkv.weight" in sd:
             w, bias = take(f"{t}.attn.qkv.weight"), take(f"{t}.attn.qkv.bias")
-            d = w.shape[1]
+            d = w.shape[1] if w.ndim == 2 else 0
+            if w.shape != (3 * d, d) or bias.shape != (3 * d,) or d % num_heads:
+                raise WeightMappingError(
+                    f"{t}.attn.qkv weight {w.shape} and bias {bias.shape} do not split into "
+                    f"query, key and value of {num_heads} heads (needs ({3 * d}, {d}) and "
+                    f"({3 * d},), width {d} a multiple of {num_heads}): check the model's width "
+                    "and heads"
+                )
             for j, name in enumerate(("query", "key", "value")):
                 rows = slice(j * d, (j + 1) * d)
                 out[f"{attn}/{name}/kernel"] = w[rows].T.reshape(d, num_heads, d // num_heads)
                 out[f"{attn}/{name}/bias"] = bias[rows].reshape(num_heads, d // num_heads)
         if f"{t}.attn.proj.weight" in sd:
             w = take(f"{t}.attn.proj.weight")
+            if w.ndim != 2 or w.shape[1] % num_heads:
+                raise WeightMappingError(
+                    f"{t}.attn.proj weight {w.shape} does not split into {num_heads} heads: "
+                    "check the model's width and heads"
+                )
             out[f"{attn}/out/kernel"] = w.T.reshape(num_heads, -1, w.shape[0])
             out[f"{attn}/out/bias"] = take(f"{t}.attn.proj.bias")
         if f"{t}.norm2.weight" in sd:

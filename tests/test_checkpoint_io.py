@@ -939,3 +939,13 @@ def test_unsupported_zip_methods_and_encryption_are_one_line(tmp_path):
             cli.script_main(lambda path=path: model_load.load("alexnet", weights=str(path)))(["p"])
         assert str(info.value).startswith(f"error: --weights: {path}: ")
         assert "\n" not in str(info.value)
+
+
+def test_a_key_both_with_and_without_module_prefix_is_refused(tmp_path):
+    state = {"module.fc.weight": torch.ones(2, 2), "fc.weight": torch.zeros(2, 2)}
+    path = _save(state, tmp_path / "both.pth", True)
+    with pytest.raises(CheckpointError, match=r"both.pth: holds both 'module.fc.weight' and "
+                       r"'fc.weight'"):  # fmt: skip
+        load_state_dict(path)
+    path = _save({"module.fc.weight": torch.ones(2, 2)}, tmp_path / "one.pth", True)
+    assert list(load_state_dict(path)) == ["fc.weight"]

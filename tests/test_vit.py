@@ -202,6 +202,29 @@ def test_timm_keys_without_a_rule_are_named():
         model.import_state_dict(state, template)
 
 
+def test_timm_weights_that_do_not_split_into_heads_are_one_error():
+    """A width the heads do not divide (ViT-L's qkv into 3 heads), or a `blocks.` key that is
+    not numbered: WeightMappingError naming the key, not numpy's or int()'s ValueError."""
+    d = 8
+    qkv = {
+        "blocks.0.attn.qkv.weight": np.zeros((3 * d, d), np.float32),
+        "blocks.0.attn.qkv.bias": np.zeros(3 * d, np.float32),
+    }
+    with pytest.raises(
+        torch_import.WeightMappingError, match=r"blocks.0.attn.qkv weight \(24, 8\) .* 3 heads"
+    ):
+        torch_import.timm_vit_to_big_vision(qkv, num_heads=3)
+    assert len(torch_import.timm_vit_to_big_vision(qkv, num_heads=2)) == 6
+    qkv["blocks.0.attn.qkv.weight"] = np.zeros((3 * d, d + 1), np.float32)
+    with pytest.raises(torch_import.WeightMappingError, match=r"weight \(24, 9\)"):
+        torch_import.timm_vit_to_big_vision(qkv, num_heads=2)
+    proj = {"blocks.0.attn.proj.weight": np.zeros((d, d), np.float32)}
+    with pytest.raises(torch_import.WeightMappingError, match=r"attn.proj weight \(8, 8\)"):
+        torch_import.timm_vit_to_big_vision(proj, num_heads=3)
+    odd = {"blocks.x.norm1.weight": np.zeros(3, np.float32)}
+    assert torch_import.timm_vit_to_big_vision(odd, num_heads=3).keys() == odd.keys()
+
+
 def test_zoo_configs():
     for arch, (width, heads, params_m) in {
         "vit_ti16": (192, 3, 5.7),
