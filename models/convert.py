@@ -161,6 +161,8 @@ def read_meta(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: not readable JSON ({err}); convert again") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: not a JSON object; convert again")
+    if not isinstance(meta.get("options", {}), dict):
+        raise CheckpointError(f"{meta_path}: its 'options' are not a JSON object; convert again")
     return meta
 
 
@@ -170,8 +172,15 @@ def load_variables(ckpt_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], di
 
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     meta = read_meta(ckpt_dir)
-    with ocp.StandardCheckpointer() as checkpointer:
-        tree = checkpointer.restore(os.path.join(ckpt_dir, VARIABLES_DIR))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.restore(os.path.join(ckpt_dir, VARIABLES_DIR))
+    except (ValueError, OSError, KeyError, TypeError) as err:  # orbax's, json's, tensorstore's
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            f"{ckpt_dir}: not a readable converted checkpoint ({reason}); it is damaged or "
+            "incomplete: convert the weights again with models/convert.py"
+        ) from None
     variables = jax.tree.map(np.asarray, tree)
     not_float = [
         f"{jax.tree_util.keystr(path, simple=True, separator='/')} is {leaf.dtype}"

@@ -12,6 +12,7 @@ import pickle
 import re
 import resource
 import shlex
+import shutil
 import struct
 import subprocess
 import sys
@@ -350,6 +351,26 @@ def test_orbax_round_trip(tmp_path):
         save_variables(tmp_path / "ckpt", variables, meta)
     save_variables(tmp_path / "ckpt", variables, {**meta, "num_classes": 4}, force=True)
     assert load_variables(tmp_path / "ckpt")[1]["num_classes"] == 4
+
+
+def test_a_damaged_converted_checkpoint_is_one_line_naming_it(tmp_path):
+    variables = {"params": {"fc": {"kernel": np.ones((2, 3), np.float32)}}}
+    meta = {"arch": "alexnet", "num_classes": 3}
+    save_variables(tmp_path / "ok", variables, meta)
+    damaged = {
+        "garbled": lambda d: (d / "variables" / "_METADATA").write_text("{not json"),
+        "no_variables": lambda d: shutil.rmtree(d / "variables"),
+    }
+    for name, damage in damaged.items():
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        damage(tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"^{tmp_path / name}: not a readable converted "
+                           "checkpoint .*convert the weights again") as info:  # fmt: skip
+            load_variables(tmp_path / name)
+        assert "\n" not in str(info.value)
+    (tmp_path / "ok" / "meta.json").write_text(json.dumps({**meta, "options": [1]}))
+    with pytest.raises(CheckpointError, match="'options' are not a JSON object"):
+        read_meta(tmp_path / "ok")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
