@@ -103,7 +103,7 @@ _V3_DTYPES: dict[str, np.dtype] = {
 # (a storage, then its tensors, bfloat16 ones widened to twice their bytes) plus this many
 # bytes, so that a crafted file of a few bytes cannot ask for more.
 _BUDGET_PER_FILE_BYTE = 3
-_BUDGET_EXTRA_BYTES = 2**28
+_BUDGET_EXTRA_BYTES = 2**30
 # More dimensions than any weight has (numpy's own limit is 64).
 _MAX_RANK = 32
 # Zip compression methods read: torch stores its records (ZIP_STORED), np.savez_compressed
@@ -541,16 +541,17 @@ def _cut(ref: _TensorRef, flat: np.ndarray, budget: _Budget) -> np.ndarray:
 def _materialize(obj: Any, arrays: Mapping[str, np.ndarray], budget: _Budget) -> Any:
     """Replace every `_TensorRef` in nested containers by its numpy array.
 
-    A tensor the pickle names several times (through its memo) is cut once, and every
-    place holding it gets that one array, as torch shares one tensor.
+    Tensors that view the same elements (one tensor the pickle names several times, or
+    tied weights: views of one storage with the same offset, size, stride and dtype) are
+    cut once, and every place holding one gets that array.
     """
-    cut: dict[int, np.ndarray] = {}
+    cut: dict[_TensorRef, np.ndarray] = {}  # equal refs: the same storage view
 
     def walk(obj: Any) -> Any:
         if isinstance(obj, _TensorRef):
-            if id(obj) not in cut:
-                cut[id(obj)] = _cut(obj, arrays[obj.storage.key], budget)
-            return cut[id(obj)]
+            if obj not in cut:
+                cut[obj] = _cut(obj, arrays[obj.storage.key], budget)
+            return cut[obj]
         if isinstance(obj, _Storage):
             raise CheckpointError("the file holds a bare storage, not a tensor")
         if isinstance(obj, collections.OrderedDict):

@@ -761,22 +761,29 @@ def _declare_size(path: Path, member: str, size: int) -> None:
 
 def test_one_memory_budget_for_the_whole_file(tmp_path, monkeypatch):
     """Expanded tensors count by the bytes they make, summed over the file; a tensor the
-    pickle names several times is cut once, as torch shares it."""
+    pickle names several times, or views of the same elements (tied weights), are cut
+    once, as torch shares them."""
     monkeypatch.setattr(checkpoint_io, "_BUDGET_EXTRA_BYTES", 2**16)
-    wide = ((2**12,), (0,))  # 16 KiB out of one float
+
+    def wide(i):  # ~16 KiB out of one float, each view its own size
+        return ((2**12 - i,), (0,))
+
     path = tmp_path / "w.pth"
-    _craft_tensors(path, {f"w{i}": wide for i in range(3)}, numel=1)
-    assert sum(v.nbytes for v in load_state_dict(path).values()) == 3 * 2**14
-    _craft_tensors(path, {f"w{i}": wide for i in range(5)}, numel=1)
+    _craft_tensors(path, {f"w{i}": wide(i) for i in range(3)}, numel=1)
+    assert sum(v.nbytes for v in load_state_dict(path).values()) == 4 * (3 * 2**12 - 3)
+    _craft_tensors(path, {f"w{i}": wide(i) for i in range(5)}, numel=1)
     with pytest.raises(
         CheckpointError,
-        match=r"^\S*w.pth: tensor of size \(4096,\), stride "
+        match=r"^\S*w.pth: tensor of size \(\d+,\), stride "
         r"\(0,\) would take the memory .* crafted or corrupt",
     ):
         load_state_dict(path)
+    _craft_tensors(path, {f"w{i}": wide(0) for i in range(5)}, numel=1)  # tied: one view
+    tied = load_state_dict(path)
+    assert all(v is tied["w0"] for v in tied.values()) and tied["w0"].shape == (2**12,)
 
     def shared(tensor):
-        one = tensor(*wide)
+        one = tensor(*wide(0))
         return [one] * 5
 
     _craft_tensors(path, {"w": shared}, numel=1)
