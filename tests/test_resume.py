@@ -52,18 +52,20 @@ def _env():
 
 
 def _steps(out, stage):
-    """The checkpointed steps of `stage`; [] while the running job moves them (orbax writes
-    and deletes step folders as this looks)."""
+    """The checkpointed steps of `stage` (pass 2's under its thresholds' folder). Entries
+    orbax deletes as this looks are skipped (`os.walk` ignores them), and step folders are
+    not entered: with a checkpoint every batch, a recursive glob met a vanished folder so
+    often that it saw nothing until the run was nearly done."""
     root = out / ".work" / "checkpoints"
-    try:
-        return [
-            int(p.name)
-            for d in root.glob(f"{stage}-*/**/*-devices")  # pass 2: under its thresholds
-            for p in d.iterdir()
-            if p.name.isdigit()
-        ]
-    except FileNotFoundError:
-        return []
+    steps = []
+    for folder, subfolders, _ in os.walk(root):
+        relative = pathlib.Path(folder).relative_to(root).parts
+        if relative and not relative[0].startswith(f"{stage}-"):
+            subfolders.clear()
+        elif folder.endswith("-devices"):
+            steps += [int(name) for name in subfolders if name.isdigit()]
+            subfolders.clear()
+    return steps
 
 
 def _outputs(out):
@@ -77,9 +79,9 @@ def _kill_during(command, out, stage, sig=signal.SIGKILL, attempts=1):
     """Start the run, send `sig` once `stage` has checkpointed 3 batches; return that step
     and the run's stderr.
 
-    A run that ends on its own before the signal lands (its last batches are quick, and a
-    loaded machine can keep this poll waiting) leaves a complete result: `out` is put back
-    as it was and the run tried again, up to `attempts` times.
+    A run that had written its results when the signal was sent (a loaded machine kept
+    this poll waiting) and then ended normally is tried again, `out` put back as it was,
+    up to `attempts` times; one that ends normally after a signal sent mid-run fails.
     """
     backup = out.with_name(out.name + "-before")
     if attempts > 1:
@@ -95,11 +97,11 @@ def _kill_during(command, out, stage, sig=signal.SIGKILL, attempts=1):
             if seen:
                 break
             time.sleep(0.01)
+        finished = (out / "results.json").exists()  # its work done: a signal may come late
         if proc.poll() is None:
             proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=300)
-        if proc.returncode == 0 and attempt + 1 < attempts:
-            assert (out / "results.json").is_file(), stderr[-3000:]  # finished, not ignored
+        if proc.returncode == 0 and finished and attempt + 1 < attempts:
             shutil.rmtree(out)
             shutil.copytree(backup, out, symlinks=True)
             continue
