@@ -29,9 +29,21 @@ def tiny_data(tmp_path_factory):
     return synthetic.generate_tiny(tmp_path_factory.mktemp("resume") / "broden", num_images=24)
 
 
+# Runs the script with Ctrl-C raising KeyboardInterrupt whatever SIGINT's disposition the
+# test process passes on: a process whose SIGINT is ignored (a library of an earlier test
+# may set that in this worker) starts its children with it ignored, and Python then never
+# installs its handler (CI saw a Ctrl-C followed by a normal finish, rc 0, no output).
+_DEFAULT_SIGINT = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 def _command(data, out, *extra):
     return [
         sys.executable,
+        "-c",
+        _DEFAULT_SIGINT,
         str(ROOT / "experiments" / "dissect.py"),
         "--model=tests.fixtures.small_model:make",
         "--weights=",
