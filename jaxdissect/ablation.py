@@ -513,8 +513,8 @@ def _chunked(
     correct, loss = [], []
     for i, start in enumerate(range(0, len(masks), chunk)):
         part = masks[start : start + chunk]
-        digest = store.fingerprint_tree(part)
         path = None if work is None else work / f"{name}-{i:05d}.npz"
+        digest = None if path is None else store.fingerprint_tree(part)
         if path is not None and path.is_file():
             try:
                 stored = store.load_arrays(path)
