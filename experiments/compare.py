@@ -8,9 +8,10 @@ and/or models to dissect here (--dissect='NAME|MODEL|WEIGHTS|LAYERS': MODEL and
 WEIGHTS as experiments/dissect.py takes them, or MODEL empty and WEIGHTS a
 training export of experiments/train.py; LAYERS comma-separated; NAME a folder name),
 all of one probe set (the same dataset, split and number of images). Writes
-compare.csv (one row per model and layer: units, interpretable units, unique
-detectors, and per category the unique detectors, interpretable units and
-share of the unique detectors), compare.json, compare_unique.png (grouped
+compare.csv (one row per model and layer: num_units, interpretable_units,
+unique_detectors, and per category C the unique detectors `unique:C`,
+interpretable units `interpretable:C` and share of the unique detectors
+`share:C`), compare.json, compare_unique.png (grouped
 bars), compare_unique_stacked.png and compare_interpretable.png.
 """
 
@@ -58,7 +59,7 @@ def parse_entry(text: str) -> tuple[str, str, str, list[str]]:
 def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     """Dissect and collect as the flags say; returns the table's rows."""
     started = time.perf_counter()
-    from jaxdissect import parallel, pipeline, studies, training
+    from jaxdissect import parallel, pipeline, results, studies, training
     from jaxdissect.models import load as model_load
 
     if not fv.results and not fv.dissect:
@@ -76,7 +77,7 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
                 f"--dissect={name}||{weights}|...: {weights} is no training export; train "
                 f"first: {model_load.TRAIN_COMMAND}, or give MODEL"
             )
-    results = []
+    given = []
     for text in fv.results:
         name, sep, directory = text.partition("=")
         if not sep or not name:
@@ -87,12 +88,12 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
             raise FileNotFoundError(
                 f"--results={text}: {directory} holds no results.json (a finished dissection)"
             )
-        results.append((name, directory))
-    names = [name for name, *_ in dissections] + [name for name, _ in results]
+        given.append((name, directory))
+    names = [name for name, *_ in dissections] + [name for name, _ in given]
     if len(set(names)) < len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"--dissect/--results: the names {twice} are given twice: one each")
-    probes = {f"--results={name}": studies.probe_set(directory) for name, directory in results}
+    probes = {f"--results={name}": studies.probe_set(directory) for name, directory in given}
     studies.check_one_probe_set(probes)
     rows: list[dict] = []
     entries: list[dict] = []
@@ -122,16 +123,13 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
             entries.append(
                 {"name": name, "model": model, "weights": weights, "layers": layers, **here}
             )
-        for name, directory in results:
+        for name, directory in given:
             rows.extend(studies.results_rows(name, directory))
             entries.append({"name": name, "results": directory, **probes[f"--results={name}"]})
         files = studies.write_comparison(fv.output_dir, rows, {"entries": entries})
     for r in rows:
-        by_cat = ", ".join(
-            f"{k[len('unique_') :]} {v}"
-            for k, v in r.items()
-            if k.startswith("unique_") and k != "unique_detectors"
-        )
+        found = ((results.column_category(k, "unique"), v) for k, v in r.items())
+        by_cat = ", ".join(f"{c} {v}" for c, v in found if c is not None)
         print(
             f"{r['name']} {r['layer']}: {r['unique_detectors']} unique detectors ({by_cat}), "
             f"{r['interpretable_units']}/{r['num_units']} interpretable"

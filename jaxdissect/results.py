@@ -363,6 +363,25 @@ def layer_summary(result: LayerResult) -> LayerSummary:
     )
 
 
+CATEGORY_COUNTS = ("unique", "interpretable", "share")
+
+
+def category_column(kind: str, category: str) -> str:
+    """The column of a study's table holding count `kind` (one of CATEGORY_COUNTS) of
+    `category`: `kind:category`. No other column name holds a ':', so no category name
+    meets one (a category named `detectors` gives `unique:detectors`, beside the total
+    `unique_detectors`)."""
+    if kind not in CATEGORY_COUNTS:
+        raise ValueError(f"kind={kind!r}: one of {CATEGORY_COUNTS}")
+    return f"{kind}:{category}"
+
+
+def column_category(column: str, kind: str) -> str | None:
+    """The category of a `category_column(kind, ...)` name; None for any other column."""
+    prefix = f"{kind}:"
+    return column[len(prefix) :] if column.startswith(prefix) else None
+
+
 # --------------------------------------------------------------------------- files
 
 

@@ -497,8 +497,11 @@ def rotation_study(
 def write_rotation_files(
     out: pathlib.Path, points: Sequence[RotationPoint], settings: Mapping[str, Any]
 ) -> None:
-    """rotation.csv, rotation.json and rotation.png."""
+    """rotation.csv, rotation.json and rotation.png (a category's counts in the columns
+    `results.category_column` names)."""
     import csv
+
+    from jaxdissect import results
 
     categories = list(dict.fromkeys(c for p in points for c in p.unique_by_category))
     header = [
@@ -509,8 +512,8 @@ def write_rotation_files(
         "accuracy_folded",
         "accuracy_inserted",
         "max_output_change",
-        *[f"unique_{c}" for c in categories],
-        *[f"interpretable_{c}" for c in categories],
+        *[results.category_column("unique", c) for c in categories],
+        *[results.category_column("interpretable", c) for c in categories],
     ]
     with store.atomic_open(out / "rotation.csv", newline="") as f:
         w = csv.writer(f)

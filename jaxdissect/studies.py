@@ -86,7 +86,14 @@ def stack_models(
 
 
 def summary_row(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A flat row of one layer record of results.json: counts, by category, shares."""
+    """A flat row of one layer record of results.json: counts, by category, shares.
+
+    The totals are `interpretable_units` and `unique_detectors`; the counts of a
+    category are `unique:<category>`, `interpretable:<category>` and `share:<category>`
+    (the share of the unique detectors), `results.category_column`.
+    """
+    from jaxdissect import results
+
     s = record["summary"]
     unique = int(s["unique_detectors"])
     row: dict[str, Any] = {
@@ -97,11 +104,11 @@ def summary_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "unique_detectors": unique,
     }
     for cat, n in s["unique_by_category"].items():
-        row[f"unique_{cat}"] = int(n)
+        row[results.category_column("unique", cat)] = int(n)
     for cat, n in s["interpretable_by_category"].items():
-        row[f"interpretable_{cat}"] = int(n)
+        row[results.category_column("interpretable", cat)] = int(n)
     for cat, n in s["unique_by_category"].items():
-        row[f"share_{cat}"] = round(int(n) / unique, 4) if unique else 0.0
+        row[results.category_column("share", cat)] = round(int(n) / unique, 4) if unique else 0.0
     return row
 
 
@@ -207,9 +214,12 @@ def dynamics_study(
     return rows
 
 
-def _categories(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    keys = (k for row in rows for k in row if k.startswith("unique_") and k != "unique_detectors")
-    return list(dict.fromkeys(k[len("unique_") :] for k in keys))
+def _categories(rows: Sequence[Mapping[str, Any]], kind: str = "unique") -> list[str]:
+    """The categories of the `kind` columns of `rows`, in first-seen order."""
+    from jaxdissect import results
+
+    found = (results.column_category(k, kind) for row in rows for k in row)
+    return list(dict.fromkeys(c for c in found if c is not None))
 
 
 def plot_dynamics(
@@ -221,6 +231,7 @@ def plot_dynamics(
     """
     from matplotlib.figure import Figure
 
+    from jaxdissect import results
     from jaxdissect.report import plots
 
     layers = list(dict.fromkeys(r["layer"] for r in rows))
@@ -233,7 +244,8 @@ def plot_dynamics(
         xs = [float(r[x]) for r in mine]
         ax.plot(xs, [r["unique_detectors"] for r in mine], "k.-", label="all", linewidth=2)
         for c in cats:
-            ax.plot(xs, [r.get(f"unique_{c}", 0) for r in mine], ".-", color=colors[c], label=c)
+            column = results.category_column("unique", c)
+            ax.plot(xs, [r.get(column, 0) for r in mine], ".-", color=colors[c], label=c)
         if x == "step":
             linthresh = max(1.0, min([v for v in xs if v > 0] or [1.0]))
             ax.set_xscale("symlog", linthresh=linthresh)
@@ -264,15 +276,16 @@ def plot_grouped(
     stacked: bool = False,
     title: str = "",
 ) -> pathlib.Path:
-    """Bars of `<value>_<category>` per (name, layer) row: grouped by category, or stacked.
+    """Bars of `<value>:<category>` per (name, layer) row: grouped by category, or stacked.
 
     Rows need `name` and `layer`; layers of one name sit together, in row order.
     """
     from matplotlib.figure import Figure
 
+    from jaxdissect import results
     from jaxdissect.report import plots
 
-    cats = [c for c in _categories(rows) if any(f"{value}_{c}" in r for r in rows)]
+    cats = _categories(rows, value)
     colors = plots.category_colors(cats)
     n = len(rows)
     fig = Figure(figsize=(min(max(6.0, 0.9 * n + 3.0), 30.0), 4.2), layout="constrained")
@@ -285,7 +298,8 @@ def plot_grouped(
     width = 0.8 if stacked else 0.8 / max(1, len(cats))
     bottom = np.zeros(n)
     for j, c in enumerate(cats):
-        vals = np.asarray([float(r.get(f"{value}_{c}", 0) or 0) for r in rows])
+        column = results.category_column(value, c)
+        vals = np.asarray([float(r.get(column, 0) or 0) for r in rows])
         if stacked:
             ax.bar(xs, vals, width, bottom=bottom, color=colors[c], label=c)
             bottom += vals

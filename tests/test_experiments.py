@@ -119,7 +119,7 @@ def test_training_dynamics_script(dynamics_run):
     assert [(r["step"], r["layer"]) for r in rows] == [
         (str(s), layer) for s in (0, TINY_STEPS) for layer in ("conv3", "conv5")
     ]
-    assert {"val_accuracy", "unique_detectors", "unique_color", "share_texture"} <= set(rows[0])
+    assert {"val_accuracy", "unique_detectors", "unique:color", "share:texture"} <= set(rows[0])
     for name in ("dynamics.json", "dynamics.png", "dynamics_accuracy.png", "results.json"):
         assert (out / name).is_file()
     assert json.loads((out / "dynamics.json").read_text())["elapsed_s"] > 0
@@ -268,7 +268,7 @@ def test_compare_script(tmp_path, trained_run, dynamics_run, data_args):
     ]
     assert rows[0]["path"] == "features/1" and rows[0]["num_units"] == 16
     table = store.read_rows_csv(tmp_path / "compare.csv")
-    assert len(table) == len(rows) and "share_color" in table[0]
+    assert len(table) == len(rows) and "share:color" in table[0]
     assert (tmp_path / "tiny" / "results.json").is_file()
     document = json.loads((tmp_path / "compare.json").read_text())
     assert document["elapsed_s"] > 0

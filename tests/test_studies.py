@@ -3,9 +3,10 @@
 import json
 import logging
 
+import numpy as np
 import pytest
 
-from jaxdissect import results, studies
+from jaxdissect import results, store, studies
 
 
 def test_entries_of_other_probe_sets_are_refused_and_other_files_logged(tmp_path, caplog):
@@ -66,3 +67,36 @@ def test_layers_whose_result_names_collide_are_refused():
     assert names == {"m-b_c": "m"}
     with pytest.raises(ValueError, match="'b.c' and 'b_c' both make the result name 'm-b_c'"):
         studies.stack_models([("m", model)], ["b.c", "b_c"], input_size=8)
+
+
+def _record_with_categories(categories):
+    """A layer record whose units 0, 1, 2 detect one label of categories 0, 1, 2."""
+    from jaxdissect.labelspace import LabelSpace
+
+    names = ("-", *(f"{c}1" for c in categories))
+    labels = LabelSpace(
+        tuple(categories), names, np.arange(-1, len(categories)), (False,) * len(categories)
+    )
+    k, n = len(categories), len(names)
+    inter = np.zeros((k, n), np.int64)
+    inter[np.arange(k), np.arange(1, n)] = 50
+    counts = dict(
+        intersection=inter,
+        label_pixels=np.array([0] + [100] * k),
+        unit_pixels=np.full((k, k), 100),
+        unit_total=np.full(k, 100),
+    )
+    return results.layer_record(results.layer_result("L", counts, labels))
+
+
+def test_no_category_name_meets_a_total_column(tmp_path):
+    """Categories named `detectors` and `units` keep the totals and appear in the plots."""
+    row = studies.summary_row(_record_with_categories(("color", "units", "detectors")))
+    assert row["unique_detectors"] == 3 and row["interpretable_units"] == 3
+    assert row["unique:detectors"] == row["interpretable:units"] == 1
+    assert row["share:color"] == round(1 / 3, 4)
+    assert studies._categories([row]) == ["color", "units", "detectors"]
+    assert studies._categories([row], "interpretable") == ["color", "units", "detectors"]
+    path = store.write_rows_csv(tmp_path / "t.csv", [row])
+    (back,) = store.read_rows_csv(path)
+    assert back["unique_detectors"] == "3" and back["unique:units"] == "1"
