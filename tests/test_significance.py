@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from jaxdissect import driver, masks, parallel, significance
+from jaxdissect import driver, masks, parallel, results, significance
 
 # The headless browser fixture `driver` (skips where Chromium is not installed).
 from tests.test_report_browser import driver as browser  # noqa: F401
@@ -312,9 +312,66 @@ def test_results_tally_and_report_carry_the_pvalues(tested_run):
             assert by_unit[k]["significant"] == str(int(test.significant[k]))
         page = (out / f"layer-{result.layer}.html").read_text()
         assert 'id="significant-only"' in page
-        assert page.count('data-significant="1"') == int(test.significant.sum())
+        both = int((result.interpretable & test.significant).sum())
+        assert block["interpretable_and_significant"] == both
+        assert page.count('data-significant-detector="1"') == both
+        assert f'id="significant-units">{both}</td>' in page
         assert f"p = {test.p[0]:.3g}" in page
     assert "significant detectors" in (out / "index.html").read_text()
+
+
+def test_the_report_counts_significant_detectors_as_results_json(tmp_path):
+    """Planted: unit 0 interpretable and significant, unit 1 significant below the IoU
+    threshold, unit 2 interpretable only: the report's significant detectors are unit 0."""
+    from jaxdissect.labelspace import LabelSpace
+    from jaxdissect.report import build
+
+    labels = LabelSpace(
+        ("color", "object"),
+        ("-", "red", "green", "dog", "cat"),
+        np.array([-1, 0, 0, 1, 1]),
+        (False, False),
+    )
+    inter = np.zeros((4, 5), np.int64)
+    inter[0, 1], inter[1, 3], inter[2, 2] = 50, 3, 60
+    pixels = np.full((4, 2), 100)
+    test = results.Significance(
+        p=np.array([0.001, 0.001, 0.5, 1.0]),
+        pair_p=np.ones((4, 4)),
+        concepts=np.array([1, 2, 3, 4]),
+        significant=np.array([True, True, False, False]),
+        alpha=0.05,
+        draws=999,
+    )
+    counts = dict(
+        intersection=inter,
+        label_pixels=np.array([0, 100, 100, 100, 100]),
+        unit_pixels=pixels,
+        unit_total=pixels.max(1),
+    )
+    r = results.layer_result("L", counts, labels, significance=test)
+    assert r.interpretable.tolist() == [True, False, True, False]
+    build.write_dissection_report(
+        tmp_path,
+        "m",
+        "d",
+        {},
+        [r],
+        {"L": np.zeros(4, np.float32)},
+        {"L": np.full((2, 4), -1, np.int32)},
+        {"L": np.zeros((2, 1, 1, 4), np.float32)},
+        None,
+        tie_rule="strict",
+    )
+    assert results.layer_record(r)["significance"]["interpretable_and_significant"] == 1
+    page = (tmp_path / "layer-L.html").read_text()
+    assert 'id="significant-units">1</td>' in page
+    assert page.count('data-significant-detector="1"') == 1
+    assert (
+        'data-unit="0" ' in page.split('data-significant-detector="1"')[0].rsplit("<article", 1)[1]
+    )
+    index = (tmp_path / "index.html").read_text()
+    assert '<td class="num">2 (50.0%)</td>\n<td class="num">1</td>' in index
 
 
 def test_without_draws_nothing_changes(tmp_path):
@@ -336,8 +393,11 @@ def test_the_significant_only_filter_shows_the_called_units(browser, tested_run)
     from selenium.webdriver.common.by import By
 
     out, *_, layer_results = tested_run
-    r = max(layer_results, key=lambda r: min(r.significance.significant.sum(), r.num_units - 1))
-    called = sorted(np.flatnonzero(r.significance.significant).tolist())
+    r = max(
+        layer_results,
+        key=lambda r: min((r.interpretable & r.significance.significant).sum(), r.num_units - 1),
+    )
+    called = sorted(np.flatnonzero(r.interpretable & r.significance.significant).tolist())
     assert 0 < len(called) < r.num_units
     browser.get((out / f"layer-{r.layer}.html").as_uri())
 

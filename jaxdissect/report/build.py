@@ -157,7 +157,7 @@ def write_dissection_report(
                 significance=None
                 if r.significance is None
                 else (
-                    int(r.significance.significant.sum()),
+                    int((r.interpretable & r.significance.significant).sum()),
                     r.significance.alpha,
                     r.significance.draws,
                 ),

@@ -90,7 +90,8 @@ class LayerPage:
     # Units that cannot fire (no active pixel, or dead), and units per non-empty state.
     cannot_fire: int = 0
     states: dict[str, int] = dataclasses.field(default_factory=dict)
-    # The permutation test: (significant units, alpha, draws); None where it did not run.
+    # The permutation test: (interpretable and significant units, as results.json's
+    # `interpretable_and_significant`, alpha, draws); None where it did not run.
     significance: tuple[int, float, int] | None = None
 
 
