@@ -41,7 +41,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_multi_string(
         "model_option", [], "Extra constructor option key=value, repeatable.", flag_values=fv
     )
-    cli.define_input_norm_flag(fv)
+    cli.define_input_flags(fv)
     flags.DEFINE_list("layers", ["conv5"], "Layers to explain.", flag_values=fv)
     cli.define_dataclass_flags(compositional.SearchSettings, fv)
     flags.DEFINE_integer(
@@ -126,7 +126,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
         loaded = model_load.load(
             fv.model, weights=fv.weights or None, options=model_options, seed=settings.seed
         )
-    info = cli.model_info(loaded, fv.input_norm)
+    info = cli.model_info(loaded, fv.input_norm, fv.input_size)
     spec = info.input_spec
     mesh = parallel.data_mesh(fv.devices)
     pipeline.dissect(

@@ -60,7 +60,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         "Extra constructor option key=value, repeatable (e.g. width=0.5, batch_norm=false).",
         flag_values=fv,
     )
-    cli.define_input_norm_flag(fv)
+    cli.define_input_flags(fv)
     flags.DEFINE_list(
         "layers",
         [],
@@ -111,6 +111,7 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
     settings = cli.settings_from_flags(fv)
     options = cli.options_from_flags(fv)
     cli.check_layers(fv.layers)
+    cli.check_input_size(fv.input_size)
     if fv.token_layout is not None:
         from jaxdissect.capture import TokenLayout
 
@@ -160,7 +161,9 @@ def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
     if not layers:
         raise app.UsageError("--layers is empty and the model declares no default_layers")
     pipeline.dissect(
-        dataclasses.replace(cli.model_info(model, fv.input_norm), token_layout=fv.token_layout),
+        dataclasses.replace(
+            cli.model_info(model, fv.input_norm, fv.input_size), token_layout=fv.token_layout
+        ),
         layers,
         source,
         settings,

@@ -602,7 +602,8 @@ def _apply_failed(error: Exception, input_shape: Sequence[int]) -> str:
         ),
         (
             (fe.ScopeParamShapeError, fe.ScopeParamNotFoundError),
-            "the weights do not fit the model at this input: declare its input_spec (size)",
+            "the weights do not fit the model at this input size: declare its input_spec "
+            "(size), or pass the size they take: input_size=<pixels>",
         ),
     ]
     hint = next((h for kind, h in hints if isinstance(error, kind)), None)

@@ -106,8 +106,8 @@ def report_elapsed(started: float, json_path: str | os.PathLike[str] | None = No
     return elapsed
 
 
-def define_input_norm_flag(fv: flags.FlagValues) -> None:
-    """--input_norm: the normalisation `model_info` applies."""
+def define_input_flags(fv: flags.FlagValues) -> None:
+    """--input_norm and --input_size: how `model_info` feeds the probe images to the model."""
     flags.DEFINE_enum(
         "input_norm",
         "model",
@@ -116,19 +116,41 @@ def define_input_norm_flag(fv: flags.FlagValues) -> None:
         "Places365 one.",
         flag_values=fv,
     )
+    flags.DEFINE_integer(
+        "input_size",
+        None,
+        "Side of the square input the probe images are resized to (bilinear, squashed, no "
+        "crop) before the model sees them. Default: the model's own (224 for the zoo's CNNs). "
+        "The probe images' own size feeds them as they are: 227 for AlexNet on broden1_227, "
+        "as NetDissect-Lite does.",
+        flag_values=fv,
+    )
+    fv["input_size"].field_name = "input_size"  # check_input_size's errors name it: flag_message
 
 
-def model_info(loaded: Any, input_norm: str = "model") -> Any:
+def check_input_size(input_size: Any) -> None:
+    """Refuse an `input_size` (`model_info`) that is neither None nor a whole number >= 1."""
+    if input_size is not None and (
+        isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1
+    ):
+        raise ValueError(f"input_size={input_size!r}: must be a whole number >= 1 (pixels)")
+
+
+def model_info(loaded: Any, input_norm: str = "model", input_size: int | None = None) -> Any:
     """The `pipeline.ModelInfo` of a `models.load.LoadedModel`, its input normalised as
-    `input_norm` says (`define_input_norm_flag`) at the model's own input size."""
+    `input_norm` says and resized to `input_size` x `input_size` (None: the model's own
+    input size), as `define_input_flags` describes."""
     from jaxdissect import pipeline
     from jaxdissect.preprocess import PLACES_LITE, TORCHVISION
 
+    check_input_size(input_size)
+    if input_size is None:
+        input_size = loaded.input_spec.size
     spec = {"model": loaded.input_spec, "torchvision": TORCHVISION, "places_lite": PLACES_LITE}
     return pipeline.ModelInfo(
         loaded.module,
         loaded.variables,
-        dataclasses.replace(spec[input_norm], size=loaded.input_spec.size),
+        dataclasses.replace(spec[input_norm], size=input_size),
         loaded.name,
         loaded.key,
         loaded.apply_kwargs,

@@ -151,6 +151,24 @@ def _forward_key(model: ModelInfo, tap: capture.Tap) -> Any:
     return key
 
 
+def _log_resize(image_size: Sequence[int] | None, input_size: int) -> None:
+    """Say that the probe images (`image_size`, (h, w); None: not known) are resized to the
+    model's `input_size`, where they differ."""
+    if image_size is None or tuple(image_size) == (input_size, input_size):
+        return
+    h, w = image_size
+    keep = f"; input_size={h} (the scripts' --input_size) feeds them as they are" if h == w else ""
+    logging.info(
+        "the probe images are %dx%d and the model's input %dx%d: each is resized (bilinear, "
+        "squashed) to it%s",
+        h,
+        w,
+        input_size,
+        input_size,
+        keep,
+    )
+
+
 def layer_significance(
     arrays: Mapping[str, Any] | None, settings: engine.Settings
 ) -> results.Significance | None:
@@ -280,6 +298,7 @@ def dissect(
         dataset_name if count in dataset_name else f"{dataset_name} ({count})",
     )
     logging.info("settings: %s", dataclasses.asdict(settings))
+    _log_resize(getattr(source, "image_size", None), spec.size)
     logging.info("results go to %s", out.resolve())
     advice = loader.decoding_advice(
         jax.default_backend(), len(source), options.num_threads, options.num_workers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging as pylogging
 import os
 import pathlib
@@ -230,6 +231,7 @@ def _script(name: str, *argv: str, cache: pathlib.Path) -> subprocess.CompletedP
         (["--quantile=1"], r"--quantile=1.0: must be in \(0, 1\)"),
         (["--max_images=0"], "--max_images=0: must be >= 1"),
         (["--iou_threshold=2"], r"--iou_threshold=2.0: must be in \[0, 1\)"),
+        (["--input_size=0"], "--input_size=0: must be a whole number >= 1"),
         (["--data=/no/broden"], "--data=/no/broden: no such folder; download and unzip Broden"),
         (
             [f"--flagfile={ROOT}/experiments/configs/resnet18_places365.flags"],
@@ -259,6 +261,46 @@ def test_bad_flags_fail_in_one_line_before_loading(tmp_path, argv, message):
     assert lines[0].startswith("error: ") and re.search(message, lines[0])
     assert not cache.exists() and not (tmp_path / "out").exists()  # no data, no output
     assert elapsed < 120  # imports only (seconds when the machine is idle)
+
+
+def test_input_size_resizes_to_it_and_keys_the_results(tmp_path, caplog):
+    """--input_size is the side the probe images are resized to instead of the model's own
+    (64 here, as the probe images): the resize is logged once, naming both sizes and the
+    flag; results.json records the size, and it keys the stored stages (the same output_dir
+    at the model's own size recomputes, without the resize and its message)."""
+    from jaxdissect.data import synthetic
+    from tests.experiment_testing import run_script
+
+    broden = synthetic.generate_tiny(tmp_path / "broden", num_images=13)
+    out = tmp_path / "out"
+    common = (
+        "--model=tests.fixtures.small_model:make",
+        f"--data={broden}",
+        "--layers=conv1",
+        "--quantile_mode=exact",
+        "--batch_size=8",
+        "--devices=1",
+        "--noreport",
+        "--noprogress",
+        f"--output_dir={out}",
+    )
+
+    def settings() -> dict:
+        return json.loads((out / "results.json").read_text())["settings"]
+
+    resized = re.compile(r"probe images are 64x64 and the model's input 48x48: .*--input_size")
+    with caplog.at_level(pylogging.INFO):
+        run_script("dissect", *common, "--input_size=48")
+    assert len([r for r in caplog.records if resized.search(r.getMessage())]) == 1
+    small = settings()
+    assert small["input_spec"]["size"] == 48
+    caplog.clear()
+    with caplog.at_level(pylogging.INFO):
+        run_script("dissect", *common)
+    assert "resized" not in caplog.text
+    own = settings()
+    assert own["input_spec"] == {**small["input_spec"], "size": 64}
+    assert own["thresholds"] != small["thresholds"]  # not the stages stored at 48
 
 
 def test_missing_training_exports_say_train_first(tmp_path):

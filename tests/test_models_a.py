@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable
 
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from jaxdissect import capture, cli
+from jaxdissect.models import load as model_load
 from jaxdissect.models import zoo
 from jaxdissect.models.alexnet import AlexNet
 from jaxdissect.models.densenet import DenseNet, legacy_key_rename
@@ -19,6 +22,7 @@ from jaxdissect.models.layers import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, sc
 from jaxdissect.models.resnet import ResNet
 from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax
 from jaxdissect.models.vgg import VGG
+from jaxdissect.preprocess import PLACES_LITE, InputSpec
 from tests import torch_models as tm
 
 # torchvision's parameter counts (1000 classes).
@@ -214,6 +218,43 @@ def test_alexnet_bn_no_dropout_odd_size_parity() -> None:
     )
     paths = [*model.layer_aliases.values(), "features/1", "avgpool", "classifier/2"]
     check_parity(model, reference, 150, paths)
+
+
+def test_alexnet_takes_broden1_227_images_as_they_are_with_input_size(tmp_path) -> None:
+    """NetDissect-Lite feeds broden1_227's 227 px images to AlexNet unresized: through the
+    scripts' path (weights file, `cli.model_info`, a tap) `input_size=227` agrees with torch on
+    the 227 px image; the model's own 224 squashes it, which conv5 does not survive."""
+    reference = tm.randomize_(tm.AlexNet(num_classes=365))
+    torch.save(reference.state_dict(), tmp_path / "alexnet.pth")
+    loaded = model_load.load(
+        "alexnet", weights=str(tmp_path / "alexnet.pth"), options={"num_classes": 365}
+    )
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 227, 227, 3)).astype(np.float32)
+    paths = {"conv1": "features.1", "conv5": "features.11"}
+
+    def taps(input_size: int | None) -> tuple[InputSpec, dict[str, np.ndarray]]:
+        info = cli.model_info(loaded, "places_lite", input_size)
+        spec = info.input_spec
+        tap = capture.make_tap(
+            info.module, info.variables, list(paths), input_shape=(spec.size, spec.size, 3)
+        )
+        with jax.default_matmul_precision("highest"):
+            out = jax.jit(lambda v, x: tap.fn(v, spec(x)))(tap.variables, jnp.asarray(pixels))
+        return spec, {n: np.asarray(out[p]) for n, p in zip(tap.names, tap.layers, strict=True)}
+
+    spec, got = taps(227)
+    assert spec == dataclasses.replace(PLACES_LITE, size=227)
+    x = (pixels * spec.scale - np.float32(spec.mean)) / np.float32(spec.std)
+    _, expected = torch_forward_with_intermediates(reference, x, paths.values())
+    for name, torch_name in paths.items():
+        assert_close(got[name], expected[torch_name], f"alexnet {name} at 227")
+    spec, squashed = taps(None)
+    assert spec.size == 224 and squashed["conv1"].shape[1] == 55
+    conv5, want = squashed["conv5"], expected["features.11"]
+    assert conv5.shape == want.shape and np.abs(conv5 - want).max() > 0.1 * np.abs(want).max()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=rf"^input_size={bad!r}: must be a whole number"):
+            cli.model_info(loaded, "model", bad)
 
 
 @pytest.mark.parametrize(
