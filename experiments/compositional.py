@@ -175,10 +175,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
         )
         forward_s = driver.forward_seconds(tap, spec, source, settings.batch_size)
         rows = compositional.unit_rows(found, names)
-        with (
-            store.atomic_path(out / f"compositional-{stem}.csv") as tmp,
-            open(tmp, "w", newline="") as f,
-        ):
+        with store.atomic_open(out / f"compositional-{stem}.csv", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)

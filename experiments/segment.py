@@ -102,7 +102,7 @@ def _read_vectors(directory: str, layer: str):
             f"--concept_vectors={directory}: no concept_vectors.json/.npz there; run "
             "experiments/concept_vectors.py first"
         )
-    doc = json.loads((path / "concept_vectors.json").read_text())
+    doc = json.loads((path / "concept_vectors.json").read_text(encoding="utf-8"))
     if doc["settings"]["layer"] != layer:
         raise ValueError(
             f"--concept_vectors={directory} holds vectors of layer {doc['settings']['layer']}, "

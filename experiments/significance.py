@@ -223,10 +223,7 @@ def _test(fv, trained, settings, options, probe, output_dir):
     }
     store.write_json(out / "significance.json", doc)
     stem = results.layer_file_stems([fv.layer])[0]
-    with (
-        store.atomic_path(out / f"significance-{stem}.csv") as tmp,
-        open(tmp, "w", newline="") as f,
-    ):
+    with store.atomic_open(out / f"significance-{stem}.csv", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(units[0]))
         w.writeheader()
         w.writerows(units)

@@ -693,7 +693,7 @@ def write_ablation_files(
         **doc,
     }
     store.write_json(out / "ablation.json", document)
-    with store.atomic_path(out / "ablation_units.csv") as tmp, open(tmp, "w", newline="") as f:
+    with store.atomic_open(out / "ablation_units.csv", newline="") as f:
         w = csv.writer(f)
         w.writerow(
             ["unit", "label", "category", "iou", "interpretable", "mean_drop"]
@@ -711,7 +711,7 @@ def write_ablation_files(
                 ]
                 + [f"{v:.6f}" for v in result.drop[k]]
             )
-    with store.atomic_path(out / "ablation_classes.csv") as tmp, open(tmp, "w", newline="") as f:
+    with store.atomic_open(out / "ablation_classes.csv", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "n_removed", "class_accuracy", "others_accuracy", "removed_units"])
         for c, entry in enumerate(doc["classes"]):

@@ -79,14 +79,16 @@ def cgroup_free_bytes(root: pathlib.Path = pathlib.Path("/sys/fs/cgroup")) -> in
         ),
     ):
         try:
-            limit = (root / limit_file).read_text().strip()
-            usage = int((root / usage_file).read_text())
+            limit = (root / limit_file).read_text(encoding="utf-8").strip()
+            usage = int((root / usage_file).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # v1: ~2**63
             return None
         try:
-            stats = dict(line.split() for line in (root / stat_file).read_text().splitlines())
+            stats = dict(
+                line.split() for line in (root / stat_file).read_text(encoding="utf-8").splitlines()
+            )
             usage -= min(usage, int(stats.get(inactive, 0)))
         except (OSError, ValueError):
             pass
@@ -143,7 +145,7 @@ def _rows_file(directory: pathlib.Path) -> pathlib.Path:
 def _recorded_rows(directory: pathlib.Path) -> tuple[int, int] | None:
     """The batches [lo, hi) this process's disk-cache files hold, as last recorded."""
     try:
-        doc = json.loads(_rows_file(directory).read_text())
+        doc = json.loads(_rows_file(directory).read_text(encoding="utf-8"))
         lo, hi = int(doc["lo"]), int(doc["hi"])
     except (OSError, ValueError, KeyError, TypeError):
         return None

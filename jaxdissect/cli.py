@@ -101,7 +101,9 @@ def report_elapsed(started: float, json_path: str | os.PathLike[str] | None = No
     elapsed = time.perf_counter() - started
     if json_path is not None:
         path = pathlib.Path(json_path)
-        store.write_json(path, {**json.loads(path.read_text()), "elapsed_s": elapsed})
+        store.write_json(
+            path, {**json.loads(path.read_text(encoding="utf-8")), "elapsed_s": elapsed}
+        )
     print(f"elapsed: {elapsed:.1f} s")
     return elapsed
 

@@ -61,7 +61,7 @@ def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[p
     """
     out = pathlib.Path(path).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK_FILE, "a+") as f:
+    with open(out / LOCK_FILE, "a+", encoding="utf-8") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -197,7 +197,7 @@ def classification_task(
     val = split(about["val_split"], None)
     names = tuple(about["class_names"])
     fingerprint = store.key_of(
-        info=json.loads((build / "dataset_info.json").read_text()),
+        info=json.loads((build / "dataset_info.json").read_text(encoding="utf-8")),
         resolution=resolution,
         max_train=max_train,
     )

@@ -213,7 +213,7 @@ def write_rows_csv(
     (missing cells empty)."""
     if columns is None:
         columns = list(dict.fromkeys(k for row in rows for k in row))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for row in rows:
@@ -223,7 +223,7 @@ def write_rows_csv(
 
 def read_rows_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     """The rows of a CSV with a header, as {column: text}."""
-    with open(path, newline="") as f:
+    with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
 
 

@@ -558,7 +558,7 @@ class TrainResult:
 def _prepare_output(out: pathlib.Path, settings: Mapping[str, Any]) -> None:
     path = out / SETTINGS_FILE
     if path.exists():
-        old, new = json.loads(path.read_text()), json.loads(json.dumps(settings))
+        old, new = json.loads(path.read_text(encoding="utf-8")), json.loads(json.dumps(settings))
         if old.get("numbers") != new["numbers"] or old.get("data") != new["data"]:
             raise FileExistsError(
                 f"{out} holds a training run with other settings; resume it with the same "

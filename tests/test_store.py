@@ -141,3 +141,31 @@ def test_source_fingerprint_sees_python_files_and_survives_symlink_loops(tmp_pat
     assert store.source_fingerprint(tmp_path / "pkg") == before
     (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
     assert store.source_fingerprint(tmp_path / "pkg") != before
+
+
+def test_text_files_are_utf8_whatever_the_locale(tmp_path):
+    """Rows and the synthetic set's tables name their encoding: under -X
+    warn_default_encoding an open() of the package that leaves it to the locale raises."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import pathlib
+        import warnings
+        warnings.filterwarnings("error", category=EncodingWarning, module=r"jaxdissect\\.")
+        from jaxdissect import store
+        from jaxdissect.data import synthetic
+        path = store.write_rows_csv(pathlib.Path({str(tmp_path)!r}) / "r.csv", [{{"layer": "café"}}])
+        assert path.read_bytes() == "layer\\r\\ncafé\\r\\n".encode("utf-8")
+        assert store.read_rows_csv(path) == [{{"layer": "café"}}]
+        synthetic.generate_tiny(pathlib.Path({str(tmp_path)!r}) / "b", num_images=2)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "warn_default_encoding", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

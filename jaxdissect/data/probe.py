@@ -98,7 +98,7 @@ def open_probe(
         root = synthetic_path(pathlib.Path(cache_dir).expanduser(), synthetic_images, resolution)
         root.parent.mkdir(parents=True, exist_ok=True)
         # Runs sharing the cache generate it once: the others wait, then read that one.
-        with open(root.parent / f".{root.name}.lock", "a") as lock:
+        with open(root.parent / f".{root.name}.lock", "a", encoding="utf-8") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (root / "index.csv").exists():
                 print(

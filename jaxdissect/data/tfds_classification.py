@@ -55,7 +55,7 @@ def _features(build: Path) -> dict[str, Any]:
     spec = build / "features.json"
     if not spec.is_file():
         return {}
-    doc = json.loads(spec.read_text())
+    doc = json.loads(spec.read_text(encoding="utf-8"))
     return doc.get("featuresDict", {}).get("features", {})
 
 

@@ -109,7 +109,7 @@ def _write_tables(
     first = {c: min(LABEL_NUMBERS[n] for n in CATEGORY_LABELS[c]) for c in CATEGORIES}
     # The release orders categories by their first label number (joinseg.py).
     cats = tuple(sorted(CATEGORIES, key=lambda c: (first[c], CATEGORIES.index(c))))
-    with open(root / "label.csv", "w", newline="") as f:
+    with open(root / "label.csv", "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["number", "name", "category", "frequency", "coverage", "syns"])
         for number in sorted(name_of):
@@ -127,7 +127,7 @@ def _write_tables(
                     ";".join(SYNONYMS.get(name, ())),
                 ]
             )
-    with open(root / "category.csv", "w", newline="") as f:
+    with open(root / "category.csv", "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["name", "first", "last", "count", "frequency"])
         for c in cats:
@@ -146,12 +146,12 @@ def _write_tables(
             (LABEL_NUMBERS[n] for n in CATEGORY_LABELS[c]),
             key=lambda n: (-freq.get((c, n), 0), -cov.get((c, n), 0.0), n),
         )
-        with open(root / f"c_{c}.csv", "w", newline="") as f:
+        with open(root / f"c_{c}.csv", "w", encoding="utf-8", newline="") as f:
             w = csv.writer(f)
             w.writerow(["code", "number", "name", "frequency", "coverage"])
             for code, n in enumerate(numbers, start=1):
                 w.writerow([code, n, name_of[n], freq.get((c, n), 0), _fmt(cov.get((c, n), 0.0))])
-    with open(root / "index.csv", "w", newline="") as f:
+    with open(root / "index.csv", "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         header = ["image", "split", "ih", "iw", "sh", "sw", *cats]
         w.writerow(header)
@@ -245,7 +245,7 @@ def generate(
             "size": size,
             "seed": seed,
         }
-        (tmp / "synthetic.json").write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / "synthetic.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         _write_tables(tmp, rows, freq, cov)
         if out.exists() and not overwrite:  # made meanwhile by someone else: theirs stays
             raise FileExistsError(f"{out} was created while this generated it: use that one")
