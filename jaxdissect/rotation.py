@@ -542,11 +542,15 @@ def write_rotation_files(
 def plot_rotation(
     path: str | os.PathLike[str], points: Sequence[RotationPoint], *, title: str = ""
 ) -> pathlib.Path:
-    """Unique detectors (stacked by category) and interpretable units against t; accuracy."""
+    """Unique detectors (stacked by category) and interpretable units against t; accuracy.
+
+    The points are drawn in increasing t, whatever their order.
+    """
     from matplotlib.figure import Figure
 
     from jaxdissect.report import plots
 
+    points = sorted(points, key=lambda p: p.amount)
     ts = [p.amount for p in points]
     categories = list(dict.fromkeys(c for p in points for c in p.unique_by_category))
     colors = plots.category_colors(categories)

@@ -226,3 +226,23 @@ def test_amounts_named_alike_are_refused_up_front(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"^--amounts=0,0.0002: 0 and 0.0002 are one amount"):
         script("rotation").run(fv)
     assert not (tmp_path / "cache").exists() and not out.exists()
+
+
+def test_the_plot_draws_the_amounts_in_increasing_order(tmp_path, monkeypatch):
+    """Points given as t = 1, 0, 0.5: every line runs through them by t."""
+    from jaxdissect.report import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.setdefault("fig", fig))
+    points = [
+        rotation.RotationPoint(t, 0, n, 8, {"color": 0}, {"color": 0}, "L", acc, acc, 0.0)
+        for t, n, acc in [(1.0, 1, 0.1), (0.0, 5, 0.9), (0.5, 3, 0.5)]
+    ]
+    rotation.plot_rotation(tmp_path / "r.png", points)
+    lines = [line for ax in drawn["fig"].axes for line in ax.get_lines()]
+    assert len(lines) == 3
+    for line in lines:
+        assert list(line.get_xdata()) == [0.0, 0.5, 1.0]
+    by_label = {line.get_label(): list(line.get_ydata()) for line in lines}
+    assert by_label["interpretable units"] == [5, 3, 1]
+    assert by_label["folded"] == by_label["inserted"] == [0.9, 0.5, 0.1]
