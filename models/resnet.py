@@ -1,5 +1,11 @@
 """ResNet-18/34/50/101/152 in torchvision's layout (v1.5: Bottleneck strides in conv2).
 
+Options describe the original Caffe models (MSRA's deep-residual-networks release) converted
+to these names: `stride_in_1x1` (v1: a downsampling Bottleneck strides in its first 1x1
+conv, `res*a_branch2a`) and `caffe_maxpool` (`pool1`: 3x3, stride 2, no padding, output
+size rounded up, as Caffe's pooling rounds). The shapes of their weights are torchvision's,
+so nothing but these options tells the variants apart.
+
 Paths: `conv1`, `bn1`, `relu`, `maxpool`, `layer1`..`layer4` -> `N` (blocks) ->
 `conv1`, `bn1`, ..., `downsample` -> `0` (conv), `1` (BN), then `avgpool`, `fc`.
 As in torch, a block's single `relu` module is called after each of its
@@ -58,21 +64,26 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (strided), 1x1 expand, and a shortcut (ResNet-50/101/152)."""
+    """1x1 reduce, 3x3 (strided), 1x1 expand, and a shortcut (ResNet-50/101/152).
+
+    `stride_in_1x1`: the stride is the first 1x1 conv's instead (ResNet v1, Caffe).
+    """
 
     planes: int
     stride: int = 1
     downsample: bool = False
     batch_norm: bool = True
+    stride_in_1x1: bool = False
 
     expansion: ClassVar[int] = 4
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         relu = ReLU(name="relu")
-        out = _conv(self.planes, 1, 1, 0, x, "conv1")(x)
+        stride_1x1, stride_3x3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+        out = _conv(self.planes, 1, stride_1x1, 0, x, "conv1")(x)
         out = relu(_norm(self.batch_norm, train, "bn1")(out))
-        out = _conv(self.planes, 3, self.stride, 1, out, "conv2")(out)
+        out = _conv(self.planes, 3, stride_3x3, 1, out, "conv2")(out)
         out = relu(_norm(self.batch_norm, train, "bn2")(out))
         out = _conv(self.planes * 4, 1, 1, 0, out, "conv3")(out)
         out = _norm(self.batch_norm, train, "bn3")(out)
@@ -106,15 +117,19 @@ class ResLayer(nn.Module):
     blocks: int
     stride: int = 1
     batch_norm: bool = True
+    stride_in_1x1: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        v1 = {"stride_in_1x1": True} if self.stride_in_1x1 else {}
         for i in range(self.blocks):
             stride = self.stride if i == 0 else 1
             downsample = i == 0 and (
                 stride != 1 or x.shape[-1] != self.planes * self.block.expansion
             )
-            x = self.block(self.planes, stride, downsample, self.batch_norm, name=str(i))(x, train)
+            x = self.block(self.planes, stride, downsample, self.batch_norm, **v1, name=str(i))(
+                x, train
+            )
         return x
 
 
@@ -128,6 +143,10 @@ class ResNet(nn.Module):
       width: multiplies every channel count (stem and all stages).
       batch_norm: False replaces every BatchNorm by an `Identity` of the same
         name (no variables; convolutions stay bias-free as in torchvision).
+      stride_in_1x1: a downsampling Bottleneck strides in its first 1x1 conv, not in
+        its 3x3 (ResNet v1 as MSRA's Caffe models; Bottleneck only).
+      caffe_maxpool: `maxpool` is Caffe's `pool1` (3x3, stride 2, no padding, ceil mode)
+        instead of torchvision's (3x3, stride 2, padding 1).
       input_spec: the input normalisation the weights expect.
     """
 
@@ -136,7 +155,17 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     width: float = 1.0
     batch_norm: bool = True
+    stride_in_1x1: bool = False
+    caffe_maxpool: bool = False
     input_spec: InputSpec = TORCHVISION
+
+    def __post_init__(self):
+        if self.stride_in_1x1 and self.block is not Bottleneck:
+            raise ValueError(
+                "stride_in_1x1=True: only ResNet-50/101/152 (Bottleneck blocks) have a 1x1 "
+                "conv to stride in"
+            )
+        super().__post_init__()
 
     default_layers: ClassVar[tuple[str, ...]] = ("layer4",)
 
@@ -151,7 +180,8 @@ class ResNet(nn.Module):
         x = _conv(scale_channels(64, self.width), 7, 2, 3, x, "conv1")(x)
         x = _norm(self.batch_norm, train, "bn1")(x)
         x = ReLU(name="relu")(x)
-        x = MaxPool2d(3, 2, 1, name="maxpool")(x)
+        padding, ceil_mode = (0, True) if self.caffe_maxpool else (1, False)
+        x = MaxPool2d(3, 2, padding, ceil_mode, name="maxpool")(x)
         for i, blocks in enumerate(self.stage_sizes):
             x = ResLayer(
                 self.block,
@@ -159,28 +189,11 @@ class ResNet(nn.Module):
                 blocks,
                 stride=1 if i == 0 else 2,
                 batch_norm=self.batch_norm,
+                stride_in_1x1=self.stride_in_1x1,
                 name=f"layer{i + 1}",
             )(x, train)
         x = AdaptiveAvgPool2d(1, name="avgpool")(x).reshape(x.shape[0], -1)
         return linear(self.num_classes, in_features=x.shape[-1], name="fc")(x)
-
-
-def _resnet(
-    block: type[BasicBlock] | type[Bottleneck],
-    stage_sizes: tuple[int, int, int, int],
-    num_classes: int,
-    width: float,
-    batch_norm: bool,
-    input_spec: InputSpec,
-) -> ResNet:
-    return ResNet(
-        block=block,
-        stage_sizes=stage_sizes,
-        num_classes=num_classes,
-        width=width,
-        batch_norm=batch_norm,
-        input_spec=input_spec,
-    )
 
 
 def resnet18(
@@ -188,10 +201,19 @@ def resnet18(
     num_classes: int = 1000,
     width: float = 1.0,
     batch_norm: bool = True,
+    caffe_maxpool: bool = False,
     input_spec: InputSpec = TORCHVISION,
 ) -> ResNet:
     """torchvision ResNet-18 (11,689,512 parameters at 1000 classes)."""
-    return _resnet(BasicBlock, (2, 2, 2, 2), num_classes, width, batch_norm, input_spec)
+    return ResNet(
+        BasicBlock,
+        (2, 2, 2, 2),
+        num_classes,
+        width,
+        batch_norm,
+        caffe_maxpool=caffe_maxpool,
+        input_spec=input_spec,
+    )
 
 
 def resnet34(
@@ -199,10 +221,19 @@ def resnet34(
     num_classes: int = 1000,
     width: float = 1.0,
     batch_norm: bool = True,
+    caffe_maxpool: bool = False,
     input_spec: InputSpec = TORCHVISION,
 ) -> ResNet:
     """torchvision ResNet-34 (21,797,672 parameters at 1000 classes)."""
-    return _resnet(BasicBlock, (3, 4, 6, 3), num_classes, width, batch_norm, input_spec)
+    return ResNet(
+        BasicBlock,
+        (3, 4, 6, 3),
+        num_classes,
+        width,
+        batch_norm,
+        caffe_maxpool=caffe_maxpool,
+        input_spec=input_spec,
+    )
 
 
 def resnet50(
@@ -210,10 +241,21 @@ def resnet50(
     num_classes: int = 1000,
     width: float = 1.0,
     batch_norm: bool = True,
+    stride_in_1x1: bool = False,
+    caffe_maxpool: bool = False,
     input_spec: InputSpec = TORCHVISION,
 ) -> ResNet:
     """torchvision ResNet-50 (25,557,032 parameters at 1000 classes)."""
-    return _resnet(Bottleneck, (3, 4, 6, 3), num_classes, width, batch_norm, input_spec)
+    return ResNet(
+        Bottleneck,
+        (3, 4, 6, 3),
+        num_classes,
+        width,
+        batch_norm,
+        stride_in_1x1,
+        caffe_maxpool,
+        input_spec,
+    )
 
 
 def resnet101(
@@ -221,10 +263,21 @@ def resnet101(
     num_classes: int = 1000,
     width: float = 1.0,
     batch_norm: bool = True,
+    stride_in_1x1: bool = False,
+    caffe_maxpool: bool = False,
     input_spec: InputSpec = TORCHVISION,
 ) -> ResNet:
     """torchvision ResNet-101 (44,549,160 parameters at 1000 classes)."""
-    return _resnet(Bottleneck, (3, 4, 23, 3), num_classes, width, batch_norm, input_spec)
+    return ResNet(
+        Bottleneck,
+        (3, 4, 23, 3),
+        num_classes,
+        width,
+        batch_norm,
+        stride_in_1x1,
+        caffe_maxpool,
+        input_spec,
+    )
 
 
 def resnet152(
@@ -232,7 +285,18 @@ def resnet152(
     num_classes: int = 1000,
     width: float = 1.0,
     batch_norm: bool = True,
+    stride_in_1x1: bool = False,
+    caffe_maxpool: bool = False,
     input_spec: InputSpec = TORCHVISION,
 ) -> ResNet:
     """torchvision ResNet-152 (60,192,808 parameters at 1000 classes)."""
-    return _resnet(Bottleneck, (3, 8, 36, 3), num_classes, width, batch_norm, input_spec)
+    return ResNet(
+        Bottleneck,
+        (3, 8, 36, 3),
+        num_classes,
+        width,
+        batch_norm,
+        stride_in_1x1,
+        caffe_maxpool,
+        input_spec,
+    )

@@ -19,7 +19,7 @@ from jaxdissect.models import zoo
 from jaxdissect.models.alexnet import AlexNet
 from jaxdissect.models.densenet import DenseNet, legacy_key_rename
 from jaxdissect.models.layers import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, scale_channels
-from jaxdissect.models.resnet import ResNet
+from jaxdissect.models.resnet import BasicBlock, ResNet
 from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax
 from jaxdissect.models.vgg import VGG
 from jaxdissect.preprocess import PLACES_LITE, InputSpec
@@ -283,6 +283,46 @@ def test_resnet18_full_width_parity() -> None:
 def test_resnet_reduced_parity(arch: str, options: dict) -> None:
     paths = ["layer1", "layer2/0/conv2", "layer3/1", "layer4", "layer4/0/downsample/0"]
     check_parity(*build_pair(arch, **options), 64, paths)
+
+
+def caffe_resnet(reference: torch.nn.Module, stride_in_1x1: bool, caffe_maxpool: bool):
+    """A torch ResNet made MSRA's Caffe variant in place: each strided Bottleneck's stride
+    moved from its 3x3 conv to its first 1x1, and/or Caffe's `pool1` (3x3, stride 2, no
+    padding, ceil mode) as `maxpool`. The weights' shapes stay torchvision's."""
+    if stride_in_1x1:
+        for block in reference.modules():
+            if isinstance(block, tm.Bottleneck) and block.conv2.stride != (1, 1):
+                block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+    if caffe_maxpool:
+        reference.maxpool = torch.nn.MaxPool2d(3, 2, 0, ceil_mode=True)
+    return reference
+
+
+@pytest.mark.parametrize(
+    ("arch", "stride_in_1x1", "caffe_maxpool"),
+    [("resnet50", True, False), ("resnet50", True, True), ("resnet18", False, True)],
+)
+def test_resnet_caffe_variants_parity(arch: str, stride_in_1x1: bool, caffe_maxpool: bool):
+    """MSRA's Caffe ResNets converted to torchvision's names have torchvision's shapes: the
+    options compute them, checked against torch with the stride moved and Caffe's pool1.
+    70 px: the stem leaves 35x35, which Caffe's pool1 takes to 17x17, torchvision's to 18x18."""
+    options = {"width": 0.25} | ({"stride_in_1x1": True} if stride_in_1x1 else {})
+    model = zoo.build(arch, **options, caffe_maxpool=caffe_maxpool)
+    reference = caffe_resnet(torch_reference(arch, width=0.25), stride_in_1x1, caffe_maxpool)
+    paths = ["maxpool", "layer1", "layer2/0/conv1", "layer2/0/conv2", "layer2", "layer4"]
+    check_parity(model, reference, 70, paths)
+    # The same weights in the default model compute something else.
+    shapes, _ = abstract_init(model, 70)
+    variables = torch_to_flax(state_dict_copy(reference), zeros_like_abstract(shapes))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 70, 70, 3), np.float32))
+    with jax.default_matmul_precision("highest"):
+        caffe, default = (m.apply(variables, x) for m in (model, zoo.build(arch, width=0.25)))
+    assert np.abs(np.asarray(caffe) - np.asarray(default)).max() > 1e-2 * np.abs(caffe).max()
+
+
+def test_stride_in_1x1_needs_bottlenecks() -> None:
+    with pytest.raises(ValueError, match=r"^stride_in_1x1=True: only ResNet-50/101/152"):
+        ResNet(BasicBlock, (1, 1, 1, 1), stride_in_1x1=True)
 
 
 def test_densenet_reduced_parity() -> None:
