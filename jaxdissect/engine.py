@@ -44,7 +44,7 @@ from jaxdissect.preprocess import InputSpec
 from jaxdissect.quantiles import DEFAULT_Q
 from jaxdissect.quantiles import MODES as QUANTILE_MODES
 from jaxdissect.quantiles.histogram import DTYPES as HISTOGRAM_DTYPES
-from jaxdissect.results import DEFAULT_IOU_THRESHOLD
+from jaxdissect.results import DEFAULT_IOU_THRESHOLD, check_iou_threshold
 from jaxdissect.statistics import NonFiniteActivationError
 from jaxdissect.tally import RESTRICTIONS
 from jaxdissect.tie_rule import TIE_RULES
@@ -136,8 +136,7 @@ class Settings:
             raise ValueError(f"significance_stride={self.significance_stride}: must be >= 1")
         if not 0 < self.quantile < 1:
             raise ValueError(f"quantile={self.quantile}: must be in (0, 1), e.g. {DEFAULT_Q}")
-        if not 0 <= self.iou_threshold < 1:
-            raise ValueError(f"iou_threshold={self.iou_threshold}: must be in [0, 1)")
+        check_iou_threshold(self.iou_threshold)
         for name in ("batch_size", "top_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")

@@ -74,6 +74,14 @@ STATES = (*TIE_STATES, NO_ACTIVE_PIXELS, NO_OVERLAP)
 SIGNIFICANCE_COLUMNS = ("p-value", "label-p-value", "significant")
 
 
+def check_iou_threshold(iou_threshold: float) -> float:
+    """`iou_threshold` as a float when in [0, 1) (a unit detects its best concept if its
+    IoU is above it); else one line naming iou_threshold."""
+    if not 0 <= iou_threshold < 1:
+        raise ValueError(f"iou_threshold={iou_threshold}: must be in [0, 1)")
+    return float(iou_threshold)
+
+
 def iou(inter: ArrayLike, first: ArrayLike, second: ArrayLike) -> np.ndarray:
     """IoU = inter / (first + second - inter), float64, 0 where that union is not positive.
 
@@ -218,6 +226,7 @@ def layer_result(
     """
     if not layer:
         raise ValueError("a layer result needs a layer name")
+    iou_threshold = check_iou_threshold(iou_threshold)
     counts = {key: np.asarray(value, np.int64) for key, value in counts.items()}
     _check_counts(counts, labels)
     names = labels.select(categories)
@@ -269,7 +278,7 @@ def layer_result(
         best_category=best_category,
         best_label=best_label,
         best_iou=best_iou,
-        iou_threshold=float(iou_threshold),
+        iou_threshold=iou_threshold,
         path=path or layer,
         state=state,
         ties=ties,

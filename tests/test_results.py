@@ -124,6 +124,14 @@ def test_no_detector_does_not_crash(tmp_path):
     assert results.tally_csv_rows(layer)[1][0]["label"] == ""
 
 
+@pytest.mark.parametrize("threshold", [-0.1, 1.0, float("nan")])
+def test_an_iou_threshold_outside_0_1_is_refused(threshold):
+    """A negative threshold would make a unit without a label (IoU 0) a detector of -1."""
+    counts = _counts(np.zeros((2, 9)), np.zeros(9), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"^iou_threshold=.*: must be in \[0, 1\)$"):
+        results.layer_result("L", counts, _labels(), iou_threshold=threshold)
+
+
 def test_tally_csv_schema_quoting_and_order(layer, tmp_path):
     path = results.write_tally_csv(tmp_path, layer)
     assert path.name == results.tally_csv_name("features.10") == "tally-features.10.csv"
