@@ -56,7 +56,8 @@ def test_dotted_attribute():
             "resnet18",
             None,
             {"num_classes": 5, "wdth": 0.5},
-            "^--model_option wdth: --model=resnet18 takes num_classes, width, batch_norm, input_spec$",
+            "^--model_option wdth: --model=resnet18 takes num_classes, width, batch_norm, caffe_maxpool, "
+            "input_spec$",
         ),
         (
             "vit_ti16",
