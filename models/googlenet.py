@@ -121,7 +121,9 @@ class Inception(nn.Module):
 
 def _aliases() -> dict[str, str]:
     out = {
-        # Caffe / NetDissect names of the original BVLC and Places365 GoogLeNets.
+        # The layer names of the Caffe BVLC and Places365 GoogLeNets (NetDissect's), for
+        # torchvision's network: the layers correspond, the networks differ (3x3 branch3, no
+        # LRN), so results under these names compare with theirs, not reproduce them.
         "conv1/7x7_s2": "conv1",
         "pool1/3x3_s2": "maxpool1",
         "conv2/3x3_reduce": "conv2",
@@ -143,8 +145,10 @@ class GoogLeNet(nn.Module):
     Attributes:
       num_classes: size of `fc`.
       dropout: dropout rate before `fc` (torchvision: 0.2); 0 disables it.
-      batch_norm: BasicConv2d with BatchNorm (torchvision); False gives the paper's
-        conv-with-bias + ReLU (for ports of the Caffe models).
+      batch_norm: BasicConv2d with BatchNorm (torchvision); False gives conv-with-bias +
+        ReLU, as the paper's convolutions. That is no port of the Caffe BVLC or Places365
+        GoogLeNets: they also have 5x5 branch3 convolutions and LRN after `pool1` and
+        `conv2/3x3`, which this model lacks (their branch3 weights are refused by shape).
       width: multiplies every channel count (1.0: the real network).
       transform_input: torchvision's switch that maps ImageNet-normalised input to the
         [-1, 1] range its ImageNet weights (ported from TF) expect. Off by default, as

@@ -21,7 +21,7 @@ from jaxdissect.models.efficientnet_lite import (
     pretrained_lite0,
 )
 from jaxdissect.models.googlenet import GoogLeNet, googlenet
-from jaxdissect.models.torch_import import torch_to_flax
+from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax
 from tests import torch_models_b as ref
 
 EGYPTIAN_CAT, ESPRESSO = 285, 967
@@ -187,6 +187,17 @@ def test_googlenet_options():
         variables,
     )
     assert out.shape == (2, 3)
+
+
+def test_googlenet_refuses_caffe_5x5_branch3_weights():
+    """The Caffe GoogLeNets' branch3 is 5x5 (torchvision's, and so this model's, 3x3): their
+    weights in torchvision's names are refused by shape, naming branch3, never run as 3x3."""
+    state = {k: v.numpy() for k, v in ref.GoogLeNet(num_classes=5).state_dict().items()}
+    for key, value in list(state.items()):
+        if ".branch3.1.conv.weight" in key:
+            state[key] = np.zeros((*value.shape[:2], 5, 5), np.float32)
+    with pytest.raises(WeightMappingError, match=r"inception3a/branch3/1/conv/kernel: .*5, 5"):
+        torch_to_flax(state, variables_template(googlenet(num_classes=5)))
 
 
 def test_efficientnet_width_option_rounds_channels():
