@@ -349,9 +349,9 @@ def dissect(
         return layer_results
     if previous:
         _remove_previous_run(out, previous)
+    results.write_tally_csvs(out, layer_results)
     stems = results.layer_file_stems(tap.names)
     for r, stem in zip(layer_results, stems, strict=True):
-        results.write_tally_csv(out / results.tally_csv_name(stem), r)
         s = stats[r.path]
         tie_arrays = (
             {}

@@ -21,7 +21,7 @@ Rules (the reference in `tests/reference.py` implements them with plain loops):
   unique detectors of a layer are the distinct labels that are some interpretable unit's
   label; the per-concept counts (for the bar graph) count those units per label.
 
-Files: `write_tally_csv` writes NetDissect-Lite's `tally.csv` schema, and
+Files: `write_tally_csvs` writes NetDissect-Lite's `tally.csv` schema, and
 `write_results_json` every setting with the per-unit, per-category results. Every file
 and record carries its layer name, the name the user asked for (`--layers=head`), with the
 module path beside it in results.json: the CSV's columns are fixed by Lite's schema, so its
@@ -425,18 +425,6 @@ def _stem_base(layer: str) -> str:
     return _UNSAFE_FILE_CHARS.sub("_", layer).strip("._-") or "layer"
 
 
-def _is_layer_stem(stem: str | None, layer: str) -> bool:
-    """Whether `layer_file_stems` can give `layer` this stem in some run: its safe name, or
-    (long, or clashing with another layer's) that name cut and followed by `-` and a hash."""
-    if stem is None:
-        return False
-    base = _stem_base(layer)
-    if len(base) <= _MAX_STEM and stem == base:
-        return True
-    digest = stem[-8:]
-    return re.fullmatch("[0-9a-f]{8}", digest) is not None and stem == _hashed_stem(base, digest)
-
-
 def _hashed_stem(base: str, digest: str) -> str:
     """A layer's stem made unique: its safe name cut to leave room for `-` and the digest."""
     return f"{base[: _MAX_STEM - 9]}-{digest}"
@@ -445,12 +433,6 @@ def _hashed_stem(base: str, digest: str) -> str:
 def tally_csv_name(stem: str) -> str:
     """File name of a layer's tally.csv: `tally-<stem>.csv`, stem from `layer_file_stems`."""
     return f"tally-{stem}.csv"
-
-
-def _tally_csv_stem(name: str) -> str | None:
-    """The stem of a `tally_csv_name` (None for another name)."""
-    named = re.fullmatch(r"tally-(.+)\.csv", name)
-    return None if named is None else named.group(1)
 
 
 def stats_npz_name(stem: str) -> str:
@@ -509,29 +491,27 @@ def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]
     return header, rows
 
 
-def write_tally_csv(path: str | os.PathLike, result: LayerResult) -> Path:
-    """Write the layer's tally.csv (Lite's schema) atomically; returns the path written.
+def write_tally_csvs(folder: str | os.PathLike, layer_results: Sequence[LayerResult]) -> list[Path]:
+    """Write every layer's tally.csv (Lite's schema) atomically into `folder`; returns the
+    paths, in order.
 
-    `path` is a folder (the file is then `tally-<layer>.csv` inside it) or a file name,
-    which must be `tally_csv_name` of a stem `layer_file_stems` gives the layer: the schema
-    has no layer column, and one `tally.csv` for several layers is how the old tools mixed
-    layers up.
+    The files are `tally_csv_name` of the stems `layer_file_stems` gives the run's layers
+    together, so no two layers share a file however their names clash (`a/b` and `a_b`):
+    the schema has no layer column, and one file for two layers would mix them up.
     """
-    path = Path(path)
-    (stem,) = layer_file_stems([result.layer])
-    if path.is_dir():
-        path = path / tally_csv_name(stem)
-    elif not _is_layer_stem(_tally_csv_stem(path.name), result.layer):
-        raise ValueError(
-            f"tally file name {path.name!r} does not name layer {result.layer!r}; "
-            f"use {tally_csv_name(stem)!r}"
-        )
-    header, rows = tally_csv_rows(result)
-    with store.atomic_open(path, newline="") as f:
-        writer = csv.DictWriter(f, header, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    folder = Path(folder)
+    paths = []
+    for result, stem in zip(
+        layer_results, layer_file_stems([r.layer for r in layer_results]), strict=True
+    ):
+        path = folder / tally_csv_name(stem)
+        header, rows = tally_csv_rows(result)
+        with store.atomic_open(path, newline="") as f:
+            writer = csv.DictWriter(f, header, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        paths.append(path)
+    return paths
 
 
 def _jsonable(value: Any) -> Any:

@@ -114,7 +114,7 @@ def test_no_detector_does_not_crash(tmp_path):
     # IoU 0 for every concept: no label (not the first label of the first category).
     assert (layer.best_iou == 0).all() and layer.best_label.tolist() == [-1] * 4
     assert summary.cannot_fire == 4 and summary.unlabelled == 4
-    path = results.write_tally_csv(tmp_path, layer)
+    (path,) = results.write_tally_csvs(tmp_path, [layer])
     assert len(list(csv.DictReader(path.open(newline="")))) == 4
     results.write_results_json(tmp_path / "results.json", [layer], {})
     # No label at all in the scored categories.
@@ -133,7 +133,7 @@ def test_an_iou_threshold_outside_0_1_is_refused(threshold):
 
 
 def test_tally_csv_schema_quoting_and_order(layer, tmp_path):
-    path = results.write_tally_csv(tmp_path, layer)
+    (path,) = results.write_tally_csvs(tmp_path, [layer])
     assert path.name == results.tally_csv_name("features.10") == "tally-features.10.csv"
     assert results.layer_file_stems(["features.10"]) == ["features.10"]
     with path.open(newline="", encoding="utf-8") as f:
@@ -159,7 +159,7 @@ def test_tally_csv_schema_quoting_and_order(layer, tmp_path):
     counts["intersection"] = counts["intersection"].copy()
     counts["intersection"][1, 4] = 31
     nasty = results.layer_result("features.10", counts, _labels())
-    path = results.write_tally_csv(tmp_path / "tally-features.10.csv", nasty)
+    (path,) = results.write_tally_csvs(tmp_path, [nasty])
     rows = list(csv.DictReader(path.open(newline="", encoding="utf-8")))
     assert [r["label"] for r in rows if r["unit"] == "2"] == [NASTY]
     assert [r["object-label"] for r in rows if r["unit"] == "2"] == [NASTY]
@@ -193,31 +193,16 @@ def test_iou_of_areas_is_the_exact_quotient():
     assert results.iou(big, big, big)[0] == 1.0
 
 
-def test_tally_csv_names_the_layer(layer, tmp_path):
-    with pytest.raises(ValueError, match="layer"):
-        results.write_tally_csv(tmp_path / "tally.csv", layer)
-    other = results.layer_result("block/4:conv", layer.counts, layer.labels)
-    a = results.write_tally_csv(tmp_path, layer)
-    b = results.write_tally_csv(tmp_path, other)
-    assert a != b and b.name == "tally-block_4_conv.csv" and b.parent == tmp_path
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([a.name, b.name])  # no temps
-
-
-def test_tally_csv_file_name_is_exactly_the_layers(layer, tmp_path):
-    # The layer's stem inside another name is not its name: tally-conv10.csv is conv10's.
-    conv1 = results.layer_result("conv1", layer.counts, layer.labels)
-    for name in ("tally-conv10.csv", "tally-conv1.csv.bak", "old-tally-conv1.csv", "conv1.csv"):
-        with pytest.raises(ValueError, match=r"does not name layer 'conv1'; use 'tally-conv1.csv'"):
-            results.write_tally_csv(tmp_path / name, conv1)
-    assert results.write_tally_csv(tmp_path / "tally-conv1.csv", conv1).name == "tally-conv1.csv"
-    # A stem made unique in a run of layers whose names clash is the layer's too.
-    stems = results.layer_file_stems(["block_4", "block/4"])
-    assert stems[1].startswith("block_4-")
-    clashing = results.layer_result("block/4", layer.counts, layer.labels)
-    path = tmp_path / results.tally_csv_name(stems[1])
-    assert results.write_tally_csv(path, clashing) == path
-    with pytest.raises(ValueError, match="does not name layer 'block/4'"):
-        results.write_tally_csv(tmp_path / "tally-block_4-notahash.csv", clashing)
+def test_tally_csvs_of_layers_whose_names_clash_are_distinct(layer, tmp_path):
+    """`a/b` and `a_b` make one safe name: the run's stems keep their files apart."""
+    names = ["a/b", "a_b", "A_B", "block/4:conv"]
+    layers = [results.layer_result(n, layer.counts, layer.labels, path=n) for n in names]
+    paths = results.write_tally_csvs(tmp_path, layers)
+    assert [p.name for p in paths] == [
+        results.tally_csv_name(s) for s in results.layer_file_stems(names)
+    ]
+    assert paths[0].name == "tally-a_b.csv" and paths[3].name == "tally-block_4_conv.csv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
 
 
 def test_file_names_are_the_layer_names():
@@ -243,7 +228,7 @@ def test_file_names_of_colliding_layers_are_distinct():
 
 def test_unit_numbers_map_to_tally_csv(layer, tmp_path):
     named = results.layer_result("conv5", layer.counts, layer.labels, path="features/10")
-    csv_path = results.write_tally_csv(tmp_path, named)
+    (csv_path,) = results.write_tally_csvs(tmp_path, [named])
     doc = results.read_results_json(
         results.write_results_json(tmp_path / "results.json", [named], {})
     )

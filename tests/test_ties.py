@@ -120,7 +120,7 @@ def test_units_that_cannot_fire_get_no_label(tmp_path):
         "no active pixels": 1,
         "no concept overlap": 1,
     }
-    path = results.write_tally_csv(tmp_path, layer)
+    (path,) = results.write_tally_csvs(tmp_path, [layer])
     rows = {int(r["unit"]): r for r in csv.DictReader(path.open(newline=""))}
     for unit in (2, 3, 4):  # 1-based
         assert rows[unit]["label"] == "" and rows[unit]["category"] == ""
