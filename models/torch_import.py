@@ -70,8 +70,9 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict
 
 
 # Prefixes that wrappers put before a model's keys, stripped where the keys then fit the
-# model better (a LightningModule holding the network as `self.model`).
-WRAPPER_PREFIXES = ("model.",)
+# model better: a LightningModule holding the network as `self.model`, and the module
+# `torch.compile(model)` returns, whose state dict names each key `_orig_mod.<key>`.
+WRAPPER_PREFIXES = ("model.", "_orig_mod.")
 MAPPING_ADVICE = (
     "check the architecture and num_classes, or strip a wrapper prefix (e.g. 'module.')"
 )
@@ -110,8 +111,8 @@ def torch_to_flax(
 ) -> dict[str, Any]:
     """Return a copy of `variables` with every leaf taken from `state_dict`.
 
-    A `WRAPPER_PREFIXES` prefix (Lightning's `model.`) is stripped where the keys
-    then fit the model with fewer unmatched keys on either side.
+    A `WRAPPER_PREFIXES` prefix (Lightning's `model.`, torch.compile's `_orig_mod.`) is
+    stripped where the keys then fit the model with fewer unmatched keys on either side.
 
     Args:
       state_dict: torch key -> array (numpy, or anything `np.asarray` takes).

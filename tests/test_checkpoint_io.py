@@ -19,6 +19,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -45,6 +46,7 @@ from jaxdissect.models.convert import (
 )
 from jaxdissect.models.googlenet import GoogLeNet, googlenet
 from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax
+from tests import torch_models as tm
 from tests import torch_models_b as ref
 
 REPO = Path(__file__).resolve().parents[1]
@@ -586,6 +588,21 @@ def test_lightning_model_prefix_is_stripped_where_the_keys_then_fit():
     # A model whose own module is called `model` keeps the prefix.
     got = torch_to_flax(state, _fc_template("model"))
     np.testing.assert_array_equal(got["params"]["model"]["fc"]["bias"], np.ones(2))
+
+
+def test_torch_compile_prefix_is_stripped(tmp_path):
+    """`torch.compile(model).state_dict()` names each key `_orig_mod.<key>`: such a file
+    loads as the model's own, with the same weights."""
+    reference = tm.randomize_(tm.ResNet(*tm.RESNET_LAYOUT["resnet18"], num_classes=3))
+    compiled = torch.compile(reference)  # not run: its state dict is what matters
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    torch.save(compiled.state_dict(), tmp_path / "compiled.pth")
+    torch.save(reference.state_dict(), tmp_path / "plain.pth")
+    got, want = (
+        model_load.load("resnet18", weights=str(tmp_path / name), options={"num_classes": 3})
+        for name in ("compiled.pth", "plain.pth")
+    )
+    jax.tree.map(np.testing.assert_array_equal, got.variables, want.variables)
 
 
 def test_lightning_checkpoint_converts(tmp_path):
