@@ -564,6 +564,12 @@ def _prepare_output(out: pathlib.Path, settings: Mapping[str, Any]) -> None:
                 f"{out} holds a training run with other settings; resume it with the same "
                 "flags, or choose another --output_dir"
             )
+        if old.get("devices") != new["devices"]:  # gradient sums round per device count
+            raise FileExistsError(
+                f"{out} holds a training run on {old.get('devices')} devices, not "
+                f"{new['devices']}; resume it with --devices={old.get('devices')}, or choose "
+                "another --output_dir"
+            )
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         store.write_json(path, settings)

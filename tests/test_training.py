@@ -321,6 +321,16 @@ def test_resume_refuses_other_settings(tmp_path, task, quick_run):
         training.train(_config(learning_rate=0.1), task, out, progress=False)
 
 
+def test_resume_refuses_another_device_count(tmp_path, task, quick_run):
+    """Gradient sums round differently per device count: a resume keeps the run's."""
+    out = tmp_path / "run"
+    shutil.copytree(quick_run[1], out)
+    settings = (out / training.SETTINGS_FILE).read_text(encoding="utf-8")
+    with pytest.raises(FileExistsError, match=r"on 1 devices, not 2; resume it with --devices=1"):
+        training.train(_config(), task, out, mesh=parallel.data_mesh(2), **RUN_KW)
+    assert (out / training.SETTINGS_FILE).read_text(encoding="utf-8") == settings
+
+
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_small_cnn_layout(batch_norm):
     from jaxdissect import capture
