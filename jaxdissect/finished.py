@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,8 @@ class FinishedLayer:
         `interpretable`, ...).
       categories: the scored categories.
       iou_threshold: the detector threshold.
+      token_layout: how the dissection read the layer's [B, tokens, C] output
+        (`preprocess.TokenLayout` text, e.g. `4x4+1`); None for a layer of maps.
     """
 
     directory: pathlib.Path
@@ -49,6 +52,7 @@ class FinishedLayer:
     units: list[dict[str, Any]]
     categories: list[str]
     iou_threshold: float
+    token_layout: str | None = None
 
     @property
     def num_units(self) -> int:
@@ -138,7 +142,22 @@ def read_layer(
         units=record["units"],
         categories=list(record["categories"]),
         iou_threshold=float(record["iou_threshold"]),
+        token_layout=token_layouts(settings).get(layer),
     )
+
+
+def token_layouts(settings: Mapping[str, Any]) -> dict[str, str]:
+    """Layer name -> the token layout a dissection read it with (`TokenLayout` text), from
+    its results.json `settings`: the layers with [B, tokens, C] outputs. A follow-on
+    capture of such a layer passes its layout (`capture.make_tap`'s token_layout), so it
+    reads the tokens the dissection read."""
+    return {str(k): str(v) for k, v in settings.get("token_layouts", {}).items()}
+
+
+def recorded_token_layouts(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """`token_layouts` of the finished dissection in `directory` (its results.json)."""
+    doc = results.read_results_json(pathlib.Path(directory) / "results.json")
+    return token_layouts(doc["settings"])
 
 
 def check_model(model: str | None, weights: str | None, num_classes: int | None = None) -> bool:
@@ -180,8 +199,8 @@ def load_model(model: str | None, weights: str | None) -> Any:
 
 def layer_forward(loaded: Any, finished: FinishedLayer) -> Any:
     """A jitted fn(images [B, H, W, 3], RGB pixel values 0..255, uint8 or float) -> float32
-    [B, h, w, K]: the layer's activations as the dissection saw them (its input spec,
-    rounded to its dtype). Images of another layout (NCHW, grey) are refused."""
+    [B, h, w, K]: the layer's activations as the dissection saw them (its input spec, its
+    token layout, rounded to its dtype). Images of another layout (NCHW, grey) are refused."""
     import jax
     import jax.numpy as jnp
 
@@ -194,6 +213,7 @@ def layer_forward(loaded: Any, finished: FinishedLayer) -> Any:
         [finished.path],
         input_shape=(size, size, 3),
         apply_kwargs=loaded.apply_kwargs,
+        token_layout=finished.token_layout,
     )
     path, spec, dtype = tap.layers[0], finished.input_spec, jnp.dtype(finished.activation_dtype)
 
