@@ -76,14 +76,26 @@ class ModelInfo:
     @property
     def stage_key(self) -> str:
         """What keys the stored stages: the weights' key, the module's definition and
-        `apply_kwargs` (`store.definition_key`), this library's code, and a named token
-        layout (it changes the maps)."""
+        `apply_kwargs` (`store.definition_key`), this library's code, a named token
+        layout (it changes the maps), and JAX's default matmul precision where one is set
+        (`matmul_precision`)."""
+        precision = matmul_precision()
         return store.key_of(
             model=self.key,
             definition=store.definition_key(self.module, self.apply_kwargs),
             code=store.code_fingerprint(),
             token_layout=self.layout_key,
+            **({} if precision is None else {"matmul_precision": precision}),
         )
+
+
+def matmul_precision() -> str | None:
+    """JAX's default precision of float32 matmuls and convolutions where one is set
+    (`JAX_DEFAULT_MATMUL_PRECISION`, `jax.default_matmul_precision`), else None: the
+    backend's default (float32 on CPU, TensorFloat-32 on recent NVIDIA GPUs, bfloat16
+    passes on TPU)."""
+    precision = jax.config.jax_default_matmul_precision
+    return None if precision is None else str(precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,6 +398,8 @@ def dissect(
         "thresholds": {r.layer: stats[r.path].thresholds.tolist() for r in layer_results},
         "quantile_modes": modes,
     }
+    if (precision := matmul_precision()) is not None:
+        run_settings["matmul_precision"] = precision
     if model.token_layout is not None:
         run_settings["token_layout"] = model.layout_key
     if tap.token_layouts:  # as read, named or not

@@ -301,6 +301,38 @@ def test_input_size_resizes_to_it_and_keys_the_results(tmp_path, caplog):
     own = settings()
     assert own["input_spec"] == {**small["input_spec"], "size": 64}
     assert own["thresholds"] != small["thresholds"]  # not the stages stored at 48
+    assert "matmul_precision" not in own
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        run_script("dissect", *common)
+    assert settings()["matmul_precision"] == "highest"
+
+
+def test_a_set_matmul_precision_keys_the_stages():
+    """JAX's default matmul precision changes the activations on GPU (TensorFloat-32) and TPU
+    (bfloat16 passes): a run with one set (JAX_DEFAULT_MATMUL_PRECISION, or the context
+    manager) never reuses stages stored without it; without one the key is as before."""
+    import jax
+
+    from jaxdissect import store
+    from tests.fixtures.small_model import MODULE
+
+    info = pipeline.ModelInfo(MODULE, {}, None, "small", "weights")
+    default = info.stage_key
+    assert pipeline.matmul_precision() is None
+    assert default == store.key_of(
+        model="weights",
+        definition=store.definition_key(MODULE, {}),
+        code=store.code_fingerprint(),
+        token_layout=None,
+    )
+    keys = set()
+    for precision in ("highest", "tensorfloat32", "bfloat16"):
+        with jax.default_matmul_precision(precision):
+            assert pipeline.matmul_precision() == precision
+            keys.add(info.stage_key)
+    assert len(keys) == 3 and default not in keys
 
 
 def test_missing_training_exports_say_train_first(tmp_path):
