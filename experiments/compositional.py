@@ -105,6 +105,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
         compositional,
         driver,
         engine,
+        finished,
         parallel,
         pipeline,
         results,
@@ -145,6 +146,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
     )
     names = labels.names
     size = loaded.input_spec.size
+    layouts = finished.recorded_token_layouts(out)  # the tokens read as the dissection did
     layers, curves = [], {}
     for layer, stem in zip(fv.layers, results.layer_file_stems(fv.layers), strict=True):
         stats = store.load_arrays(out / results.stats_npz_name(stem))
@@ -155,6 +157,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
             [layer],
             input_shape=(size, size, 3),
             apply_kwargs=loaded.apply_kwargs,
+            token_layout=layouts.get(layer),
         )
         found = compositional.explain_layer(
             tap,

@@ -129,6 +129,7 @@ def _model(fv, trained, settings):
         {name: rotation.random_rotation(k, fv.rotation_seed)},
         input_size=size,
         apply_kwargs=loaded.apply_kwargs,
+        token_layout=info.token_layout,
     )
     key = store.key_of(base=info.key, layer=path, seed=fv.rotation_seed, study="rotated_baseline")
     rotated = pipeline.ModelInfo(
@@ -143,7 +144,7 @@ def _test(fv, trained, settings, options, probe, output_dir):
 
     import numpy as np
 
-    from jaxdissect import capture, driver, parallel, pipeline, results, store
+    from jaxdissect import capture, driver, finished, parallel, pipeline, results, store
 
     out = pathlib.Path(output_dir)
     source, dataset_name = probe.open()
@@ -162,6 +163,7 @@ def _test(fv, trained, settings, options, probe, output_dir):
         [fv.layer],
         input_shape=(size, size, 3),
         apply_kwargs=loaded.apply_kwargs,
+        token_layout=finished.recorded_token_layouts(out).get(fv.layer),
     )
     forward_s = driver.forward_seconds(tap, loaded.input_spec, source, settings.batch_size)
     test = r.significance

@@ -342,11 +342,13 @@ def rotated_fan(
     *,
     input_size: int,
     apply_kwargs: Mapping[str, Any] | None = None,
+    token_layout: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """A model (function) whose outputs are the layer's units under every rotation at once.
 
     `fn(v, images) -> {name: y @ matrices[name]}` where y is module `path`'s
-    output: one forward pass serves every rotation amount. The rotated layer's
+    output (maps; a [B, tokens, C] output read by `token_layout`, `capture.make_tap`'s):
+    one forward pass serves every rotation amount. The rotated layer's
     units are the same in both modes (`fold` only changes what the layers after
     it see), and equal what `RotatedModel` hands the capture (tested).
     """
@@ -358,6 +360,7 @@ def rotated_fan(
         [path],
         input_shape=(input_size, input_size, 3),
         apply_kwargs=apply_kwargs,
+        token_layout=token_layout,
     )
 
     def fn(v: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Array]:
@@ -412,6 +415,7 @@ def rotation_study(
         matrices,
         input_size=size,
         apply_kwargs=model.apply_kwargs,
+        token_layout=model.token_layout,
     )
     info = pipeline.ModelInfo(
         module=fn,

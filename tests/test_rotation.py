@@ -246,3 +246,20 @@ def test_the_plot_draws_the_amounts_in_increasing_order(tmp_path, monkeypatch):
     by_label = {line.get_label(): list(line.get_ydata()) for line in lines}
     assert by_label["interpretable units"] == [5, 3, 1]
     assert by_label["folded"] == by_label["inserted"] == [0.9, 0.5, 0.1]
+
+
+def test_the_rotated_fan_reads_tokens_by_the_layout_named():
+    """Registers after the patches (4x4+1): Q^0 of the fan is the layer read so."""
+    from tests.test_finished import SIZE, RegisterAfter
+
+    module = RegisterAfter()
+    variables = init_variables(module, jnp.zeros((1, SIZE, SIZE, 3)))
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)), jnp.float32)
+    fn, fan_variables = rotation.rotated_fan(
+        module, variables, "tokens", {"t0": np.eye(6)}, input_size=SIZE, token_layout="4x4+1"
+    )
+    tap = capture.make_tap(
+        module, variables, ["tokens"], input_shape=(SIZE, SIZE, 3), token_layout="4x4+1"
+    )
+    want = tap.fn(tap.variables, images)["tokens"]
+    np.testing.assert_allclose(fn(fan_variables, images)["t0"], want, atol=1e-5)
