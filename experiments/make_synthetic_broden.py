@@ -12,6 +12,7 @@ import time
 
 from absl import app, flags, logging
 
+from jaxdissect import cli
 from jaxdissect.data import synthetic
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Dataset folder to create.", required=True)
@@ -22,6 +23,8 @@ _WORKERS = flags.DEFINE_integer(
     "workers", 0, "Worker processes; 0 = all cores. The output does not depend on it."
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
+for _flag in (_OUT_DIR, _NUM_IMAGES, _SIZE, _SEED, _OVERWRITE):  # `generate`'s errors name them
+    flags.FLAGS[_flag.name].field_name = _flag.name
 _TINY = flags.DEFINE_bool(
     "tiny",
     False,
@@ -30,8 +33,7 @@ _TINY = flags.DEFINE_bool(
 )
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def run() -> None:
     num_images, size = _NUM_IMAGES.value, _SIZE.value
     if _TINY.value:
         num_images, size = synthetic.TINY["num_images"], synthetic.TINY["size"]
@@ -60,6 +62,8 @@ def main(argv: list[str]) -> None:
         file=sys.stdout,
     )
 
+
+main = cli.script_main(run, split_cpu=False)  # no JAX work: the devices do not matter
 
 if __name__ == "__main__":
     app.run(main)

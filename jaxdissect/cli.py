@@ -294,6 +294,13 @@ class Probe:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}: must be >= 1")
+        if self.data == "synthetic":
+            from jaxdissect.data.synthetic.example import MIN_SIZE
+
+            if self.resolution < MIN_SIZE:
+                raise ValueError(
+                    f"resolution={self.resolution}: a synthetic Broden's side must be >= {MIN_SIZE}"
+                )
 
     def check(self) -> None:
         """Fail now, in one line, when `data` names no folder."""

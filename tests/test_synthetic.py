@@ -333,6 +333,40 @@ def test_atomic_output(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "set"]
 
 
+def test_overwrite_replaces_only_a_synthetic_set(tmp_path):
+    """A mistyped out_dir with --overwrite must not delete someone's folder."""
+    theirs = tmp_path / "theirs"
+    (theirs / "sub").mkdir(parents=True)
+    (theirs / "sub" / "results.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="is not a synthetic Broden"):
+        syn.generate(theirs, num_images=2, size=32, workers=1, overwrite=True)
+    assert (theirs / "sub" / "results.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs"]  # no partial left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    syn.generate(empty, num_images=2, size=32, workers=1, overwrite=True)
+    syn.generate(empty, num_images=3, size=32, workers=1, overwrite=True)  # its own set
+    assert len(_rows(empty / "index.csv")[1]) == 3
+
+
+def test_cli_errors_are_one_line_naming_the_flag(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "make_synthetic_broden.py"),
+            f"--out_dir={tmp_path / 'set'}",
+            "--num_images=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "error: --num_images=0: must be >= 1"
+    assert "Traceback" not in proc.stderr and not (tmp_path / "set").exists()
+
+
 def test_reader_round_trip(tiny, parsed):
     ds = broden.Broden.open(tiny)
     assert len(ds) == syn.TINY["num_images"]

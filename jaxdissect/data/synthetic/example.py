@@ -47,6 +47,9 @@ def nearest_index(n_out: int, n_in: int) -> np.ndarray:
     return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
 
 
+MIN_SIZE = 16  # the smallest image side the drawers render
+
+
 def seg_size(size: int) -> int:
     """Segmentation side for image side `size` (Broden: 224 -> 112, 227 -> 113, 384 -> 192)."""
     return size // 2
@@ -58,8 +61,8 @@ def _image_rng(seed: int, index: int) -> np.random.Generator:
 
 def render(index: int, *, seed: int = 0, size: int = 224) -> Example:
     """Renders image `index` of the data set of `seed` at `size` x `size`."""
-    if size < 16:
-        raise ValueError(f"size must be >= 16, got {size}")
+    if size < MIN_SIZE:
+        raise ValueError(f"size={size}: must be >= {MIN_SIZE}")
     rng = _image_rng(seed, index)
     source = SOURCES[int(rng.choice(len(SOURCES), p=_SOURCE_P))]
     recipe = ""

@@ -15,7 +15,7 @@ from types import MappingProxyType
 import numpy as np
 from PIL import Image
 
-from jaxdissect.data.synthetic.example import Example, render, seg_size
+from jaxdissect.data.synthetic.example import MIN_SIZE, Example, render, seg_size
 from jaxdissect.data.synthetic.vocabulary import (
     CATEGORIES,
     CATEGORY_LABELS,
@@ -28,6 +28,7 @@ TRAIN_FRACTION = 0.7
 JPEG_QUALITY = 90
 # Sizes for a dataset small enough to build inside other tests.
 TINY = MappingProxyType({"num_images": 32, "size": 64})
+GENERATOR = "jaxdissect.data.synthetic"  # synthetic.json's "generator"
 GENERATOR_VERSION = 1
 
 
@@ -167,6 +168,24 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
+def _check_replaceable(out: pathlib.Path) -> None:
+    """`overwrite` replaces nothing but an empty folder or a synthetic set of this
+    generator: a mistyped `out_dir` must not delete someone's files."""
+    if not out.exists():
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    try:
+        info = json.loads((out / "synthetic.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict) or info.get("generator") != GENERATOR:
+        raise FileExistsError(
+            f"{out} is not a synthetic Broden (no synthetic.json of this generator): "
+            "overwrite replaces only those; give another out_dir or remove it"
+        )
+
+
 def generate(
     out_dir: str | os.PathLike,
     *,
@@ -197,13 +216,14 @@ def generate(
     """
     out = pathlib.Path(out_dir).expanduser().absolute()
     if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
-    if size < 16:
-        raise ValueError(f"size must be >= 16, got {size}")
+        raise ValueError(f"num_images={num_images}: must be >= 1")
+    if size < MIN_SIZE:
+        raise ValueError(f"size={size}: must be >= {MIN_SIZE}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise ValueError(f"seed={seed}: must be >= 0")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    _check_replaceable(out)
     if workers is None:
         workers = 1 if num_images < 64 else min(os.cpu_count() or 1, 8)
     workers = max(1, min(workers, num_images))
@@ -239,7 +259,7 @@ def generate(
                 freq[(cat, label)] = freq.get((cat, label), 0) + 1
                 cov[(cat, label)] = cov.get((cat, label), 0.0) + fraction
         info = {
-            "generator": "jaxdissect.data.synthetic",
+            "generator": GENERATOR,
             "version": GENERATOR_VERSION,
             "num_images": num_images,
             "size": size,
@@ -250,6 +270,7 @@ def generate(
         if out.exists() and not overwrite:  # made meanwhile by someone else: theirs stays
             raise FileExistsError(f"{out} was created while this generated it: use that one")
         if out.exists():
+            _check_replaceable(out)
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
             tmp.rename(out)
