@@ -7,7 +7,10 @@ results.json from experiments/dissect.py, rotation.py or training_dynamics.py)
 and/or models to dissect here (--dissect='NAME|MODEL|WEIGHTS|LAYERS': MODEL and
 WEIGHTS as experiments/dissect.py takes them, or MODEL empty and WEIGHTS a
 training export of experiments/train.py; LAYERS comma-separated; NAME a folder name),
-all of one probe set (the same dataset, split and number of images). Writes
+all of one probe set (the same dataset, split and number of images) and one method
+(iou_threshold, categories, quantile, threshold_on, restriction, tie_rule and
+activation_dtype equal; --allow_mixed_settings compares others with a warning each,
+and compare.json's mixed_settings lists them; each row carries these settings). Writes
 compare.csv (one row per model and layer: num_units, interpretable_units,
 unique_detectors, and per category C the unique detectors `unique:C`,
 interpretable units `interpretable:C` and share of the unique detectors
@@ -17,6 +20,7 @@ bars), compare_unique_stacked.png and compare_interpretable.png.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -38,6 +42,14 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     )
     flags.DEFINE_string(
         "output_dir", "runs/compare", "Where the table and figures go.", flag_values=fv
+    )
+    flags.DEFINE_bool(
+        "allow_mixed_settings",
+        False,
+        "Compare entries dissected with other iou_threshold, categories, quantile, "
+        "threshold_on, restriction, tie_rule or activation_dtype (a warning each; refused "
+        "without this flag).",
+        flag_values=fv,
     )
     cli.define_dissection_flags(fv, synthetic_images=4000)
 
@@ -95,6 +107,13 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
         raise ValueError(f"--dissect/--results: the names {twice} are given twice: one each")
     probes = {f"--results={name}": studies.probe_set(directory) for name, directory in given}
     studies.check_one_probe_set(probes)
+    # The method of every entry: --dissect's are the flags'.
+    flagged = studies.method_of(dataclasses.asdict(settings))
+    methods = {f"--dissect={name}": flagged for name, *_ in dissections}
+    methods.update({f"--results={name}": studies.results_method(d) for name, d in given})
+    mixed = "--allow_mixed_settings"
+    if not fv.allow_mixed_settings:
+        studies.check_one_method(methods, flag=mixed)
     rows: list[dict] = []
     entries: list[dict] = []
     with cli.claim_output_dir(fv.output_dir):
@@ -126,7 +145,12 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
         for name, directory in given:
             rows.extend(studies.results_rows(name, directory))
             entries.append({"name": name, "results": directory, **probes[f"--results={name}"]})
-        files = studies.write_comparison(fv.output_dir, rows, {"entries": entries})
+        # Now with the categories the --dissect entries were scored on.
+        for name, *_ in dissections:
+            methods[f"--dissect={name}"] = studies.results_method(os.path.join(fv.output_dir, name))
+        differences = studies.check_one_method(methods, allow=fv.allow_mixed_settings, flag=mixed)
+        document = {"entries": entries, "mixed_settings": differences}
+        files = studies.write_comparison(fv.output_dir, rows, document)
     for r in rows:
         found = ((results.column_category(k, "unique"), v) for k, v in r.items())
         by_cat = ", ".join(f"{c} {v}" for c, v in found if c is not None)

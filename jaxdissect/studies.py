@@ -344,8 +344,76 @@ def results_rows(
         if missing:
             raise ValueError(f"{results_dir} has no layers {missing}; it has {sorted(by_layer)}")
         records = [by_layer[layer] for layer in layers]
-    model = document.get("settings", {}).get("model", "")
-    return [{"name": name, "model": model, **summary_row(r)} for r in records]
+    settings = document.get("settings", {})
+    model = settings.get("model", "")
+    return [
+        {"name": name, "model": model, **summary_row(r), **method_of(settings, r)} for r in records
+    ]
+
+
+# The settings of a dissection that change its counts; a comparison holds them equal.
+METHOD_SETTINGS = (
+    "iou_threshold",
+    "categories",
+    "quantile",
+    "threshold_on",
+    "restriction",
+    "tie_rule",
+    "activation_dtype",
+)
+
+
+def method_of(settings: Mapping[str, Any], record: Mapping[str, Any] | None = None) -> dict:
+    """The `METHOD_SETTINGS` of a dissection (its results.json `settings`; None where not
+    recorded). `categories` are the scored ones, ';'-joined in label-space order: `record`'s
+    (a layer record), else the settings' (None: every category of the probe set)."""
+    method = {key: settings.get(key) for key in METHOD_SETTINGS}
+    categories = record["categories"] if record is not None else settings.get("categories")
+    method["categories"] = None if categories is None else ";".join(categories)
+    return method
+
+
+def results_method(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """`method_of` a dissection's results.json (the categories of its first layer)."""
+    from jaxdissect import results
+
+    path = pathlib.Path(results_dir)
+    document = results.read_results_json(path / "results.json" if path.is_dir() else path)
+    layers = document["layers"]
+    return method_of(document.get("settings", {}), layers[0] if layers else None)
+
+
+def check_one_method(
+    methods: Mapping[str, Mapping[str, Any]], *, allow: bool = False, flag: str = ""
+) -> list[str]:
+    """Refuse entries (name -> `method_of`) dissected with other `METHOD_SETTINGS` than the
+    first: one line naming both entries and the first setting that differs (and `flag`, the
+    way to compare them anyway). With `allow`, each difference is logged as a warning
+    instead. Categories are compared as sets; None (all of the probe set, not yet known)
+    matches any.
+    Returns the lines of the differences found."""
+    items = list(methods.items())
+    if not items:
+        return []
+    first, want = items[0]
+    found = []
+    for name, got in items[1:]:
+        for key in METHOD_SETTINGS:
+            a, b = want.get(key), got.get(key)
+            if key == "categories" and (None in (a, b) or set(a.split(";")) == set(b.split(";"))):
+                continue
+            if a != b:
+                found.append(
+                    f"{name} was dissected with {key}={b!r}, {first} with {key}={a!r}: their "
+                    "counts are not comparable"
+                )
+                break
+    for line in found:
+        if not allow:
+            how = f", or pass {flag} to compare them anyway" if flag else ""
+            raise ValueError(f"{line}; dissect them with the same settings{how}")
+        logging.warning("%s (compared anyway: %s)", line, flag or "allow=True")
+    return found
 
 
 def probe_set(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -391,9 +459,13 @@ def write_comparison(
     rows: Sequence[Mapping[str, Any]],
     settings: Mapping[str, Any],
 ) -> dict[str, pathlib.Path]:
-    """compare.csv / compare.json and the figures: unique detectors by category per layer and model."""
+    """compare.csv / compare.json and the figures: unique detectors by category per layer and
+    model. A category a row was not scored on is a blank cell (null in compare.json)."""
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A category an entry was not scored on: None, a blank cell (0 is a count).
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    rows = [{k: row.get(k) for k in columns} for row in rows]
     files = {
         "csv": store.write_rows_csv(out / "compare.csv", rows),
         "grouped": plot_grouped(out / "compare_unique.png", rows, value="unique"),

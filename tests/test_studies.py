@@ -1,5 +1,6 @@
 """`studies`: the probe set a comparison's entries were dissected on."""
 
+import dataclasses
 import json
 import logging
 
@@ -100,3 +101,88 @@ def test_no_category_name_meets_a_total_column(tmp_path):
     path = store.write_rows_csv(tmp_path / "t.csv", [row])
     (back,) = store.read_rows_csv(path)
     assert back["unique_detectors"] == "3" and back["unique:units"] == "1"
+
+
+def _results_dir(path, categories=("color", "units", "detectors"), **settings):
+    """A results.json of one layer (`_record_with_categories`) dissected with `settings`."""
+    from jaxdissect import engine
+
+    record = _record_with_categories(categories)
+    method = {**dataclasses.asdict(engine.Settings()), **settings}
+    path.mkdir()
+    document = {"format": results.RESULTS_FORMAT, "version": results.RESULTS_VERSION}
+    document.update(complete=True, settings={**method, "model": "m"}, layers=[record])
+    (path / "results.json").write_text(json.dumps(document))
+    return path
+
+
+def test_entries_of_other_methods_are_refused_unless_allowed(tmp_path, caplog):
+    """Rows carry the settings that change the counts; entries that differ in one are
+    refused (naming both and the setting), or compared with a warning when allowed."""
+    a = _results_dir(tmp_path / "a")
+    (row,) = studies.results_rows("a", a)
+    assert row["tie_rule"] == "strict" and row["iou_threshold"] == 0.04
+    assert row["categories"] == "color;units;detectors"
+    same = {
+        "a": studies.results_method(a),
+        "b": studies.results_method(_results_dir(tmp_path / "b")),
+    }
+    assert studies.check_one_method(same) == []
+    # The categories as a set: flags may name them in another order; None matches any.
+    assert (
+        studies.check_one_method(
+            {**same, "c": {**same["a"], "categories": "units;color;detectors"}}
+        )
+        == []
+    )
+    assert studies.check_one_method({**same, "d": {**same["a"], "categories": None}}) == []
+    for key, value in [
+        ("tie_rule", "inclusive"),
+        ("iou_threshold", 0.1),
+        ("quantile", 0.01),
+        ("restriction", "overlap"),
+        ("threshold_on", "upsampled"),
+        ("activation_dtype", "float32"),
+    ]:
+        other = studies.results_method(_results_dir(tmp_path / key, **{key: value}))
+        with pytest.raises(
+            ValueError,
+            match=rf"^{key} was dissected with {key}={value!r}, a with {key}=.*: their counts "
+            r"are not comparable; dissect them with the same settings, or pass --flag",
+        ):
+            studies.check_one_method({"a": same["a"], key: other}, flag="--flag")
+    fewer = studies.results_method(_results_dir(tmp_path / "fewer", categories=("color",)))
+    with pytest.raises(ValueError, match=r"^fewer was dissected with categories='color', a "):
+        studies.check_one_method({"a": same["a"], "fewer": fewer})
+    with caplog.at_level(logging.WARNING):
+        found = studies.check_one_method({"a": same["a"], "fewer": fewer}, allow=True)
+    assert len(found) == 1 and found[0] in caplog.text
+
+
+def test_a_category_not_scored_is_blank_not_zero(tmp_path):
+    """An entry scored without a category has a blank cell (null in compare.json); a
+    category scored with no detector has 0."""
+    rows = studies.results_rows("all", _results_dir(tmp_path / "all"))
+    rows += studies.results_rows("color", _results_dir(tmp_path / "c", categories=("color",)))
+    files = studies.write_comparison(tmp_path / "out", rows, {})
+    table = store.read_rows_csv(files["csv"])
+    assert table[0]["unique:units"] == "1" and table[1]["unique:units"] == ""
+    assert table[1]["unique:color"] == "1" and table[1]["interpretable:detectors"] == ""
+    doc = json.loads(files["json"].read_text())
+    assert doc["rows"][1]["unique:units"] is None and doc["rows"][0]["unique:units"] == 1
+
+
+def test_the_compare_script_refuses_mixed_methods_unless_allowed(tmp_path):
+    from tests.experiment_testing import run_script
+
+    a = _results_dir(tmp_path / "a")
+    b = _results_dir(tmp_path / "b", tie_rule="inclusive")
+    argv = (f"--results=a={a}", f"--results=b={b}", f"--output_dir={tmp_path / 'out'}")
+    with pytest.raises(ValueError, match=r"^--results=b was dissected with tie_rule='incl"):
+        run_script("compare", *argv)
+    assert not (tmp_path / "out").exists()
+    rows = run_script("compare", *argv, "--allow_mixed_settings")
+    assert [r["tie_rule"] for r in rows] == ["strict", "inclusive"]
+    doc = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert doc["settings"]["mixed_settings"][0].startswith("--results=b was dissected")
+    assert store.read_rows_csv(tmp_path / "out" / "compare.csv")[1]["tie_rule"] == "inclusive"
