@@ -73,7 +73,9 @@ class SearchSettings:
 
     def __post_init__(self):
         config.check_choices(self)
-        formula_search.check_options(self.max_length, self.beam, self.ops, self.length_penalty)
+        formula_search.check_options(
+            self.max_length, self.beam, self.ops, self.length_penalty, penalty_name="length_penalty"
+        )
         if self.optimal_slots < 1:
             raise ValueError(f"optimal_slots={self.optimal_slots}: must be >= 1")
 

@@ -107,16 +107,25 @@ class SearchStats:
     best: list[list[Scored]] = dataclasses.field(default_factory=list)
 
 
-def check_options(max_length: int, beam: int, ops: Sequence[int], penalty: float) -> None:
-    """Raise naming the parameter unless the search options are usable."""
+def check_options(
+    max_length: int,
+    beam: int,
+    ops: Sequence[int],
+    penalty: float,
+    *,
+    beam_name: str = "beam",
+    penalty_name: str = "penalty",
+) -> None:
+    """Raise naming the parameter unless the search options are usable (`beam` and
+    `penalty` by the names their caller calls them)."""
     if not 1 <= max_length <= MAX_LENGTH:
         raise ValueError(f"max_length={max_length}: must be 1..{MAX_LENGTH}")
     if beam < 1:
-        raise ValueError(f"beam={beam}: must be >= 1")
+        raise ValueError(f"{beam_name}={beam}: must be >= 1")
     if not ops or any(op not in (0, 1, 2) for op in ops):
         raise ValueError(f"ops={tuple(ops)}: operator codes 0 (OR), 1 (AND), 2 (AND NOT)")
     if not 0 < penalty <= 1:
-        raise ValueError(f"penalty={penalty}: must be in (0, 1]")
+        raise ValueError(f"{penalty_name}={penalty}: must be in (0, 1]")
 
 
 def _check_candidates(candidates: np.ndarray) -> None:
@@ -345,7 +354,7 @@ def optimal_search(
     start: a known formula per unit (the beam's best) whose score seeds the pruning.
     slots: prefixes per unit per pass over the data.
     """
-    check_options(max_length, slots, ops, penalty)
+    check_options(max_length, slots, ops, penalty, beam_name="slots")
     candidates = default_candidates(first) if candidates is None else np.asarray(candidates, bool)
     _check_candidates(candidates)
     stats = SearchStats() if stats is None else stats

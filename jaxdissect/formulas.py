@@ -95,7 +95,7 @@ def parse_ops(names: Sequence[str]) -> tuple[int, ...]:
             raise ValueError(f"operators={name!r}; allowed values: {', '.join(OP_FLAGS)}")
         out.append(OP_FLAGS.index(name))
     if not out:
-        raise ValueError("operators: give at least one of " + ", ".join(OP_FLAGS))
+        raise ValueError("operators=(none): give at least one of " + ", ".join(OP_FLAGS))
     return tuple(sorted(set(out)))
 
 

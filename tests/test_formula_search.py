@@ -275,6 +275,16 @@ def test_options_are_checked():
         formula_search.beam_search(first, None, penalty=1.5)
     with pytest.raises(ValueError, match="beam=0"):
         formula_search.beam_search(first, None, beam=0)
+    with pytest.raises(ValueError, match="^slots=0: must be >= 1"):
+        formula_search.optimal_search(first, None, slots=0)
+    # The settings' errors name their own fields, which the CLI writes as flags.
+    from jaxdissect.compositional import SearchSettings
+    from jaxdissect.formulas import parse_ops
+
+    with pytest.raises(ValueError, match=r"^length_penalty=0.0: must be in \(0, 1\]"):
+        SearchSettings(length_penalty=0.0)
+    with pytest.raises(ValueError, match="^operators=.none.: give at least one of or, and"):
+        parse_ops([])
 
 
 def test_planted_formula_is_recovered_on_synthetic_broden_masks(tmp_path):
