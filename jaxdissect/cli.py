@@ -44,7 +44,7 @@ def flag_message(text: str, fv: flags.FlagValues) -> str:
         names["output_dir"] = "output_dir"
     if not names:
         return text
-    pattern = r"(?<![\w\-.])(" + "|".join(map(re.escape, sorted(names, key=len))) + r")="
+    pattern = r"(?<![\w\-./])(" + "|".join(map(re.escape, sorted(names, key=len))) + r")="
     return re.sub(pattern, lambda m: f"--{names[m.group(1)]}=", text)
 
 

@@ -116,6 +116,8 @@ def test_library_errors_name_parameters_and_the_cli_the_flags():
     assert cli.flag_message("num_threads=3; quantile=0.5, --quantile=1", fv) == (
         "--loader_threads=3; --quantile=0.5, --quantile=1"
     )
+    path = "--data=/tmp/quantile=1/split=val: no such folder"  # a path is not rewritten
+    assert cli.flag_message(path, fv) == path
     with pytest.raises(ValueError, match="^resolution=8: a synthetic Broden's side must be >= 16"):
         cli.Probe(resolution=8)  # before any generation (the generator's own check is later)
     cli.Probe(data="/some/folder", resolution=8)  # a folder's images are resized to the model
