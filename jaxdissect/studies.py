@@ -174,7 +174,13 @@ def dynamics_study(
         variables=variables,
         input_spec=spec,
         name=f"{models[0][1].name.split(' (')[0]}, {len(models)} training checkpoints",
-        key=store.key_of(members=[m.key for _, m in models], layers=list(layers), study="dynamics"),
+        # Each member by its weights and definition (`store.definition_key`): the same
+        # checkpoints under edited model code are another stack.
+        key=store.key_of(
+            members=[(m.key, store.definition_key(m.module, m.apply_kwargs)) for _, m in models],
+            layers=list(layers),
+            study="dynamics",
+        ),
     )
     layer_results = pipeline.dissect(
         info,

@@ -263,3 +263,71 @@ def test_the_rotated_fan_reads_tokens_by_the_layout_named():
     )
     want = tap.fn(tap.variables, images)["tokens"]
     np.testing.assert_allclose(fn(fan_variables, images)["t0"], want, atol=1e-5)
+
+
+_SHIFTED = """from jaxdissect.models.small_cnn import SmallCNN, small_cnn
+
+SHIFT = {shift}
+
+
+class Net(SmallCNN):
+    def __call__(self, x, train=False):
+        return super().__call__(x + SHIFT, train)
+
+
+def net(**kw):
+    m = small_cnn(**kw)
+    return Net(num_classes=m.num_classes, width=m.width, input_spec=m.input_spec)
+"""
+
+
+def test_wrapped_models_are_keyed_by_the_code_of_the_model_they_wrap(tmp_path, monkeypatch):
+    """The rotation study, significance's rotated baseline and the dynamics study dissect a
+    wrapper of the user's model: the same weights under edited model code are another
+    stage key (they were keyed by the weights alone, and a rerun reused stale stages)."""
+    import importlib
+    import sys
+    import types
+
+    from jaxdissect import pipeline, studies
+    from jaxdissect.models import load as model_load
+    from tests.experiment_testing import script
+
+    class Stop(Exception):
+        pass
+
+    def stop(info, *args, **kwargs):
+        raise Stop(info.stage_key)
+
+    monkeypatch.setattr(pipeline, "dissect", stop)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    significance = script("significance")
+    fv = types.SimpleNamespace(
+        model="user_shifted:net", weights="", baseline="rotated", layer="conv1", rotation_seed=0
+    )
+
+    def keys(shift):
+        (tmp_path / "user_shifted.py").write_text(_SHIFTED.format(shift=shift))
+        sys.modules.pop("user_shifted", None)
+        importlib.invalidate_caches()
+        loaded = model_load.load("user_shifted:net", options={"width": 0.125})
+        info = pipeline.ModelInfo(
+            loaded.module, loaded.variables, loaded.input_spec, "net", loaded.key
+        )
+        found = [loaded.key]
+        with pytest.raises(Stop) as stopped:
+            rotation.rotation_study(info, "conv1", [0, 1], None, None, tmp_path, dataset_name="d")
+        found.append(stopped.value.args[0])
+        found.append(significance._model(fv, False, None)[0].stage_key)
+        monkeypatch.setattr(studies, "load_trained", lambda weights: loaded)
+        checkpoints = [studies.Checkpoint(step=1, weights=tmp_path, val_accuracy=None)]
+        with pytest.raises(Stop) as stopped:
+            studies.dynamics_study(checkpoints, ["conv1"], None, None, tmp_path, dataset_name="d")
+        found.append(stopped.value.args[0])
+        return found
+
+    before, after = keys(0.0), keys(3.0)
+    assert before[0] == after[0]  # the same weights
+    for old, new in zip(before[1:], after[1:], strict=True):
+        assert old != new
+    sys.modules.pop("user_shifted", None)
