@@ -209,7 +209,13 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
         ptask = ablation.prediction_task(logits, fv.top_classes, logit_names=names)
         batches = ablation.prediction_batches(images, ptask, batch_size)
         class_names, num_classes = ptask.class_names, ptask.num_classes
-        fingerprint = store.key_of(probe=source.fingerprint(), top_classes=fv.top_classes)
+        # The targets are the network's own decisions: they key the masks' chunks too.
+        targets = {"classes": ptask.classes, "prediction": ptask.prediction, "label": ptask.label}
+        fingerprint = store.key_of(
+            probe=source.fingerprint(),
+            top_classes=fv.top_classes,
+            targets=store.fingerprint_tree(targets),
+        )
         description = (
             f"predictions: agreement of the top-1 with the intact network's on {dataset_name}"
         )
@@ -247,8 +253,14 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
             input_size=size,
             apply_kwargs=loaded.apply_kwargs,
         )
+    # The model by its stage key (weights, definition, library code): the chunks of a model
+    # whose code changed are not reused.
     key = store.key_of(
-        model=loaded.key, layer=path, data=fingerprint, value=fv.value, study="ablation"
+        model=cli.model_info(loaded).stage_key,
+        layer=path,
+        data=fingerprint,
+        value=fv.value,
+        study="ablation",
     )
     t0 = time.perf_counter()
     ablator = ablation.Ablator(

@@ -8,6 +8,7 @@ training dynamics and a rotation of its conv5, each dissected on all 256 images.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -477,3 +478,77 @@ def test_ablation_class_names_must_name_every_logit(tmp_path, data_args):
             "--eval_batch_size=8",
             f"--output_dir={tmp_path / 'out'}",
         )
+
+
+_SHIFTED_SMALL = """import jax.numpy as jnp
+
+from jaxdissect.models.load import init_variables
+from tests.fixtures.small_model import Small
+
+SHIFT = {shift}
+
+
+class Shifted(Small):
+    def __call__(self, x):
+        return super().__call__(x + SHIFT)
+
+
+def make():
+    return Shifted(), init_variables(Shifted(), jnp.zeros((1, 64, 64, 3)), seed=0)
+"""
+
+
+def test_ablation_chunks_are_keyed_by_the_model_code_and_the_predicted_targets(
+    tmp_path, monkeypatch
+):
+    """The mask chunks' key covers the model's code (same weights, edited module: another
+    key) and, for --task=predictions, the targets the network predicted (they were keyed
+    by the weights and the probe set alone: a rerun reused stale chunks)."""
+    import importlib
+    import sys
+
+    from jaxdissect import ablation
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, work_dir, **kwargs):
+        raise Stop(work_dir.name)
+
+    monkeypatch.setattr(ablation, "ablation_study", stop)
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = (
+        "--task=predictions",
+        "--model=user_shifted_small:make",
+        "--weights=",
+        "--layer=conv1",
+        "--data=synthetic",
+        "--synthetic_images=16",
+        "--resolution=48",
+        "--top_classes=2",
+        "--eval_batch_size=8",
+        "--nodissect",
+        *PROBE_ARGS,
+    )
+
+    def key(shift, run):
+        (tmp_path / "user_shifted_small.py").write_text(_SHIFTED_SMALL.format(shift=shift))
+        sys.modules.pop("user_shifted_small", None)
+        importlib.invalidate_caches()
+        with pytest.raises(Stop) as stopped:
+            run_script("ablation", *args, f"--output_dir={tmp_path / f'out{run}'}")
+        return stopped.value.args[0]
+
+    first = key(0.0, 1)
+    assert key(0.0, 2) == first
+    assert key(3.0, 3) != first  # the same weights under other code
+    prediction_task = ablation.prediction_task
+
+    def other_targets(*args, **kwargs):
+        task = prediction_task(*args, **kwargs)
+        return dataclasses.replace(task, label=task.label + 1)
+
+    monkeypatch.setattr(ablation, "prediction_task", other_targets)
+    assert key(0.0, 4) != first  # the same network, other targets
+    sys.modules.pop("user_shifted_small", None)
