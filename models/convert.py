@@ -75,6 +75,11 @@ def check_output(
         exists and `force` is off.
     """
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    above = os.path.dirname(ckpt_dir)
+    while not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise FileExistsError(f"{ckpt_dir}: {above} is a file, not a directory; choose another")
     if source is not None:
         real_source, real_dir = os.path.realpath(source), os.path.realpath(ckpt_dir)
         if os.path.commonpath([real_source, real_dir]) == real_dir:
@@ -203,6 +208,34 @@ def build_from_meta(meta: Mapping[str, Any]) -> nn.Module:
     return zoo.build(meta["arch"], **options)
 
 
+def check_options(arch: str, num_classes: Any, options: Mapping[str, Any]) -> None:
+    """Fail, in one line naming the parameter, on a `num_classes` that is no whole number
+    >= 1, or an option the constructor of `arch` does not take or takes as another type.
+
+    Raises:
+      ValueError: `num_classes=...` or `option NAME...`.
+    """
+    import inspect
+
+    from jaxdissect.models import load as model_load
+
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r}: must be a whole number >= 1")
+    if "num_classes" in options:
+        raise ValueError(
+            f"option num_classes: set {arch}'s classes with num_classes (--num_classes)"
+        )
+    factory = zoo.factory(arch)
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params) - {"num_classes"})
+        if unknown:
+            takes = ", ".join(n for n in params if n != "num_classes")
+            raise ValueError(f"option {', '.join(unknown)}: {arch} takes {takes}")
+    for name, value, expected in model_load.option_type_errors(factory, options)[:1]:
+        raise ValueError(f"option {name}={value!r}: {arch} takes {name} as {expected}")
+
+
 def convert(
     arch: str,
     source: str | os.PathLike[str],
@@ -215,11 +248,13 @@ def convert(
     """Map the state dict in `source` onto `arch` and save it to `output`; returns the meta.
 
     Raises:
+      ValueError: `num_classes` or an option does not fit `arch` (see `check_options`).
       FileExistsError: `output` may not be written (see `check_output`).
       CheckpointError: `source` is missing, a directory, or cannot be read safely.
       WeightMappingError: the state dict does not fit `arch` (names the keys on both sides).
     """
     options = dict(options or {})
+    check_options(arch, num_classes, options)
     check_output(output, force=force, source=source)
     model = zoo.build(arch, num_classes=num_classes, **options)
     state = load_state_dict(source)
@@ -275,6 +310,10 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = flags.FLAGS
     options = _parse_options(config.option)
+    try:
+        check_options(config.arch, config.num_classes, options)
+    except ValueError as err:  # its parameters are the flags of the same names
+        raise SystemExit(f"convert: --{err}") from None
     try:
         meta = convert(
             config.arch,

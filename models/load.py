@@ -143,6 +143,63 @@ def _check_options(model: str, weights: str | None, options: Mapping[str, Any]) 
         if unknown:
             raise ValueError(f"{_option_flags(unknown)}: --model={model} takes {takes}") from None
         raise ValueError(f"--model={model}: {e}") from None
+    for name, value, expected in option_type_errors(obj, options)[:1]:
+        raise ValueError(
+            f"{_option_flags([name])}={value!r}: --model={model} takes {name} as {expected}"
+        )
+
+
+_OPTION_TYPES = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` (as `parse_options` reads it) fits annotation `hint`; True for a
+    hint other than bool, int, float, str, None and unions of them (not judged)."""
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None) or hint is None:
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool | np.bool_)
+    if hint is int:
+        return isinstance(value, int | np.integer) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float | np.number) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arm) for arm in typing.get_args(hint))
+    if hint is type(None) or hint is None:
+        return "None"
+    return _OPTION_TYPES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def option_type_errors(factory: Any, options: Mapping[str, Any]) -> list[tuple[str, Any, str]]:
+    """(name, value, the type expected) of each option whose value does not fit the type
+    `factory`'s signature annotates for it (bool, int, float, str, None and unions of
+    them; a parameter without a readable annotation takes anything)."""
+    import typing
+
+    target = factory.__init__ if isinstance(factory, type) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - annotations that do not resolve: the call will speak
+        return []
+    return [
+        (name, value, _describe(hints[name]))
+        for name, value in sorted(options.items())
+        if name in hints and not _fits(value, hints[name])
+    ]
 
 
 def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -327,6 +384,11 @@ def check_request(
         )
     if weights and weights != "pretrained" and not pathlib.Path(weights).expanduser().exists():
         raise FileNotFoundError(missing_weights_advice(model, weights, num_classes))
+    classes = (options or {}).get("num_classes", num_classes)
+    if classes is not None and (
+        isinstance(classes, bool) or not isinstance(classes, int | np.integer) or classes < 1
+    ):
+        raise ValueError(f"--num_classes={classes!r}: must be a whole number >= 1")
     _check_options(model, weights, options or {})
     if weights and weights != "pretrained" and pathlib.Path(weights).expanduser().is_dir():
         given = dict(options or {})

@@ -728,6 +728,25 @@ def test_convert_cli_refuses_bad_paths_in_one_line(tmp_path):
     assert sorted(os.listdir(home)) == ["model.pth", "other.pth"]
 
 
+def test_convert_cli_checks_options_and_output_before_reading_the_input(tmp_path):
+    """An option the architecture does not take or of another type, --num_classes below 1
+    and an --output under a file are one line naming the flag, before the input is read
+    (the input here does not exist; they were a TypeError or found after reading it)."""
+    (tmp_path / "afile").write_text("")
+    cases = {
+        ("--option", "foo=1"): "convert: --option foo: resnet18 takes width, ",
+        ("--option", "width=abc"): "convert: --option width='abc': resnet18 takes width as",
+        ("--num_classes", "0"): "convert: --num_classes=0: must be a whole number >= 1",
+        ("--output", str(tmp_path / "afile" / "x")): "afile is a file, not a directory",
+    }
+    for extra, message in cases.items():
+        args = ["--arch", "resnet18", "--input", str(tmp_path / "missing.pth")]
+        done = _cli(*args, "--output", str(tmp_path / "out"), *extra)
+        assert done.returncode == 1, done.stderr
+        assert message in done.stderr.strip().splitlines()[-1], done.stderr
+        assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
 # --- hostile files: one memory budget, shapes numpy cannot make, zip members (review T) ---
 
 

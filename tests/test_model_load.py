@@ -92,6 +92,34 @@ def test_options_a_model_does_not_take_are_named(model, weights, options, messag
         model_load.load(model, weights=weights, options=options)
 
 
+SMALL_CNN = "jaxdissect.models.small_cnn:small_cnn"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_classes": 0}, r"^--num_classes=0: must be a whole number >= 1$"),
+        ({"num_classes": -1}, r"^--num_classes=-1: must be a whole number >= 1$"),
+        ({"num_classes": 2.5}, r"^--num_classes=2.5: must be a whole number >= 1$"),
+        (
+            {"width": "abc"},
+            r"^--model_option width='abc': --model=jaxdissect.models.small_cnn:small_cnn takes width as a number$",
+        ),
+        (
+            {"batch_norm": 3},
+            r"^--model_option batch_norm=3: --model=jaxdissect.models.small_cnn:small_cnn takes batch_norm as true or false$",
+        ),
+    ],
+)
+def test_options_of_the_wrong_type_are_named(options, message):
+    """A class count below 1 or an option of another type than the factory annotates fail
+    in one line naming the flag (they were a ZeroDivisionError, a reshape TypeError or a
+    TypeError deep in the module), before anything is built."""
+    with pytest.raises(ValueError, match=message):
+        model_load.check_request(SMALL_CNN, None, options.get("num_classes"), options)
+    model_load.check_request(SMALL_CNN, None, 3, {"num_classes": 3, "width": 1})  # int: a number
+
+
 def _three():
     module = small_model.Small()
     return module, None, module.input_spec
