@@ -133,6 +133,7 @@ def run(fv: flags.FlagValues = FLAGS):
     if fv.eval_batch_size < 1:
         raise ValueError(f"--eval_batch_size={fv.eval_batch_size}: must be >= 1")
     output_dir = fv.output_dir or os.path.join("runs", f"ablation_{fv.layer}")
+    cli.check_devices(fv, batch_size=settings.batch_size if fv.dissect else None)
     with cli.claim_output_dir(output_dir):
         doc = _ablate(fv, settings, options, probe, ns, output_dir)
     for c in doc["classes"]:

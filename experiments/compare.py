@@ -116,6 +116,8 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
         studies.check_one_method(methods, flag=mixed)
     rows: list[dict] = []
     entries: list[dict] = []
+    if dissections:
+        cli.check_devices(fv, batch_size=settings.batch_size)
     with cli.claim_output_dir(fv.output_dir):
         if dissections:
             source, dataset_name = probe.open()

@@ -74,6 +74,7 @@ def run(fv: flags.FlagValues = FLAGS):
     trained = cli.check_model_flags(fv, fv.num_classes)
     name = cli.run_name(fv.model, fv.weights)
     output_dir = fv.output_dir or os.path.join("runs", f"compositional_{name}")
+    cli.check_devices(fv, batch_size=settings.batch_size)
     with cli.claim_output_dir(output_dir):
         doc = _explain(fv, trained, settings, options, search, probe, output_dir)
     for layer in doc["layers"]:

@@ -59,6 +59,7 @@ def run(fv: flags.FlagValues = FLAGS):
     # Fail before loading anything when there is no finished dissection of the layer.
     finished.read_layer(fv.dissection, fv.layer)
     output_dir = fv.output_dir or os.path.join("runs", f"concept_vectors_{fv.layer}")
+    cli.check_devices(fv, probe_batch_size=cfg.probe_batch_size)
     with cli.claim_output_dir(output_dir):
         doc = _vectors(fv, cfg, probe, output_dir)
     s = doc["summary"]

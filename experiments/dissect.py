@@ -130,6 +130,8 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
         missing.append(str(e))
     if missing:
         raise FileNotFoundError("; and ".join(missing))
+    if not fv.distributed:  # a multi-host job's devices are known once it has joined
+        cli.check_devices(fv, batch_size=settings.batch_size)
     output_dir = fv.output_dir or os.path.join("runs", cli.run_name(fv.model, fv.weights))
     claim = cli.claim_output_dir(output_dir)
 

@@ -66,6 +66,7 @@ def run(fv: flags.FlagValues = FLAGS):
         raise ValueError(f"--rotation_seed={fv.rotation_seed}: must be >= 0")
     trained = cli.check_model_flags(fv)
     output_dir = fv.output_dir or os.path.join("runs", f"rotation_{fv.layer}")
+    cli.check_devices(fv, batch_size=settings.batch_size)
     with cli.claim_output_dir(output_dir):
         points = _rotate(fv, trained, settings, options, probe, amounts, output_dir)
     for p in points:

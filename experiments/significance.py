@@ -80,6 +80,7 @@ def run(fv: flags.FlagValues = FLAGS):
         raise ValueError(f"--significance_draws={settings.significance_draws}: must be >= 1")
     trained = cli.check_model_flags(fv)
     output_dir = fv.output_dir or os.path.join("runs", f"significance_{fv.layer}")
+    cli.check_devices(fv, batch_size=settings.batch_size)
     with cli.claim_output_dir(output_dir):
         doc = _test(fv, trained, settings, options, probe, output_dir)
     s = doc["summary"]

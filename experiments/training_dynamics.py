@@ -48,6 +48,7 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     steps = cli.parse_numbers(fv.steps, "--steps", int) if fv.steps else None
     checkpoints = studies.run_checkpoints(fv.run, steps)
     output_dir = fv.output_dir or os.path.join(fv.run, "dynamics")
+    cli.check_devices(fv, batch_size=settings.batch_size)
     with cli.claim_output_dir(output_dir):
         source, dataset_name = probe.open()
         rows = studies.dynamics_study(

@@ -326,8 +326,19 @@ def _warn_channels_first(name: str, shape: Sequence[int], input_shape: Sequence[
         )
 
 
+# Layers an error lists before "... N more".
+LISTED_LAYERS = 20
+
+
 def _format_available(available: Mapping[str, tuple[int, ...]]) -> str:
+    """The first `LISTED_LAYERS` layers, a row each, then how many more there are."""
     rows = [f"  {p}  {list(s)}" for p, s in available.items() if p]  # "": the model's output
+    if len(rows) > LISTED_LAYERS:
+        more = len(rows) - LISTED_LAYERS
+        rows = rows[:LISTED_LAYERS] + [
+            f"  ... {more} more (a layer re:REGEX matches their paths, e.g. re:.*conv.*; "
+            "README.md's Models section names the zoo's)"
+        ]
     return "\n".join(rows)
 
 
@@ -392,7 +403,7 @@ def resolve_named_layers(
                 else ""
             )
             raise LayerNotFoundError(
-                f"layer {name!r} does not exist in the model; available layers "
+                f"layers={name}: no such layer in the model; its layers "
                 f"(path  [per-call output shape]):\n{_format_available(available)}{alias_text}"
             )
         resolved.append((name, path))

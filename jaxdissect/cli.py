@@ -42,6 +42,9 @@ def flag_message(text: str, fv: flags.FlagValues) -> str:
     names = {fv[n].field_name: n for n in fv if getattr(fv[n], "field_name", None)}
     if "output_dir" in fv:  # `pipeline.dissect`'s parameter, every script's flag
         names["output_dir"] = "output_dir"
+    for flag in ("layers", "layer"):  # `capture.resolve_named_layers`' parameter
+        if flag in fv:
+            names.setdefault("layers", flag)
     if not names:
         return text
     pattern = r"(?<![\w\-./])(" + "|".join(map(re.escape, sorted(names, key=len))) + r")="
@@ -454,6 +457,20 @@ def parse_numbers(values: Sequence[str], flag: str, kind: type = float) -> list:
     except ValueError:
         what = "whole numbers" if kind is int else "numbers"
         raise ValueError(f"{flag}={','.join(values)}: expected {what}, comma-separated") from None
+
+
+def check_devices(fv: flags.FlagValues, **batch_sizes: int | None) -> None:
+    """Refuse, before anything slow (the probe set, the model), a `--devices` the visible
+    devices do not have (`parallel.data_mesh`'s `num_devices`) and a batch size (`name=size`
+    of `batch_sizes`, None: not used) that does not split over them
+    (`parallel.check_batch_size`); errors name the parameters (`flag_message`). Starts
+    JAX's backend: the synthetic set's generation then spawns its workers, not forks."""
+    from jaxdissect import parallel
+
+    mesh = parallel.data_mesh(fv.devices)
+    for name, size in batch_sizes.items():
+        if size is not None:
+            parallel.check_batch_size(size, mesh, name)
 
 
 def check_layers(layers: Sequence[str], flag: str = "--layers") -> None:

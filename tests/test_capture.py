@@ -132,7 +132,7 @@ def test_missing_layer_lists_available(linen_setup):
     with pytest.raises(capture.LayerNotFoundError) as e:
         capture.make_tap(model, variables, "layer4", input_shape=(8, 8, 3))
     msg = str(e.value)
-    assert "'layer4' does not exist" in msg
+    assert msg.startswith("layers=layer4: no such layer in the model; ")
     for path in ("block1/conv", "block2/relu", "head"):
         assert path in msg
     assert "top -> block2/relu" in msg
@@ -345,3 +345,25 @@ def test_one_name_for_two_modules_is_refused():
     available = {"head": (3,), "_head_act": (4, 4, 8)}
     with pytest.raises(capture.LayerNotFoundError, match="'head' means two modules"):
         capture.resolve_named_layers(["head", "re:head"], available, {"head": "_head_act"})
+
+
+def test_a_missing_layer_names_the_flag_and_lists_a_few_layers():
+    """The first line says `layers=NAME` (scripts write it --layers= or --layer=); the
+    list stops after `LISTED_LAYERS` layers with how many more (a ResNet listed ~70)."""
+    from absl import flags
+
+    from jaxdissect import cli
+
+    available = {f"block{i}": (4, 4, 8) for i in range(30)}
+    with pytest.raises(capture.LayerNotFoundError) as e:
+        capture.resolve_layers("block99", available, {"top": "block29"})
+    lines = str(e.value).splitlines()
+    assert lines[0] == "layers=block99: no such layer in the model; its layers (path  " + (
+        "[per-call output shape]):"
+    )
+    assert len(lines) == 1 + capture.LISTED_LAYERS + 2 and lines[-1] == "aliases: top -> block29"
+    assert lines[-2].startswith("  ... 10 more (a layer re:REGEX matches their paths")
+    for flag in ("layers", "layer"):
+        fv = flags.FlagValues()
+        flags.DEFINE_string(flag, None, "", flag_values=fv)
+        assert cli.flag_message(lines[0], fv).startswith(f"--{flag}=block99: no such layer")

@@ -552,3 +552,37 @@ def test_ablation_chunks_are_keyed_by_the_model_code_and_the_predicted_targets(
     monkeypatch.setattr(ablation, "prediction_task", other_targets)
     assert key(0.0, 4) != first  # the same network, other targets
     sys.modules.pop("user_shifted_small", None)
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("dissect", ("--model=alexnet", "--weights=")),
+        ("compositional", ("--model=alexnet", "--weights=", "--layers=conv1")),
+        ("rotation", ("--model=alexnet", "--weights=", "--layer=conv1")),
+        ("significance", ("--model=alexnet", "--weights=", "--layer=conv1")),
+        (
+            "ablation",
+            ("--task=predictions", "--model=alexnet", "--weights=", "--layer=conv1"),
+        ),
+        ("compare", ("--dissect=a|alexnet||conv1",)),
+    ],
+)
+def test_devices_and_batch_size_are_checked_before_the_probe_set(tmp_path, monkeypatch, name, args):
+    """--devices beyond the visible ones and a --batch_size that does not split over them
+    are one line naming the flag, before the synthetic set is generated or the output
+    folder claimed (they failed after generating the data and loading the model)."""
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    common = (*args, "--data=synthetic", "--synthetic_images=8", f"--output_dir={out}")
+    cases = {
+        ("--devices=99",): r"^error: --devices=99 but 8 devices are visible",
+        ("--devices=8", "--batch_size=12"): r"^error: --batch_size=12 is not divisible by the 8 ",
+    }
+    for extra, message in cases.items():
+        fv = parse(name, *common, *extra)
+        main = cli.script_main(lambda fv=fv: script(name).run(fv), fv, split_cpu=False)
+        with pytest.raises(SystemExit, match=message):
+            main(["prog"])
+        assert not (tmp_path / "cache" / "synthetic").exists() and not out.exists()
+        assert not [p for p in (tmp_path / "cache").glob("synthetic*")]

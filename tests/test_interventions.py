@@ -148,7 +148,7 @@ def test_token_layouts_take_the_same_rules():
 
 def test_an_unknown_path_is_refused_with_the_list_of_layers(tiny):
     model, variables, x = tiny
-    with pytest.raises(capture.LayerNotFoundError, match="'conv9' does not exist") as e:
+    with pytest.raises(capture.LayerNotFoundError, match="^layers=conv9: no such layer") as e:
         intervene(model, {"conv9": Ablate(np.ones(K, bool))}).apply(variables, x)
     assert "hidden  [3, 4, 6]" in str(e.value) and "head  [4]" in str(e.value)
     assert "units -> hidden" in str(e.value)

@@ -414,3 +414,18 @@ def test_cli_tiny(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(_rows(out / "index.csv")[1]) == syn.TINY["num_images"]
+
+
+def test_generation_forks_only_before_jax_starts(monkeypatch):
+    """A worker forked from a process whose JAX backend runs inherits its threads' locks (a
+    deadlock risk, Python's warning): once JAX has started (a script checked --devices
+    first), the generator's workers are spawned."""
+    import jax
+
+    from jaxdissect.data.synthetic import writer
+
+    jax.devices()
+    assert writer._jax_started()
+    assert writer._pool_context().get_start_method() == "spawn"
+    monkeypatch.setattr(writer, "_jax_started", lambda: False)
+    assert writer._pool_context().get_start_method() == "fork"

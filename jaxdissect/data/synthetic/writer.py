@@ -162,10 +162,28 @@ def _write_tables(
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
-    # fork: workers inherit the imported modules (importing jaxdissect.data pulls
-    # in jax, ~2 s a process under spawn); the workers never touch jax.
+    """fork while JAX's backends have not started: workers inherit the imported modules
+    (importing jaxdissect.data pulls in jax, ~2 s a process under spawn) and never touch
+    jax. Once a backend runs (a script checked its devices first), its threads make a fork
+    unsafe (a deadlock risk, and Python's warning): spawn."""
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return multiprocessing.get_context(
+        "fork" if "fork" in methods and not _jax_started() else "spawn"
+    )
+
+
+def _jax_started() -> bool:
+    """Whether JAX has started a backend in this process (True where it cannot tell)."""
+    import sys
+
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return True
 
 
 def _check_replaceable(out: pathlib.Path) -> None:
