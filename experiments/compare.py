@@ -60,6 +60,7 @@ def parse_entry(text: str) -> tuple[str, str, str, list[str]]:
     if len(parts) != 4 or not parts[0] or not parts[3]:
         raise ValueError(f"--dissect={text!r}: expected NAME|MODEL|WEIGHTS|LAYERS")
     name, model, weights, layers = parts
+    weights = os.path.expanduser(weights)  # inside the flag: no shell expanded `~`
     if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
         raise ValueError(
             f"--dissect={text!r}: NAME {name!r} names the folder <output_dir>/NAME: use "
@@ -92,6 +93,7 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     given = []
     for text in fv.results:
         name, sep, directory = text.partition("=")
+        directory = os.path.expanduser(directory)  # inside the flag: no shell expanded `~`
         if not sep or not name:
             raise ValueError(f"--results={text!r}: expected NAME=DIR")
         if not (

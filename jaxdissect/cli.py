@@ -51,12 +51,38 @@ def flag_message(text: str, fv: flags.FlagValues) -> str:
     return re.sub(pattern, lambda m: f"--{names[m.group(1)]}=", text)
 
 
+# Flags that name files or folders, with `~` written as the home folder (`expand_user_paths`).
+PATH_FLAGS = (
+    "output_dir",
+    "out_dir",
+    "weights",
+    "data",
+    "dissection",
+    "image",
+    "class_names",
+    "concept_vectors",
+    "run",
+)
+
+
+def expand_user_paths(fv: flags.FlagValues) -> None:
+    """Write a leading `~` / `~user` of the `PATH_FLAGS` `fv` defines as the home folder,
+    once, before anything reads them: the shell expands `--x ~/a` but not `--x=~/a` or a
+    flagfile's line, and code reading the path both ways split one run into a folder
+    named `~` and the home one."""
+    for name in PATH_FLAGS:
+        value = fv[name].value if name in fv else None
+        if isinstance(value, str) and value.startswith("~"):
+            fv[name].value = os.path.expanduser(value)
+
+
 def script_main(
     run: Callable[[], Any], fv: flags.FlagValues = flags.FLAGS, *, split_cpu: bool = True
 ) -> Callable[[Sequence[str]], None]:
     """The `main` for `absl.app.run` of a script whose work is `run()`.
 
-    Refuses positional arguments, makes one JAX CPU device per core where `split_cpu`
+    Refuses positional arguments, writes `~` in path flags as the home folder
+    (`expand_user_paths`), makes one JAX CPU device per core where `split_cpu`
     (`parallel.split_cpu`; not for training, whose gradient sums round differently on
     another number of devices), enables the persistent compilation cache, keeps library noise
     out of the log, and turns `USER_ERRORS` into one line, `error:
@@ -67,6 +93,7 @@ def script_main(
     def main(argv: Sequence[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        expand_user_paths(fv)
         if split_cpu:
             from jaxdissect import parallel
 

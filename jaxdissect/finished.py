@@ -77,7 +77,7 @@ def read_layer(
     `model_fields` (`store.definition_key(..., source=False)`), of those settings of its
     fields and `apply` arguments, where the dissection recorded them.
     """
-    out = pathlib.Path(directory)
+    out = pathlib.Path(directory).expanduser()
     doc_path = out / "results.json"
     if not doc_path.is_file():
         raise FileNotFoundError(

@@ -288,7 +288,7 @@ def dissect(
     timings: if given, receives the engine's `Dissector.timings` (the passes' seconds) and
       `results_s`, the seconds spent on results and report after them.
     """
-    out = pathlib.Path(output_dir)
+    out = pathlib.Path(output_dir).expanduser()  # as `outdir` reads it
     previous = _previous_layers(out, model)
     out.mkdir(parents=True, exist_ok=True)
     spec = model.input_spec

@@ -448,3 +448,37 @@ def test_ablation_summary_of_a_class_without_evaluation_images():
         "forest-s: accuracy 0.750 -> 0.000 with the top 8 removed (others - -> -); "
         "top units 3 (sky-s), 1 (-)"
     )
+
+
+def test_a_tilde_in_a_path_flag_is_the_home_folder_everywhere(tmp_path, monkeypatch):
+    """`--output_dir=~/run` (the shell leaves `~` after `=`, and in a flagfile): the
+    scripts' path flags are expanded once before the run, and `pipeline.dissect` reads its
+    `output_dir` as `outdir` does (it wrote a folder named `~` beside the home one)."""
+    from absl import flags
+
+    from jaxdissect import capture, pipeline
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    fv = flags.FlagValues()
+    for name in ("output_dir", "weights", "data", "layers"):
+        flags.DEFINE_string(name, None, "", flag_values=fv)
+    fv(["prog", "--output_dir=~/run", "--weights=~", "--data=synthetic", "--layers=~x"])
+    seen = {}
+    cli.script_main(lambda: seen.update(fv.flag_values_dict()), fv, split_cpu=False)(["prog"])
+    assert seen["output_dir"] == str(home / "run") and seen["weights"] == str(home)
+    assert seen["data"] == "synthetic" and seen["layers"] == "~x"  # not a path flag
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(capture, "make_tap", stop)
+    info = pipeline.ModelInfo(None, None, None, "m", "k")
+    with pytest.raises(Stop):
+        pipeline.dissect(info, ["l"], None, None, "~/out", dataset_name="d")
+    assert (home / "out").is_dir() and not (tmp_path / "~").exists()
