@@ -62,8 +62,7 @@ def run(fv: flags.FlagValues = FLAGS):
     from jaxdissect import rotation
 
     amounts = rotation.check_amounts(cli.parse_numbers(fv.amounts, "--amounts"), "--amounts")
-    if fv.rotation_seed < 0:
-        raise ValueError(f"--rotation_seed={fv.rotation_seed}: must be >= 0")
+    rotation.check_seed(fv.rotation_seed, "--rotation_seed")
     trained = cli.check_model_flags(fv)
     output_dir = fv.output_dir or os.path.join("runs", f"rotation_{fv.layer}")
     cli.check_devices(fv, batch_size=settings.batch_size)

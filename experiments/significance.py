@@ -78,6 +78,10 @@ def run(fv: flags.FlagValues = FLAGS):
     probe = cli.probe_from_flags(fv)
     if settings.significance_draws < 1:
         raise ValueError(f"--significance_draws={settings.significance_draws}: must be >= 1")
+    if fv.baseline == "rotated":
+        from jaxdissect import rotation
+
+        rotation.check_seed(fv.rotation_seed, "--rotation_seed")
     trained = cli.check_model_flags(fv)
     output_dir = fv.output_dir or os.path.join("runs", f"significance_{fv.layer}")
     cli.check_devices(fv, batch_size=settings.batch_size)

@@ -61,14 +61,19 @@ def random_rotation(k: int, seed: int) -> np.ndarray:
     """
     if k < 1:
         raise ValueError(f"a rotation needs k >= 1 units, got {k}")
-    if seed < 0:
-        raise ValueError(f"seed={seed}: must be >= 0")
+    check_seed(seed)
     rng = np.random.default_rng(np.random.SeedSequence([seed, k]))
     q, r = np.linalg.qr(rng.standard_normal((k, k)))
     q = q * np.where(np.diag(r) < 0, -1.0, 1.0)
     if np.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    """Refuse a rotation seed below 0, naming it `name` (a script: its flag)."""
+    if seed < 0:
+        raise ValueError(f"{name}={seed}: must be >= 0")
 
 
 def fractional_power(q: np.ndarray, t: float) -> np.ndarray:

@@ -285,6 +285,10 @@ def converted_options(
         meta = read_meta(pathlib.Path(weights).expanduser())
     except CheckpointError as e:
         raise ValueError(f"--weights: {e}") from None
+    except FileNotFoundError as e:  # a folder without meta.json
+        raise FileNotFoundError(
+            f"--weights={weights}: {e}; models/convert.py writes one from a PyTorch file"
+        ) from None
     if meta.get("arch") not in (None, model):
         raise ValueError(
             f"--weights={weights} holds a converted {meta['arch']!r}, not --model={model}"

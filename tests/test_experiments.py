@@ -441,6 +441,22 @@ def test_rotation_names_a_negative_seed(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_significance_names_a_negative_rotation_seed_up_front(tmp_path):
+    """It said --seed=-1 (the library's `seed=`, mapped to the dissection's flag), after
+    loading the model."""
+    with pytest.raises(ValueError, match="^--rotation_seed=-1: must be >= 0$"):
+        run_script(
+            "significance",
+            "--model=resnet18",
+            "--weights=",
+            "--layer=layer4",
+            "--baseline=rotated",
+            "--rotation_seed=-1",
+            f"--output_dir={tmp_path}",
+        )
+    assert not any(tmp_path.iterdir())
+
+
 def test_ablation_predictions_task_names_its_bad_flags():
     with pytest.raises(ValueError, match="--task=predictions needs --model"):
         run_script("ablation", "--task=predictions")

@@ -289,3 +289,11 @@ def test_weights_for_a_module_that_carries_its_own_are_refused(tmp_path, monkeyp
         model_load.load("tests.fixtures.small_model:nnx_conv", weights=str(weights))
     got = model_load.load("tests.fixtures.small_model:nnx_conv", weights="pretrained")
     assert got.variables is None  # the module's own state, as built
+
+
+def test_a_weights_folder_without_meta_names_the_flag(tmp_path):
+    """A folder that is no converted checkpoint: the line names --weights (it named the
+    path alone)."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^--weights=.*empty: .*no meta.json.*convert"):
+        model_load.check_request("alexnet", str(tmp_path / "empty"))
