@@ -178,9 +178,13 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
     from jaxdissect.report import ablation_page
 
     out = pathlib.Path(output_dir)
+    # The probe set first (where it is used): a missing or bad one fails before the model
+    # is loaded.
+    source = dataset_name = None
+    if fv.task == "predictions" or fv.dissect:
+        source, dataset_name = probe.open()
     mesh = parallel.data_mesh(fv.devices)
     batch_size = evaluate.batch_size_for(mesh, fv.eval_batch_size)
-    source = dataset_name = None
     if fv.task == "predictions":
         from jaxdissect.models import load as model_load
 
@@ -193,7 +197,6 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
         loaded.module, loaded.input_spec, apply_kwargs=loaded.apply_kwargs, mesh=mesh
     )
     if fv.task == "predictions":
-        source, dataset_name = probe.open()
         images = np.stack([np.asarray(source.read_image(i)) for i in range(len(source))])
         unlabelled = scenes.eval_batches(
             scenes.SceneSplit(images, np.zeros(len(images), np.int32), np.arange(len(images))),
@@ -230,8 +233,6 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
     path, k = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)
     record = None
     if fv.dissect:
-        if source is None:
-            source, dataset_name = probe.open()
         pipeline.dissect(
             cli.model_info(loaded),
             [fv.layer],

@@ -86,11 +86,12 @@ def _rotate(fv, trained, settings, options, probe, amounts, output_dir):
     from jaxdissect import parallel, rotation, training
     from jaxdissect.models import load as model_load
 
+    # The probe set first: a missing or bad one fails before the model is loaded.
+    source, dataset_name = probe.open()
     if trained:
         loaded = training.load_trained(fv.weights)
     else:
         loaded = model_load.load(fv.model, weights=fv.weights or None)
-    source, dataset_name = probe.open()
     eval_images = eval_labels = None
     if fv.accuracy and trained:
         task = cli.training_task(fv)

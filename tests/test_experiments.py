@@ -602,3 +602,30 @@ def test_devices_and_batch_size_are_checked_before_the_probe_set(tmp_path, monke
             main(["prog"])
         assert not (tmp_path / "cache" / "synthetic").exists() and not out.exists()
         assert not [p for p in (tmp_path / "cache").glob("synthetic*")]
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("rotation", ("--model=alexnet", "--weights=", "--layer=conv1")),
+        ("ablation", ("--task=predictions", "--model=alexnet", "--weights=", "--layer=conv1")),
+    ],
+)
+def test_the_probe_set_is_opened_before_the_model_is_loaded(tmp_path, monkeypatch, name, args):
+    """As dissect.py does: a missing or bad probe set fails before the model loads (rotation
+    and ablation loaded the model first)."""
+    from jaxdissect.models import load as model_load
+
+    class Stop(Exception):
+        pass
+
+    def probe_open(self):
+        raise Stop
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the probe set was opened")
+
+    monkeypatch.setattr(cli.Probe, "open", probe_open)
+    monkeypatch.setattr(model_load, "load", load)
+    with pytest.raises(Stop):
+        run_script(name, *args, "--data=synthetic", f"--output_dir={tmp_path / 'out'}")
