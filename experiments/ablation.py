@@ -99,6 +99,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         flag_values=fv,
     )
     flags.DEFINE_string("output_dir", None, "Default: runs/ablation_<layer>.", flag_values=fv)
+    cli.define_input_flags(fv)
     cli.define_dissection_flags(fv, split="val", synthetic_images=4000, resolution=96)
 
 
@@ -125,6 +126,7 @@ def run(fv: flags.FlagValues = FLAGS):
         )
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
+    cli.check_input_size(fv.input_size)
     ns = cli.parse_numbers(fv.top_n, "--top_n", int)
     if any(n < 1 for n in ns):
         raise ValueError(f"--top_n={','.join(fv.top_n)}: each N must be >= 1")
@@ -159,6 +161,7 @@ def _summary_line(c: dict) -> str:
 
 
 def _ablate(fv, settings, options, probe, ns, output_dir):
+    import dataclasses
     import pathlib
 
     import numpy as np
@@ -192,10 +195,11 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
     else:
         loaded = training.load_trained(fv.weights)
     _check_classifier(loaded, fv.model or fv.weights)
+    # The probe images fed as --input_norm and --input_size say (default: the model's own).
+    info = cli.model_info(loaded, fv.input_norm, fv.input_size)
+    spec = info.input_spec
     # The intact network: the task's predictions and the cost of one forward pass.
-    network = rotation.classifier(
-        loaded.module, loaded.input_spec, apply_kwargs=loaded.apply_kwargs, mesh=mesh
-    )
+    network = rotation.classifier(loaded.module, spec, apply_kwargs=loaded.apply_kwargs, mesh=mesh)
     if fv.task == "predictions":
         images = np.stack([np.asarray(source.read_image(i)) for i in range(len(source))])
         unlabelled = scenes.eval_batches(
@@ -229,12 +233,12 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
         batches = scenes.eval_batches(task.val, batch_size, dtype="float32")
         class_names, num_classes = task.class_names, task.num_classes
         fingerprint, description, eval_images = task.fingerprint, task.description, len(task.val)
-    size = loaded.input_spec.size
+    size = spec.size
     path, k = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)
     record = None
     if fv.dissect:
         pipeline.dissect(
-            cli.model_info(loaded),
+            info,
             [fv.layer],
             source,
             settings,
@@ -251,14 +255,15 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
             loaded.variables,
             path,
             batches,
-            input_spec=loaded.input_spec,
+            input_spec=spec,
             input_size=size,
             apply_kwargs=loaded.apply_kwargs,
         )
     # The model by its stage key (weights, definition, library code): the chunks of a model
     # whose code changed are not reused.
     key = store.key_of(
-        model=cli.model_info(loaded).stage_key,
+        model=info.stage_key,
+        input_spec=dataclasses.asdict(spec),
         layer=path,
         data=fingerprint,
         value=fv.value,
@@ -266,7 +271,7 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
     )
     t0 = time.perf_counter()
     ablator = ablation.Ablator(
-        loaded.module, loaded.input_spec, path, apply_kwargs=loaded.apply_kwargs, mesh=mesh
+        loaded.module, spec, path, apply_kwargs=loaded.apply_kwargs, mesh=mesh
     )
     result = ablation.ablation_study(
         ablator,

@@ -51,6 +51,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         "without this flag).",
         flag_values=fv,
     )
+    cli.define_input_flags(fv)  # of every --dissect entry
     cli.define_dissection_flags(fv, synthetic_images=4000)
 
 
@@ -80,6 +81,7 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     # Every flag is checked before anything slow starts.
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
+    cli.check_input_size(fv.input_size)
     dissections = [parse_entry(text) for text in fv.dissect]
     for name, model, weights, layers in dissections:
         cli.check_layers(layers, f"--dissect={name}|...|LAYERS")
@@ -132,7 +134,7 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
                 loaded = training.load_trained(weights)
             out = os.path.join(fv.output_dir, name)
             pipeline.dissect(
-                cli.model_info(loaded),
+                cli.model_info(loaded, fv.input_norm, fv.input_size),
                 layers,
                 source,
                 settings,

@@ -48,6 +48,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         flag_values=fv,
     )
     flags.DEFINE_string("output_dir", None, "Default: runs/rotation_<layer>.", flag_values=fv)
+    cli.define_input_flags(fv)
     cli.define_dissection_flags(fv, split="val", synthetic_images=4000, resolution=96)
 
 
@@ -59,6 +60,7 @@ def run(fv: flags.FlagValues = FLAGS):
     # Every flag is checked before anything slow starts.
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
+    cli.check_input_size(fv.input_size)
     from jaxdissect import rotation
 
     amounts = rotation.check_amounts(cli.parse_numbers(fv.amounts, "--amounts"), "--amounts")
@@ -97,7 +99,7 @@ def _rotate(fv, trained, settings, options, probe, amounts, output_dir):
         task = cli.training_task(fv)
         eval_images, eval_labels = task.val.images, task.val.labels
     return rotation.rotation_study(
-        cli.model_info(loaded),
+        cli.model_info(loaded, fv.input_norm, fv.input_size),
         fv.layer,
         amounts,
         source,

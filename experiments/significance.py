@@ -58,6 +58,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         "rotation_seed", 0, "Seed of the rotation of --baseline=rotated.", flag_values=fv
     )
     flags.DEFINE_string("output_dir", None, "Default: runs/significance_<layer>.", flag_values=fv)
+    cli.define_input_flags(fv)
     cli.define_dissection_flags(
         fv,
         settings_defaults={"significance_draws": 999},
@@ -76,6 +77,7 @@ def run(fv: flags.FlagValues = FLAGS):
         raise ValueError("give --weights (a training export) or --model")
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
+    cli.check_input_size(fv.input_size)
     if settings.significance_draws < 1:
         raise ValueError(f"--significance_draws={settings.significance_draws}: must be >= 1")
     if fv.baseline == "rotated":
@@ -121,10 +123,10 @@ def _model(fv, trained, settings):
         loaded = training.load_trained(fv.weights)
     else:
         loaded = model_load.load(arch, weights=weights, options=options)
-    info = cli.model_info(loaded)
+    info = cli.model_info(loaded, fv.input_norm, fv.input_size)
     if fv.baseline != "rotated":
         return info, fv.layer, loaded
-    size = loaded.input_spec.size
+    size = info.input_spec.size
     path, k = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)
     name = rotation.amount_name(fv.layer, 1.0)
     fn, variables = rotation.rotated_fan(
@@ -165,7 +167,7 @@ def _test(fv, trained, settings, options, probe, output_dir):
     )
     dissect_s = time.perf_counter() - t0
     # The cost in forward passes over the probe set (the layer's capture, compiled beforehand).
-    size = loaded.input_spec.size
+    size = info.input_spec.size
     tap = capture.make_tap(
         loaded.module,
         loaded.variables,
@@ -174,7 +176,7 @@ def _test(fv, trained, settings, options, probe, output_dir):
         apply_kwargs=loaded.apply_kwargs,
         token_layout=finished.recorded_token_layouts(out).get(fv.layer),
     )
-    forward_s = driver.forward_seconds(tap, loaded.input_spec, source, settings.batch_size)
+    forward_s = driver.forward_seconds(tap, info.input_spec, source, settings.batch_size)
     test = r.significance
     label_p = test.label_p(r.best_label)
     names = source.labels.names

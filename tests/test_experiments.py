@@ -629,3 +629,45 @@ def test_the_probe_set_is_opened_before_the_model_is_loaded(tmp_path, monkeypatc
     monkeypatch.setattr(model_load, "load", load)
     with pytest.raises(Stop):
         run_script(name, *args, "--data=synthetic", f"--output_dir={tmp_path / 'out'}")
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("rotation", ("--weights=", "--layer=conv1")),
+        ("significance", ("--weights=", "--layer=conv1", "--baseline=rotated")),
+        ("ablation", ("--task=predictions", "--weights=", "--layer=conv1", "--eval_batch_size=8")),
+        ("compare", ()),
+    ],
+)
+def test_follow_on_dissections_take_the_input_flags(tmp_path, monkeypatch, name, args):
+    """--input_norm and --input_size (dissect.py's) reach the follow-on scripts' own
+    dissection: a 227 px AlexNet dissection can be followed at 227 (they ran at the
+    model's own size, with no flag to say otherwise)."""
+    from jaxdissect import pipeline
+    from jaxdissect.preprocess import TORCHVISION
+
+    class Stop(Exception):
+        pass
+
+    def stop(info, *args, **kwargs):
+        raise Stop(info.input_spec)
+
+    monkeypatch.setattr(pipeline, "dissect", stop)
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "cache"))
+    model = "tests.fixtures.small_model:make"  # its own input: 64 px, mean 127, std 64
+    given = ("--dissect=a|" + model + "||conv1",) if name == "compare" else (f"--model={model}",)
+    with pytest.raises(Stop) as stopped:
+        run_script(
+            name,
+            *given,
+            *args,
+            "--input_size=40",
+            "--input_norm=torchvision",
+            "--data=synthetic",
+            "--synthetic_images=8",
+            "--resolution=48",
+            *PROBE_ARGS,
+            f"--output_dir={tmp_path / 'out'}",
+        )
+    assert stopped.value.args[0] == dataclasses.replace(TORCHVISION, size=40)
