@@ -128,7 +128,7 @@ def read_layer(
         layer=layer,
         path=settings["layer_paths"][layer],
         thresholds=thresholds,
-        tie_rule=settings.get("tie_rule", "strict"),
+        tie_rule=settings.get("tie_rule", results.UNRECORDED_SETTINGS["tie_rule"]),
         activation_dtype=settings.get("activation_dtype", "float32"),
         input_spec=InputSpec(
             **{

@@ -45,6 +45,7 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -652,6 +653,10 @@ def write_results_json(
     quoted = re.escape(json.dumps(token, ensure_ascii=False)[:-1])
     text = re.sub(quoted + r'(\d+)"', lambda m: lines[int(m.group(1))], text)
     return store.write_text(path, text + "\n")
+
+
+# What a results.json written before a setting was recorded was computed with.
+UNRECORDED_SETTINGS = MappingProxyType({"tie_rule": "strict"})
 
 
 def read_results_json(path: str | os.PathLike) -> dict[str, Any]:

@@ -370,9 +370,13 @@ METHOD_SETTINGS = (
 
 
 def method_of(settings: Mapping[str, Any], record: Mapping[str, Any] | None = None) -> dict:
-    """The `METHOD_SETTINGS` of a dissection (its results.json `settings`; None where not
-    recorded). `categories` are the scored ones, ';'-joined in label-space order: `record`'s
-    (a layer record), else the settings' (None: every category of the probe set)."""
+    """The `METHOD_SETTINGS` of a dissection (its results.json `settings`; a setting older
+    files did not record is the one they were computed with, `results.UNRECORDED_SETTINGS`,
+    else None). `categories` are the scored ones, ';'-joined in label-space order:
+    `record`'s (a layer record), else the settings' (None: every category of the probe set)."""
+    from jaxdissect import results
+
+    settings = {**results.UNRECORDED_SETTINGS, **settings}
     method = {key: settings.get(key) for key in METHOD_SETTINGS}
     categories = record["categories"] if record is not None else settings.get("categories")
     method["categories"] = None if categories is None else ";".join(categories)
@@ -392,26 +396,25 @@ def results_method(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def check_one_method(
     methods: Mapping[str, Mapping[str, Any]], *, allow: bool = False, flag: str = ""
 ) -> list[str]:
-    """Refuse entries (name -> `method_of`) dissected with other `METHOD_SETTINGS` than the
-    first: one line naming both entries and the first setting that differs (and `flag`, the
-    way to compare them anyway). With `allow`, each difference is logged as a warning
-    instead. Categories are compared as sets; None (all of the probe set, not yet known)
-    matches any.
+    """Refuse entries (name -> `method_of`) dissected with other `METHOD_SETTINGS`: per
+    setting, one line naming the first entry that records it, the first that differs, and
+    the setting (and `flag`, the way to compare them anyway). With `allow`, each difference
+    is logged as a warning instead. Categories are compared as sets. None (not recorded, or
+    categories not yet known: all of the probe set) matches any, so entries that do record
+    a setting are compared with each other whatever precedes them.
     Returns the lines of the differences found."""
-    items = list(methods.items())
-    if not items:
-        return []
-    first, want = items[0]
     found = []
-    for name, got in items[1:]:
-        for key in METHOD_SETTINGS:
-            a, b = want.get(key), got.get(key)
-            if key == "categories" and (None in (a, b) or set(a.split(";")) == set(b.split(";"))):
-                continue
-            if a != b:
+    for key in METHOD_SETTINGS:
+        known = [(name, m[key]) for name, m in methods.items() if m.get(key) is not None]
+        for name, got in known[1:]:
+            first, want = known[0]
+            same = (
+                set(got.split(";")) == set(want.split(";")) if key == "categories" else got == want
+            )
+            if not same:
                 found.append(
-                    f"{name} was dissected with {key}={b!r}, {first} with {key}={a!r}: their "
-                    "counts are not comparable"
+                    f"{name} was dissected with {key}={got!r}, {first} with {key}={want!r}: "
+                    "their counts are not comparable"
                 )
                 break
     for line in found:

@@ -157,6 +157,24 @@ def test_entries_of_other_methods_are_refused_unless_allowed(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         found = studies.check_one_method({"a": same["a"], "fewer": fewer}, allow=True)
     assert len(found) == 1 and found[0] in caplog.text
+    # An entry whose categories are not known yet (a --dissect entry before its dissection)
+    # does not hide a difference between the entries after it.
+    with pytest.raises(ValueError, match=r"^fewer was dissected with categories='color', a "):
+        studies.check_one_method({"d": {"categories": None}, "a": same["a"], "fewer": fewer})
+
+
+def test_a_results_file_from_before_the_tie_rule_was_recorded_is_strict(tmp_path):
+    """Files written before `tie_rule` was a setting were computed with the strict rule."""
+    old = _results_dir(tmp_path / "old")
+    document = json.loads((old / "results.json").read_text())
+    del document["settings"]["tie_rule"]
+    (old / "results.json").write_text(json.dumps(document))
+    assert studies.results_method(old)["tie_rule"] == "strict"
+    new = studies.results_method(_results_dir(tmp_path / "new"))
+    assert studies.check_one_method({"new": new, "old": studies.results_method(old)}) == []
+    inclusive = studies.results_method(_results_dir(tmp_path / "incl", tie_rule="inclusive"))
+    with pytest.raises(ValueError, match="^incl was dissected with tie_rule='inclusive', old "):
+        studies.check_one_method({"old": studies.results_method(old), "incl": inclusive})
 
 
 def test_a_category_not_scored_is_blank_not_zero(tmp_path):
