@@ -85,7 +85,7 @@ def _vectors(fv, cfg, probe, output_dir):
     from jaxdissect.report import concept_page, plots
 
     out = pathlib.Path(output_dir)
-    source, dataset_name = probe.open()  # before JAX's threads: the synthetic set forks
+    source, dataset_name = probe.open()  # a missing or bad probe set fails before the model loads
     loaded = finished.load_model(fv.model, fv.weights)
     fields = store.definition_key(loaded.module, loaded.apply_kwargs, source=False)
     layer = finished.read_layer(fv.dissection, fv.layer, model_key=loaded.key, model_fields=fields)
@@ -120,8 +120,14 @@ def _vectors(fv, cfg, probe, output_dir):
             raise ValueError(
                 f"--categories={','.join(categories)}: no concept of them in the probe set"
             )
+        mesh = parallel.data_mesh(fv.devices)
+        # Everything the checkpoints depend on: the model by its stage key (weights,
+        # definition, library code), and the device count (the training's sums split over
+        # the devices round differently on another number).
         key = store.key_of(
-            model=loaded.key,
+            model=cli.model_info(loaded).stage_key,
+            token_layout=layer.token_layout,
+            devices=int(mesh.devices.size),
             data=source.fingerprint(),
             layer=layer.path,
             thresholds=layer.thresholds.tolist(),
@@ -142,7 +148,7 @@ def _vectors(fv, cfg, probe, output_dir):
             concepts,
             cfg,
             tie_rule=layer.tie_rule,
-            mesh=parallel.data_mesh(fv.devices),
+            mesh=mesh,
             checkpoint_dir=out / ".work" / f"concept_vectors-{key}",
             progress=progress,
         )

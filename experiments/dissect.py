@@ -153,8 +153,8 @@ def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
     from jaxdissect import parallel, pipeline
     from jaxdissect.models import load as model_load
 
-    # The probe set first: generating the synthetic one forks worker processes, which
-    # must happen before JAX starts its threads (loading the model does).
+    # The probe set first: a missing or bad one fails before the model loads (and where JAX
+    # has not started, e.g. a multi-host job, the synthetic set's workers fork).
     source, dataset_name = probe.open()
     model = model_load.load(
         fv.model, weights=fv.weights or None, options=model_options, seed=settings.seed

@@ -231,3 +231,35 @@ def test_concept_page_escapes_names(tmp_path):
     html = concept_page.write_page(tmp_path, doc).read_text()
     assert "<script>x" not in html and "&lt;script&gt;x&lt;/script&gt;" in html
     assert "a&amp;b" in html and "&lt;b&gt;" in html
+
+
+def test_the_checkpoints_are_keyed_by_the_device_count(
+    tmp_path, monkeypatch, data_args, dissection
+):
+    """A run resumed on another number of devices does not mix in the other's checkpoints
+    (their key left the device count out, which the engine's stage keys hold)."""
+    from jaxdissect import concept_vectors
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, checkpoint_dir, **kwargs):
+        raise Stop(checkpoint_dir.name)
+
+    monkeypatch.setattr(concept_vectors, "train_concept_vectors", stop)
+    keys = []
+    for devices in (1, 2):
+        with pytest.raises(Stop) as stopped:
+            run_script(
+                "concept_vectors",
+                f"--dissection={dissection}",
+                "--layer=top",
+                *MODEL,
+                *data_args,
+                "--probe_batch_size=16",
+                f"--devices={devices}",
+                "--noprogress",
+                f"--output_dir={tmp_path / str(devices)}",
+            )
+        keys.append(stopped.value.args[0])
+    assert keys[0] != keys[1]
