@@ -69,10 +69,11 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict
     return out
 
 
-# Prefixes that wrappers put before a model's keys, stripped where the keys then fit the
-# model better: a LightningModule holding the network as `self.model`, and the module
-# `torch.compile(model)` returns, whose state dict names each key `_orig_mod.<key>`.
-WRAPPER_PREFIXES = ("model.", "_orig_mod.")
+# Prefixes that wrappers put before a model's keys, stripped (nested, in any order) where
+# the keys then fit the model better: DataParallel/DDP's `module.`, a LightningModule holding
+# the network as `self.model`, and the module `torch.compile(model)` returns, whose state
+# dict names each key `_orig_mod.<key>` (`_orig_mod.module.<key>` for a compiled DDP).
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 MAPPING_ADVICE = (
     "check the architecture and num_classes, or strip a wrapper prefix (e.g. 'module.')"
 )
@@ -102,6 +103,26 @@ def _map_keys(
     return mapped, torch_keys, unmatched
 
 
+def _wrapper_strips(state_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """`state_dict` with `WRAPPER_PREFIXES` stripped in every order that applies (each at
+    most once; fewer strips first)."""
+    out, frontier = [], [(state_dict, ())]
+    while frontier:
+        deeper = []
+        for keys, used in frontier:
+            for prefix in WRAPPER_PREFIXES:
+                if prefix in used or not any(k.startswith(prefix) for k in keys):
+                    continue
+                try:
+                    stripped = strip_prefix(keys, prefix)
+                except WeightMappingError:
+                    continue
+                out.append(stripped)
+                deeper.append((stripped, (*used, prefix)))
+        frontier = deeper
+    return out
+
+
 def torch_to_flax(
     state_dict: Mapping[str, Any],
     variables: Mapping[str, Any],
@@ -111,8 +132,9 @@ def torch_to_flax(
 ) -> dict[str, Any]:
     """Return a copy of `variables` with every leaf taken from `state_dict`.
 
-    A `WRAPPER_PREFIXES` prefix (Lightning's `model.`, torch.compile's `_orig_mod.`) is
-    stripped where the keys then fit the model with fewer unmatched keys on either side.
+    `WRAPPER_PREFIXES` (DDP's `module.`, Lightning's `model.`, torch.compile's `_orig_mod.`,
+    nested in any order) are stripped where the keys then fit the model with fewer unmatched
+    keys on either side.
 
     Args:
       state_dict: torch key -> array (numpy, or anything `np.asarray` takes).
@@ -128,12 +150,10 @@ def torch_to_flax(
     """
     expected = traverse_util.flatten_dict(dict(variables))
     mapped, torch_keys, unmatched = _map_keys(state_dict, expected, rename)
-    for prefix in WRAPPER_PREFIXES:
-        if not unmatched or not any(k.startswith(prefix) for k in state_dict):
-            continue
+    for candidate in _wrapper_strips(state_dict) if unmatched else ():
         try:
-            stripped = _map_keys(strip_prefix(state_dict, prefix), expected, rename)
-        except WeightMappingError:  # a key with no rule once stripped: keep the keys as they are
+            stripped = _map_keys(candidate, expected, rename)
+        except WeightMappingError:  # a key with no rule once stripped: keep them as they are
             continue
         if len(stripped[2]) - len(stripped[0]) < len(unmatched) - len(mapped):
             mapped, torch_keys, unmatched = stripped

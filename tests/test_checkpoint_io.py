@@ -598,11 +598,15 @@ def test_torch_compile_prefix_is_stripped(tmp_path):
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
     torch.save(compiled.state_dict(), tmp_path / "compiled.pth")
     torch.save(reference.state_dict(), tmp_path / "plain.pth")
-    got, want = (
+    # torch.compile(DDP(model)) nests the prefixes the other way round.
+    nested = {f"_orig_mod.module.{k}": v for k, v in reference.state_dict().items()}
+    torch.save(nested, tmp_path / "compiled_ddp.pth")
+    got, nested, want = (
         model_load.load("resnet18", weights=str(tmp_path / name), options={"num_classes": 3})
-        for name in ("compiled.pth", "plain.pth")
+        for name in ("compiled.pth", "compiled_ddp.pth", "plain.pth")
     )
     jax.tree.map(np.testing.assert_array_equal, got.variables, want.variables)
+    jax.tree.map(np.testing.assert_array_equal, nested.variables, want.variables)
 
 
 def test_lightning_checkpoint_converts(tmp_path):
