@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from jaxdissect import config, outdir, store
 from jaxdissect.data.broden import SPLITS
@@ -76,13 +76,33 @@ def expand_user_paths(fv: flags.FlagValues) -> None:
             fv[name].value = os.path.expanduser(value)
 
 
+def refuse_arguments(args: Sequence[str], given: Sequence[str] | None = None) -> None:
+    """Exit with one line on positional arguments (what absl passed on as no flag): the
+    first, the --flagfile it came from (where it is not among `given`, the command line's
+    arguments, default `sys.argv[1:]`), and the `--` a flag needs. (It was absl's usage,
+    the whole help text, then 'unexpected arguments'.)"""
+    if not args:
+        return
+    given = sys.argv[1:] if given is None else list(given)
+    arg = str(args[0])
+    files = [a.split("=", 1)[1] for a in given if re.match(r"--?flagfile=", a)]
+    where = f" in --flagfile={','.join(files)}" if files and arg not in given else ""
+    more = f" (and {len(args) - 1} more)" if len(args) > 1 else ""
+    if re.fullmatch(r"[A-Za-z_][\w]*(=.*)?", arg, re.DOTALL):
+        advice = f"a flag needs '--' before it: --{arg}"
+    else:
+        advice = "this script takes flags only (--name=value)"
+    raise SystemExit(f"error: unexpected argument {arg!r}{where}{more}: {advice}")
+
+
 def script_main(
     run: Callable[[], Any], fv: flags.FlagValues = flags.FLAGS, *, split_cpu: bool = True
 ) -> Callable[[Sequence[str]], None]:
     """The `main` for `absl.app.run` of a script whose work is `run()`.
 
-    Refuses positional arguments, writes `~` in path flags as the home folder
-    (`expand_user_paths`), makes one JAX CPU device per core where `split_cpu`
+    Refuses positional arguments in one line (`refuse_arguments`), writes `~` in path
+    flags as the home folder (`expand_user_paths`), makes one JAX CPU device per core where
+    `split_cpu`
     (`parallel.split_cpu`; not for training, whose gradient sums round differently on
     another number of devices), enables the persistent compilation cache, keeps library noise
     out of the log, and turns `USER_ERRORS` into one line, `error:
@@ -91,8 +111,7 @@ def script_main(
     """
 
     def main(argv: Sequence[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        refuse_arguments(argv[1:])
         expand_user_paths(fv)
         if split_cpu:
             from jaxdissect import parallel

@@ -482,3 +482,24 @@ def test_a_tilde_in_a_path_flag_is_the_home_folder_everywhere(tmp_path, monkeypa
     with pytest.raises(Stop):
         pipeline.dissect(info, ["l"], None, None, "~/out", dataset_name="d")
     assert (home / "out").is_dir() and not (tmp_path / "~").exists()
+
+
+def test_a_positional_argument_is_one_line_naming_its_flagfile(tmp_path):
+    """A flagfile line without '--' (`quantile=0.01`) became a positional argument, answered
+    by the whole usage text and 'unexpected arguments'; now one line names the argument,
+    the flagfile it came from and the '--' it needs."""
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("--noprogress\nquantile=0.01\n")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "dissect.py"), f"--flagfile={flagfile}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: unexpected argument 'quantile=0.01' in --flagfile={flagfile}: a flag needs "
+        "'--' before it: --quantile=0.01"
+    ]
+    with pytest.raises(SystemExit, match=r"^error: unexpected argument '/x' \(and 1 more\): "):
+        cli.refuse_arguments(["/x", "y"], given=["/x", "y"])
