@@ -366,8 +366,10 @@ def resolve_named_layers(
     """(name, module path) of every requested layer (arguments as `resolve_layers`).
 
     The name is what the user typed (`head`, `layer4.1.conv2`); a `re:` pattern
-    gives one entry per matched path, named by the path. A module asked for twice
-    is captured once, under its first name; two modules under one name are refused.
+    gives one entry per matched path, named by the path. A module named twice (`conv1`
+    and `features/1`, or one name repeated) is refused, naming both; a module a pattern
+    matches too is captured once, under its first name; two modules under one name are
+    refused.
     """
     if isinstance(requested, str):
         requested = [s.strip() for s in requested.split(",") if s.strip()]
@@ -377,6 +379,7 @@ def resolve_named_layers(
         )
     aliases = dict(aliases or {})
     resolved: list[tuple[str, str]] = []
+    typed: dict[str, str] = {}  # module path -> the name (no pattern) that asked for it
     for name in requested:
         if name.startswith("re:"):
             pattern = re.compile(name[3:])
@@ -406,8 +409,14 @@ def resolve_named_layers(
                 f"layers={name}: no such layer in the model; its layers "
                 f"(path  [per-call output shape]):\n{_format_available(available)}{alias_text}"
             )
+        if path in typed:
+            raise LayerNotFoundError(
+                f"layers={typed[path]} and {name} name one module ({path}): ask for it once"
+            )
+        typed[path] = name
         resolved.append((name, path))
-    # Keep order, drop repeats: a layer asked for twice is captured once, by its first name.
+    # Keep order, drop repeats: a layer a pattern matches too is captured once, by its
+    # first name.
     by_path: dict[str, str] = {}
     for name, path in resolved:
         by_path.setdefault(path, name)

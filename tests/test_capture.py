@@ -331,11 +331,11 @@ def test_tap_keeps_the_names_asked_for(linen_setup):
     tap = capture.make_tap(
         model,
         variables,
-        ["top", "block1.conv", "re:block1/r.*", "block2/relu"],
+        ["top", "block1.conv", "re:block1/r.*", "re:block2/relu"],
         input_shape=(8, 8, 3),
     )
     assert tap.layers == ("block2/relu", "block1/conv", "block1/relu")
-    # What was typed; a pattern's match by its path; a module asked for twice: its first name.
+    # What was typed; a pattern's match by its path; a module matched twice: its first name.
     assert tap.names == ("top", "block1.conv", "block1/relu")
     assert tap.name_of("block2/relu") == "top"
     assert set(tap.fn(variables, jnp.ones((1, 8, 8, 3)))) == set(tap.layers)
@@ -367,3 +367,21 @@ def test_a_missing_layer_names_the_flag_and_lists_a_few_layers():
         fv = flags.FlagValues()
         flags.DEFINE_string(flag, None, "", flag_values=fv)
         assert cli.flag_message(lines[0], fv).startswith(f"--{flag}=block99: no such layer")
+
+
+def test_a_module_named_twice_is_refused_naming_both():
+    """`--layers=conv1,features/1` (an alias and its path) or a name repeated: one line
+    naming both spellings (the second was dropped silently)."""
+    available = {"features/1": (4, 4, 8), "features/2": (4, 4, 8)}
+    aliases = {"conv1": "features/1"}
+    for requested, message in [
+        (["conv1", "features/1"], "layers=conv1 and features/1 name one module (features/1)"),
+        (["features.1", "conv1"], "layers=features.1 and conv1 name one module (features/1)"),
+        (["conv1", "conv1"], "layers=conv1 and conv1 name one module"),
+    ]:
+        with pytest.raises(capture.LayerNotFoundError, match=f"^{re.escape(message)}"):
+            capture.resolve_named_layers(requested, available, aliases)
+    assert capture.resolve_layers(["conv1", "re:features/.*"], available, aliases) == (
+        "features/1",
+        "features/2",
+    )
