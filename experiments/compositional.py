@@ -22,6 +22,7 @@ and the dissection itself.
 from __future__ import annotations
 
 import os
+import pathlib
 import time
 
 from absl import app, flags
@@ -259,7 +260,30 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
     )
     doc = {"settings": doc_settings, "layers": [rec for rec, _ in layers]}
     store.write_json(out / "compositional.json", doc)
+    _remove_stale(
+        out, results.layer_file_stems(fv.layers), [c["strip"] for _, cs in layers for c in cs]
+    )
     return doc
+
+
+def _remove_stale(out: pathlib.Path, stems: list[str], strips: list[str]) -> None:
+    """Remove what an earlier run of this script wrote in `out` that this one did not: the
+    compositional-<stem>.csv and formula_strips/<stem>/ of layers no longer asked for, and
+    strips of units no longer shown (compositional.json and its page name only this run's)."""
+    import shutil
+
+    for path in out.glob("compositional-*.csv"):
+        if path.name not in {f"compositional-{stem}.csv" for stem in stems}:
+            path.unlink()
+    kept = {out / s for s in strips}
+    root = out / "formula_strips"
+    for folder in root.iterdir() if root.is_dir() else ():
+        if folder.name not in stems:
+            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+        elif folder.is_dir():
+            for png in folder.glob("unit*.png"):
+                if png not in kept:
+                    png.unlink()
 
 
 def _strip(

@@ -4,6 +4,7 @@ tiny synthetic Broden, beam and optimal, every output."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -173,3 +174,31 @@ def test_pretrained_lite0_passes_the_weights_check(tmp_path, broden):
             "--weights=pretrained",
             f"--output_dir={taken}",
         )
+
+
+def test_a_rerun_removes_the_outputs_of_layers_it_no_longer_explains(tmp_path):
+    """A rerun with other --layers left compositional-conv1.csv and formula_strips/conv1/
+    beside a compositional.json of conv2 only; now what this script wrote for layers or
+    units no longer in the run goes, and nothing else (the dissection's files stay)."""
+    from tests.experiment_testing import script
+
+    for name in (
+        "compositional-conv1.csv",
+        "compositional-conv2.csv",
+        "tally-conv1.csv",
+        "formula_strips/conv1/unit0000.png",
+        "formula_strips/conv2/unit0000.png",
+        "formula_strips/conv2/unit0001.png",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    script("compositional")._remove_stale(
+        tmp_path, ["conv2"], [os.path.join("formula_strips", "conv2", "unit0001.png")]
+    )
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == [
+        "compositional-conv2.csv",
+        os.path.join("formula_strips", "conv2", "unit0001.png"),
+        "tally-conv1.csv",
+    ]
+    assert not (tmp_path / "formula_strips" / "conv1").exists()
