@@ -118,6 +118,12 @@ def run(fv: flags.FlagValues = FLAGS):
             raise ValueError(f"--top_classes={fv.top_classes}: must be >= 1")
         if fv.class_names and not os.path.isfile(fv.class_names):
             raise FileNotFoundError(f"--class_names={fv.class_names}: no such file")
+    elif fv.model:
+        raise ValueError(
+            f"--model={fv.model}: --task=training ablates the training export --weights "
+            "(its architecture from its meta.json); drop --model, or give --task=predictions "
+            "to ablate --model"
+        )
     elif not training.is_export(fv.weights):
         raise ValueError(
             f"--weights={fv.weights}: not a training export; ablation needs a "
@@ -191,7 +197,7 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
     if fv.task == "predictions":
         from jaxdissect.models import load as model_load
 
-        loaded = model_load.load(fv.model, weights=fv.weights or None)
+        loaded = model_load.load(fv.model, weights=fv.weights or None, seed=settings.seed)
     else:
         loaded = training.load_trained(fv.weights)
     _check_classifier(loaded, fv.model or fv.weights)

@@ -129,7 +129,7 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
             studies.check_one_probe_set({"the probe set of --data": here, **probes})
         for name, model, weights, layers in dissections:
             if model:
-                loaded = model_load.load(model, weights=weights or None)
+                loaded = model_load.load(model, weights=weights or None, seed=settings.seed)
             else:
                 loaded = training.load_trained(weights)
             out = os.path.join(fv.output_dir, name)

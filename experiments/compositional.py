@@ -118,7 +118,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
     from jaxdissect.report import formula_page, plots
 
     out = pathlib.Path(output_dir)
-    # The probe set first: generating the synthetic one forks worker processes.
+    # The probe set first: a missing or bad one fails before the model loads.
     source, dataset_name = probe.open()
     if trained:
         loaded = training.load_trained(fv.weights)

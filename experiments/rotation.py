@@ -93,7 +93,7 @@ def _rotate(fv, trained, settings, options, probe, amounts, output_dir):
     if trained:
         loaded = training.load_trained(fv.weights)
     else:
-        loaded = model_load.load(fv.model, weights=fv.weights or None)
+        loaded = model_load.load(fv.model, weights=fv.weights or None, seed=settings.seed)
     eval_images = eval_labels = None
     if fv.accuracy and trained:
         task = cli.training_task(fv)

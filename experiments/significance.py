@@ -122,7 +122,7 @@ def _model(fv, trained, settings):
     elif trained:
         loaded = training.load_trained(fv.weights)
     else:
-        loaded = model_load.load(arch, weights=weights, options=options)
+        loaded = model_load.load(arch, weights=weights, options=options, seed=settings.seed)
     info = cli.model_info(loaded, fv.input_norm, fv.input_size)
     if fv.baseline != "rotated":
         return info, fv.layer, loaded

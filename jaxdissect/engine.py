@@ -86,7 +86,7 @@ class Settings:
         statistic, so the 16-bit activation cache changes nothing.
       categories: categories to score (None: all).
       top_images: images kept per unit for the report.
-      seed: seed of the sketch's randomness.
+      seed: seed of the sketch's randomness, and the scripts' random init (`--weights=`).
       batch_size: global batch; part of the key since sketches see batches.
       significance_draws: permutations of the images for each unit's p-value
         (`jaxdissect.significance`; 0: no test). BH calls units only when
