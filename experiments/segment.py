@@ -117,7 +117,7 @@ def _segment(fv, image, vectors, out):
 
     from jaxdissect import finished, masks, segment, store
 
-    loaded = finished.load_model(fv.model, fv.weights)
+    loaded = finished.load_dissected_model(fv.model, fv.weights, fv.dissection)
     fields = store.definition_key(loaded.module, loaded.apply_kwargs, source=False)
     layer = finished.read_layer(fv.dissection, fv.layer, model_key=loaded.key, model_fields=fields)
     acts = finished.layer_forward(loaded, layer)(image[None])

@@ -154,10 +154,15 @@ def token_layouts(settings: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in settings.get("token_layouts", {}).items()}
 
 
+def recorded_settings(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The `settings` of the finished dissection in `directory` (its results.json)."""
+    doc = results.read_results_json(pathlib.Path(directory).expanduser() / "results.json")
+    return doc["settings"]
+
+
 def recorded_token_layouts(directory: str | os.PathLike[str]) -> dict[str, str]:
     """`token_layouts` of the finished dissection in `directory` (its results.json)."""
-    doc = results.read_results_json(pathlib.Path(directory) / "results.json")
-    return token_layouts(doc["settings"])
+    return token_layouts(recorded_settings(directory))
 
 
 def check_model(model: str | None, weights: str | None, num_classes: int | None = None) -> bool:
@@ -186,15 +191,22 @@ def check_model(model: str | None, weights: str | None, num_classes: int | None 
     return False
 
 
-def load_model(model: str | None, weights: str | None) -> Any:
+def load_model(model: str | None, weights: str | None, seed: int = 0) -> Any:
     """A `models.load.LoadedModel`: a training export or `model` with `weights` as
-    experiments/dissect.py takes them; errors name the flags."""
+    experiments/dissect.py takes them (`seed`: of a random init, `weights` ''); errors
+    name the flags."""
     from jaxdissect import training
     from jaxdissect.models import load as model_load
 
     if check_model(model, weights):
         return training.load_trained(weights)
-    return model_load.load(model, weights=weights or None)
+    return model_load.load(model, weights=weights or None, seed=seed)
+
+
+def load_dissected_model(model: str | None, weights: str | None, directory: Any) -> Any:
+    """`load_model` of the model the finished dissection in `directory` ran: a random init
+    (`weights` '') at the seed it recorded (its --seed), so that it is the same model."""
+    return load_model(model, weights, seed=int(recorded_settings(directory).get("seed", 0)))
 
 
 def layer_forward(loaded: Any, finished: FinishedLayer) -> Any:

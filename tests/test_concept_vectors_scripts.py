@@ -263,3 +263,31 @@ def test_the_checkpoints_are_keyed_by_the_device_count(
             )
         keys.append(stopped.value.args[0])
     assert keys[0] != keys[1]
+
+
+def test_a_random_init_is_loaded_at_the_seed_the_dissection_recorded(
+    tmp_path, monkeypatch, dissection
+):
+    """segment.py and concept_vectors.py take no --seed: a `--weights=` dissection run with
+    --seed=3 is followed at seed 3 (it was seed 0, another model, refused as such)."""
+    copy = tmp_path / "seed3"
+    shutil.copytree(dissection, copy)
+    doc = json.loads((copy / "results.json").read_text())
+    doc["settings"]["seed"] = 3
+    (copy / "results.json").write_text(json.dumps(doc))
+
+    class Stop(Exception):
+        pass
+
+    def load_model(model, weights, seed=0):
+        raise Stop(seed)
+
+    monkeypatch.setattr(finished, "load_model", load_model)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
+    common = (f"--dissection={copy}", "--layer=top", *MODEL, f"--output_dir={tmp_path / 'o'}")
+    data = ("--data=synthetic", "--synthetic_images=8", "--noprogress")
+    for name, extra in (("segment", (f"--image={image}",)), ("concept_vectors", data)):
+        with pytest.raises(Stop) as stopped:
+            run_script(name, *common, *extra)
+        assert stopped.value.args[0] == 3
