@@ -57,6 +57,7 @@ PATH_FLAGS = (
     "out_dir",
     "weights",
     "data",
+    "eval_data",
     "dissection",
     "image",
     "class_names",

@@ -463,12 +463,22 @@ def test_a_tilde_in_a_path_flag_is_the_home_folder_everywhere(tmp_path, monkeypa
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path)
     fv = flags.FlagValues()
-    for name in ("output_dir", "weights", "data", "layers"):
+    for name in ("output_dir", "weights", "data", "eval_data", "layers"):
         flags.DEFINE_string(name, None, "", flag_values=fv)
-    fv(["prog", "--output_dir=~/run", "--weights=~", "--data=synthetic", "--layers=~x"])
+    fv(
+        [
+            "prog",
+            "--output_dir=~/run",
+            "--weights=~",
+            "--data=synthetic",
+            "--layers=~x",
+            "--eval_data=~/e",
+        ]
+    )
     seen = {}
     cli.script_main(lambda: seen.update(fv.flag_values_dict()), fv, split_cpu=False)(["prog"])
     assert seen["output_dir"] == str(home / "run") and seen["weights"] == str(home)
+    assert seen["eval_data"] == str(home / "e")
     assert seen["data"] == "synthetic" and seen["layers"] == "~x"  # not a path flag
 
     class Stop(Exception):
