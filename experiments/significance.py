@@ -138,13 +138,16 @@ def _model(fv, trained, settings):
         apply_kwargs=loaded.apply_kwargs,
         token_layout=info.token_layout,
     )
-    # The base's stage key (weights, definition, library code, token layout): a change of
-    # the model's code with the same weights is another baseline.
-    key = store.key_of(
-        base=info.stage_key, layer=path, seed=fv.rotation_seed, study="rotated_baseline"
-    )
+    key = store.key_of(base=info.key, layer=path, seed=fv.rotation_seed, study="rotated_baseline")
+    # Its stage key covers the base's (weights, definition, library code, token layout): a
+    # change of the model's code with the same weights is another baseline.
     rotated = pipeline.ModelInfo(
-        fn, variables, info.input_spec, f"{info.name}, {fv.layer} rotated", key
+        fn,
+        variables,
+        info.input_spec,
+        f"{info.name}, {fv.layer} rotated",
+        key,
+        wraps=info.stage_key,
     )
     return rotated, name, loaded
 

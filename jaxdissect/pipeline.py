@@ -41,6 +41,9 @@ class ModelInfo:
     `input_spec`: how the probe images are fed to it (None: torchvision's ImageNet input,
     as for a model that declares none). `token_layout`: how [B, tokens, C] layers are read
     as maps (`capture.make_tap`'s argument; None: the model's own, else inferred).
+    `wraps`: for a function wrapping other models (a rotation, a stack of checkpoints),
+    what keys their definitions and code (e.g. the wrapped model's `stage_key`), which
+    `stage_key` then covers; `key` stays the weights' (the output folder's check).
     """
 
     module: Any
@@ -50,6 +53,7 @@ class ModelInfo:
     key: str
     apply_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     token_layout: capture.LayoutArg = None
+    wraps: str | None = None
 
     def __post_init__(self):
         if self.input_spec is None:
@@ -77,8 +81,8 @@ class ModelInfo:
     def stage_key(self) -> str:
         """What keys the stored stages: the weights' key, the module's definition and
         `apply_kwargs` (`store.definition_key`), this library's code, a named token
-        layout (it changes the maps), and JAX's default matmul precision where one is set
-        (`matmul_precision`)."""
+        layout (it changes the maps), JAX's default matmul precision where one is set
+        (`matmul_precision`), and `wraps` where given."""
         precision = matmul_precision()
         return store.key_of(
             model=self.key,
@@ -86,6 +90,7 @@ class ModelInfo:
             code=store.code_fingerprint(),
             token_layout=self.layout_key,
             **({} if precision is None else {"matmul_precision": precision}),
+            **({} if self.wraps is None else {"wraps": self.wraps}),
         )
 
 

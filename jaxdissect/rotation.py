@@ -427,11 +427,10 @@ def rotation_study(
         variables=fan_variables,
         input_spec=model.input_spec,
         name=f"{model.name}, {layer} rotated by Q^t (seed {seed})",
-        # Stored stages are keyed by the model: the key covers the base model's stage key
-        # (weights, definition, library code, token layout) and the rotations.
-        key=store.key_of(
-            base=model.stage_key, layer=path, amounts=amounts, seed=seed, study="rotation"
-        ),
+        # The weights' key covers the rotations; the stage key the base model's (weights,
+        # definition, library code, token layout) too: edited model code is not reused.
+        key=store.key_of(base=model.key, layer=path, amounts=amounts, seed=seed, study="rotation"),
+        wraps=model.stage_key,
     )
     layer_results = pipeline.dissect(
         info,

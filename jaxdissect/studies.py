@@ -174,12 +174,11 @@ def dynamics_study(
         variables=variables,
         input_spec=spec,
         name=f"{models[0][1].name.split(' (')[0]}, {len(models)} training checkpoints",
-        # Each member by its weights and definition (`store.definition_key`): the same
+        key=store.key_of(members=[m.key for _, m in models], layers=list(layers), study="dynamics"),
+        # The stage key covers each member's definition (`store.definition_key`): the same
         # checkpoints under edited model code are another stack.
-        key=store.key_of(
-            members=[(m.key, store.definition_key(m.module, m.apply_kwargs)) for _, m in models],
-            layers=list(layers),
-            study="dynamics",
+        wraps=store.key_of(
+            members=[store.definition_key(m.module, m.apply_kwargs) for _, m in models]
         ),
     )
     layer_results = pipeline.dissect(

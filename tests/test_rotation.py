@@ -284,7 +284,8 @@ def net(**kw):
 def test_wrapped_models_are_keyed_by_the_code_of_the_model_they_wrap(tmp_path, monkeypatch):
     """The rotation study, significance's rotated baseline and the dynamics study dissect a
     wrapper of the user's model: the same weights under edited model code are another
-    stage key (they were keyed by the weights alone, and a rerun reused stale stages)."""
+    stage key (they were keyed by the weights alone, and a rerun reused stale stages); their
+    weights' key stays, so a rerun in the same output folder is no other model."""
     import importlib
     import sys
     import types
@@ -297,13 +298,19 @@ def test_wrapped_models_are_keyed_by_the_code_of_the_model_they_wrap(tmp_path, m
         pass
 
     def stop(info, *args, **kwargs):
-        raise Stop(info.stage_key)
+        raise Stop((info.key, info.stage_key))
 
     monkeypatch.setattr(pipeline, "dissect", stop)
     monkeypatch.syspath_prepend(str(tmp_path))
     significance = script("significance")
     fv = types.SimpleNamespace(
-        model="user_shifted:net", weights="", baseline="rotated", layer="conv1", rotation_seed=0
+        model="user_shifted:net",
+        weights="",
+        baseline="rotated",
+        layer="conv1",
+        rotation_seed=0,
+        input_norm="model",
+        input_size=None,
     )
 
     def keys(shift):
@@ -318,7 +325,8 @@ def test_wrapped_models_are_keyed_by_the_code_of_the_model_they_wrap(tmp_path, m
         with pytest.raises(Stop) as stopped:
             rotation.rotation_study(info, "conv1", [0, 1], None, None, tmp_path, dataset_name="d")
         found.append(stopped.value.args[0])
-        found.append(significance._model(fv, False, None)[0].stage_key)
+        info = significance._model(fv, False, types.SimpleNamespace(seed=0))[0]
+        found.append((info.key, info.stage_key))
         monkeypatch.setattr(studies, "load_trained", lambda weights: loaded)
         checkpoints = [studies.Checkpoint(step=1, weights=tmp_path, val_accuracy=None)]
         with pytest.raises(Stop) as stopped:
@@ -329,5 +337,5 @@ def test_wrapped_models_are_keyed_by_the_code_of_the_model_they_wrap(tmp_path, m
     before, after = keys(0.0), keys(3.0)
     assert before[0] == after[0]  # the same weights
     for old, new in zip(before[1:], after[1:], strict=True):
-        assert old != new
+        assert old[0] == new[0] and old[1] != new[1]
     sys.modules.pop("user_shifted", None)
