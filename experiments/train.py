@@ -82,6 +82,7 @@ def run(fv: flags.FlagValues = FLAGS):
     if fv.data != "synthetic" and not pathlib.Path(fv.data).expanduser().exists():
         raise FileNotFoundError(f"--data={fv.data}: no such folder; {cli.BRODEN_ADVICE}")
     output_dir = fv.output_dir or os.path.join("runs", f"train_{fv.arch}")
+    cli.check_devices(fv, batch_size=config.batch_size)
     with cli.claim_output_dir(output_dir):
         return train(fv, config, output_dir, started)
 

@@ -581,6 +581,7 @@ def test_ablation_chunks_are_keyed_by_the_model_code_and_the_predicted_targets(
             ("--task=predictions", "--model=alexnet", "--weights=", "--layer=conv1"),
         ),
         ("compare", ("--dissect=a|alexnet||conv1",)),
+        ("train", ()),
     ],
 )
 def test_devices_and_batch_size_are_checked_before_the_probe_set(tmp_path, monkeypatch, name, args):
