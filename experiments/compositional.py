@@ -147,7 +147,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
         source.labels, settings.categories, getattr(source, "coverage", None)
     )
     names = labels.names
-    size = loaded.input_spec.size
+    size = info.input_spec.size  # as the dissection fed the images (--input_size)
     layouts = finished.recorded_token_layouts(out)  # the tokens read as the dissection did
     layers, curves = [], {}
     for layer, stem in zip(fv.layers, results.layer_file_stems(fv.layers), strict=True):

@@ -17,6 +17,7 @@ ARGS = (
     "--weights=",
     "--layers=conv1",
     f"--resolution={TINY_SIZE}",
+    f"--input_size={TINY_SIZE}",  # not the model's own size: every capture must follow it
     "--max_images=16",
     "--batch_size=8",
     "--quantile_mode=exact",
