@@ -150,6 +150,8 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
 
 
 def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
+    import jax
+
     from jaxdissect import parallel, pipeline
     from jaxdissect.models import load as model_load
 
@@ -162,7 +164,7 @@ def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
     layers = fv.layers or list(model.default_layers)
     if not layers:
         raise app.UsageError("--layers is empty and the model declares no default_layers")
-    pipeline.dissect(
+    layer_results = pipeline.dissect(
         dataclasses.replace(
             cli.model_info(model, fv.input_norm, fv.input_size), token_layout=fv.token_layout
         ),
@@ -174,6 +176,15 @@ def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
         mesh=parallel.data_mesh(fv.devices),
         options=options,
     )
+    if settings.significance_draws and jax.process_index() == 0:
+        from jaxdissect import significance
+
+        for r in layer_results:
+            note = significance.resolution_note(
+                r.num_units, settings.significance_draws, settings.significance_alpha
+            )
+            if note:
+                print(f"{r.layer}: {note}")
 
 
 main = cli.script_main(run)

@@ -71,7 +71,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 def run(fv: flags.FlagValues = FLAGS):
     """Run the test as the flags say; returns the significance.json document."""
     started = time.perf_counter()
-    import numpy as np
+    from jaxdissect import significance
 
     if not fv.weights and not fv.model:
         raise ValueError("give --weights (a training export) or --model")
@@ -98,12 +98,8 @@ def run(fv: flags.FlagValues = FLAGS):
         f"{s['interpretable_and_significant']} both, {s['interpretable_not_significant']} "
         f"interpretable but not significant; best IoU median {s['best_iou_quantiles']['0.5']:.3f}"
     )
-    if s["fewest_callable"] > 1:
-        print(
-            f"note: with --significance_draws={draws} the smallest p is {1 / (draws + 1):.2g}, "
-            f"so BH calls units only in groups of at least {s['fewest_callable']}: a lone "
-            f"detector needs --significance_draws >= {int(np.ceil(s['units'] / alpha)) - 1}"
-        )
+    if note := significance.resolution_note(s["units"], draws, alpha):
+        print(note)
     cli.report_elapsed(started, os.path.join(output_dir, "significance.json"))
     return doc
 
@@ -158,7 +154,16 @@ def _test(fv, trained, settings, options, probe, output_dir):
 
     import numpy as np
 
-    from jaxdissect import capture, driver, finished, parallel, pipeline, results, store
+    from jaxdissect import (
+        capture,
+        driver,
+        finished,
+        parallel,
+        pipeline,
+        results,
+        significance,
+        store,
+    )
 
     out = pathlib.Path(output_dir)
     source, dataset_name = probe.open()
@@ -224,8 +229,7 @@ def _test(fv, trained, settings, options, probe, output_dir):
             "interpretable_and_significant": int((interp & significant).sum()),
             "interpretable_not_significant": int((interp & ~significant).sum()),
             "significant_not_interpretable": int((~interp & significant).sum()),
-            # BH calls r units only if their p <= alpha r / K; the smallest p is 1 / (draws + 1).
-            "fewest_callable": int(np.ceil(r.num_units / (alpha * (draws + 1)))),
+            "fewest_callable": significance.fewest_callable(r.num_units, draws, alpha),
             "best_iou_quantiles": {
                 f"{q:g}": float(np.quantile(r.best_iou, q)) for q in IOU_QUANTILES
             },

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -70,6 +71,8 @@ from jaxdissect.tie_rule import active, check_tie_rule
 
 # Draws of the permutation null unless the caller says otherwise (resolves p down to 0.005).
 DEFAULT_DRAWS = 199
+# A test grid narrower than this (pixels each way) is warned about (`check_grid`).
+MIN_GRID_SIDE = 7
 # Bytes of one block's unpacked masks (bfloat16 unit and concept masks of its images).
 _BLOCK_BYTES = 64 * 2**20
 # Permutations drawn and sent to the device at a time.
@@ -368,7 +371,9 @@ def mask_statistic(
     concepts = np.asarray(concepts, np.int32)
     k, c = thresholds.shape[0], concepts.shape[0]
     sh, sw = (int(s) for s in seg_size)
-    pixels = -(-sh // stride) * -(-sw // stride)
+    check_grid((sh, sw), stride)
+    gh, gw = grid_shape((sh, sw), stride)
+    pixels = gh * gw
 
     def init(shard: int):
         return {
@@ -417,7 +422,52 @@ def mask_statistic(
     return statistics.Statistic(init, update, merge, finalize, key)
 
 
+def fewest_callable(num_units: int, draws: int, alpha: float) -> int:
+    """Fewest units BH can call at `alpha` with `draws` permutations: it calls r of K units
+    only if their p <= alpha r / K, and the smallest p is 1 / (draws + 1)."""
+    return int(np.ceil(num_units / (alpha * (draws + 1))))
+
+
+def resolution_note(num_units: int, draws: int, alpha: float) -> str | None:
+    """One line saying that `draws` cannot call a lone detector among `num_units` at
+    `alpha` (and how many draws can), or None where a lone detector can be called."""
+    fewest = fewest_callable(num_units, draws, alpha)
+    if fewest <= 1:
+        return None
+    return (
+        f"note: with --significance_draws={draws} the smallest p is {1 / (draws + 1):.2g}, "
+        f"so BH calls units only in groups of at least {fewest}: a lone "
+        f"detector needs --significance_draws >= {int(np.ceil(num_units / alpha)) - 1}"
+    )
+
+
+def grid_shape(seg_size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """(rows, columns) of the test's grid: every `stride`-th pixel of the segmentation."""
+    return -(-int(seg_size[0]) // stride), -(-int(seg_size[1]) // stride)
+
+
+@functools.cache
+def check_grid(seg_size: tuple[int, int], stride: int) -> None:
+    """Log a WARNING (once per grid) when the test's grid is narrower than
+    `MIN_GRID_SIDE` pixels: so few pixels per image leave the masks too coarse for small
+    p-values (on a 3x3 grid every unit's p was 1.0)."""
+    gh, gw = grid_shape(seg_size, stride)
+    if min(gh, gw) < MIN_GRID_SIDE:
+        logging.getLogger(__name__).warning(
+            "the permutation test's grid is %dx%d (segmentation %dx%d, every "
+            "--significance_stride=%d-th pixel), under %dx%d: p-values cannot be small "
+            "on masks this coarse; lower --significance_stride",
+            gh,
+            gw,
+            int(seg_size[0]),
+            int(seg_size[1]),
+            stride,
+            MIN_GRID_SIDE,
+            MIN_GRID_SIDE,
+        )
+
+
 def masks_bytes(num_images: int, seg_size: tuple[int, int], stride: int, k: int, c: int) -> int:
     """Bytes of `mask_statistic`'s state (per device): the test's memory bound with one block."""
-    pixels = -(-seg_size[0] // stride) * -(-seg_size[1] // stride)
-    return num_images * pixels * ((k + 7) // 8 + (c + 7) // 8)
+    gh, gw = grid_shape(seg_size, stride)
+    return num_images * gh * gw * ((k + 7) // 8 + (c + 7) // 8)

@@ -414,3 +414,62 @@ def test_the_significant_only_filter_shows_the_called_units(browser, tested_run)
     assert count == f"{len(called)} of {r.num_units} units shown"
     browser.find_element(By.ID, "reset").click()
     assert len(shown()) == r.num_units
+
+
+def test_resolution_note_says_when_a_lone_detector_cannot_be_called():
+    """One note, shared by dissect.py and significance.py: the smallest p at D draws is
+    1 / (D + 1), so BH at alpha calls units of K only in groups of K / (alpha (D + 1))."""
+    note = significance.resolution_note(128, 49, 0.05)
+    assert "--significance_draws=49 the smallest p is 0.02" in note
+    assert "groups of at least 52" in note and "--significance_draws >= 2559" in note
+    assert significance.fewest_callable(128, 49, 0.05) == 52
+    assert significance.resolution_note(128, 2559, 0.05) is None
+
+
+def test_a_grid_under_7x7_is_warned_about_once(caplog):
+    """The test's grid is every stride-th segmentation pixel; under 7x7 a WARNING names
+    the grid and --significance_stride, once per grid; 14x14 (112 at stride 8) is quiet."""
+    import logging
+
+    significance.check_grid.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        significance.check_grid((112, 112), 8)
+        assert not caplog.records
+        significance.check_grid((24, 24), 8)
+        significance.check_grid((24, 24), 8)
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "grid is 3x3" in record.getMessage()
+    assert "lower --significance_stride" in record.getMessage()
+
+
+def test_dissect_script_prints_the_resolution_note_and_warns_of_a_small_grid(
+    tmp_path, capsys, caplog
+):
+    """dissect.py --significance_draws prints significance.py's note per layer, and a test
+    grid under 7x7 (a 32 px segmentation at stride 8: 4x4) is warned about."""
+    import logging
+
+    from jaxdissect.data import synthetic
+    from tests.experiment_testing import run_script
+
+    broden = synthetic.generate_tiny(tmp_path / "broden", num_images=13)
+    significance.check_grid.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        run_script(
+            "dissect",
+            "--model=tests.fixtures.small_model:make",
+            f"--data={broden}",
+            "--layers=conv1",
+            "--quantile_mode=exact",
+            "--batch_size=8",
+            "--devices=1",
+            "--noreport",
+            "--noprogress",
+            "--significance_draws=19",
+            "--significance_stride=8",
+            f"--output_dir={tmp_path / 'out'}",
+        )
+    out = capsys.readouterr().out
+    assert "conv1: note: with --significance_draws=19 the smallest p is 0.05" in out
+    assert "lower --significance_stride" in caplog.text
