@@ -86,6 +86,7 @@ def _vectors(fv, cfg, probe, output_dir):
 
     out = pathlib.Path(output_dir)
     source, dataset_name = probe.open()  # a missing or bad probe set fails before the model loads
+    finished.check_probe_set(fv.dissection, dataset_name, source.fingerprint())
     loaded = finished.load_dissected_model(fv.model, fv.weights, fv.dissection)
     fields = store.definition_key(loaded.module, loaded.apply_kwargs, source=False)
     layer = finished.read_layer(fv.dissection, fv.layer, model_key=loaded.key, model_fields=fields)

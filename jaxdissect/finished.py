@@ -165,6 +165,33 @@ def recorded_token_layouts(directory: str | os.PathLike[str]) -> dict[str, str]:
     return token_layouts(recorded_settings(directory))
 
 
+def check_probe_set(directory: str | os.PathLike[str], dataset: str, fingerprint: str) -> None:
+    """Refuse a probe set other than the one the finished dissection in `directory` ran on
+    (its results.json `dataset`: name, split and image count): the dissection's thresholds
+    and labels belong to its probe set, and mixing them with another is another method.
+    The same name and size with other files (another copy) is logged, not refused."""
+    from absl import logging
+
+    recorded = recorded_settings(directory)
+    ran_on = recorded.get("dataset")
+    if ran_on is None:
+        return
+    if ran_on != dataset:
+        raise ValueError(
+            f"--data: the probe set is {dataset}, but the dissection in {directory} ran on "
+            f"{ran_on}: pass its --data, --split and --max_images (--synthetic_images, "
+            "--resolution for the synthetic set), or dissect this probe set"
+        )
+    if recorded.get("dataset_fingerprint") not in (None, fingerprint):
+        logging.warning(
+            "the probe set %s has other files than the one the dissection in %s ran on "
+            "(another copy, or the same files stored again): check that they hold the same "
+            "images and labels",
+            dataset,
+            directory,
+        )
+
+
 def check_model(model: str | None, weights: str | None, num_classes: int | None = None) -> bool:
     """Whether `weights` is a training export; otherwise checks `model` and `weights` as
     experiments/dissect.py takes them (one line naming the flag)."""

@@ -266,7 +266,7 @@ def test_the_checkpoints_are_keyed_by_the_device_count(
 
 
 def test_a_random_init_is_loaded_at_the_seed_the_dissection_recorded(
-    tmp_path, monkeypatch, dissection
+    tmp_path, monkeypatch, data_args, dissection
 ):
     """segment.py and concept_vectors.py take no --seed: a `--weights=` dissection run with
     --seed=3 is followed at seed 3 (it was seed 0, another model, refused as such)."""
@@ -286,8 +286,25 @@ def test_a_random_init_is_loaded_at_the_seed_the_dissection_recorded(
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
     common = (f"--dissection={copy}", "--layer=top", *MODEL, f"--output_dir={tmp_path / 'o'}")
-    data = ("--data=synthetic", "--synthetic_images=8", "--noprogress")
+    data = (*data_args, "--noprogress")  # the dissection's probe set
     for name, extra in (("segment", (f"--image={image}",)), ("concept_vectors", data)):
         with pytest.raises(Stop) as stopped:
             run_script(name, *common, *extra)
         assert stopped.value.args[0] == 3
+
+
+def test_a_probe_set_other_than_the_dissections_is_refused(tmp_path, data_args, dissection):
+    """The dissection's thresholds and labels belong to its probe set: concept vectors on
+    another (here its first 32 images) are refused in one line naming the flags."""
+    with pytest.raises(ValueError, match=r"^--data: the probe set is .*32 images.*--max_images"):
+        run_script(
+            "concept_vectors",
+            f"--dissection={dissection}",
+            "--layer=top",
+            *MODEL,
+            *data_args,
+            "--max_images=32",
+            "--devices=1",
+            f"--output_dir={tmp_path / 'out'}",
+        )
+    assert not (tmp_path / "out" / "concept_vectors.json").exists()
