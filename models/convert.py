@@ -308,6 +308,12 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jaxdissect import cli
+
+    cli.quiet_library_logs()  # orbax's per-checkpoint INFO lines
+    from jaxdissect import cli
+
+    cli.quiet_library_logs()  # orbax's per-checkpoint INFO lines
     config = flags.FLAGS
     options = _parse_options(config.option)
     try:

@@ -403,6 +403,8 @@ def test_convert_cli_end_to_end(tmp_path):
     done = _cli("--arch", "googlenet", "--num_classes", "5", "--input", str(source),
                 "--output", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
+    # orbax's per-checkpoint INFO lines (~40) are kept out of the log (cli.quiet_library_logs)
+    assert not [line for line in done.stderr.splitlines() if line.startswith("I")], done.stderr
     variables, meta = load_variables(out)
     assert meta["arch"] == "googlenet" and meta["num_classes"] == 5
     assert meta["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
