@@ -311,9 +311,6 @@ def main(argv: Sequence[str]) -> None:
     from jaxdissect import cli
 
     cli.quiet_library_logs()  # orbax's per-checkpoint INFO lines
-    from jaxdissect import cli
-
-    cli.quiet_library_logs()  # orbax's per-checkpoint INFO lines
     config = flags.FLAGS
     options = _parse_options(config.option)
     try:
