@@ -384,7 +384,8 @@ def check_request(
     if weights == "pretrained" and model in zoo.ARCHS and model != "efficientnet_lite0":
         raise ValueError(
             f"--weights=pretrained is only available offline for efficientnet_lite0; convert "
-            f"your {model} checkpoint with models/convert.py and pass its output as --weights"
+            f"your {model} checkpoint with models/convert.py and pass its output as --weights, "
+            "or pass --weights= for a random init"
         )
     if weights and weights != "pretrained" and not pathlib.Path(weights).expanduser().exists():
         raise FileNotFoundError(missing_weights_advice(model, weights, num_classes))
