@@ -513,3 +513,11 @@ def test_a_positional_argument_is_one_line_naming_its_flagfile(tmp_path):
     ]
     with pytest.raises(SystemExit, match=r"^error: unexpected argument '/x' \(and 1 more\): "):
         cli.refuse_arguments(["/x", "y"], given=["/x", "y"])
+
+
+@pytest.mark.parametrize("name", ["dissect", "significance", "rotation", "ablation", "compare"])
+def test_seed_help_says_it_is_also_the_random_inits(name):
+    """--seed seeds the sketch and, with --weights=, the random init (engine.Settings)."""
+    fv = flags.FlagValues()
+    script(name).define_flags(fv)
+    assert "sketch" in fv["seed"].help and "random init (`--weights=`)" in fv["seed"].help
