@@ -58,12 +58,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from jaxdissect import parallel, results, statistics, tally
 from jaxdissect.tally import F32_EXACT
@@ -446,14 +446,13 @@ def grid_shape(seg_size: tuple[int, int], stride: int) -> tuple[int, int]:
     return -(-int(seg_size[0]) // stride), -(-int(seg_size[1]) // stride)
 
 
-@functools.cache
 def check_grid(seg_size: tuple[int, int], stride: int) -> None:
-    """Log a WARNING (once per grid) when the test's grid is narrower than
+    """Log a WARNING (each test built, so once per layer) when the test's grid is narrower than
     `MIN_GRID_SIDE` pixels: so few pixels per image leave the masks too coarse for small
     p-values (on a 3x3 grid every unit's p was 1.0)."""
     gh, gw = grid_shape(seg_size, stride)
     if min(gh, gw) < MIN_GRID_SIDE:
-        logging.getLogger(__name__).warning(
+        logging.warning(
             "the permutation test's grid is %dx%d (segmentation %dx%d, every "
             "--significance_stride=%d-th pixel), under %dx%d: p-values cannot be small "
             "on masks this coarse; lower --significance_stride",
