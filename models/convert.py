@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 if __package__ in (None, ""):
     # Run as a script (python models/convert.py): make the repository importable.
@@ -308,9 +308,8 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jaxdissect import cli
-
-    cli.quiet_library_logs()  # orbax's per-checkpoint INFO lines
+    if not flags.FLAGS["verbosity"].present:  # orbax's per-checkpoint INFO lines
+        logging.set_verbosity(logging.WARNING)
     config = flags.FLAGS
     options = _parse_options(config.option)
     try:
