@@ -80,8 +80,7 @@ def expand_user_paths(fv: flags.FlagValues) -> None:
 def refuse_arguments(args: Sequence[str], given: Sequence[str] | None = None) -> None:
     """Exit with one line on positional arguments (what absl passed on as no flag): the
     first, the --flagfile it came from (where it is not among `given`, the command line's
-    arguments, default `sys.argv[1:]`), and the `--` a flag needs. (It was absl's usage,
-    the whole help text, then 'unexpected arguments'.)"""
+    arguments, default `sys.argv[1:]`), and the `--` a flag needs."""
     if not args:
         return
     given = sys.argv[1:] if given is None else list(given)
@@ -103,9 +102,8 @@ def script_main(
 
     Refuses positional arguments in one line (`refuse_arguments`), writes `~` in path
     flags as the home folder (`expand_user_paths`), makes one JAX CPU device per core where
-    `split_cpu`
-    (`parallel.split_cpu`; not for training, whose gradient sums round differently on
-    another number of devices), enables the persistent compilation cache, keeps library noise
+    `split_cpu` (`parallel.split_cpu`; not for training, whose gradient sums round
+    differently on another number of devices), enables the persistent compilation cache, keeps library noise
     out of the log, and turns `USER_ERRORS` into one line, `error:
     <message>` with parameters written as the flags `fv` defines, and exit status 1 (the
     traceback is logged at `--verbosity=1`, for an error that is a bug rather than input).
