@@ -272,14 +272,17 @@ def _remove_stale(out: pathlib.Path, stems: list[str], strips: list[str]) -> Non
     strips of units no longer shown (compositional.json and its page name only this run's)."""
     import shutil
 
+    tables = {f"compositional-{stem}.csv" for stem in stems}
     for path in out.glob("compositional-*.csv"):
-        if path.name not in {f"compositional-{stem}.csv" for stem in stems}:
+        if path.name not in tables:
             path.unlink()
     kept = {out / s for s in strips}
     root = out / "formula_strips"
     for folder in root.iterdir() if root.is_dir() else ():
-        if folder.name not in stems:
-            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+        if folder.name not in stems and folder.is_dir():
+            shutil.rmtree(folder)
+        elif folder.name not in stems:
+            folder.unlink()
         elif folder.is_dir():
             for png in folder.glob("unit*.png"):
                 if png not in kept:

@@ -18,6 +18,8 @@ from jaxdissect.data import synthetic
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 256 synthetic images at 48 px: enough for a half-width small CNN to learn the scenes.
 TINY_IMAGES, TINY_SIZE = 256, 48
+# A quick dissection for a script's test: exact thresholds, one device, no report.
+QUICK = ("--quantile_mode=exact", "--batch_size=8", "--devices=1", "--noreport", "--noprogress")
 
 
 def tiny_broden(out: pathlib.Path) -> pathlib.Path:

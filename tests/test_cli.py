@@ -19,7 +19,7 @@ from absl import flags
 
 from jaxdissect import cli, config, engine, outdir, parallel, pipeline, training
 from jaxdissect.models import load as model_load
-from tests.experiment_testing import parse, script
+from tests.experiment_testing import QUICK, parse, script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -282,11 +282,7 @@ def test_input_size_resizes_to_it_and_keys_the_results(tmp_path, caplog):
         "--model=tests.fixtures.small_model:make",
         f"--data={broden}",
         "--layers=conv1",
-        "--quantile_mode=exact",
-        "--batch_size=8",
-        "--devices=1",
-        "--noreport",
-        "--noprogress",
+        *QUICK,
         f"--output_dir={out}",
     )
 

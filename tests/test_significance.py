@@ -449,7 +449,7 @@ def test_dissect_script_prints_the_resolution_note_and_warns_of_a_small_grid(
     import logging
 
     from jaxdissect.data import synthetic
-    from tests.experiment_testing import run_script
+    from tests.experiment_testing import QUICK, run_script
 
     broden = synthetic.generate_tiny(tmp_path / "broden", num_images=13)
     with caplog.at_level(logging.WARNING):
@@ -458,11 +458,7 @@ def test_dissect_script_prints_the_resolution_note_and_warns_of_a_small_grid(
             "--model=tests.fixtures.small_model:make",
             f"--data={broden}",
             "--layers=conv1",
-            "--quantile_mode=exact",
-            "--batch_size=8",
-            "--devices=1",
-            "--noreport",
-            "--noprogress",
+            *QUICK,
             "--significance_draws=19",
             "--significance_stride=8",
             f"--output_dir={tmp_path / 'out'}",

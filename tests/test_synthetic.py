@@ -349,19 +349,20 @@ def test_overwrite_replaces_only_a_synthetic_set(tmp_path):
     assert len(_rows(empty / "index.csv")[1]) == 3
 
 
-def test_cli_errors_are_one_line_naming_the_flag(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "experiments" / "make_synthetic_broden.py"),
-            f"--out_dir={tmp_path / 'set'}",
-            "--num_images=0",
-        ],
+def _make_synthetic_broden(*argv: str) -> subprocess.CompletedProcess:
+    """experiments/make_synthetic_broden.py run with `argv`, its output captured."""
+    script = REPO / "experiments" / "make_synthetic_broden.py"
+    return subprocess.run(
+        [sys.executable, str(script), *argv],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=REPO,
     )
+
+
+def test_cli_errors_are_one_line_naming_the_flag(tmp_path):
+    proc = _make_synthetic_broden(f"--out_dir={tmp_path / 'set'}", "--num_images=0")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == "error: --num_images=0: must be >= 1"
     assert "Traceback" not in proc.stderr and not (tmp_path / "set").exists()
@@ -400,18 +401,7 @@ def test_reader_round_trip(tiny, parsed):
 
 def test_cli_tiny(tmp_path):
     out = tmp_path / "cli"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "experiments" / "make_synthetic_broden.py"),
-            f"--out_dir={out}",
-            "--tiny",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    proc = _make_synthetic_broden(f"--out_dir={out}", "--tiny")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(_rows(out / "index.csv")[1]) == syn.TINY["num_images"]
 

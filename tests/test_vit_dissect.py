@@ -18,7 +18,7 @@ from jaxdissect.models import vit, vit_nnx
 from jaxdissect.models.load import init_variables
 from jaxdissect.preprocess import InputSpec
 from tests import reference
-from tests.experiment_testing import ROOT, TINY_SIZE, parse, run_script, script, tiny_broden
+from tests.experiment_testing import QUICK, ROOT, TINY_SIZE, parse, run_script, script, tiny_broden
 from tests.test_cli import _script
 
 pytestmark = pytest.mark.xdist_group("vit")
@@ -226,11 +226,7 @@ def test_token_layout_flag_reads_the_tokens_as_named(tmp_path):
         "--weights=",
         f"--data={broden}",
         "--layers=tokens",
-        "--quantile_mode=exact",
-        "--batch_size=8",
-        "--devices=1",
-        "--noreport",
-        "--noprogress",
+        *QUICK,
         f"--output_dir={out}",
     )
 
