@@ -107,6 +107,7 @@ def _vectors(fv, cfg, probe, output_dir):
             source,
             fv.batch_size,
             directory=data_dir,
+            categories=categories,  # the concepts' masks of these categories' planes alone
         )
         logging.info(
             "%s: activations and labels of %d images collected (forward %.1f s)",
@@ -136,6 +137,7 @@ def _vectors(fv, cfg, probe, output_dir):
             activation_dtype=layer.activation_dtype,
             input_spec=dataclasses.asdict(layer.input_spec),
             concepts=concepts.tolist(),
+            categories=categories,
             config=dataclasses.asdict(cfg),
         )
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -486,6 +486,7 @@ def collect(
     source: Any,
     batch_size: int = 32,
     directory: str | os.PathLike[str] | None = None,
+    categories: Sequence[str] | None = None,
 ) -> tuple[ProbeData, float]:
     """(ProbeData of every image of `source`, seconds spent in `forward` after compiling it):
     `forward` maps a batch of images to the layer's activations (`finished.layer_forward`).
@@ -494,6 +495,8 @@ def collect(
       full Broden's (tens of GB) needs no memory; None: in memory. Label numbers outside
       [1, num_labels), which no mask counts, are stored as 0 (none), so that labels fit
       uint16 where the label space allows.
+    categories: the categories whose labels are read (None: all), as the dissection reads
+      them: a label listed in two categories keeps only the pixels of those selected.
     """
     n, (sh, sw) = len(source), source.seg_size
     num_labels = source.labels.num_labels
@@ -525,7 +528,9 @@ def collect(
             acts = alloc("acts", (n, *out.shape[1:]), out.dtype)
         acts[start : start + len(idx)] = out
         for i in idx:
-            p, q = source.read_labels(i)
+            p, q = (
+                source.read_labels(i) if categories is None else source.read_labels(i, categories)
+            )
             planes[i, : p.shape[0]] = known(p)
             image_labels[i, : len(q)] = known(q)
     if acts is None:

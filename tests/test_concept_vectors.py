@@ -234,6 +234,31 @@ def test_collected_to_files_the_data_and_the_vectors_are_those_of_memory(tmp_pat
     np.testing.assert_array_equal(a.intersection, b.intersection)
 
 
+def test_collected_labels_are_those_of_the_selected_categories(tmp_path):
+    """A label listed in two categories (tiny_broden's `wood`: object and material) keeps
+    only the pixels of the categories read, as the dissection reads them."""
+    from jaxdissect.data.broden import Broden
+    from tests.broden_testing import tiny_broden
+
+    source = Broden.open(tiny_broden(tmp_path).root)
+
+    def forward(images):
+        return np.zeros((len(images), 1, 1, 1), np.float32)
+
+    wood = source.labels.names.index("wood")
+    pixels = {}
+    for categories in (None, ("object", "color"), ("material",)):
+        data, _ = cv.collect(forward, source, batch_size=2, categories=categories)
+        pixels[categories] = int((np.asarray(data.pixel_labels) == wood).sum())
+        want = sum(
+            int((source.read_labels(i, categories or source.labels.categories)[0] == wood).sum())
+            for i in range(len(source))
+        )
+        assert pixels[categories] == want
+    assert pixels[("object", "color")] == 4 and pixels[("material",)] == 6
+    assert pixels[None] == 10
+
+
 def test_a_killed_run_resumes_to_the_same_vectors(tmp_path):
     data, thresholds, concepts = _planted(num_images=24, seed=2)
     cfg = cv.ProbeConfig(epochs=3, probe_batch_size=4, probe_checkpoint_every=2)
