@@ -443,3 +443,21 @@ def test_atomic_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
     with pytest.raises(ValueError):
         report.save_png(tmp_path / "y.png", np.zeros((2, 2), np.float32))
+
+
+@pytest.mark.parametrize(
+    "fraction, text",
+    [(0.9987, "99.87%"), (0.995, "99.5%"), (0.0248, "2.48%"), (1.5e-5, "0.0015%")],
+)
+def test_a_cards_tie_share_is_a_plain_percentage(fraction, text):
+    """A tied unit's card gives its share of activations at T without exponent notation."""
+    from types import SimpleNamespace
+
+    from jaxdissect import ties
+
+    result = SimpleNamespace(
+        state=np.array([ties.TIED], object),
+        counts={"unit_total": np.array([7])},
+        ties=SimpleNamespace(tie_fraction=np.array([fraction])),
+    )
+    assert build._state_text(result, 0) == f"{ties.TIED}: {text} of activations at T"

@@ -73,7 +73,7 @@ def _state_text(result: results.LayerResult, k: int) -> str:
     if int(result.counts["unit_total"][k]) == 0:
         return f"{state}, {results.NO_ACTIVE_PIXELS}"
     if result.ties is not None:
-        return f"{state}: {100 * result.ties.tie_fraction[k]:.2g}% of activations at T"
+        return f"{state}: {100 * result.ties.tie_fraction[k]:.4g}% of activations at T"
     return state
 
 
