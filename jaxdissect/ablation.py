@@ -633,6 +633,8 @@ def joined(
     classes = []
     for c, name in enumerate(class_names):
         own, rest = result.curve(c)
+        if result.total[c] == 0:  # no images: no ranking, so no units removed for it
+            own, rest = np.full_like(own, np.nan), np.r_[rest[:1], np.full(len(rest) - 1, np.nan)]
         classes.append(
             {
                 "class": name,
@@ -640,7 +642,7 @@ def joined(
                 "accuracy": None if np.isnan(base[c]) else float(base[c]),
                 "units": [
                     {"unit": int(k), "drop": float(drop[k, c]), **dict(labels[k])}
-                    for k in result.order[c, :top_units]
+                    for k in (result.order[c, :top_units] if result.total[c] else ())
                 ],
                 "curve": {
                     "n": [0, *result.ns],
@@ -686,8 +688,8 @@ def write_ablation_files(
         "settings": dict(settings),
         "classes_mean_curve": {
             "n": [0, *result.ns],
-            "class_accuracy": own.tolist(),
-            "others_accuracy": rest.tolist(),
+            "class_accuracy": [_num(v) for v in own],
+            "others_accuracy": [_num(v) for v in rest],
         },
         **dict(extra or {}),
         **doc,
@@ -709,7 +711,7 @@ def write_ablation_files(
                     int(bool(u["interpretable"])),
                     u["mean_drop"],
                 ]
-                + [f"{v:.6f}" for v in result.drop[k]]
+                + ["" if np.isnan(v) else f"{v:.6f}" for v in result.drop[k]]
             )
     with store.atomic_open(out / "ablation_classes.csv", newline="") as f:
         w = csv.writer(f)
@@ -717,6 +719,8 @@ def write_ablation_files(
         for c, entry in enumerate(doc["classes"]):
             curve = entry["curve"]
             for i, n in enumerate(curve["n"]):
+                if n and not entry["examples"]:
+                    continue  # a class without images has no units to remove
                 removed = " ".join(str(int(k)) for k in result.order[c, :n])
                 w.writerow(
                     [
@@ -733,6 +737,7 @@ def write_ablation_files(
         {
             e["class"]: (e["curve"]["class_accuracy"], e["curve"]["others_accuracy"])
             for e in doc["classes"]
+            if e["examples"]  # as mean_curves: the classes with images
         },
         title=f"{settings.get('layer', '')}: each class's top N units ({result.value}) removed",
         ylabel=measure,

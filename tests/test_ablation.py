@@ -321,6 +321,46 @@ def test_finding_counts_defining_labels_of_top_units_against_the_layer():
     assert f["share_top_units_the_class"] == 0.25
 
 
+def test_a_class_without_images_gets_no_ranking_and_strict_json(tmp_path):
+    """Class 1 has no validation images: no units ranked or removed for it, no NaN in
+    ablation.json (strict JSON), blank cells in the CSVs, the plot's means over class 0."""
+    import csv
+    import json
+
+    res = ablation.AblationResult(
+        total=np.array([10, 0]),
+        base=np.array([8, 0]),
+        single=np.array([[8, 0], [4, 0], [6, 0]]),
+        ns=(1, 2),
+        top=np.array([[[4, 0], [2, 0]], [[8, 0], [8, 0]]]),
+        order=np.array([[1, 2, 0], [0, 1, 2]]),
+        value="zero",
+    )
+    labels = [{"name": None, "category": None, "iou": 0.0, "interpretable": False}] * 3
+    doc = ablation.write_ablation_files(tmp_path, res, ["a", "b"], labels, {"layer": "x"})
+    text = (tmp_path / "ablation.json").read_text()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in ablation.json")
+
+    assert json.loads(text, parse_constant=refuse)["classes"] == doc["classes"]
+    empty = doc["classes"][1]
+    assert empty["examples"] == 0 and empty["accuracy"] is None and empty["units"] == []
+    assert empty["curve"]["class_accuracy"] == [None, None, None]
+    assert empty["curve"]["others_accuracy"] == [0.8, None, None]  # N = 0: class a's
+    assert [u["unit"] for u in doc["classes"][0]["units"]] == [1, 2, 0]
+    rows = list(csv.DictReader((tmp_path / "ablation_classes.csv").open()))
+    assert [(r["class"], r["n_removed"], r["removed_units"]) for r in rows] == [
+        ("a", "0", ""),
+        ("a", "1", "1"),
+        ("a", "2", "1 2"),
+        ("b", "0", ""),
+    ]
+    units = list(csv.DictReader((tmp_path / "ablation_units.csv").open()))
+    assert [u["drop_b"] for u in units] == ["", "", ""]
+    assert [u["drop_a"] for u in units] == ["0.000000", "0.400000", "0.200000"]
+
+
 def test_unit_means_are_the_layer_outputs_mean_over_valid_images_and_positions(data):
     variables, images, labels = data
     got = ablation.unit_means(
