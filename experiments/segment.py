@@ -112,10 +112,9 @@ def _read_vectors(directory: str, layer: str):
 
 
 def _segment(fv, image, vectors, out):
-    import jax.numpy as jnp
     import numpy as np
 
-    from jaxdissect import finished, masks, segment, store
+    from jaxdissect import concept_vectors, finished, masks, segment, store
 
     loaded = finished.load_dissected_model(fv.model, fv.weights, fv.dissection)
     fields = store.definition_key(loaded.module, loaded.apply_kwargs, source=False)
@@ -137,21 +136,38 @@ def _segment(fv, image, vectors, out):
     records = segment.region_records(regions, size[0] * size[1])
     if vectors is not None:
         doc, arrays = vectors
+        trained = doc["settings"]
         if not np.array_equal(arrays["thresholds"], layer.thresholds):
             raise ValueError(
                 f"--concept_vectors={fv.concept_vectors} was trained on other thresholds than "
                 f"--dissection={fv.dissection}'s: train them on this dissection"
             )
+        for name, mine in (
+            ("tie_rule", layer.tie_rule),
+            ("activation_dtype", layer.activation_dtype),
+        ):
+            if trained.get(name) != mine:
+                raise ValueError(
+                    f"--concept_vectors={fv.concept_vectors} was trained with {name} "
+                    f"{trained.get(name)!r}, --dissection={fv.dissection} has {mine!r}: train "
+                    "them on this dissection"
+                )
         keep = [
             j
             for j, c in enumerate(doc["concepts"])
             if c["scored"] and c["iou"] > layer.iou_threshold
         ]
-        all_masks = masks.unit_masks(acts, layer.thresholds, size, layer.tie_rule)[0]
-        w = jnp.asarray(arrays["weights"][keep])
-        z = jnp.einsum("hwk,ck->hwc", all_masks.astype(jnp.float32), w) + arrays["bias"][keep]
+        predicted = concept_vectors.predict(
+            acts,
+            layer.thresholds,
+            size,
+            arrays["weights"][keep],
+            arrays["bias"][keep],
+            variant=trained.get("variant", "binary"),
+            tie_rule=layer.tie_rule,
+        )[0]
         v_painted, v_regions = segment.regions_of(
-            np.asarray(z > 0),
+            np.asarray(predicted),
             [doc["concepts"][j]["name"] for j in keep],
             [doc["concepts"][j]["category"] for j in keep],
             [doc["concepts"][j]["iou"] for j in keep],

@@ -214,6 +214,25 @@ def unit_inputs(
     return s.reshape(b, -1, k), m.reshape(b, -1, k)
 
 
+def predict(
+    acts: jax.Array,
+    thresholds: jax.Array,
+    size: tuple[int, int],
+    weights: jax.Array,
+    bias: jax.Array,
+    *,
+    variant: str,
+    tie_rule: str = "strict",
+) -> jax.Array:
+    """bool [B, h, w, C]: each concept vector's mask on the grid `size` (probe > 0.5, i.e.
+    w . m(x) + b > 0) from the inputs it was trained on (`variant`: unit masks or upsampled
+    activations). acts [B, h', w', K]; weights [C, K]; bias [C]."""
+    raw, unit = unit_inputs(acts, thresholds, size, tie_rule=tie_rule)
+    feats = unit.astype(jnp.float32) if variant == "binary" else raw
+    z = jnp.einsum("bpk,ck->bpc", feats, weights, precision=lax.Precision.HIGHEST) + bias
+    return (z > 0).reshape(z.shape[0], *size, -1)
+
+
 def concept_targets(
     pixel_labels: jax.Array, image_labels: jax.Array, concepts: jax.Array, *, stride: int = 1
 ) -> jax.Array:

@@ -6,8 +6,9 @@ of its label; units sharing a label make one region, the union of their masks. A
 painted with the label of the region covering it whose best unit has the highest IoU in the
 dissection among the units firing at that pixel (ties: the first region); `regions` lists
 every region, overlaps included.
-Concept vectors (`jaxdissect.concept_vectors`) give regions the same way, from
-w . m(x) + b > 0 over all units' masks.
+Concept vectors (`jaxdissect.concept_vectors.predict`) give regions the same way, from
+w . m(x) + b > 0 over the inputs they were trained on (all units' masks, or their upsampled
+activations for the `raw` variant).
 """
 
 from __future__ import annotations

@@ -101,6 +101,23 @@ def test_one_training_step_equals_numpy_gradient_and_optax_adam(variant):
     assert got.truth[-1] == 0 and got.iou[-1] == 0.0 and (got.weights[-1] == 0).all()
 
 
+@pytest.mark.parametrize("variant", cv.VARIANTS)
+def test_predicted_masks_are_the_probe_over_its_own_inputs(variant):
+    """A vector's mask on an image: w . m(x) + b > 0 over the inputs of its variant."""
+    rng = np.random.default_rng(3)
+    acts = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+    thresholds = np.quantile(acts, 0.7, axis=(0, 1, 2)).astype(np.float32)
+    w, b = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=6).astype(np.float32)
+    got = np.asarray(cv.predict(acts, thresholds, (7, 9), w, b, variant=variant))
+    raw, binary = reference_inputs(acts, thresholds, (7, 9))
+    feats = binary.astype(np.float64) if variant == "binary" else raw
+    want = (feats @ w.T.astype(np.float64) + b > 0).reshape(2, 7, 9, 6)
+    assert got.shape == want.shape and 0 < want.mean() < 1
+    np.testing.assert_array_equal(got, want)
+    other = "raw" if variant == "binary" else "binary"
+    assert (np.asarray(cv.predict(acts, thresholds, (7, 9), w, b, variant=other)) != want).any()
+
+
 def test_heldout_ious_equal_the_reference():
     data, thresholds, concepts = _probe(3, num_images=20)
     cfg = cv.ProbeConfig(epochs=4, probe_batch_size=4, heldout_fraction=0.3, learning_rate=0.1)

@@ -196,6 +196,22 @@ def test_segment_script_paints_the_labelled_units(tmp_path, data_args, dissectio
         assert 0 < r["painted"] <= r["pixels"] or r["painted"] == 0
     with Image.open(out / "segment-noise.png") as im:
         assert im.mode in ("RGB", "RGBA") and im.width > 70
+    # Vectors trained under another tie rule (the same thresholds) are refused.
+    other = tmp_path / "other_vectors"
+    shutil.copytree(vectors[0], other)
+    trained = json.loads((other / "concept_vectors.json").read_text())
+    trained["settings"]["tie_rule"] = "inclusive"
+    store.write_json(other / "concept_vectors.json", trained)
+    with pytest.raises(ValueError, match=r"--concept_vectors=.* tie_rule 'inclusive', "):
+        run_script(
+            "segment",
+            f"--image={image}",
+            f"--dissection={dissection}",
+            "--layer=top",
+            *MODEL,
+            f"--concept_vectors={other}",
+            f"--output_dir={tmp_path / 'seg2'}",
+        )
 
 
 def test_concept_page_escapes_names(tmp_path):
