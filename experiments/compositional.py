@@ -36,12 +36,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     from jaxdissect import compositional
 
     cli.define_model_flags(fv)
-    flags.DEFINE_integer(
-        "num_classes", None, "Classifier size of the model (e.g. 365 for Places).", flag_values=fv
-    )
-    flags.DEFINE_multi_string(
-        "model_option", [], "Extra constructor option key=value, repeatable.", flag_values=fv
-    )
+    cli.define_model_option_flags(fv)
     cli.define_input_flags(fv)
     flags.DEFINE_list("layers", ["conv5"], "Layers to explain.", flag_values=fv)
     cli.define_dataclass_flags(compositional.SearchSettings, fv)
@@ -123,11 +118,8 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
     if trained:
         loaded = training.load_trained(fv.weights)
     else:
-        model_options = model_load.parse_options(fv.model_option)
-        if fv.num_classes is not None:
-            model_options["num_classes"] = fv.num_classes
         loaded = model_load.load(
-            fv.model, weights=fv.weights or None, options=model_options, seed=settings.seed
+            fv.model, weights=fv.weights or None, options=cli.model_options(fv), seed=settings.seed
         )
     info = cli.model_info(loaded, fv.input_norm, fv.input_size)
     spec = info.input_spec

@@ -81,20 +81,29 @@ def _vectors(fv, cfg, probe, output_dir):
     import numpy as np
     from absl import logging
 
-    from jaxdissect import concept_vectors, finished, parallel, store
+    from jaxdissect import concept_vectors, engine, finished, parallel, store
     from jaxdissect.report import concept_page, plots
 
     out = pathlib.Path(output_dir)
     source, dataset_name = probe.open()  # a missing or bad probe set fails before the model loads
     finished.check_probe_set(fv.dissection, dataset_name, source.fingerprint())
-    loaded = finished.load_dissected_model(fv.model, fv.weights, fv.dissection)
+    loaded = finished.load_dissected_model(
+        fv.model, fv.weights, fv.dissection, cli.model_options(fv)
+    )
     fields = store.definition_key(loaded.module, loaded.apply_kwargs, source=False)
     layer = finished.read_layer(fv.dissection, fv.layer, model_key=loaded.key, model_fields=fields)
-    labels = source.labels
     categories = list(fv.categories) or layer.categories
-    unknown = [c for c in categories if c not in labels.categories]
+    unknown = [c for c in categories if c not in source.labels.categories]
     if unknown:
-        raise ValueError(f"--categories: {unknown} not in the probe set's {labels.categories}")
+        raise ValueError(
+            f"--categories: {unknown} not in the probe set's {source.labels.categories}"
+        )
+    categories = source.labels.select(categories)  # in the label space's order
+    # Each label's category among those chosen, as the dissection chose it (without
+    # `material`, `wood` is an object).
+    labels = engine.restrict_categories(
+        source.labels, categories, getattr(source, "coverage", None)
+    )
     # The probe data as memory-mapped files (a full Broden's exceed memory), rewritten by
     # every run and removed after it.
     # float16 activations stay float16 (exact: the forward rounds them to it).
@@ -115,7 +124,7 @@ def _vectors(fv, cfg, probe, output_dir):
             len(source),
             forward_s,
         )
-        wanted = np.isin(labels.primary, [labels.categories.index(c) for c in categories])
+        wanted = labels.primary >= 0
         present = data.labels_present(labels.num_labels)
         concepts = np.flatnonzero(wanted & present).astype(np.int32)
         if len(concepts) == 0:

@@ -51,15 +51,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         ".safetensors file, or '' for a random init (--seed).",
         flag_values=fv,
     )
-    flags.DEFINE_integer(
-        "num_classes", None, "Classifier size of the model (e.g. 365 for Places).", flag_values=fv
-    )
-    flags.DEFINE_multi_string(
-        "model_option",
-        [],
-        "Extra constructor option key=value, repeatable (e.g. width=0.5, batch_norm=false).",
-        flag_values=fv,
-    )
+    cli.define_model_option_flags(fv)
     cli.define_input_flags(fv)
     flags.DEFINE_list(
         "layers",
@@ -116,9 +108,7 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
         from jaxdissect.capture import TokenLayout
 
         TokenLayout.parse(fv.token_layout)
-    model_options = model_load.parse_options(fv.model_option)
-    if fv.num_classes is not None:
-        model_options["num_classes"] = fv.num_classes
+    model_options = cli.model_options(fv)
     missing = []  # data and weights the user lacks: one line says what to get for each
     try:
         probe = cli.probe_from_flags(fv)

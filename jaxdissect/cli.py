@@ -399,9 +399,32 @@ def define_devices_flag(fv: flags.FlagValues) -> None:
     fv["devices"].field_name = "num_devices"  # `parallel.data_mesh`'s parameter
 
 
+def define_model_option_flags(fv: flags.FlagValues) -> None:
+    """--num_classes and --model_option: the model's constructor options (`model_options`)."""
+    flags.DEFINE_integer(
+        "num_classes", None, "Classifier size of the model (e.g. 365 for Places).", flag_values=fv
+    )
+    flags.DEFINE_multi_string(
+        "model_option",
+        [],
+        "Extra constructor option key=value, repeatable (e.g. width=0.5, batch_norm=false).",
+        flag_values=fv,
+    )
+
+
+def model_options(fv: flags.FlagValues) -> dict[str, Any]:
+    """The constructor options --model_option and --num_classes give."""
+    from jaxdissect.models import load as model_load
+
+    options = model_load.parse_options(fv.model_option)
+    if fv.num_classes is not None:
+        options["num_classes"] = fv.num_classes
+    return options
+
+
 def define_finished_dissection_flags(fv: flags.FlagValues) -> None:
-    """--dissection, --layer, --model and --weights of the scripts that build on a finished
-    experiments/dissect.py run (`jaxdissect.finished`)."""
+    """--dissection, --layer, --model, --weights and the model's options of the scripts that
+    build on a finished experiments/dissect.py run (`jaxdissect.finished`)."""
     flags.DEFINE_string(
         "dissection",
         "runs/efficientnet_lite0",
@@ -422,6 +445,7 @@ def define_finished_dissection_flags(fv: flags.FlagValues) -> None:
         "experiments/dissect.py takes ('pretrained', an orbax dir, '').",
         flag_values=fv,
     )
+    define_model_option_flags(fv)
 
 
 def probe_from_flags(fv: flags.FlagValues) -> Probe:

@@ -98,12 +98,13 @@ def read_layer(
     if model_key is not None and settings.get("model_key") != model_key:
         raise ValueError(
             f"{flag}={directory} dissected {settings.get('model')}, not the model given here "
-            "(--model/--weights): dissect this model first, or pass its dissection"
+            "(--model, --weights, --model_option, --num_classes): dissect this model first, "
+            "or pass its dissection"
         )
     if model_fields is not None and settings.get("model_fields", model_fields) != model_fields:
         raise ValueError(
             f"{flag}={directory} dissected {settings.get('model')} with the same weights but "
-            "other settings of its fields (options): dissect this model first"
+            "other settings of its fields (--model_option): dissect this model first"
         )
     stem = results.layer_file_stems(names)[names.index(layer)]
     [record] = [r for r in doc["layers"] if r["layer"] == layer]
@@ -218,22 +219,33 @@ def check_model(model: str | None, weights: str | None, num_classes: int | None 
     return False
 
 
-def load_model(model: str | None, weights: str | None, seed: int = 0) -> Any:
-    """A `models.load.LoadedModel`: a training export or `model` with `weights` as
-    experiments/dissect.py takes them (`seed`: of a random init, `weights` ''); errors
-    name the flags."""
+def load_model(
+    model: str | None,
+    weights: str | None,
+    seed: int = 0,
+    options: Mapping[str, Any] | None = None,
+) -> Any:
+    """A `models.load.LoadedModel`: a training export or `model` with `weights` and
+    constructor `options` as experiments/dissect.py takes them (`seed`: of a random init,
+    `weights` ''); errors name the flags."""
     from jaxdissect import training
     from jaxdissect.models import load as model_load
 
     if check_model(model, weights):
         return training.load_trained(weights)
-    return model_load.load(model, weights=weights or None, seed=seed)
+    return model_load.load(model, weights=weights or None, options=options, seed=seed)
 
 
-def load_dissected_model(model: str | None, weights: str | None, directory: Any) -> Any:
+def load_dissected_model(
+    model: str | None,
+    weights: str | None,
+    directory: Any,
+    options: Mapping[str, Any] | None = None,
+) -> Any:
     """`load_model` of the model the finished dissection in `directory` ran: a random init
     (`weights` '') at the seed it recorded (its --seed), so that it is the same model."""
-    return load_model(model, weights, seed=int(recorded_settings(directory).get("seed", 0)))
+    seed = int(recorded_settings(directory).get("seed", 0))
+    return load_model(model, weights, seed=seed, options=options)
 
 
 def layer_forward(loaded: Any, finished: FinishedLayer) -> Any:

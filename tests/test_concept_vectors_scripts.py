@@ -281,11 +281,57 @@ def test_the_checkpoints_are_keyed_by_the_device_count(
     assert keys[0] != keys[1]
 
 
+def test_concepts_and_masks_are_those_of_the_chosen_categories(
+    tmp_path, monkeypatch, data_args, dissection
+):
+    """--categories=part,color: the concepts are the labels whose category among those is
+    one of them (as a dissection of those categories scores them: an object that is also a
+    part, such as door, becomes a part), their masks from those categories' planes alone."""
+    from jaxdissect import concept_vectors, engine
+    from jaxdissect.data import open_probe
+
+    class Stop(Exception):
+        pass
+
+    def stop(data, thresholds, concepts, *args, **kwargs):
+        raise Stop(np.array(data.pixel_labels), np.asarray(concepts))
+
+    monkeypatch.setattr(concept_vectors, "train_concept_vectors", stop)
+    with pytest.raises(Stop) as stopped:
+        run_script(
+            "concept_vectors",
+            f"--dissection={dissection}",
+            "--layer=top",
+            *MODEL,
+            *data_args,
+            "--categories=part,color",
+            "--devices=1",
+            "--noprogress",
+            f"--output_dir={tmp_path}",
+        )
+    planes, concepts = stopped.value.args
+    source, _ = open_probe(data_args[0].split("=", 1)[1], resolution=TINY_SIZE)
+    chosen = ("color", "part")
+    labels = engine.restrict_categories(source.labels, chosen, source.coverage)
+    read = [source.read_labels(i, chosen) for i in range(len(source))]
+    present = set()
+    for i, (p, q) in enumerate(read):
+        np.testing.assert_array_equal(planes[i, : len(p)], p)
+        assert not planes[i, len(p) :].any()
+        present |= set(np.unique(p)) | set(q)
+    want = [c for c in range(labels.num_labels) if labels.primary[c] >= 0 and c in present]
+    np.testing.assert_array_equal(concepts, want)
+    # Labels that are objects first in the whole label space, parts here.
+    moved = [c for c in want if source.labels.category_of(c) not in chosen]
+    assert moved and all(labels.category_of(c) == "part" for c in moved)
+
+
 def test_a_random_init_is_loaded_at_the_seed_the_dissection_recorded(
     tmp_path, monkeypatch, data_args, dissection
 ):
     """segment.py and concept_vectors.py take no --seed: a `--weights=` dissection run with
-    --seed=3 is followed at seed 3 (it was seed 0, another model, refused as such)."""
+    --seed=3 is followed at seed 3 (it was seed 0, another model, refused as such); the
+    model's options are theirs (--model_option, --num_classes) as dissect.py's."""
     copy = tmp_path / "seed3"
     shutil.copytree(dissection, copy)
     doc = json.loads((copy / "results.json").read_text())
@@ -295,18 +341,25 @@ def test_a_random_init_is_loaded_at_the_seed_the_dissection_recorded(
     class Stop(Exception):
         pass
 
-    def load_model(model, weights, seed=0):
-        raise Stop(seed)
+    def load_model(model, weights, seed=0, options=None):
+        raise Stop(seed, options)
 
     monkeypatch.setattr(finished, "load_model", load_model)
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
-    common = (f"--dissection={copy}", "--layer=top", *MODEL, f"--output_dir={tmp_path / 'o'}")
+    common = (
+        f"--dissection={copy}",
+        "--layer=top",
+        *MODEL,
+        "--model_option=width=0.5",
+        "--num_classes=7",
+        f"--output_dir={tmp_path / 'o'}",
+    )
     data = (*data_args, "--noprogress")  # the dissection's probe set
     for name, extra in (("segment", (f"--image={image}",)), ("concept_vectors", data)):
         with pytest.raises(Stop) as stopped:
             run_script(name, *common, *extra)
-        assert stopped.value.args[0] == 3
+        assert stopped.value.args == (3, {"width": 0.5, "num_classes": 7})
 
 
 def test_a_probe_set_other_than_the_dissections_is_refused(tmp_path, data_args, dissection):
