@@ -58,6 +58,10 @@ def check_value(value: str) -> str:
     return value
 
 
+# The examples' losses [M, B]: masks whole, examples split over the devices.
+EXAMPLES = jax.sharding.PartitionSpec(None, parallel.AXIS)
+
+
 class Ablator:
     """Per-class correct counts of `module` with unit masks applied at module `path`.
 
@@ -86,7 +90,7 @@ class Ablator:
             self._device_sums,
             static_argnums=(5,),
             in_shardings=(repl, repl, repl, data, data),
-            out_shardings=data,
+            out_shardings=(data, jax.sharding.NamedSharding(self.mesh, EXAMPLES)),
         )
         self._tap: Any = None
 
@@ -123,8 +127,10 @@ class Ablator:
         acts: jax.Array,
         num_classes: int,
     ) -> tuple[jax.Array, jax.Array]:
-        """Per mask ([M, K]) and class: correct examples and summed cross-entropy over each
-        device's rows, stacked [devices, M, C] and summed on the host.
+        """Per mask ([M, K]): correct examples of each class over each device's rows,
+        stacked [devices, M, C] and summed on the host, and every example's cross-entropy
+        [M, B] (0 for padding rows), which the host sums by class in float64 in image order
+        (the same sums on any number of devices and batch size).
 
         No collective: on the CPU backend a device's part of a program that waits in an
         all-reduce holds one of the few execution threads, so several batches' steps in
@@ -142,17 +148,17 @@ class Ablator:
                 correct = (jnp.argmax(logits, -1) == targets) & valid
                 loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
                 loss = jnp.where(valid, loss, 0.0).astype(jnp.float32)
-                return (
-                    jnp.sum(onehot * correct[:, None].astype(jnp.int32), 0),
-                    jnp.sum(onehot.astype(jnp.float32) * loss[:, None], 0),
-                )
+                return jnp.sum(onehot * correct[:, None].astype(jnp.int32), 0), loss
 
             correct, loss = jax.vmap(one)(masks)
-            return correct[None], loss[None]
+            return correct[None], loss
 
         whole, rows = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(parallel.AXIS)
         return driver.partial_shard_map(
-            local, mesh=self.mesh, in_specs=(whole, whole, whole, rows, rows), out_specs=rows
+            local,
+            mesh=self.mesh,
+            in_specs=(whole, whole, whole, rows, rows),
+            out_specs=(rows, EXAMPLES),
         )(variables, masks, fill, batch, acts)
 
     def counts(
@@ -200,7 +206,8 @@ class Ablator:
         fill_dev = None if fill is None else jnp.asarray(fill, jnp.float32)
         out = np.zeros((len(masks), num_classes), np.int64)
         losses = np.zeros((len(masks), num_classes), np.float64)
-        put = [parallel.put_global_batch(_eval_fields(b), self.mesh) for b in batches]
+        fields = [_eval_fields(b) for b in batches]
+        put = [parallel.put_global_batch(f, self.mesh) for f in fields]
         # The layer's output once per batch: in the step it replaces the computed one, so XLA
         # drops the layers before it as dead code and only those after run once per mask.
         acts = [self._layer_step(variables, b["image"])(variables, b["image"]) for b in put]
@@ -212,13 +219,16 @@ class Ablator:
             sums = []
             for batch, act in zip(put, acts, strict=True):
                 sums.append(self._step(variables, padded, fill_dev, batch, act, num_classes))
-            for correct, loss in parallel.gather_to_host(sums):  # [devices, M, C]
-                out[start : start + len(chunk)] += np.asarray(correct, np.int64).sum(0)[
-                    : len(chunk)
-                ]
-                losses[start : start + len(chunk)] += np.asarray(loss, np.float64).sum(0)[
-                    : len(chunk)
-                ]
+            done = slice(start, start + len(chunk))
+            for f, (correct, loss) in zip(fields, parallel.gather_to_host(sums), strict=True):
+                out[done] += np.asarray(correct, np.int64).sum(0)[: len(chunk)]
+                # [M, B] -> [M, C]: each class's examples' losses in float64, in image order.
+                rows = np.flatnonzero(f["valid"])
+                per_example = np.asarray(loss, np.float64)[: len(chunk), rows]
+                for m, row in enumerate(per_example):
+                    losses[start + m] += np.bincount(
+                        f["label"][rows], weights=row, minlength=num_classes
+                    )
         return out, losses
 
 
@@ -401,16 +411,17 @@ def unit_means(
 
 
 # Decimal places of a class's mean cross-entropy rise that break ties of accuracy drop:
-# the float32 sums of its examples' losses are off by about 1e-6 at most.
+# an example's float32 loss may differ in its last bits with the batch it ran in.
 RISE_DECIMALS = 5
 
 
 def ranking(drop: np.ndarray, loss_rise: np.ndarray | None = None) -> np.ndarray:
     """int64 [C, K]: per class, units by decreasing accuracy drop (`drop` [K, C]); ties by
     decreasing rise of the class's mean loss (`loss_rise` [K, C], if given) rounded to
-    `RISE_DECIMALS` places, then by unit. The rounding makes rises within float32 noise
-    of each other (units whose removal changes nothing: a rise of +-1e-7) equal, so that
-    their order is the units' and not the summation order's (devices, batch size)."""
+    `RISE_DECIMALS` places, then by unit. The rises are float64 sums in image order of the
+    examples' float32 losses (`counts_and_loss`), the same on any number of devices; the
+    rounding makes rises within float32 noise of each other (units whose removal changes
+    nothing: a rise of +-1e-7) equal, so that their order is the units'."""
     drop = np.nan_to_num(np.asarray(drop, np.float64), nan=-np.inf)
     rise = np.zeros_like(drop) if loss_rise is None else np.asarray(loss_rise, np.float64)
     rise = np.nan_to_num(np.round(rise, RISE_DECIMALS) + 0.0, nan=-np.inf)  # -0.0 -> 0.0

@@ -108,6 +108,28 @@ def test_counts_match_numpy_loop_of_single_evaluations(data, devices):
     np.testing.assert_array_equal(got, want)
 
 
+def test_losses_are_the_same_sums_on_any_devices_and_batch_size(data):
+    """Each class's summed cross-entropy (which breaks ties of accuracy drop) is a float64
+    sum in image order of the examples' losses: equal bit for bit on 1 or 8 devices and any
+    batch size, and to numpy's within float32 rounding of each example's loss."""
+    variables, images, labels = data
+    rng = np.random.default_rng(3)
+    masks = np.concatenate(
+        [np.zeros((1, K), bool), np.eye(K, dtype=bool), rng.random((3, K)) < 0.5]
+    )
+    sums = []
+    for devices, size in ((1, 5), (1, 16), (2, 8), (8, 16), (8, 24)):
+        ab = ablation.Ablator(_IntNet(), None, "hidden", mesh=parallel.data_mesh(devices))
+        batches = _batches(images, labels, size)
+        sums.append(
+            ab.counts_and_loss(variables, batches, masks, num_classes=CLASSES, masks_per_call=3)[1]
+        )
+    for other in sums[1:]:
+        np.testing.assert_array_equal(other, sums[0])
+    want = np.stack([_numpy_loss(variables, images, labels, m) for m in masks])
+    np.testing.assert_allclose(sums[0], want, rtol=1e-6, atol=1e-5)  # float32 per example
+
+
 def test_each_device_sums_its_own_rows(data):
     """The step has no collective: with an all-reduce in it, several batches' steps in flight
     deadlocked the CPU backend's execution threads on 2 devices (each device's part waiting
