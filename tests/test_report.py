@@ -461,3 +461,54 @@ def test_a_cards_tie_share_is_a_plain_percentage(fraction, text):
         ties=SimpleNamespace(tie_fraction=np.array([fraction])),
     )
     assert build._state_text(result, 0) == f"{ties.TIED}: {text} of activations at T"
+
+
+def test_a_strip_draws_only_the_top_images_where_the_unit_fires(tmp_path):
+    """A ReLU unit tied at T = 0 firing in one image shows that image alone: its other top
+    images (maximum 0 = T) are wholly dimmed under the strict rule and are left out (they
+    were drawn, arbitrary images by index); under the inclusive rule they fire and are drawn."""
+    from jaxdissect import results
+    from jaxdissect.labelspace import LabelSpace
+
+    top = np.array([[5, 0], [1, 1], [2, -1]], np.int32)  # [T, K]; -1: an empty slot
+    maps = np.zeros((3, 2, 2, 2), np.float32)
+    maps[0, 0, 0, 0] = 0.03  # unit 0 fires in its first top image only
+    maps[:2, ..., 1] = 1.0  # unit 1 fires in both of its filled slots
+    thresholds = np.array([0.0, 0.5], np.float32)
+    assert build.drawn_ranks(top, maps, thresholds, "strict").T.tolist() == [
+        [True, False, False],
+        [True, True, False],
+    ]
+    assert build.drawn_ranks(top, maps, thresholds, "inclusive")[:, 0].all()
+
+    class Source:
+        def read_image(self, i: int) -> np.ndarray:
+            return np.full((8, 8, 3), 10 * i, np.uint8)
+
+    labels = LabelSpace(("color",), ("-", "red-c"), np.array([-1, 0], np.int32), (False,))
+    counts = {
+        "intersection": np.array([[0, 3], [0, 4]]),
+        "label_pixels": np.array([0, 10]),
+        "unit_pixels": np.array([[5], [6]]),
+        "unit_total": np.array([5, 6]),
+        "images": np.int64(6),
+    }
+    layer = results.layer_result("head", counts, labels)
+    widths = {}
+    for rule in ("strict", "inclusive"):
+        out = tmp_path / rule
+        build.write_dissection_report(
+            out,
+            "m",
+            "d",
+            {},
+            [layer],
+            {"head": thresholds},
+            {"head": top},
+            {"head": maps},
+            Source(),
+            tie_rule=rule,
+            strip_height=8,
+        )
+        widths[rule] = [Image.open(out / f"strips/head/unit000{k}.jpg").width for k in (0, 1)]
+    assert widths == {"strict": [8, 8 + 3 + 8], "inclusive": [3 * 8 + 2 * 3, 8 + 3 + 8]}

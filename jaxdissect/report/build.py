@@ -1,8 +1,10 @@
 """The report of a dissection from its results: unit strips, cards and pages.
 
-A unit that cannot fire (no active pixel over the probe set, or dead) gets no strip: its
-top images would be arbitrary and dimmed all over. Strips dim with the run's tie rule
-(`jaxdissect.tie_rule`), so they show the mask the tally counted.
+A strip shows only the top images where the unit fires, those whose map maximum passes
+the unit's threshold by the run's tie rule (`drawn_ranks`): a ReLU unit tied at T = 0 that
+fires in one image shows that one image, not nine more wholly dimmed ones. A unit that
+cannot fire (no active pixel over the probe set, or dead) gets no strip. Strips dim with
+the same tie rule (`jaxdissect.tie_rule`), so they show the mask the tally counted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from jaxdissect import masks as masks_lib
 from jaxdissect import results, store, ties
 from jaxdissect.report import html as report_html
 from jaxdissect.report import strips as report_strips
+from jaxdissect.tie_rule import active
 
 # Units whose strip masks are computed at once (one compiled program a layer).
 _MASK_BLOCK = 64
@@ -108,18 +111,28 @@ def write_dissection_report(
         return small, report_strips.dimmed(small)
 
     def write_block(
-        r: results.LayerResult, units: np.ndarray, block: int, files: Mapping[int, pathlib.Path]
+        r: results.LayerResult,
+        drawn: np.ndarray,
+        units: np.ndarray,
+        block: int,
+        files: Mapping[int, pathlib.Path],
     ) -> None:
-        """The strips of `units` (at most `block`): their masks computed at once, then JPEGs."""
+        """The strips of `units` (at most `block`): their masks computed at once, then JPEGs.
+
+        drawn: bool [T, K], `drawn_ranks` of the layer; each unit has a drawn slot."""
         idx = top_indices[r.path][:, units]  # [T, n]; -1: an empty slot
-        first = [int(col[col >= 0][0]) for col in idx.T]  # each unit has a filled slot
+        keep = drawn[:, units]
+        first = [int(col[ok][0]) for col, ok in zip(idx.T, keep.T, strict=True)]
         size = thumb(first[0])[0].shape[:2]
         on = strip_masks(maps[r.path], thresholds[r.path], units, size, tie_rule, block)
         for j, k in enumerate(units.tolist()):
-            top = [thumb(int(i) if i >= 0 else first[j]) for i in idx[:, j]]
+            top = [
+                thumb(int(i) if ok else first[j])
+                for i, ok in zip(idx[:, j], keep[:, j], strict=True)
+            ]
             images, dims = (np.stack([t[c] for t in top]) for c in (0, 1))
             tiles = report_strips.dim_outside(images, on[j], dims)
-            strip = report_strips.tile_strip(tiles, valid=idx[:, j] >= 0)
+            strip = report_strips.tile_strip(tiles, valid=keep[:, j])
             save_jpeg(files[k], strip)
 
     threads = os.cpu_count() or 1  # thumbnails, tiles and JPEG encoding release the GIL
@@ -127,14 +140,15 @@ def write_dissection_report(
     stems = results.layer_file_stems([r.layer for r in layer_results])
     for r, stem in zip(layer_results, stems, strict=True):
         strip_dir = out / report_html.STRIPS_DIR / stem
-        shown = (top_indices[r.path] >= 0).any(0) & ~np.asarray(r.cannot_fire, bool)
+        drawn = drawn_ranks(top_indices[r.path], maps[r.path], thresholds[r.path], tie_rule)
+        shown = drawn.any(0) & ~np.asarray(r.cannot_fire, bool)
         files = {int(k): strip_dir / f"unit{k:04d}.jpg" for k in np.flatnonzero(shown)}
         units = np.fromiter(files, np.int64, len(files))
         # One compiled program a layer: blocks of one size, at least one a thread.
         block = max(1, min(_MASK_BLOCK, -(-len(units) // threads)))
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             done = [
-                pool.submit(write_block, r, units[i : i + block], block, files)
+                pool.submit(write_block, r, drawn, units[i : i + block], block, files)
                 for i in range(0, len(units), block)
             ]
             for d in done:
@@ -170,6 +184,18 @@ def write_dissection_report(
         settings={k: v for k, v in run_settings.items() if k != "thresholds"},
     )
     return report_html.write_report(out, run, pages)
+
+
+def drawn_ranks(
+    top_indices: np.ndarray, maps: np.ndarray, thresholds: np.ndarray, tie_rule: str
+) -> np.ndarray:
+    """bool [T, K]: the top-image slots a unit's strip draws: filled (index >= 0) and with
+    the unit's map maximum on the image passing its threshold by `tie_rule`, i.e. the top
+    images where the unit fires. top_indices [T, K]; maps [T, h, w, K]; thresholds [K]."""
+    peak = np.asarray(maps, np.float32).max(axis=(1, 2))
+    return (np.asarray(top_indices) >= 0) & active(
+        peak, np.asarray(thresholds, np.float32), tie_rule
+    )
 
 
 def strip_masks(
