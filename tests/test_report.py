@@ -196,6 +196,9 @@ def test_layer_pages_content(built: tuple[Path, list[LayerPage]]) -> None:
         assert ious == sorted(ious, reverse=True)  # IoU order, as the sort select says
         below = text.count('class="card below"')
         assert below == page.num_units - page.interpretable_units
+        # Runners-up are other categories' best labels, not the unit's next best concepts.
+        assert 'title="best label of each other category"' in text
+        assert "next best" not in text
     summary = index.read_text("utf-8")
     for stem in ("layer4", "blocks_3", "random_conv5"):
         assert f'href="layer-{stem}.html"' in summary

@@ -34,7 +34,9 @@ _MASK_BLOCK = 64
 def unit_cards(
     result: results.LayerResult, strip_paths: Mapping[int, str], runners_up: int
 ) -> tuple[report_html.UnitCard, ...]:
-    """A card per unit: its label (none for units without one), state and runners-up."""
+    """A card per unit: its label (none for units without one), state and runners-up (the
+    best label of each other category with IoU > 0, highest first; results.json keeps no
+    other label of the unit's own category)."""
     labels = result.labels
     test = result.significance
     cards = []

@@ -63,7 +63,7 @@ class UnitCard:
     label: str
     category: str
     iou: float
-    # (label, category, iou) of the next best labels, best first.
+    # (label, category, iou): the best label of each other category, highest IoU first.
     runners_up: tuple[tuple[str, str, float], ...] = ()
     # Path of the unit's strip PNG relative to the layer page (i.e. to the report folder).
     strip: str | None = None
