@@ -51,9 +51,11 @@ evaluated exactly as prefixes (all their length-2 extensions), in blocks of `slo
 pass, best bound first, pruning again after each block; then the length-2 prefixes P (first
 pair ordered) whose bound (I_P / m for AND and AND NOT, the max over C above for OR) times
 penalty ** 2 is not below the best are evaluated the same way (all length-3 extensions). What is pruned cannot beat the answer, so
-the answer's score is the maximum over all formulas; among formulas of equal score the
-answer is the first by the ranking among those evaluated. Bounds are compared with a
-relative margin of 1e-12 (float64 ratios of exact integers).
+the answer's score is the maximum over all formulas. Each formula evaluated is ranked as
+its first pair with the lower concept first when that pair is commutative (`B OR A` as
+`A OR B`, AND too: the same mask), so every formula of the maximum score is ranked through
+one evaluated, and the answer is the first of them by the ranking, as the beam's. Bounds
+are compared with a relative margin of 1e-12 (float64 ratios of exact integers).
 
 Cost: the bounds are loose where a unit's best IoU is low (any prefix covering more than
 that share of the unit's mask survives the AND bound), so the number of passes depends on
@@ -82,6 +84,7 @@ Evaluate = Callable[[FormulaTable], ExtensionCounts]
 DEFAULT_BEAM = 5
 DEFAULT_LENGTH = 3
 _MARGIN = 1e-12
+_COMMUTATIVE = (0, 1)  # OR, AND
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,14 +155,29 @@ def _single_totals(first: FirstCounts) -> np.ndarray:
     return first.union_table[:, first.category_bits]
 
 
+def _lower_first(formula: Formula) -> Formula:
+    """The formula with its first pair in rank order: `B OR A` as `A OR B` when A < B (the
+    same mask and categories, so the same score; AND too, AND NOT kept)."""
+    c, ops = formula.concepts, formula.ops
+    if len(c) > 1 and ops[0] in _COMMUTATIVE and c[1] < c[0]:
+        return Formula((c[1], c[0], *c[2:]), ops)
+    return formula
+
+
 def _select(
     kept: list[Scored],
     prefixes: Sequence[Formula],
     scores: np.ndarray,
     ious: np.ndarray,
     width: int,
+    *,
+    commute: bool = False,
 ) -> list[Scored]:
-    """The `width` best of `kept` and the extensions (scores [S, 3, L], -inf: excluded)."""
+    """The `width` best of `kept` and the extensions (scores [S, 3, L], -inf: excluded).
+
+    commute: rank and return each extension as `_lower_first` (the optimal mode, which
+    searches one order of each first pair); the beam keeps both orders.
+    """
     flat = scores.reshape(-1)
     valid = np.flatnonzero(np.isfinite(flat))
     if not len(valid):
@@ -179,6 +197,9 @@ def _select(
         cs[j, len(p)] = c_idx[j]
         os_[j, : len(p) - 1] = p.ops
         os_[j, len(p) - 1] = o_idx[j]
+    if commute:
+        swap = np.isin(os_[:, 0], _COMMUTATIVE) & (cs[:, 1] < cs[:, 0])
+        cs[swap, :2] = cs[swap, 1::-1]
     # lexsort: last key is primary. Rank: -score, length, c0, c1, c2, o1, o2.
     order = np.lexsort((os_[:, 1], os_[:, 0], cs[:, 2], cs[:, 1], cs[:, 0], n, -flat[idx]))
     flat_iou = ious.reshape(-1)
@@ -186,6 +207,7 @@ def _select(
     seen = {k.formula for k in kept}
     for i in order[:need]:
         f = prefixes[s_idx[i]].extend(int(o_idx[i]), int(c_idx[i]))
+        f = _lower_first(f) if commute else f
         if f not in seen:
             seen.add(f)
             pool.append(Scored(float(flat[idx[i]]), float(flat_iou[idx[i]]), f))
@@ -360,6 +382,7 @@ def optimal_search(
     stats = SearchStats() if stats is None else stats
     best = [row[0] for row in _first_beam(first, candidates, 1)]
     if start is not None:
+        start = [dataclasses.replace(s, formula=_lower_first(s.formula)) for s in start]
         best = [min(a, b, key=Scored.rank) for a, b in zip(best, start, strict=True)]
     if max_length == 1:
         return best
@@ -411,7 +434,7 @@ def optimal_search(
             n = len(block[u])
             if not n:
                 continue
-            best[u] = _select([best[u]], block[u], scores[u, :n], ious[u, :n], 1)[0]
+            best[u] = _select([best[u]], block[u], scores[u, :n], ious[u, :n], 1, commute=True)[0]
             if max_length < 3:
                 continue
             for s, p in enumerate(block[u]):
@@ -444,7 +467,9 @@ def optimal_search(
         for u in range(k):
             n = len(block[u])
             if n:
-                best[u] = _select([best[u]], block[u], scores[u, :n], ious[u, :n], 1)[0]
+                best[u] = _select([best[u]], block[u], scores[u, :n], ious[u, :n], 1, commute=True)[
+                    0
+                ]
 
     run_blocks(second, after_second)
     return best

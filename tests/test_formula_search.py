@@ -156,6 +156,8 @@ def test_optimal_equals_brute_force(seed, ops, penalty, length):
     want = ref.brute_force(units, concepts, cands, length, ops, penalty)
     for u in range(units.shape[-1]):
         assert got[u].score == pytest.approx(want[u][0], rel=1e-12, abs=0), u
+        # Ties as the beam's: of `2 OR 1` and `1 OR 2` (one searched), `1 OR 2` (seed 0).
+        assert got[u].formula == want[u][1], u
         # The answer's score is its own.
         f = got[u].formula
         assert ref.score(
@@ -196,6 +198,7 @@ def test_restricted_beam_and_optimal_equal_the_numpy_references(
         )
         for u in range(units.shape[-1]):
             assert best[u].score == pytest.approx(brute[u][0], rel=1e-12, abs=0), u
+            assert best[u].formula == brute[u][1], u
             f = best[u].formula
             rows = ref.formula_rows(passes[:, u], CATEGORY, f)
             m, fm = units[..., u], ref.formula_mask(f, concepts)
