@@ -1,5 +1,7 @@
 """Top images per unit: against a sort, merge-order independence, padding."""
 
+import pathlib
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,3 +57,21 @@ def test_fewer_images_than_slots():
     acts = jnp.asarray(np.arange(12, dtype=np.float32).reshape(3, 2, 1, 2))
     state = topimages.update(state, acts, jnp.arange(3, dtype=jnp.int32), jnp.ones(3, bool))
     np.testing.assert_array_equal(np.asarray(state.indices)[:, 0], [2, 1, 0, -1, -1])
+
+
+def test_the_readme_gives_the_stats_files_top_image_layout():
+    """stats-<layer>.npz's top images are [top_images, units], empty slots -1 / -inf, indexed
+    by position in the selected probe set: the README says so where it lists the file."""
+    state = topimages.update(
+        topimages.init(3, 4),
+        jnp.ones((2, 1, 1, 3), jnp.float32),
+        jnp.array([0, 1], jnp.int32),
+        jnp.ones(2, bool),
+    )
+    assert state.indices.shape == state.values.shape == (4, 3)  # [T, K]: rank-major
+    np.testing.assert_array_equal(np.asarray(state.indices)[:, 0], [0, 1, -1, -1])
+    assert np.isneginf(np.asarray(state.values)[2:]).all()
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    entry = readme.split("- `stats-<layer>.npz`:", 1)[1].split("\n- ", 1)[0]
+    for fact in ("`top_indices`", "[T, K]", "index -1", "-inf", "`--split`", "`--max_images`"):
+        assert fact in entry, fact
