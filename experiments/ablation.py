@@ -203,6 +203,8 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
     _check_classifier(loaded, fv.model or fv.weights)
     # The probe images fed as --input_norm and --input_size say (default: the model's own).
     info = cli.model_info(loaded, fv.input_norm, fv.input_size)
+    if not fv.dissect:  # nothing replaces another model's dissection there: refused
+        pipeline.check_output_dir(out, info)
     spec = info.input_spec
     # The intact network: the task's predictions and the cost of one forward pass.
     network = rotation.classifier(loaded.module, spec, apply_kwargs=loaded.apply_kwargs, mesh=mesh)

@@ -19,6 +19,23 @@ import tempfile
 from collections.abc import Iterator
 
 LOCK_FILE = ".lock"
+# What the follow-on scripts (compositional.py, significance.py, ablation.py) write beside
+# the dissection they build on, as glob patterns: computed from its thresholds and labels,
+# they go when a rerun replaces that dissection with another (`remove_follow_ons`).
+FOLLOW_ON_OUTPUTS = (
+    "compositional.json",
+    "compositional.html",
+    "compositional-*.csv",
+    "formula_strips",
+    "plots/compositional_length.png",
+    "significance.json",
+    "significance-*.csv",
+    "ablation.json",
+    "ablation.html",
+    "ablation.png",
+    "ablation_units.csv",
+    "ablation_classes.csv",
+)
 
 
 class OutputDirBusy(RuntimeError):
@@ -89,3 +106,23 @@ def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[p
             f.truncate()
             f.flush()
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def follow_on_files(out: pathlib.Path) -> list[pathlib.Path]:
+    """The follow-on scripts' outputs in `out` (`FOLLOW_ON_OUTPUTS`), sorted."""
+    return sorted({path for pattern in FOLLOW_ON_OUTPUTS for path in out.glob(pattern)})
+
+
+def remove_follow_ons(out: pathlib.Path) -> None:
+    """Remove the follow-on scripts' outputs in `out` (files and folders), and the folders
+    of `out` they leave empty."""
+    import shutil
+
+    for path in follow_on_files(out):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        if path.parent != out:
+            with contextlib.suppress(OSError):  # kept where something else is in it
+                path.parent.rmdir()

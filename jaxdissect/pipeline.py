@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import inspect
 import pathlib
 import shutil
@@ -205,6 +206,12 @@ def layer_significance(
     )
 
 
+def check_output_dir(output_dir: str | pathlib.Path, model: ModelInfo) -> None:
+    """Refuse an `output_dir` holding another model's finished dissection, as `dissect`
+    does: a run writing other files there would leave them beside results of that model."""
+    _previous_layers(pathlib.Path(output_dir).expanduser(), model)
+
+
 def _previous_layers(out: pathlib.Path, model: ModelInfo) -> list[str]:
     """The layers of the finished run in `out` ([] if none), refusing another model's: its
     other files (the report, a compositional or significance run's) would be left beside
@@ -230,6 +237,20 @@ def _previous_layers(out: pathlib.Path, model: ModelInfo) -> list[str]:
         if isinstance(layers, list)
         else []
     )
+
+
+def _dissection_digest(out: pathlib.Path, layers: Sequence[str]) -> str | None:
+    """A digest of the finished dissection of `layers` in `out`: its results.json and the
+    layers' stats arrays, which follow-on outputs beside it were computed from (None: no
+    results.json)."""
+    doc = out / "results.json"
+    if not doc.is_file():
+        return None
+    digest = hashlib.sha256(doc.read_bytes())
+    for stem in results.layer_file_stems(layers):
+        stats = out / results.stats_npz_name(stem)
+        digest.update(stats.read_bytes() if stats.is_file() else b"-")
+    return digest.hexdigest()
 
 
 def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
@@ -364,6 +385,7 @@ def dissect(
     ]
     if jax.process_index() != 0:
         return layer_results
+    made_from = _dissection_digest(out, previous) if previous else None
     if previous:
         _remove_previous_run(out, previous)
     results.write_tally_csvs(out, layer_results)
@@ -428,6 +450,10 @@ def dissect(
         )
     # Last: results.json marks the run complete.
     results.write_results_json(out / "results.json", layer_results, run_settings)
+    # Follow-on outputs of another dissection than this (or of one no longer there, after a
+    # run killed while replacing it) would sit beside these results as if made from them.
+    if made_from is None or made_from != _dissection_digest(out, tap.names):
+        outdir.remove_follow_ons(out)
     if timings is not None:
         timings.update(dissector.timings, results_s=time.time() - t_passes)
     done = out / (report_html.INDEX if options.report else "results.json")

@@ -8,12 +8,15 @@ scripts' flags do not collide.
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 import types
 
 from absl import flags
 
+from jaxdissect import outdir, results
 from jaxdissect.data import synthetic
+from jaxdissect.report import html as report_html
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 256 synthetic images at 48 px: enough for a half-width small CNN to learn the scenes.
@@ -45,3 +48,29 @@ def parse(name: str, *argv: str) -> flags.FlagValues:
 
 def run_script(name: str, *argv: str):
     return script(name).run(parse(name, *argv))
+
+
+def unaccounted_files(out: pathlib.Path) -> list[str]:
+    """Files in `out` that neither its dissection (results.json, tallies, stats, report) nor
+    `outdir.FOLLOW_ON_OUTPUTS` name: a follow-on's output a rerun would leave behind."""
+    stems = results.layer_file_stems(
+        json.loads((out / "results.json").read_text())["settings"]["layers"]
+    )
+    known = {
+        out / name
+        for name in (
+            "results.json",
+            outdir.LOCK_FILE,
+            *report_html.report_files(stems),
+            *(results.tally_csv_name(s) for s in stems),
+            *(results.stats_npz_name(s) for s in stems),
+        )
+    }
+    known |= set(outdir.follow_on_files(out))
+    return sorted(
+        p.relative_to(out).as_posix()
+        for p in out.rglob("*")
+        if p.is_file()
+        and ".work" not in p.relative_to(out).parts
+        and not known.intersection((p, *p.parents))
+    )

@@ -16,8 +16,16 @@ import re
 import numpy as np
 import pytest
 
-from jaxdissect import cli, store, training
-from tests.experiment_testing import ROOT, TINY_SIZE, parse, run_script, script, tiny_broden
+from jaxdissect import cli, results, store, training
+from tests.experiment_testing import (
+    ROOT,
+    TINY_SIZE,
+    parse,
+    run_script,
+    script,
+    tiny_broden,
+    unaccounted_files,
+)
 
 # On pytest-xdist (--dist loadgroup), the tests of the tiny trained run share one worker and
 # so its runs; the others (flagfiles, the embedded Lite0, bad flags) run wherever is free.
@@ -162,6 +170,7 @@ def test_ablation_script_joins_units_with_labels_and_hurts_the_class_most(
         assert (tmp_path / name).is_file()
     assert "strips/conv5/unit" in (tmp_path / "ablation.html").read_text()
     assert json.loads((tmp_path / "ablation.json").read_text())["elapsed_s"] > 0
+    assert unaccounted_files(tmp_path) == []  # a rerun's dissection removes what it wrote
     assert doc["forward_pass_equivalents"] > 0
     # Labels are those of the dissection of the same layer.
     record = json.loads((tmp_path / "results.json").read_text())["layers"][0]
@@ -203,6 +212,7 @@ def test_significance_script_tests_every_unit(tmp_path, trained_run, data_args):
     )
     units = doc["units"]
     assert len(units) == 128 and (tmp_path / "significance-conv5.csv").is_file()
+    assert unaccounted_files(tmp_path) == []  # a rerun's dissection removes what it wrote
     p = np.array([u["p"] for u in units])
     np.testing.assert_allclose(p * 50, (p * 50).round(), atol=1e-9)
     assert p.min() >= 1 / 50 - 1e-12 and p.max() <= 1
@@ -557,6 +567,21 @@ def test_ablation_chunks_are_keyed_by_the_model_code_and_the_predicted_targets(
 
     first = key(0.0, 1)
     assert key(0.0, 2) == first
+    # --nodissect into a folder holding another model's dissection: refused, not kept beside.
+    other = tmp_path / "other"
+    other.mkdir()
+    store.write_json(
+        other / "results.json",
+        {
+            "format": results.RESULTS_FORMAT,
+            "version": results.RESULTS_VERSION,
+            "complete": True,
+            "settings": {"model": "alexnet", "model_key": "another", "layers": ["conv1"]},
+            "layers": [],
+        },
+    )
+    with pytest.raises(ValueError, match="holds the results of another model .alexnet."):
+        run_script("ablation", *args, f"--output_dir={other}")
     assert key(3.0, 3) != first  # the same weights under other code
     prediction_task = ablation.prediction_task
 

@@ -8,7 +8,7 @@ import jax
 import pytest
 from PIL import Image
 
-from jaxdissect import engine, pipeline, results, store
+from jaxdissect import engine, outdir, pipeline, results, store
 from jaxdissect.data import Broden, synthetic
 from tests.fixtures.small_model import make
 from tests.test_report_browser import _no_alert, _open, _screenshot, driver  # noqa: F401
@@ -104,6 +104,72 @@ def test_another_models_results_are_not_mixed_in(report, tmp_path):
     ]
 
 
+# Files the follow-on scripts write beside a dissection (`outdir.FOLLOW_ON_OUTPUTS`).
+FOLLOW_ONS = [
+    "ablation.json",
+    "compositional-top.csv",
+    "compositional.json",
+    "formula_strips",
+    "formula_strips/top",
+    "formula_strips/top/unit0000.png",
+    "plots",
+    "plots/compositional_length.png",
+    "significance-top.csv",
+]
+
+
+def _plant_follow_ons(out):
+    for name in FOLLOW_ONS:
+        if "." in name:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text("made from the dissection beside it")
+
+
+def test_follow_on_outputs_stay_with_their_dissection_only(dissected, tmp_path):
+    """compositional/significance/ablation outputs beside a dissection stay through a rerun
+    that writes the same dissection, and go with a rerun that writes another."""
+    report, _, root = dissected
+    out = tmp_path / "run"
+    shutil.copytree(report, out)  # .work included: the passes' stages are reused
+    _plant_follow_ons(out)
+    module, variables = make()
+    model = pipeline.ModelInfo(
+        module,
+        variables,
+        module.input_spec,
+        "small <b>model</b>",
+        store.fingerprint_tree(variables),
+    )
+
+    def rerun(layers):
+        pipeline.dissect(
+            model,
+            layers,
+            Broden.open(root),
+            engine.Settings(batch_size=8),
+            out,
+            dataset_name="tiny & hostile",
+            options=pipeline.Options(progress=False, num_threads=0, report=False),
+        )
+
+    def follow_ons():
+        return sorted(p.relative_to(out).as_posix() for p in outdir.follow_on_files(out))
+
+    rerun(["conv1", "top"])  # the same dissection: its results.json and stats, byte for byte
+    assert (out / "results.json").read_bytes() == (report / "results.json").read_bytes()
+    assert follow_ons() == [
+        "ablation.json",
+        "compositional-top.csv",
+        "compositional.json",
+        "formula_strips",
+        "plots/compositional_length.png",
+        "significance-top.csv",
+    ]
+    assert (out / "formula_strips" / "top" / "unit0000.png").is_file()
+    rerun(["top"])  # another
+    assert follow_ons() == [] and not (out / "formula_strips").exists()
+
+
 def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, tmp_path):
     """A rerun into a finished run's folder removes that run's files before writing its
     own, results.json first: killed while writing, it leaves no results.json (the mark of a
@@ -135,12 +201,13 @@ def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, t
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
+    _plant_follow_ons(out)  # of the run replaced: go with it, after the kill too
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(results, "write_results_json", killed)
         with pytest.raises(KeyboardInterrupt):
             rerun()
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if ".work" not in p.parts)
-    assert files == [".lock", "stats-top.npz", "tally-top.csv"]
+    assert files == [".lock", *FOLLOW_ONS, "stats-top.npz", "tally-top.csv"]
     rerun()
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if ".work" not in p.parts)
     assert files == [".lock", "results.json", "stats-top.npz", "tally-top.csv"]
