@@ -209,6 +209,15 @@ def test_a_converted_checkpoint_refuses_other_classes_in_one_line(converted_alex
         model_load.load("alexnet", weights=converted_alexnet, options={"num_classes": 1000})
 
 
+def test_a_converted_checkpoint_of_another_architecture_names_its_own(converted_alexnet):
+    message = (
+        f"^--weights={converted_alexnet} holds a converted 'alexnet', not "
+        "--model=efficientnet_lite0: pass --model=alexnet$"
+    )
+    with pytest.raises(ValueError, match=message):
+        model_load.load("efficientnet_lite0", weights=converted_alexnet)
+
+
 def test_a_converted_checkpoint_that_does_not_fit_the_options_is_one_line(converted_alexnet):
     with pytest.raises(ValueError) as info:
         model_load.load("alexnet", weights=converted_alexnet, options={"width": 0.5})
