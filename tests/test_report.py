@@ -225,6 +225,27 @@ def test_layer_file_stems() -> None:
         report.layer_file_stems(["a", "a"])
 
 
+def test_the_readme_gives_the_layer_file_stem_rule() -> None:
+    """results.json holds no file names, so the README gives the rule for a reader of it: a
+    clash or a long name is cut to 91 characters plus `-` and sha1("<name>\\0<n>")[:8]."""
+    import hashlib
+
+    def hashed(name: str, base: str, n: int = 0) -> str:
+        digest = hashlib.sha1(f"{name}\0{n}".encode()).hexdigest()
+        return f"{base[:91]}-{digest[:8]}"
+
+    long = "x" * 101
+    assert report.layer_file_stems(["a/b", "A_b", long, "?"]) == [
+        "a_b",
+        hashed("A_b", "A_b"),
+        hashed(long, long),
+        "layer",
+    ]
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rule = readme.split("Outputs in the output directory", 1)[1].split("One module", 1)[0]
+    assert "91" in rule and "SHA-1 of `<name>\\0<n>`" in rule and "`settings.layers`" in rule
+
+
 def test_strip_dimming_exact() -> None:
     rng = np.random.default_rng(1)
     t, h, w, gap = 4, 10, 7, 3
