@@ -75,11 +75,11 @@ def run(fv: flags.FlagValues = FLAGS):
 
     if not fv.weights and not fv.model:
         raise ValueError("give --weights (a training export) or --model")
+    if fv.significance_draws < 1:  # engine.Settings allows 0: no test, as in dissect.py
+        raise ValueError(f"--significance_draws={fv.significance_draws}: must be >= 1")
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
     cli.check_input_size(fv.input_size)
-    if settings.significance_draws < 1:
-        raise ValueError(f"--significance_draws={settings.significance_draws}: must be >= 1")
     if fv.baseline == "rotated":
         from jaxdissect import rotation
 

@@ -466,3 +466,13 @@ def test_dissect_script_prints_the_resolution_note_and_warns_of_a_small_grid(
     out = capsys.readouterr().out
     assert "conv1: note: with --significance_draws=19 the smallest p is 0.05" in out
     assert "lower --significance_stride" in caplog.text
+
+
+@pytest.mark.parametrize("draws", [0, -5])
+def test_the_script_refuses_fewer_than_one_draw_in_one_message(draws):
+    """significance.py's --significance_draws is >= 1, however it is below (-5 said the
+    library's ">= 0", 0 said ">= 1")."""
+    from tests.experiment_testing import run_script
+
+    with pytest.raises(ValueError, match=rf"^--significance_draws={draws}: must be >= 1$"):
+        run_script("significance", "--model=alexnet", "--weights=", f"--significance_draws={draws}")
