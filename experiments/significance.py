@@ -22,7 +22,9 @@ Writes significance.json and significance-<layer>.csv, and the dissection (resul
 tally-<layer>.csv with the p-values), to --output_dir. In significance.json, per unit:
 `label`, `iou` and `interpretable` are the dissection's; `p` is the test's (its best IoU
 over all concepts); `label_p` is the pair p of the dissection's label under the test's
-IoU, not corrected for the label's choice as the best; the summary's
+IoU, not corrected for the label's choice as the best: not a test of the label, do not
+threshold it (under a true null far more than 5% of units have it below 0.05; `p` is the
+test); the summary's
 `interpretable_and_significant`, `interpretable_not_significant` and
 `significant_not_interpretable` cross the two statistics (the dissection's IoU > the
 threshold, the test's BH call).

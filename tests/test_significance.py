@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -476,3 +477,22 @@ def test_the_script_refuses_fewer_than_one_draw_in_one_message(draws):
 
     with pytest.raises(ValueError, match=rf"^--significance_draws={draws}: must be >= 1$"):
         run_script("significance", "--model=alexnet", "--weights=", f"--significance_draws={draws}")
+
+
+def test_the_label_p_is_said_to_be_no_test_where_it_is_written():
+    """The pair p of a unit's best concept is not corrected for that choice: under
+    independent masks far more than 5% of units have it below 0.05 (the unit p stays
+    uniform), so README and significance.py say not to threshold it."""
+    rng = np.random.default_rng(1)
+    u = _masks(rng, 80, 16, 25, (0.05, 0.6))
+    c = _masks(rng, 80, 16, 12, (0.05, 0.6))
+    got = significance.permutation_test(u, c, draws=199, seed=0)
+    best = _iou(got.observed, u.sum((0, 1)), c.sum((0, 1))).argmax(1)  # the label: best IoU
+    label_p = got.pair_p[np.arange(25), best]
+    assert (label_p <= 0.05).mean() >= 0.2 and (got.unit_p <= 0.05).mean() <= 0.12
+    root = pathlib.Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    script = (root / "experiments" / "significance.py").read_text()
+    for text in (readme.split("`label_p_value` (", 1)[1], script.split("`label_p`", 1)[1]):
+        assert "do not threshold it" in " ".join(text[:400].split())
+    assert "`label-p-value` is `label_p_value`, uncorrected" in " ".join(readme.split())
