@@ -168,6 +168,7 @@ def _vectors(fv, cfg, probe, output_dir):
     finally:  # also when interrupted: a full Broden's take tens of GB
         shutil.rmtree(data_dir, ignore_errors=True)
     doc = _document(fv, cfg, layer, vectors, labels, dataset_name, len(source), forward_s)
+    _warn_unweighted(doc["concepts"])
     stem = "concept_vectors"
     store.write_json(out / f"{stem}.json", doc)
     rows = [
@@ -188,6 +189,8 @@ def _vectors(fv, cfg, probe, output_dir):
             "weights": vectors.weights,
             "bias": vectors.bias,
             "thresholds": layer.thresholds,
+            "train_images": vectors.train_images,
+            "heldout_images": vectors.heldout_images,
         },
     )
     scored = [c for c in doc["concepts"] if c["scored"]]
@@ -200,6 +203,21 @@ def _vectors(fv, cfg, probe, output_dir):
     )
     concept_page.write_page(out, doc)
     return doc
+
+
+def _warn_unweighted(records) -> None:
+    """Warn of the concepts covering every training pixel (alpha = 0, in concept_vectors.json's
+    records): their loss has no weight, so the probe stays at its zero init, predicts nothing,
+    scores IoU 0 and counts as a tie in the summary."""
+    from absl import logging
+
+    names = [r["name"] for r in records if r["alpha"] == 0]
+    if names:
+        logging.warning(
+            "concepts covering every training pixel (alpha = 0: no loss to train on) predict "
+            "nothing, score IoU 0 and count as ties: %s",
+            ", ".join(names),
+        )
 
 
 def _document(fv, cfg, layer, vectors, labels, dataset_name, num_images, forward_s):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect import finished, store
+from jaxdissect import concept_vectors, finished, store
 from jaxdissect.report import concept_page
-from tests.experiment_testing import TINY_SIZE, run_script, tiny_broden
+from tests.experiment_testing import TINY_SIZE, run_script, script, tiny_broden
 
 pytestmark = pytest.mark.xdist_group("concept_vectors_scripts")
 MODEL = ("--model=tests.fixtures.small_model:make", "--weights=")
@@ -73,6 +73,16 @@ def test_concept_vectors_script_writes_every_output(vectors, dissection):
     assert doc["settings"]["units"] == 12 == len(units)
     arrays = store.load_arrays(out / "concept_vectors.npz")
     assert arrays["weights"].shape == (doc["summary"]["concepts"], 12)
+    # The split, so that the scores can be checked side by side (only its size was written).
+    settings = doc["settings"]
+    train, held = concept_vectors.split_images(
+        settings["images"], settings["heldout_fraction"], settings["probe_seed"]
+    )
+    np.testing.assert_array_equal(arrays["heldout_images"], held)
+    np.testing.assert_array_equal(arrays["train_images"], train)
+    assert len(held) == settings["heldout_images"] and len(train) == settings["train_images"]
+    for c in doc["concepts"]:  # as the README says
+        assert c["scored"] == (c["train_pixels"] > 0 and c["heldout_pixels"] > 0)
     scored = [c for c in doc["concepts"] if c["scored"]]
     s = doc["summary"]
     assert s["scored"] == len(scored) > 0
@@ -377,3 +387,14 @@ def test_a_probe_set_other_than_the_dissections_is_refused(tmp_path, data_args, 
             f"--output_dir={tmp_path / 'out'}",
         )
     assert not (tmp_path / "out" / "concept_vectors.json").exists()
+
+
+def test_a_concept_covering_every_training_pixel_is_warned_about(caplog):
+    """alpha = 0 leaves the concept's loss no weight: its vector predicts nothing and scores
+    IoU 0, a tie; the script names it in a warning (it was silent)."""
+    records = [{"name": "black-c", "alpha": 0.0}, {"name": "sky", "alpha": 0.9}]
+    with caplog.at_level("WARNING"):
+        script("concept_vectors")._warn_unweighted(records)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "covering every training pixel (alpha = 0" in warning
+    assert warning.endswith(": black-c")
