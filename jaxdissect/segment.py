@@ -15,13 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 # Share of the overlay colour where a pixel is painted.
 _BLEND = 0.55
+# The figure's resolution, and its legends' columns and font size (points).
+_DPI = 100
+_LEGEND_COLUMNS = 2
+_LEGEND_FONT = 7
+# matplotlib's legend spacing (its defaults), in font sizes: the room a column's text has.
+_LEGEND_SPACING = (
+    ("borderpad", 0.4),
+    ("handlelength", 2.0),
+    ("handletextpad", 0.8),
+    ("columnspacing", 2.0),
+)
+ELLIPSIS = "\u2026"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +129,32 @@ def overlay(image: np.ndarray, painted: np.ndarray, colors: np.ndarray) -> np.nd
     return out.round().clip(0, 255).astype(np.uint8)
 
 
+def fit_text(text: str, max_width: float, width: Callable[[str], float]) -> str:
+    """`text` if its `width` is at most `max_width`, else its longest prefix followed by an
+    ellipsis that is (the ellipsis alone where none is)."""
+    if width(text) <= max_width:
+        return text
+    lo, hi = 0, len(text) - 1  # the longest prefix that fits lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if width(text[:mid].rstrip() + ELLIPSIS) <= max_width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip() + ELLIPSIS
+
+
+def legend_text_width(panel_width: float) -> float:
+    """Pixels a legend entry's text may take so that the legend (`_LEGEND_COLUMNS` columns,
+    font `_LEGEND_FONT` points at `_DPI`) fits a panel `panel_width` pixels wide."""
+    s = dict(_LEGEND_SPACING)
+    font = _LEGEND_FONT * _DPI / 72
+    cols = _LEGEND_COLUMNS
+    spacing = 2 * s["borderpad"] + cols * (s["handlelength"] + s["handletextpad"])
+    spacing += (cols - 1) * s["columnspacing"]
+    return max(0.0, (panel_width - spacing * font) / cols)
+
+
 def figure_png(
     image: np.ndarray,
     panels: Sequence[tuple[str, np.ndarray, list[Region]]],
@@ -124,12 +162,26 @@ def figure_png(
     max_legend: int = 16,
 ) -> bytes:
     """PNG bytes: the image, then each (title, painted, regions) panel as an overlay with a
-    legend of its regions (most painted pixels first, at most `max_legend`)."""
+    legend of its regions (most painted pixels first, at most `max_legend`), each entry cut
+    with an ellipsis to its column's width so that it stays under its panel (glyphs the font
+    lacks, e.g. CJK, show as boxes)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
     from matplotlib.patches import Patch
 
-    fig = Figure(figsize=(4.2 * (1 + len(panels)), 5.2))
+    fig = Figure(figsize=(4.2 * (1 + len(panels)), 5.2), dpi=_DPI)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    font = FontProperties(size=_LEGEND_FONT)
+
+    def text_width(text: str) -> float:
+        return renderer.get_text_width_height_descent(text, font, ismath=False)[0]
+
     axes = fig.subplots(1, 1 + len(panels), squeeze=False)[0]
+    # A legend is centred under its panel: it may be as wide as the panels' pitch (pixels).
+    x0 = [ax.get_position(original=True).x0 for ax in axes]
+    pitch = (x0[1] - x0[0] if len(axes) > 1 else 1.0) * fig.get_figwidth() * _DPI
+    max_text = legend_text_width(pitch)
     axes[0].imshow(image)
     axes[0].set_title("image", fontsize=10)
     for ax, (title, painted, regions) in zip(axes[1:], panels, strict=True):
@@ -138,18 +190,22 @@ def figure_png(
         ax.set_title(title, fontsize=10, parse_math=False)
         shown = sorted(range(len(regions)), key=lambda r: -regions[r].painted)[:max_legend]
         handles = [
-            Patch(color=colors[r] / 255.0, label=f"{regions[r].name} ({regions[r].category})")
+            Patch(
+                color=colors[r] / 255.0,
+                label=fit_text(f"{regions[r].name} ({regions[r].category})", max_text, text_width),
+            )
             for r in shown
             if regions[r].painted
         ]
         if handles:
             leg = ax.legend(
                 handles=handles,
-                fontsize=7,
+                fontsize=_LEGEND_FONT,
                 loc="upper center",
                 bbox_to_anchor=(0.5, -0.02),
-                ncol=2,
+                ncol=_LEGEND_COLUMNS,
                 frameon=False,
+                **dict(_LEGEND_SPACING),
             )
             for t in leg.get_texts():
                 t.set_parse_math(False)
@@ -158,7 +214,7 @@ def figure_png(
     for ax in axes:
         ax.set_axis_off()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", metadata={"Software": None})
     return buf.getvalue()
 
 

@@ -66,3 +66,34 @@ def test_overlay_blends_only_painted_pixels():
 def test_bad_masks_name_the_shape():
     with pytest.raises(ValueError, match="expected"):
         segment.regions_of(np.zeros((4, 5, 3), bool), ["a"], ["c"], [1.0])
+
+
+def test_a_long_name_is_cut_with_an_ellipsis_to_fit():
+    assert segment.fit_text("sky (object)", 12, len) == "sky (object)"
+    assert segment.fit_text("playground-s (scene)", 10, len) == "playgroun\u2026"
+    assert segment.fit_text("a b c", 3, len) == "a\u2026"  # no space before the ellipsis
+    assert segment.fit_text("abc", 0, len) == "\u2026"
+
+
+def test_legend_entries_stay_under_their_panel():
+    """Long label names are cut to the legend column's width: they ran into the next panel's
+    legend, and the figure grew to hold them."""
+    import io
+
+    from PIL import Image
+
+    image = np.full((32, 32, 3), 128, np.uint8)
+    painted = np.zeros((32, 32), np.int64)
+    painted[16:] = 1
+
+    def width(name: str) -> int:
+        regions = [
+            segment.Region(name, "scene", "unit", (0,), 0.1, 512, 512, (0, 0, 32, 16)),
+            segment.Region("sky", "object", "unit", (1,), 0.1, 512, 512, (0, 16, 32, 32)),
+        ]
+        png = segment.figure_png(image, [("units", painted, regions)] * 2)
+        return Image.open(io.BytesIO(png)).width
+
+    short, long = width("sea"), width("playground " * 30)
+    assert long <= short * 1.02, (short, long)
+    assert segment.legend_text_width(420) == (420 - (0.8 + 2 * 2.8 + 2.0) * 700 / 72) / 2
