@@ -121,7 +121,8 @@ class Options:
       progress: show progress bars.
       report: write the HTML report (unit strips, plots).
       strip_height: pixel height of a unit's top-image strip in the report.
-      runners_up: runner-up concepts shown per unit in the report.
+      runners_up: how many other categories' best labels (one a category, by IoU) each
+        unit's card shows in the report.
       check_labels: decode and check every example's labels during pass 1 as well, so
         that a broken label file stops the run before pass 2 (costs label decoding in
         pass 1's loader); decoding in threads, pass 2 then reads them from memory
