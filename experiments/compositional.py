@@ -124,7 +124,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
     info = cli.model_info(loaded, fv.input_norm, fv.input_size)
     spec = info.input_spec
     mesh = parallel.data_mesh(fv.devices)
-    pipeline.dissect(
+    dissected = pipeline.dissect(
         info,
         fv.layers,
         source,
@@ -141,6 +141,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
     names = labels.names
     size = info.input_spec.size  # as the dissection fed the images (--input_size)
     layouts = finished.recorded_token_layouts(out)  # the tokens read as the dissection did
+    cannot_fire = {r.layer: r.cannot_fire for r in dissected}  # dead units get no formula
     layers, curves = [], {}
     for layer, stem in zip(fv.layers, results.layer_file_stems(fv.layers), strict=True):
         stats = store.load_arrays(out / results.stats_npz_name(stem))
@@ -169,6 +170,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
             work_dir=out / ".work",
             num_threads=options.num_threads,
             progress=options.progress,
+            cannot_fire=cannot_fire[layer],
         )
         forward_s = driver.forward_seconds(tap, spec, source, settings.batch_size)
         rows = compositional.unit_rows(found, names)
@@ -178,7 +180,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
             w.writerows(rows)
         steps = found.passes[1:]
         step_s = float(np.mean([p["seconds"] for p in steps])) if steps else 0.0
-        fires = [r for r in rows if r["formula"]]
+        fires = [r for r in rows if r["fires"]]
         by_length = compositional.mean_by_length(found)
         curves[layer] = by_length
         record = {
@@ -200,7 +202,8 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
             "forward_passes_per_step": step_s / forward_s if forward_s else 0.0,
             "units_detail": rows,
         }
-        shown = sorted(fires, key=lambda r: (-r["iou"], r["unit"]))[: fv.page_units]
+        named = [r for r in rows if r["formula"]]
+        shown = sorted(named, key=lambda r: (-r["iou"], r["unit"]))[: fv.page_units]
         cards = []
         for r in shown:
             strip = _strip(

@@ -87,8 +87,9 @@ class SearchSettings:
 @dataclasses.dataclass
 class LayerFormulas:
     """A layer's search: per unit the final beam (best first), the beam's best after each
-    step (index l - 1: formulas of length <= l), the optimal formula (optimal mode), and
-    the cost: passes with their seconds, prefixes evaluated."""
+    step (index l - 1: formulas of length <= l), the optimal formula (optimal mode), the
+    cost (passes with their seconds, prefixes evaluated), and `fires`: bool [K], the units
+    that fire, the only ones with a formula and in the means (`explain_layer`)."""
 
     first: FirstCounts
     candidates: np.ndarray
@@ -97,6 +98,7 @@ class LayerFormulas:
     optimal: list[formula_search.Scored] | None
     passes: list[dict[str, Any]]
     prefixes: dict[int, int]
+    fires: np.ndarray
 
     def best(self) -> list[formula_search.Scored]:
         return self.optimal if self.optimal is not None else [row[0] for row in self.beam]
@@ -128,12 +130,17 @@ def explain_layer(
     num_threads: int | None = None,
     progress: bool = False,
     steps: driver.Steps | None = None,
+    cannot_fire: np.ndarray | None = None,
 ) -> LayerFormulas:
     """Formulas for the units of `tap`'s one layer at `thresholds` (module doc).
 
     labels: the label space scored (categories restricted as the dissection's); candidate
     concepts are its labels with a category and with pixels in the probe set.
     work_dir: a disk cache's folder (`activations_dir`), used by one run at a time.
+    cannot_fire: bool [K], the dissection's units that cannot fire
+      (`results.LayerResult.cannot_fire`: no active pixel, or dead, constant over the probe
+      set, whose mask under the inclusive rule is every pixel); they get no formula, as
+      they get no label. None: the units without active pixels.
     """
     if len(tap.layers) != 1:
         raise ValueError(f"explain_layer takes a tap of one layer, got {tap.layers}")
@@ -233,23 +240,29 @@ def explain_layer(
                 start=[row[0] for row in beam],
                 stats=stats,
             )
-        return LayerFormulas(first, candidates, beam, stats.best, optimal, passes, stats.prefixes)
+        fires = np.asarray(first.unit_total) > 0
+        if cannot_fire is not None:
+            fires &= ~np.asarray(cannot_fire, bool)
+        return LayerFormulas(
+            first, candidates, beam, stats.best, optimal, passes, stats.prefixes, fires
+        )
     finally:
         cache.discard()
 
 
 def mean_by_length(found: LayerFormulas) -> list[float]:
-    """Mean IoU over the units that fire of the beam's best formula of length <= l, l = 1..."""
-    live = np.asarray(found.first.unit_total) > 0
-    if not live.any():
+    """Mean IoU over the units that fire (`LayerFormulas.fires`) of the beam's best formula
+    of length <= l, l = 1...; its first value is the mean IoU of their labels."""
+    live = np.flatnonzero(found.fires)
+    if not len(live):
         return [0.0] * len(found.by_length)
-    return [float(np.mean([row[u].iou for u in np.flatnonzero(live)])) for row in found.by_length]
+    return [float(np.mean([row[u].iou for u in live])) for row in found.by_length]
 
 
 def mean_iou(found: LayerFormulas) -> float:
     """Mean IoU over the units that fire of the formulas found (`LayerFormulas.best`): the
     optimal ones in optimal mode; in beam mode, `mean_by_length`'s last value."""
-    live = np.flatnonzero(np.asarray(found.first.unit_total) > 0)
+    live = np.flatnonzero(found.fires)
     best = found.best()
     return float(np.mean([best[u].iou for u in live])) if len(live) else 0.0
 
@@ -257,29 +270,33 @@ def mean_iou(found: LayerFormulas) -> float:
 def unit_rows(
     found: LayerFormulas, names: tuple[str, ...] | list[str]
 ) -> list[dict[str, Mapping[str, Any] | Any]]:
-    """Per unit: the formula and IoU, the length-1 label and IoU, beam and optimal answers."""
+    """Per unit: whether it fires, the formula and IoU, the length-1 label and IoU, beam and
+    optimal answers. A unit that does not fire has none of them (IoUs 0); one that fires
+    with IoU 0 for every formula has IoU 0 and no formula or label."""
     ious1 = formula_search.first_ious(found.first)
+    cs = np.flatnonzero(found.candidates)
     rows = []
     for u, best in enumerate(found.best()):
-        cs = np.flatnonzero(found.candidates)
-        label = int(cs[np.lexsort((cs, -ious1[u, cs]))[0]]) if len(cs) else -1
-        fires = bool(found.first.unit_total[u] > 0) and best.iou > 0
+        fires = bool(found.fires[u])
+        named = fires and best.iou > 0
+        label = int(cs[np.lexsort((cs, -ious1[u, cs]))[0]]) if len(cs) and named else -1
         beam = found.beam[u][0]
         row = {
             "unit": u,
-            "formula": best.formula.text(names) if fires else "",
-            "iou": best.iou,
-            "score": best.score,
-            "length": len(best.formula) if fires else 0,
-            "label": names[label] if fires and label >= 0 else "",
+            "fires": fires,
+            "formula": best.formula.text(names) if named else "",
+            "iou": best.iou if fires else 0.0,
+            "score": best.score if fires else 0.0,
+            "length": len(best.formula) if named else 0,
+            "label": names[label] if label >= 0 else "",
             "label_iou": float(ious1[u, label]) if label >= 0 else 0.0,
-            "beam_formula": beam.formula.text(names) if fires else "",
-            "beam_iou": beam.iou,
+            "beam_formula": beam.formula.text(names) if named else "",
+            "beam_iou": beam.iou if fires else 0.0,
         }
         if found.optimal is not None:
             row["optimal_formula"] = row["formula"]
-            row["optimal_iou"] = best.iou
-            row["beam_is_optimal"] = beam.score >= best.score
+            row["optimal_iou"] = row["iou"]
+            row["beam_is_optimal"] = not fires or beam.score >= best.score
         rows.append(row)
     return rows
 

@@ -110,6 +110,63 @@ def test_compositional_script_writes_formulas_plot_and_page(tmp_path, broden):
     assert "union restriction presence" in (tmp_path / "compositional.html").read_text()
 
 
+def small_cnn_with_a_dead_unit():
+    """(module, variables), `--model=tests.test_compositional:small_cnn_with_a_dead_unit`: a
+    random small CNN whose conv1 unit 0 is 0 on every image (dead)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdissect.models.load import init_variables
+    from jaxdissect.models.small_cnn import small_cnn
+
+    model = small_cnn(num_classes=2, image_size=TINY_SIZE)
+    variables = init_variables(model, jnp.zeros((1, TINY_SIZE, TINY_SIZE, 3)), seed=0)
+    conv = variables["params"]["features"]["0"]  # conv1 is its ReLU
+    dead = {"kernel": conv["kernel"].at[..., 0].set(0), "bias": conv["bias"].at[0].set(0)}
+    params = {**variables["params"], "features": {**variables["params"]["features"], "0": dead}}
+    return model, jax.tree_util.tree_map(jnp.asarray, {**variables, "params": params})
+
+
+@pytest.mark.slow
+def test_a_dead_unit_gets_no_formula_and_every_mean_counts_the_same_units(tmp_path, broden):
+    """Under the inclusive rule a dead unit's mask is every pixel; the dissection gives it
+    no label, and it gets no formula either, nor a place in units_that_fire or any mean
+    (review B: `striped`, IoU 0.29, under presence; and the means counted different units)."""
+    from jaxdissect import results, ties
+
+    args = [a for a in ARGS if not a.startswith(("--model", "--weights", "--page_units"))]
+    doc = run_script(
+        "compositional",
+        f"--data={broden}",
+        *args,
+        "--model=tests.test_compositional:small_cnn_with_a_dead_unit",
+        "--weights=pretrained",  # the factory's
+        "--tie_rule=inclusive",
+        "--restriction=presence",
+        "--formula_restriction=presence",
+        "--max_length=1",
+        "--page_units=0",
+        f"--output_dir={tmp_path}",
+    )
+    [layer] = doc["layers"]
+    rows = layer["units_detail"]
+    dissected = json.loads((tmp_path / "results.json").read_text())["layers"][0]["units"]
+    assert dissected[0]["state"] == ties.DEAD and dissected[0]["label"] == -1
+    assert rows[0]["fires"] is False and rows[0]["formula"] == rows[0]["label"] == ""
+    assert rows[0]["iou"] == rows[0]["label_iou"] == 0
+    for r, d in zip(rows, dissected, strict=True):
+        assert r["label_iou"] == pytest.approx(d["iou"], rel=1e-12)  # one concept
+    fires = [r for r in rows if r["fires"]]
+    cannot = (ties.DEAD, results.NO_ACTIVE_PIXELS)
+    assert (
+        layer["units_that_fire"] == len(fires) == sum(d["state"] not in cannot for d in dissected)
+    )
+    mean = np.mean([r["label_iou"] for r in fires])
+    assert layer["mean_label_iou"] == pytest.approx(mean, rel=1e-12)
+    assert layer["mean_iou_by_length"] == [pytest.approx(mean, rel=1e-12)]
+    assert layer["mean_iou"] == pytest.approx(mean, rel=1e-12)
+
+
 def test_a_killed_runs_disk_cache_is_removed_by_the_next_run(tmp_path, broden, monkeypatch):
     """A SIGKILL skips `discard`: the next run of the layer removes what it left."""
     import jax.numpy as jnp
