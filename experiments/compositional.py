@@ -180,20 +180,13 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
             w.writerows(rows)
         steps = found.passes[1:]
         step_s = float(np.mean([p["seconds"] for p in steps])) if steps else 0.0
-        fires = [r for r in rows if r["fires"]]
-        by_length = compositional.mean_by_length(found)
-        curves[layer] = by_length
+        summary = compositional.layer_summary(found, rows)
+        curves[layer] = summary["mean_iou_by_length"]
         record = {
             "layer": layer,
             "path": tap.layers[0],
             "units": len(rows),
-            "units_that_fire": len(fires),
-            "mean_iou_by_length": by_length,
-            "mean_iou": compositional.mean_iou(found),
-            "mean_label_iou": float(np.mean([r["label_iou"] for r in fires])) if fires else 0.0,
-            "beam_not_optimal": (
-                None if found.optimal is None else int(sum(not r["beam_is_optimal"] for r in fires))
-            ),
+            **summary,
             "passes": len(found.passes),
             "prefixes": {str(k): v for k, v in sorted(found.prefixes.items())},
             "pass_seconds": [p["seconds"] for p in found.passes],

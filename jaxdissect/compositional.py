@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -301,11 +301,31 @@ def unit_rows(
     return rows
 
 
+def layer_summary(
+    found: LayerFormulas, rows: Sequence[Mapping[str, Any]]
+) -> dict[str, int | float | list[float] | None]:
+    """The layer's figures, every one over the units that fire (`LayerFormulas.fires`):
+    their count, the mean IoU by formula length (beam), of the formulas found, of their
+    labels (length 1), and in optimal mode for how many the beam missed the optimum (None
+    in beam mode). rows: `unit_rows(found, ...)`."""
+    fires = [r for r in rows if r["fires"]]
+    return {
+        "units_that_fire": len(fires),
+        "mean_iou_by_length": mean_by_length(found),
+        "mean_iou": mean_iou(found),
+        "mean_label_iou": float(np.mean([r["label_iou"] for r in fires])) if fires else 0.0,
+        "beam_not_optimal": (
+            None if found.optimal is None else int(sum(not r["beam_is_optimal"] for r in fires))
+        ),
+    }
+
+
 __all__ = [
     "MODES",
     "LayerFormulas",
     "SearchSettings",
     "explain_layer",
+    "layer_summary",
     "mean_by_length",
     "mean_iou",
     "unit_rows",

@@ -110,6 +110,37 @@ def test_compositional_script_writes_formulas_plot_and_page(tmp_path, broden):
     assert "union restriction presence" in (tmp_path / "compositional.html").read_text()
 
 
+def test_a_layers_figures_all_count_the_units_that_fire():
+    """Unit 0 cannot fire (dead) though it overlaps concepts; unit 1 fires and meets none;
+    unit 2 fires. Every figure counts units 1 and 2 (review B: units_that_fire and the label
+    mean counted the units with a formula, the other means those with pixels)."""
+    from jaxdissect import compositional, formula_search
+    from jaxdissect.formulas import FirstCounts
+
+    first = FirstCounts(
+        np.array([10, 10, 10]), np.array([[0, 5, 2], [0, 0, 0], [0, 4, 1]]), np.array([0, 5, 5])
+    )
+    stats = formula_search.SearchStats()
+    beam = formula_search.beam_search(first, None, max_length=1, beam=2, stats=stats)
+    cands = formula_search.default_candidates(first)
+    fires = np.array([False, True, True])
+    found = compositional.LayerFormulas(first, cands, beam, stats.best, None, [], {}, fires)
+    rows = compositional.unit_rows(found, ["-", "a", "b"])
+    assert [(r["fires"], r["formula"], r["iou"]) for r in rows] == [
+        (False, "", 0.0),
+        (True, "", 0.0),
+        (True, "a", pytest.approx(4 / 11)),
+    ]
+    summary = compositional.layer_summary(found, rows)
+    assert summary == {
+        "units_that_fire": 2,
+        "mean_iou_by_length": [pytest.approx(2 / 11)],
+        "mean_iou": pytest.approx(2 / 11),
+        "mean_label_iou": pytest.approx(2 / 11),
+        "beam_not_optimal": None,
+    }
+
+
 def small_cnn_with_a_dead_unit():
     """(module, variables), `--model=tests.test_compositional:small_cnn_with_a_dead_unit`: a
     random small CNN whose conv1 unit 0 is 0 on every image (dead)."""
