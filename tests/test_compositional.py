@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxdissect import store
-from tests.experiment_testing import TINY_SIZE, run_script, tiny_broden
+from tests.experiment_testing import TINY_SIZE, run_script, tiny_broden, unaccounted_files
 
 ARGS = (
     "--model=jaxdissect.models.small_cnn:small_cnn",
@@ -65,6 +65,7 @@ def test_compositional_script_writes_formulas_plot_and_page(tmp_path, broden):
     assert (tmp_path / "results.json").is_file()  # the dissection the thresholds came from
     saved = json.loads((tmp_path / "compositional.json").read_text())
     assert saved["settings"]["union_restriction"] == "none"
+    assert unaccounted_files(tmp_path) == []  # a rerun's dissection removes what it wrote
 
     # Beam mode on the same directory reuses the dissection and finds the beam's formulas.
     beam = run_script(
