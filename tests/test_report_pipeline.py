@@ -10,6 +10,7 @@ from PIL import Image
 
 from jaxdissect import engine, outdir, pipeline, results, store
 from jaxdissect.data import Broden, synthetic
+from jaxdissect.tie_rule import active
 from tests.fixtures.small_model import make
 from tests.test_report_browser import _no_alert, _open, _screenshot, driver  # noqa: F401
 
@@ -17,6 +18,30 @@ from tests.test_report_browser import _no_alert, _open, _screenshot, driver  # n
 pytestmark = pytest.mark.xdist_group("report_pipeline")
 
 XSS = "<script>alert({})</script>"
+
+
+def _small_model() -> pipeline.ModelInfo:
+    module, variables = make()
+    return pipeline.ModelInfo(
+        module,
+        variables,
+        module.input_spec,
+        "small <b>model</b>",
+        store.fingerprint_tree(variables),
+    )
+
+
+def _rerun(root, out, layers) -> None:
+    """The `dissected` run's dissection of `layers` again into `out`, without a report."""
+    pipeline.dissect(
+        _small_model(),
+        layers,
+        Broden.open(root),
+        engine.Settings(batch_size=8),
+        out,
+        dataset_name="tiny & hostile",
+        options=pipeline.Options(progress=False, num_threads=0, report=False),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +58,10 @@ def dissected(tmp_path_factory):
         writer.writeheader()
         writer.writerows(rows)
     source = Broden.open(root)
-    module, variables = make()
     out = tmp_path_factory.mktemp("report")
     timings = {}
     pipeline.dissect(
-        pipeline.ModelInfo(
-            module,
-            variables,
-            module.input_spec,
-            "small <b>model</b>",
-            store.fingerprint_tree(variables),
-        ),
+        _small_model(),
         ["conv1", "top"],  # "top": the model's alias of conv2
         source,
         engine.Settings(batch_size=8),
@@ -132,25 +150,9 @@ def test_follow_on_outputs_stay_with_their_dissection_only(dissected, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(report, out)  # .work included: the passes' stages are reused
     _plant_follow_ons(out)
-    module, variables = make()
-    model = pipeline.ModelInfo(
-        module,
-        variables,
-        module.input_spec,
-        "small <b>model</b>",
-        store.fingerprint_tree(variables),
-    )
 
     def rerun(layers):
-        pipeline.dissect(
-            model,
-            layers,
-            Broden.open(root),
-            engine.Settings(batch_size=8),
-            out,
-            dataset_name="tiny & hostile",
-            options=pipeline.Options(progress=False, num_threads=0, report=False),
-        )
+        _rerun(root, out, layers)
 
     def follow_ons():
         return sorted(p.relative_to(out).as_posix() for p in outdir.follow_on_files(out))
@@ -178,25 +180,9 @@ def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, t
     report, _, root = dissected
     out = tmp_path / "run"
     shutil.copytree(report, out)  # .work included: the passes' stages are reused
-    module, variables = make()
-    model = pipeline.ModelInfo(
-        module,
-        variables,
-        module.input_spec,
-        "small <b>model</b>",
-        store.fingerprint_tree(variables),
-    )
 
     def rerun():
-        pipeline.dissect(
-            model,
-            ["top"],
-            Broden.open(root),
-            engine.Settings(batch_size=8),
-            out,
-            dataset_name="tiny & hostile",
-            options=pipeline.Options(progress=False, num_threads=0, report=False),
-        )
+        _rerun(root, out, ["top"])
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -284,7 +270,8 @@ def test_pipeline_report_in_browser(driver, report):  # noqa: F811
 
 
 def test_strips_of_fewer_images_than_top_slots(tmp_path):
-    """4 probe images, 10 top-image slots: every strip shows its 4 filled slots only."""
+    """4 probe images, 10 top-image slots: every strip shows its filled slots only, those
+    of the images where the unit fires (its top value passes T by the tie rule)."""
     source = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=4))
     module, variables = make()
     info = pipeline.ModelInfo(
@@ -297,10 +284,16 @@ def test_strips_of_fewer_images_than_top_slots(tmp_path):
     )
     strips = sorted((tmp_path / "out" / "strips").rglob("*.jpg"))
     assert strips and settings.top_images > 4
+    stats = store.load_arrays(tmp_path / "out" / "stats-conv1.npz")
+    fires = (stats["top_indices"] >= 0) & active(
+        stats["top_values"], stats["thresholds"], settings.tie_rule
+    )
+    assert (fires.sum(0) < 4).any()  # units firing in fewer images than the slots filled
     for path in strips:
+        n = int(fires[:, int(path.stem.removeprefix("unit"))].sum())
         with Image.open(path) as im:
             h = im.height
-            assert im.width == 4 * h + 3 * 3, path.name  # 4 square tiles, 3 gaps of 3 px
+            assert im.width == n * h + (n - 1) * 3, path.name  # n square tiles, gaps of 3 px
 
 
 def test_a_model_without_an_input_spec_gets_torchvisions():
