@@ -646,6 +646,8 @@ def train(
     steps_per_epoch = max(1, len(task.train) // config.batch_size)
 
     def checkpoint(state: TrainState, step: int, final: bool = False) -> dict[str, float]:
+        """Evaluate and export where the config says; the row's validation fields. The
+        state is saved by the caller once the step's row is written (`_save_state`)."""
         row: dict[str, float] = {}
         evaluate = (
             final
@@ -662,14 +664,13 @@ def train(
             extra = {"step": step, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
             if jax.process_index() == 0:
                 exports[step] = export_weights(weights_dir(out, step), state, config, task, extra)
-        if not final:  # the final state is saved once summary.json is written
-            _save_state(manager, state)
         return row
 
     # Step 0's row, unless the killed run logged it (its checkpoint is then the latest).
     if start == 0 and not history:
         row = checkpoint(state, 0)
         history.append({"step": 0, "epoch": 0.0, **row, "elapsed_s": 0.0})
+        _save_state(manager, state)
     batches = train_batches(task.train, config.batch_size, seed=config.seed, flip=config.flip)
     stop = config.steps if stop_after is None else min(config.steps, stop_after)
     stream = batches[start:stop].to_iter_dataset(
@@ -687,7 +688,10 @@ def train(
         bar.update(1)
         extra: dict[str, float] = {}
         # Not at `stop_after`: that stands for a kill, which saves nothing.
-        if step in config.save_steps or step % config.checkpoint_every == 0 or step == config.steps:
+        saved = (
+            step in config.save_steps or step % config.checkpoint_every == 0 or step == config.steps
+        )
+        if saved:
             extra = checkpoint(state, step, final=step == config.steps)
         if step % log_every == 0 or extra or step == stop:
             got = jax.device_get(pending)
@@ -719,6 +723,10 @@ def train(
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.2f}")
             if on_log is not None:
                 on_log(row)
+        # Saved after the step's row is written: a run killed in between redoes the step
+        # and its row. The final state is saved once summary.json is written.
+        if saved and step != config.steps:
+            _save_state(manager, state)
     bar.close()
     if start == stop == config.steps:
         logging.info("%s: already trained for %d steps", out, config.steps)

@@ -297,6 +297,29 @@ def test_resume_before_the_first_checkpoint_and_before_the_summary(tmp_path, tas
     assert steps == [0, 4, 8, 12, 16, 20]
 
 
+def test_a_kill_between_a_checkpoint_and_its_row_loses_no_row(tmp_path, task, monkeypatch):
+    """Killed while step 10's row is written (step 10 is a checkpoint): the state of step 10
+    is saved only after its row, so the rerun resumes from step 5 and writes the row (saved
+    first, the row of step 10 was lost for good)."""
+    kw = dict(mesh=parallel.data_mesh(1), progress=False, log_every=5)
+    out = tmp_path / "run"
+    write_metrics = training._write_metrics
+
+    def killed_at_step_10(path, rows):
+        if rows[-1]["step"] == 10:
+            raise KeyboardInterrupt
+        write_metrics(path, rows)
+
+    monkeypatch.setattr(training, "_write_metrics", killed_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(_config(), task, out, **kw)
+    monkeypatch.undo()
+    again = training.train(_config(), task, out, **kw)
+    assert again.resumed_from == 5
+    steps = [r["step"] for r in training.read_metrics(out / training.METRICS_FILE)]
+    assert steps == [0, 5, 10, 15, 20]
+
+
 def test_data_parallel_steps_match_one_device():
     """8 devices (batch sharded, state replicated, BatchNorm over the global batch) = 1 device."""
     model = training.build_model("small_cnn", width=0.125, batch_norm=True)
