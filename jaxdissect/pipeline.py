@@ -224,7 +224,8 @@ def _previous_layers(out: pathlib.Path, model: ModelInfo) -> list[str]:
     if before.get("model_key", model.key) != model.key:
         name = before.get("model", "?")
         what = (
-            f"{name} with other weights or options (changed since that run)"
+            f"{name} with other weights or options (changed since that run), or for a study "
+            "other rotation amounts, training steps or layers"
             if name == model.name
             else f"another model ({name})"
         )

@@ -99,8 +99,13 @@ def test_another_models_results_are_not_mixed_in(report, tmp_path):
     source = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=2))
     for name, what in [
         ("other", r"another model \(small <b>model</b>\)"),
-        # The same name (a weights file changed in place): the message says so.
-        ("small <b>model</b>", r"small <b>model</b> with other weights or options \(changed"),
+        # The same name (a weights file changed in place, a study's other amounts or steps):
+        # the message says so.
+        (
+            "small <b>model</b>",
+            r"small <b>model</b> with other weights or options \(changed since that run\), "
+            "or for a study other rotation amounts, training steps or layers",
+        ),
     ]:
         with pytest.raises(ValueError, match=rf"^output_dir=.* holds the results of {what}"):
             pipeline.dissect(
