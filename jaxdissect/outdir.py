@@ -113,12 +113,13 @@ def follow_on_files(out: pathlib.Path) -> list[pathlib.Path]:
     return sorted({path for pattern in FOLLOW_ON_OUTPUTS for path in out.glob(pattern)})
 
 
-def remove_follow_ons(out: pathlib.Path) -> None:
+def remove_follow_ons(out: pathlib.Path) -> list[str]:
     """Remove the follow-on scripts' outputs in `out` (files and folders), and the folders
-    of `out` they leave empty."""
+    of `out` they leave empty; their names relative to `out`."""
     import shutil
 
-    for path in follow_on_files(out):
+    found = follow_on_files(out)
+    for path in found:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
@@ -126,3 +127,4 @@ def remove_follow_ons(out: pathlib.Path) -> None:
         if path.parent != out:
             with contextlib.suppress(OSError):  # kept where something else is in it
                 path.parent.rmdir()
+    return [path.relative_to(out).as_posix() for path in found]

@@ -241,14 +241,41 @@ def _previous_layers(out: pathlib.Path, model: ModelInfo) -> list[str]:
     )
 
 
+# What follow-on outputs are not computed from: a rerun that differs from the dissection
+# beside them only in these settings and results.json unit fields (or the layer's test
+# and summary) keeps them.
+_NOT_FOLLOWED_SETTINGS = (
+    "batch_size",
+    "devices",
+    "significance_draws",
+    "significance_alpha",
+    "significance_stride",
+    "significance_seed",
+)
+_NOT_FOLLOWED_UNIT_FIELDS = ("p_value", "label_p_value", "significant")
+
+
 def _dissection_digest(out: pathlib.Path, layers: Sequence[str]) -> str | None:
-    """A digest of the finished dissection of `layers` in `out`: its results.json and the
-    layers' stats arrays, which follow-on outputs beside it were computed from (None: no
-    results.json)."""
-    doc = out / "results.json"
-    if not doc.is_file():
+    """A digest of what follow-on outputs beside the finished dissection of `layers` in
+    `out` are computed from: its results.json less `_NOT_FOLLOWED_SETTINGS`, the units' test
+    fields and the layers' test and summary, and the layers' stats arrays (thresholds, top
+    images). None: no readable results.json."""
+    try:
+        doc = results.read_results_json(out / "results.json")
+    except (OSError, ValueError):
         return None
-    digest = hashlib.sha256(doc.read_bytes())
+    settings = {k: v for k, v in doc["settings"].items() if k not in _NOT_FOLLOWED_SETTINGS}
+    layer_docs = [
+        {
+            **{k: v for k, v in layer.items() if k not in ("significance", "summary", "units")},
+            "units": [
+                {k: v for k, v in u.items() if k not in _NOT_FOLLOWED_UNIT_FIELDS}
+                for u in layer.get("units", [])
+            ],
+        }
+        for layer in doc.get("layers", [])
+    ]
+    digest = hashlib.sha256(store.key_of(settings=settings, layers=layer_docs).encode())
     for stem in results.layer_file_stems(layers):
         stats = out / results.stats_npz_name(stem)
         digest.update(stats.read_bytes() if stats.is_file() else b"-")
@@ -454,8 +481,12 @@ def dissect(
     results.write_results_json(out / "results.json", layer_results, run_settings)
     # Follow-on outputs of another dissection than this (or of one no longer there, after a
     # run killed while replacing it) would sit beside these results as if made from them.
-    if made_from is None or made_from != _dissection_digest(out, tap.names):
-        outdir.remove_follow_ons(out)
+    replaced = made_from is None or made_from != _dissection_digest(out, tap.names)
+    if replaced and (removed := outdir.remove_follow_ons(out)):
+        logging.info(
+            "removed the outputs of follow-on scripts made from the dissection replaced: %s",
+            ", ".join(removed),
+        )
     if timings is not None:
         timings.update(dissector.timings, results_s=time.time() - t_passes)
     done = out / (report_html.INDEX if options.report else "results.json")

@@ -177,6 +177,40 @@ def test_follow_on_outputs_stay_with_their_dissection_only(dissected, tmp_path):
     assert follow_ons() == [] and not (out / "formula_strips").exists()
 
 
+def test_follow_on_outputs_are_kept_through_what_they_do_not_depend_on(report, tmp_path):
+    """The dissection digest behind the follow-on outputs leaves out the batch size, the
+    device count and the permutation test: significance.py and compositional.py share one
+    folder without removing each other's files; a unit's label or a threshold counts."""
+    shutil.copytree(report, tmp_path / "run")
+    out = tmp_path / "run"
+    layers = ["conv1", "top"]
+    before = pipeline._dissection_digest(out, layers)
+    doc = json.loads((out / "results.json").read_text())
+
+    def digest_of(edit):
+        changed = json.loads(json.dumps(doc))
+        edit(changed)
+        store.write_json(out / "results.json", changed)
+        return pipeline._dissection_digest(out, layers)
+
+    def tested(d):
+        d["settings"].update(batch_size=4, devices=8, significance_draws=99)
+        d["layers"][0]["significance"] = {"draws": 99}
+        d["layers"][0]["summary"]["interpretable_and_significant"] = 1
+        d["layers"][0]["units"][0].update(p_value=0.01, label_p_value=0.01, significant=True)
+
+    assert digest_of(tested) == before
+    assert digest_of(lambda d: d["settings"].update(quantile=0.01)) != before
+    assert digest_of(lambda d: d["layers"][1]["units"][3].update(iou=0.5)) != before
+    store.write_json(out / "results.json", doc)
+    assert pipeline._dissection_digest(out, layers) == before
+    stats = store.load_arrays(out / "stats-top.npz")
+    store.save_arrays(out / "stats-top.npz", {**stats, "thresholds": stats["thresholds"] + 1})
+    assert pipeline._dissection_digest(out, layers) != before
+    (out / "results.json").unlink()
+    assert pipeline._dissection_digest(out, layers) is None
+
+
 def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, tmp_path):
     """A rerun into a finished run's folder removes that run's files before writing its
     own, results.json first: killed while writing, it leaves no results.json (the mark of a
