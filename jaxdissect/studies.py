@@ -227,6 +227,18 @@ def _categories(rows: Sequence[Mapping[str, Any]], kind: str = "unique") -> list
     return list(dict.fromkeys(c for c in found if c is not None))
 
 
+def step_axis(steps: Sequence[float]) -> tuple[float, list[float]]:
+    """(linthresh, ticks) of a symlog axis of training steps (step 0: the random
+    initialisation): linear up to the first step after 0; ticks at 0, then the powers of ten
+    past the linear part (the default also ticks inside it, where 0 and 10 collide), or the
+    steps themselves where fewer than two such powers fall in their range."""
+    positive = sorted({float(v) for v in steps if v > 0})
+    linthresh = max(1.0, positive[0] if positive else 1.0)
+    top = math.floor(math.log10(positive[-1])) if positive and positive[-1] >= 1 else -1
+    decades = [10.0**k for k in range(math.ceil(math.log10(linthresh)), top + 1)]
+    return linthresh, [0.0, *(decades if len(decades) >= 2 else positive)]
+
+
 def plot_dynamics(
     path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *, x: str = "step"
 ) -> pathlib.Path:
@@ -252,13 +264,9 @@ def plot_dynamics(
             column = results.category_column("unique", c)
             ax.plot(xs, [r.get(column, 0) for r in mine], ".-", color=colors[c], label=c)
         if x == "step":
-            linthresh = max(1.0, min([v for v in xs if v > 0] or [1.0]))
+            linthresh, ticks = step_axis(xs)
             ax.set_xscale("symlog", linthresh=linthresh)
-            # 0, then the powers of ten past the linear part (the default also ticks inside
-            # it, where 0 and 10 collide).
-            top = math.floor(math.log10(max(xs))) if max(xs) >= 1 else -1
-            decades = range(math.ceil(math.log10(linthresh)), top + 1)
-            ax.set_xticks([0.0, *(10.0**k for k in decades)])
+            ax.set_xticks(ticks)
             ax.set_xlabel("training iteration")
         else:
             ax.set_xlabel("validation accuracy")

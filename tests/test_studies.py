@@ -204,3 +204,16 @@ def test_the_compare_script_refuses_mixed_methods_unless_allowed(tmp_path):
     doc = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert doc["settings"]["mixed_settings"][0].startswith("--results=b was dissected")
     assert store.read_rows_csv(tmp_path / "out" / "compare.csv")[1]["tie_rule"] == "inclusive"
+
+
+@pytest.mark.parametrize(
+    ("steps", "linthresh", "ticks"),
+    [
+        ([0, 20, 40, 60], 20.0, [0.0, 20.0, 40.0, 60.0]),  # one decade: the steps themselves
+        ([0, 500, 1000, 1500], 500.0, [0.0, 500.0, 1000.0, 1500.0]),
+        ([0, 10, 100, 1000, 5000], 10.0, [0.0, 10.0, 100.0, 1000.0]),  # the decades
+        ([0], 1.0, [0.0]),
+    ],
+)
+def test_the_step_axis_ticks_the_steps_when_no_two_decades_fall_in_range(steps, linthresh, ticks):
+    assert studies.step_axis(steps) == (linthresh, ticks)
