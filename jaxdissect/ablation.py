@@ -419,9 +419,11 @@ def ranking(drop: np.ndarray, loss_rise: np.ndarray | None = None) -> np.ndarray
     """int64 [C, K]: per class, units by decreasing accuracy drop (`drop` [K, C]); ties by
     decreasing rise of the class's mean loss (`loss_rise` [K, C], if given) rounded to
     `RISE_DECIMALS` places, then by unit. The rises are float64 sums in image order of the
-    examples' float32 losses (`counts_and_loss`), the same on any number of devices; the
-    rounding makes rises within float32 noise of each other (units whose removal changes
-    nothing: a rise of +-1e-7) equal, so that their order is the units'."""
+    examples' float32 losses (`counts_and_loss`); the rounding makes rises within float32
+    noise of each other (units whose removal changes nothing: a rise of +-1e-7) equal, so
+    that their order is the units'. An example's loss may differ in its last bits at
+    another batch per device (XLA), so a rise near a rounding boundary can fall the other
+    side there."""
     drop = np.nan_to_num(np.asarray(drop, np.float64), nan=-np.inf)
     rise = np.zeros_like(drop) if loss_rise is None else np.asarray(loss_rise, np.float64)
     rise = np.nan_to_num(np.round(rise, RISE_DECIMALS) + 0.0, nan=-np.inf)  # -0.0 -> 0.0
