@@ -291,7 +291,7 @@ def converted_options(
         ) from None
     if meta.get("arch") not in (None, model):
         raise ValueError(
-            f"--weights={weights} holds a converted {meta['arch']!r}, not --model={model}: "
+            f"--weights={weights} holds weights of {meta['arch']!r}, not of --model={model}: "
             f"pass --model={meta['arch']}"
         )
     stored = {**meta.get("options", {})}

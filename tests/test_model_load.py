@@ -211,7 +211,7 @@ def test_a_converted_checkpoint_refuses_other_classes_in_one_line(converted_alex
 
 def test_a_converted_checkpoint_of_another_architecture_names_its_own(converted_alexnet):
     message = (
-        f"^--weights={converted_alexnet} holds a converted 'alexnet', not "
+        f"^--weights={converted_alexnet} holds weights of 'alexnet', not of "
         "--model=efficientnet_lite0: pass --model=alexnet$"
     )
     with pytest.raises(ValueError, match=message):
