@@ -181,7 +181,9 @@ def classification_task(
     num_threads: int = 2,
 ) -> SceneTask:
     """The task of a TFDS image-classification build (features `image`, `label`):
-    its `train` split and its validation split, at `resolution` px, in memory."""
+    its `train` split and its validation split, at `resolution` px, in memory. The
+    fingerprint holds the decoded images and labels, so a rebuild with other examples
+    is other data even where its dataset_info.json is unchanged."""
     from jaxdissect.data import tfds_classification
 
     build = pathlib.Path(build)
@@ -196,8 +198,10 @@ def classification_task(
     train = split(tfds_classification.TRAIN_SPLIT, max_train)
     val = split(about["val_split"], None)
     names = tuple(about["class_names"])
+    # The arrays themselves: a rebuild may keep dataset_info.json and change the examples.
     fingerprint = store.key_of(
         info=json.loads((build / "dataset_info.json").read_text(encoding="utf-8")),
+        data=store.fingerprint_tree((train.images, train.labels, val.images, val.labels)),
         resolution=resolution,
         max_train=max_train,
     )

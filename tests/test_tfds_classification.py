@@ -170,3 +170,24 @@ def test_a_damaged_split_is_one_line(build, tmp_path):
     with pytest.raises(ValueError, match="the 'train' split: its array_record files cannot be"):
         tfds_classification.read_split(copy, "train", 16)
     assert len(tfds_classification.read_split(copy, "test", 16)[1]) == 9
+
+
+class Relabelled(TinyColours, skip_registration=True):
+    """TinyColours with every label moved to the next class: the same dataset_info.json."""
+
+    name = "tiny_colours"
+
+    def _generate_examples(self, split: str, n: int):
+        for key, example in super()._generate_examples(split, n):
+            yield key, {**example, "label": (example["label"] + 1) % len(CLASSES)}
+
+
+def test_a_rebuild_with_other_labels_is_other_data(build, tmp_path):
+    Relabelled(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+    info = "tiny_colours/1.0.0/dataset_info.json"
+    assert (tmp_path / info).read_text() == (build / info).read_text()
+    old, new = (
+        scenes.open_scene_task(str(d), resolution=16, synthetic_images=0, cache_dir=d)
+        for d in (build, tmp_path)
+    )
+    assert old.fingerprint != new.fingerprint
