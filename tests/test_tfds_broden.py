@@ -272,3 +272,19 @@ def test_a_missing_or_damaged_shard_is_one_line_at_open(datasets, tmp_path):
             ):
                 TfdsBroden(copy, split)
         assert len(TfdsBroden(copy, "train")) == len(TfdsBroden(build_dir, "train"))
+
+
+def test_damage_between_the_checked_records_is_one_line_when_read(datasets, tmp_path):
+    """The open reads a split's first and last record; damage in the middle is found by the
+    read of its example, in one line naming the build, the split, the example and the fix."""
+    _, build_dir = datasets["synthetic"]
+    copy = shutil.copytree(build_dir, tmp_path / "build")
+    (train,) = copy.glob("*-train.array_record*")
+    data = bytearray(train.read_bytes())
+    middle = 13000  # inside a middle record's chunk (the file is padded past its records)
+    data[middle : middle + 400] = bytes(b ^ 0xFF for b in data[middle : middle + 400])
+    train.write_bytes(bytes(data))
+    source = TfdsBroden(copy, "train")
+    with pytest.raises(ValueError, match=r"'train' split, example \d+: its array_record .*again"):
+        for i in range(len(source)):
+            source[i]

@@ -54,6 +54,8 @@ RESOLUTIONS = (224, 227, 384)
 SPLITS = ("train", "val")
 # Bumped when the layout of `metadata.json` or of the features changes.
 METADATA_FORMAT = 2
+# The fix for a build whose files cannot be read.
+REBUILD = "build it again with jaxdissect.data.tfds_broden.build(broden_dir, data_dir)"
 
 _CITATION = """\
 @inproceedings{bau2017network,
@@ -457,11 +459,7 @@ class TfdsBroden:
             for k in present
         }
         for k, source in self._sources.items():
-            check_readable(
-                source,
-                f"{self.builder_dir}, the {SPLITS[k]!r} split",
-                "build it again with jaxdissect.data.tfds_broden.build(broden_dir, data_dir)",
-            )
+            check_readable(source, f"{self.builder_dir}, the {SPLITS[k]!r} split", REBUILD)
 
     def __len__(self) -> int:
         return len(self._global)
@@ -481,7 +479,12 @@ class TfdsBroden:
         if not -n <= i < n:
             raise IndexError(f"example {i} out of range for a Broden of {n} images")
         i %= n
-        ex = self._sources[int(self._split_id[i])][int(self._position[i])]
+        k = int(self._split_id[i])
+        try:
+            ex = self._sources[k][int(self._position[i])]
+        except (RuntimeError, OSError) as e:  # damage between the records the open checked
+            where = f"{self.builder_dir}, the {SPLITS[k]!r} split, example {i}"
+            raise unreadable(where, e, REBUILD) from None
         if int(ex["index"]) != int(self._global[i]):
             raise RuntimeError(
                 f"{self.builder_dir}: the record of example {self._global[i]} holds example "
@@ -541,10 +544,14 @@ def check_readable(source: Any, where: str, advice: str) -> None:
         for i in {0, len(source) - 1} if len(source) else ():
             source[i]
     except (RuntimeError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"{where}: its array_record files cannot be read ({first}); {advice}"
-        ) from None
+        raise unreadable(where, e, advice) from None
+
+
+def unreadable(where: str, error: Exception, advice: str) -> ValueError:
+    """The one-line error of array_record files that cannot be read: `where`, the first
+    line of `error`, `advice`."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"{where}: its array_record files cannot be read ({first}); {advice}")
 
 
 def _reopen(builder_dir: str, split: str, data_hash: str) -> TfdsBroden:
