@@ -288,3 +288,21 @@ def test_damage_between_the_checked_records_is_one_line_when_read(datasets, tmp_
     with pytest.raises(ValueError, match=r"'train' split, example \d+: its array_record .*again"):
         for i in range(len(source)):
             source[i]
+
+
+def test_resolution_picks_among_builds_in_one_data_dir(datasets, tmp_path):
+    """A data dir holding builds at two resolutions: `resolution` (--resolution) picks one;
+    another resolution is refused in one line naming those held and the build's folder."""
+    from jaxdissect.data import open_probe
+
+    _, build_dir = datasets["synthetic"]
+    for r in ("32", "64"):
+        shutil.copytree(build_dir, tmp_path / "broden" / r / build_dir.name)
+    with pytest.raises(ValueError, match="resolutions 32, 64: pass resolution="):
+        tfds_broden.find_build(tmp_path)
+    assert tfds_broden.find_build(tmp_path, 32) == tmp_path / "broden" / "32" / build_dir.name
+    for r in (32, 64):
+        source, description = open_probe(str(tmp_path), resolution=r)
+        assert source.builder_dir == tmp_path / "broden" / str(r) / build_dir.name, description
+    with pytest.raises(ValueError, match="resolutions 32, 64, none at 224: pass --resolution="):
+        open_probe(str(tmp_path), resolution=224)

@@ -80,8 +80,9 @@ def open_probe(
 
     `data_hash` (`stat` or `content`) is how the files the run reads enter the source's
     fingerprint, which keys every stored stage (see `Broden.open`). A synthetic Broden is
-    generated once into `cache_dir` (default `cache_root()`). `name` is how errors call
-    `data` (the flag that gave it).
+    generated once into `cache_dir` (default `cache_root()`). Of a TFDS data dir holding
+    builds at several resolutions, the one at `resolution` is read. `name` is how errors
+    call `data` (the flag that gave it).
     """
     cache_dir = cache_root() if cache_dir is None else cache_dir
     check_data_hash(data_hash)
@@ -128,6 +129,15 @@ def open_probe(
         raise FileNotFoundError(
             f"{name}={data} holds neither index.csv (a Broden folder) nor a TFDS build: {e}"
         ) from e
+    except ValueError:  # builds at several resolutions: `resolution` picks one
+        builds = tfds_broden.find_builds(path)
+        if resolution not in builds:
+            raise ValueError(
+                f"{name}={data} holds Broden builds at resolutions "
+                f"{', '.join(map(str, builds))}, none at {resolution}: pass --resolution= one "
+                f"of them, or {name}= the build's own folder (e.g. {builds[max(builds)][0]})"
+            ) from None
+        build = tfds_broden.find_build(path, resolution)
     source = tfds_broden.TfdsBroden(build, split, data_hash=data_hash)
     if max_images is not None:
         source = Subset(source, max_images)

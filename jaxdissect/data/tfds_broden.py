@@ -351,31 +351,46 @@ def build(
     return path
 
 
+def find_builds(path: str | os.PathLike[str]) -> dict[int, list[Path]]:
+    """The finished build directories under `path` (a TFDS data dir or its `broden/`
+    folder), by resolution in ascending order (none: empty)."""
+    path = Path(path)
+    base = path / BrodenBuilder.name if (path / BrodenBuilder.name).is_dir() else path
+    # Unfinished builds live in `incomplete.*` folders, not version-named ones.
+    found: dict[int, list[Path]] = {}
+    for f in sorted(base.glob("*/*/dataset_info.json")):
+        if f.parent.parent.name.isdigit() and tfds.core.Version.is_valid(f.parent.name):
+            found.setdefault(int(f.parent.parent.name), []).append(f.parent)
+    return dict(sorted(found.items()))
+
+
 def find_build(path: str | os.PathLike[str], resolution: int | None = None) -> Path:
     """The build directory (holding `dataset_info.json`) at or under `path`.
 
-    `path` is a build directory, a TFDS data dir, or its `broden/` folder; with
-    several versions the newest is taken.
+    `path` is a build directory, a TFDS data dir, or its `broden/` folder; `resolution`
+    picks among builds at several; with several versions the newest is taken.
     """
     path = Path(path)
     if (path / "dataset_info.json").is_file():
         return path
-    base = path / BrodenBuilder.name if (path / BrodenBuilder.name).is_dir() else path
-    pattern = (
-        f"{resolution}/*/dataset_info.json" if resolution is not None else "*/*/dataset_info.json"
-    )
-    # Unfinished builds live in `incomplete.*` folders, not version-named ones.
-    found = [f.parent for f in base.glob(pattern) if tfds.core.Version.is_valid(f.parent.name)]
-    if not found:
+    builds = find_builds(path)
+    if not builds:
         raise FileNotFoundError(
             f"No TFDS Broden build under {path}: build one with "
             "jaxdissect.data.tfds_broden.build(broden_dir, data_dir)."
         )
-    resolutions = sorted({d.parent.name for d in found})
-    if len(resolutions) > 1:
+    if resolution is None and len(builds) > 1:
         raise ValueError(
-            f"{path} holds Broden builds at resolutions {resolutions}: pass resolution="
+            f"{path} holds Broden builds at resolutions {', '.join(map(str, builds))}: pass "
+            f"resolution= one of them, or the build's own folder (e.g. {builds[max(builds)][0]})"
         )
+    if resolution is not None and resolution not in builds:
+        raise FileNotFoundError(
+            f"No TFDS Broden build at resolution {resolution} under {path} (it holds "
+            f"{', '.join(map(str, builds))}): pass one of those, or build one with "
+            "jaxdissect.data.tfds_broden.build(broden_dir, data_dir, resolution=...)."
+        )
+    found = builds[next(iter(builds)) if resolution is None else resolution]
     return max(found, key=lambda d: tfds.core.Version(d.name))
 
 
