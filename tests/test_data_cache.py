@@ -149,3 +149,46 @@ def test_a_sketch_size_no_layer_uses_is_said(tmp_path, caplog):
     _dissect(root, tmp_path / "run", caplog, driver.Steps(), settings=settings)
     assert "thresholds: conv1 histogram" in caplog.text
     assert "sketch_size=64: no layer's thresholds use a sketch" in caplog.text
+
+
+def test_the_cached_synthetic_probe_is_checked_on_reuse(tmp_path, monkeypatch, caplog):
+    """An edited, incomplete or other generator's cached set is generated again, with a line
+    saying why; a copy of the same bytes (new times) is reused; a killed generation's
+    folder is removed."""
+    real, calls = synthetic.generate, []
+
+    def generate(root, **kwargs):
+        calls.append(root)
+        return real(root, **kwargs)
+
+    monkeypatch.setattr(synthetic, "generate", generate)
+    kwargs = dict(synthetic_images=3, resolution=32, cache_dir=tmp_path)
+    source, _ = open_probe("synthetic", **kwargs)
+    root, key, images = source.root, source.fingerprint(), sorted(source.root.rglob("*.jpg"))
+    original = images[0].read_bytes()
+    (tmp_path / f".{root.name}.partial-0badc0de").mkdir()
+    for path in images:  # the same bytes, new ctimes
+        path.write_bytes(path.read_bytes())
+    assert open_probe("synthetic", **kwargs)[0].fingerprint() != key  # its stat key moved
+    assert len(calls) == 1 and not list(tmp_path.glob(".*.partial-*"))
+    edits = {
+        "its files differ": lambda: images[0].write_bytes(images[1].read_bytes()),
+        "not found": lambda: images[0].unlink(),
+        "version=0, this generator writes version=1": lambda: (root / "synthetic.json").write_text(
+            (root / "synthetic.json").read_text().replace('"version": 1', '"version": 0')
+        ),
+    }
+    for why, edit in edits.items():
+        edit()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            source, _ = open_probe("synthetic", **kwargs)
+        assert f"{why}" in caplog.text and "generating it again" in caplog.text, why
+        assert images[0].read_bytes() == original, why
+    assert len(calls) == 1 + len(edits)
+    content = dict(kwargs, data_hash="content")
+    assert (
+        open_probe("synthetic", **content)[0].fingerprint()
+        == Broden.open(root, data_hash="content").fingerprint()
+    )
+    assert len(calls) == 1 + len(edits)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import pathlib
 from collections.abc import Sequence
@@ -10,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxdissect.data import synthetic_cache
 from jaxdissect.data.broden import Broden
 from jaxdissect.data.files import check_data_hash
 
@@ -80,9 +80,10 @@ def open_probe(
 
     `data_hash` (`stat` or `content`) is how the files the run reads enter the source's
     fingerprint, which keys every stored stage (see `Broden.open`). A synthetic Broden is
-    generated once into `cache_dir` (default `cache_root()`). Of a TFDS data dir holding
-    builds at several resolutions, the one at `resolution` is read. `name` is how errors
-    call `data` (the flag that gave it).
+    generated once into `cache_dir` (default `cache_root()`) and checked on every reuse
+    (`synthetic_cache.ensure`). Of a TFDS data dir holding builds at several resolutions,
+    the one at `resolution` is read. `name` is how errors call `data` (the flag that
+    gave it).
     """
     cache_dir = cache_root() if cache_dir is None else cache_dir
     check_data_hash(data_hash)
@@ -94,22 +95,12 @@ def open_probe(
         )
 
     if data == "synthetic":
-        from jaxdissect.data import synthetic
-
-        root = synthetic_path(pathlib.Path(cache_dir).expanduser(), synthetic_images, resolution)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        # Runs sharing the cache generate it once: the others wait, then read that one.
-        with open(root.parent / f".{root.name}.lock", "a", encoding="utf-8") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (root / "index.csv").exists():
-                print(
-                    f"Generating a synthetic Broden ({synthetic_images} images at {resolution}) "
-                    f"in {root} (once) ...",
-                    flush=True,
-                )
-                synthetic.generate(
-                    root, num_images=synthetic_images, size=resolution, overwrite=root.exists()
-                )
+        root = synthetic_cache.ensure(
+            synthetic_path(pathlib.Path(cache_dir).expanduser(), synthetic_images, resolution),
+            num_images=synthetic_images,
+            size=resolution,
+            data_hash=data_hash,
+        )
         source = open_folder(root)
         return source, f"synthetic Broden {resolution} ({split}, {len(source)} images)"
     path = pathlib.Path(data).expanduser()
