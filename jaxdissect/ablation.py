@@ -130,7 +130,8 @@ class Ablator:
         """Per mask ([M, K]): correct examples of each class over each device's rows,
         stacked [devices, M, C] and summed on the host, and every example's cross-entropy
         [M, B] (0 for padding rows), which the host sums by class in float64 in image order
-        (the same sums on any number of devices and batch size).
+        (the same sums on any number of devices and batch size where the examples' losses
+        are: XLA may round them differently at another batch per device).
 
         No collective: on the CPU backend a device's part of a program that waits in an
         all-reduce holds one of the few execution threads, so several batches' steps in

@@ -111,7 +111,9 @@ def test_counts_match_numpy_loop_of_single_evaluations(data, devices):
 def test_losses_are_the_same_sums_on_any_devices_and_batch_size(data):
     """Each class's summed cross-entropy (which breaks ties of accuracy drop) is a float64
     sum in image order of the examples' losses: equal bit for bit on 1 or 8 devices and any
-    batch size, and to numpy's within float32 rounding of each example's loss."""
+    batch size where each example's loss is (here: _IntNet's logits are exact integers; in
+    general XLA may round a loss differently at another batch per device), and to numpy's
+    within float32 rounding of each example's loss."""
     variables, images, labels = data
     rng = np.random.default_rng(3)
     masks = np.concatenate(
