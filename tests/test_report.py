@@ -536,3 +536,45 @@ def test_a_strip_draws_only_the_top_images_where_the_unit_fires(tmp_path):
         )
         widths[rule] = [Image.open(out / f"strips/head/unit000{k}.jpg").width for k in (0, 1)]
     assert widths == {"strict": [8, 8 + 3 + 8], "inclusive": [3 * 8 + 2 * 3, 8 + 3 + 8]}
+
+
+def test_a_top_image_whose_upsampled_mask_is_empty_is_left_out(tmp_path):
+    """A raw peak just above T that upsamples to no pixel at the strip's size (one interior
+    cell of a 4x4 map at 1.0, T = 0.9: at most 0.5625 upsampled) is not drawn, wholly
+    dimmed; the slot where the unit's mask has pixels is."""
+    from jaxdissect import results
+    from jaxdissect.labelspace import LabelSpace
+
+    top = np.array([[0], [1]], np.int32)
+    maps = np.zeros((2, 4, 4, 1), np.float32)
+    maps[0, 1, 1, 0] = 1.0
+    maps[1, :, :, 0] = 1.0
+    thresholds = np.array([0.9], np.float32)
+    assert build.drawn_ranks(top, maps, thresholds, "strict")[:, 0].all()  # raw peaks pass
+
+    class Source:
+        def read_image(self, i: int) -> np.ndarray:
+            return np.full((8, 8, 3), 10 * i, np.uint8)
+
+    labels = LabelSpace(("color",), ("-", "red-c"), np.array([-1, 0], np.int32), (False,))
+    counts = {
+        "intersection": np.array([[0, 3]]),
+        "label_pixels": np.array([0, 10]),
+        "unit_pixels": np.array([[5]]),
+        "unit_total": np.array([5]),
+        "images": np.int64(2),
+    }
+    build.write_dissection_report(
+        tmp_path,
+        "m",
+        "d",
+        {},
+        [results.layer_result("head", counts, labels)],
+        {"head": thresholds},
+        {"head": top},
+        {"head": maps},
+        Source(),
+        tie_rule="strict",
+        strip_height=8,
+    )
+    assert Image.open(tmp_path / "strips/head/unit0000.jpg").width == 8

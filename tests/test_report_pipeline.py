@@ -309,8 +309,8 @@ def test_pipeline_report_in_browser(driver, report):  # noqa: F811
 
 
 def test_strips_of_fewer_images_than_top_slots(tmp_path):
-    """4 probe images, 10 top-image slots: every strip shows its filled slots only, those
-    of the images where the unit fires (its top value passes T by the tie rule)."""
+    """4 probe images, 10 top-image slots: every strip shows filled slots only, of images
+    where the unit fires (its top value passes T by the tie rule)."""
     source = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=4))
     module, variables = make()
     info = pipeline.ModelInfo(
@@ -329,10 +329,12 @@ def test_strips_of_fewer_images_than_top_slots(tmp_path):
     )
     assert (fires.sum(0) < 4).any()  # units firing in fewer images than the slots filled
     for path in strips:
+        # At most the slots where the unit fires (fewer where a peak upsamples to nothing).
         n = int(fires[:, int(path.stem.removeprefix("unit"))].sum())
         with Image.open(path) as im:
             h = im.height
-            assert im.width == n * h + (n - 1) * 3, path.name  # n square tiles, gaps of 3 px
+            drawn = (im.width + 3) / (h + 3)  # square tiles, gaps of 3 px
+            assert drawn == int(drawn) and 1 <= drawn <= n, path.name
 
 
 def test_a_model_without_an_input_spec_gets_torchvisions():

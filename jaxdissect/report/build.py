@@ -121,20 +121,21 @@ def write_dissection_report(
     ) -> None:
         """The strips of `units` (at most `block`): their masks computed at once, then JPEGs.
 
-        drawn: bool [T, K], `drawn_ranks` of the layer; each unit has a drawn slot."""
+        drawn: bool [T, K], `drawn_ranks` of the layer; each unit has a drawn slot. Of
+        those, a slot whose mask at the strip's size has no pixel is left out too (a raw
+        peak just above T can upsample to nothing), unless that leaves none."""
         idx = top_indices[r.path][:, units]  # [T, n]; -1: an empty slot
         keep = drawn[:, units]
-        first = [int(col[ok][0]) for col, ok in zip(idx.T, keep.T, strict=True)]
-        size = thumb(first[0])[0].shape[:2]
+        size = thumb(int(idx[keep[:, 0], 0][0]))[0].shape[:2]
         on = strip_masks(maps[r.path], thresholds[r.path], units, size, tie_rule, block)
         for j, k in enumerate(units.tolist()):
-            top = [
-                thumb(int(i) if ok else first[j])
-                for i, ok in zip(idx[:, j], keep[:, j], strict=True)
-            ]
+            ok = keep[:, j] & on[j].reshape(len(on[j]), -1).any(1)
+            ok = ok if ok.any() else keep[:, j]
+            first = int(idx[ok, j][0])
+            top = [thumb(int(i) if o else first) for i, o in zip(idx[:, j], ok, strict=True)]
             images, dims = (np.stack([t[c] for t in top]) for c in (0, 1))
             tiles = report_strips.dim_outside(images, on[j], dims)
-            strip = report_strips.tile_strip(tiles, valid=keep[:, j])
+            strip = report_strips.tile_strip(tiles, valid=ok)
             save_jpeg(files[k], strip)
 
     threads = os.cpu_count() or 1  # thumbnails, tiles and JPEG encoding release the GIL
