@@ -182,9 +182,10 @@ def classification_task(
 ) -> SceneTask:
     """The task of a TFDS image-classification build (features `image`, `label`):
     its `train` split and its validation split, at `resolution` px, in memory. The
-    fingerprint holds the decoded images and labels, so a rebuild with other examples
-    is other data even where its dataset_info.json is unchanged."""
+    fingerprint holds the build's files (by stat), so a rebuild with other examples is
+    other data even where its dataset_info.json is unchanged."""
     from jaxdissect.data import tfds_classification
+    from jaxdissect.data.files import Fingerprint, add_folder_files
 
     build = pathlib.Path(build)
     about = tfds_classification.describe(build)
@@ -198,10 +199,12 @@ def classification_task(
     train = split(tfds_classification.TRAIN_SPLIT, max_train)
     val = split(about["val_split"], None)
     names = tuple(about["class_names"])
-    # The arrays themselves: a rebuild may keep dataset_info.json and change the examples.
+    # The files: a rebuild may keep dataset_info.json and change the examples.
+    files = Fingerprint("jaxdissect-tfds-classification-v1")
+    add_folder_files(files, build, f"the TFDS build {build}")
     fingerprint = store.key_of(
         info=json.loads((build / "dataset_info.json").read_text(encoding="utf-8")),
-        data=store.fingerprint_tree((train.images, train.labels, val.images, val.labels)),
+        files=files.hexdigest(),
         resolution=resolution,
         max_train=max_train,
     )

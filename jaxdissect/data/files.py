@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pathlib
 import stat
 
 DATA_HASHES = ("stat", "content")
@@ -149,3 +150,11 @@ class Fingerprint:
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
+
+
+def add_folder_files(digest: Fingerprint, folder: str | os.PathLike[str], where: str) -> None:
+    """Adds every file directly in `folder` (a TFDS build: its shards and JSON files) to
+    `digest`, by name; `where` says in errors what the folder is."""
+    tree = DatasetFiles(folder, ValueError)
+    for path in sorted(p for p in pathlib.Path(folder).iterdir() if not p.is_dir()):
+        digest.add_file(path.name, path, tree.stat(os.fspath(path), where, "build file"))

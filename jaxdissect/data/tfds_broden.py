@@ -47,7 +47,7 @@ from PIL import Image
 
 from jaxdissect.data import images
 from jaxdissect.data.broden import IMAGES_DIR, Broden
-from jaxdissect.data.files import DatasetFiles, Fingerprint, check_data_hash
+from jaxdissect.data.files import Fingerprint, add_folder_files, check_data_hash
 from jaxdissect.labelspace import LabelSpace
 
 RESOLUTIONS = (224, 227, 384)
@@ -577,8 +577,5 @@ def _build_fingerprint(builder_dir: Path, source: str, data_hash: str) -> str:
     """Hash of the source fingerprint and every file of the build (shards, JSON files)."""
     digest = Fingerprint("jaxdissect-tfds-broden-v1", data_hash)
     digest.add_bytes("source", source.encode())
-    tree = DatasetFiles(builder_dir, ValueError)
-    for path in sorted(p for p in builder_dir.iterdir() if not p.is_dir()):
-        where = f"the TFDS build {builder_dir}"
-        digest.add_file(path.name, path, tree.stat(os.fspath(path), where, "build file"))
+    add_folder_files(digest, builder_dir, f"the TFDS build {builder_dir}")
     return digest.hexdigest()
