@@ -232,6 +232,11 @@ def load_model(
     from jaxdissect.models import load as model_load
 
     if check_model(model, weights):
+        if options:
+            raise ValueError(
+                f"--model_option, --num_classes: --weights={weights} is a training export, "
+                "which carries its own options; leave them out"
+            )
         return training.load_trained(weights)
     return model_load.load(model, weights=weights or None, options=options, seed=seed)
 

@@ -249,6 +249,9 @@ def test_exports_are_told_from_conversions(tmp_path):
     assert not finished.check_model("alexnet", str(tmp_path / "converted"))
     with pytest.raises(ValueError, match="is a converted checkpoint .*: give --model=alexnet$"):
         finished.check_model(None, str(tmp_path / "converted"))
+    # An export carries its own options: the follow-on scripts' --model_option is refused.
+    with pytest.raises(ValueError, match=r"^--model_option, --num_classes: --weights=.* export"):
+        finished.load_model(None, str(tmp_path / "export"), options={"width": 0.5})
 
 
 def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, task, quick_run):
