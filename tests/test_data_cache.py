@@ -177,6 +177,7 @@ def test_the_cached_synthetic_probe_is_checked_on_reuse(tmp_path, monkeypatch, c
         "version=0, this generator writes version=1": lambda: (root / "synthetic.json").write_text(
             (root / "synthetic.json").read_text().replace('"version": 1', '"version": 0')
         ),
+        "no index.csv (a set not finished)": lambda: (root / "index.csv").unlink(),
     }
     for why, edit in edits.items():
         edit()

@@ -72,7 +72,7 @@ def stale(root: pathlib.Path, *, num_images: int, size: int, seed: int, data_has
         if data_hash == "stat":  # the same bytes with new times (a copy): remember them
             record["stat"] = _fingerprint(root, "stat")
             store.write_json(root / CACHE_RECORD, record)
-    except BrodenFormatError as e:
+    except (BrodenFormatError, OSError, ValueError) as e:
         return str(e).splitlines()[0]
     return ""
 
@@ -108,6 +108,8 @@ def ensure(
             if not why:
                 return root
             logging.warning("%s: %s; generating it again", root, why)
+        elif root.exists():
+            logging.warning("%s: no index.csv (a set not finished); generating it again", root)
         print(
             f"Generating a synthetic Broden ({num_images} images at {size}) in {root} (once) ...",
             flush=True,
