@@ -108,6 +108,16 @@ def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[p
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def remove_path(path: pathlib.Path) -> None:
+    """Remove the file or folder `path` (a symlink itself, not what it names), if there."""
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def follow_on_files(out: pathlib.Path) -> list[pathlib.Path]:
     """The follow-on scripts' outputs in `out` (`FOLLOW_ON_OUTPUTS`), sorted."""
     return sorted({path for pattern in FOLLOW_ON_OUTPUTS for path in out.glob(pattern)})
@@ -116,14 +126,9 @@ def follow_on_files(out: pathlib.Path) -> list[pathlib.Path]:
 def remove_follow_ons(out: pathlib.Path) -> list[str]:
     """Remove the follow-on scripts' outputs in `out` (files and folders), and the folders
     of `out` they leave empty; their names relative to `out`."""
-    import shutil
-
     found = follow_on_files(out)
     for path in found:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        remove_path(path)
         if path.parent != out:
             with contextlib.suppress(OSError):  # kept where something else is in it
                 path.parent.rmdir()

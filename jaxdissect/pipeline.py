@@ -20,7 +20,6 @@ import functools
 import hashlib
 import inspect
 import pathlib
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -297,11 +296,7 @@ def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
         ),
     ]
     for name in names:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        outdir.remove_path(out / name)
     for folder in (report_html.PLOTS_DIR, report_html.STRIPS_DIR):
         with contextlib.suppress(OSError):  # left where something else is in it
             (out / folder).rmdir()
