@@ -254,16 +254,14 @@ _NOT_FOLLOWED_SETTINGS = (
 _NOT_FOLLOWED_UNIT_FIELDS = ("p_value", "label_p_value", "significant")
 
 
-def _dissection_digest(out: pathlib.Path, layers: Sequence[str]) -> str | None:
-    """A digest of what follow-on outputs beside the finished dissection of `layers` in
-    `out` are computed from: its results.json less `_NOT_FOLLOWED_SETTINGS`, the units' test
-    fields and the layers' test and summary, and the layers' stats arrays (thresholds, top
-    images). None: no readable results.json."""
-    try:
-        doc = results.read_results_json(out / "results.json")
-    except (OSError, ValueError):
-        return None
-    settings = {k: v for k, v in doc["settings"].items() if k not in _NOT_FOLLOWED_SETTINGS}
+def _dissection_digest(
+    document: Mapping[str, Any], out: pathlib.Path, layers: Sequence[str]
+) -> str:
+    """A digest of what follow-on outputs beside a dissection are computed from: its
+    results.json `document` less `_NOT_FOLLOWED_SETTINGS`, the units' test fields and the
+    layers' test and summary, and its layers' stats arrays in `out` (thresholds, top
+    images)."""
+    settings = {k: v for k, v in document["settings"].items() if k not in _NOT_FOLLOWED_SETTINGS}
     layer_docs = [
         {
             **{k: v for k, v in layer.items() if k not in ("significance", "summary", "units")},
@@ -272,13 +270,23 @@ def _dissection_digest(out: pathlib.Path, layers: Sequence[str]) -> str | None:
                 for u in layer.get("units", [])
             ],
         }
-        for layer in doc.get("layers", [])
+        for layer in document.get("layers", [])
     ]
     digest = hashlib.sha256(store.key_of(settings=settings, layers=layer_docs).encode())
     for stem in results.layer_file_stems(layers):
         stats = out / results.stats_npz_name(stem)
         digest.update(stats.read_bytes() if stats.is_file() else b"-")
     return digest.hexdigest()
+
+
+def _finished_digest(out: pathlib.Path, layers: Sequence[str]) -> str | None:
+    """`_dissection_digest` of the finished dissection of `layers` in `out` (None: no
+    readable results.json)."""
+    try:
+        document = results.read_results_json(out / "results.json")
+    except (OSError, ValueError):
+        return None
+    return _dissection_digest(document, out, layers)
 
 
 def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
@@ -409,7 +417,7 @@ def dissect(
     ]
     if jax.process_index() != 0:
         return layer_results
-    made_from = _dissection_digest(out, previous) if previous else None
+    made_from = _finished_digest(out, previous) if previous else None
     if previous:
         _remove_previous_run(out, previous)
     results.write_tally_csvs(out, layer_results)
@@ -472,16 +480,18 @@ def dissect(
             strip_height=options.strip_height,
             runners_up=options.runners_up,
         )
-    # Last: results.json marks the run complete.
-    results.write_results_json(out / "results.json", layer_results, run_settings)
     # Follow-on outputs of another dissection than this (or of one no longer there, after a
-    # run killed while replacing it) would sit beside these results as if made from them.
-    replaced = made_from is None or made_from != _dissection_digest(out, tap.names)
+    # run killed while replacing it) would sit beside these results as if made from them:
+    # removed before results.json marks the run complete.
+    document = results.results_document(layer_results, run_settings)
+    replaced = made_from is None or made_from != _dissection_digest(document, out, tap.names)
     if replaced and (removed := outdir.remove_follow_ons(out)):
         logging.info(
             "removed the outputs of follow-on scripts made from the dissection replaced: %s",
             ", ".join(removed),
         )
+    # Last: results.json marks the run complete.
+    results.write_results_json(out / "results.json", layer_results, run_settings)
     if timings is not None:
         timings.update(dissector.timings, results_s=time.time() - t_passes)
     done = out / (report_html.INDEX if options.report else "results.json")

@@ -623,6 +623,12 @@ def _unit_test(result: LayerResult, unit: int, label_p: np.ndarray | None) -> di
     }
 
 
+def results_document(results: Sequence[LayerResult], settings: Mapping[str, Any]) -> dict:
+    """The settings and layers `write_results_json` writes, as JSON reads them back."""
+    layers = [layer_record(result) for result in results]
+    return json.loads(json.dumps({"settings": _jsonable(settings), "layers": layers}))
+
+
 def write_results_json(
     path: str | os.PathLike, results: Sequence[LayerResult], settings: Mapping[str, Any]
 ) -> Path:

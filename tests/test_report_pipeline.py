@@ -184,14 +184,14 @@ def test_follow_on_outputs_are_kept_through_what_they_do_not_depend_on(report, t
     shutil.copytree(report, tmp_path / "run")
     out = tmp_path / "run"
     layers = ["conv1", "top"]
-    before = pipeline._dissection_digest(out, layers)
+    before = pipeline._finished_digest(out, layers)
     doc = json.loads((out / "results.json").read_text())
 
     def digest_of(edit):
         changed = json.loads(json.dumps(doc))
         edit(changed)
         store.write_json(out / "results.json", changed)
-        return pipeline._dissection_digest(out, layers)
+        return pipeline._finished_digest(out, layers)
 
     def tested(d):
         d["settings"].update(batch_size=4, devices=8, significance_draws=99)
@@ -203,12 +203,12 @@ def test_follow_on_outputs_are_kept_through_what_they_do_not_depend_on(report, t
     assert digest_of(lambda d: d["settings"].update(quantile=0.01)) != before
     assert digest_of(lambda d: d["layers"][1]["units"][3].update(iou=0.5)) != before
     store.write_json(out / "results.json", doc)
-    assert pipeline._dissection_digest(out, layers) == before
+    assert pipeline._finished_digest(out, layers) == before
     stats = store.load_arrays(out / "stats-top.npz")
     store.save_arrays(out / "stats-top.npz", {**stats, "thresholds": stats["thresholds"] + 1})
-    assert pipeline._dissection_digest(out, layers) != before
+    assert pipeline._finished_digest(out, layers) != before
     (out / "results.json").unlink()
-    assert pipeline._dissection_digest(out, layers) is None
+    assert pipeline._finished_digest(out, layers) is None
 
 
 def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, tmp_path):
@@ -226,9 +226,9 @@ def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, t
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    _plant_follow_ons(out)  # of the run replaced: go with it, after the kill too
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(results, "write_results_json", killed)
+    _plant_follow_ons(out)  # of the run replaced: go with it, after a kill too
+    with pytest.MonkeyPatch.context() as patch:  # killed before the follow-ons' removal
+        patch.setattr(results, "results_document", killed)
         with pytest.raises(KeyboardInterrupt):
             rerun()
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if ".work" not in p.parts)
