@@ -174,6 +174,7 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
 
     from jaxdissect import (
         ablation,
+        ablation_files,
         evaluate,
         parallel,
         pipeline,
@@ -299,7 +300,7 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
     t1 = time.perf_counter()
     network(loaded.variables, batches)
     forward_s = time.perf_counter() - t1
-    labels = ablation.unit_labels(record, k)
+    labels = ablation_files.unit_labels(record, k)
     # The synthetic scenes are defined by the objects they show (data/synthetic/scene_rule.py).
     defining = scene_rule.defining_objects()
     if not set(class_names) <= set(defining):
@@ -320,7 +321,7 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
             top_classes=fv.top_classes,
             class_logits=[int(c) for c in ptask.classes],
         )
-    doc = ablation.write_ablation_files(
+    doc = ablation_files.write_ablation_files(
         out,
         result,
         class_names,
@@ -331,7 +332,7 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
             "forward_s": forward_s,
             "forward_pass_equivalents": elapsed / forward_s if forward_s > 0 else None,
             "masks_evaluated": num_masks,
-            "finding": ablation.finding(result, class_names, labels, defining=defining),
+            "finding": ablation_files.finding(result, class_names, labels, defining=defining),
         },
         measure="agreement with the intact network" if fv.task == "predictions" else "accuracy",
     )

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdissect import ablation, parallel
+from jaxdissect import ablation, ablation_files, parallel
 
 K, CLASSES, N = 6, 4, 40
 
@@ -327,7 +327,7 @@ def test_finding_counts_defining_labels_of_top_units_against_the_layer():
         {"name": "beach-s", "interpretable": True},
         {"name": "road", "interpretable": False},  # below the threshold: unlabelled
     ]
-    f = ablation.finding(
+    f = ablation_files.finding(
         res,
         ["beach-s", "street-s"],
         labels,
@@ -361,7 +361,7 @@ def test_a_class_without_images_gets_no_ranking_and_strict_json(tmp_path):
         value="zero",
     )
     labels = [{"name": None, "category": None, "iou": 0.0, "interpretable": False}] * 3
-    doc = ablation.write_ablation_files(tmp_path, res, ["a", "b"], labels, {"layer": "x"})
+    doc = ablation_files.write_ablation_files(tmp_path, res, ["a", "b"], labels, {"layer": "x"})
     text = (tmp_path / "ablation.json").read_text()
 
     def refuse(constant):
