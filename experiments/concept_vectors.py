@@ -225,6 +225,8 @@ def _document(fv, cfg, layer, vectors, labels, dataset_name, num_images, forward
 
     import numpy as np
 
+    from jaxdissect import concept_vectors
+
     def unit_label(k: int) -> str | None:
         return layer.label_of(int(k))
 
@@ -232,14 +234,15 @@ def _document(fv, cfg, layer, vectors, labels, dataset_name, num_images, forward
     for j, c in enumerate(vectors.concepts):
         w = vectors.weights[j]
         top = [int(k) for k in np.argsort(-w, kind="stable")[: fv.top_units] if w[k] > 0]
+        no_unit = vectors.single_unit[j] == concept_vectors.NO_UNIT
         records.append(
             {
                 "label": int(c),
                 "name": labels.names[c],
                 "category": labels.category_of(int(c)),
                 "iou": float(vectors.iou[j]),
-                "single_unit": int(vectors.single_unit[j]),
-                "single_unit_label": unit_label(vectors.single_unit[j]),
+                "single_unit": None if no_unit else int(vectors.single_unit[j]),
+                "single_unit_label": None if no_unit else unit_label(vectors.single_unit[j]),
                 "single_iou": float(vectors.single_iou[j]),
                 "gain": float(vectors.gain[j]),
                 "best_heldout_unit": int(vectors.best_heldout_unit[j]),

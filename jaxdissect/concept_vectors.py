@@ -55,6 +55,7 @@ from jaxdissect.tally import F32_EXACT, upsample
 from jaxdissect.tie_rule import active, check_tie_rule
 
 VARIANTS = ("binary", "raw")
+NO_UNIT = -1  # `single_unit` of a concept no unit overlaps on the training images
 # Adam's epsilon: at least 100 times a gradient at float32 rounding level (~1e-9; the bias's
 # gradient at zero weights is exactly 0 under alpha weighting), so rounding noise moves no weight.
 ADAM_EPS = 1e-6
@@ -151,8 +152,9 @@ class ConceptVectors:
       train_images, heldout_images: int [N_train], [N_heldout] probe image indices.
       iou: float64 [C], the vector's held-out set IoU.
       intersection, predicted, truth: int64 [C], its held-out counts (truth: concept pixels).
-      single_unit: int [C], the unit with the best training-split IoU; single_iou: float64
-        [C], its held-out IoU.
+      single_unit: int [C], the unit with the best training-split IoU (the first of equals;
+        `NO_UNIT` where every unit's is 0); single_iou: float64 [C], its held-out IoU (0
+        without a unit).
       best_heldout_unit, best_heldout_iou: the unit with the best held-out IoU, and that IoU.
       unit_iou: float64 [K, C], every unit's held-out IoU.
       losses: float32 [steps], the summed loss of every training step.
@@ -433,7 +435,10 @@ def train_concept_vectors(
     train_unit_iou = set_iou(
         train_counts["unit_inter"], train_counts["unit_area"][:, None], train_counts["truth"]
     )
-    single_unit = np.argmax(train_unit_iou, axis=0)
+    # No unit overlaps the concept on the training images: no single unit (-1, IoU 0).
+    single_unit = np.where(
+        train_unit_iou.max(axis=0) > 0, np.argmax(train_unit_iou, axis=0), NO_UNIT
+    )
 
     state = jax.device_put(
         {
@@ -491,7 +496,7 @@ def train_concept_vectors(
         truth=held["truth"],
         train_truth=train_counts["truth"],
         single_unit=single_unit,
-        single_iou=unit_iou[single_unit, cols],
+        single_iou=np.where(single_unit == NO_UNIT, 0.0, unit_iou[single_unit, cols]),
         best_heldout_unit=best_held,
         best_heldout_iou=unit_iou[best_held, cols],
         unit_iou=unit_iou,

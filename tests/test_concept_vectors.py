@@ -136,10 +136,14 @@ def test_heldout_ious_equal_the_reference():
         unit_iou = [reference_set_iou(unit_h[..., k], tgt_h[..., j]) for k in range(7)]
         train_iou = [reference_set_iou(unit_t[..., k], tgt_t[..., j]) for k in range(7)]
         np.testing.assert_allclose(got.unit_iou[:, j], unit_iou, rtol=1e-12)
-        assert got.single_unit[j] == int(np.argmax(train_iou))
-        assert got.single_iou[j] == pytest.approx(unit_iou[got.single_unit[j]])
+        if max(train_iou) > 0:
+            assert got.single_unit[j] == int(np.argmax(train_iou))
+            assert got.single_iou[j] == pytest.approx(unit_iou[got.single_unit[j]])
+        else:  # the absent concept: no unit overlaps it, so no single unit and IoU 0
+            assert got.single_unit[j] == cv.NO_UNIT and got.single_iou[j] == 0.0
         assert got.best_heldout_iou[j] == pytest.approx(max(unit_iou))
     assert got.truth.sum() > 0 and got.intersection.sum() > 0
+    assert got.single_unit[-1] == cv.NO_UNIT and (got.single_unit[:-1] >= 0).all()
 
 
 def _planted(num_images: int = 40, size: int = 8, units: int = 6, seed: int = 0):

@@ -91,7 +91,10 @@ def test_concept_vectors_script_writes_every_output(vectors, dissection):
     for c in doc["concepts"]:
         assert c["gain"] == pytest.approx(c["iou"] - c["single_iou"])
         assert c["best_heldout_iou"] >= c["single_iou"]
-        assert c["single_unit_label"] == units[c["single_unit"]]["name"]
+        if c["single_unit"] is None:  # no unit overlaps the concept on the training images
+            assert c["single_unit_label"] is None and c["single_iou"] == 0.0
+        else:
+            assert c["single_unit_label"] == units[c["single_unit"]]["name"]
         for u in c["top_units"]:
             assert u["weight"] > 0 and u["label"] == units[u["unit"]]["name"]
     rows = store.read_rows_csv(out / "concept_vectors.csv")
@@ -254,8 +257,10 @@ def test_concept_page_escapes_names(tmp_path):
         },
         "concepts": [concept],
     }
+    doc["concepts"].append(concept | {"name": "q", "single_unit": None, "single_unit_label": None})
     html = concept_page.write_page(tmp_path, doc).read_text()
     assert "<script>x" not in html and "&lt;script&gt;x&lt;/script&gt;" in html
+    assert "None" not in html and '<td class="l">none</td>' in html
     assert "a&amp;b" in html and "&lt;b&gt;" in html
 
 

@@ -34,7 +34,7 @@ better by their vector than by their best single unit; mean gain {{ fmt(m.mean_g
 {% for c in concepts %}<tr><td class="l">{{ c.name }}</td><td class="l">{{ c.category }}</td>
 <td>{{ fmt(c.iou) }}</td><td>{{ fmt(c.single_iou) }}</td>
 <td class="{{ 'up' if c.gain > 0 else 'down' if c.gain < 0 else '' }}">{{ fmt(c.gain) }}</td>
-<td class="l">{{ c.single_unit }}{% if c.single_unit_label %} ({{ c.single_unit_label }}){% endif %}</td>
+<td class="l">{{ "none" if c.single_unit is none else c.single_unit }}{% if c.single_unit_label %} ({{ c.single_unit_label }}){% endif %}</td>
 <td class="l">{% for u in c.top_units %}{{ u.unit }} {{ fmt(u.weight) }}{% if u.label %}:
 {{ u.label }}{% endif %}{% if not loop.last %}; {% endif %}{% endfor %}</td></tr>
 {% endfor %}</table>
