@@ -326,7 +326,8 @@ def base(tmp_path: pathlib.Path, rows=None, **kwargs):
             RowSpec("b.png", "val", pixel={"object": [plane.T], "color": [plane * 3]}),
         ]
     kwargs.setdefault("categories", ("color", "object", "scene"))
-    return write_broden(tmp_path, labels=LABELS, rows=rows, **kwargs)
+    kwargs.setdefault("labels", LABELS)
+    return write_broden(tmp_path, rows=rows, **kwargs)
 
 
 def raises(match: str, *parts: str):
@@ -502,6 +503,19 @@ def test_a_16_bit_rgb_label_png_is_refused_not_read_as_its_high_bytes(tmp_path):
         Broden.open(tmp_path, check_headers=False).check_labels(0)
 
 
+@pytest.mark.parametrize("mode", ["L", "1"])
+def test_a_greyscale_label_png_is_refused_unless_all_zero(tmp_path, mode):
+    # Grey v reads as R = G = v, label v * 257: a mask of label numbers (1) would be 257.
+    base(tmp_path, rows=[RowSpec("a.png", pixel={"object": [np.ones((4, 4), int)]})])
+    png = tmp_path / "images" / "a_object_1.png"
+    Image.fromarray(np.ones((4, 4), np.uint8) * (255 if mode == "1" else 1)).convert(mode).save(png)
+    with raises(f"greyscale PNG (mode {mode})", str(png), "line 2", "R = label % 256"):
+        Broden.open(tmp_path).read_labels(0)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).convert(mode).save(png)  # label 0 everywhere
+    planes, _ = Broden.open(tmp_path).read_labels(0)
+    assert planes.shape == (1, 4, 4) and not planes.any()
+
+
 def test_truncated_jpeg(tmp_path):
     base(
         tmp_path,
@@ -528,6 +542,38 @@ def test_png_label_not_in_label_csv(tmp_path):
     base(tmp_path, rows=[RowSpec("a.png", pixel={"object": [big]})])
     with raises("1792", "label.csv"):
         Broden.open(tmp_path).read_labels(0)
+
+
+def test_a_category_file_cut_to_its_header_is_refused(tmp_path):
+    base(tmp_path)  # index.csv has object data on lines 2 and 3
+    (tmp_path / "c_object.csv").write_text("code,number,name,frequency,coverage\n")
+    with raises(str(tmp_path / "c_object.csv"), "lists no label", "line 2 has 'object' data"):
+        Broden.open(tmp_path)
+
+
+def test_labels_a_category_file_leaves_out_are_logged(tmp_path, caplog):
+    labels = [*LABELS, LabelSpec(4, "blue-c", {"color": 1.0})]
+    base(tmp_path, labels=labels)
+    with caplog.at_level("WARNING"):
+        Broden.open(tmp_path)
+    assert not caplog.records  # the writer's tables agree
+    c_color = tmp_path / "c_color.csv"
+    c_color.write_text("".join(c_color.read_text().splitlines(keepends=True)[:2]))
+    with caplog.at_level("WARNING"):
+        ds = Broden.open(tmp_path)
+    assert ds.labels.category_of(4) is None  # not scored: what the warning says
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "puts 1 label(s) in 'color' that" in message and "c_color.csv" in message
+
+
+def test_an_image_listed_twice_is_refused(tmp_path):
+    base(tmp_path, rows=[RowSpec("a.png"), RowSpec("b.png"), RowSpec("c.png")])
+    index = tmp_path / "index.csv"
+    lines = index.read_text().splitlines(keepends=True)
+    assert lines[2].startswith("b.png,")
+    index.write_text("".join(lines + ["./" + lines[2]]))
+    with raises("line 5: image './b.png' is listed again (first at line 3)"):
+        Broden.open(tmp_path)
 
 
 def test_image_label_not_in_label_csv(tmp_path):

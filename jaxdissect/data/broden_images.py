@@ -6,7 +6,7 @@ the folder through any symlink; its size, mtime and ctime (or its bytes) go into
 fingerprint. A header check opens each image and label PNG for its size and mode
 against its index.csv row, without decoding. Images of any PIL mode become 8-bit RGB as
 `jaxdissect.data.images` says, or are refused; label PNGs must be 8-bit (label = R +
-256 * G). Every problem raises `BrodenFormatError` naming the file and index.csv line.
+256 * G), and greyscale only where they hold label 0 alone. Every problem raises `BrodenFormatError` naming the file and index.csv line.
 """
 
 from __future__ import annotations
@@ -99,6 +99,22 @@ def check_png_header(
         raise BrodenFormatError(
             f"{path}: PNG mode {mode} is not 8-bit RGB ({where}); Broden label PNGs "
             "store label = R + 256 * G in 8-bit channels. Re-extract the file."
+        )
+
+
+# Modes whose RGB has R = G = B: a Broden label PNG (blue unused, 0) in one of them can
+# only hold label 0 everywhere.
+_GREY_MODES = frozenset({"L", "LA", "1"})
+
+
+def check_label_colours(rgb: np.ndarray, mode: str, path: pathlib.Path, where: str) -> None:
+    """A greyscale label PNG with any nonzero pixel is refused: its grey value v would read
+    as label v * 257 (R = G = v), where a mask of label numbers was meant."""
+    if mode in _GREY_MODES and rgb.any():
+        raise BrodenFormatError(
+            f"{path}: greyscale PNG (mode {mode}) with nonzero pixels ({where}); Broden label "
+            "PNGs are RGB with label = R + 256 * G. Convert it: R = label % 256, "
+            "G = label // 256, B = 0."
         )
 
 

@@ -31,6 +31,7 @@ import dataclasses
 import io
 import math
 import pathlib
+import posixpath
 import re
 from collections.abc import Sequence
 
@@ -371,11 +372,18 @@ def _parse_index(
         if cat in table.header
     ]
     records = []
+    first_line: dict[str, int] = {}  # image -> the line that lists it
     # Messages are built only on failure: this loop runs over ~63k rows at every open.
     for line, row in table.rows:
         image, split, *sizes = (row[k].strip() for k in meta)
         if _escapes(image):
             raise _escape_error(image, f"{path} line {line}, column 'image'", "image")
+        if first_line.setdefault(posixpath.normpath(image), line) != line:
+            raise BrodenFormatError(
+                f"{path} line {line}: image {image!r} is listed again (first at line "
+                f"{first_line[posixpath.normpath(image)]}); it would count twice. Delete "
+                "the repeated row."
+            )
         if not split:
             raise BrodenFormatError(f"{path} line {line}: empty 'split'; expected train or val.")
         if all(_is_decimal(v) and v[0] != "0" for v in sizes):
@@ -469,6 +477,59 @@ class Tables:
     files: tuple[tuple[str, bytes], ...]
 
 
+_IN_CATEGORY = re.compile(r"\s*([^()]+?)\s*\(\d+\)\s*")  # label.csv's "material(36)"
+
+
+def _check_category_files(
+    root: pathlib.Path,
+    categories: tuple[str, ...],
+    label_table: _Table,
+    coverage: np.ndarray,
+    records: list[Record],
+) -> None:
+    """The c_<cat>.csv files against the other tables. A category with data in index.csv
+    whose c_<cat>.csv lists no label is refused (its labels would silently go unscored);
+    labels that label.csv's `category` column puts in a category its c_<cat>.csv does not
+    list are logged (scored in their other categories only, or not at all)."""
+    from absl import logging
+
+    listed = ~np.isnan(coverage)
+    for ic, cat in enumerate(categories):
+        if listed[ic].any():
+            continue
+        used = next((r for r in records if cat in r.pixel or cat in r.image_labels), None)
+        if used is not None:
+            raise BrodenFormatError(
+                f"{root / f'c_{cat}.csv'}: lists no label, but {root / INDEX_FILE} line "
+                f"{used.line} has {cat!r} data; restore c_{cat}.csv from the release (or "
+                f"remove {cat!r} from category.csv and index.csv)."
+            )
+    if "category" not in label_table.header:
+        return
+    num_col, cat_col = label_table.column("number"), label_table.column("category")
+    index = {c: ic for ic, c in enumerate(categories)}
+    missing: dict[str, list[int]] = {}
+    for _, row in label_table.rows:
+        number = int(row[num_col])
+        for token in row[cat_col].split(";"):
+            m = _IN_CATEGORY.fullmatch(token)
+            ic = index.get(m.group(1)) if m else None
+            if ic is not None and number and not listed[ic, number]:
+                missing.setdefault(categories[ic], []).append(number)
+    for cat, numbers in missing.items():
+        logging.warning(
+            "%s puts %d label(s) in %r that %s does not list (e.g. %d): they are not scored "
+            "as %r; restore %s if it was cut",
+            root / LABEL_FILE,
+            len(numbers),
+            cat,
+            root / f"c_{cat}.csv",
+            numbers[0],
+            cat,
+            f"c_{cat}.csv",
+        )
+
+
 def read_tables(root: pathlib.Path) -> Tables:
     """Reads and checks category.csv, label.csv, every c_<cat>.csv and index.csv of `root`."""
     category_table = _read_table(root, CATEGORY_FILE, ("name",), "the list of categories")
@@ -490,6 +551,7 @@ def read_tables(root: pathlib.Path) -> Tables:
         image_level=_infer_image_level(root, categories, index_table),
     )
     records = _parse_index(root, index_table, labels, known)
+    _check_category_files(root, categories, label_table, coverage, records)
     image_size, seg_size = _common_sizes(root, records)
     return Tables(
         labels=labels,
