@@ -32,7 +32,8 @@ else inferred: from `model.patch_size` (grid = input // patch), or from the toke
 count alone (the grid of the input's aspect ratio with the fewest extra tokens, at
 most `MAX_EXTRA_TOKENS`); one extra token is a class token before the patches, and
 more need a named layout (registers may come before or after the patches). A named
-layout must agree with the model's own and with its patch grid.
+layout must agree with the model's own and with its patch grid. A model with a
+`patch_size` refuses an input whose sides are not multiples of it (`preprocess.patch_grid`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from jaxdissect.preprocess import TokenLayout, patch_pair
+from jaxdissect.preprocess import TokenLayout, patch_grid, patch_pair
 
 Array = jax.Array
 
@@ -77,7 +78,7 @@ def infer_token_layout(
     advice = "name the layout, e.g. token_layout='1+14x14' (class token, then 14x14 patches)"
     if patch_size is not None:
         ph, pw = patch_pair(patch_size)
-        grid = (height // ph, width // pw)
+        grid = patch_grid(input_shape, patch_size)
         extra = tokens - grid[0] * grid[1]
         if extra < 0:
             raise LayerNotFoundError(
@@ -116,9 +117,9 @@ def _refuse_split_heads(
     """Refuse a [tokens, heads, head_dim] output, which would pass for an [h, w, C] map."""
     if patch_size is None or len(shape) != 3:
         return
-    ph, pw = patch_pair(patch_size)
-    patches = (int(input_shape[0]) // ph) * (int(input_shape[1]) // pw)
-    if patches <= shape[0] <= patches + MAX_EXTRA_TOKENS and shape[0] != input_shape[0] // ph:
+    grid = patch_grid(input_shape, patch_size)
+    patches = grid[0] * grid[1]
+    if patches <= shape[0] <= patches + MAX_EXTRA_TOKENS and shape[0] != grid[0]:
         raise LayerNotFoundError(
             f"layer {name!r} has output {list(shape)}: [tokens, heads, head_dim], not a map; "
             "capture the attention module's output or an MLP layer instead"
@@ -157,6 +158,8 @@ def _token_layouts(
         common = as_layout(token_layout)
     model_layout = getattr(model, "token_layout", None)
     patch_size = getattr(model, "patch_size", None)
+    if patch_size is not None:  # the input must be whole patches, whichever layers are read
+        patch_grid(input_shape, patch_size)
     declared: TokenLayout | None = None
     if model_layout is not None:  # a method of the input shape, or a fixed attribute
         call = callable(model_layout) and not isinstance(model_layout, TokenLayout)
@@ -235,7 +238,7 @@ def _check_named_layout(
     if patch_size is None:
         return
     ph, pw = patch_pair(patch_size)
-    grid = (int(input_shape[0]) // ph, int(input_shape[1]) // pw)
+    grid = patch_grid(input_shape, patch_size)
     patches = grid[0] * grid[1]
     if patches <= tokens <= patches + MAX_EXTRA_TOKENS and layout.grid != grid:
         raise LayerNotFoundError(

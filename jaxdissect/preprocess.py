@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -81,6 +82,37 @@ def patch_pair(patch_size: int | Sequence[int]) -> tuple[int, int]:
         return (patch_size, patch_size)
     ph, pw = patch_size
     return (int(ph), int(pw))
+
+
+def patch_grid(input_shape: Sequence[int], patch_size: int | Sequence[int]) -> tuple[int, int]:
+    """(h, w) patches of an input of `input_shape` (height, width, ...) at `patch_size`.
+
+    Sides that are not multiples of the patch size are refused, as timm does: a VALID
+    patch embedding drops the remainder, and its maps would be stretched over pixels that
+    no patch saw.
+    """
+    height, width = int(input_shape[0]), int(input_shape[1])
+    ph, pw = patch_pair(patch_size)
+    if height % ph == 0 and width % pw == 0:
+        return (height // ph, width // pw)
+    patch = str(ph) if ph == pw else f"{ph}x{pw}"
+    covered = f"{height // ph * ph}x{width // pw * pw} px of the {height}x{width} input"
+
+    def multiples(side: int, step: int) -> str:
+        low = side // step * step
+        if low == side:
+            return str(side)
+        return f"{low} or {low + step}" if low else str(step)
+
+    if height == width:
+        what, fix = f"input_size={height}", multiples(height, math.lcm(ph, pw))
+    else:
+        what = f"input_shape={tuple(int(s) for s in input_shape)}"
+        fix = f"{multiples(height, ph)} high and {multiples(width, pw)} wide"
+    raise ValueError(
+        f"{what}: not a multiple of the model's patch size {patch} (its patches cover "
+        f"{covered}, and the maps would be stretched over all of it); use {fix}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

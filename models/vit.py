@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect.preprocess import InputSpec, TokenLayout, patch_pair
+from jaxdissect.preprocess import InputSpec, TokenLayout, patch_grid, patch_pair
 
 # big_vision's variants (Table 2 of arXiv:2106.04560): width, depth, mlp_dim, num_heads.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -267,10 +267,9 @@ def token_layout(
     patch_size: int | tuple[int, int], pool_type: str, input_shape: tuple[int, ...]
 ) -> TokenLayout:
     """The tokens of a ViT's blocks: a class token first where `pool_type` is `tok`, then the
-    row-major patch grid of an input of `input_shape` (height, width, ...)."""
-    ph, pw = patch_pair(patch_size)
-    grid = (int(input_shape[0]) // ph, int(input_shape[1]) // pw)
-    return TokenLayout(grid, prefix=int(pool_type == "tok"))
+    row-major patch grid of an input of `input_shape` (height, width, ...), whose sides must
+    be multiples of the patch size (`preprocess.patch_grid`)."""
+    return TokenLayout(patch_grid(input_shape, patch_size), prefix=int(pool_type == "tok"))
 
 
 def _variant(variant: str, **options: Any) -> ViT:

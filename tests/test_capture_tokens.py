@@ -291,3 +291,23 @@ def test_nnx_token_layer():
     want = model.mix(model.embed(x))  # the linear layer acts on each patch alone
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
     assert tap.shapes["mix"] == (3, 4, 5)
+
+
+def test_an_input_that_is_not_whole_patches_is_refused():
+    """The zoo ViT, its NNX twin and a model declaring only `patch_size` refuse an input whose
+    sides are not multiples of the patch size, naming the size and the nearest multiples,
+    whichever layers are read (the patch embedding too)."""
+    from jaxdissect.models import vit_nnx
+
+    model = vit.ViT(**{**TINY_VIT, "pool_type": "tok"})  # 8 px patches: 36 px covers 32
+    variables = init_variables(model, jnp.zeros((1, 32, 32, 3)), seed=0)
+    twin = vit_nnx.from_linen(model, variables["params"])
+    message = r"input_size=36: not a multiple of the model's patch size 8 .*; use 32 or 40"
+    for module, params, layer in [(model, variables, "block0"), (twin, None, "stem")]:
+        with pytest.raises(ValueError, match=message):
+            capture.make_tap(module, params, [layer], input_shape=(36, 36, 3))
+    plain, plain_vars, _, _ = _setup((18, 20, 3), prefix=1)  # 4 px patches
+    with pytest.raises(
+        ValueError, match=r"input_shape=\(18, 20, 3\).*use 16 or 20 high and 20 wide"
+    ):
+        capture.make_tap(plain, plain_vars, ["tokens"], input_shape=(18, 20, 3))
