@@ -645,8 +645,9 @@ def train(
     exports = dict(list_weights(out))
     steps_per_epoch = max(1, len(task.train) // config.batch_size)
 
-    def checkpoint(state: TrainState, step: int, final: bool = False) -> dict[str, float]:
-        """Evaluate and export where the config says; the row's validation fields. The
+    def validate(state: TrainState, step: int, final: bool = False) -> dict[str, float]:
+        """Evaluate and export where the config says (at save steps, every `eval_every`
+        steps, at the end); the row's validation fields, empty where not evaluated. The
         state is saved by the caller once the step's row is written (`_save_state`)."""
         row: dict[str, float] = {}
         evaluate = (
@@ -668,7 +669,7 @@ def train(
 
     # Step 0's row, unless the killed run logged it (its checkpoint is then the latest).
     if start == 0 and not history:
-        row = checkpoint(state, 0)
+        row = validate(state, 0)
         history.append({"step": 0, "epoch": 0.0, **row, "elapsed_s": 0.0})
         _save_state(manager, state)
     batches = train_batches(task.train, config.batch_size, seed=config.seed, flip=config.flip)
@@ -686,13 +687,11 @@ def train(
         state, metrics = trainer.train_step(state, trainer.put(batch))
         pending.append(metrics)
         bar.update(1)
-        extra: dict[str, float] = {}
         # Not at `stop_after`: that stands for a kill, which saves nothing.
         saved = (
             step in config.save_steps or step % config.checkpoint_every == 0 or step == config.steps
         )
-        if saved:
-            extra = checkpoint(state, step, final=step == config.steps)
+        extra = validate(state, step, final=step == config.steps)
         if step % log_every == 0 or extra or step == stop:
             got = jax.device_get(pending)
             pending = []

@@ -31,6 +31,8 @@ def _config(**kw) -> training.TrainConfig:
 
 
 RUN_KW = dict(progress=False, log_every=4)
+# The quick run: evaluated every 6 steps, which are no checkpoint (every 5) nor log steps.
+QUICK = _config(eval_every=6)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +48,9 @@ def task(broden_root) -> scenes.SceneTask:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, task) -> tuple[training.TrainResult, pathlib.Path]:
-    """`_config()` trained straight through on one device: (its result, its folder)."""
+    """`QUICK` trained straight through on one device: (its result, its folder)."""
     out = tmp_path_factory.mktemp("train") / "run"
-    return training.train(_config(), task, out, mesh=parallel.data_mesh(1), **RUN_KW), out
+    return training.train(QUICK, task, out, mesh=parallel.data_mesh(1), **RUN_KW), out
 
 
 def test_scene_task_classes_are_the_train_splits_scenes(broden_root, task):
@@ -230,6 +232,15 @@ def test_exported_weights_load_for_dissection(quick_run):
         state["params"]["classifier"]["1"]["kernel"],
         loaded.variables["params"]["classifier"]["1"]["kernel"],
     )
+
+
+def test_validation_runs_every_eval_every_steps_and_at_the_save_steps(quick_run):
+    """eval_every=6, checkpoints every 5: val at 6, 12, 18 (rows of their own at 6 and 18)
+    besides the save steps 0 and 20."""
+    rows = training.read_metrics(quick_run[1] / training.METRICS_FILE)
+    assert [r["step"] for r in rows] == [0, 4, 6, 8, 12, 16, 18, 20]
+    evaluated = [r["step"] for r in rows if not np.isnan(r["val_accuracy"])]
+    assert evaluated == [0, 6, 12, 18, 20]
 
 
 def test_exports_are_told_from_conversions(tmp_path):
