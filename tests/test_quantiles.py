@@ -156,6 +156,12 @@ def test_exact_rejects_more_values_than_sized_for():
         Q.exact_threshold(state)
 
 
+@pytest.mark.parametrize("size", [64, 672, 16384])
+def test_sketch_refuses_more_values_than_int32_ranks_whatever_its_size(size):
+    with pytest.raises(ValueError, match="max_count=20000000000: .* a larger size does not"):
+        Q.sketch_init(4, size=size, max_count=2 * 10**10)
+
+
 def test_nonfinite_are_counted_not_silent():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2000, K), dtype=np.float32)

@@ -18,7 +18,8 @@ which is numpy's `_lerp` with a weakly-typed Python float weight. When v >= n - 
 n == 1 or q == 0) numpy uses the last element twice; so do we. Only the top
 k = n - floor((n - 1)(1 - q)) values (about q*n + 1) are ever needed.
 `reference_threshold` computes exactly this in plain numpy; `exact_threshold` is bitwise
-equal to it, and both are bitwise equal to `np.quantile` on finite data.
+equal to it, and both are bitwise equal to `np.quantile` on finite data without
+subnormals (see the conventions below).
 
 Value conventions (both modes and the reference): -0.0 and subnormals are read as +0.0
 (so results depend neither on the order in which signed zeros arrive nor on whether the

@@ -173,7 +173,12 @@ def sketch_init(
     check_size(size)
     num_levels = sketch_levels(size, q, max_count, rho)
     if size * 2**num_levels >= 2**31:
-        raise ValueError("max_count too large for int32 rank sums; raise size")
+        raise ValueError(
+            f"max_count={max_count}: more values a unit than int32 rank sums hold at q={q} "
+            f"(about 2**31 / (8 * rho * q) = {2**31 / (8 * rho * q):.3g}; a larger size does "
+            "not help): threshold fewer values (raw maps rather than upsampled ones, or fewer "
+            "images), or use the exact or histogram mode"
+        )
     return SketchState(
         levels=filled((num_levels, num_units, size), _NEG_INF, np.float32),
         stage=filled((num_units, size), _NEG_INF, np.float32),
