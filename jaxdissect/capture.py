@@ -58,6 +58,11 @@ class LayerNotFoundError(ValueError):
 
 # Extra (class, register) tokens that the token-count inference accepts before the patches.
 MAX_EXTRA_TOKENS = 16
+# Tokens before the patches that a refusal lists grids for: none, a class token, a class
+# token and 4 registers (timm's and DINOv2's register models).
+GUESSED_PREFIXES = (0, 1, 5)
+# The longest side of a listed grid is at most this many times its shortest.
+MAX_GRID_ASPECT = 4
 
 
 def infer_token_layout(
@@ -85,12 +90,12 @@ def infer_token_layout(
                 f"layer {name!r} has {tokens} tokens, fewer than the {grid[0]}x{grid[1]} patches "
                 f"of a {height}x{width} input at patch size {ph}x{pw}; {advice}"
             )
-        return _one_extra_at_most(name, tokens, grid, extra)
+        return _one_extra_at_most(name, tokens, grid, extra, grid_known=True)
     for extra in range(min(MAX_EXTRA_TOKENS, tokens - 1) + 1):
         n = tokens - extra
         for h in range(1, n + 1):
             if n % h == 0 and h * width == (n // h) * height:
-                return _one_extra_at_most(name, tokens, (h, n // h), extra)
+                return _one_extra_at_most(name, tokens, (h, n // h), extra, grid_known=False)
     raise LayerNotFoundError(
         f"layer {name!r} has {tokens} tokens, which fit no patch grid of a {height}x{width} "
         f"input (the input's aspect ratio, after at most {MAX_EXTRA_TOKENS} class/register "
@@ -98,16 +103,41 @@ def infer_token_layout(
     )
 
 
-def _one_extra_at_most(name: str, tokens: int, grid: tuple[int, int], extra: int) -> TokenLayout:
-    """The patches with a class token before them, or none; more extra tokens are refused."""
+def _one_extra_at_most(
+    name: str, tokens: int, grid: tuple[int, int], extra: int, *, grid_known: bool
+) -> TokenLayout:
+    """The patches with a class token before them, or none; more extra tokens are refused.
+
+    `grid_known`: the grid is the model's patch size's; else only the input's shape
+    suggests it, and grids of other shapes are named beside it.
+    """
     if extra <= 1:
         return TokenLayout(grid, prefix=extra)
     h, w = grid
-    raise LayerNotFoundError(
-        f"layer {name!r} has {tokens} tokens: {h}x{w} patches and {extra} others, which may "
-        f"come before or after the patches; name the layout, e.g. token_layout='{extra}+{h}x{w}' "
-        f"(all before, as timm's and DINOv2's class and register tokens) or "
+    places = (
+        f"'{extra}+{h}x{w}' (all before, as timm's and DINOv2's class and register tokens) or "
         f"'1+{h}x{w}+{extra - 1}' (registers after the patches)"
+    )
+    if grid_known:
+        raise LayerNotFoundError(
+            f"layer {name!r} has {tokens} tokens: {h}x{w} patches and {extra} others, which "
+            f"may come before or after the patches; name the layout, e.g. token_layout={places}"
+        )
+    others = [
+        str(TokenLayout((a, n // a), prefix))
+        for prefix in GUESSED_PREFIXES
+        if (n := tokens - prefix) > 0
+        for a in range(1, n + 1)
+        if n % a == 0
+        and max(a, n // a) <= MAX_GRID_ASPECT * min(a, n // a)
+        and (prefix, a, n // a) != (extra, h, w)
+    ]
+    shapes = f", e.g. {', '.join(map(repr, others))}" if others else ""
+    raise LayerNotFoundError(
+        f"layer {name!r} has {tokens} tokens and the model declares no patch_size, so which "
+        f"are patches is unknown: {h}x{w} patches (the input's shape) and {extra} others, "
+        f"{places}; or a grid of another shape (patches that are not square){shapes}; name "
+        "the layout, token_layout='[prefix+]HxW[+suffix]', or declare the model's patch_size"
     )
 
 

@@ -250,7 +250,7 @@ def test_more_than_a_class_token_needs_a_named_layout(suffix, declare):
     )
     with pytest.raises(
         capture.LayerNotFoundError,
-        match=r"'tokens' has 20 tokens: 4x4 patches and 4 others, .*token_layout='4\+4x4' "
+        match=r"'tokens' has 20 tokens.* 4x4 patches.* and 4 others, .*'4\+4x4' "
         r"\(all before.*'1\+4x4\+3' \(registers after",
     ):
         capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3))
@@ -259,6 +259,18 @@ def test_more_than_a_class_token_needs_a_named_layout(suffix, declare):
         model, variables, ["tokens"], input_shape=(16, 16, 3), token_layout=layout
     )
     np.testing.assert_array_equal(np.asarray(tap.fn(tap.variables, x)["tokens"]), grid)
+
+
+def test_without_a_patch_size_grids_of_other_shapes_are_named():
+    """33 tokens of a square input, no patch size: 1 + 8x4 (8x16 px patches) as well as
+    5x5 patches and 8 others; the refusal names the other grids, not only the square one."""
+    with pytest.raises(capture.LayerNotFoundError) as e:
+        capture.infer_token_layout("t", 33, (64, 64, 3))
+    text = str(e.value)
+    assert "declares no patch_size" in text and "'8+5x5' (all before" in text
+    assert "a grid of another shape (patches that are not square), e.g. " in text
+    assert "'1+8x4'" in text and "'5+4x7'" in text and "'1+2x16'" not in text  # aspect <= 4
+    assert text.endswith("token_layout='[prefix+]HxW[+suffix]', or declare the model's patch_size")
 
 
 def test_a_token_layout_for_no_token_layer_is_refused():
