@@ -11,8 +11,10 @@ Output directory of `train`:
   summary.json           final validation accuracy, the kept steps and their accuracies
   training.png           loss and accuracy curves
   checkpoints/<step>/    orbax `CheckpointManager`: full state (step, params, BatchNorm
-                         statistics, optimiser state) every `checkpoint_every` steps (the
-                         latest `keep_checkpoints` kept) and at every `save_steps` (all kept)
+                         statistics, optimiser state; in its metadata, the train loss and
+                         accuracy of the steps since the last row) every `checkpoint_every`
+                         steps (the latest `keep_checkpoints` kept) and at every `save_steps`
+                         (all kept)
   weights/step_<N>/      each kept step's variables in `models/convert.py`'s layout, loadable
                          by `models.load.load(meta["arch"], weights=dir, ...)` and
                          `load_trained(dir)`; meta.json holds the step and val accuracy
@@ -380,6 +382,12 @@ class Trainer:
 # --------------------------------------------------------------------------- files
 
 
+# A train step's metrics, and the checkpoint metadata holding those of the steps a
+# checkpoint's state has taken since the last row (so a resumed run's next row averages them).
+_STEP_METRICS = ("loss", "accuracy")
+_PENDING_METADATA = "unlogged_train_metrics"
+
+
 def _checkpoint_manager(directory: pathlib.Path, config: TrainConfig):
     import orbax.checkpoint as ocp
     from orbax.checkpoint import checkpoint_managers as policies
@@ -399,13 +407,34 @@ def _checkpoint_manager(directory: pathlib.Path, config: TrainConfig):
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
-def _save_state(manager, state: TrainState, force: bool = False) -> bool:
+def _save_state(
+    manager, state: TrainState, pending: Sequence[Mapping[str, Any]] = (), force: bool = False
+) -> bool:
+    """Save `state` with `pending`, the train metrics of its steps not yet in a row."""
     import orbax.checkpoint as ocp
 
     step = int(jax.device_get(state.step))
     if step in manager.all_steps():
         return False
-    return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    got = jax.device_get(list(pending))
+    unlogged = {key: [float(m[key]) for m in got] for key in _STEP_METRICS}
+    return manager.save(
+        step,
+        args=ocp.args.StandardSave(state),
+        force=force,
+        custom_metadata={_PENDING_METADATA: unlogged},
+    )
+
+
+def _restore_pending(manager, step: int) -> list[dict[str, np.ndarray]]:
+    """The train metrics `_save_state` kept with `step`'s checkpoint (none in a checkpoint
+    written without them)."""
+    unlogged = (manager.metadata(step).custom_metadata or {}).get(_PENDING_METADATA) or {}
+    values = [unlogged.get(key, []) for key in _STEP_METRICS]
+    return [
+        {key: np.float32(v) for key, v in zip(_STEP_METRICS, row, strict=True)}
+        for row in zip(*values, strict=True)
+    ]
 
 
 def _restore_state(manager, template: TrainState) -> TrainState | None:
@@ -680,7 +709,10 @@ def train(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step", desc="train")
-    pending: list[dict[str, jax.Array]] = []
+    # The train metrics of the steps since the last row, restored with a checkpoint.
+    pending: list[Mapping[str, Any]] = (
+        _restore_pending(manager, start) if restored is not None else []
+    )
     tick, tick_step = time.time(), start
     step = start
     for step, batch in enumerate(stream, start=start + 1):
@@ -725,7 +757,7 @@ def train(
         # Saved after the step's row is written: a run killed in between redoes the step
         # and its row. The final state is saved once summary.json is written.
         if saved and step != config.steps:
-            _save_state(manager, state)
+            _save_state(manager, state, pending)
     bar.close()
     if start == stop == config.steps:
         logging.info("%s: already trained for %d steps", out, config.steps)
