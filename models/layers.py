@@ -133,7 +133,11 @@ def linear(
 class BatchNorm2d(nn.BatchNorm):
     """`nn.BatchNorm` with torch's defaults (momentum 0.1 in torch's convention, eps 1e-5).
 
-    Construct with `use_running_average=not train`.
+    The running variance is flax's: it averages the biased batch variance, where torch's
+    `BatchNorm2d` averages the unbiased one (n/(n-1) times it, n = batch x height x width per
+    channel): trained from the same state, this model's and torch's running variances differ
+    by that factor, and so do their eval-mode outputs. Construct with
+    `use_running_average=not train`.
     """
 
     momentum: float = 0.9
