@@ -154,7 +154,7 @@ _OPTION_TYPES = {bool: "true or false", int: "a whole number", float: "a number"
 
 def _fits(value: Any, hint: Any) -> bool:
     """Whether `value` (as `parse_options` reads it) fits annotation `hint`; True for a
-    hint other than bool, int, float, str, None and unions of them (not judged)."""
+    hint other than bool, int, float, str, None, a tuple and unions of them (not judged)."""
     import types
     import typing
 
@@ -170,6 +170,8 @@ def _fits(value: Any, hint: Any) -> bool:
         return isinstance(value, int | float | np.number) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, tuple | list)
     return True
 
 
@@ -181,13 +183,15 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(arm) for arm in typing.get_args(hint))
     if hint is type(None) or hint is None:
         return "None"
+    if typing.get_origin(hint) is tuple:
+        return "a tuple, which --model_option cannot give (pass it from a factory of your own)"
     return _OPTION_TYPES.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def option_type_errors(factory: Any, options: Mapping[str, Any]) -> list[tuple[str, Any, str]]:
     """(name, value, the type expected) of each option whose value does not fit the type
-    `factory`'s signature annotates for it (bool, int, float, str, None and unions of
-    them; a parameter without a readable annotation takes anything)."""
+    `factory`'s signature annotates for it (bool, int, float, str, None, a tuple and unions
+    of them; a parameter without a readable annotation takes anything)."""
     import typing
 
     target = factory.__init__ if isinstance(factory, type) else factory

@@ -23,6 +23,7 @@ patch grid (`ViT.token_layout`: the class token, if any, is dropped):
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -181,6 +182,16 @@ class ViT(nn.Module):
     image_size: int = 224
 
     def __post_init__(self):
+        patch = self.patch_size
+        pair = isinstance(patch, tuple | list) and len(patch) == 2
+        if not all(
+            isinstance(p, int | np.integer) and not isinstance(p, bool) and p >= 1
+            for p in (patch if pair else [patch])
+        ):
+            raise ValueError(
+                f"patch_size={patch!r}: an int (square patches, e.g. 16) or a pair of ints "
+                "(ph, pw), e.g. (8, 16)"
+            )
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"pool_type={self.pool_type!r}: one of {', '.join(POOL_TYPES)}")
         if self.posemb not in POSEMB_TYPES:
@@ -279,14 +290,17 @@ def _variant(variant: str, **options: Any) -> ViT:
 
 
 def _takes_vit_options(factory: Callable[..., ViT]) -> Callable[..., ViT]:
-    """`factory` with ViT's attributes as its keyword-only signature, so that an option it
-    does not take is named before anything is built (`models.load.check_request`)."""
+    """`factory` with ViT's attributes as its keyword-only signature and their types as its
+    annotations, so that an option it does not take, or of another type, is named before
+    anything is built (`models.load.check_request`)."""
     params = [
         p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
         for p in inspect.signature(ViT).parameters.values()
         if p.name not in ("parent", "name")
     ]
     factory.__signature__ = inspect.Signature(params, return_annotation=ViT)
+    hints = typing.get_type_hints(ViT)
+    factory.__annotations__ = {**{p.name: hints[p.name] for p in params}, "return": ViT}
     return factory
 
 

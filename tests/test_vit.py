@@ -243,6 +243,24 @@ def test_zoo_configs():
         vit.vit_ti16(pool_type="avg")
 
 
+@pytest.mark.parametrize("patch", ["8,16", (8, 16, 1), (8, 0), True])
+def test_patch_size_is_an_int_or_a_pair_of_ints(patch):
+    """A patch size of another form is refused naming it, and from --model_option (which
+    reads '8,16' as text) before anything is built; it was 'too many values to unpack'."""
+    with pytest.raises(
+        ValueError, match=r"^patch_size=.*: an int \(square patches, e.g. 16\) or a pair"
+    ):
+        vit.vit_ti16(patch_size=patch)
+    assert vit.vit_ti16(patch_size=[8, 16]).patch_size == [8, 16]
+    with pytest.raises(
+        ValueError,
+        match=r"^--model_option patch_size='8,16': --model=vit_ti16 takes patch_size as a whole "
+        r"number or a tuple, which --model_option cannot give \(pass it from a factory",
+    ):
+        model_load.check_request("vit_ti16", None, None, {"patch_size": "8,16"})
+    model_load.check_request("vit_ti16", None, None, {"patch_size": 8, "pool_type": "tok"})
+
+
 def _numpy_map_head(tokens: np.ndarray, p: dict, heads: int) -> np.ndarray:
     """big_vision's MAPHead, one image and one head at a time: the probe attends over the
     tokens, LayerNorm (eps 1e-6), tanh-GELU MLP, residual; then the linear head."""
