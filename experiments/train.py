@@ -60,7 +60,13 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     )
     flags.DEFINE_integer("max_train", None, "Use at most N training images.", flag_values=fv)
     # Output.
-    flags.DEFINE_integer("log_every", 50, "Log loss and accuracy every N steps.", flag_values=fv)
+    flags.DEFINE_integer(
+        "log_every",
+        50,
+        "A metrics.csv row every N steps: train loss and accuracy averaged over them, the "
+        "learning rate of the last.",
+        flag_values=fv,
+    )
     cli.define_devices_flag(fv)
     flags.DEFINE_string(
         "output_dir", None, "Where the run goes (default: runs/train_<arch>).", flag_values=fv

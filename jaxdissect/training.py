@@ -7,7 +7,10 @@ statistics are those of the global batch on any device count.
 
 Output directory of `train`:
   settings.json          the `TrainConfig`, data and model description
-  metrics.csv            one row per logged step (train loss/accuracy, lr, val when evaluated)
+  metrics.csv            a row every `log_every` steps and at every evaluation: step, epoch
+                         (step x batch / train images), learning_rate (the rate of the
+                         row's step), train_loss and train_accuracy (means over the steps
+                         since the previous row), val_loss and val_accuracy (where evaluated)
   summary.json           final validation accuracy, the kept steps and their accuracies
   training.png           loss and accuracy curves
   checkpoints/<step>/    orbax `CheckpointManager`: full state (step, params, BatchNorm
@@ -672,7 +675,6 @@ def train(
         mesh.devices.size,
     )
     exports = dict(list_weights(out))
-    steps_per_epoch = max(1, len(task.train) // config.batch_size)
 
     def validate(state: TrainState, step: int, final: bool = False) -> dict[str, float]:
         """Evaluate and export where the config says (at save steps, every `eval_every`
@@ -730,7 +732,8 @@ def train(
             now = time.time()
             row = {
                 "step": step,
-                "epoch": step / steps_per_epoch,
+                # Passes over the train split (batches run on across epochs).
+                "epoch": step * config.batch_size / len(task.train),
                 "learning_rate": float(trainer.schedule(step - 1)),
                 "train_loss": float(np.mean([m["loss"] for m in got])),
                 "train_accuracy": float(np.mean([m["accuracy"] for m in got])),

@@ -243,6 +243,13 @@ def test_validation_runs_every_eval_every_steps_and_at_the_save_steps(quick_run)
     assert evaluated == [0, 6, 12, 18, 20]
 
 
+def test_the_epoch_column_counts_the_images_seen(quick_run, task):
+    """Batches run on across epochs: epoch = step x batch / train images."""
+    assert len(task.train) % QUICK.batch_size  # floor(images / batch) steps an epoch is wrong
+    for r in training.read_metrics(quick_run[1] / training.METRICS_FILE):
+        assert r["epoch"] == pytest.approx(r["step"] * QUICK.batch_size / len(task.train), rel=1e-5)
+
+
 def test_exports_are_told_from_conversions(tmp_path):
     """A `models/convert.py` folder also holds a meta.json: it is no training export, and the
     scripts that take either ask for its --model instead of reading it as one."""
