@@ -38,8 +38,17 @@ BRODEN_ADVICE = (
 
 def flag_message(text: str, fv: flags.FlagValues) -> str:
     """`text` with each `param=` of a settings field written `--flag=`, as `fv` defines it
-    (library errors name parameters; the user typed flags)."""
+    (library errors name parameters; the user typed flags); a `token_layout=` the script
+    has no flag for is followed by where else a layout is given."""
     names = {fv[n].field_name: n for n in fv if getattr(fv[n], "field_name", None)}
+    if "token_layout" not in names and re.search(r"(?<![\w\-./])token_layout=", text):
+        text += "; this script has no --token_layout: " + (
+            "it reads the layouts --dissection's results.json records, so dissect with "
+            "experiments/dissect.py --token_layout first, or declare "
+            if "dissection" in fv
+            else "declare "
+        )
+        text += "a `token_layout` attribute on the model (README: Vision Transformers)"
     if "output_dir" in fv:  # `pipeline.dissect`'s parameter, every script's flag
         names["output_dir"] = "output_dir"
     for flag in ("layers", "layer"):  # `capture.resolve_named_layers`' parameter

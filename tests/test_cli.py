@@ -116,6 +116,17 @@ def test_library_errors_name_parameters_and_the_cli_the_flags():
     assert cli.flag_message("num_threads=3; quantile=0.5, --quantile=1", fv) == (
         "--loader_threads=3; --quantile=0.5, --quantile=1"
     )
+    # A layout refusal in a script without --token_layout says where else to give one.
+    layout = "layer 'b' has 69 tokens: ... name the layout, e.g. token_layout='5+8x8'"
+    assert cli.flag_message(layout, fv) == (
+        f"{layout}; this script has no --token_layout: declare a `token_layout` attribute on "
+        "the model (README: Vision Transformers)"
+    )
+    finished = flags.FlagValues()
+    cli.define_finished_dissection_flags(finished)
+    assert "dissect with experiments/dissect.py --token_layout first, or declare a " in (
+        cli.flag_message(layout, finished)
+    )
     path = "--data=/tmp/quantile=1/split=val: no such folder"  # a path is not rewritten
     assert cli.flag_message(path, fv) == path
     with pytest.raises(ValueError, match="^resolution=8: a synthetic Broden's side must be >= 16"):
