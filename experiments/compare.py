@@ -74,6 +74,7 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     """Dissect and collect as the flags say; returns the table's rows."""
     started = time.perf_counter()
     from jaxdissect import parallel, pipeline, results, studies, training
+    from jaxdissect.data import probe as probe_sets
     from jaxdissect.models import load as model_load
 
     if not fv.results and not fv.dissect:
@@ -125,7 +126,7 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     with cli.claim_output_dir(fv.output_dir):
         if dissections:
             source, dataset_name = probe.open()
-            here = {"dataset": dataset_name, "dataset_fingerprint": source.fingerprint()}
+            here = probe_sets.probe_record(source, dataset_name)
             studies.check_one_probe_set({"the probe set of --data": here, **probes})
         for name, model, weights, layers in dissections:
             if model:

@@ -166,24 +166,28 @@ def recorded_token_layouts(directory: str | os.PathLike[str]) -> dict[str, str]:
     return token_layouts(recorded_settings(directory))
 
 
-def check_probe_set(directory: str | os.PathLike[str], dataset: str, fingerprint: str) -> None:
+def check_probe_set(directory: str | os.PathLike[str], dataset: str, source: Any) -> None:
     """Refuse a probe set other than the one the finished dissection in `directory` ran on
-    (its results.json `dataset`: name, split and image count): the dissection's thresholds
-    and labels belong to its probe set, and mixing them with another is another method.
-    The same name and size with other files (another copy) is logged, not refused."""
+    (`probe.probe_relation` of its results.json settings and `source`, which `dataset`
+    describes): the dissection's thresholds and labels belong to its probe set, and mixing
+    them with another is another method. A copy is logged, not refused."""
     from absl import logging
+
+    from jaxdissect.data import probe
 
     recorded = recorded_settings(directory)
     ran_on = recorded.get("dataset")
     if ran_on is None:
         return
-    if ran_on != dataset:
+    relation = probe.probe_relation(probe.probe_record(source, dataset), recorded)
+    if relation == "other":
         raise ValueError(
             f"--data: the probe set is {dataset}, but the dissection in {directory} ran on "
-            f"{ran_on}: pass its --data, --split and --max_images (--synthetic_images, "
-            "--resolution for the synthetic set), or dissect this probe set"
+            f"{ran_on} (other CSV tables, split or image count): pass its --data, --split and "
+            "--max_images (--synthetic_images, --resolution for the synthetic set), or "
+            "dissect this probe set"
         )
-    if recorded.get("dataset_fingerprint") not in (None, fingerprint):
+    if relation == "copy":
         logging.warning(
             "the probe set %s has other files than the one the dissection in %s ran on "
             "(another copy, or the same files stored again): check that they hold the same "

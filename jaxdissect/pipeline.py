@@ -28,7 +28,7 @@ import jax
 from absl import logging
 
 from jaxdissect import actcache, capture, config, driver, engine, outdir, results, store, tally
-from jaxdissect.data import loader
+from jaxdissect.data import loader, probe
 from jaxdissect.preprocess import TORCHVISION, InputSpec, as_input_spec
 from jaxdissect.report import build as report_build
 from jaxdissect.report import html as report_html
@@ -250,6 +250,7 @@ _NOT_FOLLOWED_SETTINGS = (
     "significance_alpha",
     "significance_stride",
     "significance_seed",
+    "dataset_identity",  # follows from dataset_fingerprint
 )
 _NOT_FOLLOWED_UNIT_FIELDS = ("p_value", "label_p_value", "significant")
 
@@ -447,8 +448,7 @@ def dissect(
         "model": model.name,
         "model_key": model.key,
         "model_fields": store.definition_key(model.module, model.apply_kwargs, source=False),
-        "dataset": dataset_name,
-        "dataset_fingerprint": dissector.data_key,
+        **probe.probe_record(source, dataset_name),
         "num_images": len(source),
         "layers": list(tap.names),
         "layer_paths": dict(zip(tap.names, tap.layers, strict=True)),

@@ -433,34 +433,34 @@ def check_one_method(
 
 
 def probe_set(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The probe set a dissection's results.json says it ran on: `dataset` (its name, split
-    and image count) and `dataset_fingerprint` (None where not recorded)."""
+    """The probe set a dissection's results.json says it ran on, as `probe.probe_record`
+    gives it (None where not recorded)."""
     from jaxdissect import results
 
     path = pathlib.Path(results_dir)
     document = results.read_results_json(path / "results.json" if path.is_dir() else path)
     settings = document.get("settings", {})
-    return {
-        "dataset": settings.get("dataset"),
-        "dataset_fingerprint": settings.get("dataset_fingerprint"),
-    }
+    keys = ("dataset", "dataset_fingerprint", "dataset_identity")
+    return {k: settings.get(k) for k in keys}
 
 
 def check_one_probe_set(probes: Mapping[str, Mapping[str, Any]]) -> None:
-    """Refuse entries (name -> `probe_set`) dissected on other probe sets than the first:
-    their counts are not comparable. The same name and size with other files (another
-    copy, or the same files stored again) is logged, not refused."""
+    """Refuse entries (name -> `probe_set`) dissected on other probe sets than the first
+    (`probe.probe_relation`): their counts are not comparable. A copy is logged."""
+    from jaxdissect.data import probe
+
     named = [(name, p) for name, p in probes.items() if p.get("dataset") is not None]
     if not named:
         return
     first, want = named[0]
     for name, got in named[1:]:
-        if got["dataset"] != want["dataset"]:
+        relation = probe.probe_relation(got, want)
+        if relation == "other":
             raise ValueError(
-                f"{name} was dissected on {got['dataset']}, {first} on {want['dataset']}: "
-                "compare dissections of one probe set"
+                f"{name} was dissected on {got['dataset']}, {first} on {want['dataset']} "
+                "(other CSV tables, split or image count): compare dissections of one probe set"
             )
-        if got.get("dataset_fingerprint") != want.get("dataset_fingerprint"):
+        if relation == "copy":
             logging.warning(
                 "%s and %s were dissected on %s with other files (another copy, or the same "
                 "files stored again): check that they hold the same images and labels",

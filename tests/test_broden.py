@@ -566,6 +566,21 @@ def test_labels_a_category_file_leaves_out_are_logged(tmp_path, caplog):
     assert "puts 1 label(s) in 'color' that" in message and "c_color.csv" in message
 
 
+def test_identity_is_the_tables_split_and_count_not_the_files(tmp_path):
+    import shutil
+
+    base(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    a, copy = Broden.open(tmp_path / "a"), Broden.open(tmp_path / "copy")
+    assert a.identity() == copy.identity() and a.fingerprint() != copy.fingerprint()
+    assert Broden.open(tmp_path / "a", split="val").identity() != a.identity()
+    assert Broden.open(tmp_path / "a", max_images=1).identity() == a.identity(count=1)
+    assert a.identity(count=1) != a.identity()
+    label_csv = tmp_path / "copy" / "label.csv"
+    label_csv.write_text(label_csv.read_text().replace("sky", "skies"))
+    assert Broden.open(tmp_path / "copy").identity() != a.identity()
+
+
 def test_an_image_listed_twice_is_refused(tmp_path):
     base(tmp_path, rows=[RowSpec("a.png"), RowSpec("b.png"), RowSpec("c.png")])
     index = tmp_path / "index.csv"

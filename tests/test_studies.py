@@ -27,7 +27,27 @@ def test_entries_of_other_probe_sets_are_refused_and_other_files_logged(tmp_path
     document = {"format": results.RESULTS_FORMAT, "version": results.RESULTS_VERSION}
     document.update(complete=True, settings=a, layers=[])
     (tmp_path / "results.json").write_text(json.dumps(document))
-    assert studies.probe_set(tmp_path) == a
+    assert studies.probe_set(tmp_path) == {**a, "dataset_identity": None}
+
+
+def test_the_identity_decides_where_both_record_one(caplog):
+    """A folder and its TFDS build (other names, other files, one identity) are one probe
+    set; a set of the same name and size with other tables (another synthetic seed) is not."""
+    folder = {"dataset": "broden1_224 (val, 5 images)", "dataset_fingerprint": "f1"}
+    folder["dataset_identity"] = "i1"
+    build = {"dataset": "TFDS b (val, 5 images)", "dataset_fingerprint": "f2"}
+    build["dataset_identity"] = "i1"
+    with caplog.at_level(logging.WARNING):
+        studies.check_one_probe_set({"folder": folder, "build": build})
+    assert not caplog.records
+    with pytest.raises(ValueError, match=r"other CSV tables, split or image count"):
+        studies.check_one_probe_set(
+            {"folder": folder, "other": {**folder, "dataset_identity": "i2"}}
+        )
+    # One side without an identity (an older results.json): the description decides.
+    studies.check_one_probe_set({"folder": folder, "old": {**folder, "dataset_identity": None}})
+    with pytest.raises(ValueError, match=r"^old was dissected on TFDS b"):
+        studies.check_one_probe_set({"folder": folder, "old": {**build, "dataset_identity": None}})
 
 
 def test_a_step_asked_for_twice_is_dissected_once(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxdissect.data import loader, synthetic, tfds_broden
+from jaxdissect.data import loader, probe, synthetic, tfds_broden
 from jaxdissect.data.broden import Broden
 from jaxdissect.data.tfds_broden import TfdsBroden
 from tests.broden_testing import LabelSpec, RowSpec, tiny_broden, write_broden
@@ -60,6 +60,11 @@ def test_every_example_identical(datasets, name, split):
     assert_same_example(folder[-1], built[-1], f"{name}/{split}[-1]")
     with pytest.raises(IndexError):
         built[len(built)]
+    # The same probe set however stored; its first images another one.
+    assert built.identity() == folder.identity() is not None
+    first = probe.Subset(built, 1).identity()
+    assert first == Broden.open(root, split=split, max_images=1).identity()
+    assert (first == built.identity()) == (len(built) == 1)
 
 
 @pytest.mark.parametrize("split", ["all", "val"])

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxdissect import store
-from jaxdissect.data import broden_images
+from jaxdissect.data import broden_images, files
 from jaxdissect.data.broden_tables import (
     IMAGES_DIR,
     INDEX_FILE,
@@ -64,6 +64,7 @@ class Broden:
         c_<cat>.csv, NaN where absent: `primary_categories(coverage, use)` recomputes
         primaries over a subset of categories.
       split, max_images: the selection `open` was given.
+      tables_hash: `files.tables_hash` of the CSV files.
     """
 
     root: pathlib.Path
@@ -77,6 +78,7 @@ class Broden:
     coverage: np.ndarray = dataclasses.field(repr=False)
     split: str = "all"
     max_images: int | None = None
+    tables_hash: str | None = dataclasses.field(default=None, repr=False)
     _fingerprint: str = dataclasses.field(default="", repr=False)
 
     @classmethod
@@ -165,6 +167,7 @@ class Broden:
             coverage=tables.coverage,
             split=split,
             max_images=max_images,
+            tables_hash=files.tables_hash(tables.files),
             _fingerprint=fingerprint,
         )
 
@@ -184,6 +187,12 @@ class Broden:
         """Hash of the CSV files' bytes, the selection, and every file the selected rows list
         (by size and times, or content: `open`'s `data_hash`), for cache keys."""
         return self._fingerprint
+
+    def identity(self, count: int | None = None) -> str | None:
+        """`files.probe_identity` of these rows (or of the first `count`)."""
+        return files.probe_identity(
+            self.tables_hash, self.split, len(self) if count is None else count
+        )
 
     def _record(self, i: int) -> tuple[int, Record]:
         i = operator.index(i)

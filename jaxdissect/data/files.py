@@ -18,6 +18,7 @@ import hashlib
 import os
 import pathlib
 import stat
+from collections.abc import Sequence
 
 DATA_HASHES = ("stat", "content")
 
@@ -126,6 +127,25 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def tables_hash(files: Sequence[tuple[str, bytes]]) -> str:
+    """Hex sha256 of a Broden folder's CSV files (name, bytes): equal for its copies and
+    for a TFDS build of it, whatever their paths or file times."""
+    digest = hashlib.sha256(b"jaxdissect-broden-tables-v1\0")
+    for name, raw in files:
+        digest.update(f"{name}\0{len(raw)}\0".encode())
+        digest.update(raw)
+    return digest.hexdigest()
+
+
+def probe_identity(tables: str | None, split: str, count: int) -> str | None:
+    """What a probe set is, independent of where and how it is stored: its tables' hash,
+    split and number of images (the first `count` of the split, in index order); None
+    where the tables are not known."""
+    if tables is None:
+        return None
+    return hashlib.sha256(f"{tables}\0{split}\0{count}".encode()).hexdigest()
 
 
 class Fingerprint:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,43 @@ class Subset:
 
     def fingerprint(self) -> str:
         return f"{self.source.fingerprint()}:first{self.n}"
+
+    def identity(self) -> str | None:
+        return self.source.identity(self.n)
+
+
+def identity_of(source: Any) -> str | None:
+    """`source.identity()` (what the probe set is, wherever stored: `files.probe_identity`),
+    or None for a source without one."""
+    identity = getattr(source, "identity", None)
+    return identity() if identity is not None else None
+
+
+def probe_record(source: Any, description: str) -> dict[str, str | None]:
+    """How results.json settings record a probe set: `dataset` (its description: name,
+    split, image count), `dataset_fingerprint` (its files) and `dataset_identity`."""
+    return {
+        "dataset": description,
+        "dataset_fingerprint": source.fingerprint(),
+        "dataset_identity": identity_of(source),
+    }
+
+
+def probe_relation(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    """Two `probe_record`s (keys may be missing or None in older results): "other" where
+    their identities differ (or, where either is unknown, their descriptions), "copy" where
+    the descriptions are equal but the files differ (another copy, or the same files stored
+    again), else "same" (a TFDS build of a folder is the same probe set as the folder)."""
+    ia, ib = a.get("dataset_identity"), b.get("dataset_identity")
+    if ia is not None and ib is not None:
+        if ia != ib:
+            return "other"
+    elif a.get("dataset") != b.get("dataset"):
+        return "other"
+    fa, fb = a.get("dataset_fingerprint"), b.get("dataset_fingerprint")
+    if a.get("dataset") == b.get("dataset") and None not in (fa, fb) and fa != fb:
+        return "copy"
+    return "same"
 
 
 DEFAULT_RESOLUTION = 224

@@ -45,7 +45,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from jaxdissect.data import images
+from jaxdissect.data import files, images
 from jaxdissect.data.broden import IMAGES_DIR, Broden
 from jaxdissect.data.files import Fingerprint, add_folder_files, check_data_hash
 from jaxdissect.labelspace import LabelSpace
@@ -225,6 +225,7 @@ class BrodenBuilder(OwnCodePath, tfds.core.GeneratorBasedBuilder):
                 "seg_size": [int(s) for s in broden.seg_size],
                 # One letter per example of the `all` ordering: t(rain) or v(al).
                 "record_splits": "".join(s[0] for s in record_splits),
+                "tables_hash": broden.tables_hash,
                 "splits": {
                     s: {
                         "num_examples": len(b),
@@ -411,6 +412,7 @@ class TfdsBroden:
       image_size, seg_size: as `Broden` reports them.
       max_planes, max_image_labels: P and Q, the padded sizes of this split.
       source_fingerprint: `Broden.fingerprint()` of the folder's split when it was built.
+      tables_hash: the folder's `Broden.tables_hash` (None in older builds).
     """
 
     def __init__(
@@ -444,6 +446,7 @@ class TfdsBroden:
         self.max_planes = int(info["max_planes"])
         self.max_image_labels = int(info["max_image_labels"])
         self.source_fingerprint = info["fingerprint"]
+        self.tables_hash = meta.get("tables_hash")  # None in builds that predate it
         self._fingerprint = _build_fingerprint(self.builder_dir, self.source_fingerprint, data_hash)
         self.metadata = meta
 
@@ -486,6 +489,13 @@ class TfdsBroden:
     def fingerprint(self) -> str:
         """Hash of the source folder's split fingerprint and of the build's files."""
         return self._fingerprint
+
+    def identity(self, count: int | None = None) -> str | None:
+        """`files.probe_identity` of this split (or of its first `count`): that of the folder
+        it was built from."""
+        return files.probe_identity(
+            self.tables_hash, self.split, len(self) if count is None else count
+        )
 
     def _raw(self, i: int) -> tuple[int, dict[str, Any]]:
         """Example `i` (negative counts from the end) as stored: (i >= 0, record)."""
