@@ -194,7 +194,11 @@ def test_timm_keys_without_a_rule_are_named():
     state = {k: v.numpy() for k, v in reference.state_dict().items()}
     state["reg_token"] = np.zeros((1, 4, 192), np.float32)
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-    with pytest.raises(torch_import.WeightMappingError, match=r"\['cls', 'reg_token'\]"):
+    with pytest.raises(
+        torch_import.WeightMappingError,
+        match=r"\['cls', 'reg_token'\]; The checkpoint has register tokens \(timm's reg_token\), "
+        r"which the zoo's ViTs do not take: dissect it with a model of your own .*token_layout",
+    ):
         model.import_state_dict(state, template)
     # A ViT without qkv biases (timm's qkv_bias=False): named, not a KeyError.
     del state["reg_token"], state["blocks.1.attn.qkv.bias"]
