@@ -516,6 +516,16 @@ def test_a_greyscale_label_png_is_refused_unless_all_zero(tmp_path, mode):
     assert planes.shape == (1, 4, 4) and not planes.any()
 
 
+def test_a_label_file_that_is_not_a_png_is_refused_by_its_format(tmp_path):
+    base(tmp_path, rows=[RowSpec("a.png", pixel={"object": [np.ones((4, 4), int)]})])
+    png = tmp_path / "images" / "a_object_1.png"
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[..., 0] = 1
+    Image.fromarray(rgb).save(png, format="JPEG", quality=100)
+    with raises("a JPEG file", str(png), "line 2", "must be PNG"):
+        Broden.open(tmp_path)
+
+
 def test_truncated_jpeg(tmp_path):
     base(
         tmp_path,

@@ -93,6 +93,11 @@ def check_png_header(
     root: pathlib.Path, rec: Record, path: pathlib.Path, where: str, im: Image.Image
 ) -> None:
     """Size and mode of an opened (not yet decoded) label PNG against its index.csv row."""
+    if im.format != "PNG":  # a lossy format shifts R + 256 * G onto other labels
+        raise BrodenFormatError(
+            f"{path}: a {im.format or 'non-PNG'} file ({where}); Broden label files must be "
+            "PNG (lossless, label = R + 256 * G). Re-extract the file."
+        )
     _check_size(root, rec, path, im, ("segmentation", "sh,sw", "PNG"), (rec.sh, rec.sw))
     if im.mode not in _PNG_MODES or _sixteen_bit(im):
         mode = repr(im.mode) if im.mode not in _PNG_MODES else f"{im.mode} with 16-bit channels"
