@@ -420,6 +420,14 @@ def dissect(
         return layer_results
     made_from = _finished_digest(out, previous) if previous else None
     if previous:
+        if dropped := [name for name in previous if name not in tap.names]:
+            logging.warning(
+                "%s: replacing the finished dissection of %s; the files of %s, not "
+                "dissected now, are removed",
+                out,
+                ", ".join(previous),
+                ", ".join(dropped),
+            )
         _remove_previous_run(out, previous)
     results.write_tally_csvs(out, layer_results)
     stems = results.layer_file_stems(tap.names)

@@ -211,7 +211,7 @@ def test_follow_on_outputs_are_kept_through_what_they_do_not_depend_on(report, t
     assert pipeline._finished_digest(out, layers) is None
 
 
-def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, tmp_path):
+def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, tmp_path, caplog):
     """A rerun into a finished run's folder removes that run's files before writing its
     own, results.json first: killed while writing, it leaves no results.json (the mark of a
     complete run) beside new files; a layer it drops and a report it does not write leave
@@ -229,8 +229,9 @@ def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, t
     _plant_follow_ons(out)  # of the run replaced: go with it, after a kill too
     with pytest.MonkeyPatch.context() as patch:  # killed before the follow-ons' removal
         patch.setattr(results, "results_document", killed)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING"):
             rerun()
+    assert "the files of conv1, not dissected now, are removed" in caplog.text
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if ".work" not in p.parts)
     assert files == [".lock", *FOLLOW_ONS, "stats-top.npz", "tally-top.csv"]
     rerun()
