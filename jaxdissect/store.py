@@ -95,22 +95,94 @@ def definition_key(
     """Key of what a model computes beyond its weights: a Linen module's fields (its repr,
     memory addresses dropped), `apply_kwargs` and (`source`) the source of the packages
     or files that define its class and the classes of modules among its fields (a wrapped
-    model's). Code a model reads from elsewhere (an environment variable, another
-    package) is not covered."""
+    model's), with what else defines the computation (`_computation`): an NNX module's
+    graph (its static attributes), a function's closure cells, defaults and
+    `functools.partial` arguments, and the code of classes and functions defined where no
+    file is (a notebook, a REPL). Code a model reads from elsewhere (an environment
+    variable, another package) is not covered."""
+    import functools
+
     import flax.linen as nn
 
+    target = module.func if isinstance(module, functools.partial) else module
+    while isinstance(target, functools.partial):
+        target = target.func
     if isinstance(module, nn.Module):
         fields, defined = repr(module), _module_classes(module)
     elif inspect.isfunction(module):  # a plain-function model
         fields, defined = module.__qualname__, {module}
+    elif isinstance(module, functools.partial) and inspect.isfunction(target):
+        fields, defined = type(module).__qualname__, {target}
     else:
         fields, defined = type(module).__qualname__, {type(module)}
     roots = {root for obj in defined for root in _defining_source(obj)} if source else ()
+    computation = _computation(module, defined) if source else None
     return key_of(
         fields=_ADDRESS.sub("", fields),
         extra=_ADDRESS.sub("", repr(sorted(dict(apply_kwargs or {}).items()))),
         source=source_fingerprint(*sorted(roots)) if source else None,
+        **({"computation": computation} if computation else {}),
     )
+
+
+def _computation(module: Any, defined: set[Any]) -> list[Any]:
+    """What defines `module`'s computation beyond its fields and defining files: an NNX
+    module's graphdef (static attributes; addresses dropped), a function's or partial's
+    constants (`statistics._function_constants`: closure cells, defaults, partial
+    arguments, code of functions among them), and the code of classes and functions
+    defined where no file is; empty where nothing is (a Linen module or a function
+    without them, from a file), so that their keys stay as they were."""
+    import functools
+
+    from flax import nnx
+
+    from jaxdissect import statistics
+
+    parts: list[Any] = []
+    classes = {obj for obj in defined if isinstance(obj, type)}
+    if isinstance(module, nnx.Module):
+        parts.append(_ADDRESS.sub("", repr(nnx.graphdef(module))))
+        classes |= {type(node) for _, node in nnx.iter_graph(module)}
+    for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__)):
+        for base in cls.__mro__:
+            if not _defining_source(base):
+                parts.extend(
+                    [base.__qualname__, name, _code_key(code)] for name, code in _class_code(base)
+                )
+    if isinstance(module, functools.partial) or inspect.isfunction(module):
+        # A function from a file without closure cells is its file's (keyed as it was).
+        fileless = not _defining_source(next(iter(defined)))
+        if fileless or isinstance(module, functools.partial) or module.__closure__:
+            parts.extend(
+                [fn, name, _code_key(v) if inspect.iscode(v) else repr(v)]
+                for (fn, name), v in statistics._function_constants(module, "model")
+            )
+    return parts
+
+
+def _class_code(cls: type) -> Iterator[tuple[str, Any]]:
+    """(name, code object) of the functions `cls` itself defines (methods, static and
+    class methods, properties' accessors), by name."""
+    for name, value in sorted(vars(cls).items()):
+        value = getattr(value, "__func__", value)  # staticmethod, classmethod
+        accessors = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [value]
+        for fn in accessors:
+            if inspect.isfunction(fn):
+                yield name, inspect.unwrap(fn).__code__  # Flax wraps a Linen module's methods
+
+
+def _code_key(code: Any) -> list[Any]:
+    """A code object as JSON-able text that is the same in every process: its bytecode,
+    names and constants (code among them, recursively); line numbers left out."""
+    consts = []
+    for c in code.co_consts:
+        if inspect.iscode(c):
+            consts.append(_code_key(c))
+        elif isinstance(c, frozenset):  # its order follows string hashing, per process
+            consts.append(sorted(map(repr, c)))
+        else:
+            consts.append(repr(c))
+    return [code.co_name, code.co_code.hex(), list(code.co_names), list(code.co_varnames), consts]
 
 
 def _module_classes(module: Any) -> set[type]:

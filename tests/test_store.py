@@ -130,6 +130,93 @@ def test_definition_key_sees_fields_apply_arguments_and_source(tmp_path, monkeyp
     monkeypatch.delitem(sys.modules, "user_net")
 
 
+_NNX_NET = """
+from flax import nnx
+
+
+class Net(nnx.Module):
+    def __init__(self, stride, rngs):
+        self.conv = nnx.Conv(3, 4, (3, 3), strides=stride, rngs=rngs)
+        self.act = nnx.relu
+
+    def __call__(self, x):
+        return self.act(self.conv(x))
+"""
+
+
+def test_definition_key_sees_nnx_settings_in_any_process(tmp_path, monkeypatch):
+    """An NNX module's static attributes (a conv's strides: not in `nnx.state`) are keyed;
+    the same module built again, also in another process, keeps its key."""
+    import importlib
+    import subprocess
+
+    from flax import nnx
+
+    (tmp_path / "nnx_net.py").write_text(_NNX_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = importlib.import_module("nnx_net").Net
+    key = store.definition_key(net(1, nnx.Rngs(0)))
+    assert key == store.definition_key(net(1, nnx.Rngs(1)))
+    assert key != store.definition_key(net(2, nnx.Rngs(0)))
+    code = "from flax import nnx; from jaxdissect import store; import nnx_net; "
+    code += "print(store.definition_key(nnx_net.Net(1, nnx.Rngs(0))))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    other = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert other.stdout.strip() == key
+    monkeypatch.delitem(sys.modules, "nnx_net")
+
+
+def _features(params, images, stride=2):
+    return images[:, ::stride] * params
+
+
+def test_definition_key_sees_partial_arguments_and_closure_cells():
+    """A `functools.partial`'s arguments and a closure's cells are keyed; a function from a
+    file without closure cells is keyed by its name and file only, as a Linen module from a
+    file or a zoo model is (their keys unchanged)."""
+    from jaxdissect.models import zoo
+
+    def make(stride):
+        return lambda params, images: _features(params, images, stride)
+
+    partial = functools.partial(_features, stride=1)
+    assert store.definition_key(partial) == store.definition_key(
+        functools.partial(_features, stride=1)
+    )
+    assert store.definition_key(partial) != store.definition_key(
+        functools.partial(_features, stride=2)
+    )
+    assert store.definition_key(make(1)) == store.definition_key(make(1))
+    assert store.definition_key(make(1)) != store.definition_key(make(2))
+    resnet = zoo.build("resnet18")
+    assert store._computation(resnet, store._module_classes(resnet)) == []
+    assert store._computation(_features, {_features}) == []
+
+
+def test_definition_key_sees_code_defined_without_a_file(monkeypatch):
+    """A model class or function defined where no file is (a notebook, a REPL, `python -`)
+    is keyed by its code: another body gives another key, the same body the same key."""
+    import types
+
+    header = "import flax.linen as nn\n\nclass Net(nn.Module):\n    @nn.compact\n"
+    header += "    def __call__(self, x):\n        return nn.Conv(4, (3, 3), strides=%d)(x)\n"
+    header += "\ndef fn(params, x):\n    return x * %d\n"
+
+    def defined(stride: int) -> types.ModuleType:
+        notebook = types.ModuleType("notebook_cell")  # no __file__, like __main__ in Jupyter
+        monkeypatch.setitem(sys.modules, "notebook_cell", notebook)
+        exec(header % (stride, stride), notebook.__dict__)
+        return notebook
+
+    one, again, two = defined(1), defined(1), defined(2)
+    assert store.definition_key(one.Net()) == store.definition_key(again.Net())
+    assert store.definition_key(one.Net()) != store.definition_key(two.Net())
+    assert store.definition_key(one.fn) == store.definition_key(again.fn)
+    assert store.definition_key(one.fn) != store.definition_key(two.fn)
+
+
 def test_source_fingerprint_sees_python_files_and_survives_symlink_loops(tmp_path):
     (tmp_path / "pkg" / "sub").mkdir(parents=True)
     (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
