@@ -50,7 +50,8 @@ def run(fv: flags.FlagValues = FLAGS):
     if not fv.image:
         raise ValueError("--image is required: the image file to segment")
     if not os.path.isfile(fv.image):
-        raise FileNotFoundError(f"--image={fv.image}: no such file")
+        what = "a folder, not an image file" if os.path.isdir(fv.image) else "no such file"
+        raise FileNotFoundError(f"--image={fv.image}: {what}")
     if fv.max_side < 8:
         raise ValueError(f"--max_side={fv.max_side}: must be >= 8")
     image = _read_image(fv.image, fv.max_side)

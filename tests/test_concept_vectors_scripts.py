@@ -169,6 +169,8 @@ def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection):
         run_script("segment", f"--image={image}", f"--dissection={tmp_path}", "--layer=top", *MODEL)
     with pytest.raises(ValueError, match="--layer=conv9"):
         run_script("segment", f"--image={image}", f"--dissection={dissection}", "--layer=conv9")
+    with pytest.raises(FileNotFoundError, match="--image=.*: a folder, not an image file"):
+        run_script("segment", f"--image={tmp_path}", f"--dissection={dissection}", "--layer=top")
 
 
 def test_a_layer_forward_refuses_images_of_another_layout(dissection):
