@@ -95,6 +95,31 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.", flag_values=fv)
 
 
+# Flags a multi-host job's processes may set each their own way: how one process joins and
+# reads (--data and --weights may name each host's copy: the probe set and weights they
+# hold are compared instead).
+PER_PROCESS_FLAGS = frozenset(
+    {"process_id", "coordinator_address", "data", "weights", "loader_threads", "loader_workers"}
+)
+
+
+def check_same_job(fv: flags.FlagValues, source, model) -> None:
+    """Refuse, in one line naming what differs, a multi-host job whose processes were given
+    other flags (but `PER_PROCESS_FLAGS`), probe sets or model weights."""
+    from jaxdissect import parallel, store
+    from jaxdissect.data import probe
+
+    own = flags.FlagValues()
+    define_flags(own)
+    values = {f"--{n}": fv[n].value for n in sorted(own) if n not in PER_PROCESS_FLAGS}
+    identity = probe.identity_of(source)
+    values["the probe set"] = source.fingerprint() if identity is None else identity
+    values["the probe set's image count"] = len(source)
+    values["the model weights"] = model.key
+    values["jaxdissect's code"] = store.code_fingerprint()
+    parallel.check_same_job(values)
+
+
 def run(fv: flags.FlagValues = FLAGS) -> None:
     """Dissect as the flags say."""
     from jaxdissect.models import load as model_load
@@ -151,6 +176,7 @@ def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
     model = model_load.load(
         fv.model, weights=fv.weights or None, options=model_options, seed=settings.seed
     )
+    check_same_job(fv, source, model)
     layers = fv.layers or list(model.default_layers)
     if not layers:
         raise app.UsageError("--layers is empty and the model declares no default_layers")

@@ -12,8 +12,9 @@ same integer counts.
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -97,6 +98,62 @@ def initialize_distributed(
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def job_digests(values: Mapping[str, Any]) -> np.ndarray:
+    """One SHA-256 of each value's `repr`, in `values`' order: [len(values), 32] uint8."""
+    return np.stack(
+        [
+            np.frombuffer(hashlib.sha256(repr(v).encode()).digest(), np.uint8)
+            for v in values.values()
+        ]
+    ).reshape(len(values), 32)
+
+
+def job_disagreements(names: list[str], digests: np.ndarray) -> dict[str, list[int]]:
+    """Of `names`, each whose digest (`digests`: [processes, names, 32], every process's
+    `job_digests`) differs from process 0's, with the processes that hold another."""
+    differ = (digests != digests[:1]).any(axis=-1)  # [processes, names]
+    return {
+        name: [int(p) for p in np.flatnonzero(differ[:, i])]
+        for i, name in enumerate(names)
+        if differ[:, i].any()
+    }
+
+
+def _allgather(rows: np.ndarray) -> np.ndarray:
+    """Every process's `rows`, stacked on a new leading axis."""
+    return np.asarray(multihost_utils.process_allgather(rows))
+
+
+def check_same_job(
+    values: Mapping[str, Any], allgather: Callable[[np.ndarray], np.ndarray] = _allgather
+) -> None:
+    """Raise, in one line naming what differs and where, unless every process of a
+    multi-host job holds equal `values` ({what: value}, e.g. {"--batch_size": 8, "the probe
+    set": identity}); a value's `repr` is compared. A no-op in one process.
+
+    allgather: every process's [n, 32] uint8 array, stacked (`process_allgather`).
+    """
+    if allgather is _allgather and jax.process_count() == 1:
+        return
+    names = list(values)
+    what = allgather(job_digests({"names": names}))
+    if job_disagreements(["names"], what):
+        raise ValueError(
+            "the processes of this multi-host job run other versions of the script "
+            "(other settings); run the same jaxdissect on every process"
+        )
+    differ = job_disagreements(names, allgather(job_digests(values)))
+    if differ:
+        where = "; ".join(
+            f"{name} (process {', '.join(map(str, ps))} against process 0)"
+            for name, ps in differ.items()
+        )
+        raise ValueError(
+            f"the processes of this multi-host job differ in {where}: give every "
+            "process the same job"
+        )
 
 
 def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:

@@ -59,13 +59,32 @@ def _dissect(out: pathlib.Path, data: pathlib.Path, devices: int, *extra: str) -
     )
 
 
-def _finish(proc: subprocess.Popen, what: str) -> None:
+def _finish(proc: subprocess.Popen, what: str, returncode: int = 0) -> str:
     try:
         log, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail(f"{what} did not finish in 300 s")
-    assert proc.returncode == 0, f"{what} failed:\n{log[-3000:]}"
+    assert proc.returncode == returncode, f"{what} exited {proc.returncode}:\n{log[-3000:]}"
+    return log
+
+
+def _two_processes(out: pathlib.Path, data: list[pathlib.Path], *extra: list[str]):
+    """The 2 processes of a job on `data[i]`, process i also given `extra[i]`."""
+    port = _free_port()
+    return [
+        _dissect(
+            out,
+            data[i],
+            2,
+            "--distributed",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            *(extra[i] if extra else ()),
+        )
+        for i in range(2)
+    ]
 
 
 @pytest.mark.slow
@@ -74,20 +93,7 @@ def test_two_processes_match_one(tmp_path):
     synthetic.generate(data, num_images=36, size=48, workers=1)  # 36: a partial last batch
     one = _dissect(tmp_path / "one", data, 4)
     _finish(one, "the 1-process run")
-    port = _free_port()
-    procs = [
-        _dissect(
-            tmp_path / "two",
-            data,
-            2,
-            "--distributed",
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-        )
-        for i in range(2)
-    ]
-    for i, p in enumerate(procs):
+    for i, p in enumerate(_two_processes(tmp_path / "two", [data, data])):
         _finish(p, f"process {i} of the 2-process run")
 
     # The output_dir's lock file names its holder's pid: the one file that differs.
@@ -106,3 +112,12 @@ def test_two_processes_match_one(tmp_path):
                     np.testing.assert_array_equal(x[k], y[k], err_msg=f"{name}:{k}")
         else:
             assert a.read_bytes() == b.read_bytes(), name
+
+    # Processes given other flags or probe sets are refused, every one, before pass 1.
+    other = ["--tie_rule=inclusive", "--max_images=9"]
+    for i, p in enumerate(_two_processes(tmp_path / "other", [data, data], [], other)):
+        log = _finish(p, f"process {i} of the 2-process run given other flags", 1)
+        assert (
+            "error: the processes of this multi-host job differ in --max_images (process 1 "
+            "against process 0); --tie_rule (process 1 against process 0); the probe set "
+        ) in log

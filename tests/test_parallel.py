@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxdissect import parallel
 
@@ -58,3 +59,38 @@ def test_split_cpu_sets_the_count_once_and_never_over_the_users():
     forced = "--xla_force_host_platform_device_count=5"
     assert _split_in_new_process(XLA_FLAGS=forced) == ["None", "5", "None"]
     assert _split_in_new_process(XLA_FLAGS="", JAX_NUM_CPU_DEVICES="3") == ["None", "3", "None"]
+
+
+def _gather_of(*others: dict):
+    """A fake all-gather: this process (0) and processes holding `others`' values."""
+    return lambda rows: np.stack([rows] + [parallel.job_digests(o) for o in others])
+
+
+def _names_then(*others: dict):
+    """A fake all-gather answering the names' check first, then the values'."""
+    calls = []
+
+    def gather(rows):
+        calls.append(rows)
+        if len(calls) == 1:
+            return np.stack([rows] + [parallel.job_digests({"names": list(o)}) for o in others])
+        return _gather_of(*others)(rows)
+
+    return gather
+
+
+def test_processes_of_one_job_must_hold_equal_values():
+    job = {"--tie_rule": "strict", "--max_images": None, "the probe set": "abc"}
+    parallel.check_same_job(job, allgather=_names_then(dict(job), dict(job)))
+    other = {**job, "--tie_rule": "inclusive"}
+    third = {**job, "the probe set": "xyz", "--tie_rule": "inclusive"}
+    with pytest.raises(ValueError) as e:
+        parallel.check_same_job(job, allgather=_names_then(other, third))
+    assert str(e.value) == (
+        "the processes of this multi-host job differ in --tie_rule (process 1, 2 against "
+        "process 0); the probe set (process 2 against process 0): give every process the "
+        "same job"
+    )
+    with pytest.raises(ValueError, match="other versions of the script"):
+        parallel.check_same_job(job, allgather=_names_then({"--tie_rule": "strict"}))
+    assert parallel.job_disagreements(["a"], np.zeros((3, 1, 32), np.uint8)) == {}
