@@ -486,21 +486,26 @@ def stage_outputs(
     compute: Callable[[], Mapping[str, Mapping[str, np.ndarray]]],
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per-part arrays of a stage (parts: layers), loaded if all are stored under their
-    `keys` in `root`, else computed and stored (by process 0)."""
+    `keys` in `root`, else computed and stored (by process 0). Every process of a
+    multi-host job decides alike: process 0 says whether they are stored (`root` is on a
+    file system all share), and all compute where any cannot read them."""
     if root is None:
         return dict(compute())
     stages = {part: store.Stage(root, stage, key) for part, key in keys.items()}
-    if all(s.done for s in stages.values()):
+    if parallel.process_0s(all(s.done for s in stages.values())):
         logging.info(
             "%s: reusing stored results (%s)", stage, ", ".join(str(s.dir) for s in stages.values())
         )
         try:
-            return {part: store.load_arrays(s.path("arrays.npz")) for part, s in stages.items()}
+            loaded = {part: store.load_arrays(s.path("arrays.npz")) for part, s in stages.items()}
         except (OSError, ValueError) as e:  # damaged after it was stored: computed again
             logging.warning("%s: a stored result is unreadable (%s); computing it again", stage, e)
-            if jax.process_index() == 0:
-                for s in stages.values():
-                    s.reset()
+            loaded = None
+        if parallel.all_processes(loaded is not None):
+            return loaded
+        if jax.process_index() == 0:
+            for s in stages.values():
+                s.reset()
     result = dict(compute())
     if jax.process_index() == 0:
         for part, s in stages.items():

@@ -156,6 +156,33 @@ def check_same_job(
         )
 
 
+def process_0s(value: Any) -> Any:
+    """Process 0's `value` (a bool, number or numpy array of a shape every process
+    shares), on every process: one decision for all. `value` itself in one process."""
+    if jax.process_count() == 1:
+        return value
+    out = np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+    return out.item() if out.ndim == 0 else out
+
+
+def process_0s_text(text: str) -> str:
+    """Process 0's `text`, on every process (`text` itself in one process)."""
+    if jax.process_count() == 1:
+        return text
+    data = np.frombuffer(text.encode(), np.uint8)
+    n = int(process_0s(np.int32(len(data))))
+    buf = np.zeros(n, np.uint8)
+    buf[: min(n, len(data))] = data[:n]
+    return bytes(process_0s(buf)).decode()
+
+
+def all_processes(flag: bool) -> bool:
+    """Whether `flag` holds on every process (`flag` itself in one process)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(_allgather(np.asarray(flag, np.bool_)).all())
+
+
 def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """A 1-D mesh over the first `num_devices` devices (default: all, all hosts)."""
     devices = jax.devices()

@@ -416,6 +416,32 @@ def test_a_damaged_stored_stage_is_computed_again(tmp_path):
     assert outputs() and len(calls) == 2
 
 
+def test_stage_reuse_is_process_0s_decision_and_needs_every_process_to_read(tmp_path, monkeypatch):
+    """Under several processes, a stage is reused where process 0 finds it stored (another
+    process's own answer is not asked), and computed by all where any cannot read it."""
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"conv1": {"counts": np.arange(6)}}
+
+    def outputs():
+        return driver.stage_outputs(
+            tmp_path, "pass2", {"conv1": "k1"}, {"conv1": {"layer": "conv1"}}, compute
+        )
+
+    outputs()
+    monkeypatch.setattr(parallel, "process_0s", lambda done: False)  # process 0 has none
+    outputs()
+    assert len(calls) == 2
+    monkeypatch.setattr(parallel, "process_0s", lambda done: True)
+    monkeypatch.setattr(parallel, "all_processes", lambda ok: False)  # another cannot read
+    outputs()
+    assert len(calls) == 3
+    monkeypatch.setattr(parallel, "all_processes", lambda ok: ok)
+    assert outputs()["conv1"]["counts"].tolist() == list(range(6)) and len(calls) == 3
+
+
 def test_an_update_that_changes_its_state_is_refused_after_the_first_batch():
     """A state that grows a dimension (a compile per batch) or turns its int32 counts into
     floats (no longer exact) is refused after the first batch, naming the part and leaf."""

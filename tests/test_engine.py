@@ -230,6 +230,16 @@ class _CountingLabels:
         return self.probe.read_labels(i, *args)
 
 
+def test_stage_keys_hold_process_0s_probe_set_fingerprint(model, probe, monkeypatch):
+    """Hosts may read their own copies of the probe set (other file times): every process
+    keys stages and checkpoints with process 0's fingerprint, so that all find the same."""
+    m, variables = model
+    settings = engine.Settings(quantile_mode="exact", batch_size=8)
+    monkeypatch.setattr(parallel, "process_0s_text", lambda text: "process 0's")
+    d = _dissector(m, variables, probe, settings, ("conv2",), parallel.data_mesh(1))[0]
+    assert d.data_key == "process 0's"
+
+
 @pytest.mark.parametrize("kept", ["all", "some"])
 def test_pass2_reads_the_labels_pass1_checked_from_memory(model, probe, monkeypatch, kept):
     """With `check_labels`, pass 2 decodes only the labels the memo could not keep, and

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pathlib
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,9 +92,11 @@ def _two_processes(out: pathlib.Path, data: list[pathlib.Path], *extra: list[str
 def test_two_processes_match_one(tmp_path):
     data = tmp_path / "broden"
     synthetic.generate(data, num_images=36, size=48, workers=1)  # 36: a partial last batch
+    copy = tmp_path / "copy"  # process 1's host holds its own copy: other file times
+    shutil.copytree(data, copy)
     one = _dissect(tmp_path / "one", data, 4)
     _finish(one, "the 1-process run")
-    for i, p in enumerate(_two_processes(tmp_path / "two", [data, data])):
+    for i, p in enumerate(_two_processes(tmp_path / "two", [data, copy])):
         _finish(p, f"process {i} of the 2-process run")
 
     # The output_dir's lock file names its holder's pid: the one file that differs.
@@ -115,7 +118,7 @@ def test_two_processes_match_one(tmp_path):
 
     # Processes given other flags or probe sets are refused, every one, before pass 1.
     other = ["--tie_rule=inclusive", "--max_images=9"]
-    for i, p in enumerate(_two_processes(tmp_path / "other", [data, data], [], other)):
+    for i, p in enumerate(_two_processes(tmp_path / "other", [data, copy], [], other)):
         log = _finish(p, f"process {i} of the 2-process run given other flags", 1)
         assert (
             "error: the processes of this multi-host job differ in --max_images (process 1 "
