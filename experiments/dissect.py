@@ -177,6 +177,8 @@ def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
         fv.model, weights=fv.weights or None, options=model_options, seed=settings.seed
     )
     check_same_job(fv, source, model)
+    if fv.distributed:  # its devices, known now, and refused alike by every process
+        cli.check_devices(fv, batch_size=settings.batch_size)
     layers = fv.layers or list(model.default_layers)
     if not layers:
         raise app.UsageError("--layers is empty and the model declares no default_layers")

@@ -184,13 +184,19 @@ def all_processes(flag: bool) -> bool:
 
 
 def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh over the first `num_devices` devices (default: all, all hosts)."""
+    """A 1-D mesh over the first `num_devices` devices (default: all, all hosts). Under
+    several processes every device is in it: each process feeds its own devices."""
     devices = jax.devices()
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(
                 f"num_devices={num_devices} but {len(devices)} devices are visible "
                 f"({devices[0].platform}); use a number from 1 to {len(devices)}"
+            )
+        if jax.process_count() > 1 and num_devices != len(devices):
+            raise ValueError(
+                f"num_devices={num_devices} with {jax.process_count()} processes: every "
+                f"process's devices must be in the mesh; leave it out (all {len(devices)})"
             )
         devices = devices[:num_devices]
     return jax.sharding.Mesh(np.asarray(devices), (AXIS,))

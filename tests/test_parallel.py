@@ -94,3 +94,11 @@ def test_processes_of_one_job_must_hold_equal_values():
     with pytest.raises(ValueError, match="other versions of the script"):
         parallel.check_same_job(job, allgather=_names_then({"--tie_rule": "strict"}))
     assert parallel.job_disagreements(["a"], np.zeros((3, 1, 32), np.uint8)) == {}
+
+
+def test_a_mesh_of_some_devices_is_refused_under_several_processes(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert parallel.data_mesh().devices.size == jax.device_count()
+    assert parallel.data_mesh(jax.device_count()).devices.size == jax.device_count()
+    with pytest.raises(ValueError, match=r"num_devices=2 with 2 processes: .* leave it out"):
+        parallel.data_mesh(2)
