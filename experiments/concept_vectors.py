@@ -167,7 +167,8 @@ def _vectors(fv, cfg, probe, output_dir):
         del data  # its memory maps, before their files go
     finally:  # also when interrupted: a full Broden's take tens of GB
         shutil.rmtree(data_dir, ignore_errors=True)
-    doc = _document(fv, cfg, layer, vectors, labels, dataset_name, len(source), forward_s)
+    devices = int(mesh.devices.size)
+    doc = _document(fv, cfg, layer, vectors, labels, dataset_name, len(source), forward_s, devices)
     _warn_unweighted(doc["concepts"])
     stem = "concept_vectors"
     store.write_json(out / f"{stem}.json", doc)
@@ -220,7 +221,7 @@ def _warn_unweighted(records) -> None:
         )
 
 
-def _document(fv, cfg, layer, vectors, labels, dataset_name, num_images, forward_s):
+def _document(fv, cfg, layer, vectors, labels, dataset_name, num_images, forward_s, devices):
     import dataclasses
 
     import numpy as np
@@ -286,7 +287,7 @@ def _document(fv, cfg, layer, vectors, labels, dataset_name, num_images, forward
             "heldout_images": len(vectors.heldout_images),
             "categories": sorted({r["category"] for r in records}),
             **dataclasses.asdict(cfg),
-            "devices": fv.devices,
+            "devices": devices,
         },
         "summary": {
             "concepts": len(records),

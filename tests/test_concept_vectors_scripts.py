@@ -298,6 +298,26 @@ def test_the_checkpoints_are_keyed_by_the_device_count(
     assert keys[0] != keys[1]
 
 
+def test_the_record_holds_the_device_count_of_the_default_devices(tmp_path, data_args, dissection):
+    """Without --devices every device trains (biases round per device count): the record
+    says how many."""
+    import jax
+
+    doc = run_script(
+        "concept_vectors",
+        f"--dissection={dissection}",
+        "--layer=top",
+        *MODEL,
+        *data_args,
+        "--epochs=1",
+        "--probe_batch_size=16",
+        "--mask_stride=4",
+        "--noprogress",
+        f"--output_dir={tmp_path}",
+    )
+    assert doc["settings"]["devices"] == jax.device_count() > 1
+
+
 def test_concepts_and_masks_are_those_of_the_chosen_categories(
     tmp_path, monkeypatch, data_args, dissection
 ):
