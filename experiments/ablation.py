@@ -313,6 +313,8 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
         "units": k,
         "value": fv.value,
         "eval_images": eval_images,
+        "eval_batch_size": batch_size,
+        "devices": int(mesh.devices.size),
         "task": description,
     }
     if fv.task == "predictions":

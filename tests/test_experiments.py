@@ -391,6 +391,8 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
         f"--output_dir={tmp_path}",
     )
     assert doc["settings"]["task"].startswith("predictions") and doc["settings"]["units"] == 112
+    # The unit order can depend on both (PROBE_ARGS' --devices=1).
+    assert (doc["settings"]["devices"], doc["settings"]["eval_batch_size"]) == (1, 8)
     classes = [c["class"] for c in doc["classes"]]
     # The intact network's predictions on the same images, by the plain evaluator.
     loaded = model_load.load("efficientnet_lite0", weights="pretrained")
