@@ -27,6 +27,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from absl import logging
 
 from jaxdissect import store
 
@@ -200,7 +201,21 @@ class ActivationCache:
                     mode = "r+" if existed else "w+"
                     arr = np.lib.format.open_memmap(path, mode=mode, dtype=self.dtype, shape=full)
                     if arr.shape != full or arr.dtype != self.dtype:
-                        raise ValueError(f"activation cache {path} has the wrong shape; delete it")
+                        # Another process count or batch split under the same key: rebuilt.
+                        logging.info(
+                            "activation cache %s holds %s %s, not %s %s: starting it afresh",
+                            path,
+                            arr.shape,
+                            arr.dtype,
+                            full,
+                            self.dtype,
+                        )
+                        del arr
+                        path.unlink()
+                        self._written = None
+                        arr = np.lib.format.open_memmap(
+                            path, mode="w+", dtype=self.dtype, shape=full
+                        )
                     self._arrays[layer] = arr
         if kind == "host":
             # The first write to fresh memory is where filling the cache costs (the kernel,

@@ -107,3 +107,18 @@ def test_cgroup_limits_what_auto_sees_as_free(tmp_path, monkeypatch):
     monkeypatch.setattr(actcache, "cgroup_free_bytes", lambda: 3 << 20)
     assert actcache.available_host_bytes() == 3 << 20
     assert actcache.choose_kind("auto", 2 << 20, tmp_path) == "disk"  # (CPU: no device kind)
+
+
+def test_a_disk_cache_file_of_another_shape_is_started_afresh(tmp_path):
+    """Files of a run with another process count (other rows per process, the same key)
+    are a cache's: rebuilt, vouching for nothing, rather than refused."""
+    old = actcache.ActivationCache("disk", {"a": (2, 3)}, 10, 4, np.float16, tmp_path)
+    for b in range(3):
+        old.put(b, {"a": jnp.full((4, 2, 3), b, jnp.float16)})
+    old.flush()
+    cache = _disk(tmp_path)  # 2 rows a batch in this process now
+    cache.resume_at(2)
+    assert (cache.lo, cache.hi) == (2, 2)
+    _put(cache, [2])
+    assert int(cache.get(2)["a"][0, 0, 0]) == 2
+    assert np.load(tmp_path / "layer0-p0.npy", mmap_mode="r").shape == (20, 2, 3)
