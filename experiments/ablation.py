@@ -51,6 +51,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
         "model", None, "Architecture of --task=predictions (as dissect.py's).", flag_values=fv
     )
+    cli.define_model_option_flags(fv)  # of --task=predictions' --model
     flags.DEFINE_integer(
         "top_classes",
         10,
@@ -113,16 +114,20 @@ def run(fv: flags.FlagValues = FLAGS):
 
         if not fv.model:
             raise ValueError("--task=predictions needs --model (e.g. efficientnet_lite0)")
-        model_load.check_request(fv.model, fv.weights or None)
+        model_options = cli.model_options(fv)
+        model_load.check_request(
+            fv.model, fv.weights or None, model_options.get("num_classes"), model_options
+        )
         if fv.top_classes < 1:
             raise ValueError(f"--top_classes={fv.top_classes}: must be >= 1")
         if fv.class_names and not os.path.isfile(fv.class_names):
             raise FileNotFoundError(f"--class_names={fv.class_names}: no such file")
-    elif fv.model:
+    elif fv.model or fv.model_option or fv.num_classes is not None:
+        given = "--model" if fv.model else "--model_option, --num_classes"
         raise ValueError(
-            f"--model={fv.model}: --task=training ablates the training export --weights "
-            "(its architecture from its meta.json); drop --model, or give --task=predictions "
-            "to ablate --model"
+            f"{given}: --task=training ablates the training export --weights "
+            f"(its architecture and options from its meta.json); drop {given}, or give "
+            "--task=predictions to ablate --model"
         )
     elif not training.is_export(fv.weights):
         raise ValueError(
@@ -198,7 +203,9 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
     if fv.task == "predictions":
         from jaxdissect.models import load as model_load
 
-        loaded = model_load.load(fv.model, weights=fv.weights or None, seed=settings.seed)
+        loaded = model_load.load(
+            fv.model, weights=fv.weights or None, options=cli.model_options(fv), seed=settings.seed
+        )
     else:
         loaded = training.load_trained(fv.weights)
     _check_classifier(loaded, fv.model or fv.weights)

@@ -24,6 +24,7 @@ import dataclasses
 import os
 import re
 import time
+from typing import Any
 
 from absl import app, flags
 
@@ -37,7 +38,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_multi_string(
         "dissect",
         [],
-        "NAME|MODEL|WEIGHTS|LAYERS of a model to dissect (into <output_dir>/NAME).",
+        "NAME|MODEL|WEIGHTS|LAYERS[|OPTIONS] of a model to dissect (into <output_dir>/NAME); "
+        "OPTIONS: MODEL's constructor options key=value,... as dissect.py's --model_option "
+        "(e.g. num_classes=365 for a Places checkpoint).",
         flag_values=fv,
     )
     flags.DEFINE_string(
@@ -55,19 +58,47 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     cli.define_dissection_flags(fv, synthetic_images=4000)
 
 
-def parse_entry(text: str) -> tuple[str, str, str, list[str]]:
-    """'NAME|MODEL|WEIGHTS|LAYERS' -> (name, model, weights, layers); NAME is a folder name."""
+def parse_entry(text: str) -> tuple[str, str, str, list[str], dict[str, Any]]:
+    """'NAME|MODEL|WEIGHTS|LAYERS[|OPTIONS]' -> (name, model, weights, layers, options);
+    NAME is a folder name, OPTIONS MODEL's constructor options 'key=value,...'."""
+    from jaxdissect.models import load as model_load
+
     parts = text.split("|")
-    if len(parts) != 4 or not parts[0] or not parts[3]:
-        raise ValueError(f"--dissect={text!r}: expected NAME|MODEL|WEIGHTS|LAYERS")
-    name, model, weights, layers = parts
+    if len(parts) not in (4, 5) or not parts[0] or not parts[3]:
+        raise ValueError(f"--dissect={text!r}: expected NAME|MODEL|WEIGHTS|LAYERS[|OPTIONS]")
+    name, model, weights, layers = parts[:4]
+    pairs = [p.strip() for p in (parts[4] if len(parts) == 5 else "").split(",") if p.strip()]
+    try:
+        options = model_load.parse_options(pairs)
+    except ValueError as e:
+        raise ValueError(f"--dissect={text!r}: OPTIONS: {e}") from None
+    if options and not model:
+        raise ValueError(
+            f"--dissect={text!r}: OPTIONS are MODEL's; a training export (no MODEL) carries "
+            "its own: leave them out"
+        )
     weights = os.path.expanduser(weights)  # inside the flag: no shell expanded `~`
     if not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
         raise ValueError(
             f"--dissect={text!r}: NAME {name!r} names the folder <output_dir>/NAME: use "
             "letters, digits, '_', '-' and '.' only"
         )
-    return name, model, weights, [s.strip() for s in layers.split(",") if s.strip()]
+    return name, model, weights, [s.strip() for s in layers.split(",") if s.strip()], options
+
+
+def _entry_flags(message: str) -> str:
+    """A model loader's `message` with the flags of dissect.py written as the parts of a
+    --dissect entry (MODEL, WEIGHTS, OPTIONS)."""
+    for flag, part in (
+        ("--num_classes (or --model_option)", "OPTIONS num_classes=N"),
+        ("--num_classes=", "OPTIONS num_classes="),
+        ("--num_classes", "OPTIONS num_classes"),
+        ("--model_option", "OPTIONS"),
+        ("--model", "MODEL"),
+        ("--weights", "WEIGHTS"),
+    ):
+        message = message.replace(flag, part)
+    return message
 
 
 def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
@@ -84,10 +115,15 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     probe = cli.probe_from_flags(fv)
     cli.check_input_size(fv.input_size)
     dissections = [parse_entry(text) for text in fv.dissect]
-    for name, model, weights, layers in dissections:
+    for name, model, weights, layers, model_options in dissections:
         cli.check_layers(layers, f"--dissect={name}|...|LAYERS")
         if model:
-            model_load.check_request(model, weights or None)
+            try:
+                model_load.check_request(
+                    model, weights or None, model_options.get("num_classes"), model_options
+                )
+            except ValueError as e:
+                raise ValueError(f"--dissect={name}|...: {_entry_flags(str(e))}") from None
         elif not training.is_export(weights):
             raise FileNotFoundError(
                 f"--dissect={name}||{weights}|...: {weights} is no training export; train "
@@ -128,9 +164,14 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
             source, dataset_name = probe.open()
             here = probe_sets.probe_record(source, dataset_name)
             studies.check_one_probe_set({"the probe set of --data": here, **probes})
-        for name, model, weights, layers in dissections:
+        for name, model, weights, layers, model_options in dissections:
             if model:
-                loaded = model_load.load(model, weights=weights or None, seed=settings.seed)
+                try:
+                    loaded = model_load.load(
+                        model, weights=weights or None, options=model_options, seed=settings.seed
+                    )
+                except ValueError as e:
+                    raise ValueError(f"--dissect={name}|...: {_entry_flags(str(e))}") from None
             else:
                 loaded = training.load_trained(weights)
             out = os.path.join(fv.output_dir, name)
@@ -147,7 +188,14 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
             # results.json names layers as asked for, with the module path beside.
             rows.extend(studies.results_rows(name, out))
             entries.append(
-                {"name": name, "model": model, "weights": weights, "layers": layers, **here}
+                {
+                    "name": name,
+                    "model": model,
+                    "weights": weights,
+                    "layers": layers,
+                    **({"options": model_options} if model_options else {}),
+                    **here,
+                }
             )
         for name, directory in given:
             rows.extend(studies.results_rows(name, directory))

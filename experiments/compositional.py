@@ -67,7 +67,7 @@ def run(fv: flags.FlagValues = FLAGS):
     for name in ("page_units", "page_images"):
         if fv[name].value < 0:
             raise ValueError(f"--{name}={fv[name].value}: must be >= 0")
-    trained = cli.check_model_flags(fv, fv.num_classes)
+    trained = cli.check_model_flags(fv)
     name = cli.run_name(fv.model, fv.weights)
     output_dir = fv.output_dir or os.path.join("runs", f"compositional_{name}")
     cli.check_devices(fv, batch_size=settings.batch_size)

@@ -29,6 +29,7 @@ FLAGS = flags.FLAGS
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     cli.define_model_flags(fv)
+    cli.define_model_option_flags(fv)
     flags.DEFINE_string("layer", "conv5", "The layer whose units are rotated.", flag_values=fv)
     flags.DEFINE_list(
         "amounts", ["0", "0.2", "0.4", "0.6", "0.8", "1"], "Values of t.", flag_values=fv
@@ -93,7 +94,9 @@ def _rotate(fv, trained, settings, options, probe, amounts, output_dir):
     if trained:
         loaded = training.load_trained(fv.weights)
     else:
-        loaded = model_load.load(fv.model, weights=fv.weights or None, seed=settings.seed)
+        loaded = model_load.load(
+            fv.model, weights=fv.weights or None, options=cli.model_options(fv), seed=settings.seed
+        )
     eval_images = eval_labels = None
     if fv.accuracy and trained:
         task = cli.training_task(fv)

@@ -47,6 +47,7 @@ IOU_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     cli.define_model_flags(fv)
+    cli.define_model_option_flags(fv)
     flags.DEFINE_string("layer", "conv5", "The layer whose detectors are tested.", flag_values=fv)
     flags.DEFINE_enum(
         "baseline",
@@ -114,7 +115,7 @@ def _model(fv, trained, settings):
     if trained:
         (arch, options), weights = training.export_model(fv.weights), fv.weights
     else:
-        arch, weights, options = fv.model, fv.weights or None, None
+        arch, weights, options = fv.model, fv.weights or None, cli.model_options(fv)
     if fv.baseline == "random_init":
         loaded = model_load.load(arch, weights=None, options=options, seed=settings.seed)
     elif trained:

@@ -496,12 +496,23 @@ def define_model_flags(fv: flags.FlagValues) -> None:
     )
 
 
-def check_model_flags(fv: flags.FlagValues, num_classes: int | None = None) -> bool:
-    """Whether --weights is a training export; otherwise checks --model and --weights as
-    experiments/dissect.py does (one line naming the flag)."""
+def check_model_flags(fv: flags.FlagValues) -> bool:
+    """Whether --weights is a training export; otherwise checks --model, --weights and,
+    where the script defines them (`define_model_option_flags`), --num_classes and
+    --model_option as experiments/dissect.py does (one line naming the flag)."""
     from jaxdissect import finished
+    from jaxdissect.models import load as model_load
 
-    return finished.check_model(fv.model, fv.weights, num_classes)
+    options = model_options(fv) if "model_option" in fv else {}
+    trained = finished.check_model(fv.model, fv.weights, options.get("num_classes"))
+    if trained and options:
+        raise ValueError(
+            f"--model_option, --num_classes: --weights={fv.weights} is a training export, "
+            "which carries its own options; leave them out"
+        )
+    if options:
+        model_load.check_request(fv.model, fv.weights or None, options.get("num_classes"), options)
+    return trained
 
 
 def training_task(fv: flags.FlagValues) -> Any:

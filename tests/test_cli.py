@@ -431,6 +431,30 @@ def test_default_output_dirs_are_named_after_the_weights(tmp_path, monkeypatch):
         assert str(claimed.value) == os.path.join("runs", f"{prefix}resnet18_mine")
 
 
+def _run(name: str, *argv: str) -> object:
+    return script(name).run(parse(name, *argv))
+
+
+def test_study_scripts_take_the_model_options_dissect_takes():
+    """significance, rotation and ablation take --num_classes and --model_option for --model
+    (e.g. a Places checkpoint's 365 classes), a compare.py --dissect entry its OPTIONS;
+    each is checked before anything slow starts."""
+    for name in ("significance", "rotation"):
+        with pytest.raises(ValueError, match="^--num_classes=0: must be a whole number"):
+            _run(name, "--model=resnet18", "--weights=", "--num_classes=0", "--data=synthetic")
+    predictions = ("--task=predictions", "--model=resnet18", "--weights=", "--data=synthetic")
+    with pytest.raises(ValueError, match="^--model_option nope: --model=resnet18 takes "):
+        _run("ablation", *predictions, "--model_option=nope=2")
+    with pytest.raises(ValueError, match="^--model_option, --num_classes: --task=training "):
+        _run("ablation", "--num_classes=5")
+    compare = script("compare")
+    entry = compare.parse_entry("places|resnet18|r18.pth.tar|layer4|num_classes=365")
+    assert entry == ("places", "resnet18", "r18.pth.tar", ["layer4"], {"num_classes": 365})
+    assert compare.parse_entry("a|resnet18||layer4")[4] == {}
+    with pytest.raises(ValueError, match=r"^--dissect=a\|...: OPTIONS num_classes=0: must be"):
+        _run("compare", "--dissect=a|resnet18||layer4|num_classes=0", "--data=synthetic")
+
+
 def test_eval_data_errors_name_eval_data(tmp_path):
     """ablation.py's task data: a missing --eval_data is named as such, not as --data."""
     export = tmp_path / "step_000010"
