@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pathlib
 
 from absl import app, flags
 
@@ -148,6 +149,7 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
     if not fv.distributed:  # a multi-host job's devices are known once it has joined
         cli.check_devices(fv, batch_size=settings.batch_size)
     output_dir = fv.output_dir or os.path.join("runs", cli.run_name(fv.model, fv.weights))
+    created = not os.path.exists(os.path.expanduser(output_dir))
     claim = cli.claim_output_dir(output_dir)
 
     from jaxdissect import parallel
@@ -158,10 +160,45 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
     # One process of a multi-host job writes the results, and holds the output_dir's lock.
     import jax
 
-    with claim if not fv.distributed or jax.process_index() == 0 else contextlib.nullcontext():
-        dissect(fv, settings, options, probe, model_options, output_dir)
+    holder = not fv.distributed or jax.process_index() == 0
+    with claim if holder else contextlib.nullcontext():
+        try:
+            dissect(fv, settings, options, probe, model_options, output_dir)
+        except Exception:
+            if created and holder:
+                _drop_if_unused(output_dir)
+            raise
     what, name = ("Report", "index.html") if fv.report else ("Results", "results.json")
     print(f"{what}: {os.path.abspath(os.path.join(output_dir, name))}")
+
+
+def _no_layers_message(model: str, info) -> str:
+    """One line saying that --layers is needed, with the first layers of the model."""
+    from jaxdissect import capture
+
+    size = info.input_spec.size
+    available = capture.available_layers(
+        info.module, info.variables, input_shape=(size, size, 3), apply_kwargs=info.apply_kwargs
+    )
+    names = [path for path in available if path]  # "": the model's output
+    shown = names[: capture.LISTED_LAYERS]
+    more = f", ... {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+    return (
+        f"--layers is empty and --model={model} declares no default_layers: name the layers "
+        f"to dissect, e.g. --layers={names[0] if names else 'LAYER'}; its layers: "
+        f"{', '.join(shown)}{more}"
+    )
+
+
+def _drop_if_unused(output_dir: str) -> None:
+    """Remove `output_dir` where it holds nothing but the lock this process holds (a run
+    that failed before writing anything leaves no empty folder behind)."""
+    from jaxdissect import outdir
+
+    out = pathlib.Path(output_dir).expanduser()
+    if [p.name for p in out.iterdir()] == [outdir.LOCK_FILE]:
+        (out / outdir.LOCK_FILE).unlink()
+        out.rmdir()
 
 
 def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
@@ -179,13 +216,12 @@ def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
     check_same_job(fv, source, model)
     if fv.distributed:  # its devices, known now, and refused alike by every process
         cli.check_devices(fv, batch_size=settings.batch_size)
+    info = cli.model_info(model, fv.input_norm, fv.input_size)
     layers = fv.layers or list(model.default_layers)
     if not layers:
-        raise app.UsageError("--layers is empty and the model declares no default_layers")
+        raise ValueError(_no_layers_message(fv.model, info))
     layer_results = pipeline.dissect(
-        dataclasses.replace(
-            cli.model_info(model, fv.input_norm, fv.input_size), token_layout=fv.token_layout
-        ),
+        dataclasses.replace(info, token_layout=fv.token_layout),
         layers,
         source,
         settings,

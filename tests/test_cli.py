@@ -279,16 +279,32 @@ def test_bad_flags_fail_in_one_line_before_loading(tmp_path, argv, message):
     assert elapsed < 120  # imports only (seconds when the machine is idle)
 
 
-def test_input_size_resizes_to_it_and_keys_the_results(tmp_path, caplog):
+def test_input_size_resizes_to_it_and_keys_the_results(tmp_path, caplog, monkeypatch):
     """--input_size is the side the probe images are resized to instead of the model's own
     (64 here, as the probe images): the resize is logged once, naming both sizes and the
     flag; results.json records the size, and it keys the stored stages (the same output_dir
-    at the model's own size recomputes, without the resize and its message)."""
+    at the model's own size recomputes, without the resize and its message). A model that
+    declares no default_layers, without --layers, is refused in one line listing its
+    layers, leaving no output folder behind."""
     from jaxdissect.data import synthetic
     from tests.experiment_testing import run_script
 
     broden = synthetic.generate_tiny(tmp_path / "broden", num_images=13)
     out = tmp_path / "out"
+    (tmp_path / "bare_model.py").write_text(
+        "from tests.fixtures.small_model import Small\n\n"
+        "class Bare(Small):\n    default_layers = ()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bare = ("--model=bare_model:Bare", "--weights=", f"--data={broden}", *QUICK)
+    with pytest.raises(ValueError) as refused:
+        run_script("dissect", *bare, f"--output_dir={out}")
+    assert str(refused.value) == (
+        "--layers is empty and --model=bare_model:Bare declares no default_layers: name the "
+        "layers to dissect, e.g. --layers=conv1; its layers: conv1, conv2, head"
+    )
+    assert not out.exists()
+    monkeypatch.delitem(sys.modules, "bare_model")
     common = (
         "--model=tests.fixtures.small_model:make",
         f"--data={broden}",
