@@ -87,6 +87,7 @@ def _vectors(fv, cfg, probe, output_dir):
     out = pathlib.Path(output_dir)
     source, dataset_name = probe.open()  # a missing or bad probe set fails before the model loads
     finished.check_probe_set(fv.dissection, dataset_name, source)
+    concept_vectors.check_batch_fits(cfg, len(source))
     loaded = finished.load_dissected_model(
         fv.model, fv.weights, fv.dissection, cli.model_options(fv)
     )

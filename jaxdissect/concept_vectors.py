@@ -197,6 +197,17 @@ def split_images(num_images: int, heldout_fraction: float, seed: int) -> tuple[n
     return np.sort(order[heldout:]), np.sort(order[:heldout])
 
 
+def check_batch_fits(cfg: ProbeConfig, num_images: int) -> None:
+    """Raise, naming probe_batch_size, unless a batch fits in the training split of
+    `num_images` probe images (known before any forward pass)."""
+    train, _ = split_images(num_images, cfg.heldout_fraction, cfg.probe_seed)
+    if len(train) < cfg.probe_batch_size:
+        raise ValueError(
+            f"probe_batch_size={cfg.probe_batch_size} exceeds the {len(train)} training "
+            "images: use a smaller batch"
+        )
+
+
 # --------------------------------------------------------------------------- jittable pieces
 
 
@@ -417,12 +428,8 @@ def train_concept_vectors(
             f"inexact; use at most {(F32_EXACT - 1) // pixels} images a batch"
         )
     train_idx, heldout_idx = split_images(len(data.acts), cfg.heldout_fraction, cfg.probe_seed)
+    check_batch_fits(cfg, len(data.acts))
     per_epoch = len(train_idx) // cfg.probe_batch_size
-    if per_epoch == 0:
-        raise ValueError(
-            f"probe_batch_size={cfg.probe_batch_size} exceeds the {len(train_idx)} training "
-            "images: use a smaller batch"
-        )
     total_steps = per_epoch * cfg.epochs
     steps = _make_steps(cfg, mesh, data.size, thresholds, concepts, tie_rule)
     rep = parallel.replicated(mesh)

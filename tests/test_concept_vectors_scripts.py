@@ -416,6 +416,26 @@ def test_a_probe_set_other_than_the_dissections_is_refused(tmp_path, data_args, 
     assert not (tmp_path / "out" / "concept_vectors.json").exists()
 
 
+def test_a_batch_larger_than_the_training_images_is_refused_before_the_forward(
+    tmp_path, data_args, dissection, monkeypatch
+):
+    def forward_ran(*args, **kwargs):
+        raise AssertionError("the probe data were collected")
+
+    monkeypatch.setattr(concept_vectors, "collect", forward_ran)
+    with pytest.raises(ValueError, match=r"probe_batch_size=4096 exceeds the \d+ training"):
+        run_script(
+            "concept_vectors",
+            f"--dissection={dissection}",
+            "--layer=top",
+            *MODEL,
+            *data_args,
+            "--probe_batch_size=4096",
+            "--devices=1",
+            f"--output_dir={tmp_path / 'out'}",
+        )
+
+
 def test_a_concept_covering_every_training_pixel_is_warned_about(caplog):
     """alpha = 0 leaves the concept's loss no weight: its vector predicts nothing and scores
     IoU 0, a tie; the script names it in a warning (it was silent)."""
