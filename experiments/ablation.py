@@ -114,9 +114,8 @@ def run(fv: flags.FlagValues = FLAGS):
 
         if not fv.model:
             raise ValueError("--task=predictions needs --model (e.g. efficientnet_lite0)")
-        model_options = cli.model_options(fv)
         model_load.check_request(
-            fv.model, fv.weights or None, model_options.get("num_classes"), model_options
+            fv.model, fv.weights or None, fv.num_classes, cli.model_options(fv)
         )
         if fv.top_classes < 1:
             raise ValueError(f"--top_classes={fv.top_classes}: must be >= 1")

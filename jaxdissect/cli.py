@@ -511,7 +511,7 @@ def check_model_flags(fv: flags.FlagValues) -> bool:
             "which carries its own options; leave them out"
         )
     if options:
-        model_load.check_request(fv.model, fv.weights or None, options.get("num_classes"), options)
+        model_load.check_request(fv.model, fv.weights or None, fv.num_classes, options)
     return trained
 
 

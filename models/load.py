@@ -101,22 +101,28 @@ def _import_attr(spec: str) -> Any:
         raise ValueError(f"--model={spec!r}: {e}") from e
 
 
-def _option_flags(names: Iterable[str]) -> str:
-    """The flags that set model options `names` (`--num_classes` has its own)."""
+def _option_flags(names: Iterable[str], num_classes_flag: bool = True) -> str:
+    """The flags that set model options `names`: `--num_classes` has its own, where it gave
+    the option (`num_classes_flag`; else `--model_option num_classes`)."""
     return ", ".join(
-        "--num_classes" if n == "num_classes" else f"--model_option {n}" for n in sorted(names)
+        "--num_classes" if n == "num_classes" and num_classes_flag else f"--model_option {n}"
+        for n in sorted(names)
     )
 
 
-def _check_options(model: str, weights: str | None, options: Mapping[str, Any]) -> None:
+def _check_options(
+    model: str, weights: str | None, options: Mapping[str, Any], num_classes_flag: bool = True
+) -> None:
     """Fail naming `--model_option` on options that the object `--model` names does not take:
-    the shipped pretrained Lite0 and module instances take none, a factory its parameters."""
+    the shipped pretrained Lite0 and module instances take none, a factory its parameters
+    (`num_classes_flag`: whether --num_classes gave `num_classes`, as `_option_flags`)."""
     import flax.linen as nn
     from flax import nnx
 
     if not options:
         return
-    given = _option_flags(options)
+    named = functools.partial(_option_flags, num_classes_flag=num_classes_flag)
+    given = named(options)
     if weights == "pretrained" and model in zoo.ARCHS:
         raise ValueError(
             f"{given}: --weights=pretrained is the shipped ImageNet EfficientNet-Lite0 as it "
@@ -141,12 +147,10 @@ def _check_options(model: str, weights: str | None, options: Mapping[str, Any]) 
         fields = ("parent", "name") if module_class else ()  # a Linen Module's own
         takes = ", ".join(n for n in names if n not in fields) or "no options"
         if unknown:
-            raise ValueError(f"{_option_flags(unknown)}: --model={model} takes {takes}") from None
+            raise ValueError(f"{named(unknown)}: --model={model} takes {takes}") from None
         raise ValueError(f"--model={model}: {e}") from None
     for name, value, expected in option_type_errors(obj, options)[:1]:
-        raise ValueError(
-            f"{_option_flags([name])}={value!r}: --model={model} takes {name} as {expected}"
-        )
+        raise ValueError(f"{named([name])}={value!r}: --model={model} takes {name} as {expected}")
 
 
 _OPTION_TYPES = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
@@ -375,7 +379,8 @@ def check_request(
     options: Mapping[str, Any] | None = None,
 ) -> None:
     """Fail now, in one line, on a `--model`, `--weights` or `--model_option` that `load`
-    would refuse."""
+    would refuse (`num_classes`: --num_classes's value; where None, a `num_classes` among
+    `options` is named as --model_option's)."""
     if model not in zoo.ARCHS and ":" not in model:
         _import_attr(model)  # raises the message naming the architectures
     elif model not in zoo.ARCHS:  # its module found, not run (that is for `load`)
@@ -395,11 +400,14 @@ def check_request(
     if weights and weights != "pretrained" and not pathlib.Path(weights).expanduser().exists():
         raise FileNotFoundError(missing_weights_advice(model, weights, num_classes))
     classes = (options or {}).get("num_classes", num_classes)
+    by_flag = num_classes is not None  # else --model_option num_classes=N gave it
     if classes is not None and (
         isinstance(classes, bool) or not isinstance(classes, int | np.integer) or classes < 1
     ):
-        raise ValueError(f"--num_classes={classes!r}: must be a whole number >= 1")
-    _check_options(model, weights, options or {})
+        raise ValueError(
+            f"{_option_flags(['num_classes'], by_flag)}={classes!r}: must be a whole number >= 1"
+        )
+    _check_options(model, weights, options or {}, by_flag)
     if weights and weights != "pretrained" and pathlib.Path(weights).expanduser().is_dir():
         given = dict(options or {})
         if num_classes is not None:

@@ -92,6 +92,18 @@ def test_options_a_model_does_not_take_are_named(model, weights, options, messag
         model_load.load(model, weights=weights, options=options)
 
 
+def test_a_num_classes_option_is_named_by_the_flag_that_gave_it():
+    """num_classes from --model_option is named as --model_option's, from --num_classes as
+    --num_classes (`check_request`'s num_classes is --num_classes's value)."""
+    make = "tests.fixtures.small_model:make"
+    with pytest.raises(ValueError, match=f"^--model_option num_classes: --model={make} takes no"):
+        model_load.check_request(make, None, None, {"num_classes": 5})
+    with pytest.raises(ValueError, match=f"^--num_classes: --model={make} takes no options$"):
+        model_load.check_request(make, None, 5, {"num_classes": 5})
+    with pytest.raises(ValueError, match="^--model_option num_classes=0: must be a whole number"):
+        model_load.check_request("resnet18", None, None, {"num_classes": 0})
+
+
 SMALL_CNN = "jaxdissect.models.small_cnn:small_cnn"
 
 
