@@ -666,7 +666,14 @@ UNRECORDED_SETTINGS = MappingProxyType({"tie_rule": "strict"})
 
 
 def read_results_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a results file, refusing anything that is not a complete one of ours."""
+    """Read a results file (`path`, or the results.json in the run folder `path`), refusing
+    anything that is not a complete one of ours."""
+    if Path(path).is_dir():
+        folder, path = path, Path(path) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{folder} holds no results.json: pass a finished run's folder or its results.json"
+            )
     with open(path, encoding="utf-8") as f:
         try:
             document = json.load(f)

@@ -301,6 +301,10 @@ def test_results_json_round_trip(layer, tmp_path):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="not a jaxdissect"):
         results.read_results_json(tmp_path / "other.json")
+    assert results.read_results_json(tmp_path) == results.read_results_json(path)  # the run
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no results.json: pass a finished run"):
+        results.read_results_json(tmp_path / "sub")
     cut = tmp_path / "cut.json"
     cut.write_text(json.dumps(doc)[:40])
     with pytest.raises(ValueError, match=rf"^{cut} is not readable JSON \("):
