@@ -249,6 +249,11 @@ MAPPING_ADVICE = (
     "check --model and --num_classes (or --model_option), or strip a wrapper prefix "
     "(e.g. 'module.')"
 )
+# The same for a model of the user's (`--model=package.module:attr`), which may declare how.
+OWN_MODEL_MAPPING_ADVICE = (
+    f"{MAPPING_ADVICE}, or rename or drop keys with a `torch_rename(key)` static method on "
+    "the model class (None drops; README: Your own PyTorch model)"
+)
 # Suffixes of weight files (not of directories that models/convert.py writes).
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".tar", ".safetensors", ".bin", ".ckpt", ".pkl")
 
@@ -271,9 +276,8 @@ def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -
     try:
         if importer is not None:
             return importer(state_dict, template)
-        return torch_import.torch_to_flax(
-            state_dict, template, rename=rename, advice=MAPPING_ADVICE
-        )
+        advice = MAPPING_ADVICE if model in zoo.ARCHS else OWN_MODEL_MAPPING_ADVICE
+        return torch_import.torch_to_flax(state_dict, template, rename=rename, advice=advice)
     except torch_import.WeightMappingError as e:
         raise ValueError(f"--weights={path} does not fit --model={model}: {e}") from None
 

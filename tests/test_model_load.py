@@ -300,6 +300,23 @@ def test_pretrained_is_the_weights_a_factory_gives(monkeypatch):
     assert fingerprint(7) == store.fingerprint_tree(seven()[1])
 
 
+def test_a_key_of_no_variable_of_an_own_model_says_torch_rename(tmp_path):
+    """A checkpoint key the twin of a user's model has no variable for is refused naming
+    it, with the `torch_rename` remedy (a zoo architecture's refusal does not offer it)."""
+    import safetensors.numpy
+
+    z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    state = {"conv1.weight": z(8, 3, 3, 3), "conv1.bias": z(8), "conv2.weight": z(12, 8, 3, 3)}
+    state |= {"conv2.bias": z(12), "head.weight": z(5, 12), "head.bias": z(5), "aux.weight": z(2)}
+    path = tmp_path / "twin.safetensors"
+    safetensors.numpy.save_file(state, str(path))
+    with pytest.raises(ValueError) as refused:
+        model_load.load("tests.fixtures.small_model:Small", weights=str(path))
+    assert "no model variable (1): ['aux.weight']" in str(refused.value)
+    assert str(refused.value).endswith(model_load.OWN_MODEL_MAPPING_ADVICE)
+    assert "`torch_rename(key)` static method on the model class" in str(refused.value)
+
+
 def test_weights_for_a_module_that_carries_its_own_are_refused(tmp_path, monkeypatch):
     """An NNX module (or a function) keeps its own state: a --weights file or folder would
     be dropped without a word, so it is refused."""
