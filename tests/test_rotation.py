@@ -311,6 +311,8 @@ def test_wrapped_models_are_keyed_by_the_code_of_the_model_they_wrap(tmp_path, m
         rotation_seed=0,
         input_norm="model",
         input_size=None,
+        model_option=[],
+        num_classes=None,
     )
 
     def keys(shift):
