@@ -92,7 +92,13 @@ def _vectors(fv, cfg, probe, output_dir):
         fv.model, fv.weights, fv.dissection, cli.model_options(fv)
     )
     fields = store.definition_key(loaded.module, loaded.apply_kwargs, source=False)
-    layer = finished.read_layer(fv.dissection, fv.layer, model_key=loaded.key, model_fields=fields)
+    layer = finished.read_layer(
+        fv.dissection,
+        fv.layer,
+        model_key=loaded.key,
+        model_fields=fields,
+        model_code=finished.model_code_key(loaded.module, loaded.apply_kwargs),
+    )
     categories = list(fv.categories) or layer.categories
     unknown = [c for c in categories if c not in source.labels.categories]
     if unknown:

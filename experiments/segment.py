@@ -121,7 +121,13 @@ def _segment(fv, image, vectors, out):
         fv.model, fv.weights, fv.dissection, cli.model_options(fv)
     )
     fields = store.definition_key(loaded.module, loaded.apply_kwargs, source=False)
-    layer = finished.read_layer(fv.dissection, fv.layer, model_key=loaded.key, model_fields=fields)
+    layer = finished.read_layer(
+        fv.dissection,
+        fv.layer,
+        model_key=loaded.key,
+        model_fields=fields,
+        model_code=finished.model_code_key(loaded.module, loaded.apply_kwargs),
+    )
     acts = finished.layer_forward(loaded, layer)(image[None])
     size = image.shape[:2]
     labelled = [k for k, u in enumerate(layer.units) if u["interpretable"] and u["name"]]

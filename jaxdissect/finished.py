@@ -69,13 +69,16 @@ def read_layer(
     *,
     model_key: str | None = None,
     model_fields: str | None = None,
+    model_code: str | None = None,
     flag: str = "--dissection",
 ) -> FinishedLayer:
     """Layer `layer` of the finished dissection in `directory`, or one line saying what to run.
 
     With `model_key`, the dissection must be of the model with those weights; with
     `model_fields` (`store.definition_key(..., source=False)`), of those settings of its
-    fields and `apply` arguments, where the dissection recorded them.
+    fields and `apply` arguments, where the dissection recorded them; with `model_code`
+    (`model_code_key`), made by the same model source and library code (a dissection
+    that recorded none is taken with a warning).
     """
     out = pathlib.Path(directory).expanduser()
     doc_path = out / "results.json"
@@ -106,6 +109,8 @@ def read_layer(
             f"{flag}={directory} dissected {settings.get('model')} with the same weights but "
             "other settings of its fields (--model_option): dissect this model first"
         )
+    if model_code is not None:
+        _check_model_code(directory, settings, model_code, flag)
     stem = results.layer_file_stems(names)[names.index(layer)]
     [record] = [r for r in doc["layers"] if r["layer"] == layer]
     stats_path = out / results.stats_npz_name(stem)
@@ -145,6 +150,38 @@ def read_layer(
         iou_threshold=float(record["iou_threshold"]),
         token_layout=token_layouts(settings).get(layer),
     )
+
+
+def model_code_key(module: Any, apply_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The model's code as a dissection's stages are keyed by it and its results.json
+    settings record it (`model_code`): the model's definition with its source
+    (`store.definition_key`) and this library's code (`store.code_fingerprint`)."""
+    return store.key_of(
+        definition=store.definition_key(module, apply_kwargs), code=store.code_fingerprint()
+    )
+
+
+def _check_model_code(
+    directory: str | os.PathLike[str], settings: Mapping[str, Any], model_code: str, flag: str
+) -> None:
+    """Refuse a dissection whose recorded `model_code` is not `model_code`; warn of one
+    that recorded none."""
+    from absl import logging
+
+    recorded = settings.get("model_code")
+    if recorded is None:
+        logging.warning(
+            "%s=%s records no model code key (an older dissection): its thresholds are "
+            "taken as this model's; dissect again if its code or this library changed since",
+            flag,
+            directory,
+        )
+    elif recorded != model_code:
+        raise ValueError(
+            f"{flag}={directory} was dissected by other model code (the source of "
+            f"{settings.get('model')} or of jaxdissect changed since): dissect again with "
+            f"experiments/dissect.py --output_dir={directory}"
+        )
 
 
 def token_layouts(settings: Mapping[str, Any]) -> dict[str, str]:

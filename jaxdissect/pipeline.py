@@ -27,7 +27,18 @@ from typing import Any
 import jax
 from absl import logging
 
-from jaxdissect import actcache, capture, config, driver, engine, outdir, results, store, tally
+from jaxdissect import (
+    actcache,
+    capture,
+    config,
+    driver,
+    engine,
+    finished,
+    outdir,
+    results,
+    store,
+    tally,
+)
 from jaxdissect.data import loader, probe
 from jaxdissect.preprocess import TORCHVISION, InputSpec, as_input_spec
 from jaxdissect.report import build as report_build
@@ -251,6 +262,9 @@ _NOT_FOLLOWED_SETTINGS = (
     "significance_stride",
     "significance_seed",
     "dataset_identity",  # follows from dataset_fingerprint
+    # Other code that changes the dissection's numbers changes its stats, which the digest
+    # holds; code that does not (another library version) leaves the follow-ons valid.
+    "model_code",
 )
 _NOT_FOLLOWED_UNIT_FIELDS = ("p_value", "label_p_value", "significant")
 
@@ -456,6 +470,7 @@ def dissect(
         "model": model.name,
         "model_key": model.key,
         "model_fields": store.definition_key(model.module, model.apply_kwargs, source=False),
+        "model_code": finished.model_code_key(model.module, model.apply_kwargs),
         **probe.probe_record(source, dataset_name),
         "num_images": len(source),
         "layers": list(tap.names),

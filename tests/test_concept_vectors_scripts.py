@@ -126,7 +126,7 @@ def test_a_rerun_resumes_from_the_finished_training(vectors, data_args, dissecti
     assert [c["iou"] for c in again["concepts"]] == [c["iou"] for c in doc["concepts"]]
 
 
-def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection):
+def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection, caplog):
     with pytest.raises(FileNotFoundError, match=r"--dissection=.*no finished dissection"):
         run_script("concept_vectors", f"--dissection={tmp_path}", *MODEL, *data_args)
     with pytest.raises(
@@ -144,8 +144,19 @@ def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection):
         finished.read_layer(
             dissection, "top", model_key=recorded["model_key"], model_fields="other fields"
         )
+    loaded = finished.load_model("tests.fixtures.small_model:make", "")
+    code = finished.model_code_key(loaded.module, loaded.apply_kwargs)
+    assert recorded["model_code"] == code  # what concept_vectors.py and segment.py compare
+    with pytest.raises(ValueError, match=r"--dissection=.* was dissected by other model code"):
+        finished.read_layer(dissection, "top", model_code="another module's source")
     damaged = tmp_path / "damaged"
     shutil.copytree(dissection, damaged)
+    doc = json.loads((dissection / "results.json").read_text())
+    del doc["settings"]["model_code"]  # an older dissection's
+    store.write_json(damaged / "results.json", doc)
+    with caplog.at_level("WARNING"):
+        assert finished.read_layer(damaged, "top", model_code=code).model_key
+    assert any("records no model code key" in r.getMessage() for r in caplog.records)
     stats = damaged / "stats-top.npz"
     stats.write_bytes(stats.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"--dissection=.*arrays are missing or damaged .*again"):

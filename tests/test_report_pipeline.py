@@ -179,8 +179,9 @@ def test_follow_on_outputs_stay_with_their_dissection_only(dissected, tmp_path):
 
 def test_follow_on_outputs_are_kept_through_what_they_do_not_depend_on(report, tmp_path):
     """The dissection digest behind the follow-on outputs leaves out the batch size, the
-    device count and the permutation test: significance.py and compositional.py share one
-    folder without removing each other's files; a unit's label or a threshold counts."""
+    device count, the permutation test and the code key: significance.py and
+    compositional.py share one folder without removing each other's files; a unit's label
+    or a threshold counts."""
     shutil.copytree(report, tmp_path / "run")
     out = tmp_path / "run"
     layers = ["conv1", "top"]
@@ -195,6 +196,7 @@ def test_follow_on_outputs_are_kept_through_what_they_do_not_depend_on(report, t
 
     def tested(d):
         d["settings"].update(batch_size=4, devices=8, significance_draws=99)
+        d["settings"]["model_code"] = "another library version's"  # its numbers: the stats
         d["layers"][0]["significance"] = {"draws": 99}
         d["layers"][0]["summary"]["interpretable_and_significant"] = 1
         d["layers"][0]["units"][0].update(p_value=0.01, label_p_value=0.01, significant=True)
