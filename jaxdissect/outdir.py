@@ -19,9 +19,10 @@ import tempfile
 from collections.abc import Iterator
 
 LOCK_FILE = ".lock"
-# What the follow-on scripts (compositional.py, significance.py, ablation.py) write beside
-# the dissection they build on, as glob patterns: computed from its thresholds and labels,
-# they go when a rerun replaces that dissection with another (`remove_follow_ons`).
+# What the follow-on scripts (compositional.py, significance.py, ablation.py,
+# concept_vectors.py) write beside the dissection they build on, as glob patterns: computed
+# from its thresholds and labels, they go when a rerun replaces that dissection with another
+# (`remove_follow_ons`).
 FOLLOW_ON_OUTPUTS = (
     "compositional.json",
     "compositional.html",
@@ -35,6 +36,11 @@ FOLLOW_ON_OUTPUTS = (
     "ablation.png",
     "ablation_units.csv",
     "ablation_classes.csv",
+    "concept_vectors.json",
+    "concept_vectors.csv",
+    "concept_vectors.npz",
+    "concept_vectors.png",
+    "concept_vectors.html",
 )
 
 
