@@ -588,6 +588,8 @@ class TrainResult:
 
 
 def _prepare_output(out: pathlib.Path, settings: Mapping[str, Any]) -> None:
+    """Create `out` and write `settings` there, refusing a run in it of other settings,
+    device count or code (a run that recorded no code is resumed with a warning)."""
     path = out / SETTINGS_FILE
     if path.exists():
         old, new = json.loads(path.read_text(encoding="utf-8")), json.loads(json.dumps(settings))
@@ -601,6 +603,17 @@ def _prepare_output(out: pathlib.Path, settings: Mapping[str, Any]) -> None:
                 f"{out} holds a training run on {old.get('devices')} devices, not "
                 f"{new['devices']}; resume it with --devices={old.get('devices')}, or choose "
                 "another --output_dir"
+            )
+        if "code" not in old:
+            logging.warning(
+                "%s holds a training run that recorded no code (an older one): resuming it "
+                "with this library's code and the model's",
+                out,
+            )
+        elif old["code"] != new["code"]:
+            raise FileExistsError(
+                f"{out} holds a training run made by other library code (or another source "
+                "of the model); choose another --output_dir"
             )
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
@@ -648,6 +661,8 @@ def train(
             "val_images": len(task.val),
         },
         "devices": int(mesh.devices.size),
+        # A step's weights depend on the training code and the model's.
+        "code": {"library": store.code_fingerprint(), "model": store.definition_key(model)},
     }
     _prepare_output(out, settings)
     trainer = Trainer.shared(model, config, task.resolution, mesh)

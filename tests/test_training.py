@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 
@@ -13,7 +14,7 @@ import pytest
 from absl import flags
 from jax.sharding import PartitionSpec as P
 
-from jaxdissect import cli, parallel, scenes, training
+from jaxdissect import cli, parallel, scenes, store, training
 from jaxdissect.data.broden import Broden
 from jaxdissect.models import load as model_load
 from tests.experiment_testing import TINY_SIZE, tiny_broden
@@ -382,6 +383,24 @@ def test_resume_refuses_another_device_count(tmp_path, task, quick_run):
     with pytest.raises(FileExistsError, match=r"on 1 devices, not 2; resume it with --devices=1"):
         training.train(_config(), task, out, mesh=parallel.data_mesh(2), **RUN_KW)
     assert (out / training.SETTINGS_FILE).read_text(encoding="utf-8") == settings
+
+
+def test_resume_refuses_a_run_of_other_code(tmp_path, task, quick_run, caplog):
+    """A run made by other library or model code is neither resumed nor returned as this
+    code's; one that recorded no code (an older run) is taken with a warning."""
+    out = tmp_path / "run"
+    shutil.copytree(quick_run[1], out)
+    path = out / training.SETTINGS_FILE
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    assert settings["code"]["library"] == store.code_fingerprint()
+    store.write_json(path, {**settings, "code": {**settings["code"], "library": "older"}})
+    with pytest.raises(FileExistsError, match=r"made by other library code .*--output_dir$"):
+        training.train(QUICK, task, out, mesh=parallel.data_mesh(1), **RUN_KW)
+    store.write_json(path, {k: v for k, v in settings.items() if k != "code"})
+    with caplog.at_level("WARNING"):
+        training._prepare_output(out, settings)
+    assert any("recorded no code" in r.getMessage() for r in caplog.records)
+    assert json.loads(path.read_text(encoding="utf-8")) == settings
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
