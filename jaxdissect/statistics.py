@@ -198,15 +198,18 @@ def _plain(value: Any) -> Any:
 Label = tuple[str, str | None]
 
 
-def _function_constants(fn: Any, label: str, depth: int = 0) -> Iterator[tuple[Label, Any]]:
+def _function_constants(
+    fn: Any, label: str, depth: int = 0, keyed: Callable[[Any], Any] | None = None
+) -> Iterator[tuple[Label, Any]]:
     """(label, value) of what a function visibly depends on: its code, and the plain
     defaults, closure cells and partial arguments it carries (functions among them
-    followed). Other callables (a jitted function, an object) give nothing."""
+    followed). Other callables (a jitted function, an object) give nothing. Other values
+    are left out, or given as `keyed(value)` where that is not `_OPAQUE`."""
     if isinstance(fn, functools.partial):
-        yield from _function_constants(fn.func, label, depth)
+        yield from _function_constants(fn.func, label, depth, keyed)
         named = {**{f"argument {i}": a for i, a in enumerate(fn.args)}, **fn.keywords}
         for name, value in named.items():
-            yield from _value_constants(value, label, name, depth)
+            yield from _value_constants(value, label, name, depth, keyed)
         return
     if not isinstance(fn, types.FunctionType):
         return
@@ -222,15 +225,19 @@ def _function_constants(fn: Any, label: str, depth: int = 0) -> Iterator[tuple[L
         except ValueError:  # a cell not filled yet
             continue
     for name, value in bound.items():
-        yield from _value_constants(value, label, name, depth)
+        yield from _value_constants(value, label, name, depth, keyed)
 
 
-def _value_constants(value: Any, label: str, name: str, depth: int) -> Iterator[tuple[Label, Any]]:
+def _value_constants(
+    value: Any, label: str, name: str, depth: int, keyed: Callable[[Any], Any] | None = None
+) -> Iterator[tuple[Label, Any]]:
     if isinstance(value, (types.FunctionType, functools.partial)):
         if depth < _CLOSURE_DEPTH:
-            yield from _function_constants(value, f"{label}'s {name}", depth + 1)
+            yield from _function_constants(value, f"{label}'s {name}", depth + 1, keyed)
         return
     plain = _plain(value)
+    if plain is _OPAQUE and keyed is not None:
+        plain = keyed(value)
     if plain is not _OPAQUE:
         yield (label, name), plain
 

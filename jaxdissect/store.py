@@ -96,15 +96,17 @@ def definition_key(
     memory addresses dropped), `apply_kwargs` and (`source`) the source of the packages
     or files that define its class and the classes of modules among its fields (a wrapped
     model's), with what else defines the computation (`_computation`): an NNX module's
-    graph (its static attributes), a function's closure cells, defaults and
-    `functools.partial` arguments, and the code of classes and functions defined where no
-    file is (a notebook, a REPL). Code a model reads from elsewhere (an environment
-    variable, another package) is not covered."""
+    graph (its static attributes), a function's closure cells, defaults, the values of the
+    globals it reads and `functools.partial` arguments, a bound method's object (modules,
+    dicts, lists, arrays and dataclasses among them by value), and the code of classes and
+    functions defined where no file is (a notebook, a REPL). Code a model reads from
+    elsewhere (an environment variable, another package) is not covered; a value it cannot
+    key is logged."""
     import functools
 
     import flax.linen as nn
 
-    target = module.func if isinstance(module, functools.partial) else module
+    target = module
     while isinstance(target, functools.partial):
         target = target.func
     if isinstance(module, nn.Module):
@@ -113,10 +115,13 @@ def definition_key(
         fields, defined = module.__qualname__, {module}
     elif isinstance(module, functools.partial) and inspect.isfunction(target):
         fields, defined = type(module).__qualname__, {target}
+    elif inspect.ismethod(target):  # a bound method (`Net(2).apply`), or a partial of one
+        fields, defined = f"{target.__qualname__} of {target.__self__!r}", {type(target.__self__)}
+        fields = fields if target is module else f"{type(module).__qualname__} of {fields}"
     else:
         fields, defined = type(module).__qualname__, {type(module)}
-    roots = {root for obj in defined for root in _defining_source(obj)} if source else ()
     computation = _computation(module, defined) if source else None
+    roots = {root for obj in defined for root in _defining_source(obj)} if source else ()
     return key_of(
         fields=_ADDRESS.sub("", fields),
         extra=_ADDRESS.sub("", repr(sorted(dict(apply_kwargs or {}).items()))),
@@ -129,35 +134,184 @@ def _computation(module: Any, defined: set[Any]) -> list[Any]:
     """What defines `module`'s computation beyond its fields and defining files: an NNX
     module's graphdef (static attributes; addresses dropped), a function's or partial's
     constants (`statistics._function_constants`: closure cells, defaults, partial
-    arguments, code of functions among them), and the code of classes and functions
-    defined where no file is; empty where nothing is (a Linen module or a function
-    without them, from a file), so that their keys stay as they were."""
+    arguments, code of functions among them), the values of the globals its functions
+    read, a bound method's object (each value by `_value_key`, which adds the classes of
+    the modules among them to `defined`), and the code of classes and functions defined
+    where no file is; empty where nothing is (a Linen module or a function reading no
+    value but code, from a file), so that their keys stay as they were. Values it cannot
+    key are named in one warning."""
     import functools
 
     from flax import nnx
 
     from jaxdissect import statistics
 
-    parts: list[Any] = []
-    classes = {obj for obj in defined if isinstance(obj, type)}
+    unkeyed: list[str] = []
+
+    def keyed(value: Any) -> Any:  # code (`_SKIPPED`) is left out of the constants
+        key = _value_key(value, defined, unkeyed)
+        return statistics._OPAQUE if key is _SKIPPED else key
+
+    head: list[Any] = []
     if isinstance(module, nnx.Module):
-        parts.append(_ADDRESS.sub("", repr(nnx.graphdef(module))))
-        classes |= {type(node) for _, node in nnx.iter_graph(module)}
-    for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__)):
-        for base in cls.__mro__:
-            if not _defining_source(base):
-                parts.extend(
-                    [base.__qualname__, name, _code_key(code)] for name, code in _class_code(base)
-                )
+        head.append(_ADDRESS.sub("", repr(nnx.graphdef(module))))
+        defined |= {type(node) for _, node in nnx.iter_graph(module)}
+    values: list[Any] = []
+    target = module
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.ismethod(target):
+        values.append(["bound to", repr(keyed(target.__self__))])
     if isinstance(module, functools.partial) or inspect.isfunction(module):
         # A function from a file without closure cells is its file's (keyed as it was).
-        fileless = not _defining_source(next(iter(defined)))
+        fileless = inspect.isfunction(target) and not _defining_source(target)
         if fileless or isinstance(module, functools.partial) or module.__closure__:
-            parts.extend(
+            values.extend(
                 [fn, name, _code_key(v) if inspect.iscode(v) else repr(v)]
-                for (fn, name), v in statistics._function_constants(module, "model")
+                for (fn, name), v in statistics._function_constants(module, "model", keyed=keyed)
             )
-    return parts
+        values.extend(_global_values(module, keyed))
+    for cls in sorted(
+        (obj for obj in defined if isinstance(obj, type)),
+        key=lambda c: (c.__module__, c.__qualname__),
+    ):
+        for base in cls.__mro__:
+            if not _defining_source(base):
+                head.extend(
+                    [base.__qualname__, name, _code_key(code)] for name, code in _class_code(base)
+                )
+    if unkeyed:
+        from absl import logging
+
+        logging.warning(
+            "the model's stage key cannot see %s: a change of them is not noticed (pass the "
+            "model a value the key covers: a number, string, dict, list, array or module)",
+            ", ".join(sorted(set(unkeyed))),
+        )
+    return head + values
+
+
+def _global_values(fn: Any, keyed: Any) -> list[Any]:
+    """[function, name, key] of each value (not a module, class or function: code is keyed
+    by its file) that `fn`, a partial's function, and the functions among their closure
+    cells and among the globals they read from the same module, read as a global, by
+    `keyed`; functions defined where no file is give their code too."""
+    import functools
+    import types
+
+    from jaxdissect import statistics
+
+    found, todo, seen = [], [fn], set()
+    while todo:
+        f = todo.pop()
+        while isinstance(f, functools.partial):
+            todo.extend(v for v in (*f.args, *f.keywords.values()) if callable(v))
+            f = f.func
+        if not isinstance(f, types.FunctionType) or f in seen:
+            continue
+        seen.add(f)
+        cells = []
+        for cell in f.__closure__ or ():
+            with contextlib.suppress(ValueError):  # a cell not filled yet
+                cells.append(cell.cell_contents)
+        todo.extend(c for c in cells if isinstance(c, (types.FunctionType, functools.partial)))
+        for name in sorted(_code_names(f.__code__)):
+            if name not in f.__globals__:
+                continue
+            value = f.__globals__[name]
+            if isinstance(value, types.FunctionType):
+                if value.__globals__ is f.__globals__ and value not in seen:
+                    todo.append(value)
+                    if not _defining_source(value):
+                        found.append([f.__qualname__, name, _code_key(value.__code__)])
+                continue
+            if isinstance(value, (types.ModuleType, type, types.BuiltinFunctionType)):
+                continue
+            key = keyed(value)
+            if key is not statistics._OPAQUE:
+                found.append([f.__qualname__, name, repr(key)])
+    return found
+
+
+def _code_names(code: Any) -> set[str]:
+    """The global and attribute names `code` and the code objects inside it use."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if inspect.iscode(c):
+            names |= _code_names(c)
+    return names
+
+
+_SKIPPED = ("code",)  # `_value_key` of a callable that is not a function (a jitted one)
+_VALUE_DEPTH = 8  # values inside values are followed this deep
+
+
+def _value_key(value: Any, classes: set[Any], unkeyed: list[str], depth: int = 0) -> Any:
+    """`value` as JSON-able text that is the same in every process: a plain value as
+    itself, a Linen module by its repr, an NNX module by its graphdef (their classes added
+    to `classes`, so that their code is keyed), a bound method by its object, a dict, list,
+    tuple or set by its items, an array by its dtype, shape and bytes, a dataclass or an
+    object of a class with a file by its class and attributes; functions and other
+    callables give `_SKIPPED` (their code is keyed by its file); anything else is named in
+    `unkeyed`."""
+    import dataclasses
+    import functools
+    import types
+
+    import flax.linen as nn
+    import jax
+    from flax import nnx
+
+    from jaxdissect import statistics
+
+    plain = statistics._plain(value)
+    if plain is not statistics._OPAQUE:
+        return repr(plain) if isinstance(plain, (bytes, np.dtype)) else plain
+    again = functools.partial(_value_key, classes=classes, unkeyed=unkeyed, depth=depth + 1)
+    name = f"{type(value).__module__}.{type(value).__qualname__}"
+    if depth > _VALUE_DEPTH:
+        unkeyed.append(f"a {name} nested deeper than {_VALUE_DEPTH}")
+        return name
+    if isinstance(value, nn.Module):
+        classes |= _module_classes(value)
+        return ["linen", _ADDRESS.sub("", repr(value))]
+    if isinstance(value, nnx.Module):
+        classes |= {type(node) for _, node in nnx.iter_graph(value)}
+        return ["nnx", _ADDRESS.sub("", repr(nnx.graphdef(value)))]
+    if inspect.ismethod(value):
+        return ["method", value.__qualname__, again(value.__self__)]
+    if isinstance(value, type):
+        classes.add(value)
+        return ["class", value.__module__, value.__qualname__]
+    if isinstance(value, types.ModuleType):
+        return ["module", value.__name__]
+    if isinstance(value, Mapping):
+        return [
+            "dict",
+            [[str(k), again(v)] for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))],
+        ]
+    if isinstance(value, list | tuple):
+        return [type(value).__name__, [again(v) for v in value]]
+    if isinstance(value, set | frozenset):
+        return ["set", sorted(repr(again(v)) for v in value)]
+    if isinstance(value, np.ndarray | jax.Array):
+        arr = np.ascontiguousarray(np.asarray(value))
+        return ["array", str(arr.dtype), list(arr.shape), hashlib.sha256(arr.tobytes()).hexdigest()]
+    if dataclasses.is_dataclass(value):
+        classes.add(type(value))
+        return [
+            name,
+            [[f.name, again(getattr(value, f.name, None))] for f in dataclasses.fields(value)],
+        ]
+    if isinstance(value, types.FunctionType | types.BuiltinFunctionType):
+        return ["function", value.__module__, value.__qualname__]
+    if callable(value):
+        return _SKIPPED
+    if _is_users(type(value)) and hasattr(value, "__dict__"):
+        classes.add(type(value))
+        return [name, again(dict(vars(value)))]
+    unkeyed.append(f"a {name}")
+    return name
 
 
 def _class_code(cls: type) -> Iterator[tuple[str, Any]]:
@@ -210,6 +364,25 @@ def _defining_source(obj: Any) -> list[str]:
     if hasattr(top, "__path__"):
         return list(top.__path__)
     return [top.__file__] if getattr(top, "__file__", None) else []
+
+
+def _is_users(obj: Any) -> bool:
+    """Whether `obj` (a class or function) is defined outside the standard library, the
+    installed packages and this library: in the user's own files, or where no file is."""
+    return not any(_is_library(root) for root in _defining_source(obj))
+
+
+def _is_library(path: str) -> bool:
+    """Whether `path` lies in the standard library, among installed packages (or in the
+    Python installation or environment) or in this library."""
+    import site
+    import sysconfig
+
+    places = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(__file__)}
+    places |= {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    places |= set(getattr(site, "getsitepackages", list)()) | {site.getusersitepackages()}
+    real = os.path.realpath(path)
+    return any(real == p or real.startswith(p + os.sep) for p in map(os.path.realpath, places))
 
 
 def _new_file_beside(path: pathlib.Path) -> pathlib.Path:

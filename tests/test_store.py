@@ -195,6 +195,55 @@ def test_definition_key_sees_partial_arguments_and_closure_cells():
     assert store._computation(_features, {_features}) == []
 
 
+def _strided():
+    import flax.linen as nn
+
+    class Strided(nn.Module):
+        stride: int = 1
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(2, (3, 3), strides=self.stride)(x)
+
+    return Strided
+
+
+_READ = {"net": None}  # a global that `_reads_a_global` reads
+
+
+def _reads_a_global(params, images):
+    return _READ["net"].apply(params, images)
+
+
+def test_definition_key_sees_modules_dicts_and_arrays_a_function_reads(monkeypatch, caplog):
+    """A function model's closure cells, `functools.partial` arguments, bound object and
+    the globals it reads are keyed by value (a Linen or NNX module's settings, a dict's
+    items, an array's bytes): other values give other keys, the same values built again
+    the same key; a value it cannot key is logged."""
+    from flax import nnx
+
+    key, strided = store.definition_key, _strided()
+
+    def closing(value):
+        return lambda params, images: (value, params, images)
+
+    conv = lambda s: nnx.Conv(3, 4, (3, 3), strides=s, rngs=nnx.Rngs(0))  # noqa: E731
+    array = lambda s: np.full(3, s, np.float32)  # noqa: E731
+    for make in (strided, conv, lambda s: {"stride": s}, lambda s: [strided(s)], array):
+        assert key(closing(make(1))) == key(closing(make(1)))
+        assert key(closing(make(1))) != key(closing(make(2)))
+    assert key(strided(1).apply) == key(strided(1).apply) != key(strided(2).apply)
+    part = lambda s: functools.partial(strided(s).apply, mutable=False)  # noqa: E731
+    assert key(part(1)) == key(part(1)) != key(part(2))
+    monkeypatch.setitem(_READ, "net", strided(1))
+    before = key(_reads_a_global)
+    monkeypatch.setitem(_READ, "net", strided(2))
+    assert key(_reads_a_global) != before
+    with caplog.at_level("WARNING"):
+        key(closing(object()))
+    assert "stage key cannot see a builtins.object" in caplog.text
+
+
 def test_definition_key_sees_code_defined_without_a_file(monkeypatch):
     """A model class or function defined where no file is (a notebook, a REPL, `python -`)
     is keyed by its code: another body gives another key, the same body the same key."""
