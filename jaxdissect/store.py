@@ -357,13 +357,14 @@ def _module_classes(module: Any) -> set[type]:
 
 def _defining_source(obj: Any) -> list[str]:
     """The folders of the top-level package that defines `obj` (a class or function), or
-    its module's file."""
+    its module's file; none where that is no file (a notebook, `python -`: '<stdin>')."""
     top = sys.modules.get((getattr(obj, "__module__", None) or "").split(".")[0])
     if top is None:
         return []
     if hasattr(top, "__path__"):
         return list(top.__path__)
-    return [top.__file__] if getattr(top, "__file__", None) else []
+    file = getattr(top, "__file__", None)
+    return [file] if file and os.path.isfile(file) else []
 
 
 def _is_users(obj: Any) -> bool:

@@ -244,7 +244,8 @@ def test_definition_key_sees_modules_dicts_and_arrays_a_function_reads(monkeypat
     assert "stage key cannot see a builtins.object" in caplog.text
 
 
-def test_definition_key_sees_code_defined_without_a_file(monkeypatch):
+@pytest.mark.parametrize("file", [None, "<stdin>"])  # a notebook's, `python - < script`'s
+def test_definition_key_sees_code_defined_without_a_file(monkeypatch, file):
     """A model class or function defined where no file is (a notebook, a REPL, `python -`)
     is keyed by its code: another body gives another key, the same body the same key."""
     import types
@@ -255,6 +256,8 @@ def test_definition_key_sees_code_defined_without_a_file(monkeypatch):
 
     def defined(stride: int) -> types.ModuleType:
         notebook = types.ModuleType("notebook_cell")  # no __file__, like __main__ in Jupyter
+        if file is not None:
+            notebook.__file__ = file
         monkeypatch.setitem(sys.modules, "notebook_cell", notebook)
         exec(header % (stride, stride), notebook.__dict__)
         return notebook
