@@ -121,7 +121,8 @@ def definition_key(
     else:
         fields, defined = type(module).__qualname__, {type(module)}
     computation = _computation(module, defined) if source else None
-    roots = {root for obj in defined for root in _defining_source(obj)} if source else ()
+    roots = {root for obj in defined for root in _defining_source(obj)} if source else set()
+    roots |= _reached_sources(defined) if source else set()
     return key_of(
         fields=_ADDRESS.sub("", fields),
         extra=_ADDRESS.sub("", repr(sorted(dict(apply_kwargs or {}).items()))),
@@ -365,6 +366,47 @@ def _defining_source(obj: Any) -> list[str]:
         return list(top.__path__)
     file = getattr(top, "__file__", None)
     return [file] if file and os.path.isfile(file) else []
+
+
+def _reached_sources(defined: set[Any]) -> set[str]:
+    """The files (or package folders) of the user's own modules that the modules defining
+    `defined` reach through their globals (`from helpers import Block`), followed through
+    the files among them: the code a model defined in a file (not a package: that is
+    keyed whole) takes from its siblings. Modules of the standard library, installed
+    packages and this library are not followed."""
+    import types
+
+    def top_of(value: Any) -> types.ModuleType | None:
+        if isinstance(value, types.ModuleType):
+            name = value.__name__
+        elif isinstance(value, type) or inspect.isfunction(value):
+            name = value.__module__ or ""
+        else:
+            name = type(value).__module__
+        return sys.modules.get(name.split(".")[0])
+
+    def files_of(module: types.ModuleType | None) -> list[str]:
+        file = getattr(module, "__file__", None)
+        if module is None or hasattr(module, "__path__") or not file:
+            return []
+        return [file] if os.path.isfile(file) and not _is_library(file) else []
+
+    start = {top_of(obj) for obj in defined}
+    todo = [m for m in start if files_of(m)]
+    seen, found = {id(m) for m in todo}, set()
+    while todo:
+        for _, value in sorted(vars(todo.pop()).items()):
+            top = top_of(value)
+            if top is None or id(top) in seen:
+                continue
+            seen.add(id(top))
+            if hasattr(top, "__path__"):  # a package of the user's: keyed whole
+                paths = list(top.__path__)
+                found |= set() if any(map(_is_library, paths)) else set(paths)
+            elif files := files_of(top):
+                found |= set(files)
+                todo.append(top)
+    return found
 
 
 def _is_users(obj: Any) -> bool:

@@ -130,6 +130,33 @@ def test_definition_key_sees_fields_apply_arguments_and_source(tmp_path, monkeyp
     monkeypatch.delitem(sys.modules, "user_net")
 
 
+def test_definition_key_sees_the_users_modules_a_model_file_imports(tmp_path, monkeypatch):
+    """A model in a file of its own (not a package) is keyed by the source of the user's
+    modules it reaches through its globals (`from helpers import Block`), followed on
+    through theirs; another file beside them, not imported, is not in the key."""
+    import importlib
+
+    block = "import flax.linen as nn\n\nclass Block(nn.Module):\n    def __call__(self, x):\n"
+    (tmp_path / "block_helpers.py").write_text(block + "        return x\n")
+    (tmp_path / "block_reexport.py").write_text("from block_helpers import Block\n")
+    (tmp_path / "block_net.py").write_text(
+        "import flax.linen as nn\nfrom block_reexport import Block\n\n"
+        "class Net(nn.Module):\n    def __call__(self, x):\n        return Block()(x)\n"
+    )
+    (tmp_path / "unrelated.py").write_text("x = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("block_net", "block_reexport", "block_helpers"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    net = importlib.import_module("block_net").Net
+    before = store.definition_key(net())
+    (tmp_path / "unrelated.py").write_text("x = 2\n")
+    assert store.definition_key(net()) == before
+    (tmp_path / "block_helpers.py").write_text(block + "        return 2 * x\n")
+    assert store.definition_key(net()) != before
+    for name in ("block_net", "block_reexport", "block_helpers"):
+        monkeypatch.delitem(sys.modules, name)
+
+
 _NNX_NET = """
 from flax import nnx
 
