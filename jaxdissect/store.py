@@ -81,9 +81,25 @@ def source_fingerprint(*roots: str | os.PathLike[str]) -> str:
     return h.hexdigest()[:20]
 
 
+# The packages whose versions change what a stage computes (decoding, layers, rounding).
+STACK = ("jax", "jaxlib", "flax", "numpy", "Pillow")
+
+
 def code_fingerprint() -> str:
-    """Hash of this library's own source (a stage computed by other code is not reused)."""
-    return source_fingerprint(pathlib.Path(__file__).parent)
+    """Hash of this library's own source and of the versions of `STACK` (a stage computed
+    by other code, or after an upgrade of the stack, is not reused)."""
+    import importlib.metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return key_of(
+        source=source_fingerprint(pathlib.Path(__file__).parent),
+        versions={name: version(name) for name in STACK},
+    )
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")

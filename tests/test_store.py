@@ -309,6 +309,19 @@ def test_source_fingerprint_sees_python_files_and_survives_symlink_loops(tmp_pat
     assert store.source_fingerprint(tmp_path / "pkg") != before
 
 
+def test_code_fingerprint_sees_the_stacks_versions(monkeypatch):
+    """An upgrade of jax, jaxlib, flax, numpy or Pillow changes the library-code key."""
+    import importlib.metadata
+
+    before, real = store.code_fingerprint(), importlib.metadata.version
+    assert store.code_fingerprint() == before
+    for name in ("jax", "jaxlib", "flax", "numpy", "Pillow"):
+        upgraded = lambda n, name=name: "99.0" if n == name else real(n)  # noqa: E731
+        monkeypatch.setattr(importlib.metadata, "version", upgraded)
+        assert store.code_fingerprint() != before, name
+    monkeypatch.setattr(importlib.metadata, "version", real)
+
+
 def test_text_files_are_utf8_whatever_the_locale(tmp_path):
     """Rows and the synthetic set's tables name their encoding: under -X
     warn_default_encoding an open() of the package that leaves it to the locale raises."""
