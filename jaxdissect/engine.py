@@ -389,8 +389,9 @@ class Dissector:
         self.num_batches = loader.num_batches(len(source), settings.batch_size)
         self.local_batch = settings.batch_size // jax.process_count()
         self.dtype = jnp.dtype(settings.activation_dtype)
-        # Process 0's: hosts of a multi-host job may read their own copies (other file times).
-        self.data_key = parallel.process_0s_text(source.fingerprint())
+        # Every process's: hosts of a multi-host job may read their own copies (other file
+        # times), and a change to any copy recomputes.
+        self.data_key = parallel.every_process_text(source.fingerprint())
         self._cache_request, self._cache_budget = activation_cache, cache_budget_bytes
         self.cache: actcache.ActivationCache | None = None
         self.label_memo: LabelMemo | None = None

@@ -230,14 +230,15 @@ class _CountingLabels:
         return self.probe.read_labels(i, *args)
 
 
-def test_stage_keys_hold_process_0s_probe_set_fingerprint(model, probe, monkeypatch):
-    """Hosts may read their own copies of the probe set (other file times): every process
-    keys stages and checkpoints with process 0's fingerprint, so that all find the same."""
+def test_stage_keys_hold_every_processs_probe_set_fingerprint(model, probe, monkeypatch):
+    """Hosts may read their own copies of the probe set (other file times): stages and
+    checkpoints are keyed by one digest of all processes' fingerprints
+    (`parallel.every_process_text`), the same on every process."""
     m, variables = model
     settings = engine.Settings(quantile_mode="exact", batch_size=8)
-    monkeypatch.setattr(parallel, "process_0s_text", lambda text: "process 0's")
+    monkeypatch.setattr(parallel, "every_process_text", lambda text: f"all of {text}")
     d = _dissector(m, variables, probe, settings, ("conv2",), parallel.data_mesh(1))[0]
-    assert d.data_key == "process 0's"
+    assert d.data_key == f"all of {probe.fingerprint()}"
 
 
 @pytest.mark.parametrize("kept", ["all", "some"])

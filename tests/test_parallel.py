@@ -1,5 +1,6 @@
 """The in-flight bound of the engine's batch loops; the CPU split into devices."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -94,6 +95,21 @@ def test_processes_of_one_job_must_hold_equal_values():
     with pytest.raises(ValueError, match="other versions of the script"):
         parallel.check_same_job(job, allgather=_names_then({"--tie_rule": "strict"}))
     assert parallel.job_disagreements(["a"], np.zeros((3, 1, 32), np.uint8)) == {}
+
+
+def test_every_process_text_changes_with_any_processs_text(monkeypatch):
+    assert parallel.every_process_text("mine") == "mine"  # one process: itself
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+
+    def keys(other: str) -> str:
+        def gather(row):
+            return np.stack([row, np.frombuffer(hashlib.sha256(other.encode()).digest(), np.uint8)])
+
+        monkeypatch.setattr(parallel, "_allgather", gather)
+        return parallel.every_process_text("mine")
+
+    assert keys("copy") == keys("copy") != keys("copy, one image edited")
+    assert keys("copy") not in ("mine", "copy")
 
 
 def test_a_mesh_of_some_devices_is_refused_under_several_processes(monkeypatch):
