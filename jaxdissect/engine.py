@@ -412,7 +412,9 @@ class Dissector:
     def stage_key(self, stage: str, layer: str | None = None) -> str:
         """Key of a layer's stored stage output, or (layer None) of a whole pass's checkpoints.
 
-        It holds the mesh's device count: sketch thresholds depend on the per-device seeds.
+        It holds the mesh's device count (sketch thresholds depend on the per-device seeds)
+        and its platform and device kind (`store.backend_of`: the default float32 matmul
+        precision follows them).
         """
         params = self.settings.pass1() if stage == "pass1" else self.settings.pass2()
         which = {"layer": layer} if layer is not None else {"layers": self.tap.layers}
@@ -423,6 +425,7 @@ class Dissector:
             input_spec=dataclasses.asdict(self.input_spec),
             settings=params,
             devices=int(self.mesh.devices.size),
+            backend=store.backend_of(self.mesh),
             outputs=_OUTPUTS[stage],
             **which,
         )

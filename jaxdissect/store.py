@@ -102,6 +102,13 @@ def code_fingerprint() -> str:
     )
 
 
+def backend_of(mesh: Any) -> list[tuple[str, str]]:
+    """The platforms and device kinds of `mesh`'s devices ([["gpu", "NVIDIA H100 80GB
+    HBM3"]]): what a stage computed on them is keyed by, as the backend's default float32
+    matmul precision follows it (TensorFloat-32 on recent NVIDIA GPUs, float32 on CPU)."""
+    return sorted({(d.platform, d.device_kind) for d in mesh.devices.flat})
+
+
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 

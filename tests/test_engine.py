@@ -241,6 +241,19 @@ def test_stage_keys_hold_every_processs_probe_set_fingerprint(model, probe, monk
     assert d.data_key == f"all of {probe.fingerprint()}"
 
 
+def test_stage_keys_hold_the_backend(model, probe, monkeypatch):
+    """A stage computed on another platform or device kind (TensorFloat-32 matmuls by
+    default on a recent GPU) is not reused on this one."""
+    m, variables = model
+    settings = engine.Settings(quantile_mode="exact", batch_size=8)
+    d = _dissector(m, variables, probe, settings, ("conv2",), parallel.data_mesh(1))[0]
+    here = d.stage_key("pass1"), d.stage_key("pass2", "conv2")
+    assert store.backend_of(d.mesh) == [("cpu", "cpu")]
+    monkeypatch.setattr(store, "backend_of", lambda mesh: [("gpu", "NVIDIA H100 80GB HBM3")])
+    gpu = d.stage_key("pass1"), d.stage_key("pass2", "conv2")
+    assert gpu[0] != here[0] and gpu[1] != here[1]
+
+
 @pytest.mark.parametrize("kept", ["all", "some"])
 def test_pass2_reads_the_labels_pass1_checked_from_memory(model, probe, monkeypatch, kept):
     """With `check_labels`, pass 2 decodes only the labels the memo could not keep, and
