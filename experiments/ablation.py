@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from absl import app, flags
 
@@ -171,7 +172,6 @@ def _summary_line(c: dict) -> str:
 
 
 def _ablate(fv, settings, options, probe, ns, output_dir):
-    import dataclasses
     import pathlib
 
     import numpy as np
@@ -274,15 +274,14 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
             input_size=size,
             apply_kwargs=loaded.apply_kwargs,
         )
-    # The model by its stage key (weights, definition, library code): the chunks of a model
-    # whose code changed are not reused.
-    key = store.key_of(
-        model=info.stage_key,
-        input_spec=dataclasses.asdict(spec),
-        layer=path,
-        data=fingerprint,
-        value=fv.value,
-        study="ablation",
+    key = chunk_key(
+        info.stage_key,
+        spec,
+        path,
+        fingerprint,
+        fv.value,
+        devices=int(mesh.devices.size),
+        batch_size=batch_size,
     )
     t0 = time.perf_counter()
     ablator = ablation.Ablator(
@@ -351,6 +350,29 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
 
 
 main = cli.script_main(run)
+
+
+def chunk_key(
+    model: str, spec: Any, path: str, data: str, value: str, *, devices: int, batch_size: int
+) -> str:
+    """Key of the stored mask chunks (`.work/ablation-<key>`): the model by its stage key
+    (weights, definition, library code: a model whose code changed is evaluated again),
+    the input spec, layer, evaluation data and fill value, and the device count and eval
+    batch size (sums split over other devices or batches round differently)."""
+    import dataclasses
+
+    from jaxdissect import store
+
+    return store.key_of(
+        model=model,
+        input_spec=dataclasses.asdict(spec),
+        layer=path,
+        data=data,
+        value=value,
+        study="ablation",
+        devices=devices,
+        batch_size=batch_size,
+    )
 
 
 def _check_classifier(loaded, name: str) -> None:

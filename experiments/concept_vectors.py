@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from absl import flags
 
@@ -74,7 +75,6 @@ def run(fv: flags.FlagValues = FLAGS):
 
 
 def _vectors(fv, cfg, probe, output_dir):
-    import dataclasses
     import pathlib
     import shutil
 
@@ -139,22 +139,15 @@ def _vectors(fv, cfg, probe, output_dir):
                 f"--categories={','.join(categories)}: no concept of them in the probe set"
             )
         mesh = parallel.data_mesh(fv.devices)
-        # Everything the checkpoints depend on: the model by its stage key (weights,
-        # definition, library code), and the device count (the training's sums split over
-        # the devices round differently on another number).
-        key = store.key_of(
-            model=cli.model_info(loaded).stage_key,
-            token_layout=layer.token_layout,
-            devices=int(mesh.devices.size),
+        key = checkpoint_key(
+            cli.model_info(loaded).stage_key,
+            layer,
             data=source.fingerprint(),
-            layer=layer.path,
-            thresholds=layer.thresholds.tolist(),
-            tie_rule=layer.tie_rule,
-            activation_dtype=layer.activation_dtype,
-            input_spec=dataclasses.asdict(layer.input_spec),
+            devices=int(mesh.devices.size),
+            batch_size=fv.batch_size,
             concepts=concepts.tolist(),
             categories=categories,
-            config=dataclasses.asdict(cfg),
+            config=cfg,
         )
 
         def progress(step: int, steps: int, loss: float) -> None:
@@ -211,6 +204,44 @@ def _vectors(fv, cfg, probe, output_dir):
     )
     concept_page.write_page(out, doc)
     return doc
+
+
+def checkpoint_key(
+    model: str,
+    layer: Any,
+    *,
+    data: str,
+    devices: int,
+    batch_size: int,
+    concepts: list[int],
+    categories: list[str],
+    config: Any,
+) -> str:
+    """Key of the training checkpoints (`.work/concept_vectors-<key>`): everything they
+    depend on. The model by its stage key (weights, definition, library code); the
+    finished `layer`'s masks (path, token layout, thresholds, tie rule, dtype, input
+    spec); the probe data, concepts and categories; the `ProbeConfig`; the device count
+    (the training's sums split over other devices round differently) and the collection
+    forward's batch size (XLA rounds a layer's activations per batch shape)."""
+    import dataclasses
+
+    from jaxdissect import store
+
+    return store.key_of(
+        model=model,
+        token_layout=layer.token_layout,
+        devices=devices,
+        batch_size=batch_size,
+        data=data,
+        layer=layer.path,
+        thresholds=layer.thresholds.tolist(),
+        tie_rule=layer.tie_rule,
+        activation_dtype=layer.activation_dtype,
+        input_spec=dataclasses.asdict(layer.input_spec),
+        concepts=concepts,
+        categories=categories,
+        config=dataclasses.asdict(config),
+    )
 
 
 def _warn_unweighted(records) -> None:

@@ -493,3 +493,17 @@ def test_the_script_refuses_models_it_cannot_ablate_in_one_line():
     nnx_model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="^--model=m: ablation needs a flax.linen Module"):
         check(SimpleNamespace(module=nnx_model, input_spec=spec), "m")
+
+
+def test_the_scripts_mask_chunks_are_keyed_by_devices_and_eval_batch_size():
+    """ablation.json records both (a unit order near a rounding boundary can change with
+    either), so chunks stored on other devices or batches are not reused."""
+    from jaxdissect.preprocess import TORCHVISION
+    from tests.experiment_testing import script
+
+    def key(devices, batch_size):
+        return script("ablation").chunk_key(
+            "model", TORCHVISION, "conv5", "data", "zero", devices=devices, batch_size=batch_size
+        )
+
+    assert len({key(1, 8), key(2, 8), key(1, 16)}) == 3 and key(1, 8) == key(1, 8)

@@ -126,6 +126,26 @@ def test_a_rerun_resumes_from_the_finished_training(vectors, data_args, dissecti
     assert [c["iou"] for c in again["concepts"]] == [c["iou"] for c in doc["concepts"]]
 
 
+def test_checkpoints_are_keyed_by_the_devices_and_the_forward_batch_size(dissection):
+    """XLA rounds a layer's activations per batch shape, and the training's sums per
+    device count: checkpoints made with another --batch_size or --devices are not reused."""
+    layer = finished.read_layer(dissection, "top")
+
+    def key(devices, batch_size):
+        return script("concept_vectors").checkpoint_key(
+            "model",
+            layer,
+            data="data",
+            devices=devices,
+            batch_size=batch_size,
+            concepts=[1, 2],
+            categories=["object"],
+            config=concept_vectors.ProbeConfig(),
+        )
+
+    assert len({key(1, 32), key(2, 32), key(1, 8)}) == 3 and key(1, 8) == key(1, 8)
+
+
 def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection, caplog):
     with pytest.raises(FileNotFoundError, match=r"--dissection=.*no finished dissection"):
         run_script("concept_vectors", f"--dissection={tmp_path}", *MODEL, *data_args)
