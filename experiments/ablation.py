@@ -125,9 +125,9 @@ def run(fv: flags.FlagValues = FLAGS):
     elif fv.model or fv.model_option or fv.num_classes is not None:
         given = "--model" if fv.model else "--model_option, --num_classes"
         raise ValueError(
-            f"{given}: --task=training ablates the training export --weights "
-            f"(its architecture and options from its meta.json); drop {given}, or give "
-            "--task=predictions to ablate --model"
+            f"{given}{'=' + fv.model if fv.model else ''}: --task=training ablates the "
+            "training export --weights (its architecture and options from its meta.json); "
+            f"drop {given}, or give --task=predictions to ablate --model"
         )
     elif not training.is_export(fv.weights):
         raise ValueError(
@@ -280,7 +280,7 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
         path,
         fingerprint,
         fv.value,
-        devices=int(mesh.devices.size),
+        mesh=mesh,
         batch_size=batch_size,
     )
     t0 = time.perf_counter()
@@ -353,12 +353,13 @@ main = cli.script_main(run)
 
 
 def chunk_key(
-    model: str, spec: Any, path: str, data: str, value: str, *, devices: int, batch_size: int
+    model: str, spec: Any, path: str, data: str, value: str, *, mesh: Any, batch_size: int
 ) -> str:
     """Key of the stored mask chunks (`.work/ablation-<key>`): the model by its stage key
     (weights, definition, library code: a model whose code changed is evaluated again),
-    the input spec, layer, evaluation data and fill value, and the device count and eval
-    batch size (sums split over other devices or batches round differently)."""
+    the input spec, layer, evaluation data and fill value, and the mesh's device count and
+    backend and the eval batch size (sums split over other devices or batches, or computed
+    at another precision, round differently)."""
     import dataclasses
 
     from jaxdissect import store
@@ -370,7 +371,8 @@ def chunk_key(
         data=data,
         value=value,
         study="ablation",
-        devices=devices,
+        devices=int(mesh.devices.size),
+        backend=store.backend_of(mesh),
         batch_size=batch_size,
     )
 

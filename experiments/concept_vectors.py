@@ -143,7 +143,7 @@ def _vectors(fv, cfg, probe, output_dir):
             cli.model_info(loaded).stage_key,
             layer,
             data=source.fingerprint(),
-            devices=int(mesh.devices.size),
+            mesh=mesh,
             batch_size=fv.batch_size,
             concepts=concepts.tolist(),
             categories=categories,
@@ -211,7 +211,7 @@ def checkpoint_key(
     layer: Any,
     *,
     data: str,
-    devices: int,
+    mesh: Any,
     batch_size: int,
     concepts: list[int],
     categories: list[str],
@@ -220,9 +220,10 @@ def checkpoint_key(
     """Key of the training checkpoints (`.work/concept_vectors-<key>`): everything they
     depend on. The model by its stage key (weights, definition, library code); the
     finished `layer`'s masks (path, token layout, thresholds, tie rule, dtype, input
-    spec); the probe data, concepts and categories; the `ProbeConfig`; the device count
-    (the training's sums split over other devices round differently) and the collection
-    forward's batch size (XLA rounds a layer's activations per batch shape)."""
+    spec); the probe data, concepts and categories; the `ProbeConfig`; the mesh's device
+    count and backend (the training's sums split over other devices, or at another
+    precision, round differently) and the collection forward's batch size (XLA rounds a
+    layer's activations per batch shape)."""
     import dataclasses
 
     from jaxdissect import store
@@ -230,7 +231,8 @@ def checkpoint_key(
     return store.key_of(
         model=model,
         token_layout=layer.token_layout,
-        devices=devices,
+        devices=int(mesh.devices.size),
+        backend=store.backend_of(mesh),
         batch_size=batch_size,
         data=data,
         layer=layer.path,

@@ -12,6 +12,7 @@ import json
 import pathlib
 import types
 
+import numpy as np
 from absl import flags
 
 from jaxdissect import outdir, results
@@ -74,3 +75,9 @@ def unaccounted_files(out: pathlib.Path) -> list[str]:
         and ".work" not in p.relative_to(out).parts
         and not known.intersection((p, *p.parents))
     )
+
+
+def mesh_of(platform: str, device_kind: str) -> types.SimpleNamespace:
+    """A stand-in mesh of one device of another backend, for stage keys."""
+    device = types.SimpleNamespace(platform=platform, device_kind=device_kind)
+    return types.SimpleNamespace(devices=np.array([device], dtype=object))

@@ -495,15 +495,18 @@ def test_the_script_refuses_models_it_cannot_ablate_in_one_line():
         check(SimpleNamespace(module=nnx_model, input_spec=spec), "m")
 
 
-def test_the_scripts_mask_chunks_are_keyed_by_devices_and_eval_batch_size():
-    """ablation.json records both (a unit order near a rounding boundary can change with
-    either), so chunks stored on other devices or batches are not reused."""
+def test_the_scripts_mask_chunks_are_keyed_by_devices_backend_and_eval_batch_size():
+    """ablation.json records devices and batch (a unit order near a rounding boundary can
+    change with either), and a GPU's default precision is not a CPU's, so chunks stored on
+    other devices, another backend or batches are not reused."""
     from jaxdissect.preprocess import TORCHVISION
-    from tests.experiment_testing import script
+    from tests.experiment_testing import mesh_of, script
 
-    def key(devices, batch_size):
+    def key(mesh, batch_size):
         return script("ablation").chunk_key(
-            "model", TORCHVISION, "conv5", "data", "zero", devices=devices, batch_size=batch_size
+            "model", TORCHVISION, "conv5", "data", "zero", mesh=mesh, batch_size=batch_size
         )
 
-    assert len({key(1, 8), key(2, 8), key(1, 16)}) == 3 and key(1, 8) == key(1, 8)
+    one, two, gpu = parallel.data_mesh(1), parallel.data_mesh(2), mesh_of("gpu", "H100")
+    keys = {key(one, 8), key(two, 8), key(one, 16), key(gpu, 8)}
+    assert len(keys) == 4 and key(one, 8) == key(one, 8)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect import concept_vectors, finished, store
+from jaxdissect import concept_vectors, finished, parallel, store
 from jaxdissect.report import concept_page
-from tests.experiment_testing import TINY_SIZE, run_script, script, tiny_broden
+from tests.experiment_testing import TINY_SIZE, mesh_of, run_script, script, tiny_broden
 
 pytestmark = pytest.mark.xdist_group("concept_vectors_scripts")
 MODEL = ("--model=tests.fixtures.small_model:make", "--weights=")
@@ -126,24 +126,26 @@ def test_a_rerun_resumes_from_the_finished_training(vectors, data_args, dissecti
     assert [c["iou"] for c in again["concepts"]] == [c["iou"] for c in doc["concepts"]]
 
 
-def test_checkpoints_are_keyed_by_the_devices_and_the_forward_batch_size(dissection):
+def test_checkpoints_are_keyed_by_the_devices_backend_and_forward_batch_size(dissection):
     """XLA rounds a layer's activations per batch shape, and the training's sums per
     device count: checkpoints made with another --batch_size or --devices are not reused."""
     layer = finished.read_layer(dissection, "top")
 
-    def key(devices, batch_size):
+    def key(mesh, batch_size):
         return script("concept_vectors").checkpoint_key(
             "model",
             layer,
             data="data",
-            devices=devices,
+            mesh=mesh,
             batch_size=batch_size,
             concepts=[1, 2],
             categories=["object"],
             config=concept_vectors.ProbeConfig(),
         )
 
-    assert len({key(1, 32), key(2, 32), key(1, 8)}) == 3 and key(1, 8) == key(1, 8)
+    one, two, gpu = parallel.data_mesh(1), parallel.data_mesh(2), mesh_of("gpu", "H100")
+    keys = {key(one, 32), key(two, 32), key(one, 8), key(gpu, 32)}
+    assert len(keys) == 4 and key(one, 8) == key(one, 8)
 
 
 def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection, caplog):
