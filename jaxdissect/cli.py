@@ -504,7 +504,8 @@ def check_model_flags(fv: flags.FlagValues) -> bool:
     from jaxdissect.models import load as model_load
 
     options = model_options(fv) if "model_option" in fv else {}
-    trained = finished.check_model(fv.model, fv.weights, options.get("num_classes"))
+    # --num_classes's own value: one --model_option gives is checked below, named as such.
+    trained = finished.check_model(fv.model, fv.weights, fv.num_classes if options else None)
     if trained and options:
         raise ValueError(
             f"--model_option, --num_classes: --weights={fv.weights} is a training export, "

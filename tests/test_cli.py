@@ -458,6 +458,10 @@ def test_study_scripts_take_the_model_options_dissect_takes():
     for name in ("significance", "rotation"):
         with pytest.raises(ValueError, match="^--num_classes=0: must be a whole number"):
             _run(name, "--model=resnet18", "--weights=", "--num_classes=0", "--data=synthetic")
+    for name in ("significance", "rotation", "compositional"):
+        # A class count --model_option gives is named as that flag's, not --num_classes's.
+        with pytest.raises(ValueError, match="^--model_option num_classes=0: must be a whole"):
+            _run(name, "--model=resnet18", "--weights=", "--model_option=num_classes=0")
     predictions = ("--task=predictions", "--model=resnet18", "--weights=", "--data=synthetic")
     with pytest.raises(ValueError, match="^--model_option nope: --model=resnet18 takes "):
         _run("ablation", *predictions, "--model_option=nope=2")
