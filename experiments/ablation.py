@@ -123,7 +123,7 @@ def run(fv: flags.FlagValues = FLAGS):
         if fv.class_names and not os.path.isfile(fv.class_names):
             raise FileNotFoundError(f"--class_names={fv.class_names}: no such file")
     elif fv.model or fv.model_option or fv.num_classes is not None:
-        given = "--model" if fv.model else "--model_option, --num_classes"
+        given = "--model" if fv.model else cli.given_option_flags(fv)
         raise ValueError(
             f"{given}{'=' + fv.model if fv.model else ''}: --task=training ablates the "
             "training export --weights (its architecture and options from its meta.json); "

@@ -431,6 +431,13 @@ def model_options(fv: flags.FlagValues) -> dict[str, Any]:
     return options
 
 
+def given_option_flags(fv: flags.FlagValues) -> str:
+    """Which of --model_option and --num_classes (`define_model_option_flags`) were given,
+    as a message names them ('' for neither)."""
+    given = {"--model_option": bool(fv.model_option), "--num_classes": fv.num_classes is not None}
+    return ", ".join(flag for flag, on in given.items() if on)
+
+
 def define_finished_dissection_flags(fv: flags.FlagValues) -> None:
     """--dissection, --layer, --model, --weights and the model's options of the scripts that
     build on a finished experiments/dissect.py run (`jaxdissect.finished`)."""
@@ -508,7 +515,7 @@ def check_model_flags(fv: flags.FlagValues) -> bool:
     trained = finished.check_model(fv.model, fv.weights, fv.num_classes if options else None)
     if trained and options:
         raise ValueError(
-            f"--model_option, --num_classes: --weights={fv.weights} is a training export, "
+            f"{given_option_flags(fv)}: --weights={fv.weights} is a training export, "
             "which carries its own options; leave them out"
         )
     if options:

@@ -451,10 +451,10 @@ def _run(name: str, *argv: str) -> object:
     return script(name).run(parse(name, *argv))
 
 
-def test_study_scripts_take_the_model_options_dissect_takes():
+def test_study_scripts_take_the_model_options_dissect_takes(tmp_path):
     """significance, rotation and ablation take --num_classes and --model_option for --model
     (e.g. a Places checkpoint's 365 classes), a compare.py --dissect entry its OPTIONS;
-    each is checked before anything slow starts."""
+    each is checked before anything slow starts, naming the flags given."""
     for name in ("significance", "rotation"):
         with pytest.raises(ValueError, match="^--num_classes=0: must be a whole number"):
             _run(name, "--model=resnet18", "--weights=", "--num_classes=0", "--data=synthetic")
@@ -465,8 +465,15 @@ def test_study_scripts_take_the_model_options_dissect_takes():
     predictions = ("--task=predictions", "--model=resnet18", "--weights=", "--data=synthetic")
     with pytest.raises(ValueError, match="^--model_option nope: --model=resnet18 takes "):
         _run("ablation", *predictions, "--model_option=nope=2")
-    with pytest.raises(ValueError, match="^--model_option, --num_classes: --task=training "):
+    with pytest.raises(ValueError, match="^--num_classes: --task=training .*drop --num_classes,"):
         _run("ablation", "--num_classes=5")
+    with pytest.raises(ValueError, match="^--model_option: --task=training "):
+        _run("ablation", "--model_option=width=0.5")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / training.META_FILE).write_text('{"classes": ["a"], "train": {}}')
+    with pytest.raises(ValueError, match="^--num_classes: --weights=.* is a training export"):
+        cli.check_model_flags(parse("significance", f"--weights={export}", "--num_classes=5"))
     compare = script("compare")
     entry = compare.parse_entry("places|resnet18|r18.pth.tar|layer4|num_classes=365")
     assert entry == ("places", "resnet18", "r18.pth.tar", ["layer4"], {"num_classes": 365})
