@@ -20,10 +20,12 @@ bars), compare_unique_stacked.png and compare_interpretable.png.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from absl import app, flags
@@ -71,7 +73,7 @@ def parse_entry(text: str) -> tuple[str, str, str, list[str], dict[str, Any]]:
     try:
         options = model_load.parse_options(pairs)
     except ValueError as e:
-        raise ValueError(f"--dissect={text!r}: OPTIONS: {e}") from None
+        raise ValueError(f"--dissect={text!r}: {_entry_flags(str(e))}") from None
     if options and not model:
         raise ValueError(
             f"--dissect={text!r}: OPTIONS are MODEL's; a training export (no MODEL) carries "
@@ -88,7 +90,8 @@ def parse_entry(text: str) -> tuple[str, str, str, list[str], dict[str, Any]]:
 
 def _entry_flags(message: str) -> str:
     """A model loader's `message` with the flags of dissect.py written as the parts of a
-    --dissect entry (MODEL, WEIGHTS, OPTIONS)."""
+    --dissect entry (MODEL, WEIGHTS, OPTIONS); a command it advises ('python ...') is kept."""
+    message, run, command = message.partition("python ")
     for flag, part in (
         ("--num_classes (or --model_option)", "OPTIONS num_classes=N"),
         ("--num_classes=", "OPTIONS num_classes="),
@@ -98,7 +101,18 @@ def _entry_flags(message: str) -> str:
         ("--weights", "WEIGHTS"),
     ):
         message = message.replace(flag, part)
-    return message
+    return message + run + command
+
+
+@contextlib.contextmanager
+def _named_as_entry(name: str) -> Iterator[None]:
+    """A model loader's ValueError or FileNotFoundError, raised naming the --dissect entry
+    `name` and its parts."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+        raise kind(f"--dissect={name}|...: {_entry_flags(str(e))}") from None
 
 
 def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
@@ -118,12 +132,10 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
     for name, model, weights, layers, model_options in dissections:
         cli.check_layers(layers, f"--dissect={name}|...|LAYERS")
         if model:
-            try:
+            with _named_as_entry(name):
                 model_load.check_request(
                     model, weights or None, model_options.get("num_classes"), model_options
                 )
-            except ValueError as e:
-                raise ValueError(f"--dissect={name}|...: {_entry_flags(str(e))}") from None
         elif not training.is_export(weights):
             raise FileNotFoundError(
                 f"--dissect={name}||{weights}|...: {weights} is no training export; train "
@@ -166,12 +178,10 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
             studies.check_one_probe_set({"the probe set of --data": here, **probes})
         for name, model, weights, layers, model_options in dissections:
             if model:
-                try:
+                with _named_as_entry(name):
                     loaded = model_load.load(
                         model, weights=weights or None, options=model_options, seed=settings.seed
                     )
-                except ValueError as e:
-                    raise ValueError(f"--dissect={name}|...: {_entry_flags(str(e))}") from None
             else:
                 loaded = training.load_trained(weights)
             out = os.path.join(fv.output_dir, name)

@@ -480,6 +480,18 @@ def test_study_scripts_take_the_model_options_dissect_takes(tmp_path):
     assert compare.parse_entry("a|resnet18||layer4")[4] == {}
     with pytest.raises(ValueError, match=r"^--dissect=a\|...: OPTIONS num_classes=0: must be"):
         _run("compare", "--dissect=a|resnet18||layer4|num_classes=0", "--data=synthetic")
+    # The entry and its part are named, never dissect.py's flags (compare has none of them).
+    with pytest.raises(ValueError, match=r"^--dissect='a\|[^:]*': OPTIONS='n': expected key="):
+        compare.parse_entry("a|resnet18||layer4|n")
+    missing = tmp_path / "none"
+    with pytest.raises(FileNotFoundError) as refused:
+        _run("compare", f"--dissect=a|resnet18|{missing}.pth|layer4", "--data=synthetic")
+    assert str(refused.value) == f"--dissect=a|...: WEIGHTS={missing}.pth: no such file"
+    with pytest.raises(
+        FileNotFoundError, match=r"^--dissect=a\|...: WEIGHTS=\S+: no such file "
+    ) as refused:
+        _run("compare", f"--dissect=a|resnet18|{missing}|layer4|num_classes=3", "--data=synthetic")
+    assert "convert.py --arch resnet18 --num_classes 3 --input" in str(refused.value)
 
 
 def test_eval_data_errors_name_eval_data(tmp_path):
