@@ -96,11 +96,21 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.", flag_values=fv)
 
 
-# Flags a multi-host job's processes may set each their own way: how one process joins and
-# reads (--data and --weights may name each host's copy: the probe set and weights they
-# hold are compared instead).
+# Flags a multi-host job's processes may set each their own way: how one process joins,
+# reads, caches its activations and shows progress (--data and --weights may name each
+# host's copy: the probe set and weights they hold are compared instead).
 PER_PROCESS_FLAGS = frozenset(
-    {"process_id", "coordinator_address", "data", "weights", "loader_threads", "loader_workers"}
+    {
+        "process_id",
+        "coordinator_address",
+        "data",
+        "weights",
+        "loader_threads",
+        "loader_workers",
+        "activation_cache",
+        "cache_budget_bytes",
+        "progress",
+    }
 )
 
 

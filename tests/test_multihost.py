@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -86,6 +87,34 @@ def _two_processes(out: pathlib.Path, data: list[pathlib.Path], *extra: list[str
         )
         for i in range(2)
     ]
+
+
+def test_each_host_may_set_its_own_progress_cache_and_reading(monkeypatch):
+    """The same-job check compares every flag of dissect.py but those a host may set its own
+    way without changing the results (how it joins, reads, caches and shows progress)."""
+    from jaxdissect import parallel
+    from tests.experiment_testing import parse, script
+
+    dissect = script("dissect")
+    compared = []
+    monkeypatch.setattr(parallel, "check_same_job", compared.append)
+    model = types.SimpleNamespace(key="weights")
+    for argv in ([], ["--noprogress", "--activation_cache=disk", "--cache_budget_bytes=9"]):
+        dissect.check_same_job(parse("dissect", *argv), _Probe(), model)
+    assert compared[0] == compared[1]
+    assert {"--batch_size", "--tie_rule", "the model weights"} <= set(compared[0])
+    for own in ("progress", "activation_cache", "cache_budget_bytes", "data", "loader_threads"):
+        assert f"--{own}" not in compared[0]
+
+
+class _Probe:
+    """A probe set with an identity, as the same-job check reads it."""
+
+    def identity(self) -> str:
+        return "probe"
+
+    def __len__(self) -> int:
+        return 3
 
 
 @pytest.mark.slow
