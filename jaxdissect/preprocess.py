@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +78,18 @@ def declared_input_spec(module: Any) -> InputSpec | None:
 
 
 def patch_pair(patch_size: int | Sequence[int]) -> tuple[int, int]:
-    """(ph, pw) of a patch size given as one int or a pair (a ViT's patch embedding)."""
-    if isinstance(patch_size, int):
-        return (patch_size, patch_size)
-    ph, pw = patch_size
-    return (int(ph), int(pw))
+    """(ph, pw) of a patch size given as one whole number >= 1 or a pair of them (a ViT's
+    patch embedding; numpy integers too); any other is refused naming patch_size."""
+    pair = isinstance(patch_size, tuple | list | np.ndarray) and len(patch_size) == 2
+    sides = tuple(patch_size) if pair else (patch_size,)
+    if not all(
+        isinstance(p, int | np.integer) and not isinstance(p, bool) and p >= 1 for p in sides
+    ):
+        raise ValueError(
+            f"patch_size={patch_size!r}: an int (square patches, e.g. 16) or a pair of ints "
+            "(ph, pw), e.g. (8, 16)"
+        )
+    return (int(sides[0]), int(sides[-1]))
 
 
 def patch_grid(input_shape: Sequence[int], patch_size: int | Sequence[int]) -> tuple[int, int]:

@@ -182,16 +182,7 @@ class ViT(nn.Module):
     image_size: int = 224
 
     def __post_init__(self):
-        patch = self.patch_size
-        pair = isinstance(patch, tuple | list) and len(patch) == 2
-        if not all(
-            isinstance(p, int | np.integer) and not isinstance(p, bool) and p >= 1
-            for p in (patch if pair else [patch])
-        ):
-            raise ValueError(
-                f"patch_size={patch!r}: an int (square patches, e.g. 16) or a pair of ints "
-                "(ph, pw), e.g. (8, 16)"
-            )
+        patch_pair(self.patch_size)  # refuses another form, naming patch_size
         if self.pool_type not in POOL_TYPES:
             raise ValueError(f"pool_type={self.pool_type!r}: one of {', '.join(POOL_TYPES)}")
         if self.posemb not in POSEMB_TYPES:

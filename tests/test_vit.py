@@ -9,7 +9,7 @@ import pytest
 import torch
 from flax import traverse_util
 
-from jaxdissect import capture
+from jaxdissect import capture, preprocess
 from jaxdissect.models import checkpoint_io, npz_import, torch_import, vit, vit_nnx, zoo
 from jaxdissect.models import load as model_load
 from tests import torch_vit
@@ -251,11 +251,14 @@ def test_zoo_configs():
 def test_patch_size_is_an_int_or_a_pair_of_ints(patch):
     """A patch size of another form is refused naming it, and from --model_option (which
     reads '8,16' as text) before anything is built; it was 'too many values to unpack'."""
-    with pytest.raises(
-        ValueError, match=r"^patch_size=.*: an int \(square patches, e.g. 16\) or a pair"
-    ):
+    refused = r"^patch_size=.*: an int \(square patches, e.g. 16\) or a pair"
+    with pytest.raises(ValueError, match=refused):
         vit.vit_ti16(patch_size=patch)
+    with pytest.raises(ValueError, match=refused):  # a user model's, read by capture
+        preprocess.patch_pair(patch)
     assert vit.vit_ti16(patch_size=[8, 16]).patch_size == [8, 16]
+    assert preprocess.patch_pair(np.int64(16)) == preprocess.patch_pair(16) == (16, 16)
+    assert preprocess.patch_pair(np.array([8, 16])) == (8, 16)
     with pytest.raises(
         ValueError,
         match=r"^--model_option patch_size='8,16': --model=vit_ti16 takes patch_size as a whole "
