@@ -220,7 +220,8 @@ def check_probe_set(directory: str | os.PathLike[str], dataset: str, source: Any
     if relation == "other":
         raise ValueError(
             f"--data: the probe set is {dataset}, but the dissection in {directory} ran on "
-            f"{ran_on} (other CSV tables, split or image count): pass its --data, --split and "
+            f"{ran_on} (other CSV tables, split or image count; a TFDS build made before its "
+            "tables were recorded counts as another until rebuilt): pass its --data, --split and "
             "--max_images (--synthetic_images, --resolution for the synthetic set), or "
             "dissect this probe set"
         )

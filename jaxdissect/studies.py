@@ -348,8 +348,7 @@ def results_rows(
     """`summary_row`s of a dissection's results.json (all layers, or `layers`), named `name`."""
     from jaxdissect import results
 
-    path = pathlib.Path(results_dir)
-    document = results.read_results_json(path / "results.json" if path.is_dir() else path)
+    document = results.read_results_json(results_dir)
     records = document["layers"]
     if layers:
         by_layer = {r["layer"]: r for r in records}
@@ -394,8 +393,7 @@ def results_method(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """`method_of` a dissection's results.json (the categories of its first layer)."""
     from jaxdissect import results
 
-    path = pathlib.Path(results_dir)
-    document = results.read_results_json(path / "results.json" if path.is_dir() else path)
+    document = results.read_results_json(results_dir)
     layers = document["layers"]
     return method_of(document.get("settings", {}), layers[0] if layers else None)
 
@@ -437,8 +435,7 @@ def probe_set(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
     gives it (None where not recorded)."""
     from jaxdissect import results
 
-    path = pathlib.Path(results_dir)
-    document = results.read_results_json(path / "results.json" if path.is_dir() else path)
+    document = results.read_results_json(results_dir)
     settings = document.get("settings", {})
     keys = ("dataset", "dataset_fingerprint", "dataset_identity")
     return {k: settings.get(k) for k in keys}
@@ -458,7 +455,9 @@ def check_one_probe_set(probes: Mapping[str, Mapping[str, Any]]) -> None:
         if relation == "other":
             raise ValueError(
                 f"{name} was dissected on {got['dataset']}, {first} on {want['dataset']} "
-                "(other CSV tables, split or image count): compare dissections of one probe set"
+                "(other CSV tables, split or image count; a TFDS build made before its tables "
+                "were recorded counts as another until rebuilt): compare dissections of one "
+                "probe set"
             )
         if relation == "copy":
             logging.warning(

@@ -31,8 +31,10 @@ No TensorFlow is needed: build with `file_format="array_record"` and read with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import io
+import json
 import operator
 import os
 import shutil
@@ -51,6 +53,8 @@ from jaxdissect.data.files import Fingerprint, add_folder_files, check_data_hash
 from jaxdissect.labelspace import LabelSpace
 
 RESOLUTIONS = (224, 227, 384)
+# What identifies a build made before `tables_hash` was recorded (its metadata).
+_OLD_BUILD_IDENTITY = ("labels", "coverage", "image_size", "seg_size", "record_splits")
 SPLITS = ("train", "val")
 # Bumped when the layout of `metadata.json` or of the features changes.
 METADATA_FORMAT = 2
@@ -492,10 +496,16 @@ class TfdsBroden:
 
     def identity(self, count: int | None = None) -> str | None:
         """`files.probe_identity` of this split (or of its first `count`): that of the folder
-        it was built from."""
-        return files.probe_identity(
-            self.tables_hash, self.split, len(self) if count is None else count
-        )
+        it was built from. A build that predates `tables_hash` is identified by its own
+        label metadata instead (equal for copies of it, never equal to a folder's)."""
+        tables = self.tables_hash
+        if tables is None:
+            described = {k: self.metadata[k] for k in _OLD_BUILD_IDENTITY}
+            tables = (
+                "tfds-metadata:"
+                + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+            )
+        return files.probe_identity(tables, self.split, len(self) if count is None else count)
 
     def _raw(self, i: int) -> tuple[int, dict[str, Any]]:
         """Example `i` (negative counts from the end) as stored: (i >= 0, record)."""
