@@ -331,11 +331,43 @@ def test_the_checkpoints_are_keyed_by_the_device_count(
     assert keys[0] != keys[1]
 
 
-def test_the_record_holds_the_device_count_of_the_default_devices(tmp_path, data_args, dissection):
+def test_the_record_holds_the_device_count_of_the_default_devices(
+    tmp_path, monkeypatch, data_args, dissection
+):
     """Without --devices every device trains (biases round per device count): the record
-    says how many."""
+    says how many (the training stubbed: untrained vectors, scored 0)."""
     import jax
 
+    from jaxdissect import concept_vectors
+
+    meshes = []
+
+    def untrained(data, thresholds, concepts, cfg, *, mesh, **kwargs):
+        meshes.append(mesh)
+        c, k = len(concepts), len(thresholds)
+        zeros, counts = np.zeros(c), np.zeros(c, np.int64)
+        return concept_vectors.ConceptVectors(
+            concepts=concepts,
+            weights=np.zeros((c, k), np.float32),
+            bias=np.zeros(c, np.float32),
+            alpha=zeros + 0.5,
+            train_images=np.arange(1),
+            heldout_images=np.arange(1, 2),
+            iou=zeros,
+            intersection=counts,
+            predicted=counts,
+            truth=counts,
+            train_truth=counts,
+            single_unit=np.full(c, concept_vectors.NO_UNIT),
+            single_iou=zeros,
+            best_heldout_unit=counts,
+            best_heldout_iou=zeros,
+            unit_iou=np.zeros((k, c)),
+            losses=np.zeros(1, np.float32),
+            train_s=0.0,
+        )
+
+    monkeypatch.setattr(concept_vectors, "train_concept_vectors", untrained)
     doc = run_script(
         "concept_vectors",
         f"--dissection={dissection}",
@@ -349,6 +381,7 @@ def test_the_record_holds_the_device_count_of_the_default_devices(tmp_path, data
         f"--output_dir={tmp_path}",
     )
     assert doc["settings"]["devices"] == jax.device_count() > 1
+    assert meshes[0].devices.size == jax.device_count()
 
 
 def test_concepts_and_masks_are_those_of_the_chosen_categories(

@@ -171,27 +171,26 @@ class Net(nnx.Module):
 """
 
 
-def test_definition_key_sees_nnx_settings_in_any_process(tmp_path, monkeypatch):
-    """An NNX module's static attributes (a conv's strides: not in `nnx.state`) are keyed;
-    the same module built again, also in another process, keeps its key."""
+def _nnx_net(folder, monkeypatch) -> Any:
+    """The NNX module class `_NNX_NET` defines, imported from its file in `folder`."""
     import importlib
-    import subprocess
 
+    (folder / "nnx_net.py").write_text(_NNX_NET, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "nnx_net", raising=False)
+    return importlib.import_module("nnx_net").Net
+
+
+def test_definition_key_sees_nnx_settings(tmp_path, monkeypatch):
+    """An NNX module's static attributes (a conv's strides: not in `nnx.state`) are keyed;
+    the same module built again keeps its key (in a fresh process too:
+    `test_a_fresh_process_writes_utf8_and_keys_nnx_modules_alike`)."""
     from flax import nnx
 
-    (tmp_path / "nnx_net.py").write_text(_NNX_NET)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    net = importlib.import_module("nnx_net").Net
+    net = _nnx_net(tmp_path, monkeypatch)
     key = store.definition_key(net(1, nnx.Rngs(0)))
     assert key == store.definition_key(net(1, nnx.Rngs(1)))
     assert key != store.definition_key(net(2, nnx.Rngs(0)))
-    code = "from flax import nnx; from jaxdissect import store; import nnx_net; "
-    code += "print(store.definition_key(nnx_net.Net(1, nnx.Rngs(0))))"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-    other = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert other.stdout.strip() == key
     monkeypatch.delitem(sys.modules, "nnx_net")
 
 
@@ -322,15 +321,24 @@ def test_code_fingerprint_sees_the_stacks_versions(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", real)
 
 
-def test_text_files_are_utf8_whatever_the_locale(tmp_path):
+def test_a_fresh_process_writes_utf8_and_keys_nnx_modules_alike(tmp_path, monkeypatch):
     """Rows and the synthetic set's tables name their encoding: under -X
-    warn_default_encoding an open() of the package that leaves it to the locale raises."""
+    warn_default_encoding an open() of the package that leaves it to the locale raises.
+    The same process (one start shared: importing jax takes seconds) keys an NNX module
+    as this one does: its graphdef's addresses of jax's functions are left out (built
+    abstractly, `nnx.eval_shape`: the same graphdef without seconds of random init)."""
     import subprocess
     import textwrap
 
+    from flax import nnx
+
+    net = _nnx_net(tmp_path, monkeypatch)
+    key = store.definition_key(nnx.eval_shape(lambda: net(1, nnx.Rngs(0))))
+    monkeypatch.delitem(sys.modules, "nnx_net")
     script = textwrap.dedent(
         f"""
         import pathlib
+        import sys
         import warnings
         warnings.filterwarnings("error", category=EncodingWarning, module=r"jaxdissect\\.")
         from jaxdissect import store
@@ -339,6 +347,10 @@ def test_text_files_are_utf8_whatever_the_locale(tmp_path):
         assert path.read_bytes() == "layer\\r\\ncafé\\r\\n".encode("utf-8")
         assert store.read_rows_csv(path) == [{{"layer": "café"}}]
         synthetic.generate_tiny(pathlib.Path({str(tmp_path)!r}) / "b", num_images=2)
+        sys.path.insert(0, {str(tmp_path)!r})
+        from flax import nnx
+        import nnx_net
+        print(store.definition_key(nnx.eval_shape(lambda: nnx_net.Net(1, nnx.Rngs(0)))))
         """
     )
     done = subprocess.run(
@@ -348,3 +360,4 @@ def test_text_files_are_utf8_whatever_the_locale(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == key
