@@ -26,9 +26,8 @@ pass to a dissection, touches no driver code.
 
 from __future__ import annotations
 
-import functools
 import types
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxdissect import quantiles, tally, tie_counts, topimages
+from jaxdissect import quantiles, store, tally, tie_counts, topimages
 from jaxdissect.labelspace import LabelSpace
 
 State = Any
@@ -173,78 +172,10 @@ def group(statistics: Mapping[str, Statistic]) -> Statistic:
 
 # ----------------------------------------------------------------------------- keys
 
-# Functions inside functions' closures are followed this deep (recursive helpers end).
-_CLOSURE_DEPTH = 3
-_OPAQUE = object()  # a closed-over value that is not compared (an array, any object)
 
-
-def _plain(value: Any) -> Any:
-    """`value` as a comparable constant where it is a plain one (None, a number, string,
-    dtype, or a tuple or list of them: as a tuple, NaN as the string "nan"), else _OPAQUE."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if value is None or isinstance(value, (bool, int, str, bytes, np.dtype)):
-        return value
-    if isinstance(value, (float, complex)):
-        return "nan" if value != value else value
-    if isinstance(value, (tuple, list)):
-        items = tuple(_plain(v) for v in value)
-        return _OPAQUE if any(v is _OPAQUE for v in items) else items
-    return _OPAQUE
-
-
-# A constant's label: (the function holding it, e.g. "update" or "update's helper"; the
-# name it is bound to there, None for the function's code itself).
-Label = tuple[str, str | None]
-
-
-def _function_constants(
-    fn: Any, label: str, depth: int = 0, keyed: Callable[[Any], Any] | None = None
-) -> Iterator[tuple[Label, Any]]:
-    """(label, value) of what a function visibly depends on: its code, and the plain
-    defaults, closure cells and partial arguments it carries (functions among them
-    followed). Other callables (a jitted function, an object) give nothing. Other values
-    are left out, or given as `keyed(value)` where that is not `_OPAQUE`."""
-    if isinstance(fn, functools.partial):
-        yield from _function_constants(fn.func, label, depth, keyed)
-        named = {**{f"argument {i}": a for i, a in enumerate(fn.args)}, **fn.keywords}
-        for name, value in named.items():
-            yield from _value_constants(value, label, name, depth, keyed)
-        return
-    if not isinstance(fn, types.FunctionType):
-        return
-    code = fn.__code__
-    yield (label, None), code
-    positional = code.co_varnames[: code.co_argcount]
-    defaults = fn.__defaults__ or ()
-    bound = dict(zip(positional[len(positional) - len(defaults) :], defaults, strict=True))
-    bound.update(fn.__kwdefaults__ or {})
-    for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=True):
-        try:
-            bound[name] = cell.cell_contents
-        except ValueError:  # a cell not filled yet
-            continue
-    for name, value in bound.items():
-        yield from _value_constants(value, label, name, depth, keyed)
-
-
-def _value_constants(
-    value: Any, label: str, name: str, depth: int, keyed: Callable[[Any], Any] | None = None
-) -> Iterator[tuple[Label, Any]]:
-    if isinstance(value, (types.FunctionType, functools.partial)):
-        if depth < _CLOSURE_DEPTH:
-            yield from _function_constants(value, f"{label}'s {name}", depth + 1, keyed)
-        return
-    plain = _plain(value)
-    if plain is _OPAQUE and keyed is not None:
-        plain = keyed(value)
-    if plain is not _OPAQUE:
-        yield (label, name), plain
-
-
-def constants(statistic: Statistic) -> dict[Label, Any]:
+def constants(statistic: Statistic) -> dict[store.Label, Any]:
     """What `statistic`'s `update` and `merge` visibly close over: their code objects and
-    plain constants (`_plain`) by label (a group: its parts', named); arrays and other
+    plain constants (`store.plain_constant`) by label (a group: its parts', named); arrays and other
     objects are left out, so they are never compared."""
     if statistic.parts:
         return {
@@ -253,8 +184,8 @@ def constants(statistic: Statistic) -> dict[Label, Any]:
             for (fn, bound), value in constants(part).items()
         }
     return {
-        **dict(_function_constants(statistic.update, "update")),
-        **dict(_function_constants(statistic.merge, "merge")),
+        **dict(store.function_constants(statistic.update, "update")),
+        **dict(store.function_constants(statistic.merge, "merge")),
     }
 
 
@@ -283,7 +214,7 @@ class KeyClaims:
 
     def __init__(self, caller: str, earlier: str = ""):
         self._caller, self._earlier = caller, earlier  # in messages: who refuses; "seen when"
-        self._seen: dict[Hashable, tuple[dict[Label, Any], str]] = {}
+        self._seen: dict[Hashable, tuple[dict[store.Label, Any], str]] = {}
 
     def add(self, statistic: Statistic, path: tuple[str, ...] = ()) -> None:
         """Claim the keys of `statistic` (at part `path` of what is checked) and its parts."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import inspect
 import json
@@ -21,9 +22,10 @@ import pathlib
 import re
 import shutil
 import sys
+import types
 import uuid
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 import numpy as np
@@ -112,6 +114,77 @@ def backend_of(mesh: Any) -> list[tuple[str, str]]:
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
+# ----------------------------------------------------------------------------- constants
+
+# Functions inside functions' closures are followed this deep (recursive helpers end).
+CLOSURE_DEPTH = 3
+OPAQUE = object()  # a closed-over value that is not compared (an array, any object)
+
+
+def plain_constant(value: Any) -> Any:
+    """`value` as a comparable constant where it is a plain one (None, a number, string,
+    dtype, or a tuple or list of them: as a tuple, NaN as the string "nan"), else OPAQUE."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str, bytes, np.dtype)):
+        return value
+    if isinstance(value, (float, complex)):
+        return "nan" if value != value else value
+    if isinstance(value, (tuple, list)):
+        items = tuple(plain_constant(v) for v in value)
+        return OPAQUE if any(v is OPAQUE for v in items) else items
+    return OPAQUE
+
+
+# A constant's label: (the function holding it, e.g. "update" or "update's helper"; the
+# name it is bound to there, None for the function's code itself).
+Label = tuple[str, str | None]
+
+
+def function_constants(
+    fn: Any, label: str, depth: int = 0, keyed: Callable[[Any], Any] | None = None
+) -> Iterator[tuple[Label, Any]]:
+    """(label, value) of what a function visibly depends on: its code, and the plain
+    defaults, closure cells and partial arguments it carries (functions among them
+    followed). Other callables (a jitted function, an object) give nothing. Other values
+    are left out, or given as `keyed(value)` where that is not `OPAQUE`."""
+    if isinstance(fn, functools.partial):
+        yield from function_constants(fn.func, label, depth, keyed)
+        named = {**{f"argument {i}": a for i, a in enumerate(fn.args)}, **fn.keywords}
+        for name, value in named.items():
+            yield from _value_constants(value, label, name, depth, keyed)
+        return
+    if not isinstance(fn, types.FunctionType):
+        return
+    code = fn.__code__
+    yield (label, None), code
+    positional = code.co_varnames[: code.co_argcount]
+    defaults = fn.__defaults__ or ()
+    bound = dict(zip(positional[len(positional) - len(defaults) :], defaults, strict=True))
+    bound.update(fn.__kwdefaults__ or {})
+    for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=True):
+        try:
+            bound[name] = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            continue
+    for name, value in bound.items():
+        yield from _value_constants(value, label, name, depth, keyed)
+
+
+def _value_constants(
+    value: Any, label: str, name: str, depth: int, keyed: Callable[[Any], Any] | None = None
+) -> Iterator[tuple[Label, Any]]:
+    if isinstance(value, (types.FunctionType, functools.partial)):
+        if depth < CLOSURE_DEPTH:
+            yield from function_constants(value, f"{label}'s {name}", depth + 1, keyed)
+        return
+    plain = plain_constant(value)
+    if plain is OPAQUE and keyed is not None:
+        plain = keyed(value)
+    if plain is not OPAQUE:
+        yield (label, name), plain
+
+
 def definition_key(
     module: Any, apply_kwargs: Mapping[str, Any] | None = None, *, source: bool = True
 ) -> str:
@@ -157,7 +230,7 @@ def definition_key(
 def _computation(module: Any, defined: set[Any]) -> list[Any]:
     """What defines `module`'s computation beyond its fields and defining files: an NNX
     module's graphdef (static attributes; addresses dropped), a function's or partial's
-    constants (`statistics._function_constants`: closure cells, defaults, partial
+    constants (`function_constants`: closure cells, defaults, partial
     arguments, code of functions among them), the values of the globals its functions
     read, a bound method's object (each value by `_value_key`, which adds the classes of
     the modules among them to `defined`), and the code of classes and functions defined
@@ -168,13 +241,11 @@ def _computation(module: Any, defined: set[Any]) -> list[Any]:
 
     from flax import nnx
 
-    from jaxdissect import statistics
-
     unkeyed: list[str] = []
 
     def keyed(value: Any) -> Any:  # code (`_SKIPPED`) is left out of the constants
         key = _value_key(value, defined, unkeyed)
-        return statistics._OPAQUE if key is _SKIPPED else key
+        return OPAQUE if key is _SKIPPED else key
 
     head: list[Any] = []
     if isinstance(module, nnx.Module):
@@ -192,7 +263,7 @@ def _computation(module: Any, defined: set[Any]) -> list[Any]:
         if fileless or isinstance(module, functools.partial) or module.__closure__:
             values.extend(
                 [fn, name, _code_key(v) if inspect.iscode(v) else repr(v)]
-                for (fn, name), v in statistics._function_constants(module, "model", keyed=keyed)
+                for (fn, name), v in function_constants(module, "model", keyed=keyed)
             )
         values.extend(_global_values(module, keyed))
     for cls in sorted(
@@ -223,8 +294,6 @@ def _global_values(fn: Any, keyed: Any) -> list[Any]:
     import functools
     import types
 
-    from jaxdissect import statistics
-
     found, todo, seen = [], [fn], set()
     while todo:
         f = todo.pop()
@@ -252,7 +321,7 @@ def _global_values(fn: Any, keyed: Any) -> list[Any]:
             if isinstance(value, (types.ModuleType, type, types.BuiltinFunctionType)):
                 continue
             key = keyed(value)
-            if key is not statistics._OPAQUE:
+            if key is not OPAQUE:
                 found.append([f.__qualname__, name, repr(key)])
     return found
 
@@ -286,10 +355,8 @@ def _value_key(value: Any, classes: set[Any], unkeyed: list[str], depth: int = 0
     import jax
     from flax import nnx
 
-    from jaxdissect import statistics
-
-    plain = statistics._plain(value)
-    if plain is not statistics._OPAQUE:
+    plain = plain_constant(value)
+    if plain is not OPAQUE:
         return repr(plain) if isinstance(plain, (bytes, np.dtype)) else plain
     again = functools.partial(_value_key, classes=classes, unkeyed=unkeyed, depth=depth + 1)
     name = f"{type(value).__module__}.{type(value).__qualname__}"
