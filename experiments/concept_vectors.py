@@ -88,16 +88,8 @@ def _vectors(fv, cfg, probe, output_dir):
     source, dataset_name = probe.open()  # a missing or bad probe set fails before the model loads
     finished.check_probe_set(fv.dissection, dataset_name, source)
     concept_vectors.check_batch_fits(cfg, len(source))
-    loaded = finished.load_dissected_model(
-        fv.model, fv.weights, fv.dissection, cli.model_options(fv)
-    )
-    fields = store.definition_key(loaded.module, loaded.apply_kwargs, source=False)
-    layer = finished.read_layer(
-        fv.dissection,
-        fv.layer,
-        model_key=loaded.key,
-        model_fields=fields,
-        model_code=finished.model_code_key(loaded.module, loaded.apply_kwargs),
+    loaded, layer = finished.load_dissected_layer(
+        fv.model, fv.weights, fv.dissection, fv.layer, cli.model_options(fv)
     )
     categories = list(fv.categories) or layer.categories
     unknown = [c for c in categories if c not in source.labels.categories]

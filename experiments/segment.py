@@ -117,16 +117,8 @@ def _segment(fv, image, vectors, out):
 
     from jaxdissect import concept_vectors, finished, masks, segment, store
 
-    loaded = finished.load_dissected_model(
-        fv.model, fv.weights, fv.dissection, cli.model_options(fv)
-    )
-    fields = store.definition_key(loaded.module, loaded.apply_kwargs, source=False)
-    layer = finished.read_layer(
-        fv.dissection,
-        fv.layer,
-        model_key=loaded.key,
-        model_fields=fields,
-        model_code=finished.model_code_key(loaded.module, loaded.apply_kwargs),
+    loaded, layer = finished.load_dissected_layer(
+        fv.model, fv.weights, fv.dissection, fv.layer, cli.model_options(fv)
     )
     acts = finished.layer_forward(loaded, layer)(image[None])
     size = image.shape[:2]

@@ -295,6 +295,29 @@ def load_dissected_model(
     return load_model(model, weights, seed=seed, options=options)
 
 
+def load_dissected_layer(
+    model: str | None,
+    weights: str | None,
+    directory: Any,
+    layer: str,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[Any, FinishedLayer]:
+    """(`load_dissected_model`, `read_layer` of `layer`) of the finished dissection in
+    `directory`, refused unless that dissection ran this model: its weights, fields and
+    code (`model_code_key`)."""
+    from jaxdissect import store
+
+    loaded = load_dissected_model(model, weights, directory, options)
+    finished = read_layer(
+        directory,
+        layer,
+        model_key=loaded.key,
+        model_fields=store.definition_key(loaded.module, loaded.apply_kwargs, source=False),
+        model_code=model_code_key(loaded.module, loaded.apply_kwargs),
+    )
+    return loaded, finished
+
+
 def layer_forward(loaded: Any, finished: FinishedLayer) -> Any:
     """A jitted fn(images [B, H, W, 3], RGB pixel values 0..255, uint8 or float) -> float32
     [B, h, w, K]: the layer's activations as the dissection saw them (its input spec, its
