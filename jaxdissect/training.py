@@ -51,7 +51,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from jaxdissect import config, evaluate, parallel, store
+from jaxdissect import config, evaluate, parallel, store, training_checkpoints
 from jaxdissect.models.convert import META_FILE, read_meta, save_variables
 from jaxdissect.models.load import INIT_COMPILER_OPTIONS
 from jaxdissect.preprocess import InputSpec
@@ -385,73 +385,6 @@ class Trainer:
 # --------------------------------------------------------------------------- files
 
 
-# A train step's metrics, and the checkpoint metadata holding those of the steps a
-# checkpoint's state has taken since the last row (so a resumed run's next row averages them).
-_STEP_METRICS = ("loss", "accuracy")
-_PENDING_METADATA = "unlogged_train_metrics"
-
-
-def _checkpoint_manager(directory: pathlib.Path, config: TrainConfig):
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint import checkpoint_managers as policies
-
-    save = [policies.FixedIntervalPolicy(config.checkpoint_every)]
-    keep: list[Any] = [policies.LatestN(config.keep_checkpoints)]
-    if config.save_steps:
-        save.append(policies.SpecificStepsPolicy(config.save_steps))
-        keep.append(policies.CustomSteps(config.save_steps))
-    options = ocp.CheckpointManagerOptions(
-        save_decision_policy=policies.AnySavePolicy(save),
-        preservation_policy=policies.AnyPreservationPolicy(keep),
-        # Synchronous: once `save` returns, a kill cannot lose that step.
-        enable_async_checkpointing=False,
-        cleanup_tmp_directories=True,
-    )
-    return ocp.CheckpointManager(directory.absolute(), options=options)
-
-
-def _save_state(
-    manager, state: TrainState, pending: Sequence[Mapping[str, Any]] = (), force: bool = False
-) -> bool:
-    """Save `state` with `pending`, the train metrics of its steps not yet in a row."""
-    import orbax.checkpoint as ocp
-
-    step = int(jax.device_get(state.step))
-    if step in manager.all_steps():
-        return False
-    got = jax.device_get(list(pending))
-    unlogged = {key: [float(m[key]) for m in got] for key in _STEP_METRICS}
-    return manager.save(
-        step,
-        args=ocp.args.StandardSave(state),
-        force=force,
-        custom_metadata={_PENDING_METADATA: unlogged},
-    )
-
-
-def _restore_pending(manager, step: int) -> list[dict[str, np.ndarray]]:
-    """The train metrics `_save_state` kept with `step`'s checkpoint (none in a checkpoint
-    written without them)."""
-    unlogged = (manager.metadata(step).custom_metadata or {}).get(_PENDING_METADATA) or {}
-    values = [unlogged.get(key, []) for key in _STEP_METRICS]
-    return [
-        {key: np.float32(v) for key, v in zip(_STEP_METRICS, row, strict=True)}
-        for row in zip(*values, strict=True)
-    ]
-
-
-def _restore_state(manager, template: TrainState) -> TrainState | None:
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        return None
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template
-    )
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-
-
 _METRIC_COLUMNS = (
     "step",
     "epoch",
@@ -668,8 +601,8 @@ def train(
     trainer = Trainer.shared(model, config, task.resolution, mesh)
     state = trainer.initial_state()
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    manager = _checkpoint_manager(out / CHECKPOINT_DIR, config)
-    restored = _restore_state(manager, state)
+    manager = training_checkpoints.checkpoint_manager(out / CHECKPOINT_DIR, config)
+    restored = training_checkpoints.restore_state(manager, state)
     start = 0
     if restored is not None:
         state = restored
@@ -694,7 +627,7 @@ def train(
     def validate(state: TrainState, step: int, final: bool = False) -> dict[str, float]:
         """Evaluate and export where the config says (at save steps, every `eval_every`
         steps, at the end); the row's validation fields, empty where not evaluated. The
-        state is saved by the caller once the step's row is written (`_save_state`)."""
+        state is saved by the caller once the step's row is written (`training_checkpoints.save_state`)."""
         row: dict[str, float] = {}
         evaluate = (
             final
@@ -717,7 +650,7 @@ def train(
     if start == 0 and not history:
         row = validate(state, 0)
         history.append({"step": 0, "epoch": 0.0, **row, "elapsed_s": 0.0})
-        _save_state(manager, state)
+        training_checkpoints.save_state(manager, state)
     batches = train_batches(task.train, config.batch_size, seed=config.seed, flip=config.flip)
     stop = config.steps if stop_after is None else min(config.steps, stop_after)
     stream = batches[start:stop].to_iter_dataset(
@@ -728,7 +661,7 @@ def train(
     bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step", desc="train")
     # The train metrics of the steps since the last row, restored with a checkpoint.
     pending: list[Mapping[str, Any]] = (
-        _restore_pending(manager, start) if restored is not None else []
+        training_checkpoints.restore_pending(manager, start) if restored is not None else []
     )
     tick, tick_step = time.time(), start
     step = start
@@ -775,7 +708,7 @@ def train(
         # Saved after the step's row is written: a run killed in between redoes the step
         # and its row. The final state is saved once summary.json is written.
         if saved and step != config.steps:
-            _save_state(manager, state, pending)
+            training_checkpoints.save_state(manager, state, pending)
     bar.close()
     if start == stop == config.steps:
         logging.info("%s: already trained for %d steps", out, config.steps)
@@ -819,7 +752,7 @@ def train(
         )
     if step == config.steps:
         # Last: a run killed before it resumes from an earlier step and writes the summary.
-        _save_state(manager, state, force=True)
+        training_checkpoints.save_state(manager, state, force=True)
     manager.wait_until_finished()
     manager.close()
     return result

@@ -1,0 +1,82 @@
+"""A training run's state checkpoints (orbax): when they are saved and kept, and the train
+metrics of the steps a checkpoint has taken since the last metrics row, kept in its
+metadata so that a resumed run's next row averages them too."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+# A train step's metrics, and the checkpoint metadata holding those of the steps a
+# checkpoint's state has taken since the last row (so a resumed run's next row averages them).
+STEP_METRICS = ("loss", "accuracy")
+PENDING_METADATA = "unlogged_train_metrics"
+
+
+def checkpoint_manager(directory: pathlib.Path, config: Any) -> Any:
+    """The orbax manager of a run's checkpoints: saved every `config.checkpoint_every`
+    steps and at `config.save_steps`, the latest `config.keep_checkpoints` and the save
+    steps kept."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers as policies
+
+    save = [policies.FixedIntervalPolicy(config.checkpoint_every)]
+    keep: list[Any] = [policies.LatestN(config.keep_checkpoints)]
+    if config.save_steps:
+        save.append(policies.SpecificStepsPolicy(config.save_steps))
+        keep.append(policies.CustomSteps(config.save_steps))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.AnySavePolicy(save),
+        preservation_policy=policies.AnyPreservationPolicy(keep),
+        # Synchronous: once `save` returns, a kill cannot lose that step.
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def save_state(
+    manager: Any, state: Any, pending: Sequence[Mapping[str, Any]] = (), force: bool = False
+) -> bool:
+    """Save `state` with `pending`, the train metrics of its steps not yet in a row."""
+    import orbax.checkpoint as ocp
+
+    step = int(jax.device_get(state.step))
+    if step in manager.all_steps():
+        return False
+    got = jax.device_get(list(pending))
+    unlogged = {key: [float(m[key]) for m in got] for key in STEP_METRICS}
+    return manager.save(
+        step,
+        args=ocp.args.StandardSave(state),
+        force=force,
+        custom_metadata={PENDING_METADATA: unlogged},
+    )
+
+
+def restore_pending(manager: Any, step: int) -> list[dict[str, np.ndarray]]:
+    """The train metrics `save_state` kept with `step`'s checkpoint (none in a checkpoint
+    written without them)."""
+    unlogged = (manager.metadata(step).custom_metadata or {}).get(PENDING_METADATA) or {}
+    values = [unlogged.get(key, []) for key in STEP_METRICS]
+    return [
+        {key: np.float32(v) for key, v in zip(STEP_METRICS, row, strict=True)}
+        for row in zip(*values, strict=True)
+    ]
+
+
+def restore_state(manager: Any, template: Any) -> Any:
+    """The latest checkpoint's state (shaped and sharded as `template`), or None."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template
+    )
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
