@@ -198,13 +198,9 @@ def definition_key(
     functions defined where no file is (a notebook, a REPL). Code a model reads from
     elsewhere (an environment variable, another package) is not covered; a value it cannot
     key is logged."""
-    import functools
-
     import flax.linen as nn
 
-    target = module
-    while isinstance(target, functools.partial):
-        target = target.func
+    target = _unpartial(module)
     if isinstance(module, nn.Module):
         fields, defined = repr(module), _module_classes(module)
     elif inspect.isfunction(module):  # a plain-function model
@@ -227,6 +223,22 @@ def definition_key(
     )
 
 
+def _unpartial(fn: Any) -> Any:
+    """The function a (nested) `functools.partial` wraps; `fn` itself otherwise."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
+def _nnx_key(module: Any, classes: set[Any]) -> str:
+    """An NNX module's graphdef as text (its static attributes; addresses dropped, so the
+    same in every process); the classes of its nodes are added to `classes`."""
+    from flax import nnx
+
+    classes |= {type(node) for _, node in nnx.iter_graph(module)}
+    return _ADDRESS.sub("", repr(nnx.graphdef(module)))
+
+
 def _computation(module: Any, defined: set[Any]) -> list[Any]:
     """What defines `module`'s computation beyond its fields and defining files: an NNX
     module's graphdef (static attributes; addresses dropped), a function's or partial's
@@ -237,8 +249,6 @@ def _computation(module: Any, defined: set[Any]) -> list[Any]:
     where no file is; empty where nothing is (a Linen module or a function reading no
     value but code, from a file), so that their keys stay as they were. Values it cannot
     key are named in one warning."""
-    import functools
-
     from flax import nnx
 
     unkeyed: list[str] = []
@@ -249,12 +259,9 @@ def _computation(module: Any, defined: set[Any]) -> list[Any]:
 
     head: list[Any] = []
     if isinstance(module, nnx.Module):
-        head.append(_ADDRESS.sub("", repr(nnx.graphdef(module))))
-        defined |= {type(node) for _, node in nnx.iter_graph(module)}
+        head.append(_nnx_key(module, defined))
     values: list[Any] = []
-    target = module
-    while isinstance(target, functools.partial):
-        target = target.func
+    target = _unpartial(module)
     if inspect.ismethod(target):
         values.append(["bound to", repr(keyed(target.__self__))])
     if isinstance(module, functools.partial) or inspect.isfunction(module):
@@ -291,9 +298,6 @@ def _global_values(fn: Any, keyed: Any) -> list[Any]:
     by its file) that `fn`, a partial's function, and the functions among their closure
     cells and among the globals they read from the same module, read as a global, by
     `keyed`; functions defined where no file is give their code too."""
-    import functools
-    import types
-
     found, todo, seen = [], [fn], set()
     while todo:
         f = todo.pop()
@@ -348,8 +352,6 @@ def _value_key(value: Any, classes: set[Any], unkeyed: list[str], depth: int = 0
     callables give `_SKIPPED` (their code is keyed by its file); anything else is named in
     `unkeyed`."""
     import dataclasses
-    import functools
-    import types
 
     import flax.linen as nn
     import jax
@@ -367,8 +369,7 @@ def _value_key(value: Any, classes: set[Any], unkeyed: list[str], depth: int = 0
         classes |= _module_classes(value)
         return ["linen", _ADDRESS.sub("", repr(value))]
     if isinstance(value, nnx.Module):
-        classes |= {type(node) for _, node in nnx.iter_graph(value)}
-        return ["nnx", _ADDRESS.sub("", repr(nnx.graphdef(value)))]
+        return ["nnx", _nnx_key(value, classes)]
     if inspect.ismethod(value):
         return ["method", value.__qualname__, again(value.__self__)]
     if isinstance(value, type):
@@ -464,7 +465,6 @@ def _reached_sources(defined: set[Any]) -> set[str]:
     the files among them: the code a model defined in a file (not a package: that is
     keyed whole) takes from its siblings. Modules of the standard library, installed
     packages and this library are not followed."""
-    import types
 
     def top_of(value: Any) -> types.ModuleType | None:
         if isinstance(value, types.ModuleType):
