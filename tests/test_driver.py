@@ -391,9 +391,9 @@ def test_a_group_runs_as_one_program_per_part_with_the_numbers_of_one_program(tm
     assert split["low"]["images"] == 19
 
 
-def test_a_damaged_stored_stage_is_computed_again(tmp_path):
-    """A stage marked done whose arrays were cut short afterwards is not reused: it is
-    computed and stored again (and a whole one is reused without computing)."""
+def _counted_stage(tmp_path):
+    """(calls, outputs): `outputs()` is `driver.stage_outputs` of a one-layer stage in
+    `tmp_path` whose every computation appends to `calls`."""
     calls = []
 
     def compute():
@@ -405,6 +405,13 @@ def test_a_damaged_stored_stage_is_computed_again(tmp_path):
             tmp_path, "pass2", {"conv1": "k1"}, {"conv1": {"layer": "conv1"}}, compute
         )
 
+    return calls, outputs
+
+
+def test_a_damaged_stored_stage_is_computed_again(tmp_path):
+    """A stage marked done whose arrays were cut short afterwards is not reused: it is
+    computed and stored again (and a whole one is reused without computing)."""
+    calls, outputs = _counted_stage(tmp_path)
     first = outputs()
     stored = tmp_path / "pass2-k1" / "arrays.npz"
     assert outputs()["conv1"]["counts"].tolist() == first["conv1"]["counts"].tolist()
@@ -419,17 +426,7 @@ def test_a_damaged_stored_stage_is_computed_again(tmp_path):
 def test_stage_reuse_is_process_0s_decision_and_needs_every_process_to_read(tmp_path, monkeypatch):
     """Under several processes, a stage is reused where process 0 finds it stored (another
     process's own answer is not asked), and computed by all where any cannot read it."""
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return {"conv1": {"counts": np.arange(6)}}
-
-    def outputs():
-        return driver.stage_outputs(
-            tmp_path, "pass2", {"conv1": "k1"}, {"conv1": {"layer": "conv1"}}, compute
-        )
-
+    calls, outputs = _counted_stage(tmp_path)
     outputs()
     monkeypatch.setattr(parallel, "process_0s", lambda done: False)  # process 0 has none
     outputs()
