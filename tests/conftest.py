@@ -1,6 +1,7 @@
-"""Test session setup: 8 fake CPU devices, so multi-device code runs everywhere, and one
+"""Test session setup: 8 fake CPU devices, so multi-device code runs everywhere; one
 persistent compilation cache per test session, shared by the xdist workers and the
-scripts the tests start (an identical step is compiled once a session, not once a test)."""
+scripts the tests start (an identical step is compiled once a session, not once a test);
+and XLA without LLVM's optimisations but for the tests marked `optimized`."""
 
 import os
 import shutil
@@ -12,6 +13,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # inherited by its workers and every subprocess; `cli.enable_compilation_cache` uses it too.
 if "PYTEST_XDIST_WORKER" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxdissect-tests-xla-")
+# Compiling is most of the suite's time. Without LLVM's optimisations (XLA's own HLO passes
+# still run) a program compiles in about two thirds of the time and computes the same but
+# for rounding: optimised XLA:CPU code contracts a * b + c into one fused multiply-add, as
+# GPUs do, and unoptimised code rounds twice, as numpy does. Tests marked `optimized` compile
+# as users' runs do: those whose subject is that rounding (upsampling against a threshold)
+# and those whose time is running, not compiling. JAX_DISABLE_MOST_OPTIMIZATIONS=0 compiles
+# every test so.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -31,6 +40,20 @@ cli.enable_compilation_cache()  # as the scripts do, in the session's directory
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+_UNOPTIMIZED = jax.config.read("jax_disable_most_optimizations")  # the session's choice
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up
+def pytest_runtest_setup(item) -> None:
+    """An `optimized` test (its fixtures and the scripts it starts too) compiles with every
+    optimisation; the others as the session chose. Switching drops the compiled programs,
+    which JAX's in-memory caches would otherwise reuse across the two."""
+    unoptimized = _UNOPTIMIZED and item.get_closest_marker("optimized") is None
+    if jax.config.read("jax_disable_most_optimizations") != unoptimized:
+        jax.config.update("jax_disable_most_optimizations", unoptimized)
+        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = str(int(unoptimized))
+        jax.clear_caches()
 
 
 def pytest_unconfigure(config) -> None:

@@ -12,6 +12,9 @@ import pytest
 from jaxdissect import store
 from tests.experiment_testing import TINY_SIZE, run_script, tiny_broden, unaccounted_files
 
+# The beam search's time is running its passes, not compiling them (tests/conftest.py).
+pytestmark = pytest.mark.optimized
+
 ARGS = (
     "--model=jaxdissect.models.small_cnn:small_cnn",
     "--weights=",

@@ -95,7 +95,8 @@ def _run(model, variables, probe, settings, layers, mesh, **kwargs):
 @pytest.mark.parametrize(
     "restriction,dtype,devices,cache,method,workers",
     [
-        ("presence", "float32", 1, "none", "auto", 0),
+        # Compiled as users' runs are: the upsampling's fused multiply-adds (tests/conftest.py).
+        pytest.param("presence", "float32", 1, "none", "auto", 0, marks=pytest.mark.optimized),
         ("overlap", "float16", 8, "host", "auto", 0),
         ("none", "bfloat16", 8, "device", "auto", 0),
         # The GPU default tally on 8 devices, images decoded in a worker process (the order

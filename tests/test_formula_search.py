@@ -290,6 +290,7 @@ def test_options_are_checked():
         parse_ops([])
 
 
+@pytest.mark.optimized  # its time is the search's passes (tests/conftest.py)
 def test_planted_formula_is_recovered_on_synthetic_broden_masks(tmp_path):
     probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=24))
     nl = probe.labels.num_labels

@@ -40,6 +40,7 @@ def test_unit_masks_match_reference_with_real_ties(tie_rule):
         masks.unit_masks(acts, thresholds[:2], size, tie_rule)
 
 
+@pytest.mark.optimized  # the upsampling's fused multiply-adds (tests/conftest.py)
 @pytest.mark.parametrize(
     ("map_size", "size"), [((13, 13), (113, 113)), ((7, 7), (112, 112)), ((3, 5), (17, 11))]
 )
@@ -79,6 +80,7 @@ def test_concept_masks_match_reference():
     assert np.asarray(one).all()  # an image-level label covers the whole image
 
 
+@pytest.mark.optimized  # the tally's upsampling as users' runs compile it (tests/conftest.py)
 def test_masks_give_the_tallys_intersections():
     probe = reference.random_probe(3)
     acts, thresholds = probe["acts"], probe["thresholds"]

@@ -10,6 +10,9 @@ import pytest
 from jaxdissect import quantiles as Q
 from jaxdissect import statistics
 
+# The sketch tests' time is running the sketch over millions of values (tests/conftest.py).
+pytestmark = pytest.mark.optimized
+
 Q_DEFAULT = 0.005
 
 # Shared jitted entry points: tests reuse the same shapes, so each compiles once.
