@@ -60,6 +60,7 @@ def _directory() -> pathlib.Path:
     path = os.environ.get("SUITE_COMPILE_DIR")
     if not path:  # made once by the session's first process, inherited by its workers
         path = os.environ["SUITE_COMPILE_DIR"] = tempfile.mkdtemp(prefix="suite-compile-")
+    pathlib.Path(path).mkdir(parents=True, exist_ok=True)
     return pathlib.Path(path)
 
 
