@@ -11,8 +11,10 @@
 # GPU_TESTS_TIMEOUT (default 240) bounds the pytest run, in seconds.
 set -uo pipefail
 source benchmarks/gpu_env.sh
-# Several test processes share the GPU: none may take most of its memory up front.
-export JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
+# Several test processes share the GPU: none may take most of its memory up front. Every
+# test compiles with XLA's optimisations, as users' runs do (the suite's default drops
+# LLVM's on CPU to compile faster: tests/conftest.py).
+export JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DISABLE_MOST_OPTIMIZATIONS=0
 timeout "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -p no:cacheprovider -n 8 -rfEs \
   tests/test_tally.py tests/test_masks.py tests/test_ties.py tests/test_segment.py \
   tests/test_unit_reduce.py tests/test_quantiles.py tests/test_engine.py 2>&1 \
