@@ -151,10 +151,11 @@ def check_parity(
     paths: Iterable[str],
     batch: int = 2,
     seed: int = 0,
-) -> None:
+) -> tuple[dict, jax.Array, jax.Array]:
     """Torch reference with random weights vs. the Flax model with those weights imported.
 
-    Compares the logits and the outputs at module `paths` (torch name = path with dots).
+    Compares the logits and the outputs at module `paths` (torch name = path with dots);
+    returns the imported variables, the input and the model's logits.
     """
     arch = type(model).__name__
     reference = tm.randomize_(reference, seed=seed)
@@ -172,6 +173,7 @@ def check_parity(
         assert path in got, f"{arch}: no module called at {path}"
         assert_close(got[path], expected[path.replace("/", ".")], f"{arch} {path}")
     assert_close(logits, expected_logits, f"{arch} logits")
+    return variables, x, logits
 
 
 # -- the real configurations (abstract: nothing allocated) ------------------------------
@@ -310,13 +312,11 @@ def test_resnet_caffe_variants_parity(arch: str, stride_in_1x1: bool, caffe_maxp
     model = zoo.build(arch, **options, caffe_maxpool=caffe_maxpool)
     reference = caffe_resnet(torch_reference(arch, width=0.25), stride_in_1x1, caffe_maxpool)
     paths = ["maxpool", "layer1", "layer2/0/conv1", "layer2/0/conv2", "layer2", "layer4"]
-    check_parity(model, reference, 70, paths)
-    # The same weights in the default model compute something else.
-    shapes, _ = abstract_init(model, 70)
-    variables = torch_to_flax(state_dict_copy(reference), zeros_like_abstract(shapes))
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 70, 70, 3), np.float32))
+    variables, x, caffe = check_parity(model, reference, 70, paths)
+    # The same weights in the default model compute something else (jitted: op by op, a
+    # ResNet-50's dispatch costs seconds).
     with jax.default_matmul_precision("highest"):
-        caffe, default = (m.apply(variables, x) for m in (model, zoo.build(arch, width=0.25)))
+        default = jax.jit(zoo.build(arch, width=0.25).apply)(variables, jnp.asarray(x))
     assert np.abs(np.asarray(caffe) - np.asarray(default)).max() > 1e-2 * np.abs(caffe).max()
 
 
