@@ -18,7 +18,7 @@ from jaxdissect.models import vit, vit_nnx
 from jaxdissect.models.load import init_variables
 from jaxdissect.preprocess import InputSpec
 from tests import reference
-from tests.experiment_testing import QUICK, ROOT, TINY_SIZE, parse, run_script, script, tiny_broden
+from tests.experiment_testing import QUICK, ROOT, TINY_SIZE, parse, run_script, script
 from tests.test_cli import _script
 
 pytestmark = pytest.mark.xdist_group("vit")
@@ -180,7 +180,8 @@ def test_big_vision_npz_dissected_from_its_flagfile(tmp_path):
 def test_small_vit_trains_and_dissects_from_its_export(tmp_path):
     """train.py exports the ViT's image_size (its position embeddings' grid), so the export
     dissects at the training resolution: 48 px, 12 px patches, a 4x4 map per block."""
-    broden = tiny_broden(tmp_path / "broden1_48")
+    # 32 images: two training batches; the export's resolution needs no more.
+    broden = synthetic.generate(tmp_path / "broden1_48", num_images=32, size=TINY_SIZE, workers=1)
     data = (f"--data={broden}", f"--resolution={TINY_SIZE}")
     run_script(
         "train",
