@@ -19,7 +19,7 @@ from absl import flags
 
 from jaxdissect import cli, config, engine, outdir, parallel, pipeline, training
 from jaxdissect.models import load as model_load
-from tests.experiment_testing import QUICK, parse, script
+from tests.experiment_testing import QUICK, ScriptProcesses, parse, script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -185,14 +185,25 @@ def _holder(path: pathlib.Path) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_run_on_a_locked_output_dir_says_who_holds_it(tmp_path):
+@pytest.fixture(scope="module")
+def scripts():
+    """The experiment scripts' processes, forked from one that imported dissect.py's modules."""
+    processes = ScriptProcesses(
+        *("absl.app", "flax.nnx", "jaxdissect.pipeline", "jaxdissect.data.synthetic"),
+        *("jaxdissect.models.load", "jaxdissect.models.zoo", "jaxdissect.models.resnet"),
+    )
+    yield processes
+    processes.close()
+
+
+def test_a_second_run_on_a_locked_output_dir_says_who_holds_it(tmp_path, scripts):
     holder = _holder(tmp_path)
     try:
         busy = pytest.raises(outdir.OutputDirBusy, match=rf"in use by pid {holder.pid} \(")
         with busy, outdir.locked(tmp_path):
             pass
         # The script: one line naming the flag and the holder, exit 1, nothing written.
-        done = _script("dissect", f"--output_dir={tmp_path}", cache=tmp_path / "cache")
+        done = _script(scripts, "dissect", f"--output_dir={tmp_path}", cache=tmp_path / "cache")
         assert done.returncode == 1
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1, done.stderr
@@ -230,15 +241,11 @@ def test_the_python_api_holds_the_output_dir(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing written
 
 
-def _script(name: str, *argv: str, cache: pathlib.Path) -> subprocess.CompletedProcess:
+def _script(
+    scripts: ScriptProcesses, name: str, *argv: str, cache: pathlib.Path
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAXDISSECT_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / f"{name}.py"), *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    return scripts.run(ROOT / "experiments" / f"{name}.py", *argv, env=env)
 
 
 @pytest.mark.parametrize(
@@ -267,10 +274,10 @@ def _script(name: str, *argv: str, cache: pathlib.Path) -> subprocess.CompletedP
         ),
     ],
 )
-def test_bad_flags_fail_in_one_line_before_loading(tmp_path, argv, message):
+def test_bad_flags_fail_in_one_line_before_loading(tmp_path, scripts, argv, message):
     cache = tmp_path / "cache"
     started = time.monotonic()
-    done = _script("dissect", *argv, f"--output_dir={tmp_path / 'out'}", cache=cache)
+    done = _script(scripts, "dissect", *argv, f"--output_dir={tmp_path / 'out'}", cache=cache)
     elapsed = time.monotonic() - started
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1, done.stderr
@@ -564,18 +571,13 @@ def test_a_tilde_in_a_path_flag_is_the_home_folder_everywhere(tmp_path, monkeypa
     assert (home / "out").is_dir() and not (tmp_path / "~").exists()
 
 
-def test_a_positional_argument_is_one_line_naming_its_flagfile(tmp_path):
+def test_a_positional_argument_is_one_line_naming_its_flagfile(tmp_path, scripts):
     """A flagfile line without '--' (`quantile=0.01`) became a positional argument, answered
     by the whole usage text and 'unexpected arguments'; now one line names the argument,
     the flagfile it came from and the '--' it needs."""
     flagfile = tmp_path / "run.flags"
     flagfile.write_text("--noprogress\nquantile=0.01\n")
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "dissect.py"), f"--flagfile={flagfile}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = scripts.run(ROOT / "experiments" / "dissect.py", f"--flagfile={flagfile}", timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"error: unexpected argument 'quantile=0.01' in --flagfile={flagfile}: a flag needs "
