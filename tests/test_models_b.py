@@ -103,30 +103,35 @@ def test_efficientnet_lite0_parity_random_weights():
     _check_parity(torch_model, efficientnet_lite0(num_classes=10), x, paths)
 
 
-def test_parameter_counts_of_real_configs():
-    googlenet_params = variables_template(googlenet())["params"]
-    assert _count(googlenet_params) == 6_624_904
+@pytest.fixture(scope="module")
+def real_configs() -> dict:
+    """{arch: (the zoo's model, its variables' and its modules' outputs' shapes)}, from one
+    abstract trace of `init` each (nothing computed)."""
+    out = {}
+    for arch in ("googlenet", "efficientnet_lite0"):
+        model = zoo.build(arch)
+        size = model.input_spec.size
+        x = jnp.zeros((1, size, size, 3))
+        shapes = jax.eval_shape(
+            lambda model=model, x=x: model.init(jax.random.key(0), x, capture_intermediates=True)
+        )
+        out[arch] = model, shapes
+    return out
+
+
+def test_parameter_counts_of_real_configs(real_configs):
+    assert real_configs["googlenet"][0] == googlenet()
+    assert _count(real_configs["googlenet"][1]["params"]) == 6_624_904
     assert sum(p.numel() for p in ref.GoogLeNet().parameters()) == 6_624_904
 
-    lite_params = variables_template(efficientnet_lite0())["params"]
-    assert _count(lite_params) == 4_652_008
+    assert real_configs["efficientnet_lite0"][0] == efficientnet_lite0()
+    assert _count(real_configs["efficientnet_lite0"][1]["params"]) == 4_652_008
     assert sum(p.numel() for p in ref.EfficientNetLite0().parameters()) == 4_652_008
 
 
-def test_aliases_and_default_layers_name_real_modules():
-    for arch in ("googlenet", "efficientnet_lite0"):
-        model = zoo.build(arch)
-        variables = variables_template(model)
-        size = model.input_spec.size
-        _, state = jax.eval_shape(
-            lambda model=model, variables=variables, size=size: model.apply(
-                variables,
-                jnp.zeros((1, size, size, 3)),
-                capture_intermediates=True,
-                mutable=["intermediates"],
-            )
-        )
-        flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+def test_aliases_and_default_layers_name_real_modules(real_configs):
+    for arch, (model, shapes) in real_configs.items():
+        flat = jax.tree_util.tree_flatten_with_path(shapes["intermediates"])[0]
         paths = {".".join(k.key for k in keypath[:-2]) for keypath, _ in flat}
         for alias, path in model.layer_aliases.items():
             assert path in paths, (arch, alias, path)
