@@ -15,7 +15,6 @@ import shlex
 import shutil
 import struct
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from jaxdissect.models.googlenet import GoogLeNet, googlenet
 from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax
 from tests import torch_models as tm
 from tests import torch_models_b as ref
+from tests.experiment_testing import ScriptProcesses
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
@@ -375,19 +375,23 @@ def test_a_damaged_converted_checkpoint_is_one_line_naming_it(tmp_path):
         read_meta(tmp_path / "ok")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, "models/convert.py", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+@pytest.fixture(scope="module")
+def convert_py():
+    """models/convert.py's processes, forked from one that imported its modules once."""
+    processes = ScriptProcesses(
+        *("absl.app", "flax.linen", "orbax.checkpoint", "jaxdissect.models.load"),
+        *("jaxdissect.models.zoo", "jaxdissect.models.checkpoint_io"),
     )
+    yield processes
+    processes.close()
 
 
-def test_convert_cli_end_to_end(tmp_path):
+def _cli(convert_py: ScriptProcesses, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return convert_py.run(REPO / "models" / "convert.py", *args, cwd=REPO, env=env, timeout=120)
+
+
+def test_convert_cli_end_to_end(tmp_path, convert_py):
     torch.manual_seed(0)
     # torchvision GoogLeNet keys with aux heads, DataParallel prefix, Places-style wrapper,
     # legacy format: everything the CLI must see through.
@@ -400,7 +404,7 @@ def test_convert_cli_end_to_end(tmp_path):
         False,
     )
     out = tmp_path / "converted"
-    done = _cli("--arch", "googlenet", "--num_classes", "5", "--input", str(source),
+    done = _cli(convert_py, "--arch", "googlenet", "--num_classes", "5", "--input", str(source),
                 "--output", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
     # orbax's per-checkpoint INFO lines (~40) are kept out of the log (cli.quiet_library_logs)
@@ -424,7 +428,9 @@ def test_convert_cli_end_to_end(tmp_path):
     assert isinstance(model, GoogLeNet) and model.num_classes == 5
 
     # Wrong class count: the error names the flags and lists both sides.
-    failed = _cli("--arch", "googlenet", "--input", str(source), "--output", str(tmp_path / "x"))
+    failed = _cli(
+        convert_py, "--arch", "googlenet", "--input", str(source), "--output", str(tmp_path / "x")
+    )
     assert failed.returncode != 0
     assert "--arch googlenet --num_classes 1000" in failed.stderr
     assert "shape mismatch" in failed.stderr and "params/fc/kernel" in failed.stderr
@@ -596,7 +602,8 @@ def test_torch_compile_prefix_is_stripped(tmp_path):
     """`torch.compile(model).state_dict()` names each key `_orig_mod.<key>`: such a file
     loads as the model's own, with the same weights."""
     reference = tm.randomize_(tm.ResNet(*tm.RESNET_LAYOUT["resnet18"], num_classes=3))
-    compiled = torch.compile(reference)  # not run: its state dict is what matters
+    # Not run (its state dict is what matters): no backend's compiler is needed.
+    compiled = torch.compile(reference, backend="eager")
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
     torch.save(compiled.state_dict(), tmp_path / "compiled.pth")
     torch.save(reference.state_dict(), tmp_path / "plain.pth")
@@ -712,7 +719,7 @@ def test_force_replaces_only_an_earlier_conversion(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 
-def test_convert_cli_refuses_bad_paths_in_one_line(tmp_path):
+def test_convert_cli_refuses_bad_paths_in_one_line(tmp_path, convert_py):
     home = tmp_path / "v2"
     home.mkdir()
     source = _save({"fc.weight": torch.ones(2, 2)}, home / "model.pth", True)
@@ -726,7 +733,7 @@ def test_convert_cli_refuses_bad_paths_in_one_line(tmp_path):
         "is or holds the input": ["--input", str(source), "--output", str(source), "--force"],
     }  # fmt: skip
     for reason, args in cases.items():
-        done = _cli("--arch", "alexnet", "--num_classes", "3", *args)
+        done = _cli(convert_py, "--arch", "alexnet", "--num_classes", "3", *args)
         assert done.returncode == 1, done.stderr
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("convert: --") and reason in last, done.stderr
@@ -734,7 +741,7 @@ def test_convert_cli_refuses_bad_paths_in_one_line(tmp_path):
     assert sorted(os.listdir(home)) == ["model.pth", "other.pth"]
 
 
-def test_convert_cli_checks_options_and_output_before_reading_the_input(tmp_path):
+def test_convert_cli_checks_options_and_output_before_reading_the_input(tmp_path, convert_py):
     """An option the architecture does not take or of another type, --num_classes below 1
     and an --output under a file are one line naming the flag, before the input is read
     (the input here does not exist; they were a TypeError or found after reading it)."""
@@ -747,7 +754,7 @@ def test_convert_cli_checks_options_and_output_before_reading_the_input(tmp_path
     }
     for extra, message in cases.items():
         args = ["--arch", "resnet18", "--input", str(tmp_path / "missing.pth")]
-        done = _cli(*args, "--output", str(tmp_path / "out"), *extra)
+        done = _cli(convert_py, *args, "--output", str(tmp_path / "out"), *extra)
         assert done.returncode == 1, done.stderr
         assert message in done.stderr.strip().splitlines()[-1], done.stderr
         assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
