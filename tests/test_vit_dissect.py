@@ -18,7 +18,15 @@ from jaxdissect.models import vit, vit_nnx
 from jaxdissect.models.load import init_variables
 from jaxdissect.preprocess import InputSpec
 from tests import reference
-from tests.experiment_testing import QUICK, ROOT, TINY_SIZE, parse, run_script, script
+from tests.experiment_testing import (
+    QUICK,
+    ROOT,
+    TINY_SIZE,
+    ScriptProcesses,
+    parse,
+    run_script,
+    script,
+)
 from tests.test_cli import _script
 
 pytestmark = pytest.mark.xdist_group("vit")
@@ -154,17 +162,20 @@ def test_big_vision_npz_dissected_from_its_flagfile(tmp_path):
     arrays = {k: (rng.standard_normal(s.shape) * 0.05).astype(np.float32) for k, s in flat.items()}
     np.savez(tmp_path / "bv.npz", **arrays)
     out = tmp_path / "out"
+    scripts = ScriptProcesses()  # one run: nothing to import ahead of it
     done = _script(
+        scripts,
         "dissect",
         f"--flagfile={flagfile}",
         f"--weights={tmp_path / 'bv.npz'}",
-        "--synthetic_images=16",
+        "--synthetic_images=8",  # one batch: what the assertions read needs no more
         "--batch_size=8",
         "--layers=block0,mlp11",
         "--noreport",
         f"--output_dir={out}",
         cache=tmp_path / "cache",
     )
+    scripts.close()
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1] == f"Results: {out / 'results.json'}"  # --noreport
     data = json.loads((out / "results.json").read_text())
