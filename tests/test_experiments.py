@@ -366,10 +366,10 @@ def test_finding_b_folded_rotation_keeps_the_networks_power(rotation_run):
 
 @pytest.mark.slow
 def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
-    """ablation_demo.flags at tiny size (8 probe images at 48 px): the pretrained Lite0's
+    """ablation_demo.flags at tiny size (4 probe images at 48 px): the pretrained Lite0's
     classes are its most frequent top-1 predictions, and with no unit removed every image
     agrees with the intact network."""
-    from jaxdissect import evaluate
+    from jaxdissect import evaluate, parallel
     from jaxdissect.data import open_probe
     from jaxdissect.models import load as model_load
 
@@ -381,25 +381,28 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
         f"--flagfile={flagfile}",
         f"--class_names={names}",
         *data_args,
-        "--max_images=8",
+        "--max_images=4",
         "--top_classes=3",
         "--top_n=1,8,112",
-        "--masks_per_call=64",
-        "--eval_batch_size=8",
+        # The 4 classes' 3 top-N masks: one compiled step for them and the single units.
+        "--masks_per_call=12",
+        "--eval_batch_size=4",
         *PROBE_ARGS,
         "--noreport",
         f"--output_dir={tmp_path}",
     )
     assert doc["settings"]["task"].startswith("predictions") and doc["settings"]["units"] == 112
     # The unit order can depend on both (PROBE_ARGS' --devices=1).
-    assert (doc["settings"]["devices"], doc["settings"]["eval_batch_size"]) == (1, 8)
+    assert (doc["settings"]["devices"], doc["settings"]["eval_batch_size"]) == (1, 4)
     classes = [c["class"] for c in doc["classes"]]
     # The intact network's predictions on the same images, by the plain evaluator.
     loaded = model_load.load("efficientnet_lite0", weights="pretrained")
     data = data_args[0].split("=", 1)[1]
-    probe, _ = open_probe(data, split="all", max_images=8, resolution=TINY_SIZE)
+    probe, _ = open_probe(data, split="all", max_images=4, resolution=TINY_SIZE)
     images = np.stack([np.asarray(probe.read_image(i), np.float32) for i in range(len(probe))])
-    net = evaluate.Evaluator(lambda v, x: loaded.module.apply(v, loaded.input_spec(x)))
+    net = evaluate.Evaluator(
+        lambda v, x: loaded.module.apply(v, loaded.input_spec(x)), parallel.data_mesh(1)
+    )
     logits = net(
         loaded.variables,
         [{"image": images, "label": np.zeros(len(images), np.int32)}],
