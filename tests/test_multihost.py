@@ -3,19 +3,20 @@ collectives over loopback) gives exactly the files of 1 process with 4 devices."
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pathlib
 import random
 import shutil
 import socket
 import subprocess
-import sys
 import types
 
 import numpy as np
 import pytest
 
 from jaxdissect.data import synthetic
+from tests.experiment_testing import ScriptProcesses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,11 +37,27 @@ def _free_port() -> int:
     raise RuntimeError(f"no free port below the ephemeral range ({low})")
 
 
-def _dissect(out: pathlib.Path, data: pathlib.Path, devices: int, *extra: str) -> subprocess.Popen:
+# What dissect.py imports, imported once by each process's fork server.
+_WARM = ("absl.app", "flax.nnx", "jaxdissect.pipeline", "jaxdissect.data.synthetic")
+_WARM += ("jaxdissect.models.load", "jaxdissect.models.small_cnn")
+
+
+@pytest.fixture
+def ranks():
+    """A fork server for each process of a 2-process job (process 0's also runs the 1-process
+    job): every run its own process of dissect.py, without a fresh interpreter's imports."""
+    servers = [ScriptProcesses(*_WARM) for _ in range(2)]
+    yield servers
+    for server in servers:
+        server.close()
+
+
+def _dissect(
+    scripts: ScriptProcesses, out: pathlib.Path, data: pathlib.Path, devices: int, *extra: str
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    cmd = [
-        sys.executable,
-        str(ROOT / "experiments" / "dissect.py"),
+    return scripts.run(
+        ROOT / "experiments" / "dissect.py",
         "--model=jaxdissect.models.small_cnn:small_cnn",
         "--model_option=image_size=48",
         "--model_option=num_classes=5",
@@ -55,38 +72,37 @@ def _dissect(out: pathlib.Path, data: pathlib.Path, devices: int, *extra: str) -
         "--noreport",
         f"--output_dir={out}",
         *extra,
-    ]
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        env=env,
+        cwd=ROOT,
     )
 
 
-def _finish(proc: subprocess.Popen, what: str, returncode: int = 0) -> str:
-    try:
-        log, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"{what} did not finish in 300 s")
-    assert proc.returncode == returncode, f"{what} exited {proc.returncode}:\n{log[-3000:]}"
+def _finish(done: subprocess.CompletedProcess, what: str, returncode: int = 0) -> str:
+    log = done.stdout + done.stderr
+    assert done.returncode == returncode, f"{what} exited {done.returncode}:\n{log[-3000:]}"
     return log
 
 
-def _two_processes(out: pathlib.Path, data: list[pathlib.Path], *extra: list[str]):
-    """The 2 processes of a job on `data[i]`, process i also given `extra[i]`."""
+def _two_processes(ranks, out: pathlib.Path, data: list[pathlib.Path], *extra: list[str]):
+    """The 2 processes of a job on `data[i]`, process i also given `extra[i]`, run at once."""
     port = _free_port()
-    return [
-        _dissect(
-            out,
-            data[i],
-            2,
-            "--distributed",
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            *(extra[i] if extra else ()),
-        )
-        for i in range(2)
-    ]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = [
+            pool.submit(
+                _dissect,
+                ranks[i],
+                out,
+                data[i],
+                2,
+                "--distributed",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                *(extra[i] if extra else ()),
+            )
+            for i in range(2)
+        ]
+        return [run.result() for run in runs]
 
 
 def test_each_host_may_set_its_own_progress_cache_and_reading(monkeypatch):
@@ -118,14 +134,13 @@ class _Probe:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, ranks):
     data = tmp_path / "broden"
     synthetic.generate(data, num_images=36, size=48, workers=1)  # 36: a partial last batch
     copy = tmp_path / "copy"  # process 1's host holds its own copy: other file times
     shutil.copytree(data, copy)
-    one = _dissect(tmp_path / "one", data, 4)
-    _finish(one, "the 1-process run")
-    for i, p in enumerate(_two_processes(tmp_path / "two", [data, copy])):
+    _finish(_dissect(ranks[0], tmp_path / "one", data, 4), "the 1-process run")
+    for i, p in enumerate(_two_processes(ranks, tmp_path / "two", [data, copy])):
         _finish(p, f"process {i} of the 2-process run")
 
     # The output_dir's lock file names its holder's pid: the one file that differs.
@@ -147,7 +162,7 @@ def test_two_processes_match_one(tmp_path):
 
     # Processes given other flags or probe sets are refused, every one, before pass 1.
     other = ["--tie_rule=inclusive", "--max_images=9"]
-    for i, p in enumerate(_two_processes(tmp_path / "other", [data, copy], [], other)):
+    for i, p in enumerate(_two_processes(ranks, tmp_path / "other", [data, copy], [], other)):
         log = _finish(p, f"process {i} of the 2-process run given other flags", 1)
         assert (
             "error: the processes of this multi-host job differ in --max_images (process 1 "
