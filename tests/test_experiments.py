@@ -195,24 +195,31 @@ def test_ablation_script_joins_units_with_labels_and_hurts_the_class_most(
     assert finding["n"][-1] == 128 and last <= {0.0, 1.0}
 
 
-@TRAINED
-def test_significance_script_tests_every_unit(tmp_path, trained_run, data_args):
-    """The permutation test end to end at tiny size: one p per unit on the p grid of its
-    draws, BH calls and the 0.04 rule side by side, the cost in forward passes."""
-    weights = trained_run / "weights" / f"step_{TINY_STEPS:06d}"
+@pytest.fixture(scope="module")
+def significance_run(tmp_path_factory, data_args, trained_run) -> tuple[pathlib.Path, dict]:
+    """The trained conv5's permutation test: (output folder, significance.json document)."""
+    out = tmp_path_factory.mktemp("significance") / "run"
     doc = run_script(
         "significance",
-        f"--weights={weights}",
+        f"--weights={trained_run / 'weights' / f'step_{TINY_STEPS:06d}'}",
         "--layer=conv5",
         "--significance_draws=49",
         "--significance_stride=8",
         *data_args,
         *PROBE_ARGS,
-        f"--output_dir={tmp_path}",
+        f"--output_dir={out}",
     )
+    return out, doc
+
+
+@TRAINED
+def test_significance_script_tests_every_unit(significance_run):
+    """The permutation test end to end at tiny size: one p per unit on the p grid of its
+    draws, BH calls and the 0.04 rule side by side, the cost in forward passes."""
+    out, doc = significance_run
     units = doc["units"]
-    assert len(units) == 128 and (tmp_path / "significance-conv5.csv").is_file()
-    assert unaccounted_files(tmp_path) == []  # a rerun's dissection removes what it wrote
+    assert len(units) == 128 and (out / "significance-conv5.csv").is_file()
+    assert unaccounted_files(out) == []  # a rerun's dissection removes what it wrote
     p = np.array([u["p"] for u in units])
     np.testing.assert_allclose(p * 50, (p * 50).round(), atol=1e-9)
     assert p.min() >= 1 / 50 - 1e-12 and p.max() <= 1
@@ -226,7 +233,9 @@ def test_significance_script_tests_every_unit(tmp_path, trained_run, data_args):
 
 @TRAINED
 @pytest.mark.parametrize("baseline", ["random_init", "rotated"])
-def test_significance_script_tests_the_papers_baselines(tmp_path, trained_run, data_args, baseline):
+def test_significance_script_tests_the_papers_baselines(
+    tmp_path, trained_run, data_args, significance_run, baseline
+):
     """--baseline dissects and tests a reference: the rotated layer (its own results name)
     or the same architecture at a random init; the distribution of its best IoUs."""
     weights = trained_run / "weights" / f"step_{TINY_STEPS:06d}"
@@ -243,7 +252,7 @@ def test_significance_script_tests_the_papers_baselines(tmp_path, trained_run, d
     if baseline == "rotated":
         assert record["layer"] == "conv5-t1_000" and record["path"] == "conv5-t1_000"
         # A rotation mixes the units: their best IoUs are not the trained layer's.
-        plain = run_script("significance", *args, *PROBE_ARGS, f"--output_dir={tmp_path / 'p'}")
+        plain = significance_run[1]
         assert [u["iou"] for u in plain["units"]] != [u["iou"] for u in doc["units"]]
     else:
         assert record["layer"] == "conv5" and doc["settings"]["init_seed"] == 0
