@@ -20,6 +20,7 @@ from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.models.load import init_variables
 from jaxdissect.preprocess import InputSpec
+from tests.experiment_testing import ScriptProcesses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,12 +40,15 @@ _DEFAULT_SIGINT = (
 )
 
 
+DISSECT = ROOT / "experiments" / "dissect.py"
+
+
 def _command(data, out, *extra):
+    return [sys.executable, "-c", _DEFAULT_SIGINT, str(DISSECT), *_flags(data, out, *extra)]
+
+
+def _flags(data, out, *extra):
     return [
-        sys.executable,
-        "-c",
-        _DEFAULT_SIGINT,
-        str(ROOT / "experiments" / "dissect.py"),
         "--model=tests.fixtures.small_model:make",
         "--weights=",
         f"--data={data}",
@@ -61,6 +65,18 @@ def _command(data, out, *extra):
 
 def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture
+def scripts():
+    """The runs no signal reaches (the uninterrupted one, the last resume), each its own
+    process forked from one that imported dissect.py's modules once."""
+    processes = ScriptProcesses(
+        *("absl.app", "flax.nnx", "jaxdissect.pipeline", "jaxdissect.models.load"),
+        "tests.fixtures.small_model",
+    )
+    yield processes
+    processes.close()
 
 
 def _steps(out, stage):
@@ -123,9 +139,10 @@ def _kill_during(command, out, stage, sig=signal.SIGKILL, attempts=1):
 
 
 @pytest.mark.slow
-def test_killed_runs_resume_identically(tiny_data, tmp_path):
+def test_killed_runs_resume_identically(tiny_data, tmp_path, scripts):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_command(tiny_data, ref), env=_env(), check=True, capture_output=True)
+    run = scripts.run(DISSECT, *_flags(tiny_data, ref), env=_env())
+    assert run.returncode == 0, run.stderr[-3000:]
 
     # Killed in pass 1, restarted and killed again in pass 2, restarted to the end.
     step, _ = _kill_during(_command(tiny_data, killed), killed, "pass1")
@@ -140,9 +157,7 @@ def test_killed_runs_resume_identically(tiny_data, tmp_path):
     assert not (killed / "results.json").exists()
     checkpoints = killed / ".work" / "checkpoints"
     assert [p.name.split("-")[0] for p in checkpoints.iterdir()] == ["pass2"]  # pass 1 stored
-    run = subprocess.run(
-        _command(tiny_data, killed, "--verbosity=0"), env=_env(), capture_output=True, text=True
-    )
+    run = scripts.run(DISSECT, *_flags(tiny_data, killed, "--verbosity=0"), env=_env())
     assert run.returncode == 0, run.stderr[-3000:]
     assert "pass2: resuming after batch" in run.stderr
     assert list(checkpoints.iterdir()) == []  # both passes stored: nothing left to resume
