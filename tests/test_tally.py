@@ -24,8 +24,10 @@ from tests.reference import (
 BATCH = 4  # 11 images: two full batches and a partial one padded with garbage rows
 
 
-def _run_tally(probe: dict, restriction: str, **kwargs) -> dict[str, np.ndarray]:
-    """Tally the probe in padded batches under jit, like the engine does."""
+def _run_tally(probe: dict, restriction: str, halves: bool = False, **kwargs):
+    """Tally the probe in padded batches under jit, like the engine does. With `halves`,
+    also the merge of two partial tallies (the first batch; the others), as shards and
+    resumed runs merge theirs."""
     labels = probe["labels"]
     count = jax.jit(
         functools.partial(
@@ -41,6 +43,7 @@ def _run_tally(probe: dict, restriction: str, **kwargs) -> dict[str, np.ndarray]
     state = tally.tally_init(
         probe["acts"].shape[-1], labels, patterns=kwargs.get("patterns", False)
     )
+    parts = [state, state]
     for start in range(0, n, BATCH):
         stop = min(start + BATCH, n)
         pad = BATCH - (stop - start)
@@ -58,7 +61,12 @@ def _run_tally(probe: dict, restriction: str, **kwargs) -> dict[str, np.ndarray]
             "index": np.arange(start, start + BATCH, dtype=np.int32),
         }
         acts = padded(probe["acts"], 100.0)
-        state = add(state, count(acts, probe["thresholds"], batch))
+        counts = count(acts, probe["thresholds"], batch)
+        state = add(state, counts)
+        parts[start > 0] = add(parts[start > 0], counts)
+    if halves:
+        merged = tally.tally_to_numpy(tally.tally_merge(*parts))
+        return tally.tally_to_numpy(state), merged
     return tally.tally_to_numpy(state)
 
 
@@ -174,7 +182,7 @@ def test_tally_equals_reference(probe, references, restriction, kwargs):
 )
 def test_pattern_counts_equal_the_reference(probe, restriction, kwargs):
     """Unit totals by restriction pattern (what a formula's restricted union needs)."""
-    got = _run_tally(probe, restriction, patterns=True, **kwargs)
+    got, merged = _run_tally(probe, restriction, halves=True, patterns=True, **kwargs)
     rule = kwargs.get("tie_rule", "strict")
     want = _reference_of(probe, restriction, tie_rule=rule, patterns=True)
     _assert_counts_equal(got, want)
@@ -186,23 +194,7 @@ def test_pattern_counts_equal_the_reference(probe, restriction, kwargs):
     used = (patterns > 0).any(0).sum()
     assert used == 1 if restriction == "none" else used >= 3
     # Merged halves (shards, resumed runs) give the same counts.
-    labels, half = probe["labels"], len(probe["acts"]) // 2
-    states = []
-    for part in (slice(0, half), slice(half, None)):
-        batch = {key: probe[key][part] for key in ("pixel_labels", "image_labels")}
-        counts = tally.batch_counts(
-            probe["acts"][part],
-            probe["thresholds"],
-            batch,
-            labels.primary,
-            labels.num_categories,
-            restriction=restriction,
-            patterns=True,
-            **kwargs,
-        )
-        init = tally.tally_init(probe["acts"].shape[-1], labels, patterns=True)
-        states.append(tally.tally_add(init, counts))
-    _assert_counts_equal(tally.tally_to_numpy(tally.tally_merge(*states)), want)
+    _assert_counts_equal(merged, want)
 
 
 def test_pattern_counts_refuse_too_many_categories():
