@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from jaxdissect import capture, preprocess
 from jaxdissect.models import checkpoint_io, npz_import, torch_import, vit, vit_nnx, zoo
@@ -323,12 +323,15 @@ def test_map_head_npz_loads_and_pools_as_big_vision(tmp_path):
     for a, b in zip(jax.tree.leaves(loaded.variables), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(a, b)
     x = np.random.default_rng(5).standard_normal((3, 32, 32, 3), np.float32)
-    logits, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    apply = jax.jit(  # one program: eager, each op compiled apart took seconds
+        lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+    )
+    logits, state = apply(variables, x)
     tokens = state["intermediates"]["Transformer"]["__call__"][0]
     want = _numpy_map_head(tokens, variables["params"], model.num_heads)
     _assert_close(logits, want, "logits")
     twin = vit_nnx.from_linen(model, variables["params"])
-    _assert_close(twin(x), logits, "nnx logits")
+    _assert_close(nnx.jit(lambda m, x: m(x))(twin, x), logits, "nnx logits")
     with pytest.raises(ValueError, match="pool_type=map"):
         model_load.load("vit_ti16", weights=str(tmp_path / "map.npz"), options=SMALL)
     _save_npz(tmp_path / "gap.npz", _random_variables(vit.vit_ti16(**SMALL), 32)["params"])
@@ -344,8 +347,6 @@ def test_nnx_twin_has_the_same_numbers():
     twin = vit_nnx.from_linen(model, variables["params"])
     x = np.random.default_rng(3).standard_normal((2, 32, 32, 3), np.float32)
     # Jitted both: eager dispatch may split a dot product differently (1 ulp).
-    from flax import nnx
-
     got = nnx.jit(lambda m, x: m(x))(twin, x)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(model.apply)(variables, x)))
     layers = ["stem", "block0", "mlp1", "Transformer/encoderblock_1/MultiHeadDotProductAttention_0"]
