@@ -8,6 +8,10 @@ import pytest
 from jaxdissect import masks, tally
 from tests import reference
 
+# The tally as the engine runs it: one jitted program (eagerly, its scan over the batch,
+# where the upsampling is, is compiled all the same, and every other operation apart).
+_batch_counts = jax.jit(tally.batch_counts, static_argnums=4, static_argnames="tie_rule")
+
 
 def _reference_concept(pixel: np.ndarray, image: np.ndarray, c: int, num_labels: int):
     if not 1 <= c < num_labels:
@@ -59,7 +63,7 @@ def test_a_plateau_at_its_threshold_is_empty_strict_and_full_inclusive(map_size,
         "valid": np.ones(2, bool),
     }
     for tie_rule, want in (("strict", 0), ("inclusive", 2 * size[0] * size[1])):
-        counts = tally.batch_counts(acts, values, batch, np.array([-1, 0]), 1, tie_rule=tie_rule)
+        counts = _batch_counts(acts, values, batch, np.array([-1, 0]), 1, tie_rule=tie_rule)
         np.testing.assert_array_equal(counts["unit_total"], want)
 
 
@@ -87,7 +91,7 @@ def test_masks_give_the_tallys_intersections():
     pixel, image = probe["pixel_labels"], probe["image_labels"]
     labels = probe["labels"]
     size = pixel.shape[2:]
-    counts = tally.batch_counts(
+    counts = _batch_counts(
         acts,
         thresholds,
         {"pixel_labels": pixel, "image_labels": image},
@@ -95,8 +99,10 @@ def test_masks_give_the_tallys_intersections():
         labels.num_categories,
     )
     concepts = np.arange(labels.num_labels)
-    unit = np.asarray(masks.unit_masks(acts, thresholds, size))  # [B, sh, sw, K]
-    concept = np.asarray(masks.concept_masks(pixel, image, concepts, labels.num_labels))
+    unit = np.asarray(jax.jit(masks.unit_masks, static_argnums=2)(acts, thresholds, size))
+    concept = np.asarray(
+        jax.jit(masks.concept_masks, static_argnums=3)(pixel, image, concepts, labels.num_labels)
+    )
     inter = np.einsum("bhwk,bchw->kc", unit.astype(np.int64), concept.astype(np.int64))
     np.testing.assert_array_equal(inter, np.asarray(counts["intersection"]))
 
