@@ -50,9 +50,14 @@ class Identity(nn.Module):
         return x
 
 
+def _normal(shape, seed=0) -> np.ndarray:
+    """Standard normal inputs from numpy: jax.random compiles a program per shape."""
+    return np.random.default_rng(seed).standard_normal(shape, np.float32)
+
+
 def _setup(shape, **kw):
     model = Tokens(**kw)
-    x = jax.random.normal(jax.random.key(0), (2, *shape))
+    x = _normal((2, *shape))
     variables = init_variables(model, x, seed=1)
     conv = nn.Conv(6, (model.patch, model.patch), strides=model.patch)
     grid = conv.apply({"params": variables["params"]["embed"]}, x)  # the planted patch map
@@ -119,7 +124,7 @@ def test_model_declared_layout_wins_over_inference():
             return TokenLayout((input_shape[0] // 4, input_shape[1] // 4), prefix=1, suffix=2)
 
     model = Declared(prefix=1, suffix=2)
-    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
+    x = _normal((1, 16, 16, 3))
     variables = init_variables(model, x, seed=1)
     tap = capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3))
     grid = nn.Conv(6, (4, 4), strides=4).apply({"params": variables["params"]["embed"]}, x)
@@ -138,7 +143,7 @@ def test_a_declared_layout_may_be_its_text_and_must_be_a_layout():
     class Attribute(Tokens):
         token_layout = "1+4x4+2"
 
-    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
+    x = _normal((1, 16, 16, 3))
     model = AsText(prefix=1, suffix=2)
     variables = init_variables(model, x, seed=1)
     tap = capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3))
@@ -297,7 +302,7 @@ class NnxTokens(nnx.Module):
 
 def test_nnx_token_layer():
     model = NnxTokens(nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(2), (2, 12, 16, 3))
+    x = _normal((2, 12, 16, 3), seed=2)
     tap = capture.make_tap(model, None, ["mix"], input_shape=(12, 16, 3))
     got = np.asarray(jax.jit(tap.fn)(tap.variables, x)["mix"])
     want = model.mix(model.embed(x))  # the linear layer acts on each patch alone
