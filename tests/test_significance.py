@@ -72,11 +72,17 @@ def test_pvalues_match_numpy_loop(monkeypatch, exact_limit, chunk):
     assert (got.pair_p[0] == 1).all() and (got.pair_p[:, 1] == 1).all() and got.unit_p[0] == 1
 
 
-def test_independent_masks_give_uniform_pvalues_and_few_calls():
+@pytest.fixture(scope="module")
+def independent():
+    """Independent masks (80 images, 25 units, 12 concepts) and their test, 199 draws."""
     rng = np.random.default_rng(1)
     u = _masks(rng, 80, 16, 25, (0.05, 0.6))
     c = _masks(rng, 80, 16, 12, (0.05, 0.6))
-    got = significance.permutation_test(u, c, draws=199, seed=0)
+    return u, c, significance.permutation_test(u, c, draws=199, seed=0)
+
+
+def test_independent_masks_give_uniform_pvalues_and_few_calls(independent):
+    _, _, got = independent
     p = got.pair_p
     assert scipy.stats.kstest(p.ravel(), "uniform").pvalue > 0.01
     assert (p <= 0.05).mean() <= 0.08
@@ -479,14 +485,11 @@ def test_the_script_refuses_fewer_than_one_draw_in_one_message(draws):
         run_script("significance", "--model=alexnet", "--weights=", f"--significance_draws={draws}")
 
 
-def test_the_label_p_is_said_to_be_no_test_where_it_is_written():
+def test_the_label_p_is_said_to_be_no_test_where_it_is_written(independent):
     """The pair p of a unit's best concept is not corrected for that choice: under
     independent masks far more than 5% of units have it below 0.05 (the unit p stays
     uniform), so README and significance.py say not to threshold it."""
-    rng = np.random.default_rng(1)
-    u = _masks(rng, 80, 16, 25, (0.05, 0.6))
-    c = _masks(rng, 80, 16, 12, (0.05, 0.6))
-    got = significance.permutation_test(u, c, draws=199, seed=0)
+    u, c, got = independent
     best = _iou(got.observed, u.sum((0, 1)), c.sum((0, 1))).argmax(1)  # the label: best IoU
     label_p = got.pair_p[np.arange(25), best]
     assert (label_p <= 0.05).mean() >= 0.2 and (got.unit_p <= 0.05).mean() <= 0.12
