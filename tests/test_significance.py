@@ -132,13 +132,18 @@ def test_grid_masks_are_the_full_masks_taken_every_stride_pixels():
     pixel = rng.integers(0, 6, (3, 2, 19, 23)).astype(np.int32)
     image = rng.integers(0, 6, (3, 2)).astype(np.int32)
     concepts = np.array([0, 1, 3, 5, 9], np.int32)  # 0 and 9 (no such label): empty masks
+    # Jitted, as the passes run them (eager, each op compiled apart took seconds).
+    unit_masks = jax.jit(masks.unit_masks, static_argnums=(2, 3))
+    grid_unit_masks = jax.jit(significance.grid_unit_masks, static_argnums=(2, 3, 4))
+    concept_masks = jax.jit(masks.concept_masks)
+    grid_concept_masks = jax.jit(significance.grid_concept_masks, static_argnums=(3,))
     for stride in (1, 3, 4):
         for rule in ("strict", "inclusive"):
-            full = masks.unit_masks(acts, thresholds, (19, 23), rule)[:, ::stride, ::stride]
-            got = significance.grid_unit_masks(acts, thresholds, (19, 23), stride, rule)
+            full = unit_masks(acts, thresholds, (19, 23), rule)[:, ::stride, ::stride]
+            got = grid_unit_masks(acts, thresholds, (19, 23), stride, rule)
             np.testing.assert_array_equal(got, full)
-        full = masks.concept_masks(pixel, image, concepts)[:, :, ::stride, ::stride]
-        got = significance.grid_concept_masks(pixel, image, concepts, stride)
+        full = concept_masks(pixel, image, concepts)[:, :, ::stride, ::stride]
+        got = grid_concept_masks(pixel, image, concepts, stride)
         np.testing.assert_array_equal(got, np.moveaxis(np.asarray(full), 1, -1))
 
 
