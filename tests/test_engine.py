@@ -428,13 +428,17 @@ def test_a_broken_label_file_stops_pass_1(model, tmp_path):
     probe = Broden.open(root)
     m, variables = model
     tap = capture.make_tap(m, variables, ["conv2"], input_shape=(32, 32, 3))
-    mesh = parallel.data_mesh(1)
+    mesh = parallel.data_mesh(2)
+    # test_unselected_categories_leave_no_pixels's pass 1: its compiled programs serve.
+    settings = engine.Settings(
+        quantile=0.05, quantile_mode="exact", activation_dtype="float32", batch_size=8
+    )
 
     def pass1(check_labels):
         dissector = engine.Dissector(
             tap,
             probe,
-            engine.Settings(batch_size=4, quantile_mode="exact"),
+            settings,
             input_spec=SPEC,
             model_key="small",
             mesh=mesh,
