@@ -100,8 +100,9 @@ def test_exact_merges_are_associative_and_commutative_bitwise(name):
     _assert_trees_equal(left, merge(c, merge(b, a)))
     whole = _random_states(stat, values, 1)[0]
     _assert_trees_equal(stat.finalize(left), stat.finalize(whole))
-    # merge_devices over a stacked axis of 3 (an odd one moves up) gives the same.
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), a, b, c)
+    # merge_devices over a stacked axis of 5 (an odd one moves up twice) gives the same; the
+    # shapes of test_device_merge_is_the_pairwise_tree_bitwise[5]: one compiled program.
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *_random_states(stat, values, 5))
     _assert_trees_equal(
         stat.finalize(statistics.merge_devices(stat.merge, stacked)), stat.finalize(whole)
     )
