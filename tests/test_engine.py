@@ -335,9 +335,16 @@ def test_layers_never_share_state(model, probe, tmp_path):
     """Each layer's stage output is stored under its own key (an old tools' defect)."""
     m, variables = model
     settings = engine.Settings(quantile=0.05, quantile_mode="exact", batch_size=8)
-    both = _run(
-        m, variables, probe, settings, ("conv1", "conv2"), parallel.data_mesh(1), work_dir=tmp_path
-    )
+
+    def run(settings, layers):
+        # test_pass2_reads_the_labels_pass1_checked_from_memory's mesh and cache: its
+        # compiled programs serve.
+        mesh = parallel.data_mesh(2)
+        return _run(
+            m, variables, probe, settings, layers, mesh, work_dir=tmp_path, activation_cache="host"
+        )
+
+    both = run(settings, ("conv1", "conv2"))
     stages = {p: json.loads((p / "key.json").read_text()) for p in (tmp_path / "stages").iterdir()}
     assert sorted(d["layer"] for d in stages.values()) == ["conv1", "conv1", "conv2", "conv2"]
     for path, desc in stages.items():
@@ -346,23 +353,13 @@ def test_layers_never_share_state(model, probe, tmp_path):
         first = arrays["thresholds"] if "thresholds" in arrays else arrays["unit_total"]
         assert first.shape == (units,)
     # conv2 alone reuses conv2's stored stages, never conv1's.
-    alone = _run(
-        m, variables, probe, settings, ("conv2",), parallel.data_mesh(1), work_dir=tmp_path
-    )
+    alone = run(settings, ("conv2",))
     assert len(list((tmp_path / "stages").iterdir())) == 4
     np.testing.assert_array_equal(both["conv2"].thresholds, alone["conv2"].thresholds)
     for key in both["conv2"].counts:
         np.testing.assert_array_equal(both["conv2"].counts[key], alone["conv2"].counts[key])
     # A changed setting never reuses them.
-    _run(
-        m,
-        variables,
-        probe,
-        dataclasses.replace(settings, restriction="none"),
-        ("conv2",),
-        parallel.data_mesh(1),
-        work_dir=tmp_path,
-    )
+    run(dataclasses.replace(settings, restriction="none"), ("conv2",))
     assert len(list((tmp_path / "stages").iterdir())) == 5
 
 
