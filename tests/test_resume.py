@@ -96,6 +96,11 @@ def _steps(out, stage):
     return steps
 
 
+def _stored(out, stage):
+    """Whether `stage` is stored (its outputs marked done) in the run's work folder."""
+    return any((out / ".work" / "stages").glob(f"{stage}-*/{store.DONE}"))
+
+
 def _outputs(out):
     doc = json.loads((out / "results.json").read_text())
     doc["settings"].pop("thresholds")  # compared separately below, exactly
@@ -108,8 +113,9 @@ def _kill_during(command, out, stage, sig=signal.SIGKILL, attempts=1):
     and the run's stderr.
 
     A run that had written its results when the signal was sent (a loaded machine kept
-    this poll waiting) and then ended normally is tried again, `out` put back as it was,
-    up to `attempts` times; one that ends normally after a signal sent mid-run fails.
+    this poll waiting) and then ended normally, or that the signal stopped after `stage`
+    was stored, is tried again, `out` put back as it was, up to `attempts` times; one that
+    ends normally after a signal sent mid-run fails.
     """
     backup = out.with_name(out.name + "-before")
     if attempts > 1:
@@ -129,7 +135,10 @@ def _kill_during(command, out, stage, sig=signal.SIGKILL, attempts=1):
         if proc.poll() is None:
             proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=300)
-        if proc.returncode == 0 and finished and attempt + 1 < attempts:
+        # Interrupted after `stage` was stored, before its checkpoints were removed: a rerun
+        # reuses the stored stage instead of resuming, so this attempt shows nothing.
+        stored = proc.returncode != 0 and _stored(out, stage)
+        if (proc.returncode == 0 and finished or stored) and attempt + 1 < attempts:
             shutil.rmtree(out)
             shutil.copytree(backup, out, symlinks=True)
             continue
