@@ -80,10 +80,18 @@ for line in sys.stdin:
 """
 
 
+# What experiments/dissect.py imports (a fork server's `warm` modules for its runs).
+DISSECT_IMPORTS = (
+    *("absl.app", "flax.nnx", "jaxdissect.pipeline", "jaxdissect.data.synthetic"),
+    "jaxdissect.models.load",
+)
+
+
 class ScriptProcesses:
     """Runs scripts as `python SCRIPT ARGV` does, each run its own process (its exit status,
     stdout and one-line-or-not stderr are a real process's), forked from one that imported
-    `warm` once: without a fresh interpreter's seconds of imports a run."""
+    `warm` once: without a fresh interpreter's seconds of imports a run. A context manager:
+    its exit ends the server."""
 
     def __init__(self, *warm: str):
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -125,6 +133,12 @@ class ScriptProcesses:
     def close(self) -> None:
         self._server.stdin.close()
         self._server.wait(timeout=60)
+
+    def __enter__(self) -> ScriptProcesses:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def unaccounted_files(out: pathlib.Path) -> list[str]:

@@ -378,12 +378,11 @@ def test_a_damaged_converted_checkpoint_is_one_line_naming_it(tmp_path):
 @pytest.fixture(scope="module")
 def convert_py():
     """models/convert.py's processes, forked from one that imported its modules once."""
-    processes = ScriptProcesses(
+    with ScriptProcesses(
         *("absl.app", "flax.linen", "orbax.checkpoint", "jaxdissect.models.load"),
         *("jaxdissect.models.zoo", "jaxdissect.models.checkpoint_io"),
-    )
-    yield processes
-    processes.close()
+    ) as processes:
+        yield processes
 
 
 def _cli(convert_py: ScriptProcesses, *args: str) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from absl import flags
 
 from jaxdissect import cli, config, engine, outdir, parallel, pipeline, training
 from jaxdissect.models import load as model_load
-from tests.experiment_testing import QUICK, ScriptProcesses, parse, script
+from tests.experiment_testing import DISSECT_IMPORTS, QUICK, ScriptProcesses, parse, script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -188,12 +188,10 @@ def _holder(path: pathlib.Path) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def scripts():
     """The experiment scripts' processes, forked from one that imported dissect.py's modules."""
-    processes = ScriptProcesses(
-        *("absl.app", "flax.nnx", "jaxdissect.pipeline", "jaxdissect.data.synthetic"),
-        *("jaxdissect.models.load", "jaxdissect.models.zoo", "jaxdissect.models.resnet"),
-    )
-    yield processes
-    processes.close()
+    with ScriptProcesses(
+        *DISSECT_IMPORTS, "jaxdissect.models.zoo", "jaxdissect.models.resnet"
+    ) as processes:
+        yield processes
 
 
 def test_a_second_run_on_a_locked_output_dir_says_who_holds_it(tmp_path, scripts):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxdissect.data import synthetic
-from tests.experiment_testing import ScriptProcesses
+from tests.experiment_testing import DISSECT_IMPORTS, ScriptProcesses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,19 +37,13 @@ def _free_port() -> int:
     raise RuntimeError(f"no free port below the ephemeral range ({low})")
 
 
-# What dissect.py imports, imported once by each process's fork server.
-_WARM = ("absl.app", "flax.nnx", "jaxdissect.pipeline", "jaxdissect.data.synthetic")
-_WARM += ("jaxdissect.models.load", "jaxdissect.models.small_cnn")
-
-
 @pytest.fixture
 def ranks():
     """A fork server for each process of a 2-process job (process 0's also runs the 1-process
     job): every run its own process of dissect.py, without a fresh interpreter's imports."""
-    servers = [ScriptProcesses(*_WARM) for _ in range(2)]
-    yield servers
-    for server in servers:
-        server.close()
+    warm = (*DISSECT_IMPORTS, "jaxdissect.models.small_cnn")
+    with ScriptProcesses(*warm) as rank0, ScriptProcesses(*warm) as rank1:
+        yield [rank0, rank1]
 
 
 def _dissect(

@@ -20,7 +20,7 @@ from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.models.load import init_variables
 from jaxdissect.preprocess import InputSpec
-from tests.experiment_testing import ScriptProcesses
+from tests.experiment_testing import DISSECT_IMPORTS, ScriptProcesses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,12 +71,8 @@ def _env():
 def scripts():
     """The runs no signal reaches (the uninterrupted one, the last resume), each its own
     process forked from one that imported dissect.py's modules once."""
-    processes = ScriptProcesses(
-        *("absl.app", "flax.nnx", "jaxdissect.pipeline", "jaxdissect.models.load"),
-        "tests.fixtures.small_model",
-    )
-    yield processes
-    processes.close()
+    with ScriptProcesses(*DISSECT_IMPORTS, "tests.fixtures.small_model") as processes:
+        yield processes
 
 
 def _steps(out, stage):

@@ -63,7 +63,9 @@ def _run_tally(probe: dict, restriction: str, halves: bool = False, **kwargs):
         acts = padded(probe["acts"], 100.0)
         counts = count(acts, probe["thresholds"], batch)
         state = add(state, counts)
-        parts[start > 0] = add(parts[start > 0], counts)
+        if halves:
+            part = 0 if start == 0 else 1  # the first batch; the others
+            parts[part] = add(parts[part], counts)
     if halves:
         merged = tally.tally_to_numpy(tally.tally_merge(*parts))
         return tally.tally_to_numpy(state), merged

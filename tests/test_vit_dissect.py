@@ -162,20 +162,19 @@ def test_big_vision_npz_dissected_from_its_flagfile(tmp_path):
     arrays = {k: (rng.standard_normal(s.shape) * 0.05).astype(np.float32) for k, s in flat.items()}
     np.savez(tmp_path / "bv.npz", **arrays)
     out = tmp_path / "out"
-    scripts = ScriptProcesses()  # one run: nothing to import ahead of it
-    done = _script(
-        scripts,
-        "dissect",
-        f"--flagfile={flagfile}",
-        f"--weights={tmp_path / 'bv.npz'}",
-        "--synthetic_images=8",  # one batch: what the assertions read needs no more
-        "--batch_size=8",
-        "--layers=block0,mlp11",
-        "--noreport",
-        f"--output_dir={out}",
-        cache=tmp_path / "cache",
-    )
-    scripts.close()
+    with ScriptProcesses() as scripts:  # one run: nothing to import ahead of it
+        done = _script(
+            scripts,
+            "dissect",
+            f"--flagfile={flagfile}",
+            f"--weights={tmp_path / 'bv.npz'}",
+            "--synthetic_images=8",  # one batch: what the assertions read needs no more
+            "--batch_size=8",
+            "--layers=block0,mlp11",
+            "--noreport",
+            f"--output_dir={out}",
+            cache=tmp_path / "cache",
+        )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1] == f"Results: {out / 'results.json'}"  # --noreport
     data = json.loads((out / "results.json").read_text())
