@@ -119,11 +119,23 @@ SETTINGS = engine.Settings(
 )
 
 
-def test_token_layers_match_the_reference(linen_vit, probe):
-    """On 8 devices (the NNX twin below runs on 1; `tests/test_engine.py` compares 1 and 8
-    devices)."""
+@pytest.fixture(scope="module")
+def steps():
+    """The passes' steps, compiled once for the Linen ViT and its NNX twin (forwards differ)."""
+    return driver.Steps()
+
+
+@pytest.fixture(scope="module")
+def linen_dissection(linen_vit, probe, steps):
+    """The Linen ViT dissected on 8 devices (`tests/test_engine.py` compares 1 and 8; the
+    scripts' tests below dissect ViTs on 1, the big_vision one in the default quantile mode)."""
     model, variables = linen_vit
-    got = _dissect(model, variables, probe, SETTINGS, 8)
+    return _dissect(model, variables, probe, SETTINGS, 8, steps)
+
+
+def test_token_layers_match_the_reference(linen_vit, linen_dissection, probe):
+    model, variables = linen_vit
+    got = linen_dissection
     want = _reference(model, variables, probe, SETTINGS)
     for name in LAYERS:
         thresholds, ref = want[name]
@@ -136,13 +148,12 @@ def test_token_layers_match_the_reference(linen_vit, probe):
         assert best == [u["label"] for u in ref["units"]], name
 
 
-def test_nnx_twin_dissects_to_the_same_numbers(linen_vit, probe):
+def test_nnx_twin_dissects_to_the_same_numbers(linen_vit, linen_dissection, probe, steps):
+    """Exact thresholds: equal only where the twin's activations round to the same float16s."""
     model, variables = linen_vit
     twin = vit_nnx.from_linen(model, variables["params"])
-    settings = engine.Settings(quantile=0.05, batch_size=8)  # sketch quantiles, float16
-    steps = driver.Steps()  # the passes' steps compile once for both (forwards differ)
-    linen = _dissect(model, variables, probe, settings, 1, steps)
-    nnx_ = _dissect(twin, None, probe, settings, 1, steps)
+    linen = linen_dissection
+    nnx_ = _dissect(twin, None, probe, SETTINGS, 8, steps)
     for name in LAYERS:
         np.testing.assert_array_equal(linen[name].thresholds, nnx_[name].thresholds)
         for key, value in linen[name].counts.items():
