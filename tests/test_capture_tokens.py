@@ -10,7 +10,6 @@ from flax import nnx
 from jaxdissect import capture
 from jaxdissect.capture import TokenLayout
 from jaxdissect.models import vit
-from jaxdissect.models.load import init_variables
 
 
 class Tokens(nn.Module):
@@ -55,10 +54,18 @@ def _normal(shape, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, np.float32)
 
 
+def _variables(model, x, seed=1):
+    """Random parameters of the model's shapes (traced, not compiled: an init program of
+    its own per module compiled for seconds)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) * 0.1, shapes)
+
+
 def _setup(shape, **kw):
     model = Tokens(**kw)
     x = _normal((2, *shape))
-    variables = init_variables(model, x, seed=1)
+    variables = _variables(model, x)
     conv = nn.Conv(6, (model.patch, model.patch), strides=model.patch)
     grid = conv.apply({"params": variables["params"]["embed"]}, x)  # the planted patch map
     return model, variables, x, np.asarray(grid)
@@ -125,7 +132,7 @@ def test_model_declared_layout_wins_over_inference():
 
     model = Declared(prefix=1, suffix=2)
     x = _normal((1, 16, 16, 3))
-    variables = init_variables(model, x, seed=1)
+    variables = _variables(model, x)
     tap = capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3))
     grid = nn.Conv(6, (4, 4), strides=4).apply({"params": variables["params"]["embed"]}, x)
     np.testing.assert_array_equal(np.asarray(tap.fn(variables, x)["tokens"]), np.asarray(grid))
@@ -145,7 +152,7 @@ def test_a_declared_layout_may_be_its_text_and_must_be_a_layout():
 
     x = _normal((1, 16, 16, 3))
     model = AsText(prefix=1, suffix=2)
-    variables = init_variables(model, x, seed=1)
+    variables = _variables(model, x)
     tap = capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3))
     assert tap.token_layouts == {"tokens": TokenLayout((4, 4), prefix=1, suffix=2)}
     tap = capture.make_tap(
@@ -162,7 +169,7 @@ def test_a_named_layout_must_agree_with_what_the_model_declares(caplog):
     in `Tap.token_layouts`, with where it came from."""
     model = vit.ViT(**{**TINY_VIT, "pool_type": "tok"})  # a class token, 4x4 patches at 32 px
     x = jnp.zeros((1, 32, 32, 3))
-    variables = init_variables(model, x, seed=0)
+    variables = _variables(model, x, seed=0)
     assert model.token_layout((32, 32, 3)) == TokenLayout((4, 4), prefix=1)
     with caplog.at_level("INFO"):
         tap = capture.make_tap(model, variables, ["block0", "mlp0"], input_shape=(32, 32, 3))
@@ -301,7 +308,11 @@ class NnxTokens(nnx.Module):
 
 
 def test_nnx_token_layer():
-    model = NnxTokens(nnx.Rngs(0))
+    graph, shapes = nnx.split(nnx.eval_shape(lambda: NnxTokens(nnx.Rngs(0))))
+    rng = np.random.default_rng(0)  # as `_variables`: nothing compiled to initialise
+    model = nnx.merge(
+        graph, jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)
+    )
     x = _normal((2, 12, 16, 3), seed=2)
     tap = capture.make_tap(model, None, ["mix"], input_shape=(12, 16, 3))
     got = np.asarray(jax.jit(tap.fn)(tap.variables, x)["mix"])
@@ -317,7 +328,7 @@ def test_an_input_that_is_not_whole_patches_is_refused():
     from jaxdissect.models import vit_nnx
 
     model = vit.ViT(**{**TINY_VIT, "pool_type": "tok"})  # 8 px patches: 36 px covers 32
-    variables = init_variables(model, jnp.zeros((1, 32, 32, 3)), seed=0)
+    variables = _variables(model, jnp.zeros((1, 32, 32, 3)), seed=0)
     twin = vit_nnx.from_linen(model, variables["params"])
     message = r"input_size=36: not a multiple of the model's patch size 8 .*; use 32 or 40"
     for module, params, layer in [(model, variables, "block0"), (twin, None, "stem")]:
