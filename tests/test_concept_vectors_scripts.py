@@ -17,6 +17,9 @@ from tests.experiment_testing import TINY_SIZE, mesh_of, run_script, script, tin
 
 pytestmark = pytest.mark.xdist_group("concept_vectors_scripts")
 MODEL = ("--model=tests.fixtures.small_model:make", "--weights=")
+# The vectors' training: one epoch on masks at stride 4 (the tests check what the outputs
+# say of each other, not how good the vectors are).
+VECTORS = ("--epochs=1", "--probe_batch_size=16", "--mask_stride=4", "--learning_rate=0.05")
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +55,7 @@ def vectors(tmp_path_factory, data_args, dissection) -> tuple[pathlib.Path, dict
         "--layer=top",
         *MODEL,
         *data_args,
-        "--epochs=3",
-        "--probe_batch_size=16",
-        "--mask_stride=2",
-        "--learning_rate=0.05",
+        *VECTORS,
         "--devices=1",
         "--noprogress",
         f"--output_dir={out}",
@@ -114,10 +114,7 @@ def test_a_rerun_resumes_from_the_finished_training(vectors, data_args, dissecti
         "--layer=top",
         *MODEL,
         *data_args,
-        "--epochs=3",
-        "--probe_batch_size=16",
-        "--mask_stride=2",
-        "--learning_rate=0.05",
+        *VECTORS,
         "--devices=1",
         "--noprogress",
         f"--output_dir={out}",
