@@ -375,9 +375,9 @@ def test_finding_b_folded_rotation_keeps_the_networks_power(rotation_run):
 
 @pytest.mark.slow
 def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
-    """ablation_demo.flags at tiny size (4 probe images at 48 px): the pretrained Lite0's
-    classes are its most frequent top-1 predictions, and with no unit removed every image
-    agrees with the intact network."""
+    """ablation_demo.flags at tiny size (4 probe images at 48 px, fed to it at 64): the
+    pretrained Lite0's classes are its most frequent top-1 predictions, and with no unit
+    removed every image agrees with the intact network."""
     from jaxdissect import evaluate, parallel
     from jaxdissect.data import open_probe
     from jaxdissect.models import load as model_load
@@ -396,6 +396,7 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
         # The 4 classes' 3 top-N masks: one compiled step for them and the single units.
         "--masks_per_call=12",
         "--eval_batch_size=4",
+        "--input_size=64",  # the 48 px images resized (to 64, not Lite0's 224: 12x fewer FLOPs)
         *PROBE_ARGS,
         "--noreport",
         f"--output_dir={tmp_path}",
@@ -409,9 +410,8 @@ def test_ablation_demo_flagfile_runs_the_predictions_task(tmp_path, data_args):
     data = data_args[0].split("=", 1)[1]
     probe, _ = open_probe(data, split="all", max_images=4, resolution=TINY_SIZE)
     images = np.stack([np.asarray(probe.read_image(i), np.float32) for i in range(len(probe))])
-    net = evaluate.Evaluator(
-        lambda v, x: loaded.module.apply(v, loaded.input_spec(x)), parallel.data_mesh(1)
-    )
+    spec = dataclasses.replace(loaded.input_spec, size=64)  # --input_size=64
+    net = evaluate.Evaluator(lambda v, x: loaded.module.apply(v, spec(x)), parallel.data_mesh(1))
     logits = net(
         loaded.variables,
         [{"image": images, "label": np.zeros(len(images), np.int32)}],
@@ -441,6 +441,7 @@ def test_significance_demo_flagfile_tests_the_embedded_default(tmp_path, data_ar
         *data_args,
         "--max_images=16",
         "--significance_draws=19",
+        "--input_size=64",  # as the ablation demo's test
         *PROBE_ARGS,
         f"--output_dir={tmp_path}",
     )
