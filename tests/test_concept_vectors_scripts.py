@@ -19,13 +19,15 @@ pytestmark = pytest.mark.xdist_group("concept_vectors_scripts")
 MODEL = ("--model=tests.fixtures.small_model:make", "--weights=")
 # The vectors' training: one epoch on masks at stride 4 (the tests check what the outputs
 # say of each other, not how good the vectors are).
+PROBE_IMAGES = 64
 VECTORS = ("--epochs=1", "--probe_batch_size=16", "--mask_stride=4", "--learning_rate=0.05")
 
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> tuple[str, ...]:
     broden = tiny_broden(tmp_path_factory.mktemp("broden") / "broden1_48")
-    return (f"--data={broden}", f"--resolution={TINY_SIZE}")
+    # Its first 64 images: the dissection's and the vectors' probe set.
+    return (f"--data={broden}", f"--resolution={TINY_SIZE}", f"--max_images={PROBE_IMAGES}")
 
 
 @pytest.fixture(scope="module")
@@ -410,7 +412,9 @@ def test_concepts_and_masks_are_those_of_the_chosen_categories(
             f"--output_dir={tmp_path}",
         )
     planes, concepts = stopped.value.args
-    source, _ = open_probe(data_args[0].split("=", 1)[1], resolution=TINY_SIZE)
+    source, _ = open_probe(
+        data_args[0].split("=", 1)[1], resolution=TINY_SIZE, max_images=PROBE_IMAGES
+    )
     chosen = ("color", "part")
     labels = engine.restrict_categories(source.labels, chosen, source.coverage)
     read = [source.read_labels(i, chosen) for i in range(len(source))]
