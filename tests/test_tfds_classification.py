@@ -95,7 +95,7 @@ def test_square_handles_grey_and_alpha():
 
 def test_train_script_learns_a_tfds_classification_build(build, tmp_path):
     out = tmp_path / "run"
-    broden = synthetic.generate(tmp_path / "broden", num_images=32, size=48, workers=1)
+    broden = synthetic.generate(tmp_path / "broden", num_images=16, size=48, workers=1)
     run_script(
         "train",
         f"--data={build}",
@@ -103,9 +103,9 @@ def test_train_script_learns_a_tfds_classification_build(build, tmp_path):
         "--width=0.25",
         "--optimizer=adam",
         "--learning_rate=0.005",
-        "--steps=40",
+        "--steps=20",
         "--batch_size=8",
-        "--save_steps=40",
+        "--save_steps=20",
         "--log_every=20",
         "--devices=1",
         "--noprogress",
@@ -121,7 +121,7 @@ def test_train_script_learns_a_tfds_classification_build(build, tmp_path):
     rot = tmp_path / "rotation"
     run_script(
         "rotation",
-        f"--weights={out / 'weights' / 'step_000040'}",
+        f"--weights={out / 'weights' / 'step_000020'}",
         "--layer=conv5",
         "--amounts=0,1",
         f"--data={broden}",
@@ -140,7 +140,7 @@ def test_train_script_learns_a_tfds_classification_build(build, tmp_path):
     with pytest.raises(ValueError, match="--data's classes are not those"):
         run_script(
             "rotation",
-            f"--weights={out / 'weights' / 'step_000040'}",
+            f"--weights={out / 'weights' / 'step_000020'}",
             f"--data={broden}",
             "--resolution=48",
             f"--output_dir={tmp_path / 'refused'}",
