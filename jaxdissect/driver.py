@@ -18,14 +18,19 @@ each (model, layers, batch shape) once. A group's parts (`Statistic.parts`: a pa
 layers) are separate programs, and a pass's first batch compiles the forward, every
 part and the closing merge of the devices' states at once in the cache's background
 threads (`compile_ahead`), so the compiler keeps every core busy and no compile waits
-at the pass's end; a caller may start a later pass's compilations early.
+at the pass's end; a caller may start a later pass's compilations early. Identical
+programs (the same layer of a stack's members) compile once: a second waits for the
+first and reads its executable from JAX's persistent compilation cache.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import hashlib
 import os
 import pathlib
+import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, TypeVar
@@ -59,7 +64,9 @@ class Steps:
     `compile_threads` background threads (XLA's compiler releases the GIL, so several
     programs compile at once, and while a pass runs); `ready` waits for them before the
     first call, which then finds the executable in JAX's own caches. 0 threads: every
-    program compiles at its first call.
+    program compiles at its first call. Where JAX's persistent compilation cache is on,
+    a program whose lowered text equals one compiling in another thread waits for it and
+    then reads its executable from that cache (one compile, not two at once).
     """
 
     def __init__(self, compile_threads: int | None = None):
@@ -72,6 +79,8 @@ class Steps:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._ahead: dict[Hashable, concurrent.futures.Future] = {}
         self._pending: dict[Any, list[concurrent.futures.Future]] = {}
+        self._programs: dict[bytes, threading.Lock] = {}  # by lowered text's digest
+        self._programs_lock = threading.Lock()
         self._claims = statistics.KeyClaims("driver.Steps", " (seen before by these steps)")
 
     def claim(self, statistic: statistics.Statistic) -> None:
@@ -101,11 +110,27 @@ class Steps:
         if key not in self._ahead:
 
             def work():
-                return (fn.lower(*fixed, *like) if lowered is None else lowered).compile()
+                program = fn.lower(*fixed, *like) if lowered is None else lowered
+                with self._one_compile(program):
+                    return program.compile()
 
             self._ahead[key] = self._executor().submit(work)
             self._pending.setdefault(fn, []).append(self._ahead[key])
         return self._ahead[key]
+
+    @contextlib.contextmanager
+    def _one_compile(self, program: Any):
+        """Held while `program` (a `jax.stages.Lowered`) compiles: equal programs in turn,
+        so the later ones read the first's executable from JAX's persistent cache. Without
+        that cache there is nothing to read, and equal programs compile at once."""
+        if not (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir):
+            yield
+            return
+        digest = hashlib.sha256(program.as_text().encode()).digest()
+        with self._programs_lock:
+            lock = self._programs.setdefault(digest, threading.Lock())
+        with lock:
+            yield
 
     def finalize(self, statistic: statistics.Statistic, state: Any) -> Any:
         """`statistic.finalize(state)`, a group's parts in the background threads at once
