@@ -21,10 +21,17 @@ from tests.broden_testing import tiny_broden
 from tests.fixtures.small_model import make
 
 REUSED = "reusing stored results"
-SETTINGS = engine.Settings(batch_size=8)
+# The stage tests' dissections: sketch thresholds (which depend on the mesh), on 1 device
+# unless a test says otherwise, all through one module `steps`: each program compiles once.
+SKETCH = engine.Settings(batch_size=8, quantile_mode="sketch", quantile=0.05)
 
 
-def _dissect(root, out, caplog, steps, mesh=None, settings=SETTINGS):
+@pytest.fixture(scope="module")
+def steps() -> driver.Steps:
+    return driver.Steps()
+
+
+def _dissect(root, out, caplog, steps, mesh=None, settings=SKETCH):
     """Tallies of one dissection, and the stages it reused (from the engine's log)."""
     module, variables = make()
     caplog.clear()
@@ -38,9 +45,9 @@ def _dissect(root, out, caplog, steps, mesh=None, settings=SETTINGS):
             settings,
             out,
             dataset_name="tiny",
-            mesh=mesh,
+            mesh=mesh or parallel.data_mesh(1),
             options=pipeline.Options(progress=False, num_threads=0, report=False),
-            steps=steps,  # compiled once for the test's four dissections
+            steps=steps,
         )
     reused = sorted(
         r.getMessage().split(":")[0] for r in caplog.records if REUSED in r.getMessage()
@@ -54,9 +61,9 @@ def _same(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.slow
-def test_editing_one_image_recomputes_both_passes(tmp_path, caplog):
+def test_editing_one_image_recomputes_both_passes(tmp_path, caplog, steps):
     root = synthetic.generate_tiny(tmp_path / "broden", num_images=16)
-    out, steps = tmp_path / "run", driver.Steps()
+    out = tmp_path / "run"
     reused, first = _dissect(root, out, caplog, steps)
     assert reused == []
     # Both passes stored: their checkpoint folders (orbax makes them at the start) are gone.
@@ -75,16 +82,15 @@ def test_editing_one_image_recomputes_both_passes(tmp_path, caplog):
     assert _same(edited, fresh)
 
 
-def test_stages_are_reused_only_on_the_mesh_that_computed_them(tmp_path, caplog):
+def test_stages_are_reused_only_on_the_mesh_that_computed_them(tmp_path, caplog, steps):
     """Sketch thresholds depend on the per-device seeds: a run on 2 devices does not take
     the stored stages of a run on 1 device (nor its checkpoints), a rerun on 1 does."""
     root = synthetic.generate_tiny(tmp_path / "broden", num_images=16)
-    out, steps = tmp_path / "run", driver.Steps()
-    sketch = engine.Settings(batch_size=8, quantile_mode="sketch", quantile=0.05)
+    out = tmp_path / "run"
     one, two = parallel.data_mesh(1), parallel.data_mesh(2)
-    assert _dissect(root, out, caplog, steps, one, sketch)[0] == []
-    assert _dissect(root, out, caplog, steps, two, sketch)[0] == []
-    assert _dissect(root, out, caplog, steps, one, sketch)[0] == ["pass1", "pass2"]
+    assert _dissect(root, out, caplog, steps, one)[0] == []
+    assert _dissect(root, out, caplog, steps, two)[0] == []
+    assert _dissect(root, out, caplog, steps, one)[0] == ["pass1", "pass2"]
 
 
 def test_data_hash_reaches_the_source_from_the_flags(tmp_path):
@@ -142,11 +148,11 @@ def test_synthetic_probe_defaults_to_the_cache_root(tmp_path, monkeypatch):
     assert (fields["synthetic_images"], fields["resolution"]) == (600, 224)
 
 
-def test_a_sketch_size_no_layer_uses_is_said(tmp_path, caplog):
+def test_a_sketch_size_no_layer_uses_is_said(tmp_path, caplog, steps):
     """`auto` chose the histogram for the small model's conv1: --sketch_size sizes nothing."""
     root = synthetic.generate_tiny(tmp_path / "broden", num_images=16)
     settings = engine.Settings(batch_size=8, sketch_size=64)
-    _dissect(root, tmp_path / "run", caplog, driver.Steps(), settings=settings)
+    _dissect(root, tmp_path / "run", caplog, steps, settings=settings)
     assert "thresholds: conv1 histogram" in caplog.text
     assert "sketch_size=64: no layer's thresholds use a sketch" in caplog.text
 
