@@ -261,7 +261,11 @@ def test_pass2_reads_the_labels_pass1_checked_from_memory(model, probe, monkeypa
     counts what the reference counts."""
     m, variables = model
     layers = ("conv1", "conv2")
-    settings = engine.Settings(quantile=0.05, quantile_mode="exact", batch_size=8)
+    # test_engine_matches_reference[overlap-float16-8-host-auto-0]'s settings, mesh and
+    # cache: its compiled programs serve.
+    settings = engine.Settings(
+        quantile=0.05, quantile_mode="exact", restriction="overlap", batch_size=8
+    )
     source = _CountingLabels(probe)
     cache = "host"
     if kept == "some":  # room for about 5 of the 13 examples' labels
@@ -275,7 +279,7 @@ def test_pass2_reads_the_labels_pass1_checked_from_memory(model, probe, monkeypa
         source,
         settings,
         layers,
-        parallel.data_mesh(2),
+        parallel.data_mesh(8),
         num_threads=2,
         activation_cache=cache,
         check_labels=True,
@@ -334,12 +338,14 @@ def test_one_and_eight_devices_identical_with_sketch(model, probe):
 def test_layers_never_share_state(model, probe, tmp_path):
     """Each layer's stage output is stored under its own key (an old tools' defect)."""
     m, variables = model
-    settings = engine.Settings(quantile=0.05, quantile_mode="exact", batch_size=8)
+    settings = engine.Settings(
+        quantile=0.05, quantile_mode="exact", restriction="overlap", batch_size=8
+    )
 
     def run(settings, layers):
-        # test_pass2_reads_the_labels_pass1_checked_from_memory's mesh and cache: its
-        # compiled programs serve.
-        mesh = parallel.data_mesh(2)
+        # test_engine_matches_reference[overlap-float16-8-host-auto-0]'s settings, mesh and
+        # cache: its compiled programs serve.
+        mesh = parallel.data_mesh(8)
         return _run(
             m, variables, probe, settings, layers, mesh, work_dir=tmp_path, activation_cache="host"
         )
