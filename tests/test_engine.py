@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect import capture, engine, parallel, quantiles, results, store, tally
+from jaxdissect import capture, driver, engine, parallel, quantiles, results, store, tally
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.models.load import init_variables
@@ -432,10 +432,12 @@ def test_a_broken_label_file_stops_pass_1(model, tmp_path):
     m, variables = model
     tap = capture.make_tap(m, variables, ["conv2"], input_shape=(32, 32, 3))
     mesh = parallel.data_mesh(2)
-    # test_unselected_categories_leave_no_pixels's pass 1: its compiled programs serve.
+    # test_unselected_categories_leave_no_pixels's pass 1: its compiled programs serve. No
+    # compile threads: pass 2 (never run here) is not compiled ahead.
     settings = engine.Settings(
         quantile=0.05, quantile_mode="exact", activation_dtype="float32", batch_size=8
     )
+    steps = driver.Steps(compile_threads=0)
 
     def pass1(check_labels):
         dissector = engine.Dissector(
@@ -448,6 +450,7 @@ def test_a_broken_label_file_stops_pass_1(model, tmp_path):
             progress=False,
             num_threads=0,
             check_labels=check_labels,
+            steps=steps,
         )
         return dissector.run_pass1(tap.variables)
 
