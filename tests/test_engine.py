@@ -388,6 +388,7 @@ def test_nan_activations_are_reported(probe):
         mesh=parallel.data_mesh(1),
         progress=False,
         num_threads=0,
+        steps=driver.Steps(compile_threads=0),  # pass 2 (never run) is not compiled ahead
     )
     with pytest.raises(engine.NonFiniteActivationError, match="layer 'mine'"):
         d.run(tap.variables)
