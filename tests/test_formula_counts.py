@@ -27,6 +27,11 @@ def _probe(seed=0, num_labels=40):
     return random_probe(seed, num_labels=num_labels, num_images=9)
 
 
+# One jitted function for the tests here (num_labels and chunk static): tests of the same
+# shapes and chunk share its programs.
+_counts = jax.jit(formula_counts.batch_formula_counts, static_argnums=5, static_argnames="chunk")
+
+
 def _expected(p, table):
     nl = p["labels"].num_labels
     units, concepts = ref.reference_masks(
@@ -40,40 +45,21 @@ def _expected(p, table):
     return want
 
 
-# 10 slots: blocks of 4 in one compiled loop body, the last padded with empty formulas.
-@pytest.mark.parametrize("seed, slots", [(0, 4), (1, 4), (0, 10)])
-def test_batch_counts_equal_the_reference(seed, slots):
+# 10 slots: blocks of 4 in one compiled loop body, the last padded with empty formulas; in
+# chunks of 4 images (the last one padded: 9 images), not the default one on CPU.
+@pytest.mark.parametrize("seed, slots, chunk", [(0, 4, None), (1, 4, None), (0, 10, 4)])
+def test_batch_counts_equal_the_reference(seed, slots, chunk):
     p = _probe(seed)
     nl = p["labels"].num_labels
     rng = np.random.default_rng(seed)
     table = _random_table(rng, p["acts"].shape[-1], slots, nl)
     t = FormulaTable.of(table, slots)
     padded = [row + [Formula((0,))] * (slots - len(row)) for row in table]
-    got = jax.jit(lambda a, th, c, o, b: formula_counts.batch_formula_counts(a, th, c, o, b, nl))(
-        p["acts"],
-        p["thresholds"],
-        t.concepts,
-        t.ops,
-        {"pixel_labels": p["pixel_labels"], "image_labels": p["image_labels"]},
-    )
+    batch = {"pixel_labels": p["pixel_labels"], "image_labels": p["image_labels"]}
+    got = _counts(p["acts"], p["thresholds"], t.concepts, t.ops, batch, nl, chunk=chunk)
     want = _expected(p, padded)
     for key, value in want.items():
         np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
-
-
-def test_chunks_of_several_images_give_the_same_counts():
-    p = _probe(2)
-    nl = p["labels"].num_labels
-    t = FormulaTable.of(_random_table(np.random.default_rng(2), 7, 3, nl), 3)
-    batch = {"pixel_labels": p["pixel_labels"], "image_labels": p["image_labels"]}
-    one = formula_counts.batch_formula_counts(
-        p["acts"], p["thresholds"], t.concepts, t.ops, batch, nl, chunk=1
-    )
-    four = formula_counts.batch_formula_counts(
-        p["acts"], p["thresholds"], t.concepts, t.ops, batch, nl, chunk=4
-    )
-    for key in one:
-        np.testing.assert_array_equal(np.asarray(one[key]), np.asarray(four[key]), err_msg=key)
 
 
 def test_slots_of_short_formulas_skip_their_unused_terms_exactly():
@@ -91,13 +77,12 @@ def test_slots_of_short_formulas_skip_their_unused_terms_exactly():
         ]
         for u in range(k)
     ]
-    t = FormulaTable.of(table, 3)
+    # 4 slots, the last empty: the program of test_batch_counts_equal_the_reference's 4 slots.
+    t = FormulaTable.of(table, 4)
     assert (t.ops[:, 0] == formulas.NO_OP).all() and (t.ops[:, 1, 1] == formulas.NO_OP).all()
     batch = {"pixel_labels": p["pixel_labels"], "image_labels": p["image_labels"]}
-    got = formula_counts.batch_formula_counts(
-        p["acts"], p["thresholds"], t.concepts, t.ops, batch, nl
-    )
-    want = _expected(p, table)
+    got = _counts(p["acts"], p["thresholds"], t.concepts, t.ops, batch, nl)
+    want = _expected(p, [row + [Formula((0,))] for row in table])
     for key, value in want.items():
         np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
 
