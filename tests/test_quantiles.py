@@ -284,14 +284,20 @@ def test_sketch_accuracy_large_batches(big_tail_data):
 def test_sketch_accuracy_after_merging_8_shards(big_tail_data):
     x, names, ref = big_tail_data
     shards = np.array_split(np.arange(x.shape[0] // BIG_ROWS) * BIG_ROWS, 8)
+    valid = np.ones(BIG_ROWS, bool)  # as _feed passes: the program of the large batches
     states = []
     for i, starts in enumerate(shards):
         state = Q.sketch_init(K, max_count=MAX_COUNT, seed=100 + i)
         for s in starts:
-            state = _sketch_update(state, x[s : s + BIG_ROWS])
+            state = _sketch_update(state, x[s : s + BIG_ROWS], valid)
         states.append(state)
-    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)  # like all_gather
-    tree = statistics.merge_devices(Q.sketch_merge, stacked)  # ((01)(23))((45)(67))
+    # The devices' tree ((01)(23))((45)(67)): bitwise what merge_devices gives (pinned by
+    # test_statistics.py::test_device_merge_is_the_pairwise_tree_bitwise), in the one
+    # merge program the fold below uses too.
+    tree = states
+    while len(tree) > 1:
+        tree = [_sketch_merge(a, b) for a, b in zip(tree[0::2], tree[1::2], strict=True)]
+    tree = tree[0]
     assert Q.count_value(tree.count) == x.shape[0]
     _check_accuracy(tree, x, names, ref)
     # Another order: a left fold over the states in reverse, ((((76)5)4)...)0.
