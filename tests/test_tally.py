@@ -22,6 +22,11 @@ from tests.reference import (
 )
 
 BATCH = 4  # 11 images: two full batches and a partial one padded with garbage rows
+# Jitted once for the file (each eager op would compile a program of its own).
+_upsample = jax.jit(tally.upsample, static_argnums=(1, 2))
+_may_fire = jax.jit(tally._may_fire, static_argnums=3)
+_tally_add = jax.jit(tally.tally_add)
+_tally_merge = jax.jit(tally.tally_merge)
 
 
 def _run_tally(probe: dict, restriction: str, halves: bool = False, **kwargs):
@@ -38,7 +43,7 @@ def _run_tally(probe: dict, restriction: str, halves: bool = False, **kwargs):
             **kwargs,
         )
     )
-    add = jax.jit(tally.tally_add)
+    add = _tally_add
     n = len(probe["acts"])
     state = tally.tally_init(
         probe["acts"].shape[-1], labels, patterns=kwargs.get("patterns", False)
@@ -67,7 +72,7 @@ def _run_tally(probe: dict, restriction: str, halves: bool = False, **kwargs):
             part = 0 if start == 0 else 1  # the first batch; the others
             parts[part] = add(parts[part], counts)
     if halves:
-        merged = tally.tally_to_numpy(tally.tally_merge(*parts))
+        merged = tally.tally_to_numpy(_tally_merge(*parts))
         return tally.tally_to_numpy(state), merged
     return tally.tally_to_numpy(state)
 
@@ -103,6 +108,15 @@ def references(probe) -> dict[str, dict]:
     return out
 
 
+@pytest.fixture(scope="module")
+def unit_ties(probe) -> ties.UnitTies:
+    """The probe's tie counts at its thresholds, for the results module's labels."""
+    acts, thresholds = probe["acts"], probe["thresholds"]
+    update = jax.jit(tie_counts.ties_update)
+    state = update(tie_counts.ties_init(acts.shape[-1]), acts, thresholds, np.ones(len(acts)))
+    return ties.UnitTies.from_arrays(tie_counts.ties_to_numpy(state), thresholds, 0.005)
+
+
 def _reference_of(probe: dict, restriction: str, **kwargs) -> dict[str, np.ndarray]:
     """The reference counts of the whole probe."""
     fields = ("acts", "thresholds", "pixel_labels", "image_labels", "labels")
@@ -135,7 +149,7 @@ def _assert_counts_equal(got: dict, want: dict) -> None:
         ("none", {"method": "matmul", "chunk": 3, "tie_rule": "inclusive"}),
     ],
 )
-def test_tally_equals_reference(probe, references, restriction, kwargs):
+def test_tally_equals_reference(probe, references, unit_ties, restriction, kwargs):
     rule = kwargs.get("tie_rule", "strict")
     ref = references[restriction] if rule == "strict" else references[restriction, rule]
     counts = _run_tally(probe, restriction, **kwargs)
@@ -150,11 +164,6 @@ def test_tally_equals_reference(probe, references, restriction, kwargs):
     assert (counts["unit_total"][-1] == 0) == (rule == "strict")
     assert (counts["intersection"][:, 256:] > 0).any()
     # Unit labels of the results module agree with the reference's loops.
-    acts, thresholds = probe["acts"], probe["thresholds"]
-    state = tie_counts.ties_update(
-        tie_counts.ties_init(acts.shape[-1]), acts, thresholds, np.ones(len(acts))
-    )
-    unit_ties = ties.UnitTies.from_arrays(tie_counts.ties_to_numpy(state), thresholds, 0.005)
     layer = results.layer_result("conv", counts, probe["labels"], ties=unit_ties)
     np.testing.assert_array_equal(layer.iou, ref["iou"])
     for unit in ref["units"]:
@@ -229,7 +238,6 @@ def test_unit_blocks_skip_no_unit_that_fires(tie_rule):
     b, k, size = 3, 64, (30, 26)
     vals = rng.uniform(0.1, 10, k).astype(np.float32)
     acts = np.broadcast_to(vals, (b, 7, 7, k)).copy()
-    upsample = jax.jit(tally.upsample, static_argnums=1)
     plateau = np.ones(k, bool)
     plateau[:18] = False  # the units below are changed
     thresholds = vals.copy()
@@ -272,9 +280,9 @@ def test_unit_blocks_skip_no_unit_that_fires(tie_rule):
     plateau_pixels = size[0] * size[1]  # image 1 (image 0 sits below, image 2 is padding)
     want = 0 if tie_rule == "strict" else plateau_pixels
     np.testing.assert_array_equal(whole["unit_total"][plateau], want)
-    up = np.asarray(upsample(acts, size))
+    up = np.asarray(_upsample(acts, size))
     fires = [
-        np.asarray(tally._may_fire(acts[i : i + 1], valid[i : i + 1], thresholds, tie_rule))
+        np.asarray(_may_fire(acts[i : i + 1], valid[i : i + 1], thresholds, tie_rule))
         for i in range(b)
     ]
     for i in range(2):
@@ -296,7 +304,7 @@ def test_unit_blocks_equal_the_reference(restriction, tie_rule):
     probe["thresholds"] = thresholds
     valid = np.ones(1, bool)
     sparse = sum(
-        4 * int(tally._may_fire(acts[i : i + 1], valid, thresholds, tie_rule).sum()) <= 40
+        4 * int(_may_fire(acts[i : i + 1], valid, thresholds, tie_rule).sum()) <= 40
         for i in range(len(acts))
     )
     assert sparse >= 5, sparse
@@ -330,8 +338,8 @@ def test_tally_merge_and_empty_image_axes(probe):
             "image_labels": np.zeros((len(probe["acts"][part]), 0), np.int32),
         }
         counts = count(probe["acts"][part], probe["thresholds"], batch)
-        states.append(tally.tally_add(tally.tally_init(k, labels), counts))
-    merged = tally.tally_to_numpy(tally.tally_merge(*states))
+        states.append(_tally_add(tally.tally_init(k, labels), counts))
+    merged = tally.tally_to_numpy(_tally_merge(*states))
     want = reference_counts(
         probe["acts"][:10],
         probe["thresholds"],
@@ -391,7 +399,7 @@ def test_upsample_matches_formula_resize_and_pil():
     rng = np.random.default_rng(1)
     acts = rng.normal(size=(2, 5, 7, 3)).astype(np.float32)
     size = (12, 20)
-    got = np.asarray(tally.upsample(jnp.asarray(acts), size))
+    got = np.asarray(_upsample(acts, size))
     assert got.shape == (2, 12, 20, 3)
     for b in range(2):
         for k in range(3):
@@ -430,9 +438,9 @@ def test_downsample_is_not_antialiased():
 
 def test_upsample_with_a_stride_is_every_stride_th_pixel():
     acts = np.random.default_rng(3).normal(size=(2, 5, 7, 3)).astype(np.float32)
-    full = np.asarray(tally.upsample(jnp.asarray(acts), (19, 23)))
+    full = np.asarray(_upsample(acts, (19, 23)))
     for stride in (1, 2, 4, 30):
-        got = np.asarray(tally.upsample(jnp.asarray(acts), (19, 23), stride))
+        got = np.asarray(_upsample(acts, (19, 23), stride))
         np.testing.assert_array_equal(got, full[:, ::stride, ::stride])
     with pytest.raises(ValueError, match="^stride=0: must be >= 1$"):
         tally.upsample(jnp.asarray(acts), (19, 23), 0)
@@ -484,7 +492,7 @@ def test_batch_counts_inside_shard_map(probe, devices, kwargs):
     k = probe["acts"].shape[-1]
     patterns = kwargs.get("patterns", False)
     state = tally.tally_init(k, labels, patterns=patterns)
-    got = tally.tally_to_numpy(tally.tally_add(state, counts))
+    got = tally.tally_to_numpy(_tally_add(state, jax.device_get(counts)))
     want = reference_counts(
         probe["acts"][:n],
         probe["thresholds"],
