@@ -172,10 +172,12 @@ def small_cnn_with_a_dead_unit():
     import jax.numpy as jnp
 
     from jaxdissect.models.load import init_variables
-    from jaxdissect.models.small_cnn import small_cnn
+    from jaxdissect.models.small_cnn import IMAGE_SIZE, small_cnn
 
-    model = small_cnn(num_classes=2, image_size=TINY_SIZE)
-    variables = init_variables(model, jnp.zeros((1, TINY_SIZE, TINY_SIZE, 3)), seed=0)
+    # Initialised as the script initialises `--weights=` (one init program for both).
+    model = small_cnn(image_size=TINY_SIZE)
+    x = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    variables = init_variables(model, x, seed=0, train=False)
     conv = variables["params"]["features"]["0"]  # conv1 is its ReLU
     dead = {"kernel": conv["kernel"].at[..., 0].set(0), "bias": conv["bias"].at[0].set(0)}
     params = {**variables["params"], "features": {**variables["params"]["features"], "0": dead}}
@@ -229,11 +231,12 @@ def test_a_killed_runs_disk_cache_is_removed_by_the_next_run(tmp_path, broden, m
     from jaxdissect import actcache, capture, compositional, parallel
     from jaxdissect.data.broden import Broden
     from jaxdissect.models.load import init_variables
-    from jaxdissect.models.small_cnn import small_cnn
+    from jaxdissect.models.small_cnn import IMAGE_SIZE, small_cnn
 
     source = Broden.open(broden, split="val")
-    model = small_cnn(num_classes=3, width=0.125, image_size=TINY_SIZE)
-    variables = init_variables(model, jnp.zeros((1, TINY_SIZE, TINY_SIZE, 3)), seed=0)
+    model = small_cnn(image_size=TINY_SIZE)  # the script's `--weights=` init program
+    x = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    variables = init_variables(model, x, seed=0, train=False)
     tap = capture.make_tap(model, variables, ["conv1"], input_shape=(TINY_SIZE, TINY_SIZE, 3))
     work = tmp_path / ".work"
 
