@@ -194,10 +194,19 @@ def test_one_model_factory():
         training.build_model("models.nowhere:f")
 
 
-def test_batches_are_sharded_and_state_replicated():
+@pytest.fixture(scope="module")
+def bn_trainer() -> training.Trainer:
+    """A BatchNorm network's trainer on all 8 devices (its programs compiled once)."""
+    model = training.build_model("small_cnn", width=0.125, batch_norm=True)
+    return training.Trainer(
+        model, _config(batch_norm=True, dropout=False), 32, parallel.data_mesh()
+    )
+
+
+def test_batches_are_sharded_and_state_replicated(bn_trainer):
     mesh = parallel.data_mesh()
     assert mesh.devices.size == 8
-    trainer = training.Trainer(training.build_model("small_cnn", width=0.125), _config(), 32, mesh)
+    trainer = bn_trainer
     batch = trainer.put({"image": np.zeros((16, 32, 32, 3), np.uint8), "label": np.zeros(16)})
     assert batch["image"].sharding.spec == P("data")
     assert len(batch["image"].addressable_shards) == 8
@@ -351,15 +360,13 @@ def test_a_kill_between_a_checkpoint_and_its_row_loses_no_row(tmp_path, task, mo
     assert steps == [0, 5, 10, 15, 20]
 
 
-def test_data_parallel_steps_match_one_device():
+def test_data_parallel_steps_match_one_device(bn_trainer):
     """8 devices (batch sharded, state replicated, BatchNorm over the global batch) = 1 device."""
-    model = training.build_model("small_cnn", width=0.125, batch_norm=True)
-    config = _config(batch_norm=True, dropout=False)
+    one = training.Trainer(bn_trainer.model, bn_trainer.config, 32, parallel.data_mesh(1))
     images = np.random.default_rng(0).integers(0, 255, (16, 32, 32, 3), np.uint8)
     batch = {"image": images, "label": np.arange(16) % 3}
     states = []
-    for n in (1, 8):
-        trainer = training.Trainer(model, config, 32, parallel.data_mesh(n))
+    for trainer in (one, bn_trainer):
         state = trainer.initial_state()
         for _ in range(2):
             state, _ = trainer.train_step(state, trainer.put(batch))
