@@ -282,7 +282,7 @@ def test_dissectors_sharing_steps_compile_once(tmp_path, earlier_threads):
 def test_pipeline_dissections_of_one_architecture_compile_once(tmp_path, earlier_threads):
     from jaxdissect import pipeline
 
-    probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=9))
+    probe = Broden.open(synthetic.generate_tiny(tmp_path / "broden", num_images=13))
     settings = engine.Settings(quantile=0.05, batch_size=8)
     options = pipeline.Options(progress=False, report=False, num_threads=0)
     steps = driver.Steps()
