@@ -328,8 +328,12 @@ def test_planted_formula_is_recovered_on_synthetic_broden_masks(tmp_path):
         got = step(table.concepts, table.ops)
         return ExtensionCounts(**{k: np.asarray(v, np.int64) for k, v in got.items()})
 
+    # Jitted (eager, each op compiled apart took longer than the three programs).
+    batch_counts = jax.jit(
+        tally.batch_counts, static_argnums=4, static_argnames=("restriction", "patterns")
+    )
     for restriction in tally.RESTRICTIONS:
-        counts = tally.batch_counts(
+        counts = batch_counts(
             acts,
             thresholds,
             batch,
