@@ -256,23 +256,17 @@ def _check_accuracy(state, x: np.ndarray, names: list[str], ref: np.ndarray) -> 
 
 
 @pytest.fixture(scope="module")
-def tail_data():
-    n = ROWS * 1915  # 3,002,720 values per unit
-    x, names = _tail_columns(n, np.random.default_rng(11))
-    return x, names, Q.reference_threshold(x)
-
-
-def test_sketch_accuracy_small_batches(tail_data):
-    x, names, ref = tail_data
-    state = _feed(_sketch_update, Q.sketch_init(K, max_count=MAX_COUNT, seed=1), x, ROWS)
-    _check_accuracy(state, x, names, ref)
-
-
-@pytest.fixture(scope="module")
 def big_tail_data():
+    """One data set for the accuracy tests: 30 large batches, or 1920 small ones."""
     n = BIG_ROWS * 30  # 3,010,560 values per unit
     x, names = _tail_columns(n, np.random.default_rng(12))
     return x, names, Q.reference_threshold(x)
+
+
+def test_sketch_accuracy_small_batches(big_tail_data):
+    x, names, ref = big_tail_data
+    state = _feed(_sketch_update, Q.sketch_init(K, max_count=MAX_COUNT, seed=1), x, ROWS)
+    _check_accuracy(state, x, names, ref)
 
 
 def test_sketch_accuracy_large_batches(big_tail_data):
