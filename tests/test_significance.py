@@ -281,12 +281,15 @@ def test_a_dissection_with_the_test_gives_the_in_memory_pvalues(tested_run):
     for i, (p, q) in enumerate(planes):
         pixel[i, : len(p)], image[i, : len(q)] = p, q
     s = settings.significance_stride
-    c = np.moveaxis(np.asarray(masks.concept_masks(pixel, image, concepts)), 1, -1)
+    # Jitted (eager, each op compiled apart took seconds).
+    concept_masks = jax.jit(masks.concept_masks)
+    unit_masks = jax.jit(masks.unit_masks, static_argnums=2)
+    c = np.moveaxis(np.asarray(concept_masks(pixel, image, concepts)), 1, -1)
     c = c[:, ::s, ::s].reshape(len(source), -1, len(concepts))
     thresholds = json.loads((out / "results.json").read_text())["settings"]["thresholds"]
     for result, path in zip(layer_results, tap.layers, strict=True):
         u = np.asarray(
-            masks.unit_masks(acts[path], np.float32(thresholds[result.layer]), source.seg_size)
+            unit_masks(acts[path], np.float32(thresholds[result.layer]), source.seg_size)
         )
         u = u[:, ::s, ::s].reshape(len(source), -1, u.shape[-1])
         want = significance.permutation_test(u, c, draws=19, seed=3)
