@@ -175,7 +175,8 @@ def test_the_statistic_over_a_pass_gives_the_in_memory_pvalues(devices):
     thresholds = np.quantile(acts.reshape(-1, 11), 0.8, axis=0).astype(np.float32)
     # Blobs of labels: concept 2 where unit 0 is high, to give a planted detector.
     pixel = rng.integers(0, 5, (n, 2, *seg)).astype(np.int32)
-    hot = np.asarray(masks.unit_masks(acts, thresholds, seg))[..., 0]
+    unit_masks = np.asarray(jax.jit(masks.unit_masks, static_argnums=2)(acts, thresholds, seg))
+    hot = unit_masks[..., 0]
     pixel[:, 0] = np.where(hot, 2, pixel[:, 0] % 2)
     image = rng.integers(0, 7, (n, 1)).astype(np.int32)
     concepts = np.arange(1, 7, dtype=np.int32)
@@ -191,8 +192,8 @@ def test_the_statistic_over_a_pass_gives_the_in_memory_pvalues(devices):
         forward=jax.jit(lambda v, x: {"l": x}),
         num_threads=0,
     )
-    u = np.asarray(masks.unit_masks(acts, thresholds, seg))[:, ::stride, ::stride]
-    c = np.moveaxis(np.asarray(masks.concept_masks(pixel, image, concepts)), 1, -1)
+    u = unit_masks[:, ::stride, ::stride]
+    c = np.moveaxis(np.asarray(jax.jit(masks.concept_masks)(pixel, image, concepts)), 1, -1)
     u, c = u.reshape(n, -1, 11), c[:, ::stride, ::stride].reshape(n, -1, 6)
     np.testing.assert_array_equal(got["unit_bits"], np.packbits(u, axis=-1))
     np.testing.assert_array_equal(got["concept_bits"], np.packbits(c, axis=-1))
