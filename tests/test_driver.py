@@ -2,6 +2,7 @@
 
 import dataclasses
 import threading
+import time
 
 import flax.linen as nn
 import jax
@@ -308,6 +309,42 @@ def test_pipeline_dissections_of_one_architecture_compile_once(tmp_path, earlier
 
     assert dissect(0, "a") > 0
     assert dissect(1, "b") == 0
+
+
+def test_equal_programs_compiled_ahead_at_once_compile_once(monkeypatch):
+    """Two jitted functions of one program (a stack's members' equal steps) compiled ahead
+    at the same time: XLA compiles it once and the other reads that executable from the
+    persistent compilation cache (the session has one: conftest.py), though the first's
+    cache write is slowed so that both are in flight together."""
+    from jax._src import compiler
+
+    write = compiler._cache_write
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.5)
+        return write(*args, **kwargs)
+
+    def jitted_step():  # a new function each time, as each member's step is
+        def step(x):
+            return jnp.cumsum(jnp.sin(x) * 3.0, axis=0)
+
+        return jax.jit(step)
+
+    def listener(event, **kwargs):
+        events.append(event)
+
+    monkeypatch.setattr(compiler, "_cache_write", slow_write)
+    events = []
+    steps = driver.Steps(compile_threads=2)
+    like = jax.ShapeDtypeStruct((171, 13), jnp.float32)  # a shape nowhere else: a cold cache
+    jax.monitoring.register_event_listener(listener)
+    try:
+        for future in [steps.compile_ahead(jitted_step(), like) for _ in range(2)]:
+            future.result()
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+    requests = events.count("/jax/compilation_cache/compile_requests_use_cache")
+    assert (requests, events.count("/jax/compilation_cache/cache_hits")) == (2, 1)
 
 
 def _compile_events(run, earlier: frozenset[threading.Thread]) -> list[str]:
