@@ -471,6 +471,22 @@ def probe_from_flags(fv: flags.FlagValues) -> Probe:
         probe.check()
     except FileNotFoundError as e:
         raise FileNotFoundError(flag_message(str(e), fv)) from None
+    if fv["resolution"].present and probe.data != "synthetic":
+        from jaxdissect.data.broden_tables import first_image_size
+
+        size = first_image_size(pathlib.Path(probe.data).expanduser())
+        if size is not None and size != (probe.resolution, probe.resolution):
+            raise ValueError(
+                f"--resolution={probe.resolution}: --data={probe.data} is a Broden folder "
+                f"of {size[0]}x{size[1]} images, read at their own size (--resolution sizes "
+                f"a synthetic Broden or picks a TFDS build); give --resolution={size[0]} "
+                "or none"
+                + (
+                    ", or resize the network's input with --input_size"
+                    if "input_size" in fv
+                    else ""
+                )
+            )
     return probe
 
 

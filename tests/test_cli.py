@@ -591,3 +591,24 @@ def test_seed_help_says_it_is_also_the_random_inits(name):
     fv = flags.FlagValues()
     script(name).define_flags(fv)
     assert "sketch" in fv["seed"].help and "random init (`--weights=`)" in fv["seed"].help
+
+
+def test_resolution_given_with_a_broden_folder_must_be_its_size(tmp_path):
+    """--resolution sizes a synthetic Broden or picks a TFDS build: given with a Broden
+    folder of another size it is refused in one line (not silently ignored); the folder's
+    own size, or no --resolution, is accepted."""
+    from tests.broden_testing import tiny_broden
+
+    root = tiny_broden(tmp_path / "broden").root  # 8x8 images
+    wrong = (
+        rf"^--resolution=64: --data={re.escape(str(root))} is a Broden folder of 8x8 images, "
+        r"read at their own size \(.*\); give --resolution=8 or none"
+    )
+    with pytest.raises(ValueError, match=wrong + ", or resize .* with --input_size$"):
+        cli.probe_from_flags(parse("dissect", f"--data={root}", "--resolution=64"))
+    for given in (["--resolution=8"], []):
+        assert cli.probe_from_flags(parse("dissect", f"--data={root}", *given)).data == str(root)
+    # A script with no --input_size is not told to use it.
+    fv = parse("training_dynamics", f"--data={root}", "--resolution=64")
+    with pytest.raises(ValueError, match=wrong + "$"):
+        cli.probe_from_flags(fv)

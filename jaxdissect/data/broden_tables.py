@@ -455,6 +455,19 @@ def _common_sizes(
     return image_size, seg_size
 
 
+def first_image_size(root: str | pathlib.Path) -> tuple[int, int] | None:
+    """(ih, iw) of the first row of `root`'s index.csv (every row's, in a valid folder), read
+    without parsing the folder; None where there is no such file or cell (opening the
+    folder then says what is wrong)."""
+    try:
+        with open(pathlib.Path(root) / INDEX_FILE, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            header, row = next(reader), next(reader)
+            return int(row[header.index("ih")]), int(row[header.index("iw")])
+    except (OSError, UnicodeDecodeError, StopIteration, ValueError, IndexError):
+        return None
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Tables:
     """What the CSV files of a Broden folder say.
