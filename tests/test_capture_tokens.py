@@ -10,6 +10,7 @@ from flax import nnx
 from jaxdissect import capture
 from jaxdissect.capture import TokenLayout
 from jaxdissect.models import vit
+from tests.model_testing import random_variables
 
 
 class Tokens(nn.Module):
@@ -54,18 +55,10 @@ def _normal(shape, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, np.float32)
 
 
-def _variables(model, x, seed=1):
-    """Random parameters of the model's shapes (traced, not compiled: an init program of
-    its own per module compiled for seconds)."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) * 0.1, shapes)
-
-
 def _setup(shape, **kw):
     model = Tokens(**kw)
     x = _normal((2, *shape))
-    variables = _variables(model, x)
+    variables = random_variables(model, x, seed=1)
     conv = nn.Conv(6, (model.patch, model.patch), strides=model.patch)
     grid = conv.apply({"params": variables["params"]["embed"]}, x)  # the planted patch map
     return model, variables, x, np.asarray(grid)
@@ -132,7 +125,7 @@ def test_model_declared_layout_wins_over_inference():
 
     model = Declared(prefix=1, suffix=2)
     x = _normal((1, 16, 16, 3))
-    variables = _variables(model, x)
+    variables = random_variables(model, x, seed=1)
     tap = capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3))
     grid = nn.Conv(6, (4, 4), strides=4).apply({"params": variables["params"]["embed"]}, x)
     np.testing.assert_array_equal(np.asarray(tap.fn(variables, x)["tokens"]), np.asarray(grid))
@@ -152,7 +145,7 @@ def test_a_declared_layout_may_be_its_text_and_must_be_a_layout():
 
     x = _normal((1, 16, 16, 3))
     model = AsText(prefix=1, suffix=2)
-    variables = _variables(model, x)
+    variables = random_variables(model, x, seed=1)
     tap = capture.make_tap(model, variables, ["tokens"], input_shape=(16, 16, 3))
     assert tap.token_layouts == {"tokens": TokenLayout((4, 4), prefix=1, suffix=2)}
     tap = capture.make_tap(
@@ -169,7 +162,7 @@ def test_a_named_layout_must_agree_with_what_the_model_declares(caplog):
     in `Tap.token_layouts`, with where it came from."""
     model = vit.ViT(**{**TINY_VIT, "pool_type": "tok"})  # a class token, 4x4 patches at 32 px
     x = jnp.zeros((1, 32, 32, 3))
-    variables = _variables(model, x, seed=0)
+    variables = random_variables(model, x, seed=0)
     assert model.token_layout((32, 32, 3)) == TokenLayout((4, 4), prefix=1)
     with caplog.at_level("INFO"):
         tap = capture.make_tap(model, variables, ["block0", "mlp0"], input_shape=(32, 32, 3))
@@ -309,7 +302,7 @@ class NnxTokens(nnx.Module):
 
 def test_nnx_token_layer():
     graph, shapes = nnx.split(nnx.eval_shape(lambda: NnxTokens(nnx.Rngs(0))))
-    rng = np.random.default_rng(0)  # as `_variables`: nothing compiled to initialise
+    rng = np.random.default_rng(0)  # as `random_variables`: nothing compiled to initialise
     model = nnx.merge(
         graph, jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)
     )
@@ -328,7 +321,7 @@ def test_an_input_that_is_not_whole_patches_is_refused():
     from jaxdissect.models import vit_nnx
 
     model = vit.ViT(**{**TINY_VIT, "pool_type": "tok"})  # 8 px patches: 36 px covers 32
-    variables = _variables(model, jnp.zeros((1, 32, 32, 3)), seed=0)
+    variables = random_variables(model, jnp.zeros((1, 32, 32, 3)), seed=0)
     twin = vit_nnx.from_linen(model, variables["params"])
     message = r"input_size=36: not a multiple of the model's patch size 8 .*; use 32 or 40"
     for module, params, layer in [(model, variables, "block0"), (twin, None, "stem")]:

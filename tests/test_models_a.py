@@ -24,6 +24,7 @@ from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax
 from jaxdissect.models.vgg import VGG
 from jaxdissect.preprocess import PLACES_LITE, InputSpec
 from tests import torch_models as tm
+from tests.model_testing import random_variables
 
 # torchvision's parameter counts (1000 classes).
 TORCHVISION_PARAMS = {
@@ -378,10 +379,7 @@ def test_dropout_only_in_training() -> None:
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3), np.float32))
 
     # Random numpy weights: compiling `init`'s random number generation costs seconds here.
-    rng = np.random.default_rng(0)
-    variables = jax.tree.map(
-        lambda s: rng.standard_normal(s.shape, np.float32) * 0.1, abstract_init(model, 64)[0]
-    )
+    variables = random_variables(model, x)
 
     @jax.jit
     def outputs(variables: dict, x: jax.Array) -> tuple[jax.Array, ...]:

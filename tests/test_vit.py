@@ -13,6 +13,7 @@ from jaxdissect import capture, preprocess
 from jaxdissect.models import checkpoint_io, npz_import, torch_import, vit, vit_nnx, zoo
 from jaxdissect.models import load as model_load
 from tests import torch_vit
+from tests.model_testing import random_variables
 
 pytestmark = pytest.mark.xdist_group("vit")
 
@@ -100,9 +101,7 @@ def test_gap_and_tanh_gelu_parity():
 
 def _random_variables(model, size: int, seed: int = 0) -> dict:
     """Random parameters everywhere (the head is zero-initialised otherwise)."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.1).astype(np.float32), shapes)
+    return random_variables(model, jnp.zeros((1, size, size, 3)), seed)
 
 
 def _save_npz(path: pathlib.Path, params: dict, prefix: str = "") -> None:
