@@ -16,7 +16,8 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
 # Compiling is most of the suite's time. Without LLVM's optimisations (XLA's own HLO passes
 # still run) a program compiles in about two thirds of the time and computes the same but
 # for rounding: optimised XLA:CPU code contracts a * b + c into one fused multiply-add, as
-# GPUs do, and unoptimised code rounds twice, as numpy does. Tests marked `optimized` compile
+# GPUs do, and unoptimised code rounds twice, as numpy does (mostly: some fusions still
+# contract, see tests/fuzz_reference.py). Tests marked `optimized` compile
 # as users' runs do: those whose subject is that rounding (upsampling against a threshold)
 # and those whose time is running, not compiling. JAX_DISABLE_MOST_OPTIMIZATIONS=0 compiles
 # every test so.

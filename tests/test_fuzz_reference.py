@@ -1,0 +1,21 @@
+"""One case of each random campaign of `tests/fuzz_reference.py`, so that the campaigns
+keep running; their length lives in the campaigns, not in the suite."""
+
+from tests import fuzz_reference
+
+
+def test_a_random_tally_case_of_each_method_equals_the_reference():
+    # Seeds drawing the segment method with unit blocks, compact and matmul.
+    for seed in (9, 2, 3):
+        desc, bad = fuzz_reference.tally_case(seed)
+        assert not bad, desc
+
+
+def test_a_random_quantile_case_equals_the_reference_bitwise():
+    desc, bad = fuzz_reference.quantile_case(27)
+    assert not bad, desc
+
+
+def test_a_random_dissection_equals_the_reference(tmp_path):
+    desc, bad = fuzz_reference.engine_case(34, work=tmp_path)
+    assert not bad, desc
