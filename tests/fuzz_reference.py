@@ -274,11 +274,12 @@ def engine_case(
         tally_method=method,
     )
     per_device = batch // devices
-    forward = jax.jit(
-        lambda x: model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])[
-            1
-        ]["intermediates"]
-    )
+
+    @jax.jit
+    def forward(x):
+        _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+        return state["intermediates"]
+
     images = np.stack([np.asarray(probe.read_image(i)) for i in range(len(probe))])
     acts = {layer: [] for layer in layers}
     for i in range(0, len(probe), per_device):
@@ -301,18 +302,9 @@ def engine_case(
         a = np.stack(acts[layer])
         values = a
         if threshold_on == "upsampled":
-            values = np.stack(
-                [
-                    np.stack(
-                        [
-                            reference.reference_upsample(m[..., u], probe.seg_size)
-                            for u in range(m.shape[-1])
-                        ],
-                        -1,
-                    )
-                    for m in a
-                ]
-            )
+            values = np.zeros((len(a), *probe.seg_size, a.shape[-1]), np.float32)
+            for x, u in np.ndindex(len(a), a.shape[-1]):
+                values[x, :, :, u] = reference.reference_upsample(a[x, :, :, u], probe.seg_size)
         thresholds = quantiles.reference_threshold(
             values.reshape(-1, values.shape[-1]), settings.quantile
         )
