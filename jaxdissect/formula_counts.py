@@ -56,6 +56,7 @@ def _term(p: jax.Array, q: jax.Array, concept: jax.Array) -> jax.Array:
     whole image; concept 0 is empty.
     """
     hit = (q[:, :, None] == concept).any(1)[:, None, :]  # [c, 1, K]
+    hit = jnp.broadcast_to(hit, (p.shape[0], p.shape[-1], concept.shape[0]))  # also P = 0
     for plane in range(p.shape[1]):
         hit = hit | (p[:, plane, :, None] == concept)
     return hit & (concept > 0)

@@ -489,19 +489,13 @@ def _segment_counts(
 ):
     """Scatter-add counts of a chunk: ([L, K] int32 intersections, ([c, K] |M_k(x)|,
     [c, C|0, K] overlap)); units not `live` (bool [K]) count nothing."""
-    c, planes, sh, sw = pix.shape
+    c, _, sh, sw = pix.shape
     k = acts.shape[-1]
     s = sh * sw
     mask = _chunk_mask(acts, valid, thresholds, (sh, sw), tie_rule)
     if live is not None:
         mask = mask & live
-    if planes == 0:
-        unit_img = mask.reshape(c, s, k).sum(1, dtype=jnp.int32)
-        return jnp.zeros((num_labels, k), jnp.int32), (
-            unit_img,
-            jnp.zeros((c, num_categories if per_image_overlap else 0, k), bool),
-        )
-    # Plane 0's sums per image are |M_k(x)|.
+    # Plane 0's sums per image are |M_k(x)| (without planes, the mask's sums).
     part, unit_img = segment_sums(
         mask.reshape(c * s, k),
         pix + (jnp.arange(c, dtype=jnp.int32) * num_labels)[:, None, None, None],
@@ -528,7 +522,8 @@ def segment_sums(
     (image, label) over every plane; segment (image, 0) gathers unlabelled pixels and may
     wrap, for the caller to discard. The second is plane 0's sums per image, which are the
     rows' sums (every pixel lies in exactly one of an image's segments of one plane): read
-    from the partial sums, they spare a second pass over the full-size rows.
+    from the partial sums, they spare a second pass over the full-size rows. Without planes
+    (P = 0: only image-level labels) the first is zeros and the second the rows' sums.
 
     `dtype`: uint16 where a per-image sum fits (at most the image's pixels: labels are
     deduplicated over the planes, `clean_labels`), else int32. The rows stay in memory as
@@ -539,6 +534,8 @@ def segment_sums(
     """
     c = ids.shape[0]
     k = rows.shape[-1]
+    if ids.shape[1] == 0:  # no pixel planes: no label sums; the rows' sums per image
+        return jnp.zeros((c, num_labels, k), dtype), rows.reshape(c, -1, k).sum(1, dtype=jnp.int32)
     rows = lax.optimization_barrier(rows)
     part = jnp.zeros((c * num_labels, k), dtype)
     part = part.at[ids[:, 0].reshape(-1)].add(rows.astype(dtype), mode=IN_BOUNDS)

@@ -160,3 +160,20 @@ def test_formula_text_is_canonical():
     assert Formula((3,)).text(names) == "blue"
     with pytest.raises(ValueError, match="operators='xor'"):
         formulas.parse_ops(["or", "xor"])
+
+
+def test_counts_without_pixel_planes_are_the_image_level_labels_only():
+    """A probe set of image-level labels only (P = 0 planes): the tally's segment sums give
+    no pixel-label sums, and the rows' totals come from the masks themselves."""
+    p = dict(_probe(2))
+    p["pixel_labels"] = p["pixel_labels"][:, :0]
+    nl = p["labels"].num_labels
+    table = _random_table(np.random.default_rng(2), p["acts"].shape[-1], 4, nl)
+    t = FormulaTable.of(table, 4)
+    padded = [row + [Formula((0,))] * (4 - len(row)) for row in table]
+    batch = {"pixel_labels": p["pixel_labels"], "image_labels": p["image_labels"]}
+    got = _counts(p["acts"], p["thresholds"], t.concepts, t.ops, batch, nl)
+    want = _expected(p, padded)
+    assert want["and_total"].any() and want["and_label"].any()
+    for key, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
