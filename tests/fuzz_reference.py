@@ -2,6 +2,8 @@
 
     python -m tests.fuzz_reference --target=tally --seeds=0:500
     python -m tests.fuzz_reference --target=quantiles --seeds=0:100
+    python -m tests.fuzz_reference --target=formulas --seeds=0:200
+    python -m tests.fuzz_reference --target=search --seeds=0:1000
     python -m tests.fuzz_reference --target=engine --seeds=0:200
 
 Targets (each case draws its shapes, data and settings from its seed):
@@ -12,6 +14,13 @@ Targets (each case draws its shapes, data and settings from its seed):
 - quantiles: exact and histogram modes, in random batches with padding rows, merged over
   random splits, against `quantiles.reference_threshold`, bitwise; float16 and bfloat16
   values with ties, -0.0, -inf and wide exponents.
+- formulas: `formula_counts.batch_formula_counts` (random formulas of length 1-3 a unit,
+  out-of-range concepts, chunks, tie rules) on the tally's random probes, against
+  `formula_reference.reference_counts`.
+- search: formula search (`formula_search`) on random unit and concept masks, plain or
+  under a union restriction, random operators, length penalty, length, beam and slots:
+  the beam against `formula_reference.beam`, the optimal mode (seeded by the beam or not)
+  against `formula_reference.brute_force`.
 - engine: a whole dissection of `test_engine.SmallCNN` (random weights, probe size, layers,
   devices, batch, activation dtype, quantile mode and level, restriction, tie rule,
   categories, activation cache, tally method; `--threshold_on=upsampled` too, on 16-bit
@@ -208,6 +217,116 @@ def quantile_case(seed: int) -> tuple[str, list[str]]:
     return f"n={n} k={k} q={q} {dtype} kind={kind}", bad
 
 
+# ---------------------------------------------------------------------------- formulas
+
+
+def formula_case(seed: int) -> tuple[str, list[str]]:
+    """(description, mismatches) of one random batch of formula counts
+    (`formula_counts.batch_formula_counts`: random formulas of length 1-3 per unit, out-of-
+    range concepts included) against `formula_reference.reference_counts`."""
+    from jaxdissect import formula_counts
+    from jaxdissect.formulas import Formula, FormulaTable
+    from tests import formula_reference
+    from tests import test_formula_counts as cases
+
+    rng = np.random.default_rng(seed)
+    probe = tally_probe(rng)
+    nl, k = probe["labels"].num_labels, probe["acts"].shape[-1]
+    slots, tie_rule = int(rng.integers(1, 11)), str(rng.choice(["strict", "inclusive"]))
+    chunk = int(rng.integers(1, 5)) if rng.random() < 0.5 else None
+    table = cases._random_table(rng, k, slots, nl)
+    t = FormulaTable.of(table, slots)
+    batch = {"pixel_labels": probe["pixel_labels"], "image_labels": probe["image_labels"]}
+    got = jax.jit(
+        formula_counts.batch_formula_counts, static_argnums=5, static_argnames=("chunk", "tie_rule")
+    )(
+        probe["acts"],
+        probe["thresholds"],
+        t.concepts,
+        t.ops,
+        batch,
+        nl,
+        chunk=chunk,
+        tie_rule=tie_rule,
+    )
+    units, concepts = formula_reference.reference_masks(
+        probe["acts"],
+        probe["thresholds"],
+        probe["pixel_labels"],
+        probe["image_labels"],
+        nl,
+        tie_rule,
+    )
+    # Out-of-range concepts of the table are empty masks: columns of zeros.
+    concepts = np.concatenate([concepts, np.zeros((*concepts.shape[:2], 3), bool)], -1)
+    padded = [row + [Formula((0,))] * (slots - len(row)) for row in table]
+    want = formula_reference.reference_counts(units, concepts, padded)
+    want["and_label"] = want["and_label"][..., :nl]
+    want["formula_label"] = want["formula_label"][..., :nl]
+    shapes = f"acts {probe['acts'].shape} pixel_labels {probe['pixel_labels'].shape}"
+    desc = f"{slots} slots, chunk {chunk}, {tie_rule}, {shapes}"
+    return desc, [key for key in want if not np.array_equal(np.asarray(got[key]), want[key])]
+
+
+# ------------------------------------------------------------------------------ search
+
+
+def search_case(seed: int) -> tuple[str, list[str]]:
+    """(description, mismatches) of one random formula search: the beam against the plain
+    numpy beam, the optimal mode against brute force, under a random union restriction."""
+    from jaxdissect import formula_search
+    from tests import formula_reference
+    from tests import test_formula_search as cases
+
+    rng = np.random.default_rng(seed)
+    restriction = str(rng.choice(["plain", "presence", "overlap", "none"]))
+    if restriction == "plain":
+        num_labels, k = int(rng.integers(4, 10)), int(rng.integers(1, 7))
+        units, concepts = cases._random_case(seed, num_labels=num_labels, k=k)
+        first, passes, category = cases._first(units, concepts), None, None
+    else:  # the 7 labels of `cases.CATEGORY`
+        units, concepts = cases._restricted_case(seed)
+        first, passes = cases._restricted_first(units, concepts, restriction)
+        category = cases.CATEGORY
+    ops = tuple(o for o in (0, 1, 2) if rng.random() < 0.7) or (int(rng.integers(0, 3)),)
+    penalty = float(rng.choice([1.0, 0.9, 0.7]))
+    length, width, slots = int(rng.integers(1, 4)), int(rng.integers(1, 7)), int(rng.integers(1, 5))
+    desc = (
+        f"{restriction}, {concepts.shape[-1]} labels, {units.shape[-1]} units, ops {ops}, "
+        f"penalty {penalty}, length {length}, beam {width}, slots {slots}"
+    )
+    # Concepts with pixels (an empty one adds nothing) and, restricted, a category.
+    candidates = [
+        c
+        for c in range(1, concepts.shape[-1])
+        if concepts[..., c].any() and (category is None or category[c] >= 0)
+    ]
+    evaluate = cases._numpy_evaluate(units, concepts)
+    beam = formula_search.beam_search(
+        first, evaluate, max_length=length, beam=width, ops=ops, penalty=penalty
+    )
+    want_beam = formula_reference.beam(
+        units, concepts, candidates, length, width, ops, penalty, passes, category
+    )
+    bad = [
+        f"unit {u} beam"
+        for u in range(units.shape[-1])
+        if [(b.score, b.formula) for b in beam[u]] != want_beam[u]
+    ]
+    brute = formula_reference.brute_force(
+        units, concepts, candidates, length, ops, penalty, passes, category
+    )
+    start = [row[0] for row in beam] if rng.random() < 0.7 else None
+    best = formula_search.optimal_search(
+        first, evaluate, max_length=length, ops=ops, penalty=penalty, slots=slots, start=start
+    )
+    for u in range(units.shape[-1]):
+        score, formula = brute[u]
+        if abs(best[u].score - score) > 1e-12 * abs(score) or best[u].formula != formula:
+            bad.append(f"unit {u} optimal: {best[u].formula} {best[u].score} != {formula} {score}")
+    return desc, bad
+
+
 # ------------------------------------------------------------------------------ engine
 
 
@@ -359,7 +478,11 @@ def campaign(case: Callable[[int], tuple[str, list[str]]], seeds: range) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", choices=("tally", "quantiles", "engine"), required=True)
+    parser.add_argument(
+        "--target",
+        choices=("tally", "quantiles", "formulas", "search", "engine"),
+        required=True,
+    )
     parser.add_argument("--seeds", default="0:100", help="first:stop")
     parser.add_argument("--threshold_on", choices=("raw", "upsampled"), default="raw")
     args = parser.parse_args(argv)
@@ -371,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     case = {
         "tally": tally_case,
         "quantiles": quantile_case,
+        "formulas": formula_case,
+        "search": search_case,
         "engine": lambda seed: engine_case(seed, args.threshold_on, work),
     }[args.target]
     start = time.perf_counter()

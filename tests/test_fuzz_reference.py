@@ -19,3 +19,10 @@ def test_a_random_quantile_case_equals_the_reference_bitwise():
 def test_a_random_dissection_equals_the_reference(tmp_path):
     desc, bad = fuzz_reference.engine_case(34, work=tmp_path)
     assert not bad, desc
+
+
+def test_random_formula_searches_equal_the_numpy_beam_and_brute_force():
+    # Restricted (overlap), length 3 with a beam of 1; unrestricted, length 3, beam 4.
+    for seed in (5, 10):
+        desc, bad = fuzz_reference.search_case(seed)
+        assert not bad, desc
