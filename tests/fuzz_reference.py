@@ -283,9 +283,19 @@ def search_case(seed: int) -> tuple[str, list[str]]:
     if restriction == "plain":
         num_labels, k = int(rng.integers(4, 10)), int(rng.integers(1, 7))
         units, concepts = cases._random_case(seed, num_labels=num_labels, k=k)
-        first, passes, category = cases._first(units, concepts), None, None
     else:  # the 7 labels of `cases.CATEGORY`
         units, concepts = cases._restricted_case(seed)
+    num_labels, k = concepts.shape[-1], units.shape[-1]
+    if rng.random() < 0.4:  # two concepts of one mask: ties everywhere
+        a, b = rng.choice(np.arange(1, num_labels), 2, replace=False)
+        concepts[..., b] = concepts[..., a]
+    if rng.random() < 0.3:  # a unit that is exactly a concept (IoU 1)
+        units[..., 0] = concepts[..., rng.integers(1, num_labels)]
+    if rng.random() < 0.2 and k > 1:  # a unit that fires everywhere
+        units[..., 1] = True
+    if restriction == "plain":
+        first, passes, category = cases._first(units, concepts), None, None
+    else:
         first, passes = cases._restricted_first(units, concepts, restriction)
         category = cases.CATEGORY
     ops = tuple(o for o in (0, 1, 2) if rng.random() < 0.7) or (int(rng.integers(0, 3)),)
