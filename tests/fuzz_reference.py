@@ -2,6 +2,7 @@
 
     python -m tests.fuzz_reference --target=tally --seeds=0:500
     python -m tests.fuzz_reference --target=quantiles --seeds=0:100
+    python -m tests.fuzz_reference --target=sketch --seeds=0:100
     python -m tests.fuzz_reference --target=formulas --seeds=0:200
     python -m tests.fuzz_reference --target=search --seeds=0:1000
     python -m tests.fuzz_reference --target=engine --seeds=0:200
@@ -14,6 +15,10 @@ Targets (each case draws its shapes, data and settings from its seed):
 - quantiles: exact and histogram modes, in random batches with padding rows, merged over
   random splits, against `quantiles.reference_threshold`, bitwise; float16 and bfloat16
   values with ties, -0.0, -inf and wide exponents.
+- sketch: the quantile sketch (`max_count` given), in 1-3 shards merged, on columns that
+  fool prefilters (ascending, descending, an early block of large values, ties, spikes):
+  bitwise the reference before it compacts, else certified and within 5% in the count
+  above the threshold.
 - formulas: `formula_counts.batch_formula_counts` (random formulas of length 1-3 a unit,
   out-of-range concepts, chunks, tie rules) on the tally's random probes, against
   `formula_reference.reference_counts`.
@@ -215,6 +220,56 @@ def quantile_case(seed: int) -> tuple[str, list[str]]:
         if not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
             bad.append(mode)
     return f"n={n} k={k} q={q} {dtype} kind={kind}", bad
+
+
+def sketch_case(seed: int, rows: int = 256, units: int = 8) -> tuple[str, list[str]]:
+    """(description, mismatches) of one random sketch (`max_count` given, as the engine
+    does): bitwise the reference while q * n < size / 2 (nothing compacted yet), else
+    certified and within 5% of the reference's count above the threshold; streams in
+    1-3 shards (seeds as the engine's devices) merged, over orders that fool prefilters."""
+    from jaxdissect.statistics import shard_seed
+
+    rng = np.random.default_rng(seed)
+    q = float(rng.choice([0.005, 0.05]))
+    n = rows * int(rng.integers(1, 81))
+    g = rng.normal(size=(n, units))
+    columns = {
+        "normal": g[:, 0],
+        "relu": np.maximum(g[:, 1], 0),
+        "ties": np.round(g[:, 2]),
+        "lognormal": np.exp(1.5 * g[:, 3]),
+        "ascending": np.sort(g[:, 4]),
+        "descending": np.sort(g[:, 5])[::-1],
+        "early block": np.where(np.arange(n) < n // 40, 10 + g[:, 6] ** 2, g[:, 6]),
+        "saturated": np.clip(3 * g[:, 7], 0, 6),
+    }
+    x = np.stack(list(columns.values()), 1).astype(np.float32)
+    shards = np.array_split(np.arange(n // rows), int(rng.integers(1, 4)))
+    update, merge = jax.jit(quantiles.sketch_update), jax.jit(quantiles.sketch_merge)
+    states = []
+    for i, batches in enumerate(shards):
+        state = quantiles.sketch_init(units, q=q, seed=shard_seed(seed, i), max_count=n)
+        for b in batches:
+            state = update(state, x[b * rows : (b + 1) * rows], np.ones(rows, bool))
+        states.append(state)
+    state = states[0]
+    for other in states[1:]:
+        state = merge(state, other)
+    desc = f"q={q} n={n} {len(shards)} shards"
+    want = quantiles.reference_threshold(x, q)
+    if not quantiles.sketch_certified(state).all():
+        return desc, ["not certified"]
+    got = np.asarray(quantiles.sketch_threshold(state), np.float32)
+    if q * n < quantiles.DEFAULT_SIZE / 2:
+        exact = got.view(np.uint32) == want.view(np.uint32)
+        return desc, [
+            f"{name} not exact" for name, ok in zip(columns, exact, strict=True) if not ok
+        ]
+    above, want_above = (x > got).sum(0), (x > want).sum(0)
+    err = np.abs(above - want_above) / np.maximum(want_above, 1)
+    return desc, [
+        f"{name} off by {e:.1%}" for name, e in zip(columns, err, strict=True) if e > 0.05
+    ]
 
 
 # ---------------------------------------------------------------------------- formulas
@@ -490,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--target",
-        choices=("tally", "quantiles", "formulas", "search", "engine"),
+        choices=("tally", "quantiles", "sketch", "formulas", "search", "engine"),
         required=True,
     )
     parser.add_argument("--seeds", default="0:100", help="first:stop")
@@ -504,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     case = {
         "tally": tally_case,
         "quantiles": quantile_case,
+        "sketch": sketch_case,
         "formulas": formula_case,
         "search": search_case,
         "engine": lambda seed: engine_case(seed, args.threshold_on, work),
