@@ -1,6 +1,7 @@
 """Random cases against the numpy references, for campaigns longer than the suite:
 
     python -m tests.fuzz_reference --target=tally --seeds=0:500
+    python -m tests.fuzz_reference --target=results --seeds=0:5000
     python -m tests.fuzz_reference --target=quantiles --seeds=0:100
     python -m tests.fuzz_reference --target=sketch --seeds=0:100
     python -m tests.fuzz_reference --target=formulas --seeds=0:200
@@ -12,6 +13,10 @@ Targets (each case draws its shapes, data and settings from its seed):
   chunk, slots, unit blocks, restriction patterns) on random shapes and label sets
   (out-of-range numbers, labels repeated across planes, image-level labels in the pixel
   planes, attained thresholds), against `reference.reference_counts`.
+- results: `results.layer_result` (IoU, best label per category and overall, detectors)
+  on random counts with equal IoUs within and across categories, zero unions, silent
+  units and a random subset of scored categories, against `reference.reference_iou` and
+  `reference.reference_unit_labels`.
 - quantiles: exact and histogram modes, in random batches with padding rows, merged over
   random splits, against `quantiles.reference_threshold`, bitwise; float16 and bfloat16
   values with ties, -0.0, -inf and wide exponents.
@@ -161,6 +166,78 @@ def tally_case(seed: int) -> tuple[str, list[str]]:
         if not mismatches(**{**segment, "method": "segment"}):
             bad = [TWO_MASKS]
     return f"{restriction} {kwargs} {shapes}", bad
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def results_case(seed: int) -> tuple[str, list[str]]:
+    """(description, mismatches) of one random layer of counts scored by
+    `results.layer_result` against `reference.reference_iou` and `reference_unit_labels`:
+    equal IoUs within and across categories (copied columns), zero unions, silent units,
+    labels of no category, a random subset of scored categories and IoU threshold."""
+    rng = np.random.default_rng(seed)
+    k, num_labels, num_categories = (int(v) for v in rng.integers(1, 12, 3))
+    num_labels += 1
+    primary = rng.integers(-1, num_categories, num_labels).astype(np.int32)
+    primary[0] = -1
+    labels = LabelSpace(
+        tuple(f"cat{j}" for j in range(num_categories)),
+        ("-", *(f"label{i}" for i in range(1, num_labels))),
+        primary,
+        tuple(bool(b) for b in rng.random(num_categories) < 0.3),
+    )
+    label_pixels = rng.integers(0, 50, num_labels) * (rng.random(num_labels) < 0.8)
+    unit_total = rng.integers(0, 80, k) * (rng.random(k) < 0.85)
+    unit_pixels = (rng.random((k, num_categories)) * (unit_total[:, None] + 1)).astype(np.int64)
+    cap = np.minimum(label_pixels[None, :], unit_pixels[:, np.maximum(primary, 0)])
+    intersection = (rng.random((k, num_labels)) * (cap + 1)).astype(np.int64)
+    intersection[:, primary < 0] = 0
+    for _ in range(int(rng.integers(0, 4))):  # a label's counts copied to another: equal IoUs
+        a, b = rng.integers(1, num_labels, 2)
+        if primary[a] >= 0 and primary[b] >= 0:
+            label_pixels[b] = label_pixels[a]
+            unit_pixels[:, primary[b]] = unit_pixels[:, primary[a]]
+            intersection[:, b] = intersection[:, a]
+    # Counts as a tally's: no intersection above its label's or its unit's category's pixels.
+    cap = np.minimum(label_pixels[None, :], unit_pixels[:, np.maximum(primary, 0)])
+    intersection = np.minimum(intersection, cap)
+    counts = {
+        "intersection": intersection,
+        "label_pixels": label_pixels.astype(np.int64),
+        "unit_pixels": unit_pixels,
+        "unit_total": unit_total.astype(np.int64),
+    }
+    categories = None
+    if rng.random() < 0.4:
+        categories = tuple(c for c in labels.categories if rng.random() < 0.6) or (
+            labels.categories[0],
+        )
+    threshold = float(rng.choice([0.0, 0.04, 0.2]))
+    desc = f"{k} units, {num_labels} labels, {num_categories} categories, scored {categories}"
+    got = results.layer_result(
+        "layer", counts, labels, iou_threshold=threshold, categories=categories
+    )
+    iou = reference.reference_iou(counts, labels)
+    want = reference.reference_unit_labels(iou, labels, threshold, categories, unit_total)
+    bad = [] if np.array_equal(got.iou, iou) else ["iou"]
+    scored = labels.categories if categories is None else categories
+    scored = [c for c in labels.categories if c in scored]
+    for u, ref in enumerate(want):
+        cat = int(got.best_category[u])
+        name = labels.categories[cat] if cat >= 0 else None
+        if (int(got.best_label[u]), name, float(got.best_iou[u])) != (
+            ref["label"],
+            ref["category"],
+            ref["iou"],
+        ):
+            bad.append(f"unit {u} best")
+        if bool(got.interpretable[u]) != ref["interpretable"]:
+            bad.append(f"unit {u} interpretable")
+        for col, c in enumerate(scored):
+            if int(got.category_label[u, col]) != ref["per_category"][c][0]:
+                bad.append(f"unit {u} {c}")
+    return desc, bad
 
 
 # --------------------------------------------------------------------------- quantiles
@@ -545,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--target",
-        choices=("tally", "quantiles", "sketch", "formulas", "search", "engine"),
+        choices=("tally", "results", "quantiles", "sketch", "formulas", "search", "engine"),
         required=True,
     )
     parser.add_argument("--seeds", default="0:100", help="first:stop")
@@ -558,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     work = pathlib.Path(tempfile.mkdtemp(prefix="fuzz-"))
     case = {
         "tally": tally_case,
+        "results": results_case,
         "quantiles": quantile_case,
         "sketch": sketch_case,
         "formulas": formula_case,
