@@ -162,8 +162,9 @@ def _exceedances(
     """counts plus, over the draws `perms` [D, N]: (int32 [K, C]) draws whose permuted
     intersection reaches `observed`, (int32 [K]) draws whose best IoU over the concepts
     reaches the unit's observed best IoU. The best IoUs compare as float32 quotients of
-    exact counts (correctly rounded, so monotone): a drawn best short of the observed one by
-    less than float32 can tell apart counts as reaching it, never the reverse (conservative)."""
+    exact counts (correctly rounded, so monotone): a drawn best that falls short of the
+    observed one by less than float32 resolves may count as reaching it, never the reverse
+    (conservative)."""
     best = jnp.max(iou(observed, unit_area, concept_area), axis=1)
 
     def one(carry, perm):
