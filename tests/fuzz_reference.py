@@ -615,6 +615,8 @@ def campaign(case: Callable[[int], tuple[str, list[str]]], seeds: range) -> dict
         tally[outcome] += 1
         if outcome != "passed":
             print(f"seed {seed}: {outcome}: {bad}  ({desc})", flush=True)
+        if (seed - seeds.start + 1) % 100 == 0:
+            print(f"through seed {seed}: {tally}", flush=True)
     return tally
 
 
