@@ -617,6 +617,9 @@ def campaign(case: Callable[[int], tuple[str, list[str]]], seeds: range) -> dict
             print(f"seed {seed}: {outcome}: {bad}  ({desc})", flush=True)
         if (seed - seeds.start + 1) % 100 == 0:
             print(f"through seed {seed}: {tally}", flush=True)
+            # Each case compiles new programs: free them (a process that keeps thousands of
+            # executables runs out of XLA:CPU's code memory: "Unable to allocate section").
+            jax.clear_caches()
     return tally
 
 
