@@ -71,7 +71,6 @@ from jaxdissect import engine, parallel, quantiles, results  # noqa: E402
 from jaxdissect.labelspace import LabelSpace  # noqa: E402
 from tests import reference  # noqa: E402
 
-COUNT_KEYS = ("intersection", "label_pixels", "unit_pixels", "unit_total")
 ULP = "ulp at a threshold"
 
 
@@ -594,7 +593,7 @@ def engine_case(
         )
         bad += [
             f"{layer} {key}"
-            for key in COUNT_KEYS
+            for key in results.COUNT_KEYS
             if not np.array_equal(got[layer].counts[key], ref["counts"][key])
         ]
         result = results.layer_result(layer, got[layer].counts, labels)
@@ -626,6 +625,14 @@ def campaign(case: Callable[[int], tuple[str, list[str]]], seeds: range) -> dict
     return tally
 
 
+def _seeds(text: str) -> range:
+    try:
+        first, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give first:stop, e.g. 0:100") from None
+    return range(first, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -633,11 +640,10 @@ def main(argv: list[str] | None = None) -> int:
         choices=("tally", "results", "quantiles", "sketch", "formulas", "search", "engine"),
         required=True,
     )
-    parser.add_argument("--seeds", default="0:100", help="first:stop")
+    parser.add_argument("--seeds", type=_seeds, default="0:100", help="first:stop")
     parser.add_argument("--threshold_on", choices=("raw", "upsampled"), default="raw")
     args = parser.parse_args(argv)
     jax.config.update("jax_num_cpu_devices", 8)
-    first, stop = (int(v) for v in args.seeds.split(":"))
     if not jax.config.read("jax_disable_most_optimizations"):
         print("note: optimised compilation; expect ulp disagreements (see the docstring)")
     work = pathlib.Path(tempfile.mkdtemp(prefix="fuzz-"))
@@ -651,8 +657,9 @@ def main(argv: list[str] | None = None) -> int:
         "engine": lambda seed: engine_case(seed, args.threshold_on, work),
     }[args.target]
     start = time.perf_counter()
-    outcome = campaign(case, range(first, stop))
-    print(f"{args.target} seeds {first}:{stop}: {outcome} in {time.perf_counter() - start:.0f} s")
+    outcome = campaign(case, args.seeds)
+    seeds = f"{args.seeds.start}:{args.seeds.stop}"
+    print(f"{args.target} seeds {seeds}: {outcome} in {time.perf_counter() - start:.0f} s")
     return int(outcome["failed"] > 0)
 
 
