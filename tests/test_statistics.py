@@ -175,19 +175,21 @@ def test_sketch_merged_over_8_devices_is_as_accurate_as_one_stream():
     """Every device sees the same values: with one seed for all, the shards' compaction
     errors are the same and add up; with a seed per device they average out."""
     rng = np.random.default_rng(0)
-    k, per_device = 48, 96
+    k, per_device, m = 48, 96, 4  # batches of 8 m images, m a device
     base = np.exp(rng.standard_normal((per_device, 8, 8, k))).astype(np.float32)
-    values = np.repeat(base, 8, axis=0)  # image 8b + d goes to device d: the same on all
+    # Device d takes images d m .. d m + m - 1 of each batch: the same on every device.
+    steps = base.reshape(per_device // m, 1, m, 8, 8, k)
+    values = np.broadcast_to(steps, (per_device // m, 8, m, 8, 8, k)).reshape(-1, 8, 8, k)
     n = len(values)
     stat = statistics.quantile_statistic(
         "l", k, total_count=n * 64, q=Q, mode="sketch", sketch_size=64
     )
-    merged = _run(stat, values, 8, batch_size=8)["thresholds"]
-    single = _run(stat, values, 1, batch_size=8)["thresholds"]
+    merged = _run(stat, values, 8, batch_size=8 * m)["thresholds"]
+    single = _run(stat, values, 1, batch_size=8 * m)["thresholds"]
 
     # The old way: every device a copy of shard 0's state.
     same_seed = stat._replace(init=lambda shard: stat.init(0))
-    shared = _run(same_seed, values, 8, batch_size=8)["thresholds"]
+    shared = _run(same_seed, values, 8, batch_size=8 * m)["thresholds"]
 
     rms = {
         name: float(np.sqrt(np.mean(_rel_errors(t, values) ** 2)))
@@ -195,7 +197,7 @@ def test_sketch_merged_over_8_devices_is_as_accurate_as_one_stream():
     }
     assert rms["single"] > 0.005, rms  # the sketch compacted: not secretly exact
     assert rms["merged"] <= 1.5 * rms["single"], rms
-    # Measured (deterministic seeds): merged 0.0126, single 0.0169, shared 0.0202.
+    # Measured (deterministic seeds): merged 0.0167, single 0.0220, shared 0.0247.
     assert rms["merged"] < 0.8 * rms["shared"], rms
 
 
