@@ -376,48 +376,16 @@ def formula_case(seed: int) -> tuple[str, list[str]]:
     """(description, mismatches) of one random batch of formula counts
     (`formula_counts.batch_formula_counts`: random formulas of length 1-3 per unit, out-of-
     range concepts included) against `formula_reference.reference_counts`."""
-    from jaxdissect import formula_counts
-    from jaxdissect.formulas import Formula, FormulaTable
-    from tests import formula_reference
     from tests import test_formula_counts as cases
 
     rng = np.random.default_rng(seed)
     probe = tally_probe(rng)
-    nl, k = probe["labels"].num_labels, probe["acts"].shape[-1]
     slots, tie_rule = int(rng.integers(1, 11)), str(rng.choice(["strict", "inclusive"]))
     chunk = int(rng.integers(1, 5)) if rng.random() < 0.5 else None
-    table = cases._random_table(rng, k, slots, nl)
-    t = FormulaTable.of(table, slots)
-    batch = {"pixel_labels": probe["pixel_labels"], "image_labels": probe["image_labels"]}
-    got = jax.jit(
-        formula_counts.batch_formula_counts, static_argnums=5, static_argnames=("chunk", "tie_rule")
-    )(
-        probe["acts"],
-        probe["thresholds"],
-        t.concepts,
-        t.ops,
-        batch,
-        nl,
-        chunk=chunk,
-        tie_rule=tie_rule,
-    )
-    units, concepts = formula_reference.reference_masks(
-        probe["acts"],
-        probe["thresholds"],
-        probe["pixel_labels"],
-        probe["image_labels"],
-        nl,
-        tie_rule,
-    )
-    # Out-of-range concepts of the table are empty masks: columns of zeros.
-    concepts = np.concatenate([concepts, np.zeros((*concepts.shape[:2], 3), bool)], -1)
-    padded = [row + [Formula((0,))] * (slots - len(row)) for row in table]
-    want = formula_reference.reference_counts(units, concepts, padded)
-    want["and_label"] = want["and_label"][..., :nl]
-    want["formula_label"] = want["formula_label"][..., :nl]
+    got, want = cases.counts_of_random_formulas(probe, rng, slots, chunk, tie_rule)
     shapes = f"acts {probe['acts'].shape} pixel_labels {probe['pixel_labels'].shape}"
     desc = f"{slots} slots, chunk {chunk}, {tie_rule}, {shapes}"
-    return desc, [key for key in want if not np.array_equal(np.asarray(got[key]), want[key])]
+    return desc, [key for key in want if not np.array_equal(got[key], want[key])]
 
 
 # ------------------------------------------------------------------------------ search

@@ -27,15 +27,17 @@ def _probe(seed=0, num_labels=40):
     return random_probe(seed, num_labels=num_labels, num_images=9)
 
 
-# One jitted function for the tests here (num_labels and chunk static): tests of the same
-# shapes and chunk share its programs.
-_counts = jax.jit(formula_counts.batch_formula_counts, static_argnums=5, static_argnames="chunk")
+# One jitted function for the tests here (num_labels, chunk and tie rule static): tests of
+# the same shapes and chunk share its programs.
+_counts = jax.jit(
+    formula_counts.batch_formula_counts, static_argnums=5, static_argnames=("chunk", "tie_rule")
+)
 
 
-def _expected(p, table):
+def _expected(p, table, tie_rule="strict"):
     nl = p["labels"].num_labels
     units, concepts = ref.reference_masks(
-        p["acts"], p["thresholds"], p["pixel_labels"], p["image_labels"], nl
+        p["acts"], p["thresholds"], p["pixel_labels"], p["image_labels"], nl, tie_rule
     )
     # Out-of-range table entries are empty masks: the reference has no column for them.
     concepts = np.concatenate([concepts, np.zeros((*concepts.shape[:2], 3), bool)], -1)
@@ -49,17 +51,23 @@ def _expected(p, table):
 # chunks of 4 images (the last one padded: 9 images), not the default one on CPU.
 @pytest.mark.parametrize("seed, slots, chunk", [(0, 4, None), (1, 4, None), (0, 10, 4)])
 def test_batch_counts_equal_the_reference(seed, slots, chunk):
-    p = _probe(seed)
+    got, want = counts_of_random_formulas(_probe(seed), np.random.default_rng(seed), slots, chunk)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def counts_of_random_formulas(p, rng, slots, chunk=None, tie_rule="strict"):
+    """(batch_formula_counts, the reference's counts) of random formulas (`_random_table`)
+    on the probe `p`, numpy arrays keyed as `formula_counts`."""
     nl = p["labels"].num_labels
-    rng = np.random.default_rng(seed)
     table = _random_table(rng, p["acts"].shape[-1], slots, nl)
     t = FormulaTable.of(table, slots)
     padded = [row + [Formula((0,))] * (slots - len(row)) for row in table]
     batch = {"pixel_labels": p["pixel_labels"], "image_labels": p["image_labels"]}
-    got = _counts(p["acts"], p["thresholds"], t.concepts, t.ops, batch, nl, chunk=chunk)
-    want = _expected(p, padded)
-    for key, value in want.items():
-        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
+    got = _counts(
+        p["acts"], p["thresholds"], t.concepts, t.ops, batch, nl, chunk=chunk, tie_rule=tie_rule
+    )
+    return {key: np.asarray(v) for key, v in got.items()}, _expected(p, padded, tie_rule)
 
 
 def test_slots_of_short_formulas_skip_their_unused_terms_exactly():
@@ -167,13 +175,7 @@ def test_counts_without_pixel_planes_are_the_image_level_labels_only():
     no pixel-label sums, and the rows' totals come from the masks themselves."""
     p = dict(_probe(2))
     p["pixel_labels"] = p["pixel_labels"][:, :0]
-    nl = p["labels"].num_labels
-    table = _random_table(np.random.default_rng(2), p["acts"].shape[-1], 4, nl)
-    t = FormulaTable.of(table, 4)
-    padded = [row + [Formula((0,))] * (4 - len(row)) for row in table]
-    batch = {"pixel_labels": p["pixel_labels"], "image_labels": p["image_labels"]}
-    got = _counts(p["acts"], p["thresholds"], t.concepts, t.ops, batch, nl)
-    want = _expected(p, padded)
+    got, want = counts_of_random_formulas(p, np.random.default_rng(2), 4)
     assert want["and_total"].any() and want["and_label"].any()
     for key, value in want.items():
-        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
