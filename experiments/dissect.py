@@ -245,7 +245,10 @@ def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
 
         for r in layer_results:
             note = significance.resolution_note(
-                r.num_units, settings.significance_draws, settings.significance_alpha
+                r.num_units,
+                settings.significance_draws,
+                settings.significance_alpha,
+                settings.significance_fdr,
             )
             if note:
                 print(f"{r.layer}: {note}")

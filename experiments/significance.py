@@ -1,18 +1,19 @@
 r"""Which detectors are significant: a permutation p-value for every unit of a layer, and
-Benjamini-Hochberg control of the false discovery rate, beside the IoU > 0.04 rule; and
+false discovery rate control (Benjamini-Hochberg or -Yekutieli), beside the IoU > 0.04 rule; and
 the paper's baselines as reference distributions.
 
   python experiments/significance.py --flagfile=experiments/configs/significance_small_cnn.flags
 
 The layer is dissected on the probe set with the engine's permutation test
-(`--significance_draws`, `--significance_alpha`, `--significance_stride`,
-`--significance_seed`; jaxdissect/significance.py says why whole images are permuted
+(`--significance_draws`, `--significance_alpha`, `--significance_fdr`,
+`--significance_stride`, `--significance_seed`; jaxdissect/significance.py says why whole images are permuted
 and not pixels): pass 2 packs every image's unit and concept masks on the test's grid,
 then the draws stream over them. Per unit: the p-value of its best IoU over all concepts
-(the max is taken in every draw too) and whether BH calls it. That IoU is the test's, on
+(the max is taken in every draw too) and whether the FDR procedure calls it. That IoU is the test's, on
 its grid (every --significance_stride-th pixel) with the union unrestricted, not the
-dissection's (full resolution, --restriction's union); BH's rate is nominal, as the
-p-values share the permutations (jaxdissect/significance.py).
+dissection's (full resolution, --restriction's union). BH's rate (--significance_fdr=bh,
+the default) is nominal, as the p-values share the permutations; BY's (=by) holds under
+any dependence, with fewer calls (jaxdissect/significance.py).
 
 --baseline tests a reference network instead of the one given: `random_init` (the same
 architecture with random weights, seed --seed) or `rotated` (the layer's units rotated
@@ -27,7 +28,7 @@ threshold it (under a true null far more than 5% of units have it below 0.05; `p
 test); the summary's
 `interpretable_and_significant`, `interpretable_not_significant` and
 `significant_not_interpretable` cross the two statistics (the dissection's IoU > the
-threshold, the test's BH call).
+threshold, the test's FDR call).
 """
 
 from __future__ import annotations
@@ -93,15 +94,20 @@ def run(fv: flags.FlagValues = FLAGS):
     with cli.claim_output_dir(output_dir):
         doc = _test(fv, trained, settings, options, probe, output_dir)
     s = doc["summary"]
-    draws, alpha = settings.significance_draws, settings.significance_alpha
+    draws, alpha, fdr = (
+        settings.significance_draws,
+        settings.significance_alpha,
+        settings.significance_fdr,
+    )
     print(
         f"{fv.layer}{'' if fv.baseline == 'none' else f' ({fv.baseline})'}: "
-        f"{s['significant']} of {s['units']} units significant (BH at {alpha}, {draws} draws); "
+        f"{s['significant']} of {s['units']} units significant "
+        f"({significance.FDR_NAMES[fdr]} at {alpha}, {draws} draws); "
         f"{s['interpretable']} pass IoU > {s['iou_threshold']}, "
         f"{s['interpretable_and_significant']} both, {s['interpretable_not_significant']} "
         f"interpretable but not significant; best IoU median {s['best_iou_quantiles']['0.5']:.3f}"
     )
-    if note := significance.resolution_note(s["units"], draws, alpha):
+    if note := significance.resolution_note(s["units"], draws, alpha, fdr):
         print(note)
     cli.report_elapsed(started, os.path.join(output_dir, "significance.json"))
     return doc
@@ -218,6 +224,7 @@ def _test(fv, trained, settings, options, probe, output_dir):
             "init_seed": settings.seed if fv.baseline == "random_init" else None,
             "draws": draws,
             "alpha": alpha,
+            "fdr": settings.significance_fdr,
             "stride": settings.significance_stride,
             "permutation_seed": settings.significance_seed,
             "dataset": dataset_name,
@@ -232,7 +239,9 @@ def _test(fv, trained, settings, options, probe, output_dir):
             "interpretable_and_significant": int((interp & significant).sum()),
             "interpretable_not_significant": int((interp & ~significant).sum()),
             "significant_not_interpretable": int((~interp & significant).sum()),
-            "fewest_callable": significance.fewest_callable(r.num_units, draws, alpha),
+            "fewest_callable": significance.fewest_callable(
+                r.num_units, draws, alpha, settings.significance_fdr
+            ),
             "best_iou_quantiles": {
                 f"{q:g}": float(np.quantile(r.best_iou, q)) for q in IOU_QUANTILES
             },

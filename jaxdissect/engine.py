@@ -53,6 +53,7 @@ THRESHOLD_ON = ("raw", "upsampled")
 SIGNIFICANCE_FIELDS = (
     "significance_draws",
     "significance_alpha",
+    "significance_fdr",
     "significance_stride",
     "significance_seed",
 )
@@ -91,7 +92,10 @@ class Settings:
       significance_draws: permutations of the images for each unit's p-value
         (`jaxdissect.significance`; 0: no test). BH calls units only when
         1 / (1 + draws) <= alpha / units: 999 draws call at least 6 of 256 units at 5%.
-      significance_alpha: false discovery rate of Benjamini-Hochberg over a layer's units.
+      significance_alpha: false discovery rate over a layer's units.
+      significance_fdr: the procedure holding the false discovery rate at significance_alpha:
+        `bh` (Benjamini-Hochberg; nominal, as the units' p-values are dependent) or `by`
+        (Benjamini-Yekutieli; under any dependence, with fewer calls).
       significance_stride: the test's masks are taken every N pixels of the segmentation
         (memory: images x pixels x (units + concepts) / 8 bytes per device).
       significance_seed: seed of the permutations.
@@ -111,6 +115,7 @@ class Settings:
     batch_size: int = 32
     significance_draws: int = 0
     significance_alpha: float = 0.05
+    significance_fdr: str = config.setting("bh", choices=significance.FDR_PROCEDURES)
     significance_stride: int = 8
     significance_seed: int = 0
 

@@ -202,7 +202,7 @@ def layer_significance(
     arrays: Mapping[str, Any] | None, settings: engine.Settings
 ) -> results.Significance | None:
     """The results' view of a layer's permutation test (`engine.LayerStats.significance`):
-    its p-values and Benjamini-Hochberg's calls at `settings.significance_alpha`."""
+    its p-values and the calls of `settings.significance_fdr` at `settings.significance_alpha`."""
     if arrays is None:
         return None
     from jaxdissect import significance
@@ -211,9 +211,12 @@ def layer_significance(
         p=arrays["unit_p"],
         pair_p=arrays["pair_p"],
         concepts=arrays["concepts"],
-        significant=significance.benjamini_hochberg(arrays["unit_p"], settings.significance_alpha),
+        significant=significance.discoveries(
+            arrays["unit_p"], settings.significance_alpha, settings.significance_fdr
+        ),
         alpha=settings.significance_alpha,
         draws=settings.significance_draws,
+        procedure=settings.significance_fdr,
     )
 
 
@@ -259,6 +262,7 @@ _NOT_FOLLOWED_SETTINGS = (
     "devices",
     "significance_draws",
     "significance_alpha",
+    "significance_fdr",
     "significance_stride",
     "significance_seed",
     "dataset_identity",  # follows from dataset_fingerprint

@@ -119,9 +119,10 @@ class Significance:
         every draw (the choice of the label is paid for).
       pair_p: float64 [K, C], the p-value of each (unit, concept) pair.
       concepts: int64 [C], the label numbers of pair_p's columns.
-      significant: bool [K], Benjamini-Hochberg's discoveries at `alpha` over the layer's p.
+      significant: bool [K], `procedure`'s discoveries at `alpha` over the layer's p.
       alpha: the false discovery rate.
       draws: permutations drawn (p resolves to 1 / (1 + draws)).
+      procedure: `bh` (Benjamini-Hochberg) or `by` (Benjamini-Yekutieli).
     """
 
     p: np.ndarray
@@ -130,6 +131,7 @@ class Significance:
     significant: np.ndarray
     alpha: float
     draws: int
+    procedure: str = "bh"
 
     def label_p(self, labels: np.ndarray) -> np.ndarray:
         """float64 [K]: the p-value of each unit's pair with `labels[k]` (NaN: -1 or untested),
@@ -450,7 +452,7 @@ def tally_csv_rows(result: LayerResult) -> tuple[list[str], list[dict[str, Any]]
     <cat>-intersect, <cat>-iou; a unit without a label (module docstring) has an empty
     label and category. Where the permutation test ran, extras at the end (Lite's readers
     index columns by name): `p-value` (the unit's), `label-p-value` (of its label, empty
-    without one) and `significant` (1 or 0, BH over the layer). Rows
+    without one) and `significant` (1 or 0, the FDR procedure over the layer). Rows
     are sorted as Lite sorts them, by score descending; Lite's tie order comes from an
     unstable argsort, here ties keep unit order. Counts are written as integers (Lite
     writes float64 counts such as 12544.0) and scores with Python's repr.
@@ -602,6 +604,7 @@ def layer_record(result: LayerResult) -> dict[str, Any]:
         record["significance"] = {
             "draws": test.draws,
             "alpha": test.alpha,
+            "fdr": test.procedure,
             "significant_units": int(sig.sum()),
             "interpretable_and_significant": int((interp & sig).sum()),
             "interpretable_not_significant": int((interp & ~sig).sum()),
@@ -611,7 +614,7 @@ def layer_record(result: LayerResult) -> dict[str, Any]:
 
 
 def _unit_test(result: LayerResult, unit: int, label_p: np.ndarray | None) -> dict[str, Any]:
-    """A unit's p-values and BH call in results.json (nothing where the test did not run)."""
+    """A unit's p-values and FDR call in results.json (nothing where the test did not run)."""
     test = result.significance
     if test is None:
         return {}

@@ -1,5 +1,5 @@
 """Significance of detectors: a permutation p-value for every (unit, concept) IoU, and
-Benjamini-Hochberg control of the false discovery rate per layer.
+Benjamini-Hochberg (or -Yekutieli) control of the false discovery rate per layer.
 
 The null hypothesis is "no association between the unit's masks and the concept's
 masks": which image's concept masks are paired with which image's unit masks does not
@@ -40,8 +40,9 @@ where the concept tends to be.
 p-values called significant at level alpha (a dissection's family: the units of one
 layer, each with its `unit_p`) when the p-values are independent or positively
 regression dependent (PRDS). The units' p-values come from the same permutations, so
-they are dependent and PRDS is not shown: the level is nominal (Benjamini-Yekutieli's
-alpha / sum_i 1/i holds under any dependence).
+they are dependent and PRDS is not shown: BH's level is nominal.
+`benjamini_yekutieli` (BH at alpha / sum_{i<=m} 1/i) holds it under any dependence, at
+the price of fewer calls; `discoveries` picks one by name (`FDR_PROCEDURES`).
 
 As a streaming statistic (`mask_statistic`): the test needs, for every pairing, image
 i's unit masks with image pi(i)'s concept masks, which no per-image sum holds. A pass
@@ -69,6 +70,9 @@ from jaxdissect import parallel, results, statistics, tally
 from jaxdissect.tally import F32_EXACT
 from jaxdissect.tie_rule import active, check_tie_rule
 
+# False discovery rate procedures (`discoveries`): Benjamini-Hochberg, Benjamini-Yekutieli.
+FDR_PROCEDURES = ("bh", "by")
+FDR_NAMES = {"bh": "BH", "by": "BY"}
 # Draws of the permutation null unless the caller says otherwise (resolves p down to 0.005).
 DEFAULT_DRAWS = 199
 # A test grid narrower than this (pixels each way) is warned about (`check_grid`).
@@ -302,10 +306,39 @@ def permutation_test(
     return packed_permutation_test(pack(u), pack(c), u.shape[2], c.shape[2], draws=draws, seed=seed)
 
 
+def check_fdr(procedure: str, name: str = "procedure") -> None:
+    if procedure not in FDR_PROCEDURES:
+        raise ValueError(f"{name}={procedure!r}: must be one of {', '.join(FDR_PROCEDURES)}")
+
+
 def benjamini_hochberg(p: np.ndarray, alpha: float = 0.05) -> np.ndarray:
     """bool, p's shape: the discoveries of the Benjamini-Hochberg step-up procedure at `alpha`
     over all of `p` (one family: e.g. every (unit, concept) pair of a layer); its false
     discovery rate is at most alpha for independent or PRDS p-values (module doc)."""
+    return _step_up(p, alpha, 1.0)
+
+
+def benjamini_yekutieli(p: np.ndarray, alpha: float = 0.05) -> np.ndarray:
+    """bool, p's shape: the discoveries of the Benjamini-Yekutieli procedure at `alpha` over
+    all of `p`: BH's step-up at alpha / sum_{i<=m} 1/i, m = p.size; its false discovery
+    rate is at most alpha whatever the p-values' dependence."""
+    return _step_up(p, alpha, _divisor(np.size(p), "by"))
+
+
+def discoveries(p: np.ndarray, alpha: float = 0.05, procedure: str = "bh") -> np.ndarray:
+    """bool, p's shape: the discoveries of `procedure` (`FDR_PROCEDURES`) at `alpha`."""
+    check_fdr(procedure)
+    return (benjamini_hochberg if procedure == "bh" else benjamini_yekutieli)(p, alpha)
+
+
+def _divisor(m: int, procedure: str) -> float:
+    """What divides alpha in the step-up rule of m p-values: 1 (BH), sum_{i<=m} 1/i (BY)."""
+    return float(np.sum(1.0 / np.arange(1, m + 1))) if procedure == "by" and m > 1 else 1.0
+
+
+def _step_up(p: np.ndarray, alpha: float, divisor: float) -> np.ndarray:
+    """The step-up rule: the r smallest p are called, r the largest with
+    p_(r) <= alpha r / (m divisor)."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha={alpha} must be in (0, 1)")
     p = np.asarray(p, np.float64)
@@ -316,7 +349,7 @@ def benjamini_hochberg(p: np.ndarray, alpha: float = 0.05) -> np.ndarray:
     if np.isnan(flat).any() or (flat < 0).any() or (flat > 1).any():
         raise ValueError("p-values must lie in [0, 1]")
     order = np.argsort(flat, kind="stable")
-    passed = flat[order] <= alpha * np.arange(1, m + 1) / m
+    passed = flat[order] <= alpha * np.arange(1, m + 1) / (m * divisor)
     out = np.zeros(m, bool)
     if passed.any():
         last = int(np.nonzero(passed)[0][-1])
@@ -425,22 +458,50 @@ def mask_statistic(
     return statistics.Statistic(init, update, merge, finalize, key)
 
 
-def fewest_callable(num_units: int, draws: int, alpha: float) -> int:
-    """Fewest units BH can call at `alpha` with `draws` permutations: it calls r of K units
-    only if their p <= alpha r / K, and the smallest p is 1 / (draws + 1)."""
-    return int(np.ceil(num_units / (alpha * (draws + 1))))
+def fewest_callable(num_units: int, draws: int, alpha: float, procedure: str = "bh") -> int:
+    """Fewest of `num_units` units `procedure` can call at `alpha` with `draws` permutations:
+    the smallest p is 1 / (draws + 1), and the step-up rule calls r units only where
+    p <= alpha r / K (BY: alpha r / (K sum_{i<=K} 1/i)), compared as `discoveries` does."""
+    check_fdr(procedure)
+    if num_units <= 0:
+        return 0
+    smallest = 1 / (draws + 1)
+    divisor = _divisor(num_units, procedure)
+
+    def calls(r: int) -> bool:
+        return smallest <= alpha * r / (num_units * divisor)
+
+    r = max(1, int(np.ceil(smallest * num_units * divisor / alpha)))
+    while r > 1 and calls(r - 1):
+        r -= 1
+    while not calls(r):
+        r += 1
+    return r
 
 
-def resolution_note(num_units: int, draws: int, alpha: float) -> str | None:
+def least_draws(num_units: int, alpha: float, procedure: str = "bh") -> int:
+    """Fewest draws with which `procedure` can call a lone detector among `num_units` at
+    `alpha` (its p, 1 / (draws + 1), at most alpha / K; BY: alpha / (K sum 1/i))."""
+    divisor = _divisor(max(num_units, 1), procedure)
+    d = max(1, int(np.ceil(max(num_units, 1) * divisor / alpha)) - 1)
+    while d > 1 and fewest_callable(num_units, d - 1, alpha, procedure) <= 1:
+        d -= 1
+    while fewest_callable(num_units, d, alpha, procedure) > 1:
+        d += 1
+    return d
+
+
+def resolution_note(num_units: int, draws: int, alpha: float, procedure: str = "bh") -> str | None:
     """One line saying that `draws` cannot call a lone detector among `num_units` at
-    `alpha` (and how many draws can), or None where a lone detector can be called."""
-    fewest = fewest_callable(num_units, draws, alpha)
+    `alpha` under `procedure` (and how many draws can), or None where a lone detector
+    can be called."""
+    fewest = fewest_callable(num_units, draws, alpha, procedure)
     if fewest <= 1:
         return None
     return (
         f"note: with --significance_draws={draws} the smallest p is {1 / (draws + 1):.2g}, "
-        f"so BH calls units only in groups of at least {fewest}: a lone "
-        f"detector needs --significance_draws >= {int(np.ceil(num_units / alpha)) - 1}"
+        f"so {FDR_NAMES[procedure]} calls units only in groups of at least {fewest}: a lone "
+        f"detector needs --significance_draws >= {least_draws(num_units, alpha, procedure)}"
     )
 
 

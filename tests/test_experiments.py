@@ -226,6 +226,7 @@ def test_significance_script_tests_every_unit(significance_run):
     s = doc["summary"]
     # p >= 1/50: BH at 0.05 calls r of 128 units only when 1/50 <= 0.05 r / 128, r >= 52.
     assert s["fewest_callable"] == 52 and s["significant"] in (0, *range(52, 129))
+    assert doc["settings"]["fdr"] == "bh"
     assert s["significant"] == sum(u["significant"] for u in units)
     assert s["interpretable"] == sum(u["interpretable"] for u in units)
     assert doc["cost"]["forward_pass_equivalents"] > 0

@@ -1,5 +1,6 @@
 """Permutation p-values of detectors against a numpy loop; calibration under independence
-(uniform p-values, ~5% called at 0.05), planted detectors found; Benjamini-Hochberg."""
+(uniform p-values, ~5% called at 0.05), planted detectors found; Benjamini-Hochberg and
+Benjamini-Yekutieli against scipy and the step-up rule."""
 
 from __future__ import annotations
 
@@ -103,21 +104,50 @@ def test_planted_detectors_are_found():
     assert found[3] and found[7] and found.sum() <= 3
 
 
-def test_benjamini_hochberg_matches_scipy_and_the_step_up_rule():
+@pytest.mark.parametrize("procedure", significance.FDR_PROCEDURES)
+def test_fdr_procedures_match_scipy(procedure):
     rng = np.random.default_rng(3)
     for _ in range(20):
         p = np.concatenate([rng.uniform(size=40), rng.uniform(0, 0.01, size=rng.integers(0, 8))])
-        want = scipy.stats.false_discovery_control(p, method="bh") <= 0.1
-        np.testing.assert_array_equal(significance.benjamini_hochberg(p, 0.1), want)
+        p = p.reshape(-1, 1) if len(p) % 2 else p.reshape(2, -1)  # any shape: one family
+        want = scipy.stats.false_discovery_control(p.ravel(), method=procedure) <= 0.1
+        got = significance.discoveries(p, 0.1, procedure)
+        assert got.shape == p.shape
+        np.testing.assert_array_equal(got.ravel(), want)
+
+
+def test_the_step_up_rules_on_planted_pvalues():
+    bh, by = significance.benjamini_hochberg, significance.benjamini_yekutieli
     # Step-up: 0.04 > 0.05 * 2/4 fails alone, but 0.05 <= 0.05 * 4/4 carries it.
     p = np.array([0.01, 0.04, 0.045, 0.05])
-    assert significance.benjamini_hochberg(p, 0.05).all()
-    assert not significance.benjamini_hochberg(np.array([0.2, 0.6]), 0.05).any()
+    assert bh(p, 0.05).all()
+    assert not bh(np.array([0.2, 0.6]), 0.05).any()
+    # BY is BH at alpha / (1 + 1/2 + 1/3 + 1/4) = alpha / 2.0833: 0.05 * r/4 / 2.0833 is
+    # 0.006, 0.012, 0.018, 0.024.
+    assert not by(p, 0.05).any()
+    assert by(np.array([0.005, 0.04, 0.045, 0.05]), 0.05).tolist() == [1, 0, 0, 0]
+    assert by(np.array([0.024, 0.024, 0.024, 0.024]), 0.05).all()
+    assert not by(np.array([0.0241, 0.0241, 0.0241, 0.0241]), 0.05).any()
+    assert by(np.array([0.04]), 0.05).all()  # one p-value: BY is BH
+    rng = np.random.default_rng(0)
+    for m in (2, 17, 300):
+        q = rng.uniform(0, 0.05, m) ** 2
+        h = np.sum(1 / np.arange(1, m + 1))
+        np.testing.assert_array_equal(by(q, 0.05), bh(q, 0.05 / h))
+    assert significance.discoveries(np.zeros((0, 3)), 0.05, "by").shape == (0, 3)
 
 
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="alpha=1.5"):
         significance.benjamini_hochberg(np.array([0.1]), 1.5)
+    with pytest.raises(ValueError, match="alpha=0"):
+        significance.benjamini_yekutieli(np.array([0.1]), 0)
+    with pytest.raises(ValueError, match="procedure='holm': must be one of bh, by"):
+        significance.discoveries(np.array([0.1]), 0.05, "holm")
+    with pytest.raises(ValueError, match="procedure='bonferroni'"):
+        significance.fewest_callable(8, 99, 0.05, "bonferroni")
+    with pytest.raises(ValueError, match=r"p-values must lie in \[0, 1\]"):
+        significance.discoveries(np.array([0.1, np.nan]), 0.05, "by")
     with pytest.raises(ValueError, match="draws=0"):
         significance.permutations(5, 0, 0)
     with pytest.raises(ValueError, match="same images and pixels"):
@@ -318,7 +348,7 @@ def test_results_tally_and_report_carry_the_pvalues(tested_run):
                 column = list(test.concepts).index(u["label"])
                 assert u["label_p_value"] == test.pair_p[u["unit"], column]
         block = record["significance"]
-        assert block["draws"] == 19 and block["alpha"] == 0.4
+        assert block["draws"] == 19 and block["alpha"] == 0.4 and block["fdr"] == "bh"
         assert block["significant_units"] == int(test.significant.sum())
         rows = list(csv.DictReader((out / f"tally-{result.layer}.csv").open()))
         assert list(rows[0])[-3:] == ["p-value", "label-p-value", "significant"]
@@ -328,6 +358,7 @@ def test_results_tally_and_report_carry_the_pvalues(tested_run):
             assert by_unit[k]["significant"] == str(int(test.significant[k]))
         page = (out / f"layer-{result.layer}.html").read_text()
         assert 'id="significant-only"' in page
+        assert "significant detectors (BH at 0.4, 19 permutations)" in page
         both = int((result.interpretable & test.significant).sum())
         assert block["interpretable_and_significant"] == both
         assert page.count('data-significant-detector="1"') == both
@@ -358,6 +389,7 @@ def test_the_report_counts_significant_detectors_as_results_json(tmp_path):
         significant=np.array([True, True, False, False]),
         alpha=0.05,
         draws=999,
+        procedure="by",  # the calls are planted: the report says whose they are
     )
     counts = dict(
         intersection=inter,
@@ -379,9 +411,11 @@ def test_the_report_counts_significant_detectors_as_results_json(tmp_path):
         None,
         tie_rule="strict",
     )
-    assert results.layer_record(r)["significance"]["interpretable_and_significant"] == 1
+    record = results.layer_record(r)["significance"]
+    assert record["interpretable_and_significant"] == 1 and record["fdr"] == "by"
     page = (tmp_path / "layer-L.html").read_text()
     assert 'id="significant-units">1</td>' in page
+    assert "significant detectors (BY at 0.05, 999 permutations)" in page
     assert page.count('data-significant-detector="1"') == 1
     assert (
         'data-unit="0" ' in page.split('data-significant-detector="1"')[0].rsplit("<article", 1)[1]
@@ -402,6 +436,31 @@ def test_without_draws_nothing_changes(tmp_path):
         engine.Settings(significance_draws=-1)
     with pytest.raises(ValueError, match="significance_stride=0"):
         engine.Settings(significance_stride=0)
+    assert engine.Settings(significance_fdr="by").pass2() == engine.Settings().pass2()
+    assert engine.Settings(significance_draws=9, significance_fdr="by").pass2() != (
+        engine.Settings(significance_draws=9).pass2()
+    )
+    with pytest.raises(ValueError, match="significance_fdr='holm'"):
+        engine.Settings(significance_fdr="holm")
+
+
+@pytest.mark.parametrize("procedure", significance.FDR_PROCEDURES)
+def test_a_layers_calls_are_its_procedures_and_say_which(procedure):
+    """The results' view of a layer's test calls units by `significance_fdr` and records
+    it (results.json's `fdr`)."""
+    from jaxdissect import engine, pipeline
+
+    # At 0.1 over 64 units, the 6th smallest p is called at <= 0.0094 by BH, 0.0020 by BY.
+    unit_p = np.concatenate([np.full(6, 0.005), np.linspace(0.2, 1, 58)])
+    arrays = {"unit_p": unit_p, "pair_p": np.ones((64, 3)), "concepts": np.arange(1, 4)}
+    settings = engine.Settings(
+        significance_draws=999, significance_alpha=0.1, significance_fdr=procedure
+    )
+    test = pipeline.layer_significance(arrays, settings)
+    assert test.procedure == procedure and test.alpha == 0.1 and test.draws == 999
+    want = significance.discoveries(unit_p, 0.1, procedure)
+    np.testing.assert_array_equal(test.significant, want)
+    assert want.tolist() == [procedure == "bh"] * 6 + [False] * 58
 
 
 @TESTED_RUN
@@ -440,6 +499,29 @@ def test_resolution_note_says_when_a_lone_detector_cannot_be_called():
     assert "groups of at least 52" in note and "--significance_draws >= 2559" in note
     assert significance.fewest_callable(128, 49, 0.05) == 52
     assert significance.resolution_note(128, 2559, 0.05) is None
+    note = significance.resolution_note(256, 999, 0.05, "by")
+    assert "BY calls units only in groups of at least 32" in note
+    assert "--significance_draws >= 31356" in note
+
+
+@pytest.mark.parametrize("procedure", significance.FDR_PROCEDURES)
+def test_fewest_callable_and_least_draws_are_the_step_up_rule_on_planted_pvalues(procedure):
+    """r units at the smallest p, 1 / (D + 1), and the rest at 1: the procedure calls them
+    exactly when r >= fewest_callable; least_draws is the fewest D that calls one alone."""
+    for units in (1, 7, 128, 256):
+        for draws in (9, 49, 199, 999):
+            for alpha in (0.05, 0.1, 0.4):
+                fewest = significance.fewest_callable(units, draws, alpha, procedure)
+                for r in {fewest - 1, fewest, fewest + 1} & set(range(1, units + 1)):
+                    p = np.ones(units)
+                    p[:r] = (1 + 0) / (1 + draws)  # as the test computes p: no draw reached
+                    called = significance.discoveries(p, alpha, procedure)
+                    assert called.sum() == (r if r >= fewest else 0), (units, draws, alpha, r)
+                least = significance.least_draws(units, alpha, procedure)
+                assert significance.fewest_callable(units, least, alpha, procedure) == 1
+                assert significance.fewest_callable(units, least - 1, alpha, procedure) > 1
+                note = significance.resolution_note(units, draws, alpha, procedure)
+                assert (note is None) == (draws >= least)
 
 
 def test_a_grid_under_7x7_is_warned_about(caplog):

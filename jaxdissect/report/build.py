@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from jaxdissect import masks as masks_lib
-from jaxdissect import results, store, ties
+from jaxdissect import results, significance, store, ties
 from jaxdissect.report import html as report_html
 from jaxdissect.report import strips as report_strips
 from jaxdissect.tie_rule import active
@@ -177,6 +177,7 @@ def write_dissection_report(
                     int((r.interpretable & r.significance.significant).sum()),
                     r.significance.alpha,
                     r.significance.draws,
+                    significance.FDR_NAMES[r.significance.procedure],
                 ),
             )
         )

@@ -91,8 +91,9 @@ class LayerPage:
     cannot_fire: int = 0
     states: dict[str, int] = dataclasses.field(default_factory=dict)
     # The permutation test: (interpretable and significant units, as results.json's
-    # `interpretable_and_significant`, alpha, draws); None where it did not run.
-    significance: tuple[int, float, int] | None = None
+    # `interpretable_and_significant`, alpha, draws, the FDR procedure's name: "BH" or
+    # "BY"); None where it did not run.
+    significance: tuple[int, float, int, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
