@@ -627,12 +627,28 @@ def test_image_size_differs(tmp_path):
         ("object", "a/../../x.png"),
         ("object", "ok.png;/abs.png"),
         ("color", "C:\\x.png"),
+        ("image", "a\0.png"),  # no file name holds NUL: os.stat raised a bare ValueError
+        ("object", "ok.png;b\0.png"),
     ],
 )
 def test_path_escapes_the_dataset(tmp_path, column, cell):
     base(tmp_path, rows=[RowSpec("a.png", cells={column: cell})])
     with raises("escapes the dataset folder", "index.csv line 2", repr(column)):
         Broden.open(tmp_path)
+
+
+def test_label_numbers_read_alike_in_every_check(tiny, tmp_path):
+    """label.csv's numbers parse as one: a number the label table took (whitespace around
+    it, Unicode's included) raised a bare ValueError in the category files' check."""
+    root = tiny_broden(tmp_path).root
+
+    def pad(rows):
+        rows[3][0] = "\x1e" + rows[3][0] + " "
+
+    edit_csv(root / "label.csv", pad)
+    got, want = Broden.open(root).labels, Broden.open(tiny.root).labels
+    assert got.names == want.names and got.categories == want.categories
+    np.testing.assert_array_equal(got.primary, want.primary)
 
 
 def test_empty_index(tmp_path):

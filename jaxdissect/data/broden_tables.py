@@ -192,15 +192,17 @@ def _parse_float(text: str, where: str, column: str) -> float:
 
 
 def _escapes(path: str) -> bool:
-    """True for paths that would leave `images/`: empty, absolute, drive letter, `..`."""
+    """True for paths that would leave `images/` (empty, absolute, drive letter, `..`) or
+    that no file can have (a NUL character)."""
     parts = path.replace("\\", "/").split("/")
-    return not parts[0] or ".." in parts or bool(_WINDOWS_DRIVE.match(path))
+    return not parts[0] or ".." in parts or bool(_WINDOWS_DRIVE.match(path)) or "\0" in path
 
 
 def _escape_error(path: str, where: str, what: str) -> BrodenFormatError:
     return BrodenFormatError(
-        f"{where}: {what} path {path!r} is empty or escapes the dataset folder; paths must be "
-        f"relative to {IMAGES_DIR}/ without '..' (the index.csv is corrupt or was edited)."
+        f"{where}: {what} path {path!r} is empty, holds a NUL character or escapes the dataset "
+        f"folder; paths must be relative to {IMAGES_DIR}/ without '..' (the index.csv is "
+        "corrupt or was edited)."
     )
 
 
@@ -522,8 +524,10 @@ def _check_category_files(
     num_col, cat_col = label_table.column("number"), label_table.column("category")
     index = {c: ic for ic, c in enumerate(categories)}
     missing: dict[str, list[int]] = {}
-    for _, row in label_table.rows:
-        number = int(row[num_col])
+    for line, row in label_table.rows:  # numbers checked by `_parse_labels`: parsed alike
+        number = _parse_int(
+            row[num_col], f"{root / label_table.name} line {line}", "number", minimum=0
+        )
         for token in row[cat_col].split(";"):
             m = _IN_CATEGORY.fullmatch(token)
             ic = index.get(m.group(1)) if m else None
