@@ -7,6 +7,7 @@
     python -m tests.fuzz_reference --target=formulas --seeds=0:200
     python -m tests.fuzz_reference --target=search --seeds=0:1000
     python -m tests.fuzz_reference --target=engine --seeds=0:200
+    python -m tests.fuzz_reference --target=broden --seeds=0:2000
 
 Targets (each case draws its shapes, data and settings from its seed):
 - tally: `tally.batch_counts` in padded batches (every method, restriction and tie rule;
@@ -36,6 +37,11 @@ Targets (each case draws its shapes, data and settings from its seed):
   categories, activation cache, tally method; `--threshold_on=upsampled` too, on 16-bit
   maps) against the reference thresholds, counts and best labels, from activations computed
   with the engine's per-device batch shape (XLA:CPU's convolutions round by batch shape).
+- broden: hostile inputs. A tiny synthetic Broden with one random mutation (a CSV, PNG or
+  JPEG's bytes changed, inserted, deleted or cut; a CSV line repeated; a CSV cell replaced
+  by a hostile token) opens and reads back every record, or raises a user error
+  (`cli.USER_ERRORS`, not a decoding error) that names the mutated file; any other
+  exception, or an error naming no file, fails the case.
 
 Cases compile as the tests do (JAX_DISABLE_MOST_OPTIMIZATIONS=1 unless set; 8 CPU
 devices). Optimised, XLA:CPU contracts multiply-adds in the upsampling, which the
@@ -578,6 +584,84 @@ def engine_case(
     return desc, bad
 
 
+# ------------------------------------------------------------------------------- broden
+
+# What a mutated CSV cell becomes: numbers out of range or malformed, paths that escape or
+# cannot exist, separators, other scripts' digits, markup.
+HOSTILE_CELLS = (
+    *("", "-1", "0", "65536", "1e3", " 12 ", "NaN", "0x10", "999999999999999999999"),
+    *("\u0661\u0662", "12\x00", "1;1", "3;;4", "1;999", "0;0", "a;b", '"', "<script>"),
+    *("x.png", "../x.png", "/etc/passwd", "ade20k", "train", "val", "test", "32", "16"),
+    *("label", "object(3)", "color(1);object(2)", "\u00e9t\u00e9"),
+)
+
+
+def broden_case(seed: int, base: pathlib.Path) -> tuple[str, list[str]]:
+    """(description, failures) of one mutation of the Broden folder `base` (a copy of it
+    is mutated, opened and read back, then removed)."""
+    import csv
+    import io
+    import random
+    import shutil
+
+    from jaxdissect import cli
+    from jaxdissect.data.broden import Broden
+
+    rng = random.Random(seed)
+    root = base.with_name(f"{base.name}-{seed}")
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(base, root)
+    kind = rng.choice(["csv", "csv", "csv", "png", "jpg"])
+    path = rng.choice(sorted(p for p in root.rglob(f"*.{kind}")))
+    data = bytearray(path.read_bytes())
+    ops = ["change", "insert", "delete", "cut"] + (["line", *["cell"] * 5] if kind == "csv" else [])
+    op = rng.choice(ops)
+    if op == "change":
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    elif op == "insert":
+        data.insert(rng.randrange(len(data) + 1), rng.choice(b',;\n0123456789-. "\x00a\xff'))
+    elif op == "delete":
+        i = rng.randrange(len(data))
+        del data[i : i + rng.randint(1, 4)]
+    elif op == "cut":
+        del data[rng.randrange(len(data)) :]
+    else:
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8-sig"), newline="")))
+        r = rng.randrange(len(rows))
+        if op == "line":
+            rows.insert(r, rows[r])
+        elif rows[r]:
+            c = rng.randrange(len(rows[r]))
+            rows[r][c] = rng.choice(HOSTILE_CELLS)
+            op = f"cell {r},{c} = {rows[r][c]!r}"
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(rows)
+        data = bytearray(text.getvalue().encode())
+    path.write_bytes(bytes(data))
+    desc = f"{op} in {path.relative_to(root)}"
+    try:
+        source = Broden.open(root)
+        for i in range(len(source)):
+            source.read_image(i)
+            source.read_labels(i)
+        return desc, []
+    except UnicodeDecodeError as e:  # a ValueError, but says nothing of the file
+        return desc, [f"UnicodeDecodeError: {e}"]
+    except cli.USER_ERRORS as e:
+        named = str(path) in str(e) or path.name in str(e)
+        return desc, [] if named else [f"{type(e).__name__} names no file: {e}"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def broden_base(work: pathlib.Path) -> pathlib.Path:
+    """The tiny Broden the broden cases mutate: 8 images of 32 px, every category."""
+    from jaxdissect.data import synthetic
+
+    return synthetic.generate_tiny(work / "broden", num_images=8, size=32)
+
+
 # -------------------------------------------------------------------------------- main
 
 
@@ -613,7 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--target",
-        choices=("tally", "results", "quantiles", "sketch", "formulas", "search", "engine"),
+        choices=(
+            *("tally", "results", "quantiles", "sketch", "formulas", "search", "engine"),
+            "broden",
+        ),
         required=True,
     )
     parser.add_argument("--seeds", type=_seeds, default="0:100", help="first:stop")
@@ -623,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     if not jax.config.read("jax_disable_most_optimizations"):
         print("note: optimised compilation; expect ulp disagreements (see the docstring)")
     work = pathlib.Path(tempfile.mkdtemp(prefix="fuzz-"))
+    base = broden_base(work) if args.target == "broden" else None
     case = {
         "tally": tally_case,
         "results": results_case,
@@ -631,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         "formulas": formula_case,
         "search": search_case,
         "engine": lambda seed: engine_case(seed, args.threshold_on, work),
+        "broden": lambda seed: broden_case(seed, base),
     }[args.target]
     start = time.perf_counter()
     outcome = campaign(case, args.seeds)

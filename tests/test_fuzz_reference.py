@@ -32,3 +32,12 @@ def test_random_layers_of_counts_are_labelled_as_the_reference():
     for seed in range(100):  # numpy only: a hundred cases in a fraction of a second
         desc, bad = fuzz_reference.results_case(seed)
         assert not bad, (seed, desc)
+
+
+def test_mutated_broden_folders_read_or_fail_in_one_named_error(tmp_path):
+    # A NUL inserted in an index.csv path and a hostile cell (both raised a bare
+    # ValueError before broden_tables refused them), and a few other mutations.
+    base = fuzz_reference.broden_base(tmp_path)
+    for seed in (701, 1089, *range(10)):
+        desc, bad = fuzz_reference.broden_case(seed, base)
+        assert not bad, (seed, desc)
