@@ -29,6 +29,7 @@ import math
 import os
 import pickle
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -769,7 +770,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"{path}: is empty; copy or download it again")
     with open(path, "rb") as file:
         zip_header = file.read(4) == b"PK\x03\x04"
-    is_zip = zipfile.is_zipfile(path)
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile as err:  # an end record zipfile refuses (a multi-disk one)
+        raise CheckpointError(f"{path}: {_COPY_AGAIN} ({err})") from None
     if zip_header and not is_zip:  # a zip's directory is at its end: the end is missing
         raise CheckpointError(f"{path}: a zip file without its directory; {_COPY_AGAIN}")
     loader: Callable[[str, str], Any] = _load_zip if is_zip else _load_legacy
@@ -783,7 +787,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"{path}: nested too deeply to be a state dict") from err
     except CheckpointError as err:
         raise _named(err, path) from None
-    except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # a record's bytes fail their CRC
+    # A record's bytes fail their CRC, the zip's offsets point outside the file, or its
+    # entries ask for a zip version zipfile does not read (NotImplementedError).
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as err:
         raise CheckpointError(f"{path}: {_COPY_AGAIN} ({err})") from None
     except (  # crafted contents that reach past the checks above
         KeyError,
@@ -861,7 +867,7 @@ def _npz_member_header(
                 shape, _, dtype = np.lib.format.read_array_header_2_0(member)
             else:
                 raise ValueError(f".npy format version {version} (read: 1.0, 2.0)")
-        except ValueError as err:
+        except (ValueError, SyntaxError, tokenize.TokenError) as err:  # numpy parses the text
             raise CheckpointError(
                 f"{path}: member {name} has no readable .npy header ({err}); {_COPY_AGAIN}"
             ) from None
@@ -942,7 +948,15 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             arrays = {str(k): data[k] for k in data.files}
     except CheckpointError:
         raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error, MemoryError) as err:
+    except (  # NotImplementedError: zipfile's, of a version or compression it does not read
+        ValueError,
+        OSError,
+        zipfile.BadZipFile,
+        EOFError,
+        zlib.error,
+        MemoryError,
+        NotImplementedError,
+    ) as err:
         raise CheckpointError(f"{path}: not a readable .npz file ({err}); {_COPY_AGAIN}") from None
     return {
         k: widen_bfloat16(v.view(np.uint16)) if v.dtype.kind == "V" and v.dtype.itemsize == 2 else v

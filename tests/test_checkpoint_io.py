@@ -507,12 +507,19 @@ def _zip_with_known_storage(tmp_path: Path) -> tuple[Path, bytes]:
     return path, path.read_bytes()
 
 
-@pytest.mark.parametrize("damage", ["crc", "half", "tail"])
+@pytest.mark.parametrize("damage", ["crc", "half", "tail", "offset", "disks"])
 def test_corrupt_or_truncated_zip_is_one_line_naming_the_file(tmp_path, damage):
     _, data = _zip_with_known_storage(tmp_path)
+    end = data.rindex(b"PK\x05\x06")  # the end of central directory record
     if damage == "crc":  # bytes changed inside a storage record: its CRC-32 fails
         at = data.index(np.ones(16, "<f4").tobytes())
         data = data[:at] + b"\x00" * 16 + data[at + 16 :]
+    elif damage == "offset":  # the directory's start moved on: entries' offsets < 0 (OSError)
+        at = data.rindex(b"PK\x06\x06") + 48  # torch writes zip64 ends: its offset is read
+        start = struct.unpack_from("<Q", data, at)[0] + 4096
+        data = data[:at] + struct.pack("<Q", start) + data[at + 8 :]
+    elif damage == "disks":  # a zip64 locator claiming 2 disks (zipfile.is_zipfile raised)
+        data = data[:end] + b"PK\x06\x07" + struct.pack("<IQI", 0, 0, 2) + data[end:]
     else:  # the zip's directory (at its end) is missing
         data = data[: len(data) // 2] if damage == "half" else data[:-100]
     bad = tmp_path / "bad.pth"
@@ -904,6 +911,8 @@ NPZ_CASES = {
     "records": ({"a.npy": _npy((1,), [("x", "<f4")], bytes(4))}, r"records of dtype"),
     "objects": ({"a.npy": _npy((1,), "|O", bytes(8))}, r"holds pickled objects"),
     "bad header": ({"a.npy": b"\x93NUMPY\x01\x00\x10\x00{'descr': 'x'}   \n"}, "no readable"),
+    # An unclosed bracket: numpy's header parser raised tokenize.TokenError.
+    "open header": ({"a.npy": b"\x93NUMPY\x01\x00\x0e\x00{'shape': (1, \n"}, "no readable"),
     "text member": ({"a.npy": _npy((1,), data=bytes(4)), "notes.txt": b"hi"}, r"notes.txt is not"),
     "torch file": ({"archive/data.pkl": b"."}, r"torch.save file: name it .pth"),
 }
@@ -986,16 +995,27 @@ def test_safetensors_of_a_dtype_numpy_lacks_names_it(tmp_path, dtype, nbytes):
     assert str(info.value).startswith(f"error: --weights: {path}: tensors of a dtype")
 
 
-def _zip_flags(data: bytes, *, method: int | None = None, encrypted: bool = False) -> bytes:
-    """`data` (a zip) with every entry's method or encryption flag changed."""
+def _zip_flags(
+    data: bytes,
+    *,
+    method: int | None = None,
+    encrypted: bool = False,
+    version: int | None = None,
+) -> bytes:
+    """`data` (a zip) with every entry's method, encryption flag or version needed changed."""
     out = bytearray(data)
-    for signature, method_at, flags_at in ((b"PK\x03\x04", 8, 6), (b"PK\x01\x02", 10, 8)):
+    for signature, method_at, flags_at, version_at in (
+        (b"PK\x03\x04", 8, 6, 4),
+        (b"PK\x01\x02", 10, 8, 6),
+    ):
         at = out.find(signature)
         while at != -1:
             if method is not None:
                 out[at + method_at : at + method_at + 2] = struct.pack("<H", method)
             if encrypted:
                 out[at + flags_at] |= 1
+            if version is not None:
+                out[at + version_at : at + version_at + 2] = struct.pack("<H", version)
             at = out.find(signature, at + 4)
     return bytes(out)
 
@@ -1015,6 +1035,21 @@ def test_unsupported_zip_methods_and_encryption_are_one_line(tmp_path):
             cli.script_main(lambda path=path: model_load.load("alexnet", weights=str(path)))(["p"])
         assert str(info.value).startswith(f"error: --weights: {path}: ")
         assert "\n" not in str(info.value)
+
+
+def test_a_zip_version_zipfile_cannot_read_is_one_line(tmp_path):
+    """Entries that need zip version 9.8: zipfile raised NotImplementedError."""
+    np.savez(tmp_path / "good.npz", w=np.ones(2, np.float32))
+    for good, load in [
+        (_save({"w": torch.ones(2)}, tmp_path / "good.pth", True), load_state_dict),
+        (tmp_path / "good.npz", checkpoint_io.load_npz),
+    ]:
+        path = good.with_name("v98" + good.suffix)
+        path.write_bytes(_zip_flags(good.read_bytes(), version=98))
+        with pytest.raises(CheckpointError, match="zip file version 9.8") as info:
+            load(path)
+        assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+        assert "truncated or corrupt: copy or download it again" in str(info.value)
 
 
 def test_a_key_both_with_and_without_module_prefix_is_refused(tmp_path):
