@@ -8,6 +8,7 @@
     python -m tests.fuzz_reference --target=search --seeds=0:1000
     python -m tests.fuzz_reference --target=engine --seeds=0:200
     python -m tests.fuzz_reference --target=broden --seeds=0:2000
+    python -m tests.fuzz_reference --target=weights --seeds=0:5000
 
 Targets (each case draws its shapes, data and settings from its seed):
 - tally: `tally.batch_counts` in padded batches (every method, restriction and tie rule;
@@ -42,6 +43,11 @@ Targets (each case draws its shapes, data and settings from its seed):
   by a hostile token) opens and reads back every record, or raises a user error
   (`cli.USER_ERRORS`, not a decoding error) that names the mutated file; any other
   exception, or an error naming no file, fails the case.
+- weights: hostile weight files. One of a few small weight files (torch.save zip and
+  legacy formats, a wrapped training checkpoint, safetensors, .npz) with random bytes
+  changed, inserted, deleted or cut, or one zip member's bytes changed (a valid zip of
+  corrupt records), loads or raises a `checkpoint_io.CheckpointError` that starts with
+  its path; any other exception fails the case.
 
 Cases compile as the tests do (JAX_DISABLE_MOST_OPTIMIZATIONS=1 unless set; 8 CPU
 devices). Optimised, XLA:CPU contracts multiply-adds in the upsampling, which the
@@ -662,6 +668,81 @@ def broden_base(work: pathlib.Path) -> pathlib.Path:
     return synthetic.generate_tiny(work / "broden", num_images=8, size=32)
 
 
+# ------------------------------------------------------------------------------ weights
+
+
+def weights_bases(work: pathlib.Path) -> list[pathlib.Path]:
+    """Small weight files of every format `checkpoint_io` reads, in `work`."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        "conv.weight": torch.randn(4, 3, 3, 3, generator=generator),
+        "bn.running_mean": torch.zeros(4),
+        "bn.num_batches_tracked": torch.tensor(3),
+        "fc.weight": torch.randn(2, 4, generator=generator).half(),
+        "fc.bias": torch.randn(2, generator=generator).to(torch.bfloat16),
+        "strided": torch.randn(6, 4, generator=generator)[::2],
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(state, work / "zip.pth")
+    torch.save(state, work / "legacy.pth", _use_new_zipfile_serialization=False)
+    torch.save({"state_dict": state, "epoch": 3, "arch": "resnet18"}, work / "wrapped.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(work / "st.safetensors"))
+    np.savez(work / "w.npz", **{k: v.float().numpy() for k, v in state.items()})
+    return [work / n for n in ("zip.pth", "legacy.pth", "wrapped.pth", "st.safetensors", "w.npz")]
+
+
+def weights_case(seed: int, bases: list[pathlib.Path]) -> tuple[str, list[str]]:
+    """(description, failures) of one mutated copy of one of `bases` (removed after)."""
+    import io
+    import random
+    import zipfile
+
+    from jaxdissect.models import checkpoint_io
+
+    rng = random.Random(seed)
+    base = rng.choice(bases)
+    data = bytearray(base.read_bytes())
+    op = rng.choice(["change", "change", "insert", "delete", "cut", "member"])
+    if op == "change":
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    elif op == "insert":
+        at = rng.randrange(len(data) + 1)
+        data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+    elif op == "delete":
+        at = rng.randrange(len(data))
+        del data[at : at + rng.randint(1, 8)]
+    elif op == "cut":
+        del data[rng.randrange(len(data)) :]
+    elif zipfile.is_zipfile(base):  # a valid zip whose one member's bytes are corrupt
+        out = io.BytesIO()
+        with zipfile.ZipFile(base) as old, zipfile.ZipFile(out, "w") as new:
+            victim = rng.choice(old.namelist())
+            for name in old.namelist():
+                member = bytearray(old.read(name))
+                if name == victim and member:
+                    for _ in range(rng.randint(1, 3)):
+                        member[rng.randrange(len(member))] = rng.randrange(256)
+                    if rng.random() < 0.3:
+                        del member[rng.randrange(len(member)) :]
+                new.writestr(name, bytes(member))
+        data, op = bytearray(out.getvalue()), f"member {victim}"
+    path = base.with_name(f"m{seed}{base.suffix}")
+    path.write_bytes(bytes(data))
+    desc = f"{op} of {base.name}"
+    load = checkpoint_io.load_npz if base.suffix == ".npz" else checkpoint_io.load_state_dict
+    try:
+        load(path)
+        return desc, []
+    except checkpoint_io.CheckpointError as e:
+        return desc, [] if str(e).startswith(f"{path}: ") else [f"names no file: {e}"]
+    finally:
+        path.unlink()
+
+
 # -------------------------------------------------------------------------------- main
 
 
@@ -699,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         "--target",
         choices=(
             *("tally", "results", "quantiles", "sketch", "formulas", "search", "engine"),
-            "broden",
+            *("broden", "weights"),
         ),
         required=True,
     )
@@ -711,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         print("note: optimised compilation; expect ulp disagreements (see the docstring)")
     work = pathlib.Path(tempfile.mkdtemp(prefix="fuzz-"))
     base = broden_base(work) if args.target == "broden" else None
+    bases = weights_bases(work / "weights") if args.target == "weights" else None
     case = {
         "tally": tally_case,
         "results": results_case,
@@ -720,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         "search": search_case,
         "engine": lambda seed: engine_case(seed, args.threshold_on, work),
         "broden": lambda seed: broden_case(seed, base),
+        "weights": lambda seed: weights_case(seed, bases),
     }[args.target]
     start = time.perf_counter()
     outcome = campaign(case, args.seeds)

@@ -41,3 +41,12 @@ def test_mutated_broden_folders_read_or_fail_in_one_named_error(tmp_path):
     for seed in (701, 1089, *range(10)):
         desc, bad = fuzz_reference.broden_case(seed, base)
         assert not bad, (seed, desc)
+
+
+def test_mutated_weight_files_load_or_fail_in_one_named_error(tmp_path):
+    # Three that raised past checkpoint_io's errors (zipfile's OSError on a cut zip,
+    # numpy's header tokenizer), and a few other mutations.
+    bases = fuzz_reference.weights_bases(tmp_path)
+    for seed in (31, 46, 147, *range(10)):
+        desc, bad = fuzz_reference.weights_case(seed, bases)
+        assert not bad, (seed, desc)
