@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdissect import results, store
+from jaxdissect import results, results_schema, store
 from jaxdissect.preprocess import InputSpec
 
 
@@ -89,10 +89,12 @@ def read_layer(
         )
     try:
         doc = results.read_results_json(doc_path)
+        settings = doc["settings"]
+        names = list(results_schema.require(settings, "layers", doc_path))
+        layer_paths = results_schema.require(settings, "layer_paths", doc_path)
+        input_spec = results_schema.require(settings, "input_spec", doc_path)
     except (ValueError, OSError) as e:
         raise ValueError(f"{flag}={directory}: {e}") from None
-    settings = doc["settings"]
-    names = list(settings["layers"])
     if layer not in names:
         raise ValueError(
             f"--layer={layer}: the dissection in {directory} has layers "
@@ -132,15 +134,15 @@ def read_layer(
     return FinishedLayer(
         directory=out,
         layer=layer,
-        path=settings["layer_paths"][layer],
+        path=layer_paths[layer],
         thresholds=thresholds,
         tie_rule=settings.get("tie_rule", results.UNRECORDED_SETTINGS["tie_rule"]),
         activation_dtype=settings.get("activation_dtype", "float32"),
         input_spec=InputSpec(
             **{
-                **settings["input_spec"],
-                "mean": tuple(settings["input_spec"]["mean"]),
-                "std": tuple(settings["input_spec"]["std"]),
+                **{k: v for k, v in input_spec.items() if k in results_schema.INPUT_SPEC},
+                "mean": tuple(input_spec["mean"]),
+                "std": tuple(input_spec["std"]),
             }
         ),
         model=settings.get("model", ""),

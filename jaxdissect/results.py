@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from jaxdissect import store
+from jaxdissect import results_schema, store
 from jaxdissect.labelspace import LabelSpace
 from jaxdissect.ties import DEAD, TIE_STATES, UnitTies
 
@@ -670,7 +670,8 @@ UNRECORDED_SETTINGS = MappingProxyType({"tie_rule": "strict"})
 
 def read_results_json(path: str | os.PathLike) -> dict[str, Any]:
     """Read a results file (`path`, or the results.json in the run folder `path`), refusing
-    anything that is not a complete one of ours."""
+    anything that is not a complete one of ours, with the fields its readers index
+    (`results_schema.check_document`)."""
     if Path(path).is_dir():
         folder, path = path, Path(path) / "results.json"
         if not path.is_file():
@@ -686,4 +687,5 @@ def read_results_json(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a jaxdissect results file")
     if document.get("version") != RESULTS_VERSION or document.get("complete") is not True:
         raise ValueError(f"{path}: unsupported version or incomplete results")
+    results_schema.check_document(document, path)
     return document
