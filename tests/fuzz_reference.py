@@ -9,6 +9,7 @@
     python -m tests.fuzz_reference --target=engine --seeds=0:200
     python -m tests.fuzz_reference --target=broden --seeds=0:2000
     python -m tests.fuzz_reference --target=weights --seeds=0:5000
+    python -m tests.fuzz_reference --target=results_json --seeds=0:2000
 
 Targets (each case draws its shapes, data and settings from its seed):
 - tally: `tally.batch_counts` in padded batches (every method, restriction and tie rule;
@@ -48,6 +49,11 @@ Targets (each case draws its shapes, data and settings from its seed):
   changed, inserted, deleted or cut, or one zip member's bytes changed (a valid zip of
   corrupt records), loads or raises a `checkpoint_io.CheckpointError` that starts with
   its path; any other exception fails the case.
+- results_json: hostile results files. A finished run's results.json with one field
+  deleted, replaced by a value of another JSON type, added to, or an element repeated, is
+  read by every reader of a finished run (`finished.read_layer`, the comparisons'
+  `studies` readers, the follow-ons' digest), each of which reads it or raises a user
+  error naming the file.
 
 Cases compile as the tests do (JAX_DISABLE_MOST_OPTIMIZATIONS=1 unless set; 8 CPU
 devices). Optimised, XLA:CPU contracts multiply-adds in the upsampling, which the
@@ -743,6 +749,123 @@ def weights_case(seed: int, bases: list[pathlib.Path]) -> tuple[str, list[str]]:
         path.unlink()
 
 
+# ---------------------------------------------------------------------------- results_json
+
+# What a mutated results.json field becomes.
+HOSTILE_VALUES = (None, "x", "", -1, 0, 3.5, 1e308, True, [], [1, 2], {}, {"a": 1})
+
+
+def results_json_run(work: pathlib.Path) -> tuple[pathlib.Path, LabelSpace]:
+    """A finished run's folder as the scripts built on one read it: results.json of two
+    layers (written by `results.write_results_json` with the settings the pipeline writes)
+    and their stats npz."""
+    from jaxdissect import store
+
+    rng = np.random.default_rng(0)
+    labels = LabelSpace(
+        ("color", "object", "scene"),
+        ("-", "red-c", "sky", "car", "street-s"),
+        np.array([-1, 0, 1, 1, 2], np.int32),
+        (False, False, True),
+    )
+    layers = []
+    for name, k in (("conv1", 3), ("top", 4)):
+        inter = rng.integers(0, 50, (k, 5))
+        counts = {
+            "intersection": inter,
+            "label_pixels": np.full(5, 100),
+            "unit_pixels": np.full((k, 3), 100),
+            "unit_total": np.full(k, 100),
+            "images": np.int64(10),
+        }
+        layers.append(results.layer_result(name, counts, labels, path=f"Net/{name}"))
+    settings = {
+        "model": "small",
+        "model_key": "k",
+        "dataset": "tiny",
+        "tie_rule": "strict",
+        "layers": ["conv1", "top"],
+        "layer_paths": {"conv1": "Net/conv1", "top": "Net/top"},
+        "input_spec": {"size": 32, "mean": [0, 0, 0], "std": [1, 1, 1], "scale": 1.0, "bgr": False},
+    }
+    out = work / "run"
+    out.mkdir(parents=True, exist_ok=True)
+    results.write_results_json(out / "results.json", layers, settings)
+    for stem, layer in zip(results.layer_file_stems(settings["layers"]), layers, strict=True):
+        thresholds = np.ones(layer.num_units, np.float32)
+        store.save_arrays(out / results.stats_npz_name(stem), {"thresholds": thresholds})
+    return out, labels
+
+
+def _json_paths(value: object, prefix: tuple = ()):
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _json_paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:3]):
+            yield from _json_paths(v, (*prefix, i))
+
+
+def results_json_case(seed: int, run: pathlib.Path) -> tuple[str, list[str]]:
+    """(description, failures) of one structural mutation of `run`'s results.json (a field
+    deleted, replaced by a value of another type, added, or an element repeated), read by
+    every reader of a finished run: each reads it or raises a user error naming the file."""
+    import copy
+    import json
+    import random
+    import shutil
+
+    from jaxdissect import cli, finished, pipeline, studies
+
+    rng = random.Random(seed)
+    document = json.loads((run / "results.json").read_text())
+    path = rng.choice([p for p in _json_paths(document) if p])
+    parent = document
+    for key in path[:-1]:
+        parent = parent[key]
+    op = rng.choice(["delete", "value", "value", "add", "repeat"])
+    target = parent[path[-1]]
+    if op == "delete":
+        del parent[path[-1]]
+    elif op == "value":
+        parent[path[-1]] = rng.choice(HOSTILE_VALUES)
+    elif op == "add" and isinstance(target, dict):
+        target[rng.choice(["zz", "mean", "layer", "units", "size"])] = rng.choice(HOSTILE_VALUES)
+    elif op == "add" and isinstance(target, list):
+        target.append(rng.choice(HOSTILE_VALUES))
+    elif isinstance(target, list) and target:
+        target.append(copy.deepcopy(target[0]))
+    else:
+        parent[path[-1]] = [target]
+    desc = f"{op} at {'.'.join(map(str, path))}"
+    out = run.with_name(f"{run.name}-{seed}")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(run, out)
+    (out / "results.json").write_text(json.dumps(document))
+    readers = {
+        "read_layer": lambda: [finished.read_layer(out, name) for name in ("conv1", "top")],
+        "results_rows": lambda: studies.results_rows("x", out),
+        "results_rows of top": lambda: studies.results_rows("x", out, ["top"]),
+        "results_method": lambda: studies.results_method(out),
+        "probe_set": lambda: studies.probe_set(out),
+        "follow-ons' digest": lambda: pipeline._finished_digest(out, ["conv1", "top"]),
+    }
+    failures = []
+    try:
+        for name, read in readers.items():
+            try:
+                read()
+            except cli.USER_ERRORS as e:
+                if "results.json" not in str(e) and str(out) not in str(e):
+                    failures.append(f"{name}: {type(e).__name__} names no file: {e}")
+            except Exception as e:  # any other is the finding
+                failures.append(f"{name}: {type(e).__name__}: {e}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return desc, failures
+
+
 # -------------------------------------------------------------------------------- main
 
 
@@ -780,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
         "--target",
         choices=(
             *("tally", "results", "quantiles", "sketch", "formulas", "search", "engine"),
-            *("broden", "weights"),
+            *("broden", "weights", "results_json"),
         ),
         required=True,
     )
@@ -793,6 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     work = pathlib.Path(tempfile.mkdtemp(prefix="fuzz-"))
     base = broden_base(work) if args.target == "broden" else None
     bases = weights_bases(work / "weights") if args.target == "weights" else None
+    run = results_json_run(work)[0] if args.target == "results_json" else None
     case = {
         "tally": tally_case,
         "results": results_case,
@@ -803,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine": lambda seed: engine_case(seed, args.threshold_on, work),
         "broden": lambda seed: broden_case(seed, base),
         "weights": lambda seed: weights_case(seed, bases),
+        "results_json": lambda seed: results_json_case(seed, run),
     }[args.target]
     start = time.perf_counter()
     outcome = campaign(case, args.seeds)

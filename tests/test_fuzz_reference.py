@@ -50,3 +50,12 @@ def test_mutated_weight_files_load_or_fail_in_one_named_error(tmp_path):
     for seed in (31, 46, 147, *range(10)):
         desc, bad = fuzz_reference.weights_case(seed, bases)
         assert not bad, (seed, desc)
+
+
+def test_mutated_results_files_read_or_fail_in_one_named_error(tmp_path):
+    # Four that raised a TypeError or AttributeError in a reader before
+    # results_schema checked the file, and others.
+    run, _ = fuzz_reference.results_json_run(tmp_path)
+    for seed in (258, 277, 281, 299, *range(30)):
+        desc, bad = fuzz_reference.results_json_case(seed, run)
+        assert not bad, (seed, desc)
