@@ -47,9 +47,12 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
 
 
 def scale_channels(channels: int, width: float) -> int:
-    """Channel count `channels * width`, rounded, at least 1; `width` must be > 0."""
-    if not width > 0:
-        raise ValueError(f"width={width}: must be > 0 (it multiplies the channel counts)")
+    """Channel count `channels * width`, rounded, at least 1; `width` must be > 0 and keep
+    the count an array dimension (under 2**31)."""
+    if not (width > 0 and channels * width < 2**31):
+        raise ValueError(
+            f"width={width}: must be > 0 and keep channel counts under 2**31 (it multiplies them)"
+        )
     return max(1, int(round(channels * width)))
 
 

@@ -10,6 +10,7 @@
     python -m tests.fuzz_reference --target=broden --seeds=0:2000
     python -m tests.fuzz_reference --target=weights --seeds=0:5000
     python -m tests.fuzz_reference --target=results_json --seeds=0:2000
+    python -m tests.fuzz_reference --target=converted --seeds=0:500
 
 Targets (each case draws its shapes, data and settings from its seed):
 - tally: `tally.batch_counts` in padded batches (every method, restriction and tie rule;
@@ -54,6 +55,9 @@ Targets (each case draws its shapes, data and settings from its seed):
   read by every reader of a finished run (`finished.read_layer`, the comparisons'
   `studies` readers, the follow-ons' digest), each of which reads it or raises a user
   error naming the file.
+- converted: a converted checkpoint (`models/convert.py`'s folder) whose meta.json has a
+  field deleted or replaced, or an option added, loads or raises a user error naming the
+  folder or the option.
 
 Cases compile as the tests do (JAX_DISABLE_MOST_OPTIMIZATIONS=1 unless set; 8 CPU
 devices). Optimised, XLA:CPU contracts multiply-adds in the upsampling, which the
@@ -866,6 +870,59 @@ def results_json_case(seed: int, run: pathlib.Path) -> tuple[str, list[str]]:
     return desc, failures
 
 
+# ---------------------------------------------------------------------------- converted
+
+
+def converted_base(work: pathlib.Path) -> pathlib.Path:
+    """A converted ResNet-18 of 3 classes (zero weights), as models/convert.py writes it."""
+    from jaxdissect.models import zoo
+    from jaxdissect.models.convert import save_variables, variables_template
+
+    meta = {"arch": "resnet18", "num_classes": 3, "options": {}, "input_size": 32}
+    save_variables(
+        work / "resnet18", variables_template(zoo.build("resnet18", num_classes=3)), meta
+    )
+    return work / "resnet18"
+
+
+def converted_case(seed: int, base: pathlib.Path) -> tuple[str, list[str]]:
+    """(description, failures) of one mutation of `base`'s meta.json, loaded as
+    `--model=resnet18 --weights=<copy>` (the copy removed after)."""
+    import json
+    import random
+    import shutil
+
+    from jaxdissect import cli
+    from jaxdissect.models import load as model_load
+
+    rng = random.Random(seed)
+    meta = json.loads((base / "meta.json").read_text())
+    key = rng.choice([*meta, "options.x", "options.width", "options.dtype", "extra"])
+    value = rng.choice((*HOSTILE_VALUES, "resnet18", "alexnet", 10**30))
+    if key.startswith("options."):
+        meta["options"] = meta["options"] if isinstance(meta.get("options"), dict) else {}
+        meta["options"][key[8:]] = value
+        desc = f"{key} = {value!r}"
+    elif rng.random() < 0.3:
+        meta.pop(key, None)
+        desc = f"{key} deleted"
+    else:
+        meta[key], desc = value, f"{key} = {value!r}"
+    folder = base.with_name(f"{base.name}-{seed}")
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(base, folder)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    try:
+        model_load.load("resnet18", weights=str(folder))
+        return desc, []
+    except cli.USER_ERRORS as e:
+        names = (str(folder), "option", "num_classes", f"{key.removeprefix('options.')}=")
+        named = any(text in str(e) for text in names)
+        return desc, [] if named else [f"{type(e).__name__} names no file or option: {e}"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 # -------------------------------------------------------------------------------- main
 
 
@@ -903,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
         "--target",
         choices=(
             *("tally", "results", "quantiles", "sketch", "formulas", "search", "engine"),
-            *("broden", "weights", "results_json"),
+            *("broden", "weights", "results_json", "converted"),
         ),
         required=True,
     )
@@ -917,6 +974,7 @@ def main(argv: list[str] | None = None) -> int:
     base = broden_base(work) if args.target == "broden" else None
     bases = weights_bases(work / "weights") if args.target == "weights" else None
     run = results_json_run(work)[0] if args.target == "results_json" else None
+    converted = converted_base(work) if args.target == "converted" else None
     case = {
         "tally": tally_case,
         "results": results_case,
@@ -928,6 +986,7 @@ def main(argv: list[str] | None = None) -> int:
         "broden": lambda seed: broden_case(seed, base),
         "weights": lambda seed: weights_case(seed, bases),
         "results_json": lambda seed: results_json_case(seed, run),
+        "converted": lambda seed: converted_case(seed, converted),
     }[args.target]
     start = time.perf_counter()
     outcome = campaign(case, args.seeds)

@@ -59,3 +59,12 @@ def test_mutated_results_files_read_or_fail_in_one_named_error(tmp_path):
     for seed in (258, 277, 281, 299, *range(30)):
         desc, bad = fuzz_reference.results_json_case(seed, run)
         assert not bad, (seed, desc)
+
+
+def test_mutated_converted_checkpoints_load_or_fail_in_one_named_error(tmp_path):
+    # An option the architecture does not take and widths that raised a TypeError or an
+    # OverflowError while building the model.
+    base = fuzz_reference.converted_base(tmp_path)
+    for seed in (88, 99, 244, 5):
+        desc, bad = fuzz_reference.converted_case(seed, base)
+        assert not bad, (seed, desc)

@@ -1,6 +1,9 @@
 """`models.load` names user models through `models.zoo.factory`, its errors naming `--model`."""
 
 import dataclasses
+import json
+import re
+import shutil
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -238,6 +241,34 @@ def test_a_converted_checkpoint_that_does_not_fit_the_options_is_one_line(conver
     assert "shape mismatch: " in message and "\n" not in message
 
 
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ({"options": {"width": 0.25, "colour": 1}}, r"option colour: alexnet takes "),
+        ({"options": {"width": "wide"}}, r"option width='wide': alexnet takes width as "),
+        ({"num_classes": "3"}, r"num_classes='3': must be a whole number >= 1"),
+    ],
+)
+def test_a_converted_checkpoint_whose_meta_does_not_fit_is_one_line(
+    converted_alexnet, tmp_path, meta, message
+):
+    """A meta.json edited after conversion (options the architecture does not take, or of
+    another type) is checked as conversion checked it: the constructor raised a TypeError."""
+    path = tmp_path / "edited"
+    shutil.copytree(converted_alexnet, path)
+    written = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**written, **meta}))
+    for check in (
+        lambda: model_load.check_request("alexnet", str(path)),
+        lambda: model_load.load("alexnet", weights=str(path)),
+    ):
+        with pytest.raises(ValueError, match=message) as info:
+            check()
+        text = str(info.value)
+        assert text.startswith(f"--weights={path}: its meta.json records ") and "\n" not in text
+        assert text.endswith("; convert the weights again")
+
+
 @pytest.mark.parametrize("name", ["gone.pth", "gone.pth.tar", "gone.safetensors", "gone.ckpt"])
 def test_a_missing_weight_file_is_no_such_file(tmp_path, name):
     weights = str(tmp_path / name)
@@ -339,3 +370,17 @@ def test_a_weights_folder_without_meta_names_the_flag(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"^--weights=.*empty: .*no meta.json.*convert"):
         model_load.check_request("alexnet", str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("width", [0.0, -1.0, float("nan"), 2.0**26, 1e308])
+def test_a_width_that_leaves_no_channel_count_is_one_line(width):
+    """Widths under 0 or NaN, or so large that channel counts leave int32 (1e308 raised an
+    OverflowError from `int(inf)`), are refused naming width."""
+    from jaxdissect.models.layers import scale_channels
+
+    assert (scale_channels(64, 0.25), scale_channels(64, 1e-9)) == (16, 1)
+    message = "^" + re.escape(f"width={width}: must be > 0 and keep channel counts under 2**31")
+    with pytest.raises(ValueError, match=message):
+        scale_channels(64, width)
+    with pytest.raises(ValueError, match=message):
+        model_load.load("resnet18", options={"width": width})
