@@ -89,10 +89,26 @@ def _read_image(path: str, max_side: int):
     return rgb
 
 
-def _read_vectors(directory: str, layer: str):
-    import json
+# What segmenting reads of concept_vectors.json (`json_check` schemas).
+_VECTORS_SETTINGS = {
+    "layer": ("text", True),
+    "tie_rule": ("text", False),
+    "activation_dtype": ("text", False),
+    "variant": ("text", False),
+}
+_VECTOR_CONCEPT = {
+    "name": ("text", True),
+    "category": ("text", True),
+    "iou": ("number", True),
+    "scored": ("true or false", True),
+}
 
-    from jaxdissect import store
+
+def _read_vectors(directory: str, layer: str):
+    """(concept_vectors.json, its arrays) in `directory`, checked as segmenting reads them."""
+    import numpy as np
+
+    from jaxdissect import json_check, store
 
     path = pathlib.Path(directory)
     if (
@@ -103,13 +119,29 @@ def _read_vectors(directory: str, layer: str):
             f"--concept_vectors={directory}: no concept_vectors.json/.npz there; run "
             "experiments/concept_vectors.py first"
         )
-    doc = json.loads((path / "concept_vectors.json").read_text(encoding="utf-8"))
+    fix = "run experiments/concept_vectors.py again"
+    doc_path = path / "concept_vectors.json"
+    doc = store.read_json_object(doc_path, fix)
+    json_check.check_fields(
+        doc, {"settings": ("object", True), "concepts": ("list", True)}, "the file", doc_path, fix
+    )
+    json_check.check_fields(doc["settings"], _VECTORS_SETTINGS, "settings", doc_path, fix)
+    for j, concept in enumerate(doc["concepts"]):
+        json_check.check_fields(concept, _VECTOR_CONCEPT, f"concepts[{j}]", doc_path, fix)
     if doc["settings"]["layer"] != layer:
         raise ValueError(
             f"--concept_vectors={directory} holds vectors of layer {doc['settings']['layer']}, "
             f"not --layer={layer}"
         )
-    return doc, store.load_arrays(path / "concept_vectors.npz")
+    arrays = store.load_arrays(path / "concept_vectors.npz")
+    shapes = {k: np.shape(arrays.get(k)) for k in ("weights", "bias")}
+    if shapes["weights"][:1] != (len(doc["concepts"]),) or shapes["bias"] != shapes["weights"][:1]:
+        raise ValueError(
+            f"{path / 'concept_vectors.npz'}: weights {shapes['weights']} and bias "
+            f"{shapes['bias']} do not hold the {len(doc['concepts'])} concepts of "
+            f"concept_vectors.json; {fix}"
+        )
+    return doc, arrays
 
 
 def _segment(fv, image, vectors, out):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import os
 import pathlib
 from collections.abc import Sequence
@@ -203,7 +202,7 @@ def classification_task(
     files = Fingerprint("jaxdissect-tfds-classification-v1")
     add_folder_files(files, build, f"the TFDS build {build}")
     fingerprint = store.key_of(
-        info=json.loads((build / "dataset_info.json").read_text(encoding="utf-8")),
+        info=store.read_json_object(build / "dataset_info.json", tfds_classification.REBUILD),
         files=files.hexdigest(),
         resolution=resolution,
         max_train=max_train,

@@ -573,6 +573,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(_canonical(obj), indent=1, sort_keys=False) + "\n")
 
 
+def read_json_object(path: str | os.PathLike, fix: str) -> dict[str, Any]:
+    """The JSON object in the file `path`; a file cut short, altered or holding another JSON
+    value raises one ValueError naming it and ending in `fix` (what to do), a missing one
+    FileNotFoundError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not readable JSON ({e}); {fix}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: holds {type(document).__name__}, not a JSON object; {fix}")
+    return document
+
+
 def _cell(value: Any) -> str:
     """A CSV cell: empty for None and NaN, floats to 6 significant digits."""
     if value is None or (isinstance(value, float) and np.isnan(value)):

@@ -525,7 +525,10 @@ def _prepare_output(out: pathlib.Path, settings: Mapping[str, Any]) -> None:
     device count or code (a run that recorded no code is resumed with a warning)."""
     path = out / SETTINGS_FILE
     if path.exists():
-        old, new = json.loads(path.read_text(encoding="utf-8")), json.loads(json.dumps(settings))
+        old = store.read_json_object(
+            path, f"choose another --output_dir, or empty {out} to start the run again"
+        )
+        new = json.loads(json.dumps(settings))
         if old.get("numbers") != new["numbers"] or old.get("data") != new["data"]:
             raise FileExistsError(
                 f"{out} holds a training run with other settings; resume it with the same "

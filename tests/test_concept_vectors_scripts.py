@@ -259,6 +259,37 @@ def test_segment_script_paints_the_labelled_units(tmp_path, data_args, dissectio
             f"--concept_vectors={other}",
             f"--output_dir={tmp_path / 'seg2'}",
         )
+    # Vectors' files edited or damaged: one line naming the file and the field (a KeyError,
+    # TypeError or IndexError in the script before).
+    text = (vectors[0] / "concept_vectors.json").read_text()
+    edited = json.loads(text)
+    edited["concepts"][1]["iou"] = "high"
+    fewer = dict(store.load_arrays(vectors[0] / "concept_vectors.npz"))
+    fewer["weights"] = fewer["weights"][:1]
+    for damage, message in [
+        (lambda: (other / "concept_vectors.json").write_text(text[:50]), r"not readable JSON"),
+        (
+            lambda: store.write_json(other / "concept_vectors.json", edited),
+            r"concepts\[1\].iou is 'high', not number",
+        ),
+        (
+            lambda: store.save_arrays(other / "concept_vectors.npz", fewer),
+            r"concept_vectors.npz: weights \(1, .* do not hold the \d+ concepts",
+        ),
+    ]:
+        shutil.rmtree(other)
+        shutil.copytree(vectors[0], other)
+        damage()
+        with pytest.raises(ValueError, match=message) as info:
+            run_script(
+                "segment",
+                f"--image={image}",
+                f"--dissection={dissection}",
+                "--layer=top",
+                *MODEL,
+                f"--concept_vectors={other}",
+            )
+        assert str(info.value).startswith(str(other)) and "\n" not in str(info.value)
 
 
 def test_concept_page_escapes_names(tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from jaxdissect import finished, results, results_schema
+from jaxdissect import finished, json_check, results
 from tests.fuzz_reference import results_json_run
 
 
@@ -90,7 +90,7 @@ CASES = {
 def test_a_damaged_field_is_named(run, case):
     edit, message = CASES[case]
     _edit(run, edit)
-    with pytest.raises(results_schema.DamagedResults, match=message) as info:
+    with pytest.raises(json_check.DamagedFile, match=message) as info:
         results.read_results_json(run)
     text = str(info.value)
     assert text.startswith(f"{run / 'results.json'}: ") and "\n" not in text

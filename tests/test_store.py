@@ -61,6 +61,22 @@ def test_damaged_arrays_are_one_error_naming_the_file(tmp_path):
         store.load_arrays(tmp_path / "none.npz")
 
 
+def test_a_json_object_read_back_or_one_error_naming_the_file(tmp_path):
+    path = tmp_path / "settings.json"
+    store.write_json(path, {"a": [1, 2]})
+    assert store.read_json_object(path, "fix it") == {"a": [1, 2]}
+    for damaged, problem in [
+        (b'{"a": [1', r"not readable JSON \("),
+        (b"\xff\xfe{}", r"not readable JSON \("),  # not UTF-8
+        (b"[1, 2]", r"holds list, not a JSON object"),
+    ]:
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"^{path}: {problem}.*; fix it$"):
+            store.read_json_object(path, "fix it")
+    with pytest.raises(FileNotFoundError):
+        store.read_json_object(tmp_path / "none.json", "fix it")
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_written_files_get_the_mode_of_the_processs_umask_now(tmp_path, umask):
     # mkstemp makes 0600 files; results must get the mode any file the user writes gets,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -282,6 +283,60 @@ def test_a_missing_or_damaged_shard_is_one_line_at_open(datasets, tmp_path):
             ):
                 TfdsBroden(copy, split)
         assert len(TfdsBroden(copy, "train")) == len(TfdsBroden(build_dir, "train"))
+
+
+def _edit_json(path, edit):
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+
+
+DAMAGED_METADATA = {
+    "dataset_info.json cut": (
+        lambda d: (d / "dataset_info.json").write_text('{"name": "bro'),
+        r"its metadata is damaged or was edited \(ParseError: ",
+    ),
+    "features.json dtype": (
+        lambda d: _edit_json(
+            d / "features.json",
+            lambda f: f["featuresDict"]["features"]["pixel_labels"]["tensor"].update(dtype="x"),
+        ),
+        r"its metadata is damaged or was edited \(",
+    ),
+    "no index feature": (  # decoded records lacked it: a KeyError when read
+        lambda d: _edit_json(
+            d / "features.json", lambda f: f["featuresDict"]["features"].pop("index")
+        ),
+        r"\(ValueError: features.json describes other features than the builder's\)",
+    ),
+    "no splits": (
+        lambda d: _edit_json(d / "metadata.json", lambda m: m.pop("splits")),
+        r"its metadata.json is damaged or was edited \(KeyError: 'splits'\)",
+    ),
+    "seg_size 0": (
+        lambda d: _edit_json(d / "metadata.json", lambda m: m.update(seg_size=[32, 0])),
+        r"\(ValueError: seg_size \[32, 0\]: not two sizes >= 1\)",
+    ),
+    "record_splits a dict": (
+        lambda d: _edit_json(d / "metadata.json", lambda m: m.update(record_splits={})),
+        r"its metadata.json is damaged or was edited \(AttributeError: ",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_METADATA))
+def test_a_damaged_or_edited_json_file_of_a_build_is_one_line(datasets, tmp_path, case):
+    """What TFDS, protobuf, json or a missing field raised past the reader (a ParseError,
+    KeyError, TypeError or AttributeError) is one line naming the build and the fix."""
+    _, build_dir = datasets["synthetic"]
+    copy = shutil.copytree(build_dir, tmp_path / "build")
+    damage, message = DAMAGED_METADATA[case]
+    damage(copy)
+    with pytest.raises(ValueError, match=message) as info:
+        TfdsBroden(copy)
+    text = str(info.value)
+    assert text.startswith(f"{copy}: ") and text.endswith(tfds_broden.REBUILD)
+    assert "\n" not in text
 
 
 def test_damage_between_the_checked_records_is_one_line_when_read(datasets, tmp_path):

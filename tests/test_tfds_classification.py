@@ -163,6 +163,18 @@ def test_several_builds_are_named(build, tmp_path):
         tfds_classification.find_build(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["features.json", "dataset_info.json"])
+def test_a_damaged_json_file_of_a_build_is_one_line(build, tmp_path, name):
+    copy = shutil.copytree(tfds_classification.find_build(build), tmp_path / "1.0.0")
+    (copy / name).write_text("[")
+    with pytest.raises(ValueError, match=rf"^{copy}.*; prepare the build again with tfds$"):
+        scenes.open_scene_task(str(copy), resolution=16, synthetic_images=0, cache_dir=tmp_path)
+    if name == "features.json":  # JSON, but not the features: an AttributeError before
+        (copy / name).write_text('{"featuresDict": []}')
+        with pytest.raises(ValueError, match=rf"{copy / name}: featuresDict.features is not"):
+            tfds_classification.find_build(copy)
+
+
 def test_a_damaged_split_is_one_line(build, tmp_path):
     copy = shutil.copytree(tfds_classification.find_build(build), tmp_path / "1.0.0")
     (train,) = copy.glob("*-train.array_record*")

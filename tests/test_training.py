@@ -408,6 +408,10 @@ def test_resume_refuses_a_run_of_other_code(tmp_path, task, quick_run, caplog):
         training._prepare_output(out, settings)
     assert any("recorded no code" in r.getMessage() for r in caplog.records)
     assert json.loads(path.read_text(encoding="utf-8")) == settings
+    # A damaged settings file: one line naming it (json's bare JSONDecodeError before).
+    path.write_text('{"numbers": ')
+    with pytest.raises(ValueError, match=rf"^{path}: not readable JSON .*empty {out} to start"):
+        training._prepare_output(out, settings)
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])

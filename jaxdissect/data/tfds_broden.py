@@ -30,6 +30,7 @@ No TensorFlow is needed: build with `file_format="array_record"` and read with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -45,6 +46,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from google.protobuf import json_format
 from PIL import Image
 
 from jaxdissect.data import files, images
@@ -60,6 +62,11 @@ SPLITS = ("train", "val")
 METADATA_FORMAT = 2
 # The fix for a build whose files cannot be read.
 REBUILD = "build it again with jaxdissect.data.tfds_broden.build(broden_dir, data_dir)"
+# What TFDS, protobuf and json raise on a build whose JSON files (dataset_info.json,
+# features.json, metadata.json) were damaged or edited, and what reading a field that is
+# missing or of another type raises: `opened` makes them one line naming the build.
+_DAMAGED = (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError, ImportError)
+_DAMAGED += (NotImplementedError, OverflowError, json_format.ParseError)
 
 _CITATION = """\
 @inproceedings{bau2017network,
@@ -432,29 +439,39 @@ class TfdsBroden:
         check_data_hash(data_hash)
         self.builder_dir = find_build(data_dir_or_builder_dir, resolution)
         self.split, self.data_hash = split, data_hash
-        builder = tfds.builder_from_directory(self.builder_dir)
-        meta = dict(builder.info.metadata)
+        with opened(self.builder_dir, REBUILD):
+            builder = tfds.builder_from_directory(self.builder_dir)
+            meta = dict(builder.info.metadata)
+            if builder.info.features.to_json() != _features().to_json():
+                raise ValueError("features.json describes other features than the builder's")
         if meta.get("format") != METADATA_FORMAT:
             raise ValueError(
                 f"{self.builder_dir} was built with metadata format {meta.get('format')}, "
                 f"this code reads {METADATA_FORMAT}: rebuild it"
             )
-        info = meta["splits"].get(split)
-        if info is None:
-            raise ValueError(f"{self.builder_dir} has no {split!r} examples")
-        self.labels = _labels_from_json(meta["labels"])
-        self.coverage = _coverage_from_json(meta["coverage"])
-        self.image_size = tuple(meta["image_size"])
-        self.seg_size = tuple(meta["seg_size"])
-        self.resolution = int(meta["resolution"])
-        self.max_planes = int(info["max_planes"])
-        self.max_image_labels = int(info["max_image_labels"])
-        self.source_fingerprint = info["fingerprint"]
-        self.tables_hash = meta.get("tables_hash")  # None in builds that predate it
+        with opened(self.builder_dir, REBUILD, "metadata.json"):
+            info = meta["splits"].get(split)
+            if info is None:
+                raise BuildError(f"{self.builder_dir} has no {split!r} examples")
+            self.labels = _labels_from_json(meta["labels"])
+            self.coverage = _coverage_from_json(meta["coverage"])
+            self.image_size = _positive_pair(meta["image_size"], "image_size")
+            self.seg_size = _positive_pair(meta["seg_size"], "seg_size")
+            self.resolution = operator.index(meta["resolution"])
+            self.max_planes = operator.index(info["max_planes"])
+            self.max_image_labels = operator.index(info["max_image_labels"])
+            self.source_fingerprint = str(info["fingerprint"])
+            self.tables_hash = meta.get("tables_hash")  # None in builds that predate it
+            record_splits = np.frombuffer(meta["record_splits"].encode("ascii"), dtype=np.uint8)
+            if self.coverage.shape != (len(self.labels.categories), len(self.labels.names)):
+                raise ValueError(f"coverage of shape {self.coverage.shape}")
+            if min(self.max_planes, self.max_image_labels) < 0:
+                raise ValueError("negative max_planes or max_image_labels")
+            if not np.isin(record_splits, [ord(s[0]) for s in SPLITS]).all():
+                raise ValueError("record_splits holds other letters than t and v")
         self._fingerprint = _build_fingerprint(self.builder_dir, self.source_fingerprint, data_hash)
         self.metadata = meta
 
-        record_splits = np.frombuffer(meta["record_splits"].encode("ascii"), dtype=np.uint8)
         # Position of every `all` example inside its TFDS split (records are sorted by index).
         position = np.zeros(len(record_splits), dtype=np.int64)
         split_ids = np.zeros(len(record_splits), dtype=np.int64)
@@ -471,15 +488,16 @@ class TfdsBroden:
         self._global = keep
         self._split_id = split_ids[keep]
         self._position = position[keep]
-        if len(keep) != info["num_examples"]:
+        if len(keep) != info.get("num_examples"):
             raise ValueError(f"{self.builder_dir}: metadata disagrees on the size of {split!r}")
         present = sorted({int(k) for k in self._split_id})
-        self._sources = {
-            k: builder.as_data_source(
-                split=SPLITS[k], decoders={"image": tfds.decode.SkipDecoding()}
-            )
-            for k in present
-        }
+        with opened(self.builder_dir, REBUILD):
+            self._sources = {
+                k: builder.as_data_source(
+                    split=SPLITS[k], decoders={"image": tfds.decode.SkipDecoding()}
+                )
+                for k in present
+            }
         for k, source in self._sources.items():
             check_readable(source, f"{self.builder_dir}, the {SPLITS[k]!r} split", REBUILD)
 
@@ -559,6 +577,11 @@ class TfdsBroden:
         """Example i, the same arrays as `Broden.__getitem__`."""
         i, ex = self._raw(i)
         planes = ex["pixel_labels"]
+        if planes.shape[1:] != self.seg_size or len(planes) > self.max_planes:
+            raise ValueError(
+                f"{self.builder_dir}, example {i}: label planes of shape {planes.shape}, "
+                f"metadata.json says at most {self.max_planes} of {self.seg_size}; {REBUILD}"
+            )
         pixel = np.zeros((self.max_planes, *self.seg_size), dtype=np.int32)
         pixel[: len(planes)] = planes
         image_labels = np.zeros((self.max_image_labels,), dtype=np.int32)
@@ -569,6 +592,33 @@ class TfdsBroden:
             "image_labels": image_labels,
             "index": np.asarray(i, dtype=np.int32),
         }
+
+
+class BuildError(ValueError):
+    """A build refused with its own message (`opened` passes it on as it is)."""
+
+
+@contextlib.contextmanager
+def opened(build: str | os.PathLike[str], advice: str, what: str = "metadata") -> Iterator[None]:
+    """Reading a build's metadata: what a damaged or edited JSON file of it raises (`_DAMAGED`)
+    becomes one ValueError naming the build, `what` was read, the error's first line and
+    `advice`."""
+    try:
+        yield
+    except BuildError:
+        raise
+    except _DAMAGED as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"{build}: its {what} is damaged or was edited ({type(e).__name__}: {first}); {advice}"
+        ) from None
+
+
+def _positive_pair(value: Any, name: str) -> tuple[int, int]:
+    pair = tuple(operator.index(v) for v in value)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{name} {list(value)}: not two sizes >= 1")
+    return pair
 
 
 def check_readable(source: Any, where: str, advice: str) -> None:

@@ -12,7 +12,6 @@ cropped square, and the split is kept in memory as uint8.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jaxdissect import store
+
 TRAIN_SPLIT = "train"
 # The first of these that the build has is the validation split.
 VAL_SPLITS = ("validation", "val", "test")
+REBUILD = "prepare the build again with tfds"
 
 
 def find_build(path: str | os.PathLike[str]) -> Path | None:
@@ -55,8 +57,12 @@ def _features(build: Path) -> dict[str, Any]:
     spec = build / "features.json"
     if not spec.is_file():
         return {}
-    doc = json.loads(spec.read_text(encoding="utf-8"))
-    return doc.get("featuresDict", {}).get("features", {})
+    doc = store.read_json_object(spec, REBUILD)
+    features = doc.get("featuresDict", {})
+    features = features.get("features", {}) if isinstance(features, dict) else None
+    if not isinstance(features, dict):
+        raise ValueError(f"{spec}: featuresDict.features is not a JSON object; {REBUILD}")
+    return features
 
 
 def _class_label(feature: Any) -> Any:
@@ -93,9 +99,10 @@ def read_split(
     """(images uint8 [N, r, r, 3], labels int32 [N]) of one split, in the build's order."""
     import tensorflow_datasets as tfds
 
-    from jaxdissect.data.tfds_broden import check_readable
+    from jaxdissect.data.tfds_broden import check_readable, opened
 
-    source = tfds.builder_from_directory(os.fspath(build)).as_data_source(split=split)
+    with opened(build, REBUILD):
+        source = tfds.builder_from_directory(os.fspath(build)).as_data_source(split=split)
     check_readable(source, f"{build}, the {split!r} split", "prepare the build again")
     n = len(source) if limit is None else min(limit, len(source))
 
@@ -119,8 +126,12 @@ def describe(build: Path) -> dict[str, Any]:
     """Class names, split names and sizes of a build (from its metadata)."""
     import tensorflow_datasets as tfds
 
-    info = tfds.builder_from_directory(os.fspath(build)).info
-    splits = {name: int(s.num_examples) for name, s in info.splits.items()}
+    from jaxdissect.data.tfds_broden import opened
+
+    with opened(build, REBUILD):
+        info = tfds.builder_from_directory(os.fspath(build)).info
+        splits = {name: int(s.num_examples) for name, s in info.splits.items()}
+        class_names = list(info.features["label"].names)
     if TRAIN_SPLIT not in splits:
         raise ValueError(f"{build} has no {TRAIN_SPLIT!r} split (it has {sorted(splits)})")
     val = next((s for s in VAL_SPLITS if s in splits), None)
@@ -131,7 +142,7 @@ def describe(build: Path) -> dict[str, Any]:
         )
     return {
         "name": info.name,
-        "class_names": list(info.features["label"].names),
+        "class_names": class_names,
         "splits": splits,
         "val_split": val,
     }
