@@ -11,6 +11,7 @@
     python -m tests.fuzz_reference --target=weights --seeds=0:5000
     python -m tests.fuzz_reference --target=results_json --seeds=0:2000
     python -m tests.fuzz_reference --target=converted --seeds=0:500
+    python -m tests.fuzz_reference --target=tfds --seeds=0:1000
 
 Targets (each case draws its shapes, data and settings from its seed):
 - tally: `tally.batch_counts` in padded batches (every method, restriction and tie rule;
@@ -58,6 +59,10 @@ Targets (each case draws its shapes, data and settings from its seed):
 - converted: a converted checkpoint (`models/convert.py`'s folder) whose meta.json has a
   field deleted or replaced, or an option added, loads or raises a user error naming the
   folder or the option.
+- tfds: a TFDS Broden build (`tfds_broden.build`) whose JSON files (dataset_info.json,
+  features.json, metadata.json) have a field deleted or replaced, or whose files have
+  bytes changed or are cut, opens and reads back every example or raises a user error
+  naming the build.
 
 Cases compile as the tests do (JAX_DISABLE_MOST_OPTIMIZATIONS=1 unless set; 8 CPU
 devices). Optimised, XLA:CPU contracts multiply-adds in the upsampling, which the
@@ -923,6 +928,66 @@ def converted_case(seed: int, base: pathlib.Path) -> tuple[str, list[str]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------------- tfds
+
+
+def tfds_base(work: pathlib.Path) -> pathlib.Path:
+    """A TFDS build of a tiny synthetic Broden (6 images of 32 px)."""
+    from jaxdissect.data import synthetic, tfds_broden
+
+    root = synthetic.generate_tiny(work / "broden-for-tfds", num_images=6, size=32)
+    return tfds_broden.build(root, work / "tfds")
+
+
+def tfds_case(seed: int, build: pathlib.Path) -> tuple[str, list[str]]:
+    """(description, failures) of one mutation of a copy of `build`, opened and read."""
+    import json
+    import random
+    import shutil
+
+    from jaxdissect import cli
+    from jaxdissect.data import tfds_broden
+
+    rng = random.Random(seed)
+    copy = build.parent / f"copy-{seed}" / build.name
+    shutil.rmtree(copy.parent, ignore_errors=True)
+    shutil.copytree(build, copy)
+    path = copy / rng.choice(sorted(p.name for p in build.iterdir() if p.is_file()))
+    if path.suffix == ".json" and rng.random() < 0.7:
+        document = json.loads(path.read_text())
+        where = rng.choice([p for p in _json_paths(document) if p])
+        parent = document
+        for key in where[:-1]:
+            parent = parent[key]
+        if rng.random() < 0.3:
+            del parent[where[-1]]
+            desc = f"{'.'.join(map(str, where))} deleted in {path.name}"
+        else:
+            parent[where[-1]] = rng.choice(HOSTILE_VALUES)
+            desc = f"{'.'.join(map(str, where))} = {parent[where[-1]]!r} in {path.name}"
+        path.write_text(json.dumps(document))
+    else:
+        data = bytearray(path.read_bytes())
+        if rng.random() < 0.5:
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            desc = f"bytes changed in {path.name}"
+        else:
+            del data[rng.randrange(len(data)) :]
+            desc = f"{path.name} cut"
+        path.write_bytes(bytes(data))
+    try:
+        source = tfds_broden.TfdsBroden(copy)
+        for i in range(len(source)):
+            source[i]
+            source.read_labels(i)
+        return desc, []
+    except cli.USER_ERRORS as e:
+        return desc, [] if str(copy) in str(e) else [f"{type(e).__name__} names no build: {e}"]
+    finally:
+        shutil.rmtree(copy.parent, ignore_errors=True)
+
+
 # -------------------------------------------------------------------------------- main
 
 
@@ -960,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
         "--target",
         choices=(
             *("tally", "results", "quantiles", "sketch", "formulas", "search", "engine"),
-            *("broden", "weights", "results_json", "converted"),
+            *("broden", "weights", "results_json", "converted", "tfds"),
         ),
         required=True,
     )
@@ -975,6 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
     bases = weights_bases(work / "weights") if args.target == "weights" else None
     run = results_json_run(work)[0] if args.target == "results_json" else None
     converted = converted_base(work) if args.target == "converted" else None
+    tfds_build = tfds_base(work) if args.target == "tfds" else None
     case = {
         "tally": tally_case,
         "results": results_case,
@@ -987,6 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights": lambda seed: weights_case(seed, bases),
         "results_json": lambda seed: results_json_case(seed, run),
         "converted": lambda seed: converted_case(seed, converted),
+        "tfds": lambda seed: tfds_case(seed, tfds_build),
     }[args.target]
     start = time.perf_counter()
     outcome = campaign(case, args.seeds)
