@@ -307,7 +307,7 @@ DAMAGED_METADATA = {
         lambda d: _edit_json(
             d / "features.json", lambda f: f["featuresDict"]["features"].pop("index")
         ),
-        r"\(ValueError: features.json describes other features than the builder's\)",
+        r"its features.json describes other features than this code's builder writes",
     ),
     "no splits": (
         lambda d: _edit_json(d / "metadata.json", lambda m: m.pop("splits")),

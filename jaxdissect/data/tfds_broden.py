@@ -442,12 +442,16 @@ class TfdsBroden:
         with opened(self.builder_dir, REBUILD):
             builder = tfds.builder_from_directory(self.builder_dir)
             meta = dict(builder.info.metadata)
-            if builder.info.features.to_json() != _features().to_json():
-                raise ValueError("features.json describes other features than the builder's")
+            features = builder.info.features.to_json()
         if meta.get("format") != METADATA_FORMAT:
             raise ValueError(
                 f"{self.builder_dir} was built with metadata format {meta.get('format')}, "
                 f"this code reads {METADATA_FORMAT}: rebuild it"
+            )
+        if features != _features().to_json():  # the records would decode to other fields
+            raise ValueError(
+                f"{self.builder_dir}: its features.json describes other features than this "
+                f"code's builder writes (edited, or written by other code); {REBUILD}"
             )
         with opened(self.builder_dir, REBUILD, "metadata.json"):
             info = meta["splits"].get(split)
