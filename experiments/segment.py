@@ -77,7 +77,9 @@ def _read_image(path: str, max_side: int):
     try:
         with Image.open(path) as im:
             rgb = images.to_rgb8(im)
-    except (UnidentifiedImageError, OSError) as e:
+    # SyntaxError: PIL's for some broken files; DecompressionBombError: a header claiming
+    # more pixels than PIL decodes (a crafted or damaged file).
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"--image={path}: not an image PIL can read ({e})") from None
     except images.UnsupportedImageMode as e:
         raise ValueError(f"--image={path}: {e}") from None

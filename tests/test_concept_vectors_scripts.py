@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -203,6 +205,19 @@ def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection, cap
         run_script("segment", f"--image={image}", f"--dissection={dissection}", "--layer=conv9")
     with pytest.raises(FileNotFoundError, match="--image=.*: a folder, not an image file"):
         run_script("segment", f"--image={tmp_path}", f"--dissection={dissection}", "--layer=top")
+    # A PNG header claiming 10^10 pixels: PIL's DecompressionBombError escaped before.
+    chunks = (b"IHDR" + struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0), b"IDAT")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + b"".join(
+            struct.pack(">I", len(c) - 4) + c + struct.pack(">I", zlib.crc32(c)) for c in chunks
+        )
+    )
+    with pytest.raises(ValueError, match=r"--image=.*bomb.png: not an image PIL can read \(Image"):
+        run_script(
+            "segment", f"--image={bomb}", f"--dissection={dissection}", "--layer=top", *MODEL
+        )
 
 
 def test_a_layer_forward_refuses_images_of_another_layout(dissection):
