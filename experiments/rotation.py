@@ -62,10 +62,10 @@ def run(fv: flags.FlagValues = FLAGS):
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
     cli.check_input_size(fv.input_size)
-    from jaxdissect import rotation
+    from jaxdissect import config, rotation
 
     amounts = rotation.check_amounts(cli.parse_numbers(fv.amounts, "--amounts"), "--amounts")
-    rotation.check_seed(fv.rotation_seed, "--rotation_seed")
+    config.check_seed(fv.rotation_seed, "--rotation_seed")
     trained = cli.check_model_flags(fv)
     output_dir = fv.output_dir or os.path.join("runs", f"rotation_{fv.layer}")
     cli.check_devices(fv, batch_size=settings.batch_size)

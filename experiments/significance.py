@@ -85,9 +85,9 @@ def run(fv: flags.FlagValues = FLAGS):
     probe = cli.probe_from_flags(fv)
     cli.check_input_size(fv.input_size)
     if fv.baseline == "rotated":
-        from jaxdissect import rotation
+        from jaxdissect import config
 
-        rotation.check_seed(fv.rotation_seed, "--rotation_seed")
+        config.check_seed(fv.rotation_seed, "--rotation_seed")
     trained = cli.check_model_flags(fv)
     output_dir = fv.output_dir or os.path.join("runs", f"significance_{fv.layer}")
     cli.check_devices(fv, batch_size=settings.batch_size)

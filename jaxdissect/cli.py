@@ -346,7 +346,7 @@ class Probe:
     data_hash: str = config.setting("stat", choices=DATA_HASHES)
 
     def __post_init__(self):
-        config.check_choices(self)
+        config.check_fields(self)
         for name in ("max_images", "synthetic_images", "resolution"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -72,7 +72,7 @@ class SearchSettings:
     formula_restriction: str = config.setting("none", choices=RESTRICTIONS)
 
     def __post_init__(self):
-        config.check_choices(self)
+        config.check_fields(self)
         formula_search.check_options(
             self.max_length, self.beam, self.ops, self.length_penalty, penalty_name="length_penalty"
         )

@@ -90,7 +90,7 @@ class ProbeConfig:
     probe_checkpoint_every: int = 100
 
     def __post_init__(self):
-        config.check_choices(self)
+        config.check_fields(self)
         for name in ("epochs", "probe_batch_size", "mask_stride", "probe_checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")

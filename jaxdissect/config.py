@@ -2,7 +2,8 @@
 
 A field declared with `setting(default, choices=..., flag=...)` carries its
 allowed values and, where the command line names it differently, its flag's
-name; `check_choices` validates an instance against them, and
+name; `check_choices` validates an instance against them (`check_fields`: and its
+seeds), and
 `attribute_docs` reads each field's help from the class's `Attributes:`
 docstring section. `jaxdissect.cli` builds absl flags from these.
 """
@@ -36,6 +37,23 @@ def check_choices(obj: Any) -> None:
         value = getattr(obj, f.name)
         if allowed is not None and value not in allowed:
             raise ValueError(f"{f.name}={value!r}: allowed values: {', '.join(allowed)}")
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    """Refuse a seed outside [0, 2**63) (what numpy's and JAX's generators both take), naming
+    it `name` (a script: its flag)."""
+    if seed < 0:
+        raise ValueError(f"{name}={seed}: must be >= 0")
+    if seed >= 2**63:
+        raise ValueError(f"{name}={seed}: must be < 2**63")
+
+
+def check_fields(obj: Any) -> None:
+    """`check_choices`, and `check_seed` of every field named `seed` or `*_seed`."""
+    check_choices(obj)
+    for f in dataclasses.fields(obj):
+        if f.name == "seed" or f.name.endswith("_seed"):
+            check_seed(getattr(obj, f.name), f.name)
 
 
 def attribute_docs(cls: type) -> dict[str, str]:

@@ -120,7 +120,7 @@ class Settings:
     significance_seed: int = 0
 
     def __post_init__(self):
-        config.check_choices(self)
+        config.check_fields(self)
         if self.quantile_mode == "histogram":
             unmet = []
             if self.activation_dtype not in HISTOGRAM_DTYPES:

@@ -152,7 +152,7 @@ class Options:
     check_labels: bool = True
 
     def __post_init__(self):
-        config.check_choices(self)
+        config.check_fields(self)
         for name in ("checkpoint_every", "strip_height"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")

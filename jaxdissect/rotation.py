@@ -41,7 +41,7 @@ import numpy as np
 import scipy.linalg
 from absl import logging
 
-from jaxdissect import evaluate, interventions, scenes, store
+from jaxdissect import config, evaluate, interventions, scenes, store
 
 # The variables collection that carries the rotation matrices into `RotatedModel.apply`
 # (as data, so a jitted dissection step does not bake them in as constants).
@@ -61,19 +61,13 @@ def random_rotation(k: int, seed: int) -> np.ndarray:
     """
     if k < 1:
         raise ValueError(f"a rotation needs k >= 1 units, got {k}")
-    check_seed(seed)
+    config.check_seed(seed)
     rng = np.random.default_rng(np.random.SeedSequence([seed, k]))
     q, r = np.linalg.qr(rng.standard_normal((k, k)))
     q = q * np.where(np.diag(r) < 0, -1.0, 1.0)
     if np.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q
-
-
-def check_seed(seed: int, name: str = "seed") -> None:
-    """Refuse a rotation seed below 0, naming it `name` (a script: its flag)."""
-    if seed < 0:
-        raise ValueError(f"{name}={seed}: must be >= 0")
 
 
 def fractional_power(q: np.ndarray, t: float) -> np.ndarray:

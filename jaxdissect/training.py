@@ -167,7 +167,7 @@ class TrainConfig:
     eval_every: int = 0
 
     def __post_init__(self):
-        config.check_choices(self)
+        config.check_fields(self)
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")

@@ -93,6 +93,9 @@ def test_library_errors_name_parameters_and_the_cli_the_flags():
         (["--quantile=1"], r"^--quantile=1.0: must be in \(0, 1\)"),
         (["--iou_threshold=2"], r"^--iou_threshold=2.0: must be in \[0, 1\)"),
         (["--top_images=0"], "^--top_images=0: must be >= 1$"),
+        # Seeds numpy's and JAX's generators take (2**64 raised an OverflowError in a pass).
+        (["--seed=18446744073709551616"], r"^--seed=18446744073709551616: must be < 2\*\*63$"),
+        (["--significance_seed=-1"], "^--significance_seed=-1: must be >= 0$"),
         (["--sketch_size=32"], "^--sketch_size=32: must be a multiple of 32 and >= 64$"),
         (
             ["--sketch_size=64", "--quantile_mode=exact"],
