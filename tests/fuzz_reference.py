@@ -12,6 +12,7 @@
     python -m tests.fuzz_reference --target=results_json --seeds=0:2000
     python -m tests.fuzz_reference --target=converted --seeds=0:500
     python -m tests.fuzz_reference --target=tfds --seeds=0:1000
+    python -m tests.fuzz_reference --target=flags --seeds=0:3000
 
 Targets (each case draws its shapes, data and settings from its seed):
 - tally: `tally.batch_counts` in padded batches (every method, restriction and tie rule;
@@ -63,6 +64,11 @@ Targets (each case draws its shapes, data and settings from its seed):
   features.json, metadata.json) have a field deleted or replaced, or whose files have
   bytes changed or are cut, opens and reads back every example or raises a user error
   naming the build.
+- flags: experiments/dissect.py given one or two of its flags at hostile values (empty,
+  negative, huge, NaN, paths that do not exist, separators, other scripts' letters) on a
+  tiny probe set and the small test CNN: absl refuses the value, or the script stops in
+  one line (`cli.script_main`'s `error: ...`), or it reaches the dissection (stopped
+  there); a traceback or a message of several lines fails the case.
 
 Cases compile as the tests do (JAX_DISABLE_MOST_OPTIMIZATIONS=1 unless set; 8 CPU
 devices). Optimised, XLA:CPU contracts multiply-adds in the upsampling, which the
@@ -988,6 +994,77 @@ def tfds_case(seed: int, build: pathlib.Path) -> tuple[str, list[str]]:
         shutil.rmtree(copy.parent, ignore_errors=True)
 
 
+# -------------------------------------------------------------------------------- flags
+
+FLAG_VALUES = (
+    *("", "0", "-1", "1", "2", "0.5", "1.5", "1e308", "nan", "inf", "-inf", "99999999999999999999"),
+    *(
+        "x",
+        "a,b",
+        ",",
+        "=",
+        "true",
+        "none",
+        "/nonexistent",
+        "..",
+        "~",
+        "conv1",
+        "top,top",
+        "\u00e9",
+    ),
+)
+# Flags left alone: one a process acts on before any JAX call, and absl's own.
+_FLAGS_LEFT = ("distributed", "flagfile", "undefok", "only_check_args", "v", "verbosity")
+
+
+class _Stopped(Exception):
+    """Raised in place of the dissection: the flags were taken."""
+
+
+def flags_case(seed: int, data: pathlib.Path) -> tuple[str, list[str]]:
+    """(description, failures) of dissect.py run (in this process) with one or two of its
+    flags at hostile values, the dissection itself replaced by a stop."""
+    import random
+
+    from absl import flags
+
+    from jaxdissect import cli, pipeline
+    from tests.experiment_testing import script
+
+    dissect = script("dissect")
+    names = flags.FlagValues()
+    dissect.define_flags(names)
+    own = sorted(n for n in names.flag_values_dict() if n not in _FLAGS_LEFT)
+    rng = random.Random(seed)
+    picks = [(rng.choice(own), rng.choice(FLAG_VALUES)) for _ in range(rng.randint(1, 2))]
+    desc = " ".join(f"--{n}={v!r}" for n, v in picks)
+    base = [f"--data={data}", "--model=tests.fixtures.small_model:make", "--weights="]
+    base += ["--noprogress", "--noreport", "--devices=1", "--batch_size=4"]
+    base += [f"--output_dir={data.parent / f'flags-out-{seed}'}"]
+    fv = flags.FlagValues()
+    dissect.define_flags(fv)
+    try:
+        fv(["prog", *base, *(f"--{n}={v}" for n, v in picks)])
+    except flags.Error:
+        return desc, []  # absl's refusal: one line and the usage hint
+    dissect_before = pipeline.dissect
+
+    def stop(*args, **kwargs):
+        raise _Stopped
+
+    pipeline.dissect = stop
+    try:
+        cli.script_main(lambda: dissect.run(fv), fv, split_cpu=False)(["prog"])
+        return desc, []
+    except _Stopped:
+        return desc, []
+    except SystemExit as e:
+        text = str(e.code).strip()
+        return desc, [] if "\n" not in text else [f"several lines: {text[:300]}"]
+    finally:
+        pipeline.dissect = dissect_before
+
+
 # -------------------------------------------------------------------------------- main
 
 
@@ -1025,7 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
         "--target",
         choices=(
             *("tally", "results", "quantiles", "sketch", "formulas", "search", "engine"),
-            *("broden", "weights", "results_json", "converted", "tfds"),
+            *("broden", "weights", "results_json", "converted", "tfds", "flags"),
         ),
         required=True,
     )
@@ -1036,7 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     if not jax.config.read("jax_disable_most_optimizations"):
         print("note: optimised compilation; expect ulp disagreements (see the docstring)")
     work = pathlib.Path(tempfile.mkdtemp(prefix="fuzz-"))
-    base = broden_base(work) if args.target == "broden" else None
+    base = broden_base(work) if args.target in ("broden", "flags") else None
     bases = weights_bases(work / "weights") if args.target == "weights" else None
     run = results_json_run(work)[0] if args.target == "results_json" else None
     converted = converted_base(work) if args.target == "converted" else None
@@ -1054,6 +1131,7 @@ def main(argv: list[str] | None = None) -> int:
         "results_json": lambda seed: results_json_case(seed, run),
         "converted": lambda seed: converted_case(seed, converted),
         "tfds": lambda seed: tfds_case(seed, tfds_build),
+        "flags": lambda seed: flags_case(seed, base),
     }[args.target]
     start = time.perf_counter()
     outcome = campaign(case, args.seeds)

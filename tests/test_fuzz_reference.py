@@ -68,3 +68,11 @@ def test_mutated_converted_checkpoints_load_or_fail_in_one_named_error(tmp_path)
     for seed in (88, 99, 244, 5):
         desc, bad = fuzz_reference.converted_case(seed, base)
         assert not bad, (seed, desc)
+
+
+def test_hostile_flag_values_stop_in_one_line_or_reach_the_dissection(tmp_path):
+    # --seed=99999999999999999999 (an OverflowError in the pass before config.check_fields).
+    data = fuzz_reference.broden_base(tmp_path)
+    for seed in (300, 0, 1, 2):
+        desc, bad = fuzz_reference.flags_case(seed, data)
+        assert not bad, (seed, desc)
