@@ -260,11 +260,8 @@ def test_segment_script_paints_the_labelled_units(tmp_path, data_args, dissectio
         assert im.mode in ("RGB", "RGBA") and im.width > 70
     # Vectors trained under another tie rule (the same thresholds) are refused.
     other = tmp_path / "other_vectors"
-    shutil.copytree(vectors[0], other)
-    trained = json.loads((other / "concept_vectors.json").read_text())
-    trained["settings"]["tie_rule"] = "inclusive"
-    store.write_json(other / "concept_vectors.json", trained)
-    with pytest.raises(ValueError, match=r"--concept_vectors=.* tie_rule 'inclusive', "):
+
+    def segment_with_other():
         run_script(
             "segment",
             f"--image={image}",
@@ -274,6 +271,13 @@ def test_segment_script_paints_the_labelled_units(tmp_path, data_args, dissectio
             f"--concept_vectors={other}",
             f"--output_dir={tmp_path / 'seg2'}",
         )
+
+    shutil.copytree(vectors[0], other)
+    trained = json.loads((other / "concept_vectors.json").read_text())
+    trained["settings"]["tie_rule"] = "inclusive"
+    store.write_json(other / "concept_vectors.json", trained)
+    with pytest.raises(ValueError, match=r"--concept_vectors=.* tie_rule 'inclusive', "):
+        segment_with_other()
     # Vectors' files edited or damaged: one line naming the file and the field (a KeyError,
     # TypeError or IndexError in the script before).
     text = (vectors[0] / "concept_vectors.json").read_text()
@@ -296,14 +300,7 @@ def test_segment_script_paints_the_labelled_units(tmp_path, data_args, dissectio
         shutil.copytree(vectors[0], other)
         damage()
         with pytest.raises(ValueError, match=message) as info:
-            run_script(
-                "segment",
-                f"--image={image}",
-                f"--dissection={dissection}",
-                "--layer=top",
-                *MODEL,
-                f"--concept_vectors={other}",
-            )
+            segment_with_other()
         assert str(info.value).startswith(str(other)) and "\n" not in str(info.value)
 
 
