@@ -284,15 +284,13 @@ def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -
 
 def _check_stored_options(model: str, options: Mapping[str, Any]) -> None:
     """ValueError naming the option where a converted checkpoint's `options` (with
-    `num_classes`) do not fit `model`'s constructor: conversion's checks, run again."""
+    `num_classes`) do not fit the constructor of `model`, an architecture of the zoo (what
+    models/convert.py converts): conversion's checks, run again."""
     from jaxdissect.models.convert import check_options
 
-    classes = options.get("num_classes", 1)
-    rest = {k: v for k, v in options.items() if k != "num_classes"}
     if model in zoo.ARCHS:
-        check_options(model, classes, rest)
-    else:  # a factory's parameters (named as --model_option's)
-        _check_options(model, None, options, num_classes_flag=False)
+        rest = {k: v for k, v in options.items() if k != "num_classes"}
+        check_options(model, options.get("num_classes", 1), rest)
 
 
 def converted_options(
@@ -322,7 +320,7 @@ def converted_options(
     stored = {**meta.get("options", {})}
     if "num_classes" in meta:
         stored["num_classes"] = meta["num_classes"]
-    try:  # what the meta gives, as conversion checked it (a zoo model's; a factory's)
+    try:  # what the meta gives, as conversion checked it
         _check_stored_options(model, {k: v for k, v in stored.items() if k not in options})
     except ValueError as e:
         raise ValueError(
