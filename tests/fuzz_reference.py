@@ -1,4 +1,5 @@
-"""Random cases against the numpy references, for campaigns longer than the suite:
+"""Random cases against the numpy references, and random hostile inputs, for campaigns
+longer than the suite:
 
     python -m tests.fuzz_reference --target=tally --seeds=0:500
     python -m tests.fuzz_reference --target=results --seeds=0:5000
