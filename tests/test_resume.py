@@ -280,3 +280,33 @@ def test_a_resumed_pass2_counts_at_the_thresholds_it_reports(in_process, tmp_pat
     whole = run(probe, "none", tmp_path / "fresh")
     np.testing.assert_array_equal(whole.thresholds, arrays["thresholds"])
     _assert_same_counts(resumed, whole)
+
+
+@pytest.mark.parametrize("damage", ["arrays", "digest", "no digest"])
+def test_a_damaged_checkpoint_restarts_its_pass_never_other_numbers(
+    in_process, tmp_path, caplog, damage
+):
+    """A resume checkpoint whose array files were changed on disk (orbax restored them as
+    other numbers: no checksum), whose digest disagrees, or that has none (older code) is
+    dropped with a warning: the pass starts again and ends as a clean run."""
+    probe, run = in_process
+    clean = run(probe)
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):  # in pass 1 after the checkpoint of batch 2
+        run(_Killed(probe, 9), "none", work)
+    [folder] = (work / "checkpoints").glob("pass1-*/*-devices")
+    if damage == "arrays":  # every byte of the largest data file inverted
+        data = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
+    else:
+        [digest] = folder.glob("digest-p0-*")
+        if damage == "digest":
+            digest.write_text('{"sha256": "0"}')
+        else:
+            digest.unlink()
+    with caplog.at_level("WARNING"):
+        resumed = run(probe, "none", work)
+    assert any("is damaged" in r.getMessage() and "starting the pass again" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    np.testing.assert_array_equal(resumed.thresholds, clean.thresholds)
+    _assert_same_counts(resumed, clean)
