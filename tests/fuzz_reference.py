@@ -14,6 +14,7 @@ longer than the suite:
     python -m tests.fuzz_reference --target=converted --seeds=0:500
     python -m tests.fuzz_reference --target=tfds --seeds=0:1000
     python -m tests.fuzz_reference --target=flags --seeds=0:3000
+    python -m tests.fuzz_reference --target=checkpoint --seeds=0:500
 
 Targets (each case draws its shapes, data and settings from its seed):
 - tally: `tally.batch_counts` in padded batches (every method, restriction and tie rule;
@@ -70,6 +71,10 @@ Targets (each case draws its shapes, data and settings from its seed):
   tiny probe set and the small test CNN: absl refuses the value, or the script stops in
   one line (`cli.script_main`'s `error: ...`), or it reaches the dissection (stopped
   there); a traceback or a message of several lines fails the case.
+- checkpoint: a pass's resume checkpoint (`checkpoint.StreamCheckpoint` of a small
+  sharded state) with one of its files' bytes changed or cut restores the state saved,
+  or is dropped (the pass starts again), or is refused in one line naming its folder;
+  other numbers, or any other error, fail the case.
 
 Cases compile as the tests do (JAX_DISABLE_MOST_OPTIMIZATIONS=1 unless set; 8 CPU
 devices). Optimised, XLA:CPU contracts multiply-adds in the upsampling, which the
@@ -1066,6 +1071,63 @@ def flags_case(seed: int, data: pathlib.Path) -> tuple[str, list[str]]:
         pipeline.dissect = dissect_before
 
 
+# --------------------------------------------------------------------------- checkpoint
+
+
+def checkpoint_base(work: pathlib.Path) -> tuple[pathlib.Path, dict]:
+    """(folder, state): a `StreamCheckpoint` of a small state on 8 devices after batch 3."""
+    from jaxdissect.checkpoint import StreamCheckpoint
+
+    mesh = parallel.data_mesh()
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    state = {
+        "counts": jax.device_put(jnp.arange(8 * 64, dtype=jnp.int32).reshape(8, 64), sharded),
+        "values": jax.device_put(jnp.linspace(0, 1, 8 * 16).reshape(8, 16), sharded),
+    }
+    checkpoint = StreamCheckpoint(work / "checkpoint", every=1)
+    checkpoint.maybe_save(3, state)
+    checkpoint.close()
+    return work / "checkpoint", state
+
+
+def checkpoint_case(seed: int, base: tuple[pathlib.Path, dict]) -> tuple[str, list[str]]:
+    """(description, failures) of one damaged copy of the checkpoint `base`, restored."""
+    import random
+    import shutil
+
+    from jaxdissect.checkpoint import StreamCheckpoint
+
+    folder, state = base
+    rng = random.Random(seed)
+    copy = folder.with_name(f"{folder.name}-{seed}")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(folder, copy)
+    files = sorted(p for p in copy.rglob("*") if p.is_file() and not p.name.startswith("digest"))
+    path = rng.choice(files)
+    data = bytearray(path.read_bytes())
+    if data and rng.random() < 0.5:
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        desc = f"bytes changed in {path.relative_to(copy)}"
+    else:
+        del data[rng.randrange(max(len(data), 1)) :]
+        desc = f"{path.relative_to(copy)} cut"
+    path.write_bytes(bytes(data))
+    try:
+        checkpoint = StreamCheckpoint(copy, every=1)
+    except ValueError as e:  # orbax cannot open it: one line naming the folder
+        first = str(e).splitlines()[0]
+        return desc, [] if str(copy) in first and "\n" not in str(e) else [f"error: {e}"]
+    try:
+        got, step = checkpoint.restore(state)
+        if step and any(not np.array_equal(got[k], state[k]) for k in state):
+            return desc, ["restored other numbers"]
+        return desc, []
+    finally:
+        checkpoint.close()
+        shutil.rmtree(copy, ignore_errors=True)
+
+
 # -------------------------------------------------------------------------------- main
 
 
@@ -1104,6 +1166,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=(
             *("tally", "results", "quantiles", "sketch", "formulas", "search", "engine"),
             *("broden", "weights", "results_json", "converted", "tfds", "flags"),
+            "checkpoint",
         ),
         required=True,
     )
@@ -1119,6 +1182,7 @@ def main(argv: list[str] | None = None) -> int:
     run = results_json_run(work)[0] if args.target == "results_json" else None
     converted = converted_base(work) if args.target == "converted" else None
     tfds_build = tfds_base(work) if args.target == "tfds" else None
+    saved = checkpoint_base(work) if args.target == "checkpoint" else None
     case = {
         "tally": tally_case,
         "results": results_case,
@@ -1133,6 +1197,7 @@ def main(argv: list[str] | None = None) -> int:
         "converted": lambda seed: converted_case(seed, converted),
         "tfds": lambda seed: tfds_case(seed, tfds_build),
         "flags": lambda seed: flags_case(seed, base),
+        "checkpoint": lambda seed: checkpoint_case(seed, saved),
     }[args.target]
     start = time.perf_counter()
     outcome = campaign(case, args.seeds)

@@ -76,3 +76,10 @@ def test_hostile_flag_values_stop_in_one_line_or_reach_the_dissection(tmp_path):
     for seed in (300, 0, 1, 2):
         desc, bad = fuzz_reference.flags_case(seed, data)
         assert not bad, (seed, desc)
+
+
+def test_damaged_resume_checkpoints_restore_the_state_saved_or_restart(tmp_path):
+    base = fuzz_reference.checkpoint_base(tmp_path)
+    for seed in range(10):
+        desc, bad = fuzz_reference.checkpoint_case(seed, base)
+        assert not bad, (seed, desc)
