@@ -1038,17 +1038,15 @@ def flags_case(seed: int, data: pathlib.Path) -> tuple[str, list[str]]:
     from tests.experiment_testing import script
 
     dissect = script("dissect")
-    names = flags.FlagValues()
-    dissect.define_flags(names)
-    own = sorted(n for n in names.flag_values_dict() if n not in _FLAGS_LEFT)
+    fv = flags.FlagValues()
+    dissect.define_flags(fv)
+    own = sorted(n for n in fv.flag_values_dict() if n not in _FLAGS_LEFT)
     rng = random.Random(seed)
     picks = [(rng.choice(own), rng.choice(FLAG_VALUES)) for _ in range(rng.randint(1, 2))]
     desc = " ".join(f"--{n}={v!r}" for n, v in picks)
     base = [f"--data={data}", "--model=tests.fixtures.small_model:make", "--weights="]
     base += ["--noprogress", "--noreport", "--devices=1", "--batch_size=4"]
     base += [f"--output_dir={data.parent / f'flags-out-{seed}'}"]
-    fv = flags.FlagValues()
-    dissect.define_flags(fv)
     try:
         fv(["prog", *base, *(f"--{n}={v}" for n, v in picks)])
     except flags.Error:
