@@ -10,10 +10,11 @@ Kinds: `device` (accelerator memory), `host` (numpy in RAM), `disk` (a numpy
 memmap under the run's work dir), `none`. `auto` picks the first that fits.
 
 A disk cache outlives a killed run; beside its files, `rows-p<process>.json` records the
-batches [lo, hi) they hold, written after the rows are flushed. A resumed run keeps only
-what that record vouches for (another run, of another cache kind, may have stopped between
-the files' creation and today), and a record that is missing or unreadable vouches for
-nothing.
+batches [lo, hi) they hold and each batch's CRC-32 per layer, written after the rows are
+flushed. A resumed run keeps only what that record vouches for (another run, of another
+cache kind, may have stopped between the files' creation and today) and only if every
+batch it keeps still has its recorded CRC (a file changed on disk is started afresh: pass 2
+then runs the network again); a record that is missing or unreadable vouches for nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import os
 import pathlib
 import threading
+import zlib
 from collections.abc import Mapping
 
 import jax
@@ -143,14 +145,24 @@ def _rows_file(directory: pathlib.Path) -> pathlib.Path:
     return directory / f"rows-p{jax.process_index()}.json"
 
 
-def _recorded_rows(directory: pathlib.Path) -> tuple[int, int] | None:
-    """The batches [lo, hi) this process's disk-cache files hold, as last recorded."""
+def _recorded_rows(
+    directory: pathlib.Path, num_layers: int
+) -> tuple[int, int, list[list[int]]] | None:
+    """(lo, hi, CRC-32 of each batch's rows per layer) of the batches [lo, hi) this
+    process's disk-cache files hold, as last recorded; None where no record vouches."""
     try:
         doc = json.loads(_rows_file(directory).read_text(encoding="utf-8"))
         lo, hi = int(doc["lo"]), int(doc["hi"])
+        crcs = [[int(c) for c in batch] for batch in doc["crc32"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return (lo, hi) if 0 <= lo <= hi else None
+    if not 0 <= lo <= hi or len(crcs) != hi - lo or any(len(c) != num_layers for c in crcs):
+        return None
+    return lo, hi, crcs
+
+
+def _rows_crc(rows: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(rows))
 
 
 def remove_files(directory: pathlib.Path | None) -> None:
@@ -182,12 +194,17 @@ class ActivationCache:
         self.dtype = np.dtype(dtype)
         self.lo = self.hi = 0
         self._written: tuple[int, int] | None = None  # a disk cache's batches on disk
+        self._crcs: dict[int, list[int]] = {}  # a disk cache's batches' CRCs, per layer
         self._device: dict[int, dict[str, jax.Array]] = {}
         self._arrays: dict[str, np.ndarray] = {}
         self._paging: threading.Thread | None = None
         if kind == "disk":
             directory.mkdir(parents=True, exist_ok=True)
-            self._written = _recorded_rows(directory)
+            recorded = _recorded_rows(directory, len(shapes))
+            if recorded is not None:
+                lo, hi, crcs = recorded
+                self._written = (lo, hi)
+                self._crcs = dict(zip(range(lo, hi), crcs, strict=True))
         if kind in ("host", "disk"):
             for i, (layer, shape) in enumerate(shapes.items()):
                 full = (num_batches * local_batch, *shape)
@@ -236,14 +253,34 @@ class ActivationCache:
     def resume_at(self, batch: int) -> None:
         """Pass 1 (re)starts at `batch`: a disk cache keeps the batches before it that its
         record vouches for, [lo, batch) (rows are flushed and recorded before each
-        checkpoint); memory caches start empty."""
+        checkpoint) if they still have their recorded CRCs; memory caches start empty."""
         written = self._written
-        if self.kind == "disk" and written is not None and written[0] <= batch <= written[1]:
+        if (
+            self.kind == "disk"
+            and written is not None
+            and written[0] <= batch <= written[1]
+            and self._intact(range(written[0], batch))
+        ):
             self.lo, self.hi = written[0], batch
         else:
             self.lo = self.hi = batch
             self._device.clear()
+        self._crcs = {b: c for b, c in self._crcs.items() if self.lo <= b < self.hi}
         self._record()  # rows from `batch` on are rewritten: no longer vouched for
+
+    def _intact(self, batches: range) -> bool:
+        """Whether the files' rows of `batches` have the CRCs recorded for them."""
+        for b in batches:
+            rows = slice(b * self.local_batch, (b + 1) * self.local_batch)
+            if [_rows_crc(arr[rows]) for arr in self._arrays.values()] != self._crcs.get(b):
+                logging.warning(
+                    "activation cache %s: batch %d's rows are not those it recorded (changed "
+                    "on disk); starting the cache afresh",
+                    self.directory,
+                    b,
+                )
+                return False
+        return True
 
     def _paged_in(self) -> None:
         """Wait for the arrays' pages to be written once (before any row is)."""
@@ -262,6 +299,8 @@ class ActivationCache:
             rows = slice(batch * self.local_batch, (batch + 1) * self.local_batch)
             for layer, x in acts.items():
                 copy_local_rows(x, self._arrays[layer][rows])
+            if self.kind == "disk":
+                self._crcs[batch] = [_rows_crc(arr[rows]) for arr in self._arrays.values()]
         self.hi = batch + 1
 
     def flush(self) -> None:
@@ -273,7 +312,10 @@ class ActivationCache:
 
     def _record(self) -> None:
         if self.kind == "disk" and self.directory is not None:
-            store.write_json(_rows_file(self.directory), {"lo": self.lo, "hi": self.hi})
+            crcs = [self._crcs[b] for b in range(self.lo, self.hi)]
+            store.write_json(
+                _rows_file(self.directory), {"lo": self.lo, "hi": self.hi, "crc32": crcs}
+            )
             self._written = (self.lo, self.hi)
 
     def has(self, batch: int) -> bool:
@@ -291,6 +333,7 @@ class ActivationCache:
         self._paged_in()
         self._device.clear()
         self._arrays.clear()
+        self._crcs.clear()
         self.lo = self.hi = 0
 
     def discard(self) -> None:

@@ -639,7 +639,8 @@ class Dissector:
 
     def run_pass2(self, variables, thresholds: Mapping[str, np.ndarray]) -> dict[str, dict]:
         cache = self.cache
-        use_cache = (
+        # Every process reads its cache, or every one runs the network (a collective).
+        use_cache = parallel.all_processes(
             cache is not None and cache.enabled and cache.lo == 0 and cache.hi == self.num_batches
         )
         # Keyed by the thresholds too: a resumed pass counts at this run's thresholds (those

@@ -1,5 +1,6 @@
 """The activation cache's host copy: each device's rows land in place."""
 
+import json
 import threading
 
 import jax
@@ -84,6 +85,50 @@ def test_a_disk_cache_vouches_only_for_the_batches_it_recorded(tmp_path):
     assert (grown.lo, grown.hi) == (6, 6)
     grown.discard()
     assert not tmp_path.exists()
+
+
+@pytest.mark.parametrize("batch", [4, 7])
+def test_a_disk_cache_changed_on_disk_is_started_afresh(tmp_path, batch, caplog):
+    """A byte of a vouched-for batch changed on disk (between a killed run and its resume):
+    nothing is kept, so pass 2 runs the network rather than read other activations."""
+    shapes = {"a": (2, 3), "b": (1, 1)}
+    first = _disk(tmp_path, shapes)
+    first.resume_at(4)
+    for b in range(4, 8):
+        first.put(b, {"a": jnp.full((2, 2, 3), b, jnp.float16), "b": jnp.ones((2, 1, 1))})
+    first.flush()
+    intact = _disk(tmp_path, shapes)
+    intact.resume_at(8)
+    assert (intact.lo, intact.hi) == (4, 8)
+    del first, intact
+    layer = np.load(tmp_path / "layer0-p0.npy", mmap_mode="r+")
+    layer[batch * 2 + 1, 1, 2] = 99  # one value of the batch's second row
+    layer.flush()
+    del layer
+    damaged = _disk(tmp_path, shapes)
+    with caplog.at_level("WARNING"):
+        damaged.resume_at(8)
+    assert (damaged.lo, damaged.hi) == (8, 8)
+    assert f"batch {batch}'s rows are not those it recorded" in caplog.text
+    again = _disk(tmp_path, shapes)  # its record was rewritten: it vouches for nothing
+    again.resume_at(8)
+    assert (again.lo, again.hi) == (8, 8)
+
+
+def test_a_disk_cache_record_without_crcs_vouches_for_nothing(tmp_path):
+    """A record from code that wrote no CRCs, or whose CRCs do not cover its batches."""
+    first = _disk(tmp_path)
+    first.resume_at(0)
+    _put(first, range(3))
+    first.flush()
+    rows = tmp_path / "rows-p0.json"
+    doc = json.loads(rows.read_text())
+    assert len(doc["crc32"]) == 3
+    for edited in ({"lo": 0, "hi": 3}, {**doc, "crc32": doc["crc32"][:2]}):
+        rows.write_text(json.dumps(edited))
+        cache = _disk(tmp_path)
+        cache.resume_at(3)
+        assert (cache.lo, cache.hi) == (3, 3)
 
 
 def test_cgroup_limits_what_auto_sees_as_free(tmp_path, monkeypatch):

@@ -310,3 +310,23 @@ def test_a_damaged_checkpoint_restarts_its_pass_never_other_numbers(
                for r in caplog.records)  # fmt: skip
     np.testing.assert_array_equal(resumed.thresholds, clean.thresholds)
     _assert_same_counts(resumed, clean)
+
+
+def test_a_disk_cache_changed_on_disk_is_not_read(in_process, tmp_path, caplog):
+    """A killed run's disk cache whose rows changed on disk before the resume: the resumed
+    run starts its cache afresh and pass 2 runs the network, counting as a clean run."""
+    probe, run = in_process
+    clean = run(probe)
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):  # in pass 1 after the checkpoint of batch 4
+        run(_Killed(probe, 17), "disk", work)
+    [layer] = work.rglob("layer0-p0.npy")
+    rows = np.load(layer, mmap_mode="r+")
+    rows[4:8] = np.finfo(rows.dtype).max  # batch 1's activations, all above any threshold
+    rows.flush()
+    del rows
+    with caplog.at_level("WARNING"):
+        resumed = run(probe, "disk", work)
+    assert "batch 1's rows are not those it recorded" in caplog.text
+    np.testing.assert_array_equal(resumed.thresholds, clean.thresholds)
+    _assert_same_counts(resumed, clean)
