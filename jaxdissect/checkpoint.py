@@ -10,7 +10,8 @@ Orbax's array files carry no checksum, so a checkpoint damaged on disk could res
 other numbers: each process writes the sha256 of its shards of the state beside the
 checkpoint (`digest-p<process>-<step>`), and a restore whose state does not match its
 digest on every process (or that fails, or has no digest) is dropped with a warning:
-the pass starts again, losing time, never numbers.
+the pass starts again, losing time, never numbers. `write_digest` and `verified_restore`
+serve any orbax manager's steps (a training run's checkpoints too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import pathlib
 import shutil
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -30,9 +32,9 @@ from absl import logging
 from jaxdissect import parallel, store
 
 
-def state_digest(state: Any) -> str:
+def state_digest(state: Any, extra: Any = None) -> str:
     """sha256 of this process's shards of `state` (paths, shard indices, dtypes, shapes,
-    bytes), in a fixed order."""
+    bytes), in a fixed order, and of `extra` (JSON) where given."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         digest.update(jax.tree_util.keystr(path).encode())
@@ -45,7 +47,72 @@ def state_digest(state: Any) -> str:
         for index, data in parts:
             digest.update(f"{index}|{data.dtype.str}|{data.shape}".encode())
             digest.update(np.ascontiguousarray(data).tobytes())
+    if extra is not None:
+        digest.update(json.dumps(extra, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def digest_path(directory: pathlib.Path, step: int) -> pathlib.Path:
+    """This process's digest of the checkpoint of `step` in an orbax manager's `directory`."""
+    return directory / f"digest-p{jax.process_index()}-{step}"
+
+
+def write_digest(directory: pathlib.Path, step: int, state: Any, extra: Any = None) -> None:
+    """Record the digest of `state` (and `extra`) as the checkpoint of `step`'s; written
+    before orbax's save, so a run killed after orbax finalises the step finds it."""
+    store.write_json(digest_path(directory, step), {"sha256": state_digest(state, extra)})
+
+
+def remove_digests(directory: pathlib.Path, keep: Iterable[int]) -> None:
+    """Delete this process's digests of steps not in `keep`."""
+    kept = {digest_path(directory, s) for s in keep}
+    for path in directory.glob(f"digest-p{jax.process_index()}-*"):
+        if path not in kept:
+            path.unlink(missing_ok=True)
+
+
+def verified_restore(
+    manager: ocp.CheckpointManager,
+    step: int,
+    template: Any,
+    *,
+    extra: Callable[[], Any] | None = None,
+    what: str,
+    then: str,
+) -> Any | None:
+    """The state of `step`'s checkpoint (shaped and sharded as `template`) if on every
+    process it restores and matches its digest (with `extra()`, read from the checkpoint
+    too); else None, the step deleted and a warning logged that `what` is damaged, `then`
+    what happens: a damaged checkpoint costs time, never other numbers."""
+    directory = pathlib.Path(str(manager.directory))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template
+    )
+    state, problem = None, ""
+    try:
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        got = state_digest(state, None if extra is None else extra())
+        recorded = json.loads(digest_path(directory, step).read_text(encoding="utf-8"))["sha256"]
+        if recorded != got:
+            problem = "its arrays are not the state that was saved"
+    except FileNotFoundError:
+        problem = "it has no digest (written by older code, or killed before the digest)"
+    except Exception as e:  # noqa: BLE001 - orbax's, tensorstore's, json's: all mean damage
+        problem = f"it cannot be read ({type(e).__name__}: {str(e).strip()[:200]})"
+    if parallel.all_processes(not problem):
+        return state
+    logging.warning(
+        "%s: %s is damaged%s; %s",
+        directory,
+        what,
+        f" ({problem})" if problem else " on another process",
+        then,
+    )
+    if jax.process_index() == 0:
+        shutil.rmtree(directory / str(step), ignore_errors=True)
+    parallel.all_processes(True)  # every process sees it gone before it looks again
+    manager.reload()
+    return None
 
 
 class StreamCheckpoint:
@@ -65,54 +132,30 @@ class StreamCheckpoint:
                 f"{str(e).strip()[:200]}); remove {self.directory} to start the pass again"
             ) from None
 
-    def _digest_path(self, step: int) -> pathlib.Path:
-        return self.directory / f"digest-p{jax.process_index()}-{step}"
-
     def restore(self, template: Any) -> tuple[Any, int]:
         """(state, batches done) of the latest checkpoint, or (template, 0): none, or one
         that is damaged (unreadable, or not the state its digest says) on any process."""
         step = self._manager.latest_step()
         if step is None:
             return template, 0
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template
-        )
-        state, problem = None, ""
-        try:
-            state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-            recorded = json.loads(self._digest_path(step).read_text(encoding="utf-8"))["sha256"]
-            if recorded != state_digest(state):
-                problem = "its arrays are not the state that was saved"
-        except FileNotFoundError:
-            problem = "it has no digest (written by older code, or killed before the digest)"
-        except Exception as e:  # noqa: BLE001 - orbax's, tensorstore's, json's: all mean damage
-            problem = f"it cannot be read ({type(e).__name__}: {str(e).strip()[:200]})"
-        if parallel.all_processes(not problem):
-            return state, int(step)
-        logging.warning(
-            "%s: the checkpoint after batch %d is damaged%s; starting the pass again",
-            self.directory,
+        state = verified_restore(
+            self._manager,
             step,
-            f" ({problem})" if problem else " on another process",
+            template,
+            what=f"the checkpoint after batch {step}",
+            then="starting the pass again",
         )
-        if jax.process_index() == 0:
-            shutil.rmtree(self.directory / str(step), ignore_errors=True)
-        parallel.all_processes(True)  # every process sees it gone before it looks again
-        self._manager.reload()
-        return template, 0
+        return (template, 0) if state is None else (state, int(step))
 
     def maybe_save(self, batches_done: int, state: Any, *, force: bool = False) -> bool:
         if not force and batches_done % self.every:
             return False
         if self._manager.latest_step() == batches_done:
             return False
-        # The digest first: a run killed after orbax finalises the step finds it there.
-        store.write_json(self._digest_path(batches_done), {"sha256": state_digest(state)})
+        write_digest(self.directory, batches_done, state)
         self._manager.save(batches_done, args=ocp.args.StandardSave(state), force=True)
         self._manager.wait_until_finished()
-        for old in self.directory.glob(f"digest-p{jax.process_index()}-*"):
-            if old != self._digest_path(batches_done):
-                old.unlink(missing_ok=True)
+        remove_digests(self.directory, [batches_done])
         return True
 
     def close(self) -> None:

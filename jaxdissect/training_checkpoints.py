@@ -1,6 +1,8 @@
 """A training run's state checkpoints (orbax): when they are saved and kept, and the train
 metrics of the steps a checkpoint has taken since the last metrics row, kept in its
-metadata so that a resumed run's next row averages them too."""
+metadata so that a resumed run's next row averages them too. Each is verified against the
+digest written beside it (`checkpoint.write_digest`): a damaged one is deleted and the run
+resumes from the one before."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from jaxdissect import checkpoint
 
 # A train step's metrics, and the checkpoint metadata holding those of the steps a
 # checkpoint's state has taken since the last row (so a resumed run's next row averages them).
@@ -50,18 +54,27 @@ def save_state(
         return False
     got = jax.device_get(list(pending))
     unlogged = {key: [float(m[key]) for m in got] for key in STEP_METRICS}
-    return manager.save(
+    directory = pathlib.Path(str(manager.directory))
+    checkpoint.write_digest(directory, step, state, unlogged)
+    saved = manager.save(
         step,
         args=ocp.args.StandardSave(state),
         force=force,
         custom_metadata={PENDING_METADATA: unlogged},
     )
+    manager.wait_until_finished()
+    checkpoint.remove_digests(directory, manager.all_steps())
+    return saved
+
+
+def _unlogged(manager: Any, step: int) -> dict[str, list[float]]:
+    return (manager.metadata(step).custom_metadata or {}).get(PENDING_METADATA) or {}
 
 
 def restore_pending(manager: Any, step: int) -> list[dict[str, np.ndarray]]:
     """The train metrics `save_state` kept with `step`'s checkpoint (none in a checkpoint
     written without them)."""
-    unlogged = (manager.metadata(step).custom_metadata or {}).get(PENDING_METADATA) or {}
+    unlogged = _unlogged(manager, step)
     values = [unlogged.get(key, []) for key in STEP_METRICS]
     return [
         {key: np.float32(v) for key, v in zip(STEP_METRICS, row, strict=True)}
@@ -70,13 +83,17 @@ def restore_pending(manager: Any, step: int) -> list[dict[str, np.ndarray]]:
 
 
 def restore_state(manager: Any, template: Any) -> Any:
-    """The latest checkpoint's state (shaped and sharded as `template`), or None."""
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        return None
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template
-    )
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    """The latest intact checkpoint's state (shaped and sharded as `template`), or None;
+    damaged ones after it are deleted with a warning."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        state = checkpoint.verified_restore(
+            manager,
+            step,
+            template,
+            extra=lambda step=step: _unlogged(manager, step),
+            what=f"the checkpoint of step {step}",
+            then="resuming from the one before it",
+        )
+        if state is not None:
+            return state
+    return None

@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 from jax.sharding import PartitionSpec as P
 
-from jaxdissect import cli, parallel, scenes, store, training
+from jaxdissect import cli, parallel, scenes, store, training, training_checkpoints
 from jaxdissect.data.broden import Broden
 from jaxdissect.models import load as model_load
 from tests.experiment_testing import TINY_SIZE, tiny_broden
@@ -282,18 +282,41 @@ def test_exports_are_told_from_conversions(tmp_path):
         finished.load_model(None, str(tmp_path / "export"), options={"width": 0.5})
 
 
-def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, task, quick_run):
+@pytest.mark.parametrize("damage", [None, "arrays", "metrics", "no digest"])
+def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(
+    tmp_path, task, quick_run, damage, caplog
+):
     """Killed after step 13, resumed from the step-10 checkpoint: the same weights and
     metrics.csv as straight through (the data order, flips and dropout keys are functions of
-    the step; row 12's train mean spans steps 9-12, across the checkpoint)."""
+    the step; row 12's train mean spans steps 9-12, across the checkpoint). Step 10's
+    checkpoint damaged on disk (its arrays' bytes, its unlogged train metrics, no digest):
+    deleted with a warning, the run resumes from step 5 and ends the same."""
     straight, straight_out = quick_run
     kw = dict(mesh=parallel.data_mesh(1), **RUN_KW)
     out = tmp_path / "run"
     first = training.train(QUICK, task, out, stop_after=13, **kw)
     assert first.step == 13 and [s for s, _ in training.list_weights(out)] == [0]
     assert training.read_metrics(out / training.METRICS_FILE)[-1]["step"] == 13
-    second = training.train(QUICK, task, out, **kw)
-    assert second.resumed_from == 10 and second.step == 20
+    checkpoints = out / training.CHECKPOINT_DIR
+    assert sorted(p.name for p in checkpoints.glob("digest-*")) == [
+        f"digest-p0-{s}" for s in (0, 10, 5)
+    ]
+    if damage == "arrays":  # every byte of the largest array file inverted
+        files = [p for p in (checkpoints / "10").rglob("*") if p.is_file()]
+        data = max(files, key=lambda p: p.stat().st_size)
+        data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
+    elif damage == "metrics":  # the mean of row 12 would span other numbers
+        meta = checkpoints / "10" / "_CHECKPOINT_METADATA"
+        doc = json.loads(meta.read_text())
+        doc["custom_metadata"][training_checkpoints.PENDING_METADATA]["loss"] = [9.0, 9.0]
+        meta.write_text(json.dumps(doc))
+    elif damage == "no digest":
+        (checkpoints / "digest-p0-10").unlink()
+    with caplog.at_level("WARNING"):
+        second = training.train(QUICK, task, out, **kw)
+    assert second.resumed_from == (5 if damage else 10) and second.step == 20
+    warned = "the checkpoint of step 10 is damaged" in caplog.text
+    assert warned == bool(damage), caplog.text
 
     # The rows of the lost steps are redone, once, with the uninterrupted run's numbers.
     def numbers(run: pathlib.Path) -> list[dict[str, float]]:
