@@ -32,6 +32,21 @@ from absl import logging
 from jaxdissect import parallel, store
 
 
+def open_manager(
+    directory: pathlib.Path, options: ocp.CheckpointManagerOptions, then: str
+) -> ocp.CheckpointManager:
+    """orbax's manager of the checkpoints in `directory`; one whose metadata orbax cannot
+    parse (it reads every step's at once) is a ValueError naming the folder, its removal
+    letting the caller `then` (e.g. "start the pass again")."""
+    try:
+        return ocp.CheckpointManager(directory, options=options)
+    except Exception as e:  # noqa: BLE001 - orbax's and json's errors: all mean damage
+        raise ValueError(
+            f"{directory}: a checkpoint there is damaged ({type(e).__name__}: "
+            f"{str(e).strip()[:200]}); remove {directory} to {then}"
+        ) from None
+
+
 def state_digest(state: Any, extra: Any = None) -> str:
     """sha256 of this process's shards of `state` (paths, shard indices, dtypes, shapes,
     bytes), in a fixed order, and of `extra` (JSON) where given."""
@@ -124,13 +139,7 @@ class StreamCheckpoint:
         self.every = every
         self.directory = pathlib.Path(os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
-        try:
-            self._manager = ocp.CheckpointManager(self.directory, options=options)
-        except Exception as e:  # noqa: BLE001 - orbax parses a step's metadata at once
-            raise ValueError(
-                f"{self.directory}: a resume checkpoint there is damaged ({type(e).__name__}: "
-                f"{str(e).strip()[:200]}); remove {self.directory} to start the pass again"
-            ) from None
+        self._manager = open_manager(self.directory, options, "start the pass again")
 
     def restore(self, template: Any) -> tuple[Any, int]:
         """(state, batches done) of the latest checkpoint, or (template, 0): none, or one

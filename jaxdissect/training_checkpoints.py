@@ -40,7 +40,7 @@ def checkpoint_manager(directory: pathlib.Path, config: Any) -> Any:
         enable_async_checkpointing=False,
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(directory.absolute(), options=options)
+    return checkpoint.open_manager(directory.absolute(), options, "start the run again")
 
 
 def save_state(

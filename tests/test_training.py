@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -332,6 +333,21 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(
     b = training.load_trained(second.exports[20]).variables
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert second.val_accuracy == straight.val_accuracy
+
+
+def test_a_checkpoint_orbax_cannot_open_is_one_error_naming_the_folder(tmp_path, task):
+    """A step's metadata orbax cannot parse (an unknown key): orbax reads every step's when
+    it opens the folder, so the run stops in one ValueError naming it, not a traceback."""
+    kw = dict(mesh=parallel.data_mesh(1), **RUN_KW)
+    out = tmp_path / "run"
+    training.train(_config(), task, out, stop_after=1, **kw)
+    checkpoints = out / training.CHECKPOINT_DIR
+    meta = checkpoints / "0" / "_CHECKPOINT_METADATA"
+    meta.write_text(meta.read_text().replace("init_timestamp_nsecs", "inittimestamp_nsecs"))
+    with pytest.raises(
+        ValueError, match=f"^{re.escape(str(checkpoints.absolute()))}: a checkpoint "
+    ):
+        training.train(_config(), task, out, **kw)
 
 
 def test_resume_before_the_first_checkpoint_and_before_the_summary(tmp_path, task, monkeypatch):
