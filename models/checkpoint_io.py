@@ -748,6 +748,23 @@ def _named(err: CheckpointError, path: str) -> CheckpointError:
     return CheckpointError(f"{path}: {err}")
 
 
+def _check_readable(path: str) -> None:
+    """Refuse a file this process may not open (permissions), before any read of it
+    counts an OSError as damage."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a weight file") from None
+    except OSError as err:
+        raise CheckpointError(
+            f"{path}: cannot be opened ({err.strerror or type(err).__name__}); check that "
+            "this user may read it"
+        ) from None
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     """Everything a torch or safetensors weight file holds, tensors as numpy arrays.
 
@@ -764,6 +781,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"{path}: no such file")
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory, not a weight file")
+    _check_readable(path)
     if _is_safetensors(path):
         return _load_safetensors(path)
     if os.path.getsize(path) == 0:
@@ -942,6 +960,7 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
       CheckpointError: the file is not a readable `.npz` of numeric arrays.
     """
     path = os.fspath(path)
+    _check_readable(path)
     try:
         _check_npz(path)
         with np.load(path, allow_pickle=False) as data:

@@ -541,12 +541,26 @@ def test_truncated_legacy_file_says_so(tmp_path):
             load_state_dict(bad)
 
 
-def test_a_directory_or_missing_path_is_named(tmp_path):
+@pytest.mark.parametrize("load", [load_state_dict, checkpoint_io.load_npz])
+def test_a_directory_missing_or_unopenable_path_is_named(tmp_path, load, monkeypatch):
     (tmp_path / "adir.pth").mkdir()
     with pytest.raises(CheckpointError, match=r"adir\.pth: is a directory, not a weight file$"):
-        load_state_dict(tmp_path / "adir.pth")
+        load(tmp_path / "adir.pth")
     with pytest.raises(CheckpointError, match=r"gone\.pth: no such file$"):
-        load_state_dict(tmp_path / "gone.pth")
+        load(tmp_path / "gone.pth")
+    # A file this user may not read (root reads any: the refusal is simulated) is not
+    # called damaged.
+    locked = _save({"w": torch.ones(3)}, tmp_path / "locked.pth", True)
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint_io, "open", denied, raising=False)
+    with pytest.raises(
+        CheckpointError,
+        match=r"locked\.pth: cannot be opened \(Permission denied\); check that this user may read",
+    ):
+        load(locked)
 
 
 @FORMATS
