@@ -24,7 +24,12 @@ from absl import flags, logging
 from jaxdissect import config, outdir, store
 from jaxdissect.data.broden import SPLITS
 from jaxdissect.data.files import DATA_HASHES
-from jaxdissect.data.probe import DEFAULT_RESOLUTION, DEFAULT_SYNTHETIC_IMAGES, cache_root
+from jaxdissect.data.probe import (
+    DEFAULT_CACHE_ROOT,
+    DEFAULT_RESOLUTION,
+    DEFAULT_SYNTHETIC_IMAGES,
+    cache_root,
+)
 
 # Errors of bad flags or bad data: they name the flag or file, so a one-line message says enough.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, outdir.OutputDirBusy)
@@ -126,8 +131,9 @@ def script_main(
 
             parallel.split_cpu()
         quiet_library_logs()
-        enable_compilation_cache()
         try:
+            check_cache_root()
+            enable_compilation_cache()
             run()
         except USER_ERRORS as e:
             logging.debug("where the error was raised (--verbosity=1 shows it)", exc_info=True)
@@ -229,6 +235,21 @@ def quiet_library_logs() -> None:
     handler = logging.get_absl_handler()
     if _not_noise not in handler.filters:
         handler.addFilter(_not_noise)
+
+
+def check_cache_root() -> None:
+    """Refuse a `cache_root()` that could not be created or written, naming
+    JAXDISSECT_CACHE (every script caches compiled programs and generated or checked data
+    there); creates nothing, so a run refused later for its flags leaves no folder."""
+    root = cache_root()
+    fix = "set JAXDISSECT_CACHE to a folder you can write to"
+    if not os.environ.get("JAXDISSECT_CACHE"):
+        fix += f" (unset, it is {DEFAULT_CACHE_ROOT})"
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"JAXDISSECT_CACHE={root}: {existing} is a file, not a folder: {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"JAXDISSECT_CACHE={root}: {existing} is not writable: {fix}")
 
 
 def enable_compilation_cache() -> None:

@@ -158,6 +158,40 @@ def test_user_errors_are_one_line_with_the_traceback_at_verbosity_1(caplog):
     assert record.levelno == pylogging.DEBUG and "in run" in caplog.text
 
 
+def test_a_cache_folder_that_cannot_be_written_is_one_line_before_the_run(tmp_path, monkeypatch):
+    """JAXDISSECT_CACHE (or its default under $HOME) that cannot be created or written:
+    every script stops first in one line naming it (PermissionError traceback before, from
+    the first cached file)."""
+    afile = tmp_path / "f.txt"
+    afile.write_text("x")
+    ran = []
+    main = cli.script_main(lambda: ran.append(1), flags.FlagValues(), split_cpu=False)
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(afile / "cache"))
+    with pytest.raises(SystemExit) as e:
+        main(["prog"])
+    assert str(e.value.code) == (
+        f"error: JAXDISSECT_CACHE={afile / 'cache'}: {afile} is a file, not a folder: set "
+        "JAXDISSECT_CACHE to a folder you can write to"
+    )
+    monkeypatch.delenv("JAXDISSECT_CACHE")
+    monkeypatch.setenv("HOME", str(afile))
+    with pytest.raises(SystemExit) as e:
+        main(["prog"])
+    assert str(e.value.code).endswith("folder you can write to (unset, it is ~/.cache/jaxdissect)")
+    assert not ran
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: path != tmp_path)
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "new" / "cache"))
+    with pytest.raises(SystemExit) as e:  # root may write anywhere: a refusal simulated
+        main(["prog"])
+    assert str(e.value.code).startswith(
+        f"error: JAXDISSECT_CACHE={tmp_path / 'new' / 'cache'}: {tmp_path} is not writable: "
+    )
+    monkeypatch.undo()
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "new" / "cache"))
+    main(["prog"])
+    assert ran
+
+
 def test_output_dir_errors_name_the_path_and_the_fix(tmp_path):
     afile = tmp_path / "f.txt"
     afile.write_text("x")

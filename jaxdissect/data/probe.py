@@ -91,9 +91,13 @@ DEFAULT_RESOLUTION = 224
 DEFAULT_SYNTHETIC_IMAGES = 600
 
 
+DEFAULT_CACHE_ROOT = "~/.cache/jaxdissect"
+
+
 def cache_root() -> pathlib.Path:
-    """Where generated data sets are cached ($JAXDISSECT_CACHE, default ~/.cache/jaxdissect)."""
-    return pathlib.Path(os.environ.get("JAXDISSECT_CACHE", "~/.cache/jaxdissect")).expanduser()
+    """Where generated data sets and compiled programs are cached ($JAXDISSECT_CACHE, else
+    `DEFAULT_CACHE_ROOT`)."""
+    return pathlib.Path(os.environ.get("JAXDISSECT_CACHE") or DEFAULT_CACHE_ROOT).expanduser()
 
 
 def synthetic_path(
