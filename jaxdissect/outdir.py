@@ -71,6 +71,20 @@ def prepare(path: str | os.PathLike[str], name: str = "output_dir") -> pathlib.P
         raise ValueError(
             f"{name}={path} is not writable ({e.strerror}): choose a folder you can write to"
         ) from None
+    # A run rewrites files in place only in its lock file and creates files in every folder
+    # of an earlier run's (another user's run may have made them).
+    lock = out / LOCK_FILE
+    unwritable = [lock] if lock.exists() and not os.access(lock, os.W_OK) else []
+    unwritable += (
+        pathlib.Path(folder)
+        for folder, _, _ in os.walk(out)
+        if not os.access(folder, os.W_OK | os.X_OK)
+    )
+    if unwritable:
+        raise ValueError(
+            f"{name}={path} holds {unwritable[0]}, which this user may not write (another "
+            f"user's run?): choose another {name}, or ask its owner to remove it"
+        )
     return out
 
 

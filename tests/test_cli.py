@@ -205,6 +205,28 @@ def test_output_dir_errors_name_the_path_and_the_fix(tmp_path):
     assert outdir.prepare(tmp_path / "a" / "b").is_dir()
 
 
+@pytest.mark.parametrize("denied", [".lock", ".work/stages"])
+def test_an_output_dir_of_another_users_run_is_refused_naming_what(tmp_path, monkeypatch, denied):
+    """An earlier run's lock file or folders this user may not write (another user's run):
+    refused up front naming the path (a PermissionError traceback from the lock, or from a
+    stage's write after pass 1, before). Root writes anything: the refusal is simulated."""
+    out = tmp_path / "out"
+    (out / ".work" / "stages").mkdir(parents=True)
+    (out / outdir.LOCK_FILE).touch()
+    access = os.access
+    monkeypatch.setattr(
+        outdir.os, "access", lambda p, mode: pathlib.Path(p) != out / denied and access(p, mode)
+    )
+    with pytest.raises(ValueError) as e:
+        outdir.prepare(out, name="--output_dir")
+    assert str(e.value) == (
+        f"--output_dir={out} holds {out / denied}, which this user may not write (another "
+        "user's run?): choose another --output_dir, or ask its owner to remove it"
+    )
+    monkeypatch.undo()
+    assert outdir.prepare(out) == out
+
+
 _HOLDER = """
 import sys, time
 from jaxdissect import outdir
