@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import pickle
@@ -337,6 +338,46 @@ def test_a_damaged_or_edited_json_file_of_a_build_is_one_line(datasets, tmp_path
     text = str(info.value)
     assert text.startswith(f"{copy}: ") and text.endswith(tfds_broden.REBUILD)
     assert "\n" not in text
+
+
+@pytest.mark.parametrize("name", ["metadata.json", "features.json", "array_record"])
+def test_a_build_file_this_user_may_not_read_is_not_called_damaged(
+    datasets, tmp_path, monkeypatch, name
+):
+    """A refused permission is one line saying so and what to check, not "damaged ...
+    build it again". Root reads anything: simulated by raising what `open` raises then, or
+    what array_record's reader says (its words only, in a RuntimeError)."""
+    _, build_dir = datasets["synthetic"]
+    if name == "array_record":
+
+        class Denied:
+            def __len__(self):
+                return 1
+
+            def __getitem__(self, i):
+                raise RuntimeError("open() failed: Permission denied; opening x.array_record")
+
+        with pytest.raises(ValueError) as info:
+            tfds_broden.check_readable(Denied(), str(build_dir), tfds_broden.REBUILD)
+    else:
+        build_dir = shutil.copytree(build_dir, tmp_path / "build")  # opened by nothing yet
+        real_open = builtins.open
+
+        def denied(file, *args, **kwargs):
+            if os.path.basename(os.fspath(file)) == name:
+                raise PermissionError(13, "Permission denied", os.fspath(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", denied)
+        with pytest.raises(ValueError) as info:
+            TfdsBroden(build_dir)
+    text = str(info.value)
+    assert text.startswith(f"{build_dir}") and "Permission denied" in text, text
+    assert (
+        "damaged" not in text
+        and text.endswith("; check that this user may read the build's files")
+        and "\n" not in text
+    )
 
 
 def test_damage_between_the_checked_records_is_one_line_when_read(datasets, tmp_path):

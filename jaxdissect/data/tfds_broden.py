@@ -613,9 +613,27 @@ def opened(build: str | os.PathLike[str], advice: str, what: str = "metadata") -
         raise
     except _DAMAGED as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if _denied(e):
+            raise ValueError(
+                f"{build}: its {what} cannot be read ({type(e).__name__}: {first}); "
+                f"{_DENIED_ADVICE}"
+            ) from None
         raise ValueError(
             f"{build}: its {what} is damaged or was edited ({type(e).__name__}: {first}); {advice}"
         ) from None
+
+
+_DENIED_ADVICE = "check that this user may read the build's files"
+
+
+def _denied(error: BaseException) -> bool:
+    """Whether `error` (or what it was raised from) is a refused permission, not damage:
+    TFDS and array_record wrap the OSError, or keep only its words."""
+    while error is not None:
+        if isinstance(error, PermissionError) or "Permission denied" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _positive_pair(value: Any, name: str) -> tuple[int, int]:
@@ -640,6 +658,7 @@ def unreadable(where: str, error: Exception, advice: str) -> ValueError:
     """The one-line error of array_record files that cannot be read: `where`, the first
     line of `error`, `advice`."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    advice = _DENIED_ADVICE if _denied(error) else advice
     return ValueError(f"{where}: its array_record files cannot be read ({first}); {advice}")
 
 
