@@ -21,6 +21,8 @@ import dataclasses
 import functools
 import importlib.util
 import inspect
+import math
+import os
 import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -229,14 +231,39 @@ def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
     return module, variables
 
 
+class VariablesTooLarge(ValueError):
+    """A model's variables would not fit in this machine's memory (a mistyped option)."""
+
+
+def physical_memory_bytes() -> int:
+    """This machine's memory (0 where unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
 def init_variables(module: Any, *inputs: Any, seed: int = 0, **kwargs: Any) -> Any:
     """`module.init(jax.random.key(seed), *inputs, **kwargs)` compiled as one program.
 
     With XLA's backend optimisations off (`INIT_COMPILER_OPTIONS`): the program runs once.
     `inputs` are traced (only their shapes matter); `kwargs` are static (e.g. `train`).
+
+    Raises:
+      VariablesTooLarge: the variables take more than this machine's memory (found from
+        their traced shapes, before any is made).
     """
     init = jax.jit(functools.partial(module.init, **kwargs), compiler_options=INIT_COMPILER_OPTIONS)
-    return init(jax.random.key(seed), *inputs)
+    key = jax.random.key(seed)
+    traced = init.trace(key, *inputs)
+    nbytes = sum(math.prod(v.shape) * v.dtype.itemsize for v in jax.tree.leaves(traced.out_info))
+    memory = physical_memory_bytes()
+    if memory and nbytes > memory:
+        raise VariablesTooLarge(
+            f"its variables would take {nbytes / 2**30:,.1f} GiB, more than this machine's "
+            f"{memory / 2**30:,.1f} GiB of memory: check its options (a width, a class count)"
+        )
+    return traced.lower().compile()(key, *inputs)
 
 
 def _init_variables(module: Any, size: int, seed: int) -> Any:
@@ -499,7 +526,10 @@ def load(
             variables = _weights_from_file(module, model, path, spec.size)
             name = f"{model} ({path.name})"
     elif variables is None and isinstance(module, nn.Module):
-        variables = _init_variables(module, spec.size, seed)
+        try:
+            variables = _init_variables(module, spec.size, seed)
+        except VariablesTooLarge as e:
+            raise ValueError(f"--model={model}: {e}") from None
         name = f"{model} (random init, seed {seed})"
 
     weights_key = store.fingerprint_tree(variables if variables is not None else _nnx_state(module))

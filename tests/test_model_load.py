@@ -6,6 +6,7 @@ import re
 import shutil
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -138,6 +139,24 @@ def test_options_of_the_wrong_type_are_named(options, message):
 def _three():
     module = small_model.Small()
     return module, None, module.input_spec
+
+
+def test_variables_larger_than_the_machine_are_refused_before_any_is_made(monkeypatch):
+    """A mistyped width (200 for 2.0: ResNet-18's variables would take 1.6 TiB) is one line
+    naming the model and the fix; init sized its arrays and hung before. The limit is this
+    machine's memory: a small model under a small limit shows where it cuts, to the byte."""
+    with pytest.raises(ValueError, match=r"^--model=resnet18: its variables would take 1,66"):
+        model_load.load("resnet18", weights="", options={"width": 200})
+    x = jnp.zeros((1, 8, 8, 3))
+    module = small_model.Small()
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(model_load.init_variables(module, x)))
+    monkeypatch.setattr(model_load, "physical_memory_bytes", lambda: nbytes - 1)
+    with pytest.raises(model_load.VariablesTooLarge, match="check its options"):
+        model_load.init_variables(module, x)
+    monkeypatch.setattr(model_load, "physical_memory_bytes", lambda: nbytes)
+    got = model_load.init_variables(module, x, seed=3)
+    want = module.init(jax.random.key(3), x)  # the same numbers as an init of its own
+    jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 @pytest.mark.parametrize(
