@@ -20,6 +20,7 @@ then runs the network again); a record that is missing or unreadable vouches for
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pathlib
@@ -135,6 +136,25 @@ def choose_kind(
     return "none"
 
 
+class NoRoom(OSError):
+    """The disk under a disk cache cannot hold its files (ENOSPC or EDQUOT)."""
+
+
+def _reserve(path: pathlib.Path) -> None:
+    """Allocate the disk blocks of the file `path` now: a memmap's write to a sparse file
+    on a full disk is a SIGBUS, not an error. Filesystems without fallocate keep it sparse."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoRoom(e.errno, e.strerror, str(path)) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _process_files(directory: pathlib.Path) -> list[pathlib.Path]:
     """This process's files of a disk cache: the layers' arrays and their rows' record."""
     p = jax.process_index()
@@ -234,6 +254,7 @@ class ActivationCache:
                             path, mode="w+", dtype=self.dtype, shape=full
                         )
                     self._arrays[layer] = arr
+                    _reserve(path)
         if kind == "host":
             # The first write to fresh memory is where filling the cache costs (the kernel,
             # or a VM's host, maps the pages): done here on a thread, while pass 1 starts.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging as pylogging
 import os
@@ -138,10 +139,31 @@ def script_main(
         except USER_ERRORS as e:
             logging.debug("where the error was raised (--verbosity=1 shows it)", exc_info=True)
             raise SystemExit(f"error: {flag_message(str(e), fv)}") from None
+        except OSError as e:
+            if e.errno not in FULL_DISK_ERRNOS:
+                raise
+            logging.debug("where the error was raised (--verbosity=1 shows it)", exc_info=True)
+            raise SystemExit(f"error: {full_disk_message(e)}") from None
         except KeyboardInterrupt:
             _interrupted()
 
     return main
+
+
+# A write that found its disk (or the user's quota) full.
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def full_disk_message(error: OSError) -> str:
+    """One line for a write refused by a full disk: where, and what to do. What was
+    written before stays (stages, checkpoints): the same command resumes once there is
+    room."""
+    where = os.path.dirname(os.path.abspath(error.filename)) if error.filename else "a folder"
+    return (
+        f"{where}: {error.strerror} (a disk or a quota is full); free space there and run "
+        "the same command again (it resumes), or choose another --output_dir (or "
+        "JAXDISSECT_CACHE)"
+    )
 
 
 def _interrupted() -> typing.NoReturn:

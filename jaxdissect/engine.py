@@ -585,9 +585,19 @@ class Dissector:
         kind = actcache.choose_kind(self._cache_request, needed, self.work_dir, self._cache_budget)
         directory = self._cache_dir() if kind == "disk" else None
         logging.info("activation cache: %s (%.1f MB)", kind, needed / 2**20)
-        self.cache = actcache.ActivationCache(
-            kind, self.tap.shapes, self.num_batches, self.local_batch, self.dtype, directory
-        )
+        args = (self.tap.shapes, self.num_batches, self.local_batch, self.dtype)
+        try:
+            self.cache = actcache.ActivationCache(kind, *args, directory)
+        except actcache.NoRoom as e:
+            logging.warning(
+                "activation cache: %s cannot hold %.1f MB (%s); running without one (pass 2 "
+                "runs the network again)",
+                directory,
+                needed / 2**20,
+                e.strerror,
+            )
+            actcache.remove_files(directory)
+            self.cache = actcache.ActivationCache("none", *args)
 
     # ------------------------------------------------------------ pass 2
 

@@ -539,6 +539,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a write's error names no file: this is the one
+            e.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import inspect
 import json
 import logging as pylogging
@@ -17,7 +18,7 @@ import time
 import pytest
 from absl import flags
 
-from jaxdissect import cli, config, engine, outdir, parallel, pipeline, training
+from jaxdissect import cli, config, engine, outdir, parallel, pipeline, store, training
 from jaxdissect.models import load as model_load
 from tests.experiment_testing import DISSECT_IMPORTS, QUICK, ScriptProcesses, parse, script
 
@@ -190,6 +191,39 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line_before_the_run(tmp_pa
     monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "new" / "cache"))
     main(["prog"])
     assert ran
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_that_the_command_resumes(tmp_path):
+    """A write refused by a full disk or quota (ENOSPC, EDQUOT; a traceback before) is one
+    line naming the folder of the file (a write's own error names none: `store.atomic_path`
+    adds the path it writes) and the fix; other OSErrors are not user errors."""
+    target = tmp_path / "out" / "tally-conv5.csv"
+
+    def full():
+        with store.atomic_open(target):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a write raises it
+
+    main = cli.script_main(full, flags.FlagValues(), split_cpu=False)
+    with pytest.raises(SystemExit) as e:
+        main(["prog"])
+    assert str(e.value.code) == (
+        f"error: {tmp_path / 'out'}: No space left on device (a disk or a quota is full); "
+        "free space there and run the same command again (it resumes), or choose another "
+        "--output_dir (or JAXDISSECT_CACHE)"
+    )
+    assert list(target.parent.iterdir()) == []  # no temporary file left
+
+    def quota():
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "a" / "b.npy"))
+
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(str(tmp_path / 'a'))}: Disk quota"):
+        cli.script_main(quota, flags.FlagValues(), split_cpu=False)(["prog"])
+
+    def other():
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        cli.script_main(other, flags.FlagValues(), split_cpu=False)(["prog"])
 
 
 def test_output_dir_errors_name_the_path_and_the_fix(tmp_path):

@@ -1,6 +1,7 @@
 """A dissection killed with SIGKILL or interrupted (Ctrl-C) resumes from its checkpoint and
 ends identical."""
 
+import errno
 import json
 import os
 import pathlib
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdissect import capture, engine, parallel, store
+from jaxdissect import actcache, capture, engine, parallel, store
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.models.load import init_variables
@@ -328,5 +329,23 @@ def test_a_disk_cache_changed_on_disk_is_not_read(in_process, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         resumed = run(probe, "disk", work)
     assert "batch 1's rows are not those it recorded" in caplog.text
+    np.testing.assert_array_equal(resumed.thresholds, clean.thresholds)
+    _assert_same_counts(resumed, clean)
+
+
+def test_a_disk_cache_the_disk_cannot_hold_is_not_kept(in_process, tmp_path, caplog, monkeypatch):
+    """No room for the cache's files (fallocate's ENOSPC; a memmap's write to a sparse file
+    on a full disk was a SIGBUS): the run goes on without a cache, counting as a clean run."""
+    probe, run = in_process
+    clean = run(probe)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(actcache.os, "posix_fallocate", full)
+    with caplog.at_level("WARNING"):
+        resumed = run(probe, "disk", tmp_path / "work")
+    assert "running without one" in caplog.text and "No space left" in caplog.text
+    assert not list((tmp_path / "work").rglob("*.npy"))
     np.testing.assert_array_equal(resumed.thresholds, clean.thresholds)
     _assert_same_counts(resumed, clean)
