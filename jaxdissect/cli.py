@@ -158,7 +158,11 @@ def full_disk_message(error: OSError) -> str:
     """One line for a write refused by a full disk: where, and what to do. What was
     written before stays (stages, checkpoints): the same command resumes once there is
     room."""
-    where = os.path.dirname(os.path.abspath(error.filename)) if error.filename else "a folder"
+    if error.filename:
+        where = os.path.abspath(error.filename)
+        where = where if os.path.isdir(where) else os.path.dirname(where)
+    else:  # a write's error names no file
+        where = f"--output_dir or JAXDISSECT_CACHE={cache_root()}"
     return (
         f"{where}: {error.strerror} (a disk or a quota is full); free space there and run "
         "the same command again (it resumes), or choose another --output_dir (or "

@@ -219,6 +219,12 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_that_the_command_resumes(
     with pytest.raises(SystemExit, match=f"^error: {re.escape(str(tmp_path / 'a'))}: Disk quota"):
         cli.script_main(quota, flags.FlagValues(), split_cpu=False)(["prog"])
 
+    def nameless():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(SystemExit, match="^error: --output_dir or JAXDISSECT_CACHE=.*: No space"):
+        cli.script_main(nameless, flags.FlagValues(), split_cpu=False)(["prog"])
+
     def other():
         raise OSError(errno.EIO, "Input/output error")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import logging
 import time
 
@@ -146,6 +147,20 @@ def test_synthetic_probe_defaults_to_the_cache_root(tmp_path, monkeypatch):
     assert cli.cache_root() == tmp_path
     fields = {f.name: f.default for f in dataclasses.fields(cli.Probe)}
     assert (fields["synthetic_images"], fields["resolution"]) == (600, 224)
+
+
+def test_a_full_disk_while_generating_names_the_synthetic_folder(tmp_path, monkeypatch):
+    """PIL's and numpy's writes raise ENOSPC naming no file: the error names the set's
+    folder, so that the script's one line says which disk is full."""
+
+    def full(root, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synthetic, "generate", full)
+    with pytest.raises(OSError) as e:
+        open_probe("synthetic", synthetic_images=3, resolution=32, cache_dir=tmp_path)
+    assert e.value.errno == errno.ENOSPC
+    assert e.value.filename == str(tmp_path / "synthetic_broden-32-n3-seed0")
 
 
 def test_a_sketch_size_no_layer_uses_is_said(tmp_path, caplog, steps):

@@ -114,9 +114,14 @@ def ensure(
             f"Generating a synthetic Broden ({num_images} images at {size}) in {root} (once) ...",
             flush=True,
         )
-        synthetic.generate(
-            root, num_images=num_images, size=size, seed=seed, overwrite=root.exists()
-        )
+        try:
+            synthetic.generate(
+                root, num_images=num_images, size=size, seed=seed, overwrite=root.exists()
+            )
+        except OSError as e:
+            if e.filename is None:  # PIL's and numpy's writes name no file: the set's folder
+                raise OSError(e.errno, e.strerror, str(root)) from e
+            raise
         record = {"format": RECORD_FORMAT, **{h: _fingerprint(root, h) for h in DATA_HASHES}}
         store.write_json(root / CACHE_RECORD, record)
     return root
