@@ -16,6 +16,7 @@ serve any orbax manager's steps (a training run's checkpoints too).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -76,6 +77,29 @@ def write_digest(directory: pathlib.Path, step: int, state: Any, extra: Any = No
     """Record the digest of `state` (and `extra`) as the checkpoint of `step`'s; written
     before orbax's save, so a run killed after orbax finalises the step finds it."""
     store.write_json(digest_path(directory, step), {"sha256": state_digest(state, extra)})
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, **kwargs: Any) -> bool:
+    """`manager.save(step, state, **kwargs)`; a disk without room for this process's
+    shards of `state` (free space checked first, or orbax's write refused) is an OSError
+    ENOSPC naming the manager's folder, which the scripts say in one line."""
+    directory = pathlib.Path(str(manager.directory))
+    needed = sum(
+        sum(s.data.nbytes for s in getattr(leaf, "addressable_shards", ()))
+        or np.asarray(leaf).nbytes
+        for leaf in jax.tree.leaves(state)
+    )
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    stats = os.statvfs(existing)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+    if needed > stats.f_bavail * stats.f_frsize:
+        raise full
+    try:
+        return manager.save(step, args=ocp.args.StandardSave(state), **kwargs)
+    except Exception as e:
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            raise full from None
+        raise
 
 
 def remove_digests(directory: pathlib.Path, keep: Iterable[int]) -> None:
@@ -162,7 +186,7 @@ class StreamCheckpoint:
         if self._manager.latest_step() == batches_done:
             return False
         write_digest(self.directory, batches_done, state)
-        self._manager.save(batches_done, args=ocp.args.StandardSave(state), force=True)
+        save(self._manager, batches_done, state, force=True)
         self._manager.wait_until_finished()
         remove_digests(self.directory, [batches_done])
         return True

@@ -47,7 +47,6 @@ def save_state(
     manager: Any, state: Any, pending: Sequence[Mapping[str, Any]] = (), force: bool = False
 ) -> bool:
     """Save `state` with `pending`, the train metrics of its steps not yet in a row."""
-    import orbax.checkpoint as ocp
 
     step = int(jax.device_get(state.step))
     if step in manager.all_steps():
@@ -56,11 +55,8 @@ def save_state(
     unlogged = {key: [float(m[key]) for m in got] for key in STEP_METRICS}
     directory = pathlib.Path(str(manager.directory))
     checkpoint.write_digest(directory, step, state, unlogged)
-    saved = manager.save(
-        step,
-        args=ocp.args.StandardSave(state),
-        force=force,
-        custom_metadata={PENDING_METADATA: unlogged},
+    saved = checkpoint.save(
+        manager, step, state, force=force, custom_metadata={PENDING_METADATA: unlogged}
     )
     manager.wait_until_finished()
     checkpoint.remove_digests(directory, manager.all_steps())

@@ -12,11 +12,13 @@ import sys
 import time
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdissect import actcache, capture, engine, parallel, store
+from jaxdissect import actcache, capture, checkpoint, engine, parallel, store
+from jaxdissect.checkpoint import StreamCheckpoint
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.models.load import init_variables
@@ -349,3 +351,36 @@ def test_a_disk_cache_the_disk_cannot_hold_is_not_kept(in_process, tmp_path, cap
     assert not list((tmp_path / "work").rglob("*.npy"))
     np.testing.assert_array_equal(resumed.thresholds, clean.thresholds)
     _assert_same_counts(resumed, clean)
+
+
+@pytest.mark.parametrize("full", ["free space", "orbax's write"])
+def test_a_checkpoint_the_disk_cannot_hold_is_an_error_naming_its_folder(
+    tmp_path, monkeypatch, full
+):
+    """Free space under the state's bytes (checked first), or orbax's write refused with
+    ENOSPC (tensorstore's RESOURCE_EXHAUSTED text): an OSError ENOSPC naming the folder,
+    which the scripts say in one line; the checkpoint before it stays."""
+    state = {"counts": jnp.arange(1000, dtype=jnp.int32)}
+    ckpt = StreamCheckpoint(tmp_path / "ckpt", every=1)
+    assert ckpt.maybe_save(1, state)
+    if full == "free space":
+        statvfs = os.statvfs
+
+        def small(path):
+            real = statvfs(path)
+            return os.statvfs_result((*real[:4], 0, *real[5:]))  # f_bavail: none
+
+        monkeypatch.setattr(checkpoint.os, "statvfs", small)
+    else:
+
+        def refused(*args, **kwargs):
+            raise ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device")
+
+        monkeypatch.setattr(ckpt._manager, "save", refused)
+    with pytest.raises(OSError) as e:
+        ckpt.maybe_save(2, state)
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "ckpt"))
+    monkeypatch.undo()
+    restored, step = ckpt.restore(jax.tree.map(jnp.zeros_like, state))
+    assert step == 1
+    np.testing.assert_array_equal(restored["counts"], state["counts"])
