@@ -540,7 +540,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        if e.filename is None:  # a write's error names no file: this is the one
+        if e.errno is not None and e.filename is None:  # a write's names no file: this one
             e.filename = str(path)
         raise
     finally:
