@@ -15,6 +15,7 @@ longer than the suite:
     python -m tests.fuzz_reference --target=tfds --seeds=0:1000
     python -m tests.fuzz_reference --target=flags --seeds=0:3000
     python -m tests.fuzz_reference --target=checkpoint --seeds=0:500
+    python -m tests.fuzz_reference --target=train_checkpoint --seeds=0:500
 
 Targets (each case draws its shapes, data and settings from its seed):
 - tally: `tally.batch_counts` in padded batches (every method, restriction and tie rule;
@@ -75,6 +76,10 @@ Targets (each case draws its shapes, data and settings from its seed):
   sharded state) with one of its files' bytes changed or cut restores the state saved,
   or is dropped (the pass starts again), or is refused in one line naming its folder;
   other numbers, or any other error, fail the case.
+- train_checkpoint: a training run's checkpoints (`training_checkpoints`, steps 5 and 10)
+  with a file of step 10's bytes changed or cut resume at step 10 with the state and
+  unlogged metrics saved, or at step 5 (step 10 deleted), or are refused in one line
+  naming the folder.
 
 Cases compile as the tests do (JAX_DISABLE_MOST_OPTIMIZATIONS=1 unless set; 8 CPU
 devices). Optimised, XLA:CPU contracts multiply-adds in the upsampling, which the
@@ -96,12 +101,14 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from collections.abc import Callable
 
 if __name__ == "__main__":  # the tests' compilation (tests/conftest.py) unless set
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+import flax.struct  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -1126,6 +1133,87 @@ def checkpoint_case(seed: int, base: tuple[pathlib.Path, dict]) -> tuple[str, li
         shutil.rmtree(copy, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------- train_checkpoint
+
+
+@flax.struct.dataclass
+class _TrainState:
+    step: jax.Array
+    params: dict
+
+
+_TRAIN_CONFIG = types.SimpleNamespace(checkpoint_every=5, keep_checkpoints=2, save_steps=())
+
+
+def train_checkpoint_base(work: pathlib.Path) -> tuple[pathlib.Path, dict[int, _TrainState]]:
+    """(folder, state by step): a training run's checkpoints (`training_checkpoints`) of a
+    small state at steps 5 and 10, each with unlogged train metrics."""
+    from jaxdissect import training_checkpoints
+
+    states = {
+        step: _TrainState(
+            step=jnp.asarray(step, jnp.int32),
+            params={"w": jnp.linspace(0, 1, 96).reshape(8, 12) * step, "b": jnp.arange(12.0)},
+        )
+        for step in (5, 10)
+    }
+    folder = work / "train_checkpoints"
+    manager = training_checkpoints.checkpoint_manager(folder, _TRAIN_CONFIG)
+    for step, state in states.items():
+        metrics = [{"loss": np.float32(step), "accuracy": np.float32(0.5)}]
+        training_checkpoints.save_state(manager, state, metrics)
+    manager.close()
+    return folder, states
+
+
+def train_checkpoint_case(
+    seed: int, base: tuple[pathlib.Path, dict[int, _TrainState]]
+) -> tuple[str, list[str]]:
+    """(description, failures) of one damaged copy of the step-10 checkpoint, resumed: the
+    step-10 state, or (it deleted) the step-5 one, or one line naming the folder."""
+    import random
+    import shutil
+
+    from jaxdissect import training_checkpoints
+
+    folder, states = base
+    rng = random.Random(seed)
+    copy = folder.with_name(f"{folder.name}-{seed}")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(folder, copy)
+    path = rng.choice(sorted(p for p in (copy / "10").rglob("*") if p.is_file()))
+    data = bytearray(path.read_bytes())
+    if data and rng.random() < 0.5:
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        desc = f"bytes changed in {path.relative_to(copy)}"
+    else:
+        del data[rng.randrange(max(len(data), 1)) :]
+        desc = f"{path.relative_to(copy)} cut"
+    path.write_bytes(bytes(data))
+    try:
+        manager = training_checkpoints.checkpoint_manager(copy, _TRAIN_CONFIG)
+    except ValueError as e:  # orbax cannot open it: one line naming the folder
+        ok = str(copy) in str(e) and "\n" not in str(e)
+        return desc, [] if ok else [f"error: {e}"]
+    try:
+        template = jax.tree.map(jnp.zeros_like, states[5])
+        got = training_checkpoints.restore_state(manager, template)
+        if got is None:
+            return desc, ["nothing restored: the step-5 checkpoint was intact"]
+        want = states[int(got.step)]
+        same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), got, want)
+        pending = training_checkpoints.restore_pending(manager, int(got.step))
+        if not all(jax.tree.leaves(same)) or [float(m["loss"]) for m in pending] != [
+            float(got.step)
+        ]:
+            return desc, [f"restored other numbers (step {int(got.step)})"]
+        return desc, []
+    finally:
+        manager.close()
+        shutil.rmtree(copy, ignore_errors=True)
+
+
 # -------------------------------------------------------------------------------- main
 
 
@@ -1164,7 +1252,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=(
             *("tally", "results", "quantiles", "sketch", "formulas", "search", "engine"),
             *("broden", "weights", "results_json", "converted", "tfds", "flags"),
-            "checkpoint",
+            *("checkpoint", "train_checkpoint"),
         ),
         required=True,
     )
@@ -1181,6 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
     converted = converted_base(work) if args.target == "converted" else None
     tfds_build = tfds_base(work) if args.target == "tfds" else None
     saved = checkpoint_base(work) if args.target == "checkpoint" else None
+    trained = train_checkpoint_base(work) if args.target == "train_checkpoint" else None
     case = {
         "tally": tally_case,
         "results": results_case,
@@ -1196,6 +1285,7 @@ def main(argv: list[str] | None = None) -> int:
         "tfds": lambda seed: tfds_case(seed, tfds_build),
         "flags": lambda seed: flags_case(seed, base),
         "checkpoint": lambda seed: checkpoint_case(seed, saved),
+        "train_checkpoint": lambda seed: train_checkpoint_case(seed, trained),
     }[args.target]
     start = time.perf_counter()
     outcome = campaign(case, args.seeds)

@@ -83,3 +83,10 @@ def test_damaged_resume_checkpoints_restore_the_state_saved_or_restart(tmp_path)
     for seed in range(10):
         desc, bad = fuzz_reference.checkpoint_case(seed, base)
         assert not bad, (seed, desc)
+
+
+def test_damaged_training_checkpoints_resume_a_saved_step_or_refuse(tmp_path):
+    base = fuzz_reference.train_checkpoint_base(tmp_path)
+    for seed in range(10):
+        desc, bad = fuzz_reference.train_checkpoint_case(seed, base)
+        assert not bad, (seed, desc)
