@@ -14,6 +14,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 import types
 
 import numpy as np
@@ -56,7 +57,11 @@ def run_script(name: str, *argv: str):
 
 
 # Forks one child per request: `python SCRIPT ARGV` as a fresh interpreter runs it (its
-# `__main__`, argv, sys.path[0], environment, folder, stdin/stdout/stderr), exit status back.
+# `__main__`, argv, sys.path[0], environment, folder, stdin/stdout/stderr); its pid back at
+# once, its exit status (a file) once it ends. Ctrl-C raises KeyboardInterrupt whatever
+# SIGINT's disposition the test process passed on (a library of an earlier test may ignore
+# it in this worker, and Python then never installs its handler: CI once saw a Ctrl-C
+# followed by a normal finish).
 _FORK_SERVER = """
 import gc, importlib, json, os, runpy, signal, sys
 for name in sys.argv[1:]:
@@ -71,13 +76,51 @@ for line in sys.stdin:
         os.environ.update(job["env"])
         for fd, path in enumerate((os.devnull, job["stdout"], job["stderr"])):
             os.dup2(os.open(path, os.O_RDWR), fd)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.alarm(job["timeout"])
         sys.argv, sys.path[0] = [job["script"], *job["argv"]], os.path.dirname(job["script"])
         runpy.run_path(job["script"], run_name="__main__")
         sys.exit(0)  # the interpreter's status at a script's end
-    status = os.waitpid(pid, 0)[1]
-    print(os.waitstatus_to_exitcode(status), flush=True)
+    print(pid, flush=True)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    with open(job["status"] + ".tmp", "w") as f:
+        f.write(str(status))
+    os.replace(job["status"] + ".tmp", job["status"])
 """
+
+
+class ScriptRun:
+    """A script's run started by `ScriptProcesses.start`: its pid, `poll`, `wait`,
+    `send_signal` and `communicate` as `subprocess.Popen`'s (stdout and stderr as text)."""
+
+    def __init__(self, pid: int, folder: tempfile.TemporaryDirectory):
+        self.pid, self._folder = pid, folder
+        self._status = pathlib.Path(folder.name, "status")
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._status.exists():
+            self.returncode = int(self._status.read_text())
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        folder = pathlib.Path(self._folder.name)
+        out = ((folder / "stdout").read_text(), (folder / "stderr").read_text())
+        self._folder.cleanup()
+        return out
 
 
 # What experiments/dissect.py imports (a fork server's `warm` modules for its runs).
@@ -103,6 +146,32 @@ class ScriptProcesses:
             env=env,
         )
 
+    def start(
+        self,
+        script: str | os.PathLike[str],
+        *argv: str,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        timeout: int = 300,
+    ) -> ScriptRun:
+        """Start `python SCRIPT ARGV` (one run at a time: wait for it before the next)."""
+        folder = tempfile.TemporaryDirectory()
+        out, err = pathlib.Path(folder.name, "stdout"), pathlib.Path(folder.name, "stderr")
+        out.touch(), err.touch()
+        job = {
+            "script": os.path.abspath(script),
+            "argv": list(argv),
+            "env": dict(os.environ if env is None else env),
+            "cwd": os.path.abspath(cwd or os.getcwd()),
+            "stdout": str(out),
+            "stderr": str(err),
+            "status": os.path.join(folder.name, "status"),
+            "timeout": timeout,
+        }
+        self._server.stdin.write(json.dumps(job) + "\n")
+        self._server.stdin.flush()
+        return ScriptRun(int(self._server.stdout.readline()), folder)
+
     def run(
         self,
         script: str | os.PathLike[str],
@@ -111,24 +180,10 @@ class ScriptProcesses:
         cwd: str | os.PathLike[str] | None = None,
         timeout: int = 300,
     ) -> subprocess.CompletedProcess:
-        with tempfile.TemporaryDirectory() as tmp:
-            out, err = pathlib.Path(tmp, "stdout"), pathlib.Path(tmp, "stderr")
-            out.touch(), err.touch()
-            job = {
-                "script": os.path.abspath(script),
-                "argv": list(argv),
-                "env": dict(os.environ if env is None else env),
-                "cwd": os.path.abspath(cwd or os.getcwd()),
-                "stdout": str(out),
-                "stderr": str(err),
-                "timeout": timeout,
-            }
-            self._server.stdin.write(json.dumps(job) + "\n")
-            self._server.stdin.flush()
-            returncode = int(self._server.stdout.readline())
-            return subprocess.CompletedProcess(
-                [script, *argv], returncode, out.read_text(), err.read_text()
-            )
+        """Run `python SCRIPT ARGV` to its end."""
+        started = self.start(script, *argv, env=env, cwd=cwd, timeout=timeout)
+        stdout, stderr = started.communicate()
+        return subprocess.CompletedProcess([script, *argv], started.returncode, stdout, stderr)
 
     def close(self) -> None:
         self._server.stdin.close()

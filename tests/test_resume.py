@@ -7,8 +7,6 @@ import os
 import pathlib
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import flax.linen as nn
@@ -33,29 +31,12 @@ def tiny_data(tmp_path_factory):
     return synthetic.generate_tiny(tmp_path_factory.mktemp("resume") / "broden", num_images=24)
 
 
-# Runs the script with Ctrl-C raising KeyboardInterrupt whatever SIGINT's disposition the
-# test process passes on: a process whose SIGINT is ignored (a library of an earlier test
-# may set that in this worker) starts its children with it ignored, and Python then never
-# installs its handler (CI saw a Ctrl-C followed by a normal finish, rc 0, no output).
-_DEFAULT_SIGINT = (
-    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-)
-
-
 DISSECT = ROOT / "experiments" / "dissect.py"
 
 
 # The killed runs and their resume checkpoint every batch; the uninterrupted run keeps the
 # default (50 batches: none in its 12-batch passes), as a run never stopped needs none.
 EVERY_BATCH = "--checkpoint_every=1"
-
-
-def _command(data, out, *extra):
-    return [
-        *(sys.executable, "-c", _DEFAULT_SIGINT, str(DISSECT)),
-        *_flags(data, out, EVERY_BATCH, *extra),
-    ]
 
 
 def _flags(data, out, *extra):
@@ -79,8 +60,8 @@ def _env():
 
 @pytest.fixture
 def scripts():
-    """The runs no signal reaches (the uninterrupted one, the last resume), each its own
-    process forked from one that imported dissect.py's modules once."""
+    """Every run (the uninterrupted one, the killed ones, the last resume) its own process,
+    forked from one that imported dissect.py's modules once."""
     with ScriptProcesses(*DISSECT_IMPORTS, "tests.fixtures.small_model") as processes:
         yield processes
 
@@ -114,9 +95,9 @@ def _outputs(out):
     return doc, tallies, json.loads((out / "results.json").read_text())["settings"]["thresholds"]
 
 
-def _kill_during(command, out, stage, sig=signal.SIGKILL, attempts=1):
-    """Start the run, send `sig` once `stage` has checkpointed 3 batches; return that step
-    and the run's stderr.
+def _kill_during(scripts, flags, out, stage, sig=signal.SIGKILL, attempts=1):
+    """Start dissect.py with `flags` (a process of its own, forked by `scripts`), send `sig`
+    once `stage` has checkpointed 3 batches; return that step and the run's stderr.
 
     A run that had written its results when the signal was sent (a loaded machine kept
     this poll waiting) and then ended normally, or that the signal stopped after `stage`
@@ -127,9 +108,7 @@ def _kill_during(command, out, stage, sig=signal.SIGKILL, attempts=1):
     if attempts > 1:
         shutil.copytree(out, backup, symlinks=True)
     for attempt in range(attempts):
-        proc = subprocess.Popen(
-            command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+        proc = scripts.start(DISSECT, *flags, env=_env())
         deadline = time.time() + 300
         seen = []
         while time.time() < deadline and proc.poll() is None:
@@ -160,13 +139,12 @@ def test_killed_runs_resume_identically(tiny_data, tmp_path, scripts):
     assert run.returncode == 0, run.stderr[-3000:]
 
     # Killed in pass 1, restarted and killed again in pass 2, restarted to the end.
-    step, _ = _kill_during(_command(tiny_data, killed), killed, "pass1")
+    step, _ = _kill_during(scripts, _flags(tiny_data, killed, EVERY_BATCH), killed, "pass1")
     assert 3 <= step < 12  # mid-pass: 24 images in batches of 2
     assert not (killed / "results.json").exists()  # a killed run leaves no complete result
     # Ctrl-C, as a checkpoint may be being written: one line, exit status 130.
-    _, stderr = _kill_during(
-        _command(tiny_data, killed, "--verbosity=-1"), killed, "pass2", signal.SIGINT, attempts=3
-    )
+    flags = _flags(tiny_data, killed, EVERY_BATCH, "--verbosity=-1")
+    _, stderr = _kill_during(scripts, flags, killed, "pass2", signal.SIGINT, attempts=3)
     assert stderr.strip().splitlines()[-1] == "interrupted: run the same command again to resume"
     assert "Traceback" not in stderr and "Error" not in stderr, stderr[-3000:]
     assert not (killed / "results.json").exists()
