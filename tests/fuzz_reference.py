@@ -102,7 +102,7 @@ import tempfile
 import time
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 if __name__ == "__main__":  # the tests' compilation (tests/conftest.py) unless set
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -1079,6 +1079,31 @@ def flags_case(seed: int, data: pathlib.Path) -> tuple[str, list[str]]:
 # --------------------------------------------------------------------------- checkpoint
 
 
+def _damaged_copy(
+    folder: pathlib.Path, seed: int, candidates: Callable[[pathlib.Path], Iterable[pathlib.Path]]
+) -> tuple[pathlib.Path, str]:
+    """(copy, description): a copy of the checkpoint `folder` with one of the files
+    `candidates(copy)` yields changed in 1-3 bytes, or cut, as `seed` draws."""
+    import random
+    import shutil
+
+    rng = random.Random(seed)
+    copy = folder.with_name(f"{folder.name}-{seed}")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(folder, copy)
+    path = rng.choice(sorted(p for p in candidates(copy) if p.is_file()))
+    data = bytearray(path.read_bytes())
+    if data and rng.random() < 0.5:
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        desc = f"bytes changed in {path.relative_to(copy)}"
+    else:
+        del data[rng.randrange(max(len(data), 1)) :]
+        desc = f"{path.relative_to(copy)} cut"
+    path.write_bytes(bytes(data))
+    return copy, desc
+
+
 def checkpoint_base(work: pathlib.Path) -> tuple[pathlib.Path, dict]:
     """(folder, state): a `StreamCheckpoint` of a small state on 8 devices after batch 3."""
     from jaxdissect.checkpoint import StreamCheckpoint
@@ -1097,27 +1122,14 @@ def checkpoint_base(work: pathlib.Path) -> tuple[pathlib.Path, dict]:
 
 def checkpoint_case(seed: int, base: tuple[pathlib.Path, dict]) -> tuple[str, list[str]]:
     """(description, failures) of one damaged copy of the checkpoint `base`, restored."""
-    import random
     import shutil
 
     from jaxdissect.checkpoint import StreamCheckpoint
 
     folder, state = base
-    rng = random.Random(seed)
-    copy = folder.with_name(f"{folder.name}-{seed}")
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(folder, copy)
-    files = sorted(p for p in copy.rglob("*") if p.is_file() and not p.name.startswith("digest"))
-    path = rng.choice(files)
-    data = bytearray(path.read_bytes())
-    if data and rng.random() < 0.5:
-        for _ in range(rng.randint(1, 3)):
-            data[rng.randrange(len(data))] = rng.randrange(256)
-        desc = f"bytes changed in {path.relative_to(copy)}"
-    else:
-        del data[rng.randrange(max(len(data), 1)) :]
-        desc = f"{path.relative_to(copy)} cut"
-    path.write_bytes(bytes(data))
+    copy, desc = _damaged_copy(
+        folder, seed, lambda c: (p for p in c.rglob("*") if not p.name.startswith("digest"))
+    )
     try:
         checkpoint = StreamCheckpoint(copy, every=1)
     except ValueError as e:  # orbax cannot open it: one line naming the folder
@@ -1171,26 +1183,12 @@ def train_checkpoint_case(
 ) -> tuple[str, list[str]]:
     """(description, failures) of one damaged copy of the step-10 checkpoint, resumed: the
     step-10 state, or (it deleted) the step-5 one, or one line naming the folder."""
-    import random
     import shutil
 
     from jaxdissect import training_checkpoints
 
     folder, states = base
-    rng = random.Random(seed)
-    copy = folder.with_name(f"{folder.name}-{seed}")
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(folder, copy)
-    path = rng.choice(sorted(p for p in (copy / "10").rglob("*") if p.is_file()))
-    data = bytearray(path.read_bytes())
-    if data and rng.random() < 0.5:
-        for _ in range(rng.randint(1, 3)):
-            data[rng.randrange(len(data))] = rng.randrange(256)
-        desc = f"bytes changed in {path.relative_to(copy)}"
-    else:
-        del data[rng.randrange(max(len(data), 1)) :]
-        desc = f"{path.relative_to(copy)} cut"
-    path.write_bytes(bytes(data))
+    copy, desc = _damaged_copy(folder, seed, lambda c: (c / "10").rglob("*"))
     try:
         manager = training_checkpoints.checkpoint_manager(copy, _TRAIN_CONFIG)
     except ValueError as e:  # orbax cannot open it: one line naming the folder
