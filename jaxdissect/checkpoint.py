@@ -84,11 +84,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, **kwargs: Any) -
     shards of `state` (free space checked first, or orbax's write refused) is an OSError
     ENOSPC naming the manager's folder, which the scripts say in one line."""
     directory = pathlib.Path(str(manager.directory))
-    needed = sum(
-        sum(s.data.nbytes for s in getattr(leaf, "addressable_shards", ()))
-        or np.asarray(leaf).nbytes
-        for leaf in jax.tree.leaves(state)
-    )
+    needed = 0
+    for leaf in jax.tree.leaves(state):
+        shards = getattr(leaf, "addressable_shards", None)
+        if shards is None:
+            needed += np.asarray(leaf).nbytes
+        else:  # replicas of a block (a replicated state's devices) are written once
+            needed += sum({str(s.index): s.data.nbytes for s in shards}.values())
     existing = next(p for p in (directory, *directory.parents) if p.exists())
     stats = os.statvfs(existing)
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
