@@ -46,8 +46,8 @@ def checkpoint_manager(directory: pathlib.Path, config: Any) -> Any:
 def save_state(
     manager: Any, state: Any, pending: Sequence[Mapping[str, Any]] = (), force: bool = False
 ) -> bool:
-    """Save `state` with `pending`, the train metrics of its steps not yet in a row."""
-
+    """Save `state` with `pending`, the train metrics of its steps not yet in a row, and
+    its digest."""
     step = int(jax.device_get(state.step))
     if step in manager.all_steps():
         return False
