@@ -77,6 +77,10 @@ def _read_image(path: str, max_side: int):
     try:
         with Image.open(path) as im:
             rgb = images.to_rgb8(im)
+    except PermissionError as e:
+        raise ValueError(
+            f"--image={path}: cannot be opened ({e.strerror}); check that this user may read it"
+        ) from None
     # SyntaxError: PIL's for some broken files; DecompressionBombError: a header claiming
     # more pixels than PIL decodes (a crafted or damaged file).
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:

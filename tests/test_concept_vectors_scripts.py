@@ -149,7 +149,7 @@ def test_checkpoints_are_keyed_by_the_devices_backend_and_forward_batch_size(dis
     assert len(keys) == 4 and key(one, 8) == key(one, 8)
 
 
-def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection, caplog):
+def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection, caplog, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"--dissection=.*no finished dissection"):
         run_script("concept_vectors", f"--dissection={tmp_path}", *MODEL, *data_args)
     with pytest.raises(
@@ -218,6 +218,14 @@ def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection, cap
         run_script(
             "segment", f"--image={bomb}", f"--dissection={dissection}", "--layer=top", *MODEL
         )
+
+    # One this user may not read is not called "not an image" (root reads any: simulated).
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Image, "open", denied)
+    with pytest.raises(ValueError, match=r"x.png: cannot be opened \(Permission denied\); check"):
+        run_script("segment", f"--image={image}", f"--dissection={dissection}", "--layer=top")
 
 
 def test_a_layer_forward_refuses_images_of_another_layout(dissection):
