@@ -34,10 +34,13 @@ if __package__ in (None, ""):
 from jaxdissect.models import zoo  # noqa: E402
 from jaxdissect.models.checkpoint_io import CheckpointError, load_state_dict  # noqa: E402
 from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax  # noqa: E402
+from jaxdissect.store import fingerprint_tree  # noqa: E402
 
 VARIABLES_DIR = "variables"
 META_FILE = "meta.json"
 META_VERSION = 1
+# meta.json's field holding `store.fingerprint_tree` of the variables as written.
+VARIABLES_FINGERPRINT = "variables_fingerprint"
 
 
 def variables_template(model: nn.Module, size: int | None = None) -> dict[str, Any]:
@@ -123,8 +126,10 @@ def save_variables(
 
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     check_output(ckpt_dir, force=force, source=meta.get("source"))
-    meta_text = json.dumps({"format_version": META_VERSION, **meta}, indent=2, sort_keys=True)
     tree = jax.tree.map(np.asarray, dict(variables))
+    # Orbax's array files carry no checksum: a load compares the variables it read with this.
+    meta = {**meta, VARIABLES_FINGERPRINT: fingerprint_tree(tree)}
+    meta_text = json.dumps({"format_version": META_VERSION, **meta}, indent=2, sort_keys=True)
     # Written beside it, then renamed into place: an old checkpoint stays until the new
     # one is whole.
     parent, name = os.path.split(ckpt_dir)
@@ -187,6 +192,13 @@ def load_variables(ckpt_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], di
             "incomplete: convert the weights again with models/convert.py"
         ) from None
     variables = jax.tree.map(np.asarray, tree)
+    recorded = meta.get(VARIABLES_FINGERPRINT)  # absent in conversions before it was written
+    if recorded is not None and recorded != fingerprint_tree(variables):
+        raise CheckpointError(
+            f"{ckpt_dir}: its variables are not those converted (changed on disk since: "
+            f"fingerprint {fingerprint_tree(variables)}, {META_FILE} says {recorded}); "
+            "convert the weights again with models/convert.py"
+        )
     not_float = [
         f"{jax.tree_util.keystr(path, simple=True, separator='/')} is {leaf.dtype}"
         for path, leaf in jax.tree_util.tree_leaves_with_path(variables)
