@@ -81,8 +81,9 @@ def write_digest(directory: pathlib.Path, step: int, state: Any, extra: Any = No
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, **kwargs: Any) -> bool:
     """`manager.save(step, state, **kwargs)`; a disk without room for this process's
-    shards of `state` (free space checked first, or orbax's write refused) is an OSError
-    ENOSPC naming the manager's folder, which the scripts say in one line."""
+    shards of `state` (free space checked first, on every process at once: a process that
+    raised alone would leave the others waiting in orbax's save; or orbax's write refused)
+    is an OSError ENOSPC naming the manager's folder, which the scripts say in one line."""
     directory = pathlib.Path(str(manager.directory))
     needed = 0
     for leaf in jax.tree.leaves(state):
@@ -93,8 +94,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, **kwargs: Any) -
             needed += sum({str(s.index): s.data.nbytes for s in shards}.values())
     existing = next(p for p in (directory, *directory.parents) if p.exists())
     stats = os.statvfs(existing)
+    room = needed <= stats.f_bavail * stats.f_frsize
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
-    if needed > stats.f_bavail * stats.f_frsize:
+    if not parallel.all_processes(room):
+        if room:
+            full.strerror += " on another process's disk"
         raise full
     try:
         return manager.save(step, args=ocp.args.StandardSave(state), **kwargs)

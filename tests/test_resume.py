@@ -359,6 +359,13 @@ def test_a_checkpoint_the_disk_cannot_hold_is_an_error_naming_its_folder(
         ckpt.maybe_save(2, state)
     assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "ckpt"))
     monkeypatch.undo()
+    # Room here but not on another process: every process refuses (one alone would leave
+    # the others waiting in orbax's save).
+    monkeypatch.setattr(checkpoint.parallel, "all_processes", lambda flag: False)
+    with pytest.raises(OSError, match="on another process's disk") as e:
+        ckpt.maybe_save(3, state)
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
     restored, step = ckpt.restore(jax.tree.map(jnp.zeros_like, state))
     assert step == 1
     np.testing.assert_array_equal(restored["counts"], state["counts"])
