@@ -50,7 +50,12 @@ def run(fv: flags.FlagValues = FLAGS):
     if not fv.image:
         raise ValueError("--image is required: the image file to segment")
     if not os.path.isfile(fv.image):
-        what = "a folder, not an image file" if os.path.isdir(fv.image) else "no such file"
+        if os.path.isdir(fv.image):
+            what = "a folder, not an image file"
+        elif os.path.exists(fv.image):  # reading it could block or never end
+            what = "not a regular file (a FIFO, socket or device)"
+        else:
+            what = "no such file"
         raise FileNotFoundError(f"--image={fv.image}: {what}")
     if fv.max_side < 8:
         raise ValueError(f"--max_side={fv.max_side}: must be >= 8")

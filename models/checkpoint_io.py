@@ -28,6 +28,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 import tokenize
 import zipfile
@@ -749,9 +750,15 @@ def _named(err: CheckpointError, path: str) -> CheckpointError:
 
 
 def _check_readable(path: str) -> None:
-    """Refuse a file this process may not open (permissions), before any read of it
-    counts an OSError as damage."""
+    """Refuse what is no regular file (a FIFO or a device: reading would block or never
+    end) and a file this process may not open (permissions), before any read of it counts
+    an OSError as damage."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
+            raise CheckpointError(
+                f"{path}: not a regular file (a FIFO, socket or device: reading it could "
+                "block or never end); give the weight file itself"
+            )
         with open(path, "rb"):
             pass
     except FileNotFoundError:

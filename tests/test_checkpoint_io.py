@@ -578,6 +578,11 @@ def test_a_directory_missing_or_unopenable_path_is_named(tmp_path, load, monkeyp
         load(tmp_path / "adir.pth")
     with pytest.raises(CheckpointError, match=r"gone\.pth: no such file$"):
         load(tmp_path / "gone.pth")
+    # A FIFO or a device: opening or reading it would block or never end.
+    os.mkfifo(tmp_path / "pipe.pth")
+    for special in (tmp_path / "pipe.pth", "/dev/zero"):
+        with pytest.raises(CheckpointError, match=r": not a regular file \(a FIFO, socket or"):
+            load(special)
     # A file this user may not read (root reads any: the refusal is simulated) is not
     # called damaged.
     locked = _save({"w": torch.ones(3)}, tmp_path / "locked.pth", True)

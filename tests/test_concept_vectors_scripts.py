@@ -205,6 +205,8 @@ def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection, cap
         run_script("segment", f"--image={image}", f"--dissection={dissection}", "--layer=conv9")
     with pytest.raises(FileNotFoundError, match="--image=.*: a folder, not an image file"):
         run_script("segment", f"--image={tmp_path}", f"--dissection={dissection}", "--layer=top")
+    with pytest.raises(FileNotFoundError, match="--image=/dev/zero: not a regular file"):
+        run_script("segment", "--image=/dev/zero", f"--dissection={dissection}", "--layer=top")
     # A PNG header claiming 10^10 pixels: PIL's DecompressionBombError escaped before.
     chunks = (b"IHDR" + struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0), b"IDAT")
     bomb = tmp_path / "bomb.png"
