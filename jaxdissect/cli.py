@@ -30,6 +30,7 @@ from jaxdissect.data.probe import (
     DEFAULT_RESOLUTION,
     DEFAULT_SYNTHETIC_IMAGES,
     cache_root,
+    check_synthetic,
 )
 
 # Errors of bad flags or bad data: they name the flag or file, so a one-line message says enough.
@@ -399,12 +400,7 @@ class Probe:
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}: must be >= 1")
         if self.data == "synthetic":
-            from jaxdissect.data.synthetic.example import MIN_SIZE
-
-            if self.resolution < MIN_SIZE:
-                raise ValueError(
-                    f"resolution={self.resolution}: a synthetic Broden's side must be >= {MIN_SIZE}"
-                )
+            check_synthetic(self.synthetic_images, self.resolution)
 
     def check(self) -> None:
         """Fail now, in one line, when `data` names no folder."""

@@ -149,6 +149,22 @@ def test_synthetic_probe_defaults_to_the_cache_root(tmp_path, monkeypatch):
     assert (fields["synthetic_images"], fields["resolution"]) == (600, 224)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"resolution": 7}, r"^resolution=7: a synthetic Broden's side must be >= 16$"),
+        ({"synthetic_images": 0}, r"^synthetic_images=0: must be >= 1$"),
+    ],
+)
+def test_the_library_names_a_synthetic_size_it_cannot_generate(tmp_path, kwargs, message):
+    """As the CLI's flags do: the parameter's name, before anything is written (the
+    generator's `size=7` came after a lock file and a 'Generating ...' line)."""
+    with pytest.raises(ValueError, match=message):
+        open_probe("synthetic", **{"synthetic_images": 3, "resolution": 32, **kwargs},
+                   cache_dir=tmp_path / "cache")  # fmt: skip
+    assert not (tmp_path / "cache").exists()
+
+
 def test_a_full_disk_while_generating_names_the_synthetic_folder(tmp_path, monkeypatch):
     """PIL's and numpy's writes raise ENOSPC naming no file: the error names the set's
     folder, so that the script's one line says which disk is full."""

@@ -100,6 +100,18 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("JAXDISSECT_CACHE") or DEFAULT_CACHE_ROOT).expanduser()
 
 
+def check_synthetic(synthetic_images: int, resolution: int) -> None:
+    """Refuse, naming the parameter, what no synthetic Broden can be generated at."""
+    from jaxdissect.data.synthetic.example import MIN_SIZE
+
+    if synthetic_images < 1:
+        raise ValueError(f"synthetic_images={synthetic_images}: must be >= 1")
+    if resolution < MIN_SIZE:
+        raise ValueError(
+            f"resolution={resolution}: a synthetic Broden's side must be >= {MIN_SIZE}"
+        )
+
+
 def synthetic_path(
     cache_dir: pathlib.Path, num_images: int, size: int, seed: int = 0
 ) -> pathlib.Path:
@@ -136,6 +148,7 @@ def open_probe(
         )
 
     if data == "synthetic":
+        check_synthetic(synthetic_images, resolution)
         root = synthetic_cache.ensure(
             synthetic_path(pathlib.Path(cache_dir).expanduser(), synthetic_images, resolution),
             num_images=synthetic_images,
