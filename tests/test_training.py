@@ -299,9 +299,8 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(
     assert first.step == 13 and [s for s, _ in training.list_weights(out)] == [0]
     assert training.read_metrics(out / training.METRICS_FILE)[-1]["step"] == 13
     checkpoints = out / training.CHECKPOINT_DIR
-    assert sorted(p.name for p in checkpoints.glob("digest-*")) == [
-        f"digest-p0-{s}" for s in (0, 10, 5)
-    ]
+    # One digest per kept step (0, 5, 10), none of steps saved and dropped since.
+    assert {p.name for p in checkpoints.glob("digest-*")} == {f"digest-p0-{s}" for s in (0, 5, 10)}
     if damage == "arrays":  # every byte of the largest array file inverted
         files = [p for p in (checkpoints / "10").rglob("*") if p.is_file()]
         data = max(files, key=lambda p: p.stat().st_size)
