@@ -140,19 +140,15 @@ class NoRoom(OSError):
     """The disk under a disk cache cannot hold its files (ENOSPC or EDQUOT)."""
 
 
-def _reserve(path: pathlib.Path) -> None:
-    """Allocate the disk blocks of the file `path` now: a memmap's write to a sparse file
-    on a full disk is a SIGBUS, not an error. Filesystems without fallocate keep it sparse."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoRoom(e.errno, e.strerror, str(path)) from None
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    finally:
-        os.close(fd)
+def _check_room(directory: pathlib.Path, paths: list[pathlib.Path]) -> None:
+    """Raise `NoRoom` unless the disk holds what the (sparse) files `paths` still need: a
+    memmap's write to a sparse file on a full disk is a SIGBUS, not an error. (Checked,
+    not reserved: glibc's `posix_fallocate` writes every block where a filesystem, NFS
+    among them, cannot allocate.)"""
+    needed = sum(max(0, p.stat().st_size - p.stat().st_blocks * 512) for p in paths)
+    stats = os.statvfs(directory)
+    if needed > stats.f_bavail * stats.f_frsize:
+        raise NoRoom(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
 
 
 def _process_files(directory: pathlib.Path) -> list[pathlib.Path]:
@@ -254,7 +250,8 @@ class ActivationCache:
                             path, mode="w+", dtype=self.dtype, shape=full
                         )
                     self._arrays[layer] = arr
-                    _reserve(path)
+        if kind == "disk":
+            _check_room(directory, _process_files(directory)[:-1])
         if kind == "host":
             # The first write to fresh memory is where filling the cache costs (the kernel,
             # or a VM's host, maps the pages): done here on a thread, while pass 1 starts.
