@@ -145,7 +145,8 @@ def _check_room(directory: pathlib.Path, paths: list[pathlib.Path]) -> None:
     memmap's write to a sparse file on a full disk is a SIGBUS, not an error. (Checked,
     not reserved: glibc's `posix_fallocate` writes every block where a filesystem, NFS
     among them, cannot allocate.)"""
-    needed = sum(max(0, p.stat().st_size - p.stat().st_blocks * 512) for p in paths)
+    sizes = [p.stat() for p in paths]
+    needed = sum(max(0, st.st_size - st.st_blocks * 512) for st in sizes)
     stats = os.statvfs(directory)
     if needed > stats.f_bavail * stats.f_frsize:
         raise NoRoom(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))

@@ -750,11 +750,14 @@ def _named(err: CheckpointError, path: str) -> CheckpointError:
 
 
 def _check_readable(path: str) -> None:
-    """Refuse what is no regular file (a FIFO or a device: reading would block or never
-    end) and a file this process may not open (permissions), before any read of it counts
-    an OSError as damage."""
+    """Refuse a missing path, a directory, what is no regular file (a FIFO or a device:
+    reading would block or never end) and a file this process may not open (permissions),
+    before any read of it counts an OSError as damage."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise CheckpointError(f"{path}: is a directory, not a weight file")
+        if not stat.S_ISREG(mode):
             raise CheckpointError(
                 f"{path}: not a regular file (a FIFO, socket or device: reading it could "
                 "block or never end); give the weight file itself"
@@ -763,8 +766,6 @@ def _check_readable(path: str) -> None:
             pass
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a directory, not a weight file") from None
     except OSError as err:
         raise CheckpointError(
             f"{path}: cannot be opened ({err.strerror or type(err).__name__}); check that "
@@ -784,10 +785,6 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
         corrupt (each message starts with the path).
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a directory, not a weight file")
     _check_readable(path)
     if _is_safetensors(path):
         return _load_safetensors(path)
