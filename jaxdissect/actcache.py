@@ -6,8 +6,9 @@ same counts whether it reads the cache or runs the network again. Where a
 batch is missing (e.g. a run resumed after a kill lost its in-memory cache),
 pass 2 recomputes it.
 
-Kinds: `device` (accelerator memory), `host` (numpy in RAM), `disk` (a numpy
-memmap under the run's work dir), `none`. `auto` picks the first that fits.
+Kinds: `device` (accelerator memory), `host` (numpy in RAM), `disk` (.npy files
+under the run's work dir, written with pwrite and read through a memmap), `none`.
+`auto` picks the first that fits.
 
 A disk cache outlives a killed run; beside its files, `rows-p<process>.json` records the
 batches [lo, hi) they hold and each batch's CRC-32 per layer, written after the rows are
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import pathlib
@@ -141,10 +143,11 @@ class NoRoom(OSError):
 
 
 def _check_room(directory: pathlib.Path, paths: list[pathlib.Path]) -> None:
-    """Raise `NoRoom` unless the disk holds what the (sparse) files `paths` still need: a
-    memmap's write to a sparse file on a full disk is a SIGBUS, not an error. (Checked,
+    """Raise `NoRoom` unless the disk holds what the (sparse) files `paths` still need, so
+    that a run without room keeps no cache rather than stop when the disk fills. (Checked,
     not reserved: glibc's `posix_fallocate` writes every block where a filesystem, NFS
-    among them, cannot allocate.)"""
+    among them, cannot allocate; a disk filled by another writer during the run makes a
+    row's write an ENOSPC.)"""
     sizes = [p.stat() for p in paths]
     needed = sum(max(0, st.st_size - st.st_blocks * 512) for st in sizes)
     stats = os.statvfs(directory)
@@ -182,6 +185,39 @@ def _rows_crc(rows: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(rows))
 
 
+def _holds(path: pathlib.Path, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Whether `path` is a disk-cache file of `shape` and `dtype`; one of another process
+    count or batch split under the same key, or with a damaged header, is deleted."""
+    if not path.exists():
+        return False
+    try:
+        arr = np.lib.format.open_memmap(path, mode="r")
+    except (OSError, ValueError) as e:
+        logging.warning("activation cache %s is unreadable (%s): starting it afresh", path, e)
+    else:
+        if arr.shape == shape and arr.dtype == dtype:
+            return True
+        logging.info(
+            "activation cache %s holds %s %s, not %s %s: starting it afresh",
+            *(path, arr.shape, arr.dtype, shape, dtype),
+        )
+        del arr
+    path.unlink()
+    return False
+
+
+def _write_at(file: io.FileIO, rows: np.ndarray, offset: int) -> None:
+    """Write `rows`' bytes at `offset` of `file` (pwrite may write part at a time); an
+    error names the file."""
+    data = memoryview(np.ascontiguousarray(rows)).cast("B")
+    try:
+        while data:
+            written = os.pwrite(file.fileno(), data, offset)
+            data, offset = data[written:], offset + written
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, file.name) from None
+
+
 def remove_files(directory: pathlib.Path | None) -> None:
     """Delete this process's disk-cache files in `directory`, and the folder once empty
     (other processes remove their own)."""
@@ -214,6 +250,7 @@ class ActivationCache:
         self._crcs: dict[int, list[int]] = {}  # a disk cache's batches' CRCs, per layer
         self._device: dict[int, dict[str, jax.Array]] = {}
         self._arrays: dict[str, np.ndarray] = {}
+        self._files: dict[str, io.FileIO] = {}  # a disk cache's files, for writing rows
         self._paging: threading.Thread | None = None
         if kind == "disk":
             directory.mkdir(parents=True, exist_ok=True)
@@ -222,37 +259,26 @@ class ActivationCache:
                 lo, hi, crcs = recorded
                 self._written = (lo, hi)
                 self._crcs = dict(zip(range(lo, hi), crcs, strict=True))
-        if kind in ("host", "disk"):
-            for i, (layer, shape) in enumerate(shapes.items()):
-                full = (num_batches * local_batch, *shape)
-                if kind == "host":
-                    self._arrays[layer] = np.empty(full, self.dtype)
-                else:
-                    path = directory / f"layer{i}-p{jax.process_index()}.npy"
-                    existed = path.exists()
-                    if not existed:
-                        self._written = None  # a new file holds nothing yet
-                    mode = "r+" if existed else "w+"
-                    arr = np.lib.format.open_memmap(path, mode=mode, dtype=self.dtype, shape=full)
-                    if arr.shape != full or arr.dtype != self.dtype:
-                        # Another process count or batch split under the same key: rebuilt.
-                        logging.info(
-                            "activation cache %s holds %s %s, not %s %s: starting it afresh",
-                            path,
-                            arr.shape,
-                            arr.dtype,
-                            full,
-                            self.dtype,
-                        )
-                        del arr
-                        path.unlink()
-                        self._written = None
-                        arr = np.lib.format.open_memmap(
-                            path, mode="w+", dtype=self.dtype, shape=full
-                        )
-                    self._arrays[layer] = arr
+        if kind == "host":
+            for layer, shape in shapes.items():
+                self._arrays[layer] = np.empty((num_batches * local_batch, *shape), self.dtype)
         if kind == "disk":
-            _check_room(directory, _process_files(directory)[:-1])
+            for i, (layer, shape) in enumerate(shapes.items()):
+                path = directory / f"layer{i}-p{jax.process_index()}.npy"
+                full = (num_batches * local_batch, *shape)
+                if not _holds(path, full, self.dtype):
+                    self._written = None  # a new file holds nothing yet
+                    np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=full)
+                # Rows are read through the map and written with pwrite: a write the disk
+                # cannot hold is then an ENOSPC, where a write through the map is a SIGBUS.
+                self._arrays[layer] = np.lib.format.open_memmap(path, mode="r")
+                self._files[layer] = io.FileIO(str(path), "r+")
+        if kind == "disk":
+            try:
+                _check_room(directory, _process_files(directory)[:-1])
+            except NoRoom:
+                self.clear()
+                raise
         if kind == "host":
             # The first write to fresh memory is where filling the cache costs (the kernel,
             # or a VM's host, maps the pages): done here on a thread, while pass 1 starts.
@@ -316,17 +342,25 @@ class ActivationCache:
             self._device[batch] = dict(acts)
         else:
             rows = slice(batch * self.local_batch, (batch + 1) * self.local_batch)
-            for layer, x in acts.items():
-                copy_local_rows(x, self._arrays[layer][rows])
-            if self.kind == "disk":
-                self._crcs[batch] = [_rows_crc(arr[rows]) for arr in self._arrays.values()]
+            if self.kind == "host":
+                for layer, x in acts.items():
+                    copy_local_rows(x, self._arrays[layer][rows])
+            else:
+                crcs = []
+                for layer, x in acts.items():
+                    arr = self._arrays[layer]
+                    buf = np.empty((self.local_batch, *arr.shape[1:]), arr.dtype)
+                    copy_local_rows(x, buf)
+                    offset = arr.offset + rows.start * buf[0].nbytes
+                    _write_at(self._files[layer], buf, offset)
+                    crcs.append(_rows_crc(buf))
+                self._crcs[batch] = crcs
         self.hi = batch + 1
 
     def flush(self) -> None:
         """Write a disk cache's rows to its files, then record the batches they hold."""
-        for arr in self._arrays.values():
-            if isinstance(arr, np.memmap):
-                arr.flush()
+        for file in self._files.values():
+            os.fsync(file.fileno())
         self._record()
 
     def _record(self) -> None:
@@ -352,6 +386,9 @@ class ActivationCache:
         self._paged_in()
         self._device.clear()
         self._arrays.clear()
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
         self._crcs.clear()
         self.lo = self.hi = 0
 

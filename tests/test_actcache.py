@@ -1,6 +1,8 @@
 """The activation cache's host copy: each device's rows land in place."""
 
+import errno
 import json
+import os
 import threading
 
 import jax
@@ -10,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdissect import actcache, parallel
+from jaxdissect import actcache, cli, parallel
 
 
 @pytest.mark.parametrize("spec", [P(parallel.AXIS), P()], ids=["sharded", "replicated"])
@@ -167,3 +169,53 @@ def test_a_disk_cache_file_of_another_shape_is_started_afresh(tmp_path):
     _put(cache, [2])
     assert int(cache.get(2)["a"][0, 0, 0]) == 2
     assert np.load(tmp_path / "layer0-p0.npy", mmap_mode="r").shape == (20, 2, 3)
+
+
+def test_a_disk_cache_writes_rows_whole_when_the_system_writes_part_at_a_time(
+    tmp_path, monkeypatch
+):
+    pwrite = actcache.os.pwrite
+    monkeypatch.setattr(actcache.os, "pwrite", lambda fd, data, at: pwrite(fd, data[:5], at))
+    cache = _disk(tmp_path)
+    cache.resume_at(0)
+    _put(cache, range(3))
+    assert [int(cache.get(b)["a"][1, 1, 2]) for b in range(3)] == [0, 1, 2]
+    cache.flush()
+    again = _disk(tmp_path)
+    again.resume_at(3)
+    assert (again.lo, again.hi) == (0, 3)  # the CRCs recorded are the rows' on disk
+
+
+def test_a_disk_cache_write_the_disk_refuses_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    """A disk filled by another writer during the run: an ENOSPC naming the layer's file,
+    which the scripts say in one line (a write through a memmap was a SIGBUS)."""
+    cache = _disk(tmp_path)
+    cache.resume_at(0)
+    _put(cache, [0])
+
+    def full(fd, data, at):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(actcache.os, "pwrite", full)
+    with pytest.raises(OSError) as e:
+        _put(cache, [1])
+    assert e.value.errno == errno.ENOSPC
+    assert e.value.filename == str(tmp_path / "layer0-p0.npy")
+    assert cli.full_disk_message(e.value).startswith(f"{tmp_path}: No space left on device")
+
+
+def test_a_disk_cache_file_with_a_damaged_header_is_started_afresh(tmp_path):
+    first = _disk(tmp_path)
+    first.resume_at(0)
+    _put(first, range(2))
+    first.flush()
+    del first
+    path = tmp_path / "layer0-p0.npy"
+    with open(path, "r+b") as f:
+        f.write(b"garbage")
+    cache = _disk(tmp_path)
+    cache.resume_at(2)
+    assert (cache.lo, cache.hi) == (2, 2)
+    _put(cache, [2])
+    assert int(cache.get(2)["a"][0, 0, 0]) == 2
+    assert np.load(path, mmap_mode="r").shape == (20, 2, 3)

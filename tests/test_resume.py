@@ -314,8 +314,8 @@ def test_a_disk_cache_changed_on_disk_is_not_read(in_process, tmp_path, caplog):
 
 
 def test_a_disk_cache_the_disk_cannot_hold_is_not_kept(in_process, tmp_path, caplog, monkeypatch):
-    """No room for the cache's files (a memmap's write to a sparse file on a full disk was
-    a SIGBUS): the run goes on without a cache, counting as a clean run."""
+    """No room for the cache's files: the run goes on without a cache, counting as a
+    clean run."""
     probe, run = in_process
     clean = run(probe)
     statvfs = os.statvfs
