@@ -286,13 +286,13 @@ WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".tar", ".safetensors", ".bin", ".ckpt", 
 
 
 def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -> Any:
-    from jaxdissect.models import checkpoint_io, npz_import, torch_import
+    from jaxdissect.models import checkpoint_io, npz_file, npz_import, torch_import
     from jaxdissect.models.convert import variables_template
 
     template = variables_template(module, size)
     try:
         if path.suffix == ".npz":
-            return npz_import.fit_big_vision(checkpoint_io.load_npz(path), template)
+            return npz_import.fit_big_vision(npz_file.load_npz(path), template)
         state_dict = checkpoint_io.load_state_dict(path)
     except checkpoint_io.CheckpointError as e:
         raise ValueError(f"--weights: {e}") from None

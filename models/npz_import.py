@@ -7,7 +7,7 @@ checkpoints are brought to today's names as big_vision's `fix_old_checkpoints`
 does: pre-Linen module numbering (`MlpBlock_3`, `LayerNorm_2`) renumbered per
 name, the position embedding moved out of `Transformer/`, and a position
 embedding that covers the class token split into `cls` and the patches'.
-Reading is `checkpoint_io.load_npz` (`allow_pickle=False`).
+Reading is `npz_file.load_npz` (`allow_pickle=False`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from jaxdissect.models import checkpoint_io, torch_import
+from jaxdissect.models import npz_file, torch_import
 
 _NUMBERED = re.compile(r"(.*)_(\d+)$")
 
@@ -137,4 +137,4 @@ def fit_big_vision(flat: Mapping[str, np.ndarray], variables: Mapping[str, Any])
 
 def load_npz_variables(path: str | os.PathLike[str], variables: Mapping[str, Any]) -> dict:
     """`variables` filled from the big_vision `.npz` at `path` (see `fit_big_vision`)."""
-    return fit_big_vision(checkpoint_io.load_npz(path), variables)
+    return fit_big_vision(npz_file.load_npz(path), variables)

@@ -12,7 +12,7 @@ So one mechanical rule maps every architecture:
   running_mean / running_var     -> batch_stats/.../mean / var
   num_batches_tracked            -> dropped
 
-Reading the files is `models.checkpoint_io`'s job; this module only maps arrays.
+Reading the files is `models.checkpoint_io`'s job (and `npz_file`'s); this module only maps arrays.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ Targets (each case draws its shapes, data and settings from its seed):
 - weights: hostile weight files. One of a few small weight files (torch.save zip and
   legacy formats, a wrapped training checkpoint, safetensors, .npz) with random bytes
   changed, inserted, deleted or cut, or one zip member's bytes changed (a valid zip of
-  corrupt records), loads or raises a `checkpoint_io.CheckpointError` that starts with
+  corrupt records), loads or raises a `weight_file.CheckpointError` that starts with
   its path; any other exception fails the case.
 - results_json: hostile results files. A finished run's results.json with one field
   deleted, replaced by a value of another JSON type, added to, or an element repeated, is
@@ -706,7 +706,7 @@ def broden_base(work: pathlib.Path) -> pathlib.Path:
 
 
 def weights_bases(work: pathlib.Path) -> list[pathlib.Path]:
-    """Small weight files of every format `checkpoint_io` reads, in `work`."""
+    """Small weight files of every format `checkpoint_io` and `npz_file` read, in `work`."""
     import torch
     from safetensors.torch import save_file
 
@@ -734,7 +734,7 @@ def weights_case(seed: int, bases: list[pathlib.Path]) -> tuple[str, list[str]]:
     import random
     import zipfile
 
-    from jaxdissect.models import checkpoint_io
+    from jaxdissect.models import checkpoint_io, npz_file
 
     rng = random.Random(seed)
     base = rng.choice(bases)
@@ -767,7 +767,7 @@ def weights_case(seed: int, bases: list[pathlib.Path]) -> tuple[str, list[str]]:
     path = base.with_name(f"m{seed}{base.suffix}")
     path.write_bytes(bytes(data))
     desc = f"{op} of {base.name}"
-    load = checkpoint_io.load_npz if base.suffix == ".npz" else checkpoint_io.load_state_dict
+    load = npz_file.load_npz if base.suffix == ".npz" else checkpoint_io.load_state_dict
     try:
         load(path)
         return desc, []

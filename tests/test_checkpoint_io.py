@@ -27,9 +27,9 @@ import torch
 from flax import traverse_util
 
 from jaxdissect import cli
-from jaxdissect.models import checkpoint_io, torch_import
 from jaxdissect.models import convert as convert_module
 from jaxdissect.models import load as model_load
+from jaxdissect.models import npz_file, torch_file, torch_import, weight_file
 from jaxdissect.models.checkpoint_io import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -193,7 +193,7 @@ def test_malicious_payload_is_refused_and_never_runs(tmp_path):
 
 
 def test_allowed_globals_are_only_tensor_plumbing():
-    modules = {module for module, _ in checkpoint_io.ALLOWED_GLOBALS}
+    modules = {module for module, _ in torch_file.ALLOWED_GLOBALS}
     assert modules == {
         "argparse",
         "collections",
@@ -202,11 +202,11 @@ def test_allowed_globals_are_only_tensor_plumbing():
         "torch._utils",
         "torch.storage",
     }
-    assert {name for module, name in checkpoint_io.ALLOWED_GLOBALS if module == "argparse"} == {
+    assert {name for module, name in torch_file.ALLOWED_GLOBALS if module == "argparse"} == {
         "Namespace"
     }
-    assert ("collections", "OrderedDict") in checkpoint_io.ALLOWED_GLOBALS
-    assert ("builtins", "eval") not in checkpoint_io.ALLOWED_GLOBALS
+    assert ("collections", "OrderedDict") in torch_file.ALLOWED_GLOBALS
+    assert ("builtins", "eval") not in torch_file.ALLOWED_GLOBALS
 
 
 class _Storage:
@@ -298,10 +298,10 @@ def test_a_crafted_pickle_cannot_change_the_reader_for_later_loads(tmp_path):
     with zipfile.ZipFile(crafted, "w") as archive:
         archive.writestr("archive/data.pkl", payload)
         archive.writestr("archive/byteorder", "little")
-    defaults = checkpoint_io._rebuild_tensor_v2.__defaults__
+    defaults = torch_file._rebuild_tensor_v2.__defaults__
     with pytest.raises(CheckpointError, match=r"crafted.pth: .*state of _rebuild_tensor_v2"):
         load_state_dict(crafted)
-    assert checkpoint_io._rebuild_tensor_v2.__defaults__ == defaults
+    assert torch_file._rebuild_tensor_v2.__defaults__ == defaults
     good = _save({"w": torch.ones(2)}, tmp_path / "good.pth", True)
     np.testing.assert_array_equal(load_state_dict(good)["w"], [1, 1])
 
@@ -571,7 +571,7 @@ def test_truncated_legacy_file_says_so(tmp_path):
             load_state_dict(bad)
 
 
-@pytest.mark.parametrize("load", [load_state_dict, checkpoint_io.load_npz])
+@pytest.mark.parametrize("load", [load_state_dict, npz_file.load_npz])
 def test_a_directory_missing_or_unopenable_path_is_named(tmp_path, load, monkeypatch):
     (tmp_path / "adir.pth").mkdir()
     with pytest.raises(CheckpointError, match=r"adir\.pth: is a directory, not a weight file$"):
@@ -590,7 +590,7 @@ def test_a_directory_missing_or_unopenable_path_is_named(tmp_path, load, monkeyp
     def denied(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(checkpoint_io, "open", denied, raising=False)
+    monkeypatch.setattr(weight_file, "open", denied, raising=False)
     with pytest.raises(
         CheckpointError,
         match=r"locked\.pth: cannot be opened \(Permission denied\); check that this user may read",
@@ -614,7 +614,7 @@ def test_training_checkpoints_with_arguments_load(tmp_path, zip_format, wrapper)
     assert list(loaded) == ["fc.weight"]
     np.testing.assert_array_equal(loaded["fc.weight"], weight.numpy())
     args = load_checkpoint(path)["args"]
-    assert isinstance(args, checkpoint_io.Namespace)
+    assert isinstance(args, torch_file.Namespace)
     assert vars(args) == {"lr": 0.1, "arch": "resnet18", "milestones": [30, 60]}
 
 
@@ -867,7 +867,7 @@ def test_one_memory_budget_for_the_whole_file(tmp_path, monkeypatch):
     """Expanded tensors count by the bytes they make, summed over the file; a tensor the
     pickle names several times, or views of the same elements (tied weights), are cut
     once, as torch shares them."""
-    monkeypatch.setattr(checkpoint_io, "_BUDGET_EXTRA_BYTES", 2**16)
+    monkeypatch.setattr(weight_file, "_BUDGET_EXTRA_BYTES", 2**16)
 
     def wide(i):  # ~16 KiB out of one float, each view its own size
         return ((2**12 - i,), (0,))
@@ -976,7 +976,7 @@ def test_bad_npz_is_one_accurate_line_before_np_load(tmp_path, case):
             archive.writestr(name, data)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(CheckpointError, match=message) as info:
-        checkpoint_io.load_npz(path)
+        npz_file.load_npz(path)
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
     if case != "objects":
         assert "pickled" not in str(info.value)
@@ -986,7 +986,7 @@ def test_bad_npz_is_one_accurate_line_before_np_load(tmp_path, case):
 def test_npz_members_are_checked_before_np_load(tmp_path):
     arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float64)}
     np.savez_compressed(tmp_path / "ok.npz", **arrays)
-    got = checkpoint_io.load_npz(tmp_path / "ok.npz")
+    got = npz_file.load_npz(tmp_path / "ok.npz")
     assert got.keys() == arrays.keys()
     for k, v in arrays.items():
         np.testing.assert_array_equal(got[k], v)
@@ -995,14 +995,14 @@ def test_npz_members_are_checked_before_np_load(tmp_path):
     with zipfile.ZipFile(bomb, "w") as archive:
         archive.writestr(zipfile.ZipInfo("a.npy"), _npy((4,), data=bytes(16)), zipfile.ZIP_BZIP2)
     with pytest.raises(CheckpointError, match="a.npy is compressed with zip method 12"):
-        checkpoint_io.load_npz(bomb)
+        npz_file.load_npz(bomb)
     np.save(tmp_path / "one.npy", np.ones(2))
     os.replace(tmp_path / "one.npy", tmp_path / "one.npz")
     with pytest.raises(CheckpointError, match=r"one.npz: holds one array \(np.save\)"):
-        checkpoint_io.load_npz(tmp_path / "one.npz")
+        npz_file.load_npz(tmp_path / "one.npz")
     (tmp_path / "text.npz").write_text("hello, world")
     with pytest.raises(CheckpointError, match=r"text.npz: not a readable .npz file \(not a zip\)"):
-        checkpoint_io.load_npz(tmp_path / "text.npz")
+        npz_file.load_npz(tmp_path / "text.npz")
 
 
 def test_shapes_numpy_cannot_make_are_one_line(tmp_path):
@@ -1091,7 +1091,7 @@ def test_a_zip_version_zipfile_cannot_read_is_one_line(tmp_path):
     np.savez(tmp_path / "good.npz", w=np.ones(2, np.float32))
     for good, load in [
         (_save({"w": torch.ones(2)}, tmp_path / "good.pth", True), load_state_dict),
-        (tmp_path / "good.npz", checkpoint_io.load_npz),
+        (tmp_path / "good.npz", npz_file.load_npz),
     ]:
         path = good.with_name("v98" + good.suffix)
         path.write_bytes(_zip_flags(good.read_bytes(), version=98))

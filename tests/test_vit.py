@@ -10,8 +10,8 @@ import torch
 from flax import nnx, traverse_util
 
 from jaxdissect import capture, preprocess
-from jaxdissect.models import checkpoint_io, npz_import, torch_import, vit, vit_nnx, zoo
 from jaxdissect.models import load as model_load
+from jaxdissect.models import npz_file, npz_import, torch_import, vit, vit_nnx, weight_file, zoo
 from tests import torch_vit
 from tests.model_testing import random_variables
 
@@ -145,9 +145,7 @@ def test_old_big_vision_names_and_bfloat16(tmp_path):
     np.savez(tmp_path / "old.npz", **old)
     got = npz_import.load_npz_variables(tmp_path / "old.npz", {"params": params})["params"]
     want = dict(flat)
-    want["Transformer/encoderblock_1/MlpBlock_0/Dense_1/kernel"] = checkpoint_io.widen_bfloat16(
-        bits
-    )
+    want["Transformer/encoderblock_1/MlpBlock_0/Dense_1/kernel"] = weight_file.widen_bfloat16(bits)
     for k, v in traverse_util.flatten_dict(got, sep="/").items():
         np.testing.assert_allclose(v, want[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
@@ -180,8 +178,8 @@ def test_missing_npz_says_where_to_put_it():
 
 def test_npz_with_pickled_objects_is_refused_unread(tmp_path):
     np.savez(tmp_path / "evil.npz", cls=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(checkpoint_io.CheckpointError, match="holds pickled objects"):
-        checkpoint_io.load_npz(tmp_path / "evil.npz")
+    with pytest.raises(weight_file.CheckpointError, match="holds pickled objects"):
+        npz_file.load_npz(tmp_path / "evil.npz")
     (tmp_path / "cut.npz").write_bytes((tmp_path / "evil.npz").read_bytes()[:40])
     with pytest.raises(ValueError, match="^--weights: .*cut.npz: not a readable .npz"):
         model_load.load("vit_ti16", weights=str(tmp_path / "cut.npz"), options=SMALL)

@@ -1,0 +1,571 @@
+"""torch.save files read into numpy, without torch and without running code.
+
+* zip `.pth` (torch >= 1.6): `<prefix>/data.pkl` plus one `<prefix>/data/<key>` record
+  per storage and a `<prefix>/byteorder` record (`load_zip`);
+* legacy `.pth` / `.pth.tar` (torch < 1.6, or `_use_new_zipfile_serialization=False`):
+  magic number, protocol version, sys info, the pickled object, the list of storage
+  keys, then each storage as an element count and its raw bytes (`load_legacy`).
+
+Pickles are read by `_RestrictedUnpickler`, whose `find_class` hands out only
+the few globals a state dict needs (`ALLOWED_GLOBALS`) and maps torch's tensor
+rebuild functions to numpy ones here; an `argparse.Namespace` (a training script's
+arguments, saved beside its weights) is read as an inert record of its attributes.
+Any other global (a pickled `nn.Module`, `os.system`, ...) raises
+`UnsafeCheckpointError` before it could run.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import math
+import pickle
+import struct
+import zipfile
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from jaxdissect.models.weight_file import (
+    COPY_AGAIN,
+    Budget,
+    CheckpointError,
+    UnsafeCheckpointError,
+    check_shape,
+    widen_bfloat16,
+    zip_member,
+)
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_STATE_DICT_ADVICE = (
+    "Save the weights as a state dict instead: torch.save(model.state_dict(), path)."
+)
+
+
+# Storage type name (torch.<Name>Storage) -> numpy dtype of its elements as stored.
+# bfloat16 is read as raw uint16 and widened to float32 (numpy has no bfloat16).
+_STORAGE_DTYPES: dict[str, np.dtype] = {
+    "Float": np.dtype(np.float32),
+    "Double": np.dtype(np.float64),
+    "Half": np.dtype(np.float16),
+    "BFloat16": np.dtype(np.uint16),
+    "Long": np.dtype(np.int64),
+    "Int": np.dtype(np.int32),
+    "Short": np.dtype(np.int16),
+    "Char": np.dtype(np.int8),
+    "Byte": np.dtype(np.uint8),
+    "Bool": np.dtype(np.bool_),
+    "ComplexFloat": np.dtype(np.complex64),
+    "ComplexDouble": np.dtype(np.complex128),
+}
+# Storages of quantised tensors: named so that the file can be refused with the tensors' names.
+_QUANTIZED_STORAGES = ("QInt8", "QUInt8", "QInt32", "QUInt4x2", "QUInt2x4")
+_QSCHEMES = (
+    "per_tensor_affine",
+    "per_channel_affine",
+    "per_channel_affine_float_qparams",
+    "per_tensor_symmetric",
+    "per_channel_symmetric",
+)
+_QUANTIZED_ADVICE = (
+    "Quantised weights are not supported: save the float model's state dict (before "
+    "quantisation), or dequantise each tensor (t.dequantize()) before torch.save."
+)
+# torch dtypes that `_rebuild_tensor_v3` names (it is used for dtypes without a typed storage).
+_V3_DTYPES: dict[str, np.dtype] = {
+    "uint16": np.dtype(np.uint16),
+    "uint32": np.dtype(np.uint32),
+    "uint64": np.dtype(np.uint64),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+    """Stands in for a `torch.<Name>Storage` class named by a pickle."""
+
+    name: str
+
+    @property
+    def dtype(self) -> np.dtype:
+        return _STORAGE_DTYPES[self.name]
+
+
+@dataclasses.dataclass(frozen=True)
+class _DType:
+    """Stands in for a `torch.<dtype>` object named by a pickle (only for `_rebuild_tensor_v3`)."""
+
+    dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+    """A storage named by a persistent id; its bytes are read once the pickle is done."""
+
+    key: str
+    kind: _StorageType
+    numel: int
+    # Legacy storage views: element offset and length inside the root storage `key`.
+    view_offset: int = 0
+    view_numel: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorRef:
+    """A tensor to cut out of a storage after the pickle is read (legacy storages come last)."""
+
+    storage: _Storage
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: np.dtype | None = None  # _rebuild_tensor_v3: elements reinterpret a byte storage
+
+
+def _as_int_tuple(values: Any, what: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"tensor {what} is not a tuple of ints: {values!r}") from err
+    if any(v < 0 for v in out):
+        raise CheckpointError(f"tensor {what} has a negative entry: {out}")
+    return out
+
+
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> _TensorRef:
+    if not isinstance(storage, _Storage):
+        raise CheckpointError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
+    if not isinstance(storage_offset, int) or storage_offset < 0:
+        raise CheckpointError(f"bad storage offset {storage_offset!r}")
+    size_t, stride_t = _as_int_tuple(size, "size"), _as_int_tuple(stride, "stride")
+    if len(size_t) != len(stride_t):
+        raise CheckpointError(f"tensor size {size_t} and stride {stride_t} differ in rank")
+    return _TensorRef(storage, storage_offset, size_t, stride_t)
+
+
+def _rebuild_tensor_v2(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> _TensorRef:
+    # requires_grad, hooks and conj/neg metadata do not change the stored values.
+    del requires_grad, backward_hooks, metadata
+    return _rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v3(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    backward_hooks: Any,
+    dtype: Any,
+    metadata: Any = None,
+) -> _TensorRef:
+    del requires_grad, backward_hooks, metadata
+    if not isinstance(dtype, _DType):
+        raise CheckpointError(f"_rebuild_tensor_v3 with dtype {dtype!r}")
+    ref = _rebuild_tensor(storage, storage_offset, size, stride)
+    return dataclasses.replace(ref, dtype=dtype.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Marker:
+    """Stands in for a torch object the pickle names only to describe a quantised tensor."""
+
+    name: str
+
+
+def _rebuild_qtensor(*args: Any) -> _Marker:
+    # Nothing is rebuilt: the file is refused, naming the tensors, once the pickle is read.
+    del args
+    return _Marker("quantised tensor")
+
+
+def _quantized_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Key paths of the quantised tensors in nested containers."""
+    if isinstance(obj, _Marker):
+        return [prefix or "<top>"]
+    if isinstance(obj, Mapping):
+        items = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    else:
+        return []
+    return [
+        k for key, v in items for k in _quantized_keys(v, f"{prefix}{'.' if prefix else ''}{key}")
+    ]
+
+
+def _refuse_quantized(obj: Any, path: str) -> None:
+    keys = _quantized_keys(obj)
+    if keys:
+        shown = ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+        raise CheckpointError(f"{path}: quantised tensor(s) {shown}. {_QUANTIZED_ADVICE}")
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
+    # A Parameter is its data here.
+    del requires_grad, backward_hooks
+    return data
+
+
+def _rebuild_parameter_with_state(
+    data: Any, requires_grad: Any, backward_hooks: Any, state: Any
+) -> Any:
+    # Extra Python attributes of a Parameter are not weights.
+    del requires_grad, backward_hooks, state
+    return data
+
+
+class Namespace:
+    """Stands in for an `argparse.Namespace` in a checkpoint: its attributes, as data.
+
+    Unpickling makes an empty instance and sets its attributes from the pickled dict
+    (`__setstate__`); no code of the file runs.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise CheckpointError(f"argparse.Namespace with state {type(state).__name__}")
+        self.__dict__.update({str(k): v for k, v in state.items()})
+
+    def __repr__(self) -> str:
+        return f"Namespace({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+class _Callable:
+    """A rebuild function as one unpickler hands it out: a fresh object that calls it.
+
+    A pickle's BUILD opcode would otherwise set attributes (`__defaults__`, ...) on the
+    module's own function, changing every later load in the process.
+    """
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function: Callable[..., Any]):
+        self._function = function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(*args, **kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        raise CheckpointError(
+            f"the pickle sets the state of {self._function.__name__}, which no torch.save "
+            "file does: it is crafted"
+        )
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """What `find_class` hands out, made anew for each unpickler (see `_Callable`)."""
+    table: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("argparse", "Namespace"): Namespace,
+        ("torch._utils", "_rebuild_tensor"): _Callable(_rebuild_tensor),
+        ("torch._utils", "_rebuild_tensor_v2"): _Callable(_rebuild_tensor_v2),
+        ("torch._utils", "_rebuild_tensor_v3"): _Callable(_rebuild_tensor_v3),
+        ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
+        ("torch._utils", "_rebuild_parameter_with_state"): _Callable(_rebuild_parameter_with_state),
+        # Tensors of dtypes without a typed storage keep their bytes in an untyped one.
+        ("torch", "UntypedStorage"): _StorageType("Byte"),
+        ("torch.storage", "UntypedStorage"): _StorageType("Byte"),
+    }
+    for name in _STORAGE_DTYPES:
+        # torch.cuda.*Storage: checkpoints saved from the GPU (older CSAIL models).
+        for module in ("torch", "torch.cuda"):
+            table[(module, f"{name}Storage")] = _StorageType(name)
+    for name, dtype in _V3_DTYPES.items():
+        table[("torch", name)] = _DType(dtype)
+    # Quantised tensors: inert markers, so that the refusal can name the tensors.
+    table[("torch._utils", "_rebuild_qtensor")] = _Callable(_rebuild_qtensor)
+    for name in _QUANTIZED_STORAGES:
+        for module in ("torch", "torch.cuda"):
+            table[(module, f"{name}Storage")] = _StorageType(name)
+    for name in _QSCHEMES:
+        table[("torch", name)] = _Marker(name)
+    return table
+
+
+# (module, name) pairs that pickles may name; everything else is refused.
+ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(_allowed_globals())
+
+
+def _refusal(module: str, name: str) -> CheckpointError:
+    qualified = f"{module}.{name}"
+    if module in ("torch", "torch.cuda") and name.endswith("Storage"):
+        supported = ", ".join(f"{n}Storage" for n in _STORAGE_DTYPES)
+        return CheckpointError(f"unsupported storage type {qualified}; supported: {supported}")
+    if module.startswith(("torch.nn", "__main__", "__torch__")):
+        message = (
+            f"refusing to load {qualified}: the file holds a pickled object (a whole "
+            "nn.Module?), not a state dict of tensors, and unpickling it would run code "
+            f"from the file. {_STATE_DICT_ADVICE}"
+        )
+    elif name[:1].isupper():
+        message = (
+            f"refusing to load {qualified}: the file holds a pickled Python object (a whole "
+            "model, or an object saved beside the weights), and unpickling it would run code "
+            f"from the file. {_STATE_DICT_ADVICE}"
+        )
+    else:
+        message = (
+            f"refusing to load global {qualified}: a state dict of tensors never needs it, "
+            "and calling it could run code from the file. Only tensors, storages and "
+            f"OrderedDict are allowed. {_STATE_DICT_ADVICE}"
+        )
+    return UnsafeCheckpointError(qualified, message)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only `ALLOWED_GLOBALS` and records storages it meets."""
+
+    def __init__(self, file: BinaryIO, *, encoding: str, legacy: bool):
+        super().__init__(file, encoding=encoding)
+        self._table = _allowed_globals()
+        self._legacy = legacy
+        self.storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._table[(module, name)]
+        except KeyError:
+            raise _refusal(module, name) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not isinstance(pid, tuple) or not pid:
+            raise CheckpointError(f"unsupported persistent id {pid!r}")
+        typename = _text(pid[0])
+        if typename == "module":
+            # Legacy files keep the source code of pickled modules here.
+            raise UnsafeCheckpointError(
+                "module",
+                "refusing to load a pickled nn.Module (the file holds a whole model, not a "
+                f"state dict; unpickling it would run code from the file). {_STATE_DICT_ADVICE}",
+            )
+        if typename != "storage":
+            raise CheckpointError(f"unsupported persistent id type {typename!r}")
+        if self._legacy:
+            if len(pid) != 6:
+                raise CheckpointError(f"malformed legacy storage id {pid!r}")
+            _, kind, key, _location, numel, view = pid
+        else:
+            if len(pid) != 5:
+                raise CheckpointError(f"malformed storage id {pid!r}")
+            _, kind, key, _location, numel = pid
+            view = None
+        if not isinstance(kind, _StorageType):
+            raise CheckpointError(f"storage of unsupported type {kind!r}")
+        key = _text(key)
+        if not isinstance(numel, int) or numel < 0:
+            raise CheckpointError(f"storage {key} has a bad size {numel!r}")
+        root = self.storages.setdefault(key, _Storage(key, kind, numel))
+        if root.kind != kind or root.numel != numel:
+            raise CheckpointError(f"storage {key} is described two different ways")
+        if view is None:
+            return root
+        view_key, view_offset, view_numel = view
+        if (
+            not isinstance(view_offset, int)
+            or not isinstance(view_numel, int)
+            or view_offset < 0
+            or view_numel < 0
+            or view_offset + view_numel > numel
+        ):
+            raise CheckpointError(f"storage view {_text(view_key)} lies outside storage {key}")
+        return _Storage(key, kind, numel, view_offset, view_numel)
+
+
+def _text(value: Any) -> str:
+    return value.decode("ascii") if isinstance(value, bytes) else str(value)
+
+
+def _check_storage_bytes(nbytes: int, storage: _Storage) -> None:
+    """Refuse `nbytes` of data for `storage` unless they are its elements' bytes."""
+    itemsize = storage.kind.dtype.itemsize
+    if nbytes != storage.numel * itemsize:
+        raise CheckpointError(
+            f"storage {storage.key}: {nbytes} bytes for {storage.numel} elements "
+            f"of {itemsize} bytes"
+        )
+
+
+def _storage_array(data: bytes, storage: _Storage, big_endian: bool) -> np.ndarray:
+    dtype = storage.kind.dtype
+    _check_storage_bytes(len(data), storage)
+    array = np.frombuffer(data, dtype.newbyteorder(">" if big_endian else "<"))
+    return array.astype(dtype, copy=False)
+
+
+def _cut(ref: _TensorRef, flat: np.ndarray, budget: Budget) -> np.ndarray:
+    """The tensor `ref` describes, as a C-contiguous copy out of its storage's elements."""
+    storage = ref.storage
+    if storage.view_numel is not None:
+        flat = flat[storage.view_offset : storage.view_offset + storage.view_numel]
+    bf16 = storage.kind.name == "BFloat16"
+    if ref.dtype is not None:
+        # v3 tensors index elements of `ref.dtype` in a byte storage.
+        usable = len(flat) - len(flat) % ref.dtype.itemsize
+        flat = flat[:usable].view(ref.dtype)
+    # Zero strides repeat elements, so the bytes made are counted, not the storage's. A
+    # tensor without elements counts as if its zero dims were 1: numpy refuses a shape
+    # whose other dims overflow.
+    itemsize = 4 if bf16 else flat.dtype.itemsize
+    check_shape(ref.size, itemsize, f"a tensor of storage {storage.key}")
+    what = f"tensor of size {ref.size}, stride {ref.stride}"
+    budget.take(math.prod(max(n, 1) for n in ref.size) * itemsize, what)
+    # The stride of a dim of size 1 steps nowhere: zeroed, a crafted one cannot overflow.
+    stride = tuple(0 if n == 1 else s for n, s in zip(ref.size, ref.stride, strict=True))
+    if any(s == 0 for s in ref.size):
+        out = np.zeros(ref.size, flat.dtype)
+    else:
+        last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, stride, strict=True))
+        # Checked here because as_strided would read past the buffer without complaint.
+        if last >= len(flat):
+            raise CheckpointError(
+                f"tensor of size {ref.size}, stride {ref.stride}, offset {ref.offset} "
+                f"reads past its storage {storage.key} of {len(flat)} elements"
+            )
+        view = np.lib.stride_tricks.as_strided(
+            flat[ref.offset :],
+            shape=ref.size,
+            strides=tuple(s * flat.dtype.itemsize for s in stride),
+            writeable=False,
+        )
+        out = np.array(view, copy=True, order="C")
+    if bf16:
+        out = widen_bfloat16(out)
+    return out
+
+
+def _materialize(obj: Any, arrays: Mapping[str, np.ndarray], budget: Budget) -> Any:
+    """Replace every `_TensorRef` in nested containers by its numpy array.
+
+    Tensors that view the same elements (one tensor the pickle names several times, or
+    tied weights: views of one storage with the same offset, size, stride and dtype) are
+    cut once, and every place holding one gets that array.
+    """
+    cut: dict[_TensorRef, np.ndarray] = {}  # equal refs: the same storage view
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, _TensorRef):
+            if obj not in cut:
+                cut[obj] = _cut(obj, arrays[obj.storage.key], budget)
+            return cut[obj]
+        if isinstance(obj, _Storage):
+            raise CheckpointError("the file holds a bare storage, not a tensor")
+        if isinstance(obj, collections.OrderedDict):
+            return collections.OrderedDict((k, walk(v)) for k, v in obj.items())
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(walk(v) for v in obj)
+        return obj
+
+    return walk(obj)
+
+
+def _unpickle(
+    file: BinaryIO, *, legacy: bool, encoding: str = "utf-8"
+) -> tuple[Any, dict[str, _Storage]]:
+    unpickler = _RestrictedUnpickler(file, encoding=encoding, legacy=legacy)
+    try:
+        obj = unpickler.load()
+    except (CheckpointError, UnicodeDecodeError):
+        raise
+    except (EOFError, pickle.UnpicklingError) as err:
+        if isinstance(err, pickle.UnpicklingError) and "truncated" not in str(err):
+            raise CheckpointError(f"corrupt or unsupported pickle: {err!r}") from err
+        raise CheckpointError(f"the pickle ends early; {COPY_AGAIN}") from err
+    except Exception as err:  # any other failure of a crafted pickle is a bad file
+        raise CheckpointError(f"corrupt or unsupported pickle: {err!r}") from err
+    return obj, unpickler.storages
+
+
+def load_zip(path: str, encoding: str) -> Any:
+    budget = Budget.of(path)
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise CheckpointError(
+                f"{path}: a zip file without exactly one <archive>/data.pkl "
+                "(not a torch.save file; TorchScript archives are not supported)"
+            )
+        prefix = pickles[0][: -len("data.pkl")]
+        big_endian = False
+        if f"{prefix}byteorder" in names:
+            byteorder = zip_member(archive, f"{prefix}byteorder", budget)
+            big_endian = archive.read(byteorder).strip() == b"big"
+        # Every member is checked before it is read: its declared size bounds what zipfile
+        # unpacks, and a record of the wrong size is refused before its bytes are read.
+        pickled = zip_member(archive, pickles[0], budget)
+        obj, storages = _unpickle(
+            io.BytesIO(archive.read(pickled)), legacy=False, encoding=encoding
+        )
+        _refuse_quantized(obj, path)
+        arrays = {}
+        for key, storage in storages.items():
+            record = f"{prefix}data/{key}"
+            if record not in names:
+                raise CheckpointError(f"{path}: storage record {record} is missing")
+            info = zip_member(archive, record, budget)
+            _check_storage_bytes(info.file_size, storage)
+            arrays[key] = _storage_array(archive.read(info), storage, big_endian)
+    return _materialize(obj, arrays, budget)
+
+
+def load_legacy(path: str, encoding: str) -> Any:
+    budget = Budget.of(path)
+    with open(path, "rb") as file:
+        try:
+            magic, _ = _unpickle(file, legacy=True)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: not a torch weight file ({err})") from err
+        if magic != _LEGACY_MAGIC:
+            raise CheckpointError(f"{path}: not a torch weight file (no legacy magic number)")
+        protocol, _ = _unpickle(file, legacy=True)
+        if protocol != _LEGACY_PROTOCOL:
+            raise CheckpointError(f"{path}: unsupported legacy protocol {protocol!r}")
+        sys_info, _ = _unpickle(file, legacy=True)
+        big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
+        obj, storages = _unpickle(file, legacy=True, encoding=encoding)
+        _refuse_quantized(obj, path)
+        keys, _ = _unpickle(file, legacy=True)
+        if not isinstance(keys, list):
+            raise CheckpointError(f"{path}: malformed list of storage keys")
+        arrays = {}
+        for raw_key in keys:
+            key = _text(raw_key)
+            if key not in storages:
+                raise CheckpointError(f"{path}: data for unknown storage {key}")
+            storage = storages[key]
+            header = file.read(8)
+            if len(header) != 8:
+                raise CheckpointError(f"{path}: ends before storage {key}; {COPY_AGAIN}")
+            (numel,) = struct.unpack(">q" if big_endian else "<q", header)
+            if numel != storage.numel:
+                raise CheckpointError(
+                    f"{path}: storage {key} holds {numel} elements, expected {storage.numel}"
+                )
+            nbytes = numel * storage.kind.dtype.itemsize
+            if nbytes > budget.file_size - file.tell():  # before asking read() for them
+                raise CheckpointError(f"{path}: ends inside storage {key}; {COPY_AGAIN}")
+            budget.take(nbytes, f"storage {key}")
+            data = file.read(nbytes)
+            if len(data) != nbytes:
+                raise CheckpointError(f"{path}: ends inside storage {key}; {COPY_AGAIN}")
+            arrays[key] = _storage_array(data, storage, big_endian)
+        missing = sorted(set(storages) - set(arrays))
+        if missing:
+            raise CheckpointError(f"{path}: no data for storages {missing}")
+    return _materialize(obj, arrays, budget)
