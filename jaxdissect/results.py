@@ -27,7 +27,8 @@ and record carries its layer name, the name the user asked for (`--layers=head`)
 module path beside it in results.json: the CSV's columns are fixed by Lite's schema, so its
 file name carries the layer (`layer_file_stems`, `tally_csv_name`). Files are written to a
 temporary file in the same folder and moved into place with os.replace, so a reader never
-sees a partial file.
+sees a partial file. results.json's `checksum` (`content_checksum`) is checked when it is
+read: a value changed since it was written is refused.
 
 Unit numbers: a unit is its channel index, from 0, everywhere a person reads (results.json,
 the report, strip files) except tally.csv's `unit` column, which keeps Lite's 1-based numbers
@@ -51,7 +52,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from jaxdissect import results_schema, store
+from jaxdissect import json_check, results_schema, store
 from jaxdissect.labelspace import LabelSpace
 from jaxdissect.ties import DEAD, TIE_STATES, UnitTies
 
@@ -655,13 +656,23 @@ def write_results_json(
         "complete": True,
         "unit_numbering": UNIT_NUMBERING,
         "settings": _jsonable(settings),
-        "layers": [{**r, "units": [f"{token}{next(slots)}" for _ in r["units"]]} for r in records],
     }
+    content = json.loads(json.dumps({**document, "layers": records}, allow_nan=False))
+    document["checksum"] = content_checksum(content)
+    document["layers"] = [
+        {**r, "units": [f"{token}{next(slots)}" for _ in r["units"]]} for r in records
+    ]
     lines = [json.dumps(unit, allow_nan=False, ensure_ascii=False) for unit in units]
     text = json.dumps(document, indent=1, allow_nan=False, ensure_ascii=False)
     quoted = re.escape(json.dumps(token, ensure_ascii=False)[:-1])
     text = re.sub(quoted + r'(\d+)"', lambda m: lines[int(m.group(1))], text)
     return store.write_text(path, text + "\n")
+
+
+def content_checksum(document: Mapping[str, Any]) -> str:
+    """A hash of a results document's fields but `checksum`, as JSON reads them: the same
+    however the file is laid out (indented, keys reordered), another for any other value."""
+    return store.key_of(results={k: v for k, v in document.items() if k != "checksum"})
 
 
 # What a results.json written before a setting was recorded was computed with.
@@ -687,5 +698,8 @@ def read_results_json(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a jaxdissect results file")
     if document.get("version") != RESULTS_VERSION or document.get("complete") is not True:
         raise ValueError(f"{path}: unsupported version or incomplete results")
+    # Files written before the checksum was recorded are read as they were.
+    if "checksum" in document and document["checksum"] != content_checksum(document):
+        raise json_check.damaged(path, "checksum", "is not that of its content", results_schema.FIX)
     results_schema.check_document(document, path)
     return document

@@ -58,8 +58,8 @@ Targets (each case draws its shapes, data and settings from its seed):
 - results_json: hostile results files. A finished run's results.json with one field
   deleted, replaced by a value of another JSON type, added to, or an element repeated, is
   read by every reader of a finished run (`finished.read_layer`, the comparisons'
-  `studies` readers, the follow-ons' digest), each of which reads it or raises a user
-  error naming the file.
+  `studies` readers, the follow-ons' digest), each of which reads what was written or
+  raises a user error naming the file.
 - converted: a converted checkpoint (`models/convert.py`'s folder) whose meta.json has a
   field deleted or replaced, or an option added, loads or raises a user error naming the
   folder or the option.
@@ -838,7 +838,8 @@ def _json_paths(value: object, prefix: tuple = ()):
 def results_json_case(seed: int, run: pathlib.Path) -> tuple[str, list[str]]:
     """(description, failures) of one structural mutation of `run`'s results.json (a field
     deleted, replaced by a value of another type, added, or an element repeated), read by
-    every reader of a finished run: each reads it or raises a user error naming the file."""
+    every reader of a finished run: each reads what was written or raises a user error
+    naming the file."""
     import copy
     import json
     import random
@@ -871,24 +872,31 @@ def results_json_case(seed: int, run: pathlib.Path) -> tuple[str, list[str]]:
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(run, out)
     (out / "results.json").write_text(json.dumps(document))
-    readers = {
-        "read_layer": lambda: [finished.read_layer(out, name) for name in ("conv1", "top")],
-        "results_rows": lambda: studies.results_rows("x", out),
-        "results_rows of top": lambda: studies.results_rows("x", out, ["top"]),
-        "results_method": lambda: studies.results_method(out),
-        "probe_set": lambda: studies.probe_set(out),
-        "follow-ons' digest": lambda: pipeline._finished_digest(out, ["conv1", "top"]),
-    }
+
+    def readers(folder: pathlib.Path) -> dict:
+        return {
+            "read_layer": lambda: [finished.read_layer(folder, name) for name in ("conv1", "top")],
+            "results_rows": lambda: studies.results_rows("x", folder),
+            "results_rows of top": lambda: studies.results_rows("x", folder, ["top"]),
+            "results_method": lambda: studies.results_method(folder),
+            "probe_set": lambda: studies.probe_set(folder),
+            "follow-ons' digest": lambda: pipeline._finished_digest(folder, ["conv1", "top"]),
+        }
+
+    intact = {name: repr(read()) for name, read in readers(run).items()}
     failures = []
     try:
-        for name, read in readers.items():
+        for name, read in readers(out).items():
             try:
-                read()
+                got = repr(read()).replace(str(out), str(run))
             except cli.USER_ERRORS as e:
                 if "results.json" not in str(e) and str(out) not in str(e):
                     failures.append(f"{name}: {type(e).__name__} names no file: {e}")
             except Exception as e:  # any other is the finding
                 failures.append(f"{name}: {type(e).__name__}: {e}")
+            else:  # (a digest is a key: one of other content, or none, is the right one)
+                if got != intact[name] and name != "follow-ons' digest":
+                    failures.append(f"{name}: read other values than the file's as written")
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return desc, failures

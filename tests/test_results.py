@@ -311,6 +311,25 @@ def test_results_json_round_trip(layer, tmp_path):
         results.read_results_json(cut)
 
 
+def test_a_results_json_changed_since_it_was_written_is_refused(layer, tmp_path):
+    """Its checksum covers every value, however the file is laid out: a value changed (an
+    IoU by 1e-6) is refused naming the file; re-indented, reordered, or written before
+    the checksum was (none), it reads as written."""
+    path = results.write_results_json(tmp_path / "results.json", [layer], {"model": "m"})
+    doc = results.read_results_json(path)
+    assert doc["checksum"] == results.content_checksum(doc)
+    text = path.read_text()
+    iou = json.dumps(doc["layers"][0]["units"][1]["iou"])
+    assert iou in text
+    path.write_text(text.replace(iou, json.dumps(float(iou) + 1e-6), 1))
+    with pytest.raises(ValueError, match=rf"^{path}: checksum is not that of its content; the"):
+        results.read_results_json(path)
+    path.write_text(json.dumps(doc, indent=4, sort_keys=True))
+    assert results.read_results_json(path) == doc
+    path.write_text(json.dumps({k: v for k, v in doc.items() if k != "checksum"}))
+    assert results.read_results_json(path)["layers"] == doc["layers"]
+
+
 def test_categories_are_scored_in_label_space_order_whatever_order_they_are_named_in():
     # Unit 0 ties between sky (object) and street-s (scene): IoU 10 / (20 + 10 - 10) each.
     labels = _labels()
