@@ -163,7 +163,7 @@ def _vectors(fv, cfg, probe, output_dir):
     doc = _document(fv, cfg, layer, vectors, labels, dataset_name, len(source), forward_s, devices)
     _warn_unweighted(doc["concepts"])
     stem = "concept_vectors"
-    store.write_json(out / f"{stem}.json", doc)
+    store.write_json(out / f"{stem}.json", doc, checksum=True)
     rows = [
         {
             **{k: v for k, v in c.items() if k != "top_units"},

@@ -132,7 +132,7 @@ def _read_vectors(directory: str, layer: str):
         )
     fix = "run experiments/concept_vectors.py again"
     doc_path = path / "concept_vectors.json"
-    doc = store.read_json_object(doc_path, fix)
+    doc = store.read_json_object(doc_path, fix, checked=True)
     json_check.check_fields(
         doc, {"settings": ("object", True), "concepts": ("list", True)}, "the file", doc_path, fix
     )

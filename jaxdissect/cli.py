@@ -186,14 +186,14 @@ def report_elapsed(started: float, json_path: str | os.PathLike[str] | None = No
     """Print the wall time since `started` (a `time.perf_counter()`) and return it.
 
     With `json_path`, also record it as `elapsed_s` in that JSON document (an output
-    file of the run, never part of a cache key).
+    file of the run, never part of a cache key; its checksum, if it has one, renewed).
     """
     elapsed = time.perf_counter() - started
     if json_path is not None:
         path = pathlib.Path(json_path)
-        store.write_json(
-            path, {**json.loads(path.read_text(encoding="utf-8")), "elapsed_s": elapsed}
-        )
+        document = json.loads(path.read_text(encoding="utf-8"))
+        checksum = store.CHECKSUM in document
+        store.write_json(path, {**document, "elapsed_s": elapsed}, checksum=checksum)
     print(f"elapsed: {elapsed:.1f} s")
     return elapsed
 

@@ -27,8 +27,8 @@ and record carries its layer name, the name the user asked for (`--layers=head`)
 module path beside it in results.json: the CSV's columns are fixed by Lite's schema, so its
 file name carries the layer (`layer_file_stems`, `tally_csv_name`). Files are written to a
 temporary file in the same folder and moved into place with os.replace, so a reader never
-sees a partial file. results.json's `checksum` (`content_checksum`) is checked when it is
-read: a value changed since it was written is refused.
+sees a partial file. results.json's `checksum` (`store.json_checksum`) is checked when it
+is read: a value changed since it was written is refused.
 
 Unit numbers: a unit is its channel index, from 0, everywhere a person reads (results.json,
 the report, strip files) except tally.csv's `unit` column, which keeps Lite's 1-based numbers
@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from jaxdissect import json_check, results_schema, store
+from jaxdissect import results_schema, store
 from jaxdissect.labelspace import LabelSpace
 from jaxdissect.ties import DEAD, TIE_STATES, UnitTies
 
@@ -657,8 +657,7 @@ def write_results_json(
         "unit_numbering": UNIT_NUMBERING,
         "settings": _jsonable(settings),
     }
-    content = json.loads(json.dumps({**document, "layers": records}, allow_nan=False))
-    document["checksum"] = content_checksum(content)
+    document[store.CHECKSUM] = store.json_checksum({**document, "layers": records})
     document["layers"] = [
         {**r, "units": [f"{token}{next(slots)}" for _ in r["units"]]} for r in records
     ]
@@ -667,12 +666,6 @@ def write_results_json(
     quoted = re.escape(json.dumps(token, ensure_ascii=False)[:-1])
     text = re.sub(quoted + r'(\d+)"', lambda m: lines[int(m.group(1))], text)
     return store.write_text(path, text + "\n")
-
-
-def content_checksum(document: Mapping[str, Any]) -> str:
-    """A hash of a results document's fields but `checksum`, as JSON reads them: the same
-    however the file is laid out (indented, keys reordered), another for any other value."""
-    return store.key_of(results={k: v for k, v in document.items() if k != "checksum"})
 
 
 # What a results.json written before a setting was recorded was computed with.
@@ -689,17 +682,10 @@ def read_results_json(path: str | os.PathLike) -> dict[str, Any]:
             raise FileNotFoundError(
                 f"{folder} holds no results.json: pass a finished run's folder or its results.json"
             )
-    with open(path, encoding="utf-8") as f:
-        try:
-            document = json.load(f)
-        except ValueError as e:  # cut short or altered (UnicodeDecodeError is one too)
-            raise ValueError(f"{path} is not readable JSON ({e})") from None
-    if not isinstance(document, dict) or document.get("format") != RESULTS_FORMAT:
+    document = store.read_json_object(path, results_schema.FIX, checked=True)
+    if document.get("format") != RESULTS_FORMAT:
         raise ValueError(f"{path} is not a jaxdissect results file")
     if document.get("version") != RESULTS_VERSION or document.get("complete") is not True:
         raise ValueError(f"{path}: unsupported version or incomplete results")
-    # Files written before the checksum was recorded are read as they were.
-    if "checksum" in document and document["checksum"] != content_checksum(document):
-        raise json_check.damaged(path, "checksum", "is not that of its content", results_schema.FIX)
     results_schema.check_document(document, path)
     return document

@@ -573,14 +573,29 @@ def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+# The field of a JSON output that its readers check its values against.
+CHECKSUM = "checksum"
+
+
+def json_checksum(document: Mapping[str, Any]) -> str:
+    """`key_of` a JSON object's fields but `CHECKSUM`: the same however its file is laid out
+    (indented, keys reordered), another for any other value."""
+    return key_of(document={k: v for k, v in document.items() if k != CHECKSUM})
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, checksum: bool = False) -> None:
+    """`obj` as indented JSON, written atomically; with `checksum`, an object with its
+    `json_checksum` as the field `CHECKSUM`, for `read_json_object(checked=True)`."""
+    if checksum:
+        obj = {**obj, CHECKSUM: json_checksum(obj)}
     write_text(path, json.dumps(_canonical(obj), indent=1, sort_keys=False) + "\n")
 
 
-def read_json_object(path: str | os.PathLike, fix: str) -> dict[str, Any]:
+def read_json_object(path: str | os.PathLike, fix: str, *, checked: bool = False) -> dict[str, Any]:
     """The JSON object in the file `path`; a file cut short, altered or holding another JSON
     value raises one ValueError naming it and ending in `fix` (what to do), a missing one
-    FileNotFoundError."""
+    FileNotFoundError. `checked`: so does one whose `CHECKSUM` is not that of its values
+    (changed since it was written; a file written without one is read as it is)."""
     try:
         with open(path, encoding="utf-8") as f:
             document = json.load(f)
@@ -588,6 +603,11 @@ def read_json_object(path: str | os.PathLike, fix: str) -> dict[str, Any]:
         raise ValueError(f"{path}: not readable JSON ({e}); {fix}") from None
     if not isinstance(document, dict):
         raise ValueError(f"{path}: holds {type(document).__name__}, not a JSON object; {fix}")
+    if checked and CHECKSUM in document and document[CHECKSUM] != json_checksum(document):
+        raise ValueError(
+            f"{path}: its {CHECKSUM} is not that of its values: the file was edited or "
+            f"damaged since it was written; {fix}"
+        )
     return document
 
 

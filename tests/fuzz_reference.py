@@ -57,9 +57,10 @@ Targets (each case draws its shapes, data and settings from its seed):
   its path; any other exception fails the case.
 - results_json: hostile results files. A finished run's results.json with one field
   deleted, replaced by a value of another JSON type, added to, or an element repeated, is
-  read by every reader of a finished run (`finished.read_layer`, the comparisons'
-  `studies` readers, the follow-ons' digest), each of which reads what was written or
-  raises a user error naming the file.
+  with its checksum or without one (older files), is read by every reader of a finished
+  run (`finished.read_layer`, the comparisons' `studies` readers, the follow-ons' digest),
+  each of which raises a user error naming the file or reads, with a checksum, what was
+  written.
 - converted: a converted checkpoint (`models/convert.py`'s folder) whose meta.json has a
   field deleted or replaced, or an option added, loads or raises a user error naming the
   folder or the option.
@@ -837,9 +838,9 @@ def _json_paths(value: object, prefix: tuple = ()):
 
 def results_json_case(seed: int, run: pathlib.Path) -> tuple[str, list[str]]:
     """(description, failures) of one structural mutation of `run`'s results.json (a field
-    deleted, replaced by a value of another type, added, or an element repeated), read by
-    every reader of a finished run: each reads what was written or raises a user error
-    naming the file."""
+    deleted, replaced by a value of another type, added, or an element repeated), with its
+    checksum or without one, read by every reader of a finished run: each raises a user
+    error naming the file or reads, with a checksum, what was written."""
     import copy
     import json
     import random
@@ -849,6 +850,9 @@ def results_json_case(seed: int, run: pathlib.Path) -> tuple[str, list[str]]:
 
     rng = random.Random(seed)
     document = json.loads((run / "results.json").read_text())
+    checked = rng.random() < 0.5  # else a file without the checksum (or one crafted anew)
+    if not checked:
+        del document["checksum"]
     path = rng.choice([p for p in _json_paths(document) if p])
     parent = document
     for key in path[:-1]:
@@ -867,7 +871,7 @@ def results_json_case(seed: int, run: pathlib.Path) -> tuple[str, list[str]]:
         target.append(copy.deepcopy(target[0]))
     else:
         parent[path[-1]] = [target]
-    desc = f"{op} at {'.'.join(map(str, path))}"
+    desc = f"{op} at {'.'.join(map(str, path))}{'' if checked else ', no checksum'}"
     out = run.with_name(f"{run.name}-{seed}")
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(run, out)
@@ -895,7 +899,7 @@ def results_json_case(seed: int, run: pathlib.Path) -> tuple[str, list[str]]:
             except Exception as e:  # any other is the finding
                 failures.append(f"{name}: {type(e).__name__}: {e}")
             else:  # (a digest is a key: one of other content, or none, is the right one)
-                if got != intact[name] and name != "follow-ons' digest":
+                if checked and got != intact[name] and name != "follow-ons' digest":
                     failures.append(f"{name}: read other values than the file's as written")
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -175,7 +175,7 @@ def test_no_finished_dissection_is_one_line(tmp_path, data_args, dissection, cap
     damaged = tmp_path / "damaged"
     shutil.copytree(dissection, damaged)
     doc = json.loads((dissection / "results.json").read_text())
-    del doc["settings"]["model_code"]  # an older dissection's
+    del doc["settings"]["model_code"], doc["checksum"]  # an older dissection's
     store.write_json(damaged / "results.json", doc)
     with caplog.at_level("WARNING"):
         assert finished.read_layer(damaged, "top", model_code=code).model_key
@@ -285,20 +285,25 @@ def test_segment_script_paints_the_labelled_units(tmp_path, data_args, dissectio
     shutil.copytree(vectors[0], other)
     trained = json.loads((other / "concept_vectors.json").read_text())
     trained["settings"]["tie_rule"] = "inclusive"
-    store.write_json(other / "concept_vectors.json", trained)
+    store.write_json(other / "concept_vectors.json", trained, checksum=True)
     with pytest.raises(ValueError, match=r"--concept_vectors=.* tie_rule 'inclusive', "):
         segment_with_other()
-    # Vectors' files edited or damaged: one line naming the file and the field (a KeyError,
-    # TypeError or IndexError in the script before).
+    # Vectors' files edited or damaged: one line naming the file (and the field of a file
+    # without its checksum: a KeyError, TypeError or IndexError in the script before).
     text = (vectors[0] / "concept_vectors.json").read_text()
-    edited = json.loads(text)
+    edited, changed = json.loads(text), json.loads(text)
     edited["concepts"][1]["iou"] = "high"
+    changed["concepts"][0]["name"] = changed["concepts"][1]["name"]  # painted as another
     fewer = dict(store.load_arrays(vectors[0] / "concept_vectors.npz"))
     fewer["weights"] = fewer["weights"][:1]
     for damage, message in [
         (lambda: (other / "concept_vectors.json").write_text(text[:50]), r"not readable JSON"),
         (
-            lambda: store.write_json(other / "concept_vectors.json", edited),
+            lambda: store.write_json(other / "concept_vectors.json", changed),
+            r"concept_vectors.json: its checksum is not that of its values",
+        ),
+        (
+            lambda: store.write_json(other / "concept_vectors.json", edited, checksum=True),
             r"concepts\[1\].iou is 'high', not number",
         ),
         (
@@ -493,7 +498,7 @@ def test_a_random_init_is_loaded_at_the_seed_the_dissection_recorded(
     shutil.copytree(dissection, copy)
     doc = json.loads((copy / "results.json").read_text())
     doc["settings"]["seed"] = 3
-    (copy / "results.json").write_text(json.dumps(doc))
+    store.write_json(copy / "results.json", doc, checksum=True)
 
     class Stop(Exception):
         pass

@@ -193,7 +193,7 @@ def test_follow_on_outputs_are_kept_through_what_they_do_not_depend_on(report, t
     def digest_of(edit):
         changed = json.loads(json.dumps(doc))
         edit(changed)
-        store.write_json(out / "results.json", changed)
+        store.write_json(out / "results.json", changed, checksum=True)
         return pipeline._finished_digest(out, layers)
 
     def tested(d):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from jaxdissect import finished, json_check, results
+from jaxdissect import finished, json_check, results, store
 from tests.fuzz_reference import results_json_run
 
 
@@ -17,9 +17,10 @@ def run(tmp_path):
 
 
 def _edit(run, edit):
+    """`edit` results.json's document, its checksum renewed (as a crafted file's would be)."""
     document = json.loads((run / "results.json").read_text())
     edit(document)
-    (run / "results.json").write_text(json.dumps(document))
+    store.write_json(run / "results.json", document, checksum=True)
 
 
 def _delete(*keys):

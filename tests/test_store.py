@@ -1,6 +1,7 @@
 """Keys cover every argument; writes are atomic; stages are complete only when marked."""
 
 import functools
+import json
 import os
 import stat
 import sys
@@ -75,6 +76,25 @@ def test_a_json_object_read_back_or_one_error_naming_the_file(tmp_path):
             store.read_json_object(path, "fix it")
     with pytest.raises(FileNotFoundError):
         store.read_json_object(tmp_path / "none.json", "fix it")
+
+
+def test_a_json_object_with_a_checksum_is_read_back_only_with_its_values(tmp_path):
+    """The checksum covers the values, not the layout; `checked` readers refuse a file
+    whose values changed, and read one written without a checksum as it is."""
+    path = tmp_path / "out.json"
+    document = {"b": [1, 2.5, None], "a": {"x": "é", "y": True}}
+    store.write_json(path, document, checksum=True)
+    written = store.read_json_object(path, "fix it", checked=True)
+    assert written == {**document, "checksum": store.json_checksum(document)}
+    path.write_text(json.dumps(written, sort_keys=True))  # laid out anew: the same values
+    assert store.read_json_object(path, "fix it", checked=True) == written
+    for changed in ({**written, "b": [1, 2.5000001, None]}, {**written, "c": 0}):
+        path.write_text(json.dumps(changed))
+        assert store.read_json_object(path, "fix it") == changed  # (not checked)
+        with pytest.raises(ValueError, match=rf"^{path}: its checksum is not that of its "):
+            store.read_json_object(path, "fix it", checked=True)
+    store.write_json(path, document)
+    assert store.read_json_object(path, "fix it", checked=True) == document
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
