@@ -193,11 +193,11 @@ def load_variables(ckpt_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], di
         ) from None
     variables = jax.tree.map(np.asarray, tree)
     recorded = meta.get(VARIABLES_FINGERPRINT)  # absent in conversions before it was written
-    if recorded is not None and recorded != fingerprint_tree(variables):
+    if recorded is not None and recorded != (found := fingerprint_tree(variables)):
         raise CheckpointError(
             f"{ckpt_dir}: its variables are not those converted (changed on disk since: "
-            f"fingerprint {fingerprint_tree(variables)}, {META_FILE} says {recorded}); "
-            "convert the weights again with models/convert.py"
+            f"fingerprint {found}, {META_FILE} says {recorded}); convert the weights again "
+            "with models/convert.py"
         )
     not_float = [
         f"{jax.tree_util.keystr(path, simple=True, separator='/')} is {leaf.dtype}"

@@ -480,6 +480,7 @@ def load(
     if converted:
         options = converted_options(model, weights, options)
     name = model
+    weights_key: str | None = None  # `store.fingerprint_tree` of the variables
     if model in zoo.ARCHS:
         if weights == "pretrained":
             from jaxdissect.models.efficientnet_lite import pretrained_lite0
@@ -514,12 +515,13 @@ def load(
         path = pathlib.Path(weights).expanduser()
         if path.is_dir():
             from jaxdissect.models.checkpoint_io import CheckpointError
-            from jaxdissect.models.convert import load_variables
+            from jaxdissect.models.convert import VARIABLES_FINGERPRINT, load_variables
 
             try:
-                variables, _ = load_variables(path)
+                variables, meta = load_variables(path)
             except CheckpointError as e:
                 raise ValueError(f"--weights: {e}") from None
+            weights_key = meta.get(VARIABLES_FINGERPRINT)  # checked against them by the load
             _check_converted_fit(module, model, weights, variables, spec.size)
             name = f"{model} ({path})"
         else:
@@ -532,7 +534,10 @@ def load(
             raise ValueError(f"--model={model}: {e}") from None
         name = f"{model} (random init, seed {seed})"
 
-    weights_key = store.fingerprint_tree(variables if variables is not None else _nnx_state(module))
+    if weights_key is None:
+        weights_key = store.fingerprint_tree(
+            variables if variables is not None else _nnx_state(module)
+        )
     return LoadedModel(
         module=module,
         variables=variables,

@@ -224,12 +224,22 @@ def converted_alexnet(tmp_path_factory):
     return str(path)
 
 
-def test_a_converted_checkpoint_gives_its_classes_and_options(converted_alexnet):
+def test_a_converted_checkpoint_gives_its_classes_and_options(converted_alexnet, tmp_path):
     got = model_load.load("alexnet", weights=converted_alexnet)
     assert got.module.num_classes == 3 and got.module.width == 0.25
     assert got.variables["params"]["classifier"]["6"]["kernel"].shape[-1] == 3
     same = model_load.load("alexnet", weights=converted_alexnet, options={"num_classes": 3})
     assert same.key == got.key
+    # The key takes the fingerprint meta.json records (checked by the load), the one a
+    # conversion from before it was recorded gets by hashing the variables.
+    from jaxdissect.models.convert import META_FILE, VARIABLES_FINGERPRINT
+
+    older = tmp_path / "older"
+    shutil.copytree(converted_alexnet, older)
+    meta = json.loads((older / META_FILE).read_text())
+    del meta[VARIABLES_FINGERPRINT]
+    (older / META_FILE).write_text(json.dumps(meta))
+    assert model_load.load("alexnet", weights=str(older)).key == got.key
 
 
 def test_a_converted_checkpoint_refuses_other_classes_in_one_line(converted_alexnet):
