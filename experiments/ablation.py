@@ -362,7 +362,7 @@ def chunk_key(
     at another precision, round differently)."""
     import dataclasses
 
-    from jaxdissect import store
+    from jaxdissect import code_keys, store
 
     return store.key_of(
         model=model,
@@ -372,7 +372,7 @@ def chunk_key(
         value=value,
         study="ablation",
         devices=int(mesh.devices.size),
-        backend=store.backend_of(mesh),
+        backend=code_keys.backend_of(mesh),
         batch_size=batch_size,
     )
 

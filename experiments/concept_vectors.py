@@ -218,13 +218,13 @@ def checkpoint_key(
     layer's activations per batch shape)."""
     import dataclasses
 
-    from jaxdissect import store
+    from jaxdissect import code_keys, store
 
     return store.key_of(
         model=model,
         token_layout=layer.token_layout,
         devices=int(mesh.devices.size),
-        backend=store.backend_of(mesh),
+        backend=code_keys.backend_of(mesh),
         batch_size=batch_size,
         data=data,
         layer=layer.path,

@@ -117,7 +117,7 @@ PER_PROCESS_FLAGS = frozenset(
 def check_same_job(fv: flags.FlagValues, source, model) -> None:
     """Refuse, in one line naming what differs, a multi-host job whose processes were given
     other flags (but `PER_PROCESS_FLAGS`), probe sets or model weights."""
-    from jaxdissect import parallel, store
+    from jaxdissect import code_keys, parallel
     from jaxdissect.data import probe
 
     own = flags.FlagValues()
@@ -127,7 +127,7 @@ def check_same_job(fv: flags.FlagValues, source, model) -> None:
     values["the probe set"] = source.fingerprint() if identity is None else identity
     values["the probe set's image count"] = len(source)
     values["the model weights"] = model.key
-    values["jaxdissect's code"] = store.code_fingerprint()
+    values["jaxdissect's code"] = code_keys.code_fingerprint()
     parallel.check_same_job(values)
 
 

@@ -26,6 +26,7 @@ from absl import logging
 
 from jaxdissect import (
     actcache,
+    code_keys,
     config,
     driver,
     parallel,
@@ -418,7 +419,7 @@ class Dissector:
         """Key of a layer's stored stage output, or (layer None) of a whole pass's checkpoints.
 
         It holds the mesh's device count (sketch thresholds depend on the per-device seeds)
-        and its platform and device kind (`store.backend_of`: the default float32 matmul
+        and its platform and device kind (`code_keys.backend_of`: the default float32 matmul
         precision follows them).
         """
         params = self.settings.pass1() if stage == "pass1" else self.settings.pass2()
@@ -430,7 +431,7 @@ class Dissector:
             input_spec=dataclasses.asdict(self.input_spec),
             settings=params,
             devices=int(self.mesh.devices.size),
-            backend=store.backend_of(self.mesh),
+            backend=code_keys.backend_of(self.mesh),
             outputs=_OUTPUTS[stage],
             **which,
         )

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdissect import results, results_schema, store
+from jaxdissect import code_keys, results, results_schema, store
 from jaxdissect.preprocess import InputSpec
 
 
@@ -75,7 +75,7 @@ def read_layer(
     """Layer `layer` of the finished dissection in `directory`, or one line saying what to run.
 
     With `model_key`, the dissection must be of the model with those weights; with
-    `model_fields` (`store.definition_key(..., source=False)`), of those settings of its
+    `model_fields` (`code_keys.definition_key(..., source=False)`), of those settings of its
     fields and `apply` arguments, where the dissection recorded them; with `model_code`
     (`model_code_key`), made by the same model source and library code (a dissection
     that recorded none is taken with a warning).
@@ -157,9 +157,9 @@ def read_layer(
 def model_code_key(module: Any, apply_kwargs: Mapping[str, Any] | None = None) -> str:
     """The model's code as a dissection's stages are keyed by it and its results.json
     settings record it (`model_code`): the model's definition with its source
-    (`store.definition_key`) and this library's code (`store.code_fingerprint`)."""
+    (`code_keys.definition_key`) and this library's code (`code_keys.code_fingerprint`)."""
     return store.key_of(
-        definition=store.definition_key(module, apply_kwargs), code=store.code_fingerprint()
+        definition=code_keys.definition_key(module, apply_kwargs), code=code_keys.code_fingerprint()
     )
 
 
@@ -307,14 +307,14 @@ def load_dissected_layer(
     """(`load_dissected_model`, `read_layer` of `layer`) of the finished dissection in
     `directory`, refused unless that dissection ran this model: its weights, fields and
     code (`model_code_key`)."""
-    from jaxdissect import store
+    from jaxdissect import code_keys
 
     loaded = load_dissected_model(model, weights, directory, options)
     finished = read_layer(
         directory,
         layer,
         model_key=loaded.key,
-        model_fields=store.definition_key(loaded.module, loaded.apply_kwargs, source=False),
+        model_fields=code_keys.definition_key(loaded.module, loaded.apply_kwargs, source=False),
         model_code=model_code_key(loaded.module, loaded.apply_kwargs),
     )
     return loaded, finished

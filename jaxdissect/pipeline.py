@@ -30,6 +30,7 @@ from absl import logging
 from jaxdissect import (
     actcache,
     capture,
+    code_keys,
     config,
     driver,
     engine,
@@ -91,14 +92,14 @@ class ModelInfo:
     @property
     def stage_key(self) -> str:
         """What keys the stored stages: the weights' key, the module's definition and
-        `apply_kwargs` (`store.definition_key`), this library's code, a named token
+        `apply_kwargs` (`code_keys.definition_key`), this library's code, a named token
         layout (it changes the maps), JAX's default matmul precision where one is set
         (`matmul_precision`), and `wraps` where given."""
         precision = matmul_precision()
         return store.key_of(
             model=self.key,
-            definition=store.definition_key(self.module, self.apply_kwargs),
-            code=store.code_fingerprint(),
+            definition=code_keys.definition_key(self.module, self.apply_kwargs),
+            code=code_keys.code_fingerprint(),
             token_layout=self.layout_key,
             **({} if precision is None else {"matmul_precision": precision}),
             **({} if self.wraps is None else {"wraps": self.wraps}),
@@ -473,7 +474,7 @@ def dissect(
         **dataclasses.asdict(settings),
         "model": model.name,
         "model_key": model.key,
-        "model_fields": store.definition_key(model.module, model.apply_kwargs, source=False),
+        "model_fields": code_keys.definition_key(model.module, model.apply_kwargs, source=False),
         "model_code": finished.model_code_key(model.module, model.apply_kwargs),
         **probe.probe_record(source, dataset_name),
         "num_images": len(source),

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxdissect import quantiles, store, tally, tie_counts, topimages
+from jaxdissect import code_keys, quantiles, store, tally, tie_counts, topimages
 from jaxdissect.labelspace import LabelSpace
 
 State = Any
@@ -175,7 +175,7 @@ def group(statistics: Mapping[str, Statistic]) -> Statistic:
 
 def constants(statistic: Statistic) -> dict[store.Label, Any]:
     """What `statistic`'s `update` and `merge` visibly close over: their code objects and
-    plain constants (`store.plain_constant`) by label (a group: its parts', named); arrays and other
+    plain constants (`code_keys.plain_constant`) by label (a group: its parts', named); arrays and other
     objects are left out, so they are never compared."""
     if statistic.parts:
         return {
@@ -184,8 +184,8 @@ def constants(statistic: Statistic) -> dict[store.Label, Any]:
             for (fn, bound), value in constants(part).items()
         }
     return {
-        **dict(store.function_constants(statistic.update, "update")),
-        **dict(store.function_constants(statistic.merge, "merge")),
+        **dict(code_keys.function_constants(statistic.update, "update")),
+        **dict(code_keys.function_constants(statistic.merge, "merge")),
     }
 
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxdissect import store
+from jaxdissect import code_keys, store
 from jaxdissect.training import WEIGHTS_DIR, list_weights, load_trained, read_meta
 
 
@@ -175,10 +175,10 @@ def dynamics_study(
         input_spec=spec,
         name=f"{models[0][1].name.split(' (')[0]}, {len(models)} training checkpoints",
         key=store.key_of(members=[m.key for _, m in models], layers=list(layers), study="dynamics"),
-        # The stage key covers each member's definition (`store.definition_key`): the same
+        # The stage key covers each member's definition (`code_keys.definition_key`): the same
         # checkpoints under edited model code are another stack.
         wraps=store.key_of(
-            members=[store.definition_key(m.module, m.apply_kwargs) for _, m in models]
+            members=[code_keys.definition_key(m.module, m.apply_kwargs) for _, m in models]
         ),
     )
     layer_results = pipeline.dissect(

@@ -51,7 +51,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from jaxdissect import config, evaluate, parallel, store, training_checkpoints
+from jaxdissect import code_keys, config, evaluate, parallel, store, training_checkpoints
 from jaxdissect.models.convert import META_FILE, read_meta, save_variables
 from jaxdissect.models.load import INIT_COMPILER_OPTIONS
 from jaxdissect.preprocess import InputSpec
@@ -598,7 +598,7 @@ def train(
         },
         "devices": int(mesh.devices.size),
         # A step's weights depend on the training code and the model's.
-        "code": {"library": store.code_fingerprint(), "model": store.definition_key(model)},
+        "code": {"library": code_keys.code_fingerprint(), "model": code_keys.definition_key(model)},
     }
     _prepare_output(out, settings)
     trainer = Trainer.shared(model, config, task.resolution, mesh)

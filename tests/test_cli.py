@@ -447,7 +447,7 @@ def test_a_set_matmul_precision_keys_the_stages():
     manager) never reuses stages stored without it; without one the key is as before."""
     import jax
 
-    from jaxdissect import store
+    from jaxdissect import code_keys, store
     from tests.fixtures.small_model import MODULE
 
     info = pipeline.ModelInfo(MODULE, {}, None, "small", "weights")
@@ -455,8 +455,8 @@ def test_a_set_matmul_precision_keys_the_stages():
     assert pipeline.matmul_precision() is None
     assert default == store.key_of(
         model="weights",
-        definition=store.definition_key(MODULE, {}),
-        code=store.code_fingerprint(),
+        definition=code_keys.definition_key(MODULE, {}),
+        code=code_keys.code_fingerprint(),
         token_layout=None,
     )
     keys = set()

@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect import capture, driver, engine, parallel, quantiles, results, store, tally
+from jaxdissect import (
+    capture,
+    code_keys,
+    driver,
+    engine,
+    parallel,
+    quantiles,
+    results,
+    store,
+    tally,
+)
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
 from jaxdissect.models.load import init_variables
@@ -250,7 +260,7 @@ def test_stage_keys_hold_the_backend(model, probe, monkeypatch):
     settings = engine.Settings(quantile_mode="exact", batch_size=8)
     d = _dissector(m, variables, probe, settings, ("conv2",), parallel.data_mesh(1))[0]
     here = d.stage_key("pass1"), d.stage_key("pass2", "conv2")
-    assert store.backend_of(d.mesh) == [("cpu", "cpu")]
+    assert code_keys.backend_of(d.mesh) == [("cpu", "cpu")]
     monkeypatch.setattr(store, "backend_of", lambda mesh: [("gpu", "NVIDIA H100 80GB HBM3")])
     gpu = d.stage_key("pass1"), d.stage_key("pass2", "conv2")
     assert gpu[0] != here[0] and gpu[1] != here[1]

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jaxdissect import store
+from jaxdissect import code_keys, store
 
 
 def test_key_depends_on_every_part_not_on_order():
@@ -147,11 +147,11 @@ def test_definition_key_sees_fields_apply_arguments_and_source(tmp_path, monkeyp
         def __call__(self, x):
             return self.act(nn.Dense(2)(x) * self.scale)
 
-    key = store.definition_key(Scaled())
-    assert key == store.definition_key(Scaled()) and " at 0x" in repr(Scaled())
-    assert key != store.definition_key(Scaled(scale=-1.0))
-    assert key != store.definition_key(Scaled(), {"train": False})
-    assert store.definition_key(Scaled(), source=False) != key
+    key = code_keys.definition_key(Scaled())
+    assert key == code_keys.definition_key(Scaled()) and " at 0x" in repr(Scaled())
+    assert key != code_keys.definition_key(Scaled(scale=-1.0))
+    assert key != code_keys.definition_key(Scaled(), {"train": False})
+    assert code_keys.definition_key(Scaled(), source=False) != key
     info = lambda m: pipeline.ModelInfo(m, {}, None, "scaled", "same-weights")  # noqa: E731
     assert info(Scaled()).stage_key == info(Scaled()).stage_key
     assert info(Scaled()).stage_key != info(Scaled(scale=-1.0)).stage_key
@@ -160,9 +160,9 @@ def test_definition_key_sees_fields_apply_arguments_and_source(tmp_path, monkeyp
     (tmp_path / "user_net.py").write_text(source + "        return x\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     user_net = importlib.import_module("user_net")
-    before = store.definition_key(user_net.Net())
+    before = code_keys.definition_key(user_net.Net())
     (tmp_path / "user_net.py").write_text(source + "        return -x\n")
-    assert store.definition_key(user_net.Net()) != before  # the file, not the loaded class
+    assert code_keys.definition_key(user_net.Net()) != before  # the file, not the loaded class
     monkeypatch.delitem(sys.modules, "user_net")
 
 
@@ -184,11 +184,11 @@ def test_definition_key_sees_the_users_modules_a_model_file_imports(tmp_path, mo
     for name in ("block_net", "block_reexport", "block_helpers"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     net = importlib.import_module("block_net").Net
-    before = store.definition_key(net())
+    before = code_keys.definition_key(net())
     (tmp_path / "unrelated.py").write_text("x = 2\n")
-    assert store.definition_key(net()) == before
+    assert code_keys.definition_key(net()) == before
     (tmp_path / "block_helpers.py").write_text(block + "        return 2 * x\n")
-    assert store.definition_key(net()) != before
+    assert code_keys.definition_key(net()) != before
     for name in ("block_net", "block_reexport", "block_helpers"):
         monkeypatch.delitem(sys.modules, name)
 
@@ -224,9 +224,9 @@ def test_definition_key_sees_nnx_settings(tmp_path, monkeypatch):
     from flax import nnx
 
     net = _nnx_net(tmp_path, monkeypatch)
-    key = store.definition_key(net(1, nnx.Rngs(0)))
-    assert key == store.definition_key(net(1, nnx.Rngs(1)))
-    assert key != store.definition_key(net(2, nnx.Rngs(0)))
+    key = code_keys.definition_key(net(1, nnx.Rngs(0)))
+    assert key == code_keys.definition_key(net(1, nnx.Rngs(1)))
+    assert key != code_keys.definition_key(net(2, nnx.Rngs(0)))
     monkeypatch.delitem(sys.modules, "nnx_net")
 
 
@@ -244,17 +244,17 @@ def test_definition_key_sees_partial_arguments_and_closure_cells():
         return lambda params, images: _features(params, images, stride)
 
     partial = functools.partial(_features, stride=1)
-    assert store.definition_key(partial) == store.definition_key(
+    assert code_keys.definition_key(partial) == code_keys.definition_key(
         functools.partial(_features, stride=1)
     )
-    assert store.definition_key(partial) != store.definition_key(
+    assert code_keys.definition_key(partial) != code_keys.definition_key(
         functools.partial(_features, stride=2)
     )
-    assert store.definition_key(make(1)) == store.definition_key(make(1))
-    assert store.definition_key(make(1)) != store.definition_key(make(2))
+    assert code_keys.definition_key(make(1)) == code_keys.definition_key(make(1))
+    assert code_keys.definition_key(make(1)) != code_keys.definition_key(make(2))
     resnet = zoo.build("resnet18")
-    assert store._computation(resnet, store._module_classes(resnet)) == []
-    assert store._computation(_features, {_features}) == []
+    assert code_keys._computation(resnet, code_keys._module_classes(resnet)) == []
+    assert code_keys._computation(_features, {_features}) == []
 
 
 def _strided():
@@ -284,7 +284,7 @@ def test_definition_key_sees_modules_dicts_and_arrays_a_function_reads(monkeypat
     the same key; a value it cannot key is logged."""
     from flax import nnx
 
-    key, strided = store.definition_key, _strided()
+    key, strided = code_keys.definition_key, _strided()
 
     def closing(value):
         return lambda params, images: (value, params, images)
@@ -325,10 +325,10 @@ def test_definition_key_sees_code_defined_without_a_file(monkeypatch, file):
         return notebook
 
     one, again, two = defined(1), defined(1), defined(2)
-    assert store.definition_key(one.Net()) == store.definition_key(again.Net())
-    assert store.definition_key(one.Net()) != store.definition_key(two.Net())
-    assert store.definition_key(one.fn) == store.definition_key(again.fn)
-    assert store.definition_key(one.fn) != store.definition_key(two.fn)
+    assert code_keys.definition_key(one.Net()) == code_keys.definition_key(again.Net())
+    assert code_keys.definition_key(one.Net()) != code_keys.definition_key(two.Net())
+    assert code_keys.definition_key(one.fn) == code_keys.definition_key(again.fn)
+    assert code_keys.definition_key(one.fn) != code_keys.definition_key(two.fn)
 
 
 def test_source_fingerprint_sees_python_files_and_survives_symlink_loops(tmp_path):
@@ -337,23 +337,23 @@ def test_source_fingerprint_sees_python_files_and_survives_symlink_loops(tmp_pat
     (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
     (tmp_path / "pkg" / "data.txt").write_text("not source")
     os.symlink(tmp_path / "pkg", tmp_path / "pkg" / "sub" / "up")  # a cycle
-    before = store.source_fingerprint(tmp_path / "pkg")
+    before = code_keys.source_fingerprint(tmp_path / "pkg")
     (tmp_path / "pkg" / "data.txt").write_text("still not source")
-    assert store.source_fingerprint(tmp_path / "pkg") == before
+    assert code_keys.source_fingerprint(tmp_path / "pkg") == before
     (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
-    assert store.source_fingerprint(tmp_path / "pkg") != before
+    assert code_keys.source_fingerprint(tmp_path / "pkg") != before
 
 
 def test_code_fingerprint_sees_the_stacks_versions(monkeypatch):
     """An upgrade of jax, jaxlib, flax, numpy or Pillow changes the library-code key."""
     import importlib.metadata
 
-    before, real = store.code_fingerprint(), importlib.metadata.version
-    assert store.code_fingerprint() == before
+    before, real = code_keys.code_fingerprint(), importlib.metadata.version
+    assert code_keys.code_fingerprint() == before
     for name in ("jax", "jaxlib", "flax", "numpy", "Pillow"):
         upgraded = lambda n, name=name: "99.0" if n == name else real(n)  # noqa: E731
         monkeypatch.setattr(importlib.metadata, "version", upgraded)
-        assert store.code_fingerprint() != before, name
+        assert code_keys.code_fingerprint() != before, name
     monkeypatch.setattr(importlib.metadata, "version", real)
 
 
@@ -369,7 +369,7 @@ def test_a_fresh_process_writes_utf8_and_keys_nnx_modules_alike(tmp_path, monkey
     from flax import nnx
 
     net = _nnx_net(tmp_path, monkeypatch)
-    key = store.definition_key(nnx.eval_shape(lambda: net(1, nnx.Rngs(0))))
+    key = code_keys.definition_key(nnx.eval_shape(lambda: net(1, nnx.Rngs(0))))
     monkeypatch.delitem(sys.modules, "nnx_net")
     script = textwrap.dedent(
         f"""
@@ -377,7 +377,7 @@ def test_a_fresh_process_writes_utf8_and_keys_nnx_modules_alike(tmp_path, monkey
         import sys
         import warnings
         warnings.filterwarnings("error", category=EncodingWarning, module=r"jaxdissect\\.")
-        from jaxdissect import store
+        from jaxdissect import code_keys, store
         from jaxdissect.data import synthetic
         path = store.write_rows_csv(pathlib.Path({str(tmp_path)!r}) / "r.csv", [{{"layer": "café"}}])
         assert path.read_bytes() == "layer\\r\\ncafé\\r\\n".encode("utf-8")
@@ -386,7 +386,7 @@ def test_a_fresh_process_writes_utf8_and_keys_nnx_modules_alike(tmp_path, monkey
         sys.path.insert(0, {str(tmp_path)!r})
         from flax import nnx
         import nnx_net
-        print(store.definition_key(nnx.eval_shape(lambda: nnx_net.Net(1, nnx.Rngs(0)))))
+        print(code_keys.definition_key(nnx.eval_shape(lambda: nnx_net.Net(1, nnx.Rngs(0)))))
         """
     )
     done = subprocess.run(

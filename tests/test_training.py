@@ -15,7 +15,7 @@ import pytest
 from absl import flags
 from jax.sharding import PartitionSpec as P
 
-from jaxdissect import cli, parallel, scenes, store, training, training_checkpoints
+from jaxdissect import cli, code_keys, parallel, scenes, store, training, training_checkpoints
 from jaxdissect.data.broden import Broden
 from jaxdissect.models import load as model_load
 from tests.experiment_testing import TINY_SIZE, tiny_broden
@@ -437,7 +437,7 @@ def test_resume_refuses_a_run_of_other_code(tmp_path, task, quick_run, caplog):
     shutil.copytree(quick_run[1], out)
     path = out / training.SETTINGS_FILE
     settings = json.loads(path.read_text(encoding="utf-8"))
-    assert settings["code"]["library"] == store.code_fingerprint()
+    assert settings["code"]["library"] == code_keys.code_fingerprint()
     store.write_json(path, {**settings, "code": {**settings["code"], "library": "older"}})
     with pytest.raises(FileExistsError, match=r"made by other library code .*--output_dir$"):
         training.train(QUICK, task, out, mesh=parallel.data_mesh(1), **RUN_KW)
