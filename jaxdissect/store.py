@@ -21,6 +21,7 @@ import shutil
 import uuid
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
+from tokenize import TokenError
 from typing import IO, Any
 
 import numpy as np
@@ -199,7 +200,8 @@ def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    # SyntaxError, TokenError: numpy parses a member's .npy header as Python text.
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, SyntaxError, TokenError) as e:
         raise ValueError(f"{path}: not readable arrays ({type(e).__name__}: {e})") from None
 
 
