@@ -607,12 +607,14 @@ def train(
     manager = training_checkpoints.checkpoint_manager(out / CHECKPOINT_DIR, config)
     restored = training_checkpoints.restore_state(manager, state)
     start = 0
+    # The rows logged up to the checkpoint, as it kept them (metrics.csv is an output: its
+    # rows after the checkpoint were lost with the killed run, and are redone).
+    history: list[dict[str, float]] = []
     if restored is not None:
         state = restored
         start = int(jax.device_get(state.step))
+        history = training_checkpoints.restore_rows(manager, start)
         logging.info("resuming %s from step %d", out, start)
-    # Rows logged after the checkpoint were lost with the killed run; they will be redone.
-    history = [r for r in read_metrics(out / METRICS_FILE) if r["step"] <= start]
     logging.info(
         "training %s (%d parameters, %d classes) on %s: %d train / %d val images at %d px, "
         "%d devices",
@@ -649,11 +651,11 @@ def train(
                 exports[step] = export_weights(weights_dir(out, step), state, config, task, extra)
         return row
 
-    # Step 0's row, unless the killed run logged it (its checkpoint is then the latest).
+    # Step 0's row, unless the killed run saved it with step 0's checkpoint.
     if start == 0 and not history:
         row = validate(state, 0)
         history.append({"step": 0, "epoch": 0.0, **row, "elapsed_s": 0.0})
-        training_checkpoints.save_state(manager, state)
+        training_checkpoints.save_state(manager, state, history)
     batches = train_batches(task.train, config.batch_size, seed=config.seed, flip=config.flip)
     stop = config.steps if stop_after is None else min(config.steps, stop_after)
     stream = batches[start:stop].to_iter_dataset(
@@ -711,7 +713,7 @@ def train(
         # Saved after the step's row is written: a run killed in between redoes the step
         # and its row. The final state is saved once summary.json is written.
         if saved and step != config.steps:
-            training_checkpoints.save_state(manager, state, pending)
+            training_checkpoints.save_state(manager, state, history, pending)
     bar.close()
     if start == stop == config.steps:
         logging.info("%s: already trained for %d steps", out, config.steps)
@@ -755,7 +757,7 @@ def train(
         )
     if step == config.steps:
         # Last: a run killed before it resumes from an earlier step and writes the summary.
-        training_checkpoints.save_state(manager, state, force=True)
+        training_checkpoints.save_state(manager, state, history, force=True)
     manager.wait_until_finished()
     manager.close()
     return result

@@ -1,8 +1,9 @@
-"""A training run's state checkpoints (orbax): when they are saved and kept, and the train
-metrics of the steps a checkpoint has taken since the last metrics row, kept in its
-metadata so that a resumed run's next row averages them too. Each is verified against the
-digest written beside it (`checkpoint.write_digest`): a damaged one is deleted and the run
-resumes from the one before."""
+"""A training run's state checkpoints (orbax): when they are saved and kept, and in each
+one's metadata the metrics rows logged up to its step (a resumed run goes on from them, not
+from metrics.csv as it finds it) and the train metrics of the steps taken since the last
+row (so that its next row averages them too). Each is verified against the digest written
+beside it (`checkpoint.write_digest`): a damaged one is deleted and the run resumes from the
+one before."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from jaxdissect import checkpoint
 # checkpoint's state has taken since the last row (so a resumed run's next row averages them).
 STEP_METRICS = ("loss", "accuracy")
 PENDING_METADATA = "unlogged_train_metrics"
+# The checkpoint metadata holding the metrics rows logged up to its step.
+ROWS_METADATA = "logged_rows"
 
 
 def checkpoint_manager(directory: pathlib.Path, config: Any) -> Any:
@@ -44,33 +47,44 @@ def checkpoint_manager(directory: pathlib.Path, config: Any) -> Any:
 
 
 def save_state(
-    manager: Any, state: Any, pending: Sequence[Mapping[str, Any]] = (), force: bool = False
+    manager: Any,
+    state: Any,
+    rows: Sequence[Mapping[str, float]],
+    pending: Sequence[Mapping[str, Any]] = (),
+    force: bool = False,
 ) -> bool:
-    """Save `state` with `pending`, the train metrics of its steps not yet in a row, and
-    its digest."""
+    """Save `state` with `rows`, the metrics rows logged up to its step, `pending`, the
+    train metrics of its steps not yet in a row, and its digest."""
     step = int(jax.device_get(state.step))
     if step in manager.all_steps():
         return False
     got = jax.device_get(list(pending))
-    unlogged = {key: [float(m[key]) for m in got] for key in STEP_METRICS}
+    metadata = {
+        ROWS_METADATA: [{key: float(value) for key, value in row.items()} for row in rows],
+        PENDING_METADATA: {key: [float(m[key]) for m in got] for key in STEP_METRICS},
+    }
     directory = pathlib.Path(str(manager.directory))
-    checkpoint.write_digest(directory, step, state, unlogged)
-    saved = checkpoint.save(
-        manager, step, state, force=force, custom_metadata={PENDING_METADATA: unlogged}
-    )
+    checkpoint.write_digest(directory, step, state, metadata)
+    saved = checkpoint.save(manager, step, state, force=force, custom_metadata=metadata)
     manager.wait_until_finished()
     checkpoint.remove_digests(directory, manager.all_steps())
     return saved
 
 
-def _unlogged(manager: Any, step: int) -> dict[str, list[float]]:
-    return (manager.metadata(step).custom_metadata or {}).get(PENDING_METADATA) or {}
+def _metadata(manager: Any, step: int) -> dict[str, Any]:
+    """What `save_state` kept in `step`'s metadata (and its digest covers)."""
+    custom = manager.metadata(step).custom_metadata or {}
+    return {key: custom[key] for key in (ROWS_METADATA, PENDING_METADATA) if key in custom}
+
+
+def restore_rows(manager: Any, step: int) -> list[dict[str, float]]:
+    """The metrics rows `save_state` kept with `step`'s checkpoint."""
+    return [dict(row) for row in _metadata(manager, step).get(ROWS_METADATA, [])]
 
 
 def restore_pending(manager: Any, step: int) -> list[dict[str, np.ndarray]]:
-    """The train metrics `save_state` kept with `step`'s checkpoint (none in a checkpoint
-    written without them)."""
-    unlogged = _unlogged(manager, step)
+    """The train metrics `save_state` kept with `step`'s checkpoint."""
+    unlogged = _metadata(manager, step).get(PENDING_METADATA, {})
     values = [unlogged.get(key, []) for key in STEP_METRICS]
     return [
         {key: np.float32(v) for key, v in zip(STEP_METRICS, row, strict=True)}
@@ -86,7 +100,7 @@ def restore_state(manager: Any, template: Any) -> Any:
             manager,
             step,
             template,
-            extra=lambda step=step: _unlogged(manager, step),
+            extra=lambda step=step: _metadata(manager, step),
             what=f"the checkpoint of step {step}",
             then="resuming from the one before it",
         )

@@ -78,9 +78,9 @@ Targets (each case draws its shapes, data and settings from its seed):
   or is dropped (the pass starts again), or is refused in one line naming its folder;
   other numbers, or any other error, fail the case.
 - train_checkpoint: a training run's checkpoints (`training_checkpoints`, steps 5 and 10)
-  with a file of step 10's bytes changed or cut resume at step 10 with the state and
-  unlogged metrics saved, or at step 5 (step 10 deleted), or are refused in one line
-  naming the folder.
+  with a file of step 10's bytes changed or cut resume at step 10 with the state, the
+  metrics rows and the unlogged metrics saved, or at step 5 (step 10 deleted), or are
+  refused in one line naming the folder.
 
 Cases compile as the tests do (JAX_DISABLE_MOST_OPTIMIZATIONS=1 unless set; 8 CPU
 devices). Optimised, XLA:CPU contracts multiply-adds in the upsampling, which the
@@ -1185,9 +1185,14 @@ def train_checkpoint_base(work: pathlib.Path) -> tuple[pathlib.Path, dict[int, _
     manager = training_checkpoints.checkpoint_manager(folder, _TRAIN_CONFIG)
     for step, state in states.items():
         metrics = [{"loss": np.float32(step), "accuracy": np.float32(0.5)}]
-        training_checkpoints.save_state(manager, state, metrics)
+        training_checkpoints.save_state(manager, state, _train_rows(step), metrics)
     manager.close()
     return folder, states
+
+
+def _train_rows(step: int) -> list[dict[str, float]]:
+    """The metrics rows the campaign's checkpoint of `step` keeps."""
+    return [{"step": float(s), "train_loss": s / 7} for s in range(0, step + 1, 5)]
 
 
 def train_checkpoint_case(
@@ -1214,9 +1219,12 @@ def train_checkpoint_case(
         want = states[int(got.step)]
         same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), got, want)
         pending = training_checkpoints.restore_pending(manager, int(got.step))
-        if not all(jax.tree.leaves(same)) or [float(m["loss"]) for m in pending] != [
-            float(got.step)
-        ]:
+        rows = training_checkpoints.restore_rows(manager, int(got.step))
+        if (
+            not all(jax.tree.leaves(same))
+            or [float(m["loss"]) for m in pending] != [float(got.step)]
+            or rows != _train_rows(int(got.step))
+        ):
             return desc, [f"restored other numbers (step {int(got.step)})"]
         return desc, []
     finally:

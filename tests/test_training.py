@@ -283,7 +283,7 @@ def test_exports_are_told_from_conversions(tmp_path):
         finished.load_model(None, str(tmp_path / "export"), options={"width": 0.5})
 
 
-@pytest.mark.parametrize("damage", [None, "arrays", "metrics", "no digest"])
+@pytest.mark.parametrize("damage", [None, "arrays", "metrics", "no digest", "metrics.csv"])
 def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(
     tmp_path, task, quick_run, damage, caplog
 ):
@@ -291,7 +291,8 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(
     metrics.csv as straight through (the data order, flips and dropout keys are functions of
     the step; row 12's train mean spans steps 9-12, across the checkpoint). Step 10's
     checkpoint damaged on disk (its arrays' bytes, its unlogged train metrics, no digest):
-    deleted with a warning, the run resumes from step 5 and ends the same."""
+    deleted with a warning, the run resumes from step 5 and ends the same. metrics.csv
+    changed on disk (a number, a cell that is none): the rows come from the checkpoint."""
     straight, straight_out = quick_run
     kw = dict(mesh=parallel.data_mesh(1), **RUN_KW)
     out = tmp_path / "run"
@@ -312,11 +313,17 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(
         meta.write_text(json.dumps(doc))
     elif damage == "no digest":
         (checkpoints / "digest-p0-10").unlink()
+    elif damage == "metrics.csv":
+        text = (out / training.METRICS_FILE).read_text().splitlines()
+        text[2] = text[2].replace(",", ",9", 2)  # step 4's row: other numbers
+        text[3] = text[3].replace(",", ",x", 1)  # step 6's: a cell that is not a number
+        (out / training.METRICS_FILE).write_text("\n".join(text) + "\n")
     with caplog.at_level("WARNING"):
         second = training.train(QUICK, task, out, **kw)
-    assert second.resumed_from == (5 if damage else 10) and second.step == 20
+    in_checkpoint = damage not in (None, "metrics.csv")
+    assert second.resumed_from == (5 if in_checkpoint else 10) and second.step == 20
     warned = "the checkpoint of step 10 is damaged" in caplog.text
-    assert warned == bool(damage), caplog.text
+    assert warned == in_checkpoint, caplog.text
 
     # The rows of the lost steps are redone, once, with the uninterrupted run's numbers.
     def numbers(run: pathlib.Path) -> list[dict[str, float]]:
