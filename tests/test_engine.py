@@ -261,7 +261,7 @@ def test_stage_keys_hold_the_backend(model, probe, monkeypatch):
     d = _dissector(m, variables, probe, settings, ("conv2",), parallel.data_mesh(1))[0]
     here = d.stage_key("pass1"), d.stage_key("pass2", "conv2")
     assert code_keys.backend_of(d.mesh) == [("cpu", "cpu")]
-    monkeypatch.setattr(store, "backend_of", lambda mesh: [("gpu", "NVIDIA H100 80GB HBM3")])
+    monkeypatch.setattr(code_keys, "backend_of", lambda mesh: [("gpu", "NVIDIA H100 80GB HBM3")])
     gpu = d.stage_key("pass1"), d.stage_key("pass2", "conv2")
     assert gpu[0] != here[0] and gpu[1] != here[1]
 
