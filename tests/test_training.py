@@ -283,7 +283,7 @@ def test_exports_are_told_from_conversions(tmp_path):
         finished.load_model(None, str(tmp_path / "export"), options={"width": 0.5})
 
 
-@pytest.mark.parametrize("damage", [None, "arrays", "metrics", "no digest", "metrics.csv"])
+@pytest.mark.parametrize("damage", ["metrics.csv", "arrays", "metrics", "no digest"])
 def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(
     tmp_path, task, quick_run, damage, caplog
 ):
@@ -292,7 +292,8 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(
     the step; row 12's train mean spans steps 9-12, across the checkpoint). Step 10's
     checkpoint damaged on disk (its arrays' bytes, its unlogged train metrics, no digest):
     deleted with a warning, the run resumes from step 5 and ends the same. metrics.csv
-    changed on disk (a number, a cell that is none): the rows come from the checkpoint."""
+    changed on disk (a number, a cell that is none; with the checkpoints intact): the rows
+    come from the checkpoint, which is all a resumed run reads."""
     straight, straight_out = quick_run
     kw = dict(mesh=parallel.data_mesh(1), **RUN_KW)
     out = tmp_path / "run"
@@ -320,7 +321,7 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(
         (out / training.METRICS_FILE).write_text("\n".join(text) + "\n")
     with caplog.at_level("WARNING"):
         second = training.train(QUICK, task, out, **kw)
-    in_checkpoint = damage not in (None, "metrics.csv")
+    in_checkpoint = damage != "metrics.csv"
     assert second.resumed_from == (5 if in_checkpoint else 10) and second.step == 20
     warned = "the checkpoint of step 10 is damaged" in caplog.text
     assert warned == in_checkpoint, caplog.text
