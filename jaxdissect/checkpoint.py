@@ -10,8 +10,11 @@ Orbax's array files carry no checksum, so a checkpoint damaged on disk could res
 other numbers: each process writes the sha256 of its shards of the state beside the
 checkpoint (`digest-p<process>-<step>`), and a restore whose state does not match its
 digest on every process (or that fails, or has no digest) is dropped with a warning:
-the pass starts again, losing time, never numbers. `write_digest` and `verified_restore`
-serve any orbax manager's steps (a training run's checkpoints too).
+the pass starts again, losing time, never numbers. Process 0's digest also records the
+sha256 of every file of the finished step (`record_files`): a step whose files changed
+is dropped before orbax reads it (a read that fails leaves orbax's other reads running
+past its closed event loop, each printing a traceback). `write_digest`, `record_files`
+and `verified_restore` serve any orbax manager's steps (a training run's checkpoints too).
 """
 
 from __future__ import annotations
@@ -79,6 +82,43 @@ def write_digest(directory: pathlib.Path, step: int, state: Any, extra: Any = No
     store.write_json(digest_path(directory, step), {"sha256": state_digest(state, extra)})
 
 
+def _file_digests(folder: pathlib.Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by its path relative to it."""
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            digests[path.relative_to(folder).as_posix()] = hashlib.file_digest(
+                f, "sha256"
+            ).hexdigest()
+    return digests
+
+
+def record_files(directory: pathlib.Path, step: int) -> None:
+    """Add the sha256 of every file of the finished checkpoint of `step` to process 0's
+    digest (the files of every process: orbax's folder is one all processes share)."""
+    if jax.process_index() == 0:
+        path = digest_path(directory, step)
+        digest = json.loads(path.read_text(encoding="utf-8"))
+        store.write_json(path, {**digest, "files": _file_digests(directory / str(step))})
+
+
+def _files_problem(directory: pathlib.Path, step: int) -> str:
+    """Why the files of `step` are not those `record_files` recorded ('' if they are, or
+    if this process recorded none)."""
+    try:
+        recorded = json.loads(digest_path(directory, step).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""  # no record (another process's, or a step of older code): orbax decides
+    if not isinstance(recorded, dict):
+        return "its digest's record of its files is damaged"
+    try:
+        found = _file_digests(directory / str(step))
+    except OSError as e:
+        return f"its files cannot be read ({e.strerror})"
+    changed = sorted(set(recorded) ^ set(found) | {f for f in found if recorded.get(f) != found[f]})
+    return f"its files are not those saved ({', '.join(changed[:3])})" if changed else ""
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, **kwargs: Any) -> bool:
     """`manager.save(step, state, **kwargs)`; a disk without room for this process's
     shards of `state` (free space checked first, on every process at once: a process that
@@ -133,17 +173,20 @@ def verified_restore(
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template
     )
-    state, problem = None, ""
-    try:
-        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        got = state_digest(state, None if extra is None else extra())
-        recorded = json.loads(digest_path(directory, step).read_text(encoding="utf-8"))["sha256"]
-        if recorded != got:
-            problem = "its arrays are not the state that was saved"
-    except FileNotFoundError:
-        problem = "it has no digest (written by older code, or killed before the digest)"
-    except Exception as e:  # noqa: BLE001 - orbax's, tensorstore's, json's: all mean damage
-        problem = f"it cannot be read ({type(e).__name__}: {str(e).strip()[:200]})"
+    state, problem = None, _files_problem(directory, step)
+    # Every process restores (orbax's restore is collective) or none does.
+    if parallel.all_processes(not problem):
+        try:
+            state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            got = state_digest(state, None if extra is None else extra())
+            digest = json.loads(digest_path(directory, step).read_text(encoding="utf-8"))
+            if digest["sha256"] != got:
+                problem = "its arrays are not the state that was saved"
+        except FileNotFoundError:
+            problem = "it has no digest (written by older code, or killed before the digest)"
+        except Exception as e:  # noqa: BLE001 - orbax's, tensorstore's, json's: all mean damage
+            reason = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
+            problem = f"it cannot be read ({type(e).__name__}: {reason[:200]})"
     if parallel.all_processes(not problem):
         return state
     logging.warning(
@@ -194,6 +237,7 @@ class StreamCheckpoint:
         write_digest(self.directory, batches_done, state)
         save(self._manager, batches_done, state, force=True)
         self._manager.wait_until_finished()
+        record_files(self.directory, batches_done)
         remove_digests(self.directory, [batches_done])
         return True
 

@@ -67,6 +67,8 @@ def save_state(
     checkpoint.write_digest(directory, step, state, metadata)
     saved = checkpoint.save(manager, step, state, force=force, custom_metadata=metadata)
     manager.wait_until_finished()
+    if saved:
+        checkpoint.record_files(directory, step)
     checkpoint.remove_digests(directory, manager.all_steps())
     return saved
 

@@ -263,32 +263,45 @@ def test_a_resumed_pass2_counts_at_the_thresholds_it_reports(in_process, tmp_pat
     _assert_same_counts(resumed, whole)
 
 
-@pytest.mark.parametrize("damage", ["arrays", "digest", "no digest"])
+@pytest.mark.parametrize("damage", ["arrays", "arrays, files unrecorded", "digest", "no digest"])
 def test_a_damaged_checkpoint_restarts_its_pass_never_other_numbers(
-    in_process, tmp_path, caplog, damage
+    in_process, tmp_path, caplog, monkeypatch, damage
 ):
     """A resume checkpoint whose array files were changed on disk (orbax restored them as
     other numbers: no checksum), whose digest disagrees, or that has none (older code) is
-    dropped with a warning: the pass starts again and ends as a clean run."""
+    dropped with a warning: the pass starts again and ends as a clean run. Changed files
+    are found by their recorded sha256 before orbax reads them (a read that failed left
+    orbax's other reads printing tracebacks); without that record, by the state's digest
+    or orbax's error."""
     probe, run = in_process
     clean = run(probe)
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):  # in pass 1 after the checkpoint of batch 2
         run(_Killed(probe, 9), "none", work)
     [folder] = (work / "checkpoints").glob("pass1-*/*-devices")
-    if damage == "arrays":  # every byte of the largest data file inverted
+    [digest] = folder.glob("digest-p0-*")
+    if damage.startswith("arrays"):  # every byte of the largest data file inverted
         data = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
         data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
-    else:
-        [digest] = folder.glob("digest-p0-*")
-        if damage == "digest":
-            digest.write_text('{"sha256": "0"}')
+        if damage == "arrays":
+            assert "files" in json.loads(digest.read_text())
+
+            def unread(*args, **kwargs):
+                raise AssertionError("orbax read a checkpoint whose files changed")
+
+            monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "restore", unread)
         else:
-            digest.unlink()
+            digest.write_text(json.dumps({"sha256": json.loads(digest.read_text())["sha256"]}))
+    elif damage == "digest":
+        digest.write_text('{"sha256": "0"}')
+    else:
+        digest.unlink()
     with caplog.at_level("WARNING"):
         resumed = run(probe, "none", work)
     assert any("is damaged" in r.getMessage() and "starting the pass again" in r.getMessage()
                for r in caplog.records)  # fmt: skip
+    if damage == "arrays":
+        assert "its files are not those saved" in caplog.text
     np.testing.assert_array_equal(resumed.thresholds, clean.thresholds)
     _assert_same_counts(resumed, clean)
 
