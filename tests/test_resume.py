@@ -384,3 +384,20 @@ def test_a_checkpoint_the_disk_cannot_hold_is_an_error_naming_its_folder(
     restored, step = ckpt.restore(jax.tree.map(jnp.zeros_like, state))
     assert step == 1
     np.testing.assert_array_equal(restored["counts"], state["counts"])
+
+
+def test_an_intact_checkpoint_passes_its_file_record_after_orbax_opens_and_reads_it(tmp_path):
+    """The files' record covers what orbax leaves unchanged: a checkpoint opened by a new
+    manager and restored twice is restored each time, not dropped as damaged."""
+    state = {"counts": jnp.arange(1000, dtype=jnp.int32), "x": jnp.ones((16, 16))}
+    saved = StreamCheckpoint(tmp_path / "ckpt", every=1)
+    assert saved.maybe_save(3, state)
+    saved.close()
+    [digest] = (tmp_path / "ckpt").glob("digest-p0-3")
+    assert json.loads(digest.read_text())["files"]
+    for _ in range(2):
+        ckpt = StreamCheckpoint(tmp_path / "ckpt", every=1)
+        restored, step = ckpt.restore(jax.tree.map(jnp.zeros_like, state))
+        ckpt.close()
+        assert step == 3
+        np.testing.assert_array_equal(restored["counts"], state["counts"])
