@@ -91,11 +91,53 @@ def _check(u: np.ndarray, c: np.ndarray) -> None:
         )
 
 
-def iou(inter: jax.Array, unit_area: jax.Array, concept_area: jax.Array) -> jax.Array:
-    """float32 [K, C] IoU from intersections [K, C] and areas [K], [C] (0 where both are empty)."""
-    inter = inter.astype(jnp.float32)
-    union = unit_area.astype(jnp.float32)[:, None] + concept_area.astype(jnp.float32) - inter
-    return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 0.0)
+# Counts compared exactly as limbs of this many bits (three: counts below 2**33), so that
+# the limbs' products and their sums stay within int32.
+_LIMB_BITS = 11
+_LIMBS = 3
+
+
+def _product_limbs(a: jax.Array, b: jax.Array) -> list[jax.Array]:
+    """a * b, for int32 counts a, b >= 0, as 2 * _LIMBS - 1 int32 limbs (unnormalised)."""
+    mask = (1 << _LIMB_BITS) - 1
+    x = [(a >> (_LIMB_BITS * i)) & mask for i in range(_LIMBS)]
+    y = [(b >> (_LIMB_BITS * i)) & mask for i in range(_LIMBS)]
+    return [
+        sum(x[i] * y[k - i] for i in range(_LIMBS) if 0 <= k - i < _LIMBS)
+        for k in range(2 * _LIMBS - 1)
+    ]
+
+
+def at_least(n1: jax.Array, d1: jax.Array, n2: jax.Array, d2: jax.Array) -> jax.Array:
+    """Exactly whether n1 / d1 >= n2 / d2, for int32 counts >= 0 and denominators > 0:
+    the sign of n1 * d2 - n2 * d1, whose products need up to 62 bits, from int32 limbs."""
+    limbs = [p - q for p, q in zip(_product_limbs(n1, d2), _product_limbs(n2, d1), strict=True)]
+    for i in range(len(limbs) - 1):  # carry up: every limb but the top in [0, 2**bits)
+        limbs[i + 1] = limbs[i + 1] + (limbs[i] >> _LIMB_BITS)
+    # The lower limbs add less than one unit of the top one: the top's sign is the sign.
+    return limbs[-1] >= 0
+
+
+def _iou_fractions(
+    inter: jax.Array, unit_area: jax.Array, concept_area: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """int32 (numerators, denominators) [K, C] of the IoUs: inter / union, 0 / 1 where both
+    masks are empty."""
+    union = unit_area[:, None] + concept_area[None, :] - inter
+    return inter, jnp.maximum(union, 1)
+
+
+def _best_fraction(num: jax.Array, den: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's largest fraction num / den (exactly), as (numerator, denominator) [K]."""
+
+    def larger(best, column):
+        n, d = column
+        take = at_least(n, d, *best)
+        return (jnp.where(take, n, best[0]), jnp.where(take, d, best[1])), None
+
+    start = (jnp.zeros(num.shape[0], num.dtype), jnp.ones(num.shape[0], den.dtype))
+    (n, d), _ = jax.lax.scan(larger, start, (num.T, den.T))
+    return n, d
 
 
 def pack(masks: np.ndarray | jax.Array) -> jax.Array:
@@ -165,17 +207,16 @@ def _exceedances(
 ) -> tuple[jax.Array, jax.Array]:
     """counts plus, over the draws `perms` [D, N]: (int32 [K, C]) draws whose permuted
     intersection reaches `observed`, (int32 [K]) draws whose best IoU over the concepts
-    reaches the unit's observed best IoU. The best IoUs compare as float32 quotients of
-    exact counts (correctly rounded, so monotone): a drawn best that falls short of the
-    observed one by less than float32 resolves may count as reaching it, never the reverse
-    (conservative)."""
-    best = jnp.max(iou(observed, unit_area, concept_area), axis=1)
+    reaches the unit's observed best IoU, the IoUs compared exactly as fractions of
+    their counts (`at_least`)."""
+    best = _best_fraction(*_iou_fractions(observed, unit_area, concept_area))
 
     def one(carry, perm):
         inter = _pairing(unit_bits, concept_bits, perm, **static)
-        drawn = jnp.max(iou(inter, unit_area, concept_area), axis=1)
+        num, den = _iou_fractions(inter, unit_area, concept_area)
+        reaches = at_least(num, den, best[0][:, None], best[1][:, None]).any(axis=1)
         pairs, units = carry
-        return (pairs + (inter >= observed), units + (drawn >= best)), None
+        return (pairs + (inter >= observed), units + reaches), None
 
     counts, _ = jax.lax.scan(one, counts, perms)
     return counts

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
@@ -71,6 +73,58 @@ def test_pvalues_match_numpy_loop(monkeypatch, exact_limit, chunk):
     # float32 IoU in JAX, float64 here: equal best IoUs compare alike (same counts).
     np.testing.assert_array_equal(got.unit_p, want_unit)
     assert (got.pair_p[0] == 1).all() and (got.pair_p[:, 1] == 1).all() and got.unit_p[0] == 1
+
+
+def test_iou_fractions_compare_exactly_where_float32_cannot():
+    """`at_least` (n1 / d1 >= n2 / d2) against Python's fractions on random counts up to
+    2**31 - 1, equal fractions of other terms, Farey neighbours (the closest distinct
+    fractions of their size) and pairs float32 rounds to one value."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(5)
+    top = 2**31 - 1
+    d = rng.integers(1, top, 4000, dtype=np.int64)
+    n = (rng.random(4000) * d).astype(np.int64)
+    cases = [(n[:2000], d[:2000], n[2000:], d[2000:])]
+    g = rng.integers(1, 40, 500, dtype=np.int64)  # equal fractions: (n // 40) / (d // 40 + 1)
+    cases.append(
+        (n[:500] // 40 * g, d[:500] // 40 * g + g, n[:500] // 40 * 3, d[:500] // 40 * 3 + 3)
+    )
+    # Farey neighbours a/b < c/d with c*b - a*d = 1, denominators near 2**24 and 2**30.
+    for size in (2**24, 2**30):
+        b_ = rng.integers(size // 2, size, 300, dtype=np.int64)
+        a_ = rng.integers(1, size // 4, 300, dtype=np.int64) | 1
+        # c/d: the next fraction after a/b with denominator below b (extended Euclid).
+        c_, d_ = [], []
+        for a1, b1 in zip(a_.tolist(), b_.tolist(), strict=True):
+            g1 = math.gcd(a1, b1)
+            a1, b1 = a1 // g1, b1 // g1
+            x = pow(a1, -1, b1)  # a*x = 1 mod b: c = (a*d + 1) / b with d = b - x
+            dd = b1 - x
+            c_.append((a1 * dd + 1) // b1)
+            d_.append(dd)
+        cases.append((a_ // np.gcd(a_, b_), b_ // np.gcd(a_, b_), np.array(c_), np.array(d_)))
+    n1, d1, n2, d2 = (np.concatenate(x) for x in zip(*cases, strict=True))
+    assert min(x.min() for x in (n1, n2)) >= 0 and min(d1.min(), d2.min()) > 0
+    assert max(x.max() for x in (n1, d1, n2, d2)) <= top
+    want = [
+        Fraction(int(a), int(b)) >= Fraction(int(c), int(e))
+        for a, b, c, e in zip(n1, d1, n2, d2, strict=True)
+    ]
+    args = [jnp.asarray(x, jnp.int32) for x in (n1, d1, n2, d2)]
+    forward = np.asarray(significance.at_least(*args))
+    backward = np.asarray(significance.at_least(args[2], args[3], args[0], args[1]))
+    want_back = [
+        Fraction(int(c), int(e)) >= Fraction(int(a), int(b))
+        for a, b, c, e in zip(n1, d1, n2, d2, strict=True)
+    ]
+    assert forward.tolist() == want and backward.tolist() == want_back
+    # Some of these pairs float32 cannot tell apart (the quotients round to one value).
+    f32 = (n1.astype(np.float32) / d1.astype(np.float32)) == (
+        n2.astype(np.float32) / d2.astype(np.float32)
+    )
+    distinct = np.array(want) != np.array(want_back)
+    assert (f32 & distinct).sum() > 100
 
 
 @pytest.fixture(scope="module")
