@@ -399,13 +399,31 @@ _METRIC_COLUMNS = (
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, float]]:
-    """Rows of a metrics.csv (empty cells -> NaN)."""
+    """Rows of a metrics.csv (empty cells -> NaN); a cell that is no number is one
+    ValueError naming the file, row and column."""
     if not os.path.exists(path):
         return []
-    return [
-        {k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
-        for row in store.read_rows_csv(path)
-    ]
+    rows = []
+    for i, row in enumerate(store.read_rows_csv(path), start=2):  # line 1: the header
+        try:
+            rows.append(
+                {k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
+            )
+        except (TypeError, ValueError):
+            bad = next(k for k, v in row.items() if not _is_number(v))
+            raise ValueError(
+                f"{path}, line {i}: column {bad} holds {row[bad]!r}, not a number; the file "
+                "was edited or damaged"
+            ) from None
+    return rows
+
+
+def _is_number(cell: str | None) -> bool:
+    try:
+        float(cell or "nan")
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _write_metrics(path: pathlib.Path, rows: Sequence[Mapping[str, float]]) -> None:

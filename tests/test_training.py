@@ -488,3 +488,14 @@ def test_train_script_refuses_a_bad_arch_before_making_data(tmp_path, monkeypatc
         with pytest.raises(ValueError, match=message):
             script("train").run(fv)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_read_metrics_names_the_file_line_and_column_of_a_cell_that_is_no_number(tmp_path):
+    path = tmp_path / training.METRICS_FILE
+    path.write_text("step,train_loss,val_accuracy\n0,2.5,\n4,x1.25,0.5\n")
+    with pytest.raises(ValueError, match=r"metrics\.csv, line 3: column train_loss holds 'x1\.25'"):
+        training.read_metrics(path)
+    path.write_text("step,train_loss,val_accuracy\n0,2.5,\n4,1.25,0.5\n")
+    rows = training.read_metrics(path)
+    assert rows[1] == {"step": 4.0, "train_loss": 1.25, "val_accuracy": 0.5}
+    assert np.isnan(rows[0]["val_accuracy"])
