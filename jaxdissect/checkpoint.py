@@ -11,10 +11,10 @@ other numbers: each process writes the sha256 of its shards of the state beside 
 checkpoint (`digest-p<process>-<step>`), and a restore whose state does not match its
 digest on every process (or that fails, or has no digest) is dropped with a warning:
 the pass starts again, losing time, never numbers. Process 0's digest also records the
-sha256 of every file of the finished step (`record_files`): a step whose files changed
+sha256 of every file of the finished step: a step whose files changed
 is dropped before orbax reads it (a read that fails leaves orbax's other reads running
-past its closed event loop, each printing a traceback). `write_digest`, `record_files`
-and `verified_restore` serve any orbax manager's steps (a training run's checkpoints too).
+past its closed event loop, each printing a traceback). `save` and `verified_restore`
+serve any orbax manager's steps (a training run's checkpoints too).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def digest_path(directory: pathlib.Path, step: int) -> pathlib.Path:
     return directory / f"digest-p{jax.process_index()}-{step}"
 
 
-def write_digest(directory: pathlib.Path, step: int, state: Any, extra: Any = None) -> None:
+def _write_digest(directory: pathlib.Path, step: int, state: Any, extra: Any = None) -> None:
     """Record the digest of `state` (and `extra`) as the checkpoint of `step`'s; written
     before orbax's save, so a run killed after orbax finalises the step finds it."""
     store.write_json(digest_path(directory, step), {"sha256": state_digest(state, extra)})
@@ -93,7 +93,7 @@ def _file_digests(folder: pathlib.Path) -> dict[str, str]:
     return digests
 
 
-def record_files(directory: pathlib.Path, step: int) -> None:
+def _record_files(directory: pathlib.Path, step: int) -> None:
     """Add the sha256 of every file of the finished checkpoint of `step` to process 0's
     digest (the files of every process: orbax's folder is one all processes share)."""
     if jax.process_index() == 0:
@@ -103,7 +103,7 @@ def record_files(directory: pathlib.Path, step: int) -> None:
 
 
 def _files_problem(directory: pathlib.Path, step: int) -> str:
-    """Why the files of `step` are not those `record_files` recorded ('' if they are, or
+    """Why the files of `step` are not those `_record_files` recorded ('' if they are, or
     if this process recorded none)."""
     try:
         recorded = json.loads(digest_path(directory, step).read_text(encoding="utf-8"))["files"]
@@ -119,8 +119,12 @@ def _files_problem(directory: pathlib.Path, step: int) -> str:
     return f"its files are not those saved ({', '.join(changed[:3])})" if changed else ""
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, **kwargs: Any) -> bool:
-    """`manager.save(step, state, **kwargs)`; a disk without room for this process's
+def save(
+    manager: ocp.CheckpointManager, step: int, state: Any, *, extra: Any = None, **kwargs: Any
+) -> bool:
+    """`manager.save(step, state, **kwargs)` with its digests: the state's (with `extra`,
+    JSON the step keeps too) before the save, the files' once it is finished, and those
+    of steps the manager no longer keeps removed. A disk without room for this process's
     shards of `state` (free space checked first, on every process at once: a process that
     raised alone would leave the others waiting in orbax's save; or orbax's write refused)
     is an OSError ENOSPC naming the manager's folder, which the scripts say in one line."""
@@ -140,15 +144,21 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, **kwargs: Any) -
         if room:
             full.strerror += " on another process's disk"
         raise full
+    _write_digest(directory, step, state, extra)
     try:
-        return manager.save(step, args=ocp.args.StandardSave(state), **kwargs)
+        saved = manager.save(step, args=ocp.args.StandardSave(state), **kwargs)
     except Exception as e:
         if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
             raise full from None
         raise
+    manager.wait_until_finished()
+    if saved:
+        _record_files(directory, step)
+    _remove_digests(directory, manager.all_steps())
+    return saved
 
 
-def remove_digests(directory: pathlib.Path, keep: Iterable[int]) -> None:
+def _remove_digests(directory: pathlib.Path, keep: Iterable[int]) -> None:
     """Delete this process's digests of steps not in `keep`."""
     kept = {digest_path(directory, s) for s in keep}
     for path in directory.glob(f"digest-p{jax.process_index()}-*"):
@@ -234,11 +244,7 @@ class StreamCheckpoint:
             return False
         if self._manager.latest_step() == batches_done:
             return False
-        write_digest(self.directory, batches_done, state)
         save(self._manager, batches_done, state, force=True)
-        self._manager.wait_until_finished()
-        record_files(self.directory, batches_done)
-        remove_digests(self.directory, [batches_done])
         return True
 
     def close(self) -> None:

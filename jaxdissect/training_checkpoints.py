@@ -2,7 +2,7 @@
 one's metadata the metrics rows logged up to its step (a resumed run goes on from them, not
 from metrics.csv as it finds it) and the train metrics of the steps taken since the last
 row (so that its next row averages them too). Each is verified against the digest written
-beside it (`checkpoint.write_digest`): a damaged one is deleted and the run resumes from the
+beside it (`checkpoint.save`): a damaged one is deleted and the run resumes from the
 one before."""
 
 from __future__ import annotations
@@ -63,14 +63,9 @@ def save_state(
         ROWS_METADATA: [{key: float(value) for key, value in row.items()} for row in rows],
         PENDING_METADATA: {key: [float(m[key]) for m in got] for key in STEP_METRICS},
     }
-    directory = pathlib.Path(str(manager.directory))
-    checkpoint.write_digest(directory, step, state, metadata)
-    saved = checkpoint.save(manager, step, state, force=force, custom_metadata=metadata)
-    manager.wait_until_finished()
-    if saved:
-        checkpoint.record_files(directory, step)
-    checkpoint.remove_digests(directory, manager.all_steps())
-    return saved
+    return checkpoint.save(
+        manager, step, state, extra=metadata, force=force, custom_metadata=metadata
+    )
 
 
 def _metadata(manager: Any, step: int) -> dict[str, Any]:
