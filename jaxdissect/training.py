@@ -735,6 +735,8 @@ def train(
     bar.close()
     if start == stop == config.steps:
         logging.info("%s: already trained for %d steps", out, config.steps)
+        if jax.process_index() == 0 and history:  # metrics.csv as the checkpoint keeps it
+            _write_metrics(out / METRICS_FILE, history)
     final = [r for r in history if not np.isnan(r.get("val_accuracy", float("nan")))]
     last = final[-1] if final else {"val_accuracy": float("nan"), "val_loss": float("nan")}
     result = TrainResult(

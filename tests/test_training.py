@@ -359,7 +359,8 @@ def test_a_checkpoint_orbax_cannot_open_is_one_error_naming_the_folder(tmp_path,
 
 def test_resume_before_the_first_checkpoint_and_before_the_summary(tmp_path, task, monkeypatch):
     """Killed before the first periodic checkpoint: step 0's row once. Killed after the last
-    step but before summary.json: the rerun writes it."""
+    step but before summary.json: the rerun writes it. A rerun of the finished run rewrites
+    a metrics.csv changed since from the checkpoint."""
     kw = dict(mesh=parallel.data_mesh(1), **RUN_KW)
     config = _config()
     out = tmp_path / "run"
@@ -381,6 +382,12 @@ def test_resume_before_the_first_checkpoint_and_before_the_summary(tmp_path, tas
     assert again.resumed_from == 15 and (out / training.SUMMARY_FILE).is_file()
     steps = [r["step"] for r in training.read_metrics(out / training.METRICS_FILE)]
     assert steps == [0, 4, 8, 12, 16, 20]
+    # A finished run's metrics.csv changed on disk: the rerun writes it as its last
+    # checkpoint keeps it.
+    written = (out / training.METRICS_FILE).read_text()
+    (out / training.METRICS_FILE).write_text(written.replace("\n4,", "\n4,9", 1))
+    assert training.train(config, task, out, **kw).resumed_from == 20
+    assert (out / training.METRICS_FILE).read_text() == written
 
 
 def test_a_kill_between_a_checkpoint_and_its_row_loses_no_row(tmp_path, task, monkeypatch):
