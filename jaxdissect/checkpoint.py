@@ -76,10 +76,15 @@ def digest_path(directory: pathlib.Path, step: int) -> pathlib.Path:
     return directory / f"digest-p{jax.process_index()}-{step}"
 
 
-def _write_digest(directory: pathlib.Path, step: int, state: Any, extra: Any = None) -> None:
-    """Record the digest of `state` (and `extra`) as the checkpoint of `step`'s; written
-    before orbax's save, so a run killed after orbax finalises the step finds it."""
-    store.write_json(digest_path(directory, step), {"sha256": state_digest(state, extra)})
+def _write_digest(
+    directory: pathlib.Path, step: int, state: Any, extra: Any = None
+) -> dict[str, Any]:
+    """Record the digest of `state` (and `extra`) as the checkpoint of `step`'s, and return
+    it; written before orbax's save, so a run killed after orbax finalises the step finds
+    it."""
+    digest = {"sha256": state_digest(state, extra)}
+    store.write_json(digest_path(directory, step), digest)
+    return digest
 
 
 def _file_digests(folder: pathlib.Path) -> dict[str, str]:
@@ -93,13 +98,12 @@ def _file_digests(folder: pathlib.Path) -> dict[str, str]:
     return digests
 
 
-def _record_files(directory: pathlib.Path, step: int) -> None:
+def _record_files(directory: pathlib.Path, step: int, digest: dict[str, Any]) -> None:
     """Add the sha256 of every file of the finished checkpoint of `step` to process 0's
-    digest (the files of every process: orbax's folder is one all processes share)."""
+    `digest` (the files of every process: orbax's folder is one all processes share)."""
     if jax.process_index() == 0:
-        path = digest_path(directory, step)
-        digest = json.loads(path.read_text(encoding="utf-8"))
-        store.write_json(path, {**digest, "files": _file_digests(directory / str(step))})
+        files = _file_digests(directory / str(step))
+        store.write_json(digest_path(directory, step), {**digest, "files": files})
 
 
 def _files_problem(directory: pathlib.Path, step: int) -> str:
@@ -144,7 +148,7 @@ def save(
         if room:
             full.strerror += " on another process's disk"
         raise full
-    _write_digest(directory, step, state, extra)
+    digest = _write_digest(directory, step, state, extra)
     try:
         saved = manager.save(step, args=ocp.args.StandardSave(state), **kwargs)
     except Exception as e:
@@ -153,7 +157,7 @@ def save(
         raise
     manager.wait_until_finished()
     if saved:
-        _record_files(directory, step)
+        _record_files(directory, step, digest)
     _remove_digests(directory, manager.all_steps())
     return saved
 

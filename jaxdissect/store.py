@@ -2,8 +2,8 @@
 
 Every stage output lives under a key that hashes everything it depends on (model
 weights, the model's definition and this library's code (`code_keys`), layer, every
-setting of the stage, the data index), so changing a flag or a model's code can never reuse a stale
-result, and two layers can never share one. Files are written to a temporary name and
+setting of the stage, the data index), so changing a flag or a model's code can never
+reuse a stale result, and two layers can never share one. Files are written to a temporary name and
 renamed, and a stage is complete only when its `DONE` marker exists: a partial result is
 never taken for a complete one. The atomic writers (text, JSON, CSV rows, arrays) serve
 every other output file too.

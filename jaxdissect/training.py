@@ -400,30 +400,22 @@ _METRIC_COLUMNS = (
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, float]]:
     """Rows of a metrics.csv (empty cells -> NaN); a cell that is no number is one
-    ValueError naming the file, row and column."""
+    ValueError naming the file, line and column."""
     if not os.path.exists(path):
         return []
     rows = []
-    for i, row in enumerate(store.read_rows_csv(path), start=2):  # line 1: the header
-        try:
-            rows.append(
-                {k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
-            )
-        except (TypeError, ValueError):
-            bad = next(k for k, v in row.items() if not _is_number(v))
-            raise ValueError(
-                f"{path}, line {i}: column {bad} holds {row[bad]!r}, not a number; the file "
-                "was edited or damaged"
-            ) from None
+    for line, row in enumerate(store.read_rows_csv(path), start=2):  # line 1: the header
+        parsed = {}
+        for column, cell in row.items():
+            try:
+                parsed[column] = float(cell) if cell not in ("", None) else float("nan")
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{path}, line {line}: column {column} holds {cell!r}, not a number; the "
+                    "file was edited or damaged"
+                ) from None
+        rows.append(parsed)
     return rows
-
-
-def _is_number(cell: str | None) -> bool:
-    try:
-        float(cell or "nan")
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _write_metrics(path: pathlib.Path, rows: Sequence[Mapping[str, float]]) -> None:
