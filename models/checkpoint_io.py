@@ -2,8 +2,9 @@
 running code: which format a file is, and the state dict in it.
 
 Formats: torch.save's zip and legacy `.pth` (`torch_file`, whose restricted unpickler
-refuses any global a state dict does not need), `.safetensors` (`safetensors_file`);
-`.npz` is `npz_file.load_npz`. Every error names the file (`weight_file`).
+imports no global a state dict does not need: a whole pickled module is read as data, as
+its state dict), `.safetensors` (`safetensors_file`); `.npz` is `npz_file.load_npz`. Every
+error names the file (`weight_file`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from jaxdissect.models import safetensors_file, torch_file
 from jaxdissect.models.torch_import import WeightMappingError, strip_prefix
@@ -43,10 +45,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     """Everything a torch or safetensors weight file holds, tensors as numpy arrays.
 
     Unlike `load_state_dict`, wrappers such as `{'epoch': ..., 'state_dict': ...}`
-    are returned as they are; an `argparse.Namespace` comes back as a `torch_file.Namespace`.
+    are returned as they are; an `argparse.Namespace` comes back as a `torch_file.Namespace`,
+    a pickled `nn.Module` as its state dict (`torch_file.ModuleWeights`), and any other
+    pickled object as an inert `torch_file.PickledObject`.
 
     Raises:
-      UnsafeCheckpointError: the pickle names a global outside `torch_file.ALLOWED_GLOBALS`.
+      UnsafeCheckpointError: the pickle names a global outside `torch_file.ALLOWED_GLOBALS`
+        and holds no module.
       CheckpointError: the file is missing, not a readable weight file, truncated or
         corrupt (each message starts with the path).
     """
@@ -114,10 +119,13 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
     Unwraps training checkpoints that keep it under one of `WRAPPER_KEYS`
     (`{'epoch': ..., 'state_dict': ..., 'args': Namespace(...)}`; several such keys are
-    refused), strips a DataParallel `module.` prefix, and widens bfloat16 to float32.
+    refused), reads a whole pickled model (`torch.save(model)`, alone or under such a key) as
+    its state dict without importing its classes, strips a DataParallel `module.` prefix, and
+    widens bfloat16 to float32.
 
     Raises:
-      UnsafeCheckpointError: the file would need code to load (e.g. a whole pickled model).
+      UnsafeCheckpointError: the file pickles an object other than tensors and modules,
+        which it would take code to rebuild.
       CheckpointError: the file is unreadable or holds no state dict.
     """
     path = os.fspath(path)
@@ -125,6 +133,12 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     obj = _state_dict_of(obj, path)
+    if isinstance(obj, torch_file.ModuleWeights):
+        logging.info(
+            "%s: the weights of a pickled %s, read as data (none of its code imported or run)",
+            path,
+            obj.qualified,
+        )
     not_arrays = [
         f"{k}: {type(v).__name__}" for k, v in obj.items() if not isinstance(v, np.ndarray)
     ]

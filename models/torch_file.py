@@ -10,8 +10,12 @@ Pickles are read by `_RestrictedUnpickler`, whose `find_class` hands out only
 the few globals a state dict needs (`ALLOWED_GLOBALS`) and maps torch's tensor
 rebuild functions to numpy ones here; an `argparse.Namespace` (a training script's
 arguments, saved beside its weights) is read as an inert record of its attributes.
-Any other global (a pickled `nn.Module`, `os.system`, ...) raises
-`UnsafeCheckpointError` before it could run.
+Any other global (a class of a pickled `nn.Module`, `os.system`, ...) is never imported:
+the pickle gets an inert `PickledObject` type in its place, which records what the pickle
+hands it. A whole pickled module (`torch.save(model)`, as NetDissect-Lite's DenseNet-161
+and ResNet-50 Places365 files) is then read as data: each such record with a module's
+`_parameters`, `_buffers` and `_modules` becomes its state dict (`ModuleWeights`). A file
+that names another global and holds no module raises `UnsafeCheckpointError`, naming it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ _LEGACY_PROTOCOL = 1001
 _STATE_DICT_ADVICE = (
     "Save the weights as a state dict instead: torch.save(model.state_dict(), path)."
 )
+# The state torch.nn.Module pickles: a record holding these three mappings is a module.
+_MODULE_FIELDS = ("_parameters", "_buffers", "_modules")
 
 
 # Storage type name (torch.<Name>Storage) -> numpy dtype of its elements as stored.
@@ -240,6 +246,113 @@ class Namespace:
         return f"Namespace({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
+class PickledObject:
+    """Stands in for an object of a class (or a call of a function) a pickle names outside
+    `ALLOWED_GLOBALS`: the arguments and state the pickle hands it, as data. The global is
+    never imported; each unpickler makes one subclass per name (`qualified`)."""
+
+    qualified: str = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PickledObject:
+        record = object.__new__(cls)
+        record.args, record.state = args, None
+        return record
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<pickled {self.qualified}, not run>"
+
+
+class ModuleWeights(collections.OrderedDict):
+    """The state dict of a pickled `nn.Module` (`qualified`: its class), as `state_dict()`
+    gives it: each module's parameters, then its persistent buffers, then its children's,
+    keys joined with '.'."""
+
+    def __init__(self, qualified: str, items: Any = ()):
+        super().__init__(items)
+        self.qualified = qualified
+
+
+def _stand_in(module: str, name: str) -> type[PickledObject]:
+    return type(name, (PickledObject,), {"qualified": f"{module}.{name}"})
+
+
+def _reconstructor(cls: Any, base: Any, state: Any) -> PickledObject:
+    """`copyreg._reconstructor` (pickle protocols 0 and 1) for a stand-in class only."""
+    del base, state  # the state comes by BUILD
+    if not (isinstance(cls, type) and issubclass(cls, PickledObject)):
+        raise CheckpointError(f"copyreg._reconstructor of {cls!r}")
+    return cls.__new__(cls)
+
+
+def _is_module(obj: Any) -> bool:
+    state = obj.state if isinstance(obj, PickledObject) else None
+    if isinstance(state, tuple) and state:  # (dict, slots) of an object with __slots__
+        state = state[0]
+    return isinstance(state, dict) and all(
+        isinstance(state.get(f), Mapping) for f in _MODULE_FIELDS
+    )
+
+
+def _module_weights(root: PickledObject) -> ModuleWeights:
+    """The state dict of the module record `root` (tensors not yet cut out)."""
+    out = ModuleWeights(root.qualified)
+
+    def visit(record: PickledObject, prefix: str, path: tuple[int, ...]) -> None:
+        if id(record) in path:
+            raise CheckpointError(f"the pickled module {record.qualified} contains itself")
+        state = record.state[0] if isinstance(record.state, tuple) else record.state
+        transient = state.get("_non_persistent_buffers_set") or ()
+        entries = [*state["_parameters"].items()]
+        entries += [(k, v) for k, v in state["_buffers"].items() if k not in transient]
+        for name, value in entries:
+            if value is None:
+                continue
+            if not isinstance(value, _TensorRef | _Marker):
+                raise CheckpointError(
+                    f"{prefix}{name} of the pickled {record.qualified} is a "
+                    f"{type(value).__name__}, not a tensor"
+                )
+            out[f"{prefix}{name}"] = value
+        for name, child in state["_modules"].items():
+            if child is None:
+                continue
+            if not _is_module(child):
+                raise CheckpointError(
+                    f"submodule {prefix}{name} of the pickled {record.qualified} is a "
+                    f"{type(child).__name__}, not a module"
+                )
+            visit(child, f"{prefix}{name}.", (*path, id(record)))
+
+    visit(root, "", ())
+    return out
+
+
+def _modules_as_weights(obj: Any) -> tuple[Any, bool]:
+    """`obj` with each pickled module in it (at the top or in containers) replaced by its
+    `ModuleWeights`; and whether there was one."""
+    found = False
+
+    def walk(obj: Any) -> Any:
+        nonlocal found
+        if _is_module(obj):
+            found = True
+            return _module_weights(obj)
+        if isinstance(obj, collections.OrderedDict):
+            return collections.OrderedDict((k, walk(v)) for k, v in obj.items())
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(walk(v) for v in obj)
+        return obj
+
+    return walk(obj), found
+
+
 class _Callable:
     """A rebuild function as one unpickler hands it out: a fresh object that calls it.
 
@@ -292,6 +405,20 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return table
 
 
+def _module_globals() -> dict[tuple[str, str], Any]:
+    """What whole pickled modules name beside tensors, handed out as data or rebuilt here:
+    torch 0.4's `Parameter(data, requires_grad)` is its data; a set (a module's
+    `_non_persistent_buffers_set`) is a set; protocol 0 and 1 objects are stand-ins."""
+    table: dict[tuple[str, str], Any] = {
+        ("torch.nn.parameter", "Parameter"): _Callable(_rebuild_parameter),
+        ("copyreg", "_reconstructor"): _Callable(_reconstructor),
+    }
+    for builtins in ("builtins", "__builtin__"):  # Python 3, Python 2
+        table[(builtins, "set")] = _Callable(set)
+        table[(builtins, "frozenset")] = _Callable(frozenset)
+    return table
+
+
 # (module, name) pairs that pickles may name; everything else is refused.
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(_allowed_globals())
 
@@ -303,9 +430,10 @@ def _refusal(module: str, name: str) -> CheckpointError:
         return CheckpointError(f"unsupported storage type {qualified}; supported: {supported}")
     if module.startswith(("torch.nn", "__main__", "__torch__")):
         message = (
-            f"refusing to load {qualified}: the file holds a pickled object (a whole "
-            "nn.Module?), not a state dict of tensors, and unpickling it would run code "
-            f"from the file. {_STATE_DICT_ADVICE}"
+            f"refusing to load {qualified}: the file pickles it, but not as a whole "
+            "nn.Module whose weights can be read as data (a damaged file? copy or download "
+            "it again), and unpickling it would run code from the file. "
+            f"{_STATE_DICT_ADVICE}"
         )
     elif name[:1].isupper():
         message = (
@@ -323,31 +451,41 @@ def _refusal(module: str, name: str) -> CheckpointError:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only `ALLOWED_GLOBALS` and records storages it meets."""
+    """Unpickler that resolves only `ALLOWED_GLOBALS` (and, for whole modules,
+    `_module_globals`), hands out a `PickledObject` type for any other global (recording
+    the refusal of the first in `refusal`), and records the storages it meets."""
 
     def __init__(self, file: BinaryIO, *, encoding: str, legacy: bool):
         super().__init__(file, encoding=encoding)
-        self._table = _allowed_globals()
+        self._table = {**_module_globals(), **_allowed_globals()}
+        self._stand_ins: dict[tuple[str, str], type[PickledObject]] = {}
         self._legacy = legacy
         self.storages: dict[str, _Storage] = {}
+        self.refusal: UnsafeCheckpointError | None = None
 
     def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._table[(module, name)]
-        except KeyError:
-            raise _refusal(module, name) from None
+        key = (module, name)
+        if key in self._table:
+            return self._table[key]
+        if key not in self._stand_ins:
+            refusal = _refusal(module, name)
+            if not isinstance(refusal, UnsafeCheckpointError):
+                raise refusal
+            self.refusal = self.refusal or refusal
+            self._stand_ins[key] = _stand_in(module, name)
+        return self._stand_ins[key]
 
     def persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid:
             raise CheckpointError(f"unsupported persistent id {pid!r}")
         typename = _text(pid[0])
         if typename == "module":
-            # Legacy files keep the source code of pickled modules here.
-            raise UnsafeCheckpointError(
-                "module",
-                "refusing to load a pickled nn.Module (the file holds a whole model, not a "
-                f"state dict; unpickling it would run code from the file). {_STATE_DICT_ADVICE}",
-            )
+            # Legacy files name a pickled module's class here, beside its source code.
+            if len(pid) != 4 or not (
+                isinstance(pid[1], type) and issubclass(pid[1], PickledObject)
+            ):
+                raise CheckpointError(f"malformed module id {pid[:2]!r}")
+            return pid[1]
         if typename != "storage":
             raise CheckpointError(f"unsupported persistent id type {typename!r}")
         if self._legacy:
@@ -459,6 +597,8 @@ def _materialize(obj: Any, arrays: Mapping[str, np.ndarray], budget: Budget) -> 
             return cut[obj]
         if isinstance(obj, _Storage):
             raise CheckpointError("the file holds a bare storage, not a tensor")
+        if isinstance(obj, ModuleWeights):
+            return ModuleWeights(obj.qualified, ((k, walk(v)) for k, v in obj.items()))
         if isinstance(obj, collections.OrderedDict):
             return collections.OrderedDict((k, walk(v)) for k, v in obj.items())
         if isinstance(obj, dict):
@@ -478,14 +618,21 @@ def _unpickle(
     unpickler = _RestrictedUnpickler(file, encoding=encoding, legacy=legacy)
     try:
         obj = unpickler.load()
+        if unpickler.refusal is not None:
+            obj, modules = _modules_as_weights(obj)
+            if not modules:  # no module's weights to read: the first global refused
+                raise unpickler.refusal
     except (CheckpointError, UnicodeDecodeError):
         raise
     except (EOFError, pickle.UnpicklingError) as err:
-        if isinstance(err, pickle.UnpicklingError) and "truncated" not in str(err):
-            raise CheckpointError(f"corrupt or unsupported pickle: {err!r}") from err
-        raise CheckpointError(f"the pickle ends early; {COPY_AGAIN}") from err
+        if isinstance(err, EOFError) or "truncated" in str(err):
+            raise CheckpointError(f"the pickle ends early; {COPY_AGAIN}") from err
+        bad = CheckpointError(f"corrupt or unsupported pickle: {err!r}")
+        raise unpickler.refusal or bad from err
     except Exception as err:  # any other failure of a crafted pickle is a bad file
-        raise CheckpointError(f"corrupt or unsupported pickle: {err!r}") from err
+        # (one that names a global outside the tables: the first such, by name)
+        bad = CheckpointError(f"corrupt or unsupported pickle: {err!r}")
+        raise unpickler.refusal or bad from err
     return obj, unpickler.storages
 
 

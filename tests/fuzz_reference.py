@@ -51,7 +51,8 @@ Targets (each case draws its shapes, data and settings from its seed):
   (`cli.USER_ERRORS`, not a decoding error) that names the mutated file; any other
   exception, or an error naming no file, fails the case.
 - weights: hostile weight files. One of a few small weight files (torch.save zip and
-  legacy formats, a wrapped training checkpoint, safetensors, .npz) with random bytes
+  legacy formats, a wrapped training checkpoint, safetensors, .npz, a whole pickled
+  module in both torch formats) with random bytes
   changed, inserted, deleted or cut, or one zip member's bytes changed (a valid zip of
   corrupt records), loads or raises a `weight_file.CheckpointError` that starts with
   its path; any other exception fails the case.
@@ -726,7 +727,12 @@ def weights_bases(work: pathlib.Path) -> list[pathlib.Path]:
     torch.save({"state_dict": state, "epoch": 3, "arch": "resnet18"}, work / "wrapped.pth")
     save_file({k: v.contiguous() for k, v in state.items()}, str(work / "st.safetensors"))
     np.savez(work / "w.npz", **{k: v.float().numpy() for k, v in state.items()})
-    return [work / n for n in ("zip.pth", "legacy.pth", "wrapped.pth", "st.safetensors", "w.npz")]
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    torch.save(module, work / "whole.pth")
+    torch.save(module, work / "whole_legacy.pth", _use_new_zipfile_serialization=False)
+    names = ("zip.pth", "legacy.pth", "wrapped.pth", "st.safetensors", "w.npz", "whole.pth")
+    return [work / n for n in (*names, "whole_legacy.pth")]
 
 
 def weights_case(seed: int, bases: list[pathlib.Path]) -> tuple[str, list[str]]:

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import struct
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from jaxdissect.models.convert import (
     save_variables,
     variables_template,
 )
+from jaxdissect.models.densenet import DenseNet, legacy_key_rename
 from jaxdissect.models.googlenet import GoogLeNet, googlenet
 from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax
 from tests import torch_models as tm
@@ -153,12 +155,114 @@ def test_safetensors(tmp_path):
     assert sorted(load_state_dict(renamed)) == sorted(arrays)
 
 
+# A module whose import leaves a mark: a load that imported the pickled model's classes
+# (as torch.load does) would make it again.
+_MARKING_MODULE = """
+import os, pathlib, torch
+pathlib.Path(os.environ["JAXDISSECT_TEST_IMPORTED"]).touch()
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, bias=False)  # its bias: a None parameter
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.register_buffer("scratch", torch.ones(2), persistent=False)
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        self.again = self.bn  # one module under two names: both in state_dict()
+"""
+
+
 @FORMATS
-def test_whole_pickled_module_is_refused_with_advice(tmp_path, zip_format):
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
-    path = _save(model, tmp_path / "model.pth", zip_format)
-    with pytest.raises(UnsafeCheckpointError, match=r"torch\.save\(model\.state_dict\(\), path\)"):
-        load_state_dict(path)
+def test_whole_pickled_module_reads_as_its_state_dict_without_importing_it(
+    tmp_path, monkeypatch, zip_format
+):
+    """`torch.save(model)` (NetDissect-Lite's DenseNet-161 and ResNet-50 Places365 files):
+    its state dict as torch gives it (keys, order, values; non-persistent buffers left out),
+    its classes never imported and nothing of the pickle run, alone, under a wrapper key or
+    inside DataParallel (whose `module.` the load strips)."""
+    imported, ran = tmp_path / "imported", tmp_path / "pwned"
+    (tmp_path / "marking_net.py").write_text(_MARKING_MODULE)
+    monkeypatch.setenv("JAXDISSECT_TEST_IMPORTED", str(imported))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("marking_net", None)  # an earlier case's
+    import marking_net
+
+    model = marking_net.Net()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_()
+        model.bn.num_batches_tracked += 7
+    model.evil = _Payload(ran)  # an attribute that would run a command when unpickled
+    want = collections.OrderedDict((k, v.numpy()) for k, v in model.state_dict().items())
+    assert "again.weight" in want and "scratch" not in want and "conv.bias" not in want
+    files = {
+        "model": _save(model, tmp_path / "whole.pth", zip_format),
+        "wrapped": _save({"model": model, "epoch": 3}, tmp_path / "wrapped.pth", zip_format),
+        "parallel": _save(torch.nn.DataParallel(model), tmp_path / "dp.pth", zip_format),
+    }
+    imported.unlink()
+    del sys.modules["marking_net"]
+    for name, path in files.items():
+        got = load_state_dict(path)
+        assert list(got) == list(want), name
+        for key, value in want.items():
+            assert got[key].dtype == value.dtype, (name, key)
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{name}: {key}")
+    assert isinstance(load_checkpoint(files["model"]), torch_file.ModuleWeights)
+    assert repr(load_checkpoint(files["wrapped"])["model"].qualified) == "'marking_net.Net'"
+    assert not imported.exists() and "marking_net" not in sys.modules and not ran.exists()
+
+
+def test_a_pickled_module_that_is_not_one_is_named(tmp_path):
+    """Crafted or damaged modules: one that contains itself, one whose parameter is no
+    tensor, one without its submodules' mapping (no module at all: refused by name)."""
+    looped = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    looped._modules["me"] = looped
+    odd = torch.nn.Linear(2, 2)
+    odd._parameters["weight"] = 3
+    broken = torch.nn.Linear(2, 2)
+    del broken.__dict__["_modules"]
+    for model, message in (
+        (looped, r"the pickled module torch\.nn\.modules\.container\.Sequential contains itself"),
+        (odd, r"weight of the pickled torch\.nn\.modules\.linear\.Linear is a int, not a"),
+        (broken, r"refusing to load torch\.nn\.modules\.linear\.Linear: the file pickles it, "),
+    ):
+        path = _save(model, tmp_path / "crafted.pth", True)
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: {message}"):
+            load_state_dict(path)
+
+
+def test_a_whole_densenet_pickled_with_torchvisions_old_names_loads(tmp_path):
+    """As NetDissect-Lite's whole_densenet161_places365_python36.pth.tar: a DenseNet pickled
+    whole in torch's legacy format by a torchvision that named a dense layer's parts
+    `norm.1`, `conv.1`, ...: the weights of the same model's state dict today."""
+    config = {"growth_rate": 4, "block_config": (1, 2), "num_init_features": 8}
+    reference = tm.randomize_(tm.DenseNet(**config, num_classes=3))
+    torch.save(reference.state_dict(), tmp_path / "state.pth")
+    for layer in [m for m in reference.modules() if isinstance(m, tm._DenseLayer)]:
+        layer._modules = collections.OrderedDict(
+            (re.sub(r"^(norm|relu|conv)(\d)$", r"\1.\2", k), v) for k, v in layer._modules.items()
+        )
+    _save(reference, tmp_path / "whole.pth", False)
+    old = load_state_dict(tmp_path / "whole.pth")
+    assert "features.denseblock2.denselayer2.norm.1.running_var" in old
+    template = variables_template(DenseNet(**config, num_classes=3), 32)
+    got, want = (
+        torch_to_flax(weights, template, rename=legacy_key_rename)
+        for weights in (old, load_state_dict(tmp_path / "state.pth"))
+    )
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_a_whole_pickled_resnet_loads_as_its_state_dict_does(tmp_path):
+    reference = tm.randomize_(tm.ResNet(*tm.RESNET_LAYOUT["resnet18"], num_classes=3))
+    torch.save(reference, tmp_path / "whole.pth")
+    torch.save(reference.state_dict(), tmp_path / "state.pth")
+    got, want = (
+        model_load.load("resnet18", weights=str(tmp_path / name), options={"num_classes": 3})
+        for name in ("whole.pth", "state.pth")
+    )
+    jax.tree.map(np.testing.assert_array_equal, got.variables, want.variables)
 
 
 class _Payload:
