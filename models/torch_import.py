@@ -74,6 +74,10 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict
 # the network as `self.model`, and the module `torch.compile(model)` returns, whose state
 # dict names each key `_orig_mod.<key>` (`_orig_mod.module.<key>` for a compiled DDP).
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+# DataParallel around a submodule puts `module.` inside the keys: the PyTorch ImageNet
+# example wraps AlexNet's and VGG's `features` alone, so the Places365 AlexNet file holds
+# `features.module.0.weight` for `features.0.weight`. Removed where the keys then fit.
+INNER_WRAPPER = ".module."
 MAPPING_ADVICE = (
     "check the architecture and num_classes, or strip a wrapper prefix (e.g. 'module.')"
 )
@@ -103,18 +107,35 @@ def _map_keys(
     return mapped, torch_keys, unmatched
 
 
+def _strip_inner(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Every `INNER_WRAPPER` inside a key made one '.'.
+
+    Raises:
+      WeightMappingError: two keys are then the same.
+    """
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        name = key.replace(INNER_WRAPPER, ".")
+        if name in out:
+            raise WeightMappingError(f"holds two keys that are {name!r} without {INNER_WRAPPER!r}")
+        out[name] = value
+    return out
+
+
 def _wrapper_strips(state_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """`state_dict` with `WRAPPER_PREFIXES` stripped in every order that applies (each at
-    most once; fewer strips first)."""
+    """`state_dict` with `WRAPPER_PREFIXES` stripped and `INNER_WRAPPER` removed, in every
+    order that applies (each at most once; fewer strips first)."""
     out, frontier = [], [(state_dict, ())]
     while frontier:
         deeper = []
         for keys, used in frontier:
-            for prefix in WRAPPER_PREFIXES:
-                if prefix in used or not any(k.startswith(prefix) for k in keys):
+            for prefix in (*WRAPPER_PREFIXES, INNER_WRAPPER):
+                inner = prefix == INNER_WRAPPER
+                applies = (k.startswith(prefix) or (inner and prefix in k) for k in keys)
+                if prefix in used or not any(applies):
                     continue
                 try:
-                    stripped = strip_prefix(keys, prefix)
+                    stripped = _strip_inner(keys) if inner else strip_prefix(keys, prefix)
                 except WeightMappingError:
                     continue
                 out.append(stripped)
@@ -133,8 +154,9 @@ def torch_to_flax(
     """Return a copy of `variables` with every leaf taken from `state_dict`.
 
     `WRAPPER_PREFIXES` (DDP's `module.`, Lightning's `model.`, torch.compile's `_orig_mod.`,
-    nested in any order) are stripped where the keys then fit the model with fewer unmatched
-    keys on either side.
+    nested in any order) are stripped, and DataParallel's `module.` inside keys
+    (`INNER_WRAPPER`) removed, where the keys then fit the model with fewer unmatched keys on
+    either side.
 
     Args:
       state_dict: torch key -> array (numpy, or anything `np.asarray` takes).

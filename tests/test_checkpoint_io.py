@@ -777,6 +777,25 @@ def test_torch_compile_prefix_is_stripped(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, nested.variables, want.variables)
 
 
+def test_places365_alexnets_data_parallel_features_load(tmp_path):
+    """The Places365 AlexNet file (trained by the PyTorch ImageNet example, which wraps
+    AlexNet's `features` alone in DataParallel) keys `features.module.0.weight` under
+    `state_dict`, beside `module.`-free classifier keys: it loads as the plain state dict,
+    with DDP's `module.` before it as well."""
+    reference = tm.randomize_(tm.AlexNet(num_classes=3, width=0.25))
+    plain = reference.state_dict()
+    inner = {re.sub(r"^features\.", "features.module.", k): v for k, v in plain.items()}
+    assert "features.module.0.weight" in inner and "classifier.1.weight" in inner
+    torch.save(plain, tmp_path / "plain.pth")
+    torch.save({"epoch": 90, "arch": "alexnet", "state_dict": inner}, tmp_path / "places.pth.tar")
+    torch.save({f"module.{k}": v for k, v in inner.items()}, tmp_path / "both.pth")
+    options = {"num_classes": 3, "width": 0.25}
+    want = model_load.load("alexnet", weights=str(tmp_path / "plain.pth"), options=options)
+    for name in ("places.pth.tar", "both.pth"):
+        got = model_load.load("alexnet", weights=str(tmp_path / name), options=options)
+        jax.tree.map(np.testing.assert_array_equal, got.variables, want.variables)
+
+
 def test_lightning_checkpoint_converts(tmp_path):
     model = ref.EfficientNetLite0(num_classes=4)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
