@@ -49,6 +49,9 @@ _STATE_DICT_ADVICE = (
 )
 # The state torch.nn.Module pickles: a record holding these three mappings is a module.
 _MODULE_FIELDS = ("_parameters", "_buffers", "_modules")
+# The most classes and functions one pickle may name outside the tables (a whole model
+# names tens): each costs a type, and a crafted file could name millions.
+_MAX_STAND_INS = 4096
 
 
 # Storage type name (torch.<Name>Storage) -> numpy dtype of its elements as stored.
@@ -471,6 +474,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
             refusal = _refusal(module, name)
             if not isinstance(refusal, UnsafeCheckpointError):
                 raise refusal
+            if len(self._stand_ins) == _MAX_STAND_INS:
+                raise CheckpointError(
+                    f"the pickle names more than {_MAX_STAND_INS} classes and functions: "
+                    "not a model's"
+                )
             self.refusal = self.refusal or refusal
             self._stand_ins[key] = _stand_in(module, name)
         return self._stand_ins[key]

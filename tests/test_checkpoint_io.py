@@ -232,6 +232,19 @@ def test_a_pickled_module_that_is_not_one_is_named(tmp_path):
             load_state_dict(path)
 
 
+def test_a_pickle_naming_thousands_of_globals_is_refused_before_it_costs_memory(tmp_path):
+    """Each class a pickle names outside the tables costs a stand-in type: a crafted file
+    naming one after another is stopped at `_MAX_STAND_INS`."""
+    names = b"".join(b"cm\nC%d\n0" % i for i in range(torch_file._MAX_STAND_INS + 1))
+    path = tmp_path / "many.pkl"
+    path.write_bytes(b"\x80\x02" + names + b"}.")
+    with pytest.raises(CheckpointError, match=r"names more than 4096 classes and functions"):
+        load_state_dict(path)
+    path.write_bytes(b"\x80\x02" + names[: names.index(b"cm\nC4096")] + b"}.")
+    with pytest.raises(UnsafeCheckpointError, match=r"^.*: refusing to load m\.C0: "):
+        load_state_dict(path)
+
+
 def test_a_whole_densenet_pickled_with_torchvisions_old_names_loads(tmp_path):
     """As NetDissect-Lite's whole_densenet161_places365_python36.pth.tar: a DenseNet pickled
     whole in torch's legacy format by a torchvision that named a dense layer's parts
