@@ -1,0 +1,132 @@
+"""Two tally.csv files compared unit by unit: ours as written, NetDissect-Lite's as it writes
+them, hostile files, and the script."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from jaxdissect import results, tally_diff
+from jaxdissect.tally_diff import UnitLabel
+from tests.experiment_testing import run_script
+from tests.test_results import _counts, _labels
+
+
+def _layer(seed: int) -> results.LayerResult:
+    """A layer of 20 units with random counts (ties, a unit that cannot fire, a weak one)."""
+    rng = np.random.default_rng(seed)
+    inter = rng.integers(0, 50, (20, 9))
+    inter[:, 2] = inter[:, 1]
+    label_pixels = inter.max(0) + rng.integers(1, 100, 9)
+    unit_pixels = np.repeat(inter.max(1, keepdims=True), 4, 1) + rng.integers(0, 100, (20, 4))
+    inter[3], unit_pixels[3] = 0, 0
+    inter[5] = 1  # IoU about 1/150: below 0.04
+    return results.layer_result("l", _counts(inter, label_pixels, unit_pixels), _labels())
+
+
+def _lite_csv(path, units: dict[int, UnitLabel]) -> None:
+    """A tally.csv as NetDissect-Lite writes one: float counts, rows by score, a label for
+    every unit (a unit of IoU 0 gets its category's first label)."""
+    header = ["unit", "category", "label", "score", "color-label", "color-truth"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for unit, x in sorted(units.items(), key=lambda kv: -kv[1].score):
+            writer.writerow([unit, x.category or "color", x.label or "red-c", x.score, "", "3.0"])
+
+
+def test_a_written_tally_reads_back_as_its_layer_result(tmp_path):
+    layer = _layer(0)
+    (path,) = results.write_tally_csvs(tmp_path, [layer])
+    got = tally_diff.read_tally_csv(path)
+    names, cats = layer.labels.names, layer.labels.categories
+    assert sorted(got) == list(range(1, 21))
+    for k in range(20):
+        best = int(layer.best_label[k])
+        want = UnitLabel(
+            cats[int(layer.best_category[k])] if best >= 0 else "",
+            names[best] if best >= 0 else "",
+            float(layer.best_iou[k]),
+        )
+        assert got[k + results.TALLY_UNIT_OFFSET] == want
+    assert got[4] == UnitLabel("", "", 0.0)  # unit 3 cannot fire: no label
+    diff = tally_diff.diff_tallies(got, got)
+    assert (diff.units, diff.same_label, diff.differing) == (20, 20, ())
+    assert diff.largest_score_difference[0] == 0.0
+
+
+def test_planted_differences_are_counted_as_by_hand(tmp_path):
+    """Against a NetDissect-Lite file: one unit relabelled above the threshold, one below,
+    one whose score moved across it, and Lite's label for the unit that cannot fire."""
+    ours = tally_diff.read_tally_csv(results.write_tally_csvs(tmp_path, [_layer(1)])[0])
+    lite = dict(ours)
+    lite[4] = UnitLabel("color", "red-c", 0.0)
+    detectors = [u for u in sorted(ours) if ours[u].score > 0.04]
+    weak = [u for u in sorted(ours) if 0 < ours[u].score <= 0.04]
+    assert len(detectors) >= 2 and weak
+    up, moved, low = detectors[0], detectors[1], weak[0]
+    lite[up] = UnitLabel("scene", "street-s", ours[up].score)
+    lite[moved] = UnitLabel(ours[moved].category, ours[moved].label, 0.01)
+    lite[low] = UnitLabel("object", "car", ours[low].score + 0.002)
+    _lite_csv(tmp_path / "lite.csv", lite)
+    diff = tally_diff.diff_tallies(ours, tally_diff.read_tally_csv(tmp_path / "lite.csv"))
+    assert diff.units == 20 and diff.same_label == 20 - 3
+    n = len(detectors)
+    assert diff.detectors == (n, n - 1) and diff.either_detectors == n
+    assert diff.same_label_detectors == n - 1  # `up` differs; `moved` keeps its label
+    assert diff.largest_score_difference == (pytest.approx(ours[moved].score - 0.01), moved)
+    assert sorted(u for u, _, _ in diff.differing) == sorted([4, up, low])
+    assert diff.differing[0][0] == max((up, low), key=lambda u: ours[u].score)
+    assert "17 (85.0%) with the same label" in tally_diff.summary(diff)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("unit,label,score\n1,a,0.1\n", r"line 1: no column category"),
+        ("unit,category,label,score\n1,object,a,0.1\nx,object,b,0.2\n", r"line 3: unit 'x'"),
+        ("unit,category,label,score\n0,object,a,0.1\n", r"line 2: unit '0' is no whole number"),
+        ("unit,category,label,score\n1,object,a,0.1\n1,object,b,0.2\n", r"line 3: unit 1 again"),
+        ("unit,category,label,score\n1,object,a,high\n", r"line 2: score 'high' is no number"),
+        ("unit,category,label,score\n1,object,a,nan\n", r"line 2: score 'nan' is no number"),
+        ("unit,category,label,score\n1,object\n", r"line 2: fewer cells than columns"),
+        ("unit,category,label,score\n", r"no units"),
+        ("unit,category,label,score\n1," + "o" * 200_000 + ",a,0.1\n", r"after line 1: not CSV"),
+    ],
+)
+def test_a_bad_tally_is_named_in_one_line(tmp_path, text, message):
+    path = tmp_path / "tally.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/tally\.csv: {message}"):
+        tally_diff.read_tally_csv(path)
+    path.write_bytes(b"unit,category,label,score\n1,\xff,a,0.1\n")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/tally\.csv: not UTF-8 text"):
+        tally_diff.read_tally_csv(path)
+
+
+def test_tallies_of_other_layers_are_refused():
+    a = {u: UnitLabel("", "", 0.0) for u in (1, 2, 3)}
+    b = {u: UnitLabel("", "", 0.0) for u in (1, 2, 4)}
+    with pytest.raises(ValueError, match=r"^x holds 3 units and y 3: units only in x \[3\]"):
+        tally_diff.diff_tallies(a, b, names=("x", "y"))
+
+
+def test_the_script_prints_the_diff_and_writes_the_differing_units(tmp_path, capsys):
+    ours = results.write_tally_csvs(tmp_path, [_layer(2)])[0]
+    lite = dict(tally_diff.read_tally_csv(ours))
+    lite[1] = UnitLabel("scene", "street-s", 0.5)
+    _lite_csv(tmp_path / "lite.csv", lite)
+    out = tmp_path / "differ.csv"
+    diff = run_script(
+        "diff_tally", f"--a={ours}", f"--b={tmp_path / 'lite.csv'}", f"--output={out}"
+    )
+    printed = capsys.readouterr().out
+    assert f"a: {ours}" in printed and tally_diff.summary(diff) in printed
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["unit"] for r in rows] == [str(u) for u, _, _ in diff.differing]
+    assert rows[0]["b-label"] == "street-s" and float(rows[0]["b-score"]) == 0.5
+    with pytest.raises(FileNotFoundError, match=r"^--b=.*nothing\.csv: no such file$"):
+        run_script("diff_tally", f"--a={ours}", f"--b={tmp_path / 'nothing.csv'}")
