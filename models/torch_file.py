@@ -343,17 +343,25 @@ def _modules_as_weights(obj: Any) -> tuple[Any, bool]:
         if _is_module(obj):
             found = True
             return _module_weights(obj)
-        if isinstance(obj, collections.OrderedDict):
-            return collections.OrderedDict((k, walk(v)) for k, v in obj.items())
-        if isinstance(obj, dict):
-            return {k: walk(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [walk(v) for v in obj]
-        if isinstance(obj, tuple):
-            return tuple(walk(v) for v in obj)
-        return obj
+        return _rebuild(obj, walk)
 
     return walk(obj), found
+
+
+def _rebuild(obj: Any, walk: Callable[[Any], Any]) -> Any:
+    """A container of `obj`'s kind (`ModuleWeights`, OrderedDict, dict, list, tuple) of
+    `walk` of each of its elements; anything else as it is."""
+    if isinstance(obj, ModuleWeights):
+        return ModuleWeights(obj.qualified, ((k, walk(v)) for k, v in obj.items()))
+    if isinstance(obj, collections.OrderedDict):
+        return collections.OrderedDict((k, walk(v)) for k, v in obj.items())
+    if isinstance(obj, dict):
+        return {k: walk(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [walk(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(walk(v) for v in obj)
+    return obj
 
 
 class _Callable:
@@ -605,17 +613,7 @@ def _materialize(obj: Any, arrays: Mapping[str, np.ndarray], budget: Budget) -> 
             return cut[obj]
         if isinstance(obj, _Storage):
             raise CheckpointError("the file holds a bare storage, not a tensor")
-        if isinstance(obj, ModuleWeights):
-            return ModuleWeights(obj.qualified, ((k, walk(v)) for k, v in obj.items()))
-        if isinstance(obj, collections.OrderedDict):
-            return collections.OrderedDict((k, walk(v)) for k, v in obj.items())
-        if isinstance(obj, dict):
-            return {k: walk(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [walk(v) for v in obj]
-        if isinstance(obj, tuple):
-            return tuple(walk(v) for v in obj)
-        return obj
+        return _rebuild(obj, walk)
 
     return walk(obj)
 
