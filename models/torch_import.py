@@ -272,6 +272,55 @@ def check_fit(
         raise WeightMappingError(f"shape mismatch: {'; '.join(shape_errors[:3])}{more}")
 
 
+# Hugging Face transformers' ViT (`ViTModel`, and `ViTForImageClassification` under `vit.`)
+# -> timm's names, per block `encoder.layer.{i}.` -> `blocks.{i}.`.
+_HF_VIT_NAMES = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection": "patch_embed.proj",
+    "layernorm": "norm",
+    "classifier": "head",
+}
+_HF_VIT_BLOCK_NAMES = {
+    "layernorm_before": "norm1",
+    "attention.output.dense": "attn.proj",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+HF_VIT_MARK = "embeddings.patch_embeddings.projection.weight"
+
+
+def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A Hugging Face `ViTModel` / `ViTForImageClassification` state dict in timm's names: a
+    block's separate query, key and value stacked into timm's fused `qkv` (in that order).
+    Keys with no rule here (`pooler.dense`) keep their names, so that loading lists them."""
+    out: dict[str, np.ndarray] = {}
+    qkv: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("vit.")  # ViTForImageClassification's ViTModel
+        stem, _, leaf = name.rpartition(".")
+        block = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", stem)
+        if block and (part := re.fullmatch(r"attention\.attention\.(query|key|value)", block[2])):
+            qkv.setdefault(f"blocks.{block[1]}.attn.qkv.{leaf}", {})[part[1]] = np.asarray(value)
+            continue
+        if block and block[2] in _HF_VIT_BLOCK_NAMES:
+            name = f"blocks.{block[1]}.{_HF_VIT_BLOCK_NAMES[block[2]]}.{leaf}"
+        elif stem in _HF_VIT_NAMES:
+            name = f"{_HF_VIT_NAMES[stem]}.{leaf}"
+        elif name in _HF_VIT_NAMES:
+            name = _HF_VIT_NAMES[name]
+        out[name] = np.asarray(value)
+    for name, parts in qkv.items():
+        if sorted(parts) != ["key", "query", "value"]:
+            raise WeightMappingError(
+                f"{name}: the checkpoint has {', '.join(sorted(parts))} of this block's "
+                "attention but not all of query, key and value"
+            )
+        out[name] = np.concatenate([parts["query"], parts["key"], parts["value"]])
+    return out
+
+
 def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dict[str, np.ndarray]:
     """A timm `VisionTransformer` state dict as big_vision's flat (`/`-joined) ViT parameters.
 

@@ -6,8 +6,8 @@ The module tree and parameter names are those of `big_vision/models/vit.py`
 `MlpBlock_0/Dense_0|1`, `Transformer/encoder_norm`, `pre_logits`, `head`), so a
 big_vision `.npz` checkpoint loads directly (`models/npz_import.py`) and a timm
 `vit_*` state dict through `torch_import.timm_vit_to_big_vision`. As there:
-LayerNorm epsilon 1e-6, tanh-approximated GELU (`gelu_approximate=False` for timm's
-exact GELU), position embeddings added before the class token is prepended,
+LayerNorm epsilon 1e-6 (`layer_norm_epsilon`: Hugging Face's ViTs use 1e-12),
+tanh-approximated GELU (`gelu_approximate=False` for timm's and Hugging Face's exact GELU), position embeddings added before the class token is prepended,
 inputs in [-1, 1].
 
 Layers to dissect (paths; aliases in brackets), each [B, tokens, C] read as the
@@ -96,10 +96,11 @@ class Encoder1DBlock(nn.Module):
     mlp_dim: int
     num_heads: int
     gelu_approximate: bool = True
+    layer_norm_epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nn.LayerNorm(name="LayerNorm_0")(x)
+        y = nn.LayerNorm(self.layer_norm_epsilon, name="LayerNorm_0")(x)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             kernel_init=nn.initializers.xavier_uniform(),
@@ -107,7 +108,7 @@ class Encoder1DBlock(nn.Module):
             name="MultiHeadDotProductAttention_0",
         )(y, y)
         x = x + y
-        y = nn.LayerNorm(name="LayerNorm_1")(x)
+        y = nn.LayerNorm(self.layer_norm_epsilon, name="LayerNorm_1")(x)
         y = MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
         return x + y
 
@@ -119,14 +120,19 @@ class Encoder(nn.Module):
     mlp_dim: int
     num_heads: int
     gelu_approximate: bool = True
+    layer_norm_epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.depth):
             x = Encoder1DBlock(
-                self.mlp_dim, self.num_heads, self.gelu_approximate, name=f"encoderblock_{i}"
+                self.mlp_dim,
+                self.num_heads,
+                self.gelu_approximate,
+                self.layer_norm_epsilon,
+                name=f"encoderblock_{i}",
             )(x)
-        return nn.LayerNorm(name="encoder_norm")(x)
+        return nn.LayerNorm(self.layer_norm_epsilon, name="encoder_norm")(x)
 
 
 class MAPHead(nn.Module):
@@ -136,6 +142,7 @@ class MAPHead(nn.Module):
     mlp_dim: int
     num_heads: int
     gelu_approximate: bool = True
+    layer_norm_epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -147,7 +154,7 @@ class MAPHead(nn.Module):
             deterministic=True,
             name="MultiHeadDotProductAttention_0",
         )(jnp.tile(probe, (n, 1, 1)), x)
-        y = nn.LayerNorm(name="LayerNorm_0")(x)
+        y = nn.LayerNorm(self.layer_norm_epsilon, name="LayerNorm_0")(x)
         x = x + MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
         return x[:, 0]
 
@@ -165,6 +172,8 @@ class ViT(nn.Module):
       rep_size: width of a tanh `pre_logits` layer before the head (0: none).
       head_zeroinit: initialise the head's kernel to zeros (big_vision's default).
       gelu_approximate: tanh-approximated GELU (big_vision) or exact (timm, torch).
+      layer_norm_epsilon: every LayerNorm's epsilon (big_vision and timm 1e-6, Hugging
+        Face's ViTs 1e-12).
       image_size: the square input resolution (fixes the position embeddings).
     """
 
@@ -179,6 +188,7 @@ class ViT(nn.Module):
     rep_size: int = 0
     head_zeroinit: bool = True
     gelu_approximate: bool = True
+    layer_norm_epsilon: float = 1e-6
     image_size: int = 224
 
     def __post_init__(self):
@@ -219,17 +229,31 @@ class ViT(nn.Module):
     def import_state_dict(
         self, state_dict: Mapping[str, Any], variables: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """`variables` filled from a timm `vit_*` state dict (exact GELU: `gelu_approximate=False`)."""
+        """`variables` filled from a timm `vit_*` state dict (exact GELU: `gelu_approximate=False`)
+        or a Hugging Face `ViTForImageClassification` / `ViTModel` one (also
+        `layer_norm_epsilon=1e-12`); a warning where the options differ from theirs."""
         from absl import logging
 
         from jaxdissect.models import npz_import, torch_import
 
+        hf = any(k.endswith(torch_import.HF_VIT_MARK) for k in state_dict)
+        source = "Hugging Face" if hf else "timm"
         if self.gelu_approximate:  # the state dict does not say which GELU it was trained with
             logging.warning(
-                "timm weights into a ViT with the tanh-approximated GELU: timm's ViTs use the "
-                "exact one unless made with gelu_tanh; pass --model_option "
-                "gelu_approximate=false for them"
+                "%s weights into a ViT with the tanh-approximated GELU: %s's ViTs use the "
+                "exact one%s; pass --model_option gelu_approximate=false for them",
+                source,
+                source,
+                "" if hf else " unless made with gelu_tanh",
             )
+        if hf and self.layer_norm_epsilon != 1e-12:
+            logging.warning(
+                "Hugging Face weights into a ViT with LayerNorm epsilon %g: its ViTs use 1e-12; "
+                "pass --model_option layer_norm_epsilon=1e-12 for them",
+                self.layer_norm_epsilon,
+            )
+        if hf:
+            state_dict = torch_import.hf_vit_to_timm(state_dict)
         flat = torch_import.timm_vit_to_big_vision(state_dict, self.num_heads)
         return npz_import.fit_big_vision(flat, variables)
 
@@ -248,11 +272,14 @@ class ViT(nn.Module):
         if self.pool_type == "tok":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c), x.dtype)
             x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
+        eps = self.layer_norm_epsilon
         x = Encoder(
-            self.depth, self.mlp_dim, self.num_heads, self.gelu_approximate, name="Transformer"
+            self.depth, self.mlp_dim, self.num_heads, self.gelu_approximate, eps, name="Transformer"
         )(x)
         if self.pool_type == "map":
-            x = MAPHead(self.mlp_dim, self.num_heads, self.gelu_approximate, name="MAPHead_0")(x)
+            x = MAPHead(self.mlp_dim, self.num_heads, self.gelu_approximate, eps, name="MAPHead_0")(
+                x
+            )
         else:
             x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)
         if self.rep_size:

@@ -56,18 +56,19 @@ class MlpBlock(nnx.Module):
 class Encoder1DBlock(nnx.Module):
     """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, width: int, mlp_dim: int, num_heads: int, gelu: bool, *, rngs: nnx.Rngs):
-        self.LayerNorm_0 = nnx.LayerNorm(width, epsilon=1e-6, rngs=rngs)
+    def __init__(self, config: vit.ViT, *, rngs: nnx.Rngs):
+        width, eps = config.width, config.layer_norm_epsilon
+        self.LayerNorm_0 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
         self.MultiHeadDotProductAttention_0 = nnx.MultiHeadAttention(
-            num_heads,
+            config.num_heads,
             width,
             decode=False,
             deterministic=True,
             attention_fn=_linen_attention,
             rngs=rngs,
         )
-        self.LayerNorm_1 = nnx.LayerNorm(width, epsilon=1e-6, rngs=rngs)
-        self.MlpBlock_0 = MlpBlock(width, mlp_dim, gelu, rngs=rngs)
+        self.LayerNorm_1 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
+        self.MlpBlock_0 = MlpBlock(width, config.mlp_dim, config.gelu_approximate, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x))
@@ -88,7 +89,7 @@ class MAPHead(nnx.Module):
             attention_fn=_linen_attention,
             rngs=rngs,
         )
-        self.LayerNorm_0 = nnx.LayerNorm(c, epsilon=1e-6, rngs=rngs)
+        self.LayerNorm_0 = nnx.LayerNorm(c, epsilon=config.layer_norm_epsilon, rngs=rngs)
         self.MlpBlock_0 = MlpBlock(c, config.mlp_dim, config.gelu_approximate, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -104,11 +105,9 @@ class Encoder(nnx.Module):
     def __init__(self, config: vit.ViT, *, rngs: nnx.Rngs):
         self.depth = config.depth
         for i in range(config.depth):
-            block = Encoder1DBlock(
-                config.width, config.mlp_dim, config.num_heads, config.gelu_approximate, rngs=rngs
-            )
-            setattr(self, f"encoderblock_{i}", block)
-        self.encoder_norm = nnx.LayerNorm(config.width, epsilon=1e-6, rngs=rngs)
+            setattr(self, f"encoderblock_{i}", Encoder1DBlock(config, rngs=rngs))
+        eps = config.layer_norm_epsilon
+        self.encoder_norm = nnx.LayerNorm(config.width, epsilon=eps, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.depth):

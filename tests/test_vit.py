@@ -1,6 +1,7 @@
 """ViT: parity with a torch (timm-layout) ViT, big_vision .npz loading, the NNX twin."""
 
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,76 @@ def test_timm_state_dict_parity_at_full_ti16_width(tmp_path):
         options={"num_classes": 10, "pool_type": "tok", "gelu_approximate": False},
     )
     _check_parity(loaded.module, loaded.variables, reference, 224, TIMM_LAYERS, prefix=1)
+
+
+def _hf_names(state: dict) -> dict:
+    """A timm ViT's state dict in Hugging Face's `ViTForImageClassification` names (its fused
+    qkv split into query, key and value), as `transformers` saves that model."""
+    out = {}
+    for key, value in state.items():
+        value = value.numpy()
+        block = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        if block and block[2] == "attn.qkv":
+            layer = f"vit.encoder.layer.{block[1]}.attention.attention"
+            for name, part in zip(("query", "key", "value"), np.split(value, 3), strict=True):
+                out[f"{layer}.{name}.{block[3]}"] = part
+            continue
+        if block:
+            part = {
+                "norm1": "layernorm_before",
+                "attn.proj": "attention.output.dense",
+                "norm2": "layernorm_after",
+                "mlp.fc1": "intermediate.dense",
+                "mlp.fc2": "output.dense",
+            }[block[2]]
+            out[f"vit.encoder.layer.{block[1]}.{part}.{block[3]}"] = value
+            continue
+        plain = {
+            "cls_token": "vit.embeddings.cls_token",
+            "pos_embed": "vit.embeddings.position_embeddings",
+            "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
+            "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
+            "norm.weight": "vit.layernorm.weight",
+            "norm.bias": "vit.layernorm.bias",
+        }
+        out[plain.get(key, key.replace("head.", "classifier."))] = value
+    return out
+
+
+def test_hugging_face_vit_parity_and_its_layer_norm_epsilon(tmp_path, caplog):
+    """A `transformers` ViTForImageClassification's weights (separate query, key and value,
+    LayerNorm epsilon 1e-12), as safetensors: the torch model's numbers with
+    `layer_norm_epsilon=1e-12`, in the NNX twin too. The embeddings are made tiny, so that
+    the first LayerNorm's input has a variance near epsilon: 1e-6 there would be far off."""
+    import safetensors.numpy
+
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(img_size=32, depth=2, num_classes=5, eps=1e-12)
+    )
+    with torch.no_grad():
+        for p in (reference.patch_embed.proj.weight, reference.patch_embed.proj.bias):
+            p.mul_(1e-4)
+        reference.cls_token.mul_(1e-4), reference.pos_embed.mul_(1e-4)
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(_hf_names(reference.state_dict()), str(path))
+    hf = {"pool_type": "tok", "gelu_approximate": False, "layer_norm_epsilon": 1e-12}
+    loaded = model_load.load("vit_ti16", weights=str(path), options={**SMALL, **hf})
+    layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "block1": "blocks.1"}
+    _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=1)
+    twin = vit_nnx.from_linen(loaded.module, loaded.variables["params"])
+    x = np.random.default_rng(3).standard_normal((2, 32, 32, 3), np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(nnx.jit(lambda m, x: m(x))(twin, x)),
+        np.asarray(jax.jit(loaded.module.apply)(loaded.variables, x)),
+    )
+    # timm's epsilon: loaded with a warning, and other numbers.
+    with caplog.at_level("WARNING"):
+        timm_eps = model_load.load(
+            "vit_ti16", weights=str(path), options={**SMALL, **hf, "layer_norm_epsilon": 1e-6}
+        )
+    assert "its ViTs use 1e-12; pass --model_option layer_norm_epsilon=1e-12" in caplog.text
+    with pytest.raises(AssertionError):
+        _check_parity(timm_eps.module, timm_eps.variables, reference, 32, layers, prefix=1)
 
 
 def test_gap_and_tanh_gelu_parity():

@@ -41,11 +41,11 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, approximate: str):
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, approximate: str, eps: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_dim, approximate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +65,7 @@ class VisionTransformer(nn.Module):
         num_classes: int = 1000,
         class_token: bool = True,
         approximate: str = "none",
+        eps: float = 1e-6,  # timm's; Hugging Face's ViTs: 1e-12
     ):
         super().__init__()
         self.patch_embed = nn.Module()
@@ -75,9 +76,9 @@ class VisionTransformer(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + int(class_token), embed_dim))
         self.blocks = nn.Sequential(
-            *[Block(embed_dim, num_heads, mlp_dim, approximate) for _ in range(depth)]
+            *[Block(embed_dim, num_heads, mlp_dim, approximate, eps) for _ in range(depth)]
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = nn.Linear(embed_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
