@@ -293,8 +293,9 @@ HF_VIT_MARK = "embeddings.patch_embeddings.projection.weight"
 
 def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A Hugging Face `ViTModel` / `ViTForImageClassification` state dict in timm's names: a
-    block's separate query, key and value stacked into timm's fused `qkv` (in that order).
-    Keys with no rule here (`pooler.dense`) keep their names, so that loading lists them."""
+    block's separate query, key and value stacked into timm's fused `qkv` (in that order);
+    `ViTModel`'s pooler (a tanh Dense on the class token) as big_vision's `pre_logits`.
+    Keys with no rule here keep their names, so that loading lists them."""
     out: dict[str, np.ndarray] = {}
     qkv: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
@@ -303,6 +304,10 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         block = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", stem)
         if block and (part := re.fullmatch(r"attention\.attention\.(query|key|value)", block[2])):
             qkv.setdefault(f"blocks.{block[1]}.attn.qkv.{leaf}", {})[part[1]] = np.asarray(value)
+            continue
+        if stem == "pooler.dense":  # big_vision's name (timm has no such layer)
+            array = np.asarray(value)
+            out[f"pre_logits/{'kernel' if leaf == 'weight' else leaf}"] = array.T
             continue
         if block and block[2] in _HF_VIT_BLOCK_NAMES:
             name = f"blocks.{block[1]}.{_HF_VIT_BLOCK_NAMES[block[2]]}.{leaf}"

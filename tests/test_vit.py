@@ -144,6 +144,28 @@ def test_hugging_face_vit_parity_and_its_layer_norm_epsilon(tmp_path, caplog):
         np.asarray(nnx.jit(lambda m, x: m(x))(twin, x)),
         np.asarray(jax.jit(loaded.module.apply)(loaded.variables, x)),
     )
+    # A `ViTModel` (no `vit.` prefix, no classifier): its pooler is big_vision's tanh
+    # `pre_logits`, in Python (the scripts' --num_classes is >= 1).
+    model = vit.vit_ti16(**{**SMALL, **hf, "num_classes": 0, "rep_size": 192})
+    named = {
+        k.removeprefix("vit."): v
+        for k, v in _hf_names(reference.state_dict()).items()
+        if not k.startswith("classifier.")
+    }
+    rng = np.random.default_rng(4)
+    pooler = {
+        "pooler.dense.weight": rng.standard_normal((192, 192)).astype(np.float32),
+        "pooler.dense.bias": rng.standard_normal(192).astype(np.float32),
+    }
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    params = model.import_state_dict({**named, **pooler}, template)["params"]
+    np.testing.assert_array_equal(params["pre_logits"]["kernel"], pooler["pooler.dense.weight"].T)
+    np.testing.assert_array_equal(params["pre_logits"]["bias"], pooler["pooler.dense.bias"])
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        params["Transformer"],
+        loaded.variables["params"]["Transformer"],
+    )
     # timm's epsilon: loaded with a warning, and other numbers.
     with caplog.at_level("WARNING"):
         timm_eps = model_load.load(
