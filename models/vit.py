@@ -7,8 +7,8 @@ The module tree and parameter names are those of `big_vision/models/vit.py`
 big_vision `.npz` checkpoint loads directly (`models/npz_import.py`) and a timm
 `vit_*` state dict through `torch_import.timm_vit_to_big_vision`. As there:
 LayerNorm epsilon 1e-6 (`layer_norm_epsilon`: Hugging Face's ViTs use 1e-12),
-tanh-approximated GELU (`gelu_approximate=False` for timm's and Hugging Face's exact GELU), position embeddings added before the class token is prepended,
-inputs in [-1, 1].
+tanh-approximated GELU (`gelu_approximate=False` for timm's and Hugging Face's exact
+GELU), position embeddings added before the class token is prepended, inputs in [-1, 1].
 
 Layers to dissect (paths; aliases in brackets), each [B, tokens, C] read as the
 patch grid (`ViT.token_layout`: the class token, if any, is dropped):
@@ -34,6 +34,8 @@ import numpy as np
 
 from jaxdissect.preprocess import InputSpec, TokenLayout, patch_grid, patch_pair
 
+# The LayerNorm epsilon of Hugging Face transformers' ViTs (big_vision's and timm's: 1e-6).
+HF_LAYER_NORM_EPSILON = 1e-12
 # big_vision's variants (Table 2 of arXiv:2106.04560): width, depth, mlp_dim, num_heads.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "Ti": (192, 12, 768, 3),
@@ -246,11 +248,13 @@ class ViT(nn.Module):
                 source,
                 "" if hf else " unless made with gelu_tanh",
             )
-        if hf and self.layer_norm_epsilon != 1e-12:
+        if hf and self.layer_norm_epsilon != HF_LAYER_NORM_EPSILON:
             logging.warning(
-                "Hugging Face weights into a ViT with LayerNorm epsilon %g: its ViTs use 1e-12; "
-                "pass --model_option layer_norm_epsilon=1e-12 for them",
+                "Hugging Face weights into a ViT with LayerNorm epsilon %g: its ViTs use %g; "
+                "pass --model_option layer_norm_epsilon=%g for them",
                 self.layer_norm_epsilon,
+                HF_LAYER_NORM_EPSILON,
+                HF_LAYER_NORM_EPSILON,
             )
         if hf:
             state_dict = torch_import.hf_vit_to_timm(state_dict)
