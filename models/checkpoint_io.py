@@ -47,11 +47,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     Unlike `load_state_dict`, wrappers such as `{'epoch': ..., 'state_dict': ...}`
     are returned as they are; an `argparse.Namespace` comes back as a `torch_file.Namespace`,
     a pickled `nn.Module` as its state dict (`torch_file.ModuleWeights`), and any other
-    pickled object as an inert `torch_file.PickledObject`.
+    pickled object as an inert `torch_file.PickledObject` (nothing imported or run).
 
     Raises:
-      UnsafeCheckpointError: the pickle names a global outside `torch_file.ALLOWED_GLOBALS`
-        and holds no module.
+      UnsafeCheckpointError: a pickle that names a global outside
+        `torch_file.ALLOWED_GLOBALS` and cannot be read.
       CheckpointError: the file is missing, not a readable weight file, truncated or
         corrupt (each message starts with the path).
     """
@@ -123,21 +123,34 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     its state dict without importing its classes, strips a DataParallel `module.` prefix, and
     widens bfloat16 to float32.
 
+    Objects pickled beside the weights (a training script's config, a class) are inert
+    records, named in the log.
+
     Raises:
-      UnsafeCheckpointError: the file pickles an object other than tensors and modules,
+      UnsafeCheckpointError: the weights hold an object other than tensors and modules,
         which it would take code to rebuild.
       CheckpointError: the file is unreadable or holds no state dict.
     """
     path = os.fspath(path)
-    obj = load_checkpoint(path)
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    obj = _state_dict_of(obj, path)
+    whole = load_checkpoint(path)
+    if not isinstance(whole, Mapping):
+        if (refusal := torch_file.refusal_in(whole)) is not None:
+            raise _named(refusal, path)
+        raise CheckpointError(f"{path}: holds a {type(whole).__name__}, not a state dict")
+    obj = _state_dict_of(whole, path)
+    if (refusal := torch_file.refusal_in(obj)) is not None:
+        raise _named(refusal, path)
     if isinstance(obj, torch_file.ModuleWeights):
         logging.info(
             "%s: the weights of a pickled %s, read as data (none of its code imported or run)",
             path,
             obj.qualified,
+        )
+    if others := torch_file.stand_in_names(whole):
+        logging.info(
+            "%s: beside the weights, pickled %s, read as inert records (none imported or run)",
+            path,
+            ", ".join(others),
         )
     not_arrays = [
         f"{k}: {type(v).__name__}" for k, v in obj.items() if not isinstance(v, np.ndarray)

@@ -14,8 +14,9 @@ Any other global (a class of a pickled `nn.Module`, `os.system`, ...) is never i
 the pickle gets an inert `PickledObject` type in its place, which records what the pickle
 hands it. A whole pickled module (`torch.save(model)`, as NetDissect-Lite's DenseNet-161
 and ResNet-50 Places365 files) is then read as data: each such record with a module's
-`_parameters`, `_buffers` and `_modules` becomes its state dict (`ModuleWeights`). A file
-that names another global and holds no module raises `UnsafeCheckpointError`, naming it.
+`_parameters`, `_buffers` and `_modules` becomes its state dict (`ModuleWeights`). Other
+stand-ins (a training script's config object beside the weights) stay inert records;
+`checkpoint_io.load_state_dict` refuses weights that hold one (`refusal_in`), naming it.
 """
 
 from __future__ import annotations
@@ -252,9 +253,11 @@ class Namespace:
 class PickledObject:
     """Stands in for an object of a class (or a call of a function) a pickle names outside
     `ALLOWED_GLOBALS`: the arguments and state the pickle hands it, as data. The global is
-    never imported; each unpickler makes one subclass per name (`qualified`)."""
+    never imported; each unpickler makes one subclass per name (`qualified`, and `named`:
+    its module and name)."""
 
     qualified: str = "?"
+    named: tuple[str, str] = ("?", "?")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PickledObject:
         record = object.__new__(cls)
@@ -279,7 +282,45 @@ class ModuleWeights(collections.OrderedDict):
 
 
 def _stand_in(module: str, name: str) -> type[PickledObject]:
-    return type(name, (PickledObject,), {"qualified": f"{module}.{name}"})
+    return type(name, (PickledObject,), {"qualified": f"{module}.{name}", "named": (module, name)})
+
+
+def _stand_ins(obj: Any) -> list[type[PickledObject]]:
+    """The stand-in types in `obj` (instances or the types themselves, in containers or an
+    `argparse.Namespace`), each once, in the order met."""
+    found: dict[type[PickledObject], None] = {}
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, type) and issubclass(obj, PickledObject):
+            found.setdefault(obj)
+        elif isinstance(obj, PickledObject):
+            found.setdefault(type(obj))
+        elif isinstance(obj, Mapping):
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, list | tuple):
+            for value in obj:
+                walk(value)
+        elif isinstance(obj, Namespace):
+            walk(vars(obj))
+
+    walk(obj)
+    return list(found)
+
+
+def stand_in_names(obj: Any) -> list[str]:
+    """The classes and functions `obj` holds stand-ins of (`PickledObject`), each once."""
+    return [t.qualified for t in _stand_ins(obj)]
+
+
+def refusal_in(obj: Any) -> UnsafeCheckpointError | None:
+    """The refusal of the first class or function `obj` holds a stand-in of: weights it
+    would take code to rebuild (None: none)."""
+    if not (found := _stand_ins(obj)):
+        return None
+    refusal = _refusal(*found[0].named)
+    assert isinstance(refusal, UnsafeCheckpointError)  # storages are never stood in for
+    return refusal
 
 
 def _reconstructor(cls: Any, base: Any, state: Any) -> PickledObject:
@@ -333,19 +374,14 @@ def _module_weights(root: PickledObject) -> ModuleWeights:
     return out
 
 
-def _modules_as_weights(obj: Any) -> tuple[Any, bool]:
+def _modules_as_weights(obj: Any) -> Any:
     """`obj` with each pickled module in it (at the top or in containers) replaced by its
-    `ModuleWeights`; and whether there was one."""
-    found = False
+    `ModuleWeights`."""
 
     def walk(obj: Any) -> Any:
-        nonlocal found
-        if _is_module(obj):
-            found = True
-            return _module_weights(obj)
-        return _rebuild(obj, walk)
+        return _module_weights(obj) if _is_module(obj) else _rebuild(obj, walk)
 
-    return walk(obj), found
+    return walk(obj)
 
 
 def _rebuild(obj: Any, walk: Callable[[Any], Any]) -> Any:
@@ -624,10 +660,8 @@ def _unpickle(
     unpickler = _RestrictedUnpickler(file, encoding=encoding, legacy=legacy)
     try:
         obj = unpickler.load()
-        if unpickler.refusal is not None:
-            obj, modules = _modules_as_weights(obj)
-            if not modules:  # no module's weights to read: the first global refused
-                raise unpickler.refusal
+        if unpickler.refusal is not None:  # stand-ins, some of them modules perhaps
+            obj = _modules_as_weights(obj)
     except (CheckpointError, UnicodeDecodeError):
         raise
     except (EOFError, pickle.UnpicklingError) as err:
@@ -685,7 +719,11 @@ def load_legacy(path: str, encoding: str) -> Any:
         except CheckpointError as err:
             raise CheckpointError(f"{path}: not a torch weight file ({err})") from err
         if magic != _LEGACY_MAGIC:
-            raise CheckpointError(f"{path}: not a torch weight file (no legacy magic number)")
+            # A bare pickle of an object: refused by the class it names, as torch.load would
+            # have run it.
+            raise refusal_in(magic) or CheckpointError(
+                f"{path}: not a torch weight file (no legacy magic number)"
+            )
         protocol, _ = _unpickle(file, legacy=True)
         if protocol != _LEGACY_PROTOCOL:
             raise CheckpointError(f"{path}: unsupported legacy protocol {protocol!r}")
