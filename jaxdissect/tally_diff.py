@@ -15,6 +15,8 @@ import math
 import os
 from collections.abc import Mapping
 
+from jaxdissect import store
+
 # The columns read; any others are passed over.
 COLUMNS = ("unit", "category", "label", "score")
 
@@ -164,8 +166,6 @@ def write_differing_csv(
 ) -> None:
     """One row per unit whose labels differ: unit, then each tally's category, label and
     score."""
-    from jaxdissect import store
-
     fields = ("category", "label", "score")
     header = ["unit", *(f"{n}-{f}" for n in names for f in fields)]
     with store.atomic_open(path, newline="") as f:

@@ -331,23 +331,25 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> PickledObject:
     return cls.__new__(cls)
 
 
-def _is_module(obj: Any) -> bool:
+def _module_state(obj: Any) -> dict[str, Any] | None:
+    """The state of `obj` where it is a pickled module's (holding `_MODULE_FIELDS`), else
+    None."""
     state = obj.state if isinstance(obj, PickledObject) else None
     if isinstance(state, tuple) and state:  # (dict, slots) of an object with __slots__
         state = state[0]
-    return isinstance(state, dict) and all(
-        isinstance(state.get(f), Mapping) for f in _MODULE_FIELDS
-    )
+    if isinstance(state, dict) and all(isinstance(state.get(f), Mapping) for f in _MODULE_FIELDS):
+        return state
+    return None
 
 
-def _module_weights(root: PickledObject) -> ModuleWeights:
-    """The state dict of the module record `root` (tensors not yet cut out)."""
+def _module_weights(root: PickledObject, state: dict[str, Any]) -> ModuleWeights:
+    """The state dict of the module record `root` of state `state` (`_module_state`;
+    tensors not yet cut out)."""
     out = ModuleWeights(root.qualified)
 
-    def visit(record: PickledObject, prefix: str, path: tuple[int, ...]) -> None:
+    def visit(record: PickledObject, state: dict[str, Any], prefix: str, path: tuple[int, ...]):
         if id(record) in path:
             raise CheckpointError(f"the pickled module {record.qualified} contains itself")
-        state = record.state[0] if isinstance(record.state, tuple) else record.state
         transient = state.get("_non_persistent_buffers_set") or ()
         entries = [*state["_parameters"].items()]
         entries += [(k, v) for k, v in state["_buffers"].items() if k not in transient]
@@ -363,14 +365,14 @@ def _module_weights(root: PickledObject) -> ModuleWeights:
         for name, child in state["_modules"].items():
             if child is None:
                 continue
-            if not _is_module(child):
+            if (child_state := _module_state(child)) is None:
                 raise CheckpointError(
                     f"submodule {prefix}{name} of the pickled {record.qualified} is a "
                     f"{type(child).__name__}, not a module"
                 )
-            visit(child, f"{prefix}{name}.", (*path, id(record)))
+            visit(child, child_state, f"{prefix}{name}.", (*path, id(record)))
 
-    visit(root, "", ())
+    visit(root, state, "", ())
     return out
 
 
@@ -379,7 +381,8 @@ def _modules_as_weights(obj: Any) -> Any:
     `ModuleWeights`."""
 
     def walk(obj: Any) -> Any:
-        return _module_weights(obj) if _is_module(obj) else _rebuild(obj, walk)
+        state = _module_state(obj)
+        return _rebuild(obj, walk) if state is None else _module_weights(obj, state)
 
     return walk(obj)
 
@@ -499,8 +502,8 @@ def _refusal(module: str, name: str) -> CheckpointError:
 
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only `ALLOWED_GLOBALS` (and, for whole modules,
-    `_module_globals`), hands out a `PickledObject` type for any other global (recording
-    the refusal of the first in `refusal`), and records the storages it meets."""
+    `_module_globals`), hands out a `PickledObject` type for any other global, and records
+    the storages it meets."""
 
     def __init__(self, file: BinaryIO, *, encoding: str, legacy: bool):
         super().__init__(file, encoding=encoding)
@@ -508,7 +511,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._stand_ins: dict[tuple[str, str], type[PickledObject]] = {}
         self._legacy = legacy
         self.storages: dict[str, _Storage] = {}
-        self.refusal: UnsafeCheckpointError | None = None
 
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)
@@ -523,9 +525,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
                     f"the pickle names more than {_MAX_STAND_INS} classes and functions: "
                     "not a model's"
                 )
-            self.refusal = self.refusal or refusal
             self._stand_ins[key] = _stand_in(module, name)
         return self._stand_ins[key]
+
+    @property
+    def refusal(self) -> UnsafeCheckpointError | None:
+        """The refusal of the first global stood in for (None: none)."""
+        return refusal_in(next(iter(self._stand_ins.values()), None))
 
     def persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid:

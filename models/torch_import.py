@@ -51,22 +51,35 @@ def _flax_key(torch_key: str, array: np.ndarray) -> tuple[tuple[str, ...], np.nd
     raise WeightMappingError(f"{torch_key}: no rule for a parameter named {leaf!r}")
 
 
+def _renamed(
+    state_dict: Mapping[str, Any], rename: Callable[[str], str], removed: str
+) -> dict[str, Any]:
+    """`state_dict` with every key `rename`d (`removed`: what renaming strips from it).
+
+    Raises:
+      WeightMappingError: two keys are then one.
+    """
+    out: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for key, value in state_dict.items():
+        name = rename(key)
+        if name in out:
+            longer, shorter = sorted((source[name], key), key=len, reverse=True)
+            raise WeightMappingError(
+                f"holds both {longer!r} and {shorter!r}, which name the same weight once "
+                f"{removed!r} is stripped; save the state dict of one model only"
+            )
+        out[name], source[name] = value, key
+    return out
+
+
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
     """Drop a DataParallel-style prefix from every key that has it.
 
     Raises:
       WeightMappingError: a key is there both with and without the prefix.
     """
-    out: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        name = key[len(prefix) :] if key.startswith(prefix) else key
-        if name in out:
-            raise WeightMappingError(
-                f"holds both {prefix + name!r} and {name!r}, which name the same weight once "
-                f"{prefix!r} is stripped; save the state dict of one model only"
-            )
-        out[name] = value
-    return out
+    return _renamed(state_dict, lambda key: key.removeprefix(prefix), prefix)
 
 
 # Prefixes that wrappers put before a model's keys, stripped (nested, in any order) where
@@ -108,18 +121,9 @@ def _map_keys(
 
 
 def _strip_inner(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Every `INNER_WRAPPER` inside a key made one '.'.
-
-    Raises:
-      WeightMappingError: two keys are then the same.
-    """
-    out: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        name = key.replace(INNER_WRAPPER, ".")
-        if name in out:
-            raise WeightMappingError(f"holds two keys that are {name!r} without {INNER_WRAPPER!r}")
-        out[name] = value
-    return out
+    """Every `INNER_WRAPPER` inside a key made one '.' (`_renamed`'s error where two keys are
+    then one)."""
+    return _renamed(state_dict, lambda key: key.replace(INNER_WRAPPER, "."), INNER_WRAPPER)
 
 
 def _wrapper_strips(state_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -131,7 +135,7 @@ def _wrapper_strips(state_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
         for keys, used in frontier:
             for prefix in (*WRAPPER_PREFIXES, INNER_WRAPPER):
                 inner = prefix == INNER_WRAPPER
-                applies = (k.startswith(prefix) or (inner and prefix in k) for k in keys)
+                applies = (prefix in k if inner else k.startswith(prefix) for k in keys)
                 if prefix in used or not any(applies):
                     continue
                 try:
