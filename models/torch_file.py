@@ -26,6 +26,7 @@ import dataclasses
 import io
 import math
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections.abc import Callable, Mapping
@@ -234,6 +235,29 @@ def _rebuild_parameter_with_state(
     return data
 
 
+@dataclasses.dataclass(frozen=True)
+class _TensorClass:
+    """Stands in for `torch.Tensor`, named by `_rebuild_from_type_v2` as a tensor's type."""
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    # A tensor pickled with Python attributes (`t.note = ...`) is its data: the attributes
+    # are not weights. A subclass of Tensor (a stand-in type) is refused by its name.
+    del state
+    if isinstance(new_type, type) and issubclass(new_type, PickledObject):
+        raise UnsafeCheckpointError(
+            new_type.qualified,
+            f"refusing to load {new_type.qualified}: the weights are tensors of this "
+            "subclass of torch.Tensor, and unpickling them would run its code. Save plain "
+            "tensors instead: {k: v.as_subclass(torch.Tensor) for k, v in state.items()}",
+        )
+    if not isinstance(new_type, _TensorClass):
+        raise CheckpointError(f"a tensor rebuilt as {new_type!r}, not as a torch.Tensor")
+    if not isinstance(func, _Callable) or not isinstance(args, tuple):
+        raise CheckpointError("a tensor with attributes whose rebuild is not torch's")
+    return func(*args)
+
+
 class Namespace:
     """Stands in for an `argparse.Namespace` in a checkpoint: its attributes, as data.
 
@@ -435,6 +459,9 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("torch._utils", "_rebuild_tensor_v3"): _Callable(_rebuild_tensor_v3),
         ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
         ("torch._utils", "_rebuild_parameter_with_state"): _Callable(_rebuild_parameter_with_state),
+        # A tensor with Python attributes.
+        ("torch._tensor", "_rebuild_from_type_v2"): _Callable(_rebuild_from_type_v2),
+        ("torch", "Tensor"): _TensorClass(),
         # Tensors of dtypes without a typed storage keep their bytes in an untyped one.
         ("torch", "UntypedStorage"): _StorageType("Byte"),
         ("torch.storage", "UntypedStorage"): _StorageType("Byte"),
@@ -660,9 +687,38 @@ def _materialize(obj: Any, arrays: Mapping[str, np.ndarray], budget: Budget) -> 
     return walk(obj)
 
 
+def _protocol_5_opcode(file: BinaryIO) -> str | None:
+    """'<opcode> at byte <n>' for the pickle's first protocol-5 opcode (out-of-band data:
+    `BYTEARRAY8`, `NEXT_BUFFER`, `READONLY_BUFFER`), None where it has none before its STOP
+    or cannot be read up to one (the unpickler names that fault). torch.save writes
+    protocol 2, and CPython's unpickler prints a SystemError on a damaged `BYTEARRAY8`, so
+    these are refused before it runs. The file is left where it was."""
+    start = file.tell()
+    try:
+        while True:
+            at = file.tell() - start
+            op = pickletools.code2op.get(file.read(1).decode("latin-1"))
+            if op is None or op.name == "STOP":
+                return None
+            if op.proto >= 5:
+                return f"{op.name} at byte {at}"
+            if op.arg is not None:
+                op.arg.reader(file)
+    except (ValueError, UnicodeDecodeError, OverflowError, MemoryError):
+        return None  # a damaged argument: the unpickler names it
+    finally:
+        file.seek(start)
+
+
 def _unpickle(
     file: BinaryIO, *, legacy: bool, encoding: str = "utf-8"
 ) -> tuple[Any, dict[str, _Storage]]:
+    opcode = _protocol_5_opcode(file)
+    if opcode is not None:
+        raise CheckpointError(
+            f"corrupt or unsupported pickle: opcode {opcode} (protocol 5's out-of-band "
+            f"data, which weight files do not hold); {COPY_AGAIN}"
+        )
     unpickler = _RestrictedUnpickler(file, encoding=encoding, legacy=legacy)
     try:
         obj = unpickler.load()

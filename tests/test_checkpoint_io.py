@@ -213,6 +213,55 @@ def test_whole_pickled_module_reads_as_its_state_dict_without_importing_it(
     assert not imported.exists() and "marking_net" not in sys.modules and not ran.exists()
 
 
+_MARKING_TENSOR = """
+import os, pathlib, torch
+pathlib.Path(os.environ["JAXDISSECT_TEST_IMPORTED"]).touch()
+
+
+class Marked(torch.Tensor):
+    pass
+"""
+
+
+@FORMATS
+def test_tensors_with_python_attributes_load_and_subclasses_are_named_unimported(
+    tmp_path, monkeypatch, zip_format
+):
+    """A tensor with attributes (`t.note = ...`) is pickled through `_rebuild_from_type_v2`:
+    its data loads, in a state dict or as a whole module's buffer; a subclass of Tensor is
+    refused by its name, its module never imported."""
+    tagged = torch.randn(3, 2)
+    tagged.note = "x"
+    norm = torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        norm.running_mean.uniform_()
+    norm.running_mean.note = 1
+    got = load_state_dict(_save({"w": tagged, "b": torch.ones(2)}, tmp_path / "t.pth", zip_format))
+    np.testing.assert_array_equal(got["w"], tagged.numpy())
+    whole = load_state_dict(_save(norm, tmp_path / "whole.pth", zip_format))
+    np.testing.assert_array_equal(whole["running_mean"], norm.running_mean.numpy())
+    assert list(whole) == list(norm.state_dict())
+
+    imported = tmp_path / "imported"
+    (tmp_path / "marking_tensor.py").write_text(_MARKING_TENSOR)
+    monkeypatch.setenv("JAXDISSECT_TEST_IMPORTED", str(imported))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("marking_tensor", None)
+    import marking_tensor
+
+    path = _save(
+        {"w": torch.ones(2).as_subclass(marking_tensor.Marked)}, tmp_path / "s.pth", zip_format
+    )
+    imported.unlink()
+    del sys.modules["marking_tensor"]
+    with pytest.raises(
+        UnsafeCheckpointError,
+        match=r"^.*s\.pth: refusing to load marking_tensor\.Marked: the weights are tensors of",
+    ):
+        load_state_dict(path)
+    assert not imported.exists() and "marking_tensor" not in sys.modules
+
+
 def test_a_pickled_module_that_is_not_one_is_named(tmp_path):
     """Crafted or damaged modules: one that contains itself, one whose parameter is no
     tensor, one without its submodules' mapping (no module at all: refused by name)."""
@@ -316,6 +365,7 @@ def test_allowed_globals_are_only_tensor_plumbing():
         "collections",
         "torch",
         "torch.cuda",
+        "torch._tensor",
         "torch._utils",
         "torch.storage",
     }
@@ -421,6 +471,27 @@ def test_a_crafted_pickle_cannot_change_the_reader_for_later_loads(tmp_path):
     assert torch_file._rebuild_tensor_v2.__defaults__ == defaults
     good = _save({"w": torch.ones(2)}, tmp_path / "good.pth", True)
     np.testing.assert_array_equal(load_state_dict(good)["w"], [1, 1])
+
+
+@pytest.mark.parametrize("tail", [b"abc", bytes(600)])
+@FORMATS
+def test_protocol_5_out_of_band_data_is_refused_before_the_unpickler_sees_it(
+    tmp_path, capfd, zip_format, tail
+):
+    """A BYTEARRAY8 declaring a terabyte (one damaged byte can make one): refused in one
+    line naming the opcode, without CPython's unpickler trying to allocate it or printing
+    "SystemError: deallocated bytearray object has exported buffers"."""
+    payload = b"\x80\x02]\x96" + struct.pack("<Q", 10**12) + tail
+    path = tmp_path / "damaged.pth"
+    if zip_format:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", payload)
+            archive.writestr("archive/byteorder", "little")
+    else:
+        path.write_bytes(payload)
+    with pytest.raises(CheckpointError, match=f"^{path}: .*opcode BYTEARRAY8 at byte 3 "):
+        load_state_dict(path)
+    assert "SystemError" not in capfd.readouterr().err
 
 
 def test_not_a_weight_file(tmp_path):
