@@ -203,9 +203,9 @@ def define_input_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum(
         "input_norm",
         "model",
-        ["model", "torchvision", "places_lite"],
-        "Input normalisation: the model's own, torchvision ImageNet, or NetDissect-Lite's "
-        "Places365 one.",
+        ["model", "torchvision", "places_lite", "clip"],
+        "Input normalisation: the model's own, torchvision ImageNet, NetDissect-Lite's "
+        "Places365 one, or CLIP's.",
         flag_values=fv,
     )
     flags.DEFINE_integer(
@@ -233,12 +233,17 @@ def model_info(loaded: Any, input_norm: str = "model", input_size: int | None = 
     `input_norm` says and resized to `input_size` x `input_size` (None: the model's own
     input size), as `define_input_flags` describes."""
     from jaxdissect import pipeline
-    from jaxdissect.preprocess import PLACES_LITE, TORCHVISION
+    from jaxdissect.preprocess import CLIP, PLACES_LITE, TORCHVISION
 
     check_input_size(input_size)
     if input_size is None:
         input_size = loaded.input_spec.size
-    spec = {"model": loaded.input_spec, "torchvision": TORCHVISION, "places_lite": PLACES_LITE}
+    spec = {
+        "model": loaded.input_spec,
+        "torchvision": TORCHVISION,
+        "places_lite": PLACES_LITE,
+        "clip": CLIP,
+    }
     return pipeline.ModelInfo(
         loaded.module,
         loaded.variables,

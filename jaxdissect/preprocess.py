@@ -51,6 +51,13 @@ class InputSpec:
 TORCHVISION = InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), scale=1 / 255)
 # NetDissect-Lite's normalisation of its Places365 models.
 PLACES_LITE = InputSpec(224, (124.69, 118.69, 109.54), (57.12, 57.12, 57.12))
+# CLIP's (OpenAI's constants, which open_clip's and timm's CLIP image towers take).
+CLIP = InputSpec(
+    224,
+    (0.48145466, 0.4578275, 0.40821073),
+    (0.26862954, 0.26130258, 0.27577711),
+    scale=1 / 255,
+)
 
 
 def as_input_spec(value: Any) -> InputSpec | None:

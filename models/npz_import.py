@@ -103,6 +103,17 @@ def _advice(flat: Mapping[str, Any], params: Mapping[str, Any]) -> str:
         hints.append("The checkpoint has an attention-pooling head: --model_option pool_type=map.")
     if "MAPHead_0" in params and not any(k.startswith("MAPHead_0/") for k in flat):
         hints.append("The checkpoint has no attention-pooling head: pool_type=gap or tok.")
+    for key, option, what in (
+        ("embedding/bias", "patch_bias", "bias in its patch embedding"),
+        ("norm_pre/scale", "pre_norm", "LayerNorm before the first block (norm_pre)"),
+        ("Transformer/encoderblock_0/ls1", "layer_scale", "LayerScale in its blocks"),
+    ):
+        if (key in flat) != (key in model):
+            has = key in flat
+            hints.append(
+                f"The checkpoint has {'a' if has else 'no'} {what}: --model_option "
+                f"{option}={'true' if has else 'false'}."
+            )
     return " ".join(hints)
 
 

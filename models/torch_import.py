@@ -330,13 +330,62 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
+# open_clip's (and OpenAI CLIP's) image tower `visual.` -> timm's names (timm's own
+# conversion of OpenAI CLIP), per block `visual.transformer.resblocks.{i}.` -> `blocks.{i}.`.
+_OPEN_CLIP_NAMES = {
+    "conv1": "patch_embed.proj",
+    "ln_pre": "norm_pre",
+    "ln_post": "norm",
+}
+_OPEN_CLIP_BLOCK_NAMES = {
+    "ln_1": "norm1",
+    "attn.out_proj": "attn.proj",
+    "ln_2": "norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+OPEN_CLIP_MARK = "visual.class_embedding"
+
+
+def open_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The image tower of an open_clip / OpenAI CLIP ViT state dict in timm's names: the
+    `visual.` keys only (the text tower's are dropped); the class embedding and position
+    embedding gain timm's leading axis, the fused `in_proj` is timm's `qkv`, and the
+    projection `proj` [width, embed] is a bias-free head (timm's `head`, bias 0). Keys with
+    no rule here keep their names, so that loading lists them."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        if not key.startswith("visual."):
+            continue
+        name, array = key.removeprefix("visual."), np.asarray(value)
+        stem, _, leaf = name.rpartition(".")
+        block = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", stem)
+        if name == "class_embedding":
+            out["cls_token"] = array.reshape(1, 1, -1)
+        elif name == "positional_embedding":
+            out["pos_embed"] = array[None]
+        elif name == "proj":
+            out["head.weight"] = array.T
+            out["head.bias"] = np.zeros(array.shape[1], array.dtype)
+        elif block and block[2] == "attn" and leaf in ("in_proj_weight", "in_proj_bias"):
+            out[f"blocks.{block[1]}.attn.qkv.{leaf.removeprefix('in_proj_')}"] = array
+        elif block and block[2] in _OPEN_CLIP_BLOCK_NAMES:
+            out[f"blocks.{block[1]}.{_OPEN_CLIP_BLOCK_NAMES[block[2]]}.{leaf}"] = array
+        elif stem in _OPEN_CLIP_NAMES:
+            out[f"{_OPEN_CLIP_NAMES[stem]}.{leaf}"] = array
+        else:
+            out[key] = array
+    return out
+
+
 def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dict[str, np.ndarray]:
     """A timm `VisionTransformer` state dict as big_vision's flat (`/`-joined) ViT parameters.
 
     timm's fused `qkv` is split into query, key and value kernels [D, heads, D/heads];
     `pos_embed` over [class token, patches] becomes the patches' `pos_embedding`, its
     first row added to `cls` (big_vision prepends the class token after the position
-    embedding). Keys with no rule here (layer scale, registers, `fc_norm`) are kept
+    embedding); `norm_pre` (CLIP's) and each block's LayerScale `ls1`/`ls2` keep their
+    names under big_vision's modules. Keys with no rule here (registers, `fc_norm`) are kept
     under their timm names, so that loading lists them as unexpected.
     """
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
@@ -360,7 +409,10 @@ def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dic
 
     if "patch_embed.proj.weight" in sd:
         out["embedding/kernel"] = np.transpose(take("patch_embed.proj.weight"), (2, 3, 1, 0))
+    if "patch_embed.proj.bias" in sd:  # none in CLIP's image towers
         out["embedding/bias"] = take("patch_embed.proj.bias")
+    if "norm_pre.weight" in sd:
+        norm("norm_pre", "norm_pre")
     if "pos_embed" in sd:
         pos = take("pos_embed")
         if "cls_token" in sd:
@@ -399,6 +451,9 @@ def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dic
             out[f"{attn}/out/bias"] = take(f"{t}.attn.proj.bias")
         if f"{t}.norm2.weight" in sd:
             norm(f"{t}.norm2", f"{b}/LayerNorm_1")
+        for scale in ("ls1", "ls2"):
+            if f"{t}.{scale}.gamma" in sd:
+                out[f"{b}/{scale}"] = take(f"{t}.{scale}.gamma")
         for fc, dense_name in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
             if f"{t}.mlp.{fc}.weight" in sd:
                 dense(f"{t}.mlp.{fc}", f"{b}/MlpBlock_0/{dense_name}")

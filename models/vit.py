@@ -64,13 +64,20 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) 
     return jnp.asarray(pe, jnp.float32)[None]
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
 class Gelu(nn.Module):
-    """GELU as a module, so that the MLP's hidden units have a path to capture."""
+    """GELU as a module, so that the MLP's hidden units have a path to capture (`quick`:
+    OpenAI CLIP's `quick_gelu` in its place)."""
 
     approximate: bool = True
+    quick: bool = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.gelu(x, approximate=self.approximate)
+        return quick_gelu(x) if self.quick else nn.gelu(x, approximate=self.approximate)
 
 
 _DENSE_INIT = dict(
@@ -83,25 +90,30 @@ class MlpBlock(nn.Module):
 
     mlp_dim: int
     gelu_approximate: bool = True
+    quick_gelu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         x = nn.Dense(self.mlp_dim, name="Dense_0", **_DENSE_INIT)(x)
-        x = Gelu(self.gelu_approximate, name="gelu")(x)
+        x = Gelu(self.gelu_approximate, self.quick_gelu, name="gelu")(x)
         return nn.Dense(d, name="Dense_1", **_DENSE_INIT)(x)
 
 
 class Encoder1DBlock(nn.Module):
-    """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)); with `layer_scale`,
+    each branch is multiplied by a learned per-channel `ls1` / `ls2` (timm's LayerScale)."""
 
     mlp_dim: int
     num_heads: int
     gelu_approximate: bool = True
     layer_norm_epsilon: float = 1e-6
+    quick_gelu: bool = False
+    layer_scale: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
         y = nn.LayerNorm(self.layer_norm_epsilon, name="LayerNorm_0")(x)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
@@ -109,9 +121,13 @@ class Encoder1DBlock(nn.Module):
             deterministic=True,
             name="MultiHeadDotProductAttention_0",
         )(y, y)
+        if self.layer_scale:
+            y = y * self.param("ls1", nn.initializers.ones, (d,), y.dtype)
         x = x + y
         y = nn.LayerNorm(self.layer_norm_epsilon, name="LayerNorm_1")(x)
-        y = MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
+        y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.quick_gelu, name="MlpBlock_0")(y)
+        if self.layer_scale:
+            y = y * self.param("ls2", nn.initializers.ones, (d,), y.dtype)
         return x + y
 
 
@@ -123,6 +139,8 @@ class Encoder(nn.Module):
     num_heads: int
     gelu_approximate: bool = True
     layer_norm_epsilon: float = 1e-6
+    quick_gelu: bool = False
+    layer_scale: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -132,6 +150,8 @@ class Encoder(nn.Module):
                 self.num_heads,
                 self.gelu_approximate,
                 self.layer_norm_epsilon,
+                self.quick_gelu,
+                self.layer_scale,
                 name=f"encoderblock_{i}",
             )(x)
         return nn.LayerNorm(self.layer_norm_epsilon, name="encoder_norm")(x)
@@ -145,6 +165,7 @@ class MAPHead(nn.Module):
     num_heads: int
     gelu_approximate: bool = True
     layer_norm_epsilon: float = 1e-6
+    quick_gelu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -157,8 +178,8 @@ class MAPHead(nn.Module):
             name="MultiHeadDotProductAttention_0",
         )(jnp.tile(probe, (n, 1, 1)), x)
         y = nn.LayerNorm(self.layer_norm_epsilon, name="LayerNorm_0")(x)
-        x = x + MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
-        return x[:, 0]
+        mlp = MlpBlock(self.mlp_dim, self.gelu_approximate, self.quick_gelu, name="MlpBlock_0")
+        return (x + mlp(y))[:, 0]
 
 
 class ViT(nn.Module):
@@ -177,6 +198,13 @@ class ViT(nn.Module):
       layer_norm_epsilon: every LayerNorm's epsilon (big_vision and timm 1e-6, Hugging
         Face's ViTs 1e-12).
       image_size: the square input resolution (fixes the position embeddings).
+      patch_bias: the patch embedding has a bias (CLIP's image towers have none).
+      pre_norm: a LayerNorm (`norm_pre`) over the tokens before the first block (CLIP's
+        `ln_pre`, timm's `pre_norm=True`).
+      quick_gelu: OpenAI CLIP's x * sigmoid(1.702 x) in place of GELU (its own weights;
+        open_clip's LAION ones use GELU).
+      layer_scale: each block's branches scaled per channel (`ls1`, `ls2`: timm's
+        LayerScale, in DeiT III and CaiT), initialised to 1.
     """
 
     num_classes: int = 1000
@@ -192,6 +220,10 @@ class ViT(nn.Module):
     gelu_approximate: bool = True
     layer_norm_epsilon: float = 1e-6
     image_size: int = 224
+    patch_bias: bool = True
+    pre_norm: bool = False
+    quick_gelu: bool = False
+    layer_scale: bool = False
 
     def __post_init__(self):
         patch_pair(self.patch_size)  # refuses another form, naming patch_size
@@ -239,14 +271,24 @@ class ViT(nn.Module):
         from jaxdissect.models import npz_import, torch_import
 
         hf = any(k.endswith(torch_import.HF_VIT_MARK) for k in state_dict)
-        source = "Hugging Face" if hf else "timm"
-        if self.gelu_approximate:  # the state dict does not say which GELU it was trained with
+        clip = torch_import.OPEN_CLIP_MARK in state_dict
+        source = "Hugging Face" if hf else "open_clip" if clip else "timm"
+        if clip:
+            state_dict = torch_import.open_clip_vit_to_timm(state_dict)
+            if not self.quick_gelu:  # the state dict does not say which
+                logging.warning(
+                    "open_clip weights into a ViT with GELU: right for LAION's, but OpenAI's "
+                    "own CLIP weights need --model_option quick_gelu=true"
+                )
+        if (
+            self.gelu_approximate and not self.quick_gelu
+        ):  # the state dict does not say which GELU it was trained with
             logging.warning(
                 "%s weights into a ViT with the tanh-approximated GELU: %s's ViTs use the "
                 "exact one%s; pass --model_option gelu_approximate=false for them",
                 source,
                 source,
-                "" if hf else " unless made with gelu_tanh",
+                " unless made with gelu_tanh" if source == "timm" else "",
             )
         if hf and self.layer_norm_epsilon != HF_LAYER_NORM_EPSILON:
             logging.warning(
@@ -265,7 +307,14 @@ class ViT(nn.Module):
     def __call__(self, image: jax.Array, train: bool = False) -> jax.Array:
         del train  # no dropout or batch statistics: the same in training and evaluation
         patch = patch_pair(self.patch_size)
-        x = nn.Conv(self.width, patch, strides=patch, padding="VALID", name="embedding")(image)
+        x = nn.Conv(
+            self.width,
+            patch,
+            strides=patch,
+            padding="VALID",
+            use_bias=self.patch_bias,
+            name="embedding",
+        )(image)
         n, h, w, c = x.shape
         x = jnp.reshape(x, (n, h * w, c))
         if self.posemb == "learn":
@@ -277,13 +326,27 @@ class ViT(nn.Module):
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c), x.dtype)
             x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
         eps = self.layer_norm_epsilon
+        if self.pre_norm:
+            x = nn.LayerNorm(eps, name="norm_pre")(x)
         x = Encoder(
-            self.depth, self.mlp_dim, self.num_heads, self.gelu_approximate, eps, name="Transformer"
+            self.depth,
+            self.mlp_dim,
+            self.num_heads,
+            self.gelu_approximate,
+            eps,
+            self.quick_gelu,
+            self.layer_scale,
+            name="Transformer",
         )(x)
         if self.pool_type == "map":
-            x = MAPHead(self.mlp_dim, self.num_heads, self.gelu_approximate, eps, name="MAPHead_0")(
-                x
-            )
+            x = MAPHead(
+                self.mlp_dim,
+                self.num_heads,
+                self.gelu_approximate,
+                eps,
+                self.quick_gelu,
+                name="MAPHead_0",
+            )(x)
         else:
             x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)
         if self.rep_size:

@@ -32,29 +32,33 @@ def _linen_attention(query, key, value, *, is_causal: bool = False, **kwargs) ->
 
 
 class Gelu(nnx.Module):
-    """GELU as a module, so that the MLP's hidden units have a path to capture."""
+    """GELU as a module, so that the MLP's hidden units have a path to capture (`quick`:
+    OpenAI CLIP's `vit.quick_gelu` in its place)."""
 
-    def __init__(self, approximate: bool = True):
-        self.approximate = approximate
+    def __init__(self, approximate: bool = True, quick: bool = False):
+        self.approximate, self.quick = approximate, quick
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.quick:
+            return vit.quick_gelu(x)
         return jax.nn.gelu(x, approximate=self.approximate)
 
 
 class MlpBlock(nnx.Module):
     """Dense -> GELU -> Dense."""
 
-    def __init__(self, width: int, mlp_dim: int, gelu_approximate: bool, *, rngs: nnx.Rngs):
-        self.Dense_0 = nnx.Linear(width, mlp_dim, rngs=rngs)
-        self.gelu = Gelu(gelu_approximate)
-        self.Dense_1 = nnx.Linear(mlp_dim, width, rngs=rngs)
+    def __init__(self, width: int, config: vit.ViT, *, rngs: nnx.Rngs):
+        self.Dense_0 = nnx.Linear(width, config.mlp_dim, rngs=rngs)
+        self.gelu = Gelu(config.gelu_approximate, config.quick_gelu)
+        self.Dense_1 = nnx.Linear(config.mlp_dim, width, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.Dense_1(self.gelu(self.Dense_0(x)))
 
 
 class Encoder1DBlock(nnx.Module):
-    """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)); with
+    `layer_scale`, each branch scaled per channel by `ls1` / `ls2`."""
 
     def __init__(self, config: vit.ViT, *, rngs: nnx.Rngs):
         width, eps = config.width, config.layer_norm_epsilon
@@ -68,11 +72,17 @@ class Encoder1DBlock(nnx.Module):
             rngs=rngs,
         )
         self.LayerNorm_1 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
-        self.MlpBlock_0 = MlpBlock(width, config.mlp_dim, config.gelu_approximate, rngs=rngs)
+        self.MlpBlock_0 = MlpBlock(width, config, rngs=rngs)
+        self.layer_scale = config.layer_scale
+        if config.layer_scale:
+            self.ls1 = nnx.Param(jnp.ones((width,)))
+            self.ls2 = nnx.Param(jnp.ones((width,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x))
-        return x + self.MlpBlock_0(self.LayerNorm_1(x))
+        y = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x))
+        x = x + (y * self.ls1[...] if self.layer_scale else y)
+        y = self.MlpBlock_0(self.LayerNorm_1(x))
+        return x + (y * self.ls2[...] if self.layer_scale else y)
 
 
 class MAPHead(nnx.Module):
@@ -90,7 +100,7 @@ class MAPHead(nnx.Module):
             rngs=rngs,
         )
         self.LayerNorm_0 = nnx.LayerNorm(c, epsilon=config.layer_norm_epsilon, rngs=rngs)
-        self.MlpBlock_0 = MlpBlock(c, config.mlp_dim, config.gelu_approximate, rngs=rngs)
+        self.MlpBlock_0 = MlpBlock(c, config, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         probe = jnp.tile(self.probe[...], (x.shape[0], 1, 1))
@@ -123,13 +133,17 @@ class ViT(nnx.Module):
         c = config.width
         patch = patch_pair(config.patch_size)
         self.patch_size = patch
-        self.embedding = nnx.Conv(3, c, patch, strides=patch, padding="VALID", rngs=rngs)
+        self.embedding = nnx.Conv(
+            3, c, patch, strides=patch, padding="VALID", use_bias=config.patch_bias, rngs=rngs
+        )
         h, w = config.image_size // patch[0], config.image_size // patch[1]
         if config.posemb == "learn":
             init = jax.random.normal(rngs.params(), (1, h * w, c)) / np.sqrt(c)
             self.pos_embedding = nnx.Param(init)
         if config.pool_type == "tok":
             self.cls = nnx.Param(jnp.zeros((1, 1, c)))
+        if config.pre_norm:
+            self.norm_pre = nnx.LayerNorm(c, epsilon=config.layer_norm_epsilon, rngs=rngs)
         self.Transformer = Encoder(config, rngs=rngs)
         if config.pool_type == "map":
             self.MAPHead_0 = MAPHead(config, rngs=rngs)
@@ -167,6 +181,8 @@ class ViT(nnx.Module):
             x = x + vit.posemb_sincos_2d(h, w, c).astype(x.dtype)
         if self.config.pool_type == "tok":
             x = jnp.concatenate([jnp.tile(self.cls[...], (n, 1, 1)), x], axis=1)
+        if self.config.pre_norm:
+            x = self.norm_pre(x)
         x = self.Transformer(x)
         if self.config.pool_type == "map":
             x = self.MAPHead_0(x)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from flax import nnx, traverse_util
 
-from jaxdissect import capture, preprocess
+from jaxdissect import capture, cli, preprocess
 from jaxdissect.models import load as model_load
 from jaxdissect.models import npz_file, npz_import, torch_import, vit, vit_nnx, weight_file, zoo
 from tests import torch_vit
@@ -174,6 +174,133 @@ def test_hugging_face_vit_parity_and_its_layer_norm_epsilon(tmp_path, caplog):
     assert "its ViTs use 1e-12; pass --model_option layer_norm_epsilon=1e-12" in caplog.text
     with pytest.raises(AssertionError):
         _check_parity(timm_eps.module, timm_eps.variables, reference, 32, layers, prefix=1)
+
+
+def _open_clip_names(state: dict) -> dict:
+    """A timm-layout CLIP image tower's state dict in open_clip's names (`visual.`, fused
+    `in_proj`, the head as the bias-free projection `proj` [width, embed]), beside text-tower
+    keys, as open_clip saves a whole CLIP model."""
+    out = {"token_embedding.weight": np.ones((9, 4), np.float32), "logit_scale": np.ones(())}
+    out["transformer.resblocks.0.ln_1.weight"] = np.ones(4, np.float32)  # the text tower's
+    for key, value in state.items():
+        value = value.numpy()
+        block = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        if block:
+            part = {
+                "norm1": "ln_1",
+                "attn.qkv": "attn.in_proj",
+                "attn.proj": "attn.out_proj",
+                "norm2": "ln_2",
+                "mlp.fc1": "mlp.c_fc",
+                "mlp.fc2": "mlp.c_proj",
+            }[block[2]]
+            sep = "_" if part == "attn.in_proj" else "."
+            out[f"visual.transformer.resblocks.{block[1]}.{part}{sep}{block[3]}"] = value
+        elif key == "head.weight":
+            out["visual.proj"] = np.ascontiguousarray(value.T)
+        elif key == "cls_token":  # [1, 1, width] -> [width]
+            out["visual.class_embedding"] = value[0, 0]
+        elif key == "pos_embed":  # [1, tokens, width] -> [tokens, width]
+            out["visual.positional_embedding"] = value[0]
+        elif key == "patch_embed.proj.weight":
+            out["visual.conv1.weight"] = value
+        elif key != "head.bias":  # zero: CLIP's projection has none
+            stem, leaf = key.split(".")
+            out[f"visual.{ {'norm_pre': 'ln_pre', 'norm': 'ln_post'}[stem] }.{leaf}"] = value
+    return out
+
+
+CLIP_OPTIONS = {
+    "pool_type": "tok",
+    "pre_norm": True,
+    "patch_bias": False,
+    "quick_gelu": True,
+    "gelu_approximate": False,
+}
+
+
+def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog):
+    """OpenAI CLIP's image tower (a LayerNorm before the blocks, no patch-embedding bias,
+    quick GELU, the projection as a bias-free head) in timm's names (.pth) and in open_clip's
+    (.safetensors, beside a text tower): the torch model's numbers, in the NNX twin too; the
+    plain ViT's options are refused naming the ones to give."""
+    import safetensors.numpy
+
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(
+            img_size=32, depth=2, num_classes=5, pre_norm=True, approximate="quick_gelu"
+        )
+    )
+    with torch.no_grad():
+        reference.head.bias.zero_()
+    assert "patch_embed.proj.bias" not in reference.state_dict()
+    torch.save(reference.state_dict(), tmp_path / "timm.pth")
+    safetensors.numpy.save_file(
+        _open_clip_names(reference.state_dict()), str(tmp_path / "open_clip.safetensors")
+    )
+    layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "mlp1": "blocks.1.mlp.act"}
+    for name in ("timm.pth", "open_clip.safetensors"):
+        loaded = model_load.load(
+            "vit_ti16", weights=str(tmp_path / name), options={**SMALL, **CLIP_OPTIONS}
+        )
+        _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=1)
+    twin = vit_nnx.from_linen(loaded.module, loaded.variables["params"])
+    x = np.random.default_rng(3).standard_normal((2, 32, 32, 3), np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(nnx.jit(lambda m, x: m(x))(twin, x)),
+        np.asarray(jax.jit(loaded.module.apply)(loaded.variables, x)),
+    )
+    # --input_norm=clip: OpenAI's normalisation of 0..255 pixels.
+    spec = cli.model_info(loaded, "clip", 32).input_spec
+    pixels = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    np.testing.assert_allclose(spec(pixels), (pixels / 255 - mean) / std, rtol=1e-5, atol=1e-5)
+    # Exact GELU (LAION's open_clip weights) gives other numbers.
+    with caplog.at_level("WARNING"):
+        gelu = model_load.load(
+            "vit_ti16",
+            weights=str(tmp_path / "open_clip.safetensors"),
+            options={**SMALL, **CLIP_OPTIONS, "quick_gelu": False},
+        )
+    assert "OpenAI's own CLIP weights need --model_option quick_gelu=true" in caplog.text
+    with pytest.raises(AssertionError):
+        _check_parity(gelu.module, gelu.variables, reference, 32, layers, prefix=1)
+    with pytest.raises(
+        ValueError,
+        match=r"no bias in its patch embedding: --model_option patch_bias=false\. The "
+        r"checkpoint has a LayerNorm before the first block \(norm_pre\): --model_option "
+        r"pre_norm=true\.",
+    ):
+        model_load.load(
+            "vit_ti16", weights=str(tmp_path / "timm.pth"), options={**SMALL, "pool_type": "tok"}
+        )
+
+
+def test_layer_scale_parity_and_its_option_named(tmp_path):
+    """timm's LayerScale (DeiT III, CaiT): `ls1.gamma`, `ls2.gamma` per block, as the torch
+    model computes them, in the NNX twin too; without the option, named."""
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(img_size=32, depth=2, num_classes=5, layer_scale=True)
+    )
+    torch.save(reference.state_dict(), tmp_path / "deit3.pth")
+    options = {**SMALL, "pool_type": "tok", "gelu_approximate": False, "layer_scale": True}
+    loaded = model_load.load("vit_ti16", weights=str(tmp_path / "deit3.pth"), options=options)
+    layers = {"block0": "blocks.0", "block1": "blocks.1", "mlp1": "blocks.1.mlp.act"}
+    _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=1)
+    twin = vit_nnx.from_linen(loaded.module, loaded.variables["params"])
+    x = np.random.default_rng(3).standard_normal((2, 32, 32, 3), np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(nnx.jit(lambda m, x: m(x))(twin, x)),
+        np.asarray(jax.jit(loaded.module.apply)(loaded.variables, x)),
+    )
+    with pytest.raises(
+        ValueError, match=r"has a LayerScale in its blocks: --model_option layer_scale=true"
+    ):
+        model_load.load(
+            "vit_ti16",
+            weights=str(tmp_path / "deit3.pth"),
+            options={**options, "layer_scale": False},
+        )
 
 
 def test_gap_and_tanh_gelu_parity():

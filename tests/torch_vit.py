@@ -4,7 +4,9 @@ The parity reference of `models/vit.py` (timm itself is not installed here). Sta
 keys are timm's (`patch_embed.proj.weight`, `cls_token`, `pos_embed`,
 `blocks.3.attn.qkv.weight`, `blocks.3.mlp.fc1.bias`, `norm.weight`, `head.weight`);
 `class_token=False` is timm's `class_token=False, global_pool='avg', fc_norm=False`
-(the final norm, then the mean of the tokens: big_vision's `gap`).
+(the final norm, then the mean of the tokens: big_vision's `gap`). CLIP's image tower is
+timm's `pre_norm=True` (`norm_pre`, no patch-embedding bias) with `act="quick_gelu"` for
+OpenAI's weights; `layer_scale` is timm's LayerScale (`ls1.gamma`, `ls2.gamma`).
 """
 
 from __future__ import annotations
@@ -29,11 +31,25 @@ class Attention(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
 
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, approximate: str):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate=approximate)
+        self.act = QuickGELU() if approximate == "quick_gelu" else nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,16 +57,26 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, approximate: str, eps: float):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        approximate: str,
+        eps: float,
+        layer_scale: bool = False,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_dim, approximate)
+        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
@@ -64,19 +90,27 @@ class VisionTransformer(nn.Module):
         mlp_dim: int = 768,
         num_classes: int = 1000,
         class_token: bool = True,
-        approximate: str = "none",
+        approximate: str = "none",  # or "tanh", or "quick_gelu" (OpenAI CLIP's)
         eps: float = 1e-6,  # timm's; Hugging Face's ViTs: 1e-12
+        pre_norm: bool = False,
+        layer_scale: bool = False,
     ):
         super().__init__()
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
+        self.patch_embed.proj = nn.Conv2d(
+            3, embed_dim, patch_size, stride=patch_size, bias=not pre_norm
+        )
         n = (img_size // patch_size) ** 2
         self.class_token = class_token
         if class_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + int(class_token), embed_dim))
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=eps) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(
-            *[Block(embed_dim, num_heads, mlp_dim, approximate, eps) for _ in range(depth)]
+            *[
+                Block(embed_dim, num_heads, mlp_dim, approximate, eps, layer_scale)
+                for _ in range(depth)
+            ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = nn.Linear(embed_dim, num_classes)
@@ -85,7 +119,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         if self.class_token:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.norm(self.blocks(x + self.pos_embed))
+        x = self.norm(self.blocks(self.norm_pre(x + self.pos_embed)))
         x = x[:, 0] if self.class_token else x.mean(dim=1)
         return self.head(x)
 
@@ -97,7 +131,7 @@ def randomize_(model: VisionTransformer, seed: int = 0) -> VisionTransformer:
         for name, p in model.named_parameters():
             if name.endswith("weight") and p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p[0].numel()) ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
+            elif ("norm" in name and name.endswith("weight")) or name.endswith("gamma"):
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
