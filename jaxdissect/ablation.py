@@ -41,7 +41,7 @@ import optax
 from absl import logging
 
 from jaxdissect import driver, interventions, parallel, store
-from jaxdissect.evaluate import class_accuracy
+from jaxdissect.evaluate import NO_LOGITS, class_accuracy
 
 # Ablated values: zero, or each unit's mean activation over the evaluation images.
 ZERO, MEAN = interventions.ZERO, "mean"
@@ -310,6 +310,8 @@ def prediction_task(
     logits = np.asarray(logits)
     if logits.ndim != 2 or not len(logits):
         raise ValueError(f"logits has shape {logits.shape}; it must be [images >= 1, logits]")
+    if not logits.shape[1]:
+        raise ValueError(NO_LOGITS)
     if top_classes < 1:
         raise ValueError(f"top_classes={top_classes}: must be >= 1")
     prediction = np.argmax(logits, -1).astype(np.int64)

@@ -26,6 +26,11 @@ from jaxdissect import parallel
 
 # Images per batch when a caller has no batch size of its own (rounded up to the devices).
 DEFAULT_BATCH_SIZE = 64
+# A network built without a head (`num_classes=0`) has no logits to score.
+NO_LOGITS = (
+    "the network outputs no logits (num_classes=0 builds no head): accuracy and predictions "
+    "need a classifier; give --num_classes of its head"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +107,8 @@ class Evaluator:
         self, variables: Any, batch: Mapping[str, jax.Array]
     ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         logits = self.apply_fn(variables, batch["image"])
+        if not logits.shape[-1]:
+            raise ValueError(NO_LOGITS)
         labels, valid = batch["label"], batch["valid"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (jnp.argmax(logits, -1) == labels) & valid

@@ -222,7 +222,8 @@ def build_from_meta(meta: Mapping[str, Any]) -> nn.Module:
 
 def check_options(arch: str, num_classes: Any, options: Mapping[str, Any]) -> None:
     """Fail, in one line naming the parameter, on a `num_classes` that is no whole number
-    >= 1, or an option the constructor of `arch` does not take or takes as another type.
+    >= 1 (>= 0 for `zoo.HEADLESS_ARCHS`: no head), or an option the constructor of `arch`
+    does not take or takes as another type.
 
     Raises:
       ValueError: `num_classes=...` or `option NAME...`.
@@ -231,8 +232,9 @@ def check_options(arch: str, num_classes: Any, options: Mapping[str, Any]) -> No
 
     from jaxdissect.models import load as model_load
 
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes={num_classes!r}: must be a whole number >= 1")
+    least = zoo.least_classes(arch)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < least:
+        raise ValueError(f"num_classes={num_classes!r}: must be a whole number >= {least}")
     if "num_classes" in options:
         raise ValueError(
             f"option num_classes: set {arch}'s classes with num_classes (--num_classes)"

@@ -449,11 +449,13 @@ def check_request(
         raise FileNotFoundError(missing_weights_advice(model, weights, num_classes))
     classes = (options or {}).get("num_classes", num_classes)
     by_flag = num_classes is not None  # else --model_option num_classes=N gave it
+    least = zoo.least_classes(model)
     if classes is not None and (
-        isinstance(classes, bool) or not isinstance(classes, int | np.integer) or classes < 1
+        isinstance(classes, bool) or not isinstance(classes, int | np.integer) or classes < least
     ):
         raise ValueError(
-            f"{_option_flags(['num_classes'], by_flag)}={classes!r}: must be a whole number >= 1"
+            f"{_option_flags(['num_classes'], by_flag)}={classes!r}: must be a whole number "
+            f">= {least}"
         )
     _check_options(model, weights, options or {}, by_flag)
     if weights and weights != "pretrained" and pathlib.Path(weights).expanduser().is_dir():

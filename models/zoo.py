@@ -33,6 +33,16 @@ ARCHS: dict[str, str] = {
 }
 
 
+# Architectures whose `num_classes=0` builds no head: the output is the pooled features, as
+# in self-supervised checkpoints (DINO's, MAE's) that have none.
+HEADLESS_ARCHS: frozenset[str] = frozenset({"vit_ti16", "vit_s16", "vit_b16"})
+
+
+def least_classes(arch: str) -> int:
+    """The smallest `num_classes` `arch` takes: 0 (no head) for `HEADLESS_ARCHS`, else 1."""
+    return 0 if arch in HEADLESS_ARCHS else 1
+
+
 def factory(arch: str) -> Callable[..., nn.Module]:
     """The constructor of `arch`: a name of `ARCHS`, or `package.module:attr` (`attr` may be
     dotted, `module:Class.make`), imported on demand."""

@@ -451,6 +451,8 @@ def test_prediction_task_on_planted_logits():
     )
     with pytest.raises(ValueError, match="top_classes=0"):
         ablation.prediction_task(logits, 0)
+    with pytest.raises(ValueError, match=r"^the network outputs no logits \(num_classes=0 "):
+        ablation.prediction_task(logits[:, :0], 1)
     with pytest.raises(ValueError, match="logit_names has 2 names for the network's 5 logits"):
         ablation.prediction_task(logits, 1, logit_names=["x", "y"])
 

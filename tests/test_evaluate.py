@@ -118,6 +118,15 @@ def test_labels_outside_the_classes_are_refused(setup):
         )
 
 
+def test_a_network_without_logits_is_named(setup):
+    """`num_classes=0` builds a ViT with no head: scoring it is one line, not a trace of
+    one_hot over zero classes."""
+    model, variables, split = setup
+    headless = evaluate.Evaluator(lambda v, x: model.apply(v, x)[:, :0], parallel.data_mesh(1))
+    with pytest.raises(ValueError, match=r"^the network outputs no logits \(num_classes=0 "):
+        headless(variables, scenes.eval_batches(split, 16))
+
+
 def test_batch_sizes_and_no_batch(setup):
     model, variables, _ = setup
     mesh8 = parallel.data_mesh(8)

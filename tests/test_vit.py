@@ -145,7 +145,7 @@ def test_hugging_face_vit_parity_and_its_layer_norm_epsilon(tmp_path, caplog):
         np.asarray(jax.jit(loaded.module.apply)(loaded.variables, x)),
     )
     # A `ViTModel` (no `vit.` prefix, no classifier): its pooler is big_vision's tanh
-    # `pre_logits`, in Python (the scripts' --num_classes is >= 1).
+    # `pre_logits` (--num_classes=0 --model_option rep_size=192 in the scripts).
     model = vit.vit_ti16(**{**SMALL, **hf, "num_classes": 0, "rep_size": 192})
     named = {
         k.removeprefix("vit."): v
@@ -274,6 +274,30 @@ def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog)
         model_load.load(
             "vit_ti16", weights=str(tmp_path / "timm.pth"), options={**SMALL, "pool_type": "tok"}
         )
+
+
+def test_a_checkpoint_without_a_head_loads_with_num_classes_0(tmp_path):
+    """DINO's and MAE's ViTs have no head: the ViTs take `num_classes=0` (the CNNs still
+    refuse it), and the output is the pooled class token after the final norm."""
+    reference = torch_vit.randomize_(torch_vit.VisionTransformer(img_size=32, depth=2))
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}
+    torch.save(state, tmp_path / "dino.pth")
+    model_load.check_request("vit_ti16", str(tmp_path / "dino.pth"), 0)
+    with pytest.raises(ValueError, match=r"^--num_classes=-1: must be a whole number >= 0$"):
+        model_load.check_request("vit_ti16", None, -1)
+    with pytest.raises(ValueError, match=r"^--num_classes=0: must be a whole number >= 1$"):
+        model_load.check_request("resnet18", None, 0)
+    options = {**SMALL, "num_classes": 0, "pool_type": "tok", "gelu_approximate": False}
+    loaded = model_load.load("vit_ti16", weights=str(tmp_path / "dino.pth"), options=options)
+    assert "head" not in loaded.variables["params"]
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3), np.float32)
+    with torch.no_grad():
+        t = reference.patch_embed.proj(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+        t = torch.cat([reference.cls_token.expand(2, -1, -1), t.flatten(2).transpose(1, 2)], 1)
+        want = reference.norm(reference.blocks(t + reference.pos_embed))[:, 0].numpy()
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(loaded.module.apply)(loaded.variables, jnp.asarray(x))
+    _assert_close(got, want, "features")
 
 
 def test_layer_scale_parity_and_its_option_named(tmp_path):
