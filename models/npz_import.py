@@ -80,13 +80,13 @@ def big_vision_params(
 
 def _advice(flat: Mapping[str, Any], params: Mapping[str, Any]) -> str:
     model = {"/".join(p) for p in traverse_util.flatten_dict(dict(params))}
-    if "reg_token" in flat and "reg_token" not in model:  # no option of the zoo's ViTs helps
-        return (
-            "The checkpoint has register tokens (timm's reg_token), which the zoo's ViTs do "
-            "not take: dissect it with a model of your own (--model=package.module:factory) "
-            "that declares its token_layout, e.g. '5+16x16' (a class token and 4 registers)."
-        )
     hints = ["Check --model and its --model_option settings (variant, num_classes, image_size)."]
+    registers = flat.get("reg")
+    if registers is not None and "reg" not in model:
+        count = registers.shape[1] if registers.ndim == 3 else "<its count>"
+        hints.append(f"The checkpoint has register tokens: --model_option num_registers={count}.")
+    if "reg" in model and registers is None:
+        hints.append("The checkpoint has no register tokens: --model_option num_registers=0.")
     if "cls" in flat and "cls" not in model:
         hints.append("The checkpoint has a class token: --model_option pool_type=tok.")
     if "cls" in model and "cls" not in flat:

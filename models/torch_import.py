@@ -17,6 +17,7 @@ Reading the files is `models.checkpoint_io`'s job (and `npz_file`'s); this modul
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -378,15 +379,25 @@ def open_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray
     return out
 
 
-def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dict[str, np.ndarray]:
+# DINOv2's own checkpoints (torch hub's `dinov2_vits14_pretrain.pth`, ...) hold the mask
+# token of its masked-image training, unused at inference.
+DINOV2_MARK = "mask_token"
+
+
+def timm_vit_to_big_vision(
+    state_dict: Mapping[str, Any], num_heads: int, patches: int | None = None
+) -> dict[str, np.ndarray]:
     """A timm `VisionTransformer` state dict as big_vision's flat (`/`-joined) ViT parameters.
 
     timm's fused `qkv` is split into query, key and value kernels [D, heads, D/heads];
     `pos_embed` over [class token, patches] becomes the patches' `pos_embedding`, its
     first row added to `cls` (big_vision prepends the class token after the position
-    embedding); `norm_pre` (CLIP's) and each block's LayerScale `ls1`/`ls2` keep their
-    names under big_vision's modules. Keys with no rule here (registers, `fc_norm`) are kept
-    under their timm names, so that loading lists them as unexpected.
+    embedding), unless it has a row per patch only (timm's `no_embed_class`: DeiT III, its
+    DINOv2 with registers), told by the model's `patches` where given, else by a square
+    count; `norm_pre` (CLIP's) and each block's LayerScale `ls1`/`ls2` keep their names under
+    big_vision's modules; register tokens (timm's `reg_token`, DINOv2's `register_tokens`)
+    are `reg`, and DINOv2's `mask_token` is left out. Keys with no rule here (`fc_norm`, ...)
+    are kept under their timm names, so that loading lists them as unexpected.
     """
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     out: dict[str, np.ndarray] = {}
@@ -413,11 +424,22 @@ def timm_vit_to_big_vision(state_dict: Mapping[str, Any], num_heads: int) -> dic
         out["embedding/bias"] = take("patch_embed.proj.bias")
     if "norm_pre.weight" in sd:
         norm("norm_pre", "norm_pre")
+    sd.pop(DINOV2_MARK, None)
+    for registers in ("reg_token", "register_tokens"):
+        if registers in sd:
+            out["reg"] = take(registers)
     if "pos_embed" in sd:
         pos = take("pos_embed")
         if "cls_token" in sd:
-            out["cls"] = take("cls_token") + pos[:, :1]
-            pos = pos[:, 1:]
+            cls = take("cls_token")
+            rows = pos.shape[1] if pos.ndim == 3 else 0
+            if patches and rows in (patches, patches + 1):
+                per_patch = rows == patches
+            else:  # another grid (resampled after): a square count has no class row
+                per_patch = math.isqrt(rows) ** 2 == rows
+            if not per_patch:  # [class token, patches]
+                cls, pos = cls + pos[:, :1], pos[:, 1:]
+            out["cls"] = cls
         out["pos_embedding"] = pos
     # Keys of other names under `blocks.` have no rule: listed as unexpected by name.
     blocks = sorted({int(k.split(".")[1]) for k in sd if re.match(r"blocks\.\d+\.", k)})

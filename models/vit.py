@@ -23,6 +23,7 @@ patch grid (`ViT.token_layout`: the class token, if any, is dropped):
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -204,7 +205,9 @@ class ViT(nn.Module):
       quick_gelu: OpenAI CLIP's x * sigmoid(1.702 x) in place of GELU (its own weights;
         open_clip's LAION ones use GELU).
       layer_scale: each block's branches scaled per channel (`ls1`, `ls2`: timm's
-        LayerScale, in DeiT III and CaiT), initialised to 1.
+        LayerScale, in DeiT III, CaiT and DINOv2), initialised to 1.
+      num_registers: register tokens (`reg`, DINOv2's) after the class token, before the
+        patches, without position embedding; pooling leaves them out but for `map`.
     """
 
     num_classes: int = 1000
@@ -224,6 +227,7 @@ class ViT(nn.Module):
     pre_norm: bool = False
     quick_gelu: bool = False
     layer_scale: bool = False
+    num_registers: int = 0
 
     def __post_init__(self):
         patch_pair(self.patch_size)  # refuses another form, naming patch_size
@@ -231,6 +235,8 @@ class ViT(nn.Module):
             raise ValueError(f"pool_type={self.pool_type!r}: one of {', '.join(POOL_TYPES)}")
         if self.posemb not in POSEMB_TYPES:
             raise ValueError(f"posemb={self.posemb!r}: one of {', '.join(POSEMB_TYPES)}")
+        if isinstance(self.num_registers, bool) or self.num_registers < 0:
+            raise ValueError(f"num_registers={self.num_registers!r}: must be a whole number >= 0")
         if self.width % self.num_heads:
             raise ValueError(f"width={self.width}: must be divisible by num_heads={self.num_heads}")
         super().__post_init__()
@@ -242,8 +248,9 @@ class ViT(nn.Module):
 
     @nn.nowrap
     def token_layout(self, input_shape: tuple[int, ...]) -> TokenLayout:
-        """Its tokens at `input_shape`: the class token (`pool_type="tok"`), then the patches."""
-        return token_layout(self.patch_size, self.pool_type, input_shape)
+        """Its tokens at `input_shape`: the class token (`pool_type="tok"`), the registers,
+        then the patches."""
+        return token_layout(self.patch_size, self.pool_type, input_shape, self.num_registers)
 
     @property
     def default_layers(self) -> tuple[str, ...]:
@@ -280,9 +287,8 @@ class ViT(nn.Module):
                     "open_clip weights into a ViT with GELU: right for LAION's, but OpenAI's "
                     "own CLIP weights need --model_option quick_gelu=true"
                 )
-        if (
-            self.gelu_approximate and not self.quick_gelu
-        ):  # the state dict does not say which GELU it was trained with
+        # The state dict does not say which GELU it was trained with.
+        if self.gelu_approximate and not self.quick_gelu:
             logging.warning(
                 "%s weights into a ViT with the tanh-approximated GELU: %s's ViTs use the "
                 "exact one%s; pass --model_option gelu_approximate=false for them",
@@ -300,7 +306,12 @@ class ViT(nn.Module):
             )
         if hf:
             state_dict = torch_import.hf_vit_to_timm(state_dict)
-        flat = torch_import.timm_vit_to_big_vision(state_dict, self.num_heads)
+        pos = variables["params"].get("pos_embedding")
+        patches = None if pos is None else int(pos.shape[1])
+        dinov2 = torch_import.DINOV2_MARK in state_dict
+        flat = torch_import.timm_vit_to_big_vision(state_dict, self.num_heads, patches)
+        if patches is not None:
+            flat = _fit_position_grid(flat, patches, dinov2=dinov2)
         return npz_import.fit_big_vision(flat, variables)
 
     @nn.compact
@@ -322,6 +333,10 @@ class ViT(nn.Module):
             x = x + self.param("pos_embedding", init, (1, h * w, c), x.dtype)
         else:
             x = x + posemb_sincos_2d(h, w, c).astype(x.dtype)
+        if self.num_registers:
+            init = nn.initializers.normal(1e-6)
+            reg = self.param("reg", init, (1, self.num_registers, c), x.dtype)
+            x = jnp.concatenate([jnp.tile(reg, (n, 1, 1)), x], axis=1)
         if self.pool_type == "tok":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c), x.dtype)
             x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
@@ -348,7 +363,8 @@ class ViT(nn.Module):
                 name="MAPHead_0",
             )(x)
         else:
-            x = x[:, 0] if self.pool_type == "tok" else x.mean(axis=1)
+            patches = x[:, self.num_registers :] if self.num_registers else x
+            x = x[:, 0] if self.pool_type == "tok" else patches.mean(axis=1)
         if self.rep_size:
             x = nn.tanh(nn.Dense(self.rep_size, name="pre_logits")(x))
         if self.num_classes:
@@ -359,13 +375,48 @@ class ViT(nn.Module):
         return x
 
 
+def _fit_position_grid(flat: dict[str, Any], patches: int, *, dinov2: bool) -> dict[str, Any]:
+    """`flat` with its `pos_embedding` of another square grid resampled to the model's
+    `patches` (a square count), as DINOv2 does for its checkpoints (`dinov2`) and timm for
+    the others (`position_embedding`); logged, naming the checkpoint's own grid."""
+    from absl import logging
+
+    from jaxdissect.models import position_embedding
+
+    pos = flat.get("pos_embedding")
+    if pos is None or pos.ndim != 3 or pos.shape[1] == patches:
+        return flat
+    side, own = math.isqrt(patches), math.isqrt(pos.shape[1])
+    if side * side != patches or own * own != pos.shape[1]:
+        return flat  # not square grids: the fit names the shapes
+    if dinov2:
+        resampled = position_embedding.resample_dinov2(pos, side, registers="reg" in flat)
+    else:
+        resampled = position_embedding.resample_timm(pos, side)
+    logging.info(
+        "position embedding resampled from the checkpoint's %dx%d patches to the model's "
+        "%dx%d, as %s does (bicubic); --model_option image_size runs it at its own grid",
+        own,
+        own,
+        side,
+        side,
+        "DINOv2" if dinov2 else "timm",
+    )
+    return {**flat, "pos_embedding": resampled}
+
+
 def token_layout(
-    patch_size: int | tuple[int, int], pool_type: str, input_shape: tuple[int, ...]
+    patch_size: int | tuple[int, int],
+    pool_type: str,
+    input_shape: tuple[int, ...],
+    num_registers: int = 0,
 ) -> TokenLayout:
-    """The tokens of a ViT's blocks: a class token first where `pool_type` is `tok`, then the
-    row-major patch grid of an input of `input_shape` (height, width, ...), whose sides must
-    be multiples of the patch size (`preprocess.patch_grid`)."""
-    return TokenLayout(patch_grid(input_shape, patch_size), prefix=int(pool_type == "tok"))
+    """The tokens of a ViT's blocks: a class token first where `pool_type` is `tok`, then
+    `num_registers` register tokens, then the row-major patch grid of an input of
+    `input_shape` (height, width, ...), whose sides must be multiples of the patch size
+    (`preprocess.patch_grid`)."""
+    prefix = int(pool_type == "tok") + num_registers
+    return TokenLayout(patch_grid(input_shape, patch_size), prefix=prefix)
 
 
 def _variant(variant: str, **options: Any) -> ViT:

@@ -142,6 +142,8 @@ class ViT(nnx.Module):
             self.pos_embedding = nnx.Param(init)
         if config.pool_type == "tok":
             self.cls = nnx.Param(jnp.zeros((1, 1, c)))
+        if config.num_registers:
+            self.reg = nnx.Param(jnp.zeros((1, config.num_registers, c)))
         if config.pre_norm:
             self.norm_pre = nnx.LayerNorm(c, epsilon=config.layer_norm_epsilon, rngs=rngs)
         self.Transformer = Encoder(config, rngs=rngs)
@@ -154,7 +156,10 @@ class ViT(nnx.Module):
 
     def token_layout(self, input_shape: tuple[int, ...]) -> Any:
         """Its tokens at `input_shape`, as the Linen ViT's (`vit.token_layout`)."""
-        return vit.token_layout(self.patch_size, self.config.pool_type, input_shape)
+        config = self.config
+        return vit.token_layout(
+            self.patch_size, config.pool_type, input_shape, config.num_registers
+        )
 
     @property
     def input_spec(self):
@@ -179,6 +184,8 @@ class ViT(nnx.Module):
             x = x + self.pos_embedding[...]
         else:
             x = x + vit.posemb_sincos_2d(h, w, c).astype(x.dtype)
+        if self.config.num_registers:
+            x = jnp.concatenate([jnp.tile(self.reg[...], (n, 1, 1)), x], axis=1)
         if self.config.pool_type == "tok":
             x = jnp.concatenate([jnp.tile(self.cls[...], (n, 1, 1)), x], axis=1)
         if self.config.pre_norm:
@@ -187,7 +194,9 @@ class ViT(nnx.Module):
         if self.config.pool_type == "map":
             x = self.MAPHead_0(x)
         else:
-            x = x[:, 0] if self.config.pool_type == "tok" else x.mean(axis=1)
+            registers = self.config.num_registers
+            patches = x[:, registers:] if registers else x
+            x = x[:, 0] if self.config.pool_type == "tok" else patches.mean(axis=1)
         if self.config.rep_size:
             x = jnp.tanh(self.pre_logits(x))
         if self.config.num_classes:

@@ -49,9 +49,11 @@ def _torch_run(model, x: np.ndarray, hooks: dict[str, str], grid: int, prefix: i
     return logits, got
 
 
-def _check_parity(module, variables, reference, size: int, layers: dict[str, str], prefix: int):
+def _check_parity(
+    module, variables, reference, size: int, layers: dict[str, str], prefix: int, patch: int = 16
+):
     x = np.random.default_rng(0).standard_normal((2, size, size, 3), np.float32)
-    grid = size // 16
+    grid = size // patch
     want_logits, want = _torch_run(reference, x, layers, grid, prefix)
     tap = capture.make_tap(module, variables, list(layers), input_shape=(size, size, 3))
     with jax.default_matmul_precision("highest"):
@@ -300,6 +302,84 @@ def test_a_checkpoint_without_a_head_loads_with_num_classes_0(tmp_path):
     _assert_close(got, want, "features")
 
 
+@pytest.mark.parametrize(
+    ("interpolation", "registers", "size"),
+    [("offset", 0, 42), ("offset", 0, 98), ("antialias", 4, 42), ("antialias", 4, 70)],
+)
+def test_dinov2_backbone_parity_at_another_grid(tmp_path, interpolation, registers, size):
+    """DINOv2's own checkpoint layout (`mask_token`, `register_tokens`, LayerScale, 14 px
+    patches, no head) trained on a 5x5 grid and run on another: its position embedding
+    resampled once at load as DINOv2 interpolates it at every forward (the scale factor
+    (side + 0.1) / 5 for its first backbones, antialiased to the size for those with
+    registers), in the NNX twin too; the registers' count named where missing."""
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(
+            img_size=70,
+            patch_size=14,
+            depth=2,
+            layer_scale=True,
+            dinov2=interpolation,
+            registers=registers,
+        )
+    )
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}
+    torch.save(state, tmp_path / "dinov2.pth")
+    options = {
+        "depth": 2,
+        "image_size": size,
+        "patch_size": 14,
+        "num_classes": 0,
+        "pool_type": "tok",
+        "gelu_approximate": False,
+        "layer_scale": True,
+        "num_registers": registers,
+    }
+    loaded = model_load.load("vit_ti16", weights=str(tmp_path / "dinov2.pth"), options=options)
+    layers = {"block0": "blocks.0", "block1": "blocks.1", "encoder_norm": "norm"}
+    reference.head = torch.nn.Identity()
+    _check_parity(loaded.module, loaded.variables, reference, size, layers, 1 + registers, patch=14)
+    twin = vit_nnx.from_linen(loaded.module, loaded.variables["params"])
+    x = np.random.default_rng(3).standard_normal((2, size, size, 3), np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(nnx.jit(lambda m, x: m(x))(twin, x)),
+        np.asarray(jax.jit(loaded.module.apply)(loaded.variables, x)),
+    )
+    assert loaded.module.token_layout((size, size, 3)).prefix == 1 + registers
+    if registers:
+        with pytest.raises(ValueError, match=r"register tokens: --model_option num_registers=4\."):
+            model_load.load(
+                "vit_ti16",
+                weights=str(tmp_path / "dinov2.pth"),
+                options={**options, "num_registers": 0},
+            )
+
+
+def test_a_timm_checkpoint_of_another_grid_is_resampled_as_timm_does(tmp_path, caplog):
+    """A timm ViT trained at 64 px (4x4 patches) loaded at 48 px: its position embedding
+    resampled as timm's `resample_abs_pos_embed` does (torch's antialiased bicubic to the
+    size), logged naming both grids; the class token's row stays the class token's."""
+    import torch.nn.functional as F
+
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(img_size=64, depth=2, num_classes=5)
+    )
+    torch.save(reference.state_dict(), tmp_path / "vit64.pth")
+    options = {**SMALL, "image_size": 48, "pool_type": "tok", "gelu_approximate": False}
+    with caplog.at_level("INFO"):
+        loaded = model_load.load("vit_ti16", weights=str(tmp_path / "vit64.pth"), options=options)
+    assert "resampled from the checkpoint's 4x4 patches to the model's 3x3" in caplog.text
+    pos = reference.pos_embed.detach().double()
+    grid = pos[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(3, 3), mode="bicubic", antialias=True)
+    params = loaded.variables["params"]
+    np.testing.assert_allclose(
+        params["pos_embedding"], want.permute(0, 2, 3, 1).reshape(1, 9, -1), rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        params["cls"], (reference.cls_token + reference.pos_embed[:, :1]).detach(), rtol=1e-6
+    )
+
+
 def test_layer_scale_parity_and_its_option_named(tmp_path):
     """timm's LayerScale (DeiT III, CaiT): `ls1.gamma`, `ls2.gamma` per block, as the torch
     model computes them, in the NNX twin too; without the option, named."""
@@ -437,8 +517,8 @@ def test_timm_keys_without_a_rule_are_named():
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
     with pytest.raises(
         torch_import.WeightMappingError,
-        match=r"\['cls', 'reg_token'\]; The checkpoint has register tokens \(timm's reg_token\), "
-        r"which the zoo's ViTs do not take: dissect it with a model of your own .*token_layout",
+        match=r"\['cls', 'reg'\]; Check .* The checkpoint has register tokens: --model_option "
+        r"num_registers=4\. The checkpoint has a class token: --model_option pool_type=tok\.",
     ):
         model.import_state_dict(state, template)
     # A ViT without qkv biases (timm's qkv_bias=False): named, not a KeyError.

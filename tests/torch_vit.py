@@ -7,11 +7,18 @@ keys are timm's (`patch_embed.proj.weight`, `cls_token`, `pos_embed`,
 (the final norm, then the mean of the tokens: big_vision's `gap`). CLIP's image tower is
 timm's `pre_norm=True` (`norm_pre`, no patch-embedding bias) with `act="quick_gelu"` for
 OpenAI's weights; `layer_scale` is timm's LayerScale (`ls1.gamma`, `ls2.gamma`).
+`dinov2` is DINOv2's backbone (its `mask_token`, `registers` as `register_tokens` after the
+class token, and its position embedding interpolated to each input's grid as it runs:
+"offset", its first backbones' scale factor (side + 0.1) / M, or "antialias", its
+backbones with registers).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -94,6 +101,8 @@ class VisionTransformer(nn.Module):
         eps: float = 1e-6,  # timm's; Hugging Face's ViTs: 1e-12
         pre_norm: bool = False,
         layer_scale: bool = False,
+        dinov2: str | None = None,  # "offset" or "antialias"
+        registers: int = 0,
     ):
         super().__init__()
         self.patch_embed = nn.Module()
@@ -105,6 +114,11 @@ class VisionTransformer(nn.Module):
         if class_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + int(class_token), embed_dim))
+        self.patch_size, self.dinov2 = patch_size, dinov2
+        if dinov2:
+            self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        if registers:
+            self.register_tokens = nn.Parameter(torch.zeros(1, registers, embed_dim))
         self.norm_pre = nn.LayerNorm(embed_dim, eps=eps) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(
             *[
@@ -115,11 +129,31 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = nn.Linear(embed_dim, num_classes)
 
+    def _pos_embed(self, side: int) -> torch.Tensor:
+        """DINOv2's `interpolate_pos_encoding` for a side x side grid (square inputs)."""
+        pos = self.pos_embed
+        m = math.isqrt(pos.shape[1] - 1)
+        if not self.dinov2 or side == m:
+            return pos
+        grid = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+        if self.dinov2 == "offset":
+            scale = (side + 0.1) / m
+            kw = dict(scale_factor=(scale, scale), antialias=False)
+        else:
+            kw = dict(size=(side, side), antialias=True)
+        grid = F.interpolate(grid, mode="bicubic", **kw).permute(0, 2, 3, 1)
+        return torch.cat([pos[:, :1], grid.reshape(1, side * side, -1)], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = x.shape[-1] // self.patch_size
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         if self.class_token:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.norm(self.blocks(self.norm_pre(x + self.pos_embed)))
+        x = x + self._pos_embed(side)
+        if hasattr(self, "register_tokens"):
+            registers = self.register_tokens.expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :1], registers, x[:, 1:]], dim=1)
+        x = self.norm(self.blocks(self.norm_pre(x)))
         x = x[:, 0] if self.class_token else x.mean(dim=1)
         return self.head(x)
 
