@@ -37,6 +37,8 @@ from jaxdissect.preprocess import InputSpec, TokenLayout, patch_grid, patch_pair
 
 # The LayerNorm epsilon of Hugging Face transformers' ViTs (big_vision's and timm's: 1e-6).
 HF_LAYER_NORM_EPSILON = 1e-12
+# CLIP's image towers (OpenAI's, open_clip's, timm's) use torch's default LayerNorm epsilon.
+CLIP_LAYER_NORM_EPSILON = 1e-5
 # big_vision's variants (Table 2 of arXiv:2106.04560): width, depth, mlp_dim, num_heads.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "Ti": (192, 12, 768, 3),
@@ -296,13 +298,18 @@ class ViT(nn.Module):
                 source,
                 " unless made with gelu_tanh" if source == "timm" else "",
             )
-        if hf and self.layer_norm_epsilon != HF_LAYER_NORM_EPSILON:
+        # CLIP's towers, open_clip's or timm's, are told by their LayerNorm before the blocks.
+        family, epsilon = ("Hugging Face", HF_LAYER_NORM_EPSILON) if hf else ("", None)
+        if "norm_pre.weight" in state_dict:
+            family, epsilon = "CLIP", CLIP_LAYER_NORM_EPSILON
+        if epsilon is not None and self.layer_norm_epsilon != epsilon:
             logging.warning(
-                "Hugging Face weights into a ViT with LayerNorm epsilon %g: its ViTs use %g; "
+                "%s weights into a ViT with LayerNorm epsilon %g: its ViTs use %g; "
                 "pass --model_option layer_norm_epsilon=%g for them",
+                family,
                 self.layer_norm_epsilon,
-                HF_LAYER_NORM_EPSILON,
-                HF_LAYER_NORM_EPSILON,
+                epsilon,
+                epsilon,
             )
         if hf:
             state_dict = torch_import.hf_vit_to_timm(state_dict)

@@ -218,19 +218,21 @@ CLIP_OPTIONS = {
     "patch_bias": False,
     "quick_gelu": True,
     "gelu_approximate": False,
+    "layer_norm_epsilon": 1e-5,
 }
 
 
 def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog):
     """OpenAI CLIP's image tower (a LayerNorm before the blocks, no patch-embedding bias,
-    quick GELU, the projection as a bias-free head) in timm's names (.pth) and in open_clip's
-    (.safetensors, beside a text tower): the torch model's numbers, in the NNX twin too; the
-    plain ViT's options are refused naming the ones to give."""
+    quick GELU, torch's LayerNorm epsilon 1e-5, the projection as a bias-free head) in timm's
+    names (.pth) and in open_clip's (.safetensors, beside a text tower): the torch model's
+    numbers, in the NNX twin too; the plain ViT's options are refused naming the ones to
+    give, and big_vision's epsilon is warned of."""
     import safetensors.numpy
 
     reference = torch_vit.randomize_(
         torch_vit.VisionTransformer(
-            img_size=32, depth=2, num_classes=5, pre_norm=True, approximate="quick_gelu"
+            img_size=32, depth=2, num_classes=5, pre_norm=True, approximate="quick_gelu", eps=1e-5
         )
     )
     with torch.no_grad():
@@ -262,9 +264,10 @@ def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog)
         gelu = model_load.load(
             "vit_ti16",
             weights=str(tmp_path / "open_clip.safetensors"),
-            options={**SMALL, **CLIP_OPTIONS, "quick_gelu": False},
+            options={**SMALL, **CLIP_OPTIONS, "quick_gelu": False, "layer_norm_epsilon": 1e-6},
         )
     assert "OpenAI's own CLIP weights need --model_option quick_gelu=true" in caplog.text
+    assert "its ViTs use 1e-05; pass --model_option layer_norm_epsilon=1e-05" in caplog.text
     with pytest.raises(AssertionError):
         _check_parity(gelu.module, gelu.variables, reference, 32, layers, prefix=1)
     with pytest.raises(
