@@ -321,6 +321,16 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         elif name in _HF_VIT_NAMES:
             name = _HF_VIT_NAMES[name]
         out[name] = np.asarray(value)
+    return {**out, **_stacked_qkv(qkv)}
+
+
+def _stacked_qkv(qkv: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """timm's fused `qkv` of each block's separate query, key and value (in that order).
+
+    Raises:
+      WeightMappingError: a block has some of them only.
+    """
+    out = {}
     for name, parts in qkv.items():
         if sorted(parts) != ["key", "query", "value"]:
             raise WeightMappingError(
@@ -382,6 +392,60 @@ def open_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray
 # DINOv2's own checkpoints (torch hub's `dinov2_vits14_pretrain.pth`, ...) hold the mask
 # token of its masked-image training, unused at inference.
 DINOV2_MARK = "mask_token"
+
+
+# Hugging Face transformers' CLIP vision tower (`CLIPModel`, `CLIPVisionModel`, ...: under
+# `vision_model.`) -> timm's names, per block `encoder.layers.{i}.` -> `blocks.{i}.`.
+_HF_CLIP_NAMES = {
+    "embeddings.patch_embedding": "patch_embed.proj",
+    "pre_layrnorm": "norm_pre",  # transformers' spelling
+    "post_layernorm": "norm",
+}
+_HF_CLIP_BLOCK_NAMES = {
+    "layer_norm1": "norm1",
+    "self_attn.out_proj": "attn.proj",
+    "layer_norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+HF_CLIP_MARK = "vision_model.embeddings.class_embedding"
+
+
+def hf_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The vision tower of a Hugging Face CLIP state dict in timm's names: the
+    `vision_model.` keys (the text tower's are left out, and the `position_ids` buffer), a
+    block's separate query, key and value stacked as timm's `qkv`, and `visual_projection`
+    (bias-free, where the file has it) as the head with bias 0. Keys with no rule here keep
+    their names, so that loading lists them."""
+    out: dict[str, np.ndarray] = {}
+    qkv: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in state_dict.items():
+        array = np.asarray(value)
+        if key == "visual_projection.weight":
+            out["head.weight"] = array
+            out["head.bias"] = np.zeros(array.shape[0], array.dtype)
+            continue
+        if not key.startswith("vision_model."):
+            continue
+        name = key.removeprefix("vision_model.")
+        stem, _, leaf = name.rpartition(".")
+        block = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", stem)
+        if name == "embeddings.class_embedding":
+            out["cls_token"] = array.reshape(1, 1, -1)
+        elif name == "embeddings.position_embedding.weight":
+            out["pos_embed"] = array[None]
+        elif name == "embeddings.position_ids":
+            continue  # a buffer of 0..N, no weight
+        elif block and (part := re.fullmatch(r"self_attn\.([qkv])_proj", block[2])):
+            which = {"q": "query", "k": "key", "v": "value"}[part[1]]
+            qkv.setdefault(f"blocks.{block[1]}.attn.qkv.{leaf}", {})[which] = array
+        elif block and block[2] in _HF_CLIP_BLOCK_NAMES:
+            out[f"blocks.{block[1]}.{_HF_CLIP_BLOCK_NAMES[block[2]]}.{leaf}"] = array
+        elif stem in _HF_CLIP_NAMES:
+            out[f"{_HF_CLIP_NAMES[stem]}.{leaf}"] = array
+        else:
+            out[key] = array
+    return {**out, **_stacked_qkv(qkv)}
 
 
 def timm_vit_to_big_vision(

@@ -280,15 +280,21 @@ class ViT(nn.Module):
         from jaxdissect.models import npz_import, torch_import
 
         hf = any(k.endswith(torch_import.HF_VIT_MARK) for k in state_dict)
-        clip = torch_import.OPEN_CLIP_MARK in state_dict
-        source = "Hugging Face" if hf else "open_clip" if clip else "timm"
-        if clip:
+        clip = {
+            "open_clip": torch_import.OPEN_CLIP_MARK in state_dict,
+            "Hugging Face CLIP": torch_import.HF_CLIP_MARK in state_dict,
+        }
+        source = "Hugging Face" if hf else next((k for k, v in clip.items() if v), "timm")
+        if clip["open_clip"]:
             state_dict = torch_import.open_clip_vit_to_timm(state_dict)
-            if not self.quick_gelu:  # the state dict does not say which
-                logging.warning(
-                    "open_clip weights into a ViT with GELU: right for LAION's, but OpenAI's "
-                    "own CLIP weights need --model_option quick_gelu=true"
-                )
+        elif clip["Hugging Face CLIP"]:
+            state_dict = torch_import.hf_clip_vit_to_timm(state_dict)
+        if any(clip.values()) and not self.quick_gelu:  # the state dict does not say which
+            logging.warning(
+                "%s weights into a ViT with GELU: right for LAION's, but OpenAI's own CLIP "
+                "weights need --model_option quick_gelu=true",
+                source,
+            )
         # The state dict does not say which GELU it was trained with.
         if self.gelu_approximate and not self.quick_gelu:
             logging.warning(

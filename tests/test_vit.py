@@ -212,6 +212,44 @@ def _open_clip_names(state: dict) -> dict:
     return out
 
 
+def _hf_clip_names(state: dict) -> dict:
+    """A timm-layout CLIP image tower's state dict in Hugging Face's `CLIPModel` names
+    (`vision_model.`, separate q, k and v projections, the head as the bias-free
+    `visual_projection`, the `position_ids` buffer), beside text-tower keys."""
+    out = {"text_model.embeddings.token_embedding.weight": np.ones((9, 4), np.float32)}
+    out["logit_scale"] = np.ones((), np.float32)
+    out["vision_model.embeddings.position_ids"] = np.arange(5)[None]
+    for key, value in state.items():
+        value = value.numpy()
+        block = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        layer = f"vision_model.encoder.layers.{block[1]}" if block else ""
+        if block and block[2] == "attn.qkv":
+            for name, part in zip("qkv", np.split(value, 3), strict=True):
+                out[f"{layer}.self_attn.{name}_proj.{block[3]}"] = part
+        elif block:
+            part = {
+                "norm1": "layer_norm1",
+                "attn.proj": "self_attn.out_proj",
+                "norm2": "layer_norm2",
+                "mlp.fc1": "mlp.fc1",
+                "mlp.fc2": "mlp.fc2",
+            }[block[2]]
+            out[f"{layer}.{part}.{block[3]}"] = value
+        elif key == "head.weight":
+            out["visual_projection.weight"] = value
+        elif key == "cls_token":
+            out["vision_model.embeddings.class_embedding"] = value[0, 0]
+        elif key == "pos_embed":
+            out["vision_model.embeddings.position_embedding.weight"] = value[0]
+        elif key == "patch_embed.proj.weight":
+            out["vision_model.embeddings.patch_embedding.weight"] = value
+        elif key != "head.bias":  # zero: CLIP's projection has none
+            stem, leaf = key.split(".")
+            name = {"norm_pre": "pre_layrnorm", "norm": "post_layernorm"}[stem]
+            out[f"vision_model.{name}.{leaf}"] = value
+    return out
+
+
 CLIP_OPTIONS = {
     "pool_type": "tok",
     "pre_norm": True,
@@ -225,7 +263,7 @@ CLIP_OPTIONS = {
 def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog):
     """OpenAI CLIP's image tower (a LayerNorm before the blocks, no patch-embedding bias,
     quick GELU, torch's LayerNorm epsilon 1e-5, the projection as a bias-free head) in timm's
-    names (.pth) and in open_clip's (.safetensors, beside a text tower): the torch model's
+    names (.pth), open_clip's and Hugging Face's (.safetensors, beside a text tower): the torch model's
     numbers, in the NNX twin too; the plain ViT's options are refused naming the ones to
     give, and big_vision's epsilon is warned of."""
     import safetensors.numpy
@@ -242,8 +280,11 @@ def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog)
     safetensors.numpy.save_file(
         _open_clip_names(reference.state_dict()), str(tmp_path / "open_clip.safetensors")
     )
+    safetensors.numpy.save_file(
+        _hf_clip_names(reference.state_dict()), str(tmp_path / "hf_clip.safetensors")
+    )
     layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "mlp1": "blocks.1.mlp.act"}
-    for name in ("timm.pth", "open_clip.safetensors"):
+    for name in ("timm.pth", "open_clip.safetensors", "hf_clip.safetensors"):
         loaded = model_load.load(
             "vit_ti16", weights=str(tmp_path / name), options={**SMALL, **CLIP_OPTIONS}
         )
