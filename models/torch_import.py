@@ -448,6 +448,65 @@ def hf_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {**out, **_stacked_qkv(qkv)}
 
 
+# torchvision's `VisionTransformer` (vit_b_16, ...) -> timm's names, per block
+# `encoder.layers.encoder_layer_{i}.` -> `blocks.{i}.` (its MLP a Sequential: `mlp.0`,
+# `mlp.3`; `mlp.linear_1`, `mlp.linear_2` before torchvision 0.13).
+_TORCHVISION_VIT_NAMES = {
+    "conv_proj": "patch_embed.proj",
+    "encoder.ln": "norm",
+    "heads.head": "head",
+}
+_TORCHVISION_VIT_BLOCK_NAMES = {
+    "ln_1": "norm1",
+    "self_attention.out_proj": "attn.proj",
+    "ln_2": "norm2",
+    "mlp.0": "mlp.fc1",
+    "mlp.3": "mlp.fc2",
+    "mlp.linear_1": "mlp.fc1",
+    "mlp.linear_2": "mlp.fc2",
+}
+TORCHVISION_VIT_MARK = "encoder.pos_embedding"
+
+
+def torchvision_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A torchvision `VisionTransformer` state dict in timm's names (`class_token`,
+    `encoder.pos_embedding` over [class token, patches], the fused `in_proj` as `qkv`).
+    Keys with no rule here (a `heads.pre_logits` layer, ...) keep their names, so that
+    loading lists them."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        array = np.asarray(value)
+        stem, _, leaf = key.rpartition(".")
+        block = re.fullmatch(r"encoder\.layers\.encoder_layer_(\d+)\.(.+)", stem)
+        if key == "class_token":
+            out["cls_token"] = array
+        elif key == TORCHVISION_VIT_MARK:
+            out["pos_embed"] = array
+        elif block and block[2] == "self_attention" and leaf.startswith("in_proj_"):
+            out[f"blocks.{block[1]}.attn.qkv.{leaf.removeprefix('in_proj_')}"] = array
+        elif block and block[2] in _TORCHVISION_VIT_BLOCK_NAMES:
+            out[f"blocks.{block[1]}.{_TORCHVISION_VIT_BLOCK_NAMES[block[2]]}.{leaf}"] = array
+        elif stem in _TORCHVISION_VIT_NAMES:
+            out[f"{_TORCHVISION_VIT_NAMES[stem]}.{leaf}"] = array
+        else:
+            out[key] = array
+    return out
+
+
+def vit_state_dict_as_timm(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(the layout's name, the state dict in timm's names) of a ViT state dict in timm's
+    (and DINOv2's), torchvision's, Hugging Face's (ViT, CLIP) or open_clip's names."""
+    if any(k.endswith(HF_VIT_MARK) for k in state_dict):
+        return "Hugging Face", hf_vit_to_timm(state_dict)
+    if OPEN_CLIP_MARK in state_dict:
+        return "open_clip", open_clip_vit_to_timm(state_dict)
+    if HF_CLIP_MARK in state_dict:
+        return "Hugging Face CLIP", hf_clip_vit_to_timm(state_dict)
+    if TORCHVISION_VIT_MARK in state_dict:
+        return "torchvision", torchvision_vit_to_timm(state_dict)
+    return "timm", dict(state_dict)
+
+
 def timm_vit_to_big_vision(
     state_dict: Mapping[str, Any], num_heads: int, patches: int | None = None
 ) -> dict[str, np.ndarray]:

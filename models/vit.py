@@ -272,30 +272,35 @@ class ViT(nn.Module):
     def import_state_dict(
         self, state_dict: Mapping[str, Any], variables: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """`variables` filled from a timm `vit_*` state dict (exact GELU: `gelu_approximate=False`)
-        or a Hugging Face `ViTForImageClassification` / `ViTModel` one (also
-        `layer_norm_epsilon=1e-12`); a warning where the options differ from theirs."""
-        from absl import logging
-
+        """`variables` filled from a ViT state dict in timm's, torchvision's, Hugging Face's
+        (ViT, CLIP), open_clip's or DINOv2's names (`torch_import.vit_state_dict_as_timm`);
+        a warning where the options differ from what that source's ViTs use, and a position
+        embedding of another grid resampled (`_fit_position_grid`)."""
         from jaxdissect.models import npz_import, torch_import
 
-        hf = any(k.endswith(torch_import.HF_VIT_MARK) for k in state_dict)
-        clip = {
-            "open_clip": torch_import.OPEN_CLIP_MARK in state_dict,
-            "Hugging Face CLIP": torch_import.HF_CLIP_MARK in state_dict,
-        }
-        source = "Hugging Face" if hf else next((k for k, v in clip.items() if v), "timm")
-        if clip["open_clip"]:
-            state_dict = torch_import.open_clip_vit_to_timm(state_dict)
-        elif clip["Hugging Face CLIP"]:
-            state_dict = torch_import.hf_clip_vit_to_timm(state_dict)
-        if any(clip.values()) and not self.quick_gelu:  # the state dict does not say which
+        dinov2 = torch_import.DINOV2_MARK in state_dict
+        source, state_dict = torch_import.vit_state_dict_as_timm(state_dict)
+        self._warn_of_options(source, state_dict)
+        pos = variables["params"].get("pos_embedding")
+        patches = None if pos is None else int(pos.shape[1])
+        flat = torch_import.timm_vit_to_big_vision(state_dict, self.num_heads, patches)
+        if patches is not None:
+            flat = _fit_position_grid(flat, patches, dinov2=dinov2)
+        return npz_import.fit_big_vision(flat, variables)
+
+    @nn.nowrap
+    def _warn_of_options(self, source: str, state_dict: Mapping[str, Any]) -> None:
+        """Warn where this ViT's GELU or LayerNorm epsilon is not what `source`'s ViTs use
+        (the state dict, in timm's names, does not say)."""
+        from absl import logging
+
+        clip = "CLIP" in source or source == "open_clip"
+        if clip and not self.quick_gelu:
             logging.warning(
                 "%s weights into a ViT with GELU: right for LAION's, but OpenAI's own CLIP "
                 "weights need --model_option quick_gelu=true",
                 source,
             )
-        # The state dict does not say which GELU it was trained with.
         if self.gelu_approximate and not self.quick_gelu:
             logging.warning(
                 "%s weights into a ViT with the tanh-approximated GELU: %s's ViTs use the "
@@ -304,11 +309,13 @@ class ViT(nn.Module):
                 source,
                 " unless made with gelu_tanh" if source == "timm" else "",
             )
-        # CLIP's towers, open_clip's or timm's, are told by their LayerNorm before the blocks.
-        family, epsilon = ("Hugging Face", HF_LAYER_NORM_EPSILON) if hf else ("", None)
-        if "norm_pre.weight" in state_dict:
+        if "norm_pre.weight" in state_dict:  # CLIP's towers, timm's too, are told by it
             family, epsilon = "CLIP", CLIP_LAYER_NORM_EPSILON
-        if epsilon is not None and self.layer_norm_epsilon != epsilon:
+        elif source == "Hugging Face":
+            family, epsilon = source, HF_LAYER_NORM_EPSILON
+        else:
+            return
+        if self.layer_norm_epsilon != epsilon:
             logging.warning(
                 "%s weights into a ViT with LayerNorm epsilon %g: its ViTs use %g; "
                 "pass --model_option layer_norm_epsilon=%g for them",
@@ -317,15 +324,6 @@ class ViT(nn.Module):
                 epsilon,
                 epsilon,
             )
-        if hf:
-            state_dict = torch_import.hf_vit_to_timm(state_dict)
-        pos = variables["params"].get("pos_embedding")
-        patches = None if pos is None else int(pos.shape[1])
-        dinov2 = torch_import.DINOV2_MARK in state_dict
-        flat = torch_import.timm_vit_to_big_vision(state_dict, self.num_heads, patches)
-        if patches is not None:
-            flat = _fit_position_grid(flat, patches, dinov2=dinov2)
-        return npz_import.fit_big_vision(flat, variables)
 
     @nn.compact
     def __call__(self, image: jax.Array, train: bool = False) -> jax.Array:

@@ -86,6 +86,64 @@ def test_timm_state_dict_parity_at_full_ti16_width(tmp_path):
     _check_parity(loaded.module, loaded.variables, reference, 224, TIMM_LAYERS, prefix=1)
 
 
+def _torchvision_names(state: dict, old_mlp: bool = False) -> dict:
+    """A timm ViT's state dict in torchvision's `VisionTransformer` names (its MLP as a
+    Sequential, `mlp.0`/`mlp.3`, or before torchvision 0.13 `mlp.linear_1`/`linear_2`)."""
+    out = {}
+    fc = ("linear_1", "linear_2") if old_mlp else ("0", "3")
+    for key, value in state.items():
+        value = value.numpy()
+        block = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        if block:
+            part = {
+                "norm1": "ln_1",
+                "attn.qkv": "self_attention.in_proj_",
+                "attn.proj": "self_attention.out_proj.",
+                "norm2": "ln_2",
+                "mlp.fc1": f"mlp.{fc[0]}.",
+                "mlp.fc2": f"mlp.{fc[1]}.",
+            }[block[2]]
+            part = part if part.endswith(("_", ".")) else f"{part}."
+            out[f"encoder.layers.encoder_layer_{block[1]}.{part}{block[3]}"] = value
+            continue
+        plain = {
+            "cls_token": "class_token",
+            "pos_embed": "encoder.pos_embedding",
+            "patch_embed.proj.weight": "conv_proj.weight",
+            "patch_embed.proj.bias": "conv_proj.bias",
+            "norm.weight": "encoder.ln.weight",
+            "norm.bias": "encoder.ln.bias",
+            "head.weight": "heads.head.weight",
+            "head.bias": "heads.head.bias",
+        }
+        out[plain[key]] = value
+    return out
+
+
+@pytest.mark.parametrize("old_mlp", [False, True])
+def test_torchvision_vit_parity(tmp_path, caplog, old_mlp):
+    """torchvision's `vit_b_16` layout (`class_token`, `encoder.pos_embedding`, fused
+    `in_proj`, a Sequential MLP, `heads.head`), as safetensors: the torch model's numbers."""
+    import safetensors.numpy
+
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(img_size=32, depth=2, num_classes=5)
+    )
+    path = tmp_path / "vit_b_16.safetensors"
+    safetensors.numpy.save_file(_torchvision_names(reference.state_dict(), old_mlp), str(path))
+    options = {**SMALL, "pool_type": "tok"}
+    with caplog.at_level("WARNING"):
+        loaded = model_load.load("vit_ti16", weights=str(path), options=options)
+    assert "torchvision's ViTs use the exact one; pass --model_option gelu_approximate" in (
+        caplog.text
+    )
+    loaded = model_load.load(
+        "vit_ti16", weights=str(path), options={**options, "gelu_approximate": False}
+    )
+    layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "mlp1": "blocks.1.mlp.act"}
+    _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=1)
+
+
 def _hf_names(state: dict) -> dict:
     """A timm ViT's state dict in Hugging Face's `ViTForImageClassification` names (its fused
     qkv split into query, key and value), as `transformers` saves that model."""
