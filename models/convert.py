@@ -33,7 +33,7 @@ if __package__ in (None, ""):
 
 from jaxdissect.models import zoo  # noqa: E402
 from jaxdissect.models.checkpoint_io import CheckpointError, load_state_dict  # noqa: E402
-from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax  # noqa: E402
+from jaxdissect.models.torch_import import WeightMappingError  # noqa: E402
 from jaxdissect.store import fingerprint_tree  # noqa: E402
 
 VARIABLES_DIR = "variables"
@@ -271,10 +271,10 @@ def convert(
     check_options(arch, num_classes, options)
     check_output(output, force=force, source=source)
     model = zoo.build(arch, num_classes=num_classes, **options)
+    from jaxdissect.models import load as model_load
+
     state = load_state_dict(source)
-    # Architectures whose torch models hold extras (GoogLeNet's aux heads) rename or skip keys.
-    rename = getattr(type(model), "torch_rename", None)
-    variables = torch_to_flax(state, variables_template(model), rename=rename)
+    variables = model_load.state_dict_onto(model, state, variables_template(model))
     meta = {
         "arch": arch,
         "num_classes": num_classes,

@@ -298,15 +298,32 @@ def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -
         raise ValueError(f"--weights: {e}") from None
     except torch_import.WeightMappingError as e:
         raise ValueError(f"--weights={path} does not fit --model={model}: {e}") from None
-    importer = getattr(module, "import_state_dict", None)
-    rename = getattr(type(module), "torch_rename", None)
+    advice = MAPPING_ADVICE if model in zoo.ARCHS else OWN_MODEL_MAPPING_ADVICE
     try:
-        if importer is not None:
-            return importer(state_dict, template)
-        advice = MAPPING_ADVICE if model in zoo.ARCHS else OWN_MODEL_MAPPING_ADVICE
-        return torch_import.torch_to_flax(state_dict, template, rename=rename, advice=advice)
+        return state_dict_onto(module, state_dict, template, advice=advice)
     except torch_import.WeightMappingError as e:
         raise ValueError(f"--weights={path} does not fit --model={model}: {e}") from None
+
+
+def state_dict_onto(
+    module: Any, state_dict: Mapping[str, Any], template: Any, *, advice: str | None = None
+) -> Any:
+    """`template`'s variables filled from a torch `state_dict`: by the module's own
+    `import_state_dict(state_dict, variables)` where it has one (the ViTs, ConvNeXt), else
+    by `torch_import.torch_to_flax` with its class's `torch_rename` hook, if any (`advice`
+    ends its mismatch message; None: `torch_import.MAPPING_ADVICE`).
+
+    Raises:
+      torch_import.WeightMappingError: the state dict does not fit the module.
+    """
+    from jaxdissect.models import torch_import
+
+    importer = getattr(module, "import_state_dict", None)
+    if importer is not None:
+        return importer(state_dict, template)
+    rename = getattr(type(module), "torch_rename", None)
+    advice = torch_import.MAPPING_ADVICE if advice is None else advice
+    return torch_import.torch_to_flax(state_dict, template, rename=rename, advice=advice)
 
 
 def _check_stored_options(model: str, options: Mapping[str, Any]) -> None:

@@ -11,8 +11,17 @@ import torch
 from flax import nnx, traverse_util
 
 from jaxdissect import capture, cli, preprocess
+from jaxdissect.models import (
+    convert,
+    npz_file,
+    npz_import,
+    torch_import,
+    vit,
+    vit_nnx,
+    weight_file,
+    zoo,
+)
 from jaxdissect.models import load as model_load
-from jaxdissect.models import npz_file, npz_import, torch_import, vit, vit_nnx, weight_file, zoo
 from tests import torch_vit
 from tests.model_testing import random_variables
 
@@ -142,6 +151,24 @@ def test_torchvision_vit_parity(tmp_path, caplog, old_mlp):
     )
     layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "mlp1": "blocks.1.mlp.act"}
     _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=1)
+
+
+def test_models_convert_maps_a_timm_vit_as_the_loader_does(tmp_path):
+    """models/convert.py goes through the ViT's own importer (timm's names, the class
+    token's position row): its orbax output loads as the .pth does."""
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(img_size=32, depth=2, num_classes=5)
+    )
+    torch.save(reference.state_dict(), tmp_path / "vit.pth")
+    options = {"depth": 2, "image_size": 32, "pool_type": "tok", "gelu_approximate": False}
+    convert.convert(
+        "vit_ti16", tmp_path / "vit.pth", tmp_path / "ckpt", num_classes=5, options=options
+    )
+    direct = model_load.load(
+        "vit_ti16", weights=str(tmp_path / "vit.pth"), options={**options, "num_classes": 5}
+    )
+    converted = model_load.load("vit_ti16", weights=str(tmp_path / "ckpt"))
+    jax.tree.map(np.testing.assert_array_equal, converted.variables, direct.variables)
 
 
 def _hf_names(state: dict) -> dict:

@@ -1,0 +1,130 @@
+"""ConvNeXt: parity with a torch reference in torchvision's layout, timm's names, sizes."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxdissect import capture
+from jaxdissect.models import convert, zoo
+from jaxdissect.models import load as model_load
+from jaxdissect.models.convert import variables_template
+from tests import torch_convnext as ref
+
+SMALL = dict(widths=(8, 16, 24, 32), depths=(1, 2, 2, 1))
+PATHS = {"stem": "features.0", "stage1": "features.1", "stage3": "features.5"}  # alias: path
+
+
+def _torch_outputs(model, x: np.ndarray, paths: dict[str, str]):
+    modules, got = dict(model.named_modules()), {}
+    handles = [
+        modules[path].register_forward_hook(
+            lambda _m, _i, out, name=name: got.__setitem__(name, out.numpy().transpose(0, 2, 3, 1))
+        )
+        for name, path in paths.items()
+    ]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    for handle in handles:
+        handle.remove()
+    return logits, got
+
+
+def _assert_close(actual, expected, what: str) -> None:
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * scale, err_msg=what)
+
+
+def _timm_names(state: dict) -> dict:
+    """torchvision's ConvNeXt state dict in timm's names (`stem`, `stages.{i}.blocks.{j}`
+    with `conv_dw`, `norm`, `mlp.fc1`, `mlp.fc2`, `gamma` [C]; `stages.{i}.downsample`;
+    `head.norm`, `head.fc`)."""
+    out = {}
+    for key, value in state.items():
+        value = value.numpy()
+        if m := re.fullmatch(r"features\.(\d+)\.(\d+)\.layer_scale", key):
+            out[f"stages.{(int(m[1]) - 1) // 2}.blocks.{m[2]}.gamma"] = value.reshape(-1)
+        elif m := re.fullmatch(r"features\.(\d+)\.(\d+)\.block\.(\d)\.(\w+)", key):
+            part = {"0": "conv_dw", "2": "norm", "3": "mlp.fc1", "5": "mlp.fc2"}[m[3]]
+            out[f"stages.{(int(m[1]) - 1) // 2}.blocks.{m[2]}.{part}.{m[4]}"] = value
+        elif m := re.fullmatch(r"features\.0\.([01])\.(\w+)", key):
+            out[f"stem.{m[1]}.{m[2]}"] = value
+        elif m := re.fullmatch(r"features\.([246])\.([01])\.(\w+)", key):
+            out[f"stages.{int(m[1]) // 2}.downsample.{m[2]}.{m[3]}"] = value
+        else:
+            head = {"0": "head.norm", "2": "head.fc"}[key.split(".")[1]]
+            out[f"{head}.{key.split('.')[2]}"] = value
+    return out
+
+
+@pytest.mark.parametrize("names", ["torchvision", "timm"])
+def test_parity_with_torchvisions_layout_and_timms_names(tmp_path, names):
+    """A small ConvNeXt (odd input size: the stem and downsampling floor as torch's do) with
+    random weights and layer scales, its state dict in torchvision's or timm's names, through
+    the scripts' loader: logits and stage outputs within 1e-4 of torch's."""
+    torch_model = ref.randomize_(ref.ConvNeXt(**SMALL, num_classes=7))
+    state = torch_model.state_dict()
+    if names == "timm":
+        state = _timm_names(state)
+        assert "stages.1.downsample.1.weight" in state and "stem.1.bias" in state
+    model = zoo.build("convnext_tiny", num_classes=7).clone(**SMALL)
+    variables = model.import_state_dict(
+        {k: np.asarray(v) for k, v in state.items()}, variables_template(model, 70)
+    )
+    x = np.random.default_rng(0).standard_normal((2, 70, 70, 3)).astype(np.float32)
+    want_logits, want = _torch_outputs(torch_model, x, PATHS)
+    tap = capture.make_tap(model, variables, list(PATHS), input_shape=(70, 70, 3))
+    with jax.default_matmul_precision("highest"):
+        logits = jax.jit(model.apply)(variables, jnp.asarray(x))
+        got = jax.jit(tap.fn)(tap.variables, jnp.asarray(x))
+    for name, path in zip(tap.names, tap.layers, strict=True):
+        _assert_close(got[path], want[name], name)
+    _assert_close(logits, want_logits, "logits")
+
+
+def test_full_size_tiny_through_the_loader_and_its_sizes(tmp_path):
+    """ConvNeXt-T at full size: torchvision's parameter counts (T/S/B/L) in the zoo's models
+    and the reference; a .pth through the scripts' loader gives torch's logits; the aliases
+    name its stages."""
+    counts = {"tiny": 28_589_128, "small": 50_223_688, "base": 88_591_464, "large": 197_767_336}
+    for variant, count in counts.items():
+        model = zoo.build(f"convnext_{variant}")
+        shapes = jax.eval_shape(
+            lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+        )
+        assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes)) == count, variant
+    assert sum(p.numel() for p in ref.ConvNeXt().parameters()) == counts["tiny"]
+    torch_model = ref.randomize_(ref.ConvNeXt(num_classes=5))
+    torch.save(torch_model.state_dict(), tmp_path / "convnext_tiny.pth")
+    loaded = model_load.load(
+        "convnext_tiny", weights=str(tmp_path / "convnext_tiny.pth"), options={"num_classes": 5}
+    )
+    # models/convert.py maps it the same way (the module's own import_state_dict).
+    convert.convert(
+        "convnext_tiny", tmp_path / "convnext_tiny.pth", tmp_path / "ckpt", num_classes=5
+    )
+    converted = model_load.load("convnext_tiny", weights=str(tmp_path / "ckpt"))
+    jax.tree.map(np.testing.assert_array_equal, converted.variables, loaded.variables)
+    x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    want, _ = _torch_outputs(torch_model, x, {})
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(loaded.module.apply)(loaded.variables, jnp.asarray(x))
+    _assert_close(got, want, "logits")
+    tap = capture.make_tap(
+        loaded.module,
+        loaded.variables,
+        ["stem", *loaded.module.default_layers, "stage2"],
+        input_shape=(224, 224, 3),
+    )
+    assert tap.shapes == {
+        "features/0": (56, 56, 96),
+        "features/7": (7, 7, 768),
+        "features/3": (28, 28, 192),
+    }
