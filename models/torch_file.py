@@ -17,6 +17,9 @@ and ResNet-50 Places365 files) is then read as data: each such record with a mod
 `_parameters`, `_buffers` and `_modules` becomes its state dict (`ModuleWeights`). Other
 stand-ins (a training script's config object beside the weights) stay inert records;
 `checkpoint_io.load_state_dict` refuses weights that hold one (`refusal_in`), naming it.
+A TorchScript archive (`torch.jit.save`: OpenAI's CLIP `.pt` files) is a zip file of this
+kind whose `data.pkl` holds the root module as a `__torch__.` object of its attributes: its
+tensors and submodules' are read as its state dict the same way; its code is never read.
 """
 
 from __future__ import annotations
@@ -400,13 +403,49 @@ def _module_weights(root: PickledObject, state: dict[str, Any]) -> ModuleWeights
     return out
 
 
+def _script_module_state(obj: Any) -> dict[str, Any] | None:
+    """The attributes of `obj` where it is a TorchScript module's record (an object of a
+    `__torch__.` class whose state is a dict of its attributes, `training` among them), else
+    None."""
+    if not isinstance(obj, PickledObject) or not obj.named[0].startswith("__torch__"):
+        return None
+    state = obj.state
+    return state if isinstance(state, dict) and isinstance(state.get("training"), bool) else None
+
+
+def _script_module_weights(root: PickledObject, state: dict[str, Any]) -> ModuleWeights:
+    """The state dict of the TorchScript module record `root` (`torch.jit.save`): its tensor
+    attributes (parameters and buffers), then its submodules', keys joined with '.'; other
+    attributes (flags, numbers) are not weights."""
+    out = ModuleWeights(root.qualified)
+
+    def visit(record: PickledObject, state: dict[str, Any], prefix: str, path: tuple[int, ...]):
+        if id(record) in path:
+            raise CheckpointError(f"the scripted module {record.qualified} contains itself")
+        children = []
+        for name, value in state.items():
+            if isinstance(value, _TensorRef | _Marker):
+                out[f"{prefix}{name}"] = value
+            elif (child_state := _script_module_state(value)) is not None:
+                children.append((name, value, child_state))
+        for name, child, child_state in children:
+            visit(child, child_state, f"{prefix}{name}.", (*path, id(record)))
+
+    visit(root, state, "", ())
+    return out
+
+
 def _modules_as_weights(obj: Any) -> Any:
     """`obj` with each pickled module in it (at the top or in containers) replaced by its
-    `ModuleWeights`."""
+    `ModuleWeights`: an `nn.Module` pickled whole, or a TorchScript module (the root of a
+    `torch.jit.save` archive)."""
 
     def walk(obj: Any) -> Any:
-        state = _module_state(obj)
-        return _rebuild(obj, walk) if state is None else _module_weights(obj, state)
+        if (state := _module_state(obj)) is not None:
+            return _module_weights(obj, state)
+        if (state := _script_module_state(obj)) is not None:
+            return _script_module_weights(obj, state)
+        return _rebuild(obj, walk)
 
     return walk(obj)
 
@@ -746,7 +785,7 @@ def load_zip(path: str, encoding: str) -> Any:
         if len(pickles) != 1:
             raise CheckpointError(
                 f"{path}: a zip file without exactly one <archive>/data.pkl "
-                "(not a torch.save file; TorchScript archives are not supported)"
+                "(not a torch.save or torch.jit.save file)"
             )
         prefix = pickles[0][: -len("data.pkl")]
         big_endian = False

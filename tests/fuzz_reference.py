@@ -52,8 +52,7 @@ Targets (each case draws its shapes, data and settings from its seed):
   exception, or an error naming no file, fails the case.
 - weights: hostile weight files. One of a few small weight files (torch.save zip and
   legacy formats, a wrapped training checkpoint, safetensors, .npz, a whole pickled
-  module in both torch formats) with random bytes
-  changed, inserted, deleted or cut, or one zip member's bytes changed (a valid zip of
+  module in both torch formats, a TorchScript archive) with random bytes changed, inserted, deleted or cut, or one zip member's bytes changed (a valid zip of
   corrupt records), loads or raises a `weight_file.CheckpointError` that starts with
   its path; any other exception fails the case.
 - results_json: hostile results files. A finished run's results.json with one field
@@ -731,8 +730,9 @@ def weights_bases(work: pathlib.Path) -> list[pathlib.Path]:
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     torch.save(module, work / "whole.pth")
     torch.save(module, work / "whole_legacy.pth", _use_new_zipfile_serialization=False)
+    torch.jit.save(torch.jit.trace(module.eval(), torch.zeros(1, 3, 5, 5)), work / "script.pt")
     names = ("zip.pth", "legacy.pth", "wrapped.pth", "st.safetensors", "w.npz", "whole.pth")
-    return [work / n for n in (*names, "whole_legacy.pth")]
+    return [work / n for n in (*names, "whole_legacy.pth", "script.pt")]
 
 
 def weights_case(seed: int, bases: list[pathlib.Path]) -> tuple[str, list[str]]:

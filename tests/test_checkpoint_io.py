@@ -262,6 +262,49 @@ def test_tensors_with_python_attributes_load_and_subclasses_are_named_unimported
     assert not imported.exists() and "marking_tensor" not in sys.modules
 
 
+_SCRIPTABLE = """
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3)
+        self.bn1 = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        self.class_embedding = torch.nn.Parameter(torch.randn(4))
+        self.scale = 2.0  # an attribute that is no weight
+
+    def forward(self, x):
+        return self.head(self.bn1(self.conv1(x)).mean((2, 3), keepdim=True)) * self.scale
+"""
+
+
+@pytest.mark.parametrize("how", ["trace", "script"])
+def test_a_torchscript_archive_reads_as_its_state_dict(tmp_path, monkeypatch, how):
+    """`torch.jit.save` of a traced or scripted module (OpenAI's CLIP `.pt` files are such
+    archives): its tensors, its submodules' too, are `state_dict()`'s; its code is not run."""
+    (tmp_path / "scriptable_net.py").write_text(_SCRIPTABLE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("scriptable_net", None)
+    import scriptable_net
+
+    model = scriptable_net.Net().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_()
+    if how == "trace":
+        scripted = torch.jit.trace(model, torch.zeros(1, 3, 6, 6))
+    else:
+        scripted = torch.jit.script(model)
+    torch.jit.save(scripted, tmp_path / "net.pt")
+    del sys.modules["scriptable_net"]
+    got = load_state_dict(tmp_path / "net.pt")
+    want = model.state_dict()
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value.numpy(), err_msg=key)
+
+
 def test_a_pickled_module_that_is_not_one_is_named(tmp_path):
     """Crafted or damaged modules: one that contains itself, one whose parameter is no
     tensor, one without its submodules' mapping (no module at all: refused by name)."""

@@ -335,6 +335,29 @@ def _hf_clip_names(state: dict) -> dict:
     return out
 
 
+class _Holder(torch.nn.Module):
+    """Tensors under submodules, for a TorchScript archive of given names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _torchscript_archive(state: dict, path) -> None:
+    """`torch.jit.save` of a traced module whose `state_dict()` is `state` (as OpenAI's CLIP
+    `.pt` files hold open_clip's names)."""
+    root = _Holder()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        node = root
+        for name in parents:
+            if not hasattr(node, name):
+                node.add_module(name, _Holder())
+            node = getattr(node, name)
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        node.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
+    torch.jit.save(torch.jit.trace(root, torch.zeros(1)), str(path))
+
+
 CLIP_OPTIONS = {
     "pool_type": "tok",
     "pre_norm": True,
@@ -348,7 +371,8 @@ CLIP_OPTIONS = {
 def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog):
     """OpenAI CLIP's image tower (a LayerNorm before the blocks, no patch-embedding bias,
     quick GELU, torch's LayerNorm epsilon 1e-5, the projection as a bias-free head) in timm's
-    names (.pth), open_clip's and Hugging Face's (.safetensors, beside a text tower): the torch model's
+    names (.pth), open_clip's and Hugging Face's (.safetensors, beside a text tower) and OpenAI's
+    own TorchScript archive: the torch model's
     numbers, in the NNX twin too; the plain ViT's options are refused naming the ones to
     give, and big_vision's epsilon is warned of."""
     import safetensors.numpy
@@ -368,8 +392,10 @@ def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog)
     safetensors.numpy.save_file(
         _hf_clip_names(reference.state_dict()), str(tmp_path / "hf_clip.safetensors")
     )
+    # OpenAI's own .pt: a TorchScript archive of the whole CLIP in open_clip's names.
+    _torchscript_archive(_open_clip_names(reference.state_dict()), tmp_path / "ViT-B-16.pt")
     layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "mlp1": "blocks.1.mlp.act"}
-    for name in ("timm.pth", "open_clip.safetensors", "hf_clip.safetensors"):
+    for name in ("timm.pth", "open_clip.safetensors", "hf_clip.safetensors", "ViT-B-16.pt"):
         loaded = model_load.load(
             "vit_ti16", weights=str(tmp_path / name), options={**SMALL, **CLIP_OPTIONS}
         )
