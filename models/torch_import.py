@@ -293,7 +293,22 @@ _HF_VIT_BLOCK_NAMES = {
     "intermediate.dense": "mlp.fc1",
     "output.dense": "mlp.fc2",
 }
+_HF_VIT_BLOCKS = r"encoder\.layer\.(\d+)\.(.+)"
 HF_VIT_MARK = "embeddings.patch_embeddings.projection.weight"
+
+
+def _timm_name(
+    name: str, blocks: str, block_names: Mapping[str, str], names: Mapping[str, str]
+) -> str | None:
+    """timm's name of a ViT parameter `name` (`<stem>.<leaf>`): a block's part, where the
+    stem matches the pattern `blocks` (groups: the block's index, the part) and the part is
+    in `block_names`, else a stem in `names`, else None (no rule)."""
+    stem, _, leaf = name.rpartition(".")
+    if (block := re.fullmatch(blocks, stem)) and block[2] in block_names:
+        return f"blocks.{block[1]}.{block_names[block[2]]}.{leaf}"
+    if stem in names:
+        return f"{names[stem]}.{leaf}"
+    return None
 
 
 def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -306,7 +321,7 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for key, value in state_dict.items():
         name = key.removeprefix("vit.")  # ViTForImageClassification's ViTModel
         stem, _, leaf = name.rpartition(".")
-        block = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", stem)
+        block = re.fullmatch(_HF_VIT_BLOCKS, stem)
         if block and (part := re.fullmatch(r"attention\.attention\.(query|key|value)", block[2])):
             qkv.setdefault(f"blocks.{block[1]}.attn.qkv.{leaf}", {})[part[1]] = np.asarray(value)
             continue
@@ -314,13 +329,8 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
             array = np.asarray(value)
             out[f"pre_logits/{'kernel' if leaf == 'weight' else leaf}"] = array.T
             continue
-        if block and block[2] in _HF_VIT_BLOCK_NAMES:
-            name = f"blocks.{block[1]}.{_HF_VIT_BLOCK_NAMES[block[2]]}.{leaf}"
-        elif stem in _HF_VIT_NAMES:
-            name = f"{_HF_VIT_NAMES[stem]}.{leaf}"
-        elif name in _HF_VIT_NAMES:
-            name = _HF_VIT_NAMES[name]
-        out[name] = np.asarray(value)
+        timm = _timm_name(name, _HF_VIT_BLOCKS, _HF_VIT_BLOCK_NAMES, _HF_VIT_NAMES)
+        out[timm or _HF_VIT_NAMES.get(name, name)] = np.asarray(value)
     return {**out, **_stacked_qkv(qkv)}
 
 
@@ -355,6 +365,7 @@ _OPEN_CLIP_BLOCK_NAMES = {
     "mlp.c_fc": "mlp.fc1",
     "mlp.c_proj": "mlp.fc2",
 }
+_OPEN_CLIP_BLOCKS = r"transformer\.resblocks\.(\d+)\.(.+)"
 OPEN_CLIP_MARK = "visual.class_embedding"
 
 
@@ -370,7 +381,7 @@ def open_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray
             continue
         name, array = key.removeprefix("visual."), np.asarray(value)
         stem, _, leaf = name.rpartition(".")
-        block = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", stem)
+        block = re.fullmatch(_OPEN_CLIP_BLOCKS, stem)
         if name == "class_embedding":
             out["cls_token"] = array.reshape(1, 1, -1)
         elif name == "positional_embedding":
@@ -380,18 +391,10 @@ def open_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray
             out["head.bias"] = np.zeros(array.shape[1], array.dtype)
         elif block and block[2] == "attn" and leaf in ("in_proj_weight", "in_proj_bias"):
             out[f"blocks.{block[1]}.attn.qkv.{leaf.removeprefix('in_proj_')}"] = array
-        elif block and block[2] in _OPEN_CLIP_BLOCK_NAMES:
-            out[f"blocks.{block[1]}.{_OPEN_CLIP_BLOCK_NAMES[block[2]]}.{leaf}"] = array
-        elif stem in _OPEN_CLIP_NAMES:
-            out[f"{_OPEN_CLIP_NAMES[stem]}.{leaf}"] = array
         else:
-            out[key] = array
+            timm = _timm_name(name, _OPEN_CLIP_BLOCKS, _OPEN_CLIP_BLOCK_NAMES, _OPEN_CLIP_NAMES)
+            out[timm or key] = array
     return out
-
-
-# DINOv2's own checkpoints (torch hub's `dinov2_vits14_pretrain.pth`, ...) hold the mask
-# token of its masked-image training, unused at inference.
-DINOV2_MARK = "mask_token"
 
 
 # Hugging Face transformers' CLIP vision tower (`CLIPModel`, `CLIPVisionModel`, ...: under
@@ -408,6 +411,7 @@ _HF_CLIP_BLOCK_NAMES = {
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
 }
+_HF_CLIP_BLOCKS = r"encoder\.layers\.(\d+)\.(.+)"
 HF_CLIP_MARK = "vision_model.embeddings.class_embedding"
 
 
@@ -429,7 +433,7 @@ def hf_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
             continue
         name = key.removeprefix("vision_model.")
         stem, _, leaf = name.rpartition(".")
-        block = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", stem)
+        block = re.fullmatch(_HF_CLIP_BLOCKS, stem)
         if name == "embeddings.class_embedding":
             out["cls_token"] = array.reshape(1, 1, -1)
         elif name == "embeddings.position_embedding.weight":
@@ -439,12 +443,9 @@ def hf_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         elif block and (part := re.fullmatch(r"self_attn\.([qkv])_proj", block[2])):
             which = {"q": "query", "k": "key", "v": "value"}[part[1]]
             qkv.setdefault(f"blocks.{block[1]}.attn.qkv.{leaf}", {})[which] = array
-        elif block and block[2] in _HF_CLIP_BLOCK_NAMES:
-            out[f"blocks.{block[1]}.{_HF_CLIP_BLOCK_NAMES[block[2]]}.{leaf}"] = array
-        elif stem in _HF_CLIP_NAMES:
-            out[f"{_HF_CLIP_NAMES[stem]}.{leaf}"] = array
         else:
-            out[key] = array
+            timm = _timm_name(name, _HF_CLIP_BLOCKS, _HF_CLIP_BLOCK_NAMES, _HF_CLIP_NAMES)
+            out[timm or key] = array
     return {**out, **_stacked_qkv(qkv)}
 
 
@@ -465,6 +466,7 @@ _TORCHVISION_VIT_BLOCK_NAMES = {
     "mlp.linear_1": "mlp.fc1",
     "mlp.linear_2": "mlp.fc2",
 }
+_TORCHVISION_VIT_BLOCKS = r"encoder\.layers\.encoder_layer_(\d+)\.(.+)"
 TORCHVISION_VIT_MARK = "encoder.pos_embedding"
 
 
@@ -477,20 +479,22 @@ def torchvision_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarr
     for key, value in state_dict.items():
         array = np.asarray(value)
         stem, _, leaf = key.rpartition(".")
-        block = re.fullmatch(r"encoder\.layers\.encoder_layer_(\d+)\.(.+)", stem)
+        block = re.fullmatch(_TORCHVISION_VIT_BLOCKS, stem)
         if key == "class_token":
             out["cls_token"] = array
         elif key == TORCHVISION_VIT_MARK:
             out["pos_embed"] = array
         elif block and block[2] == "self_attention" and leaf.startswith("in_proj_"):
             out[f"blocks.{block[1]}.attn.qkv.{leaf.removeprefix('in_proj_')}"] = array
-        elif block and block[2] in _TORCHVISION_VIT_BLOCK_NAMES:
-            out[f"blocks.{block[1]}.{_TORCHVISION_VIT_BLOCK_NAMES[block[2]]}.{leaf}"] = array
-        elif stem in _TORCHVISION_VIT_NAMES:
-            out[f"{_TORCHVISION_VIT_NAMES[stem]}.{leaf}"] = array
         else:
-            out[key] = array
+            names = (_TORCHVISION_VIT_BLOCK_NAMES, _TORCHVISION_VIT_NAMES)
+            out[_timm_name(key, _TORCHVISION_VIT_BLOCKS, *names) or key] = array
     return out
+
+
+# DINOv2's own checkpoints (torch hub's `dinov2_vits14_pretrain.pth`, ...) hold the mask
+# token of its masked-image training, unused at inference.
+DINOV2_MARK = "mask_token"
 
 
 def vit_state_dict_as_timm(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

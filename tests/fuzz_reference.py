@@ -711,6 +711,8 @@ def weights_bases(work: pathlib.Path) -> list[pathlib.Path]:
     import torch
     from safetensors.torch import save_file
 
+    from tests.model_testing import torchscript_save
+
     generator = torch.Generator().manual_seed(0)
     state = {
         "conv.weight": torch.randn(4, 3, 3, 3, generator=generator),
@@ -730,7 +732,7 @@ def weights_bases(work: pathlib.Path) -> list[pathlib.Path]:
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     torch.save(module, work / "whole.pth")
     torch.save(module, work / "whole_legacy.pth", _use_new_zipfile_serialization=False)
-    torch.jit.save(torch.jit.trace(module.eval(), torch.zeros(1, 3, 5, 5)), work / "script.pt")
+    torchscript_save(module.eval(), torch.zeros(1, 3, 5, 5), work / "script.pt")
     names = ("zip.pth", "legacy.pth", "wrapped.pth", "st.safetensors", "w.npz", "whole.pth")
     return [work / n for n in (*names, "whole_legacy.pth", "script.pt")]
 

@@ -51,6 +51,7 @@ from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax
 from tests import torch_models as tm
 from tests import torch_models_b as ref
 from tests.experiment_testing import ScriptProcesses
+from tests.model_testing import torchscript_save
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
@@ -292,11 +293,7 @@ def test_a_torchscript_archive_reads_as_its_state_dict(tmp_path, monkeypatch, ho
     model = scriptable_net.Net().eval()
     with torch.no_grad():
         model.bn1.running_mean.uniform_()
-    if how == "trace":
-        scripted = torch.jit.trace(model, torch.zeros(1, 3, 6, 6))
-    else:
-        scripted = torch.jit.script(model)
-    torch.jit.save(scripted, tmp_path / "net.pt")
+    torchscript_save(model, torch.zeros(1, 3, 6, 6), tmp_path / "net.pt", script=how == "script")
     del sys.modules["scriptable_net"]
     got = load_state_dict(tmp_path / "net.pt")
     want = model.state_dict()

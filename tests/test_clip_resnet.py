@@ -17,6 +17,7 @@ from jaxdissect.models.checkpoint_io import load_state_dict
 from jaxdissect.models.convert import variables_template
 from jaxdissect.preprocess import CLIP
 from tests import torch_clip_resnet as ref
+from tests.model_testing import torchscript_save
 
 STAGES = ("layer1", "layer2", "layer4")
 
@@ -83,7 +84,7 @@ def test_parity_with_openais_modified_resnet(tmp_path, form):
     if form == "open_clip":
         torch.save(whole.state_dict(), path)
     else:
-        torch.jit.save(torch.jit.trace(whole, torch.zeros(1, 3, 64, 64)), path)
+        torchscript_save(whole, torch.zeros(1, 3, 64, 64), path)
     model = clip_resnet.CLIPResNet(
         (1, 1, 1, 1), 8, 32, 4, input_spec=dataclasses.replace(CLIP, size=64)
     )

@@ -23,7 +23,7 @@ from jaxdissect.models import (
 )
 from jaxdissect.models import load as model_load
 from tests import torch_vit
-from tests.model_testing import random_variables
+from tests.model_testing import random_variables, torchscript_save
 
 pytestmark = pytest.mark.xdist_group("vit")
 
@@ -355,7 +355,7 @@ def _torchscript_archive(state: dict, path) -> None:
             node = getattr(node, name)
         tensor = torch.from_numpy(np.ascontiguousarray(value))
         node.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
-    torch.jit.save(torch.jit.trace(root, torch.zeros(1)), str(path))
+    torchscript_save(root, torch.zeros(1), path)
 
 
 CLIP_OPTIONS = {
