@@ -26,3 +26,33 @@ def torchscript_save(module, example, path, *, script: bool = False) -> None:
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         made = torch.jit.script(module) if script else torch.jit.trace(module, example)
         torch.jit.save(made, str(path))
+
+
+def assert_close(actual, expected, what: str) -> None:
+    """Agreement within 1e-4, relative and against the tensor's scale (its largest
+    magnitude)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = float(np.abs(expected).max()) or 1.0
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * scale, err_msg=what)
+
+
+def torch_outputs(model, x, paths) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A torch model's output for the NHWC batch `x` and its modules' outputs at `paths`
+    ({name: module path}), NCHW maps read back as NHWC."""
+    import torch
+
+    modules, got = dict(model.named_modules()), {}
+    handles = [
+        modules[path].register_forward_hook(
+            lambda _m, _i, out, name=name: got.__setitem__(
+                name, out.detach().numpy().transpose(0, 2, 3, 1).copy()
+            )
+        )
+        for name, path in paths.items()
+    ]
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+    for handle in handles:
+        handle.remove()
+    return out, got

@@ -17,7 +17,7 @@ from jaxdissect.models.checkpoint_io import load_state_dict
 from jaxdissect.models.convert import variables_template
 from jaxdissect.preprocess import CLIP
 from tests import torch_clip_resnet as ref
-from tests.model_testing import torchscript_save
+from tests.model_testing import assert_close, torch_outputs, torchscript_save
 
 STAGES = ("layer1", "layer2", "layer4")
 
@@ -51,28 +51,6 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def _torch_run(model, x: np.ndarray, paths):
-    modules, got = dict(model.named_modules()), {}
-    handles = [
-        modules[p].register_forward_hook(
-            lambda _m, _i, out, p=p: got.__setitem__(p, out.numpy().transpose(0, 2, 3, 1).copy())
-        )
-        for p in paths
-    ]
-    with torch.no_grad():
-        out = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    for handle in handles:
-        handle.remove()
-    return out, got
-
-
-def _assert_close(actual, expected, what: str) -> None:
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    scale = float(np.abs(expected).max())
-    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * scale, err_msg=what)
-
-
 @pytest.mark.parametrize("form", ["open_clip", "torchscript"])
 def test_parity_with_openais_modified_resnet(tmp_path, form):
     """A small ModifiedResNet (one block a stage, width 8, 4 heads, 64 px) with random
@@ -91,14 +69,14 @@ def test_parity_with_openais_modified_resnet(tmp_path, form):
     state = load_state_dict(path)
     variables = model.import_state_dict(state, variables_template(model, 64))
     x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
-    want, want_stages = _torch_run(visual, x, STAGES)
+    want, want_stages = torch_outputs(visual, x, {s: s for s in STAGES})
     tap = capture.make_tap(model, variables, list(STAGES), input_shape=(64, 64, 3))
     with jax.default_matmul_precision("highest"):
         got = jax.jit(model.apply)(variables, jnp.asarray(x))
         stages = jax.jit(tap.fn)(tap.variables, jnp.asarray(x))
     for name in STAGES:
-        _assert_close(stages[name], want_stages[name], name)
-    _assert_close(got, want, "embedding")
+        assert_close(stages[name], want_stages[name], name)
+    assert_close(got, want, "embedding")
 
 
 def test_full_size_rn50_through_the_loader_and_the_sizes(tmp_path):
@@ -122,7 +100,7 @@ def test_full_size_rn50_through_the_loader_and_the_sizes(tmp_path):
     torch.save(whole.state_dict(), tmp_path / "RN50.pth")
     loaded = model_load.load("clip_rn50", weights=str(tmp_path / "RN50.pth"))
     x = np.random.default_rng(1).standard_normal((1, 224, 224, 3)).astype(np.float32)
-    want, _ = _torch_run(visual, x, ())
+    want, _ = torch_outputs(visual, x, {})
     with jax.default_matmul_precision("highest"):
         got = jax.jit(loaded.module.apply)(loaded.variables, jnp.asarray(x))
-    _assert_close(got, want, "embedding")
+    assert_close(got, want, "embedding")

@@ -15,31 +15,10 @@ from jaxdissect.models import convert, zoo
 from jaxdissect.models import load as model_load
 from jaxdissect.models.convert import variables_template
 from tests import torch_convnext as ref
+from tests.model_testing import assert_close, torch_outputs
 
 SMALL = dict(widths=(8, 16, 24, 32), depths=(1, 2, 2, 1))
 PATHS = {"stem": "features.0", "stage1": "features.1", "stage3": "features.5"}  # alias: path
-
-
-def _torch_outputs(model, x: np.ndarray, paths: dict[str, str]):
-    modules, got = dict(model.named_modules()), {}
-    handles = [
-        modules[path].register_forward_hook(
-            lambda _m, _i, out, name=name: got.__setitem__(name, out.numpy().transpose(0, 2, 3, 1))
-        )
-        for name, path in paths.items()
-    ]
-    with torch.no_grad():
-        logits = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    for handle in handles:
-        handle.remove()
-    return logits, got
-
-
-def _assert_close(actual, expected, what: str) -> None:
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    scale = float(np.abs(expected).max())
-    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * scale, err_msg=what)
 
 
 def _timm_names(state: dict) -> dict:
@@ -79,14 +58,14 @@ def test_parity_with_torchvisions_layout_and_timms_names(tmp_path, names):
         {k: np.asarray(v) for k, v in state.items()}, variables_template(model, 70)
     )
     x = np.random.default_rng(0).standard_normal((2, 70, 70, 3)).astype(np.float32)
-    want_logits, want = _torch_outputs(torch_model, x, PATHS)
+    want_logits, want = torch_outputs(torch_model, x, PATHS)
     tap = capture.make_tap(model, variables, list(PATHS), input_shape=(70, 70, 3))
     with jax.default_matmul_precision("highest"):
         logits = jax.jit(model.apply)(variables, jnp.asarray(x))
         got = jax.jit(tap.fn)(tap.variables, jnp.asarray(x))
     for name, path in zip(tap.names, tap.layers, strict=True):
-        _assert_close(got[path], want[name], name)
-    _assert_close(logits, want_logits, "logits")
+        assert_close(got[path], want[name], name)
+    assert_close(logits, want_logits, "logits")
 
 
 def test_full_size_tiny_through_the_loader_and_its_sizes(tmp_path):
@@ -113,10 +92,10 @@ def test_full_size_tiny_through_the_loader_and_its_sizes(tmp_path):
     converted = model_load.load("convnext_tiny", weights=str(tmp_path / "ckpt"))
     jax.tree.map(np.testing.assert_array_equal, converted.variables, loaded.variables)
     x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
-    want, _ = _torch_outputs(torch_model, x, {})
+    want, _ = torch_outputs(torch_model, x, {})
     with jax.default_matmul_precision("highest"):
         got = jax.jit(loaded.module.apply)(loaded.variables, jnp.asarray(x))
-    _assert_close(got, want, "logits")
+    assert_close(got, want, "logits")
     tap = capture.make_tap(
         loaded.module,
         loaded.variables,

@@ -23,17 +23,9 @@ from jaxdissect.models import (
 )
 from jaxdissect.models import load as model_load
 from tests import torch_vit
-from tests.model_testing import random_variables, torchscript_save
+from tests.model_testing import assert_close, random_variables, torchscript_save
 
 pytestmark = pytest.mark.xdist_group("vit")
-
-
-def _assert_close(actual, expected, what: str) -> None:
-    """Relative 1e-4 agreement, measured against the tensor's scale."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    scale = float(np.abs(expected).max()) or 1.0
-    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * scale, err_msg=what)
 
 
 def _torch_run(model, x: np.ndarray, hooks: dict[str, str], grid: int, prefix: int):
@@ -58,6 +50,16 @@ def _torch_run(model, x: np.ndarray, hooks: dict[str, str], grid: int, prefix: i
     return logits, got
 
 
+def _assert_nnx_twin_equal(loaded, size: int) -> None:
+    """The NNX twin of a loaded Linen ViT gives its numbers bit for bit (both jitted)."""
+    twin = vit_nnx.from_linen(loaded.module, loaded.variables["params"])
+    x = np.random.default_rng(3).standard_normal((2, size, size, 3), np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(nnx.jit(lambda m, x: m(x))(twin, x)),
+        np.asarray(jax.jit(loaded.module.apply)(loaded.variables, x)),
+    )
+
+
 def _check_parity(
     module, variables, reference, size: int, layers: dict[str, str], prefix: int, patch: int = 16
 ):
@@ -69,8 +71,8 @@ def _check_parity(
         logits = jax.jit(lambda v, x: module.apply(v, x))(variables, jnp.asarray(x))
         got = jax.jit(tap.fn)(tap.variables, jnp.asarray(x))
     for name, path in zip(tap.names, tap.layers, strict=True):
-        _assert_close(got[path], want[name], name)
-    _assert_close(logits, want_logits, "logits")
+        assert_close(got[path], want[name], name)
+    assert_close(logits, want_logits, "logits")
 
 
 TIMM_LAYERS = {
@@ -95,14 +97,19 @@ def test_timm_state_dict_parity_at_full_ti16_width(tmp_path):
     _check_parity(loaded.module, loaded.variables, reference, 224, TIMM_LAYERS, prefix=1)
 
 
+def _timm_parts(state: dict):
+    """(key, value as numpy, its `blocks.{i}.{part}.{weight|bias}` match or None) of each
+    entry of a timm ViT's state dict."""
+    for key, value in state.items():
+        yield key, value.numpy(), re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+
+
 def _torchvision_names(state: dict, old_mlp: bool = False) -> dict:
     """A timm ViT's state dict in torchvision's `VisionTransformer` names (its MLP as a
     Sequential, `mlp.0`/`mlp.3`, or before torchvision 0.13 `mlp.linear_1`/`linear_2`)."""
     out = {}
     fc = ("linear_1", "linear_2") if old_mlp else ("0", "3")
-    for key, value in state.items():
-        value = value.numpy()
-        block = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+    for key, value, block in _timm_parts(state):
         if block:
             part = {
                 "norm1": "ln_1",
@@ -175,9 +182,7 @@ def _hf_names(state: dict) -> dict:
     """A timm ViT's state dict in Hugging Face's `ViTForImageClassification` names (its fused
     qkv split into query, key and value), as `transformers` saves that model."""
     out = {}
-    for key, value in state.items():
-        value = value.numpy()
-        block = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+    for key, value, block in _timm_parts(state):
         if block and block[2] == "attn.qkv":
             layer = f"vit.encoder.layer.{block[1]}.attention.attention"
             for name, part in zip(("query", "key", "value"), np.split(value, 3), strict=True):
@@ -225,12 +230,7 @@ def test_hugging_face_vit_parity_and_its_layer_norm_epsilon(tmp_path, caplog):
     loaded = model_load.load("vit_ti16", weights=str(path), options={**SMALL, **hf})
     layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "block1": "blocks.1"}
     _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=1)
-    twin = vit_nnx.from_linen(loaded.module, loaded.variables["params"])
-    x = np.random.default_rng(3).standard_normal((2, 32, 32, 3), np.float32)
-    np.testing.assert_array_equal(
-        np.asarray(nnx.jit(lambda m, x: m(x))(twin, x)),
-        np.asarray(jax.jit(loaded.module.apply)(loaded.variables, x)),
-    )
+    _assert_nnx_twin_equal(loaded, 32)
     # A `ViTModel` (no `vit.` prefix, no classifier): its pooler is big_vision's tanh
     # `pre_logits` (--num_classes=0 --model_option rep_size=192 in the scripts).
     model = vit.vit_ti16(**{**SMALL, **hf, "num_classes": 0, "rep_size": 192})
@@ -269,9 +269,7 @@ def _open_clip_names(state: dict) -> dict:
     keys, as open_clip saves a whole CLIP model."""
     out = {"token_embedding.weight": np.ones((9, 4), np.float32), "logit_scale": np.ones(())}
     out["transformer.resblocks.0.ln_1.weight"] = np.ones(4, np.float32)  # the text tower's
-    for key, value in state.items():
-        value = value.numpy()
-        block = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+    for key, value, block in _timm_parts(state):
         if block:
             part = {
                 "norm1": "ln_1",
@@ -304,9 +302,7 @@ def _hf_clip_names(state: dict) -> dict:
     out = {"text_model.embeddings.token_embedding.weight": np.ones((9, 4), np.float32)}
     out["logit_scale"] = np.ones((), np.float32)
     out["vision_model.embeddings.position_ids"] = np.arange(5)[None]
-    for key, value in state.items():
-        value = value.numpy()
-        block = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+    for key, value, block in _timm_parts(state):
         layer = f"vision_model.encoder.layers.{block[1]}" if block else ""
         if block and block[2] == "attn.qkv":
             for name, part in zip("qkv", np.split(value, 3), strict=True):
@@ -400,12 +396,7 @@ def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog)
             "vit_ti16", weights=str(tmp_path / name), options={**SMALL, **CLIP_OPTIONS}
         )
         _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=1)
-    twin = vit_nnx.from_linen(loaded.module, loaded.variables["params"])
-    x = np.random.default_rng(3).standard_normal((2, 32, 32, 3), np.float32)
-    np.testing.assert_array_equal(
-        np.asarray(nnx.jit(lambda m, x: m(x))(twin, x)),
-        np.asarray(jax.jit(loaded.module.apply)(loaded.variables, x)),
-    )
+    _assert_nnx_twin_equal(loaded, 32)
     # --input_norm=clip: OpenAI's normalisation of 0..255 pixels.
     spec = cli.model_info(loaded, "clip", 32).input_spec
     pixels = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
@@ -454,7 +445,7 @@ def test_a_checkpoint_without_a_head_loads_with_num_classes_0(tmp_path):
         want = reference.norm(reference.blocks(t + reference.pos_embed))[:, 0].numpy()
     with jax.default_matmul_precision("highest"):
         got = jax.jit(loaded.module.apply)(loaded.variables, jnp.asarray(x))
-    _assert_close(got, want, "features")
+    assert_close(got, want, "features")
 
 
 @pytest.mark.parametrize(
@@ -493,12 +484,7 @@ def test_dinov2_backbone_parity_at_another_grid(tmp_path, interpolation, registe
     layers = {"block0": "blocks.0", "block1": "blocks.1", "encoder_norm": "norm"}
     reference.head = torch.nn.Identity()
     _check_parity(loaded.module, loaded.variables, reference, size, layers, 1 + registers, patch=14)
-    twin = vit_nnx.from_linen(loaded.module, loaded.variables["params"])
-    x = np.random.default_rng(3).standard_normal((2, size, size, 3), np.float32)
-    np.testing.assert_array_equal(
-        np.asarray(nnx.jit(lambda m, x: m(x))(twin, x)),
-        np.asarray(jax.jit(loaded.module.apply)(loaded.variables, x)),
-    )
+    _assert_nnx_twin_equal(loaded, size)
     assert loaded.module.token_layout((size, size, 3)).prefix == 1 + registers
     if registers:
         with pytest.raises(ValueError, match=r"register tokens: --model_option num_registers=4\."):
@@ -546,12 +532,7 @@ def test_layer_scale_parity_and_its_option_named(tmp_path):
     loaded = model_load.load("vit_ti16", weights=str(tmp_path / "deit3.pth"), options=options)
     layers = {"block0": "blocks.0", "block1": "blocks.1", "mlp1": "blocks.1.mlp.act"}
     _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=1)
-    twin = vit_nnx.from_linen(loaded.module, loaded.variables["params"])
-    x = np.random.default_rng(3).standard_normal((2, 32, 32, 3), np.float32)
-    np.testing.assert_array_equal(
-        np.asarray(nnx.jit(lambda m, x: m(x))(twin, x)),
-        np.asarray(jax.jit(loaded.module.apply)(loaded.variables, x)),
-    )
+    _assert_nnx_twin_equal(loaded, 32)
     with pytest.raises(
         ValueError, match=r"has a LayerScale in its blocks: --model_option layer_scale=true"
     ):
@@ -805,9 +786,9 @@ def test_map_head_npz_loads_and_pools_as_big_vision(tmp_path):
     logits, state = apply(variables, x)
     tokens = state["intermediates"]["Transformer"]["__call__"][0]
     want = _numpy_map_head(tokens, variables["params"], model.num_heads)
-    _assert_close(logits, want, "logits")
+    assert_close(logits, want, "logits")
     twin = vit_nnx.from_linen(model, variables["params"])
-    _assert_close(nnx.jit(lambda m, x: m(x))(twin, x), logits, "nnx logits")
+    assert_close(nnx.jit(lambda m, x: m(x))(twin, x), logits, "nnx logits")
     with pytest.raises(ValueError, match="pool_type=map"):
         model_load.load("vit_ti16", weights=str(tmp_path / "map.npz"), options=SMALL)
     _save_npz(tmp_path / "gap.npz", _random_variables(vit.vit_ti16(**SMALL), 32)["params"])
