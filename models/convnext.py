@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxdissect.models.layers import AdaptiveAvgPool2d
+from jaxdissect.models.layers import AdaptiveAvgPool2d, DepthwiseConv2d
 from jaxdissect.preprocess import TORCHVISION, InputSpec
 
 # torchvision's: LayerNorm epsilon 1e-6; weights trunc_normal(std=0.02), biases 0; the layer
@@ -40,14 +40,13 @@ def _layer_norm(name: str) -> nn.LayerNorm:
     return nn.LayerNorm(_EPSILON, name=name)
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, groups: int = 1) -> nn.Conv:
-    pad = (kernel - 1) // 2 if stride == 1 else 0
+def _conv(features: int, kernel: int, name: str) -> nn.Conv:
+    """A patchifying conv: kernel = stride, no padding (the stem's 4x4, downsampling's 2x2)."""
     return nn.Conv(
         features,
         (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        feature_group_count=groups,
+        strides=(kernel, kernel),
+        padding="VALID",
         kernel_init=_KERNEL_INIT,
         name=name,
     )
@@ -79,7 +78,8 @@ class _Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        x = _conv(c, 7, 1, "0", groups=c)(x)
+        # XLA:CPU's grouped convolutions are slow: the shifted multiply-adds there.
+        x = DepthwiseConv2d(7, kernel_init=_KERNEL_INIT, use_bias=True, name="0")(x)
         x = _layer_norm("2")(x)
         x = GELU(name="4")(_linear(4 * c, "3")(x))
         return _linear(c, "5")(x)
@@ -108,7 +108,7 @@ class _Stem(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _layer_norm("1")(_conv(self.width, 4, 4, "0")(x))
+        return _layer_norm("1")(_conv(self.width, 4, "0")(x))
 
 
 class _Downsample(nn.Module):
@@ -116,7 +116,7 @@ class _Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _conv(self.width, 2, 2, "1")(_layer_norm("0")(x))
+        return _conv(self.width, 2, "1")(_layer_norm("0")(x))
 
 
 class _Features(nn.Module):

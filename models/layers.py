@@ -355,10 +355,10 @@ def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 class DepthwiseConv2d(nn.Module):
-    """Depthwise k x k convolution with "SAME" padding, no bias.
+    """Depthwise k x k convolution with "SAME" padding, a bias where `use_bias`.
 
-    Same parameter as `nn.Conv(C, (k, k), feature_group_count=C, use_bias=False)`
-    (`kernel` [k, k, 1, C]), so weights map unchanged. XLA's CPU backend runs
+    Same parameters as `nn.Conv(C, (k, k), feature_group_count=C, use_bias=...)`
+    (`kernel` [k, k, 1, C], `bias` [C]), so weights map unchanged. XLA's CPU backend runs
     grouped convolutions several times slower than the k*k shifted
     multiply-adds used here on CPU (benchmarks/README.md); other backends use
     the convolution.
@@ -367,14 +367,18 @@ class DepthwiseConv2d(nn.Module):
     kernel_size: int
     strides: int = 1
     kernel_init: Callable = nn.initializers.lecun_normal()
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, s, c = self.kernel_size, self.strides, x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (k, k, 1, c), jnp.float32)
         kernel = kernel.astype(x.dtype)
+        bias = (
+            self.param("bias", nn.initializers.zeros, (c,), jnp.float32) if self.use_bias else None
+        )
         if jax.default_backend() != "cpu":
-            return jax.lax.conv_general_dilated(
+            out = jax.lax.conv_general_dilated(
                 x,
                 kernel,
                 (s, s),
@@ -382,6 +386,7 @@ class DepthwiseConv2d(nn.Module):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=c,
             )
+            return out if bias is None else out + bias.astype(x.dtype)
         (top, bottom), (left, right) = (_same_pads(x.shape[1], k, s), _same_pads(x.shape[2], k, s))
         xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
         oh, ow = -(-x.shape[1] // s), -(-x.shape[2] // s)
@@ -399,4 +404,4 @@ class DepthwiseConv2d(nn.Module):
                 weight = lax.reshape(lax.slice(kernel, (i, j, 0, 0), (i + 1, j + 1, 1, c)), (c,))
                 term = tap * weight
                 out = term if out is None else out + term
-        return out
+        return out if bias is None else out + bias.astype(x.dtype)
