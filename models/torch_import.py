@@ -397,12 +397,18 @@ def open_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray
     return out
 
 
-# Hugging Face transformers' CLIP vision tower (`CLIPModel`, `CLIPVisionModel`, ...: under
-# `vision_model.`) -> timm's names, per block `encoder.layers.{i}.` -> `blocks.{i}.`.
+# Hugging Face transformers' CLIP and SigLIP vision towers (`CLIPModel`, `SiglipModel`,
+# their vision models: under `vision_model.`) -> timm's names, per block
+# `encoder.layers.{i}.` -> `blocks.{i}.`; SigLIP's attention-pooling `head` -> timm's
+# `attn_pool`.
 _HF_CLIP_NAMES = {
     "embeddings.patch_embedding": "patch_embed.proj",
     "pre_layrnorm": "norm_pre",  # transformers' spelling
     "post_layernorm": "norm",
+    "head.attention.out_proj": "attn_pool.proj",
+    "head.layernorm": "attn_pool.norm",
+    "head.mlp.fc1": "attn_pool.mlp.fc1",
+    "head.mlp.fc2": "attn_pool.mlp.fc2",
 }
 _HF_CLIP_BLOCK_NAMES = {
     "layer_norm1": "norm1",
@@ -413,14 +419,17 @@ _HF_CLIP_BLOCK_NAMES = {
 }
 _HF_CLIP_BLOCKS = r"encoder\.layers\.(\d+)\.(.+)"
 HF_CLIP_MARK = "vision_model.embeddings.class_embedding"
+HF_VISION_MARK = "vision_model.embeddings.patch_embedding.weight"  # CLIP's and SigLIP's
 
 
 def hf_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The vision tower of a Hugging Face CLIP state dict in timm's names: the
+    """The vision tower of a Hugging Face CLIP or SigLIP state dict in timm's names: the
     `vision_model.` keys (the text tower's are left out, and the `position_ids` buffer), a
-    block's separate query, key and value stacked as timm's `qkv`, and `visual_projection`
-    (bias-free, where the file has it) as the head with bias 0. Keys with no rule here keep
-    their names, so that loading lists them."""
+    block's separate query, key and value stacked as timm's `qkv`, `visual_projection`
+    (CLIP's, bias-free, where the file has it) as the head with bias 0, and SigLIP's
+    attention-pooling `head` as timm's `attn_pool` (its `probe` the `latent`, its fused
+    `in_proj` split into `q` and `kv`). Keys with no rule here keep their names, so that
+    loading lists them."""
     out: dict[str, np.ndarray] = {}
     qkv: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
@@ -440,6 +449,12 @@ def hf_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
             out["pos_embed"] = array[None]
         elif name == "embeddings.position_ids":
             continue  # a buffer of 0..N, no weight
+        elif name == "head.probe":
+            out["attn_pool.latent"] = array
+        elif stem == "head.attention" and leaf in ("in_proj_weight", "in_proj_bias"):
+            width = array.shape[0] // 3
+            out[f"attn_pool.q.{leaf.removeprefix('in_proj_')}"] = array[:width]
+            out[f"attn_pool.kv.{leaf.removeprefix('in_proj_')}"] = array[width:]
         elif block and (part := re.fullmatch(r"self_attn\.([qkv])_proj", block[2])):
             which = {"q": "query", "k": "key", "v": "value"}[part[1]]
             qkv.setdefault(f"blocks.{block[1]}.attn.qkv.{leaf}", {})[which] = array
@@ -504,8 +519,9 @@ def vit_state_dict_as_timm(state_dict: Mapping[str, Any]) -> tuple[str, dict[str
         return "Hugging Face", hf_vit_to_timm(state_dict)
     if OPEN_CLIP_MARK in state_dict:
         return "open_clip", open_clip_vit_to_timm(state_dict)
-    if HF_CLIP_MARK in state_dict:
-        return "Hugging Face CLIP", hf_clip_vit_to_timm(state_dict)
+    if HF_VISION_MARK in state_dict:
+        family = "CLIP" if HF_CLIP_MARK in state_dict else "SigLIP"
+        return f"Hugging Face {family}", hf_clip_vit_to_timm(state_dict)
     if TORCHVISION_VIT_MARK in state_dict:
         return "torchvision", torchvision_vit_to_timm(state_dict)
     return "timm", dict(state_dict)
@@ -606,6 +622,25 @@ def timm_vit_to_big_vision(
         for fc, dense_name in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
             if f"{t}.mlp.{fc}.weight" in sd:
                 dense(f"{t}.mlp.{fc}", f"{b}/MlpBlock_0/{dense_name}")
+    if "attn_pool.latent" in sd:  # timm's AttentionPoolLatent: big_vision's MAPHead
+        head, d = "MAPHead_0", sd["attn_pool.latent"].shape[-1]
+        out[f"{head}/probe"] = take("attn_pool.latent")
+        mha = f"{head}/MultiHeadDotProductAttention_0"
+        kv_w, kv_b = take("attn_pool.kv.weight"), take("attn_pool.kv.bias")
+        parts = {
+            "query": (take("attn_pool.q.weight"), take("attn_pool.q.bias")),
+            "key": (kv_w[:d], kv_b[:d]),
+            "value": (kv_w[d:], kv_b[d:]),
+        }
+        for name, (w, b) in parts.items():
+            out[f"{mha}/{name}/kernel"] = w.T.reshape(d, num_heads, d // num_heads)
+            out[f"{mha}/{name}/bias"] = b.reshape(num_heads, d // num_heads)
+        w = take("attn_pool.proj.weight")
+        out[f"{mha}/out/kernel"] = w.T.reshape(num_heads, d // num_heads, d)
+        out[f"{mha}/out/bias"] = take("attn_pool.proj.bias")
+        norm("attn_pool.norm", f"{head}/LayerNorm_0")
+        dense("attn_pool.mlp.fc1", f"{head}/MlpBlock_0/Dense_0")
+        dense("attn_pool.mlp.fc2", f"{head}/MlpBlock_0/Dense_1")
     if "norm.weight" in sd:
         norm("norm", "Transformer/encoder_norm")
     if "head.weight" in sd:

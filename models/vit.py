@@ -301,13 +301,20 @@ class ViT(nn.Module):
                 "weights need --model_option quick_gelu=true",
                 source,
             )
-        if self.gelu_approximate and not self.quick_gelu:
+        siglip = "SigLIP" in source  # its ViTs use the tanh-approximated GELU
+        if self.gelu_approximate and not self.quick_gelu and not siglip:
             logging.warning(
                 "%s weights into a ViT with the tanh-approximated GELU: %s's ViTs use the "
                 "exact one%s; pass --model_option gelu_approximate=false for them",
                 source,
                 source,
                 " unless made with gelu_tanh" if source == "timm" else "",
+            )
+        if siglip and not self.gelu_approximate:
+            logging.warning(
+                "%s weights into a ViT with the exact GELU: SigLIP's ViTs use the "
+                "tanh-approximated one; leave --model_option gelu_approximate out for them",
+                source,
             )
         if "norm_pre.weight" in state_dict:  # CLIP's towers, timm's too, are told by it
             family, epsilon = "CLIP", CLIP_LAYER_NORM_EPSILON

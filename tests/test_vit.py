@@ -331,6 +331,75 @@ def _hf_clip_names(state: dict) -> dict:
     return out
 
 
+def _hf_siglip_names(state: dict) -> dict:
+    """A timm ViT with attention pooling (`attn_pool`, no class token) in Hugging Face's
+    `SiglipModel` names (`vision_model.`, separate q, k and v, the pooling `head` with its
+    `probe` and fused `in_proj`), beside text-tower keys; the classifier left out."""
+    out = {"text_model.embeddings.token_embedding.weight": np.ones((9, 4), np.float32)}
+    out["logit_scale"] = out["logit_bias"] = np.ones(1, np.float32)
+    pool = {k.removeprefix("attn_pool."): v.numpy() for k, v in state.items() if "attn_pool" in k}
+    out["vision_model.head.probe"] = pool.pop("latent")
+    for leaf in ("weight", "bias"):
+        fused = np.concatenate([pool.pop(f"q.{leaf}"), pool.pop(f"kv.{leaf}")])
+        out[f"vision_model.head.attention.in_proj_{leaf}"] = fused
+    names = {"proj": "attention.out_proj", "norm": "layernorm"}
+    for key, value in pool.items():
+        stem, leaf = key.rsplit(".", 1)
+        out[f"vision_model.head.{names.get(stem, stem)}.{leaf}"] = value
+    for key, value, block in _timm_parts(state):
+        layer = f"vision_model.encoder.layers.{block[1]}" if block else ""
+        if block and block[2] == "attn.qkv":
+            for name, part in zip("qkv", np.split(value, 3), strict=True):
+                out[f"{layer}.self_attn.{name}_proj.{block[3]}"] = part
+        elif block:
+            part = {
+                "norm1": "layer_norm1",
+                "attn.proj": "self_attn.out_proj",
+                "norm2": "layer_norm2",
+                "mlp.fc1": "mlp.fc1",
+                "mlp.fc2": "mlp.fc2",
+            }[block[2]]
+            out[f"{layer}.{part}.{block[3]}"] = value
+        elif key == "pos_embed":
+            out["vision_model.embeddings.position_embedding.weight"] = value[0]
+        elif key.startswith(("patch_embed.proj.", "norm.")):
+            stem, leaf = key.rsplit(".", 1)
+            name = {"patch_embed.proj": "embeddings.patch_embedding", "norm": "post_layernorm"}
+            out[f"vision_model.{name[stem]}.{leaf}"] = value
+    return out
+
+
+def test_siglip_attention_pooling_from_timms_and_hugging_faces_names(tmp_path, caplog):
+    """SigLIP's image tower (no class token, tanh GELU, attention pooling: timm's
+    `attn_pool`, Hugging Face's `head` with its `probe`, no classifier) in timm's names (.pth)
+    and Hugging Face's (.safetensors, beside a text tower): the pooled features and the
+    blocks within 1e-4 of the torch model's, the NNX twin bitwise; the exact GELU warned of."""
+    import safetensors.numpy
+
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(
+            img_size=32, depth=2, class_token=False, map_head=True, approximate="tanh"
+        )
+    )
+    reference.head = torch.nn.Identity()
+    state = reference.state_dict()
+    torch.save(state, tmp_path / "timm.pth")
+    safetensors.numpy.save_file(_hf_siglip_names(state), str(tmp_path / "siglip.safetensors"))
+    options = {**SMALL, "num_classes": 0, "pool_type": "map"}
+    layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "block1": "blocks.1"}
+    for name in ("timm.pth", "siglip.safetensors"):
+        loaded = model_load.load("vit_ti16", weights=str(tmp_path / name), options=options)
+        _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=0)
+    _assert_nnx_twin_equal(loaded, 32)
+    with caplog.at_level("WARNING"):
+        model_load.load(
+            "vit_ti16",
+            weights=str(tmp_path / "siglip.safetensors"),
+            options={**options, "gelu_approximate": False},
+        )
+    assert "SigLIP's ViTs use the tanh-approximated one" in caplog.text
+
+
 class _Holder(torch.nn.Module):
     """Tensors under submodules, for a TorchScript archive of given names."""
 

@@ -63,6 +63,30 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class AttentionPoolLatent(nn.Module):
+    """timm's attention pooling (SigLIP's): a learned `latent` query attends over the
+    tokens (`q`, fused `kv`, `proj`), then a residual MLP on its LayerNorm."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, approximate: str, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_dim, approximate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        d = c // self.num_heads
+        q = self.q(self.latent.expand(b, -1, -1)).reshape(b, 1, self.num_heads, d).transpose(1, 2)
+        kv = self.kv(x).reshape(b, n, 2, self.num_heads, d).permute(2, 0, 3, 1, 4)
+        attn = ((q * d**-0.5) @ kv[0].transpose(-2, -1)).softmax(dim=-1)
+        x = self.proj((attn @ kv[1]).transpose(1, 2).reshape(b, 1, c))
+        return (x + self.mlp(self.norm(x)))[:, 0]
+
+
 class Block(nn.Module):
     def __init__(
         self,
@@ -103,6 +127,7 @@ class VisionTransformer(nn.Module):
         layer_scale: bool = False,
         dinov2: str | None = None,  # "offset" or "antialias"
         registers: int = 0,
+        map_head: bool = False,  # timm's attn_pool (SigLIP): pooling by attention
     ):
         super().__init__()
         self.patch_embed = nn.Module()
@@ -127,6 +152,8 @@ class VisionTransformer(nn.Module):
             ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        if map_head:
+            self.attn_pool = AttentionPoolLatent(embed_dim, num_heads, mlp_dim, approximate, eps)
         self.head = nn.Linear(embed_dim, num_classes)
 
     def _pos_embed(self, side: int) -> torch.Tensor:
@@ -154,6 +181,8 @@ class VisionTransformer(nn.Module):
             registers = self.register_tokens.expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], registers, x[:, 1:]], dim=1)
         x = self.norm(self.blocks(self.norm_pre(x)))
+        if hasattr(self, "attn_pool"):
+            return self.head(self.attn_pool(x))
         x = x[:, 0] if self.class_token else x.mean(dim=1)
         return self.head(x)
 
