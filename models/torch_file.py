@@ -8,7 +8,7 @@
 
 Pickles are read by `_RestrictedUnpickler`, whose `find_class` hands out only
 the few globals a state dict needs (`ALLOWED_GLOBALS`) and maps torch's tensor
-rebuild functions to numpy ones here; an `argparse.Namespace` (a training script's
+rebuild functions to `torch_tensors`' (references cut out of the storages once read); an `argparse.Namespace` (a training script's
 arguments, saved beside its weights) is read as an inert record of its attributes.
 Any other global (a class of a pickled `nn.Module`, `os.system`, ...) is never imported:
 the pickle gets an inert `PickledObject` type in its place, which records what the pickle
@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
-import math
 import pickle
 import pickletools
 import struct
@@ -37,13 +36,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from jaxdissect.models import torch_tensors
 from jaxdissect.models.weight_file import (
     COPY_AGAIN,
     Budget,
     CheckpointError,
     UnsafeCheckpointError,
-    check_shape,
-    widen_bfloat16,
     zip_member,
 )
 
@@ -57,171 +55,6 @@ _MODULE_FIELDS = ("_parameters", "_buffers", "_modules")
 # The most classes and functions one pickle may name outside the tables (a whole model
 # names tens): each costs a type, and a crafted file could name millions.
 _MAX_STAND_INS = 4096
-
-
-# Storage type name (torch.<Name>Storage) -> numpy dtype of its elements as stored.
-# bfloat16 is read as raw uint16 and widened to float32 (numpy has no bfloat16).
-_STORAGE_DTYPES: dict[str, np.dtype] = {
-    "Float": np.dtype(np.float32),
-    "Double": np.dtype(np.float64),
-    "Half": np.dtype(np.float16),
-    "BFloat16": np.dtype(np.uint16),
-    "Long": np.dtype(np.int64),
-    "Int": np.dtype(np.int32),
-    "Short": np.dtype(np.int16),
-    "Char": np.dtype(np.int8),
-    "Byte": np.dtype(np.uint8),
-    "Bool": np.dtype(np.bool_),
-    "ComplexFloat": np.dtype(np.complex64),
-    "ComplexDouble": np.dtype(np.complex128),
-}
-# Storages of quantised tensors: named so that the file can be refused with the tensors' names.
-_QUANTIZED_STORAGES = ("QInt8", "QUInt8", "QInt32", "QUInt4x2", "QUInt2x4")
-_QSCHEMES = (
-    "per_tensor_affine",
-    "per_channel_affine",
-    "per_channel_affine_float_qparams",
-    "per_tensor_symmetric",
-    "per_channel_symmetric",
-)
-_QUANTIZED_ADVICE = (
-    "Quantised weights are not supported: save the float model's state dict (before "
-    "quantisation), or dequantise each tensor (t.dequantize()) before torch.save."
-)
-# torch dtypes that `_rebuild_tensor_v3` names (it is used for dtypes without a typed storage).
-_V3_DTYPES: dict[str, np.dtype] = {
-    "uint16": np.dtype(np.uint16),
-    "uint32": np.dtype(np.uint32),
-    "uint64": np.dtype(np.uint64),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-    """Stands in for a `torch.<Name>Storage` class named by a pickle."""
-
-    name: str
-
-    @property
-    def dtype(self) -> np.dtype:
-        return _STORAGE_DTYPES[self.name]
-
-
-@dataclasses.dataclass(frozen=True)
-class _DType:
-    """Stands in for a `torch.<dtype>` object named by a pickle (only for `_rebuild_tensor_v3`)."""
-
-    dtype: np.dtype
-
-
-@dataclasses.dataclass(frozen=True)
-class _Storage:
-    """A storage named by a persistent id; its bytes are read once the pickle is done."""
-
-    key: str
-    kind: _StorageType
-    numel: int
-    # Legacy storage views: element offset and length inside the root storage `key`.
-    view_offset: int = 0
-    view_numel: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class _TensorRef:
-    """A tensor to cut out of a storage after the pickle is read (legacy storages come last)."""
-
-    storage: _Storage
-    offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: np.dtype | None = None  # _rebuild_tensor_v3: elements reinterpret a byte storage
-
-
-def _as_int_tuple(values: Any, what: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"tensor {what} is not a tuple of ints: {values!r}") from err
-    if any(v < 0 for v in out):
-        raise CheckpointError(f"tensor {what} has a negative entry: {out}")
-    return out
-
-
-def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> _TensorRef:
-    if not isinstance(storage, _Storage):
-        raise CheckpointError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
-    if not isinstance(storage_offset, int) or storage_offset < 0:
-        raise CheckpointError(f"bad storage offset {storage_offset!r}")
-    size_t, stride_t = _as_int_tuple(size, "size"), _as_int_tuple(stride, "stride")
-    if len(size_t) != len(stride_t):
-        raise CheckpointError(f"tensor size {size_t} and stride {stride_t} differ in rank")
-    return _TensorRef(storage, storage_offset, size_t, stride_t)
-
-
-def _rebuild_tensor_v2(
-    storage: Any,
-    storage_offset: Any,
-    size: Any,
-    stride: Any,
-    requires_grad: Any = False,
-    backward_hooks: Any = None,
-    metadata: Any = None,
-) -> _TensorRef:
-    # requires_grad, hooks and conj/neg metadata do not change the stored values.
-    del requires_grad, backward_hooks, metadata
-    return _rebuild_tensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor_v3(
-    storage: Any,
-    storage_offset: Any,
-    size: Any,
-    stride: Any,
-    requires_grad: Any,
-    backward_hooks: Any,
-    dtype: Any,
-    metadata: Any = None,
-) -> _TensorRef:
-    del requires_grad, backward_hooks, metadata
-    if not isinstance(dtype, _DType):
-        raise CheckpointError(f"_rebuild_tensor_v3 with dtype {dtype!r}")
-    ref = _rebuild_tensor(storage, storage_offset, size, stride)
-    return dataclasses.replace(ref, dtype=dtype.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Marker:
-    """Stands in for a torch object the pickle names only to describe a quantised tensor."""
-
-    name: str
-
-
-def _rebuild_qtensor(*args: Any) -> _Marker:
-    # Nothing is rebuilt: the file is refused, naming the tensors, once the pickle is read.
-    del args
-    return _Marker("quantised tensor")
-
-
-def _quantized_keys(obj: Any, prefix: str = "") -> list[str]:
-    """Key paths of the quantised tensors in nested containers."""
-    if isinstance(obj, _Marker):
-        return [prefix or "<top>"]
-    if isinstance(obj, Mapping):
-        items = obj.items()
-    elif isinstance(obj, list | tuple):
-        items = enumerate(obj)
-    else:
-        return []
-    return [
-        k for key, v in items for k in _quantized_keys(v, f"{prefix}{'.' if prefix else ''}{key}")
-    ]
-
-
-def _refuse_quantized(obj: Any, path: str) -> None:
-    keys = _quantized_keys(obj)
-    if keys:
-        shown = ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
-        raise CheckpointError(f"{path}: quantised tensor(s) {shown}. {_QUANTIZED_ADVICE}")
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
@@ -383,7 +216,7 @@ def _module_weights(root: PickledObject, state: dict[str, Any]) -> ModuleWeights
         for name, value in entries:
             if value is None:
                 continue
-            if not isinstance(value, _TensorRef | _Marker):
+            if not isinstance(value, torch_tensors.TensorRef | torch_tensors.Marker):
                 raise CheckpointError(
                     f"{prefix}{name} of the pickled {record.qualified} is a "
                     f"{type(value).__name__}, not a tensor"
@@ -424,7 +257,7 @@ def _script_module_weights(root: PickledObject, state: dict[str, Any]) -> Module
             raise CheckpointError(f"the scripted module {record.qualified} contains itself")
         children = []
         for name, value in state.items():
-            if isinstance(value, _TensorRef | _Marker):
+            if isinstance(value, torch_tensors.TensorRef | torch_tensors.Marker):
                 out[f"{prefix}{name}"] = value
             elif (child_state := _script_module_state(value)) is not None:
                 children.append((name, value, child_state))
@@ -473,19 +306,28 @@ class _Callable:
     module's own function, changing every later load in the process.
     """
 
-    __slots__ = ("_function",)
+    __slots__ = ("_function", "name")
 
     def __init__(self, function: Callable[..., Any]):
         self._function = function
+        self.name = function.__name__  # the global's, as the table names it (`_named`)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._function(*args, **kwargs)
 
     def __setstate__(self, state: Any) -> None:
         raise CheckpointError(
-            f"the pickle sets the state of {self._function.__name__}, which no torch.save "
+            f"the pickle sets the state of {self.name}, which no torch.save "
             "file does: it is crafted"
         )
+
+
+def _named(table: dict[tuple[str, str], Any]) -> dict[tuple[str, str], Any]:
+    """`table` with each `_Callable` named as the global it stands for."""
+    for (_, name), value in table.items():
+        if isinstance(value, _Callable):
+            value.name = name
+    return table
 
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
@@ -493,32 +335,32 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     table: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("argparse", "Namespace"): Namespace,
-        ("torch._utils", "_rebuild_tensor"): _Callable(_rebuild_tensor),
-        ("torch._utils", "_rebuild_tensor_v2"): _Callable(_rebuild_tensor_v2),
-        ("torch._utils", "_rebuild_tensor_v3"): _Callable(_rebuild_tensor_v3),
+        ("torch._utils", "_rebuild_tensor"): _Callable(torch_tensors.rebuild_tensor),
+        ("torch._utils", "_rebuild_tensor_v2"): _Callable(torch_tensors.rebuild_tensor_v2),
+        ("torch._utils", "_rebuild_tensor_v3"): _Callable(torch_tensors.rebuild_tensor_v3),
         ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
         ("torch._utils", "_rebuild_parameter_with_state"): _Callable(_rebuild_parameter_with_state),
         # A tensor with Python attributes.
         ("torch._tensor", "_rebuild_from_type_v2"): _Callable(_rebuild_from_type_v2),
         ("torch", "Tensor"): _TensorClass(),
         # Tensors of dtypes without a typed storage keep their bytes in an untyped one.
-        ("torch", "UntypedStorage"): _StorageType("Byte"),
-        ("torch.storage", "UntypedStorage"): _StorageType("Byte"),
+        ("torch", "UntypedStorage"): torch_tensors.StorageType("Byte"),
+        ("torch.storage", "UntypedStorage"): torch_tensors.StorageType("Byte"),
     }
-    for name in _STORAGE_DTYPES:
+    for name in torch_tensors.STORAGE_DTYPES:
         # torch.cuda.*Storage: checkpoints saved from the GPU (older CSAIL models).
         for module in ("torch", "torch.cuda"):
-            table[(module, f"{name}Storage")] = _StorageType(name)
-    for name, dtype in _V3_DTYPES.items():
-        table[("torch", name)] = _DType(dtype)
+            table[(module, f"{name}Storage")] = torch_tensors.StorageType(name)
+    for name, dtype in torch_tensors.V3_DTYPES.items():
+        table[("torch", name)] = torch_tensors.DType(dtype)
     # Quantised tensors: inert markers, so that the refusal can name the tensors.
-    table[("torch._utils", "_rebuild_qtensor")] = _Callable(_rebuild_qtensor)
-    for name in _QUANTIZED_STORAGES:
+    table[("torch._utils", "_rebuild_qtensor")] = _Callable(torch_tensors.rebuild_qtensor)
+    for name in torch_tensors.QUANTIZED_STORAGES:
         for module in ("torch", "torch.cuda"):
-            table[(module, f"{name}Storage")] = _StorageType(name)
-    for name in _QSCHEMES:
-        table[("torch", name)] = _Marker(name)
-    return table
+            table[(module, f"{name}Storage")] = torch_tensors.StorageType(name)
+    for name in torch_tensors.QSCHEMES:
+        table[("torch", name)] = torch_tensors.Marker(name)
+    return _named(table)
 
 
 def _module_globals() -> dict[tuple[str, str], Any]:
@@ -532,7 +374,7 @@ def _module_globals() -> dict[tuple[str, str], Any]:
     for builtins in ("builtins", "__builtin__"):  # Python 3, Python 2
         table[(builtins, "set")] = _Callable(set)
         table[(builtins, "frozenset")] = _Callable(frozenset)
-    return table
+    return _named(table)
 
 
 # (module, name) pairs that pickles may name; everything else is refused.
@@ -542,7 +384,7 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(_allowed_globals())
 def _refusal(module: str, name: str) -> CheckpointError:
     qualified = f"{module}.{name}"
     if module in ("torch", "torch.cuda") and name.endswith("Storage"):
-        supported = ", ".join(f"{n}Storage" for n in _STORAGE_DTYPES)
+        supported = ", ".join(f"{n}Storage" for n in torch_tensors.STORAGE_DTYPES)
         return CheckpointError(f"unsupported storage type {qualified}; supported: {supported}")
     if module.startswith(("torch.nn", "__main__", "__torch__")):
         message = (
@@ -576,7 +418,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._table = {**_module_globals(), **_allowed_globals()}
         self._stand_ins: dict[tuple[str, str], type[PickledObject]] = {}
         self._legacy = legacy
-        self.storages: dict[str, _Storage] = {}
+        self.storages: dict[str, torch_tensors.Storage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)
@@ -621,12 +463,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 raise CheckpointError(f"malformed storage id {pid!r}")
             _, kind, key, _location, numel = pid
             view = None
-        if not isinstance(kind, _StorageType):
+        if not isinstance(kind, torch_tensors.StorageType):
             raise CheckpointError(f"storage of unsupported type {kind!r}")
         key = _text(key)
         if not isinstance(numel, int) or numel < 0:
             raise CheckpointError(f"storage {key} has a bad size {numel!r}")
-        root = self.storages.setdefault(key, _Storage(key, kind, numel))
+        root = self.storages.setdefault(key, torch_tensors.Storage(key, kind, numel))
         if root.kind != kind or root.numel != numel:
             raise CheckpointError(f"storage {key} is described two different ways")
         if view is None:
@@ -640,86 +482,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
             or view_offset + view_numel > numel
         ):
             raise CheckpointError(f"storage view {_text(view_key)} lies outside storage {key}")
-        return _Storage(key, kind, numel, view_offset, view_numel)
+        return torch_tensors.Storage(key, kind, numel, view_offset, view_numel)
 
 
 def _text(value: Any) -> str:
     return value.decode("ascii") if isinstance(value, bytes) else str(value)
 
 
-def _check_storage_bytes(nbytes: int, storage: _Storage) -> None:
-    """Refuse `nbytes` of data for `storage` unless they are its elements' bytes."""
-    itemsize = storage.kind.dtype.itemsize
-    if nbytes != storage.numel * itemsize:
-        raise CheckpointError(
-            f"storage {storage.key}: {nbytes} bytes for {storage.numel} elements "
-            f"of {itemsize} bytes"
-        )
-
-
-def _storage_array(data: bytes, storage: _Storage, big_endian: bool) -> np.ndarray:
-    dtype = storage.kind.dtype
-    _check_storage_bytes(len(data), storage)
-    array = np.frombuffer(data, dtype.newbyteorder(">" if big_endian else "<"))
-    return array.astype(dtype, copy=False)
-
-
-def _cut(ref: _TensorRef, flat: np.ndarray, budget: Budget) -> np.ndarray:
-    """The tensor `ref` describes, as a C-contiguous copy out of its storage's elements."""
-    storage = ref.storage
-    if storage.view_numel is not None:
-        flat = flat[storage.view_offset : storage.view_offset + storage.view_numel]
-    bf16 = storage.kind.name == "BFloat16"
-    if ref.dtype is not None:
-        # v3 tensors index elements of `ref.dtype` in a byte storage.
-        usable = len(flat) - len(flat) % ref.dtype.itemsize
-        flat = flat[:usable].view(ref.dtype)
-    # Zero strides repeat elements, so the bytes made are counted, not the storage's. A
-    # tensor without elements counts as if its zero dims were 1: numpy refuses a shape
-    # whose other dims overflow.
-    itemsize = 4 if bf16 else flat.dtype.itemsize
-    check_shape(ref.size, itemsize, f"a tensor of storage {storage.key}")
-    what = f"tensor of size {ref.size}, stride {ref.stride}"
-    budget.take(math.prod(max(n, 1) for n in ref.size) * itemsize, what)
-    # The stride of a dim of size 1 steps nowhere: zeroed, a crafted one cannot overflow.
-    stride = tuple(0 if n == 1 else s for n, s in zip(ref.size, ref.stride, strict=True))
-    if any(s == 0 for s in ref.size):
-        out = np.zeros(ref.size, flat.dtype)
-    else:
-        last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, stride, strict=True))
-        # Checked here because as_strided would read past the buffer without complaint.
-        if last >= len(flat):
-            raise CheckpointError(
-                f"tensor of size {ref.size}, stride {ref.stride}, offset {ref.offset} "
-                f"reads past its storage {storage.key} of {len(flat)} elements"
-            )
-        view = np.lib.stride_tricks.as_strided(
-            flat[ref.offset :],
-            shape=ref.size,
-            strides=tuple(s * flat.dtype.itemsize for s in stride),
-            writeable=False,
-        )
-        out = np.array(view, copy=True, order="C")
-    if bf16:
-        out = widen_bfloat16(out)
-    return out
-
-
 def _materialize(obj: Any, arrays: Mapping[str, np.ndarray], budget: Budget) -> Any:
-    """Replace every `_TensorRef` in nested containers by its numpy array.
+    """Replace every `torch_tensors.TensorRef` in nested containers by its numpy array.
 
     Tensors that view the same elements (one tensor the pickle names several times, or
     tied weights: views of one storage with the same offset, size, stride and dtype) are
     cut once, and every place holding one gets that array.
     """
-    cut: dict[_TensorRef, np.ndarray] = {}  # equal refs: the same storage view
+    cut: dict[torch_tensors.TensorRef, np.ndarray] = {}  # equal refs: the same storage view
 
     def walk(obj: Any) -> Any:
-        if isinstance(obj, _TensorRef):
+        if isinstance(obj, torch_tensors.TensorRef):
             if obj not in cut:
-                cut[obj] = _cut(obj, arrays[obj.storage.key], budget)
+                cut[obj] = torch_tensors.cut(obj, arrays[obj.storage.key], budget)
             return cut[obj]
-        if isinstance(obj, _Storage):
+        if isinstance(obj, torch_tensors.Storage):
             raise CheckpointError("the file holds a bare storage, not a tensor")
         return _rebuild(obj, walk)
 
@@ -751,7 +535,7 @@ def _protocol_5_opcode(file: BinaryIO) -> str | None:
 
 def _unpickle(
     file: BinaryIO, *, legacy: bool, encoding: str = "utf-8"
-) -> tuple[Any, dict[str, _Storage]]:
+) -> tuple[Any, dict[str, torch_tensors.Storage]]:
     opcode = _protocol_5_opcode(file)
     if opcode is not None:
         raise CheckpointError(
@@ -798,15 +582,15 @@ def load_zip(path: str, encoding: str) -> Any:
         obj, storages = _unpickle(
             io.BytesIO(archive.read(pickled)), legacy=False, encoding=encoding
         )
-        _refuse_quantized(obj, path)
+        torch_tensors.refuse_quantized(obj, path)
         arrays = {}
         for key, storage in storages.items():
             record = f"{prefix}data/{key}"
             if record not in names:
                 raise CheckpointError(f"{path}: storage record {record} is missing")
             info = zip_member(archive, record, budget)
-            _check_storage_bytes(info.file_size, storage)
-            arrays[key] = _storage_array(archive.read(info), storage, big_endian)
+            torch_tensors.check_storage_bytes(info.file_size, storage)
+            arrays[key] = torch_tensors.storage_array(archive.read(info), storage, big_endian)
     return _materialize(obj, arrays, budget)
 
 
@@ -831,7 +615,7 @@ def load_legacy(path: str, encoding: str) -> Any:
         sys_info, _ = _unpickle(file, legacy=True)
         big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
         obj, storages = _unpickle(file, legacy=True, encoding=encoding)
-        _refuse_quantized(obj, path)
+        torch_tensors.refuse_quantized(obj, path)
         keys, _ = _unpickle(file, legacy=True)
         if not isinstance(keys, list):
             raise CheckpointError(f"{path}: malformed list of storage keys")
@@ -856,7 +640,7 @@ def load_legacy(path: str, encoding: str) -> Any:
             data = file.read(nbytes)
             if len(data) != nbytes:
                 raise CheckpointError(f"{path}: ends inside storage {key}; {COPY_AGAIN}")
-            arrays[key] = _storage_array(data, storage, big_endian)
+            arrays[key] = torch_tensors.storage_array(data, storage, big_endian)
         missing = sorted(set(storages) - set(arrays))
         if missing:
             raise CheckpointError(f"{path}: no data for storages {missing}")

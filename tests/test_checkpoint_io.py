@@ -30,7 +30,7 @@ from flax import traverse_util
 from jaxdissect import cli
 from jaxdissect.models import convert as convert_module
 from jaxdissect.models import load as model_load
-from jaxdissect.models import npz_file, torch_file, torch_import, weight_file
+from jaxdissect.models import npz_file, torch_file, torch_import, torch_tensors, weight_file
 from jaxdissect.models.checkpoint_io import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -505,10 +505,10 @@ def test_a_crafted_pickle_cannot_change_the_reader_for_later_loads(tmp_path):
     with zipfile.ZipFile(crafted, "w") as archive:
         archive.writestr("archive/data.pkl", payload)
         archive.writestr("archive/byteorder", "little")
-    defaults = torch_file._rebuild_tensor_v2.__defaults__
+    defaults = torch_tensors.rebuild_tensor_v2.__defaults__
     with pytest.raises(CheckpointError, match=r"crafted.pth: .*state of _rebuild_tensor_v2"):
         load_state_dict(crafted)
-    assert torch_file._rebuild_tensor_v2.__defaults__ == defaults
+    assert torch_tensors.rebuild_tensor_v2.__defaults__ == defaults
     good = _save({"w": torch.ones(2)}, tmp_path / "good.pth", True)
     np.testing.assert_array_equal(load_state_dict(good)["w"], [1, 1])
 

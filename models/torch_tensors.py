@@ -1,0 +1,237 @@
+"""The tensors of a torch pickle: stand-ins for the storage types and dtypes it names, the
+references its rebuild functions make (a storage, offset, size and stride), markers of
+quantised tensors, and each tensor cut out of its storage's elements once those are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxdissect.models.weight_file import Budget, CheckpointError, check_shape, widen_bfloat16
+
+# Storage type name (torch.<Name>Storage) -> numpy dtype of its elements as stored.
+# bfloat16 is read as raw uint16 and widened to float32 (numpy has no bfloat16).
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "Float": np.dtype(np.float32),
+    "Double": np.dtype(np.float64),
+    "Half": np.dtype(np.float16),
+    "BFloat16": np.dtype(np.uint16),
+    "Long": np.dtype(np.int64),
+    "Int": np.dtype(np.int32),
+    "Short": np.dtype(np.int16),
+    "Char": np.dtype(np.int8),
+    "Byte": np.dtype(np.uint8),
+    "Bool": np.dtype(np.bool_),
+    "ComplexFloat": np.dtype(np.complex64),
+    "ComplexDouble": np.dtype(np.complex128),
+}
+# Storages of quantised tensors: named so that the file can be refused with the tensors' names.
+QUANTIZED_STORAGES = ("QInt8", "QUInt8", "QInt32", "QUInt4x2", "QUInt2x4")
+QSCHEMES = (
+    "per_tensor_affine",
+    "per_channel_affine",
+    "per_channel_affine_float_qparams",
+    "per_tensor_symmetric",
+    "per_channel_symmetric",
+)
+QUANTIZED_ADVICE = (
+    "Quantised weights are not supported: save the float model's state dict (before "
+    "quantisation), or dequantise each tensor (t.dequantize()) before torch.save."
+)
+# torch dtypes that `rebuild_tensor_v3` names (it is used for dtypes without a typed storage).
+V3_DTYPES: dict[str, np.dtype] = {
+    "uint16": np.dtype(np.uint16),
+    "uint32": np.dtype(np.uint32),
+    "uint64": np.dtype(np.uint64),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageType:
+    """Stands in for a `torch.<Name>Storage` class named by a pickle."""
+
+    name: str
+
+    @property
+    def dtype(self) -> np.dtype:
+        return STORAGE_DTYPES[self.name]
+
+
+@dataclasses.dataclass(frozen=True)
+class DType:
+    """Stands in for a `torch.<dtype>` object named by a pickle (only for `rebuild_tensor_v3`)."""
+
+    dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """A storage named by a persistent id; its bytes are read once the pickle is done."""
+
+    key: str
+    kind: StorageType
+    numel: int
+    # Legacy storage views: element offset and length inside the root storage `key`.
+    view_offset: int = 0
+    view_numel: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """A tensor to cut out of a storage after the pickle is read (legacy storages come last)."""
+
+    storage: Storage
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: np.dtype | None = None  # rebuild_tensor_v3: elements reinterpret a byte storage
+
+
+def _as_int_tuple(values: Any, what: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"tensor {what} is not a tuple of ints: {values!r}") from err
+    if any(v < 0 for v in out):
+        raise CheckpointError(f"tensor {what} has a negative entry: {out}")
+    return out
+
+
+def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> TensorRef:
+    if not isinstance(storage, Storage):
+        raise CheckpointError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
+    if not isinstance(storage_offset, int) or storage_offset < 0:
+        raise CheckpointError(f"bad storage offset {storage_offset!r}")
+    size_t, stride_t = _as_int_tuple(size, "size"), _as_int_tuple(stride, "stride")
+    if len(size_t) != len(stride_t):
+        raise CheckpointError(f"tensor size {size_t} and stride {stride_t} differ in rank")
+    return TensorRef(storage, storage_offset, size_t, stride_t)
+
+
+def rebuild_tensor_v2(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> TensorRef:
+    # requires_grad, hooks and conj/neg metadata do not change the stored values.
+    del requires_grad, backward_hooks, metadata
+    return rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def rebuild_tensor_v3(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    backward_hooks: Any,
+    dtype: Any,
+    metadata: Any = None,
+) -> TensorRef:
+    del requires_grad, backward_hooks, metadata
+    if not isinstance(dtype, DType):
+        raise CheckpointError(f"rebuild_tensor_v3 with dtype {dtype!r}")
+    ref = rebuild_tensor(storage, storage_offset, size, stride)
+    return dataclasses.replace(ref, dtype=dtype.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Marker:
+    """Stands in for a torch object the pickle names only to describe a quantised tensor."""
+
+    name: str
+
+
+def rebuild_qtensor(*args: Any) -> Marker:
+    # Nothing is rebuilt: the file is refused, naming the tensors, once the pickle is read.
+    del args
+    return Marker("quantised tensor")
+
+
+def _quantized_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Key paths of the quantised tensors in nested containers."""
+    if isinstance(obj, Marker):
+        return [prefix or "<top>"]
+    if isinstance(obj, Mapping):
+        items = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    else:
+        return []
+    return [
+        k for key, v in items for k in _quantized_keys(v, f"{prefix}{'.' if prefix else ''}{key}")
+    ]
+
+
+def refuse_quantized(obj: Any, path: str) -> None:
+    keys = _quantized_keys(obj)
+    if keys:
+        shown = ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+        raise CheckpointError(f"{path}: quantised tensor(s) {shown}. {QUANTIZED_ADVICE}")
+
+
+def check_storage_bytes(nbytes: int, storage: Storage) -> None:
+    """Refuse `nbytes` of data for `storage` unless they are its elements' bytes."""
+    itemsize = storage.kind.dtype.itemsize
+    if nbytes != storage.numel * itemsize:
+        raise CheckpointError(
+            f"storage {storage.key}: {nbytes} bytes for {storage.numel} elements "
+            f"of {itemsize} bytes"
+        )
+
+
+def storage_array(data: bytes, storage: Storage, big_endian: bool) -> np.ndarray:
+    dtype = storage.kind.dtype
+    check_storage_bytes(len(data), storage)
+    array = np.frombuffer(data, dtype.newbyteorder(">" if big_endian else "<"))
+    return array.astype(dtype, copy=False)
+
+
+def cut(ref: TensorRef, flat: np.ndarray, budget: Budget) -> np.ndarray:
+    """The tensor `ref` describes, as a C-contiguous copy out of its storage's elements."""
+    storage = ref.storage
+    if storage.view_numel is not None:
+        flat = flat[storage.view_offset : storage.view_offset + storage.view_numel]
+    bf16 = storage.kind.name == "BFloat16"
+    if ref.dtype is not None:
+        # v3 tensors index elements of `ref.dtype` in a byte storage.
+        usable = len(flat) - len(flat) % ref.dtype.itemsize
+        flat = flat[:usable].view(ref.dtype)
+    # Zero strides repeat elements, so the bytes made are counted, not the storage's. A
+    # tensor without elements counts as if its zero dims were 1: numpy refuses a shape
+    # whose other dims overflow.
+    itemsize = 4 if bf16 else flat.dtype.itemsize
+    check_shape(ref.size, itemsize, f"a tensor of storage {storage.key}")
+    what = f"tensor of size {ref.size}, stride {ref.stride}"
+    budget.take(math.prod(max(n, 1) for n in ref.size) * itemsize, what)
+    # The stride of a dim of size 1 steps nowhere: zeroed, a crafted one cannot overflow.
+    stride = tuple(0 if n == 1 else s for n, s in zip(ref.size, ref.stride, strict=True))
+    if any(s == 0 for s in ref.size):
+        out = np.zeros(ref.size, flat.dtype)
+    else:
+        last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, stride, strict=True))
+        # Checked here because as_strided would read past the buffer without complaint.
+        if last >= len(flat):
+            raise CheckpointError(
+                f"tensor of size {ref.size}, stride {ref.stride}, offset {ref.offset} "
+                f"reads past its storage {storage.key} of {len(flat)} elements"
+            )
+        view = np.lib.stride_tricks.as_strided(
+            flat[ref.offset :],
+            shape=ref.size,
+            strides=tuple(s * flat.dtype.itemsize for s in stride),
+            writeable=False,
+        )
+        out = np.array(view, copy=True, order="C")
+    if bf16:
+        out = widen_bfloat16(out)
+    return out
