@@ -295,13 +295,10 @@ def _open_clip_names(state: dict) -> dict:
     return out
 
 
-def _hf_clip_names(state: dict) -> dict:
-    """A timm-layout CLIP image tower's state dict in Hugging Face's `CLIPModel` names
-    (`vision_model.`, separate q, k and v projections, the head as the bias-free
-    `visual_projection`, the `position_ids` buffer), beside text-tower keys."""
-    out = {"text_model.embeddings.token_embedding.weight": np.ones((9, 4), np.float32)}
-    out["logit_scale"] = np.ones((), np.float32)
-    out["vision_model.embeddings.position_ids"] = np.arange(5)[None]
+def _hf_vision_names(state: dict) -> dict:
+    """A timm ViT's tower in Hugging Face's CLIP and SigLIP `vision_model.` names (separate
+    q, k and v projections); its classifier and attention pooling are the caller's."""
+    out = {}
     for key, value, block in _timm_parts(state):
         layer = f"vision_model.encoder.layers.{block[1]}" if block else ""
         if block and block[2] == "attn.qkv":
@@ -316,25 +313,36 @@ def _hf_clip_names(state: dict) -> dict:
                 "mlp.fc2": "mlp.fc2",
             }[block[2]]
             out[f"{layer}.{part}.{block[3]}"] = value
-        elif key == "head.weight":
-            out["visual_projection.weight"] = value
         elif key == "cls_token":
             out["vision_model.embeddings.class_embedding"] = value[0, 0]
         elif key == "pos_embed":
             out["vision_model.embeddings.position_embedding.weight"] = value[0]
-        elif key == "patch_embed.proj.weight":
-            out["vision_model.embeddings.patch_embedding.weight"] = value
-        elif key != "head.bias":  # zero: CLIP's projection has none
-            stem, leaf = key.split(".")
-            name = {"norm_pre": "pre_layrnorm", "norm": "post_layernorm"}[stem]
+        elif key.startswith(("patch_embed.proj.", "norm_pre.", "norm.")):
+            stem, leaf = key.rsplit(".", 1)
+            name = {
+                "patch_embed.proj": "embeddings.patch_embedding",
+                "norm_pre": "pre_layrnorm",  # transformers' spelling
+                "norm": "post_layernorm",
+            }[stem]
             out[f"vision_model.{name}.{leaf}"] = value
     return out
 
 
+def _hf_clip_names(state: dict) -> dict:
+    """A timm-layout CLIP image tower's state dict in Hugging Face's `CLIPModel` names
+    (`vision_model.`, the head as the bias-free `visual_projection`, the `position_ids`
+    buffer), beside text-tower keys."""
+    out = {"text_model.embeddings.token_embedding.weight": np.ones((9, 4), np.float32)}
+    out["logit_scale"] = np.ones((), np.float32)
+    out["vision_model.embeddings.position_ids"] = np.arange(5)[None]
+    out["visual_projection.weight"] = state["head.weight"].numpy()  # its bias is zero
+    return {**out, **_hf_vision_names(state)}
+
+
 def _hf_siglip_names(state: dict) -> dict:
     """A timm ViT with attention pooling (`attn_pool`, no class token) in Hugging Face's
-    `SiglipModel` names (`vision_model.`, separate q, k and v, the pooling `head` with its
-    `probe` and fused `in_proj`), beside text-tower keys; the classifier left out."""
+    `SiglipModel` names (`vision_model.`, the pooling `head` with its `probe` and fused
+    `in_proj`), beside text-tower keys; the classifier left out."""
     out = {"text_model.embeddings.token_embedding.weight": np.ones((9, 4), np.float32)}
     out["logit_scale"] = out["logit_bias"] = np.ones(1, np.float32)
     pool = {k.removeprefix("attn_pool."): v.numpy() for k, v in state.items() if "attn_pool" in k}
@@ -346,27 +354,7 @@ def _hf_siglip_names(state: dict) -> dict:
     for key, value in pool.items():
         stem, leaf = key.rsplit(".", 1)
         out[f"vision_model.head.{names.get(stem, stem)}.{leaf}"] = value
-    for key, value, block in _timm_parts(state):
-        layer = f"vision_model.encoder.layers.{block[1]}" if block else ""
-        if block and block[2] == "attn.qkv":
-            for name, part in zip("qkv", np.split(value, 3), strict=True):
-                out[f"{layer}.self_attn.{name}_proj.{block[3]}"] = part
-        elif block:
-            part = {
-                "norm1": "layer_norm1",
-                "attn.proj": "self_attn.out_proj",
-                "norm2": "layer_norm2",
-                "mlp.fc1": "mlp.fc1",
-                "mlp.fc2": "mlp.fc2",
-            }[block[2]]
-            out[f"{layer}.{part}.{block[3]}"] = value
-        elif key == "pos_embed":
-            out["vision_model.embeddings.position_embedding.weight"] = value[0]
-        elif key.startswith(("patch_embed.proj.", "norm.")):
-            stem, leaf = key.rsplit(".", 1)
-            name = {"patch_embed.proj": "embeddings.patch_embedding", "norm": "post_layernorm"}
-            out[f"vision_model.{name[stem]}.{leaf}"] = value
-    return out
+    return {**out, **_hf_vision_names(state)}
 
 
 def test_siglip_attention_pooling_from_timms_and_hugging_faces_names(tmp_path, caplog):
