@@ -70,11 +70,12 @@ def resample_timm(pos: np.ndarray, side: int) -> np.ndarray:
     """`pos` [1, M*M, D] resampled to [1, side*side, D] as timm resamples a checkpoint's
     embedding to a model of another grid at load (`resample_abs_pos_embed`: antialiased
     bicubic to the size)."""
-    m = _side(pos)
-    return _separable(pos, antialiased_bicubic_matrix(m, side), m, side)
+    return _separable(pos, antialiased_bicubic_matrix(_side(pos), side))
 
 
-def _separable(pos: np.ndarray, weights: np.ndarray, m: int, side: int) -> np.ndarray:
+def _separable(pos: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """`pos`'s square grid resampled by `weights` [side, M] along rows, then columns."""
+    side, m = weights.shape
     grid = pos[0].reshape(m, m, -1).astype(np.float64)
     out = np.einsum("ij,jkd,lk->ild", weights, grid, weights)
     return out.reshape(1, side * side, -1).astype(pos.dtype)
@@ -83,12 +84,10 @@ def _separable(pos: np.ndarray, weights: np.ndarray, m: int, side: int) -> np.nd
 def resample_dinov2(pos: np.ndarray, side: int, *, registers: bool) -> np.ndarray:
     """`pos` [1, M*M, D] (a square grid of patches, no class row) resampled to [1, side*side,
     D] as DINOv2 interpolates it for a side x side grid: with antialiasing to the size where
-    the backbone has `registers`, else with the scale factor (side + 0.1) / M."""
+    the backbone has `registers` (timm's rule), else with the scale factor (side + 0.1) / M."""
     m = _side(pos)
     if side == m:  # DINOv2 uses its embedding as it is at its own grid
         return pos
     if registers:
-        weights = antialiased_bicubic_matrix(m, side)
-    else:
-        weights = bicubic_matrix(m, side, scale=(side + 0.1) / m)
-    return _separable(pos, weights, m, side)
+        return resample_timm(pos, side)
+    return _separable(pos, bicubic_matrix(m, side, scale=(side + 0.1) / m))
