@@ -3,8 +3,10 @@
 DINOv2 trains at 518 px (a 37 x 37 grid of 14 px patches) and interpolates its position
 embedding to the grid of each input as it runs, with `torch.nn.functional.interpolate(...,
 mode="bicubic")`: its first backbones with a scale factor of (side + 0.1) / 37 and no
-antialiasing, its backbones with registers to the grid's size with antialiasing. The grid
-of a dissection is fixed, so the embedding is resampled once, by the same arithmetic:
+antialiasing, its backbones with registers to the grid's size with antialiasing;
+transformers' `Dinov2Model` to the size without antialiasing, its `Dinov2WithRegistersModel`
+as DINOv2 does. The grid of a dissection is fixed, so the embedding is resampled once, by
+the same arithmetic:
 
 * `bicubic_matrix`: torch's `upsample_bicubic2d` (align_corners=False): the source of output
   pixel i is (i + 1/2) / scale - 1/2, four taps of Keys' cubic with a = -0.75, indices
@@ -79,6 +81,15 @@ def _separable(pos: np.ndarray, weights: np.ndarray) -> np.ndarray:
     grid = pos[0].reshape(m, m, -1).astype(np.float64)
     out = np.einsum("ij,jkd,lk->ild", weights, grid, weights)
     return out.reshape(1, side * side, -1).astype(pos.dtype)
+
+
+def resample_transformers_dinov2(pos: np.ndarray, side: int) -> np.ndarray:
+    """`pos` [1, M*M, D] resampled to [1, side*side, D] as Hugging Face transformers'
+    `Dinov2Model` interpolates it today (`Dinov2Embeddings.interpolate_pos_encoding`:
+    bicubic to the size, no antialiasing; its earlier releases used DINOv2's own rule,
+    `resample_dinov2`)."""
+    m = _side(pos)
+    return pos if side == m else _separable(pos, bicubic_matrix(m, side))
 
 
 def resample_dinov2(pos: np.ndarray, side: int, *, registers: bool) -> np.ndarray:

@@ -278,7 +278,10 @@ def check_fit(
 
 
 # Hugging Face transformers' ViT (`ViTModel`, and `ViTForImageClassification` under `vit.`)
-# -> timm's names, per block `encoder.layer.{i}.` -> `blocks.{i}.`.
+# and DINOv2 (`Dinov2Model`, `Dinov2WithRegistersModel`; their classifiers' backbones under
+# `dinov2.`, `dinov2_with_registers.`) -> timm's names, per block `encoder.layer.{i}.` ->
+# `blocks.{i}.`.
+_HF_VIT_PREFIXES = ("vit.", "dinov2.", "dinov2_with_registers.")
 _HF_VIT_NAMES = {
     "embeddings.cls_token": "cls_token",
     "embeddings.position_embeddings": "pos_embed",
@@ -292,9 +295,22 @@ _HF_VIT_BLOCK_NAMES = {
     "layernorm_after": "norm2",
     "intermediate.dense": "mlp.fc1",
     "output.dense": "mlp.fc2",
+    # DINOv2's (its LayerScale's `lambda1` is timm's `gamma`)
+    "norm1": "norm1",
+    "layer_scale1": "ls1",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "layer_scale2": "ls2",
 }
 _HF_VIT_BLOCKS = r"encoder\.layer\.(\d+)\.(.+)"
-HF_VIT_MARK = "embeddings.patch_embeddings.projection.weight"
+HF_VIT_MARK = "embeddings.patch_embeddings.projection.weight"  # ViT's and DINOv2's
+_HF_DINOV2_MARK = re.compile(r"(.+\.)?encoder\.layer\.\d+\.layer_scale1\.lambda1")
+
+
+def is_hf_dinov2(state_dict: Mapping[str, Any]) -> bool:
+    """Whether a Hugging Face ViT state dict is a DINOv2's (told by its LayerScale)."""
+    return any(_HF_DINOV2_MARK.fullmatch(k) for k in state_dict)
 
 
 def _timm_name(
@@ -312,14 +328,21 @@ def _timm_name(
 
 
 def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """A Hugging Face `ViTModel` / `ViTForImageClassification` state dict in timm's names: a
-    block's separate query, key and value stacked into timm's fused `qkv` (in that order);
-    `ViTModel`'s pooler (a tanh Dense on the class token) as big_vision's `pre_logits`.
-    Keys with no rule here keep their names, so that loading lists them."""
+    """A Hugging Face `ViTModel` / `ViTForImageClassification` or `Dinov2Model` /
+    `Dinov2WithRegistersModel` state dict in timm's names: a block's separate query, key and
+    value stacked into timm's fused `qkv` (in that order); `ViTModel`'s pooler (a tanh Dense
+    on the class token) as big_vision's `pre_logits`; DINOv2's `mask_token` and
+    `register_tokens` as in DINOv2's own files. A `Dinov2ForImageClassification`'s
+    classifier (over the class token beside the patch tokens' mean: no pool type here) is
+    left out with a warning. Keys with no rule here keep their names, so that loading lists
+    them."""
+    from absl import logging
+
+    dinov2 = is_hf_dinov2(state_dict)
     out: dict[str, np.ndarray] = {}
     qkv: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
-        name = key.removeprefix("vit.")  # ViTForImageClassification's ViTModel
+        name = next((key.removeprefix(p) for p in _HF_VIT_PREFIXES if key.startswith(p)), key)
         stem, _, leaf = name.rpartition(".")
         block = re.fullmatch(_HF_VIT_BLOCKS, stem)
         if block and (part := re.fullmatch(r"attention\.attention\.(query|key|value)", block[2])):
@@ -329,7 +352,20 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
             array = np.asarray(value)
             out[f"pre_logits/{'kernel' if leaf == 'weight' else leaf}"] = array.T
             continue
+        if dinov2 and stem == "classifier":
+            logging.warning(
+                "%s left out: Dinov2ForImageClassification's classifier reads the class "
+                "token beside the patch tokens' mean, which no pool_type here computes; the "
+                "backbone loads with --num_classes=0",
+                key,
+            )
+            continue
+        if dinov2 and name in ("embeddings.mask_token", "embeddings.register_tokens"):
+            out[name.removeprefix("embeddings.")] = np.asarray(value)
+            continue
         timm = _timm_name(name, _HF_VIT_BLOCKS, _HF_VIT_BLOCK_NAMES, _HF_VIT_NAMES)
+        if timm and leaf == "lambda1":
+            timm = f"{timm.removesuffix('.lambda1')}.gamma"
         out[timm or _HF_VIT_NAMES.get(name, name)] = np.asarray(value)
     return {**out, **_stacked_qkv(qkv)}
 
@@ -514,9 +550,11 @@ DINOV2_MARK = "mask_token"
 
 def vit_state_dict_as_timm(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """(the layout's name, the state dict in timm's names) of a ViT state dict in timm's
-    (and DINOv2's), torchvision's, Hugging Face's (ViT, CLIP) or open_clip's names."""
+    (and DINOv2's), torchvision's, Hugging Face's (ViT, DINOv2, CLIP, SigLIP) or open_clip's
+    names."""
     if any(k.endswith(HF_VIT_MARK) for k in state_dict):
-        return "Hugging Face", hf_vit_to_timm(state_dict)
+        source = "Hugging Face DINOv2" if is_hf_dinov2(state_dict) else "Hugging Face"
+        return source, hf_vit_to_timm(state_dict)
     if OPEN_CLIP_MARK in state_dict:
         return "open_clip", open_clip_vit_to_timm(state_dict)
     if HF_VISION_MARK in state_dict:

@@ -273,9 +273,10 @@ class ViT(nn.Module):
         self, state_dict: Mapping[str, Any], variables: Mapping[str, Any]
     ) -> dict[str, Any]:
         """`variables` filled from a ViT state dict in timm's, torchvision's, Hugging Face's
-        (ViT, CLIP), open_clip's or DINOv2's names (`torch_import.vit_state_dict_as_timm`);
-        a warning where the options differ from what that source's ViTs use, and a position
-        embedding of another grid resampled (`_fit_position_grid`)."""
+        (ViT, DINOv2, CLIP, SigLIP), open_clip's or DINOv2's names
+        (`torch_import.vit_state_dict_as_timm`); a warning where the options differ from what
+        that source's ViTs use, and a position embedding of another grid resampled
+        (`_fit_position_grid`)."""
         from jaxdissect.models import npz_import, torch_import
 
         dinov2 = torch_import.DINOV2_MARK in state_dict
@@ -285,7 +286,8 @@ class ViT(nn.Module):
         patches = None if pos is None else int(pos.shape[1])
         flat = torch_import.timm_vit_to_big_vision(state_dict, self.num_heads, patches)
         if patches is not None:
-            flat = _fit_position_grid(flat, patches, dinov2=dinov2)
+            rule = "DINOv2" if dinov2 else source if "DINOv2" in source else "timm"
+            flat = _fit_position_grid(flat, patches, rule)
         return npz_import.fit_big_vision(flat, variables)
 
     @nn.nowrap
@@ -393,10 +395,11 @@ class ViT(nn.Module):
         return x
 
 
-def _fit_position_grid(flat: dict[str, Any], patches: int, *, dinov2: bool) -> dict[str, Any]:
+def _fit_position_grid(flat: dict[str, Any], patches: int, rule: str) -> dict[str, Any]:
     """`flat` with its `pos_embedding` of another square grid resampled to the model's
-    `patches` (a square count), as DINOv2 does for its checkpoints (`dinov2`) and timm for
-    the others (`position_embedding`); logged, naming the checkpoint's own grid."""
+    `patches` (a square count) as `rule` does at each forward or at load: `DINOv2` (its own
+    checkpoints), `Hugging Face DINOv2` (transformers' Dinov2 models) or `timm` (the others;
+    `position_embedding`); logged, naming the checkpoint's own grid."""
     from absl import logging
 
     from jaxdissect.models import position_embedding
@@ -407,9 +410,12 @@ def _fit_position_grid(flat: dict[str, Any], patches: int, *, dinov2: bool) -> d
     side, own = math.isqrt(patches), math.isqrt(pos.shape[1])
     if side * side != patches or own * own != pos.shape[1]:
         return flat  # not square grids: the fit names the shapes
-    if dinov2:
-        resampled = position_embedding.resample_dinov2(pos, side, registers="reg" in flat)
-    else:
+    registers = "reg" in flat
+    if rule == "DINOv2":
+        resampled = position_embedding.resample_dinov2(pos, side, registers=registers)
+    elif rule == "Hugging Face DINOv2" and not registers:
+        resampled = position_embedding.resample_transformers_dinov2(pos, side)
+    else:  # timm's, and transformers' Dinov2WithRegisters (the same antialiased resize)
         resampled = position_embedding.resample_timm(pos, side)
     logging.info(
         "position embedding resampled from the checkpoint's %dx%d patches to the model's "
@@ -418,7 +424,7 @@ def _fit_position_grid(flat: dict[str, Any], patches: int, *, dinov2: bool) -> d
         own,
         side,
         side,
-        "DINOv2" if dinov2 else "timm",
+        "transformers" if rule.startswith("Hugging Face") else rule,
     )
     return {**flat, "pos_embedding": resampled}
 

@@ -15,6 +15,7 @@ from jaxdissect.models import (
     convert,
     npz_file,
     npz_import,
+    position_embedding,
     torch_import,
     vit,
     vit_nnx,
@@ -550,6 +551,128 @@ def test_dinov2_backbone_parity_at_another_grid(tmp_path, interpolation, registe
                 weights=str(tmp_path / "dinov2.pth"),
                 options={**options, "num_registers": 0},
             )
+
+
+def _hf_dinov2_names(state: dict, prefix: str = "") -> dict:
+    """A DINOv2 backbone's state dict (timm's layout) in Hugging Face's `Dinov2Model` names
+    (`Dinov2WithRegistersModel`'s with registers), each key after `prefix` (`dinov2.` in a
+    `Dinov2ForImageClassification`)."""
+    names = {
+        "cls_token": "embeddings.cls_token",
+        "pos_embed": "embeddings.position_embeddings",
+        "mask_token": "embeddings.mask_token",
+        "register_tokens": "embeddings.register_tokens",
+        "patch_embed.proj": "embeddings.patch_embeddings.projection",
+        "norm": "layernorm",
+    }
+    parts = {
+        "norm1": "norm1",
+        "attn.proj": "attention.output.dense",
+        "ls1": "layer_scale1",
+        "norm2": "norm2",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+        "ls2": "layer_scale2",
+    }
+    out = {}
+    for key, value in state.items():
+        value, (stem, _, leaf) = value.numpy(), key.rpartition(".")
+        block = re.fullmatch(r"blocks\.(\d+)\.(.+)", stem)
+        if key in names:
+            out[names[key]] = value
+        elif block and block[2] == "attn.qkv":
+            layer = f"encoder.layer.{block[1]}.attention.attention"
+            for name, part in zip(("query", "key", "value"), np.split(value, 3), strict=True):
+                out[f"{layer}.{name}.{leaf}"] = part
+        elif block:
+            leaf = "lambda1" if leaf == "gamma" else leaf
+            out[f"encoder.layer.{block[1]}.{parts[block[2]]}.{leaf}"] = value
+        else:
+            out[f"{names[stem]}.{leaf}"] = value
+    return {prefix + k: v for k, v in out.items()}
+
+
+@pytest.mark.parametrize(("registers", "size"), [(0, 42), (0, 98), (4, 42)])
+def test_hugging_face_dinov2_parity_at_another_grid(tmp_path, caplog, registers, size):
+    """Hugging Face's `Dinov2Model` (`Dinov2WithRegistersModel` with registers) in its own
+    names (`embeddings.`, separate query, key and value, `layer_scale1.lambda1`), trained on
+    a 5x5 grid and run on another: its position embedding resampled as transformers
+    interpolates it today (bicubic to the size without antialiasing; with registers
+    antialiased, as DINOv2 does), in the NNX twin too. A `Dinov2ForImageClassification`'s
+    backbone (under `dinov2.`) loads, its classifier over [class token, patch mean] left out
+    with a warning."""
+    import safetensors.numpy
+
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(
+            img_size=70,
+            patch_size=14,
+            depth=2,
+            layer_scale=True,
+            dinov2="antialias" if registers else "size",
+            registers=registers,
+        )
+    )
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}
+    safetensors.numpy.save_file(_hf_dinov2_names(state), str(tmp_path / "model.safetensors"))
+    classifier = {
+        **_hf_dinov2_names(state, "dinov2."),
+        "classifier.weight": np.ones((5, 2 * 192), np.float32),
+        "classifier.bias": np.zeros(5, np.float32),
+    }
+    safetensors.numpy.save_file(classifier, str(tmp_path / "classifier.safetensors"))
+    options = {
+        "depth": 2,
+        "image_size": size,
+        "patch_size": 14,
+        "num_classes": 0,
+        "pool_type": "tok",
+        "gelu_approximate": False,
+        "layer_scale": True,
+        "num_registers": registers,
+    }
+    with caplog.at_level("INFO"):
+        loaded = model_load.load(
+            "vit_ti16", weights=str(tmp_path / "model.safetensors"), options=options
+        )
+    assert "resampled from the checkpoint's 5x5 patches" in caplog.text
+    assert "as transformers does" in caplog.text
+    layers = {"block0": "blocks.0", "block1": "blocks.1", "encoder_norm": "norm"}
+    reference.head = torch.nn.Identity()
+    _check_parity(loaded.module, loaded.variables, reference, size, layers, 1 + registers, patch=14)
+    _assert_nnx_twin_equal(loaded, size)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        backbone = model_load.load(
+            "vit_ti16", weights=str(tmp_path / "classifier.safetensors"), options=options
+        )
+    assert "classifier.weight left out: Dinov2ForImageClassification's classifier" in caplog.text
+    jax.tree.map(np.testing.assert_array_equal, backbone.variables, loaded.variables)
+
+
+@pytest.mark.parametrize(("m", "side"), [(5, 3), (5, 7), (37, 16), (37, 14), (16, 37)])
+def test_position_resampling_is_torchs_interpolate(m, side):
+    """The three resampling rules, in float64, are torch's `interpolate` to rounding: DINOv2's
+    offset scale factor, transformers' resize without antialiasing, timm's (and DINOv2 with
+    registers') antialiased resize."""
+    import torch.nn.functional as F
+
+    pos = np.random.default_rng(m * side).standard_normal((1, m * m, 6))
+    grid = torch.from_numpy(pos).reshape(1, m, m, 6).permute(0, 3, 1, 2)
+    scale = (side + 0.1) / m
+    rules = {
+        "offset": (
+            position_embedding.resample_dinov2(pos, side, registers=False),
+            dict(scale_factor=(scale, scale)),
+        ),
+        "size": (position_embedding.resample_transformers_dinov2(pos, side), dict()),
+        "antialias": (position_embedding.resample_timm(pos, side), dict(antialias=True)),
+    }
+    for rule, (got, kw) in rules.items():
+        size = None if "scale_factor" in kw else (side, side)
+        want = F.interpolate(grid, size=size, mode="bicubic", align_corners=False, **kw)
+        want = want.permute(0, 2, 3, 1).reshape(1, side * side, 6).numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=rule)
 
 
 def test_a_timm_checkpoint_of_another_grid_is_resampled_as_timm_does(tmp_path, caplog):

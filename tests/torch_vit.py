@@ -9,8 +9,8 @@ timm's `pre_norm=True` (`norm_pre`, no patch-embedding bias) with `act="quick_ge
 OpenAI's weights; `layer_scale` is timm's LayerScale (`ls1.gamma`, `ls2.gamma`).
 `dinov2` is DINOv2's backbone (its `mask_token`, `registers` as `register_tokens` after the
 class token, and its position embedding interpolated to each input's grid as it runs:
-"offset", its first backbones' scale factor (side + 0.1) / M, or "antialias", its
-backbones with registers).
+"offset", its first backbones' scale factor (side + 0.1) / M, "antialias", its
+backbones with registers, or "size", Hugging Face transformers' `Dinov2Model` today).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class VisionTransformer(nn.Module):
         eps: float = 1e-6,  # timm's; Hugging Face's ViTs: 1e-12
         pre_norm: bool = False,
         layer_scale: bool = False,
-        dinov2: str | None = None,  # "offset" or "antialias"
+        dinov2: str | None = None,  # "offset", "antialias" or "size"
         registers: int = 0,
         map_head: bool = False,  # timm's attn_pool (SigLIP): pooling by attention
     ):
@@ -167,7 +167,7 @@ class VisionTransformer(nn.Module):
             scale = (side + 0.1) / m
             kw = dict(scale_factor=(scale, scale), antialias=False)
         else:
-            kw = dict(size=(side, side), antialias=True)
+            kw = dict(size=(side, side), antialias=self.dinov2 == "antialias")
         grid = F.interpolate(grid, mode="bicubic", **kw).permute(0, 2, 3, 1)
         return torch.cat([pos[:, :1], grid.reshape(1, side * side, -1)], dim=1)
 
