@@ -79,7 +79,7 @@ def big_vision_params(
 
 
 def _advice(flat: Mapping[str, Any], params: Mapping[str, Any]) -> str:
-    model = {"/".join(p) for p in traverse_util.flatten_dict(dict(params))}
+    model = {"/".join(p): v.shape for p, v in traverse_util.flatten_dict(dict(params)).items()}
     hints = ["Check --model and its --model_option settings (variant, num_classes, image_size)."]
     registers = flat.get("reg")
     if registers is not None and "reg" not in model:
@@ -88,13 +88,23 @@ def _advice(flat: Mapping[str, Any], params: Mapping[str, Any]) -> str:
     if "reg" in model and registers is None:
         hints.append("The checkpoint has no register tokens: --model_option num_registers=0.")
     if "cls" in flat and "cls" not in model:
-        hints.append("The checkpoint has a class token: --model_option pool_type=tok.")
+        hints.append(
+            "The checkpoint has a class token: --model_option pool_type=tok, or "
+            "class_token=true beside another pool_type."
+        )
     if "cls" in model and "cls" not in flat:
         hints.append("The checkpoint has no class token: --model_option pool_type=gap.")
     if any(k.startswith("pre_logits/") for k in flat) and not any(
         k.startswith("pre_logits/") for k in model
     ):
         hints.append("The checkpoint has a pre_logits layer: --model_option rep_size=<its width>.")
+    head, ours = np.shape(flat.get("head/kernel")), model.get("head/kernel", ())
+    if len(head) == len(ours) == 2 and head[0] == 2 * ours[0] and "pre_logits" not in params:
+        hints.append(
+            "The checkpoint's head reads twice the width (the class token beside the "
+            "patch tokens' mean: DINOv2's linear classifiers): --model_option "
+            "pool_type=tok+gap."
+        )
     if "head/kernel" in model and "head/kernel" not in flat:
         hints.append("The checkpoint has no head: --model_option num_classes=0.")
     if "pos_embedding" in model and "pos_embedding" not in flat:
@@ -107,6 +117,7 @@ def _advice(flat: Mapping[str, Any], params: Mapping[str, Any]) -> str:
         ("embedding/bias", "patch_bias", "bias in its patch embedding"),
         ("norm_pre/scale", "pre_norm", "LayerNorm before the first block (norm_pre)"),
         ("Transformer/encoderblock_0/ls1", "layer_scale", "LayerScale in its blocks"),
+        ("fc_norm/scale", "fc_norm", "LayerNorm after pooling (fc_norm)"),
     ):
         if (key in flat) != (key in model):
             has = key in flat

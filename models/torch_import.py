@@ -169,7 +169,7 @@ def torch_to_flax(
         used for the expected paths, shapes and dtypes.
       rename: optional hook applied to each torch key first; return None to
         skip a key on purpose (e.g. an auxiliary head the Flax model lacks).
-      advice: what to check when keys do not match (ends the message).
+      advice: what to check when keys or shapes do not match (ends the message).
 
     Raises:
       WeightMappingError: in one line, naming the unmatched keys on both sides, or the
@@ -225,7 +225,7 @@ def check_fit(
       variables: the model's variables, for the expected paths, shapes and dtypes.
       source_keys: the checkpoint's own name of each mapped path (for messages).
       unmatched: checkpoint keys that map to no model variable.
-      advice: what to check when keys do not match (ends the message).
+      advice: what to check when keys or shapes do not match (ends the message).
       name: a model variable's name in messages (default: its path, `/`-joined).
 
     Raises:
@@ -274,7 +274,10 @@ def check_fit(
     ]
     if shape_errors:
         more = f"; ... ({len(shape_errors)} in all)" if len(shape_errors) > 3 else ""
-        raise WeightMappingError(f"shape mismatch: {'; '.join(shape_errors[:3])}{more}")
+        raise WeightMappingError(
+            f"shape mismatch: {'; '.join(shape_errors[:3])}{more}"
+            + (f"; {advice}" if advice else "")
+        )
 
 
 # Hugging Face transformers' ViT (`ViTModel`, and `ViTForImageClassification` under `vit.`)
@@ -332,12 +335,10 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     `Dinov2WithRegistersModel` state dict in timm's names: a block's separate query, key and
     value stacked into timm's fused `qkv` (in that order); `ViTModel`'s pooler (a tanh Dense
     on the class token) as big_vision's `pre_logits`; DINOv2's `mask_token` and
-    `register_tokens` as in DINOv2's own files. A `Dinov2ForImageClassification`'s
-    classifier (over the class token beside the patch tokens' mean: no pool type here) is
-    left out with a warning. Keys with no rule here keep their names, so that loading lists
+    `register_tokens` as in DINOv2's own files; the classifier as the head (a
+    `Dinov2ForImageClassification`'s reads the class token beside the patch tokens' mean:
+    `pool_type="tok+gap"`). Keys with no rule here keep their names, so that loading lists
     them."""
-    from absl import logging
-
     dinov2 = is_hf_dinov2(state_dict)
     out: dict[str, np.ndarray] = {}
     qkv: dict[str, dict[str, np.ndarray]] = {}
@@ -351,14 +352,6 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if stem == "pooler.dense":  # big_vision's name (timm has no such layer)
             array = np.asarray(value)
             out[f"pre_logits/{'kernel' if leaf == 'weight' else leaf}"] = array.T
-            continue
-        if dinov2 and stem == "classifier":
-            logging.warning(
-                "%s left out: Dinov2ForImageClassification's classifier reads the class "
-                "token beside the patch tokens' mean, which no pool_type here computes; the "
-                "backbone loads with --num_classes=0",
-                key,
-            )
             continue
         if dinov2 and name in ("embeddings.mask_token", "embeddings.register_tokens"):
             out[name.removeprefix("embeddings.")] = np.asarray(value)
@@ -577,8 +570,9 @@ def timm_vit_to_big_vision(
     DINOv2 with registers), told by the model's `patches` where given, else by a square
     count; `norm_pre` (CLIP's) and each block's LayerScale `ls1`/`ls2` keep their names under
     big_vision's modules; register tokens (timm's `reg_token`, DINOv2's `register_tokens`)
-    are `reg`, and DINOv2's `mask_token` is left out. Keys with no rule here (`fc_norm`, ...)
-    are kept under their timm names, so that loading lists them as unexpected.
+    are `reg`, DINOv2's `mask_token` is left out, and timm's `fc_norm` (a norm after pooling)
+    is `fc_norm`. Keys with no rule here are kept under their timm names, so that loading
+    lists them as unexpected.
     """
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     out: dict[str, np.ndarray] = {}
@@ -681,6 +675,8 @@ def timm_vit_to_big_vision(
         dense("attn_pool.mlp.fc2", f"{head}/MlpBlock_0/Dense_1")
     if "norm.weight" in sd:
         norm("norm", "Transformer/encoder_norm")
+    if "fc_norm.weight" in sd:  # timm's norm after pooling (MAE's fine-tuned ViTs)
+        norm("fc_norm", "fc_norm")
     if "head.weight" in sd:
         dense("head", "head")
     out.update(sd)  # no rule: reported by name when the parameters are fitted

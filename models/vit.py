@@ -45,7 +45,7 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "S": (384, 12, 1536, 6),
     "B": (768, 12, 3072, 12),
 }
-POOL_TYPES = ("gap", "tok", "map")
+POOL_TYPES = ("gap", "tok", "map", "tok+gap")
 POSEMB_TYPES = ("learn", "sincos2d")
 
 
@@ -135,7 +135,8 @@ class Encoder1DBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """`depth` blocks (`encoderblock_{i}`) and the final `encoder_norm`."""
+    """`depth` blocks (`encoderblock_{i}`) and the final `encoder_norm` (where
+    `final_norm`)."""
 
     depth: int
     mlp_dim: int
@@ -144,6 +145,7 @@ class Encoder(nn.Module):
     layer_norm_epsilon: float = 1e-6
     quick_gelu: bool = False
     layer_scale: bool = False
+    final_norm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -157,6 +159,8 @@ class Encoder(nn.Module):
                 self.layer_scale,
                 name=f"encoderblock_{i}",
             )(x)
+        if not self.final_norm:
+            return x
         return nn.LayerNorm(self.layer_norm_epsilon, name="encoder_norm")(x)
 
 
@@ -193,8 +197,13 @@ class ViT(nn.Module):
       patch_size: (ph, pw) of the patch embedding, or one int for square patches.
       width, depth, mlp_dim, num_heads: the transformer's size (see `VARIANTS`).
       posemb: `learn` (a `pos_embedding` parameter) or `sincos2d` (fixed).
-      pool_type: `gap` (mean of the tokens), `tok` (a class token, `cls`) or `map`
-        (attention pooling, `MAPHead_0`, with `num_heads` heads and `mlp_dim`).
+      pool_type: `gap` (mean of the patch tokens), `tok` (a class token, `cls`), `map`
+        (attention pooling, `MAPHead_0`, with `num_heads` heads and `mlp_dim`) or `tok+gap`
+        (the class token beside the patch tokens' mean, twice the width: DINOv2's linear
+        classifiers).
+      class_token: a class token (`cls`) before the other tokens; None: where `pool_type`
+        reads it (`tok`, `tok+gap`); true with `gap` or `map`, it is there but not what is
+        pooled (timm's `global_pool="avg"` ViTs with a class token: MAE's fine-tuned ones).
       rep_size: width of a tanh `pre_logits` layer before the head (0: none).
       head_zeroinit: initialise the head's kernel to zeros (big_vision's default).
       gelu_approximate: tanh-approximated GELU (big_vision) or exact (timm, torch).
@@ -210,6 +219,9 @@ class ViT(nn.Module):
         LayerScale, in DeiT III, CaiT and DINOv2), initialised to 1.
       num_registers: register tokens (`reg`, DINOv2's) after the class token, before the
         patches, without position embedding; pooling leaves them out but for `map`.
+      fc_norm: the final LayerNorm after pooling (`fc_norm`, timm's) in place of the one
+        over the tokens (`Transformer/encoder_norm`), as in timm's `global_pool="avg"` ViTs
+        and MAE's fine-tuned ones.
     """
 
     num_classes: int = 1000
@@ -230,6 +242,8 @@ class ViT(nn.Module):
     quick_gelu: bool = False
     layer_scale: bool = False
     num_registers: int = 0
+    class_token: bool | None = None
+    fc_norm: bool = False
 
     def __post_init__(self):
         patch_pair(self.patch_size)  # refuses another form, naming patch_size
@@ -237,6 +251,10 @@ class ViT(nn.Module):
             raise ValueError(f"pool_type={self.pool_type!r}: one of {', '.join(POOL_TYPES)}")
         if self.posemb not in POSEMB_TYPES:
             raise ValueError(f"posemb={self.posemb!r}: one of {', '.join(POSEMB_TYPES)}")
+        if self.class_token is False and self.pool_type in ("tok", "tok+gap"):
+            raise ValueError(
+                f"class_token=False: pool_type={self.pool_type!r} pools the class token"
+            )
         if isinstance(self.num_registers, bool) or self.num_registers < 0:
             raise ValueError(f"num_registers={self.num_registers!r}: must be a whole number >= 0")
         if self.width % self.num_heads:
@@ -248,11 +266,18 @@ class ViT(nn.Module):
         """big_vision's normalisation at `image_size`."""
         return big_vision_spec(self.image_size)
 
+    @property
+    def has_class_token(self) -> bool:
+        """Whether a class token (`cls`) comes first (`class_token`, else `pool_type`)."""
+        if self.class_token is None:
+            return self.pool_type in ("tok", "tok+gap")
+        return bool(self.class_token)
+
     @nn.nowrap
     def token_layout(self, input_shape: tuple[int, ...]) -> TokenLayout:
-        """Its tokens at `input_shape`: the class token (`pool_type="tok"`), the registers,
+        """Its tokens at `input_shape`: the class token (`has_class_token`), the registers,
         then the patches."""
-        return token_layout(self.patch_size, self.pool_type, input_shape, self.num_registers)
+        return token_layout(self.patch_size, self.has_class_token, input_shape, self.num_registers)
 
     @property
     def default_layers(self) -> tuple[str, ...]:
@@ -261,8 +286,11 @@ class ViT(nn.Module):
 
     @property
     def layer_aliases(self) -> Mapping[str, str]:
-        """`stem`, `block{i}`, `mlp{i}`, `encoder_norm` -> module paths."""
-        aliases = {"stem": "embedding", "encoder_norm": "Transformer/encoder_norm"}
+        """`stem`, `block{i}`, `mlp{i}`, `encoder_norm` (but with `fc_norm`) -> module
+        paths."""
+        aliases = {"stem": "embedding"}
+        if not self.fc_norm:
+            aliases["encoder_norm"] = "Transformer/encoder_norm"
         for i in range(self.depth):
             block = f"Transformer/encoderblock_{i}"
             aliases[f"block{i}"] = block
@@ -357,7 +385,7 @@ class ViT(nn.Module):
             init = nn.initializers.normal(1e-6)
             reg = self.param("reg", init, (1, self.num_registers, c), x.dtype)
             x = jnp.concatenate([jnp.tile(reg, (n, 1, 1)), x], axis=1)
-        if self.pool_type == "tok":
+        if self.has_class_token:
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c), x.dtype)
             x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
         eps = self.layer_norm_epsilon
@@ -371,6 +399,7 @@ class ViT(nn.Module):
             eps,
             self.quick_gelu,
             self.layer_scale,
+            final_norm=not self.fc_norm,
             name="Transformer",
         )(x)
         if self.pool_type == "map":
@@ -383,8 +412,9 @@ class ViT(nn.Module):
                 name="MAPHead_0",
             )(x)
         else:
-            patches = x[:, self.num_registers :] if self.num_registers else x
-            x = x[:, 0] if self.pool_type == "tok" else patches.mean(axis=1)
+            x = pool(x, self.pool_type, int(self.has_class_token) + self.num_registers)
+        if self.fc_norm:
+            x = nn.LayerNorm(eps, name="fc_norm")(x)
         if self.rep_size:
             x = nn.tanh(nn.Dense(self.rep_size, name="pre_logits")(x))
         if self.num_classes:
@@ -429,17 +459,26 @@ def _fit_position_grid(flat: dict[str, Any], patches: int, rule: str) -> dict[st
     return {**flat, "pos_embedding": resampled}
 
 
+def pool(x: jax.Array, pool_type: str, prefix: int) -> jax.Array:
+    """[B, tokens, C] pooled as `pool_type` (`tok`, `gap` or `tok+gap`) reads it, the
+    `prefix` tokens (class token, registers) before the patches'."""
+    if pool_type == "tok":
+        return x[:, 0]
+    patches = x[:, prefix:].mean(axis=1)
+    return jnp.concatenate([x[:, 0], patches], axis=-1) if pool_type == "tok+gap" else patches
+
+
 def token_layout(
     patch_size: int | tuple[int, int],
-    pool_type: str,
+    class_token: bool,
     input_shape: tuple[int, ...],
     num_registers: int = 0,
 ) -> TokenLayout:
-    """The tokens of a ViT's blocks: a class token first where `pool_type` is `tok`, then
+    """The tokens of a ViT's blocks: a class token first where `class_token`, then
     `num_registers` register tokens, then the row-major patch grid of an input of
     `input_shape` (height, width, ...), whose sides must be multiples of the patch size
     (`preprocess.patch_grid`)."""
-    prefix = int(pool_type == "tok") + num_registers
+    prefix = int(class_token) + num_registers
     return TokenLayout(patch_grid(input_shape, patch_size), prefix=prefix)
 
 

@@ -110,19 +110,21 @@ class MAPHead(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    """`depth` blocks (`encoderblock_{i}`) and the final `encoder_norm`."""
+    """`depth` blocks (`encoderblock_{i}`) and the final `encoder_norm` (but with
+    `fc_norm`)."""
 
     def __init__(self, config: vit.ViT, *, rngs: nnx.Rngs):
-        self.depth = config.depth
+        self.depth, self.final_norm = config.depth, not config.fc_norm
         for i in range(config.depth):
             setattr(self, f"encoderblock_{i}", Encoder1DBlock(config, rngs=rngs))
-        eps = config.layer_norm_epsilon
-        self.encoder_norm = nnx.LayerNorm(config.width, epsilon=eps, rngs=rngs)
+        if self.final_norm:
+            eps = config.layer_norm_epsilon
+            self.encoder_norm = nnx.LayerNorm(config.width, epsilon=eps, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.depth):
             x = getattr(self, f"encoderblock_{i}")(x)
-        return self.encoder_norm(x)
+        return self.encoder_norm(x) if self.final_norm else x
 
 
 class ViT(nnx.Module):
@@ -140,7 +142,7 @@ class ViT(nnx.Module):
         if config.posemb == "learn":
             init = jax.random.normal(rngs.params(), (1, h * w, c)) / np.sqrt(c)
             self.pos_embedding = nnx.Param(init)
-        if config.pool_type == "tok":
+        if config.has_class_token:
             self.cls = nnx.Param(jnp.zeros((1, 1, c)))
         if config.num_registers:
             self.reg = nnx.Param(jnp.zeros((1, config.num_registers, c)))
@@ -149,16 +151,20 @@ class ViT(nnx.Module):
         self.Transformer = Encoder(config, rngs=rngs)
         if config.pool_type == "map":
             self.MAPHead_0 = MAPHead(config, rngs=rngs)
+        pooled = 2 * c if config.pool_type == "tok+gap" else c
+        if config.fc_norm:
+            eps = config.layer_norm_epsilon
+            self.fc_norm = nnx.LayerNorm(pooled, epsilon=eps, rngs=rngs)
         if config.rep_size:
-            self.pre_logits = nnx.Linear(c, config.rep_size, rngs=rngs)
+            self.pre_logits = nnx.Linear(pooled, config.rep_size, rngs=rngs)
         if config.num_classes:
-            self.head = nnx.Linear(config.rep_size or c, config.num_classes, rngs=rngs)
+            self.head = nnx.Linear(config.rep_size or pooled, config.num_classes, rngs=rngs)
 
     def token_layout(self, input_shape: tuple[int, ...]) -> Any:
         """Its tokens at `input_shape`, as the Linen ViT's (`vit.token_layout`)."""
         config = self.config
         return vit.token_layout(
-            self.patch_size, config.pool_type, input_shape, config.num_registers
+            self.patch_size, config.has_class_token, input_shape, config.num_registers
         )
 
     @property
@@ -186,7 +192,7 @@ class ViT(nnx.Module):
             x = x + vit.posemb_sincos_2d(h, w, c).astype(x.dtype)
         if self.config.num_registers:
             x = jnp.concatenate([jnp.tile(self.reg[...], (n, 1, 1)), x], axis=1)
-        if self.config.pool_type == "tok":
+        if self.config.has_class_token:
             x = jnp.concatenate([jnp.tile(self.cls[...], (n, 1, 1)), x], axis=1)
         if self.config.pre_norm:
             x = self.norm_pre(x)
@@ -194,9 +200,10 @@ class ViT(nnx.Module):
         if self.config.pool_type == "map":
             x = self.MAPHead_0(x)
         else:
-            registers = self.config.num_registers
-            patches = x[:, registers:] if registers else x
-            x = x[:, 0] if self.config.pool_type == "tok" else patches.mean(axis=1)
+            prefix = int(self.config.has_class_token) + self.config.num_registers
+            x = vit.pool(x, self.config.pool_type, prefix)
+        if self.config.fc_norm:
+            x = self.fc_norm(x)
         if self.config.rep_size:
             x = jnp.tanh(self.pre_logits(x))
         if self.config.num_classes:

@@ -598,9 +598,9 @@ def test_hugging_face_dinov2_parity_at_another_grid(tmp_path, caplog, registers,
     names (`embeddings.`, separate query, key and value, `layer_scale1.lambda1`), trained on
     a 5x5 grid and run on another: its position embedding resampled as transformers
     interpolates it today (bicubic to the size without antialiasing; with registers
-    antialiased, as DINOv2 does), in the NNX twin too. A `Dinov2ForImageClassification`'s
-    backbone (under `dinov2.`) loads, its classifier over [class token, patch mean] left out
-    with a warning."""
+    antialiased, as DINOv2 does), in the NNX twin too. A `Dinov2ForImageClassification`
+    (under `dinov2.`, its classifier over the class token beside the patch tokens' mean)
+    gives its logits with `pool_type=tok+gap`, which a shape mismatch names."""
     import safetensors.numpy
 
     reference = torch_vit.randomize_(
@@ -608,17 +608,20 @@ def test_hugging_face_dinov2_parity_at_another_grid(tmp_path, caplog, registers,
             img_size=70,
             patch_size=14,
             depth=2,
+            num_classes=5,
             layer_scale=True,
             dinov2="antialias" if registers else "size",
             registers=registers,
+            pool="token+avg",
         )
     )
-    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}
-    safetensors.numpy.save_file(_hf_dinov2_names(state), str(tmp_path / "model.safetensors"))
+    state = reference.state_dict()
+    backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
+    safetensors.numpy.save_file(_hf_dinov2_names(backbone), str(tmp_path / "model.safetensors"))
     classifier = {
-        **_hf_dinov2_names(state, "dinov2."),
-        "classifier.weight": np.ones((5, 2 * 192), np.float32),
-        "classifier.bias": np.zeros(5, np.float32),
+        **_hf_dinov2_names(backbone, "dinov2."),
+        "classifier.weight": state["head.weight"].numpy(),
+        "classifier.bias": state["head.bias"].numpy(),
     }
     safetensors.numpy.save_file(classifier, str(tmp_path / "classifier.safetensors"))
     options = {
@@ -638,16 +641,58 @@ def test_hugging_face_dinov2_parity_at_another_grid(tmp_path, caplog, registers,
     assert "resampled from the checkpoint's 5x5 patches" in caplog.text
     assert "as transformers does" in caplog.text
     layers = {"block0": "blocks.0", "block1": "blocks.1", "encoder_norm": "norm"}
-    reference.head = torch.nn.Identity()
-    _check_parity(loaded.module, loaded.variables, reference, size, layers, 1 + registers, patch=14)
+    x = np.random.default_rng(0).standard_normal((2, size, size, 3), np.float32)
+    _, want = _torch_run(reference, x, layers, size // 14, 1 + registers)
+    tap = capture.make_tap(loaded.module, loaded.variables, list(layers), input_shape=x.shape[1:])
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(tap.fn)(tap.variables, jnp.asarray(x))
+    for name, path in zip(tap.names, tap.layers, strict=True):
+        assert_close(got[path], want[name], name)
     _assert_nnx_twin_equal(loaded, size)
-    caplog.clear()
-    with caplog.at_level("WARNING"):
-        backbone = model_load.load(
-            "vit_ti16", weights=str(tmp_path / "classifier.safetensors"), options=options
+    classify = {**options, "num_classes": 5, "pool_type": "tok+gap"}
+    head = model_load.load(
+        "vit_ti16", weights=str(tmp_path / "classifier.safetensors"), options=classify
+    )
+    _check_parity(head.module, head.variables, reference, size, layers, 1 + registers, patch=14)
+    _assert_nnx_twin_equal(head, size)
+    with pytest.raises(ValueError, match=r"head/kernel: .*--model_option pool_type=tok\+gap\."):
+        model_load.load(
+            "vit_ti16",
+            weights=str(tmp_path / "classifier.safetensors"),
+            options={**classify, "pool_type": "tok"},
         )
-    assert "classifier.weight left out: Dinov2ForImageClassification's classifier" in caplog.text
-    jax.tree.map(np.testing.assert_array_equal, backbone.variables, loaded.variables)
+
+
+def test_average_pooling_past_the_class_token_with_fc_norm(tmp_path):
+    """timm's `global_pool='avg'` ViT with a class token and `fc_norm` (MAE's fine-tuned
+    classifiers, in MAE's own file under `model`): no norm over the tokens, the mean of the
+    patch tokens past the class token, then a LayerNorm: `--model_option class_token=true
+    fc_norm=true` with `pool_type=gap` gives the torch model's numbers, in the NNX twin too;
+    without them, the mismatch names both options."""
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(img_size=32, depth=2, num_classes=5, pool="avg", fc_norm=True)
+    )
+    assert "norm.weight" not in reference.state_dict()
+    torch.save({"model": reference.state_dict()}, tmp_path / "mae_finetuned.pth")
+    options = {**SMALL, "pool_type": "gap", "gelu_approximate": False}
+    loaded = model_load.load(
+        "vit_ti16",
+        weights=str(tmp_path / "mae_finetuned.pth"),
+        options={**options, "class_token": True, "fc_norm": True},
+    )
+    assert loaded.module.token_layout((32, 32, 3)).prefix == 1
+    assert "encoder_norm" not in loaded.module.layer_aliases
+    layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "block1": "blocks.1"}
+    _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=1)
+    _assert_nnx_twin_equal(loaded, 32)
+    with pytest.raises(
+        ValueError,
+        match=r"class_token=true beside another pool_type\. .* LayerNorm after pooling "
+        r"\(fc_norm\): --model_option fc_norm=true\.",
+    ):
+        model_load.load("vit_ti16", weights=str(tmp_path / "mae_finetuned.pth"), options=options)
+    with pytest.raises(ValueError, match=r"class_token=False: pool_type='tok' pools the class"):
+        vit.vit_ti16(pool_type="tok", class_token=False)
 
 
 @pytest.mark.parametrize(("m", "side"), [(5, 3), (5, 7), (37, 16), (37, 14), (16, 37)])
@@ -834,7 +879,8 @@ def test_timm_keys_without_a_rule_are_named():
     with pytest.raises(
         torch_import.WeightMappingError,
         match=r"\['cls', 'reg'\]; Check .* The checkpoint has register tokens: --model_option "
-        r"num_registers=4\. The checkpoint has a class token: --model_option pool_type=tok\.",
+        r"num_registers=4\. The checkpoint has a class token: --model_option pool_type=tok, "
+        r"or class_token=true beside another pool_type\.",
     ):
         model.import_state_dict(state, template)
     # A ViT without qkv biases (timm's qkv_bias=False): named, not a KeyError.

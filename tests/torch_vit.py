@@ -4,7 +4,11 @@ The parity reference of `models/vit.py` (timm itself is not installed here). Sta
 keys are timm's (`patch_embed.proj.weight`, `cls_token`, `pos_embed`,
 `blocks.3.attn.qkv.weight`, `blocks.3.mlp.fc1.bias`, `norm.weight`, `head.weight`);
 `class_token=False` is timm's `class_token=False, global_pool='avg', fc_norm=False`
-(the final norm, then the mean of the tokens: big_vision's `gap`). CLIP's image tower is
+(the final norm, then the mean of the tokens: big_vision's `gap`); `pool="avg"` with a class
+token pools the mean of the other tokens past the class token and registers (timm's
+`global_pool='avg'`), `pool="token+avg"` the class token beside that mean (DINOv2's linear
+classifiers); `fc_norm` moves the final norm after the pooling (timm's `fc_norm`: MAE's
+fine-tuned ViTs). CLIP's image tower is
 timm's `pre_norm=True` (`norm_pre`, no patch-embedding bias) with `act="quick_gelu"` for
 OpenAI's weights; `layer_scale` is timm's LayerScale (`ls1.gamma`, `ls2.gamma`).
 `dinov2` is DINOv2's backbone (its `mask_token`, `registers` as `register_tokens` after the
@@ -128,6 +132,8 @@ class VisionTransformer(nn.Module):
         dinov2: str | None = None,  # "offset", "antialias" or "size"
         registers: int = 0,
         map_head: bool = False,  # timm's attn_pool (SigLIP): pooling by attention
+        pool: str | None = None,  # "token", "avg" or "token+avg"; default by class_token
+        fc_norm: bool = False,
     ):
         super().__init__()
         self.patch_embed = nn.Module()
@@ -151,10 +157,14 @@ class VisionTransformer(nn.Module):
                 for _ in range(depth)
             ]
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.pool = pool or ("token" if class_token else "avg")
+        self.prefix = int(class_token) + registers
+        pooled = 2 * embed_dim if self.pool == "token+avg" else embed_dim
+        self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim, eps=eps)
+        self.fc_norm = nn.LayerNorm(pooled, eps=eps) if fc_norm else nn.Identity()
         if map_head:
             self.attn_pool = AttentionPoolLatent(embed_dim, num_heads, mlp_dim, approximate, eps)
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.head = nn.Linear(pooled, num_classes)
 
     def _pos_embed(self, side: int) -> torch.Tensor:
         """DINOv2's `interpolate_pos_encoding` for a side x side grid (square inputs)."""
@@ -182,9 +192,14 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x[:, :1], registers, x[:, 1:]], dim=1)
         x = self.norm(self.blocks(self.norm_pre(x)))
         if hasattr(self, "attn_pool"):
-            return self.head(self.attn_pool(x))
-        x = x[:, 0] if self.class_token else x.mean(dim=1)
-        return self.head(x)
+            x = self.attn_pool(x)
+        elif self.pool == "token":
+            x = x[:, 0]
+        elif self.pool == "avg":
+            x = x[:, self.prefix :].mean(dim=1)
+        else:
+            x = torch.cat([x[:, 0], x[:, self.prefix :].mean(dim=1)], dim=1)
+        return self.head(self.fc_norm(x))
 
 
 def randomize_(model: VisionTransformer, seed: int = 0) -> VisionTransformer:
