@@ -49,6 +49,8 @@ def _flax_key(torch_key: str, array: np.ndarray) -> tuple[tuple[str, ...], np.nd
         return ("batch_stats", *path, "mean"), array
     if leaf == "running_var":
         return ("batch_stats", *path, "var"), array
+    if leaf == "relative_position_bias_table":  # Swin's [(2w-1)**2, heads], as it is
+        return ("params", *path, leaf), array
     raise WeightMappingError(f"{torch_key}: no rule for a parameter named {leaf!r}")
 
 

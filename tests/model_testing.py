@@ -37,16 +37,20 @@ def assert_close(actual, expected, what: str) -> None:
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * scale, err_msg=what)
 
 
-def torch_outputs(model, x, paths) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def torch_outputs(
+    model, x, paths, *, nhwc: bool = False
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A torch model's output for the NHWC batch `x` and its modules' outputs at `paths`
-    ({name: module path}), NCHW maps read back as NHWC."""
+    ({name: module path}), NCHW maps read back as NHWC (`nhwc`: maps NHWC already, as
+    Swin's)."""
     import torch
 
     modules, got = dict(model.named_modules()), {}
+    order = (0, 1, 2, 3) if nhwc else (0, 2, 3, 1)
     handles = [
         modules[path].register_forward_hook(
             lambda _m, _i, out, name=name: got.__setitem__(
-                name, out.detach().numpy().transpose(0, 2, 3, 1).copy()
+                name, out.detach().numpy().transpose(order).copy()
             )
         )
         for name, path in paths.items()
