@@ -719,6 +719,7 @@ def test_integer_leaves_of_an_orbax_checkpoint_are_refused(tmp_path):
 
 
 @FORMATS
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # torch deprecates
 def test_quantised_tensors_are_refused_naming_them(tmp_path, zip_format):
     state = collections.OrderedDict(
         fine=torch.ones(2),
