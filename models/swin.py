@@ -1,5 +1,5 @@
 """Swin Transformer T/S/B (Liu et al., 2021) in torchvision's layout (`swin_t`, ...); timm's
-names load too.
+and Hugging Face's names load too.
 
 Paths: `features` -> `0` (patch embedding: `0` conv 4x4 stride 4, `2` LayerNorm), then
 stages `1`, `3`, `5`, `7` (blocks `N` -> `norm1`, `attn` (`qkv`, `proj` and the
@@ -225,13 +225,16 @@ class SwinTransformer(nn.Module):
     def import_state_dict(
         self, state_dict: Mapping[str, Any], variables: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """`variables` filled from a torchvision `swin_*` state dict or a timm one
-        (`timm_to_torchvision`); buffers (relative position indices, which
-        `relative_position_index` computes, and timm's attention masks) left out."""
+        """`variables` filled from a torchvision `swin_*` state dict, a timm one
+        (`timm_to_torchvision`) or a Hugging Face one (`hf_to_torchvision`); buffers
+        (relative position indices, which `relative_position_index` computes, and timm's
+        attention masks) left out."""
         from jaxdissect.models import torch_import
 
         if any(k.startswith(("patch_embed.", "layers.")) for k in state_dict):
             state_dict = timm_to_torchvision(state_dict)
+        elif any(k.startswith(("swin.", "embeddings.", "encoder.")) for k in state_dict):
+            state_dict = hf_to_torchvision(state_dict)
         weights = {k: v for k, v in state_dict.items() if not k.endswith(_BUFFERS)}
         return torch_import.torch_to_flax(weights, variables)
 
@@ -288,3 +291,50 @@ def swin_s(*, num_classes: int = 1000, input_spec: InputSpec = TORCHVISION) -> S
 def swin_b(*, num_classes: int = 1000, input_spec: InputSpec = TORCHVISION) -> SwinTransformer:
     """torchvision Swin-B (87,768,224 parameters at 1000 classes)."""
     return _variant("b", num_classes, input_spec)
+
+
+# Hugging Face's Swin (`SwinModel`; `SwinForImageClassification` under `swin.`) block parts
+# -> torchvision's.
+_HF_BLOCK = {
+    "layernorm_before": "norm1",
+    "attention.output.dense": "attn.proj",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.0",
+    "output.dense": "mlp.3",
+}
+_HF_NAMES = {
+    "embeddings.patch_embeddings.projection": "features.0.0",
+    "embeddings.norm": "features.0.2",
+    "layernorm": "norm",
+    "classifier": "head",
+}
+
+
+def hf_to_torchvision(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A Hugging Face `SwinModel` / `SwinForImageClassification` state dict in torchvision's
+    names: `encoder.layers.{i}.blocks.{j}` (its separate query, key and value stacked as
+    `qkv`), each stage's patch merging `encoder.layers.{i}.downsample` (at its end),
+    `layernorm`, `classifier`. Keys with no rule are kept, so that loading lists them."""
+    from jaxdissect.models import torch_import
+
+    out: dict[str, Any] = {}
+    qkv: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("swin.")
+        stem, _, leaf = name.rpartition(".")
+        block = re.fullmatch(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)", stem)
+        merge = re.fullmatch(r"encoder\.layers\.(\d+)\.downsample\.(norm|reduction)", stem)
+        prefix = block and f"features.{2 * int(block[1]) + 1}.{block[2]}"
+        if block and (part := re.fullmatch(r"attention\.self\.(query|key|value)", block[3])):
+            qkv.setdefault(f"{prefix}.attn.qkv.{leaf}", {})[part[1]] = np.asarray(value)
+        elif block and block[3] == "attention.self":  # its bias table and index buffer
+            out[f"{prefix}.attn.{leaf}"] = value
+        elif block and block[3] in _HF_BLOCK:
+            out[f"{prefix}.{_HF_BLOCK[block[3]]}.{leaf}"] = value
+        elif merge:
+            out[f"features.{2 * int(merge[1]) + 2}.{merge[2]}.{leaf}"] = value
+        elif stem in _HF_NAMES:
+            out[f"{_HF_NAMES[stem]}.{leaf}"] = value
+        else:
+            out[key] = value
+    return {**out, **torch_import.stacked_qkv(qkv)}

@@ -362,10 +362,10 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if timm and leaf == "lambda1":
             timm = f"{timm.removesuffix('.lambda1')}.gamma"
         out[timm or _HF_VIT_NAMES.get(name, name)] = np.asarray(value)
-    return {**out, **_stacked_qkv(qkv)}
+    return {**out, **stacked_qkv(qkv)}
 
 
-def _stacked_qkv(qkv: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def stacked_qkv(qkv: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """timm's fused `qkv` of each block's separate query, key and value (in that order).
 
     Raises:
@@ -492,7 +492,7 @@ def hf_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         else:
             timm = _timm_name(name, _HF_CLIP_BLOCKS, _HF_CLIP_BLOCK_NAMES, _HF_CLIP_NAMES)
             out[timm or key] = array
-    return {**out, **_stacked_qkv(qkv)}
+    return {**out, **stacked_qkv(qkv)}
 
 
 # torchvision's `VisionTransformer` (vit_b_16, ...) -> timm's names, per block

@@ -46,10 +46,42 @@ def _timm_names(state: dict, merge_after: bool) -> dict:
     return out
 
 
-@pytest.mark.parametrize("names", ["torchvision", "timm", "timm_before_0.9"])
+def _hf_names(state: dict) -> dict:
+    """torchvision's Swin state dict in Hugging Face's `SwinForImageClassification` names
+    (`swin.`; separate query, key and value; the patch merging at the end of each stage)."""
+    parts = {"norm1": "layernorm_before", "attn.proj": "attention.output.dense"} | {
+        "norm2": "layernorm_after",
+        "mlp.0": "intermediate.dense",
+        "mlp.3": "output.dense",
+    }
+    out = {}
+    for key, value in state.items():
+        value = value.numpy()
+        if m := re.fullmatch(r"features\.([1357])\.(\d+)\.(.+)\.(\w+)", key):
+            block = f"swin.encoder.layers.{int(m[1]) // 2}.blocks.{m[2]}"
+            if m[3] == "attn.qkv":
+                for name, part in zip(("query", "key", "value"), np.split(value, 3), strict=True):
+                    out[f"{block}.attention.self.{name}.{m[4]}"] = part
+            elif m[3] == "attn":  # the bias table and the index buffer
+                out[f"{block}.attention.self.{m[4]}"] = value
+            else:
+                out[f"{block}.{parts[m[3]]}.{m[4]}"] = value
+        elif m := re.fullmatch(r"features\.([246])\.(.+)", key):
+            out[f"swin.encoder.layers.{int(m[1]) // 2 - 1}.downsample.{m[2]}"] = value
+        elif m := re.fullmatch(r"features\.0\.([02])\.(\w+)", key):
+            stem = "patch_embeddings.projection" if m[1] == "0" else "norm"
+            out[f"swin.embeddings.{stem}.{m[2]}"] = value
+        elif key.startswith("norm."):
+            out[f"swin.layernorm.{key.removeprefix('norm.')}"] = value
+        else:
+            out[f"classifier.{key.removeprefix('head.')}"] = value
+    return out
+
+
+@pytest.mark.parametrize("names", ["torchvision", "timm", "timm_before_0.9", "hugging_face"])
 def test_parity_through_padding_and_shifts(names):
-    """A small Swin with random weights and bias tables at 70 px, in torchvision's or timm's
-    names (either placement of its patch merging): the stem's 17x17 map padded to whole
+    """A small Swin with random weights and bias tables at 70 px, in torchvision's, timm's
+    (either placement of its patch merging) or Hugging Face's names: the stem's 17x17 map padded to whole
     windows and shifted, 9x9 after an odd-sided merge, then maps no larger than a window (no
     shift): logits and stage outputs within 1e-4 of torch's."""
     torch_model = ref.randomize_(
@@ -57,7 +89,10 @@ def test_parity_through_padding_and_shifts(names):
     )
     model = zoo.build("swin_t", num_classes=7).clone(**SMALL)
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    if names != "torchvision":
+    if names == "hugging_face":
+        state = _hf_names(torch_model.state_dict())
+        assert "swin.encoder.layers.0.blocks.1.attention.self.key.weight" in state
+    elif names != "torchvision":
         state = _timm_names(torch_model.state_dict(), merge_after=names != "timm")
         assert ("layers.0.downsample.norm.weight" in state) == (names != "timm")
     variables = model.import_state_dict(state, variables_template(model, 70))
