@@ -118,6 +118,7 @@ def _advice(flat: Mapping[str, Any], params: Mapping[str, Any]) -> str:
         ("norm_pre/scale", "pre_norm", "LayerNorm before the first block (norm_pre)"),
         ("Transformer/encoderblock_0/ls1", "layer_scale", "LayerScale in its blocks"),
         ("fc_norm/scale", "fc_norm", "LayerNorm after pooling (fc_norm)"),
+        ("dist", "distilled", "distillation token (DeiT's)"),
     ):
         if (key in flat) != (key in model):
             has = key in flat

@@ -574,7 +574,7 @@ def timm_vit_to_big_vision(
     big_vision's modules; register tokens (timm's `reg_token`, DINOv2's `register_tokens`)
     are `reg`, DINOv2's `mask_token` is left out, and timm's `fc_norm` (a norm after pooling)
     is `fc_norm`. Keys with no rule here are kept under their timm names, so that loading
-    lists them as unexpected.
+    lists them as unexpected. DeiT's distillation token and head are `dist` and `head_dist`.
     """
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     out: dict[str, np.ndarray] = {}
@@ -607,16 +607,17 @@ def timm_vit_to_big_vision(
             out["reg"] = take(registers)
     if "pos_embed" in sd:
         pos = take("pos_embed")
-        if "cls_token" in sd:
-            cls = take("cls_token")
+        if "cls_token" in sd:  # and DeiT's distillation token after it
+            tokens = {"cls": "cls_token", "dist": "dist_token"} if "dist_token" in sd else {}
+            tokens = tokens or {"cls": "cls_token"}
             rows = pos.shape[1] if pos.ndim == 3 else 0
-            if patches and rows in (patches, patches + 1):
+            if patches and rows in (patches, patches + len(tokens)):
                 per_patch = rows == patches
             else:  # another grid (resampled after): a square count has no class row
                 per_patch = math.isqrt(rows) ** 2 == rows
-            if not per_patch:  # [class token, patches]
-                cls, pos = cls + pos[:, :1], pos[:, 1:]
-            out["cls"] = cls
+            for i, (name, key) in enumerate(tokens.items()):  # [tokens, patches]
+                out[name] = take(key) if per_patch else take(key) + pos[:, i : i + 1]
+            pos = pos if per_patch else pos[:, len(tokens) :]
         out["pos_embedding"] = pos
     # Keys of other names under `blocks.` have no rule: listed as unexpected by name.
     blocks = sorted({int(k.split(".")[1]) for k in sd if re.match(r"blocks\.\d+\.", k)})
@@ -681,5 +682,7 @@ def timm_vit_to_big_vision(
         norm("fc_norm", "fc_norm")
     if "head.weight" in sd:
         dense("head", "head")
+    if "head_dist.weight" in sd:  # DeiT's distillation head
+        dense("head_dist", "head_dist")
     out.update(sd)  # no rule: reported by name when the parameters are fitted
     return out

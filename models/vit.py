@@ -222,6 +222,9 @@ class ViT(nn.Module):
       fc_norm: the final LayerNorm after pooling (`fc_norm`, timm's) in place of the one
         over the tokens (`Transformer/encoder_norm`), as in timm's `global_pool="avg"` ViTs
         and MAE's fine-tuned ones.
+      distilled: DeiT's distillation token (`dist`, with a position embedding) after the
+        class token, and its own head (`head_dist`); the output is the mean of the two
+        heads' logits (of the two tokens without heads), as DeiT evaluates. `tok` pooling.
     """
 
     num_classes: int = 1000
@@ -244,6 +247,7 @@ class ViT(nn.Module):
     num_registers: int = 0
     class_token: bool | None = None
     fc_norm: bool = False
+    distilled: bool = False
 
     def __post_init__(self):
         patch_pair(self.patch_size)  # refuses another form, naming patch_size
@@ -257,6 +261,11 @@ class ViT(nn.Module):
             )
         if isinstance(self.num_registers, bool) or self.num_registers < 0:
             raise ValueError(f"num_registers={self.num_registers!r}: must be a whole number >= 0")
+        if self.distilled and (self.pool_type != "tok" or self.rep_size or self.fc_norm):
+            raise ValueError(
+                "distilled=True: DeiT's two heads read the class and distillation tokens; "
+                "pool_type=tok, without rep_size or fc_norm"
+            )
         if self.width % self.num_heads:
             raise ValueError(f"width={self.width}: must be divisible by num_heads={self.num_heads}")
         super().__post_init__()
@@ -273,11 +282,16 @@ class ViT(nn.Module):
             return self.pool_type in ("tok", "tok+gap")
         return bool(self.class_token)
 
+    @property
+    def prefix_tokens(self) -> int:
+        """The tokens before the patches: class token, distillation token, registers."""
+        return int(self.has_class_token) + int(self.distilled) + self.num_registers
+
     @nn.nowrap
     def token_layout(self, input_shape: tuple[int, ...]) -> TokenLayout:
-        """Its tokens at `input_shape`: the class token (`has_class_token`), the registers,
-        then the patches."""
-        return token_layout(self.patch_size, self.has_class_token, input_shape, self.num_registers)
+        """Its tokens at `input_shape`: the class token (`has_class_token`), the
+        distillation token (`distilled`), the registers, then the patches."""
+        return token_layout(self.patch_size, input_shape, self.prefix_tokens)
 
     @property
     def default_layers(self) -> tuple[str, ...]:
@@ -385,6 +399,9 @@ class ViT(nn.Module):
             init = nn.initializers.normal(1e-6)
             reg = self.param("reg", init, (1, self.num_registers, c), x.dtype)
             x = jnp.concatenate([jnp.tile(reg, (n, 1, 1)), x], axis=1)
+        if self.distilled:
+            dist = self.param("dist", nn.initializers.zeros, (1, 1, c), x.dtype)
+            x = jnp.concatenate([jnp.tile(dist, (n, 1, 1)), x], axis=1)
         if self.has_class_token:
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c), x.dtype)
             x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
@@ -411,16 +428,21 @@ class ViT(nn.Module):
                 self.quick_gelu,
                 name="MAPHead_0",
             )(x)
+        elif self.distilled:
+            tokens = (x[:, 0], x[:, 1])
+            if self.num_classes:
+                kw = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
+                heads = (nn.Dense(self.num_classes, name=h, **kw) for h in ("head", "head_dist"))
+                tokens = tuple(head(t) for head, t in zip(heads, tokens, strict=True))
+            return (tokens[0] + tokens[1]) / 2
         else:
-            x = pool(x, self.pool_type, int(self.has_class_token) + self.num_registers)
+            x = pool(x, self.pool_type, self.prefix_tokens)
         if self.fc_norm:
             x = nn.LayerNorm(eps, name="fc_norm")(x)
         if self.rep_size:
             x = nn.tanh(nn.Dense(self.rep_size, name="pre_logits")(x))
         if self.num_classes:
-            kw: dict[str, Any] = (
-                {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
-            )
+            kw = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
             x = nn.Dense(self.num_classes, name="head", **kw)(x)
         return x
 
@@ -469,16 +491,11 @@ def pool(x: jax.Array, pool_type: str, prefix: int) -> jax.Array:
 
 
 def token_layout(
-    patch_size: int | tuple[int, int],
-    class_token: bool,
-    input_shape: tuple[int, ...],
-    num_registers: int = 0,
+    patch_size: int | tuple[int, int], input_shape: tuple[int, ...], prefix: int = 0
 ) -> TokenLayout:
-    """The tokens of a ViT's blocks: a class token first where `class_token`, then
-    `num_registers` register tokens, then the row-major patch grid of an input of
-    `input_shape` (height, width, ...), whose sides must be multiples of the patch size
-    (`preprocess.patch_grid`)."""
-    prefix = int(class_token) + num_registers
+    """The tokens of a ViT's blocks: `prefix` tokens (class, distillation, register tokens),
+    then the row-major patch grid of an input of `input_shape` (height, width, ...), whose
+    sides must be multiples of the patch size (`preprocess.patch_grid`)."""
     return TokenLayout(patch_grid(input_shape, patch_size), prefix=prefix)
 
 

@@ -144,6 +144,8 @@ class ViT(nnx.Module):
             self.pos_embedding = nnx.Param(init)
         if config.has_class_token:
             self.cls = nnx.Param(jnp.zeros((1, 1, c)))
+        if config.distilled:
+            self.dist = nnx.Param(jnp.zeros((1, 1, c)))
         if config.num_registers:
             self.reg = nnx.Param(jnp.zeros((1, config.num_registers, c)))
         if config.pre_norm:
@@ -159,13 +161,13 @@ class ViT(nnx.Module):
             self.pre_logits = nnx.Linear(pooled, config.rep_size, rngs=rngs)
         if config.num_classes:
             self.head = nnx.Linear(config.rep_size or pooled, config.num_classes, rngs=rngs)
+        if config.num_classes and config.distilled:
+            self.head_dist = nnx.Linear(c, config.num_classes, rngs=rngs)
 
     def token_layout(self, input_shape: tuple[int, ...]) -> Any:
         """Its tokens at `input_shape`, as the Linen ViT's (`vit.token_layout`)."""
         config = self.config
-        return vit.token_layout(
-            self.patch_size, config.has_class_token, input_shape, config.num_registers
-        )
+        return vit.token_layout(self.patch_size, input_shape, config.prefix_tokens)
 
     @property
     def input_spec(self):
@@ -192,6 +194,8 @@ class ViT(nnx.Module):
             x = x + vit.posemb_sincos_2d(h, w, c).astype(x.dtype)
         if self.config.num_registers:
             x = jnp.concatenate([jnp.tile(self.reg[...], (n, 1, 1)), x], axis=1)
+        if self.config.distilled:
+            x = jnp.concatenate([jnp.tile(self.dist[...], (n, 1, 1)), x], axis=1)
         if self.config.has_class_token:
             x = jnp.concatenate([jnp.tile(self.cls[...], (n, 1, 1)), x], axis=1)
         if self.config.pre_norm:
@@ -199,9 +203,12 @@ class ViT(nnx.Module):
         x = self.Transformer(x)
         if self.config.pool_type == "map":
             x = self.MAPHead_0(x)
+        elif self.config.distilled:
+            if self.config.num_classes:
+                return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+            return (x[:, 0] + x[:, 1]) / 2
         else:
-            prefix = int(self.config.has_class_token) + self.config.num_registers
-            x = vit.pool(x, self.config.pool_type, prefix)
+            x = vit.pool(x, self.config.pool_type, self.config.prefix_tokens)
         if self.config.fc_norm:
             x = self.fc_norm(x)
         if self.config.rep_size:

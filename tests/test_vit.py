@@ -695,6 +695,44 @@ def test_average_pooling_past_the_class_token_with_fc_norm(tmp_path):
         vit.vit_ti16(pool_type="tok", class_token=False)
 
 
+def test_deit_distilled_parity_and_its_option_named(tmp_path):
+    """DeiT's distilled ViT (timm's `VisionTransformerDistilled`: a distillation token after
+    the class token, with its own position row and head): `distilled=true` gives the torch
+    model's logits, the mean of both heads', and its blocks' patch maps past both tokens, in
+    the NNX twin too; head-less, the mean of the two tokens; without the option, named."""
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(img_size=32, depth=2, num_classes=5, distilled=True)
+    )
+    torch.save(reference.state_dict(), tmp_path / "deit.pth")
+    options = {**SMALL, "pool_type": "tok", "gelu_approximate": False, "distilled": True}
+    loaded = model_load.load("vit_ti16", weights=str(tmp_path / "deit.pth"), options=options)
+    assert loaded.module.token_layout((32, 32, 3)).prefix == 2
+    layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "encoder_norm": "norm"}
+    _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=2)
+    _assert_nnx_twin_equal(loaded, 32)
+    backbone = {k: v for k, v in reference.state_dict().items() if not k.startswith("head")}
+    torch.save(backbone, tmp_path / "deit_backbone.pth")
+    headless = model_load.load(
+        "vit_ti16",
+        weights=str(tmp_path / "deit_backbone.pth"),
+        options={**options, "num_classes": 0},
+    )
+    x = np.random.default_rng(2).standard_normal((2, 32, 32, 3), np.float32)
+    reference.head = reference.head_dist = torch.nn.Identity()
+    with torch.no_grad():
+        want = reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(headless.module.apply)(headless.variables, jnp.asarray(x))
+    assert_close(got, want, "features")
+    _assert_nnx_twin_equal(headless, 32)
+    with pytest.raises(ValueError, match=r"distillation token \(DeiT's\): --model_option "):
+        model_load.load(
+            "vit_ti16", weights=str(tmp_path / "deit.pth"), options={**options, "distilled": False}
+        )
+    with pytest.raises(ValueError, match=r"distilled=True: .* pool_type=tok, without"):
+        vit.vit_ti16(distilled=True, pool_type="gap")
+
+
 @pytest.mark.parametrize(("m", "side"), [(5, 3), (5, 7), (37, 16), (37, 14), (16, 37)])
 def test_position_resampling_is_torchs_interpolate(m, side):
     """The three resampling rules, in float64, are torch's `interpolate` to rounding: DINOv2's

@@ -8,7 +8,9 @@ keys are timm's (`patch_embed.proj.weight`, `cls_token`, `pos_embed`,
 token pools the mean of the other tokens past the class token and registers (timm's
 `global_pool='avg'`), `pool="token+avg"` the class token beside that mean (DINOv2's linear
 classifiers); `fc_norm` moves the final norm after the pooling (timm's `fc_norm`: MAE's
-fine-tuned ViTs). CLIP's image tower is
+fine-tuned ViTs). `distilled` is DeiT's `VisionTransformerDistilled`: a `dist_token` after
+the class token, with its position row, and `head_dist`; in evaluation the mean of the two
+heads. CLIP's image tower is
 timm's `pre_norm=True` (`norm_pre`, no patch-embedding bias) with `act="quick_gelu"` for
 OpenAI's weights; `layer_scale` is timm's LayerScale (`ls1.gamma`, `ls2.gamma`).
 `dinov2` is DINOv2's backbone (its `mask_token`, `registers` as `register_tokens` after the
@@ -134,6 +136,7 @@ class VisionTransformer(nn.Module):
         map_head: bool = False,  # timm's attn_pool (SigLIP): pooling by attention
         pool: str | None = None,  # "token", "avg" or "token+avg"; default by class_token
         fc_norm: bool = False,
+        distilled: bool = False,
     ):
         super().__init__()
         self.patch_embed = nn.Module()
@@ -144,7 +147,10 @@ class VisionTransformer(nn.Module):
         self.class_token = class_token
         if class_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, n + int(class_token), embed_dim))
+        if distilled:
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        prefix = int(class_token) + int(distilled)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + prefix, embed_dim))
         self.patch_size, self.dinov2 = patch_size, dinov2
         if dinov2:
             self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
@@ -158,13 +164,15 @@ class VisionTransformer(nn.Module):
             ]
         )
         self.pool = pool or ("token" if class_token else "avg")
-        self.prefix = int(class_token) + registers
+        self.prefix = prefix + registers
         pooled = 2 * embed_dim if self.pool == "token+avg" else embed_dim
         self.norm = nn.Identity() if fc_norm else nn.LayerNorm(embed_dim, eps=eps)
         self.fc_norm = nn.LayerNorm(pooled, eps=eps) if fc_norm else nn.Identity()
         if map_head:
             self.attn_pool = AttentionPoolLatent(embed_dim, num_heads, mlp_dim, approximate, eps)
         self.head = nn.Linear(pooled, num_classes)
+        if distilled:
+            self.head_dist = nn.Linear(embed_dim, num_classes)
 
     def _pos_embed(self, side: int) -> torch.Tensor:
         """DINOv2's `interpolate_pos_encoding` for a side x side grid (square inputs)."""
@@ -184,6 +192,8 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         side = x.shape[-1] // self.patch_size
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        if hasattr(self, "dist_token"):
+            x = torch.cat([self.dist_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.class_token:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self._pos_embed(side)
@@ -191,6 +201,8 @@ class VisionTransformer(nn.Module):
             registers = self.register_tokens.expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], registers, x[:, 1:]], dim=1)
         x = self.norm(self.blocks(self.norm_pre(x)))
+        if hasattr(self, "head_dist"):
+            return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
         if hasattr(self, "attn_pool"):
             x = self.attn_pool(x)
         elif self.pool == "token":
