@@ -108,7 +108,9 @@ def _advice(flat: Mapping[str, Any], params: Mapping[str, Any]) -> str:
     if "head/kernel" in model and "head/kernel" not in flat:
         hints.append("The checkpoint has no head: --model_option num_classes=0.")
     if "pos_embedding" in model and "pos_embedding" not in flat:
-        hints.append("The checkpoint has no learned position embedding: posemb=sincos2d.")
+        hints.append(
+            "The checkpoint has no learned position embedding: posemb=sincos2d (none for BEiT's)."
+        )
     if any(k.startswith("MAPHead_0/") for k in flat) and "MAPHead_0" not in params:
         hints.append("The checkpoint has an attention-pooling head: --model_option pool_type=map.")
     if "MAPHead_0" in params and not any(k.startswith("MAPHead_0/") for k in flat):
@@ -119,6 +121,11 @@ def _advice(flat: Mapping[str, Any], params: Mapping[str, Any]) -> str:
         ("Transformer/encoderblock_0/ls1", "layer_scale", "LayerScale in its blocks"),
         ("fc_norm/scale", "fc_norm", "LayerNorm after pooling (fc_norm)"),
         ("dist", "distilled", "distillation token (DeiT's)"),
+        (
+            "Transformer/encoderblock_0/relative_position_bias_table",
+            "rel_pos_bias",
+            "relative position bias in its blocks (BEiT's)",
+        ),
     ):
         if (key in flat) != (key in model):
             has = key in flat

@@ -574,7 +574,9 @@ def timm_vit_to_big_vision(
     big_vision's modules; register tokens (timm's `reg_token`, DINOv2's `register_tokens`)
     are `reg`, DINOv2's `mask_token` is left out, and timm's `fc_norm` (a norm after pooling)
     is `fc_norm`. Keys with no rule here are kept under their timm names, so that loading
-    lists them as unexpected. DeiT's distillation token and head are `dist` and `head_dist`.
+    lists them as unexpected. DeiT's distillation token and head are `dist` and `head_dist`; BEiT's
+    blocks' `q_bias` and `v_bias` the query's and value's biases (the key's 0), `gamma_1` and
+    `gamma_2` the LayerScale, `relative_position_bias_table` kept by name.
     """
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     out: dict[str, np.ndarray] = {}
@@ -619,6 +621,8 @@ def timm_vit_to_big_vision(
                 out[name] = take(key) if per_patch else take(key) + pos[:, i : i + 1]
             pos = pos if per_patch else pos[:, len(tokens) :]
         out["pos_embedding"] = pos
+    elif "cls_token" in sd:  # no position embedding (BEiT's: relative position biases)
+        out["cls"] = take("cls_token")
     # Keys of other names under `blocks.` have no rule: listed as unexpected by name.
     blocks = sorted({int(k.split(".")[1]) for k in sd if re.match(r"blocks\.\d+\.", k)})
     for i in blocks:
@@ -626,6 +630,9 @@ def timm_vit_to_big_vision(
         attn = f"{b}/MultiHeadDotProductAttention_0"
         if f"{t}.norm1.weight" in sd:
             norm(f"{t}.norm1", f"{b}/LayerNorm_0")
+        if f"{t}.attn.q_bias" in sd and f"{t}.attn.qkv.bias" not in sd:  # BEiT's: no key bias
+            q_bias, v_bias = take(f"{t}.attn.q_bias"), take(f"{t}.attn.v_bias")
+            sd[f"{t}.attn.qkv.bias"] = np.concatenate([q_bias, np.zeros_like(q_bias), v_bias])
         if f"{t}.attn.qkv.weight" in sd:
             w, bias = take(f"{t}.attn.qkv.weight"), take(f"{t}.attn.qkv.bias")
             d = w.shape[1] if w.ndim == 2 else 0
@@ -651,9 +658,15 @@ def timm_vit_to_big_vision(
             out[f"{attn}/out/bias"] = take(f"{t}.attn.proj.bias")
         if f"{t}.norm2.weight" in sd:
             norm(f"{t}.norm2", f"{b}/LayerNorm_1")
-        for scale in ("ls1", "ls2"):
-            if f"{t}.{scale}.gamma" in sd:
-                out[f"{b}/{scale}"] = take(f"{t}.{scale}.gamma")
+        for scale, beit in (("ls1", "gamma_1"), ("ls2", "gamma_2")):
+            for key in (f"{t}.{scale}.gamma", f"{t}.{beit}"):
+                if key in sd:
+                    out[f"{b}/{scale}"] = take(key)
+        if f"{t}.attn.relative_position_bias_table" in sd:  # BEiT's
+            out[f"{b}/relative_position_bias_table"] = take(
+                f"{t}.attn.relative_position_bias_table"
+            )
+            sd.pop(f"{t}.attn.relative_position_index", None)  # computed, not read
         for fc, dense_name in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
             if f"{t}.mlp.{fc}.weight" in sd:
                 dense(f"{t}.mlp.{fc}", f"{b}/MlpBlock_0/{dense_name}")

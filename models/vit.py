@@ -22,6 +22,7 @@ patch grid (`ViT.token_layout`: the class token, if any, is dropped):
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import typing
@@ -46,7 +47,7 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "B": (768, 12, 3072, 12),
 }
 POOL_TYPES = ("gap", "tok", "map", "tok+gap")
-POSEMB_TYPES = ("learn", "sincos2d")
+POSEMB_TYPES = ("learn", "sincos2d", "none")
 
 
 def big_vision_spec(size: int) -> InputSpec:
@@ -103,9 +104,39 @@ class MlpBlock(nn.Module):
         return nn.Dense(d, name="Dense_1", **_DENSE_INIT)(x)
 
 
+def beit_relative_position_index(h: int, w: int) -> np.ndarray:
+    """[(h*w + 1)**2] index into BEiT's relative position bias table of each (query, key)
+    pair of [class token, h x w patches] (timm's `gen_relative_position_index`): patch pairs
+    by their offset, then the class token's three entries (to patches, from patches, to
+    itself) at the table's end."""
+    coords = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij")).reshape(2, -1)
+    relative = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+    distances = (2 * h - 1) * (2 * w - 1) + 3
+    index = np.zeros((h * w + 1,) * 2, np.int64)
+    index[1:, 1:] = (relative[..., 0] + h - 1) * (2 * w - 1) + relative[..., 1] + w - 1
+    index[0, :] = distances - 3
+    index[:, 0] = distances - 2
+    index[0, 0] = distances - 1
+    return index.reshape(-1)
+
+
+def relative_position_bias(table: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """[heads, N, N] attention bias of BEiT's `table` [(2h-1)(2w-1) + 3, heads] over the N =
+    h*w + 1 tokens of a class token and a `grid` (h, w) of patches."""
+    n = grid[0] * grid[1] + 1
+    return table[beit_relative_position_index(*grid)].reshape(n, n, -1).transpose(2, 0, 1)
+
+
+def relative_bias_table_shape(grid: tuple[int, int], num_heads: int) -> tuple[int, int]:
+    """The shape of BEiT's relative position bias table for a `grid` (h, w) of patches."""
+    return ((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, num_heads)
+
+
 class Encoder1DBlock(nn.Module):
     """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)); with `layer_scale`,
-    each branch is multiplied by a learned per-channel `ls1` / `ls2` (timm's LayerScale)."""
+    each branch is multiplied by a learned per-channel `ls1` / `ls2` (timm's LayerScale);
+    with `rel_pos_grid` (h, w), the attention adds BEiT's learned bias per relative position
+    and head (`relative_position_bias_table`) over a class token and that grid."""
 
     mlp_dim: int
     num_heads: int
@@ -113,15 +144,23 @@ class Encoder1DBlock(nn.Module):
     layer_norm_epsilon: float = 1e-6
     quick_gelu: bool = False
     layer_scale: bool = False
+    rel_pos_grid: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         y = nn.LayerNorm(self.layer_norm_epsilon, name="LayerNorm_0")(x)
+        attention_fn = nn.dot_product_attention
+        if self.rel_pos_grid is not None:
+            shape = relative_bias_table_shape(self.rel_pos_grid, self.num_heads)
+            table = self.param("relative_position_bias_table", nn.initializers.zeros, shape)
+            bias = relative_position_bias(table, self.rel_pos_grid).astype(y.dtype)
+            attention_fn = functools.partial(nn.dot_product_attention, bias=bias)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             kernel_init=nn.initializers.xavier_uniform(),
             deterministic=True,
+            attention_fn=attention_fn,
             name="MultiHeadDotProductAttention_0",
         )(y, y)
         if self.layer_scale:
@@ -146,6 +185,7 @@ class Encoder(nn.Module):
     quick_gelu: bool = False
     layer_scale: bool = False
     final_norm: bool = True
+    rel_pos_grid: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -157,6 +197,7 @@ class Encoder(nn.Module):
                 self.layer_norm_epsilon,
                 self.quick_gelu,
                 self.layer_scale,
+                self.rel_pos_grid,
                 name=f"encoderblock_{i}",
             )(x)
         if not self.final_norm:
@@ -225,6 +266,9 @@ class ViT(nn.Module):
       distilled: DeiT's distillation token (`dist`, with a position embedding) after the
         class token, and its own head (`head_dist`); the output is the mean of the two
         heads' logits (of the two tokens without heads), as DeiT evaluates. `tok` pooling.
+      rel_pos_bias: each block's attention adds BEiT's learned bias per relative position
+        and head (`relative_position_bias_table`, the class token's three entries last),
+        over a class token and the input's patch grid (BEiT's use `posemb="none"`).
     """
 
     num_classes: int = 1000
@@ -248,6 +292,7 @@ class ViT(nn.Module):
     class_token: bool | None = None
     fc_norm: bool = False
     distilled: bool = False
+    rel_pos_bias: bool = False
 
     def __post_init__(self):
         patch_pair(self.patch_size)  # refuses another form, naming patch_size
@@ -265,6 +310,12 @@ class ViT(nn.Module):
             raise ValueError(
                 "distilled=True: DeiT's two heads read the class and distillation tokens; "
                 "pool_type=tok, without rep_size or fc_norm"
+            )
+        if self.rel_pos_bias and (not self.has_class_token or self.prefix_tokens != 1):
+            raise ValueError(
+                "rel_pos_bias=True: BEiT's bias covers one class token and the patches; a "
+                "class token (pool_type=tok or class_token=true), no registers or "
+                "distillation token"
             )
         if self.width % self.num_heads:
             raise ValueError(f"width={self.width}: must be divisible by num_heads={self.num_heads}")
@@ -393,7 +444,7 @@ class ViT(nn.Module):
         if self.posemb == "learn":
             init = nn.initializers.normal(stddev=1 / np.sqrt(c))
             x = x + self.param("pos_embedding", init, (1, h * w, c), x.dtype)
-        else:
+        elif self.posemb == "sincos2d":
             x = x + posemb_sincos_2d(h, w, c).astype(x.dtype)
         if self.num_registers:
             init = nn.initializers.normal(1e-6)
@@ -417,6 +468,7 @@ class ViT(nn.Module):
             self.quick_gelu,
             self.layer_scale,
             final_norm=not self.fc_norm,
+            rel_pos_grid=(h, w) if self.rel_pos_bias else None,
             name="Transformer",
         )(x)
         if self.pool_type == "map":

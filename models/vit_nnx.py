@@ -58,7 +58,8 @@ class MlpBlock(nnx.Module):
 
 class Encoder1DBlock(nnx.Module):
     """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)); with
-    `layer_scale`, each branch scaled per channel by `ls1` / `ls2`."""
+    `layer_scale`, each branch scaled per channel by `ls1` / `ls2`; with `rel_pos_bias`,
+    BEiT's bias per relative position and head over the grid of `image_size`."""
 
     def __init__(self, config: vit.ViT, *, rngs: nnx.Rngs):
         width, eps = config.width, config.layer_norm_epsilon
@@ -77,9 +78,28 @@ class Encoder1DBlock(nnx.Module):
         if config.layer_scale:
             self.ls1 = nnx.Param(jnp.ones((width,)))
             self.ls2 = nnx.Param(jnp.ones((width,)))
+        self.rel_pos_grid = None
+        if config.rel_pos_bias:
+            patch = patch_pair(config.patch_size)
+            self.rel_pos_grid = (config.image_size // patch[0], config.image_size // patch[1])
+            shape = vit.relative_bias_table_shape(self.rel_pos_grid, config.num_heads)
+            self.relative_position_bias_table = nnx.Param(jnp.zeros(shape))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x))
+        y, attention = self.LayerNorm_0(x), self.MultiHeadDotProductAttention_0
+        if self.rel_pos_grid is None:
+            y = attention(y)
+        else:  # the attention's own steps, with the bias
+            h, w = self.rel_pos_grid
+            if x.shape[1] != h * w + 1:
+                raise ValueError(
+                    f"{x.shape[1] - 1} patches: the relative position bias is learned for a "
+                    f"{h}x{w} grid (image_size)"
+                )
+            table = self.relative_position_bias_table[...]
+            bias = vit.relative_position_bias(table, self.rel_pos_grid).astype(y.dtype)
+            q, k, v = attention.query(y), attention.key(y), attention.value(y)
+            y = attention.out(_linen_attention(q, k, v, bias=bias, deterministic=True))
         x = x + (y * self.ls1[...] if self.layer_scale else y)
         y = self.MlpBlock_0(self.LayerNorm_1(x))
         return x + (y * self.ls2[...] if self.layer_scale else y)
@@ -190,7 +210,7 @@ class ViT(nnx.Module):
         x = x.reshape(n, h * w, c)
         if self.config.posemb == "learn":
             x = x + self.pos_embedding[...]
-        else:
+        elif self.config.posemb == "sincos2d":
             x = x + vit.posemb_sincos_2d(h, w, c).astype(x.dtype)
         if self.config.num_registers:
             x = jnp.concatenate([jnp.tile(self.reg[...], (n, 1, 1)), x], axis=1)

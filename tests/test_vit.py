@@ -23,7 +23,7 @@ from jaxdissect.models import (
     zoo,
 )
 from jaxdissect.models import load as model_load
-from tests import torch_vit
+from tests import torch_beit, torch_vit
 from tests.model_testing import assert_close, random_variables, torchscript_save
 
 pytestmark = pytest.mark.xdist_group("vit")
@@ -731,6 +731,52 @@ def test_deit_distilled_parity_and_its_option_named(tmp_path):
         )
     with pytest.raises(ValueError, match=r"distilled=True: .* pool_type=tok, without"):
         vit.vit_ti16(distilled=True, pool_type="gap")
+
+
+def test_beit_parity_and_its_options_named(tmp_path):
+    """timm's BEiT: no absolute position embedding; per block a relative position bias table
+    over [class token, patches], query and value biases without the key's, `gamma_1` and
+    `gamma_2`; the patch tokens' mean, `fc_norm`. Its options give the torch model's numbers
+    on a 4x4 grid, in the NNX twin too; the index is timm's buffer (square grid or not);
+    without `rel_pos_bias` the mismatch names it, and another grid is refused by shape."""
+    reference = torch_beit.randomize_(
+        torch_beit.Beit(64, embed_dim=192, depth=2, num_heads=3, mlp_dim=768, num_classes=5)
+    )
+    torch.save(reference.state_dict(), tmp_path / "beit.pth")
+    options = {
+        **SMALL,
+        "image_size": 64,
+        "pool_type": "gap",
+        "class_token": True,
+        "fc_norm": True,
+        "posemb": "none",
+        "rel_pos_bias": True,
+        "layer_scale": True,
+        "gelu_approximate": False,
+    }
+    loaded = model_load.load("vit_ti16", weights=str(tmp_path / "beit.pth"), options=options)
+    layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "block1": "blocks.1"}
+    _check_parity(loaded.module, loaded.variables, reference, 64, layers, prefix=1)
+    _assert_nnx_twin_equal(loaded, 64)
+    for grid in ((4, 4), (2, 3), (5, 2)):
+        np.testing.assert_array_equal(
+            vit.beit_relative_position_index(*grid),
+            torch_beit.gen_relative_position_index(grid).view(-1).numpy(),
+        )
+    with pytest.raises(
+        ValueError, match=r"relative position bias in its blocks \(BEiT's\): --model_option "
+    ):
+        model_load.load(
+            "vit_ti16",
+            weights=str(tmp_path / "beit.pth"),
+            options={**options, "rel_pos_bias": False},
+        )
+    with pytest.raises(ValueError, match=r"bias_table: checkpoint \(52, 3\) vs model \(28, 3\)"):
+        model_load.load(
+            "vit_ti16", weights=str(tmp_path / "beit.pth"), options={**options, "image_size": 48}
+        )
+    with pytest.raises(ValueError, match=r"rel_pos_bias=True: BEiT's bias covers one class"):
+        vit.vit_ti16(rel_pos_bias=True, pool_type="gap")
 
 
 @pytest.mark.parametrize(("m", "side"), [(5, 3), (5, 7), (37, 16), (37, 14), (16, 37)])
