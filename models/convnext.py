@@ -11,7 +11,6 @@ square at 224) and `stage1`..`stage4` (the stages' outputs: 56, 28, 14 and 7).
 from __future__ import annotations
 
 import re
-import types
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -19,7 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxdissect.models.layers import AdaptiveAvgPool2d, DepthwiseConv2d
+from jaxdissect.models.layers import FOUR_STAGE_ALIASES, AdaptiveAvgPool2d, DepthwiseConv2d
 from jaxdissect.preprocess import TORCHVISION, InputSpec
 
 # torchvision's: LayerNorm epsilon 1e-6; weights trunc_normal(std=0.02), biases 0; the layer
@@ -158,9 +157,7 @@ class ConvNeXt(nn.Module):
     num_classes: int = 1000
     input_spec: InputSpec = TORCHVISION
 
-    layer_aliases: ClassVar[Mapping[str, str]] = types.MappingProxyType(
-        {"stem": "features.0", **{f"stage{i + 1}": f"features.{2 * i + 1}" for i in range(4)}}
-    )
+    layer_aliases: ClassVar[Mapping[str, str]] = FOUR_STAGE_ALIASES
     default_layers: ClassVar[tuple[str, ...]] = ("stage4",)
 
     def __post_init__(self):

@@ -13,7 +13,8 @@ start as torchvision's do.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+# The aliases of torchvision's four-stage `features` (ConvNeXt's, Swin's): the stem
+# `features.0`, then the stages `features.1`, `.3`, `.5`, `.7` between downsamplings.
+FOUR_STAGE_ALIASES: Mapping[str, str] = types.MappingProxyType(
+    {"stem": "features.0", **{f"stage{i + 1}": f"features.{2 * i + 1}" for i in range(4)}}
+)
 
 Initializer = Any  # a `jax.nn.initializers` function
 

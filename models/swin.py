@@ -15,7 +15,6 @@ inference. Every stage's output is a map [B, H, W, C]. Aliases: `stem` (56 pixel
 from __future__ import annotations
 
 import re
-import types
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.models.layers import FOUR_STAGE_ALIASES
 from jaxdissect.preprocess import TORCHVISION, InputSpec
 
 # torchvision's: LayerNorm epsilon 1e-5, 7x7 windows, 4x4 patches, MLP ratio 4.
@@ -205,9 +205,7 @@ class SwinTransformer(nn.Module):
     num_classes: int = 1000
     input_spec: InputSpec = TORCHVISION
 
-    layer_aliases: ClassVar[Mapping[str, str]] = types.MappingProxyType(
-        {"stem": "features.0", **{f"stage{i + 1}": f"features.{2 * i + 1}" for i in range(4)}}
-    )
+    layer_aliases: ClassVar[Mapping[str, str]] = FOUR_STAGE_ALIASES
     default_layers: ClassVar[tuple[str, ...]] = ("stage4",)
 
     def __post_init__(self):

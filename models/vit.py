@@ -237,7 +237,8 @@ class ViT(nn.Module):
       num_classes: logits of the `head` (0: no head, the pooled features are returned).
       patch_size: (ph, pw) of the patch embedding, or one int for square patches.
       width, depth, mlp_dim, num_heads: the transformer's size (see `VARIANTS`).
-      posemb: `learn` (a `pos_embedding` parameter) or `sincos2d` (fixed).
+      posemb: `learn` (a `pos_embedding` parameter), `sincos2d` (fixed) or `none` (BEiT's,
+        with `rel_pos_bias`).
       pool_type: `gap` (mean of the patch tokens), `tok` (a class token, `cls`), `map`
         (attention pooling, `MAPHead_0`, with `num_heads` heads and `mlp_dim`) or `tok+gap`
         (the class token beside the patch tokens' mean, twice the width: DINOv2's linear
@@ -484,7 +485,8 @@ class ViT(nn.Module):
             tokens = (x[:, 0], x[:, 1])
             if self.num_classes:
                 kw = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
-                heads = (nn.Dense(self.num_classes, name=h, **kw) for h in ("head", "head_dist"))
+                names = ("head", "head_dist")
+                heads = (nn.Dense(self.num_classes, name=name, **kw) for name in names)
                 tokens = tuple(head(t) for head, t in zip(heads, tokens, strict=True))
             return (tokens[0] + tokens[1]) / 2
         else:
@@ -535,7 +537,7 @@ def _fit_position_grid(flat: dict[str, Any], patches: int, rule: str) -> dict[st
 
 def pool(x: jax.Array, pool_type: str, prefix: int) -> jax.Array:
     """[B, tokens, C] pooled as `pool_type` (`tok`, `gap` or `tok+gap`) reads it, the
-    `prefix` tokens (class token, registers) before the patches'."""
+    `prefix` tokens (class, distillation, register tokens) before the patches'."""
     if pool_type == "tok":
         return x[:, 0]
     patches = x[:, prefix:].mean(axis=1)

@@ -15,7 +15,7 @@ from jaxdissect.models import convert, zoo
 from jaxdissect.models import load as model_load
 from jaxdissect.models.convert import variables_template
 from tests import torch_convnext as ref
-from tests.model_testing import assert_close, torch_outputs
+from tests.model_testing import assert_close, assert_parity, torch_outputs
 
 SMALL = dict(widths=(8, 16, 24, 32), depths=(1, 2, 2, 1))
 PATHS = {"stem": "features.0", "stage1": "features.1", "stage3": "features.5"}  # alias: path
@@ -58,14 +58,7 @@ def test_parity_with_torchvisions_layout_and_timms_names(tmp_path, names):
         {k: np.asarray(v) for k, v in state.items()}, variables_template(model, 70)
     )
     x = np.random.default_rng(0).standard_normal((2, 70, 70, 3)).astype(np.float32)
-    want_logits, want = torch_outputs(torch_model, x, PATHS)
-    tap = capture.make_tap(model, variables, list(PATHS), input_shape=(70, 70, 3))
-    with jax.default_matmul_precision("highest"):
-        logits = jax.jit(model.apply)(variables, jnp.asarray(x))
-        got = jax.jit(tap.fn)(tap.variables, jnp.asarray(x))
-    for name, path in zip(tap.names, tap.layers, strict=True):
-        assert_close(got[path], want[name], name)
-    assert_close(logits, want_logits, "logits")
+    assert_parity(model, variables, torch_model, x, PATHS)
 
 
 def test_full_size_tiny_through_the_loader_and_its_sizes(tmp_path):

@@ -506,6 +506,20 @@ def test_a_checkpoint_without_a_head_loads_with_num_classes_0(tmp_path):
     assert_close(got, want, "features")
 
 
+def _dinov2_options(size: int, registers: int) -> dict:
+    """A 2-block DINOv2 backbone's options at `size` px (14 px patches, no head)."""
+    return {
+        "depth": 2,
+        "image_size": size,
+        "patch_size": 14,
+        "num_classes": 0,
+        "pool_type": "tok",
+        "gelu_approximate": False,
+        "layer_scale": True,
+        "num_registers": registers,
+    }
+
+
 @pytest.mark.parametrize(
     ("interpolation", "registers", "size"),
     [("offset", 0, 42), ("offset", 0, 98), ("antialias", 4, 42), ("antialias", 4, 70)],
@@ -528,16 +542,7 @@ def test_dinov2_backbone_parity_at_another_grid(tmp_path, interpolation, registe
     )
     state = {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}
     torch.save(state, tmp_path / "dinov2.pth")
-    options = {
-        "depth": 2,
-        "image_size": size,
-        "patch_size": 14,
-        "num_classes": 0,
-        "pool_type": "tok",
-        "gelu_approximate": False,
-        "layer_scale": True,
-        "num_registers": registers,
-    }
+    options = _dinov2_options(size, registers)
     loaded = model_load.load("vit_ti16", weights=str(tmp_path / "dinov2.pth"), options=options)
     layers = {"block0": "blocks.0", "block1": "blocks.1", "encoder_norm": "norm"}
     reference.head = torch.nn.Identity()
@@ -624,16 +629,7 @@ def test_hugging_face_dinov2_parity_at_another_grid(tmp_path, caplog, registers,
         "classifier.bias": state["head.bias"].numpy(),
     }
     safetensors.numpy.save_file(classifier, str(tmp_path / "classifier.safetensors"))
-    options = {
-        "depth": 2,
-        "image_size": size,
-        "patch_size": 14,
-        "num_classes": 0,
-        "pool_type": "tok",
-        "gelu_approximate": False,
-        "layer_scale": True,
-        "num_registers": registers,
-    }
+    options = _dinov2_options(size, registers)
     with caplog.at_level("INFO"):
         loaded = model_load.load(
             "vit_ti16", weights=str(tmp_path / "model.safetensors"), options=options

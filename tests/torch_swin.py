@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.torch_convnext import Permute  # torchvision's ops.misc.Permute
+
 
 def shifted_window_attention(
     x: torch.Tensor,
@@ -120,15 +122,6 @@ class PatchMerging(nn.Module):
         x2 = x[..., 0::2, 1::2, :]
         x3 = x[..., 1::2, 1::2, :]
         return self.reduction(self.norm(torch.cat([x0, x1, x2, x3], -1)))
-
-
-class Permute(nn.Module):
-    def __init__(self, dims: list[int]):
-        super().__init__()
-        self.dims = dims
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(*self.dims)
 
 
 class SwinTransformer(nn.Module):
