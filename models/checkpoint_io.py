@@ -99,8 +99,18 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
         ) from err
 
 
+def _tensor_dicts(obj: Mapping[str, Any]) -> list[str]:
+    """The keys of `obj` whose values are state dicts (mappings of tensors only)."""
+    return [
+        str(k)
+        for k, v in obj.items()
+        if isinstance(v, Mapping) and v and all(isinstance(t, np.ndarray) for t in v.values())
+    ]
+
+
 def _state_dict_of(obj: Mapping[str, Any], path: str) -> Mapping[str, Any]:
-    """The state dict in `obj`: itself, or the one mapping under a `WRAPPER_KEYS` key."""
+    """The state dict in `obj`: itself, or the one mapping under a `WRAPPER_KEYS` key (the
+    other state dicts beside it, an EMA's, named in the log)."""
     if all(isinstance(v, np.ndarray) for v in obj.values()):
         return obj
     wrapped = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
@@ -110,6 +120,14 @@ def _state_dict_of(obj: Mapping[str, Any], path: str) -> Mapping[str, Any]:
             f"torch.save(checkpoint[{wrapped[0]!r}], path)"
         )
     if wrapped:
+        if others := [k for k in _tensor_dicts(obj) if k != wrapped[0]]:
+            logging.info(
+                "%s: the weights under %r are read; beside them, state dicts under %s (to "
+                "dissect one: torch.save(checkpoint[key], path))",
+                path,
+                wrapped[0],
+                ", ".join(repr(k) for k in others),
+            )
         return obj[wrapped[0]]
     return obj
 
@@ -155,6 +173,12 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     not_arrays = [
         f"{k}: {type(v).__name__}" for k, v in obj.items() if not isinstance(v, np.ndarray)
     ]
+    if not_arrays and (inside := _tensor_dicts(obj)):
+        raise CheckpointError(
+            f"{path}: state dicts under {', '.join(repr(k) for k in inside)}, none under "
+            f"{WRAPPER_KEYS}; save the one to dissect alone, e.g. "
+            f"torch.save(torch.load(path)[{inside[-1]!r}], 'weights.pth')"
+        )
     if not_arrays:
         shown = ", ".join(not_arrays[:5]) + (", ..." if len(not_arrays) > 5 else "")
         raise CheckpointError(

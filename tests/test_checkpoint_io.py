@@ -880,6 +880,28 @@ def test_weights_under_two_wrapper_keys_are_refused(tmp_path):
         load_state_dict(path)
 
 
+def test_state_dicts_under_other_keys_are_named(tmp_path, caplog):
+    """A self-supervised run's checkpoint (DINO's `student` and `teacher`, no wrapper key):
+    refused in one line naming the state dicts it holds and how to save one; timm's
+    `state_dict` beside `state_dict_ema`: the first is read, the other named in the log."""
+    state = {"backbone.cls_token": torch.zeros(1, 1, 4), "head.weight": torch.ones(2, 4)}
+    dino = {"student": state, "teacher": state, "epoch": 3, "optimizer": {"state": {}}}
+    path = _save(dino, tmp_path / "checkpoint.pth", True)
+    with pytest.raises(
+        CheckpointError,
+        match=r"^\S+checkpoint.pth: state dicts under 'student', 'teacher', none under .*"
+        r"torch.save\(torch.load\(path\)\['teacher'\], 'weights.pth'\)$",
+    ):
+        load_state_dict(path)
+    timm = {"state_dict": state, "state_dict_ema": state, "epoch": 3}
+    with caplog.at_level("INFO"):
+        got = load_state_dict(_save(timm, tmp_path / "timm.pth", True))
+    assert sorted(got) == sorted(state)
+    assert "under 'state_dict' are read; beside them, state dicts under 'state_dict_ema'" in (
+        caplog.text
+    )
+
+
 def _fc_template(*scope: str) -> dict:
     layer = {"fc": {"kernel": np.zeros((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
     for name in reversed(scope):
