@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 import time
 
 import flax.linen as nn
@@ -261,6 +262,46 @@ def test_a_resumed_pass2_counts_at_the_thresholds_it_reports(in_process, tmp_pat
     whole = run(probe, "none", tmp_path / "fresh")
     np.testing.assert_array_equal(whole.thresholds, arrays["thresholds"])
     _assert_same_counts(resumed, whole)
+
+
+def test_orbax_reads_closed_mid_read_print_nothing(tmp_path):
+    """A read coroutine of orbax's that raises as it is closed (another shard failed first)
+    is dropped while `orbax_reads_quiet` holds, not printed as "Exception ignored in"; one of
+    other code, and one after the block, reach the hook as before."""
+    source = (
+        "async def read():\n"
+        "    try:\n"
+        "        await fut\n"
+        "    except GeneratorExit as e:\n"
+        "        raise RuntimeError('closed mid-read') from e\n"
+    )
+
+    class Pending:
+        def __await__(self):
+            yield
+
+    def closed_mid_read(filename: str) -> None:
+        scope = {"fut": Pending()}
+        exec(compile(source, filename, "exec"), scope)
+        coroutine = scope["read"]()
+        coroutine.send(None)  # suspended in the read
+        del coroutine  # closed: GeneratorExit, then the RuntimeError it raises is unraisable
+
+    orbax = str(tmp_path / "orbax" / "checkpoint" / "serialization.py")
+    seen = []
+    previous, sys.unraisablehook = sys.unraisablehook, seen.append
+    try:
+        with checkpoint.orbax_reads_quiet():
+            closed_mid_read(orbax)
+            closed_mid_read(str(tmp_path / "elsewhere.py"))
+        closed_mid_read(orbax)
+    finally:
+        sys.unraisablehook = previous
+    assert [str(u.exc_value) for u in seen] == ["closed mid-read"] * 2
+    assert [u.object.cr_code.co_filename for u in seen] == [
+        str(tmp_path / "elsewhere.py"),
+        orbax,
+    ]
 
 
 @pytest.mark.parametrize("damage", ["arrays", "arrays, files unrecorded", "digest", "no digest"])
