@@ -282,17 +282,28 @@ def check_fit(
         )
 
 
-# Hugging Face transformers' ViT (`ViTModel`, and `ViTForImageClassification` under `vit.`)
-# and DINOv2 (`Dinov2Model`, `Dinov2WithRegistersModel`; their classifiers' backbones under
-# `dinov2.`, `dinov2_with_registers.`) -> timm's names, per block `encoder.layer.{i}.` ->
-# `blocks.{i}.`.
-_HF_VIT_PREFIXES = ("vit.", "dinov2.", "dinov2_with_registers.")
+# Hugging Face transformers' ViT (`ViTModel`, and `ViTForImageClassification` under `vit.`),
+# DeiT (`deit.`), BEiT and data2vec (`beit.`, `data2vec_vision.`) and DINOv2 (`Dinov2Model`,
+# `Dinov2WithRegistersModel`; their classifiers' backbones under `dinov2.`,
+# `dinov2_with_registers.`) -> timm's names, per block `encoder.layer.{i}.` -> `blocks.{i}.`.
+_HF_VIT_PREFIXES = (
+    "vit.",
+    "deit.",
+    "beit.",
+    "data2vec_vision.",
+    "dinov2.",
+    "dinov2_with_registers.",
+)
 _HF_VIT_NAMES = {
     "embeddings.cls_token": "cls_token",
+    "embeddings.distillation_token": "dist_token",  # DeiT's
     "embeddings.position_embeddings": "pos_embed",
     "embeddings.patch_embeddings.projection": "patch_embed.proj",
     "layernorm": "norm",
+    "pooler.layernorm": "fc_norm",  # BEiT's mean pooling
     "classifier": "head",
+    "cls_classifier": "head",  # DeiTForImageClassificationWithTeacher's two heads
+    "distillation_classifier": "head_dist",
 }
 _HF_VIT_BLOCK_NAMES = {
     "layernorm_before": "norm1",
@@ -307,6 +318,8 @@ _HF_VIT_BLOCK_NAMES = {
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
     "layer_scale2": "ls2",
+    # BEiT's relative position bias (its index buffer too, dropped when mapped)
+    "attention.attention.relative_position_bias": "attn",
 }
 _HF_VIT_BLOCKS = r"encoder\.layer\.(\d+)\.(.+)"
 HF_VIT_MARK = "embeddings.patch_embeddings.projection.weight"  # ViT's and DINOv2's
@@ -333,12 +346,15 @@ def _timm_name(
 
 
 def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """A Hugging Face `ViTModel` / `ViTForImageClassification` or `Dinov2Model` /
-    `Dinov2WithRegistersModel` state dict in timm's names: a block's separate query, key and
-    value stacked into timm's fused `qkv` (in that order); `ViTModel`'s pooler (a tanh Dense
-    on the class token) as big_vision's `pre_logits`; DINOv2's `mask_token` and
-    `register_tokens` as in DINOv2's own files; the classifier as the head (a
-    `Dinov2ForImageClassification`'s reads the class token beside the patch tokens' mean:
+    """A Hugging Face ViT, DeiT, BEiT / data2vec-vision or DINOv2 state dict (`ViTModel`,
+    `ViTForImageClassification`, `DeiTForImageClassificationWithTeacher`,
+    `BeitForImageClassification`, `Dinov2Model`, ...) in timm's names: a block's separate
+    query, key and value stacked into timm's fused `qkv` (in that order; BEiT's key has no
+    bias: 0); `ViTModel`'s pooler (a tanh Dense on the class token) as big_vision's
+    `pre_logits`; DeiT's distillation token and classifier as timm's; BEiT's `lambda_1`,
+    `lambda_2` as `gamma_1`, `gamma_2`, its mean pooling's norm as `fc_norm`; DINOv2's
+    `mask_token` and `register_tokens` as in DINOv2's own files; the classifier as the head
+    (a `Dinov2ForImageClassification`'s reads the class token beside the patch tokens' mean:
     `pool_type="tok+gap"`). Keys with no rule here keep their names, so that loading lists
     them."""
     dinov2 = is_hf_dinov2(state_dict)
@@ -358,11 +374,21 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if dinov2 and name in ("embeddings.mask_token", "embeddings.register_tokens"):
             out[name.removeprefix("embeddings.")] = np.asarray(value)
             continue
+        if (layer := re.fullmatch(r"encoder\.layer\.(\d+)", stem)) and leaf in _BEIT_SCALES:
+            out[f"blocks.{layer[1]}.{_BEIT_SCALES[leaf]}"] = np.asarray(value)
+            continue
         timm = _timm_name(name, _HF_VIT_BLOCKS, _HF_VIT_BLOCK_NAMES, _HF_VIT_NAMES)
         if timm and leaf == "lambda1":
             timm = f"{timm.removesuffix('.lambda1')}.gamma"
         out[timm or _HF_VIT_NAMES.get(name, name)] = np.asarray(value)
+    for name, parts in qkv.items():  # BEiT's key has no bias
+        if name.endswith(".bias") and sorted(parts) == ["query", "value"]:
+            parts["key"] = np.zeros_like(parts["query"])
     return {**out, **stacked_qkv(qkv)}
+
+
+# Hugging Face BEiT's LayerScale, a parameter of each layer -> timm BEiT's.
+_BEIT_SCALES = {"lambda_1": "gamma_1", "lambda_2": "gamma_2"}
 
 
 def stacked_qkv(qkv: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

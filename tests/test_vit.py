@@ -179,13 +179,14 @@ def test_models_convert_maps_a_timm_vit_as_the_loader_does(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, converted.variables, direct.variables)
 
 
-def _hf_names(state: dict) -> dict:
+def _hf_names(state: dict, model: str = "vit") -> dict:
     """A timm ViT's state dict in Hugging Face's `ViTForImageClassification` names (its fused
-    qkv split into query, key and value), as `transformers` saves that model."""
+    qkv split into query, key and value), as `transformers` saves that model; `model="deit"`:
+    `DeiTForImageClassificationWithTeacher`'s (the distillation token and both heads)."""
     out = {}
     for key, value, block in _timm_parts(state):
         if block and block[2] == "attn.qkv":
-            layer = f"vit.encoder.layer.{block[1]}.attention.attention"
+            layer = f"{model}.encoder.layer.{block[1]}.attention.attention"
             for name, part in zip(("query", "key", "value"), np.split(value, 3), strict=True):
                 out[f"{layer}.{name}.{block[3]}"] = part
             continue
@@ -197,17 +198,66 @@ def _hf_names(state: dict) -> dict:
                 "mlp.fc1": "intermediate.dense",
                 "mlp.fc2": "output.dense",
             }[block[2]]
-            out[f"vit.encoder.layer.{block[1]}.{part}.{block[3]}"] = value
+            out[f"{model}.encoder.layer.{block[1]}.{part}.{block[3]}"] = value
             continue
         plain = {
-            "cls_token": "vit.embeddings.cls_token",
-            "pos_embed": "vit.embeddings.position_embeddings",
-            "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
-            "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
-            "norm.weight": "vit.layernorm.weight",
-            "norm.bias": "vit.layernorm.bias",
+            "cls_token": "embeddings.cls_token",
+            "dist_token": "embeddings.distillation_token",
+            "pos_embed": "embeddings.position_embeddings",
+            "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+            "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+            "norm.weight": "layernorm.weight",
+            "norm.bias": "layernorm.bias",
         }
-        out[plain.get(key, key.replace("head.", "classifier."))] = value
+        if key in plain:
+            out[f"{model}.{plain[key]}"] = value
+        elif model == "deit":
+            out[
+                key.replace("head_dist.", "distillation_classifier.").replace(
+                    "head.", "cls_classifier."
+                )
+            ] = value
+        else:
+            out[key.replace("head.", "classifier.")] = value
+    return out
+
+
+def _hf_beit_names(state: dict) -> dict:
+    """timm's BEiT state dict in Hugging Face's `BeitForImageClassification` names (`beit.`;
+    the fused qkv split, the key without bias; `lambda_1`, `lambda_2`; the relative position
+    bias under `attention.attention.relative_position_bias`; `pooler.layernorm`)."""
+    parts = {
+        "norm1": "layernorm_before",
+        "attn.proj": "attention.output.dense",
+        "norm2": "layernorm_after",
+        "mlp.fc1": "intermediate.dense",
+        "mlp.fc2": "output.dense",
+        "attn": "attention.attention.relative_position_bias",
+    }
+    out = {}
+    for key, value in state.items():
+        value, (stem, _, leaf) = value.numpy(), key.rpartition(".")
+        block = re.fullmatch(r"blocks\.(\d+)\.?(.*)", stem)
+        layer = block and f"beit.encoder.layer.{block[1]}"
+        if block and block[2] == "attn.qkv":
+            for name, part in zip(("query", "key", "value"), np.split(value, 3), strict=True):
+                out[f"{layer}.attention.attention.{name}.weight"] = part
+        elif block and leaf in ("q_bias", "v_bias"):
+            name = "query" if leaf == "q_bias" else "value"
+            out[f"{layer}.attention.attention.{name}.bias"] = value
+        elif block and leaf in ("gamma_1", "gamma_2"):
+            out[f"{layer}.lambda_{leaf[-1]}"] = value
+        elif block:
+            out[f"{layer}.{parts[block[2]]}.{leaf}"] = value
+        elif stem == "fc_norm":
+            out[f"beit.pooler.layernorm.{leaf}"] = value
+        elif stem == "head":
+            out[f"classifier.{leaf}"] = value
+        else:
+            names = {"cls_token": "cls_token", "patch_embed.proj": "patch_embeddings.projection"}
+            out[f"beit.embeddings.{names[key] if key in names else f'{names[stem]}.{leaf}'}"] = (
+                value
+            )
     return out
 
 
@@ -700,11 +750,16 @@ def test_deit_distilled_parity_and_its_option_named(tmp_path):
         torch_vit.VisionTransformer(img_size=32, depth=2, num_classes=5, distilled=True)
     )
     torch.save(reference.state_dict(), tmp_path / "deit.pth")
+    torch.save(
+        {k: torch.from_numpy(v) for k, v in _hf_names(reference.state_dict(), "deit").items()},
+        tmp_path / "hf_deit.bin",
+    )
     options = {**SMALL, "pool_type": "tok", "gelu_approximate": False, "distilled": True}
-    loaded = model_load.load("vit_ti16", weights=str(tmp_path / "deit.pth"), options=options)
-    assert loaded.module.token_layout((32, 32, 3)).prefix == 2
     layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "encoder_norm": "norm"}
-    _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=2)
+    for name in ("deit.pth", "hf_deit.bin"):  # timm's names, Hugging Face's
+        loaded = model_load.load("vit_ti16", weights=str(tmp_path / name), options=options)
+        assert loaded.module.token_layout((32, 32, 3)).prefix == 2
+        _check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=2)
     _assert_nnx_twin_equal(loaded, 32)
     backbone = {k: v for k, v in reference.state_dict().items() if not k.startswith("head")}
     torch.save(backbone, tmp_path / "deit_backbone.pth")
@@ -739,6 +794,9 @@ def test_beit_parity_and_its_options_named(tmp_path):
         torch_beit.Beit(64, embed_dim=192, depth=2, num_heads=3, mlp_dim=768, num_classes=5)
     )
     torch.save(reference.state_dict(), tmp_path / "beit.pth")
+    hf = {k: torch.from_numpy(v) for k, v in _hf_beit_names(reference.state_dict()).items()}
+    assert "beit.encoder.layer.1.attention.attention.key.bias" not in hf
+    torch.save(hf, tmp_path / "hf_beit.bin")
     options = {
         **SMALL,
         "image_size": 64,
@@ -750,9 +808,10 @@ def test_beit_parity_and_its_options_named(tmp_path):
         "layer_scale": True,
         "gelu_approximate": False,
     }
-    loaded = model_load.load("vit_ti16", weights=str(tmp_path / "beit.pth"), options=options)
     layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "block1": "blocks.1"}
-    _check_parity(loaded.module, loaded.variables, reference, 64, layers, prefix=1)
+    for name in ("beit.pth", "hf_beit.bin"):  # timm's names, Hugging Face's
+        loaded = model_load.load("vit_ti16", weights=str(tmp_path / name), options=options)
+        _check_parity(loaded.module, loaded.variables, reference, 64, layers, prefix=1)
     _assert_nnx_twin_equal(loaded, 64)
     for grid in ((4, 4), (2, 3), (5, 2)):
         np.testing.assert_array_equal(
