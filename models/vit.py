@@ -5,7 +5,7 @@ The module tree and parameter names are those of `big_vision/models/vit.py`
 `MultiHeadDotProductAttention_0/{query,key,value,out}`, `LayerNorm_1`,
 `MlpBlock_0/Dense_0|1`, `Transformer/encoder_norm`, `pre_logits`, `head`), so a
 big_vision `.npz` checkpoint loads directly (`models/npz_import.py`) and a timm
-`vit_*` state dict through `torch_import.timm_vit_to_big_vision`. As there:
+`vit_*` state dict through `vit_import.timm_vit_to_big_vision`. As there:
 LayerNorm epsilon 1e-6 (`layer_norm_epsilon`: Hugging Face's ViTs use 1e-12),
 tanh-approximated GELU (`gelu_approximate=False` for timm's and Hugging Face's exact
 GELU), position embeddings added before the class token is prepended, inputs in [-1, 1].
@@ -368,17 +368,17 @@ class ViT(nn.Module):
     ) -> dict[str, Any]:
         """`variables` filled from a ViT state dict in timm's, torchvision's, Hugging Face's
         (ViT, DINOv2, CLIP, SigLIP), open_clip's or DINOv2's names
-        (`torch_import.vit_state_dict_as_timm`); a warning where the options differ from what
+        (`vit_import.vit_state_dict_as_timm`); a warning where the options differ from what
         that source's ViTs use, and a position embedding of another grid resampled
         (`_fit_position_grid`)."""
-        from jaxdissect.models import npz_import, torch_import
+        from jaxdissect.models import npz_import, vit_import
 
-        dinov2 = torch_import.DINOV2_MARK in state_dict
-        source, state_dict = torch_import.vit_state_dict_as_timm(state_dict)
+        dinov2 = vit_import.DINOV2_MARK in state_dict
+        source, state_dict = vit_import.vit_state_dict_as_timm(state_dict)
         self._warn_of_options(source, state_dict)
         pos = variables["params"].get("pos_embedding")
         patches = None if pos is None else int(pos.shape[1])
-        flat = torch_import.timm_vit_to_big_vision(state_dict, self.num_heads, patches)
+        flat = vit_import.timm_vit_to_big_vision(state_dict, self.num_heads, patches)
         if patches is not None:
             rule = "DINOv2" if dinov2 else source if "DINOv2" in source else "timm"
             flat = _fit_position_grid(flat, patches, rule)

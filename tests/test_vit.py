@@ -18,6 +18,7 @@ from jaxdissect.models import (
     position_embedding,
     torch_import,
     vit,
+    vit_import,
     vit_nnx,
     weight_file,
     zoo,
@@ -1039,16 +1040,16 @@ def test_timm_weights_that_do_not_split_into_heads_are_one_error():
     with pytest.raises(
         torch_import.WeightMappingError, match=r"blocks.0.attn.qkv weight \(24, 8\) .* 3 heads"
     ):
-        torch_import.timm_vit_to_big_vision(qkv, num_heads=3)
-    assert len(torch_import.timm_vit_to_big_vision(qkv, num_heads=2)) == 6
+        vit_import.timm_vit_to_big_vision(qkv, num_heads=3)
+    assert len(vit_import.timm_vit_to_big_vision(qkv, num_heads=2)) == 6
     qkv["blocks.0.attn.qkv.weight"] = np.zeros((3 * d, d + 1), np.float32)
     with pytest.raises(torch_import.WeightMappingError, match=r"weight \(24, 9\)"):
-        torch_import.timm_vit_to_big_vision(qkv, num_heads=2)
+        vit_import.timm_vit_to_big_vision(qkv, num_heads=2)
     proj = {"blocks.0.attn.proj.weight": np.zeros((d, d), np.float32)}
     with pytest.raises(torch_import.WeightMappingError, match=r"attn.proj weight \(8, 8\)"):
-        torch_import.timm_vit_to_big_vision(proj, num_heads=3)
+        vit_import.timm_vit_to_big_vision(proj, num_heads=3)
     odd = {"blocks.x.norm1.weight": np.zeros(3, np.float32)}
-    assert torch_import.timm_vit_to_big_vision(odd, num_heads=3).keys() == odd.keys()
+    assert vit_import.timm_vit_to_big_vision(odd, num_heads=3).keys() == odd.keys()
 
 
 def test_zoo_configs():
