@@ -1,0 +1,61 @@
+"""Helpers of the ViT tests: a torch model's outputs as maps, parity, the NNX twin."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from jaxdissect import capture
+from jaxdissect.models import vit_nnx
+from tests.model_testing import assert_close
+
+
+def torch_run(model, x: np.ndarray, hooks: dict[str, str], grid: int, prefix: int):
+    """Logits and hooked outputs, token outputs read as [B, grid, grid, C] (prefix dropped)."""
+    modules = dict(model.named_modules())
+    got: dict[str, np.ndarray] = {}
+    handles = []
+    for key, name in hooks.items():
+
+        def hook(_m, _inp, out, key=key):
+            out = out.detach().numpy().copy()
+            if out.ndim == 4:
+                got[key] = out.transpose(0, 2, 3, 1)
+            else:
+                got[key] = out[:, prefix:].reshape(out.shape[0], grid, grid, out.shape[-1])
+
+        handles.append(modules[name].register_forward_hook(hook))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    for h in handles:
+        h.remove()
+    return logits, got
+
+
+def assert_nnx_twin_equal(loaded, size: int) -> None:
+    """The NNX twin of a loaded Linen ViT gives its numbers bit for bit (both jitted)."""
+    twin = vit_nnx.from_linen(loaded.module, loaded.variables["params"])
+    x = np.random.default_rng(3).standard_normal((2, size, size, 3), np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(nnx.jit(lambda m, x: m(x))(twin, x)),
+        np.asarray(jax.jit(loaded.module.apply)(loaded.variables, x)),
+    )
+
+
+def check_parity(
+    module, variables, reference, size: int, layers: dict[str, str], prefix: int, patch: int = 16
+):
+    x = np.random.default_rng(0).standard_normal((2, size, size, 3), np.float32)
+    grid = size // patch
+    want_logits, want = torch_run(reference, x, layers, grid, prefix)
+    tap = capture.make_tap(module, variables, list(layers), input_shape=(size, size, 3))
+    with jax.default_matmul_precision("highest"):
+        logits = jax.jit(lambda v, x: module.apply(v, x))(variables, jnp.asarray(x))
+        got = jax.jit(tap.fn)(tap.variables, jnp.asarray(x))
+    for name, path in zip(tap.names, tap.layers, strict=True):
+        assert_close(got[path], want[name], name)
+    assert_close(logits, want_logits, "logits")
+
+
+SMALL = dict(depth=2, image_size=32, num_classes=5)
