@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from jaxdissect import capture
-from jaxdissect.models import convert, swin, zoo
 from jaxdissect.models import load as model_load
+from jaxdissect.models import swin, zoo
 from jaxdissect.models.convert import variables_template
 from tests import torch_swin as ref
 from tests.model_testing import assert_parity
@@ -78,29 +78,33 @@ def _hf_names(state: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("names", ["torchvision", "timm", "timm_before_0.9", "hugging_face"])
-def test_parity_through_padding_and_shifts(names):
-    """A small Swin with random weights and bias tables at 70 px, in torchvision's, timm's
-    (either placement of its patch merging) or Hugging Face's names: the stem's 17x17 map padded to whole
-    windows and shifted, 9x9 after an odd-sided merge, then maps no larger than a window (no
-    shift): logits and stage outputs within 1e-4 of torch's."""
+def test_parity_through_padding_and_shifts():
+    """A small Swin with random weights and bias tables at 70 px, in torchvision's names:
+    the stem's 17x17 map padded to whole windows and shifted, 9x9 after an odd-sided merge,
+    then maps no larger than a window (no shift): logits and stage outputs within 1e-4 of
+    torch's; in timm's names (either placement of its patch merging) and Hugging Face's, the
+    same weights in place."""
     torch_model = ref.randomize_(
         ref.SwinTransformer(SMALL["width"], SMALL["depths"], SMALL["heads"], num_classes=7)
     )
     model = zoo.build("swin_t", num_classes=7).clone(**SMALL)
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    if names == "hugging_face":
-        state = _hf_names(torch_model.state_dict())
-        assert "swin.encoder.layers.0.blocks.1.attention.self.key.weight" in state
-    elif names != "torchvision":
-        state = _timm_names(torch_model.state_dict(), merge_after=names != "timm")
-        assert ("layers.0.downsample.norm.weight" in state) == (names != "timm")
     variables = model.import_state_dict(state, variables_template(model, 70))
     x = np.random.default_rng(0).standard_normal((2, 70, 70, 3)).astype(np.float32)
     tap = assert_parity(model, variables, torch_model, x, PATHS, nhwc=True)
     assert tap.shapes == {"features/0": (17, 17, 12), "features/1": (17, 17, 12)} | {
         "features/3": (9, 9, 24)
     }
+    timm = _timm_names(torch_model.state_dict(), merge_after=False)
+    timm_before = _timm_names(torch_model.state_dict(), merge_after=True)
+    hf = _hf_names(torch_model.state_dict())
+    assert "layers.0.downsample.norm.weight" in timm_before and not any(
+        k.startswith("layers.0.downsample") for k in timm
+    )
+    assert "swin.encoder.layers.0.blocks.1.attention.self.key.weight" in hf
+    for named in (timm, timm_before, hf):
+        got = model.import_state_dict(named, variables_template(model, 70))
+        jax.tree.map(np.testing.assert_array_equal, got, variables)
 
 
 def test_index_and_mask_are_torchvisions():
@@ -123,8 +127,8 @@ def test_index_and_mask_are_torchvisions():
 def test_full_size_tiny_through_the_loader_and_its_sizes(tmp_path):
     """Swin-T/S/B at full size: torchvision's parameter counts (the bias tables' count per
     head too) in the zoo's models; Swin-T's .pth (with its index buffers) through the
-    scripts' loader and models/convert.py gives torch's weights in place; the aliases name its
-    stages' maps at 224."""
+    scripts' loader gives torch's weights in place (models/convert.py maps through the same
+    importer: test_convnext); the aliases name its stages' maps at 224."""
     counts = {"swin_t": 28_288_354, "swin_s": 49_606_258, "swin_b": 87_768_224}
     for arch, count in counts.items():
         model = zoo.build(arch)
@@ -137,9 +141,6 @@ def test_full_size_tiny_through_the_loader_and_its_sizes(tmp_path):
     loaded = model_load.load(
         "swin_t", weights=str(tmp_path / "swin_t.pth"), options={"num_classes": 5}
     )
-    convert.convert("swin_t", tmp_path / "swin_t.pth", tmp_path / "ckpt", num_classes=5)
-    converted = model_load.load("swin_t", weights=str(tmp_path / "ckpt"))
-    jax.tree.map(np.testing.assert_array_equal, converted.variables, loaded.variables)
     params, state = loaded.variables["params"], torch_model.state_dict()
     np.testing.assert_array_equal(
         params["features"]["7"]["1"]["attn"]["relative_position_bias_table"],

@@ -330,10 +330,11 @@ def test_siglip_attention_pooling_from_timms_and_hugging_faces_names(tmp_path, c
     safetensors.numpy.save_file(_hf_siglip_names(state), str(tmp_path / "siglip.safetensors"))
     options = {**SMALL, "num_classes": 0, "pool_type": "map"}
     layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "block1": "blocks.1"}
-    for name in ("timm.pth", "siglip.safetensors"):
-        loaded = model_load.load("vit_ti16", weights=str(tmp_path / name), options=options)
-        check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=0)
+    loaded = model_load.load("vit_ti16", weights=str(tmp_path / "timm.pth"), options=options)
+    check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=0)
     assert_nnx_twin_equal(loaded, 32)
+    hf = model_load.load("vit_ti16", weights=str(tmp_path / "siglip.safetensors"), options=options)
+    jax.tree.map(np.testing.assert_array_equal, hf.variables, loaded.variables)
     with caplog.at_level("WARNING"):
         model_load.load(
             "vit_ti16",
@@ -403,12 +404,16 @@ def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog)
     # OpenAI's own .pt: a TorchScript archive of the whole CLIP in open_clip's names.
     _torchscript_archive(_open_clip_names(reference.state_dict()), tmp_path / "ViT-B-16.pt")
     layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "mlp1": "blocks.1.mlp.act"}
-    for name in ("timm.pth", "open_clip.safetensors", "hf_clip.safetensors", "ViT-B-16.pt"):
-        loaded = model_load.load(
+    loaded = model_load.load(
+        "vit_ti16", weights=str(tmp_path / "timm.pth"), options={**SMALL, **CLIP_OPTIONS}
+    )
+    check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=1)
+    assert_nnx_twin_equal(loaded, 32)
+    for name in ("open_clip.safetensors", "hf_clip.safetensors", "ViT-B-16.pt"):  # the same
+        other = model_load.load(
             "vit_ti16", weights=str(tmp_path / name), options={**SMALL, **CLIP_OPTIONS}
         )
-        check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=1)
-    assert_nnx_twin_equal(loaded, 32)
+        jax.tree.map(np.testing.assert_array_equal, other.variables, loaded.variables)
     # --input_norm=clip: OpenAI's normalisation of 0..255 pixels.
     spec = cli.model_info(loaded, "clip", 32).input_spec
     pixels = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
@@ -507,11 +512,12 @@ def test_deit_distilled_parity_and_its_option_named(tmp_path):
     )
     options = {**SMALL, "pool_type": "tok", "gelu_approximate": False, "distilled": True}
     layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "encoder_norm": "norm"}
-    for name in ("deit.pth", "hf_deit.bin"):  # timm's names, Hugging Face's
-        loaded = model_load.load("vit_ti16", weights=str(tmp_path / name), options=options)
-        assert loaded.module.token_layout((32, 32, 3)).prefix == 2
-        check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=2)
+    loaded = model_load.load("vit_ti16", weights=str(tmp_path / "deit.pth"), options=options)
+    assert loaded.module.token_layout((32, 32, 3)).prefix == 2
+    check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=2)
     assert_nnx_twin_equal(loaded, 32)
+    hf = model_load.load("vit_ti16", weights=str(tmp_path / "hf_deit.bin"), options=options)
+    jax.tree.map(np.testing.assert_array_equal, hf.variables, loaded.variables)
     backbone = {k: v for k, v in reference.state_dict().items() if not k.startswith("head")}
     torch.save(backbone, tmp_path / "deit_backbone.pth")
     headless = model_load.load(
@@ -560,10 +566,11 @@ def test_beit_parity_and_its_options_named(tmp_path):
         "gelu_approximate": False,
     }
     layers = {"stem": "patch_embed.proj", "block0": "blocks.0", "block1": "blocks.1"}
-    for name in ("beit.pth", "hf_beit.bin"):  # timm's names, Hugging Face's
-        loaded = model_load.load("vit_ti16", weights=str(tmp_path / name), options=options)
-        check_parity(loaded.module, loaded.variables, reference, 64, layers, prefix=1)
+    loaded = model_load.load("vit_ti16", weights=str(tmp_path / "beit.pth"), options=options)
+    check_parity(loaded.module, loaded.variables, reference, 64, layers, prefix=1)
     assert_nnx_twin_equal(loaded, 64)
+    hf = model_load.load("vit_ti16", weights=str(tmp_path / "hf_beit.bin"), options=options)
+    jax.tree.map(np.testing.assert_array_equal, hf.variables, loaded.variables)
     for grid in ((4, 4), (2, 3), (5, 2)):
         np.testing.assert_array_equal(
             vit.beit_relative_position_index(*grid),
