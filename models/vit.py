@@ -89,18 +89,33 @@ _DENSE_INIT = dict(
 )
 
 
+class SwiGLU(nn.Module):
+    """silu(a) * b of the halves [a, b] of the last axis (DINOv2's fused SwiGLU, timm's
+    `SwiGLUPacked`), as a module so that the MLP's hidden units have a path to capture."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        a, b = jnp.split(x, 2, axis=-1)
+        return nn.silu(a) * b
+
+
 class MlpBlock(nn.Module):
-    """Dense -> GELU -> Dense (big_vision's `MlpBlock`)."""
+    """Dense -> GELU -> Dense (big_vision's `MlpBlock`); with `swiglu`, `Dense_0` gives twice
+    `mlp_dim` and `swiglu` gates them to `mlp_dim`."""
 
     mlp_dim: int
     gelu_approximate: bool = True
     quick_gelu: bool = False
+    swiglu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        x = nn.Dense(self.mlp_dim, name="Dense_0", **_DENSE_INIT)(x)
-        x = Gelu(self.gelu_approximate, self.quick_gelu, name="gelu")(x)
+        if self.swiglu:
+            x = nn.Dense(2 * self.mlp_dim, name="Dense_0", **_DENSE_INIT)(x)
+            x = SwiGLU(name="swiglu")(x)
+        else:
+            x = nn.Dense(self.mlp_dim, name="Dense_0", **_DENSE_INIT)(x)
+            x = Gelu(self.gelu_approximate, self.quick_gelu, name="gelu")(x)
         return nn.Dense(d, name="Dense_1", **_DENSE_INIT)(x)
 
 
@@ -145,6 +160,7 @@ class Encoder1DBlock(nn.Module):
     quick_gelu: bool = False
     layer_scale: bool = False
     rel_pos_grid: tuple[int, int] | None = None
+    swiglu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -167,7 +183,10 @@ class Encoder1DBlock(nn.Module):
             y = y * self.param("ls1", nn.initializers.ones, (d,), y.dtype)
         x = x + y
         y = nn.LayerNorm(self.layer_norm_epsilon, name="LayerNorm_1")(x)
-        y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.quick_gelu, name="MlpBlock_0")(y)
+        mlp = MlpBlock(
+            self.mlp_dim, self.gelu_approximate, self.quick_gelu, self.swiglu, name="MlpBlock_0"
+        )
+        y = mlp(y)
         if self.layer_scale:
             y = y * self.param("ls2", nn.initializers.ones, (d,), y.dtype)
         return x + y
@@ -186,6 +205,7 @@ class Encoder(nn.Module):
     layer_scale: bool = False
     final_norm: bool = True
     rel_pos_grid: tuple[int, int] | None = None
+    swiglu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -198,6 +218,7 @@ class Encoder(nn.Module):
                 self.quick_gelu,
                 self.layer_scale,
                 self.rel_pos_grid,
+                self.swiglu,
                 name=f"encoderblock_{i}",
             )(x)
         if not self.final_norm:
@@ -270,6 +291,9 @@ class ViT(nn.Module):
       rel_pos_bias: each block's attention adds BEiT's learned bias per relative position
         and head (`relative_position_bias_table`, the class token's three entries last),
         over a class token and the input's patch grid (BEiT's use `posemb="none"`).
+      swiglu: the blocks' MLPs gated (DINOv2's giant): `Dense_0` gives 2 x `mlp_dim`, silu
+        of the first half times the second (`MlpBlock_0/swiglu`, the `mlp{i}` units), then
+        `Dense_1`.
     """
 
     num_classes: int = 1000
@@ -294,6 +318,7 @@ class ViT(nn.Module):
     fc_norm: bool = False
     distilled: bool = False
     rel_pos_bias: bool = False
+    swiglu: bool = False
 
     def __post_init__(self):
         patch_pair(self.patch_size)  # refuses another form, naming patch_size
@@ -360,7 +385,7 @@ class ViT(nn.Module):
         for i in range(self.depth):
             block = f"Transformer/encoderblock_{i}"
             aliases[f"block{i}"] = block
-            aliases[f"mlp{i}"] = f"{block}/MlpBlock_0/gelu"
+            aliases[f"mlp{i}"] = f"{block}/MlpBlock_0/{'swiglu' if self.swiglu else 'gelu'}"
         return aliases
 
     def import_state_dict(
@@ -470,6 +495,7 @@ class ViT(nn.Module):
             self.layer_scale,
             final_norm=not self.fc_norm,
             rel_pos_grid=(h, w) if self.rel_pos_bias else None,
+            swiglu=self.swiglu,
             name="Transformer",
         )(x)
         if self.pool_type == "map":

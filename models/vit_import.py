@@ -54,6 +54,9 @@ _HF_VIT_BLOCK_NAMES = {
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
     "layer_scale2": "ls2",
+    "mlp.weights_in": "mlp.fc1",  # DINOv2 giant's SwiGLU, both halves
+    "mlp.weights_out": "mlp.fc2",
+    "mlp.down_proj": "mlp.fc2",  # the same, its halves apart (`gate_proj`, `up_proj`)
     # BEiT's relative position bias (its index buffer too, dropped when mapped)
     "attention.attention.relative_position_bias": "attn",
 }
@@ -89,19 +92,24 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     bias: 0); `ViTModel`'s pooler (a tanh Dense on the class token) as big_vision's
     `pre_logits`; DeiT's distillation token and classifier as timm's; BEiT's `lambda_1`,
     `lambda_2` as `gamma_1`, `gamma_2`, its mean pooling's norm as `fc_norm`; DINOv2's
-    `mask_token` and `register_tokens` as in DINOv2's own files; the classifier as the head
+    `mask_token` and `register_tokens` as in DINOv2's own files, its giant's SwiGLU
+    (`weights_in`, or `gate_proj` and `up_proj` apart) packed as timm's; the classifier as the head
     (a `Dinov2ForImageClassification`'s reads the class token beside the patch tokens' mean:
     `pool_type="tok+gap"`). Keys with no rule here keep their names, so that loading lists
     them."""
     dinov2 = is_hf_dinov2(state_dict)
     out: dict[str, np.ndarray] = {}
     qkv: dict[str, dict[str, np.ndarray]] = {}
+    gated: dict[str, dict[str, np.ndarray]] = {}  # a SwiGLU's halves apart
     for key, value in state_dict.items():
         name = next((key.removeprefix(p) for p in _HF_VIT_PREFIXES if key.startswith(p)), key)
         stem, _, leaf = name.rpartition(".")
         block = re.fullmatch(_HF_VIT_BLOCKS, stem)
         if block and (part := re.fullmatch(r"attention\.attention\.(query|key|value)", block[2])):
             qkv.setdefault(f"blocks.{block[1]}.attn.qkv.{leaf}", {})[part[1]] = np.asarray(value)
+            continue
+        if block and (half := re.fullmatch(r"mlp\.(gate|up)_proj", block[2])):
+            gated.setdefault(f"blocks.{block[1]}.mlp.fc1.{leaf}", {})[half[1]] = np.asarray(value)
             continue
         if stem == "pooler.dense":  # big_vision's name (timm has no such layer)
             array = np.asarray(value)
@@ -120,6 +128,10 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for name, parts in qkv.items():  # BEiT's key has no bias
         if name.endswith(".bias") and sorted(parts) == ["query", "value"]:
             parts["key"] = np.zeros_like(parts["query"])
+    for name, halves in gated.items():  # [gate; up], as the fused SwiGLU holds them
+        if sorted(halves) != ["gate", "up"]:
+            raise WeightMappingError(f"{name}: the checkpoint has one half of a SwiGLU only")
+        out[name] = np.concatenate([halves["gate"], halves["up"]])
     return {**out, **stacked_qkv(qkv)}
 
 
@@ -412,7 +424,9 @@ def timm_vit_to_big_vision(
                 f"{t}.attn.relative_position_bias_table"
             )
             sd.pop(f"{t}.attn.relative_position_index", None)  # computed, not read
-        for fc, dense_name in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+        # DINOv2's fused SwiGLU: `w12` (both halves), `w3`, as timm's packed `fc1`, `fc2`.
+        mlp = (("fc1", "Dense_0"), ("fc2", "Dense_1"), ("w12", "Dense_0"), ("w3", "Dense_1"))
+        for fc, dense_name in mlp:
             if f"{t}.mlp.{fc}.weight" in sd:
                 dense(f"{t}.mlp.{fc}", f"{b}/MlpBlock_0/{dense_name}")
     if "attn_pool.latent" in sd:  # timm's AttentionPoolLatent: big_vision's MAPHead

@@ -44,16 +44,29 @@ class Gelu(nnx.Module):
         return jax.nn.gelu(x, approximate=self.approximate)
 
 
-class MlpBlock(nnx.Module):
-    """Dense -> GELU -> Dense."""
+class SwiGLU(nnx.Module):
+    """silu(a) * b of the halves [a, b] of the last axis (`vit.SwiGLU`)."""
 
-    def __init__(self, width: int, config: vit.ViT, *, rngs: nnx.Rngs):
-        self.Dense_0 = nnx.Linear(width, config.mlp_dim, rngs=rngs)
-        self.gelu = Gelu(config.gelu_approximate, config.quick_gelu)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        a, b = jnp.split(x, 2, axis=-1)
+        return linen.silu(a) * b
+
+
+class MlpBlock(nnx.Module):
+    """Dense -> GELU -> Dense; with `swiglu`, Dense (twice `mlp_dim`) -> SwiGLU -> Dense."""
+
+    def __init__(self, width: int, config: vit.ViT, *, rngs: nnx.Rngs, swiglu: bool = False):
+        hidden = 2 * config.mlp_dim if swiglu else config.mlp_dim
+        self.Dense_0 = nnx.Linear(width, hidden, rngs=rngs)
+        if swiglu:
+            self.swiglu = SwiGLU()
+        else:
+            self.gelu = Gelu(config.gelu_approximate, config.quick_gelu)
         self.Dense_1 = nnx.Linear(config.mlp_dim, width, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.Dense_1(self.gelu(self.Dense_0(x)))
+        act = self.swiglu if hasattr(self, "swiglu") else self.gelu
+        return self.Dense_1(act(self.Dense_0(x)))
 
 
 class Encoder1DBlock(nnx.Module):
@@ -73,7 +86,7 @@ class Encoder1DBlock(nnx.Module):
             rngs=rngs,
         )
         self.LayerNorm_1 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
-        self.MlpBlock_0 = MlpBlock(width, config, rngs=rngs)
+        self.MlpBlock_0 = MlpBlock(width, config, rngs=rngs, swiglu=config.swiglu)
         self.layer_scale = config.layer_scale
         if config.layer_scale:
             self.ls1 = nnx.Param(jnp.ones((width,)))

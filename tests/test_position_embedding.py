@@ -2,8 +2,6 @@
 interpolate it: DINOv2's rules (its own checkpoints), transformers' (Hugging Face's DINOv2),
 timm's (the others); parity with torch's `interpolate` and with torch DINOv2 backbones."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +13,13 @@ from jaxdissect.models import load as model_load
 from jaxdissect.models import position_embedding
 from tests import torch_vit
 from tests.model_testing import assert_close
-from tests.vit_testing import SMALL, assert_nnx_twin_equal, check_parity, torch_run
+from tests.vit_testing import (
+    SMALL,
+    assert_nnx_twin_equal,
+    check_parity,
+    hf_dinov2_names,
+    torch_run,
+)
 
 pytestmark = pytest.mark.xdist_group("vit")
 
@@ -72,45 +76,6 @@ def test_dinov2_backbone_parity_at_another_grid(tmp_path, interpolation, registe
             )
 
 
-def _hf_dinov2_names(state: dict, prefix: str = "") -> dict:
-    """A DINOv2 backbone's state dict (timm's layout) in Hugging Face's `Dinov2Model` names
-    (`Dinov2WithRegistersModel`'s with registers), each key after `prefix` (`dinov2.` in a
-    `Dinov2ForImageClassification`)."""
-    names = {
-        "cls_token": "embeddings.cls_token",
-        "pos_embed": "embeddings.position_embeddings",
-        "mask_token": "embeddings.mask_token",
-        "register_tokens": "embeddings.register_tokens",
-        "patch_embed.proj": "embeddings.patch_embeddings.projection",
-        "norm": "layernorm",
-    }
-    parts = {
-        "norm1": "norm1",
-        "attn.proj": "attention.output.dense",
-        "ls1": "layer_scale1",
-        "norm2": "norm2",
-        "mlp.fc1": "mlp.fc1",
-        "mlp.fc2": "mlp.fc2",
-        "ls2": "layer_scale2",
-    }
-    out = {}
-    for key, value in state.items():
-        value, (stem, _, leaf) = value.numpy(), key.rpartition(".")
-        block = re.fullmatch(r"blocks\.(\d+)\.(.+)", stem)
-        if key in names:
-            out[names[key]] = value
-        elif block and block[2] == "attn.qkv":
-            layer = f"encoder.layer.{block[1]}.attention.attention"
-            for name, part in zip(("query", "key", "value"), np.split(value, 3), strict=True):
-                out[f"{layer}.{name}.{leaf}"] = part
-        elif block:
-            leaf = "lambda1" if leaf == "gamma" else leaf
-            out[f"encoder.layer.{block[1]}.{parts[block[2]]}.{leaf}"] = value
-        else:
-            out[f"{names[stem]}.{leaf}"] = value
-    return {prefix + k: v for k, v in out.items()}
-
-
 @pytest.mark.parametrize(("registers", "size"), [(0, 42), (0, 98), (4, 42)])
 def test_hugging_face_dinov2_parity_at_another_grid(tmp_path, caplog, registers, size):
     """Hugging Face's `Dinov2Model` (`Dinov2WithRegistersModel` with registers) in its own
@@ -136,9 +101,9 @@ def test_hugging_face_dinov2_parity_at_another_grid(tmp_path, caplog, registers,
     )
     state = reference.state_dict()
     backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
-    safetensors.numpy.save_file(_hf_dinov2_names(backbone), str(tmp_path / "model.safetensors"))
+    safetensors.numpy.save_file(hf_dinov2_names(backbone), str(tmp_path / "model.safetensors"))
     classifier = {
-        **_hf_dinov2_names(backbone, "dinov2."),
+        **hf_dinov2_names(backbone, "dinov2."),
         "classifier.weight": state["head.weight"].numpy(),
         "classifier.bias": state["head.bias"].numpy(),
     }

@@ -15,7 +15,7 @@ from jaxdissect.models import load as model_load
 from jaxdissect.models import torch_import, vit, vit_import
 from tests import torch_beit, torch_vit
 from tests.model_testing import assert_close, torchscript_save
-from tests.vit_testing import SMALL, assert_nnx_twin_equal, check_parity
+from tests.vit_testing import SMALL, assert_nnx_twin_equal, check_parity, hf_dinov2_names
 
 pytestmark = pytest.mark.xdist_group("vit")
 
@@ -495,6 +495,54 @@ def test_average_pooling_past_the_class_token_with_fc_norm(tmp_path):
         model_load.load("vit_ti16", weights=str(tmp_path / "mae_finetuned.pth"), options=options)
     with pytest.raises(ValueError, match=r"class_token=False: pool_type='tok' pools the class"):
         vit.vit_ti16(pool_type="tok", class_token=False)
+
+
+def test_swiglu_mlp_of_dinov2_giant_in_its_namings(tmp_path):
+    """DINOv2 giant's gated MLP (`swiglu=true`): its own names (`mlp.w12` both halves,
+    `mlp.w3`) give the torch model's numbers and the gated hidden units as `mlp{i}`, in the
+    NNX twin too; timm's packed `fc1`, Hugging Face's `weights_in` / `weights_out` and its
+    halves apart (`gate_proj`, `up_proj`, `down_proj`) load the same weights."""
+    import safetensors.numpy
+
+    reference = torch_vit.randomize_(
+        torch_vit.VisionTransformer(
+            img_size=32, depth=2, num_classes=5, layer_scale=True, swiglu=True, mlp_dim=512
+        )
+    )
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    own = {
+        re.sub(r"mlp\.fc1", "mlp.w12", re.sub(r"mlp\.fc2", "mlp.w3", k)): v
+        for k, v in state.items()
+    }
+    safetensors.numpy.save_file(own, str(tmp_path / "dinov2_own.safetensors"))
+    safetensors.numpy.save_file(state, str(tmp_path / "timm.safetensors"))
+    options = {**SMALL, "pool_type": "tok", "gelu_approximate": False, "layer_scale": True}
+    options |= {"swiglu": True, "mlp_dim": 512}
+    loaded = model_load.load(
+        "vit_ti16", weights=str(tmp_path / "dinov2_own.safetensors"), options=options
+    )
+    layers = {"block0": "blocks.0", "mlp1": "blocks.1.mlp.act", "encoder_norm": "norm"}
+    check_parity(loaded.module, loaded.variables, reference, 32, layers, prefix=1)
+    assert_nnx_twin_equal(loaded, 32)
+    backbone = {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}
+    hf = hf_dinov2_names(backbone)  # then its MLPs' names, and its classifier
+    hf |= {f"classifier.{k[5:]}": v for k, v in state.items() if k.startswith("head.")}
+    apart, packed = {}, {}
+    for key, value in hf.items():
+        if m := re.fullmatch(r"(encoder\.layer\.\d+\.mlp)\.(fc1|fc2)\.(\w+)", key):
+            if m[2] == "fc1":
+                gate, up = np.split(value, 2)
+                apart[f"{m[1]}.gate_proj.{m[3]}"], apart[f"{m[1]}.up_proj.{m[3]}"] = gate, up
+                packed[f"{m[1]}.weights_in.{m[3]}"] = value
+            else:
+                apart[f"{m[1]}.down_proj.{m[3]}"] = packed[f"{m[1]}.weights_out.{m[3]}"] = value
+        else:
+            apart[key] = packed[key] = value
+    safetensors.numpy.save_file(apart, str(tmp_path / "hf_apart.safetensors"))
+    safetensors.numpy.save_file(packed, str(tmp_path / "hf.safetensors"))
+    for name in ("timm.safetensors", "hf_apart.safetensors", "hf.safetensors"):
+        other = model_load.load("vit_ti16", weights=str(tmp_path / name), options=options)
+        jax.tree.map(np.testing.assert_array_equal, other.variables, loaded.variables)
 
 
 def test_deit_distilled_parity_and_its_option_named(tmp_path):

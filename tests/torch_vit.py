@@ -58,11 +58,25 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+class SwiGLUPacked(nn.Module):
+    """timm's `SwiGLUPacked` activation (DINOv2's `SwiGLUFFNFused`): silu(x1) * x2 of the
+    halves of the packed `fc1` output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return F.silu(x1) * x2
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, approximate: str):
+    def __init__(self, dim: int, hidden: int, approximate: str, swiglu: bool = False):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = QuickGELU() if approximate == "quick_gelu" else nn.GELU(approximate=approximate)
+        self.fc1 = nn.Linear(dim, 2 * hidden if swiglu else hidden)
+        if swiglu:
+            self.act = SwiGLUPacked()
+        elif approximate == "quick_gelu":
+            self.act = QuickGELU()
+        else:
+            self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,13 +116,14 @@ class Block(nn.Module):
         approximate: str,
         eps: float,
         layer_scale: bool = False,
+        swiglu: bool = False,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
         self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, mlp_dim, approximate)
+        self.mlp = Mlp(dim, mlp_dim, approximate, swiglu)
         self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,6 +152,7 @@ class VisionTransformer(nn.Module):
         pool: str | None = None,  # "token", "avg" or "token+avg"; default by class_token
         fc_norm: bool = False,
         distilled: bool = False,
+        swiglu: bool = False,  # DINOv2 giant's packed SwiGLU MLP
     ):
         super().__init__()
         self.patch_embed = nn.Module()
@@ -159,7 +175,7 @@ class VisionTransformer(nn.Module):
         self.norm_pre = nn.LayerNorm(embed_dim, eps=eps) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(
             *[
-                Block(embed_dim, num_heads, mlp_dim, approximate, eps, layer_scale)
+                Block(embed_dim, num_heads, mlp_dim, approximate, eps, layer_scale, swiglu)
                 for _ in range(depth)
             ]
         )

@@ -1,5 +1,7 @@
 """Helpers of the ViT tests: a torch model's outputs as maps, parity, the NNX twin."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,3 +61,42 @@ def check_parity(
 
 
 SMALL = dict(depth=2, image_size=32, num_classes=5)
+
+
+def hf_dinov2_names(state: dict, prefix: str = "") -> dict:
+    """A DINOv2 backbone's state dict (timm's layout) in Hugging Face's `Dinov2Model` names
+    (`Dinov2WithRegistersModel`'s with registers), each key after `prefix` (`dinov2.` in a
+    `Dinov2ForImageClassification`)."""
+    names = {
+        "cls_token": "embeddings.cls_token",
+        "pos_embed": "embeddings.position_embeddings",
+        "mask_token": "embeddings.mask_token",
+        "register_tokens": "embeddings.register_tokens",
+        "patch_embed.proj": "embeddings.patch_embeddings.projection",
+        "norm": "layernorm",
+    }
+    parts = {
+        "norm1": "norm1",
+        "attn.proj": "attention.output.dense",
+        "ls1": "layer_scale1",
+        "norm2": "norm2",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+        "ls2": "layer_scale2",
+    }
+    out = {}
+    for key, value in state.items():
+        value, (stem, _, leaf) = value.numpy(), key.rpartition(".")
+        block = re.fullmatch(r"blocks\.(\d+)\.(.+)", stem)
+        if key in names:
+            out[names[key]] = value
+        elif block and block[2] == "attn.qkv":
+            layer = f"encoder.layer.{block[1]}.attention.attention"
+            for name, part in zip(("query", "key", "value"), np.split(value, 3), strict=True):
+                out[f"{layer}.{name}.{leaf}"] = part
+        elif block:
+            leaf = "lambda1" if leaf == "gamma" else leaf
+            out[f"encoder.layer.{block[1]}.{parts[block[2]]}.{leaf}"] = value
+        else:
+            out[f"{names[stem]}.{leaf}"] = value
+    return {prefix + k: v for k, v in out.items()}
