@@ -1,4 +1,5 @@
-"""ConvNeXt-T/S/B/L (Liu et al., 2022) in torchvision's layout; timm's names load too.
+"""ConvNeXt-T/S/B/L (Liu et al., 2022) in torchvision's layout; timm's and Hugging Face's
+names load too.
 
 Paths: `features` -> `0` (stem: `0` conv 4x4 stride 4, `1` LayerNorm), then stages `1`, `3`,
 `5`, `7` (blocks `N` -> `block` -> `0` depthwise 7x7 conv, `2` LayerNorm, `3` Linear, `4`
@@ -175,12 +176,15 @@ class ConvNeXt(nn.Module):
     def import_state_dict(
         self, state_dict: Mapping[str, Any], variables: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """`variables` filled from a torchvision `convnext_*` state dict, or a timm one
-        (`stem`, `stages`, `conv_dw`, `gamma`, `head`; `timm_to_torchvision`)."""
+        """`variables` filled from a torchvision `convnext_*` state dict, a timm one (`stem`,
+        `stages`, `conv_dw`, `gamma`, `head`; `timm_to_torchvision`) or a Hugging Face one
+        (`ConvNextForImageClassification`; `hf_to_torchvision`)."""
         from jaxdissect.models import torch_import
 
         if any(k.startswith(("stem.", "stages.")) for k in state_dict):
             state_dict = timm_to_torchvision(state_dict)
+        elif any(k.startswith(("convnext.", "embeddings.", "encoder.")) for k in state_dict):
+            state_dict = hf_to_torchvision(state_dict)
         renamed = {}
         for key, value in state_dict.items():
             if key.endswith(".layer_scale"):  # [C, 1, 1] -> LayerScale's [C]
@@ -214,6 +218,44 @@ def timm_to_torchvision(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             out[f"features.0.{stem[-1]}.{leaf}"] = value
         elif stem in ("head.norm", "head.fc"):
             out[f"classifier.{0 if stem == 'head.norm' else 2}.{leaf}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+# Hugging Face's ConvNeXt block parts -> torchvision's.
+_HF_BLOCK = {"dwconv": "block.0", "layernorm": "block.2", "pwconv1": "block.3"} | {
+    "pwconv2": "block.5"
+}
+_HF_NAMES = {
+    "embeddings.patch_embeddings": "features.0.0",
+    "embeddings.layernorm": "features.0.1",
+    "layernorm": "classifier.0",
+    "classifier": "classifier.2",
+}
+
+
+def hf_to_torchvision(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A Hugging Face `ConvNextModel` / `ConvNextForImageClassification` state dict
+    (`convnext.`) in torchvision's names: `encoder.stages.{i}.layers.{j}` (`dwconv`,
+    `layernorm`, `pwconv1`, `pwconv2`, `layer_scale_parameter`), each stage's
+    `downsampling_layer` (stage 0's is none), `layernorm` and `classifier` as torchvision's
+    classifier. Keys with no rule are kept, so that loading lists them."""
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("convnext.")
+        stem, _, leaf = name.rpartition(".")
+        block = re.fullmatch(r"encoder\.stages\.(\d+)\.layers\.(\d+)(?:\.(.+))?", stem)
+        down = re.fullmatch(r"encoder\.stages\.(\d+)\.downsampling_layer\.([01])", stem)
+        if block and leaf == "layer_scale_parameter" and block[3] is None:
+            out[f"features.{2 * int(block[1]) + 1}.{block[2]}.layer_scale"] = value
+        elif block and block[3] in _HF_BLOCK:
+            stage = 2 * int(block[1]) + 1
+            out[f"features.{stage}.{block[2]}.{_HF_BLOCK[block[3]]}.{leaf}"] = value
+        elif down:
+            out[f"features.{2 * int(down[1])}.{down[2]}.{leaf}"] = value
+        elif stem in _HF_NAMES:
+            out[f"{_HF_NAMES[stem]}.{leaf}"] = value
         else:
             out[key] = value
     return out

@@ -61,6 +61,46 @@ def test_parity_with_torchvisions_layout_and_timms_names(tmp_path, names):
     assert_parity(model, variables, torch_model, x, PATHS)
 
 
+def _hf_names(state: dict) -> dict:
+    """torchvision's ConvNeXt state dict in Hugging Face's `ConvNextForImageClassification`
+    names (`convnext.embeddings`, `encoder.stages.{i}.layers.{j}` with `dwconv`, `layernorm`,
+    `pwconv1`, `pwconv2`, `layer_scale_parameter` [C]; `downsampling_layer`; `layernorm`,
+    `classifier`)."""
+    out = {}
+    for key, value in state.items():
+        value = value.numpy()
+        if m := re.fullmatch(r"features\.(\d+)\.(\d+)\.layer_scale", key):
+            layer = f"convnext.encoder.stages.{(int(m[1]) - 1) // 2}.layers.{m[2]}"
+            out[f"{layer}.layer_scale_parameter"] = value.reshape(-1)
+        elif m := re.fullmatch(r"features\.(\d+)\.(\d+)\.block\.(\d)\.(\w+)", key):
+            part = {"0": "dwconv", "2": "layernorm", "3": "pwconv1", "5": "pwconv2"}[m[3]]
+            layer = f"convnext.encoder.stages.{(int(m[1]) - 1) // 2}.layers.{m[2]}"
+            out[f"{layer}.{part}.{m[4]}"] = value
+        elif m := re.fullmatch(r"features\.0\.([01])\.(\w+)", key):
+            part = "patch_embeddings" if m[1] == "0" else "layernorm"
+            out[f"convnext.embeddings.{part}.{m[2]}"] = value
+        elif m := re.fullmatch(r"features\.([246])\.([01])\.(\w+)", key):
+            stage = int(m[1]) // 2
+            out[f"convnext.encoder.stages.{stage}.downsampling_layer.{m[2]}.{m[3]}"] = value
+        else:
+            _, index, leaf = key.split(".")
+            out["convnext.layernorm." + leaf if index == "0" else "classifier." + leaf] = value
+    return out
+
+
+def test_hugging_face_names_load_the_same_weights():
+    """Hugging Face's `ConvNextForImageClassification` names give torchvision's weights in
+    place (so the parity above holds for them)."""
+    torch_model = ref.randomize_(ref.ConvNeXt(**SMALL, num_classes=7))
+    model = zoo.build("convnext_tiny", num_classes=7).clone(**SMALL)
+    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    want = model.import_state_dict(state, variables_template(model, 70))
+    hf = _hf_names(torch_model.state_dict())
+    assert "convnext.encoder.stages.1.downsampling_layer.1.weight" in hf
+    got = model.import_state_dict(hf, variables_template(model, 70))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 def test_full_size_tiny_through_the_loader_and_its_sizes(tmp_path):
     """ConvNeXt-T at full size: torchvision's parameter counts (T/S/B/L) in the zoo's models
     and the reference; a .pth through the scripts' loader and models/convert.py gives torch's
