@@ -9,12 +9,15 @@ so nothing but these options tells the variants apart.
 Paths: `conv1`, `bn1`, `relu`, `maxpool`, `layer1`..`layer4` -> `N` (blocks) ->
 `conv1`, `bn1`, ..., `downsample` -> `0` (conv), `1` (BN), then `avgpool`, `fc`.
 As in torch, a block's single `relu` module is called after each of its
-convolutions; probe the block itself (`layer4/1`) for its output.
+convolutions; probe the block itself (`layer4/1`) for its output. Hugging Face's
+`ResNetModel` / `ResNetForImageClassification` names (`microsoft/resnet-50`) are renamed to
+these as they load (`ResNet.torch_rename`).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -173,6 +176,25 @@ class ResNet(nn.Module):
     def layer_aliases(self) -> Mapping[str, str]:
         """The stages (already module paths). No `conv1` alias: it would shadow the path."""
         return {f"layer{i}": f"layer{i}" for i in range(1, 5)}
+
+    @staticmethod
+    def torch_rename(key: str) -> str:
+        """torchvision's name of a Hugging Face `ResNetModel` / `ResNetForImageClassification`
+        key (`resnet.embedder.embedder.convolution`, `resnet.encoder.stages.{i}.layers.{j}`
+        with `shortcut` and `layer.{k}`, each a `convolution` and a `normalization`,
+        `classifier.1`); other keys as they are."""
+        name = key.removeprefix("resnet.")
+        if m := re.fullmatch(r"embedder\.embedder\.(convolution|normalization)\.(\w+)", name):
+            return f"{'conv1' if m[1] == 'convolution' else 'bn1'}.{m[2]}"
+        conv = r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(?:shortcut|layer\.(\d))"
+        if m := re.fullmatch(rf"{conv}\.(convolution|normalization)\.(\w+)", name):
+            block, is_conv = f"layer{int(m[1]) + 1}.{m[2]}", m[4] == "convolution"
+            if m[3] is None:  # the shortcut: torchvision's downsample
+                return f"{block}.downsample.{0 if is_conv else 1}.{m[5]}"
+            return f"{block}.{'conv' if is_conv else 'bn'}{int(m[3]) + 1}.{m[5]}"
+        if m := re.fullmatch(r"classifier\.1\.(\w+)", key):
+            return f"fc.{m[1]}"
+        return key
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -288,6 +288,44 @@ def test_resnet_reduced_parity(arch: str, options: dict) -> None:
     check_parity(*build_pair(arch, **options), 64, paths)
 
 
+def _hf_resnet_names(state: dict) -> dict:
+    """torchvision's ResNet state dict in Hugging Face's `ResNetForImageClassification` names
+    (`resnet.embedder`, `resnet.encoder.stages.{i}.layers.{j}` with `shortcut` and `layer.{k}`,
+    each a `convolution` and a `normalization`; `classifier.1`)."""
+    out = {}
+    for key, value in state.items():
+        if m := re.fullmatch(r"(conv|bn)1\.(\w+)", key):
+            part = "convolution" if m[1] == "conv" else "normalization"
+            out[f"resnet.embedder.embedder.{part}.{m[2]}"] = value
+        elif m := re.fullmatch(r"layer(\d)\.(\d+)\.(conv|bn)(\d)\.(\w+)", key):
+            part = "convolution" if m[3] == "conv" else "normalization"
+            layer = f"resnet.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}"
+            out[f"{layer}.layer.{int(m[4]) - 1}.{part}.{m[5]}"] = value
+        elif m := re.fullmatch(r"layer(\d)\.(\d+)\.downsample\.([01])\.(\w+)", key):
+            part = "convolution" if m[3] == "0" else "normalization"
+            layer = f"resnet.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}"
+            out[f"{layer}.shortcut.{part}.{m[4]}"] = value
+        else:
+            out[key.replace("fc.", "classifier.1.")] = value
+    return out
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_hugging_face_resnet_names_load_torchvisions_weights(tmp_path, arch: str) -> None:
+    """Hugging Face's ResNet names (`microsoft/resnet-50`), basic and bottleneck blocks, give
+    torchvision's weights in place through the scripts' loader (so its parity holds)."""
+    reference = tm.randomize_(torch_reference(arch, width=0.25, num_classes=7))
+    state = reference.state_dict()
+    torch.save(state, tmp_path / "torchvision.pth")
+    hf = _hf_resnet_names(state)
+    assert any(".shortcut.normalization.running_var" in k for k in hf)
+    torch.save(hf, tmp_path / "hf.bin")
+    options = {"width": 0.25, "num_classes": 7}
+    want = model_load.load(arch, weights=str(tmp_path / "torchvision.pth"), options=options)
+    got = model_load.load(arch, weights=str(tmp_path / "hf.bin"), options=options)
+    jax.tree.map(np.testing.assert_array_equal, got.variables, want.variables)
+
+
 def caffe_resnet(reference: torch.nn.Module, stride_in_1x1: bool, caffe_maxpool: bool):
     """A torch ResNet made MSRA's Caffe variant in place: each strided Bottleneck's stride
     moved from its 3x3 conv to its first 1x1, and/or Caffe's `pool1` (3x3, stride 2, no
