@@ -95,13 +95,23 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     `mask_token` and `register_tokens` as in DINOv2's own files, its giant's SwiGLU
     (`weights_in`, or `gate_proj` and `up_proj` apart) packed as timm's; the classifier as the head
     (a `Dinov2ForImageClassification`'s reads the class token beside the patch tokens' mean:
-    `pool_type="tok+gap"`). Keys with no rule here keep their names, so that loading lists
-    them."""
+    `pool_type="tok+gap"`); a `ViTMAEForPreTraining`'s decoder left out (logged). Keys with no
+    rule here keep their names, so that loading lists them."""
+    from absl import logging
+
     dinov2 = is_hf_dinov2(state_dict)
     out: dict[str, np.ndarray] = {}
     qkv: dict[str, dict[str, np.ndarray]] = {}
     gated: dict[str, dict[str, np.ndarray]] = {}  # a SwiGLU's halves apart
+    if decoder := [k for k in state_dict if k.startswith("decoder.")]:
+        logging.info(
+            "%d keys of a ViTMAEForPreTraining's decoder (its pixel reconstruction) left out: "
+            "the encoder is the ViT",
+            len(decoder),
+        )
     for key, value in state_dict.items():
+        if key.startswith("decoder."):
+            continue
         name = next((key.removeprefix(p) for p in _HF_VIT_PREFIXES if key.startswith(p)), key)
         stem, _, leaf = name.rpartition(".")
         block = re.fullmatch(_HF_VIT_BLOCKS, stem)

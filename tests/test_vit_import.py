@@ -168,7 +168,8 @@ def _hf_beit_names(state: dict) -> dict:
 def test_hugging_face_vit_parity_and_its_layer_norm_epsilon(tmp_path, caplog):
     """A `transformers` ViTForImageClassification's weights (separate query, key and value,
     LayerNorm epsilon 1e-12), as safetensors: the torch model's numbers with
-    `layer_norm_epsilon=1e-12`, in the NNX twin too. The embeddings are made tiny, so that
+    `layer_norm_epsilon=1e-12`, in the NNX twin too; a `ViTModel`'s pooler; a
+    `ViTMAEForPreTraining`'s encoder, its decoder left out. The embeddings are made tiny, so that
     the first LayerNorm's input has a variance near epsilon: 1e-6 there would be far off."""
     import safetensors.numpy
 
@@ -208,6 +209,30 @@ def test_hugging_face_vit_parity_and_its_layer_norm_epsilon(tmp_path, caplog):
         params["Transformer"],
         loaded.variables["params"]["Transformer"],
     )
+    # A `ViTMAEForPreTraining` (`facebook/vit-mae-base`): the same encoder beside its decoder,
+    # which is left out (logged); a head-less ViT of the class token.
+    mae = {k: v for k, v in _hf_names(reference.state_dict()).items() if "classifier" not in k}
+    mae |= {
+        "decoder.decoder_embed.weight": np.ones((8, 192), np.float32),
+        "decoder.mask_token": np.zeros((1, 1, 8), np.float32),
+        "decoder.decoder_layers.0.output.dense.bias": np.zeros(8, np.float32),
+    }
+    safetensors.numpy.save_file(mae, str(tmp_path / "vit_mae.safetensors"))
+    with caplog.at_level("INFO"):
+        encoder = model_load.load(
+            "vit_ti16",
+            weights=str(tmp_path / "vit_mae.safetensors"),
+            options={**SMALL, **hf, "num_classes": 0},
+        )
+    assert "3 keys of a ViTMAEForPreTraining's decoder (its pixel reconstruction) left out" in (
+        caplog.text
+    )
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        encoder.variables["params"]["Transformer"],
+        loaded.variables["params"]["Transformer"],
+    )
+    caplog.clear()
     # timm's epsilon: loaded with a warning, and other numbers.
     with caplog.at_level("WARNING"):
         timm_eps = model_load.load(
