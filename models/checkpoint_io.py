@@ -177,7 +177,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise CheckpointError(
             f"{path}: state dicts under {', '.join(repr(k) for k in inside)}, none under "
             f"{WRAPPER_KEYS}; save the one to dissect alone, e.g. "
-            f"torch.save(torch.load(path)[{inside[-1]!r}], 'weights.pth')"
+            f"torch.save(checkpoint[{inside[-1]!r}], 'weights.pth')"
         )
     if not_arrays:
         shown = ", ".join(not_arrays[:5]) + (", ..." if len(not_arrays) > 5 else "")
