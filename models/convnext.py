@@ -19,7 +19,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxdissect.models.layers import FOUR_STAGE_ALIASES, AdaptiveAvgPool2d, DepthwiseConv2d
+from jaxdissect.models.layers import (
+    FOUR_STAGE_ALIASES,
+    GELU,
+    AdaptiveAvgPool2d,
+    DepthwiseConv2d,
+)
 from jaxdissect.preprocess import TORCHVISION, InputSpec
 
 # torchvision's: LayerNorm epsilon 1e-6; weights trunc_normal(std=0.02), biases 0; the layer
@@ -54,13 +59,6 @@ def _conv(features: int, kernel: int, name: str) -> nn.Conv:
 
 def _linear(features: int, name: str) -> nn.Dense:
     return nn.Dense(features, kernel_init=_KERNEL_INIT, name=name)
-
-
-class GELU(nn.Module):
-    """Exact GELU as a module, so that a block's hidden units have a path to capture."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.gelu(x, approximate=False)
 
 
 class LayerScale(nn.Module):
@@ -224,8 +222,11 @@ def timm_to_torchvision(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # Hugging Face's ConvNeXt block parts -> torchvision's.
-_HF_BLOCK = {"dwconv": "block.0", "layernorm": "block.2", "pwconv1": "block.3"} | {
-    "pwconv2": "block.5"
+_HF_BLOCK = {
+    "dwconv": "block.0",
+    "layernorm": "block.2",
+    "pwconv1": "block.3",
+    "pwconv2": "block.5",
 }
 _HF_NAMES = {
     "embeddings.patch_embeddings": "features.0.0",

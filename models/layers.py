@@ -361,6 +361,14 @@ def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+class GELU(nn.Module):
+    """Exact GELU as a module, so that an MLP's hidden units (ConvNeXt's, Swin's) have a path
+    to capture."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(x, approximate=False)
+
+
 class DepthwiseConv2d(nn.Module):
     """Depthwise k x k convolution with "SAME" padding, a bias where `use_bias`.
 

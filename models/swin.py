@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect.models.layers import FOUR_STAGE_ALIASES
+from jaxdissect.models.layers import FOUR_STAGE_ALIASES, GELU
 from jaxdissect.preprocess import TORCHVISION, InputSpec
 
 # torchvision's: LayerNorm epsilon 1e-5, 7x7 windows, 4x4 patches, MLP ratio 4.
@@ -108,13 +108,6 @@ class ShiftedWindowAttention(nn.Module):
         if any(shift):
             x = jnp.roll(x, shift, axis=(1, 2))
         return x[:, :h, :w]
-
-
-class GELU(nn.Module):
-    """Exact GELU as a module, so that a block's hidden units have a path to capture."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.gelu(x, approximate=False)
 
 
 class _Mlp(nn.Module):
