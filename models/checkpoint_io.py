@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,11 @@ from jaxdissect.models.weight_file import (
 # Keys under which training scripts nest the state dict (CSAIL Places365 and Lightning:
 # 'state_dict'; torchvision's reference scripts and DeiT: 'model').
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+class SelectionError(ValueError):
+    """A selection (`entry`, `prefix`, `drop`) that names nothing in the weight file; the
+    message starts with the parameter's name."""
 
 
 def _named(err: CheckpointError, path: str) -> CheckpointError:
@@ -132,12 +138,98 @@ def _state_dict_of(obj: Mapping[str, Any], path: str) -> Mapping[str, Any]:
     return obj
 
 
-def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+def key_groups(keys: Iterable[str], shown: int = 4) -> str:
+    """`keys` counted by their first component, most first: "'encoder_q.' (320),
+    'encoder_k.' (320), 'queue' (1)" (a key without a dot is its own group), cut after
+    `shown`."""
+    counts = Counter(k.split(".", 1)[0] + ("." if "." in k else "") for k in keys)
+    groups = [f"{name!r} ({n})" for name, n in counts.most_common()]
+    return ", ".join(groups[:shown]) + (
+        f", ... ({len(groups)} in all)" if len(groups) > shown else ""
+    )
+
+
+def _entry_of(whole: Any, entry: str, path: str) -> Any:
+    """The object under `entry` ('/'-separated keys: `teacher`, `state_dict/model`)."""
+    obj = whole
+    for part in entry.split("/"):
+        if not isinstance(obj, Mapping) or part not in obj:
+            found = _tensor_dicts(whole) if isinstance(whole, Mapping) else []
+            held = (
+                f"its state dicts are under {', '.join(map(repr, found))}"
+                if found
+                else ("it holds no state dict under a key")
+            )
+            raise SelectionError(f"entry={entry!r}: {path} has no {part!r} there; {held}")
+        obj = obj[part]
+    if not isinstance(obj, Mapping):
+        raise SelectionError(
+            f"entry={entry!r}: {path} holds a value of type {type(obj).__name__} there, not a "
+            "state dict"
+        )
+    return obj
+
+
+def _under(key: str, name: str) -> bool:
+    """Whether `key` is `name` or inside it (`fc` holds `fc.weight`, not `fcx.weight`)."""
+    name = name.removesuffix(".")
+    return key == name or key.startswith(f"{name}.")
+
+
+def select_keys(
+    state_dict: Mapping[str, Any], *, prefix: str = "", drop: Sequence[str] = (), path: str = ""
+) -> dict[str, Any]:
+    """The weights of one network in a checkpoint that holds several: the keys under
+    `prefix` with it stripped (MoCo's `encoder_q` beside `encoder_k`, DINO's `backbone`
+    beside its projection `head`), less those under any of `drop` (named without the
+    prefix: MoCo v2's projection MLP `fc`, SwAV's `projection_head` and `prototypes`).
+    Names are whole components (`fc` holds `fc.0.weight`, not `fcx.weight`); the keys left
+    out are counted in the log.
+
+    Raises:
+      SelectionError: `prefix` holds no key, or one of `drop` none of the selected ones
+        (each naming the keys' first components).
+    """
+    where = f"{path}: " if path else ""
+    selected = dict(state_dict)
+    if prefix:
+        name = prefix.removesuffix(".") + "."
+        if not any(k.startswith(name) for k in state_dict):  # `load_state_dict` strips it
+            name = name.removeprefix("module.")
+        selected = {k[len(name) :]: v for k, v in state_dict.items() if k.startswith(name)}
+        if not selected:
+            raise SelectionError(
+                f"prefix={prefix!r}: {where}no key starts with {name!r}; the keys start "
+                f"with {key_groups(state_dict)}"
+            )
+        if outside := [k for k in state_dict if not k.startswith(name)]:
+            logging.info(
+                "%s%d keys outside %r left out: %s", where, len(outside), name, key_groups(outside)
+            )
+    out = dict(selected)
+    for name in drop:
+        dropped = [k for k in selected if _under(k, name)]
+        if not dropped:
+            part = name.removesuffix(".")
+            raise SelectionError(
+                f"drop={name!r}: {where}no key{' under the prefix' if prefix else ''} is "
+                f"{part!r} or starts with {part + '.'!r}; they start with {key_groups(selected)}"
+            )
+        logging.info("%s%d keys under %r dropped", where, len(dropped), name)
+        for k in dropped:
+            out.pop(k, None)
+    return out
+
+
+def load_state_dict(
+    path: str | os.PathLike[str], *, entry: str | None = None
+) -> dict[str, np.ndarray]:
     """The state dict in a weight file: torch key -> numpy array.
 
     Unwraps training checkpoints that keep it under one of `WRAPPER_KEYS`
     (`{'epoch': ..., 'state_dict': ..., 'args': Namespace(...)}`; several such keys are
-    refused), reads a whole pickled model (`torch.save(model)`, alone or under such a key) as
+    refused) or under `entry` where given (`teacher` of DINO's checkpoints; '/' between
+    the keys of nested mappings), reads a whole pickled model (`torch.save(model)`, alone or under such a key) as
     its state dict without importing its classes, strips a DataParallel `module.` prefix, and
     widens bfloat16 to float32.
 
@@ -148,14 +240,17 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
       UnsafeCheckpointError: the weights hold an object other than tensors and modules,
         which it would take code to rebuild.
       CheckpointError: the file is unreadable or holds no state dict.
+      SelectionError: nothing is under `entry`.
     """
     path = os.fspath(path)
     whole = load_checkpoint(path)
+    if entry is not None:
+        whole = _entry_of(whole, entry, path)
     if not isinstance(whole, Mapping):
         if (refusal := torch_file.refusal_in(whole)) is not None:
             raise _named(refusal, path)
         raise CheckpointError(f"{path}: holds a {type(whole).__name__}, not a state dict")
-    obj = _state_dict_of(whole, path)
+    obj = whole if entry is not None else _state_dict_of(whole, path)
     if (refusal := torch_file.refusal_in(obj)) is not None:
         raise _named(refusal, path)
     if isinstance(obj, torch_file.ModuleWeights):
@@ -174,10 +269,11 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         f"{k}: {type(v).__name__}" for k, v in obj.items() if not isinstance(v, np.ndarray)
     ]
     if not_arrays and (inside := _tensor_dicts(obj)):
+        largest = max(reversed(inside), key=lambda k: len(obj[k]))  # DINO's teacher
         raise CheckpointError(
             f"{path}: state dicts under {', '.join(repr(k) for k in inside)}, none under "
-            f"{WRAPPER_KEYS}; save the one to dissect alone, e.g. "
-            f"torch.save(checkpoint[{inside[-1]!r}], 'weights.pth')"
+            f"{WRAPPER_KEYS}; read one with models/convert.py --entry={largest} "
+            "(README: Self-supervised checkpoints)"
         )
     if not_arrays:
         shown = ", ".join(not_arrays[:5]) + (", ..." if len(not_arrays) > 5 else "")

@@ -3,6 +3,10 @@
   python models/convert.py --arch resnet18 --num_classes 365 \\
       --input resnet18_places365.pth.tar --output ckpt_dir/
 
+One network of a checkpoint that holds several (a self-supervised run's): `--entry` picks
+the state dict (DINO's `teacher`), `--prefix` its keys (MoCo's `encoder_q`), `--drop` keys
+under it the model has no place for (a projection head); README: Self-supervised checkpoints.
+
 The output directory holds `variables/` (an orbax StandardCheckpointer checkpoint)
 and `meta.json` (arch, num_classes, constructor options, source file and its sha256),
 so that `load_variables` can rebuild the model with `models.zoo.build`. `--force`
@@ -12,6 +16,7 @@ that holds the input.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,7 +37,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxdissect.models import zoo  # noqa: E402
-from jaxdissect.models.checkpoint_io import CheckpointError, load_state_dict  # noqa: E402
+from jaxdissect.models.checkpoint_io import (  # noqa: E402
+    CheckpointError,
+    SelectionError,
+    load_state_dict,
+    select_keys,
+)
 from jaxdissect.models.torch_import import WeightMappingError  # noqa: E402
 from jaxdissect.store import fingerprint_tree  # noqa: E402
 
@@ -258,13 +268,21 @@ def convert(
     num_classes: int = 1000,
     options: Mapping[str, Any] | None = None,
     force: bool = False,
+    entry: str | None = None,
+    prefix: str = "",
+    drop: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Map the state dict in `source` onto `arch` and save it to `output`; returns the meta.
+
+    `entry`, `prefix` and `drop` read one network of a checkpoint holding several
+    (`checkpoint_io.load_state_dict`'s `entry`, `select_keys`' `prefix` and `drop`); the
+    meta records them.
 
     Raises:
       ValueError: `num_classes` or an option does not fit `arch` (see `check_options`).
       FileExistsError: `output` may not be written (see `check_output`).
       CheckpointError: `source` is missing, a directory, or cannot be read safely.
+      SelectionError: `entry`, `prefix` or a `drop` names nothing in `source`.
       WeightMappingError: the state dict does not fit `arch` (names the keys on both sides).
     """
     options = dict(options or {})
@@ -273,8 +291,17 @@ def convert(
     model = zoo.build(arch, num_classes=num_classes, **options)
     from jaxdissect.models import load as model_load
 
-    state = load_state_dict(source)
-    variables = model_load.state_dict_onto(model, state, variables_template(model))
+    state = load_state_dict(source, entry=entry)
+    state = select_keys(state, prefix=prefix, drop=drop, path=os.fspath(source))
+    template = variables_template(model)
+    try:
+        variables = model_load.state_dict_onto(model, state, template)
+    except WeightMappingError as err:
+        fit = functools.partial(model_load.state_dict_onto, model, template=template, advice="")
+        hints = model_load.selection_hints(arch, state, err, fit)
+        raise WeightMappingError(
+            f"{err}{hints}", unmatched=err.unmatched, missing=err.missing
+        ) from None
     meta = {
         "arch": arch,
         "num_classes": num_classes,
@@ -282,6 +309,9 @@ def convert(
         "source": os.path.abspath(os.fspath(source)),
         "source_sha256": sha256(source),
     }
+    selection = {"entry": entry, "prefix": prefix, "drop": list(drop)}
+    if entry is not None or prefix or drop:
+        meta["selection"] = selection
     save_variables(output, variables, meta, force=force)
     return meta
 
@@ -309,6 +339,22 @@ def _define_flags() -> None:
         [],
         "Extra constructor option key=value (JSON value), e.g. width=0.5; "
         "transform_input=true for torchvision's own ImageNet GoogLeNet weights.",
+    )
+    flags.DEFINE_string(
+        "entry",
+        None,
+        "The checkpoint's key holding the state dict to read, where it holds several "
+        "(DINO's teacher; '/' between nested keys).",
+    )
+    flags.DEFINE_string(
+        "prefix",
+        "",
+        "Read only the keys under this name, stripped (MoCo's encoder_q, DINO's backbone).",
+    )
+    flags.DEFINE_list(
+        "drop",
+        [],
+        "Leave out the keys under these names (after --prefix): a projection head, e.g. fc.",
     )
     flags.DEFINE_bool(
         "force",
@@ -338,10 +384,24 @@ def main(argv: Sequence[str]) -> None:
             num_classes=config.num_classes,
             options=options,
             force=config.force,
+            entry=config.entry,
+            prefix=config.prefix,
+            drop=config.drop,
         )
+    except SelectionError as err:  # its parameters are the flags of the same names
+        raise SystemExit(f"convert: --{err}") from None
     except WeightMappingError as err:
+        selection = "".join(
+            f" --{name} {value}"
+            for name, value in (
+                ("entry", config.entry),
+                ("prefix", config.prefix),
+                ("drop", ",".join(config.drop)),
+            )
+            if value
+        )
         raise SystemExit(
-            f"convert: {config.input} does not fit --arch {config.arch} "
+            f"convert: {config.input}{selection} does not fit --arch {config.arch} "
             f"--num_classes {config.num_classes}{''.join(f' --option {o}' for o in config.option)}"
             f": {err}"
         ) from None

@@ -24,7 +24,8 @@ import inspect
 import math
 import os
 import pathlib
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -285,6 +286,66 @@ OWN_MODEL_MAPPING_ADVICE = (
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".tar", ".safetensors", ".bin", ".ckpt", ".pkl")
 
 
+def _misfit(err: Exception) -> int:
+    """How many keys and variables `err` (a mapping error) left unpaired: 0 where the names
+    fit and only shapes differ."""
+    return len(getattr(err, "unmatched", ())) + len(getattr(err, "missing", ()))
+
+
+def selection_hints(
+    model: str,
+    state_dict: Mapping[str, Any],
+    err: Exception,
+    fit: Callable[[Mapping[str, Any]], Any],
+) -> str:
+    """What a weight file that does not fit the zoo's `model` may need, from the keys on each
+    side of `err` (a `torch_import.WeightMappingError`) and trial `fit`s of parts of
+    `state_dict`: one network's keys of several (`models/convert.py --prefix`, where the keys
+    under one first name fit better), keys of a projection head left out (`--drop`), no head
+    (`--num_classes=0`). '' where none applies; else '; ' and the hints."""
+    from jaxdissect.models.torch_import import WeightMappingError
+
+    if model not in zoo.ARCHS:  # models/convert.py converts the zoo's (own models: torch_rename)
+        return ""
+    hints = []
+    firsts = Counter(k.split(".", 1)[0] for k in state_dict if "." in k)
+    if 2 * len(getattr(err, "unmatched", ())) >= len(state_dict):  # most keys fit nothing
+        best = None
+        for name, count in firsts.most_common(4):
+            if count < 2:
+                break
+            part = {
+                k[len(name) + 1 :]: v for k, v in state_dict.items() if k.startswith(f"{name}.")
+            }
+            try:
+                fit(part)
+                tried: Exception | None = None
+            except WeightMappingError as e:
+                tried = e
+            misfit = 0 if tried is None else _misfit(tried)
+            if misfit < _misfit(err) // 2 and (best is None or misfit < best[1]):
+                best = (name, misfit, tried)
+        if best is None:
+            return ""
+        name, _, err = best
+        hints.append(
+            f"the keys under {name!r} fit it: models/convert.py --prefix {name} reads them "
+            "alone (README: Self-supervised checkpoints)"
+        )
+        if err is None:
+            return "".join(f"; {hint}" for hint in hints)
+    unmatched, missing = getattr(err, "unmatched", ()), getattr(err, "missing", ())
+    if unmatched and len(groups := {k.split(".", 1)[0] for k in unmatched}) <= 3:
+        hints.append(
+            f"models/convert.py --drop {','.join(sorted(groups))} leaves out the keys the "
+            "model has no place for (a projection head's)"
+        )
+    head = {m.split("/")[1] for m in missing if m.startswith("params/") and m.count("/") >= 2}
+    if missing and model in zoo.HEADLESS_ARCHS and head in ({"fc"}, {"head"}):
+        hints.append(f"--num_classes=0 builds {model} without its head")
+    return "".join(f"; {hint}" for hint in hints)
+
+
 def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -> Any:
     from jaxdissect.models import checkpoint_io, npz_file, npz_import, torch_import
     from jaxdissect.models.convert import variables_template
@@ -302,7 +363,9 @@ def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -
     try:
         return state_dict_onto(module, state_dict, template, advice=advice)
     except torch_import.WeightMappingError as e:
-        raise ValueError(f"--weights={path} does not fit --model={model}: {e}") from None
+        fit = functools.partial(state_dict_onto, module, template=template, advice="")
+        hints = selection_hints(model, state_dict, e, fit)
+        raise ValueError(f"--weights={path} does not fit --model={model}: {e}{hints}") from None
 
 
 def state_dict_onto(

@@ -142,7 +142,8 @@ class ResNet(nn.Module):
     Attributes:
       block: `BasicBlock` or `Bottleneck`.
       stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
-      num_classes: output logits.
+      num_classes: output logits; 0 builds no `fc` (the pooled features are the output:
+        self-supervised backbones, DINO's, Barlow Twins', saved without one).
       width: multiplies every channel count (stem and all stages).
       batch_norm: False replaces every BatchNorm by an `Identity` of the same
         name (no variables; convolutions stay bias-free as in torchvision).
@@ -198,7 +199,8 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Logits [B, num_classes] of a normalised NHWC batch."""
+        """Logits [B, num_classes] of a normalised NHWC batch (the pooled features where
+        `num_classes` is 0)."""
         x = _conv(scale_channels(64, self.width), 7, 2, 3, x, "conv1")(x)
         x = _norm(self.batch_norm, train, "bn1")(x)
         x = ReLU(name="relu")(x)
@@ -215,6 +217,8 @@ class ResNet(nn.Module):
                 name=f"layer{i + 1}",
             )(x, train)
         x = AdaptiveAvgPool2d(1, name="avgpool")(x).reshape(x.shape[0], -1)
+        if not self.num_classes:
+            return x
         return linear(self.num_classes, in_features=x.shape[-1], name="fc")(x)
 
 

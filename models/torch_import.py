@@ -27,7 +27,17 @@ IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
 class WeightMappingError(ValueError):
-    """A state dict does not fit the model's variables."""
+    """A state dict does not fit the model's variables.
+
+    Attributes:
+      unmatched: the checkpoint keys with no model variable, where that is the reason.
+      missing: the model variables (`/`-joined paths) with no checkpoint key, likewise.
+    """
+
+    def __init__(self, message: str, *, unmatched: Sequence[str] = (), missing: Sequence[str] = ()):
+        super().__init__(message)
+        self.unmatched = tuple(unmatched)
+        self.missing = tuple(missing)
 
 
 def _flax_key(torch_key: str, array: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
@@ -112,7 +122,11 @@ def _map_keys(
         name = rename(key) if rename is not None else key
         if name is None:
             continue
-        path, array = _flax_key(name, np.asarray(value))
+        try:
+            path, array = _flax_key(name, np.asarray(value))
+        except WeightMappingError:  # no rule for its name or rank: no variable takes it
+            unmatched.append(key)
+            continue
         if path not in expected:
             unmatched.append(key)
             continue
@@ -180,7 +194,7 @@ def torch_to_flax(
     for candidate in _wrapper_strips(state_dict) if unmatched else ():
         try:
             stripped = _map_keys(candidate, expected, rename)
-        except WeightMappingError:  # a key with no rule once stripped: keep them as they are
+        except WeightMappingError:  # a rename hook refuses a key once stripped: keep them
             continue
         if len(stripped[2]) - len(stripped[0]) < len(unmatched) - len(mapped):
             mapped, torch_keys, unmatched = stripped
@@ -264,7 +278,9 @@ def check_fit(
         ]
         raise WeightMappingError(
             f"checkpoint does not match the model: {'; '.join(sides)}"
-            + (f"; {advice}" if advice else "")
+            + (f"; {advice}" if advice else ""),
+            unmatched=unmatched,
+            missing=missing,
         )
     # `variables` may be real arrays or abstract shapes (jax.eval_shape): read .shape/.dtype only.
     shape_errors = [

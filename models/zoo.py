@@ -44,8 +44,10 @@ ARCHS: dict[str, str] = {
 
 
 # Architectures whose `num_classes=0` builds no head: the output is the pooled features, as
-# in self-supervised checkpoints (DINO's, MAE's) that have none.
-HEADLESS_ARCHS: frozenset[str] = frozenset({"vit_ti16", "vit_s16", "vit_b16"})
+# in self-supervised checkpoints (DINO's, MAE's, Barlow Twins') that have none.
+HEADLESS_ARCHS: frozenset[str] = frozenset(
+    {"vit_ti16", "vit_s16", "vit_b16", *(f"resnet{d}" for d in (18, 34, 50, 101, 152))}
+)
 
 
 def least_classes(arch: str) -> int:

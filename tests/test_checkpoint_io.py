@@ -693,6 +693,20 @@ def test_convert_cli_end_to_end(tmp_path, convert_py):
     assert "shape mismatch" in failed.stderr and "params/fc/kernel" in failed.stderr
 
 
+def test_convert_cli_selection_flags_reach_the_reader(tmp_path, convert_py):
+    """--entry, --prefix and --drop are `convert`'s parameters; a selection that names nothing
+    is one line naming its flag."""
+    state = {"backbone.fc.weight": torch.ones(2, 3), "head.weight": torch.ones(2, 2)}
+    source = _save({"teacher": state, "student": state}, tmp_path / "checkpoint.pth", True)
+    args = ["--arch", "resnet18", "--input", str(source), "--output", str(tmp_path / "out")]
+    done = _cli(convert_py, *args, "--entry=teacher", "--prefix=backbone", "--drop=fc,head")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"convert: --drop='head': {source}: no key under the prefix is 'head' or starts with "
+        "'head.'; they start with 'fc.' (1)"
+    )
+
+
 # --- integer / quantised weights, corrupt files --------------------------------------------
 
 
@@ -882,7 +896,7 @@ def test_weights_under_two_wrapper_keys_are_refused(tmp_path):
 
 def test_state_dicts_under_other_keys_are_named(tmp_path, caplog):
     """A self-supervised run's checkpoint (DINO's `student` and `teacher`, no wrapper key):
-    refused in one line naming the state dicts it holds and how to save one; timm's
+    refused in one line naming the state dicts it holds and how to read one; timm's
     `state_dict` beside `state_dict_ema`: the first is read, the other named in the log."""
     state = {"backbone.cls_token": torch.zeros(1, 1, 4), "head.weight": torch.ones(2, 4)}
     dino = {"student": state, "teacher": state, "epoch": 3, "optimizer": {"state": {}}}
@@ -890,7 +904,8 @@ def test_state_dicts_under_other_keys_are_named(tmp_path, caplog):
     with pytest.raises(
         CheckpointError,
         match=r"^\S+checkpoint.pth: state dicts under 'student', 'teacher', none under .*"
-        r"torch.save\(checkpoint\['teacher'\], 'weights.pth'\)$",
+        r"read one with models/convert.py --entry=teacher \(README: Self-supervised "
+        r"checkpoints\)$",
     ):
         load_state_dict(path)
     timm = {"state_dict": state, "state_dict_ema": state, "epoch": 3}
@@ -1081,14 +1096,14 @@ def test_convert_cli_refuses_bad_paths_in_one_line(tmp_path, convert_py):
 
 
 def test_convert_cli_checks_options_and_output_before_reading_the_input(tmp_path, convert_py):
-    """An option the architecture does not take or of another type, --num_classes below 1
-    and an --output under a file are one line naming the flag, before the input is read
+    """An option the architecture does not take or of another type, --num_classes below 0
+    (1 for architectures that need a head) and an --output under a file are one line naming the flag, before the input is read
     (the input here does not exist; they were a TypeError or found after reading it)."""
     (tmp_path / "afile").write_text("")
     cases = {
         ("--option", "foo=1"): "convert: --option foo: resnet18 takes width, ",
         ("--option", "width=abc"): "convert: --option width='abc': resnet18 takes width as",
-        ("--num_classes", "0"): "convert: --num_classes=0: must be a whole number >= 1",
+        ("--num_classes=-1",): "convert: --num_classes=-1: must be a whole number >= 0",
         ("--output", str(tmp_path / "afile" / "x")): "afile is a file, not a directory",
     }
     for extra, message in cases.items():

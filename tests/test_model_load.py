@@ -105,7 +105,7 @@ def test_a_num_classes_option_is_named_by_the_flag_that_gave_it():
     with pytest.raises(ValueError, match=f"^--num_classes: --model={make} takes no options$"):
         model_load.check_request(make, None, 5, {"num_classes": 5})
     with pytest.raises(ValueError, match="^--model_option num_classes=0: must be a whole number"):
-        model_load.check_request("resnet18", None, None, {"num_classes": 0})
+        model_load.check_request("alexnet", None, None, {"num_classes": 0})
 
 
 SMALL_CNN = "jaxdissect.models.small_cnn:small_cnn"

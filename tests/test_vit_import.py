@@ -467,8 +467,8 @@ def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog)
 
 
 def test_a_checkpoint_without_a_head_loads_with_num_classes_0(tmp_path):
-    """DINO's and MAE's ViTs have no head: the ViTs take `num_classes=0` (the CNNs still
-    refuse it), and the output is the pooled class token after the final norm."""
+    """DINO's and MAE's ViTs have no head: the ViTs take `num_classes=0` (the CNNs but the
+    ResNets refuse it), and the output is the pooled class token after the final norm."""
     reference = torch_vit.randomize_(torch_vit.VisionTransformer(img_size=32, depth=2))
     state = {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}
     torch.save(state, tmp_path / "dino.pth")
@@ -476,7 +476,7 @@ def test_a_checkpoint_without_a_head_loads_with_num_classes_0(tmp_path):
     with pytest.raises(ValueError, match=r"^--num_classes=-1: must be a whole number >= 0$"):
         model_load.check_request("vit_ti16", None, -1)
     with pytest.raises(ValueError, match=r"^--num_classes=0: must be a whole number >= 1$"):
-        model_load.check_request("resnet18", None, 0)
+        model_load.check_request("alexnet", None, 0)
     options = {**SMALL, "num_classes": 0, "pool_type": "tok", "gelu_approximate": False}
     loaded = model_load.load("vit_ti16", weights=str(tmp_path / "dino.pth"), options=options)
     assert "head" not in loaded.variables["params"]
