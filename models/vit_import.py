@@ -37,6 +37,7 @@ _HF_VIT_NAMES = {
     "embeddings.patch_embeddings.projection": "patch_embed.proj",
     "layernorm": "norm",
     "pooler.layernorm": "fc_norm",  # BEiT's mean pooling
+    "encoder.relative_position_bias": "rel_pos_bias",  # BEiT's table shared by the blocks
     "classifier": "head",
     "cls_classifier": "head",  # DeiTForImageClassificationWithTeacher's two heads
     "distillation_classifier": "head_dist",
@@ -125,7 +126,7 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
             array = np.asarray(value)
             out[f"pre_logits/{'kernel' if leaf == 'weight' else leaf}"] = array.T
             continue
-        if dinov2 and name in ("embeddings.mask_token", "embeddings.register_tokens"):
+        if name == "embeddings.mask_token" or dinov2 and name == "embeddings.register_tokens":
             out[name.removeprefix("embeddings.")] = np.asarray(value)
             continue
         if (layer := re.fullmatch(r"encoder\.layer\.(\d+)", stem)) and leaf in _BEIT_SCALES:
@@ -305,9 +306,13 @@ def torchvision_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarr
     return out
 
 
-# DINOv2's own checkpoints (torch hub's `dinov2_vits14_pretrain.pth`, ...) hold the mask
-# token of its masked-image training, unused at inference.
+# DINOv2's own checkpoints (torch hub's `dinov2_vits14_pretrain.pth`, ...) and BEiT's
+# pre-training ones hold the mask token of their masked-image training, unused at inference.
 DINOV2_MARK = "mask_token"
+# BEiT's pre-training checkpoints (`beit_base_patch16_224_pt22k.pth`): one relative position
+# table that every block reads, and the head predicting the masked patches' visual tokens.
+BEIT_SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+BEIT_TOKEN_HEAD = "lm_head."
 
 
 def vit_state_dict_as_timm(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -343,8 +348,11 @@ def timm_vit_to_big_vision(
     is `fc_norm`. Keys with no rule here are kept under their timm names, so that loading
     lists them as unexpected. DeiT's distillation token and head are `dist` and `head_dist`; BEiT's
     blocks' `q_bias` and `v_bias` the query's and value's biases (the key's 0), `gamma_1` and
-    `gamma_2` the LayerScale, `relative_position_bias_table` kept by name.
+    `gamma_2` the LayerScale, `relative_position_bias_table` kept by name (a pre-training
+    checkpoint's one table, `rel_pos_bias.`, is each block's; its `lm_head` left out, logged).
     """
+    from absl import logging
+
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     out: dict[str, np.ndarray] = {}
 
@@ -371,6 +379,17 @@ def timm_vit_to_big_vision(
     if "norm_pre.weight" in sd:
         norm("norm_pre", "norm_pre")
     sd.pop(DINOV2_MARK, None)
+    shared_table = sd.pop(BEIT_SHARED_TABLE, None)
+    if shared_table is not None:
+        sd.pop("rel_pos_bias.relative_position_index", None)  # computed, not read
+    if token_head := [k for k in sd if k.startswith(BEIT_TOKEN_HEAD)]:
+        logging.info(
+            "%d keys of BEiT's masked-image-modeling head (lm_head) left out: the encoder is the "
+            "ViT",
+            len(token_head),
+        )
+        for key in token_head:
+            del sd[key]
     for registers in ("reg_token", "register_tokens"):
         if registers in sd:
             out["reg"] = take(registers)
@@ -434,6 +453,8 @@ def timm_vit_to_big_vision(
                 f"{t}.attn.relative_position_bias_table"
             )
             sd.pop(f"{t}.attn.relative_position_index", None)  # computed, not read
+        elif shared_table is not None:
+            out[f"{b}/relative_position_bias_table"] = shared_table
         # DINOv2's fused SwiGLU: `w12` (both halves), `w3`, as timm's packed `fc1`, `fc2`.
         mlp = (("fc1", "Dense_0"), ("fc2", "Dense_1"), ("w12", "Dense_0"), ("w3", "Dense_1"))
         for fc, dense_name in mlp:

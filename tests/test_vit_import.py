@@ -665,6 +665,44 @@ def test_beit_parity_and_its_options_named(tmp_path):
         vit.vit_ti16(rel_pos_bias=True, pool_type="gap")
 
 
+def test_beit_pre_training_checkpoints_share_one_table(tmp_path, caplog):
+    """BEiT's pre-training checkpoints (`beit_base_patch16_224_pt22k.pth`, under `model`):
+    one relative position table under `rel_pos_bias.` that every block reads, the mask token,
+    the visual-token head `lm_head`, the final `norm`. They load as a checkpoint holding that
+    table in each block (the token and head left out, logged), in Hugging Face's names too
+    (`encoder.relative_position_bias`)."""
+    reference = torch_beit.randomize_(
+        torch_beit.Beit(64, embed_dim=192, depth=2, num_heads=3, mlp_dim=768, num_classes=5)
+    )
+    table = reference.blocks[0].attn.relative_position_bias_table.detach()
+    norm = {"norm.weight": torch.rand(192) + 0.5, "norm.bias": torch.randn(192)}
+    plain = {k: v for k, v in reference.state_dict().items() if not k.startswith(("head", "fc_"))}
+    per_block = plain | norm | {"blocks.1.attn.relative_position_bias_table": table}
+    shared = {k: v for k, v in plain.items() if ".attn.relative_position_" not in k} | norm
+    shared["rel_pos_bias.relative_position_bias_table"] = table
+    shared["rel_pos_bias.relative_position_index"] = plain["blocks.0.attn.relative_position_index"]
+    extra = {"mask_token": torch.zeros(1, 1, 192), "lm_head.weight": torch.ones(50, 192)}
+    extra["lm_head.bias"] = torch.zeros(50)
+    torch.save(per_block, tmp_path / "per_block.pth")
+    torch.save({"model": shared | extra}, tmp_path / "beit_pt22k.pth")
+    hf = {k: v for k, v in _hf_beit_names(reference.state_dict()).items()
+          if not k.startswith(("classifier.", "beit.pooler.")) and "relative_position" not in k}  # fmt: skip
+    hf |= {f"beit.layernorm.{k[5:]}": v.numpy() for k, v in norm.items()}
+    hf["beit.encoder.relative_position_bias.relative_position_bias_table"] = table.numpy()
+    hf |= {"beit.embeddings.mask_token": np.zeros((1, 1, 192), np.float32)}
+    hf |= {k: v.numpy() for k, v in extra.items() if k.startswith("lm_head")}
+    torch.save({k: torch.from_numpy(v) for k, v in hf.items()}, tmp_path / "hf_beit_pt22k.bin")
+    options = {**SMALL, "num_classes": 0, "image_size": 64, "pool_type": "tok", "posemb": "none"}
+    options |= {"rel_pos_bias": True, "layer_scale": True, "gelu_approximate": False}
+    want = model_load.load("vit_ti16", weights=str(tmp_path / "per_block.pth"), options=options)
+    for name in ("beit_pt22k.pth", "hf_beit_pt22k.bin"):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            got = model_load.load("vit_ti16", weights=str(tmp_path / name), options=options)
+        assert "2 keys of BEiT's masked-image-modeling head (lm_head) left out" in caplog.text
+        jax.tree.map(np.testing.assert_array_equal, got.variables, want.variables)
+
+
 def test_layer_scale_parity_and_its_option_named(tmp_path):
     """timm's LayerScale (DeiT III, CaiT): `ls1.gamma`, `ls2.gamma` per block, as the torch
     model computes them, in the NNX twin too; without the option, named."""
