@@ -154,12 +154,8 @@ def _entry_of(whole: Any, entry: str, path: str) -> Any:
     obj = whole
     for part in entry.split("/"):
         if not isinstance(obj, Mapping) or part not in obj:
-            found = _tensor_dicts(whole) if isinstance(whole, Mapping) else []
-            held = (
-                f"its state dicts are under {', '.join(map(repr, found))}"
-                if found
-                else ("it holds no state dict under a key")
-            )
+            found = ", ".join(map(repr, _tensor_dicts(whole) if isinstance(whole, Mapping) else []))
+            held = f"its state dicts are under {found}" if found else "it holds no state dict"
             raise SelectionError(f"entry={entry!r}: {path} has no {part!r} there; {held}")
         obj = obj[part]
     if not isinstance(obj, Mapping):
@@ -228,10 +224,10 @@ def load_state_dict(
 
     Unwraps training checkpoints that keep it under one of `WRAPPER_KEYS`
     (`{'epoch': ..., 'state_dict': ..., 'args': Namespace(...)}`; several such keys are
-    refused) or under `entry` where given (`teacher` of DINO's checkpoints; '/' between
-    the keys of nested mappings), reads a whole pickled model (`torch.save(model)`, alone or under such a key) as
-    its state dict without importing its classes, strips a DataParallel `module.` prefix, and
-    widens bfloat16 to float32.
+    refused) or under `entry` where given (DINO's `teacher`; '/' between the keys of nested
+    mappings), reads a whole pickled model (`torch.save(model)`, alone or under such a key)
+    as its state dict without importing its classes, strips a DataParallel `module.` prefix,
+    and widens bfloat16 to float32.
 
     Objects pickled beside the weights (a training script's config, a class) are inert
     records, named in the log.
