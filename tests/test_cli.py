@@ -560,12 +560,12 @@ def test_study_scripts_take_the_model_options_dissect_takes(tmp_path):
     (e.g. a Places checkpoint's 365 classes), a compare.py --dissect entry its OPTIONS;
     each is checked before anything slow starts, naming the flags given."""
     for name in ("significance", "rotation"):
-        with pytest.raises(ValueError, match="^--num_classes=0: must be a whole number"):
-            _run(name, "--model=resnet18", "--weights=", "--num_classes=0", "--data=synthetic")
+        with pytest.raises(ValueError, match="^--num_classes=-1: must be a whole number"):
+            _run(name, "--model=resnet18", "--weights=", "--num_classes=-1", "--data=synthetic")
     for name in ("significance", "rotation", "compositional"):
         # A class count --model_option gives is named as that flag's, not --num_classes's.
-        with pytest.raises(ValueError, match="^--model_option num_classes=0: must be a whole"):
-            _run(name, "--model=resnet18", "--weights=", "--model_option=num_classes=0")
+        with pytest.raises(ValueError, match="^--model_option num_classes=-1: must be a whole"):
+            _run(name, "--model=resnet18", "--weights=", "--model_option=num_classes=-1")
     predictions = ("--task=predictions", "--model=resnet18", "--weights=", "--data=synthetic")
     with pytest.raises(ValueError, match="^--model_option nope: --model=resnet18 takes "):
         _run("ablation", *predictions, "--model_option=nope=2")
@@ -582,8 +582,8 @@ def test_study_scripts_take_the_model_options_dissect_takes(tmp_path):
     entry = compare.parse_entry("places|resnet18|r18.pth.tar|layer4|num_classes=365")
     assert entry == ("places", "resnet18", "r18.pth.tar", ["layer4"], {"num_classes": 365})
     assert compare.parse_entry("a|resnet18||layer4")[4] == {}
-    with pytest.raises(ValueError, match=r"^--dissect=a\|...: OPTIONS num_classes=0: must be"):
-        _run("compare", "--dissect=a|resnet18||layer4|num_classes=0", "--data=synthetic")
+    with pytest.raises(ValueError, match=r"^--dissect=a\|...: OPTIONS num_classes=-1: must be"):
+        _run("compare", "--dissect=a|resnet18||layer4|num_classes=-1", "--data=synthetic")
     # The entry and its part are named, never dissect.py's flags (compare has none of them).
     with pytest.raises(ValueError, match=r"^--dissect='a\|[^:]*': OPTIONS='n': expected key="):
         compare.parse_entry("a|resnet18||layer4|n")
