@@ -389,6 +389,12 @@ def _check_classifier(loaded, name: str) -> None:
             f"--model={name}: ablation needs a flax.linen Module (its rules act through Linen's "
             f"method interceptors), got {type(loaded.module).__name__}"
         )
+    from jaxdissect import evaluate
+
+    try:
+        evaluate.check_has_logits(loaded.module)
+    except ValueError as e:
+        raise ValueError(f"--model={name}: {e}") from None
     size = loaded.input_spec.size
     out = jax.eval_shape(
         lambda v, x: loaded.module.apply(v, x, **loaded.apply_kwargs),

@@ -26,11 +26,18 @@ from jaxdissect import parallel
 
 # Images per batch when a caller has no batch size of its own (rounded up to the devices).
 DEFAULT_BATCH_SIZE = 64
-# A network built without a head (`num_classes=0`) has no logits to score.
+# A network built without a head (`num_classes=0`) has no logits to score: its output is
+# the pooled features (a ResNet's, a ViT's), which an argmax would read as classes.
 NO_LOGITS = (
-    "the network outputs no logits (num_classes=0 builds no head): accuracy and predictions "
-    "need a classifier; give --num_classes of its head"
+    "the network outputs no logits (num_classes=0 builds no head: its output is the pooled "
+    "features): accuracy and predictions need a classifier; give --num_classes of its head"
 )
+
+
+def check_has_logits(module: Any) -> None:
+    """Raise ValueError(`NO_LOGITS`) for a module built without a head (`num_classes=0`)."""
+    if getattr(module, "num_classes", None) == 0:
+        raise ValueError(NO_LOGITS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -208,7 +208,12 @@ def classifier(
     apply_kwargs: Mapping[str, Any] | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> evaluate.Evaluator:
-    """The sharded evaluator of `module` on 0..255 images normalised by `input_spec`."""
+    """The sharded evaluator of `module` on 0..255 images normalised by `input_spec`.
+
+    Raises:
+      ValueError: `module` has no head (`evaluate.NO_LOGITS`).
+    """
+    evaluate.check_has_logits(module)
     kwargs = dict(apply_kwargs or {})
     return evaluate.Evaluator(lambda v, x: module.apply(v, input_spec(x), **kwargs), mesh)
 

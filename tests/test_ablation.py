@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdissect import ablation, ablation_files, parallel
+from jaxdissect import ablation, ablation_files, parallel, rotation
+from jaxdissect.models import zoo
 
 K, CLASSES, N = 6, 4, 40
 
@@ -470,8 +471,9 @@ def test_class_names_file_one_a_line(tmp_path):
 
 
 def test_the_script_refuses_models_it_cannot_ablate_in_one_line():
-    """NNX modules (rules are Linen interceptors) and outputs that are no [images, classes]
-    logits are named before any pass, not met as a traceback inside one."""
+    """NNX modules (rules are Linen interceptors), outputs that are no [images, classes]
+    logits and networks without a head (their pooled features are no logits) are named
+    before any pass, not met as a traceback inside one (or read as classes)."""
     from types import SimpleNamespace
 
     from flax import nnx
@@ -495,6 +497,12 @@ def test_the_script_refuses_models_it_cannot_ablate_in_one_line():
     nnx_model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="^--model=m: ablation needs a flax.linen Module"):
         check(SimpleNamespace(module=nnx_model, input_spec=spec), "m")
+    # Without a head, the output is [images, features]: shaped as logits, refused by name.
+    headless = SimpleNamespace(module=zoo.build("resnet18", num_classes=0, width=0.125))
+    with pytest.raises(ValueError, match=r"^--model=m: the network outputs no logits \(num_"):
+        check(headless, "m")
+    with pytest.raises(ValueError, match=r"^the network outputs no logits \(num_classes=0 "):
+        rotation.classifier(headless.module, spec)
 
 
 def test_the_scripts_mask_chunks_are_keyed_by_devices_backend_and_eval_batch_size():
