@@ -93,7 +93,8 @@ def test_full_size_rn50_through_the_loader_and_the_sizes(tmp_path):
             lambda m=model, s=size: m.init(jax.random.key(0), jnp.zeros((1, s, s, 3)))
         )
         count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes["params"]))
-        torch_model = ref.ModifiedResNet(layers, embed, width * 32 // 64, size, width)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            torch_model = ref.ModifiedResNet(layers, embed, width * 32 // 64, size, width)
         assert count == sum(p.numel() for p in torch_model.parameters()), arch
     visual = ref.ModifiedResNet((3, 4, 6, 3), 1024, 32, 224, 64)
     whole = _randomize(_CLIP(visual))
