@@ -102,6 +102,7 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
     dinov2 = is_hf_dinov2(state_dict)
     out: dict[str, np.ndarray] = {}
+    source: dict[str, str] = {}  # timm name -> the key it was read from
     qkv: dict[str, dict[str, np.ndarray]] = {}
     gated: dict[str, dict[str, np.ndarray]] = {}  # a SwiGLU's halves apart
     if decoder := [k for k in state_dict if k.startswith("decoder.")]:
@@ -135,7 +136,13 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         timm = _timm_name(name, _HF_VIT_BLOCKS, _HF_VIT_BLOCK_NAMES, _HF_VIT_NAMES)
         if timm and leaf == "lambda1":
             timm = f"{timm.removesuffix('.lambda1')}.gamma"
-        out[timm or _HF_VIT_NAMES.get(name, name)] = np.asarray(value)
+        target = timm or _HF_VIT_NAMES.get(name, name)
+        if target in source:  # two keys of one weight (a model's and its wrapper's norm)
+            raise WeightMappingError(
+                f"{source[target]!r} and {key!r} are both {target!r}; save the state dict of "
+                "one model only"
+            )
+        out[target], source[target] = np.asarray(value), key
     for name, parts in qkv.items():  # BEiT's key has no bias
         if name.endswith(".bias") and sorted(parts) == ["query", "value"]:
             parts["key"] = np.zeros_like(parts["query"])

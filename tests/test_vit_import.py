@@ -670,7 +670,7 @@ def test_beit_pre_training_checkpoints_share_one_table(tmp_path, caplog):
     one relative position table under `rel_pos_bias.` that every block reads, the mask token,
     the visual-token head `lm_head`, the final `norm`. They load as a checkpoint holding that
     table in each block (the token and head left out, logged), in Hugging Face's names too
-    (`encoder.relative_position_bias`)."""
+    (`encoder.relative_position_bias`); two keys naming one weight are refused."""
     reference = torch_beit.randomize_(
         torch_beit.Beit(64, embed_dim=192, depth=2, num_heads=3, mlp_dim=768, num_classes=5)
     )
@@ -701,6 +701,12 @@ def test_beit_pre_training_checkpoints_share_one_table(tmp_path, caplog):
             got = model_load.load("vit_ti16", weights=str(tmp_path / name), options=options)
         assert "2 keys of BEiT's masked-image-modeling head (lm_head) left out" in caplog.text
         jax.tree.map(np.testing.assert_array_equal, got.variables, want.variables)
+    # Two keys of one weight (the backbone's norm beside a wrapper's) are refused by name.
+    hf |= {f"layernorm.{k[5:]}": v.numpy() for k, v in norm.items()}
+    torch.save({k: torch.from_numpy(v) for k, v in hf.items()}, tmp_path / "two_norms.bin")
+    with pytest.raises(ValueError, match=r"'beit.layernorm.weight' and 'layernorm.weight' are "
+                       r"both 'norm.weight'; save the state dict of one model only"):  # fmt: skip
+        model_load.load("vit_ti16", weights=str(tmp_path / "two_norms.bin"), options=options)
 
 
 def test_layer_scale_parity_and_its_option_named(tmp_path):
