@@ -130,6 +130,11 @@ def _map_keys(
         if path not in expected:
             unmatched.append(key)
             continue
+        if path in mapped:  # e.g. a renamed key beside the name it is renamed to
+            raise WeightMappingError(
+                f"{torch_keys[path]!r} and {key!r} both map to {'/'.join(path)}; save the state "
+                "dict of one model only"
+            )
         mapped[path] = array
         torch_keys[path] = key
     return mapped, torch_keys, unmatched

@@ -933,6 +933,15 @@ def test_lightning_model_prefix_is_stripped_where_the_keys_then_fit():
     np.testing.assert_array_equal(got["params"]["model"]["fc"]["bias"], np.ones(2))
 
 
+def test_two_keys_of_one_variable_are_refused_naming_both():
+    """A renamed key beside the name it is renamed to (Hugging Face's ResNet stem beside
+    torchvision's): neither is read silently over the other."""
+    state = {"fc.weight": np.ones((2, 3), np.float32), "head.weight": np.zeros((2, 3))}
+    with pytest.raises(WeightMappingError, match=r"^'fc.weight' and 'head.weight' both map to "
+                       r"params/fc/kernel; save the state dict of one model only$"):  # fmt: skip
+        torch_to_flax(state, _fc_template(), rename=lambda k: k.replace("head.", "fc."))
+
+
 def test_torch_compile_prefix_is_stripped(tmp_path):
     """`torch.compile(model).state_dict()` names each key `_orig_mod.<key>`: such a file
     loads as the model's own, with the same weights."""
