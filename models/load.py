@@ -322,6 +322,8 @@ def selection_hints(
                 tried: Exception | None = None
             except WeightMappingError as e:
                 tried = e
+            except (ValueError, KeyError, TypeError):  # a hint only: no fit there
+                continue
             misfit = 0 if tried is None else _misfit(tried)
             if misfit < _misfit(err) // 2 and (best is None or misfit < best[1]):
                 best = (name, misfit, tried)
