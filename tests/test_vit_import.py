@@ -15,7 +15,13 @@ from jaxdissect.models import load as model_load
 from jaxdissect.models import torch_import, vit, vit_import
 from tests import torch_beit, torch_vit
 from tests.model_testing import assert_close, torchscript_save
-from tests.vit_testing import SMALL, assert_nnx_twin_equal, check_parity, hf_dinov2_names
+from tests.vit_testing import (
+    SMALL,
+    assert_class_token_features,
+    assert_nnx_twin_equal,
+    check_parity,
+    hf_dinov2_names,
+)
 
 pytestmark = pytest.mark.xdist_group("vit")
 
@@ -480,14 +486,7 @@ def test_a_checkpoint_without_a_head_loads_with_num_classes_0(tmp_path):
     options = {**SMALL, "num_classes": 0, "pool_type": "tok", "gelu_approximate": False}
     loaded = model_load.load("vit_ti16", weights=str(tmp_path / "dino.pth"), options=options)
     assert "head" not in loaded.variables["params"]
-    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3), np.float32)
-    with torch.no_grad():
-        t = reference.patch_embed.proj(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
-        t = torch.cat([reference.cls_token.expand(2, -1, -1), t.flatten(2).transpose(1, 2)], 1)
-        want = reference.norm(reference.blocks(t + reference.pos_embed))[:, 0].numpy()
-    with jax.default_matmul_precision("highest"):
-        got = jax.jit(loaded.module.apply)(loaded.variables, jnp.asarray(x))
-    assert_close(got, want, "features")
+    assert_class_token_features(loaded, reference, seed=0)
 
 
 def test_average_pooling_past_the_class_token_with_fc_norm(tmp_path):

@@ -8,7 +8,6 @@ import argparse
 import logging
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -26,7 +25,8 @@ from jaxdissect.models.convert import convert, load_variables, variables_templat
 from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax
 from tests import torch_models as tm
 from tests import torch_vit
-from tests.model_testing import assert_close, assert_parity
+from tests.model_testing import assert_parity
+from tests.vit_testing import assert_class_token_features
 
 WIDTH = 0.25  # ResNet-18 at a quarter of its channels: the layout whole, the file small
 
@@ -252,11 +252,4 @@ def test_moco_v3_vit_base_encoder_converts_headless(tmp_path):
     convert("vit_ti16", tmp_path / "r.pth.tar", tmp_path / "mocov3", num_classes=0,
             options=options, prefix="base_encoder", drop=["head"])  # fmt: skip
     loaded = model_load.load("vit_ti16", weights=str(tmp_path / "mocov3"))
-    x = np.random.default_rng(2).standard_normal((2, 32, 32, 3), np.float32)
-    with torch.no_grad():
-        t = reference.patch_embed.proj(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
-        t = torch.cat([reference.cls_token.expand(2, -1, -1), t.flatten(2).transpose(1, 2)], 1)
-        want = reference.norm(reference.blocks(t + reference.pos_embed))[:, 0].numpy()
-    with jax.default_matmul_precision("highest"):
-        got = jax.jit(loaded.module.apply)(loaded.variables, jnp.asarray(x))
-    assert_close(got, want, "features")
+    assert_class_token_features(loaded, reference, seed=2)

@@ -60,6 +60,18 @@ def check_parity(
     assert_close(logits, want_logits, "logits")
 
 
+def assert_class_token_features(loaded, reference, size: int = 32, seed: int = 0) -> None:
+    """A head-less loaded ViT's output is the torch ViT's class token after its final norm."""
+    x = np.random.default_rng(seed).standard_normal((2, size, size, 3), np.float32)
+    with torch.no_grad():
+        t = reference.patch_embed.proj(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+        t = torch.cat([reference.cls_token.expand(2, -1, -1), t.flatten(2).transpose(1, 2)], 1)
+        want = reference.norm(reference.blocks(t + reference.pos_embed))[:, 0].numpy()
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(loaded.module.apply)(loaded.variables, jnp.asarray(x))
+    assert_close(got, want, "features")
+
+
 SMALL = dict(depth=2, image_size=32, num_classes=5)
 
 
