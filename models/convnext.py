@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jaxdissect.models import torch_import
 from jaxdissect.models.layers import (
     FOUR_STAGE_ALIASES,
     GELU,
@@ -177,8 +178,6 @@ class ConvNeXt(nn.Module):
         """`variables` filled from a torchvision `convnext_*` state dict, a timm one (`stem`,
         `stages`, `conv_dw`, `gamma`, `head`; `timm_to_torchvision`) or a Hugging Face one
         (`ConvNextForImageClassification`; `hf_to_torchvision`)."""
-        from jaxdissect.models import torch_import
-
         if any(k.startswith(("stem.", "stages.")) for k in state_dict):
             state_dict = timm_to_torchvision(state_dict)
         elif any(k.startswith(("convnext.", "embeddings.", "encoder.")) for k in state_dict):
@@ -199,7 +198,7 @@ _TIMM_BLOCK = {"conv_dw": "block.0", "norm": "block.2", "mlp.fc1": "block.3", "m
 def timm_to_torchvision(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """A timm `convnext_*` state dict in torchvision's names (keys with no rule are kept, so
     that loading lists them)."""
-    out: dict[str, Any] = {}
+    out = torch_import.RenamedKeys()
     for key, value in state_dict.items():
         stem, _, leaf = key.rpartition(".")
         gamma = re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)", stem)
@@ -242,7 +241,7 @@ def hf_to_torchvision(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     `layernorm`, `pwconv1`, `pwconv2`, `layer_scale_parameter`), each stage's
     `downsampling_layer` (stage 0's is none), `layernorm` and `classifier` as torchvision's
     classifier. Keys with no rule are kept, so that loading lists them."""
-    out: dict[str, Any] = {}
+    out = torch_import.RenamedKeys()
     for key, value in state_dict.items():
         name = key.removeprefix("convnext.")
         stem, _, leaf = name.rpartition(".")

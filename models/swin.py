@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.models import torch_import
 from jaxdissect.models.layers import FOUR_STAGE_ALIASES, GELU
 from jaxdissect.preprocess import TORCHVISION, InputSpec
 
@@ -220,8 +221,6 @@ class SwinTransformer(nn.Module):
         (`timm_to_torchvision`) or a Hugging Face one (`hf_to_torchvision`); buffers
         (relative position indices, which `relative_position_index` computes, and timm's
         attention masks) left out."""
-        from jaxdissect.models import torch_import
-
         if any(k.startswith(("patch_embed.", "layers.")) for k in state_dict):
             state_dict = timm_to_torchvision(state_dict)
         elif any(k.startswith(("swin.", "embeddings.", "encoder.")) for k in state_dict):
@@ -244,7 +243,7 @@ def timm_to_torchvision(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     them."""
     # Before timm 0.9 the first stage ends with the merge; since, the second starts with it.
     merge_after = any(k.startswith("layers.0.downsample.") for k in state_dict)
-    out: dict[str, Any] = {}
+    out = torch_import.RenamedKeys()
     for key, value in state_dict.items():
         stem, _, leaf = key.rpartition(".")
         block = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)", stem)
@@ -306,9 +305,7 @@ def hf_to_torchvision(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     names: `encoder.layers.{i}.blocks.{j}` (its separate query, key and value stacked as
     `qkv`), each stage's patch merging `encoder.layers.{i}.downsample` (at its end),
     `layernorm`, `classifier`. Keys with no rule are kept, so that loading lists them."""
-    from jaxdissect.models import torch_import
-
-    out: dict[str, Any] = {}
+    out = torch_import.RenamedKeys()
     qkv: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
         name = key.removeprefix("swin.")
@@ -328,4 +325,5 @@ def hf_to_torchvision(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             out[f"{_HF_NAMES[stem]}.{leaf}"] = value
         else:
             out[key] = value
-    return {**out, **torch_import.stacked_qkv(qkv)}
+    out.update(torch_import.stacked_qkv(qkv))
+    return out

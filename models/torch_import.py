@@ -40,6 +40,25 @@ class WeightMappingError(ValueError):
         self.missing = tuple(missing)
 
 
+class RenamedKeys(dict):
+    """A state dict being renamed, each name taken once: a second checkpoint key renamed to
+    a name already taken (two keys of one weight, e.g. a file holding two namings) is
+    refused, not read over the first (`update` and `|` go through the same check)."""
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if name in self:
+            raise WeightMappingError(
+                f"two checkpoint keys are both {name!r} once renamed; save the state dict of "
+                "one model only"
+            )
+        super().__setitem__(name, value)
+
+    def update(self, *others: Mapping[str, Any], **named: Any) -> None:
+        for other in (*others, named):
+            for name, value in dict(other).items():
+                self[name] = value
+
+
 def _flax_key(torch_key: str, array: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
     *path, leaf = torch_key.split(".")
     path = tuple(path)

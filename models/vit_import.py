@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdissect.models.torch_import import WeightMappingError, stacked_qkv
+from jaxdissect.models.torch_import import RenamedKeys, WeightMappingError, stacked_qkv
 
 # Hugging Face transformers' ViT (`ViTModel`, and `ViTForImageClassification` under `vit.`),
 # DeiT (`deit.`), BEiT and data2vec (`beit.`, `data2vec_vision.`) and DINOv2 (`Dinov2Model`,
@@ -101,8 +101,7 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from absl import logging
 
     dinov2 = is_hf_dinov2(state_dict)
-    out: dict[str, np.ndarray] = {}
-    source: dict[str, str] = {}  # timm name -> the key it was read from
+    out = RenamedKeys()
     qkv: dict[str, dict[str, np.ndarray]] = {}
     gated: dict[str, dict[str, np.ndarray]] = {}  # a SwiGLU's halves apart
     if decoder := [k for k in state_dict if k.startswith("decoder.")]:
@@ -136,13 +135,7 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         timm = _timm_name(name, _HF_VIT_BLOCKS, _HF_VIT_BLOCK_NAMES, _HF_VIT_NAMES)
         if timm and leaf == "lambda1":
             timm = f"{timm.removesuffix('.lambda1')}.gamma"
-        target = timm or _HF_VIT_NAMES.get(name, name)
-        if target in source:  # two keys of one weight (a model's and its wrapper's norm)
-            raise WeightMappingError(
-                f"{source[target]!r} and {key!r} are both {target!r}; save the state dict of "
-                "one model only"
-            )
-        out[target], source[target] = np.asarray(value), key
+        out[timm or _HF_VIT_NAMES.get(name, name)] = np.asarray(value)
     for name, parts in qkv.items():  # BEiT's key has no bias
         if name.endswith(".bias") and sorted(parts) == ["query", "value"]:
             parts["key"] = np.zeros_like(parts["query"])
@@ -150,7 +143,8 @@ def hf_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if sorted(halves) != ["gate", "up"]:
             raise WeightMappingError(f"{name}: the checkpoint has one half of a SwiGLU only")
         out[name] = np.concatenate([halves["gate"], halves["up"]])
-    return {**out, **stacked_qkv(qkv)}
+    out.update(stacked_qkv(qkv))
+    return out
 
 
 # Hugging Face BEiT's LayerScale, a parameter of each layer -> timm BEiT's.
@@ -181,7 +175,7 @@ def open_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray
     embedding gain timm's leading axis, the fused `in_proj` is timm's `qkv`, and the
     projection `proj` [width, embed] is a bias-free head (timm's `head`, bias 0). Keys with
     no rule here keep their names, so that loading lists them."""
-    out: dict[str, np.ndarray] = {}
+    out = RenamedKeys()
     for key, value in state_dict.items():
         if not key.startswith("visual."):
             continue
@@ -236,7 +230,7 @@ def hf_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     attention-pooling `head` as timm's `attn_pool` (its `probe` the `latent`, its fused
     `in_proj` split into `q` and `kv`). Keys with no rule here keep their names, so that
     loading lists them."""
-    out: dict[str, np.ndarray] = {}
+    out = RenamedKeys()
     qkv: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
         array = np.asarray(value)
@@ -267,7 +261,8 @@ def hf_clip_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
         else:
             timm = _timm_name(name, _HF_CLIP_BLOCKS, _HF_CLIP_BLOCK_NAMES, _HF_CLIP_NAMES)
             out[timm or key] = array
-    return {**out, **stacked_qkv(qkv)}
+    out.update(stacked_qkv(qkv))
+    return out
 
 
 # torchvision's `VisionTransformer` (vit_b_16, ...) -> timm's names, per block
@@ -296,7 +291,7 @@ def torchvision_vit_to_timm(state_dict: Mapping[str, Any]) -> dict[str, np.ndarr
     `encoder.pos_embedding` over [class token, patches], the fused `in_proj` as `qkv`).
     Keys with no rule here (a `heads.pre_logits` layer, ...) keep their names, so that
     loading lists them."""
-    out: dict[str, np.ndarray] = {}
+    out = RenamedKeys()
     for key, value in state_dict.items():
         array = np.asarray(value)
         stem, _, leaf = key.rpartition(".")
@@ -361,7 +356,7 @@ def timm_vit_to_big_vision(
     from absl import logging
 
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
-    out: dict[str, np.ndarray] = {}
+    out = RenamedKeys()
 
     def take(key: str) -> np.ndarray:
         if key not in sd:

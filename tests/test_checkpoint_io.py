@@ -942,6 +942,20 @@ def test_two_keys_of_one_variable_are_refused_naming_both():
         torch_to_flax(state, _fc_template(), rename=lambda k: k.replace("head.", "fc."))
 
 
+def test_a_converters_two_keys_of_one_name_are_refused():
+    """The namings' converters (timm's and Hugging Face's to torchvision's) refuse a file
+    holding both namings of one weight, as `RenamedKeys` does for any update."""
+    from jaxdissect.models import convnext
+
+    state = {"head.fc.weight": np.ones((2, 3)), "classifier.2.weight": np.zeros((2, 3))}
+    with pytest.raises(WeightMappingError, match=r"^two checkpoint keys are both "
+                       r"'classifier.2.weight' once renamed; save the state dict of one"):  # fmt: skip
+        convnext.timm_to_torchvision(state)
+    renamed = torch_import.RenamedKeys(a=1)
+    with pytest.raises(WeightMappingError, match="both 'a' once renamed"):
+        renamed.update({"b": 2}, a=3)
+
+
 def test_torch_compile_prefix_is_stripped(tmp_path):
     """`torch.compile(model).state_dict()` names each key `_orig_mod.<key>`: such a file
     loads as the model's own, with the same weights."""

@@ -703,8 +703,8 @@ def test_beit_pre_training_checkpoints_share_one_table(tmp_path, caplog):
     # Two keys of one weight (the backbone's norm beside a wrapper's) are refused by name.
     hf |= {f"layernorm.{k[5:]}": v.numpy() for k, v in norm.items()}
     torch.save({k: torch.from_numpy(v) for k, v in hf.items()}, tmp_path / "two_norms.bin")
-    with pytest.raises(ValueError, match=r"'beit.layernorm.weight' and 'layernorm.weight' are "
-                       r"both 'norm.weight'; save the state dict of one model only"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"two checkpoint keys are both 'norm.weight' once "
+                       r"renamed; save the state dict of one model only"):  # fmt: skip
         model_load.load("vit_ti16", weights=str(tmp_path / "two_norms.bin"), options=options)
 
 
