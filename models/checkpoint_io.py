@@ -151,13 +151,21 @@ def key_groups(keys: Iterable[str], shown: int = 4) -> str:
 
 def _entry_of(whole: Any, entry: str, path: str) -> Any:
     """The object under `entry` ('/'-separated keys: `teacher`, `state_dict/model`)."""
-    obj = whole
+    obj, walked = whole, []
     for part in entry.split("/"):
         if not isinstance(obj, Mapping) or part not in obj:
-            found = ", ".join(map(repr, _tensor_dicts(whole) if isinstance(whole, Mapping) else []))
-            held = f"its state dicts are under {found}" if found else "it holds no state dict"
-            raise SelectionError(f"entry={entry!r}: {path} has no {part!r} there; {held}")
+            at = "/".join(walked) or "its top level"
+            if isinstance(obj, Mapping):
+                keys = [repr(str(k)) for k in obj]
+                there = ", ".join(keys[:8]) + (
+                    f", ... ({len(keys)} in all)" if len(keys) > 8 else ""
+                )
+                there = f"the keys there are {there}" if keys else "nothing is there"
+            else:
+                there = f"a value of type {type(obj).__name__} is there"
+            raise SelectionError(f"entry={entry!r}: {path} has no {part!r} at {at}; {there}")
         obj = obj[part]
+        walked.append(part)
     if not isinstance(obj, Mapping):
         raise SelectionError(
             f"entry={entry!r}: {path} holds a value of type {type(obj).__name__} there, not a "

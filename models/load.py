@@ -283,7 +283,7 @@ OWN_MODEL_MAPPING_ADVICE = (
     "the model class (None drops; README: Your own PyTorch model)"
 )
 # Suffixes of weight files (not of directories that models/convert.py writes).
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".tar", ".safetensors", ".bin", ".ckpt", ".pkl")
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".tar", ".safetensors", ".bin", ".ckpt", ".pkl", ".torch")
 
 
 def _misfit(err: Exception) -> int:

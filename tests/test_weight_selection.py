@@ -135,8 +135,9 @@ def test_dino_teachers_backbone_converts_by_entry_and_prefix(tmp_path, caplog):
         "'model_state_dict', 'model'); read one with models/convert.py --entry=teacher "
         "(README: Self-supervised checkpoints)"
     )
-    with pytest.raises(SelectionError, match=r"^entry='teachers': \S+ has no 'teachers' there; "
-                       r"its state dicts are under 'student', 'teacher', 'dino_loss'$"):  # fmt: skip
+    with pytest.raises(SelectionError, match=r"^entry='teachers': \S+ has no 'teachers' at its "
+                       r"top level; the keys there are 'student', 'teacher', 'optimizer', "
+                       r"'epoch', 'args', 'dino_loss'$"):  # fmt: skip
         load_state_dict(source, entry="teachers")
     with pytest.raises(
         SelectionError, match=r"^entry=.epoch.: \S+ holds a value of type int there"
@@ -160,6 +161,29 @@ def test_dino_teachers_backbone_converts_by_entry_and_prefix(tmp_path, caplog):
     # The student's keys carry DDP's `module.` as well: stripped before the prefix is read.
     student_state = load_state_dict(source, entry="student")
     assert select_keys(student_state, prefix="backbone").keys() == _trunk(student).keys()
+
+
+def test_vissl_trunk_converts_by_a_nested_entry(tmp_path):
+    """VISSL's model zoo (`model_final_checkpoint_phase*.torch`: SimCLR, PIRL, Jigsaw,
+    RotNet, ...): the trunk under `classy_state_dict/base_model/model/trunk`, torchvision's
+    names after `_feature_blocks.`, the heads beside it, the run's state around."""
+    trunk = _resnet(6, torch.nn.Identity())
+    model = {"trunk": {f"_feature_blocks.{k}": v for k, v in trunk.state_dict().items()}}
+    model["heads"] = {"0.clf.0.weight": torch.ones(8, 128), "0.clf.0.bias": torch.zeros(8)}
+    classy = {"base_model": {"model": model, "meta": {}}, "loss": {}, "train_phase_idx": 799}
+    source = tmp_path / "model_final_checkpoint_phase799.torch"
+    torch.save({"phase_idx": 799, "iteration": 1000, "classy_state_dict": classy}, source)
+    entry = "classy_state_dict/base_model/model/trunk"
+    convert("resnet18", source, tmp_path / "vissl", num_classes=0, options={"width": WIDTH},
+            entry=entry, prefix="_feature_blocks")  # fmt: skip
+    got, _ = load_variables(tmp_path / "vissl")
+    model = zoo.build("resnet18", num_classes=0, width=WIDTH)
+    jax.tree.map(np.testing.assert_array_equal, got,
+                 torch_to_flax(_trunk(trunk), variables_template(model)))  # fmt: skip
+    with pytest.raises(SelectionError, match=r"^entry='classy_state_dict/base_model/trunk': \S+ "
+                       r"has no 'trunk' at classy_state_dict/base_model; the keys there are "
+                       r"'model', 'meta'$"):  # fmt: skip
+        load_state_dict(source, entry="classy_state_dict/base_model/trunk")
 
 
 def test_a_backbone_saved_without_its_head_loads_with_num_classes_0(tmp_path):
