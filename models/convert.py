@@ -332,7 +332,9 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
 def _define_flags() -> None:
     flags.DEFINE_enum("arch", None, sorted(zoo.ARCHS), "Architecture of the weights.")
     flags.DEFINE_integer("num_classes", 1000, "Number of classes of the final layer.")
-    flags.DEFINE_string("input", None, "Weight file: .pth, .pth.tar (zip or legacy), .safetensors.")
+    flags.DEFINE_string(
+        "input", None, "Weight file: .pth, .pth.tar, .torch (zip or legacy), .safetensors."
+    )
     flags.DEFINE_string("output", None, "Directory to write the converted checkpoint to.")
     flags.DEFINE_multi_string(
         "option",
