@@ -459,7 +459,11 @@ def define_devices_flag(fv: flags.FlagValues) -> None:
 def define_model_option_flags(fv: flags.FlagValues) -> None:
     """--num_classes and --model_option: the model's constructor options (`model_options`)."""
     flags.DEFINE_integer(
-        "num_classes", None, "Classifier size of the model (e.g. 365 for Places).", flag_values=fv
+        "num_classes",
+        None,
+        "Classifier size of the model (e.g. 365 for Places; 0: none, a ResNet's or ViT's "
+        "backbone saved without a head).",
+        flag_values=fv,
     )
     flags.DEFINE_multi_string(
         "model_option",
