@@ -1,0 +1,497 @@
+"""Hostile weight files: crafted pickles, one memory budget, zip and npz members checked
+before they are read, shapes and dtypes numpy cannot make; each refused in one line."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import pickle
+import resource
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jaxdissect import cli
+from jaxdissect.models import load as model_load
+from jaxdissect.models import npz_file, torch_file, torch_tensors, weight_file
+from jaxdissect.models.checkpoint_io import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    load_state_dict,
+)
+from tests.weights_testing import FORMATS, Payload, save_torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_pickle_naming_thousands_of_globals_is_refused_before_it_costs_memory(tmp_path):
+    """Each class a pickle names outside the tables costs a stand-in type: a crafted file
+    naming one after another is stopped at `_MAX_STAND_INS`."""
+    names = b"".join(b"cm\nC%d\n0" % i for i in range(torch_file._MAX_STAND_INS + 1))
+    path = tmp_path / "many.pkl"
+    path.write_bytes(b"\x80\x02" + names + b"}.")
+    with pytest.raises(CheckpointError, match=r"names more than 4096 classes and functions"):
+        load_state_dict(path)
+    path.write_bytes(b"\x80\x02" + names[: names.index(b"cm\nC4096")] + b"}.")
+    with pytest.raises(CheckpointError, match=r"^.*: not a torch weight file \(no legacy magic"):
+        load_state_dict(path)  # 4096 pass; then the pickle is no torch file's
+
+
+def test_malicious_payload_is_refused_and_never_runs(tmp_path):
+    # The payload is real: a plain unpickler runs it.
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(Payload(control)))
+    assert control.exists()
+
+    marker = tmp_path / "pwned"
+    payload = {"conv.weight": torch.ones(2), "evil": Payload(marker)}
+    paths = [
+        save_torch(payload, tmp_path / "evil_zip.pth", True),
+        save_torch(payload, tmp_path / "evil_legacy.pth", False),
+        tmp_path / "evil_raw.pkl",
+    ]
+    paths[2].write_bytes(pickle.dumps(Payload(marker)))
+    for path in paths:
+        with pytest.raises(UnsafeCheckpointError, match=r"posix\.system|nt\.system") as info:
+            load_state_dict(path)
+        assert info.value.global_name.endswith(".system")
+        assert not marker.exists(), path
+
+
+def test_allowed_globals_are_only_tensor_plumbing():
+    modules = {module for module, _ in torch_file.ALLOWED_GLOBALS}
+    assert modules == {
+        "argparse",
+        "collections",
+        "torch",
+        "torch.cuda",
+        "torch._tensor",
+        "torch._utils",
+        "torch.storage",
+    }
+    assert {name for module, name in torch_file.ALLOWED_GLOBALS if module == "argparse"} == {
+        "Namespace"
+    }
+    assert ("collections", "OrderedDict") in torch_file.ALLOWED_GLOBALS
+    assert ("builtins", "eval") not in torch_file.ALLOWED_GLOBALS
+
+
+class _Storage:
+    """Pickled as a persistent storage id by `_craft_zip`."""
+
+
+def _craft_zip(path: Path, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
+    """A torch-style zip whose one tensor claims `size`/`stride` over a 4-element storage."""
+    storage = _Storage()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is storage:
+                return ("storage", torch.FloatStorage, "0", "cpu", 4)
+            return None
+
+    buffer = io.BytesIO()
+    args = (storage, 0, size, stride, False, collections.OrderedDict())
+    Pickler(buffer, protocol=2).dump({"w": _Reduce(torch._utils._rebuild_tensor_v2, args)})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/data/0", np.arange(4, dtype="<f4").tobytes())
+
+
+class _Reduce:
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def test_tensor_reading_past_its_storage_is_rejected(tmp_path):
+    good, bad = tmp_path / "good.pth", tmp_path / "bad.pth"
+    _craft_zip(good, (2, 2), (1, 2))
+    np.testing.assert_array_equal(load_state_dict(good)["w"], [[0, 2], [1, 3]])
+    _craft_zip(bad, (1000,), (1,))
+    with pytest.raises(CheckpointError, match="past its storage"):
+        load_state_dict(bad)
+    # Zero strides repeat the storage: a small expansion loads, 2**31 floats do not.
+    _craft_zip(good, (3, 4), (0, 1))
+    np.testing.assert_array_equal(load_state_dict(good)["w"], [[0, 1, 2, 3]] * 3)
+    _craft_zip(bad, (2**31,), (0,))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=r"size \(2147483648,\), stride \(0,\) would take"):
+        load_state_dict(bad)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**16  # KiB: < 64 MiB
+
+
+def test_a_crafted_pickle_that_breaks_a_stand_in_is_one_error(tmp_path):
+    """BUILD on torch.FloatStorage's stand-in renames its dtype: a CheckpointError naming
+    the file, not a KeyError from inside the reader."""
+
+    def u(text: str) -> bytes:
+        return b"X" + len(text).to_bytes(4, "little") + text.encode()
+
+    payload = (
+        b"\x80\x02}"
+        + u("w")
+        + b"ctorch._utils\n_rebuild_tensor_v2\n(("
+        + u("storage")
+        + b"ctorch\nFloatStorage\n}"
+        + u("name")
+        + u("Nope")
+        + b"sb"
+        + u("0")
+        + u("cpu")
+        + b"K\x04tQK\x00K\x04\x85K\x01\x85\x89)tRs."
+    )
+    path = tmp_path / "crafted.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/data/0", bytes(16))
+    with pytest.raises(CheckpointError, match=r"crafted.pth: not a state dict this reader takes"):
+        load_state_dict(path)
+
+
+def test_a_crafted_pickle_cannot_change_the_reader_for_later_loads(tmp_path):
+    """BUILD on an allowed function (setting its `__defaults__`) is refused; it would
+    otherwise break every later load in the process."""
+
+    def u(text: str) -> bytes:
+        return b"X" + len(text).to_bytes(4, "little") + text.encode()
+
+    payload = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}" + u("__defaults__") + b")s\x86b0}."
+    crafted = tmp_path / "crafted.pth"
+    with zipfile.ZipFile(crafted, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/byteorder", "little")
+    defaults = torch_tensors.rebuild_tensor_v2.__defaults__
+    with pytest.raises(CheckpointError, match=r"crafted.pth: .*state of _rebuild_tensor_v2"):
+        load_state_dict(crafted)
+    assert torch_tensors.rebuild_tensor_v2.__defaults__ == defaults
+    good = save_torch({"w": torch.ones(2)}, tmp_path / "good.pth", True)
+    np.testing.assert_array_equal(load_state_dict(good)["w"], [1, 1])
+
+
+@pytest.mark.parametrize("tail", [b"abc", bytes(600)])
+@FORMATS
+def test_protocol_5_out_of_band_data_is_refused_before_the_unpickler_sees_it(
+    tmp_path, capfd, zip_format, tail
+):
+    """A BYTEARRAY8 declaring a terabyte (one damaged byte can make one): refused in one
+    line naming the opcode, without CPython's unpickler trying to allocate it or printing
+    "SystemError: deallocated bytearray object has exported buffers"."""
+    payload = b"\x80\x02]\x96" + struct.pack("<Q", 10**12) + tail
+    path = tmp_path / "damaged.pth"
+    if zip_format:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", payload)
+            archive.writestr("archive/byteorder", "little")
+    else:
+        path.write_bytes(payload)
+    with pytest.raises(CheckpointError, match=f"^{path}: .*opcode BYTEARRAY8 at byte 3 "):
+        load_state_dict(path)
+    assert "SystemError" not in capfd.readouterr().err
+
+
+def test_unsafe_refusals_name_the_file(tmp_path):
+    marker = tmp_path / "pwned"
+    path = save_torch({"w": Payload(marker)}, tmp_path / "evil.pth", True)
+    with pytest.raises(SystemExit) as info:
+        cli.script_main(lambda: model_load.load("alexnet", weights=str(path)))(["prog"])
+    message = str(info.value)
+    assert message.startswith(f"error: --weights: {path}: refusing to load global ")
+    assert "\n" not in message and not marker.exists()
+
+
+# --- hostile files: one memory budget, shapes numpy cannot make, zip members (review T) ---
+
+
+def _craft_tensors(
+    path: Path,
+    tensors: dict,
+    numel: int = 4,
+    *,
+    method: int = zipfile.ZIP_STORED,
+    pkl_method: int = zipfile.ZIP_STORED,
+) -> None:
+    """A torch-style zip of `tensors` (key -> `_Reduce` or (size, stride)) over one storage."""
+    storage = _Storage()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is storage:
+                return ("storage", torch.FloatStorage, "0", "cpu", numel)
+            return None
+
+    def tensor(size, stride):
+        args = (storage, 0, size, stride, False, collections.OrderedDict())
+        return _Reduce(torch._utils._rebuild_tensor_v2, args)
+
+    obj = {k: tensor(*v) if isinstance(v, tuple) else v(tensor) for k, v in tensors.items()}
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump(obj)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(zipfile.ZipInfo("archive/data.pkl"), buffer.getvalue(), pkl_method)
+        archive.writestr("archive/byteorder", "little")
+        data = np.arange(numel, dtype="<f4").tobytes()
+        archive.writestr(zipfile.ZipInfo("archive/data/0"), data, method)
+
+
+def _declare_size(path: Path, member: str, size: int) -> None:
+    """Make the zip directory entry of `member` declare `size` unpacked bytes (a bomb's lie)."""
+    data = bytearray(path.read_bytes())
+    at = 0
+    while True:
+        at = data.index(b"PK\x01\x02", at)
+        (name_len,) = struct.unpack("<H", data[at + 28 : at + 30])
+        if data[at + 46 : at + 46 + name_len] == member.encode():
+            data[at + 24 : at + 28] = struct.pack("<I", size)
+            break
+        at += 4
+    path.write_bytes(bytes(data))
+
+
+def test_one_memory_budget_for_the_whole_file(tmp_path, monkeypatch):
+    """Expanded tensors count by the bytes they make, summed over the file; a tensor the
+    pickle names several times, or views of the same elements (tied weights), are cut
+    once, as torch shares them."""
+    monkeypatch.setattr(weight_file, "_BUDGET_EXTRA_BYTES", 2**16)
+
+    def wide(i):  # ~16 KiB out of one float, each view its own size
+        return ((2**12 - i,), (0,))
+
+    path = tmp_path / "w.pth"
+    _craft_tensors(path, {f"w{i}": wide(i) for i in range(3)}, numel=1)
+    assert sum(v.nbytes for v in load_state_dict(path).values()) == 4 * (3 * 2**12 - 3)
+    _craft_tensors(path, {f"w{i}": wide(i) for i in range(5)}, numel=1)
+    with pytest.raises(
+        CheckpointError,
+        match=r"^\S*w.pth: tensor of size \(\d+,\), stride "
+        r"\(0,\) would take the memory .* crafted or corrupt",
+    ):
+        load_state_dict(path)
+    _craft_tensors(path, {f"w{i}": wide(0) for i in range(5)}, numel=1)  # tied: one view
+    tied = load_state_dict(path)
+    assert all(v is tied["w0"] for v in tied.values()) and tied["w0"].shape == (2**12,)
+
+    def shared(tensor):
+        one = tensor(*wide(0))
+        return [one] * 5
+
+    _craft_tensors(path, {"w": shared}, numel=1)
+    got = load_checkpoint(path)["w"]
+    assert all(a is got[0] for a in got) and got[0].shape == (2**12,)
+
+
+def test_zip_members_are_checked_before_they_are_read(tmp_path):
+    path = tmp_path / "w.pth"
+    _craft_tensors(path, {"w": ((4,), (1,))}, method=zipfile.ZIP_DEFLATED)
+    np.testing.assert_array_equal(load_state_dict(path)["w"], np.arange(4))  # deflate is read
+    for member in ("archive/data/0", "archive/data.pkl"):
+        _craft_tensors(path, {"w": ((4,), (1,))}, method=zipfile.ZIP_DEFLATED,
+                       pkl_method=zipfile.ZIP_DEFLATED)  # fmt: skip
+        _declare_size(path, member, 2**32 - 1)  # a bomb: 4 GiB from a few bytes
+        with pytest.raises(CheckpointError, match=f"member {member} .4294967295 bytes unpacked"):
+            load_state_dict(path)
+    _craft_tensors(path, {"w": ((4,), (1,))}, method=zipfile.ZIP_BZIP2)
+    with pytest.raises(CheckpointError, match="archive/data/0 is compressed with zip method 12"):
+        load_state_dict(path)
+    _craft_tensors(path, {"w": ((4,), (1,))}, numel=2, method=zipfile.ZIP_DEFLATED)
+    _declare_size(path, "archive/data/0", 16)  # the size, not the bytes, is compared
+    with pytest.raises(CheckpointError, match=r"storage 0: 16 bytes for 2 elements"):
+        load_state_dict(path)
+
+
+def _legacy_file(path: Path, numel: int) -> None:
+    """A legacy torch file whose one storage declares `numel` floats and holds 16 bytes."""
+    storage = _Storage()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is storage:
+                return ("storage", torch.FloatStorage, "0", "cpu", numel, None)
+            return None
+
+    buffer = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+        pickle.dump(header, buffer, protocol=2)
+    args = (storage, 0, (1,), (1,), False, collections.OrderedDict())
+    Pickler(buffer, protocol=2).dump({"w": _Reduce(torch._utils._rebuild_tensor_v2, args)})
+    pickle.dump(["0"], buffer, protocol=2)
+    buffer.write(struct.pack("<q", numel) + bytes(16))
+    path.write_bytes(buffer.getvalue())
+
+
+def test_legacy_storage_larger_than_the_file_is_refused_unread(tmp_path):
+    path = tmp_path / "w.pth"
+    _legacy_file(path, 4)
+    assert load_state_dict(path)["w"].shape == (1,)
+    for numel in (2**40, 2**62):
+        _legacy_file(path, numel)
+        with pytest.raises(CheckpointError, match=r"w.pth: ends inside storage 0; .* again$"):
+            load_state_dict(path)
+
+
+def _npy(shape: tuple, descr: object = "<f4", data: bytes = b"") -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + data
+
+
+NPZ_CASES = {
+    "truncated": ({"a.npy": _npy((100,), data=bytes(40))}, r"\(400 bytes\) but holds 40 bytes"),
+    "shape 2**40": ({"a.npy": _npy((2**40,))}, r"declares shape \(1099511627776,\)"),
+    "shape 2**62": ({"a.npy": _npy((2**62,))}, r"too large for any array"),
+    "zero beside huge": ({"a.npy": _npy((0, 2**62, 4))}, r"too large for any array"),
+    "rank 40": ({"a.npy": _npy((1,) * 40, data=bytes(4))}, r"40 dimensions"),
+    "records": ({"a.npy": _npy((1,), [("x", "<f4")], bytes(4))}, r"records of dtype"),
+    "objects": ({"a.npy": _npy((1,), "|O", bytes(8))}, r"holds pickled objects"),
+    "bad header": ({"a.npy": b"\x93NUMPY\x01\x00\x10\x00{'descr': 'x'}   \n"}, "no readable"),
+    # An unclosed bracket: numpy's header parser raised tokenize.TokenError.
+    "open header": ({"a.npy": b"\x93NUMPY\x01\x00\x0e\x00{'shape': (1, \n"}, "no readable"),
+    "text member": ({"a.npy": _npy((1,), data=bytes(4)), "notes.txt": b"hi"}, r"notes.txt is not"),
+    "torch file": ({"archive/data.pkl": b"."}, r"torch.save file: name it .pth"),
+}
+
+
+@pytest.mark.parametrize("case", list(NPZ_CASES))
+def test_bad_npz_is_one_accurate_line_before_np_load(tmp_path, case):
+    members, message = NPZ_CASES[case]
+    path = tmp_path / "w.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=message) as info:
+        npz_file.load_npz(path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+    if case != "objects":
+        assert "pickled" not in str(info.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**16  # KiB
+
+
+def test_npz_members_are_checked_before_np_load(tmp_path):
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float64)}
+    np.savez_compressed(tmp_path / "ok.npz", **arrays)
+    got = npz_file.load_npz(tmp_path / "ok.npz")
+    assert got.keys() == arrays.keys()
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(got[k], v)
+        assert got[k].dtype == v.dtype
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w") as archive:
+        archive.writestr(zipfile.ZipInfo("a.npy"), _npy((4,), data=bytes(16)), zipfile.ZIP_BZIP2)
+    with pytest.raises(CheckpointError, match="a.npy is compressed with zip method 12"):
+        npz_file.load_npz(bomb)
+    np.save(tmp_path / "one.npy", np.ones(2))
+    os.replace(tmp_path / "one.npy", tmp_path / "one.npz")
+    with pytest.raises(CheckpointError, match=r"one.npz: holds one array \(np.save\)"):
+        npz_file.load_npz(tmp_path / "one.npz")
+    (tmp_path / "text.npz").write_text("hello, world")
+    with pytest.raises(CheckpointError, match=r"text.npz: not a readable .npz file \(not a zip\)"):
+        npz_file.load_npz(tmp_path / "text.npz")
+
+
+def test_shapes_numpy_cannot_make_are_one_line(tmp_path):
+    path = tmp_path / "w.pth"
+    # The stride of a dim of size 1 steps nowhere: even a huge one loads.
+    _craft_zip(path, (1, 2), (2**70, 1))
+    np.testing.assert_array_equal(load_state_dict(path)["w"], [[0, 1]])
+    _craft_zip(path, (1,), (2**62,))
+    np.testing.assert_array_equal(load_state_dict(path)["w"], [0])
+    for size, message in [
+        ((0, 2**62), r"of shape \(0, 4611686018427387904\) is too large for any array"),
+        ((0, 2**40, 2**40), "too large for any array"),
+        ((1,) * 65, "has 65 dimensions, more than the 32"),
+        ((0,) + (1,) * 64, "has 65 dimensions"),
+    ]:
+        _craft_zip(path, size, (1,) * len(size))
+        with pytest.raises(CheckpointError, match=message) as info:
+            load_state_dict(path)
+        assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def _safetensors(path: Path, header: dict, data: bytes) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+@pytest.mark.parametrize("dtype,nbytes", [("F8_E4M3", 2), ("F8_E5M2", 2), ("F4", 1)])
+def test_safetensors_of_a_dtype_numpy_lacks_names_it(tmp_path, dtype, nbytes):
+    header = {
+        "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        "w": {"dtype": dtype, "shape": [2], "data_offsets": [4, 4 + nbytes]},
+    }
+    path = _safetensors(tmp_path / "fp8.safetensors", header, bytes(4 + nbytes))
+    with pytest.raises(CheckpointError, match=f"cannot hold: {dtype} \\(w\\). Save the weights as"):
+        load_state_dict(path)
+    with pytest.raises(SystemExit) as info:
+        cli.script_main(lambda: model_load.load("alexnet", weights=str(path)))(["prog"])
+    assert str(info.value).startswith(f"error: --weights: {path}: tensors of a dtype")
+
+
+def _zip_flags(
+    data: bytes,
+    *,
+    method: int | None = None,
+    encrypted: bool = False,
+    version: int | None = None,
+) -> bytes:
+    """`data` (a zip) with every entry's method, encryption flag or version needed changed."""
+    out = bytearray(data)
+    for signature, method_at, flags_at, version_at in (
+        (b"PK\x03\x04", 8, 6, 4),
+        (b"PK\x01\x02", 10, 8, 6),
+    ):
+        at = out.find(signature)
+        while at != -1:
+            if method is not None:
+                out[at + method_at : at + method_at + 2] = struct.pack("<H", method)
+            if encrypted:
+                out[at + flags_at] |= 1
+            if version is not None:
+                out[at + version_at : at + version_at + 2] = struct.pack("<H", version)
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
+def test_unsupported_zip_methods_and_encryption_are_one_line(tmp_path):
+    data = save_torch({"w": torch.ones(2)}, tmp_path / "good.pth", True).read_bytes()
+    for name, changed, message in [
+        ("m99.pth", _zip_flags(data, method=99), "compressed with zip method 99"),
+        ("locked.pth", _zip_flags(data, encrypted=True), "is encrypted; save the file again"),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(changed)
+        with pytest.raises(CheckpointError, match=message) as info:
+            load_state_dict(path)
+        assert str(info.value).startswith(f"{path}: ")
+        with pytest.raises(SystemExit) as info:
+            cli.script_main(lambda path=path: model_load.load("alexnet", weights=str(path)))(["p"])
+        assert str(info.value).startswith(f"error: --weights: {path}: ")
+        assert "\n" not in str(info.value)
+
+
+def test_a_zip_version_zipfile_cannot_read_is_one_line(tmp_path):
+    """Entries that need zip version 9.8: zipfile raised NotImplementedError."""
+    np.savez(tmp_path / "good.npz", w=np.ones(2, np.float32))
+    for good, load in [
+        (save_torch({"w": torch.ones(2)}, tmp_path / "good.pth", True), load_state_dict),
+        (tmp_path / "good.npz", npz_file.load_npz),
+    ]:
+        path = good.with_name("v98" + good.suffix)
+        path.write_bytes(_zip_flags(good.read_bytes(), version=98))
+        with pytest.raises(CheckpointError, match="zip file version 9.8") as info:
+            load(path)
+        assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+        assert "truncated or corrupt: copy or download it again" in str(info.value)
