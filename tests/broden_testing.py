@@ -292,3 +292,11 @@ def tiny_broden(root: str | pathlib.Path) -> Written:
         RowSpec("pascal/e.png", "val", pixel={"color": [a[:, ::-1]]}),
     ]
     return write_broden(root, categories=BRODEN_CATEGORIES, labels=labels, rows=rows)
+
+
+# Three labels of three categories (two pixel, one image-level), as small folders list them.
+LABELS = [
+    LabelSpec(1, "sky", {"object": 1.0}),
+    LabelSpec(2, "street-s", {"scene": 1.0}),
+    LabelSpec(3, "red-c", {"color": 1.0}),
+]
