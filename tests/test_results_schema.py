@@ -8,7 +8,7 @@ import json
 import pytest
 
 from jaxdissect import finished, json_check, results, store
-from tests.fuzz_reference import results_json_run
+from tests.fuzz_inputs import results_json_run
 
 
 @pytest.fixture
