@@ -461,8 +461,8 @@ def define_model_option_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "num_classes",
         None,
-        "Classifier size of the model (e.g. 365 for Places; 0: none, a ResNet's or ViT's "
-        "backbone saved without a head).",
+        "Classifier size of the model (e.g. 365 for Places; 0: none, a backbone saved without "
+        "a head: ResNets, ConvNeXts, Swins, ViTs).",
         flag_values=fv,
     )
     flags.DEFINE_multi_string(

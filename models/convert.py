@@ -332,7 +332,9 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
 def _define_flags() -> None:
     flags.DEFINE_enum("arch", None, sorted(zoo.ARCHS), "Architecture of the weights.")
     flags.DEFINE_integer(
-        "num_classes", 1000, "Classes of the final layer (0: none, a ResNet's or ViT's backbone)."
+        "num_classes",
+        1000,
+        "Classes of the final layer (0: none; ResNets, ConvNeXts, Swins, ViTs).",
     )
     flags.DEFINE_string(
         "input", None, "Weight file: .pth, .pth.tar, .torch (zip or legacy), .safetensors."

@@ -138,6 +138,8 @@ class _Classifier(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _layer_norm("0")(x.reshape(x.shape[0], -1))
+        if not self.num_classes:  # no head: the normalised pooled features (timm's as well)
+            return x
         return _linear(self.num_classes, "2")(x)
 
 
@@ -148,7 +150,8 @@ class ConvNeXt(nn.Module):
     Attributes:
       widths: channels of the four stages.
       depths: blocks of the four stages.
-      num_classes: logits of `classifier.2`.
+      num_classes: logits of `classifier.2`; 0 builds none (the output is the pooled
+        features after `classifier.0`'s LayerNorm, as timm's `num_classes=0`).
       input_spec: the input normalisation the weights expect.
     """
 

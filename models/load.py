@@ -342,8 +342,11 @@ def selection_hints(
             f"models/convert.py --drop {','.join(sorted(groups))} leaves out the keys the "
             "model has no place for (a projection head's)"
         )
-    head = {m.split("/")[1] for m in missing if m.startswith("params/") and m.count("/") >= 2}
-    if missing and model in zoo.HEADLESS_ARCHS and head in ({"fc"}, {"head"}):
+    if (
+        missing
+        and model in zoo.HEADLESS_ARCHS
+        and all(m.startswith(zoo.HEAD_VARIABLES) for m in missing)
+    ):
         hints.append(f"--num_classes=0 builds {model} without its head")
     return "".join(f"; {hint}" for hint in hints)
 

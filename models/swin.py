@@ -189,7 +189,7 @@ class SwinTransformer(nn.Module):
       width: the patch embedding's channels (each stage doubles them).
       depths: blocks of the four stages.
       heads: attention heads of the four stages.
-      num_classes: logits of `head`.
+      num_classes: logits of `head`; 0 builds none (the output is the pooled features).
       input_spec: the input normalisation the weights expect.
     """
 
@@ -212,6 +212,8 @@ class SwinTransformer(nn.Module):
         del train
         x = _Features(self.width, tuple(self.depths), tuple(self.heads), name="features")(x)
         x = _layer_norm("norm")(x).mean(axis=(1, 2))
+        if not self.num_classes:  # no head: the pooled features
+            return x
         return nn.Dense(self.num_classes, name="head")(x)
 
     def import_state_dict(

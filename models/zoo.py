@@ -46,8 +46,17 @@ ARCHS: dict[str, str] = {
 # Architectures whose `num_classes=0` builds no head: the output is the pooled features, as
 # in self-supervised checkpoints (DINO's, MAE's, Barlow Twins') that have none.
 HEADLESS_ARCHS: frozenset[str] = frozenset(
-    {"vit_ti16", "vit_s16", "vit_b16", *(f"resnet{d}" for d in (18, 34, 50, 101, 152))}
+    {
+        *("vit_ti16", "vit_s16", "vit_b16", "swin_t", "swin_s", "swin_b"),
+        *(f"resnet{d}" for d in (18, 34, 50, 101, 152)),
+        *(f"convnext_{v}" for v in ("tiny", "small", "base", "large")),
+    }
 )
+
+
+# The variables of the heads `num_classes=0` leaves out of `HEADLESS_ARCHS` (ResNets' `fc`,
+# ViTs' and Swins' `head`, ConvNeXts' Linear after the kept LayerNorm).
+HEAD_VARIABLES = ("params/fc/", "params/head/", "params/classifier/2/")
 
 
 def least_classes(arch: str) -> int:

@@ -15,7 +15,7 @@ from jaxdissect.models import convert, zoo
 from jaxdissect.models import load as model_load
 from jaxdissect.models.convert import variables_template
 from tests import torch_convnext as ref
-from tests.model_testing import assert_parity
+from tests.model_testing import assert_close, assert_parity, torch_outputs
 
 SMALL = dict(widths=(8, 16, 24, 32), depths=(1, 2, 2, 1))
 PATHS = {"stem": "features.0", "stage1": "features.1", "stage3": "features.5"}  # alias: path
@@ -59,6 +59,21 @@ def test_parity_with_torchvisions_layout_and_timms_names(tmp_path, names):
     )
     x = np.random.default_rng(0).standard_normal((2, 70, 70, 3)).astype(np.float32)
     assert_parity(model, variables, torch_model, x, PATHS)
+
+
+def test_without_a_head_the_output_is_the_normalised_pooled_features():
+    """`num_classes=0` (a backbone saved without its Linear) keeps `classifier.0`'s LayerNorm
+    and leaves out `classifier.2`: the torch model's output with that Linear an Identity."""
+    torch_model = ref.randomize_(ref.ConvNeXt(**SMALL, num_classes=7))
+    torch_model.classifier[2] = torch.nn.Identity()
+    model = zoo.build("convnext_tiny", num_classes=0).clone(**SMALL)
+    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    variables = model.import_state_dict(state, variables_template(model, 40))
+    assert "2" not in variables["params"]["classifier"]
+    x = np.random.default_rng(1).standard_normal((2, 40, 40, 3)).astype(np.float32)
+    want, _ = torch_outputs(torch_model, x, {})
+    with jax.default_matmul_precision("highest"):
+        assert_close(jax.jit(model.apply)(variables, jnp.asarray(x)), want, "features")
 
 
 def _hf_names(state: dict) -> dict:

@@ -15,7 +15,7 @@ from jaxdissect.models import load as model_load
 from jaxdissect.models import swin, zoo
 from jaxdissect.models.convert import variables_template
 from tests import torch_swin as ref
-from tests.model_testing import assert_parity
+from tests.model_testing import assert_close, assert_parity, torch_outputs
 
 SMALL = dict(width=12, depths=(2, 2, 2, 2), heads=(3, 3, 6, 6))
 PATHS = {"stem": "features.0", "stage1": "features.1", "stage2": "features.3"}
@@ -105,6 +105,23 @@ def test_parity_through_padding_and_shifts():
     for named in (timm, timm_before, hf):
         got = model.import_state_dict(named, variables_template(model, 70))
         jax.tree.map(np.testing.assert_array_equal, got, variables)
+
+
+def test_without_a_head_the_output_is_the_pooled_features():
+    """`num_classes=0` (a backbone saved without `head`, SimMIM's encoder's) leaves `head`
+    out: the torch model's output with its head an Identity."""
+    torch_model = ref.randomize_(
+        ref.SwinTransformer(SMALL["width"], SMALL["depths"], SMALL["heads"], num_classes=7)
+    )
+    torch_model.head = torch.nn.Identity()
+    model = zoo.build("swin_t", num_classes=0).clone(**SMALL)
+    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    variables = model.import_state_dict(state, variables_template(model, 56))
+    assert "head" not in variables["params"]
+    x = np.random.default_rng(1).standard_normal((1, 56, 56, 3)).astype(np.float32)
+    want, _ = torch_outputs(torch_model, x, {})
+    with jax.default_matmul_precision("highest"):
+        assert_close(jax.jit(model.apply)(variables, jnp.asarray(x)), want, "features")
 
 
 def test_index_and_mask_are_torchvisions():
