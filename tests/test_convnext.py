@@ -63,13 +63,18 @@ def test_parity_with_torchvisions_layout_and_timms_names(tmp_path, names):
 
 def test_without_a_head_the_output_is_the_normalised_pooled_features():
     """`num_classes=0` (a backbone saved without its Linear) keeps `classifier.0`'s LayerNorm
-    and leaves out `classifier.2`: the torch model's output with that Linear an Identity."""
+    and leaves out `classifier.2`: the torch model's output with that Linear an Identity;
+    Hugging Face's `ConvNextModel` in its names."""
     torch_model = ref.randomize_(ref.ConvNeXt(**SMALL, num_classes=7))
     torch_model.classifier[2] = torch.nn.Identity()
     model = zoo.build("convnext_tiny", num_classes=0).clone(**SMALL)
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
     variables = model.import_state_dict(state, variables_template(model, 40))
     assert "2" not in variables["params"]["classifier"]
+    # Hugging Face's `ConvNextModel` (no classifier, no `convnext.` prefix) loads the same.
+    hf = {k.removeprefix("convnext."): v for k, v in _hf_names(torch_model.state_dict()).items()}
+    got = model.import_state_dict(hf, variables_template(model, 40))
+    jax.tree.map(np.testing.assert_array_equal, got, variables)
     x = np.random.default_rng(1).standard_normal((2, 40, 40, 3)).astype(np.float32)
     want, _ = torch_outputs(torch_model, x, {})
     with jax.default_matmul_precision("highest"):

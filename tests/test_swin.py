@@ -109,7 +109,8 @@ def test_parity_through_padding_and_shifts():
 
 def test_without_a_head_the_output_is_the_pooled_features():
     """`num_classes=0` (a backbone saved without `head`, SimMIM's encoder's) leaves `head`
-    out: the torch model's output with its head an Identity."""
+    out: the torch model's output with its head an Identity; Hugging Face's `SwinModel` in
+    its names."""
     torch_model = ref.randomize_(
         ref.SwinTransformer(SMALL["width"], SMALL["depths"], SMALL["heads"], num_classes=7)
     )
@@ -118,6 +119,10 @@ def test_without_a_head_the_output_is_the_pooled_features():
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
     variables = model.import_state_dict(state, variables_template(model, 56))
     assert "head" not in variables["params"]
+    # Hugging Face's `SwinModel` (no classifier, no `swin.` prefix) loads the same.
+    hf = {k.removeprefix("swin."): v for k, v in _hf_names(torch_model.state_dict()).items()}
+    got = model.import_state_dict(hf, variables_template(model, 56))
+    jax.tree.map(np.testing.assert_array_equal, got, variables)
     x = np.random.default_rng(1).standard_normal((1, 56, 56, 3)).astype(np.float32)
     want, _ = torch_outputs(torch_model, x, {})
     with jax.default_matmul_precision("highest"):
