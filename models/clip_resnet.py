@@ -1,10 +1,12 @@
-"""CLIP's ResNet image towers (OpenAI's `ModifiedResNet`: RN50, RN101, RN50x4) in its layout.
+"""CLIP's ResNet image towers (OpenAI's `ModifiedResNet`: RN50, RN101, RN50x4, RN50x16,
+RN50x64) in its layout.
 
 The differences from torchvision's ResNet: a stem of three 3x3 convolutions (`conv1`..
 `conv3`, `bn1`..`bn3`, `relu1`..`relu3`) and a 2x2 average pool (`avgpool`); a Bottleneck
 strides by a 2x2 average pool after its 3x3 conv (`avgpool`) and its shortcut by one before
 its 1x1 conv (`downsample` -> `-1` pool, `0` conv, `1` BN); and attention pooling
-(`attnpool`: the mean token, prepended, attends over the 7x7 (9x9 for RN50x4) grid with a
+(`attnpool`: the mean token, prepended, attends over the 7x7 grid (9x9, 12x12, 14x14 for
+RN50x4, x16, x64) with a
 learned `positional_embedding`; `q_proj`, `k_proj`, `v_proj`, `c_proj` to the embedding).
 The output is the image embedding (`embed_dim` wide). Weights: OpenAI's own `.pt`
 (TorchScript, read as data) or open_clip's checkpoint, their `visual.` keys. `layer1`..
@@ -41,6 +43,8 @@ VARIANTS: dict[str, tuple[tuple[int, int, int, int], int, int, int]] = {
     "RN50": ((3, 4, 6, 3), 64, 1024, 224),
     "RN101": ((3, 4, 23, 3), 64, 512, 224),
     "RN50x4": ((4, 6, 10, 6), 80, 640, 288),
+    "RN50x16": ((6, 8, 18, 8), 96, 768, 384),
+    "RN50x64": ((3, 15, 36, 10), 128, 1024, 448),
 }
 # open_clip's and OpenAI's whole CLIP: the image tower under this prefix.
 VISUAL = "visual."
@@ -213,3 +217,17 @@ def clip_rn50x4(
 ) -> CLIPResNet:
     """CLIP RN50x4's image tower (`num_classes`: the embedding's width, 640; 288 px)."""
     return _variant("RN50x4", num_classes, input_spec)
+
+
+def clip_rn50x16(
+    *, num_classes: int | None = None, input_spec: InputSpec | None = None
+) -> CLIPResNet:
+    """CLIP RN50x16's image tower (`num_classes`: the embedding's width, 768; 384 px)."""
+    return _variant("RN50x16", num_classes, input_spec)
+
+
+def clip_rn50x64(
+    *, num_classes: int | None = None, input_spec: InputSpec | None = None
+) -> CLIPResNet:
+    """CLIP RN50x64's image tower (`num_classes`: the embedding's width, 1024; 448 px)."""
+    return _variant("RN50x64", num_classes, input_spec)

@@ -37,6 +37,8 @@ ARCHS: dict[str, str] = {
     "clip_rn50": "jaxdissect.models.clip_resnet:clip_rn50",
     "clip_rn101": "jaxdissect.models.clip_resnet:clip_rn101",
     "clip_rn50x4": "jaxdissect.models.clip_resnet:clip_rn50x4",
+    "clip_rn50x16": "jaxdissect.models.clip_resnet:clip_rn50x16",
+    "clip_rn50x64": "jaxdissect.models.clip_resnet:clip_rn50x64",
     "vit_ti16": "jaxdissect.models.vit:vit_ti16",
     "vit_s16": "jaxdissect.models.vit:vit_s16",
     "vit_b16": "jaxdissect.models.vit:vit_b16",

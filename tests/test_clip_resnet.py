@@ -86,6 +86,8 @@ def test_full_size_rn50_through_the_loader_and_the_sizes(tmp_path):
         ("clip_rn50", clip_resnet.VARIANTS["RN50"]),
         ("clip_rn101", clip_resnet.VARIANTS["RN101"]),
         ("clip_rn50x4", clip_resnet.VARIANTS["RN50x4"]),
+        ("clip_rn50x16", clip_resnet.VARIANTS["RN50x16"]),
+        ("clip_rn50x64", clip_resnet.VARIANTS["RN50x64"]),
     ):
         model = zoo.build(arch)
         assert model.input_spec.size == size
