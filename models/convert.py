@@ -309,9 +309,8 @@ def convert(
         "source": os.path.abspath(os.fspath(source)),
         "source_sha256": sha256(source),
     }
-    selection = {"entry": entry, "prefix": prefix, "drop": list(drop)}
     if entry is not None or prefix or drop:
-        meta["selection"] = selection
+        meta["selection"] = {"entry": entry, "prefix": prefix, "drop": list(drop)}
     save_variables(output, variables, meta, force=force)
     return meta
 
