@@ -16,7 +16,6 @@ that holds the input.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -297,8 +296,7 @@ def convert(
     try:
         variables = model_load.state_dict_onto(model, state, template)
     except WeightMappingError as err:
-        fit = functools.partial(model_load.state_dict_onto, model, template=template, advice="")
-        hints = model_load.selection_hints(arch, state, err, fit)
+        hints = model_load.selection_hints(arch, model, template, state, err)
         raise WeightMappingError(
             f"{err}{hints}", unmatched=err.unmatched, missing=err.missing
         ) from None

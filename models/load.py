@@ -25,7 +25,7 @@ import math
 import os
 import pathlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -293,17 +293,17 @@ def _misfit(err: Exception) -> int:
 
 
 def selection_hints(
-    model: str,
-    state_dict: Mapping[str, Any],
-    err: Exception,
-    fit: Callable[[Mapping[str, Any]], Any],
+    model: str, module: Any, template: Any, state_dict: Mapping[str, Any], err: Exception
 ) -> str:
-    """What a weight file that does not fit the zoo's `model` may need, from the keys on each
-    side of `err` (a `torch_import.WeightMappingError`) and trial `fit`s of parts of
-    `state_dict`: one network's keys of several (`models/convert.py --prefix`, where the keys
-    under one first name fit better), keys of a projection head left out (`--drop`), no head
-    (`--num_classes=0`). '' where none applies; else '; ' and the hints."""
+    """What a weight file that does not fit the zoo's `model` (built as `module`, variables
+    like `template`) may need, from the keys on each side of `err` (a
+    `torch_import.WeightMappingError`) and trial fits of parts of `state_dict`: one network's
+    keys of several (`models/convert.py --prefix`, where the keys under one first name fit
+    better), keys of a projection head left out (`--drop`), no head (`--num_classes=0`). ''
+    where none applies; else '; ' and the hints."""
     from jaxdissect.models.torch_import import WeightMappingError
+
+    fit = functools.partial(state_dict_onto, module, template=template, advice="")
 
     if model not in zoo.ARCHS:  # models/convert.py converts the zoo's (own models: torch_rename)
         return ""
@@ -368,8 +368,7 @@ def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -
     try:
         return state_dict_onto(module, state_dict, template, advice=advice)
     except torch_import.WeightMappingError as e:
-        fit = functools.partial(state_dict_onto, module, template=template, advice="")
-        hints = selection_hints(model, state_dict, e, fit)
+        hints = selection_hints(model, module, template, state_dict, e)
         raise ValueError(f"--weights={path} does not fit --model={model}: {e}{hints}") from None
 
 

@@ -43,7 +43,7 @@ class WeightMappingError(ValueError):
 class RenamedKeys(dict):
     """A state dict being renamed, each name taken once: a second checkpoint key renamed to
     a name already taken (two keys of one weight, e.g. a file holding two namings) is
-    refused, not read over the first (`update` and `|` go through the same check)."""
+    refused, not read over the first (`update` goes through the same check)."""
 
     def __setitem__(self, name: str, value: Any) -> None:
         if name in self:

@@ -65,17 +65,21 @@ def torch_outputs(
 def assert_parity(model, variables, torch_model, x, paths, *, nhwc: bool = False):
     """`model`'s output and its layers at `paths` ({alias: torch module path}) agree with
     `torch_model`'s on the NHWC batch `x`, in float32 throughout (`assert_close`); returns
-    the tap (its `shapes`). `nhwc`: the torch model's maps are NHWC already."""
+    the tap (its `shapes`; None where `paths` is empty: the output alone). `nhwc`: the torch
+    model's maps are NHWC already."""
     import jax.numpy as jnp
 
     from jaxdissect import capture
 
     want_logits, want = torch_outputs(torch_model, x, paths, nhwc=nhwc)
-    tap = capture.make_tap(model, variables, list(paths), input_shape=x.shape[1:])
     with jax.default_matmul_precision("highest"):
         logits = jax.jit(model.apply)(variables, jnp.asarray(x))
+    assert_close(logits, want_logits, "logits")
+    if not paths:
+        return None
+    tap = capture.make_tap(model, variables, list(paths), input_shape=x.shape[1:])
+    with jax.default_matmul_precision("highest"):
         got = jax.jit(tap.fn)(tap.variables, jnp.asarray(x))
     for name, path in zip(tap.names, tap.layers, strict=True):
         assert_close(got[path], want[name], name)
-    assert_close(logits, want_logits, "logits")
     return tap

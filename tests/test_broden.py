@@ -300,6 +300,20 @@ def test_label_csv_row_zero_and_repeated_image_labels(tmp_path):
     assert ds.read_labels(0)[1].tolist() == [2, 3] == list(w.image_labels[0])
 
 
+def test_label_numbers_read_alike_in_every_check(tiny, tmp_path):
+    """label.csv's numbers parse as one: a number the label table took (whitespace around
+    it, Unicode's included) raised a bare ValueError in the category files' check."""
+    root = tiny_broden(tmp_path).root
+
+    def pad(rows):
+        rows[3][0] = "\x1e" + rows[3][0] + " "
+
+    edit_csv(root / "label.csv", pad)
+    got, want = Broden.open(root).labels, Broden.open(tiny.root).labels
+    assert got.names == want.names and got.categories == want.categories
+    np.testing.assert_array_equal(got.primary, want.primary)
+
+
 def test_jpeg_and_grayscale_images_become_rgb(tmp_path):
     write_broden(tmp_path, categories=("object",), labels=LABELS[:1], rows=[RowSpec("a.jpg")])
     Image.fromarray(default_rgb(0, (8, 8))[..., 0]).save(tmp_path / "images" / "a.jpg")

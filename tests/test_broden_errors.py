@@ -19,15 +19,8 @@ from tests.broden_testing import (
     LabelSpec,
     RowSpec,
     edit_csv,
-    tiny_broden,
     write_broden,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_broden(tmp_path_factory.mktemp("tiny"))
-
 
 # --- errors ------------------------------------------------------------------------------
 
@@ -350,20 +343,6 @@ def test_path_escapes_the_dataset(tmp_path, column, cell):
     base(tmp_path, rows=[RowSpec("a.png", cells={column: cell})])
     with raises("escapes the dataset folder", "index.csv line 2", repr(column)):
         Broden.open(tmp_path)
-
-
-def test_label_numbers_read_alike_in_every_check(tiny, tmp_path):
-    """label.csv's numbers parse as one: a number the label table took (whitespace around
-    it, Unicode's included) raised a bare ValueError in the category files' check."""
-    root = tiny_broden(tmp_path).root
-
-    def pad(rows):
-        rows[3][0] = "\x1e" + rows[3][0] + " "
-
-    edit_csv(root / "label.csv", pad)
-    got, want = Broden.open(root).labels, Broden.open(tiny.root).labels
-    assert got.names == want.names and got.categories == want.categories
-    np.testing.assert_array_equal(got.primary, want.primary)
 
 
 def test_empty_index(tmp_path):
