@@ -52,7 +52,7 @@ def run(fv: flags.FlagValues = FLAGS):
     return diff
 
 
-main = cli.script_main(run, split_cpu=False)
+main = cli.script_main(run, runs_jax=False)
 
 
 if __name__ == "__main__":

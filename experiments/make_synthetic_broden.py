@@ -63,7 +63,7 @@ def run() -> None:
     )
 
 
-main = cli.script_main(run, split_cpu=False)  # no JAX work: the devices do not matter
+main = cli.script_main(run, runs_jax=False)
 
 if __name__ == "__main__":
     app.run(main)

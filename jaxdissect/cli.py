@@ -112,30 +112,37 @@ def refuse_arguments(args: Sequence[str], given: Sequence[str] | None = None) ->
 
 
 def script_main(
-    run: Callable[[], Any], fv: flags.FlagValues = flags.FLAGS, *, split_cpu: bool = True
+    run: Callable[[], Any],
+    fv: flags.FlagValues = flags.FLAGS,
+    *,
+    split_cpu: bool = True,
+    runs_jax: bool = True,
 ) -> Callable[[Sequence[str]], None]:
     """The `main` for `absl.app.run` of a script whose work is `run()`.
 
     Refuses positional arguments in one line (`refuse_arguments`), writes `~` in path
     flags as the home folder (`expand_user_paths`), makes one JAX CPU device per core where
     `split_cpu` (`parallel.split_cpu`; not for training, whose gradient sums round
-    differently on another number of devices), enables the persistent compilation cache, keeps library noise
-    out of the log, and turns `USER_ERRORS` into one line, `error:
-    <message>` with parameters written as the flags `fv` defines, and exit status 1 (the
-    traceback is logged at `--verbosity=1`, for an error that is a bug rather than input).
+    differently on another number of devices), enables the persistent compilation cache
+    where `runs_jax` (a script that runs none, comparing files or writing images, imports
+    no JAX), keeps library noise out of the log, and turns `USER_ERRORS` into one line,
+    `error: <message>` with parameters written as the flags `fv` defines, and exit status 1
+    (the traceback is logged at `--verbosity=1`, for an error that is a bug rather than
+    input).
     """
 
     def main(argv: Sequence[str]) -> None:
         refuse_arguments(argv[1:])
         expand_user_paths(fv)
-        if split_cpu:
+        if split_cpu and runs_jax:
             from jaxdissect import parallel
 
             parallel.split_cpu()
         quiet_library_logs()
         try:
-            check_cache_root()
-            enable_compilation_cache()
+            if runs_jax:
+                check_cache_root()
+                enable_compilation_cache()
             run()
         except USER_ERRORS as e:
             logging.debug("where the error was raised (--verbosity=1 shows it)", exc_info=True)

@@ -4,6 +4,9 @@ them, hostile files, and the script."""
 from __future__ import annotations
 
 import csv
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -130,3 +133,22 @@ def test_the_script_prints_the_diff_and_writes_the_differing_units(tmp_path, cap
     assert rows[0]["b-label"] == "street-s" and float(rows[0]["b-score"]) == 0.5
     with pytest.raises(FileNotFoundError, match=r"^--b=.*nothing\.csv: no such file$"):
         run_script("diff_tally", f"--a={ours}", f"--b={tmp_path / 'nothing.csv'}")
+
+
+def test_the_script_compares_without_importing_jax(tmp_path):
+    """Comparing two CSV files needs no JAX and no loader (grain): a fresh process of the
+    script imports neither, so it answers at once."""
+    ours = results.write_tally_csvs(tmp_path, [_layer(3)])[0]
+    script = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "diff_tally.py"
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['diff_tally', '--a={ours}', '--b={ours}']\n"
+        "try:\n"
+        f"    runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        "finally:\n"
+        "    print('imported:', sorted({'jax', 'grain'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "every IoU equal" in done.stdout
+    assert done.stdout.rstrip().endswith("imported: []"), done.stdout
