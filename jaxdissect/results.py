@@ -8,12 +8,16 @@ Rules (the reference in `tests/reference.py` implements them with plain loops):
 - For every unit and scored category: the category's best label is the argmax of IoU over
   the labels whose primary category it is (ties: the lowest label number; a category
   without labels has label -1 and IoU 0).
-- The unit's label is that of its best category: the highest best IoU (ties: the first
-  scored category in LabelSpace order). This is NetDissect-Lite's rule, with one exception:
-  a unit has NO label (best label and category -1, best IoU 0) when it cannot fire (no
-  active pixel over the probe set, or dead: constant, see `jaxdissect.ties`) or when its
-  IoU is 0 for every concept (nor a best label in any category: `category_label` -1, IoU 0);
-  Lite would give it the first label of the first category.
+- The unit's label is that of its best category: the highest best IoU (ties: the last
+  scored category in LabelSpace order, as NetDissect-Lite and the original release choose
+  it: `score.argsort(axis=0)[::-1][0]`, which the numpy of their time sorted stably; since
+  numpy's SIMD sorts, equal scores come out of it in no set order). These are both
+  releases' rules, with one exception: a unit has NO label (best label and category -1,
+  best IoU 0) when it cannot fire (no active pixel over the probe set, or dead: constant,
+  see `jaxdissect.ties`) or when its IoU is 0 for every concept (nor a best label in any
+  category: `category_label` -1, IoU 0); Lite would give it label 0 (`-`). Lite adds
+  1e-10 to the IoU's denominator (the original release 1e-20, which changes no quotient):
+  where unions are below 2**21 pixels, that can break an exact tie toward the larger union.
 - Each unit has a state (`STATES`, first match wins): its tie state ("dead", "saturated",
   "tied", from `jaxdissect.ties` when the engine measured them), then "no active pixels",
   then "no concept overlap" (IoU 0 everywhere), else "".
@@ -250,7 +254,8 @@ def layer_result(
     # A category none of whose concepts overlaps the unit has no best label: its argmax
     # over all-zero IoUs would be an arbitrary first label.
     cat_label = np.where(cat_iou > 0, cat_label, -1)
-    best_col = np.argmax(cat_iou, axis=1)  # ties -> first scored category
+    # Ties -> the last scored category (argmax over the columns reversed).
+    best_col = len(cat_idx) - 1 - np.argmax(cat_iou[:, ::-1], axis=1)
     rows = np.arange(k)
     best_label = cat_label[rows, best_col]
     best_iou = cat_iou[rows, best_col]

@@ -37,8 +37,9 @@ Definitions (the slow numpy reference in `tests/reference.py` implements them li
     some label (pixel in any plane, or image-level) whose primary category is j.
   - "overlap" (NetDissect-Lite): x counts for j when some pixel label of primary category j
     lies under M_k(x), or x has an image-level label of category j (then any active pixel
-    suffices). Lite tests membership in any of a label's categories; this tests the primary
-    one, consistent with how the IoU pairs a label with its primary category's union.
+    suffices). Membership is by the label's primary category, as Lite's `labelcat` (the
+    one-hot of each label's primary category) tests it and as the IoU pairs a label with its
+    primary category's union.
   - "none" (PNAS 2020): every image counts for every category.
 - IoU[k, c] = intersection / (unit_pixels[k, primary[c]] + label_pixels[c] - intersection)
   is computed on the host by `jaxdissect.results`.

@@ -17,7 +17,7 @@ with per-image, per-unit, per-label loops and without calling the package's fast
   "overlap" (some concept of primary category j meets the mask), "none" (always).
 - IoU = I / (U[primary] + G - I), 0 where the denominator is 0 or the label has no
   primary category. Best label of a category: highest IoU, ties to the lowest label
-  number; best category: highest best IoU, ties to the first category. A unit is
+  number; best category: highest best IoU, ties to the last category. A unit is
   interpretable when its best IoU > iou_threshold. A unit has no label (-1, no category)
   when it has no active pixel, when its IoU is 0 for every concept, or when it is dead.
 """
@@ -214,7 +214,8 @@ def reference_unit_labels(
     or dead get no label, overall or per category; so do units whose IoU is 0 for every
     concept.
     """
-    categories = labels.categories if categories is None else categories
+    # Scored in the label space's order, whatever order they are named in.
+    categories = [c for c in labels.categories if categories is None or c in categories]
     units = []
     for unit in range(iou.shape[0]):
         per_category = {}
@@ -227,8 +228,8 @@ def reference_unit_labels(
             # A category whose concepts all miss the unit (IoU 0) has no best label.
             per_category[name] = (best if best_iou > 0 else -1, best_iou)
         best_cat = None
-        for name in categories:
-            if best_cat is None or per_category[name][1] > per_category[best_cat][1]:
+        for name in categories:  # a later category as good replaces the best: ties -> last
+            if best_cat is None or per_category[name][1] >= per_category[best_cat][1]:
                 best_cat = name
         label, score = per_category[best_cat]
         silent = unit_total is not None and unit_total[unit] == 0
