@@ -55,7 +55,8 @@ class TallyDiff:
 
 
 def read_tally_csv(path: str | os.PathLike[str]) -> dict[int, UnitLabel]:
-    """unit (from 1) -> its label, from a tally.csv.
+    """unit (from 1) -> its label, from a tally.csv. A unit of score 0 overlaps no concept:
+    it has no label, whatever the file names (Lite writes its argmax over zeros, `-`).
 
     Raises:
       ValueError: in one line naming the file, and the line and column where one is wrong
@@ -101,7 +102,10 @@ def _read_units(path: str | os.PathLike[str], reader: csv.DictReader) -> dict[in
             raise ValueError(f"{where}: score {row['score']!r} is no number") from None
         if math.isnan(score):
             raise ValueError(f"{where}: score {row['score']!r} is no number")
-        units[unit] = UnitLabel(row["category"], row["label"], score)
+        if score == 0:
+            units[unit] = UnitLabel("", "", 0.0)
+        else:
+            units[unit] = UnitLabel(row["category"], row["label"], score)
     if not units:
         raise ValueError(f"{path}: no units")
     return units
