@@ -537,3 +537,27 @@ def test_symlinks_inside_the_dataset_and_a_linked_root_are_read(tmp_path):
     image.symlink_to(root / "images" / "missing.png")
     with raises("is a symlink to", str(link / "images" / "b.png"), "line 3"):
         Broden.open(link)
+
+
+def test_a_label_png_damaged_in_its_pixel_data_is_refused_never_read_as_other_labels(tmp_path):
+    """One bit flipped in each byte of a label PNG's compressed pixels (IDAT), in turn: PIL
+    decodes without the chunk's CRC, and some flips decode to other labels that label.csv
+    knows. Every one is refused, naming the file and its CRC."""
+    plane = np.random.default_rng(0).integers(0, 2, (16, 16))  # sky (1) and unlabelled
+    rows = [RowSpec("a.png", pixel={"object": [plane]})]
+    base(tmp_path, rows=rows, image_size=(32, 32), seg_size=(16, 16))
+    path = tmp_path / "images" / "a_object_1.png"
+    data = path.read_bytes()
+    ds = Broden.open(tmp_path, check_headers=False)
+    np.testing.assert_array_equal(ds.read_labels(0)[0][0], plane)
+    start = data.index(b"IDAT") + 4
+    (length,) = struct.unpack(">I", data[start - 8 : start - 4])
+    for offset in range(start, start + length):
+        damaged = bytearray(data)
+        damaged[offset] ^= 1
+        path.write_bytes(bytes(damaged))
+        with raises("'IDAT' chunk at byte 33 fails its CRC", str(path), "line 2"):
+            ds.read_labels(0)
+    # The check passes an intact file's chunks, and ignores what is no PNG (refused later).
+    path.write_bytes(data)
+    np.testing.assert_array_equal(ds.read_labels(0)[0][0], plane)

@@ -238,7 +238,7 @@ class Broden:
     def _read_png(self, rec: Record, cat: str, png: str) -> np.ndarray:
         path = self.root / IMAGES_DIR / png
         where = broden_images.listed_at(self.root / INDEX_FILE, rec, cat)
-        with broden_images.open_image(path, where, "segmentation PNG") as im:
+        with broden_images.open_image(path, where, "segmentation PNG", checksums=True) as im:
             broden_images.check_png_header(self.root, rec, path, where, im)
             rgb = broden_images.decode(im, path)
             broden_images.check_label_colours(rgb, im.mode, path, where)

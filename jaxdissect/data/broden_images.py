@@ -6,13 +6,16 @@ the folder through any symlink; its size, mtime and ctime (or its bytes) go into
 fingerprint. A header check opens each image and label PNG for its size and mode
 against its index.csv row, without decoding. Images of any PIL mode become 8-bit RGB as
 `jaxdissect.data.images` says, or are refused; label PNGs must be 8-bit (label = R +
-256 * G), and greyscale only where they hold label 0 alone. Every problem raises `BrodenFormatError` naming the file and index.csv line.
+256 * G), greyscale only where they hold label 0 alone, and every chunk must pass its CRC
+when decoded. Every problem raises `BrodenFormatError` naming the file and index.csv line.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,11 +30,51 @@ from jaxdissect.labelspace import LabelSpace
 _PNG_MODES = frozenset({"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1"})
 
 
-class open_image:
-    """Context manager: opens an image file lazily, mapping failures to BrodenFormatError."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-    def __init__(self, path: pathlib.Path, where: str, what: str, *, checked: bool = False):
+
+def check_png_checksums(data: bytes, path: pathlib.Path, where: str) -> None:
+    """Every chunk of PNG `data` against its CRC-32. PIL reads the pixel data (IDAT) without
+    its checksum, and stops decompressing before zlib's own: a damaged label PNG would
+    decode to other labels, silently. Data that is no PNG, or ends inside a chunk, is left
+    to the decoder to refuse."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return
+    view, pos = memoryview(data), len(_PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        end = pos + 12 + length
+        if end > len(data):
+            return
+        kind = bytes(view[pos + 4 : pos + 8])
+        if zlib.crc32(view[pos + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
+            raise BrodenFormatError(
+                f"{path}: its {kind.decode('latin-1')!r} chunk at byte {pos} fails its CRC "
+                f"({where}); the file is corrupt, re-extract it."
+            )
+        if kind == b"IEND":
+            return
+        pos = end
+
+
+class open_image:
+    """Context manager: opens an image file lazily, mapping failures to BrodenFormatError.
+
+    With `checksums`, the file is read whole first and a PNG's chunks checked against their
+    CRCs (`check_png_checksums`): for label PNGs, which PIL decodes without them.
+    """
+
+    def __init__(
+        self,
+        path: pathlib.Path,
+        where: str,
+        what: str,
+        *,
+        checked: bool = False,
+        checksums: bool = False,
+    ):
         self.path, self.where, self.what, self.checked = path, where, what, checked
+        self.checksums = checksums
         self.image: Image.Image | None = None
 
     def __enter__(self) -> Image.Image:
@@ -39,8 +82,17 @@ class open_image:
         # (unless `checked`: the caller has just stat'ed it).
         if not self.checked:
             check_regular(self.path, self.where, self.what, BrodenFormatError)
+        data = self._read(self.path.read_bytes) if self.checksums else None
+        if data is not None:
+            check_png_checksums(data, self.path, self.where)
+        source = self.path if data is None else io.BytesIO(data)
+        self.image = self._read(lambda: Image.open(source))
+        return self.image
+
+    def _read(self, read):
+        """`read()`, its failures as BrodenFormatError naming the file and its row."""
         try:
-            self.image = Image.open(self.path)
+            return read()
         except FileNotFoundError:
             raise BrodenFormatError(
                 f"{self.path}: {self.what} not found (listed at {self.where}); the images/ "
@@ -51,7 +103,6 @@ class open_image:
                 f"{self.path}: cannot read {self.what} ({type(e).__name__}: {e}; listed at "
                 f"{self.where}); the file is corrupt or not an image, re-extract it."
             ) from None
-        return self.image
 
     def __exit__(self, *exc) -> None:
         if self.image is not None:
