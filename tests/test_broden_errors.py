@@ -3,10 +3,12 @@ line naming the file and row."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from PIL import Image
 
 from jaxdissect.data.broden import Broden, BrodenFormatError
+from jaxdissect.data.broden_tables import first_image_size
 from tests.broden_testing import (
     LABELS,
     LabelSpec,
@@ -561,3 +564,56 @@ def test_a_label_png_damaged_in_its_pixel_data_is_refused_never_read_as_other_la
     # The check passes an intact file's chunks, and ignores what is no PNG (refused later).
     path.write_bytes(data)
     np.testing.assert_array_equal(ds.read_labels(0)[0][0], plane)
+
+
+@contextlib.contextmanager
+def _opened_for_writing_after(fifo: pathlib.Path, seconds: float):
+    """A writer opens and closes `fifo` after `seconds` (a reader waiting on it then reads
+    end of file): a test of a FIFO refused fails, rather than hangs, where it is read."""
+    done = threading.Event()
+
+    def writer():
+        if not done.wait(seconds):
+            with open(fifo, "wb"):
+                pass
+
+    threading.Thread(target=writer, daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+@pytest.mark.parametrize("name", ["index.csv", "label.csv", "category.csv", "c_object.csv"])
+def test_a_fifo_or_folder_in_place_of_a_table_is_refused_not_waited_on(tmp_path, name):
+    base(tmp_path)
+    path = tmp_path / name
+    path.unlink()
+    os.mkfifo(path)
+    with (
+        _opened_for_writing_after(path, 10),
+        raises("is a FIFO (named pipe), not a regular file; reading it could hang", str(path)),
+    ):
+        Broden.open(tmp_path)
+    assert name != "index.csv" or first_image_size(tmp_path) is None  # nor waits
+    path.unlink()
+    path.mkdir()
+    with raises("is a directory, not a regular file", str(path)):
+        Broden.open(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "column", "row"),
+    [("index.csv", "ih", 1), ("index.csv", "scene", 1), ("label.csv", "number", 2)],
+)
+def test_a_number_of_thousands_of_digits_is_refused_naming_its_cell(tmp_path, name, column, row):
+    """Python's int() refuses over 4,300 digits in a message naming no file: such a number
+    is out of every range, and refused as one in the file's own message."""
+    base(tmp_path)
+
+    def set_cell(rows):
+        rows[row][rows[0].index(column)] = "1" * 5000
+
+    edit_csv(tmp_path / name, set_cell)
+    with raises(f"{tmp_path / name} line {row + 1}", "'1111", "... (5000 characters)"):
+        Broden.open(tmp_path)

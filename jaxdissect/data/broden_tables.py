@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxdissect.data.files import check_regular
 from jaxdissect.labelspace import LabelSpace
 
 INDEX_FILE = "index.csv"
@@ -105,6 +106,7 @@ class _Table:
 def _read_table(root: pathlib.Path, name: str, required: tuple[str, ...], what: str) -> _Table:
     """Reads and structurally checks one CSV file of the dataset."""
     path = root / name
+    check_regular(path, None, what, BrodenFormatError)  # a FIFO would hang the read
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -167,13 +169,23 @@ def _is_decimal(s: str) -> bool:
     return s.isascii() and s.isdigit()
 
 
+# The most digits a number in a Broden table is read with: longer ones are out of every
+# range, and refused before int() (which refuses over 4,300 digits, naming nothing).
+_MAX_DIGITS = 18
+
+
+def _shown(text: str) -> str:
+    """`text` for a message: repr'd, cut after 40 characters."""
+    return repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text)} characters)"
+
+
 def _parse_int(text: str, where: str, column: str, *, minimum: int) -> int:
     """Parses a decimal integer >= minimum, or raises naming file, line and column."""
     s = text.strip()
-    if not _is_decimal(s) or int(s) < minimum:
+    if not _is_decimal(s) or len(s) > _MAX_DIGITS or int(s) < minimum:
         raise BrodenFormatError(
-            f"{where}: column {column!r} holds {text!r}, expected a whole number >= {minimum}; "
-            "fix or restore the file."
+            f"{where}: column {column!r} holds {_shown(text)}, expected a whole number >= "
+            f"{minimum}; fix or restore the file."
         )
     return int(s)
 
@@ -388,7 +400,7 @@ def _parse_index(
             )
         if not split:
             raise BrodenFormatError(f"{path} line {line}: empty 'split'; expected train or val.")
-        if all(_is_decimal(v) and v[0] != "0" for v in sizes):
+        if all(_is_decimal(v) and v[0] != "0" and len(v) <= _MAX_DIGITS for v in sizes):
             ih, iw, sh, sw = map(int, sizes)
         else:
             ih, iw, sh, sw = (
@@ -410,10 +422,11 @@ def _parse_index(
                             f"{cat!r} is an image-level category (its other cells hold "
                             ";-separated decimal label numbers). Fix or restore index.csv."
                         )
-                    n = int(t)
+                    n = int(t) if len(t) <= _MAX_DIGITS else len(known)
                     if n >= len(known) or not known[n]:
+                        number = n if len(t) <= _MAX_DIGITS else _shown(t)
                         raise BrodenFormatError(
-                            f"{path} line {line}, column {cat!r}: label number {n} is not in "
+                            f"{path} line {line}, column {cat!r}: label number {number} is not in "
                             f"{root / LABEL_FILE}; index.csv and label.csv come from different "
                             "releases."
                         )
@@ -461,8 +474,11 @@ def first_image_size(root: str | pathlib.Path) -> tuple[int, int] | None:
     """(ih, iw) of the first row of `root`'s index.csv (every row's, in a valid folder), read
     without parsing the folder; None where there is no such file or cell (opening the
     folder then says what is wrong)."""
+    path = pathlib.Path(root) / INDEX_FILE
+    if not path.is_file():  # nor a FIFO, which would hang the read
+        return None
     try:
-        with open(pathlib.Path(root) / INDEX_FILE, encoding="utf-8-sig", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
             header, row = next(reader), next(reader)
             return int(row[header.index("ih")]), int(row[header.index("iw")])

@@ -41,16 +41,20 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
-def regular_file_error(path: str | os.PathLike[str], mode: int, where: str, what: str) -> str:
-    """The message refusing `path` (listed at `where`) whose `st_mode` is not a regular file."""
+def regular_file_error(
+    path: str | os.PathLike[str], mode: int, where: str | None, what: str
+) -> str:
+    """The message refusing `path` (listed at `where`, where one lists it) whose `st_mode` is
+    not a regular file."""
+    listed = f" (listed at {where})" if where else ""
     return (
-        f"{os.fspath(path)}: {what} is {_kind(mode)}, not a regular file (listed at {where}); "
+        f"{os.fspath(path)}: {what} is {_kind(mode)}, not a regular file{listed}; "
         "reading it could hang or read something else. Replace it by the data set's file."
     )
 
 
 def check_regular(
-    path: str | os.PathLike[str], where: str, what: str, error: type[Exception]
+    path: str | os.PathLike[str], where: str | None, what: str, error: type[Exception]
 ) -> None:
     """Raises `error` if `path` exists and is not a regular file (one `stat`, no open).
 
