@@ -6,6 +6,7 @@ import builtins
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 
@@ -210,6 +211,27 @@ def test_missing_manual_folder(tmp_path):
         builder.download_and_prepare(file_format="array_record")
     with pytest.raises(FileNotFoundError, match="No TFDS Broden build"):
         TfdsBroden(tmp_path / "data")
+
+
+def test_a_data_path_beside_a_broden_folder_names_it(tmp_path):
+    """--data given the folder above broden1_*, its index.csv or its images/: the error
+    names the folder that holds index.csv."""
+    for name in ("broden1_8", "broden1_16"):
+        tiny_broden(tmp_path / name)
+    a, b = tmp_path / "broden1_16", tmp_path / "broden1_8"
+    cases = [
+        (tmp_path, "holds neither", f"--data={a} or --data={b}"),
+        (b / "index.csv", "is a file, not a Broden folder", f"--data={b}"),
+        (b / "images", "holds neither", f"--data={b}"),
+    ]
+    for path, what, meant in cases:
+        message = rf"^--data={re.escape(str(path))} {what} .*; did you mean {re.escape(meant)} \("
+        with pytest.raises(FileNotFoundError, match=message):
+            probe.open_probe(str(path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds neither .*: No TFDS Broden build"):
+        probe.open_probe(str(empty))
 
 
 def test_reuse_wrong_resolution_and_overwrite(datasets, tmp_path):

@@ -118,6 +118,19 @@ def synthetic_path(
     return pathlib.Path(cache_dir) / f"synthetic_broden-{size}-n{num_images}-seed{seed}"
 
 
+def _broden_folders_near(path: pathlib.Path) -> list[pathlib.Path]:
+    """Broden folders (holding index.csv) a --data of `path` may have meant: the folder of
+    a file in one (its index.csv, its images/), or the folders inside `path`."""
+    if (path.parent / "index.csv").is_file():
+        return [path.parent]
+    if path.is_dir():
+        try:
+            return sorted(p for p in path.iterdir() if (p / "index.csv").is_file())
+        except OSError:
+            return []
+    return []
+
+
 def open_probe(
     data: str,
     *,
@@ -171,9 +184,14 @@ def open_probe(
     try:
         build = tfds_broden.find_build(path, None)
     except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"{name}={data} holds neither index.csv (a Broden folder) nor a TFDS build: {e}"
-        ) from e
+        what = (
+            "is a file, not a Broden folder (holding index.csv) or a TFDS build"
+            if path.is_file()
+            else "holds neither index.csv (a Broden folder) nor a TFDS build"
+        )
+        near = " or ".join(f"{name}={p}" for p in _broden_folders_near(path)[:3])
+        hint = f"; did you mean {near} (holding index.csv)?" if near else f": {e}"
+        raise FileNotFoundError(f"{name}={data} {what}{hint}") from e
     except ValueError:  # builds at several resolutions: `resolution` picks one
         builds = tfds_broden.find_builds(path)
         if resolution not in builds:
