@@ -183,22 +183,43 @@ def test_header_memo_skips_a_scan_that_passed_on_the_same_files(tmp_path, monkey
     assert len(scans) == 3 and len(list(memo.iterdir())) == 1  # a failed scan is not kept
 
 
-def _png_rgb16(rgb: np.ndarray) -> bytes:
-    """A 16-bit-a-channel RGB PNG (PIL cannot write one)."""
+def _png(shape: tuple[int, int], depth: int, colour: int, rows: bytes, plte: bytes = b"") -> bytes:
+    """A PNG written chunk by chunk (PIL writes neither 16-bit RGB nor a short palette)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         crc = zlib.crc32(kind + data) & 0xFFFFFFFF
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[i].astype(">u2").tobytes() for i in range(h))
-    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", shape[1], shape[0], depth, colour, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
+        + (chunk(b"PLTE", plte) if plte else b"")
+        + chunk(b"IDAT", zlib.compress(rows))
         + chunk(b"IEND", b"")
     )
+
+
+def _png_rgb16(rgb: np.ndarray) -> bytes:
+    """A 16-bit-a-channel RGB PNG."""
+    rows = b"".join(b"\x00" + rgb[i].astype(">u2").tobytes() for i in range(rgb.shape[0]))
+    return _png(rgb.shape[:2], 16, 2, rows)
+
+
+def test_a_palette_label_png_indexing_past_its_palette_is_refused(tmp_path):
+    """PIL reads a pixel past the palette as black: label 0, where the file meant another."""
+    base(tmp_path)
+    path = tmp_path / "images" / "b_object_1.png"
+    index = np.array([[0, 1, 1, 0]] * 4, np.uint8)
+    palette = bytes([0, 0, 0, 1, 0, 0])  # label 0, then label 1 (sky)
+    rows = lambda a: b"".join(b"\x00" + r.tobytes() for r in a)  # noqa: E731
+    path.write_bytes(_png((4, 4), 8, 3, rows(index), palette))
+    ds = Broden.open(tmp_path)
+    np.testing.assert_array_equal(ds.read_labels(1)[0][1], index)  # a good palette PNG reads
+    index[0, 0] = 5
+    path.write_bytes(_png((4, 4), 8, 3, rows(index), palette))
+    with raises("indexes colour 5 of a 2-colour palette", str(path), "line 3"):
+        ds.read_labels(1)
 
 
 def test_a_16_bit_rgb_label_png_is_refused_not_read_as_its_high_bytes(tmp_path):

@@ -241,6 +241,7 @@ class Broden:
         with broden_images.open_image(path, where, "segmentation PNG", checksums=True) as im:
             broden_images.check_png_header(self.root, rec, path, where, im)
             rgb = broden_images.decode(im, path)
+            broden_images.check_palette_indices(im, path, where)
             broden_images.check_label_colours(rgb, im.mode, path, where)
         # uint8 * 256 overflows: widen before combining the channels.
         label = rgb[..., 0].astype(np.int32) | (rgb[..., 1].astype(np.int32) << 8)

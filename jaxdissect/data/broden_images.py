@@ -174,6 +174,20 @@ def check_label_colours(rgb: np.ndarray, mode: str, path: pathlib.Path, where: s
         )
 
 
+def check_palette_indices(im: Image.Image, path: pathlib.Path, where: str) -> None:
+    """A decoded palette label PNG whose pixels index past its palette is refused: PIL
+    reads such a pixel as black, label 0."""
+    if im.mode not in ("P", "PA"):
+        return
+    colours = len(im.getpalette() or ()) // 3
+    index = np.asarray(im if im.mode == "P" else im.getchannel(0))
+    if index.size and int(index.max()) >= colours:
+        raise BrodenFormatError(
+            f"{path}: a pixel indexes colour {int(index.max())} of a {colours}-colour palette "
+            f"({where}); the file is corrupt, re-extract it."
+        )
+
+
 def _sixteen_bit(im: Image.Image) -> bool:
     """Whether a PNG stores 16 bits a channel (PIL opens 16-bit RGB as mode RGB, high bytes)."""
     return any(";16" in str(tile.args) for tile in getattr(im, "tile", ()))
