@@ -41,6 +41,7 @@ def broden_case(seed: int, base: pathlib.Path) -> tuple[str, list[str]]:
     from jaxdissect.data.broden import Broden
 
     rng = random.Random(seed)
+    original = Broden.open(base)
     root = base.with_name(f"{base.name}-{seed}")
     shutil.rmtree(root, ignore_errors=True)
     shutil.copytree(base, root)
@@ -77,7 +78,13 @@ def broden_case(seed: int, base: pathlib.Path) -> tuple[str, list[str]]:
         source = Broden.open(root)
         for i in range(len(source)):
             source.read_image(i)
-            source.read_labels(i)
+            labels = source.read_labels(i)
+            # A damaged label PNG is read exactly or refused, never as other labels (a
+            # damaged JPEG or CSV cell may read as other values: they carry no checksum).
+            if kind == "png" and not all(
+                np.array_equal(x, y) for x, y in zip(labels, original.read_labels(i), strict=True)
+            ):
+                return desc, [f"image {i}'s labels read, changed, without an error"]
         return desc, []
     except UnicodeDecodeError as e:  # a ValueError, but says nothing of the file
         return desc, [f"UnicodeDecodeError: {e}"]
