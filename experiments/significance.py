@@ -28,7 +28,8 @@ threshold it (under a true null far more than 5% of units have it below 0.05; `p
 test); the summary's
 `interpretable_and_significant`, `interpretable_not_significant` and
 `significant_not_interpretable` cross the two statistics (the dissection's IoU > the
-threshold, the test's FDR call).
+threshold, the test's FDR call); `fewest_callable` is the fewest units the FDR procedure can
+call with these draws (null where it can call none of the layer's units).
 """
 
 from __future__ import annotations

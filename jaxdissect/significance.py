@@ -499,10 +499,11 @@ def mask_statistic(
     return statistics.Statistic(init, update, merge, finalize, key)
 
 
-def fewest_callable(num_units: int, draws: int, alpha: float, procedure: str = "bh") -> int:
+def fewest_callable(num_units: int, draws: int, alpha: float, procedure: str = "bh") -> int | None:
     """Fewest of `num_units` units `procedure` can call at `alpha` with `draws` permutations:
     the smallest p is 1 / (draws + 1), and the step-up rule calls r units only where
-    p <= alpha r / K (BY: alpha r / (K sum_{i<=K} 1/i)), compared as `discoveries` does."""
+    p <= alpha r / K (BY: alpha r / (K sum_{i<=K} 1/i)), compared as `discoveries` does.
+    None where not even all K can be called (the smallest p is above alpha / divisor)."""
     check_fdr(procedure)
     if num_units <= 0:
         return 0
@@ -512,6 +513,8 @@ def fewest_callable(num_units: int, draws: int, alpha: float, procedure: str = "
     def calls(r: int) -> bool:
         return smallest <= alpha * r / (num_units * divisor)
 
+    if not calls(num_units):
+        return None
     r = max(1, int(np.ceil(smallest * num_units * divisor / alpha)))
     while r > 1 and calls(r - 1):
         r -= 1
@@ -520,14 +523,18 @@ def fewest_callable(num_units: int, draws: int, alpha: float, procedure: str = "
     return r
 
 
+def _lone_callable(num_units: int, draws: int, alpha: float, procedure: str) -> bool:
+    return fewest_callable(num_units, draws, alpha, procedure) in (0, 1)
+
+
 def least_draws(num_units: int, alpha: float, procedure: str = "bh") -> int:
     """Fewest draws with which `procedure` can call a lone detector among `num_units` at
     `alpha` (its p, 1 / (draws + 1), at most alpha / K; BY: alpha / (K sum 1/i))."""
     divisor = _divisor(max(num_units, 1), procedure)
     d = max(1, int(np.ceil(max(num_units, 1) * divisor / alpha)) - 1)
-    while d > 1 and fewest_callable(num_units, d - 1, alpha, procedure) <= 1:
+    while d > 1 and _lone_callable(num_units, d - 1, alpha, procedure):
         d -= 1
-    while fewest_callable(num_units, d, alpha, procedure) > 1:
+    while not _lone_callable(num_units, d, alpha, procedure):
         d += 1
     return d
 
@@ -537,12 +544,17 @@ def resolution_note(num_units: int, draws: int, alpha: float, procedure: str = "
     `alpha` under `procedure` (and how many draws can), or None where a lone detector
     can be called."""
     fewest = fewest_callable(num_units, draws, alpha, procedure)
-    if fewest <= 1:
+    if fewest is not None and fewest <= 1:
         return None
+    calls = (
+        f"calls no unit of these {num_units}"
+        if fewest is None
+        else f"calls units only in groups of at least {fewest}"
+    )
     return (
         f"note: with --significance_draws={draws} the smallest p is {1 / (draws + 1):.2g}, "
-        f"so {FDR_NAMES[procedure]} calls units only in groups of at least {fewest}: a lone "
-        f"detector needs --significance_draws >= {least_draws(num_units, alpha, procedure)}"
+        f"so {FDR_NAMES[procedure]} {calls}: a lone detector needs --significance_draws >= "
+        f"{least_draws(num_units, alpha, procedure)}"
     )
 
 

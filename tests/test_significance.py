@@ -556,6 +556,13 @@ def test_resolution_note_says_when_a_lone_detector_cannot_be_called():
     note = significance.resolution_note(256, 999, 0.05, "by")
     assert "BY calls units only in groups of at least 32" in note
     assert "--significance_draws >= 31356" in note
+    # The smallest p above alpha: no group of the layer's units can be called, not one of
+    # more units than it has.
+    assert significance.fewest_callable(256, 9, 0.05) is None
+    note = significance.resolution_note(256, 9, 0.05)
+    assert "smallest p is 0.1, so BH calls no unit of these 256: a lone" in note
+    assert significance.fewest_callable(256, 19, 0.05) == 256
+    assert significance.fewest_callable(1, 10, 0.05) is None
 
 
 @pytest.mark.parametrize("procedure", significance.FDR_PROCEDURES)
@@ -566,14 +573,16 @@ def test_fewest_callable_and_least_draws_are_the_step_up_rule_on_planted_pvalues
         for draws in (9, 49, 199, 999):
             for alpha in (0.05, 0.1, 0.4):
                 fewest = significance.fewest_callable(units, draws, alpha, procedure)
-                for r in {fewest - 1, fewest, fewest + 1} & set(range(1, units + 1)):
+                least = units + 1 if fewest is None else fewest  # None: not even all units
+                assert 1 <= least <= units + 1
+                for r in {least - 1, least, least + 1} & set(range(1, units + 1)):
                     p = np.ones(units)
                     p[:r] = (1 + 0) / (1 + draws)  # as the test computes p: no draw reached
                     called = significance.discoveries(p, alpha, procedure)
-                    assert called.sum() == (r if r >= fewest else 0), (units, draws, alpha, r)
+                    assert called.sum() == (r if r >= least else 0), (units, draws, alpha, r)
                 least = significance.least_draws(units, alpha, procedure)
                 assert significance.fewest_callable(units, least, alpha, procedure) == 1
-                assert significance.fewest_callable(units, least - 1, alpha, procedure) > 1
+                assert significance.fewest_callable(units, least - 1, alpha, procedure) != 1
                 note = significance.resolution_note(units, draws, alpha, procedure)
                 assert (note is None) == (draws >= least)
 
