@@ -386,6 +386,14 @@ def _counts(steps, params, data, images, batch_size, mesh) -> dict[str, np.ndarr
     return totals
 
 
+def _detector_iou(counts: dict[str, np.ndarray], pixels: int) -> np.ndarray:
+    """[K, C] IoU of each unit's mask with each concept, 0 for a unit whose mask covers all
+    `pixels` (a constant unit under the inclusive tie rule): it predicts "everywhere", no
+    detector, as the dissection gives it no label; so it is never the best single unit."""
+    iou = set_iou(counts["unit_inter"], counts["unit_area"][:, None], counts["truth"])
+    return np.where((counts["unit_area"] == pixels)[:, None], 0.0, iou)
+
+
 def set_iou(inter: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """float64 inter / (a + b - inter), 0 where the union is empty."""
     union = np.asarray(a, np.int64) + np.asarray(b, np.int64) - inter
@@ -439,9 +447,7 @@ def train_concept_vectors(
     train_counts = _counts(steps, params, data, train_idx, cfg.probe_batch_size, mesh)
     share = train_counts["truth"] / float(len(train_idx) * pixels)
     alpha = 1.0 - share if cfg.balance else np.full(len(concepts), 0.5)
-    train_unit_iou = set_iou(
-        train_counts["unit_inter"], train_counts["unit_area"][:, None], train_counts["truth"]
-    )
+    train_unit_iou = _detector_iou(train_counts, len(train_idx) * pixels)
     # No unit overlaps the concept on the training images: no single unit (-1, IoU 0).
     single_unit = np.where(
         train_unit_iou.max(axis=0) > 0, np.argmax(train_unit_iou, axis=0), NO_UNIT
@@ -488,7 +494,8 @@ def train_concept_vectors(
     held = _counts(steps, params, data, heldout_idx, cfg.probe_batch_size, mesh)
     unit_iou = set_iou(held["unit_inter"], held["unit_area"][:, None], held["truth"])
     cols = np.arange(len(concepts))
-    best_held = np.argmax(unit_iou, axis=0)
+    held_detector_iou = _detector_iou(held, len(heldout_idx) * pixels)
+    best_held = np.argmax(held_detector_iou, axis=0)
     host = jax.device_get(state)
     return ConceptVectors(
         concepts=concepts,
@@ -505,7 +512,7 @@ def train_concept_vectors(
         single_unit=single_unit,
         single_iou=np.where(single_unit == NO_UNIT, 0.0, unit_iou[single_unit, cols]),
         best_heldout_unit=best_held,
-        best_heldout_iou=unit_iou[best_held, cols],
+        best_heldout_iou=held_detector_iou[best_held, cols],
         unit_iou=unit_iou,
         losses=np.asarray(host["losses"]),
         train_s=train_s,

@@ -344,3 +344,25 @@ def test_bad_inputs_name_what_is_wrong():
             cv.ProbeConfig(probe_batch_size=3),
             mesh=parallel.data_mesh(8),
         )
+
+
+def test_a_unit_marking_every_pixel_is_no_single_unit():
+    """A constant unit at its threshold marks every pixel under the inclusive tie rule: its
+    IoU with a concept covering most pixels beats every real unit's, but it detects nothing
+    (the dissection gives it no label), so it is neither the single unit nor the held-out
+    best; under the strict rule it marks none."""
+    data, thresholds, _ = _planted()
+    acts = data.acts.copy()
+    acts[..., 5] = thresholds[5]  # constant, at its threshold
+    planes = data.pixel_labels.copy()
+    planes[:, 1] = np.where(acts[..., 2] > -1.5, 11, 0)  # ~93% of the pixels
+    data = cv.ProbeData(acts, planes, data.image_labels)
+    cfg = cv.ProbeConfig(epochs=1, probe_batch_size=8)
+    for rule in ("inclusive", "strict"):
+        got = cv.train_concept_vectors(
+            data, thresholds, np.array([11]), cfg, tie_rule=rule, mesh=parallel.data_mesh(1)
+        )
+        everywhere = got.unit_iou[5, 0]
+        assert everywhere == (pytest.approx(0.93, abs=0.03) if rule == "inclusive" else 0.0)
+        assert everywhere > got.unit_iou[:5, 0].max() or rule == "strict"
+        assert got.single_unit[0] != 5 and got.best_heldout_iou[0] == got.unit_iou[:5, 0].max()
