@@ -251,6 +251,20 @@ def reference_unit_labels(
     return units
 
 
+def reference_top_images(acts: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices int [T, K], values float32 [T, K]) of each unit's `top` images by the
+    maximum of its map [N, h, w, K], ties to the lower index; slots past N hold -1, -inf."""
+    n, k = acts.shape[0], acts.shape[-1]
+    indices = np.full((top, k), -1, np.int64)
+    values = np.full((top, k), -np.inf, np.float32)
+    for unit in range(k):
+        peaks = [float(acts[i, ..., unit].max()) for i in range(n)]
+        order = sorted(range(n), key=lambda i: (-peaks[i], i))[:top]
+        for t, i in enumerate(order):
+            indices[t, unit], values[t, unit] = i, peaks[i]
+    return indices, values
+
+
 def reference_dissect(
     acts: np.ndarray,
     thresholds: np.ndarray,

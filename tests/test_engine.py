@@ -70,12 +70,11 @@ def _reference(model, variables, probe, settings, layers):
     for layer in layers:
         a = np.stack(acts[layer])
         thresholds = quantiles.reference_threshold(a.reshape(-1, a.shape[-1]), settings.quantile)
-        out[layer] = (
-            thresholds,
-            reference.reference_dissect(
-                a, thresholds, pixel, scalar, probe.labels, restriction=settings.restriction
-            ),
+        ref = reference.reference_dissect(
+            a, thresholds, pixel, scalar, probe.labels, restriction=settings.restriction
         )
+        ref["top"] = reference.reference_top_images(a, settings.top_images)
+        out[layer] = (thresholds, ref)
     return out
 
 
@@ -143,6 +142,8 @@ def test_engine_matches_reference(
     for layer in layers:
         thresholds, ref = want[layer]
         np.testing.assert_array_equal(got[layer].thresholds, thresholds)
+        np.testing.assert_array_equal(got[layer].top_indices, ref["top"][0])
+        np.testing.assert_array_equal(got[layer].top_values, ref["top"][1])
         for key in ("intersection", "label_pixels", "unit_pixels", "unit_total"):
             np.testing.assert_array_equal(got[layer].counts[key], ref["counts"][key], err_msg=key)
         result = results.layer_result(layer, got[layer].counts, probe.labels)
