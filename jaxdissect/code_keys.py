@@ -146,6 +146,15 @@ def _value_constants(
 def definition_key(
     module: Any, apply_kwargs: Mapping[str, Any] | None = None, *, source: bool = True
 ) -> str:
+    """`_definition_key` with arrays written whole and every value exactly (numpy's repr
+    abbreviates arrays over 1,000 values and rounds floats to 8 digits)."""
+    with np.printoptions(threshold=sys.maxsize, floatmode="unique"):
+        return _definition_key(module, apply_kwargs, source=source)
+
+
+def _definition_key(
+    module: Any, apply_kwargs: Mapping[str, Any] | None = None, *, source: bool = True
+) -> str:
     """Key of what a model computes beyond its weights: a Linen module's fields (its repr,
     memory addresses dropped), `apply_kwargs` and (`source`) the source of the packages
     or files that define its class and the classes of modules among its fields (a wrapped
@@ -419,10 +428,12 @@ def _defining_source(obj: Any) -> list[str]:
 
 def _reached_sources(defined: set[Any]) -> set[str]:
     """The files (or package folders) of the user's own modules that the modules defining
-    `defined` reach through their globals (`from helpers import Block`), followed through
-    the files among them: the code a model defined in a file (not a package: that is
-    keyed whole) takes from its siblings. Modules of the standard library, installed
-    packages and this library are not followed."""
+    `defined` reach: through their globals (`from helpers import Block`) and through the
+    imports inside their functions (`import helpers` in `__call__`, found in the bytecode,
+    located without importing where not yet imported), followed on through the modules
+    among them (a package's through every submodule loaded): the code a model takes from
+    its siblings. Modules of the standard library, installed packages and this library are
+    not followed."""
 
     def top_of(value: Any) -> types.ModuleType | None:
         if isinstance(value, types.ModuleType):
@@ -433,28 +444,87 @@ def _reached_sources(defined: set[Any]) -> set[str]:
             name = type(value).__module__
         return sys.modules.get(name.split(".")[0])
 
-    def files_of(module: types.ModuleType | None) -> list[str]:
+    def roots_of(module: types.ModuleType) -> list[str]:
+        """The user's file or package folders of a top-level module ([]: a library's)."""
+        paths = list(getattr(module, "__path__", ()))
         file = getattr(module, "__file__", None)
-        if module is None or hasattr(module, "__path__") or not file:
-            return []
-        return [file] if os.path.isfile(file) and not _is_library(file) else []
+        if not paths and file and os.path.isfile(file):
+            paths = [file]
+        return [] if not paths or any(map(_is_library, paths)) else paths
+
+    def members(top: types.ModuleType) -> list[types.ModuleType]:
+        """`top` and, for a package, its submodules loaded so far."""
+        if not hasattr(top, "__path__"):
+            return [top]
+        prefix = top.__name__ + "."
+        loaded = [m for n, m in list(sys.modules.items()) if n.startswith(prefix)]
+        return [top, *(m for m in loaded if isinstance(m, types.ModuleType))]
 
     start = {top_of(obj) for obj in defined}
-    todo = [m for m in start if files_of(m)]
+    todo = [m for m in start if m is not None and roots_of(m)]
     seen, found = {id(m) for m in todo}, set()
     while todo:
-        for _, value in sorted(vars(todo.pop()).items()):
-            top = top_of(value)
-            if top is None or id(top) in seen:
-                continue
-            seen.add(id(top))
-            if hasattr(top, "__path__"):  # a package of the user's: keyed whole
-                paths = list(top.__path__)
-                found |= set() if any(map(_is_library, paths)) else set(paths)
-            elif files := files_of(top):
-                found |= set(files)
-                todo.append(top)
+        for module in members(todo.pop()):
+            values = [value for _, value in sorted(vars(module).items())]
+            for name in sorted(_imported_in_functions(module)):
+                if (top := sys.modules.get(name)) is not None:
+                    values.append(top)
+                elif (roots := _unimported_roots(name)) and roots[0] not in found:
+                    found |= set(roots)  # not loaded: its own imports unseen
+            for value in values:
+                top = top_of(value)
+                if top is None or id(top) in seen:
+                    continue
+                seen.add(id(top))
+                if roots := roots_of(top):
+                    found |= set(roots)
+                    todo.append(top)
     return found
+
+
+def _imported_in_functions(module: types.ModuleType) -> set[str]:
+    """Top-level names of the modules imported inside the functions and methods `module`
+    defines (its module-level imports are among its globals)."""
+    import dis
+
+    codes = []
+    for value in vars(module).values():
+        if getattr(value, "__module__", None) != module.__name__:
+            continue
+        if inspect.isfunction(value):
+            codes.append(inspect.unwrap(value).__code__)
+        elif isinstance(value, type):
+            for member in vars(value).values():
+                member = getattr(member, "__func__", member)  # static and class methods
+                if inspect.isfunction(member):  # Flax wraps a module's methods
+                    codes.append(inspect.unwrap(member).__code__)
+    names = set()
+    while codes:
+        code = codes.pop()
+        codes.extend(c for c in code.co_consts if inspect.iscode(c))
+        for ins in dis.get_instructions(code):
+            if ins.opname == "IMPORT_NAME" and isinstance(ins.argval, str):
+                names.add(ins.argval.split(".")[0])
+    return names
+
+
+def _unimported_roots(name: str) -> list[str]:
+    """The user's file or package folders of a top-level module not imported yet, located
+    on the path without running it ([]: none, or a library's)."""
+    import importlib.util
+
+    if not name or name in sys.builtin_module_names:
+        return []
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    paths = list(spec.submodule_search_locations or ())
+    if not paths and spec.origin and os.path.isfile(spec.origin):
+        paths = [spec.origin]
+    return [] if not paths or any(map(_is_library, paths)) else paths
 
 
 def _is_users(obj: Any) -> bool:

@@ -281,3 +281,67 @@ def test_a_fresh_process_writes_utf8_and_keys_nnx_modules_alike(tmp_path, monkey
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == key
+
+
+def test_definition_key_sees_what_a_package_and_function_local_imports_reach(tmp_path, monkeypatch):
+    """A model in a package importing a top-level module of the user's (`from helper_act
+    import act` in `mypkg/net.py`), and a model file importing one inside `__call__`
+    (before and after that import has run): editing the imported file changes the key."""
+    import importlib
+
+    import flax.linen as nn  # noqa: F401 - the files below import it
+
+    act = "import jax.numpy as jnp\n\ndef act(x):\n    return jnp.maximum({}, 0.0)\n"
+    (tmp_path / "helper_act.py").write_text(act.format("x"))
+    (tmp_path / "helper_late.py").write_text(act.format("x"))
+    (tmp_path / "keypkg").mkdir()
+    (tmp_path / "keypkg" / "__init__.py").write_text("")
+    (tmp_path / "keypkg" / "net.py").write_text(
+        "import flax.linen as nn\nfrom helper_act import act\n\n"
+        "class Net(nn.Module):\n    def __call__(self, x):\n        return act(x)\n"
+    )
+    (tmp_path / "late_net.py").write_text(
+        "import flax.linen as nn\n\nclass Net(nn.Module):\n    def __call__(self, x):\n"
+        "        import helper_late\n\n        return helper_late.act(x)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = ("keypkg", "keypkg.net", "helper_act", "late_net", "helper_late")
+    for name in names:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    package_net = importlib.import_module("keypkg.net").Net
+    late_net = importlib.import_module("late_net").Net
+    for net, helper in ((package_net, "helper_act"), (late_net, "helper_late")):
+        before = code_keys.definition_key(net())
+        (tmp_path / f"{helper}.py").write_text(act.format("-x"))
+        assert code_keys.definition_key(net()) != before, helper
+        (tmp_path / f"{helper}.py").write_text(act.format("x"))
+    importlib.import_module("helper_late")  # now loaded: found in sys.modules
+    before = code_keys.definition_key(late_net())
+    (tmp_path / "helper_late.py").write_text(act.format("-x"))
+    assert code_keys.definition_key(late_net()) != before
+    for name in names:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+def test_definition_key_sees_every_value_of_an_array_field():
+    """numpy's repr abbreviates arrays over 1,000 values and rounds floats to 8 digits: a
+    field's array is keyed whole and exactly."""
+    import flax.linen as nn
+
+    class Gains(nn.Module):
+        gains: Any = None
+
+        @nn.compact
+        def __call__(self, x):
+            return x * self.gains
+
+    gains = np.linspace(0, 1, 2000).astype(np.float32)
+    key = code_keys.definition_key(Gains(gains))
+    for edit in (lambda g: g.__setitem__(1000, 7.0), lambda g: g.__setitem__(0, 1e-9)):
+        changed = gains.copy()
+        edit(changed)
+        assert code_keys.definition_key(Gains(changed)) != key
+    assert code_keys.definition_key(Gains(gains.copy())) == key
+    assert code_keys.definition_key(lambda v, x: x, {"gains": gains}) != code_keys.definition_key(
+        lambda v, x: x, {"gains": np.where(np.arange(2000) == 1500, 0.5, gains)}
+    )
