@@ -19,6 +19,8 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import json
+import os
 import pathlib
 import time
 from collections.abc import Mapping, Sequence
@@ -233,8 +235,8 @@ def _previous_layers(out: pathlib.Path, model: ModelInfo) -> list[str]:
     the new results."""
     try:
         before = results.read_results_json(out / "results.json")["settings"]
-    except (OSError, ValueError, KeyError):  # none, or damaged: replaced
-        return []
+    except (OSError, ValueError, KeyError):  # none, or damaged: replaced, its files too
+        return _listed_layers(out / "results.json") or _listed_layers(out / _REPLACED)
     if before.get("model_key", model.key) != model.key:
         name = before.get("model", "?")
         what = (
@@ -309,13 +311,35 @@ def _finished_digest(out: pathlib.Path, layers: Sequence[str]) -> str | None:
     return _dissection_digest(document, out, layers)
 
 
+# results.json of a run being replaced: moved aside first (the mark of a complete run
+# gone), removed last, so that a run killed between still learns which files to remove.
+_REPLACED = ".results.json.replaced"
+
+
+def _listed_layers(path: pathlib.Path) -> list[str]:
+    """The layers a results.json at `path` names, read without its checksum (a damaged or
+    replaced run's: only to find its files); [] where there is none."""
+    try:
+        layers = json.loads(path.read_text(encoding="utf-8"))["settings"]["layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return (
+        list(dict.fromkeys(n for n in layers if isinstance(n, str)))
+        if isinstance(layers, list)
+        else []
+    )
+
+
 def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
     """Remove the files a finished run of `layers` wrote in `out`, results.json (the mark of
     a complete run) first: a run killed while writing its own never leaves them beside
-    its new files, and a layer it does not dissect leaves nothing behind."""
+    its new files, and a layer it does not dissect leaves nothing behind. results.json
+    goes aside (`_REPLACED`) until the rest are gone: a run killed meanwhile leaves the
+    list for the next."""
+    if (out / "results.json").exists():
+        os.replace(out / "results.json", out / _REPLACED)
     stems = results.layer_file_stems(layers)
     names = [
-        "results.json",
         *report_html.report_files(stems),
         *(
             name(stem)
@@ -328,6 +352,7 @@ def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
     for folder in (report_html.PLOTS_DIR, report_html.STRIPS_DIR):
         with contextlib.suppress(OSError):  # left where something else is in it
             (out / folder).rmdir()
+    outdir.remove_path(out / _REPLACED)
 
 
 def _holding_output_dir(fn):

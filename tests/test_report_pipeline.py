@@ -245,6 +245,48 @@ def test_a_rerun_removes_the_previous_runs_files_results_json_first(dissected, t
     assert (out / "tally-top.csv").read_bytes() == (report / "tally-top.csv").read_bytes()
 
 
+def test_a_run_killed_while_removing_the_previous_runs_files_leaves_the_next_their_list(
+    dissected, tmp_path
+):
+    """Killed after results.json went aside, before the previous run's other files were
+    removed: the next run still removes them (its layers are read from the aside copy),
+    and so it does for a results.json whose checksum fails."""
+    report, _, root = dissected
+    conv1 = ["layer-conv1.html", "stats-conv1.npz", "tally-conv1.csv"]
+
+    def left(out):
+        names = {p.relative_to(out).as_posix() for p in out.rglob("*") if ".work" not in p.parts}
+        return sorted(n for n in names if "conv1" in n)
+
+    out = tmp_path / "killed"
+    shutil.copytree(report, out)
+
+    removed = []
+    remove = outdir.remove_path
+
+    def killed(path):  # at the second removal: one file gone
+        if removed:
+            raise KeyboardInterrupt
+        removed.append(path)
+        remove(path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(outdir, "remove_path", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _rerun(root, out, ["top"])
+    assert not (out / "results.json").exists() and set(conv1) <= set(left(out))
+    _rerun(root, out, ["top"])
+    assert left(out) == [] and not (out / pipeline._REPLACED).exists()
+
+    out = tmp_path / "damaged"
+    shutil.copytree(report, out)
+    doc = json.loads((out / "results.json").read_text())
+    doc["layers"][0]["units"][0]["iou"] = 0.5  # its checksum now fails
+    (out / "results.json").write_text(json.dumps(doc))
+    _rerun(root, out, ["top"])
+    assert left(out) == []
+
+
 def test_files_escape_label_names(report):
     assert json.loads((report / "results.json").read_text())["complete"] is True
     for page in report.glob("*.html"):
