@@ -576,6 +576,16 @@ class Dissector:
             store.Stage(root, stage, self.stage_key(stage, layer)).done for layer in self.tap.layers
         )
 
+    def _remove_killed_runs_work(self) -> None:
+        """The disk caches of pass 1's activations and the pass checkpoints killed runs left
+        in `work_dir`, whatever their settings (keys) and this run's cache kind: this
+        finished dissection replaces theirs, so they would never be resumed."""
+        for folder in sorted((self.work_dir / "activations").glob("*")):
+            actcache.remove_files(folder)
+        for stage in ("pass1", "pass2"):
+            for folder in sorted((self.work_dir / "checkpoints").glob(f"{stage}-*")):
+                shutil.rmtree(folder, ignore_errors=True)
+
     def _cache_dir(self) -> pathlib.Path:
         """Where a disk cache of pass 1's activations lives (per pass-1 key)."""
         return self.work_dir / "activations" / self.stage_key("pass1")
@@ -721,8 +731,8 @@ class Dissector:
         }
         if self.cache is not None:
             self.cache.discard()
-        if self.work_dir is not None:  # a killed run's disk cache, whatever this run's kind
-            actcache.remove_files(self._cache_dir())
+        if self.work_dir is not None:
+            self._remove_killed_runs_work()
         if self.label_memo is not None:
             self.label_memo.clear()
         logging.info("pass 1 %.1f s, pass 2 %.1f s", t1 - t0, t2 - t1)

@@ -5,6 +5,7 @@
 a run. The OS releases the lock when the holding process exits or is killed,
 so a stale `.lock` file never blocks anything; the file records the holder's
 pid and command for the message a second run prints, and is emptied on release.
+Taking the lock removes the temporary files a killed holder was writing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import shlex
 import sys
 import tempfile
 from collections.abc import Iterator
+
+from jaxdissect import store
 
 LOCK_FILE = ".lock"
 # What the follow-on scripts (compositional.py, significance.py, ablation.py,
@@ -119,6 +122,8 @@ def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[p
         f.truncate()
         f.write(f"pid {os.getpid()} ({shlex.join(sys.argv)})\n")
         f.flush()
+        # What a killed holder was writing (a stage, a strip): only the holder writes here.
+        store.remove_temporaries(out)
         try:
             yield out
         finally:  # cleared while held: the next holder's file never names this process

@@ -17,7 +17,9 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
+import time
 import uuid
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -59,6 +61,26 @@ def fingerprint_tree(tree: Any) -> str:
         h.update(f"{arr.dtype}{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()[:20]
+
+
+# The temporary files `atomic_path` writes beside their destinations.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
+
+
+def remove_temporaries(folder: str | os.PathLike, older_than_s: float = 60.0) -> int:
+    """Remove the temporary files `atomic_path` left under `folder` (a process killed while
+    writing), those untouched for `older_than_s` seconds; returns how many. Only for a
+    folder no other process writes to (an output directory whose lock is held)."""
+    removed, now = 0, time.time()
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            if _TEMPORARY.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    if now - os.lstat(path).st_mtime >= older_than_s:
+                        os.unlink(path)
+                        removed += 1
+    return removed
 
 
 def _new_file_beside(path: pathlib.Path) -> pathlib.Path:

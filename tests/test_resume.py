@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdissect import actcache, capture, checkpoint, engine, parallel, store
+from jaxdissect import actcache, capture, checkpoint, engine, outdir, parallel, store
 from jaxdissect.checkpoint import StreamCheckpoint
 from jaxdissect.data import synthetic
 from jaxdissect.data.broden import Broden
@@ -238,6 +238,42 @@ def test_pass2_reads_no_batch_a_killed_run_of_another_cache_kind_never_wrote(in_
     assert list((tmp_path / "again").rglob("*.npy"))
     run(probe, "host", tmp_path / "again")
     assert not list((tmp_path / "again").rglob("*.npy"))
+
+
+def test_a_finished_run_removes_the_work_killed_runs_of_other_settings_left(in_process, tmp_path):
+    """A disk cache and a pass checkpoint a killed run left under other keys (other
+    settings) would never be resumed once another dissection finishes there: it removes
+    them, as it does its own."""
+    probe, run = in_process
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):  # in pass 1, after its checkpoint at batch 2
+        run(_Killed(probe, 9), "disk", work)
+    [cache] = (work / "activations").iterdir()
+    [checkpoint] = (work / "checkpoints").glob("pass1-*")
+    cache.rename(cache.with_name("other-settings"))  # as a run of other settings left them
+    checkpoint.rename(checkpoint.with_name("pass1-other-settings"))
+    assert list((work / "activations").rglob("*.npy"))
+    run(probe, "host", work)
+    assert not list((work / "activations").rglob("*")) and not list(
+        (work / "checkpoints").glob("pass*")
+    )
+
+
+def test_taking_an_output_dirs_lock_removes_what_a_killed_holder_was_writing(tmp_path):
+    """The temporary files a killed run left (`.name.<12 hex>.tmp`, untouched for a minute)
+    go when the next run takes the folder's lock; another process's fresh one, or a file
+    of another name, stays."""
+    old, fresh = tmp_path / ".tally-a.csv.0123456789ab.tmp", tmp_path / ".x.npz.ba9876543210.tmp"
+    nested = tmp_path / ".work" / "stages" / "s" / ".arrays.npz.00112233aabb.tmp"
+    kept = [fresh, tmp_path / "notes.tmp", tmp_path / ".x.npz.0123.tmp"]
+    for path in [old, nested, *kept]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("partial")
+    for path in (old, nested):
+        os.utime(path, (time.time() - 120,) * 2)
+    with outdir.locked(tmp_path):
+        assert not old.exists() and not nested.exists()
+        assert all(p.exists() for p in kept)
 
 
 def test_a_resumed_pass2_counts_at_the_thresholds_it_reports(in_process, tmp_path):
