@@ -27,6 +27,7 @@ from tokenize import TokenError
 from typing import IO, Any
 
 import numpy as np
+from absl import logging
 
 DONE = "DONE"
 
@@ -160,7 +161,8 @@ def read_json_object(path: str | os.PathLike, fix: str, *, checked: bool = False
     """The JSON object in the file `path`; a file cut short, altered or holding another JSON
     value raises one ValueError naming it and ending in `fix` (what to do), a missing one
     FileNotFoundError. `checked`: so does one whose `CHECKSUM` is not that of its values
-    (changed since it was written; a file written without one is read as it is)."""
+    (changed since it was written); a file without one (an older version's, or one whose
+    checksum was deleted) is read with a warning that its values are not verified."""
     try:
         with open(path, encoding="utf-8") as f:
             document = json.load(f)
@@ -168,7 +170,13 @@ def read_json_object(path: str | os.PathLike, fix: str, *, checked: bool = False
         raise ValueError(f"{path}: not readable JSON ({e}); {fix}") from None
     if not isinstance(document, dict):
         raise ValueError(f"{path}: holds {type(document).__name__}, not a JSON object; {fix}")
-    if checked and CHECKSUM in document and document[CHECKSUM] != json_checksum(document):
+    if checked and CHECKSUM not in document:
+        logging.warning(
+            "%s: no %s (written by an older version, or removed): its values are read unverified",
+            path,
+            CHECKSUM,
+        )
+    elif checked and document[CHECKSUM] != json_checksum(document):
         raise ValueError(
             f"{path}: its {CHECKSUM} is not that of its values: the file was edited or "
             f"damaged since it was written; {fix}"

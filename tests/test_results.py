@@ -362,10 +362,10 @@ def test_results_json_round_trip(layer, tmp_path):
         results.read_results_json(cut)
 
 
-def test_a_results_json_changed_since_it_was_written_is_refused(layer, tmp_path):
+def test_a_results_json_changed_since_it_was_written_is_refused(layer, tmp_path, caplog):
     """Its checksum covers every value, however the file is laid out: a value changed (an
-    IoU by 1e-6) is refused naming the file; re-indented, reordered, or written before
-    the checksum was (none), it reads as written."""
+    IoU by 1e-6) is refused naming the file; re-indented or reordered, it reads as written;
+    without a checksum (an older version's, or deleted), it reads with a warning."""
     path = results.write_results_json(tmp_path / "results.json", [layer], {"model": "m"})
     doc = results.read_results_json(path)
     assert doc["checksum"] == store.json_checksum(doc)
@@ -377,8 +377,11 @@ def test_a_results_json_changed_since_it_was_written_is_refused(layer, tmp_path)
         results.read_results_json(path)
     path.write_text(json.dumps(doc, indent=4, sort_keys=True))
     assert results.read_results_json(path) == doc
+    assert "unverified" not in caplog.text
     path.write_text(json.dumps({k: v for k, v in doc.items() if k != "checksum"}))
-    assert results.read_results_json(path)["layers"] == doc["layers"]
+    with caplog.at_level("WARNING"):
+        assert results.read_results_json(path)["layers"] == doc["layers"]
+    assert f"{path}: no checksum (written by an older version, or removed)" in caplog.text
 
 
 def test_categories_are_scored_in_label_space_order_whatever_order_they_are_named_in():
