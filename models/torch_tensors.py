@@ -51,8 +51,19 @@ V3_DTYPES: dict[str, np.dtype] = {
 }
 
 
+class _Sealed:
+    """A stand-in the unpickler makes: a pickle's BUILD opcode, which would write its
+    attributes (a frozen dataclass's too) after they were checked, is refused."""
+
+    def __setstate__(self, state: Any) -> None:
+        raise CheckpointError(
+            f"the pickle sets the state of a {type(self).__name__}, which no torch.save "
+            "file does: it is crafted"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
-class StorageType:
+class StorageType(_Sealed):
     """Stands in for a `torch.<Name>Storage` class named by a pickle."""
 
     name: str
@@ -63,14 +74,14 @@ class StorageType:
 
 
 @dataclasses.dataclass(frozen=True)
-class DType:
+class DType(_Sealed):
     """Stands in for a `torch.<dtype>` object named by a pickle (only for `rebuild_tensor_v3`)."""
 
     dtype: np.dtype
 
 
 @dataclasses.dataclass(frozen=True)
-class Storage:
+class Storage(_Sealed):
     """A storage named by a persistent id; its bytes are read once the pickle is done."""
 
     key: str
@@ -82,7 +93,7 @@ class Storage:
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorRef:
+class TensorRef(_Sealed):
     """A tensor to cut out of a storage after the pickle is read (legacy storages come last)."""
 
     storage: Storage
@@ -145,7 +156,7 @@ def rebuild_tensor_v3(
 
 
 @dataclasses.dataclass(frozen=True)
-class Marker:
+class Marker(_Sealed):
     """Stands in for a torch object the pickle names only to describe a quantised tensor."""
 
     name: str
@@ -210,6 +221,16 @@ def cut(ref: TensorRef, flat: np.ndarray, budget: Budget) -> np.ndarray:
     # tensor without elements counts as if its zero dims were 1: numpy refuses a shape
     # whose other dims overflow.
     itemsize = 4 if bf16 else flat.dtype.itemsize
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if not (
+        whole(ref.offset)
+        and all(map(whole, (*ref.size, *ref.stride)))
+        and len(ref.size) == len(ref.stride)
+    ):  # checked when rebuilt; again here, where a wrong one would read outside the buffer
+        raise CheckpointError(
+            f"tensor of storage {storage.key}: offset {ref.offset!r}, size {ref.size!r}, "
+            f"stride {ref.stride!r} are not whole numbers >= 0 of one rank"
+        )
     check_shape(ref.size, itemsize, f"a tensor of storage {storage.key}")
     what = f"tensor of size {ref.size}, stride {ref.stride}"
     budget.take(math.prod(max(n, 1) for n in ref.size) * itemsize, what)

@@ -87,8 +87,11 @@ class _Storage:
     """Pickled as a persistent storage id by `_craft_zip`."""
 
 
-def _craft_zip(path: Path, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
-    """A torch-style zip whose one tensor claims `size`/`stride` over a 4-element storage."""
+def _craft_zip(
+    path: Path, size: tuple[int, ...], stride: tuple[int, ...], state: dict | None = None
+) -> None:
+    """A torch-style zip whose one tensor claims `size`/`stride` over a 4-element storage
+    (with `state`, the pickle then BUILDs it onto the tensor)."""
     storage = _Storage()
 
     class Pickler(pickle.Pickler):
@@ -99,7 +102,8 @@ def _craft_zip(path: Path, size: tuple[int, ...], stride: tuple[int, ...]) -> No
 
     buffer = io.BytesIO()
     args = (storage, 0, size, stride, False, collections.OrderedDict())
-    Pickler(buffer, protocol=2).dump({"w": _Reduce(torch._utils._rebuild_tensor_v2, args)})
+    tensor = _Reduce(torch._utils._rebuild_tensor_v2, args, state)
+    Pickler(buffer, protocol=2).dump({"w": tensor})
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", buffer.getvalue())
         archive.writestr("archive/byteorder", "little")
@@ -107,11 +111,11 @@ def _craft_zip(path: Path, size: tuple[int, ...], stride: tuple[int, ...]) -> No
 
 
 class _Reduce:
-    def __init__(self, fn, args):
-        self.fn, self.args = fn, args
+    def __init__(self, fn, args, state=None):
+        self.fn, self.args, self.state = fn, args, state
 
     def __reduce__(self):
-        return self.fn, self.args
+        return (self.fn, self.args) if self.state is None else (self.fn, self.args, self.state)
 
 
 def test_tensor_reading_past_its_storage_is_rejected(tmp_path):
@@ -129,6 +133,26 @@ def test_tensor_reading_past_its_storage_is_rejected(tmp_path):
     with pytest.raises(CheckpointError, match=r"size \(2147483648,\), stride \(0,\) would take"):
         load_state_dict(bad)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**16  # KiB: < 64 MiB
+
+
+@pytest.mark.parametrize("state", [{"stride": (-16,)}, {"offset": -8}, {"stride": (-(10**9),)}])
+def test_a_pickle_rewriting_a_checked_tensor_is_refused_never_read_outside_its_storage(
+    tmp_path, state
+):
+    """BUILD after the rebuild function checked a tensor (a frozen dataclass's attributes
+    written all the same) would give it a negative stride or offset, which `as_strided`
+    reads before the storage's buffer (other memory, or a crash): refused; and the cut
+    checks them again."""
+    path = tmp_path / "crafted.pth"
+    _craft_zip(path, (4,), (1,), state)
+    with pytest.raises(CheckpointError, match=r"crafted.pth: the pickle sets the state of a Te"):
+        load_state_dict(path)
+    storage = torch_tensors.Storage("0", torch_tensors.StorageType("Float"), 4)
+    ref = torch_tensors.TensorRef(storage, 0, (4,), (1,))
+    for name, value in state.items():
+        object.__setattr__(ref, name, value)
+    with pytest.raises(CheckpointError, match="are not whole numbers >= 0 of one rank"):
+        torch_tensors.cut(ref, np.arange(4, dtype=np.float32), weight_file.Budget("x", 2**20))
 
 
 def test_a_crafted_pickle_that_breaks_a_stand_in_is_one_error(tmp_path):
@@ -156,7 +180,7 @@ def test_a_crafted_pickle_that_breaks_a_stand_in_is_one_error(tmp_path):
         archive.writestr("archive/data.pkl", payload)
         archive.writestr("archive/byteorder", "little")
         archive.writestr("archive/data/0", bytes(16))
-    with pytest.raises(CheckpointError, match=r"crafted.pth: not a state dict this reader takes"):
+    with pytest.raises(CheckpointError, match=r"crafted.pth: the pickle sets the state of a St"):
         load_state_dict(path)
 
 
