@@ -263,6 +263,19 @@ def load_state_dict(
             path,
             obj.qualified,
         )
+        if obj.dilated:
+            shown = ", ".join(f"{k} {v}" for k, v in list(obj.dilated.items())[:3])
+            logging.warning(
+                "%s: the pickled %s dilates %d convolutions (%s%s), which its weights do "
+                "not show: no architecture of the zoo dilates one (a dilated ResNet, "
+                "replace_stride_with_dilation, is another network), so loaded into one its "
+                "numbers are not the file's; a model of your own must dilate them as it does",
+                path,
+                obj.qualified,
+                len(obj.dilated),
+                shown,
+                ", ..." if len(obj.dilated) > 3 else "",
+            )
     if others := torch_file.stand_in_names(whole):
         logging.info(
             "%s: beside the weights, pickled %s, read as inert records (none imported or run)",

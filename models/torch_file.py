@@ -134,11 +134,13 @@ class PickledObject:
 class ModuleWeights(collections.OrderedDict):
     """The state dict of a pickled `nn.Module` (`qualified`: its class), as `state_dict()`
     gives it: each module's parameters, then its persistent buffers, then its children's,
-    keys joined with '.'."""
+    keys joined with '.'. `dilated`: the convolutions the record dilates (path -> its
+    `dilation`), which no state dict shows."""
 
     def __init__(self, qualified: str, items: Any = ()):
         super().__init__(items)
         self.qualified = qualified
+        self.dilated: dict[str, Any] = {}
 
 
 def _stand_in(module: str, name: str) -> type[PickledObject]:
@@ -202,6 +204,10 @@ def _module_state(obj: Any) -> dict[str, Any] | None:
     return None
 
 
+# A convolution's `dilation` where it dilates nothing.
+_UNDILATED = (None, 1, (1,), (1, 1), (1, 1, 1), [1, 1])
+
+
 def _module_weights(root: PickledObject, state: dict[str, Any]) -> ModuleWeights:
     """The state dict of the module record `root` of state `state` (`_module_state`;
     tensors not yet cut out)."""
@@ -211,6 +217,9 @@ def _module_weights(root: PickledObject, state: dict[str, Any]) -> ModuleWeights
         if id(record) in path:
             raise CheckpointError(f"the pickled module {record.qualified} contains itself")
         transient = state.get("_non_persistent_buffers_set") or ()
+        dilation = state.get("dilation")
+        if record.qualified.split(".")[-1].startswith("Conv") and dilation not in _UNDILATED:
+            out.dilated[prefix.rstrip(".") or "(the model)"] = dilation
         entries = [*state["_parameters"].items()]
         entries += [(k, v) for k, v in state["_buffers"].items() if k not in transient]
         for name, value in entries:
@@ -287,7 +296,9 @@ def _rebuild(obj: Any, walk: Callable[[Any], Any]) -> Any:
     """A container of `obj`'s kind (`ModuleWeights`, OrderedDict, dict, list, tuple) of
     `walk` of each of its elements; anything else as it is."""
     if isinstance(obj, ModuleWeights):
-        return ModuleWeights(obj.qualified, ((k, walk(v)) for k, v in obj.items()))
+        out = ModuleWeights(obj.qualified, ((k, walk(v)) for k, v in obj.items()))
+        out.dilated = dict(obj.dilated)
+        return out
     if isinstance(obj, collections.OrderedDict):
         return collections.OrderedDict((k, walk(v)) for k, v in obj.items())
     if isinstance(obj, dict):

@@ -326,15 +326,27 @@ def test_a_whole_densenet_pickled_with_torchvisions_old_names_loads(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
-def test_a_whole_pickled_resnet_loads_as_its_state_dict_does(tmp_path):
+def test_a_whole_pickled_resnet_loads_as_its_state_dict_does(tmp_path, caplog):
+    """... and one whose convolutions are dilated (a dilated ResNet: its weights fit, its
+    numbers are another network's) says so, naming them."""
     reference = tm.randomize_(tm.ResNet(*tm.RESNET_LAYOUT["resnet18"], num_classes=3))
     torch.save(reference, tmp_path / "whole.pth")
     torch.save(reference.state_dict(), tmp_path / "state.pth")
-    got, want = (
-        model_load.load("resnet18", weights=str(tmp_path / name), options={"num_classes": 3})
-        for name in ("whole.pth", "state.pth")
-    )
+    with caplog.at_level("WARNING"):
+        got, want = (
+            model_load.load("resnet18", weights=str(tmp_path / name), options={"num_classes": 3})
+            for name in ("whole.pth", "state.pth")
+        )
     jax.tree.map(np.testing.assert_array_equal, got.variables, want.variables)
+    assert "dilates" not in caplog.text
+    for conv in (reference.layer4[0].conv2, reference.layer4[1].conv2):
+        conv.dilation, conv.padding = (2, 2), (2, 2)
+    torch.save(reference, tmp_path / "dilated.pth")
+    with caplog.at_level("WARNING"):
+        load_state_dict(tmp_path / "dilated.pth")
+    assert "dilates 2 convolutions (layer4.0.conv2 (2, 2), layer4.1.conv2 (2, 2)), which" in (
+        caplog.text
+    )
 
 
 def test_not_a_weight_file(tmp_path):
