@@ -430,81 +430,80 @@ def _reached_sources(defined: set[Any]) -> set[str]:
     """The files (or package folders) of the user's own modules that the modules defining
     `defined` reach: through their globals (`from helpers import Block`) and through the
     imports inside their functions (`import helpers` in `__call__`, found in the bytecode,
-    located without importing where not yet imported), followed on through the modules
-    among them (a package's through every submodule loaded): the code a model takes from
-    its siblings. Modules of the standard library, installed packages and this library are
-    not followed."""
+    located without importing where not yet imported), followed on through each module so
+    reached (a module of a package too: `mypkg/net.py`'s imports). Modules of the standard
+    library, installed packages and this library are not followed."""
 
-    def top_of(value: Any) -> types.ModuleType | None:
+    def module_of(value: Any) -> types.ModuleType | None:
         if isinstance(value, types.ModuleType):
-            name = value.__name__
-        elif isinstance(value, type) or inspect.isfunction(value):
+            return value
+        if isinstance(value, type) or inspect.isfunction(value):
             name = value.__module__ or ""
         else:
             name = type(value).__module__
-        return sys.modules.get(name.split(".")[0])
+        return sys.modules.get(name)
 
     def roots_of(module: types.ModuleType) -> list[str]:
-        """The user's file or package folders of a top-level module ([]: a library's)."""
-        paths = list(getattr(module, "__path__", ()))
-        file = getattr(module, "__file__", None)
+        """The user's file or package folders of `module`'s top-level module ([]: a
+        library's, or none)."""
+        top = sys.modules.get(module.__name__.split(".")[0])
+        paths = list(getattr(top, "__path__", ()))
+        file = getattr(top, "__file__", None)
         if not paths and file and os.path.isfile(file):
             paths = [file]
         return [] if not paths or any(map(_is_library, paths)) else paths
 
-    def members(top: types.ModuleType) -> list[types.ModuleType]:
-        """`top` and, for a package, its submodules loaded so far."""
-        if not hasattr(top, "__path__"):
-            return [top]
-        prefix = top.__name__ + "."
-        loaded = [m for n, m in list(sys.modules.items()) if n.startswith(prefix)]
-        return [top, *(m for m in loaded if isinstance(m, types.ModuleType))]
-
-    start = {top_of(obj) for obj in defined}
-    todo = [m for m in start if m is not None and roots_of(m)]
+    todo = [m for m in {module_of(obj) for obj in defined} if m is not None and roots_of(m)]
     seen, found = {id(m) for m in todo}, set()
     while todo:
-        for module in members(todo.pop()):
-            values = [value for _, value in sorted(vars(module).items())]
-            for name in sorted(_imported_in_functions(module)):
-                if (top := sys.modules.get(name)) is not None:
-                    values.append(top)
-                elif (roots := _unimported_roots(name)) and roots[0] not in found:
-                    found |= set(roots)  # not loaded: its own imports unseen
-            for value in values:
-                top = top_of(value)
-                if top is None or id(top) in seen:
-                    continue
-                seen.add(id(top))
-                if roots := roots_of(top):
-                    found |= set(roots)
-                    todo.append(top)
+        module = todo.pop()
+        values = [value for _, value in sorted(vars(module).items())]
+        for name in sorted(_imported_in_functions(module)):
+            if (imported := sys.modules.get(name)) is not None:
+                values.append(imported)
+            else:  # not run yet: located, its own imports unseen
+                found |= set(_unimported_roots(name.split(".")[0]))
+        for value in values:
+            reached = module_of(value)
+            if reached is None or id(reached) in seen:
+                continue
+            seen.add(id(reached))
+            if roots := roots_of(reached):
+                found |= set(roots)
+                todo.append(reached)
     return found
 
 
 def _imported_in_functions(module: types.ModuleType) -> set[str]:
-    """Top-level names of the modules imported inside the functions and methods `module`
-    defines (its module-level imports are among its globals)."""
+    """The names of the modules imported inside the functions and methods `module` defines
+    (its module-level imports are among its globals); relative imports left out."""
     import dis
+
+    def code_of(value: Any) -> list[types.CodeType]:
+        """The code of a function, unwrapped (Flax wraps a module's methods, and callable
+        class attributes: an `InputSpec`, which has none)."""
+        try:
+            function = inspect.unwrap(getattr(value, "__func__", value))  # static, class
+        except ValueError:  # a cycle of __wrapped__
+            return []
+        return [function.__code__] if inspect.isfunction(function) else []
 
     codes = []
     for value in vars(module).values():
         if getattr(value, "__module__", None) != module.__name__:
             continue
-        if inspect.isfunction(value):
-            codes.append(inspect.unwrap(value).__code__)
-        elif isinstance(value, type):
+        if isinstance(value, type):
             for member in vars(value).values():
-                member = getattr(member, "__func__", member)  # static and class methods
-                if inspect.isfunction(member):  # Flax wraps a module's methods
-                    codes.append(inspect.unwrap(member).__code__)
+                codes.extend(code_of(member))
+        else:
+            codes.extend(code_of(value))
     names = set()
     while codes:
         code = codes.pop()
         codes.extend(c for c in code.co_consts if inspect.iscode(c))
         for ins in dis.get_instructions(code):
-            if ins.opname == "IMPORT_NAME" and isinstance(ins.argval, str):
-                names.add(ins.argval.split(".")[0])
+            if ins.opname == "IMPORT_NAME" and isinstance(ins.argval, str) and ins.argval:
+                names.add(ins.argval)
     return names
 
 

@@ -300,8 +300,9 @@ def test_definition_key_sees_what_a_package_and_function_local_imports_reach(tmp
         "import flax.linen as nn\nfrom helper_act import act\n\n"
         "class Net(nn.Module):\n    def __call__(self, x):\n        return act(x)\n"
     )
-    (tmp_path / "late_net.py").write_text(
-        "import flax.linen as nn\n\nclass Net(nn.Module):\n    def __call__(self, x):\n"
+    (tmp_path / "late_net.py").write_text(  # Linen wraps a callable class attribute too
+        "import flax.linen as nn\n\nclass Scale:\n    def __call__(self, x):\n        return x\n\n"
+        "class Net(nn.Module):\n    scale = Scale()\n\n    def __call__(self, x):\n"
         "        import helper_late\n\n        return helper_late.act(x)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
