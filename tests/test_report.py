@@ -336,6 +336,60 @@ def test_strip_masks_are_the_pixels_the_tally_counts() -> None:
         build.strip_masks(maps, thresholds, np.arange(k), size, "strict", block=1)
 
 
+def test_strips_show_the_mask_at_the_label_resolution_the_tally_counted(tmp_path):
+    """Labels at 13 px, strips 12 px high (as broden1_227's 113 px labels under 112 px
+    strips): a 7x7 map whose one cell passes T upsamples to one pixel at 13 px and to none
+    at 12 px. The tally counted that pixel, so the strip draws the image (two slots, not
+    one), its mask the tally's shown at the strip's size (`shown_at`)."""
+    from jaxdissect import results
+    from jaxdissect.labelspace import LabelSpace
+
+    top = np.array([[0], [1]], np.int32)
+    maps = np.zeros((2, 7, 7, 1), np.float32)
+    maps[0, 3, 3, 0] = 1.0
+    maps[1, :, :, 0] = 1.0
+    thresholds = np.array([0.9], np.float32)
+    seg = build.strip_masks(maps, thresholds, np.array([0]), (13, 13), "strict")
+    assert (
+        seg[0, 0].sum() == 1
+        and not build.strip_masks(maps, thresholds, np.array([0]), (12, 12), "strict")[0, 0].any()
+    )
+    shown = build.shown_at(seg, (12, 12))
+    assert shown.shape == (1, 2, 12, 12) and shown[0, 0].sum() == 1 and shown[0, 1].all()
+    np.testing.assert_array_equal(build.shown_at(seg, (13, 13)), seg)
+    wide = build.shown_at(seg, (26, 26))  # a larger strip: the pixel as a 2x2 block
+    assert wide[0, 0].sum() == 4 and wide[0, 0, 12:14, 12:14].all()
+
+    class Source:
+        seg_size = (13, 13)
+
+        def read_image(self, i: int) -> np.ndarray:
+            return np.full((26, 26, 3), 10 * i, np.uint8)
+
+    labels = LabelSpace(("color",), ("-", "red-c"), np.array([-1, 0], np.int32), (False,))
+    counts = {
+        "intersection": np.array([[0, 3]]),
+        "label_pixels": np.array([0, 10]),
+        "unit_pixels": np.array([[5]]),
+        "unit_total": np.array([5]),
+        "images": np.int64(2),
+    }
+    build.write_dissection_report(
+        tmp_path,
+        "m",
+        "d",
+        {},
+        [results.layer_result("head", counts, labels)],
+        {"head": thresholds},
+        {"head": top},
+        {"head": maps},
+        Source(),
+        tie_rule="strict",
+        strip_height=12,
+    )
+    assert Image.open(tmp_path / "strips/head/unit0000.jpg").width == 12 + 3 + 12
+
+
 def test_upsample_keeps_a_nan_or_infinity_local() -> None:
     """A non-finite value reaches only the output pixels that sample it (the tally's
     upsampling, which the strips' masks use)."""
@@ -506,6 +560,8 @@ def test_a_strip_draws_only_the_top_images_where_the_unit_fires(tmp_path):
     assert build.drawn_ranks(top, maps, thresholds, "inclusive")[:, 0].all()
 
     class Source:
+        seg_size = (8, 8)
+
         def read_image(self, i: int) -> np.ndarray:
             return np.full((8, 8, 3), 10 * i, np.uint8)
 
@@ -553,6 +609,8 @@ def test_a_top_image_whose_upsampled_mask_is_empty_is_left_out(tmp_path):
     assert build.drawn_ranks(top, maps, thresholds, "strict")[:, 0].all()  # raw peaks pass
 
     class Source:
+        seg_size = (8, 8)
+
         def read_image(self, i: int) -> np.ndarray:
             return np.full((8, 8, 3), 10 * i, np.uint8)
 

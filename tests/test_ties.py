@@ -172,6 +172,8 @@ def test_strip_dims_with_the_tie_rule():
 
 
 class _Source:
+    seg_size = (8, 8)
+
     def read_image(self, i: int) -> np.ndarray:
         return np.full((8, 8, 3), 10 * i, np.uint8)
 

@@ -4,7 +4,8 @@ A strip shows only the top images where the unit fires, those whose map maximum 
 the unit's threshold by the run's tie rule (`drawn_ranks`): a ReLU unit tied at T = 0 that
 fires in one image shows that one image, not nine more wholly dimmed ones. A unit that
 cannot fire (no active pixel over the probe set, or dead) gets no strip. Strips dim with
-the same tie rule (`jaxdissect.tie_rule`), so they show the mask the tally counted.
+the same tie rule (`jaxdissect.tie_rule`) and at the label resolution, so they show the
+mask the tally counted (`shown_at` the strip's size).
 """
 
 from __future__ import annotations
@@ -122,14 +123,16 @@ def write_dissection_report(
         """The strips of `units` (at most `block`): their masks computed at once, then JPEGs.
 
         drawn: bool [T, K], `drawn_ranks` of the layer; each unit has a drawn slot. Of
-        those, a slot whose mask at the strip's size has no pixel is left out too (a raw
-        peak just above T can upsample to nothing), unless that leaves none."""
+        those, a slot whose mask (the tally's, at the label resolution) has no pixel is left
+        out too (a raw peak just above T can upsample to nothing), unless that leaves none."""
         idx = top_indices[r.path][:, units]  # [T, n]; -1: an empty slot
         keep = drawn[:, units]
         size = thumb(int(idx[keep[:, 0], 0][0]))[0].shape[:2]
-        on = strip_masks(maps[r.path], thresholds[r.path], units, size, tie_rule, block)
+        seg_size = tuple(source.seg_size)  # where the tally counted the units' masks
+        seg = strip_masks(maps[r.path], thresholds[r.path], units, seg_size, tie_rule, block)
+        on = shown_at(seg, size)
         for j, k in enumerate(units.tolist()):
-            ok = keep[:, j] & on[j].reshape(len(on[j]), -1).any(1)
+            ok = keep[:, j] & seg[j].reshape(len(seg[j]), -1).any(1)
             ok = ok if ok.any() else keep[:, j]
             first = int(idx[ok, j][0])
             top = [thumb(int(i) if o else first) for i, o in zip(idx[:, j], ok, strict=True)]
@@ -228,6 +231,15 @@ def strip_masks(
 
 
 _unit_masks = jax.jit(masks_lib.unit_masks, static_argnames=("size", "tie_rule"))
+
+
+def shown_at(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """bool [..., H, W] of bool [..., h, w] masks: a pixel of the larger grid is on where the
+    mask pixel under it is, one of the smaller where any mask pixel under it is (a pixel the
+    tally counted never vanishes from a smaller strip); the identity where sizes agree."""
+    h, w = masks.shape[-2:]
+    rows = np.logical_or.reduceat(masks, np.arange(size[0]) * h // size[0], axis=-2)
+    return np.logical_or.reduceat(rows, np.arange(size[1]) * w // size[1], axis=-1)
 
 
 def save_jpeg(path: pathlib.Path, array: np.ndarray) -> None:
