@@ -212,6 +212,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
                 fv.page_images,
                 settings.tie_rule,
                 settings.categories,
+                settings.activation_dtype,
             )
             cards.append({**r, "strip": strip})
         layers.append((record, cards))
@@ -277,6 +278,23 @@ def _remove_stale(out: pathlib.Path, stems: list[str], strips: list[str]) -> Non
                     png.unlink()
 
 
+def strip_unit_masks(
+    tap, input_spec, images, unit, thresholds, seg_size, tie_rule, activation_dtype
+):
+    """bool [n, sh, sw]: `unit`'s masks on `images` (uint8 [n, H, W, 3]) as the search
+    counted them: its activations rounded to `activation_dtype`, upsampled to `seg_size`
+    and compared with its threshold by `tie_rule`."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxdissect import masks
+
+    acts = tap.fn(tap.variables, input_spec(jnp.asarray(images, jnp.float32)))[tap.layers[0]]
+    acts = acts[..., unit : unit + 1].astype(activation_dtype).astype(jnp.float32)
+    on = masks.unit_masks(acts, thresholds[unit : unit + 1], tuple(seg_size), tie_rule)
+    return np.asarray(on)[..., 0]
+
+
 def _strip(
     out,
     stem,
@@ -290,14 +308,13 @@ def _strip(
     count,
     tie_rule,
     categories,
+    activation_dtype,
 ):
     """Write the unit's pair strip (unit mask | formula mask on its top images) at the
     segmentation size; its path relative to `out`, or None without top images."""
-    import jax.numpy as jnp
     import numpy as np
     from PIL import Image
 
-    from jaxdissect import masks
     from jaxdissect.report import formula_page, strips
 
     idx = [int(i) for i in top_indices[:count, unit] if i >= 0]
@@ -305,12 +322,9 @@ def _strip(
         return None
     sh, sw = source.seg_size
     images = np.stack([np.asarray(source.read_image(i), np.uint8) for i in idx])
-    acts = tap.fn(tap.variables, input_spec(jnp.asarray(images, jnp.float32)))[tap.layers[0]]
-    unit_masks = np.asarray(
-        masks.unit_masks(
-            acts[..., unit : unit + 1], thresholds[unit : unit + 1], (sh, sw), tie_rule
-        )
-    )[..., 0]
+    unit_masks = strip_unit_masks(
+        tap, input_spec, images, unit, thresholds, (sh, sw), tie_rule, activation_dtype
+    )
     small, formula_masks = [], []
     for j, i in enumerate(idx):
         small.append(np.asarray(Image.fromarray(images[j]).resize((sw, sh), Image.BILINEAR)))

@@ -318,3 +318,27 @@ def test_a_rerun_removes_the_outputs_of_layers_it_no_longer_explains(tmp_path):
         "tally-conv1.csv",
     ]
     assert not (tmp_path / "formula_strips" / "conv1").exists()
+
+
+def test_formula_strips_mask_the_activations_the_search_counted():
+    """The page's unit masks round the activations to --activation_dtype as the search and
+    the dissection do: 0.50000006 is 0.5 in float16, so at T = 0.5 (strict) no pixel fires;
+    unrounded, every one would."""
+    import types
+
+    import jax.numpy as jnp
+
+    from tests.experiment_testing import script
+
+    value = np.float32(0.50000006)
+    tap = types.SimpleNamespace(
+        fn=lambda v, x: {"l": jnp.full((x.shape[0], 3, 3, 2), value, jnp.float32)},
+        variables=None,
+        layers=["l"],
+    )
+    images = np.zeros((2, 12, 12, 3), np.uint8)
+    thresholds = np.array([0.0, 0.5], np.float32)
+    strip_masks = script("compositional").strip_unit_masks
+    for dtype, fired in (("float16", False), ("float32", True)):
+        on = strip_masks(tap, lambda x: x, images, 1, thresholds, (6, 6), "strict", dtype)
+        assert on.shape == (2, 6, 6) and bool(on.all()) == fired and bool(on.any()) == fired
