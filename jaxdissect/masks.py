@@ -63,13 +63,16 @@ def concept_masks(
     """
     pixel_labels = jnp.asarray(pixel_labels)
     image_labels = jnp.asarray(image_labels)
-    concepts = jnp.asarray(concepts, pixel_labels.dtype)
-    real = concepts > 0
+    wide = jnp.asarray(concepts, jnp.int32)
+    narrow = wide.astype(pixel_labels.dtype)  # the planes compared in their own type
+    # A number the planes' type cannot hold is in no plane (257 in uint8 planes is not 1).
+    fits = narrow.astype(jnp.int32) == wide
+    real = wide > 0
     if num_labels is not None:
-        real &= concepts < num_labels
-    c = concepts[None, :, None, None, None]
-    pixel = (pixel_labels[:, None] == c).any(axis=2)  # [B, C, sh, sw]
-    whole = (image_labels[:, None, :] == concepts[None, :, None]).any(axis=2)  # [B, C]
+        real &= wide < num_labels
+    c = narrow[None, :, None, None, None]
+    pixel = (pixel_labels[:, None] == c).any(axis=2) & fits[None, :, None, None]  # [B, C, sh, sw]
+    whole = (image_labels.astype(jnp.int32)[:, None, :] == wide[None, :, None]).any(axis=2)
     return (pixel | whole[:, :, None, None]) & real[None, :, None, None]
 
 

@@ -95,6 +95,14 @@ def test_concept_masks_match_reference():
             np.testing.assert_array_equal(got[x, j], want, err_msg=f"image {x}, concept {c}")
     one = masks.concept_mask(pixel[4], image[4], int(image[4, 0]))
     assert np.asarray(one).all()  # an image-level label covers the whole image
+    # Planes of a narrow type: a number it cannot hold is in none (257 is not label 1).
+    narrow = np.where(pixel < 256, pixel, 0).astype(np.uint8)
+    image = np.where(image == 513, 0, image)
+    image[0, 0] = 513  # an image-level label past the planes' type: its image whole
+    assert (narrow == 1).any() and not (image == 257).any()
+    got = np.asarray(masks.concept_masks(narrow, image, np.array([1, 257, 513])))
+    assert got[:, 0].any() and not got[:, 1].any()
+    assert got[0, 2].all() and not got[1:, 2].any()
 
 
 @pytest.mark.optimized  # the tally's upsampling as users' runs compile it (tests/conftest.py)
