@@ -608,6 +608,9 @@ def load(
             except CheckpointError as e:
                 raise ValueError(f"--weights: {e}") from None
             weights_key = meta.get(VARIABLES_FINGERPRINT)  # checked against them by the load
+            trained = meta.get("input_size")  # an export of train.py: the size it learned at
+            if isinstance(trained, int) and not isinstance(trained, bool) and trained > 0:
+                spec = dataclasses.replace(spec, size=trained)
             _check_converted_fit(module, model, weights, variables, spec.size)
             name = f"{model} ({path})"
         else:

@@ -506,3 +506,21 @@ def test_read_metrics_names_the_file_line_and_column_of_a_cell_that_is_no_number
     rows = training.read_metrics(path)
     assert rows[1] == {"step": 4.0, "train_loss": 1.25, "val_accuracy": 0.5}
     assert np.isnan(rows[0]["val_accuracy"])
+
+
+def test_an_export_of_a_zoo_network_loads_at_the_size_it_was_trained_at(tmp_path):
+    """A ResNet-18 trained at 32 px is exported with meta input_size 32: loaded back (as
+    rotation.py, training_dynamics.py and compare.py load exports) its input spec is 32 px,
+    not the zoo's 224, so its images are not resized to a size it never saw."""
+    import types
+
+    config = training.TrainConfig(arch="resnet18", steps=1, batch_size=8)
+    model = training.build_model("resnet18", **config.options(3))
+    trainer = training.Trainer(model, config, 32, parallel.data_mesh(1))
+    task = types.SimpleNamespace(num_classes=3, resolution=32, class_names=("a", "b", "c"))
+    training.export_weights(tmp_path, trainer.initial_state(), config, task, {"step": 0})
+    assert model.input_spec.size == 224  # the zoo's own
+    loaded = training.load_trained(tmp_path)
+    assert loaded.input_spec.size == 32 and training.read_meta(tmp_path)["input_size"] == 32
+    again = model_load.load("resnet18", weights=str(tmp_path), options={"num_classes": 3})
+    assert again.input_spec == loaded.input_spec and again.key == loaded.key
