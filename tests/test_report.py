@@ -336,13 +336,48 @@ def test_strip_masks_are_the_pixels_the_tally_counts() -> None:
         build.strip_masks(maps, thresholds, np.arange(k), size, "strict", block=1)
 
 
+def _one_unit_strip_width(tmp_path, top, maps, thresholds, seg_size, image, height) -> int:
+    """The width of the strip the report draws for one unit ("head" unit 0) of `maps` on
+    its `top` images (grey squares of side `image`, labels at `seg_size`)."""
+    from jaxdissect import results
+    from jaxdissect.labelspace import LabelSpace
+
+    class Source:
+        def __init__(self):
+            self.seg_size = seg_size
+
+        def read_image(self, i: int) -> np.ndarray:
+            return np.full((image, image, 3), 10 * i, np.uint8)
+
+    labels = LabelSpace(("color",), ("-", "red-c"), np.array([-1, 0], np.int32), (False,))
+    counts = {
+        "intersection": np.array([[0, 3]]),
+        "label_pixels": np.array([0, 10]),
+        "unit_pixels": np.array([[5]]),
+        "unit_total": np.array([5]),
+        "images": np.int64(len(top)),
+    }
+    build.write_dissection_report(
+        tmp_path,
+        "m",
+        "d",
+        {},
+        [results.layer_result("head", counts, labels)],
+        {"head": thresholds},
+        {"head": top},
+        {"head": maps},
+        Source(),
+        tie_rule="strict",
+        strip_height=height,
+    )
+    return Image.open(tmp_path / "strips/head/unit0000.jpg").width
+
+
 def test_strips_show_the_mask_at_the_label_resolution_the_tally_counted(tmp_path):
     """Labels at 13 px, strips 12 px high (as broden1_227's 113 px labels under 112 px
     strips): a 7x7 map whose one cell passes T upsamples to one pixel at 13 px and to none
     at 12 px. The tally counted that pixel, so the strip draws the image (two slots, not
     one), its mask the tally's shown at the strip's size (`shown_at`)."""
-    from jaxdissect import results
-    from jaxdissect.labelspace import LabelSpace
 
     top = np.array([[0], [1]], np.int32)
     maps = np.zeros((2, 7, 7, 1), np.float32)
@@ -360,34 +395,8 @@ def test_strips_show_the_mask_at_the_label_resolution_the_tally_counted(tmp_path
     wide = build.shown_at(seg, (26, 26))  # a larger strip: the pixel as a 2x2 block
     assert wide[0, 0].sum() == 4 and wide[0, 0, 12:14, 12:14].all()
 
-    class Source:
-        seg_size = (13, 13)
-
-        def read_image(self, i: int) -> np.ndarray:
-            return np.full((26, 26, 3), 10 * i, np.uint8)
-
-    labels = LabelSpace(("color",), ("-", "red-c"), np.array([-1, 0], np.int32), (False,))
-    counts = {
-        "intersection": np.array([[0, 3]]),
-        "label_pixels": np.array([0, 10]),
-        "unit_pixels": np.array([[5]]),
-        "unit_total": np.array([5]),
-        "images": np.int64(2),
-    }
-    build.write_dissection_report(
-        tmp_path,
-        "m",
-        "d",
-        {},
-        [results.layer_result("head", counts, labels)],
-        {"head": thresholds},
-        {"head": top},
-        {"head": maps},
-        Source(),
-        tie_rule="strict",
-        strip_height=12,
-    )
-    assert Image.open(tmp_path / "strips/head/unit0000.jpg").width == 12 + 3 + 12
+    width = _one_unit_strip_width(tmp_path, top, maps, thresholds, (13, 13), 26, 12)
+    assert width == 12 + 3 + 12
 
 
 def test_upsample_keeps_a_nan_or_infinity_local() -> None:
@@ -598,8 +607,6 @@ def test_a_top_image_whose_upsampled_mask_is_empty_is_left_out(tmp_path):
     """A raw peak just above T that upsamples to no pixel at the strip's size (one interior
     cell of a 4x4 map at 1.0, T = 0.9: at most 0.5625 upsampled) is not drawn, wholly
     dimmed; the slot where the unit's mask has pixels is."""
-    from jaxdissect import results
-    from jaxdissect.labelspace import LabelSpace
 
     top = np.array([[0], [1]], np.int32)
     maps = np.zeros((2, 4, 4, 1), np.float32)
@@ -607,32 +614,4 @@ def test_a_top_image_whose_upsampled_mask_is_empty_is_left_out(tmp_path):
     maps[1, :, :, 0] = 1.0
     thresholds = np.array([0.9], np.float32)
     assert build.drawn_ranks(top, maps, thresholds, "strict")[:, 0].all()  # raw peaks pass
-
-    class Source:
-        seg_size = (8, 8)
-
-        def read_image(self, i: int) -> np.ndarray:
-            return np.full((8, 8, 3), 10 * i, np.uint8)
-
-    labels = LabelSpace(("color",), ("-", "red-c"), np.array([-1, 0], np.int32), (False,))
-    counts = {
-        "intersection": np.array([[0, 3]]),
-        "label_pixels": np.array([0, 10]),
-        "unit_pixels": np.array([[5]]),
-        "unit_total": np.array([5]),
-        "images": np.int64(2),
-    }
-    build.write_dissection_report(
-        tmp_path,
-        "m",
-        "d",
-        {},
-        [results.layer_result("head", counts, labels)],
-        {"head": thresholds},
-        {"head": top},
-        {"head": maps},
-        Source(),
-        tie_rule="strict",
-        strip_height=8,
-    )
-    assert Image.open(tmp_path / "strips/head/unit0000.jpg").width == 8
+    assert _one_unit_strip_width(tmp_path, top, maps, thresholds, (8, 8), 8, 8) == 8
