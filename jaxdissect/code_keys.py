@@ -417,13 +417,25 @@ def _module_classes(module: Any) -> set[type]:
 def _defining_source(obj: Any) -> list[str]:
     """The folders of the top-level package that defines `obj` (a class or function), or
     its module's file; none where that is no file (a notebook, `python -`: '<stdin>')."""
-    top = sys.modules.get((getattr(obj, "__module__", None) or "").split(".")[0])
+    return _top_module_roots(getattr(obj, "__module__", None) or "")
+
+
+def _top_module_roots(name: str) -> list[str]:
+    """The folders of the loaded top-level package of module `name`, or its file ([]: not
+    loaded, or no file)."""
+    top = sys.modules.get(name.split(".")[0])
     if top is None:
         return []
     if hasattr(top, "__path__"):
         return list(top.__path__)
     file = getattr(top, "__file__", None)
     return [file] if file and os.path.isfile(file) else []
+
+
+def _users(paths: list[str]) -> list[str]:
+    """`paths`, or [] where any lies in the standard library, an installed package or this
+    library."""
+    return [] if not paths or any(map(_is_library, paths)) else paths
 
 
 def _reached_sources(defined: set[Any]) -> set[str]:
@@ -446,12 +458,7 @@ def _reached_sources(defined: set[Any]) -> set[str]:
     def roots_of(module: types.ModuleType) -> list[str]:
         """The user's file or package folders of `module`'s top-level module ([]: a
         library's, or none)."""
-        top = sys.modules.get(module.__name__.split(".")[0])
-        paths = list(getattr(top, "__path__", ()))
-        file = getattr(top, "__file__", None)
-        if not paths and file and os.path.isfile(file):
-            paths = [file]
-        return [] if not paths or any(map(_is_library, paths)) else paths
+        return _users(_top_module_roots(module.__name__))
 
     todo = [m for m in {module_of(obj) for obj in defined} if m is not None and roots_of(m)]
     seen, found = {id(m) for m in todo}, set()
@@ -523,7 +530,7 @@ def _unimported_roots(name: str) -> list[str]:
     paths = list(spec.submodule_search_locations or ())
     if not paths and spec.origin and os.path.isfile(spec.origin):
         paths = [spec.origin]
-    return [] if not paths or any(map(_is_library, paths)) else paths
+    return _users(paths)
 
 
 def _is_users(obj: Any) -> bool:

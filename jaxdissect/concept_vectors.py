@@ -386,11 +386,15 @@ def _counts(steps, params, data, images, batch_size, mesh) -> dict[str, np.ndarr
     return totals
 
 
-def _detector_iou(counts: dict[str, np.ndarray], pixels: int) -> np.ndarray:
-    """[K, C] IoU of each unit's mask with each concept, 0 for a unit whose mask covers all
-    `pixels` (a constant unit under the inclusive tie rule): it predicts "everywhere", no
-    detector, as the dissection gives it no label; so it is never the best single unit."""
-    iou = set_iou(counts["unit_inter"], counts["unit_area"][:, None], counts["truth"])
+def _unit_iou(counts: dict[str, np.ndarray]) -> np.ndarray:
+    """[K, C] set IoU of each unit's mask with each concept."""
+    return set_iou(counts["unit_inter"], counts["unit_area"][:, None], counts["truth"])
+
+
+def _detector_iou(iou: np.ndarray, counts: dict[str, np.ndarray], pixels: int) -> np.ndarray:
+    """`iou` [K, C] (`_unit_iou` of `counts`), 0 for a unit whose mask covers all `pixels` (a
+    constant unit under the inclusive tie rule): it predicts "everywhere", no detector, as
+    the dissection gives it no label; so it is never the best single unit."""
     return np.where((counts["unit_area"] == pixels)[:, None], 0.0, iou)
 
 
@@ -447,7 +451,7 @@ def train_concept_vectors(
     train_counts = _counts(steps, params, data, train_idx, cfg.probe_batch_size, mesh)
     share = train_counts["truth"] / float(len(train_idx) * pixels)
     alpha = 1.0 - share if cfg.balance else np.full(len(concepts), 0.5)
-    train_unit_iou = _detector_iou(train_counts, len(train_idx) * pixels)
+    train_unit_iou = _detector_iou(_unit_iou(train_counts), train_counts, len(train_idx) * pixels)
     # No unit overlaps the concept on the training images: no single unit (-1, IoU 0).
     single_unit = np.where(
         train_unit_iou.max(axis=0) > 0, np.argmax(train_unit_iou, axis=0), NO_UNIT
@@ -492,9 +496,9 @@ def train_concept_vectors(
 
     params = state["params"]
     held = _counts(steps, params, data, heldout_idx, cfg.probe_batch_size, mesh)
-    unit_iou = set_iou(held["unit_inter"], held["unit_area"][:, None], held["truth"])
+    unit_iou = _unit_iou(held)
     cols = np.arange(len(concepts))
-    held_detector_iou = _detector_iou(held, len(heldout_idx) * pixels)
+    held_detector_iou = _detector_iou(unit_iou, held, len(heldout_idx) * pixels)
     best_held = np.argmax(held_detector_iou, axis=0)
     host = jax.device_get(state)
     return ConceptVectors(

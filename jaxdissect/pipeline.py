@@ -249,12 +249,7 @@ def _previous_layers(out: pathlib.Path, model: ModelInfo) -> list[str]:
             f"output_dir={out} holds the results of {what}: use a new folder for this "
             "model's, or empty this one"
         )
-    layers = before.get("layers")
-    return (
-        list(dict.fromkeys(n for n in layers if isinstance(n, str)))
-        if isinstance(layers, list)
-        else []
-    )
+    return _layer_names(before.get("layers"))
 
 
 # What follow-on outputs are not computed from: a rerun that differs from the dissection
@@ -323,11 +318,14 @@ def _listed_layers(path: pathlib.Path) -> list[str]:
         layers = json.loads(path.read_text(encoding="utf-8"))["settings"]["layers"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    return (
-        list(dict.fromkeys(n for n in layers if isinstance(n, str)))
-        if isinstance(layers, list)
-        else []
-    )
+    return _layer_names(layers)
+
+
+def _layer_names(layers: Any) -> list[str]:
+    """The distinct layer names of a results.json's `settings.layers` (anything else: none)."""
+    if not isinstance(layers, list):
+        return []
+    return list(dict.fromkeys(n for n in layers if isinstance(n, str)))
 
 
 def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
