@@ -84,34 +84,47 @@ def remove_temporaries(folder: str | os.PathLike, older_than_s: float = 60.0) ->
     return removed
 
 
-def _new_file_beside(path: pathlib.Path) -> pathlib.Path:
-    """A new empty file `.<name>.<random>.tmp` beside `path`, made with the mode any file
-    the user writes gets (0o666 less the umask; `tempfile.mkstemp` would make it 0600)."""
+def _new_file_beside(path: pathlib.Path) -> tuple[IO[bytes], pathlib.Path]:
+    """A new empty file `.<name>.<random>.tmp` beside `path`, open for writing, and its path;
+    made with the mode any file the user writes gets (`open`'s 0o666 less the umask;
+    `tempfile.mkstemp` would make it 0600)."""
     while True:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
+            return open(tmp, "xb"), tmp
         except FileExistsError:
             continue
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """Yield a temporary path beside `path`; rename it into place on success."""
+def _atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """Yield a temporary file beside `path`, open for binary writing; on success it is closed
+    and renamed into place, otherwise removed."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_file_beside(path)
+    f, tmp = _new_file_beside(path)
+    replaced = False
     try:
-        yield tmp
+        with f:
+            yield f
         os.replace(tmp, path)
+        replaced = True
     except OSError as e:
         if e.errno is not None and e.filename is None:  # a write's names no file: this one
             e.filename = str(path)
         raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if not replaced:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yield a temporary path beside `path`; rename it into place on success."""
+    with _atomic_file(path) as f:
+        f.close()
+        yield pathlib.Path(f.name)
 
 
 @contextlib.contextmanager
@@ -129,8 +142,8 @@ def atomic_open(
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
     """`data` written atomically (an interrupted write leaves the old file, or none)."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    with _atomic_file(path) as f:
+        f.write(data)
     return pathlib.Path(path)
 
 
@@ -218,7 +231,7 @@ def read_rows_csv(path: str | os.PathLike) -> list[dict[str, str]]:
 
 def save_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
     """An .npz written atomically (loaded back with pickling disabled)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with _atomic_file(path) as f:
         np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
 

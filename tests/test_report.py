@@ -373,6 +373,42 @@ def _one_unit_strip_width(tmp_path, top, maps, thresholds, seg_size, image, heig
     return Image.open(tmp_path / "strips/head/unit0000.jpg").width
 
 
+def test_shown_at_matches_a_loop_over_output_pixels() -> None:
+    """A pixel of the strip's grid is on where any mask pixel under it is: source rows
+    [i*h//H, max((i+1)*h//H, i*h//H + 1)), likewise columns, growing and shrinking."""
+
+    def reference(masks, size):
+        h, w = masks.shape[-2:]
+        out = np.zeros(masks.shape[:-2] + tuple(size), bool)
+        for i in range(size[0]):
+            r0 = i * h // size[0]
+            r1 = max((i + 1) * h // size[0], r0 + 1)
+            for j in range(size[1]):
+                c0 = j * w // size[1]
+                c1 = max((j + 1) * w // size[1], c0 + 1)
+                out[..., i, j] = masks[..., r0:r1, c0:c1].any(axis=(-2, -1))
+        return out
+
+    rng = np.random.default_rng(7)
+    for hw, size in [((13, 13), (12, 12)), ((7, 9), (20, 4)), ((5, 5), (5, 5)), ((6, 11), (6, 3))]:
+        masks = rng.random((3, 2) + hw) < 0.15
+        view = np.moveaxis(np.moveaxis(masks, 0, -1).copy(), -1, 0)  # not contiguous
+        np.testing.assert_array_equal(build.shown_at(view, size), reference(masks, size))
+
+
+def test_dim_outside_is_the_lite_formula_exactly() -> None:
+    """image * (0.2 + 0.8 * mask) truncated to uint8, for every byte value, with the dimmed
+    copy given or not; a non-uint8 image is refused."""
+    image = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+    mask = np.random.default_rng(3).random((16, 16)) < 0.5
+    want = (image * (0.2 + 0.8 * mask[..., None])).astype(np.uint8)
+    np.testing.assert_array_equal(report.strips.dim_outside(image, mask), want)
+    dim = report.strips.dimmed(image)
+    np.testing.assert_array_equal(report.strips.dim_outside(image, mask, dim), want)
+    with pytest.raises(ValueError, match="uint8 image"):
+        report.strips.dim_outside(image.astype(np.float32), mask)
+
+
 def test_strips_show_the_mask_at_the_label_resolution_the_tally_counted(tmp_path):
     """Labels at 13 px, strips 12 px high (as broden1_227's 113 px labels under 112 px
     strips): a 7x7 map whose one cell passes T upsamples to one pixel at 13 px and to none

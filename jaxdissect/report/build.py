@@ -227,7 +227,7 @@ def strip_masks(
     unit_maps = np.pad(np.asarray(maps[..., units], np.float32), ((0, 0),) * 3 + ((0, pad),))
     unit_thresholds = np.pad(np.asarray(thresholds[units], np.float32), (0, pad))
     on = _unit_masks(unit_maps, unit_thresholds, size=tuple(size), tie_rule=tie_rule)
-    return np.moveaxis(np.asarray(on), -1, 0)[:n]
+    return np.ascontiguousarray(np.moveaxis(np.asarray(on), -1, 0)[:n])
 
 
 _unit_masks = jax.jit(masks_lib.unit_masks, static_argnames=("size", "tie_rule"))
@@ -237,9 +237,13 @@ def shown_at(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """bool [..., H, W] of bool [..., h, w] masks: a pixel of the larger grid is on where the
     mask pixel under it is, one of the smaller where any mask pixel under it is (a pixel the
     tally counted never vanishes from a smaller strip); the identity where sizes agree."""
-    h, w = masks.shape[-2:]
-    rows = np.logical_or.reduceat(masks, np.arange(size[0]) * h // size[0], axis=-2)
-    return np.logical_or.reduceat(rows, np.arange(size[1]) * w // size[1], axis=-1)
+    for axis, n in ((-2, size[0]), (-1, size[1])):
+        m = masks.shape[axis]
+        if n > m:  # every pixel of the larger grid lies over one mask pixel
+            masks = masks.take(np.arange(n) * m // n, axis=axis)
+        elif n < m:
+            masks = np.logical_or.reduceat(masks, np.arange(n) * m // n, axis=axis)
+    return masks
 
 
 def save_jpeg(path: pathlib.Path, array: np.ndarray) -> None:
