@@ -102,11 +102,13 @@ class Ablator:
         if self._tap is None:
             from jaxdissect import capture
 
+            # The network's input is the images after `input_spec` (resized to its size).
+            shape = jax.eval_shape(self._input, jax.ShapeDtypeStruct(images.shape, images.dtype))
             tap = capture.make_tap(
                 self.module,
                 variables,
                 [self.path],
-                input_shape=tuple(images.shape[1:]),
+                input_shape=tuple(shape.shape[1:]),
                 apply_kwargs=self.apply_kwargs,
             )
             layer = tap.layers[0]

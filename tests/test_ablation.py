@@ -520,3 +520,34 @@ def test_the_scripts_mask_chunks_are_keyed_by_devices_backend_and_eval_batch_siz
     one, two, gpu = parallel.data_mesh(1), parallel.data_mesh(2), mesh_of("gpu", "H100")
     keys = {key(one, 8), key(two, 8), key(one, 16), key(gpu, 8)}
     assert len(keys) == 4 and key(one, 8) == key(one, 8)
+
+
+class _FixedSize(nn.Module):
+    """Its parameters fix the input's size (a Dense over the flattened pixels), as a ViT's
+    position embeddings do."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(K, name="hidden")(x.reshape(x.shape[0], -1)))
+        return nn.Dense(CLASSES, name="head")(h)
+
+
+def test_images_of_another_size_than_the_input_are_resized_by_the_spec_as_evaluated():
+    """The layer's output is captured on the images `input_spec` resized, not on the raw
+    ones: a model whose weights fix its input size ablates 8x8 images fed at 4x4."""
+    from jaxdissect import interventions
+    from jaxdissect.preprocess import InputSpec
+
+    module, spec = _FixedSize(), InputSpec(4, (0.0,) * 3, (1.0,) * 3, scale=1 / 255)
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (16, 8, 8, 3)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, 16).astype(np.int32)
+    variables = jax.jit(module.init)(jax.random.key(0), np.zeros((1, 4, 4, 3), np.float32))
+    batches = _batches(images, labels, 8)
+    masks = np.eye(K, dtype=bool)[:3]
+    ab = ablation.Ablator(module, spec, "hidden", mesh=parallel.data_mesh(1))
+    got = ab.counts(variables, batches, masks, num_classes=CLASSES)
+    for m, row in zip(masks, got, strict=True):
+        net = interventions.intervene(module, {"hidden": interventions.Ablate(m)})
+        pred = np.asarray(net.apply(variables, spec(images))).argmax(-1)
+        np.testing.assert_array_equal(row, np.bincount(labels[pred == labels], minlength=CLASSES))
