@@ -214,7 +214,10 @@ def _exceedances(
     def one(carry, perm):
         inter = _pairing(unit_bits, concept_bits, perm, **static)
         num, den = _iou_fractions(inter, unit_area, concept_area)
-        reaches = at_least(num, den, best[0][:, None], best[1][:, None]).any(axis=1)
+        # Without concepts the best IoU is 0 in every draw as observed: every draw reaches it.
+        reaches = at_least(num, den, best[0][:, None], best[1][:, None]).any(axis=1) | (
+            num.shape[1] == 0
+        )
         pairs, units = carry
         return (pairs + (inter >= observed), units + reaches), None
 

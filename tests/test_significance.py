@@ -653,3 +653,15 @@ def test_the_label_p_is_said_to_be_no_test_where_it_is_written(independent):
     for text in (readme.split("`label_p_value` (", 1)[1], script.split("`label_p`", 1)[1]):
         assert "do not threshold it" in " ".join(text[:400].split())
     assert "`label-p-value` is `label_p_value`, uncorrected" in " ".join(readme.split())
+
+
+def test_without_concepts_no_unit_is_significant():
+    """No concept to detect: every unit's best IoU is 0 in every draw as observed, so
+    p = 1 (every draw reaches it), not the smallest p for every unit, dead ones too."""
+    rng = np.random.default_rng(6)
+    u = rng.random((6, 9, 3)) < 0.4
+    u[:, :, 0] = False  # a unit that never fires
+    got = significance.permutation_test(u, np.zeros((6, 9, 0), bool), draws=19, seed=0)
+    assert got.pair_p.shape == (3, 0)
+    np.testing.assert_array_equal(got.unit_p, np.ones(3))
+    assert not significance.benjamini_hochberg(got.unit_p, 0.2).any()
