@@ -199,7 +199,8 @@ class Ablator:
         fill: np.ndarray | None = None,
         masks_per_call: int = DEFAULT_MASKS_PER_CALL,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """`counts`, and float64 [M, C]: the summed cross-entropy of each class's examples."""
+        """`counts`, and float64 [M, C]: the summed cross-entropy of each class's examples.
+        Each batch's size must split over the mesh's devices (`evaluate.batch_size_for`)."""
         masks = np.asarray(masks, bool)
         if masks.ndim != 2:
             raise ValueError(f"masks has shape {masks.shape}; it must be [M, K] bool")
@@ -210,6 +211,8 @@ class Ablator:
         out = np.zeros((len(masks), num_classes), np.int64)
         losses = np.zeros((len(masks), num_classes), np.float64)
         fields = [_eval_fields(b) for b in batches]
+        for f in fields:
+            parallel.check_batch_size(len(f["label"]), self.mesh)
         put = [parallel.put_global_batch(f, self.mesh) for f in fields]
         # The layer's output once per batch: in the step it replaces the computed one, so XLA
         # drops the layers before it as dead code and only those after run once per mask.

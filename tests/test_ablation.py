@@ -133,6 +133,13 @@ def test_losses_are_the_same_sums_on_any_devices_and_batch_size(data):
     np.testing.assert_allclose(sums[0], want, rtol=1e-6, atol=1e-5)  # float32 per example
 
 
+def test_a_batch_that_does_not_split_over_the_devices_is_named(data):
+    variables, images, labels = data
+    ab = ablation.Ablator(_IntNet(), None, "hidden", mesh=parallel.data_mesh(8))
+    with pytest.raises(ValueError, match="batch_size=5 is not divisible by the 8 devices"):
+        ab.counts(variables, _batches(images, labels, 5), np.eye(K, dtype=bool), num_classes=4)
+
+
 def test_each_device_sums_its_own_rows(data):
     """The step has no collective: with an all-reduce in it, several batches' steps in flight
     deadlocked the CPU backend's execution threads on 2 devices (each device's part waiting
