@@ -123,8 +123,15 @@ def ablate(y: jax.Array, units: jax.Array, value: jax.Array | str = ZERO) -> jax
 
 
 def unit_mask(num_units: int, units: Sequence[int] | np.ndarray) -> np.ndarray:
-    """A bool [num_units] mask of the unit numbers `units` (for `Ablate`)."""
-    idx = np.asarray(units, np.int64).reshape(-1)
+    """A bool [num_units] mask of the unit numbers `units` (for `Ablate`); a bool or float
+    array is refused (a mask's True would be read as unit 1, 1.7 as unit 1)."""
+    idx = np.asarray(units)
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(
+            f"units of dtype {idx.dtype}: give unit numbers (integers); a bool mask is "
+            "already what Ablate takes"
+        )
+    idx = idx.astype(np.int64).reshape(-1)
     bad = idx[(idx < 0) | (idx >= num_units)]
     if bad.size:
         raise ValueError(f"units {bad.tolist()} outside 0..{num_units - 1}")

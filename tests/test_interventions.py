@@ -185,6 +185,14 @@ def test_rules_of_the_wrong_size_name_the_layer(tiny):
     with pytest.raises(ValueError, match=r"units \[6, -1\] outside 0..5"):
         interventions.unit_mask(K, [6, -1])
     np.testing.assert_array_equal(interventions.unit_mask(4, [3, 0]), [True, False, False, True])
+    assert not interventions.unit_mask(4, []).any()
+
+
+@pytest.mark.parametrize("units", [np.array([False, True, False, True]), [1.7]])
+def test_unit_mask_refuses_what_is_no_unit_numbers(units):
+    """A bool mask (True read as unit 1) or a float (1.7 as unit 1) is no list of units."""
+    with pytest.raises(ValueError, match="give unit numbers"):
+        interventions.unit_mask(4, units)
 
 
 def test_fold_refuses_a_matrix_that_is_not_orthogonal(tiny):
