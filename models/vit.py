@@ -364,6 +364,12 @@ class ViT(nn.Module):
         """The tokens before the patches: class token, distillation token, registers."""
         return int(self.has_class_token) + int(self.distilled) + self.num_registers
 
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        """The patch grid of `image_size`, the one its learned position parameters are of."""
+        ph, pw = patch_pair(self.patch_size)
+        return (self.image_size // ph, self.image_size // pw)
+
     @nn.nowrap
     def token_layout(self, input_shape: tuple[int, ...]) -> TokenLayout:
         """Its tokens at `input_shape`: the class token (`has_class_token`), the
@@ -468,6 +474,9 @@ class ViT(nn.Module):
         n, h, w, c = x.shape
         x = jnp.reshape(x, (n, h * w, c))
         if self.posemb == "learn":
+            own = self.image_grid
+            if (h, w) != own and h * w == own[0] * own[1]:  # another count: its shape refuses it
+                refuse_other_grid((h, w), own, self.image_size, "position embedding")
             init = nn.initializers.normal(stddev=1 / np.sqrt(c))
             x = x + self.param("pos_embedding", init, (1, h * w, c), x.dtype)
         elif self.posemb == "sincos2d":
@@ -559,6 +568,18 @@ def _fit_position_grid(flat: dict[str, Any], patches: int, rule: str) -> dict[st
         "transformers" if rule.startswith("Hugging Face") else rule,
     )
     return {**flat, "pos_embedding": resampled}
+
+
+def refuse_other_grid(
+    grid: tuple[int, int], own: tuple[int, int], image_size: int, what: str
+) -> None:
+    """Refuse a patch `grid` other than `own`, the grid of `image_size` that the ViT's
+    learned `what` is of: read on another grid, its rows would land on other patches."""
+    raise ValueError(
+        f"a {grid[0]}x{grid[1]} patch grid: the learned {what} is of the {own[0]}x{own[1]} "
+        f"grid of image_size={image_size}, and its rows would land on other patches; give "
+        f"inputs of {image_size}x{image_size} px"
+    )
 
 
 def pool(x: jax.Array, pool_type: str, prefix: int) -> jax.Array:

@@ -220,6 +220,10 @@ class ViT(nnx.Module):
     def __call__(self, image: jax.Array) -> jax.Array:
         x = self.embedding(image)
         n, h, w, c = x.shape
+        config = self.config
+        if (config.posemb == "learn" or config.rel_pos_bias) and (h, w) != config.image_grid:
+            what = "position embedding" if config.posemb == "learn" else "relative position bias"
+            vit.refuse_other_grid((h, w), config.image_grid, config.image_size, what)
         x = x.reshape(n, h * w, c)
         if self.config.posemb == "learn":
             x = x + self.pos_embedding[...]

@@ -321,3 +321,23 @@ def test_old_position_layout_is_told_by_the_models_patch_count():
     split = npz_import.big_vision_params(flat, patches=49)
     np.testing.assert_array_equal(split["pos_embedding"], pos[:, 1:])
     np.testing.assert_array_equal(split["cls"], pos[:, :1])
+
+
+def test_a_grid_of_as_many_patches_in_another_shape_is_refused():
+    """A learned position embedding (and BEiT's bias tables, in the NNX twin) is of the
+    square grid of `image_size`: a 32x128 input's 2x8 grid, as many patches as the 4x4 of
+    64 px, ran silently with each row on another patch; it is refused, naming the grids."""
+    model = vit.vit_ti16(pool_type="tok", depth=1, image_size=64, num_classes=5)
+    variables = _random_variables(model, 64)
+    x = np.zeros((1, 32, 128, 3), np.float32)
+    refused = r"a 2x8 patch grid: .* the 4x4 grid of image_size=64"
+    with pytest.raises(ValueError, match=refused):
+        model.apply(variables, x)
+    with pytest.raises(ValueError, match=refused):
+        capture.make_tap(model, variables, ["block0"], input_shape=(32, 128, 3))
+    with pytest.raises(ValueError, match=refused):
+        vit_nnx.from_linen(model, variables["params"])(x)
+    beit = model.clone(posemb="none", rel_pos_bias=True)
+    with pytest.raises(ValueError, match=refused):
+        vit_nnx.from_linen(beit, _random_variables(beit, 64)["params"])(x)
+    model.apply(variables, np.zeros((1, 64, 64, 3), np.float32))  # its own grid runs
