@@ -1,7 +1,7 @@
 """Compositional explanations of a layer's units: the passes over the probe set and the search.
 
 Given a dissection's thresholds, pass 1 counts the length-1 tally under the formulas' union
-restriction (`statistics.tally_statistic` with the unit totals by restriction pattern;
+restriction (`statistics.tally_statistic`, under a restriction with the unit totals by pattern;
 `SearchSettings.formula_restriction`, default `none` as the paper's release) and keeps the
 layer's activations (`actcache`); every later pass reads them and counts the extensions of S formulas per unit
 (`formula_counts.formula_statistic`), one pass per beam step and, in `optimal` mode, one per
@@ -186,6 +186,9 @@ def explain_layer(
             logging.info("%s: %s in %.1f s", tap.names[0], name, passes[-1]["seconds"])
             return out
 
+        # Unit totals by restriction pattern (2**C per unit) only where a restriction needs
+        # them: without one every image counts, whatever the number of categories.
+        restricted = settings.formula_restriction != "none"
         tally = run(
             "formulas-length1",
             statistics.tally_statistic(
@@ -194,19 +197,20 @@ def explain_layer(
                 labels,
                 restriction=settings.formula_restriction,
                 tie_rule=tie_rule,
-                patterns=True,
+                patterns=restricted,
             ),
             True,
             "write",
         )
+        primary = np.asarray(labels.primary)
         first = FirstCounts(
             tally["unit_total"],
             tally["intersection"],
             tally["label_pixels"],
-            np.asarray(labels.primary),
-            tally["pattern_pixels"],
+            primary if restricted else None,
+            tally["pattern_pixels"] if restricted else None,
         )
-        candidates = formula_search.default_candidates(first)
+        candidates = formula_search.default_candidates(first) & (primary >= 0)
         cached = cache.enabled and cache.lo == 0 and cache.hi == num_batches
 
         def evaluate(table: FormulaTable) -> ExtensionCounts:

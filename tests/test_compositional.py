@@ -266,6 +266,50 @@ def test_a_killed_runs_disk_cache_is_removed_by_the_next_run(tmp_path, broden, m
     assert not list(work.iterdir())
 
 
+def test_formulas_without_a_restriction_take_more_categories_than_patterns_allow(broden):
+    """Under formula_restriction=none no unit totals by restriction pattern (2**C per unit)
+    are needed: a label space of 13 categories (above tally.MAX_PATTERN_CATEGORIES; 7 of
+    them without labels) is explained as the dataset's own 6 are (review: the length-1 pass
+    asked for the patterns and refused, whatever --categories said)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxdissect import capture, compositional, parallel, tally
+    from jaxdissect.data.broden import Broden
+    from jaxdissect.models.load import init_variables
+    from jaxdissect.models.small_cnn import IMAGE_SIZE, small_cnn
+
+    source = Broden.open(broden, split="val")
+    model = small_cnn(image_size=TINY_SIZE)
+    x = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    variables = init_variables(model, x, seed=0, train=False)
+    tap = capture.make_tap(model, variables, ["conv1"], input_shape=(TINY_SIZE, TINY_SIZE, 3))
+    own = source.labels
+    extra = tally.MAX_PATTERN_CATEGORIES + 1 - own.num_categories
+    wide = dataclasses.replace(
+        own,
+        categories=own.categories + tuple(f"extra{i}" for i in range(extra)),
+        image_level=own.image_level + (False,) * extra,
+    )
+    found = [
+        compositional.explain_layer(
+            tap,
+            np.full(tap.shapes[tap.layers[0]][-1], 0.5, np.float32),
+            source,
+            labels,
+            compositional.SearchSettings(max_length=2, beam=1),
+            input_spec=model.input_spec,
+            mesh=parallel.data_mesh(1),
+            batch_size=32,
+        )
+        for labels in (own, wide)
+    ]
+    assert [row[0] for row in found[1].beam] == [row[0] for row in found[0].beam]
+    np.testing.assert_array_equal(found[1].candidates, found[0].candidates)
+    assert any(row[0].iou > 0 for row in found[1].beam)
+
+
 def test_bad_search_flags_are_named(tmp_path, broden):
     with pytest.raises(ValueError, match="--max_length=4"):
         run_script("compositional", f"--data={broden}", *ARGS, "--max_length=4")
