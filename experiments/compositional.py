@@ -115,6 +115,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
     out = pathlib.Path(output_dir)
     # The probe set first: a missing or bad one fails before the model loads.
     source, dataset_name = probe.open()
+    search.check_labels(source.labels)
     if trained:
         loaded = training.load_trained(fv.weights)
     else:

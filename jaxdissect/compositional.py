@@ -30,6 +30,7 @@ from jaxdissect import (
     formula_search,
     statistics,
     store,
+    tally,
 )
 from jaxdissect.data import loader
 from jaxdissect.formulas import (
@@ -78,6 +79,17 @@ class SearchSettings:
         )
         if self.optimal_slots < 1:
             raise ValueError(f"optimal_slots={self.optimal_slots}: must be >= 1")
+
+    def check_labels(self, labels: LabelSpace) -> None:
+        """Raise, naming `formula_restriction`, where its unions cannot be counted for the
+        label space's categories (2**C unit totals a unit under a restriction)."""
+        c = labels.num_categories
+        if self.formula_restriction != "none" and c > tally.MAX_PATTERN_CATEGORIES:
+            raise ValueError(
+                f"formula_restriction={self.formula_restriction!r} with the probe set's {c} "
+                f"categories: its unions take 2**{c} unit totals a unit, at most "
+                f"{tally.MAX_PATTERN_CATEGORIES} categories; use formula_restriction='none'"
+            )
 
     @property
     def ops(self) -> tuple[int, ...]:
@@ -144,6 +156,7 @@ def explain_layer(
     """
     if len(tap.layers) != 1:
         raise ValueError(f"explain_layer takes a tap of one layer, got {tap.layers}")
+    settings.check_labels(labels)
     layer = tap.layers[0]
     steps = driver.Steps() if steps is None else steps
     dtype = np.dtype(jax.numpy.dtype(activation_dtype))

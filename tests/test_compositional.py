@@ -269,8 +269,8 @@ def test_a_killed_runs_disk_cache_is_removed_by_the_next_run(tmp_path, broden, m
 def test_formulas_without_a_restriction_take_more_categories_than_patterns_allow(broden):
     """Under formula_restriction=none no unit totals by restriction pattern (2**C per unit)
     are needed: a label space of 13 categories (above tally.MAX_PATTERN_CATEGORIES; 7 of
-    them without labels) is explained as the dataset's own 6 are (review: the length-1 pass
-    asked for the patterns and refused, whatever --categories said)."""
+    them without labels) is explained as the dataset's own 6 are. Under a restriction it is
+    refused before any pass, naming formula_restriction."""
     import dataclasses
 
     import jax.numpy as jnp
@@ -308,6 +308,18 @@ def test_formulas_without_a_restriction_take_more_categories_than_patterns_allow
     assert [row[0] for row in found[1].beam] == [row[0] for row in found[0].beam]
     np.testing.assert_array_equal(found[1].candidates, found[0].candidates)
     assert any(row[0].iou > 0 for row in found[1].beam)
+    presence = compositional.SearchSettings(formula_restriction="presence")
+    with pytest.raises(ValueError, match="formula_restriction='presence' with the probe set's 13"):
+        compositional.explain_layer(
+            tap,
+            np.zeros(tap.shapes[tap.layers[0]][-1], np.float32),
+            source,
+            wide,
+            presence,
+            input_spec=model.input_spec,
+            mesh=parallel.data_mesh(1),
+            batch_size=32,
+        )
 
 
 def test_bad_search_flags_are_named(tmp_path, broden):
