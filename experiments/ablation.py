@@ -24,7 +24,7 @@ import os
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from jaxdissect import cli
 
@@ -300,6 +300,8 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
         masks_per_call=fv.masks_per_call,
     )
     elapsed = time.perf_counter() - t0
+    if fv.task == "predictions" and (note := ablation.intact_disagreement(result)):
+        logging.warning("%s", note)
     # The cost in forward passes: one evaluation of the intact network (compiled before).
     network(loaded.variables, batches[:1])
     t1 = time.perf_counter()

@@ -291,6 +291,20 @@ class PredictionTask:
         return len(self.class_names)
 
 
+def intact_disagreement(result: AblationResult) -> str | None:
+    """Under the predictions task, where the N = 0 row disagrees with the targets (the
+    intact top-1, from another compiled program: a near-tied top-1 can round otherwise),
+    what to warn of; None where it agrees on every image."""
+    kept, total = int(result.base.sum()), int(result.total.sum())
+    if kept == total:
+        return None
+    return (
+        f"N = 0 agrees with the intact network's top-1 on {kept} of {total} images: the "
+        "task's targets and the ablation come from two compiled programs, which rounded "
+        "near-tied top-1 logits differently; the drops are measured from the N = 0 row"
+    )
+
+
 def read_logit_names(path: str | pathlib.Path) -> tuple[str, ...]:
     """Class names from a text file, one a line in logit order (blank lines at its end
     ignored; a blank line between names is refused, naming it)."""

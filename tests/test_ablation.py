@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import flax.linen as nn
@@ -558,3 +559,20 @@ def test_images_of_another_size_than_the_input_are_resized_by_the_spec_as_evalua
         net = interventions.intervene(module, {"hidden": interventions.Ablate(m)})
         pred = np.asarray(net.apply(variables, spec(images))).argmax(-1)
         np.testing.assert_array_equal(row, np.bincount(labels[pred == labels], minlength=CLASSES))
+
+
+def test_an_n0_row_that_disagrees_with_the_targets_is_warned_of():
+    """Agreement at N = 0 is every image unless two compiled programs round a near-tied
+    top-1 otherwise: then the script has a warning naming how many images agree."""
+    base = ablation.AblationResult(
+        total=np.array([5, 3]),
+        base=np.array([5, 3]),
+        single=np.zeros((2, 2), np.int64),
+        ns=(),
+        top=np.zeros((2, 0, 2), np.int64),
+        order=np.zeros((2, 2), np.int64),
+        value="zero",
+    )
+    assert ablation.intact_disagreement(base) is None
+    off = dataclasses.replace(base, base=np.array([5, 2]))
+    assert "on 7 of 8 images" in ablation.intact_disagreement(off)
