@@ -85,6 +85,55 @@ def test_finds_the_build_and_reads_its_splits_exactly(build):
         assert (img[..., lab] == 200).all()
 
 
+class GreyAlpha(TinyColours, skip_registration=True):
+    """Two-channel PNGs: a grey level per class and an alpha channel."""
+
+    name = "grey_alpha"
+    SPLITS = {"train": 3, "test": 3}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        image = tfds.features.Image(shape=(None, None, 2), encoding_format="png")
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {"image": image, "label": tfds.features.ClassLabel(names=CLASSES)}
+            ),
+        )
+
+    def _generate_examples(self, split: str, n: int):
+        shape = (16, 16) if split == "train" else (24, 40)
+        for i in range(n):
+            image = np.zeros((*shape, 2), np.uint8)
+            image[..., 0], image[..., 1] = 60 * (i % 3 + 1), 128
+            yield f"{split}-{i}", {"image": Image.fromarray(image, "LA"), "label": i % 3}
+
+
+def test_grey_alpha_images_become_rgb(tmp_path):
+    """A two-channel (grey, alpha) build reads as RGB grey, alpha dropped, at the training
+    resolution and resized to it."""
+    GreyAlpha(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+    found = tfds_classification.find_build(tmp_path)
+    for split in ("train", "test"):
+        images, labels = tfds_classification.read_split(found, split, 16)
+        assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+        for image, label in zip(images, labels, strict=True):
+            assert (image == 60 * (label + 1)).all(), (split, label, image[0, 0])
+
+
+def test_sixteen_bit_images_are_scaled_not_wrapped():
+    """16-bit pixels (a uint16 build decoded by OpenCV, TFDS's choice where installed) are
+    scaled to 8 bits, round(v * 255 / 65535), as the Broden reader does: not wrapped."""
+    wide = np.array([0, 255, 256, 40000, 65535], np.uint16)
+    want = ((wide.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    grey = tfds_classification._square(np.tile(wide, (5, 1)), 5)  # at the resolution
+    assert grey.dtype == np.uint8
+    np.testing.assert_array_equal(grey, np.tile(want[None, :, None], (5, 1, 3)))
+    flat = tfds_classification._square(np.full((8, 12, 3), 40000, np.uint16), 4)
+    assert (flat == want[3]).all(), flat[0, 0]
+    with pytest.raises(ValueError, match="float32"):
+        tfds_classification._square(np.zeros((4, 4, 3), np.float32), 4)
+
+
 def test_square_handles_grey_and_alpha():
     grey = np.arange(30 * 20, dtype=np.uint8).reshape(30, 20)
     out = tfds_classification._square(grey, 10)

@@ -5,7 +5,7 @@ A build directory (the one holding `dataset_info.json`, made by
 --file_format=array_record`) whose features hold an `image` and a `label`
 `ClassLabel`, as imagenette, cifar10 or a dataset of the user's own. It is
 read through `as_data_source` (random access, no TensorFlow): each image is
-made RGB, its shorter side resized to the training resolution and its centre
+made 8-bit RGB (`_rgb8`), its shorter side resized to the training resolution and its centre
 cropped square, and the split is kept in memory as uint8.
 """
 
@@ -71,20 +71,32 @@ def _class_label(feature: Any) -> Any:
     return feature.get("classLabel")
 
 
-def _square(image: np.ndarray, resolution: int) -> np.ndarray:
-    """RGB uint8 [resolution, resolution, 3]: shorter side resized, centre cropped."""
+def _rgb8(image: np.ndarray) -> np.ndarray:
+    """uint8 [h, w, 3] RGB of a decoded TFDS image: grey (1 channel, or 2 with alpha)
+    repeated, alpha dropped, 16-bit values scaled round(v * 255 / 65535) as
+    `jaxdissect.data.images` scales them; other dtypes or channel counts raise ValueError."""
     if image.ndim == 2:
         image = image[:, :, None]
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    elif image.shape[2] == 4:
-        image = image[:, :, :3]
+    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"an image of shape {image.shape}, not [h, w, 1 to 4 channels]")
+    if image.dtype == np.uint16:
+        image = ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ValueError(f"{image.dtype} pixels of unknown range, not 8- or 16-bit")
+    if image.shape[2] <= 2:
+        return np.repeat(image[:, :, :1], 3, axis=2)
+    return image[:, :, :3]
+
+
+def _square(image: np.ndarray, resolution: int) -> np.ndarray:
+    """RGB uint8 [resolution, resolution, 3]: shorter side resized, centre cropped."""
+    image = _rgb8(image)
     if image.shape[:2] == (resolution, resolution):
         return np.ascontiguousarray(image, dtype=np.uint8)
     h, w = image.shape[:2]
     scale = resolution / min(h, w)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    pil = Image.fromarray(image.astype(np.uint8)).resize(size, Image.BILINEAR)
+    pil = Image.fromarray(image).resize(size, Image.BILINEAR)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     return np.asarray(pil.crop((left, top, left + resolution, top + resolution)), np.uint8)
 
