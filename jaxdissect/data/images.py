@@ -46,13 +46,17 @@ def check_mode(mode: str) -> None:
         )
 
 
+def scale16(values: np.ndarray) -> np.ndarray:
+    """uint8 of 16-bit values: round(v * 255 / 65535), exactly (integer arithmetic)."""
+    return ((np.asarray(values).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def to_rgb8(im: Image.Image) -> np.ndarray:
     """uint8 [h, w, 3] RGB pixels of `im` (decoded here if it is not yet)."""
     check_mode(im.mode)
     if im.mode == "RGB":
         return np.array(im, dtype=np.uint8)
     if im.mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(im).astype(np.uint32)  # any byte order becomes native
-        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        grey = scale16(np.asarray(im))  # any byte order becomes native
         return np.repeat(grey[..., None], 3, axis=-1)
     return np.array(im.convert("RGB"), dtype=np.uint8)

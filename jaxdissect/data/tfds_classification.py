@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from jaxdissect import store
+from jaxdissect.data.images import scale16
 
 TRAIN_SPLIT = "train"
 # The first of these that the build has is the validation split.
@@ -74,13 +75,13 @@ def _class_label(feature: Any) -> Any:
 def _rgb8(image: np.ndarray) -> np.ndarray:
     """uint8 [h, w, 3] RGB of a decoded TFDS image: grey (1 channel, or 2 with alpha)
     repeated, alpha dropped, 16-bit values scaled round(v * 255 / 65535) as
-    `jaxdissect.data.images` scales them; other dtypes or channel counts raise ValueError."""
+    `images.scale16` scales them; other dtypes or channel counts raise ValueError."""
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4):
         raise ValueError(f"an image of shape {image.shape}, not [h, w, 1 to 4 channels]")
     if image.dtype == np.uint16:
-        image = ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        image = scale16(image)
     elif image.dtype != np.uint8:
         raise ValueError(f"{image.dtype} pixels of unknown range, not 8- or 16-bit")
     if image.shape[2] <= 2:
