@@ -391,11 +391,11 @@ def _unit_iou(counts: dict[str, np.ndarray]) -> np.ndarray:
     return set_iou(counts["unit_inter"], counts["unit_area"][:, None], counts["truth"])
 
 
-def _detector_iou(iou: np.ndarray, counts: dict[str, np.ndarray], pixels: int) -> np.ndarray:
-    """`iou` [K, C] (`_unit_iou` of `counts`), 0 for a unit whose mask covers all `pixels` (a
+def _detector_iou(iou: np.ndarray, everywhere: np.ndarray) -> np.ndarray:
+    """`iou` [K, C], 0 for the units `everywhere` [K] marks, whose mask covers every pixel (a
     constant unit under the inclusive tie rule): it predicts "everywhere", no detector, as
     the dissection gives it no label; so it is never the best single unit."""
-    return np.where((counts["unit_area"] == pixels)[:, None], 0.0, iou)
+    return np.where(everywhere[:, None], 0.0, iou)
 
 
 def set_iou(inter: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -451,7 +451,8 @@ def train_concept_vectors(
     train_counts = _counts(steps, params, data, train_idx, cfg.probe_batch_size, mesh)
     share = train_counts["truth"] / float(len(train_idx) * pixels)
     alpha = 1.0 - share if cfg.balance else np.full(len(concepts), 0.5)
-    train_unit_iou = _detector_iou(_unit_iou(train_counts), train_counts, len(train_idx) * pixels)
+    train_everywhere = train_counts["unit_area"] == len(train_idx) * pixels
+    train_unit_iou = _detector_iou(_unit_iou(train_counts), train_everywhere)
     # No unit overlaps the concept on the training images: no single unit (-1, IoU 0).
     single_unit = np.where(
         train_unit_iou.max(axis=0) > 0, np.argmax(train_unit_iou, axis=0), NO_UNIT
@@ -498,7 +499,10 @@ def train_concept_vectors(
     held = _counts(steps, params, data, heldout_idx, cfg.probe_batch_size, mesh)
     unit_iou = _unit_iou(held)
     cols = np.arange(len(concepts))
-    held_detector_iou = _detector_iou(unit_iou, held, len(heldout_idx) * pixels)
+    # Left out of the held-out best: the units covering every pixel of both splits (a unit
+    # covering a small held-out set alone is a unit, maybe the single unit, which it bounds).
+    everywhere = train_everywhere & (held["unit_area"] == len(heldout_idx) * pixels)
+    held_detector_iou = _detector_iou(unit_iou, everywhere)
     best_held = np.argmax(held_detector_iou, axis=0)
     host = jax.device_get(state)
     return ConceptVectors(

@@ -366,3 +366,23 @@ def test_a_unit_marking_every_pixel_is_no_single_unit():
         assert everywhere == (pytest.approx(0.93, abs=0.03) if rule == "inclusive" else 0.0)
         assert everywhere > got.unit_iou[:5, 0].max() or rule == "strict"
         assert got.single_unit[0] != 5 and got.best_heldout_iou[0] == got.unit_iou[:5, 0].max()
+
+
+def test_a_unit_covering_the_heldout_images_alone_is_still_a_unit():
+    """Unit 0 is the concept's mask on the training images and fires on the whole held-out
+    image (one image held out): it is no constant unit, so it stays the held-out best, which
+    bounds the single unit's held-out IoU (it was left out of the best: 0.2 < its 0.75)."""
+    n, s, k = 10, 8, 4
+    acts = np.random.default_rng(0).normal(size=(n, s, s, k)).astype(np.float32)
+    planes = np.zeros((n, 1, s, s), np.int32)
+    planes[:, 0][acts[..., 0] > 1] = 7
+    [held] = cv.split_images(n, 0.1, 0)[1]
+    acts[held, ..., 0] = 2.0
+    planes[held, 0] = np.where(np.arange(s)[:, None] < 6, 7, 0)  # 75% of the image
+    data = cv.ProbeData(acts, planes, np.zeros((n, 1), np.int32))
+    cfg = cv.ProbeConfig(epochs=1, probe_batch_size=3, heldout_fraction=0.1)
+    got = cv.train_concept_vectors(
+        data, np.ones(k, np.float32), np.array([7]), cfg, mesh=parallel.data_mesh(1)
+    )
+    assert got.single_unit[0] == 0 and got.single_iou[0] == 0.75
+    assert got.best_heldout_unit[0] == 0 and got.best_heldout_iou[0] == 0.75
