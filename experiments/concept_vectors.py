@@ -278,7 +278,9 @@ def _document(fv, cfg, layer, vectors, labels, dataset_name, num_images, forward
                 "single_unit_label": None if no_unit else unit_label(vectors.single_unit[j]),
                 "single_iou": float(vectors.single_iou[j]),
                 "gain": float(vectors.gain[j]),
-                "best_heldout_unit": int(vectors.best_heldout_unit[j]),
+                "best_heldout_unit": None
+                if vectors.best_heldout_unit[j] == concept_vectors.NO_UNIT
+                else int(vectors.best_heldout_unit[j]),
                 "best_heldout_iou": float(vectors.best_heldout_iou[j]),
                 "train_pixels": int(vectors.train_truth[j]),
                 "heldout_pixels": int(vectors.truth[j]),

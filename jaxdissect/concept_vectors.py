@@ -55,7 +55,8 @@ from jaxdissect.tally import F32_EXACT, upsample
 from jaxdissect.tie_rule import active, check_tie_rule
 
 VARIANTS = ("binary", "raw")
-NO_UNIT = -1  # `single_unit` of a concept no unit overlaps on the training images
+NO_UNIT = -1  # `single_unit` (`best_heldout_unit`) of a concept no unit overlaps on the
+# training (held-out) images
 # Adam's epsilon: at least 100 times a gradient at float32 rounding level (~1e-9; the bias's
 # gradient at zero weights is exactly 0 under alpha weighting), so rounding noise moves no weight.
 ADAM_EPS = 1e-6
@@ -155,7 +156,8 @@ class ConceptVectors:
       single_unit: int [C], the unit with the best training-split IoU (the first of equals;
         `NO_UNIT` where every unit's is 0); single_iou: float64 [C], its held-out IoU (0
         without a unit).
-      best_heldout_unit, best_heldout_iou: the unit with the best held-out IoU, and that IoU.
+      best_heldout_unit, best_heldout_iou: the unit with the best held-out IoU (`NO_UNIT`
+        where every unit's is 0), and that IoU.
       unit_iou: float64 [K, C], every unit's held-out IoU.
       losses: float32 [steps], the summed loss of every training step.
       train_s: seconds spent in training steps (this process; 0 when all were restored).
@@ -503,7 +505,10 @@ def train_concept_vectors(
     # covering a small held-out set alone is a unit, maybe the single unit, which it bounds).
     everywhere = train_everywhere & (held["unit_area"] == len(heldout_idx) * pixels)
     held_detector_iou = _detector_iou(unit_iou, everywhere)
-    best_held = np.argmax(held_detector_iou, axis=0)
+    # No unit overlaps the concept on the held-out images: no held-out best (-1, IoU 0).
+    best_held = np.where(
+        held_detector_iou.max(axis=0) > 0, np.argmax(held_detector_iou, axis=0), NO_UNIT
+    )
     host = jax.device_get(state)
     return ConceptVectors(
         concepts=concepts,
@@ -520,7 +525,7 @@ def train_concept_vectors(
         single_unit=single_unit,
         single_iou=np.where(single_unit == NO_UNIT, 0.0, unit_iou[single_unit, cols]),
         best_heldout_unit=best_held,
-        best_heldout_iou=held_detector_iou[best_held, cols],
+        best_heldout_iou=np.where(best_held == NO_UNIT, 0.0, held_detector_iou[best_held, cols]),
         unit_iou=unit_iou,
         losses=np.asarray(host["losses"]),
         train_s=train_s,

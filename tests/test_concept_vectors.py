@@ -386,3 +386,24 @@ def test_a_unit_covering_the_heldout_images_alone_is_still_a_unit():
     )
     assert got.single_unit[0] == 0 and got.single_iou[0] == 0.75
     assert got.best_heldout_unit[0] == 0 and got.best_heldout_iou[0] == 0.75
+
+
+@pytest.mark.parametrize("tie_rule", ["strict", "inclusive"])
+def test_dead_units_give_no_best_heldout_unit(tie_rule):
+    """Every unit dead (zero maps, thresholds 0): none overlaps the concept (strict) or each
+    marks every pixel (inclusive), so there is no single unit and no held-out best either
+    (unit 0 was named the held-out best)."""
+    n = 10
+    planes = np.zeros((n, 1, 8, 8), np.int32)
+    planes[:, 0, :4] = 5
+    data = cv.ProbeData(np.zeros((n, 4, 4, 3), np.float32), planes, np.zeros((n, 1), np.int32))
+    got = cv.train_concept_vectors(
+        data,
+        np.zeros(3, np.float32),
+        np.array([5]),
+        cv.ProbeConfig(epochs=1, probe_batch_size=2),
+        tie_rule=tie_rule,
+        mesh=parallel.data_mesh(1),
+    )
+    assert got.single_unit[0] == cv.NO_UNIT and got.single_iou[0] == 0.0
+    assert got.best_heldout_unit[0] == cv.NO_UNIT and got.best_heldout_iou[0] == 0.0
