@@ -145,12 +145,18 @@ def _read_vectors(directory: str, layer: str):
             f"not --layer={layer}"
         )
     arrays = store.load_arrays(path / "concept_vectors.npz")
-    shapes = {k: np.shape(arrays.get(k)) for k in ("weights", "bias")}
+    shapes = {k: np.shape(arrays.get(k)) for k in ("weights", "bias", "thresholds")}
     if shapes["weights"][:1] != (len(doc["concepts"]),) or shapes["bias"] != shapes["weights"][:1]:
         raise ValueError(
             f"{path / 'concept_vectors.npz'}: weights {shapes['weights']} and bias "
             f"{shapes['bias']} do not hold the {len(doc['concepts'])} concepts of "
             f"concept_vectors.json; {fix}"
+        )
+    # Weights over the units whose thresholds it holds (compared with the dissection's).
+    if len(shapes["thresholds"]) != 1 or shapes["weights"][1:] != shapes["thresholds"]:
+        raise ValueError(
+            f"{path / 'concept_vectors.npz'}: weights {shapes['weights']} and thresholds "
+            f"{shapes['thresholds']} are not a weight per unit and the units' thresholds; {fix}"
         )
     return doc, arrays
 

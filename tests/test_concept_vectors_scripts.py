@@ -570,3 +570,28 @@ def test_a_concept_covering_every_training_pixel_is_warned_about(caplog):
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "covering every training pixel (alpha = 0" in warning
     assert warning.endswith(": black-c")
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"weights": np.zeros((1, 3)), "bias": np.zeros(1)}, r"thresholds \(\)"),
+        (
+            {"weights": np.zeros((1, 3)), "bias": np.zeros(1), "thresholds": np.zeros(4)},
+            r"weights \(1, 3\) .* thresholds \(4,\)",
+        ),
+    ],
+)
+def test_vectors_without_the_units_thresholds_are_refused_in_one_line(tmp_path, arrays, message):
+    """segment.py compares the vectors' thresholds with the dissection's and weighs its units'
+    masks with their weights: an .npz without thresholds (a KeyError in the script) or with
+    weights over another number of units is refused, naming the file."""
+    doc = {
+        "settings": {"layer": "top"},
+        "concepts": [{"name": "sky", "category": "object", "iou": 0.5, "scored": True}],
+    }
+    store.write_json(tmp_path / "concept_vectors.json", doc, checksum=True)
+    store.save_arrays(tmp_path / "concept_vectors.npz", arrays)
+    with pytest.raises(ValueError, match=message) as info:
+        script("segment")._read_vectors(str(tmp_path), "top")
+    assert str(info.value).startswith(str(tmp_path)) and "\n" not in str(info.value)
