@@ -371,7 +371,7 @@ def test_a_unit_marking_every_pixel_is_no_single_unit():
 def test_a_unit_covering_the_heldout_images_alone_is_still_a_unit():
     """Unit 0 is the concept's mask on the training images and fires on the whole held-out
     image (one image held out): it is no constant unit, so it stays the held-out best, which
-    bounds the single unit's held-out IoU (it was left out of the best: 0.2 < its 0.75)."""
+    bounds the single unit's held-out IoU."""
     n, s, k = 10, 8, 4
     acts = np.random.default_rng(0).normal(size=(n, s, s, k)).astype(np.float32)
     planes = np.zeros((n, 1, s, s), np.int32)
@@ -391,8 +391,7 @@ def test_a_unit_covering_the_heldout_images_alone_is_still_a_unit():
 @pytest.mark.parametrize("tie_rule", ["strict", "inclusive"])
 def test_dead_units_give_no_best_heldout_unit(tie_rule):
     """Every unit dead (zero maps, thresholds 0): none overlaps the concept (strict) or each
-    marks every pixel (inclusive), so there is no single unit and no held-out best either
-    (unit 0 was named the held-out best)."""
+    marks every pixel (inclusive), so there is no single unit and no held-out best either."""
     n = 10
     planes = np.zeros((n, 1, 8, 8), np.int32)
     planes[:, 0, :4] = 5
