@@ -595,6 +595,8 @@ def ablation_study(
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
     total = class_totals(batches, num_classes)
+    if not total.sum():
+        raise ValueError("batches hold no evaluation example: no accuracy to ablate")
 
     def run(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return ablator.counts_and_loss(

@@ -141,6 +141,16 @@ def test_a_batch_that_does_not_split_over_the_devices_is_named(data):
         ab.counts(variables, _batches(images, labels, 5), np.eye(K, dtype=bool), num_classes=4)
 
 
+def test_no_evaluation_example_is_refused(data):
+    """Batches of padding alone (an empty validation split) are refused in one line, not
+    averaged into NaN curves."""
+    variables, images, labels = data
+    ab = ablation.Ablator(_IntNet(), None, "hidden", mesh=parallel.data_mesh(1))
+    empty = [{**b, "valid": np.zeros_like(b["valid"])} for b in _batches(images, labels, 8)[:1]]
+    with pytest.raises(ValueError, match="no evaluation example"):
+        ablation.ablation_study(ab, variables, empty, num_units=K, num_classes=4)
+
+
 def test_each_device_sums_its_own_rows(data):
     """The step has no collective: with an all-reduce in it, several batches' steps in flight
     deadlocked the CPU backend's execution threads on 2 devices (each device's part waiting
