@@ -233,6 +233,36 @@ def test_a_damaged_split_is_one_line(build, tmp_path):
     assert len(tfds_classification.read_split(copy, "test", 16)[1]) == 9
 
 
+def test_an_example_tfds_cannot_decode_is_one_line_naming_it(build, monkeypatch):
+    """An example whose image TFDS's own decoder refuses (a 16-bit PNG without OpenCV) is
+    one line naming the build, the split and the example, not TFDS's error."""
+    import tensorflow_datasets as tfds
+
+    real = tfds.builder_from_directory
+
+    class Refusing:
+        def __init__(self, source):
+            self.source = source
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getitem__(self, i):
+            if i == 1:
+                raise ValueError("cannot decode")
+            return self.source[i]
+
+    def builder(path):
+        b = real(path)
+        b.as_data_source = lambda split, _as=b.as_data_source: Refusing(_as(split=split))
+        return b
+
+    monkeypatch.setattr(tfds, "builder_from_directory", builder)
+    found = tfds_classification.find_build(build)
+    with pytest.raises(ValueError, match=r"\(train, example 1\): unreadable image: cannot decode"):
+        tfds_classification.read_split(found, "train", 16)
+
+
 class Relabelled(TinyColours, skip_registration=True):
     """TinyColours with every label moved to the next class: the same dataset_info.json."""
 

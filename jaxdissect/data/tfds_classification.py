@@ -120,10 +120,10 @@ def read_split(
     n = len(source) if limit is None else min(limit, len(source))
 
     def one(i: int) -> tuple[np.ndarray, int]:
-        example = source[i]
         try:
+            example = source[i]  # TFDS decodes the image here
             image = _square(np.asarray(example["image"]), resolution)
-        except (ValueError, OSError) as e:
+        except (RuntimeError, ValueError, OSError) as e:
             raise ValueError(f"{build} ({split}, example {i}): unreadable image: {e}") from e
         return image, int(example["label"])
 
