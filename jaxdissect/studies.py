@@ -442,29 +442,32 @@ def probe_set(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def check_one_probe_set(probes: Mapping[str, Mapping[str, Any]]) -> None:
-    """Refuse entries (name -> `probe_set`) dissected on other probe sets than the first
-    (`probe.probe_relation`): their counts are not comparable. A copy is logged."""
+    """Refuse entries (name -> `probe_set`) dissected on other probe sets than any entry
+    before them (`probe.probe_relation`): their counts are not comparable. Every pair is
+    compared, since an entry that records less (no identity) matches sets that differ from
+    each other. An entry that is a copy of an earlier one is logged (once, naming the first)."""
     from jaxdissect.data import probe
 
     named = [(name, p) for name, p in probes.items() if p.get("dataset") is not None]
-    if not named:
-        return
-    first, want = named[0]
-    for name, got in named[1:]:
-        relation = probe.probe_relation(got, want)
-        if relation == "other":
-            raise ValueError(
-                f"{name} was dissected on {got['dataset']}, {first} on {want['dataset']} "
-                "(other CSV tables, split or image count; a TFDS build made before its tables "
-                "were recorded counts as another until rebuilt): compare dissections of one "
-                "probe set"
-            )
-        if relation == "copy":
+    for i, (name, got) in enumerate(named):
+        copies = []
+        for first, want in named[:i]:
+            relation = probe.probe_relation(got, want)
+            if relation == "other":
+                raise ValueError(
+                    f"{name} was dissected on {got['dataset']}, {first} on {want['dataset']} "
+                    "(other CSV tables, split or image count; a TFDS build made before its "
+                    "tables were recorded counts as another until rebuilt): compare "
+                    "dissections of one probe set"
+                )
+            if relation == "copy":
+                copies.append(first)
+        if copies:
             logging.warning(
                 "%s and %s were dissected on %s with other files (another copy, or the same "
                 "files stored again): check that they hold the same images and labels",
                 name,
-                first,
+                copies[0],
                 got["dataset"],
             )
 

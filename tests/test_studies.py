@@ -50,6 +50,22 @@ def test_the_identity_decides_where_both_record_one(caplog):
         studies.check_one_probe_set({"folder": folder, "old": {**build, "dataset_identity": None}})
 
 
+def test_entries_that_record_a_probe_set_are_compared_whatever_precedes_them(caplog):
+    """An older entry without an identity matches both of two sets of one description and
+    size; the two, which record other identities, are still refused (in any order), and two
+    copies with other files are still logged."""
+    old = {"dataset": "synthetic (val, 5 images)", "dataset_fingerprint": None}
+    one = {**old, "dataset_fingerprint": "f1", "dataset_identity": "i1"}
+    two = {**old, "dataset_fingerprint": "f2", "dataset_identity": "i2"}
+    with pytest.raises(ValueError, match=r"^two was dissected on synthetic .*, one on "):
+        studies.check_one_probe_set({"old": old, "one": one, "two": two})
+    with caplog.at_level(logging.WARNING):
+        studies.check_one_probe_set(
+            {"old": old, "a": one, "b": {**one, "dataset_fingerprint": "f3"}}
+        )
+    assert "b and a were dissected on synthetic (val, 5 images) with other files" in caplog.text
+
+
 def test_a_step_asked_for_twice_is_dissected_once(tmp_path):
     for step in (0, 100):
         folder = tmp_path / "weights" / f"step_{step:06d}"
