@@ -38,18 +38,23 @@ def stack_models(
     layers: Sequence[str],
     *,
     input_size: int,
-) -> tuple[Callable[[Any, jax.Array], dict[str, jax.Array]], dict[str, Any], dict[str, str]]:
-    """(fn, variables, {result name: member name}) for the dissection of every member's `layers`.
+) -> tuple[
+    Callable[[Any, jax.Array], dict[str, jax.Array]], dict[str, Any], dict[str, tuple[str, str]]
+]:
+    """(fn, variables, {result name: (member, layer)}) for the dissection of every member's
+    `layers`, in member then layer order.
 
     Args:
       members: (name, model) pairs, each model with `module`, `variables` and
         `apply_kwargs` (a `models.load.LoadedModel`); all take the same input.
-      layers: layer names (paths or aliases) to take from every member.
+      layers: layer names (paths, aliases or `re:` patterns) to take from every member; a
+        pattern gives every module it matches, named by its path (`capture.Tap.names`).
       input_size: the common input size, for the capture's dry run.
     """
     from jaxdissect import capture
 
     taps, names = {}, {}
+    first: tuple[str, tuple[str, ...]] | None = None
     for member, model in members:
         tap = capture.make_tap(
             model.module,
@@ -58,10 +63,15 @@ def stack_models(
             input_shape=(input_size, input_size, 3),
             apply_kwargs=model.apply_kwargs,
         )
-        if len(tap.layers) != len(layers):
-            raise ValueError(f"layers {list(layers)} name the same module twice in {member}")
+        if first is None:
+            first = (member, tap.names)
+        elif tap.names != first[1]:
+            raise ValueError(
+                f"layers={list(layers)} are {list(tap.names)} in {member}, {list(first[1])} "
+                f"in {first[0]}: stack members of one architecture"
+            )
         taps[member] = tap
-        for layer in layers:
+        for layer in tap.names:
             name = stacked_name(member, layer)
             if name in names:
                 other, theirs = names[name]
@@ -77,12 +87,11 @@ def stack_models(
         out = {}
         for member, tap in taps.items():
             acts = tap.fn(variables[member], images)
-            for layer, path in zip(layers, tap.layers, strict=True):
+            for layer, path in zip(tap.names, tap.layers, strict=True):
                 out[stacked_name(member, layer)] = acts[path]
         return out
 
-    members_of = {name: member for name, (member, _) in names.items()}
-    return fn, {member: tap.variables for member, tap in taps.items()}, members_of
+    return fn, {member: tap.variables for member, tap in taps.items()}, names
 
 
 def summary_row(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -167,8 +176,10 @@ def dynamics_study(
     out = pathlib.Path(output_dir)
     models = [(f"step{c.step:06d}", load_trained(c.weights)) for c in checkpoints]
     spec = models[0][1].input_spec
-    fn, variables, _ = stack_models(models, layers, input_size=spec.size)
-    names = [stacked_name(m, layer) for m, _ in models for layer in layers]
+    fn, variables, stacked = stack_models(models, layers, input_size=spec.size)
+    names = list(stacked)
+    # The layers as the captures name them (a `re:` pattern: every path it matches).
+    layers = list(dict.fromkeys(layer for _, layer in stacked.values()))
     info = pipeline.ModelInfo(
         module=fn,
         variables=variables,
