@@ -43,6 +43,10 @@ def run(fv: flags.FlagValues = FLAGS):
         if not os.path.isfile(path):
             what = "a folder, not a file" if os.path.isdir(path) else "no such file"
             raise FileNotFoundError(f"--{name}={path}: {what}")
+    if not 0 <= fv.iou_threshold < 1:
+        raise ValueError(f"--iou_threshold={fv.iou_threshold}: must be in [0, 1)")
+    if fv.output and os.path.isdir(fv.output):
+        raise ValueError(f"--output={fv.output}: a folder, not a file; name the CSV file to write")
     tallies = [tally_diff.read_tally_csv(fv[name].value) for name in ("a", "b")]
     diff = tally_diff.diff_tallies(*tallies, iou_threshold=fv.iou_threshold, names=("--a", "--b"))
     print(f"a: {fv.a}\nb: {fv.b}\n{tally_diff.summary(diff)}")

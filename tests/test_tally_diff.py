@@ -139,6 +139,24 @@ def test_the_script_prints_the_diff_and_writes_the_differing_units(tmp_path, cap
         run_script("diff_tally", f"--a={ours}", f"--b={tmp_path / 'nothing.csv'}")
 
 
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--iou_threshold=-0.5", r"^--iou_threshold=-0.5: must be in \[0, 1\)$"),
+        ("--iou_threshold=1", r"^--iou_threshold=1.0: must be in \[0, 1\)$"),
+        ("--output={folder}", r"^--output=.*: a folder, not a file; name the CSV file to write$"),
+    ],
+)
+def test_the_script_refuses_a_bad_threshold_or_output_before_comparing(tmp_path, flag, message):
+    """A threshold outside [0, 1) (every unit, or none, a detector) and an --output that is a
+    folder are one line naming the flag, before the files are read."""
+    ours = results.write_tally_csvs(tmp_path, [_layer(4)])[0]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=message):
+        run_script("diff_tally", f"--a={ours}", f"--b={ours}", flag.format(folder=folder))
+
+
 def test_the_script_compares_without_importing_jax(tmp_path):
     """Comparing two CSV files needs no JAX and no loader (grain): a fresh process of the
     script imports neither, so it answers at once."""
