@@ -63,6 +63,7 @@ def run(fv: flags.FlagValues = FLAGS):
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     search = cli.from_flags(compositional.SearchSettings, fv)
     probe = cli.probe_from_flags(fv)
+    cli.check_input_size(fv.input_size)
     cli.check_layers(fv.layers)
     for name in ("page_units", "page_images"):
         if fv[name].value < 0:

@@ -648,6 +648,29 @@ def test_devices_and_batch_size_are_checked_before_the_probe_set(tmp_path, monke
 @pytest.mark.parametrize(
     ("name", "args"),
     [
+        ("dissect", ("--model=alexnet", "--weights=")),
+        ("compositional", ("--model=alexnet", "--weights=", "--layers=conv1")),
+        ("rotation", ("--model=alexnet", "--weights=", "--layer=conv1")),
+        ("significance", ("--model=alexnet", "--weights=", "--layer=conv1")),
+        ("ablation", ("--task=predictions", "--model=alexnet", "--weights=", "--layer=conv1")),
+        ("compare", ("--dissect=a|alexnet||conv1",)),
+    ],
+)
+def test_a_bad_input_size_is_refused_before_the_probe_set(tmp_path, monkeypatch, name, args):
+    """--input_size=0 is one line naming the flag before the synthetic set is generated or
+    the output folder claimed, in every script that takes it."""
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    fv = parse(name, *args, "--input_size=0", "--synthetic_images=8", f"--output_dir={out}")
+    main = cli.script_main(lambda: script(name).run(fv), fv, split_cpu=False)
+    with pytest.raises(SystemExit, match=r"^error: --input_size=0: must be a whole number >= 1"):
+        main(["prog"])
+    assert not [p for p in (tmp_path / "cache").glob("synthetic*")] and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
         ("rotation", ("--model=alexnet", "--weights=", "--layer=conv1")),
         ("ablation", ("--task=predictions", "--model=alexnet", "--weights=", "--layer=conv1")),
     ],
