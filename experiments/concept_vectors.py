@@ -35,6 +35,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         "Categories whose concepts get vectors (default: those the dissection scored).",
         flag_values=fv,
     )
+    fv["categories"].field_name = "categories"  # `LabelSpace.select`'s errors name it
     flags.DEFINE_integer("top_units", 5, "Top-weighted units listed per concept.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "Images per forward batch.", flag_values=fv)
     cli.define_devices_flag(fv)
@@ -88,6 +89,11 @@ def _vectors(fv, cfg, probe, output_dir):
     source, dataset_name = probe.open()  # a missing or bad probe set fails before the model loads
     finished.check_probe_set(fv.dissection, dataset_name, source)
     concept_vectors.check_batch_fits(cfg, len(source))
+    if fv.categories:  # repeated or unknown names: one line before the model loads
+        try:
+            source.labels.select(fv.categories)
+        except ValueError as e:
+            raise ValueError(cli.flag_message(str(e), fv)) from None
     loaded, layer = finished.load_dissected_layer(
         fv.model, fv.weights, fv.dissection, fv.layer, cli.model_options(fv)
     )

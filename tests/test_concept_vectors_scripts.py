@@ -488,6 +488,36 @@ def test_concepts_and_masks_are_those_of_the_chosen_categories(
     assert moved and all(labels.category_of(c) == "part" for c in moved)
 
 
+@pytest.mark.parametrize(
+    ("categories", "message"),
+    [
+        ("object,object", r"^--categories=object,object: object given more than once"),
+        ("objekt", r"^--categories=objekt: objekt not in the dataset; its categories are"),
+    ],
+)
+def test_bad_categories_name_the_flag_before_the_model_loads(
+    tmp_path, monkeypatch, data_args, dissection, categories, message
+):
+    """A repeated or unknown --categories is one line naming the flag (not the library's
+    `categories=` parameter), before the model is loaded."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(finished, "load_model", load_model)
+    with pytest.raises(ValueError, match=message):
+        run_script(
+            "concept_vectors",
+            f"--dissection={dissection}",
+            "--layer=top",
+            *MODEL,
+            *data_args,
+            f"--categories={categories}",
+            "--devices=1",
+            f"--output_dir={tmp_path / 'out'}",
+        )
+
+
 def test_a_random_init_is_loaded_at_the_seed_the_dissection_recorded(
     tmp_path, monkeypatch, data_args, dissection
 ):
