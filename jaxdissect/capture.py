@@ -683,6 +683,19 @@ def available_layers(
     return _dry_run(run, variables, input_shape)[0]
 
 
+def _check_not_empty(name: str, shape: tuple[int, ...], input_shape: Sequence[int]) -> None:
+    """Refuse a layer whose maps (h, w, units) are empty at `input_shape`: an input too
+    small for it (its convolutions and pools leave no pixels) has nothing to threshold."""
+    if all(shape):
+        return
+    h, w, k = shape
+    raise ValueError(
+        f"layers={name}: its maps are {h}x{w} ({k} units) at an input of "
+        f"{input_shape[0]}x{input_shape[1]}: nothing to dissect; name an earlier layer, or a "
+        f"larger input (input_size={input_shape[0]} now)"
+    )
+
+
 def make_tap(
     model: Any,
     variables: Any,
@@ -747,6 +760,7 @@ def make_tap(
     }
     names = tuple(name for name, _ in named)
     for name, path in named:
+        _check_not_empty(name, shapes[path], input_shape)
         if path not in layouts:
             _warn_channels_first(name, shapes[path], input_shape)
     return Tap(

@@ -385,3 +385,35 @@ def test_a_module_named_twice_is_refused_naming_both():
         "features/1",
         "features/2",
     )
+
+
+class Shrinking(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3), padding="VALID", name="conv1")(x)
+        return nn.Conv(5, (5, 5), padding="VALID", name="conv2")(x)
+
+
+def test_a_layer_with_empty_maps_at_the_input_size_is_refused_naming_both():
+    """An input too small for a layer (e.g. --input_size=8 for AlexNet's conv5) leaves it no
+    pixels: refused when the tap is made, naming the layer and the input size as flags (it
+    failed after pass 1 on a quantile of no values)."""
+    from absl import flags
+
+    from jaxdissect import cli
+
+    model = Shrinking()
+    variables = init_variables(model, jnp.zeros((1, 6, 6, 3)), seed=0)
+    assert capture.make_tap(model, variables, "conv1", input_shape=(6, 6, 3)).shapes == {
+        "conv1": (4, 4, 4)
+    }
+    with pytest.raises(ValueError) as e:
+        capture.make_tap(model, variables, ["conv1", "conv2"], input_shape=(6, 6, 3))
+    message = str(e.value)
+    assert message.startswith("layers=conv2: its maps are 0x0 (5 units) at an input of 6x6")
+    fv = flags.FlagValues()
+    flags.DEFINE_list("layers", [], "", flag_values=fv)
+    flags.DEFINE_integer("input_size", None, "", flag_values=fv)
+    fv["input_size"].field_name = "input_size"
+    assert cli.flag_message(message, fv).startswith("--layers=conv2: its maps are 0x0")
+    assert "or a larger input (--input_size=6 now)" in cli.flag_message(message, fv)
