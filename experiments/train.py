@@ -58,6 +58,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         "images are resized and centre-cropped to.",
         flag_values=fv,
     )
+    for name in ("synthetic_images", "resolution"):  # `check_synthetic`'s errors name them
+        fv[name].field_name = name
     flags.DEFINE_integer("max_train", None, "Use at most N training images.", flag_values=fv)
     # Output.
     flags.DEFINE_integer(
@@ -85,7 +87,11 @@ def run(fv: flags.FlagValues = FLAGS):
     for name in ("synthetic_images", "resolution", "max_train", "log_every"):
         if fv[name].value is not None and fv[name].value < 1:
             raise ValueError(f"--{name}={fv[name].value}: must be >= 1")
-    if fv.data != "synthetic" and not pathlib.Path(fv.data).expanduser().exists():
+    if fv.data == "synthetic":
+        from jaxdissect.data.probe import check_synthetic
+
+        check_synthetic(fv.synthetic_images, fv.resolution)
+    elif not pathlib.Path(fv.data).expanduser().exists():
         raise FileNotFoundError(f"--data={fv.data}: no such folder; {cli.BRODEN_ADVICE}")
     output_dir = fv.output_dir or os.path.join("runs", f"train_{fv.arch}")
     cli.check_devices(fv, batch_size=config.batch_size)

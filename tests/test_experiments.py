@@ -645,6 +645,18 @@ def test_devices_and_batch_size_are_checked_before_the_probe_set(tmp_path, monke
         assert not [p for p in (tmp_path / "cache").glob("synthetic*")]
 
 
+def test_train_names_a_synthetic_resolution_too_small_as_its_flag(tmp_path, monkeypatch):
+    """A synthetic set too small to generate is one line naming --resolution (not the
+    library's `resolution=`), before the output folder is claimed."""
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    fv = parse("train", "--resolution=4", "--synthetic_images=8", f"--output_dir={out}")
+    main = cli.script_main(lambda: script("train").run(fv), fv, split_cpu=False)
+    with pytest.raises(SystemExit, match=r"^error: --resolution=4: a synthetic Broden's side"):
+        main(["prog"])
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("name", "args"),
     [
