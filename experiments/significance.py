@@ -130,10 +130,11 @@ def _model(fv, trained, settings):
     else:
         loaded = model_load.load(arch, weights=weights, options=options, seed=settings.seed)
     info = cli.model_info(loaded, fv.input_norm, fv.input_size)
+    size = info.input_spec.size
+    # --layer is one layer: a pattern matching several is refused before any dissection.
+    path, k = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)
     if fv.baseline != "rotated":
         return info, fv.layer, loaded
-    size = info.input_spec.size
-    path, k = rotation.resolve_layer(loaded.module, loaded.variables, fv.layer, size)
     name = rotation.amount_name(fv.layer, 1.0)
     fn, variables = rotation.rotated_fan(
         loaded.module,

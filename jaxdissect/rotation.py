@@ -192,13 +192,18 @@ def _layer_shapes(module: nn.Module, variables: Any, input_size: int) -> dict[st
 def resolve_layer(
     module: nn.Module, variables: Any, layer: str, input_size: int
 ) -> tuple[str, int]:
-    """The module path of `layer` (an alias, a dotted or slashed path) and its number of
-    units (channels of its output), from one dry run of the model."""
+    """The module path of `layer` (an alias, a dotted or slashed path, or a `re:` pattern
+    matching one layer) and its number of units (channels of its output), from one dry run
+    of the model; a pattern matching several layers is refused, naming them."""
     from jaxdissect import capture
 
     available = _layer_shapes(module, variables, input_size)
-    path = capture.resolve_layers([layer], available, getattr(module, "layer_aliases", None))[0]
-    return path, int(available[path][-1])
+    paths = capture.resolve_layers([layer], available, getattr(module, "layer_aliases", None))
+    if len(paths) > 1:
+        raise ValueError(
+            f"layers={layer}: matches {len(paths)} layers ({', '.join(paths)}); name one"
+        )
+    return paths[0], int(available[paths[0]][-1])
 
 
 def classifier(

@@ -645,6 +645,42 @@ def test_devices_and_batch_size_are_checked_before_the_probe_set(tmp_path, monke
         assert not [p for p in (tmp_path / "cache").glob("synthetic*")]
 
 
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("rotation", ("--amounts=0,1",)),
+        ("significance", ()),
+        ("ablation", ("--task=predictions", "--eval_batch_size=8")),
+    ],
+)
+def test_a_layer_pattern_matching_several_layers_is_refused(tmp_path, monkeypatch, name, args):
+    """--layer names one layer: a `re:` pattern matching two is one line naming them, before
+    any dissection (rotation and ablation took the first silently, significance failed
+    after its test on 'too many values to unpack')."""
+    from jaxdissect import pipeline
+
+    def dissected(*args, **kwargs):
+        raise AssertionError("dissected")
+
+    monkeypatch.setattr(pipeline, "dissect", dissected)
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "cache"))
+    fv = parse(
+        name,
+        *args,
+        "--model=tests.fixtures.small_model:make",
+        "--weights=",
+        "--layer=re:conv.*",
+        "--synthetic_images=8",
+        "--resolution=48",
+        *PROBE_ARGS,
+        f"--output_dir={tmp_path / 'out'}",
+    )
+    main = cli.script_main(lambda: script(name).run(fv), fv, split_cpu=False)
+    message = r"^error: --layer=re:conv\.\*: matches 2 layers \(conv1, conv2\); name one"
+    with pytest.raises(SystemExit, match=message):
+        main(["prog"])
+
+
 def test_train_names_a_synthetic_resolution_too_small_as_its_flag(tmp_path, monkeypatch):
     """A synthetic set too small to generate is one line naming --resolution (not the
     library's `resolution=`), before the output folder is claimed."""
