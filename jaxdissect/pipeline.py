@@ -161,6 +161,10 @@ class Options:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.runners_up < 0:
             raise ValueError(f"runners_up={self.runners_up}: must be >= 0")
+        if self.cache_budget_bytes is not None and self.cache_budget_bytes < 0:
+            raise ValueError(
+                f"cache_budget_bytes={self.cache_budget_bytes}: must be >= 0 (or None: measured)"
+            )
         if self.num_threads is not None and self.num_threads < 0:
             raise ValueError(f"num_threads={self.num_threads}: must be >= 0 (or None)")
         if self.num_workers < 0:

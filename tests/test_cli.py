@@ -117,6 +117,11 @@ def test_library_errors_name_parameters_and_the_cli_the_flags():
         cli.options_from_flags(fv)
     with pytest.raises(ValueError, match="^num_workers=-1"):
         pipeline.Options(num_workers=-1)
+    fv.unparse_flags()
+    fv(["prog", "--cache_budget_bytes=-5"])  # was taken: a budget no cache fits
+    with pytest.raises(ValueError, match="^--cache_budget_bytes=-5: must be >= 0"):
+        cli.options_from_flags(fv)
+    fv.unparse_flags()
     assert cli.flag_message("num_threads=3; quantile=0.5, --quantile=1", fv) == (
         "--loader_threads=3; --quantile=0.5, --quantile=1"
     )
