@@ -144,8 +144,10 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
     size = info.input_spec.size  # as the dissection fed the images (--input_size)
     layouts = finished.recorded_token_layouts(out)  # the tokens read as the dissection did
     cannot_fire = {r.layer: r.cannot_fire for r in dissected}  # dead units get no formula
+    # The layers as the dissection named them: a `re:` pattern is every layer it matches.
+    explained = [r.layer for r in dissected]
     layers, curves = [], {}
-    for layer, stem in zip(fv.layers, results.layer_file_stems(fv.layers), strict=True):
+    for layer, stem in zip(explained, results.layer_file_stems(explained), strict=True):
         stats = store.load_arrays(out / results.stats_npz_name(stem))
         thresholds, top_indices = stats["thresholds"], stats["top_indices"]
         tap = capture.make_tap(
@@ -227,7 +229,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
         "weights": fv.weights,
         "dataset": dataset_name,
         "images": len(source),
-        "layers": list(fv.layers),
+        "layers": explained,
         "tie_rule": settings.tie_rule,
         "categories": settings.categories,
         "union_restriction": search.formula_restriction,
@@ -252,7 +254,7 @@ def _explain(fv, trained, settings, options, search, probe, output_dir):
     doc = {"settings": doc_settings, "layers": [rec for rec, _ in layers]}
     store.write_json(out / "compositional.json", doc)
     _remove_stale(
-        out, results.layer_file_stems(fv.layers), [c["strip"] for _, cs in layers for c in cs]
+        out, results.layer_file_stems(explained), [c["strip"] for _, cs in layers for c in cs]
     )
     return doc
 

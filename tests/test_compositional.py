@@ -331,6 +331,26 @@ def test_bad_search_flags_are_named(tmp_path, broden):
         run_script("compositional", f"--data={broden}", *ARGS, "--formula_restriction=some")
 
 
+def test_a_layer_pattern_explains_every_layer_it_matches(tmp_path, broden):
+    """--layers=re:PATTERN is dissected as every layer it matches, and each is explained
+    under its name (the formulas looked for the pattern's stats file after the dissection
+    and failed on 'No such file or directory')."""
+    args = [a for a in ARGS if not a.startswith(("--model", "--layers", "--input_size"))]
+    doc = run_script(
+        "compositional",
+        f"--data={broden}",
+        *args,
+        *SHORT,
+        "--model=tests.fixtures.small_model:make",
+        "--layers=re:conv.*",
+        f"--output_dir={tmp_path}",
+    )
+    assert [layer["layer"] for layer in doc["layers"]] == ["conv1", "conv2"]
+    assert doc["settings"]["layers"] == ["conv1", "conv2"]
+    assert (tmp_path / "compositional-conv1.csv").is_file()
+    assert (tmp_path / "compositional-conv2.csv").is_file()
+
+
 def test_pretrained_lite0_passes_the_weights_check(tmp_path, broden):
     # --weights=pretrained (the demo flagfile's) is no path: the check goes on to the next
     # flag, here an --output_dir that is a file.
