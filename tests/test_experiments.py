@@ -610,21 +610,18 @@ def test_ablation_chunks_are_keyed_by_the_model_code_and_the_predicted_targets(
     sys.modules.pop("user_shifted_small", None)
 
 
-@pytest.mark.parametrize(
-    ("name", "args"),
-    [
-        ("dissect", ("--model=alexnet", "--weights=")),
-        ("compositional", ("--model=alexnet", "--weights=", "--layers=conv1")),
-        ("rotation", ("--model=alexnet", "--weights=", "--layer=conv1")),
-        ("significance", ("--model=alexnet", "--weights=", "--layer=conv1")),
-        (
-            "ablation",
-            ("--task=predictions", "--model=alexnet", "--weights=", "--layer=conv1"),
-        ),
-        ("compare", ("--dissect=a|alexnet||conv1",)),
-        ("train", ()),
-    ],
+# The scripts that load a model by --model, with the flags that run each on AlexNet.
+_MODEL_SCRIPTS = (
+    ("dissect", ("--model=alexnet", "--weights=")),
+    ("compositional", ("--model=alexnet", "--weights=", "--layers=conv1")),
+    ("rotation", ("--model=alexnet", "--weights=", "--layer=conv1")),
+    ("significance", ("--model=alexnet", "--weights=", "--layer=conv1")),
+    ("ablation", ("--task=predictions", "--model=alexnet", "--weights=", "--layer=conv1")),
+    ("compare", ("--dissect=a|alexnet||conv1",)),
 )
+
+
+@pytest.mark.parametrize(("name", "args"), [*_MODEL_SCRIPTS, ("train", ())])
 def test_devices_and_batch_size_are_checked_before_the_probe_set(tmp_path, monkeypatch, name, args):
     """--devices beyond the visible ones and a --batch_size that does not split over them
     are one line naming the flag, before the synthetic set is generated or the output
@@ -693,17 +690,7 @@ def test_train_names_a_synthetic_resolution_too_small_as_its_flag(tmp_path, monk
     assert not out.exists()
 
 
-@pytest.mark.parametrize(
-    ("name", "args"),
-    [
-        ("dissect", ("--model=alexnet", "--weights=")),
-        ("compositional", ("--model=alexnet", "--weights=", "--layers=conv1")),
-        ("rotation", ("--model=alexnet", "--weights=", "--layer=conv1")),
-        ("significance", ("--model=alexnet", "--weights=", "--layer=conv1")),
-        ("ablation", ("--task=predictions", "--model=alexnet", "--weights=", "--layer=conv1")),
-        ("compare", ("--dissect=a|alexnet||conv1",)),
-    ],
-)
+@pytest.mark.parametrize(("name", "args"), _MODEL_SCRIPTS)
 def test_a_bad_input_size_is_refused_before_the_probe_set(tmp_path, monkeypatch, name, args):
     """--input_size=0 is one line naming the flag before the synthetic set is generated or
     the output folder claimed, in every script that takes it."""
