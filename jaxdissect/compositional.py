@@ -80,11 +80,16 @@ class SearchSettings:
         if self.optimal_slots < 1:
             raise ValueError(f"optimal_slots={self.optimal_slots}: must be >= 1")
 
+    @property
+    def restricted(self) -> bool:
+        """Whether a formula's union is restricted (unit totals by restriction pattern)."""
+        return self.formula_restriction != "none"
+
     def check_labels(self, labels: LabelSpace) -> None:
         """Raise, naming `formula_restriction`, where its unions cannot be counted for the
         label space's categories (2**C unit totals a unit under a restriction)."""
         c = labels.num_categories
-        if self.formula_restriction != "none" and c > tally.MAX_PATTERN_CATEGORIES:
+        if self.restricted and c > tally.MAX_PATTERN_CATEGORIES:
             raise ValueError(
                 f"formula_restriction={self.formula_restriction!r} with the probe set's {c} "
                 f"categories: its unions take 2**{c} unit totals a unit, at most "
@@ -201,7 +206,7 @@ def explain_layer(
 
         # Unit totals by restriction pattern (2**C per unit) only where a restriction needs
         # them: without one every image counts, whatever the number of categories.
-        restricted = settings.formula_restriction != "none"
+        restricted = settings.restricted
         tally = run(
             "formulas-length1",
             statistics.tally_statistic(

@@ -55,8 +55,9 @@ from jaxdissect.tally import F32_EXACT, upsample
 from jaxdissect.tie_rule import active, check_tie_rule
 
 VARIANTS = ("binary", "raw")
-NO_UNIT = -1  # `single_unit` (`best_heldout_unit`) of a concept no unit overlaps on the
-# training (held-out) images
+# `single_unit` (`best_heldout_unit`) of a concept no unit overlaps on the training
+# (held-out) images.
+NO_UNIT = -1
 # Adam's epsilon: at least 100 times a gradient at float32 rounding level (~1e-9; the bias's
 # gradient at zero weights is exactly 0 under alpha weighting), so rounding noise moves no weight.
 ADAM_EPS = 1e-6
@@ -400,6 +401,12 @@ def _detector_iou(iou: np.ndarray, everywhere: np.ndarray) -> np.ndarray:
     return np.where(everywhere[:, None], 0.0, iou)
 
 
+def _best_unit(iou: np.ndarray) -> np.ndarray:
+    """int [C]: per concept the unit of the best `iou` [K, C] (the first of equals), or
+    `NO_UNIT` where no unit overlaps it (every IoU 0)."""
+    return np.where(iou.max(axis=0) > 0, np.argmax(iou, axis=0), NO_UNIT)
+
+
 def set_iou(inter: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """float64 inter / (a + b - inter), 0 where the union is empty."""
     union = np.asarray(a, np.int64) + np.asarray(b, np.int64) - inter
@@ -455,10 +462,7 @@ def train_concept_vectors(
     alpha = 1.0 - share if cfg.balance else np.full(len(concepts), 0.5)
     train_everywhere = train_counts["unit_area"] == len(train_idx) * pixels
     train_unit_iou = _detector_iou(_unit_iou(train_counts), train_everywhere)
-    # No unit overlaps the concept on the training images: no single unit (-1, IoU 0).
-    single_unit = np.where(
-        train_unit_iou.max(axis=0) > 0, np.argmax(train_unit_iou, axis=0), NO_UNIT
-    )
+    single_unit = _best_unit(train_unit_iou)
 
     state = jax.device_put(
         {
@@ -505,10 +509,7 @@ def train_concept_vectors(
     # covering a small held-out set alone is a unit, maybe the single unit, which it bounds).
     everywhere = train_everywhere & (held["unit_area"] == len(heldout_idx) * pixels)
     held_detector_iou = _detector_iou(unit_iou, everywhere)
-    # No unit overlaps the concept on the held-out images: no held-out best (-1, IoU 0).
-    best_held = np.where(
-        held_detector_iou.max(axis=0) > 0, np.argmax(held_detector_iou, axis=0), NO_UNIT
-    )
+    best_held = _best_unit(held_detector_iou)
     host = jax.device_get(state)
     return ConceptVectors(
         concepts=concepts,
