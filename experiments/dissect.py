@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import pathlib
 
 from absl import app, flags
 
@@ -161,7 +160,6 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
     if not fv.distributed:  # a multi-host job's devices are known once it has joined
         cli.check_devices(fv, batch_size=settings.batch_size)
     output_dir = fv.output_dir or os.path.join("runs", cli.run_name(fv.model, fv.weights))
-    created = not os.path.exists(os.path.expanduser(output_dir))
     claim = cli.claim_output_dir(output_dir)
 
     from jaxdissect import parallel
@@ -174,12 +172,7 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
 
     holder = not fv.distributed or jax.process_index() == 0
     with claim if holder else contextlib.nullcontext():
-        try:
-            dissect(fv, settings, options, probe, model_options, output_dir)
-        except Exception:
-            if created and holder:
-                _drop_if_unused(output_dir)
-            raise
+        dissect(fv, settings, options, probe, model_options, output_dir)
     what, name = ("Report", "index.html") if fv.report else ("Results", "results.json")
     print(f"{what}: {os.path.abspath(os.path.join(output_dir, name))}")
 
@@ -200,17 +193,6 @@ def _no_layers_message(model: str, info) -> str:
         f"to dissect, e.g. --layers={names[0] if names else 'LAYER'}; its layers: "
         f"{', '.join(shown)}{more}"
     )
-
-
-def _drop_if_unused(output_dir: str) -> None:
-    """Remove `output_dir` where it holds nothing but the lock this process holds (a run
-    that failed before writing anything leaves no empty folder behind)."""
-    from jaxdissect import outdir
-
-    out = pathlib.Path(output_dir).expanduser()
-    if [p.name for p in out.iterdir()] == [outdir.LOCK_FILE]:
-        (out / outdir.LOCK_FILE).unlink()
-        out.rmdir()
 
 
 def dissect(fv, settings, options, probe, model_options, output_dir) -> None:

@@ -17,7 +17,7 @@ import re
 import sys
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from absl import flags, logging
@@ -676,6 +676,19 @@ def run_name(model: str | None, weights: str | None) -> str:
 
 def claim_output_dir(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager:
     """Create and check `--output_dir` now (one-line errors naming the flag), and return the
-    context that holds its lock while the run writes there."""
+    context that holds its lock while the run writes there. A folder this call created is
+    removed where the run fails before writing anything in it (no folder of a lone lock)."""
+    created = not pathlib.Path(path).expanduser().exists()
     outdir.prepare(path, name="--output_dir")
-    return outdir.locked(path, name="--output_dir")
+    return _claimed(path, created)
+
+
+@contextlib.contextmanager
+def _claimed(path: str | os.PathLike[str], created: bool) -> Iterator[pathlib.Path]:
+    with outdir.locked(path, name="--output_dir") as out:
+        try:
+            yield out
+        except BaseException:
+            if created:
+                outdir.remove_if_unused(out)
+            raise

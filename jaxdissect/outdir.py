@@ -143,6 +143,14 @@ def remove_path(path: pathlib.Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_if_unused(out: pathlib.Path) -> None:
+    """Remove the folder `out` where it holds nothing but its lock (held by this process)."""
+    if [p.name for p in out.iterdir()] == [LOCK_FILE]:
+        (out / LOCK_FILE).unlink()
+        with contextlib.suppress(OSError):  # kept where another run has just created its lock
+            out.rmdir()
+
+
 def follow_on_files(out: pathlib.Path) -> list[pathlib.Path]:
     """The follow-on scripts' outputs in `out` (`FOLLOW_ON_OUTPUTS`), sorted."""
     return sorted({path for pattern in FOLLOW_ON_OUTPUTS for path in out.glob(pattern)})

@@ -332,6 +332,32 @@ def test_a_second_run_on_a_locked_output_dir_says_who_holds_it(tmp_path, scripts
     holder.wait()
 
 
+def test_a_failed_run_leaves_no_folder_it_created_empty(tmp_path):
+    """Every script claims --output_dir through `cli.claim_output_dir`: a run that fails
+    before writing removes the folder it created, and only that one."""
+
+    class Failed(Exception):
+        pass
+
+    new = tmp_path / "new" / "out"
+    with pytest.raises(Failed), cli.claim_output_dir(new):
+        assert (new / outdir.LOCK_FILE).exists()
+        raise Failed
+    assert not new.exists() and (tmp_path / "new").is_dir()  # its parent was not claimed
+    (existing := tmp_path / "existing").mkdir()
+    with pytest.raises(Failed), cli.claim_output_dir(existing):
+        raise Failed
+    assert sorted(p.name for p in existing.iterdir()) == [".lock"]  # the user's folder stays
+    written = tmp_path / "written"
+    with pytest.raises(Failed), cli.claim_output_dir(written):
+        (written / "tally.csv").write_text("")
+        raise Failed
+    assert sorted(p.name for p in written.iterdir()) == [".lock", "tally.csv"]
+    with cli.claim_output_dir(done := tmp_path / "done"):
+        pass
+    assert done.is_dir()  # a run that ends well keeps its folder
+
+
 def test_the_python_api_holds_the_output_dir(tmp_path):
     holder = _holder(tmp_path)
     try:
