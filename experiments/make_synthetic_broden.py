@@ -37,6 +37,8 @@ def run() -> None:
     num_images, size = _NUM_IMAGES.value, _SIZE.value
     if _TINY.value:
         num_images, size = synthetic.TINY["num_images"], synthetic.TINY["size"]
+    if _WORKERS.value < 0:  # 0 is the library's None
+        raise ValueError(f"--workers={_WORKERS.value}: must be >= 1, or 0 for all cores")
     last = [0.0]
 
     def progress(done: int, total: int) -> None:

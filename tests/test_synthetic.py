@@ -366,6 +366,16 @@ def test_cli_errors_are_one_line_naming_the_flag(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == "error: --num_images=0: must be >= 1"
     assert "Traceback" not in proc.stderr and not (tmp_path / "set").exists()
+    # A negative --workers ran as one worker; 0 means all cores, so it is not the library's
+    # `workers=` (None there).
+    proc = _make_synthetic_broden(f"--out_dir={tmp_path / 'set'}", "--workers=-3")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: --workers=-3: must be >= 1, or 0 for all cores"
+    ]
+    with pytest.raises(ValueError, match=r"^workers=0: must be >= 1, or None for all cores$"):
+        syn.generate(tmp_path / "set", num_images=2, size=32, workers=0)
+    assert not (tmp_path / "set").exists()
 
 
 def test_reader_round_trip(tiny, parsed):

@@ -239,6 +239,8 @@ def generate(
         raise ValueError(f"size={size}: must be >= {MIN_SIZE}")
     if seed < 0:
         raise ValueError(f"seed={seed}: must be >= 0")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers={workers}: must be >= 1, or None for all cores")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     _check_replaceable(out)
