@@ -56,6 +56,14 @@ class SceneTask:
     description: str
     fingerprint: str
 
+    def __post_init__(self) -> None:
+        if not len(self.val):
+            raise ValueError(
+                f"{self.description or 'the data'}: the validation split holds no image of "
+                f"the {self.num_classes} training classes, so no accuracy can be measured: "
+                "use a larger probe set"
+            )
+
     @property
     def num_classes(self) -> int:
         return len(self.class_labels)

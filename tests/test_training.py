@@ -72,6 +72,17 @@ def test_scene_task_classes_are_the_train_splits_scenes(broden_root, task):
     assert set(task.val.labels.tolist()) <= set(range(task.num_classes))
 
 
+def test_a_validation_split_without_a_training_class_is_refused(tmp_path):
+    """8 synthetic images: the val split's scenes are absent from the train split, so every
+    val image is left out; an accuracy over no image (train.py printed 0.0000) is refused."""
+    from jaxdissect.data import synthetic
+
+    root = synthetic.generate(tmp_path / "broden", num_images=8, size=32, workers=1)
+    train, val = (Broden.open(root, split=s) for s in ("train", "val"))
+    with pytest.raises(ValueError, match=r"the validation split holds no image of the \d+ train"):
+        scenes.scene_task(train, val, description="synthetic")
+
+
 def test_the_tfds_build_gives_the_same_task_as_the_folder(tmp_path):
     from jaxdissect.data import synthetic, tfds_broden
 
