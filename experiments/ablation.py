@@ -121,7 +121,11 @@ def run(fv: flags.FlagValues = FLAGS):
         if fv.top_classes < 1:
             raise ValueError(f"--top_classes={fv.top_classes}: must be >= 1")
         if fv.class_names and not os.path.isfile(fv.class_names):
-            raise FileNotFoundError(f"--class_names={fv.class_names}: no such file")
+            what = "a folder" if os.path.isdir(fv.class_names) else "no such file"
+            raise FileNotFoundError(
+                f"--class_names={fv.class_names}: {what}; give a text file of the logits' "
+                "names, one a line"
+            )
     elif fv.model or fv.model_option or fv.num_classes is not None:
         given = "--model" if fv.model else cli.given_option_flags(fv)
         raise ValueError(

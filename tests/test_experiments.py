@@ -482,7 +482,7 @@ def test_significance_names_a_negative_rotation_seed_up_front(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_ablation_predictions_task_names_its_bad_flags():
+def test_ablation_predictions_task_names_its_bad_flags(tmp_path):
     with pytest.raises(ValueError, match="--task=predictions needs --model"):
         run_script("ablation", "--task=predictions")
     with pytest.raises(ValueError, match="--top_classes=0: must be >= 1"):
@@ -498,8 +498,10 @@ def test_ablation_predictions_task_names_its_bad_flags():
     with pytest.raises(ValueError, match="--top_n=1.5: expected whole numbers"):
         run_script("ablation", "--task=predictions", "--model=resnet18", "--top_n=1.5")
     predictions = ("--task=predictions", "--model=efficientnet_lite0", "--weights=pretrained")
-    with pytest.raises(FileNotFoundError, match="--class_names=nowhere: no such file"):
+    with pytest.raises(FileNotFoundError, match="--class_names=nowhere: no such file; give a"):
         run_script("ablation", *predictions, "--class_names=nowhere")
+    with pytest.raises(FileNotFoundError, match=f"--class_names={tmp_path}: a folder; give a"):
+        run_script("ablation", *predictions, f"--class_names={tmp_path}")
 
 
 def test_ablation_class_names_must_name_every_logit(tmp_path, data_args):
