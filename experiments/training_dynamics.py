@@ -27,6 +27,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_list("layers", ["conv3", "conv5"], "Layers to dissect.", flag_values=fv)
     flags.DEFINE_string("output_dir", None, "Default: <run>/dynamics.", flag_values=fv)
     cli.define_dissection_flags(fv, split="val", synthetic_images=4000, resolution=96)
+    fv["run"].field_name = "run_dir"  # `studies.run_checkpoints`' errors name them
+    fv["steps"].field_name = "steps"
 
 
 def run(fv: flags.FlagValues = FLAGS) -> list[dict]:

@@ -137,15 +137,18 @@ def run_checkpoints(
     found = list_weights(run_dir)
     if not found:
         raise FileNotFoundError(
-            f"{run_dir} has no {WEIGHTS_DIR}/step_N/meta.json: train with experiments/train.py "
-            "and --save_steps first"
+            f"run_dir={run_dir} has no {WEIGHTS_DIR}/step_N/meta.json: train with "
+            "experiments/train.py and --save_steps first"
         )
     if steps is not None:
         have = dict(found)
         steps = list(dict.fromkeys(steps))
         missing = [s for s in steps if s not in have]
         if missing:
-            raise ValueError(f"{run_dir} has no exported steps {missing}; it has {sorted(have)}")
+            raise ValueError(
+                f"steps={','.join(map(str, steps))}: run_dir={run_dir} has no exported steps "
+                f"{missing}; it has {sorted(have)}"
+            )
         found = [(s, have[s]) for s in steps]
     out = []
     for step, path in found:

@@ -680,6 +680,26 @@ def test_a_layer_pattern_matching_several_layers_is_refused(tmp_path, monkeypatc
         main(["prog"])
 
 
+def test_training_dynamics_names_its_run_and_steps_flags(tmp_path, monkeypatch):
+    """`studies.run_checkpoints`' errors, one line naming --run and --steps (they named the
+    folder alone), before the output folder is claimed."""
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "cache"))
+    out, run = tmp_path / "out", tmp_path / "run"
+    run.mkdir()
+    for argv, message in (
+        ((), rf"^error: --run={run} has no weights/step_N/meta.json: train with "),
+        (("--steps=0,50",), rf"^error: --steps=0,50: --run={run} has no exported steps \[50\]"),
+    ):
+        if argv:
+            (run / "weights" / "step_000000").mkdir(parents=True)
+            (run / "weights" / "step_000000" / "meta.json").write_text("{}")
+        fv = parse("training_dynamics", f"--run={run}", *argv, f"--output_dir={out}")
+        main = cli.script_main(lambda fv=fv: script("training_dynamics").run(fv), fv)
+        with pytest.raises(SystemExit, match=message):
+            main(["prog"])
+        assert not out.exists()
+
+
 def test_train_names_a_synthetic_resolution_too_small_as_its_flag(tmp_path, monkeypatch):
     """A synthetic set too small to generate is one line naming --resolution (not the
     library's `resolution=`), before the output folder is claimed."""

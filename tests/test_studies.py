@@ -73,7 +73,8 @@ def test_a_step_asked_for_twice_is_dissected_once(tmp_path):
         (folder / "meta.json").write_text(json.dumps({"train": {"val_accuracy": step / 200}}))
     got = studies.run_checkpoints(tmp_path, [100, 0, 100])
     assert [(c.step, c.val_accuracy) for c in got] == [(100, 0.5), (0, 0.0)]
-    with pytest.raises(ValueError, match=r"has no exported steps \[50\]; it has \[0, 100\]"):
+    message = rf"^steps=50: run_dir={tmp_path} has no exported steps \[50\]; it has \[0, 100\]$"
+    with pytest.raises(ValueError, match=message):
         studies.run_checkpoints(tmp_path, [50])
 
 
