@@ -10,7 +10,9 @@ training export of experiments/train.py; LAYERS comma-separated; NAME a folder n
 all of one probe set (the same dataset, split and number of images) and one method
 (iou_threshold, categories, quantile, threshold_on, restriction, tie_rule and
 activation_dtype equal; --allow_mixed_settings compares others with a warning each,
-and compare.json's mixed_settings lists them; each row carries these settings). Writes
+and compare.json's mixed_settings lists them; each row carries these settings, and how
+its thresholds were estimated: rows of exact and sketched thresholds are compared with a
+warning, listed there too). Writes
 compare.csv (one row per model and layer: num_units, interpretable_units,
 unique_detectors, and per category C the unique detectors `unique:C`,
 interpretable units `interpretable:C` and share of the unique detectors
@@ -214,6 +216,7 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
         for name, *_ in dissections:
             methods[f"--dissect={name}"] = studies.results_method(os.path.join(fv.output_dir, name))
         differences = studies.check_one_method(methods, allow=fv.allow_mixed_settings, flag=mixed)
+        differences += studies.check_one_estimate(rows, "dissect them with --quantile_mode=exact")
         document = {"entries": entries, "mixed_settings": differences}
         files = studies.write_comparison(fv.output_dir, rows, document)
     for r in rows:

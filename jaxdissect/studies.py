@@ -373,8 +373,52 @@ def results_rows(
     settings = document.get("settings", {})
     model = settings.get("model", "")
     return [
-        {"name": name, "model": model, **summary_row(r), **method_of(settings, r)} for r in records
+        {
+            "name": name,
+            "model": model,
+            **summary_row(r),
+            **method_of(settings, r),
+            "thresholds": threshold_estimate(settings, r["layer"]),
+        }
+        for r in records
     ]
+
+
+def threshold_estimate(settings: Mapping[str, Any], layer: str) -> str | None:
+    """How a layer's thresholds were computed, from its results.json `settings`: "exact"
+    (the `exact` or `histogram` quantile mode) or "sketch N" (a sketch of N values a unit);
+    None where the file does not record it."""
+    mode = (settings.get("quantile_modes") or {}).get(layer)
+    if mode is None:
+        return None
+    if mode != "sketch":
+        return "exact"
+    from jaxdissect import quantiles
+
+    return f"sketch {settings.get('sketch_size') or quantiles.DEFAULT_SIZE}"
+
+
+def check_one_estimate(rows: Sequence[Mapping[str, Any]], how: str) -> list[str]:
+    """Warn where `results_rows`' thresholds were estimated differently (exact against a
+    sketch, or sketches of other sizes): a sketch's counts differ from exact ones by its
+    error, on top of what the comparison measures. `how` says how to make them equal.
+    Returns the warning's line (none where they agree)."""
+    named: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("thresholds"):
+            named.setdefault(row["thresholds"], []).append(f"{row['name']} {row['layer']}")
+    if len(named) < 2:
+        return []
+    shown = "; ".join(
+        f"{estimate}: {', '.join(names[:3])}{f' and {len(names) - 3} more' if names[3:] else ''}"
+        for estimate, names in named.items()
+    )
+    line = (
+        f"thresholds estimated differently ({shown}): counts from a sketch differ from exact "
+        f"ones by its error; {how} to compare exact counts"
+    )
+    logging.warning("%s", line)
+    return [line]
 
 
 # The settings of a dissection that change its counts; a comparison holds them equal.

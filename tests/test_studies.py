@@ -275,6 +275,43 @@ def test_the_compare_script_refuses_mixed_methods_unless_allowed(tmp_path):
     assert store.read_rows_csv(tmp_path / "out" / "compare.csv")[1]["tie_rule"] == "inclusive"
 
 
+def test_rows_say_how_their_thresholds_were_estimated_and_a_mix_is_warned(tmp_path, caplog):
+    """Exact and histogram quantiles are the same numbers; a sketch's are not: rows whose
+    thresholds come from both (or from sketches of other sizes) are compared with a warning,
+    which compare.json's mixed_settings lists; files that do not record it match any."""
+    from tests.experiment_testing import run_script
+
+    def rows(name, **settings):
+        return studies.results_rows(name, _results_dir(tmp_path / name, **settings))
+
+    exact = rows("e", quantile_modes={"L": "exact"}) + rows("h", quantile_modes={"L": "histogram"})
+    assert [r["thresholds"] for r in exact] == ["exact", "exact"]
+    old = rows("old")  # written before results.json recorded the modes
+    assert old[0]["thresholds"] is None
+    assert studies.check_one_estimate(exact + old, "how") == []
+    sketch = rows("s", quantile_modes={"L": "sketch"})
+    big = rows("big", quantile_modes={"L": "sketch"}, sketch_size=2048)
+    assert (sketch[0]["thresholds"], big[0]["thresholds"]) == ("sketch 672", "sketch 2048")
+    with caplog.at_level(logging.WARNING):
+        (line,) = studies.check_one_estimate(exact + sketch, "dissect with exact")
+    assert line == (
+        "thresholds estimated differently (exact: e L, h L; sketch 672: s L): counts from a "
+        "sketch differ from exact ones by its error; dissect with exact to compare exact counts"
+    )
+    assert line in caplog.text
+    assert studies.check_one_estimate(sketch + big + sketch, "how")  # sizes differ
+    argv = [f"--results={n}={tmp_path / n}" for n in ("e", "s")]
+    run_script("compare", *argv, f"--output_dir={tmp_path / 'out'}")
+    doc = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert doc["settings"]["mixed_settings"] == [
+        "thresholds estimated differently (exact: e L; sketch 672: s L): counts from a sketch "
+        "differ from exact ones by its error; dissect them with --quantile_mode=exact to "
+        "compare exact counts"
+    ]
+    table = store.read_rows_csv(tmp_path / "out" / "compare.csv")
+    assert [r["thresholds"] for r in table] == ["exact", "sketch 672"]
+
+
 @pytest.mark.parametrize(
     ("steps", "linthresh", "ticks"),
     [
