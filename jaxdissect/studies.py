@@ -41,8 +41,8 @@ def stack_models(
 ) -> tuple[
     Callable[[Any, jax.Array], dict[str, jax.Array]], dict[str, Any], dict[str, tuple[str, str]]
 ]:
-    """(fn, variables, {result name: (member, layer)}) for the dissection of every member's
-    `layers`, in member then layer order.
+    """(fn, variables, {result name: (member, layer, module path)}) for the dissection of
+    every member's `layers`, in member then layer order.
 
     Args:
       members: (name, model) pairs, each model with `module`, `variables` and
@@ -71,17 +71,17 @@ def stack_models(
                 f"in {first[0]}: stack members of one architecture"
             )
         taps[member] = tap
-        for layer in tap.names:
+        for layer, path in zip(tap.names, tap.layers, strict=True):
             name = stacked_name(member, layer)
             if name in names:
-                other, theirs = names[name]
+                other, theirs, _ = names[name]
                 where = f"member {member!r}" if other == member else f"{other!r} and {member!r}"
                 raise ValueError(
                     f"layers={list(layers)} of {where}: {theirs!r} and {layer!r} both make the "
                     f"result name {name!r} (characters other than letters, digits, _ and - "
                     "become _); rename a member or a layer"
                 )
-            names[name] = (member, layer)
+            names[name] = (member, layer, path)
 
     def fn(variables: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Array]:
         out = {}
@@ -181,8 +181,10 @@ def dynamics_study(
     spec = models[0][1].input_spec
     fn, variables, stacked = stack_models(models, layers, input_size=spec.size)
     names = list(stacked)
-    # The layers as the captures name them (a `re:` pattern: every path it matches).
-    layers = list(dict.fromkeys(layer for _, layer in stacked.values()))
+    # The layers as the captures name them (a `re:` pattern: every path it matches), and
+    # their module paths (the results' own paths are the stacked names).
+    paths = {layer: path for _, layer, path in stacked.values()}
+    layers = list(paths)
     info = pipeline.ModelInfo(
         module=fn,
         variables=variables,
@@ -211,7 +213,7 @@ def dynamics_study(
         for layer in layers:
             record = results.layer_record(by_name[stacked_name(member, layer)])
             row = summary_row(record)
-            row["layer"] = layer
+            row["layer"], row["path"] = layer, paths[layer]
             rows.append({"step": c.step, "val_accuracy": c.val_accuracy, **row})
     store.write_rows_csv(out / "dynamics.csv", rows)
     store.write_json(

@@ -127,6 +127,9 @@ def test_training_dynamics_script(dynamics_run):
     assert [(r["step"], r["layer"]) for r in rows] == [
         (str(s), layer) for s in (0, TINY_STEPS) for layer in ("conv3", "conv5")
     ]
+    # The module's path (it was the stacked result's name, step000000-conv3).
+    paths = [r["path"] for r in rows]
+    assert paths[:2] == paths[2:] and all(re.fullmatch(r"features/\d+", p) for p in paths)
     assert {"val_accuracy", "unique_detectors", "unique:color", "share:texture"} <= set(rows[0])
     for name in ("dynamics.json", "dynamics.png", "dynamics_accuracy.png", "results.json"):
         assert (out / name).is_file()

@@ -102,7 +102,7 @@ def test_layers_whose_result_names_collide_are_refused():
         module=module, variables=init_variables(module, jnp.zeros((1, 8, 8, 3))), apply_kwargs={}
     )
     _, _, names = studies.stack_models([("m", model)], ["b.c"], input_size=8)
-    assert names == {"m-b_c": ("m", "b.c")}
+    assert names == {"m-b_c": ("m", "b.c", "b/c")}
     with pytest.raises(ValueError, match="'b.c' and 'b_c' both make the result name 'm-b_c'"):
         studies.stack_models([("m", model)], ["b.c", "b_c"], input_size=8)
 
@@ -130,10 +130,10 @@ def test_a_layer_pattern_stacks_every_module_it_matches():
         [("s0", model), ("s1", model)], ["re:a|b"], input_size=8
     )
     assert names == {
-        "s0-a": ("s0", "a"),
-        "s0-b": ("s0", "b"),
-        "s1-a": ("s1", "a"),
-        "s1-b": ("s1", "b"),
+        "s0-a": ("s0", "a", "a"),
+        "s0-b": ("s0", "b", "b"),
+        "s1-a": ("s1", "a", "a"),
+        "s1-b": ("s1", "b", "b"),
     }
     out = fn(variables, jnp.zeros((1, 8, 8, 3)))
     assert {k: v.shape[-1] for k, v in out.items()} == {"s0-a": 3, "s0-b": 2, "s1-a": 3, "s1-b": 2}
