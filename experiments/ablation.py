@@ -349,8 +349,12 @@ def _ablate(fv, settings, options, probe, ns, output_dir):
         },
         measure="agreement with the intact network" if fv.task == "predictions" else "accuracy",
     )
+    try:  # the dissection beside the page, this run's or (--nodissect) an earlier one
+        dissected = results.read_results_json(out / "results.json")["settings"]["layers"]
+    except (OSError, ValueError, KeyError):
+        dissected = []
     ablation_page.write_page(
-        out, doc, strips_dir=out / "strips" / results.layer_file_stems([fv.layer])[0]
+        out, doc, strips_dir=ablation_page.strips_dir(out, dissected, fv.layer)
     )
     return doc
 

@@ -44,6 +44,7 @@ from jaxdissect import (
 )
 from jaxdissect.data import loader, probe
 from jaxdissect.preprocess import TORCHVISION, InputSpec, as_input_spec
+from jaxdissect.report import ablation_page
 from jaxdissect.report import build as report_build
 from jaxdissect.report import html as report_html
 
@@ -545,6 +546,8 @@ def dissect(
             "removed the outputs of follow-on scripts made from the dissection replaced: %s",
             ", ".join(removed),
         )
+    if not replaced:  # kept: ablation.html links this run's report (or none), not the last's
+        ablation_page.relink(out, tap.names)
     # Last: results.json marks the run complete.
     results.write_results_json(out / "results.json", layer_results, run_settings)
     if timings is not None:

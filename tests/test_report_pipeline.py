@@ -418,3 +418,57 @@ def test_results_json_names_the_categories_in_the_label_spaces_order(tmp_path):
     pipeline.dissect(info, ["conv1"], source, settings, out, dataset_name="4", options=options)
     doc = results.read_results_json(tmp_path / "out" / "results.json")
     assert doc["settings"]["categories"] == list(named)
+
+
+def test_an_ablation_page_kept_through_a_rerun_links_what_is_there(dissected, tmp_path):
+    """ablation.html links the report's strips and index.html: kept through a rerun of the
+    same dissection that writes no report (a study script's default), it links none of
+    them (its strips and index.html went with the report replaced)."""
+    import re
+
+    from jaxdissect.report import ablation_page
+
+    report, _, root = dissected
+    out = tmp_path / "run"
+    shutil.copytree(report, out)  # .work included: the passes' stages are reused
+    unit = {"unit": 0, "drop": 0.25, "name": "x", "category": "object", "iou": 0.1}
+    doc = {
+        "settings": {"layer": "top", "weights": "w", "units": 12, "eval_images": 9, "task": "t"},
+        "value": "zero",
+        "classes": [
+            {
+                "class": "c",
+                "examples": 3,
+                "curve": {"n": [0, 1], "class_accuracy": [1.0, 0.5], "others_accuracy": [1, 1]},
+                "units": [{**unit, "interpretable": True}],
+            }
+        ],
+    }
+    store.write_json(out / "ablation.json", doc)
+    (out / "ablation.png").write_bytes(b"")  # ablation_files writes it beside
+    strips = ablation_page.strips_dir(out, ["conv1", "top"], "top")
+    ablation_page.write_page(out, doc, strips_dir=strips)
+
+    def links():
+        page = (out / "ablation.html").read_text()
+        return {
+            link: (out / link).is_file() for link in re.findall(r'(?:src|href)="([^"]+)"', page)
+        }
+
+    assert links() == {"index.html": True, "strips/top/unit0000.jpg": True, "ablation.png": True}
+    _rerun(root, out, ["conv1", "top"])  # the same dissection, no report
+    assert not (out / "index.html").exists()
+    assert links() == {"ablation.png": True}  # the follow-on kept, no link into the report
+
+
+def test_an_ablation_page_finds_its_layers_strips_among_clashing_names(tmp_path):
+    """A layer's strips are named by the stems of all the dissection's layers (`a/b` took
+    `a_b`, so `a_b`'s are hashed), not by its name alone."""
+    from jaxdissect.report import ablation_page
+
+    stems = results.layer_file_stems(["a/b", "a_b"])
+    assert stems[0] == "a_b" and stems[1] != "a_b"
+    assert (
+        ablation_page.strips_dir(tmp_path, ["a/b", "a_b"], "a_b") == tmp_path / "strips" / stems[1]
+    )
+    assert ablation_page.strips_dir(tmp_path, ["a/b"], "a_b") is None

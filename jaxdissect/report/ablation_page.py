@@ -6,11 +6,13 @@ Rendered by jinja2 with autoescaping on: class and label names are data and show
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxdissect import results
 from jaxdissect.report import page
 
 _PAGE = page.template(
@@ -69,3 +71,28 @@ def write_page(
         strips=strips,
         dissection=(out / "index.html").is_file(),
     )
+
+
+def strips_dir(out: pathlib.Path, layers: Sequence[str], layer: str) -> pathlib.Path | None:
+    """The folder of `layer`'s unit strips in the report of a dissection of `layers` in `out`
+    (None where `layer` is not one of them): named, as that run's files are, by the stems of
+    all its layers together (`results.layer_file_stems`; `a/b` beside `a_b` is hashed)."""
+    layers = list(layers)
+    if layer not in layers:
+        return None
+    return out / "strips" / results.layer_file_stems(layers)[layers.index(layer)]
+
+
+def relink(out: pathlib.Path, layers: Sequence[str]) -> pathlib.Path | None:
+    """Write out/ablation.html again from its ablation.json, linking the report of the
+    dissection of `layers` in `out` as it is now: a rerun of the dissection the page was
+    made from keeps the page (`pipeline.dissect`) but may write another report, or none,
+    in place of the one whose strips and index.html it linked. None where there is no page."""
+    if not (out / "ablation.html").is_file():
+        return None
+    try:
+        document = json.loads((out / "ablation.json").read_text(encoding="utf-8"))
+        layer = document["settings"]["layer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return write_page(out, document, strips_dir=strips_dir(out, layers, layer))
