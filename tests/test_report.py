@@ -639,6 +639,48 @@ def test_a_strip_draws_only_the_top_images_where_the_unit_fires(tmp_path):
     assert widths == {"strict": [8, 8 + 3 + 8], "inclusive": [3 * 8 + 2 * 3, 8 + 3 + 8]}
 
 
+def test_a_report_leaves_no_strip_of_an_earlier_run_beside_its_own(tmp_path):
+    """strips/<layer>/ holds this report's strips only: one that a run killed before its
+    results.json left (no rerun knows to remove it) of a unit that now gets no strip is gone,
+    so that nothing finding strips by file name (ablation.html) shows it as this run's."""
+    from jaxdissect import results
+    from jaxdissect.labelspace import LabelSpace
+
+    class Source:
+        seg_size = (8, 8)
+
+        def read_image(self, i: int) -> np.ndarray:
+            return np.full((8, 8, 3), 10 * i, np.uint8)
+
+    labels = LabelSpace(("color",), ("-", "red-c"), np.array([-1, 0], np.int32), (False,))
+    counts = {
+        "intersection": np.array([[0, 3], [0, 0]]),
+        "label_pixels": np.array([0, 10]),
+        "unit_pixels": np.array([[5], [0]]),
+        "unit_total": np.array([5, 0]),  # unit 1 has no active pixel: no strip
+        "images": np.int64(2),
+    }
+    layer = results.layer_result("head", counts, labels)
+    maps = np.ones((1, 2, 2, 2), np.float32)
+    stale = tmp_path / "strips" / "head" / "unit0001.jpg"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an earlier run's")
+    build.write_dissection_report(
+        tmp_path,
+        "m",
+        "d",
+        {},
+        [layer],
+        {"head": np.array([0.5, 0.5], np.float32)},
+        {"head": np.array([[0, 1]], np.int32)},
+        {"head": maps},
+        Source(),
+        tie_rule="strict",
+        strip_height=8,
+    )
+    assert sorted(p.name for p in stale.parent.iterdir()) == ["unit0000.jpg"]
+
+
 def test_a_top_image_whose_upsampled_mask_is_empty_is_left_out(tmp_path):
     """A raw peak just above T that upsamples to no pixel at the strip's size (one interior
     cell of a 4x4 map at 1.0, T = 0.9: at most 0.5625 upsampled) is not drawn, wholly

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from jaxdissect import masks as masks_lib
-from jaxdissect import results, significance, store, ties
+from jaxdissect import outdir, results, significance, store, ties
 from jaxdissect.report import html as report_html
 from jaxdissect.report import strips as report_strips
 from jaxdissect.tie_rule import active
@@ -146,6 +146,9 @@ def write_dissection_report(
     stems = results.layer_file_stems([r.layer for r in layer_results])
     for r, stem in zip(layer_results, stems, strict=True):
         strip_dir = out / report_html.STRIPS_DIR / stem
+        # Only this report's strips: one a killed run left (no results.json names it for a
+        # rerun to remove) would show beside them where strips are found by name (ablation.html).
+        outdir.remove_path(strip_dir)
         drawn = drawn_ranks(top_indices[r.path], maps[r.path], thresholds[r.path], tie_rule)
         shown = drawn.any(0) & ~np.asarray(r.cannot_fire, bool)
         files = {int(k): strip_dir / f"unit{k:04d}.jpg" for k in np.flatnonzero(shown)}
