@@ -216,6 +216,7 @@ def _computation(module: Any, defined: set[Any]) -> list[Any]:
     where no file is; empty where nothing is (a Linen module or a function reading no
     value but code, from a file), so that their keys stay as they were. Values it cannot
     key are named in one warning."""
+    import flax.linen as nn
     from flax import nnx
 
     unkeyed: list[str] = []
@@ -240,10 +241,17 @@ def _computation(module: Any, defined: set[Any]) -> list[Any]:
                 for (fn, name), v in function_constants(module, "model", keyed=keyed)
             )
         values.extend(_global_values(module, keyed))
-    for cls in sorted(
-        (obj for obj in defined if isinstance(obj, type)),
-        key=lambda c: (c.__module__, c.__qualname__),
-    ):
+    if isinstance(module, nnx.Module | nn.Module):
+        # The user's classes and functions (`_module_classes`): the globals their code reads,
+        # by value (a file's constant set at run time, a notebook's), and the code of the
+        # functions they call that no file defines.
+        for obj in sorted((o for o in defined if _is_users(o)), key=_qualified):
+            functions = [obj] if inspect.isfunction(obj) else _class_functions(obj)
+            for function in functions:
+                values.extend(_global_values(function, keyed))
+            if inspect.isfunction(obj) and not _defining_source(obj):
+                head.append([obj.__qualname__, None, _code_key(obj.__code__)])
+    for cls in sorted((obj for obj in defined if isinstance(obj, type)), key=_qualified):
         for base in cls.__mro__:
             if not _defining_source(base):
                 head.extend(
@@ -373,15 +381,35 @@ def _value_key(value: Any, classes: set[Any], unkeyed: list[str], depth: int = 0
     return name
 
 
+def _qualified(obj: Any) -> tuple[str, str]:
+    return obj.__module__ or "", obj.__qualname__
+
+
+def _class_functions(cls: type) -> list[types.FunctionType]:
+    """The functions `cls` and its user-defined bases define (`_class_code`'s)."""
+    return [
+        function
+        for base in cls.__mro__
+        if _is_users(base)
+        for name, value in sorted(vars(base).items())
+        for function in _accessors(value)
+    ]
+
+
+def _accessors(value: Any) -> list[types.FunctionType]:
+    """The functions of a class attribute: a method, static or class method (unwrapped, as
+    Flax wraps a Linen module's), or a property's accessors."""
+    value = getattr(value, "__func__", value)
+    accessors = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [value]
+    return [inspect.unwrap(fn) for fn in accessors if inspect.isfunction(fn)]
+
+
 def _class_code(cls: type) -> Iterator[tuple[str, Any]]:
     """(name, code object) of the functions `cls` itself defines (methods, static and
     class methods, properties' accessors), by name."""
     for name, value in sorted(vars(cls).items()):
-        value = getattr(value, "__func__", value)  # staticmethod, classmethod
-        accessors = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [value]
-        for fn in accessors:
-            if inspect.isfunction(fn):
-                yield name, inspect.unwrap(fn).__code__  # Flax wraps a Linen module's methods
+        for fn in _accessors(value):
+            yield name, fn.__code__
 
 
 def _code_key(code: Any) -> list[Any]:
@@ -398,8 +426,10 @@ def _code_key(code: Any) -> list[Any]:
     return [code.co_name, code.co_code.hex(), list(code.co_names), list(code.co_varnames), consts]
 
 
-def _module_classes(module: Any) -> set[type]:
-    """`module`'s class, and those of the Linen modules among its dataclass fields."""
+def _module_classes(module: Any) -> set[Any]:
+    """`module`'s class, those of the Linen modules among its dataclass fields, and the
+    user's functions among them (`act=my_activation`, or a partial of one: their repr names
+    them only), whose files and values are keyed as the classes' are."""
     import dataclasses
 
     import flax.linen as nn
@@ -409,8 +439,10 @@ def _module_classes(module: Any) -> set[type]:
         m = todo.pop()
         found.add(type(m))
         if isinstance(m, nn.Module):
-            values = (getattr(m, f.name, None) for f in dataclasses.fields(m))
+            values = [getattr(m, f.name, None) for f in dataclasses.fields(m)]
             todo.extend(v for v in values if isinstance(v, nn.Module) and type(v) not in found)
+            functions = (_unpartial(v) for v in values)
+            found |= {f for f in functions if inspect.isfunction(f) and _is_users(f)}
     return found
 
 

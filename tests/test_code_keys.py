@@ -346,3 +346,42 @@ def test_definition_key_sees_every_value_of_an_array_field():
     assert code_keys.definition_key(lambda v, x: x, {"gains": gains}) != code_keys.definition_key(
         lambda v, x: x, {"gains": np.where(np.arange(2000) == 1500, 0.5, gains)}
     )
+
+
+def test_definition_key_sees_a_field_functions_file_and_the_globals_methods_read(
+    tmp_path, monkeypatch
+):
+    """A Linen module's fields name a function only (`act=<function myact>`): the file
+    defining it is keyed, as the `--model` file holding it often is no other class's; the
+    globals its methods read are keyed by value (a file's constant set at run time), and a
+    notebook class's (with the code of the notebook helpers it calls)."""
+    import importlib
+    import types
+
+    net = "import flax.linen as nn\nSCALE = 1\n\nclass Net(nn.Module):\n    act: object = None\n"
+    net += "\n    def __call__(self, x):\n        return self.act(x) * SCALE\n"
+    (tmp_path / "field_net.py").write_text(net)
+    (tmp_path / "field_act.py").write_text("def myact(x):\n    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    field_net, field_act = (importlib.import_module(m) for m in ("field_net", "field_act"))
+    key = lambda: code_keys.definition_key(field_net.Net(act=field_act.myact))  # noqa: E731
+    before = key()
+    (tmp_path / "field_act.py").write_text("def myact(x):\n    return -x\n")
+    edited = key()
+    assert edited != before  # field_act.py is imported by no model file: only the field
+    monkeypatch.setattr(field_net, "SCALE", 3)
+    assert key() != edited
+    for name in ("field_net", "field_act"):
+        monkeypatch.delitem(sys.modules, name)
+
+    cell = "import flax.linen as nn\nSCALE = %d\n\ndef helper(x):\n    return x * %d\n\n"
+    cell += "class Net(nn.Module):\n    def __call__(self, x):\n        return helper(x) * SCALE\n"
+
+    def notebook(scale: int, factor: int) -> Any:
+        module = types.ModuleType("notebook_globals")  # no __file__, like Jupyter's __main__
+        monkeypatch.setitem(sys.modules, "notebook_globals", module)
+        exec(cell % (scale, factor), module.__dict__)
+        return code_keys.definition_key(module.Net())
+
+    assert notebook(1, 1) == notebook(1, 1)
+    assert len({notebook(1, 1), notebook(3, 1), notebook(1, 2)}) == 3
