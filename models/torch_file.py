@@ -151,8 +151,13 @@ def _stand_ins(obj: Any) -> list[type[PickledObject]]:
     """The stand-in types in `obj` (instances or the types themselves, in containers or an
     `argparse.Namespace`), each once, in the order met."""
     found: dict[type[PickledObject], None] = {}
+    seen: set[int] = set()  # containers the pickle shares are walked once (`_once`)
 
     def walk(obj: Any) -> None:
+        if isinstance(obj, Mapping | list | tuple | Namespace):
+            if id(obj) in seen:
+                return
+            seen.add(id(obj))
         if isinstance(obj, type) and issubclass(obj, PickledObject):
             found.setdefault(obj)
         elif isinstance(obj, PickledObject):
@@ -204,6 +209,21 @@ def _module_state(obj: Any) -> dict[str, Any] | None:
     return None
 
 
+# The most module records one pickled model's state dict may visit: a model has thousands at
+# most, but a crafted file sharing each submodule under two names makes 2**depth of them
+# (and as many keys) from a few kilobytes.
+_MAX_MODULE_VISITS = 2**16
+
+
+def _count_visit(visits: list[int], qualified: str) -> None:
+    visits[0] += 1
+    if visits[0] > _MAX_MODULE_VISITS:
+        raise CheckpointError(
+            f"the pickled module {qualified} holds more than {_MAX_MODULE_VISITS} submodules "
+            "(counting each shared one once per name): not a model's"
+        )
+
+
 # A convolution's `dilation` where it dilates nothing.
 _UNDILATED = (None, 1, (1,), (1, 1), (1, 1, 1), [1, 1])
 
@@ -212,10 +232,12 @@ def _module_weights(root: PickledObject, state: dict[str, Any]) -> ModuleWeights
     """The state dict of the module record `root` of state `state` (`_module_state`;
     tensors not yet cut out)."""
     out = ModuleWeights(root.qualified)
+    visits = [0]
 
     def visit(record: PickledObject, state: dict[str, Any], prefix: str, path: tuple[int, ...]):
         if id(record) in path:
             raise CheckpointError(f"the pickled module {record.qualified} contains itself")
+        _count_visit(visits, root.qualified)
         transient = state.get("_non_persistent_buffers_set") or ()
         dilation = state.get("dilation")
         if record.qualified.split(".")[-1].startswith("Conv") and dilation not in _UNDILATED:
@@ -260,10 +282,12 @@ def _script_module_weights(root: PickledObject, state: dict[str, Any]) -> Module
     attributes (parameters and buffers), then its submodules', keys joined with '.'; other
     attributes (flags, numbers) are not weights."""
     out = ModuleWeights(root.qualified)
+    visits = [0]
 
     def visit(record: PickledObject, state: dict[str, Any], prefix: str, path: tuple[int, ...]):
         if id(record) in path:
             raise CheckpointError(f"the scripted module {record.qualified} contains itself")
+        _count_visit(visits, root.qualified)
         children = []
         for name, value in state.items():
             if isinstance(value, torch_tensors.TensorRef | torch_tensors.Marker):
@@ -282,6 +306,7 @@ def _modules_as_weights(obj: Any) -> Any:
     `ModuleWeights`: an `nn.Module` pickled whole, or a TorchScript module (the root of a
     `torch.jit.save` archive)."""
 
+    @_once
     def walk(obj: Any) -> Any:
         if (state := _module_state(obj)) is not None:
             return _module_weights(obj, state)
@@ -290,6 +315,22 @@ def _modules_as_weights(obj: Any) -> Any:
         return _rebuild(obj, walk)
 
     return walk(obj)
+
+
+def _once(walk: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`walk` that makes one result per container (by identity), as the pickle shares it:
+    a crafted pickle nesting `[x, x]` in itself n times (a few bytes each, memoised) would
+    otherwise be walked, and copied, 2**n times."""
+    done: dict[int, Any] = {}
+
+    def once(obj: Any) -> Any:
+        if not isinstance(obj, dict | list | tuple):
+            return walk(obj)
+        if id(obj) not in done:  # `obj` stays alive in the pickle's tree: ids are not reused
+            done[id(obj)] = walk(obj)
+        return done[id(obj)]
+
+    return once
 
 
 def _rebuild(obj: Any, walk: Callable[[Any], Any]) -> Any:
@@ -509,6 +550,7 @@ def _materialize(obj: Any, arrays: Mapping[str, np.ndarray], budget: Budget) -> 
     """
     cut: dict[torch_tensors.TensorRef, np.ndarray] = {}  # equal refs: the same storage view
 
+    @_once
     def walk(obj: Any) -> Any:
         if isinstance(obj, torch_tensors.TensorRef):
             if obj not in cut:

@@ -168,10 +168,16 @@ def rebuild_qtensor(*args: Any) -> Marker:
     return Marker("quantised tensor")
 
 
-def _quantized_keys(obj: Any, prefix: str = "") -> list[str]:
-    """Key paths of the quantised tensors in nested containers."""
+def _quantized_keys(obj: Any, prefix: str = "", seen: set[int] | None = None) -> list[str]:
+    """Key paths of the quantised tensors in nested containers (a container the pickle
+    shares is walked once, at its first path: nested in itself n times it would be 2**n)."""
+    seen = set() if seen is None else seen
     if isinstance(obj, Marker):
         return [prefix or "<top>"]
+    if isinstance(obj, Mapping | list | tuple):
+        if id(obj) in seen:
+            return []
+        seen.add(id(obj))
     if isinstance(obj, Mapping):
         items = obj.items()
     elif isinstance(obj, list | tuple):
@@ -179,7 +185,9 @@ def _quantized_keys(obj: Any, prefix: str = "") -> list[str]:
     else:
         return []
     return [
-        k for key, v in items for k in _quantized_keys(v, f"{prefix}{'.' if prefix else ''}{key}")
+        k
+        for key, v in items
+        for k in _quantized_keys(v, f"{prefix}{'.' if prefix else ''}{key}", seen)
     ]
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import resource
+import signal
 import struct
 import zipfile
 from pathlib import Path
@@ -313,6 +314,44 @@ def test_one_memory_budget_for_the_whole_file(tmp_path, monkeypatch):
     _craft_tensors(path, {"w": shared}, numel=1)
     got = load_checkpoint(path)["w"]
     assert all(a is got[0] for a in got) and got[0].shape == (2**12,)
+
+
+class _Deadline(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Deadline
+
+
+@FORMATS
+def test_containers_and_modules_shared_in_a_pickle_are_walked_once(tmp_path, zip_format):
+    """A pickle memoises what it shares: `[x, x]` nested in itself 64 times is a file of a
+    few kilobytes that names 2**64 paths. Walked once per container (its sharing kept, as
+    torch keeps it), it loads at once; a whole module sharing each submodule under two names
+    (2**64 keys in its state dict) is refused by its count, not expanded."""
+    nested = [torch.ones(2)]
+    module = torch.nn.Linear(1, 1)
+    for _ in range(64):
+        nested = [nested, nested]
+        parent = torch.nn.Module()
+        parent.a, parent.b = module, module
+        module = parent
+    lists = save_torch({"w": torch.ones(2), "x": nested}, tmp_path / "l.pth", zip_format)
+    modules = save_torch(module, tmp_path / "m.pth", zip_format)
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(30)  # a walk of every path would never end
+    try:
+        got = load_checkpoint(lists)["x"]
+        with pytest.raises(CheckpointError, match=r"^\S*m.pth: the pickled module .* holds more"):
+            load_state_dict(modules)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert got[0] is got[1] and got[0][0] is got[1][1]
+    for _ in range(63):
+        got = got[0]
+    np.testing.assert_array_equal(got[0][0], np.ones(2, np.float32))
 
 
 def test_zip_members_are_checked_before_they_are_read(tmp_path):
