@@ -665,8 +665,9 @@ def load_legacy(path: str, encoding: str) -> Any:
         protocol, _ = _unpickle(file, legacy=True)
         if protocol != _LEGACY_PROTOCOL:
             raise CheckpointError(f"{path}: unsupported legacy protocol {protocol!r}")
-        sys_info, _ = _unpickle(file, legacy=True)
-        big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
+        # The saving machine's byte order (`little_endian`) does not change the file's: torch
+        # writes each storage's size and elements little-endian, and reads them so.
+        _unpickle(file, legacy=True)
         obj, storages = _unpickle(file, legacy=True, encoding=encoding)
         torch_tensors.refuse_quantized(obj, path)
         keys, _ = _unpickle(file, legacy=True)
@@ -681,7 +682,7 @@ def load_legacy(path: str, encoding: str) -> Any:
             header = file.read(8)
             if len(header) != 8:
                 raise CheckpointError(f"{path}: ends before storage {key}; {COPY_AGAIN}")
-            (numel,) = struct.unpack(">q" if big_endian else "<q", header)
+            (numel,) = struct.unpack("<q", header)
             if numel != storage.numel:
                 raise CheckpointError(
                     f"{path}: storage {key} holds {numel} elements, expected {storage.numel}"
@@ -693,7 +694,7 @@ def load_legacy(path: str, encoding: str) -> Any:
             data = file.read(nbytes)
             if len(data) != nbytes:
                 raise CheckpointError(f"{path}: ends inside storage {key}; {COPY_AGAIN}")
-            arrays[key] = torch_tensors.storage_array(data, storage, big_endian)
+            arrays[key] = torch_tensors.storage_array(data, storage, big_endian=False)
         missing = sorted(set(storages) - set(arrays))
         if missing:
             raise CheckpointError(f"{path}: no data for storages {missing}")

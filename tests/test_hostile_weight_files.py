@@ -403,6 +403,24 @@ def test_legacy_storage_larger_than_the_file_is_refused_unread(tmp_path):
             load_state_dict(path)
 
 
+def test_a_legacy_file_saved_on_a_big_endian_machine_reads_as_torch_reads_it(tmp_path):
+    """The legacy format's sys info records the saving machine's byte order, but torch
+    writes (and reads) every storage's size and elements little-endian whatever it was: the
+    file loads with torch's values (the sizes were read big-endian: refused, or with
+    elements byte-swapped)."""
+    state = {"w": torch.arange(6, dtype=torch.float32) / 7, "h": torch.tensor([1.5, -2.0]).half()}
+    data = save_torch(state, tmp_path / "le.pth", False).read_bytes()
+    flag = b"little_endianq\x02\x88"  # BINPUT 2, NEWTRUE
+    assert data.count(flag) == 1
+    path = tmp_path / "be.pth"
+    path.write_bytes(data.replace(flag, b"little_endianq\x02\x89"))  # NEWFALSE
+    want = torch.load(path, weights_only=True)
+    got = load_state_dict(path)
+    for key, value in state.items():
+        np.testing.assert_array_equal(want[key].numpy(), value.numpy())
+        np.testing.assert_array_equal(got[key], value.numpy(), err_msg=key)
+
+
 def _npy(shape: tuple, descr: object = "<f4", data: bytes = b"") -> bytes:
     buffer = io.BytesIO()
     header = {"descr": descr, "fortran_order": False, "shape": shape}
