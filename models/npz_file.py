@@ -51,6 +51,10 @@ def _npz_member_header(
             f"{path}: member {name} holds records of dtype {dtype}, not numbers; save each "
             "field as its own array: np.savez(path, **flat_params)."
         )
+    if not all(type(n) is int and n >= 0 for n in shape):  # numpy's parser takes -1, True
+        raise CheckpointError(
+            f"{path}: member {name} declares shape {shape}, not of whole numbers >= 0; {COPY_AGAIN}"
+        )
     check_shape(shape, dtype.itemsize, f"{path}: member {name}")
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes != info.file_size - header_bytes:

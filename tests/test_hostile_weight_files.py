@@ -434,6 +434,9 @@ NPZ_CASES = {
     "shape 2**62": ({"a.npy": _npy((2**62,))}, r"too large for any array"),
     "zero beside huge": ({"a.npy": _npy((0, 2**62, 4))}, r"too large for any array"),
     "rank 40": ({"a.npy": _npy((1,) * 40, data=bytes(4))}, r"40 dimensions"),
+    # Sizes numpy's header parser takes and its reader does not (a TypeError came out).
+    "bool in shape": ({"a.npy": _npy((True, 4), data=bytes(16))}, r"\(True, 4\), not of whole"),
+    "negative shape": ({"a.npy": _npy((-2, -2), data=bytes(16))}, r"\(-2, -2\), not of whole"),
     "records": ({"a.npy": _npy((1,), [("x", "<f4")], bytes(4))}, r"records of dtype"),
     "objects": ({"a.npy": _npy((1,), "|O", bytes(8))}, r"holds pickled objects"),
     "bad header": ({"a.npy": b"\x93NUMPY\x01\x00\x10\x00{'descr': 'x'}   \n"}, "no readable"),
