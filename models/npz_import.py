@@ -72,6 +72,12 @@ def big_vision_params(
             side * side + 1 == pos.shape[1] if patches is None else (pos.shape[1] == patches + 1)
         )
         if old_layout:  # [class token, patches]
+            cls = flat.get("cls")
+            if cls is not None and np.shape(cls) != pos[:, :1].shape:
+                raise torch_import.WeightMappingError(
+                    f"cls {np.shape(cls)} does not fit the class token's row "
+                    f"{pos[:, :1].shape} of pos_embedding {pos.shape}: not one model's"
+                )
             flat["pos_embedding"] = pos[:, 1:]
             if "cls" in flat:
                 flat["cls"] = flat["cls"] + pos[:, :1]

@@ -323,6 +323,25 @@ def test_old_position_layout_is_told_by_the_models_patch_count():
     np.testing.assert_array_equal(split["cls"], pos[:, :1])
 
 
+def test_a_class_token_that_does_not_fit_the_old_position_row_is_one_line(tmp_path):
+    """A [class token, patches] position embedding beside a class token of another width:
+    a mapping error naming both and the file, not numpy's broadcast error alone."""
+    model = vit.vit_ti16(pool_type="tok", **SMALL)
+    flat = traverse_util.flatten_dict(_random_variables(model, 32)["params"], sep="/")
+    arrays = {k: np.asarray(v) for k, v in flat.items()}
+    arrays["pos_embedding"] = np.zeros((1, 5, 192), np.float32)  # 4 patches + the class row
+    arrays["cls"] = np.zeros((1, 1, 5), np.float32)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(
+        ValueError,
+        match=r"^--weights=\S*bad.npz does not fit --model=vit_ti16: cls \(1, 1, 5\) does not "
+        r"fit the class token's row \(1, 1, 192\) of pos_embedding \(1, 5, 192\)",
+    ):
+        model_load.load(
+            "vit_ti16", weights=str(tmp_path / "bad.npz"), options={"pool_type": "tok", **SMALL}
+        )
+
+
 def test_a_grid_of_as_many_patches_in_another_shape_is_refused():
     """A learned position embedding (and BEiT's bias tables, in the NNX twin) is of the
     square grid of `image_size`: a 32x128 input's 2x8 grid, as many patches as the 4x4 of
