@@ -101,6 +101,10 @@ class TensorRef(_Sealed):
     size: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: np.dtype | None = None  # rebuild_tensor_v3: elements reinterpret a byte storage
+    # torch's lazy conjugate and negative views (`c.conj()`, `c.conj().imag`): the stored
+    # elements are the tensor's conjugated or negated.
+    conj: bool = False
+    neg: bool = False
 
 
 def _as_int_tuple(values: Any, what: str) -> tuple[int, ...]:
@@ -124,6 +128,17 @@ def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) ->
     return TensorRef(storage, storage_offset, size_t, stride_t)
 
 
+def _with_metadata(ref: TensorRef, metadata: Any) -> TensorRef:
+    """`ref` with the conj and neg bits of torch's tensor `metadata` (`{'neg': True}`)."""
+    if not metadata:
+        return ref
+    if not isinstance(metadata, Mapping) or not set(metadata) <= {"conj", "neg"}:
+        raise CheckpointError(f"tensor metadata {metadata!r}: only its conj and neg bits are read")
+    return dataclasses.replace(
+        ref, conj=metadata.get("conj") is True, neg=metadata.get("neg") is True
+    )
+
+
 def rebuild_tensor_v2(
     storage: Any,
     storage_offset: Any,
@@ -133,9 +148,9 @@ def rebuild_tensor_v2(
     backward_hooks: Any = None,
     metadata: Any = None,
 ) -> TensorRef:
-    # requires_grad, hooks and conj/neg metadata do not change the stored values.
-    del requires_grad, backward_hooks, metadata
-    return rebuild_tensor(storage, storage_offset, size, stride)
+    # requires_grad and hooks do not change the values; conj/neg bits do.
+    del requires_grad, backward_hooks
+    return _with_metadata(rebuild_tensor(storage, storage_offset, size, stride), metadata)
 
 
 def rebuild_tensor_v3(
@@ -148,11 +163,11 @@ def rebuild_tensor_v3(
     dtype: Any,
     metadata: Any = None,
 ) -> TensorRef:
-    del requires_grad, backward_hooks, metadata
+    del requires_grad, backward_hooks
     if not isinstance(dtype, DType):
         raise CheckpointError(f"rebuild_tensor_v3 with dtype {dtype!r}")
     ref = rebuild_tensor(storage, storage_offset, size, stride)
-    return dataclasses.replace(ref, dtype=dtype.dtype)
+    return _with_metadata(dataclasses.replace(ref, dtype=dtype.dtype), metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,4 +278,8 @@ def cut(ref: TensorRef, flat: np.ndarray, budget: Budget) -> np.ndarray:
         out = np.array(view, copy=True, order="C")
     if bf16:
         out = widen_bfloat16(out)
+    if ref.conj:
+        np.conjugate(out, out=out)
+    if ref.neg:
+        np.negative(out, out=out)
     return out

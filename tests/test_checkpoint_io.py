@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _torch_value(t: torch.Tensor) -> np.ndarray:
+    t = t.resolve_conj().resolve_neg()
     return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
@@ -68,6 +69,9 @@ def _tricky_state_dict() -> collections.OrderedDict:
         scalar=torch.tensor(3.5),
         count=torch.tensor(7),  # like num_batches_tracked
         empty=torch.zeros(0, 3),
+        # Lazy views whose elements are stored conjugated or negated (metadata's bits).
+        conjugate=torch.randn(3, dtype=torch.complex64, generator=gen).conj(),
+        negative=torch.randn(2, 3, dtype=torch.complex64, generator=gen).conj().imag,
     )
 
 
@@ -85,6 +89,7 @@ def test_state_dict_matches_torch(tmp_path, zip_format):
         assert got.flags.c_contiguous, key
     assert loaded["bfloat"].dtype == np.float32
     assert loaded["scalar"].shape == ()
+    assert state["negative"].is_neg() and state["conjugate"].is_conj()
 
 
 @FORMATS
