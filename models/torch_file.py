@@ -563,13 +563,21 @@ def _materialize(obj: Any, arrays: Mapping[str, np.ndarray], budget: Budget) -> 
     return walk(obj)
 
 
-def _protocol_5_opcode(file: BinaryIO) -> str | None:
-    """'<opcode> at byte <n>' for the pickle's first protocol-5 opcode (out-of-band data:
-    `BYTEARRAY8`, `NEXT_BUFFER`, `READONLY_BUFFER`), None where it has none before its STOP
-    or cannot be read up to one (the unpickler names that fault). torch.save writes
-    protocol 2, and CPython's unpickler prints a SystemError on a damaged `BYTEARRAY8`, so
-    these are refused before it runs. The file is left where it was."""
+# How far a memo index may run past the objects a pickle has memoised so far: picklers
+# number them 0, 1, 2, ..., and CPython's unpickler grows (and zeroes) its memo to twice the
+# index it is given: 16 GiB for a crafted LONG_BINPUT of 2**30, in a pickle of 9 bytes.
+_MEMO_SLACK = 2**16
+
+
+def _refused_opcode(file: BinaryIO) -> str | None:
+    """Why the pickle is refused before the unpickler runs, where it is: its first protocol-5
+    opcode (out-of-band data: `BYTEARRAY8`, `NEXT_BUFFER`, `READONLY_BUFFER`; torch.save
+    writes protocol 2, and CPython's unpickler prints a SystemError on a damaged
+    `BYTEARRAY8`), or a memo index far past the objects memoised before it (`_MEMO_SLACK`).
+    None where there is neither before its STOP, or it cannot be read up to one (the
+    unpickler names that fault). The file is left where it was."""
     start = file.tell()
+    memoised = 0
     try:
         while True:
             at = file.tell() - start
@@ -577,9 +585,20 @@ def _protocol_5_opcode(file: BinaryIO) -> str | None:
             if op is None or op.name == "STOP":
                 return None
             if op.proto >= 5:
-                return f"{op.name} at byte {at}"
-            if op.arg is not None:
-                op.arg.reader(file)
+                return (
+                    f"opcode {op.name} at byte {at} (protocol 5's out-of-band data, which "
+                    "weight files do not hold)"
+                )
+            arg = op.arg.reader(file) if op.arg is not None else None
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                if not isinstance(arg, int) or not 0 <= arg <= memoised + _MEMO_SLACK:
+                    return (
+                        f"opcode {op.name} at byte {at} stores object {arg!r} of its memo "
+                        f"after {memoised} (no pickler numbers them so)"
+                    )
+                memoised += 1
+            elif op.name == "MEMOIZE":
+                memoised += 1
     except (ValueError, UnicodeDecodeError, OverflowError, MemoryError):
         return None  # a damaged argument: the unpickler names it
     finally:
@@ -589,12 +608,9 @@ def _protocol_5_opcode(file: BinaryIO) -> str | None:
 def _unpickle(
     file: BinaryIO, *, legacy: bool, encoding: str = "utf-8"
 ) -> tuple[Any, dict[str, torch_tensors.Storage]]:
-    opcode = _protocol_5_opcode(file)
-    if opcode is not None:
-        raise CheckpointError(
-            f"corrupt or unsupported pickle: opcode {opcode} (protocol 5's out-of-band "
-            f"data, which weight files do not hold); {COPY_AGAIN}"
-        )
+    refused = _refused_opcode(file)
+    if refused is not None:
+        raise CheckpointError(f"corrupt or unsupported pickle: {refused}; {COPY_AGAIN}")
     unpickler = _RestrictedUnpickler(file, encoding=encoding, legacy=legacy)
     try:
         obj = unpickler.load()

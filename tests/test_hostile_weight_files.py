@@ -226,6 +226,30 @@ def test_protocol_5_out_of_band_data_is_refused_before_the_unpickler_sees_it(
     assert "SystemError" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "put", [b"r" + struct.pack("<I", 2**26), b"p%d\n" % 2**26], ids=["LONG_BINPUT", "PUT"]
+)
+@FORMATS
+def test_a_memo_index_far_past_the_pickles_objects_is_refused_before_it_costs_memory(
+    tmp_path, zip_format, put
+):
+    """LONG_BINPUT (or protocol 0's PUT) of object 2**26 in a pickle of 9 bytes: CPython's
+    unpickler grew its memo to 2**27 entries (1 GiB, zeroed; 2**30: 16 GiB). Picklers number
+    memo entries from 0 in order: refused in one line, before the unpickler runs."""
+    payload = b"\x80\x02}" + put + b"."
+    path = tmp_path / "memo.pth"
+    if zip_format:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", payload)
+            archive.writestr("archive/byteorder", "little")
+    else:
+        path.write_bytes(payload)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=f"^{path}: .*PUT at byte 3 stores object 67108864"):
+        load_state_dict(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**16  # KiB: < 64 MiB
+
+
 def test_unsafe_refusals_name_the_file(tmp_path):
     marker = tmp_path / "pwned"
     path = save_torch({"w": Payload(marker)}, tmp_path / "evil.pth", True)
