@@ -209,19 +209,39 @@ def _module_state(obj: Any) -> dict[str, Any] | None:
     return None
 
 
-# The most module records one pickled model's state dict may visit: a model has thousands at
-# most, but a crafted file sharing each submodule under two names makes 2**depth of them
-# (and as many keys) from a few kilobytes.
+# The most module records one pickled model's state dict may visit, and characters its keys
+# may hold in all (real models: thousands of modules, keys of tens of characters). A
+# crafted file sharing each submodule under two names makes 2**depth visits (and keys) from
+# a few kilobytes; one naming each of hundreds of nested submodules by one long string
+# (pickled once) makes keys of a total length quadratic in it.
 _MAX_MODULE_VISITS = 2**16
+_MAX_KEY_CHARS = 2**24
 
 
-def _count_visit(visits: list[int], qualified: str) -> None:
-    visits[0] += 1
-    if visits[0] > _MAX_MODULE_VISITS:
-        raise CheckpointError(
-            f"the pickled module {qualified} holds more than {_MAX_MODULE_VISITS} submodules "
-            "(counting each shared one once per name): not a model's"
-        )
+class _KeyCount:
+    """What the state dict of the pickled module `qualified` has cost so far."""
+
+    def __init__(self, qualified: str):
+        self.qualified, self.visits, self.chars = qualified, 0, 0
+
+    def visit(self) -> None:
+        self.visits += 1
+        if self.visits > _MAX_MODULE_VISITS:
+            raise CheckpointError(
+                f"the pickled module {self.qualified} holds more than {_MAX_MODULE_VISITS} "
+                "submodules (counting each shared one once per name): not a model's"
+            )
+
+    def join(self, prefix: str, name: Any) -> str:
+        """`prefix` + `name`, counted."""
+        name = str(name)
+        self.chars += len(prefix) + len(name)
+        if self.chars > _MAX_KEY_CHARS:
+            raise CheckpointError(
+                f"the pickled module {self.qualified} names its weights by more than "
+                f"{_MAX_KEY_CHARS} characters in all: not a model's"
+            )
+        return prefix + name
 
 
 # A convolution's `dilation` where it dilates nothing.
@@ -232,12 +252,12 @@ def _module_weights(root: PickledObject, state: dict[str, Any]) -> ModuleWeights
     """The state dict of the module record `root` of state `state` (`_module_state`;
     tensors not yet cut out)."""
     out = ModuleWeights(root.qualified)
-    visits = [0]
+    keys = _KeyCount(root.qualified)
 
     def visit(record: PickledObject, state: dict[str, Any], prefix: str, path: tuple[int, ...]):
         if id(record) in path:
             raise CheckpointError(f"the pickled module {record.qualified} contains itself")
-        _count_visit(visits, root.qualified)
+        keys.visit()
         transient = state.get("_non_persistent_buffers_set") or ()
         dilation = state.get("dilation")
         if record.qualified.split(".")[-1].startswith("Conv") and dilation not in _UNDILATED:
@@ -252,7 +272,7 @@ def _module_weights(root: PickledObject, state: dict[str, Any]) -> ModuleWeights
                     f"{prefix}{name} of the pickled {record.qualified} is a "
                     f"{type(value).__name__}, not a tensor"
                 )
-            out[f"{prefix}{name}"] = value
+            out[keys.join(prefix, name)] = value
         for name, child in state["_modules"].items():
             if child is None:
                 continue
@@ -261,7 +281,7 @@ def _module_weights(root: PickledObject, state: dict[str, Any]) -> ModuleWeights
                     f"submodule {prefix}{name} of the pickled {record.qualified} is a "
                     f"{type(child).__name__}, not a module"
                 )
-            visit(child, child_state, f"{prefix}{name}.", (*path, id(record)))
+            visit(child, child_state, keys.join(prefix, name) + ".", (*path, id(record)))
 
     visit(root, state, "", ())
     return out
@@ -282,20 +302,20 @@ def _script_module_weights(root: PickledObject, state: dict[str, Any]) -> Module
     attributes (parameters and buffers), then its submodules', keys joined with '.'; other
     attributes (flags, numbers) are not weights."""
     out = ModuleWeights(root.qualified)
-    visits = [0]
+    keys = _KeyCount(root.qualified)
 
     def visit(record: PickledObject, state: dict[str, Any], prefix: str, path: tuple[int, ...]):
         if id(record) in path:
             raise CheckpointError(f"the scripted module {record.qualified} contains itself")
-        _count_visit(visits, root.qualified)
+        keys.visit()
         children = []
         for name, value in state.items():
             if isinstance(value, torch_tensors.TensorRef | torch_tensors.Marker):
-                out[f"{prefix}{name}"] = value
+                out[keys.join(prefix, name)] = value
             elif (child_state := _script_module_state(value)) is not None:
                 children.append((name, value, child_state))
         for name, child, child_state in children:
-            visit(child, child_state, f"{prefix}{name}.", (*path, id(record)))
+            visit(child, child_state, keys.join(prefix, name) + ".", (*path, id(record)))
 
     visit(root, state, "", ())
     return out

@@ -183,12 +183,16 @@ def rebuild_qtensor(*args: Any) -> Marker:
     return Marker("quantised tensor")
 
 
-def _quantized_keys(obj: Any, prefix: str = "", seen: set[int] | None = None) -> list[str]:
-    """Key paths of the quantised tensors in nested containers (a container the pickle
-    shares is walked once, at its first path: nested in itself n times it would be 2**n)."""
+def _quantized_keys(
+    obj: Any, path: tuple[str, ...] = (), seen: set[int] | None = None
+) -> list[tuple[str, ...]]:
+    """Key paths of the quantised tensors in nested containers, as tuples of keys. A
+    container the pickle shares is walked once, at its first path (nested in itself n times
+    it would be 2**n); paths are joined only to be shown (`_dotted`: a chain of containers
+    keyed by one long string would make joined paths of a total length quadratic in it)."""
     seen = set() if seen is None else seen
     if isinstance(obj, Marker):
-        return [prefix or "<top>"]
+        return [path]
     if isinstance(obj, Mapping | list | tuple):
         if id(obj) in seen:
             return []
@@ -199,17 +203,25 @@ def _quantized_keys(obj: Any, prefix: str = "", seen: set[int] | None = None) ->
         items = enumerate(obj)
     else:
         return []
-    return [
-        k
-        for key, v in items
-        for k in _quantized_keys(v, f"{prefix}{'.' if prefix else ''}{key}", seen)
-    ]
+    return [k for key, v in items for k in _quantized_keys(v, (*path, str(key)), seen)]
+
+
+def _dotted(path: tuple[str, ...], most: int = 200) -> str:
+    """`path` joined with '.', cut after about `most` characters ('<top>' where empty)."""
+    out, length = [], 0
+    for part in path:
+        if length + len(part) > most:
+            return ".".join([*out, part[: max(most - length, 0)]]) + "..."
+        out.append(part)
+        length += len(part) + 1
+    return ".".join(out) or "<top>"
 
 
 def refuse_quantized(obj: Any, path: str) -> None:
     keys = _quantized_keys(obj)
     if keys:
-        shown = ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+        shown = ", ".join(map(_dotted, keys[:5]))
+        shown += f" ... ({len(keys)} in all)" if len(keys) > 5 else ""
         raise CheckpointError(f"{path}: quantised tensor(s) {shown}. {QUANTIZED_ADVICE}")
 
 

@@ -353,7 +353,7 @@ def test_containers_and_modules_shared_in_a_pickle_are_walked_once(tmp_path, zip
     """A pickle memoises what it shares: `[x, x]` nested in itself 64 times is a file of a
     few kilobytes that names 2**64 paths. Walked once per container (its sharing kept, as
     torch keeps it), it loads at once; a whole module sharing each submodule under two names
-    (2**64 keys in its state dict) is refused by its count, not expanded."""
+    (2**64 keys in its state dict) is refused by their count, not expanded."""
     nested = [torch.ones(2)]
     module = torch.nn.Linear(1, 1)
     for _ in range(64):
@@ -367,7 +367,10 @@ def test_containers_and_modules_shared_in_a_pickle_are_walked_once(tmp_path, zip
     signal.alarm(30)  # a walk of every path would never end
     try:
         got = load_checkpoint(lists)["x"]
-        with pytest.raises(CheckpointError, match=r"^\S*m.pth: the pickled module .* holds more"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"^\S*m.pth: the pickled module \S+ (holds|names its weights by) more",
+        ):
             load_state_dict(modules)
     finally:
         signal.alarm(0)
@@ -376,6 +379,35 @@ def test_containers_and_modules_shared_in_a_pickle_are_walked_once(tmp_path, zip
     for _ in range(63):
         got = got[0]
     np.testing.assert_array_equal(got[0][0], np.ones(2, np.float32))
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # torch deprecates
+def test_keys_nested_under_one_long_name_cost_no_more_than_the_file(tmp_path):
+    """A chain of 100 containers, or submodules, each keyed by one string of 100,000
+    characters (pickled once): paths of 5 * 10**8 characters in all, from a file of 100 KiB.
+    The containers' paths are joined only to name a quantised tensor (and cut there); the
+    module's state dict keys are counted and refused past `_MAX_KEY_CHARS`."""
+    name = "k" * 10**5
+    nested: object = {"w": torch.ones(1)}
+    module = torch.nn.Linear(1, 1)
+    for _ in range(100):
+        nested = {name: nested}
+        parent = torch.nn.Module()
+        parent.add_module(name, module)
+        module = parent
+    q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
+    files = {
+        "beside": save_torch({"state_dict": {"w": torch.ones(1)}, "x": nested}, tmp_path / "b.pth", True),
+        "quantised": save_torch({"w": torch.ones(1), "x": [nested, {name: q}]}, tmp_path / "q.pth", True),
+        "module": save_torch(module, tmp_path / "m.pth", True),
+    }  # fmt: skip
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert list(load_state_dict(files["beside"])) == ["w"]
+    with pytest.raises(CheckpointError, match=r"quantised tensor\(s\) x\.1\.k{196}\.\.\.\. Quan"):
+        load_state_dict(files["quantised"])
+    with pytest.raises(CheckpointError, match=r"names its weights by more than 16777216 char"):
+        load_state_dict(files["module"])
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**16  # KiB: < 64 MiB
 
 
 def test_zip_members_are_checked_before_they_are_read(tmp_path):
