@@ -432,6 +432,12 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
             table[(module, f"{name}Storage")] = torch_tensors.StorageType(name)
     for name in torch_tensors.QSCHEMES:
         table[("torch", name)] = torch_tensors.Marker(name)
+    # Sparse and meta tensors: markers too, refused naming the tensors and what to save.
+    for name in ("_rebuild_sparse_tensor", "_rebuild_sparse_csr_tensor"):
+        table[("torch._utils", name)] = _Callable(torch_tensors.rebuild_sparse)
+    table[("torch._utils", "_rebuild_meta_tensor_no_storage")] = _Callable(
+        torch_tensors.rebuild_meta
+    )
     return _named(table)
 
 
@@ -671,7 +677,7 @@ def load_zip(path: str, encoding: str) -> Any:
         obj, storages = _unpickle(
             io.BytesIO(archive.read(pickled)), legacy=False, encoding=encoding
         )
-        torch_tensors.refuse_quantized(obj, path)
+        torch_tensors.refuse_unread(obj, path)
         arrays = {}
         for key, storage in storages.items():
             record = f"{prefix}data/{key}"
@@ -705,7 +711,7 @@ def load_legacy(path: str, encoding: str) -> Any:
         # writes each storage's size and elements little-endian, and reads them so.
         _unpickle(file, legacy=True)
         obj, storages = _unpickle(file, legacy=True, encoding=encoding)
-        torch_tensors.refuse_quantized(obj, path)
+        torch_tensors.refuse_unread(obj, path)
         keys, _ = _unpickle(file, legacy=True)
         if not isinstance(keys, list):
             raise CheckpointError(f"{path}: malformed list of storage keys")

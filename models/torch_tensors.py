@@ -164,6 +164,10 @@ def rebuild_tensor_v3(
     metadata: Any = None,
 ) -> TensorRef:
     del requires_grad, backward_hooks
+    if isinstance(dtype, type) and isinstance(getattr(dtype, "qualified", None), str):
+        # A dtype outside `V3_DTYPES` (torch.float8_e4m3fn, torch.complex32): its stand-in
+        # type (`torch_file.PickledObject`), never imported. Refused naming the tensors.
+        return Marker(f"tensor of dtype {dtype.qualified}")
     if not isinstance(dtype, DType):
         raise CheckpointError(f"rebuild_tensor_v3 with dtype {dtype!r}")
     ref = rebuild_tensor(storage, storage_offset, size, stride)
@@ -172,7 +176,8 @@ def rebuild_tensor_v3(
 
 @dataclasses.dataclass(frozen=True)
 class Marker(_Sealed):
-    """Stands in for a torch object the pickle names only to describe a quantised tensor."""
+    """Stands in for a tensor this reader does not make (`name`: what it is; `UNREAD`), or a
+    torch object the pickle names only to describe a quantised tensor (a qscheme)."""
 
     name: str
 
@@ -183,16 +188,44 @@ def rebuild_qtensor(*args: Any) -> Marker:
     return Marker("quantised tensor")
 
 
-def _quantized_keys(
+def rebuild_sparse(*args: Any) -> Marker:
+    del args
+    return Marker("sparse tensor")
+
+
+def rebuild_meta(*args: Any) -> Marker:
+    del args
+    return Marker("meta tensor")
+
+
+# Kinds of tensors made as `Marker`s -> what to do about them (dtypes: `UNREAD_DTYPE_ADVICE`).
+UNREAD = {
+    "quantised tensor": QUANTIZED_ADVICE,
+    "sparse tensor": (
+        "Sparse weights are not read: save them dense, {k: v.to_dense() for k, v in "
+        "state.items()}, before torch.save."
+    ),
+    "meta tensor": (
+        "Tensors on the meta device hold no values: save the state dict of a model whose "
+        "weights were loaded or trained."
+    ),
+}
+UNREAD_DTYPE_ADVICE = (
+    "numpy holds no such dtype: save the weights as float32, float16 or bfloat16 (e.g. "
+    "v.float() for each tensor)."
+)
+
+
+def _marker_keys(
     obj: Any, path: tuple[str, ...] = (), seen: set[int] | None = None
-) -> list[tuple[str, ...]]:
-    """Key paths of the quantised tensors in nested containers, as tuples of keys. A
+) -> list[tuple[tuple[str, ...], str]]:
+    """(key path as a tuple of keys, `Marker.name`) of each marker in nested containers. A
     container the pickle shares is walked once, at its first path (nested in itself n times
     it would be 2**n); paths are joined only to be shown (`_dotted`: a chain of containers
     keyed by one long string would make joined paths of a total length quadratic in it)."""
     seen = set() if seen is None else seen
     if isinstance(obj, Marker):
-        return [path]
+        return [(path, obj.name)]
     if isinstance(obj, Mapping | list | tuple):
         if id(obj) in seen:
             return []
@@ -203,7 +236,7 @@ def _quantized_keys(
         items = enumerate(obj)
     else:
         return []
-    return [k for key, v in items for k in _quantized_keys(v, (*path, str(key)), seen)]
+    return [k for key, v in items for k in _marker_keys(v, (*path, str(key)), seen)]
 
 
 def _dotted(path: tuple[str, ...], most: int = 200) -> str:
@@ -217,12 +250,20 @@ def _dotted(path: tuple[str, ...], most: int = 200) -> str:
     return ".".join(out) or "<top>"
 
 
-def refuse_quantized(obj: Any, path: str) -> None:
-    keys = _quantized_keys(obj)
-    if keys:
-        shown = ", ".join(map(_dotted, keys[:5]))
-        shown += f" ... ({len(keys)} in all)" if len(keys) > 5 else ""
-        raise CheckpointError(f"{path}: quantised tensor(s) {shown}. {QUANTIZED_ADVICE}")
+def refuse_unread(obj: Any, path: str) -> None:
+    """Refuse `obj` where it holds tensors made as `Marker`s, naming those of the first kind
+    met (a qscheme met alone counts as a quantised tensor) and what to do about them."""
+    found = [(p, "quantised tensor" if name in QSCHEMES else name) for p, name in _marker_keys(obj)]
+    if not found:
+        return
+    kind = found[0][1]
+    keys = [p for p, name in found if name == kind]
+    shown = ", ".join(map(_dotted, keys[:5]))
+    shown += f" ... ({len(keys)} in all)" if len(keys) > 5 else ""
+    if kind in UNREAD:
+        raise CheckpointError(f"{path}: {kind}(s) {shown}. {UNREAD[kind]}")
+    what = kind.removeprefix("tensor of dtype ")
+    raise CheckpointError(f"{path}: tensor(s) {shown} of dtype {what}: {UNREAD_DTYPE_ADVICE}")
 
 
 def check_storage_bytes(nbytes: int, storage: Storage) -> None:

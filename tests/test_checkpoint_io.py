@@ -393,6 +393,33 @@ def test_quantised_tensors_are_refused_naming_them(tmp_path, zip_format):
     assert not isinstance(info.value, UnsafeCheckpointError)
 
 
+@FORMATS
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWarning")  # torch's beta
+@pytest.mark.filterwarnings("ignore:ComplexHalf support:UserWarning")
+def test_sparse_meta_and_float8_tensors_are_refused_naming_them_and_what_to_save(
+    tmp_path, zip_format
+):
+    """Tensors this reader does not make: named with what to save instead, not refused as a
+    global that "could run code" (sparse, meta) or by the reader's own stand-in class
+    (float8, complex32)."""
+    cases = {
+        r"sparse tensor\(s\) w\. Sparse weights are not read: save them dense": torch.eye(
+            2
+        ).to_sparse(),
+        r"sparse tensor\(s\) w\. Sparse": torch.eye(2).to_sparse_csr(),
+        r"meta tensor\(s\) w\. Tensors on the meta device hold no": torch.empty(2, device="meta"),
+        r"tensor\(s\) w of dtype torch.float8_e4m3fn: numpy holds no such dtype": torch.zeros(
+            2, dtype=torch.float8_e4m3fn
+        ),
+        r"tensor\(s\) w of dtype torch.complex32: numpy": torch.zeros(2, dtype=torch.complex32),
+    }
+    for message, tensor in cases.items():
+        path = save_torch({"b": torch.ones(1), "w": tensor}, tmp_path / "w.pth", zip_format)
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: {message}") as info:
+            load_state_dict(path)
+        assert not isinstance(info.value, UnsafeCheckpointError) and "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("cut", ["empty", "header", "body", "garbage"])
 def test_corrupt_safetensors_is_one_line_naming_weights(tmp_path, cut):
     good = tmp_path / "good.safetensors"
