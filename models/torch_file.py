@@ -209,20 +209,22 @@ def _module_state(obj: Any) -> dict[str, Any] | None:
     return None
 
 
-# The most module records one pickled model's state dict may visit, and characters its keys
-# may hold in all (real models: thousands of modules, keys of tens of characters). A
-# crafted file sharing each submodule under two names makes 2**depth visits (and keys) from
-# a few kilobytes; one naming each of hundreds of nested submodules by one long string
-# (pickled once) makes keys of a total length quadratic in it.
+# The most module records the state dicts of one pickle's modules may visit, and characters
+# their keys may hold in all (real models: thousands of modules, keys of tens of
+# characters). A crafted file sharing each submodule under two names makes 2**depth visits
+# (and keys) from a few kilobytes; one naming each of hundreds of nested submodules by one
+# long string (pickled once) makes keys of a total length quadratic in it; one naming such
+# a module under many roots makes it again for each.
 _MAX_MODULE_VISITS = 2**16
 _MAX_KEY_CHARS = 2**24
 
 
 class _KeyCount:
-    """What the state dict of the pickled module `qualified` has cost so far."""
+    """What the state dicts of the pickled modules of one pickle have cost so far
+    (`qualified`: the module whose state dict is being made)."""
 
-    def __init__(self, qualified: str):
-        self.qualified, self.visits, self.chars = qualified, 0, 0
+    def __init__(self) -> None:
+        self.qualified, self.visits, self.chars = "?", 0, 0
 
     def visit(self) -> None:
         self.visits += 1
@@ -248,11 +250,11 @@ class _KeyCount:
 _UNDILATED = (None, 1, (1,), (1, 1), (1, 1, 1), [1, 1])
 
 
-def _module_weights(root: PickledObject, state: dict[str, Any]) -> ModuleWeights:
+def _module_weights(root: PickledObject, state: dict[str, Any], keys: _KeyCount) -> ModuleWeights:
     """The state dict of the module record `root` of state `state` (`_module_state`;
-    tensors not yet cut out)."""
+    tensors not yet cut out), its cost counted in `keys`."""
     out = ModuleWeights(root.qualified)
-    keys = _KeyCount(root.qualified)
+    keys.qualified = root.qualified
 
     def visit(record: PickledObject, state: dict[str, Any], prefix: str, path: tuple[int, ...]):
         if id(record) in path:
@@ -297,12 +299,14 @@ def _script_module_state(obj: Any) -> dict[str, Any] | None:
     return state if isinstance(state, dict) and isinstance(state.get("training"), bool) else None
 
 
-def _script_module_weights(root: PickledObject, state: dict[str, Any]) -> ModuleWeights:
+def _script_module_weights(
+    root: PickledObject, state: dict[str, Any], keys: _KeyCount
+) -> ModuleWeights:
     """The state dict of the TorchScript module record `root` (`torch.jit.save`): its tensor
     attributes (parameters and buffers), then its submodules', keys joined with '.'; other
     attributes (flags, numbers) are not weights."""
     out = ModuleWeights(root.qualified)
-    keys = _KeyCount(root.qualified)
+    keys.qualified = root.qualified
 
     def visit(record: PickledObject, state: dict[str, Any], prefix: str, path: tuple[int, ...]):
         if id(record) in path:
@@ -324,27 +328,29 @@ def _script_module_weights(root: PickledObject, state: dict[str, Any]) -> Module
 def _modules_as_weights(obj: Any) -> Any:
     """`obj` with each pickled module in it (at the top or in containers) replaced by its
     `ModuleWeights`: an `nn.Module` pickled whole, or a TorchScript module (the root of a
-    `torch.jit.save` archive)."""
+    `torch.jit.save` archive). Their cost is counted together (`_KeyCount`)."""
+    keys = _KeyCount()
 
     @_once
     def walk(obj: Any) -> Any:
         if (state := _module_state(obj)) is not None:
-            return _module_weights(obj, state)
+            return _module_weights(obj, state, keys)
         if (state := _script_module_state(obj)) is not None:
-            return _script_module_weights(obj, state)
+            return _script_module_weights(obj, state, keys)
         return _rebuild(obj, walk)
 
     return walk(obj)
 
 
 def _once(walk: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """`walk` that makes one result per container (by identity), as the pickle shares it:
-    a crafted pickle nesting `[x, x]` in itself n times (a few bytes each, memoised) would
-    otherwise be walked, and copied, 2**n times."""
+    """`walk` that makes one result per container or record (by identity), as the pickle
+    shares it: a crafted pickle nesting `[x, x]` in itself n times (a few bytes each,
+    memoised) would otherwise be walked, and copied, 2**n times, and a list naming one
+    pickled module n times would make its state dict n times."""
     done: dict[int, Any] = {}
 
     def once(obj: Any) -> Any:
-        if not isinstance(obj, dict | list | tuple):
+        if not isinstance(obj, dict | list | tuple | PickledObject):
             return walk(obj)
         if id(obj) not in done:  # `obj` stays alive in the pickle's tree: ids are not reused
             done[id(obj)] = walk(obj)

@@ -381,6 +381,27 @@ def test_containers_and_modules_shared_in_a_pickle_are_walked_once(tmp_path, zip
     np.testing.assert_array_equal(got[0][0], np.ones(2, np.float32))
 
 
+def test_a_pickled_module_named_many_times_is_made_once_and_counted_once(tmp_path):
+    """A module of 2**15 keys (each submodule shared under two names) named 64 times in a
+    list: one state dict, shared as the pickle shares the module (it was made 64 times).
+    Under 3 distinct roots, made for each: refused once they together pass the limit."""
+    module = torch.nn.Linear(1, 1)
+    for _ in range(14):
+        parent = torch.nn.Module()
+        parent.a, parent.b = module, module
+        module = parent
+    roots = []
+    for _ in range(3):
+        root = torch.nn.Module()
+        root.m = module
+        roots.append(root)
+    path = save_torch([module] * 64, tmp_path / "named.pth", True)
+    got = load_checkpoint(path)
+    assert len(got[0]) == 2 * 2**14 and all(weights is got[0] for weights in got)
+    with pytest.raises(CheckpointError, match=r"holds more than 65536 submodules"):
+        load_checkpoint(save_torch(roots, tmp_path / "roots.pth", True))
+
+
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # torch deprecates
 def test_keys_nested_under_one_long_name_cost_no_more_than_the_file(tmp_path):
     """A chain of 100 containers, or submodules, each keyed by one string of 100,000
