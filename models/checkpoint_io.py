@@ -106,12 +106,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
 
 
 def _tensor_dicts(obj: Mapping[str, Any]) -> list[str]:
-    """The keys of `obj` whose values are state dicts (mappings of tensors only)."""
-    return [
-        str(k)
-        for k, v in obj.items()
-        if isinstance(v, Mapping) and v and all(isinstance(t, np.ndarray) for t in v.values())
-    ]
+    """The keys of `obj` whose values are state dicts (mappings of tensors only); a mapping
+    under many keys (the pickle shares it) is looked through once."""
+    seen: dict[int, bool] = {}
+
+    def tensors_only(v: Any) -> bool:
+        if id(v) not in seen:
+            seen[id(v)] = bool(v) and all(isinstance(t, np.ndarray) for t in v.values())
+        return seen[id(v)]
+
+    return [str(k) for k, v in obj.items() if isinstance(v, Mapping) and tensors_only(v)]
 
 
 def _state_dict_of(obj: Mapping[str, Any], path: str) -> Mapping[str, Any]:
@@ -132,7 +136,8 @@ def _state_dict_of(obj: Mapping[str, Any], path: str) -> Mapping[str, Any]:
                 "dissect one: torch.save(checkpoint[key], path))",
                 path,
                 wrapped[0],
-                ", ".join(repr(k) for k in others),
+                ", ".join(repr(k) for k in others[:5])
+                + (f", ... ({len(others)} in all)" if len(others) > 5 else ""),
             )
         return obj[wrapped[0]]
     return obj
@@ -287,8 +292,10 @@ def load_state_dict(
     ]
     if not_arrays and (inside := _tensor_dicts(obj)):
         largest = max(reversed(inside), key=lambda k: len(obj[k]))  # DINO's teacher
+        named = ", ".join(repr(k) for k in inside[:5])
+        named += f", ... ({len(inside)} in all)" if len(inside) > 5 else ""
         raise CheckpointError(
-            f"{path}: state dicts under {', '.join(repr(k) for k in inside)}, none under "
+            f"{path}: state dicts under {named}, none under "
             f"{WRAPPER_KEYS}; read one with models/convert.py --entry={largest} "
             "(README: Self-supervised checkpoints)"
         )

@@ -11,6 +11,7 @@ import pickle
 import resource
 import signal
 import struct
+import time
 import zipfile
 from pathlib import Path
 
@@ -429,6 +430,18 @@ def test_keys_nested_under_one_long_name_cost_no_more_than_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"names its weights by more than 16777216 char"):
         load_state_dict(files["module"])
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**16  # KiB: < 64 MiB
+
+
+def test_a_mapping_under_many_keys_is_looked_through_once(tmp_path):
+    """One mapping of 6000 tensors under 6000 keys (pickled once, 200 KiB): looked through
+    once, not 6000 times (3.6 * 10**7 checks, seconds; 10**5 of each: hours), and the
+    refusal names five of them and their count, not all."""
+    inner = {f"k{i}": torch.ones(1) for i in range(6000)}
+    path = save_torch({**{f"o{i}": inner for i in range(6000)}, "x": 1}, tmp_path / "w.pth", True)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"under 'o0', .* 'o4', \.\.\. \(6000 in all\), none"):
+        load_state_dict(path)
+    assert time.monotonic() - started < 3
 
 
 def test_zip_members_are_checked_before_they_are_read(tmp_path):
