@@ -25,8 +25,10 @@ tensors and submodules' are read as its state dict the same way; its code is nev
 from __future__ import annotations
 
 import collections
+import contextvars
 import dataclasses
 import io
+import os
 import pickle
 import pickletools
 import struct
@@ -94,6 +96,43 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
     return func(*args)
 
 
+# Elements the callables a pickle may call (set, frozenset, OrderedDict; an
+# argparse.Namespace's state) may still copy in the current unpickling: a pickle names each
+# element it holds at least once, but may hand one long list to such a call again and again
+# (a few bytes a call), and the copies would then grow with the square of its length.
+_COPIES_LEFT: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "_COPIES_LEFT", default=None
+)
+
+
+def _charge(value: Any) -> None:
+    """Count the elements of `value` (a call's argument) against `_COPIES_LEFT`."""
+    left = _COPIES_LEFT.get()
+    if left is None:
+        return
+    try:
+        left[0] -= len(value)
+    except TypeError:  # no length: the call itself refuses it
+        return
+    if left[0] < 0:
+        raise CheckpointError(
+            "the pickle copies more elements than it holds (one container handed to a "
+            "set, OrderedDict or Namespace again and again): it is crafted"
+        )
+
+
+def _copying(make: Callable[..., Any]) -> Callable[..., Any]:
+    """`make` (a container type), each argument's elements counted first (`_charge`)."""
+
+    def copy(*args: Any) -> Any:
+        for arg in args:
+            _charge(arg)
+        return make(*args)
+
+    copy.__name__ = make.__name__
+    return copy
+
+
 class Namespace:
     """Stands in for an `argparse.Namespace` in a checkpoint: its attributes, as data.
 
@@ -104,6 +143,7 @@ class Namespace:
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, dict):
             raise CheckpointError(f"argparse.Namespace with state {type(state).__name__}")
+        _charge(state)
         self.__dict__.update({str(k): v for k, v in state.items()})
 
     def __repr__(self) -> str:
@@ -411,7 +451,7 @@ def _named(table: dict[tuple[str, str], Any]) -> dict[tuple[str, str], Any]:
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     """What `find_class` hands out, made anew for each unpickler (see `_Callable`)."""
     table: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("collections", "OrderedDict"): _Callable(_copying(collections.OrderedDict)),
         ("argparse", "Namespace"): Namespace,
         ("torch._utils", "_rebuild_tensor"): _Callable(torch_tensors.rebuild_tensor),
         ("torch._utils", "_rebuild_tensor_v2"): _Callable(torch_tensors.rebuild_tensor_v2),
@@ -456,8 +496,8 @@ def _module_globals() -> dict[tuple[str, str], Any]:
         ("copyreg", "_reconstructor"): _Callable(_reconstructor),
     }
     for builtins in ("builtins", "__builtin__"):  # Python 3, Python 2
-        table[(builtins, "set")] = _Callable(set)
-        table[(builtins, "frozenset")] = _Callable(frozenset)
+        table[(builtins, "set")] = _Callable(_copying(set))
+        table[(builtins, "frozenset")] = _Callable(_copying(frozenset))
     return _named(table)
 
 
@@ -644,6 +684,7 @@ def _unpickle(
     if refused is not None:
         raise CheckpointError(f"corrupt or unsupported pickle: {refused}; {COPY_AGAIN}")
     unpickler = _RestrictedUnpickler(file, encoding=encoding, legacy=legacy)
+    copies = _COPIES_LEFT.set([max(_pickle_bytes(file), 2**16)])
     try:
         obj = unpickler.load()
         if unpickler.refusal is not None:  # stand-ins, some of them modules perhaps
@@ -659,7 +700,16 @@ def _unpickle(
         # (one that names a global outside the tables: the first such, by name)
         bad = CheckpointError(f"corrupt or unsupported pickle: {err!r}")
         raise unpickler.refusal or bad from err
+    finally:
+        _COPIES_LEFT.reset(copies)
     return obj, unpickler.storages
+
+
+def _pickle_bytes(file: BinaryIO) -> int:
+    """The bytes from `file`'s position to its end (a `BytesIO` or a file on disk)."""
+    if isinstance(file, io.BytesIO):
+        return len(file.getbuffer()) - file.tell()
+    return os.fstat(file.fileno()).st_size - file.tell()
 
 
 def load_zip(path: str, encoding: str) -> Any:

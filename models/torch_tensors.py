@@ -12,7 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from jaxdissect.models.weight_file import Budget, CheckpointError, check_shape, widen_bfloat16
+from jaxdissect.models.weight_file import (
+    _MAX_RANK,
+    Budget,
+    CheckpointError,
+    check_shape,
+    widen_bfloat16,
+)
 
 # Storage type name (torch.<Name>Storage) -> numpy dtype of its elements as stored.
 # bfloat16 is read as raw uint16 and widened to float32 (numpy has no bfloat16).
@@ -108,6 +114,14 @@ class TensorRef(_Sealed):
 
 
 def _as_int_tuple(values: Any, what: str) -> tuple[int, ...]:
+    try:
+        rank = len(values)
+    except TypeError as err:
+        raise CheckpointError(f"tensor {what} is not a tuple of ints: {values!r}") from err
+    if rank > _MAX_RANK:  # before a copy: a pickle may hand one long list to every tensor
+        raise CheckpointError(
+            f"tensor {what} has {rank} dimensions, more than the {_MAX_RANK} any weight has"
+        )
     try:
         out = tuple(int(v) for v in values)
     except (TypeError, ValueError) as err:

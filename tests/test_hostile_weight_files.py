@@ -251,6 +251,41 @@ def test_a_memo_index_far_past_the_pickles_objects_is_refused_before_it_costs_me
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**16  # KiB: < 64 MiB
 
 
+def _calls_on_one_argument(glob: bytes, argument: bytes, calls: int) -> bytes:
+    """A protocol-2 pickle of a list of `calls` calls of the global `glob` on one argument
+    tuple (`argument`'s items, pickled once and named again: 4 bytes a call)."""
+    return (
+        b"\x80\x02c" + glob + b"\nq\x00(" + argument + b"tq\x01](" + b"h\x00h\x01R" * calls + b"e."
+    )
+
+
+def test_one_container_handed_to_calls_again_and_again_is_refused_before_it_is_copied(tmp_path):
+    """A list of 5000 elements (10 KiB) handed to set, OrderedDict, a Namespace's state or a
+    tensor's size in each of 500 calls: 2.5 * 10**6 elements copied (20000 in 2000 calls:
+    seconds and GiBs). Copies are counted against the pickle's own size, and a size is
+    refused by its rank before it is copied."""
+    ones = b"](" + b"K\x01" * 5000 + b"e"
+    pairs = b"](" + b"".join(b"J" + struct.pack("<i", i) + b"K\x00\x86" for i in range(5000)) + b"e"
+    state = b"}q\x01(" + b"".join(b"J" + struct.pack("<i", i) + b"K\x00" for i in range(5000))
+    namespace = b"\x80\x02cargparse\nNamespace\nq\x00" + state + b"u](" + b"h\x00)\x81h\x01b" * 500
+    cases = {
+        "set": _calls_on_one_argument(b"builtins\nset", ones, 500),
+        "OrderedDict": _calls_on_one_argument(b"collections\nOrderedDict", pairs, 500),
+        "Namespace": namespace + b"e.",
+    }
+    path = tmp_path / "copies.pth"
+    for name, payload in cases.items():
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", payload)
+            archive.writestr("archive/byteorder", "little")
+        with pytest.raises(CheckpointError, match=r"copies more elements than it holds") as info:
+            load_state_dict(path)
+        assert str(info.value).startswith(f"{path}: "), name
+    _craft_zip(path, (1,) * 5000, (1,) * 5000)
+    with pytest.raises(CheckpointError, match=r"tensor size has 5000 dimensions, more than the 32"):
+        load_state_dict(path)
+
+
 def test_unsafe_refusals_name_the_file(tmp_path):
     marker = tmp_path / "pwned"
     path = save_torch({"w": Payload(marker)}, tmp_path / "evil.pth", True)
