@@ -146,8 +146,15 @@ def _with_metadata(ref: TensorRef, metadata: Any) -> TensorRef:
     """`ref` with the conj and neg bits of torch's tensor `metadata` (`{'neg': True}`)."""
     if not metadata:
         return ref
-    if not isinstance(metadata, Mapping) or not set(metadata) <= {"conj", "neg"}:
-        raise CheckpointError(f"tensor metadata {metadata!r}: only its conj and neg bits are read")
+    if not isinstance(metadata, Mapping):
+        raise CheckpointError(
+            f"tensor metadata of type {type(metadata).__name__}: only conj and neg bits are read"
+        )
+    if len(metadata) > 2 or not {*metadata} <= {"conj", "neg"}:  # by length before a copy
+        shown = ", ".join(repr(k)[:40] for k in list(metadata)[:3])
+        raise CheckpointError(
+            f"tensor metadata of {len(metadata)} keys ({shown}): only conj and neg bits are read"
+        )
     return dataclasses.replace(
         ref, conj=metadata.get("conj") is True, neg=metadata.get("neg") is True
     )

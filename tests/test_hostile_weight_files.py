@@ -284,6 +284,21 @@ def test_one_container_handed_to_calls_again_and_again_is_refused_before_it_is_c
     _craft_zip(path, (1,) * 5000, (1,) * 5000)
     with pytest.raises(CheckpointError, match=r"tensor size has 5000 dimensions, more than the 32"):
         load_state_dict(path)
+    # A tensor's metadata (its conj and neg bits): refused by its length before it is copied.
+    storage = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+    metadata = b"}(" + b"".join(b"J" + struct.pack("<i", i) + b"K\x00" for i in range(5000)) + b"u"
+    arguments = storage + b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)R" + metadata
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(
+            "archive/data.pkl",
+            _calls_on_one_argument(b"torch._utils\n_rebuild_tensor_v2", arguments, 500),
+        )
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/data/0", bytes(16))
+    with pytest.raises(
+        CheckpointError, match=r"tensor metadata of 5000 keys \(0, 1, 2\): only conj"
+    ):
+        load_state_dict(path)
 
 
 def test_unsafe_refusals_name_the_file(tmp_path):
