@@ -689,9 +689,11 @@ def train(
             step in config.save_steps or step % config.checkpoint_every == 0 or step == config.steps
         )
         extra = validate(state, step, final=step == config.steps)
-        if step % log_every == 0 or extra or step == stop:
+        # A row at `stop_after` alone is shown in metrics.csv but kept neither in the rows
+        # nor in the checkpoint's: the resumed run's rows are the uninterrupted run's.
+        due = step % log_every == 0 or bool(extra)
+        if due or step == stop:
             got = jax.device_get(pending)
-            pending = []
             now = time.time()
             row = {
                 "step": step,
@@ -704,10 +706,11 @@ def train(
                 "elapsed_s": now - t0,
                 **extra,
             }
-            tick, tick_step = now, step
-            history.append(row)
+            if due:
+                pending, tick, tick_step = [], now, step
+                history.append(row)
             if jax.process_index() == 0:
-                _write_metrics(out / METRICS_FILE, history)
+                _write_metrics(out / METRICS_FILE, history if due else [*history, row])
             logging.info(
                 "step %d/%d: loss %.4f, accuracy %.3f, lr %.4g, %.0f images/s",
                 step,

@@ -353,6 +353,29 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(
     assert second.val_accuracy == straight.val_accuracy
 
 
+def test_a_run_stopped_at_a_checkpoint_step_resumes_with_the_uninterrupted_rows(
+    tmp_path, task, quick_run
+):
+    """Stopped (`stop_after`) at step 10, a checkpoint but no log step: metrics.csv shows a
+    row of step 10, but step 10's checkpoint keeps neither it nor its emptied train metrics,
+    so the resumed run's rows are the uninterrupted run's (it kept a row of step 10, and
+    row 12 averaged steps 11-12 instead of 9-12)."""
+    kw = dict(mesh=parallel.data_mesh(1), **RUN_KW)
+    out = tmp_path / "run"
+    training.train(QUICK, task, out, stop_after=10, **kw)
+    assert training.read_metrics(out / training.METRICS_FILE)[-1]["step"] == 10
+    assert training.train(QUICK, task, out, **kw).resumed_from == 10
+
+    def numbers(run: pathlib.Path) -> list[dict[str, float]]:
+        rows = training.read_metrics(run / training.METRICS_FILE)
+        return [
+            {k: v for k, v in r.items() if k not in ("images_per_s", "elapsed_s")} for r in rows
+        ]
+
+    assert [r["step"] for r in numbers(out)] == [0, 4, 6, 8, 12, 16, 18, 20]
+    np.testing.assert_equal(numbers(out), numbers(quick_run[1]))
+
+
 def test_a_checkpoint_orbax_cannot_open_is_one_error_naming_the_folder(tmp_path, task):
     """A step's metadata orbax cannot parse (an unknown key): orbax reads every step's when
     it opens the folder, so the run stops in one ValueError naming it, not a traceback."""
