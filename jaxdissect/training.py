@@ -534,6 +534,11 @@ def _prepare_output(out: pathlib.Path, settings: Mapping[str, Any]) -> None:
     """Create `out` and write `settings` there, refusing a run in it of other settings,
     device count or code (a run that recorded no code is resumed with a warning)."""
     path = out / SETTINGS_FILE
+    if not path.exists() and any((out / CHECKPOINT_DIR).glob("*")):  # resumed as any run's
+        raise FileExistsError(
+            f"{out} holds checkpoints but no {SETTINGS_FILE} saying what they were trained "
+            f"with; choose another --output_dir, or empty {out} to start the run again"
+        )
     if path.exists():
         old = store.read_json_object(
             path, f"choose another --output_dir, or empty {out} to start the run again"

@@ -469,6 +469,17 @@ def test_resume_refuses_other_settings(tmp_path, task, quick_run):
         training.train(_config(learning_rate=0.1), task, out, progress=False)
 
 
+def test_resume_refuses_checkpoints_without_their_settings(tmp_path, task, quick_run):
+    """settings.json gone: the checkpoints were taken as those of any settings given (one
+    of another learning rate resumed from them, or deleted them as damaged)."""
+    out = tmp_path / "run"
+    shutil.copytree(quick_run[1], out)
+    (out / training.SETTINGS_FILE).unlink()
+    with pytest.raises(FileExistsError, match=r"holds checkpoints but no settings\.json"):
+        training.train(_config(learning_rate=0.1), task, out, progress=False)
+    assert not (out / training.SETTINGS_FILE).exists()
+
+
 def test_resume_refuses_another_device_count(tmp_path, task, quick_run):
     """Gradient sums round differently per device count: a resume keeps the run's."""
     out = tmp_path / "run"
