@@ -619,6 +619,12 @@ def training_task(fv: flags.FlagValues) -> Any:
             f"{flag}'s classes are not those {fv.weights} was trained on "
             f"({meta.get('classes')}): pass the training data as --eval_data"
         )
+    if meta.get("val_split", task.val.key()) != task.val.key():  # (older exports: unchecked)
+        raise ValueError(
+            f"{flag}'s validation split is not the one {fv.weights} was validated on: its "
+            "accuracy would count other images, some perhaps trained on; give the data (and "
+            "--synthetic_images) train.py had, or that data as --eval_data"
+        )
     return task
 
 

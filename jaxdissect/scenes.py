@@ -35,6 +35,11 @@ class SceneSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def key(self) -> str:
+        """Which images (by index in their source) of which classes the split holds, not
+        their pixels (the same split at another resolution keeps its key)."""
+        return store.key_of(images=self.source_indices.tolist(), labels=self.labels.tolist())
+
 
 @dataclasses.dataclass(frozen=True)
 class SceneTask:

@@ -470,6 +470,8 @@ def export_weights(
         "options": options,
         "input_size": task.resolution,
         "classes": list(task.class_names),
+        # What its accuracy is measured on: `cli.training_task` refuses another split.
+        "val_split": task.val.key(),
         "train": {**dict(extra), "config": dataclasses.asdict(config)},
     }
     variables = jax.tree.map(np.asarray, jax.device_get(state.variables()))

@@ -639,6 +639,31 @@ def test_eval_data_errors_name_eval_data(tmp_path):
         cli.training_task(fv)
 
 
+def test_an_accuracy_on_another_validation_split_is_refused(tmp_path):
+    """The classes alone were checked: rotation.py and ablation.py on a synthetic set of
+    other --synthetic_images (same scenes) measured "validation" accuracy on another split,
+    whose images were partly the export's training images (of a 2,000-image set's 600 val
+    images, 278 are train images of the 4,000-image set). The export keeps its val split's
+    key; an export without one (older) is not checked."""
+    from jaxdissect import scenes
+    from jaxdissect.data import synthetic
+
+    root = synthetic.generate(tmp_path / "broden", num_images=48, size=32, workers=1)
+    kw = dict(resolution=32, synthetic_images=0, cache_dir=tmp_path)
+    task = scenes.open_scene_task(str(root), **kw)
+    export = tmp_path / "step_000010"
+    export.mkdir()
+    meta = {"classes": list(task.class_names), "input_size": 32}
+    fv = parse("rotation", f"--weights={export}", f"--data={root}", "--resolution=32")
+    for key, refused in [(None, False), (task.val.key(), False), (task.train.key(), True)]:
+        (export / "meta.json").write_text(json.dumps({**meta, "val_split": key} if key else meta))
+        if refused:
+            with pytest.raises(ValueError, match="^--data's validation split is not the one"):
+                cli.training_task(fv)
+        else:
+            assert cli.training_task(fv).val.key() == task.val.key()
+
+
 def test_ablation_summary_of_a_class_without_evaluation_images():
     """A class none of the evaluation images holds has no accuracy (null in ablation.json):
     its summary line says so instead of failing to format None."""

@@ -562,7 +562,8 @@ def test_an_export_of_a_zoo_network_loads_at_the_size_it_was_trained_at(tmp_path
     config = training.TrainConfig(arch="resnet18", steps=1, batch_size=8)
     model = training.build_model("resnet18", **config.options(3))
     trainer = training.Trainer(model, config, 32, parallel.data_mesh(1))
-    task = types.SimpleNamespace(num_classes=3, resolution=32, class_names=("a", "b", "c"))
+    val = scenes.SceneSplit(np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int32), np.zeros(0))
+    task = types.SimpleNamespace(num_classes=3, resolution=32, class_names=("a", "b", "c"), val=val)
     training.export_weights(tmp_path, trainer.initial_state(), config, task, {"step": 0})
     assert model.input_spec.size == 224  # the zoo's own
     loaded = training.load_trained(tmp_path)
