@@ -181,6 +181,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay={self.weight_decay}: must be >= 0 and finite")
         if not 0 < self.decay_factor <= 1:
             raise ValueError(f"decay_factor={self.decay_factor}: must be in (0, 1]")
+        if self.seed > 2**32 - 2:  # grain's data order and flips take 32-bit seeds (seed, seed+1)
+            raise ValueError(f"seed={self.seed}: must be < {2**32 - 1} (the data order's seeds)")
         if self.eval_every < 0:
             raise ValueError(f"eval_every={self.eval_every}: must be >= 0 (0: at save steps)")
         if not 0 <= self.warmup_steps < self.steps:

@@ -168,9 +168,14 @@ def test_config_and_options_are_checked():
         ("weight_decay", -1.0, "must be >= 0 and finite"),
         ("decay_factor", 0.0, r"must be in \(0, 1\]"),
         ("eval_every", -1, "must be >= 0"),
+        # grain refused it after step 0 was trained and exported, naming no flag.
+        ("seed", 2**32 - 1, f"must be < {2**32 - 1}"),
     ]:
         with pytest.raises(ValueError, match=rf"^{field}={value}: {rule}"):
             training.TrainConfig(**{field: value})
+    split = scenes.SceneSplit(np.zeros((2, 1, 1, 3), np.uint8), np.zeros(2, np.int32), np.arange(2))
+    largest = training.TrainConfig(seed=2**32 - 2).seed
+    assert len(scenes.train_batches(split, 1, seed=largest)[0]["label"]) == 1
     # Decays inside the warm-up or given twice would merge into one.
     step = dict(schedule="step", steps=200, warmup_steps=100)
     for decay in [(50, 150), (100, 150), (150, 150)]:
