@@ -8,7 +8,8 @@ its rule, through `flax.linen.intercept_methods`. The rules act on the last
 
 - `Rotate(matrix)`: y -> y @ matrix; the rest of the network sees rotated units.
 - `Fold(matrix)`: y -> y @ matrix for whoever watches the layer (a capture), and
-  every module that takes that rotated array as an argument gets y back
+  every module that takes that rotated array as an argument (or in a list, tuple or dict
+  argument) gets y back
   (y @ matrix @ matrix^T), as if the inverse were folded into the next
   computation: the network's output is unchanged up to float rounding. Arrays
   are matched by identity, so a consumer that is no module (a `+` in the
@@ -283,10 +284,18 @@ def active(
                 return undone[i]
         return value
 
+    def unfold_tree(tree: Any) -> Any:
+        # In a list, tuple or dict argument too; rebuilt only where a leaf is undone.
+        leaves, treedef = jax.tree.flatten(tree)
+        new = [unfold(leaf) for leaf in leaves]
+        if all(a is b for a, b in zip(leaves, new, strict=True)):
+            return tree
+        return jax.tree.unflatten(treedef, new)
+
     def interceptor(next_fun, args, kwargs, context):
         if folded:
-            args = tuple(unfold(a) for a in args)
-            kwargs = {k: unfold(v) for k, v in kwargs.items()}
+            args = tuple(unfold_tree(a) for a in args)
+            kwargs = {k: unfold_tree(v) for k, v in kwargs.items()}
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__":
             path = module_path(context.module)

@@ -195,6 +195,32 @@ def test_fold_reaches_every_consuming_module(residual):
         assert change < 1e-5
 
 
+class _Concat(nn.Module):
+    @nn.compact
+    def __call__(self, xs):
+        return nn.Dense(3, name="dense")(jnp.concatenate(xs, -1))
+
+
+class _ListConsumer(nn.Module):
+    """A layer's output taken by one module directly and by another inside a list."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6, name="layer")(x)
+        return nn.Dense(3, name="direct")(h) + _Concat(name="concat")([h, x])
+
+
+def test_fold_reaches_a_module_taking_the_output_in_a_list():
+    """The module given [y Q, x] got rotated units, with no warning (another module took y Q
+    directly): the folded network's outputs changed by about 2."""
+    model = _ListConsumer()
+    x = jax.random.normal(jax.random.key(0), (5, 4))
+    variables = init_variables(model, x, seed=1)
+    r = rotation.random_rotation(6, seed=0)
+    change = rotation.max_output_change(model, variables, {"layer": r}, np.asarray(x), lambda v: v)
+    assert change < 1e-5
+
+
 def test_rotation_of_the_wrong_width_is_refused(cnn):
     model, variables, images = cnn
     v = rotation.with_rotations(variables, {model.layer_aliases["conv4"]: np.eye(5)})
