@@ -191,6 +191,14 @@ class TrainConfig:
             )
         object.__setattr__(self, "save_steps", tuple(sorted({int(s) for s in self.save_steps})))
         object.__setattr__(self, "decay_steps", tuple(sorted(int(s) for s in self.decay_steps)))
+        for name, ignored, taker in (
+            ("nesterov", self.nesterov and not self.momentum, "optimizer=sgd, momentum > 0"),
+            ("nesterov", self.nesterov and self.optimizer != "sgd", "optimizer=sgd"),
+            ("decay_steps", self.decay_steps and self.schedule != "step", "schedule=step"),
+        ):
+            if ignored:
+                value = ",".join(map(str, self.decay_steps)) if name == "decay_steps" else "True"
+                raise ValueError(f"{name}={value}: only {taker} takes it (else it is ignored)")
         bounds = self.decay_bounds()
         if self.schedule == "step" and (
             len(set(bounds)) < len(bounds) or bounds[0] <= self.warmup_steps

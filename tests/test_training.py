@@ -176,6 +176,15 @@ def test_config_and_options_are_checked():
     split = scenes.SceneSplit(np.zeros((2, 1, 1, 3), np.uint8), np.zeros(2, np.int32), np.arange(2))
     largest = training.TrainConfig(seed=2**32 - 2).seed
     assert len(scenes.train_batches(split, 1, seed=largest)[0]["label"]) == 1
+    # Options the optimiser or schedule would ignore (trained as without them before).
+    for kw, message in [
+        (dict(nesterov=True, momentum=0.0), "^nesterov=True: only optimizer=sgd, momentum > 0"),
+        (dict(nesterov=True, optimizer="adam"), "^nesterov=True: only optimizer=sgd takes it"),
+        (dict(decay_steps=(500,)), r"^decay_steps=500: only schedule=step takes it"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            training.TrainConfig(**kw)
+    assert training.TrainConfig(nesterov=True).nesterov
     # Decays inside the warm-up or given twice would merge into one.
     step = dict(schedule="step", steps=200, warmup_steps=100)
     for decay in [(50, 150), (100, 150), (150, 150)]:
