@@ -201,14 +201,15 @@ class TrainConfig:
                 raise ValueError(f"{name}={value}: only {taker} takes it (else it is ignored)")
         bounds = self.decay_bounds()
         if self.schedule == "step" and (
-            len(set(bounds)) < len(bounds) or bounds[0] <= self.warmup_steps
+            len(set(bounds)) < len(bounds)
+            or not self.warmup_steps < bounds[0] <= bounds[-1] < self.steps
         ):
             given = ",".join(map(str, self.decay_steps)) or (
                 f"() (at 50% and 75% of steps={self.steps}: {','.join(map(str, bounds))})"
             )
             raise ValueError(
-                f"decay_steps={given}: each must be after warmup_steps={self.warmup_steps} "
-                "and given once"
+                f"decay_steps={given}: each must be after warmup_steps={self.warmup_steps}, "
+                f"before steps={self.steps} (later ones never apply), and given once"
             )
         bad = [s for s in self.save_steps if not 0 <= s <= self.steps]
         if bad:

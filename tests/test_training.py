@@ -187,7 +187,7 @@ def test_config_and_options_are_checked():
     assert training.TrainConfig(nesterov=True).nesterov
     # Decays inside the warm-up or given twice would merge into one.
     step = dict(schedule="step", steps=200, warmup_steps=100)
-    for decay in [(50, 150), (100, 150), (150, 150)]:
+    for decay in [(50, 150), (100, 150), (150, 150), (150, 200), (150, 250)]:
         with pytest.raises(
             ValueError, match="^decay_steps=.*: each must be after warmup_steps=100"
         ):
