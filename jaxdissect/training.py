@@ -524,6 +524,8 @@ def load_trained(weights: str | os.PathLike[str]):
 def export_model(weights: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     """(architecture, constructor options) of an exported training step, from its meta."""
     meta = read_meta(weights)
+    if not {"arch", "num_classes"} <= meta.keys():  # (a KeyError's traceback before)
+        raise ValueError(f"{weights}: its {META_FILE} lacks arch or num_classes (edited?)")
     return meta["arch"], {**meta.get("options", {}), "num_classes": meta["num_classes"]}
 
 

@@ -299,6 +299,10 @@ def test_exports_are_told_from_conversions(tmp_path):
     assert training.is_export(tmp_path / "export")
     assert not training.is_export(tmp_path / "converted")
     assert not any(map(training.is_export, (tmp_path, tmp_path / "none", "", None)))
+    # An export's meta.json without its arch (edited): one line, not a KeyError's traceback.
+    save_variables(tmp_path / "edited", variables, {"classes": ["a"], "train": {}})
+    with pytest.raises(ValueError, match=r"edited: its meta\.json lacks arch or num_classes"):
+        training.load_trained(tmp_path / "edited")
     assert finished.check_model(None, str(tmp_path / "export"))
     assert not finished.check_model("alexnet", str(tmp_path / "converted"))
     with pytest.raises(ValueError, match="is a converted checkpoint .*: give --model=alexnet$"):
