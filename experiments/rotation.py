@@ -67,6 +67,11 @@ def run(fv: flags.FlagValues = FLAGS):
     amounts = rotation.check_amounts(cli.parse_numbers(fv.amounts, "--amounts"), "--amounts")
     config.check_seed(fv.rotation_seed, "--rotation_seed")
     trained = cli.check_model_flags(fv)
+    if fv.eval_data and not (trained and fv.accuracy):  # (ignored before)
+        raise ValueError(
+            f"--eval_data={fv.eval_data}: only a training export's accuracy is measured "
+            "(--weights of train.py, with --accuracy); leave it out"
+        )
     output_dir = fv.output_dir or os.path.join("runs", f"rotation_{fv.layer}")
     cli.check_devices(fv, batch_size=settings.batch_size)
     with cli.claim_output_dir(output_dir):

@@ -252,6 +252,11 @@ def test_amounts_named_alike_are_refused_up_front(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"^--amounts=0,0.0002: 0 and 0.0002 are one amount"):
         script("rotation").run(fv)
     assert not (tmp_path / "cache").exists() and not out.exists()
+    # --eval_data where no accuracy is measured (no training export): ignored before.
+    fv = parse("rotation", "--model=alexnet", f"--eval_data={tmp_path}", f"--output_dir={out}")
+    with pytest.raises(ValueError, match=r"^--eval_data=\S+: only a training export's accuracy"):
+        script("rotation").run(fv)
+    assert not (tmp_path / "cache").exists() and not out.exists()
 
 
 def test_the_plot_draws_the_amounts_in_increasing_order(tmp_path, monkeypatch):
