@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdissect import report, tally
+from jaxdissect import report, results, tally
 from jaxdissect.report import LayerPage, RunInfo, UnitCard, build
 
 XSS = "<script>alert(1)</script>"
@@ -339,8 +339,6 @@ def test_strip_masks_are_the_pixels_the_tally_counts() -> None:
 def _one_unit_strip_width(tmp_path, top, maps, thresholds, seg_size, image, height) -> int:
     """The width of the strip the report draws for one unit ("head" unit 0) of `maps` on
     its `top` images (grey squares of side `image`, labels at `seg_size`)."""
-    from jaxdissect import results
-    from jaxdissect.labelspace import LabelSpace
 
     class Source:
         def __init__(self):
@@ -349,20 +347,12 @@ def _one_unit_strip_width(tmp_path, top, maps, thresholds, seg_size, image, heig
         def read_image(self, i: int) -> np.ndarray:
             return np.full((image, image, 3), 10 * i, np.uint8)
 
-    labels = LabelSpace(("color",), ("-", "red-c"), np.array([-1, 0], np.int32), (False,))
-    counts = {
-        "intersection": np.array([[0, 3]]),
-        "label_pixels": np.array([0, 10]),
-        "unit_pixels": np.array([[5]]),
-        "unit_total": np.array([5]),
-        "images": np.int64(len(top)),
-    }
     build.write_dissection_report(
         tmp_path,
         "m",
         "d",
         {},
-        [results.layer_result("head", counts, labels)],
+        [_red_layer(intersection=[3], unit_total=[5], images=len(top))],
         {"head": thresholds},
         {"head": top},
         {"head": maps},
@@ -586,12 +576,34 @@ def test_a_cards_tie_share_is_a_plain_percentage(fraction, text):
     assert build._state_text(result, 0) == f"{ties.TIED}: {text} of activations at T"
 
 
+class _GreySource:
+    """A probe set of 8x8 label maps whose image i is grey level 10 i."""
+
+    seg_size = (8, 8)
+
+    def read_image(self, i: int) -> np.ndarray:
+        return np.full((8, 8, 3), 10 * i, np.uint8)
+
+
+def _red_layer(intersection: list[int], unit_total: list[int], images: int) -> results.LayerResult:
+    """A layer "head" of one unit per entry, scored on one concept (red-c, 10 pixels)."""
+    from jaxdissect.labelspace import LabelSpace
+
+    labels = LabelSpace(("color",), ("-", "red-c"), np.array([-1, 0], np.int32), (False,))
+    counts = {
+        "intersection": np.array([[0, n] for n in intersection]),
+        "label_pixels": np.array([0, 10]),
+        "unit_pixels": np.array(unit_total)[:, None],
+        "unit_total": np.array(unit_total),
+        "images": np.int64(images),
+    }
+    return results.layer_result("head", counts, labels)
+
+
 def test_a_strip_draws_only_the_top_images_where_the_unit_fires(tmp_path):
     """A ReLU unit tied at T = 0 firing in one image shows that image alone: its other top
     images (maximum 0 = T) are wholly dimmed under the strict rule and are left out (they
     were drawn, arbitrary images by index); under the inclusive rule they fire and are drawn."""
-    from jaxdissect import results
-    from jaxdissect.labelspace import LabelSpace
 
     top = np.array([[5, 0], [1, 1], [2, -1]], np.int32)  # [T, K]; -1: an empty slot
     maps = np.zeros((3, 2, 2, 2), np.float32)
@@ -604,21 +616,7 @@ def test_a_strip_draws_only_the_top_images_where_the_unit_fires(tmp_path):
     ]
     assert build.drawn_ranks(top, maps, thresholds, "inclusive")[:, 0].all()
 
-    class Source:
-        seg_size = (8, 8)
-
-        def read_image(self, i: int) -> np.ndarray:
-            return np.full((8, 8, 3), 10 * i, np.uint8)
-
-    labels = LabelSpace(("color",), ("-", "red-c"), np.array([-1, 0], np.int32), (False,))
-    counts = {
-        "intersection": np.array([[0, 3], [0, 4]]),
-        "label_pixels": np.array([0, 10]),
-        "unit_pixels": np.array([[5], [6]]),
-        "unit_total": np.array([5, 6]),
-        "images": np.int64(6),
-    }
-    layer = results.layer_result("head", counts, labels)
+    layer = _red_layer(intersection=[3, 4], unit_total=[5, 6], images=6)
     widths = {}
     for rule in ("strict", "inclusive"):
         out = tmp_path / rule
@@ -631,7 +629,7 @@ def test_a_strip_draws_only_the_top_images_where_the_unit_fires(tmp_path):
             {"head": thresholds},
             {"head": top},
             {"head": maps},
-            Source(),
+            _GreySource(),
             tie_rule=rule,
             strip_height=8,
         )
@@ -643,24 +641,8 @@ def test_a_report_leaves_no_strip_of_an_earlier_run_beside_its_own(tmp_path):
     """strips/<layer>/ holds this report's strips only: one that a run killed before its
     results.json left (no rerun knows to remove it) of a unit that now gets no strip is gone,
     so that nothing finding strips by file name (ablation.html) shows it as this run's."""
-    from jaxdissect import results
-    from jaxdissect.labelspace import LabelSpace
 
-    class Source:
-        seg_size = (8, 8)
-
-        def read_image(self, i: int) -> np.ndarray:
-            return np.full((8, 8, 3), 10 * i, np.uint8)
-
-    labels = LabelSpace(("color",), ("-", "red-c"), np.array([-1, 0], np.int32), (False,))
-    counts = {
-        "intersection": np.array([[0, 3], [0, 0]]),
-        "label_pixels": np.array([0, 10]),
-        "unit_pixels": np.array([[5], [0]]),
-        "unit_total": np.array([5, 0]),  # unit 1 has no active pixel: no strip
-        "images": np.int64(2),
-    }
-    layer = results.layer_result("head", counts, labels)
+    layer = _red_layer(intersection=[3, 0], unit_total=[5, 0], images=2)  # unit 1: no strip
     maps = np.ones((1, 2, 2, 2), np.float32)
     stale = tmp_path / "strips" / "head" / "unit0001.jpg"
     stale.parent.mkdir(parents=True)
@@ -674,7 +656,7 @@ def test_a_report_leaves_no_strip_of_an_earlier_run_beside_its_own(tmp_path):
         {"head": np.array([0.5, 0.5], np.float32)},
         {"head": np.array([[0, 1]], np.int32)},
         {"head": maps},
-        Source(),
+        _GreySource(),
         tie_rule="strict",
         strip_height=8,
     )
