@@ -154,7 +154,19 @@ class Settings:
                     f"quantile_mode={self.quantile_mode!r} does not use (sketch or auto)"
                 )
         if self.categories is not None:
+            if isinstance(self.categories, str):
+                raise ValueError(
+                    f"categories={self.categories!r}: give a sequence of names, not a string"
+                )
             object.__setattr__(self, "categories", tuple(self.categories))
+            # Repeated names need no dataset: refused here, before any data is opened.
+            names = self.categories
+            repeated = sorted({c for c in names if names.count(c) > 1})
+            if repeated:
+                raise ValueError(
+                    f"categories={','.join(map(str, names))}: {', '.join(repeated)} given more "
+                    "than once; name each category once"
+                )
 
     def pass1(self) -> dict[str, Any]:
         keys = (

@@ -629,6 +629,14 @@ def test_study_scripts_take_the_model_options_dissect_takes(tmp_path):
     assert "convert.py --arch resnet18 --num_classes 3 --input" in str(refused.value)
 
 
+def test_a_repeated_category_is_refused_before_the_data_is_opened(tmp_path):
+    """--categories=color,color needs no dataset to refuse: one line naming the flag, before
+    a missing --data (or a synthetic Broden's generation, or a Broden's walk)."""
+    missing = tmp_path / "none"
+    with pytest.raises(ValueError, match=r"^--categories=color,color: color given more than once"):
+        _run("dissect", "--categories=color,color", f"--data={missing}")
+
+
 def test_eval_data_errors_name_eval_data(tmp_path):
     """ablation.py's task data: a missing --eval_data is named as such, not as --data."""
     export = tmp_path / "step_000010"
