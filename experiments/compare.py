@@ -10,7 +10,7 @@ training export of experiments/train.py; LAYERS comma-separated; NAME a folder n
 all of one probe set (the same dataset, split and number of images) and one method
 (iou_threshold, categories, quantile, threshold_on, restriction, tie_rule and
 activation_dtype equal; --allow_mixed_settings compares others with a warning each,
-and compare.json's mixed_settings lists them; each row carries these settings, and how
+and compare.json's settings.mixed_settings lists them; each row carries these settings, and how
 its thresholds were estimated: rows of exact and sketched thresholds are compared with a
 warning, listed there too). Writes
 compare.csv (one row per model and layer: num_units, interpretable_units,
