@@ -15,6 +15,7 @@ import re
 
 import numpy as np
 import pytest
+from absl import flags
 
 from jaxdissect import cli, results, store, training
 from tests.experiment_testing import (
@@ -313,6 +314,10 @@ def test_flagfiles_parse_and_say_how_to_run_them(flagfile):
     name = re.search(r"python experiments/(\w+)\.py --flagfile", text).group(1)
     fv = parse(name, f"--flagfile={path}")
     assert fv.output_dir and fv.output_dir.startswith("runs/")
+    # A single-valued flag given twice is a slip (the later one silently wins).
+    given = [n if n in fv else n.removeprefix("no") for n in re.findall(r"^--(\w+)", text, re.M)]
+    twice = {n for n in given if given.count(n) > 1 and not isinstance(fv[n], flags.MultiFlag)}
+    assert not twice, f"{flagfile} sets {sorted(twice)} more than once"
     if name == "train":
         cli.from_flags(training.TrainConfig, fv)
     else:
