@@ -518,16 +518,23 @@ def _linen_runner(model, apply_kwargs: Mapping[str, Any], method):
 
     def run(variables, images, wanted=None):
         captured: dict[str, list[Any]] = {}
+        running: list[str] = []  # paths whose `__call__` is running, outermost first
 
         def interceptor(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if context.method_name == "__call__":
-                path = "/".join(str(p) for p in context.module.path)
-                if wanted is None or path in wanted:
-                    captured.setdefault(path, []).append(out)
-                scope = context.module.scope  # its debug path names lifted transforms
-                if wanted is None and scope is not None and scope.debug_path != scope.path:
-                    run.lifted[path] = "/".join(map(str, scope.debug_path))
+            if context.method_name != "__call__":
+                return next_fun(*args, **kwargs)
+            path = "/".join(str(p) for p in context.module.path)
+            nested = path in running  # a subclass's `super().__call__`: one call, the outer
+            running.append(path)
+            try:
+                out = next_fun(*args, **kwargs)
+            finally:
+                running.pop()
+            if not nested and (wanted is None or path in wanted):
+                captured.setdefault(path, []).append(out)
+            scope = context.module.scope  # its debug path names lifted transforms
+            if wanted is None and scope is not None and scope.debug_path != scope.path:
+                run.lifted[path] = "/".join(map(str, scope.debug_path))
             return out
 
         with nn.intercept_methods(interceptor):

@@ -156,6 +156,29 @@ def test_module_called_twice_is_refused():
         capture.make_tap(model, variables, "twice", input_shape=(4, 4, 3))
 
 
+class TanhConv(nn.Conv):
+    """A subclass whose `__call__` wraps its parent's: Linen intercepts both."""
+
+    def __call__(self, x):
+        return jnp.tanh(super().__call__(x))
+
+
+class Subclassed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(2, (1, 1), name="after")(TanhConv(3, (1, 1), name="tanh")(x))
+
+
+def test_a_subclass_calling_its_parents_call_is_one_call_its_own_output():
+    """It was refused as called twice; its output is the subclass's (after the tanh)."""
+    model = Subclassed()
+    x = 3 * jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    variables = init_variables(model, x, seed=0)
+    tap = capture.make_tap(model, variables, "tanh", input_shape=(4, 4, 3))
+    conv = nn.Conv(3, (1, 1)).apply({"params": variables["params"]["tanh"]}, x)
+    np.testing.assert_allclose(tap.fn(tap.variables, x)["tanh"], jnp.tanh(conv), atol=1e-6)
+
+
 class Lifted(nn.Module):
     @nn.compact
     def __call__(self, x):
