@@ -506,6 +506,17 @@ def _check_single_calls(counts: Mapping[str, int], layers: Iterable[str]) -> Non
             )
 
 
+def _check_batch_major(named: Sequence[tuple[str, str]], outputs: Mapping, batch: int) -> None:
+    """Refuse an output that does not lead with the batch: its module ran on windows of
+    the images (Swin's attention) or is stacked over a scan's layers (`nnx.scan`)."""
+    for name, path in named:
+        if (shape := list(outputs[path][0].shape))[:1] != [batch]:
+            raise LayerNotFoundError(
+                f"layers={name}: its output {shape} on {batch} image(s) does not lead with them "
+                "(windows of them, or stacked by nnx.scan); name a module whose output is [B, ...]"
+            )
+
+
 # ---------------------------------------------------------------- the three kinds of model
 #
 # Each kind provides `run(variables, images) -> {path: [outputs of each call]}`
@@ -746,6 +757,7 @@ def make_tap(
     paths = tuple(path for _, path in named)
     _check_single_calls({k: len(outs) for k, outs in outputs.items()}, paths)
     _check_not_lifted(getattr(run, "lifted", {}), paths)
+    _check_batch_major(named, outputs, 1)
     wanted = frozenset(paths)
     layouts = _token_layouts(model, named, available, input_shape, token_layout)
 
@@ -753,11 +765,16 @@ def make_tap(
         nhwc = {p: layouts[p].to_nhwc(outs[p][0]) if p in layouts else outs[p][0] for p in paths}
         return {p: _as_nhwc(p, x).astype(jnp.float32) for p, x in nhwc.items()}
 
+    def batch_major(v, images):
+        outs = run(v, images, wanted)
+        _check_batch_major(named, outs, images.shape[0])
+        return outs
+
     def fn(v, images):
-        return maps(run(v, images, wanted))
+        return maps(batch_major(v, images))
 
     def raw(v, images):
-        outs = run(v, images, wanted)
+        outs = batch_major(v, images)
         return {p: outs[p][0] for p in paths}
 
     # The maps' shapes from the dry run's outputs (no second trace of the network).

@@ -440,3 +440,50 @@ def test_a_layer_with_empty_maps_at_the_input_size_is_refused_naming_both():
     fv["input_size"].field_name = "input_size"
     assert cli.flag_message(message, fv).startswith("--layers=conv2: its maps are 0x0")
     assert "or a larger input (--input_size=6 now)" in cli.flag_message(message, fv)
+
+
+class Windowed(nn.Module):
+    """Swin-style: `attn` runs on the 4 windows of each image's 8x8 map, [4 B, 16, C]."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (1, 1), name="embed")(x)
+        b = x.shape[0]
+        w = x.reshape(b, 2, 4, 2, 4, 4).transpose(0, 1, 3, 2, 4, 5).reshape(b * 4, 16, 4)
+        w = nn.Dense(4, name="attn")(w)
+        return w.reshape(b, 2, 2, 4, 4, 4).transpose(0, 1, 3, 2, 4, 5).reshape(b, 8, 8, 4)
+
+
+class ScannedBlocks(nnx.Module):
+    """Three blocks stacked by nnx.vmap and run by nnx.scan: their outputs are [3, B, ...]."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Linear(3, 4, rngs=rngs)
+
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def blocks(rngs):
+            return nnx.Linear(4, 4, rngs=rngs)
+
+        self.blocks = blocks(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(self.embed(x), self.blocks)
+
+
+def test_an_output_that_does_not_lead_with_the_batch_is_refused_naming_the_layer():
+    """Windows of the images were read as 4 images each (a batch of 3 gave 12 maps, and
+    the dissection failed in the activation cache with a broadcast error)."""
+    model = Windowed()
+    variables = init_variables(model, jnp.ones((1, 8, 8, 3)), seed=0)
+    with pytest.raises(capture.LayerNotFoundError, match=r"^layers=attn: its output \[4, 16, 4\]"):
+        capture.make_tap(model, variables, "attn", input_shape=(8, 8, 3))
+    tap = capture.make_tap(model, variables, "embed", input_shape=(8, 8, 3))
+    assert tap.fn(tap.variables, jnp.ones((3, 8, 8, 3)))["embed"].shape == (3, 8, 8, 4)
+    net = ScannedBlocks(nnx.Rngs(0))
+    with pytest.raises(capture.LayerNotFoundError, match=r"layers=blocks: .*\[3, 1, 5, 5, 4\]"):
+        capture.make_tap(net, None, "blocks", input_shape=(5, 5, 3))
