@@ -36,6 +36,23 @@ class InputSpec:
     scale: float = 1.0
     bgr: bool = False
 
+    def __post_init__(self):
+        size = self.size
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+            raise ValueError(f"InputSpec(size={size!r}): a whole number of pixels >= 1, e.g. 224")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            try:
+                numbers = np.asarray(values, float)
+            except (TypeError, ValueError):
+                numbers = np.zeros(0)
+            if numbers.shape != (3,) or not np.isfinite(numbers).all():
+                raise ValueError(
+                    f"InputSpec({name}={values!r}): three finite numbers, one per channel in "
+                    "the model's order, e.g. (0.485, 0.456, 0.406)"
+                )
+        if not np.all(np.asarray(self.std, float)):
+            raise ValueError(f"InputSpec(std={self.std!r}): each channel's std must be non-zero")
+
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """Normalise a [B, H, W, 3] batch of 0..255 RGB pixels for the model."""
         x = pixels.astype(jnp.float32)

@@ -212,6 +212,21 @@ def test_an_input_spec_class_attribute_is_the_input(monkeypatch):
         model_load.load("tests.fixtures.small_model:odd")
 
 
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        ((224, (0.5, 0.5), (0.2,) * 3), r"mean=\(0.5, 0.5\)\): three finite numbers"),
+        ((224, (0.5,) * 3, (0.2, 0.2, float("nan"))), r"std=\(0.2, 0.2, nan\)\): three"),
+        ((224, (0.5,) * 3, (0.2, 0.0, 0.2)), r"std=\(0.2, 0.0, 0.2\)\): each channel's"),
+        ((0, (0.5,) * 3, (0.2,) * 3), r"size=0\): a whole number"),
+    ],
+)
+def test_an_input_spec_that_cannot_normalise_three_channels_is_refused_naming_it(args, named):
+    """Two means failed in the dissection's first batch with a broadcasting traceback."""
+    with pytest.raises(ValueError, match=f"^InputSpec\\({named}"):
+        InputSpec(*args)
+
+
 @pytest.fixture(scope="module")
 def converted_alexnet(tmp_path_factory):
     """A converted AlexNet of 3 classes at width 0.25 (zero weights), as convert.py writes it."""
