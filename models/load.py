@@ -113,6 +113,15 @@ def _option_flags(names: Iterable[str], num_classes_flag: bool = True) -> str:
     )
 
 
+def call_signature(factory: Any) -> inspect.Signature:
+    """The parameters a call of `factory` binds: a class's `__init__`'s after `self` (an
+    NNX class's own signature is its metaclass's `*args, **kwargs`)."""
+    if not isinstance(factory, type):
+        return inspect.signature(factory)
+    signature = inspect.signature(factory.__init__)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
 def _check_options(
     model: str, weights: str | None, options: Mapping[str, Any], num_classes_flag: bool = True
 ) -> None:
@@ -137,7 +146,7 @@ def _check_options(
             f"{given}: --model={model} is a module, not a factory, and takes no options"
         )
     try:
-        signature = inspect.signature(obj)
+        signature = call_signature(obj)
     except (TypeError, ValueError):  # no signature to read: the call will speak
         return
     try:
@@ -220,6 +229,15 @@ def _user_module(spec: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
     obj = _import_attr(spec)
     if isinstance(obj, nn.Module | nnx.Module):
         return obj, None
+    try:  # a factory's required parameters that no --model_option gives: one line
+        call_signature(obj).bind(**options)
+    except TypeError as e:
+        raise ValueError(
+            f"--model={spec}: {e} (it is called with the --model_option values alone; give "
+            "them, or name a factory that builds the model)"
+        ) from None
+    except ValueError:  # no signature to read: the call will speak
+        pass
     made = obj(**options) if callable(obj) else obj
     module, variables = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
     if not callable(module):  # a tuple, list, dict or None is no module

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxdissect import store
 from jaxdissect.models import load as model_load
@@ -171,6 +172,38 @@ def test_a_factory_giving_no_module_is_named(monkeypatch, factory, what):
     monkeypatch.setattr(small_model, "odd", factory, raising=False)
     with pytest.raises(ValueError, match=f"^--model=tests.fixtures.small_model:odd gave {what};"):
         model_load.load("tests.fixtures.small_model:odd")
+
+
+class _NeedsWidth(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(self.width, (3, 3), name="conv1")(x)
+
+
+class _NnxNeedsRngs(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs, width: int = 4):
+        self.conv1 = nnx.Conv(3, width, (3, 3), rngs=rngs)
+
+
+@pytest.mark.parametrize(
+    ("factory", "missing", "options"),
+    [
+        (_NeedsWidth, "width", {}),
+        (_NnxNeedsRngs, "rngs", {}),
+        (_NnxNeedsRngs, "rngs", {"width": 2}),
+    ],
+)
+def test_a_required_parameter_no_option_gives_is_named(monkeypatch, factory, missing, options):
+    """A TypeError traceback from the call (an NNX class's signature reads as its
+    metaclass's *args, **kwargs, so options were not checked against it either)."""
+    monkeypatch.setattr(small_model, "odd", factory, raising=False)
+    with pytest.raises(
+        ValueError,
+        match=f"^--model=tests.fixtures.small_model:odd: missing a required argument: '{missing}'",
+    ):
+        model_load.load("tests.fixtures.small_model:odd", options=options)
 
 
 def test_the_modules_input_spec_is_its_input():
