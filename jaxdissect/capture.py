@@ -607,15 +607,16 @@ def _dict_runner(fn):
 
 
 def _refuse_training_mode(model: Any) -> None:
-    """An NNX module's BatchNorm and Dropout keep their mode in the module: in training
-    mode a unit's map would depend on the batch (BatchNorm's batch statistics) or be
-    random (Dropout), so dissecting it is refused until `model.eval()`."""
+    """An NNX module's BatchNorm, Dropout and attention dropout keep their mode in the
+    module: in training mode a unit's map would depend on the batch (batch statistics) or
+    be dropped out, so dissecting it is refused until `model.eval()`."""
     from flax import nnx
 
     for path, node in nnx.iter_graph(model):
         batch_stats = isinstance(node, nnx.BatchNorm) and not node.use_running_average
-        dropout = isinstance(node, nnx.Dropout) and not node.deterministic and node.rate > 0
-        if batch_stats or dropout:
+        drop = isinstance(node, nnx.Dropout) and not node.deterministic and node.rate > 0
+        attend = isinstance(node, nnx.MultiHeadAttention) and node.deterministic is False
+        if batch_stats or drop or (attend and node.dropout_rate > 0):
             where = "/".join(map(str, path)) or "the model"
             raise ValueError(
                 f"model: the NNX module is in training mode ({where}: "

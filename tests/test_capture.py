@@ -331,6 +331,34 @@ def test_an_nnx_module_in_training_mode_is_refused():
     )
 
 
+class NnxAttention(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs, deterministic: bool | None):
+        self.proj = nnx.Linear(3, 4, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(
+            2, 4, dropout_rate=0.5, deterministic=deterministic, decode=False, rngs=rngs
+        )
+
+    def __call__(self, x):
+        t = self.proj(x).reshape(x.shape[0], -1, 4)
+        return self.attn(t, deterministic=True if self.attn.deterministic is None else None)
+
+
+def test_an_nnx_attention_dropping_out_is_refused_as_training_mode():
+    """Its dropout ran (one mask, the same every batch) with no word; one that its caller
+    runs deterministic (the attribute None) is dissected."""
+    model = NnxAttention(nnx.Rngs(0), deterministic=False)
+    with pytest.raises(ValueError, match=r"training mode \(attn: MultiHeadAttention\)"):
+        capture.make_tap(model, None, ["attn"], input_shape=(2, 2, 3))
+    model.eval()
+    x = jax.random.normal(jax.random.key(2), (2, 2, 2, 3))
+    tap = capture.make_tap(model, None, ["attn"], input_shape=(2, 2, 3))
+    np.testing.assert_allclose(
+        tap.fn(tap.variables, x)["attn"], model(x).reshape(2, 2, 2, 4), rtol=1e-6
+    )
+    called = NnxAttention(nnx.Rngs(0), deterministic=None)
+    assert capture.make_tap(called, None, ["attn"], input_shape=(2, 2, 3)).shapes
+
+
 def test_dict_returning_function():
     w = jnp.arange(12.0).reshape(3, 4)
 
