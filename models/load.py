@@ -604,6 +604,12 @@ def load(
             )
         if weights != "pretrained" and isinstance(module, nn.Module):
             variables = None  # a checkpoint's weights or a random init, never its own
+        if not weights and not isinstance(module, nn.Module):
+            raise ValueError(
+                f"--weights= means a random init at --seed, but --model={model} is no Linen "
+                "module (an NNX module or a function carries its own weights, which it would "
+                "run); pass --weights=pretrained, or draw new weights in its factory"
+            )
 
     try:
         spec = declared_input_spec(module) or TORCHVISION

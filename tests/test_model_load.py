@@ -186,6 +186,9 @@ class _NnxNeedsRngs(nnx.Module):
     def __init__(self, rngs: nnx.Rngs, width: int = 4):
         self.conv1 = nnx.Conv(3, width, (3, 3), rngs=rngs)
 
+    def __call__(self, x):
+        return self.conv1(x)
+
 
 @pytest.mark.parametrize(
     ("factory", "missing", "options"),
@@ -204,6 +207,29 @@ def test_a_required_parameter_no_option_gives_is_named(monkeypatch, factory, mis
         match=f"^--model=tests.fixtures.small_model:odd: missing a required argument: '{missing}'",
     ):
         model_load.load("tests.fixtures.small_model:odd", options=options)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: _NnxNeedsRngs(nnx.Rngs(0)),
+        lambda: ((lambda v, x: {"scaled": x * v["w"]}), {"w": jnp.ones(3)}),
+    ],
+)
+@pytest.mark.parametrize("weights", [None, ""])
+def test_a_random_init_of_a_model_carrying_its_own_weights_is_refused(
+    monkeypatch, factory, weights
+):
+    """An NNX module or a function ran on the weights its factory gave, as if initialised
+    at --seed (a 'random init' baseline that was the model itself)."""
+    monkeypatch.setattr(small_model, "odd", factory, raising=False)
+    spec = "tests.fixtures.small_model:odd"
+    with pytest.raises(
+        ValueError,
+        match=f"^--weights= means a random init at --seed, but --model={spec} is no Linen",
+    ):
+        model_load.load(spec, weights=weights, seed=3)
+    assert model_load.load(spec, weights="pretrained").name == spec
 
 
 def test_the_modules_input_spec_is_its_input():
