@@ -40,7 +40,7 @@ from jaxdissect import (
 from jaxdissect.capture import Tap
 from jaxdissect.data import loader
 from jaxdissect.data.broden import primary_categories
-from jaxdissect.labelspace import LabelSpace
+from jaxdissect.labelspace import LabelSpace, check_names
 from jaxdissect.preprocess import InputSpec
 from jaxdissect.quantiles import DEFAULT_Q
 from jaxdissect.quantiles import MODES as QUANTILE_MODES
@@ -153,20 +153,8 @@ class Settings:
                     f"sketch_size={self.sketch_size}: sizes the sketch, which "
                     f"quantile_mode={self.quantile_mode!r} does not use (sketch or auto)"
                 )
-        if self.categories is not None:
-            if isinstance(self.categories, str):
-                raise ValueError(
-                    f"categories={self.categories!r}: give a sequence of names, not a string"
-                )
-            object.__setattr__(self, "categories", tuple(self.categories))
-            # Repeated names need no dataset: refused here, before any data is opened.
-            names = self.categories
-            repeated = sorted({c for c in names if names.count(c) > 1})
-            if repeated:
-                raise ValueError(
-                    f"categories={','.join(map(str, names))}: {', '.join(repeated)} given more "
-                    "than once; name each category once"
-                )
+        if self.categories is not None:  # repeated names: refused before data is opened
+            object.__setattr__(self, "categories", check_names(self.categories))
 
     def pass1(self) -> dict[str, Any]:
         keys = (

@@ -8,6 +8,21 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def check_names(categories: Sequence[str]) -> tuple[str, ...]:
+    """`categories` as a tuple; raises ValueError naming `categories=` for a string or a
+    repeated name (what needs no dataset to check)."""
+    if isinstance(categories, str):
+        raise ValueError(f"categories={categories!r}: give a sequence of names, not a string")
+    names = tuple(categories)
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise ValueError(
+            f"categories={','.join(map(str, names))}: {', '.join(repeated)} given more than "
+            "once; name each category once"
+        )
+    return names
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class LabelSpace:
     """Labels and categories of a probe set (Broden or another).
@@ -69,16 +84,8 @@ class LabelSpace:
         """
         if categories is None:
             return self.categories
-        if isinstance(categories, str):
-            raise ValueError(f"categories={categories!r}: give a sequence of names, not a string")
-        names = list(categories)
+        names = check_names(categories)
         given = ",".join(map(str, names))
-        repeated = sorted({c for c in names if names.count(c) > 1})
-        if repeated:
-            raise ValueError(
-                f"categories={given}: {', '.join(repeated)} given more than "
-                "once; name each category once"
-            )
         unknown = [c for c in names if c not in self.categories]
         if unknown:
             raise ValueError(
