@@ -228,11 +228,15 @@ def define_input_flags(fv: flags.FlagValues) -> None:
 
 
 def check_input_size(input_size: Any) -> None:
-    """Refuse an `input_size` (`model_info`) that is neither None nor a whole number >= 1."""
-    if input_size is not None and (
-        isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1
-    ):
-        raise ValueError(f"input_size={input_size!r}: must be a whole number >= 1 (pixels)")
+    """Refuse an `input_size` (`model_info`) that is neither None nor a whole number of
+    pixels in [1, `preprocess.MAX_SIZE`]."""
+    from jaxdissect import preprocess
+
+    if input_size is not None and not preprocess.is_input_size(input_size):
+        raise ValueError(
+            f"input_size={input_size!r}: must be a whole number >= 1 (pixels), at most "
+            f"{preprocess.MAX_SIZE}"
+        )
 
 
 def model_info(loaded: Any, input_norm: str = "model", input_size: int | None = None) -> Any:

@@ -14,6 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The largest input side a model is fed at (a network's dry run at a larger one is no
+# dissection: a damaged size in a meta.json, a mistyped flag).
+MAX_SIZE = 8192
+
+
+def is_input_size(size: Any) -> bool:
+    """Whether `size` is a whole number of pixels in [1, MAX_SIZE]."""
+    whole = isinstance(size, int | np.integer) and not isinstance(size, bool)
+    return whole and 1 <= size <= MAX_SIZE
+
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
@@ -38,8 +48,10 @@ class InputSpec:
 
     def __post_init__(self):
         size = self.size
-        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
-            raise ValueError(f"InputSpec(size={size!r}): a whole number of pixels >= 1, e.g. 224")
+        if not is_input_size(size):
+            raise ValueError(
+                f"InputSpec(size={size!r}): a whole number of pixels in [1, {MAX_SIZE}], e.g. 224"
+            )
         for name, values in (("mean", self.mean), ("std", self.std)):
             try:
                 numbers = np.asarray(values, float)

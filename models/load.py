@@ -35,7 +35,13 @@ from absl import logging
 
 from jaxdissect import store
 from jaxdissect.models import zoo
-from jaxdissect.preprocess import TORCHVISION, InputSpec, declared_input_spec
+from jaxdissect.preprocess import (
+    MAX_SIZE,
+    TORCHVISION,
+    InputSpec,
+    declared_input_spec,
+    is_input_size,
+)
 
 # A model's initialisation runs once: XLA's backend optimisations would only slow the
 # compilation (of the threefry hashes of every parameter's initialiser, mostly).
@@ -634,6 +640,11 @@ def load(
             weights_key = meta.get(VARIABLES_FINGERPRINT)  # checked against them by the load
             trained = meta.get("input_size")  # an export of train.py: the size it learned at
             if isinstance(trained, int) and not isinstance(trained, bool) and trained > 0:
+                if not is_input_size(trained):
+                    raise ValueError(
+                        f"--weights={weights}: its meta.json's input_size={trained} is past "
+                        f"{MAX_SIZE} px: the file is damaged; convert or export again"
+                    )
                 spec = dataclasses.replace(spec, size=trained)
             _check_converted_fit(module, model, weights, variables, spec.size)
             name = f"{model} ({path})"

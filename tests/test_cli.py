@@ -775,3 +775,10 @@ def test_resolution_given_with_a_broden_folder_must_be_its_size(tmp_path):
     fv = parse("training_dynamics", f"--data={root}", "--resolution=64")
     with pytest.raises(ValueError, match=wrong + "$"):
         cli.probe_from_flags(fv)
+
+
+def test_an_input_size_past_the_largest_is_refused():
+    """--input_size=10**30 overflowed in the dry run's convolution shapes (a traceback)."""
+    cli.check_input_size(8192)
+    with pytest.raises(ValueError, match=r"^input_size=8193: must be a whole number >= 1 .*8192"):
+        cli.check_input_size(8193)

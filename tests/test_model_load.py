@@ -278,6 +278,7 @@ def test_an_input_spec_class_attribute_is_the_input(monkeypatch):
         ((224, (0.5,) * 3, (0.2, 0.2, float("nan"))), r"std=\(0.2, 0.2, nan\)\): three"),
         ((224, (0.5,) * 3, (0.2, 0.0, 0.2)), r"std=\(0.2, 0.0, 0.2\)\): each channel's"),
         ((0, (0.5,) * 3, (0.2,) * 3), r"size=0\): a whole number"),
+        ((10**30, (0.5,) * 3, (0.2,) * 3), r"size=10{30}\): a whole number of pixels in \[1, 8"),
     ],
 )
 def test_an_input_spec_that_cannot_normalise_three_channels_is_refused_naming_it(args, named):
@@ -296,6 +297,22 @@ def converted_alexnet(tmp_path_factory):
     meta = {"arch": "alexnet", "num_classes": 3, "options": {"width": 0.25, "dropout": True}}
     save_variables(path, variables_template(model), meta)
     return str(path)
+
+
+def test_a_damaged_input_size_in_a_converted_meta_is_one_line(converted_alexnet, tmp_path):
+    """meta.json's input_size of 10**30 (a damaged export) overflowed in the dry run's
+    convolution shapes (a traceback); now one line naming the folder."""
+    import json
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(converted_alexnet, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "input_size": 10**30}))
+    with pytest.raises(
+        ValueError, match=f"^--weights={folder}: its meta.json's input_size=10{{30}}"
+    ):
+        model_load.load("alexnet", weights=str(folder))
 
 
 def test_a_converted_checkpoint_gives_its_classes_and_options(converted_alexnet, tmp_path):
