@@ -40,8 +40,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         "model",
         "efficientnet_lite0",
         "Architecture of models/zoo (alexnet, vgg16, resnet18..152, googlenet, densenet161, "
-        "efficientnet_lite0, convnext_tiny..large, swin_t/s/b, clip_rn50/rn101/rn50x4, "
-        "vit_ti16/s16/b16) "
+        "efficientnet_lite0, convnext_tiny..large, swin_t/s/b, "
+        "clip_rn50/rn101/rn50x4/rn50x16/rn50x64, vit_ti16/s16/b16) "
         "or 'package.module:attr' naming your own Flax module or factory.",
         flag_values=fv,
     )
