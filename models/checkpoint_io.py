@@ -136,8 +136,7 @@ def _state_dict_of(obj: Mapping[str, Any], path: str) -> Mapping[str, Any]:
                 "dissect one: torch.save(checkpoint[key], path))",
                 path,
                 wrapped[0],
-                ", ".join(repr(k) for k in others[:5])
-                + (f", ... ({len(others)} in all)" if len(others) > 5 else ""),
+                listed([repr(k) for k in others], 5),
             )
         return obj[wrapped[0]]
     return obj
@@ -148,10 +147,14 @@ def key_groups(keys: Iterable[str], shown: int = 4) -> str:
     'encoder_k.' (320), 'queue' (1)" (a key without a dot is its own group), cut after
     `shown`."""
     counts = Counter(k.split(".", 1)[0] + ("." if "." in k else "") for k in keys)
-    groups = [f"{name!r} ({n})" for name, n in counts.most_common()]
-    return ", ".join(groups[:shown]) + (
-        f", ... ({len(groups)} in all)" if len(groups) > shown else ""
-    )
+    return listed([f"{name!r} ({n})" for name, n in counts.most_common()], shown)
+
+
+def listed(items: Sequence[str], most: int) -> str:
+    """The first `most` of `items` joined with ', ', then ', ... (N in all)' if there are
+    more."""
+    more = f", ... ({len(items)} in all)" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
 
 
 def _entry_of(whole: Any, entry: str, path: str) -> Any:
@@ -162,10 +165,7 @@ def _entry_of(whole: Any, entry: str, path: str) -> Any:
             at = "/".join(walked) or "its top level"
             if isinstance(obj, Mapping):
                 keys = [repr(str(k)) for k in obj]
-                there = ", ".join(keys[:8]) + (
-                    f", ... ({len(keys)} in all)" if len(keys) > 8 else ""
-                )
-                there = f"the keys there are {there}" if keys else "nothing is there"
+                there = f"the keys there are {listed(keys, 8)}" if keys else "nothing is there"
             else:
                 there = f"a value of type {type(obj).__name__} is there"
             raise SelectionError(f"entry={entry!r}: {path} has no {part!r} at {at}; {there}")
@@ -292,10 +292,8 @@ def load_state_dict(
     ]
     if not_arrays and (inside := _tensor_dicts(obj)):
         largest = max(reversed(inside), key=lambda k: len(obj[k]))  # DINO's teacher
-        named = ", ".join(repr(k) for k in inside[:5])
-        named += f", ... ({len(inside)} in all)" if len(inside) > 5 else ""
         raise CheckpointError(
-            f"{path}: state dicts under {named}, none under "
+            f"{path}: state dicts under {listed([repr(k) for k in inside], 5)}, none under "
             f"{WRAPPER_KEYS}; read one with models/convert.py --entry={largest} "
             "(README: Self-supervised checkpoints)"
         )

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from jaxdissect.models.weight_file import (
-    _MAX_RANK,
+    MAX_RANK,
     Budget,
     CheckpointError,
     check_shape,
@@ -118,9 +118,9 @@ def _as_int_tuple(values: Any, what: str) -> tuple[int, ...]:
         rank = len(values)
     except TypeError as err:
         raise CheckpointError(f"tensor {what} is not a tuple of ints: {values!r}") from err
-    if rank > _MAX_RANK:  # before a copy: a pickle may hand one long list to every tensor
+    if rank > MAX_RANK:  # before a copy: a pickle may hand one long list to every tensor
         raise CheckpointError(
-            f"tensor {what} has {rank} dimensions, more than the {_MAX_RANK} any weight has"
+            f"tensor {what} has {rank} dimensions, more than the {MAX_RANK} any weight has"
         )
     try:
         out = tuple(int(v) for v in values)

@@ -33,7 +33,7 @@ class UnsafeCheckpointError(CheckpointError):
 _BUDGET_PER_FILE_BYTE = 3
 _BUDGET_EXTRA_BYTES = 2**30
 # More dimensions than any weight has (numpy's own limit is 64).
-_MAX_RANK = 32
+MAX_RANK = 32
 # Zip compression methods read: torch stores its records (ZIP_STORED), np.savez_compressed
 # deflates (at most about 1000:1, and zipfile never inflates past a member's declared size).
 _ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
@@ -74,9 +74,9 @@ def check_shape(shape: tuple[int, ...], itemsize: int, what: str) -> None:
 
     Zero dims count as 1: numpy refuses an empty shape whose other dims overflow.
     """
-    if len(shape) > _MAX_RANK:
+    if len(shape) > MAX_RANK:
         raise CheckpointError(
-            f"{what} has {len(shape)} dimensions, more than the {_MAX_RANK} any weight has; "
+            f"{what} has {len(shape)} dimensions, more than the {MAX_RANK} any weight has; "
             f"{COPY_AGAIN}"
         )
     if math.prod(max(n, 1) for n in shape) * itemsize >= 2**63:
