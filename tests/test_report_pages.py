@@ -3,9 +3,19 @@ formatted, the shared style present."""
 
 from __future__ import annotations
 
-from jaxdissect.report import ablation_page, formula_page
+from jaxdissect.report import ablation_page, formula_page, page
+from jaxdissect.report import html as layer_html
 
 HOSTILE = "<script>x</script>"
+
+
+def test_scores_read_apart_at_the_detector_threshold() -> None:
+    # 0.0404 detects (IoU > 0.04) and 0.0396 does not: every page prints them apart,
+    # the layer pages (the `iou` filter) and the study pages (`fmt`) alike.
+    for f in (page.fmt, layer_html._environment().filters["iou"]):
+        assert (f(0.0404), f(0.0396), f(0.5)) == ("0.0404", "0.0396", "0.5000")
+        assert (f(float("nan")), f(float("inf"))) == ("n/a", "n/a")
+    assert page.fmt(None) == "-"
 
 
 def _check(html: str) -> None:
@@ -31,7 +41,7 @@ def test_ablation_page_escapes_names(tmp_path):
     doc["settings"]["task"] = "labels"
     html = ablation_page.write_page(tmp_path, doc).read_text()
     _check(html)
-    assert "a&amp;b" in html and "<td>-</td>" in html and "0.500" in html
+    assert "a&amp;b" in html and "<td>-</td>" in html and "0.5000" in html
 
 
 def test_formula_page_escapes_names(tmp_path):
@@ -62,4 +72,4 @@ def test_formula_page_escapes_names(tmp_path):
     }
     html = formula_page.write_page(tmp_path, settings, [layer], plot="p.png").read_text()
     _check(html)
-    assert "OR, AND NOT" in html and "a&amp;b" in html and "0.250" in html
+    assert "OR, AND NOT" in html and "a&amp;b" in html and "0.2500" in html

@@ -20,6 +20,7 @@ from PIL import Image
 
 from jaxdissect import store
 from jaxdissect.report import plots
+from jaxdissect.report.page import fmt
 from jaxdissect.results import TALLY_UNIT_OFFSET, layer_file_stems
 
 _TEMPLATES = Path(__file__).parent / "templates"
@@ -115,10 +116,6 @@ def _url(path: str | os.PathLike[str], base: Path) -> str:
     return urllib.parse.quote(Path(p).as_posix(), safe="/")
 
 
-def _fmt_iou(x: float) -> str:
-    return f"{x:.3f}" if math.isfinite(x) else "n/a"
-
-
 def _sort_iou(x: float) -> str:
     # Non-finite IoUs sort last under "IoU, high first".
     return repr(float(x)) if math.isfinite(x) else "-1"
@@ -133,7 +130,7 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.filters["iou"] = _fmt_iou
+    env.filters["iou"] = fmt
     env.filters["sort_iou"] = _sort_iou
     return env
 

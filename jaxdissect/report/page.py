@@ -4,6 +4,7 @@ data and show as text), written atomically."""
 
 from __future__ import annotations
 
+import math
 import pathlib
 from typing import Any
 
@@ -32,8 +33,11 @@ def template(title: str, style: str, body: str) -> str:
 
 
 def fmt(v: float | None) -> str:
-    """A score as the pages print it: 3 decimals, `-` for none."""
-    return "-" if v is None else f"{v:.3f}"
+    """A score as every page prints it: 4 decimals (an IoU of 0.0404, a detector, and one
+    of 0.0396 read apart), `-` for none, `n/a` for a non-finite one."""
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if math.isfinite(v) else "n/a"
 
 
 def write(path: pathlib.Path, page: str, **context: Any) -> pathlib.Path:
