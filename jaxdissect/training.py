@@ -127,7 +127,8 @@ class TrainConfig:
       learning_rate: peak learning rate.
       momentum: SGD's momentum.
       nesterov: SGD with Nesterov momentum.
-      weight_decay: on conv and linear kernels only (not biases, not BatchNorm).
+      weight_decay: on every parameter of rank >= 2 (conv and linear kernels; a ViT's
+        position embedding and attention biases too), not on biases or norm scales.
       schedule: `constant`, `cosine` (to 0 at `steps`) or `step` (times
         `decay_factor` at each of `decay_steps`; default at 50% and 75%).
       warmup_steps: linear warm-up from 0 before the schedule.

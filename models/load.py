@@ -389,11 +389,36 @@ def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -
     except torch_import.WeightMappingError as e:
         raise ValueError(f"--weights={path} does not fit --model={model}: {e}") from None
     advice = MAPPING_ADVICE if model in zoo.ARCHS else OWN_MODEL_MAPPING_ADVICE
+    own_rule = model not in zoo.ARCHS and not hasattr(module, "import_state_dict")
+    if own_rule and (transposed := _conv_transpose_paths(module, size)):
+        raise ValueError(
+            f"--weights={path}: --model={model} has a Flax ConvTranspose at "
+            f"{'/'.join(transposed[0])}: torch's ConvTranspose2d weight ([in, out, kh, kw], "
+            "applied flipped) is not laid out as the conv rule reads it; give the model class "
+            "an `import_state_dict(state_dict, variables)` method (README: Your own PyTorch model)"
+        )
     try:
         return state_dict_onto(module, state_dict, template, advice=advice)
     except torch_import.WeightMappingError as e:
         hints = selection_hints(model, module, template, state_dict, e)
         raise ValueError(f"--weights={path} does not fit --model={model}: {e}{hints}") from None
+
+
+def _conv_transpose_paths(module: Any, size: int) -> list[tuple[str, ...]]:
+    """The module paths of the Linen `ConvTranspose` layers `module` calls (traced only)."""
+    import flax.linen as nn
+
+    found: list[tuple[str, ...]] = []
+
+    def record(call: Any, args: Any, kwargs: Any, context: Any) -> Any:
+        if isinstance(context.module, nn.ConvTranspose) and context.method_name == "__call__":
+            found.append(tuple(context.module.path))
+        return call(*args, **kwargs)
+
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: module.init(jax.random.key(0), x, **apply_kwargs(module)))
+    return found
 
 
 def state_dict_onto(

@@ -468,6 +468,38 @@ def test_a_key_of_no_variable_of_an_own_model_says_torch_rename(tmp_path):
     assert "`torch_rename(key)` static method on the model class" in str(refused.value)
 
 
+class _Upsampler(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3), name="conv1")(x)
+        return nn.ConvTranspose(4, (2, 2), strides=(2, 2), name="up")(x)
+
+
+def test_torch_weights_onto_an_own_conv_transpose_are_refused(tmp_path, monkeypatch):
+    """A ConvTranspose2d weight of equal in/out channels has the shape the conv rule gives a
+    Flax ConvTranspose kernel, but not its layout (torch's [in, out, kh, kw], flipped): it
+    loaded with no complaint and wrong outputs. Refused naming the layer, unless the class
+    maps the file itself."""
+    import safetensors.numpy
+
+    z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    state = {"conv1.weight": z(4, 3, 3, 3), "conv1.bias": z(4)}
+    state |= {"up.weight": z(4, 4, 2, 2), "up.bias": z(4)}
+    path = tmp_path / "up.safetensors"
+    safetensors.numpy.save_file(state, str(path))
+    monkeypatch.setattr(small_model, "Up", _Upsampler, raising=False)
+    with pytest.raises(ValueError, match=r"^--weights=.*: .* ConvTranspose at up: torch's"):
+        model_load.load("tests.fixtures.small_model:Up", weights=str(path))
+
+    class MapsItself(_Upsampler):
+        @staticmethod
+        def import_state_dict(state_dict, variables):
+            return variables
+
+    monkeypatch.setattr(small_model, "Up", MapsItself)
+    assert model_load.load("tests.fixtures.small_model:Up", weights=str(path)).variables
+
+
 def test_weights_for_a_module_that_carries_its_own_are_refused(tmp_path, monkeypatch):
     """An NNX module (or a function) keeps its own state: a --weights file or folder would
     be dropped without a word, so it is refused."""
