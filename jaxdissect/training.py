@@ -434,36 +434,6 @@ def _write_metrics(path: pathlib.Path, rows: Sequence[Mapping[str, float]]) -> N
     store.write_rows_csv(path, rows, columns=_METRIC_COLUMNS)
 
 
-def plot_training(
-    path: str | os.PathLike[str], rows: Sequence[Mapping[str, float]], *, title: str = ""
-) -> pathlib.Path:
-    """Training loss, and training and validation accuracy, against the step."""
-    from matplotlib.figure import Figure
-
-    from jaxdissect.report import plots
-
-    def series(key: str) -> tuple[list[float], list[float]]:
-        got = [(r["step"], r[key]) for r in rows if not np.isnan(r.get(key, float("nan")))]
-        return [g[0] for g in got], [g[1] for g in got]
-
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    loss_ax.plot(*series("train_loss"), color="#4e79a7", label="train")
-    loss_ax.plot(*series("val_loss"), "o-", color="#e15759", label="val")
-    loss_ax.set_ylabel("cross-entropy")
-    acc_ax.plot(*series("train_accuracy"), color="#4e79a7", label="train (batch)")
-    acc_ax.plot(*series("val_accuracy"), "o-", color="#e15759", label="val")
-    acc_ax.set_ylabel("accuracy")
-    acc_ax.set_ylim(0, 1)
-    for ax in (loss_ax, acc_ax):
-        ax.set_xlabel("step")
-        ax.grid(color="#dddddd", linewidth=0.6)
-        ax.legend(fontsize=8, frameon=False)
-        ax.spines[["top", "right"]].set_visible(False)
-    loss_ax.set_title(title, loc="left", fontsize=10, parse_math=False)
-    return plots._save(fig, path)
-
-
 def export_weights(
     directory: str | os.PathLike[str],
     state: TrainState,
@@ -659,6 +629,12 @@ def train(
         mesh.devices.size,
     )
     exports = dict(list_weights(out))
+    if lost := [s for s in config.save_steps if s < start and s not in exports]:
+        raise ValueError(
+            f"save_steps={','.join(map(str, lost))}: before step {start}, where {out} resumes, "
+            "and not exported by the run that got there; drop them, or train again in "
+            "another output_dir"
+        )
 
     def validate(state: TrainState, step: int, final: bool = False) -> dict[str, float]:
         """Evaluate and export where the config says (at save steps, every `eval_every`
@@ -766,7 +742,9 @@ def train(
     )
     if jax.process_index() == 0 and step == config.steps and start < config.steps:
         _write_metrics(out / METRICS_FILE, history)
-        plot_training(
+        from jaxdissect.report import plots  # matplotlib and jinja2 only where a run ends
+
+        plots.plot_training_curves(
             out / PLOT_FILE, history, title=f"{model_name(config.arch)} on {task.description}"
         )
         store.write_json(

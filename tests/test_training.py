@@ -508,6 +508,18 @@ def test_resume_refuses_another_device_count(tmp_path, task, quick_run):
     assert (out / training.SETTINGS_FILE).read_text(encoding="utf-8") == settings
 
 
+def test_resume_refuses_save_steps_the_run_passed_without_exporting(tmp_path, task, quick_run):
+    """A save step added on resume before the resume point was never exported (the run
+    ended with no weights/step_10 and no word); refused, naming it."""
+    out = tmp_path / "run"
+    shutil.copytree(quick_run[1], out)
+    with pytest.raises(ValueError, match=r"^save_steps=5,10: before step 20, where .* resumes"):
+        training.train(
+            _config(save_steps=(0, 5, 10, 20)), task, out, mesh=parallel.data_mesh(1), **RUN_KW
+        )
+    assert sorted(s for s, _ in training.list_weights(out)) == [0, 20]
+
+
 def test_resume_refuses_a_run_of_other_code(tmp_path, task, quick_run, caplog):
     """A run made by other library or model code is neither resumed nor returned as this
     code's; one that recorded no code (an older run) is taken with a warning."""

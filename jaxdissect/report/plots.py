@@ -424,3 +424,31 @@ def plot_iou_by_length(
     ax.spines[["top", "right"]].set_visible(False)
     ax.set_title(textwrap.fill(title, 64), loc="left", fontsize=9, parse_math=False)
     return _save(fig, path)
+
+
+def plot_training_curves(
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, float]], *, title: str = ""
+) -> Path:
+    """Training loss, and training and validation accuracy, against the step."""
+    from matplotlib.figure import Figure
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        got = [(r["step"], r[key]) for r in rows if not math.isnan(r.get(key, float("nan")))]
+        return [g[0] for g in got], [g[1] for g in got]
+
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    loss_ax.plot(*series("train_loss"), color="#4e79a7", label="train")
+    loss_ax.plot(*series("val_loss"), "o-", color="#e15759", label="val")
+    loss_ax.set_ylabel("cross-entropy")
+    acc_ax.plot(*series("train_accuracy"), color="#4e79a7", label="train (batch)")
+    acc_ax.plot(*series("val_accuracy"), "o-", color="#e15759", label="val")
+    acc_ax.set_ylabel("accuracy")
+    acc_ax.set_ylim(0, 1)
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("step")
+        ax.grid(color="#dddddd", linewidth=0.6)
+        ax.legend(fontsize=8, frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
+    loss_ax.set_title(title, loc="left", fontsize=10, parse_math=False)
+    return _save(fig, path)
