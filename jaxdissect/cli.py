@@ -15,6 +15,7 @@ import os
 import pathlib
 import re
 import sys
+import tempfile
 import time
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -283,7 +284,7 @@ def quiet_library_logs() -> None:
 def check_cache_root() -> None:
     """Refuse a `cache_root()` that could not be created or written, naming
     JAXDISSECT_CACHE (every script caches compiled programs and generated or checked data
-    there); creates nothing, so a run refused later for its flags leaves no folder."""
+    there); leaves nothing (a probe folder is made and removed), so a run refused later for its flags leaves no folder."""
     root = cache_root()
     fix = "set JAXDISSECT_CACHE to a folder you can write to"
     if not os.environ.get("JAXDISSECT_CACHE"):
@@ -293,6 +294,12 @@ def check_cache_root() -> None:
         raise ValueError(f"JAXDISSECT_CACHE={root}: {existing} is a file, not a folder: {fix}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"JAXDISSECT_CACHE={root}: {existing} is not writable: {fix}")
+    try:  # where root may write anyway, a pseudo-filesystem (/proc) still makes no folder
+        os.rmdir(tempfile.mkdtemp(prefix=".jaxdissect-probe-", dir=existing))
+    except OSError as e:
+        raise ValueError(
+            f"JAXDISSECT_CACHE={root}: {existing} cannot hold a folder ({e.strerror}): {fix}"
+        ) from None
 
 
 def enable_compilation_cache() -> None:

@@ -193,9 +193,16 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line_before_the_run(tmp_pa
         f"error: JAXDISSECT_CACHE={tmp_path / 'new' / 'cache'}: {tmp_path} is not writable: "
     )
     monkeypatch.undo()
+    if os.path.isdir("/proc/self"):  # Linux: a folder root may write to, but not make one in
+        monkeypatch.setenv("JAXDISSECT_CACHE", "/proc/nope")
+        with pytest.raises(SystemExit) as e:
+            main(["prog"])
+        assert str(e.value.code).startswith(
+            "error: JAXDISSECT_CACHE=/proc/nope: /proc cannot hold a folder ("
+        )
     monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "new" / "cache"))
     main(["prog"])
-    assert ran
+    assert ran and not list(tmp_path.glob("new*")) and not list(tmp_path.glob(".jaxdissect*"))
 
 
 def test_a_full_disk_is_one_line_naming_the_folder_and_that_the_command_resumes(tmp_path):
