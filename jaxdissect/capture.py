@@ -9,8 +9,8 @@ last one asked for, since nothing uses them).
   module's `__call__` whose path (`'layer4'`, `'backbone/block3/conv2'`) was
   asked for.
 - NNX modules: `nnx.capture(..., method_outputs=nnx.Intermediate)`.
-- Plain functions `fn(variables, images)` that return a dict of named
-  intermediates, or `(output, dict)` as big_vision models do.
+- Plain functions `fn(variables, images)` that return a dict of named intermediates
+  (nested dicts and lists named `a/b`, `a/0`), or `(output, dict)` as big_vision models do.
 
 A layer is named by its module path with `/` or `.` separators (torch-style
 `layer4.1.conv2` works for the models of `models/`, whose paths mirror torch),
@@ -584,8 +584,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, key))
+        if isinstance(v, Mapping | list | tuple):  # a list's maps are `key/0`, `key/1`, ...
+            flat.update(_flatten(v if isinstance(v, Mapping) else dict(enumerate(v)), key))
         else:
             flat[key] = v
     return flat

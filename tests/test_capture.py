@@ -377,6 +377,21 @@ def test_dict_returning_function():
         capture.make_tap(fn, w, "stem", input_shape=(5, 5, 3))
 
 
+def test_a_function_returning_a_list_of_maps_names_each():
+    """A list in the returned dict (the maps of a function's stages) is `blocks/0`,
+    `blocks/1`, ... (it was one layer `blocks` that returned a list, and the error told to
+    name one of the function's "submodules")."""
+
+    def fn(params, images):
+        return {"blocks": [images * params, images + params], "top": (images,)}
+
+    tap = capture.make_tap(fn, 2.0, ["blocks/1", "top/0"], input_shape=(4, 4, 3))
+    out = tap.fn(tap.variables, jnp.ones((1, 4, 4, 3)))
+    assert float(out["blocks/1"][0, 0, 0, 0]) == 3.0 and out["top/0"].shape == (1, 4, 4, 3)
+    with pytest.raises(capture.LayerNotFoundError, match=r"no such layer.*\n  blocks/0  \["):
+        capture.make_tap(fn, 2.0, "blocks", input_shape=(4, 4, 3))
+
+
 def test_tap_keeps_the_names_asked_for(linen_setup):
     model, variables, _ = linen_setup
     tap = capture.make_tap(
