@@ -135,13 +135,15 @@ def script_main(
     def main(argv: Sequence[str]) -> None:
         refuse_arguments(argv[1:])
         expand_user_paths(fv)
-        if split_cpu and runs_jax:
+        if runs_jax:
             from jaxdissect import parallel
 
-            parallel.split_cpu()
+            if split_cpu:
+                parallel.split_cpu()
         quiet_library_logs()
         try:
             if runs_jax:
+                parallel.check_32_bit()
                 check_cache_root()
                 enable_compilation_cache()
             run()

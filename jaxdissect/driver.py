@@ -414,6 +414,7 @@ def run_pass(
         raise ValueError(f"cache_mode={cache_mode!r}; allowed values: write, read, None")
     if cache_mode is not None and cache is None:
         raise ValueError(f"cache_mode={cache_mode!r} needs a cache")
+    parallel.check_32_bit()
     parallel.check_batch_size(batch_size, mesh)
     num_batches = loader.num_batches(len(source), batch_size)
     shards = int(mesh.devices.size)

@@ -200,6 +200,17 @@ def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(devices), (AXIS,))
 
 
+def check_32_bit() -> None:
+    """Refuse JAX's 64-bit mode: the passes are 32-bit programs (int32 indices and loop
+    counters, float32 maps; counts past int32 go through their own wide counters), which
+    `jax_enable_x64` would make mix int64 with int32."""
+    if jax.config.jax_enable_x64:
+        raise ValueError(
+            "JAX_ENABLE_X64 is set (jax_enable_x64=True): dissection runs 32-bit programs; "
+            "unset it, or call jax.config.update('jax_enable_x64', False) first"
+        )
+
+
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, name: str = "batch_size") -> None:
     """Raise, naming the parameter `name`, unless `batch_size` splits over the mesh."""
     n = mesh.devices.size

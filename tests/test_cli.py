@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 from absl import flags
 
@@ -162,6 +163,14 @@ def test_user_errors_are_one_line_with_the_traceback_at_verbosity_1(caplog):
     assert str(e.value.code) == "error: --quantile=2: must be in (0, 1)"
     [record] = [r for r in caplog.records if r.exc_info]
     assert record.levelno == pylogging.DEBUG and "in run" in caplog.text
+
+
+def test_jax_64_bit_mode_is_one_line_before_the_run(monkeypatch):
+    ran = []
+    main = cli.script_main(lambda: ran.append(1), flags.FlagValues(), split_cpu=False)
+    with jax.enable_x64(True), pytest.raises(SystemExit) as e:
+        main(["prog"])
+    assert str(e.value.code).startswith("error: JAX_ENABLE_X64 is set") and not ran
 
 
 def test_a_cache_folder_that_cannot_be_written_is_one_line_before_the_run(tmp_path, monkeypatch):

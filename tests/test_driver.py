@@ -110,6 +110,16 @@ def test_a_new_statistic_resumes_after_a_crash(tmp_path):
     assert int(got["images"]) == 30
 
 
+def test_jax_64_bit_mode_is_refused_in_one_line(monkeypatch):
+    """Under JAX_ENABLE_X64 the passes mixed int64 with int32 (a TypeError from inside a
+    quantile or tally program); refused before the first batch, naming the variable."""
+    values = _Values(np.zeros((4, 2, 2, 3), np.float32))
+    with jax.enable_x64(True), pytest.raises(ValueError, match=r"^JAX_ENABLE_X64 is set"):
+        _toy_pass(_count_above("l", 3, 0.5), values)
+    assert values.read == []
+    assert _toy_pass(_count_above("l", 3, 0.5), values)["images"] == 4
+
+
 def test_a_checkpoint_resumes_only_on_the_mesh_it_was_written_on(tmp_path):
     """A pass cut short on 2 devices and run again on 4 starts over (its per-device states
     do not fit 4 devices) and keeps the 2-device checkpoint, which a run on 2 resumes."""
