@@ -47,6 +47,7 @@ from jaxdissect.preprocess import TORCHVISION, InputSpec, as_input_spec
 from jaxdissect.report import ablation_page
 from jaxdissect.report import build as report_build
 from jaxdissect.report import html as report_html
+from jaxdissect.token_layouts import LayoutArg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class ModelInfo:
     name: str
     key: str
     apply_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    token_layout: capture.LayoutArg = None
+    token_layout: LayoutArg = None
     wraps: str | None = None
 
     def __post_init__(self):

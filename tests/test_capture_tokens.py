@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxdissect import capture
+from jaxdissect import capture, token_layouts
 from jaxdissect.capture import TokenLayout
 from jaxdissect.models import vit
 from tests.model_testing import random_variables
@@ -219,11 +219,11 @@ def test_parse_and_text():
 def test_token_counts_that_fit_no_grid_are_refused():
     # 8x20 input, no patch size: 5..0 patch tokens make no 2:5 grid.
     with pytest.raises(capture.LayerNotFoundError, match="'t' has 5 tokens, which fit no patch"):
-        capture.infer_token_layout("t", 5, (8, 20, 3))
+        token_layouts.infer_token_layout("t", 5, (8, 20, 3))
     # The fewest extra tokens win: 50 tokens of a square input are 1 + 7x7.
-    assert capture.infer_token_layout("t", 50, (8, 8, 3)) == TokenLayout((7, 7), prefix=1)
+    assert token_layouts.infer_token_layout("t", 50, (8, 8, 3)) == TokenLayout((7, 7), prefix=1)
     with pytest.raises(capture.LayerNotFoundError, match="fewer than the 4x4 patches"):
-        capture.infer_token_layout("t", 10, (16, 16, 3), patch_size=4)
+        token_layouts.infer_token_layout("t", 10, (16, 16, 3), patch_size=4)
     model, variables, _, _ = _setup((16, 16, 3), prefix=1)
     with pytest.raises(
         capture.LayerNotFoundError, match="'tokens' has 17 tokens, token_layout='4x4' covers 16"
@@ -242,7 +242,7 @@ def test_token_counts_that_fit_no_grid_are_refused():
 def test_extra_tokens_beyond_the_limit_need_a_named_layout():
     # 9x9 patches after 18 tokens on a square input: no square grid within 16 extras.
     with pytest.raises(capture.LayerNotFoundError, match="at most 16 class/register"):
-        capture.infer_token_layout("t", 18 + 81, (16, 16, 3))
+        token_layouts.infer_token_layout("t", 18 + 81, (16, 16, 3))
 
 
 @pytest.mark.parametrize("suffix", [0, 3])
@@ -270,7 +270,7 @@ def test_without_a_patch_size_grids_of_other_shapes_are_named():
     """33 tokens of a square input, no patch size: 1 + 8x4 (8x16 px patches) as well as
     5x5 patches and 8 others; the refusal names the other grids, not only the square one."""
     with pytest.raises(capture.LayerNotFoundError) as e:
-        capture.infer_token_layout("t", 33, (64, 64, 3))
+        token_layouts.infer_token_layout("t", 33, (64, 64, 3))
     text = str(e.value)
     assert "declares no patch_size" in text and "'8+5x5' (all before" in text
     assert "a grid of another shape (patches that are not square), e.g. " in text
