@@ -2,7 +2,8 @@
 
 A big_vision `.npz` is a flat dict of arrays under `/`-joined parameter paths
 (`Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel`), possibly under `params/`
-(optax-era checkpoints) or `opt/target/` (Flax-optimizer checkpoints). Older
+(optax-era checkpoints) or `opt/target/` (Flax-optimizer checkpoints); a two-tower
+(SigLIP) checkpoint's image tower is its `img/` keys, the rest left out. Older
 checkpoints are brought to today's names as big_vision's `fix_old_checkpoints`
 does: pre-Linen module numbering (`MlpBlock_3`, `LayerNorm_2`) renumbered per
 name, the position embedding moved out of `Transformer/`, and a position
@@ -23,6 +24,8 @@ from flax import traverse_util
 from jaxdissect.models import npz_file, torch_import
 
 _NUMBERED = re.compile(r"(.*)_(\d+)$")
+# A two-tower (SigLIP) checkpoint's image tower lives under `img/`, beside `txt/`, `t`, `b`.
+TWO_TOWER_IMAGE = "img/embedding/kernel"
 
 
 def _renumber(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -61,6 +64,16 @@ def big_vision_params(
         if any(k.startswith(prefix) for k in flat):
             flat = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
             break
+    if TWO_TOWER_IMAGE in flat:  # SigLIP's: the image tower (big_vision's `file.npz:img`)
+        from absl import logging
+
+        image = {k[len("img/") :]: v for k, v in flat.items() if k.startswith("img/")}
+        logging.info(
+            "two-tower checkpoint: its image tower (img/) read, %d other keys (the text "
+            "tower's, t, b) left out",
+            len(flat) - len(image),
+        )
+        flat = image
     flat = _renumber(flat)
     for old in ("Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding"):
         if old in flat:

@@ -279,6 +279,23 @@ def test_map_head_npz_loads_and_pools_as_big_vision(tmp_path):
         )
 
 
+def test_siglip_two_tower_npz_loads_its_image_tower(tmp_path):
+    """big_vision's SigLIP checkpoints as released (`webli_en_b16_224_63724782.npz`) hold
+    both towers: the image tower under `params/img/`, the text tower under `params/txt/`, and
+    the temperature and bias `params/t`, `params/b`; the image tower's keys load, the rest are
+    left out."""
+    options = {**SMALL, "pool_type": "map", "num_classes": 0}
+    model = vit.vit_ti16(**options)
+    variables = _random_variables(model, 32, seed=2)
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    arrays = {f"params/img/{k}": np.asarray(v) for k, v in flat.items()}
+    arrays["params/txt/Encoder_0/encoder_norm/scale"] = np.ones(8, np.float32)
+    arrays["params/t"], arrays["params/b"] = np.ones(1, np.float32), -np.ones(1, np.float32)
+    np.savez(tmp_path / "siglip.npz", **arrays)
+    loaded = model_load.load("vit_ti16", weights=str(tmp_path / "siglip.npz"), options=options)
+    jax.tree.map(np.testing.assert_array_equal, loaded.variables, variables)
+
+
 def test_nnx_twin_has_the_same_numbers():
     model = vit.vit_ti16(pool_type="tok", **SMALL)
     variables = _random_variables(model, 32)
