@@ -3,7 +3,8 @@
 A big_vision `.npz` is a flat dict of arrays under `/`-joined parameter paths
 (`Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel`), possibly under `params/`
 (optax-era checkpoints) or `opt/target/` (Flax-optimizer checkpoints); a two-tower
-(SigLIP) checkpoint's image tower is its `img/` keys, the rest left out. Older
+(SigLIP) checkpoint's image tower is its `img/` keys, the rest left out, and a scanned
+encoder's stacked `encoderblock` is split into its blocks. Older
 checkpoints are brought to today's names as big_vision's `fix_old_checkpoints`
 does: pre-Linen module numbering (`MlpBlock_3`, `LayerNorm_2`) renumbered per
 name, the position embedding moved out of `Transformer/`, and a position
@@ -26,6 +27,8 @@ from jaxdissect.models import npz_file, torch_import
 _NUMBERED = re.compile(r"(.*)_(\d+)$")
 # A two-tower (SigLIP) checkpoint's image tower lives under `img/`, beside `txt/`, `t`, `b`.
 TWO_TOWER_IMAGE = "img/embedding/kernel"
+# A `scan=True` encoder's one stacked block (big_vision's `scan_to_pyloop` undoes it).
+SCANNED_BLOCKS = "Transformer/encoderblock/"
 
 
 def _renumber(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -53,6 +56,24 @@ def _renumber(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def _unscanned(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A `scan=True` encoder's blocks (`Transformer/encoderblock/...`, each array stacked
+    over the blocks on its first axis: SigLIP So400m's) as `encoderblock_{i}`, as big_vision's
+    `scan_to_pyloop` does."""
+    scanned = SCANNED_BLOCKS
+    out = {k: v for k, v in flat.items() if not k.startswith(scanned)}
+    for key, value in flat.items():
+        if key.startswith(scanned):
+            for i, block in enumerate(np.asarray(value)):
+                name = f"Transformer/encoderblock_{i}/{key[len(scanned) :]}"
+                if name in out:
+                    raise torch_import.WeightMappingError(
+                        f"{key} and {name} both hold block {i}'s weight: not one model's"
+                    )
+                out[name] = block
+    return out
+
+
 def big_vision_params(
     flat: Mapping[str, np.ndarray], patches: int | None = None
 ) -> dict[str, np.ndarray]:
@@ -74,6 +95,7 @@ def big_vision_params(
             len(flat) - len(image),
         )
         flat = image
+    flat = _unscanned(flat)
     flat = _renumber(flat)
     for old in ("Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding"):
         if old in flat:

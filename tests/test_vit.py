@@ -296,6 +296,28 @@ def test_siglip_two_tower_npz_loads_its_image_tower(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, loaded.variables, variables)
 
 
+def test_scanned_encoder_npz_loads_block_by_block(tmp_path):
+    """A `scan=True` big_vision encoder (SigLIP So400m's released checkpoints:
+    `params/img/Transformer/encoderblock/...`, each array stacked over the blocks on its first
+    axis) loads as its `encoderblock_{i}`, as big_vision's `scan_to_pyloop` splits it."""
+    options = {**SMALL, "pool_type": "map", "num_classes": 0}
+    model = vit.vit_ti16(**options)
+    variables = _random_variables(model, 32, seed=3)
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    arrays, stacked = {}, {}
+    for key, value in flat.items():
+        block, _, rest = key.removeprefix("Transformer/encoderblock_").partition("/")
+        if key.startswith("Transformer/encoderblock_"):
+            stacked.setdefault(rest, {})[int(block)] = np.asarray(value)
+        else:
+            arrays[f"params/img/{key}"] = np.asarray(value)
+    for rest, blocks in stacked.items():
+        arrays[f"params/img/Transformer/encoderblock/{rest}"] = np.stack([blocks[0], blocks[1]])
+    np.savez(tmp_path / "scan.npz", **arrays)
+    loaded = model_load.load("vit_ti16", weights=str(tmp_path / "scan.npz"), options=options)
+    jax.tree.map(np.testing.assert_array_equal, loaded.variables, variables)
+
+
 def test_nnx_twin_has_the_same_numbers():
     model = vit.vit_ti16(pool_type="tok", **SMALL)
     variables = _random_variables(model, 32)
