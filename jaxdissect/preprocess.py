@@ -78,8 +78,9 @@ class InputSpec:
 
 
 TORCHVISION = InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), scale=1 / 255)
-# NetDissect-Lite's normalisation of its Places365 models.
-PLACES_LITE = InputSpec(224, (124.69, 118.69, 109.54), (57.12, 57.12, 57.12))
+# NetDissect-Lite's normalisation of its Places365 models: its BGR mean [109.5388, 118.6897,
+# 124.6901] subtracted, the channels flipped back to RGB, divided by 255 * 0.224.
+PLACES_LITE = InputSpec(224, (124.6901, 118.6897, 109.5388), (255 * 0.224,) * 3)
 # CLIP's (OpenAI's constants, which open_clip's and timm's CLIP image towers take).
 CLIP = InputSpec(
     224,

@@ -260,6 +260,17 @@ def test_alexnet_takes_broden1_227_images_as_they_are_with_input_size(tmp_path) 
             cli.model_info(loaded, "model", bad)
 
 
+def test_places_lite_normalisation_is_netdissect_lites() -> None:
+    """NetDissect-Lite (feature_operation.py) subtracts its BGR mean [109.5388, 118.6897,
+    124.6901] from the BGR image, flips the channels back to RGB and divides by 255 * 0.224:
+    `--input_norm=places_lite` computes the same numbers (to float32's rounding)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3)).astype(np.float64)
+    bgr = pixels[..., ::-1] - np.array([109.5388, 118.6897, 124.6901])
+    want = bgr[..., ::-1] / (255.0 * 0.224)
+    got = np.asarray(dataclasses.replace(PLACES_LITE, size=5)(jnp.asarray(pixels, jnp.float32)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("size", "options"),
     [(64, {"width": 0.125}), (100, {"width": 0.125, "batch_norm": True, "dropout": False})],
