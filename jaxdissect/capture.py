@@ -413,12 +413,19 @@ def _dry_run(run, variables, input_shape) -> tuple[dict[str, tuple[int, ...]], d
     sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     try:
         outputs = jax.eval_shape(lambda v, x: run(v, x), variables, sample)
-    except (TypeError, flax.errors.FlaxError) as e:
+    except (TypeError, ValueError, flax.errors.FlaxError) as e:
+        if isinstance(e, ValueError) and not _FLAX_UNSET.search(str(e)):
+            raise  # the library's own refusals, and the model's own messages
         raise ValueError(_apply_failed(e, input_shape)) from e
     available = {
         k: tuple(outs[0].shape[1:]) for k, outs in outputs.items() if hasattr(outs[0], "shape")
     }
     return available, outputs
+
+
+# Flax's Dropout, attention and BatchNorm run with `deterministic` (`use_running_average`)
+# given nowhere (`nn.merge_param`).
+_FLAX_UNSET = re.compile(r'Parameter "(\w+)" must be passed to the constructor or at call time')
 
 
 def _apply_failed(error: Exception, input_shape: Sequence[int]) -> str:
@@ -443,6 +450,13 @@ def _apply_failed(error: Exception, input_shape: Sequence[int]) -> str:
         ),
     ]
     hint = next((h for kind, h in hints if isinstance(error, kind)), None)
+    if unset := _FLAX_UNSET.search(text):
+        name = unset.group(1)
+        value = "=True (eval mode)" if name in ("deterministic", "use_running_average") else ""
+        hint = (
+            f"{name} is set neither on the module nor at its call: build the module with "
+            f"{name}{value}, or pass it in apply_kwargs where the model takes it"
+        )
     if hint is None and isinstance(error, TypeError) and "required" in text:
         hint = (
             "a dissection calls model.apply(variables, images): bind other arguments in a "

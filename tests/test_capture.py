@@ -228,6 +228,29 @@ def test_a_model_that_cannot_run_as_dissected_is_one_line_with_the_fix():
         capture.make_tap(model, variables, "bn", input_shape=(4, 4, 3), apply_kwargs={"scale": 1.0})
 
 
+class UnsetAttention(nn.Module):
+    deterministic: bool | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+        attend = nn.MultiHeadDotProductAttention(1, dropout_rate=0.1, name="att")
+        return attend(tokens, deterministic=self.deterministic)
+
+
+def test_a_module_whose_eval_mode_is_given_nowhere_is_one_line_with_the_fix():
+    """Attention dropout (or BatchNorm) whose `deterministic` (`use_running_average`) no
+    one sets: Flax's ValueError alone came out, saying neither the model nor the fix."""
+    model = UnsetAttention()
+    variables = UnsetAttention(True).init(jax.random.key(0), jnp.ones((1, 2, 2, 3)))
+    with pytest.raises(
+        ValueError,
+        match=r"^model: it fails on a batch of one 2x2x3 image \(ValueError: Parameter "
+        r'"deterministic" .*\); deterministic is set neither .* deterministic=True \(eval',
+    ):
+        capture.make_tap(model, variables, "att", input_shape=(2, 2, 3), token_layout="2x2")
+
+
 class Pair(nn.Module):
     @nn.compact
     def __call__(self, x):
