@@ -109,8 +109,11 @@ def ablate(y: jax.Array, units: jax.Array, value: jax.Array | str = ZERO) -> jax
             f"Ablate(units=...) has shape {tuple(mask.shape)}; it must be a mask of the layer's "
             f"{k} units (interventions.unit_mask({k}, indices))"
         )
-    if mask.dtype != jnp.bool_:
-        mask = mask != 0
+    if mask.dtype != jnp.bool_:  # K unit numbers would pass for a mask of K units
+        raise ValueError(
+            f"Ablate(units=...) of dtype {mask.dtype}: it must be a bool mask of the layer's "
+            f"{k} units (interventions.unit_mask({k}, indices) makes one from unit numbers)"
+        )
     if isinstance(value, str):
         if value != ZERO:
             raise ValueError(f"Ablate(value={value!r}): use 'zero' or a [K] vector of values")

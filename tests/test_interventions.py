@@ -60,8 +60,8 @@ def test_zero_and_mean_ablation_match_numpy(tiny):
     np.testing.assert_allclose(got, _numpy_forward(variables, x, zero), atol=1e-5)
     got = intervene(model, {"hidden": Ablate(mask, mean)}).apply(variables, x)
     np.testing.assert_allclose(got, _numpy_forward(variables, x, to_mean), atol=1e-5)
-    # The alias names the same module; a 0/1 mask is a mask too; no unit: no change.
-    got = intervene(model, {"units": Ablate(mask.astype(np.int32))}).apply(variables, x)
+    # The alias names the same module; no unit: no change.
+    got = intervene(model, {"units": Ablate(mask)}).apply(variables, x)
     np.testing.assert_allclose(got, _numpy_forward(variables, x, zero), atol=1e-5)
     plain = model.apply(variables, x)
     unchanged = intervene(model, {"hidden": Ablate(np.zeros(K, bool))}).apply(variables, x)
@@ -176,6 +176,9 @@ def test_rules_of_the_wrong_size_name_the_layer(tiny):
     model, variables, x = tiny
     with pytest.raises(ValueError, match=r"at 'hidden'.*shape \(2,\).*6 units.*unit_mask"):
         intervene(model, {"hidden": Ablate(np.array([1, 3]))}).apply(variables, x)
+    # K unit numbers (all six, in some order) read as a 0/1 mask left unit 0 (its 0) alone.
+    with pytest.raises(ValueError, match=r"at 'hidden'.*dtype int\d+: .*bool mask.*unit_mask"):
+        intervene(model, {"hidden": Ablate(np.arange(K)[::-1])}).apply(variables, x)
     with pytest.raises(ValueError, match=r"at 'units'.*one value per unit \(6\)"):
         intervene(model, {"units": Ablate(np.ones(K, bool), np.zeros(3))}).apply(variables, x)
     with pytest.raises(ValueError, match="value='mean'"):
