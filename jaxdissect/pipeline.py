@@ -464,6 +464,10 @@ def dissect(
         )
         for name, path in zip(tap.names, tap.layers, strict=True)
     ]
+    for r in layer_results:
+        sketched = modes[r.layer] == "sketch" and r.ties is not None
+        if sketched and (warning := r.ties.sketch_warning(r.layer)) is not None:
+            logging.warning("%s", warning)
     if jax.process_index() != 0:
         return layer_results
     made_from = _finished_digest(out, previous) if previous else None

@@ -61,6 +61,28 @@ class UnitTies:
         """float64 [K]: the fraction of the unit's activations equal to its threshold."""
         return self.at_threshold / max(self.values, 1)
 
+    def on_maximum(self) -> np.ndarray:
+        """bool [K]: units whose threshold is their maximum though no more than the
+        quantile's share of activations lie there. An exact threshold is then below the
+        maximum (it is the maximum only where more lie there: "saturated"), so this is an
+        estimate's doing (a sketch's rank error): the strict mask is empty where exact
+        thresholds would mark the values at the maximum."""
+        heavy = self.at_threshold > self.quantile * self.values
+        return (self.minimum < self.maximum) & (self.thresholds == self.maximum) & ~heavy
+
+    def sketch_warning(self, layer: str) -> str | None:
+        """One line on the units of `on_maximum`, for a layer whose thresholds a sketch
+        estimated; None where there is none."""
+        n = int(self.on_maximum().sum())
+        if not n:
+            return None
+        return (
+            f"layer {layer}: {n} units' sketched thresholds sit on their maximum, where no "
+            f"more than the quantile's share of activations lie (within the sketch's rank "
+            "error; an exact threshold is below it): under tie_rule=strict they mark "
+            "nothing and get no label; quantile_mode=exact computes their thresholds exactly"
+        )
+
     def states(self) -> np.ndarray:
         """object [K] of "dead", "saturated", "tied" or "" (see module docstring)."""
         return unit_states(

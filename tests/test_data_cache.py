@@ -16,7 +16,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from jaxdissect import cli, driver, engine, parallel, pipeline, store
+from jaxdissect import cli, driver, engine, parallel, pipeline, store, ties
 from jaxdissect.data import Broden, open_probe, synthetic
 from tests.broden_testing import tiny_broden
 from tests.fixtures.small_model import make
@@ -83,13 +83,20 @@ def test_editing_one_image_recomputes_both_passes(tmp_path, caplog, steps):
     assert _same(edited, fresh)
 
 
-def test_stages_are_reused_only_on_the_mesh_that_computed_them(tmp_path, caplog, steps):
+def test_stages_are_reused_only_on_the_mesh_that_computed_them(
+    tmp_path, caplog, steps, monkeypatch
+):
     """Sketch thresholds depend on the per-device seeds: a run on 2 devices does not take
-    the stored stages of a run on 1 device (nor its checkpoints), a rerun on 1 does."""
+    the stored stages of a run on 1 device (nor its checkpoints), a rerun on 1 does. A
+    sketched layer's units whose thresholds sit on their maximum are warned of (planted)."""
     root = synthetic.generate_tiny(tmp_path / "broden", num_images=16)
     out = tmp_path / "run"
     one, two = parallel.data_mesh(1), parallel.data_mesh(2)
+    monkeypatch.setattr(ties.UnitTies, "sketch_warning", lambda self, layer: f"planted {layer}")
     assert _dissect(root, out, caplog, steps, one)[0] == []
+    assert [r.getMessage() for r in caplog.records if "planted" in r.getMessage()] == [
+        "planted conv1"
+    ]
     assert _dissect(root, out, caplog, steps, two)[0] == []
     assert _dissect(root, out, caplog, steps, one)[0] == ["pass1", "pass2"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import jax
@@ -63,6 +64,28 @@ def test_states_planted():
     at = np.array([1000, 40, 5, 600, 6, 6])
     got = ties.unit_states(thresholds, minimum, maximum, at, 1000, 0.005)
     assert list(got) == ["dead", "saturated", "", "tied", "tied", "saturated"]
+
+
+def test_thresholds_on_a_maximum_only_an_estimate_gives_are_told():
+    """T at the maximum with no more than the quantile's share there: an exact threshold is
+    below such a spike (the quantile interpolates into the values under it), so only a
+    sketch puts T there, and its strict mask is empty; the pipeline warns of them."""
+    values = np.concatenate([np.linspace(0.0, 5.0, 995), np.full(5, 6.0)]).astype(np.float32)
+    exact = np.float32(np.quantile(values, 0.995))
+    assert exact < 6.0 and (values > exact).sum() == 5  # exact: the spike is the mask
+    base = dict(minimum=np.zeros(3, np.float32), values=1000, quantile=0.005)
+    unit_ties = ties.UnitTies(
+        thresholds=np.array([6.0, exact, 6.0], np.float32),  # sketched onto the spike
+        maximum=np.array([6.0, 6.0, 6.0], np.float32),
+        at_threshold=np.array([5, 1, 40]),  # the last: saturated, as exact mode finds it
+        **base,
+    )
+    assert list(unit_ties.on_maximum()) == [True, False, False]
+    assert unit_ties.sketch_warning("conv5").startswith("layer conv5: 1 units' sketched")
+    assert (
+        dataclasses.replace(unit_ties, at_threshold=np.array([6, 1, 40])).sketch_warning("conv5")
+        is None
+    )
 
 
 def _labels():
