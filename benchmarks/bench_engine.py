@@ -301,8 +301,29 @@ def _malloc_reuse() -> None:
         raise SystemExit("--malloc_reuse: glibc's mallopt refused a setting")
 
 
+def _sizes() -> list[int]:
+    """The runs' data sizes (--num_images times each of --multiples), or one line naming the
+    flag at fault (a size or count under 1 gave 0 img/s and nan ratios, or a traceback)."""
+    for name in ("repeats", "batch_size", "num_images"):
+        if FLAGS[name].value < 1:
+            raise SystemExit(f"error: --{name}={FLAGS[name].value}: must be >= 1")
+    if FLAGS.loader_workers < 0:
+        raise SystemExit(f"error: --loader_workers={FLAGS.loader_workers}: must be >= 0")
+    try:
+        multiples = [int(m) for m in FLAGS.multiples]
+    except ValueError:
+        multiples = []
+    if not multiples or min(multiples) < 1:
+        raise SystemExit(
+            f"error: --multiples={','.join(FLAGS.multiples)}: expected whole numbers >= 1, "
+            "comma-separated"
+        )
+    return [FLAGS.num_images * m for m in multiples]
+
+
 def main(argv):
     del argv
+    sizes = _sizes()
     if FLAGS.child:
         from jaxdissect import parallel
 
@@ -312,8 +333,7 @@ def main(argv):
         print("RESULT " + json.dumps(_child()), flush=True)
         return
     rows = []
-    for m in FLAGS.multiples:
-        n = FLAGS.num_images * int(m)
+    for n in sizes:
         # The last value of a flag wins: the child's size overrides the parent's.
         cmd = [sys.executable, __file__, *sys.argv[1:], "--child", f"--num_images={n}"]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
