@@ -47,7 +47,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="all,images,labels",
         help="what to read: all (the loader), images (pass 1), labels (pass 2 with a cache)",
     )
-    return p.parse_args(argv)
+    return _checked(p.parse_args(argv))
+
+
+_READS = ("all", "images", "labels")
+
+
+def _checked(args: argparse.Namespace) -> argparse.Namespace:
+    """`args`, or one line naming the flag at fault (an unknown --reads timed a pass that
+    read nothing; a bad count was a traceback)."""
+    for name in ("num_images", "size", "batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name}={getattr(args, name)}: must be >= 1")
+    bad = [r for r in args.reads.split(",") if r not in _READS]
+    if bad or not args.reads:
+        raise SystemExit(f"error: --reads={args.reads}: expected some of {', '.join(_READS)}")
+    for name, least in (("threads", 0), ("workers", 1)):
+        text = getattr(args, name)
+        try:
+            ok = all(int(v) >= least for v in text.split(",") if v)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SystemExit(
+                f"error: --{name}={text}: expected whole numbers >= {least}, comma-separated"
+            )
+    return args
 
 
 def dataset_dir(cache_dir: Path, num_images: int, size: int) -> Path:

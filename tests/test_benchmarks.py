@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -41,3 +43,27 @@ def test_bench_engine_refuses_bad_flags_in_one_line(tmp_path, argv, message):
     assert out.returncode == 1, out.stderr[-2000:]
     assert out.stderr.strip().splitlines() == [f"error: {message}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing generated
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--reads=all,imags"], "--reads=all,imags: expected some of all, images, labels"),
+        (["--threads=1,x"], "--threads=1,x: expected whole numbers >= 0, comma-separated"),
+        (["--workers=0"], "--workers=0: expected whole numbers >= 1, comma-separated"),
+        (["--repeats=0"], "--repeats=0: must be >= 1"),
+        (["--num_images=0"], "--num_images=0: must be >= 1"),
+    ],
+)
+def test_bench_data_refuses_bad_flags_in_one_line(argv, message):
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(message)}$"):
+        _module("bench_data").parse_args(argv)
