@@ -14,12 +14,19 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _bench(name: str, *argv: str, cache: pathlib.Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAXDISSECT_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+def _bench(
+    name: str,
+    *argv: str,
+    cache: pathlib.Path,
+    env: dict[str, str] | None = None,
+    merged: bool = False,
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAXDISSECT_CACHE": str(cache), "PYTHONPATH": str(ROOT), **(env or {})}
     script = ROOT / "benchmarks" / f"{name}.py"
     return subprocess.run(
         [sys.executable, str(script), *argv],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
         text=True,
         env=env,
         cwd=cache,
@@ -67,3 +74,24 @@ def _module(name: str):
 def test_bench_data_refuses_bad_flags_in_one_line(argv, message):
     with pytest.raises(SystemExit, match=f"^error: {re.escape(message)}$"):
         _module("bench_data").parse_args(argv)
+
+
+def test_bench_vit_times_dissections_that_compile_nothing(tmp_path):
+    # After the compiling round, a round's dissection reuses the compiled steps (each round
+    # compiled both passes again: a ratio of ~14 forward passes, most of it compilation).
+    out = _bench(
+        "bench_vit",
+        "--arch=vit_ti16",
+        "--num_images=2",
+        "--batch_size=2",
+        "--rounds=1",
+        f"--cache_dir={tmp_path}",
+        cache=tmp_path,
+        env={"JAX_LOG_COMPILES": "1", "PYTHONUNBUFFERED": "1"},
+        merged=True,
+    )
+    log = out.stdout  # with the log, in order
+    assert out.returncode == 0, log[-3000:]
+    assert "round 0: forward" in log
+    timed = log[log.index("vit_ti16 block11 (192 units), 2 images") :]
+    assert "Finished XLA compilation" not in timed, timed[:3000]
