@@ -83,8 +83,23 @@ def _statistic(what: str, name: str, shape, labels: LabelSpace) -> statistics.St
     return statistics.ties_statistic(name, thresholds)
 
 
+def _check_flags() -> None:
+    """One line naming the flag at fault (an unknown --statistics timed the ties statistic
+    under that name; an unknown --layers was a KeyError)."""
+    for flag, known in (("layers", SHAPES), ("statistics", STATISTICS)):
+        bad = [v for v in FLAGS[flag].value if v not in known]
+        if bad or not FLAGS[flag].value:
+            raise SystemExit(
+                f"error: --{flag}={','.join(FLAGS[flag].value)}: expected some of "
+                f"{', '.join(known)}"
+            )
+    if FLAGS.batches < 1:
+        raise SystemExit(f"error: --batches={FLAGS.batches}: must be >= 1")
+
+
 def main(argv) -> None:
     del argv
+    _check_flags()
     rng = np.random.default_rng(0)
     labels = _labels(rng)
     for name in FLAGS.layers:

@@ -95,3 +95,23 @@ def test_bench_vit_times_dissections_that_compile_nothing(tmp_path):
     assert "round 0: forward" in log
     timed = log[log.index("vit_ti16 block11 (192 units), 2 images") :]
     assert "Finished XLA compilation" not in timed, timed[:3000]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--statistics=tallly", "--layers=head_preclip"],
+            "--statistics=tallly: expected some of q, top, tally, ties",
+        ),
+        (
+            ["--layers=head", "--statistics=q"],
+            "--layers=head: expected some of stem_preclip, stage3, stage4, stage6, head_preclip",
+        ),
+    ],
+)
+def test_bench_statistics_refuses_unknown_names_in_one_line(tmp_path, argv, message):
+    out = _bench("bench_statistics", *argv, "--batches=1", cache=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [f"error: {message}"]
+    assert out.stdout == ""
