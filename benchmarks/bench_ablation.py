@@ -7,7 +7,8 @@ layers after it run once per mask). The forward pass is the plain network over t
 same images (`evaluate.Evaluator`); both are timed after a compiling call.
 
 Significance: `significance.permutation_test` of K units against C concepts on N
-images of P pixels each, D draws, against the same forward pass.
+images of P pixels each, D draws, against the same forward pass; timed after a
+compiling call of the same shapes.
 
   python benchmarks/bench_ablation.py --num_images 1000 --layer layer4
 """
@@ -83,7 +84,9 @@ def main(argv):
     if FLAGS.draws:
         u = rng.random((FLAGS.num_images, FLAGS.pixels, k)) < 0.05
         c = rng.random((FLAGS.num_images, FLAGS.pixels, FLAGS.concepts)) < 0.02
-        significance.permutation_test(u[:8], c[:8], draws=1)
+        # The same call first: it compiles for these shapes (images, draw chunks), so the
+        # timed call compiles nothing.
+        significance.permutation_test(u, c, draws=FLAGS.draws)
         t0 = time.perf_counter()
         significance.permutation_test(u, c, draws=FLAGS.draws)
         test_s = time.perf_counter() - t0

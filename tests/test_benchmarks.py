@@ -76,6 +76,7 @@ def test_bench_data_refuses_bad_flags_in_one_line(argv, message):
         _module("bench_data").parse_args(argv)
 
 
+@pytest.mark.slow
 def test_bench_vit_times_dissections_that_compile_nothing(tmp_path):
     # After the compiling round, a round's dissection reuses the compiled steps (each round
     # compiled both passes again: a ratio of ~14 forward passes, most of it compilation).
@@ -115,3 +116,25 @@ def test_bench_statistics_refuses_unknown_names_in_one_line(tmp_path, argv, mess
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stderr.strip().splitlines() == [f"error: {message}"]
     assert out.stdout == ""
+
+
+@pytest.mark.slow
+def test_bench_ablation_times_a_permutation_test_that_compiles_nothing(tmp_path):
+    # The warm-up ran 8 images and 1 draw, so the timed test compiled its programs again
+    # for N images and D draws (3.5 s of compilation in a 0.003 s test).
+    out = _bench(
+        "bench_ablation",
+        "--num_images=2",
+        "--batch_size=2",
+        "--units=1",
+        "--masks_per_call=1",
+        "--classes=2",
+        "--draws=2",
+        "--concepts=4",
+        cache=tmp_path,
+        env={"JAX_LOG_COMPILES": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert '"test_s"' in out.stdout
+    for program in ("_observed", "_exceedances"):
+        assert out.stderr.count(f"Finished XLA compilation of jit({program})") == 1, program
