@@ -5,7 +5,8 @@ share one cache directory (`JAXDISSECT_CACHE`: the synthetic data and JAX's
 persistent compilation cache) but write to separate output directories (so the
 second run recomputes everything rather than reusing stored stages). Per run: the
 wall time, and the time JAX spent tracing, lowering and compiling (JAX's monitoring
-events; a persistent-cache hit records no backend compile), as a share of the wall;
+events; a persistent-cache hit is recorded as a backend compile too, timing the cache
+read, and counted among the executables), as a share of the wall;
 with compilations in background threads these sum over threads, so the wall time with
 any of them in progress (the union of their intervals) is given too.
 
