@@ -53,20 +53,20 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         broden_images.walk_files = walk
     print(f"  CSVs only (no walk)        best {base[0]:6.2f} s  median {base[1]:6.2f} s")
-    memo = tempfile.mkdtemp(prefix="bench_open_memo_")
-    Broden.open(args.data, header_memo=memo)  # the scan passes once and is remembered
-    for label, kwargs in (
-        ("stat", {"data_hash": "stat", "check_headers": False}),
-        ("stat + headers (default)", {"data_hash": "stat", "check_headers": True}),
-        ("stat + headers, memo warm", {"data_hash": "stat", "header_memo": memo}),
-        ("content", {"data_hash": "content", "check_headers": False}),
-        ("content + headers", {"data_hash": "content", "check_headers": True}),
-    ):
-        best, median = _time(lambda kw=kwargs: Broden.open(args.data, **kw), args.repeats)
-        print(
-            f"  {label:26s} best {best:6.2f} s  median {median:6.2f} s  "
-            f"(+{(best - base[0]) / files * 1e6:5.1f} us a file over the CSVs)"
-        )
+    with tempfile.TemporaryDirectory(prefix="bench_open_memo_") as memo:  # removed at the end
+        Broden.open(args.data, header_memo=memo)  # the scan passes once and is remembered
+        for label, kwargs in (
+            ("stat", {"data_hash": "stat", "check_headers": False}),
+            ("stat + headers (default)", {"data_hash": "stat", "check_headers": True}),
+            ("stat + headers, memo warm", {"data_hash": "stat", "header_memo": memo}),
+            ("content", {"data_hash": "content", "check_headers": False}),
+            ("content + headers", {"data_hash": "content", "check_headers": True}),
+        ):
+            best, median = _time(lambda kw=kwargs: Broden.open(args.data, **kw), args.repeats)
+            print(
+                f"  {label:26s} best {best:6.2f} s  median {median:6.2f} s  "
+                f"(+{(best - base[0]) / files * 1e6:5.1f} us a file over the CSVs)"
+            )
 
 
 if __name__ == "__main__":

@@ -177,3 +177,17 @@ def test_bench_compile_says_a_persistent_cache_hit_counts_as_a_backend_compile(t
     assert hits2 == events1 and events2 == events1  # every hit recorded as a compile
     doc = ast.get_docstring(ast.parse((ROOT / "benchmarks" / "bench_compile.py").read_text()))
     assert "a persistent-cache hit is recorded as a backend compile too" in " ".join(doc.split())
+
+
+def test_bench_open_leaves_no_memo_folder_behind(tmp_path):
+    from jaxdissect.data import synthetic
+
+    data, temp = tmp_path / "broden", tmp_path / "temp"
+    synthetic.generate(data, num_images=2, size=32, seed=0)
+    temp.mkdir()
+    out = _bench(
+        "bench_open", f"--data={data}", "--repeats=1", cache=tmp_path, env={"TMPDIR": str(temp)}
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "content + headers" in out.stdout
+    assert [p.name for p in temp.iterdir() if p.name.startswith("bench_open_memo_")] == []
