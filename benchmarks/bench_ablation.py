@@ -35,6 +35,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    at_least = {"num_images": 1, "batch_size": 1, "classes": 1, "masks_per_call": 1, "units": 0}
+    at_least.update(draws=0, pixels=1, concepts=1)
+    for name, least in at_least.items():
+        if FLAGS[name].value < least:
+            raise SystemExit(f"error: --{name}={FLAGS[name].value}: must be >= {least}")
     import jax.numpy as jnp
 
     from jaxdissect import ablation, evaluate, significance
@@ -65,6 +70,8 @@ def main(argv):
     forward_s = time.perf_counter() - t0
     ab = ablation.Ablator(model, spec, FLAGS.layer, apply_kwargs=kw)
     k = ab._layer_step(variables, batches[0]["image"])(variables, batches[0]["image"]).shape[-1]
+    if FLAGS.units > k:  # else it reported --units as ablated where only k were
+        raise SystemExit(f"error: --units={FLAGS.units}: {FLAGS.layer} has {k} units (0: all)")
     k_used = FLAGS.units or k
     masks = np.eye(k, dtype=bool)[:k_used]
     m = FLAGS.masks_per_call

@@ -191,3 +191,21 @@ def test_bench_open_leaves_no_memo_folder_behind(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "content + headers" in out.stdout
     assert [p.name for p in temp.iterdir() if p.name.startswith("bench_open_memo_")] == []
+
+
+_TINY_ABLATION = ("--num_images=1", "--batch_size=1", "--classes=2", "--masks_per_call=512")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--units=-1"], "--units=-1: must be >= 0"),
+        (["--units=513"], "--units=513: layer4 has 512 units (0: all)"),
+    ],
+)
+def test_bench_ablation_refuses_a_unit_count_the_layer_lacks(tmp_path, argv, message):
+    # Each ran and reported --units as ablated (np.eye(512)[:513] holds 512 masks, [:-1] 511).
+    out = _bench("bench_ablation", *_TINY_ABLATION, *argv, cache=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert out.stdout == ""
