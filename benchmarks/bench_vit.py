@@ -2,8 +2,9 @@ r"""A ViT dissection against its forward pass, alternating in one process.
 
 Random-weight `--arch` (a zoo ViT) at 224 on a synthetic Broden: after one compiling
 round, each round times the forward pass alone over the images (loader included,
-capturing the layers) and then a whole dissection (both passes; sketch thresholds,
-activation cache `auto`), so that a change in the machine's load hits both alike.
+capturing the layers) and then a whole dissection (both passes; thresholds in the
+engine's `auto` mode: exact for block11's 384 units up to ~36,000 images, the sketch
+beyond; activation cache `auto`), so that a change in the machine's load hits both alike.
 
   python benchmarks/bench_vit.py --arch=vit_s16 --layers=block11 --num_images=128 --rounds=2
 """

@@ -209,3 +209,18 @@ def test_bench_ablation_refuses_a_unit_count_the_layer_lacks(tmp_path, argv, mes
     assert out.returncode == 1, out.stdout[-2000:]
     assert out.stderr.strip().splitlines()[-1] == f"error: {message}"
     assert out.stdout == ""
+
+
+def test_bench_vit_says_which_thresholds_it_measures():
+    # Its docstring said "sketch thresholds"; the engine's `auto` takes exact mode there.
+    from jaxdissect import engine
+    from jaxdissect.quantiles import histogram
+
+    dtype = engine.Settings().activation_dtype
+    assert histogram.resolve_mode("auto", 384, dtype, 128 * 196, upsampled=False) == "exact"
+    assert histogram.resolve_mode("auto", 384, dtype, 37_000 * 196, upsampled=False) == "sketch"
+    doc = " ".join(
+        ast.get_docstring(ast.parse((ROOT / "benchmarks/bench_vit.py").read_text())).split()
+    )
+    assert "sketch thresholds" not in doc
+    assert "exact for block11's 384 units up to ~36,000 images" in doc
