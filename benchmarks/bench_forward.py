@@ -185,12 +185,30 @@ def _convs() -> list[dict]:
     return rows
 
 
+def _check_flags() -> None:
+    """One line naming the flag at fault (--repeats=0 printed 0 img/s; a bad batch size or
+    --batches failed in every child, and the script still exited 0 with an empty table)."""
+    for name in ("batches", "repeats"):
+        if FLAGS[name].value < 1:
+            raise SystemExit(f"error: --{name}={FLAGS[name].value}: must be >= 1")
+    try:
+        sizes = [int(b) for b in FLAGS.batch_sizes]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(
+            f"error: --batch_sizes={','.join(FLAGS.batch_sizes)}: expected whole numbers >= 1, "
+            "comma-separated"
+        )
+
+
 def main(argv):
     del argv
+    _check_flags()
     if FLAGS.child:
         print("RESULT " + json.dumps(_child()), flush=True)
         return
-    rows = []
+    rows, failed = [], 0
     for value in FLAGS.xla_flags.split(";"):
         env = {**os.environ, "XLA_FLAGS": value.strip()}
         args = [a for a in sys.argv[1:] if not a.startswith("--xla_flags")]
@@ -199,6 +217,7 @@ def main(argv):
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
             print(f"XLA_FLAGS={value.strip()!r}: failed\n{out.stderr[-1500:]}", file=sys.stderr)
+            failed += 1
             continue
         for row in json.loads(line[0][7:]):
             rows.append(row)
@@ -227,6 +246,8 @@ def main(argv):
             f"{r['nhwc_ms']:>8.1f} {r['nchw_ms']:>8.1f} {r['torch_ms']:>9.1f} "
             f"{r['layout_rel_diff']:>23.1e}"
         )
+    if failed:
+        raise SystemExit(f"{failed} of the --xla_flags option sets failed (above)")
 
 
 if __name__ == "__main__":

@@ -224,3 +224,18 @@ def test_bench_vit_says_which_thresholds_it_measures():
     )
     assert "sketch thresholds" not in doc
     assert "exact for block11's 384 units up to ~36,000 images" in doc
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--repeats=0"], "--repeats=0: must be >= 1"),
+        (["--batches=0"], "--batches=0: must be >= 1"),
+        (["--batch_sizes=1,x"], "--batch_sizes=1,x: expected whole numbers >= 1, comma-separated"),
+    ],
+)
+def test_bench_forward_refuses_bad_flags_in_one_line(tmp_path, argv, message):
+    # --repeats=0 printed 0 img/s; the others failed in the child and exited 0, table empty.
+    out = _bench("bench_forward", "--batch_sizes=1", *argv, cache=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert out.stderr.strip().splitlines() == [f"error: {message}"]
