@@ -7,10 +7,10 @@ events), and the compile time its persistent cache saved.
 
 Each process (an xdist worker, or pytest without xdist) writes its sums to
 `$SUITE_COMPILE_DIR` (default: a temp directory named in the summary); the session's first
-process prints the totals when the session ends. Compile times sum over threads (the driver
-compiles ahead in background threads), so a test's compile may exceed its wall time. Tests
-that start subprocesses (the multi-host and resume tests, the CLI) count only their own
-process.
+process empties it of earlier sessions' sums when it starts and prints the totals when the
+session ends. Compile times sum over threads (the driver compiles ahead in background
+threads), so a test's compile may exceed its wall time. Tests that start subprocesses (the
+multi-host and resume tests, the CLI) count only their own process.
 """
 
 from __future__ import annotations
@@ -70,7 +70,10 @@ _KEY = pytest.StashKey[_Sums]()
 def pytest_configure(config) -> None:
     sums = _Sums()
     config.stash[_KEY] = sums
-    _directory()
+    directory = _directory()
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # an earlier session's sums are not this one's
+        for path in directory.glob("*.json"):
+            path.unlink()
     jax.monitoring.register_event_duration_secs_listener(sums.event)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -239,3 +240,27 @@ def test_bench_forward_refuses_bad_flags_in_one_line(tmp_path, argv, message):
     out = _bench("bench_forward", "--batch_sizes=1", *argv, cache=tmp_path)
     assert out.returncode == 1, out.stdout[-2000:]
     assert out.stderr.strip().splitlines() == [f"error: {message}"]
+
+
+def test_suite_compile_sums_only_this_session(tmp_path):
+    # A worker file an earlier session left in $SUITE_COMPILE_DIR was summed into the totals.
+    sums = tmp_path / "sums"
+    sums.mkdir()
+    stale = {"files": {"tests/test_old.py": {"wall": 999.0}}, "programs": {"old": [3, 500.0]}}
+    (sums / "gw5.json").write_text(json.dumps(stale))
+    (tmp_path / "test_tiny.py").write_text("def test_one():\n    assert True\n")
+    env = {**os.environ, "SUITE_COMPILE_DIR": str(sums), "PYTHONPATH": str(ROOT / "benchmarks")}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "suite_compile", "-p", "no:cacheprovider"]
+        + ["-n", "0", "-q", "test_tiny.py"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert "test_tiny.py" in out.stdout
+    assert "test_old.py" not in out.stdout and "999.0" not in out.stdout
+    assert sorted(p.name for p in sums.iterdir()) == ["main.json"]
