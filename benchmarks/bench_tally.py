@@ -64,6 +64,14 @@ def _batch(rng, b: int, seg: int, units: int, act: int, ids) -> dict[str, np.nda
     }
 
 
+def _check(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """One line naming the first of `names` under 1 (else a traceback: a division by zero,
+    an empty array's reduction)."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name}={getattr(args, name)}: must be >= 1")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch_size", type=int, default=32)
@@ -74,6 +82,12 @@ def main() -> None:
     parser.add_argument("--restriction", default="presence", choices=tally.RESTRICTIONS)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    _check(args, ("batch_size", "units", "act_size", "seg_size", "repeats"))
+    bad = [m for m in args.methods.split(",") if m not in tally.METHODS]
+    if bad or not args.methods:
+        raise SystemExit(
+            f"error: --methods={args.methods}: expected some of {', '.join(tally.METHODS)}"
+        )
 
     primary, ids = _labels()
     rng = np.random.default_rng(0)

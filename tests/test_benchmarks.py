@@ -264,3 +264,20 @@ def test_suite_compile_sums_only_this_session(tmp_path):
     assert "test_tiny.py" in out.stdout
     assert "test_old.py" not in out.stdout and "999.0" not in out.stdout
     assert sorted(p.name for p in sums.iterdir()) == ["main.json"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods=segment,bogus"], "--methods=segment,bogus: expected some of auto, segment, "),
+        (["--repeats=0"], "--repeats=0: must be >= 1"),
+        (["--act_size=0"], "--act_size=0: must be >= 1"),
+    ],
+)
+def test_bench_tally_refuses_bad_flags_in_one_line(tmp_path, argv, message):
+    out = _bench(
+        "bench_tally", "--batch_size=2", "--units=8", "--seg_size=16", *argv, cache=tmp_path
+    )
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert "Traceback" not in out.stderr
