@@ -281,3 +281,13 @@ def test_bench_tally_refuses_bad_flags_in_one_line(tmp_path, argv, message):
     assert out.returncode == 1, out.stdout[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flag", ["repeats", "slots", "units"])
+def test_bench_formulas_refuses_counts_under_one_in_one_line(tmp_path, flag):
+    # --repeats=0 was an UnboundLocalError, --slots=0 or --units=0 a traceback from JAX.
+    argv = ("--batch_size=2", "--units=8", "--slots=1", "--seg_size=16", f"--{flag}=0")
+    out = _bench("bench_formulas", *argv, cache=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == f"error: --{flag}=0: must be >= 1"
+    assert "Traceback" not in out.stderr
