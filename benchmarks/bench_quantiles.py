@@ -194,6 +194,11 @@ def main() -> None:
     ap.add_argument("--adaptive", action="store_true", help="sketch without max_count")
     ap.add_argument("--shards", type=int, default=8)
     args = ap.parse_args()
+    for name in ("units", "batches", "seeds", "shards"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name}={getattr(args, name)}: must be >= 1")
+    if args.n < 32 * 3136 or args.n % 49:  # a batch of the larger shape, whole images
+        raise SystemExit(f"error: --n={args.n}: must be a multiple of 49, >= {32 * 3136}")
     if args.what == "speed":
         speed(args.units, args.batches)
     elif args.what == "merge":

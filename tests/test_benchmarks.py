@@ -291,3 +291,18 @@ def test_bench_formulas_refuses_counts_under_one_in_one_line(tmp_path, flag):
     assert out.returncode == 1, out.stdout[-2000:]
     assert out.stderr.strip().splitlines()[-1] == f"error: --{flag}=0: must be >= 1"
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["accuracy", "--n=1000"], "--n=1000: must be a multiple of 49, >= 100352"),
+        (["merge", "--batches=0"], "--batches=0: must be >= 1"),
+        (["speed", "--units=0"], "--units=0: must be >= 1"),
+    ],
+)
+def test_bench_quantiles_refuses_bad_flags_in_one_line(tmp_path, argv, message):
+    # Each was a traceback (a reshape, an empty merge, an empty sketch).
+    out = _bench("bench_quantiles", *argv, cache=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert out.stderr.strip().splitlines() == [f"error: {message}"]
