@@ -40,7 +40,12 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    ds = Broden.open(args.data, check_headers=False)
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats={args.repeats}: must be >= 1")
+    try:
+        ds = Broden.open(args.data, check_headers=False)
+    except (ValueError, OSError) as e:  # its message names the folder
+        raise SystemExit(f"error: --data: {e}") from None
     files = sum(len(broden_images.record_files(ds.labels, r)) for r in ds.records)
     size = sum((ds.root / broden_images.IMAGES_DIR / p).stat().st_size
                for r in ds.records for p, _ in broden_images.record_files(ds.labels, r))  # fmt: skip

@@ -306,3 +306,17 @@ def test_bench_quantiles_refuses_bad_flags_in_one_line(tmp_path, argv, message):
     out = _bench("bench_quantiles", *argv, cache=tmp_path)
     assert out.returncode == 1, out.stdout[-2000:]
     assert out.stderr.strip().splitlines() == [f"error: {message}"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data=/no/such/broden"], "--data: /no/such/broden: not a folder."),
+        (["--data=/no/such/broden", "--repeats=0"], "--repeats=0: must be >= 1"),
+    ],
+)
+def test_bench_open_refuses_bad_flags_in_one_line(tmp_path, argv, message):
+    out = _bench("bench_open", *argv, cache=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
