@@ -31,6 +31,9 @@ _CHUNK = 500
 
 def main(argv):
     del argv
+    for name in ("num_images", "pixels", "units", "concepts", "draws"):
+        if FLAGS[name].value < 1:  # else a traceback, or (--units=0) a test of nothing
+            raise SystemExit(f"error: --{name}={FLAGS[name].value}: must be >= 1")
     from jaxdissect import significance
 
     rng = np.random.default_rng(0)

@@ -320,3 +320,11 @@ def test_bench_open_refuses_bad_flags_in_one_line(tmp_path, argv, message):
     assert out.returncode == 1, out.stdout[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
+@pytest.mark.parametrize("flag", ["num_images", "draws", "units"])
+def test_bench_significance_memory_refuses_counts_under_one(tmp_path, flag):
+    argv = ("--num_images=20", "--units=8", "--concepts=8", f"--{flag}=0")
+    out = _bench("bench_significance_memory", *argv, cache=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert out.stderr.strip().splitlines() == [f"error: --{flag}=0: must be >= 1"]
