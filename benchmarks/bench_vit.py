@@ -27,6 +27,9 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
+    for name in ("num_images", "batch_size", "rounds"):
+        if FLAGS[name].value < 1:  # else a traceback, or (--rounds=0) no figure at all
+            raise SystemExit(f"error: --{name}={FLAGS[name].value}: must be >= 1")
     import jax
 
     from jaxdissect import capture, driver, engine, parallel

@@ -328,3 +328,11 @@ def test_bench_significance_memory_refuses_counts_under_one(tmp_path, flag):
     out = _bench("bench_significance_memory", *argv, cache=tmp_path)
     assert out.returncode == 1, out.stdout[-2000:]
     assert out.stderr.strip().splitlines() == [f"error: --{flag}=0: must be >= 1"]
+
+
+@pytest.mark.parametrize("flag", ["num_images", "batch_size", "rounds"])
+def test_bench_vit_refuses_counts_under_one(tmp_path, flag):
+    tiny = ("--arch=vit_ti16", "--num_images=2", "--batch_size=2", f"--cache_dir={tmp_path}")
+    out = _bench("bench_vit", *tiny, f"--{flag}=0", cache=tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert out.stderr.strip().splitlines() == [f"error: --{flag}=0: must be >= 1"]
