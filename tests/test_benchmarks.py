@@ -1,4 +1,6 @@
-"""The benchmark scripts' flags: a bad value is one line naming the flag, before any work."""
+"""The benchmark scripts' flags: a bad value is one line naming the flag, before any work
+(a case or two of each script's checks: every case starts a Python with JAX), and what
+they time: compiled once, outside the timed calls."""
 
 from __future__ import annotations
 
@@ -41,10 +43,7 @@ def _bench(
     "argv, message",
     [
         (["--multiples=1,x"], "--multiples=1,x: expected whole numbers >= 1, comma-separated"),
-        (["--multiples=0"], "--multiples=0: expected whole numbers >= 1, comma-separated"),
         (["--repeats=0", "--num_images=0"], "--repeats=0: must be >= 1"),
-        (["--num_images=0"], "--num_images=0: must be >= 1"),
-        (["--batch_size=0", "--num_images=0"], "--batch_size=0: must be >= 1"),
     ],
 )
 def test_bench_engine_refuses_bad_flags_in_one_line(tmp_path, argv, message):
@@ -200,7 +199,6 @@ _TINY_ABLATION = ("--num_images=1", "--batch_size=1", "--classes=2", "--masks_pe
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--units=-1"], "--units=-1: must be >= 0"),
         (["--units=513"], "--units=513: layer4 has 512 units (0: all)"),
     ],
 )
@@ -231,7 +229,6 @@ def test_bench_vit_says_which_thresholds_it_measures():
     "argv, message",
     [
         (["--repeats=0"], "--repeats=0: must be >= 1"),
-        (["--batches=0"], "--batches=0: must be >= 1"),
         (["--batch_sizes=1,x"], "--batch_sizes=1,x: expected whole numbers >= 1, comma-separated"),
     ],
 )
@@ -271,7 +268,6 @@ def test_suite_compile_sums_only_this_session(tmp_path):
     [
         (["--methods=segment,bogus"], "--methods=segment,bogus: expected some of auto, segment, "),
         (["--repeats=0"], "--repeats=0: must be >= 1"),
-        (["--act_size=0"], "--act_size=0: must be >= 1"),
     ],
 )
 def test_bench_tally_refuses_bad_flags_in_one_line(tmp_path, argv, message):
@@ -283,7 +279,7 @@ def test_bench_tally_refuses_bad_flags_in_one_line(tmp_path, argv, message):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("flag", ["repeats", "slots", "units"])
+@pytest.mark.parametrize("flag", ["slots"])
 def test_bench_formulas_refuses_counts_under_one_in_one_line(tmp_path, flag):
     # --repeats=0 was an UnboundLocalError, --slots=0 or --units=0 a traceback from JAX.
     argv = ("--batch_size=2", "--units=8", "--slots=1", "--seg_size=16", f"--{flag}=0")
@@ -297,7 +293,6 @@ def test_bench_formulas_refuses_counts_under_one_in_one_line(tmp_path, flag):
     "argv, message",
     [
         (["accuracy", "--n=1000"], "--n=1000: must be a multiple of 49, >= 100352"),
-        (["merge", "--batches=0"], "--batches=0: must be >= 1"),
         (["speed", "--units=0"], "--units=0: must be >= 1"),
     ],
 )
@@ -322,7 +317,7 @@ def test_bench_open_refuses_bad_flags_in_one_line(tmp_path, argv, message):
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
 
 
-@pytest.mark.parametrize("flag", ["num_images", "draws", "units"])
+@pytest.mark.parametrize("flag", ["draws"])
 def test_bench_significance_memory_refuses_counts_under_one(tmp_path, flag):
     argv = ("--num_images=20", "--units=8", "--concepts=8", f"--{flag}=0")
     out = _bench("bench_significance_memory", *argv, cache=tmp_path)
@@ -330,7 +325,7 @@ def test_bench_significance_memory_refuses_counts_under_one(tmp_path, flag):
     assert out.stderr.strip().splitlines() == [f"error: --{flag}=0: must be >= 1"]
 
 
-@pytest.mark.parametrize("flag", ["num_images", "batch_size", "rounds"])
+@pytest.mark.parametrize("flag", ["rounds"])
 def test_bench_vit_refuses_counts_under_one(tmp_path, flag):
     tiny = ("--arch=vit_ti16", "--num_images=2", "--batch_size=2", f"--cache_dir={tmp_path}")
     out = _bench("bench_vit", *tiny, f"--{flag}=0", cache=tmp_path)
