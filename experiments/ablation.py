@@ -120,12 +120,27 @@ def run(fv: flags.FlagValues = FLAGS):
         )
         if fv.top_classes < 1:
             raise ValueError(f"--top_classes={fv.top_classes}: must be >= 1")
+        if fv.eval_data:  # (ignored before: the task is the probe set's predictions)
+            raise ValueError(
+                f"--eval_data={fv.eval_data}: --task=predictions labels the probe images "
+                "(--data) by the intact network; leave it out, or give --task=training"
+            )
         if fv.class_names and not os.path.isfile(fv.class_names):
             what = "a folder" if os.path.isdir(fv.class_names) else "no such file"
             raise FileNotFoundError(
                 f"--class_names={fv.class_names}: {what}; give a text file of the logits' "
                 "names, one a line"
             )
+    elif fv.class_names or fv["top_classes"].present:  # (ignored before)
+        given = (
+            f"--class_names={fv.class_names}"
+            if fv.class_names
+            else f"--top_classes={fv.top_classes}"
+        )
+        raise ValueError(
+            f"{given}: only --task=predictions uses it (--task=training's classes are the "
+            "export's task's); leave it out, or give --task=predictions"
+        )
     elif fv.model or fv.model_option or fv.num_classes is not None:
         given = "--model" if fv.model else cli.given_option_flags(fv)
         raise ValueError(

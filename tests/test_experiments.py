@@ -841,3 +841,23 @@ def test_a_random_init_takes_the_seed_flag_as_dissect_does(tmp_path, monkeypatch
 def test_ablation_refuses_a_model_its_training_task_would_ignore():
     with pytest.raises(ValueError, match=r"^--model=alexnet: --task=training ablates the "):
         run_script("ablation", "--task=training", "--model=alexnet", "--weights=runs/x")
+
+
+def test_ablation_refuses_the_flags_of_the_other_task(tmp_path):
+    """--class_names and --top_classes are --task=predictions', --eval_data
+    --task=training's: each was silently ignored in the other task."""
+    training = ("--task=training", "--weights=runs/x")
+    with pytest.raises(ValueError, match=r"^--class_names=names.txt: only --task=predictions "):
+        run_script("ablation", *training, "--class_names=names.txt")
+    with pytest.raises(ValueError, match=r"^--top_classes=5: only --task=predictions uses it"):
+        run_script("ablation", *training, "--top_classes=5")
+    with pytest.raises(ValueError, match=r"^--eval_data=elsewhere: --task=predictions labels "):
+        run_script(
+            "ablation",
+            "--task=predictions",
+            "--model=efficientnet_lite0",
+            "--weights=pretrained",
+            "--eval_data=elsewhere",
+            f"--output_dir={tmp_path}",
+        )
+    assert not any(tmp_path.iterdir())
