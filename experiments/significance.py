@@ -89,6 +89,11 @@ def run(fv: flags.FlagValues = FLAGS):
         from jaxdissect import config
 
         config.check_seed(fv.rotation_seed, "--rotation_seed")
+    elif fv["rotation_seed"].present:  # (ignored before)
+        raise ValueError(
+            f"--rotation_seed={fv.rotation_seed}: only --baseline=rotated rotates the layer; "
+            f"leave it out, or give --baseline=rotated (--baseline={fv.baseline})"
+        )
     trained = cli.check_model_flags(fv)
     output_dir = fv.output_dir or os.path.join("runs", f"significance_{fv.layer}")
     cli.check_devices(fv, batch_size=settings.batch_size)

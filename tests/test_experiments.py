@@ -19,6 +19,7 @@ from absl import flags
 
 from jaxdissect import cli, results, store, training
 from tests.experiment_testing import (
+    QUICK,
     ROOT,
     TINY_SIZE,
     parse,
@@ -487,6 +488,25 @@ def test_significance_names_a_negative_rotation_seed_up_front(tmp_path):
             "--rotation_seed=-1",
             f"--output_dir={tmp_path}",
         )
+    assert not any(tmp_path.iterdir())
+
+
+def test_significance_refuses_a_rotation_seed_without_the_rotated_baseline(tmp_path):
+    """It was accepted and silently ignored: the layer was tested unrotated."""
+    for baseline in ("none", "random_init"):
+        with pytest.raises(ValueError, match="^--rotation_seed=3: only --baseline=rotated "):
+            run_script(
+                "significance",
+                "--model=resnet18",
+                "--weights=",
+                "--layer=layer4",
+                f"--baseline={baseline}",
+                "--rotation_seed=3",
+                "--synthetic_images=8",  # without the check: a quick run, not a refusal
+                "--resolution=64",
+                *QUICK,
+                f"--output_dir={tmp_path}",
+            )
     assert not any(tmp_path.iterdir())
 
 
