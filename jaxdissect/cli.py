@@ -80,6 +80,9 @@ PATH_FLAGS = (
     "class_names",
     "concept_vectors",
     "run",
+    "a",  # diff_tally.py's tally files and its --output
+    "b",
+    "output",
 )
 
 

@@ -139,6 +139,27 @@ def test_the_script_prints_the_diff_and_writes_the_differing_units(tmp_path, cap
         run_script("diff_tally", f"--a={ours}", f"--b={tmp_path / 'nothing.csv'}")
 
 
+def test_the_script_reads_a_tilde_in_its_paths_as_the_home_folder(tmp_path, monkeypatch):
+    """`--a=~/x.csv` (the shell leaves `~` after `=`) was 'no such file' for a file that
+    exists, and `--output=~/d.csv` wrote into a folder named `~` in the working folder."""
+    from absl import flags
+
+    from jaxdissect import cli
+    from tests.experiment_testing import script
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    results.write_tally_csvs(home, [_layer(5)])
+    fv = flags.FlagValues()
+    diff_tally = script("diff_tally")
+    diff_tally.define_flags(fv)
+    fv(["prog", "--a=~/tally-l.csv", "--b=~/tally-l.csv", "--output=~/differ.csv"])
+    cli.script_main(lambda: diff_tally.run(fv), fv, runs_jax=False)(["prog"])
+    assert (home / "differ.csv").is_file() and not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize(
     ("flag", "message"),
     [
