@@ -87,7 +87,7 @@ def test_compositional_script_writes_formulas_plot_and_page(tmp_path, broden):
         "compositional",
         f"--data={broden}",
         *ARGS,
-        *SHORT,
+        *SHORT[:2],  # --optimal_slots is the optimal mode's
         "--mode=beam",
         f"--output_dir={tmp_path}",
     )
@@ -329,6 +329,16 @@ def test_bad_search_flags_are_named(tmp_path, broden):
         run_script("compositional", f"--data={broden}", *ARGS, "--operators=or,xor")
     with pytest.raises(Exception, match="formula_restriction"):
         run_script("compositional", f"--data={broden}", *ARGS, "--formula_restriction=some")
+    # The optimal mode's: accepted and silently ignored by the beam search.
+    with pytest.raises(ValueError, match="^--optimal_slots=4: only --mode=optimal uses it "):
+        run_script(
+            "compositional",
+            f"--data={broden}",
+            *ARGS,
+            "--optimal_slots=4",
+            f"--output_dir={tmp_path}",
+        )
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_layer_pattern_explains_every_layer_it_matches(tmp_path, broden):
