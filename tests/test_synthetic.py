@@ -373,6 +373,13 @@ def test_cli_errors_are_one_line_naming_the_flag(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: --workers=-3: must be >= 1, or 0 for all cores"
     ]
+    # --tiny overrode a --num_images or --size given beside it, silently.
+    proc = _make_synthetic_broden(f"--out_dir={tmp_path / 'set'}", "--tiny", "--size=64")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --size=64: --tiny sets the number of images and the size; leave one of them out"
+    )
+    assert not (tmp_path / "set").exists()
     with pytest.raises(ValueError, match=r"^workers=0: must be >= 1, or None for all cores$"):
         syn.generate(tmp_path / "set", num_images=2, size=32, workers=0)
     assert not (tmp_path / "set").exists()
