@@ -84,6 +84,15 @@ def run(fv: flags.FlagValues = FLAGS):
     # Every flag is checked before anything slow starts.
     config = cli.from_flags(training.TrainConfig, fv)
     config.options(num_classes=1)  # --arch and the options it takes, before the data is made
+    for name, taker, ignored in (  # (ignored before; their defaults cannot tell in TrainConfig)
+        ("momentum", "--optimizer=sgd", config.optimizer != "sgd"),
+        ("decay_factor", "--schedule=step", config.schedule != "step"),
+    ):
+        if fv[name].present and ignored:
+            raise ValueError(
+                f"--{name}={fv[name].value}: only {taker} takes it (else it is ignored); "
+                "leave it out"
+            )
     for name in ("synthetic_images", "resolution", "max_train", "log_every"):
         if fv[name].value is not None and fv[name].value < 1:
             raise ValueError(f"--{name}={fv[name].value}: must be >= 1")

@@ -740,6 +740,22 @@ def test_train_names_a_synthetic_resolution_too_small_as_its_flag(tmp_path, monk
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--optimizer=adam", "--momentum=0.5"), "--momentum=0.5: only --optimizer=sgd takes"),
+        (("--decay_factor=0.5",), "--decay_factor=0.5: only --schedule=step takes it"),
+    ],
+)
+def test_train_refuses_a_setting_its_optimizer_or_schedule_ignores(tmp_path, args, message):
+    """Adam has no --momentum and the cosine schedule no --decay_factor: both were accepted
+    and silently ignored (TrainConfig cannot tell them from their defaults)."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"^{message}"):
+        run_script("train", *args, f"--data={tmp_path / 'none'}", f"--output_dir={out}")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("name", "args"), _MODEL_SCRIPTS)
 def test_a_bad_input_size_is_refused_before_the_probe_set(tmp_path, monkeypatch, name, args):
     """--input_size=0 is one line naming the flag before the synthetic set is generated or
