@@ -897,3 +897,24 @@ def test_ablation_refuses_the_flags_of_the_other_task(tmp_path):
             f"--output_dir={tmp_path}",
         )
     assert not any(tmp_path.iterdir())
+
+
+def test_the_recorded_training_metrics_count_as_the_readme_says():
+    """docs/findings' metrics.csv files: `epoch` is step x batch / train images (the README's
+    definition and train count, the flagfile's batch; they held step / floor(1,915 / 32), the
+    definition before 05a7a21), and every validation accuracy a count of the README's val
+    images."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    found = re.search(r"the ([\d,]+) train and ([\d,]+) val images", readme)
+    train_images, val_images = (int(n.replace(",", "")) for n in found.groups())
+    for name in ("train_small_cnn", "train_small_vit"):
+        flagfile = (ROOT / "experiments" / "configs" / f"{name}.flags").read_text()
+        batch = int(re.search(r"^--batch_size=(\d+)$", flagfile, re.M).group(1))
+        rows = store.read_rows_csv(ROOT / "docs" / "findings" / f"{name}_metrics.csv")
+        assert rows
+        for r in rows:
+            step = int(r["step"])
+            assert float(r["epoch"]) == pytest.approx(step * batch / train_images, rel=1e-5)
+            if r["val_accuracy"]:
+                correct = float(r["val_accuracy"]) * val_images
+                assert correct == pytest.approx(round(correct), abs=1e-3), (name, step)
