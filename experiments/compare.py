@@ -106,6 +106,26 @@ def _entry_flags(message: str) -> str:
     return message + run + command
 
 
+def _refuse_dissection_flags(fv: flags.FlagValues) -> None:
+    """With --results entries alone nothing is dissected here: a probe-set, method or input
+    flag would be ignored (each row keeps its results.json's), so it is refused."""
+    import dataclasses
+
+    from jaxdissect import config, engine
+
+    names = [
+        f.metadata.get(config.FLAG, f.name)
+        for cls in (cli.Probe, engine.Settings)
+        for f in dataclasses.fields(cls)
+    ]
+    for name in (*names, "input_norm", "input_size"):
+        if name in fv and fv[name].present:
+            raise ValueError(
+                f"{fv[name].serialize()}: only --dissect entries are dissected here; the "
+                "--results entries keep the settings they were dissected with: leave it out"
+            )
+
+
 @contextlib.contextmanager
 def _named_as_entry(name: str) -> Iterator[None]:
     """A model loader's ValueError or FileNotFoundError, raised naming the --dissect entry
@@ -126,6 +146,8 @@ def run(fv: flags.FlagValues = FLAGS) -> list[dict]:
 
     if not fv.results and not fv.dissect:
         raise ValueError("nothing to compare: give --results and/or --dissect")
+    if not fv.dissect:
+        _refuse_dissection_flags(fv)
     # Every flag is checked before anything slow starts.
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     probe = cli.probe_from_flags(fv)
