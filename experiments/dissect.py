@@ -141,6 +141,12 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
     options = cli.options_from_flags(fv)
     cli.check_layers(fv.layers)
     cli.check_input_size(fv.input_size)
+    for name in ("coordinator_address", "num_processes", "process_id"):
+        if fv[name].value is not None and not fv.distributed:  # (a lone process before)
+            raise ValueError(
+                f"--{name}={fv[name].value}: only a multi-host job (--distributed) takes it; "
+                "add --distributed, or leave it out"
+            )
     if fv.token_layout is not None:
         from jaxdissect.capture import TokenLayout
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxdissect.data import synthetic
-from tests.experiment_testing import DISSECT_IMPORTS, ScriptProcesses
+from tests.experiment_testing import DISSECT_IMPORTS, QUICK, ScriptProcesses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -128,6 +128,27 @@ class _Probe:
 
 
 @pytest.mark.slow
+def test_the_multi_host_flags_without_distributed_are_refused(tmp_path):
+    """--coordinator_address, --num_processes and --process_id without --distributed ran
+    one lone process over the whole probe set (each host alike), silently."""
+    from tests.experiment_testing import run_script
+
+    for flag in ("--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=1"):
+        with pytest.raises(ValueError, match=f"^{flag}: only a multi-host job"):
+            run_script(
+                "dissect",
+                flag,
+                "--model=tests.fixtures.small_model:make",
+                "--weights=",
+                "--synthetic_images=8",
+                "--resolution=64",
+                "--layers=conv1",
+                *QUICK,
+                f"--output_dir={tmp_path / 'out'}",
+            )
+    assert not (tmp_path / "out").exists()
+
+
 def test_two_processes_match_one(tmp_path, ranks):
     data = tmp_path / "broden"
     synthetic.generate(data, num_images=36, size=48, workers=1)  # 36: a partial last batch
