@@ -569,7 +569,15 @@ def settings_from_flags(fv: flags.FlagValues) -> Any:
     """The `engine.Settings` of the method flags."""
     from jaxdissect import engine
 
-    return from_flags(engine.Settings, fv)
+    settings = from_flags(engine.Settings, fv)
+    if not settings.significance_draws:  # their defaults cannot tell in engine.Settings
+        for name in engine.SIGNIFICANCE_FIELDS:
+            if name != "significance_draws" and name in fv and fv[name].present:
+                raise ValueError(  # (ignored before)
+                    f"{fv[name].serialize()}: only the permutation test "
+                    "(--significance_draws > 0) uses it; add --significance_draws or leave it out"
+                )
+    return settings
 
 
 def options_from_flags(fv: flags.FlagValues) -> Any:

@@ -665,3 +665,22 @@ def test_without_concepts_no_unit_is_significant():
     assert got.pair_p.shape == (3, 0)
     np.testing.assert_array_equal(got.unit_p, np.ones(3))
     assert not significance.benjamini_hochberg(got.unit_p, 0.2).any()
+
+
+def test_a_significance_setting_without_the_test_is_refused():
+    """--significance_alpha, _fdr, _stride and _seed set the permutation test: without
+    --significance_draws (0: no test) they were accepted and silently ignored."""
+    from jaxdissect import cli
+    from tests.experiment_testing import parse
+
+    for flag in (
+        "--significance_alpha=0.01",
+        "--significance_fdr=by",
+        "--significance_stride=4",
+        "--significance_seed=3",
+    ):
+        with pytest.raises(ValueError, match=f"^{flag}: only the permutation test "):
+            cli.settings_from_flags(parse("dissect", flag))
+        with_test = cli.settings_from_flags(parse("dissect", flag, "--significance_draws=9"))
+        assert with_test.significance_draws == 9
+    assert cli.settings_from_flags(parse("significance", "--significance_stride=4"))
