@@ -67,6 +67,11 @@ def run(fv: flags.FlagValues = FLAGS):
     amounts = rotation.check_amounts(cli.parse_numbers(fv.amounts, "--amounts"), "--amounts")
     config.check_seed(fv.rotation_seed, "--rotation_seed")
     trained = cli.check_model_flags(fv)
+    if fv["accuracy"].present and fv.accuracy and not trained:  # (no accuracy, silently)
+        raise ValueError(
+            "--accuracy: only a training export's accuracy is measured (--weights of "
+            f"train.py); --model={fv.model} has no task here: leave it out"
+        )
     if fv.eval_data and not (trained and fv.accuracy):  # (ignored before)
         raise ValueError(
             f"--eval_data={fv.eval_data}: only a training export's accuracy is measured "

@@ -475,6 +475,25 @@ def test_rotation_names_a_negative_seed(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_rotation_refuses_an_accuracy_it_cannot_measure(tmp_path):
+    """--accuracy with --model (no training export: no task) was accepted and the run wrote
+    no accuracy, silently."""
+    with pytest.raises(ValueError, match="^--accuracy: only a training export's accuracy"):
+        run_script(
+            "rotation",
+            "--model=tests.fixtures.small_model:make",
+            "--weights=",
+            "--layer=conv1",
+            "--amounts=0,1",
+            "--accuracy",
+            "--synthetic_images=8",  # without the check: a quick run, not a refusal
+            "--resolution=64",
+            *QUICK,
+            f"--output_dir={tmp_path}",
+        )
+    assert not any(tmp_path.iterdir())
+
+
 def test_significance_names_a_negative_rotation_seed_up_front(tmp_path):
     """It said --seed=-1 (the library's `seed=`, mapped to the dissection's flag), after
     loading the model."""
