@@ -937,3 +937,17 @@ def test_the_recorded_training_metrics_count_as_the_readme_says():
             if r["val_accuracy"]:
                 correct = float(r["val_accuracy"]) * val_images
                 assert correct == pytest.approx(round(correct), abs=1e-3), (name, step)
+
+
+def test_the_readmes_rotation_figures_are_the_recorded_ones():
+    """Finding (b) as the README states it, against docs/findings/rotation_small_cnn.csv: the
+    folded outputs' largest change (it said at most 1.5e-5; 1.53e-5 was recorded), the folded
+    accuracy and the unique detectors and interpretable units at every t."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    rows = store.read_rows_csv(ROOT / "docs" / "findings" / "rotation_small_cnn.csv")
+    bound = float(re.search(r"outputs change by at most ([\d.e-]+) ", readme).group(1))
+    assert max(float(r["max_output_change"]) for r in rows) <= bound
+    assert {f"{float(r['accuracy_folded']):.3f}" for r in rows} == {"0.860"}
+    for column in ("unique_detectors", "interpretable_units"):
+        figures = ", ".join(r[column] for r in rows)
+        assert figures in readme, (column, figures)
