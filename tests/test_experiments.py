@@ -951,3 +951,17 @@ def test_the_readmes_rotation_figures_are_the_recorded_ones():
     for column in ("unique_detectors", "interpretable_units"):
         figures = ", ".join(r[column] for r in rows)
         assert figures in readme, (column, figures)
+
+
+def test_flagfiles_give_all_of_netdissect_lites_settings_where_they_give_them():
+    """A flagfile that gives (or says to add) Lite's settings to diff against its tally.csv
+    gives every one the README lists (resnet18_places365.flags left out
+    --activation_dtype=float32)."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    listed = re.search(r"give its settings: `([^`]+)`", readme).group(1).split()
+    assert len(listed) == 4
+    for path in sorted((ROOT / "experiments" / "configs").glob("*.flags")):
+        text = path.read_text()
+        if "--restriction=overlap" in text:
+            given = set(re.findall(r"--\w+=\S+", text))
+            assert not set(listed) - given, (path.name, sorted(set(listed) - given))
