@@ -19,6 +19,7 @@ import json
 import time
 
 import numpy as np
+from _common import refuse_below  # the benchmarks folder: sys.path[0]
 from absl import app, flags
 
 flags.DEFINE_integer("num_images", 1000, "Validation images.")
@@ -37,9 +38,7 @@ def main(argv):
     del argv
     at_least = {"num_images": 1, "batch_size": 1, "classes": 1, "masks_per_call": 1, "units": 0}
     at_least.update(draws=0, pixels=1, concepts=1)
-    for name, least in at_least.items():
-        if FLAGS[name].value < least:
-            raise SystemExit(f"error: --{name}={FLAGS[name].value}: must be >= {least}")
+    refuse_below({name: FLAGS[name].value for name in at_least}, at_least)
     import jax.numpy as jnp
 
     from jaxdissect import ablation, evaluate, significance

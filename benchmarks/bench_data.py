@@ -21,6 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from _common import (  # the benchmarks folder: sys.path[0]
+    refuse_below,
+    refuse_unknown,
+    whole_numbers,
+)
 from absl import flags
 
 from jaxdissect import engine
@@ -56,22 +61,11 @@ _READS = ("all", "images", "labels")
 def _checked(args: argparse.Namespace) -> argparse.Namespace:
     """`args`, or one line naming the flag at fault (an unknown --reads timed a pass that
     read nothing; a bad count was a traceback)."""
-    for name in ("num_images", "size", "batch_size", "repeats"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name}={getattr(args, name)}: must be >= 1")
-    bad = [r for r in args.reads.split(",") if r not in _READS]
-    if bad or not args.reads:
-        raise SystemExit(f"error: --reads={args.reads}: expected some of {', '.join(_READS)}")
-    for name, least in (("threads", 0), ("workers", 1)):
-        text = getattr(args, name)
-        try:
-            ok = all(int(v) >= least for v in text.split(",") if v)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise SystemExit(
-                f"error: --{name}={text}: expected whole numbers >= {least}, comma-separated"
-            )
+    refuse_below({n: getattr(args, n) for n in ("num_images", "size", "batch_size", "repeats")})
+    refuse_unknown("reads", args.reads.split(",") if args.reads else [], _READS)
+    whole_numbers("threads", args.threads, 0)
+    if args.workers:  # empty: no process-based loader
+        whole_numbers("workers", args.workers)
     return args
 
 

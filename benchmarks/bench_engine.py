@@ -51,7 +51,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/ (torch models)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import peak_rss_mib  # noqa: E402
+from _common import peak_rss_mib, refuse_below, whole_numbers  # noqa: E402
 
 flags.DEFINE_integer("num_images", 256, "Images of the smallest run (runs N, 2N, 4N).")
 flags.DEFINE_list("multiples", ["1", "2", "4"], "Data sizes as multiples of --num_images.")
@@ -304,21 +304,9 @@ def _malloc_reuse() -> None:
 def _sizes() -> list[int]:
     """The runs' data sizes (--num_images times each of --multiples), or one line naming the
     flag at fault (a size or count under 1 gave 0 img/s and nan ratios, or a traceback)."""
-    for name in ("repeats", "batch_size", "num_images"):
-        if FLAGS[name].value < 1:
-            raise SystemExit(f"error: --{name}={FLAGS[name].value}: must be >= 1")
-    if FLAGS.loader_workers < 0:
-        raise SystemExit(f"error: --loader_workers={FLAGS.loader_workers}: must be >= 0")
-    try:
-        multiples = [int(m) for m in FLAGS.multiples]
-    except ValueError:
-        multiples = []
-    if not multiples or min(multiples) < 1:
-        raise SystemExit(
-            f"error: --multiples={','.join(FLAGS.multiples)}: expected whole numbers >= 1, "
-            "comma-separated"
-        )
-    return [FLAGS.num_images * m for m in multiples]
+    refuse_below({n: FLAGS[n].value for n in ("repeats", "batch_size", "num_images")})
+    refuse_below({"loader_workers": FLAGS.loader_workers}, 0)
+    return [FLAGS.num_images * m for m in whole_numbers("multiples", FLAGS.multiples)]
 
 
 def main(argv):

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 
+from _common import refuse_below, whole_numbers  # the benchmarks folder: sys.path[0]
 from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/ (torch models)
@@ -188,18 +189,8 @@ def _convs() -> list[dict]:
 def _check_flags() -> None:
     """One line naming the flag at fault (--repeats=0 printed 0 img/s; a bad batch size or
     --batches failed in every child, and the script still exited 0 with an empty table)."""
-    for name in ("batches", "repeats"):
-        if FLAGS[name].value < 1:
-            raise SystemExit(f"error: --{name}={FLAGS[name].value}: must be >= 1")
-    try:
-        sizes = [int(b) for b in FLAGS.batch_sizes]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise SystemExit(
-            f"error: --batch_sizes={','.join(FLAGS.batch_sizes)}: expected whole numbers >= 1, "
-            "comma-separated"
-        )
+    refuse_below({n: FLAGS[n].value for n in ("batches", "repeats")})
+    whole_numbers("batch_sizes", FLAGS.batch_sizes)
 
 
 def main(argv):

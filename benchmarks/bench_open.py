@@ -18,6 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import refuse_below  # the benchmarks folder: sys.path[0]
+
 from jaxdissect.data import broden_images  # noqa: E402
 from jaxdissect.data.broden import Broden  # noqa: E402
 
@@ -40,8 +42,7 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.repeats < 1:
-        raise SystemExit(f"error: --repeats={args.repeats}: must be >= 1")
+    refuse_below({"repeats": args.repeats})
     try:
         ds = Broden.open(args.data, check_headers=False)
     except (ValueError, OSError) as e:  # its message names the folder

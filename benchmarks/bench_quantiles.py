@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+from _common import refuse_below  # the benchmarks folder: sys.path[0]
 
 from jaxdissect import quantiles as Q
 from jaxdissect import statistics
@@ -194,9 +195,7 @@ def main() -> None:
     ap.add_argument("--adaptive", action="store_true", help="sketch without max_count")
     ap.add_argument("--shards", type=int, default=8)
     args = ap.parse_args()
-    for name in ("units", "batches", "seeds", "shards"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name}={getattr(args, name)}: must be >= 1")
+    refuse_below({n: getattr(args, n) for n in ("units", "batches", "seeds", "shards")})
     if args.n < 32 * 3136 or args.n % 49:  # a batch of the larger shape, whole images
         raise SystemExit(f"error: --n={args.n}: must be a multiple of 49, >= {32 * 3136}")
     if args.what == "speed":

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import peak_rss_mib  # noqa: E402
+from _common import peak_rss_mib, refuse_below  # noqa: E402
 
 flags.DEFINE_integer("num_images", 4000, "Images.")
 flags.DEFINE_integer("pixels", 49, "Pixels per image on the test's grid.")
@@ -31,9 +31,10 @@ _CHUNK = 500
 
 def main(argv):
     del argv
-    for name in ("num_images", "pixels", "units", "concepts", "draws"):
-        if FLAGS[name].value < 1:  # else a traceback, or (--units=0) a test of nothing
-            raise SystemExit(f"error: --{name}={FLAGS[name].value}: must be >= 1")
+    # Else a traceback, or (--units=0) a test of nothing.
+    refuse_below(
+        {n: FLAGS[n].value for n in ("num_images", "pixels", "units", "concepts", "draws")}
+    )
     from jaxdissect import significance
 
     rng = np.random.default_rng(0)

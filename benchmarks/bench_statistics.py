@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+from _common import refuse_below, refuse_unknown  # the benchmarks folder: sys.path[0]
 from absl import app, flags
 
 from jaxdissect import statistics
@@ -87,14 +88,8 @@ def _check_flags() -> None:
     """One line naming the flag at fault (an unknown --statistics timed the ties statistic
     under that name; an unknown --layers was a KeyError)."""
     for flag, known in (("layers", SHAPES), ("statistics", STATISTICS)):
-        bad = [v for v in FLAGS[flag].value if v not in known]
-        if bad or not FLAGS[flag].value:
-            raise SystemExit(
-                f"error: --{flag}={','.join(FLAGS[flag].value)}: expected some of "
-                f"{', '.join(known)}"
-            )
-    if FLAGS.batches < 1:
-        raise SystemExit(f"error: --batches={FLAGS.batches}: must be >= 1")
+        refuse_unknown(flag, FLAGS[flag].value, list(known))
+    refuse_below({"batches": FLAGS.batches})
 
 
 def main(argv) -> None:

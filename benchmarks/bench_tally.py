@@ -24,6 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import refuse_below, refuse_unknown  # the benchmarks folder: sys.path[0]
 
 from jaxdissect import tally
 
@@ -67,9 +68,7 @@ def _batch(rng, b: int, seg: int, units: int, act: int, ids) -> dict[str, np.nda
 def _check(args: argparse.Namespace, names: tuple[str, ...]) -> None:
     """One line naming the first of `names` under 1 (else a traceback: a division by zero,
     an empty array's reduction)."""
-    for name in names:
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name}={getattr(args, name)}: must be >= 1")
+    refuse_below({name: getattr(args, name) for name in names})
 
 
 def main() -> None:
@@ -83,11 +82,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     _check(args, ("batch_size", "units", "act_size", "seg_size", "repeats"))
-    bad = [m for m in args.methods.split(",") if m not in tally.METHODS]
-    if bad or not args.methods:
-        raise SystemExit(
-            f"error: --methods={args.methods}: expected some of {', '.join(tally.METHODS)}"
-        )
+    refuse_unknown("methods", args.methods.split(",") if args.methods else [], tally.METHODS)
 
     primary, ids = _labels()
     rng = np.random.default_rng(0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 
+from _common import refuse_below  # the benchmarks folder: sys.path[0]
 from absl import app, flags
 
 flags.DEFINE_string("arch", "vit_s16", "A ViT of models/zoo.")
@@ -27,9 +28,8 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
-    for name in ("num_images", "batch_size", "rounds"):
-        if FLAGS[name].value < 1:  # else a traceback, or (--rounds=0) no figure at all
-            raise SystemExit(f"error: --{name}={FLAGS[name].value}: must be >= 1")
+    # Else a traceback, or (--rounds=0) no figure at all.
+    refuse_below({n: FLAGS[n].value for n in ("num_images", "batch_size", "rounds")})
     import jax
 
     from jaxdissect import capture, driver, engine, parallel

@@ -54,6 +54,8 @@ def test_bench_engine_refuses_bad_flags_in_one_line(tmp_path, argv, message):
 
 
 def _module(name: str):
+    if str(ROOT / "benchmarks") not in sys.path:  # as for a script run: its folder first
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(
         f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py"
     )
@@ -246,7 +248,8 @@ def test_suite_compile_sums_only_this_session(tmp_path):
     stale = {"files": {"tests/test_old.py": {"wall": 999.0}}, "programs": {"old": [3, 500.0]}}
     (sums / "gw5.json").write_text(json.dumps(stale))
     (tmp_path / "test_tiny.py").write_text("def test_one():\n    assert True\n")
-    env = {**os.environ, "SUITE_COMPILE_DIR": str(sums), "PYTHONPATH": str(ROOT / "benchmarks")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # no worker
+    env |= {"SUITE_COMPILE_DIR": str(sums), "PYTHONPATH": str(ROOT / "benchmarks")}
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "suite_compile", "-p", "no:cacheprovider"]
         + ["-n", "0", "-q", "test_tiny.py"],
