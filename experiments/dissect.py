@@ -16,7 +16,6 @@ checkpoint, and reuses every finished stage whose inputs did not change.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 
@@ -173,11 +172,9 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
     parallel.initialize_distributed(
         fv.distributed, fv.coordinator_address, fv.num_processes, fv.process_id
     )
-    # One process of a multi-host job writes the results, and holds the output_dir's lock.
-    import jax
-
-    holder = not fv.distributed or jax.process_index() == 0
-    with claim if holder else contextlib.nullcontext():
+    # One process of a multi-host job writes the results, and holds the output_dir's lock:
+    # where it cannot, every process stops.
+    with parallel.process_0_holds(claim):
         dissect(fv, settings, options, probe, model_options, output_dir)
     what, name = ("Report", "index.html") if fv.report else ("Results", "results.json")
     print(f"{what}: {os.path.abspath(os.path.join(output_dir, name))}")

@@ -12,9 +12,10 @@ same integer counts.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -163,6 +164,43 @@ def process_0s(value: Any) -> Any:
         return value
     out = np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
     return out.item() if out.ndim == 0 else out
+
+
+# The most bytes of process 0's error that `process_0_holds` repeats on the other processes.
+_MESSAGE_BYTES = 1024
+
+
+@contextlib.contextmanager
+def process_0_holds(hold: contextlib.AbstractContextManager) -> Iterator[None]:
+    """Run the block with `hold` (an output directory's lock, `outdir.locked`) held by
+    process 0 alone, once every process knows that process 0 took it: where taking it raised
+    there (another run holds it), process 0 raises that error and every other process an
+    `outdir.OutputDirBusy` with its message, rather than go on to wait in a collective for a
+    process that has stopped. `with hold` itself in one process."""
+    from jaxdissect import outdir
+
+    if jax.process_count() == 1:
+        with hold:
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        error = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(hold)
+            except Exception as e:  # noqa: BLE001 - said on every process, raised here
+                error = e
+        text = "" if error is None else str(error) or type(error).__name__
+        data = text.encode()[:_MESSAGE_BYTES]
+        message = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
+        message[0], message[1 : 1 + len(data)] = error is not None, np.frombuffer(data, np.uint8)
+        message = process_0s(message)
+        if error is not None:
+            raise error
+        if message[0]:
+            text = bytes(message[1:]).rstrip(b"\0").decode(errors="ignore")
+            raise outdir.OutputDirBusy(f"{text} (process 0 could not hold the output directory)")
+        yield
 
 
 def every_process_text(text: str) -> str:

@@ -38,6 +38,7 @@ from jaxdissect import (
     engine,
     finished,
     outdir,
+    parallel,
     results,
     store,
     tally,
@@ -361,14 +362,14 @@ def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
 
 def _holding_output_dir(fn):
     """`fn` run holding its `output_dir`'s lock (`outdir.locked`), on process 0 (which
-    writes the results): a run of another process there is refused, not interleaved."""
+    writes the results): a run of another process there is refused, on every process of a
+    multi-host job (`parallel.process_0_holds`), not interleaved."""
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def held(*args, **kwargs):
-        if jax.process_index() != 0:
-            return fn(*args, **kwargs)
-        with outdir.locked(signature.bind(*args, **kwargs).arguments["output_dir"]):
+        path = signature.bind(*args, **kwargs).arguments["output_dir"]
+        with parallel.process_0_holds(outdir.locked(path)):
             return fn(*args, **kwargs)
 
     return held

@@ -183,3 +183,19 @@ def test_two_processes_match_one(tmp_path, ranks):
             "error: the processes of this multi-host job differ in --max_images (process 1 "
             "against process 0); --tie_rule (process 1 against process 0); the probe set "
         ) in log
+
+
+def test_an_output_dir_in_use_stops_every_process(tmp_path, ranks):
+    """Process 0 alone takes the output_dir's lock: where another run holds it, every process
+    stops with the one line (process 1 waited in the job's first collective, then printed a
+    traceback)."""
+    from jaxdissect import outdir
+
+    data = tmp_path / "broden"
+    synthetic.generate(data, num_images=8, size=48, workers=1)
+    with outdir.locked(tmp_path / "out"):  # another run's (this test's pid)
+        runs = _two_processes(ranks, tmp_path / "out", [data, data])
+    for i, p in enumerate(runs):
+        log = _finish(p, f"process {i} of the 2-process run", 1)
+        assert f"error: --output_dir={tmp_path / 'out'} is in use by pid {os.getpid()} " in log
+        assert "Traceback" not in log
