@@ -133,9 +133,42 @@ def check_same_job(fv: flags.FlagValues, source, model) -> None:
 
 def run(fv: flags.FlagValues = FLAGS) -> None:
     """Dissect as the flags say."""
+    from jaxdissect import parallel
+
+    # Every flag is checked before anything slow (data, model, JAX's backend) starts. A
+    # multi-host job's processes join first where one fails (its --data or --weights
+    # missing): every one then stops, none waits for it to join.
+    try:
+        checked = _checked(fv)
+    except Exception as e:
+        if not fv.distributed:
+            raise
+        checked, error = None, e
+    else:
+        error = None
+    try:
+        parallel.initialize_distributed(
+            fv.distributed, fv.coordinator_address, fv.num_processes, fv.process_id
+        )
+    except Exception:
+        if error is None:
+            raise
+        raise error from None  # the flags' error first, as in one process
+    parallel.stop_together(error)
+    settings, options, probe, model_options, output_dir, claim = checked
+    # One process of a multi-host job writes the results, and holds the output_dir's lock:
+    # where it cannot, every process stops.
+    with parallel.process_0_holds(claim):
+        dissect(fv, settings, options, probe, model_options, output_dir)
+    what, name = ("Report", "index.html") if fv.report else ("Results", "results.json")
+    print(f"{what}: {os.path.abspath(os.path.join(output_dir, name))}")
+
+
+def _checked(fv: flags.FlagValues) -> tuple:
+    """The flags checked: (settings, options, probe, model options, output_dir, the claim
+    of the output_dir)."""
     from jaxdissect.models import load as model_load
 
-    # Every flag is checked before anything slow (data, model, JAX's backend) starts.
     settings = cli.settings_from_flags(fv)
     options = cli.options_from_flags(fv)
     cli.check_layers(fv.layers)
@@ -165,19 +198,7 @@ def run(fv: flags.FlagValues = FLAGS) -> None:
     if not fv.distributed:  # a multi-host job's devices are known once it has joined
         cli.check_devices(fv, batch_size=settings.batch_size)
     output_dir = fv.output_dir or os.path.join("runs", cli.run_name(fv.model, fv.weights))
-    claim = cli.claim_output_dir(output_dir)
-
-    from jaxdissect import parallel
-
-    parallel.initialize_distributed(
-        fv.distributed, fv.coordinator_address, fv.num_processes, fv.process_id
-    )
-    # One process of a multi-host job writes the results, and holds the output_dir's lock:
-    # where it cannot, every process stops.
-    with parallel.process_0_holds(claim):
-        dissect(fv, settings, options, probe, model_options, output_dir)
-    what, name = ("Report", "index.html") if fv.report else ("Results", "results.json")
-    print(f"{what}: {os.path.abspath(os.path.join(output_dir, name))}")
+    return settings, options, probe, model_options, output_dir, cli.claim_output_dir(output_dir)
 
 
 def _no_layers_message(model: str, info) -> str:
@@ -204,12 +225,12 @@ def dissect(fv, settings, options, probe, model_options, output_dir) -> None:
     from jaxdissect import parallel, pipeline
     from jaxdissect.models import load as model_load
 
-    # The probe set first: a missing or bad one fails before the model loads (and where JAX
-    # has not started, e.g. a multi-host job, the synthetic set's workers fork).
-    source, dataset_name = probe.open()
-    model = model_load.load(
-        fv.model, weights=fv.weights or None, options=model_options, seed=settings.seed
-    )
+    # The probe set first: a missing or bad one fails before the model loads.
+    with parallel.stopping_together():  # a host's own copy may fail alone
+        source, dataset_name = probe.open()
+        model = model_load.load(
+            fv.model, weights=fv.weights or None, options=model_options, seed=settings.seed
+        )
     check_same_job(fv, source, model)
     if fv.distributed:  # its devices, known now, and refused alike by every process
         cli.check_devices(fv, batch_size=settings.batch_size)

@@ -166,6 +166,42 @@ def process_0s(value: Any) -> Any:
     return out.item() if out.ndim == 0 else out
 
 
+class AnotherProcessStopped(ValueError):
+    """Another process of a multi-host job met an error (`stop_together`); a ValueError, as
+    the bad input it follows is, so that scripts say it in one line."""
+
+
+def stop_together(error: BaseException | None) -> None:
+    """Where a process of a multi-host job met an error (`error`: this process's, or None),
+    stop every one, rather than leave the others waiting in the job's next collective for
+    a process that has stopped: `error` is raised where it was met, `AnotherProcessStopped`
+    naming those processes on the others. In one process, `error` is raised if given."""
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    failed = np.flatnonzero(~_allgather(np.asarray(error is None, np.bool_)))
+    if error is not None:
+        raise error
+    if len(failed):
+        raise AnotherProcessStopped(
+            f"process {', '.join(map(str, failed))} of this multi-host job stopped with an "
+            "error (its output says which): fix it there and start every process again"
+        )
+
+
+@contextlib.contextmanager
+def stopping_together() -> Iterator[None]:
+    """Run the block (one without collectives) on every process; where it raised on any
+    process of a multi-host job, stop every one (`stop_together`)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - raised again, here and (named) on the others
+        stop_together(e)
+        raise
+    stop_together(None)
+
+
 # The most bytes of process 0's error that `process_0_holds` repeats on the other processes.
 _MESSAGE_BYTES = 1024
 

@@ -199,3 +199,24 @@ def test_an_output_dir_in_use_stops_every_process(tmp_path, ranks):
         log = _finish(p, f"process {i} of the 2-process run", 1)
         assert f"error: --output_dir={tmp_path / 'out'} is in use by pid {os.getpid()} " in log
         assert "Traceback" not in log
+
+
+def test_an_error_of_one_process_stops_every_process(tmp_path, ranks):
+    """A host's own --data missing (checked before the job joins) or unreadable (read after):
+    that process says why, the other that it stopped, each in one line (the other waited
+    to join, or in the job's first collective, then printed a traceback)."""
+    data = tmp_path / "broden"
+    synthetic.generate(data, num_images=8, size=48, workers=1)
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    (broken / "index.csv").write_text("not an index\n")
+    for i, other in enumerate([tmp_path / "missing", broken]):
+        runs = _two_processes(ranks, tmp_path / f"out{i}", [data, other])
+        log0 = _finish(runs[0], "process 0, given the data", 1)
+        log1 = _finish(runs[1], f"process 1, given {other.name}", 1)
+        assert (
+            "error: process 1 of this multi-host job stopped with an error (its output says "
+            "which): fix it there and start every process again"
+        ) in log0
+        assert f"error: --data={other}" in log1 or f"error: {other}" in log1, log1[-2000:]
+        assert "Traceback" not in log0 + log1
