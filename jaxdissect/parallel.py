@@ -99,6 +99,21 @@ def initialize_distributed(
         jax.local_device_count(),
         jax.device_count(),
     )
+    check_devices_per_process()
+
+
+def check_devices_per_process() -> None:
+    """Raise, in one line naming each process's count, unless every process of a multi-host
+    job has as many devices as process 0 (each process feeds its devices an equal share of
+    every batch). Read from the job's device list: no collective, every process alike."""
+    counts = collections.Counter(d.process_index for d in jax.devices())
+    if len(set(counts.values())) > 1:
+        each = ", ".join(f"process {p}: {n}" for p, n in sorted(counts.items()))
+        raise ValueError(
+            f"the processes of this multi-host job have other numbers of devices ({each}): "
+            "give every process as many (CUDA_VISIBLE_DEVICES, or on CPU XLA_FLAGS' "
+            "--xla_force_host_platform_device_count)"
+        )
 
 
 def job_digests(values: Mapping[str, Any]) -> np.ndarray:
@@ -258,6 +273,7 @@ def all_processes(flag: bool) -> bool:
 def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """A 1-D mesh over the first `num_devices` devices (default: all, all hosts). Under
     several processes every device is in it: each process feeds its own devices."""
+    check_devices_per_process()
     devices = jax.devices()
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):

@@ -77,8 +77,11 @@ def _finish(done: subprocess.CompletedProcess, what: str, returncode: int = 0) -
     return log
 
 
-def _two_processes(ranks, out: pathlib.Path, data: list[pathlib.Path], *extra: list[str]):
-    """The 2 processes of a job on `data[i]`, process i also given `extra[i]`, run at once."""
+def _two_processes(
+    ranks, out: pathlib.Path, data: list[pathlib.Path], *extra: list[str], devices=(2, 2)
+):
+    """The 2 processes of a job on `data[i]`, process i also given `extra[i]` and `devices[i]`
+    CPU devices, run at once."""
     port = _free_port()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         runs = [
@@ -87,7 +90,7 @@ def _two_processes(ranks, out: pathlib.Path, data: list[pathlib.Path], *extra: l
                 ranks[i],
                 out,
                 data[i],
-                2,
+                devices[i],
                 "--distributed",
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
@@ -220,3 +223,20 @@ def test_an_error_of_one_process_stops_every_process(tmp_path, ranks):
         ) in log0
         assert f"error: --data={other}" in log1 or f"error: {other}" in log1, log1[-2000:]
         assert "Traceback" not in log0 + log1
+
+
+def test_processes_of_other_device_counts_are_refused(tmp_path, ranks):
+    """Each process feeds its devices an equal share of every batch: a job whose processes
+    have other numbers of devices is refused in one line saying so (it said "cannot reshape
+    array of size 3 into shape (2,2)")."""
+    data = tmp_path / "broden"
+    synthetic.generate(data, num_images=8, size=48, workers=1)
+    extra = ["--batch_size=6"]
+    for i, p in enumerate(
+        _two_processes(ranks, tmp_path / "out", [data, data], extra, extra, devices=(2, 1))
+    ):
+        log = _finish(p, f"process {i}", 1)
+        assert (
+            "error: the processes of this multi-host job have other numbers of devices "
+            "(process 0: 2, process 1: 1): give every process as many"
+        ) in log
