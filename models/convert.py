@@ -130,6 +130,9 @@ def save_variables(
       variables: Flax variables ({'params': ..., 'batch_stats': ...}).
       meta: JSON-serialisable description, at least `arch`; `num_classes` and
         `options` are what `build_from_meta` passes to `models.zoo.build`.
+
+    Written by the calling process alone (in a multi-host job, one process: training's
+    process 0), without orbax's barriers between processes.
     """
     import orbax.checkpoint as ocp
 
@@ -145,7 +148,10 @@ def save_variables(
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        alone = ocp.options.MultiprocessingOptions(
+            primary_host=jax.process_index(), active_processes={jax.process_index()}
+        )
+        with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
             checkpointer.save(os.path.join(staging, VARIABLES_DIR), tree)
         # Written last: a directory with meta.json is a finished checkpoint.
         with open(os.path.join(staging, META_FILE), "w") as file:

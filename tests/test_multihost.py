@@ -240,3 +240,44 @@ def test_processes_of_other_device_counts_are_refused(tmp_path, ranks):
             "error: the processes of this multi-host job have other numbers of devices "
             "(process 0: 2, process 1: 1): give every process as many"
         ) in log
+
+
+# Training by a job of `argv[2]` processes (this one `argv[3]`), joined at port `argv[1]`.
+_TRAIN = """
+import sys, jax
+from jaxdissect import parallel, scenes, training
+from jaxdissect.data.broden import Broden
+port, processes, process, data, out = sys.argv[1:]
+if processes != "1":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", int(processes), int(process))
+task = scenes.scene_task(*(Broden.open(data, split=s) for s in ("train", "val")))
+config = training.TrainConfig(width=0.125, steps=2, batch_size=4, save_steps=(2,))
+training.train(config, task, out, mesh=parallel.data_mesh(), progress=False, log_every=1)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_export_as_one(tmp_path, ranks):
+    """Process 0 exports a training run's weights alone (orbax's barriers waited for the
+    other process, which was in its next step: both died), and 2 processes of 1 device
+    export the weights of 1 process of 2 devices."""
+    from jaxdissect.models import convert
+
+    data = synthetic.generate(tmp_path / "broden", num_images=32, size=48, workers=1)
+    script = tmp_path / "train.py"
+    script.write_text(_TRAIN)
+
+    def train(i: int, processes: int, out: pathlib.Path, port: int = 0):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={3 - processes}"}
+        argv = (str(port), str(processes), str(i), str(data), str(out))
+        done = ranks[i].run(script, *argv, env=env, cwd=ROOT, timeout=240)
+        _finish(done, f"process {i} of {processes}")
+
+    port = _free_port()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for run in [pool.submit(train, i, 2, tmp_path / "two", port) for i in range(2)]:
+            run.result()
+    train(0, 1, tmp_path / "one")
+    meta = [convert.read_meta(tmp_path / d / "weights" / "step_000002") for d in ("one", "two")]
+    assert meta[0][convert.VARIABLES_FINGERPRINT] == meta[1][convert.VARIABLES_FINGERPRINT]
