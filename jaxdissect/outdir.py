@@ -47,6 +47,12 @@ FOLLOW_ON_OUTPUTS = (
 )
 
 
+# The lock files this process holds (`locked`), as (pid, device, inode): a hold of one of
+# them inside another goes on under it. Not told by the pid the file records: a run of
+# another host or container may have this process's pid (and a forked child holds none).
+_HELD: set[tuple[int, int, int]] = set()
+
+
 class OutputDirBusy(RuntimeError):
     """Another process holds the output directory's lock."""
 
@@ -102,12 +108,14 @@ def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[p
     out = pathlib.Path(path).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / LOCK_FILE, "a+", encoding="utf-8") as f:
+        stat = os.fstat(f.fileno())
+        mine = (os.getpid(), stat.st_dev, stat.st_ino)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            if not holder.startswith(f"pid {os.getpid()} "):
+            if mine not in _HELD:
                 raise OutputDirBusy(
                     f"{name}={path} is in use by {holder}: wait for that run to finish, or "
                     f"choose another {name}"
@@ -124,9 +132,11 @@ def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[p
         f.flush()
         # What a killed holder was writing (a stage, a strip): only the holder writes here.
         store.remove_temporaries(out)
+        _HELD.add(mine)
         try:
             yield out
         finally:  # cleared while held: the next holder's file never names this process
+            _HELD.discard(mine)
             f.seek(0)
             f.truncate()
             f.flush()

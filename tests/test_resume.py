@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -274,6 +275,37 @@ def test_taking_an_output_dirs_lock_removes_what_a_killed_holder_was_writing(tmp
     with outdir.locked(tmp_path):
         assert not old.exists() and not nested.exists()
         assert all(p.exists() for p in kept)
+
+
+# Holds `<argv[1]>/.lock` as a run whose pid is `argv[2]` (of another host or container).
+_OTHER_HOST = """
+import fcntl, sys
+f = open(sys.argv[1] + "/.lock", "a+")
+fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+f.write(f"pid {sys.argv[2]} (dissect.py on another host)\\n")
+f.flush()
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_run_elsewhere_with_this_pid_is_not_taken_for_this_process(tmp_path):
+    """The lock's file names its holder's pid; a run on another host or in another container
+    (a shared output_dir) may have this process's pid: its hold is refused like any other
+    (this process went on as if the hold were its own, and two runs wrote one folder)."""
+    other = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_HOST, str(tmp_path), str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        busy = pytest.raises(outdir.OutputDirBusy, match=r"dissect.py on another host")
+        with busy, outdir.locked(tmp_path):
+            pass
+    finally:
+        other.communicate("")
 
 
 def test_a_resumed_pass2_counts_at_the_thresholds_it_reports(in_process, tmp_path):
