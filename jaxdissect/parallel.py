@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -252,6 +253,25 @@ def process_0_holds(hold: contextlib.AbstractContextManager) -> Iterator[None]:
             text = bytes(message[1:]).rstrip(b"\0").decode(errors="ignore")
             raise outdir.OutputDirBusy(f"{text} (process 0 could not hold the output directory)")
         yield
+
+
+# How long the other processes of a multi-host job wait for process 0 (`wait_for_every_process`).
+WAIT_S = 7 * 24 * 3600
+_barriers = itertools.count()
+
+
+def wait_for_every_process(what: str) -> None:
+    """Wait until every process of a multi-host job gets here (nothing in one process),
+    however long another takes (process 0 writing the results and report): a barrier of
+    JAX's coordination service (heartbeats go on), not a collective, which would time out.
+    A process that exits first leaves the others `jax.distributed`'s shutdown timeout (5
+    minutes) to exit too, after which the service aborts them, mid-write."""
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+
+    key = f"jaxdissect:{what}:{next(_barriers)}"
+    multihost.get_barrier_sync_fn()(key=key, timeout_ms=WAIT_S * 1000)
 
 
 def every_process_text(text: str) -> str:

@@ -363,14 +363,23 @@ def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
 def _holding_output_dir(fn):
     """`fn` run holding its `output_dir`'s lock (`outdir.locked`), on process 0 (which
     writes the results): a run of another process there is refused, on every process of a
-    multi-host job (`parallel.process_0_holds`), not interleaved."""
+    multi-host job (`parallel.process_0_holds`), not interleaved. It returns on every
+    process once process 0 has written the results (`parallel.wait_for_every_process`),
+    and raises on every one where process 0 failed to (`parallel.stop_together`)."""
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def held(*args, **kwargs):
         path = signature.bind(*args, **kwargs).arguments["output_dir"]
+        out = error = None
         with parallel.process_0_holds(outdir.locked(path)):
-            return fn(*args, **kwargs)
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - raised below, once every process is here
+                error = e
+        parallel.wait_for_every_process("results written")
+        parallel.stop_together(error)
+        return out
 
     return held
 

@@ -46,12 +46,20 @@ def ranks():
         yield [rank0, rank1]
 
 
+DISSECT = ROOT / "experiments" / "dissect.py"
+
+
 def _dissect(
-    scripts: ScriptProcesses, out: pathlib.Path, data: pathlib.Path, devices: int, *extra: str
+    scripts: ScriptProcesses,
+    out: pathlib.Path,
+    data: pathlib.Path,
+    devices: int,
+    *extra: str,
+    script: pathlib.Path = DISSECT,
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     return scripts.run(
-        ROOT / "experiments" / "dissect.py",
+        script,
         "--model=jaxdissect.models.small_cnn:small_cnn",
         "--model_option=image_size=48",
         "--model_option=num_classes=5",
@@ -78,10 +86,15 @@ def _finish(done: subprocess.CompletedProcess, what: str, returncode: int = 0) -
 
 
 def _two_processes(
-    ranks, out: pathlib.Path, data: list[pathlib.Path], *extra: list[str], devices=(2, 2)
+    ranks,
+    out: pathlib.Path,
+    data: list[pathlib.Path],
+    *extra: list[str],
+    devices=(2, 2),
+    script: pathlib.Path = DISSECT,
 ):
     """The 2 processes of a job on `data[i]`, process i also given `extra[i]` and `devices[i]`
-    CPU devices, run at once."""
+    CPU devices, run at once (`script`: dissect.py, or one that runs it)."""
     port = _free_port()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         runs = [
@@ -96,6 +109,7 @@ def _two_processes(
                 "--num_processes=2",
                 f"--process_id={i}",
                 *(extra[i] if extra else ()),
+                script=script,
             )
             for i in range(2)
         ]
@@ -281,3 +295,45 @@ def test_two_processes_train_and_export_as_one(tmp_path, ranks):
     train(0, 1, tmp_path / "one")
     meta = [convert.read_meta(tmp_path / d / "weights" / "step_000002") for d in ("one", "two")]
     assert meta[0][convert.VARIABLES_FINGERPRINT] == meta[1][convert.VARIABLES_FINGERPRINT]
+
+
+# dissect.py with JAX's shutdown timeout 2 s (5 minutes: a real run's report can take longer)
+# and 8 s spent on writing results.json before it is written (last argument "fail": then failing).
+_SLOW_RESULTS = f"""
+import functools, runpy, sys, time
+import jax
+from jaxdissect import results
+jax.distributed.initialize = functools.partial(
+    jax.distributed.initialize, shutdown_timeout_seconds=2
+)
+write = results.write_results_json
+def slow(*args, **kwargs):
+    time.sleep(8)
+    if fail:
+        raise ValueError("results.json: cannot be written")
+    return write(*args, **kwargs)
+results.write_results_json = slow
+fail = sys.argv.pop() == "fail"
+sys.argv[0] = {str(DISSECT)!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_every_process_waits_for_process_0s_results(tmp_path, ranks):
+    """Process 1 exits once process 0 has written the results, however long that takes (it
+    exited at once, and where process 0 wrote for longer than JAX's shutdown timeout, the
+    coordination service aborted process 0 before results.json), or with an error once
+    process 0 has failed to."""
+    data = tmp_path / "broden"
+    synthetic.generate(data, num_images=8, size=48, workers=1)
+    script = tmp_path / "slow_results.py"
+    script.write_text(_SLOW_RESULTS)
+    out = tmp_path / "out"
+    runs = _two_processes(ranks, out, [data, data], ["ok"], ["ok"], script=script)
+    for i, p in enumerate(runs):
+        _finish(p, f"process {i}")
+    assert (out / "results.json").is_file()
+    fail = ["fail"]
+    runs = _two_processes(ranks, tmp_path / "fail", [data, data], fail, fail, script=script)
+    assert "error: results.json: cannot be written" in _finish(runs[0], "process 0", 1)
+    assert "error: process 0 of this multi-host job stopped" in _finish(runs[1], "process 1", 1)
