@@ -350,7 +350,7 @@ def test_a_layer_pattern_explains_every_layer_it_matches(tmp_path, broden):
         "compositional",
         f"--data={broden}",
         *args,
-        *SHORT,
+        *SHORT[:2],  # beam mode
         "--model=tests.fixtures.small_model:make",
         "--layers=re:conv.*",
         f"--output_dir={tmp_path}",
