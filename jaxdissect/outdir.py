@@ -11,6 +11,7 @@ Taking the lock removes the temporary files a killed holder was writing.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import os
 import pathlib
@@ -47,10 +48,13 @@ FOLLOW_ON_OUTPUTS = (
 )
 
 
-# The lock files this process holds (`locked`), as (pid, device, inode): a hold of one of
-# them inside another goes on under it. Not told by the pid the file records: a run of
-# another host or container may have this process's pid (and a forked child holds none).
-_HELD: set[tuple[int, int, int]] = set()
+# The lock files held by `locked` in the calls this one is inside, as (pid, device, inode):
+# a hold of one of them inside another goes on under it. Not told by the pid the file
+# records: a run of another host or container may have this process's pid (and a forked
+# child holds none). A context variable: another thread's hold is another run's.
+_HELD: contextvars.ContextVar[frozenset[tuple[int, int, int]]] = contextvars.ContextVar(
+    "jaxdissect_held_locks", default=frozenset()
+)
 
 
 class OutputDirBusy(RuntimeError):
@@ -115,7 +119,7 @@ def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[p
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            if mine not in _HELD:
+            if mine not in _HELD.get():
                 raise OutputDirBusy(
                     f"{name}={path} is in use by {holder}: wait for that run to finish, or "
                     f"choose another {name}"
@@ -132,11 +136,11 @@ def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[p
         f.flush()
         # What a killed holder was writing (a stage, a strip): only the holder writes here.
         store.remove_temporaries(out)
-        _HELD.add(mine)
+        token = _HELD.set(_HELD.get() | {mine})
         try:
             yield out
         finally:  # cleared while held: the next holder's file never names this process
-            _HELD.discard(mine)
+            _HELD.reset(token)
             f.seek(0)
             f.truncate()
             f.flush()

@@ -14,8 +14,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import itertools
 import os
+import secrets
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -257,20 +257,26 @@ def process_0_holds(hold: contextlib.AbstractContextManager) -> Iterator[None]:
 
 # How long the other processes of a multi-host job wait for process 0 (`wait_for_every_process`).
 WAIT_S = 7 * 24 * 3600
-_barriers = itertools.count()
 
 
-def wait_for_every_process(what: str) -> None:
+def barrier_key(what: str) -> str:
+    """A barrier's name for `wait_for_every_process`: `what` and a number process 0 draws,
+    the same on every process and new to the job (a broadcast: call it where every process
+    is, e.g. at the start of the work the barrier ends)."""
+    return f"jaxdissect:{what}:{process_0s(secrets.randbits(31))}"
+
+
+def wait_for_every_process(key: str) -> None:
     """Wait until every process of a multi-host job gets here (nothing in one process),
     however long another takes (process 0 writing the results and report): a barrier of
-    JAX's coordination service (heartbeats go on), not a collective, which would time out.
-    A process that exits first leaves the others `jax.distributed`'s shutdown timeout (5
-    minutes) to exit too, after which the service aborts them, mid-write."""
+    JAX's coordination service named `key` (`barrier_key`; heartbeats go on), not a
+    collective, which would time out. A process that exits first leaves the others
+    `jax.distributed`'s shutdown timeout (5 minutes) to exit too, after which the service
+    aborts them, mid-write."""
     if jax.process_count() == 1:
         return
     from orbax.checkpoint import multihost
 
-    key = f"jaxdissect:{what}:{next(_barriers)}"
     multihost.get_barrier_sync_fn()(key=key, timeout_ms=WAIT_S * 1000)
 
 

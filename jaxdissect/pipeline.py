@@ -372,12 +372,13 @@ def _holding_output_dir(fn):
     def held(*args, **kwargs):
         path = signature.bind(*args, **kwargs).arguments["output_dir"]
         out = error = None
+        barrier = parallel.barrier_key("results written")
         with parallel.process_0_holds(outdir.locked(path)):
             try:
                 out = fn(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - raised below, once every process is here
                 error = e
-        parallel.wait_for_every_process("results written")
+        parallel.wait_for_every_process(barrier)
         parallel.stop_together(error)
         return out
 

@@ -308,6 +308,23 @@ def test_a_run_elsewhere_with_this_pid_is_not_taken_for_this_process(tmp_path):
         other.communicate("")
 
 
+def test_a_hold_nests_in_its_own_calls_not_in_another_threads(tmp_path):
+    """A hold inside this call's hold goes on under it; another thread's is another run's,
+    refused (both went on, writing one folder)."""
+    import concurrent.futures
+
+    def hold() -> None:
+        with outdir.locked(tmp_path):
+            pass
+
+    with outdir.locked(tmp_path):
+        hold()  # nested: goes on
+        busy = pytest.raises(outdir.OutputDirBusy, match="is in use by pid")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, busy:
+            pool.submit(hold).result()
+    hold()  # released
+
+
 def test_a_resumed_pass2_counts_at_the_thresholds_it_reports(in_process, tmp_path):
     """Pass 2 killed after a checkpoint; pass 1's stored thresholds then differ (as from a
     pass 1 computed otherwise): the resumed pass counts at the new ones, not at those its
