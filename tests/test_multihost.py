@@ -297,18 +297,18 @@ def test_two_processes_train_and_export_as_one(tmp_path, ranks):
     assert meta[0][convert.VARIABLES_FINGERPRINT] == meta[1][convert.VARIABLES_FINGERPRINT]
 
 
-# dissect.py with JAX's shutdown timeout 2 s (5 minutes: a real run's report can take longer)
-# and 8 s spent on writing results.json before it is written (last argument "fail": then failing).
+# dissect.py with JAX's shutdown timeout 1 s (5 minutes: a real run's report can take longer)
+# and 3 s spent on writing results.json before it is written (last argument "fail": then failing).
 _SLOW_RESULTS = f"""
 import functools, runpy, sys, time
 import jax
 from jaxdissect import results
 jax.distributed.initialize = functools.partial(
-    jax.distributed.initialize, shutdown_timeout_seconds=2
+    jax.distributed.initialize, shutdown_timeout_seconds=1
 )
 write = results.write_results_json
 def slow(*args, **kwargs):
-    time.sleep(8)
+    time.sleep(3)
     if fail:
         raise ValueError("results.json: cannot be written")
     return write(*args, **kwargs)
