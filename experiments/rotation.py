@@ -12,7 +12,8 @@ by construction, which checks that only what dissection sees is rotated; a funct
 between modules, e.g. nn.relu, sees rotated units, and max_output_change shows it), and
 with the rotation simply inserted, the rest of the network seeing the rotated units.
 Writes rotation.csv, rotation.json, rotation.png and the dissection
-(results.json, tally-<layer>-t<t>.csv) to --output_dir.
+(results.json, tally-<layer>-t<t>.csv, <t> to 3 decimals with `_` for the point: t0_500)
+to --output_dir.
 """
 
 from __future__ import annotations
