@@ -63,7 +63,8 @@ def _checked(args: argparse.Namespace) -> argparse.Namespace:
     read nothing; a bad count was a traceback)."""
     refuse_below({n: getattr(args, n) for n in ("num_images", "size", "batch_size", "repeats")})
     refuse_unknown("reads", args.reads.split(",") if args.reads else [], _READS)
-    whole_numbers("threads", args.threads, 0)
+    if args.threads or not args.workers:  # empty beside --workers: no thread-based loader
+        whole_numbers("threads", args.threads, 0)
     if args.workers:  # empty: no process-based loader
         whole_numbers("workers", args.workers)
     return args

@@ -79,6 +79,16 @@ def test_bench_data_refuses_bad_flags_in_one_line(argv, message):
         _module("bench_data").parse_args(argv)
 
 
+def test_bench_data_times_processes_alone_with_no_threads():
+    # --threads= --workers=2 times the process-based loader alone (accepted before the
+    # checks moved to _common.whole_numbers, which refused the empty list); both empty is
+    # nothing to time.
+    args = _module("bench_data").parse_args(["--threads=", "--workers=2"])
+    assert (args.threads, args.workers) == ("", "2")
+    with pytest.raises(SystemExit, match=r"^error: --threads=: expected whole numbers >= 0"):
+        _module("bench_data").parse_args(["--threads=", "--workers="])
+
+
 @pytest.mark.slow
 def test_bench_vit_times_dissections_that_compile_nothing(tmp_path):
     # After the compiling round, a round's dissection reuses the compiled steps (each round
