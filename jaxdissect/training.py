@@ -629,11 +629,14 @@ def train(
         mesh.devices.size,
     )
     exports = dict(list_weights(out))
-    if lost := [s for s in config.save_steps if s < start and s not in exports]:
+    # The resumed run starts after step `start`: a save step up to it is exported only if
+    # the run that got there did (a fresh run exports its step 0 itself).
+    passed = [s for s in config.save_steps if restored is not None and s <= start]
+    if lost := [s for s in passed if s not in exports]:
         raise ValueError(
-            f"save_steps={','.join(map(str, lost))}: before step {start}, where {out} resumes, "
-            "and not exported by the run that got there; drop them, or train again in "
-            "another output_dir"
+            f"save_steps={','.join(map(str, lost))}: at or before step {start}, where {out} "
+            "resumes, and not exported by the run that got there; drop them, or train again "
+            "in another output_dir"
         )
 
     def validate(state: TrainState, step: int, final: bool = False) -> dict[str, float]:

@@ -513,11 +513,27 @@ def test_resume_refuses_save_steps_the_run_passed_without_exporting(tmp_path, ta
     ended with no weights/step_10 and no word); refused, naming it."""
     out = tmp_path / "run"
     shutil.copytree(quick_run[1], out)
-    with pytest.raises(ValueError, match=r"^save_steps=5,10: before step 20, where .* resumes"):
+    with pytest.raises(
+        ValueError, match=r"^save_steps=5,10: at or before step 20, where .* resumes"
+    ):
         training.train(
             _config(save_steps=(0, 5, 10, 20)), task, out, mesh=parallel.data_mesh(1), **RUN_KW
         )
     assert sorted(s for s, _ in training.list_weights(out)) == [0, 20]
+
+
+def test_resume_refuses_a_save_step_at_the_resume_point_it_never_exported(tmp_path, task):
+    """Killed after step 10's checkpoint (no save step then), resumed with 10 among the save
+    steps: the run goes on from step 11, so step 10 is never exported (it ended with no
+    weights/step_10 and no word, as for a step before the resume point); refused, naming it.
+    A fresh run's save step 0 is exported by the run itself: not refused."""
+    kw = dict(mesh=parallel.data_mesh(1), **RUN_KW)
+    out = tmp_path / "run"
+    training.train(_config(), task, out, stop_after=10, **kw)
+    assert [s for s, _ in training.list_weights(out)] == [0]
+    with pytest.raises(ValueError, match=r"^save_steps=10: at or before step 10, where .* res"):
+        training.train(_config(save_steps=(0, 10, 20)), task, out, **kw)
+    assert [s for s, _ in training.list_weights(out)] == [0]
 
 
 def test_resume_refuses_a_run_of_other_code(tmp_path, task, quick_run, caplog):
