@@ -26,7 +26,8 @@ import numpy as np
 from jaxdissect import formula_counts, tally
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_tally import POOLS, _batch, _check, _labels  # noqa: E402
+from _common import refuse_below  # noqa: E402
+from bench_tally import POOLS, _batch, _labels  # noqa: E402
 
 
 def _timed(run, *args, repeats: int) -> float:
@@ -46,7 +47,9 @@ def main() -> None:
     parser.add_argument("--seg_size", type=int, default=112)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    _check(args, ("batch_size", "units", "slots", "seg_size", "repeats"))
+    refuse_below(
+        {n: getattr(args, n) for n in ("batch_size", "units", "slots", "seg_size", "repeats")}
+    )
 
     primary, ids = _labels()
     nl = len(primary)

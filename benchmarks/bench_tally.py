@@ -65,12 +65,6 @@ def _batch(rng, b: int, seg: int, units: int, act: int, ids) -> dict[str, np.nda
     }
 
 
-def _check(args: argparse.Namespace, names: tuple[str, ...]) -> None:
-    """One line naming the first of `names` under 1 (else a traceback: a division by zero,
-    an empty array's reduction)."""
-    refuse_below({name: getattr(args, name) for name in names})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch_size", type=int, default=32)
@@ -81,7 +75,10 @@ def main() -> None:
     parser.add_argument("--restriction", default="presence", choices=tally.RESTRICTIONS)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    _check(args, ("batch_size", "units", "act_size", "seg_size", "repeats"))
+    # Else a traceback: a division by zero, an empty array's reduction.
+    refuse_below(
+        {n: getattr(args, n) for n in ("batch_size", "units", "act_size", "seg_size", "repeats")}
+    )
     refuse_unknown("methods", args.methods.split(",") if args.methods else [], tally.METHODS)
 
     primary, ids = _labels()

@@ -106,8 +106,9 @@ def locked(path: str | os.PathLike[str], name: str = "output_dir") -> Iterator[p
     """Hold `<path>/.lock` (created with `path`) while the block runs.
 
     Raises `OutputDirBusy` naming the holder's pid and command when another
-    process holds it; a block inside one of this process's holds of `path` goes
-    on under it. `name` is how the message calls the parameter.
+    process, or another thread of this one, holds it; a block inside a hold of `path`
+    that this call is within goes on under it. `name` is how the message calls the
+    parameter.
     """
     out = pathlib.Path(path).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -207,14 +207,20 @@ def stop_together(error: BaseException | None) -> None:
 
 
 @contextlib.contextmanager
-def stopping_together() -> Iterator[None]:
+def stopping_together(barrier: str | None = None) -> Iterator[None]:
     """Run the block (one without collectives) on every process; where it raised on any
-    process of a multi-host job, stop every one (`stop_together`)."""
+    process of a multi-host job, stop every one (`stop_together`). With `barrier`
+    (`barrier_key`), every process first waits there for the others, however long one's
+    block takes (process 0 writing the results)."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - raised again, here and (named) on the others
+        if barrier is not None:
+            wait_for_every_process(barrier)
         stop_together(e)
         raise
+    if barrier is not None:
+        wait_for_every_process(barrier)
     stop_together(None)
 
 

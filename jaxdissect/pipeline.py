@@ -363,24 +363,14 @@ def _remove_previous_run(out: pathlib.Path, layers: Sequence[str]) -> None:
 def _holding_output_dir(fn):
     """`fn` run holding its `output_dir`'s lock (`outdir.locked`), on process 0 (which
     writes the results): a run of another process there is refused, on every process of a
-    multi-host job (`parallel.process_0_holds`), not interleaved. It returns on every
-    process once process 0 has written the results (`parallel.wait_for_every_process`),
-    and raises on every one where process 0 failed to (`parallel.stop_together`)."""
+    multi-host job (`parallel.process_0_holds`), not interleaved."""
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def held(*args, **kwargs):
         path = signature.bind(*args, **kwargs).arguments["output_dir"]
-        out = error = None
-        barrier = parallel.barrier_key("results written")
         with parallel.process_0_holds(outdir.locked(path)):
-            try:
-                out = fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - raised below, once every process is here
-                error = e
-        parallel.wait_for_every_process(barrier)
-        parallel.stop_together(error)
-        return out
+            return fn(*args, **kwargs)
 
     return held
 
@@ -475,99 +465,107 @@ def dissect(
         )
         for name, path in zip(tap.names, tap.layers, strict=True)
     ]
-    for r in layer_results:
-        sketched = modes[r.layer] == "sketch" and r.ties is not None
-        if sketched and (warning := r.ties.sketch_warning(r.layer)) is not None:
-            logging.warning("%s", warning)
+    # Process 0 writes the results; every process of a multi-host job returns once it has
+    # (however long: a barrier, not a collective), or raises once it has failed to.
+    barrier = parallel.barrier_key("results written")
     if jax.process_index() != 0:
+        with parallel.stopping_together(barrier):
+            pass
         return layer_results
-    made_from = _finished_digest(out, previous) if previous else None
-    if previous:
-        if dropped := [name for name in previous if name not in tap.names]:
-            logging.warning(
-                "%s: replacing the finished dissection of %s; the files of %s, not "
-                "dissected now, are removed",
-                out,
-                ", ".join(previous),
-                ", ".join(dropped),
+    with parallel.stopping_together(barrier):
+        for r in layer_results:
+            sketched = modes[r.layer] == "sketch" and r.ties is not None
+            if sketched and (warning := r.ties.sketch_warning(r.layer)) is not None:
+                logging.warning("%s", warning)
+        made_from = _finished_digest(out, previous) if previous else None
+        if previous:
+            if dropped := [name for name in previous if name not in tap.names]:
+                logging.warning(
+                    "%s: replacing the finished dissection of %s; the files of %s, not "
+                    "dissected now, are removed",
+                    out,
+                    ", ".join(previous),
+                    ", ".join(dropped),
+                )
+            _remove_previous_run(out, previous)
+        results.write_tally_csvs(out, layer_results)
+        stems = results.layer_file_stems(tap.names)
+        for r, stem in zip(layer_results, stems, strict=True):
+            s = stats[r.path]
+            tie_arrays = (
+                {}
+                if s.ties is None
+                else {
+                    "minimum": s.ties.minimum,
+                    "maximum": s.ties.maximum,
+                    "at_threshold": s.ties.at_threshold,
+                }
             )
-        _remove_previous_run(out, previous)
-    results.write_tally_csvs(out, layer_results)
-    stems = results.layer_file_stems(tap.names)
-    for r, stem in zip(layer_results, stems, strict=True):
-        s = stats[r.path]
-        tie_arrays = (
-            {}
-            if s.ties is None
-            else {
-                "minimum": s.ties.minimum,
-                "maximum": s.ties.maximum,
-                "at_threshold": s.ties.at_threshold,
-            }
-        )
-        store.save_arrays(
-            out / results.stats_npz_name(stem),
-            {
-                "thresholds": s.thresholds,
-                "top_values": s.top_values,
-                "top_indices": s.top_indices,
-                **tie_arrays,
-            },
-        )
-    run_settings = {
-        **dataclasses.asdict(settings),
-        "model": model.name,
-        "model_key": model.key,
-        "model_fields": code_keys.definition_key(model.module, model.apply_kwargs, source=False),
-        "model_code": finished.model_code_key(model.module, model.apply_kwargs),
-        **probe.probe_record(source, dataset_name),
-        "num_images": len(source),
-        "layers": list(tap.names),
-        "layer_paths": dict(zip(tap.names, tap.layers, strict=True)),
-        "input_spec": dataclasses.asdict(spec),
-        "devices": int(dissector.mesh.devices.size),
-        "thresholds": {r.layer: stats[r.path].thresholds.tolist() for r in layer_results},
-        "quantile_modes": modes,
-    }
-    if (precision := matmul_precision()) is not None:
-        run_settings["matmul_precision"] = precision
-    if model.token_layout is not None:
-        run_settings["token_layout"] = model.layout_key
-    if tap.token_layouts:  # as read, named or not
-        run_settings["token_layouts"] = {
-            tap.name_of(p): str(v) for p, v in tap.token_layouts.items()
+            store.save_arrays(
+                out / results.stats_npz_name(stem),
+                {
+                    "thresholds": s.thresholds,
+                    "top_values": s.top_values,
+                    "top_indices": s.top_indices,
+                    **tie_arrays,
+                },
+            )
+        run_settings = {
+            **dataclasses.asdict(settings),
+            "model": model.name,
+            "model_key": model.key,
+            "model_fields": code_keys.definition_key(
+                model.module, model.apply_kwargs, source=False
+            ),
+            "model_code": finished.model_code_key(model.module, model.apply_kwargs),
+            **probe.probe_record(source, dataset_name),
+            "num_images": len(source),
+            "layers": list(tap.names),
+            "layer_paths": dict(zip(tap.names, tap.layers, strict=True)),
+            "input_spec": dataclasses.asdict(spec),
+            "devices": int(dissector.mesh.devices.size),
+            "thresholds": {r.layer: stats[r.path].thresholds.tolist() for r in layer_results},
+            "quantile_modes": modes,
         }
-    if options.report:
-        report_build.write_dissection_report(
-            out,
-            model.name,
-            dataset_name,
-            run_settings,
-            layer_results,
-            {k: v.thresholds for k, v in stats.items()},
-            {k: v.top_indices for k, v in stats.items()},
-            {k: v.top_maps for k, v in stats.items()},  # kept by pass 1
-            source,
-            tie_rule=settings.tie_rule,
-            strip_height=options.strip_height,
-            runners_up=options.runners_up,
-        )
-    # Follow-on outputs of another dissection than this (or of one no longer there, after a
-    # run killed while replacing it) would sit beside these results as if made from them:
-    # removed before results.json marks the run complete.
-    document = results.results_document(layer_results, run_settings)
-    replaced = made_from is None or made_from != _dissection_digest(document, out, tap.names)
-    if replaced and (removed := outdir.remove_follow_ons(out)):
-        logging.info(
-            "removed the outputs of follow-on scripts made from the dissection replaced: %s",
-            ", ".join(removed),
-        )
-    if not replaced:  # kept: ablation.html links this run's report (or none), not the last's
-        ablation_page.relink(out, tap.names)
-    # Last: results.json marks the run complete.
-    results.write_results_json(out / "results.json", layer_results, run_settings)
-    if timings is not None:
-        timings.update(dissector.timings, results_s=time.time() - t_passes)
-    done = out / (report_html.INDEX if options.report else "results.json")
-    logging.info("done in %.1f s: %s", time.time() - t0, done)
-    return layer_results
+        if (precision := matmul_precision()) is not None:
+            run_settings["matmul_precision"] = precision
+        if model.token_layout is not None:
+            run_settings["token_layout"] = model.layout_key
+        if tap.token_layouts:  # as read, named or not
+            run_settings["token_layouts"] = {
+                tap.name_of(p): str(v) for p, v in tap.token_layouts.items()
+            }
+        if options.report:
+            report_build.write_dissection_report(
+                out,
+                model.name,
+                dataset_name,
+                run_settings,
+                layer_results,
+                {k: v.thresholds for k, v in stats.items()},
+                {k: v.top_indices for k, v in stats.items()},
+                {k: v.top_maps for k, v in stats.items()},  # kept by pass 1
+                source,
+                tie_rule=settings.tie_rule,
+                strip_height=options.strip_height,
+                runners_up=options.runners_up,
+            )
+        # Follow-on outputs of another dissection than this (or of one no longer there, after a
+        # run killed while replacing it) would sit beside these results as if made from them:
+        # removed before results.json marks the run complete.
+        document = results.results_document(layer_results, run_settings)
+        replaced = made_from is None or made_from != _dissection_digest(document, out, tap.names)
+        if replaced and (removed := outdir.remove_follow_ons(out)):
+            logging.info(
+                "removed the outputs of follow-on scripts made from the dissection replaced: %s",
+                ", ".join(removed),
+            )
+        if not replaced:  # kept: ablation.html links this run's report (or none), not the last's
+            ablation_page.relink(out, tap.names)
+        # Last: results.json marks the run complete.
+        results.write_results_json(out / "results.json", layer_results, run_settings)
+        if timings is not None:
+            timings.update(dissector.timings, results_s=time.time() - t_passes)
+        done = out / (report_html.INDEX if options.report else "results.json")
+        logging.info("done in %.1f s: %s", time.time() - t0, done)
+        return layer_results

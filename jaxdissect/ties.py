@@ -67,7 +67,7 @@ class UnitTies:
         maximum (it is the maximum only where more lie there: "saturated"), so this is an
         estimate's doing (a sketch's rank error): the strict mask is empty where exact
         thresholds would mark the values at the maximum."""
-        heavy = self.at_threshold > self.quantile * self.values
+        heavy = _heavy(self.at_threshold, self.values, self.quantile)
         return (self.minimum < self.maximum) & (self.thresholds == self.maximum) & ~heavy
 
     def sketch_warning(self, layer: str) -> str | None:
@@ -95,6 +95,11 @@ class UnitTies:
         )
 
 
+def _heavy(at_threshold: np.ndarray, values: int, quantile: float) -> np.ndarray:
+    """bool [K]: more than the quantile's share of the activations equal T."""
+    return np.asarray(at_threshold, np.int64) > quantile * values
+
+
 def unit_states(
     thresholds: np.ndarray,
     minimum: np.ndarray,
@@ -107,7 +112,7 @@ def unit_states(
     thresholds = np.asarray(thresholds, np.float32)
     minimum = np.asarray(minimum, np.float32)
     maximum = np.asarray(maximum, np.float32)
-    heavy = np.asarray(at_threshold, np.int64) > quantile * values
+    heavy = _heavy(at_threshold, values, quantile)
     dead = minimum == maximum
     saturated = ~dead & heavy & (thresholds == maximum)
     tied = ~dead & ~saturated & heavy
