@@ -174,11 +174,14 @@ def _remove_digests(directory: pathlib.Path, keep: Iterable[int]) -> None:
 
 
 @contextlib.contextmanager
-def orbax_reads_quiet() -> Iterator[None]:
-    """While the block runs (and its garbage is collected after), the exceptions orbax's
-    read coroutines raise as they are closed mid-read (where another shard of a damaged
-    checkpoint failed first) are dropped instead of printed as "Exception ignored in": the
-    failure they follow is reported once, in one line. Others reach the hook as before."""
+def orbax_reads_quiet() -> Iterator[Callable[[], Any]]:
+    """While the block runs, the exceptions orbax's read coroutines raise as they are closed
+    mid-read (where another shard of a damaged checkpoint failed first) are dropped instead
+    of printed as "Exception ignored in": the failure they follow is reported once, in one
+    line. Others reach the hook as before. The block calls what this yields (a full garbage
+    collection) once a read has failed and its exception is handled, so that those
+    coroutines close while the hook is on; a read that succeeded leaves none (a collection
+    after every restore walked the whole heap: seconds in a long-lived process)."""
     previous = sys.unraisablehook
     marker = f"{os.sep}orbax{os.sep}"
 
@@ -189,9 +192,8 @@ def orbax_reads_quiet() -> Iterator[None]:
 
     sys.unraisablehook = hook
     try:
-        yield
+        yield gc.collect
     finally:
-        gc.collect()
         sys.unraisablehook = previous
 
 
@@ -215,7 +217,7 @@ def verified_restore(
     state, problem = None, _files_problem(directory, step)
     # Every process restores (orbax's restore is collective) or none does.
     if parallel.all_processes(not problem):
-        with orbax_reads_quiet():  # around the handling too: its traceback holds the reads
+        with orbax_reads_quiet() as settle:  # around the handling: its traceback holds the reads
             try:
                 state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
                 got = state_digest(state, None if extra is None else extra())
@@ -227,6 +229,8 @@ def verified_restore(
             except Exception as e:  # noqa: BLE001 - orbax's, tensorstore's, json's: all mean damage
                 reason = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
                 problem = f"it cannot be read ({type(e).__name__}: {reason[:200]})"
+            if problem:
+                settle()
     if parallel.all_processes(not problem):
         return state
     logging.warning(
