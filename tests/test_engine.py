@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,8 +54,28 @@ def model():
     return m, variables
 
 
+_REFERENCES: dict = {}  # the module's one model and probe: by the settings they depend on
+
+
 def _reference(model, variables, probe, settings, layers):
-    """Activations image by image, thresholds and counts by the reference definitions."""
+    """Activations image by image, thresholds and counts by the reference definitions; once
+    a module for the settings of several tests (the module's one model and probe)."""
+    key = (
+        id(variables),
+        id(probe),
+        settings.activation_dtype,
+        settings.quantile,
+        settings.restriction,
+        settings.top_images,
+        tuple(layers),
+        jax.config.read("jax_disable_most_optimizations"),  # the forward's rounding
+    )
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _reference_of(model, variables, probe, settings, layers)
+    return _REFERENCES[key]
+
+
+def _reference_of(model, variables, probe, settings, layers):
     m = model
     acts = {layer: [] for layer in layers}
     for i in range(len(probe)):
