@@ -48,9 +48,11 @@ _UNOPTIMIZED = jax.config.read("jax_disable_most_optimizations")  # the session'
 @pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up
 def pytest_runtest_setup(item) -> None:
     """An `optimized` test (its fixtures and the scripts it starts too) compiles with every
-    optimisation; the others as the session chose. Switching drops the compiled programs,
-    which JAX's in-memory caches would otherwise reuse across the two."""
-    unoptimized = _UNOPTIMIZED and item.get_closest_marker("optimized") is None
+    optimisation; the others as the session chose. `optimized(False)` on a test of an
+    `optimized` module: as the session chose. Switching drops the compiled programs, which
+    JAX's in-memory caches would otherwise reuse across the two."""
+    mark = item.get_closest_marker("optimized")  # the test's own before its module's
+    unoptimized = _UNOPTIMIZED and (mark is None or mark.args[:1] == (False,))
     if jax.config.read("jax_disable_most_optimizations") != unoptimized:
         jax.config.update("jax_disable_most_optimizations", unoptimized)
         os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = str(int(unoptimized))

@@ -341,6 +341,7 @@ def test_bad_search_flags_are_named(tmp_path, broden):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.optimized(False)  # single labels: its time is compiling, not the search's passes
 def test_a_layer_pattern_explains_every_layer_it_matches(tmp_path, broden):
     """--layers=re:PATTERN is dissected as every layer it matches, and each is explained
     under its name (the formulas looked for the pattern's stats file after the dissection
