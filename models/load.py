@@ -377,9 +377,8 @@ def selection_hints(
 
 def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -> Any:
     from jaxdissect.models import checkpoint_io, npz_file, npz_import, torch_import
-    from jaxdissect.models.convert import variables_template
 
-    template = variables_template(module, size)
+    template, transposed = _template_and_conv_transposes(module, size)
     try:
         if path.suffix == ".npz":
             return npz_import.fit_big_vision(npz_file.load_npz(path), template)
@@ -390,7 +389,7 @@ def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -
         raise ValueError(f"--weights={path} does not fit --model={model}: {e}") from None
     advice = MAPPING_ADVICE if model in zoo.ARCHS else OWN_MODEL_MAPPING_ADVICE
     own_rule = model not in zoo.ARCHS and not hasattr(module, "import_state_dict")
-    if own_rule and (transposed := _conv_transpose_paths(module, size)):
+    if own_rule and transposed:
         raise ValueError(
             f"--weights={path}: --model={model} has a Flax ConvTranspose at "
             f"{'/'.join(transposed[0])}: torch's ConvTranspose2d weight ([in, out, kh, kw], "
@@ -404,9 +403,12 @@ def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -
         raise ValueError(f"--weights={path} does not fit --model={model}: {e}{hints}") from None
 
 
-def _conv_transpose_paths(module: Any, size: int) -> list[tuple[str, ...]]:
-    """The module paths of the Linen `ConvTranspose` layers `module` calls (traced only)."""
+def _template_and_conv_transposes(module: Any, size: int) -> tuple[Any, list[tuple[str, ...]]]:
+    """(`variables_template(module, size)`, the module paths of the Linen `ConvTranspose`
+    layers it calls), from the one traced initialisation."""
     import flax.linen as nn
+
+    from jaxdissect.models.convert import variables_template
 
     found: list[tuple[str, ...]] = []
 
@@ -415,10 +417,9 @@ def _conv_transpose_paths(module: Any, size: int) -> list[tuple[str, ...]]:
             found.append(tuple(context.module.path))
         return call(*args, **kwargs)
 
-    x = jnp.zeros((1, size, size, 3), jnp.float32)
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda: module.init(jax.random.key(0), x, **apply_kwargs(module)))
-    return found
+        template = variables_template(module, size)
+    return template, found
 
 
 def state_dict_onto(
