@@ -118,12 +118,12 @@ def _refuse_dissection_flags(fv: flags.FlagValues) -> None:
         for cls in (cli.Probe, engine.Settings)
         for f in dataclasses.fields(cls)
     ]
-    for name in (*names, "input_norm", "input_size"):
-        if name in fv and fv[name].present:
-            raise ValueError(
-                f"{fv[name].serialize()}: only --dissect entries are dissected here; the "
-                "--results entries keep the settings they were dissected with: leave it out"
-            )
+    cli.refuse_given(
+        fv,
+        (*names, "input_norm", "input_size"),
+        "only --dissect entries are dissected here; the --results entries keep the settings "
+        "they were dissected with: leave it out",
+    )
 
 
 @contextlib.contextmanager

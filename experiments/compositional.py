@@ -62,11 +62,9 @@ def run(fv: flags.FlagValues = FLAGS):
         raise ValueError("give --weights (a training export) or --model")
     settings, options = cli.settings_from_flags(fv), cli.options_from_flags(fv)
     search = cli.from_flags(compositional.SearchSettings, fv)
-    if fv["optimal_slots"].present and search.mode != "optimal":  # (ignored before)
-        raise ValueError(
-            f"--optimal_slots={fv.optimal_slots}: only --mode=optimal uses it (--mode="
-            f"{search.mode}); leave it out, or give --mode=optimal"
-        )
+    if search.mode != "optimal":  # (ignored before)
+        why = f"only --mode=optimal uses it (--mode={search.mode}); leave it out, or give "
+        cli.refuse_given(fv, ["optimal_slots"], why + "--mode=optimal")
     probe = cli.probe_from_flags(fv)
     cli.check_input_size(fv.input_size)
     cli.check_layers(fv.layers)

@@ -36,12 +36,8 @@ _TINY = flags.DEFINE_bool(
 def run() -> None:
     num_images, size = _NUM_IMAGES.value, _SIZE.value
     if _TINY.value:
-        for name in ("num_images", "size"):  # (silently overridden before)
-            if flags.FLAGS[name].present:
-                raise ValueError(
-                    f"--{name}={flags.FLAGS[name].value}: --tiny sets the number of images and "
-                    "the size; leave one of them out"
-                )
+        why = "--tiny sets the number of images and the size; leave one of them out"
+        cli.refuse_given(flags.FLAGS, ("num_images", "size"), why)  # (overridden before)
         num_images, size = synthetic.TINY["num_images"], synthetic.TINY["size"]
     if _WORKERS.value < 0:  # 0 is the library's None
         raise ValueError(f"--workers={_WORKERS.value}: must be >= 1, or 0 for all cores")

@@ -89,10 +89,12 @@ def run(fv: flags.FlagValues = FLAGS):
         from jaxdissect import config
 
         config.check_seed(fv.rotation_seed, "--rotation_seed")
-    elif fv["rotation_seed"].present:  # (ignored before)
-        raise ValueError(
-            f"--rotation_seed={fv.rotation_seed}: only --baseline=rotated rotates the layer; "
-            f"leave it out, or give --baseline=rotated (--baseline={fv.baseline})"
+    else:  # (ignored before)
+        cli.refuse_given(
+            fv,
+            ["rotation_seed"],
+            "only --baseline=rotated rotates the layer; leave it out, or give "
+            f"--baseline=rotated (--baseline={fv.baseline})",
         )
     trained = cli.check_model_flags(fv)
     output_dir = fv.output_dir or os.path.join("runs", f"significance_{fv.layer}")

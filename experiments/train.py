@@ -88,10 +88,9 @@ def run(fv: flags.FlagValues = FLAGS):
         ("momentum", "--optimizer=sgd", config.optimizer != "sgd"),
         ("decay_factor", "--schedule=step", config.schedule != "step"),
     ):
-        if fv[name].present and ignored:
-            raise ValueError(
-                f"--{name}={fv[name].value}: only {taker} takes it (else it is ignored); "
-                "leave it out"
+        if ignored:
+            cli.refuse_given(
+                fv, [name], f"only {taker} takes it (else it is ignored); leave it out"
             )
     for name in ("synthetic_images", "resolution", "max_train", "log_every"):
         if fv[name].value is not None and fv[name].value < 1:

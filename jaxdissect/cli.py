@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from absl import flags, logging
@@ -506,6 +506,15 @@ def model_options(fv: flags.FlagValues) -> dict[str, Any]:
     return options
 
 
+def refuse_given(fv: flags.FlagValues, names: Iterable[str], why: str) -> None:
+    """Refuse the first flag of `names` set (on the command line or in a flagfile) where the
+    run would ignore it, in one line: `--flag=value: why` (a settings value cannot tell one
+    given from its default)."""
+    for name in names:
+        if name in fv and fv[name].present:
+            raise ValueError(f"{fv[name].serialize()}: {why}")
+
+
 def given_option_flags(fv: flags.FlagValues) -> str:
     """Which of --model_option and --num_classes (`define_model_option_flags`) were given,
     as a message names them ('' for neither)."""
@@ -570,13 +579,13 @@ def settings_from_flags(fv: flags.FlagValues) -> Any:
     from jaxdissect import engine
 
     settings = from_flags(engine.Settings, fv)
-    if not settings.significance_draws:  # their defaults cannot tell in engine.Settings
-        for name in engine.SIGNIFICANCE_FIELDS:
-            if name != "significance_draws" and name in fv and fv[name].present:
-                raise ValueError(  # (ignored before)
-                    f"{fv[name].serialize()}: only the permutation test "
-                    "(--significance_draws > 0) uses it; add --significance_draws or leave it out"
-                )
+    if not settings.significance_draws:  # (ignored before)
+        refuse_given(
+            fv,
+            (n for n in engine.SIGNIFICANCE_FIELDS if n != "significance_draws"),
+            "only the permutation test (--significance_draws > 0) uses it; add "
+            "--significance_draws or leave it out",
+        )
     return settings
 
 
