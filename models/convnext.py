@@ -25,6 +25,7 @@ from jaxdissect.models.layers import (
     GELU,
     AdaptiveAvgPool2d,
     DepthwiseConv2d,
+    layer_norm,
 )
 from jaxdissect.preprocess import TORCHVISION, InputSpec
 
@@ -43,7 +44,7 @@ VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 
 
 def _layer_norm(name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(_EPSILON, name=name)
+    return layer_norm(_EPSILON, name)
 
 
 def _conv(features: int, kernel: int, name: str) -> nn.Conv:

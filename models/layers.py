@@ -43,6 +43,13 @@ kaiming_normal_fan_out: Initializer = nn.initializers.variance_scaling(2.0, "fan
 kaiming_normal_fan_in: Initializer = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
+def layer_norm(epsilon: float, name: str | None = None) -> nn.LayerNorm:
+    """torch's LayerNorm over the last axis: the variance the mean of squared deviations.
+    Flax's default, E[x^2] - E[x]^2, loses digits where a token's mean is large beside its
+    spread (2e-2 off torch's at a mean 300x the spread; this form 4e-5)."""
+    return nn.LayerNorm(epsilon, use_fast_variance=False, name=name)
+
+
 def torch_default_bias_init(fan_in: int) -> Initializer:
     """torch's default bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0

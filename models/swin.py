@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect.models import torch_import
-from jaxdissect.models.layers import FOUR_STAGE_ALIASES, GELU
+from jaxdissect.models.layers import FOUR_STAGE_ALIASES, GELU, layer_norm
 from jaxdissect.preprocess import TORCHVISION, InputSpec
 
 # torchvision's: LayerNorm epsilon 1e-5, 7x7 windows, 4x4 patches, MLP ratio 4.
@@ -42,7 +42,7 @@ _MASKED = -100.0
 
 
 def _layer_norm(name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(_EPSILON, name=name)
+    return layer_norm(_EPSILON, name)
 
 
 def relative_position_index(window: int) -> np.ndarray:

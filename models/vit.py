@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.models.layers import layer_norm
 from jaxdissect.preprocess import InputSpec, TokenLayout, patch_grid, patch_pair
 
 # The LayerNorm epsilon of Hugging Face transformers' ViTs (big_vision's and timm's: 1e-6).
@@ -165,7 +166,7 @@ class Encoder1DBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        y = nn.LayerNorm(self.layer_norm_epsilon, name="LayerNorm_0")(x)
+        y = layer_norm(self.layer_norm_epsilon, "LayerNorm_0")(x)
         attention_fn = nn.dot_product_attention
         if self.rel_pos_grid is not None:
             shape = relative_bias_table_shape(self.rel_pos_grid, self.num_heads)
@@ -182,7 +183,7 @@ class Encoder1DBlock(nn.Module):
         if self.layer_scale:
             y = y * self.param("ls1", nn.initializers.ones, (d,), y.dtype)
         x = x + y
-        y = nn.LayerNorm(self.layer_norm_epsilon, name="LayerNorm_1")(x)
+        y = layer_norm(self.layer_norm_epsilon, "LayerNorm_1")(x)
         mlp = MlpBlock(
             self.mlp_dim, self.gelu_approximate, self.quick_gelu, self.swiglu, name="MlpBlock_0"
         )
@@ -223,7 +224,7 @@ class Encoder(nn.Module):
             )(x)
         if not self.final_norm:
             return x
-        return nn.LayerNorm(self.layer_norm_epsilon, name="encoder_norm")(x)
+        return layer_norm(self.layer_norm_epsilon, "encoder_norm")(x)
 
 
 class MAPHead(nn.Module):
@@ -246,7 +247,7 @@ class MAPHead(nn.Module):
             deterministic=True,
             name="MultiHeadDotProductAttention_0",
         )(jnp.tile(probe, (n, 1, 1)), x)
-        y = nn.LayerNorm(self.layer_norm_epsilon, name="LayerNorm_0")(x)
+        y = layer_norm(self.layer_norm_epsilon, "LayerNorm_0")(x)
         mlp = MlpBlock(self.mlp_dim, self.gelu_approximate, self.quick_gelu, name="MlpBlock_0")
         return (x + mlp(y))[:, 0]
 
@@ -493,7 +494,7 @@ class ViT(nn.Module):
             x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
         eps = self.layer_norm_epsilon
         if self.pre_norm:
-            x = nn.LayerNorm(eps, name="norm_pre")(x)
+            x = layer_norm(eps, "norm_pre")(x)
         x = Encoder(
             self.depth,
             self.mlp_dim,
@@ -527,7 +528,7 @@ class ViT(nn.Module):
         else:
             x = pool(x, self.pool_type, self.prefix_tokens)
         if self.fc_norm:
-            x = nn.LayerNorm(eps, name="fc_norm")(x)
+            x = layer_norm(eps, "fc_norm")(x)
         if self.rep_size:
             x = nn.tanh(nn.Dense(self.rep_size, name="pre_logits")(x))
         if self.num_classes:

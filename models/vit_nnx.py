@@ -31,6 +31,11 @@ def _linen_attention(query, key, value, *, is_causal: bool = False, **kwargs) ->
     return linen.dot_product_attention(query, key, value, **kwargs)
 
 
+def _layer_norm(features: int, epsilon: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """`layers.layer_norm`'s twin: the variance the mean of squared deviations."""
+    return nnx.LayerNorm(features, epsilon=epsilon, use_fast_variance=False, rngs=rngs)
+
+
 class Gelu(nnx.Module):
     """GELU as a module, so that the MLP's hidden units have a path to capture (`quick`:
     OpenAI CLIP's `vit.quick_gelu` in its place)."""
@@ -76,7 +81,7 @@ class Encoder1DBlock(nnx.Module):
 
     def __init__(self, config: vit.ViT, *, rngs: nnx.Rngs):
         width, eps = config.width, config.layer_norm_epsilon
-        self.LayerNorm_0 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
+        self.LayerNorm_0 = _layer_norm(width, eps, rngs)
         self.MultiHeadDotProductAttention_0 = nnx.MultiHeadAttention(
             config.num_heads,
             width,
@@ -85,7 +90,7 @@ class Encoder1DBlock(nnx.Module):
             attention_fn=_linen_attention,
             rngs=rngs,
         )
-        self.LayerNorm_1 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
+        self.LayerNorm_1 = _layer_norm(width, eps, rngs)
         self.MlpBlock_0 = MlpBlock(width, config, rngs=rngs, swiglu=config.swiglu)
         self.layer_scale = config.layer_scale
         if config.layer_scale:
@@ -132,7 +137,7 @@ class MAPHead(nnx.Module):
             attention_fn=_linen_attention,
             rngs=rngs,
         )
-        self.LayerNorm_0 = nnx.LayerNorm(c, epsilon=config.layer_norm_epsilon, rngs=rngs)
+        self.LayerNorm_0 = _layer_norm(c, config.layer_norm_epsilon, rngs)
         self.MlpBlock_0 = MlpBlock(c, config, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -152,7 +157,7 @@ class Encoder(nnx.Module):
             setattr(self, f"encoderblock_{i}", Encoder1DBlock(config, rngs=rngs))
         if self.final_norm:
             eps = config.layer_norm_epsilon
-            self.encoder_norm = nnx.LayerNorm(config.width, epsilon=eps, rngs=rngs)
+            self.encoder_norm = _layer_norm(config.width, eps, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.depth):
@@ -182,14 +187,14 @@ class ViT(nnx.Module):
         if config.num_registers:
             self.reg = nnx.Param(jnp.zeros((1, config.num_registers, c)))
         if config.pre_norm:
-            self.norm_pre = nnx.LayerNorm(c, epsilon=config.layer_norm_epsilon, rngs=rngs)
+            self.norm_pre = _layer_norm(c, config.layer_norm_epsilon, rngs)
         self.Transformer = Encoder(config, rngs=rngs)
         if config.pool_type == "map":
             self.MAPHead_0 = MAPHead(config, rngs=rngs)
         pooled = 2 * c if config.pool_type == "tok+gap" else c
         if config.fc_norm:
             eps = config.layer_norm_epsilon
-            self.fc_norm = nnx.LayerNorm(pooled, epsilon=eps, rngs=rngs)
+            self.fc_norm = _layer_norm(pooled, eps, rngs)
         if config.rep_size:
             self.pre_logits = nnx.Linear(pooled, config.rep_size, rngs=rngs)
         if config.num_classes:

@@ -12,13 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from jaxdissect import capture, cli
 from jaxdissect.models import load as model_load
-from jaxdissect.models import zoo
+from jaxdissect.models import vit_nnx, zoo
 from jaxdissect.models.alexnet import AlexNet
 from jaxdissect.models.densenet import DenseNet, legacy_key_rename
-from jaxdissect.models.layers import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, scale_channels
+from jaxdissect.models.layers import (
+    AdaptiveAvgPool2d,
+    AvgPool2d,
+    MaxPool2d,
+    layer_norm,
+    scale_channels,
+)
 from jaxdissect.models.resnet import BasicBlock, ResNet
 from jaxdissect.models.torch_import import WeightMappingError, torch_to_flax
 from jaxdissect.models.vgg import VGG
@@ -520,3 +527,14 @@ def test_pooling_matches_torch(flax_layer: nn.Module, torch_layer: torch.nn.Modu
     expected = torch_layer(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     got = flax_layer.apply({}, jnp.asarray(x))
     assert_close(got, expected.transpose(0, 2, 3, 1), type(flax_layer).__name__)
+
+
+def test_layer_norm_is_torchs_where_a_tokens_mean_dwarfs_its_spread() -> None:
+    # E[x^2] - E[x]^2 (Flax's default) is 2e-2 off torch here; the NNX twin is the same.
+    x = (300 + np.random.default_rng(0).standard_normal((4, 384))).astype(np.float32)
+    expected = torch.nn.functional.layer_norm(torch.from_numpy(x), (384,), eps=1e-6).numpy()
+    linen = layer_norm(1e-6)
+    got = np.asarray(linen.apply(linen.init(jax.random.key(0), x), x))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    twin = vit_nnx._layer_norm(384, 1e-6, nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(twin(jnp.asarray(x))), got)
