@@ -593,7 +593,14 @@ def options_from_flags(fv: flags.FlagValues) -> Any:
     """The `pipeline.Options` of the run flags."""
     from jaxdissect import pipeline
 
-    return from_flags(pipeline.Options, fv)
+    options = from_flags(pipeline.Options, fv)
+    if not options.report:  # (ignored before)
+        refuse_given(
+            fv,
+            ("strip_height", "runners_up"),
+            "only the report uses it, and this run writes none; add --report or leave it out",
+        )
+    return options
 
 
 def define_model_flags(fv: flags.FlagValues) -> None:

@@ -119,10 +119,14 @@ def test_library_errors_name_parameters_and_the_cli_the_flags():
     with pytest.raises(ValueError, match="^num_workers=-1"):
         pipeline.Options(num_workers=-1)
     fv.unparse_flags()
-    fv(["prog", "--cache_budget_bytes=-5"])  # was taken: a budget no cache fits
-    with pytest.raises(ValueError, match="^--cache_budget_bytes=-5: must be >= 0"):
-        cli.options_from_flags(fv)
-    fv.unparse_flags()
+    for argv, message in [
+        (["--cache_budget_bytes=-5"], "^--cache_budget_bytes=-5: must be >= 0"),  # no cache fits
+        (["--noreport", "--runners_up=5"], "^--runners_up=5: only the report uses it"),  # ignored
+    ]:
+        fv(["prog", *argv])
+        with pytest.raises(ValueError, match=message):
+            cli.options_from_flags(fv)
+        fv.unparse_flags()
     assert cli.flag_message("num_threads=3; quantile=0.5, --quantile=1", fv) == (
         "--loader_threads=3; --quantile=0.5, --quantile=1"
     )
