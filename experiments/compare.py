@@ -107,20 +107,21 @@ def _entry_flags(message: str) -> str:
 
 
 def _refuse_dissection_flags(fv: flags.FlagValues) -> None:
-    """With --results entries alone nothing is dissected here: a probe-set, method or input
-    flag would be ignored (each row keeps its results.json's), so it is refused."""
+    """With --results entries alone nothing is dissected here: a probe-set, method, input or
+    run flag would be ignored (each row keeps its results.json's), so it is refused."""
     import dataclasses
 
-    from jaxdissect import config, engine
+    from jaxdissect import config, engine, pipeline
 
     names = [
         f.metadata.get(config.FLAG, f.name)
-        for cls in (cli.Probe, engine.Settings)
+        for cls in (cli.Probe, engine.Settings, pipeline.Options)
         for f in dataclasses.fields(cls)
+        if f.name != "progress"
     ]
     cli.refuse_given(
         fv,
-        (*names, "input_norm", "input_size"),
+        (*names, "input_norm", "input_size", "devices"),
         "only --dissect entries are dissected here; the --results entries keep the settings "
         "they were dissected with: leave it out",
     )

@@ -272,9 +272,11 @@ def test_the_compare_script_refuses_mixed_methods_unless_allowed(tmp_path):
     assert [r["tie_rule"] for r in rows] == ["strict", "inclusive"]
     # With --results alone nothing is dissected: a method or probe-set flag was accepted and
     # silently ignored (the table kept each results.json's threshold).
-    for flag in ("--iou_threshold=0.1", "--data=synthetic", "--input_size=227"):
+    for flag in ("--iou_threshold=0.1", "--data=synthetic", "--input_size=227", "--devices=1"):
         with pytest.raises(ValueError, match=f"^{flag}: only --dissect entries are dissected"):
             run_script("compare", *argv, "--allow_mixed_settings", flag)
+    with pytest.raises(ValueError, match="^--report: only --dissect entries are dissected"):
+        run_script("compare", *argv, "--allow_mixed_settings", "--report")
     doc = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert doc["settings"]["mixed_settings"][0].startswith("--results=b was dissected")
     assert store.read_rows_csv(tmp_path / "out" / "compare.csv")[1]["tie_rule"] == "inclusive"
