@@ -216,7 +216,7 @@ def define_input_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum(
         "input_norm",
         "model",
-        ["model", "torchvision", "places_lite", "clip"],
+        ["model", "torchvision", "places_lite", "clip"],  # `preprocess.NAMED_SPECS`' names
         "Input normalisation: the model's own, torchvision ImageNet, NetDissect-Lite's "
         "Places365 one, or CLIP's.",
         flag_values=fv,
@@ -248,19 +248,29 @@ def check_input_size(input_size: Any) -> None:
 def model_info(loaded: Any, input_norm: str = "model", input_size: int | None = None) -> Any:
     """The `pipeline.ModelInfo` of a `models.load.LoadedModel`, its input normalised as
     `input_norm` says and resized to `input_size` x `input_size` (None: the model's own
-    input size), as `define_input_flags` describes."""
+    input size), as `define_input_flags` describes; a warning where `input_norm` is the
+    model's own and the weights' file says they were trained on another."""
     from jaxdissect import pipeline
-    from jaxdissect.preprocess import CLIP, PLACES_LITE, TORCHVISION
+    from jaxdissect.preprocess import NAMED_SPECS
 
     check_input_size(input_size)
     if input_size is None:
         input_size = loaded.input_spec.size
-    spec = {
-        "model": loaded.input_spec,
-        "torchvision": TORCHVISION,
-        "places_lite": PLACES_LITE,
-        "clip": CLIP,
-    }
+    spec = {"model": loaded.input_spec, **NAMED_SPECS}
+    trained = getattr(loaded, "trained_input_norm", None)
+    own = loaded.input_spec
+    if (
+        input_norm == "model"
+        and trained
+        and dataclasses.replace(spec[trained], size=own.size) != own
+    ):
+        logging.warning(
+            "%s: its weights were trained on --input_norm=%s inputs, and this run normalises "
+            "as the model's own; pass --input_norm=%s (README: Vision Transformers)",
+            loaded.name,
+            trained,
+            trained,
+        )
     return pipeline.ModelInfo(
         loaded.module,
         loaded.variables,

@@ -7,7 +7,8 @@ import dataclasses
 import inspect
 import math
 import re
-from collections.abc import Sequence
+import types
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -87,6 +88,10 @@ CLIP = InputSpec(
     (0.48145466, 0.4578275, 0.40821073),
     (0.26862954, 0.26130258, 0.27577711),
     scale=1 / 255,
+)
+# `--input_norm`'s fixed normalisations by name (its `model` is the model's own).
+NAMED_SPECS: Mapping[str, InputSpec] = types.MappingProxyType(
+    {"torchvision": TORCHVISION, "places_lite": PLACES_LITE, "clip": CLIP}
 )
 
 

@@ -315,6 +315,9 @@ def convert(
     }
     if entry is not None or prefix or drop:
         meta["selection"] = {"entry": entry, "prefix": prefix, "drop": list(drop)}
+    told = getattr(model, "trained_input_norm", None)  # what the names say (models.load)
+    if told is not None and (norm := told(state)) is not None:
+        meta["trained_input_norm"] = norm
     save_variables(output, variables, meta, force=force)
     return meta
 

@@ -37,6 +37,7 @@ from jaxdissect import store
 from jaxdissect.models import zoo
 from jaxdissect.preprocess import (
     MAX_SIZE,
+    NAMED_SPECS,
     TORCHVISION,
     InputSpec,
     declared_input_spec,
@@ -60,6 +61,9 @@ class LoadedModel:
       apply_kwargs: keyword arguments of `apply` (e.g. `train=False`).
       name: a human-readable description.
       key: hash of architecture, options and every weight byte (for cache keys).
+      trained_input_norm: the `--input_norm` the weights' file says they were trained with
+        (a module's `trained_input_norm(state_dict)`, e.g. the ViT's: CLIP's, DINOv2's
+        namings); None where it does not say.
     """
 
     module: Any
@@ -69,6 +73,7 @@ class LoadedModel:
     apply_kwargs: Mapping[str, Any]
     name: str
     key: str
+    trained_input_norm: str | None = None
 
 
 def apply_kwargs(module: Any) -> dict[str, Any]:
@@ -375,13 +380,17 @@ def selection_hints(
     return "".join(f"; {hint}" for hint in hints)
 
 
-def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -> Any:
+def _weights_from_file(
+    module: Any, model: str, path: pathlib.Path, size: int
+) -> tuple[Any, str | None]:
+    """(the variables of `module` from the file `path`, the `--input_norm` the file says
+    they were trained with or None)."""
     from jaxdissect.models import checkpoint_io, npz_file, npz_import, torch_import
 
     template, transposed = _template_and_conv_transposes(module, size)
     try:
         if path.suffix == ".npz":
-            return npz_import.fit_big_vision(npz_file.load_npz(path), template)
+            return npz_import.fit_big_vision(npz_file.load_npz(path), template), None
         state_dict = checkpoint_io.load_state_dict(path)
     except checkpoint_io.CheckpointError as e:
         raise ValueError(f"--weights: {e}") from None
@@ -397,10 +406,12 @@ def _weights_from_file(module: Any, model: str, path: pathlib.Path, size: int) -
             "an `import_state_dict(state_dict, variables)` method (README: Your own PyTorch model)"
         )
     try:
-        return state_dict_onto(module, state_dict, template, advice=advice)
+        variables = state_dict_onto(module, state_dict, template, advice=advice)
     except torch_import.WeightMappingError as e:
         hints = selection_hints(model, module, template, state_dict, e)
         raise ValueError(f"--weights={path} does not fit --model={model}: {e}{hints}") from None
+    told = getattr(module, "trained_input_norm", None)
+    return variables, None if told is None else told(state_dict)
 
 
 def _template_and_conv_transposes(module: Any, size: int) -> tuple[Any, list[tuple[str, ...]]]:
@@ -617,6 +628,7 @@ def load(
         options = converted_options(model, weights, options)
     name = model
     weights_key: str | None = None  # `store.fingerprint_tree` of the variables
+    trained_input_norm = None
     if model in zoo.ARCHS:
         if weights == "pretrained":
             from jaxdissect.models.efficientnet_lite import pretrained_lite0
@@ -672,10 +684,19 @@ def load(
                         f"{MAX_SIZE} px: the file is damaged; convert or export again"
                     )
                 spec = dataclasses.replace(spec, size=trained)
+            trained_input_norm = meta.get("trained_input_norm")
+            if trained_input_norm is not None and (
+                not isinstance(trained_input_norm, str) or trained_input_norm not in NAMED_SPECS
+            ):
+                raise ValueError(
+                    f"--weights={weights}: its meta.json's trained_input_norm="
+                    f"{trained_input_norm!r} is none of {', '.join(NAMED_SPECS)}: the file is "
+                    "damaged; convert again"
+                )
             _check_converted_fit(module, model, weights, variables, spec.size)
             name = f"{model} ({path})"
         else:
-            variables = _weights_from_file(module, model, path, spec.size)
+            variables, trained_input_norm = _weights_from_file(module, model, path, spec.size)
             name = f"{model} ({path.name})"
     elif variables is None and isinstance(module, nn.Module):
         try:
@@ -696,6 +717,7 @@ def load(
         apply_kwargs=apply_kwargs(module) if isinstance(module, nn.Module) else {},
         name=name,
         key=store.key_of(model=model, options=options, weights=weights_key),
+        trained_input_norm=trained_input_norm,
     )
 
 

@@ -417,6 +417,14 @@ class ViT(nn.Module):
         return npz_import.fit_big_vision(flat, variables)
 
     @nn.nowrap
+    def trained_input_norm(self, state_dict: Mapping[str, Any]) -> str | None:
+        """The `--input_norm` the naming of `state_dict` says its weights were trained with
+        (`vit_import.trained_input_norm`; None: it does not say)."""
+        from jaxdissect.models import vit_import
+
+        return vit_import.trained_input_norm(state_dict)
+
+    @nn.nowrap
     def _warn_of_options(self, source: str, state_dict: Mapping[str, Any]) -> None:
         """Warn where this ViT's GELU or LayerNorm epsilon is not what `source`'s ViTs use
         (the state dict, in timm's names, does not say)."""

@@ -334,6 +334,20 @@ def vit_state_dict_as_timm(state_dict: Mapping[str, Any]) -> tuple[str, dict[str
     return "timm", dict(state_dict)
 
 
+def trained_input_norm(state_dict: Mapping[str, Any]) -> str | None:
+    """The `--input_norm` a ViT state dict's naming says its weights were trained with:
+    `clip` for open_clip's and Hugging Face's CLIP towers, `torchvision` (ImageNet's mean and
+    std) for torchvision's ViTs and DINOv2's (its own files and Hugging Face's); None where
+    the naming does not tell (timm's, Hugging Face's ViTs, SigLIP's [-1, 1])."""
+    if OPEN_CLIP_MARK in state_dict or HF_CLIP_MARK in state_dict:
+        return "clip"
+    own_dinov2 = DINOV2_MARK in state_dict and any(".ls1." in k for k in state_dict)
+    hf_dinov2 = any(k.endswith(HF_VIT_MARK) for k in state_dict) and is_hf_dinov2(state_dict)
+    if TORCHVISION_VIT_MARK in state_dict or own_dinov2 or hf_dinov2:
+        return "torchvision"
+    return None
+
+
 def timm_vit_to_big_vision(
     state_dict: Mapping[str, Any], num_heads: int, patches: int | None = None
 ) -> dict[str, np.ndarray]:

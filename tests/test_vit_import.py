@@ -2,6 +2,7 @@
 DINOv2, DeiT, BEiT, CLIP, SigLIP): parity with torch models of their forward passes, the
 options they need named, position embeddings resampled as their owners do."""
 
+import json
 import re
 
 import jax
@@ -79,6 +80,18 @@ def test_torchvision_vit_parity(tmp_path, caplog, old_mlp):
     options = {**SMALL, "pool_type": "tok"}
     with caplog.at_level("WARNING"):
         loaded = model_load.load("vit_ti16", weights=str(path), options=options)
+    assert loaded.trained_input_norm == "torchvision"
+    # A conversion keeps what the naming said in its meta.json, which a load checks.
+    from jaxdissect.models import convert
+
+    ckpt, rest = tmp_path / "ckpt", {k: v for k, v in options.items() if k != "num_classes"}
+    convert.convert("vit_ti16", path, ckpt, num_classes=5, options=rest)
+    assert model_load.load("vit_ti16", weights=str(ckpt)).trained_input_norm == "torchvision"
+    meta = json.loads((ckpt / convert.META_FILE).read_text())
+    for damaged in ("x", ["clip"]):
+        (ckpt / convert.META_FILE).write_text(json.dumps({**meta, "trained_input_norm": damaged}))
+        with pytest.raises(ValueError, match=r"trained_input_norm=.* is none of torchvision, pl"):
+            model_load.load("vit_ti16", weights=str(ckpt))
     assert "torchvision's ViTs use the exact one; pass --model_option gelu_approximate" in (
         caplog.text
     )
@@ -445,6 +458,15 @@ def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog)
             "vit_ti16", weights=str(tmp_path / name), options={**SMALL, **CLIP_OPTIONS}
         )
         jax.tree.map(np.testing.assert_array_equal, other.variables, loaded.variables)
+        assert other.trained_input_norm == "clip"  # the naming says so; timm's does not
+    assert loaded.trained_input_norm is None
+    with caplog.at_level("WARNING"):  # the model's own [-1, 1] for CLIP's weights: warned
+        cli.model_info(other, "model", 32)
+        assert "trained on --input_norm=clip inputs" in caplog.text
+        caplog.clear()
+        cli.model_info(other, "clip", 32)
+        cli.model_info(loaded, "model", 32)
+        assert "--input_norm" not in caplog.text
     # --input_norm=clip: OpenAI's normalisation of 0..255 pixels.
     spec = cli.model_info(loaded, "clip", 32).input_spec
     pixels = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
@@ -470,6 +492,22 @@ def test_clip_image_tower_parity_from_timm_and_open_clip_names(tmp_path, caplog)
         model_load.load(
             "vit_ti16", weights=str(tmp_path / "timm.pth"), options={**SMALL, "pool_type": "tok"}
         )
+
+
+def test_the_namings_that_say_which_normalisation_their_weights_were_trained_on():
+    hf_vit = "embeddings.patch_embeddings.projection.weight"
+    for keys, norm in [
+        ([vit_import.OPEN_CLIP_MARK], "clip"),
+        ([vit_import.HF_CLIP_MARK, vit_import.HF_VISION_MARK], "clip"),
+        ([vit_import.TORCHVISION_VIT_MARK], "torchvision"),
+        (["mask_token", "blocks.0.ls1.gamma"], "torchvision"),  # DINOv2's own
+        ([hf_vit, "encoder.layer.0.layer_scale1.lambda1"], "torchvision"),  # HF DINOv2
+        (["mask_token", "blocks.0.gamma_1"], None),  # BEiT's pre-training: [-1, 1]
+        ([vit_import.HF_VISION_MARK], None),  # Hugging Face's SigLIP: [-1, 1]
+        ([hf_vit], None),  # Hugging Face's ViTs: Google's [-1, 1], DeiT's ImageNet
+        (["cls_token", "blocks.0.ls1.gamma"], None),  # timm's: each model its own
+    ]:
+        assert vit_import.trained_input_norm(dict.fromkeys(keys)) == norm, keys
 
 
 def test_a_checkpoint_without_a_head_loads_with_num_classes_0(tmp_path):
