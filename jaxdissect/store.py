@@ -50,6 +50,16 @@ def key_of(**parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def host_array(leaf: Any) -> np.ndarray:
+    """A pytree leaf as a numpy array; a typed PRNG key (an NNX module's `Rngs`, a Dropout's
+    stream) as its key data, which numpy cannot hold otherwise."""
+    import jax
+
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(leaf))
+    return np.asarray(leaf)
+
+
 def fingerprint_tree(tree: Any) -> str:
     """Hash of a pytree of arrays (model weights): shapes, dtypes and bytes."""
     import jax
@@ -57,7 +67,7 @@ def fingerprint_tree(tree: Any) -> str:
     h = hashlib.sha256()
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     for path, leaf in leaves:
-        arr = np.asarray(leaf)
+        arr = host_array(leaf)
         h.update(jax.tree_util.keystr(path).encode())
         h.update(f"{arr.dtype}{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())

@@ -725,5 +725,5 @@ def _nnx_state(module: Any) -> Any:
     from flax import nnx
 
     if isinstance(module, nnx.Module):
-        return jax.tree.map(np.asarray, nnx.state(module))
+        return jax.tree.map(store.host_array, nnx.state(module))
     return {}

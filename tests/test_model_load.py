@@ -516,6 +516,29 @@ def test_weights_for_a_module_that_carries_its_own_are_refused(tmp_path, monkeyp
     assert got.variables is None  # the module's own state, as built
 
 
+def test_an_nnx_module_with_a_dropout_loads_keyed_by_its_state(monkeypatch):
+    """An NNX Dropout keeps its random stream in the module's state as a typed PRNG key,
+    which numpy cannot hold: the load keyed the state through np.asarray and raised
+    TypeError."""
+    from flax import nnx
+
+    def make(seed):
+        def build():
+            net = nnx.Sequential(
+                nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(seed))
+            )
+            net.eval()
+            return net
+
+        return build
+
+    monkeypatch.setattr(small_model, "nnx_drop0", make(0), raising=False)
+    monkeypatch.setattr(small_model, "nnx_drop1", make(1), raising=False)
+    a = model_load.load("tests.fixtures.small_model:nnx_drop0", weights="pretrained")
+    b = model_load.load("tests.fixtures.small_model:nnx_drop1", weights="pretrained")
+    assert a.variables is None and a.key != b.key  # the stream's key is in the key
+
+
 def test_a_weights_folder_without_meta_names_the_flag(tmp_path):
     """A folder that is no converted checkpoint: the line names --weights (it named the
     path alone)."""

@@ -29,6 +29,15 @@ def test_fingerprint_tree_sees_every_byte():
     assert f != store.fingerprint_tree({"a": tree["a"].astype(np.float64), "b": tree["b"]})
 
 
+def test_fingerprint_tree_reads_a_typed_prng_key_as_its_data():
+    """An NNX module's state holds its Rngs and Dropout streams as typed keys (README:
+    `store.fingerprint_tree(nnx.state(net))`); np.asarray of one raises TypeError."""
+    import jax
+
+    f = store.fingerprint_tree({"rng": jax.random.key(0), "w": np.zeros(2)})
+    assert f != store.fingerprint_tree({"rng": jax.random.key(1), "w": np.zeros(2)})
+
+
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.txt"
     with pytest.raises(RuntimeError), store.atomic_path(target) as tmp:
