@@ -450,6 +450,12 @@ def _apply_failed(error: Exception, input_shape: Sequence[int]) -> str:
         ),
     ]
     hint = next((h for kind, h in hints if isinstance(error, kind)), None)
+    missing = re.search(r'from collection "([^"]+)"', text)
+    if isinstance(error, fe.ScopeCollectionNotFound) and missing and missing[1] != "params":
+        hint = (
+            f"its variables have no {missing[1]!r} collection: pass all that model.init "
+            "returns (e.g. {'params': ..., 'batch_stats': ...}), not only the params"
+        )
     if unset := _FLAX_UNSET.search(text):
         name = unset.group(1)
         value = "=True (eval mode)" if name in ("deterministic", "use_running_average") else ""

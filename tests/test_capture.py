@@ -228,6 +228,23 @@ def test_a_model_that_cannot_run_as_dissected_is_one_line_with_the_fix():
         capture.make_tap(model, variables, "bn", input_shape=(4, 4, 3), apply_kwargs={"scale": 1.0})
 
 
+class EvalBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.BatchNorm(use_running_average=True, name="bn")(nn.Conv(4, (1, 1))(x))
+
+
+def test_variables_without_the_batch_stats_name_the_missing_collection():
+    """Only the params of a model with BatchNorm (an optimiser state's): the hint said the
+    variables must be a dict of collections, e.g. {'params': params}, which they were."""
+    model = EvalBatchNorm()
+    variables = model.init(jax.random.key(0), jnp.ones((1, 4, 4, 3)))
+    with pytest.raises(ValueError, match=r"no 'batch_stats' collection: pass all that model"):
+        capture.make_tap(model, {"params": variables["params"]}, "bn", input_shape=(4, 4, 3))
+    with pytest.raises(ValueError, match=r"must be a dict of collections, e.g. \{'params'"):
+        capture.make_tap(model, variables["params"], "bn", input_shape=(4, 4, 3))
+
+
 class UnsetAttention(nn.Module):
     deterministic: bool | None = None
 
