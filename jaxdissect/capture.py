@@ -183,7 +183,7 @@ def resolve_named_layers(
             hits = [p for p in available if p and pattern.fullmatch(p)]  # "": the model's output
             if not hits:
                 raise LayerNotFoundError(
-                    f"layer pattern {name!r} matches no layer; available layers:\n"
+                    f"layers={name}: the pattern matches no layer; available layers:\n"
                     + _format_available(available)
                 )
             resolved.extend((p, p) for p in hits)
@@ -260,13 +260,13 @@ def _check_not_lifted(lifted: Mapping[str, str], layers: Iterable[str]) -> None:
             )
 
 
-def _check_single_calls(counts: Mapping[str, int], layers: Iterable[str]) -> None:
-    for layer in layers:
+def _check_single_calls(counts: Mapping[str, int], named: Iterable[tuple[str, str]]) -> None:
+    for name, layer in named:
         if counts.get(layer, 0) > 1:
             raise LayerNotFoundError(
-                f"module {layer!r} is called more than once in one forward pass (shared "
-                "weights, or the body of nn.scan), so its output is ambiguous; capture a "
-                "module that is called once"
+                f"layers={name}: module {layer!r} is called more than once in one forward "
+                "pass (shared weights, or the body of nn.scan), so its output is ambiguous; "
+                "capture a module that is called once"
             )
 
 
@@ -540,7 +540,7 @@ def make_tap(
     _refuse_non_arrays(layers, outputs, available, aliases)
     named = resolve_named_layers(layers, available, aliases)
     paths = tuple(path for _, path in named)
-    _check_single_calls({k: len(outs) for k, outs in outputs.items()}, paths)
+    _check_single_calls({k: len(outs) for k, outs in outputs.items()}, named)
     _check_not_lifted(getattr(run, "lifted", {}), paths)
     _check_batch_major(named, outputs, 1)
     wanted = frozenset(paths)

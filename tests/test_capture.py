@@ -136,7 +136,7 @@ def test_missing_layer_lists_available(linen_setup):
     for path in ("block1/conv", "block2/relu", "head"):
         assert path in msg
     assert "top -> block2/relu" in msg
-    with pytest.raises(capture.LayerNotFoundError, match="matches no layer"):
+    with pytest.raises(capture.LayerNotFoundError, match=r"^layers=re:nothing\.\*: the pattern "):
         capture.make_tap(model, variables, "re:nothing.*", input_shape=(8, 8, 3))
     with pytest.raises(ValueError, match=r"input_shape=\(8, 8\): one example's \(height, "):
         capture.make_tap(model, variables, "top", input_shape=(8, 8))
@@ -152,7 +152,7 @@ def test_available_layers(linen_setup):
 def test_module_called_twice_is_refused():
     model = Shared()
     variables = init_variables(model, jnp.ones((1, 4, 4, 3)), seed=0)
-    with pytest.raises(capture.LayerNotFoundError, match="called more than once"):
+    with pytest.raises(capture.LayerNotFoundError, match="^layers=twice: .*called more than once"):
         capture.make_tap(model, variables, "twice", input_shape=(4, 4, 3))
 
 
