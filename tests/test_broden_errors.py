@@ -377,8 +377,9 @@ def test_empty_index(tmp_path):
 
 def test_empty_after_filtering(tmp_path):
     base(tmp_path, rows=[RowSpec("a.png")])
-    with raises("empty index", "split='val'", "index.csv"):
+    with raises("empty index", "split='val'", "index.csv") as e:
         Broden.open(tmp_path, split="val")
+    assert "max_images" not in str(e.value)  # not given: it said max_images=None
     with raises("empty index", "max_images=0"):
         Broden.open(tmp_path, max_images=0)
 

@@ -131,13 +131,16 @@ class Broden:
             if not all_records:
                 why = "it has no image rows"
             else:
+                given = f"split={split!r}" + (
+                    "" if max_images is None else f", max_images={max_images}"
+                )
                 why = (
-                    f"no rows are left after split={split!r}, max_images={max_images} "
+                    f"no rows are left after {given} "
                     f"(it has {len(all_records)} rows, splits: {', '.join(present)})"
                 )
+            fix = "another split" if max_images is None else "another split or max_images"
             raise BrodenFormatError(
-                f"{root / INDEX_FILE}: empty index: {why}; choose another split or "
-                "max_images, or restore the file."
+                f"{root / INDEX_FILE}: empty index: {why}; choose {fix}, or restore the file."
             )
 
         digest = Fingerprint("jaxdissect-broden-v2", data_hash)
