@@ -96,19 +96,33 @@ class ModelInfo:
 
     @property
     def stage_key(self) -> str:
-        """What keys the stored stages: the weights' key, the module's definition and
-        `apply_kwargs` (`code_keys.definition_key`), this library's code, a named token
-        layout (it changes the maps), JAX's default matmul precision where one is set
-        (`matmul_precision`), and `wraps` where given."""
+        """What keys the stored stages: the weights' key and the weights themselves (a
+        fingerprint of `variables`, or of an NNX module's state: a `key` kept while they
+        change reuses nothing), the module's definition and `apply_kwargs`
+        (`code_keys.definition_key`), this library's code, a named token layout (it changes
+        the maps), JAX's default matmul precision where one is set (`matmul_precision`), and
+        `wraps` where given."""
         precision = matmul_precision()
+        weights = _weights_fingerprint(self.module, self.variables)
         return store.key_of(
             model=self.key,
+            **({} if weights is None else {"weights": weights}),
             definition=code_keys.definition_key(self.module, self.apply_kwargs),
             code=code_keys.code_fingerprint(),
             token_layout=self.layout_key,
             **({} if precision is None else {"matmul_precision": precision}),
             **({} if self.wraps is None else {"wraps": self.wraps}),
         )
+
+
+def _weights_fingerprint(module: Any, variables: Any) -> str | None:
+    """`store.fingerprint_tree` of a model's weights: `variables`, else an NNX module's
+    state; None for a function, whose weights only its `key` stands for."""
+    if variables is not None:
+        return store.fingerprint_tree(variables)
+    from flax import nnx
+
+    return store.fingerprint_tree(nnx.state(module)) if isinstance(module, nnx.Module) else None
 
 
 def matmul_precision() -> str | None:

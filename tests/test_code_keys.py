@@ -114,6 +114,26 @@ def test_definition_key_sees_nnx_settings(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "nnx_net")
 
 
+def test_stage_keys_see_the_weights_whatever_key_the_caller_gives(tmp_path, monkeypatch):
+    """A `ModelInfo` key kept while the weights change (`key="v1"`) reused the stages of the
+    earlier weights: the variables, an NNX module's state, are keyed too."""
+    from flax import nnx
+
+    from jaxdissect import pipeline
+
+    info = lambda m, v: pipeline.ModelInfo(m, v, None, "net", "v1").stage_key  # noqa: E731
+    weights = {"params": {"w": np.ones(3, np.float32)}}
+    same = {"params": {"w": np.ones(3, np.float32)}}
+    other = {"params": {"w": np.full(3, 2, np.float32)}}
+    module = _features
+    assert info(module, weights) == info(module, same) != info(module, other)
+    assert info(module, None) == info(module, None)
+    net = _nnx_net(tmp_path, monkeypatch)
+    assert info(net(1, nnx.Rngs(0)), None) == info(net(1, nnx.Rngs(0)), None)
+    assert info(net(1, nnx.Rngs(0)), None) != info(net(1, nnx.Rngs(1)), None)
+    monkeypatch.delitem(sys.modules, "nnx_net")
+
+
 def _features(params, images, stride=2):
     return images[:, ::stride] * params
 
