@@ -565,6 +565,14 @@ def probe_from_flags(fv: flags.FlagValues) -> Probe:
         probe.check()
     except FileNotFoundError as e:
         raise FileNotFoundError(flag_message(str(e), fv)) from None
+    if probe.data != "synthetic" and "output_dir" in fv and fv.output_dir:
+        data = pathlib.Path(probe.data).expanduser().resolve()
+        out = pathlib.Path(fv.output_dir).expanduser().resolve()
+        if out == data or data in out.parents:  # (the results were written among the data)
+            raise ValueError(
+                f"--output_dir={fv.output_dir}: it lies in the probe set's folder "
+                f"--data={probe.data}; write the results outside it"
+            )
     if fv["resolution"].present and probe.data != "synthetic":
         from jaxdissect.data.broden_tables import first_image_size
 

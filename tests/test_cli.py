@@ -789,8 +789,11 @@ def test_resolution_given_with_a_broden_folder_must_be_its_size(tmp_path):
     )
     with pytest.raises(ValueError, match=wrong + ", or resize .* with --input_size$"):
         cli.probe_from_flags(parse("dissect", f"--data={root}", "--resolution=64"))
-    for given in (["--resolution=8"], []):
+    for given in (["--resolution=8"], [], [f"--output_dir={tmp_path / 'out'}"]):
         assert cli.probe_from_flags(parse("dissect", f"--data={root}", *given)).data == str(root)
+    for out in (root, root / "runs"):  # results written among the data: refused
+        with pytest.raises(ValueError, match=r"^--output_dir=.*: it lies in the probe set's"):
+            cli.probe_from_flags(parse("dissect", f"--data={root}", f"--output_dir={out}"))
     # A script with no --input_size is not told to use it.
     fv = parse("training_dynamics", f"--data={root}", "--resolution=64")
     with pytest.raises(ValueError, match=wrong + "$"):
