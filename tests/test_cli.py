@@ -506,6 +506,7 @@ def test_a_set_matmul_precision_keys_the_stages():
     assert pipeline.matmul_precision() is None
     assert default == store.key_of(
         model="weights",
+        weights=store.fingerprint_tree({}),
         definition=code_keys.definition_key(MODULE, {}),
         code=code_keys.code_fingerprint(),
         token_layout=None,
