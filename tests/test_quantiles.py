@@ -165,6 +165,16 @@ def test_sketch_refuses_more_values_than_int32_ranks_whatever_its_size(size):
         Q.sketch_init(4, size=size, max_count=2 * 10**10)
 
 
+def test_sketch_without_max_count_at_a_large_q_asks_for_it():
+    # Sized for 2**32 values a unit by default: at q = 0.05 that overflows int32 ranks, and
+    # the refusal named max_count=None and advised fewer values instead of passing max_count.
+    with pytest.raises(ValueError, match="without max_count .* pass max_count"):
+        Q.sketch_init(4, q=0.05)
+    assert Q.sketch_init(4, q=0.05, max_count=10**6).levels.shape[0] == Q.sketch_levels(
+        Q.DEFAULT_SIZE, 0.05, 10**6
+    )
+
+
 def test_nonfinite_are_counted_not_silent():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2000, K), dtype=np.float32)

@@ -164,14 +164,21 @@ def sketch_init(
     max_count: the number of values per unit the whole run will add (or an upper bound),
       summed over all shards that will be merged. With it the state is sized for it and
       the prefilter never drops a value that could matter, whatever the data order.
-      Without it the state is sized for 2^32 values and the prefilter adapts to the
-      values seen so far, which adversarial orders can fool (then `sketch_threshold`
-      raises; see `sketch_certified`).
+      Without it the state is sized for 2^32 values (refused where int32 ranks cannot
+      hold them: q above about 1/64) and the prefilter adapts to the values seen so far,
+      which adversarial orders can fool (then `sketch_threshold` raises; see
+      `sketch_certified`).
     Give each device or host its own `seed` (e.g. fold in the device index) so that the
     shards' compaction coins are independent.
     """
     check_size(size)
     num_levels = sketch_levels(size, q, max_count, rho)
+    if size * 2**num_levels >= 2**31 and max_count is None:
+        raise ValueError(
+            f"sketch_init without max_count sizes the sketch for {DEFAULT_MAX_COUNT} values a "
+            f"unit, more than int32 rank sums hold at q={q}: pass max_count (the values a unit "
+            "over all shards that will be merged)"
+        )
     if size * 2**num_levels >= 2**31:
         raise ValueError(
             f"max_count={max_count}: more values a unit than int32 rank sums hold at q={q} "
