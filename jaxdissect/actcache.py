@@ -181,13 +181,27 @@ def _recorded_rows(
     return lo, hi, crcs
 
 
+def _row_bytes(rows: np.ndarray) -> memoryview:
+    """`rows`' bytes (bfloat16 has no buffer format of its own: read as bytes)."""
+    return memoryview(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+
+
 def _rows_crc(rows: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(rows))
+    return zlib.crc32(_row_bytes(rows))
+
+
+def _file_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype a disk-cache file stores `dtype` as: itself where a .npy header names it,
+    else unsigned integers of its width (bfloat16's header would read back as void, which
+    does not cast to it); the file is read back viewed as `dtype`."""
+    descr = np.lib.format.dtype_to_descr(dtype)
+    return dtype if np.lib.format.descr_to_dtype(descr) == dtype else np.dtype(f"u{dtype.itemsize}")
 
 
 def _holds(path: pathlib.Path, shape: tuple[int, ...], dtype: np.dtype) -> bool:
-    """Whether `path` is a disk-cache file of `shape` and `dtype`; one of another process
-    count or batch split under the same key, or with a damaged header, is deleted."""
+    """Whether `path` is a disk-cache file of `shape` and `dtype` (a `_file_dtype`); one of
+    another process count or batch split under the same key, or with a damaged header, is
+    deleted."""
     if not path.exists():
         return False
     try:
@@ -209,7 +223,7 @@ def _holds(path: pathlib.Path, shape: tuple[int, ...], dtype: np.dtype) -> bool:
 def _write_at(file: io.FileIO, rows: np.ndarray, offset: int) -> None:
     """Write `rows`' bytes at `offset` of `file` (pwrite may write part at a time); an
     error names the file."""
-    data = memoryview(np.ascontiguousarray(rows)).cast("B")
+    data = _row_bytes(rows)
     try:
         while data:
             written = os.pwrite(file.fileno(), data, offset)
@@ -266,12 +280,14 @@ class ActivationCache:
             for i, (layer, shape) in enumerate(shapes.items()):
                 path = directory / f"layer{i}-p{jax.process_index()}.npy"
                 full = (num_batches * local_batch, *shape)
-                if not _holds(path, full, self.dtype):
+                stored = _file_dtype(self.dtype)
+                if not _holds(path, full, stored):
                     self._written = None  # a new file holds nothing yet
-                    np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=full)
+                    np.lib.format.open_memmap(path, mode="w+", dtype=stored, shape=full)
                 # Rows are read through the map and written with pwrite: a write the disk
                 # cannot hold is then an ENOSPC, where a write through the map is a SIGBUS.
-                self._arrays[layer] = np.lib.format.open_memmap(path, mode="r")
+                array = np.lib.format.open_memmap(path, mode="r")
+                self._arrays[layer] = array.view(self.dtype)
                 self._files[layer] = io.FileIO(str(path), "r+")
         if kind == "disk":
             try:
