@@ -103,7 +103,7 @@ class ModelInfo:
         the maps), JAX's default matmul precision where one is set (`matmul_precision`), and
         `wraps` where given."""
         precision = matmul_precision()
-        weights = _weights_fingerprint(self.module, self.variables)
+        weights = store.weights_fingerprint(self.module, self.variables)
         return store.key_of(
             model=self.key,
             **({} if weights is None else {"weights": weights}),
@@ -113,16 +113,6 @@ class ModelInfo:
             **({} if precision is None else {"matmul_precision": precision}),
             **({} if self.wraps is None else {"wraps": self.wraps}),
         )
-
-
-def _weights_fingerprint(module: Any, variables: Any) -> str | None:
-    """`store.fingerprint_tree` of a model's weights: `variables`, else an NNX module's
-    state; None for a function, whose weights only its `key` stands for."""
-    if variables is not None:
-        return store.fingerprint_tree(variables)
-    from flax import nnx
-
-    return store.fingerprint_tree(nnx.state(module)) if isinstance(module, nnx.Module) else None
 
 
 def matmul_precision() -> str | None:

@@ -60,6 +60,16 @@ def host_array(leaf: Any) -> np.ndarray:
     return np.asarray(leaf)
 
 
+def weights_fingerprint(module: Any, variables: Any) -> str | None:
+    """`fingerprint_tree` of a model's weights: `variables`, else an NNX module's state;
+    None for a function, whose weights nothing here can see."""
+    if variables is not None:
+        return fingerprint_tree(variables)
+    from flax import nnx
+
+    return fingerprint_tree(nnx.state(module)) if isinstance(module, nnx.Module) else None
+
+
 def fingerprint_tree(tree: Any) -> str:
     """Hash of a pytree of arrays (model weights): shapes, dtypes and bytes."""
     import jax

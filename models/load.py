@@ -706,9 +706,8 @@ def load(
         name = f"{model} (random init, seed {seed})"
 
     if weights_key is None:
-        weights_key = store.fingerprint_tree(
-            variables if variables is not None else _nnx_state(module)
-        )
+        # a function's weights: nothing to see (the fingerprint of {})
+        weights_key = store.weights_fingerprint(module, variables) or store.fingerprint_tree({})
     return LoadedModel(
         module=module,
         variables=variables,
@@ -719,11 +718,3 @@ def load(
         key=store.key_of(model=model, options=options, weights=weights_key),
         trained_input_norm=trained_input_norm,
     )
-
-
-def _nnx_state(module: Any) -> Any:
-    from flax import nnx
-
-    if isinstance(module, nnx.Module):
-        return jax.tree.map(store.host_array, nnx.state(module))
-    return {}
